@@ -1,0 +1,177 @@
+//! `#[repr(C)]` mirrors of the map keys and values defined in `ebpf/include/abi.h`, the one
+//! place the layout is defined. `tests::layout_matches_btf` checks every size and field offset
+//! here against the BTF that clang emitted for the compiled objects.
+
+use std::net::Ipv4Addr;
+
+/// A MAC address as the datapath stores it.
+pub type Mac = [u8; 6];
+
+/// Key of the `endpoints` map (`struct endpoint_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// IPv4 address in network byte order.
+    pub ip4: u32,
+}
+
+impl EndpointKey {
+    pub fn new(ip: Ipv4Addr) -> Self {
+        Self { ip4: u32::from_ne_bytes(ip.octets()) }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.ip4.to_ne_bytes())
+    }
+}
+
+/// Value of the `endpoints` map (`struct endpoint_info`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// ifindex of the host side of the pod's veth.
+    pub ifindex: u32,
+    /// The pod's eth0 MAC.
+    pub pod_mac: Mac,
+    /// The host-side veth MAC (the pod's gateway).
+    pub host_mac: Mac,
+}
+
+/// `enum slipway_reason`: why a packet got its verdict.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    RedirectPeer = 1,
+    PassNotIpv4 = 2,
+    PassNoEndpoint = 3,
+    DropMalformed = 4,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 4] =
+        [Reason::RedirectPeer, Reason::PassNotIpv4, Reason::PassNoEndpoint, Reason::DropMalformed];
+
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u32 == raw)
+    }
+
+    /// The label used in metrics and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::RedirectPeer => "redirect_peer",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNoEndpoint => "pass_no_endpoint",
+            Reason::DropMalformed => "drop_malformed",
+        }
+    }
+}
+
+/// Key of the per-CPU `counters` map (`struct counter_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    /// The device the program ran on.
+    pub ifindex_in: u32,
+    /// The redirect target, 0 when not redirected.
+    pub ifindex_out: u32,
+    /// A [`Reason`] as its raw value.
+    pub reason: u32,
+}
+
+/// Value of the per-CPU `counters` map (`struct counter_value`), one CPU's share or the sum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for CounterValue {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
+// SAFETY: each type is `#[repr(C)]`, made only of integers and byte arrays with no padding
+// (checked against the BTF layout in `tests::layout_matches_btf`), so every bit pattern is a
+// valid value and the kernel can read and write them as plain bytes.
+unsafe impl aya::Pod for EndpointKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EndpointInfo {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CounterKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CounterValue {}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+    use crate::btf::Btf;
+    use crate::objects;
+
+    /// One mirrored struct: its C name, Rust size, and (field name, Rust offset) pairs.
+    struct Mirror {
+        c_name: &'static str,
+        size: usize,
+        fields: Vec<(&'static str, usize)>,
+    }
+
+    macro_rules! mirror {
+        ($c_name:literal, $ty:ty, [$($field:ident),* $(,)?]) => {
+            Mirror {
+                c_name: $c_name,
+                size: size_of::<$ty>(),
+                fields: vec![$((stringify!($field), offset_of!($ty, $field))),*],
+            }
+        };
+    }
+
+    fn mirrors() -> Vec<Mirror> {
+        vec![
+            mirror!("endpoint_key", EndpointKey, [ip4]),
+            mirror!("endpoint_info", EndpointInfo, [ifindex, pod_mac, host_mac]),
+            mirror!("counter_key", CounterKey, [ifindex_in, ifindex_out, reason]),
+            mirror!("counter_value", CounterValue, [packets, bytes]),
+        ]
+    }
+
+    #[test]
+    fn layout_matches_btf() {
+        let btf = Btf::from_elf(objects::POD_VETH).expect("the compiled object carries BTF");
+        for mirror in mirrors() {
+            let layout = btf
+                .struct_layout(mirror.c_name)
+                .unwrap_or_else(|| panic!("struct {} not in BTF", mirror.c_name));
+            assert_eq!(layout.size, mirror.size, "size of struct {}", mirror.c_name);
+            let c_fields: Vec<(&str, usize)> =
+                layout.members.iter().map(|m| (m.name.as_str(), m.offset_bits / 8)).collect();
+            assert_eq!(c_fields, mirror.fields, "fields of struct {}", mirror.c_name);
+            assert!(
+                layout.members.iter().all(|m| m.offset_bits % 8 == 0),
+                "struct {} has a bitfield",
+                mirror.c_name
+            );
+        }
+    }
+
+    #[test]
+    fn reasons_match_btf_enum() {
+        let btf = Btf::from_elf(objects::POD_VETH).expect("BTF");
+        let values = btf.enum_values("slipway_reason").expect("enum slipway_reason in BTF");
+        let expected: Vec<(String, i64)> = Reason::ALL
+            .iter()
+            .map(|r| (format!("SLIPWAY_REASON_{}", r.as_str().to_uppercase()), *r as i64))
+            .collect();
+        assert_eq!(values, expected);
+    }
+
+    #[test]
+    fn endpoint_key_is_network_order() {
+        let key = EndpointKey::new(Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(key.ip4.to_ne_bytes(), [10, 244, 1, 2]);
+        assert_eq!(key.ip(), Ipv4Addr::new(10, 244, 1, 2));
+    }
+}

@@ -1,0 +1,13 @@
+//! Slipway's eBPF datapath in userspace: the BPF objects built from `ebpf/`, typed map handles
+//! that mirror `ebpf/include/abi.h`, network-namespace entry, and the test world of hosts in
+//! network namespaces that tests, the demo and the benchmarks share.
+
+pub mod abi;
+pub mod btf;
+pub mod error;
+pub mod netns;
+pub mod objects;
+pub mod pod;
+pub mod testing;
+
+pub use error::DataplaneError;
