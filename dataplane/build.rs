@@ -12,7 +12,8 @@ const PROGRAMS: &[&str] = &["pod_veth"];
 const DEFAULT_CLANG: &str = "clang-19";
 
 fn main() {
-    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let ebpf = manifest.join("../ebpf");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let clang = env::var("SLIPWAY_CLANG").unwrap_or_else(|_| DEFAULT_CLANG.to_owned());
@@ -28,7 +29,15 @@ fn compile(clang: &str, ebpf: &Path, program: &str, out: &Path) {
     let source = ebpf.join(format!("{program}.c"));
     let object = out.join(format!("{program}.o"));
     let status = Command::new(clang)
-        .args(["-O2", "-g", "-target", "bpf", "-std=gnu11", "-Wall", "-Werror"])
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-std=gnu11",
+            "-Wall",
+            "-Werror",
+        ])
         .arg("-D__TARGET_ARCH_x86")
         .arg(format!("-I{}", ebpf.join("include").display()))
         // linux/types.h pulls in asm/types.h, which Debian keeps under the multiarch directory.

@@ -21,7 +21,7 @@ groups=(
   "fio"
   "haproxy nginx-light wrk"
   "containernetworking-plugins"
-  "protobuf-compiler"
+  "protobuf-compiler libprotobuf-dev"
   "etcd-server etcd-client"
 )
 

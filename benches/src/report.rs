@@ -62,8 +62,12 @@ impl Samples {
     ) -> anyhow::Result<Self> {
         let mut samples = Self::default();
         for run in 0..runs {
-            samples.slipway.push(slipway(run).with_context(|| format!("slipway run {run}"))?);
-            samples.baseline.push(baseline(run).with_context(|| format!("baseline run {run}"))?);
+            samples
+                .slipway
+                .push(slipway(run).with_context(|| format!("slipway run {run}"))?);
+            samples
+                .baseline
+                .push(baseline(run).with_context(|| format!("baseline run {run}"))?);
         }
         Ok(samples)
     }
@@ -77,7 +81,9 @@ impl Samples {
         let (min, max) = self
             .slipway
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(*v), hi.max(*v))
+            });
         Ok(Record {
             suite: metric.suite.to_owned(),
             metric: metric.name.to_owned(),
@@ -102,12 +108,20 @@ pub fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    Some(if sorted.len() % 2 == 0 { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] })
+    Some(if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    })
 }
 
 /// The ratio oriented so that >= 1.0 means Slipway wins; `None` if it would divide by zero.
 pub fn ratio(slipway: f64, baseline: f64, higher_is_better: bool) -> Option<f64> {
-    let (num, den) = if higher_is_better { (slipway, baseline) } else { (baseline, slipway) };
+    let (num, den) = if higher_is_better {
+        (slipway, baseline)
+    } else {
+        (baseline, slipway)
+    };
     (den != 0.0).then_some(num / den)
 }
 
@@ -132,8 +146,8 @@ pub fn table(records: &[Record]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<34} {:>12} {:>12} {:<14} {:>7}  {}",
-        "metric", "slipway", "baseline", "(baseline)", "ratio", "unit"
+        "{:<34} {:>12} {:>12} {:<14} {:>7}  unit",
+        "metric", "slipway", "baseline", "(baseline)", "ratio"
     );
     for r in records {
         let _ = writeln!(
@@ -145,7 +159,11 @@ pub fn table(records: &[Record]) -> String {
             r.baseline,
             r.ratio,
             r.unit,
-            if r.higher_is_better { "" } else { " (lower is better)" }
+            if r.higher_is_better {
+                ""
+            } else {
+                " (lower is better)"
+            }
         );
     }
     out
@@ -202,14 +220,20 @@ mod tests {
 
     #[test]
     fn a_zero_median_is_an_error_not_an_infinite_ratio() {
-        let samples = Samples { slipway: vec![1.0], baseline: vec![0.0] };
+        let samples = Samples {
+            slipway: vec![1.0],
+            baseline: vec![0.0],
+        };
         assert!(samples.record(METRIC).is_err());
     }
 
     #[test]
     fn jsonl_round_trips() {
         let dir = std::env::temp_dir().join(format!("slipway-bench-test-{}", std::process::id()));
-        let samples = Samples { slipway: vec![2.0], baseline: vec![1.0] };
+        let samples = Samples {
+            slipway: vec![2.0],
+            baseline: vec![1.0],
+        };
         let record = samples.record(METRIC).expect("record");
         let path = write_jsonl(&dir, "t", std::slice::from_ref(&record)).expect("write");
         let text = fs::read_to_string(&path).expect("read");

@@ -17,7 +17,9 @@ pub struct EndpointKey {
 
 impl EndpointKey {
     pub fn new(ip: Ipv4Addr) -> Self {
-        Self { ip4: u32::from_ne_bytes(ip.octets()) }
+        Self {
+            ip4: u32::from_ne_bytes(ip.octets()),
+        }
     }
 
     pub fn ip(&self) -> Ipv4Addr {
@@ -48,8 +50,12 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 4] =
-        [Reason::RedirectPeer, Reason::PassNotIpv4, Reason::PassNoEndpoint, Reason::DropMalformed];
+    pub const ALL: [Reason; 4] = [
+        Reason::RedirectPeer,
+        Reason::PassNotIpv4,
+        Reason::PassNoEndpoint,
+        Reason::DropMalformed,
+    ];
 
     pub fn from_raw(raw: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|r| *r as u32 == raw)
@@ -146,9 +152,16 @@ mod tests {
                 .struct_layout(mirror.c_name)
                 .unwrap_or_else(|| panic!("struct {} not in BTF", mirror.c_name));
             assert_eq!(layout.size, mirror.size, "size of struct {}", mirror.c_name);
-            let c_fields: Vec<(&str, usize)> =
-                layout.members.iter().map(|m| (m.name.as_str(), m.offset_bits / 8)).collect();
-            assert_eq!(c_fields, mirror.fields, "fields of struct {}", mirror.c_name);
+            let c_fields: Vec<(&str, usize)> = layout
+                .members
+                .iter()
+                .map(|m| (m.name.as_str(), m.offset_bits / 8))
+                .collect();
+            assert_eq!(
+                c_fields, mirror.fields,
+                "fields of struct {}",
+                mirror.c_name
+            );
             assert!(
                 layout.members.iter().all(|m| m.offset_bits % 8 == 0),
                 "struct {} has a bitfield",
@@ -160,10 +173,17 @@ mod tests {
     #[test]
     fn reasons_match_btf_enum() {
         let btf = Btf::from_elf(objects::POD_VETH).expect("BTF");
-        let values = btf.enum_values("slipway_reason").expect("enum slipway_reason in BTF");
+        let values = btf
+            .enum_values("slipway_reason")
+            .expect("enum slipway_reason in BTF");
         let expected: Vec<(String, i64)> = Reason::ALL
             .iter()
-            .map(|r| (format!("SLIPWAY_REASON_{}", r.as_str().to_uppercase()), *r as i64))
+            .map(|r| {
+                (
+                    format!("SLIPWAY_REASON_{}", r.as_str().to_uppercase()),
+                    *r as i64,
+                )
+            })
             .collect();
         assert_eq!(values, expected);
     }

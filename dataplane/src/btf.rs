@@ -49,8 +49,14 @@ pub struct StructLayout {
 
 #[derive(Debug)]
 enum Type {
-    Struct { name: String, layout: StructLayout },
-    Enum { name: String, values: Vec<(String, i64)> },
+    Struct {
+        name: String,
+        layout: StructLayout,
+    },
+    Enum {
+        name: String,
+        values: Vec<(String, i64)>,
+    },
     Other,
 }
 
@@ -73,8 +79,14 @@ impl Reader<'_> {
     fn str_at(&self, strings: usize, strings_len: usize, offset: u32) -> Result<String, BtfError> {
         let start = strings + offset as usize;
         let end = strings + strings_len;
-        let table = self.bytes.get(start..end).ok_or(BtfError::Truncated(start))?;
-        let len = table.iter().position(|b| *b == 0).ok_or(BtfError::Truncated(end))?;
+        let table = self
+            .bytes
+            .get(start..end)
+            .ok_or(BtfError::Truncated(start))?;
+        let len = table
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or(BtfError::Truncated(end))?;
         Ok(String::from_utf8_lossy(&table[..len]).into_owned())
     }
 }
@@ -128,7 +140,11 @@ impl Btf {
                         let m = at + i * 12;
                         let offset = r.u32_at(m + 8)?;
                         // With kind_flag the low 24 bits are the offset, the top 8 the bitfield size.
-                        let offset_bits = if kind_flag { offset & 0x00ff_ffff } else { offset };
+                        let offset_bits = if kind_flag {
+                            offset & 0x00ff_ffff
+                        } else {
+                            offset
+                        };
                         members.push(Member {
                             name: name(r.u32_at(m)?)?,
                             offset_bits: offset_bits as usize,
@@ -136,7 +152,10 @@ impl Btf {
                     }
                     at += vlen * 12;
                     if kind == KIND_STRUCT {
-                        Type::Struct { name: name(name_off)?, layout: StructLayout { size, members } }
+                        Type::Struct {
+                            name: name(name_off)?,
+                            layout: StructLayout { size, members },
+                        }
                     } else {
                         Type::Other
                     }
@@ -150,7 +169,10 @@ impl Btf {
                         values.push((name(r.u32_at(e)?)?, value));
                     }
                     at += vlen * 8;
-                    Type::Enum { name: name(name_off)?, values }
+                    Type::Enum {
+                        name: name(name_off)?,
+                        values,
+                    }
                 }
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => {
                     at += 4;
@@ -200,10 +222,16 @@ mod tests {
     #[test]
     fn rejects_bad_magic_and_truncation() {
         assert_eq!(Btf::parse(&[]).unwrap_err(), BtfError::Truncated(0));
-        assert_eq!(Btf::parse(&[0x12, 0x34]).unwrap_err(), BtfError::Magic(0x3412));
+        assert_eq!(
+            Btf::parse(&[0x12, 0x34]).unwrap_err(),
+            BtfError::Magic(0x3412)
+        );
         let mut header = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
         header.extend_from_slice(&[0, 0, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(matches!(Btf::parse(&header).unwrap_err(), BtfError::Truncated(_)));
+        assert!(matches!(
+            Btf::parse(&header).unwrap_err(),
+            BtfError::Truncated(_)
+        ));
     }
 
     #[test]

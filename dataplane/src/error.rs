@@ -4,6 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 /// Everything that can go wrong while loading, attaching or driving the datapath.
+// The aya errors are boxed: they are large, and every fallible call here returns this type.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// The BPF object could not be parsed or loaded (verifier rejection included).
@@ -11,21 +12,27 @@ pub enum DataplaneError {
     Load {
         object: &'static str,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     /// The object lacks a program the code expects: the build and the code disagree.
     #[error("BPF object {object} has no program `{program}`")]
-    MissingProgram { object: &'static str, program: &'static str },
+    MissingProgram {
+        object: &'static str,
+        program: &'static str,
+    },
     /// The object lacks a map the code expects.
     #[error("BPF object {object} has no map `{map}`")]
-    MissingMap { object: &'static str, map: &'static str },
+    MissingMap {
+        object: &'static str,
+        map: &'static str,
+    },
     /// A program could not be loaded into the kernel or attached.
     #[error("program `{program}`: {action}")]
     Program {
         program: &'static str,
         action: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// A map operation failed.
     #[error("map `{map}`: {action}")]
@@ -33,7 +40,7 @@ pub enum DataplaneError {
         map: &'static str,
         action: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     /// A path under bpffs could not be created or removed.
     #[error("bpffs path {path}")]

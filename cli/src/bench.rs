@@ -1,0 +1,73 @@
+//! `slipway bench <suite>` and `slipway demo`: run a suite, print its table, write its JSONL.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use slipway_bench::{demo, report};
+
+/// The benchmark suites.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Suite {
+    /// Pod-to-pod through the pod-veth datapath against a raw veth pair.
+    Demo,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Runs per side; Slipway and the baseline alternate and the medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds of each throughput run.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Where <suite>.jsonl is written.
+    #[arg(long, default_value = report::DEFAULT_OUT_DIR)]
+    out_dir: PathBuf,
+}
+
+pub fn run(suite: Suite, args: RunArgs) -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("this needs root: it creates network namespaces and loads BPF programs");
+    }
+    ensure!(
+        args.seconds.is_finite() && args.seconds > 0.0,
+        "--seconds: must be a positive number"
+    );
+    match suite {
+        Suite::Demo => {
+            let options = demo::Options {
+                runs: args.runs,
+                iperf_duration: Duration::from_secs_f64(args.seconds),
+            };
+            let outcome = demo::run(options)?;
+            let path = report::write_jsonl(&args.out_dir, demo::SUITE, &outcome.records)?;
+            println!();
+            print!("{}", report::table(&outcome.records));
+            println!();
+            println!(
+                "datapath counters (packets / bytes redirected, against what the sending pod's eth0 sent):"
+            );
+            for (label, (counted, sent)) in [
+                ("pod a -> pod b", outcome.a_to_b),
+                ("pod b -> pod a", outcome.b_to_a),
+            ] {
+                let verdict = if counted == sent { "match" } else { "MISMATCH" };
+                println!(
+                    "  {label}: {} pkts / {} bytes counted, {} pkts / {} bytes sent: {verdict}",
+                    counted.packets, counted.bytes, sent.packets, sent.bytes
+                );
+            }
+            println!(
+                "underlay round trip host 1 -> host 2: {:.3} ms",
+                outcome.underlay_rtt_ms
+            );
+            println!("wrote {}", path.display());
+            ensure!(
+                outcome.a_to_b.0 == outcome.a_to_b.1 && outcome.b_to_a.0 == outcome.b_to_a.1,
+                "the datapath's counters disagree with what the pods sent"
+            );
+        }
+    }
+    Ok(())
+}

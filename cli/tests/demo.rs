@@ -1,0 +1,60 @@
+//! `slipway demo`, the README's main job, end to end: the real binary builds a world, moves
+//! traffic, prints its table and writes `demo.jsonl` with ratios, and leaves nothing behind.
+//! Privileged (root, BPF, netns): run by scripts/test.sh.
+
+use std::process::Command;
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn demo_measures_both_sides_and_writes_jsonl() {
+    let out_dir = std::env::temp_dir().join(format!("slipway-demo-test-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_slipway"))
+        .args(["demo", "--runs", "1", "--seconds", "0.5", "--out-dir"])
+        .arg(&out_dir)
+        .output()
+        .expect("run slipway demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("pod_to_pod_tcp_same_host"), "{stdout}");
+    assert_eq!(
+        stdout.matches(": match").count(),
+        2,
+        "counters match both ways: {stdout}"
+    );
+
+    let jsonl = std::fs::read_to_string(out_dir.join("demo.jsonl")).expect("demo.jsonl");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let records: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
+        .collect();
+    assert_eq!(records.len(), 2);
+    for record in &records {
+        assert_eq!(record["suite"], "demo");
+        assert_eq!(record["baseline"], "raw-veth");
+        for field in ["slipway", "baseline_value", "ratio"] {
+            let value = record[field].as_f64().unwrap_or_default();
+            assert!(
+                value.is_finite() && value > 0.0,
+                "{field} = {value} in {record}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_refuses_bad_arguments_with_the_field_named() {
+    let output = Command::new(env!("CARGO_BIN_EXE_slipway"))
+        .args(["bench", "no-such-suite"])
+        .output()
+        .expect("run slipway");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-suite"));
+}
