@@ -1,0 +1,379 @@
+//! The option-haggling state machine of the fixed newstyle handshake, with no I/O.
+//!
+//! `server.rs` reads one option at a time and hands it to [`Negotiator::option`], which appends
+//! the reply bytes and says whether to go on, close, or enter transmission. Keeping it pure lets
+//! the property test below drive it with arbitrary option streams.
+
+use crate::proto::{self, ProtoError, info, opt, rep, tflags};
+
+/// What a connection may learn about an export during the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Export name (volume name, or `volume@snapshot`).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Snapshots are read-only.
+    pub read_only: bool,
+}
+
+impl ExportInfo {
+    /// Transmission flags for this export.
+    pub fn transmission_flags(&self) -> u16 {
+        use tflags::*;
+        let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_DF | SEND_CACHE;
+        // Every connection to an export shares one store and FLUSH syncs the whole volume, so
+        // multi-conn's consistency rule (a flush covers writes completed on any connection)
+        // holds.
+        flags |= CAN_MULTI_CONN;
+        if self.read_only {
+            flags |= READ_ONLY;
+        } else {
+            flags |= SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO;
+        }
+        flags
+    }
+}
+
+/// Where the handshake looks up exports.
+pub trait ExportCatalog {
+    /// The export with this name, if any.
+    fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// Every export, for `NBD_OPT_LIST`.
+    fn list(&self) -> Vec<ExportInfo>;
+}
+
+/// What the server does after an option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Write the replies and read the next option.
+    Continue,
+    /// Write the replies, then close the connection.
+    Close,
+    /// Write the replies, then serve this export.
+    Transmission(ExportInfo),
+}
+
+/// Negotiation state of one connection.
+#[derive(Debug, Default)]
+pub struct Negotiator {
+    /// Client asked to omit the 124 zero bytes.
+    pub no_zeroes: bool,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// Export for which `base:allocation` was selected, if any.
+    meta_export: Option<String>,
+}
+
+impl Negotiator {
+    /// A fresh negotiation; `no_zeroes` comes from the client flags.
+    pub fn new(no_zeroes: bool) -> Self {
+        Self {
+            no_zeroes,
+            ..Self::default()
+        }
+    }
+
+    /// Whether `base:allocation` is active for `export` (valid after [`Step::Transmission`]).
+    pub fn base_allocation(&self, export: &str) -> bool {
+        self.structured && self.meta_export.as_deref() == Some(export)
+    }
+
+    /// Handles one option; replies are appended to `out`.
+    pub fn option(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        match option {
+            opt::EXPORT_NAME => {
+                let Ok(name) = proto::Cursor::new(data).string(data.len()) else {
+                    return Step::Close;
+                };
+                // No error reply exists for EXPORT_NAME: an unknown export ends the session.
+                let Some(export) = catalog.lookup(&name) else {
+                    return Step::Close;
+                };
+                out.extend_from_slice(&export.size.to_be_bytes());
+                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                if !self.no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                Step::Transmission(export)
+            }
+            opt::ABORT => {
+                proto::put_option_reply(out, option, rep::ACK, &[]);
+                Step::Close
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    return error(out, option, rep::ERR_INVALID, "LIST takes no payload");
+                }
+                for export in catalog.list() {
+                    let mut item = Vec::with_capacity(4 + export.name.len());
+                    item.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
+                    item.extend_from_slice(export.name.as_bytes());
+                    proto::put_option_reply(out, option, rep::SERVER, &item);
+                }
+                proto::put_option_reply(out, option, rep::ACK, &[]);
+                Step::Continue
+            }
+            opt::INFO | opt::GO => self.info(option, data, catalog, out),
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    return error(out, option, rep::ERR_INVALID, "payload not allowed");
+                }
+                if self.structured {
+                    return error(out, option, rep::ERR_INVALID, "already negotiated");
+                }
+                self.structured = true;
+                proto::put_option_reply(out, option, rep::ACK, &[]);
+                Step::Continue
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta(option, data, catalog, out),
+            _ => error(out, option, rep::ERR_UNSUP, "option not supported"),
+        }
+    }
+
+    fn info(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let req = match proto::parse_info_request(data) {
+            Ok(req) => req,
+            Err(e) => return bad_payload(out, option, &e),
+        };
+        let Some(export) = catalog.lookup(&req.name) else {
+            return error(out, option, rep::ERR_UNKNOWN, "no such export");
+        };
+        let mut item = Vec::with_capacity(12);
+        item.extend_from_slice(&info::EXPORT.to_be_bytes());
+        item.extend_from_slice(&export.size.to_be_bytes());
+        item.extend_from_slice(&export.transmission_flags().to_be_bytes());
+        proto::put_option_reply(out, option, rep::INFO, &item);
+        if req.requests.contains(&info::NAME) {
+            let mut item = info::NAME.to_be_bytes().to_vec();
+            item.extend_from_slice(export.name.as_bytes());
+            proto::put_option_reply(out, option, rep::INFO, &item);
+        }
+        // Block sizes are always sent: clients that did not ask may ignore them.
+        let mut item = info::BLOCK_SIZE.to_be_bytes().to_vec();
+        item.extend_from_slice(&1u32.to_be_bytes());
+        item.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
+        item.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
+        proto::put_option_reply(out, option, rep::INFO, &item);
+        proto::put_option_reply(out, option, rep::ACK, &[]);
+        if option == opt::GO {
+            if self.meta_export.as_deref() != Some(export.name.as_str()) {
+                // Contexts selected for another export do not carry over (proto.md).
+                self.meta_export = None;
+            }
+            Step::Transmission(export)
+        } else {
+            Step::Continue
+        }
+    }
+
+    fn meta(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        if !self.structured {
+            return error(
+                out,
+                option,
+                rep::ERR_INVALID,
+                "structured replies not negotiated",
+            );
+        }
+        let req = match proto::parse_meta_request(data) {
+            Ok(req) => req,
+            Err(e) => return bad_payload(out, option, &e),
+        };
+        if catalog.lookup(&req.name).is_none() {
+            return error(out, option, rep::ERR_UNKNOWN, "no such export");
+        }
+        let set = option == opt::SET_META_CONTEXT;
+        let matched = if set {
+            req.queries.iter().any(|q| q == proto::BASE_ALLOCATION)
+        } else {
+            req.queries.is_empty()
+                || req
+                    .queries
+                    .iter()
+                    .any(|q| q == proto::BASE_ALLOCATION || q == "base:")
+        };
+        if matched {
+            let mut item = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+            item.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+            proto::put_option_reply(out, option, rep::META_CONTEXT, &item);
+        }
+        if set {
+            self.meta_export = matched.then_some(req.name);
+        }
+        proto::put_option_reply(out, option, rep::ACK, &[]);
+        Step::Continue
+    }
+}
+
+fn error(out: &mut Vec<u8>, option: u32, kind: u32, message: &str) -> Step {
+    proto::put_option_reply(out, option, kind, message.as_bytes());
+    Step::Continue
+}
+
+fn bad_payload(out: &mut Vec<u8>, option: u32, e: &ProtoError) -> Step {
+    error(out, option, rep::ERR_INVALID, &e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    struct One;
+    impl ExportCatalog for One {
+        fn lookup(&self, name: &str) -> Option<ExportInfo> {
+            (name == "vol").then(|| ExportInfo {
+                name: "vol".into(),
+                size: 1 << 20,
+                read_only: false,
+            })
+        }
+        fn list(&self) -> Vec<ExportInfo> {
+            self.lookup("vol").into_iter().collect()
+        }
+    }
+
+    fn go_payload(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+
+    /// Splits an option-reply stream into (option, type, payload) triples.
+    fn replies(mut buf: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            let mut c = proto::Cursor::new(buf);
+            assert_eq!(c.u64(), Ok(proto::OPT_REPLY_MAGIC));
+            let (o, t, l) = (
+                c.u32().expect("opt"),
+                c.u32().expect("type"),
+                c.u32().expect("len"),
+            );
+            out.push((o, t, buf[20..20 + l as usize].to_vec()));
+            buf = &buf[20 + l as usize..];
+        }
+        out
+    }
+
+    #[test]
+    fn unknown_option_is_unsup_and_session_continues() {
+        let mut n = Negotiator::new(true);
+        let mut out = Vec::new();
+        assert_eq!(n.option(4242, b"xyz", &One, &mut out), Step::Continue);
+        assert_eq!(replies(&out)[0].1, rep::ERR_UNSUP);
+        out.clear();
+        assert!(matches!(
+            n.option(opt::GO, &go_payload("vol"), &One, &mut out),
+            Step::Transmission(_)
+        ));
+        let r = replies(&out);
+        assert_eq!(r.last().map(|x| x.1), Some(rep::ACK));
+        assert_eq!(r[0].2[..2], info::EXPORT.to_be_bytes());
+    }
+
+    #[test]
+    fn go_unknown_export_is_err_unknown() {
+        let mut out = Vec::new();
+        let step = Negotiator::new(true).option(opt::GO, &go_payload("nope"), &One, &mut out);
+        assert_eq!(step, Step::Continue);
+        assert_eq!(replies(&out)[0].1, rep::ERR_UNKNOWN);
+    }
+
+    #[test]
+    fn meta_context_needs_structured_and_selects_base_allocation() {
+        let mut n = Negotiator::new(true);
+        let mut q = 3u32.to_be_bytes().to_vec();
+        q.extend_from_slice(b"vol");
+        q.extend_from_slice(&1u32.to_be_bytes());
+        q.extend_from_slice(&15u32.to_be_bytes());
+        q.extend_from_slice(b"base:allocation");
+        let mut out = Vec::new();
+        n.option(opt::SET_META_CONTEXT, &q, &One, &mut out);
+        assert_eq!(replies(&out)[0].1, rep::ERR_INVALID);
+        out.clear();
+        n.option(opt::STRUCTURED_REPLY, &[], &One, &mut out);
+        out.clear();
+        n.option(opt::SET_META_CONTEXT, &q, &One, &mut out);
+        let r = replies(&out);
+        assert_eq!(r[0].1, rep::META_CONTEXT);
+        assert_eq!(r[1].1, rep::ACK);
+        assert!(n.base_allocation("vol"));
+    }
+
+    #[test]
+    fn export_name_unknown_closes() {
+        let mut out = Vec::new();
+        assert_eq!(
+            Negotiator::new(false).option(opt::EXPORT_NAME, b"nope", &One, &mut out),
+            Step::Close
+        );
+        let step = Negotiator::new(false).option(opt::EXPORT_NAME, b"vol", &One, &mut out);
+        assert!(matches!(step, Step::Transmission(_)));
+        assert_eq!(out.len(), 8 + 2 + 124);
+    }
+
+    proptest! {
+        /// Random option streams: every option gets a well-formed reply stream (or the
+        /// EXPORT_NAME answer), and nothing panics.
+        #[test]
+        fn random_option_streams(stream in proptest::collection::vec(
+            (0u32..14, proptest::collection::vec(any::<u8>(), 0..40)), 0..12)) {
+            let mut n = Negotiator::new(true);
+            for (option, data) in stream {
+                let mut out = Vec::new();
+                let step = n.option(option, &data, &One, &mut out);
+                if option == opt::EXPORT_NAME {
+                    prop_assert!(matches!(step, Step::Close | Step::Transmission(_)));
+                    break;
+                }
+                let r = replies(&out);
+                prop_assert!(!r.is_empty());
+                prop_assert!(r.iter().all(|x| x.0 == option));
+                let last = r.last().map(|x| x.1).unwrap_or_default();
+                prop_assert!(last == rep::ACK || last & (1 << 31) != 0);
+                if step != Step::Continue {
+                    break;
+                }
+            }
+        }
+
+        /// Random bytes as whole handshake input: header parse then negotiation.
+        #[test]
+        fn random_handshake_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut n = Negotiator::new(false);
+            let mut rest = &bytes[..];
+            while rest.len() >= proto::OPTION_HEADER_LEN {
+                let mut h = [0u8; proto::OPTION_HEADER_LEN];
+                h.copy_from_slice(&rest[..proto::OPTION_HEADER_LEN]);
+                rest = &rest[proto::OPTION_HEADER_LEN..];
+                let Ok(hdr) = proto::parse_option_header(&h) else { break };
+                let len = (hdr.length as usize).min(rest.len());
+                let mut out = Vec::new();
+                let step = n.option(hdr.option, &rest[..len], &One, &mut out);
+                rest = &rest[len..];
+                if step != Step::Continue { break; }
+            }
+        }
+    }
+}

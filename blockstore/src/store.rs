@@ -1,0 +1,615 @@
+//! The store: a data directory's volumes, snapshots and clones, and their exports.
+//!
+//! Management operations (create, snapshot, clone, resize, delete) are serialised by one lock
+//! and each ends with one atomic catalog write; see `format.rs` for the on-disk layout.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::error::StoreError;
+use crate::format::{Catalog, LayerRecord, Layout, SnapshotRecord, VolumeRecord};
+use crate::layer::{ABSENT, DATA, Layer, ZERO};
+use crate::negotiate::{ExportCatalog, ExportInfo};
+use crate::uring::{PUNCH_HOLE, Uring};
+use crate::volume::Export;
+
+/// Largest volume we create (extent map stays in memory: 1 byte per extent).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+
+/// What `list` reports for one volume or snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeInfo {
+    /// Export name (`volume` or `volume@snapshot`).
+    pub name: String,
+    /// `volume` or `snapshot`.
+    pub kind: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes held by this volume's own layer (0 for snapshots).
+    pub allocated: u64,
+    /// For a clone, the snapshot it came from; for a snapshot, its volume.
+    pub origin: Option<String>,
+}
+
+/// A data directory opened for serving.
+#[derive(Debug)]
+pub struct Store {
+    layout: Layout,
+    ring: Uring,
+    state: Mutex<State>,
+    exports: RwLock<HashMap<String, Arc<Export>>>,
+}
+
+#[derive(Debug)]
+struct State {
+    catalog: Catalog,
+    layers: HashMap<u64, Arc<Layer>>,
+}
+
+/// Checks a volume or snapshot name: 1-64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<(), StoreError> {
+    let bad = |reason| StoreError::InvalidName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad("must be 1 to 64 characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(bad("only letters, digits, '.', '_' and '-' are allowed"));
+    }
+    if name.starts_with(['.', '-']) {
+        return Err(bad("must not start with '.' or '-'"));
+    }
+    Ok(())
+}
+
+fn validate_size(size: u64) -> Result<(), StoreError> {
+    if size == 0 || !size.is_multiple_of(512) {
+        return Err(StoreError::InvalidSize {
+            size,
+            reason: "must be a positive multiple of 512",
+        });
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(StoreError::InvalidSize {
+            size,
+            reason: "larger than 1 PiB",
+        });
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or initialises) the data directory at `dir`.
+    pub fn open(dir: &Path, extent_size: u64) -> Result<Arc<Self>, StoreError> {
+        let layout = Layout::new(dir);
+        let catalog = layout.load_or_init(extent_size)?;
+        let ring = Uring::new().map_err(StoreError::io("io_uring_setup", dir))?;
+        let mut layers = HashMap::new();
+        for &id in catalog.layers.keys() {
+            layers.insert(id, Arc::new(Layer::open(&layout, id)?));
+        }
+        remove_orphans(&layout, &catalog);
+        let store = Arc::new(Self {
+            layout,
+            ring,
+            state: Mutex::new(State { catalog, layers }),
+            exports: RwLock::new(HashMap::new()),
+        });
+        store.rebuild_exports_sync()?;
+        Ok(store)
+    }
+
+    fn exports_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Export>>> {
+        self.exports.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exports_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Export>>> {
+        self.exports.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rebuild_exports_sync(&self) -> Result<(), StoreError> {
+        let state = self
+            .state
+            .try_lock()
+            .map_err(|_| StoreError::Inconsistent("store state locked during open".into()))?;
+        let mut exports = HashMap::new();
+        for (name, v) in &state.catalog.volumes {
+            let chain = chain_layers(&state, v.top)?;
+            let extents = v.size.div_ceil(state.catalog.extent_size);
+            chain[0].grow(&self.layout, v.size, extents)?;
+            exports.insert(
+                name.clone(),
+                self.export(name, false, v.size, chain, &state),
+            );
+        }
+        for (name, s) in &state.catalog.snapshots {
+            let chain = chain_layers(&state, s.layer)?;
+            exports.insert(name.clone(), self.export(name, true, s.size, chain, &state));
+        }
+        *self.exports_write() = exports;
+        Ok(())
+    }
+
+    fn export(
+        &self,
+        name: &str,
+        read_only: bool,
+        size: u64,
+        chain: Vec<Arc<Layer>>,
+        state: &State,
+    ) -> Arc<Export> {
+        Arc::new(Export::new(
+            name.to_owned(),
+            read_only,
+            size,
+            state.catalog.extent_size,
+            chain,
+            self.ring.clone(),
+        ))
+    }
+
+    /// The export with this name.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports_read().get(name).cloned()
+    }
+
+    /// Bytes per extent.
+    pub async fn extent_size(&self) -> u64 {
+        self.state.lock().await.catalog.extent_size
+    }
+
+    /// Creates an empty thin volume.
+    pub async fn create(&self, name: &str, size: u64) -> Result<VolumeInfo, StoreError> {
+        validate_name(name)?;
+        validate_size(size)?;
+        let mut state = self.state.lock().await;
+        if self.exists(&state, name) {
+            return Err(StoreError::AlreadyExists(name.to_owned()));
+        }
+        let layer = self.new_layer(&mut state, None, size)?;
+        let mut catalog = state.catalog.clone();
+        catalog.volumes.insert(
+            name.to_owned(),
+            VolumeRecord {
+                size,
+                top: layer.id,
+                origin: None,
+            },
+        );
+        self.commit(&mut state, catalog)?;
+        let export = self.export(name, false, size, vec![layer], &state);
+        self.exports_write().insert(name.to_owned(), export);
+        tracing::info!(volume = name, size, "volume created");
+        Ok(self.info_of(&state, name).await)
+    }
+
+    /// Takes a read-only snapshot `volume@name`.
+    pub async fn snapshot(&self, volume: &str, name: &str) -> Result<VolumeInfo, StoreError> {
+        validate_name(name)?;
+        let full = format!("{volume}@{name}");
+        let mut state = self.state.lock().await;
+        let vrec = state
+            .catalog
+            .volumes
+            .get(volume)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(volume.to_owned()))?;
+        if state.catalog.snapshots.contains_key(&full) {
+            return Err(StoreError::AlreadyExists(full));
+        }
+        let export = self
+            .get(volume)
+            .ok_or_else(|| StoreError::NotFound(volume.to_owned()))?;
+        let mut chain = export.lock_chain().await;
+        // Freeze: everything written so far becomes durable in the old top layer.
+        chain[0].persist(&self.ring).await?;
+        let frozen = chain.clone();
+        let layer = self.new_layer(&mut state, Some(vrec.top), vrec.size)?;
+        let mut catalog = state.catalog.clone();
+        if let Some(v) = catalog.volumes.get_mut(volume) {
+            v.top = layer.id;
+        }
+        catalog.snapshots.insert(
+            full.clone(),
+            SnapshotRecord {
+                volume: volume.to_owned(),
+                layer: vrec.top,
+                size: vrec.size,
+            },
+        );
+        self.commit(&mut state, catalog)?;
+        chain.insert(0, layer);
+        drop(chain);
+        let snap = self.export(&full, true, vrec.size, frozen, &state);
+        self.exports_write().insert(full.clone(), snap);
+        tracing::info!(volume, snapshot = %full, "snapshot taken");
+        Ok(self.info_of(&state, &full).await)
+    }
+
+    /// Creates a writable clone `name` of the snapshot `snapshot` (`volume@snap`).
+    pub async fn clone_snapshot(
+        &self,
+        snapshot: &str,
+        name: &str,
+    ) -> Result<VolumeInfo, StoreError> {
+        validate_name(name)?;
+        let mut state = self.state.lock().await;
+        let srec = state
+            .catalog
+            .snapshots
+            .get(snapshot)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(snapshot.to_owned()))?;
+        if self.exists(&state, name) {
+            return Err(StoreError::AlreadyExists(name.to_owned()));
+        }
+        let layer = self.new_layer(&mut state, Some(srec.layer), srec.size)?;
+        let mut catalog = state.catalog.clone();
+        catalog.volumes.insert(
+            name.to_owned(),
+            VolumeRecord {
+                size: srec.size,
+                top: layer.id,
+                origin: Some(snapshot.to_owned()),
+            },
+        );
+        self.commit(&mut state, catalog)?;
+        let chain = chain_layers(&state, layer.id)?;
+        let export = self.export(name, false, srec.size, chain, &state);
+        self.exports_write().insert(name.to_owned(), export);
+        tracing::info!(snapshot, clone = name, "clone created");
+        Ok(self.info_of(&state, name).await)
+    }
+
+    /// Grows a volume online; new connections see the new size.
+    pub async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, StoreError> {
+        validate_size(size)?;
+        let mut state = self.state.lock().await;
+        let vrec = state
+            .catalog
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
+        if size < vrec.size {
+            return Err(StoreError::Shrink {
+                name: name.to_owned(),
+                current: vrec.size,
+                requested: size,
+            });
+        }
+        let export = self
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
+        let chain = export.lock_chain().await;
+        let extents = size.div_ceil(state.catalog.extent_size);
+        chain[0].grow(&self.layout, size, extents)?;
+        let mut catalog = state.catalog.clone();
+        if let Some(v) = catalog.volumes.get_mut(name) {
+            v.size = size;
+        }
+        self.commit(&mut state, catalog)?;
+        export.set_size(size);
+        drop(chain);
+        tracing::info!(volume = name, size, "volume resized");
+        Ok(self.info_of(&state, name).await)
+    }
+
+    /// Deletes a volume (with its snapshots) or a snapshot. Refused while clones depend on it,
+    /// unless `cascade`, which deletes those clones first.
+    pub async fn delete(&self, name: &str, cascade: bool) -> Result<Vec<String>, StoreError> {
+        let mut state = self.state.lock().await;
+        if !self.exists(&state, name) {
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        let dependents = dependents(&state.catalog, name);
+        if !dependents.is_empty() && !cascade {
+            return Err(StoreError::HasDependents {
+                name: name.to_owned(),
+                dependents,
+            });
+        }
+        let mut deleted = Vec::new();
+        // Dependents come deepest first, so each is free of clones when it is deleted.
+        for dep in dependents.iter().chain(std::iter::once(&name.to_owned())) {
+            self.delete_one(&mut state, dep).await?;
+            deleted.push(dep.clone());
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_one(&self, state: &mut State, name: &str) -> Result<(), StoreError> {
+        let mut catalog = state.catalog.clone();
+        if catalog.volumes.remove(name).is_some() {
+            catalog.snapshots.retain(|_, s| s.volume != name);
+        } else if let Some(srec) = catalog.snapshots.remove(name) {
+            self.merge_out(state, &srec).await?;
+            catalog = state.catalog.clone();
+            catalog.snapshots.remove(name);
+            // The snapshot's layer now has no reader left above it that needs it: relink
+            // its child onto its parent.
+            let parent = catalog.layers.get(&srec.layer).and_then(|l| l.parent);
+            for l in catalog.layers.values_mut() {
+                if l.parent == Some(srec.layer) {
+                    l.parent = parent;
+                }
+            }
+        } else {
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        let reachable = catalog.reachable();
+        let dropped: Vec<u64> = catalog
+            .layers
+            .keys()
+            .copied()
+            .filter(|id| !reachable.contains(id))
+            .collect();
+        for id in &dropped {
+            catalog.layers.remove(id);
+        }
+        self.commit(state, catalog)?;
+        {
+            let mut exports = self.exports_write();
+            exports.retain(|n, _| {
+                state.catalog.volumes.contains_key(n) || state.catalog.snapshots.contains_key(n)
+            });
+        }
+        self.relink_exports(state).await?;
+        for id in dropped {
+            state.layers.remove(&id);
+            let _ = std::fs::remove_file(self.layout.data(id));
+            let _ = std::fs::remove_file(self.layout.map(id));
+        }
+        tracing::info!(name, "deleted");
+        Ok(())
+    }
+
+    /// Before a snapshot's layer disappears, copy its extents into each remaining child layer
+    /// that does not hide them, so every reader above sees the same bytes afterwards.
+    async fn merge_out(&self, state: &mut State, srec: &SnapshotRecord) -> Result<(), StoreError> {
+        let Some(lower) = state.layers.get(&srec.layer).cloned() else {
+            return Err(StoreError::Inconsistent(format!(
+                "layer {} missing",
+                srec.layer
+            )));
+        };
+        let children: Vec<u64> = state
+            .catalog
+            .layers
+            .iter()
+            .filter(|(_, l)| l.parent == Some(srec.layer))
+            .map(|(id, _)| *id)
+            .collect();
+        let es = state.catalog.extent_size;
+        let owner = self.get(&srec.volume);
+        for child_id in children {
+            let Some(child) = state.layers.get(&child_id).cloned() else {
+                continue;
+            };
+            // If the child is the volume's writable top, hold off its allocating writes.
+            let _alloc = match &owner {
+                Some(o) => Some(o.lock_alloc().await),
+                None => None,
+            };
+            for idx in 0..lower.extents() {
+                let st = lower.get(idx);
+                if st == ABSENT || child.get(idx) != ABSENT {
+                    continue;
+                }
+                let (start, len) = (idx * es, es.min(srec.size.saturating_sub(idx * es)));
+                if len == 0 {
+                    continue;
+                }
+                if st == DATA {
+                    let buf = self
+                        .ring
+                        .read_at(&lower.data, start, len as usize)
+                        .await
+                        .map_err(StoreError::DataIo)?;
+                    self.ring
+                        .write_at(&child.data, start, buf)
+                        .await
+                        .map_err(StoreError::DataIo)?;
+                    child.set_range(idx, 1, DATA);
+                } else {
+                    self.ring
+                        .fallocate(&child.data, PUNCH_HOLE, start, len)
+                        .await
+                        .map_err(StoreError::DataIo)?;
+                    child.set_range(idx, 1, ZERO);
+                }
+            }
+            child.persist(&self.ring).await?;
+        }
+        Ok(())
+    }
+
+    /// Points every export's chain at the layers the catalog now names.
+    async fn relink_exports(&self, state: &State) -> Result<(), StoreError> {
+        let exports: Vec<Arc<Export>> = self.exports_read().values().cloned().collect();
+        for export in exports {
+            let top = if let Some(v) = state.catalog.volumes.get(&export.name) {
+                v.top
+            } else if let Some(s) = state.catalog.snapshots.get(&export.name) {
+                s.layer
+            } else {
+                continue;
+            };
+            let fresh = chain_layers(state, top)?;
+            let mut chain = export.lock_chain().await;
+            let same =
+                chain.len() == fresh.len() && chain.iter().zip(&fresh).all(|(a, b)| a.id == b.id);
+            if !same {
+                *chain = fresh;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every volume and snapshot.
+    pub async fn list(&self) -> Vec<VolumeInfo> {
+        let state = self.state.lock().await;
+        let names: Vec<String> = state
+            .catalog
+            .volumes
+            .keys()
+            .chain(state.catalog.snapshots.keys())
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            out.push(self.info_of(&state, &name).await);
+        }
+        out
+    }
+
+    async fn info_of(&self, state: &State, name: &str) -> VolumeInfo {
+        if let Some(v) = state.catalog.volumes.get(name) {
+            let allocated = match self.get(name) {
+                Some(e) => e.allocated_bytes().await,
+                None => 0,
+            };
+            VolumeInfo {
+                name: name.to_owned(),
+                kind: "volume".into(),
+                size: v.size,
+                allocated,
+                origin: v.origin.clone(),
+            }
+        } else {
+            let s = state.catalog.snapshots.get(name);
+            VolumeInfo {
+                name: name.to_owned(),
+                kind: "snapshot".into(),
+                size: s.map_or(0, |s| s.size),
+                allocated: 0,
+                origin: s.map(|s| s.volume.clone()),
+            }
+        }
+    }
+
+    fn exists(&self, state: &State, name: &str) -> bool {
+        state.catalog.volumes.contains_key(name) || state.catalog.snapshots.contains_key(name)
+    }
+
+    fn new_layer(
+        &self,
+        state: &mut State,
+        parent: Option<u64>,
+        size: u64,
+    ) -> Result<Arc<Layer>, StoreError> {
+        let id = state.catalog.next_layer;
+        state.catalog.next_layer += 1;
+        let extents = size.div_ceil(state.catalog.extent_size);
+        let layer = Arc::new(Layer::create(&self.layout, id, size, extents)?);
+        state.catalog.layers.insert(id, LayerRecord { parent });
+        state.layers.insert(id, Arc::clone(&layer));
+        Ok(layer)
+    }
+
+    /// Writes `catalog` durably and makes it current.
+    fn commit(&self, state: &mut State, catalog: Catalog) -> Result<(), StoreError> {
+        let mut catalog = catalog;
+        // Layers made by this operation were recorded in `state.catalog` by `new_layer`.
+        catalog.next_layer = catalog.next_layer.max(state.catalog.next_layer);
+        catalog.check()?;
+        self.layout.save(&catalog)?;
+        state.catalog = catalog;
+        Ok(())
+    }
+}
+
+fn chain_layers(state: &State, top: u64) -> Result<Vec<Arc<Layer>>, StoreError> {
+    state
+        .catalog
+        .chain(top)?
+        .into_iter()
+        .map(|id| {
+            state
+                .layers
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| StoreError::Inconsistent(format!("layer {id} not open")))
+        })
+        .collect()
+}
+
+/// Clones that depend on `name` (a volume's snapshots' clones, or a snapshot's clones),
+/// transitively, deepest first.
+fn dependents(catalog: &Catalog, name: &str) -> Vec<String> {
+    let snaps: Vec<&String> = if catalog.volumes.contains_key(name) {
+        catalog
+            .snapshots
+            .iter()
+            .filter(|(_, s)| s.volume == name)
+            .map(|(n, _)| n)
+            .collect()
+    } else {
+        catalog.snapshots.keys().filter(|n| *n == name).collect()
+    };
+    let mut out = Vec::new();
+    for snap in snaps {
+        for (clone, v) in &catalog.volumes {
+            if v.origin.as_deref() == Some(snap.as_str()) {
+                for d in dependents(catalog, clone) {
+                    if !out.contains(&d) {
+                        out.push(d);
+                    }
+                }
+                if !out.contains(clone) {
+                    out.push(clone.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn remove_orphans(layout: &Layout, catalog: &Catalog) {
+    let Ok(dir) = std::fs::read_dir(layout.layers()) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let id = name.split('.').next().and_then(|s| s.parse::<u64>().ok());
+        if id.is_none_or(|id| !catalog.layers.contains_key(&id)) {
+            tracing::info!(file = %name, "removing leftover layer file");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+impl ExportCatalog for Store {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.get(name).map(|e| ExportInfo {
+            name: e.name.clone(),
+            size: e.size(),
+            read_only: e.read_only,
+        })
+    }
+
+    fn list(&self) -> Vec<ExportInfo> {
+        let exports = self.exports_read();
+        let mut out: Vec<ExportInfo> = exports
+            .values()
+            .map(|e| ExportInfo {
+                name: e.name.clone(),
+                size: e.size(),
+                read_only: e.read_only,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
