@@ -26,6 +26,8 @@ pub struct Layer {
     /// The map file.
     map_file: Arc<File>,
     state: Mutex<MapState>,
+    /// Serialises persists so map bytes reach the file in capture order.
+    persist_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +60,7 @@ impl Layer {
                 states: vec![ABSENT; extents as usize],
                 dirty: BTreeMap::new(),
             }),
+            persist_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -84,6 +87,7 @@ impl Layer {
                 states,
                 dirty: BTreeMap::new(),
             }),
+            persist_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -164,6 +168,7 @@ impl Layer {
     /// Makes the data and map durable: fdatasync the data file, then write the map bytes that
     /// changed before that sync, then fdatasync the map.
     pub async fn persist(&self, ring: &Uring) -> Result<(), StoreError> {
+        let _order = self.persist_lock.lock().await;
         // Capture the dirty set before syncing data: every byte captured describes data that
         // completed before the capture, hence is covered by the sync below.
         let captured: Vec<(u64, u8)> = {

@@ -18,8 +18,11 @@ use crate::proto::{self, Command, ExportView, cmd};
 use crate::store::Store;
 use crate::volume::{Export, ZeroMode};
 
-/// Requests in flight per connection.
-pub const MAX_INFLIGHT: usize = 128;
+/// Budget of request bytes in flight per connection, in [`UNIT`]s (64 MiB): bounds the memory
+/// a client can pin by pipelining large requests.
+pub const MAX_INFLIGHT: usize = 1024;
+/// Granularity of the in-flight budget; every request takes at least one unit.
+pub const UNIT: u32 = 64 * 1024;
 /// Time a client has to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -259,7 +262,8 @@ impl Server {
             if command == Command::Disconnect {
                 break;
             }
-            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            let units = req.length.div_ceil(UNIT).clamp(1, MAX_INFLIGHT as u32);
+            let Ok(permit) = Arc::clone(&slots).acquire_many_owned(units).await else {
                 break;
             };
             let (tx, export, metrics) = (tx.clone(), Arc::clone(&export), Arc::clone(&metrics));

@@ -613,3 +613,179 @@ impl ExportCatalog for Store {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::{IoError, ZeroMode};
+
+    const ES: u64 = 64 * 1024;
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn dir(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("slw-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Dir(p)
+    }
+
+    async fn read(store: &Store, name: &str, off: u64, len: u32) -> Vec<u8> {
+        let e = store.get(name).expect("export");
+        e.read(off, len).await.expect("read")
+    }
+
+    async fn write(store: &Store, name: &str, off: u64, byte: u8, len: usize) {
+        let e = store.get(name).expect("export");
+        e.write(off, vec![byte; len], false).await.expect("write");
+    }
+
+    #[tokio::test]
+    async fn snapshot_chain_merges_keep_every_view() -> Result<(), StoreError> {
+        let d = dir("merge");
+        let store = Store::open(&d.0, ES)?;
+        store.create("v", 1 << 20).await?;
+        write(&store, "v", 0, 0xa1, ES as usize).await;
+        write(&store, "v", 3 * ES, 0xa3, 100).await;
+        store.snapshot("v", "s1").await?;
+        write(&store, "v", ES, 0xb1, ES as usize).await;
+        // Partial overwrite of an extent that lives in s1: copy-on-write.
+        write(&store, "v", 10, 0xb0, 10).await;
+        store.snapshot("v", "s2").await?;
+        // Full-extent trim of data that lives below: must read as zeroes.
+        let v = store.get("v").expect("v");
+        let trim = ZeroMode {
+            no_hole: false,
+            fast: false,
+        };
+        v.zero(3 * ES, ES as u32, trim, false)
+            .await
+            .map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+        // Partial zero over lower data with FAST_ZERO is refused, without it done.
+        let fast = ZeroMode {
+            no_hole: false,
+            fast: true,
+        };
+        assert!(matches!(
+            v.zero(ES + 8, 8, fast, false).await,
+            Err(IoError::NotFast)
+        ));
+        v.zero(ES + 8, 8, trim, false)
+            .await
+            .map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+        let r = v.zero(2 * ES + 8, 8, fast, false).await;
+        assert!(r.is_ok(), "extent 2 has no data anywhere: zeroing is free");
+        store.create("w", 1 << 20).await?;
+        write(&store, "w", 0, 0x11, 4096).await;
+        store.snapshot("w", "ws").await?;
+        let w = store.get("w").expect("w");
+        assert!(matches!(
+            w.zero(8, 8, fast, false).await,
+            Err(IoError::NotFast)
+        ));
+
+        let expect_v = |buf: &[u8]| {
+            assert!(buf[..10].iter().all(|b| *b == 0xa1));
+            assert!(buf[10..20].iter().all(|b| *b == 0xb0));
+            assert!(buf[20..ES as usize].iter().all(|b| *b == 0xa1));
+            assert!(buf[ES as usize..ES as usize + 8].iter().all(|b| *b == 0xb1));
+            assert!(
+                buf[ES as usize + 8..ES as usize + 16]
+                    .iter()
+                    .all(|b| *b == 0)
+            );
+            assert!(
+                buf[3 * ES as usize..4 * ES as usize]
+                    .iter()
+                    .all(|b| *b == 0)
+            );
+        };
+        expect_v(&read(&store, "v", 0, (4 * ES) as u32).await);
+        let s1 = read(&store, "v@s1", 0, (4 * ES) as u32).await;
+        assert!(s1[..ES as usize].iter().all(|b| *b == 0xa1));
+        assert!(s1[ES as usize..2 * ES as usize].iter().all(|b| *b == 0));
+        assert!(
+            s1[3 * ES as usize..3 * ES as usize + 100]
+                .iter()
+                .all(|b| *b == 0xa3)
+        );
+        let s2_before = read(&store, "v@s2", 0, (4 * ES) as u32).await;
+
+        // Delete the oldest snapshot: its extents merge into s2's layer.
+        assert_eq!(store.delete("v@s1", false).await?, vec!["v@s1".to_owned()]);
+        assert_eq!(read(&store, "v@s2", 0, (4 * ES) as u32).await, s2_before);
+        expect_v(&read(&store, "v", 0, (4 * ES) as u32).await);
+        // Delete s2 too: merged into the live top layer.
+        store.delete("v@s2", false).await?;
+        expect_v(&read(&store, "v", 0, (4 * ES) as u32).await);
+        store
+            .get("v")
+            .expect("v")
+            .flush()
+            .await
+            .map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+        let status = store
+            .get("v")
+            .expect("v")
+            .block_status(0, 1 << 20, false)
+            .await;
+        assert_eq!(status[0], ((2 * ES) as u32, 0));
+        assert_eq!(status[1], ((14 * ES) as u32, 3));
+        drop(store);
+
+        // Reopen: the catalog names exactly the live layers, and the data is the same.
+        std::fs::write(d.0.join("layers/999.data"), b"junk").expect("junk file");
+        let store = Store::open(&d.0, ES)?;
+        assert!(
+            !d.0.join("layers/999.data").exists(),
+            "leftover layer file kept"
+        );
+        let names: Vec<String> = store.list().await.into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["v", "w", "w@ws"]);
+        expect_v(&read(&store, "v", 0, (4 * ES) as u32).await);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn delete_rules_and_validation() -> Result<(), StoreError> {
+        let d = dir("rules");
+        let store = Store::open(&d.0, ES)?;
+        assert!(matches!(
+            store.create("bad/name", 4096).await,
+            Err(StoreError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            store.create("v", 1000).await,
+            Err(StoreError::InvalidSize { .. })
+        ));
+        store.create("v", 1 << 20).await?;
+        assert!(matches!(
+            store.create("v", 1 << 20).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        write(&store, "v", 0, 0x42, 4096).await;
+        store.snapshot("v", "s").await?;
+        store.clone_snapshot("v@s", "c").await?;
+        store.snapshot("c", "cs").await?;
+        store.clone_snapshot("c@cs", "cc").await?;
+        assert_eq!(read(&store, "cc", 0, 4096).await, vec![0x42; 4096]);
+        match store.delete("v", false).await {
+            Err(StoreError::HasDependents { dependents, .. }) => {
+                assert_eq!(dependents, ["cc", "c"]);
+            }
+            other => panic!("expected HasDependents, got {other:?}"),
+        }
+        // Deleting the clone of a clone is fine on its own.
+        write(&store, "c", 4096, 0x43, 4096).await;
+        assert_eq!(store.delete("v", true).await?, ["cc", "c", "v"]);
+        assert!(store.list().await.is_empty());
+        let left = std::fs::read_dir(d.0.join("layers"))
+            .expect("layers")
+            .count();
+        assert_eq!(left, 0, "layer files left behind");
+        Ok(())
+    }
+}
