@@ -1,2 +1,42 @@
 //! The Slipway supervisor: Kubernetes-style API server, auth and RBAC, store backends, reconcilers.
+//!
+//! # Wiring into the `slipway` CLI
+//!
+//! [`cli::SupervisorArgs`] is a `clap::Args`; flatten it into the `supervisor` subcommand and
+//! call [`cli::SupervisorArgs::run`] (builds its own tokio runtime) or `.run_async().await` from
+//! an existing runtime:
+//!
+//! ```ignore
+//! #[derive(clap::Subcommand)]
+//! enum Command {
+//!     /// Run the supervisor API server.
+//!     Supervisor(slipway_supervisor::cli::SupervisorArgs),
+//! }
+//! // ...
+//! Command::Supervisor(args) => args.run()?,
+//! ```
+//!
+//! `slipway supervisor --data-dir DIR --listen 127.0.0.1:6443 [--store redb|etcd://h1,h2]
+//! [--token-file FILE] [--audit-log FILE]` creates `DIR/pki/` (CA, serving certificate) on
+//! first start, writes `DIR/admin.kubeconfig` (cluster-admin client certificate) on every
+//! start, and prints `slipway supervisor listening on https://ADDR` once bound.
+//!
+//! Layout: [`api`] (the kinds and their registry), [`server`] (HTTPS, routing, verbs, watch,
+//! Table output), [`store`] (the `Store` trait, redb and etcd backends), [`auth`] (tokens,
+//! client certificates, RBAC), [`admission`], [`audit`], [`openapi`], [`patch`], [`selector`],
+//! [`tls`], [`metrics`], [`error`] (the one place errors become `metav1.Status`).
 #![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+pub mod patch;
+pub mod selector;
+pub mod server;
+pub mod store;
+pub mod tls;

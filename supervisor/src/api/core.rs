@@ -1,0 +1,752 @@
+//! Core (`v1`) kinds: Namespace with Slipway's limits, Service, Endpoints, Pod, PVC, Event.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::meta::{IntOrString, ObjectMeta, Quantity, check_dns_label};
+use super::{Validate, at, kind};
+use crate::error::FieldError;
+
+/// Resource limits of a namespace.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceLimits {
+    /// Total CPU cores the namespace's clusters may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Total memory the namespace's clusters may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Total storage the namespace's volumes may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Quantity>,
+}
+
+/// Namespace spec: upstream finalizers plus Slipway's limits and allowed classes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceSpec {
+    /// Upstream namespace finalizers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalizers: Option<Vec<String>>,
+    /// Resource limits; absent means unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<NamespaceLimits>,
+    /// StorageClasses objects in this namespace may use; absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_classes: Option<Vec<String>>,
+    /// HostClasses clusters in this namespace may use; absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_classes: Option<Vec<String>>,
+}
+
+/// Namespace status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceStatus {
+    /// `Active` or `Terminating`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Value>>,
+}
+
+kind!(
+    /// A tenant namespace (core/v1) with Slipway's resource limits.
+    Namespace,
+    NamespaceSpec,
+    NamespaceStatus
+);
+
+fn check_quantity(field: &str, q: &Option<Quantity>, errs: &mut Vec<FieldError>) {
+    if let Some(q) = q
+        && q.value().is_none()
+    {
+        errs.push(FieldError::invalid(
+            field,
+            q,
+            "must be a quantity such as 2, 500m or 4Gi",
+        ));
+    }
+}
+
+fn check_names(field: &str, names: &Option<Vec<String>>, errs: &mut Vec<FieldError>) {
+    for (i, n) in names.iter().flatten().enumerate() {
+        check_dns_label(&at(field, i), n, errs);
+    }
+}
+
+impl Validate for Namespace {
+    fn default_fields(&mut self) {
+        let status = self.status.get_or_insert_with(Default::default);
+        status.phase.get_or_insert_with(|| "Active".into());
+    }
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if let Some(l) = &self.spec.limits {
+            check_quantity("spec.limits.cpu", &l.cpu, errs);
+            check_quantity("spec.limits.memory", &l.memory, errs);
+            check_quantity("spec.limits.storage", &l.storage, errs);
+        }
+        check_names("spec.storageClasses", &self.spec.storage_classes, errs);
+        check_names("spec.hostClasses", &self.spec.host_classes, errs);
+    }
+}
+
+/// One port of a Service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    /// Port name; required when there is more than one port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Application protocol hint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+    /// Service port.
+    pub port: i64,
+    /// Pod port (number or name); defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<IntOrString>,
+    /// Node port for NodePort and LoadBalancer services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<i64>,
+}
+
+/// Service spec (upstream fields Slipway implements).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// ClusterIP (default), NodePort, LoadBalancer or ExternalName.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    /// Ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<ServicePort>>,
+    /// Pod selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Virtual IP (allocated by the service reconciler when empty).
+    #[serde(rename = "clusterIP", default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    /// Virtual IPs per family.
+    #[serde(
+        rename = "clusterIPs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cluster_ips: Option<Vec<String>>,
+    /// Extra external IPs.
+    #[serde(
+        rename = "externalIPs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub external_ips: Option<Vec<String>>,
+    /// Requested LoadBalancer VIP.
+    #[serde(
+        rename = "loadBalancerIP",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub load_balancer_ip: Option<String>,
+    /// Client CIDRs allowed to reach the VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_source_ranges: Option<Vec<String>>,
+    /// Load balancer implementation class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_class: Option<String>,
+    /// Cluster or Local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<String>,
+    /// Cluster or Local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
+    /// None (default) or ClientIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<String>,
+    /// Session affinity settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<Value>,
+    /// Health check node port for Local policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<i64>,
+    /// DNS name for ExternalName services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
+    /// IPv4 and/or IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_families: Option<Vec<String>>,
+    /// SingleStack, PreferDualStack or RequireDualStack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_family_policy: Option<String>,
+    /// Publish endpoints of pods that are not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_not_ready_addresses: Option<bool>,
+    /// Allocate node ports for LoadBalancer services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocate_load_balancer_node_ports: Option<bool>,
+}
+
+kind!(
+    /// A Service (core/v1).
+    Service,
+    ServiceSpec,
+    Value
+);
+
+const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
+
+fn check_port(field: &str, p: i64, errs: &mut Vec<FieldError>) {
+    if !(1..=65535).contains(&p) {
+        errs.push(FieldError::invalid(
+            field,
+            p,
+            "must be between 1 and 65535, inclusive",
+        ));
+    }
+}
+
+fn check_enum(field: &str, v: &Option<String>, allowed: &[&str], errs: &mut Vec<FieldError>) {
+    if let Some(v) = v
+        && !allowed.contains(&v.as_str())
+    {
+        errs.push(FieldError::not_supported(field, v, allowed));
+    }
+}
+
+/// Checks a CIDR string.
+pub fn check_cidr(field: &str, v: &str, errs: &mut Vec<FieldError>) -> Option<IpNetwork> {
+    match v.parse::<IpNetwork>() {
+        Ok(n) if n.network() == n.ip() => Some(n),
+        Ok(_) => {
+            errs.push(FieldError::invalid(
+                field,
+                format!("{v:?}"),
+                "must be a network address (host bits zero)",
+            ));
+            None
+        }
+        Err(_) => {
+            errs.push(FieldError::invalid(
+                field,
+                format!("{v:?}"),
+                "must be a valid CIDR such as 10.0.0.0/16",
+            ));
+            None
+        }
+    }
+}
+
+fn check_ip(field: &str, v: &str, errs: &mut Vec<FieldError>) {
+    if v != "None" && !v.is_empty() && v.parse::<IpAddr>().is_err() {
+        errs.push(FieldError::invalid(
+            field,
+            format!("{v:?}"),
+            "must be a valid IP address",
+        ));
+    }
+}
+
+impl Validate for Service {
+    fn default_fields(&mut self) {
+        let s = &mut self.spec;
+        s.type_.get_or_insert_with(|| "ClusterIP".into());
+        s.session_affinity.get_or_insert_with(|| "None".into());
+        for p in s.ports.iter_mut().flatten() {
+            p.protocol.get_or_insert_with(|| "TCP".into());
+            p.target_port.get_or_insert(IntOrString::Int(p.port));
+        }
+        if matches!(s.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
+            s.external_traffic_policy
+                .get_or_insert_with(|| "Cluster".into());
+        }
+    }
+
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        let s = &self.spec;
+        check_enum("spec.type", &s.type_, SERVICE_TYPES, errs);
+        check_enum(
+            "spec.sessionAffinity",
+            &s.session_affinity,
+            &["None", "ClientIP"],
+            errs,
+        );
+        check_enum(
+            "spec.externalTrafficPolicy",
+            &s.external_traffic_policy,
+            &["Cluster", "Local"],
+            errs,
+        );
+        check_enum(
+            "spec.internalTrafficPolicy",
+            &s.internal_traffic_policy,
+            &["Cluster", "Local"],
+            errs,
+        );
+        let ports = s.ports.as_deref().unwrap_or_default();
+        if ports.is_empty() && s.type_.as_deref() != Some("ExternalName") {
+            errs.push(FieldError::required("spec.ports"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut keys = std::collections::BTreeSet::new();
+        for (i, p) in ports.iter().enumerate() {
+            let f = at("spec.ports", i);
+            check_port(&format!("{f}.port"), p.port, errs);
+            check_enum(&format!("{f}.protocol"), &p.protocol, PROTOCOLS, errs);
+            match &p.name {
+                None if ports.len() > 1 => errs.push(FieldError::required(format!("{f}.name"))),
+                Some(n) => {
+                    check_dns_label(&format!("{f}.name"), n, errs);
+                    if !names.insert(n.clone()) {
+                        errs.push(FieldError::duplicate(format!("{f}.name"), format!("{n:?}")));
+                    }
+                }
+                None => {}
+            }
+            if !keys.insert((p.port, p.protocol.clone())) {
+                errs.push(FieldError::duplicate(
+                    f.clone(),
+                    format!("port {} {:?}", p.port, p.protocol),
+                ));
+            }
+            if let Some(IntOrString::Int(t)) = p.target_port {
+                check_port(&format!("{f}.targetPort"), t, errs);
+            }
+            if let Some(np) = p.node_port {
+                check_port(&format!("{f}.nodePort"), np, errs);
+            }
+        }
+        if let Some(ip) = &s.cluster_ip {
+            check_ip("spec.clusterIP", ip, errs);
+        }
+        if let Some(ip) = &s.load_balancer_ip {
+            check_ip("spec.loadBalancerIP", ip, errs);
+            if s.type_.as_deref() != Some("LoadBalancer") {
+                errs.push(FieldError::forbidden(
+                    "spec.loadBalancerIP",
+                    "may only be set for type LoadBalancer",
+                ));
+            }
+        }
+        for (i, ip) in s.external_ips.iter().flatten().enumerate() {
+            check_ip(&at("spec.externalIPs", i), ip, errs);
+        }
+        for (i, r) in s.load_balancer_source_ranges.iter().flatten().enumerate() {
+            check_cidr(&at("spec.loadBalancerSourceRanges", i), r, errs);
+        }
+        if s.external_traffic_policy.is_some()
+            && !matches!(s.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
+        {
+            errs.push(FieldError::forbidden(
+                "spec.externalTrafficPolicy",
+                "may only be set for type NodePort or LoadBalancer",
+            ));
+        }
+        if s.type_.as_deref() == Some("ExternalName") && s.external_name.is_none() {
+            errs.push(FieldError::required("spec.externalName"));
+        }
+    }
+}
+
+/// One endpoint address.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointAddress {
+    /// Pod IP.
+    pub ip: String,
+    /// Hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Node hosting the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<Value>,
+}
+
+/// One endpoint port.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointPort {
+    /// Matches a Service port name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Port number.
+    pub port: i64,
+    /// Protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Application protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// A set of addresses sharing ports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSubset {
+    /// Ready addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Vec<EndpointAddress>>,
+    /// Addresses not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready_addresses: Option<Vec<EndpointAddress>>,
+    /// Ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+/// The backends of a Service (core/v1 Endpoints; upstream has no spec or status).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoints {
+    /// `v1`.
+    #[serde(default)]
+    pub api_version: String,
+    /// `Endpoints`.
+    #[serde(default)]
+    pub kind: String,
+    /// Metadata; the name matches the Service.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// Address sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subsets: Option<Vec<EndpointSubset>>,
+}
+
+impl Validate for Endpoints {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        for (i, s) in self.subsets.iter().flatten().enumerate() {
+            let f = at("subsets", i);
+            for (j, a) in s.addresses.iter().flatten().enumerate() {
+                if a.ip.parse::<IpAddr>().is_err() {
+                    errs.push(FieldError::invalid(
+                        format!("{f}.addresses[{j}].ip"),
+                        &a.ip,
+                        "must be a valid IP address",
+                    ));
+                }
+            }
+            for (j, p) in s.ports.iter().flatten().enumerate() {
+                check_port(&format!("{f}.ports[{j}].port"), p.port, errs);
+            }
+        }
+    }
+}
+
+/// Container environment variable.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVar {
+    /// Name.
+    pub name: String,
+    /// Value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// Container port.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerPort {
+    /// Port name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Port number.
+    pub container_port: i64,
+    /// Protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// Requests and limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceRequirements {
+    /// Limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<BTreeMap<String, Quantity>>,
+    /// Requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<BTreeMap<String, Quantity>>,
+}
+
+/// A process in the pod's network namespace.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Container {
+    /// Name, unique in the pod.
+    pub name: String,
+    /// Image or executable reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// Environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+    /// Ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<ContainerPort>>,
+    /// Resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+}
+
+/// Minimal pod spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    /// Containers.
+    #[serde(default)]
+    pub containers: Vec<Container>,
+    /// Host the pod is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// Always (default), OnFailure or Never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<String>,
+    /// Volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<Value>>,
+    /// Node selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+kind!(
+    /// A Pod (core/v1), minimal: processes in a pod network namespace on a host.
+    Pod,
+    PodSpec,
+    Value
+);
+
+impl Validate for Pod {
+    fn default_fields(&mut self) {
+        self.spec
+            .restart_policy
+            .get_or_insert_with(|| "Always".into());
+    }
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if self.spec.containers.is_empty() {
+            errs.push(FieldError::required("spec.containers"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, c) in self.spec.containers.iter().enumerate() {
+            let f = at("spec.containers", i);
+            check_dns_label(&format!("{f}.name"), &c.name, errs);
+            if !names.insert(c.name.clone()) {
+                errs.push(FieldError::duplicate(
+                    format!("{f}.name"),
+                    format!("{:?}", c.name),
+                ));
+            }
+            for (j, p) in c.ports.iter().flatten().enumerate() {
+                check_port(
+                    &format!("{f}.ports[{j}].containerPort"),
+                    p.container_port,
+                    errs,
+                );
+            }
+        }
+        check_enum(
+            "spec.restartPolicy",
+            &self.spec.restart_policy,
+            &["Always", "OnFailure", "Never"],
+            errs,
+        );
+    }
+}
+
+/// PVC spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PersistentVolumeClaimSpec {
+    /// ReadWriteOnce, ReadOnlyMany, ReadWriteMany, ReadWriteOncePod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_modes: Option<Vec<String>>,
+    /// `requests.storage` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// StorageClass to provision from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Filesystem (default) or Block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+    /// Bound volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_name: Option<String>,
+    /// Source snapshot or volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_source: Option<Value>,
+}
+
+kind!(
+    /// A PersistentVolumeClaim (core/v1).
+    PersistentVolumeClaim,
+    PersistentVolumeClaimSpec,
+    Value
+);
+
+const ACCESS_MODES: &[&str] = &[
+    "ReadWriteOnce",
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOncePod",
+];
+
+impl Validate for PersistentVolumeClaim {
+    fn default_fields(&mut self) {
+        self.spec
+            .volume_mode
+            .get_or_insert_with(|| "Filesystem".into());
+    }
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        let modes = self.spec.access_modes.as_deref().unwrap_or_default();
+        if modes.is_empty() {
+            errs.push(FieldError::required("spec.accessModes"));
+        }
+        for (i, m) in modes.iter().enumerate() {
+            if !ACCESS_MODES.contains(&m.as_str()) {
+                errs.push(FieldError::not_supported(
+                    at("spec.accessModes", i),
+                    m,
+                    ACCESS_MODES,
+                ));
+            }
+        }
+        match self
+            .spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+        {
+            None => errs.push(FieldError::required("spec.resources.requests.storage")),
+            Some(q) if q.value().is_none_or(|v| v <= 0.0) => errs.push(FieldError::invalid(
+                "spec.resources.requests.storage",
+                q,
+                "must be a positive quantity",
+            )),
+            Some(_) => {}
+        }
+        check_enum(
+            "spec.volumeMode",
+            &self.spec.volume_mode,
+            &["Filesystem", "Block"],
+            errs,
+        );
+    }
+}
+
+/// The object an Event is about.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectReference {
+    /// Kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// UID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// API version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// Resource version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    /// Field path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_path: Option<String>,
+}
+
+/// A core/v1 Event (upstream has no spec or status).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Event {
+    /// `v1`.
+    #[serde(default)]
+    pub api_version: String,
+    /// `Event`.
+    #[serde(default)]
+    pub kind: String,
+    /// Metadata.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The object this is about.
+    #[serde(default)]
+    pub involved_object: ObjectReference,
+    /// Short machine reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Normal or Warning.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    /// Reporting component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Value>,
+    /// First seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_timestamp: Option<String>,
+    /// Last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_timestamp: Option<String>,
+    /// Occurrences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<i64>,
+    /// Microsecond event time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<String>,
+    /// Reporting controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporting_component: Option<String>,
+    /// Reporting instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporting_instance: Option<String>,
+    /// Action taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Related object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub related: Option<ObjectReference>,
+    /// Series data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series: Option<Value>,
+}
+
+impl Validate for Event {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if self.involved_object.name.is_none() {
+            errs.push(FieldError::required("involvedObject.name"));
+        }
+        check_enum("type", &self.type_, &["Normal", "Warning"], errs);
+    }
+}

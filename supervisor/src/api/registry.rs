@@ -1,0 +1,730 @@
+//! The resource registry: every served kind with its path names, scope, schema, defaults and
+//! validation, Table columns and strategic-merge keys. Discovery, OpenAPI, routing and patching
+//! all read this one table.
+
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::Validate;
+use super::core::{Endpoints, Event, Namespace, PersistentVolumeClaim, Pod, Service};
+use super::networking::NetworkPolicy;
+use super::rbac::RoleBinding;
+use super::slipway::{Cluster, HostClass, Zone};
+use super::storage::StorageClass;
+use crate::error::{ApiError, FieldError};
+
+/// One Table column: header, OpenAPI type, and how to compute the cell.
+#[derive(Debug)]
+pub struct Column {
+    /// Header.
+    pub name: &'static str,
+    /// `string`, `integer`, `date`.
+    pub type_: &'static str,
+    /// Help text.
+    pub description: &'static str,
+    /// 0 = default view, 1 = `-o wide`.
+    pub priority: u8,
+    /// Cell value from the object.
+    pub cell: fn(&Value) -> Value,
+}
+
+/// Decodes, defaults and validates a body: the normalized object and its bad fields, or why
+/// it does not decode.
+type DecodeFn = fn(Value) -> Result<(Value, Vec<FieldError>), String>;
+
+/// A served resource type.
+#[derive(Debug)]
+pub struct ResourceType {
+    /// API group (`""` for core).
+    pub group: &'static str,
+    /// API version.
+    pub version: &'static str,
+    /// Kind.
+    pub kind: &'static str,
+    /// Plural resource name used in paths.
+    pub plural: &'static str,
+    /// Singular name.
+    pub singular: &'static str,
+    /// Namespaced or cluster-scoped.
+    pub namespaced: bool,
+    /// kubectl short names.
+    pub short_names: &'static [&'static str],
+    /// Whether the kind has a `status` field (and so a `status` subresource).
+    pub has_status: bool,
+    /// Strategic-merge-patch list keys: dotted path (no indices) -> merge key
+    /// (`""` = merge a list of scalars as a set).
+    pub merge_keys: &'static [(&'static str, &'static str)],
+    /// Extra Table columns between Name and Age.
+    pub columns: Vec<Column>,
+    decode: DecodeFn,
+    schema: fn(&mut SchemaGenerator) -> Schema,
+}
+
+impl ResourceType {
+    /// `group/version`, or `version` for core.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// Decodes a body strictly into the kind's serde type, applies defaults and validates.
+    /// Returns the normalized object and every bad field; a body that does not decode (syntax,
+    /// wrong type, unknown field) is a 400 naming the field.
+    pub fn decode(&self, body: Value) -> Result<(Value, Vec<FieldError>), ApiError> {
+        (self.decode)(body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "{} in version {:?} cannot be handled as a {}: strict decoding error: {e}",
+                self.kind, self.version, self.kind
+            ))
+        })
+    }
+
+    /// The kind's JSON schema (inlined).
+    pub fn schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        (self.schema)(generator)
+    }
+
+    /// Strategic-merge key of the list at `path`, if the list merges.
+    pub fn merge_key(&self, path: &str) -> Option<&'static str> {
+        COMMON_MERGE_KEYS
+            .iter()
+            .chain(self.merge_keys)
+            .find(|(p, _)| *p == path)
+            .map(|(_, k)| *k)
+    }
+}
+
+/// Merge keys every built-in kind shares (ObjectMeta's patch strategies).
+pub const COMMON_MERGE_KEYS: &[(&str, &str)] = &[
+    ("metadata.finalizers", ""),
+    ("metadata.ownerReferences", "uid"),
+];
+
+fn decode<T: DeserializeOwned + Serialize + Validate>(
+    body: Value,
+) -> Result<(Value, Vec<FieldError>), String> {
+    let mut obj: T = serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })?;
+    obj.default_fields();
+    let mut errs = Vec::new();
+    obj.validate(&mut errs);
+    let value = serde_json::to_value(&obj).map_err(|e| e.to_string())?;
+    Ok((value, errs))
+}
+
+fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+/// Walks a dotted path (`spec.type`) into a JSON value.
+pub fn jp<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |cur, seg| cur.get(seg))
+}
+
+fn s(v: &Value, path: &str) -> Value {
+    match jp(v, path) {
+        Some(Value::String(x)) if !x.is_empty() => Value::String(x.clone()),
+        Some(Value::Number(n)) => Value::String(n.to_string()),
+        Some(Value::Bool(b)) => Value::String(b.to_string()),
+        _ => Value::String("<none>".into()),
+    }
+}
+
+fn col(name: &'static str, description: &'static str, cell: fn(&Value) -> Value) -> Column {
+    Column {
+        name,
+        type_: "string",
+        description,
+        priority: 0,
+        cell,
+    }
+}
+
+fn service_ports(v: &Value) -> Value {
+    let ports: Vec<String> = jp(v, "spec.ports")
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    let port = p.get("port").map(ToString::to_string).unwrap_or_default();
+                    let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+                    match p.get("nodePort") {
+                        Some(np) => format!("{port}:{np}/{proto}"),
+                        None => format!("{port}/{proto}"),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(if ports.is_empty() {
+        "<none>".into()
+    } else {
+        ports.join(",")
+    })
+}
+
+fn service_external(v: &Value) -> Value {
+    let ingress: Vec<String> = jp(v, "status.loadBalancer.ingress")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i.get("ip").and_then(Value::as_str).map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !ingress.is_empty() {
+        return Value::String(ingress.join(","));
+    }
+    match jp(v, "spec.type").and_then(Value::as_str) {
+        Some("LoadBalancer") => Value::String("<pending>".into()),
+        Some("ExternalName") => s(v, "spec.externalName"),
+        _ => Value::String("<none>".into()),
+    }
+}
+
+fn selector(v: &Value) -> Value {
+    let sel: Vec<String> = jp(v, "spec.selector")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(if sel.is_empty() {
+        "<none>".into()
+    } else {
+        sel.join(",")
+    })
+}
+
+fn endpoints(v: &Value) -> Value {
+    let mut out = Vec::new();
+    for subset in v
+        .get("subsets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let ports: Vec<String> = subset
+            .get("ports")
+            .and_then(Value::as_array)
+            .map(|p| {
+                p.iter()
+                    .filter_map(|p| p.get("port"))
+                    .map(ToString::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for a in subset
+            .get("addresses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let ip = a.get("ip").and_then(Value::as_str).unwrap_or_default();
+            if ports.is_empty() {
+                out.push(ip.to_string());
+            }
+            out.extend(ports.iter().map(|p| format!("{ip}:{p}")));
+        }
+    }
+    Value::String(if out.is_empty() {
+        "<none>".into()
+    } else {
+        out.join(",")
+    })
+}
+
+fn pod_ready(v: &Value) -> Value {
+    let total = jp(v, "spec.containers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let ready = jp(v, "status.containerStatuses")
+        .and_then(Value::as_array)
+        .map_or(0, |c| {
+            c.iter()
+                .filter(|c| c.get("ready") == Some(&Value::Bool(true)))
+                .count()
+        });
+    Value::String(format!("{ready}/{total}"))
+}
+
+fn phase_or_pending(v: &Value) -> Value {
+    match jp(v, "status.phase").and_then(Value::as_str) {
+        Some(p) => Value::String(p.into()),
+        None => Value::String("Pending".into()),
+    }
+}
+
+fn access_modes(v: &Value) -> Value {
+    let modes: Vec<&str> = jp(v, "spec.accessModes")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(Value::as_str)
+                .map(|m| match m {
+                    "ReadWriteOnce" => "RWO",
+                    "ReadOnlyMany" => "ROX",
+                    "ReadWriteMany" => "RWX",
+                    "ReadWriteOncePod" => "RWOP",
+                    other => other,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(modes.join(","))
+}
+
+fn event_object(v: &Value) -> Value {
+    let kind = jp(v, "involvedObject.kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_lowercase();
+    let name = jp(v, "involvedObject.name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Value::String(format!("{kind}/{name}"))
+}
+
+fn event_last_seen(v: &Value) -> Value {
+    let t = jp(v, "lastTimestamp")
+        .or_else(|| jp(v, "eventTime"))
+        .and_then(Value::as_str);
+    Value::String(super::meta::human_age(t))
+}
+
+fn pod_selector(v: &Value) -> Value {
+    let sel: Vec<String> = jp(v, "spec.podSelector.matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(if sel.is_empty() {
+        "<none>".into()
+    } else {
+        sel.join(",")
+    })
+}
+
+fn subjects(kind: &str, v: &Value) -> Value {
+    let names: Vec<&str> = v
+        .get("subjects")
+        .and_then(Value::as_array)
+        .map(|s| {
+            s.iter()
+                .filter(|s| s.get("kind").and_then(Value::as_str) == Some(kind))
+                .filter_map(|s| s.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(names.join(", "))
+}
+
+fn role(v: &Value) -> Value {
+    Value::String(format!(
+        "{}/{}",
+        jp(v, "roleRef.kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+        jp(v, "roleRef.name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    ))
+}
+
+fn workers(v: &Value) -> Value {
+    let n: u64 = jp(v, "spec.topology.nodePools")
+        .and_then(Value::as_array)
+        .map(|p| {
+            p.iter()
+                .filter_map(|p| p.get("replicas").and_then(Value::as_u64))
+                .sum()
+        })
+        .unwrap_or(0);
+    Value::from(n)
+}
+
+fn zone_hosts(v: &Value) -> Value {
+    Value::from(
+        jp(v, "spec.hosts")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len),
+    )
+}
+
+const CORE_POD_KEYS: &[(&str, &str)] = &[
+    ("spec.containers", "name"),
+    ("spec.containers.ports", "containerPort"),
+    ("spec.containers.env", "name"),
+    ("spec.volumes", "name"),
+];
+
+/// Every served resource type.
+pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLock::new(|| {
+    vec![
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "Namespace",
+            plural: "namespaces",
+            singular: "namespace",
+            namespaced: false,
+            short_names: &["ns"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![Column {
+                name: "Status",
+                type_: "string",
+                description: "Phase",
+                priority: 0,
+                cell: |v| s(v, "status.phase"),
+            }],
+            decode: decode::<Namespace>,
+            schema: schema::<Namespace>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "Service",
+            plural: "services",
+            singular: "service",
+            namespaced: true,
+            short_names: &["svc"],
+            has_status: true,
+            merge_keys: &[("spec.ports", "port")],
+            columns: vec![
+                Column {
+                    name: "Type",
+                    type_: "string",
+                    description: "Service type",
+                    priority: 0,
+                    cell: |v| s(v, "spec.type"),
+                },
+                Column {
+                    name: "Cluster-IP",
+                    type_: "string",
+                    description: "Virtual IP",
+                    priority: 0,
+                    cell: |v| s(v, "spec.clusterIP"),
+                },
+                Column {
+                    name: "External-IP",
+                    type_: "string",
+                    description: "External IPs",
+                    priority: 0,
+                    cell: service_external,
+                },
+                Column {
+                    name: "Port(s)",
+                    type_: "string",
+                    description: "Ports",
+                    priority: 0,
+                    cell: service_ports,
+                },
+                Column {
+                    name: "Selector",
+                    type_: "string",
+                    description: "Pod selector",
+                    priority: 1,
+                    cell: selector,
+                },
+            ],
+            decode: decode::<Service>,
+            schema: schema::<Service>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "Endpoints",
+            plural: "endpoints",
+            singular: "endpoints",
+            namespaced: true,
+            short_names: &["ep"],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![Column {
+                name: "Endpoints",
+                type_: "string",
+                description: "Addresses",
+                priority: 0,
+                cell: endpoints,
+            }],
+            decode: decode::<Endpoints>,
+            schema: schema::<Endpoints>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "Pod",
+            plural: "pods",
+            singular: "pod",
+            namespaced: true,
+            short_names: &["po"],
+            has_status: true,
+            merge_keys: CORE_POD_KEYS,
+            columns: vec![
+                Column {
+                    name: "Ready",
+                    type_: "string",
+                    description: "Ready containers",
+                    priority: 0,
+                    cell: pod_ready,
+                },
+                Column {
+                    name: "Status",
+                    type_: "string",
+                    description: "Phase",
+                    priority: 0,
+                    cell: phase_or_pending,
+                },
+                Column {
+                    name: "Node",
+                    type_: "string",
+                    description: "Host",
+                    priority: 1,
+                    cell: |v| s(v, "spec.nodeName"),
+                },
+            ],
+            decode: decode::<Pod>,
+            schema: schema::<Pod>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "PersistentVolumeClaim",
+            plural: "persistentvolumeclaims",
+            singular: "persistentvolumeclaim",
+            namespaced: true,
+            short_names: &["pvc"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![
+                Column {
+                    name: "Status",
+                    type_: "string",
+                    description: "Phase",
+                    priority: 0,
+                    cell: phase_or_pending,
+                },
+                col("Volume", "Bound volume", |v| s(v, "spec.volumeName")),
+                col("Capacity", "Capacity", |v| s(v, "status.capacity.storage")),
+                col("Access Modes", "Access modes", access_modes),
+                col("StorageClass", "StorageClass", |v| {
+                    s(v, "spec.storageClassName")
+                }),
+            ],
+            decode: decode::<PersistentVolumeClaim>,
+            schema: schema::<PersistentVolumeClaim>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "Event",
+            plural: "events",
+            singular: "event",
+            namespaced: true,
+            short_names: &["ev"],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![
+                col("Last Seen", "Last seen", event_last_seen),
+                col("Type", "Normal or Warning", |v| s(v, "type")),
+                col("Reason", "Reason", |v| s(v, "reason")),
+                col("Object", "Involved object", event_object),
+                col("Message", "Message", |v| s(v, "message")),
+            ],
+            decode: decode::<Event>,
+            schema: schema::<Event>,
+        },
+        ResourceType {
+            group: "networking.k8s.io",
+            version: "v1",
+            kind: "NetworkPolicy",
+            plural: "networkpolicies",
+            singular: "networkpolicy",
+            namespaced: true,
+            short_names: &["netpol"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![col("Pod-Selector", "Pods selected", pod_selector)],
+            decode: decode::<NetworkPolicy>,
+            schema: schema::<NetworkPolicy>,
+        },
+        ResourceType {
+            group: "storage.k8s.io",
+            version: "v1",
+            kind: "StorageClass",
+            plural: "storageclasses",
+            singular: "storageclass",
+            namespaced: false,
+            short_names: &["sc"],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![
+                col("Provisioner", "CSI driver", |v| s(v, "provisioner")),
+                col("ReclaimPolicy", "Reclaim policy", |v| s(v, "reclaimPolicy")),
+                col("VolumeBindingMode", "Binding mode", |v| {
+                    s(v, "volumeBindingMode")
+                }),
+                col("AllowVolumeExpansion", "Expandable", |v| {
+                    match jp(v, "allowVolumeExpansion") {
+                        Some(Value::Bool(b)) => Value::String(b.to_string()),
+                        _ => Value::String("false".into()),
+                    }
+                }),
+            ],
+            decode: decode::<StorageClass>,
+            schema: schema::<StorageClass>,
+        },
+        ResourceType {
+            group: "rbac.authorization.k8s.io",
+            version: "v1",
+            kind: "RoleBinding",
+            plural: "rolebindings",
+            singular: "rolebinding",
+            namespaced: true,
+            short_names: &[],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![
+                col("Role", "Role granted", role),
+                Column {
+                    name: "Users",
+                    type_: "string",
+                    description: "Users",
+                    priority: 1,
+                    cell: |v| subjects("User", v),
+                },
+                Column {
+                    name: "Groups",
+                    type_: "string",
+                    description: "Groups",
+                    priority: 1,
+                    cell: |v| subjects("Group", v),
+                },
+            ],
+            decode: decode::<RoleBinding>,
+            schema: schema::<RoleBinding>,
+        },
+        ResourceType {
+            group: "slipway.dev",
+            version: "v1alpha1",
+            kind: "HostClass",
+            plural: "hostclasses",
+            singular: "hostclass",
+            namespaced: false,
+            short_names: &["hc"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![
+                Column {
+                    name: "CPUs",
+                    type_: "integer",
+                    description: "Cores per host",
+                    priority: 0,
+                    cell: |v| jp(v, "spec.cpus").cloned().unwrap_or(Value::Null),
+                },
+                col("Memory", "Memory per host", |v| s(v, "spec.memory")),
+            ],
+            decode: decode::<HostClass>,
+            schema: schema::<HostClass>,
+        },
+        ResourceType {
+            group: "slipway.dev",
+            version: "v1alpha1",
+            kind: "Zone",
+            plural: "zones",
+            singular: "zone",
+            namespaced: false,
+            short_names: &["zn"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![
+                Column {
+                    name: "Hosts",
+                    type_: "integer",
+                    description: "Hosts in the zone",
+                    priority: 0,
+                    cell: zone_hosts,
+                },
+                col("CPU", "CPU capacity", |v| s(v, "spec.capacity.cpu")),
+                col("Memory", "Memory capacity", |v| {
+                    s(v, "spec.capacity.memory")
+                }),
+            ],
+            decode: decode::<Zone>,
+            schema: schema::<Zone>,
+        },
+        ResourceType {
+            group: "slipway.dev",
+            version: "v1alpha1",
+            kind: "Cluster",
+            plural: "clusters",
+            singular: "cluster",
+            namespaced: true,
+            short_names: &["cl"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![
+                Column {
+                    name: "Control Plane",
+                    type_: "integer",
+                    description: "Control plane replicas",
+                    priority: 0,
+                    cell: |v| {
+                        jp(v, "spec.topology.controlPlane.replicas")
+                            .cloned()
+                            .unwrap_or(Value::Null)
+                    },
+                },
+                Column {
+                    name: "Workers",
+                    type_: "integer",
+                    description: "Worker replicas",
+                    priority: 0,
+                    cell: workers,
+                },
+                col("Phase", "Lifecycle phase", |v| s(v, "status.phase")),
+                Column {
+                    name: "Endpoint",
+                    type_: "string",
+                    description: "API endpoint",
+                    priority: 1,
+                    cell: |v| s(v, "status.apiEndpoint"),
+                },
+            ],
+            decode: decode::<Cluster>,
+            schema: schema::<Cluster>,
+        },
+    ]
+});
+
+/// Finds a resource type by group, version and plural.
+pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// Finds a resource type by kind.
+pub fn by_kind(group: &str, kind: &str) -> Option<&'static ResourceType> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.kind == kind)
+}

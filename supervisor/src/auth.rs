@@ -1,0 +1,259 @@
+//! Authentication (bearer tokens from a token file, client certificates from the supervisor's
+//! CA) and authorization (per-namespace view / edit / owner from RoleBindings, plus
+//! cluster-admin for the `system:masters` group).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::api::registry::{ResourceType, lookup};
+use crate::error::ApiError;
+use crate::store::{AnyStore, Store};
+
+/// The group whose members are cluster administrators.
+pub const MASTERS: &str = "system:masters";
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserInfo {
+    /// User name.
+    pub name: String,
+    /// Groups.
+    pub groups: Vec<String>,
+}
+
+impl UserInfo {
+    /// Whether the user is a cluster administrator.
+    pub fn is_admin(&self) -> bool {
+        self.groups.iter().any(|g| g == MASTERS)
+    }
+}
+
+/// Token file failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The token file could not be read.
+    #[error("reading token file {0}")]
+    Read(String, #[source] std::io::Error),
+    /// A line is malformed.
+    #[error("token file line {line}: {message}")]
+    Parse {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Maps bearer tokens to users.
+#[derive(Debug, Default, Clone)]
+pub struct Authenticator {
+    tokens: HashMap<String, UserInfo>,
+}
+
+impl Authenticator {
+    /// Loads a token file in kube-apiserver's format: `token,user,uid[,"group1,group2"]`
+    /// (one per line; `#` comments and blank lines ignored).
+    pub fn from_token_file(path: &Path) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| AuthError::Read(path.display().to_string(), e))?;
+        Self::parse(&text)
+    }
+
+    /// Parses token file text.
+    pub fn parse(text: &str) -> Result<Self, AuthError> {
+        let mut tokens = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (head, groups) = match line.split_once('"') {
+                Some((h, g)) => (h.trim_end_matches(','), g.trim_end_matches('"')),
+                None => (line, ""),
+            };
+            let fields: Vec<&str> = head.split(',').map(str::trim).collect();
+            if fields.len() < 2 || fields[0].is_empty() || fields[1].is_empty() {
+                return Err(AuthError::Parse {
+                    line: i + 1,
+                    message: "expected token,user,uid[,\"groups\"]".into(),
+                });
+            }
+            let mut groups: Vec<String> = groups
+                .split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(String::from)
+                .collect();
+            if fields.len() > 3 {
+                groups.extend(
+                    fields[3..]
+                        .iter()
+                        .filter(|g| !g.is_empty())
+                        .map(|g| g.to_string()),
+                );
+            }
+            tokens.insert(
+                fields[0].to_string(),
+                UserInfo {
+                    name: fields[1].to_string(),
+                    groups,
+                },
+            );
+        }
+        Ok(Self { tokens })
+    }
+
+    /// Identifies the caller: a valid bearer token, else a verified client certificate.
+    /// Anonymous requests are refused (401).
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        cert_user: Option<&UserInfo>,
+    ) -> Result<UserInfo, ApiError> {
+        if let Some(h) = authorization {
+            let token = h
+                .strip_prefix("Bearer ")
+                .map(str::trim)
+                .ok_or(ApiError::Unauthorized)?;
+            return self
+                .tokens
+                .get(token)
+                .cloned()
+                .ok_or(ApiError::Unauthorized);
+        }
+        cert_user.cloned().ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// Namespace roles, in increasing power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Read everything but RoleBindings.
+    View,
+    /// View plus write everything but RoleBindings.
+    Edit,
+    /// Edit plus manage RoleBindings.
+    Owner,
+}
+
+impl Role {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "view" => Some(Self::View),
+            "edit" => Some(Self::Edit),
+            "owner" => Some(Self::Owner),
+            _ => None,
+        }
+    }
+
+    fn allows(self, verb: &str, rt: &ResourceType) -> bool {
+        let read = matches!(verb, "get" | "list" | "watch");
+        let rbac = rt.group == "rbac.authorization.k8s.io";
+        match self {
+            Self::View => read && !rbac,
+            Self::Edit => !rbac,
+            Self::Owner => true,
+        }
+    }
+}
+
+/// The strongest role `user` holds in `namespace`, from the namespace's RoleBindings.
+pub async fn role_in(
+    store: &AnyStore,
+    user: &UserInfo,
+    namespace: &str,
+) -> Result<Option<Role>, ApiError> {
+    let Some(rb) = lookup("rbac.authorization.k8s.io", "v1", "rolebindings") else {
+        return Ok(None);
+    };
+    let (items, _) = store
+        .list(&crate::server::keys::prefix(rb, Some(namespace)))
+        .await?;
+    let mut best = None;
+    for kv in items {
+        let Ok(obj) = serde_json::from_slice::<Value>(&kv.value) else {
+            continue;
+        };
+        let bound = obj
+            .get("subjects")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|s| {
+                let name = s.get("name").and_then(Value::as_str).unwrap_or_default();
+                match s.get("kind").and_then(Value::as_str) {
+                    Some("User") => name == user.name,
+                    Some("Group") => user.groups.iter().any(|g| g == name),
+                    _ => false,
+                }
+            });
+        if bound {
+            let role = obj
+                .pointer("/roleRef/name")
+                .and_then(Value::as_str)
+                .and_then(Role::parse);
+            best = best.max(role);
+        }
+    }
+    Ok(best)
+}
+
+/// Decides whether `user` may do `verb` on `rt` in `namespace` (None = cluster scope or all
+/// namespaces). Enforced on every verb, watch included.
+pub async fn authorize(
+    store: &AnyStore,
+    user: &UserInfo,
+    verb: &str,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+) -> Result<(), ApiError> {
+    if user.is_admin() {
+        return Ok(());
+    }
+    let forbidden = || ApiError::Forbidden {
+        user: user.name.clone(),
+        verb: verb.to_string(),
+        resource: rt.plural.to_string(),
+        group: rt.group.to_string(),
+        namespace: namespace.map(String::from),
+    };
+    let read = matches!(verb, "get" | "list" | "watch");
+    match (rt.namespaced, namespace) {
+        // Cluster-scoped kinds (namespaces, classes, zones) are readable by every user.
+        (false, _) => {
+            if read {
+                Ok(())
+            } else {
+                Err(forbidden())
+            }
+        }
+        (true, None) => Err(forbidden()),
+        (true, Some(ns)) => match role_in(store, user, ns).await? {
+            Some(role) if role.allows(verb, rt) => Ok(()),
+            _ => Err(forbidden()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_parses_groups() -> Result<(), AuthError> {
+        let a = Authenticator::parse("# comment\nt1,alice,1,\"team-a,team-b\"\nt2,bob,2\n")?;
+        let alice = a
+            .authenticate(Some("Bearer t1"), None)
+            .map_err(|e| AuthError::Parse {
+                line: 0,
+                message: e.to_string(),
+            })?;
+        assert_eq!(alice.groups, vec!["team-a", "team-b"]);
+        assert!(a.authenticate(Some("Bearer nope"), None).is_err());
+        assert!(a.authenticate(None, None).is_err());
+        assert!(Authenticator::parse("justatoken\n").is_err());
+        Ok(())
+    }
+}

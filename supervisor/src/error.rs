@@ -1,0 +1,314 @@
+//! The API error type and the one place that turns it into a Kubernetes `metav1.Status` body.
+
+use serde_json::{Value, json};
+
+use crate::store::StoreError;
+
+/// Why a field was refused, as the Kubernetes `StatusCause.reason` vocabulary names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldReason {
+    /// The value is malformed or out of range.
+    Invalid,
+    /// A required field is missing.
+    Required,
+    /// The value is not one of the supported values.
+    NotSupported,
+    /// The value repeats one that must be unique.
+    Duplicate,
+    /// The value is not allowed here (policy, admission).
+    Forbidden,
+}
+
+impl FieldReason {
+    fn cause(self) -> &'static str {
+        match self {
+            Self::Invalid => "FieldValueInvalid",
+            Self::Required => "FieldValueRequired",
+            Self::NotSupported => "FieldValueNotSupported",
+            Self::Duplicate => "FieldValueDuplicate",
+            Self::Forbidden => "FieldValueForbidden",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Invalid => "Invalid value",
+            Self::Required => "Required value",
+            Self::NotSupported => "Unsupported value",
+            Self::Duplicate => "Duplicate value",
+            Self::Forbidden => "Forbidden",
+        }
+    }
+}
+
+/// One bad field of an object, named by its JSON path (`spec.ports[0].port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field.
+    pub field: String,
+    /// Kind of failure.
+    pub reason: FieldReason,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+impl FieldError {
+    /// A malformed or out-of-range value.
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            reason: FieldReason::Invalid,
+            detail: format!("{value}: {}", detail.into()),
+        }
+    }
+
+    /// A missing required value.
+    pub fn required(field: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: FieldReason::Required,
+            detail: String::new(),
+        }
+    }
+
+    /// A value outside an enumeration.
+    pub fn not_supported(field: impl Into<String>, value: &str, supported: &[&str]) -> Self {
+        let list: Vec<String> = supported.iter().map(|s| format!("{s:?}")).collect();
+        Self {
+            field: field.into(),
+            reason: FieldReason::NotSupported,
+            detail: format!("{value:?}: supported values: {}", list.join(", ")),
+        }
+    }
+
+    /// A value that must be unique but repeats.
+    pub fn duplicate(field: impl Into<String>, value: impl std::fmt::Display) -> Self {
+        Self {
+            field: field.into(),
+            reason: FieldReason::Duplicate,
+            detail: value.to_string(),
+        }
+    }
+
+    /// A value a policy forbids.
+    pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: FieldReason::Forbidden,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.detail.is_empty() {
+            write!(f, "{}: {}", self.field, self.reason.label())
+        } else {
+            write!(
+                f,
+                "{}: {}: {}",
+                self.field,
+                self.reason.label(),
+                self.detail
+            )
+        }
+    }
+}
+
+/// Every way an API request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The object (or the resource type) does not exist.
+    #[error("{resource} {name:?} not found")]
+    NotFound {
+        /// Resource plural, or a path for unknown endpoints.
+        resource: String,
+        /// Object name.
+        name: String,
+    },
+    /// Create of a name that exists.
+    #[error("{resource} {name:?} already exists")]
+    AlreadyExists {
+        /// Resource plural.
+        resource: String,
+        /// Object name.
+        name: String,
+    },
+    /// Optimistic concurrency failure.
+    #[error(
+        "Operation cannot be fulfilled on {resource} {name:?}: the object has been modified; please apply your changes to the latest version and try again"
+    )]
+    Conflict {
+        /// Resource plural.
+        resource: String,
+        /// Object name.
+        name: String,
+    },
+    /// The object failed validation; every bad field is listed.
+    #[error("{kind} {name:?} is invalid: {}", format_causes(.causes))]
+    Invalid {
+        /// Kind of the object.
+        kind: String,
+        /// Object name.
+        name: String,
+        /// Bad fields.
+        causes: Vec<FieldError>,
+    },
+    /// The body could not be decoded (syntax, wrong type, unknown field).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No or bad credentials.
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// RBAC denied the request.
+    #[error("{resource} is forbidden: User {user:?} cannot {verb} resource {resource:?} in API group {group:?}{}", in_namespace(.namespace))]
+    Forbidden {
+        /// Authenticated user.
+        user: String,
+        /// Kubernetes verb.
+        verb: String,
+        /// Resource plural.
+        resource: String,
+        /// API group.
+        group: String,
+        /// Namespace, if namespaced.
+        namespace: Option<String>,
+    },
+    /// Admission refused the object (quota, policy); the message names the limit.
+    #[error("{resource} {name:?} is forbidden: {message}")]
+    AdmissionDenied {
+        /// Resource plural.
+        resource: String,
+        /// Object name.
+        name: String,
+        /// Why, naming the field and limit.
+        message: String,
+    },
+    /// The HTTP method is not allowed on this path.
+    #[error("the server does not allow this method on the requested resource")]
+    MethodNotAllowed,
+    /// The requested resourceVersion is no longer available.
+    #[error("too old resource version: {requested} ({oldest})")]
+    Gone {
+        /// Requested revision.
+        requested: u64,
+        /// Oldest revision still available.
+        oldest: u64,
+    },
+    /// The request body's content type is not supported for this verb.
+    #[error("the body of the request was in an unknown format - accepted media types include: {0}")]
+    UnsupportedMediaType(String),
+    /// The store failed.
+    #[error("storage error")]
+    Store(#[source] StoreError),
+    /// Anything else that went wrong inside the server.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn format_causes(causes: &[FieldError]) -> String {
+    let parts: Vec<String> = causes.iter().map(ToString::to_string).collect();
+    if parts.len() == 1 {
+        parts.join("")
+    } else {
+        format!("[{}]", parts.join(", "))
+    }
+}
+
+fn in_namespace(ns: &Option<String>) -> String {
+    match ns {
+        Some(ns) => format!(" in the namespace {ns:?}"),
+        None => " at the cluster scope".to_string(),
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Compacted { requested, oldest } => Self::Gone { requested, oldest },
+            other => Self::Store(other),
+        }
+    }
+}
+
+impl ApiError {
+    /// The HTTP status code this error is answered with.
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::NotFound { .. } => 404,
+            Self::AlreadyExists { .. } | Self::Conflict { .. } => 409,
+            Self::Invalid { .. } => 422,
+            Self::BadRequest(_) => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden { .. } | Self::AdmissionDenied { .. } => 403,
+            Self::MethodNotAllowed => 405,
+            Self::Gone { .. } => 410,
+            Self::UnsupportedMediaType(_) => 415,
+            Self::Store(_) | Self::Internal(_) => 500,
+        }
+    }
+
+    /// The `metav1.Status.reason` for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } => "NotFound",
+            Self::AlreadyExists { .. } => "AlreadyExists",
+            Self::Conflict { .. } => "Conflict",
+            Self::Invalid { .. } => "Invalid",
+            Self::BadRequest(_) => "BadRequest",
+            Self::Unauthorized => "Unauthorized",
+            Self::Forbidden { .. } | Self::AdmissionDenied { .. } => "Forbidden",
+            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::Gone { .. } => "Expired",
+            Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            Self::Store(_) | Self::Internal(_) => "InternalError",
+        }
+    }
+
+    /// The `metav1.Status` body: the single place errors are put on the wire.
+    pub fn to_status(&self) -> Value {
+        let mut message = self.to_string();
+        if let Self::Store(e) = self {
+            message = format!("{message}: {e}");
+        }
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": self.reason(),
+            "code": self.code(),
+        });
+        let details = match self {
+            Self::NotFound { resource, name }
+            | Self::AlreadyExists { resource, name }
+            | Self::Conflict { resource, name }
+            | Self::AdmissionDenied { resource, name, .. } => {
+                Some(json!({"name": name, "kind": resource}))
+            }
+            Self::Forbidden {
+                resource, group, ..
+            } => Some(json!({"kind": resource, "group": group})),
+            Self::Invalid { kind, name, causes } => Some(json!({
+                "name": name,
+                "kind": kind,
+                "causes": causes.iter().map(|c| json!({
+                    "reason": c.reason.cause(),
+                    "message": c.to_string(),
+                    "field": c.field,
+                })).collect::<Vec<_>>(),
+            })),
+            _ => None,
+        };
+        if let (Some(d), Some(obj)) = (details, status.as_object_mut()) {
+            obj.insert("details".into(), d);
+        }
+        status
+    }
+}

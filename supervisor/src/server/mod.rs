@@ -1,0 +1,256 @@
+//! The HTTPS API server: TLS accept loop, per-connection client identity, shared state.
+
+pub mod discovery;
+pub mod handler;
+pub mod http;
+pub mod keys;
+pub mod objects;
+pub mod table;
+pub mod watch;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::admission::AdmissionConfig;
+use crate::audit::AuditLog;
+use crate::auth::{AuthError, Authenticator, MASTERS, UserInfo};
+use crate::metrics::Metrics;
+use crate::store::etcd::EtcdStore;
+use crate::store::redb::RedbStore;
+use crate::store::{AnyStore, Store, StoreError};
+use crate::tls::{Credential, Pki, TlsError, subject_of};
+
+/// Which store backend to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// `DIR/store.redb`.
+    Redb,
+    /// An etcd cluster (`http://host:port` endpoints).
+    Etcd(Vec<String>),
+}
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Data directory (PKI, kubeconfig, redb file).
+    pub data_dir: PathBuf,
+    /// Listen address (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Store backend.
+    pub store: StoreConfig,
+    /// Bearer token file (`token,user,uid,"groups"`).
+    pub token_file: Option<PathBuf>,
+    /// Audit log path (JSON lines).
+    pub audit_log: Option<PathBuf>,
+    /// Admission minimums.
+    pub admission: AdmissionConfig,
+}
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("creating data directory {0}")]
+    DataDir(PathBuf, #[source] std::io::Error),
+    /// PKI set-up failed.
+    #[error("PKI")]
+    Tls(#[from] TlsError),
+    /// The store could not be opened.
+    #[error("opening the store")]
+    Store(#[from] StoreError),
+    /// The token file is bad.
+    #[error("token file")]
+    Auth(#[from] AuthError),
+    /// The audit log could not be opened.
+    #[error("opening audit log {0}")]
+    Audit(PathBuf, #[source] std::io::Error),
+    /// The listen address could not be bound.
+    #[error("binding {0}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+}
+
+/// State shared by every request.
+#[derive(Debug)]
+pub struct State {
+    /// Object store.
+    pub store: AnyStore,
+    /// Token authenticator.
+    pub auth: Authenticator,
+    /// Audit log, if enabled.
+    pub audit: Option<AuditLog>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Admission settings.
+    pub admission: AdmissionConfig,
+    /// `/openapi/v2` as JSON.
+    pub openapi_json: Bytes,
+    /// `/openapi/v2` as gnostic protobuf.
+    pub openapi_pb: Bytes,
+}
+
+/// A bound, ready-to-serve API server.
+pub struct Server {
+    state: Arc<State>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    addr: SocketAddr,
+}
+
+/// Creates the `default` namespace on first start, as Kubernetes does.
+async fn bootstrap(store: &AnyStore) -> Result<(), StoreError> {
+    let Some(rt) = crate::api::registry::lookup("", "v1", "namespaces") else {
+        return Ok(());
+    };
+    let key = keys::object(rt, None, "default");
+    if store.get(&key).await?.is_some() {
+        return Ok(());
+    }
+    let mut ns = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": "default"},
+        "spec": {},
+        "status": {"phase": "Active"},
+    });
+    objects::stamp_new(&mut ns);
+    let bytes = serde_json::to_vec(&ns).map_err(|e| StoreError::Task(e.to_string()))?;
+    match store.create(&key, bytes).await {
+        Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Creates the PKI on first start, opens the store, binds the listener and writes
+    /// `DIR/admin.kubeconfig` for the bound address.
+    pub async fn bind(cfg: ServerConfig) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
+        let pki = Pki::new(&cfg.data_dir);
+        let mut sans = Vec::new();
+        if !cfg.listen.ip().is_unspecified() {
+            sans.push(cfg.listen.ip().to_string());
+        }
+        pki.ensure(&sans)?;
+        let store = match &cfg.store {
+            StoreConfig::Redb => AnyStore::Redb(RedbStore::open(&cfg.data_dir.join("store.redb"))?),
+            StoreConfig::Etcd(endpoints) => {
+                AnyStore::Etcd(Box::new(EtcdStore::connect(endpoints).await?))
+            }
+        };
+        let auth = match &cfg.token_file {
+            Some(p) => Authenticator::from_token_file(p)?,
+            None => Authenticator::default(),
+        };
+        let audit = match &cfg.audit_log {
+            Some(p) => Some(AuditLog::open(p).map_err(|e| ServerError::Audit(p.clone(), e))?),
+            None => None,
+        };
+        bootstrap(&store).await?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| ServerError::Bind(cfg.listen, e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ServerError::Bind(cfg.listen, e))?;
+        let (cert_pem, key_pem) = pki.issue_client("admin", Some(MASTERS))?;
+        pki.write_kubeconfig(
+            &cfg.data_dir.join("admin.kubeconfig"),
+            addr,
+            "admin",
+            &Credential::ClientCert { cert_pem, key_pem },
+        )?;
+        let doc = crate::openapi::document();
+        let openapi_pb = Bytes::from(crate::openapi::document_protobuf(&doc));
+        let openapi_json = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
+        let state = State {
+            store,
+            auth,
+            audit,
+            metrics: Metrics::default(),
+            admission: cfg.admission,
+            openapi_json,
+            openapi_pb,
+        };
+        let tls = TlsAcceptor::from(pki.server_config()?);
+        info!(%addr, store = ?cfg.store, "supervisor API listening");
+        Ok(Self {
+            state: Arc::new(state),
+            listener,
+            tls,
+            addr,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves; open connections are then dropped.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let tls = self.tls.clone();
+            let state = self.state.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let stream = match tls.accept(tcp).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let cert_user = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| subject_of(c))
+                    .map(|(name, groups)| UserInfo { name, groups });
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    let cert_user = cert_user.clone();
+                    async move { Ok::<_, Infallible>(handler::handle(state, cert_user, req).await) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        debug!(%peer, error = %e, "connection ended");
+                    },
+                    _ = stop.changed() => {}
+                }
+            });
+        }
+        let _ = stop_tx.send(true);
+    }
+}

@@ -1,0 +1,219 @@
+//! The etcd backend: the HA store. Every write is one etcd transaction guarded by the key's
+//! create/mod revision, so resourceVersions are etcd revisions and watch resumes from them.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{EventKind, KeyValue, Store, StoreError, StoreEvent, WatchStream};
+
+/// The etcd backend (a cheap-to-clone client over one gRPC channel per endpoint).
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+fn eerr(e: etcd_client::Error) -> StoreError {
+    StoreError::Etcd(e)
+}
+
+fn rev(r: i64) -> u64 {
+    u64::try_from(r).unwrap_or(0)
+}
+
+fn irev(r: u64) -> i64 {
+    i64::try_from(r).unwrap_or(i64::MAX)
+}
+
+impl EtcdStore {
+    /// Connects to the cluster (`http://h:port` or `h:port` endpoints).
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        let client = Client::connect(endpoints, Some(opts)).await.map_err(eerr)?;
+        Ok(Self {
+            client,
+            endpoints: endpoints.to_vec(),
+        })
+    }
+
+    async fn guarded(
+        &self,
+        key: &str,
+        guard: Compare,
+        op: TxnOp,
+    ) -> Result<(bool, u64, Option<u64>), StoreError> {
+        let txn = Txn::new()
+            .when([guard])
+            .and_then([op])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.kv_client().txn(txn).await.map_err(eerr)?;
+        let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
+        let current = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| rev(kv.mod_revision())),
+            _ => None,
+        });
+        Ok((resp.succeeded(), revision, current))
+    }
+}
+
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let resp = self.client.kv_client().get(key, None).await.map_err(eerr)?;
+        Ok(resp.kvs().first().map(|kv| KeyValue {
+            key: key.to_string(),
+            value: kv.value().to_vec(),
+            revision: rev(kv.mod_revision()),
+        }))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(eerr)?;
+        let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
+        let items = resp
+            .kvs()
+            .iter()
+            .map(|kv| KeyValue {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                revision: rev(kv.mod_revision()),
+            })
+            .collect();
+        Ok((items, revision))
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
+        let guard = Compare::create_revision(key, CompareOp::Equal, 0);
+        match self
+            .guarded(key, guard, TxnOp::put(key, value, None))
+            .await?
+        {
+            (true, revision, _) => Ok(revision),
+            (false, _, _) => Err(StoreError::AlreadyExists(key.to_string())),
+        }
+    }
+
+    async fn update(&self, key: &str, value: Vec<u8>, expected: u64) -> Result<u64, StoreError> {
+        let guard = Compare::mod_revision(key, CompareOp::Equal, irev(expected));
+        match self
+            .guarded(key, guard, TxnOp::put(key, value, None))
+            .await?
+        {
+            (true, revision, _) => Ok(revision),
+            (false, _, None) => Err(StoreError::NotFound(key.to_string())),
+            (false, _, Some(current)) => Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected,
+                current,
+            }),
+        }
+    }
+
+    async fn delete(&self, key: &str, expected: u64) -> Result<u64, StoreError> {
+        let guard = Compare::mod_revision(key, CompareOp::Equal, irev(expected));
+        match self.guarded(key, guard, TxnOp::delete(key, None)).await? {
+            (true, revision, _) => Ok(revision),
+            (false, _, None) => Err(StoreError::NotFound(key.to_string())),
+            (false, _, Some(current)) => Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected,
+                current,
+            }),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(irev(after + 1));
+        let mut stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(eerr)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                // Stop (and so cancel the etcd watch) as soon as the reader goes away.
+                let next = tokio::select! {
+                    m = stream.message() => m,
+                    () = tx.closed() => return,
+                };
+                let msg = match next {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(eerr(e))).await;
+                        return;
+                    }
+                };
+                if msg.compact_revision() > 0 {
+                    let oldest = rev(msg.compact_revision());
+                    let _ = tx
+                        .send(Err(StoreError::Compacted {
+                            requested: after,
+                            oldest,
+                        }))
+                        .await;
+                    return;
+                }
+                if msg.canceled() {
+                    let _ = tx
+                        .send(Err(StoreError::Task("etcd cancelled the watch".into())))
+                        .await;
+                    return;
+                }
+                for ev in msg.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let out = match ev.event_type() {
+                        EventType::Put => StoreEvent {
+                            kind: EventKind::Put {
+                                created: kv.create_revision() == kv.mod_revision(),
+                            },
+                            kv: KeyValue {
+                                key,
+                                value: kv.value().to_vec(),
+                                revision: rev(kv.mod_revision()),
+                            },
+                        },
+                        EventType::Delete => StoreEvent {
+                            kind: EventKind::Delete,
+                            kv: KeyValue {
+                                key,
+                                value: ev.prev_kv().map(|p| p.value().to_vec()).unwrap_or_default(),
+                                revision: rev(kv.mod_revision()),
+                            },
+                        },
+                    };
+                    if tx.send(Ok(out)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

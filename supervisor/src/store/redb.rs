@@ -1,0 +1,382 @@
+//! The embedded store: one redb file holding the objects, the global revision and a bounded
+//! event log that watches resume from (also across restarts).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{broadcast, mpsc};
+
+use super::{EventKind, KeyValue, Store, StoreError, StoreEvent, WatchStream};
+
+/// key -> (mod revision, value)
+const OBJECTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("objects");
+/// revision -> (kind: 0 put-create, 1 put-update, 2 delete, key, value)
+const EVENTS: TableDefinition<u64, (u8, &str, &[u8])> = TableDefinition::new("events");
+/// "revision" -> last revision, "compacted" -> highest revision dropped from the event log
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How many events the log keeps for watches to resume from.
+pub const DEFAULT_HISTORY: u64 = 10_000;
+
+/// The redb backend.
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Database,
+    /// Serializes writers so events are broadcast in revision order.
+    write_lock: Mutex<()>,
+    events: broadcast::Sender<StoreEvent>,
+    history: u64,
+}
+
+fn rerr(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Redb(e.into())
+}
+
+fn kind_code(kind: EventKind) -> u8 {
+    match kind {
+        EventKind::Put { created: true } => 0,
+        EventKind::Put { created: false } => 1,
+        EventKind::Delete => 2,
+    }
+}
+
+fn code_kind(code: u8) -> EventKind {
+    match code {
+        0 => EventKind::Put { created: true },
+        1 => EventKind::Put { created: false },
+        _ => EventKind::Delete,
+    }
+}
+
+enum Op {
+    Create,
+    Update(u64),
+    Delete(u64),
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_history(path, DEFAULT_HISTORY)
+    }
+
+    /// Opens the store keeping `history` events for watch resumption.
+    pub fn open_with_history(path: &Path, history: u64) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(rerr)?;
+        let txn = db.begin_write().map_err(rerr)?;
+        {
+            txn.open_table(OBJECTS).map_err(rerr)?;
+            txn.open_table(EVENTS).map_err(rerr)?;
+            txn.open_table(META).map_err(rerr)?;
+        }
+        txn.commit().map_err(rerr)?;
+        let (events, _) = broadcast::channel(4096);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                write_lock: Mutex::new(()),
+                events,
+                history: history.max(1),
+            }),
+        })
+    }
+
+    fn write(&self, key: &str, value: Option<Vec<u8>>, op: Op) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let _guard = inner
+            .write_lock
+            .lock()
+            .map_err(|_| StoreError::Task("write lock poisoned".into()))?;
+        let mut txn = inner.db.begin_write().map_err(rerr)?;
+        txn.set_durability(Durability::Immediate).map_err(rerr)?;
+        let event;
+        let revision;
+        {
+            let mut objects = txn.open_table(OBJECTS).map_err(rerr)?;
+            let mut meta = txn.open_table(META).map_err(rerr)?;
+            let mut log = txn.open_table(EVENTS).map_err(rerr)?;
+            let current = objects.get(key).map_err(rerr)?.map(|g| {
+                let (rev, bytes) = g.value();
+                (rev, bytes.to_vec())
+            });
+            let kind = match (&op, &current) {
+                (Op::Create, Some(_)) => return Err(StoreError::AlreadyExists(key.to_string())),
+                (Op::Create, None) => EventKind::Put { created: true },
+                (Op::Update(_) | Op::Delete(_), None) => {
+                    return Err(StoreError::NotFound(key.to_string()));
+                }
+                (Op::Update(expected) | Op::Delete(expected), Some((rev, _))) => {
+                    if expected != rev {
+                        return Err(StoreError::Conflict {
+                            key: key.to_string(),
+                            expected: *expected,
+                            current: *rev,
+                        });
+                    }
+                    if matches!(op, Op::Delete(_)) {
+                        EventKind::Delete
+                    } else {
+                        EventKind::Put { created: false }
+                    }
+                }
+            };
+            revision = meta
+                .get("revision")
+                .map_err(rerr)?
+                .map(|g| g.value())
+                .unwrap_or(0)
+                + 1;
+            meta.insert("revision", revision).map_err(rerr)?;
+            let stored = match (kind, value, current) {
+                (EventKind::Delete, _, Some((_, old))) => {
+                    objects.remove(key).map_err(rerr)?;
+                    old
+                }
+                (_, Some(v), _) => {
+                    objects
+                        .insert(key, (revision, v.as_slice()))
+                        .map_err(rerr)?;
+                    v
+                }
+                _ => return Err(StoreError::Task("write without a value".into())),
+            };
+            log.insert(revision, (kind_code(kind), key, stored.as_slice()))
+                .map_err(rerr)?;
+            // Bound the log; remember the newest dropped revision so stale watches get 410.
+            if revision > inner.history {
+                let drop_upto = revision - inner.history;
+                let mut compacted = meta
+                    .get("compacted")
+                    .map_err(rerr)?
+                    .map(|g| g.value())
+                    .unwrap_or(0);
+                while compacted < drop_upto {
+                    compacted += 1;
+                    log.remove(compacted).map_err(rerr)?;
+                }
+                meta.insert("compacted", compacted).map_err(rerr)?;
+            }
+            event = StoreEvent {
+                kind,
+                kv: KeyValue {
+                    key: key.to_string(),
+                    value: stored,
+                    revision,
+                },
+            };
+        }
+        txn.commit().map_err(rerr)?;
+        // No receivers is fine: nobody is watching.
+        let _ = inner.events.send(event);
+        Ok(revision)
+    }
+
+    fn read_history(&self, prefix: &str, after: u64) -> Result<Vec<StoreEvent>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(rerr)?;
+        let meta = txn.open_table(META).map_err(rerr)?;
+        let compacted = meta
+            .get("compacted")
+            .map_err(rerr)?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        if after < compacted {
+            return Err(StoreError::Compacted {
+                requested: after,
+                oldest: compacted + 1,
+            });
+        }
+        let log = txn.open_table(EVENTS).map_err(rerr)?;
+        let mut out = Vec::new();
+        for item in log.range(after + 1..).map_err(rerr)? {
+            let (rev, entry) = item.map_err(rerr)?;
+            let (code, key, value) = entry.value();
+            if key.starts_with(prefix) {
+                out.push(StoreEvent {
+                    kind: code_kind(code),
+                    kv: KeyValue {
+                        key: key.to_string(),
+                        value: value.to_vec(),
+                        revision: rev.value(),
+                    },
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(RedbStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(this))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+impl Store for RedbStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |s| {
+            let txn = s.inner.db.begin_read().map_err(rerr)?;
+            let objects = txn.open_table(OBJECTS).map_err(rerr)?;
+            Ok(objects.get(key.as_str()).map_err(rerr)?.map(|g| {
+                let (revision, value) = g.value();
+                KeyValue {
+                    key: key.clone(),
+                    value: value.to_vec(),
+                    revision,
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
+        let prefix = prefix.to_string();
+        self.blocking(move |s| {
+            let txn = s.inner.db.begin_read().map_err(rerr)?;
+            let meta = txn.open_table(META).map_err(rerr)?;
+            let revision = meta
+                .get("revision")
+                .map_err(rerr)?
+                .map(|g| g.value())
+                .unwrap_or(0);
+            let objects = txn.open_table(OBJECTS).map_err(rerr)?;
+            let mut out = Vec::new();
+            for item in objects.range(prefix.as_str()..).map_err(rerr)? {
+                let (k, v) = item.map_err(rerr)?;
+                let key = k.value();
+                if !key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                let (rev, value) = v.value();
+                out.push(KeyValue {
+                    key: key.to_string(),
+                    value: value.to_vec(),
+                    revision: rev,
+                });
+            }
+            Ok((out, revision))
+        })
+        .await
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |s| s.write(&key, Some(value), Op::Create))
+            .await
+    }
+
+    async fn update(&self, key: &str, value: Vec<u8>, expected: u64) -> Result<u64, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |s| s.write(&key, Some(value), Op::Update(expected)))
+            .await
+    }
+
+    async fn delete(&self, key: &str, expected: u64) -> Result<u64, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |s| s.write(&key, None, Op::Delete(expected)))
+            .await
+    }
+
+    async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
+        // Subscribe before reading history so no event falls between the two.
+        let mut live = self.inner.events.subscribe();
+        let prefix_owned = prefix.to_string();
+        let history = self
+            .blocking(move |s| s.read_history(&prefix_owned, after))
+            .await?;
+        let prefix = prefix.to_string();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut last = after;
+            for ev in history {
+                last = ev.kv.revision;
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(ev) => {
+                        if ev.kv.revision <= last || !ev.kv.key.starts_with(&prefix) {
+                            continue;
+                        }
+                        last = ev.kv.revision;
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let _ = tx.send(Err(StoreError::Lagged)).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("slipway-redb-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir.join("store.redb")
+    }
+
+    #[tokio::test]
+    async fn revisions_conflicts_and_watch_history() -> Result<(), StoreError> {
+        let path = temp_path("basic");
+        let store = RedbStore::open_with_history(&path, 3)?;
+        let r1 = store.create("/a/1", b"one".to_vec()).await?;
+        assert!(matches!(
+            store.create("/a/1", b"x".to_vec()).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        let r2 = store.update("/a/1", b"two".to_vec(), r1).await?;
+        assert!(r2 > r1);
+        assert!(matches!(
+            store.update("/a/1", b"x".to_vec(), r1).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let r3 = store.create("/b/1", b"b".to_vec()).await?;
+        let (items, rev) = store.list("/a/").await?;
+        assert_eq!(items.len(), 1);
+        assert_eq!(rev, r3);
+        let mut w = store.watch("/a/", r1).await?;
+        let ev = w.recv().await.expect("event")?;
+        assert_eq!(ev.kv.revision, r2);
+        let r4 = store.delete("/a/1", r2).await?;
+        let ev = w.recv().await.expect("event")?;
+        assert_eq!(
+            (ev.kind, ev.kv.revision, ev.kv.value.as_slice()),
+            (EventKind::Delete, r4, &b"two"[..])
+        );
+        // History holds 3 events: r1 is gone.
+        store.create("/c", b"c".to_vec()).await?;
+        assert!(matches!(
+            store.watch("/a/", 0).await,
+            Err(StoreError::Compacted { .. })
+        ));
+        drop(w);
+        drop(store);
+        let reopened = RedbStore::open_with_history(&path, 3)?;
+        assert!(reopened.get("/a/1").await?.is_none());
+        assert_eq!(reopened.get("/b/1").await?.map(|kv| kv.revision), Some(r3));
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! The supervisor's PKI: on first start a CA, a serving certificate and an admin client
+//! certificate are generated under `DIR/pki`; `DIR/admin.kubeconfig` points kubectl at them.
+//! Client certificates name the user (CN) and groups (O), as Kubernetes does.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// PKI and TLS set-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Certificate generation failed.
+    #[error("generating {what}")]
+    Generate {
+        /// Which certificate.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A PKI file could not be read or written.
+    #[error("{path}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file did not parse.
+    #[error("parsing PEM {path}")]
+    Pem {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration")]
+    Rustls(#[source] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client certificate verifier")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn gen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> TlsError {
+    move |source| TlsError::Generate { what, source }
+}
+
+/// Paths of the PKI files under the data directory.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// The PKI rooted at `data_dir/pki`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("pki"),
+        }
+    }
+
+    /// CA certificate path.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+    fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+
+    /// Creates the CA and serving certificate if they do not exist yet.
+    pub fn ensure(&self, extra_sans: &[String]) -> Result<(), TlsError> {
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        if !self.ca_cert().exists() {
+            let key = KeyPair::generate().map_err(gen_err("CA key"))?;
+            let params = ca_params()?;
+            let cert = params.self_signed(&key).map_err(gen_err("CA"))?;
+            write_private(&self.ca_key(), &key.serialize_pem())?;
+            std::fs::write(self.ca_cert(), cert.pem()).map_err(io(&self.ca_cert()))?;
+        }
+        if !self.server_cert().exists() {
+            let mut sans = vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+                "::1".to_string(),
+            ];
+            sans.extend(extra_sans.iter().cloned());
+            sans.dedup();
+            let key = KeyPair::generate().map_err(gen_err("server key"))?;
+            let mut params = CertificateParams::new(sans).map_err(gen_err("server"))?;
+            params.distinguished_name = dn("slipway-supervisor", None);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let cert = params
+                .signed_by(&key, &self.issuer()?)
+                .map_err(gen_err("server"))?;
+            write_private(&self.server_key(), &key.serialize_pem())?;
+            std::fs::write(self.server_cert(), cert.pem()).map_err(io(&self.server_cert()))?;
+        }
+        Ok(())
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, TlsError> {
+        let key_pem = std::fs::read_to_string(self.ca_key()).map_err(io(&self.ca_key()))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(gen_err("CA key"))?;
+        // The CA's subject and key usages are fixed, so its parameters are rebuilt rather than
+        // parsed back from the certificate.
+        Ok(Issuer::new(ca_params()?, key))
+    }
+
+    /// Issues a client certificate for `user` in `group` (subject O); returns (cert PEM, key PEM).
+    /// rcgen keeps one value per attribute type, so a generated certificate carries one group.
+    pub fn issue_client(
+        &self,
+        user: &str,
+        group: Option<&str>,
+    ) -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate().map_err(gen_err("client key"))?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("client"))?;
+        params.distinguished_name = dn(user, group);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params
+            .signed_by(&key, &self.issuer()?)
+            .map_err(gen_err("client"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// The rustls server configuration: serving cert, optional client certs from our CA, h2.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = CertificateDer::pem_file_iter(self.server_cert())
+            .map_err(|source| TlsError::Pem {
+                path: self.server_cert(),
+                source,
+            })?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::Pem {
+                path: self.server_cert(),
+                source,
+            })?;
+        let key =
+            PrivateKeyDer::from_pem_file(self.server_key()).map_err(|source| TlsError::Pem {
+                path: self.server_key(),
+                source,
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(self.ca_cert()).map_err(|source| TlsError::Pem {
+            path: self.ca_cert(),
+            source,
+        })? {
+            let ca = ca.map_err(|source| TlsError::Pem {
+                path: self.ca_cert(),
+                source,
+            })?;
+            roots.add(ca).map_err(TlsError::Rustls)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(TlsError::Verifier)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Rustls)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(TlsError::Rustls)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Writes `path` as a kubeconfig for the server at `addr` with the given credentials.
+    pub fn write_kubeconfig(
+        &self,
+        path: &Path,
+        addr: SocketAddr,
+        user: &str,
+        cred: &Credential,
+    ) -> Result<(), TlsError> {
+        let ca = std::fs::read(self.ca_cert()).map_err(io(&self.ca_cert()))?;
+        let host = match addr.ip() {
+            IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+            IpAddr::V6(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+            IpAddr::V6(v) => format!("[{v}]"),
+            IpAddr::V4(v) => v.to_string(),
+        };
+        let user_block = match cred {
+            Credential::ClientCert { cert_pem, key_pem } => format!(
+                "    client-certificate-data: {}\n    client-key-data: {}\n",
+                base64(cert_pem.as_bytes()),
+                base64(key_pem.as_bytes())
+            ),
+            Credential::Token(t) => format!("    token: {t}\n"),
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: slipway\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@slipway\n  context:\n    cluster: slipway\n    user: {user}\n    namespace: default\ncurrent-context: {user}@slipway\n",
+            port = addr.port(),
+            ca = base64(&ca),
+        );
+        write_private(path, &text)
+    }
+}
+
+/// How a kubeconfig user authenticates.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// Client certificate and key (PEM).
+    ClientCert {
+        /// Certificate PEM.
+        cert_pem: String,
+        /// Key PEM.
+        key_pem: String,
+    },
+    /// Bearer token.
+    Token(String),
+}
+
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("CA"))?;
+    params.distinguished_name = dn("slipway-ca", None);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+fn dn(cn: &str, org: Option<&str>) -> DistinguishedName {
+    let mut d = DistinguishedName::new();
+    d.push(DnType::CommonName, cn);
+    if let Some(o) = org {
+        d.push(DnType::OrganizationName, o);
+    }
+    d
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(text.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Subject CN and O values of a DER certificate (user and groups), read with a minimal DER walk.
+pub fn subject_of(der: &[u8]) -> Option<(String, Vec<String>)> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let tag = *b.first()?;
+        let first = *b.get(1)?;
+        let (len, hdr) = if first < 0x80 {
+            (usize::from(first), 2)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 {
+                return None;
+            }
+            let mut len = 0usize;
+            for i in 0..n {
+                len = (len << 8) | usize::from(*b.get(2 + i)?);
+            }
+            (len, 2 + n)
+        };
+        let body = b.get(hdr..hdr + len)?;
+        Some((tag, body, b.get(hdr + len..)?))
+    }
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    let (tag, _, r) = tlv(rest)?;
+    if tag == 0xa0 {
+        rest = r; // explicit version
+    }
+    // serial, signature algorithm, issuer, validity, subject
+    for _ in 0..4 {
+        rest = tlv(rest)?.2;
+    }
+    let (_, mut subject, _) = tlv(rest)?;
+    let (mut cn, mut orgs) = (None, Vec::new());
+    while !subject.is_empty() {
+        let (_, set, r) = tlv(subject)?;
+        subject = r;
+        let (_, atv, _) = tlv(set)?;
+        let (_, oid, r) = tlv(atv)?;
+        let (_, val, _) = tlv(r)?;
+        let val = String::from_utf8_lossy(val).into_owned();
+        match oid {
+            [0x55, 0x04, 0x03] => cn = Some(val),
+            [0x55, 0x04, 0x0a] => orgs.push(val),
+            _ => {}
+        }
+    }
+    Some((cn?, orgs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_client_cert_names_user_and_groups() -> Result<(), TlsError> {
+        let dir = std::env::temp_dir().join(format!("slipway-pki-{}", std::process::id()));
+        let pki = Pki::new(&dir);
+        pki.ensure(&[])?;
+        let (cert, _) = pki.issue_client("alice", Some("system:masters"))?;
+        let der =
+            CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|source| TlsError::Pem {
+                path: dir.clone(),
+                source,
+            })?;
+        assert_eq!(
+            subject_of(&der),
+            Some(("alice".into(), vec!["system:masters".into()]))
+        );
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert!(pki.server_config().is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+}
