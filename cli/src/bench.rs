@@ -16,11 +16,11 @@ pub enum Suite {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Runs per side; Slipway and the baseline alternate and the medians are reported.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Seconds of each throughput run.
-    #[arg(long, default_value_t = 2.0)]
-    seconds: f64,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    runs: u64,
+    /// Whole seconds of each throughput run.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    seconds: u64,
     /// Where <suite>.jsonl is written.
     #[arg(long, default_value = report::DEFAULT_OUT_DIR)]
     out_dir: PathBuf,
@@ -30,15 +30,11 @@ pub fn run(suite: Suite, args: RunArgs) -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("this needs root: it creates network namespaces and loads BPF programs");
     }
-    ensure!(
-        args.seconds.is_finite() && args.seconds > 0.0,
-        "--seconds: must be a positive number"
-    );
     match suite {
         Suite::Demo => {
             let options = demo::Options {
-                runs: args.runs,
-                iperf_duration: Duration::from_secs_f64(args.seconds),
+                runs: args.runs as usize,
+                iperf_duration: Duration::from_secs(args.seconds),
             };
             let outcome = demo::run(options)?;
             let path = report::write_jsonl(&args.out_dir, demo::SUITE, &outcome.records)?;

@@ -12,7 +12,7 @@ use std::process::Command;
 fn demo_measures_both_sides_and_writes_jsonl() {
     let out_dir = std::env::temp_dir().join(format!("slipway-demo-test-{}", std::process::id()));
     let output = Command::new(env!("CARGO_BIN_EXE_slipway"))
-        .args(["demo", "--runs", "1", "--seconds", "0.5", "--out-dir"])
+        .args(["demo", "--runs", "1", "--seconds", "1", "--out-dir"])
         .arg(&out_dir)
         .output()
         .expect("run slipway demo");

@@ -15,7 +15,9 @@ struct {
 	__type(value, struct counter_value);
 } counters SEC(".maps");
 
-static __always_inline void count(__u32 ifindex_in, __u32 ifindex_out, enum slipway_reason reason,
+/* Not inlined: as a BPF subprogram its signature, and with it enum slipway_reason, is in the
+ * object's BTF, where userspace checks the enum's values against its mirror. */
+static __noinline void count(__u32 ifindex_in, __u32 ifindex_out, enum slipway_reason reason,
 				  __u32 bytes)
 {
 	struct counter_key key = {

@@ -78,8 +78,8 @@ pub struct IperfReport {
     pub sent_bytes: u64,
 }
 
-/// Runs one iperf3 TCP test of `duration` from `client` to a server started in `server`,
-/// listening on `server_ip`.
+/// Runs one iperf3 TCP test of `duration` (rounded up to whole seconds, at least 1) from
+/// `client` to a server started in `server`, listening on `server_ip`.
 pub fn iperf3_tcp(
     client: &Netns,
     server: &Netns,
@@ -90,8 +90,14 @@ pub fn iperf3_tcp(
     let bind = server_ip.to_string();
     let server_process = server.spawn(&["iperf3", "-s", "-1", "-p", &port, "-B", &bind])?;
     server.wait_tcp_listen(IPERF3_PORT, Duration::from_secs(5))?;
-    let seconds = format!("{:.1}", duration.as_secs_f64());
-    let text = client.run(&["iperf3", "-c", &bind, "-p", &port, "-t", &seconds, "-J"])?;
+    // iperf3 takes whole seconds (a fractional -t can make 3.12 run forever), and `timeout`
+    // bounds a client that hangs.
+    let seconds = duration.as_secs_f64().ceil().max(1.0) as u64;
+    let limit = (seconds + 15).to_string();
+    let seconds = seconds.to_string();
+    let text = client.run(&[
+        "timeout", &limit, "iperf3", "-c", &bind, "-p", &port, "-t", &seconds, "-J",
+    ])?;
     server_process.wait()?;
     parse_iperf3(&text).ok_or_else(|| DataplaneError::Parse {
         command: format!("iperf3 -c {server_ip} -J"),

@@ -1,6 +1,7 @@
 //! `#[repr(C)]` mirrors of the map keys and values defined in `ebpf/include/abi.h`, the one
-//! place the layout is defined. `tests::layout_matches_btf` checks every size and field offset
-//! here against the BTF that clang emitted for the compiled objects.
+//! place the layout is defined. Shared and pod-veth types live here; each datapath's own types
+//! in a submodule. Every mirror is listed with [`mirror!`] in a `layout_matches_btf` test that
+//! checks its size and field offsets against the BTF clang emitted for the compiled objects.
 
 use std::net::Ipv4Addr;
 
@@ -111,43 +112,36 @@ unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for CounterValue {}
 
 #[cfg(test)]
-mod tests {
-    use std::mem::{offset_of, size_of};
+pub(crate) mod layout {
+    //! The layout check shared by the ABI modules' tests.
 
-    use super::*;
     use crate::btf::Btf;
-    use crate::objects;
 
     /// One mirrored struct: its C name, Rust size, and (field name, Rust offset) pairs.
-    struct Mirror {
-        c_name: &'static str,
-        size: usize,
-        fields: Vec<(&'static str, usize)>,
+    #[derive(Debug)]
+    pub struct Mirror {
+        pub c_name: &'static str,
+        pub size: usize,
+        pub fields: Vec<(&'static str, usize)>,
     }
 
+    /// `mirror!("c_name", RustType, [field, ...])`: every field, in declaration order.
     macro_rules! mirror {
         ($c_name:literal, $ty:ty, [$($field:ident),* $(,)?]) => {
-            Mirror {
+            $crate::abi::layout::Mirror {
                 c_name: $c_name,
-                size: size_of::<$ty>(),
-                fields: vec![$((stringify!($field), offset_of!($ty, $field))),*],
+                size: ::std::mem::size_of::<$ty>(),
+                fields: vec![$((stringify!($field), ::std::mem::offset_of!($ty, $field))),*],
             }
         };
     }
+    pub(crate) use mirror;
 
-    fn mirrors() -> Vec<Mirror> {
-        vec![
-            mirror!("endpoint_key", EndpointKey, [ip4]),
-            mirror!("endpoint_info", EndpointInfo, [ifindex, pod_mac, host_mac]),
-            mirror!("counter_key", CounterKey, [ifindex_in, ifindex_out, reason]),
-            mirror!("counter_value", CounterValue, [packets, bytes]),
-        ]
-    }
-
-    #[test]
-    fn layout_matches_btf() {
-        let btf = Btf::from_elf(objects::POD_VETH).expect("the compiled object carries BTF");
-        for mirror in mirrors() {
+    /// Asserts that each mirror has the size and the fields (names, offsets, order) that the
+    /// object's BTF gives its C struct.
+    pub fn assert_matches(object: &[u8], mirrors: &[Mirror]) {
+        let btf = Btf::from_elf(object).expect("the compiled object carries BTF");
+        for mirror in mirrors {
             let layout = btf
                 .struct_layout(mirror.c_name)
                 .unwrap_or_else(|| panic!("struct {} not in BTF", mirror.c_name));
@@ -168,6 +162,28 @@ mod tests {
                 mirror.c_name
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::layout::{Mirror, assert_matches, mirror};
+    use crate::btf::Btf;
+    use crate::objects;
+
+    fn mirrors() -> Vec<Mirror> {
+        vec![
+            mirror!("endpoint_key", EndpointKey, [ip4]),
+            mirror!("endpoint_info", EndpointInfo, [ifindex, pod_mac, host_mac]),
+            mirror!("counter_key", CounterKey, [ifindex_in, ifindex_out, reason]),
+            mirror!("counter_value", CounterValue, [packets, bytes]),
+        ]
+    }
+
+    #[test]
+    fn layout_matches_btf() {
+        assert_matches(objects::POD_VETH, &mirrors());
     }
 
     #[test]
