@@ -1,6 +1,7 @@
 //! The etcd backend: the HA store. Every write is one etcd transaction guarded by the key's
 //! create/mod revision, so resourceVersions are etcd revisions and watch resumes from them.
 
+use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
@@ -28,6 +29,46 @@ impl std::fmt::Debug for EtcdStore {
 
 fn eerr(e: etcd_client::Error) -> StoreError {
     StoreError::Etcd(e)
+}
+
+/// Whether an etcd error is worth retrying on another member (the one we talked to died or
+/// lost quorum for a moment).
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Aborted
+        ),
+        _ => false,
+    }
+}
+
+/// Runs an etcd call, retrying transient failures with backoff. Writes are compare-and-set
+/// guarded by revision, so a retried write whose first attempt did commit fails its guard
+/// instead of applying twice.
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && attempt < 6 => {
+                tracing::warn!(error = %e, attempt, "etcd call failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(e) => return Err(eerr(e)),
+        }
+    }
 }
 
 fn rev(r: i64) -> u64 {
@@ -62,7 +103,12 @@ impl EtcdStore {
             .when([guard])
             .and_then([op])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.client.kv_client().txn(txn).await.map_err(eerr)?;
+        let resp = retry(|| {
+            let txn = txn.clone();
+            let mut kv = self.client.kv_client();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
         let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
         let current = resp.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => g.kvs().first().map(|kv| rev(kv.mod_revision())),
@@ -74,7 +120,11 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let resp = self.client.kv_client().get(key, None).await.map_err(eerr)?;
+        let resp = retry(|| {
+            let mut kv = self.client.kv_client();
+            async move { kv.get(key, None).await }
+        })
+        .await?;
         Ok(resp.kvs().first().map(|kv| KeyValue {
             key: key.to_string(),
             value: kv.value().to_vec(),
@@ -83,12 +133,11 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(eerr)?;
+        let resp = retry(|| {
+            let mut kv = self.client.kv_client();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
         let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
         let items = resp
             .kvs()
@@ -147,12 +196,12 @@ impl Store for EtcdStore {
             .with_prefix()
             .with_prev_key()
             .with_start_revision(irev(after + 1));
-        let mut stream = self
-            .client
-            .watch_client()
-            .watch(prefix, Some(opts))
-            .await
-            .map_err(eerr)?;
+        let mut stream = retry(|| {
+            let mut w = self.client.watch_client();
+            let opts = opts.clone();
+            async move { w.watch(prefix, Some(opts)).await }
+        })
+        .await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             loop {
