@@ -118,6 +118,24 @@ impl EtcdStore {
     }
 }
 
+/// Opens an etcd watch on `prefix` for revisions after `after`.
+async fn open_watch(
+    client: &Client,
+    prefix: &str,
+    after: u64,
+) -> Result<etcd_client::WatchStream, StoreError> {
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_prev_key()
+        .with_start_revision(irev(after + 1));
+    retry(|| {
+        let mut w = client.watch_client();
+        let opts = opts.clone();
+        async move { w.watch(prefix, Some(opts)).await }
+    })
+    .await
+}
+
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let resp = retry(|| {
@@ -192,18 +210,12 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_prev_key()
-            .with_start_revision(irev(after + 1));
-        let mut stream = retry(|| {
-            let mut w = self.client.watch_client();
-            let opts = opts.clone();
-            async move { w.watch(prefix, Some(opts)).await }
-        })
-        .await?;
+        let mut stream = open_watch(&self.client, prefix, after).await?;
         let (tx, rx) = mpsc::channel(256);
+        let client = self.client.clone();
+        let prefix = prefix.to_string();
         tokio::spawn(async move {
+            let mut last = after;
             loop {
                 // Stop (and so cancel the etcd watch) as soon as the reader goes away.
                 let next = tokio::select! {
@@ -212,7 +224,31 @@ impl Store for EtcdStore {
                 };
                 let msg = match next {
                     Ok(Some(m)) => m,
-                    Ok(None) => return,
+                    // The member serving the watch went away: resume on another one from the
+                    // last revision delivered, so the reader sees no gap and no repeat.
+                    Ok(None) => match open_watch(&client, &prefix, last).await {
+                        Ok(s) => {
+                            stream = s;
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    },
+                    Err(e) if transient(&e) => {
+                        tracing::warn!(error = %e, last, "etcd watch broke; resuming");
+                        match open_watch(&client, &prefix, last).await {
+                            Ok(s) => {
+                                stream = s;
+                                continue;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        }
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(eerr(e))).await;
                         return;
@@ -222,7 +258,7 @@ impl Store for EtcdStore {
                     let oldest = rev(msg.compact_revision());
                     let _ = tx
                         .send(Err(StoreError::Compacted {
-                            requested: after,
+                            requested: last,
                             oldest,
                         }))
                         .await;
@@ -237,6 +273,7 @@ impl Store for EtcdStore {
                 for ev in msg.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let revision = rev(kv.mod_revision());
                     let out = match ev.event_type() {
                         EventType::Put => StoreEvent {
                             kind: EventKind::Put {
@@ -245,7 +282,7 @@ impl Store for EtcdStore {
                             kv: KeyValue {
                                 key,
                                 value: kv.value().to_vec(),
-                                revision: rev(kv.mod_revision()),
+                                revision,
                             },
                         },
                         EventType::Delete => StoreEvent {
@@ -253,10 +290,11 @@ impl Store for EtcdStore {
                             kv: KeyValue {
                                 key,
                                 value: ev.prev_kv().map(|p| p.value().to_vec()).unwrap_or_default(),
-                                revision: rev(kv.mod_revision()),
+                                revision,
                             },
                         },
                     };
+                    last = last.max(revision);
                     if tx.send(Ok(out)).await.is_err() {
                         return;
                     }
