@@ -26,6 +26,9 @@ pub struct SupervisorArgs {
     /// Audit log (JSON lines); defaults to DIR/audit.log.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Events the redb store keeps for watches to resume from; older resourceVersions get 410.
+    #[arg(long, default_value_t = crate::store::redb::DEFAULT_HISTORY)]
+    pub watch_history: u64,
     /// Smallest pod CIDR a Cluster may ask for, as a prefix length.
     #[arg(long, default_value_t = 24)]
     pub min_pod_cidr_prefix: u8,
@@ -75,6 +78,7 @@ impl SupervisorArgs {
                     .clone()
                     .unwrap_or_else(|| self.data_dir.join("audit.log")),
             ),
+            watch_history: self.watch_history,
             admission: AdmissionConfig {
                 pod_prefix_max: self.min_pod_cidr_prefix,
                 service_prefix_max: self.min_service_cidr_prefix,

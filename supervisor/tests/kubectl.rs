@@ -703,3 +703,240 @@ fn etcd_member_loss_loses_no_acknowledged_write() {
         assert!(names.contains(&a.as_str()), "acknowledged {a} lost");
     }
 }
+
+/// Watch semantics: resume from a resourceVersion, 410 Gone once compacted, bookmarks,
+/// selectors; server-side apply and list selectors through kubectl.
+fn watch_suite(backend: &Backend) {
+    let dir = TempDir::new("watch");
+    let sup = Supervisor::start(dir.path(), &backend.store_arg(), &["--watch-history", "5"]);
+    let first = sup.file("first.yaml", &services(0..8));
+    sup.kubectl(&["apply", "-f", &first]).ok();
+    let list: serde_json::Value = serde_json::from_str(
+        sup.kubectl(&["get", "--raw", "/api/v1/namespaces/default/services"])
+            .ok(),
+    )
+    .expect("list JSON");
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("list resourceVersion")
+        .to_string();
+    let rv_num: u64 = rv.parse().expect("list resourceVersion");
+    if let Backend::Etcd(etcd) = backend {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &etcd.client_urls.join(","), "compact", &rv])
+            .output()
+            .expect("etcdctl compact");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A compacted resourceVersion: the stream carries one ERROR event with 410 Expired.
+    let gone = sup.kubectl(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/services?watch=true&resourceVersion=1",
+    ]);
+    let line: serde_json::Value =
+        serde_json::from_str(gone.ok().lines().next().expect("one event")).expect("event JSON");
+    assert_eq!(line["type"], "ERROR", "{line}");
+    assert_eq!(
+        (
+            line["object"]["code"].as_u64(),
+            line["object"]["reason"].as_str()
+        ),
+        (Some(410), Some("Expired"))
+    );
+
+    // Resume from the list's resourceVersion: only newer events, with bookmarks.
+    let path = format!(
+        "/api/v1/namespaces/default/services?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&labelSelector=app%3Dnew&timeoutSeconds=30"
+    );
+    let (_w, file) = sup.kubectl_watch(&["get", "--raw", &path], "raw");
+    let newer = "apiVersion: v1\nkind: Service\nmetadata: {name: newer, labels: {app: new}}\nspec:\n  ports: [{port: 80}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: other, labels: {app: other}}\nspec:\n  ports: [{port: 80}]\n";
+    let f = sup.file("newer.yaml", newer);
+    sup.kubectl(&["apply", "-f", &f]).ok();
+    wait_file_contains(&file, "\"BOOKMARK\"");
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .expect("watch file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event JSON"))
+        .collect();
+    let added: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "ADDED")
+        .filter_map(|e| e["object"]["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(added, vec!["newer"], "{events:?}");
+    let bookmark = events
+        .iter()
+        .find(|e| e["type"] == "BOOKMARK")
+        .expect("bookmark");
+    let brv: u64 = bookmark["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("bookmark rv");
+    assert!(brv > rv_num, "bookmark {brv} not past {rv_num}");
+
+    // List selectors.
+    let names = sup.kubectl(&[
+        "get",
+        "svc",
+        "-l",
+        "app in (new,other)",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    assert_eq!(names.ok(), "newer other");
+    let names = sup.kubectl(&[
+        "get",
+        "svc",
+        "--field-selector",
+        "metadata.name=s3",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    assert_eq!(names.ok(), "s3");
+    // deletecollection by label.
+    sup.kubectl(&["delete", "svc", "-l", "app=other"]).ok();
+    assert!(
+        sup.kubectl(&["get", "svc", "other"])
+            .err()
+            .contains("NotFound")
+    );
+
+    // Server-side apply creates, then updates.
+    let zone = "apiVersion: slipway.dev/v1alpha1\nkind: Zone\nmetadata:\n  name: z-ssa\nspec:\n  hosts: [h1]\n";
+    let zf = sup.file("zone.yaml", zone);
+    assert!(
+        sup.kubectl(&["apply", "--server-side", "-f", &zf])
+            .ok()
+            .contains("serverside-applied")
+    );
+    sup.file("zone.yaml", &zone.replace("[h1]", "[h1, h2]"));
+    sup.kubectl(&["apply", "--server-side", "-f", &zf]).ok();
+    assert_eq!(
+        sup.kubectl(&["get", "zone", "z-ssa", "-o", "jsonpath={.spec.hosts}"])
+            .ok(),
+        r#"["h1","h2"]"#
+    );
+}
+
+#[test]
+fn watch_semantics_on_redb() {
+    watch_suite(&Backend::Redb);
+}
+
+#[test]
+fn watch_semantics_on_etcd() {
+    watch_suite(&Backend::Etcd(Etcd::start(3)));
+}
+
+/// A kube-rs watcher follows changes across a supervisor restart; status is written only
+/// through the status subresource.
+async fn kube_rs_suite(backend: &Backend) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let dir = TempDir::new("kube");
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let mut sup = Supervisor::start_at(dir.path(), &backend.store_arg(), &listen, &[]);
+    let kubeconfig = kube::config::Kubeconfig::read_from(sup.kubeconfig())?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    let client = kube::Client::try_from(config)?;
+    let api: Api<Service> = Api::namespaced(client, "default");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stream = watcher(api.clone(), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .applied_objects();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            if let Ok(svc) = item {
+                let _ = tx.send(svc.metadata.name.unwrap_or_default());
+            }
+        }
+    });
+    let svc = |name: &str| -> anyhow::Result<Service> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"ports": [{"port": 80}]},
+        }))?)
+    };
+    let expect = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+                        name: &str|
+           -> anyhow::Result<()> {
+        tokio::time::timeout(Duration::from_secs(40), async {
+            while let Some(n) = rx.recv().await {
+                if n == name {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("watcher ended")
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("watcher did not see {name}"))?
+    };
+    api.create(&PostParams::default(), &svc("before")?).await?;
+    expect(&mut rx, "before").await?;
+
+    tokio::task::block_in_place(|| sup.restart());
+    // The first requests after the restart may race the listener.
+    let mut created = false;
+    for _ in 0..50 {
+        if api
+            .create(&PostParams::default(), &svc("after")?)
+            .await
+            .is_ok()
+        {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::ensure!(created, "could not create after restart");
+    expect(&mut rx, "after").await?;
+
+    // Status subresource: patch_status writes status; a main-resource replace cannot.
+    let status = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}}});
+    api.patch_status("after", &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    let mut got = api.get("after").await?;
+    let ip = |s: &Service| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .and_then(|i| i.first())
+            .and_then(|i| i.ip.clone())
+    };
+    anyhow::ensure!(
+        ip(&got).as_deref() == Some("10.0.0.1"),
+        "status not written: {:?}",
+        got.status
+    );
+    got.status = None;
+    let replaced = api.replace("after", &PostParams::default(), &got).await?;
+    anyhow::ensure!(
+        ip(&replaced).as_deref() == Some("10.0.0.1"),
+        "main resource update changed status"
+    );
+    task.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_watcher_across_restart_on_redb() -> anyhow::Result<()> {
+    kube_rs_suite(&Backend::Redb).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_watcher_across_restart_on_etcd() -> anyhow::Result<()> {
+    let etcd = tokio::task::block_in_place(|| Etcd::start(3));
+    kube_rs_suite(&Backend::Etcd(etcd)).await
+}

@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub token_file: Option<PathBuf>,
     /// Audit log path (JSON lines).
     pub audit_log: Option<PathBuf>,
+    /// Events the redb store keeps for watch resumption.
+    pub watch_history: u64,
     /// Admission minimums.
     pub admission: AdmissionConfig,
 }
@@ -149,7 +151,10 @@ impl Server {
         }
         pki.ensure(&sans)?;
         let store = match &cfg.store {
-            StoreConfig::Redb => AnyStore::Redb(RedbStore::open(&cfg.data_dir.join("store.redb"))?),
+            StoreConfig::Redb => AnyStore::Redb(RedbStore::open_with_history(
+                &cfg.data_dir.join("store.redb"),
+                cfg.watch_history,
+            )?),
             StoreConfig::Etcd(endpoints) => {
                 AnyStore::Etcd(Box::new(EtcdStore::connect(endpoints).await?))
             }

@@ -194,11 +194,16 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn start(dir: &Path, store: &str, extra: &[&str]) -> Self {
+        Self::start_at(dir, store, "127.0.0.1:0", extra)
+    }
+
+    /// Starts on a fixed address (so clients keep working across restarts).
+    pub fn start_at(dir: &Path, store: &str, listen: &str, extra: &[&str]) -> Self {
         let mut args = vec![
             "--data-dir".to_string(),
             dir.display().to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen.into(),
             "--store".into(),
             store.into(),
         ];
