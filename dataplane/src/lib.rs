@@ -8,6 +8,7 @@ pub mod error;
 pub mod netns;
 pub mod objects;
 pub mod pod;
+pub mod services;
 pub mod testing;
 
 pub use error::DataplaneError;

@@ -64,4 +64,79 @@ struct counter_value {
 	__u64 bytes;
 };
 
+/* ---- Services: socket-level translation (ebpf/sock.c; mirrored in dataplane/src/abi/services.rs) */
+
+/* Capacity of `svc_services`: (address, port, protocol) triples, ClusterIPs and NodePorts. */
+#define SVC_MAX_SERVICES 65536
+/* Capacity of `svc_slots`: backends over all services, with room for a service's old and new
+ * backend lists to coexist while it is updated. */
+#define SVC_MAX_SLOTS 262144
+/* Most backends one service may have. */
+#define SVC_MAX_BACKENDS 4096
+/* Capacity of the `svc_reverse` LRU: UDP (socket, backend) pairs whose replies are shown as
+ * coming from the service address. */
+#define SVC_MAX_REVERSE 65536
+
+/* Key of `svc_services`: what a client addresses, a ClusterIP or a node IP with a NodePort. */
+struct svc_key {
+	__be32 ip4;
+	__be16 port;
+	/* IPPROTO_TCP or IPPROTO_UDP. */
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Value of `svc_services`. The backends of the service are the `svc_slots` entries
+ * (key, revision, 0 .. count-1). Userspace writes a new list under a new revision, then
+ * replaces this value, then deletes the old revision's slots: a program that read this value
+ * sees one complete list, never a half-written one. count == 0: connects are refused. */
+struct svc_info {
+	__u32 count;
+	__u32 revision;
+};
+
+/* Key of `svc_slots`: one backend of one revision of a service's backend list. */
+struct svc_slot_key {
+	__be32 ip4;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+	__u32 revision;
+	__u32 slot;
+};
+
+/* An IPv4 address and port: the value of `svc_slots` (a backend) and of `svc_reverse` (the
+ * service address a backend's replies are shown as). */
+struct svc_addr {
+	__be32 ip4;
+	__be16 port;
+	__u16 pad;
+};
+
+/* Key of `svc_reverse`: a UDP socket (its cookie) and the backend it sent to. */
+struct svc_reverse_key {
+	__u64 cookie;
+	__be32 ip4;
+	__be16 port;
+	__u16 pad;
+};
+
+/* What the socket programs did: index of the per-CPU `svc_counters` array (__u64 values).
+ * Stable: they appear in metrics. */
+enum svc_event {
+	/* A TCP connect to a service was sent to a backend. */
+	SVC_EVENT_CONNECT_TCP = 0,
+	/* A UDP connect to a service was sent to a backend. */
+	SVC_EVENT_CONNECT_UDP = 1,
+	/* A UDP datagram sent to a service address (sendto) went to a backend. */
+	SVC_EVENT_SENDMSG_UDP = 2,
+	/* A UDP datagram from a backend was shown to the application as from the service. */
+	SVC_EVENT_RECVMSG_UDP = 3,
+	/* A connect or send to a service without backends was refused (ECONNREFUSED). */
+	SVC_EVENT_REFUSED_NO_BACKEND = 4,
+	/* The backend list changed under the program more than it retries: refused. */
+	SVC_EVENT_REFUSED_RACE = 5,
+};
+#define SVC_EVENT_MAX 6
+
 #endif /* SLIPWAY_ABI_H */

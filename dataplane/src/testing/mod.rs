@@ -8,6 +8,7 @@
 //! processes inside its namespaces are killed, the namespaces deleted (which deletes their
 //! veths), and its bpffs directory removed.
 
+pub mod cgroup;
 mod netns;
 pub mod traffic;
 

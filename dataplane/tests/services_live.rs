@@ -1,0 +1,451 @@
+//! Socket-level service translation on live traffic: processes in a host's cgroup, in the host
+//! namespace and in a pod, reach a ClusterIP (and a NodePort on the host's address) through
+//! three backend pods that answer with their own name; connections spread over every backend,
+//! a removed backend gets no new connection, UDP replies come from the service address, a
+//! process outside the cgroup is not translated, and no iptables/nftables rule appears.
+//! Privileged (root, BPF, netns, cgroup v2): run by scripts/test.sh with `--features privileged`.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use slipway_dataplane::abi::EndpointInfo;
+use slipway_dataplane::abi::services::SvcEvent;
+use slipway_dataplane::netns;
+use slipway_dataplane::pod::PodDatapath;
+use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceError, ServiceKey};
+use slipway_dataplane::testing::cgroup::{CGROUP2_ROOT, Cgroup};
+use slipway_dataplane::testing::{Netns, Pod, World};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+const NODE_PORT: u16 = 30080;
+/// Where every backend listens (TCP and UDP).
+const BACKEND_PORT: u16 = 8080;
+const BACKENDS: [(&str, Ipv4Addr); 3] = [
+    ("be1", Ipv4Addr::new(10, 244, 1, 11)),
+    ("be2", Ipv4Addr::new(10, 244, 1, 12)),
+    ("be3", Ipv4Addr::new(10, 244, 1, 13)),
+];
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);
+/// Connections per spread check: the chance that one of 3 backends gets none of them is
+/// 3 * (2/3)^60, about 1e-10.
+const SPREAD: usize = 60;
+
+/// A backend: TCP and UDP servers bound inside a pod that answer with the pod's name.
+struct Server {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(pod: &Pod, name: &'static str) -> Self {
+        // Sockets belong to the namespace they are created in, whichever thread uses them.
+        let (tcp, udp) = netns::run_in(pod.netns.name(), || {
+            let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT))?;
+            let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT))?;
+            std::io::Result::Ok((tcp, udp))
+        })
+        .expect("setns")
+        .expect("bind");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        udp.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let reply = format!("{name}\n");
+        let tcp_thread = {
+            let (stop, accepted, reply) = (stop.clone(), accepted.clone(), reply.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut stream, _)) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.write_all(reply.as_bytes());
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        let udp_thread = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(reply.as_bytes(), peer);
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            accepted,
+            threads: vec![tcp_thread, udp_thread],
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn endpoint(pod: &Pod) -> EndpointInfo {
+    EndpointInfo {
+        ifindex: pod.host_ifindex,
+        pod_mac: pod.pod_mac,
+        host_mac: pod.host_mac,
+    }
+}
+
+fn backends(names: &[&str]) -> Vec<Backend> {
+    BACKENDS
+        .iter()
+        .filter(|(name, _)| names.contains(name))
+        .map(|(_, ip)| Backend::new(*ip, BACKEND_PORT))
+        .collect()
+}
+
+/// `n` TCP connections in a row to `addr:port` from one process in `cgroup` and `ns`; what
+/// each connection read (a backend's name, or FAILED).
+fn tcp_names(cgroup: &Cgroup, ns: &Netns, addr: Ipv4Addr, port: u16, n: usize) -> Vec<String> {
+    let script =
+        format!("for i in $(seq {n}); do nc -w 2 {addr} {port} </dev/null || echo FAILED; done");
+    let out = cgroup
+        .run(ns, &["timeout", "60", "sh", "-c", &script])
+        .expect("tcp client");
+    out.lines().map(str::to_owned).collect()
+}
+
+/// How many times each name occurs.
+fn tally(names: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for name in names {
+        *counts.entry(name.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// Sends `n` UDP datagrams to `addr:port` from one socket (connected with `connected`), each
+/// answered before the next; returns "<source address>:<port> <payload>" per reply, the
+/// source as `recvfrom` reported it.
+const UDP_CLIENT: &str = r#"
+use strict; use Socket;
+my ($ip, $port, $n, $mode) = @ARGV;
+socket(my $s, PF_INET, SOCK_DGRAM, 0) or die "socket: $!\n";
+my $dest = sockaddr_in($port, inet_aton($ip));
+if ($mode eq "connected") { connect($s, $dest) or die "connect: $!\n"; }
+for my $i (1..$n) {
+    my $sent = $mode eq "connected" ? send($s, "ping", 0) : send($s, "ping", 0, $dest);
+    defined $sent or die "send: $!\n";
+    my $rin = ''; vec($rin, fileno($s), 1) = 1;
+    select(my $rout = $rin, undef, undef, 2) > 0 or die "no reply to datagram $i\n";
+    my $from = recv($s, my $buf, 1500, 0);
+    defined $from or die "recv: $!\n";
+    my ($fport, $faddr) = sockaddr_in($from);
+    chomp $buf;
+    print inet_ntoa($faddr), ":$fport $buf\n";
+}
+"#;
+
+fn udp_replies(
+    cgroup: &Cgroup,
+    ns: &Netns,
+    addr: Ipv4Addr,
+    port: u16,
+    n: usize,
+    connected: bool,
+) -> Vec<(String, String)> {
+    let (addr, port, n) = (addr.to_string(), port.to_string(), n.to_string());
+    let mode = if connected { "connected" } else { "sendto" };
+    let out = cgroup
+        .run(
+            ns,
+            &[
+                "timeout", "30", "perl", "-e", UDP_CLIENT, &addr, &port, &n, mode,
+            ],
+        )
+        .expect("udp client");
+    out.lines()
+        .map(|line| {
+            let (from, name) = line.split_once(' ').unwrap_or((line, ""));
+            (from.to_owned(), name.to_owned())
+        })
+        .collect()
+}
+
+/// The iptables (nft and legacy backends) and nft rulesets of `ns`, without the comment lines
+/// that carry timestamps. A tool that is not installed is recorded as such.
+fn rulesets(ns: &Netns) -> String {
+    let mut all = String::new();
+    for argv in [
+        &["iptables-nft-save"][..],
+        &["iptables-legacy-save"][..],
+        &["nft", "list", "ruleset"][..],
+    ] {
+        all.push_str(&format!("== {}\n", argv.join(" ")));
+        match ns.exec(argv) {
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                for line in text.lines().filter(|l| !l.starts_with('#')) {
+                    all.push_str(line);
+                    all.push('\n');
+                }
+            }
+            Err(_) => all.push_str("(not installed)\n"),
+        }
+    }
+    all
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + cgroup v2; run scripts/test.sh"
+)]
+fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
+    let world = World::builder().hosts(1).build().expect("world");
+    let host = world.host(1).clone();
+    let mut pods = Vec::new();
+    for (name, ip) in BACKENDS {
+        pods.push(world.add_pod(1, name, ip).expect("backend pod"));
+    }
+    let client = world.add_pod(1, "cl", CLIENT_IP).expect("client pod");
+
+    // Pod-to-pod through the pod-veth datapath; the host reaches the pods by plain routes.
+    let mut pod_dp = PodDatapath::load(Some(&world.bpffs_dir().join("pod"))).expect("pod dp");
+    for pod in pods.iter().chain([&client]) {
+        netns::run_in(host.netns.name(), || pod_dp.attach(&pod.host_ifname))
+            .expect("setns")
+            .expect("attach pod dp");
+        pod_dp
+            .upsert_endpoint(pod.ip, endpoint(pod))
+            .expect("endpoint");
+        host.netns
+            .ip(&[
+                "route",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                &pod.host_ifname,
+                "src",
+                &host.underlay_ip.to_string(),
+            ])
+            .expect("route to pod");
+    }
+    let servers: BTreeMap<&str, Server> = BACKENDS
+        .iter()
+        .zip(&pods)
+        .map(|((name, _), pod)| (*name, Server::start(pod, name)))
+        .collect();
+    let accepted =
+        || -> BTreeMap<&str, usize> { servers.iter().map(|(n, s)| (*n, s.accepted())).collect() };
+    let rules_before = rulesets(&host.netns);
+
+    let cgroup = Cgroup::create(&world, "h1").expect("cgroup");
+    let pin_dir = world.bpffs_dir().join("svc");
+    let mut svc = ServiceDatapath::load(Some(&pin_dir)).expect("load");
+    let root = svc.attach(std::path::Path::new(CGROUP2_ROOT));
+    assert!(
+        matches!(root, Err(ServiceError::CgroupRoot { .. })),
+        "{root:?}"
+    );
+    svc.attach(cgroup.path()).expect("attach");
+    let tcp = ServiceKey::tcp(VIP, TCP_PORT);
+    let udp = ServiceKey::udp(VIP, UDP_PORT);
+    let node_port = ServiceKey::tcp(host.underlay_ip, NODE_PORT);
+    let all = backends(&["be1", "be2", "be3"]);
+    for key in [tcp, udp, node_port] {
+        svc.upsert_service(key, &all).expect("service");
+    }
+    assert_eq!(svc.service(tcp).expect("read"), Some(all.clone()));
+
+    // Every connection reaches a backend, and each backend gets some, from the host namespace
+    // and from a pod alike.
+    for (who, ns) in [("host", &host.netns), ("pod", &client.netns)] {
+        let names = tcp_names(&cgroup, ns, VIP, TCP_PORT, SPREAD);
+        let counts = tally(&names);
+        assert_eq!(names.len(), SPREAD, "{who}: {counts:?}");
+        assert_eq!(
+            counts.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["be1", "be2", "be3"],
+            "{who}: every connection reached a backend and every backend got some: {counts:?}"
+        );
+    }
+    // A NodePort addressed to the node's own IP, from the host.
+    let names = tcp_names(&cgroup, &host.netns, host.underlay_ip, NODE_PORT, 6);
+    assert!(
+        names.iter().all(|n| n.starts_with("be")),
+        "nodeport: {names:?}"
+    );
+
+    // A removed backend gets no new connection.
+    svc.upsert_service(tcp, &backends(&["be1", "be2"]))
+        .expect("remove be3");
+    let be3_before = accepted()["be3"];
+    let names = tcp_names(&cgroup, &client.netns, VIP, TCP_PORT, 30);
+    let counts = tally(&names);
+    assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
+    assert!(
+        counts.keys().all(|n| n == "be1" || n == "be2"),
+        "{counts:?}"
+    );
+    assert_eq!(accepted()["be3"], be3_before, "be3 got a connection");
+
+    // The backend list churning as fast as userspace can write it: every connect still lands
+    // on a backend of one complete list.
+    let stop = AtomicBool::new(false);
+    let names = thread::scope(|scope| {
+        let svc = &mut svc;
+        let stop = &stop;
+        let flipper = scope.spawn(move || {
+            let lists = [backends(&["be1", "be2"]), backends(&["be2", "be3"])];
+            let mut flips = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                svc.upsert_service(tcp, &lists[flips % 2]).expect("flip");
+                flips += 1;
+            }
+            flips
+        });
+        let names = tcp_names(&cgroup, &client.netns, VIP, TCP_PORT, SPREAD);
+        stop.store(true, Ordering::Relaxed);
+        let flips = flipper.join().expect("flipper");
+        assert!(flips > 10, "the list changed only {flips} times");
+        names
+    });
+    let counts = tally(&names);
+    assert_eq!(names.len(), SPREAD, "{counts:?}");
+    assert!(
+        counts.keys().all(|n| n.starts_with("be")),
+        "under churn: {counts:?}"
+    );
+
+    // Zero backends: connects are refused at once; without the service, nothing is translated.
+    svc.upsert_service(tcp, &[]).expect("no backends");
+    let refused = cgroup
+        .exec(
+            &client.netns,
+            &[
+                "nc",
+                "-v",
+                "-w",
+                "2",
+                &VIP.to_string(),
+                &TCP_PORT.to_string(),
+            ],
+        )
+        .expect("nc");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
+    svc.upsert_service(tcp, &all).expect("restore");
+
+    // UDP through the VIP, unconnected (sendto/recvfrom) and connected: every reply is
+    // reported as coming from the VIP, and the datagrams spread over the backends.
+    let vip_udp = format!("{VIP}:{UDP_PORT}");
+    for (who, ns) in [("host", &host.netns), ("pod", &client.netns)] {
+        let replies = udp_replies(&cgroup, ns, VIP, UDP_PORT, SPREAD, false);
+        assert_eq!(replies.len(), SPREAD, "{who}: {replies:?}");
+        assert!(
+            replies.iter().all(|(from, _)| *from == vip_udp),
+            "{who}: {replies:?}"
+        );
+        let names: Vec<String> = replies.into_iter().map(|(_, name)| name).collect();
+        assert_eq!(tally(&names).len(), 3, "{who}: {:?}", tally(&names));
+    }
+    let replies = udp_replies(&cgroup, &client.netns, VIP, UDP_PORT, 3, true);
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(
+        replies
+            .iter()
+            .all(|(from, name)| *from == vip_udp && name.starts_with("be")),
+        "{replies:?}"
+    );
+
+    // Outside the cgroup nothing is translated: the host has no route to the VIP, and a pod's
+    // packet to it reaches a host that does not forward.
+    let counters_before = svc.counters().expect("counters");
+    let accepted_before = accepted();
+    for ns in [&host.netns, &client.netns] {
+        let out = ns
+            .exec(&[
+                "nc",
+                "-z",
+                "-w",
+                "1",
+                &VIP.to_string(),
+                &TCP_PORT.to_string(),
+            ])
+            .expect("nc");
+        assert!(!out.status.success(), "{} reached the VIP", ns.name());
+    }
+    assert_eq!(accepted(), accepted_before);
+    assert_eq!(svc.counters().expect("counters"), counters_before);
+
+    let counters = svc.counters().expect("counters");
+    assert!(
+        counters[&SvcEvent::ConnectTcp] >= (3 * SPREAD + 36) as u64,
+        "{counters:?}"
+    );
+    assert!(
+        counters[&SvcEvent::SendmsgUdp] >= (2 * SPREAD) as u64,
+        "{counters:?}"
+    );
+    assert!(
+        counters[&SvcEvent::RecvmsgUdp] >= (2 * SPREAD + 3) as u64,
+        "{counters:?}"
+    );
+    assert!(counters[&SvcEvent::ConnectUdp] >= 1, "{counters:?}");
+    assert_eq!(counters[&SvcEvent::RefusedNoBackend], 1, "{counters:?}");
+
+    // An agent restart: a second instance finds the services in the pinned maps, takes over
+    // the pinned links, and translation goes on after the first is gone.
+    let mut successor = ServiceDatapath::load(Some(&pin_dir)).expect("reload");
+    assert_eq!(
+        successor.services().expect("services"),
+        svc.services().expect("services")
+    );
+    successor.attach(cgroup.path()).expect("take over");
+    drop(svc);
+    let names = tcp_names(&cgroup, &client.netns, VIP, TCP_PORT, 6);
+    assert!(
+        names.iter().all(|n| n.starts_with("be")),
+        "after restart: {names:?}"
+    );
+
+    // No rule was created anywhere on the way.
+    assert_eq!(rulesets(&host.netns), rules_before);
+
+    // Teardown: the cgroup and the pins go with their guards.
+    let cgroup_path = cgroup.path().to_owned();
+    drop(successor);
+    drop(cgroup);
+    assert!(!cgroup_path.exists(), "cgroup left behind");
+    drop(servers);
+    drop(pod_dp);
+    let bpffs = world.bpffs_dir();
+    drop(world);
+    assert!(!bpffs.exists(), "pins left behind");
+}
