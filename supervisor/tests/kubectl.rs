@@ -940,3 +940,222 @@ async fn kube_rs_watcher_across_restart_on_etcd() -> anyhow::Result<()> {
     let etcd = tokio::task::block_in_place(|| Etcd::start(3));
     kube_rs_suite(&Backend::Etcd(etcd)).await
 }
+
+const ALL_KINDS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-b}
+spec:
+  limits: {storage: 10Gi}
+  storageClasses: [fast]
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: fast}
+provisioner: csi.slipway.dev
+allowVolumeExpansion: true
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data, namespace: team-b}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: fast
+  resources: {requests: {storage: 4Gi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: iperf, namespace: team-b, labels: {app: iperf}}
+spec:
+  containers:
+  - name: server
+    image: iperf3
+    command: [iperf3, -s]
+    ports: [{containerPort: 5201}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: iperf, namespace: team-b}
+spec:
+  selector: {app: iperf}
+  ports: [{port: 5201}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: iperf, namespace: team-b}
+subsets:
+- addresses: [{ip: 10.244.1.5}]
+  ports: [{port: 5201}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-iperf, namespace: team-b}
+spec:
+  podSelector: {matchLabels: {app: iperf}}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]
+    ports: [{port: 5201}]
+"#;
+
+/// Every kind through kubectl: create, Table columns, describe with events, PVC admission.
+fn all_kinds_suite(backend: &Backend) {
+    let dir = TempDir::new("kinds");
+    let sup = Supervisor::start(dir.path(), &backend.store_arg(), &[]);
+    let f = sup.file("all.yaml", ALL_KINDS);
+    assert_eq!(
+        sup.kubectl(&["apply", "-f", &f])
+            .ok()
+            .matches(" created")
+            .count(),
+        7
+    );
+    // Events name their object by uid, as controllers write them.
+    let uid = sup
+        .kubectl(&[
+            "get",
+            "svc",
+            "iperf",
+            "-n",
+            "team-b",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .ok()
+        .to_string();
+    let ev = sup.file(
+        "event.yaml",
+        &format!("apiVersion: v1\nkind: Event\nmetadata: {{name: iperf.1, namespace: team-b}}\ninvolvedObject: {{apiVersion: v1, kind: Service, name: iperf, namespace: team-b, uid: {uid}}}\nreason: Provisioned\nmessage: VIP assigned\ntype: Normal\n"),
+    );
+    sup.kubectl(&["apply", "-f", &ev]).ok();
+    let expect_cols = |args: &[&str], cols: &[&str], cells: &[&str]| {
+        let out = sup.kubectl(args);
+        let text = out.ok();
+        let header = text.lines().next().unwrap_or_default();
+        for c in cols {
+            assert!(
+                header.contains(c),
+                "{args:?}: column {c} missing in {header:?}"
+            );
+        }
+        for c in cells {
+            assert!(text.contains(c), "{args:?}: cell {c} missing in {text}");
+        }
+    };
+    expect_cols(
+        &["get", "pods", "-n", "team-b"],
+        &["NAME", "READY", "STATUS", "AGE"],
+        &["0/1", "Pending"],
+    );
+    expect_cols(
+        &["get", "pvc", "-n", "team-b"],
+        &[
+            "STATUS",
+            "VOLUME",
+            "CAPACITY",
+            "ACCESS MODES",
+            "STORAGECLASS",
+        ],
+        &["RWO", "fast"],
+    );
+    expect_cols(
+        &["get", "endpoints", "-n", "team-b"],
+        &["ENDPOINTS"],
+        &["10.244.1.5:5201"],
+    );
+    expect_cols(
+        &["get", "events", "-n", "team-b"],
+        &["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+        &["Provisioned", "service/iperf"],
+    );
+    expect_cols(
+        &["get", "netpol", "-n", "team-b"],
+        &["POD-SELECTOR"],
+        &["app=iperf"],
+    );
+    expect_cols(
+        &["get", "sc"],
+        &["PROVISIONER", "RECLAIMPOLICY", "VOLUMEBINDINGMODE"],
+        &["csi.slipway.dev", "Delete", "Immediate"],
+    );
+    expect_cols(
+        &["get", "svc", "-n", "team-b", "-o", "wide"],
+        &["SELECTOR"],
+        &["app=iperf"],
+    );
+    // describe lists the Service's events through the involvedObject field selector.
+    let d = sup.kubectl(&["describe", "svc", "iperf", "-n", "team-b"]);
+    assert!(
+        d.ok().contains("Provisioned") && d.stdout.contains("VIP assigned"),
+        "{}",
+        d.stdout
+    );
+    assert!(
+        sup.kubectl(&["describe", "namespace", "team-b"])
+            .ok()
+            .contains("team-b")
+    );
+    assert!(
+        sup.kubectl(&["describe", "pod", "iperf", "-n", "team-b"])
+            .ok()
+            .contains("iperf3")
+    );
+    // PVC admission: class not allowed, storage limit exceeded; nothing stored.
+    let pvc = |name: &str, class: &str, size: &str| {
+        format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: team-b}}\nspec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: {class}\n  resources: {{requests: {{storage: {size}}}}}\n"
+        )
+    };
+    let f = sup.file("slow.yaml", &pvc("slow", "slow", "1Gi"));
+    assert!(
+        sup.kubectl(&["apply", "-f", &f])
+            .err()
+            .contains(r#"StorageClass "slow" is not allowed in namespace "team-b""#)
+    );
+    let f = sup.file("big.yaml", &pvc("big", "fast", "7Gi"));
+    assert!(
+        sup.kubectl(&["apply", "-f", &f])
+            .err()
+            .contains("exceeded quota: spec.limits.storage")
+    );
+    let f = sup.file(
+        "bad.yaml",
+        &pvc("bad", "fast", "lots").replace("[ReadWriteOnce]", "[ReadWriteSometimes]"),
+    );
+    let bad = sup.kubectl(&["apply", "-f", &f]);
+    // Every bad field at once.
+    assert!(
+        bad.err().contains("spec.accessModes[0]")
+            && bad.stderr.contains("spec.resources.requests.storage"),
+        "{}",
+        bad.stderr
+    );
+    for name in ["slow", "big", "bad"] {
+        assert!(
+            sup.kubectl(&["get", "pvc", name, "-n", "team-b"])
+                .err()
+                .contains("NotFound")
+        );
+    }
+    // Metrics count what was served.
+    let metrics = sup.kubectl(&["get", "--raw", "/metrics"]);
+    assert!(
+        metrics.ok().contains("slipway_apiserver_requests_total{"),
+        "{}",
+        metrics.stdout
+    );
+    assert!(
+        metrics
+            .stdout
+            .contains(r#"verb="create",resource="persistentvolumeclaims",code="403""#)
+    );
+}
+
+#[test]
+fn all_kinds_on_redb() {
+    all_kinds_suite(&Backend::Redb);
+}
+
+#[test]
+fn all_kinds_on_etcd() {
+    all_kinds_suite(&Backend::Etcd(Etcd::start(3)));
+}
