@@ -5,11 +5,13 @@
  * NodePort) is rewritten to one of the service's backends before the kernel routes it, so no
  * packet ever carries the service address and no NAT state exists on the path. UDP replies are
  * shown to the application as coming from the service address (recvmsg4), through a reverse
- * map keyed by the socket and the backend it sent to.
+ * map keyed by the socket and the backend it sent to. Dual-stack IPv6 sockets addressing an
+ * IPv4-mapped service address get the same (connect6, sendmsg6, recvmsg6).
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
 #include <linux/in.h>
+#include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "abi.h"
@@ -104,37 +106,44 @@ static __always_inline enum svc_pick svc_pick(const struct svc_key *key, struct 
 	return SVC_PICK_RACE;
 }
 
-/* Rewrites the destination of a connect or sendmsg to a service. Returns the program's
- * verdict: 1 lets the call proceed (translated or not), 0 fails it with ECONNREFUSED. */
-static __always_inline int svc_translate(struct bpf_sock_addr *ctx, enum svc_event translated)
+/* What to do with a connect or sendmsg. */
+enum svc_verdict {
+	/* Not for a service: leave it alone. */
+	SVC_PASS,
+	/* For a service: the address now names a backend. */
+	SVC_TRANSLATED,
+	/* For a service that cannot take it: fail the call with ECONNREFUSED. */
+	SVC_REFUSE,
+};
+
+/* Looks up (*ip4, *port, protocol) as a service and on a hit replaces them with a backend's
+ * address. Both are in network byte order; *port as sock_addr keeps it, in the first two bytes
+ * of a __u32. */
+static __always_inline enum svc_verdict svc_translate(struct bpf_sock_addr *ctx, __be32 *ip4,
+						      __u32 *port, enum svc_event translated)
 {
 	__u32 proto = ctx->protocol;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return 1;
-	/* user_port holds the port in network byte order in its first two bytes. */
-	__u32 user_port = ctx->user_port;
+		return SVC_PASS;
 	struct svc_key key = {
-		.ip4 = ctx->user_ip4,
-		.port = (__be16)user_port,
+		.ip4 = *ip4,
+		.port = (__be16)*port,
 		.proto = (__u8)proto,
 	};
 	struct svc_addr backend = {};
 
 	switch (svc_pick(&key, &backend)) {
 	case SVC_PICK_NOT_SERVICE:
-		return 1;
+		return SVC_PASS;
 	case SVC_PICK_FOUND:
 		break;
 	case SVC_PICK_NO_BACKEND:
 		svc_count(SVC_EVENT_REFUSED_NO_BACKEND);
-		/* What a client of a kube-proxy service without endpoints gets (its REJECT rule). */
-		bpf_set_retval(-ECONNREFUSED);
-		return 0;
+		return SVC_REFUSE;
 	default:
 		svc_count(SVC_EVENT_REFUSED_RACE);
-		bpf_set_retval(-ECONNREFUSED);
-		return 0;
+		return SVC_REFUSE;
 	}
 
 	if (proto == IPPROTO_UDP) {
@@ -149,43 +158,137 @@ static __always_inline int svc_translate(struct bpf_sock_addr *ctx, enum svc_eve
 		 * would see the backend's address, which is the only harm. */
 		bpf_map_update_elem(&svc_reverse, &reverse, &service, BPF_ANY);
 	}
-	ctx->user_ip4 = backend.ip4;
-	ctx->user_port = backend.port;
+	*ip4 = backend.ip4;
+	*port = backend.port;
 	svc_count(translated);
+	return SVC_TRANSLATED;
+}
+
+/* The program's return value for a verdict: 1 lets the call proceed, 0 fails it. */
+static __always_inline int svc_verdict(enum svc_verdict verdict)
+{
+	if (verdict != SVC_REFUSE)
+		return 1;
+	/* What a client of a kube-proxy service without endpoints gets (its REJECT rule);
+	 * without it the kernel would report EPERM. */
+	bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+/* Shows a UDP datagram from a backend as coming from the service it was sent to. */
+static __always_inline int svc_reverse_translate(struct bpf_sock_addr *ctx, __be32 *ip4,
+						 __u32 *port)
+{
+	struct svc_reverse_key reverse = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.ip4 = *ip4,
+		.port = (__be16)*port,
+	};
+	struct svc_addr *service = bpf_map_lookup_elem(&svc_reverse, &reverse);
+
+	if (!service)
+		return 0;
+	*ip4 = service->ip4;
+	*port = service->port;
+	svc_count(SVC_EVENT_RECVMSG_UDP);
 	return 1;
+}
+
+static __always_inline enum svc_event svc_connect_event(struct bpf_sock_addr *ctx)
+{
+	return ctx->protocol == IPPROTO_TCP ? SVC_EVENT_CONNECT_TCP : SVC_EVENT_CONNECT_UDP;
+}
+
+/* IPv4 sockets. */
+
+static __always_inline int svc_forward4(struct bpf_sock_addr *ctx, enum svc_event translated)
+{
+	__be32 ip4 = ctx->user_ip4;
+	__u32 port = ctx->user_port;
+	enum svc_verdict verdict = svc_translate(ctx, &ip4, &port, translated);
+
+	if (verdict == SVC_TRANSLATED) {
+		ctx->user_ip4 = ip4;
+		ctx->user_port = port;
+	}
+	return svc_verdict(verdict);
 }
 
 SEC("cgroup/connect4")
 int sock_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol == IPPROTO_TCP)
-		return svc_translate(ctx, SVC_EVENT_CONNECT_TCP);
-	return svc_translate(ctx, SVC_EVENT_CONNECT_UDP);
+	return svc_forward4(ctx, svc_connect_event(ctx));
 }
 
 SEC("cgroup/sendmsg4")
 int sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return svc_translate(ctx, SVC_EVENT_SENDMSG_UDP);
+	return svc_forward4(ctx, SVC_EVENT_SENDMSG_UDP);
 }
 
 SEC("cgroup/recvmsg4")
 int sock_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	__u32 user_port = ctx->user_port;
-	struct svc_reverse_key reverse = {
-		.cookie = bpf_get_socket_cookie(ctx),
-		.ip4 = ctx->user_ip4,
-		.port = (__be16)user_port,
-	};
-	struct svc_addr *service = bpf_map_lookup_elem(&svc_reverse, &reverse);
+	__be32 ip4 = ctx->user_ip4;
+	__u32 port = ctx->user_port;
 
-	if (!service)
-		return 1;
-	ctx->user_ip4 = service->ip4;
-	ctx->user_port = service->port;
-	svc_count(SVC_EVENT_RECVMSG_UDP);
+	if (svc_reverse_translate(ctx, &ip4, &port)) {
+		ctx->user_ip4 = ip4;
+		ctx->user_port = port;
+	}
 	/* recvmsg4 programs must allow: the datagram is already received. */
+	return 1;
+}
+
+/* Dual-stack IPv6 sockets reach IPv4 services through IPv4-mapped addresses (::ffff:a.b.c.d),
+ * which is how Java and others talk IPv4 by default: the same translation applies to the
+ * address's last four bytes. Other IPv6 addresses are left alone (services are IPv4). */
+
+static __always_inline int svc_is_v4_mapped(struct bpf_sock_addr *ctx)
+{
+	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+	       ctx->user_ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int svc_forward6(struct bpf_sock_addr *ctx, enum svc_event translated)
+{
+	if (!svc_is_v4_mapped(ctx))
+		return 1;
+	__be32 ip4 = ctx->user_ip6[3];
+	__u32 port = ctx->user_port;
+	enum svc_verdict verdict = svc_translate(ctx, &ip4, &port, translated);
+
+	if (verdict == SVC_TRANSLATED) {
+		ctx->user_ip6[3] = ip4;
+		ctx->user_port = port;
+	}
+	return svc_verdict(verdict);
+}
+
+SEC("cgroup/connect6")
+int sock_connect6(struct bpf_sock_addr *ctx)
+{
+	return svc_forward6(ctx, svc_connect_event(ctx));
+}
+
+SEC("cgroup/sendmsg6")
+int sock_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return svc_forward6(ctx, SVC_EVENT_SENDMSG_UDP);
+}
+
+SEC("cgroup/recvmsg6")
+int sock_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	if (!svc_is_v4_mapped(ctx))
+		return 1;
+	__be32 ip4 = ctx->user_ip6[3];
+	__u32 port = ctx->user_port;
+
+	if (svc_reverse_translate(ctx, &ip4, &port)) {
+		ctx->user_ip6[3] = ip4;
+		ctx->user_port = port;
+	}
 	return 1;
 }
 

@@ -1,5 +1,6 @@
 //! Services without kube-proxy, at the socket layer (`ebpf/sock.c`): loading the cgroup
-//! `connect4` / `sendmsg4` / `recvmsg4` programs, attaching them to a host's child cgroup v2,
+//! `connect4` / `sendmsg4` / `recvmsg4` programs (and their IPv6 twins, which translate
+//! IPv4-mapped addresses of dual-stack sockets), attaching them to a host's child cgroup v2,
 //! and the service table they read (ClusterIP or node IP + NodePort -> backends).
 //!
 //! Every process in the cgroup (host processes and pods alike, whatever their network
@@ -30,7 +31,14 @@ use crate::objects;
 
 const OBJECT: &str = "sock";
 /// The programs of `ebpf/sock.c`, by function name.
-pub const PROGRAMS: [&str; 3] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4"];
+pub const PROGRAMS: [&str; 6] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+];
 /// Map names, which are also their pin names under the pin directory.
 pub const SERVICES_MAP: &str = "svc_services";
 pub const SLOTS_MAP: &str = "svc_slots";
@@ -239,7 +247,7 @@ impl ServiceDatapath {
         Ok(datapath)
     }
 
-    /// Attaches the three programs to the cgroup v2 directory `cgroup`: from then on, sockets
+    /// Attaches the six programs to the cgroup v2 directory `cgroup`: from then on, sockets
     /// created by processes in it or its descendants have service addresses translated.
     /// `cgroup` must be a child cgroup (the host's), never the v2 root.
     ///

@@ -14,10 +14,12 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use slipway_dataplane::abi::EndpointInfo;
-use slipway_dataplane::abi::services::SvcEvent;
+use slipway_dataplane::abi::services::{MAX_REVERSE, MAX_SERVICES, MAX_SLOTS, SvcEvent};
 use slipway_dataplane::netns;
 use slipway_dataplane::pod::PodDatapath;
-use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceError, ServiceKey};
+use slipway_dataplane::services::{
+    Backend, REVERSE_MAP, SERVICES_MAP, SLOTS_MAP, ServiceDatapath, ServiceError, ServiceKey,
+};
 use slipway_dataplane::testing::cgroup::{CGROUP2_ROOT, Cgroup};
 use slipway_dataplane::testing::{Netns, Pod, World};
 
@@ -128,7 +130,7 @@ fn backends(names: &[&str]) -> Vec<Backend> {
 
 /// `n` TCP connections in a row to `addr:port` from one process in `cgroup` and `ns`; what
 /// each connection read (a backend's name, or FAILED).
-fn tcp_names(cgroup: &Cgroup, ns: &Netns, addr: Ipv4Addr, port: u16, n: usize) -> Vec<String> {
+fn tcp_names(cgroup: &Cgroup, ns: &Netns, addr: &str, port: u16, n: usize) -> Vec<String> {
     let script =
         format!("for i in $(seq {n}); do nc -w 2 {addr} {port} </dev/null || echo FAILED; done");
     let out = cgroup
@@ -146,14 +148,15 @@ fn tally(names: &[String]) -> BTreeMap<String, usize> {
     counts
 }
 
-/// Sends `n` UDP datagrams to `addr:port` from one socket (connected with `connected`), each
-/// answered before the next; returns "<source address>:<port> <payload>" per reply, the
-/// source as `recvfrom` reported it.
+/// Sends `n` UDP datagrams to `addr:port` from one socket (IPv6 if `addr` is, connected with
+/// `connected`), each answered before the next; prints "<source address>:<port> <payload>" per
+/// reply, the source as `recvfrom` reported it.
 const UDP_CLIENT: &str = r#"
-use strict; use Socket;
+use strict; use Socket qw(:all);
 my ($ip, $port, $n, $mode) = @ARGV;
-socket(my $s, PF_INET, SOCK_DGRAM, 0) or die "socket: $!\n";
-my $dest = sockaddr_in($port, inet_aton($ip));
+my $v6 = $ip =~ /:/;
+socket(my $s, $v6 ? PF_INET6 : PF_INET, SOCK_DGRAM, 0) or die "socket: $!\n";
+my $dest = $v6 ? sockaddr_in6($port, inet_pton(AF_INET6, $ip)) : sockaddr_in($port, inet_aton($ip));
 if ($mode eq "connected") { connect($s, $dest) or die "connect: $!\n"; }
 for my $i (1..$n) {
     my $sent = $mode eq "connected" ? send($s, "ping", 0) : send($s, "ping", 0, $dest);
@@ -162,36 +165,68 @@ for my $i (1..$n) {
     select(my $rout = $rin, undef, undef, 2) > 0 or die "no reply to datagram $i\n";
     my $from = recv($s, my $buf, 1500, 0);
     defined $from or die "recv: $!\n";
-    my ($fport, $faddr) = sockaddr_in($from);
+    my ($fport, $faddr) = $v6 ? sockaddr_in6($from) : sockaddr_in($from);
     chomp $buf;
-    print inet_ntoa($faddr), ":$fport $buf\n";
+    print inet_ntop($v6 ? AF_INET6 : AF_INET, $faddr), ":$fport $buf\n";
 }
 "#;
 
+fn udp_client(
+    cgroup: &Cgroup,
+    ns: &Netns,
+    addr: &str,
+    port: u16,
+    n: usize,
+    connected: bool,
+) -> std::process::Output {
+    let (port, n) = (port.to_string(), n.to_string());
+    let mode = if connected { "connected" } else { "sendto" };
+    cgroup
+        .exec(
+            ns,
+            &[
+                "timeout", "30", "perl", "-e", UDP_CLIENT, addr, &port, &n, mode,
+            ],
+        )
+        .expect("udp client")
+}
+
+/// What [`udp_client`] printed, as (source, payload) pairs; fails unless it succeeded.
 fn udp_replies(
     cgroup: &Cgroup,
     ns: &Netns,
-    addr: Ipv4Addr,
+    addr: &str,
     port: u16,
     n: usize,
     connected: bool,
 ) -> Vec<(String, String)> {
-    let (addr, port, n) = (addr.to_string(), port.to_string(), n.to_string());
-    let mode = if connected { "connected" } else { "sendto" };
-    let out = cgroup
-        .run(
-            ns,
-            &[
-                "timeout", "30", "perl", "-e", UDP_CLIENT, &addr, &port, &n, mode,
-            ],
-        )
-        .expect("udp client");
+    let output = udp_client(cgroup, ns, addr, port, n, connected);
+    assert!(
+        output.status.success(),
+        "udp client: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = String::from_utf8_lossy(&output.stdout);
     out.lines()
         .map(|line| {
             let (from, name) = line.split_once(' ').unwrap_or((line, ""));
             (from.to_owned(), name.to_owned())
         })
         .collect()
+}
+
+/// The capacity of the map pinned at `path`, as the kernel reports it.
+fn max_entries(path: &std::path::Path) -> u32 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(path)
+        .output()
+        .expect("bpftool");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    info["max_entries"]
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .expect("max_entries")
 }
 
 /// The iptables (nft and legacy backends) and nft rulesets of `ns`, without the comment lines
@@ -271,6 +306,12 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
         "{root:?}"
     );
     svc.attach(cgroup.path()).expect("attach");
+    assert_eq!(
+        [SERVICES_MAP, SLOTS_MAP, REVERSE_MAP].map(|map| max_entries(&pin_dir.join(map))),
+        [MAX_SERVICES, MAX_SLOTS, MAX_REVERSE],
+        "map capacities in abi.h and abi::services agree"
+    );
+    let vip = VIP.to_string();
     let tcp = ServiceKey::tcp(VIP, TCP_PORT);
     let udp = ServiceKey::udp(VIP, UDP_PORT);
     let node_port = ServiceKey::tcp(host.underlay_ip, NODE_PORT);
@@ -283,7 +324,7 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     // Every connection reaches a backend, and each backend gets some, from the host namespace
     // and from a pod alike.
     for (who, ns) in [("host", &host.netns), ("pod", &client.netns)] {
-        let names = tcp_names(&cgroup, ns, VIP, TCP_PORT, SPREAD);
+        let names = tcp_names(&cgroup, ns, &vip, TCP_PORT, SPREAD);
         let counts = tally(&names);
         assert_eq!(names.len(), SPREAD, "{who}: {counts:?}");
         assert_eq!(
@@ -293,7 +334,13 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
         );
     }
     // A NodePort addressed to the node's own IP, from the host.
-    let names = tcp_names(&cgroup, &host.netns, host.underlay_ip, NODE_PORT, 6);
+    let names = tcp_names(
+        &cgroup,
+        &host.netns,
+        &host.underlay_ip.to_string(),
+        NODE_PORT,
+        6,
+    );
     assert!(
         names.iter().all(|n| n.starts_with("be")),
         "nodeport: {names:?}"
@@ -303,7 +350,7 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     svc.upsert_service(tcp, &backends(&["be1", "be2"]))
         .expect("remove be3");
     let be3_before = accepted()["be3"];
-    let names = tcp_names(&cgroup, &client.netns, VIP, TCP_PORT, 30);
+    let names = tcp_names(&cgroup, &client.netns, &vip, TCP_PORT, 30);
     let counts = tally(&names);
     assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
     assert!(
@@ -327,7 +374,7 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
             }
             flips
         });
-        let names = tcp_names(&cgroup, &client.netns, VIP, TCP_PORT, SPREAD);
+        let names = tcp_names(&cgroup, &client.netns, &vip, TCP_PORT, SPREAD);
         stop.store(true, Ordering::Relaxed);
         let flips = flipper.join().expect("flipper");
         assert!(flips > 10, "the list changed only {flips} times");
@@ -361,12 +408,20 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
         "{stderr}"
     );
     svc.upsert_service(tcp, &all).expect("restore");
+    svc.upsert_service(udp, &[]).expect("no udp backends");
+    let refused = udp_client(&cgroup, &client.netns, &vip, UDP_PORT, 1, false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("send: Connection refused"),
+        "{stderr}"
+    );
+    svc.upsert_service(udp, &all).expect("restore udp");
 
     // UDP through the VIP, unconnected (sendto/recvfrom) and connected: every reply is
     // reported as coming from the VIP, and the datagrams spread over the backends.
     let vip_udp = format!("{VIP}:{UDP_PORT}");
     for (who, ns) in [("host", &host.netns), ("pod", &client.netns)] {
-        let replies = udp_replies(&cgroup, ns, VIP, UDP_PORT, SPREAD, false);
+        let replies = udp_replies(&cgroup, ns, &vip, UDP_PORT, SPREAD, false);
         assert_eq!(replies.len(), SPREAD, "{who}: {replies:?}");
         assert!(
             replies.iter().all(|(from, _)| *from == vip_udp),
@@ -375,13 +430,30 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
         let names: Vec<String> = replies.into_iter().map(|(_, name)| name).collect();
         assert_eq!(tally(&names).len(), 3, "{who}: {:?}", tally(&names));
     }
-    let replies = udp_replies(&cgroup, &client.netns, VIP, UDP_PORT, 3, true);
+    let replies = udp_replies(&cgroup, &client.netns, &vip, UDP_PORT, 3, true);
     assert_eq!(replies.len(), 3, "{replies:?}");
     assert!(
         replies
             .iter()
             .all(|(from, name)| *from == vip_udp && name.starts_with("be")),
         "{replies:?}"
+    );
+
+    // Dual-stack IPv6 sockets addressing the IPv4-mapped VIP are translated the same way.
+    let mapped = format!("::ffff:{VIP}");
+    let names = tcp_names(&cgroup, &host.netns, &mapped, TCP_PORT, 6);
+    assert!(
+        names.iter().all(|n| n.starts_with("be")),
+        "v4-mapped tcp: {names:?}"
+    );
+    let replies = udp_replies(&cgroup, &client.netns, &mapped, UDP_PORT, 6, false);
+    let mapped_udp = format!("{mapped}:{UDP_PORT}");
+    assert!(
+        replies.len() == 6
+            && replies
+                .iter()
+                .all(|(from, name)| *from == mapped_udp && name.starts_with("be")),
+        "v4-mapped udp: {replies:?}"
     );
 
     // Outside the cgroup nothing is translated: the host has no route to the VIP, and a pod's
@@ -404,21 +476,18 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     assert_eq!(accepted(), accepted_before);
     assert_eq!(svc.counters().expect("counters"), counters_before);
 
-    let counters = svc.counters().expect("counters");
-    assert!(
-        counters[&SvcEvent::ConnectTcp] >= (3 * SPREAD + 36) as u64,
-        "{counters:?}"
-    );
-    assert!(
-        counters[&SvcEvent::SendmsgUdp] >= (2 * SPREAD) as u64,
-        "{counters:?}"
-    );
-    assert!(
-        counters[&SvcEvent::RecvmsgUdp] >= (2 * SPREAD + 3) as u64,
-        "{counters:?}"
-    );
-    assert!(counters[&SvcEvent::ConnectUdp] >= 1, "{counters:?}");
-    assert_eq!(counters[&SvcEvent::RefusedNoBackend], 1, "{counters:?}");
+    // Every translation counted, once: 2 x 60 spread + 6 NodePort + 30 after the removal
+    // + 60 under churn + 6 v4-mapped TCP connects; 1 connected UDP socket; 2 x 60 + 6
+    // datagrams sent and their replies plus 3 on the connected socket; 2 refusals.
+    let expected = BTreeMap::from([
+        (SvcEvent::ConnectTcp, (3 * SPREAD + 42) as u64),
+        (SvcEvent::ConnectUdp, 1),
+        (SvcEvent::SendmsgUdp, (2 * SPREAD + 6) as u64),
+        (SvcEvent::RecvmsgUdp, (2 * SPREAD + 6 + 3) as u64),
+        (SvcEvent::RefusedNoBackend, 2),
+        (SvcEvent::RefusedRace, 0),
+    ]);
+    assert_eq!(svc.counters().expect("counters"), expected);
 
     // An agent restart: a second instance finds the services in the pinned maps, takes over
     // the pinned links, and translation goes on after the first is gone.
@@ -429,7 +498,7 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     );
     successor.attach(cgroup.path()).expect("take over");
     drop(svc);
-    let names = tcp_names(&cgroup, &client.netns, VIP, TCP_PORT, 6);
+    let names = tcp_names(&cgroup, &client.netns, &vip, TCP_PORT, 6);
     assert!(
         names.iter().all(|n| n.starts_with("be")),
         "after restart: {names:?}"
