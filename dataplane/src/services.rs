@@ -816,6 +816,13 @@ mod tests {
     }
 
     #[test]
+    fn the_datapath_can_move_to_an_agent_thread() {
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<ServiceDatapath>();
+        send_and_sync::<ServiceError>();
+    }
+
+    #[test]
     fn bad_input_is_refused_naming_the_problem() {
         let mut tables = FakeTables::default();
         let cases = [

@@ -215,6 +215,17 @@ fn udp_replies(
         .collect()
 }
 
+/// How many programs are attached to the cgroup at `path` (bpftool's view).
+fn attached(path: &std::path::Path) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(path)
+        .output()
+        .expect("bpftool");
+    let programs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    programs.as_array().map_or(0, Vec::len)
+}
+
 /// The capacity of the map pinned at `path`, as the kernel reports it.
 fn max_entries(path: &std::path::Path) -> u32 {
     let out = std::process::Command::new("bpftool")
@@ -306,6 +317,11 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
         "{root:?}"
     );
     svc.attach(cgroup.path()).expect("attach");
+    assert_eq!(
+        attached(cgroup.path()),
+        6,
+        "connect, sendmsg, recvmsg x 4 and 6"
+    );
     assert_eq!(
         [SERVICES_MAP, SLOTS_MAP, REVERSE_MAP].map(|map| max_entries(&pin_dir.join(map))),
         [MAX_SERVICES, MAX_SLOTS, MAX_REVERSE],
@@ -498,11 +514,27 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     );
     successor.attach(cgroup.path()).expect("take over");
     drop(svc);
+    assert_eq!(
+        attached(cgroup.path()),
+        6,
+        "the successor's links replaced the predecessor's"
+    );
     let names = tcp_names(&cgroup, &client.netns, &vip, TCP_PORT, 6);
     assert!(
         names.iter().all(|n| n.starts_with("be")),
         "after restart: {names:?}"
     );
+
+    // Detaching stops translation for new sockets.
+    successor.detach_pinned().expect("detach");
+    assert_eq!(attached(cgroup.path()), 0);
+    let out = cgroup
+        .exec(
+            &host.netns,
+            &["nc", "-z", "-w", "1", &vip, &TCP_PORT.to_string()],
+        )
+        .expect("nc");
+    assert!(!out.status.success(), "translated after detach");
 
     // No rule was created anywhere on the way.
     assert_eq!(rulesets(&host.netns), rules_before);
