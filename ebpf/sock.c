@@ -5,8 +5,9 @@
  * NodePort) is rewritten to one of the service's backends before the kernel routes it, so no
  * packet ever carries the service address and no NAT state exists on the path. UDP replies are
  * shown to the application as coming from the service address (recvmsg4), through a reverse
- * map keyed by the socket and the backend it sent to. Dual-stack IPv6 sockets addressing an
- * IPv4-mapped service address get the same (connect6, sendmsg6, recvmsg6).
+ * map keyed by the socket and the backend it sent to; getpeername() on a translated socket
+ * reports the service too. Dual-stack IPv6 sockets addressing an
+ * IPv4-mapped service address get the same (connect6, sendmsg6, recvmsg6, getpeername6).
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
@@ -146,18 +147,16 @@ static __always_inline enum svc_verdict svc_translate(struct bpf_sock_addr *ctx,
 		return SVC_REFUSE;
 	}
 
-	if (proto == IPPROTO_UDP) {
-		struct svc_reverse_key reverse = {
-			.cookie = bpf_get_socket_cookie(ctx),
-			.ip4 = backend.ip4,
-			.port = backend.port,
-		};
-		struct svc_addr service = { .ip4 = key.ip4, .port = key.port };
+	struct svc_reverse_key reverse = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.ip4 = backend.ip4,
+		.port = backend.port,
+	};
+	struct svc_addr service = { .ip4 = key.ip4, .port = key.port };
 
-		/* Best effort: the LRU map makes room by itself; without the entry the application
-		 * would see the backend's address, which is the only harm. */
-		bpf_map_update_elem(&svc_reverse, &reverse, &service, BPF_ANY);
-	}
+	/* For UDP replies and getpeername(). Best effort: the LRU map makes room by itself;
+	 * without the entry the application would see the backend's address, the only harm. */
+	bpf_map_update_elem(&svc_reverse, &reverse, &service, BPF_ANY);
 	*ip4 = backend.ip4;
 	*port = backend.port;
 	svc_count(translated);
@@ -175,9 +174,10 @@ static __always_inline int svc_verdict(enum svc_verdict verdict)
 	return 0;
 }
 
-/* Shows a UDP datagram from a backend as coming from the service it was sent to. */
+/* Shows a UDP peer that is a backend as the service it was reached through: the source of a
+ * received datagram, or the peer of a connected socket. */
 static __always_inline int svc_reverse_translate(struct bpf_sock_addr *ctx, __be32 *ip4,
-						 __u32 *port)
+						 __u32 *port, enum svc_event event)
 {
 	struct svc_reverse_key reverse = {
 		.cookie = bpf_get_socket_cookie(ctx),
@@ -190,7 +190,7 @@ static __always_inline int svc_reverse_translate(struct bpf_sock_addr *ctx, __be
 		return 0;
 	*ip4 = service->ip4;
 	*port = service->port;
-	svc_count(SVC_EVENT_RECVMSG_UDP);
+	svc_count(event);
 	return 1;
 }
 
@@ -226,18 +226,29 @@ int sock_sendmsg4(struct bpf_sock_addr *ctx)
 	return svc_forward4(ctx, SVC_EVENT_SENDMSG_UDP);
 }
 
-SEC("cgroup/recvmsg4")
-int sock_recvmsg4(struct bpf_sock_addr *ctx)
+static __always_inline int svc_reverse4(struct bpf_sock_addr *ctx, enum svc_event event)
 {
 	__be32 ip4 = ctx->user_ip4;
 	__u32 port = ctx->user_port;
 
-	if (svc_reverse_translate(ctx, &ip4, &port)) {
+	if (svc_reverse_translate(ctx, &ip4, &port, event)) {
 		ctx->user_ip4 = ip4;
 		ctx->user_port = port;
 	}
-	/* recvmsg4 programs must allow: the datagram is already received. */
+	/* recvmsg and getpeername programs must allow: they only rewrite what is reported. */
 	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int sock_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return svc_reverse4(ctx, SVC_EVENT_RECVMSG_UDP);
+}
+
+SEC("cgroup/getpeername4")
+int sock_peer4(struct bpf_sock_addr *ctx)
+{
+	return svc_reverse4(ctx, SVC_EVENT_GETPEERNAME);
 }
 
 /* Dual-stack IPv6 sockets reach IPv4 services through IPv4-mapped addresses (::ffff:a.b.c.d),
@@ -277,19 +288,30 @@ int sock_sendmsg6(struct bpf_sock_addr *ctx)
 	return svc_forward6(ctx, SVC_EVENT_SENDMSG_UDP);
 }
 
-SEC("cgroup/recvmsg6")
-int sock_recvmsg6(struct bpf_sock_addr *ctx)
+static __always_inline int svc_reverse6(struct bpf_sock_addr *ctx, enum svc_event event)
 {
 	if (!svc_is_v4_mapped(ctx))
 		return 1;
 	__be32 ip4 = ctx->user_ip6[3];
 	__u32 port = ctx->user_port;
 
-	if (svc_reverse_translate(ctx, &ip4, &port)) {
+	if (svc_reverse_translate(ctx, &ip4, &port, event)) {
 		ctx->user_ip6[3] = ip4;
 		ctx->user_port = port;
 	}
 	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int sock_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return svc_reverse6(ctx, SVC_EVENT_RECVMSG_UDP);
+}
+
+SEC("cgroup/getpeername6")
+int sock_peer6(struct bpf_sock_addr *ctx)
+{
+	return svc_reverse6(ctx, SVC_EVENT_GETPEERNAME);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,12 +1,13 @@
 //! Services without kube-proxy, at the socket layer (`ebpf/sock.c`): loading the cgroup
-//! `connect4` / `sendmsg4` / `recvmsg4` programs (and their IPv6 twins, which translate
-//! IPv4-mapped addresses of dual-stack sockets), attaching them to a host's child cgroup v2,
-//! and the service table they read (ClusterIP or node IP + NodePort -> backends).
+//! `connect4` / `sendmsg4` / `recvmsg4` / `getpeername4` programs (and their IPv6 twins, which
+//! translate IPv4-mapped addresses of dual-stack sockets), attaching them to a host's child
+//! cgroup v2, and the service table they read (ClusterIP or node IP + NodePort -> backends).
 //!
 //! Every process in the cgroup (host processes and pods alike, whatever their network
 //! namespace) that connects or sends to a service address is sent to one of its backends,
 //! picked at random per connection (per datagram for unconnected UDP); UDP replies read with
-//! `recvfrom` show the service address. No iptables or nftables rule is involved.
+//! `recvfrom`, and `getpeername` on a translated socket, show the service address. No iptables
+//! or nftables rule is involved.
 //!
 //! A backend list is replaced without a moment where a connect could see it half-written: the
 //! new list is written under a new revision, the service entry is switched to it in one map
@@ -31,13 +32,15 @@ use crate::objects;
 
 const OBJECT: &str = "sock";
 /// The programs of `ebpf/sock.c`, by function name.
-pub const PROGRAMS: [&str; 6] = [
+pub const PROGRAMS: [&str; 8] = [
     "sock_connect4",
     "sock_sendmsg4",
     "sock_recvmsg4",
+    "sock_peer4",
     "sock_connect6",
     "sock_sendmsg6",
     "sock_recvmsg6",
+    "sock_peer6",
 ];
 /// Map names, which are also their pin names under the pin directory.
 pub const SERVICES_MAP: &str = "svc_services";
@@ -247,7 +250,7 @@ impl ServiceDatapath {
         Ok(datapath)
     }
 
-    /// Attaches the six programs to the cgroup v2 directory `cgroup`: from then on, sockets
+    /// Attaches the eight programs to the cgroup v2 directory `cgroup`: from then on, sockets
     /// created by processes in it or its descendants have service addresses translated.
     /// `cgroup` must be a child cgroup (the host's), never the v2 root.
     ///

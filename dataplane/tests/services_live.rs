@@ -226,6 +226,51 @@ fn attached(path: &std::path::Path) -> usize {
     programs.as_array().map_or(0, Vec::len)
 }
 
+/// Connects a TCP or UDP socket to `addr:port`, reads one answer (sending a datagram first
+/// for UDP), and prints "<getpeername address>:<port> <answer>".
+const PEER_CLIENT: &str = r#"
+use strict; use Socket qw(:all);
+my ($proto, $ip, $port) = @ARGV;
+my $v6 = $ip =~ /:/;
+socket(my $s, $v6 ? PF_INET6 : PF_INET, $proto eq "udp" ? SOCK_DGRAM : SOCK_STREAM, 0)
+    or die "socket: $!\n";
+my $dest = $v6 ? sockaddr_in6($port, inet_pton(AF_INET6, $ip)) : sockaddr_in($port, inet_aton($ip));
+connect($s, $dest) or die "connect: $!\n";
+my ($pport, $paddr) = $v6 ? sockaddr_in6(getpeername($s)) : sockaddr_in(getpeername($s));
+my $answer;
+if ($proto eq "udp") {
+    defined send($s, "ping", 0) or die "send: $!\n";
+    my $rin = ''; vec($rin, fileno($s), 1) = 1;
+    select(my $rout = $rin, undef, undef, 2) > 0 or die "no reply\n";
+    defined recv($s, $answer, 1500, 0) or die "recv: $!\n";
+} else {
+    $answer = <$s>;
+}
+chomp $answer;
+print inet_ntop($v6 ? AF_INET6 : AF_INET, $paddr), ":$pport $answer\n";
+"#;
+
+/// What `getpeername` reports for a socket connected to `addr:port`, and what it read.
+fn peer(cgroup: &Cgroup, ns: &Netns, proto: &str, addr: &str, port: u16) -> String {
+    cgroup
+        .run(
+            ns,
+            &[
+                "timeout",
+                "10",
+                "perl",
+                "-e",
+                PEER_CLIENT,
+                proto,
+                addr,
+                &port.to_string(),
+            ],
+        )
+        .expect("peer client")
+        .trim()
+        .to_owned()
+}
+
 /// The capacity of the map pinned at `path`, as the kernel reports it.
 fn max_entries(path: &std::path::Path) -> u32 {
     let out = std::process::Command::new("bpftool")
@@ -319,8 +364,8 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     svc.attach(cgroup.path()).expect("attach");
     assert_eq!(
         attached(cgroup.path()),
-        6,
-        "connect, sendmsg, recvmsg x 4 and 6"
+        8,
+        "connect, sendmsg, recvmsg, getpeername x 4 and 6"
     );
     assert_eq!(
         [SERVICES_MAP, SLOTS_MAP, REVERSE_MAP].map(|map| max_entries(&pin_dir.join(map))),
@@ -472,6 +517,20 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
         "v4-mapped udp: {replies:?}"
     );
 
+    // getpeername() on translated sockets names the service, like the replies do.
+    for (proto, addr, port) in [
+        ("tcp", vip.as_str(), TCP_PORT),
+        ("udp", vip.as_str(), UDP_PORT),
+        ("tcp", mapped.as_str(), TCP_PORT),
+    ] {
+        let seen = peer(&cgroup, &client.netns, proto, addr, port);
+        let (peer_addr, name) = seen.split_once(' ').unwrap_or((&seen, ""));
+        assert!(
+            peer_addr == format!("{addr}:{port}") && name.starts_with("be"),
+            "{proto} {addr}: {seen}"
+        );
+    }
+
     // Outside the cgroup nothing is translated: the host has no route to the VIP, and a pod's
     // packet to it reaches a host that does not forward.
     let counters_before = svc.counters().expect("counters");
@@ -493,15 +552,17 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     assert_eq!(svc.counters().expect("counters"), counters_before);
 
     // Every translation counted, once: 2 x 60 spread + 6 NodePort + 30 after the removal
-    // + 60 under churn + 6 v4-mapped TCP connects; 1 connected UDP socket; 2 x 60 + 6
-    // datagrams sent and their replies plus 3 on the connected socket; 2 refusals.
+    // + 60 under churn + 6 v4-mapped + 2 getpeername TCP connects; 2 connected UDP sockets;
+    // 2 x 60 + 6 datagrams sent and their replies plus 3 + 1 on the connected sockets; 2
+    // refusals; 3 getpeername calls.
     let expected = BTreeMap::from([
-        (SvcEvent::ConnectTcp, (3 * SPREAD + 42) as u64),
-        (SvcEvent::ConnectUdp, 1),
+        (SvcEvent::ConnectTcp, (3 * SPREAD + 44) as u64),
+        (SvcEvent::ConnectUdp, 2),
         (SvcEvent::SendmsgUdp, (2 * SPREAD + 6) as u64),
-        (SvcEvent::RecvmsgUdp, (2 * SPREAD + 6 + 3) as u64),
+        (SvcEvent::RecvmsgUdp, (2 * SPREAD + 6 + 4) as u64),
         (SvcEvent::RefusedNoBackend, 2),
         (SvcEvent::RefusedRace, 0),
+        (SvcEvent::Getpeername, 3),
     ]);
     assert_eq!(svc.counters().expect("counters"), expected);
 
@@ -516,7 +577,7 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     drop(svc);
     assert_eq!(
         attached(cgroup.path()),
-        6,
+        8,
         "the successor's links replaced the predecessor's"
     );
     let names = tcp_names(&cgroup, &client.netns, &vip, TCP_PORT, 6);

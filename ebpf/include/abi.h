@@ -73,8 +73,8 @@ struct counter_value {
 #define SVC_MAX_SLOTS 262144
 /* Most backends one service may have. */
 #define SVC_MAX_BACKENDS 4096
-/* Capacity of the `svc_reverse` LRU: UDP (socket, backend) pairs whose replies are shown as
- * coming from the service address. */
+/* Capacity of the `svc_reverse` LRU: (socket, backend) pairs whose peer is shown as the
+ * service address (UDP replies, getpeername). */
 #define SVC_MAX_REVERSE 65536
 
 /* Key of `svc_services`: what a client addresses, a ClusterIP or a node IP with a NodePort. */
@@ -113,7 +113,7 @@ struct svc_addr {
 	__u16 pad;
 };
 
-/* Key of `svc_reverse`: a UDP socket (its cookie) and the backend it sent to. */
+/* Key of `svc_reverse`: a socket (its cookie) and the backend it was sent to. */
 struct svc_reverse_key {
 	__u64 cookie;
 	__be32 ip4;
@@ -136,7 +136,9 @@ enum svc_event {
 	SVC_EVENT_REFUSED_NO_BACKEND = 4,
 	/* The backend list changed under the program more than it retries: refused. */
 	SVC_EVENT_REFUSED_RACE = 5,
+	/* getpeername() on a translated socket showed the service, not the backend. */
+	SVC_EVENT_GETPEERNAME = 6,
 };
-#define SVC_EVENT_MAX 6
+#define SVC_EVENT_MAX 7
 
 #endif /* SLIPWAY_ABI_H */

@@ -105,16 +105,18 @@ pub enum SvcEvent {
     RecvmsgUdp = 3,
     RefusedNoBackend = 4,
     RefusedRace = 5,
+    Getpeername = 6,
 }
 
 impl SvcEvent {
-    pub const ALL: [SvcEvent; 6] = [
+    pub const ALL: [SvcEvent; 7] = [
         SvcEvent::ConnectTcp,
         SvcEvent::ConnectUdp,
         SvcEvent::SendmsgUdp,
         SvcEvent::RecvmsgUdp,
         SvcEvent::RefusedNoBackend,
         SvcEvent::RefusedRace,
+        SvcEvent::Getpeername,
     ];
 
     /// The label used in metrics and tables.
@@ -126,6 +128,7 @@ impl SvcEvent {
             SvcEvent::RecvmsgUdp => "recvmsg_udp",
             SvcEvent::RefusedNoBackend => "refused_no_backend",
             SvcEvent::RefusedRace => "refused_race",
+            SvcEvent::Getpeername => "getpeername",
         }
     }
 }
