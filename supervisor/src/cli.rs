@@ -1,9 +1,18 @@
-//! `slipway supervisor` command-line arguments and entry point.
+//! Command-line arguments and entry points: `slipway supervisor` (the server) and the client
+//! commands `apply`, `get`, `describe`, `delete` and `kubeconfig`.
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use http_body_util::BodyExt;
+use hyper::Method;
+use serde_json::Value;
+
+use crate::api::registry::ResourceType;
+use crate::client::{Client, collection_path, object_path, render_table, resolve};
+use crate::tls::{Credential, Pki};
 
 use crate::admission::AdmissionConfig;
 use crate::server::{Server, ServerConfig, StoreConfig};
@@ -117,4 +126,434 @@ impl SupervisorArgs {
             .context("tokio runtime")?
             .block_on(self.run_async())
     }
+}
+
+/// Options shared by the client commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientOpts {
+    /// Kubeconfig to use (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace (default: `default`).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+}
+
+impl ClientOpts {
+    fn client(&self) -> anyhow::Result<Client> {
+        let path = match &self.kubeconfig {
+            Some(p) => p.clone(),
+            None => match std::env::var_os("KUBECONFIG") {
+                Some(p) => PathBuf::from(p),
+                None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+                    .join(".kube/config"),
+            },
+        };
+        Ok(Client::from_kubeconfig(&path)?)
+    }
+
+    fn ns(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+fn display_name(rt: &ResourceType) -> String {
+    if rt.group.is_empty() {
+        rt.singular.to_string()
+    } else {
+        format!("{}.{}", rt.singular, rt.group)
+    }
+}
+
+fn read_manifests(file: &Path) -> anyhow::Result<Vec<Value>> {
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&text)
+        .with_context(|| format!("parsing {}", file.display()))?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// `slipway apply -f FILE`: create or update every object in a YAML file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApplyArgs {
+    /// Manifest file (`-` for stdin); several documents separated by `---`.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+    /// Connection options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+impl ApplyArgs {
+    /// Runs, printing one line per object.
+    pub async fn run_to(&self, out: &mut (impl Write + Send)) -> anyhow::Result<()> {
+        let client = self.opts.client()?;
+        for doc in read_manifests(&self.file)? {
+            let (rt, name, outcome) = client.apply(&doc, self.opts.ns()).await?;
+            writeln!(out, "{}/{name} {outcome}", display_name(rt))?;
+        }
+        Ok(())
+    }
+
+    /// Runs on a new runtime, printing to stdout.
+    pub fn run(self) -> anyhow::Result<()> {
+        block_on(async move { self.run_to(&mut std::io::stdout()).await })
+    }
+}
+
+/// `slipway get RESOURCE [NAME]`: the server's Table, or the object as YAML/JSON; `-w` follows.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GetArgs {
+    /// Resource type (`svc`, `clusters`, `hostclass.slipway.dev`).
+    pub resource: String,
+    /// Object name.
+    pub name: Option<String>,
+    /// All namespaces.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Label selector.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// `yaml`, `json` or `wide`.
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
+    /// Watch for changes after listing.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// Connection options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+const TABLE_ACCEPT: &str = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
+
+impl GetArgs {
+    fn path(&self, rt: &ResourceType) -> String {
+        let ns = (!self.all_namespaces).then(|| self.opts.ns());
+        let mut path = match &self.name {
+            Some(n) => object_path(rt, ns, n),
+            None => collection_path(rt, ns),
+        };
+        if let Some(l) = &self.selector {
+            path.push_str(&format!("?labelSelector={}", encode_query(l)));
+        }
+        path
+    }
+
+    /// Runs, writing to `out` (a watch runs until the server ends it).
+    pub async fn run_to(&self, out: &mut (impl Write + Send)) -> anyhow::Result<()> {
+        let client = self.opts.client()?;
+        let rt = resolve(&self.resource)?;
+        let path = self.path(rt);
+        let with_ns = self.all_namespaces && rt.namespaced;
+        let rv = match self.output.as_deref() {
+            Some("yaml") | Some("json") => {
+                let v = client.get_json(&path).await?;
+                if self.output.as_deref() == Some("json") {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+                } else {
+                    write!(out, "{}", serde_saphyr::to_string(&v)?)?;
+                }
+                v["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+            other => {
+                let r = client
+                    .call(Method::GET, &path, None, TABLE_ACCEPT, Vec::new())
+                    .await?;
+                let table: Value = serde_json::from_slice(&r.body)?;
+                let wide = other == Some("wide");
+                if table["rows"].as_array().is_none_or(Vec::is_empty) && !self.watch {
+                    writeln!(out, "No resources found")?;
+                } else {
+                    write!(out, "{}", render_table(&table, wide, with_ns, true))?;
+                }
+                table["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+        };
+        out.flush()?;
+        if !self.watch {
+            return Ok(());
+        }
+        let ns = (!self.all_namespaces).then(|| self.opts.ns());
+        let mut wpath = format!(
+            "{}?watch=true&resourceVersion={rv}",
+            collection_path(rt, ns)
+        );
+        if let Some(n) = &self.name {
+            wpath.push_str(&format!(
+                "&fieldSelector=metadata.name%3D{}",
+                encode_query(n)
+            ));
+        }
+        if let Some(l) = &self.selector {
+            wpath.push_str(&format!("&labelSelector={}", encode_query(l)));
+        }
+        let resp = client
+            .send(Method::GET, &wpath, None, TABLE_ACCEPT, Vec::new())
+            .await?;
+        let mut body = resp.into_body();
+        let mut pending = Vec::new();
+        let mut columns = Value::Null;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map(|f| f.into_data()) else {
+                break;
+            };
+            let Ok(data) = data else { continue };
+            pending.extend_from_slice(&data);
+            while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                let ev: Value = serde_json::from_slice(&line)?;
+                match ev["type"].as_str() {
+                    Some("ERROR") => anyhow::bail!(
+                        "watch ended: {}",
+                        ev["object"]["message"].as_str().unwrap_or_default()
+                    ),
+                    Some("BOOKMARK") | None => continue,
+                    Some(_) => {}
+                }
+                let mut table = ev["object"].clone();
+                if table["columnDefinitions"]
+                    .as_array()
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    columns = table["columnDefinitions"].clone();
+                } else {
+                    table["columnDefinitions"] = columns.clone();
+                }
+                write!(
+                    out,
+                    "{}",
+                    render_table(
+                        &table,
+                        self.output.as_deref() == Some("wide"),
+                        with_ns,
+                        false
+                    )
+                )?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs on a new runtime, printing to stdout.
+    pub fn run(self) -> anyhow::Result<()> {
+        block_on(async move { self.run_to(&mut std::io::stdout()).await })
+    }
+}
+
+/// `slipway describe RESOURCE NAME`: the object and its events.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DescribeArgs {
+    /// Resource type.
+    pub resource: String,
+    /// Object name.
+    pub name: String,
+    /// Connection options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+impl DescribeArgs {
+    /// Runs, writing to `out`.
+    pub async fn run_to(&self, out: &mut (impl Write + Send)) -> anyhow::Result<()> {
+        let client = self.opts.client()?;
+        let rt = resolve(&self.resource)?;
+        let ns = rt.namespaced.then(|| self.opts.ns());
+        let mut obj = client.get_json(&object_path(rt, ns, &self.name)).await?;
+        if let Some(a) = obj["metadata"]["annotations"].as_object_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+        write!(out, "{}", serde_saphyr::to_string(&obj)?)?;
+        let Some(events_rt) = crate::api::registry::lookup("", "v1", "events") else {
+            return Ok(());
+        };
+        let mut selector = format!(
+            "involvedObject.name={},involvedObject.kind={}",
+            self.name, rt.kind
+        );
+        if let Some(ns) = ns {
+            selector.push_str(&format!(",involvedObject.namespace={ns}"));
+        }
+        let events_ns = ns.unwrap_or("default");
+        let path = format!(
+            "{}?fieldSelector={}",
+            collection_path(events_rt, Some(events_ns)),
+            encode_query(&selector)
+        );
+        let events = client.get_json(&path).await?;
+        let items = events["items"].as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            writeln!(out, "Events: <none>")?;
+        } else {
+            writeln!(out, "Events:\n  TYPE      REASON          MESSAGE")?;
+            for e in items {
+                writeln!(
+                    out,
+                    "  {:<9} {:<15} {}",
+                    e["type"].as_str().unwrap_or_default(),
+                    e["reason"].as_str().unwrap_or_default(),
+                    e["message"].as_str().unwrap_or_default()
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs on a new runtime, printing to stdout.
+    pub fn run(self) -> anyhow::Result<()> {
+        block_on(async move { self.run_to(&mut std::io::stdout()).await })
+    }
+}
+
+/// `slipway delete RESOURCE NAME` or `slipway delete -f FILE`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeleteArgs {
+    /// Resource type (with NAME).
+    pub resource: Option<String>,
+    /// Object name.
+    pub name: Option<String>,
+    /// Delete the objects of a manifest file instead.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Connection options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+impl DeleteArgs {
+    /// Runs, writing to `out`.
+    pub async fn run_to(&self, out: &mut (impl Write + Send)) -> anyhow::Result<()> {
+        let client = self.opts.client()?;
+        let mut targets: Vec<(&'static ResourceType, Option<String>, String)> = Vec::new();
+        if let Some(f) = &self.file {
+            for doc in read_manifests(f)? {
+                let (group, _) = doc["apiVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split_once('/')
+                    .unwrap_or(("", ""));
+                let kind = doc["kind"].as_str().unwrap_or_default();
+                let rt = crate::api::registry::by_kind(group, kind)
+                    .with_context(|| format!("unknown kind {kind}"))?;
+                let name = doc["metadata"]["name"]
+                    .as_str()
+                    .context("manifest without metadata.name")?
+                    .to_string();
+                let ns = doc["metadata"]["namespace"]
+                    .as_str()
+                    .map(String::from)
+                    .or_else(|| Some(self.opts.ns().to_string()));
+                targets.push((rt, ns, name));
+            }
+        } else {
+            let rt = resolve(
+                self.resource
+                    .as_deref()
+                    .context("RESOURCE NAME or -f FILE required")?,
+            )?;
+            let name = self.name.clone().context("NAME required")?;
+            targets.push((rt, Some(self.opts.ns().to_string()), name));
+        }
+        for (rt, ns, name) in targets {
+            let ns = ns.as_deref().filter(|_| rt.namespaced);
+            client
+                .call(
+                    Method::DELETE,
+                    &object_path(rt, ns, &name),
+                    None,
+                    "application/json",
+                    Vec::new(),
+                )
+                .await?;
+            writeln!(out, "{} \"{name}\" deleted", display_name(rt))?;
+        }
+        Ok(())
+    }
+
+    /// Runs on a new runtime, printing to stdout.
+    pub fn run(self) -> anyhow::Result<()> {
+        block_on(async move { self.run_to(&mut std::io::stdout()).await })
+    }
+}
+
+/// `slipway kubeconfig`: issue a kubeconfig for a user from the supervisor's CA.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeconfigArgs {
+    /// The supervisor's data directory (holds the CA and admin.kubeconfig).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// User name (certificate CN).
+    #[arg(long)]
+    pub user: String,
+    /// Group (certificate O); `system:masters` makes a cluster admin.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Use this bearer token instead of a client certificate.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Write here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+impl KubeconfigArgs {
+    /// Writes the kubeconfig; the server address is taken from DIR/admin.kubeconfig.
+    pub fn run(self) -> anyhow::Result<()> {
+        let admin = self.data_dir.join("admin.kubeconfig");
+        let endpoint = crate::client::Endpoint::from_kubeconfig(&admin)?;
+        let addr: SocketAddr = endpoint
+            .addr
+            .parse()
+            .with_context(|| format!("server address {} in {}", endpoint.addr, admin.display()))?;
+        let pki = Pki::new(&self.data_dir);
+        let cred = match self.token {
+            Some(t) => Credential::Token(t),
+            None => {
+                let (cert_pem, key_pem) = pki.issue_client(&self.user, self.group.as_deref())?;
+                Credential::ClientCert { cert_pem, key_pem }
+            }
+        };
+        match &self.out {
+            Some(p) => pki.write_kubeconfig(p, addr, &self.user, &cred)?,
+            None => {
+                let tmp = self
+                    .data_dir
+                    .join(format!(".kubeconfig-{}.tmp", std::process::id()));
+                pki.write_kubeconfig(&tmp, addr, &self.user, &cred)?;
+                let text = std::fs::read_to_string(&tmp)?;
+                std::fs::remove_file(&tmp)?;
+                print!("{text}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_query(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn block_on<F: Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(f)
 }

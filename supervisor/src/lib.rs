@@ -32,6 +32,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod error;
 pub mod metrics;
 pub mod openapi;

@@ -1159,3 +1159,193 @@ fn all_kinds_on_redb() {
 fn all_kinds_on_etcd() {
     all_kinds_suite(&Backend::Etcd(Etcd::start(3)));
 }
+
+/// A `Write` that several tasks can share.
+#[derive(Clone, Default)]
+struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedBuf {
+    fn text(&self) -> String {
+        self.0
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// The `slipway` client commands (apply, get, get -w, describe, delete, kubeconfig) through
+/// the crate's own client.
+async fn cli_suite(backend: &Backend) -> anyhow::Result<()> {
+    use slipway_supervisor::cli::{
+        ApplyArgs, ClientOpts, DeleteArgs, DescribeArgs, GetArgs, KubeconfigArgs,
+    };
+
+    let dir = TempDir::new("cli");
+    let sup =
+        tokio::task::block_in_place(|| Supervisor::start(dir.path(), &backend.store_arg(), &[]));
+    let opts = ClientOpts {
+        kubeconfig: Some(sup.kubeconfig()),
+        namespace: Some("team-a".into()),
+    };
+    let run_apply = async |file: &str| -> anyhow::Result<String> {
+        let mut out = Vec::new();
+        ApplyArgs {
+            file: file.into(),
+            opts: opts.clone(),
+        }
+        .run_to(&mut out)
+        .await?;
+        Ok(String::from_utf8(out)?)
+    };
+    let ns = sup.file("ns.yaml", NAMESPACE);
+    let out = run_apply(&ns).await?;
+    anyhow::ensure!(
+        out.contains("namespace/team-a created")
+            && out.contains("hostclass.slipway.dev/small created"),
+        "{out}"
+    );
+    let svc = sup.file("svc.yaml", SERVICE);
+    anyhow::ensure!(run_apply(&svc).await?.contains("service/web created"));
+    anyhow::ensure!(run_apply(&svc).await?.contains("service/web unchanged"));
+
+    let get = |name: Option<&str>, output: Option<&str>, watch: bool| GetArgs {
+        resource: "svc".into(),
+        name: name.map(String::from),
+        all_namespaces: false,
+        selector: None,
+        output: output.map(String::from),
+        watch,
+        opts: opts.clone(),
+    };
+    let mut out = Vec::new();
+    get(None, None, false).run_to(&mut out).await?;
+    let table = String::from_utf8(out)?;
+    anyhow::ensure!(
+        table.contains("PORT(S)") && table.contains("LoadBalancer") && table.contains("80/TCP"),
+        "{table}"
+    );
+    let mut out = Vec::new();
+    get(Some("web"), Some("yaml"), false)
+        .run_to(&mut out)
+        .await?;
+    anyhow::ensure!(String::from_utf8(out)?.contains("resourceVersion:"));
+
+    // get -w follows an update made through apply.
+    let buf = SharedBuf::default();
+    let watch = {
+        let mut buf = buf.clone();
+        let args = get(None, None, true);
+        tokio::spawn(async move { args.run_to(&mut buf).await })
+    };
+    wait_async(|| buf.text().contains("80/TCP")).await?;
+    std::fs::write(
+        &svc,
+        SERVICE.replace(
+            "    targetPort: 8080\n",
+            "    targetPort: 8080\n  - name: https\n    port: 443\n",
+        ),
+    )?;
+    anyhow::ensure!(run_apply(&svc).await?.contains("service/web configured"));
+    wait_async(|| buf.text().contains("80/TCP,443/TCP")).await?;
+    watch.abort();
+
+    let mut out = Vec::new();
+    DescribeArgs {
+        resource: "service".into(),
+        name: "web".into(),
+        opts: opts.clone(),
+    }
+    .run_to(&mut out)
+    .await?;
+    let text = String::from_utf8(out)?;
+    anyhow::ensure!(
+        text.contains("name: web") && text.contains("Events: <none>"),
+        "{text}"
+    );
+
+    // kubeconfig for a new user: authenticated by certificate, authorized by nothing yet.
+    let alice = dir.path().join("alice.kubeconfig");
+    KubeconfigArgs {
+        data_dir: dir.path().to_path_buf(),
+        user: "alice".into(),
+        group: None,
+        token: None,
+        out: Some(alice.clone()),
+    }
+    .run()?;
+    let alice_opts = ClientOpts {
+        kubeconfig: Some(alice),
+        namespace: Some("team-a".into()),
+    };
+    let denied = GetArgs {
+        opts: alice_opts,
+        ..get(None, None, false)
+    }
+    .run_to(&mut Vec::new())
+    .await;
+    let msg = format!(
+        "{:#}",
+        denied
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("alice could list services"))?
+    );
+    anyhow::ensure!(
+        msg.contains(r#"User "alice" cannot list resource "services""#),
+        "{msg}"
+    );
+
+    let mut out = Vec::new();
+    DeleteArgs {
+        resource: None,
+        name: None,
+        file: Some(svc.into()),
+        opts: opts.clone(),
+    }
+    .run_to(&mut out)
+    .await?;
+    anyhow::ensure!(String::from_utf8(out)?.contains("service \"web\" deleted"));
+    let gone = get(Some("web"), None, false).run_to(&mut Vec::new()).await;
+    anyhow::ensure!(
+        format!(
+            "{:#}",
+            gone.err()
+                .ok_or_else(|| anyhow::anyhow!("web still there"))?
+        )
+        .contains("NotFound")
+    );
+    Ok(())
+}
+
+async fn wait_async(mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if f() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("timed out")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slipway_client_commands_on_redb() -> anyhow::Result<()> {
+    cli_suite(&Backend::Redb).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slipway_client_commands_on_etcd() -> anyhow::Result<()> {
+    let etcd = tokio::task::block_in_place(|| Etcd::start(3));
+    cli_suite(&Backend::Etcd(etcd)).await
+}

@@ -506,8 +506,14 @@ async fn write_update(
     call: &Call<'_>,
     name: &str,
     rev: u64,
+    old: &Value,
     mut new: Value,
 ) -> Result<Response<Body>, ApiError> {
+    // A no-op write is not stored: the resourceVersion stays, and no watch event fires.
+    set_meta(&mut new, "resourceVersion", json!(rev.to_string()));
+    if &new == old {
+        return Ok(call.respond(200, old));
+    }
     if call.dry_run() {
         return Ok(call.respond(200, &new));
     }
@@ -554,7 +560,7 @@ async fn update(
     let old = present(call.t.rt, &kv)?;
     let mut new = admit(call.state, call.t.rt, call.ns(), Some(name), body).await?;
     carry_over(call.t.rt, &old, &mut new, status_only);
-    write_update(call, name, kv.revision, new).await
+    write_update(call, name, kv.revision, &old, new).await
 }
 
 async fn patch_object(
@@ -597,7 +603,7 @@ async fn patch_object(
         }
         let mut new = admit(call.state, call.t.rt, call.ns(), Some(name), patched).await?;
         carry_over(call.t.rt, &old, &mut new, status_only);
-        match write_update(call, name, kv.revision, new).await {
+        match write_update(call, name, kv.revision, &old, new).await {
             Err(ApiError::Conflict { .. }) if sent.is_none() => continue,
             other => return other,
         }
