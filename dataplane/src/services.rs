@@ -198,7 +198,8 @@ impl ServiceDatapath {
     /// Loads the programs into the kernel. With `pin_dir`, the maps live at
     /// `<pin_dir>/svc_services`, `svc_slots`, `svc_reverse` and `svc_counters` on bpffs; maps
     /// already pinned there are reused (a restarted agent finds its services as it left them),
-    /// and backend slots an interrupted update left behind are deleted.
+    /// and backend slots an interrupted update left behind are deleted. One writer at a time:
+    /// a second instance on the same pins must not load while the first still updates.
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, ServiceError> {
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
@@ -251,8 +252,8 @@ impl ServiceDatapath {
     }
 
     /// Attaches the eight programs to the cgroup v2 directory `cgroup`: from then on, sockets
-    /// created by processes in it or its descendants have service addresses translated.
-    /// `cgroup` must be a child cgroup (the host's), never the v2 root.
+    /// created by processes in it or in any cgroup below it (pods' cgroups) have service
+    /// addresses translated. `cgroup` must be a child cgroup (the host's), never the v2 root.
     ///
     /// Programs attach through BPF links, which the kernel always runs in multi mode: other
     /// programs on the cgroup keep running. With a pin directory, the links are pinned as `<pin_dir>/link_<program>` and outlive this
@@ -549,7 +550,8 @@ fn validate(key: ServiceKey, backends: &[Backend]) -> Result<(), ServiceError> {
 }
 
 /// Writes the new list under the next revision, switches the service entry to it, deletes the
-/// old revision. If writing the new list fails, the service is left as it was.
+/// old revision. If writing the new list fails, the service is left as it was; if the list is
+/// the one the service already has, nothing is written (an agent may re-apply its state).
 fn upsert(
     tables: &mut impl Tables,
     key: ServiceKey,
@@ -558,6 +560,9 @@ fn upsert(
     validate(key, backends)?;
     let raw = key.raw();
     let old = tables.service(&raw)?;
+    if old.is_some() && backends_of(tables, key)?.as_deref() == Some(backends) {
+        return Ok(());
+    }
     let revision = old.map_or(1, |info| info.revision.wrapping_add(1));
     for (slot, backend) in (0u32..).zip(backends) {
         if let Err(error) = tables.set_slot(&raw.slot(revision, slot), backend.raw()) {
@@ -750,6 +755,21 @@ mod tests {
         // Only the live revision's slots remain.
         assert_eq!(tables.slots.len(), 4);
         assert!(tables.slots.keys().all(|s| s.revision == 3));
+    }
+
+    #[test]
+    fn reapplying_the_same_list_writes_nothing() {
+        let mut tables = FakeTables::default();
+        let key = ServiceKey::tcp(VIP, 80);
+        upsert(&mut tables, key, &backends(&[1, 2])).expect("first");
+        upsert(&mut tables, key, &backends(&[1, 2])).expect("again");
+        assert_eq!(tables.services[&key.raw()].revision, 1);
+        // Same backends in another order is another list: the program indexes slots.
+        upsert(&mut tables, key, &backends(&[2, 1])).expect("reordered");
+        assert_eq!(tables.services[&key.raw()].revision, 2);
+        upsert(&mut tables, key, &[]).expect("empty");
+        upsert(&mut tables, key, &[]).expect("empty again");
+        assert_eq!(tables.services[&key.raw()].revision, 3);
     }
 
     #[test]

@@ -383,9 +383,13 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     assert_eq!(svc.service(tcp).expect("read"), Some(all.clone()));
 
     // Every connection reaches a backend, and each backend gets some, from the host namespace
-    // and from a pod alike.
-    for (who, ns) in [("host", &host.netns), ("pod", &client.netns)] {
-        let names = tcp_names(&cgroup, ns, &vip, TCP_PORT, SPREAD);
+    // and from a pod alike; the pod's process sits in a pod cgroup below the host's.
+    let pod_cgroup = cgroup.child("pod-cl").expect("pod cgroup");
+    for (who, ns, cg) in [
+        ("host", &host.netns, &cgroup),
+        ("pod", &client.netns, &pod_cgroup),
+    ] {
+        let names = tcp_names(cg, ns, &vip, TCP_PORT, SPREAD);
         let counts = tally(&names);
         assert_eq!(names.len(), SPREAD, "{who}: {counts:?}");
         assert_eq!(
@@ -603,6 +607,7 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
     // Teardown: the cgroup and the pins go with their guards.
     let cgroup_path = cgroup.path().to_owned();
     drop(successor);
+    drop(pod_cgroup);
     drop(cgroup);
     assert!(!cgroup_path.exists(), "cgroup left behind");
     drop(servers);

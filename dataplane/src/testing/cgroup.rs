@@ -37,6 +37,17 @@ impl Cgroup {
         Ok(Self { path })
     }
 
+    /// Creates `<this cgroup>/<label>`, e.g. a pod's cgroup under its host's. Drop it before
+    /// its parent: a cgroup with children cannot be removed.
+    pub fn child(&self, label: &str) -> Result<Self, DataplaneError> {
+        let path = self.path.join(label);
+        fs::create_dir(&path).map_err(|source| DataplaneError::Syscall {
+            call: "mkdir(cgroup)",
+            source,
+        })?;
+        Ok(Self { path })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
