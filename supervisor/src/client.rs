@@ -246,7 +246,32 @@ impl Client {
         Self::new(Endpoint::from_kubeconfig(path)?)
     }
 
-    /// Sends one request; returns the status and the response body stream.
+    /// Opens one keep-alive connection for a sequence of requests.
+    pub async fn connect(&self) -> Result<Conn, ClientError> {
+        let tcp = TcpStream::connect(&self.endpoint.addr)
+            .await
+            .map_err(|e| ClientError::Connect(self.endpoint.addr.clone(), e))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.endpoint.host.clone())
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ClientError::Connect(self.endpoint.addr.clone(), e))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(ClientError::Http)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            sender,
+            endpoint: self.endpoint.clone(),
+        })
+    }
+
+    /// Sends one request on a fresh connection; returns the response with its body unread.
     pub async fn send(
         &self,
         method: Method,
@@ -255,37 +280,10 @@ impl Client {
         accept: &str,
         body: Vec<u8>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let tcp = TcpStream::connect(&self.endpoint.addr)
+        self.connect()
+            .await?
+            .send(method, path, content_type, accept, body)
             .await
-            .map_err(|e| ClientError::Connect(self.endpoint.addr.clone(), e))?;
-        let name = ServerName::try_from(self.endpoint.host.clone())
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| ClientError::Connect(self.endpoint.addr.clone(), e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(ClientError::Http)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, &self.endpoint.addr)
-            .header(header::ACCEPT, accept);
-        if let Some(ct) = content_type {
-            req = req.header(header::CONTENT_TYPE, ct);
-        }
-        if let Some(t) = &self.endpoint.token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
-        sender.send_request(req).await.map_err(ClientError::Http)
     }
 
     /// Sends a request and reads the whole reply; error statuses become `ClientError::Api`.
@@ -370,6 +368,76 @@ impl Client {
                 Ok((rt, name, if changed { "configured" } else { "unchanged" }))
             }
         }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to the server.
+pub struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    endpoint: Endpoint,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("addr", &self.endpoint.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Sends one request; returns the response with its body unread.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        accept: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.endpoint.addr)
+            .header(header::ACCEPT, accept);
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        if let Some(t) = &self.endpoint.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.sender.ready().await.map_err(ClientError::Http)?;
+        self.sender
+            .send_request(req)
+            .await
+            .map_err(ClientError::Http)
+    }
+
+    /// Sends a request and reads the whole reply; error statuses become `ClientError::Api`.
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Reply, ClientError> {
+        let resp = self
+            .send(method, path, content_type, "application/json", body)
+            .await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(ClientError::Http)?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(api_error(status, &body));
+        }
+        Ok(Reply { status, body })
     }
 }
 

@@ -31,6 +31,7 @@ pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod error;

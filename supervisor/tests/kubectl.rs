@@ -1349,3 +1349,45 @@ async fn slipway_client_commands_on_etcd() -> anyhow::Result<()> {
     let etcd = tokio::task::block_in_place(|| Etcd::start(3));
     cli_suite(&Backend::Etcd(etcd)).await
 }
+
+/// The API benchmark at smoke-test scale: every metric for both stores, as JSON lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_api_smoke() -> anyhow::Result<()> {
+    let dir = TempDir::new("bench");
+    let out = dir.path().join("api.jsonl");
+    let args = slipway_supervisor::bench::BenchApiArgs {
+        creates: 40,
+        gets: 80,
+        list_objects: 60,
+        concurrency: 4,
+        watchers: 5,
+        watch_events: 10,
+        skip_etcd: false,
+        skip_check_perf: true,
+        out: out.clone(),
+    };
+    let ms = args.run_async().await?;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(lines.len() == ms.len() && ms.len() == 10, "{lines:?}");
+    for l in &lines {
+        anyhow::ensure!(
+            l["suite"] == "api" && l["slipway"].as_f64().is_some_and(|v| v > 0.0),
+            "{l}"
+        );
+    }
+    for metric in [
+        "creates_per_s_redb",
+        "gets_per_s_etcd",
+        "list_60_ms_redb",
+        "watch_latency_p99_5w_etcd",
+    ] {
+        anyhow::ensure!(
+            lines.iter().any(|l| l["metric"] == metric),
+            "missing {metric}"
+        );
+    }
+    Ok(())
+}
