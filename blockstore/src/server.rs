@@ -1,15 +1,20 @@
 //! The NBD server: handshake and transmission over any byte stream (TCP or Unix socket).
 //!
-//! One task reads requests and spawns one task per request, so many requests are in flight on
-//! a connection and replies go out in completion order (proto.md allows any order); a writer
-//! task serialises the replies. All parsing is in `proto.rs` / `negotiate.rs`.
+//! One task per connection parses requests, starts each at once and keeps many in flight,
+//! queueing replies in completion order (proto.md allows any order) and writing them in
+//! batches. All parsing is in `proto.rs` / `negotiate.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
 use crate::metrics::{Metrics, OpMetrics};
@@ -189,97 +194,353 @@ impl Server {
         }
     }
 
-    async fn transmission<S>(&self, stream: S, export: Arc<Export>, neg: Negotiator)
+    async fn transmission<S>(&self, mut stream: S, export: Arc<Export>, neg: Negotiator)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (rd, wr) = tokio::io::split(stream);
-        let mut rd = BufReader::with_capacity(256 * 1024, rd);
-        let (tx, rx) = mpsc::channel::<Frame>(MAX_INFLIGHT * 2);
-        let writer = tokio::spawn(write_replies(wr, rx));
-        let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
-        let structured = neg.structured;
-        let base_allocation = neg.base_allocation(&export.name);
-        let metrics = Arc::new(ConnMetrics::new(&self.metrics, &export.name));
-        let mut warn = RateLimit(0);
-        loop {
-            let mut hdr = [0u8; proto::REQUEST_LEN];
-            if rd.read_exact(&mut hdr).await.is_err() {
-                break; // client went away
-            }
-            let req = match proto::parse_request(&hdr) {
-                Ok(r) => r,
-                Err(e) => {
-                    if warn.allow() {
-                        tracing::warn!(error = %e, "unparseable request, closing");
-                    }
-                    break;
+        let mut conn = Conn {
+            export: Arc::clone(&export),
+            metrics: Arc::new(ConnMetrics::new(&self.metrics, &export.name)),
+            structured: neg.structured,
+            base_allocation: neg.base_allocation(&export.name),
+            inbuf: vec![0u8; IN_BUF],
+            in_start: 0,
+            in_end: 0,
+            reading: Reading::Header,
+            pending: Vec::new(),
+            budget: MAX_INFLIGHT as u32,
+            out: VecDeque::new(),
+            out_pos: 0,
+            closing: false,
+            warn: RateLimit(0),
+        };
+        std::future::poll_fn(|cx| conn.poll(cx, &mut stream)).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// Read buffer per connection.
+const IN_BUF: usize = 256 * 1024;
+/// Loop turns before a busy connection yields to other tasks.
+const TURNS: usize = 64;
+
+type Pending = Pin<Box<dyn Future<Output = (Frame, u32)> + Send>>;
+
+enum Reading {
+    Header,
+    /// Collecting a WRITE payload of `buf.len()` bytes; `filled` so far.
+    Payload {
+        req: proto::Request,
+        buf: Vec<u8>,
+        filled: usize,
+    },
+    /// Skipping the payload of an oversized WRITE.
+    Discard {
+        req: proto::Request,
+        left: u64,
+    },
+}
+
+/// One connection in transmission: requests are parsed from one buffer, started at once, and
+/// their replies queued as they complete; all in one task, so requests that complete inline
+/// (page-cache hits) cost no wake-up or thread hop.
+struct Conn {
+    export: Arc<Export>,
+    metrics: Arc<ConnMetrics>,
+    structured: bool,
+    base_allocation: bool,
+    inbuf: Vec<u8>,
+    in_start: usize,
+    in_end: usize,
+    reading: Reading,
+    pending: Vec<Pending>,
+    /// Free in-flight budget in [`UNIT`]s.
+    budget: u32,
+    out: VecDeque<Vec<u8>>,
+    out_pos: usize,
+    closing: bool,
+    warn: RateLimit,
+}
+
+impl Conn {
+    fn poll<S>(&mut self, cx: &mut Context<'_>, stream: &mut S) -> Poll<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        for _ in 0..TURNS {
+            let mut progress = self.parse();
+            progress |= self.poll_pending(cx);
+            match self.poll_flush(cx, stream) {
+                Poll::Ready(Ok(true)) => progress = true,
+                Poll::Ready(Ok(false)) | Poll::Pending => {}
+                Poll::Ready(Err(_)) => {
+                    // The client is gone: stop reading; finish what is in flight.
+                    self.closing = true;
+                    self.out.clear();
+                    self.out_pos = 0;
                 }
-            };
-            // The payload of a WRITE is on the wire whatever we think of the request.
-            let mut payload = None;
-            let mut oversized = false;
-            if req.command == cmd::WRITE {
-                if req.length > proto::MAX_PAYLOAD {
-                    oversized = true;
-                    let mut sink = tokio::io::sink();
-                    let mut take = (&mut rd).take(u64::from(req.length));
-                    match tokio::io::copy(&mut take, &mut sink).await {
-                        Ok(n) if n == u64::from(req.length) => {}
-                        _ => break,
-                    }
-                } else {
-                    let mut buf = vec![0u8; req.length as usize];
-                    if rd.read_exact(&mut buf).await.is_err() {
-                        break; // disconnected mid-request
-                    }
-                    payload = Some(buf);
-                }
             }
-            let view = ExportView {
-                size: export.size(),
-                read_only: export.read_only,
-                structured,
-                base_allocation,
-            };
-            let command = match proto::validate(&req, &view) {
-                Ok(_) if oversized => Err(proto::errno::EINVAL),
-                other => other,
-            };
-            let command = match command {
-                Ok(c) => c,
-                Err(errno) => {
-                    if warn.allow() {
-                        tracing::debug!(command = req.command, errno, "request refused");
-                    }
-                    let frame = error_frame(req.cookie, errno, structured, "invalid request");
-                    if tx.send(frame).await.is_err() {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            if command == Command::Disconnect {
-                break;
+            if !self.closing && self.budget > 0 {
+                progress |= self.poll_read(cx, stream);
             }
-            let units = req.length.div_ceil(UNIT).clamp(1, MAX_INFLIGHT as u32);
-            let Ok(permit) = Arc::clone(&slots).acquire_many_owned(units).await else {
-                break;
-            };
-            let (tx, export, metrics) = (tx.clone(), Arc::clone(&export), Arc::clone(&metrics));
-            tokio::spawn(async move {
-                let start = Instant::now();
-                let (frame, bytes, ok) =
-                    execute(&export, command, payload, req.cookie, structured).await;
-                metrics.of(&command).record(bytes, start.elapsed(), ok);
-                let _ = tx.send(frame).await;
-                drop(permit);
-            });
+            if self.closing && self.pending.is_empty() && self.out.is_empty() {
+                return Poll::Ready(());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
         }
-        // proto.md (NBD_CMD_DISC): handle all outstanding requests before closing.
-        let _ = slots.acquire_many(MAX_INFLIGHT as u32).await;
-        drop(tx);
-        let _ = writer.await;
+        // Busy: let other connections run.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Reads from the socket into the input buffer or the current payload.
+    fn poll_read<S: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, stream: &mut S) -> bool {
+        let res = match &mut self.reading {
+            Reading::Payload { buf, filled, .. } if self.in_start == self.in_end => {
+                let mut rb = ReadBuf::new(&mut buf[*filled..]);
+                match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        *filled += n;
+                        Poll::Ready(Ok(n))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            _ => {
+                if self.in_start == self.in_end {
+                    self.in_start = 0;
+                    self.in_end = 0;
+                } else if self.in_end == self.inbuf.len() {
+                    self.inbuf.copy_within(self.in_start..self.in_end, 0);
+                    self.in_end -= self.in_start;
+                    self.in_start = 0;
+                }
+                let mut rb = ReadBuf::new(&mut self.inbuf[self.in_end..]);
+                match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        self.in_end += n;
+                        Poll::Ready(Ok(n))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        };
+        match res {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                // End of stream (or reset), possibly mid-request: nothing more to read.
+                self.closing = true;
+                true
+            }
+            Poll::Ready(Ok(_)) => true,
+            Poll::Pending => false,
+        }
+    }
+
+    /// Parses and starts every complete request in the buffer (within the budget).
+    fn parse(&mut self) -> bool {
+        let mut progress = false;
+        while !self.closing && self.budget > 0 {
+            let avail = self.in_end - self.in_start;
+            match &mut self.reading {
+                Reading::Header => {
+                    if avail < proto::REQUEST_LEN {
+                        return progress;
+                    }
+                    let mut hdr = [0u8; proto::REQUEST_LEN];
+                    hdr.copy_from_slice(
+                        &self.inbuf[self.in_start..self.in_start + proto::REQUEST_LEN],
+                    );
+                    self.in_start += proto::REQUEST_LEN;
+                    progress = true;
+                    let req = match proto::parse_request(&hdr) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if self.warn.allow() {
+                                tracing::warn!(error = %e, "unparseable request, closing");
+                            }
+                            self.closing = true;
+                            return true;
+                        }
+                    };
+                    if req.command == cmd::WRITE {
+                        if req.length > proto::MAX_PAYLOAD {
+                            self.reading = Reading::Discard {
+                                req,
+                                left: u64::from(req.length),
+                            };
+                        } else {
+                            self.reading = Reading::Payload {
+                                req,
+                                buf: vec![0u8; req.length as usize],
+                                filled: 0,
+                            };
+                        }
+                        continue;
+                    }
+                    self.start(req, None, false);
+                }
+                Reading::Payload { buf, filled, .. } => {
+                    let take = avail.min(buf.len() - *filled);
+                    buf[*filled..*filled + take]
+                        .copy_from_slice(&self.inbuf[self.in_start..self.in_start + take]);
+                    *filled += take;
+                    self.in_start += take;
+                    if *filled < buf.len() {
+                        return progress || take > 0;
+                    }
+                    progress = true;
+                    if let Reading::Payload { req, buf, .. } =
+                        std::mem::replace(&mut self.reading, Reading::Header)
+                    {
+                        self.start(req, Some(buf), false);
+                    }
+                }
+                Reading::Discard { left, .. } => {
+                    let take = (avail as u64).min(*left);
+                    *left -= take;
+                    self.in_start += take as usize;
+                    if *left > 0 {
+                        return progress || take > 0;
+                    }
+                    progress = true;
+                    if let Reading::Discard { req, .. } =
+                        std::mem::replace(&mut self.reading, Reading::Header)
+                    {
+                        self.start(req, None, true);
+                    }
+                }
+            }
+        }
+        progress
+    }
+
+    /// Validates a request and starts it, or queues its error reply.
+    fn start(&mut self, req: proto::Request, payload: Option<Vec<u8>>, oversized: bool) {
+        let view = ExportView {
+            size: self.export.size(),
+            read_only: self.export.read_only,
+            structured: self.structured,
+            base_allocation: self.base_allocation,
+        };
+        let command = match proto::validate(&req, &view) {
+            Ok(_) if oversized => Err(proto::errno::EINVAL),
+            other => other,
+        };
+        let command = match command {
+            Ok(Command::Disconnect) => {
+                // proto.md: finish outstanding requests, then close.
+                self.closing = true;
+                return;
+            }
+            Ok(c) => c,
+            Err(errno) => {
+                if self.warn.allow() {
+                    tracing::debug!(command = req.command, errno, "request refused");
+                }
+                self.push_frame(error_frame(
+                    req.cookie,
+                    errno,
+                    self.structured,
+                    "invalid request",
+                ));
+                return;
+            }
+        };
+        let units = req.length.div_ceil(UNIT).clamp(1, MAX_INFLIGHT as u32);
+        self.budget = self.budget.saturating_sub(units);
+        let (export, metrics, structured) = (
+            Arc::clone(&self.export),
+            Arc::clone(&self.metrics),
+            self.structured,
+        );
+        self.pending.push(Box::pin(async move {
+            let start = Instant::now();
+            let (frame, bytes, ok) =
+                execute(&export, command, payload, req.cookie, structured).await;
+            metrics.of(&command).record(bytes, start.elapsed(), ok);
+            (frame, units)
+        }));
+    }
+
+    fn push_frame(&mut self, (head, data): Frame) {
+        self.out.push_back(head);
+        if let Some(d) = data {
+            self.out.push_back(d);
+        }
+    }
+
+    /// Polls in-flight requests; queues replies of those that finished.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        let mut i = 0;
+        while i < self.pending.len() {
+            match self.pending[i].as_mut().poll(cx) {
+                Poll::Ready((frame, units)) => {
+                    drop(self.pending.swap_remove(i));
+                    self.budget += units;
+                    self.push_frame(frame);
+                    progress = true;
+                }
+                Poll::Pending => i += 1,
+            }
+        }
+        progress
+    }
+
+    /// Writes queued replies; `Ok(true)` if something was written.
+    fn poll_flush<S: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+    ) -> Poll<std::io::Result<bool>> {
+        let mut wrote = false;
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut n = 0;
+            for (i, chunk) in self.out.iter().take(64).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 {
+                    &chunk[self.out_pos..]
+                } else {
+                    chunk
+                });
+                n += 1;
+            }
+            match Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(mut written)) => {
+                    wrote = true;
+                    while written > 0 {
+                        let Some(front) = self.out.front() else { break };
+                        let left = front.len() - self.out_pos;
+                        if written >= left {
+                            written -= left;
+                            self.out.pop_front();
+                            self.out_pos = 0;
+                        } else {
+                            self.out_pos += written;
+                            written = 0;
+                        }
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    return if wrote {
+                        Poll::Ready(Ok(true))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+            }
+        }
+        Poll::Ready(Ok(wrote))
     }
 }
 
@@ -375,29 +636,4 @@ async fn execute(
             )
         }
     }
-}
-
-async fn write_replies<W>(wr: W, mut rx: mpsc::Receiver<Frame>)
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut w = BufWriter::with_capacity(256 * 1024, wr);
-    while let Some(frame) = rx.recv().await {
-        let mut next = Some(frame);
-        while let Some((head, data)) = next.take() {
-            if w.write_all(&head).await.is_err() {
-                return;
-            }
-            if let Some(data) = data
-                && w.write_all(&data).await.is_err()
-            {
-                return;
-            }
-            next = rx.try_recv().ok();
-        }
-        if w.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = w.shutdown().await;
 }

@@ -1,20 +1,28 @@
-//! The io_uring seam: one submission thread that runs every data-file read, write, fsync and
-//! fallocate for the store, completing tokio futures.
+//! The io_uring seam: every data-file read, write, fdatasync and fallocate of the store.
 //!
-//! This is the only module with `unsafe`: io_uring reads and writes raw pointers into buffers
-//! the kernel fills asynchronously. Each operation owns its buffer and an `Arc<File>` in the
-//! worker's in-flight table until its completion is reaped, so neither can be freed early.
+//! A task submits its operation itself (one `io_uring_enter`) and reaps the completion queue
+//! under the same lock, so operations the kernel completes inline (reads and writes that hit
+//! the page cache) finish without a thread hop or a wake-up. Completions that happen later
+//! (fsync, fallocate, cache misses) signal an eventfd registered with
+//! `IORING_REGISTER_EVENTFD_ASYNC`, which a tokio task watches to reap them and wake their
+//! waiters.
+//!
+//! This is the only module with `unsafe`: the kernel reads and writes buffers through raw
+//! pointers. Each operation's buffer and file live in the ring's slot table from submission
+//! until its completion is reaped, whatever happens to the future that asked for it, and the
+//! ring is not torn down while operations are in flight.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use io_uring::{IoUring, opcode, squeue, types};
-use tokio::sync::oneshot;
+use tokio::io::unix::AsyncFd;
 
 /// `fallocate` mode that frees a range and keeps the file size.
 pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -22,157 +30,250 @@ pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SI
 pub const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 const RING_ENTRIES: u32 = 256;
-const WAKE_TOKEN: u64 = u64::MAX;
 
 #[derive(Debug)]
 enum Kind {
-    Read(Vec<u8>),
-    Write(Vec<u8>),
+    Read,
+    Write,
     Fdatasync,
     Fallocate { mode: i32, len: u64 },
 }
 
+/// An operation in the kernel's hands.
 #[derive(Debug)]
-struct Op {
-    file: Arc<File>,
-    offset: u64,
-    kind: Kind,
-    done: oneshot::Sender<(i32, Vec<u8>)>,
+struct Slot {
+    /// Kept alive until the completion is reaped (the kernel uses its fd).
+    _file: Arc<File>,
+    /// Kept alive (and unmoved: only the Vec header moves) until the completion is reaped.
+    buf: Vec<u8>,
+    result: Option<i32>,
+    waker: Option<Waker>,
+    /// The future was dropped: discard the slot when the completion arrives.
+    abandoned: bool,
 }
 
-/// Handle to the submission thread. Cloning shares the ring.
-#[derive(Debug, Clone)]
-pub struct Uring {
-    shared: Arc<Shared>,
+struct Ring {
+    // Field order matters for Drop: see `impl Drop for Ring`.
+    ring: IoUring,
+    slots: HashMap<u64, Slot>,
+    next: u64,
+}
+
+impl Ring {
+    /// Enables eventfd notifications only while some operation waits for the kernel, so that
+    /// completions reaped inline by their submitter cost no wake-up. Called with the lock held
+    /// after every reap; enabling is followed by a reap, so a completion that arrived before
+    /// notifications were on is not missed.
+    fn arm(&mut self) {
+        let waiting = self
+            .slots
+            .values()
+            .any(|s| s.result.is_none() && !s.abandoned);
+        let disabled = self.ring.completion().eventfd_disabled();
+        if waiting && disabled {
+            self.ring.completion().enable_eventfd();
+            self.reap();
+        } else if !waiting && !disabled {
+            self.ring.completion().disable_eventfd();
+        }
+    }
+
+    fn reap(&mut self) {
+        let done: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (token, res) in done {
+            let remove = match self.slots.get_mut(&token) {
+                Some(slot) if slot.abandoned => true,
+                Some(slot) => {
+                    slot.result = Some(res);
+                    if let Some(w) = slot.waker.take() {
+                        w.wake();
+                    }
+                    false
+                }
+                None => false,
+            };
+            if remove {
+                self.slots.remove(&token);
+            }
+        }
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every pointer in `entry` refers to a buffer held by a slot of
+            // `self.slots`, which keeps it (and the file) alive until the completion for this
+            // entry is reaped, and the ring waits for all completions before it is freed.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            // Submission queue full: hand the batch to the kernel and retry.
+            self.ring.submit()?;
+            self.reap();
+        }
+    }
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("in_flight", &self.slots.len())
+            .finish()
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Buffers in `slots` must outlive the kernel's use of them: wait for every in-flight
+        // operation before the slots (and then the ring) are freed.
+        for _ in 0..1_000_000 {
+            if !self.slots.values().any(|s| s.result.is_none()) {
+                break;
+            }
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            self.reap();
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Shared {
-    tx: std::sync::Mutex<Option<mpsc::Sender<Op>>>,
-    sleeping: AtomicBool,
-    wake: OwnedFd,
+    ring: Mutex<Ring>,
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        wake(self.wake.as_raw_fd());
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        // Ring state stays consistent across a panic (each update is self-contained).
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn wake(fd: RawFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: `fd` is an eventfd we own for the lifetime of `Shared`; the buffer is 8 valid
-    // bytes, as eventfd requires.
-    let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+/// Handle to the store's rings (one per CPU, each used mostly by one thread so that
+/// submissions from different tokio workers do not contend). Cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Uring {
+    rings: Arc<[Arc<Shared>]>,
+}
+
+/// A small per-thread index, so each thread keeps to one ring.
+fn thread_slot() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SLOT.with(|s| *s)
 }
 
 impl Uring {
-    /// Creates the ring and starts its thread.
+    /// Creates the rings and their completion watchers; must be called inside a tokio runtime.
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)?;
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let rings = (0..n)
+            .map(|_| Self::new_ring())
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            rings: rings.into(),
+        })
+    }
+
+    fn new_ring() -> io::Result<Arc<Shared>> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| io::Error::other("io_uring: no tokio runtime"))?;
+        let mut ring = IoUring::new(RING_ENTRIES)?;
         // SAFETY: plain syscall with constant flags; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        let wake_fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (tx, rx) = mpsc::channel();
+        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        ring.completion().disable_eventfd();
         let shared = Arc::new(Shared {
-            tx: std::sync::Mutex::new(Some(tx)),
-            sleeping: AtomicBool::new(false),
-            wake: wake_fd,
+            ring: Mutex::new(Ring {
+                ring,
+                slots: HashMap::new(),
+                next: 0,
+            }),
         });
-        let worker = Worker {
-            ring,
-            rx,
-            shared: Arc::downgrade(&shared),
-            wake_fd: shared.wake.as_raw_fd(),
-            wake_buf: Box::new([0u8; 8]),
-            inflight: HashMap::new(),
-            next: 0,
-        };
-        std::thread::Builder::new()
-            .name("slipway-uring".into())
-            .spawn(move || worker.run())?;
-        Ok(Self { shared })
+        let _guard = handle.enter();
+        // SAFETY: `efd` is an open eventfd that the AsyncFd owns from here on; nothing else can
+        // close it or make its raw fd refer to another file.
+        let afd = unsafe { AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let weak = Arc::downgrade(&shared);
+        handle.spawn(async move {
+            loop {
+                let Ok(mut guard) = afd.readable().await else {
+                    return;
+                };
+                let mut counter = [0u8; 8];
+                // SAFETY: reading 8 bytes into an 8-byte buffer from our non-blocking eventfd.
+                let _ = unsafe {
+                    libc::read(afd.as_raw_fd(), counter.as_mut_ptr().cast(), counter.len())
+                };
+                guard.clear_ready();
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                let mut ring = shared.lock();
+                ring.reap();
+                ring.arm();
+            }
+        });
+        Ok(shared)
     }
 
-    async fn submit(
-        &self,
-        file: &Arc<File>,
-        offset: u64,
-        kind: Kind,
-    ) -> io::Result<(i32, Vec<u8>)> {
-        let (done, rx) = oneshot::channel();
-        let op = Op {
-            file: Arc::clone(file),
-            offset,
-            kind,
-            done,
-        };
-        {
-            let tx = self
-                .shared
-                .tx
-                .lock()
-                .map_err(|_| io::Error::other("uring lock poisoned"))?;
-            let tx = tx
-                .as_ref()
-                .ok_or_else(|| io::Error::other("uring stopped"))?;
-            tx.send(op)
-                .map_err(|_| io::Error::other("uring thread exited"))?;
+    fn op(&self, file: &Arc<File>, offset: u64, kind: Kind, buf: Vec<u8>) -> Op {
+        Op {
+            shared: Arc::clone(&self.rings[thread_slot() % self.rings.len()]),
+            state: OpState::New {
+                file: Arc::clone(file),
+                offset,
+                kind,
+                buf,
+            },
         }
-        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
-            wake(self.shared.wake.as_raw_fd());
-        }
-        let (res, buf) = rx
-            .await
-            .map_err(|_| io::Error::other("uring dropped an operation"))?;
-        if res < 0 {
-            return Err(io::Error::from_raw_os_error(-res));
-        }
-        Ok((res, buf))
     }
 
     /// Reads `len` bytes at `offset`; bytes past the end of the file read as zero.
     pub async fn read_at(&self, file: &Arc<File>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut out = Vec::new();
-        while out.len() < len {
-            let want = len - out.len();
-            let (n, mut buf) = self
-                .submit(file, offset + out.len() as u64, Kind::Read(vec![0u8; want]))
+        let (n, mut buf) = self.op(file, offset, Kind::Read, vec![0u8; len]).await?;
+        let mut got = n as usize;
+        // Short read: past the end of file (zeroes) or, rarely, a partial read.
+        while got < len {
+            let (n, part) = self
+                .op(file, offset + got as u64, Kind::Read, vec![0u8; len - got])
                 .await?;
-            let n = n as usize;
             if n == 0 {
-                out.resize(len, 0);
+                buf[got..].fill(0);
                 break;
             }
-            buf.truncate(n);
-            if out.is_empty() {
-                out = buf;
-            } else {
-                out.extend_from_slice(&buf);
-            }
+            buf[got..got + n as usize].copy_from_slice(&part[..n as usize]);
+            got += n as usize;
         }
-        Ok(out)
+        Ok(buf)
     }
 
     /// Writes all of `data` at `offset`.
     pub async fn write_at(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> io::Result<()> {
         let total = data.len();
-        let (n, buf) = self.submit(file, offset, Kind::Write(data)).await?;
+        let (n, buf) = self.op(file, offset, Kind::Write, data).await?;
         let mut done = n as usize;
         while done < total {
             // Short write (rare on regular files): write the rest from a copy.
             let (n, _) = self
-                .submit(
+                .op(
                     file,
                     offset + done as u64,
-                    Kind::Write(buf[done..].to_vec()),
+                    Kind::Write,
+                    buf[done..].to_vec(),
                 )
                 .await?;
             if n == 0 {
@@ -188,7 +289,9 @@ impl Uring {
 
     /// `fdatasync`.
     pub async fn fdatasync(&self, file: &Arc<File>) -> io::Result<()> {
-        self.submit(file, 0, Kind::Fdatasync).await.map(drop)
+        self.op(file, 0, Kind::Fdatasync, Vec::new())
+            .await
+            .map(drop)
     }
 
     /// `fallocate(mode, offset, len)`.
@@ -199,164 +302,129 @@ impl Uring {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        self.submit(file, offset, Kind::Fallocate { mode, len })
+        self.op(file, offset, Kind::Fallocate { mode, len }, Vec::new())
             .await
             .map(drop)
     }
 }
 
-struct Worker {
-    ring: IoUring,
-    rx: mpsc::Receiver<Op>,
-    shared: std::sync::Weak<Shared>,
-    wake_fd: RawFd,
-    wake_buf: Box<[u8; 8]>,
-    inflight: HashMap<u64, Op>,
-    next: u64,
+#[derive(Debug)]
+enum OpState {
+    New {
+        file: Arc<File>,
+        offset: u64,
+        kind: Kind,
+        buf: Vec<u8>,
+    },
+    Submitted(u64),
+    Done,
 }
 
-impl Worker {
-    fn run(mut self) {
-        if let Err(e) = self.arm_wake() {
-            tracing::error!(error = %e, "io_uring: cannot arm the wake-up read");
-            return;
-        }
-        let mut open = true;
-        loop {
-            // Take everything queued.
-            while open {
-                match self.rx.try_recv() {
-                    Ok(op) => self.push(op),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => open = false,
+/// One operation's future: resolves to (result, buffer).
+#[derive(Debug)]
+struct Op {
+    shared: Arc<Shared>,
+    state: OpState,
+}
+
+impl Future for Op {
+    type Output = io::Result<(u32, Vec<u8>)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut ring = this.shared.lock();
+        let token = match std::mem::replace(&mut this.state, OpState::Done) {
+            OpState::New {
+                file,
+                offset,
+                kind,
+                mut buf,
+            } => {
+                let token = ring.next;
+                ring.next = ring.next.wrapping_add(1);
+                let fd = types::Fd(file.as_raw_fd());
+                let entry = match kind {
+                    Kind::Read => opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32)
+                        .offset(offset)
+                        .build(),
+                    Kind::Write => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32)
+                        .offset(offset)
+                        .build(),
+                    Kind::Fdatasync => opcode::Fsync::new(fd)
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build(),
+                    Kind::Fallocate { mode, len } => opcode::Fallocate::new(fd, len)
+                        .offset(offset)
+                        .mode(mode)
+                        .build(),
                 }
-            }
-            if !open && self.inflight.is_empty() {
-                return;
-            }
-            let Some(shared) = self.shared.upgrade() else {
-                open = false;
-                if self.inflight.is_empty() {
-                    return;
-                }
-                self.wait();
-                continue;
-            };
-            shared.sleeping.store(true, Ordering::SeqCst);
-            drop(shared);
-            // Re-check after announcing sleep: a sender that saw `sleeping == false` queued
-            // its op before this point.
-            match self.rx.try_recv() {
-                Ok(op) => {
-                    self.push(op);
-                    if let Some(s) = self.shared.upgrade() {
-                        s.sleeping.store(false, Ordering::SeqCst);
+                .user_data(token);
+                ring.slots.insert(
+                    token,
+                    Slot {
+                        _file: file,
+                        buf,
+                        result: None,
+                        waker: None,
+                        abandoned: false,
+                    },
+                );
+                let submitted = ring.push(&entry).and_then(|()| ring.ring.submit());
+                if let Err(e) = submitted {
+                    // The entry may already be queued: let the slot be reaped as abandoned.
+                    if let Some(s) = ring.slots.get_mut(&token) {
+                        s.abandoned = true;
                     }
-                    let _ = self.ring.submit();
-                    self.reap();
-                    continue;
+                    return Poll::Ready(Err(e));
                 }
-                Err(mpsc::TryRecvError::Disconnected) => open = false,
-                Err(mpsc::TryRecvError::Empty) => {}
+                ring.reap();
+                token
             }
-            self.wait();
-        }
-    }
-
-    fn wait(&mut self) {
-        if let Err(e) = self.ring.submit_and_wait(1)
-            && e.raw_os_error() != Some(libc::EINTR)
-        {
-            tracing::error!(error = %e, "io_uring_enter failed");
-        }
-        if let Some(s) = self.shared.upgrade() {
-            s.sleeping.store(false, Ordering::SeqCst);
-        }
-        self.reap();
-    }
-
-    fn arm_wake(&mut self) -> io::Result<()> {
-        let entry = opcode::Read::new(types::Fd(self.wake_fd), self.wake_buf.as_mut_ptr(), 8)
-            .offset(u64::MAX)
-            .build()
-            .user_data(WAKE_TOKEN);
-        self.push_entry(&entry)
-    }
-
-    fn push_entry(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every pointer in `entry` refers to a buffer owned by `self` (the wake
-            // buffer) or by an `Op` stored in `self.inflight` until its completion is reaped.
-            let pushed = unsafe { self.ring.submission().push(entry) };
-            if pushed.is_ok() {
-                return Ok(());
+            OpState::Submitted(token) => {
+                ring.reap();
+                token
             }
-            // Submission queue full: hand the batch to the kernel and retry.
-            self.ring.submit()?;
-            self.reap();
-        }
-    }
-
-    fn push(&mut self, mut op: Op) {
-        let token = self.next;
-        self.next = self.next.wrapping_add(1) % (u64::MAX - 1);
-        let fd = types::Fd(op.file.as_raw_fd());
-        let entry = match &mut op.kind {
-            Kind::Read(buf) => opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32)
-                .offset(op.offset)
-                .build(),
-            Kind::Write(buf) => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32)
-                .offset(op.offset)
-                .build(),
-            Kind::Fdatasync => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            Kind::Fallocate { mode, len } => opcode::Fallocate::new(fd, *len)
-                .offset(op.offset)
-                .mode(*mode)
-                .build(),
-        }
-        .user_data(token);
-        // The Vec's heap buffer does not move when `op` is moved into the map.
-        self.inflight.insert(token, op);
-        if let Err(e) = self.push_entry(&entry)
-            && let Some(op) = self.inflight.remove(&token)
-        {
-            let _ = op
-                .done
-                .send((-e.raw_os_error().unwrap_or(libc::EIO), Vec::new()));
-        }
-    }
-
-    fn reap(&mut self) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (token, res) in done {
-            if token == WAKE_TOKEN {
-                if let Err(e) = self.arm_wake() {
-                    tracing::error!(error = %e, "io_uring: cannot re-arm the wake-up read");
+            OpState::Done => return Poll::Ready(Err(io::Error::other("polled after completion"))),
+        };
+        let Some(slot) = ring.slots.get_mut(&token) else {
+            return Poll::Ready(Err(io::Error::other("io_uring slot lost")));
+        };
+        match slot.result {
+            Some(res) => {
+                let buf = ring.slots.remove(&token).map(|s| s.buf).unwrap_or_default();
+                if res < 0 {
+                    Poll::Ready(Err(io::Error::from_raw_os_error(-res)))
+                } else {
+                    Poll::Ready(Ok((res as u32, buf)))
                 }
-                continue;
             }
-            if let Some(op) = self.inflight.remove(&token) {
-                let buf = match op.kind {
-                    Kind::Read(b) | Kind::Write(b) => b,
-                    _ => Vec::new(),
-                };
-                let _ = op.done.send((res, buf));
+            None => {
+                slot.waker = Some(cx.waker().clone());
+                this.state = OpState::Submitted(token);
+                ring.arm();
+                Poll::Pending
             }
         }
     }
 }
 
-impl std::fmt::Debug for Worker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker")
-            .field("inflight", &self.inflight.len())
-            .finish()
+impl Drop for Op {
+    fn drop(&mut self) {
+        if let OpState::Submitted(token) = self.state {
+            let mut ring = self.shared.lock();
+            let done = match ring.slots.get_mut(&token) {
+                Some(slot) if slot.result.is_some() => true,
+                Some(slot) => {
+                    slot.abandoned = true;
+                    slot.waker = None;
+                    false
+                }
+                None => false,
+            };
+            if done {
+                ring.slots.remove(&token);
+            }
+        }
     }
 }
 
@@ -364,7 +432,7 @@ impl std::fmt::Debug for Worker {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn read_write_fsync_punch() -> io::Result<()> {
         let dir = std::env::temp_dir().join(format!("slipway-uring-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -391,6 +459,20 @@ mod tests {
             ring.read_at(&file, (1 << 20) - 10, 20).await?,
             vec![0u8; 20]
         );
+        // Many concurrent operations, some completing asynchronously (fsync).
+        let mut tasks = Vec::new();
+        for i in 0..64u64 {
+            let (ring, file) = (ring.clone(), Arc::clone(&file));
+            tasks.push(tokio::spawn(async move {
+                ring.write_at(&file, i * 4096, vec![i as u8; 4096]).await?;
+                ring.fdatasync(&file).await?;
+                ring.read_at(&file, i * 4096, 4096).await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            let got = t.await.map_err(io::Error::other)??;
+            assert_eq!(got, vec![i as u8; 4096]);
+        }
         std::fs::remove_dir_all(&dir)
     }
 }
