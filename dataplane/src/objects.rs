@@ -6,3 +6,8 @@ pub static POD_VETH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// `ebpf/sock.c`: the cgroup sock_addr programs that translate service addresses.
 pub static SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
+
+/// `ebpf/lb.c`: the L4 load balancer at TC (TCX ingress of the LB host's interface).
+pub static LB: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.o"));
+/// `ebpf/lb_xdp.c`: the same load balancer at XDP, for NICs with native XDP.
+pub static LB_XDP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb_xdp.o"));

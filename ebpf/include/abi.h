@@ -141,4 +141,157 @@ enum svc_event {
 };
 #define SVC_EVENT_MAX 7
 
+/* ==== L4 load balancer (ebpf/lb.c, ebpf/lb_xdp.c; mirrored in dataplane/src/abi/lb.rs) ==== */
+
+/* Services (VIP, port, protocol) the LB serves at once; each owns one Maglev ring. */
+#define LB_MAX_SERVICES 64
+/* Slots of one service's Maglev ring: a prime (Maglev paper, section 3.4). */
+#define LB_MAGLEV_SIZE 65537
+/* Backends over all services; id 0 means "no backend". */
+#define LB_MAX_BACKENDS 4096
+/* Connection-tracking entries (LRU: the oldest flows are evicted first). */
+#define LB_MAX_FLOWS 262144
+/* Addresses the LB answers ARP for. */
+#define LB_MAX_VIPS 1024
+/* loadBalancerSourceRanges entries over all services. */
+#define LB_MAX_SOURCE_RANGES 16384
+
+/* lb_service.flags */
+/* externalTrafficPolicy: Local: no SNAT, the backend sees the client's address. */
+#define LB_SERVICE_F_LOCAL 0x1
+/* The service has loadBalancerSourceRanges: a client outside them is dropped. */
+#define LB_SERVICE_F_SOURCE_RANGES 0x2
+
+/* lb_flow.state */
+#define LB_FLOW_OPEN 0
+/* A FIN or RST went by: the flow is ending; a new SYN on its tuple picks a backend afresh. */
+#define LB_FLOW_CLOSING 1
+
+/* Key of `lb_services`: what a client connects to. */
+struct lb_service_key {
+	__be32 vip;
+	__be16 port;
+	/* IPPROTO_TCP or IPPROTO_UDP. */
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Value of `lb_services`. */
+struct lb_service {
+	/* Index of the service's ring in `lb_maglev` (slots id*LB_MAGLEV_SIZE ..) and its
+	 * entry in `lb_service_stats`. */
+	__u32 id;
+	/* LB_SERVICE_F_* */
+	__u32 flags;
+};
+
+/* Value of the `lb_backends` array, indexed by backend id. */
+struct lb_backend {
+	__be32 ip;
+	__be16 port;
+	__u16 pad;
+};
+
+/* A flow's 5-tuple as seen in one direction: key of `lb_flows` (client -> VIP) and of
+ * `lb_reverse` (backend -> where the LB sent the flow from). */
+struct lb_flow_key {
+	__be32 src;
+	__be32 dst;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Value of `lb_flows` (LRU): the backend a flow is pinned to, and its translated source. */
+struct lb_flow {
+	__u32 backend_id;
+	__u32 service_id;
+	/* Source address and port the backend sees: the LB's SNAT address and a port chosen for
+	 * the flow, or the client's own with LB_SERVICE_F_LOCAL. */
+	__be32 nat_ip;
+	__be16 nat_port;
+	/* LB_FLOW_* */
+	__u8 state;
+	__u8 pad;
+	/* bpf_ktime_get_ns() of the last packet in either direction. */
+	__u64 last_seen_ns;
+};
+
+/* Value of `lb_reverse` (LRU): how to turn a backend's reply back into the VIP's. */
+struct lb_reverse {
+	__be32 client;
+	__be32 vip;
+	__be16 client_port;
+	__be16 vip_port;
+	__u32 backend_id;
+	__u32 service_id;
+};
+
+/* The data of an `lb_source_ranges` LPM key: the service id is matched in full (32 bits of
+ * the prefix), then the client address's first (prefixlen - 32) bits. */
+struct lb_source_range {
+	__u32 service_id;
+	__be32 ip;
+};
+
+struct lb_source_range_key {
+	__u32 prefixlen;
+	struct lb_source_range data;
+};
+
+/* Key and value of `lb_vips`: addresses the LB announces (answers ARP for). */
+struct lb_vip_key {
+	__be32 ip;
+};
+
+struct lb_vip {
+	__u32 flags;
+};
+
+/* The single entry of the `lb_config` array. */
+struct lb_config {
+	/* Source address of SNATed flows: the LB host's own address on the LB interface. */
+	__be32 snat_ip;
+	/* Where translated packets leave (the LB is one-armed: usually its ingress device). */
+	__u32 ifindex;
+	/* MAC of the LB interface: the answer to ARP requests for VIPs. */
+	__u8 mac[SLIPWAY_ETH_ALEN];
+	__u8 pad[2];
+};
+
+/* Per-CPU traffic of one backend (`lb_backend_stats`) or service (`lb_service_stats`). */
+struct lb_stats {
+	__u64 packets;
+	__u64 bytes;
+	/* New flows pinned to it. */
+	__u64 flows;
+};
+
+/* Why the LB gave a packet its verdict: index of the per-CPU `lb_counters` array (values of
+ * struct counter_value). Stable: they appear in metrics. */
+enum lb_reason {
+	/* Client -> VIP, translated and sent to a backend. */
+	LB_REASON_FORWARD = 1,
+	/* Backend -> client, translated back and sent to the client. */
+	LB_REASON_REPLY = 2,
+	/* Not for a VIP and no tracked reply: left to the host stack. */
+	LB_REASON_PASS = 3,
+	/* The service has no backend in its ring. */
+	LB_REASON_DROP_NO_BACKEND = 4,
+	/* The client is outside the service's loadBalancerSourceRanges. */
+	LB_REASON_DROP_SOURCE_RANGE = 5,
+	/* Truncated or malformed header, or an IP fragment to a VIP. */
+	LB_REASON_DROP_MALFORMED = 6,
+	/* An ARP request for a VIP, answered. */
+	LB_REASON_ARP_REPLY = 7,
+	/* For a VIP, but no service on that port and protocol. */
+	LB_REASON_DROP_NO_SERVICE = 8,
+	/* No free SNAT port for the flow. */
+	LB_REASON_DROP_NO_PORT = 9,
+	/* The translated packet could not be routed. */
+	LB_REASON_DROP_NO_ROUTE = 10,
+};
+#define LB_REASON_MAX 11
+
 #endif /* SLIPWAY_ABI_H */

@@ -1,2 +1,46 @@
-//! The Slipway L4 load balancer: Maglev table, VIP pools, backend health checks, ARP/NDP announcement.
-#![forbid(unsafe_code)]
+//! The Slipway L4 load balancer: Maglev table, VIP pools, backend health checks, ARP
+//! announcement, the controller and its local API, over the eBPF datapath in `ebpf/lb.c`.
+//!
+//! Layout (datapath / control library / daemon, as Katran splits it):
+//! - pure logic, no I/O: [`maglev`], [`pool`], [`config`], [`health::Health`], [`controller`]
+//!   (over the [`maps::LbMaps`] seam), [`status`];
+//! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP);
+//! - daemon: [`daemon`] (local API on a Unix socket, health-check tasks), [`api`] (routes'
+//!   wire format and the blocking [`api::Client`]), [`metrics`], [`cli`].
+//!
+//! # Wiring into the `slipway` binary
+//!
+//! ```text
+//! #[derive(clap::Subcommand)]
+//! enum Command {
+//!     /// The L4 load balancer.
+//!     #[command(subcommand)]
+//!     Lb(slipway_lb::cli::LbCommand),
+//!     // ...
+//! }
+//! // in main: Command::Lb(cmd) => cmd.run()?,
+//! ```
+//!
+//! `slipway lb serve --config lb.yaml` runs the daemon; `slipway lb status`, `apply -f`,
+//! `delete ns/name` and `metrics` talk to it over its socket (default
+//! [`config::DEFAULT_SOCKET`]).
+#![deny(unsafe_code)]
+
+pub mod announce;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod datapath;
+pub mod error;
+pub mod health;
+pub mod maglev;
+pub mod maps;
+pub mod metrics;
+pub mod packet;
+pub mod pool;
+pub mod status;
+pub mod testing;
+
+pub use error::LbError;

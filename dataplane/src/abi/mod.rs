@@ -3,6 +3,7 @@
 //! in a submodule. Every mirror is listed with [`mirror!`] in a `layout_matches_btf` test that
 //! checks its size and field offsets against the BTF clang emitted for the compiled objects.
 
+pub mod lb;
 pub mod services;
 
 use std::net::Ipv4Addr;

@@ -1,0 +1,355 @@
+//! `#[repr(C)]` mirrors of the L4 load balancer's map keys and values (the "L4 load balancer"
+//! section of `ebpf/include/abi.h`), checked against the BTF of `lb.o` and `lb_xdp.o`.
+
+use std::net::Ipv4Addr;
+
+use super::Mac;
+
+/// Services served at once; each owns one Maglev ring (`LB_MAX_SERVICES`).
+pub const MAX_SERVICES: u32 = 64;
+/// Slots of one service's Maglev ring (`LB_MAGLEV_SIZE`), a prime.
+pub const MAGLEV_SIZE: u32 = 65537;
+/// Backends over all services; id 0 means "none" (`LB_MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Connection-tracking entries (`LB_MAX_FLOWS`).
+pub const MAX_FLOWS: u32 = 262_144;
+/// Announced addresses (`LB_MAX_VIPS`).
+pub const MAX_VIPS: u32 = 1024;
+/// Source-range entries over all services (`LB_MAX_SOURCE_RANGES`).
+pub const MAX_SOURCE_RANGES: u32 = 16384;
+
+/// `LB_SERVICE_F_LOCAL`: externalTrafficPolicy Local, no SNAT.
+pub const SERVICE_F_LOCAL: u32 = 0x1;
+/// `LB_SERVICE_F_SOURCE_RANGES`: the service has loadBalancerSourceRanges.
+pub const SERVICE_F_SOURCE_RANGES: u32 = 0x2;
+
+/// `LB_FLOW_OPEN`.
+pub const FLOW_OPEN: u8 = 0;
+/// `LB_FLOW_CLOSING`: a FIN or RST went by.
+pub const FLOW_CLOSING: u8 = 1;
+
+/// An IPv4 address as the datapath stores it: network byte order in a `u32`.
+pub fn be32(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The address behind a network-order `u32`.
+pub fn ip_of(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+/// A port in network byte order.
+pub fn be16(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Key of `lb_services` (`struct lb_service_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LbServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl LbServiceKey {
+    pub fn new(vip: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            vip: be32(vip),
+            port: be16(port),
+            proto,
+            pad: 0,
+        }
+    }
+}
+
+/// Value of `lb_services` (`struct lb_service`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbService {
+    /// Ring index in `lb_maglev` and entry in `lb_service_stats`.
+    pub id: u32,
+    /// `SERVICE_F_*`.
+    pub flags: u32,
+}
+
+/// Value of `lb_backends` (`struct lb_backend`); all zero means "no backend".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbBackend {
+    pub ip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+impl LbBackend {
+    pub fn new(ip: Ipv4Addr, port: u16) -> Self {
+        Self {
+            ip: be32(ip),
+            port: be16(port),
+            pad: 0,
+        }
+    }
+}
+
+/// A 5-tuple, key of `lb_flows` and `lb_reverse` (`struct lb_flow_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LbFlowKey {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of `lb_flows` (`struct lb_flow`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbFlow {
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub nat_ip: u32,
+    pub nat_port: u16,
+    /// `FLOW_OPEN` or `FLOW_CLOSING`.
+    pub state: u8,
+    pub pad: u8,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the flow's last packet.
+    pub last_seen_ns: u64,
+}
+
+/// Value of `lb_reverse` (`struct lb_reverse`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbReverse {
+    pub client: u32,
+    pub vip: u32,
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// The data of an `lb_source_ranges` key (`struct lb_source_range`); the key itself
+/// (`struct lb_source_range_key`) is aya's `lpm_trie::Key<LbSourceRange>`, whose prefix length
+/// counts the 32 bits of `service_id` plus the client prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LbSourceRange {
+    pub service_id: u32,
+    pub ip: u32,
+}
+
+/// Key of `lb_vips` (`struct lb_vip_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LbVipKey {
+    pub ip: u32,
+}
+
+/// Value of `lb_vips` (`struct lb_vip`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbVip {
+    pub flags: u32,
+}
+
+/// The one entry of `lb_config` (`struct lb_config`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Source address of SNATed flows (network order).
+    pub snat_ip: u32,
+    /// Egress device of translated packets.
+    pub ifindex: u32,
+    /// MAC of the LB interface, the answer to ARP requests for VIPs.
+    pub mac: Mac,
+    pub pad: [u8; 2],
+}
+
+/// Per-CPU traffic of a backend or service (`struct lb_stats`), one CPU's share or the sum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+impl std::ops::AddAssign for LbStats {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.flows += other.flows;
+    }
+}
+
+/// `enum lb_reason`: why the LB gave a packet its verdict (index of `lb_counters`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbReason {
+    Forward = 1,
+    Reply = 2,
+    Pass = 3,
+    DropNoBackend = 4,
+    DropSourceRange = 5,
+    DropMalformed = 6,
+    ArpReply = 7,
+    DropNoService = 8,
+    DropNoPort = 9,
+    DropNoRoute = 10,
+}
+
+impl LbReason {
+    pub const ALL: [LbReason; 10] = [
+        LbReason::Forward,
+        LbReason::Reply,
+        LbReason::Pass,
+        LbReason::DropNoBackend,
+        LbReason::DropSourceRange,
+        LbReason::DropMalformed,
+        LbReason::ArpReply,
+        LbReason::DropNoService,
+        LbReason::DropNoPort,
+        LbReason::DropNoRoute,
+    ];
+
+    /// Entries of `lb_counters` (`LB_REASON_MAX`).
+    pub const MAX: u32 = 11;
+
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u32 == raw)
+    }
+
+    /// The label used in metrics and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbReason::Forward => "forward",
+            LbReason::Reply => "reply",
+            LbReason::Pass => "pass",
+            LbReason::DropNoBackend => "drop_no_backend",
+            LbReason::DropSourceRange => "drop_source_range",
+            LbReason::DropMalformed => "drop_malformed",
+            LbReason::ArpReply => "arp_reply",
+            LbReason::DropNoService => "drop_no_service",
+            LbReason::DropNoPort => "drop_no_port",
+            LbReason::DropNoRoute => "drop_no_route",
+        }
+    }
+}
+
+// SAFETY: each type is `#[repr(C)]`, made only of integers and byte arrays with no implicit
+// padding (checked against the BTF layout in `tests::layout_matches_btf`), so every bit pattern
+// is a valid value and the kernel can read and write them as plain bytes.
+unsafe impl aya::Pod for LbServiceKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbService {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbBackend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbFlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbFlow {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbReverse {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbSourceRange {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbVipKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbVip {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbStats {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::layout::{Mirror, assert_matches, mirror};
+    use crate::btf::Btf;
+    use crate::objects;
+
+    fn mirrors() -> Vec<Mirror> {
+        vec![
+            mirror!("lb_service_key", LbServiceKey, [vip, port, proto, pad]),
+            mirror!("lb_service", LbService, [id, flags]),
+            mirror!("lb_backend", LbBackend, [ip, port, pad]),
+            mirror!(
+                "lb_flow_key",
+                LbFlowKey,
+                [src, dst, sport, dport, proto, pad]
+            ),
+            mirror!(
+                "lb_flow",
+                LbFlow,
+                [
+                    backend_id,
+                    service_id,
+                    nat_ip,
+                    nat_port,
+                    state,
+                    pad,
+                    last_seen_ns
+                ]
+            ),
+            mirror!(
+                "lb_reverse",
+                LbReverse,
+                [client, vip, client_port, vip_port, backend_id, service_id]
+            ),
+            mirror!("lb_source_range", LbSourceRange, [service_id, ip]),
+            mirror!("lb_vip_key", LbVipKey, [ip]),
+            mirror!("lb_vip", LbVip, [flags]),
+            mirror!("lb_config", LbConfig, [snat_ip, ifindex, mac, pad]),
+            mirror!("lb_stats", LbStats, [packets, bytes, flows]),
+        ]
+    }
+
+    #[test]
+    fn layout_matches_btf() {
+        assert_matches(objects::LB, &mirrors());
+        assert_matches(objects::LB_XDP, &mirrors());
+    }
+
+    #[test]
+    fn source_range_key_is_aya_lpm_key() {
+        let btf = Btf::from_elf(objects::LB).expect("BTF");
+        let key = btf
+            .struct_layout("lb_source_range_key")
+            .expect("lb_source_range_key");
+        assert_eq!(
+            key.size,
+            size_of::<aya::maps::lpm_trie::Key<LbSourceRange>>()
+        );
+        let offsets: Vec<usize> = key.members.iter().map(|m| m.offset_bits / 8).collect();
+        assert_eq!(offsets, [0, 4]);
+    }
+
+    #[test]
+    fn reasons_match_btf_enum() {
+        let btf = Btf::from_elf(objects::LB).expect("BTF");
+        let values = btf.enum_values("lb_reason").expect("enum lb_reason in BTF");
+        let expected: Vec<(String, i64)> = LbReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("LB_REASON_{}", r.as_str().to_uppercase()),
+                    *r as i64,
+                )
+            })
+            .collect();
+        assert_eq!(values, expected);
+        assert!(LbReason::ALL.iter().all(|r| (*r as u32) < LbReason::MAX));
+    }
+
+    #[test]
+    fn addresses_and_ports_are_network_order() {
+        let key = LbServiceKey::new(Ipv4Addr::new(10, 99, 100, 1), 80, 6);
+        assert_eq!(key.vip.to_ne_bytes(), [10, 99, 100, 1]);
+        assert_eq!(key.port.to_ne_bytes(), [0, 80]);
+        assert_eq!(ip_of(key.vip), Ipv4Addr::new(10, 99, 100, 1));
+    }
+}

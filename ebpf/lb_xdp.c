@@ -1,0 +1,108 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The L4 load balancer at XDP, for NICs with native XDP (on veths use lb.c at TC: DESIGN.md).
+ * Same packet logic (lb_core.h); translations are applied with incremental checksum updates
+ * (RFC 1624) and the next hop comes from bpf_fib_lookup(), since XDP frames carry no skb.
+ */
+#include <linux/bpf.h>
+#include <stddef.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lb_core.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+static __always_inline __u16 csum_fold32(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), for a 32-bit field m (two 16-bit words). */
+static __always_inline void csum_replace4(__u16 *sum, __u32 from, __u32 to)
+{
+	__u32 s = (__u16)~*sum;
+	s += (__u16)~(from & 0xffff) + (__u16)~(from >> 16);
+	s += (to & 0xffff) + (to >> 16);
+	*sum = ~csum_fold32(s);
+}
+
+static __always_inline void csum_replace2(__u16 *sum, __u16 from, __u16 to)
+{
+	__u32 s = (__u16)~*sum;
+	s += (__u16)~from + to;
+	*sum = ~csum_fold32(s);
+}
+
+SEC("xdp")
+int lb_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct lb_nat nat = {};
+	__u32 zero = 0;
+
+	switch (lb_decide(data, data_end, data_end - data, &nat)) {
+	case LB_ACT_DROP:
+		return XDP_DROP;
+	case LB_ACT_TX:
+		return XDP_TX;
+	case LB_ACT_NAT:
+		break;
+	default:
+		return XDP_PASS;
+	}
+
+	struct ethhdr *eth = data;
+	struct iphdr *ip4 = data + sizeof(*eth);
+	__u32 l4_off = nat.l4_off & 0x7f;
+	__be16 *ports = data + l4_off;
+	__u16 *l4_csum = data + l4_off + (nat.proto == IPPROTO_TCP ? 16 : 6);
+	if ((void *)(ip4 + 1) > data_end || (void *)(ports + 2) > data_end ||
+	    (void *)(l4_csum + 1) > data_end)
+		return XDP_DROP;
+
+	csum_replace4(&ip4->check, nat.old_src, nat.new_src);
+	csum_replace4(&ip4->check, nat.old_dst, nat.new_dst);
+	if (nat.proto == IPPROTO_TCP || *l4_csum != 0) {
+		csum_replace4(l4_csum, nat.old_src, nat.new_src);
+		csum_replace4(l4_csum, nat.old_dst, nat.new_dst);
+		csum_replace2(l4_csum, nat.old_sport, nat.new_sport);
+		csum_replace2(l4_csum, nat.old_dport, nat.new_dport);
+		if (nat.proto == IPPROTO_UDP && *l4_csum == 0)
+			*l4_csum = 0xffff;
+	}
+	ip4->saddr = nat.new_src;
+	ip4->daddr = nat.new_dst;
+	ports[0] = nat.new_sport;
+	ports[1] = nat.new_dport;
+
+	struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.l4_protocol = nat.proto,
+		.sport = nat.new_sport,
+		.dport = nat.new_dport,
+		.tot_len = bpf_ntohs(ip4->tot_len),
+		.ipv4_src = nat.new_src,
+		.ipv4_dst = nat.new_dst,
+		.ifindex = cfg && cfg->ifindex ? cfg->ifindex : ctx->ingress_ifindex,
+	};
+	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return XDP_PASS; /* the kernel resolves the neighbour and forwards */
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		lb_count(LB_REASON_DROP_NO_ROUTE, data_end - data);
+		return XDP_DROP;
+	}
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	if (fib.ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,126 @@
+//! `slipway lb ...`: the LB's command-line surface, as a clap subcommand the `slipway` binary
+//! mounts (see the crate docs for the wiring).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+
+use crate::announce::StaticLease;
+use crate::api::Client;
+use crate::config::{DEFAULT_SOCKET, LbConfig, ServiceSpec};
+use crate::daemon::serve;
+use crate::datapath::AttachPoint;
+
+/// `slipway lb <command>`.
+#[derive(Debug, Subcommand)]
+pub enum LbCommand {
+    /// Run the load balancer daemon on this host (root: loads eBPF, attaches to the interface).
+    Serve(ServeArgs),
+    /// Show VIPs, services, backends with health, ring shares and flow counts, pools.
+    Status {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the JSON the API returns instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or update a service from a YAML or JSON file (a `ServiceSpec`).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Delete a service; its VIP returns to the pool.
+    Delete {
+        /// `namespace/name`.
+        service: String,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Print the Prometheus metrics.
+    Metrics {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+/// `slipway lb serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The daemon configuration (YAML or JSON, an `LbConfig`).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Attach at XDP (native mode) instead of TC: for NICs with native XDP, not veths.
+    #[arg(long)]
+    pub xdp: bool,
+}
+
+fn read_yaml<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+impl LbCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            LbCommand::Serve(args) => {
+                let config: LbConfig = read_yaml(&args.config)?;
+                let point = if args.xdp {
+                    AttachPoint::Xdp(aya::programs::XdpMode::Driver)
+                } else {
+                    AttachPoint::Tc
+                };
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(serve(config, point, Arc::new(StaticLease), async {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(term) => term,
+                        Err(_) => {
+                            let _ = tokio::signal::ctrl_c().await;
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }))?;
+                Ok(())
+            }
+            LbCommand::Status { socket, json } => {
+                let status = Client::new(&socket).status()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print!("{}", status.table());
+                }
+                Ok(())
+            }
+            LbCommand::Apply { file, socket } => {
+                let spec: ServiceSpec = read_yaml(&file)?;
+                let vip = Client::new(&socket).apply(&spec)?;
+                println!("service {} applied: VIP {vip}", spec.key());
+                Ok(())
+            }
+            LbCommand::Delete { service, socket } => {
+                let (namespace, name) = service
+                    .split_once('/')
+                    .context("the service is named namespace/name")?;
+                Client::new(&socket).delete(namespace, name)?;
+                println!("service {service} deleted");
+                Ok(())
+            }
+            LbCommand::Metrics { socket } => {
+                print!("{}", Client::new(&socket).metrics()?);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! What the load balancer is told: the daemon's configuration (interface, VIP pools) and the
+//! services it balances (the fields of a Kubernetes `Service` of type LoadBalancer that an L4
+//! LB needs, plus its backends). Serde types with `deny_unknown_fields`; `validate()` reports
+//! every bad field at once.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::LbError;
+
+/// One bad field: its path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+/// Collects field errors.
+#[derive(Debug, Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            problem: problem.into(),
+        });
+    }
+
+    fn finish(self, what: &'static str) -> Result<(), LbError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(LbError::Invalid {
+                what,
+                errors: self.0,
+            })
+        }
+    }
+}
+
+/// The daemon's configuration (`slipway lb serve --config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LbConfig {
+    /// The LB interface: the TC program attaches at its ingress, VIPs are announced on it.
+    pub interface: String,
+    /// Source address of SNATed flows; default: the interface's first IPv4 address.
+    #[serde(default)]
+    pub snat_ip: Option<Ipv4Addr>,
+    /// The VIP pools (the seeds' Ingress CIDR).
+    pub pools: Vec<PoolConfig>,
+    /// Egress CIDRs: a pool may not overlap them.
+    #[serde(default)]
+    pub egress_cidrs: Vec<String>,
+    /// When set, a pool smaller than this prefix (e.g. 27: fewer than 32 addresses) is
+    /// rejected.
+    #[serde(default)]
+    pub min_pool_prefix: Option<u8>,
+    /// The local API's Unix socket.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Where the maps are pinned on bpffs (kept across restarts); none: not pinned.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
+    /// Gratuitous ARPs sent when the LB takes a VIP over, and the gap between them.
+    #[serde(default = "default_garp_count")]
+    pub garp_count: u32,
+    #[serde(default = "default_garp_interval_ms")]
+    pub garp_interval_ms: u64,
+}
+
+/// The default local API socket.
+pub const DEFAULT_SOCKET: &str = "/run/slipway/lb.sock";
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_garp_count() -> u32 {
+    3
+}
+fn default_garp_interval_ms() -> u64 {
+    500
+}
+
+/// A VIP pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PoolConfig {
+    pub name: String,
+    /// e.g. "10.99.100.0/24".
+    pub cidr: String,
+}
+
+impl LbConfig {
+    /// A configuration with the defaults for everything but the interface and pools.
+    pub fn new(interface: &str, pools: Vec<PoolConfig>) -> Self {
+        Self {
+            interface: interface.to_owned(),
+            snat_ip: None,
+            pools,
+            egress_cidrs: Vec::new(),
+            min_pool_prefix: None,
+            socket: default_socket(),
+            pin_dir: None,
+            garp_count: default_garp_count(),
+            garp_interval_ms: default_garp_interval_ms(),
+        }
+    }
+
+    /// Checks every field; the error lists all bad ones.
+    pub fn validate(&self) -> Result<(), LbError> {
+        let mut p = Problems::default();
+        if self.interface.is_empty() || self.interface.len() > 15 {
+            p.add("interface", "must be an interface name of 1 to 15 bytes");
+        }
+        let mut egress = Vec::new();
+        for (i, cidr) in self.egress_cidrs.iter().enumerate() {
+            match cidr.parse::<Ipv4Network>() {
+                Ok(net) => egress.push(net),
+                Err(e) => p.add(format!("egressCidrs[{i}]"), format!("{cidr:?}: {e}")),
+            }
+        }
+        if let Some(min) = self.min_pool_prefix
+            && min > 32
+        {
+            p.add("minPoolPrefix", "must be 0..=32");
+        }
+        if self.pools.is_empty() {
+            p.add("pools", "at least one pool is needed");
+        }
+        let mut names = BTreeSet::new();
+        let mut nets: Vec<(usize, Ipv4Network)> = Vec::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            if pool.name.is_empty() {
+                p.add(format!("pools[{i}].name"), "must not be empty");
+            } else if !names.insert(pool.name.as_str()) {
+                p.add(
+                    format!("pools[{i}].name"),
+                    format!("{:?} is used twice", pool.name),
+                );
+            }
+            let net = match pool.cidr.parse::<Ipv4Network>() {
+                Ok(net) => net,
+                Err(e) => {
+                    p.add(format!("pools[{i}].cidr"), format!("{:?}: {e}", pool.cidr));
+                    continue;
+                }
+            };
+            if net.network() != net.ip() {
+                p.add(
+                    format!("pools[{i}].cidr"),
+                    format!(
+                        "{} has host bits set (network is {})",
+                        pool.cidr,
+                        net.network()
+                    ),
+                );
+            }
+            if let Some(min) = self.min_pool_prefix
+                && net.prefix() > min
+            {
+                p.add(
+                    format!("pools[{i}].cidr"),
+                    format!("{net} is smaller than the /{min} minimum"),
+                );
+            }
+            for e in &egress {
+                if e.overlaps(net) {
+                    p.add(
+                        format!("pools[{i}].cidr"),
+                        format!("{net} overlaps the egress CIDR {e}"),
+                    );
+                }
+            }
+            for (j, other) in &nets {
+                if other.overlaps(net) {
+                    p.add(
+                        format!("pools[{i}].cidr"),
+                        format!("{net} overlaps pools[{j}] ({other})"),
+                    );
+                }
+            }
+            nets.push((i, net));
+        }
+        if self.garp_count > 100 {
+            p.add("garpCount", "at most 100");
+        }
+        p.finish("LB configuration")
+    }
+}
+
+/// The protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// `externalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrafficPolicy {
+    /// Any backend; the backend sees the LB's address (SNAT).
+    #[default]
+    Cluster,
+    /// Node-local backends only; the backend sees the client's address (no SNAT). Replies
+    /// must route back through the LB host.
+    Local,
+}
+
+/// A Service of type LoadBalancer with its backends, as the local API takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    pub ports: Vec<ServicePort>,
+    /// Requests a specific VIP (`spec.loadBalancerIP`).
+    #[serde(default)]
+    pub load_balancer_ip: Option<Ipv4Addr>,
+    /// Clients allowed in (`spec.loadBalancerSourceRanges`); empty: everyone.
+    #[serde(default)]
+    pub load_balancer_source_ranges: Vec<String>,
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
+    pub backends: Vec<BackendSpec>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSpec>,
+    /// How long a drained backend (weight 0) keeps its existing flows; none: until they end.
+    #[serde(default)]
+    pub drain_timeout_secs: Option<u64>,
+}
+
+/// A service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    pub port: u16,
+    /// The backends' port; 0 or absent: the same as `port`.
+    #[serde(default)]
+    pub target_port: u16,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        if self.target_port == 0 {
+            self.port
+        } else {
+            self.target_port
+        }
+    }
+}
+
+/// A backend (an endpoint of the service).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendSpec {
+    pub ip: Ipv4Addr,
+    /// Relative share of new flows; 0 drains the backend (no new flows, existing ones stay).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Whether the backend is local to the LB node: only these serve an
+    /// `externalTrafficPolicy: Local` service.
+    #[serde(default)]
+    pub node_local: bool,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Active health checks of a service's backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheckSpec {
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a failed backend back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a backend out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// The backend port probed; default: the first TCP port's target port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// With a path, the probe is an HTTP GET that must answer 2xx or 3xx; else a TCP connect.
+    #[serde(default)]
+    pub http_path: Option<String>,
+}
+
+fn default_interval_ms() -> u64 {
+    2000
+}
+fn default_timeout_ms() -> u64 {
+    1000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// A service's name, `namespace/name`.
+pub fn service_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl ServiceSpec {
+    pub fn key(&self) -> String {
+        service_name(&self.namespace, &self.name)
+    }
+
+    /// The port the health checks probe, if there is one.
+    pub fn health_port(&self) -> Option<u16> {
+        let check = self.health_check.as_ref()?;
+        check.port.or_else(|| {
+            self.ports
+                .iter()
+                .find(|p| p.protocol == Protocol::Tcp)
+                .map(ServicePort::target)
+        })
+    }
+
+    /// The parsed source ranges (call after [`ServiceSpec::validate`]).
+    pub fn source_ranges(&self) -> Vec<Ipv4Network> {
+        self.load_balancer_source_ranges
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .collect()
+    }
+
+    /// Checks every field; the error lists all bad ones.
+    pub fn validate(&self) -> Result<(), LbError> {
+        let mut p = Problems::default();
+        for (field, value) in [("namespace", &self.namespace), ("name", &self.name)] {
+            if !is_dns_label(value) {
+                p.add(
+                    field,
+                    format!("{value:?} is not a DNS label (a-z, 0-9, '-', 1..63)"),
+                );
+            }
+        }
+        if self.ports.is_empty() {
+            p.add("ports", "at least one port is needed");
+        }
+        let mut seen = BTreeSet::new();
+        for (i, port) in self.ports.iter().enumerate() {
+            if port.port == 0 {
+                p.add(format!("ports[{i}].port"), "must be 1..=65535");
+            }
+            if !seen.insert((port.protocol, port.port)) {
+                p.add(
+                    format!("ports[{i}]"),
+                    format!("{}/{} is listed twice", port.port, port.protocol.as_str()),
+                );
+            }
+        }
+        if let Some(ip) = self.load_balancer_ip
+            && (ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+        {
+            p.add("loadBalancerIP", format!("{ip} cannot be a VIP"));
+        }
+        for (i, range) in self.load_balancer_source_ranges.iter().enumerate() {
+            match range.parse::<Ipv4Network>() {
+                Ok(net) if net.network() != net.ip() => p.add(
+                    format!("loadBalancerSourceRanges[{i}]"),
+                    format!("{range} has host bits set"),
+                ),
+                Ok(_) => {}
+                Err(e) => p.add(
+                    format!("loadBalancerSourceRanges[{i}]"),
+                    format!("{range:?}: {e}"),
+                ),
+            }
+        }
+        let mut ips = BTreeSet::new();
+        for (i, backend) in self.backends.iter().enumerate() {
+            if backend.ip.is_unspecified() || backend.ip.is_broadcast() {
+                p.add(
+                    format!("backends[{i}].ip"),
+                    format!("{} is no host", backend.ip),
+                );
+            }
+            if !ips.insert(backend.ip) {
+                p.add(
+                    format!("backends[{i}].ip"),
+                    format!("{} is listed twice", backend.ip),
+                );
+            }
+            if backend.weight > 1000 {
+                p.add(format!("backends[{i}].weight"), "must be 0..=1000");
+            }
+        }
+        if let Some(check) = &self.health_check {
+            if check.interval_ms < 10 {
+                p.add("healthCheck.intervalMs", "must be at least 10");
+            }
+            if check.timeout_ms == 0 || check.timeout_ms > check.interval_ms.max(10) {
+                p.add("healthCheck.timeoutMs", "must be 1..=intervalMs");
+            }
+            if check.rise == 0 {
+                p.add("healthCheck.rise", "must be at least 1");
+            }
+            if check.fall == 0 {
+                p.add("healthCheck.fall", "must be at least 1");
+            }
+            if check.port == Some(0) {
+                p.add("healthCheck.port", "must be 1..=65535");
+            }
+            if self.health_port().is_none() {
+                p.add(
+                    "healthCheck.port",
+                    "needed when the service has no TCP port",
+                );
+            }
+            if let Some(path) = &check.http_path
+                && (!path.starts_with('/')
+                    || path.bytes().any(|b| b.is_ascii_control() || b == b' '))
+            {
+                p.add(
+                    "healthCheck.httpPath",
+                    "must start with '/' and hold no spaces or controls",
+                );
+            }
+        }
+        p.finish("service")
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(err: LbError) -> Vec<String> {
+        match err {
+            LbError::Invalid { errors, .. } => errors.into_iter().map(|e| e.field).collect(),
+            other => panic!("not a validation error: {other}"),
+        }
+    }
+
+    fn pools(cidrs: &[&str]) -> LbConfig {
+        LbConfig::new(
+            "eth0",
+            cidrs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| PoolConfig {
+                    name: format!("p{i}"),
+                    cidr: (*c).to_owned(),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_pool_overlapping_the_egress_cidr_is_rejected() {
+        let mut config = pools(&["10.99.100.0/24"]);
+        config.validate().expect("valid alone");
+        config.egress_cidrs = vec!["10.99.100.128/25".into()];
+        let err = config.validate().expect_err("overlap");
+        assert!(
+            err.to_string()
+                .contains("overlaps the egress CIDR 10.99.100.128/25"),
+            "{err}"
+        );
+        assert_eq!(fields(err), ["pools[0].cidr"]);
+    }
+
+    #[test]
+    fn a_pool_below_the_minimum_prefix_is_rejected() {
+        let mut config = pools(&["10.99.100.0/28", "10.99.101.0/27"]);
+        config.validate().expect("no minimum asked");
+        config.min_pool_prefix = Some(27);
+        let err = config.validate().expect_err("/28 < /27");
+        assert!(
+            err.to_string().contains("smaller than the /27 minimum"),
+            "{err}"
+        );
+        assert_eq!(fields(err), ["pools[0].cidr"]);
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let mut config = pools(&["10.0.0.0/33", "10.1.0.1/24", "10.2.0.0/16", "10.2.1.0/24"]);
+        config.interface = String::new();
+        config.egress_cidrs = vec!["nonsense".into()];
+        assert_eq!(
+            fields(config.validate().expect_err("bad")),
+            [
+                "interface",
+                "egressCidrs[0]",
+                "pools[0].cidr",
+                "pools[1].cidr",
+                "pools[3].cidr"
+            ]
+        );
+    }
+
+    #[test]
+    fn service_json_rejects_unknown_fields_and_validates() {
+        let good = r#"{"namespace":"default","name":"web","ports":[{"port":80}],
+            "backends":[{"ip":"10.99.0.3"},{"ip":"10.99.0.4","weight":2}],
+            "healthCheck":{"intervalMs":200,"timeoutMs":100,"rise":1,"fall":2}}"#;
+        let spec: ServiceSpec = serde_json::from_str(good).expect("parse");
+        spec.validate().expect("valid");
+        assert_eq!(spec.health_port(), Some(80));
+        assert_eq!(spec.backends[0].weight, 1);
+        assert_eq!(spec.external_traffic_policy, TrafficPolicy::Cluster);
+
+        let unknown = good.replace("\"name\":\"web\"", "\"name\":\"web\",\"colour\":\"red\"");
+        assert!(serde_json::from_str::<ServiceSpec>(&unknown).is_err());
+
+        let mut bad = spec.clone();
+        bad.name = "Web!".into();
+        bad.ports.push(ServicePort {
+            name: None,
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: 0,
+        });
+        bad.load_balancer_source_ranges = vec!["10.0.0.1/8".into(), "x".into()];
+        bad.backends.push(BackendSpec {
+            ip: "10.99.0.3".parse().expect("ip"),
+            weight: 5000,
+            node_local: false,
+        });
+        if let Some(check) = bad.health_check.as_mut() {
+            check.fall = 0;
+            check.http_path = Some("no-slash".into());
+        }
+        assert_eq!(
+            fields(bad.validate().expect_err("bad")),
+            [
+                "name",
+                "ports[1]",
+                "loadBalancerSourceRanges[0]",
+                "loadBalancerSourceRanges[1]",
+                "backends[2].ip",
+                "backends[2].weight",
+                "healthCheck.fall",
+                "healthCheck.httpPath"
+            ]
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! The LB daemon (`slipway lb serve`): loads and attaches the datapath on the LB interface,
+//! serves the local API on a Unix socket, runs the health checks, sends gratuitous ARP for
+//! VIPs it takes over, and ends drained flows on time. [`DaemonHandle`] runs one on a thread
+//! inside a named network namespace (tests, the benchmark, the demo).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, put};
+use serde_json::Value;
+use slipway_dataplane::abi::lb::{LbConfig as ConfigValue, be32};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+use tracing::{info, warn};
+
+use crate::LbError;
+use crate::announce::{Announcer, Lease, StaticLease, garp_frame};
+use crate::api::{self, ApiError, Applied};
+use crate::config::LbConfig;
+use crate::controller::{Controller, HealthTarget};
+use crate::datapath::{AttachPoint, LbDatapath};
+use crate::health::probe;
+use crate::metrics::Metrics;
+use crate::packet::send_frame;
+use crate::pool::Pools;
+
+/// The LB interface as the daemon found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interface {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// Its first IPv4 address.
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// Reads `ifname`'s index, MAC and first IPv4 address in the calling thread's namespace
+/// (with `ip -j`: sysfs shows the namespace it was mounted in, not the caller's).
+pub fn interface(ifname: &str) -> Result<Interface, LbError> {
+    let output = std::process::Command::new("ip")
+        .args(["-j", "addr", "show", "dev", ifname])
+        .output()
+        .map_err(|source| LbError::Syscall {
+            call: "spawn ip",
+            source,
+        })?;
+    let bad = |what: &str| LbError::Invalid {
+        what: "LB configuration",
+        errors: vec![crate::config::FieldError {
+            field: "interface".into(),
+            problem: format!("{ifname}: {what}"),
+        }],
+    };
+    if !output.status.success() {
+        return Err(bad(String::from_utf8_lossy(&output.stderr).trim()));
+    }
+    let links: Vec<Value> =
+        serde_json::from_slice(&output.stdout).map_err(|e| bad(&e.to_string()))?;
+    let link = links.first().ok_or_else(|| bad("no such interface"))?;
+    let ifindex = link["ifindex"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| bad("no ifindex"))?;
+    let mac = link["address"]
+        .as_str()
+        .and_then(slipway_dataplane::testing::parse_mac)
+        .ok_or_else(|| bad("no MAC address"))?;
+    let ip = link["addr_info"].as_array().and_then(|addrs| {
+        addrs
+            .iter()
+            .find(|a| a["family"] == "inet")
+            .and_then(|a| a["local"].as_str()?.parse().ok())
+    });
+    Ok(Interface { ifindex, mac, ip })
+}
+
+struct Shared {
+    controller: Mutex<Controller>,
+    metrics: Metrics,
+    config: LbConfig,
+    iface: Interface,
+    health: Mutex<BTreeMap<HealthTarget, AbortHandle>>,
+}
+
+type AppState = Arc<Shared>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Controller> {
+    shared.controller.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the daemon in the calling thread's network namespace until `shutdown` resolves.
+pub async fn serve(
+    config: LbConfig,
+    point: AttachPoint,
+    lease: Arc<dyn Lease>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), LbError> {
+    config.validate()?;
+    let pools = Pools::from_config(&config)?;
+    let iface = interface(&config.interface)?;
+    let snat_ip = config.snat_ip.or(iface.ip).ok_or(LbError::Capacity(
+        "the LB interface has no IPv4 address for SNAT",
+    ))?;
+    let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref())?;
+    use crate::maps::LbMaps as _;
+    datapath.set_config(ConfigValue {
+        snat_ip: be32(snat_ip),
+        ifindex: iface.ifindex,
+        mac: iface.mac,
+        pad: [0; 2],
+    })?;
+    datapath.attach(&config.interface)?;
+    info!(interface = %config.interface, %snat_ip, ?point, "LB datapath attached");
+
+    let controller = Controller::new(Box::new(datapath), pools, Announcer::new(lease));
+    let shared = Arc::new(Shared {
+        controller: Mutex::new(controller),
+        metrics: Metrics::new(),
+        config: config.clone(),
+        iface,
+        health: Mutex::new(BTreeMap::new()),
+    });
+
+    if let Some(dir) = config.socket.parent() {
+        fs::create_dir_all(dir).map_err(|source| LbError::Syscall {
+            call: "mkdir socket directory",
+            source,
+        })?;
+    }
+    let _ = fs::remove_file(&config.socket);
+    let listener =
+        tokio::net::UnixListener::bind(&config.socket).map_err(|source| LbError::Syscall {
+            call: "bind local API socket",
+            source,
+        })?;
+    let router = Router::new()
+        .route("/v1/services", put(apply))
+        .route("/v1/services/{namespace}/{name}", delete(remove))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(shared.clone());
+    info!(socket = %config.socket.display(), "local API listening");
+
+    let ticker = tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                every.tick().await;
+                let taken = lock(&shared).tick(Instant::now());
+                match taken {
+                    Ok(vips) => send_garps(&shared, vips),
+                    Err(e) => warn!(error = %e, "periodic work failed"),
+                }
+            }
+        }
+    });
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    ticker.abort();
+    for (_, task) in std::mem::take(&mut *shared.health.lock().unwrap_or_else(|p| p.into_inner())) {
+        task.abort();
+    }
+    let _ = fs::remove_file(&config.socket);
+    served.map_err(|source| LbError::Syscall {
+        call: "serve local API",
+        source,
+    })
+}
+
+async fn apply(State(shared): State<AppState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let spec = api::parse_spec(&body)?;
+    let applied = lock(&shared).apply(spec)?;
+    send_garps(&shared, applied.taken_over);
+    sync_health(&shared);
+    Ok(axum::Json(Applied { vip: applied.vip }))
+}
+
+async fn remove(
+    State(shared): State<AppState>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    lock(&shared).delete(&namespace, &name)?;
+    sync_health(&shared);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn status(State(shared): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(lock(&shared).status(monotonic_ns())?))
+}
+
+async fn metrics(State(shared): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let status = lock(&shared).status(monotonic_ns())?;
+    let text = shared
+        .metrics
+        .render(status)
+        .map_err(|_| ApiError(LbError::Api("encoding metrics".into())))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
+}
+
+/// Sends `garp_count` gratuitous ARPs for each VIP, `garp_interval_ms` apart.
+fn send_garps(shared: &AppState, vips: Vec<Ipv4Addr>) {
+    if vips.is_empty() || shared.config.garp_count == 0 {
+        return;
+    }
+    let (count, gap) = (
+        shared.config.garp_count,
+        Duration::from_millis(shared.config.garp_interval_ms),
+    );
+    let iface = shared.iface;
+    tokio::spawn(async move {
+        for round in 0..count {
+            if round > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            for vip in &vips {
+                if let Err(e) = send_frame(iface.ifindex, &garp_frame(iface.mac, *vip)) {
+                    warn!(%vip, error = %e, "gratuitous ARP not sent");
+                }
+            }
+        }
+    });
+}
+
+/// Starts health-check tasks for new targets and stops those of gone ones.
+fn sync_health(shared: &AppState) {
+    let targets = lock(shared).health_targets();
+    let mut tasks = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+    tasks.retain(|target, task| {
+        let keep = targets.contains(target);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    for target in targets {
+        if tasks.contains_key(&target) {
+            continue;
+        }
+        let shared = shared.clone();
+        let t = target.clone();
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(t.interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let ok = probe(t.addr.into(), t.http_path.as_deref(), t.timeout).await;
+                if let Err(e) = lock(&shared).observe_health(&t.service, t.ip, ok) {
+                    warn!(service = %t.service, backend = %t.addr, error = %e, "health update failed");
+                }
+            }
+        });
+        tasks.insert(target, task.abort_handle());
+    }
+}
+
+/// A daemon running on its own thread inside a named network namespace; stopped (program
+/// detached, socket removed) on drop.
+#[derive(Debug)]
+pub struct DaemonHandle {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), LbError>>>,
+    socket: PathBuf,
+}
+
+impl DaemonHandle {
+    /// Starts the daemon in network namespace `netns` (as named by `ip netns`) with a static
+    /// lease, and waits until its API answers.
+    pub fn start_in_netns(netns: &str, config: LbConfig) -> Result<Self, LbError> {
+        let socket = config.socket.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let ns_path = slipway_dataplane::netns::path(netns);
+        let thread = std::thread::Builder::new()
+            .name(format!("lb-{netns}"))
+            .spawn(move || -> Result<(), LbError> {
+                let ns = fs::File::open(&ns_path).map_err(|source| LbError::Syscall {
+                    call: "open netns",
+                    source,
+                })?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    LbError::Syscall {
+                        call: "setns(CLONE_NEWNET)",
+                        source: e.into(),
+                    }
+                })?;
+                // A current-thread runtime: every task runs on this thread, in this namespace.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| LbError::Syscall {
+                        call: "build tokio runtime",
+                        source,
+                    })?;
+                runtime.block_on(serve(
+                    config,
+                    AttachPoint::Tc,
+                    Arc::new(StaticLease),
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ))
+            })
+            .map_err(|source| LbError::Syscall {
+                call: "spawn daemon thread",
+                source,
+            })?;
+        let mut handle = Self {
+            stop: Some(stop),
+            thread: Some(thread),
+            socket,
+        };
+        let client = api::Client::new(&handle.socket);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if client.status().is_ok() {
+                return Ok(handle);
+            }
+            if handle.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+                return Err(handle
+                    .join()
+                    .err()
+                    .unwrap_or(LbError::Api("daemon exited before serving".into())));
+            }
+            if Instant::now() > deadline {
+                return Err(LbError::Api("daemon did not answer within 30 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A client of this daemon's API.
+    pub fn client(&self) -> api::Client {
+        api::Client::new(&self.socket)
+    }
+
+    fn join(&mut self) -> Result<(), LbError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(LbError::Api("daemon thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the daemon and returns how it ended.
+    pub fn stop(mut self) -> Result<(), LbError> {
+        self.join()
+    }
+}
+
+impl Drop for DaemonHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.join() {
+            warn!(error = %e, "LB daemon ended with an error");
+        }
+    }
+}

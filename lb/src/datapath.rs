@@ -1,0 +1,393 @@
+//! The LB datapath in the kernel: loading `ebpf/lb.c` (TC) or `ebpf/lb_xdp.c` (XDP) with aya,
+//! pinning its maps, attaching it to the LB interface, and the typed maps behind
+//! [`LbMaps`].
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use ipnetwork::Ipv4Network;
+use slipway_dataplane::DataplaneError;
+use slipway_dataplane::abi::CounterValue;
+use slipway_dataplane::abi::lb::{
+    LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse, LbService, LbServiceKey,
+    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE, MAX_SERVICES, be32,
+};
+use slipway_dataplane::objects;
+use tracing::debug;
+
+use crate::LbError;
+use crate::maps::LbMaps;
+
+const TC_PROGRAM: &str = "lb_ingress";
+const XDP_PROGRAM: &str = "lb_xdp";
+
+/// Every map of the object (ebpf/include/lb_maps.h), pinned under these names.
+const MAPS: [&str; 11] = [
+    "lb_services",
+    "lb_maglev",
+    "lb_backends",
+    "lb_flows",
+    "lb_reverse",
+    "lb_source_ranges",
+    "lb_vips",
+    "lb_config",
+    "lb_backend_stats",
+    "lb_service_stats",
+    "lb_counters",
+];
+
+/// Where the LB program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachPoint {
+    /// TCX ingress (`ebpf/lb.c`): the choice on veths.
+    Tc,
+    /// XDP (`ebpf/lb_xdp.c`) in the given mode: for NICs with native XDP.
+    Xdp(XdpMode),
+}
+
+/// The loaded LB program and its maps.
+pub struct LbDatapath {
+    bpf: Ebpf,
+    point: AttachPoint,
+    services: HashMap<MapData, LbServiceKey, LbService>,
+    maglev: Array<MapData, u32>,
+    backends: Array<MapData, LbBackend>,
+    flows: HashMap<MapData, LbFlowKey, LbFlow>,
+    reverse: HashMap<MapData, LbFlowKey, LbReverse>,
+    source_ranges: LpmTrie<MapData, LbSourceRange, u32>,
+    vips: HashMap<MapData, LbVipKey, LbVip>,
+    config: Array<MapData, LbConfig>,
+    backend_stats: PerCpuArray<MapData, LbStats>,
+    service_stats: PerCpuArray<MapData, LbStats>,
+    counters: PerCpuArray<MapData, CounterValue>,
+    pin_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for LbDatapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LbDatapath")
+            .field("point", &self.point)
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn dp(e: DataplaneError) -> LbError {
+    LbError::from(e)
+}
+
+fn map_err(map: &'static str, action: &str, source: MapError) -> LbError {
+    dp(DataplaneError::Map {
+        map,
+        action: action.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// aya reports a missing key as `KeyNotFound` from lookups and as ENOENT from deletes.
+fn is_not_found(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn ignore_missing(
+    result: Result<(), MapError>,
+    map: &'static str,
+    action: &str,
+) -> Result<(), LbError> {
+    match result {
+        Err(e) if !is_not_found(&e) => Err(map_err(map, action, e)),
+        _ => Ok(()),
+    }
+}
+
+impl LbDatapath {
+    /// Loads the program for `point` into the kernel (not yet attached). With `pin_dir`, the
+    /// maps live there on bpffs and maps already pinned there are reused, so flows survive a
+    /// restart of the daemon.
+    pub fn load(point: AttachPoint, pin_dir: Option<&Path>) -> Result<Self, LbError> {
+        let (object, object_name, program) = match point {
+            AttachPoint::Tc => (objects::LB, "lb", TC_PROGRAM),
+            AttachPoint::Xdp(_) => (objects::LB_XDP, "lb_xdp", XDP_PROGRAM),
+        };
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => {
+                fs::create_dir_all(dir).map_err(|source| {
+                    dp(DataplaneError::Bpffs {
+                        path: dir.to_owned(),
+                        source,
+                    })
+                })?;
+                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (map, path) in &pins {
+            loader.map_pin_path(map, path.as_path());
+        }
+        let mut bpf = loader.load(object).map_err(|source| {
+            dp(DataplaneError::Load {
+                object: object_name,
+                source: Box::new(source),
+            })
+        })?;
+        let load_err = |source| {
+            dp(DataplaneError::Program {
+                program,
+                action: "load".into(),
+                source: Box::new(source),
+            })
+        };
+        match point {
+            AttachPoint::Tc => classifier(&mut bpf)?.load().map_err(load_err)?,
+            AttachPoint::Xdp(_) => xdp(&mut bpf)?.load().map_err(load_err)?,
+        }
+
+        let mut take = |name: &'static str| {
+            bpf.take_map(name).ok_or(dp(DataplaneError::MissingMap {
+                object: object_name,
+                map: name,
+            }))
+        };
+        macro_rules! open {
+            ($kind:ident, $name:literal) => {
+                $kind::try_from(take($name)?).map_err(|e| map_err($name, "open", e))?
+            };
+        }
+        let datapath = Self {
+            services: open!(HashMap, "lb_services"),
+            maglev: open!(Array, "lb_maglev"),
+            backends: open!(Array, "lb_backends"),
+            flows: open!(HashMap, "lb_flows"),
+            reverse: open!(HashMap, "lb_reverse"),
+            source_ranges: open!(LpmTrie, "lb_source_ranges"),
+            vips: open!(HashMap, "lb_vips"),
+            config: open!(Array, "lb_config"),
+            backend_stats: open!(PerCpuArray, "lb_backend_stats"),
+            service_stats: open!(PerCpuArray, "lb_service_stats"),
+            counters: open!(PerCpuArray, "lb_counters"),
+            bpf,
+            point,
+            pin_dir: pin_dir.map(Path::to_owned),
+        };
+        debug!(?point, ?pin_dir, "LB datapath loaded");
+        Ok(datapath)
+    }
+
+    /// Attaches the program to `ifname` in the calling thread's network namespace (TCX
+    /// ingress, or XDP in the chosen mode). The link lives as long as this value.
+    pub fn attach(&mut self, ifname: &str) -> Result<(), LbError> {
+        let attach_err = |program, source| {
+            dp(DataplaneError::Program {
+                program,
+                action: format!("attach to {ifname}"),
+                source: Box::new(source),
+            })
+        };
+        match self.point {
+            AttachPoint::Tc => {
+                classifier(&mut self.bpf)?
+                    .attach(ifname, TcAttachType::Ingress)
+                    .map_err(|e| attach_err(TC_PROGRAM, e))?;
+            }
+            AttachPoint::Xdp(mode) => {
+                xdp(&mut self.bpf)?
+                    .attach(ifname, mode)
+                    .map_err(|e| attach_err(XDP_PROGRAM, e))?;
+            }
+        }
+        debug!(ifname, point = ?self.point, "LB program attached");
+        Ok(())
+    }
+
+    /// The TC program, e.g. for `BPF_PROG_TEST_RUN` (loaded with [`AttachPoint::Tc`]).
+    pub fn classifier(&mut self) -> Result<&mut SchedClassifier, LbError> {
+        classifier(&mut self.bpf)
+    }
+
+    /// The XDP program (loaded with [`AttachPoint::Xdp`]).
+    pub fn xdp(&mut self) -> Result<&mut Xdp, LbError> {
+        xdp(&mut self.bpf)
+    }
+
+    /// The reverse translation entries (backend -> client direction).
+    pub fn reverse_entries(&self) -> Result<Vec<(LbFlowKey, LbReverse)>, LbError> {
+        self.reverse
+            .iter()
+            .map(|e| e.map_err(|e| map_err("lb_reverse", "iterate", e)))
+            .collect()
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+}
+
+fn classifier(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, LbError> {
+    let program = bpf
+        .program_mut(TC_PROGRAM)
+        .ok_or(dp(DataplaneError::MissingProgram {
+            object: "lb",
+            program: TC_PROGRAM,
+        }))?;
+    program.try_into().map_err(|source| {
+        dp(DataplaneError::Program {
+            program: TC_PROGRAM,
+            action: "expect a TC classifier".into(),
+            source: Box::new(source),
+        })
+    })
+}
+
+fn xdp(bpf: &mut Ebpf) -> Result<&mut Xdp, LbError> {
+    let program = bpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or(dp(DataplaneError::MissingProgram {
+            object: "lb_xdp",
+            program: XDP_PROGRAM,
+        }))?;
+    program.try_into().map_err(|source| {
+        dp(DataplaneError::Program {
+            program: XDP_PROGRAM,
+            action: "expect an XDP program".into(),
+            source: Box::new(source),
+        })
+    })
+}
+
+fn range_key(service_id: u32, net: Ipv4Network) -> Key<LbSourceRange> {
+    Key::new(
+        32 + u32::from(net.prefix()),
+        LbSourceRange {
+            service_id,
+            ip: be32(net.network()),
+        },
+    )
+}
+
+fn sum_stats(values: &[LbStats]) -> LbStats {
+    let mut total = LbStats::default();
+    for v in values {
+        total += *v;
+    }
+    total
+}
+
+impl LbMaps for LbDatapath {
+    fn set_config(&mut self, config: LbConfig) -> Result<(), LbError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| map_err("lb_config", "set", e))
+    }
+
+    fn set_service(&mut self, key: LbServiceKey, value: LbService) -> Result<(), LbError> {
+        if value.id >= MAX_SERVICES {
+            return Err(LbError::Capacity("service id beyond LB_MAX_SERVICES"));
+        }
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| map_err("lb_services", "insert", e))
+    }
+
+    fn remove_service(&mut self, key: &LbServiceKey) -> Result<(), LbError> {
+        ignore_missing(self.services.remove(key), "lb_services", "remove")
+    }
+
+    fn set_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), LbError> {
+        self.backends
+            .set(id, backend, 0)
+            .map_err(|e| map_err("lb_backends", &format!("set {id}"), e))
+    }
+
+    fn write_ring(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), LbError> {
+        let base = service_id * MAGLEV_SIZE;
+        for &(slot, backend) in slots {
+            self.maglev
+                .set(base + slot, backend, 0)
+                .map_err(|e| map_err("lb_maglev", "set", e))?;
+        }
+        Ok(())
+    }
+
+    fn add_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError> {
+        self.source_ranges
+            .insert(&range_key(service_id, net), 1, 0)
+            .map_err(|e| map_err("lb_source_ranges", &format!("insert {net}"), e))
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError> {
+        ignore_missing(
+            self.source_ranges.remove(&range_key(service_id, net)),
+            "lb_source_ranges",
+            "remove",
+        )
+    }
+
+    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+        self.vips
+            .insert(LbVipKey { ip: be32(vip) }, LbVip::default(), 0)
+            .map_err(|e| map_err("lb_vips", &format!("insert {vip}"), e))
+    }
+
+    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+        ignore_missing(
+            self.vips.remove(&LbVipKey { ip: be32(vip) }),
+            "lb_vips",
+            "remove",
+        )
+    }
+
+    fn flows(&self) -> Result<Vec<(LbFlowKey, LbFlow)>, LbError> {
+        self.flows
+            .iter()
+            .map(|e| e.map_err(|e| map_err("lb_flows", "iterate", e)))
+            .collect()
+    }
+
+    fn remove_flow(&mut self, forward: &LbFlowKey, reverse: &LbFlowKey) -> Result<(), LbError> {
+        ignore_missing(self.flows.remove(forward), "lb_flows", "remove")?;
+        ignore_missing(self.reverse.remove(reverse), "lb_reverse", "remove")
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<LbStats, LbError> {
+        let values = self
+            .backend_stats
+            .get(&id, 0)
+            .map_err(|e| map_err("lb_backend_stats", "get", e))?;
+        Ok(sum_stats(&values))
+    }
+
+    fn service_stats(&self, id: u32) -> Result<LbStats, LbError> {
+        let values = self
+            .service_stats
+            .get(&id, 0)
+            .map_err(|e| map_err("lb_service_stats", "get", e))?;
+        Ok(sum_stats(&values))
+    }
+
+    fn counters(&self) -> Result<BTreeMap<LbReason, CounterValue>, LbError> {
+        let mut out = BTreeMap::new();
+        for reason in LbReason::ALL {
+            let values = self
+                .counters
+                .get(&(reason as u32), 0)
+                .map_err(|e| map_err("lb_counters", "get", e))?;
+            let mut total = CounterValue::default();
+            for v in values.iter() {
+                total += *v;
+            }
+            out.insert(reason, total);
+        }
+        Ok(out)
+    }
+}

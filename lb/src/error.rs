@@ -1,0 +1,66 @@
+//! The load balancer's one error type.
+
+use std::io;
+use std::net::Ipv4Addr;
+
+use crate::config::FieldError;
+use crate::maglev::MaglevError;
+
+/// Everything that can go wrong in the load balancer.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    /// Configuration or an API request failed validation; every bad field is listed.
+    #[error("invalid {what}: {}", list(.errors))]
+    Invalid {
+        what: &'static str,
+        errors: Vec<FieldError>,
+    },
+    /// The service does not exist.
+    #[error("service {0} not found")]
+    NotFound(String),
+    /// The requested VIP is not in any pool.
+    #[error("address {0} is in no VIP pool")]
+    NotInPool(Ipv4Addr),
+    /// The requested VIP is used by another service on an overlapping port.
+    #[error("address {vip} is used by service {owner} on {port}")]
+    VipConflict {
+        vip: Ipv4Addr,
+        owner: String,
+        port: String,
+    },
+    /// Every pool is used up.
+    #[error("no free address in the VIP pools")]
+    PoolExhausted,
+    /// A datapath limit (services, backends) is reached.
+    #[error("datapath full: {0}")]
+    Capacity(&'static str),
+    #[error(transparent)]
+    Maglev(#[from] MaglevError),
+    /// The eBPF datapath failed.
+    #[error("datapath")]
+    Datapath(#[source] Box<slipway_dataplane::DataplaneError>),
+    /// A system call failed; `call` names it.
+    #[error("{call}")]
+    Syscall {
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// Talking to the daemon's local API failed.
+    #[error("local API: {0}")]
+    Api(String),
+}
+
+impl From<slipway_dataplane::DataplaneError> for LbError {
+    fn from(e: slipway_dataplane::DataplaneError) -> Self {
+        LbError::Datapath(Box::new(e))
+    }
+}
+
+fn list(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,555 @@
+//! The LB's test world, shared by its end-to-end tests and the benchmark: a client host, the
+//! LB host running the daemon (on a thread inside the LB host's namespace), backend hosts that
+//! run nginx or in-process echo servers, and a second client; plus long-lived echo streams
+//! that notice any interruption. Built on [`slipway_dataplane::testing::World`], torn down on
+//! drop.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use slipway_dataplane::testing::{Netns, Process, World};
+
+use crate::LbError;
+use crate::api::Client;
+use crate::config::{LbConfig, PoolConfig};
+use crate::daemon::DaemonHandle;
+
+/// Host numbers in an [`LbWorld`]: host 1 is the client, host 2 the LB, hosts 3.. backends,
+/// the last host a second client.
+pub const CLIENT_HOST: usize = 1;
+pub const LB_HOST: usize = 2;
+pub const FIRST_BACKEND_HOST: usize = 3;
+
+/// The VIP pool of the world, routed on-link from the clients (so they ARP for VIPs).
+pub const VIP_POOL: &str = "10.99.100.0/24";
+/// Port of the in-process TCP and UDP echo servers.
+pub const ECHO_PORT: u16 = 9000;
+
+fn world_err(e: slipway_dataplane::DataplaneError) -> LbError {
+    LbError::from(e)
+}
+
+/// Client, LB with its daemon, backends, second client.
+#[derive(Debug)]
+pub struct LbWorld {
+    // Fields drop in this order: the daemon and the servers before their namespaces go.
+    daemon: Option<DaemonHandle>,
+    nginx: BTreeMap<usize, Process>,
+    echo: Vec<EchoServer>,
+    dir: PathBuf,
+    backends: usize,
+    world: World,
+}
+
+impl LbWorld {
+    /// A world with `backends` backend hosts and the LB daemon running on host 2.
+    pub fn new(backends: usize) -> Result<Self, LbError> {
+        let world = World::builder()
+            .hosts(backends + 3)
+            .build()
+            .map_err(world_err)?;
+        let dir = std::env::temp_dir().join(world.name());
+        fs::create_dir_all(&dir).map_err(|source| LbError::Syscall {
+            call: "mkdir test directory",
+            source,
+        })?;
+        let mut lbw = Self {
+            daemon: None,
+            nginx: BTreeMap::new(),
+            echo: Vec::new(),
+            dir,
+            backends,
+            world,
+        };
+        for client in [lbw.client().clone(), lbw.client2().clone()] {
+            client
+                .ip(&["route", "add", VIP_POOL, "dev", "eth0"])
+                .map_err(world_err)?;
+        }
+        let mut config = LbConfig::new(
+            "eth0",
+            vec![PoolConfig {
+                name: "ingress".into(),
+                cidr: VIP_POOL.into(),
+            }],
+        );
+        config.socket = lbw.dir.join("lb.sock");
+        config.pin_dir = Some(lbw.world.bpffs_dir().join("lb"));
+        config.garp_interval_ms = 200;
+        let lb_ns = lbw.world.host(LB_HOST).netns.name().to_owned();
+        lbw.daemon = Some(DaemonHandle::start_in_netns(&lb_ns, config)?);
+        Ok(lbw)
+    }
+
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    pub fn client(&self) -> &Netns {
+        &self.world.host(CLIENT_HOST).netns
+    }
+
+    /// The second client, the world's last host.
+    pub fn client2(&self) -> &Netns {
+        &self.world.host(self.backends + 3).netns
+    }
+
+    pub fn client2_ip(&self) -> Ipv4Addr {
+        self.world.host(self.backends + 3).underlay_ip
+    }
+
+    pub fn lb(&self) -> &Netns {
+        &self.world.host(LB_HOST).netns
+    }
+
+    pub fn lb_ip(&self) -> Ipv4Addr {
+        self.world.host(LB_HOST).underlay_ip
+    }
+
+    /// Backend `i` (0-based) and its address.
+    pub fn backend(&self, i: usize) -> (&Netns, Ipv4Addr) {
+        let host = self.world.host(FIRST_BACKEND_HOST + i);
+        (&host.netns, host.underlay_ip)
+    }
+
+    pub fn backend_ips(&self) -> Vec<Ipv4Addr> {
+        (0..self.backends).map(|i| self.backend(i).1).collect()
+    }
+
+    pub fn api(&self) -> Client {
+        match &self.daemon {
+            Some(d) => d.client(),
+            None => Client::new(self.dir.join("lb.sock")),
+        }
+    }
+
+    /// Starts nginx on backend `i`, port 80: it answers every request with
+    /// "<its own address> <the client address it sees>\n".
+    pub fn start_nginx(&mut self, i: usize) -> Result<(), LbError> {
+        let (netns, _) = self.backend(i);
+        let netns = netns.clone();
+        let dir = self.dir.join(format!("nginx{i}"));
+        fs::create_dir_all(&dir).map_err(|source| LbError::Syscall {
+            call: "mkdir nginx directory",
+            source,
+        })?;
+        let conf = dir.join("nginx.conf");
+        let d = dir.display();
+        fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log stderr crit;\nevents {{ worker_connections 4096; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+                 proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+                 keepalive_requests 1000000;\n\
+                 server {{\n    listen 80 backlog=4096;\n\
+                 location / {{ return 200 \"$server_addr $remote_addr\\n\"; }}\n  }}\n}}\n"
+            ),
+        )
+        .map_err(|source| LbError::Syscall {
+            call: "write nginx.conf",
+            source,
+        })?;
+        let conf = conf.display().to_string();
+        let process = netns
+            .spawn(&["nginx", "-c", &conf, "-e", "stderr"])
+            .map_err(world_err)?;
+        netns
+            .wait_tcp_listen(80, Duration::from_secs(10))
+            .map_err(world_err)?;
+        self.nginx.insert(i, process);
+        Ok(())
+    }
+
+    /// Kills backend `i`'s nginx (SIGKILL) and waits until nothing listens on port 80.
+    pub fn kill_nginx(&mut self, i: usize) -> Result<(), LbError> {
+        drop(self.nginx.remove(&i));
+        let (netns, _) = self.backend(i);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = netns
+                .run(&["ss", "-H", "-l", "-t", "-n", "sport = :80"])
+                .map_err(world_err)?;
+            if out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LbError::Api(format!("nginx on backend {i} did not die")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts TCP and UDP echo servers on [`ECHO_PORT`] of backend `i`.
+    pub fn start_echo(&mut self, i: usize) -> Result<(), LbError> {
+        let (netns, ip) = self.backend(i);
+        let netns = netns.clone();
+        self.echo.push(EchoServer::start(&netns, ip)?);
+        Ok(())
+    }
+
+    /// `count` HTTP requests from `client` to `url_base` (e.g. "http://10.99.100.1"), each on
+    /// a new connection; returns the answer lines ("<backend> <client as seen>").
+    pub fn curl(client: &Netns, url_base: &str, count: usize) -> Result<Vec<String>, LbError> {
+        let url = format!("{url_base}/?[1-{count}]");
+        let out = client
+            .exec(&[
+                "curl",
+                "-s",
+                "--connect-timeout",
+                "2",
+                "--max-time",
+                "60",
+                "-H",
+                "Connection: close",
+                &url,
+            ])
+            .map_err(world_err)?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl Drop for LbWorld {
+    fn drop(&mut self) {
+        self.daemon.take();
+        self.nginx.clear();
+        self.echo.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn enter(netns: &str) -> Result<(), LbError> {
+    let ns = fs::File::open(slipway_dataplane::netns::path(netns)).map_err(|source| {
+        LbError::Syscall {
+            call: "open netns",
+            source,
+        }
+    })?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| LbError::Syscall {
+        call: "setns(CLONE_NEWNET)",
+        source: e.into(),
+    })
+}
+
+/// Runs `f` on a new thread inside network namespace `netns`.
+pub fn spawn_in<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<Result<T, LbError>> {
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        enter(&netns)?;
+        Ok(f())
+    })
+}
+
+/// TCP and UDP echo servers on a backend: a TCP connection first gets "<backend ip>\n", then
+/// its bytes back; a UDP datagram gets "<backend ip> <datagram>" back.
+#[derive(Debug)]
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<(), LbError>>>,
+}
+
+impl EchoServer {
+    pub fn start(netns: &Netns, ip: Ipv4Addr) -> Result<Self, LbError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let tcp = {
+            let stop = stop.clone();
+            let ready = ready_tx.clone();
+            spawn_in(netns.name(), move || {
+                let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT)) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = listener.set_nonblocking(true);
+                let _ = ready.send(Ok(()));
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut conn, _)) => {
+                            let stop = stop.clone();
+                            std::thread::spawn(move || {
+                                let _ = conn.set_nonblocking(false);
+                                let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+                                if conn.write_all(format!("{ip}\n").as_bytes()).is_err() {
+                                    return;
+                                }
+                                let mut buf = [0u8; 4096];
+                                while !stop.load(Ordering::Relaxed) {
+                                    match conn.read(&mut buf) {
+                                        Ok(0) => return,
+                                        Ok(n) => {
+                                            if conn.write_all(&buf[..n]).is_err() {
+                                                return;
+                                            }
+                                        }
+                                        Err(e)
+                                            if matches!(
+                                                e.kind(),
+                                                std::io::ErrorKind::WouldBlock
+                                                    | std::io::ErrorKind::TimedOut
+                                            ) => {}
+                                        Err(_) => return,
+                                    }
+                                }
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        let udp = {
+            let stop = stop.clone();
+            spawn_in(netns.name(), move || {
+                let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
+                let _ = ready_tx.send(Ok(()));
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        let mut answer = format!("{ip} ").into_bytes();
+                        answer.extend_from_slice(&buf[..n]);
+                        let _ = socket.send_to(&answer, from);
+                    }
+                }
+            })
+        };
+        let server = Self {
+            stop,
+            threads: vec![tcp, udp],
+        };
+        for _ in 0..2 {
+            match ready_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(LbError::Api(format!("echo server: {e}"))),
+                Err(_) => return Err(LbError::Api("echo server did not start".into())),
+            }
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a long-lived echo stream saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamReport {
+    /// The backend that greeted it.
+    pub backend: Ipv4Addr,
+    /// Round trips completed.
+    pub rounds: u64,
+    /// Longest time between two completed round trips.
+    pub max_gap: Duration,
+    /// Why it ended before being stopped, if it did.
+    pub error: Option<String>,
+}
+
+/// A TCP connection to an echo server through the VIP that does a round trip every 10 ms.
+#[derive(Debug)]
+pub struct EchoStream {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    backend: Ipv4Addr,
+    thread: Option<JoinHandle<Result<StreamReport, LbError>>>,
+}
+
+impl EchoStream {
+    /// Connects from `client` to `vip`:[`ECHO_PORT`] and starts the round trips.
+    pub fn open(client: &Netns, vip: Ipv4Addr) -> Result<Self, LbError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<Result<Ipv4Addr, String>>();
+        let thread = {
+            let stop = stop.clone();
+            let rounds = rounds.clone();
+            spawn_in(client.name(), move || -> StreamReport {
+                let greet = || -> Result<(TcpStream, Ipv4Addr), String> {
+                    let addr = SocketAddr::V4(SocketAddrV4::new(vip, ECHO_PORT));
+                    let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                        .map_err(|e| e.to_string())?;
+                    conn.set_read_timeout(Some(Duration::from_secs(2)))
+                        .map_err(|e| e.to_string())?;
+                    let mut line = String::new();
+                    BufReader::new(&conn)
+                        .read_line(&mut line)
+                        .map_err(|e| e.to_string())?;
+                    let ip = line
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("greeting {line:?}"))?;
+                    Ok((conn, ip))
+                };
+                let (mut conn, backend) = match greet() {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.clone()));
+                        return StreamReport {
+                            backend: Ipv4Addr::UNSPECIFIED,
+                            rounds: 0,
+                            max_gap: Duration::ZERO,
+                            error: Some(e),
+                        };
+                    }
+                };
+                let _ = tx.send(Ok(backend));
+                let mut report = StreamReport {
+                    backend,
+                    rounds: 0,
+                    max_gap: Duration::ZERO,
+                    error: None,
+                };
+                let mut last = Instant::now();
+                let mut buf = [0u8; 8];
+                while !stop.load(Ordering::Relaxed) {
+                    let msg = report.rounds.to_be_bytes();
+                    let trip = conn
+                        .write_all(&msg)
+                        .and_then(|()| conn.read_exact(&mut buf));
+                    if let Err(e) = trip {
+                        report.error = Some(e.to_string());
+                        break;
+                    }
+                    if buf != msg {
+                        report.error = Some(format!("echo {buf:?}, sent {msg:?}"));
+                        break;
+                    }
+                    report.rounds += 1;
+                    rounds.store(report.rounds, Ordering::Relaxed);
+                    report.max_gap = report.max_gap.max(last.elapsed());
+                    last = Instant::now();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                report
+            })
+        };
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(backend)) => Ok(Self {
+                stop,
+                rounds,
+                backend,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(LbError::Api(format!("echo stream to {vip}: {e}"))),
+            Err(_) => Err(LbError::Api(format!("echo stream to {vip}: no greeting"))),
+        }
+    }
+
+    /// The backend the stream landed on.
+    pub fn backend(&self) -> Ipv4Addr {
+        self.backend
+    }
+
+    /// Round trips so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream's thread ended (on an error) by itself.
+    pub fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the stream and returns what it saw.
+    pub fn finish(mut self) -> Result<StreamReport, LbError> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(LbError::Api("stream thread panicked".into()))),
+            None => Err(LbError::Api("stream already finished".into())),
+        }
+    }
+}
+
+impl Drop for EchoStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one UDP datagram from `client` (a fresh socket, so a fresh source port) to
+/// `vip:port` and returns the answer and the address it came from.
+pub fn udp_exchange(
+    client: &Netns,
+    vip: Ipv4Addr,
+    port: u16,
+    payload: &str,
+) -> Result<(String, SocketAddr), LbError> {
+    let payload = payload.to_owned();
+    spawn_in(
+        client.name(),
+        move || -> Result<(String, SocketAddr), String> {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+            socket
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 2048];
+            // UDP may lose a datagram; three tries, each waiting 500 ms.
+            for _ in 0..3 {
+                socket
+                    .send_to(payload.as_bytes(), (vip, port))
+                    .map_err(|e| e.to_string())?;
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    return Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+                }
+            }
+            Err("no answer".into())
+        },
+    )
+    .join()
+    .unwrap_or_else(|_| Err(LbError::Api("udp thread panicked".into())))?
+    .map_err(|e| LbError::Api(format!("udp to {vip}:{port}: {e}")))
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, LbError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(LbError::Api(format!(
+                "timed out after {timeout:?} waiting for {what}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

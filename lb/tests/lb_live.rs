@@ -1,0 +1,581 @@
+//! The load balancer end to end: a client, the LB host running the daemon, backend hosts
+//! running nginx (Debian nginx-light) or echo servers, all network namespaces on one underlay;
+//! services applied through the local API, real traffic through the VIP (curl, TCP streams,
+//! UDP datagrams). Privileged (root, BPF, netns): run by scripts/test.sh.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use slipway_lb::config::{
+    BackendSpec, HealthCheckSpec, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
+};
+use slipway_lb::status::{BackendState, ServiceStatus};
+use slipway_lb::testing::{ECHO_PORT, EchoStream, LbWorld, udp_exchange, wait_for};
+
+fn port(protocol: Protocol, port: u16) -> ServicePort {
+    ServicePort {
+        name: None,
+        protocol,
+        port,
+        target_port: 0,
+    }
+}
+
+fn spec(name: &str, ports: Vec<ServicePort>, backends: &[(Ipv4Addr, u32)]) -> ServiceSpec {
+    ServiceSpec {
+        namespace: "default".into(),
+        name: name.into(),
+        ports,
+        load_balancer_ip: None,
+        load_balancer_source_ranges: Vec::new(),
+        external_traffic_policy: TrafficPolicy::Cluster,
+        backends: backends
+            .iter()
+            .map(|(ip, weight)| BackendSpec {
+                ip: *ip,
+                weight: *weight,
+                node_local: false,
+            })
+            .collect(),
+        health_check: None,
+        drain_timeout_secs: None,
+    }
+}
+
+/// Answer lines per backend address.
+fn by_backend(lines: &[String]) -> BTreeMap<Ipv4Addr, usize> {
+    let mut counts = BTreeMap::new();
+    for line in lines {
+        let ip = line
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected answer {line:?}"));
+        *counts.entry(ip).or_default() += 1;
+    }
+    counts
+}
+
+fn service_status(w: &LbWorld, name: &str) -> ServiceStatus {
+    w.api()
+        .status()
+        .expect("status")
+        .services
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("service {name} not in status"))
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn curl_reaches_every_backend_in_proportion_to_its_weight() {
+    let mut w = LbWorld::new(3).expect("world");
+    for i in 0..3 {
+        w.start_nginx(i).expect("nginx");
+    }
+    let ips = w.backend_ips();
+    let weights = [1u32, 2, 3];
+    let backends: Vec<(Ipv4Addr, u32)> = ips.iter().copied().zip(weights).collect();
+    let vip = w
+        .api()
+        .apply(&spec("web", vec![port(Protocol::Tcp, 80)], &backends))
+        .expect("apply");
+    assert_eq!(
+        vip,
+        Ipv4Addr::new(10, 99, 100, 1),
+        "the pool's first address"
+    );
+
+    const N: usize = 1200;
+    let lines = LbWorld::curl(w.client(), &format!("http://{vip}"), N).expect("curl");
+    assert_eq!(lines.len(), N, "every request answered");
+    let counts = by_backend(&lines);
+    for (ip, weight) in &backends {
+        let share = counts.get(ip).copied().unwrap_or(0) as f64 / N as f64;
+        let expected = f64::from(*weight) / 6.0;
+        assert!(
+            (share - expected).abs() < 0.05,
+            "{ip}: share {share:.3}, weight share {expected:.3} ({counts:?})"
+        );
+    }
+    // SNAT: the backends see the LB's address.
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(&format!(" {}", w.lb_ip())))
+    );
+
+    // The datapath counted one new flow per connection, per backend, and the ring shares
+    // follow the weights.
+    let status = service_status(&w, "default/web");
+    assert_eq!(status.vip, vip);
+    for b in &status.backends {
+        assert_eq!(b.flows_total as usize, counts[&b.ip], "flows of {}", b.ip);
+        assert_eq!(b.state, BackendState::Active);
+        let expected = 65537.0 * f64::from(b.weight) / 6.0;
+        assert!((b.slots as f64 - expected).abs() / expected < 0.01, "{b:?}");
+    }
+    assert_eq!(status.ports[0].flows_total as usize, N);
+    let metrics = w.api().metrics().expect("metrics");
+    let line = format!(
+        "slipway_lb_backend_flows_total{{service=\"default/web\",vip=\"{vip}\",backend=\"{}\"}} {}",
+        ips[2], counts[&ips[2]]
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    let table = w.api().status().expect("status").table();
+    assert!(
+        table.contains(&format!("default/web  VIP {vip}")),
+        "{table}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn a_killed_backend_leaves_within_interval_times_fall_and_comes_back() {
+    let mut w = LbWorld::new(3).expect("world");
+    for i in 0..3 {
+        w.start_nginx(i).expect("nginx");
+    }
+    let ips = w.backend_ips();
+    let mut web = spec(
+        "web",
+        vec![port(Protocol::Tcp, 80)],
+        &[(ips[0], 1), (ips[1], 1), (ips[2], 1)],
+    );
+    let (interval, fall, rise) = (200u64, 3u32, 2u32);
+    web.health_check = Some(HealthCheckSpec {
+        interval_ms: interval,
+        timeout_ms: 100,
+        rise,
+        fall,
+        port: None,
+        http_path: Some("/".into()),
+    });
+    let vip = w.api().apply(&web).expect("apply");
+    let url = format!("http://{vip}");
+    assert_eq!(
+        by_backend(&LbWorld::curl(w.client(), &url, 150).expect("curl")).len(),
+        3
+    );
+
+    w.kill_nginx(1).expect("kill");
+    let killed = Instant::now();
+    let state = |w: &LbWorld| {
+        service_status(w, "default/web")
+            .backends
+            .iter()
+            .find(|b| b.ip == ips[1])
+            .map(|b| b.state)
+    };
+    wait_for("backend 2 unhealthy", Duration::from_secs(10), || {
+        (state(&w) == Some(BackendState::Unhealthy)).then_some(())
+    })
+    .expect("removed");
+    let took = killed.elapsed();
+    // fall failed probes, the first up to one interval after the kill, each with its timeout.
+    let limit = Duration::from_millis(interval * u64::from(fall) + interval + 100 + 300);
+    assert!(took <= limit, "removed after {took:?}, limit {limit:?}");
+
+    // No new connection fails, none goes to the dead backend.
+    let lines = LbWorld::curl(w.client(), &url, 300).expect("curl");
+    assert_eq!(lines.len(), 300, "every request answered");
+    let counts = by_backend(&lines);
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        vec![ips[0], ips[2]]
+    );
+
+    w.start_nginx(1).expect("restart");
+    let back = Instant::now();
+    wait_for("backend 2 healthy", Duration::from_secs(10), || {
+        (state(&w) == Some(BackendState::Active)).then_some(())
+    })
+    .expect("back");
+    let limit = Duration::from_millis(interval * u64::from(rise) + interval + 300);
+    assert!(back.elapsed() <= limit, "back after {:?}", back.elapsed());
+    let counts = by_backend(&LbWorld::curl(w.client(), &url, 150).expect("curl"));
+    assert!(counts.contains_key(&ips[1]), "{counts:?}");
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn long_lived_streams_survive_adding_and_removing_backends() {
+    let mut w = LbWorld::new(4).expect("world");
+    for i in 0..4 {
+        w.start_echo(i).expect("echo");
+    }
+    let ips = w.backend_ips();
+    let three: Vec<(Ipv4Addr, u32)> = ips[..3].iter().map(|ip| (*ip, 1)).collect();
+    let vip = w
+        .api()
+        .apply(&spec("echo", vec![port(Protocol::Tcp, ECHO_PORT)], &three))
+        .expect("apply");
+    let streams: Vec<EchoStream> = (0..24)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    let on = |ip: Ipv4Addr| streams.iter().filter(|s| s.backend() == ip).count();
+    for ip in &ips[..3] {
+        assert!(on(*ip) > 0, "24 streams reach every backend");
+    }
+    let progressed = |streams: &[EchoStream], before: &[u64]| {
+        streams
+            .iter()
+            .zip(before)
+            .all(|(s, b)| s.ended() || s.rounds() >= b + 10)
+    };
+
+    // Add a fourth backend: a quarter of the ring moves to it, no established stream does.
+    let mut four = three.clone();
+    four.push((ips[3], 1));
+    w.api()
+        .apply(&spec("echo", vec![port(Protocol::Tcp, ECHO_PORT)], &four))
+        .expect("add");
+    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
+    wait_for("streams progress", Duration::from_secs(10), || {
+        progressed(&streams, &before).then_some(())
+    })
+    .expect("progress after add");
+    let new: Vec<EchoStream> = (0..24)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    assert!(
+        new.iter().any(|s| s.backend() == ips[3]),
+        "new flows reach the new backend"
+    );
+
+    // Remove the third backend: streams to the other backends carry on.
+    let mut without = four.clone();
+    without.remove(2);
+    w.api()
+        .apply(&spec(
+            "echo",
+            vec![port(Protocol::Tcp, ECHO_PORT)],
+            &without,
+        ))
+        .expect("remove");
+    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
+    wait_for("streams progress", Duration::from_secs(10), || {
+        progressed(&streams, &before).then_some(())
+    })
+    .expect("progress after remove");
+
+    for s in streams.into_iter().chain(new) {
+        let backend = s.backend();
+        let report = s.finish().expect("report");
+        if backend == ips[2] {
+            continue; // its backend left the service: its flows may end
+        }
+        assert_eq!(report.error, None, "stream to {backend}: {report:?}");
+        assert!(
+            report.max_gap < Duration::from_millis(500),
+            "stream to {backend} stalled: {report:?}"
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn drain_keeps_existing_streams_sends_no_new_ones_and_ends_them_at_the_timeout() {
+    let mut w = LbWorld::new(3).expect("world");
+    for i in 0..3 {
+        w.start_echo(i).expect("echo");
+    }
+    let ips = w.backend_ips();
+    let all: Vec<(Ipv4Addr, u32)> = ips.iter().map(|ip| (*ip, 1)).collect();
+    let echo = spec("echo", vec![port(Protocol::Tcp, ECHO_PORT)], &all);
+    let vip = w.api().apply(&echo).expect("apply");
+    let streams: Vec<EchoStream> = (0..18)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    let drained = ips[0];
+    let to_drained = streams.iter().filter(|s| s.backend() == drained).count();
+    assert!(to_drained > 0);
+
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let mut draining = echo.clone();
+    draining.backends[0].weight = 0;
+    draining.drain_timeout_secs = Some(TIMEOUT.as_secs());
+    w.api().apply(&draining).expect("drain");
+    let drain_started = Instant::now();
+    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
+    // Existing streams, those to the drained backend included, keep going...
+    wait_for("streams progress", Duration::from_secs(10), || {
+        streams
+            .iter()
+            .zip(&before)
+            .all(|(s, b)| s.rounds() >= b + 30)
+            .then_some(())
+    })
+    .expect("progress while draining");
+    assert!(streams.iter().all(|s| !s.ended()));
+    // ...no new one lands there...
+    for _ in 0..30 {
+        let s = EchoStream::open(w.client(), vip).expect("new stream");
+        assert_ne!(
+            s.backend(),
+            drained,
+            "a new flow went to the draining backend"
+        );
+    }
+    let status = service_status(&w, "default/echo");
+    let b = status
+        .backends
+        .iter()
+        .find(|b| b.ip == drained)
+        .expect("drained");
+    assert_eq!((b.state, b.slots), (BackendState::Draining, 0));
+    assert_eq!(b.active_flows as usize, to_drained, "{b:?}");
+    assert!(
+        drain_started.elapsed() < TIMEOUT,
+        "the checks above must run within the drain timeout to mean anything"
+    );
+    assert!(
+        streams.iter().all(|s| !s.ended()),
+        "nothing ended before the timeout"
+    );
+
+    // ...until the drain timeout ends them.
+    wait_for(
+        "drained streams end",
+        TIMEOUT + Duration::from_secs(5),
+        || {
+            streams
+                .iter()
+                .filter(|s| s.backend() == drained)
+                .all(EchoStream::ended)
+                .then_some(())
+        },
+    )
+    .expect("drained streams ended");
+    assert!(drain_started.elapsed() >= TIMEOUT, "not before the timeout");
+    for s in streams {
+        let backend = s.backend();
+        let report = s.finish().expect("report");
+        if backend != drained {
+            assert_eq!(report.error, None, "stream to {backend} broke: {report:?}");
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn source_ranges_let_listed_clients_in_only() {
+    let mut w = LbWorld::new(1).expect("world");
+    w.start_nginx(0).expect("nginx");
+    let ips = w.backend_ips();
+    let mut web = spec("web", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]);
+    web.load_balancer_source_ranges = vec!["10.99.0.1/32".into()];
+    let vip = w.api().apply(&web).expect("apply");
+    let url = format!("http://{vip}");
+    assert_eq!(LbWorld::curl(w.client(), &url, 5).expect("curl").len(), 5);
+    assert_ne!(w.client2_ip(), Ipv4Addr::new(10, 99, 0, 1));
+    assert_eq!(
+        LbWorld::curl(w.client2(), &url, 2).expect("curl").len(),
+        0,
+        "denied"
+    );
+    let status = w.api().status().expect("status");
+    assert!(
+        status.verdicts["drop_source_range"] >= 2,
+        "{:?}",
+        status.verdicts
+    );
+
+    // Widening the range lets the second client in.
+    web.load_balancer_source_ranges = vec!["10.99.0.0/24".into()];
+    w.api().apply(&web).expect("apply");
+    assert_eq!(LbWorld::curl(w.client2(), &url, 5).expect("curl").len(), 5);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn external_traffic_policy_local_preserves_the_client_ip() {
+    let mut w = LbWorld::new(2).expect("world");
+    for i in 0..2 {
+        w.start_nginx(i).expect("nginx");
+    }
+    let ips = w.backend_ips();
+    let client_ip = Ipv4Addr::new(10, 99, 0, 1);
+    // The local backend answers the client through the LB, as a pod on the LB node would.
+    let (local_ns, _) = w.backend(0);
+    local_ns
+        .ip(&[
+            "route",
+            "add",
+            &format!("{client_ip}/32"),
+            "via",
+            &w.lb_ip().to_string(),
+        ])
+        .expect("route via the LB");
+    let mut local = spec(
+        "local",
+        vec![port(Protocol::Tcp, 80)],
+        &[(ips[0], 1), (ips[1], 1)],
+    );
+    local.external_traffic_policy = TrafficPolicy::Local;
+    local.backends[0].node_local = true;
+    let vip = w.api().apply(&local).expect("apply");
+    let lines = LbWorld::curl(w.client(), &format!("http://{vip}"), 40).expect("curl");
+    assert_eq!(lines.len(), 40);
+    let expected = format!("{} {client_ip}", ips[0]);
+    assert!(
+        lines.iter().all(|l| *l == expected),
+        "only the local backend, seeing the client: {lines:?}"
+    );
+    let status = service_status(&w, "default/local");
+    assert_eq!(status.backends[1].state, BackendState::NotLocal);
+
+    // The same backends under Cluster see the LB's address.
+    let cluster = spec(
+        "cluster",
+        vec![port(Protocol::Tcp, 80)],
+        &[(ips[0], 1), (ips[1], 1)],
+    );
+    let vip = w.api().apply(&cluster).expect("apply");
+    let lines = LbWorld::curl(w.client(), &format!("http://{vip}"), 40).expect("curl");
+    assert_eq!(lines.len(), 40);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(&format!(" {}", w.lb_ip()))),
+        "{lines:?}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn udp_through_the_vip_and_two_services_sharing_it() {
+    let mut w = LbWorld::new(3).expect("world");
+    for i in 0..3 {
+        w.start_echo(i).expect("echo");
+    }
+    w.start_nginx(2).expect("nginx");
+    let ips = w.backend_ips();
+    let shared = Ipv4Addr::new(10, 99, 100, 77);
+    let mut dns = spec(
+        "udp",
+        vec![port(Protocol::Udp, 53)],
+        &[(ips[0], 1), (ips[1], 1)],
+    );
+    dns.ports[0].target_port = ECHO_PORT;
+    dns.load_balancer_ip = Some(shared);
+    let mut web = spec("web", vec![port(Protocol::Tcp, 80)], &[(ips[2], 1)]);
+    web.load_balancer_ip = Some(shared);
+    assert_eq!(w.api().apply(&dns).expect("udp"), shared);
+    assert_eq!(w.api().apply(&web).expect("web"), shared);
+
+    let mut seen = BTreeMap::new();
+    for i in 0..40 {
+        let (answer, from) = udp_exchange(w.client(), shared, 53, &format!("q{i}")).expect("udp");
+        assert_eq!(from, (shared, 53).into(), "the answer comes from the VIP");
+        let (backend, echoed) = answer.split_once(' ').expect("answer");
+        assert_eq!(echoed, format!("q{i}"));
+        *seen.entry(backend.to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "fresh source ports spread over both UDP backends: {seen:?}"
+    );
+    let lines = LbWorld::curl(w.client(), &format!("http://{shared}"), 10).expect("curl");
+    assert_eq!(lines.len(), 10);
+    assert!(lines.iter().all(|l| l.starts_with(&format!("{} ", ips[2]))));
+
+    // A third service may not take port 80 of the shared VIP...
+    let mut clash = spec("clash", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]);
+    clash.load_balancer_ip = Some(shared);
+    let err = w.api().apply(&clash).expect_err("port 80 is taken");
+    assert!(err.to_string().contains("409"), "{err}");
+    // ...and a rejected request left nothing behind.
+    assert_eq!(w.api().status().expect("status").services.len(), 2);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn a_vip_is_announced_released_and_reallocated() {
+    let mut w = LbWorld::new(2).expect("world");
+    for i in 0..2 {
+        w.start_nginx(i).expect("nginx");
+    }
+    let ips = w.backend_ips();
+    let first = Ipv4Addr::new(10, 99, 100, 1);
+    let lb_mac = w.lb().link("eth0").expect("lb mac").mac;
+    // A stale cache entry on the client: gratuitous ARP must correct it.
+    w.client()
+        .ip(&[
+            "neigh",
+            "add",
+            &first.to_string(),
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ])
+        .expect("stale entry");
+    let a = spec("a", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]);
+    assert_eq!(w.api().apply(&a).expect("a"), first);
+    let mac = slipway_dataplane::testing::format_mac(&lb_mac);
+    wait_for("gratuitous ARP", Duration::from_secs(3), || {
+        let out = w
+            .client()
+            .ip(&["neigh", "show", &first.to_string(), "dev", "eth0"])
+            .ok()?;
+        out.contains(&mac).then_some(())
+    })
+    .expect("the client's cache points at the LB");
+    let url = format!("http://{first}");
+    assert!(
+        LbWorld::curl(w.client(), &url, 5)
+            .expect("curl")
+            .iter()
+            .all(|l| l.starts_with(&format!("{} ", ips[0])))
+    );
+
+    w.api().delete("default", "a").expect("delete");
+    let status = w.api().status().expect("status");
+    assert!(status.announced.is_empty());
+    assert_eq!(status.pools[0].used, 0, "back in the pool");
+    w.client()
+        .ip(&["neigh", "flush", "dev", "eth0"])
+        .expect("flush");
+    assert!(
+        LbWorld::curl(w.client(), &url, 1).expect("curl").is_empty(),
+        "nobody answers for a released VIP"
+    );
+
+    let b = spec("b", vec![port(Protocol::Tcp, 80)], &[(ips[1], 1)]);
+    assert_eq!(w.api().apply(&b).expect("b"), first, "re-allocated");
+    let lines = LbWorld::curl(w.client(), &url, 5).expect("curl");
+    assert_eq!(lines.len(), 5);
+    assert!(
+        lines.iter().all(|l| l.starts_with(&format!("{} ", ips[1]))),
+        "{lines:?}"
+    );
+}
