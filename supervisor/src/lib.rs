@@ -16,6 +16,14 @@
 //! Command::Supervisor(args) => args.run()?,
 //! ```
 //!
+//! The client commands are wired the same way, each a `clap::Args` with `run()` (own runtime,
+//! prints to stdout) and `run_to(&mut writer)` (async):
+//! `slipway apply` = [`cli::ApplyArgs`], `slipway get` = [`cli::GetArgs`] (`-w` follows),
+//! `slipway describe` = [`cli::DescribeArgs`], `slipway delete` = [`cli::DeleteArgs`],
+//! `slipway kubeconfig` = [`cli::KubeconfigArgs`] (issues a client certificate from the CA), and
+//! `slipway bench api` = [`bench::BenchApiArgs`] (writes `target/slipway-bench/api.jsonl`).
+//! They all go through [`client::Client`], the client the agents use.
+//!
 //! `slipway supervisor --data-dir DIR --listen 127.0.0.1:6443 [--store redb|etcd://h1,h2]
 //! [--token-file FILE] [--audit-log FILE]` creates `DIR/pki/` (CA, serving certificate) on
 //! first start, writes `DIR/admin.kubeconfig` (cluster-admin client certificate) on every

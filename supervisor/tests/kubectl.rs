@@ -799,7 +799,7 @@ fn watch_suite(backend: &Backend) {
         "jsonpath={.items[*].metadata.name}",
     ]);
     assert_eq!(names.ok(), "s3");
-    // deletecollection by label.
+    // kubectl's delete by label (a list, then one delete per object).
     sup.kubectl(&["delete", "svc", "-l", "app=other"]).ok();
     assert!(
         sup.kubectl(&["get", "svc", "other"])
@@ -925,6 +925,24 @@ async fn kube_rs_suite(backend: &Backend) -> anyhow::Result<()> {
     anyhow::ensure!(
         ip(&replaced).as_deref() == Some("10.0.0.1"),
         "main resource update changed status"
+    );
+    // deletecollection by label selector.
+    for n in ["doomed-1", "doomed-2"] {
+        let mut s = svc(n)?;
+        s.metadata.labels = Some([("batch".to_string(), "x".to_string())].into());
+        api.create(&PostParams::default(), &s).await?;
+    }
+    let by_label = kube::api::ListParams::default().labels("batch=x");
+    anyhow::ensure!(api.list(&by_label).await?.items.len() == 2);
+    api.delete_collection(&kube::api::DeleteParams::default(), &by_label)
+        .await?;
+    anyhow::ensure!(
+        api.list(&by_label).await?.items.is_empty(),
+        "deletecollection left objects"
+    );
+    anyhow::ensure!(
+        api.get_opt("after").await?.is_some(),
+        "deletecollection removed an unselected object"
     );
     task.abort();
     Ok(())
@@ -1387,6 +1405,32 @@ async fn bench_api_smoke() -> anyhow::Result<()> {
         anyhow::ensure!(
             lines.iter().any(|l| l["metric"] == metric),
             "missing {metric}"
+        );
+    }
+    Ok(())
+}
+
+/// The full-scale API benchmark (10,000 objects, 100 watchers, etcdctl check perf); run with
+/// `cargo test -p slipway-supervisor --test kubectl bench_api_full -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes minutes; run on demand"]
+async fn bench_api_full() -> anyhow::Result<()> {
+    let args = slipway_supervisor::bench::BenchApiArgs {
+        creates: 2000,
+        gets: 5000,
+        list_objects: 10_000,
+        concurrency: 16,
+        watchers: 100,
+        watch_events: 200,
+        skip_etcd: false,
+        skip_check_perf: false,
+        out: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/slipway-bench/api.jsonl"),
+    };
+    for m in args.run_async().await? {
+        eprintln!(
+            "{:<32} {:>12.2} {:<6} {:?}",
+            m.metric, m.value, m.unit, m.baseline
         );
     }
     Ok(())

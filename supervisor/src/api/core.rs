@@ -750,3 +750,33 @@ impl Validate for Event {
         check_enum("type", &self.type_, &["Normal", "Warning"], errs);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_validation_reports_every_bad_field() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "spec": {
+                "type": "Magic",
+                "ports": [{"port": 0}, {"port": 70000, "protocol": "ICMP"}],
+                "loadBalancerSourceRanges": ["10.0.0.0/33"],
+            }
+        }))
+        .expect("decodes");
+        let mut errs = Vec::new();
+        svc.validate(&mut errs);
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "spec.type",
+            "spec.ports[0].port",
+            "spec.ports[1].port",
+            "spec.ports[1].protocol",
+            "spec.ports[0].name",
+            "spec.loadBalancerSourceRanges[0]",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+}
