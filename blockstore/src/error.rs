@@ -19,6 +19,9 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// Another process serves this data directory.
+    #[error("data directory {0} is in use by another process")]
+    Locked(PathBuf),
     /// Data-file I/O through io_uring failed.
     #[error("volume I/O failed")]
     DataIo(#[source] io::Error),

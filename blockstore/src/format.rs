@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <data-dir>/
+//!   lock                 flock held by the daemon serving this directory
 //!   catalog.json         the catalog (below), replaced atomically
 //!   layers/<id>.data     sparse data file of layer <id>, byte offset = volume offset
 //!   layers/<id>.map      extent map of layer <id>: one byte per extent

@@ -39,6 +39,8 @@ pub struct VolumeInfo {
 /// A data directory opened for serving.
 #[derive(Debug)]
 pub struct Store {
+    /// Held (flock) for the store's lifetime: one daemon per data directory.
+    _lock: std::fs::File,
     layout: Layout,
     ring: Uring,
     state: Mutex<State>,
@@ -92,6 +94,16 @@ impl Store {
     /// Opens (or initialises) the data directory at `dir`.
     pub fn open(dir: &Path, extent_size: u64) -> Result<Arc<Self>, StoreError> {
         let layout = Layout::new(dir);
+        std::fs::create_dir_all(dir).map_err(StoreError::io("mkdir", dir))?;
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(StoreError::io("open", &lock_path))?;
+        lock.try_lock()
+            .map_err(|_| StoreError::Locked(dir.to_owned()))?;
         let catalog = layout.load_or_init(extent_size)?;
         let ring = Uring::new().map_err(StoreError::io("io_uring_setup", dir))?;
         let mut layers = HashMap::new();
@@ -100,6 +112,7 @@ impl Store {
         }
         remove_orphans(&layout, &catalog);
         let store = Arc::new(Self {
+            _lock: lock,
             layout,
             ring,
             state: Mutex::new(State { catalog, layers }),
@@ -396,6 +409,12 @@ impl Store {
             let Some(child) = state.layers.get(&child_id).cloned() else {
                 continue;
             };
+            tracing::info!(
+                snapshot = srec.layer,
+                into = child_id,
+                extents = lower.extents(),
+                "merging snapshot layer into its child"
+            );
             // If the child is the volume's writable top, hold off its allocating writes.
             let _alloc = match &owner {
                 Some(o) => Some(o.lock_alloc().await),
@@ -430,6 +449,7 @@ impl Store {
                 }
             }
             child.persist(&self.ring).await?;
+            tracing::info!(into = child_id, "merge done");
         }
         Ok(())
     }
@@ -753,6 +773,10 @@ mod tests {
     async fn delete_rules_and_validation() -> Result<(), StoreError> {
         let d = dir("rules");
         let store = Store::open(&d.0, ES)?;
+        assert!(
+            matches!(Store::open(&d.0, ES), Err(StoreError::Locked(_))),
+            "a second daemon must not open the same data directory"
+        );
         assert!(matches!(
             store.create("bad/name", 4096).await,
             Err(StoreError::InvalidName { .. })
