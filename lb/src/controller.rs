@@ -583,3 +583,283 @@ impl Controller {
         self.announcer.sync(self.maps.as_mut(), &wanted)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use slipway_dataplane::abi::CounterValue;
+    use slipway_dataplane::abi::lb::{LbConfig as ConfigValue, LbFlow, LbReason, LbStats};
+
+    use super::*;
+    use crate::announce::StaticLease;
+    use crate::config::{BackendSpec, LbConfig, PoolConfig};
+
+    /// The maps in memory, counting ring writes.
+    #[derive(Debug, Default)]
+    struct Fake {
+        services: BTreeMap<(u32, u16, u8), LbService>,
+        backends: BTreeMap<u32, LbBackend>,
+        rings: BTreeMap<u32, Vec<u32>>,
+        ring_writes: usize,
+        ranges: BTreeSet<(u32, Ipv4Network)>,
+        vips: BTreeSet<Ipv4Addr>,
+        flows: Vec<(LbFlowKey, LbFlow)>,
+        removed_flows: Vec<LbFlowKey>,
+    }
+
+    impl LbMaps for Fake {
+        fn set_config(&mut self, _: ConfigValue) -> Result<(), LbError> {
+            Ok(())
+        }
+        fn set_service(&mut self, key: LbServiceKey, value: LbService) -> Result<(), LbError> {
+            self.services.insert((key.vip, key.port, key.proto), value);
+            Ok(())
+        }
+        fn remove_service(&mut self, key: &LbServiceKey) -> Result<(), LbError> {
+            self.services.remove(&(key.vip, key.port, key.proto));
+            Ok(())
+        }
+        fn set_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), LbError> {
+            self.backends.insert(id, backend);
+            Ok(())
+        }
+        fn write_ring(&mut self, id: u32, slots: &[(u32, u32)]) -> Result<(), LbError> {
+            let ring = self
+                .rings
+                .entry(id)
+                .or_insert_with(|| vec![0; MAGLEV_SIZE as usize]);
+            for (slot, backend) in slots {
+                ring[*slot as usize] = *backend;
+            }
+            self.ring_writes += slots.len();
+            Ok(())
+        }
+        fn add_source_range(&mut self, id: u32, net: Ipv4Network) -> Result<(), LbError> {
+            self.ranges.insert((id, net));
+            Ok(())
+        }
+        fn remove_source_range(&mut self, id: u32, net: Ipv4Network) -> Result<(), LbError> {
+            self.ranges.remove(&(id, net));
+            Ok(())
+        }
+        fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+            self.vips.insert(vip);
+            Ok(())
+        }
+        fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+            self.vips.remove(&vip);
+            Ok(())
+        }
+        fn flows(&self) -> Result<Vec<(LbFlowKey, LbFlow)>, LbError> {
+            Ok(self.flows.clone())
+        }
+        fn remove_flow(&mut self, forward: &LbFlowKey, _: &LbFlowKey) -> Result<(), LbError> {
+            self.removed_flows.push(*forward);
+            Ok(())
+        }
+        fn backend_stats(&self, _: u32) -> Result<LbStats, LbError> {
+            Ok(LbStats::default())
+        }
+        fn service_stats(&self, _: u32) -> Result<LbStats, LbError> {
+            Ok(LbStats::default())
+        }
+        fn counters(&self) -> Result<BTreeMap<LbReason, CounterValue>, LbError> {
+            Ok(BTreeMap::new())
+        }
+    }
+
+    fn controller() -> (Controller, Arc<Mutex<Fake>>) {
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let pools = Pools::from_config(&LbConfig::new(
+            "eth0",
+            vec![PoolConfig {
+                name: "p".into(),
+                cidr: "10.99.100.0/24".into(),
+            }],
+        ))
+        .expect("pools");
+        let c = Controller::new(
+            Box::new(fake.clone()),
+            pools,
+            Announcer::new(Arc::new(StaticLease)),
+        );
+        (c, fake)
+    }
+
+    fn spec(backends: &[(u8, u32)]) -> ServiceSpec {
+        ServiceSpec {
+            namespace: "default".into(),
+            name: "web".into(),
+            ports: vec![ServicePort {
+                name: None,
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: 8080,
+            }],
+            load_balancer_ip: None,
+            load_balancer_source_ranges: vec!["10.0.0.0/8".into()],
+            external_traffic_policy: TrafficPolicy::Cluster,
+            backends: backends
+                .iter()
+                .map(|(last, weight)| BackendSpec {
+                    ip: Ipv4Addr::new(10, 99, 0, *last),
+                    weight: *weight,
+                    node_local: false,
+                })
+                .collect(),
+            health_check: None,
+            drain_timeout_secs: None,
+        }
+    }
+
+    fn fake(f: &Arc<Mutex<Fake>>) -> std::sync::MutexGuard<'_, Fake> {
+        f.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[test]
+    fn only_changed_slots_are_written_and_backend_ids_stay() {
+        let (mut c, f) = controller();
+        let applied = c.apply(spec(&[(3, 1), (4, 1), (5, 1)])).expect("apply");
+        assert_eq!(applied.vip, Ipv4Addr::new(10, 99, 100, 1));
+        assert_eq!(applied.taken_over, vec![applied.vip]);
+        let (writes, ids) = {
+            let f = fake(&f);
+            (f.ring_writes, f.backends.clone())
+        };
+        assert_eq!(writes, MAGLEV_SIZE as usize, "a new ring is written whole");
+        assert_eq!(ids.len(), 3);
+
+        // Applying the same spec again writes nothing.
+        c.apply(spec(&[(3, 1), (4, 1), (5, 1)])).expect("again");
+        assert_eq!(fake(&f).ring_writes, writes);
+
+        // A fourth backend takes about a quarter of the ring: only those slots are written,
+        // and the existing backends keep their ids.
+        let applied = c
+            .apply(spec(&[(3, 1), (4, 1), (5, 1), (6, 1)]))
+            .expect("add");
+        assert!(
+            applied.taken_over.is_empty(),
+            "the VIP was announced already"
+        );
+        let f = fake(&f);
+        let written = f.ring_writes - writes;
+        let quarter = MAGLEV_SIZE as usize / 4;
+        assert!(
+            written >= quarter && written <= quarter + MAGLEV_SIZE as usize / 100,
+            "{written}"
+        );
+        for (id, backend) in &ids {
+            assert_eq!(f.backends.get(id), Some(backend));
+        }
+        let ring = &f.rings[&0];
+        assert!(
+            ring.iter()
+                .all(|id| *id != 0 && f.backends.contains_key(id))
+        );
+        assert!(f.ranges.contains(&(0, "10.0.0.0/8".parse().expect("net"))));
+        let service = f.services.values().next().expect("service");
+        assert_eq!(service.flags, SERVICE_F_SOURCE_RANGES);
+    }
+
+    #[test]
+    fn drained_backends_keep_their_id_but_leave_the_ring_and_time_out() {
+        let (mut c, f) = controller();
+        let mut s = spec(&[(3, 1), (4, 0)]);
+        s.drain_timeout_secs = Some(5);
+        c.apply(s).expect("apply");
+        let drained = LbBackend::new(Ipv4Addr::new(10, 99, 0, 4), 8080);
+        let id = {
+            let f = fake(&f);
+            let id = *f
+                .backends
+                .iter()
+                .find(|(_, b)| **b == drained)
+                .expect("id")
+                .0;
+            assert!(
+                !f.rings[&0].contains(&id),
+                "no slot for the drained backend"
+            );
+            id
+        };
+        let key = LbFlowKey {
+            src: abi::be32(Ipv4Addr::new(10, 99, 0, 1)),
+            dst: abi::be32(Ipv4Addr::new(10, 99, 100, 1)),
+            sport: abi::be16(40000),
+            dport: abi::be16(80),
+            proto: 6,
+            pad: [0; 3],
+        };
+        fake(&f).flows.push((
+            key,
+            LbFlow {
+                backend_id: id,
+                service_id: 0,
+                nat_ip: 0,
+                nat_port: 0,
+                state: FLOW_OPEN,
+                pad: 0,
+                last_seen_ns: 0,
+            },
+        ));
+        c.tick(Instant::now()).expect("tick");
+        assert!(fake(&f).removed_flows.is_empty(), "within the timeout");
+        c.tick(Instant::now() + Duration::from_secs(6))
+            .expect("tick");
+        assert_eq!(fake(&f).removed_flows, vec![key], "ended at the timeout");
+    }
+
+    #[test]
+    fn unhealthy_backends_leave_the_ring_and_deleting_releases_everything() {
+        let (mut c, f) = controller();
+        let mut s = spec(&[(3, 1), (4, 1)]);
+        s.health_check = Some(HealthCheckSpec {
+            interval_ms: 100,
+            timeout_ms: 50,
+            rise: 1,
+            fall: 2,
+            port: None,
+            http_path: None,
+        });
+        c.apply(s).expect("apply");
+        assert_eq!(c.health_targets().len(), 2);
+        assert_eq!(c.health_targets()[0].addr.port(), 8080);
+        let down = Ipv4Addr::new(10, 99, 0, 4);
+        assert_eq!(
+            c.observe_health("default/web", down, false).expect("probe"),
+            None
+        );
+        assert_eq!(
+            c.observe_health("default/web", down, false).expect("probe"),
+            Some(false)
+        );
+        {
+            let f = fake(&f);
+            let ids: BTreeSet<u32> = f.rings[&0].iter().copied().collect();
+            assert_eq!(ids.len(), 1, "one backend left in the ring");
+        }
+        assert_eq!(
+            c.observe_health("default/web", down, true).expect("probe"),
+            Some(true)
+        );
+        assert_eq!(
+            fake(&f).rings[&0]
+                .iter()
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .len(),
+            2
+        );
+
+        c.delete("default", "web").expect("delete");
+        let f = fake(&f);
+        assert!(f.services.is_empty() && f.vips.is_empty() && f.ranges.is_empty());
+        assert!(f.backends.values().all(|b| *b == LbBackend::default()));
+        assert!(matches!(
+            c.delete("default", "web"),
+            Err(LbError::NotFound(_))
+        ));
+    }
+}

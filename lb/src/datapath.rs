@@ -391,3 +391,32 @@ impl LbMaps for LbDatapath {
         Ok(out)
     }
 }
+
+/// Turns on the kernel's run-time accounting of BPF programs (`BPF_ENABLE_STATS`) for as long
+/// as the returned descriptor lives: what the benchmark reads the LB's CPU cost from.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, LbError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| LbError::Syscall {
+        call: "bpf(BPF_ENABLE_STATS)",
+        source: e.io_error,
+    })
+}
+
+/// CPU time spent in, and runs of, every loaded LB program (TC and XDP), as the kernel counts
+/// them while run-time stats are enabled.
+pub fn run_time() -> Result<(std::time::Duration, u64), LbError> {
+    let mut total = (std::time::Duration::ZERO, 0);
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(|source| {
+            dp(DataplaneError::Program {
+                program: TC_PROGRAM,
+                action: "list loaded programs".into(),
+                source: Box::new(source),
+            })
+        })?;
+        if matches!(info.name_as_str(), Some(TC_PROGRAM | XDP_PROGRAM)) {
+            total.0 += info.run_time();
+            total.1 += info.run_count();
+        }
+    }
+    Ok(total)
+}
