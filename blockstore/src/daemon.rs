@@ -92,6 +92,16 @@ impl Daemon {
             tasks.push(tokio::spawn(Arc::clone(&server).serve_unix(l)));
         }
         let l = bind_unix("control socket", &cfg.control)?;
+        // The control API creates and deletes volumes: owner only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cfg.control, std::fs::Permissions::from_mode(0o600))
+                .map_err(|source| DaemonError::Bind {
+                    what: "control socket (chmod 0600)",
+                    addr: cfg.control.display().to_string(),
+                    source,
+                })?;
+        }
         tasks.push(tokio::spawn(crate::control::serve(l, Arc::clone(&store))));
         let mut metrics_addr = None;
         if let Some(addr) = &cfg.metrics {

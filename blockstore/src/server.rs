@@ -430,6 +430,9 @@ impl Conn {
         };
         let command = match proto::validate(&req, &view) {
             Ok(_) if oversized => Err(proto::errno::EINVAL),
+            Ok(c) if c != Command::Disconnect && self.export.is_deleted() => {
+                Err(proto::errno::ESHUTDOWN)
+            }
             other => other,
         };
         let command = match command {

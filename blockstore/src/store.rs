@@ -373,8 +373,13 @@ impl Store {
         self.commit(state, catalog)?;
         {
             let mut exports = self.exports_write();
-            exports.retain(|n, _| {
-                state.catalog.volumes.contains_key(n) || state.catalog.snapshots.contains_key(n)
+            exports.retain(|n, e| {
+                let keep = state.catalog.volumes.contains_key(n)
+                    || state.catalog.snapshots.contains_key(n);
+                if !keep {
+                    e.mark_deleted();
+                }
+                keep
             });
         }
         self.relink_exports(state).await?;

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use thiserror::Error;
 use tokio::sync::{Mutex, RwLock, RwLockWriteGuard};
@@ -73,6 +73,7 @@ pub struct Export {
     /// Snapshots are read-only.
     pub read_only: bool,
     size: AtomicU64,
+    deleted: AtomicBool,
     extent_size: u64,
     chain: RwLock<Vec<Arc<Layer>>>,
     alloc: Mutex<()>,
@@ -124,6 +125,7 @@ impl Export {
             name,
             read_only,
             size: AtomicU64::new(size),
+            deleted: AtomicBool::new(false),
             extent_size,
             chain: RwLock::new(chain),
             alloc: Mutex::new(()),
@@ -145,6 +147,15 @@ impl Export {
     /// Serialises with allocating writes (used by merges into the top layer).
     pub(crate) async fn lock_alloc(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.alloc.lock().await
+    }
+
+    /// The volume or snapshot was deleted; connections still open get `ESHUTDOWN`.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
     }
 
     pub(crate) fn set_size(&self, size: u64) {

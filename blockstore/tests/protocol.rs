@@ -191,6 +191,18 @@ fn protocol_edge_cases() {
         Ok(errno::EPERM)
     );
     assert_eq!(s.read(0, 4096), Ok(vec![9u8; 4096]));
+
+    // A volume deleted under an open connection answers ESHUTDOWN, not stale data.
+    srv.create("gone", MIB);
+    let mut g = Client::connect(&srv.unix, "gone", false).expect("connect");
+    assert_eq!(g.read(0, 512), Ok(vec![0u8; 512]));
+    srv.control(ControlRequest::Delete {
+        name: "gone".into(),
+        cascade: false,
+    })
+    .expect("delete");
+    assert_eq!(g.read(0, 512), Err(errno::ESHUTDOWN));
+    assert!(Client::connect(&srv.unix, "gone", false).is_err());
     assert!(!srv.log().contains("panicked"), "{}", srv.log());
 }
 
