@@ -40,13 +40,18 @@ struct lb_nat {
 	__u8 proto;
 };
 
-/* SNAT ports tried for a new flow: the client's own first (so one client's flows never
- * collide), then others derived from the flow hash. All lie below LB_SNAT_PORT_END: the LB
- * host's own connections to backends (health checks) use source ports from there up, so a
- * backend's answer to them is never mistaken for a reply to a translated flow. */
+/* SNAT ports tried for a new flow: first the client's own port folded into the SNAT range
+ * (one-to-one for any client's ephemeral range, so one client's flows never collide and a
+ * reused client tuple gets its old port back, which is what the backend's TIME-WAIT state
+ * expects), then ports derived from the flow hash. The range stays below the kernel's
+ * ephemeral ports (ip_local_port_range, 32768-60999 by default): the LB host's own
+ * connections to backends (health checks, a proxy beside the LB) use those, and a backend's
+ * answer to them must never be taken for the reply to a translated flow. The daemon warns when
+ * the host's range overlaps this one. */
 #define LB_SNAT_TRIES 8
 #define LB_SNAT_PORT_MIN 1024
-#define LB_SNAT_PORT_END 61000
+#define LB_SNAT_PORT_END 32768
+#define LB_SNAT_PORT_SPAN (LB_SNAT_PORT_END - LB_SNAT_PORT_MIN)
 
 #define LB_ARP_REQUEST 1
 #define LB_ARP_REPLY 2
@@ -159,30 +164,44 @@ static __always_inline int lb_reverse_stale(struct lb_reverse *old, __u8 proto)
 }
 
 /* Picks the source port a new SNATed flow gets, and records the reverse translation under it.
- * A port is free if no reverse entry holds it, or the entry is this same client flow again (a
- * reused tuple), or its flow is over. Returns 0 when every candidate is held by a live flow. */
+ * A port is free if no reverse entry holds it or the entry is this same client flow again (a
+ * reused tuple); failing that, a port whose flow is over is taken. Returns 0 when every
+ * candidate is held by a live flow. */
 static __always_inline __be16 lb_snat_port(struct lb_flow_key *rev_key, struct lb_reverse *rev,
 					   __u32 hash)
 {
+	__u32 client_port = bpf_ntohs(rev_key->dport);
+	__be16 stale_port = 0;
+
 	for (int i = 0; i < LB_SNAT_TRIES; i++) {
-		if (i > 0 || bpf_ntohs(rev_key->dport) < LB_SNAT_PORT_MIN ||
-		    bpf_ntohs(rev_key->dport) >= LB_SNAT_PORT_END)
-			rev_key->dport = bpf_htons(LB_SNAT_PORT_MIN +
-						   (hash + i * 7919) % (LB_SNAT_PORT_END - LB_SNAT_PORT_MIN));
+		__u32 port;
+		if (i == 0 && client_port >= LB_SNAT_PORT_MIN)
+			port = client_port - LB_SNAT_PORT_MIN;
+		else
+			port = hash + i * 7919;
+		rev_key->dport = bpf_htons(LB_SNAT_PORT_MIN + port % LB_SNAT_PORT_SPAN);
 		struct lb_reverse *old = bpf_map_lookup_elem(&lb_reverse, rev_key);
 		if (old) {
 			int same = old->client == rev->client && old->client_port == rev->client_port &&
 				   old->vip == rev->vip && old->vip_port == rev->vip_port;
-			if (same || lb_reverse_stale(old, rev_key->proto)) {
+			if (same) {
 				bpf_map_update_elem(&lb_reverse, rev_key, rev, BPF_ANY);
 				return rev_key->dport;
 			}
+			/* An ended flow's port is the last resort: the backend may still hold its
+			 * tuple in TIME-WAIT, and a new SYN from another client may not get through. */
+			if (!stale_port && lb_reverse_stale(old, rev_key->proto))
+				stale_port = rev_key->dport;
 			continue;
 		}
 		if (bpf_map_update_elem(&lb_reverse, rev_key, rev, BPF_NOEXIST) == 0)
 			return rev_key->dport;
 	}
-	return 0;
+	if (stale_port) {
+		rev_key->dport = stale_port;
+		bpf_map_update_elem(&lb_reverse, rev_key, rev, BPF_ANY);
+	}
+	return stale_port;
 }
 
 /*

@@ -83,6 +83,29 @@ pub fn interface(ifname: &str) -> Result<Interface, LbError> {
     Ok(Interface { ifindex, mac, ip })
 }
 
+/// Warns when the host's ephemeral ports overlap the SNAT ports: a backend's answer to one of
+/// the host's own connections could then be taken for a translated flow's.
+fn warn_on_port_overlap() {
+    let Ok(text) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut parts = text
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (parts.next(), parts.next())
+        && lo < crate::datapath::SNAT_PORTS.end
+        && hi >= crate::datapath::SNAT_PORTS.start
+    {
+        warn!(
+            lo,
+            hi,
+            "ip_local_port_range overlaps the SNAT ports {}..{}: set it above them",
+            crate::datapath::SNAT_PORTS.start,
+            crate::datapath::SNAT_PORTS.end
+        );
+    }
+}
+
 struct Shared {
     controller: Mutex<Controller>,
     metrics: Metrics,
@@ -126,6 +149,7 @@ pub async fn serve(
         pad: [0; 2],
     })?;
     datapath.attach(&config.interface)?;
+    warn_on_port_overlap();
     info!(interface = %config.interface, %snat_ip, ?point, "LB datapath attached");
 
     let controller = Controller::new(Box::new(datapath), pools, Announcer::new(lease));

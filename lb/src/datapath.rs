@@ -24,6 +24,10 @@ use tracing::debug;
 use crate::LbError;
 use crate::maps::LbMaps;
 
+/// Source ports the datapath gives SNATed flows (`LB_SNAT_PORT_MIN`..`LB_SNAT_PORT_END` in
+/// ebpf/include/lb_core.h): kept clear of the kernel's ephemeral ports.
+pub const SNAT_PORTS: std::ops::Range<u16> = 1024..32768;
+
 const TC_PROGRAM: &str = "lb_ingress";
 const XDP_PROGRAM: &str = "lb_xdp";
 
