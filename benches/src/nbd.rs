@@ -37,6 +37,8 @@ pub struct Options {
     pub transports: Vec<Transport>,
     /// Connection counts to measure (fio jobs, one NBD connection each).
     pub connections: Vec<usize>,
+    /// Only jobs whose label (e.g. `randread_4k_qd1_unix_1conn`) contains this.
+    pub only: Option<String>,
 }
 
 impl Default for Options {
@@ -45,9 +47,11 @@ impl Default for Options {
             runs: 3,
             runtime: Duration::from_secs(2),
             size_mib: 1024,
-            work_dir: std::env::temp_dir().join(format!("slipway-bench-nbd-{}", std::process::id())),
+            work_dir: std::env::temp_dir()
+                .join(format!("slipway-bench-nbd-{}", std::process::id())),
             transports: vec![Transport::Unix, Transport::Tcp],
             connections: vec![1, 4],
+            only: None,
         }
     }
 }
@@ -79,11 +83,36 @@ struct Job {
 }
 
 const JOBS: [Job; 5] = [
-    Job { name: "randread_4k_qd32", rw: "randread", bs: "4k", iodepth: 32 },
-    Job { name: "randwrite_4k_qd32", rw: "randwrite", bs: "4k", iodepth: 32 },
-    Job { name: "randread_4k_qd1", rw: "randread", bs: "4k", iodepth: 1 },
-    Job { name: "seqread_1m", rw: "read", bs: "1M", iodepth: 8 },
-    Job { name: "seqwrite_1m", rw: "write", bs: "1M", iodepth: 8 },
+    Job {
+        name: "randread_4k_qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+    },
+    Job {
+        name: "randwrite_4k_qd32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+    },
+    Job {
+        name: "randread_4k_qd1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+    },
+    Job {
+        name: "seqread_1m",
+        rw: "read",
+        bs: "1M",
+        iodepth: 8,
+    },
+    Job {
+        name: "seqwrite_1m",
+        rw: "write",
+        bs: "1M",
+        iodepth: 8,
+    },
 ];
 
 /// One fio result.
@@ -113,21 +142,27 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
     ensure!(options.runs > 0, "runs: must be at least 1");
     ensure!(options.size_mib >= 64, "size_mib: at least 64");
     for tool in ["fio", "nbdkit", "qemu-nbd", "fincore"] {
-        ensure!(which(tool), "{tool} is not installed (scripts/bootstrap.sh installs it)");
+        ensure!(
+            which(tool),
+            "{tool} is not installed (scripts/bootstrap.sh installs it)"
+        );
     }
     let work = WorkDir::new(&options.work_dir)?;
     let size = options.size_mib << 20;
     let raw = work.0.join("raw.img");
     eprintln!("[nbd] preparing a {} MiB raw file", options.size_mib);
-    fio_run(&[
-        "--name=prefill".into(),
-        "--ioengine=psync".into(),
-        "--rw=write".into(),
-        "--bs=1M".into(),
-        format!("--filename={}", raw.display()),
-        format!("--size={size}"),
-        "--end_fsync=1".into(),
-    ], None)?;
+    fio_run(
+        &[
+            "--name=prefill".into(),
+            "--ioengine=psync".into(),
+            "--rw=write".into(),
+            "--bs=1M".into(),
+            format!("--filename={}", raw.display()),
+            format!("--size={size}"),
+            "--end_fsync=1".into(),
+        ],
+        None,
+    )?;
 
     // Slipway, in-process.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -144,13 +179,21 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
         extent_size: slipway_blockstore::format::DEFAULT_EXTENT_SIZE,
     };
     std::fs::create_dir_all(&slip_dir)?;
-    let daemon = rt.block_on(Daemon::start(&cfg)).context("starting Slipway")?;
+    let daemon = rt
+        .block_on(Daemon::start(&cfg))
+        .context("starting Slipway")?;
     let resp = rt.block_on(dispatch(
         &daemon.store,
-        ControlRequest::Create { name: EXPORT.into(), size },
+        ControlRequest::Create {
+            name: EXPORT.into(),
+            size,
+        },
     ));
     ensure!(resp.ok, "creating the Slipway volume: {:?}", resp.error);
-    let slip_unix = format!("nbd+unix:///{EXPORT}?socket={}", slip_dir.join("nbd.sock").display());
+    let slip_unix = format!(
+        "nbd+unix:///{EXPORT}?socket={}",
+        slip_dir.join("nbd.sock").display()
+    );
     let slip_tcp = format!(
         "nbd://{}/{EXPORT}",
         daemon.tcp.context("Slipway TCP address")?
@@ -161,10 +204,25 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
 
     let mut records = Vec::new();
     for &transport in &options.transports {
-        let nbdkit_file = Spawned::nbdkit(&work.0, transport, "file", &[&format!("file={}", raw.display())], Some(raw.clone()))?;
-        let nbdkit_mem = Spawned::nbdkit(&work.0, transport, "memory", &[&format!("size={size}")], None)?;
+        let nbdkit_file = Spawned::nbdkit(
+            &work.0,
+            transport,
+            "file",
+            &[&format!("file={}", raw.display())],
+            Some(raw.clone()),
+        )?;
+        let nbdkit_mem = Spawned::nbdkit(
+            &work.0,
+            transport,
+            "memory",
+            &[&format!("size={size}")],
+            None,
+        )?;
         let qemu = Spawned::qemu_nbd(&work.0, transport, &raw)?;
-        eprintln!("[nbd] {}: filling the nbdkit memory export", transport.name());
+        eprintln!(
+            "[nbd] {}: filling the nbdkit memory export",
+            transport.name()
+        );
         fio_fill(&nbdkit_mem.uri(), size)?;
         let slip = InProcess {
             uri: match transport {
@@ -177,15 +235,26 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
         for &conns in &options.connections {
             for job in JOBS {
                 let label = format!("{}_{}_{}conn", job.name, transport.name(), conns);
+                if options.only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
+                    continue;
+                }
                 // results[server][run]
                 let mut results: Vec<Vec<FioResult>> = vec![Vec::new(); servers.len() + 1];
                 for run in 0..options.runs {
-                    for (i, server) in servers.iter().enumerate() {
+                    // Rotate who goes first, so no server always follows another's writes.
+                    for k in 0..servers.len() {
+                        let i = (run + k) % servers.len();
+                        let server = servers[i];
                         eprintln!("[nbd] {label} run {run}: {}", server.name());
-                        results[i].push(measure(*server, job, conns, size, options.runtime)?);
+                        results[i].push(measure(server, job, conns, size, options.runtime)?);
                     }
                     if transport == Transport::Unix && conns == 1 {
-                        results[servers.len()].push(raw_reference(&raw, job, size, options.runtime)?);
+                        results[servers.len()].push(raw_reference(
+                            &raw,
+                            job,
+                            size,
+                            options.runtime,
+                        )?);
                     }
                 }
                 records.extend(records_for(&label, job, &servers, &results)?);
@@ -205,12 +274,24 @@ fn records_for(
     results: &[Vec<FioResult>],
 ) -> anyhow::Result<Vec<Record>> {
     let mut out = Vec::new();
-    let mut add = |metric: String, unit: &str, hib: bool, baseline: &str, pick: &dyn Fn(&FioResult) -> f64, b: usize| -> anyhow::Result<()> {
+    let mut add = |metric: String,
+                   unit: &str,
+                   hib: bool,
+                   baseline: &str,
+                   pick: &dyn Fn(&FioResult) -> f64,
+                   b: usize|
+     -> anyhow::Result<()> {
         let samples = Samples {
             slipway: results[0].iter().map(pick).collect(),
             baseline: results[b].iter().map(pick).collect(),
         };
-        if samples.baseline.is_empty() || samples.slipway.iter().chain(&samples.baseline).any(|v| !v.is_finite()) {
+        if samples.baseline.is_empty()
+            || samples
+                .slipway
+                .iter()
+                .chain(&samples.baseline)
+                .any(|v| !v.is_finite())
+        {
             return Ok(());
         }
         out.push(samples.record(Metric {
@@ -235,7 +316,14 @@ fn records_for(
             }
             _ => {
                 add(label.to_owned(), "IOPS", true, base, &|r| r.iops, b)?;
-                add(format!("{label}_cpu_per_io"), "us", false, base, &|r| r.cpu_s * 1e6 / r.ios.max(1.0), b)?;
+                add(
+                    format!("{label}_cpu_per_io"),
+                    "us",
+                    false,
+                    base,
+                    &|r| r.cpu_s * 1e6 / r.ios.max(1.0),
+                    b,
+                )?;
             }
         }
     }
@@ -243,23 +331,33 @@ fn records_for(
         let base = "raw-file-io_uring";
         match job.bs {
             "1M" => add(label.to_owned(), "MB/s", true, base, &|r| r.mb_per_s, raw)?,
-            _ if job.iodepth == 1 => add(format!("{label}_p50"), "us", false, base, &|r| r.p50_us, raw)?,
+            _ if job.iodepth == 1 => add(
+                format!("{label}_p50"),
+                "us",
+                false,
+                base,
+                &|r| r.p50_us,
+                raw,
+            )?,
             _ => add(label.to_owned(), "IOPS", true, base, &|r| r.iops, raw)?,
         }
     }
     Ok(out)
 }
 
-fn measure(server: &dyn Server, job: Job, conns: usize, size: u64, runtime: Duration) -> anyhow::Result<FioResult> {
+fn measure(
+    server: &dyn Server,
+    job: Job,
+    conns: usize,
+    size: u64,
+    runtime: Duration,
+) -> anyhow::Result<FioResult> {
     if let Some(file) = server.backing() {
         warm(&file)?;
     }
     let before = server.cpu_seconds()?;
     let mut r = fio_job(
-        &[
-            "--ioengine=nbd".into(),
-            format!("--uri={}", server.uri()),
-        ],
+        &["--ioengine=nbd".into(), format!("--uri={}", server.uri())],
         job,
         conns,
         size,
@@ -270,6 +368,7 @@ fn measure(server: &dyn Server, job: Job, conns: usize, size: u64, runtime: Dura
 }
 
 fn raw_reference(raw: &Path, job: Job, size: u64, runtime: Duration) -> anyhow::Result<FioResult> {
+    settle()?;
     warm(raw)?;
     fio_job(
         &[
@@ -285,7 +384,13 @@ fn raw_reference(raw: &Path, job: Job, size: u64, runtime: Duration) -> anyhow::
     )
 }
 
-fn fio_job(target: &[String], job: Job, conns: usize, size: u64, runtime: Duration) -> anyhow::Result<FioResult> {
+fn fio_job(
+    target: &[String],
+    job: Job,
+    conns: usize,
+    size: u64,
+    runtime: Duration,
+) -> anyhow::Result<FioResult> {
     let mut args: Vec<String> = vec![
         "--name=bench".into(),
         format!("--rw={}", job.rw),
@@ -331,7 +436,8 @@ fn fio_run(args: &[String], json: Option<()>) -> anyhow::Result<serde_json::Valu
     cmd.args(args);
     let out_file = std::env::temp_dir().join(format!("slipway-fio-{}.json", std::process::id()));
     if json.is_some() {
-        cmd.arg("--output-format=json").arg(format!("--output={}", out_file.display()));
+        cmd.arg("--output-format=json")
+            .arg(format!("--output={}", out_file.display()));
     }
     let out = cmd.output().context("running fio")?;
     if !out.status.success() {
@@ -366,6 +472,14 @@ fn fio_fill(uri: &str, size: u64) -> anyhow::Result<()> {
         None,
     )
     .map(drop)
+}
+
+/// Writes back dirty pages left by the previous job (whoever ran it), so that no job pays for
+/// another server's writeback.
+fn settle() -> anyhow::Result<()> {
+    let ok = Command::new("sync").status().is_ok_and(|s| s.success());
+    ensure!(ok, "sync failed");
+    Ok(())
 }
 
 /// Reads `path` (a file, or every file in a directory) so it is resident, then logs residency.
@@ -405,7 +519,8 @@ fn proc_cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = stat.rsplit_once(") ").context("bad /proc stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    let ticks: f64 =
+        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
     // /proc reports clock ticks in USER_HZ, which is 100 on Linux.
     Ok(ticks / 100.0)
 }
@@ -439,12 +554,24 @@ struct Spawned {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Spawned {
-    fn nbdkit(dir: &Path, t: Transport, plugin: &str, params: &[&str], backing: Option<PathBuf>) -> anyhow::Result<Self> {
-        let name = if plugin == "file" { "nbdkit-file" } else { "nbdkit-memory" };
+    fn nbdkit(
+        dir: &Path,
+        t: Transport,
+        plugin: &str,
+        params: &[&str],
+        backing: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let name = if plugin == "file" {
+            "nbdkit-file"
+        } else {
+            "nbdkit-memory"
+        };
         let mut cmd = Command::new("nbdkit");
         cmd.arg("-f");
         let uri = match t {
@@ -465,7 +592,16 @@ impl Spawned {
 
     fn qemu_nbd(dir: &Path, t: Transport, raw: &Path) -> anyhow::Result<Self> {
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-f", "raw", "--aio=io_uring", "-x", EXPORT, "-t", "-e", "16"]);
+        cmd.args([
+            "-f",
+            "raw",
+            "--aio=io_uring",
+            "-x",
+            EXPORT,
+            "-t",
+            "-e",
+            "16",
+        ]);
         let uri = match t {
             Transport::Unix => {
                 let sock = dir.join("qemu-nbd.sock");
@@ -482,13 +618,23 @@ impl Spawned {
         Self::spawn("qemu-nbd", cmd, uri, Some(raw.to_owned()))
     }
 
-    fn spawn(name: &'static str, mut cmd: Command, uri: String, backing: Option<PathBuf>) -> anyhow::Result<Self> {
+    fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        uri: String,
+        backing: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        let me = Self { name, child, uri, backing };
+        let me = Self {
+            name,
+            child,
+            uri,
+            backing,
+        };
         // Wait until it answers.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -502,7 +648,11 @@ impl Spawned {
             if ok {
                 return Ok(me);
             }
-            ensure!(Instant::now() < deadline, "{name} did not come up on {}", me.uri);
+            ensure!(
+                Instant::now() < deadline,
+                "{name} did not come up on {}",
+                me.uri
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

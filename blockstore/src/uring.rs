@@ -45,7 +45,9 @@ struct Slot {
     /// Kept alive until the completion is reaped (the kernel uses its fd).
     _file: Arc<File>,
     /// Kept alive (and unmoved: only the Vec header moves) until the completion is reaped.
+    /// For reads the kernel fills its spare capacity; `len` is set from the result.
     buf: Vec<u8>,
+    read: bool,
     result: Option<i32>,
     waker: Option<Waker>,
     /// The future was dropped: discard the slot when the completion arrives.
@@ -244,19 +246,25 @@ impl Uring {
 
     /// Reads `len` bytes at `offset`; bytes past the end of the file read as zero.
     pub async fn read_at(&self, file: &Arc<File>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let (n, mut buf) = self.op(file, offset, Kind::Read, vec![0u8; len]).await?;
-        let mut got = n as usize;
+        let (_, mut buf) = self
+            .op(file, offset, Kind::Read, Vec::with_capacity(len))
+            .await?;
         // Short read: past the end of file (zeroes) or, rarely, a partial read.
-        while got < len {
+        while buf.len() < len {
+            let got = buf.len();
             let (n, part) = self
-                .op(file, offset + got as u64, Kind::Read, vec![0u8; len - got])
+                .op(
+                    file,
+                    offset + got as u64,
+                    Kind::Read,
+                    Vec::with_capacity(len - got),
+                )
                 .await?;
             if n == 0 {
-                buf[got..].fill(0);
+                buf.resize(len, 0);
                 break;
             }
-            buf[got..got + n as usize].copy_from_slice(&part[..n as usize]);
-            got += n as usize;
+            buf.extend_from_slice(&part);
         }
         Ok(buf)
     }
@@ -340,11 +348,16 @@ impl Future for Op {
                 kind,
                 mut buf,
             } => {
+                let kind_is_read = matches!(kind, Kind::Read);
+                if kind_is_read {
+                    // The kernel writes into the spare capacity; nothing is initialised yet.
+                    buf.clear();
+                }
                 let token = ring.next;
                 ring.next = ring.next.wrapping_add(1);
                 let fd = types::Fd(file.as_raw_fd());
                 let entry = match kind {
-                    Kind::Read => opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32)
+                    Kind::Read => opcode::Read::new(fd, buf.as_mut_ptr(), buf.capacity() as u32)
                         .offset(offset)
                         .build(),
                     Kind::Write => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32)
@@ -363,6 +376,7 @@ impl Future for Op {
                     token,
                     Slot {
                         _file: file,
+                        read: kind_is_read,
                         buf,
                         result: None,
                         waker: None,
@@ -391,7 +405,16 @@ impl Future for Op {
         };
         match slot.result {
             Some(res) => {
-                let buf = ring.slots.remove(&token).map(|s| s.buf).unwrap_or_default();
+                let Some(slot) = ring.slots.remove(&token) else {
+                    return Poll::Ready(Err(io::Error::other("io_uring slot lost")));
+                };
+                let mut buf = slot.buf;
+                if slot.read && res > 0 {
+                    let n = (res as usize).min(buf.capacity());
+                    // SAFETY: the kernel reported `res` bytes read into this buffer's
+                    // allocation, starting at its base pointer, so they are initialised.
+                    unsafe { buf.set_len(n) };
+                }
                 if res < 0 {
                     Poll::Ready(Err(io::Error::from_raw_os_error(-res)))
                 } else {

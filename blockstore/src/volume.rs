@@ -6,6 +6,11 @@
 //! (first write to an extent, zeroing) also hold `alloc`, which serialises copy-on-write.
 //! Writes to extents already in the top layer take neither `alloc` nor any map lock beyond a
 //! lookup.
+//!
+//! Replication (next wave) has one place to hook in: every mutation goes through
+//! [`Export::write`], [`Export::zero`] and [`Export::flush`], each of which returns only after
+//! the local layer has the change; a replicated export would forward the same call to its
+//! replicas and answer when enough of them have.
 
 use std::io;
 use std::sync::Arc;
