@@ -235,7 +235,11 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
         for &conns in &options.connections {
             for job in JOBS {
                 let label = format!("{}_{}_{}conn", job.name, transport.name(), conns);
-                if options.only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
+                if options
+                    .only
+                    .as_ref()
+                    .is_some_and(|o| !label.contains(o.as_str()))
+                {
                     continue;
                 }
                 // results[server][run]
