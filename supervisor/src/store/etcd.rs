@@ -136,6 +136,26 @@ async fn open_watch(
     .await
 }
 
+/// Reopens a broken watch, for as long as its reader is there: a member election can take
+/// longer than one call's retries, and the reader must not see the stream end meanwhile.
+async fn reopen(
+    client: &Client,
+    prefix: &str,
+    last: u64,
+    tx: &mpsc::Sender<Result<StoreEvent, StoreError>>,
+) -> Option<etcd_client::WatchStream> {
+    loop {
+        tokio::select! {
+            r = open_watch(client, prefix, last) => match r {
+                Ok(s) => return Some(s),
+                Err(e) => tracing::warn!(error = %e, last, "reopening etcd watch failed; retrying"),
+            },
+            () = tx.closed() => return None,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let resp = retry(|| {
@@ -226,27 +246,21 @@ impl Store for EtcdStore {
                     Ok(Some(m)) => m,
                     // The member serving the watch went away: resume on another one from the
                     // last revision delivered, so the reader sees no gap and no repeat.
-                    Ok(None) => match open_watch(&client, &prefix, last).await {
-                        Ok(s) => {
+                    Ok(None) => match reopen(&client, &prefix, last, &tx).await {
+                        Some(s) => {
                             stream = s;
                             continue;
                         }
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
+                        None => return,
                     },
                     Err(e) if transient(&e) => {
                         tracing::warn!(error = %e, last, "etcd watch broke; resuming");
-                        match open_watch(&client, &prefix, last).await {
-                            Ok(s) => {
+                        match reopen(&client, &prefix, last, &tx).await {
+                            Some(s) => {
                                 stream = s;
                                 continue;
                             }
-                            Err(e) => {
-                                let _ = tx.send(Err(e)).await;
-                                return;
-                            }
+                            None => return,
                         }
                     }
                     Err(e) => {

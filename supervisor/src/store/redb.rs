@@ -2,10 +2,11 @@
 //! event log that watches resume from (also across restarts).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{EventKind, KeyValue, Store, StoreError, StoreEvent, WatchStream};
 
@@ -27,11 +28,22 @@ pub struct RedbStore {
 
 #[derive(Debug)]
 struct Inner {
-    db: Database,
-    /// Serializes writers so events are broadcast in revision order.
-    write_lock: Mutex<()>,
+    db: Arc<Database>,
+    /// Queue of the single writer thread, which commits concurrent writes together.
+    writer: Option<std_mpsc::Sender<WriteReq>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     events: broadcast::Sender<StoreEvent>,
-    history: u64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer; joining it releases the database file, so the
+        // store can be reopened as soon as the last handle is gone.
+        self.writer.take();
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn rerr(e: impl Into<redb::Error>) -> StoreError {
@@ -54,10 +66,172 @@ fn code_kind(code: u8) -> EventKind {
     }
 }
 
+#[derive(Debug)]
 enum Op {
     Create,
     Update(u64),
     Delete(u64),
+}
+
+#[derive(Debug)]
+struct WriteReq {
+    key: String,
+    value: Option<Vec<u8>>,
+    op: Op,
+    reply: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+/// Most writes committed in one transaction (one fsync).
+const MAX_BATCH: usize = 256;
+
+type Tables<'t> = (
+    redb::Table<'t, &'static str, (u64, &'static [u8])>,
+    redb::Table<'t, &'static str, u64>,
+    redb::Table<'t, u64, (u8, &'static str, &'static [u8])>,
+);
+
+/// Applies one write inside the batch's transaction. Refusals (exists, missing, stale) touch
+/// nothing, so the rest of the batch commits without them.
+fn apply_one(
+    t: &mut Tables<'_>,
+    req: &mut WriteReq,
+    history: u64,
+) -> Result<StoreEvent, StoreError> {
+    let (objects, meta, log) = t;
+    let key = req.key.as_str();
+    let current = objects.get(key).map_err(rerr)?.map(|g| {
+        let (rev, bytes) = g.value();
+        (rev, bytes.to_vec())
+    });
+    let kind = match (&req.op, &current) {
+        (Op::Create, Some(_)) => return Err(StoreError::AlreadyExists(key.to_string())),
+        (Op::Create, None) => EventKind::Put { created: true },
+        (Op::Update(_) | Op::Delete(_), None) => return Err(StoreError::NotFound(key.to_string())),
+        (Op::Update(expected) | Op::Delete(expected), Some((rev, _))) => {
+            if expected != rev {
+                return Err(StoreError::Conflict {
+                    key: key.to_string(),
+                    expected: *expected,
+                    current: *rev,
+                });
+            }
+            if matches!(req.op, Op::Delete(_)) {
+                EventKind::Delete
+            } else {
+                EventKind::Put { created: false }
+            }
+        }
+    };
+    let revision = meta
+        .get("revision")
+        .map_err(rerr)?
+        .map(|g| g.value())
+        .unwrap_or(0)
+        + 1;
+    meta.insert("revision", revision).map_err(rerr)?;
+    let stored = match (kind, req.value.take(), current) {
+        (EventKind::Delete, _, Some((_, old))) => {
+            objects.remove(key).map_err(rerr)?;
+            old
+        }
+        (_, Some(v), _) => {
+            objects
+                .insert(key, (revision, v.as_slice()))
+                .map_err(rerr)?;
+            v
+        }
+        _ => return Err(StoreError::Task("write without a value".into())),
+    };
+    log.insert(revision, (kind_code(kind), key, stored.as_slice()))
+        .map_err(rerr)?;
+    // Bound the log; remember the newest dropped revision so stale watches get 410.
+    if revision > history {
+        let drop_upto = revision - history;
+        let mut compacted = meta
+            .get("compacted")
+            .map_err(rerr)?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        while compacted < drop_upto {
+            compacted += 1;
+            log.remove(compacted).map_err(rerr)?;
+        }
+        meta.insert("compacted", compacted).map_err(rerr)?;
+    }
+    Ok(StoreEvent {
+        kind,
+        kv: KeyValue {
+            key: key.to_string(),
+            value: stored,
+            revision,
+        },
+    })
+}
+
+/// Commits a batch in one durable transaction; per-request results, or a store error that
+/// failed the whole batch.
+fn commit_batch(
+    db: &Database,
+    batch: &mut [WriteReq],
+    history: u64,
+) -> Result<Vec<Result<StoreEvent, StoreError>>, StoreError> {
+    let mut txn = db.begin_write().map_err(rerr)?;
+    txn.set_durability(Durability::Immediate).map_err(rerr)?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut tables: Tables<'_> = (
+            txn.open_table(OBJECTS).map_err(rerr)?,
+            txn.open_table(META).map_err(rerr)?,
+            txn.open_table(EVENTS).map_err(rerr)?,
+        );
+        for req in batch.iter_mut() {
+            match apply_one(&mut tables, req, history) {
+                Err(e @ (StoreError::Redb(_) | StoreError::Task(_))) => return Err(e),
+                other => results.push(other),
+            }
+        }
+    }
+    txn.commit().map_err(rerr)?;
+    Ok(results)
+}
+
+/// The writer thread: drains the queue, commits what has accumulated (group commit), then
+/// broadcasts the events in revision order and answers each caller.
+fn writer_loop(
+    db: Arc<Database>,
+    rx: std_mpsc::Receiver<WriteReq>,
+    events: broadcast::Sender<StoreEvent>,
+    history: u64,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        match commit_batch(&db, &mut batch, history) {
+            Ok(results) => {
+                for (req, res) in batch.into_iter().zip(results) {
+                    let reply = res.map(|ev| {
+                        let rev = ev.kv.revision;
+                        // No receivers is fine: nobody is watching.
+                        let _ = events.send(ev);
+                        rev
+                    });
+                    let _ = req.reply.send(reply);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = batch.len(), "redb commit failed");
+                let msg = format!("commit failed: {e}");
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Task(msg.clone())));
+                }
+            }
+        }
+    }
 }
 
 impl RedbStore {
@@ -76,105 +250,40 @@ impl RedbStore {
             txn.open_table(META).map_err(rerr)?;
         }
         txn.commit().map_err(rerr)?;
+        let db = Arc::new(db);
         let (events, _) = broadcast::channel(4096);
+        let (writer, rx) = std_mpsc::channel();
+        let (wdb, wevents) = (db.clone(), events.clone());
+        let thread = std::thread::Builder::new()
+            .name("redb-writer".into())
+            .spawn(move || writer_loop(wdb, rx, wevents, history.max(1)))
+            .map_err(|e| StoreError::Task(format!("spawning the writer thread: {e}")))?;
+        let inner = Inner {
+            db,
+            writer: Some(writer),
+            writer_thread: Some(thread),
+            events,
+        };
         Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                write_lock: Mutex::new(()),
-                events,
-                history: history.max(1),
-            }),
+            inner: Arc::new(inner),
         })
     }
 
-    fn write(&self, key: &str, value: Option<Vec<u8>>, op: Op) -> Result<u64, StoreError> {
-        let inner = &self.inner;
-        let _guard = inner
-            .write_lock
-            .lock()
-            .map_err(|_| StoreError::Task("write lock poisoned".into()))?;
-        let mut txn = inner.db.begin_write().map_err(rerr)?;
-        txn.set_durability(Durability::Immediate).map_err(rerr)?;
-        let event;
-        let revision;
-        {
-            let mut objects = txn.open_table(OBJECTS).map_err(rerr)?;
-            let mut meta = txn.open_table(META).map_err(rerr)?;
-            let mut log = txn.open_table(EVENTS).map_err(rerr)?;
-            let current = objects.get(key).map_err(rerr)?.map(|g| {
-                let (rev, bytes) = g.value();
-                (rev, bytes.to_vec())
-            });
-            let kind = match (&op, &current) {
-                (Op::Create, Some(_)) => return Err(StoreError::AlreadyExists(key.to_string())),
-                (Op::Create, None) => EventKind::Put { created: true },
-                (Op::Update(_) | Op::Delete(_), None) => {
-                    return Err(StoreError::NotFound(key.to_string()));
-                }
-                (Op::Update(expected) | Op::Delete(expected), Some((rev, _))) => {
-                    if expected != rev {
-                        return Err(StoreError::Conflict {
-                            key: key.to_string(),
-                            expected: *expected,
-                            current: *rev,
-                        });
-                    }
-                    if matches!(op, Op::Delete(_)) {
-                        EventKind::Delete
-                    } else {
-                        EventKind::Put { created: false }
-                    }
-                }
-            };
-            revision = meta
-                .get("revision")
-                .map_err(rerr)?
-                .map(|g| g.value())
-                .unwrap_or(0)
-                + 1;
-            meta.insert("revision", revision).map_err(rerr)?;
-            let stored = match (kind, value, current) {
-                (EventKind::Delete, _, Some((_, old))) => {
-                    objects.remove(key).map_err(rerr)?;
-                    old
-                }
-                (_, Some(v), _) => {
-                    objects
-                        .insert(key, (revision, v.as_slice()))
-                        .map_err(rerr)?;
-                    v
-                }
-                _ => return Err(StoreError::Task("write without a value".into())),
-            };
-            log.insert(revision, (kind_code(kind), key, stored.as_slice()))
-                .map_err(rerr)?;
-            // Bound the log; remember the newest dropped revision so stale watches get 410.
-            if revision > inner.history {
-                let drop_upto = revision - inner.history;
-                let mut compacted = meta
-                    .get("compacted")
-                    .map_err(rerr)?
-                    .map(|g| g.value())
-                    .unwrap_or(0);
-                while compacted < drop_upto {
-                    compacted += 1;
-                    log.remove(compacted).map_err(rerr)?;
-                }
-                meta.insert("compacted", compacted).map_err(rerr)?;
-            }
-            event = StoreEvent {
-                kind,
-                kv: KeyValue {
-                    key: key.to_string(),
-                    value: stored,
-                    revision,
-                },
-            };
-        }
-        txn.commit().map_err(rerr)?;
-        // No receivers is fine: nobody is watching.
-        let _ = inner.events.send(event);
-        Ok(revision)
+    async fn write(&self, key: &str, value: Option<Vec<u8>>, op: Op) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .as_ref()
+            .ok_or_else(|| StoreError::Task("the store is closing".into()))?
+            .send(WriteReq {
+                key: key.to_string(),
+                value,
+                op,
+                reply,
+            })
+            .map_err(|_| StoreError::Task("the writer thread is gone".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Task("the writer thread dropped a write".into()))?
     }
 
     fn read_history(&self, prefix: &str, after: u64) -> Result<Vec<StoreEvent>, StoreError> {
@@ -270,21 +379,15 @@ impl Store for RedbStore {
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
-        let key = key.to_string();
-        self.blocking(move |s| s.write(&key, Some(value), Op::Create))
-            .await
+        self.write(key, Some(value), Op::Create).await
     }
 
     async fn update(&self, key: &str, value: Vec<u8>, expected: u64) -> Result<u64, StoreError> {
-        let key = key.to_string();
-        self.blocking(move |s| s.write(&key, Some(value), Op::Update(expected)))
-            .await
+        self.write(key, Some(value), Op::Update(expected)).await
     }
 
     async fn delete(&self, key: &str, expected: u64) -> Result<u64, StoreError> {
-        let key = key.to_string();
-        self.blocking(move |s| s.write(&key, None, Op::Delete(expected)))
-            .await
+        self.write(key, None, Op::Delete(expected)).await
     }
 
     async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
@@ -377,6 +480,39 @@ mod tests {
         let reopened = RedbStore::open_with_history(&path, 3)?;
         assert!(reopened.get("/a/1").await?.is_none());
         assert_eq!(reopened.get("/b/1").await?.map(|kv| kv.revision), Some(r3));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_commit_together_with_unique_revisions() -> Result<(), StoreError> {
+        let path = temp_path("group");
+        let store = RedbStore::open(&path)?;
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.create(&format!("/k/{i}"), vec![1]).await
+            }));
+        }
+        // Racing creates of one key inside the same batches: exactly one wins.
+        for _ in 0..10 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move { s.create("/dup", vec![2]).await }));
+        }
+        let mut revs = Vec::new();
+        let mut dup_errors = 0;
+        for t in tasks {
+            match t.await.map_err(|e| StoreError::Task(e.to_string()))? {
+                Ok(r) => revs.push(r),
+                Err(StoreError::AlreadyExists(_)) => dup_errors += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        revs.sort_unstable();
+        assert_eq!(revs, (1..=201).collect::<Vec<u64>>());
+        assert_eq!(dup_errors, 9);
+        let (items, rev) = store.list("/k/").await?;
+        assert_eq!((items.len(), rev), (200, 201));
         Ok(())
     }
 }

@@ -337,6 +337,20 @@ impl Supervisor {
     }
 }
 
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // A failing test shows what the server logged.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("supervisor.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- supervisor.log (last 40 lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 /// kubectl's result.
 #[derive(Debug)]
 pub struct Out {
