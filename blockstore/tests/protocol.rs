@@ -244,8 +244,39 @@ fn many_requests_in_flight_all_answered() {
         assert_eq!(r.data, want);
     }
     assert!(pending.is_empty());
+    // Replies leave in completion order: a FLUSH (fdatasync, completes asynchronously) sent
+    // before a READ (page-cache hit, completes inline) is answered after it.
+    c.write(0, &[3u8; 65536], 0).expect("dirty some data");
+    let mut both = proto::encode_request(&proto::Request {
+        flags: 0,
+        command: cmd::FLUSH,
+        cookie: 9001,
+        offset: 0,
+        length: 0,
+    })
+    .to_vec();
+    both.extend_from_slice(&proto::encode_request(&proto::Request {
+        flags: 0,
+        command: cmd::READ,
+        cookie: 9002,
+        offset: 0,
+        length: 4096,
+    }));
+    c.s.write_all(&both).expect("send flush+read");
+    let data_len = |cookie| if cookie == 9002 { 4096 } else { 0 };
+    let first = c.recv(data_len).expect("first reply");
+    let second = c.recv(data_len).expect("second reply");
+    assert_eq!(
+        (first.cookie, second.cookie),
+        (9002, 9001),
+        "replies were not reordered"
+    );
+    assert_eq!(first.data, vec![3u8; 4096]);
+    assert_eq!(second.error, 0);
+
     // A second connection (multi-conn) sees the first one's flushed writes.
     c.flush().expect("flush");
     let mut d = Client::connect(&srv.unix, "vol", false).expect("second connection");
     assert_eq!(d.read(expect[5].0, 4096), Ok(expect[5].1.clone()));
+    assert_eq!(d.read(0, 4096), Ok(vec![3u8; 4096]));
 }
