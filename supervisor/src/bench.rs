@@ -181,14 +181,23 @@ fn check_perf(endpoints: &[String]) -> anyhow::Result<f64> {
     let out =
         etcdctl(endpoints, &["check", "perf", "--load=l"]).context("running etcdctl check perf")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.split("Throughput is ")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-        })
+    parse_check_perf(&text)
         .with_context(|| format!("no throughput in etcdctl check perf output: {text}"))
+}
+
+/// The achieved writes/s from `etcdctl check perf` (`PASS: Throughput is 150 writes/s` or
+/// `FAIL: Throughput too low: 2389 writes/s`).
+fn parse_check_perf(text: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.contains("Throughput"))
+        .find_map(|l| {
+            let before = l.split("writes/s").next()?;
+            before
+                .split(|c: char| !c.is_ascii_digit() && c != '.')
+                .rfind(|t| !t.is_empty())?
+                .parse()
+                .ok()
+        })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -527,4 +536,23 @@ fn write_jsonl(path: &Path, ms: &[Measurement]) -> anyhow::Result<()> {
     let at = rfc3339(now_secs());
     let text: String = ms.iter().map(|m| format!("{}\n", record(m, &at))).collect();
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_check_perf_pass_and_fail() {
+        assert_eq!(
+            parse_check_perf("60 / 60 100%\nPASS: Throughput is 150 writes/s\n"),
+            Some(150.0)
+        );
+        assert_eq!(
+            parse_check_perf("x\nFAIL: Throughput too low: 2389 writes/s\nSlowest request"),
+            Some(2389.0)
+        );
+        assert_eq!(parse_check_perf("nothing"), None);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 3.0);
+    }
 }

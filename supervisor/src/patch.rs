@@ -295,4 +295,38 @@ mod tests {
         );
         Ok(())
     }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(|i| json!(i)),
+            "[a-z$/]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    "[a-z$/]{0,8}|port|name|ports|spec|\\$patch",
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        // Patch bodies are remote input: any JSON either applies or is refused, never panics.
+        #[test]
+        fn patches_never_panic(target in json_value(), patch in json_value()) {
+            let rt = lookup("", "v1", "services").expect("services");
+            let body = patch.to_string();
+            for kind in [PatchType::Strategic, PatchType::Merge, PatchType::Json, PatchType::Apply] {
+                let mut t = target.clone();
+                let _ = apply(rt, kind, &mut t, body.as_bytes());
+            }
+        }
+    }
 }

@@ -175,4 +175,19 @@ mod tests {
         assert!(!FieldSelector::parse("metadata.namespace!=ns")?.matches(&obj));
         Ok(())
     }
+
+    proptest::proptest! {
+        // Query strings are remote input: parsing never panics, and what parses can be
+        // evaluated.
+        #[test]
+        fn selectors_never_panic(s in ".{0,80}") {
+            if let Ok(sel) = LabelSelector::parse(&s) {
+                let _ = sel.matches(&BTreeMap::new());
+            }
+            if let Ok(sel) = FieldSelector::parse(&s) {
+                let _ = sel.matches(&json!({"metadata": {"name": "x"}}));
+            }
+            let _ = crate::server::http::percent_decode(&s);
+        }
+    }
 }

@@ -369,4 +369,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
         Ok(())
     }
+
+    proptest::proptest! {
+        #[test]
+        fn subject_parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = subject_of(&bytes);
+        }
+    }
 }
