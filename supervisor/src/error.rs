@@ -141,13 +141,16 @@ pub enum ApiError {
     },
     /// Optimistic concurrency failure.
     #[error(
-        "Operation cannot be fulfilled on {resource} {name:?}: the object has been modified; please apply your changes to the latest version and try again"
+        "Operation cannot be fulfilled on {resource} {name:?}: the object has been modified; please apply your changes to the latest version and try again{}",
+        stale_suffix(.stale)
     )]
     Conflict {
         /// Resource plural.
         resource: String,
         /// Object name.
         name: String,
+        /// (resourceVersion sent, resourceVersion stored), when known.
+        stale: Option<(u64, u64)>,
     },
     /// The object failed validation; every bad field is listed.
     #[error("{kind} {name:?} is invalid: {}", format_causes(.causes))]
@@ -220,6 +223,15 @@ fn format_causes(causes: &[FieldError]) -> String {
     }
 }
 
+fn stale_suffix(stale: &Option<(u64, u64)>) -> String {
+    match stale {
+        Some((sent, current)) => {
+            format!(" (metadata.resourceVersion: sent {sent}, current {current})")
+        }
+        None => String::new(),
+    }
+}
+
 fn in_namespace(ns: &Option<String>) -> String {
     match ns {
         Some(ns) => format!(" in the namespace {ns:?}"),
@@ -286,9 +298,22 @@ impl ApiError {
             "code": self.code(),
         });
         let details = match self {
+            Self::Conflict {
+                resource,
+                name,
+                stale: Some(_),
+            } => Some(json!({
+                "name": name,
+                "kind": resource,
+                "causes": [{
+                    "reason": "FieldValueInvalid",
+                    "message": "the object has been modified",
+                    "field": "metadata.resourceVersion",
+                }],
+            })),
             Self::NotFound { resource, name }
             | Self::AlreadyExists { resource, name }
-            | Self::Conflict { resource, name }
+            | Self::Conflict { resource, name, .. }
             | Self::AdmissionDenied { resource, name, .. } => {
                 Some(json!({"name": name, "kind": resource}))
             }

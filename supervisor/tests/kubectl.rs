@@ -268,7 +268,8 @@ fn crud_suite(backend: &Backend) {
     let conflict = sup.kubectl(&["replace", "-f", &stale_file]);
     assert!(
         conflict.err().contains("Conflict")
-            && conflict.stderr.contains("the object has been modified"),
+            && conflict.stderr.contains("the object has been modified")
+            && conflict.stderr.contains("metadata.resourceVersion: sent"),
         "{}",
         conflict.stderr
     );

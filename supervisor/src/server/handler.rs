@@ -8,35 +8,30 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, header};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::{debug, info_span};
 
 use super::http::{self, Body};
-use super::objects::{
-    admit, carry_over, encode, finalized, meta_str, parse_body, present, sent_revision, set_meta,
-    stamp_new,
-};
-use super::{State, discovery, keys, table, watch};
+use super::objects::meta_str;
+use super::{State, discovery, keys, table, verbs, watch};
 use crate::api::meta::{now_secs, rfc3339};
-use crate::api::registry::{RESOURCES, ResourceType, lookup};
+use crate::api::registry::{ResourceType, lookup};
 use crate::audit::AuditRecord;
 use crate::auth::{UserInfo, authorize};
 use crate::error::ApiError;
 use crate::metrics::RequestLabels;
-use crate::patch::{self, PatchType};
-use crate::selector::{FieldSelector, LabelSelector, labels_of};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// Largest request body accepted (Kubernetes' limit is 3 MiB).
 const MAX_BODY: usize = 3 * 1024 * 1024;
 
 /// A parsed resource path.
 #[derive(Debug)]
-struct Target {
-    rt: &'static ResourceType,
-    ns: Option<String>,
-    name: Option<String>,
-    sub: Option<String>,
+pub(super) struct Target {
+    pub(super) rt: &'static ResourceType,
+    pub(super) ns: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) sub: Option<String>,
 }
 
 enum Route {
@@ -111,46 +106,49 @@ fn route(path: &str) -> Route {
 }
 
 /// Everything a verb needs about its request.
-struct Call<'a> {
-    state: &'a State,
-    t: &'a Target,
-    query: HashMap<String, String>,
-    accept: String,
-    content_type: String,
-    body: Bytes,
+pub(super) struct Call<'a> {
+    pub(super) state: &'a State,
+    pub(super) t: &'a Target,
+    pub(super) query: HashMap<String, String>,
+    pub(super) accept: String,
+    pub(super) content_type: String,
+    pub(super) body: Bytes,
 }
 
 impl Call<'_> {
-    fn ns(&self) -> Option<&str> {
+    pub(super) fn ns(&self) -> Option<&str> {
         self.t.ns.as_deref()
     }
-    fn key(&self, name: &str) -> String {
+    pub(super) fn key(&self, name: &str) -> String {
         keys::object(self.t.rt, self.ns(), name)
     }
-    fn dry_run(&self) -> bool {
+    pub(super) fn dry_run(&self) -> bool {
         self.query.get("dryRun").is_some_and(|v| v == "All")
     }
-    fn not_found(&self, name: &str) -> ApiError {
+    pub(super) fn not_found(&self, name: &str) -> ApiError {
         ApiError::NotFound {
             resource: self.t.rt.plural.into(),
             name: name.into(),
         }
     }
-    fn store_err(&self, name: &str, e: StoreError) -> ApiError {
+    pub(super) fn store_err(&self, name: &str, e: StoreError) -> ApiError {
         match e {
             StoreError::AlreadyExists(_) => ApiError::AlreadyExists {
                 resource: self.t.rt.plural.into(),
                 name: name.into(),
             },
             StoreError::NotFound(_) => self.not_found(name),
-            StoreError::Conflict { .. } => ApiError::Conflict {
+            StoreError::Conflict {
+                expected, current, ..
+            } => ApiError::Conflict {
                 resource: self.t.rt.plural.into(),
                 name: name.into(),
+                stale: Some((expected, current)),
             },
             other => other.into(),
         }
     }
-    fn respond(&self, code: u16, obj: &Value) -> Response<Body> {
+    pub(super) fn respond(&self, code: u16, obj: &Value) -> Response<Body> {
         if table::wants_table(&self.accept) && code < 300 {
             let rv = meta_str(obj, "resourceVersion")
                 .unwrap_or_default()
@@ -358,7 +356,7 @@ async fn dispatch(
         && let Some(ns) = call.ns()
         && matches!(verb, "create" | "update" | "patch")
     {
-        ensure_namespace(call, ns).await?;
+        verbs::ensure_namespace(call, ns).await?;
     }
     debug!(user = %user.name, verb, "dispatch");
     match (method, call.t.name.as_deref(), verb) {
@@ -373,364 +371,15 @@ async fn dispatch(
             )
             .await
         }
-        (&Method::GET, Some(name), _) => get(call, name).await,
-        (&Method::GET, None, _) => list(call).await,
-        (&Method::POST, None, _) => create(call).await,
-        (&Method::PUT, Some(name), _) => update(call, name, sub == Some("status")).await,
-        (&Method::PATCH, Some(name), _) => patch_object(call, name, sub == Some("status")).await,
-        (&Method::DELETE, Some(name), _) => delete(call, name).await,
-        (&Method::DELETE, None, _) => delete_collection(call).await,
+        (&Method::GET, Some(name), _) => verbs::get(call, name).await,
+        (&Method::GET, None, _) => verbs::list(call).await,
+        (&Method::POST, None, _) => verbs::create(call).await,
+        (&Method::PUT, Some(name), _) => verbs::update(call, name, sub == Some("status")).await,
+        (&Method::PATCH, Some(name), _) => {
+            verbs::patch_object(call, name, sub == Some("status")).await
+        }
+        (&Method::DELETE, Some(name), _) => verbs::delete(call, name).await,
+        (&Method::DELETE, None, _) => verbs::delete_collection(call).await,
         _ => Err(ApiError::MethodNotAllowed),
     }
-}
-
-async fn ensure_namespace(call: &Call<'_>, ns: &str) -> Result<(), ApiError> {
-    let Some(nsrt) = lookup("", "v1", "namespaces") else {
-        return Ok(());
-    };
-    let kv = call.state.store.get(&keys::object(nsrt, None, ns)).await?;
-    match kv {
-        None => Err(ApiError::NotFound {
-            resource: "namespaces".into(),
-            name: ns.into(),
-        }),
-        Some(kv) => {
-            let obj = present(nsrt, &kv)?;
-            if meta_str(&obj, "deletionTimestamp").is_some() {
-                return Err(ApiError::AdmissionDenied {
-                    resource: call.t.rt.plural.into(),
-                    name: String::new(),
-                    message: format!(
-                        "unable to create new content in namespace {ns} because it is being terminated"
-                    ),
-                });
-            }
-            Ok(())
-        }
-    }
-}
-
-async fn get(call: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
-    let kv = call
-        .state
-        .store
-        .get(&call.key(name))
-        .await?
-        .ok_or_else(|| call.not_found(name))?;
-    Ok(call.respond(200, &present(call.t.rt, &kv)?))
-}
-
-/// Lists a collection filtered by the request's selectors; returns (objects, revision).
-pub async fn select(
-    state: &State,
-    rt: &ResourceType,
-    ns: Option<&str>,
-    query: &HashMap<String, String>,
-) -> Result<(Vec<Value>, u64), ApiError> {
-    let labels = query
-        .get("labelSelector")
-        .map(|s| LabelSelector::parse(s))
-        .transpose()?;
-    let fields = query
-        .get("fieldSelector")
-        .map(|s| FieldSelector::parse(s))
-        .transpose()?;
-    let (items, rev) = state.store.list(&keys::prefix(rt, ns)).await?;
-    let mut out = Vec::with_capacity(items.len());
-    for kv in &items {
-        let obj = present(rt, kv)?;
-        if labels
-            .as_ref()
-            .is_some_and(|l| !l.matches(&labels_of(&obj)))
-            || fields.as_ref().is_some_and(|f| !f.matches(&obj))
-        {
-            continue;
-        }
-        out.push(obj);
-    }
-    Ok((out, rev))
-}
-
-async fn list(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
-    let (items, rev) = select(call.state, call.t.rt, call.ns(), &call.query).await?;
-    if table::wants_table(&call.accept) {
-        let include = call
-            .query
-            .get("includeObject")
-            .map(String::as_str)
-            .unwrap_or("Metadata");
-        return Ok(http::json(
-            200,
-            &table::table(
-                call.t.rt,
-                &call.accept,
-                &items,
-                &rev.to_string(),
-                include,
-                true,
-            ),
-        ));
-    }
-    Ok(http::json(
-        200,
-        &json!({
-            "kind": format!("{}List", call.t.rt.kind),
-            "apiVersion": call.t.rt.api_version(),
-            "metadata": {"resourceVersion": rev.to_string()},
-            "items": items,
-        }),
-    ))
-}
-
-async fn create(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
-    let body = parse_body(&call.body, &call.content_type)?;
-    let mut obj = admit(call.state, call.t.rt, call.ns(), None, body).await?;
-    stamp_new(&mut obj);
-    let name = meta_str(&obj, "name").unwrap_or_default().to_string();
-    if call.dry_run() {
-        return Ok(call.respond(201, &obj));
-    }
-    let rev = call
-        .state
-        .store
-        .create(&call.key(&name), encode(&obj)?)
-        .await
-        .map_err(|e| call.store_err(&name, e))?;
-    set_meta(&mut obj, "resourceVersion", json!(rev.to_string()));
-    Ok(call.respond(201, &obj))
-}
-
-/// Writes `new` over the stored `old` (revision `rev`), finishing a deletion whose last
-/// finalizer went. Returns the response.
-async fn write_update(
-    call: &Call<'_>,
-    name: &str,
-    rev: u64,
-    old: &Value,
-    mut new: Value,
-) -> Result<Response<Body>, ApiError> {
-    // A no-op write is not stored: the resourceVersion stays, and no watch event fires.
-    set_meta(&mut new, "resourceVersion", json!(rev.to_string()));
-    if &new == old {
-        return Ok(call.respond(200, old));
-    }
-    if call.dry_run() {
-        return Ok(call.respond(200, &new));
-    }
-    let key = call.key(name);
-    if finalized(&new) {
-        let drev = call
-            .state
-            .store
-            .delete(&key, rev)
-            .await
-            .map_err(|e| call.store_err(name, e))?;
-        set_meta(&mut new, "resourceVersion", json!(drev.to_string()));
-        return Ok(call.respond(200, &new));
-    }
-    let nrev = call
-        .state
-        .store
-        .update(&key, encode(&new)?, rev)
-        .await
-        .map_err(|e| call.store_err(name, e))?;
-    set_meta(&mut new, "resourceVersion", json!(nrev.to_string()));
-    Ok(call.respond(200, &new))
-}
-
-async fn update(
-    call: &Call<'_>,
-    name: &str,
-    status_only: bool,
-) -> Result<Response<Body>, ApiError> {
-    let body = parse_body(&call.body, &call.content_type)?;
-    let sent = sent_revision(&body)?;
-    let kv = call
-        .state
-        .store
-        .get(&call.key(name))
-        .await?
-        .ok_or_else(|| call.not_found(name))?;
-    if sent.is_some_and(|s| s != kv.revision) {
-        return Err(ApiError::Conflict {
-            resource: call.t.rt.plural.into(),
-            name: name.into(),
-        });
-    }
-    let old = present(call.t.rt, &kv)?;
-    let mut new = admit(call.state, call.t.rt, call.ns(), Some(name), body).await?;
-    carry_over(call.t.rt, &old, &mut new, status_only);
-    write_update(call, name, kv.revision, &old, new).await
-}
-
-async fn patch_object(
-    call: &Call<'_>,
-    name: &str,
-    status_only: bool,
-) -> Result<Response<Body>, ApiError> {
-    let kind = PatchType::from_content_type(&call.content_type)?;
-    // A patch carries no precondition of its own unless it sets resourceVersion, so a lost
-    // race with another writer is retried on the new version.
-    for _ in 0..5 {
-        let Some(kv) = call.state.store.get(&call.key(name)).await? else {
-            if kind == PatchType::Apply && !status_only {
-                let body = patch::parse_apply(&call.body)?;
-                let mut obj = admit(call.state, call.t.rt, call.ns(), Some(name), body).await?;
-                stamp_new(&mut obj);
-                if call.dry_run() {
-                    return Ok(call.respond(201, &obj));
-                }
-                let rev = call
-                    .state
-                    .store
-                    .create(&call.key(name), encode(&obj)?)
-                    .await
-                    .map_err(|e| call.store_err(name, e))?;
-                set_meta(&mut obj, "resourceVersion", json!(rev.to_string()));
-                return Ok(call.respond(201, &obj));
-            }
-            return Err(call.not_found(name));
-        };
-        let old = present(call.t.rt, &kv)?;
-        let mut patched = old.clone();
-        patch::apply(call.t.rt, kind, &mut patched, &call.body)?;
-        let sent = sent_revision(&patched)?;
-        if sent.is_some_and(|s| s != kv.revision) {
-            return Err(ApiError::Conflict {
-                resource: call.t.rt.plural.into(),
-                name: name.into(),
-            });
-        }
-        let mut new = admit(call.state, call.t.rt, call.ns(), Some(name), patched).await?;
-        carry_over(call.t.rt, &old, &mut new, status_only);
-        match write_update(call, name, kv.revision, &old, new).await {
-            Err(ApiError::Conflict { .. }) if sent.is_none() => continue,
-            other => return other,
-        }
-    }
-    Err(ApiError::Conflict {
-        resource: call.t.rt.plural.into(),
-        name: name.into(),
-    })
-}
-
-/// Deletes one object: marks it when finalizers remain, removes it otherwise. Returns the
-/// object as last stored.
-async fn delete_one(
-    call: &Call<'_>,
-    rt: &ResourceType,
-    ns: Option<&str>,
-    name: &str,
-    precondition: Option<u64>,
-) -> Result<Value, ApiError> {
-    let key = keys::object(rt, ns, name);
-    loop {
-        let kv = call
-            .state
-            .store
-            .get(&key)
-            .await?
-            .ok_or_else(|| ApiError::NotFound {
-                resource: rt.plural.into(),
-                name: name.into(),
-            })?;
-        if precondition.is_some_and(|p| p != kv.revision) {
-            return Err(ApiError::Conflict {
-                resource: rt.plural.into(),
-                name: name.into(),
-            });
-        }
-        let mut obj = present(rt, &kv)?;
-        let has_finalizers = obj
-            .pointer("/metadata/finalizers")
-            .and_then(Value::as_array)
-            .is_some_and(|f| !f.is_empty());
-        if call.dry_run() {
-            return Ok(obj);
-        }
-        let result = if has_finalizers {
-            if meta_str(&obj, "deletionTimestamp").is_some() {
-                return Ok(obj);
-            }
-            set_meta(&mut obj, "deletionTimestamp", json!(rfc3339(now_secs())));
-            set_meta(&mut obj, "deletionGracePeriodSeconds", json!(0));
-            call.state
-                .store
-                .update(&key, encode(&obj)?, kv.revision)
-                .await
-        } else {
-            if rt.plural == "namespaces" {
-                delete_namespace_contents(call, name).await?;
-            }
-            call.state.store.delete(&key, kv.revision).await
-        };
-        match result {
-            Ok(rev) => {
-                set_meta(&mut obj, "resourceVersion", json!(rev.to_string()));
-                return Ok(obj);
-            }
-            Err(StoreError::Conflict { .. }) if precondition.is_none() => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Removes every namespaced object of a namespace being deleted (finalizers are not waited on).
-async fn delete_namespace_contents(call: &Call<'_>, ns: &str) -> Result<(), ApiError> {
-    for rt in RESOURCES.iter().filter(|r| r.namespaced) {
-        let (items, _) = call.state.store.list(&keys::prefix(rt, Some(ns))).await?;
-        for kv in items {
-            match call.state.store.delete(&kv.key, kv.revision).await {
-                Ok(_) | Err(StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    Ok(())
-}
-
-fn delete_precondition(body: &Bytes) -> Result<Option<u64>, ApiError> {
-    if body.is_empty() {
-        return Ok(None);
-    }
-    let opts: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid DeleteOptions: {e}")))?;
-    match opts
-        .pointer("/preconditions/resourceVersion")
-        .and_then(Value::as_str)
-    {
-        Some(rv) => rv.parse().map(Some).map_err(|_| {
-            ApiError::BadRequest(format!("invalid precondition resourceVersion {rv:?}"))
-        }),
-        None => Ok(None),
-    }
-}
-
-async fn delete(call: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
-    let pre = delete_precondition(&call.body)?;
-    let obj = delete_one(call, call.t.rt, call.ns(), name, pre).await?;
-    Ok(call.respond(200, &obj))
-}
-
-async fn delete_collection(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
-    let (items, rev) = select(call.state, call.t.rt, call.ns(), &call.query).await?;
-    let mut deleted = Vec::new();
-    for obj in items {
-        let name = meta_str(&obj, "name").unwrap_or_default().to_string();
-        let ns = meta_str(&obj, "namespace").map(String::from);
-        match delete_one(call, call.t.rt, ns.as_deref(), &name, None).await {
-            Ok(o) => deleted.push(o),
-            Err(ApiError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(http::json(
-        200,
-        &json!({
-            "kind": format!("{}List", call.t.rt.kind),
-            "apiVersion": call.t.rt.api_version(),
-            "metadata": {"resourceVersion": rev.to_string()},
-            "items": deleted,
-        }),
-    ))
 }

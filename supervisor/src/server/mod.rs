@@ -6,6 +6,7 @@ pub mod http;
 pub mod keys;
 pub mod objects;
 pub mod table;
+mod verbs;
 pub mod watch;
 
 use std::convert::Infallible;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::http::{self, Body};
 use super::objects::present;
-use super::{State, handler, keys, table};
+use super::{State, keys, table, verbs};
 use crate::api::registry::ResourceType;
 use crate::error::ApiError;
 use crate::selector::{FieldSelector, LabelSelector, labels_of};
@@ -88,7 +88,7 @@ pub async fn serve(
         .transpose()?;
     let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
     let (initial, from) = if rv.is_empty() || rv == "0" {
-        let (items, rev) = handler::select(state, rt, ns, &q).await?;
+        let (items, rev) = verbs::select(state, rt, ns, &q).await?;
         (items, rev)
     } else {
         let from = rv
