@@ -15,7 +15,7 @@ groups=(
   "clang-19 llvm-19"
   "libbpf-dev bpftool"
   "iproute2 iputils-ping"
-  "iperf3 netcat-openbsd"
+  "iperf3 netcat-openbsd sockperf"
   "jq curl"
   "qemu-utils libnbd-bin nbdkit"
   "fio"

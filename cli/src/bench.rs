@@ -4,13 +4,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
-use slipway_bench::{demo, report};
+use slipway_bench::{cni, demo, report};
 
 /// The benchmark suites.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Suite {
     /// Pod-to-pod through the pod-veth datapath against a raw veth pair.
     Demo,
+    /// The CNI (agents + plugin) against a raw veth pair and the reference bridge plugin.
+    Cni,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +65,19 @@ pub fn run(suite: Suite, args: RunArgs) -> anyhow::Result<()> {
                 outcome.a_to_b.0 == outcome.a_to_b.1 && outcome.b_to_a.0 == outcome.b_to_a.1,
                 "the datapath's counters disagree with what the pods sent"
             );
+        }
+        Suite::Cni => {
+            let options = cni::Options {
+                runs: args.runs as usize,
+                iperf_duration: Duration::from_secs(args.seconds),
+                sockperf_duration: Duration::from_secs(args.seconds),
+                ..cni::Options::default()
+            };
+            let records = cni::run(options)?;
+            let path = report::write_jsonl(&args.out_dir, cni::SUITE, &records)?;
+            println!();
+            print!("{}", report::table(&records));
+            println!("wrote {}", path.display());
         }
     }
     Ok(())
