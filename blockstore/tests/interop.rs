@@ -156,6 +156,8 @@ fn qemu_nbdinfo_nbdcopy_and_fio_interoperate() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // fio would otherwise write a verify state file into the working directory.
+            "--verify_state_save=0",
             "--output-format=terse",
             "--terse-version=3",
         ],
