@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// One BPF object per attach point (STYLE.md: one `.c` per attach point).
-const PROGRAMS: &[&str] = &["pod_veth", "sock", "lb", "lb_xdp"];
+const PROGRAMS: &[&str] = &["pod_veth", "host", "lb", "lb_xdp", "sock"];
 
 /// The clang the project installs (scripts/bootstrap.sh); `SLIPWAY_CLANG` overrides it.
 const DEFAULT_CLANG: &str = "clang-19";

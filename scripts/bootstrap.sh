@@ -16,6 +16,7 @@ groups=(
   "libbpf-dev bpftool"
   "iproute2 iputils-ping"
   "iperf3 netcat-openbsd sockperf"
+  "nftables iptables"
   "jq curl"
   "qemu-utils libnbd-bin nbdkit"
   "fio"

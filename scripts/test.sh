@@ -25,7 +25,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 # Names of namespaces and bpffs entries that test worlds use; whatever is new after the suite
 # was leaked by it.
-leftovers() { { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; } | grep '^slipway-' | sort || true; }
+leftovers() {
+  { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; ls /sys/fs/cgroup/unified 2>/dev/null; } \
+    | grep '^slipway-' | sort || true
+}
 before=$(leftovers)
 
 logs=$(mktemp -d)
@@ -45,7 +48,7 @@ privileged=$(count "$logs/privileged" passed)
 
 echo "== leak check"
 leaked=$(comm -13 <(echo "$before") <(leftovers))
-[ -z "$leaked" ] || fail "the suite left namespaces or bpffs entries behind: $leaked"
+[ -z "$leaked" ] || fail "the suite left namespaces, bpffs entries or cgroups behind: $leaked"
 
 echo
 echo "test: $unit unit tests passed, $privileged privileged tests passed, nothing left behind"

@@ -23,6 +23,8 @@ enum Command {
     /// Build a 2-host world in network namespaces, load the datapath, move traffic through it
     /// beside a raw veth baseline, print what was measured, and tear the world down.
     Demo(bench::RunArgs),
+    /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
+    Agent(slipway_cni::agent::AgentArgs),
     /// Run a benchmark suite (use a release build): Slipway beside its baseline in the same run,
     /// written to <out-dir>/<suite>.jsonl.
     Bench {
@@ -43,5 +45,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => bench::run(bench::Suite::Demo, args),
         Command::Bench { suite, args } => bench::run(suite, args),
+        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(slipway_cni::agent::run(args)),
     }
 }

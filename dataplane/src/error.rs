@@ -56,6 +56,9 @@ pub enum DataplaneError {
         #[source]
         source: io::Error,
     },
+    /// A netlink request failed.
+    #[error("netlink: {what}: {detail}")]
+    Netlink { what: String, detail: String },
     /// An external command (ip, iperf3, ...) failed.
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },

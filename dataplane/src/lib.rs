@@ -5,7 +5,9 @@
 pub mod abi;
 pub mod btf;
 pub mod error;
+pub mod link;
 pub mod netns;
+pub mod node;
 pub mod objects;
 pub mod pod;
 pub mod services;

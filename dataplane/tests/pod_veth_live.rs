@@ -67,7 +67,7 @@ fn pods_talk_only_through_the_redirect_and_counters_match() {
     assert_eq!((pinged.transmitted, pinged.received), (10, 10));
     let iperf = iperf3_tcp(&a.netns, &b.netns, IP_B, Duration::from_secs(1)).expect("iperf3");
     assert!(
-        iperf.received_bps > 0.0 && iperf.sent_bytes > 0,
+        iperf.received_bps > 0.0 && iperf.received_bytes > 0,
         "{iperf:?}"
     );
 
@@ -93,9 +93,10 @@ fn pods_talk_only_through_the_redirect_and_counters_match() {
     ]);
     assert_eq!(dp.counters().expect("counters"), expected);
     let a_to_b = expected.values().next().copied().unwrap_or_default();
+    // Every payload byte pod b received crossed the program (with its headers).
     assert!(
-        a_to_b.bytes >= iperf.sent_bytes,
-        "counted {a_to_b:?}, iperf3 sent {iperf:?}"
+        a_to_b.bytes >= iperf.received_bytes,
+        "counted {a_to_b:?}, iperf3 received {iperf:?}"
     );
 
     // Detaching the program (dropping it) cuts the pods apart again.

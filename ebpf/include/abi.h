@@ -2,9 +2,10 @@
 /*
  * The Slipway datapath ABI: the one definition of every map key and value that userspace and
  * the BPF programs share. slipway-dataplane mirrors each struct in `#[repr(C)]` Rust
- * (dataplane/src/abi.rs) and a test checks sizes and field offsets against this object's BTF.
+ * (dataplane/src/abi/mod.rs) and a test checks sizes and field offsets against this object's BTF.
  *
- * Rules: fixed-width types only, no implicit padding (spell it out as `pad` fields so both
+ * Rules: fixed-width types only (enums are 4 bytes on every target Slipway builds for), no
+ * implicit padding (spell it out as `pad` fields so both
  * sides agree and the kernel never sees uninitialised key bytes), IPv4 addresses in network
  * byte order.
  */
@@ -46,6 +47,18 @@ enum slipway_reason {
 	SLIPWAY_REASON_PASS_NO_ENDPOINT = 3,
 	/* Truncated or malformed header: dropped. */
 	SLIPWAY_REASON_DROP_MALFORMED = 4,
+	/* Sent to another host's pod inside VXLAN. */
+	SLIPWAY_REASON_REDIRECT_VXLAN = 5,
+	/* Sent to another host's pod natively on the underlay. */
+	SLIPWAY_REASON_REDIRECT_NATIVE = 6,
+	/* A route or device the packet needed is missing or failed: dropped. */
+	SLIPWAY_REASON_DROP_NO_ROUTE = 7,
+	/* A NodePort request from outside, translated to a backend (DNAT, SNAT when remote). */
+	SLIPWAY_REASON_NODEPORT_REQUEST = 8,
+	/* A reply of a NodePort flow, translated back and sent to the client. */
+	SLIPWAY_REASON_NODEPORT_REPLY = 9,
+	/* A NodePort request that could not be translated (no backend, rewrite failed): dropped. */
+	SLIPWAY_REASON_DROP_NODEPORT = 10,
 };
 
 /* Key of the per-CPU `counters` map. */
@@ -63,83 +76,6 @@ struct counter_value {
 	__u64 packets;
 	__u64 bytes;
 };
-
-/* ---- Services: socket-level translation (ebpf/sock.c; mirrored in dataplane/src/abi/services.rs) */
-
-/* Capacity of `svc_services`: (address, port, protocol) triples, ClusterIPs and NodePorts. */
-#define SVC_MAX_SERVICES 65536
-/* Capacity of `svc_slots`: backends over all services, with room for a service's old and new
- * backend lists to coexist while it is updated. */
-#define SVC_MAX_SLOTS 262144
-/* Most backends one service may have. */
-#define SVC_MAX_BACKENDS 4096
-/* Capacity of the `svc_reverse` LRU: (socket, backend) pairs whose peer is shown as the
- * service address (UDP replies, getpeername). */
-#define SVC_MAX_REVERSE 65536
-
-/* Key of `svc_services`: what a client addresses, a ClusterIP or a node IP with a NodePort. */
-struct svc_key {
-	__be32 ip4;
-	__be16 port;
-	/* IPPROTO_TCP or IPPROTO_UDP. */
-	__u8 proto;
-	__u8 pad;
-};
-
-/* Value of `svc_services`. The backends of the service are the `svc_slots` entries
- * (key, revision, 0 .. count-1). Userspace writes a new list under a new revision, then
- * replaces this value, then deletes the old revision's slots: a program that read this value
- * sees one complete list, never a half-written one. count == 0: connects are refused. */
-struct svc_info {
-	__u32 count;
-	__u32 revision;
-};
-
-/* Key of `svc_slots`: one backend of one revision of a service's backend list. */
-struct svc_slot_key {
-	__be32 ip4;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-	__u32 revision;
-	__u32 slot;
-};
-
-/* An IPv4 address and port: the value of `svc_slots` (a backend) and of `svc_reverse` (the
- * service address a backend's replies are shown as). */
-struct svc_addr {
-	__be32 ip4;
-	__be16 port;
-	__u16 pad;
-};
-
-/* Key of `svc_reverse`: a socket (its cookie) and the backend it was sent to. */
-struct svc_reverse_key {
-	__u64 cookie;
-	__be32 ip4;
-	__be16 port;
-	__u16 pad;
-};
-
-/* What the socket programs did: index of the per-CPU `svc_counters` array (__u64 values).
- * Stable: they appear in metrics. */
-enum svc_event {
-	/* A TCP connect to a service was sent to a backend. */
-	SVC_EVENT_CONNECT_TCP = 0,
-	/* A UDP connect to a service was sent to a backend. */
-	SVC_EVENT_CONNECT_UDP = 1,
-	/* A UDP datagram sent to a service address (sendto) went to a backend. */
-	SVC_EVENT_SENDMSG_UDP = 2,
-	/* A UDP datagram from a backend was shown to the application as from the service. */
-	SVC_EVENT_RECVMSG_UDP = 3,
-	/* A connect or send to a service without backends was refused (ECONNREFUSED). */
-	SVC_EVENT_REFUSED_NO_BACKEND = 4,
-	/* The backend list changed under the program more than it retries: refused. */
-	SVC_EVENT_REFUSED_RACE = 5,
-	/* getpeername() on a translated socket showed the service, not the backend. */
-	SVC_EVENT_GETPEERNAME = 6,
-};
-#define SVC_EVENT_MAX 7
 
 /* ==== L4 load balancer (ebpf/lb.c, ebpf/lb_xdp.c; mirrored in dataplane/src/abi/lb.rs) ==== */
 
@@ -293,5 +229,158 @@ enum lb_reason {
 	LB_REASON_DROP_NO_ROUTE = 10,
 };
 #define LB_REASON_MAX 11
+
+/* ---- Node routing (the CNI datapath across hosts) ---------------------------------------- */
+
+/* Capacity of the routes map: pod CIDR blocks of other hosts. */
+#define SLIPWAY_MAX_ROUTES 4096
+
+/* Key of the `routes` LPM trie: an IPv4 prefix (the layout of struct bpf_lpm_trie_key_u8 with
+ * four bytes of data). */
+struct route_key {
+	__u32 prefixlen;
+	__be32 ip4;
+};
+
+/* How packets reach the host that owns a block. */
+enum slipway_route_mode {
+	/* Encapsulated in VXLAN to the host's underlay address (collect_md device). */
+	SLIPWAY_ROUTE_VXLAN = 1,
+	/* Forwarded unencapsulated on the underlay to the host's address as next hop. */
+	SLIPWAY_ROUTE_NATIVE = 2,
+};
+
+/* Value of the `routes` map: the host that owns the block. */
+struct route_info {
+	/* The host's underlay address. */
+	__be32 host_ip4;
+	/* 4 bytes, like every enum of this ABI; typed so that the enum reaches BTF. */
+	enum slipway_route_mode mode;
+};
+
+/* Capacity of the NodePort translation maps (LRU: the oldest flows are evicted first). */
+#define SLIPWAY_MAX_NAT_FLOWS 65536
+
+/* A packet's addresses and ports as it carries them: key of `nat_flows` (a request as it
+ * arrives from the client) and of `nat_reverse` (a reply as the backend sends it). */
+struct nat_tuple {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Value of `nat_flows`: where a NodePort flow's requests go. */
+struct nat_forward {
+	__be32 backend_ip4;
+	__be16 backend_port;
+	/* 1 when the backend is on another host: the source becomes this host's address so that
+	 * the reply comes back through here to be translated. */
+	__u8 snat;
+	__u8 pad;
+	/* The source address when snat is set: this host's router address. */
+	__be32 snat_ip4;
+};
+
+/* Value of `nat_reverse`: what a reply's addresses and ports are restored to. */
+struct nat_reply {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+/* The single entry (key 0) of the `node_config` array: this host's devices. */
+struct node_config {
+	/* The external (collect_md) VXLAN device; 0 when VXLAN is not set up. */
+	__u32 vxlan_ifindex;
+	/* The underlay device packets leave by in native mode. */
+	__u32 underlay_ifindex;
+	/* VXLAN network identifier of the cluster. */
+	__u32 vni;
+	/* The host's router address: the first address of its pod block, never given to a pod.
+	 * NodePort requests sent to a backend on another host carry it as source, so the reply
+	 * routes back here like any pod traffic (and escapes the egress masquerade). */
+	__be32 router_ip4;
+};
+
+/* ---- Services: socket-level translation (ebpf/sock.c; mirrored in dataplane/src/abi/services.rs) */
+
+/* Capacity of `svc_services`: (address, port, protocol) triples, ClusterIPs and NodePorts. */
+#define SVC_MAX_SERVICES 65536
+/* Capacity of `svc_slots`: backends over all services, with room for a service's old and new
+ * backend lists to coexist while it is updated. */
+#define SVC_MAX_SLOTS 262144
+/* Most backends one service may have. */
+#define SVC_MAX_BACKENDS 4096
+/* Capacity of the `svc_reverse` LRU: (socket, backend) pairs whose peer is shown as the
+ * service address (UDP replies, getpeername). */
+#define SVC_MAX_REVERSE 65536
+
+/* Key of `svc_services`: what a client addresses, a ClusterIP or a node IP with a NodePort. */
+struct svc_key {
+	__be32 ip4;
+	__be16 port;
+	/* IPPROTO_TCP or IPPROTO_UDP. */
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Value of `svc_services`. The backends of the service are the `svc_slots` entries
+ * (key, revision, 0 .. count-1). Userspace writes a new list under a new revision, then
+ * replaces this value, then deletes the old revision's slots: a program that read this value
+ * sees one complete list, never a half-written one. count == 0: connects are refused. */
+struct svc_info {
+	__u32 count;
+	__u32 revision;
+};
+
+/* Key of `svc_slots`: one backend of one revision of a service's backend list. */
+struct svc_slot_key {
+	__be32 ip4;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+	__u32 revision;
+	__u32 slot;
+};
+
+/* An IPv4 address and port: the value of `svc_slots` (a backend) and of `svc_reverse` (the
+ * service address a backend's replies are shown as). */
+struct svc_addr {
+	__be32 ip4;
+	__be16 port;
+	__u16 pad;
+};
+
+/* Key of `svc_reverse`: a socket (its cookie) and the backend it was sent to. */
+struct svc_reverse_key {
+	__u64 cookie;
+	__be32 ip4;
+	__be16 port;
+	__u16 pad;
+};
+
+/* What the socket programs did: index of the per-CPU `svc_counters` array (__u64 values).
+ * Stable: they appear in metrics. */
+enum svc_event {
+	/* A TCP connect to a service was sent to a backend. */
+	SVC_EVENT_CONNECT_TCP = 0,
+	/* A UDP connect to a service was sent to a backend. */
+	SVC_EVENT_CONNECT_UDP = 1,
+	/* A UDP datagram sent to a service address (sendto) went to a backend. */
+	SVC_EVENT_SENDMSG_UDP = 2,
+	/* A UDP datagram from a backend was shown to the application as from the service. */
+	SVC_EVENT_RECVMSG_UDP = 3,
+	/* A connect or send to a service without backends was refused (ECONNREFUSED). */
+	SVC_EVENT_REFUSED_NO_BACKEND = 4,
+	/* The backend list changed under the program more than it retries: refused. */
+	SVC_EVENT_REFUSED_RACE = 5,
+	/* getpeername() on a translated socket showed the service, not the backend. */
+	SVC_EVENT_GETPEERNAME = 6,
+};
+#define SVC_EVENT_MAX 7
 
 #endif /* SLIPWAY_ABI_H */

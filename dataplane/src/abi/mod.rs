@@ -51,14 +51,26 @@ pub enum Reason {
     PassNotIpv4 = 2,
     PassNoEndpoint = 3,
     DropMalformed = 4,
+    RedirectVxlan = 5,
+    RedirectNative = 6,
+    DropNoRoute = 7,
+    NodeportRequest = 8,
+    NodeportReply = 9,
+    DropNodeport = 10,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 4] = [
+    pub const ALL: [Reason; 10] = [
         Reason::RedirectPeer,
         Reason::PassNotIpv4,
         Reason::PassNoEndpoint,
         Reason::DropMalformed,
+        Reason::RedirectVxlan,
+        Reason::RedirectNative,
+        Reason::DropNoRoute,
+        Reason::NodeportRequest,
+        Reason::NodeportReply,
+        Reason::DropNodeport,
     ];
 
     pub fn from_raw(raw: u32) -> Option<Self> {
@@ -72,7 +84,21 @@ impl Reason {
             Reason::PassNotIpv4 => "pass_not_ipv4",
             Reason::PassNoEndpoint => "pass_no_endpoint",
             Reason::DropMalformed => "drop_malformed",
+            Reason::RedirectVxlan => "redirect_vxlan",
+            Reason::RedirectNative => "redirect_native",
+            Reason::DropNoRoute => "drop_no_route",
+            Reason::NodeportRequest => "nodeport_request",
+            Reason::NodeportReply => "nodeport_reply",
+            Reason::DropNodeport => "drop_nodeport",
         }
+    }
+
+    /// Whether the packet was dropped.
+    pub fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropMalformed | Reason::DropNoRoute | Reason::DropNodeport
+        )
     }
 }
 
@@ -103,6 +129,83 @@ impl std::ops::AddAssign for CounterValue {
     }
 }
 
+/// How packets reach another host's pods (`enum slipway_route_mode`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouteMode {
+    Vxlan = 1,
+    Native = 2,
+}
+
+/// Value of the `routes` LPM trie (`struct route_info`). The key, `struct route_key`, is the
+/// layout of aya's `lpm_trie::Key<u32>`: prefix length, then the address in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// The owning host's underlay address, network byte order.
+    pub host_ip4: u32,
+    /// A [`RouteMode`] as its raw value.
+    pub mode: u32,
+}
+
+impl RouteInfo {
+    pub fn new(host: Ipv4Addr, mode: RouteMode) -> Self {
+        Self {
+            host_ip4: u32::from_ne_bytes(host.octets()),
+            mode: mode as u32,
+        }
+    }
+
+    pub fn host(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.host_ip4.to_ne_bytes())
+    }
+}
+
+/// The entry of the `node_config` array (`struct node_config`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub vxlan_ifindex: u32,
+    pub underlay_ifindex: u32,
+    pub vni: u32,
+    /// The host's router address (first address of its pod block), network byte order.
+    pub router_ip4: u32,
+}
+
+/// Key of `nat_flows` and `nat_reverse` (`struct nat_tuple`): addresses and ports in network
+/// byte order, as the packet carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatTuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of `nat_flows` (`struct nat_forward`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatForward {
+    pub backend_ip4: u32,
+    pub backend_port: u16,
+    pub snat: u8,
+    pub pad: u8,
+    pub snat_ip4: u32,
+}
+
+/// Value of `nat_reverse` (`struct nat_reply`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatReply {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
 // SAFETY: each type is `#[repr(C)]`, made only of integers and byte arrays with no padding
 // (checked against the BTF layout in `tests::layout_matches_btf`), so every bit pattern is a
 // valid value and the kernel can read and write them as plain bytes.
@@ -113,6 +216,16 @@ unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for CounterKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CounterValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RouteInfo {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NodeConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NatTuple {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NatForward {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NatReply {}
 
 #[cfg(test)]
 pub(crate) mod layout {
@@ -181,12 +294,52 @@ mod tests {
             mirror!("endpoint_info", EndpointInfo, [ifindex, pod_mac, host_mac]),
             mirror!("counter_key", CounterKey, [ifindex_in, ifindex_out, reason]),
             mirror!("counter_value", CounterValue, [packets, bytes]),
+            mirror!("route_info", RouteInfo, [host_ip4, mode]),
+            mirror!(
+                "nat_tuple",
+                NatTuple,
+                [saddr, daddr, sport, dport, proto, pad]
+            ),
+            mirror!(
+                "nat_forward",
+                NatForward,
+                [backend_ip4, backend_port, snat, pad, snat_ip4]
+            ),
+            mirror!("nat_reply", NatReply, [saddr, daddr, sport, dport]),
+            mirror!(
+                "node_config",
+                NodeConfig,
+                [vxlan_ifindex, underlay_ifindex, vni, router_ip4]
+            ),
         ]
     }
 
     #[test]
     fn layout_matches_btf() {
         assert_matches(objects::POD_VETH, &mirrors());
+        assert_matches(objects::HOST, &mirrors());
+    }
+
+    #[test]
+    fn route_key_is_an_lpm_key_of_an_address() {
+        let btf = Btf::from_elf(objects::POD_VETH).expect("BTF");
+        let layout = btf.struct_layout("route_key").expect("route_key");
+        assert_eq!(layout.size, size_of::<aya::maps::lpm_trie::Key<u32>>());
+        let names: Vec<&str> = layout.members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["prefixlen", "ip4"]);
+    }
+
+    #[test]
+    fn route_modes_match_btf_enum() {
+        let btf = Btf::from_elf(objects::POD_VETH).expect("BTF");
+        let values = btf
+            .enum_values("slipway_route_mode")
+            .expect("enum slipway_route_mode");
+        let expected: Vec<(String, i64)> = [RouteMode::Vxlan, RouteMode::Native]
+            .iter()
+            .map(|m| (format!("SLIPWAY_ROUTE_{m:?}").to_uppercase(), *m as i64))
+            .collect();
+        assert_eq!(values, expected);
     }
 
     #[test]

@@ -135,18 +135,40 @@ impl World {
 
     fn add_host(&self, index: usize) -> Result<Host, DataplaneError> {
         let netns = Netns::named(format!("{}-h{index}", self.name));
-        self.create_netns(&netns)?;
-        let port = format!("h{index}");
-        let underlay_ip = Ipv4Addr::new(
-            UNDERLAY_NET[0],
-            UNDERLAY_NET[1],
-            UNDERLAY_NET[2],
-            index as u8,
-        );
+        let octet = u8::try_from(index).map_err(|_| DataplaneError::Command {
+            command: "build world".into(),
+            detail: format!("host {index}: at most 200 hosts"),
+        })?;
+        let underlay_ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], octet);
+        self.plug_into_underlay(&netns, &format!("h{index}"), underlay_ip)?;
+        Ok(Host {
+            netns,
+            index,
+            underlay_ip,
+        })
+    }
+
+    /// A machine outside the cluster on the underlay: namespace `<world>-<label>` with `eth0`
+    /// on the bridge at `10.99.0.<octet>/24` (hosts take the low octets; use 200 and up).
+    pub fn add_outside(&self, label: &str, octet: u8) -> Result<Netns, DataplaneError> {
+        let netns = Netns::named(format!("{}-{label}", self.name));
+        let ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], octet);
+        self.plug_into_underlay(&netns, &format!("o{octet}"), ip)?;
+        Ok(netns)
+    }
+
+    /// Creates `netns` with `eth0` at `ip/24`, its peer `port` a port of the underlay bridge.
+    fn plug_into_underlay(
+        &self,
+        netns: &Netns,
+        port: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(), DataplaneError> {
+        self.create_netns(netns)?;
         self.underlay.ip(&[
             "link",
             "add",
-            &port,
+            port,
             "type",
             "veth",
             "peer",
@@ -156,14 +178,10 @@ impl World {
             netns.name(),
         ])?;
         self.underlay
-            .ip(&["link", "set", &port, "master", "br0", "up"])?;
-        netns.ip(&["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
+            .ip(&["link", "set", port, "master", "br0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
-        Ok(Host {
-            netns,
-            index,
-            underlay_ip,
-        })
+        Ok(())
     }
 
     /// Creates pod `name` on host `host` with address `ip/32`, routed through [`POD_GATEWAY`].
@@ -247,6 +265,14 @@ impl World {
             ns.ip(&["link", "set", "eth0", "up"])?;
         }
         Ok((a, b))
+    }
+
+    /// An empty namespace `<world>-<label>` (only `lo`, up), torn down with the world: a pod's
+    /// sandbox before a CNI plugin wires it, or a host outside the cluster.
+    pub fn add_netns(&self, label: &str) -> Result<Netns, DataplaneError> {
+        let ns = Netns::named(format!("{}-{label}", self.name));
+        self.create_netns(&ns)?;
+        Ok(ns)
     }
 
     /// Creates namespace `ns` (with `lo` up) and records it for teardown.

@@ -165,9 +165,19 @@ impl Netns {
         }
     }
 
-    fn command(&self, argv: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name]).args(argv);
+    /// `argv` as a command that runs inside the namespace, for callers that set its
+    /// environment or stdin. It enters only the network namespace (nsenter), unlike
+    /// `ip netns exec`, which also remounts /sys and so hides bpffs at /sys/fs/bpf: processes
+    /// here share the pinned datapath with the rest of the machine, as on a real host.
+    pub fn command(&self, argv: &[&str]) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!(
+                "--net={}",
+                crate::netns::path(&self.name).display()
+            ))
+            .arg("--")
+            .args(argv);
         command
     }
 

@@ -74,8 +74,10 @@ fn parse_ping(text: &str) -> Option<PingReport> {
 pub struct IperfReport {
     /// Throughput seen by the receiver, bits per second.
     pub received_bps: f64,
-    /// Payload bytes the sender sent.
+    /// Payload bytes the sender wrote (some may never have left its socket when the test ends).
     pub sent_bytes: u64,
+    /// Payload bytes the receiver got.
+    pub received_bytes: u64,
 }
 
 /// Runs one iperf3 TCP test of `duration` (rounded up to whole seconds, at least 1) from
@@ -111,6 +113,7 @@ fn parse_iperf3(text: &str) -> Option<IperfReport> {
     Some(IperfReport {
         received_bps: end["sum_received"]["bits_per_second"].as_f64()?,
         sent_bytes: end["sum_sent"]["bytes"].as_u64()?,
+        received_bytes: end["sum_received"]["bytes"].as_u64()?,
     })
 }
 
@@ -151,7 +154,8 @@ mod tests {
             parse_iperf3(text),
             Some(IperfReport {
                 received_bps: 7920.5,
-                sent_bytes: 1000
+                sent_bytes: 1000,
+                received_bytes: 990,
             })
         );
         assert_eq!(parse_iperf3(r#"{"error":"unable to connect"}"#), None);

@@ -1,0 +1,59 @@
+//! The CNI plugin and agent end to end: pods made by exec'ing the plugin as a runtime does,
+//! real traffic between them on one host and across hosts, in VXLAN and in native routing.
+//! Privileged (root, BPF, netns): run by scripts/test.sh.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
+
+fn reaches(from: &common::Pod, to: &common::Pod) {
+    let report = ping(&from.netns, to.ip, 3, Duration::from_millis(20)).expect("ping");
+    assert_eq!(
+        report.received, 3,
+        "{} (host {}) -> {} (host {})",
+        from.ip, from.host, to.ip, to.host
+    );
+}
+
+fn pods_talk_everywhere(routing: &'static str, expected_mtu: u64) {
+    let cluster = Cluster::new(3, routing);
+    let a = cluster.add_pod(1, "a");
+    let b = cluster.add_pod(1, "b");
+    let c = cluster.add_pod(2, "c");
+    let d = cluster.add_pod(3, "d");
+    assert_eq!(
+        a.result["interfaces"][1]["mtu"].as_u64(),
+        Some(expected_mtu),
+        "{}",
+        a.result
+    );
+    let mtu = a.netns.link("eth0").expect("eth0");
+    let _ = mtu;
+    for (from, to) in [(&a, &b), (&b, &a), (&a, &c), (&c, &a), (&c, &d), (&d, &a)] {
+        reaches(from, to);
+    }
+    let stream =
+        iperf3_tcp(&a.netns, &c.netns, c.ip, Duration::from_secs(1)).expect("iperf3 cross host");
+    assert!(stream.received_bps > 0.0);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn pods_talk_on_one_host_and_across_hosts_in_vxlan() {
+    pods_talk_everywhere("vxlan", 1450);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn pods_talk_on_one_host_and_across_hosts_with_native_routing() {
+    pods_talk_everywhere("native", 1500);
+}

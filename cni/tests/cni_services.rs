@@ -1,0 +1,110 @@
+//! Services without kube-proxy: a pod reaches a ClusterIP through socket-level translation
+//! (cgroup connect4 on the host's cgroup), a client outside the cluster reaches a NodePort
+//! through TC translation on the host's underlay device, connections spread over backends on
+//! every host, and no iptables or nftables rule is created for any of it.
+//! Privileged (root, BPF, netns, cgroups): run by scripts/test.sh.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Cluster, api, serve_name};
+use serde_json::json;
+
+const CLUSTER_IP: &str = "10.96.0.10";
+
+fn ruleset(cluster: &Cluster, i: usize) -> String {
+    cluster
+        .node(i)
+        .netns
+        .run(&["nft", "list", "ruleset"])
+        .expect("nft")
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn clusterip_from_pods_and_nodeport_from_outside_reach_every_backend() {
+    let cluster = Cluster::new(3, "vxlan");
+    let backends: Vec<_> = (1..=3)
+        .map(|i| cluster.add_pod(i, &format!("be{i}")))
+        .collect();
+    let _servers: Vec<_> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| serve_name(&pod.netns, &cluster.dir, &format!("be{}", i + 1), 8080))
+        .collect();
+    let client = cluster.add_pod(1, "client");
+    let outside = cluster.world.add_outside("internet", 250).expect("outside");
+    let rules_before: Vec<String> = (1..=3).map(|i| ruleset(&cluster, i)).collect();
+
+    let services = json!([{
+        "name": "web",
+        "clusterIP": CLUSTER_IP,
+        "ports": [{ "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30080 }],
+        "endpoints": backends.iter().map(|b| b.ip.to_string()).collect::<Vec<_>>(),
+    }]);
+    for node in &cluster.nodes {
+        let (code, body) = api(&node.socket, "PUT", "/v1/services", Some(&services)).expect("api");
+        assert_eq!(code, 200, "{body}");
+    }
+    let all: BTreeSet<String> = ["be1", "be2", "be3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+
+    // Pod -> ClusterIP: the client runs in host 1's cgroup, where connect() is translated.
+    let url = format!("http://{CLUSTER_IP}/");
+    let mut seen = BTreeSet::new();
+    for n in 0..45 {
+        let reply = cluster
+            .node(1)
+            .cgroup
+            .run(&client.netns, &["curl", "-s", "-m", "3", &url])
+            .unwrap_or_else(|e| panic!("connection {n} to the ClusterIP failed: {e}"));
+        seen.insert(reply.trim().to_owned());
+    }
+    assert_eq!(seen, all, "45 connections spread over all three backends");
+
+    // Outside -> NodePort on host 1 and on host 2: backends local and remote to each.
+    for host in [1, 2] {
+        let url = format!("http://{}:30080/", cluster.node(host).address);
+        let mut seen = BTreeSet::new();
+        for n in 0..45 {
+            let reply = outside
+                .run(&["curl", "-s", "-m", "3", &url])
+                .unwrap_or_else(|e| panic!("connection {n} to host {host}'s NodePort failed: {e}"));
+            seen.insert(reply.trim().to_owned());
+        }
+        assert_eq!(seen, all, "NodePort on host {host} reaches every backend");
+    }
+
+    let rules_after: Vec<String> = (1..=3).map(|i| ruleset(&cluster, i)).collect();
+    assert_eq!(
+        rules_after, rules_before,
+        "services added iptables/nftables rules"
+    );
+
+    // Invalid service lists are refused whole, each bad field named.
+    let bad = json!([{ "name": "bad", "clusterIP": "10.244.9.9", "ports": [{ "port": 0, "protocol": "SCTP", "targetPort": 80, "nodePort": 80 }], "endpoints": ["192.0.2.1"] }]);
+    let (code, body) =
+        api(&cluster.node(1).socket, "PUT", "/v1/services", Some(&bad)).expect("api");
+    assert_eq!(code, 422, "{body}");
+    for field in [
+        "services[0].clusterIP",
+        "ports[0].port",
+        "ports[0].protocol",
+        "ports[0].nodePort",
+        "services[0].endpoints[0]",
+    ] {
+        assert!(body.contains(field), "{field} not named in {body}");
+    }
+    let reply = cluster
+        .node(1)
+        .cgroup
+        .run(&client.netns, &["curl", "-s", "-m", "3", &url])
+        .expect("still served");
+    assert!(all.contains(reply.trim()));
+}

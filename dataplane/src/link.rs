@@ -1,0 +1,349 @@
+//! Netlink (rtnetlink) for the links, addresses, routes and neighbours Slipway manages, in the
+//! caller's network namespace or in another one. A handle opened for a namespace keeps talking
+//! to that namespace: the socket is created on a thread that entered it.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use futures_util::TryStreamExt;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+
+use crate::DataplaneError;
+
+/// What Slipway needs to know of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: Option<u32>,
+    pub up: bool,
+}
+
+/// An IPv4 route as read back from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route4 {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+}
+
+/// A netlink handle bound to one network namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn nl_error(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
+    let what = what.into();
+    move |e| DataplaneError::Netlink {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+/// Whether a netlink error is the kernel's ENOENT/ENODEV/ESRCH ("no such thing").
+pub fn is_absent(error: &DataplaneError) -> bool {
+    matches!(error, DataplaneError::Netlink { detail, .. }
+        if detail.contains("No such") || detail.contains("os error 2") || detail.contains("os error 19") || detail.contains("os error 3"))
+}
+
+impl Netlink {
+    /// A handle on the caller's namespace. Must be called inside a tokio runtime, which drives
+    /// the connection.
+    pub fn current() -> Result<Self, DataplaneError> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|source| DataplaneError::Syscall {
+                call: "netlink socket",
+                source,
+            })?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// A handle on the namespace at `netns` (e.g. `/run/netns/x` or `/proc/<pid>/ns/net`).
+    pub fn in_netns(netns: &Path) -> Result<Self, DataplaneError> {
+        let ns = File::open(netns).map_err(|source| DataplaneError::Syscall {
+            call: "open netns",
+            source,
+        })?;
+        // The socket registers with the caller's tokio reactor when it is made.
+        let runtime = tokio::runtime::Handle::current();
+        let (connection, handle, _) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let _runtime = runtime.enter();
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                        DataplaneError::Syscall {
+                            call: "setns(CLONE_NEWNET)",
+                            source: e.into(),
+                        }
+                    })?;
+                    rtnetlink::new_connection().map_err(|source| DataplaneError::Syscall {
+                        call: "netlink socket",
+                        source,
+                    })
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The link named `name`, if it exists.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, DataplaneError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(message)) => Ok(Some(to_link(&message))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let err = nl_error(format!("get link {name}"))(e);
+                if is_absent(&err) { Ok(None) } else { Err(err) }
+            }
+        }
+    }
+
+    /// Every link whose name starts with `prefix`.
+    pub async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<Link>, DataplaneError> {
+        let mut stream = self.handle.link().get().execute();
+        let mut found = Vec::new();
+        while let Some(message) = stream.try_next().await.map_err(nl_error("list links"))? {
+            let link = to_link(&message);
+            if link.name.starts_with(prefix) {
+                found.push(link);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Creates a veth pair: `name` here, `peer` inside the namespace at `peer_netns`, both with
+    /// `mtu`. Returns the local end.
+    pub async fn add_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        peer_netns: &Path,
+        mtu: u32,
+    ) -> Result<Link, DataplaneError> {
+        let ns = File::open(peer_netns).map_err(|source| DataplaneError::Syscall {
+            call: "open netns",
+            source,
+        })?;
+        let peer_message = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_owned())
+            .mtu(mtu)
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        let message = LinkVeth::new(name, peer)
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message)))
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("add veth {name}")))?;
+        self.link(name)
+            .await?
+            .ok_or_else(|| DataplaneError::Netlink {
+                what: format!("add veth {name}"),
+                detail: "created but not found".into(),
+            })
+    }
+
+    /// Creates an external (collect_md) VXLAN device on UDP `port`, or returns the existing one:
+    /// the datapath sets each packet's remote and VNI with bpf_skb_set_tunnel_key.
+    pub async fn ensure_vxlan_external(
+        &self,
+        name: &str,
+        port: u16,
+    ) -> Result<Link, DataplaneError> {
+        if let Some(link) = self.link(name).await? {
+            return Ok(link);
+        }
+        let message = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .collect_metadata(true)
+            .port(port)
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("add vxlan {name}")))?;
+        self.link(name)
+            .await?
+            .ok_or_else(|| DataplaneError::Netlink {
+                what: format!("add vxlan {name}"),
+                detail: "created but not found".into(),
+            })
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<(), DataplaneError> {
+        let message = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("set link {index} up")))
+    }
+
+    /// Deletes link `name`; an absent link is not an error.
+    pub async fn delete_link(&self, name: &str) -> Result<(), DataplaneError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(());
+        };
+        match self
+            .handle
+            .link()
+            .del(link.index)
+            .execute()
+            .await
+            .map_err(nl_error(format!("delete link {name}")))
+        {
+            Err(e) if !is_absent(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn add_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), DataplaneError> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix)
+            .execute()
+            .await
+            .map_err(nl_error(format!("add address {ip}/{prefix}")))
+    }
+
+    /// The IPv4 addresses (with prefix) on link `index`.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, DataplaneError> {
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut found = Vec::new();
+        while let Some(message) = stream
+            .try_next()
+            .await
+            .map_err(nl_error("list addresses"))?
+        {
+            for attr in &message.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                    found.push((*ip, message.header.prefix_len));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Adds `dst/prefix` via `gateway` (or directly on the link when `None`) out of link `oif`.
+    pub async fn add_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> Result<(), DataplaneError> {
+        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix)
+            .output_interface(oif);
+        builder = match gateway {
+            Some(gw) => builder.gateway(gw),
+            None => builder.scope(RouteScope::Link),
+        };
+        self.handle
+            .route()
+            .add(builder.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_error(format!("add route {dst}/{prefix}")))
+    }
+
+    /// The IPv4 routes of the main table.
+    pub async fn routes(&self) -> Result<Vec<Route4>, DataplaneError> {
+        let mut stream = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut found = Vec::new();
+        while let Some(message) = stream.try_next().await.map_err(nl_error("list routes"))? {
+            let mut route = Route4 {
+                dst: Ipv4Addr::UNSPECIFIED,
+                prefix: message.header.destination_prefix_length,
+                gateway: None,
+                oif: None,
+            };
+            for attr in &message.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => route.dst = *ip,
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
+                    RouteAttribute::Oif(index) => route.oif = Some(*index),
+                    _ => {}
+                }
+            }
+            found.push(route);
+        }
+        Ok(found)
+    }
+
+    /// A permanent neighbour entry: `ip` is at `mac` on link `index`.
+    pub async fn add_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), DataplaneError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_error(format!("add neighbour {ip}")))
+    }
+}
+
+fn to_link(message: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: message.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: None,
+        up: message.header.flags.contains(LinkFlags::Up),
+    };
+    for attr in &message.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::Address(mac) => link.mac = <[u8; 6]>::try_from(mac.as_slice()).ok(),
+            LinkAttribute::Mtu(mtu) => link.mtu = Some(*mtu),
+            _ => {}
+        }
+    }
+    link
+}
