@@ -53,6 +53,16 @@ pub struct Daemon {
 }
 
 fn bind_unix(what: &'static str, path: &Path) -> Result<UnixListener, DaemonError> {
+    // e.g. /run/slipway for the default control socket.
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|source| DaemonError::Bind {
+            what,
+            addr: path.display().to_string(),
+            source,
+        })?;
+    }
     // A socket file left by a killed daemon would make bind fail.
     if std::fs::symlink_metadata(path).is_ok_and(|m| {
         use std::os::unix::fs::FileTypeExt;
