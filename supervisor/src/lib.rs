@@ -6,7 +6,7 @@
 //! call [`cli::SupervisorArgs::run`] (builds its own tokio runtime) or `.run_async().await` from
 //! an existing runtime:
 //!
-//! ```ignore
+//! ```text
 //! #[derive(clap::Subcommand)]
 //! enum Command {
 //!     /// Run the supervisor API server.

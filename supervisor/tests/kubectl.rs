@@ -1411,10 +1411,12 @@ async fn bench_api_smoke() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The full-scale API benchmark (10,000 objects, 100 watchers, etcdctl check perf); run with
-/// `cargo test -p slipway-supervisor --test kubectl bench_api_full -- --ignored --nocapture`.
+/// The full-scale API benchmark (10,000 objects, 100 watchers, etcdctl check perf), minutes
+/// long, so behind a feature rather than `#[ignore]` (which scripts/test.sh reserves for the
+/// privileged tests): `cargo test -p slipway-supervisor --features bench-full --test kubectl
+/// bench_api_full -- --nocapture`.
+#[cfg(feature = "bench-full")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes minutes; run on demand"]
 async fn bench_api_full() -> anyhow::Result<()> {
     let args = slipway_supervisor::bench::BenchApiArgs {
         creates: 2000,
