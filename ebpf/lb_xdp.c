@@ -3,6 +3,8 @@
  * The L4 load balancer at XDP, for NICs with native XDP (on veths use lb.c at TC: DESIGN.md).
  * Same packet logic (lb_core.h); translations are applied with incremental checksum updates
  * (RFC 1624) and the next hop comes from bpf_fib_lookup(), since XDP frames carry no skb.
+ * Attached together with lb.c at TC, sharing its maps: a frame whose next hop has no
+ * neighbour entry yet is passed on untouched and translated there.
  */
 #include <linux/bpf.h>
 #include <stddef.h>
@@ -65,6 +67,25 @@ int lb_xdp(struct xdp_md *ctx)
 	    (void *)(l4_csum + 1) > data_end)
 		return XDP_DROP;
 
+	/* The next hop first: without its MAC (no neighbour entry yet) the frame goes on
+	 * untouched to the TC program attached beside this one, which translates it and whose
+	 * bpf_redirect_neigh() resolves the neighbour; the flow's later packets take this path. */
+	struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.l4_protocol = nat.proto,
+		.sport = nat.new_sport,
+		.dport = nat.new_dport,
+		.tot_len = bpf_ntohs(ip4->tot_len),
+		.ipv4_src = nat.new_src,
+		.ipv4_dst = nat.new_dst,
+		.ifindex = cfg && cfg->ifindex ? cfg->ifindex : ctx->ingress_ifindex,
+	};
+	/* bpf_fib_lookup() wants forwarding enabled on the device (net.ipv4.conf.<dev>.forwarding)
+	 * even for output lookups; without it, or without a neighbour, TC does the work. */
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+
 	csum_replace4(&ip4->check, nat.old_src, nat.new_src);
 	csum_replace4(&ip4->check, nat.old_dst, nat.new_dst);
 	if (nat.proto == IPPROTO_TCP || *l4_csum != 0) {
@@ -79,25 +100,6 @@ int lb_xdp(struct xdp_md *ctx)
 	ip4->daddr = nat.new_dst;
 	ports[0] = nat.new_sport;
 	ports[1] = nat.new_dport;
-
-	struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
-	struct bpf_fib_lookup fib = {
-		.family = AF_INET,
-		.l4_protocol = nat.proto,
-		.sport = nat.new_sport,
-		.dport = nat.new_dport,
-		.tot_len = bpf_ntohs(ip4->tot_len),
-		.ipv4_src = nat.new_src,
-		.ipv4_dst = nat.new_dst,
-		.ifindex = cfg && cfg->ifindex ? cfg->ifindex : ctx->ingress_ifindex,
-	};
-	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return XDP_PASS; /* the kernel resolves the neighbour and forwards */
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		lb_count(LB_REASON_DROP_NO_ROUTE, data_end - data);
-		return XDP_DROP;
-	}
 	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 	if (fib.ifindex == ctx->ingress_ifindex)

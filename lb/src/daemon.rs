@@ -314,6 +314,15 @@ impl DaemonHandle {
     /// Starts the daemon in network namespace `netns` (as named by `ip netns`) with a static
     /// lease, and waits until its API answers.
     pub fn start_in_netns(netns: &str, config: LbConfig) -> Result<Self, LbError> {
+        Self::start_in_netns_at(netns, config, AttachPoint::Tc)
+    }
+
+    /// Like [`DaemonHandle::start_in_netns`], attaching at `point`.
+    pub fn start_in_netns_at(
+        netns: &str,
+        config: LbConfig,
+        point: AttachPoint,
+    ) -> Result<Self, LbError> {
         let socket = config.socket.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let ns_path = slipway_dataplane::netns::path(netns);
@@ -338,14 +347,9 @@ impl DaemonHandle {
                         call: "build tokio runtime",
                         source,
                     })?;
-                runtime.block_on(serve(
-                    config,
-                    AttachPoint::Tc,
-                    Arc::new(StaticLease),
-                    async move {
-                        let _ = stopped.await;
-                    },
-                ))
+                runtime.block_on(serve(config, point, Arc::new(StaticLease), async move {
+                    let _ = stopped.await;
+                }))
             })
             .map_err(|source| LbError::Syscall {
                 call: "spawn daemon thread",

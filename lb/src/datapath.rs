@@ -51,13 +51,17 @@ const MAPS: [&str; 11] = [
 pub enum AttachPoint {
     /// TCX ingress (`ebpf/lb.c`): the choice on veths.
     Tc,
-    /// XDP (`ebpf/lb_xdp.c`) in the given mode: for NICs with native XDP.
+    /// XDP (`ebpf/lb_xdp.c`) in the given mode, for NICs with native XDP, with `lb.c` at TCX
+    /// ingress beside it on the same (pinned) maps for frames whose next hop XDP cannot
+    /// resolve yet. Needs a pin directory.
     Xdp(XdpMode),
 }
 
 /// The loaded LB program and its maps.
 pub struct LbDatapath {
     bpf: Ebpf,
+    /// The XDP object, with [`AttachPoint::Xdp`].
+    xdp_bpf: Option<Ebpf>,
     point: AttachPoint,
     services: HashMap<MapData, LbServiceKey, LbService>,
     maglev: Array<MapData, u32>,
@@ -119,44 +123,22 @@ impl LbDatapath {
     /// maps live there on bpffs and maps already pinned there are reused, so flows survive a
     /// restart of the daemon.
     pub fn load(point: AttachPoint, pin_dir: Option<&Path>) -> Result<Self, LbError> {
-        let (object, object_name, program) = match point {
-            AttachPoint::Tc => (objects::LB, "lb", TC_PROGRAM),
-            AttachPoint::Xdp(_) => (objects::LB_XDP, "lb_xdp", XDP_PROGRAM),
-        };
-        let mut loader = EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> = match pin_dir {
-            Some(dir) => {
-                fs::create_dir_all(dir).map_err(|source| {
-                    dp(DataplaneError::Bpffs {
-                        path: dir.to_owned(),
-                        source,
-                    })
-                })?;
-                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
-            }
-            None => Vec::new(),
-        };
-        for (map, path) in &pins {
-            loader.map_pin_path(map, path.as_path());
+        if matches!(point, AttachPoint::Xdp(_)) && pin_dir.is_none() {
+            return Err(LbError::Capacity(
+                "XDP mode shares its maps with the TC program through pins: give a pin directory",
+            ));
         }
-        let mut bpf = loader.load(object).map_err(|source| {
-            dp(DataplaneError::Load {
-                object: object_name,
-                source: Box::new(source),
-            })
-        })?;
-        let load_err = |source| {
-            dp(DataplaneError::Program {
-                program,
-                action: "load".into(),
-                source: Box::new(source),
-            })
+        let mut bpf = load_object(objects::LB, "lb", TC_PROGRAM, pin_dir)?;
+        let xdp_bpf = match point {
+            AttachPoint::Tc => None,
+            AttachPoint::Xdp(_) => Some(load_object(
+                objects::LB_XDP,
+                "lb_xdp",
+                XDP_PROGRAM,
+                pin_dir,
+            )?),
         };
-        match point {
-            AttachPoint::Tc => classifier(&mut bpf)?.load().map_err(load_err)?,
-            AttachPoint::Xdp(_) => xdp(&mut bpf)?.load().map_err(load_err)?,
-        }
-
+        let object_name = "lb";
         let mut take = |name: &'static str| {
             bpf.take_map(name).ok_or(dp(DataplaneError::MissingMap {
                 object: object_name,
@@ -181,6 +163,7 @@ impl LbDatapath {
             service_stats: open!(PerCpuArray, "lb_service_stats"),
             counters: open!(PerCpuArray, "lb_counters"),
             bpf,
+            xdp_bpf,
             point,
             pin_dir: pin_dir.map(Path::to_owned),
         };
@@ -198,17 +181,13 @@ impl LbDatapath {
                 source: Box::new(source),
             })
         };
-        match self.point {
-            AttachPoint::Tc => {
-                classifier(&mut self.bpf)?
-                    .attach(ifname, TcAttachType::Ingress)
-                    .map_err(|e| attach_err(TC_PROGRAM, e))?;
-            }
-            AttachPoint::Xdp(mode) => {
-                xdp(&mut self.bpf)?
-                    .attach(ifname, mode)
-                    .map_err(|e| attach_err(XDP_PROGRAM, e))?;
-            }
+        classifier(&mut self.bpf)?
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(|e| attach_err(TC_PROGRAM, e))?;
+        if let (AttachPoint::Xdp(mode), Some(xdp_bpf)) = (self.point, self.xdp_bpf.as_mut()) {
+            xdp(xdp_bpf)?
+                .attach(ifname, mode)
+                .map_err(|e| attach_err(XDP_PROGRAM, e))?;
         }
         debug!(ifname, point = ?self.point, "LB program attached");
         Ok(())
@@ -221,7 +200,13 @@ impl LbDatapath {
 
     /// The XDP program (loaded with [`AttachPoint::Xdp`]).
     pub fn xdp(&mut self) -> Result<&mut Xdp, LbError> {
-        xdp(&mut self.bpf)
+        match self.xdp_bpf.as_mut() {
+            Some(bpf) => xdp(bpf),
+            None => Err(dp(DataplaneError::MissingProgram {
+                object: "lb",
+                program: XDP_PROGRAM,
+            })),
+        }
     }
 
     /// The reverse translation entries (backend -> client direction).
@@ -235,6 +220,50 @@ impl LbDatapath {
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
+}
+
+/// Loads one object (its maps at `pin_dir`, reused if pinned there already) and its program.
+fn load_object(
+    object: &[u8],
+    object_name: &'static str,
+    program: &'static str,
+    pin_dir: Option<&Path>,
+) -> Result<Ebpf, LbError> {
+    let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(dir) => {
+            fs::create_dir_all(dir).map_err(|source| {
+                dp(DataplaneError::Bpffs {
+                    path: dir.to_owned(),
+                    source,
+                })
+            })?;
+            MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+        }
+        None => Vec::new(),
+    };
+    for (map, path) in &pins {
+        loader.map_pin_path(map, path.as_path());
+    }
+    let mut bpf = loader.load(object).map_err(|source| {
+        dp(DataplaneError::Load {
+            object: object_name,
+            source: Box::new(source),
+        })
+    })?;
+    let load_err = |source| {
+        dp(DataplaneError::Program {
+            program,
+            action: "load".into(),
+            source: Box::new(source),
+        })
+    };
+    if program == XDP_PROGRAM {
+        xdp(&mut bpf)?.load().map_err(load_err)?;
+    } else {
+        classifier(&mut bpf)?.load().map_err(load_err)?;
+    }
+    Ok(bpf)
 }
 
 fn classifier(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, LbError> {
@@ -408,6 +437,13 @@ pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, LbError> {
 /// CPU time spent in, and runs of, every loaded LB program (TC and XDP), as the kernel counts
 /// them while run-time stats are enabled.
 pub fn run_time() -> Result<(std::time::Duration, u64), LbError> {
+    let tc = run_time_of(TC_PROGRAM)?;
+    let xdp = run_time_of(XDP_PROGRAM)?;
+    Ok((tc.0 + xdp.0, tc.1 + xdp.1))
+}
+
+/// Likewise for the loaded programs named `program` ("lb_ingress" at TC, "lb_xdp").
+pub fn run_time_of(program: &str) -> Result<(std::time::Duration, u64), LbError> {
     let mut total = (std::time::Duration::ZERO, 0);
     for info in aya::programs::loaded_programs() {
         let info = info.map_err(|source| {
@@ -417,7 +453,7 @@ pub fn run_time() -> Result<(std::time::Duration, u64), LbError> {
                 source: Box::new(source),
             })
         })?;
-        if matches!(info.name_as_str(), Some(TC_PROGRAM | XDP_PROGRAM)) {
+        if info.name_as_str() == Some(program) {
             total.0 += info.run_time();
             total.1 += info.run_count();
         }

@@ -20,6 +20,7 @@ use crate::LbError;
 use crate::api::Client;
 use crate::config::{LbConfig, PoolConfig};
 use crate::daemon::DaemonHandle;
+use crate::datapath::AttachPoint;
 
 /// Host numbers in an [`LbWorld`]: host 1 is the client, host 2 the LB, hosts 3.. backends,
 /// the last host a second client.
@@ -49,8 +50,13 @@ pub struct LbWorld {
 }
 
 impl LbWorld {
-    /// A world with `backends` backend hosts and the LB daemon running on host 2.
+    /// A world with `backends` backend hosts and the LB daemon running on host 2 (TC).
     pub fn new(backends: usize) -> Result<Self, LbError> {
+        Self::with_attach(backends, AttachPoint::Tc)
+    }
+
+    /// Likewise, with the LB program attached at `point`.
+    pub fn with_attach(backends: usize, point: AttachPoint) -> Result<Self, LbError> {
         let world = World::builder()
             .hosts(backends + 3)
             .build()
@@ -84,7 +90,7 @@ impl LbWorld {
         config.pin_dir = Some(lbw.world.bpffs_dir().join("lb"));
         config.garp_interval_ms = 200;
         let lb_ns = lbw.world.host(LB_HOST).netns.name().to_owned();
-        lbw.daemon = Some(DaemonHandle::start_in_netns(&lb_ns, config)?);
+        lbw.daemon = Some(DaemonHandle::start_in_netns_at(&lb_ns, config, point)?);
         Ok(lbw)
     }
 

@@ -588,3 +588,60 @@ fn a_vip_is_announced_released_and_reallocated() {
         "{lines:?}"
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn the_xdp_attach_point_balances_too() {
+    use slipway_lb::datapath::{AttachPoint, enable_run_time_stats, run_time_of};
+    let mut w =
+        LbWorld::with_attach(2, AttachPoint::Xdp(aya::programs::XdpMode::Skb)).expect("world");
+    let link = w
+        .lb()
+        .ip(&["-d", "link", "show", "dev", "eth0"])
+        .expect("link");
+    assert!(link.contains("xdpgeneric"), "{link}");
+    // bpf_fib_lookup() in the XDP program wants forwarding on the device.
+    w.lb()
+        .sysctl(&["net.ipv4.conf.eth0.forwarding=1"])
+        .expect("forwarding");
+    for i in 0..2 {
+        w.start_nginx(i).expect("nginx");
+    }
+    let ips = w.backend_ips();
+    let vip = w
+        .api()
+        .apply(&spec(
+            "web",
+            vec![port(Protocol::Tcp, 80)],
+            &[(ips[0], 1), (ips[1], 1)],
+        ))
+        .expect("apply");
+    let url = format!("http://{vip}");
+    // The first flows resolve the neighbours (through TC); then XDP does the work.
+    assert_eq!(LbWorld::curl(w.client(), &url, 20).expect("curl").len(), 20);
+    let _stats = enable_run_time_stats().expect("stats");
+    let (xdp0, tc0) = (
+        run_time_of("lb_xdp").expect("xdp").1,
+        run_time_of("lb_ingress").expect("tc").1,
+    );
+    let lines = LbWorld::curl(w.client(), &url, 200).expect("curl");
+    assert_eq!(lines.len(), 200, "every request answered");
+    assert_eq!(by_backend(&lines).len(), 2);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(&format!(" {}", w.lb_ip())))
+    );
+    let xdp = run_time_of("lb_xdp").expect("xdp").1 - xdp0;
+    let tc = run_time_of("lb_ingress").expect("tc").1 - tc0;
+    // 200 connections are at least 1,000 packets through the LB (SYN, ACK, request, FINs,
+    // both ways); TC sees only what XDP passed on.
+    assert!(xdp >= 1000, "XDP ran {xdp} times");
+    assert!(
+        tc * 10 < xdp,
+        "TC ran {tc} times beside XDP's {xdp}: XDP did not translate"
+    );
+}

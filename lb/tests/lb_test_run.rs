@@ -418,13 +418,33 @@ fn a_service_without_backends_drops() {
     assert_eq!(count(&lb, LbReason::DropNoBackend), 1);
 }
 
+/// Removes a bpffs directory on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "privileged"),
     ignore = "privileged: root + BPF; run scripts/test.sh"
 )]
-fn the_xdp_variant_passes_the_verifier() {
-    let mut dp =
-        LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), None).expect("load lb_xdp");
-    assert!(dp.xdp().is_ok());
+fn the_xdp_variant_passes_the_verifier_and_shares_the_maps() {
+    assert!(LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), None).is_err());
+    let pins = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/slipway-lb-xdp-test-{}",
+        std::process::id()
+    )));
+    let mut dp = LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), Some(&pins.0))
+        .expect("load lb and lb_xdp");
+    assert!(dp.xdp().is_ok() && dp.classifier().is_ok());
+    dp.add_vip(VIP).expect("vip");
+    drop(dp);
+    assert!(
+        pins.0.join("lb_vips").exists(),
+        "the maps are pinned for both programs"
+    );
 }
