@@ -94,11 +94,11 @@ pub fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
 }
 
 /// The revision a client sent in `metadata.resourceVersion` (None when absent or empty).
-pub fn sent_revision(obj: &Value) -> Result<Option<u64>, ApiError> {
+pub fn sent_revision(rt: &ResourceType, obj: &Value) -> Result<Option<u64>, ApiError> {
     match meta_str(obj, "resourceVersion") {
         None | Some("") => Ok(None),
         Some(s) => s.parse().map(Some).map_err(|_| ApiError::Invalid {
-            kind: String::new(),
+            kind: rt.kind.to_string(),
             name: meta_str(obj, "name").unwrap_or_default().to_string(),
             causes: vec![FieldError::invalid(
                 "metadata.resourceVersion",
@@ -129,6 +129,7 @@ pub async fn admit(
     ns: Option<&str>,
     url_name: Option<&str>,
     mut body: Value,
+    run_admission: bool,
 ) -> Result<Value, ApiError> {
     if !body.is_object() {
         return Err(ApiError::BadRequest(format!(
@@ -207,6 +208,9 @@ pub async fn admit(
             causes: errs,
         });
     }
+    if !run_admission {
+        return Ok(obj);
+    }
     match (rt.group, rt.plural, ns) {
         ("slipway.dev", "clusters", Some(ns)) => {
             admission::admit_cluster(&state.store, &state.admission, ns, &obj).await?
@@ -217,6 +221,19 @@ pub async fn admit(
         _ => {}
     }
     Ok(obj)
+}
+
+/// The stored object with only its status taken from `body`: what a status-subresource write
+/// asks for.
+pub fn with_status_of(old: &Value, body: &Value) -> Value {
+    let mut merged = old.clone();
+    if let Some(m) = merged.as_object_mut() {
+        match body.get("status") {
+            Some(st) => m.insert("status".into(), st.clone()),
+            None => m.remove("status"),
+        };
+    }
+    merged
 }
 
 /// Stamps the server-owned metadata of a new object.

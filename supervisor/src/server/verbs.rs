@@ -11,7 +11,7 @@ use super::handler::Call;
 use super::http::{self, Body};
 use super::objects::{
     admit, carry_over, encode, finalized, meta_str, parse_body, present, sent_revision, set_meta,
-    stamp_new,
+    stamp_new, with_status_of,
 };
 use super::{State, keys, table};
 use crate::api::meta::{now_secs, rfc3339};
@@ -121,7 +121,7 @@ pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
 
 pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
     let body = parse_body(&call.body, &call.content_type)?;
-    let mut obj = admit(call.state, call.t.rt, call.ns(), None, body).await?;
+    let mut obj = admit(call.state, call.t.rt, call.ns(), None, body, true).await?;
     stamp_new(&mut obj);
     let name = meta_str(&obj, "name").unwrap_or_default().to_string();
     if call.dry_run() {
@@ -181,7 +181,7 @@ pub(super) async fn update(
     status_only: bool,
 ) -> Result<Response<Body>, ApiError> {
     let body = parse_body(&call.body, &call.content_type)?;
-    let sent = sent_revision(&body)?;
+    let sent = sent_revision(call.t.rt, &body)?;
     let kv = call
         .state
         .store
@@ -196,7 +196,22 @@ pub(super) async fn update(
         });
     }
     let old = present(call.t.rt, &kv)?;
-    let mut new = admit(call.state, call.t.rt, call.ns(), Some(name), body).await?;
+    // A status write keeps the stored spec: only the status is validated, and admission
+    // (quotas over the spec) does not run again.
+    let body = if status_only {
+        with_status_of(&old, &body)
+    } else {
+        body
+    };
+    let mut new = admit(
+        call.state,
+        call.t.rt,
+        call.ns(),
+        Some(name),
+        body,
+        !status_only,
+    )
+    .await?;
     carry_over(call.t.rt, &old, &mut new, status_only);
     write_update(call, name, kv.revision, &old, new).await
 }
@@ -213,7 +228,8 @@ pub(super) async fn patch_object(
         let Some(kv) = call.state.store.get(&call.key(name)).await? else {
             if kind == PatchType::Apply && !status_only {
                 let body = patch::parse_apply(&call.body)?;
-                let mut obj = admit(call.state, call.t.rt, call.ns(), Some(name), body).await?;
+                let mut obj =
+                    admit(call.state, call.t.rt, call.ns(), Some(name), body, true).await?;
                 stamp_new(&mut obj);
                 if call.dry_run() {
                     return Ok(call.respond(201, &obj));
@@ -232,7 +248,7 @@ pub(super) async fn patch_object(
         let old = present(call.t.rt, &kv)?;
         let mut patched = old.clone();
         patch::apply(call.t.rt, kind, &mut patched, &call.body)?;
-        let sent = sent_revision(&patched)?;
+        let sent = sent_revision(call.t.rt, &patched)?;
         if let Some(s) = sent.filter(|s| *s != kv.revision) {
             return Err(ApiError::Conflict {
                 resource: call.t.rt.plural.into(),
@@ -240,7 +256,20 @@ pub(super) async fn patch_object(
                 stale: Some((s, kv.revision)),
             });
         }
-        let mut new = admit(call.state, call.t.rt, call.ns(), Some(name), patched).await?;
+        let patched = if status_only {
+            with_status_of(&old, &patched)
+        } else {
+            patched
+        };
+        let mut new = admit(
+            call.state,
+            call.t.rt,
+            call.ns(),
+            Some(name),
+            patched,
+            !status_only,
+        )
+        .await?;
         carry_over(call.t.rt, &old, &mut new, status_only);
         match write_update(call, name, kv.revision, &old, new).await {
             Err(ApiError::Conflict { .. }) if sent.is_none() => continue,
