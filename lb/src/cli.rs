@@ -124,3 +124,61 @@ impl LbCommand {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        lb: LbCommand,
+    }
+
+    #[test]
+    fn parses_the_subcommands() {
+        let cli = Cli::try_parse_from(["lb", "status", "--json"]).expect("status");
+        assert!(
+            matches!(cli.lb, LbCommand::Status { json: true, ref socket } if socket.as_os_str() == DEFAULT_SOCKET)
+        );
+        let cli = Cli::try_parse_from(["lb", "apply", "-f", "svc.yaml", "--socket", "/tmp/s"])
+            .expect("apply");
+        assert!(
+            matches!(cli.lb, LbCommand::Apply { ref file, .. } if file.as_os_str() == "svc.yaml")
+        );
+        let cli =
+            Cli::try_parse_from(["lb", "serve", "--config", "lb.yaml", "--xdp"]).expect("serve");
+        assert!(matches!(
+            cli.lb,
+            LbCommand::Serve(ServeArgs { xdp: true, .. })
+        ));
+        assert!(
+            Cli::try_parse_from(["lb", "delete"]).is_err(),
+            "delete needs a service"
+        );
+    }
+
+    #[test]
+    fn reads_yaml_config_and_service_files() {
+        let config: LbConfig = serde_saphyr::from_str(
+            "interface: eth0\npools:\n  - name: ingress\n    cidr: 10.99.100.0/24\n\
+             egressCidrs: [10.99.200.0/24]\nminPoolPrefix: 27\n",
+        )
+        .expect("config");
+        config.validate().expect("valid");
+        assert_eq!(config.socket.as_os_str(), DEFAULT_SOCKET);
+        assert!(
+            serde_saphyr::from_str::<LbConfig>("interface: eth0\npools: []\nbogus: 1\n").is_err()
+        );
+        let spec: ServiceSpec = serde_saphyr::from_str(
+            "namespace: default\nname: web\nports:\n  - port: 80\n    protocol: TCP\n\
+             externalTrafficPolicy: Local\nloadBalancerSourceRanges: [10.0.0.0/8]\n\
+             backends:\n  - ip: 10.99.0.3\n    nodeLocal: true\n",
+        )
+        .expect("service");
+        spec.validate().expect("valid");
+        assert_eq!(spec.backends[0].weight, 1);
+    }
+}
