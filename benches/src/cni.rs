@@ -414,7 +414,7 @@ impl Bench {
         }
         for index in hosts {
             let socket = self.dir.join(format!("h{index}.sock"));
-            let (code, body) = agent_api(
+            let (code, body) = slipway_cni::agent::request(
                 &socket,
                 "PUT",
                 "/v1/hosts",
@@ -455,7 +455,7 @@ impl Bench {
         agents.push(child);
         let child = agents.last_mut().context("agent just pushed")?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while agent_api(socket, "GET", "/v1/status", None).is_none() {
+        while slipway_cni::agent::request(socket, "GET", "/v1/status", None).is_none() {
             let log_text = || {
                 let text = fs::read_to_string(log).unwrap_or_default();
                 text.lines().take(20).collect::<Vec<_>>().join("\n")
@@ -920,43 +920,6 @@ fn parse_sockperf_p50(text: &str) -> Option<f64> {
             .parse()
             .ok()
     })
-}
-
-/// HTTP to an agent's Unix socket with curl; `None` when nothing answers.
-fn agent_api(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> Option<(u16, String)> {
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-s",
-        "-m",
-        "5",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "--unix-socket",
-    ])
-    .arg(socket)
-    .args(["-X", method, &format!("http://agent{path}")]);
-    if let Some(body) = body {
-        cmd.args([
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body.to_string(),
-        ]);
-    }
-    let output = cmd.output().ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n')?;
-    Some((code.trim().parse().ok()?, body.to_owned()))
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {

@@ -357,36 +357,9 @@ pub fn serve_name(netns: &Netns, dir: &Path, name: &str, port: u16) -> Process {
     process
 }
 
-/// An HTTP request to an agent's Unix socket with curl; `None` when nothing answers.
+/// A request to an agent's local API; `None` when nothing answers.
 pub fn api(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, String)> {
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-s",
-        "-m",
-        "5",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "--unix-socket",
-    ])
-    .arg(socket)
-    .args(["-X", method, &format!("http://agent{path}")]);
-    if let Some(body) = body {
-        cmd.args([
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body.to_string(),
-        ]);
-    }
-    let output = cmd.output().ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n')?;
-    Some((code.trim().parse().ok()?, body.to_owned()))
+    slipway_cni::agent::request(socket, method, path, body)
 }
 
 /// What an attachment can leave behind on a host.
