@@ -221,8 +221,6 @@ impl Server {
 
 /// Read buffer per connection.
 const IN_BUF: usize = 256 * 1024;
-/// Requests at least this long run in a task of their own (see `Conn::start`).
-const SPAWN_THRESHOLD: u32 = 256 * 1024;
 /// Loop turns before a busy connection yields to other tasks.
 const TURNS: usize = 64;
 
@@ -464,32 +462,13 @@ impl Conn {
             Arc::clone(&self.metrics),
             self.structured,
         );
-        let cookie = req.cookie;
-        let work = async move {
+        self.pending.push(Box::pin(async move {
             let start = Instant::now();
-            let (frame, bytes, ok) = execute(&export, command, payload, cookie, structured).await;
+            let (frame, bytes, ok) =
+                execute(&export, command, payload, req.cookie, structured).await;
             metrics.of(&command).record(bytes, start.elapsed(), ok);
             (frame, units)
-        };
-        if req.length >= SPAWN_THRESHOLD {
-            // Large transfers run as their own task, so copying one megabyte can proceed on
-            // another worker while this one writes earlier replies to the socket.
-            let handle = tokio::spawn(work);
-            self.pending.push(Box::pin(async move {
-                match handle.await {
-                    Ok(done) => done,
-                    Err(e) => {
-                        tracing::error!(error = %e, "request task failed");
-                        (
-                            error_frame(cookie, proto::errno::EIO, structured, "internal error"),
-                            units,
-                        )
-                    }
-                }
-            }));
-        } else {
-            self.pending.push(Box::pin(work));
-        }
+        }));
     }
 
     fn push_frame(&mut self, (head, data): Frame) {
