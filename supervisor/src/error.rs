@@ -104,19 +104,21 @@ impl FieldError {
     }
 }
 
+impl FieldError {
+    /// The message without the field (`Invalid value: 0: must be ...`), as a `StatusCause`
+    /// carries it; clients print `field: message`.
+    pub fn message(&self) -> String {
+        if self.detail.is_empty() {
+            self.reason.label().to_string()
+        } else {
+            format!("{}: {}", self.reason.label(), self.detail)
+        }
+    }
+}
+
 impl std::fmt::Display for FieldError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.detail.is_empty() {
-            write!(f, "{}: {}", self.field, self.reason.label())
-        } else {
-            write!(
-                f,
-                "{}: {}: {}",
-                self.field,
-                self.reason.label(),
-                self.detail
-            )
-        }
+        write!(f, "{}: {}", self.field, self.message())
     }
 }
 
@@ -325,7 +327,7 @@ impl ApiError {
                 "kind": kind,
                 "causes": causes.iter().map(|c| json!({
                     "reason": c.reason.cause(),
-                    "message": c.to_string(),
+                    "message": c.message(),
                     "field": c.field,
                 })).collect::<Vec<_>>(),
             })),
