@@ -3,4 +3,5 @@
 
 pub mod cni;
 pub mod demo;
+pub mod nbd;
 pub mod report;

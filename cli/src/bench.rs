@@ -4,15 +4,40 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
-use slipway_bench::{cni, demo, report};
+use slipway_bench::{cni, demo, nbd, report};
 
-/// The benchmark suites.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+/// `slipway bench <suite>`.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Pod-to-pod through the pod-veth datapath against a raw veth pair.
+    Demo(RunArgs),
+    /// The CNI (agents + plugin) against a raw veth pair and the reference bridge plugin.
+    Cni(RunArgs),
+    /// The NBD server against nbdkit and qemu-nbd, with fio's nbd engine.
+    Nbd(RunArgs),
+    /// The supervisor API on redb and etcd, beside `etcdctl check perf`.
+    Api(slipway_supervisor::bench::BenchApiArgs),
+}
+
+/// Runs one suite.
+pub fn dispatch(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Demo(args) => run(Suite::Demo, args),
+        BenchCommand::Cni(args) => run(Suite::Cni, args),
+        BenchCommand::Nbd(args) => run(Suite::Nbd, args),
+        BenchCommand::Api(args) => args.run(),
+    }
+}
+
+/// The suites that take [`RunArgs`].
+#[derive(Debug, Clone, Copy)]
 pub enum Suite {
     /// Pod-to-pod through the pod-veth datapath against a raw veth pair.
     Demo,
     /// The CNI (agents + plugin) against a raw veth pair and the reference bridge plugin.
     Cni,
+    /// The NBD server against nbdkit and qemu-nbd, with fio's nbd engine.
+    Nbd,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,11 +99,25 @@ pub fn run(suite: Suite, args: RunArgs) -> anyhow::Result<()> {
                 ..cni::Options::default()
             };
             let records = cni::run(options)?;
-            let path = report::write_jsonl(&args.out_dir, cni::SUITE, &records)?;
-            println!();
-            print!("{}", report::table(&records));
-            println!("wrote {}", path.display());
+            print_and_write(&args, cni::SUITE, &records)?;
+        }
+        Suite::Nbd => {
+            let options = nbd::Options {
+                runs: args.runs as usize,
+                runtime: Duration::from_secs(args.seconds),
+                ..nbd::Options::default()
+            };
+            let records = nbd::run(&options)?;
+            print_and_write(&args, nbd::SUITE, &records)?;
         }
     }
+    Ok(())
+}
+
+fn print_and_write(args: &RunArgs, suite: &str, records: &[report::Record]) -> anyhow::Result<()> {
+    let path = report::write_jsonl(&args.out_dir, suite, records)?;
+    println!();
+    print!("{}", report::table(records));
+    println!("wrote {}", path.display());
     Ok(())
 }

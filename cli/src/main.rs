@@ -1,5 +1,6 @@
-//! `slipway`: the one user-facing binary. For now it runs the demo and the benchmark suites;
-//! the daemons (`slipway agent`, `slipway supervisor`, ...) join it as their issues land.
+//! `slipway`: the one user-facing binary: the daemons (`slipway supervisor`, `slipway agent`,
+//! `slipway blockstore`), the client (`apply`, `get`, `describe`, `delete`, `volume`), the demo
+//! and the benchmark suites.
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -23,16 +24,29 @@ enum Command {
     /// Build a 2-host world in network namespaces, load the datapath, move traffic through it
     /// beside a raw veth baseline, print what was measured, and tear the world down.
     Demo(bench::RunArgs),
+    /// Manage block store volumes (through the block store's control socket).
+    #[command(subcommand)]
+    Volume(slipway_blockstore::cli::VolumeCommand),
+    /// Run the block store: volumes served over NBD (TCP and Unix socket).
+    Blockstore(slipway_blockstore::cli::ServeArgs),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
     Agent(slipway_cni::agent::AgentArgs),
+    /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
+    Supervisor(slipway_supervisor::cli::SupervisorArgs),
+    /// Create or update the objects in YAML/JSON files through the supervisor's API.
+    Apply(slipway_supervisor::cli::ApplyArgs),
+    /// List or show objects.
+    Get(slipway_supervisor::cli::GetArgs),
+    /// Show an object in detail, with its events.
+    Describe(slipway_supervisor::cli::DescribeArgs),
+    /// Delete objects.
+    Delete(slipway_supervisor::cli::DeleteArgs),
+    /// Issue a kubeconfig for a user, signed by the supervisor's CA.
+    Kubeconfig(slipway_supervisor::cli::KubeconfigArgs),
     /// Run a benchmark suite (use a release build): Slipway beside its baseline in the same run,
     /// written to <out-dir>/<suite>.jsonl.
-    Bench {
-        #[arg(value_enum)]
-        suite: bench::Suite,
-        #[command(flatten)]
-        args: bench::RunArgs,
-    },
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,7 +58,15 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo(args) => bench::run(bench::Suite::Demo, args),
-        Command::Bench { suite, args } => bench::run(suite, args),
+        Command::Bench(command) => bench::dispatch(command),
+        Command::Supervisor(args) => args.run(),
+        Command::Apply(args) => args.run(),
+        Command::Get(args) => args.run(),
+        Command::Describe(args) => args.run(),
+        Command::Delete(args) => args.run(),
+        Command::Kubeconfig(args) => args.run(),
+        Command::Volume(command) => command.run(),
+        Command::Blockstore(args) => args.run(),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
