@@ -6,4 +6,5 @@
 pub mod agent;
 pub mod ipam;
 pub mod plugin;
+pub mod policy;
 pub mod spec;
