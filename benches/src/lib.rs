@@ -3,5 +3,6 @@
 
 pub mod cni;
 pub mod demo;
+pub mod lb;
 pub mod nbd;
 pub mod report;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
-use slipway_bench::{cni, demo, nbd, report};
+use slipway_bench::{cni, demo, lb, nbd, report};
 
 /// `slipway bench <suite>`.
 #[derive(Debug, clap::Subcommand)]
@@ -15,6 +15,8 @@ pub enum BenchCommand {
     Cni(RunArgs),
     /// The NBD server against nbdkit and qemu-nbd, with fio's nbd engine.
     Nbd(RunArgs),
+    /// The L4 load balancer against HAProxy (TCP mode) and direct connections.
+    Lb(RunArgs),
     /// The supervisor API on redb and etcd, beside `etcdctl check perf`.
     Api(slipway_supervisor::bench::BenchApiArgs),
 }
@@ -25,6 +27,7 @@ pub fn dispatch(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Demo(args) => run(Suite::Demo, args),
         BenchCommand::Cni(args) => run(Suite::Cni, args),
         BenchCommand::Nbd(args) => run(Suite::Nbd, args),
+        BenchCommand::Lb(args) => run(Suite::Lb, args),
         BenchCommand::Api(args) => args.run(),
     }
 }
@@ -38,6 +41,8 @@ pub enum Suite {
     Cni,
     /// The NBD server against nbdkit and qemu-nbd, with fio's nbd engine.
     Nbd,
+    /// The L4 load balancer against HAProxy and direct connections.
+    Lb,
 }
 
 #[derive(Debug, clap::Args)]
@@ -109,6 +114,15 @@ pub fn run(suite: Suite, args: RunArgs) -> anyhow::Result<()> {
             };
             let records = nbd::run(&options)?;
             print_and_write(&args, nbd::SUITE, &records)?;
+        }
+        Suite::Lb => {
+            let options = lb::Options {
+                runs: args.runs as usize,
+                duration: Duration::from_secs(args.seconds),
+                ..lb::Options::default()
+            };
+            let records = lb::run(&options)?;
+            print_and_write(&args, lb::SUITE, &records)?;
         }
     }
     Ok(())

@@ -29,6 +29,9 @@ enum Command {
     Volume(slipway_blockstore::cli::VolumeCommand),
     /// Run the block store: volumes served over NBD (TCP and Unix socket).
     Blockstore(slipway_blockstore::cli::ServeArgs),
+    /// The L4 load balancer: `serve` (the daemon), `status`, `apply`, `delete`, `metrics`.
+    #[command(subcommand)]
+    Lb(slipway_lb::cli::LbCommand),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
     Agent(slipway_cni::agent::AgentArgs),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Delete(args) => args.run(),
         Command::Kubeconfig(args) => args.run(),
         Command::Volume(command) => command.run(),
+        Command::Lb(command) => command.run(),
         Command::Blockstore(args) => args.run(),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
