@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 use slipway_dataplane::netns;
+use slipway_dataplane::testing::cgroup::Cgroup;
 use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
 use slipway_dataplane::testing::{Netns, World};
 
@@ -272,6 +273,8 @@ struct Bench {
     dir: PathBuf,
     cni_bin: PathBuf,
     agents: Mutex<Vec<Child>>,
+    /// Each agent's cgroup (socket-level services attach there), removed after the agents.
+    cgroups: Mutex<Vec<Cgroup>>,
     /// Sandbox namespaces (named `<world>-<label>`, so the world's leak check sees them).
     sandboxes: Mutex<Vec<Netns>>,
     world: World,
@@ -283,6 +286,10 @@ impl Drop for Bench {
             let _ = agent.kill();
             let _ = agent.wait();
         }
+        self.cgroups
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         for sandbox in self
             .sandboxes
             .get_mut()
@@ -332,6 +339,7 @@ impl Bench {
             dir,
             cni_bin,
             agents: Mutex::new(Vec::new()),
+            cgroups: Mutex::new(Vec::new()),
             sandboxes: Mutex::new(Vec::new()),
             world,
         };
@@ -380,6 +388,7 @@ impl Bench {
             let socket = self.dir.join(format!("h{index}.sock"));
             let bpffs = self.world.bpffs_dir().join(format!("h{index}"));
             let log = self.dir.join(format!("agent-h{index}.log"));
+            let cgroup = Cgroup::create(&self.world, &format!("h{index}"))?;
             let args: Vec<String> = vec![
                 "agent".into(),
                 "--pod-cidr".into(),
@@ -394,7 +403,13 @@ impl Bench {
                 path_str(&data_dir)?.into(),
                 "--socket".into(),
                 path_str(&socket)?.into(),
+                "--cgroup".into(),
+                path_str(cgroup.path())?.into(),
             ];
+            self.cgroups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(cgroup);
             self.start_agent(&host.netns, &args, &socket, &log)?;
             table.push(json!({
                 "name": format!("h{index}"),

@@ -353,7 +353,7 @@ async fn wire(
 async fn unwire(settings: &Settings, allocation: &Allocation) -> Result<(), CniError> {
     if settings.pins.is_ready() {
         let mut maps = NodeMaps::open(&settings.pins)?;
-        // Only remove the entry if it still points at this attachment's veth (or nothing).
+        // The address is this allocation's alone, so its entry is this attachment's.
         maps.remove_endpoint(allocation.ip)?;
     }
     node::detach(&settings.pins, &allocation.host_ifname)?;

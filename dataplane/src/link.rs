@@ -151,18 +151,7 @@ impl Netlink {
             .mtu(mtu)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message)))
             .build();
-        self.handle
-            .link()
-            .add(message)
-            .execute()
-            .await
-            .map_err(nl_error(format!("add veth {name}")))?;
-        self.link(name)
-            .await?
-            .ok_or_else(|| DataplaneError::Netlink {
-                what: format!("add veth {name}"),
-                detail: "created but not found".into(),
-            })
+        self.add_link(message, name, "veth").await
     }
 
     /// Creates an external (collect_md) VXLAN device on UDP `port`, or returns the existing one:
@@ -179,16 +168,27 @@ impl Netlink {
             .collect_metadata(true)
             .port(port)
             .build();
+        self.add_link(message, name, "vxlan").await
+    }
+
+    /// Creates the link `message` describes and reads it back by `name`.
+    async fn add_link(
+        &self,
+        message: LinkMessage,
+        name: &str,
+        kind: &str,
+    ) -> Result<Link, DataplaneError> {
+        let what = format!("add {kind} {name}");
         self.handle
             .link()
             .add(message)
             .execute()
             .await
-            .map_err(nl_error(format!("add vxlan {name}")))?;
+            .map_err(nl_error(what.clone()))?;
         self.link(name)
             .await?
             .ok_or_else(|| DataplaneError::Netlink {
-                what: format!("add vxlan {name}"),
+                what,
                 detail: "created but not found".into(),
             })
     }

@@ -54,11 +54,7 @@ fn run(stdin: &[u8]) -> (String, Result<Option<Value>, CniError>) {
         Command::Check => plugin::check(&env, &conf).map(|()| None),
         Command::Status => plugin::status(&conf).map(|()| None),
         Command::Gc => plugin::gc(&env, &conf).map(|_| None),
-        Command::Version => unreachable_version(),
+        Command::Version => Ok(Some(spec::version_info())),
     };
     (version, outcome)
-}
-
-fn unreachable_version() -> Result<Option<Value>, CniError> {
-    Ok(Some(spec::version_info()))
 }
