@@ -9,7 +9,7 @@ use anyhow::{Context as _, ensure};
 use slipway_dataplane::abi::{CounterKey, CounterValue, EndpointInfo, Reason};
 use slipway_dataplane::netns;
 use slipway_dataplane::pod::PodDatapath;
-use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
+use slipway_dataplane::testing::traffic::{iperf3_tcp, ping, wait_reachable};
 use slipway_dataplane::testing::{Netns, Pod, World};
 
 use crate::report::{Metric, Record, Samples};
@@ -64,6 +64,11 @@ pub fn run(options: Options) -> anyhow::Result<Outcome> {
         .hosts(2)
         .build()
         .context("building the world")?;
+    wait_reachable(
+        &world.host(1).netns,
+        world.host(2).underlay_ip,
+        Duration::from_secs(5),
+    )?;
     let underlay = ping(
         &world.host(1).netns,
         world.host(2).underlay_ip,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use slipway_dataplane::netns;
 use slipway_dataplane::pod::PodDatapath;
 use slipway_dataplane::testing::World;
-use slipway_dataplane::testing::traffic::ping;
+use slipway_dataplane::testing::traffic::{ping, wait_reachable};
 
 /// Links, addresses and routes of the root namespace, as `ip` prints them.
 fn root_namespace_state() -> String {
@@ -50,6 +50,12 @@ fn hosts_reach_each_other_over_the_underlay_only() {
     let world = World::builder().hosts(3).build().expect("world");
     assert_eq!(world.hosts().len(), 3);
     for (from, to) in [(1, 2), (2, 3), (3, 1)] {
+        wait_reachable(
+            &world.host(from).netns,
+            world.host(to).underlay_ip,
+            Duration::from_secs(5),
+        )
+        .expect("the underlay comes up");
         let report = ping(
             &world.host(from).netns,
             world.host(to).underlay_ip,

@@ -69,6 +69,23 @@ fn parse_ping(text: &str) -> Option<PingReport> {
     })
 }
 
+/// Waits until one echo request from `from` to `to` is answered (links can take a moment to come
+/// up on a loaded machine); fails after `timeout`.
+pub fn wait_reachable(from: &Netns, to: Ipv4Addr, timeout: Duration) -> Result<(), DataplaneError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if ping(from, to, 1, Duration::from_millis(200))?.received == 1 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(DataplaneError::Command {
+                command: format!("ping {to} from {}", from.name()),
+                detail: format!("no reply within {timeout:?}"),
+            });
+        }
+    }
+}
+
 /// What an iperf3 TCP test measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IperfReport {
