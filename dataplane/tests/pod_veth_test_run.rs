@@ -41,61 +41,64 @@ fn eth(ethertype: EthernetProtocol, payload_len: usize) -> (EthernetRepr, Vec<u8
     (repr, buf)
 }
 
-fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+/// An Ethernet + IPv4 frame from `src` to `dst` whose L4 part (`l4_len` bytes) `emit_l4` writes
+/// into the IPv4 payload.
+fn ipv4_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: IpProtocol,
+    l4_len: usize,
+    emit_l4: impl FnOnce(&mut [u8], &ChecksumCapabilities),
+) -> Vec<u8> {
     let caps = ChecksumCapabilities::default();
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: protocol,
+        payload_len: l4_len,
+        hop_limit: 64,
+    };
+    let (eth_repr, mut buf) = eth(EthernetProtocol::Ipv4, ip.buffer_len() + ip.payload_len);
+    let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
+    eth_repr.emit(&mut frame);
+    let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
+    ip.emit(&mut packet, &caps);
+    emit_l4(packet.payload_mut(), &caps);
+    buf
+}
+
+fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let udp = UdpRepr {
         src_port: 40000,
         dst_port: 5201,
     };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Udp,
-        payload_len: udp.header_len() + payload.len(),
-        hop_limit: 64,
-    };
-    let (eth_repr, mut buf) = eth(EthernetProtocol::Ipv4, ip.buffer_len() + ip.payload_len);
-    let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
-    eth_repr.emit(&mut frame);
-    let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
-    ip.emit(&mut packet, &caps);
-    let mut datagram = UdpPacket::new_unchecked(packet.payload_mut());
-    udp.emit(
-        &mut datagram,
-        &src.into(),
-        &dst.into(),
-        payload.len(),
-        |b| b.copy_from_slice(payload),
-        &caps,
-    );
-    buf
+    ipv4_frame(
+        src,
+        dst,
+        IpProtocol::Udp,
+        udp.header_len() + payload.len(),
+        |l4, caps| {
+            udp.emit(
+                &mut UdpPacket::new_unchecked(l4),
+                &src.into(),
+                &dst.into(),
+                payload.len(),
+                |b| b.copy_from_slice(payload),
+                caps,
+            );
+        },
+    )
 }
 
 fn icmp_echo_frame(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    let caps = ChecksumCapabilities::default();
-    let data = b"slipway";
     let icmp = Icmpv4Repr::EchoRequest {
         ident: 7,
         seq_no: 1,
-        data,
+        data: b"slipway",
     };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Icmp,
-        payload_len: icmp.buffer_len(),
-        hop_limit: 64,
-    };
-    let (eth_repr, mut buf) = eth(EthernetProtocol::Ipv4, ip.buffer_len() + ip.payload_len);
-    let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
-    eth_repr.emit(&mut frame);
-    let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
-    ip.emit(&mut packet, &caps);
-    icmp.emit(
-        &mut Icmpv4Packet::new_unchecked(packet.payload_mut()),
-        &caps,
-    );
-    buf
+    ipv4_frame(src, dst, IpProtocol::Icmp, icmp.buffer_len(), |l4, caps| {
+        icmp.emit(&mut Icmpv4Packet::new_unchecked(l4), caps);
+    })
 }
 
 /// Runs the program `repeat` times on `frame`; returns the verdict and the frame it left.
