@@ -26,7 +26,7 @@ use crate::report::{Metric, Record, Samples};
 
 pub const SUITE: &str = "cni";
 const RAW_VETH: &str = "raw-veth";
-const BRIDGE_PLUGIN: &str = "bridge-plugin";
+pub(crate) const BRIDGE_PLUGIN: &str = "bridge-plugin";
 /// Cross-host raw baseline: host to host over the underlay (each host's `eth0` is a veth into
 /// the underlay bridge), the path every cross-host pod packet rides on.
 const HOST_UNDERLAY: &str = "host-underlay";
@@ -76,27 +76,22 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Record>> {
     ensure!(options.pods > 0, "pods: must be at least 1");
     let step = |n: u32, what: &str| eprintln!("[{n}/{STEPS}] {what}");
     let binaries = Binaries::beside_current_exe()?;
-    let bridge = Path::new(REFERENCE_PLUGINS).join("bridge");
-    ensure!(
-        bridge.exists() && Path::new(REFERENCE_PLUGINS).join("host-local").exists(),
-        "{REFERENCE_PLUGINS}/bridge and host-local are missing: install Debian's \
-         containernetworking-plugins (scripts/bootstrap.sh)"
-    );
+    check_reference_plugins()?;
 
     step(
         1,
         "building an 8-host world (network namespaces, underlay bridge)",
     );
-    let bench = Bench::new(binaries)?;
-    let nf = bench.bridge_nf_call_iptables()?;
+    let bench = Bench::new(binaries, 8)?;
+    let nf = bench.bridge_nf_call_iptables(BRIDGE_HOSTS[0])?;
     eprintln!("      {nf}");
 
     step(
         2,
         "starting agents: VXLAN on hosts 1-2, native routing on 3-4",
     );
-    let vxlan = bench.cluster("vxlan", "10.244", VXLAN_HOSTS)?;
-    let native = bench.cluster("native", "10.245", NATIVE_HOSTS)?;
+    let vxlan = bench.cluster("vxlan", "10.244", &VXLAN_HOSTS)?;
+    let native = bench.cluster("native", "10.245", &NATIVE_HOSTS)?;
 
     step(
         3,
@@ -157,7 +152,9 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Record>> {
         .received_bps
             / 1e9)
     };
-    let rtt = |pair: &Pair<'_>| sockperf_rtt_p50_us(pair, options.sockperf_duration);
+    let rtt = |pair: &Pair<'_>| {
+        sockperf_ping_pong(pair, options.sockperf_duration).map(|run| run.rtt_p50_us)
+    };
 
     step(
         4,
@@ -235,16 +232,27 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Record>> {
     Ok(records)
 }
 
+/// Fails unless Debian's `bridge` and `host-local` plugins are installed.
+pub(crate) fn check_reference_plugins() -> anyhow::Result<()> {
+    ensure!(
+        Path::new(REFERENCE_PLUGINS).join("bridge").exists()
+            && Path::new(REFERENCE_PLUGINS).join("host-local").exists(),
+        "{REFERENCE_PLUGINS}/bridge and host-local are missing: install Debian's \
+         containernetworking-plugins (scripts/bootstrap.sh)"
+    );
+    Ok(())
+}
+
 /// The `slipway` (agent) and `slipway-cni` (plugin) binaries.
 #[derive(Debug)]
-struct Binaries {
+pub(crate) struct Binaries {
     slipway: PathBuf,
     plugin: PathBuf,
 }
 
 impl Binaries {
     /// Both binaries from the directory of the running executable (the target dir).
-    fn beside_current_exe() -> anyhow::Result<Self> {
+    pub(crate) fn beside_current_exe() -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the running executable")?;
         let dir = exe
             .parent()
@@ -267,7 +275,7 @@ impl Binaries {
 
 /// The world and everything the suite started in it; torn down on drop.
 #[derive(Debug)]
-struct Bench {
+pub(crate) struct Bench {
     binaries: Binaries,
     /// Temp dir: the plugin symlink, agent data dirs, sockets and logs, host-local state.
     dir: PathBuf,
@@ -277,7 +285,7 @@ struct Bench {
     cgroups: Mutex<Vec<Cgroup>>,
     /// Sandbox namespaces (named `<world>-<label>`, so the world's leak check sees them).
     sandboxes: Mutex<Vec<Netns>>,
-    world: World,
+    pub(crate) world: World,
 }
 
 impl Drop for Bench {
@@ -309,27 +317,30 @@ impl Drop for Bench {
 
 /// Slipway agents on a set of hosts, sharing a pod CIDR.
 #[derive(Debug)]
-struct Cluster {
-    hosts: Vec<ClusterHost>,
+pub(crate) struct Cluster {
+    pub(crate) hosts: Vec<ClusterHost>,
 }
 
 #[derive(Debug)]
-struct ClusterHost {
+pub(crate) struct ClusterHost {
     netns: Netns,
     conf: Value,
+    /// The agent's API socket.
+    pub(crate) socket: PathBuf,
 }
 
 /// A pod made by a plugin's ADD.
 #[derive(Debug)]
-struct PodRef {
-    netns: Netns,
-    ip: Ipv4Addr,
+pub(crate) struct PodRef {
+    pub(crate) netns: Netns,
+    pub(crate) ip: Ipv4Addr,
 }
 
 impl Bench {
-    fn new(binaries: Binaries) -> anyhow::Result<Self> {
+    /// A world of `hosts` hosts, with no agents and no pods yet.
+    pub(crate) fn new(binaries: Binaries, hosts: usize) -> anyhow::Result<Self> {
         let world = World::builder()
-            .hosts(8)
+            .hosts(hosts)
             .build()
             .context("building the world")?;
         let dir = std::env::temp_dir().join(world.name());
@@ -353,9 +364,9 @@ impl Bench {
 
     /// bridge-nf-call-iptables in a bridge host's namespace (where the bridge plugin's traffic
     /// is bridged; the sysctl is per namespace) and in the root namespace.
-    fn bridge_nf_call_iptables(&self) -> anyhow::Result<String> {
+    pub(crate) fn bridge_nf_call_iptables(&self, host: usize) -> anyhow::Result<String> {
         const KEY: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
-        let host = self.world.host(BRIDGE_HOSTS[0]).netns.exec(&["cat", KEY])?;
+        let host = self.world.host(host).netns.exec(&["cat", KEY])?;
         let host = if host.status.success() {
             String::from_utf8_lossy(&host.stdout).trim().to_owned()
         } else {
@@ -377,11 +388,16 @@ impl Bench {
 
     /// Starts an agent on each of `hosts` (pod CIDR `<prefix>.0.0/16`, host `i` owning
     /// `<prefix>.<i>.0/24`) and tells each agent about all of them.
-    fn cluster(&self, routing: &str, prefix: &str, hosts: [usize; 2]) -> anyhow::Result<Cluster> {
+    pub(crate) fn cluster(
+        &self,
+        routing: &str,
+        prefix: &str,
+        hosts: &[usize],
+    ) -> anyhow::Result<Cluster> {
         let pod_cidr = format!("{prefix}.0.0/16");
         let mut members = Vec::new();
         let mut table = Vec::new();
-        for index in hosts {
+        for &index in hosts {
             let host = self.world.host(index);
             let block = format!("{prefix}.{index}.0/24");
             let data_dir = self.dir.join(format!("h{index}"));
@@ -425,12 +441,12 @@ impl Bench {
                     "podCIDR": pod_cidr,
                     "dataDir": data_dir,
                 }),
+                socket,
             });
         }
-        for index in hosts {
-            let socket = self.dir.join(format!("h{index}.sock"));
+        for (index, member) in hosts.iter().zip(&members) {
             let (code, body) = slipway_cni::agent::request(
-                &socket,
+                &member.socket,
                 "PUT",
                 "/v1/hosts",
                 Some(&Value::Array(table.clone())),
@@ -494,7 +510,7 @@ impl Bench {
     }
 
     /// An empty sandbox namespace `<world>-<label>`, deleted with the bench.
-    fn sandbox(&self, label: &str) -> anyhow::Result<Netns> {
+    pub(crate) fn sandbox(&self, label: &str) -> anyhow::Result<Netns> {
         let ns = Netns::named(format!("{}-{label}", self.world.name()));
         let output = Command::new("ip")
             .args(["netns", "add", ns.name()])
@@ -514,7 +530,12 @@ impl Bench {
         Ok(ns)
     }
 
-    fn slipway_pod(&self, cluster: &Cluster, host: usize, label: &str) -> anyhow::Result<PodRef> {
+    pub(crate) fn slipway_pod(
+        &self,
+        cluster: &Cluster,
+        host: usize,
+        label: &str,
+    ) -> anyhow::Result<PodRef> {
         let member = &cluster.hosts[host];
         let netns = self.sandbox(label)?;
         let (_, result) = self.slipway_exec(member, "ADD", label, &netns)?;
@@ -524,7 +545,7 @@ impl Bench {
         })
     }
 
-    fn bridge_pod(&self, host: usize, label: &str) -> anyhow::Result<PodRef> {
+    pub(crate) fn bridge_pod(&self, host: usize, label: &str) -> anyhow::Result<PodRef> {
         let netns = self.sandbox(label)?;
         let (_, result) = self.bridge_exec(host, "ADD", label, &netns)?;
         Ok(PodRef {
@@ -653,7 +674,7 @@ impl Bench {
     }
 
     /// Fails if the bridge plugin's bridge or iptables rules appeared in the root namespace.
-    fn check_root_namespace_untouched(&self) -> anyhow::Result<()> {
+    pub(crate) fn check_root_namespace_untouched(&self) -> anyhow::Result<()> {
         let link = Command::new("ip")
             .args(["-o", "link", "show", "dev", BRIDGE_DEVICE])
             .output()
@@ -756,15 +777,20 @@ fn bridge_subnet(host: usize) -> String {
 }
 
 /// One measured path: a client namespace, a server namespace and the server's address.
-struct Pair<'a> {
-    label: &'static str,
-    client: &'a Netns,
-    server: &'a Netns,
-    server_ip: Ipv4Addr,
+pub(crate) struct Pair<'a> {
+    pub(crate) label: &'static str,
+    pub(crate) client: &'a Netns,
+    pub(crate) server: &'a Netns,
+    pub(crate) server_ip: Ipv4Addr,
 }
 
 impl<'a> Pair<'a> {
-    fn new(label: &'static str, client: &'a Netns, server: &'a Netns, server_ip: Ipv4Addr) -> Self {
+    pub(crate) fn new(
+        label: &'static str,
+        client: &'a Netns,
+        server: &'a Netns,
+        server_ip: Ipv4Addr,
+    ) -> Self {
         Self {
             label,
             client,
@@ -782,7 +808,7 @@ impl<'a> Pair<'a> {
             .with_context(|| format!("{}: eth0 has no MTU: {text}", self.label))
     }
 
-    fn check_reachable(&self) -> anyhow::Result<()> {
+    pub(crate) fn check_reachable(&self) -> anyhow::Result<()> {
         let report = ping(self.client, self.server_ip, 3, Duration::from_millis(20))?;
         ensure!(
             report.received == report.transmitted,
@@ -870,7 +896,11 @@ fn compare_cross(
 
 /// A record of the `p`th percentile (nearest rank) of each side; runs and spread describe all
 /// the samples.
-fn percentile_record(samples: &Samples, p: f64, metric: Metric<'_>) -> anyhow::Result<Record> {
+pub(crate) fn percentile_record(
+    samples: &Samples,
+    p: f64,
+    metric: Metric<'_>,
+) -> anyhow::Result<Record> {
     let of = |values: &[f64]| percentile(values, p).context("no samples");
     let mut record = Samples {
         slipway: vec![of(&samples.slipway)?],
@@ -884,7 +914,7 @@ fn percentile_record(samples: &Samples, p: f64, metric: Metric<'_>) -> anyhow::R
 }
 
 /// The `p`th percentile of `values` by nearest rank.
-fn percentile(values: &[f64], p: f64) -> Option<f64> {
+pub(crate) fn percentile(values: &[f64], p: f64) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -894,9 +924,17 @@ fn percentile(values: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// Round-trip p50 in µs of one sockperf TCP ping-pong run from the pair's client to a sockperf
-/// server started for it.
-fn sockperf_rtt_p50_us(pair: &Pair<'_>, duration: Duration) -> anyhow::Result<f64> {
+/// What one sockperf TCP ping-pong run measured (one message in flight, sockperf's default
+/// 14-byte messages, as fast as the replies come).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PingPong {
+    pub(crate) rtt_p50_us: f64,
+    /// Request/response round trips per second over the run after warm-up.
+    pub(crate) round_trips_per_s: f64,
+}
+
+/// One sockperf TCP ping-pong run from the pair's client to a sockperf server started for it.
+pub(crate) fn sockperf_ping_pong(pair: &Pair<'_>, duration: Duration) -> anyhow::Result<PingPong> {
     let ip = pair.server_ip.to_string();
     let port = SOCKPERF_PORT.to_string();
     let server = pair
@@ -922,8 +960,30 @@ fn sockperf_rtt_p50_us(pair: &Pair<'_>, duration: Duration) -> anyhow::Result<f6
         "--full-rtt",
     ])?;
     drop(server);
-    parse_sockperf_p50(&text)
-        .with_context(|| format!("sockperf printed no 50th percentile:\n{text}"))
+    Ok(PingPong {
+        rtt_p50_us: parse_sockperf_p50(&text)
+            .with_context(|| format!("sockperf printed no 50th percentile:\n{text}"))?,
+        round_trips_per_s: parse_sockperf_rate(&text)
+            .with_context(|| format!("sockperf printed no valid-duration counts:\n{text}"))?,
+    })
+}
+
+/// ReceivedMessages / RunTime of sockperf's `[Valid Duration]` line (the run after warm-up).
+fn parse_sockperf_rate(text: &str) -> Option<f64> {
+    let line = text
+        .lines()
+        .find_map(|line| line.split_once("[Valid Duration]"))?
+        .1;
+    let field = |name: &str| -> Option<f64> {
+        line.split(';')
+            .find_map(|part| part.trim().strip_prefix(name))?
+            .trim_end_matches(" sec")
+            .trim()
+            .parse()
+            .ok()
+    };
+    let seconds = field("RunTime=")?;
+    (seconds > 0.0).then(|| field("ReceivedMessages=").map(|n| n / seconds))?
 }
 
 /// The value of `---> percentile 50.000 = <usec>` in sockperf's output.
@@ -966,6 +1026,16 @@ mod tests {
                     sockperf: ---> <MIN> observation =    4.685\n";
         assert_eq!(parse_sockperf_p50(text), Some(4.989));
         assert_eq!(parse_sockperf_p50("sockperf: Test ended\n"), None);
+    }
+
+    #[test]
+    fn parses_the_sockperf_round_trip_rate() {
+        let text = "sockperf: [Total Run] RunTime=1.001 sec; Warm up time=400 msec; \
+                    SentMessages=24112; ReceivedMessages=24111\n\
+                    sockperf: [Valid Duration] RunTime=0.500 sec; SentMessages=6954; \
+                    ReceivedMessages=6875\n";
+        assert_eq!(parse_sockperf_rate(text), Some(13_750.0));
+        assert_eq!(parse_sockperf_rate("sockperf: Test ended\n"), None);
     }
 
     #[test]

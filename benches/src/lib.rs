@@ -5,4 +5,5 @@ pub mod cni;
 pub mod demo;
 pub mod lb;
 pub mod nbd;
+pub mod policy;
 pub mod report;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
-use slipway_bench::{cni, demo, lb, nbd, report};
+use slipway_bench::{cni, demo, lb, nbd, policy, report};
 
 /// `slipway bench <suite>`.
 #[derive(Debug, clap::Subcommand)]
@@ -17,6 +17,8 @@ pub enum BenchCommand {
     Nbd(RunArgs),
     /// The L4 load balancer against HAProxy (TCP mode) and direct connections.
     Lb(RunArgs),
+    /// NetworkPolicy: 0/1,000/10,000 rules and apply->enforced latency, against iptables.
+    Policy(RunArgs),
     /// The supervisor API on redb and etcd, beside `etcdctl check perf`.
     Api(slipway_supervisor::bench::BenchApiArgs),
 }
@@ -28,6 +30,7 @@ pub fn dispatch(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Cni(args) => run(Suite::Cni, args),
         BenchCommand::Nbd(args) => run(Suite::Nbd, args),
         BenchCommand::Lb(args) => run(Suite::Lb, args),
+        BenchCommand::Policy(args) => run(Suite::Policy, args),
         BenchCommand::Api(args) => args.run(),
     }
 }
@@ -43,6 +46,8 @@ pub enum Suite {
     Nbd,
     /// The L4 load balancer against HAProxy and direct connections.
     Lb,
+    /// NetworkPolicy in the datapath against the same rules in iptables.
+    Policy,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +128,16 @@ pub fn run(suite: Suite, args: RunArgs) -> anyhow::Result<()> {
             };
             let records = lb::run(&options)?;
             print_and_write(&args, lb::SUITE, &records)?;
+        }
+        Suite::Policy => {
+            let options = policy::Options {
+                runs: args.runs as usize,
+                iperf_duration: Duration::from_secs(args.seconds),
+                sockperf_duration: Duration::from_secs(args.seconds),
+                ..policy::Options::default()
+            };
+            let records = policy::run(options)?;
+            print_and_write(&args, policy::SUITE, &records)?;
         }
     }
     Ok(())
