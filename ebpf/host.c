@@ -3,7 +3,7 @@
  * TC program for a host's devices that bring pod traffic in from other hosts (attached with
  * TCX at ingress): the underlay device (native routing) and the external VXLAN device (which
  * hands the program the decapsulated frame). A packet for a local pod goes straight into its
- * namespace; everything else goes to the host stack.
+ * namespace, if its ingress policy allows; everything else goes to the host stack.
  */
 #include "node.h"
 #include "services.h"
@@ -85,6 +85,8 @@ static __always_inline int nodeport_request(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	struct endpoint_key key = { .ip4 = backend_ip4 };
 	struct endpoint_info *ep = bpf_map_lookup_elem(&endpoints, &key);
+	if (ep && !policy_allows(skb, p.ip4, 0, 1))
+		return drop_policy(skb);
 	if (ep)
 		return deliver_local(skb, p.eth, ep);
 	struct route_info *route = lookup_route(backend_ip4);
@@ -114,6 +116,8 @@ int from_netdev(struct __sk_buff *skb)
 
 	struct endpoint_key key = { .ip4 = p.ip4->daddr };
 	struct endpoint_info *ep = bpf_map_lookup_elem(&endpoints, &key);
+	if (ep && !policy_allows(skb, p.ip4, 0, 1))
+		return drop_policy(skb);
 	if (ep)
 		return deliver_local(skb, p.eth, ep);
 

@@ -3,7 +3,8 @@
  * TC program for the host side of a pod's veth (attached with TCX at ingress, i.e. on packets
  * the pod sends). A packet for another local pod is handed straight into that pod's network
  * namespace with bpf_redirect_peer(); a packet for a pod on another host goes there in VXLAN
- * or natively, as the `routes` map says; everything else goes to the host stack.
+ * or natively, as the `routes` map says; everything else goes to the host stack. NetworkPolicy
+ * is enforced first: this pod's egress, and the destination's ingress when it is local.
  */
 #include "node.h"
 
@@ -24,6 +25,8 @@ int from_pod(struct __sk_buff *skb)
 
 	struct endpoint_key key = { .ip4 = p.ip4->daddr };
 	struct endpoint_info *ep = bpf_map_lookup_elem(&endpoints, &key);
+	if (!policy_allows(skb, p.ip4, 1, ep != NULL))
+		return drop_policy(skb);
 	if (ep)
 		return deliver_local(skb, p.eth, ep);
 

@@ -19,6 +19,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
+use slipway_dataplane::abi::policy::MAX_RULES;
 use slipway_dataplane::abi::{NodeConfig, Reason, RouteInfo, RouteMode};
 use slipway_dataplane::link::Netlink;
 use slipway_dataplane::node::{self, NodeMaps, Pins};
@@ -27,6 +28,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::plugin::{NodeState, VXLAN_OVERHEAD};
+use crate::policy::node::{Desired, FlowFilter, PolicyNode};
 use crate::spec::Routing;
 
 /// The VXLAN device the agent creates.
@@ -71,6 +73,11 @@ pub struct AgentArgs {
     /// translation; created if missing. Never the cgroup v2 root.
     #[arg(long, default_value = "/sys/fs/cgroup/unified/slipway")]
     pub cgroup: PathBuf,
+    /// Policy rule map entries this node may use (the map holds two generations of this). An
+    /// endpoint whose rules do not fit fails closed.
+    #[arg(long = "policy-entries", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_RULES / 2)))]
+    pub policy_entries: u32,
 }
 
 /// The NodePort range, as Kubernetes defaults it.
@@ -288,6 +295,7 @@ struct Agent {
     node_ip: Ipv4Addr,
     hosts: Mutex<Vec<Host>>,
     services: Mutex<(Vec<Service>, ServiceDatapath)>,
+    policy: Arc<PolicyNode>,
 }
 
 /// Desired state the agent was given, kept beside the node state so a restart knows it.
@@ -398,12 +406,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
+    let policy = PolicyNode::start(
+        &pins,
+        args.host_block,
+        args.policy_entries as usize,
+        desired_path(&args.data_dir, "policy"),
+    )
+    .await?;
     let agent = Arc::new(Agent {
         args: args.clone(),
         pins,
         node_ip,
         hosts: Mutex::new(restored),
         services: Mutex::new((services, service_dp)),
+        policy: policy.clone(),
     });
 
     if let Some(parent) = args.socket.parent() {
@@ -415,10 +431,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let api = Router::new()
         .route("/v1/hosts", get(get_hosts).put(put_hosts))
         .route("/v1/services", get(get_services).put(put_services))
+        .route("/v1/namespaces", get(get_namespaces).put(put_namespaces))
+        .route("/v1/pods", get(get_pods).put(put_pods))
+        .route("/v1/networkpolicies", get(get_policies).put(put_policies))
+        .route("/v1/policy/explain", get(explain))
+        .route("/v1/flows", get(flows))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(agent.clone());
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(policy.pump_events());
     tasks.spawn(async move {
         axum::serve(listener, api)
             .await
@@ -517,6 +539,153 @@ async fn put_services(
     )
 }
 
+type Reply = (StatusCode, Json<serde_json::Value>);
+
+fn errors(status: u16, errors: Vec<String>) -> Reply {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(serde_json::json!({ "errors": errors })),
+    )
+}
+
+/// Replaces one list of the policy state; answers after the datapath enforces the result.
+async fn put_policy_state<T: serde::de::DeserializeOwned>(
+    agent: &Agent,
+    body: &[u8],
+    set: impl FnOnce(&mut Desired, Vec<T>),
+) -> Reply {
+    let list: Vec<T> = match serde_json::from_slice(body) {
+        Ok(list) => list,
+        Err(e) => return errors(400, vec![format!("body: {e}")]),
+    };
+    match agent.policy.replace(|d| set(d, list)).await {
+        Ok(generation) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "generation": generation })),
+        ),
+        Err(e) => {
+            if e.status >= 500 {
+                warn!(errors = ?e.errors, "installing policy state failed");
+            }
+            errors(e.status, e.errors)
+        }
+    }
+}
+
+async fn get_namespaces(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!(agent.policy.desired().await.namespaces))
+}
+
+async fn put_namespaces(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Reply {
+    put_policy_state(&agent, &body, |d, list| d.namespaces = list).await
+}
+
+async fn get_pods(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!(agent.policy.desired().await.pods))
+}
+
+async fn put_pods(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Reply {
+    put_policy_state(&agent, &body, |d, list| d.pods = list).await
+}
+
+async fn get_policies(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!(agent.policy.desired().await.policies))
+}
+
+async fn put_policies(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Reply {
+    put_policy_state(&agent, &body, |d, list| d.policies = list).await
+}
+
+#[derive(Debug, Deserialize)]
+struct ExplainQuery {
+    src: String,
+    dst: String,
+    port: u16,
+    #[serde(default = "tcp")]
+    protocol: String,
+}
+
+async fn explain(
+    State(agent): State<Arc<Agent>>,
+    query: Result<axum::extract::Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let query = match query {
+        Ok(q) => q.0,
+        Err(e) => {
+            return errors(
+                400,
+                vec![format!("query: {e} (want src, dst, port, protocol)")],
+            );
+        }
+    };
+    match agent.policy.explain(
+        &query.src,
+        &query.dst,
+        query.port,
+        &query.protocol.to_uppercase(),
+    ) {
+        Ok(json) => (StatusCode::OK, Json(json)),
+        Err(e) => errors(e.status, e.errors),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct FlowQuery {
+    #[serde(flatten)]
+    filter: FlowFilter,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Verdict events as JSON lines: the recent ones, then (with `follow`) the ones to come.
+async fn flows(
+    State(agent): State<Arc<Agent>>,
+    query: Result<axum::extract::Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let query = match query {
+        Ok(q) => q.0,
+        Err(e) => return errors(400, vec![format!("query: {e}")]).into_response(),
+    };
+    let (recent, receiver) = agent.policy.flows(&query.filter);
+    let line = |flow: &crate::policy::node::Flow| {
+        let mut line = serde_json::to_string(flow).unwrap_or_default();
+        line.push('\n');
+        line
+    };
+    let head: String = recent.iter().map(|f| line(f)).collect();
+    let head = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) });
+    let body = if query.follow {
+        let filter = query.filter;
+        let live = futures_util::stream::unfold(receiver, move |mut rx| {
+            let filter = filter.clone();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(flow) if filter.matches(&flow) => {
+                            return Some((Ok(line(&flow)), rx));
+                        }
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            warn!(missed = n, "a flows follower lagged");
+                            continue;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        axum::body::Body::from_stream(futures_util::StreamExt::chain(head, live))
+    } else {
+        axum::body::Body::from_stream(head)
+    };
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
+}
+
 async fn get_hosts(State(agent): State<Arc<Agent>>) -> Json<Vec<Host>> {
     Json(agent.hosts.lock().await.clone())
 }
@@ -608,6 +777,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> (StatusCode, Json<serde_json
             "endpoints": endpoints,
             "routes": routes,
             "hosts": agent.hosts.lock().await.len(),
+            "policy": agent.policy.status(),
         })),
     )
 }
@@ -615,7 +785,11 @@ async fn status(State(agent): State<Arc<Agent>>) -> (StatusCode, Json<serde_json
 /// Prometheus text: the datapath's per-CPU counters summed, by device, direction and reason.
 async fn metrics(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
     match render_metrics(&agent.pins) {
-        Ok(text) => (StatusCode::OK, text),
+        // Both registries end with "# EOF": keep only the last.
+        Ok(text) => (
+            StatusCode::OK,
+            text.trim_end().trim_end_matches("# EOF").to_owned() + &agent.policy.render_metrics(),
+        ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("# datapath unavailable: {e}\n"),
@@ -736,7 +910,7 @@ pub fn request(
     Some((code, body.to_owned()))
 }
 
-fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }

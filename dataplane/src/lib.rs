@@ -10,6 +10,7 @@ pub mod netns;
 pub mod node;
 pub mod objects;
 pub mod pod;
+pub mod policy;
 pub mod services;
 pub mod testing;
 

@@ -6,7 +6,8 @@
 //!
 //! | pin | what |
 //! | --- | --- |
-//! | `endpoints`, `routes`, `node_config`, `counters` | the shared maps |
+//! | `endpoints`, `routes`, `node_config`, `counters`, `nat_*` | the shared maps |
+//! | `policy_*` | NetworkPolicy state, connection tracking and events ([`crate::policy`]) |
 //! | `prog_from_pod`, `prog_from_netdev` | the programs, for the plugin to attach |
 //! | `links/<ifname>` | the TCX link of each attached device: it outlives the process that made it |
 
@@ -30,13 +31,19 @@ use crate::objects;
 /// Where a node pins its datapath unless told otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/slipway";
 
-const MAPS: [&str; 6] = [
+const MAPS: [&str; 12] = [
     "endpoints",
     "routes",
     "node_config",
     "counters",
     "nat_flows",
     "nat_reverse",
+    crate::policy::STATE_MAP,
+    crate::policy::IPCACHE_MAP,
+    crate::policy::ENDPOINTS_MAP,
+    crate::policy::RULES_MAP,
+    crate::policy::CT_MAP,
+    crate::policy::EVENTS_MAP,
 ];
 /// The service maps the host program shares with the socket programs (`services`), pinned in
 /// their directory.

@@ -59,6 +59,8 @@ enum slipway_reason {
 	SLIPWAY_REASON_NODEPORT_REPLY = 9,
 	/* A NodePort request that could not be translated (no backend, rewrite failed): dropped. */
 	SLIPWAY_REASON_DROP_NODEPORT = 10,
+	/* Denied by NetworkPolicy (or an endpoint whose policy failed closed): dropped. */
+	SLIPWAY_REASON_DROP_POLICY = 11,
 };
 
 /* Key of the per-CPU `counters` map. */
@@ -382,5 +384,151 @@ enum svc_event {
 	SVC_EVENT_GETPEERNAME = 6,
 };
 #define SVC_EVENT_MAX 7
+
+/* ---- NetworkPolicy (ebpf/include/policy.h; mirrored in dataplane/src/abi/policy.rs) ------ */
+
+/*
+ * The agent compiles policies into numbers the datapath looks up in constant time, however many
+ * rules there are: every address gets an identity (`policy_ipcache`: pod addresses and ipBlock
+ * prefixes, longest prefix wins); every local endpoint has flags saying which directions are
+ * isolated (`policy_endpoints`); an isolated endpoint allows a peer if `policy_rules` holds a
+ * prefix of (endpoint, direction, peer identity or ANY, protocol, port). All three maps hold
+ * two slots: the agent fills the slot the datapath does not read, then flips
+ * `policy_state.generation` (slot = generation & 1), so no packet sees half a policy.
+ */
+
+/* Capacity of `policy_rules`: both slots together. */
+#define POLICY_MAX_RULES 262144
+/* Capacity of `policy_ipcache`: both slots together. */
+#define POLICY_MAX_IPCACHE 131072
+/* Capacity of `policy_endpoints`: both slots together. */
+#define POLICY_MAX_ENDPOINTS 131072
+/* Capacity of the `policy_ct` LRU: connections of local pods. */
+#define POLICY_MAX_CT 65536
+/* Size of the `policy_events` ring buffer in bytes (a power of two, a multiple of the page). */
+#define POLICY_EVENTS_BYTES (1 << 20)
+
+/* Identities: 0 matches any peer in `policy_rules`; 1 is an address nothing else names. */
+#define POLICY_IDENTITY_ANY 0
+#define POLICY_IDENTITY_WORLD 1
+
+/* Directions, as seen from the endpoint the policy selects. */
+enum policy_direction {
+	POLICY_INGRESS = 0,
+	POLICY_EGRESS = 1,
+};
+
+/* policy_endpoint.flags */
+/* Some policy selects the endpoint for ingress: what no rule allows is denied. */
+#define POLICY_F_INGRESS 0x1
+#define POLICY_F_EGRESS 0x2
+/* The endpoint's ingress (egress) rules did not fit the map: all new traffic is denied. */
+#define POLICY_F_INGRESS_FAIL_CLOSED 0x4
+#define POLICY_F_EGRESS_FAIL_CLOSED 0x8
+
+/* The single entry of the `policy_state` array. generation 0: no policy installed yet, the
+ * datapath neither tracks nor enforces. */
+struct policy_state {
+	__u32 generation;
+	__u32 pad;
+};
+
+/* The data of a `policy_ipcache` LPM key: the slot is matched in full (with the padding: 32
+ * bits of the prefix), then the address's first (prefixlen - 32) bits. */
+struct policy_ipcache_data {
+	__u8 slot;
+	__u8 pad[3];
+	__be32 ip4;
+};
+
+struct policy_ipcache_key {
+	__u32 prefixlen;
+	struct policy_ipcache_data data;
+};
+
+struct policy_identity {
+	__u32 id;
+};
+
+/* Key and value of `policy_endpoints` (hash): a local pod's flags in one slot. */
+struct policy_endpoint_key {
+	__be32 ip4;
+	__u32 slot;
+};
+
+struct policy_endpoint {
+	/* POLICY_F_* */
+	__u32 flags;
+};
+
+/* The data of a `policy_rules` LPM key. The fields up to `identity` are always matched in full
+ * (96 bits of the prefix); then a prefix of 96 allows any protocol and port, 104 any port of
+ * `proto`, and 112 + k the ports whose first k bits equal dport's (a port range is a handful
+ * of such prefixes). */
+struct policy_rule_data {
+	__u8 slot;
+	/* enum policy_direction */
+	__u8 direction;
+	__u8 pad[2];
+	/* The endpoint the rule belongs to: a local pod's address. */
+	__be32 ep_ip4;
+	/* The peer's identity, or POLICY_IDENTITY_ANY. */
+	__u32 identity;
+	/* IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP. */
+	__u8 proto;
+	__u8 pad2;
+	/* The destination port, network byte order so that a prefix is a port range. */
+	__be16 dport;
+};
+
+struct policy_rule_key {
+	__u32 prefixlen;
+	struct policy_rule_data data;
+};
+
+/* Prefix lengths of policy_rule_key. */
+#define POLICY_RULE_ANY_PROTO 96
+#define POLICY_RULE_ANY_PORT 104
+#define POLICY_RULE_PORT_BASE 112
+
+/* Value of `policy_rules`: which rule allows (the agent maps it to the policy and rule). */
+struct policy_rule {
+	__u32 rule_id;
+};
+
+/* Value of the `policy_ct` LRU, keyed by a connection's first packet's struct nat_tuple. */
+struct policy_ct {
+	/* The policy generation the connection was last decided under; a packet of a connection
+	 * decided under an older one is decided again. */
+	__u32 generation;
+	__u32 pad;
+};
+
+/* Why a policy event was raised. */
+enum policy_verdict {
+	/* A new connection, allowed by rule `rule_id` (0: the endpoint is not isolated in this
+	 * direction, but the other end is). */
+	POLICY_VERDICT_ALLOW = 1,
+	/* Denied: the endpoint is isolated and no rule allows. */
+	POLICY_VERDICT_DENY = 2,
+	/* Denied: the endpoint's rules overflowed the map; it fails closed. */
+	POLICY_VERDICT_DENY_FAIL_CLOSED = 3,
+};
+
+/* A record of the `policy_events` ring buffer. */
+struct policy_event {
+	__u64 time_ns;
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	/* enum policy_direction of the end that decided. */
+	__u8 direction;
+	__u8 verdict;
+	__u8 pad;
+	__u32 rule_id;
+	__u32 generation;
+};
 
 #endif /* SLIPWAY_ABI_H */

@@ -19,6 +19,7 @@
 
 #include "abi.h"
 #include "counters.h"
+#include "policy.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -87,6 +88,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct parsed *p)
 	}
 	p->ip4 = ip4;
 	return TC_ACT_OK;
+}
+
+/* Drops a packet NetworkPolicy denies. */
+static __always_inline int drop_policy(struct __sk_buff *skb)
+{
+	count(skb->ifindex, 0, SLIPWAY_REASON_DROP_POLICY, skb->len);
+	return TC_ACT_SHOT;
 }
 
 /* Hands the frame to local pod `ep`: it arrives on the pod's eth0, from its gateway. */

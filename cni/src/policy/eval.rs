@@ -72,6 +72,7 @@ pub fn evaluate(
                         namespaces,
                         &policy.metadata.namespace,
                         dst,
+                        dst,
                         port,
                         protocol,
                     )
@@ -94,6 +95,7 @@ pub fn evaluate(
                         namespaces,
                         &policy.metadata.namespace,
                         src,
+                        dst,
                         port,
                         protocol,
                     )
@@ -140,14 +142,14 @@ fn direction(
 }
 
 /// Whether `rule` (of a policy in `policy_ns`) allows `peer` on `port`/`protocol`. Named ports
-/// resolve against the destination pod, which is `peer` for egress and the subject for ingress;
-/// a named port names the same number on the peer in both cases here, as the destination's
-/// named ports are what the traffic reaches.
+/// resolve against `destination`, the pod the traffic reaches: the peer for egress, the
+/// selected pod for ingress.
 fn peer_and_port(
     rule: &impl Rule,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     policy_ns: &str,
     peer: &Endpoint,
+    destination: &Endpoint,
     port: u16,
     protocol: &str,
 ) -> bool {
@@ -160,7 +162,7 @@ fn peer_and_port(
         || rule
             .ports()
             .iter()
-            .any(|p| port_matches(p, port, protocol, peer));
+            .any(|p| port_matches(p, port, protocol, destination));
     peer_ok && port_ok
 }
 

@@ -9,6 +9,8 @@
 //! and the destination's ingress to allow it; `policyTypes` defaults to Ingress, plus Egress
 //! when the policy has egress rules.
 
+pub mod compile;
+pub mod node;
 pub mod eval;
 pub mod types;
 

@@ -4,6 +4,7 @@
 //! checks its size and field offsets against the BTF clang emitted for the compiled objects.
 
 pub mod lb;
+pub mod policy;
 pub mod services;
 
 use std::net::Ipv4Addr;
@@ -57,10 +58,11 @@ pub enum Reason {
     NodeportRequest = 8,
     NodeportReply = 9,
     DropNodeport = 10,
+    DropPolicy = 11,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::RedirectPeer,
         Reason::PassNotIpv4,
         Reason::PassNoEndpoint,
@@ -71,6 +73,7 @@ impl Reason {
         Reason::NodeportRequest,
         Reason::NodeportReply,
         Reason::DropNodeport,
+        Reason::DropPolicy,
     ];
 
     pub fn from_raw(raw: u32) -> Option<Self> {
@@ -90,6 +93,7 @@ impl Reason {
             Reason::NodeportRequest => "nodeport_request",
             Reason::NodeportReply => "nodeport_reply",
             Reason::DropNodeport => "drop_nodeport",
+            Reason::DropPolicy => "drop_policy",
         }
     }
 
@@ -97,7 +101,10 @@ impl Reason {
     pub fn is_drop(self) -> bool {
         matches!(
             self,
-            Reason::DropMalformed | Reason::DropNoRoute | Reason::DropNodeport
+            Reason::DropMalformed
+                | Reason::DropNoRoute
+                | Reason::DropNodeport
+                | Reason::DropPolicy
         )
     }
 }
