@@ -10,8 +10,8 @@
 //! when the policy has egress rules.
 
 pub mod compile;
-pub mod node;
 pub mod eval;
+pub mod node;
 pub mod types;
 
 pub use eval::{Decision, Endpoint, Reason, evaluate};

@@ -101,10 +101,7 @@ impl Reason {
     pub fn is_drop(self) -> bool {
         matches!(
             self,
-            Reason::DropMalformed
-                | Reason::DropNoRoute
-                | Reason::DropNodeport
-                | Reason::DropPolicy
+            Reason::DropMalformed | Reason::DropNoRoute | Reason::DropNodeport | Reason::DropPolicy
         )
     }
 }
