@@ -4,6 +4,8 @@
 
 #![allow(dead_code, reason = "each test binary uses part of the harness")]
 
+pub mod probe;
+
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
