@@ -34,6 +34,11 @@ enum Command {
     Lb(slipway_lb::cli::LbCommand),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
     Agent(slipway_cni::agent::AgentArgs),
+    /// Stream the node's NetworkPolicy verdicts (allowed connections, denied packets).
+    Flows(slipway_cni::policy::cli::FlowsArgs),
+    /// NetworkPolicy on this node: `explain` a verdict, `set` or `get` the agent's state.
+    #[command(subcommand)]
+    Policy(slipway_cni::policy::cli::PolicyCommand),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
     Supervisor(slipway_supervisor::cli::SupervisorArgs),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
@@ -70,6 +75,8 @@ fn main() -> anyhow::Result<()> {
         Command::Kubeconfig(args) => args.run(),
         Command::Volume(command) => command.run(),
         Command::Lb(command) => command.run(),
+        Command::Flows(args) => args.run(),
+        Command::Policy(command) => command.run(),
         Command::Blockstore(args) => args.run(),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

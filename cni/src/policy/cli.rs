@@ -1,0 +1,274 @@
+//! `slipway flows` and `slipway policy ...`: the agent's policy API from the command line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use super::node::Flow;
+
+const DEFAULT_SOCKET: &str = "/run/slipway/agent.sock";
+
+/// `slipway flows`: verdict events of the node's datapath, optionally followed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FlowsArgs {
+    /// The agent's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Only flows with an end in this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only flows with this pod at an end (name or namespace/name).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only `allow` or `deny`.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    pub verdict: Option<String>,
+    /// Only flows to this destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Keep streaming new events.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Print the events as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `slipway policy ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum PolicyCommand {
+    /// The verdict on a connection and the rules responsible, from the state the datapath
+    /// enforces. SRC and DST: namespace/pod or an IPv4 address; PORT/PROTO e.g. 80/TCP.
+    Explain {
+        src: String,
+        dst: String,
+        #[arg(value_name = "PORT/PROTO")]
+        port: String,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace one list of the agent's policy state with a file's (JSON or YAML list).
+    Set {
+        #[arg(value_parser = ["namespaces", "pods", "networkpolicies"])]
+        kind: String,
+        file: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Print one list of the agent's policy state as JSON.
+    Get {
+        #[arg(value_parser = ["namespaces", "pods", "networkpolicies"])]
+        kind: String,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let (code, text) = crate::agent::request(socket, method, path, body)
+        .with_context(|| format!("no agent answers on {}", socket.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("agent answered {code}: {text}"))?;
+    if !(200..300).contains(&code) {
+        let errors = value["errors"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter_map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            })
+            .unwrap_or_else(|| text.clone());
+        anyhow::bail!("agent answered {code}:\n  {errors}");
+    }
+    Ok(value)
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl PolicyCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            PolicyCommand::Explain {
+                src,
+                dst,
+                port,
+                socket,
+                json,
+            } => {
+                let (number, proto) = port
+                    .split_once('/')
+                    .map_or((port.as_str(), "TCP"), |(n, p)| (n, p));
+                let number: u16 = number.parse().with_context(|| {
+                    format!("PORT/PROTO: {port:?} does not start with a port number")
+                })?;
+                let path = format!(
+                    "/v1/policy/explain?src={}&dst={}&port={number}&protocol={}",
+                    encode(&src),
+                    encode(&dst),
+                    encode(&proto.to_uppercase())
+                );
+                let answer = call(&socket, "GET", &path, None)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&answer)?);
+                } else {
+                    print!("{}", render_explanation(&answer, &src, &dst, &port));
+                }
+                Ok(())
+            }
+            PolicyCommand::Set { kind, file, socket } => {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let list: serde_json::Value = serde_json::from_str(&text).or_else(|_| {
+                    serde_saphyr::from_str(&text)
+                        .with_context(|| format!("{}: neither JSON nor YAML", file.display()))
+                })?;
+                let answer = call(&socket, "PUT", &format!("/v1/{kind}"), Some(&list))?;
+                println!(
+                    "{kind} set; policy generation {} enforced",
+                    answer["generation"]
+                );
+                Ok(())
+            }
+            PolicyCommand::Get { kind, socket } => {
+                let answer = call(&socket, "GET", &format!("/v1/{kind}"), None)?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The human form of an explain answer.
+pub fn render_explanation(answer: &serde_json::Value, src: &str, dst: &str, port: &str) -> String {
+    let verdict = if answer["allowed"].as_bool() == Some(true) {
+        "ALLOWED"
+    } else {
+        "DENIED"
+    };
+    let mut out = format!("{src} -> {dst} {port}: {verdict}\n");
+    for (end, who) in [("egress", src), ("ingress", dst)] {
+        let e = &answer[end];
+        let policies: Vec<&str> = e["policies"]
+            .as_array()
+            .map(|p| p.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let line = match e["verdict"].as_str().unwrap_or("?") {
+            "open" => format!("open: no policy selects {who} for {end}"),
+            "allow" => format!(
+                "allowed by {} {} (of {})",
+                e["policy"].as_str().unwrap_or("?"),
+                e["rule"].as_str().unwrap_or("?"),
+                policies.join(", ")
+            ),
+            "deny" => format!(
+                "denied: {who} is isolated for {end} by {} and no rule allows",
+                policies.join(", ")
+            ),
+            "fail-closed" => {
+                format!("denied: {who}'s {end} rules overflowed the policy map (fails closed)")
+            }
+            other => other.to_owned(),
+        };
+        out.push_str(&format!("  {end:<8} {line}\n"));
+    }
+    out
+}
+
+impl FlowsArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        let mut query = vec![format!("follow={}", self.follow)];
+        for (key, value) in [
+            ("namespace", self.namespace.as_deref()),
+            ("pod", self.pod.as_deref()),
+            ("verdict", self.verdict.as_deref()),
+        ] {
+            if let Some(v) = value {
+                query.push(format!("{key}={}", encode(v)));
+            }
+        }
+        if let Some(port) = self.port {
+            query.push(format!("port={port}"));
+        }
+        let mut stream = UnixStream::connect(&self.socket)
+            .with_context(|| format!("no agent answers on {}", self.socket.display()))?;
+        write!(
+            stream,
+            "GET /v1/flows?{} HTTP/1.0\r\nhost: agent\r\n\r\n",
+            query.join("&")
+        )?;
+        let mut reader = BufReader::new(stream);
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        let ok = status.split_whitespace().nth(1) == Some("200");
+        // Headers end at the first empty line.
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+        }
+        let stdout = std::io::stdout();
+        for line in reader.lines() {
+            let line = line?;
+            if !ok {
+                anyhow::bail!("agent answered {}: {line}", status.trim());
+            }
+            let mut out = stdout.lock();
+            if self.json {
+                writeln!(out, "{line}")?;
+            } else if let Ok(flow) = serde_json::from_str::<Flow>(&line) {
+                writeln!(out, "{}", render_flow(&flow))?;
+            }
+            out.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// One flow as a line: time, verdict, deciding end, endpoints, port, what decided.
+pub fn render_flow(flow: &Flow) -> String {
+    let end = |e: &super::node::FlowEnd| match (&e.namespace, &e.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}({})", e.ip),
+        _ => e.ip.to_string(),
+    };
+    let why = match (&flow.policy, &flow.rule) {
+        (Some(p), Some(r)) => format!("{p} {r}"),
+        _ if flow.reason == "fail-closed" => "fail-closed (policy map overflow)".to_owned(),
+        _ if flow.reason == "open" => "not isolated".to_owned(),
+        _ => format!("no rule of {}", flow.policies.join(", ")),
+    };
+    format!(
+        "{} {:<5} {:<7} {}:{} -> {}:{} {} {}",
+        flow.time,
+        flow.verdict.to_uppercase(),
+        flow.direction,
+        end(&flow.src),
+        flow.sport,
+        end(&flow.dst),
+        flow.dport,
+        flow.protocol,
+        why
+    )
+}
