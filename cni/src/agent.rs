@@ -629,10 +629,14 @@ async fn explain(
     }
 }
 
+/// The query of `GET /v1/flows`: a [`FlowFilter`] and `follow` (not flattened: query strings
+/// carry no types through serde's flatten).
 #[derive(Debug, Deserialize)]
 struct FlowQuery {
-    #[serde(flatten)]
-    filter: FlowFilter,
+    namespace: Option<String>,
+    pod: Option<String>,
+    verdict: Option<String>,
+    port: Option<u16>,
     #[serde(default)]
     follow: bool,
 }
@@ -647,7 +651,13 @@ async fn flows(
         Ok(q) => q.0,
         Err(e) => return errors(400, vec![format!("query: {e}")]).into_response(),
     };
-    let (recent, receiver) = agent.policy.flows(&query.filter);
+    let filter = FlowFilter {
+        namespace: query.namespace,
+        pod: query.pod,
+        verdict: query.verdict,
+        port: query.port,
+    };
+    let (recent, receiver) = agent.policy.flows(&filter);
     let line = |flow: &crate::policy::node::Flow| {
         let mut line = serde_json::to_string(flow).unwrap_or_default();
         line.push('\n');
@@ -656,7 +666,6 @@ async fn flows(
     let head: String = recent.iter().map(|f| line(f)).collect();
     let head = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) });
     let body = if query.follow {
-        let filter = query.filter;
         let live = futures_util::stream::unfold(receiver, move |mut rx| {
             let filter = filter.clone();
             async move {

@@ -64,7 +64,7 @@ pub struct Flow {
 }
 
 /// Filters of `GET /v1/flows` and `slipway flows`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct FlowFilter {
     pub namespace: Option<String>,
     /// A pod name, or namespace/name.
