@@ -26,8 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::probe::{
-    ALL_PORTS, N, OpenConnection, PodNs, Port, Probe, Reachability, Seen, Servers, TCP_80, TCP_81,
-    UDP_80, UDP_81, pod_index, pod_name, render, run_probes,
+    ALL_PORTS, N, NAMESPACES, OpenConnection, PodNs, Port, Probe, Reachability, Seen, Servers,
+    TCP_80, TCP_81, UDP_80, UDP_81, pod_index, pod_name, render, run_probes,
 };
 use common::{Cluster, POD_CIDR, Pod, api};
 use serde_json::{Value, json};
@@ -209,26 +209,40 @@ impl Env {
         }
     }
 
-    /// PUT /v1/namespaces (ns=<name>) and /v1/pods (pod=<name>, four named ports) to every agent.
-    fn register(&self) {
-        let namespaces: Vec<Value> = ["x", "y", "z"]
+    /// PUT /v1/namespaces (ns=<name>) and /v1/pods (pod=<name>, the named ports) to every
+    /// agent, plus `extra` labels: ("z", "team", "blue") labels namespace z, ("y/b", ...) pod y/b.
+    fn register(&self, extra: &[(&str, &str, &str)]) -> Result<(), String> {
+        let labels = |base: Value, name: &str| {
+            let mut labels = base;
+            for (on, key, value) in extra {
+                if *on == name {
+                    labels[*key] = json!(value);
+                }
+            }
+            labels
+        };
+        let namespaces: Vec<Value> = NAMESPACES
             .iter()
-            .map(|n| json!({ "name": n, "labels": { "ns": n } }))
+            .map(|n| json!({ "name": n, "labels": labels(json!({ "ns": n }), n) }))
             .collect();
         let pods: Vec<Value> = (0..N)
             .map(|i| {
                 let name = pod_name(i);
                 let (ns, pod) = name.split_once('/').expect("ns/pod");
+                // "web" names port 80 on pods a and 81 on pods b and c: a named port that
+                // resolves to different numbers on different destinations.
+                let web = if pod == "a" { 80 } else { 81 };
                 json!({
                     "namespace": ns,
                     "name": pod,
                     "ip": self.pods[i].ip.to_string(),
-                    "labels": { "pod": pod },
+                    "labels": labels(json!({ "pod": pod }), &name),
                     "ports": [
                         { "name": "serve-80-tcp", "containerPort": 80, "protocol": "TCP" },
                         { "name": "serve-81-tcp", "containerPort": 81, "protocol": "TCP" },
                         { "name": "serve-80-udp", "containerPort": 80, "protocol": "UDP" },
                         { "name": "serve-81-udp", "containerPort": 81, "protocol": "UDP" },
+                        { "name": "web", "containerPort": web, "protocol": "TCP" },
                     ],
                 })
             })
@@ -239,9 +253,12 @@ impl Env {
                 .into_iter()
                 .enumerate()
             {
-                assert_eq!(code, 200, "agent h{}: PUT {path}: {reply}", i + 1);
+                if code != 200 {
+                    return Err(format!("agent h{}: PUT {path}: {code} {reply}", i + 1));
+                }
             }
         }
+        Ok(())
     }
 
     /// Replaces the policy list on every agent; each answers 200 once it enforces it.
@@ -698,6 +715,50 @@ fn cases(env: &Env) -> Vec<Case> {
                 .expect_all_ingress("x/a", false)
                 .expect_all_egress("x/a", false),
         ),
+        Case::new(
+            "one policy, both directions without policyTypes: x/c from y, to y",
+            vec![policy(
+                "x",
+                "c-with-y",
+                json!({
+                    "podSelector": pod("c"),
+                    "ingress": [{ "from": [{ "namespaceSelector": ns("y") }] }],
+                    "egress": [{ "to": [{ "namespaceSelector": ns("y") }] }],
+                }),
+            )],
+        )
+        .everywhere(
+            open()
+                .expect_all_ingress("x/c", false)
+                .expect_all_egress("x/c", false)
+                .expect("y/*", "x/c", true)
+                .expect("x/c", "y/*", true),
+        ),
+        Case::new(
+            "selector terms AND together: x/c from ns z (labels and In) pods In [a b] NotIn [b]",
+            vec![policy(
+                "x",
+                "c-from-z-a",
+                json!({
+                    "podSelector": pod("c"),
+                    "ingress": [{ "from": [{
+                        "namespaceSelector": {
+                            "matchLabels": { "ns": "z" },
+                            "matchExpressions": [{ "key": "ns", "operator": "In", "values": ["y", "z"] }],
+                        },
+                        "podSelector": { "matchExpressions": [
+                            { "key": "pod", "operator": "In", "values": ["a", "b"] },
+                            { "key": "pod", "operator": "NotIn", "values": ["b"] },
+                        ] },
+                    }] }],
+                }),
+            )],
+        )
+        .everywhere(
+            open()
+                .expect_all_ingress("x/c", false)
+                .expect("z/a", "x/c", true),
+        ),
         // matchExpressions.
         Case::new(
             "NotIn: x pods other than a take ingress from namespaces other than x and y",
@@ -918,6 +979,118 @@ fn cases(env: &Env) -> Vec<Case> {
             open().expect_all_egress("y/b", false),
         ),
         Case::new(
+            "named port resolved on each destination: x ingress on web from z (a: 80, b c: 81)",
+            vec![policy(
+                "x",
+                "web-from-z",
+                json!({
+                    "podSelector": {},
+                    "ingress": [{ "from": [{ "namespaceSelector": ns("z") }], "ports": [{ "port": "web" }] }],
+                }),
+            )],
+        )
+        .on(
+            &[TCP_80],
+            open().expect("*", "x/*", false).expect("z/*", "x/a", true),
+        )
+        .on(
+            &[TCP_81],
+            open()
+                .expect("*", "x/*", false)
+                .expect("z/*", "x/b", true)
+                .expect("z/*", "x/c", true),
+        )
+        .on(&[UDP_80, UDP_81], open().expect("*", "x/*", false)),
+        Case::new(
+            "named port resolved on each destination: y/c egress to web (a: 80, b c: 81)",
+            vec![policy(
+                "y",
+                "c-to-web",
+                json!({
+                    "podSelector": pod("c"),
+                    "policyTypes": ["Egress"],
+                    "egress": [{ "ports": [{ "port": "web" }] }],
+                }),
+            )],
+        )
+        .on(
+            &[TCP_80],
+            open()
+                .expect_all_egress("y/c", false)
+                .expect("y/c", "*/a", true),
+        )
+        .on(
+            &[TCP_81],
+            open()
+                .expect_all_egress("y/c", false)
+                .expect("y/c", "*/b", true)
+                .expect("y/c", "*/c", true),
+        )
+        .on(&[UDP_80, UDP_81], open().expect_all_egress("y/c", false)),
+        Case::new(
+            "named port no pod declares opens nothing (x/b ingress on serve-82-tcp)",
+            vec![policy(
+                "x",
+                "b-named-82",
+                json!({ "podSelector": pod("b"), "ingress": [{ "ports": [{ "port": "serve-82-tcp" }] }] }),
+            )],
+        )
+        .everywhere(open().expect_all_ingress("x/b", false)),
+        // Peers and ports combine within a rule, never across rules.
+        Case::new(
+            "two rules stay apart: x/a from y on TCP 80, from x/c on UDP 81",
+            vec![policy(
+                "x",
+                "a-two-rules",
+                json!({
+                    "podSelector": pod("a"),
+                    "ingress": [
+                        { "from": [{ "namespaceSelector": ns("y") }], "ports": [{ "protocol": "TCP", "port": 80 }] },
+                        { "from": [{ "podSelector": pod("c") }], "ports": [{ "protocol": "UDP", "port": 81 }] },
+                    ],
+                }),
+            )],
+        )
+        .on(
+            &[TCP_80],
+            open()
+                .expect_all_ingress("x/a", false)
+                .expect("y/*", "x/a", true),
+        )
+        .on(
+            &[UDP_81],
+            open()
+                .expect_all_ingress("x/a", false)
+                .expect("x/c", "x/a", true),
+        )
+        .on(&[TCP_81, UDP_80], open().expect_all_ingress("x/a", false)),
+        Case::new(
+            "one rule: each peer on each port (z/b to x/a and z/c, on TCP 81 and UDP 80)",
+            vec![policy(
+                "z",
+                "b-one-rule",
+                json!({
+                    "podSelector": pod("b"),
+                    "policyTypes": ["Egress"],
+                    "egress": [{
+                        "to": [
+                            { "namespaceSelector": ns("x"), "podSelector": pod("a") },
+                            { "podSelector": pod("c") },
+                        ],
+                        "ports": [{ "protocol": "TCP", "port": 81 }, { "protocol": "UDP", "port": 80 }],
+                    }],
+                }),
+            )],
+        )
+        .on(
+            &[TCP_81, UDP_80],
+            open()
+                .expect_all_egress("z/b", false)
+                .expect("z/b", "x/a", true)
+                .expect("z/b", "z/c", true),
+        )
+        .on(&[TCP_80, UDP_81], open().expect_all_egress("z/b", false)),
+        Case::new(
             "endPort: x ingress on UDP 80-81",
             vec![policy(
                 "x",
@@ -1124,10 +1297,71 @@ fn cases(env: &Env) -> Vec<Case> {
     ]
 }
 
-/// Before the update: x/a takes TCP 80 from the pods b of every namespace.
+/// Labels added to the base ones: (namespace or ns/pod, key, value).
+type ExtraLabels = &'static [(&'static str, &'static str, &'static str)];
+
+/// Labels change under a fixed policy list: the agents re-evaluate which namespaces and pods
+/// the selectors match (peers and the selected pods alike) when PUT /v1/namespaces and
+/// /v1/pods relabel them, and undo it when the labels go.
+fn label_changes(env: &Env, log: &mut Vec<Outcome>) {
+    let blue = json!({ "matchLabels": { "team": "blue" } });
+    let policies = vec![
+        policy(
+            "x",
+            "a-from-blue",
+            json!({
+                "podSelector": pod("a"),
+                "ingress": [{ "from": [
+                    { "namespaceSelector": blue },
+                    { "namespaceSelector": {}, "podSelector": blue },
+                ] }],
+            }),
+        ),
+        policy(
+            "y",
+            "blue-only-to-x",
+            json!({
+                "podSelector": blue,
+                "policyTypes": ["Egress"],
+                "egress": [{ "to": [{ "namespaceSelector": ns("x") }] }],
+            }),
+        ),
+    ];
+    let closed = open().expect_all_ingress("x/a", false);
+    let z_blue = closed.expect("z/*", "x/a", true);
+    let steps: [(&str, ExtraLabels, Reachability); 4] = [
+        ("labels: nothing is team=blue, x/a closed", &[], closed),
+        (
+            "labels: namespace z becomes team=blue, z reaches x/a",
+            &[("z", "team", "blue")],
+            z_blue,
+        ),
+        (
+            "labels: pod y/b becomes team=blue too: reaches x/a, egress only to x",
+            &[("z", "team", "blue"), ("y/b", "team", "blue")],
+            z_blue
+                .expect("y/b", "x/a", true)
+                .expect("y/b", "*", false)
+                .expect("y/b", "x/*", true),
+        ),
+        ("labels: back to none, x/a closed again", &[], closed),
+    ];
+    for (i, (name, extra, reachability)) in steps.into_iter().enumerate() {
+        let case = Case::new(name, policies.clone()).everywhere(reachability);
+        if i == 0 {
+            run_case(env, &case, log);
+            continue;
+        }
+        let started = Instant::now();
+        let result = env.register(extra).and_then(|()| env.verify(&case));
+        report(log, name, result, started.elapsed());
+    }
+}
+
+/// Before the update: x/a takes TCP and UDP 80 from the pods b of every namespace.
 fn update_before() -> Case {
     Case::new(
-        "update, before: x/a takes TCP 80 from pods b of every namespace",
+        "update, before: x/a takes TCP and UDP 80 from pods b of every namespace",
         vec![policy(
             "x",
             "a-from-b",
@@ -1135,27 +1369,24 @@ fn update_before() -> Case {
                 "podSelector": pod("a"),
                 "ingress": [{
                     "from": [{ "namespaceSelector": {}, "podSelector": pod("b") }],
-                    "ports": [{ "protocol": "TCP", "port": 80 }],
+                    "ports": [{ "protocol": "TCP", "port": 80 }, { "protocol": "UDP", "port": 80 }],
                 }],
             }),
         )],
     )
     .on(
-        &[TCP_80],
+        &[TCP_80, UDP_80],
         open()
             .expect_all_ingress("x/a", false)
             .expect("*/b", "x/a", true),
     )
-    .on(
-        &[TCP_81, UDP_80, UDP_81],
-        open().expect_all_ingress("x/a", false),
-    )
+    .on(&[TCP_81, UDP_81], open().expect_all_ingress("x/a", false))
 }
 
-/// After the update: x/a takes TCP 80 from pods b of x and z only (y/b's connection is now
-/// denied by x/a's ingress), z loses all egress (z/b's connection is now denied by its
-/// source's egress), and x/a loses all egress (x/b's connection stays allowed: its replies
-/// are replies, not x/a's egress).
+/// After the update: x/a takes TCP and UDP 80 from pods b of x and z only (y/b's connections
+/// are now denied by x/a's ingress), z loses all egress (z/b's are now denied by their
+/// source's egress), and x/a loses all egress (x/b's stay allowed: x/a's replies are replies,
+/// not x/a's egress).
 fn update_after() -> Case {
     Case::new(
         "update, after: x/a from b in x and z only; z and x/a without egress",
@@ -1170,7 +1401,7 @@ fn update_after() -> Case {
                             "namespaceSelector": expr("ns", "In", &["x", "z"]),
                             "podSelector": pod("b"),
                         }],
-                        "ports": [{ "protocol": "TCP", "port": 80 }],
+                        "ports": [{ "protocol": "TCP", "port": 80 }, { "protocol": "UDP", "port": 80 }],
                     }],
                 }),
             ),
@@ -1187,7 +1418,7 @@ fn update_after() -> Case {
         ],
     )
     .on(
-        &[TCP_80],
+        &[TCP_80, UDP_80],
         open()
             .expect_all_ingress("x/a", false)
             .expect("x/b", "x/a", true)
@@ -1195,7 +1426,7 @@ fn update_after() -> Case {
             .expect("z/*", "*", false),
     )
     .on(
-        &[TCP_81, UDP_80, UDP_81],
+        &[TCP_81, UDP_81],
         open()
             .expect_all_ingress("x/a", false)
             .expect_all_egress("x/a", false)
@@ -1214,16 +1445,18 @@ fn update_with_open_connections(env: &Env, log: &mut Vec<Outcome>) {
     let x_a = env.ip("x/a");
     let mut conns: Vec<(OpenConnection, bool)> = Vec::new();
     for (src, stays) in [("x/b", true), ("y/b", false), ("z/b", false)] {
-        let label = format!("{src} -> x/a TCP/80");
-        match OpenConnection::connect(&label, &env.ns[pod_index(src)], x_a, 80, ECHO_TIMEOUT) {
-            Ok(mut c) => {
-                if c.exchange(ECHO_TIMEOUT) {
-                    conns.push((c, stays));
-                } else {
-                    problems.push(format!("{label}: no echo before the update"));
+        for port in [TCP_80, UDP_80] {
+            let ns = &env.ns[pod_index(src)];
+            match OpenConnection::connect(ns, src, x_a, "x/a", port, ECHO_TIMEOUT) {
+                Ok(mut c) => {
+                    if c.exchange(ECHO_TIMEOUT) {
+                        conns.push((c, stays));
+                    } else {
+                        problems.push(format!("{}: no echo before the update", c.label));
+                    }
                 }
+                Err(e) => problems.push(format!("{src} -> x/a {port}: connect: {e}")),
             }
-            Err(e) => problems.push(format!("{label}: connect before the update: {e}")),
         }
     }
     let after = update_after();
@@ -1232,22 +1465,38 @@ fn update_with_open_connections(env: &Env, log: &mut Vec<Outcome>) {
     }
     // Right after the update, then again after the new matrix has been probed.
     for round in ["right after the update", "after probing the new matrix"] {
-        for (c, stays) in &mut conns {
-            if *stays {
-                let got = (0..5).filter(|_| c.exchange(ECHO_TIMEOUT)).count();
-                if got != 5 {
-                    problems.push(format!(
-                        "{}: still allowed, but only {got} of 5 echoes came back {round}",
-                        c.label
-                    ));
-                }
-            } else if c.exchange(ECHO_TIMEOUT) {
-                problems.push(format!(
-                    "{}: denied by the update, yet data still got through {round}",
-                    c.label
-                ));
-            }
-        }
+        // Each flow on its own thread: a denied one costs a whole echo timeout.
+        let found: Vec<Option<String>> = thread::scope(|scope| {
+            let checks: Vec<_> = conns
+                .iter_mut()
+                .map(|(c, stays)| {
+                    let stays = *stays;
+                    scope.spawn(move || {
+                        if stays {
+                            let got = (0..5).filter(|_| c.exchange(ECHO_TIMEOUT)).count();
+                            (got != 5).then(|| {
+                                format!(
+                                    "{}: still allowed, but only {got} of 5 echoes came back {round}",
+                                    c.label
+                                )
+                            })
+                        } else {
+                            c.exchange(ECHO_TIMEOUT).then(|| {
+                                format!(
+                                    "{}: denied by the update, yet data still got through {round}",
+                                    c.label
+                                )
+                            })
+                        }
+                    })
+                })
+                .collect();
+            checks
+                .into_iter()
+                .map(|h| h.join().expect("flow check"))
+                .collect()
+        });
+        problems.extend(found.into_iter().flatten());
         if round == "right after the update" {
             match env.verify(&after) {
                 Ok(_) => {}
@@ -1257,7 +1506,7 @@ fn update_with_open_connections(env: &Env, log: &mut Vec<Outcome>) {
     }
     let result = if problems.is_empty() {
         Ok(String::from(
-            ", x/b's connection kept going, y/b's and z/b's stopped",
+            ", x/b's TCP and UDP flows kept going, y/b's and z/b's stopped",
         ))
     } else {
         Err(problems.join("\n"))
@@ -1449,7 +1698,7 @@ fn network_policy_truth_table() {
         ALL_PORTS.map(|p| p.to_string()).join(" ")
     );
     env.require_policy_api();
-    env.register();
+    env.register(&[]).expect("registering namespaces and pods");
 
     let mut log = Vec::new();
     let cases = cases(&env);
@@ -1457,6 +1706,7 @@ fn network_policy_truth_table() {
     for case in cases {
         run_case(&env, case, &mut log);
     }
+    label_changes(&env, &mut log);
     update_with_open_connections(&env, &mut log);
     let additive = cases
         .iter()

@@ -329,29 +329,43 @@ fn exchange_on(stream: &mut TcpStream, byte: u8, timeout: Duration) -> bool {
     stream.read_exact(&mut back).is_ok() && back[0] == byte
 }
 
-/// A TCP connection kept open across policy updates, exchanging one byte at a time with an
-/// echo server.
+/// A connection kept open across policy updates, exchanging one byte at a time with an echo
+/// server: a TCP stream, or a connected UDP socket (one flow: the same addresses and ports).
 #[derive(Debug)]
 pub struct OpenConnection {
     pub label: String,
-    stream: TcpStream,
+    channel: Channel,
     next: u8,
 }
 
+#[derive(Debug)]
+enum Channel {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
 impl OpenConnection {
-    /// Connects from inside `src` to `dst`:`port` (TCP).
+    /// Opens a flow from inside `src` to `dst`:`port`, TCP or UDP, labelled with the names.
     pub fn connect(
-        label: &str,
         src: &PodNs,
+        src_name: &str,
         dst: Ipv4Addr,
-        port: u16,
+        dst_name: &str,
+        port: Port,
         timeout: Duration,
     ) -> std::io::Result<Self> {
-        let stream =
-            src.run(|| TcpStream::connect_timeout(&SocketAddr::from((dst, port)), timeout))?;
+        let addr = SocketAddr::from((dst, port.number));
+        let channel = src.run(|| match port.protocol {
+            Protocol::Tcp => TcpStream::connect_timeout(&addr, timeout).map(Channel::Tcp),
+            Protocol::Udp => {
+                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+                socket.connect(addr)?;
+                Ok(Channel::Udp(socket))
+            }
+        })?;
         Ok(Self {
-            label: label.to_owned(),
-            stream,
+            label: format!("{src_name} -> {dst_name} {port}"),
+            channel,
             next: 1,
         })
     }
@@ -361,21 +375,31 @@ impl OpenConnection {
     pub fn exchange(&mut self, timeout: Duration) -> bool {
         let byte = self.next;
         self.next = self.next.wrapping_add(1).max(1);
-        if self.stream.set_read_timeout(Some(timeout)).is_err()
-            || self.stream.write_all(&[byte]).is_err()
-        {
+        let sent = match &mut self.channel {
+            Channel::Tcp(stream) => stream.write_all(&[byte]).is_ok(),
+            Channel::Udp(socket) => socket.send(&[byte]).is_ok(),
+        };
+        if !sent {
             return false;
         }
         let deadline = Instant::now() + timeout;
-        let mut back = [0u8; 1];
+        let mut back = [0u8; 16];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
+            if left.is_zero() {
                 return false;
             }
-            match self.stream.read(&mut back) {
+            let read = match &mut self.channel {
+                Channel::Tcp(stream) => stream
+                    .set_read_timeout(Some(left))
+                    .and_then(|()| stream.read(&mut back[..1])),
+                Channel::Udp(socket) => socket
+                    .set_read_timeout(Some(left))
+                    .and_then(|()| socket.recv(&mut back)),
+            };
+            match read {
                 Ok(1) if back[0] == byte => return true,
-                Ok(1) => {}
+                Ok(n) if n > 0 => {}
                 _ => return false,
             }
         }
