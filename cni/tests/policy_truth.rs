@@ -55,6 +55,93 @@ struct Case {
     name: String,
     policies: Vec<Value>,
     expected: [Option<Reachability>; 4],
+    /// Pairs whose explanation is checked in full: which policy and rule decided each end.
+    attributions: Vec<Attribution>,
+}
+
+/// What `GET /v1/policy/explain` must say about one connection, end by end.
+#[derive(Debug, Clone)]
+struct Attribution {
+    src: &'static str,
+    dst: &'static str,
+    port: Port,
+    egress: End,
+    ingress: End,
+}
+
+/// One end's verdict: "open" (no policy selects it in that direction), "allow" with the
+/// policy and rule that allowed, or "deny" with a policy among those that select it.
+#[derive(Debug, Clone, Copy)]
+struct End {
+    verdict: &'static str,
+    policy: Option<&'static str>,
+    rule: Option<&'static str>,
+}
+
+const OPEN: End = End {
+    verdict: "open",
+    policy: None,
+    rule: None,
+};
+
+fn allowed_by(policy: &'static str, rule: &'static str) -> End {
+    End {
+        verdict: "allow",
+        policy: Some(policy),
+        rule: Some(rule),
+    }
+}
+
+fn denied_by(policy: &'static str) -> End {
+    End {
+        verdict: "deny",
+        policy: Some(policy),
+        rule: None,
+    }
+}
+
+impl End {
+    /// The differences between this expectation and the explanation `got` of one end.
+    fn check(&self, what: &str, got: &Value) -> Vec<String> {
+        let mut wrong = Vec::new();
+        if got["verdict"].as_str() != Some(self.verdict) {
+            wrong.push(format!(
+                "{what}: verdict {} instead of {:?}",
+                got["verdict"], self.verdict
+            ));
+        }
+        match self.verdict {
+            "allow" => {
+                if got["policy"].as_str() != self.policy || got["rule"].as_str() != self.rule {
+                    wrong.push(format!(
+                        "{what}: allowed by {} {} instead of {} {}",
+                        got["policy"],
+                        got["rule"],
+                        json!(self.policy),
+                        json!(self.rule)
+                    ));
+                }
+            }
+            "deny" => {
+                let listed = got["policies"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|p| p.as_str() == self.policy));
+                if !listed {
+                    wrong.push(format!(
+                        "{what}: {} not among the policies {}",
+                        json!(self.policy),
+                        got["policies"]
+                    ));
+                }
+            }
+            _ => {
+                if !got["policy"].is_null() {
+                    wrong.push(format!("{what}: open, yet policy {}", got["policy"]));
+                }
+            }
+        }
+        wrong
+    }
 }
 
 impl Case {
@@ -63,7 +150,27 @@ impl Case {
             name: name.to_owned(),
             policies,
             expected: [None; 4],
+            attributions: Vec::new(),
         }
+    }
+
+    /// Checks explain's attribution for `src` -> `dst` on `port`, end by end.
+    fn explains(
+        mut self,
+        src: &'static str,
+        dst: &'static str,
+        port: Port,
+        egress: End,
+        ingress: End,
+    ) -> Self {
+        self.attributions.push(Attribution {
+            src,
+            dst,
+            port,
+            egress,
+            ingress,
+        });
+        self
     }
 
     /// The matrix on `ports`.
@@ -405,6 +512,41 @@ impl Env {
         out
     }
 
+    /// What explain gets wrong about `a`, asked by name of the source's agent and by address
+    /// of the destination's (both must give the same answer).
+    fn attribution(&self, a: &Attribution) -> Vec<String> {
+        let (src, dst) = (pod_index(a.src), pod_index(a.dst));
+        let query = |s: String, d: String| {
+            format!(
+                "/v1/policy/explain?src={s}&dst={d}&port={}&protocol={}",
+                a.port.number,
+                a.port.protocol_name()
+            )
+        };
+        let mut wrong = Vec::new();
+        for (host, path) in [
+            (host_of(src), query(a.src.to_owned(), a.dst.to_owned())),
+            (
+                host_of(dst),
+                query(self.ip(a.src).to_string(), self.ip(a.dst).to_string()),
+            ),
+        ] {
+            let answer = api(&self.cluster.node(host).socket, "GET", &path, None);
+            let Some((200, body)) = answer else {
+                wrong.push(format!("h{host} {path}: {answer:?}"));
+                continue;
+            };
+            let Ok(got) = serde_json::from_str::<Value>(&body) else {
+                wrong.push(format!("h{host} {path}: not JSON: {body}"));
+                continue;
+            };
+            let mut here = a.egress.check("egress", &got["egress"]);
+            here.extend(a.ingress.check("ingress", &got["ingress"]));
+            wrong.extend(here.into_iter().map(|w| format!("h{host} {path}: {w}")));
+        }
+        wrong
+    }
+
     /// Probes and explains `case` (already applied): `Ok` with notes, or the grids that differ.
     fn verify(&self, case: &Case) -> Result<String, String> {
         let mut notes = String::new();
@@ -456,6 +598,15 @@ impl Env {
                 |f, t| d.want[f][t],
                 |f, t| d.got[f][t],
             ));
+        }
+        for a in &case.attributions {
+            for wrong in self.attribution(a) {
+                let _ = writeln!(
+                    failure,
+                    "  explain {} -> {} {}: {wrong}",
+                    a.src, a.dst, a.port
+                );
+            }
         }
         if !failure.is_empty() && !notes.is_empty() {
             failure.insert_str(0, &format!("  ({})\n", notes.trim_start_matches(", ")));
@@ -511,6 +662,16 @@ fn expr(key: &str, operator: &str, values: &[&str]) -> Value {
     json!({ "matchExpressions": [requirement] })
 }
 
+/// A numeric TCP port of a rule.
+fn tcp(port: u16) -> Value {
+    json!({ "protocol": "TCP", "port": port })
+}
+
+/// A numeric UDP port of a rule.
+fn udp(port: u16) -> Value {
+    json!({ "protocol": "UDP", "port": port })
+}
+
 /// Matrices shorthand: everything allowed.
 fn open() -> Reachability {
     Reachability::new(true)
@@ -533,7 +694,8 @@ fn cases(env: &Env) -> Vec<Case> {
             "deny-all ingress in x (no policyTypes: Ingress)",
             vec![deny_ingress_x.clone()],
         )
-        .everywhere(open().expect("*", "x/*", false)),
+        .everywhere(open().expect("*", "x/*", false))
+        .explains("y/a", "x/b", UDP_81, OPEN, denied_by("x/deny-all-ingress")),
         Case::new("deny-all egress in x", vec![deny_egress_x.clone()])
             .everywhere(open().expect("x/*", "*", false)),
         Case::new(
@@ -744,7 +906,9 @@ fn cases(env: &Env) -> Vec<Case> {
                     "ingress": [{ "from": [{
                         "namespaceSelector": {
                             "matchLabels": { "ns": "z" },
-                            "matchExpressions": [{ "key": "ns", "operator": "In", "values": ["y", "z"] }],
+                            "matchExpressions": [
+                                { "key": "ns", "operator": "In", "values": ["y", "z"] },
+                            ],
                         },
                         "podSelector": { "matchExpressions": [
                             { "key": "pod", "operator": "In", "values": ["a", "b"] },
@@ -872,7 +1036,9 @@ fn cases(env: &Env) -> Vec<Case> {
                 "from-all-but-h1",
                 json!({
                     "podSelector": {},
-                    "ingress": [{ "from": [{ "ipBlock": { "cidr": "0.0.0.0/0", "except": [h1_block] } }] }],
+                    "ingress": [{ "from": [{
+                        "ipBlock": { "cidr": "0.0.0.0/0", "except": [h1_block] },
+                    }] }],
                 }),
             )],
         )
@@ -905,7 +1071,7 @@ fn cases(env: &Env) -> Vec<Case> {
             vec![policy(
                 "x",
                 "tcp-80",
-                json!({ "podSelector": {}, "ingress": [{ "ports": [{ "protocol": "TCP", "port": 80 }] }] }),
+                json!({ "podSelector": {}, "ingress": [{ "ports": [tcp(80)] }] }),
             )],
         )
         .on(&[TCP_80], open())
@@ -917,7 +1083,7 @@ fn cases(env: &Env) -> Vec<Case> {
                 "b-udp-80",
                 json!({
                     "podSelector": pod("b"),
-                    "ingress": [{ "ports": [{ "protocol": "UDP", "port": 80 }] }],
+                    "ingress": [{ "ports": [udp(80)] }],
                 }),
             )],
         )
@@ -926,6 +1092,18 @@ fn cases(env: &Env) -> Vec<Case> {
             &[TCP_80, TCP_81, UDP_81],
             open().expect_all_ingress("y/b", false),
         ),
+        Case::new(
+            "protocol mismatch: z ingress on SCTP 80-81 opens neither TCP nor UDP",
+            vec![policy(
+                "z",
+                "sctp-only",
+                json!({
+                    "podSelector": {},
+                    "ingress": [{ "ports": [{ "protocol": "SCTP", "port": 80, "endPort": 81 }] }],
+                }),
+            )],
+        )
+        .everywhere(open().expect("*", "z/*", false)),
         Case::new(
             "named port: x/a ingress on serve-81-tcp from every namespace",
             vec![policy(
@@ -985,7 +1163,10 @@ fn cases(env: &Env) -> Vec<Case> {
                 "web-from-z",
                 json!({
                     "podSelector": {},
-                    "ingress": [{ "from": [{ "namespaceSelector": ns("z") }], "ports": [{ "port": "web" }] }],
+                    "ingress": [{
+                        "from": [{ "namespaceSelector": ns("z") }],
+                        "ports": [{ "port": "web" }],
+                    }],
                 }),
             )],
         )
@@ -1032,7 +1213,10 @@ fn cases(env: &Env) -> Vec<Case> {
             vec![policy(
                 "x",
                 "b-named-82",
-                json!({ "podSelector": pod("b"), "ingress": [{ "ports": [{ "port": "serve-82-tcp" }] }] }),
+                json!({
+                    "podSelector": pod("b"),
+                    "ingress": [{ "ports": [{ "port": "serve-82-tcp" }] }],
+                }),
             )],
         )
         .everywhere(open().expect_all_ingress("x/b", false)),
@@ -1045,8 +1229,8 @@ fn cases(env: &Env) -> Vec<Case> {
                 json!({
                     "podSelector": pod("a"),
                     "ingress": [
-                        { "from": [{ "namespaceSelector": ns("y") }], "ports": [{ "protocol": "TCP", "port": 80 }] },
-                        { "from": [{ "podSelector": pod("c") }], "ports": [{ "protocol": "UDP", "port": 81 }] },
+                        { "from": [{ "namespaceSelector": ns("y") }], "ports": [tcp(80)] },
+                        { "from": [{ "podSelector": pod("c") }], "ports": [udp(81)] },
                     ],
                 }),
             )],
@@ -1063,7 +1247,23 @@ fn cases(env: &Env) -> Vec<Case> {
                 .expect_all_ingress("x/a", false)
                 .expect("x/c", "x/a", true),
         )
-        .on(&[TCP_81, UDP_80], open().expect_all_ingress("x/a", false)),
+        .on(&[TCP_81, UDP_80], open().expect_all_ingress("x/a", false))
+        .explains(
+            "y/a",
+            "x/a",
+            TCP_80,
+            OPEN,
+            allowed_by("x/a-two-rules", "ingress[0]"),
+        )
+        .explains(
+            "x/c",
+            "x/a",
+            UDP_81,
+            OPEN,
+            allowed_by("x/a-two-rules", "ingress[1]"),
+        )
+        .explains("x/c", "x/a", TCP_80, OPEN, denied_by("x/a-two-rules"))
+        .explains("z/a", "x/a", TCP_80, OPEN, denied_by("x/a-two-rules")),
         Case::new(
             "one rule: each peer on each port (z/b to x/a and z/c, on TCP 81 and UDP 80)",
             vec![policy(
@@ -1077,7 +1277,7 @@ fn cases(env: &Env) -> Vec<Case> {
                             { "namespaceSelector": ns("x"), "podSelector": pod("a") },
                             { "podSelector": pod("c") },
                         ],
-                        "ports": [{ "protocol": "TCP", "port": 81 }, { "protocol": "UDP", "port": 80 }],
+                        "ports": [tcp(81), udp(80)],
                     }],
                 }),
             )],
@@ -1142,7 +1342,7 @@ fn cases(env: &Env) -> Vec<Case> {
             vec![policy(
                 "y",
                 "udp-80-out",
-                json!({ "podSelector": {}, "egress": [{ "ports": [{ "protocol": "UDP", "port": 80 }] }] }),
+                json!({ "podSelector": {}, "egress": [{ "ports": [udp(80)] }] }),
             )],
         )
         .on(&[UDP_80], open().expect("*", "y/*", false))
@@ -1158,7 +1358,7 @@ fn cases(env: &Env) -> Vec<Case> {
                 json!({
                     "podSelector": {},
                     "policyTypes": ["Egress"],
-                    "egress": [{ "ports": [{ "protocol": "UDP", "port": 80 }] }],
+                    "egress": [{ "ports": [udp(80)] }],
                 }),
             )],
         )
@@ -1177,7 +1377,9 @@ fn cases(env: &Env) -> Vec<Case> {
                 }),
             )],
         )
-        .everywhere(open().expect("*", "x/*", false).expect("x/*", "x/*", true)),
+        .everywhere(open().expect("*", "x/*", false).expect("x/*", "x/*", true))
+        .explains("x/a", "z/a", TCP_80, OPEN, OPEN)
+        .explains("z/a", "x/a", TCP_80, OPEN, denied_by("x/from-x")),
         Case::new(
             "z denies all egress but allows egress to namespace y",
             vec![
@@ -1197,7 +1399,15 @@ fn cases(env: &Env) -> Vec<Case> {
                 ),
             ],
         )
-        .everywhere(open().expect("z/*", "*", false).expect("z/*", "y/*", true)),
+        .everywhere(open().expect("z/*", "*", false).expect("z/*", "y/*", true))
+        .explains(
+            "z/a",
+            "y/b",
+            TCP_80,
+            allowed_by("z/to-y", "egress[0]"),
+            OPEN,
+        )
+        .explains("z/a", "x/b", TCP_80, denied_by("z/deny-all-egress"), OPEN),
         Case::new(
             "two policies on x/a add up: TCP 80 from y, TCP 81 from z/c (x/b too)",
             vec![
@@ -1222,7 +1432,7 @@ fn cases(env: &Env) -> Vec<Case> {
                                 "namespaceSelector": ns("z"),
                                 "podSelector": pod("c"),
                             }],
-                            "ports": [{ "protocol": "TCP", "port": 81 }],
+                            "ports": [tcp(81)],
                         }],
                     }),
                 ),
@@ -1248,7 +1458,22 @@ fn cases(env: &Env) -> Vec<Case> {
             open()
                 .expect_all_ingress("x/a", false)
                 .expect_all_ingress("x/b", false),
-        ),
+        )
+        .explains(
+            "y/c",
+            "x/a",
+            TCP_80,
+            OPEN,
+            allowed_by("x/a-80-from-y", "ingress[0]"),
+        )
+        .explains(
+            "z/c",
+            "x/a",
+            TCP_81,
+            OPEN,
+            allowed_by("x/ab-81-from-z-c", "ingress[0]"),
+        )
+        .explains("z/c", "x/b", TCP_80, OPEN, denied_by("x/ab-81-from-z-c")),
         Case::new(
             "a connection needs both ends: x/a from y only, y to x only",
             vec![
@@ -1276,7 +1501,16 @@ fn cases(env: &Env) -> Vec<Case> {
                 .expect_all_ingress("x/a", false)
                 .expect("y/*", "*", false)
                 .expect("y/*", "x/*", true),
-        ),
+        )
+        .explains(
+            "y/a",
+            "x/a",
+            TCP_80,
+            allowed_by("y/to-x", "egress[0]"),
+            allowed_by("x/a-from-y", "ingress[0]"),
+        )
+        .explains("y/b", "z/a", UDP_80, denied_by("y/to-x"), OPEN)
+        .explains("z/a", "x/a", TCP_81, OPEN, denied_by("x/a-from-y")),
         Case::new(
             "egress allowed everywhere does not beat the destination's ingress (y/b closed)",
             vec![
@@ -1369,7 +1603,7 @@ fn update_before() -> Case {
                 "podSelector": pod("a"),
                 "ingress": [{
                     "from": [{ "namespaceSelector": {}, "podSelector": pod("b") }],
-                    "ports": [{ "protocol": "TCP", "port": 80 }, { "protocol": "UDP", "port": 80 }],
+                    "ports": [tcp(80), udp(80)],
                 }],
             }),
         )],
@@ -1401,7 +1635,7 @@ fn update_after() -> Case {
                             "namespaceSelector": expr("ns", "In", &["x", "z"]),
                             "podSelector": pod("b"),
                         }],
-                        "ports": [{ "protocol": "TCP", "port": 80 }, { "protocol": "UDP", "port": 80 }],
+                        "ports": [tcp(80), udp(80)],
                     }],
                 }),
             ),
@@ -1471,24 +1705,7 @@ fn update_with_open_connections(env: &Env, log: &mut Vec<Outcome>) {
                 .iter_mut()
                 .map(|(c, stays)| {
                     let stays = *stays;
-                    scope.spawn(move || {
-                        if stays {
-                            let got = (0..5).filter(|_| c.exchange(ECHO_TIMEOUT)).count();
-                            (got != 5).then(|| {
-                                format!(
-                                    "{}: still allowed, but only {got} of 5 echoes came back {round}",
-                                    c.label
-                                )
-                            })
-                        } else {
-                            c.exchange(ECHO_TIMEOUT).then(|| {
-                                format!(
-                                    "{}: denied by the update, yet data still got through {round}",
-                                    c.label
-                                )
-                            })
-                        }
-                    })
+                    scope.spawn(move || check_flow(c, stays, round))
                 })
                 .collect();
             checks
@@ -1512,6 +1729,27 @@ fn update_with_open_connections(env: &Env, log: &mut Vec<Outcome>) {
         Err(problems.join("\n"))
     };
     report(log, &after.name, result, started.elapsed());
+}
+
+/// Whether flow `c` behaves as the update says: a flow that `stays` allowed keeps echoing (five
+/// bytes in a row), any other gets nothing through. What went wrong, if anything.
+fn check_flow(c: &mut OpenConnection, stays: bool, round: &str) -> Option<String> {
+    if stays {
+        let got = (0..5).filter(|_| c.exchange(ECHO_TIMEOUT)).count();
+        (got != 5).then(|| {
+            format!(
+                "{}: still allowed, but {got} of 5 echoes came back {round}",
+                c.label
+            )
+        })
+    } else {
+        c.exchange(ECHO_TIMEOUT).then(|| {
+            format!(
+                "{}: denied by the update, yet data got through {round}",
+                c.label
+            )
+        })
+    }
 }
 
 /// Invalid lists are refused whole by every agent, naming the bad field, and change nothing:
