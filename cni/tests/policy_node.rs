@@ -219,38 +219,7 @@ fn verdicts_show_in_flows_explain_and_metrics() {
 /// Restarts host `i`'s agent with extra arguments.
 fn restart_agent(cluster: &mut Cluster, i: usize, extra: &[&str]) {
     cluster.kill_agent(i);
-    let node = &mut cluster.nodes[i - 1];
-    let _ = std::fs::remove_file(&node.socket);
-    let slipway = slipway_binary();
-    let mut args = vec![
-        slipway.to_str().expect("utf-8").to_owned(),
-        "agent".into(),
-        "--pod-cidr".into(),
-        common::POD_CIDR.into(),
-        "--host-block".into(),
-        node.block.clone(),
-        "--routing".into(),
-        cluster.routing.into(),
-        "--bpffs".into(),
-        node.bpffs.display().to_string(),
-        "--data-dir".into(),
-        node.data_dir.display().to_string(),
-        "--socket".into(),
-        node.socket.display().to_string(),
-        "--cgroup".into(),
-        node.cgroup.path().display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    node.agent = Some(node.netns.spawn(&argv).expect("spawn agent"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api(&node.socket, "GET", "/v1/status", None).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "agent on host {i} did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    cluster.start_agent_with(i, extra);
 }
 
 fn status(cluster: &Cluster) -> Value {
@@ -352,9 +321,11 @@ fn replies_of_connections_opened_before_isolation_keep_flowing() {
         .collect();
     put_pods(&cluster, &[("a", &a), ("b", &b), ("l", &local)]);
     let a_ns = PodNs::open(a.netns.name());
-    let mut to_remote = OpenConnection::connect("a->b", &a_ns, b.ip, 80, TIMEOUT).expect("a -> b");
+    let mut to_remote =
+        OpenConnection::connect(&a_ns, "x/a", b.ip, "x/b", Port::tcp(80), TIMEOUT).expect("a -> b");
     let mut to_local =
-        OpenConnection::connect("a->l", &a_ns, local.ip, 80, TIMEOUT).expect("a -> l");
+        OpenConnection::connect(&a_ns, "x/a", local.ip, "x/l", Port::tcp(80), TIMEOUT)
+            .expect("a -> l");
     assert!(to_remote.exchange(TIMEOUT) && to_local.exchange(TIMEOUT));
 
     // Isolate a's ingress entirely: the replies of a's own connections still come in.

@@ -148,10 +148,15 @@ impl Cluster {
 
     /// Starts host `i`'s agent and waits until its API answers.
     pub fn start_agent(&mut self, i: usize) {
+        self.start_agent_with(i, &[]);
+    }
+
+    /// Starts host `i`'s agent with `extra` arguments and waits until its API answers.
+    pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) {
         let slipway = slipway_binary();
         let node = &mut self.nodes[i - 1];
         let _ = std::fs::remove_file(&node.socket);
-        let args = [
+        let mut args = vec![
             slipway.to_str().expect("utf-8 path"),
             "agent",
             "--pod-cidr",
@@ -169,6 +174,7 @@ impl Cluster {
             "--cgroup",
             node.cgroup.path().to_str().expect("utf-8"),
         ];
+        args.extend_from_slice(extra);
         node.agent = Some(node.netns.spawn(&args).expect("spawn agent"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while api(&node.socket, "GET", "/v1/status", None).is_none() {
