@@ -4,8 +4,9 @@
 //! every probed port (TCP 80, 81 and UDP 80, 81) is written down from the NetworkPolicy
 //! semantics, never computed by the project's evaluator nor recorded from a run; then every
 //! pod probes every pod with real traffic through the datapath, and `GET /v1/policy/explain`
-//! is asked about every pair. Also: connections kept open across a policy update, and invalid
-//! policy lists refused whole without changing anything.
+//! is asked about every pair (and, for chosen pairs, which policy and rule decided each end).
+//! Also: labels changing under a fixed policy list, TCP and UDP flows kept open across a policy
+//! update, and invalid policy lists refused whole without changing anything.
 //! Privileged (root, BPF, netns): run by scripts/test.sh.
 //!
 //! The semantics the matrices follow (Kubernetes API reference, "NetworkPolicy"): a pod that no
