@@ -354,3 +354,75 @@ fn replies_of_connections_opened_before_isolation_keep_flowing() {
         "a's new connections out still work"
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn no_packet_sees_half_an_update() {
+    // Two policy sets that both allow a -> b, by different means (a pod selector; an ipBlock
+    // and a port range): a packet that saw the old rules removed before the new ones were in
+    // place would be denied. New UDP flows (a fresh socket each) run while the sets alternate.
+    let cluster = Cluster::new(1, "vxlan");
+    let a = cluster.add_pod(1, "a");
+    let b = cluster.add_pod(1, "b");
+    let _servers = Servers::start(&PodNs::open(b.netns.name()), &[Port::udp(80)]);
+    put_pods(&cluster, &[("a", &a), ("b", &b)]);
+    let by_selector = json!([{ "metadata": { "name": "p", "namespace": "x" }, "spec": {
+        "podSelector": { "matchLabels": { "pod": "b" } },
+        "ingress": [{ "from": [{ "podSelector": { "matchLabels": { "pod": "a" } } }],
+                      "ports": [{ "protocol": "UDP", "port": 80 }] }] } }]);
+    let by_block = json!([{ "metadata": { "name": "q", "namespace": "x" }, "spec": {
+        "podSelector": { "matchLabels": { "pod": "b" } },
+        "ingress": [{ "from": [{ "ipBlock": { "cidr": format!("{}/32", a.ip) } }],
+                      "ports": [{ "protocol": "UDP", "port": 64, "endPort": 127 }] }] } }]);
+    put(&cluster, "networkpolicies", &by_selector);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let a_ns = PodNs::open(a.netns.name());
+    let (sent, lost) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let (mut sent, mut lost) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let probes: Vec<Probe> = (0..16)
+                    .map(|_| Probe {
+                        src: a_ns.clone(),
+                        dst: b.ip,
+                        port: Port::udp(80),
+                    })
+                    .collect();
+                let results = run_probes(&probes, Duration::from_secs(2));
+                sent += results.len() as u32;
+                lost += results.iter().filter(|ok| !**ok).count() as u32;
+            }
+            (sent, lost)
+        });
+        for flip in 0..40 {
+            let set = if flip % 2 == 0 {
+                &by_block
+            } else {
+                &by_selector
+            };
+            put(&cluster, "networkpolicies", set);
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        prober.join().expect("prober")
+    });
+    assert!(sent > 100, "only {sent} probes ran during the flips");
+    assert_eq!(
+        lost, 0,
+        "{lost} of {sent} new flows were denied during 40 policy swaps"
+    );
+    let socket = cluster.node(1).socket.to_str().expect("utf-8").to_owned();
+    assert!(
+        flows(&socket, &["--verdict", "deny"]).is_empty(),
+        "no deny event at all"
+    );
+    let st = status(&cluster);
+    assert!(
+        st["policy"]["generation"].as_u64().expect("generation") >= 41,
+        "{st:#}"
+    );
+}
