@@ -9,7 +9,8 @@
 //!   plus one rule that allows the client. The bridge baseline gets the same rules as
 //!   `-A FORWARD` rules ahead of the client's ACCEPT (bridged traffic crosses FORWARD with
 //!   bridge-nf-call-iptables), loaded with one `iptables-restore`. Each run visits every rule
-//!   count and measures Slipway and the bridge alternately at each.
+//!   count and measures Slipway and the bridge alternately at each. The suite pins itself, and
+//!   so iperf3 and sockperf on both ends, to one CPU meanwhile (see [`Pinned`]).
 //! - Apply→enforced: a probe loop in the client pod's namespace sends one UDP echo request a
 //!   millisecond, each from a 4-tuple not used before (so no connection-tracking entry from an
 //!   earlier verdict can answer for it), while the allow rule is added and removed; a flip's
@@ -564,6 +565,11 @@ fn measure_traffic(
             ))
         })
         .collect::<anyhow::Result<_>>()?;
+    let pinned = Pinned::to_last_cpu()?;
+    eprintln!(
+        "      traffic pinned to CPU {} (was {})",
+        pinned.cpu, pinned.previous
+    );
     let throughput = |pair: &Pair<'_>| -> anyhow::Result<f64> {
         Ok(iperf3_tcp(
             pair.client,
@@ -605,7 +611,60 @@ fn measure_traffic(
             rtt.baseline.push(b.rtt_p50_us);
         }
     }
+    drop(pinned);
     Ok(traffic)
+}
+
+/// This process, every thread of it, pinned to one CPU, and so every process it starts
+/// meanwhile (both ends of iperf3 and sockperf; pod traffic is processed in the sender's
+/// context, so on that CPU too); the previous CPU list is restored on drop. On this VM a
+/// wakeup across CPUs costs tens of µs (an idle vCPU comes back through the hypervisor):
+/// unpinned, each sockperf run measured 6 µs or 50-80 µs depending on where the scheduler put
+/// the two ends, whatever the rules. On one CPU every side measures its own per-packet cost.
+struct Pinned {
+    pid: String,
+    cpu: usize,
+    /// The CPU list before, as taskset prints it ("0,1").
+    previous: String,
+}
+
+impl Pinned {
+    fn to_last_cpu() -> anyhow::Result<Self> {
+        let pid = std::process::id().to_string();
+        let out = taskset(&["-p", "-c", &pid])?;
+        let previous = out
+            .rsplit_once(": ")
+            .map(|(_, list)| list.trim().to_owned())
+            .with_context(|| format!("taskset -p printed {out}"))?;
+        // The last CPU of the list ("0,1" -> 1, "0-3" -> 3).
+        let cpu: usize = previous
+            .rsplit([',', '-'])
+            .next()
+            .and_then(|last| last.parse().ok())
+            .with_context(|| format!("taskset -p printed the CPU list {previous:?}"))?;
+        taskset(&["-a", "-p", "-c", &cpu.to_string(), &pid])?;
+        Ok(Self { pid, cpu, previous })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = taskset(&["-a", "-p", "-c", &self.previous, &self.pid]);
+    }
+}
+
+fn taskset(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("taskset")
+        .args(args)
+        .output()
+        .context("running taskset (util-linux)")?;
+    ensure!(
+        out.status.success(),
+        "taskset {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Traffic {
