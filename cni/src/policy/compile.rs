@@ -306,9 +306,12 @@ pub fn compile(namespaces: &[Namespace], pods: &[Pod], policies: &[NetworkPolicy
             prefixes.insert((e.network(), e.prefix()));
         }
     }
+    // The prefix lengths blocks use: a prefix's containing blocks can only have these.
+    let lengths: BTreeSet<u8> = blocks.iter().map(|b| b.cidr.prefix()).collect();
     let membership = |p: Ipv4Network| -> Vec<usize> {
-        let mut ids: Vec<usize> = (0..=p.prefix())
-            .filter_map(|len| {
+        let mut ids: Vec<usize> = lengths
+            .range(..=p.prefix())
+            .filter_map(|&len| {
                 let ancestor = normalize(Ipv4Network::new(p.network(), len).ok()?);
                 by_cidr.get(&(ancestor.network(), len))
             })
@@ -577,10 +580,13 @@ fn normalize(net: Ipv4Network) -> Ipv4Network {
 /// Numbers identities by a hash of their content (stable across unrelated changes), avoiding
 /// 0 (ANY), 1 (WORLD) and collisions, in a deterministic order.
 fn number_identities(keys: &BTreeSet<IdentityKey>) -> HashMap<IdentityKey, u32> {
+    use std::hash::{Hash, Hasher};
     let mut taken: BTreeSet<u32> = BTreeSet::from([IDENTITY_ANY, IDENTITY_WORLD]);
     let mut numbers = HashMap::new();
     for key in keys {
-        let mut n = fnv1a(&format!("{key:?}"));
+        let mut hasher = Fnv1a::default();
+        key.hash(&mut hasher);
+        let mut n = hasher.finish() as u32;
         while taken.contains(&n) {
             n = n.wrapping_add(1);
         }
@@ -590,10 +596,26 @@ fn number_identities(keys: &BTreeSet<IdentityKey>) -> HashMap<IdentityKey, u32> 
     numbers
 }
 
-fn fnv1a(text: &str) -> u32 {
-    text.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
+/// FNV-1a (32 bits): a fixed hash, the same in every process and version, unlike the
+/// standard library's randomly keyed one.
+struct Fnv1a(u32);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0x811c_9dc5)
+    }
+}
+
+impl std::hash::Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        u64::from(self.0)
+    }
 }
 
 /// Splits the port range `first..=last` into prefixes: (value, bits matched out of 16).

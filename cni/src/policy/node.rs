@@ -93,6 +93,7 @@ impl FlowFilter {
 /// What the installed state is, for explain, naming events and status.
 #[derive(Debug, Default)]
 struct View {
+    /// Rule ids and selections (its tables moved to `tables`).
     compiled: Compiled,
     /// The cluster-wide tables with this node's fail-closed endpoints as installed.
     tables: PolicyTables,
@@ -254,7 +255,9 @@ impl PolicyNode {
         for e in &errors {
             error!("{e}");
         }
-        let mut view_tables = compiled.tables.clone();
+        // The cluster-wide tables are not needed past this point but in the view.
+        let mut compiled = compiled;
+        let mut view_tables = std::mem::take(&mut compiled.tables);
         for (ep, direction) in &fail_closed {
             view_tables
                 .rules
