@@ -33,7 +33,7 @@ fn world(rules: u32) -> (Vec<Namespace>, Vec<Pod>, Vec<NetworkPolicy>) {
             let ingress: Vec<_> = (0..rules / 10)
                 .map(|i| {
                     let n = p * (rules / 10) + i;
-                    if n % 10 == 0 {
+                    if n.is_multiple_of(10) {
                         json!({"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
                                "ports": [{"port": 10_000 + n % 50_000}]})
                     } else {
