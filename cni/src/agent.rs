@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::plugin::{NodeState, VXLAN_OVERHEAD};
-use crate::policy::node::{Desired, FlowFilter, PolicyNode};
+use crate::policy::node::{FlowFilter, List, ListKind, PolicyNode};
 use crate::spec::Routing;
 
 /// The VXLAN device the agent creates.
@@ -410,7 +410,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &pins,
         args.host_block,
         args.policy_entries as usize,
-        desired_path(&args.data_dir, "policy"),
+        args.data_dir.join("policy"),
     )
     .await?;
     let agent = Arc::new(Agent {
@@ -549,16 +549,12 @@ fn errors(status: u16, errors: Vec<String>) -> Reply {
 }
 
 /// Replaces one list of the policy state; answers after the datapath enforces the result.
-async fn put_policy_state<T: serde::de::DeserializeOwned>(
-    agent: &Agent,
-    body: &[u8],
-    set: impl FnOnce(&mut Desired, Vec<T>),
-) -> Reply {
-    let list: Vec<T> = match serde_json::from_slice(body) {
+async fn put_policy_state(agent: &Agent, kind: ListKind, body: &[u8]) -> Reply {
+    let list = match List::parse(kind, body) {
         Ok(list) => list,
         Err(e) => return errors(400, vec![format!("body: {e}")]),
     };
-    match agent.policy.replace(|d| set(d, list)).await {
+    match agent.policy.replace(list, Some(body)).await {
         Ok(generation) => (
             StatusCode::OK,
             Json(serde_json::json!({ "generation": generation })),
@@ -577,7 +573,7 @@ async fn get_namespaces(State(agent): State<Arc<Agent>>) -> Json<serde_json::Val
 }
 
 async fn put_namespaces(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Reply {
-    put_policy_state(&agent, &body, |d, list| d.namespaces = list).await
+    put_policy_state(&agent, ListKind::Namespaces, &body).await
 }
 
 async fn get_pods(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
@@ -585,7 +581,7 @@ async fn get_pods(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
 }
 
 async fn put_pods(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Reply {
-    put_policy_state(&agent, &body, |d, list| d.pods = list).await
+    put_policy_state(&agent, ListKind::Pods, &body).await
 }
 
 async fn get_policies(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
@@ -593,7 +589,7 @@ async fn get_policies(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value
 }
 
 async fn put_policies(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Reply {
-    put_policy_state(&agent, &body, |d, list| d.policies = list).await
+    put_policy_state(&agent, ListKind::Policies, &body).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,7 +14,7 @@ use slipway_dataplane::abi::policy::{Direction, Event, Verdict};
 use slipway_dataplane::node::Pins;
 use slipway_dataplane::policy::{AsyncPolicyEvents, PolicyMaps, PolicyTables};
 use tokio::sync::{Mutex, broadcast};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::compile::{
     self, Compiled, EndVerdict, Explanation, Namespace, Pod, protocol_name, protocol_number,
@@ -30,6 +30,84 @@ pub struct Desired {
     pub pods: Vec<Pod>,
     #[serde(default)]
     pub policies: Vec<NetworkPolicy>,
+}
+
+/// The lists of [`Desired`], by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Namespaces,
+    Pods,
+    Policies,
+}
+
+impl ListKind {
+    pub const ALL: [ListKind; 3] = [ListKind::Namespaces, ListKind::Pods, ListKind::Policies];
+
+    /// The API path segment and file stem: `namespaces`, `pods`, `networkpolicies`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListKind::Namespaces => "namespaces",
+            ListKind::Pods => "pods",
+            ListKind::Policies => "networkpolicies",
+        }
+    }
+
+    fn path(self, dir: &std::path::Path) -> PathBuf {
+        dir.join(format!("{}.json", self.name()))
+    }
+}
+
+/// One list of [`Desired`], as a PUT carries it.
+#[derive(Debug, Clone)]
+pub enum List {
+    Namespaces(Vec<Namespace>),
+    Pods(Vec<Pod>),
+    Policies(Vec<NetworkPolicy>),
+}
+
+impl List {
+    pub fn parse(kind: ListKind, bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        Ok(match kind {
+            ListKind::Namespaces => List::Namespaces(serde_json::from_slice(bytes)?),
+            ListKind::Pods => List::Pods(serde_json::from_slice(bytes)?),
+            ListKind::Policies => List::Policies(serde_json::from_slice(bytes)?),
+        })
+    }
+
+    pub fn kind(&self) -> ListKind {
+        match self {
+            List::Namespaces(_) => ListKind::Namespaces,
+            List::Pods(_) => ListKind::Pods,
+            List::Policies(_) => ListKind::Policies,
+        }
+    }
+
+    /// Every bad field, named `<list>[i].field`.
+    fn validate(&self) -> Vec<String> {
+        let errors = match self {
+            List::Namespaces(list) => compile::validate_namespaces(list),
+            List::Pods(list) => compile::validate_pods(list),
+            List::Policies(list) => compile::validate_policies(list),
+        };
+        let name = self.kind().name();
+        errors.into_iter().map(|e| format!("{name}{e}")).collect()
+    }
+
+    fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        match self {
+            List::Namespaces(list) => serde_json::to_vec(list),
+            List::Pods(list) => serde_json::to_vec(list),
+            List::Policies(list) => serde_json::to_vec(list),
+        }
+    }
+
+    fn set(self, desired: &mut Desired) {
+        match self {
+            List::Namespaces(list) => desired.namespaces = list,
+            List::Pods(list) => desired.pods = list,
+            List::Policies(list) => desired.policies = list,
+        }
+    }
 }
 
 /// One end of a flow, named when it is a known pod.
@@ -107,7 +185,8 @@ struct View {
 pub struct PolicyNode {
     host_block: Ipv4Network,
     budget: usize,
-    path: PathBuf,
+    /// Where the desired state's lists are persisted, one file each.
+    dir: PathBuf,
     pins: Pins,
     desired: Mutex<(Desired, PolicyMaps)>,
     view: RwLock<Arc<View>>,
@@ -142,20 +221,25 @@ impl PolicyNode {
         pins: &Pins,
         host_block: Ipv4Network,
         budget: usize,
-        path: PathBuf,
+        dir: PathBuf,
     ) -> anyhow::Result<Arc<Self>> {
         let maps = PolicyMaps::open(pins)?;
-        let desired: Desired = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!(path = %path.display(), error = %e, "ignoring unreadable policy state");
-                Desired::default()
-            }),
-            Err(_) => Desired::default(),
-        };
+        let mut desired = Desired::default();
+        for kind in ListKind::ALL {
+            let file = kind.path(&dir);
+            let bytes = match std::fs::read(&file) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => anyhow::bail!("reading {}: {e}", file.display()),
+            };
+            let list = List::parse(kind, &bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            list.set(&mut desired);
+        }
         let node = Arc::new(Self {
             host_block,
             budget,
-            path,
+            dir,
             pins: pins.clone(),
             desired: Mutex::new((Desired::default(), maps)),
             view: RwLock::new(Arc::new(View::default())),
@@ -163,9 +247,11 @@ impl PolicyNode {
             recent: StdMutex::new(VecDeque::new()),
             verdicts: StdMutex::new(BTreeMap::new()),
         });
-        node.replace(|d| *d = desired)
-            .await
+        let mut guard = node.desired.lock().await;
+        guard.0 = desired;
+        node.install(&mut guard)
             .map_err(|e| anyhow::anyhow!("installing policy state: {}", e.errors.join("; ")))?;
+        drop(guard);
         Ok(node)
     }
 
@@ -173,23 +259,11 @@ impl PolicyNode {
         self.desired.lock().await.0.clone()
     }
 
-    /// Changes the desired state with `change`, validates it, persists it and installs it.
-    /// Returns the generation now enforced. Nothing changes when validation fails.
-    pub async fn replace(&self, change: impl FnOnce(&mut Desired)) -> Result<u32, ApiError> {
-        let mut guard = self.desired.lock().await;
-        let mut next = guard.0.clone();
-        change(&mut next);
-        let mut errors = Vec::new();
-        for (what, errs) in [
-            ("namespaces", compile::validate_namespaces(&next.namespaces)),
-            ("pods", compile::validate_pods(&next.pods)),
-            (
-                "networkpolicies",
-                compile::validate_policies(&next.policies),
-            ),
-        ] {
-            errors.extend(errs.into_iter().map(|e| format!("{what}{e}")));
-        }
+    /// Replaces one list of the desired state: validates it, persists it (`raw`, the request
+    /// body it was parsed from, when given) and installs the result. Returns the generation
+    /// now enforced. Nothing changes when validation fails.
+    pub async fn replace(&self, list: List, raw: Option<&[u8]>) -> Result<u32, ApiError> {
+        let errors = list.validate();
         if !errors.is_empty() {
             return Err(ApiError {
                 status: 400,
@@ -200,14 +274,25 @@ impl PolicyNode {
             status: 500,
             errors: vec![e],
         };
-        let body = serde_json::to_vec(&next).map_err(|e| internal(e.to_string()))?;
-        crate::agent::write_atomically(&self.path, &body).map_err(|e| {
-            internal(format!(
-                "persisting policy state to {}: {e}",
-                self.path.display()
-            ))
-        })?;
+        let file = list.kind().path(&self.dir);
+        let body = match raw {
+            Some(raw) => raw.to_vec(),
+            None => list.to_json().map_err(|e| internal(e.to_string()))?,
+        };
+        let mut guard = self.desired.lock().await;
+        crate::agent::write_atomically(&file, &body)
+            .map_err(|e| internal(format!("persisting {}: {e}", file.display())))?;
+        list.set(&mut guard.0);
+        self.install(&mut guard)
+    }
 
+    /// Compiles the desired state and installs this node's part.
+    fn install(&self, guard: &mut (Desired, PolicyMaps)) -> Result<u32, ApiError> {
+        let internal = |e: String| ApiError {
+            status: 500,
+            errors: vec![e],
+        };
+        let next = &guard.0;
         let started = std::time::Instant::now();
         let compiled = compile::compile(&next.namespaces, &next.pods, &next.policies);
         let local: BTreeSet<Ipv4Addr> = next
@@ -284,7 +369,6 @@ impl PolicyNode {
         if let Ok(mut slot) = self.view.write() {
             *slot = Arc::new(view);
         }
-        guard.0 = next;
         Ok(report.generation)
     }
 
