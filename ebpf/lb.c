@@ -3,8 +3,9 @@
  * The L4 load balancer at TC (TCX ingress of the LB host's interface): the packet logic is in
  * lb_core.h; this entry point applies translations with the skb checksum helpers, which keep
  * CHECKSUM_PARTIAL and CHECKSUM_COMPLETE skbs right, and sends translated packets out with
- * bpf_redirect_neigh(), which resolves the next hop's MAC in the kernel's neighbour table.
- * TC, not XDP, because native XDP on a veth collapses TCP throughput (DESIGN.md).
+ * bpf_redirect_neigh(), which resolves the next hop's MAC in the kernel's neighbour table
+ * (ARP or NDP). TC, not XDP, because native XDP on a veth collapses TCP throughput
+ * (DESIGN.md).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -17,26 +18,68 @@
 #define IP_CSUM_OFF (IP_OFF + offsetof(struct iphdr, check))
 #define IP_SRC_OFF (IP_OFF + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF (IP_OFF + offsetof(struct iphdr, daddr))
+#define IP6_SRC_OFF (IP_OFF + offsetof(struct ipv6hdr, saddr))
+#define IP6_DST_OFF (IP_OFF + offsetof(struct ipv6hdr, daddr))
+
+/* bpf_l4_csum_replace(): the pseudo-header change is IPv6's, so a CHECKSUM_COMPLETE skb's
+ * csum stays as it is (there is no IPv6 header checksum to offset it). Kernels before 6.16 do
+ * not know the flag (-EINVAL): lb_tc_rewrite6() retries without it. */
+#ifndef BPF_F_IPV6
+#define BPF_F_IPV6 (1ULL << 7)
+#endif
+
+static __always_inline int lb_tc_rewrite4(struct __sk_buff *skb, struct lb_nat *nat,
+					  __u32 csum_off, __u64 mangled)
+{
+	__be32 old_src = nat->old_src.w[3], new_src = nat->new_src.w[3];
+	__be32 old_dst = nat->old_dst.w[3], new_dst = nat->new_dst.w[3];
+	int err = 0;
+
+	err |= bpf_l4_csum_replace(skb, csum_off, old_src, new_src,
+				   BPF_F_PSEUDO_HDR | mangled | sizeof(__be32));
+	err |= bpf_l4_csum_replace(skb, csum_off, old_dst, new_dst,
+				   BPF_F_PSEUDO_HDR | mangled | sizeof(__be32));
+	err |= bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_src, new_src, sizeof(__be32));
+	err |= bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_dst, new_dst, sizeof(__be32));
+	err |= bpf_skb_store_bytes(skb, IP_SRC_OFF, &new_src, sizeof(__be32), 0);
+	err |= bpf_skb_store_bytes(skb, IP_DST_OFF, &new_dst, sizeof(__be32), 0);
+	return err;
+}
+
+static __always_inline int lb_tc_rewrite6(struct __sk_buff *skb, struct lb_nat *nat,
+					  __u32 csum_off, __u64 mangled)
+{
+	/* The addresses' change to the L4 checksum (through the pseudo-header) as one diff. */
+	__s64 diff = bpf_csum_diff(nat->old_src.w, sizeof(nat->old_src), nat->new_src.w,
+				   sizeof(nat->new_src), 0);
+	if (diff < 0)
+		return -1;
+	diff = bpf_csum_diff(nat->old_dst.w, sizeof(nat->old_dst), nat->new_dst.w,
+			     sizeof(nat->new_dst), (__wsum)diff);
+	if (diff < 0)
+		return -1;
+	int err = bpf_l4_csum_replace(skb, csum_off, 0, diff,
+				      BPF_F_PSEUDO_HDR | BPF_F_IPV6 | mangled);
+	if (err == -22 /* EINVAL: no BPF_F_IPV6 before 6.16 */)
+		err = bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+	err |= bpf_skb_store_bytes(skb, IP6_SRC_OFF, nat->new_src.w, sizeof(nat->new_src), 0);
+	err |= bpf_skb_store_bytes(skb, IP6_DST_OFF, nat->new_dst.w, sizeof(nat->new_dst), 0);
+	return err;
+}
 
 static __always_inline int lb_tc_rewrite(struct __sk_buff *skb, struct lb_nat *nat)
 {
 	__u32 csum_off = nat->l4_off + (nat->proto == IPPROTO_TCP ? 16 : 6);
-	/* A UDP checksum of 0 means "none" and must stay so; a computed 0 is sent as 0xffff. */
+	/* A UDP checksum of 0 means "none" and must stay so; a computed 0 is sent as 0xffff.
+	 * (IPv6 UDP always carries a checksum, RFC 8200 8.1, so the mark changes nothing.) */
 	__u64 mangled = nat->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	int err = 0;
+	int err = nat->v6 ? lb_tc_rewrite6(skb, nat, csum_off, mangled)
+			  : lb_tc_rewrite4(skb, nat, csum_off, mangled);
 
-	err |= bpf_l4_csum_replace(skb, csum_off, nat->old_src, nat->new_src,
-				   BPF_F_PSEUDO_HDR | mangled | sizeof(__be32));
-	err |= bpf_l4_csum_replace(skb, csum_off, nat->old_dst, nat->new_dst,
-				   BPF_F_PSEUDO_HDR | mangled | sizeof(__be32));
 	err |= bpf_l4_csum_replace(skb, csum_off, nat->old_sport, nat->new_sport,
 				   mangled | sizeof(__be16));
 	err |= bpf_l4_csum_replace(skb, csum_off, nat->old_dport, nat->new_dport,
 				   mangled | sizeof(__be16));
-	err |= bpf_l3_csum_replace(skb, IP_CSUM_OFF, nat->old_src, nat->new_src, sizeof(__be32));
-	err |= bpf_l3_csum_replace(skb, IP_CSUM_OFF, nat->old_dst, nat->new_dst, sizeof(__be32));
-	err |= bpf_skb_store_bytes(skb, IP_SRC_OFF, &nat->new_src, sizeof(__be32), 0);
-	err |= bpf_skb_store_bytes(skb, IP_DST_OFF, &nat->new_dst, sizeof(__be32), 0);
 	err |= bpf_skb_store_bytes(skb, nat->l4_off, &nat->new_sport, sizeof(__be16), 0);
 	err |= bpf_skb_store_bytes(skb, nat->l4_off + 2, &nat->new_dport, sizeof(__be16), 0);
 	return err;
@@ -47,17 +90,32 @@ int lb_ingress(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct lb_nat nat = {};
+	/* Never both: a union keeps the stack of the call chain under 512 bytes. */
+	union {
+		struct lb_nat nat;
+		struct lb_ndp ndp;
+	} out = {};
 	__u32 zero = 0;
 
-	switch (lb_decide(data, data_end, skb->len, &nat)) {
+	switch (lb_decide(data, data_end, skb->len, &out.nat, &out.ndp)) {
 	case LB_ACT_DROP:
 		return TC_ACT_SHOT;
 	case LB_ACT_TX:
 		return bpf_redirect(skb->ifindex, 0);
+	case LB_ACT_NDP:
+		/* The NS becomes the NA: grown (an NS without options) or cut (options beyond the
+		 * first) to the NA's size, then written whole. */
+		if (bpf_skb_change_tail(skb, LB_NA_FRAME_LEN, 0) ||
+		    bpf_skb_pull_data(skb, LB_NA_FRAME_LEN))
+			return TC_ACT_SHOT;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		if (lb_ndp_write(data, data_end, &out.ndp))
+			return TC_ACT_SHOT;
+		return bpf_redirect(skb->ifindex, 0);
 	case LB_ACT_NAT: {
 		struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
-		if (!cfg || lb_tc_rewrite(skb, &nat) != 0)
+		if (!cfg || lb_tc_rewrite(skb, &out.nat) != 0)
 			return TC_ACT_SHOT;
 		return bpf_redirect_neigh(cfg->ifindex ? cfg->ifindex : skb->ifindex, NULL, 0, 0);
 	}

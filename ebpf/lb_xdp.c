@@ -15,6 +15,9 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
 static __always_inline __u16 csum_fold32(__u32 sum)
 {
@@ -39,31 +42,92 @@ static __always_inline void csum_replace2(__u16 *sum, __u16 from, __u16 to)
 	*sum = ~csum_fold32(s);
 }
 
+/* The same for a 128-bit field: four 32-bit steps. */
+static __always_inline void csum_replace16(__u16 *sum, const struct lb_addr *from,
+					   const struct lb_addr *to)
+{
+	for (int i = 0; i < 4; i++)
+		csum_replace4(sum, from->w[i], to->w[i]);
+}
+
+/* Translates an IPv4 packet whose next hop `fib` found. */
+static __always_inline void lb_xdp_rewrite4(struct iphdr *ip4, __u16 *l4_csum,
+					     const struct lb_nat *nat)
+{
+	__be32 old_src = nat->old_src.w[3], new_src = nat->new_src.w[3];
+	__be32 old_dst = nat->old_dst.w[3], new_dst = nat->new_dst.w[3];
+
+	csum_replace4(&ip4->check, old_src, new_src);
+	csum_replace4(&ip4->check, old_dst, new_dst);
+	if (nat->proto == IPPROTO_TCP || *l4_csum != 0) {
+		csum_replace4(l4_csum, old_src, new_src);
+		csum_replace4(l4_csum, old_dst, new_dst);
+		csum_replace2(l4_csum, nat->old_sport, nat->new_sport);
+		csum_replace2(l4_csum, nat->old_dport, nat->new_dport);
+		if (nat->proto == IPPROTO_UDP && *l4_csum == 0)
+			*l4_csum = 0xffff;
+	}
+	ip4->saddr = new_src;
+	ip4->daddr = new_dst;
+}
+
+/* Translates an IPv6 packet: no header checksum; the L4 checksum always covers the addresses
+ * (RFC 8200 8.1), a UDP one that comes out 0 is sent as 0xffff. */
+static __always_inline void lb_xdp_rewrite6(struct ipv6hdr *ip6, __u16 *l4_csum,
+					     const struct lb_nat *nat)
+{
+	csum_replace16(l4_csum, &nat->old_src, &nat->new_src);
+	csum_replace16(l4_csum, &nat->old_dst, &nat->new_dst);
+	csum_replace2(l4_csum, nat->old_sport, nat->new_sport);
+	csum_replace2(l4_csum, nat->old_dport, nat->new_dport);
+	if (nat->proto == IPPROTO_UDP && *l4_csum == 0)
+		*l4_csum = 0xffff;
+	__builtin_memcpy(&ip6->saddr, &nat->new_src, sizeof(nat->new_src));
+	__builtin_memcpy(&ip6->daddr, &nat->new_dst, sizeof(nat->new_dst));
+}
+
 SEC("xdp")
 int lb_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct lb_nat nat = {};
+	/* Never both: a union keeps the stack of the call chain under 512 bytes. */
+	union {
+		struct lb_nat nat;
+		struct lb_ndp ndp;
+	} out = {};
 	__u32 zero = 0;
 
-	switch (lb_decide(data, data_end, data_end - data, &nat)) {
+	switch (lb_decide(data, data_end, data_end - data, &out.nat, &out.ndp)) {
 	case LB_ACT_DROP:
 		return XDP_DROP;
 	case LB_ACT_TX:
 		return XDP_TX;
+	case LB_ACT_NDP: {
+		/* The NS becomes the NA, resized to it first (see lb.c). */
+		int delta = (int)LB_NA_FRAME_LEN - (int)(data_end - data);
+		if (delta && bpf_xdp_adjust_tail(ctx, delta))
+			return XDP_DROP;
+		data = (void *)(long)ctx->data;
+		data_end = (void *)(long)ctx->data_end;
+		if (lb_ndp_write(data, data_end, &out.ndp))
+			return XDP_DROP;
+		return XDP_TX;
+	}
 	case LB_ACT_NAT:
 		break;
 	default:
 		return XDP_PASS;
 	}
 
+	struct lb_nat *nat = &out.nat;
 	struct ethhdr *eth = data;
 	struct iphdr *ip4 = data + sizeof(*eth);
-	__u32 l4_off = nat.l4_off & 0x7f;
+	struct ipv6hdr *ip6 = data + sizeof(*eth);
+	__u32 l4_off = nat->l4_off & 0x7f;
 	__be16 *ports = data + l4_off;
-	__u16 *l4_csum = data + l4_off + (nat.proto == IPPROTO_TCP ? 16 : 6);
-	if ((void *)(ip4 + 1) > data_end || (void *)(ports + 2) > data_end ||
+	__u16 *l4_csum = data + l4_off + (nat->proto == IPPROTO_TCP ? 16 : 6);
+	if ((void *)(ip6 + 1) > data_end || (void *)(ports + 2) > data_end ||
 	    (void *)(l4_csum + 1) > data_end)
 		return XDP_DROP;
 
@@ -72,34 +136,34 @@ int lb_xdp(struct xdp_md *ctx)
 	 * bpf_redirect_neigh() resolves the neighbour; the flow's later packets take this path. */
 	struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
 	struct bpf_fib_lookup fib = {
-		.family = AF_INET,
-		.l4_protocol = nat.proto,
-		.sport = nat.new_sport,
-		.dport = nat.new_dport,
-		.tot_len = bpf_ntohs(ip4->tot_len),
-		.ipv4_src = nat.new_src,
-		.ipv4_dst = nat.new_dst,
+		.l4_protocol = nat->proto,
+		.sport = nat->new_sport,
+		.dport = nat->new_dport,
 		.ifindex = cfg && cfg->ifindex ? cfg->ifindex : ctx->ingress_ifindex,
 	};
-	/* bpf_fib_lookup() wants forwarding enabled on the device (net.ipv4.conf.<dev>.forwarding)
-	 * even for output lookups; without it, or without a neighbour, TC does the work. */
+	if (nat->v6) {
+		fib.family = AF_INET6;
+		fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+		__builtin_memcpy(fib.ipv6_src, nat->new_src.w, sizeof(fib.ipv6_src));
+		__builtin_memcpy(fib.ipv6_dst, nat->new_dst.w, sizeof(fib.ipv6_dst));
+	} else {
+		fib.family = AF_INET;
+		fib.tot_len = bpf_ntohs(ip4->tot_len);
+		fib.ipv4_src = nat->new_src.w[3];
+		fib.ipv4_dst = nat->new_dst.w[3];
+	}
+	/* bpf_fib_lookup() wants forwarding enabled on the device (net.ipv4.conf.<dev>.forwarding,
+	 * net.ipv6.conf.<dev>.forwarding) even for output lookups; without it, or without a
+	 * neighbour, TC does the work. */
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS;
 
-	csum_replace4(&ip4->check, nat.old_src, nat.new_src);
-	csum_replace4(&ip4->check, nat.old_dst, nat.new_dst);
-	if (nat.proto == IPPROTO_TCP || *l4_csum != 0) {
-		csum_replace4(l4_csum, nat.old_src, nat.new_src);
-		csum_replace4(l4_csum, nat.old_dst, nat.new_dst);
-		csum_replace2(l4_csum, nat.old_sport, nat.new_sport);
-		csum_replace2(l4_csum, nat.old_dport, nat.new_dport);
-		if (nat.proto == IPPROTO_UDP && *l4_csum == 0)
-			*l4_csum = 0xffff;
-	}
-	ip4->saddr = nat.new_src;
-	ip4->daddr = nat.new_dst;
-	ports[0] = nat.new_sport;
-	ports[1] = nat.new_dport;
+	if (nat->v6)
+		lb_xdp_rewrite6(ip6, l4_csum, nat);
+	else
+		lb_xdp_rewrite4(ip4, l4_csum, nat);
+	ports[0] = nat->new_sport;
+	ports[1] = nat->new_dport;
 	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 	if (fib.ifindex == ctx->ingress_ifindex)

@@ -10,7 +10,7 @@
 //! for HAProxy, the process's utime+stime. Neither includes the softirq time of forwarding,
 //! which on hosts that are namespaces of one kernel cannot be told apart per host.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -122,7 +122,7 @@ fn wrk(client: &Netns, url: &str, close: bool, options: &Options) -> anyhow::Res
 fn iperf3(
     client: &Netns,
     server: &Netns,
-    target: Ipv4Addr,
+    target: IpAddr,
     options: &Options,
 ) -> anyhow::Result<f64> {
     let port = IPERF_PORT.to_string();
@@ -185,6 +185,7 @@ fn service(name: &str, port: u16, backends: &[Ipv4Addr]) -> ServiceSpec {
     ServiceSpec {
         namespace: "bench".into(),
         name: name.into(),
+        ip_families: Vec::new(),
         ports: vec![ServicePort {
             name: None,
             protocol: Protocol::Tcp,
@@ -197,7 +198,7 @@ fn service(name: &str, port: u16, backends: &[Ipv4Addr]) -> ServiceSpec {
         backends: backends
             .iter()
             .map(|ip| BackendSpec {
-                ip: *ip,
+                ip: (*ip).into(),
                 weight: 1,
                 node_local: false,
             })
@@ -321,7 +322,7 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
             eprintln!("[lb] iperf3, run {}/{}", run + 1, options.runs);
             iperf3(&client, &server, iperf_vip, options)
         },
-        |_| iperf3(&client, &server, ips[0], options),
+        |_| iperf3(&client, &server, ips[0].into(), options),
     )?;
     records.push(samples_tp.record(metric("tcp_throughput", "Gbit/s", true, "direct-backend"))?);
 

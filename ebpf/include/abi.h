@@ -89,7 +89,7 @@ struct counter_value {
 #define LB_MAX_BACKENDS 4096
 /* Connection-tracking entries (LRU: the oldest flows are evicted first). */
 #define LB_MAX_FLOWS 262144
-/* Addresses the LB answers ARP for. */
+/* Addresses the LB answers ARP and NDP for. */
 #define LB_MAX_VIPS 1024
 /* loadBalancerSourceRanges entries over all services. */
 #define LB_MAX_SOURCE_RANGES 16384
@@ -105,9 +105,17 @@ struct counter_value {
 /* A FIN or RST went by: the flow is ending; a new SYN on its tuple picks a backend afresh. */
 #define LB_FLOW_CLOSING 1
 
+/* An address of either family in network byte order: an IPv6 address, or an IPv4 address as
+ * an IPv4-mapped IPv6 address (::ffff:a.b.c.d, RFC 4291 2.5.5.2: w[2] = htonl(0xffff),
+ * w[3] = the IPv4 address). One key layout serves both families, and an IPv4 key never
+ * equals an IPv6 one. All zero means "none". */
+struct lb_addr {
+	__be32 w[4];
+};
+
 /* Key of `lb_services`: what a client connects to. */
 struct lb_service_key {
-	__be32 vip;
+	struct lb_addr vip;
 	__be16 port;
 	/* IPPROTO_TCP or IPPROTO_UDP. */
 	__u8 proto;
@@ -123,9 +131,9 @@ struct lb_service {
 	__u32 flags;
 };
 
-/* Value of the `lb_backends` array, indexed by backend id. */
+/* Value of the `lb_backends` array, indexed by backend id; of the VIP's family. */
 struct lb_backend {
-	__be32 ip;
+	struct lb_addr ip;
 	__be16 port;
 	__u16 pad;
 };
@@ -133,8 +141,8 @@ struct lb_backend {
 /* A flow's 5-tuple as seen in one direction: key of `lb_flows` (client -> VIP) and of
  * `lb_reverse` (backend -> where the LB sent the flow from). */
 struct lb_flow_key {
-	__be32 src;
-	__be32 dst;
+	struct lb_addr src;
+	struct lb_addr dst;
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
@@ -147,19 +155,20 @@ struct lb_flow {
 	__u32 service_id;
 	/* Source address and port the backend sees: the LB's SNAT address and a port chosen for
 	 * the flow, or the client's own with LB_SERVICE_F_LOCAL. */
-	__be32 nat_ip;
+	struct lb_addr nat_ip;
 	__be16 nat_port;
 	/* LB_FLOW_* */
 	__u8 state;
 	__u8 pad;
+	__u32 pad2;
 	/* bpf_ktime_get_ns() of the last packet in either direction. */
 	__u64 last_seen_ns;
 };
 
 /* Value of `lb_reverse` (LRU): how to turn a backend's reply back into the VIP's. */
 struct lb_reverse {
-	__be32 client;
-	__be32 vip;
+	struct lb_addr client;
+	struct lb_addr vip;
 	__be16 client_port;
 	__be16 vip_port;
 	__u32 backend_id;
@@ -167,10 +176,11 @@ struct lb_reverse {
 };
 
 /* The data of an `lb_source_ranges` LPM key: the service id is matched in full (32 bits of
- * the prefix), then the client address's first (prefixlen - 32) bits. */
+ * the prefix), then the client address's first (prefixlen - 32) bits; an IPv4 range a.b.c.d/n
+ * is the IPv4-mapped prefix ::ffff:a.b.c.d/(96 + n). */
 struct lb_source_range {
 	__u32 service_id;
-	__be32 ip;
+	struct lb_addr ip;
 };
 
 struct lb_source_range_key {
@@ -178,9 +188,9 @@ struct lb_source_range_key {
 	struct lb_source_range data;
 };
 
-/* Key and value of `lb_vips`: addresses the LB announces (answers ARP for). */
+/* Key and value of `lb_vips`: addresses the LB announces (answers ARP or NDP for). */
 struct lb_vip_key {
-	__be32 ip;
+	struct lb_addr ip;
 };
 
 struct lb_vip {
@@ -189,11 +199,14 @@ struct lb_vip {
 
 /* The single entry of the `lb_config` array. */
 struct lb_config {
-	/* Source address of SNATed flows: the LB host's own address on the LB interface. */
-	__be32 snat_ip;
+	/* Source addresses of SNATed flows, one per family: the LB host's own addresses on the LB
+	 * interface (IPv4-mapped for IPv4). All zero: no SNAT in that family (such flows drop). */
+	struct lb_addr snat_ip4;
+	struct lb_addr snat_ip6;
 	/* Where translated packets leave (the LB is one-armed: usually its ingress device). */
 	__u32 ifindex;
-	/* MAC of the LB interface: the answer to ARP requests for VIPs. */
+	/* MAC of the LB interface: the answer to ARP requests and Neighbor Solicitations for
+	 * VIPs. */
 	__u8 mac[SLIPWAY_ETH_ALEN];
 	__u8 pad[2];
 };
@@ -219,18 +232,20 @@ enum lb_reason {
 	LB_REASON_DROP_NO_BACKEND = 4,
 	/* The client is outside the service's loadBalancerSourceRanges. */
 	LB_REASON_DROP_SOURCE_RANGE = 5,
-	/* Truncated or malformed header, or an IP fragment to a VIP. */
+	/* Truncated or malformed header, an IP fragment or an IPv6 extension header to a VIP. */
 	LB_REASON_DROP_MALFORMED = 6,
 	/* An ARP request for a VIP, answered. */
 	LB_REASON_ARP_REPLY = 7,
 	/* For a VIP, but no service on that port and protocol. */
 	LB_REASON_DROP_NO_SERVICE = 8,
-	/* No free SNAT port for the flow. */
+	/* No free SNAT port for the flow, or no SNAT address in its family. */
 	LB_REASON_DROP_NO_PORT = 9,
 	/* The translated packet could not be routed. */
 	LB_REASON_DROP_NO_ROUTE = 10,
+	/* A Neighbor Solicitation for a VIP, answered with a Neighbor Advertisement. */
+	LB_REASON_NDP_REPLY = 11,
 };
-#define LB_REASON_MAX 11
+#define LB_REASON_MAX 12
 
 /* ---- Node routing (the CNI datapath across hosts) ---------------------------------------- */
 

@@ -12,7 +12,7 @@
 //! `impl IntoResponse for ApiError`. [`Client`] is the blocking client `slipway lb` uses.
 
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,7 +30,7 @@ use crate::status::Status;
 /// The body of a successful `PUT /v1/services`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
 }
 
 /// The body of every error answer.
@@ -58,7 +58,7 @@ impl IntoResponse for ApiError {
             LbError::NotFound(_) => StatusCode::NOT_FOUND,
             LbError::VipConflict { .. } => StatusCode::CONFLICT,
             LbError::NotInPool(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            LbError::PoolExhausted | LbError::Capacity(_) => StatusCode::INSUFFICIENT_STORAGE,
+            LbError::PoolExhausted(_) | LbError::Capacity(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let fields = match &self.0 {
@@ -107,7 +107,7 @@ impl Client {
         serde_json::from_slice(&body).map_err(|e| LbError::Api(format!("status body: {e}")))
     }
 
-    pub fn apply(&self, spec: &ServiceSpec) -> Result<Ipv4Addr, LbError> {
+    pub fn apply(&self, spec: &ServiceSpec) -> Result<IpAddr, LbError> {
         let json = serde_json::to_vec(spec).map_err(|e| LbError::Api(e.to_string()))?;
         let body = self.call("PUT", "/v1/services", Some(&json))?;
         let applied: Applied =
@@ -201,12 +201,12 @@ mod tests {
         let code = |e| ApiError(e).into_response().status();
         assert_eq!(code(LbError::NotFound("a/b".into())), StatusCode::NOT_FOUND);
         assert_eq!(
-            code(LbError::PoolExhausted),
+            code(LbError::PoolExhausted(crate::config::IpFamily::Ipv6)),
             StatusCode::INSUFFICIENT_STORAGE
         );
         assert_eq!(
             code(LbError::VipConflict {
-                vip: Ipv4Addr::LOCALHOST,
+                vip: IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
                 owner: "a/b".into(),
                 port: "80/TCP".into()
             }),

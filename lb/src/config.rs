@@ -1,14 +1,15 @@
 //! What the load balancer is told: the daemon's configuration (interface, VIP pools) and the
 //! services it balances (the fields of a Kubernetes `Service` of type LoadBalancer that an L4
 //! LB needs, plus its backends). Serde types with `deny_unknown_fields`; `validate()` reports
-//! every bad field at once.
+//! every bad field at once. Pools, VIPs, backends and source ranges may be IPv4 or IPv6; a
+//! service is of one family (no dual-stack VIP pairs), and everything in it must match.
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::LbError;
@@ -56,16 +57,21 @@ impl Problems {
 pub struct LbConfig {
     /// The LB interface: the TC program attaches at its ingress, VIPs are announced on it.
     pub interface: String,
-    /// Source address of SNATed flows; default: the interface's first IPv4 address.
+    /// Source address of SNATed IPv4 flows; default: the interface's first IPv4 address.
     #[serde(default)]
     pub snat_ip: Option<Ipv4Addr>,
-    /// The VIP pools (the seeds' Ingress CIDR).
+    /// Source address of SNATed IPv6 flows; default: the interface's first global IPv6
+    /// address.
+    #[serde(default)]
+    pub snat_ip6: Option<Ipv6Addr>,
+    /// The VIP pools (the seeds' Ingress CIDR), IPv4 or IPv6.
     pub pools: Vec<PoolConfig>,
     /// Egress CIDRs: a pool may not overlap them.
     #[serde(default)]
     pub egress_cidrs: Vec<String>,
     /// When set, a pool smaller than this prefix (e.g. 27: fewer than 32 addresses) is
-    /// rejected.
+    /// rejected. Stated for IPv4; an IPv6 pool must hold as many addresses (a prefix of at
+    /// most 96 + this).
     #[serde(default)]
     pub min_pool_prefix: Option<u8>,
     /// The local API's Unix socket.
@@ -74,7 +80,8 @@ pub struct LbConfig {
     /// Where the maps are pinned on bpffs (kept across restarts); none: not pinned.
     #[serde(default)]
     pub pin_dir: Option<PathBuf>,
-    /// Gratuitous ARPs sent when the LB takes a VIP over, and the gap between them.
+    /// Gratuitous ARPs (IPv4) or unsolicited Neighbor Advertisements (IPv6) sent when the LB
+    /// takes a VIP over, and the gap between them.
     #[serde(default = "default_garp_count")]
     pub garp_count: u32,
     #[serde(default = "default_garp_interval_ms")]
@@ -99,7 +106,7 @@ fn default_garp_interval_ms() -> u64 {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PoolConfig {
     pub name: String,
-    /// e.g. "10.99.100.0/24".
+    /// e.g. "10.99.100.0/24" or "fd99:100::/120".
     pub cidr: String,
 }
 
@@ -109,6 +116,7 @@ impl LbConfig {
         Self {
             interface: interface.to_owned(),
             snat_ip: None,
+            snat_ip6: None,
             pools,
             egress_cidrs: Vec::new(),
             min_pool_prefix: None,
@@ -127,7 +135,7 @@ impl LbConfig {
         }
         let mut egress = Vec::new();
         for (i, cidr) in self.egress_cidrs.iter().enumerate() {
-            match cidr.parse::<Ipv4Network>() {
+            match cidr.parse::<IpNetwork>() {
                 Ok(net) => egress.push(net),
                 Err(e) => p.add(format!("egressCidrs[{i}]"), format!("{cidr:?}: {e}")),
             }
@@ -141,7 +149,7 @@ impl LbConfig {
             p.add("pools", "at least one pool is needed");
         }
         let mut names = BTreeSet::new();
-        let mut nets: Vec<(usize, Ipv4Network)> = Vec::new();
+        let mut nets: Vec<(usize, IpNetwork)> = Vec::new();
         for (i, pool) in self.pools.iter().enumerate() {
             if pool.name.is_empty() {
                 p.add(format!("pools[{i}].name"), "must not be empty");
@@ -151,7 +159,7 @@ impl LbConfig {
                     format!("{:?} is used twice", pool.name),
                 );
             }
-            let net = match pool.cidr.parse::<Ipv4Network>() {
+            let net = match pool.cidr.parse::<IpNetwork>() {
                 Ok(net) => net,
                 Err(e) => {
                     p.add(format!("pools[{i}].cidr"), format!("{:?}: {e}", pool.cidr));
@@ -169,15 +177,24 @@ impl LbConfig {
                 );
             }
             if let Some(min) = self.min_pool_prefix
-                && net.prefix() > min
+                && min <= 32
             {
-                p.add(
-                    format!("pools[{i}].cidr"),
-                    format!("{net} is smaller than the /{min} minimum"),
-                );
+                let limit = match net {
+                    IpNetwork::V4(_) => min,
+                    IpNetwork::V6(_) => 96 + min,
+                };
+                if net.prefix() > limit {
+                    p.add(
+                        format!("pools[{i}].cidr"),
+                        format!("{net} is smaller than the /{limit} minimum (minPoolPrefix {min})"),
+                    );
+                }
+            }
+            if let Some(problem) = unusable_pool(net) {
+                p.add(format!("pools[{i}].cidr"), format!("{net}: {problem}"));
             }
             for e in &egress {
-                if e.overlaps(net) {
+                if overlaps(*e, net) {
                     p.add(
                         format!("pools[{i}].cidr"),
                         format!("{net} overlaps the egress CIDR {e}"),
@@ -185,7 +202,7 @@ impl LbConfig {
                 }
             }
             for (j, other) in &nets {
-                if other.overlaps(net) {
+                if overlaps(*other, net) {
                     p.add(
                         format!("pools[{i}].cidr"),
                         format!("{net} overlaps pools[{j}] ({other})"),
@@ -198,6 +215,82 @@ impl LbConfig {
             p.add("garpCount", "at most 100");
         }
         p.finish("LB configuration")
+    }
+}
+
+/// Whether two networks share an address (never across families).
+pub fn overlaps(a: IpNetwork, b: IpNetwork) -> bool {
+    match (a, b) {
+        (IpNetwork::V4(a), IpNetwork::V4(b)) => a.overlaps(b),
+        (IpNetwork::V6(a), IpNetwork::V6(b)) => a.overlaps(b),
+        _ => false,
+    }
+}
+
+/// Why a network cannot hold VIPs, if it cannot: addresses no host answers for on a link.
+fn unusable_pool(net: IpNetwork) -> Option<&'static str> {
+    match net {
+        IpNetwork::V4(n) if n.network().is_multicast() || n.network().is_loopback() => {
+            Some("multicast and loopback addresses cannot be VIPs")
+        }
+        IpNetwork::V4(_) => None,
+        IpNetwork::V6(n) => ipv6_vip_problem(n.network()).or_else(|| {
+            (n.prefix() < 96 && n.contains(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()))
+                .then_some("holds the IPv4-mapped range ::ffff:0:0/96")
+        }),
+    }
+}
+
+/// Why an IPv6 address cannot be a VIP, if it cannot.
+fn ipv6_vip_problem(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_multicast() {
+        Some("multicast addresses cannot be VIPs")
+    } else if ip.is_loopback() || ip.is_unspecified() {
+        Some("loopback and unspecified addresses cannot be VIPs")
+    } else if ip.is_unicast_link_local() {
+        Some("link-local addresses (fe80::/10) cannot be VIPs: they are not routed")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("IPv4-mapped addresses (::ffff:0:0/96) are IPv4: write them as IPv4")
+    } else {
+        None
+    }
+}
+
+/// An address family, as Kubernetes names it in `spec.ipFamilies`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub enum IpFamily {
+    #[default]
+    #[serde(rename = "IPv4")]
+    Ipv4,
+    #[serde(rename = "IPv6")]
+    Ipv6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::Ipv4,
+            IpAddr::V6(_) => IpFamily::Ipv6,
+        }
+    }
+
+    pub fn of_net(net: IpNetwork) -> Self {
+        Self::of(net.ip())
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "IPv4",
+            IpFamily::Ipv6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -245,9 +338,13 @@ pub struct ServiceSpec {
     pub namespace: String,
     pub name: String,
     pub ports: Vec<ServicePort>,
+    /// The VIP's family (`spec.ipFamilies`, one entry: a service has one VIP). Default: the
+    /// family of `loadBalancerIP`, else of the first backend, else IPv4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_families: Vec<IpFamily>,
     /// Requests a specific VIP (`spec.loadBalancerIP`).
     #[serde(default)]
-    pub load_balancer_ip: Option<Ipv4Addr>,
+    pub load_balancer_ip: Option<IpAddr>,
     /// Clients allowed in (`spec.loadBalancerSourceRanges`); empty: everyone.
     #[serde(default)]
     pub load_balancer_source_ranges: Vec<String>,
@@ -293,7 +390,8 @@ impl ServicePort {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackendSpec {
-    pub ip: Ipv4Addr,
+    /// Of the service's family.
+    pub ip: IpAddr,
     /// Relative share of new flows; 0 drains the backend (no new flows, existing ones stay).
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -363,8 +461,19 @@ impl ServiceSpec {
         })
     }
 
+    /// The VIP's family: `ipFamilies[0]`, else that of `loadBalancerIP`, else of the first
+    /// backend, else IPv4.
+    pub fn family(&self) -> IpFamily {
+        self.ip_families
+            .first()
+            .copied()
+            .or(self.load_balancer_ip.map(IpFamily::of))
+            .or(self.backends.first().map(|b| IpFamily::of(b.ip)))
+            .unwrap_or_default()
+    }
+
     /// The parsed source ranges (call after [`ServiceSpec::validate`]).
-    pub fn source_ranges(&self) -> Vec<Ipv4Network> {
+    pub fn source_ranges(&self) -> Vec<IpNetwork> {
         self.load_balancer_source_ranges
             .iter()
             .filter_map(|r| r.parse().ok())
@@ -397,16 +506,42 @@ impl ServiceSpec {
                 );
             }
         }
-        if let Some(ip) = self.load_balancer_ip
-            && (ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
-        {
-            p.add("loadBalancerIP", format!("{ip} cannot be a VIP"));
+        if self.ip_families.len() > 1 {
+            p.add(
+                "ipFamilies",
+                "one family only: a service has one VIP (no dual-stack pairs)",
+            );
+        }
+        let family = self.family();
+        if let Some(ip) = self.load_balancer_ip {
+            let problem = match ip {
+                IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+                    Some(format!("{ip} cannot be a VIP"))
+                }
+                IpAddr::V4(_) => None,
+                IpAddr::V6(v6) => ipv6_vip_problem(v6).map(|problem| format!("{ip}: {problem}")),
+            };
+            if let Some(problem) = problem {
+                p.add("loadBalancerIP", problem);
+            } else if IpFamily::of(ip) != family {
+                p.add(
+                    "loadBalancerIP",
+                    format!("{ip} is {}, the service is {family}", IpFamily::of(ip)),
+                );
+            }
         }
         for (i, range) in self.load_balancer_source_ranges.iter().enumerate() {
-            match range.parse::<Ipv4Network>() {
+            match range.parse::<IpNetwork>() {
                 Ok(net) if net.network() != net.ip() => p.add(
                     format!("loadBalancerSourceRanges[{i}]"),
                     format!("{range} has host bits set"),
+                ),
+                Ok(net) if IpFamily::of_net(net) != family => p.add(
+                    format!("loadBalancerSourceRanges[{i}]"),
+                    format!(
+                        "{range} is {}, the service is {family}",
+                        IpFamily::of_net(net)
+                    ),
                 ),
                 Ok(_) => {}
                 Err(e) => p.add(
@@ -417,10 +552,23 @@ impl ServiceSpec {
         }
         let mut ips = BTreeSet::new();
         for (i, backend) in self.backends.iter().enumerate() {
-            if backend.ip.is_unspecified() || backend.ip.is_broadcast() {
+            let no_host = match backend.ip {
+                IpAddr::V4(ip) => ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast(),
+                IpAddr::V6(ip) => ip.is_unspecified() || ip.is_multicast(),
+            };
+            if no_host {
                 p.add(
                     format!("backends[{i}].ip"),
                     format!("{} is no host", backend.ip),
+                );
+            } else if IpFamily::of(backend.ip) != family {
+                p.add(
+                    format!("backends[{i}].ip"),
+                    format!(
+                        "{} is {}, the service is {family} (no translation between families)",
+                        backend.ip,
+                        IpFamily::of(backend.ip)
+                    ),
                 );
             }
             if !ips.insert(backend.ip) {

@@ -6,13 +6,13 @@
 //! the [`LbMaps`] seam, so it is unit-tested without a kernel.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use slipway_dataplane::abi::lb::{
-    self as abi, FLOW_OPEN, LbBackend, LbFlowKey, LbService, LbServiceKey, MAGLEV_SIZE,
-    MAX_BACKENDS, MAX_SERVICES, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    FLOW_OPEN, LbBackend, LbFlowKey, LbService, LbServiceKey, MAGLEV_SIZE, MAX_BACKENDS,
+    MAX_SERVICES, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 use tracing::{info, warn};
 
@@ -34,8 +34,8 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HealthTarget {
     pub service: String,
-    pub ip: Ipv4Addr,
-    pub addr: SocketAddrV4,
+    pub ip: IpAddr,
+    pub addr: SocketAddr,
     pub interval: Duration,
     pub timeout: Duration,
     pub http_path: Option<String>,
@@ -44,9 +44,9 @@ pub struct HealthTarget {
 /// What applying a service did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
-    pub vip: Ipv4Addr,
-    /// VIPs newly announced: send gratuitous ARP for them.
-    pub taken_over: Vec<Ipv4Addr>,
+    pub vip: IpAddr,
+    /// VIPs newly announced: send gratuitous ARP or unsolicited NA for them.
+    pub taken_over: Vec<IpAddr>,
 }
 
 #[derive(Debug)]
@@ -57,21 +57,21 @@ struct PortState {
     /// Backend id per ring slot, as last written.
     ring: Option<Vec<u32>>,
     /// Slots per backend address.
-    shares: BTreeMap<Ipv4Addr, u64>,
+    shares: BTreeMap<IpAddr, u64>,
 }
 
 #[derive(Debug)]
 struct ServiceState {
     spec: ServiceSpec,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     ports: Vec<PortState>,
-    ranges: Vec<Ipv4Network>,
-    health: BTreeMap<Ipv4Addr, Health>,
-    drained_since: BTreeMap<Ipv4Addr, Instant>,
+    ranges: Vec<IpNetwork>,
+    health: BTreeMap<IpAddr, Health>,
+    drained_since: BTreeMap<IpAddr, Instant>,
 }
 
 impl ServiceState {
-    fn backend_state(&self, ip: Ipv4Addr, weight: u32, node_local: bool) -> BackendState {
+    fn backend_state(&self, ip: IpAddr, weight: u32, node_local: bool) -> BackendState {
         if self.spec.external_traffic_policy == TrafficPolicy::Local && !node_local {
             BackendState::NotLocal
         } else if !self.health.get(&ip).is_none_or(|h| h.healthy) {
@@ -91,7 +91,7 @@ pub struct Controller {
     announcer: Announcer,
     services: BTreeMap<String, ServiceState>,
     free_ids: BTreeSet<u32>,
-    backend_ids: BTreeMap<SocketAddrV4, u32>,
+    backend_ids: BTreeMap<SocketAddr, u32>,
     next_backend: u32,
     maglev_size: u32,
 }
@@ -136,7 +136,9 @@ impl Controller {
         if ports.len() - reused > self.free_ids.len() + freed {
             return Err(LbError::Capacity("no free service id (LB_MAX_SERVICES)"));
         }
-        let vip = self.pools.allocate(&key, spec.load_balancer_ip, &ports)?;
+        let vip = self
+            .pools
+            .allocate(&key, spec.family(), spec.load_balancer_ip, &ports)?;
 
         let old = self.services.remove(&key);
         let (mut old_ports, health, mut drained_since, old_ranges, old_vip) = match old {
@@ -243,7 +245,7 @@ impl Controller {
     pub fn observe_health(
         &mut self,
         service: &str,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         ok: bool,
     ) -> Result<Option<bool>, LbError> {
         let Some(state) = self.services.get_mut(service) else {
@@ -284,7 +286,7 @@ impl Controller {
                 targets.push(HealthTarget {
                     service: name.clone(),
                     ip: b.ip,
-                    addr: SocketAddrV4::new(b.ip, port),
+                    addr: SocketAddr::new(b.ip, port),
                     interval: Duration::from_millis(*interval_ms),
                     timeout: Duration::from_millis(*timeout_ms),
                     http_path: http_path.clone(),
@@ -296,7 +298,7 @@ impl Controller {
 
     /// Periodic work: ends the flows of backends drained longer than their service's drain
     /// timeout, and re-checks the announcement lease. Returns VIPs newly taken over.
-    pub fn tick(&mut self, now: Instant) -> Result<Vec<Ipv4Addr>, LbError> {
+    pub fn tick(&mut self, now: Instant) -> Result<Vec<IpAddr>, LbError> {
         let mut expired: BTreeSet<(u32, u32)> = BTreeSet::new();
         for s in self.services.values() {
             let Some(limit) = s.spec.drain_timeout_secs.map(Duration::from_secs) else {
@@ -307,17 +309,14 @@ impl Controller {
                     continue;
                 }
                 for p in &s.ports {
-                    if let Some(id) = self
-                        .backend_ids
-                        .get(&SocketAddrV4::new(*ip, p.port.target()))
-                    {
+                    if let Some(id) = self.backend_ids.get(&SocketAddr::new(*ip, p.port.target())) {
                         expired.insert((p.id, *id));
                     }
                 }
             }
         }
         if !expired.is_empty() {
-            let backends: BTreeMap<u32, SocketAddrV4> =
+            let backends: BTreeMap<u32, SocketAddr> =
                 self.backend_ids.iter().map(|(a, id)| (*id, *a)).collect();
             for (key, flow) in self.maps.flows()? {
                 if !expired.contains(&(flow.service_id, flow.backend_id)) {
@@ -327,9 +326,9 @@ impl Controller {
                     continue;
                 };
                 let reverse = LbFlowKey {
-                    src: abi::be32(*backend.ip()),
+                    src: backend.ip().into(),
                     dst: flow.nat_ip,
-                    sport: abi::be16(backend.port()),
+                    sport: backend.port().to_be(),
                     dport: flow.nat_port,
                     proto: key.proto,
                     pad: [0; 3],
@@ -391,7 +390,7 @@ impl Controller {
                     status.slots += p.shares.get(&b.ip).copied().unwrap_or(0);
                     let Some(id) = self
                         .backend_ids
-                        .get(&SocketAddrV4::new(b.ip, p.port.target()))
+                        .get(&SocketAddr::new(b.ip, p.port.target()))
                     else {
                         continue;
                     };
@@ -460,7 +459,7 @@ impl Controller {
                 if st == BackendState::NotLocal {
                     continue;
                 }
-                let addr = SocketAddrV4::new(b.ip, target);
+                let addr = SocketAddr::new(b.ip, target);
                 backends_in_use.push(addr);
                 weighted.push(Weighted {
                     name: addr.to_string(),
@@ -513,7 +512,7 @@ impl Controller {
                 .shares(addrs.len())
                 .into_iter()
                 .zip(&addrs)
-                .map(|(n, a)| (*a.ip(), n as u64))
+                .map(|(n, a)| (a.ip(), n as u64))
                 .collect();
             p.ring = Some(ring);
             self.maps
@@ -524,7 +523,7 @@ impl Controller {
 
     /// The id of backend `addr`, assigned on first use. Ids are handed out round-robin so a
     /// freed id is reused as late as possible (a flow still pinned to it would follow).
-    fn backend_id(&mut self, addr: SocketAddrV4) -> Result<u32, LbError> {
+    fn backend_id(&mut self, addr: SocketAddr) -> Result<u32, LbError> {
         if let Some(id) = self.backend_ids.get(&addr) {
             return Ok(*id);
         }
@@ -534,7 +533,7 @@ impl Controller {
             self.next_backend = if id + 1 >= MAX_BACKENDS { 1 } else { id + 1 };
             if !used.contains(&id) {
                 self.maps
-                    .set_backend(id, LbBackend::new(*addr.ip(), addr.port()))?;
+                    .set_backend(id, LbBackend::new(addr.ip(), addr.port()))?;
                 self.backend_ids.insert(addr, id);
                 return Ok(id);
             }
@@ -549,12 +548,12 @@ impl Controller {
             for p in &s.ports {
                 for b in &s.spec.backends {
                     if s.backend_state(b.ip, b.weight, b.node_local) != BackendState::NotLocal {
-                        used.insert(SocketAddrV4::new(b.ip, p.port.target()));
+                        used.insert(SocketAddr::new(b.ip, p.port.target()));
                     }
                 }
             }
         }
-        let gone: Vec<(SocketAddrV4, u32)> = self
+        let gone: Vec<(SocketAddr, u32)> = self
             .backend_ids
             .iter()
             .filter(|(a, _)| !used.contains(a))
@@ -569,7 +568,7 @@ impl Controller {
 
     /// Removes a port's service entry and source ranges and frees its id. Its ring stays as
     /// it is: nothing reaches it without the service entry, and the next user rewrites it.
-    fn retire_port(&mut self, port: &PortState, ranges: &[Ipv4Network]) -> Result<(), LbError> {
+    fn retire_port(&mut self, port: &PortState, ranges: &[IpNetwork]) -> Result<(), LbError> {
         self.maps.remove_service(&port.key)?;
         for net in ranges {
             self.maps.remove_source_range(port.id, *net)?;
@@ -578,8 +577,8 @@ impl Controller {
         Ok(())
     }
 
-    fn announce(&mut self) -> Result<Vec<Ipv4Addr>, LbError> {
-        let wanted: BTreeSet<Ipv4Addr> = self.services.values().map(|s| s.vip).collect();
+    fn announce(&mut self) -> Result<Vec<IpAddr>, LbError> {
+        let wanted: BTreeSet<IpAddr> = self.services.values().map(|s| s.vip).collect();
         self.announcer.sync(self.maps.as_mut(), &wanted)
     }
 }
@@ -589,7 +588,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use slipway_dataplane::abi::CounterValue;
-    use slipway_dataplane::abi::lb::{LbConfig as ConfigValue, LbFlow, LbReason, LbStats};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbFlow, LbReason, LbStats};
 
     use super::*;
     use crate::announce::StaticLease;
@@ -598,12 +599,12 @@ mod tests {
     /// The maps in memory, counting ring writes.
     #[derive(Debug, Default)]
     struct Fake {
-        services: BTreeMap<(u32, u16, u8), LbService>,
+        services: BTreeMap<(LbAddr, u16, u8), LbService>,
         backends: BTreeMap<u32, LbBackend>,
         rings: BTreeMap<u32, Vec<u32>>,
         ring_writes: usize,
-        ranges: BTreeSet<(u32, Ipv4Network)>,
-        vips: BTreeSet<Ipv4Addr>,
+        ranges: BTreeSet<(u32, IpNetwork)>,
+        vips: BTreeSet<IpAddr>,
         flows: Vec<(LbFlowKey, LbFlow)>,
         removed_flows: Vec<LbFlowKey>,
     }
@@ -635,19 +636,19 @@ mod tests {
             self.ring_writes += slots.len();
             Ok(())
         }
-        fn add_source_range(&mut self, id: u32, net: Ipv4Network) -> Result<(), LbError> {
+        fn add_source_range(&mut self, id: u32, net: IpNetwork) -> Result<(), LbError> {
             self.ranges.insert((id, net));
             Ok(())
         }
-        fn remove_source_range(&mut self, id: u32, net: Ipv4Network) -> Result<(), LbError> {
+        fn remove_source_range(&mut self, id: u32, net: IpNetwork) -> Result<(), LbError> {
             self.ranges.remove(&(id, net));
             Ok(())
         }
-        fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+        fn add_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
             self.vips.insert(vip);
             Ok(())
         }
-        fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+        fn remove_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
             self.vips.remove(&vip);
             Ok(())
         }
@@ -673,10 +674,16 @@ mod tests {
         let fake = Arc::new(Mutex::new(Fake::default()));
         let pools = Pools::from_config(&LbConfig::new(
             "eth0",
-            vec![PoolConfig {
-                name: "p".into(),
-                cidr: "10.99.100.0/24".into(),
-            }],
+            vec![
+                PoolConfig {
+                    name: "p".into(),
+                    cidr: "10.99.100.0/24".into(),
+                },
+                PoolConfig {
+                    name: "p6".into(),
+                    cidr: "fd99:100::/120".into(),
+                },
+            ],
         ))
         .expect("pools");
         let c = Controller::new(
@@ -691,6 +698,7 @@ mod tests {
         ServiceSpec {
             namespace: "default".into(),
             name: "web".into(),
+            ip_families: Vec::new(),
             ports: vec![ServicePort {
                 name: None,
                 protocol: Protocol::Tcp,
@@ -703,7 +711,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|(last, weight)| BackendSpec {
-                    ip: Ipv4Addr::new(10, 99, 0, *last),
+                    ip: Ipv4Addr::new(10, 99, 0, *last).into(),
                     weight: *weight,
                     node_local: false,
                 })
@@ -721,7 +729,7 @@ mod tests {
     fn only_changed_slots_are_written_and_backend_ids_stay() {
         let (mut c, f) = controller();
         let applied = c.apply(spec(&[(3, 1), (4, 1), (5, 1)])).expect("apply");
-        assert_eq!(applied.vip, Ipv4Addr::new(10, 99, 100, 1));
+        assert_eq!(applied.vip, IpAddr::V4(Ipv4Addr::new(10, 99, 100, 1)));
         assert_eq!(applied.taken_over, vec![applied.vip]);
         let (writes, ids) = {
             let f = fake(&f);
@@ -769,7 +777,7 @@ mod tests {
         let mut s = spec(&[(3, 1), (4, 0)]);
         s.drain_timeout_secs = Some(5);
         c.apply(s).expect("apply");
-        let drained = LbBackend::new(Ipv4Addr::new(10, 99, 0, 4), 8080);
+        let drained = LbBackend::new(Ipv4Addr::new(10, 99, 0, 4).into(), 8080);
         let id = {
             let f = fake(&f);
             let id = *f
@@ -785,10 +793,10 @@ mod tests {
             id
         };
         let key = LbFlowKey {
-            src: abi::be32(Ipv4Addr::new(10, 99, 0, 1)),
-            dst: abi::be32(Ipv4Addr::new(10, 99, 100, 1)),
-            sport: abi::be16(40000),
-            dport: abi::be16(80),
+            src: Ipv4Addr::new(10, 99, 0, 1).into(),
+            dst: Ipv4Addr::new(10, 99, 100, 1).into(),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
             proto: 6,
             pad: [0; 3],
         };
@@ -797,10 +805,11 @@ mod tests {
             LbFlow {
                 backend_id: id,
                 service_id: 0,
-                nat_ip: 0,
+                nat_ip: LbAddr::NONE,
                 nat_port: 0,
                 state: FLOW_OPEN,
                 pad: 0,
+                pad2: 0,
                 last_seen_ns: 0,
             },
         ));
@@ -826,7 +835,7 @@ mod tests {
         c.apply(s).expect("apply");
         assert_eq!(c.health_targets().len(), 2);
         assert_eq!(c.health_targets()[0].addr.port(), 8080);
-        let down = Ipv4Addr::new(10, 99, 0, 4);
+        let down = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 4));
         assert_eq!(
             c.observe_health("default/web", down, false).expect("probe"),
             None
@@ -861,5 +870,77 @@ mod tests {
             c.delete("default", "web"),
             Err(LbError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn an_ipv6_service_gets_an_ipv6_vip_backends_and_ranges() {
+        let (mut c, f) = controller();
+        let b6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, last));
+        let mut s = spec(&[]);
+        s.backends = [3, 4, 5]
+            .into_iter()
+            .map(|last| BackendSpec {
+                ip: b6(last),
+                weight: 1,
+                node_local: false,
+            })
+            .collect();
+        s.load_balancer_source_ranges = vec!["fd99::/64".into()];
+        let applied = c.apply(s.clone()).expect("apply");
+        let vip: IpAddr = "fd99:100::1".parse().expect("vip");
+        assert_eq!(applied.vip, vip, "the family follows the backends");
+        assert_eq!(applied.taken_over, vec![vip]);
+        {
+            let f = fake(&f);
+            let (key, service) = f.services.iter().next().expect("service");
+            assert_eq!(key.0, LbAddr::from(vip));
+            assert_eq!(service.flags, SERVICE_F_SOURCE_RANGES);
+            let ips: BTreeSet<IpAddr> = f.backends.values().map(|b| b.ip.ip()).collect();
+            assert_eq!(ips, [b6(3), b6(4), b6(5)].into_iter().collect());
+            assert!(f.ranges.contains(&(0, "fd99::/64".parse().expect("net"))));
+            assert!(f.vips.contains(&vip));
+        }
+        let targets = {
+            let mut s = s.clone();
+            s.health_check = Some(HealthCheckSpec {
+                interval_ms: 100,
+                timeout_ms: 50,
+                rise: 1,
+                fall: 1,
+                port: None,
+                http_path: None,
+            });
+            c.apply(s).expect("with checks");
+            c.health_targets()
+        };
+        assert_eq!(
+            targets[0].addr,
+            SocketAddr::new(b6(3), 8080),
+            "health checks probe the IPv6 backends"
+        );
+
+        // An IPv4 service beside it takes an IPv4 address; the status shows both.
+        let mut v4 = spec(&[(3, 1)]);
+        v4.name = "web4".into();
+        assert_eq!(
+            c.apply(v4).expect("v4").vip,
+            IpAddr::V4(Ipv4Addr::new(10, 99, 100, 1))
+        );
+        let status = c.status(0).expect("status");
+        assert_eq!(status.announced.len(), 2);
+        assert!(status.services.iter().any(|s| s.vip == vip));
+        assert_eq!(status.pools[1].used, 1);
+
+        // A backend of the other family is rejected naming its field, and nothing changes.
+        let mut mixed = s.clone();
+        mixed.backends[1].ip = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 4));
+        let err = c.apply(mixed).expect_err("mixed families");
+        assert!(
+            err.to_string()
+                .contains("backends[1].ip: 10.99.0.4 is IPv4, the service is IPv6"),
+            "{err}"
+        );
+        c.delete("default", "web").expect("delete");
+        assert!(!fake(&f).vips.contains(&vip), "withdrawn");
     }
 }

@@ -1,11 +1,12 @@
 //! The LB daemon (`slipway lb serve`): loads and attaches the datapath on the LB interface,
-//! serves the local API on a Unix socket, runs the health checks, sends gratuitous ARP for
-//! VIPs it takes over, and ends drained flows on time. [`DaemonHandle`] runs one on a thread
+//! serves the local API on a Unix socket, runs the health checks, sends gratuitous ARP (or
+//! unsolicited Neighbor Advertisements, for IPv6) for VIPs it takes over, and ends drained
+//! flows on time. [`DaemonHandle`] runs one on a thread
 //! inside a named network namespace (tests, the benchmark, the demo).
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,13 +19,13 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, put};
 use serde_json::Value;
-use slipway_dataplane::abi::lb::{LbConfig as ConfigValue, be32};
+use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
 use crate::LbError;
-use crate::announce::{Announcer, Lease, StaticLease, garp_frame};
+use crate::announce::{Announcer, Lease, StaticLease, announcement_frame};
 use crate::api::{self, ApiError, Applied};
 use crate::config::LbConfig;
 use crate::controller::{Controller, HealthTarget};
@@ -41,9 +42,12 @@ pub struct Interface {
     pub mac: [u8; 6],
     /// Its first IPv4 address.
     pub ip: Option<Ipv4Addr>,
+    /// Its first global IPv6 address.
+    pub ip6: Option<Ipv6Addr>,
 }
 
-/// Reads `ifname`'s index, MAC and first IPv4 address in the calling thread's namespace
+/// Reads `ifname`'s index, MAC, first IPv4 and global IPv6 addresses in the calling thread's
+/// namespace
 /// (with `ip -j`: sysfs shows the namespace it was mounted in, not the caller's).
 pub fn interface(ifname: &str) -> Result<Interface, LbError> {
     let output = std::process::Command::new("ip")
@@ -80,7 +84,18 @@ pub fn interface(ifname: &str) -> Result<Interface, LbError> {
             .find(|a| a["family"] == "inet")
             .and_then(|a| a["local"].as_str()?.parse().ok())
     });
-    Ok(Interface { ifindex, mac, ip })
+    let ip6 = link["addr_info"].as_array().and_then(|addrs| {
+        addrs
+            .iter()
+            .find(|a| a["family"] == "inet6" && a["scope"] == "global")
+            .and_then(|a| a["local"].as_str()?.parse().ok())
+    });
+    Ok(Interface {
+        ifindex,
+        mac,
+        ip,
+        ip6,
+    })
 }
 
 /// Warns when the host's ephemeral ports overlap the SNAT ports: a backend's answer to one of
@@ -137,20 +152,33 @@ pub async fn serve(
     config.validate()?;
     let pools = Pools::from_config(&config)?;
     let iface = interface(&config.interface)?;
-    let snat_ip = config.snat_ip.or(iface.ip).ok_or(LbError::Capacity(
-        "the LB interface has no IPv4 address for SNAT",
-    ))?;
+    let snat_ip = config.snat_ip.or(iface.ip);
+    let snat_ip6 = config.snat_ip6.or(iface.ip6);
+    if snat_ip.is_none() && snat_ip6.is_none() {
+        return Err(LbError::Capacity(
+            "the LB interface has no IPv4 or global IPv6 address for SNAT",
+        ));
+    }
+    for (family, missing) in [("IPv4", snat_ip.is_none()), ("IPv6", snat_ip6.is_none())] {
+        if missing {
+            warn!(
+                family,
+                "no SNAT address of this family: its externalTrafficPolicy Cluster flows drop"
+            );
+        }
+    }
     let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref())?;
     use crate::maps::LbMaps as _;
     datapath.set_config(ConfigValue {
-        snat_ip: be32(snat_ip),
+        snat_ip4: snat_ip.map_or(LbAddr::NONE, LbAddr::from),
+        snat_ip6: snat_ip6.map_or(LbAddr::NONE, LbAddr::from),
         ifindex: iface.ifindex,
         mac: iface.mac,
         pad: [0; 2],
     })?;
     datapath.attach(&config.interface)?;
     warn_on_port_overlap();
-    info!(interface = %config.interface, %snat_ip, ?point, "LB datapath attached");
+    info!(interface = %config.interface, ?snat_ip, ?snat_ip6, ?point, "LB datapath attached");
 
     let controller = Controller::new(Box::new(datapath), pools, Announcer::new(lease));
     let shared = Arc::new(Shared {
@@ -189,7 +217,7 @@ pub async fn serve(
                 every.tick().await;
                 let taken = lock(&shared).tick(Instant::now());
                 match taken {
-                    Ok(vips) => send_garps(&shared, vips),
+                    Ok(vips) => send_announcements(&shared, vips),
                     Err(e) => warn!(error = %e, "periodic work failed"),
                 }
             }
@@ -212,7 +240,7 @@ pub async fn serve(
 async fn apply(State(shared): State<AppState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
     let spec = api::parse_spec(&body)?;
     let applied = lock(&shared).apply(spec)?;
-    send_garps(&shared, applied.taken_over);
+    send_announcements(&shared, applied.taken_over);
     sync_health(&shared);
     Ok(axum::Json(Applied { vip: applied.vip }))
 }
@@ -245,8 +273,9 @@ async fn metrics(State(shared): State<AppState>) -> Result<impl IntoResponse, Ap
     ))
 }
 
-/// Sends `garp_count` gratuitous ARPs for each VIP, `garp_interval_ms` apart.
-fn send_garps(shared: &AppState, vips: Vec<Ipv4Addr>) {
+/// Sends `garp_count` gratuitous ARPs (IPv4) or unsolicited Neighbor Advertisements (IPv6)
+/// for each VIP, `garp_interval_ms` apart.
+fn send_announcements(shared: &AppState, vips: Vec<IpAddr>) {
     if vips.is_empty() || shared.config.garp_count == 0 {
         return;
     }
@@ -261,8 +290,8 @@ fn send_garps(shared: &AppState, vips: Vec<Ipv4Addr>) {
                 tokio::time::sleep(gap).await;
             }
             for vip in &vips {
-                if let Err(e) = send_frame(iface.ifindex, &garp_frame(iface.mac, *vip)) {
-                    warn!(%vip, error = %e, "gratuitous ARP not sent");
+                if let Err(e) = send_frame(iface.ifindex, &announcement_frame(iface.mac, *vip)) {
+                    warn!(%vip, error = %e, "announcement (gratuitous ARP / unsolicited NA) not sent");
                 }
             }
         }
@@ -291,7 +320,7 @@ fn sync_health(shared: &AppState) {
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                let ok = probe(t.addr.into(), t.http_path.as_deref(), t.timeout).await;
+                let ok = probe(t.addr, t.http_path.as_deref(), t.timeout).await;
                 if let Err(e) = lock(&shared).observe_health(&t.service, t.ip, ok) {
                     warn!(service = %t.service, backend = %t.addr, error = %e, "health update failed");
                 }

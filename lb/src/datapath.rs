@@ -4,19 +4,19 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use slipway_dataplane::DataplaneError;
 use slipway_dataplane::abi::CounterValue;
 use slipway_dataplane::abi::lb::{
     LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse, LbService, LbServiceKey,
-    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE, MAX_SERVICES, be32,
+    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE, MAX_SERVICES,
 };
 use slipway_dataplane::objects;
 use tracing::debug;
@@ -298,12 +298,18 @@ fn xdp(bpf: &mut Ebpf) -> Result<&mut Xdp, LbError> {
     })
 }
 
-fn range_key(service_id: u32, net: Ipv4Network) -> Key<LbSourceRange> {
+/// The LPM key of a source range: the 32 bits of the service id, then the range's prefix of
+/// the 128-bit address (an IPv4 /n is the IPv4-mapped /(96 + n)).
+fn range_key(service_id: u32, net: IpNetwork) -> Key<LbSourceRange> {
+    let bits = match net {
+        IpNetwork::V4(n) => 96 + u32::from(n.prefix()),
+        IpNetwork::V6(n) => u32::from(n.prefix()),
+    };
     Key::new(
-        32 + u32::from(net.prefix()),
+        32 + bits,
         LbSourceRange {
             service_id,
-            ip: be32(net.network()),
+            ip: net.network().into(),
         },
     )
 }
@@ -352,13 +358,13 @@ impl LbMaps for LbDatapath {
         Ok(())
     }
 
-    fn add_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError> {
+    fn add_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError> {
         self.source_ranges
             .insert(&range_key(service_id, net), 1, 0)
             .map_err(|e| map_err("lb_source_ranges", &format!("insert {net}"), e))
     }
 
-    fn remove_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError> {
+    fn remove_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError> {
         ignore_missing(
             self.source_ranges.remove(&range_key(service_id, net)),
             "lb_source_ranges",
@@ -366,15 +372,15 @@ impl LbMaps for LbDatapath {
         )
     }
 
-    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+    fn add_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
         self.vips
-            .insert(LbVipKey { ip: be32(vip) }, LbVip::default(), 0)
+            .insert(LbVipKey { ip: vip.into() }, LbVip::default(), 0)
             .map_err(|e| map_err("lb_vips", &format!("insert {vip}"), e))
     }
 
-    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+    fn remove_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
         ignore_missing(
-            self.vips.remove(&LbVipKey { ip: be32(vip) }),
+            self.vips.remove(&LbVipKey { ip: vip.into() }),
             "lb_vips",
             "remove",
         )

@@ -1,9 +1,9 @@
 //! The load balancer's one error type.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use crate::config::FieldError;
+use crate::config::{FieldError, IpFamily};
 use crate::maglev::MaglevError;
 
 /// Everything that can go wrong in the load balancer.
@@ -20,17 +20,17 @@ pub enum LbError {
     NotFound(String),
     /// The requested VIP is not in any pool.
     #[error("address {0} is in no VIP pool")]
-    NotInPool(Ipv4Addr),
+    NotInPool(IpAddr),
     /// The requested VIP is used by another service on an overlapping port.
     #[error("address {vip} is used by service {owner} on {port}")]
     VipConflict {
-        vip: Ipv4Addr,
+        vip: IpAddr,
         owner: String,
         port: String,
     },
-    /// Every pool is used up.
-    #[error("no free address in the VIP pools")]
-    PoolExhausted,
+    /// Every pool of the family is used up (or there is none).
+    #[error("no free {0} address in the VIP pools")]
+    PoolExhausted(IpFamily),
     /// A datapath limit (services, backends) is reached.
     #[error("datapath full: {0}")]
     Capacity(&'static str),

@@ -3,7 +3,7 @@
 //! `fall` consecutive failures take it out (HAProxy's model). The threshold logic is pure
 //! ([`Health`]); [`probe`] does the I/O.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
@@ -69,15 +69,18 @@ pub async fn probe(addr: SocketAddr, http_path: Option<&str>, limit: Duration) -
 /// to a translated flow.
 pub const PROBE_PORTS: std::ops::Range<u16> = 61000..65535;
 
-/// Connects from a port in [`PROBE_PORTS`].
+/// Connects from a port in [`PROBE_PORTS`], over the backend's family.
 async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let span = PROBE_PORTS.end - PROBE_PORTS.start;
     let mut last = std::io::Error::from(std::io::ErrorKind::AddrInUse);
     for _ in 0..16 {
         let port = PROBE_PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span;
-        let socket = TcpSocket::new_v4()?;
-        match socket.bind(SocketAddr::from(([0, 0, 0, 0], port))) {
+        let (socket, any) = match addr {
+            SocketAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            SocketAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        };
+        match socket.bind(SocketAddr::new(any, port)) {
             Ok(()) => return socket.connect(addr).await,
             Err(e) => last = e,
         }
@@ -180,5 +183,21 @@ mod tests {
         assert!(probe(addr, None, limit).await, "TCP connect succeeds");
         drop(listener);
         assert!(!probe(addr, None, limit).await, "nothing listens any more");
+    }
+
+    #[tokio::test]
+    async fn probes_ipv6_backends_over_ipv6() {
+        let listener = tokio::net::TcpListener::bind("[::1]:0")
+            .await
+            .expect("bind the IPv6 loopback");
+        let addr = listener.local_addr().expect("addr");
+        let accept = tokio::spawn(async move {
+            let (_, peer) = listener.accept().await.expect("accept");
+            peer
+        });
+        assert!(probe(addr, None, Duration::from_secs(2)).await);
+        let peer = accept.await.expect("peer");
+        assert!(peer.is_ipv6(), "{peer}");
+        assert!(PROBE_PORTS.contains(&peer.port()), "{peer}");
     }
 }

@@ -3,9 +3,9 @@
 //! maps; unit tests implement it in memory.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use slipway_dataplane::abi::CounterValue;
 use slipway_dataplane::abi::lb::{
     LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbService, LbServiceKey, LbStats,
@@ -22,10 +22,10 @@ pub trait LbMaps: Send {
     fn set_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), LbError>;
     /// Writes (slot, backend id) pairs of service `service_id`'s Maglev ring.
     fn write_ring(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), LbError>;
-    fn add_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError>;
-    fn remove_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError>;
-    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError>;
-    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError>;
+    fn add_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError>;
+    fn remove_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError>;
+    fn add_vip(&mut self, vip: IpAddr) -> Result<(), LbError>;
+    fn remove_vip(&mut self, vip: IpAddr) -> Result<(), LbError>;
     /// Every tracked flow (client -> VIP direction).
     fn flows(&self) -> Result<Vec<(LbFlowKey, LbFlow)>, LbError>;
     /// Forgets a flow: its forward entry and the reverse entry `reverse`.
@@ -56,16 +56,16 @@ impl<T: LbMaps> LbMaps for std::sync::Arc<std::sync::Mutex<T>> {
     fn write_ring(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), LbError> {
         lock(self).write_ring(service_id, slots)
     }
-    fn add_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError> {
+    fn add_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError> {
         lock(self).add_source_range(service_id, net)
     }
-    fn remove_source_range(&mut self, service_id: u32, net: Ipv4Network) -> Result<(), LbError> {
+    fn remove_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError> {
         lock(self).remove_source_range(service_id, net)
     }
-    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+    fn add_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
         lock(self).add_vip(vip)
     }
-    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), LbError> {
+    fn remove_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
         lock(self).remove_vip(vip)
     }
     fn flows(&self) -> Result<Vec<(LbFlowKey, LbFlow)>, LbError> {

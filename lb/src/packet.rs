@@ -1,6 +1,6 @@
 //! The one kernel interface of this crate outside aya: an `AF_PACKET` socket to send frames
-//! (gratuitous ARP). Neither nix nor rustix can name a `sockaddr_ll` safely, so this module
-//! calls libc; each `unsafe` states its invariant.
+//! (gratuitous ARP, unsolicited Neighbor Advertisements). Neither nix nor rustix can name a
+//! `sockaddr_ll` safely, so this module calls libc; each `unsafe` states its invariant.
 #![allow(
     unsafe_code,
     reason = "the AF_PACKET seam: raw socket calls through libc"

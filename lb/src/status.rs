@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +15,8 @@ use crate::config::{Protocol, TrafficPolicy};
 pub struct Status {
     pub services: Vec<ServiceStatus>,
     pub pools: Vec<PoolStatus>,
-    /// Announced VIPs (answered by ARP).
-    pub announced: Vec<Ipv4Addr>,
+    /// Announced VIPs (answered by ARP, IPv6 ones by NDP).
+    pub announced: Vec<IpAddr>,
     /// Packets per datapath verdict (`enum lb_reason`).
     pub verdicts: BTreeMap<String, u64>,
 }
@@ -26,7 +26,7 @@ pub struct Status {
 pub struct ServiceStatus {
     /// `namespace/name`.
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub external_traffic_policy: TrafficPolicy,
     pub source_ranges: Vec<String>,
     pub ports: Vec<PortStatus>,
@@ -73,7 +73,7 @@ impl BackendState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendStatus {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub weight: u32,
     pub state: BackendState,
     /// Health-check verdict (true without health checks).
@@ -123,15 +123,23 @@ impl Status {
                     format!("  from {}", s.source_ranges.join(","))
                 }
             );
+            // IPv6 backends widen the first column.
+            let width = s
+                .backends
+                .iter()
+                .map(|b| b.ip.to_string().len())
+                .max()
+                .unwrap_or(0)
+                .max(16);
             let _ = writeln!(
                 out,
-                "  {:<16} {:>6} {:<10} {:>7} {:>8} {:>10} {:>10} {:>12}",
+                "  {:<width$} {:>6} {:<10} {:>7} {:>8} {:>10} {:>10} {:>12}",
                 "BACKEND", "WEIGHT", "STATE", "SLOTS", "FLOWS", "FLOWS-ALL", "PACKETS", "BYTES"
             );
             for b in &s.backends {
                 let _ = writeln!(
                     out,
-                    "  {:<16} {:>6} {:<10} {:>7} {:>8} {:>10} {:>10} {:>12}",
+                    "  {:<width$} {:>6} {:<10} {:>7} {:>8} {:>10} {:>10} {:>12}",
                     b.ip.to_string(),
                     b.weight,
                     b.state.as_str(),

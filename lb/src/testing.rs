@@ -1,13 +1,14 @@
 //! The LB's test world, shared by its end-to-end tests and the benchmark: a client host, the
 //! LB host running the daemon (on a thread inside the LB host's namespace), backend hosts that
 //! run nginx or in-process echo servers, and a second client; plus long-lived echo streams
-//! that notice any interruption. Built on [`slipway_dataplane::testing::World`], torn down on
-//! drop.
+//! that notice any interruption. Every host is dual-stack on the underlay (`10.99.0.i/24` and
+//! `fd99::i/64`), with an IPv4 and an IPv6 VIP pool. Built on
+//! [`slipway_dataplane::testing::World`], torn down on drop.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,22 @@ pub const FIRST_BACKEND_HOST: usize = 3;
 
 /// The VIP pool of the world, routed on-link from the clients (so they ARP for VIPs).
 pub const VIP_POOL: &str = "10.99.100.0/24";
+/// The IPv6 VIP pool, likewise on-link from the clients (so they resolve VIPs by NDP).
+pub const VIP_POOL6: &str = "fd99:100::/120";
+
+/// Host `index`'s IPv6 underlay address, `fd99::<index>` (a /64 on `eth0`).
+pub fn host_ip6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd99,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        u16::try_from(index).unwrap_or(u16::MAX),
+    )
+}
 /// Port of the in-process TCP and UDP echo servers.
 pub const ECHO_PORT: u16 = 9000;
 
@@ -74,17 +91,47 @@ impl LbWorld {
             backends,
             world,
         };
+        // Without a multicast querier the bridge floods Neighbor Solicitations anyway; with
+        // snooping off it does so from the first one, before any MLD report is seen.
+        lbw.world
+            .underlay()
+            .ip(&[
+                "link",
+                "set",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ])
+            .map_err(world_err)?;
+        for host in lbw.world.hosts() {
+            // nodad: the address is usable at once (no host of a world claims another's).
+            let ip6 = format!("{}/64", host_ip6(host.index));
+            host.netns
+                .ip(&["-6", "addr", "add", &ip6, "dev", "eth0", "nodad"])
+                .map_err(world_err)?;
+        }
         for client in [lbw.client().clone(), lbw.client2().clone()] {
             client
                 .ip(&["route", "add", VIP_POOL, "dev", "eth0"])
                 .map_err(world_err)?;
+            client
+                .ip(&["-6", "route", "add", VIP_POOL6, "dev", "eth0"])
+                .map_err(world_err)?;
         }
         let mut config = LbConfig::new(
             "eth0",
-            vec![PoolConfig {
-                name: "ingress".into(),
-                cidr: VIP_POOL.into(),
-            }],
+            vec![
+                PoolConfig {
+                    name: "ingress".into(),
+                    cidr: VIP_POOL.into(),
+                },
+                PoolConfig {
+                    name: "ingress6".into(),
+                    cidr: VIP_POOL6.into(),
+                },
+            ],
         );
         config.socket = lbw.dir.join("lb.sock");
         config.pin_dir = Some(lbw.world.bpffs_dir().join("lb"));
@@ -109,6 +156,25 @@ impl LbWorld {
 
     pub fn client2_ip(&self) -> Ipv4Addr {
         self.world.host(self.backends + 3).underlay_ip
+    }
+
+    pub fn client_ip6(&self) -> Ipv6Addr {
+        host_ip6(CLIENT_HOST)
+    }
+
+    pub fn client2_ip6(&self) -> Ipv6Addr {
+        host_ip6(self.backends + 3)
+    }
+
+    pub fn lb_ip6(&self) -> Ipv6Addr {
+        host_ip6(LB_HOST)
+    }
+
+    /// The backends' IPv6 addresses.
+    pub fn backend_ip6s(&self) -> Vec<Ipv6Addr> {
+        (0..self.backends)
+            .map(|i| host_ip6(FIRST_BACKEND_HOST + i))
+            .collect()
     }
 
     pub fn lb(&self) -> &Netns {
@@ -136,7 +202,7 @@ impl LbWorld {
         }
     }
 
-    /// Starts nginx on backend `i`, port 80: it answers every request with
+    /// Starts nginx on backend `i`, port 80 of IPv4 and IPv6: it answers every request with
     /// "<its own address> <the client address it sees>\n".
     pub fn start_nginx(&mut self, i: usize) -> Result<(), LbError> {
         let (netns, _) = self.backend(i);
@@ -157,7 +223,7 @@ impl LbWorld {
                  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
                  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                  keepalive_requests 1000000;\n\
-                 server {{\n    listen 80 backlog=4096;\n\
+                 server {{\n    listen 80 backlog=4096;\n    listen [::]:80 ipv6only=on backlog=4096;\n\
                  location / {{ return 200 \"$server_addr $remote_addr\\n\"; }}\n  }}\n}}\n"
             ),
         )
@@ -195,16 +261,18 @@ impl LbWorld {
         }
     }
 
-    /// Starts TCP and UDP echo servers on [`ECHO_PORT`] of backend `i`.
+    /// Starts TCP and UDP echo servers on [`ECHO_PORT`] of backend `i`, IPv4 and IPv6.
     pub fn start_echo(&mut self, i: usize) -> Result<(), LbError> {
         let (netns, ip) = self.backend(i);
         let netns = netns.clone();
-        self.echo.push(EchoServer::start(&netns, ip)?);
+        let ip6 = host_ip6(FIRST_BACKEND_HOST + i);
+        self.echo.push(EchoServer::start(&netns, ip, ip6)?);
         Ok(())
     }
 
-    /// `count` HTTP requests from `client` to `url_base` (e.g. "http://10.99.100.1"), each on
-    /// a new connection; returns the answer lines ("<backend> <client as seen>").
+    /// `count` HTTP requests from `client` to `url_base` (e.g. "http://10.99.100.1" or
+    /// "http://[fd99:100::1]"), each on a new connection; returns the answer lines
+    /// ("<backend> <client as seen>").
     pub fn curl(client: &Netns, url_base: &str, count: usize) -> Result<Vec<String>, LbError> {
         let url = format!("{url_base}/?[1-{count}]");
         let out = client
@@ -261,8 +329,9 @@ pub fn spawn_in<T: Send + 'static>(
     })
 }
 
-/// TCP and UDP echo servers on a backend: a TCP connection first gets "<backend ip>\n", then
-/// its bytes back; a UDP datagram gets "<backend ip> <datagram>" back.
+/// TCP and UDP echo servers on a backend, on one dual-stack socket each: a TCP connection
+/// first gets "<backend ip>\n" (the address it reached, IPv4 or IPv6), then its bytes back; a
+/// UDP datagram gets "<backend ip of its family> <datagram>" back.
 #[derive(Debug)]
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
@@ -270,14 +339,15 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    pub fn start(netns: &Netns, ip: Ipv4Addr) -> Result<Self, LbError> {
+    pub fn start(netns: &Netns, ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<Self, LbError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let tcp = {
             let stop = stop.clone();
             let ready = ready_tx.clone();
             spawn_in(netns.name(), move || {
-                let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT)) {
+                // [::] without IPV6_V6ONLY (the Linux default) takes IPv4 too, as mapped.
+                let listener = match TcpListener::bind((Ipv6Addr::UNSPECIFIED, ECHO_PORT)) {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready.send(Err(e.to_string()));
@@ -293,7 +363,11 @@ impl EchoServer {
                             std::thread::spawn(move || {
                                 let _ = conn.set_nonblocking(false);
                                 let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
-                                if conn.write_all(format!("{ip}\n").as_bytes()).is_err() {
+                                let Ok(local) = conn.local_addr() else {
+                                    return;
+                                };
+                                let me = local.ip().to_canonical();
+                                if conn.write_all(format!("{me}\n").as_bytes()).is_err() {
                                     return;
                                 }
                                 let mut buf = [0u8; 4096];
@@ -324,7 +398,7 @@ impl EchoServer {
         let udp = {
             let stop = stop.clone();
             spawn_in(netns.name(), move || {
-                let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT)) {
+                let socket = match UdpSocket::bind((Ipv6Addr::UNSPECIFIED, ECHO_PORT)) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -336,7 +410,11 @@ impl EchoServer {
                 let mut buf = [0u8; 2048];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                        let mut answer = format!("{ip} ").into_bytes();
+                        let me = match from.ip().to_canonical() {
+                            IpAddr::V4(_) => IpAddr::V4(ip),
+                            IpAddr::V6(_) => IpAddr::V6(ip6),
+                        };
+                        let mut answer = format!("{me} ").into_bytes();
                         answer.extend_from_slice(&buf[..n]);
                         let _ = socket.send_to(&answer, from);
                     }
@@ -371,7 +449,7 @@ impl Drop for EchoServer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamReport {
     /// The backend that greeted it.
-    pub backend: Ipv4Addr,
+    pub backend: IpAddr,
     /// Round trips completed.
     pub rounds: u64,
     /// Longest time between two completed round trips.
@@ -385,22 +463,22 @@ pub struct StreamReport {
 pub struct EchoStream {
     stop: Arc<AtomicBool>,
     rounds: Arc<AtomicU64>,
-    backend: Ipv4Addr,
+    backend: IpAddr,
     thread: Option<JoinHandle<Result<StreamReport, LbError>>>,
 }
 
 impl EchoStream {
     /// Connects from `client` to `vip`:[`ECHO_PORT`] and starts the round trips.
-    pub fn open(client: &Netns, vip: Ipv4Addr) -> Result<Self, LbError> {
+    pub fn open(client: &Netns, vip: IpAddr) -> Result<Self, LbError> {
         let stop = Arc::new(AtomicBool::new(false));
         let rounds = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = std::sync::mpsc::channel::<Result<Ipv4Addr, String>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<IpAddr, String>>();
         let thread = {
             let stop = stop.clone();
             let rounds = rounds.clone();
             spawn_in(client.name(), move || -> StreamReport {
-                let greet = || -> Result<(TcpStream, Ipv4Addr), String> {
-                    let addr = SocketAddr::V4(SocketAddrV4::new(vip, ECHO_PORT));
+                let greet = || -> Result<(TcpStream, IpAddr), String> {
+                    let addr = SocketAddr::new(vip, ECHO_PORT);
                     let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
                         .map_err(|e| e.to_string())?;
                     conn.set_read_timeout(Some(Duration::from_secs(2)))
@@ -420,7 +498,7 @@ impl EchoStream {
                     Err(e) => {
                         let _ = tx.send(Err(e.clone()));
                         return StreamReport {
-                            backend: Ipv4Addr::UNSPECIFIED,
+                            backend: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                             rounds: 0,
                             max_gap: Duration::ZERO,
                             error: Some(e),
@@ -471,7 +549,7 @@ impl EchoStream {
     }
 
     /// The backend the stream landed on.
-    pub fn backend(&self) -> Ipv4Addr {
+    pub fn backend(&self) -> IpAddr {
         self.backend
     }
 
@@ -510,7 +588,7 @@ impl Drop for EchoStream {
 /// `vip:port` and returns the answer and the address it came from.
 pub fn udp_exchange(
     client: &Netns,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     port: u16,
     payload: &str,
 ) -> Result<(String, SocketAddr), LbError> {
@@ -518,7 +596,11 @@ pub fn udp_exchange(
     spawn_in(
         client.name(),
         move || -> Result<(String, SocketAddr), String> {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+            let any = match vip {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
+            let socket = UdpSocket::bind((any, 0)).map_err(|e| e.to_string())?;
             socket
                 .set_read_timeout(Some(Duration::from_millis(500)))
                 .map_err(|e| e.to_string())?;

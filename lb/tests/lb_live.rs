@@ -4,7 +4,7 @@
 //! UDP datagrams). Privileged (root, BPF, netns): run by scripts/test.sh.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use slipway_lb::config::{
@@ -22,10 +22,15 @@ fn port(protocol: Protocol, port: u16) -> ServicePort {
     }
 }
 
-fn spec(name: &str, ports: Vec<ServicePort>, backends: &[(Ipv4Addr, u32)]) -> ServiceSpec {
+fn spec<A: Into<IpAddr> + Copy>(
+    name: &str,
+    ports: Vec<ServicePort>,
+    backends: &[(A, u32)],
+) -> ServiceSpec {
     ServiceSpec {
         namespace: "default".into(),
         name: name.into(),
+        ip_families: Vec::new(),
         ports,
         load_balancer_ip: None,
         load_balancer_source_ranges: Vec::new(),
@@ -33,7 +38,7 @@ fn spec(name: &str, ports: Vec<ServicePort>, backends: &[(Ipv4Addr, u32)]) -> Se
         backends: backends
             .iter()
             .map(|(ip, weight)| BackendSpec {
-                ip: *ip,
+                ip: (*ip).into(),
                 weight: *weight,
                 node_local: false,
             })
@@ -44,7 +49,7 @@ fn spec(name: &str, ports: Vec<ServicePort>, backends: &[(Ipv4Addr, u32)]) -> Se
 }
 
 /// Answer lines per backend address.
-fn by_backend(lines: &[String]) -> BTreeMap<Ipv4Addr, usize> {
+fn by_backend(lines: &[String]) -> BTreeMap<IpAddr, usize> {
     let mut counts = BTreeMap::new();
     for line in lines {
         let ip = line
@@ -95,7 +100,7 @@ fn curl_reaches_every_backend_in_proportion_to_its_weight() {
     assert_eq!(lines.len(), N, "every request answered");
     let counts = by_backend(&lines);
     for (ip, weight) in &backends {
-        let share = counts.get(ip).copied().unwrap_or(0) as f64 / N as f64;
+        let share = counts.get(&IpAddr::from(*ip)).copied().unwrap_or(0) as f64 / N as f64;
         let expected = f64::from(*weight) / 6.0;
         assert!(
             (share - expected).abs() < 0.05,
@@ -123,7 +128,8 @@ fn curl_reaches_every_backend_in_proportion_to_its_weight() {
     let metrics = w.api().metrics().expect("metrics");
     let line = format!(
         "slipway_lb_backend_flows_total{{service=\"default/web\",vip=\"{vip}\",backend=\"{}\"}} {}",
-        ips[2], counts[&ips[2]]
+        ips[2],
+        counts[&IpAddr::from(ips[2])]
     );
     assert!(metrics.contains(&line), "{line} not in\n{metrics}");
     let table = w.api().status().expect("status").table();
@@ -210,7 +216,7 @@ fn a_killed_backend_leaves_within_interval_times_fall_and_comes_back() {
     let limit = Duration::from_millis(interval * u64::from(rise) + interval + 300);
     assert!(back.elapsed() <= limit, "back after {:?}", back.elapsed());
     let counts = by_backend(&LbWorld::curl(w.client(), &url, 150).expect("curl"));
-    assert!(counts.contains_key(&ips[1]), "{counts:?}");
+    assert!(counts.contains_key(&IpAddr::from(ips[1])), "{counts:?}");
 }
 
 #[test]
@@ -482,7 +488,7 @@ fn udp_through_the_vip_and_two_services_sharing_it() {
     }
     w.start_nginx(2).expect("nginx");
     let ips = w.backend_ips();
-    let shared = Ipv4Addr::new(10, 99, 100, 77);
+    let shared = IpAddr::V4(Ipv4Addr::new(10, 99, 100, 77));
     let mut dns = spec(
         "udp",
         vec![port(Protocol::Udp, 53)],

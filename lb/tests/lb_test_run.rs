@@ -1,13 +1,14 @@
 //! The LB program (`ebpf/lb.c`) in the real kernel, driven by the real controller and fed
-//! fixture frames built with smoltcp through `BPF_PROG_TEST_RUN`: ARP answers, DNAT+SNAT with
-//! valid checksums, the reverse translation, conntrack stickiness, source ranges, eTP Local,
-//! and the verdict counters. Privileged (root, BPF): run by scripts/test.sh.
+//! fixture frames built with smoltcp through `BPF_PROG_TEST_RUN`: ARP answers, Neighbor
+//! Advertisements for Neighbor Solicitations (bytes and checksum checked), DNAT+SNAT with valid
+//! checksums over IPv4 and IPv6, the reverse translation, conntrack stickiness, source ranges,
+//! eTP Local, and the verdict counters. Privileged (root, BPF): run by scripts/test.sh.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use aya::programs::{TestRun, TestRunOptions};
-use slipway_dataplane::abi::lb::{LbConfig as ConfigValue, LbReason, be32};
+use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
 use slipway_lb::announce::{Announcer, StaticLease};
 use slipway_lb::config::{
     BackendSpec, LbConfig, PoolConfig, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
@@ -19,7 +20,8 @@ use slipway_lb::pool::Pools;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr,
+    EthernetRepr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr, NdiscNeighborFlags, NdiscRepr, TcpControl, TcpPacket, TcpRepr,
     TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
@@ -27,6 +29,8 @@ use smoltcp::wire::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+// linux/bpf.h, enum xdp_action
+const XDP_TX: u32 = 3;
 
 const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x02];
 const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
@@ -39,6 +43,15 @@ const BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 99, 0, 4),
     Ipv4Addr::new(10, 99, 0, 5),
 ];
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 1);
+const OTHER_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd98, 0, 0, 0, 0, 0, 0, 1);
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x100, 0, 0, 0, 0, 0, 0x10);
+const BACKENDS6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 3),
+    Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 4),
+    Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 5),
+];
 
 struct Lb {
     datapath: Arc<Mutex<LbDatapath>>,
@@ -49,7 +62,8 @@ fn lb() -> Lb {
     let mut datapath = LbDatapath::load(AttachPoint::Tc, None).expect("load lb (needs root + BPF)");
     datapath
         .set_config(ConfigValue {
-            snat_ip: be32(LB_IP),
+            snat_ip4: LB_IP.into(),
+            snat_ip6: LB_IP6.into(),
             ifindex: 1,
             mac: LB_MAC,
             pad: [0; 2],
@@ -58,10 +72,16 @@ fn lb() -> Lb {
     let datapath = Arc::new(Mutex::new(datapath));
     let pools = Pools::from_config(&LbConfig::new(
         "eth0",
-        vec![PoolConfig {
-            name: "ingress".into(),
-            cidr: "10.99.100.0/24".into(),
-        }],
+        vec![
+            PoolConfig {
+                name: "ingress".into(),
+                cidr: "10.99.100.0/24".into(),
+            },
+            PoolConfig {
+                name: "ingress6".into(),
+                cidr: "fd99:100::/120".into(),
+            },
+        ],
     ))
     .expect("pools");
     let controller = Controller::new(
@@ -75,29 +95,35 @@ fn lb() -> Lb {
     }
 }
 
-fn service(
+fn service<A: Into<IpAddr> + Copy>(
     name: &str,
     protocol: Protocol,
     port: u16,
     target: u16,
-    backends: &[Ipv4Addr],
+    backends: &[A],
 ) -> ServiceSpec {
+    let family = backends.first().map(|b| (*b).into());
     ServiceSpec {
         namespace: "default".into(),
         name: name.into(),
+        ip_families: Vec::new(),
         ports: vec![ServicePort {
             name: None,
             protocol,
             port,
             target_port: target,
         }],
-        load_balancer_ip: Some(VIP),
+        load_balancer_ip: Some(if family.is_some_and(|ip: IpAddr| ip.is_ipv6()) {
+            IpAddr::V6(VIP6)
+        } else {
+            IpAddr::V4(VIP)
+        }),
         load_balancer_source_ranges: Vec::new(),
         external_traffic_policy: TrafficPolicy::Cluster,
         backends: backends
             .iter()
             .map(|ip| BackendSpec {
-                ip: *ip,
+                ip: (*ip).into(),
                 weight: 1,
                 node_local: false,
             })
@@ -107,34 +133,54 @@ fn service(
     }
 }
 
-fn eth_ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, l4_len: usize) -> (Vec<u8>, Ipv4Repr) {
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: proto,
-        payload_len: l4_len,
-        hop_limit: 64,
-    };
+/// Ethernet (client -> LB) and an IP header of `src`'s family for an L4 payload of `l4_len`
+/// bytes; returns the frame (L4 bytes zero) and the L4 offset.
+fn eth_ip(src: IpAddr, dst: IpAddr, proto: IpProtocol, l4_len: usize) -> (Vec<u8>, usize) {
+    let v6 = src.is_ipv6();
     let eth = EthernetRepr {
         src_addr: EthernetAddress(CLIENT_MAC),
         dst_addr: EthernetAddress(LB_MAC),
-        ethertype: EthernetProtocol::Ipv4,
+        ethertype: if v6 {
+            EthernetProtocol::Ipv6
+        } else {
+            EthernetProtocol::Ipv4
+        },
     };
-    let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + l4_len];
+    let ip_len = if v6 { 40 } else { 20 };
+    let mut buf = vec![0u8; eth.buffer_len() + ip_len + l4_len];
     eth.emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
-    ip.emit(
-        &mut Ipv4Packet::new_unchecked(&mut buf[14..]),
-        &ChecksumCapabilities::default(),
-    );
-    (buf, ip)
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: proto,
+            payload_len: l4_len,
+            hop_limit: 64,
+        }
+        .emit(
+            &mut Ipv4Packet::new_unchecked(&mut buf[14..]),
+            &ChecksumCapabilities::default(),
+        ),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => Ipv6Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: proto,
+            payload_len: l4_len,
+            hop_limit: 64,
+        }
+        .emit(&mut Ipv6Packet::new_unchecked(&mut buf[14..])),
+        _ => panic!("{src} and {dst} are of different families"),
+    }
+    (buf, 14 + ip_len)
 }
 
-fn tcp_frame(
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
+fn tcp_frame<A: Into<IpAddr>>(
+    src: (A, u16),
+    dst: (A, u16),
     control: TcpControl,
     payload: &[u8],
 ) -> Vec<u8> {
+    let (src_ip, dst_ip) = (src.0.into(), dst.0.into());
     let tcp = TcpRepr {
         src_port: src.1,
         dst_port: dst.1,
@@ -149,31 +195,32 @@ fn tcp_frame(
         timestamp: None,
         payload,
     };
-    let (mut buf, _) = eth_ipv4(src.0, dst.0, IpProtocol::Tcp, tcp.buffer_len());
+    let (mut buf, l4) = eth_ip(src_ip, dst_ip, IpProtocol::Tcp, tcp.buffer_len());
     tcp.emit(
-        &mut TcpPacket::new_unchecked(&mut buf[34..]),
-        &IpAddress::Ipv4(src.0),
-        &IpAddress::Ipv4(dst.0),
+        &mut TcpPacket::new_unchecked(&mut buf[l4..]),
+        &IpAddress::from(src_ip),
+        &IpAddress::from(dst_ip),
         &ChecksumCapabilities::default(),
     );
     buf
 }
 
-fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+fn udp_frame<A: Into<IpAddr>>(src: (A, u16), dst: (A, u16), payload: &[u8]) -> Vec<u8> {
+    let (src_ip, dst_ip) = (src.0.into(), dst.0.into());
     let udp = UdpRepr {
         src_port: src.1,
         dst_port: dst.1,
     };
-    let (mut buf, _) = eth_ipv4(
-        src.0,
-        dst.0,
+    let (mut buf, l4) = eth_ip(
+        src_ip,
+        dst_ip,
         IpProtocol::Udp,
         udp.header_len() + payload.len(),
     );
     udp.emit(
-        &mut UdpPacket::new_unchecked(&mut buf[34..]),
-        &IpAddress::Ipv4(src.0),
-        &IpAddress::Ipv4(dst.0),
+        &mut UdpPacket::new_unchecked(&mut buf[l4..]),
+        &IpAddress::from(src_ip),
+        &IpAddress::from(dst_ip),
         payload.len(),
         |b| b.copy_from_slice(payload),
         &ChecksumCapabilities::default(),
@@ -201,37 +248,92 @@ fn arp_request(target: Ipv4Addr) -> Vec<u8> {
 }
 
 fn run(lb: &Lb, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 64];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..TestRunOptions::default()
-    };
     let mut dp = lb.datapath.lock().expect("lock");
+    let mut out = vec![0u8; frame.len() + 64];
     let result = dp
         .classifier()
         .expect("program")
-        .test_run(opts)
+        .test_run(options(frame, &mut out))
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
 }
 
-/// (src, sport, dst, dport) of a frame whose IPv4 and L4 checksums must be valid.
+/// Runs the XDP program of `dp` (loaded with [`AttachPoint::Xdp`]) once on `frame`.
+fn run_xdp(dp: &mut LbDatapath, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 64];
+    let result = dp
+        .xdp()
+        .expect("program")
+        .test_run(options(frame, &mut out))
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+fn options<'a>(frame: &'a [u8], out: &'a mut [u8]) -> TestRunOptions<'a> {
+    TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(out),
+        repeat: 1,
+        ..TestRunOptions::default()
+    }
+}
+
+/// (src, sport, dst, dport) of an IPv4 frame whose IPv4 and L4 checksums must be valid.
 fn tuple(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
-    let ip = Ipv4Packet::new_checked(&frame[14..]).expect("ipv4");
-    assert!(ip.verify_checksum(), "IPv4 header checksum");
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
-    let (sa, da) = (IpAddress::Ipv4(src), IpAddress::Ipv4(dst));
-    match ip.next_header() {
+    match tuple_any(frame) {
+        (IpAddr::V4(src), sport, IpAddr::V4(dst), dport) => (src, sport, dst, dport),
+        other => panic!("not IPv4: {other:?}"),
+    }
+}
+
+/// Likewise for an IPv6 frame (no header checksum; the L4 checksum must be valid).
+fn tuple6(frame: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
+    match tuple_any(frame) {
+        (IpAddr::V6(src), sport, IpAddr::V6(dst), dport) => (src, sport, dst, dport),
+        other => panic!("not IPv6: {other:?}"),
+    }
+}
+
+fn tuple_any(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
+    let eth = EthernetFrame::new_checked(frame).expect("ethernet");
+    let (src, dst, proto, l4): (IpAddr, IpAddr, IpProtocol, &[u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).expect("ipv4");
+            assert!(ip.verify_checksum(), "IPv4 header checksum");
+            (
+                ip.src_addr().into(),
+                ip.dst_addr().into(),
+                ip.next_header(),
+                &eth.payload()[usize::from(ip.header_len())..usize::from(ip.total_len())],
+            )
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).expect("ipv6");
+            assert_eq!(
+                40 + usize::from(ip.payload_len()),
+                eth.payload().len(),
+                "IPv6 payload length"
+            );
+            (
+                ip.src_addr().into(),
+                ip.dst_addr().into(),
+                ip.next_header(),
+                &eth.payload()[40..],
+            )
+        }
+        other => panic!("unexpected ethertype {other}"),
+    };
+    let (sa, da) = (IpAddress::from(src), IpAddress::from(dst));
+    match proto {
         IpProtocol::Tcp => {
-            let tcp = TcpPacket::new_checked(ip.payload()).expect("tcp");
+            let tcp = TcpPacket::new_checked(l4).expect("tcp");
             assert!(tcp.verify_checksum(&sa, &da), "TCP checksum");
             (src, tcp.src_port(), dst, tcp.dst_port())
         }
         IpProtocol::Udp => {
-            let udp = UdpPacket::new_checked(ip.payload()).expect("udp");
+            let udp = UdpPacket::new_checked(l4).expect("udp");
             assert!(udp.verify_checksum(&sa, &da), "UDP checksum");
             (src, udp.src_port(), dst, udp.dst_port())
         }
@@ -408,7 +510,7 @@ fn udp_local_policy_source_ranges_and_unknown_ports() {
 fn a_service_without_backends_drops() {
     let mut lb = lb();
     lb.controller
-        .apply(service("empty", Protocol::Tcp, 80, 80, &[]))
+        .apply(service("empty", Protocol::Tcp, 80, 80, &BACKENDS[..0]))
         .expect("apply");
     let (verdict, _) = run(
         &lb,
@@ -441,10 +543,324 @@ fn the_xdp_variant_passes_the_verifier_and_shares_the_maps() {
     let mut dp = LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), Some(&pins.0))
         .expect("load lb and lb_xdp");
     assert!(dp.xdp().is_ok() && dp.classifier().is_ok());
-    dp.add_vip(VIP).expect("vip");
+    dp.add_vip(VIP.into()).expect("vip");
+    dp.set_config(ConfigValue {
+        snat_ip4: LB_IP.into(),
+        snat_ip6: LB_IP6.into(),
+        ifindex: 1,
+        mac: LB_MAC,
+        pad: [0; 2],
+    })
+    .expect("config");
+    dp.add_vip(VIP6.into()).expect("vip6");
+    // The XDP program answers Neighbor Solicitations too, resizing the frame with
+    // bpf_xdp_adjust_tail() where it must.
+    for lladdr in [Some(CLIENT_MAC), None] {
+        let (verdict, out) = run_xdp(&mut dp, &neighbor_solicitation(CLIENT6, VIP6, lladdr));
+        assert_eq!(verdict, XDP_TX, "{lladdr:?}");
+        assert_advertisement(&out, CLIENT_MAC, CLIENT6, true);
+    }
     drop(dp);
     assert!(
         pins.0.join("lb_vips").exists(),
         "the maps are pinned for both programs"
     );
+}
+
+// ---- IPv6: Neighbor Discovery and the IPv6 forward path ----------------------------------
+
+/// `target`'s solicited-node multicast address, ff02::1:ffXX:XXXX (RFC 4291 2.7.1).
+fn solicited_node(target: Ipv6Addr) -> Ipv6Addr {
+    let t = target.octets();
+    Ipv6Addr::from([
+        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
+    ])
+}
+
+/// An Ethernet + IPv6 frame carrying ICMPv6 message `repr` from `src` to `dst`.
+fn icmpv6_frame(
+    eth_dst: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    repr: &Icmpv6Repr,
+) -> Vec<u8> {
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(CLIENT_MAC),
+        dst_addr: EthernetAddress(eth_dst),
+        ethertype: EthernetProtocol::Ipv6,
+    };
+    let ip = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: repr.buffer_len(),
+        hop_limit,
+    };
+    let mut buf = vec![0u8; 14 + 40 + repr.buffer_len()];
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[14..]));
+    repr.emit(
+        &src,
+        &dst,
+        &mut Icmpv6Packet::new_unchecked(&mut buf[54..]),
+        &ChecksumCapabilities::default(),
+    );
+    buf
+}
+
+/// A Neighbor Solicitation for `target` from `src` to the solicited-node address, with a
+/// source link-layer address option when `lladdr` is given (RFC 4861 4.3).
+fn neighbor_solicitation(src: Ipv6Addr, target: Ipv6Addr, lladdr: Option<[u8; 6]>) -> Vec<u8> {
+    let dst = solicited_node(target);
+    let o = dst.octets();
+    icmpv6_frame(
+        [0x33, 0x33, o[12], o[13], o[14], o[15]],
+        src,
+        dst,
+        255,
+        &Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr: target,
+            lladdr: lladdr.map(|mac| EthernetAddress(mac).into()),
+        }),
+    )
+}
+
+/// Asserts that `frame` is, byte for byte, the Neighbor Advertisement of VIP6 to `to` at
+/// `to_mac` that RFC 4861 asks for (built independently with smoltcp), that its ICMPv6
+/// checksum verifies, and that it parses back to the expected advertisement.
+fn assert_advertisement(frame: &[u8], to_mac: [u8; 6], to: Ipv6Addr, solicited: bool) {
+    let flags = if solicited {
+        NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE
+    } else {
+        NdiscNeighborFlags::OVERRIDE
+    };
+    let na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+        flags,
+        target_addr: VIP6,
+        lladdr: Some(EthernetAddress(LB_MAC).into()),
+    });
+    let mut expected = icmpv6_frame(to_mac, VIP6, to, 255, &na);
+    expected[6..12].copy_from_slice(&LB_MAC);
+    assert_eq!(frame.len(), 86, "Ethernet + IPv6 + NA with its option");
+    assert_eq!(frame, &expected[..], "the advertisement, byte for byte");
+
+    let eth = EthernetFrame::new_checked(frame).expect("ethernet");
+    let ip = Ipv6Packet::new_checked(eth.payload()).expect("ipv6");
+    assert_eq!(ip.hop_limit(), 255, "RFC 4861 7.1.2");
+    let icmp = Icmpv6Packet::new_checked(ip.payload()).expect("icmpv6");
+    assert!(icmp.verify_checksum(&VIP6, &to), "ICMPv6 checksum");
+    let repr = Icmpv6Repr::parse(&VIP6, &to, &icmp, &ChecksumCapabilities::default())
+        .expect("a valid ICMPv6 message");
+    assert_eq!(repr, na);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn answers_neighbor_solicitations_for_announced_ipv6_vips_only() {
+    let mut lb = lb();
+    let slla_mac = [0x02, 0xc1, 0, 0, 0, 0x77];
+    let ns = neighbor_solicitation(CLIENT6, VIP6, Some(slla_mac));
+    let (verdict, out) = run(&lb, &ns);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &ns), "not announced yet");
+
+    lb.controller
+        .apply(service("web6", Protocol::Tcp, 80, 8080, &BACKENDS6))
+        .expect("apply");
+
+    // The usual solicitation (Linux always sends the option): answered to the MAC of the
+    // source link-layer address option, Solicited and Override set.
+    let (verdict, out) = run(&lb, &ns);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the device");
+    assert_advertisement(&out, slla_mac, CLIENT6, true);
+
+    // No option (a unicast reachability probe may omit it): the frame grows to the NA and
+    // goes to the frame's source MAC.
+    let mut probe = neighbor_solicitation(CLIENT6, VIP6, None);
+    probe[0..6].copy_from_slice(&LB_MAC);
+    assert_eq!(probe.len(), 78);
+    let (verdict, out) = run(&lb, &probe);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_advertisement(&out, CLIENT_MAC, CLIENT6, true);
+
+    // Options beyond the first (here a nonce, RFC 3971 5.3.2): the frame is cut to the NA.
+    let mut long = neighbor_solicitation(CLIENT6, VIP6, Some(CLIENT_MAC));
+    long.extend_from_slice(&[14, 1, 1, 2, 3, 4, 5, 6]);
+    long[18..20].copy_from_slice(&40u16.to_be_bytes());
+    let (verdict, out) = run(&lb, &long);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_advertisement(&out, CLIENT_MAC, CLIENT6, true);
+
+    // Duplicate address detection for the VIP (unspecified source): defended with an
+    // advertisement to all-nodes, Solicited clear (RFC 4861 7.2.4).
+    let dad = neighbor_solicitation(Ipv6Addr::UNSPECIFIED, VIP6, None);
+    let (verdict, out) = run(&lb, &dad);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let all_nodes: Ipv6Addr = "ff02::1".parse().expect("all-nodes");
+    assert_advertisement(&out, [0x33, 0x33, 0, 0, 0, 1], all_nodes, false);
+    assert_eq!(count(&lb, LbReason::NdpReply), 4);
+
+    // Not for the LB: another address, an invalid hop limit (RFC 4861 7.1.1), an IPv4-mapped
+    // target. The host stack gets them untouched.
+    let other = neighbor_solicitation(CLIENT6, "fd99:100::11".parse().expect("ip"), None);
+    let mut routed = ns.clone();
+    routed[21] = 64;
+    let mapped = neighbor_solicitation(CLIENT6, VIP.to_ipv6_mapped(), None);
+    for frame in [other, routed, mapped] {
+        let (verdict, out) = run(&lb, &frame);
+        assert_eq!((verdict, out), (TC_ACT_OK, frame));
+    }
+    assert_eq!(count(&lb, LbReason::NdpReply), 4);
+
+    lb.controller.delete("default", "web6").expect("delete");
+    let (verdict, _) = run(&lb, &ns);
+    assert_eq!(verdict, TC_ACT_OK, "withdrawn with its service");
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn translates_ipv6_both_ways_with_valid_checksums_beside_ipv4() {
+    let mut lb = lb();
+    lb.controller
+        .apply(service("web6", Protocol::Tcp, 80, 8080, &BACKENDS6))
+        .expect("apply v6");
+    lb.controller
+        .apply(service("web4", Protocol::Tcp, 80, 8080, &BACKENDS))
+        .expect("apply v4");
+
+    let syn = tcp_frame((CLIENT6, 40001), (VIP6, 80), TcpControl::Syn, b"");
+    let (verdict, out) = run(&lb, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (src, sport, backend, dport) = tuple6(&out);
+    assert_eq!(
+        (src, dport),
+        (LB_IP6, 8080),
+        "SNAT to the LB's IPv6 address, DNAT to the target port"
+    );
+    assert!(BACKENDS6.contains(&backend), "{backend}");
+    assert_eq!(&out[54 + 20..], &syn[54 + 20..], "payload untouched");
+
+    let synack = tcp_frame((backend, 8080), (LB_IP6, sport), TcpControl::Syn, b"");
+    let (verdict, back) = run(&lb, &synack);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(tuple6(&back), (VIP6, 80, CLIENT6, 40001));
+
+    // The IPv4 service on the same port keeps working beside it (IPv4-mapped keys never
+    // meet IPv6 ones).
+    let (verdict, out) = run(
+        &lb,
+        &tcp_frame((CLIENT, 40001), (VIP, 80), TcpControl::Syn, b""),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (src4, _, backend4, _) = tuple(&out);
+    assert_eq!(src4, LB_IP);
+    assert!(BACKENDS.contains(&backend4));
+
+    // Conntrack: more backends change the ring, not the established flow.
+    let mut more = BACKENDS6.to_vec();
+    more.extend((6..=12).map(|i| Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, i)));
+    lb.controller
+        .apply(service("web6", Protocol::Tcp, 80, 8080, &more))
+        .expect("apply more");
+    for _ in 0..5 {
+        let data = tcp_frame(
+            (CLIENT6, 40001),
+            (VIP6, 80),
+            TcpControl::Psh,
+            b"GET / HTTP/1.1\r\n\r\n",
+        );
+        let (verdict, out) = run(&lb, &data);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(tuple6(&out), (LB_IP6, sport, backend, 8080));
+    }
+    // Maglev spreads new flows over all ten backends.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 0..400u16 {
+        let (_, out) = run(
+            &lb,
+            &tcp_frame((CLIENT6, 20000 + port), (VIP6, 80), TcpControl::Syn, b""),
+        );
+        seen.insert(tuple6(&out).2);
+    }
+    assert_eq!(seen.len(), more.len(), "{seen:?}");
+    assert_eq!(count(&lb, LbReason::Forward), 1 + 1 + 5 + 400);
+    assert_eq!(count(&lb, LbReason::Reply), 1);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn ipv6_udp_local_policy_source_ranges_and_extension_headers() {
+    let mut lb = lb();
+    let mut dns = service("dns6", Protocol::Udp, 53, 5353, &BACKENDS6[..1]);
+    dns.external_traffic_policy = TrafficPolicy::Local;
+    dns.backends[0].node_local = true;
+    dns.load_balancer_source_ranges = vec!["fd99::/64".into()];
+    lb.controller.apply(dns).expect("apply");
+
+    let query = udp_frame((CLIENT6, 33333), (VIP6, 53), b"query");
+    let (verdict, out) = run(&lb, &query);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        tuple6(&out),
+        (CLIENT6, 33333, BACKENDS6[0], 5353),
+        "eTP Local: the backend sees the client's address"
+    );
+    let answer = udp_frame((BACKENDS6[0], 5353), (CLIENT6, 33333), b"answer");
+    let (verdict, back) = run(&lb, &answer);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(tuple6(&back), (VIP6, 53, CLIENT6, 33333));
+
+    let outsider = udp_frame((OTHER_CLIENT6, 33333), (VIP6, 53), b"query");
+    let (verdict, _) = run(&lb, &outsider);
+    assert_eq!(verdict, TC_ACT_SHOT, "fd98::1 is outside fd99::/64");
+    assert_eq!(count(&lb, LbReason::DropSourceRange), 1);
+
+    let (verdict, _) = run(&lb, &udp_frame((CLIENT6, 1), (VIP6, 54), b"x"));
+    assert_eq!(verdict, TC_ACT_SHOT, "the VIP serves no port 54");
+    assert_eq!(count(&lb, LbReason::DropNoService), 1);
+
+    // A fragment header to the VIP: its ports are not where the LB looks.
+    let (mut fragment, l4) = eth_ip(CLIENT6.into(), VIP6.into(), IpProtocol::Ipv6Frag, 16);
+    fragment[l4] = 17; // next header UDP
+    let (verdict, _) = run(&lb, &fragment);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(count(&lb, LbReason::DropMalformed), 1);
+
+    let elsewhere = tcp_frame((CLIENT6, 1), (LB_IP6, 22), TcpControl::Syn, b"");
+    let (verdict, out) = run(&lb, &elsewhere);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, elsewhere),
+        "not for a VIP: untouched"
+    );
+    // An IPv6 service without an IPv6 SNAT address drops its Cluster flows.
+    lb.datapath
+        .lock()
+        .expect("lock")
+        .set_config(ConfigValue {
+            snat_ip4: LB_IP.into(),
+            snat_ip6: LbAddr::NONE,
+            ifindex: 1,
+            mac: LB_MAC,
+            pad: [0; 2],
+        })
+        .expect("config");
+    lb.controller
+        .apply(service("web6", Protocol::Tcp, 80, 8080, &BACKENDS6))
+        .expect("apply");
+    let (verdict, _) = run(
+        &lb,
+        &tcp_frame((CLIENT6, 40001), (VIP6, 80), TcpControl::Syn, b""),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(count(&lb, LbReason::DropNoPort), 1);
 }

@@ -1,7 +1,7 @@
 //! `#[repr(C)]` mirrors of the L4 load balancer's map keys and values (the "L4 load balancer"
 //! section of `ebpf/include/abi.h`), checked against the BTF of `lb.o` and `lb_xdp.o`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::Mac;
 
@@ -38,6 +38,65 @@ pub fn ip_of(raw: u32) -> Ipv4Addr {
     Ipv4Addr::from(raw.to_ne_bytes())
 }
 
+/// An address of either family (`struct lb_addr`): the 16 bytes of an IPv6 address in network
+/// order, an IPv4 address as IPv4-mapped IPv6 (`::ffff:a.b.c.d`). All zero means "none".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbAddr {
+    /// Four network-order words, as `__be32 w[4]`.
+    pub w: [u32; 4],
+}
+
+impl LbAddr {
+    /// No address.
+    pub const NONE: LbAddr = LbAddr { w: [0; 4] };
+
+    /// The address's 16 bytes in network order.
+    pub fn octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (chunk, word) in out.chunks_exact_mut(4).zip(self.w) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    }
+
+    /// The address: IPv4 for an IPv4-mapped one, else IPv6.
+    pub fn ip(&self) -> IpAddr {
+        Ipv6Addr::from(self.octets()).to_canonical()
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
+    }
+}
+
+impl From<IpAddr> for LbAddr {
+    fn from(ip: IpAddr) -> Self {
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let octets = v6.octets();
+        let mut w = [0u32; 4];
+        for (word, chunk) in w.iter_mut().zip(octets.chunks_exact(4)) {
+            *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        Self { w }
+    }
+}
+
+impl From<Ipv4Addr> for LbAddr {
+    fn from(ip: Ipv4Addr) -> Self {
+        IpAddr::V4(ip).into()
+    }
+}
+
+impl From<Ipv6Addr> for LbAddr {
+    fn from(ip: Ipv6Addr) -> Self {
+        IpAddr::V6(ip).into()
+    }
+}
+
 /// A port in network byte order.
 pub fn be16(port: u16) -> u16 {
     port.to_be()
@@ -47,16 +106,16 @@ pub fn be16(port: u16) -> u16 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LbServiceKey {
-    pub vip: u32,
+    pub vip: LbAddr,
     pub port: u16,
     pub proto: u8,
     pub pad: u8,
 }
 
 impl LbServiceKey {
-    pub fn new(vip: Ipv4Addr, port: u16, proto: u8) -> Self {
+    pub fn new(vip: IpAddr, port: u16, proto: u8) -> Self {
         Self {
-            vip: be32(vip),
+            vip: vip.into(),
             port: be16(port),
             proto,
             pad: 0,
@@ -78,15 +137,15 @@ pub struct LbService {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbBackend {
-    pub ip: u32,
+    pub ip: LbAddr,
     pub port: u16,
     pub pad: u16,
 }
 
 impl LbBackend {
-    pub fn new(ip: Ipv4Addr, port: u16) -> Self {
+    pub fn new(ip: IpAddr, port: u16) -> Self {
         Self {
-            ip: be32(ip),
+            ip: ip.into(),
             port: be16(port),
             pad: 0,
         }
@@ -97,8 +156,8 @@ impl LbBackend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LbFlowKey {
-    pub src: u32,
-    pub dst: u32,
+    pub src: LbAddr,
+    pub dst: LbAddr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -111,11 +170,12 @@ pub struct LbFlowKey {
 pub struct LbFlow {
     pub backend_id: u32,
     pub service_id: u32,
-    pub nat_ip: u32,
+    pub nat_ip: LbAddr,
     pub nat_port: u16,
     /// `FLOW_OPEN` or `FLOW_CLOSING`.
     pub state: u8,
     pub pad: u8,
+    pub pad2: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the flow's last packet.
     pub last_seen_ns: u64,
 }
@@ -124,8 +184,8 @@ pub struct LbFlow {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LbReverse {
-    pub client: u32,
-    pub vip: u32,
+    pub client: LbAddr,
+    pub vip: LbAddr,
     pub client_port: u16,
     pub vip_port: u16,
     pub backend_id: u32,
@@ -134,19 +194,20 @@ pub struct LbReverse {
 
 /// The data of an `lb_source_ranges` key (`struct lb_source_range`); the key itself
 /// (`struct lb_source_range_key`) is aya's `lpm_trie::Key<LbSourceRange>`, whose prefix length
-/// counts the 32 bits of `service_id` plus the client prefix.
+/// counts the 32 bits of `service_id` plus the client prefix (of the 128-bit address: an
+/// IPv4 /n is the IPv4-mapped /(96 + n)).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LbSourceRange {
     pub service_id: u32,
-    pub ip: u32,
+    pub ip: LbAddr,
 }
 
 /// Key of `lb_vips` (`struct lb_vip_key`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LbVipKey {
-    pub ip: u32,
+    pub ip: LbAddr,
 }
 
 /// Value of `lb_vips` (`struct lb_vip`).
@@ -160,11 +221,13 @@ pub struct LbVip {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbConfig {
-    /// Source address of SNATed flows (network order).
-    pub snat_ip: u32,
+    /// Source address of SNATed IPv4 flows ([`LbAddr::NONE`]: such flows drop).
+    pub snat_ip4: LbAddr,
+    /// Source address of SNATed IPv6 flows ([`LbAddr::NONE`]: such flows drop).
+    pub snat_ip6: LbAddr,
     /// Egress device of translated packets.
     pub ifindex: u32,
-    /// MAC of the LB interface, the answer to ARP requests for VIPs.
+    /// MAC of the LB interface, the answer to ARP requests and NDP solicitations for VIPs.
     pub mac: Mac,
     pub pad: [u8; 2],
 }
@@ -200,10 +263,11 @@ pub enum LbReason {
     DropNoService = 8,
     DropNoPort = 9,
     DropNoRoute = 10,
+    NdpReply = 11,
 }
 
 impl LbReason {
-    pub const ALL: [LbReason; 10] = [
+    pub const ALL: [LbReason; 11] = [
         LbReason::Forward,
         LbReason::Reply,
         LbReason::Pass,
@@ -214,10 +278,11 @@ impl LbReason {
         LbReason::DropNoService,
         LbReason::DropNoPort,
         LbReason::DropNoRoute,
+        LbReason::NdpReply,
     ];
 
     /// Entries of `lb_counters` (`LB_REASON_MAX`).
-    pub const MAX: u32 = 11;
+    pub const MAX: u32 = 12;
 
     pub fn from_raw(raw: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|r| *r as u32 == raw)
@@ -236,6 +301,7 @@ impl LbReason {
             LbReason::DropNoService => "drop_no_service",
             LbReason::DropNoPort => "drop_no_port",
             LbReason::DropNoRoute => "drop_no_route",
+            LbReason::NdpReply => "ndp_reply",
         }
     }
 }
@@ -274,6 +340,7 @@ mod tests {
 
     fn mirrors() -> Vec<Mirror> {
         vec![
+            mirror!("lb_addr", LbAddr, [w]),
             mirror!("lb_service_key", LbServiceKey, [vip, port, proto, pad]),
             mirror!("lb_service", LbService, [id, flags]),
             mirror!("lb_backend", LbBackend, [ip, port, pad]),
@@ -292,6 +359,7 @@ mod tests {
                     nat_port,
                     state,
                     pad,
+                    pad2,
                     last_seen_ns
                 ]
             ),
@@ -303,7 +371,11 @@ mod tests {
             mirror!("lb_source_range", LbSourceRange, [service_id, ip]),
             mirror!("lb_vip_key", LbVipKey, [ip]),
             mirror!("lb_vip", LbVip, [flags]),
-            mirror!("lb_config", LbConfig, [snat_ip, ifindex, mac, pad]),
+            mirror!(
+                "lb_config",
+                LbConfig,
+                [snat_ip4, snat_ip6, ifindex, mac, pad]
+            ),
             mirror!("lb_stats", LbStats, [packets, bytes, flows]),
         ]
     }
@@ -326,6 +398,10 @@ mod tests {
         );
         let offsets: Vec<usize> = key.members.iter().map(|m| m.offset_bits / 8).collect();
         assert_eq!(offsets, [0, 4]);
+        let data = btf
+            .struct_layout("lb_source_range")
+            .expect("lb_source_range");
+        assert_eq!(data.size, size_of::<LbSourceRange>());
     }
 
     #[test]
@@ -347,9 +423,26 @@ mod tests {
 
     #[test]
     fn addresses_and_ports_are_network_order() {
-        let key = LbServiceKey::new(Ipv4Addr::new(10, 99, 100, 1), 80, 6);
-        assert_eq!(key.vip.to_ne_bytes(), [10, 99, 100, 1]);
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 99, 100, 1));
+        let key = LbServiceKey::new(v4, 80, 6);
+        assert_eq!(
+            key.vip.octets(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 99, 100, 1],
+            "IPv4 is IPv4-mapped"
+        );
+        assert_eq!(key.vip.w[3], be32(Ipv4Addr::new(10, 99, 100, 1)));
         assert_eq!(key.port.to_ne_bytes(), [0, 80]);
-        assert_eq!(ip_of(key.vip), Ipv4Addr::new(10, 99, 100, 1));
+        assert_eq!(key.vip.ip(), v4);
+
+        let v6: IpAddr = "fd99:100::1".parse().expect("v6");
+        let addr = LbAddr::from(v6);
+        assert_eq!(addr.octets()[..2], [0xfd, 0x99]);
+        assert_eq!(addr.octets()[15], 1);
+        assert_eq!(addr.ip(), v6);
+        assert_ne!(
+            LbAddr::from(v4),
+            LbAddr::from(Ipv4Addr::new(10, 99, 100, 2))
+        );
+        assert!(LbAddr::NONE.is_none() && !addr.is_none());
     }
 }
