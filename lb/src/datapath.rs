@@ -46,6 +46,44 @@ const MAPS: [&str; 11] = [
     "lb_counters",
 ];
 
+/// (key, value) sizes of every map, from the ABI mirrors (checked against the objects' BTF):
+/// what a map pinned under its name must have to be reused.
+fn layout_of(map: &str) -> Option<(usize, usize)> {
+    use slipway_dataplane::abi::lb::LbReverse;
+    Some(match map {
+        "lb_services" => (size_of::<LbServiceKey>(), size_of::<LbService>()),
+        "lb_maglev" => (size_of::<u32>(), size_of::<u32>()),
+        "lb_backends" => (size_of::<u32>(), size_of::<LbBackend>()),
+        "lb_flows" => (size_of::<LbFlowKey>(), size_of::<LbFlow>()),
+        "lb_reverse" => (size_of::<LbFlowKey>(), size_of::<LbReverse>()),
+        "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>()),
+        "lb_vips" => (size_of::<LbVipKey>(), size_of::<LbVip>()),
+        "lb_config" => (size_of::<u32>(), size_of::<LbConfig>()),
+        "lb_backend_stats" | "lb_service_stats" => (size_of::<u32>(), size_of::<LbStats>()),
+        "lb_counters" => (size_of::<u32>(), size_of::<CounterValue>()),
+        _ => return None,
+    })
+}
+
+/// Fails if a map pinned at `path` has another layout than this LB's `map`; a missing pin is
+/// fine (the loader creates it).
+fn check_pin(map: &str, path: &Path) -> Result<(), LbError> {
+    let (Some((key, value)), true) = (layout_of(map), path.exists()) else {
+        return Ok(());
+    };
+    let info = aya::maps::MapInfo::from_pin(path)
+        .map_err(|e| map_err("pinned map", &format!("inspect {}", path.display()), e))?;
+    let found = (info.key_size() as usize, info.value_size() as usize);
+    if found != (key, value) {
+        return Err(LbError::StalePin {
+            path: path.to_owned(),
+            found: format!("{found:?}"),
+            expected: format!("{:?}", (key, value)),
+        });
+    }
+    Ok(())
+}
+
 /// Where the LB program runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachPoint {
@@ -243,6 +281,8 @@ fn load_object(
         None => Vec::new(),
     };
     for (map, path) in &pins {
+        // aya reuses whatever is pinned there; a map of another layout must not be.
+        check_pin(map, path)?;
         loader.map_pin_path(map, path.as_path());
     }
     let mut bpf = loader.load(object).map_err(|source| {

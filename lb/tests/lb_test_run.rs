@@ -864,3 +864,36 @@ fn ipv6_udp_local_policy_source_ranges_and_extension_headers() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(count(&lb, LbReason::DropNoPort), 1);
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn a_pinned_map_of_another_layout_is_refused() {
+    let pins = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/slipway-lb-stale-test-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&pins.0).expect("pin dir");
+    // lb_vips as the IPv4-only LB pinned it: 4-byte keys.
+    let stale = pins.0.join("lb_vips");
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&stale)
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "1024", "name", "lb_vips",
+        ])
+        .status()
+        .expect("bpftool");
+    assert!(status.success(), "bpftool map create");
+    let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect_err("stale pin");
+    let text = err.to_string();
+    assert!(
+        text.contains("lb_vips") && text.contains("(4, 4)") && text.contains("(16, 4)"),
+        "{text}"
+    );
+    std::fs::remove_file(&stale).expect("unpin");
+    LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("a fresh pin directory loads");
+    LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("and its own pins are reused");
+}
