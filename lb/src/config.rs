@@ -342,8 +342,9 @@ pub struct ServiceSpec {
     /// family of `loadBalancerIP`, else of the first backend, else IPv4.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_families: Vec<IpFamily>,
-    /// Requests a specific VIP (`spec.loadBalancerIP`).
-    #[serde(default)]
+    /// Requests a specific VIP (`spec.loadBalancerIP`, Kubernetes' spelling, which the errors
+    /// use too; `loadBalancerIp` is still read).
+    #[serde(default, rename = "loadBalancerIP", alias = "loadBalancerIp")]
     pub load_balancer_ip: Option<IpAddr>,
     /// Clients allowed in (`spec.loadBalancerSourceRanges`); empty: everyone.
     #[serde(default)]
@@ -740,5 +741,166 @@ mod tests {
                 "healthCheck.httpPath"
             ]
         );
+    }
+
+    #[test]
+    fn ipv6_pools_are_checked_like_ipv4_ones_and_errors_name_the_field() {
+        let mut config = pools(&[
+            "fd99:100::/120",
+            "fd99:101::1/120",
+            "fd99:100::80/121",
+            "fe80::/64",
+            "ff05::/64",
+            "::ffff:10.0.0.0/120",
+            "fd99:zz::/64",
+            "10.99.100.0/24",
+        ]);
+        config.egress_cidrs = vec!["fd99:100::/124".into(), "10.99.100.0/24".into()];
+        let err = config.validate().expect_err("bad pools");
+        let text = err.to_string();
+        for needle in [
+            "pools[0].cidr: fd99:100::/120 overlaps the egress CIDR fd99:100::/124",
+            "pools[1].cidr: fd99:101::1/120 has host bits set (network is fd99:101::)",
+            "pools[2].cidr: fd99:100::80/121 overlaps pools[0] (fd99:100::/120)",
+            "pools[3].cidr: fe80::/64: link-local addresses (fe80::/10) cannot be VIPs",
+            "pools[4].cidr: ff05::/64: multicast addresses cannot be VIPs",
+            "pools[5].cidr: ::ffff:10.0.0.0/120: IPv4-mapped addresses (::ffff:0:0/96) are IPv4",
+            "pools[6].cidr: \"fd99:zz::/64\"",
+            "pools[7].cidr: 10.99.100.0/24 overlaps the egress CIDR 10.99.100.0/24",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+        assert_eq!(
+            fields(err),
+            [
+                "pools[0].cidr",
+                "pools[1].cidr",
+                "pools[2].cidr",
+                "pools[3].cidr",
+                "pools[4].cidr",
+                "pools[5].cidr",
+                "pools[6].cidr",
+                "pools[7].cidr"
+            ]
+        );
+
+        // Families never overlap each other; both kinds of pool side by side are fine.
+        let mut config = pools(&["10.99.100.0/24", "fd99:100::/120"]);
+        config.egress_cidrs = vec!["fd99:200::/64".into(), "10.99.0.0/24".into()];
+        config.validate().expect("dual-stack pools");
+    }
+
+    #[test]
+    fn the_minimum_pool_size_holds_for_ipv6_as_an_address_count() {
+        let mut config = pools(&["fd99:100::/123", "fd99:200::/124"]);
+        config.min_pool_prefix = Some(27);
+        let err = config.validate().expect_err("/124 holds 16 addresses");
+        assert!(
+            err.to_string()
+                .contains("fd99:200::/124 is smaller than the /123 minimum (minPoolPrefix 27)"),
+            "{err}"
+        );
+        assert_eq!(fields(err), ["pools[1].cidr"]);
+    }
+
+    fn spec6() -> ServiceSpec {
+        serde_json::from_str(
+            r#"{"namespace":"default","name":"web6","ports":[{"port":80}],
+                "ipFamilies":["IPv6"],"loadBalancerIP":"fd99:100::7",
+                "loadBalancerSourceRanges":["fd99::/64"],
+                "backends":[{"ip":"fd99::3"},{"ip":"fd99::4","weight":2}]}"#,
+        )
+        .expect("parse")
+    }
+
+    #[test]
+    fn an_ipv6_service_validates_and_names_every_field_of_the_wrong_family() {
+        let good = spec6();
+        good.validate().expect("valid");
+        assert_eq!(good.family(), IpFamily::Ipv6);
+        assert_eq!(
+            good.source_ranges(),
+            ["fd99::/64".parse::<IpNetwork>().expect("net")]
+        );
+        let old_spelling = r#"{"namespace":"a","name":"b","ports":[{"port":80}],
+            "loadBalancerIp":"fd99:100::7","backends":[]}"#;
+        let old: ServiceSpec = serde_json::from_str(old_spelling).expect("loadBalancerIp");
+        assert_eq!(old.load_balancer_ip, good.load_balancer_ip);
+        assert!(
+            serde_json::to_string(&old)
+                .expect("json")
+                .contains("\"loadBalancerIP\":\"fd99:100::7\""),
+            "written as Kubernetes spells it"
+        );
+        let mut inferred = good.clone();
+        inferred.ip_families.clear();
+        inferred.load_balancer_ip = None;
+        assert_eq!(inferred.family(), IpFamily::Ipv6, "from the backends");
+        inferred.backends.clear();
+        assert_eq!(inferred.family(), IpFamily::Ipv4, "the default");
+        assert!(
+            serde_json::from_str::<ServiceSpec>(
+                &serde_json::to_string(&good)
+                    .expect("json")
+                    .replace("IPv6", "IPv7")
+            )
+            .is_err(),
+            "an unknown family is a parse error"
+        );
+
+        let mut bad = good.clone();
+        bad.ip_families = vec![IpFamily::Ipv6, IpFamily::Ipv4];
+        bad.load_balancer_source_ranges = vec!["10.0.0.0/8".into(), "fd99::1/64".into()];
+        bad.backends.push(BackendSpec {
+            ip: "10.99.0.5".parse().expect("ip"),
+            weight: 1,
+            node_local: false,
+        });
+        bad.backends.push(BackendSpec {
+            ip: "ff02::1".parse().expect("ip"),
+            weight: 1,
+            node_local: false,
+        });
+        let err = bad.validate().expect_err("bad");
+        let text = err.to_string();
+        for needle in [
+            "ipFamilies: one family only",
+            "loadBalancerSourceRanges[0]: 10.0.0.0/8 is IPv4, the service is IPv6",
+            "loadBalancerSourceRanges[1]: fd99::1/64 has host bits set",
+            "backends[2].ip: 10.99.0.5 is IPv4, the service is IPv6",
+            "backends[3].ip: ff02::1 is no host",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+        assert_eq!(
+            fields(err),
+            [
+                "ipFamilies",
+                "loadBalancerSourceRanges[0]",
+                "loadBalancerSourceRanges[1]",
+                "backends[2].ip",
+                "backends[3].ip"
+            ]
+        );
+
+        for (ip, problem) in [
+            (
+                "fe80::1",
+                "fe80::1: link-local addresses (fe80::/10) cannot be VIPs",
+            ),
+            ("ff02::1", "ff02::1: multicast addresses cannot be VIPs"),
+            ("::", ":: loopback and unspecified addresses cannot be VIPs"),
+            (
+                "::ffff:10.99.100.1",
+                "IPv4-mapped addresses (::ffff:0:0/96) are IPv4",
+            ),
+            ("10.99.100.1", "10.99.100.1 is IPv4, the service is IPv6"),
+        ] {
+            let mut bad = good.clone();
+            bad.load_balancer_ip = Some(ip.parse().expect("ip"));
+            let err = bad.validate().expect_err(ip);
+            assert!(err.to_string().contains(problem), "{ip}: {err}");
+            assert_eq!(fields(err), ["loadBalancerIP"], "{ip}");
+        }
     }
 }
