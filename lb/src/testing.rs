@@ -106,11 +106,46 @@ impl LbWorld {
             ])
             .map_err(world_err)?;
         for host in lbw.world.hosts() {
-            // nodad: the address is usable at once (no host of a world claims another's).
+            // No duplicate address detection: no host of a world claims another's address,
+            // and a link-local address still tentative for its first second or so would
+            // silence the host's Neighbor Solicitations sent from it (the LB's, for a client it
+            // answers from a VIP). The link goes down and up to get a link-local address that
+            // is not tentative.
+            // DAD is skipped only when both `all` and the device say so.
+            host.netns
+                .sysctl(&[
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.eth0.accept_dad=0",
+                ])
+                .map_err(world_err)?;
+            host.netns
+                .ip(&["link", "set", "eth0", "down"])
+                .map_err(world_err)?;
+            host.netns
+                .ip(&["link", "set", "eth0", "up"])
+                .map_err(world_err)?;
             let ip6 = format!("{}/64", host_ip6(host.index));
             host.netns
                 .ip(&["-6", "addr", "add", &ip6, "dev", "eth0", "nodad"])
                 .map_err(world_err)?;
+        }
+        // The link-local address comes when the kernel sees the carrier, a moment after the
+        // link is up; wait for it on every host, past DAD.
+        for host in lbw.world.hosts() {
+            wait_for(
+                &format!("{}: a link-local address past DAD", host.netns.name()),
+                Duration::from_secs(5),
+                || {
+                    let show = |filter: &str| {
+                        host.netns
+                            .ip(&["-6", "addr", "show", "dev", "eth0", "scope", "link", filter])
+                            .ok()
+                    };
+                    let ready = show("-tentative")?.contains("inet6 fe80:");
+                    let tentative = show("tentative")?.contains("inet6");
+                    (ready && !tentative).then_some(())
+                },
+            )?;
         }
         for client in [lbw.client().clone(), lbw.client2().clone()] {
             client

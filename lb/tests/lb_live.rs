@@ -651,3 +651,278 @@ fn the_xdp_attach_point_balances_too() {
         "TC ran {tc} times beside XDP's {xdp}: XDP did not translate"
     );
 }
+
+// ---- IPv6 VIPs ---------------------------------------------------------------------------
+
+/// The lladdr of `ip`'s neighbour entry on the client's eth0, if it has one with an address.
+fn neighbour_mac(w: &LbWorld, ip: IpAddr) -> Option<String> {
+    let out = w
+        .client()
+        .ip(&["-6", "neigh", "show", &ip.to_string(), "dev", "eth0"])
+        .ok()?;
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next().map(str::to_owned)
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn an_ipv6_vip_is_announced_by_ndp_and_reaches_every_backend() {
+    let mut w = LbWorld::new(3).expect("world");
+    for i in 0..3 {
+        w.start_nginx(i).expect("nginx");
+        w.start_echo(i).expect("echo");
+    }
+    let ips = w.backend_ip6s();
+    let vip = IpAddr::V6("fd99:100::1".parse().expect("vip"));
+    let lb_mac = slipway_dataplane::testing::format_mac(&w.lb().link("eth0").expect("lb").mac);
+
+    // A stale cache entry on the client: the unsolicited Neighbor Advertisement the LB sends
+    // when it takes the VIP over must correct it.
+    let stale = "02:00:00:00:00:99";
+    w.client()
+        .ip(&[
+            "-6",
+            "neigh",
+            "add",
+            &vip.to_string(),
+            "lladdr",
+            stale,
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ])
+        .expect("stale entry");
+    assert_eq!(neighbour_mac(&w, vip).as_deref(), Some(stale));
+    let weights = [1u32, 2, 3];
+    let backends: Vec<(IpAddr, u32)> = ips.iter().map(|ip| IpAddr::V6(*ip)).zip(weights).collect();
+    let web = spec("web6", vec![port(Protocol::Tcp, 80)], &backends);
+    assert_eq!(
+        w.api().apply(&web).expect("apply"),
+        vip,
+        "the IPv6 pool's first address"
+    );
+    wait_for("unsolicited NA", Duration::from_secs(3), || {
+        (neighbour_mac(&w, vip)? == lb_mac).then_some(())
+    })
+    .expect("the client's neighbour entry points at the LB");
+
+    // Resolved afresh by Neighbor Discovery: the LB's datapath answers the solicitation.
+    w.client()
+        .ip(&["-6", "neigh", "flush", "dev", "eth0"])
+        .expect("flush");
+    const N: usize = 1200;
+    let url = format!("http://[{vip}]");
+    let lines = LbWorld::curl(w.client(), &url, N).expect("curl -6");
+    assert_eq!(lines.len(), N, "every request answered");
+    assert_eq!(
+        neighbour_mac(&w, vip).as_deref(),
+        Some(lb_mac.as_str()),
+        "ip -6 neigh: the VIP is at the LB's MAC"
+    );
+    let counts = by_backend(&lines);
+    for (ip, weight) in &backends {
+        let share = counts.get(ip).copied().unwrap_or(0) as f64 / N as f64;
+        let expected = f64::from(*weight) / 6.0;
+        assert!(
+            (share - expected).abs() < 0.05,
+            "{ip}: share {share:.3}, weight share {expected:.3} ({counts:?})"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(&format!(" {}", w.lb_ip6()))),
+        "SNAT: the backends see the LB's IPv6 address"
+    );
+
+    // UDP through the same VIP on another port, to the echo servers.
+    let mut dns = spec("dns6", vec![port(Protocol::Udp, 53)], &backends);
+    dns.ports[0].target_port = ECHO_PORT;
+    dns.load_balancer_ip = Some(vip);
+    assert_eq!(
+        w.api().apply(&dns).expect("dns6"),
+        vip,
+        "shared on disjoint ports"
+    );
+    let mut seen = BTreeMap::new();
+    for i in 0..60 {
+        let (answer, from) = udp_exchange(w.client(), vip, 53, &format!("q{i}")).expect("udp");
+        assert_eq!(from, (vip, 53).into(), "the answer comes from the VIP");
+        let (backend, echoed) = answer.split_once(' ').expect("answer");
+        assert_eq!(echoed, format!("q{i}"));
+        *seen.entry(backend.to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "UDP reaches every backend: {seen:?}");
+
+    // Status and metrics show the IPv6 VIP, its backends and the NDP answers.
+    let status = w.api().status().expect("status");
+    assert!(status.announced.contains(&vip));
+    assert!(status.verdicts["ndp_reply"] >= 1, "{:?}", status.verdicts);
+    let web_status = service_status(&w, "default/web6");
+    assert_eq!(web_status.vip, vip);
+    for b in &web_status.backends {
+        assert_eq!(b.flows_total as usize, counts[&b.ip], "flows of {}", b.ip);
+        assert_eq!(b.state, BackendState::Active);
+    }
+    let pool6 = status
+        .pools
+        .iter()
+        .find(|p| p.cidr == "fd99:100::/120")
+        .expect("the IPv6 pool");
+    assert_eq!((pool6.used, pool6.size), (1, 255));
+    let table = status.table();
+    assert!(
+        table.contains(&format!("default/web6  VIP {vip}")),
+        "{table}"
+    );
+    assert!(table.contains(&ips[2].to_string()), "{table}");
+    let metrics = w.api().metrics().expect("metrics");
+    let line = format!(
+        "slipway_lb_backend_flows_total{{service=\"default/web6\",vip=\"{vip}\",backend=\"{}\"}} {}",
+        ips[2],
+        counts[&IpAddr::V6(ips[2])]
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+
+    // Released with its services: nobody answers for it any more.
+    w.api().delete("default", "web6").expect("delete");
+    w.api().delete("default", "dns6").expect("delete");
+    assert!(w.api().status().expect("status").announced.is_empty());
+    w.client()
+        .ip(&["-6", "neigh", "flush", "dev", "eth0"])
+        .expect("flush");
+    assert!(
+        LbWorld::curl(w.client(), &url, 1).expect("curl").is_empty(),
+        "nobody answers for a released IPv6 VIP"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn ipv6_source_ranges_local_policy_and_streams_across_backend_changes() {
+    let mut w = LbWorld::new(3).expect("world");
+    for i in 0..3 {
+        w.start_nginx(i).expect("nginx");
+        w.start_echo(i).expect("echo");
+    }
+    let ips: Vec<IpAddr> = w.backend_ip6s().into_iter().map(IpAddr::V6).collect();
+    let client = IpAddr::V6(w.client_ip6());
+
+    // loadBalancerSourceRanges: only the first client.
+    let mut web = spec("web6", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]);
+    web.load_balancer_source_ranges = vec![format!("{client}/128")];
+    let vip = w.api().apply(&web).expect("apply");
+    assert!(vip.is_ipv6());
+    let url = format!("http://[{vip}]");
+    assert_eq!(LbWorld::curl(w.client(), &url, 5).expect("curl").len(), 5);
+    assert_eq!(
+        LbWorld::curl(w.client2(), &url, 2).expect("curl").len(),
+        0,
+        "{} is outside {client}/128",
+        w.client2_ip6()
+    );
+    assert!(w.api().status().expect("status").verdicts["drop_source_range"] >= 2);
+    web.load_balancer_source_ranges = vec!["fd99::/64".into()];
+    w.api().apply(&web).expect("widen");
+    assert_eq!(LbWorld::curl(w.client2(), &url, 5).expect("curl").len(), 5);
+
+    // externalTrafficPolicy Local: the local backend sees the client's IPv6 address and
+    // answers it through the LB.
+    let (local_ns, _) = w.backend(0);
+    local_ns
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{client}/128"),
+            "via",
+            &w.lb_ip6().to_string(),
+        ])
+        .expect("route via the LB");
+    let mut local = spec(
+        "local6",
+        vec![port(Protocol::Tcp, 80)],
+        &[(ips[0], 1), (ips[1], 1)],
+    );
+    local.external_traffic_policy = TrafficPolicy::Local;
+    local.backends[0].node_local = true;
+    let local_vip = w.api().apply(&local).expect("apply");
+    let lines = LbWorld::curl(w.client(), &format!("http://[{local_vip}]"), 40).expect("curl");
+    assert_eq!(lines.len(), 40);
+    let expected = format!("{} {client}", ips[0]);
+    assert!(
+        lines.iter().all(|l| *l == expected),
+        "only the local backend, seeing the client: {lines:?}"
+    );
+
+    // Long-lived IPv6 streams keep their backend while one is added and another removed.
+    let two: Vec<(IpAddr, u32)> = ips[..2].iter().map(|ip| (*ip, 1)).collect();
+    let echo = spec("echo6", vec![port(Protocol::Tcp, ECHO_PORT)], &two);
+    let echo_vip = w.api().apply(&echo).expect("echo");
+    let streams: Vec<EchoStream> = (0..16)
+        .map(|_| EchoStream::open(w.client(), echo_vip).expect("stream"))
+        .collect();
+    for ip in &ips[..2] {
+        assert!(
+            streams.iter().any(|s| s.backend() == *ip),
+            "16 streams reach {ip}"
+        );
+    }
+    let mut three = two.clone();
+    three.push((ips[2], 1));
+    w.api()
+        .apply(&spec("echo6", vec![port(Protocol::Tcp, ECHO_PORT)], &three))
+        .expect("add");
+    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
+    wait_for("streams progress", Duration::from_secs(10), || {
+        streams
+            .iter()
+            .zip(&before)
+            .all(|(s, b)| s.ended() || s.rounds() >= b + 10)
+            .then_some(())
+    })
+    .expect("progress after add");
+    let new: Vec<EchoStream> = (0..16)
+        .map(|_| EchoStream::open(w.client(), echo_vip).expect("stream"))
+        .collect();
+    assert!(
+        new.iter().any(|s| s.backend() == ips[2]),
+        "new flows reach the new backend"
+    );
+    w.api()
+        .apply(&spec(
+            "echo6",
+            vec![port(Protocol::Tcp, ECHO_PORT)],
+            &[(ips[0], 1), (ips[2], 1)],
+        ))
+        .expect("remove");
+    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
+    wait_for("streams progress", Duration::from_secs(10), || {
+        streams
+            .iter()
+            .zip(&before)
+            .all(|(s, b)| s.ended() || s.rounds() >= b + 10)
+            .then_some(())
+    })
+    .expect("progress after remove");
+    for s in streams.into_iter().chain(new) {
+        let backend = s.backend();
+        let report = s.finish().expect("report");
+        if backend == ips[1] {
+            continue; // its backend left the service
+        }
+        assert_eq!(report.error, None, "stream to {backend}: {report:?}");
+        assert!(
+            report.max_gap < Duration::from_millis(500),
+            "stream to {backend} stalled: {report:?}"
+        );
+    }
+}
