@@ -1,10 +1,12 @@
-//! The Slipway L4 load balancer: Maglev table, VIP pools, backend health checks, ARP
-//! announcement, the controller and its local API, over the eBPF datapath in `ebpf/lb.c`.
+//! The Slipway L4 load balancer for IPv4 and IPv6 VIPs: Maglev table, VIP pools, backend
+//! health checks, ARP and NDP announcement, the controller and its local API, over the eBPF
+//! datapath in `ebpf/lb.c`.
 //!
 //! Layout (datapath / control library / daemon, as Katran splits it):
 //! - pure logic, no I/O: [`maglev`], [`pool`], [`config`], [`health::Health`], [`controller`]
 //!   (over the [`maps::LbMaps`] seam), [`status`];
-//! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP);
+//! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP and unsolicited
+//!   Neighbor Advertisements);
 //! - daemon: [`daemon`] (local API on a Unix socket, health-check tasks), [`api`] (routes'
 //!   wire format and the blocking [`api::Client`]), [`metrics`], [`cli`].
 //!

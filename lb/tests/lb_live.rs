@@ -650,6 +650,44 @@ fn the_xdp_attach_point_balances_too() {
         tc * 10 < xdp,
         "TC ran {tc} times beside XDP's {xdp}: XDP did not translate"
     );
+
+    // IPv6 through XDP as well: the NS answered by XDP_TX, the translation by hand.
+    w.lb()
+        .sysctl(&["net.ipv6.conf.eth0.forwarding=1"])
+        .expect("forwarding");
+    let ip6s: Vec<IpAddr> = w.backend_ip6s().into_iter().map(IpAddr::V6).collect();
+    let vip6 = w
+        .api()
+        .apply(&spec(
+            "web6",
+            vec![port(Protocol::Tcp, 80)],
+            &[(ip6s[0], 1), (ip6s[1], 1)],
+        ))
+        .expect("apply v6");
+    let url6 = format!("http://[{vip6}]");
+    assert_eq!(
+        LbWorld::curl(w.client(), &url6, 20).expect("curl").len(),
+        20
+    );
+    let (xdp0, tc0) = (
+        run_time_of("lb_xdp").expect("xdp").1,
+        run_time_of("lb_ingress").expect("tc").1,
+    );
+    let lines = LbWorld::curl(w.client(), &url6, 200).expect("curl -6");
+    assert_eq!(lines.len(), 200, "every IPv6 request answered");
+    assert_eq!(by_backend(&lines).len(), 2);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(&format!(" {}", w.lb_ip6())))
+    );
+    let xdp = run_time_of("lb_xdp").expect("xdp").1 - xdp0;
+    let tc = run_time_of("lb_ingress").expect("tc").1 - tc0;
+    assert!(xdp >= 1000, "XDP ran {xdp} times for IPv6");
+    assert!(
+        tc * 10 < xdp,
+        "TC ran {tc} times beside XDP's {xdp}: XDP did not translate IPv6"
+    );
 }
 
 // ---- IPv6 VIPs ---------------------------------------------------------------------------
