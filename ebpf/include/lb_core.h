@@ -610,26 +610,9 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	nat->old_sport = key->sport;
 	nat->old_dport = key->dport;
 
-	/* A backend's reply? */
-	struct lb_reverse *rev = bpf_map_lookup_elem(&lb_reverse, key);
-	if (rev) {
-		lb_key_set(&s->fwd, &rev->client, &rev->vip, rev->client_port, rev->vip_port,
-			   key->proto);
-		struct lb_flow *flow = bpf_map_lookup_elem(&lb_flows, &s->fwd);
-		if (flow) {
-			flow->last_seen_ns = now;
-			if (fin_or_rst)
-				flow->state = LB_FLOW_CLOSING;
-		}
-		nat->new_src = rev->vip;
-		nat->new_sport = rev->vip_port;
-		nat->new_dst = rev->client;
-		nat->new_dport = rev->client_port;
-		lb_stat(&lb_backend_stats, rev->backend_id, len, 0);
-		lb_count(LB_REASON_REPLY, len);
-		return LB_ACT_NAT;
-	}
-
+	/* The service first: a small map that stays in cache, and a packet to a service is a
+	 * client's (a reply goes to the LB's SNAT address or, with eTP Local, to the client,
+	 * never to a VIP's service port), so it never needs the LRU lookup below. */
 	struct lb_service_key svc_key = {
 		.vip = key->dst,
 		.port = key->dport,
@@ -637,6 +620,25 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	};
 	struct lb_service *svc = bpf_map_lookup_elem(&lb_services, &svc_key);
 	if (!svc) {
+		/* A backend's reply? */
+		struct lb_reverse *rev = bpf_map_lookup_elem(&lb_reverse, key);
+		if (rev) {
+			lb_key_set(&s->fwd, &rev->client, &rev->vip, rev->client_port,
+				   rev->vip_port, key->proto);
+			struct lb_flow *flow = bpf_map_lookup_elem(&lb_flows, &s->fwd);
+			if (flow) {
+				flow->last_seen_ns = now;
+				if (fin_or_rst)
+					flow->state = LB_FLOW_CLOSING;
+			}
+			nat->new_src = rev->vip;
+			nat->new_sport = rev->vip_port;
+			nat->new_dst = rev->client;
+			nat->new_dport = rev->client_port;
+			lb_stat(&lb_backend_stats, rev->backend_id, len, 0);
+			lb_count(LB_REASON_REPLY, len);
+			return LB_ACT_NAT;
+		}
 		struct lb_vip_key vip_key = { .ip = key->dst };
 		if (bpf_map_lookup_elem(&lb_vips, &vip_key)) {
 			lb_count(LB_REASON_DROP_NO_SERVICE, len);
