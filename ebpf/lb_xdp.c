@@ -104,10 +104,12 @@ int lb_xdp(struct xdp_md *ctx)
 	case LB_ACT_TX:
 		return XDP_TX;
 	case LB_ACT_NDP: {
-		/* The NS becomes the NA, resized to it first (see lb.c). */
+		/* The NS becomes the NA, resized to it first (see lb.c). A driver without
+		 * tailroom to grow an option-less NS into leaves the frame as it was: the TC
+		 * program beside this one answers it. */
 		int delta = (int)LB_NA_FRAME_LEN - (int)(data_end - data);
 		if (delta && bpf_xdp_adjust_tail(ctx, delta))
-			return XDP_DROP;
+			return XDP_PASS;
 		data = (void *)(long)ctx->data;
 		data_end = (void *)(long)ctx->data_end;
 		if (lb_ndp_write(data, data_end, &out.ndp))
