@@ -181,4 +181,46 @@ mod tests {
         spec.validate().expect("valid");
         assert_eq!(spec.backends[0].weight, 1);
     }
+
+    #[test]
+    fn reads_ipv6_pools_and_services_from_yaml() {
+        let config: LbConfig = serde_saphyr::from_str(
+            "interface: eth0
+snatIp6: fd99::2
+pools:
+  - name: ingress
+    cidr: 10.99.100.0/24
+  - name: ingress6
+    cidr: fd99:100::/120
+egressCidrs:
+  - fd99:200::/64
+",
+        )
+        .expect("config");
+        config.validate().expect("valid");
+        assert_eq!(config.snat_ip6, Some("fd99::2".parse().expect("ip")));
+        assert_eq!(config.pools[1].cidr, "fd99:100::/120");
+        let spec: ServiceSpec = serde_saphyr::from_str(
+            "namespace: default
+name: web6
+ipFamilies: [IPv6]
+ports:
+  - port: 80
+loadBalancerIP: fd99:100::7
+loadBalancerSourceRanges:
+  - fd99::/64
+backends:
+  - ip: fd99::3
+  - ip: fd99::4
+    weight: 2
+",
+        )
+        .expect("service");
+        spec.validate().expect("valid");
+        assert_eq!(spec.family(), crate::config::IpFamily::Ipv6);
+        assert_eq!(
+            spec.backends[1].ip,
+            "fd99::4".parse::<std::net::IpAddr>().expect("ip")
+        );
+    }
 }
