@@ -438,6 +438,11 @@ impl Controller {
         })
     }
 
+    /// The VIPs announced now.
+    pub fn announced(&self) -> &BTreeSet<IpAddr> {
+        self.announcer.announced()
+    }
+
     /// The maps, for callers that read or drive the datapath directly.
     pub fn maps(&mut self) -> &mut dyn LbMaps {
         self.maps.as_mut()

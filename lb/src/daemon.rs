@@ -32,7 +32,7 @@ use crate::controller::{Controller, HealthTarget};
 use crate::datapath::{AttachPoint, LbDatapath};
 use crate::health::probe;
 use crate::metrics::Metrics;
-use crate::packet::send_frame;
+use crate::packet::{SolicitedNodeGroups, send_frame};
 use crate::pool::Pools;
 
 /// The LB interface as the daemon found it.
@@ -127,6 +127,7 @@ struct Shared {
     config: LbConfig,
     iface: Interface,
     health: Mutex<BTreeMap<HealthTarget, AbortHandle>>,
+    groups: Mutex<SolicitedNodeGroups>,
 }
 
 type AppState = Arc<Shared>;
@@ -187,6 +188,7 @@ pub async fn serve(
         config: config.clone(),
         iface,
         health: Mutex::new(BTreeMap::new()),
+        groups: Mutex::new(SolicitedNodeGroups::new(iface.ifindex)),
     });
 
     if let Some(dir) = config.socket.parent() {
@@ -216,6 +218,7 @@ pub async fn serve(
             loop {
                 every.tick().await;
                 let taken = lock(&shared).tick(Instant::now());
+                sync_groups(&shared);
                 match taken {
                     Ok(vips) => send_announcements(&shared, vips),
                     Err(e) => warn!(error = %e, "periodic work failed"),
@@ -240,6 +243,7 @@ pub async fn serve(
 async fn apply(State(shared): State<AppState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
     let spec = api::parse_spec(&body)?;
     let applied = lock(&shared).apply(spec)?;
+    sync_groups(&shared);
     send_announcements(&shared, applied.taken_over);
     sync_health(&shared);
     Ok(axum::Json(Applied { vip: applied.vip }))
@@ -250,6 +254,7 @@ async fn remove(
     UrlPath((namespace, name)): UrlPath<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     lock(&shared).delete(&namespace, &name)?;
+    sync_groups(&shared);
     sync_health(&shared);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -271,6 +276,17 @@ async fn metrics(State(shared): State<AppState>) -> Result<impl IntoResponse, Ap
         )],
         text,
     ))
+}
+
+/// Joins the solicited-node groups of the announced IPv6 VIPs and leaves those of withdrawn
+/// ones ([`SolicitedNodeGroups`]). A failure is logged: the VIP is still answered wherever the
+/// NIC and the switch pass its solicitations on.
+fn sync_groups(shared: &AppState) {
+    let announced = lock(shared).announced().clone();
+    let mut groups = shared.groups.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = groups.sync(&announced) {
+        warn!(error = %e, "solicited-node multicast groups not joined");
+    }
 }
 
 /// Sends `garp_count` gratuitous ARPs (IPv4) or unsolicited Neighbor Advertisements (IPv6)

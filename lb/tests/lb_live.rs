@@ -748,6 +748,14 @@ fn an_ipv6_vip_is_announced_by_ndp_and_reaches_every_backend() {
         (neighbour_mac(&w, vip)? == lb_mac).then_some(())
     })
     .expect("the client's neighbour entry points at the LB");
+    // The LB host joined the VIP's solicited-node group, so that a NIC's multicast filter and
+    // an MLD-snooping switch let the solicitations for it through.
+    let groups = || {
+        w.lb()
+            .ip(&["-6", "maddr", "show", "dev", "eth0"])
+            .expect("maddr")
+    };
+    assert!(groups().contains("ff02::1:ff00:1"), "{}", groups());
 
     // Resolved afresh by Neighbor Discovery: the LB's datapath answers the solicitation.
     w.client()
@@ -831,6 +839,11 @@ fn an_ipv6_vip_is_announced_by_ndp_and_reaches_every_backend() {
     w.api().delete("default", "web6").expect("delete");
     w.api().delete("default", "dns6").expect("delete");
     assert!(w.api().status().expect("status").announced.is_empty());
+    assert!(
+        !groups().contains("ff02::1:ff00:1"),
+        "the group is left with the VIP: {}",
+        groups()
+    );
     w.client()
         .ip(&["-6", "neigh", "flush", "dev", "eth0"])
         .expect("flush");
