@@ -426,3 +426,52 @@ fn no_packet_sees_half_an_update() {
         "{st:#}"
     );
 }
+
+/// A UDP datagram from `src` to a port nobody listens on at `dst`: whether the ICMP port
+/// unreachable came back (the connected socket's read fails with "connection refused").
+fn refused(src: &Pod, dst: &Pod) -> bool {
+    let dst = dst.ip;
+    PodNs::open(src.netns.name()).run(move || {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("bind");
+        socket.connect((dst, 9)).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        socket.send(b"anyone?").expect("send");
+        let mut buf = [0u8; 16];
+        matches!(socket.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn icmp_errors_about_allowed_connections_reach_an_isolated_pod() {
+    let cluster = Cluster::new(2, "vxlan");
+    let a = cluster.add_pod(1, "a");
+    let near = cluster.add_pod(1, "near");
+    let far = cluster.add_pod(2, "far");
+    put_pods(&cluster, &[("a", &a), ("near", &near), ("far", &far)]);
+    assert!(
+        refused(&a, &near) && refused(&a, &far),
+        "port unreachable before any policy"
+    );
+    // a accepts nothing: yet the errors about its own datagrams are related to its
+    // connections, and come in (same host and across hosts).
+    put(
+        &cluster,
+        "networkpolicies",
+        &json!([{ "metadata": { "name": "deny-a", "namespace": "x" },
+                  "spec": { "podSelector": { "matchLabels": { "pod": "a" } } } }]),
+    );
+    assert!(
+        refused(&a, &near),
+        "ICMP port unreachable from the same host"
+    );
+    assert!(refused(&a, &far), "ICMP port unreachable from another host");
+    // The other way, nothing related: near's datagram to a is denied at a's ingress, so no
+    // error can come back to near.
+    assert!(!refused(&near, &a), "a's ingress denies near's datagram");
+}

@@ -4,7 +4,8 @@
  * compiles policies into the maps below (see the Policy section of abi.h); a packet costs a
  * fixed number of lookups however many rules there are:
  *
- *   state -> connection tracking (forward, then reverse tuple) -> done for known connections;
+ *   state -> connection tracking (forward, then reverse tuple) -> done for known connections
+ *   (and ICMP errors about them);
  *   a new connection: for each local end, its flags, the peer's identity (ipcache) and two
  *   rule lookups (the peer's identity, then ANY).
  *
@@ -178,6 +179,47 @@ static __always_inline int policy_decide(const struct nat_tuple *t, __u32 genera
 	return 1;
 }
 
+/* An ICMP error (destination unreachable, time exceeded, parameter problem) about a packet of
+ * a tracked connection: related traffic, which passes like a reply — path MTU discovery and
+ * "connection refused" need it. Returns 1 when `ip4` is such an error. */
+static __always_inline int policy_icmp_related(struct __sk_buff *skb, struct iphdr *ip4)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 *icmp = (void *)ip4 + ip4->ihl * 4;
+
+	if (ip4->protocol != IPPROTO_ICMP || (void *)(icmp + 8) > data_end)
+		return 0;
+	if (icmp[0] != 3 && icmp[0] != 11 && icmp[0] != 12)
+		return 0;
+	struct iphdr *inner = (void *)(icmp + 8);
+	if ((void *)(inner + 1) > data_end)
+		return 0;
+	/* The quoted packet went the other way: from this packet's destination to its source. */
+	struct nat_tuple quoted = {
+		.saddr = inner->saddr,
+		.daddr = inner->daddr,
+		.proto = inner->protocol,
+	};
+	if (inner->protocol == IPPROTO_TCP || inner->protocol == IPPROTO_UDP ||
+	    inner->protocol == IPPROTO_SCTP) {
+		__be16 *ports = (void *)inner + inner->ihl * 4;
+		if ((void *)(ports + 2) > data_end)
+			return 0;
+		quoted.sport = ports[0];
+		quoted.dport = ports[1];
+	}
+	if (bpf_map_lookup_elem(&policy_ct, &quoted))
+		return 1;
+	struct nat_tuple opened = {
+		.saddr = quoted.daddr,
+		.daddr = quoted.saddr,
+		.sport = quoted.dport,
+		.dport = quoted.sport,
+		.proto = quoted.proto,
+	};
+	return bpf_map_lookup_elem(&policy_ct, &opened) != NULL;
+}
+
 /* Whether the packet may go on. src_local / dst_local: whether its source / destination is a
  * pod on this host. */
 static __always_inline int policy_allows(struct __sk_buff *skb, struct iphdr *ip4, int src_local,
@@ -207,6 +249,9 @@ static __always_inline int policy_allows(struct __sk_buff *skb, struct iphdr *ip
 	};
 	struct policy_ct *reply = ct ? NULL : bpf_map_lookup_elem(&policy_ct, &r);
 	if (reply && reply->generation == generation)
+		return 1;
+
+	if (!ct && !reply && policy_icmp_related(skb, ip4))
 		return 1;
 
 	/* A new connection, or one decided under an older generation: decide it, in the
