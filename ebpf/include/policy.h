@@ -70,7 +70,7 @@ struct {
 } policy_events SEC(".maps");
 
 /* The packet's connection tuple: addresses, protocol, and for TCP, UDP and SCTP the ports
- * (0 for other protocols and for fragments after the first, which carry none). */
+ * (0 for other protocols). The caller has let later fragments, which carry no ports, pass. */
 static __always_inline void policy_tuple(struct __sk_buff *skb, struct iphdr *ip4,
 					 struct nat_tuple *t)
 {
@@ -83,8 +83,6 @@ static __always_inline void policy_tuple(struct __sk_buff *skb, struct iphdr *ip
 	t->sport = 0;
 	t->dport = 0;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
-		return;
-	if (ip4->frag_off & bpf_htons(0x1fff))
 		return;
 	__be16 *ports = (void *)ip4 + ip4->ihl * 4;
 	if ((void *)(ports + 2) > data_end)
@@ -232,6 +230,11 @@ static __always_inline int policy_allows(struct __sk_buff *skb, struct iphdr *ip
 		return 1;
 	__u32 generation = *(volatile __u32 *)&state->generation;
 	if (!generation)
+		return 1;
+
+	/* A fragment after the first carries no ports to decide on. It passes: the destination
+	 * reassembles nothing without the first fragment, which is decided like any packet. */
+	if (ip4->frag_off & bpf_htons(0x1fff))
 		return 1;
 
 	struct nat_tuple t = {};
