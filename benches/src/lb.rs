@@ -8,7 +8,11 @@
 //! CPU accounting: for Slipway, the kernel's run-time stats of the LB program
 //! (`BPF_ENABLE_STATS`), which cover the program itself but not the redirect that follows it;
 //! for HAProxy, the process's utime+stime. Neither includes the softirq time of forwarding,
-//! which on hosts that are namespaces of one kernel cannot be told apart per host.
+//! which on hosts that are namespaces of one kernel cannot be told apart per host. So the suite
+//! also reports the whole machine's busy CPU time per 1,000 new connections through the VIP
+//! against the same straight to the backend: on a CPU-bound machine its ratio is what sets the
+//! ratio of new connections/s, and it includes the extra hop (the LB host's veth, the second
+//! crossing of the underlay bridge, the redirect) that the program's run time leaves out.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -143,6 +147,29 @@ fn iperf3(
     Ok(bps / 1e9)
 }
 
+/// Busy clock ticks of every CPU (user, nice, system, irq, softirq, steal: all but idle and
+/// iowait) in the `cpu` line of /proc/stat.
+fn parse_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let &[user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = ticks.as_slice() else {
+        return None;
+    };
+    Some(user + nice + system + irq + softirq + steal)
+}
+
+/// Busy time of the whole machine so far, seconds.
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks = parse_busy_ticks(&stat).context("/proc/stat: cpu line")?;
+    // /proc/stat counts clock ticks of USER_HZ, 100 on Linux x86_64.
+    Ok(ticks as f64 / 100.0)
+}
+
 /// utime+stime of process `pid`, seconds.
 fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -264,20 +291,47 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
     // New connections/s, and the CPU each side spends on them.
     let (mut s, mut h, mut d) = (Vec::new(), Vec::new(), Vec::new());
     let (mut s_cpu, mut h_cpu) = (Vec::new(), Vec::new());
+    let (mut s_box, mut d_box) = (Vec::new(), Vec::new());
+    let ms_per_1000 = |seconds: f64, requests: u64| seconds * 1e3 / (requests as f64 / 1000.0);
     for run in 0..options.runs {
         eprintln!("[lb] new connections, run {}/{}", run + 1, options.runs);
         let (t0, _) = run_time()?;
+        let b0 = machine_busy_seconds()?;
         let r = wrk(&client, &slipway_url, true, options)?;
+        let b1 = machine_busy_seconds()?;
         let (t1, _) = run_time()?;
         s.push(r.requests_per_s);
-        s_cpu.push((t1 - t0).as_secs_f64() * 1e3 / (r.requests as f64 / 1000.0));
+        s_cpu.push(ms_per_1000((t1 - t0).as_secs_f64(), r.requests));
+        s_box.push(ms_per_1000(b1 - b0, r.requests));
         let c0 = process_cpu_seconds(ha_pid)?;
         let r = wrk(&client, &haproxy_url, true, options)?;
         let c1 = process_cpu_seconds(ha_pid)?;
         h.push(r.requests_per_s);
-        h_cpu.push((c1 - c0) * 1e3 / (r.requests as f64 / 1000.0));
-        d.push(wrk(&client, &direct_url, true, options)?.requests_per_s);
+        h_cpu.push(ms_per_1000(c1 - c0, r.requests));
+        let b0 = machine_busy_seconds()?;
+        let r = wrk(&client, &direct_url, true, options)?;
+        let b1 = machine_busy_seconds()?;
+        d.push(r.requests_per_s);
+        d_box.push(ms_per_1000(b1 - b0, r.requests));
     }
+    // The records keep Slipway's spread only; the baselines' runs matter as much here.
+    let runs = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "[lb] new connections/s per run: slipway {}; haproxy {}; direct {}",
+        runs(&s),
+        runs(&h),
+        runs(&d)
+    );
+    eprintln!(
+        "[lb] machine CPU ms per 1,000 new connections per run: slipway {}; direct {}",
+        runs(&s_box),
+        runs(&d_box)
+    );
     let samples = |slipway: &Vec<f64>, baseline: &Vec<f64>| Samples {
         slipway: slipway.clone(),
         baseline: baseline.clone(),
@@ -299,6 +353,12 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
         "ms",
         false,
         "haproxy-tcp",
+    ))?);
+    records.push(samples(&s_box, &d_box).record(metric(
+        "machine_cpu_ms_per_1000_new_connections_vs_direct",
+        "ms",
+        false,
+        "direct-backend",
     ))?);
 
     // Keep-alive requests/s.
@@ -357,5 +417,14 @@ mod tests {
         assert_eq!((w.requests, w.errors), (65432, 6));
         assert!((w.requests_per_s - 21810.67).abs() < 1e-9);
         assert!(parse_wrk("unable to connect").is_none());
+    }
+
+    #[test]
+    fn parses_proc_stat_busy_ticks() {
+        let stat = "cpu  100 2 30 5000 7 1 40 3 0 0\ncpu0 50 1 15 2500 3 0 20 1 0 0\nctxt 9\n";
+        assert_eq!(parse_busy_ticks(stat), Some(100 + 2 + 30 + 1 + 40 + 3));
+        assert_eq!(parse_busy_ticks("cpu  1 2 3\n"), None);
+        assert_eq!(parse_busy_ticks("cpu  1 2 x 4 5 6 7 8\n"), None);
+        assert_eq!(parse_busy_ticks("intr 5\n"), None);
     }
 }
