@@ -142,16 +142,7 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Record>> {
     eprintln!("      client MTUs: {}", mtus.join(", "));
 
     let mut records = Vec::new();
-    let throughput = |pair: &Pair<'_>| -> anyhow::Result<f64> {
-        Ok(iperf3_tcp(
-            pair.client,
-            pair.server,
-            pair.server_ip,
-            options.iperf_duration,
-        )?
-        .received_bps
-            / 1e9)
-    };
+    let throughput = |pair: &Pair<'_>| pair.throughput_gbps(options.iperf_duration);
     let rtt = |pair: &Pair<'_>| {
         sockperf_ping_pong(pair, options.sockperf_duration).map(|run| run.rtt_p50_us)
     };
@@ -800,6 +791,11 @@ impl<'a> Pair<'a> {
     }
 
     /// The MTU of the client's route to the server (its `eth0`).
+    /// TCP throughput client -> server over `duration` (iperf3), in Gbit/s.
+    pub(crate) fn throughput_gbps(&self, duration: Duration) -> anyhow::Result<f64> {
+        Ok(iperf3_tcp(self.client, self.server, self.server_ip, duration)?.received_bps / 1e9)
+    }
+
     fn client_mtu(&self) -> anyhow::Result<u64> {
         let text = self.client.ip(&["-j", "link", "show", "dev", "eth0"])?;
         let links: Value = serde_json::from_str(&text).context("parsing ip -j link")?;

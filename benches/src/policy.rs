@@ -35,7 +35,6 @@ use slipway_cni::policy::types::{Metadata, PortRef, Spec};
 use slipway_cni::policy::{IngressRule, IpBlock, LabelSelector, NetworkPolicy, Peer, PolicyPort};
 use slipway_dataplane::netns;
 use slipway_dataplane::testing::Netns;
-use slipway_dataplane::testing::traffic::iperf3_tcp;
 
 use crate::cni::{
     BRIDGE_PLUGIN, Bench, Binaries, Pair, PingPong, PodRef, check_reference_plugins, percentile,
@@ -570,16 +569,7 @@ fn measure_traffic(
         "      traffic pinned to CPU {} (was {})",
         pinned.cpu, pinned.previous
     );
-    let throughput = |pair: &Pair<'_>| -> anyhow::Result<f64> {
-        Ok(iperf3_tcp(
-            pair.client,
-            pair.server,
-            pair.server_ip,
-            options.iperf_duration,
-        )?
-        .received_bps
-            / 1e9)
-    };
+    let throughput = |pair: &Pair<'_>| pair.throughput_gbps(options.iperf_duration);
     for run in 0..options.runs {
         for (i, (&state, (policy_body, restore_text))) in states.iter().zip(&bodies).enumerate() {
             let level = traffic.levels[i];

@@ -427,7 +427,11 @@ fn program_error(
     }
 }
 
-fn map_error(map: &'static str, action: &str, source: aya::maps::MapError) -> DataplaneError {
+pub(crate) fn map_error(
+    map: &'static str,
+    action: &str,
+    source: aya::maps::MapError,
+) -> DataplaneError {
     DataplaneError::Map {
         map,
         action: action.to_owned(),

@@ -19,7 +19,7 @@ use crate::abi::policy::{
     Direction, EndpointFlags, EndpointKey, Identity, IpcacheData, PolicyState, RULE_ANY_PORT,
     RULE_ANY_PROTO, RULE_PORT_BASE, RuleData, RuleValue,
 };
-use crate::node::{Pins, is_not_found};
+use crate::node::{Pins, is_not_found, map_error};
 
 /// The policy maps, by pin name.
 pub const STATE_MAP: &str = "policy_state";
@@ -420,13 +420,5 @@ impl AsyncPolicyEvents {
                 return Ok(batch);
             }
         }
-    }
-}
-
-fn map_error(map: &'static str, action: &str, source: aya::maps::MapError) -> DataplaneError {
-    DataplaneError::Map {
-        map,
-        action: action.to_owned(),
-        source: Box::new(source),
     }
 }

@@ -7,19 +7,12 @@ mod common;
 use std::net::Ipv4Addr;
 
 use common::{
-    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, eth, icmp_echo_frame, test_run,
+    B, POD_A, POD_B, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, eth,
+    icmp_echo_frame, test_run,
 };
-use slipway_dataplane::abi::{CounterKey, CounterValue, EndpointInfo, Reason};
+use slipway_dataplane::abi::{CounterKey, CounterValue, Reason};
 use slipway_dataplane::pod::PodDatapath;
 use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol};
-
-const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
-const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
-const B: EndpointInfo = EndpointInfo {
-    ifindex: 4242,
-    pod_mac: [0x02, 0xbb, 0, 0, 0, 0x03],
-    host_mac: [0x02, 0xcc, 0, 0, 0, 0x03],
-};
 
 fn run(dp: &mut PodDatapath, frame: &[u8], repeat: u32) -> (u32, Vec<u8>) {
     test_run(dp.program().expect("program"), frame, repeat)

@@ -11,22 +11,16 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use aya::programs::SchedClassifier;
-use common::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, ipv4_frame, test_run, udp_frame};
-use slipway_dataplane::abi::EndpointInfo;
+use common::{
+    B, POD_A, POD_B, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, ipv4_frame, test_run, udp_frame,
+};
 use slipway_dataplane::abi::policy::{Direction, Event, F_INGRESS, Verdict};
 use slipway_dataplane::node::{self, NodeMaps, Pins};
 use slipway_dataplane::policy::{PolicyEvents, PolicyMaps, PolicyTables, RuleEntry};
 use smoltcp::wire::IpProtocol;
 
-const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
-const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 9);
 const BLOCK_PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const B: EndpointInfo = EndpointInfo {
-    ifindex: 4242,
-    pod_mac: [0x02, 0xbb, 0, 0, 0, 0x03],
-    host_mac: [0x02, 0xcc, 0, 0, 0, 0x03],
-};
 const SCTP: u8 = 132;
 
 /// A bpffs directory of this test's own, removed on drop.

@@ -303,12 +303,7 @@ impl PolicyNode {
             .collect();
         let mut tables = compiled.tables_for(&local);
         let mut fail_closed = self.over_budget(&compiled, &local);
-        for (ep, direction) in &fail_closed {
-            tables
-                .rules
-                .retain(|r, _| !(r.ep == *ep && r.direction == *direction));
-            *tables.endpoints.entry(*ep).or_default() |= direction.fail_closed_flag();
-        }
+        fail_closed_in(&mut tables, &fail_closed);
         let report = guard
             .1
             .install(&tables)
@@ -320,10 +315,7 @@ impl PolicyNode {
             .iter()
             .map(|p| (p.ip, (p.namespace.clone(), p.name.clone())))
             .collect();
-        let name = |ip: &Ipv4Addr| {
-            pods.get(ip)
-                .map_or_else(|| ip.to_string(), |(ns, name)| format!("{ns}/{name}"))
-        };
+        let name = |ip: &Ipv4Addr| pod_name(&pods, *ip);
         let errors: Vec<String> = fail_closed
             .iter()
             .map(|(ep, d)| {
@@ -343,12 +335,7 @@ impl PolicyNode {
         // The cluster-wide tables are not needed past this point but in the view.
         let mut compiled = compiled;
         let mut view_tables = std::mem::take(&mut compiled.tables);
-        for (ep, direction) in &fail_closed {
-            view_tables
-                .rules
-                .retain(|r, _| !(r.ep == *ep && r.direction == *direction));
-            *view_tables.endpoints.entry(*ep).or_default() |= direction.fail_closed_flag();
-        }
+        fail_closed_in(&mut view_tables, &fail_closed);
         info!(
             generation = report.generation,
             policies = next.policies.len(),
@@ -456,11 +443,7 @@ impl PolicyNode {
     /// Status for `GET /v1/status`.
     pub fn status(&self) -> serde_json::Value {
         let view = self.view();
-        let name = |ip: &Ipv4Addr| {
-            view.pods
-                .get(ip)
-                .map_or_else(|| ip.to_string(), |(ns, name)| format!("{ns}/{name}"))
-        };
+        let name = |ip: &Ipv4Addr| pod_name(&view.pods, *ip);
         serde_json::json!({
             "generation": view.generation,
             "failClosed": view.fail_closed.iter().map(|(ep, d)| format!("{} {}", name(ep), d.as_str())).collect::<Vec<_>>(),
@@ -619,6 +602,23 @@ impl PolicyNode {
             text.clear();
         }
         text
+    }
+}
+
+/// `namespace/name` of the pod at `ip`, or the address when no pod has it.
+fn pod_name(pods: &BTreeMap<Ipv4Addr, (String, String)>, ip: Ipv4Addr) -> String {
+    pods.get(&ip)
+        .map_or_else(|| ip.to_string(), |(ns, name)| format!("{ns}/{name}"))
+}
+
+/// Makes the endpoint directions in `failed` fail closed in `tables`: their rules go, the flag
+/// comes.
+fn fail_closed_in(tables: &mut PolicyTables, failed: &BTreeSet<(Ipv4Addr, Direction)>) {
+    for (ep, direction) in failed {
+        tables
+            .rules
+            .retain(|r, _| !(r.ep == *ep && r.direction == *direction));
+        *tables.endpoints.entry(*ep).or_default() |= direction.fail_closed_flag();
     }
 }
 

@@ -8,6 +8,7 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use slipway_dataplane::abi::EndpointInfo;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr,
@@ -21,6 +22,15 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// In `BPF_PROG_TEST_RUN` the skb's device is the loopback of the caller's namespace.
 pub const TEST_RUN_IFINDEX: u32 = 1;
+
+pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+/// Where the fixtures' local endpoint POD_B lives.
+pub const B: EndpointInfo = EndpointInfo {
+    ifindex: 4242,
+    pod_mac: [0x02, 0xbb, 0, 0, 0, 0x03],
+    host_mac: [0x02, 0xcc, 0, 0, 0, 0x03],
+};
 
 pub const SENDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
