@@ -5,7 +5,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// One BPF object per attach point (STYLE.md: one `.c` per attach point).
+/// One BPF object per attach point (docs/development.md: one `.c` per attach point).
 const PROGRAMS: &[&str] = &["pod_veth", "host", "lb", "lb_xdp", "sock"];
 
 /// The clang the project installs (scripts/bootstrap.sh); `SLIPWAY_CLANG` overrides it.

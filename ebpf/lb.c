@@ -4,8 +4,7 @@
  * lb_core.h; this entry point applies translations with the skb checksum helpers, which keep
  * CHECKSUM_PARTIAL and CHECKSUM_COMPLETE skbs right, and sends translated packets out with
  * bpf_redirect_neigh(), which resolves the next hop's MAC in the kernel's neighbour table
- * (ARP or NDP). TC, not XDP, because native XDP on a veth collapses TCP throughput
- * (DESIGN.md).
+ * (ARP or NDP). TC, not XDP, because native XDP on a veth collapses TCP throughput.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The L4 load balancer at XDP, for NICs with native XDP (on veths use lb.c at TC: DESIGN.md).
+ * The L4 load balancer at XDP, for NICs with native XDP (on veths use lb.c at TC).
  * Same packet logic (lb_core.h); translations are applied with incremental checksum updates
  * (RFC 1624) and the next hop comes from bpf_fib_lookup(), since XDP frames carry no skb.
  * Attached together with lb.c at TC, sharing its maps: a frame whose next hop has no

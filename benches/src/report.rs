@@ -1,4 +1,4 @@
-//! The bench contract (DESIGN.md "Benchmark contract"): every end-to-end metric is measured for
+//! The bench contract (docs/development.md, "Benchmarks"): every end-to-end metric is measured for
 //! Slipway and for a real baseline in the same run, alternating A B A B, and reported as one
 //! JSON object per line in `target/slipway-bench/<suite>.jsonl` with the medians and their ratio.
 

@@ -1,7 +1,7 @@
 //! `slipway bench api`: creates/s, gets/s, listing N objects, and watch-event latency to many
 //! concurrent watchers, on redb and on a 3-member etcd cluster started for the run, with
 //! `etcdctl check perf` as the store's reference. Writes `target/slipway-bench/api.jsonl`
-//! (one JSON object per metric, the benchmark contract of DESIGN.md) and prints a table.
+//! (one JSON object per metric, the benchmark contract of docs/development.md) and prints a table.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
