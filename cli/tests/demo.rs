@@ -4,12 +4,41 @@
 
 use std::process::Command;
 
+/// Every network namespace, bpffs entry and cgroup named `slipway-*`, and every link of the
+/// root namespace the world could have made (`slipway-*`, `lxc*`, `veth*`).
+fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    for dir in ["/run/netns", "/sys/fs/bpf", "/sys/fs/cgroup/unified"] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("slipway-") {
+                found.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ["slipway-", "lxc", "veth"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            found.push(format!("link {name}"));
+        }
+    }
+    found
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "privileged"),
     ignore = "privileged: root + BPF + netns; run scripts/test.sh"
 )]
 fn demo_measures_both_sides_and_writes_jsonl() {
+    let before = leftovers();
     let out_dir = std::env::temp_dir().join(format!("slipway-demo-test-{}", std::process::id()));
     let output = Command::new(env!("CARGO_BIN_EXE_slipway"))
         .args(["demo", "--runs", "1", "--seconds", "1", "--out-dir"])
@@ -31,6 +60,9 @@ fn demo_measures_both_sides_and_writes_jsonl() {
 
     let jsonl = std::fs::read_to_string(out_dir.join("demo.jsonl")).expect("demo.jsonl");
     let _ = std::fs::remove_dir_all(&out_dir);
+    let after = leftovers();
+    let leaked: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
+    assert!(leaked.is_empty(), "the demo left behind: {leaked:?}");
     let records: Vec<serde_json::Value> = jsonl
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON object per line"))

@@ -35,7 +35,17 @@ fn restarting_agents_never_interrupts_an_established_stream() {
         .join()
         .expect("iperf3 thread")
         .expect("the stream completed without error");
-    assert!(report.received_bytes > 0, "{report:?}");
+    // The stream never stopped: every reporting interval, the ones spanning the kill and the
+    // restart included, moved data.
+    assert!(
+        report.interval_bytes.len() >= 12,
+        "4 s in 0.25 s intervals: {report:?}"
+    );
+    assert!(
+        report.interval_bytes.iter().all(|&bytes| bytes > 0),
+        "an interval at zero: the stream stalled during the restart: {:?}",
+        report.interval_bytes
+    );
     // Restarted agents restored their hosts from the pinned routes, and serve new pods.
     let hosts: Value = serde_json::from_str(
         &api(&cluster.node(1).socket, "GET", "/v1/hosts", None)

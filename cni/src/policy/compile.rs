@@ -259,132 +259,205 @@ impl Block {
 
 /// Compiles `policies` over `pods` and `namespaces`. Input is assumed valid (see the
 /// `validate_*` functions); what cannot be parsed is skipped.
+///
+/// Three phases: the ipBlocks of every rule ([`Blocks`]), the identities of every prefix and pod
+/// ([`Identities`], which fill the ipcache), then the endpoint flags and rule entries of every
+/// policy ([`RuleWriter`]).
 pub fn compile(namespaces: &[Namespace], pods: &[Pod], policies: &[NetworkPolicy]) -> Compiled {
-    let ns_labels: HashMap<&str, &BTreeMap<String, String>> = namespaces
-        .iter()
-        .map(|n| (n.name.as_str(), &n.labels))
-        .collect();
-
-    // Blocks, by the position of their peer: (policy, direction, rule, peer) -> block id.
-    let mut blocks: Vec<Block> = Vec::new();
-    let mut block_of: HashMap<(usize, Direction, usize, usize), usize> = HashMap::new();
+    let blocks = Blocks::collect(policies);
+    let identities = Identities::assign(&blocks, pods);
+    let mut writer = RuleWriter {
+        ns_labels: namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), &n.labels))
+            .collect(),
+        blocks: &blocks,
+        identities: &identities,
+        tables: identities.ipcache(pods),
+        compiled: Compiled::default(),
+    };
     for (pi, policy) in policies.iter().enumerate() {
-        for (direction, rules) in rules_of(policy) {
-            for (ri, rule) in rules.iter().enumerate() {
-                for (peer_i, peer) in rule.peers().iter().enumerate() {
-                    let Some(ip_block) = &peer.ip_block else {
-                        continue;
-                    };
-                    let Ok(cidr) = ip_block.cidr.parse::<Ipv4Network>() else {
-                        continue;
-                    };
-                    let except = ip_block
-                        .except
-                        .iter()
-                        .filter_map(|e| e.parse::<Ipv4Network>().ok())
-                        .collect();
-                    block_of.insert((pi, direction, ri, peer_i), blocks.len());
-                    blocks.push(Block {
-                        cidr: normalize(cidr),
-                        except,
-                    });
+        writer.policy(pi, policy, pods);
+    }
+    writer.finish()
+}
+
+/// Where a peer sits in the input: (policy, direction, rule, peer).
+type PeerPosition = (usize, Direction, usize, usize);
+
+/// Phase 1: every ipBlock peer of every rule, and the prefixes they name.
+struct Blocks {
+    blocks: Vec<Block>,
+    /// The block of each ipBlock peer.
+    block_of: HashMap<PeerPosition, usize>,
+    /// Blocks by CIDR, to find those containing a prefix by walking its ancestors.
+    by_cidr: HashMap<(Ipv4Addr, u8), Vec<usize>>,
+    /// Every prefix a block names (its CIDR and its exceptions).
+    prefixes: BTreeSet<(Ipv4Addr, u8)>,
+    /// The prefix lengths blocks use: a prefix's containing blocks can only have these.
+    lengths: BTreeSet<u8>,
+}
+
+impl Blocks {
+    fn collect(policies: &[NetworkPolicy]) -> Self {
+        let mut blocks: Vec<Block> = Vec::new();
+        let mut block_of = HashMap::new();
+        for (pi, policy) in policies.iter().enumerate() {
+            for (direction, rules) in rules_of(policy) {
+                for (ri, rule) in rules.iter().enumerate() {
+                    for (peer_i, peer) in rule.peers().iter().enumerate() {
+                        let Some(ip_block) = &peer.ip_block else {
+                            continue;
+                        };
+                        let Ok(cidr) = ip_block.cidr.parse::<Ipv4Network>() else {
+                            continue;
+                        };
+                        let except = ip_block
+                            .except
+                            .iter()
+                            .filter_map(|e| e.parse::<Ipv4Network>().ok())
+                            .collect();
+                        block_of.insert((pi, direction, ri, peer_i), blocks.len());
+                        blocks.push(Block {
+                            cidr: normalize(cidr),
+                            except,
+                        });
+                    }
                 }
             }
         }
-    }
-    // Blocks by CIDR, to find those containing a prefix by walking its ancestors.
-    let mut by_cidr: HashMap<(Ipv4Addr, u8), Vec<usize>> = HashMap::new();
-    let mut prefixes: BTreeSet<(Ipv4Addr, u8)> = BTreeSet::new();
-    for (id, block) in blocks.iter().enumerate() {
-        by_cidr
-            .entry((block.cidr.network(), block.cidr.prefix()))
-            .or_default()
-            .push(id);
-        prefixes.insert((block.cidr.network(), block.cidr.prefix()));
-        for e in &block.except {
-            let e = normalize(*e);
-            prefixes.insert((e.network(), e.prefix()));
+        let mut by_cidr: HashMap<(Ipv4Addr, u8), Vec<usize>> = HashMap::new();
+        let mut prefixes = BTreeSet::new();
+        for (id, block) in blocks.iter().enumerate() {
+            let cidr = (block.cidr.network(), block.cidr.prefix());
+            by_cidr.entry(cidr).or_default().push(id);
+            prefixes.insert(cidr);
+            for e in &block.except {
+                let e = normalize(*e);
+                prefixes.insert((e.network(), e.prefix()));
+            }
+        }
+        let lengths = blocks.iter().map(|b| b.cidr.prefix()).collect();
+        Self {
+            blocks,
+            block_of,
+            by_cidr,
+            prefixes,
+            lengths,
         }
     }
-    // The prefix lengths blocks use: a prefix's containing blocks can only have these.
-    let lengths: BTreeSet<u8> = blocks.iter().map(|b| b.cidr.prefix()).collect();
-    let membership = |p: Ipv4Network| -> Vec<usize> {
-        let mut ids: Vec<usize> = lengths
+
+    /// The blocks prefix `p` belongs to, sorted.
+    fn membership(&self, p: Ipv4Network) -> Vec<usize> {
+        let mut ids: Vec<usize> = self
+            .lengths
             .range(..=p.prefix())
             .filter_map(|&len| {
                 let ancestor = normalize(Ipv4Network::new(p.network(), len).ok()?);
-                by_cidr.get(&(ancestor.network(), len))
+                self.by_cidr.get(&(ancestor.network(), len))
             })
             .flatten()
             .copied()
-            .filter(|id| blocks[*id].contains_prefix(p))
+            .filter(|id| self.blocks[*id].contains_prefix(p))
             .collect();
         ids.sort_unstable();
         ids.dedup();
         ids
-    };
+    }
+}
 
-    // Identities: of every prefix, and of every pod.
-    let mut keys: BTreeSet<IdentityKey> = BTreeSet::new();
-    let prefix_keys: Vec<((Ipv4Addr, u8), IdentityKey)> = prefixes
-        .iter()
-        .filter_map(|&(ip, len)| {
-            let net = Ipv4Network::new(ip, len).ok()?;
-            Some((
-                (ip, len),
-                IdentityKey {
+/// Phase 2: the identity of every prefix and of every pod, numbered.
+struct Identities {
+    numbers: HashMap<IdentityKey, u32>,
+    /// Each block prefix with its identity key.
+    prefix_keys: Vec<((Ipv4Addr, u8), IdentityKey)>,
+    /// Each pod's identity key, in the order of the pods.
+    pod_keys: Vec<IdentityKey>,
+    /// The identities each block holds (for ipBlock peers).
+    block_identities: Vec<BTreeSet<u32>>,
+    /// The pod identities (for selector peers and egress named ports).
+    pod_identities: BTreeMap<u32, IdentityKey>,
+}
+
+impl Identities {
+    fn assign(blocks: &Blocks, pods: &[Pod]) -> Self {
+        let prefix_keys: Vec<((Ipv4Addr, u8), IdentityKey)> = blocks
+            .prefixes
+            .iter()
+            .filter_map(|&(ip, len)| {
+                let net = Ipv4Network::new(ip, len).ok()?;
+                let key = IdentityKey {
                     pod: None,
-                    blocks: membership(net),
-                },
-            ))
-        })
-        .collect();
-    let pod_keys: Vec<IdentityKey> = pods
-        .iter()
-        .map(|pod| {
-            let mut ports: Vec<NamedPort> = pod
-                .ports
-                .iter()
-                .map(|p| (p.name.clone(), p.protocol.clone(), p.container_port))
-                .collect();
-            ports.sort();
-            IdentityKey {
-                pod: Some((
-                    pod.namespace.clone(),
-                    pod.labels.clone().into_iter().collect(),
-                    ports,
-                )),
-                blocks: membership(Ipv4Network::from(pod.ip)),
+                    blocks: blocks.membership(net),
+                };
+                Some(((ip, len), key))
+            })
+            .collect();
+        let pod_keys: Vec<IdentityKey> = pods
+            .iter()
+            .map(|pod| {
+                let mut ports = pod.ports_as_keys();
+                ports.sort();
+                IdentityKey {
+                    pod: Some((
+                        pod.namespace.clone(),
+                        pod.labels.clone().into_iter().collect(),
+                        ports,
+                    )),
+                    blocks: blocks.membership(Ipv4Network::from(pod.ip)),
+                }
+            })
+            .collect();
+        let keys: BTreeSet<IdentityKey> = prefix_keys
+            .iter()
+            .map(|(_, k)| k.clone())
+            .chain(pod_keys.iter().cloned())
+            .collect();
+        let numbers = number_identities(&keys);
+        let mut block_identities = vec![BTreeSet::new(); blocks.blocks.len()];
+        for key in &keys {
+            for b in &key.blocks {
+                block_identities[*b].insert(numbers[key]);
             }
-        })
-        .collect();
-    keys.extend(prefix_keys.iter().map(|(_, k)| k.clone()));
-    keys.extend(pod_keys.iter().cloned());
-    let numbers = number_identities(&keys);
-
-    let mut tables = PolicyTables::default();
-    for ((ip, len), key) in &prefix_keys {
-        tables.ipcache.insert((*ip, *len), numbers[key]);
-    }
-    for (pod, key) in pods.iter().zip(&pod_keys) {
-        tables.ipcache.insert((pod.ip, 32), numbers[key]);
-    }
-
-    // Which identities each block holds, and the pod identities (for selector peers).
-    let mut block_identities: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); blocks.len()];
-    for key in &keys {
-        for b in &key.blocks {
-            block_identities[*b].insert(numbers[key]);
+        }
+        let pod_identities = keys
+            .into_iter()
+            .filter(|k| k.pod.is_some())
+            .map(|k| (numbers[&k], k))
+            .collect();
+        Self {
+            numbers,
+            prefix_keys,
+            pod_keys,
+            block_identities,
+            pod_identities,
         }
     }
-    let pod_identities: BTreeMap<u32, &IdentityKey> = keys
-        .iter()
-        .filter(|k| k.pod.is_some())
-        .map(|k| (numbers[k], k))
-        .collect();
 
-    let mut compiled = Compiled::default();
-    for (pi, policy) in policies.iter().enumerate() {
+    /// Tables holding the ipcache: every block prefix and every pod address to its identity.
+    fn ipcache(&self, pods: &[Pod]) -> PolicyTables {
+        let mut tables = PolicyTables::default();
+        for ((ip, len), key) in &self.prefix_keys {
+            tables.ipcache.insert((*ip, *len), self.numbers[key]);
+        }
+        for (pod, key) in pods.iter().zip(&self.pod_keys) {
+            tables.ipcache.insert((pod.ip, 32), self.numbers[key]);
+        }
+        tables
+    }
+}
+
+/// Phase 3: endpoint flags, rule ids and rule entries, policy by policy.
+struct RuleWriter<'a> {
+    ns_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
+    blocks: &'a Blocks,
+    identities: &'a Identities,
+    tables: PolicyTables,
+    compiled: Compiled,
+}
+
+impl RuleWriter<'_> {
+    fn policy(&mut self, pi: usize, policy: &NetworkPolicy, pods: &[Pod]) {
         let policy_name = format!("{}/{}", policy.metadata.namespace, policy.metadata.name);
         let (ingress, egress) = policy.spec.types();
         let selected: Vec<&Pod> = pods
@@ -403,125 +476,154 @@ pub fn compile(namespaces: &[Namespace], pods: &[Pod], policies: &[NetworkPolicy
                 continue;
             }
             for pod in &selected {
-                *tables.endpoints.entry(pod.ip).or_default() |= match direction {
+                *self.tables.endpoints.entry(pod.ip).or_default() |= match direction {
                     Direction::Ingress => F_INGRESS,
                     Direction::Egress => F_EGRESS,
                 };
-                compiled
+                self.compiled
                     .selected_by
                     .entry((pod.ip, direction))
                     .or_default()
                     .push(policy_name.clone());
             }
             for (ri, rule) in rules.iter().enumerate() {
-                compiled.rules.push(RuleRef {
+                self.compiled.rules.push(RuleRef {
                     policy: policy_name.clone(),
                     direction,
                     index: ri,
                 });
-                let rule_id = u32::try_from(compiled.rules.len()).unwrap_or(u32::MAX);
-                // The peers' identities; None: any peer.
-                let peers: Option<BTreeSet<u32>> = if rule.peers().is_empty() {
-                    None
-                } else {
-                    let mut ids = BTreeSet::new();
-                    for (peer_i, peer) in rule.peers().iter().enumerate() {
-                        if peer.ip_block.is_some() {
-                            if let Some(b) = block_of.get(&(pi, direction, ri, peer_i)) {
-                                ids.extend(&block_identities[*b]);
-                            }
-                            continue;
-                        }
-                        ids.extend(pod_identities.iter().filter_map(|(id, key)| {
-                            let (ns, labels, _) = key.pod.as_ref()?;
-                            selector_peer_matches(
-                                peer,
-                                &policy.metadata.namespace,
-                                ns,
-                                labels,
-                                &ns_labels,
-                            )
-                            .then_some(*id)
-                        }));
-                    }
-                    Some(ids)
-                };
+                let rule_id = u32::try_from(self.compiled.rules.len()).unwrap_or(u32::MAX);
+                let peers = self.peers(pi, policy, direction, ri, *rule);
                 for pod in &selected {
-                    let mut add = |identity: u32, proto: u8, port: u16, bits: u8| {
-                        let entry = RuleEntry {
-                            ep: pod.ip,
-                            direction,
-                            identity,
-                            proto,
-                            port,
-                            port_bits: bits,
-                        };
-                        tables.rules.entry(entry).or_insert(rule_id);
-                    };
-                    let identities: Vec<u32> = match &peers {
-                        None => vec![IDENTITY_ANY],
-                        Some(ids) => ids.iter().copied().collect(),
-                    };
-                    if rule.ports().is_empty() {
-                        for id in &identities {
-                            add(*id, 0, 0, 0);
-                        }
-                        continue;
-                    }
-                    for port in rule.ports() {
-                        let Some(proto) = protocol_number(port.protocol()) else {
-                            continue;
-                        };
-                        match &port.port {
-                            None => identities.iter().for_each(|id| add(*id, proto, 0, 0)),
-                            Some(PortRef::Number(first)) => {
-                                let last = port.end_port.unwrap_or(*first);
-                                for (value, bits) in port_prefixes(*first, last) {
-                                    identities
-                                        .iter()
-                                        .for_each(|id| add(*id, proto, value, bits));
-                                }
-                            }
-                            Some(PortRef::Name(name)) => match direction {
-                                // The destination is the selected pod itself.
-                                Direction::Ingress => {
-                                    if let Some(number) =
-                                        named_port(&pod.ports_as_keys(), name, port)
-                                    {
-                                        identities
-                                            .iter()
-                                            .for_each(|id| add(*id, proto, number, 16));
-                                    }
-                                }
-                                // The destination is the peer: resolve per identity (pods only).
-                                Direction::Egress => {
-                                    for (id, key) in &pod_identities {
-                                        if peers.as_ref().is_some_and(|p| !p.contains(id)) {
-                                            continue;
-                                        }
-                                        let Some((_, _, ports)) = &key.pod else {
-                                            continue;
-                                        };
-                                        if let Some(number) = named_port(ports, name, port) {
-                                            add(*id, proto, number, 16);
-                                        }
-                                    }
-                                }
-                            },
-                        }
-                    }
+                    self.rule_entries(pod, direction, *rule, peers.as_ref(), rule_id);
                 }
             }
         }
     }
-    for rule in tables.rules.keys() {
-        *compiled
-            .entries
-            .entry((rule.ep, rule.direction))
-            .or_default() += 1;
+
+    /// The identities of a rule's peers; `None`: any peer.
+    fn peers(
+        &self,
+        pi: usize,
+        policy: &NetworkPolicy,
+        direction: Direction,
+        ri: usize,
+        rule: &dyn Rule,
+    ) -> Option<BTreeSet<u32>> {
+        if rule.peers().is_empty() {
+            return None;
+        }
+        let mut ids = BTreeSet::new();
+        for (peer_i, peer) in rule.peers().iter().enumerate() {
+            if peer.ip_block.is_some() {
+                if let Some(b) = self.blocks.block_of.get(&(pi, direction, ri, peer_i)) {
+                    ids.extend(&self.identities.block_identities[*b]);
+                }
+                continue;
+            }
+            ids.extend(
+                self.identities
+                    .pod_identities
+                    .iter()
+                    .filter_map(|(id, key)| {
+                        let (ns, labels, _) = key.pod.as_ref()?;
+                        selector_peer_matches(
+                            peer,
+                            &policy.metadata.namespace,
+                            ns,
+                            labels,
+                            &self.ns_labels,
+                        )
+                        .then_some(*id)
+                    }),
+            );
+        }
+        Some(ids)
     }
-    compiled.tables = tables;
-    compiled
+
+    /// The entries rule `rule_id` puts in the map for endpoint `pod`.
+    fn rule_entries(
+        &mut self,
+        pod: &Pod,
+        direction: Direction,
+        rule: &dyn Rule,
+        peers: Option<&BTreeSet<u32>>,
+        rule_id: u32,
+    ) {
+        let rules = &mut self.tables.rules;
+        let mut add = |identity: u32, proto: u8, port: u16, bits: u8| {
+            let entry = RuleEntry {
+                ep: pod.ip,
+                direction,
+                identity,
+                proto,
+                port,
+                port_bits: bits,
+            };
+            rules.entry(entry).or_insert(rule_id);
+        };
+        let identities: Vec<u32> = match peers {
+            None => vec![IDENTITY_ANY],
+            Some(ids) => ids.iter().copied().collect(),
+        };
+        if rule.ports().is_empty() {
+            for id in &identities {
+                add(*id, 0, 0, 0);
+            }
+            return;
+        }
+        for port in rule.ports() {
+            let Some(proto) = protocol_number(port.protocol()) else {
+                continue;
+            };
+            match &port.port {
+                None => identities.iter().for_each(|id| add(*id, proto, 0, 0)),
+                Some(PortRef::Number(first)) => {
+                    let last = port.end_port.unwrap_or(*first);
+                    for (value, bits) in port_prefixes(*first, last) {
+                        identities
+                            .iter()
+                            .for_each(|id| add(*id, proto, value, bits));
+                    }
+                }
+                Some(PortRef::Name(name)) => match direction {
+                    // The destination is the selected pod itself.
+                    Direction::Ingress => {
+                        if let Some(number) = named_port(&pod.ports_as_keys(), name, port) {
+                            identities.iter().for_each(|id| add(*id, proto, number, 16));
+                        }
+                    }
+                    // The destination is the peer: resolve per identity (pods only).
+                    Direction::Egress => {
+                        for (id, key) in &self.identities.pod_identities {
+                            if peers.is_some_and(|p| !p.contains(id)) {
+                                continue;
+                            }
+                            let Some((_, _, ports)) = &key.pod else {
+                                continue;
+                            };
+                            if let Some(number) = named_port(ports, name, port) {
+                                add(*id, proto, number, 16);
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Counts the entries of each endpoint and direction, and hands the result over.
+    fn finish(mut self) -> Compiled {
+        for rule in self.tables.rules.keys() {
+            *self
+                .compiled
+                .entries
+                .entry((rule.ep, rule.direction))
+                .or_default() += 1;
+        }
+        self.compiled.tables = self.tables;
+        self.compiled
+    }
 }
 
 impl Pod {

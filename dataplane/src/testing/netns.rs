@@ -16,11 +16,12 @@ pub struct Netns {
     name: String,
 }
 
-/// A link's index and MAC address.
+/// A link's index, MAC address and MTU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkInfo {
     pub ifindex: u32,
     pub mac: [u8; 6],
+    pub mtu: u32,
 }
 
 /// A link's 64-bit packet and byte counters, as the kernel keeps them.
@@ -101,11 +102,12 @@ impl Netns {
         let link = self.link_json(&["-j", "link", "show", "dev", ifname])?;
         let ifindex = link["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok());
         let mac = link["address"].as_str().and_then(parse_mac);
-        match (ifindex, mac) {
-            (Some(ifindex), Some(mac)) => Ok(LinkInfo { ifindex, mac }),
+        let mtu = link["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
+        match (ifindex, mac, mtu) {
+            (Some(ifindex), Some(mac), Some(mtu)) => Ok(LinkInfo { ifindex, mac, mtu }),
             _ => Err(parse_error(
                 &format!("ip link show dev {ifname}"),
-                "no ifindex or address",
+                "no ifindex, address or mtu",
             )),
         }
     }

@@ -87,7 +87,7 @@ pub fn wait_reachable(from: &Netns, to: Ipv4Addr, timeout: Duration) -> Result<(
 }
 
 /// What an iperf3 TCP test measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IperfReport {
     /// Throughput seen by the receiver, bits per second.
     pub received_bps: f64,
@@ -95,7 +95,13 @@ pub struct IperfReport {
     pub sent_bytes: u64,
     /// Payload bytes the receiver got.
     pub received_bytes: u64,
+    /// Bytes the sender sent in each reporting interval ([`IPERF3_INTERVAL`]), in order: a
+    /// stall shows as an interval at zero.
+    pub interval_bytes: Vec<u64>,
 }
+
+/// iperf3's reporting interval (`-i`), in seconds.
+pub const IPERF3_INTERVAL: &str = "0.25";
 
 /// Runs one iperf3 TCP test of `duration` (rounded up to whole seconds, at least 1) from
 /// `client` to a server started in `server`, listening on `server_ip`.
@@ -115,7 +121,18 @@ pub fn iperf3_tcp(
     let limit = (seconds + 15).to_string();
     let seconds = seconds.to_string();
     let text = client.run(&[
-        "timeout", &limit, "iperf3", "-c", &bind, "-p", &port, "-t", &seconds, "-J",
+        "timeout",
+        &limit,
+        "iperf3",
+        "-c",
+        &bind,
+        "-p",
+        &port,
+        "-t",
+        &seconds,
+        "-i",
+        IPERF3_INTERVAL,
+        "-J",
     ])?;
     server_process.wait()?;
     parse_iperf3(&text).ok_or_else(|| DataplaneError::Parse {
@@ -131,6 +148,15 @@ fn parse_iperf3(text: &str) -> Option<IperfReport> {
         received_bps: end["sum_received"]["bits_per_second"].as_f64()?,
         sent_bytes: end["sum_sent"]["bytes"].as_u64()?,
         received_bytes: end["sum_received"]["bytes"].as_u64()?,
+        interval_bytes: json["intervals"]
+            .as_array()
+            .map(|intervals| {
+                intervals
+                    .iter()
+                    .filter_map(|i| i["sum"]["bytes"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -165,7 +191,8 @@ mod tests {
 
     #[test]
     fn parses_iperf3_json() {
-        let text = r#"{"end":{"sum_sent":{"bytes":1000,"bits_per_second":8000.0},
+        let text = r#"{"intervals":[{"sum":{"bytes":600}},{"sum":{"bytes":400}}],
+                       "end":{"sum_sent":{"bytes":1000,"bits_per_second":8000.0},
                        "sum_received":{"bytes":990,"bits_per_second":7920.5}}}"#;
         assert_eq!(
             parse_iperf3(text),
@@ -173,6 +200,7 @@ mod tests {
                 received_bps: 7920.5,
                 sent_bytes: 1000,
                 received_bytes: 990,
+                interval_bytes: vec![600, 400],
             })
         );
         assert_eq!(parse_iperf3(r#"{"error":"unable to connect"}"#), None);

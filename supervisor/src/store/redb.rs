@@ -434,16 +434,33 @@ impl Store for RedbStore {
 mod tests {
     use super::*;
 
-    fn temp_path(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("slipway-redb-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir.join("store.redb")
+    /// A store file in a fresh directory, removed with the guard (also when a test fails).
+    struct TempStore(std::path::PathBuf);
+
+    impl TempStore {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("slipway-redb-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            Self(dir)
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            self.0.join("store.redb")
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[tokio::test]
     async fn revisions_conflicts_and_watch_history() -> Result<(), StoreError> {
-        let path = temp_path("basic");
+        let dir = TempStore::new("basic");
+        let path = dir.path();
         let store = RedbStore::open_with_history(&path, 3)?;
         let r1 = store.create("/a/1", b"one".to_vec()).await?;
         assert!(matches!(
@@ -485,7 +502,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_writes_commit_together_with_unique_revisions() -> Result<(), StoreError> {
-        let path = temp_path("group");
+        let dir = TempStore::new("group");
+        let path = dir.path();
         let store = RedbStore::open(&path)?;
         let mut tasks = Vec::new();
         for i in 0..200 {
