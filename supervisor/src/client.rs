@@ -295,18 +295,7 @@ impl Client {
         accept: &str,
         body: Vec<u8>,
     ) -> Result<Reply, ClientError> {
-        let resp = self.send(method, path, content_type, accept, body).await?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::Http)?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(api_error(status, &body));
-        }
-        Ok(Reply { status, body })
+        read_reply(self.send(method, path, content_type, accept, body).await?).await
     }
 
     /// GETs JSON.
@@ -424,21 +413,27 @@ impl Conn {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Reply, ClientError> {
-        let resp = self
-            .send(method, path, content_type, "application/json", body)
-            .await?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::Http)?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(api_error(status, &body));
-        }
-        Ok(Reply { status, body })
+        read_reply(
+            self.send(method, path, content_type, "application/json", body)
+                .await?,
+        )
+        .await
     }
+}
+
+/// Reads a whole reply; error statuses become `ClientError::Api`.
+async fn read_reply(resp: hyper::Response<hyper::body::Incoming>) -> Result<Reply, ClientError> {
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(ClientError::Http)?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(api_error(status, &body));
+    }
+    Ok(Reply { status, body })
 }
 
 fn split_api_version(av: &str) -> (&str, &str) {
