@@ -21,7 +21,9 @@ impl ExportInfo {
     /// Transmission flags for this export.
     pub fn transmission_flags(&self) -> u16 {
         use tflags::*;
-        let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_DF | SEND_CACHE;
+        // FUA is accepted on every command (ignored where nothing is written), so it is
+        // advertised on read-only exports too.
+        let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_DF | SEND_CACHE;
         // Every connection to an export shares one store and FLUSH syncs the whole volume, so
         // multi-conn's consistency rule (a flush covers writes completed on any connection)
         // holds.
@@ -29,7 +31,7 @@ impl ExportInfo {
         if self.read_only {
             flags |= READ_ONLY;
         } else {
-            flags |= SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO;
+            flags |= SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO;
         }
         flags
     }

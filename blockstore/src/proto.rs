@@ -542,15 +542,16 @@ pub enum Command {
 /// Checks a request against the export; `Err` carries the NBD error number to reply with.
 pub fn validate(req: &Request, view: &ExportView) -> Result<Command, u32> {
     use cflags::*;
-    let allowed = match req.command {
-        cmd::READ if view.structured => DF,
-        cmd::READ => 0,
-        cmd::WRITE | cmd::TRIM => FUA,
-        cmd::WRITE_ZEROES => FUA | NO_HOLE | FAST_ZERO,
-        cmd::BLOCK_STATUS => REQ_ONE,
-        cmd::FLUSH | cmd::CACHE | cmd::DISC => 0,
-        _ => return Err(errno::EINVAL),
-    };
+    // proto.md "Command flags": FUA is valid on every command and the server MUST accept it,
+    // ignoring it where nothing is written.
+    let allowed = FUA
+        | match req.command {
+            cmd::READ if view.structured => DF,
+            cmd::READ | cmd::WRITE | cmd::TRIM | cmd::FLUSH | cmd::CACHE | cmd::DISC => 0,
+            cmd::WRITE_ZEROES => NO_HOLE | FAST_ZERO,
+            cmd::BLOCK_STATUS => REQ_ONE,
+            _ => return Err(errno::EINVAL),
+        };
     if req.flags & !allowed != 0 {
         return Err(errno::EINVAL);
     }
@@ -723,7 +724,7 @@ mod tests {
     fn validation_uses_spec_error_numbers() {
         assert_eq!(validate(&req(99, 0, 0, 1), &VIEW), Err(errno::EINVAL));
         assert_eq!(
-            validate(&req(cmd::READ, cflags::FUA, 0, 1), &VIEW),
+            validate(&req(cmd::READ, 1 << 9, 0, 1), &VIEW),
             Err(errno::EINVAL)
         );
         assert_eq!(
@@ -776,6 +777,54 @@ mod tests {
                 fua: false,
                 no_hole: true,
                 fast: true
+            })
+        );
+    }
+
+    #[test]
+    fn fua_is_accepted_on_every_command() {
+        let ro = ExportView {
+            read_only: true,
+            ..VIEW
+        };
+        for view in [VIEW, ro] {
+            assert_eq!(
+                validate(&req(cmd::READ, cflags::FUA | cflags::DF, 0, 512), &view),
+                Ok(Command::Read {
+                    offset: 0,
+                    length: 512
+                })
+            );
+            assert_eq!(
+                validate(&req(cmd::FLUSH, cflags::FUA, 0, 0), &view),
+                Ok(Command::Flush)
+            );
+            assert_eq!(
+                validate(&req(cmd::CACHE, cflags::FUA, 0, 512), &view),
+                Ok(Command::Cache {
+                    offset: 0,
+                    length: 512
+                })
+            );
+            assert_eq!(
+                validate(&req(cmd::BLOCK_STATUS, cflags::FUA, 0, 512), &view),
+                Ok(Command::BlockStatus {
+                    offset: 0,
+                    length: 512,
+                    req_one: false
+                })
+            );
+            assert_eq!(
+                validate(&req(cmd::DISC, cflags::FUA, 0, 0), &view),
+                Ok(Command::Disconnect)
+            );
+        }
+        assert_eq!(
+            validate(&req(cmd::TRIM, cflags::FUA, 0, 512), &VIEW),
+            Ok(Command::Trim {
+                offset: 0,
+                length: 512,
+                fua: true
             })
         );
     }

@@ -114,6 +114,26 @@ fn protocol_edge_cases() {
         );
         // Still in sync after all of that.
         assert_eq!(c.read(0, 4096), Ok(vec![9u8; 4096]));
+        // FUA is accepted on every command (proto.md "Command flags"), ignored where nothing
+        // is written.
+        c.send(cmd::READ, cflags::FUA, 0, 4096, &[]);
+        let r = c.recv(|_| 4096).expect("FUA read reply");
+        assert_eq!((r.error, r.data), (0, vec![9u8; 4096]), "READ with FUA");
+        for (command, len) in [(cmd::FLUSH, 0), (cmd::CACHE, 4096)] {
+            assert_eq!(
+                c.simple(command, cflags::FUA, 0, len).map(|r| r.error),
+                Ok(0),
+                "command {command} with FUA"
+            );
+        }
+        if structured {
+            assert_eq!(
+                c.simple(cmd::BLOCK_STATUS, cflags::FUA, 0, 4096)
+                    .map(|r| r.error),
+                Ok(0),
+                "BLOCK_STATUS with FUA"
+            );
+        }
         // WRITE_ZEROES with FAST_ZERO on a thin volume is fast; with FUA it is durable.
         let r = c
             .simple(
@@ -185,6 +205,14 @@ fn protocol_edge_cases() {
     .expect("snapshot");
     let mut s = Client::connect(&srv.unix, "vol@s", false).expect("snapshot export");
     assert_ne!(s.flags & proto::tflags::READ_ONLY, 0);
+    assert_ne!(s.flags & proto::tflags::SEND_FUA, 0);
+    s.send(cmd::READ, cflags::FUA, 0, 4096, &[]);
+    let r = s.recv(|_| 4096).expect("FUA read reply");
+    assert_eq!((r.error, r.data), (0, vec![9u8; 4096]), "READ with FUA");
+    assert_eq!(
+        s.simple(cmd::FLUSH, cflags::FUA, 0, 0).map(|r| r.error),
+        Ok(0)
+    );
     assert_eq!(s.write(0, &[1u8; 512], 0), Err(errno::EPERM));
     assert_eq!(
         s.simple(cmd::TRIM, 0, 0, 512).map(|r| r.error),
