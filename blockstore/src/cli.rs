@@ -282,7 +282,8 @@ impl ServeArgs {
         Ok(cfg)
     }
 
-    /// Runs the daemon until SIGINT or SIGTERM. Builds its own tokio runtime; prints one ready
+    /// Runs the daemon until SIGINT or SIGTERM, then stops cleanly ([`Daemon::shutdown`]:
+    /// everything acknowledged is flushed). Builds its own tokio runtime; prints one ready
     /// line on stdout once every listener is bound.
     pub fn run(self) -> anyhow::Result<()> {
         let _ = tracing_subscriber::fmt()
@@ -291,6 +292,8 @@ impl ServeArgs {
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
             )
             .with_writer(std::io::stderr)
+            // No colour codes in log files and journals.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
         let cfg = self.config()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -310,8 +313,15 @@ impl ServeArgs {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            tracing::info!("shutting down");
-            drop(daemon);
+            tracing::info!("stopping: finishing requests in flight, then flushing every volume");
+            let flushed = daemon
+                .shutdown()
+                .await
+                .context("flushing the volumes on stop failed")?;
+            tracing::info!(
+                volumes = flushed,
+                "stopped; every acknowledged write is durable"
+            );
             anyhow::Ok(())
         })
     }

@@ -139,6 +139,20 @@ impl Negotiator {
         }
     }
 
+    /// Handles an option whose payload was too long to process (the caller skips the
+    /// payload unless this says to close).
+    pub fn too_big(&mut self, option: u32, length: u32, out: &mut Vec<u8>) -> Step {
+        if option == opt::EXPORT_NAME {
+            // No error reply exists for EXPORT_NAME, and no export name is that long.
+            return Step::Close;
+        }
+        let message = format!(
+            "option payload of {length} bytes is longer than {} bytes",
+            proto::MAX_OPTION_LEN
+        );
+        error(out, option, rep::ERR_TOO_BIG, &message)
+    }
+
     fn info(
         &mut self,
         option: u32,
@@ -324,6 +338,20 @@ mod tests {
     }
 
     #[test]
+    fn too_big_option_is_err_too_big_and_session_continues() {
+        let mut n = Negotiator::new(true);
+        let mut out = Vec::new();
+        let step = n.too_big(opt::INFO, proto::MAX_OPTION_LEN + 1, &mut out);
+        assert_eq!(step, Step::Continue);
+        let r = replies(&out);
+        assert_eq!((r[0].0, r[0].1), (opt::INFO, rep::ERR_TOO_BIG));
+        out.clear();
+        let step = n.too_big(opt::EXPORT_NAME, 1 << 20, &mut out);
+        assert_eq!(step, Step::Close);
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn export_name_unknown_closes() {
         let mut out = Vec::new();
         assert_eq!(
@@ -370,6 +398,12 @@ mod tests {
                 h.copy_from_slice(&rest[..proto::OPTION_HEADER_LEN]);
                 rest = &rest[proto::OPTION_HEADER_LEN..];
                 let Ok(hdr) = proto::parse_option_header(&h) else { break };
+                if hdr.too_big() {
+                    // The payload would be skipped; these bytes cannot hold it all.
+                    let mut out = Vec::new();
+                    n.too_big(hdr.option, hdr.length, &mut out);
+                    break;
+                }
                 let len = (hdr.length as usize).min(rest.len());
                 let mut out = Vec::new();
                 let step = n.option(hdr.option, &rest[..len], &One, &mut out);

@@ -119,7 +119,40 @@ impl Store {
             exports: RwLock::new(HashMap::new()),
         });
         store.rebuild_exports_sync()?;
+        {
+            let state = store
+                .state
+                .try_lock()
+                .map_err(|_| StoreError::Inconsistent("store state locked during open".into()))?;
+            tracing::info!(
+                data_dir = %dir.display(),
+                volumes = state.catalog.volumes.len(),
+                snapshots = state.catalog.snapshots.len(),
+                extent_size = state.catalog.extent_size,
+                "store opened"
+            );
+        }
         Ok(store)
+    }
+
+    /// Makes every write acknowledged so far on every volume durable, as a FLUSH on each
+    /// would (a clean stop ends with this). Returns the number of volumes flushed; on
+    /// failure every volume was still tried and the first error is returned.
+    pub async fn flush_all(&self) -> Result<usize, StoreError> {
+        let volumes: Vec<Arc<Export>> = self
+            .exports_read()
+            .values()
+            .filter(|e| !e.read_only)
+            .cloned()
+            .collect();
+        let mut first = None;
+        for v in &volumes {
+            if let Err(e) = v.persist().await {
+                tracing::error!(volume = %v.name, error = %e, "flush failed");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(volumes.len()), Err)
     }
 
     fn exports_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Export>>> {
