@@ -17,8 +17,10 @@ use crate::negotiate::{ExportCatalog, ExportInfo};
 use crate::uring::{PUNCH_HOLE, Uring};
 use crate::volume::Export;
 
-/// Largest volume we create (extent map stays in memory: 1 byte per extent).
-pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+/// Largest volume: a layer's data file is as large as its volume (byte offset = volume
+/// offset), and ext4 with 4 KiB blocks holds files of at most 2^32 - 1 blocks, 16 TiB - 4 KiB.
+/// (A filesystem with a lower limit refuses the volume at creation with the same error.)
+pub const MAX_VOLUME_SIZE: u64 = ((1 << 32) - 1) * 4096;
 
 /// What `list` reports for one volume or snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -84,7 +86,8 @@ fn validate_size(size: u64) -> Result<(), StoreError> {
     if size > MAX_VOLUME_SIZE {
         return Err(StoreError::InvalidSize {
             size,
-            reason: "larger than 1 PiB",
+            reason: "larger than the maximum volume size, 17592186040320 bytes (16 TiB - 4 KiB: \
+                     one data file per layer, ext4's file size limit)",
         });
     }
     Ok(())
@@ -450,7 +453,7 @@ impl Store {
             tracing::info!(
                 snapshot = srec.layer,
                 into = child_id,
-                extents = lower.extents(),
+                extents = lower.present().len(),
                 "merging snapshot layer into its child"
             );
             // If the child is the volume's writable top, hold off its allocating writes.
@@ -458,9 +461,8 @@ impl Store {
                 Some(o) => Some(o.lock_alloc().await),
                 None => None,
             };
-            for idx in 0..lower.extents() {
-                let st = lower.get(idx);
-                if st == ABSENT || child.get(idx) != ABSENT {
+            for (idx, st) in lower.present() {
+                if child.get(idx) != ABSENT {
                     continue;
                 }
                 let (start, len) = (idx * es, es.min(srec.size.saturating_sub(idx * es)));
@@ -823,6 +825,12 @@ mod tests {
             store.create("v", 1000).await,
             Err(StoreError::InvalidSize { .. })
         ));
+        match store.create("v", MAX_VOLUME_SIZE + 512).await {
+            Err(StoreError::InvalidSize { reason, .. }) => {
+                assert!(reason.contains(&MAX_VOLUME_SIZE.to_string()), "{reason}");
+            }
+            other => panic!("expected InvalidSize, got {other:?}"),
+        }
         store.create("v", 1 << 20).await?;
         assert!(matches!(
             store.create("v", 1 << 20).await,
