@@ -378,6 +378,20 @@ impl Client {
     }
 
     pub fn send(&mut self, command: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> u64 {
+        // A send to a killed server fails; the following receive reports it.
+        self.try_send(command, flags, offset, length, data)
+            .unwrap_or(self.next - 1)
+    }
+
+    /// Sends one request; `Err` if the server's end of the socket is already closed.
+    pub fn try_send(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+    ) -> std::io::Result<u64> {
         let cookie = self.next;
         self.next += 1;
         let req = Request {
@@ -389,9 +403,8 @@ impl Client {
         };
         let mut b = proto::encode_request(&req).to_vec();
         b.extend_from_slice(data);
-        // A send to a killed server fails; the following receive reports it.
-        let _ = self.s.write_all(&b);
-        cookie
+        self.s.write_all(&b)?;
+        Ok(cookie)
     }
 
     /// Reads one complete reply; `read_len` says how much data a simple READ reply carries
