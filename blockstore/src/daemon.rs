@@ -23,6 +23,9 @@ pub enum DaemonError {
     /// The data directory could not be opened.
     #[error("cannot open the data directory")]
     Store(#[from] StoreError),
+    /// The TLS files could not be used.
+    #[error("cannot set up TLS")]
+    Tls(#[from] crate::tls::TlsError),
     /// Another daemon is listening on this socket.
     #[error("{what} {path} is in use by a running daemon (refusing to take it over)")]
     SocketInUse {
@@ -180,10 +183,14 @@ impl Daemon {
             Some(addr) => Some(bind_tcp("metrics endpoint", addr).await?),
             None => None,
         };
+        let tls = match &cfg.tls {
+            Some(t) => Some(crate::server::Tls(crate::tls::acceptor(t)?)),
+            None => None,
+        };
         let store = Store::open(&cfg.data_dir, cfg.extent_size)?;
 
         let metrics = Arc::new(Metrics::new());
-        let server = Server::new(Arc::clone(&store), Arc::clone(&metrics));
+        let server = Server::new(Arc::clone(&store), Arc::clone(&metrics), tls);
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let mut nbd = Vec::new();
@@ -200,7 +207,7 @@ impl Daemon {
         if let Some(l) = metrics_listener {
             aux.push(tokio::spawn(metrics::serve_http(l, metrics)));
         }
-        tracing::info!(tcp = ?tcp_addr, unix = ?cfg.unix, control = %cfg.control.display(), metrics = ?metrics_addr, "serving");
+        tracing::info!(tcp = ?tcp_addr, tls = cfg.tls.is_some(), unix = ?cfg.unix, control = %cfg.control.display(), metrics = ?metrics_addr, "serving");
         Ok(Self {
             tcp: tcp_addr,
             unix: cfg.unix.clone(),

@@ -40,6 +40,7 @@ pub mod negotiate;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod tls;
 #[allow(
     unsafe_code,
     reason = "the io_uring seam: raw buffers handed to the kernel"

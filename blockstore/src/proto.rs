@@ -60,7 +60,7 @@ pub mod opt {
     pub const ABORT: u32 = 2;
     /// List exports.
     pub const LIST: u32 = 3;
-    /// TLS upgrade (not supported).
+    /// TLS upgrade.
     pub const STARTTLS: u32 = 5;
     /// Describe an export.
     pub const INFO: u32 = 6;
@@ -93,6 +93,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR + 2;
     /// Syntactically or semantically invalid option.
     pub const ERR_INVALID: u32 = ERR + 3;
+    /// TLS must be started first.
+    pub const ERR_TLS_REQD: u32 = ERR + 5;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = ERR + 6;
     /// Option payload too large.

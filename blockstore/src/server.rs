@@ -58,6 +58,41 @@ pub struct Server {
     /// Becomes true once, when the server stops.
     stop: watch::Sender<bool>,
     conn_logs: LogBudget,
+    /// TLS for TCP clients (required when set).
+    tls: Option<Tls>,
+}
+
+/// Where option haggling ended.
+enum Handshake {
+    Serve(Arc<Export>, Negotiator),
+    StartTls(Negotiator),
+    Close,
+}
+
+fn handshake_outcome(
+    r: Result<std::io::Result<Handshake>, tokio::time::error::Elapsed>,
+) -> Option<Handshake> {
+    match r {
+        Ok(Ok(h)) => Some(h),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "handshake ended");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("handshake timed out");
+            None
+        }
+    }
+}
+
+/// The TLS acceptor of the TCP listener.
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
 }
 
 /// Resolves once the server stops.
@@ -161,13 +196,15 @@ impl RateLimit {
 }
 
 impl Server {
-    /// A server over `store`, recording into `metrics`.
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A server over `store`, recording into `metrics`; with `tls`, TCP clients must start
+    /// TLS and prove a client certificate.
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, tls: Option<Tls>) -> Arc<Self> {
         Arc::new(Self {
             store,
             metrics,
             stop: watch::channel(false).0,
             conn_logs: LogBudget::default(),
+            tls,
         })
     }
 
@@ -196,11 +233,11 @@ impl Server {
                     Ok(Accepted::Tcp(sock, peer)) => {
                         let _ = sock.set_nodelay(true);
                         let span = tracing::info_span!("nbd", %peer);
-                        conns.spawn(Arc::clone(&self).handle(sock).instrument(span));
+                        conns.spawn(Arc::clone(&self).handle(sock, true).instrument(span));
                     }
                     Ok(Accepted::Unix(sock)) => {
                         let span = tracing::info_span!("nbd", peer = "unix");
-                        conns.spawn(Arc::clone(&self).handle(sock).instrument(span));
+                        conns.spawn(Arc::clone(&self).handle(sock, false).instrument(span));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -227,32 +264,53 @@ impl Server {
         }
     }
 
-    /// Runs one connection to completion.
-    pub async fn handle<S>(self: Arc<Self>, mut stream: S)
+    /// Runs one connection to completion; `network` for TCP clients (TLS when configured,
+    /// export allow-lists apply), not for local Unix-socket ones.
+    pub async fn handle<S>(self: Arc<Self>, mut stream: S, network: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut stop = self.stop.subscribe();
         let negotiated = tokio::select! {
-            n = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream)) => n,
+            n = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream, None, network)) => n,
             () = stopped(&mut stop) => return,
         };
-        let (export, neg) = match negotiated {
-            Ok(Ok(Some(x))) => x,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "handshake ended");
-                return;
+        match handshake_outcome(negotiated) {
+            Some(Handshake::Serve(export, neg)) => self.serve_connection(stream, export, neg).await,
+            Some(Handshake::StartTls(mut neg)) => {
+                let Some(tls) = &self.tls else { return };
+                let upgraded = async {
+                    let mut t = tls.0.accept(stream).await?;
+                    neg.tls_started(crate::tls::client_of(&t));
+                    let h = self.handshake(&mut t, Some(neg), network).await?;
+                    std::io::Result::Ok((t, h))
+                };
+                let negotiated = tokio::select! {
+                    n = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgraded) => n,
+                    () = stopped(&mut stop) => return,
+                };
+                match negotiated {
+                    Ok(Ok((t, Handshake::Serve(export, neg)))) => {
+                        self.serve_connection(t, export, neg).await;
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake or negotiation ended"),
+                    Err(_) => tracing::debug!("handshake timed out"),
+                }
             }
-            Err(_) => {
-                tracing::debug!("handshake timed out");
-                return;
-            }
-        };
+            Some(Handshake::Close) | None => {}
+        }
+    }
+
+    async fn serve_connection<S>(&self, stream: S, export: Arc<Export>, neg: Negotiator)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         if let Some(suppressed) = self.conn_logs.allow() {
             tracing::info!(
                 export = %export.name,
                 structured = neg.structured,
+                tls = neg.tls_active(),
                 suppressed,
                 "client connected"
             );
@@ -270,22 +328,38 @@ impl Server {
         }
     }
 
-    async fn handshake<S>(&self, s: &mut S) -> std::io::Result<Option<(Arc<Export>, Negotiator)>>
+    /// Option haggling, from the greeting (`neg` is `None`) or, after STARTTLS, from where
+    /// `neg` left off.
+    async fn handshake<S>(
+        &self,
+        s: &mut S,
+        neg: Option<Negotiator>,
+        network: bool,
+    ) -> std::io::Result<Handshake>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        s.write_all(&proto::greeting()).await?;
-        let mut flags = [0u8; 4];
-        s.read_exact(&mut flags).await?;
-        let no_zeroes = match proto::parse_client_flags(flags) {
-            Ok(z) => z,
-            Err(e) => {
-                // proto.md: the server MUST close on client flags it does not know.
-                tracing::debug!(error = %e, "closing");
-                return Ok(None);
+        let mut neg = match neg {
+            Some(neg) => neg,
+            None => {
+                s.write_all(&proto::greeting()).await?;
+                let mut flags = [0u8; 4];
+                s.read_exact(&mut flags).await?;
+                let no_zeroes = match proto::parse_client_flags(flags) {
+                    Ok(z) => z,
+                    Err(e) => {
+                        // proto.md: the server MUST close on client flags it does not know.
+                        tracing::debug!(error = %e, "closing");
+                        return Ok(Handshake::Close);
+                    }
+                };
+                if network {
+                    Negotiator::network(no_zeroes, self.tls.is_some())
+                } else {
+                    Negotiator::new(no_zeroes)
+                }
             }
         };
-        let mut neg = Negotiator::new(no_zeroes);
         loop {
             let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
             s.read_exact(&mut hdr).await?;
@@ -293,7 +367,7 @@ impl Server {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::debug!(error = %e, "bad option header, closing");
-                    return Ok(None);
+                    return Ok(Handshake::Close);
                 }
             };
             let mut out = Vec::new();
@@ -320,9 +394,13 @@ impl Server {
             s.flush().await?;
             match step {
                 Step::Continue => {}
-                Step::Close => return Ok(None),
+                Step::Close => return Ok(Handshake::Close),
+                Step::StartTls => return Ok(Handshake::StartTls(neg)),
                 Step::Transmission(info) => {
-                    return Ok(self.store.get(&info.name).map(|e| (e, neg)));
+                    return Ok(match self.store.get(&info.name) {
+                        Some(e) => Handshake::Serve(e, neg),
+                        None => Handshake::Close,
+                    });
                 }
             }
         }
@@ -855,7 +933,7 @@ mod tests {
     /// ends the connection.
     async fn session(server: Arc<Server>, structured: bool, reqs: Vec<Req>, tail: Vec<u8>) {
         let (mut client, theirs) = tokio::io::duplex(1 << 22);
-        let task = tokio::spawn(server.handle(theirs));
+        let task = tokio::spawn(server.handle(theirs, false));
         let mut g = [0u8; 18];
         client.read_exact(&mut g).await.expect("greeting");
         client.write_all(&3u32.to_be_bytes()).await.expect("flags");
@@ -955,7 +1033,7 @@ mod tests {
         let server = rt.block_on(async {
             let store = Store::open(&dir.0, 65536).expect("store");
             store.create("vol", 1 << 20).await.expect("volume");
-            Server::new(store, Arc::new(Metrics::new()))
+            Server::new(store, Arc::new(Metrics::new()), None)
         });
         let strategy = (
             any::<bool>(),

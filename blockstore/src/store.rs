@@ -36,6 +36,9 @@ pub struct VolumeInfo {
     pub allocated: u64,
     /// For a clone, the snapshot it came from; for a snapshot, its volume.
     pub origin: Option<String>,
+    /// Network clients allowed to open it (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<String>,
 }
 
 /// A data directory opened for serving.
@@ -176,14 +179,17 @@ impl Store {
             let chain = chain_layers(&state, v.top)?;
             let extents = v.size.div_ceil(state.catalog.extent_size);
             chain[0].grow(&self.layout, v.size, extents)?;
-            exports.insert(
-                name.clone(),
-                self.export(name, false, v.size, chain, &state),
-            );
+            let export = self.export(name, false, v.size, chain, &state);
+            export.set_clients(v.clients.clone());
+            exports.insert(name.clone(), export);
         }
         for (name, s) in &state.catalog.snapshots {
             let chain = chain_layers(&state, s.layer)?;
-            exports.insert(name.clone(), self.export(name, true, s.size, chain, &state));
+            let export = self.export(name, true, s.size, chain, &state);
+            if let Some(v) = state.catalog.volumes.get(&s.volume) {
+                export.set_clients(v.clients.clone());
+            }
+            exports.insert(name.clone(), export);
         }
         *self.exports_write() = exports;
         Ok(())
@@ -233,6 +239,7 @@ impl Store {
                 size,
                 top: layer.id,
                 origin: None,
+                clients: Vec::new(),
             },
         );
         self.commit(&mut state, catalog)?;
@@ -280,6 +287,7 @@ impl Store {
         chain.insert(0, layer);
         drop(chain);
         let snap = self.export(&full, true, vrec.size, frozen, &state);
+        snap.set_clients(vrec.clients.clone());
         self.exports_write().insert(full.clone(), snap);
         tracing::info!(volume, snapshot = %full, "snapshot taken");
         Ok(self.info_of(&state, &full).await)
@@ -310,6 +318,7 @@ impl Store {
                 size: srec.size,
                 top: layer.id,
                 origin: Some(snapshot.to_owned()),
+                clients: Vec::new(),
             },
         );
         self.commit(&mut state, catalog)?;
@@ -317,6 +326,37 @@ impl Store {
         let export = self.export(name, false, srec.size, chain, &state);
         self.exports_write().insert(name.to_owned(), export);
         tracing::info!(snapshot, clone = name, "clone created");
+        Ok(self.info_of(&state, name).await)
+    }
+
+    /// Sets the network clients (DNS names their TLS certificates prove) allowed to open a
+    /// volume and its snapshots; an empty list allows any. Connections already open stay.
+    pub async fn authorize(
+        &self,
+        name: &str,
+        clients: Vec<String>,
+    ) -> Result<VolumeInfo, StoreError> {
+        if let Some(bad) = clients.iter().find(|c| !crate::tls::valid_client_name(c)) {
+            return Err(StoreError::InvalidName {
+                name: bad.clone(),
+                reason: "clients: a client is named by a DNS name of its certificate",
+            });
+        }
+        let mut state = self.state.lock().await;
+        let mut catalog = state.catalog.clone();
+        let v = catalog
+            .volumes
+            .get_mut(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
+        v.clients = clients.clone();
+        self.commit(&mut state, catalog)?;
+        let prefix = format!("{name}@");
+        for (export_name, e) in self.exports_read().iter() {
+            if export_name == name || export_name.starts_with(&prefix) {
+                e.set_clients(clients.clone());
+            }
+        }
+        tracing::info!(volume = name, ?clients, "clients authorised");
         Ok(self.info_of(&state, name).await)
     }
 
@@ -545,6 +585,7 @@ impl Store {
                 size: v.size,
                 allocated,
                 origin: v.origin.clone(),
+                clients: v.clients.clone(),
             }
         } else {
             let s = state.catalog.snapshots.get(name);
@@ -554,6 +595,10 @@ impl Store {
                 size: s.map_or(0, |s| s.size),
                 allocated: 0,
                 origin: s.map(|s| s.volume.clone()),
+                clients: s
+                    .and_then(|s| state.catalog.volumes.get(&s.volume))
+                    .map(|v| v.clients.clone())
+                    .unwrap_or_default(),
             }
         }
     }
@@ -656,6 +701,7 @@ impl ExportCatalog for Store {
             name: e.name.clone(),
             size: e.size(),
             read_only: e.read_only,
+            clients: e.clients(),
         })
     }
 
@@ -667,6 +713,7 @@ impl ExportCatalog for Store {
                 name: e.name.clone(),
                 size: e.size(),
                 read_only: e.read_only,
+                clients: e.clients(),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -806,6 +853,37 @@ mod tests {
         let names: Vec<String> = store.list().await.into_iter().map(|v| v.name).collect();
         assert_eq!(names, ["v", "w", "w@ws"]);
         expect_v(&read(&store, "v", 0, (4 * ES) as u32).await);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn allow_lists_persist_and_cover_snapshots() -> Result<(), StoreError> {
+        let d = dir("authz");
+        let store = Store::open(&d.0, ES)?;
+        store.create("v", 1 << 20).await?;
+        store.snapshot("v", "old").await?;
+        assert!(matches!(
+            store.authorize("v", vec!["bad name".into()]).await,
+            Err(StoreError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            store.authorize("nope", Vec::new()).await,
+            Err(StoreError::NotFound(_))
+        ));
+        let hosts = vec!["host-a.zone-1".to_owned()];
+        let info = store.authorize("v", hosts.clone()).await?;
+        assert_eq!(info.clients, hosts);
+        store.snapshot("v", "new").await?;
+        for name in ["v", "v@old", "v@new"] {
+            assert_eq!(store.lookup(name).map(|e| e.clients), Some(hosts.clone()));
+        }
+        drop(store);
+        let store = Store::open(&d.0, ES)?;
+        for name in ["v", "v@old", "v@new"] {
+            assert_eq!(store.lookup(name).map(|e| e.clients), Some(hosts.clone()));
+        }
+        store.authorize("v", Vec::new()).await?;
+        assert_eq!(store.lookup("v@old").map(|e| e.clients), Some(Vec::new()));
         Ok(())
     }
 

@@ -126,6 +126,8 @@ pub struct Export {
     pub read_only: bool,
     size: AtomicU64,
     deleted: AtomicBool,
+    /// Network clients allowed to open it (empty: any).
+    clients: std::sync::RwLock<Vec<String>>,
     extent_size: u64,
     chain: RwLock<Vec<Arc<Layer>>>,
     alloc: Mutex<()>,
@@ -178,6 +180,7 @@ impl Export {
             read_only,
             size: AtomicU64::new(size),
             deleted: AtomicBool::new(false),
+            clients: std::sync::RwLock::new(Vec::new()),
             extent_size,
             chain: RwLock::new(chain),
             alloc: Mutex::new(()),
@@ -208,6 +211,18 @@ impl Export {
 
     pub(crate) fn mark_deleted(&self) {
         self.deleted.store(true, Ordering::Release);
+    }
+
+    /// Network clients allowed to open this export (empty: any).
+    pub fn clients(&self) -> Vec<String> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_clients(&self, clients: Vec<String>) {
+        *self.clients.write().unwrap_or_else(|p| p.into_inner()) = clients;
     }
 
     pub(crate) fn set_size(&self, size: u64) {

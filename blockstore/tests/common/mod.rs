@@ -56,6 +56,8 @@ pub struct ServerOpts {
     /// `RUST_LOG`; `None` leaves it unset (the daemon's default level).
     pub rust_log: Option<String>,
     pub log: PathBuf,
+    /// More `serve` flags.
+    pub args: Vec<String>,
 }
 
 impl ServerOpts {
@@ -67,6 +69,7 @@ impl ServerOpts {
             control: dir.join("ctl.sock"),
             rust_log: Some("warn".into()),
             log: dir.join("server.log"),
+            args: Vec::new(),
         }
     }
 }
@@ -94,6 +97,7 @@ impl ServerProc {
             .arg("--control")
             .arg(&opts.control)
             .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(&opts.args)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
