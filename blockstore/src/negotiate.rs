@@ -21,12 +21,16 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
-    /// Transmission flags for this export.
-    pub fn transmission_flags(&self) -> u16 {
+    /// Transmission flags for this export; `structured` if structured replies were
+    /// negotiated (proto.md: `SEND_DF` MUST be clear otherwise).
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
         use tflags::*;
         // FUA is accepted on every command (ignored where nothing is written), so it is
         // advertised on read-only exports too.
-        let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_DF | SEND_CACHE;
+        let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_CACHE;
+        if structured {
+            flags |= SEND_DF;
+        }
         // Every connection to an export shares one store and FLUSH syncs the whole volume, so
         // multi-conn's consistency rule (a flush covers writes completed on any connection)
         // holds.
@@ -194,7 +198,7 @@ impl Negotiator {
                     return Step::Close;
                 };
                 out.extend_from_slice(&export.size.to_be_bytes());
-                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                out.extend_from_slice(&export.transmission_flags(self.structured).to_be_bytes());
                 if !self.no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
@@ -266,7 +270,7 @@ impl Negotiator {
         let mut item = Vec::with_capacity(12);
         item.extend_from_slice(&info::EXPORT.to_be_bytes());
         item.extend_from_slice(&export.size.to_be_bytes());
-        item.extend_from_slice(&export.transmission_flags().to_be_bytes());
+        item.extend_from_slice(&export.transmission_flags(self.structured).to_be_bytes());
         proto::put_option_reply(out, option, rep::INFO, &item);
         if req.requests.contains(&info::NAME) {
             let mut item = info::NAME.to_be_bytes().to_vec();
@@ -403,6 +407,23 @@ mod tests {
         let r = replies(&out);
         assert_eq!(r.last().map(|x| x.1), Some(rep::ACK));
         assert_eq!(r[0].2[..2], info::EXPORT.to_be_bytes());
+    }
+
+    #[test]
+    fn df_is_advertised_only_with_structured_replies() {
+        let flags = |structured: bool| {
+            let mut n = Negotiator::new(true);
+            let mut out = Vec::new();
+            if structured {
+                n.option(opt::STRUCTURED_REPLY, &[], &One, &mut out);
+                out.clear();
+            }
+            n.option(opt::GO, &go_payload("vol"), &One, &mut out);
+            let r = replies(&out);
+            u16::from_be_bytes([r[0].2[10], r[0].2[11]])
+        };
+        assert_eq!(flags(false) & tflags::SEND_DF, 0);
+        assert_ne!(flags(true) & tflags::SEND_DF, 0);
     }
 
     #[test]
