@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Rng, ServerOpts, ServerProc, TempDir};
 use slipway_blockstore::control::ControlRequest;
+use slipway_blockstore::proto::{self, cmd};
 
 const MIB: u64 = 1 << 20;
 
@@ -72,6 +73,31 @@ fn sigterm_keeps_every_acknowledged_write() {
         c.read(3 * MIB, 64 * 1024) == Ok(stays),
         "unflushed write lost"
     );
+}
+
+#[test]
+fn sigterm_stops_even_when_a_client_never_reads_its_replies() {
+    let dir = TempDir::new("sigterm-stuck");
+    let mut srv = ServerProc::start(dir.path());
+    srv.create("vol", 64 * MIB);
+    let data = random(3, 64 * 1024);
+    let mut c = Client::connect(&srv.unix, "vol", false).expect("connect");
+    c.write(0, &data, 0).expect("write");
+    // Replies this client never reads: the server cannot finish them.
+    let mut stuck = Client::connect(&srv.unix, "vol", false).expect("connect");
+    for _ in 0..8 {
+        stuck.send(cmd::READ, 0, 0, proto::MAX_PAYLOAD, &[]);
+    }
+    let status = srv.terminate();
+    assert!(status.success(), "{status}\n{}", srv.log());
+    assert!(
+        srv.log().contains("did not finish their requests in time"),
+        "{}",
+        srv.log()
+    );
+    let srv = ServerProc::start(dir.path());
+    let mut c = Client::connect(&srv.unix, "vol", false).expect("reconnect");
+    assert!(c.read(0, 64 * 1024) == Ok(data), "unflushed write lost");
 }
 
 #[test]
