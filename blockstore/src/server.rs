@@ -69,22 +69,6 @@ enum Handshake {
     Close,
 }
 
-fn handshake_outcome(
-    r: Result<std::io::Result<Handshake>, tokio::time::error::Elapsed>,
-) -> Option<Handshake> {
-    match r {
-        Ok(Ok(h)) => Some(h),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "handshake ended");
-            None
-        }
-        Err(_) => {
-            tracing::debug!("handshake timed out");
-            None
-        }
-    }
-}
-
 /// The TLS acceptor of the TCP listener.
 #[derive(Clone)]
 pub struct Tls(pub tokio_rustls::TlsAcceptor);
@@ -275,30 +259,68 @@ impl Server {
             n = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream, None, network)) => n,
             () = stopped(&mut stop) => return,
         };
-        match handshake_outcome(negotiated) {
+        match self.outcome(negotiated) {
             Some(Handshake::Serve(export, neg)) => self.serve_connection(stream, export, neg).await,
             Some(Handshake::StartTls(mut neg)) => {
                 let Some(tls) = &self.tls else { return };
                 let upgraded = async {
-                    let mut t = tls.0.accept(stream).await?;
+                    let mut t = match tls.0.accept(stream).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.metrics.handshake("tls_failed");
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return Ok(None);
+                        }
+                    };
                     neg.tls_started(crate::tls::client_of(&t));
                     let h = self.handshake(&mut t, Some(neg), network).await?;
-                    std::io::Result::Ok((t, h))
+                    Ok(Some((t, h)))
                 };
                 let negotiated = tokio::select! {
                     n = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgraded) => n,
                     () = stopped(&mut stop) => return,
                 };
                 match negotiated {
-                    Ok(Ok((t, Handshake::Serve(export, neg)))) => {
-                        self.serve_connection(t, export, neg).await;
+                    Ok(Ok(None)) => {}
+                    Ok(Ok(Some((t, h)))) => {
+                        if let Some(Handshake::Serve(export, neg)) = self.outcome(Ok(Ok(h))) {
+                            self.serve_connection(t, export, neg).await;
+                        }
                     }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake or negotiation ended"),
-                    Err(_) => tracing::debug!("handshake timed out"),
+                    Ok(Err(e)) => {
+                        self.outcome(Ok(Err(e)));
+                    }
+                    Err(elapsed) => {
+                        self.outcome(Err(elapsed));
+                    }
                 }
             }
             Some(Handshake::Close) | None => {}
+        }
+    }
+
+    /// Logs and counts how a negotiation ended.
+    fn outcome(
+        &self,
+        r: Result<std::io::Result<Handshake>, tokio::time::error::Elapsed>,
+    ) -> Option<Handshake> {
+        match r {
+            Ok(Ok(h)) => {
+                if matches!(h, Handshake::Close) {
+                    self.metrics.handshake("closed");
+                }
+                Some(h)
+            }
+            Ok(Err(e)) => {
+                self.metrics.handshake("error");
+                tracing::debug!(error = %e, "handshake ended");
+                None
+            }
+            Err(_) => {
+                self.metrics.handshake("timeout");
+                tracing::debug!("handshake timed out");
+                None
+            }
         }
     }
 
@@ -306,6 +328,7 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.metrics.handshake("served");
         if let Some(suppressed) = self.conn_logs.allow() {
             tracing::info!(
                 export = %export.name,

@@ -188,7 +188,30 @@ fn tls_clients_open_only_the_exports_they_are_authorised_for() {
     qemu_io(&srv.uri("secret"), &["read -P 0xab 0 64k"]);
     let mut c = Client::connect(&srv.unix, "secret", true).expect("local client");
     assert_eq!(c.read(0, 512), Ok(vec![0xab; 512]));
+    // The two failed TLS handshakes are counted (the server counts after the client saw
+    // the alert: poll).
+    let failed = || {
+        http_get(&srv.metrics)
+            .lines()
+            .find_map(|l| l.strip_prefix("slipway_nbd_handshakes_total{result=\"tls_failed\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while failed() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(failed(), 2);
     let log = srv.log();
     assert!(!log.contains("panicked"), "{log}");
-    eprintln!("{log}");
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
 }
