@@ -1,15 +1,19 @@
 //! Admission: the seed's network rules (pod/service CIDR minimum sizes, ingress/egress CIDRs
-//! that never overlap), namespace quotas over HostClass sizes, and allowed classes.
+//! that never overlap), allowed classes, namespace quotas over HostClass sizes (checked and
+//! written in one store transaction) and classes that cannot go while in use.
 
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 
+use std::collections::{BTreeMap, HashMap};
+
 use crate::api::core::{Namespace, PersistentVolumeClaim};
 use crate::api::registry::{ResourceType, lookup};
-use crate::api::slipway::{Cluster, HostClass, cidr_fields};
+use crate::api::slipway::{Cluster, GROUP, HostClass, HostClassSpec, cidr_fields};
 use crate::error::{ApiError, FieldError};
+use crate::quota::{self, Usage, claim_usage, cluster_pools};
 use crate::server::keys;
-use crate::store::{AnyStore, Store};
+use crate::store::{AnyStore, Cas, Store, StoreError};
 
 /// Configurable minimum block sizes (a block must be at least this big: prefix <= minimum).
 #[derive(Debug, Clone, Copy)]
@@ -86,11 +90,11 @@ async fn get_typed<T: serde::de::DeserializeOwned>(
     rt: &ResourceType,
     ns: Option<&str>,
     name: &str,
-) -> Result<Option<T>, ApiError> {
+) -> Result<Option<(T, u64)>, ApiError> {
     match store.get(&keys::object(rt, ns, name)).await? {
         Some(kv) => serde_json::from_slice(&kv.value)
-            .map(Some)
-            .map_err(|e| ApiError::Internal(e.to_string())),
+            .map(|v| Some((v, kv.revision)))
+            .map_err(|e| ApiError::Internal(format!("corrupt object {}: {e}", kv.key))),
         None => Ok(None),
     }
 }
@@ -104,56 +108,25 @@ fn allowed(list: &Option<Vec<String>>, name: &str) -> bool {
     list.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
 }
 
-/// Usage (cpu cores, memory bytes) of a cluster, from its HostClasses.
-async fn cluster_usage(
-    store: &AnyStore,
-    c: &Cluster,
-    errs: &mut Vec<FieldError>,
-) -> Result<(f64, f64), ApiError> {
-    let hc_rt = rt("slipway.dev", "v1alpha1", "hostclasses")?;
-    let t = &c.spec.topology;
-    let mut pools: Vec<(String, u32, &str)> = vec![(
-        "spec.topology.controlPlane.hostClass".into(),
-        t.control_plane.replicas,
-        t.control_plane.host_class.as_str(),
-    )];
-    for (i, p) in t.node_pools.iter().enumerate() {
-        pools.push((
-            format!("spec.topology.nodePools[{i}].hostClass"),
-            p.replicas,
-            p.host_class.as_str(),
-        ));
-    }
-    let (mut cpu, mut mem) = (0.0, 0.0);
-    for (field, replicas, class) in pools {
-        match get_typed::<HostClass>(store, hc_rt, None, class).await? {
-            Some(hc) => {
-                cpu += f64::from(hc.spec.cpus) * f64::from(replicas);
-                mem += hc.spec.memory.and_then(|m| m.value()).unwrap_or(0.0) * f64::from(replicas);
-            }
-            None => errs.push(FieldError::invalid(
-                field,
-                format!("{class:?}"),
-                "HostClass not found",
-            )),
-        }
-    }
-    Ok((cpu, mem))
+fn decode<T: serde::de::DeserializeOwned>(obj: &Value) -> Result<T, ApiError> {
+    serde_json::from_value(obj.clone()).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-/// Admission of a Cluster: network rules, allowed classes and the namespace quota.
+/// Admission of a Cluster: network rules, allowed and existing classes. The namespace quota
+/// is checked where the object is written ([`write`]).
 pub async fn admit_cluster(
     store: &AnyStore,
     cfg: &AdmissionConfig,
     ns: &str,
     obj: &Value,
 ) -> Result<(), ApiError> {
-    let c: Cluster =
-        serde_json::from_value(obj.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let c: Cluster = decode(obj)?;
     let name = c.metadata.name.clone().unwrap_or_default();
     let mut errs = cluster_network(cfg, &c);
-    let namespace = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns).await?;
-    let spec = namespace.map(|n| n.spec).unwrap_or_default();
+    let spec = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns)
+        .await?
+        .map(|(n, _)| n.spec)
+        .unwrap_or_default();
     let denied = |message: String| ApiError::AdmissionDenied {
         resource: "clusters".into(),
         name: name.clone(),
@@ -186,7 +159,16 @@ pub async fn admit_cluster(
             )));
         }
     }
-    let (mut cpu, mut mem) = cluster_usage(store, &c, &mut errs).await?;
+    let mut classes = Classes::default();
+    for (field, _, class) in cluster_pools(&c) {
+        if classes.get(store, class).await?.is_none() {
+            errs.push(FieldError::invalid(
+                field,
+                format!("{class:?}"),
+                "HostClass not found",
+            ));
+        }
+    }
     if !errs.is_empty() {
         return Err(ApiError::Invalid {
             kind: "Cluster".into(),
@@ -194,98 +176,393 @@ pub async fn admit_cluster(
             causes: errs,
         });
     }
-    let Some(limits) = spec.limits else {
-        return Ok(());
-    };
-    // Add every other cluster of the namespace.
-    let cl_rt = rt("slipway.dev", "v1alpha1", "clusters")?;
-    let (others, _) = store.list(&keys::prefix(cl_rt, Some(ns))).await?;
-    for kv in others {
-        let Ok(other) = serde_json::from_slice::<Cluster>(&kv.value) else {
-            continue;
-        };
-        if other.metadata.name.as_deref() == Some(name.as_str()) {
-            continue;
-        }
-        let (c2, m2) = cluster_usage(store, &other, &mut Vec::new()).await?;
-        cpu += c2;
-        mem += m2;
-    }
-    if let Some(limit) = limits.cpu.as_ref().and_then(|q| q.value().map(|v| (q, v)))
-        && cpu > limit.1
+    Ok(())
+}
+
+/// Admission of a PVC: the allowed StorageClass. The namespace storage limit is checked where
+/// the object is written ([`write`]).
+pub async fn admit_pvc(store: &AnyStore, ns: &str, obj: &Value) -> Result<(), ApiError> {
+    let pvc: PersistentVolumeClaim = decode(obj)?;
+    let name = pvc.metadata.name.clone().unwrap_or_default();
+    let spec = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns)
+        .await?
+        .map(|(n, _)| n.spec)
+        .unwrap_or_default();
+    if let Some(sc) = &pvc.spec.storage_class_name
+        && !allowed(&spec.storage_classes, sc)
     {
-        return Err(denied(format!(
-            "exceeded quota: spec.limits.cpu of namespace {ns:?} is {}, the namespace's clusters would use {cpu} (HostClass cpus × replicas)",
-            limit.0
-        )));
-    }
-    if let Some(limit) = limits
-        .memory
-        .as_ref()
-        .and_then(|q| q.value().map(|v| (q, v)))
-        && mem > limit.1
-    {
-        return Err(denied(format!(
-            "exceeded quota: spec.limits.memory of namespace {ns:?} is {}, the namespace's clusters would use {}Mi (HostClass memory × replicas)",
-            limit.0,
-            (mem / 1048576.0).round()
-        )));
+        return Err(ApiError::AdmissionDenied {
+            resource: "persistentvolumeclaims".into(),
+            name,
+            message: format!(
+                "spec.storageClassName: StorageClass {sc:?} is not allowed in namespace {ns:?} (spec.storageClasses)"
+            ),
+        });
     }
     Ok(())
 }
 
-/// Admission of a PVC: allowed StorageClass and the namespace storage limit.
-pub async fn admit_pvc(store: &AnyStore, ns: &str, obj: &Value) -> Result<(), ApiError> {
-    let pvc: PersistentVolumeClaim =
-        serde_json::from_value(obj.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let name = pvc.metadata.name.clone().unwrap_or_default();
-    let namespace = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns).await?;
-    let spec = namespace.map(|n| n.spec).unwrap_or_default();
-    let denied = |message: String| ApiError::AdmissionDenied {
-        resource: "persistentvolumeclaims".into(),
-        name: name.clone(),
-        message,
-    };
-    if let Some(sc) = &pvc.spec.storage_class_name
-        && !allowed(&spec.storage_classes, sc)
-    {
-        return Err(denied(format!(
-            "spec.storageClassName: StorageClass {sc:?} is not allowed in namespace {ns:?} (spec.storageClasses)"
-        )));
+/// HostClasses read during one admission, with the revision each was read at.
+#[derive(Debug, Default)]
+struct Classes(HashMap<String, Option<(HostClassSpec, u64)>>);
+
+impl Classes {
+    async fn get(
+        &mut self,
+        store: &AnyStore,
+        name: &str,
+    ) -> Result<Option<&(HostClassSpec, u64)>, ApiError> {
+        if !self.0.contains_key(name) {
+            let hc =
+                get_typed::<HostClass>(store, rt(GROUP, "v1alpha1", "hostclasses")?, None, name)
+                    .await?
+                    .map(|(hc, rev)| (hc.spec, rev));
+            self.0.insert(name.to_string(), hc);
+        }
+        Ok(self.0.get(name).and_then(Option::as_ref))
     }
-    let size = |p: &PersistentVolumeClaim| {
-        p.spec
-            .resources
-            .as_ref()
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .and_then(|q| q.value())
-            .unwrap_or(0.0)
+
+    /// Reads every class `c` uses, then its usage.
+    async fn cluster_usage(&mut self, store: &AnyStore, c: &Cluster) -> Result<Usage, ApiError> {
+        for (_, _, class) in cluster_pools(c) {
+            self.get(store, class).await?;
+        }
+        Ok(quota::cluster_usage(c, |n| {
+            self.0.get(n).and_then(Option::as_ref).map(|(s, _)| s)
+        }))
+    }
+
+    /// Guards on every class `c` uses still being as read.
+    fn guards(&self, c: &Cluster) -> Result<Vec<Cas>, ApiError> {
+        let hc_rt = rt(GROUP, "v1alpha1", "hostclasses")?;
+        let mut names: Vec<&str> = cluster_pools(c).into_iter().map(|p| p.2).collect();
+        names.sort_unstable();
+        names.dedup();
+        Ok(names
+            .into_iter()
+            .map(|n| {
+                let read = self.0.get(n).and_then(Option::as_ref).map(|(_, r)| *r);
+                Cas::unchanged(&keys::object(hc_rt, None, n), read)
+            })
+            .collect())
+    }
+}
+
+/// The store key of a namespace's usage record: what its counted objects used at the last
+/// admitted increase. Every write that increases a namespace's usage replaces this record
+/// with compare-and-swap, so two such writes cannot both be admitted against the same usage
+/// (kube-apiserver serializes on its ResourceQuota status the same way).
+pub fn usage_key(ns: &str) -> String {
+    format!("/slipway/quota/{ns}")
+}
+
+/// How a write changes a stored object.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A new object.
+    Create(&'a Value),
+    /// A replacement of `old`, stored at `revision`.
+    Update {
+        /// The stored object.
+        old: &'a Value,
+        /// The object to store.
+        new: &'a Value,
+        /// Its revision.
+        revision: u64,
+    },
+}
+
+/// Most attempts of one write when concurrent writers keep winning the usage record.
+const MAX_ATTEMPTS: usize = 100;
+
+/// Writes an admitted object. A Cluster or claim that increases its namespace's usage is
+/// checked against the limits and written in one store transaction with the namespace's usage
+/// record; a HostClass that grows is checked against the limits of every namespace using it,
+/// likewise. Refusals are the outer error; the inner result is the store's answer for the
+/// object's own key (a stale revision, an existing name). With `dry_run` nothing is written.
+pub async fn write(
+    store: &AnyStore,
+    rtype: &ResourceType,
+    ns: Option<&str>,
+    key: &str,
+    change: Change<'_>,
+    bytes: Vec<u8>,
+    dry_run: bool,
+) -> Result<Result<u64, StoreError>, ApiError> {
+    let step = match change {
+        Change::Create(_) => Cas::create(key, bytes),
+        Change::Update { revision, .. } => Cas::update(key, bytes, revision),
     };
-    if let Some((q, limit)) = spec
-        .limits
+    for _ in 0..MAX_ATTEMPTS {
+        let guards = match (rtype.group, rtype.plural, ns) {
+            (GROUP, "clusters", Some(ns)) | ("", "persistentvolumeclaims", Some(ns)) => {
+                counted_guards(store, rtype, ns, key, change).await?
+            }
+            (GROUP, "hostclasses", _) => class_guards(store, change).await?,
+            _ => Vec::new(),
+        };
+        if dry_run {
+            return Ok(Ok(0));
+        }
+        let mut steps = vec![step.clone()];
+        steps.extend(guards);
+        match store.txn(steps).await {
+            Ok(revs) => return Ok(Ok(revs.first().copied().unwrap_or(0))),
+            Err(e) if e.refused_key() == Some(key) => return Ok(Err(e)),
+            // A concurrent write changed the usage record, a class or the namespace: decide
+            // again on what the store holds now.
+            Err(e) if e.refused_key().is_some() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Conflict {
+        resource: rtype.plural.into(),
+        name: key.rsplit('/').next().unwrap_or_default().into(),
+        stale: None,
+    })
+}
+
+/// What `obj` (a Cluster or a claim) uses.
+async fn usage_of(
+    store: &AnyStore,
+    rtype: &ResourceType,
+    classes: &mut Classes,
+    obj: &Value,
+) -> Result<Usage, ApiError> {
+    if rtype.plural == "clusters" {
+        classes.cluster_usage(store, &decode::<Cluster>(obj)?).await
+    } else {
+        Ok(claim_usage(&decode::<PersistentVolumeClaim>(obj)?))
+    }
+}
+
+/// The quota check of a Cluster or claim write, and the guards that make it hold at commit.
+async fn counted_guards(
+    store: &AnyStore,
+    rtype: &ResourceType,
+    ns: &str,
+    key: &str,
+    change: Change<'_>,
+) -> Result<Vec<Cas>, ApiError> {
+    let mut classes = Classes::default();
+    let (old, new) = match change {
+        Change::Create(new) => (None, new),
+        Change::Update { old, new, .. } => (Some(old), new),
+    };
+    let after = usage_of(store, rtype, &mut classes, new).await?;
+    let before = match old {
+        Some(o) => usage_of(store, rtype, &mut classes, o).await?,
+        None => Usage::default(),
+    };
+    // A write that increases nothing cannot take a namespace over its limits.
+    if !after.grows_from(&before) {
+        return Ok(Vec::new());
+    }
+    let ns_rt = rt("", "v1", "namespaces")?;
+    let Some((namespace, ns_rev)) = get_typed::<Namespace>(store, ns_rt, None, ns).await? else {
+        return Ok(Vec::new());
+    };
+    let Some(limits) = namespace.spec.limits else {
+        return Ok(Vec::new());
+    };
+    // The record first: any increase committed after this read changes it, and fails ours.
+    let record = store.get(&usage_key(ns)).await?;
+    let mut used: Usage = record
         .as_ref()
-        .and_then(|l| l.storage.as_ref())
-        .and_then(|q| q.value().map(|v| (q, v)))
-    {
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+        .unwrap_or_default();
+    let (others, _) = store.list(&keys::prefix(rtype, Some(ns))).await?;
+    let mut total = after;
+    for kv in others.iter().filter(|kv| kv.key != key) {
+        let obj: Value = serde_json::from_slice(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("corrupt object {}: {e}", kv.key)))?;
+        total += usage_of(store, rtype, &mut classes, &obj).await?;
+    }
+    let name = meta_name(new);
+    if let Some(message) = quota::over_limit(ns, &limits, &total, &before, &after) {
+        return Err(ApiError::AdmissionDenied {
+            resource: rtype.plural.into(),
+            name,
+            message,
+        });
+    }
+    let mut guards = Vec::new();
+    if rtype.plural == "clusters" {
+        (used.cpu, used.memory) = (total.cpu, total.memory);
+        guards.extend(classes.guards(&decode::<Cluster>(new)?)?);
+    } else {
+        used.storage = total.storage;
+    }
+    let record_value = serde_json::to_vec(&used).map_err(|e| ApiError::Internal(e.to_string()))?;
+    guards.push(Cas::put(
+        &usage_key(ns),
+        record_value,
+        record.map(|kv| kv.revision),
+    ));
+    guards.push(Cas::unchanged(&keys::object(ns_rt, None, ns), Some(ns_rev)));
+    Ok(guards)
+}
+
+fn meta_name(obj: &Value) -> String {
+    obj.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A HostClass that grows re-checks the quota of every namespace whose clusters use it, and
+/// takes each such namespace's usage record with it so no increase there commits in between.
+async fn class_guards(store: &AnyStore, change: Change<'_>) -> Result<Vec<Cas>, ApiError> {
+    let Change::Update { old, new, .. } = change else {
+        return Ok(Vec::new());
+    };
+    let (old, new): (HostClass, HostClass) = (decode(old)?, decode(new)?);
+    let grown = Usage {
+        cpu: f64::from(new.spec.cpus),
+        memory: new
+            .spec
+            .memory
+            .as_ref()
+            .and_then(|q| q.value())
+            .unwrap_or(0.0),
+        storage: 0.0,
+    };
+    let was = Usage {
+        cpu: f64::from(old.spec.cpus),
+        memory: old
+            .spec
+            .memory
+            .as_ref()
+            .and_then(|q| q.value())
+            .unwrap_or(0.0),
+        storage: 0.0,
+    };
+    if !grown.grows_from(&was) {
+        return Ok(Vec::new());
+    }
+    let name = new.metadata.name.clone().unwrap_or_default();
+    let cl_rt = rt(GROUP, "v1alpha1", "clusters")?;
+    let ns_rt = rt("", "v1", "namespaces")?;
+    let (all, _) = store.list(&keys::prefix(cl_rt, None)).await?;
+    // Namespaces whose clusters use the class, each with all its clusters.
+    let mut by_ns: BTreeMap<String, Vec<Cluster>> = BTreeMap::new();
+    for kv in &all {
+        let c: Cluster = serde_json::from_slice(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("corrupt object {}: {e}", kv.key)))?;
+        let ns = c.metadata.namespace.clone().unwrap_or_default();
+        by_ns.entry(ns).or_default().push(c);
+    }
+    let mut classes = Classes::default();
+    classes.0.insert(name.clone(), Some((new.spec.clone(), 0)));
+    let mut guards = Vec::new();
+    for (ns, clusters) in by_ns {
+        let uses = |c: &Cluster| cluster_pools(c).iter().any(|p| p.2 == name);
+        if !clusters.iter().any(uses) {
+            continue;
+        }
+        let Some((namespace, ns_rev)) = get_typed::<Namespace>(store, ns_rt, None, &ns).await?
+        else {
+            continue;
+        };
+        let record = store.get(&usage_key(&ns)).await?;
+        let mut total = Usage::default();
+        for c in &clusters {
+            total += classes.cluster_usage(store, c).await?;
+        }
+        if let Some(limits) = &namespace.spec.limits
+            && let Some(message) = quota::over_limit(&ns, limits, &total, &was, &grown)
+        {
+            return Err(ApiError::AdmissionDenied {
+                resource: "hostclasses".into(),
+                name,
+                message: format!(
+                    "growing HostClass {:?} (cpus {} → {}) would exceed the quota of a namespace using it: {message}",
+                    new.metadata.name.as_deref().unwrap_or_default(),
+                    old.spec.cpus,
+                    new.spec.cpus
+                ),
+            });
+        }
+        let mut used: Usage = record
+            .as_ref()
+            .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+            .unwrap_or_default();
+        (used.cpu, used.memory) = (total.cpu, total.memory);
+        let value = serde_json::to_vec(&used).map_err(|e| ApiError::Internal(e.to_string()))?;
+        guards.push(Cas::put(
+            &usage_key(&ns),
+            value,
+            record.map(|kv| kv.revision),
+        ));
+        guards.push(Cas::unchanged(
+            &keys::object(ns_rt, None, &ns),
+            Some(ns_rev),
+        ));
+    }
+    Ok(guards)
+}
+
+/// Refuses deleting a HostClass or StorageClass that objects still use, naming them; returns
+/// guards for the delete that fail if a user appeared since (empty for other kinds).
+pub async fn deletable(
+    store: &AnyStore,
+    rtype: &ResourceType,
+    name: &str,
+) -> Result<Vec<Cas>, ApiError> {
+    let (hosts, storage) = match (rtype.group, rtype.plural) {
+        (GROUP, "hostclasses") => (true, false),
+        ("storage.k8s.io", "storageclasses") => (false, true),
+        _ => return Ok(Vec::new()),
+    };
+    let mut users = Vec::new();
+    let mut guards = Vec::new();
+    let cl_rt = rt(GROUP, "v1alpha1", "clusters")?;
+    let (clusters, rev) = store.list(&keys::prefix(cl_rt, None)).await?;
+    guards.push(Cas::prefix_unchanged(&keys::prefix(cl_rt, None), rev));
+    for kv in &clusters {
+        let c: Cluster = serde_json::from_slice(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("corrupt object {}: {e}", kv.key)))?;
+        let t = &c.spec.topology;
+        let used = if hosts {
+            cluster_pools(&c).iter().any(|p| p.2 == name)
+        } else {
+            t.control_plane.storage_class.as_deref() == Some(name)
+                || t.node_pools
+                    .iter()
+                    .any(|p| p.storage_class.as_deref() == Some(name))
+        };
+        if used {
+            users.push(format!(
+                "Cluster {}/{}",
+                c.metadata.namespace.unwrap_or_default(),
+                c.metadata.name.unwrap_or_default()
+            ));
+        }
+    }
+    if storage {
         let pvc_rt = rt("", "v1", "persistentvolumeclaims")?;
-        let (others, _) = store.list(&keys::prefix(pvc_rt, Some(ns))).await?;
-        let mut total = size(&pvc);
-        for kv in others {
-            if let Ok(o) = serde_json::from_slice::<PersistentVolumeClaim>(&kv.value)
-                && o.metadata.name.as_deref() != Some(name.as_str())
-            {
-                total += size(&o);
+        let (claims, rev) = store.list(&keys::prefix(pvc_rt, None)).await?;
+        guards.push(Cas::prefix_unchanged(&keys::prefix(pvc_rt, None), rev));
+        for kv in &claims {
+            let p: PersistentVolumeClaim = serde_json::from_slice(&kv.value)
+                .map_err(|e| ApiError::Internal(format!("corrupt object {}: {e}", kv.key)))?;
+            if p.spec.storage_class_name.as_deref() == Some(name) {
+                users.push(format!(
+                    "PersistentVolumeClaim {}/{}",
+                    p.metadata.namespace.unwrap_or_default(),
+                    p.metadata.name.unwrap_or_default()
+                ));
             }
         }
-        if total > limit {
-            return Err(denied(format!(
-                "exceeded quota: spec.limits.storage of namespace {ns:?} is {q}, the namespace's claims would use {}Mi",
-                (total / 1048576.0).round()
-            )));
-        }
     }
-    Ok(())
+    if users.is_empty() {
+        return Ok(guards);
+    }
+    Err(ApiError::InUse {
+        resource: rtype.plural.into(),
+        name: name.into(),
+        users,
+    })
 }
 
 #[cfg(test)]
