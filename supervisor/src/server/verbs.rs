@@ -11,7 +11,7 @@ use super::handler::Call;
 use super::http::{self, Body};
 use super::objects::{
     admit, carry_over, encode, finalized, meta_str, parse_body, present, sent_revision, set_meta,
-    stamp_new, with_status_of,
+    stamp_new, with_status_of, without_status,
 };
 use super::{State, keys, table};
 use crate::admission::{self, Change};
@@ -143,7 +143,7 @@ pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
 }
 
 pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
-    let body = parse_body(&call.body, &call.content_type)?;
+    let body = without_status(call.t.rt, parse_body(&call.body, &call.content_type)?);
     let mut obj = admit(call.state, call.t.rt, call.ns(), None, body, true).await?;
     stamp_new(&mut obj);
     let name = meta_str(&obj, "name").unwrap_or_default().to_string();
@@ -248,7 +248,7 @@ pub(super) async fn patch_object(
     for _ in 0..5 {
         let Some(kv) = call.state.store.get(&call.key(name)).await? else {
             if kind == PatchType::Apply && !status_only {
-                let body = patch::parse_apply(&call.body)?;
+                let body = without_status(call.t.rt, patch::parse_apply(&call.body)?);
                 let mut obj =
                     admit(call.state, call.t.rt, call.ns(), Some(name), body, true).await?;
                 stamp_new(&mut obj);

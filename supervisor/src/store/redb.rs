@@ -1,6 +1,7 @@
 //! The embedded store: one redb file holding the objects, the global revision and a bounded
 //! event log that watches resume from (also across restarts).
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -272,6 +273,18 @@ impl RedbStore {
 
     /// Opens the store keeping `history` events for watch resumption.
     pub fn open_with_history(path: &Path, history: u64) -> Result<Self, StoreError> {
+        // Every object, tokens' bindings included, is in this file: owner-only (0600), also
+        // when an older file was more open. redb initializes an empty file.
+        let file_err = |e: std::io::Error| StoreError::Task(format!("{}: {e}", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(file_err)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(file_err)?;
+        drop(file);
         let db = Database::create(path).map_err(rerr)?;
         let txn = db.begin_write().map_err(rerr)?;
         {
