@@ -121,14 +121,20 @@ fn count(sup: &Supervisor, args: &[&str]) -> usize {
     v["items"].as_array().map_or(0, Vec::len)
 }
 
-async fn quota_suite(backend: &Backend) {
-    let dir = TempDir::new("quota");
+fn start(dir: &TempDir, backend: &Backend) -> Supervisor {
     let sup = Supervisor::start(dir.path(), &backend.store_arg(), &[]);
     let setup = sup.file("setup.yaml", SETUP);
     sup.kubectl(&["apply", "-f", &setup]).ok();
+    sup
+}
+
+/// Point 1: admission and the write are one atomic step.
+async fn parallel_suite(backend: &Backend) {
+    let dir = TempDir::new("quota");
+    let sup = start(&dir, backend);
     let client = Client::from_kubeconfig(&sup.kubeconfig()).expect("client");
 
-    // 1. Room for 2 clusters of 4 cpus (limit 8): 20 parallel creates admit exactly 2.
+    // Room for 2 clusters of 4 cpus (limit 8): 20 parallel creates admit exactly 2.
     let clusters = (0..20)
         .map(|i| cluster("team-q", &format!("c{i}"), 1))
         .collect();
@@ -164,8 +170,12 @@ async fn quota_suite(backend: &Backend) {
         "{refused:?}"
     );
     assert_eq!(count(&sup, &["pvc", "-n", "team-q"]), 2);
+}
 
-    // 2. An over-quota namespace can shrink and be annotated, not grow.
+/// Point 2: an over-quota namespace can shrink and be annotated, not grow.
+fn shrink_suite(backend: &Backend) {
+    let dir = TempDir::new("shrink");
+    let sup = start(&dir, backend);
     let big = serde_json::to_string(&cluster("team-s", "big", 5)).expect("json");
     let f = sup.file("big.json", &big);
     sup.kubectl(&["apply", "-f", &f]).ok();
@@ -208,8 +218,26 @@ async fn quota_suite(backend: &Backend) {
     .expect("json");
     assert_eq!(big["spec"]["topology"]["nodePools"][0]["replicas"], 1);
     assert_eq!(big["metadata"]["annotations"]["owner"], "qa");
+}
 
-    // 4. Classes in use cannot be deleted; the refusal names the users.
+/// Point 4: classes in use cannot be deleted; the refusal names the users. Growing a class
+/// re-checks its users' quotas.
+fn class_suite(backend: &Backend) {
+    let dir = TempDir::new("classes");
+    let sup = start(&dir, backend);
+    for (i, obj) in [
+        cluster("team-q", "c0", 1),
+        cluster("team-q", "c1", 1),
+        cluster("team-s", "big", 1),
+        claim("d0", "40Gi"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let f = sup.file(&format!("obj{i}.json"), &obj.to_string());
+        sup.kubectl(&["apply", "-f", &f]).ok();
+    }
+
     let del = sup.kubectl(&["delete", "hostclass", "small"]);
     let msg = del.err();
     assert!(msg.contains("in use by"), "{msg}");
@@ -265,11 +293,31 @@ async fn quota_suite(backend: &Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quota_is_atomic_and_classes_guarded_on_redb() {
-    quota_suite(&Backend::Redb).await;
+async fn parallel_creates_admit_exactly_the_room_on_redb() {
+    parallel_suite(&Backend::Redb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quota_is_atomic_and_classes_guarded_on_etcd() {
-    quota_suite(&Backend::Etcd(Etcd::start(3))).await;
+async fn parallel_creates_admit_exactly_the_room_on_etcd() {
+    parallel_suite(&Backend::Etcd(Etcd::start(3))).await;
+}
+
+#[test]
+fn over_quota_namespace_shrinks_on_redb() {
+    shrink_suite(&Backend::Redb);
+}
+
+#[test]
+fn over_quota_namespace_shrinks_on_etcd() {
+    shrink_suite(&Backend::Etcd(Etcd::start(3)));
+}
+
+#[test]
+fn classes_in_use_are_kept_on_redb() {
+    class_suite(&Backend::Redb);
+}
+
+#[test]
+fn classes_in_use_are_kept_on_etcd() {
+    class_suite(&Backend::Etcd(Etcd::start(3)));
 }
