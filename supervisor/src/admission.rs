@@ -256,6 +256,19 @@ pub fn usage_key(ns: &str) -> String {
     format!("/slipway/quota/{ns}")
 }
 
+/// Removes the usage record of a namespace whose objects are gone.
+pub async fn forget_namespace(store: &AnyStore, ns: &str) -> Result<(), ApiError> {
+    let key = usage_key(ns);
+    if let Some(kv) = store.get(&key).await? {
+        match store.delete(&key, kv.revision).await {
+            // A concurrent delete of the namespace got there first.
+            Ok(_) | Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// How a write changes a stored object.
 #[derive(Debug, Clone, Copy)]
 pub enum Change<'a> {
@@ -311,7 +324,10 @@ pub async fn write(
             Err(e) if e.refused_key() == Some(key) => return Ok(Err(e)),
             // A concurrent write changed the usage record, a class or the namespace: decide
             // again on what the store holds now.
-            Err(e) if e.refused_key().is_some() => continue,
+            Err(e) if e.refused_key().is_some() => {
+                tracing::debug!(%key, error = %e, "admission raced a concurrent write; deciding again");
+                continue;
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -403,6 +419,10 @@ async fn counted_guards(
     Ok(guards)
 }
 
+fn quantity(q: &Option<crate::api::meta::Quantity>) -> String {
+    q.as_ref().map_or_else(|| "0".into(), ToString::to_string)
+}
+
 fn meta_name(obj: &Value) -> String {
     obj.pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -474,13 +494,14 @@ async fn class_guards(store: &AnyStore, change: Change<'_>) -> Result<Vec<Cas>, 
         {
             return Err(ApiError::AdmissionDenied {
                 resource: "hostclasses".into(),
-                name,
                 message: format!(
-                    "growing HostClass {:?} (cpus {} → {}) would exceed the quota of a namespace using it: {message}",
-                    new.metadata.name.as_deref().unwrap_or_default(),
+                    "growing HostClass {name:?} (cpus {} → {}, memory {} → {}) would exceed the quota of a namespace using it: {message}",
                     old.spec.cpus,
-                    new.spec.cpus
+                    new.spec.cpus,
+                    quantity(&old.spec.memory),
+                    quantity(&new.spec.memory),
                 ),
+                name,
             });
         }
         let mut used: Usage = record

@@ -7,6 +7,9 @@ mod common;
 use hyper::Method;
 use serde_json::{Value, json};
 use slipway_supervisor::client::{Client, ClientError};
+use slipway_supervisor::store::etcd::EtcdStore;
+use slipway_supervisor::store::redb::RedbStore;
+use slipway_supervisor::store::{Cas, Store, StoreError};
 
 use common::{Backend, Etcd, Supervisor, TempDir};
 
@@ -320,4 +323,65 @@ fn classes_in_use_are_kept_on_redb() {
 #[test]
 fn classes_in_use_are_kept_on_etcd() {
     class_suite(&Backend::Etcd(Etcd::start(3)));
+}
+
+/// The store's multi-key transaction, the primitive the quota rests on: every step or none,
+/// the refusal names the failing key, a prefix guard sees a key changed after a list.
+async fn txn_contract(store: &impl Store) -> Result<(), StoreError> {
+    let a = store.create("/t/a", b"1".to_vec()).await?;
+    let refused = store
+        .txn(vec![
+            Cas::create("/t/b", b"2".to_vec()),
+            Cas::unchanged("/t/a", Some(a + 1)),
+        ])
+        .await;
+    assert!(
+        matches!(&refused, Err(e) if e.refused_key() == Some("/t/a")),
+        "{refused:?}"
+    );
+    assert!(store.get("/t/b").await?.is_none(), "a refused txn wrote");
+    let revs = store
+        .txn(vec![
+            Cas::create("/t/b", b"2".to_vec()),
+            Cas::put("/u/rec", b"r".to_vec(), None),
+            Cas::unchanged("/t/a", Some(a)),
+        ])
+        .await?;
+    assert_eq!(revs[2], a);
+    let b = store.get("/t/b").await?.expect("/t/b").revision;
+    assert_eq!(revs[0], b);
+    let (_, listed) = store.list("/t/").await?;
+    // Unchanged since the list: the guarded delete goes through.
+    store
+        .txn(vec![
+            Cas::delete("/u/rec", revs[1]),
+            Cas::prefix_unchanged("/t/", listed),
+        ])
+        .await?;
+    // Changed since: refused, naming the prefix, and nothing deleted.
+    store.update("/t/b", b"3".to_vec(), b).await?;
+    let refused = store
+        .txn(vec![
+            Cas::delete("/t/a", a),
+            Cas::prefix_unchanged("/t/", listed),
+        ])
+        .await;
+    assert!(
+        matches!(&refused, Err(e) if e.refused_key() == Some("/t/")),
+        "{refused:?}"
+    );
+    assert!(store.get("/t/a").await?.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn store_txn_contract_on_redb() -> Result<(), StoreError> {
+    let dir = TempDir::new("txn");
+    txn_contract(&RedbStore::open(&dir.path().join("store.redb"))?).await
+}
+
+#[tokio::test]
+async fn store_txn_contract_on_etcd() -> Result<(), StoreError> {
+    let etcd = Etcd::start(3);
+    txn_contract(&EtcdStore::connect(&etcd.client_urls).await?).await
 }

@@ -379,7 +379,7 @@ async fn delete_namespace_contents(call: &Call<'_>, ns: &str) -> Result<(), ApiE
             }
         }
     }
-    Ok(())
+    admission::forget_namespace(&call.state.store, ns).await
 }
 
 fn delete_precondition(body: &Bytes) -> Result<Option<u64>, ApiError> {

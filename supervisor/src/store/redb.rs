@@ -564,41 +564,4 @@ mod tests {
         assert_eq!((items.len(), rev), (200, 201));
         Ok(())
     }
-    #[tokio::test]
-    async fn txn_applies_every_step_or_none() -> Result<(), StoreError> {
-        let store = RedbStore::open(&temp_path("txn"))?;
-        let a = store.create("/a", b"1".to_vec()).await?;
-        // The guard on /a is stale: /b is not created.
-        let refused = store
-            .txn(vec![
-                Cas::create("/b", b"2".to_vec()),
-                Cas::unchanged("/a", Some(a + 1)),
-            ])
-            .await;
-        assert!(
-            matches!(&refused, Err(e) if e.refused_key() == Some("/a")),
-            "{refused:?}"
-        );
-        assert!(store.get("/b").await?.is_none());
-        let revs = store
-            .txn(vec![
-                Cas::create("/b", b"2".to_vec()),
-                Cas::put("/rec", b"r".to_vec(), None),
-                Cas::unchanged("/a", Some(a)),
-            ])
-            .await?;
-        assert_eq!(revs, vec![a + 1, a + 2, a]);
-        // A prefix guard fails once a key under it changed after the revision read.
-        let (_, listed) = store.list("/").await?;
-        store.update("/b", b"3".to_vec(), a + 1).await?;
-        let refused = store
-            .txn(vec![
-                Cas::delete("/a", a),
-                Cas::prefix_unchanged("/b", listed),
-            ])
-            .await;
-        assert!(matches!(refused, Err(StoreError::Conflict { .. })));
-        assert!(store.get("/a").await?.is_some());
-        Ok(())
-    }
 }
