@@ -16,7 +16,7 @@ pub const MASTERS: &str = "system:masters";
 
 /// The group of the supervisor's controllers: the only identities besides cluster-admin that
 /// write status (`*/status`), the field controllers own. They read everything and update
-/// objects (finalizers), but create and delete nothing.
+/// objects (finalizers), but create and delete nothing and never touch RoleBindings.
 pub const CONTROLLERS: &str = "system:slipway:controllers";
 
 /// An authenticated caller.
@@ -246,7 +246,8 @@ pub async fn authorize(
     };
     let read = matches!(verb, "get" | "list" | "watch");
     if user.is_controller() {
-        return if read || matches!(verb, "update" | "patch") {
+        let rbac = rt.group == "rbac.authorization.k8s.io";
+        return if read || (matches!(verb, "update" | "patch") && !rbac) {
             Ok(())
         } else {
             Err(forbidden())

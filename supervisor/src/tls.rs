@@ -515,6 +515,35 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn serving_certificate_is_renewed_near_its_end() -> Result<(), TlsError> {
+        let dir = std::env::temp_dir().join(format!("slipway-pki-renew-{}", std::process::id()));
+        let pki = Pki::new(&dir);
+        pki.ensure(&[])?;
+        let end = |pki: &Pki| {
+            CertificateDer::from_pem_file(pki.server_cert())
+                .ok()
+                .and_then(|d| validity_of(&d))
+                .map_or(0, |(_, end)| end)
+        };
+        assert_eq!(
+            (end(&pki) - now_secs()).div_ceil(DAY),
+            u64::from(ADMIN_DAYS)
+        );
+        // A certificate with 10 days left is due: the next start replaces it.
+        let (short, _) = pki.issue_client("slipway-supervisor", None, 10)?;
+        std::fs::write(pki.server_cert(), short).map_err(io(&pki.server_cert()))?;
+        assert!(due_for_renewal(&pki.server_cert()));
+        pki.ensure(&[])?;
+        assert_eq!(
+            (end(&pki) - now_secs()).div_ceil(DAY),
+            u64::from(ADMIN_DAYS)
+        );
+        assert!(pki.server_config().is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+
     proptest::proptest! {
         #[test]
         fn subject_parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {

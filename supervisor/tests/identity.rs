@@ -179,6 +179,14 @@ fn status_is_written_only_by_controllers() {
         Some(&put.to_string()),
     );
     assert_eq!(code, 403);
+    let (code, _) = curl(
+        &sup,
+        "ctl-tok",
+        "PATCH",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/rolebindings/editors",
+        Some(r#"{"subjects":[{"kind":"User","name":"cluster-controller"}]}"#),
+    );
+    assert_eq!(code, 403, "a controller rewrote a RoleBinding");
 
     let audit = audit_lines(&sup);
     let denied = audit
