@@ -501,6 +501,9 @@ pub struct KubeconfigArgs {
     /// Use this bearer token instead of a client certificate.
     #[arg(long)]
     pub token: Option<String>,
+    /// Days the client certificate is valid (at most 365); run again to renew.
+    #[arg(long, default_value_t = crate::tls::USER_DAYS, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::tls::ADMIN_DAYS)))]
+    pub days: u32,
     /// Write here instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -519,7 +522,14 @@ impl KubeconfigArgs {
         let cred = match self.token {
             Some(t) => Credential::Token(t),
             None => {
-                let (cert_pem, key_pem) = pki.issue_client(&self.user, self.group.as_deref())?;
+                anyhow::ensure!(
+                    (1..=crate::tls::ADMIN_DAYS).contains(&self.days),
+                    "--days: must be between 1 and {}, got {}",
+                    crate::tls::ADMIN_DAYS,
+                    self.days
+                );
+                let (cert_pem, key_pem) =
+                    pki.issue_client(&self.user, self.group.as_deref(), self.days)?;
                 Credential::ClientCert { cert_pem, key_pem }
             }
         };

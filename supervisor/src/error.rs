@@ -194,6 +194,16 @@ pub enum ApiError {
         /// Why, naming the field and limit.
         message: String,
     },
+    /// The object is still used by others (a class by clusters or claims).
+    #[error("{resource} {name:?} is in use by {}: remove or move its users first", .users.join(", "))]
+    InUse {
+        /// Resource plural.
+        resource: String,
+        /// Object name.
+        name: String,
+        /// Who uses it (`Kind namespace/name`).
+        users: Vec<String>,
+    },
     /// The HTTP method is not allowed on this path.
     #[error("the server does not allow this method on the requested resource")]
     MethodNotAllowed,
@@ -255,7 +265,7 @@ impl ApiError {
     pub fn code(&self) -> u16 {
         match self {
             Self::NotFound { .. } => 404,
-            Self::AlreadyExists { .. } | Self::Conflict { .. } => 409,
+            Self::AlreadyExists { .. } | Self::Conflict { .. } | Self::InUse { .. } => 409,
             Self::Invalid { .. } => 422,
             Self::BadRequest(_) => 400,
             Self::Unauthorized => 401,
@@ -272,7 +282,7 @@ impl ApiError {
         match self {
             Self::NotFound { .. } => "NotFound",
             Self::AlreadyExists { .. } => "AlreadyExists",
-            Self::Conflict { .. } => "Conflict",
+            Self::Conflict { .. } | Self::InUse { .. } => "Conflict",
             Self::Invalid { .. } => "Invalid",
             Self::BadRequest(_) => "BadRequest",
             Self::Unauthorized => "Unauthorized",
@@ -316,6 +326,7 @@ impl ApiError {
             Self::NotFound { resource, name }
             | Self::AlreadyExists { resource, name }
             | Self::Conflict { resource, name, .. }
+            | Self::InUse { resource, name, .. }
             | Self::AdmissionDenied { resource, name, .. } => {
                 Some(json!({"name": name, "kind": resource}))
             }

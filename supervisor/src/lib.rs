@@ -31,7 +31,7 @@
 //!
 //! Layout: [`api`] (the kinds and their registry), [`server`] (HTTPS, routing, verbs, watch,
 //! Table output), [`store`] (the `Store` trait, redb and etcd backends), [`auth`] (tokens,
-//! client certificates, RBAC), [`admission`], [`audit`], [`openapi`], [`patch`], [`selector`],
+//! client certificates, RBAC), [`admission`], [`quota`], [`audit`], [`openapi`], [`patch`], [`selector`],
 //! [`tls`], [`metrics`], [`error`] (the one place errors become `metav1.Status`).
 #![forbid(unsafe_code)]
 
@@ -46,6 +46,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod patch;
+pub mod quota;
 pub mod selector;
 pub mod server;
 pub mod store;

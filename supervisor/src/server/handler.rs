@@ -236,9 +236,9 @@ pub async fn handle(
             "",
         ),
     };
-    let (ns, name) = match &route {
-        Route::Resource(t) => (t.ns.clone(), t.name.clone()),
-        _ => (None, None),
+    let (ns, name, sub) = match &route {
+        Route::Resource(t) => (t.ns.clone(), t.name.clone(), t.sub.clone()),
+        _ => (None, None, None),
     };
     let audit = |user: &str, code: u16| {
         if let Some(log) = &state.audit {
@@ -247,6 +247,7 @@ pub async fn handle(
                 user,
                 verb,
                 resource: &resource,
+                subresource: sub.as_deref(),
                 group,
                 namespace: ns.as_deref(),
                 name: name.as_deref(),
@@ -289,7 +290,17 @@ pub async fn handle(
                 Ok(b) => b,
                 Err(e) => return http::error(&e),
             };
-            let result = match authorize(&state.store, &user, verb, t.rt, t.ns.as_deref()).await {
+            let result = match authorize(
+                &state.store,
+                &user,
+                verb,
+                t.rt,
+                t.sub.as_deref(),
+                t.ns.as_deref(),
+                t.name.as_deref(),
+            )
+            .await
+            {
                 Err(e) => Err(e),
                 Ok(()) => {
                     let call = Call {

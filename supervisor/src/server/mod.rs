@@ -11,6 +11,7 @@ pub mod watch;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -143,7 +144,11 @@ impl Server {
     /// Creates the PKI on first start, opens the store, binds the listener and writes
     /// `DIR/admin.kubeconfig` for the bound address.
     pub async fn bind(cfg: ServerConfig) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(&cfg.data_dir)
+        // The data directory holds the store, keys and audit log: the supervisor's alone.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.data_dir)
             .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
         let pki = Pki::new(&cfg.data_dir);
         let mut sans = Vec::new();
@@ -175,7 +180,7 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| ServerError::Bind(cfg.listen, e))?;
-        let (cert_pem, key_pem) = pki.issue_client("admin", Some(MASTERS))?;
+        let (cert_pem, key_pem) = pki.admin_client(MASTERS)?;
         pki.write_kubeconfig(
             &cfg.data_dir.join("admin.kubeconfig"),
             addr,

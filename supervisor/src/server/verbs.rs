@@ -11,15 +11,16 @@ use super::handler::Call;
 use super::http::{self, Body};
 use super::objects::{
     admit, carry_over, encode, finalized, meta_str, parse_body, present, sent_revision, set_meta,
-    stamp_new, with_status_of,
+    stamp_new, with_status_of, without_status,
 };
 use super::{State, keys, table};
+use crate::admission::{self, Change};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{RESOURCES, ResourceType, lookup};
 use crate::error::ApiError;
 use crate::patch::{self, PatchType};
 use crate::selector::{FieldSelector, LabelSelector, labels_of};
-use crate::store::{Store, StoreError};
+use crate::store::{Cas, Store, StoreError};
 
 pub(super) async fn ensure_namespace(call: &Call<'_>, ns: &str) -> Result<(), ApiError> {
     let Some(nsrt) = lookup("", "v1", "namespaces") else {
@@ -45,6 +46,28 @@ pub(super) async fn ensure_namespace(call: &Call<'_>, ns: &str) -> Result<(), Ap
             Ok(())
         }
     }
+}
+
+/// Stores an object through admission's write (quota checked in the same transaction);
+/// with dryRun, checks only.
+async fn write(
+    call: &Call<'_>,
+    name: &str,
+    change: Change<'_>,
+    bytes: Vec<u8>,
+) -> Result<u64, ApiError> {
+    let key = call.key(name);
+    admission::write(
+        &call.state.store,
+        call.t.rt,
+        call.ns(),
+        &key,
+        change,
+        bytes,
+        call.dry_run(),
+    )
+    .await?
+    .map_err(|e| call.store_err(name, e))
 }
 
 pub(super) async fn get(call: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
@@ -120,19 +143,14 @@ pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
 }
 
 pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
-    let body = parse_body(&call.body, &call.content_type)?;
+    let body = without_status(call.t.rt, parse_body(&call.body, &call.content_type)?);
     let mut obj = admit(call.state, call.t.rt, call.ns(), None, body, true).await?;
     stamp_new(&mut obj);
     let name = meta_str(&obj, "name").unwrap_or_default().to_string();
+    let rev = write(call, &name, Change::Create(&obj), encode(&obj)?).await?;
     if call.dry_run() {
         return Ok(call.respond(201, &obj));
     }
-    let rev = call
-        .state
-        .store
-        .create(&call.key(&name), encode(&obj)?)
-        .await
-        .map_err(|e| call.store_err(&name, e))?;
     set_meta(&mut obj, "resourceVersion", json!(rev.to_string()));
     Ok(call.respond(201, &obj))
 }
@@ -151,11 +169,11 @@ async fn write_update(
     if &new == old {
         return Ok(call.respond(200, old));
     }
-    if call.dry_run() {
-        return Ok(call.respond(200, &new));
-    }
     let key = call.key(name);
     if finalized(&new) {
+        if call.dry_run() {
+            return Ok(call.respond(200, &new));
+        }
         let drev = call
             .state
             .store
@@ -165,12 +183,15 @@ async fn write_update(
         set_meta(&mut new, "resourceVersion", json!(drev.to_string()));
         return Ok(call.respond(200, &new));
     }
-    let nrev = call
-        .state
-        .store
-        .update(&key, encode(&new)?, rev)
-        .await
-        .map_err(|e| call.store_err(name, e))?;
+    let change = Change::Update {
+        old,
+        new: &new,
+        revision: rev,
+    };
+    let nrev = write(call, name, change, encode(&new)?).await?;
+    if call.dry_run() {
+        return Ok(call.respond(200, &new));
+    }
     set_meta(&mut new, "resourceVersion", json!(nrev.to_string()));
     Ok(call.respond(200, &new))
 }
@@ -227,19 +248,14 @@ pub(super) async fn patch_object(
     for _ in 0..5 {
         let Some(kv) = call.state.store.get(&call.key(name)).await? else {
             if kind == PatchType::Apply && !status_only {
-                let body = patch::parse_apply(&call.body)?;
+                let body = without_status(call.t.rt, patch::parse_apply(&call.body)?);
                 let mut obj =
                     admit(call.state, call.t.rt, call.ns(), Some(name), body, true).await?;
                 stamp_new(&mut obj);
+                let rev = write(call, name, Change::Create(&obj), encode(&obj)?).await?;
                 if call.dry_run() {
                     return Ok(call.respond(201, &obj));
                 }
-                let rev = call
-                    .state
-                    .store
-                    .create(&call.key(name), encode(&obj)?)
-                    .await
-                    .map_err(|e| call.store_err(name, e))?;
                 set_meta(&mut obj, "resourceVersion", json!(rev.to_string()));
                 return Ok(call.respond(201, &obj));
             }
@@ -311,6 +327,7 @@ async fn delete_one(
             });
         }
         let mut obj = present(rt, &kv)?;
+        let guards = admission::deletable(&call.state.store, rt, name).await?;
         let has_finalizers = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
@@ -332,7 +349,13 @@ async fn delete_one(
             if rt.plural == "namespaces" {
                 delete_namespace_contents(call, name).await?;
             }
-            call.state.store.delete(&key, kv.revision).await
+            let mut steps = vec![Cas::delete(&key, kv.revision)];
+            steps.extend(guards);
+            call.state
+                .store
+                .txn(steps)
+                .await
+                .map(|revs| revs.first().copied().unwrap_or_default())
         };
         match result {
             Ok(rev) => {
@@ -356,7 +379,7 @@ async fn delete_namespace_contents(call: &Call<'_>, ns: &str) -> Result<(), ApiE
             }
         }
     }
-    Ok(())
+    admission::forget_namespace(&call.state.store, ns).await
 }
 
 fn delete_precondition(body: &Bytes) -> Result<Option<u64>, ApiError> {

@@ -10,7 +10,7 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{EventKind, KeyValue, Store, StoreError, StoreEvent, WatchStream};
+use super::{Cas, EventKind, Expect, KeyValue, Store, StoreError, StoreEvent, Then, WatchStream};
 
 /// The etcd backend (a cheap-to-clone client over one gRPC channel per endpoint).
 #[derive(Clone)]
@@ -317,4 +317,87 @@ impl Store for EtcdStore {
         });
         Ok(rx)
     }
+    async fn txn(&self, steps: Vec<Cas>) -> Result<Vec<u64>, StoreError> {
+        multi_txn(&self.client, steps).await
+    }
+}
+
+/// One etcd transaction for a multi-key compare-and-set: a compare per step, the writes when
+/// all hold, else a read of each step's key to say which one failed.
+async fn multi_txn(client: &Client, steps: Vec<Cas>) -> Result<Vec<u64>, StoreError> {
+    let (mut compares, mut writes, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+    for step in &steps {
+        let key = step.key.as_str();
+        compares.push(match step.expect {
+            Expect::Absent => Compare::create_revision(key, CompareOp::Equal, 0),
+            Expect::Revision(r) => Compare::mod_revision(key, CompareOp::Equal, irev(r)),
+            Expect::PrefixUnchangedSince(r) => {
+                Compare::mod_revision(key, CompareOp::Less, irev(r + 1)).with_prefix()
+            }
+        });
+        reads.push(match step.expect {
+            Expect::PrefixUnchangedSince(r) => TxnOp::get(
+                key,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_min_mod_revision(irev(r + 1))
+                        .with_limit(1),
+                ),
+            ),
+            _ => TxnOp::get(key, Some(GetOptions::new().with_keys_only())),
+        });
+        match &step.then {
+            Then::Keep => {}
+            Then::Put(v) => writes.push(TxnOp::put(key, v.clone(), None)),
+            Then::Delete => writes.push(TxnOp::delete(key, None)),
+        }
+    }
+    let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
+    let resp = retry(|| {
+        let txn = txn.clone();
+        let mut kv = client.kv_client();
+        async move { kv.txn(txn).await }
+    })
+    .await?;
+    if resp.succeeded() {
+        let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
+        return Ok(steps
+            .iter()
+            .map(|s| match (&s.then, s.expect) {
+                (Then::Keep, Expect::Revision(r)) => r,
+                (Then::Keep, _) => 0,
+                _ => revision,
+            })
+            .collect());
+    }
+    let found = resp.op_responses().into_iter().map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| rev(kv.mod_revision())),
+        _ => None,
+    });
+    for (step, current) in steps.iter().zip(found) {
+        let key = step.key.clone();
+        match (step.expect, current) {
+            (Expect::Absent, Some(_)) => return Err(StoreError::AlreadyExists(key)),
+            (Expect::Revision(_), None) => return Err(StoreError::NotFound(key)),
+            (Expect::Revision(expected), Some(current))
+            | (Expect::PrefixUnchangedSince(expected), Some(current))
+                if current != expected =>
+            {
+                return Err(StoreError::Conflict {
+                    key,
+                    expected,
+                    current,
+                });
+            }
+            _ => {}
+        }
+    }
+    // Every key reads as expected now: a concurrent writer changed one and changed it back.
+    Err(StoreError::Conflict {
+        key: steps.first().map(|s| s.key.clone()).unwrap_or_default(),
+        expected: 0,
+        current: 0,
+    })
 }
