@@ -40,6 +40,14 @@ pub enum LbCommand {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Remove the datapath for good: detach the programs (their links are pinned and outlive
+    /// the daemon), forget the pinned maps (every flow) and the saved state. Refused while
+    /// the daemon answers on its socket.
+    Teardown {
+        /// The daemon configuration it ran with (pin directory, state directory, socket).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print the Prometheus metrics.
     Metrics {
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -115,6 +123,24 @@ impl LbCommand {
                     .context("the service is named namespace/name")?;
                 Client::new(&socket).delete(namespace, name)?;
                 println!("service {service} deleted");
+                Ok(())
+            }
+            LbCommand::Teardown { config } => {
+                let config: LbConfig = read_yaml(&config)?;
+                if Client::new(&config.socket).status().is_ok() {
+                    anyhow::bail!(
+                        "the daemon still answers on {}: stop it first",
+                        config.socket.display()
+                    );
+                }
+                let mut removed = match &config.pin_dir {
+                    Some(dir) => crate::datapath::remove_pins(dir)?,
+                    None => Vec::new(),
+                };
+                removed.extend(crate::state::remove(&config.state_dir)?);
+                for path in &removed {
+                    println!("removed {}", path.display());
+                }
                 Ok(())
             }
             LbCommand::Metrics { socket } => {

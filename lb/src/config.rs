@@ -77,9 +77,15 @@ pub struct LbConfig {
     /// The local API's Unix socket.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
-    /// Where the maps are pinned on bpffs (kept across restarts); none: not pinned.
+    /// Where the maps and the program's links are pinned on bpffs (kept across restarts:
+    /// the datapath serves on while the daemon is down); none: not pinned, the datapath
+    /// goes with the daemon.
     #[serde(default)]
     pub pin_dir: Option<PathBuf>,
+    /// Where the daemon saves its services, VIPs and ids (`lb-state.json`) before it writes
+    /// them to the maps; a restarted daemon starts from there.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// Gratuitous ARPs (IPv4) or unsolicited Neighbor Advertisements (IPv6) sent when the LB
     /// takes a VIP over, and the gap between them.
     #[serde(default = "default_garp_count")]
@@ -93,6 +99,12 @@ pub const DEFAULT_SOCKET: &str = "/run/slipway/lb.sock";
 
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/slipway/lb";
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
 }
 fn default_garp_count() -> u32 {
     3
@@ -122,6 +134,7 @@ impl LbConfig {
             min_pool_prefix: None,
             socket: default_socket(),
             pin_dir: None,
+            state_dir: default_state_dir(),
             garp_count: default_garp_count(),
             garp_interval_ms: default_garp_interval_ms(),
         }

@@ -28,12 +28,13 @@ use crate::LbError;
 use crate::announce::{Announcer, Lease, StaticLease, announcement_frame};
 use crate::api::{self, ApiError, Applied};
 use crate::config::LbConfig;
-use crate::controller::{Controller, HealthTarget};
+use crate::controller::{Controller, HealthTarget, Limits, monotonic_ns};
 use crate::datapath::{AttachPoint, LbDatapath};
 use crate::health::probe;
 use crate::metrics::Metrics;
 use crate::packet::{SolicitedNodeGroups, send_frame};
 use crate::pool::Pools;
+use crate::state::StateFile;
 
 /// The LB interface as the daemon found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,13 +137,6 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Controller> {
     shared.controller.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 /// Runs the daemon in the calling thread's network namespace until `shutdown` resolves.
 pub async fn serve(
     config: LbConfig,
@@ -181,7 +175,13 @@ pub async fn serve(
     warn_on_port_overlap();
     info!(interface = %config.interface, ?snat_ip, ?snat_ip6, ?point, "LB datapath attached");
 
-    let controller = Controller::new(Box::new(datapath), pools, Announcer::new(lease));
+    let (controller, restored) = Controller::restore(
+        Box::new(datapath),
+        pools,
+        Announcer::new(lease),
+        Limits::default(),
+        StateFile::new(&config.state_dir),
+    )?;
     let shared = Arc::new(Shared {
         controller: Mutex::new(controller),
         metrics: Metrics::new(),
@@ -210,6 +210,10 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .with_state(shared.clone());
     info!(socket = %config.socket.display(), "local API listening");
+
+    sync_groups(&shared);
+    send_announcements(&shared, restored);
+    sync_health(&shared);
 
     let ticker = tokio::spawn({
         let shared = shared.clone();

@@ -8,8 +8,11 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
-use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::xdp::XdpLink;
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ipnetwork::IpNetwork;
 use slipway_dataplane::DataplaneError;
@@ -210,24 +213,20 @@ impl LbDatapath {
     }
 
     /// Attaches the program to `ifname` in the calling thread's network namespace (TCX
-    /// ingress, or XDP in the chosen mode). The link lives as long as this value.
+    /// ingress, or XDP in the chosen mode). With a pin directory the links are pinned there
+    /// ([`link_pin`]) and outlive the daemon, killed or stopped: the datapath keeps serving
+    /// while it is down, and a restarted daemon swaps its program into the pinned links
+    /// atomically (`BPF_LINK_UPDATE`), so there is no moment without one. Only
+    /// [`remove_pins`] detaches them. Without a pin directory the links live as long as this
+    /// value.
     pub fn attach(&mut self, ifname: &str) -> Result<(), LbError> {
-        let attach_err = |program, source| {
-            dp(DataplaneError::Program {
-                program,
-                action: format!("attach to {ifname}"),
-                source: Box::new(source),
-            })
-        };
-        classifier(&mut self.bpf)?
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|e| attach_err(TC_PROGRAM, e))?;
+        let pin_dir = self.pin_dir.clone();
+        let pin = |kind| pin_dir.as_deref().map(|d| link_pin(d, kind, ifname));
+        attach_tc(classifier(&mut self.bpf)?, ifname, pin(TC_LINK).as_deref())?;
         if let (AttachPoint::Xdp(mode), Some(xdp_bpf)) = (self.point, self.xdp_bpf.as_mut()) {
-            xdp(xdp_bpf)?
-                .attach(ifname, mode)
-                .map_err(|e| attach_err(XDP_PROGRAM, e))?;
+            attach_xdp(xdp(xdp_bpf)?, ifname, mode, pin(XDP_LINK).as_deref())?;
         }
-        debug!(ifname, point = ?self.point, "LB program attached");
+        debug!(ifname, point = ?self.point, pinned = pin_dir.is_some(), "LB program attached");
         Ok(())
     }
 
@@ -258,6 +257,129 @@ impl LbDatapath {
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
+}
+
+/// Pin names of the links: `link_<kind>_<ifname>` in the pin directory.
+const TC_LINK: &str = "tc";
+const XDP_LINK: &str = "xdp";
+
+/// Where the link of `kind` ("tc", "xdp") on `ifname` is pinned.
+pub fn link_pin(pin_dir: &Path, kind: &str, ifname: &str) -> PathBuf {
+    pin_dir.join(format!("link_{kind}_{ifname}"))
+}
+
+fn attach_err(program: &'static str, action: String, source: ProgramError) -> LbError {
+    dp(DataplaneError::Program {
+        program,
+        action,
+        source: Box::new(source),
+    })
+}
+
+fn pin_err(path: &Path, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> LbError {
+    dp(DataplaneError::Bpffs {
+        path: path.to_owned(),
+        source: std::io::Error::other(source),
+    })
+}
+
+/// The link pinned at `pin`, if there is one, as a link of program type `L`.
+fn pinned_link<L>(pin: Option<&Path>) -> Result<Option<L>, LbError>
+where
+    L: TryFrom<FdLink>,
+    L::Error: std::error::Error + Send + Sync + 'static,
+{
+    let Some(pin) = pin.filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let link = PinnedLink::from_pin(pin).map_err(|e| pin_err(pin, e))?;
+    L::try_from(FdLink::from(link))
+        .map(Some)
+        .map_err(|e| pin_err(pin, e))
+}
+
+/// Replaces whatever is pinned at `pin` with `link`.
+fn pin_link(pin: &Path, link: FdLink) -> Result<(), LbError> {
+    remove_file(pin)?;
+    link.pin(pin).map_err(|e| pin_err(pin, e))?;
+    Ok(())
+}
+
+fn remove_file(path: &Path) -> Result<(), LbError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(pin_err(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Attaches the TC program at TCX ingress of `ifname`, or swaps it into the link pinned at
+/// `pin`; pins the link there.
+fn attach_tc(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    pin: Option<&Path>,
+) -> Result<(), LbError> {
+    let id = match pinned_link::<SchedClassifierLink>(pin)? {
+        Some(old) => program
+            .attach_to_link(old)
+            .map_err(|e| attach_err(TC_PROGRAM, format!("update the link of {ifname}"), e))?,
+        None => program
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(|e| attach_err(TC_PROGRAM, format!("attach to {ifname}"), e))?,
+    };
+    if let Some(pin) = pin {
+        let link = program
+            .take_link(id)
+            .map_err(|e| attach_err(TC_PROGRAM, "take the link".into(), e))?;
+        pin_link(pin, FdLink::try_from(link).map_err(|e| pin_err(pin, e))?)?;
+    }
+    Ok(())
+}
+
+/// Likewise for the XDP program.
+fn attach_xdp(
+    program: &mut Xdp,
+    ifname: &str,
+    mode: XdpMode,
+    pin: Option<&Path>,
+) -> Result<(), LbError> {
+    let id = match pinned_link::<XdpLink>(pin)? {
+        Some(old) => program
+            .attach_to_link(old)
+            .map_err(|e| attach_err(XDP_PROGRAM, format!("update the link of {ifname}"), e))?,
+        None => program
+            .attach(ifname, mode)
+            .map_err(|e| attach_err(XDP_PROGRAM, format!("attach to {ifname}"), e))?,
+    };
+    if let Some(pin) = pin {
+        let link = program
+            .take_link(id)
+            .map_err(|e| attach_err(XDP_PROGRAM, "take the link".into(), e))?;
+        pin_link(pin, FdLink::try_from(link).map_err(|e| pin_err(pin, e))?)?;
+    }
+    Ok(())
+}
+
+/// Tears the datapath down for good: removes the pinned links (which detaches the programs),
+/// then the pinned maps (which forgets every flow), then the directory. What `slipway lb
+/// teardown` does; a daemon that stops or dies leaves the pins alone. Returns what it removed.
+pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LbError> {
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(pin_err(pin_dir, e)),
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    // Links first: the program stops before its maps go.
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
+    for path in &paths {
+        remove_file(path)?;
+    }
+    fs::remove_dir(pin_dir).map_err(|e| pin_err(pin_dir, e))?;
+    Ok(paths)
 }
 
 /// Loads one object (its maps at `pin_dir`, reused if pinned there already) and its program.
@@ -469,6 +591,79 @@ impl LbMaps for LbDatapath {
         }
         Ok(out)
     }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), LbError> {
+        zero_stats(&mut self.service_stats, "lb_service_stats", id)
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), LbError> {
+        zero_stats(&mut self.backend_stats, "lb_backend_stats", id)
+    }
+
+    fn service_keys(&self) -> Result<Vec<LbServiceKey>, LbError> {
+        self.services
+            .keys()
+            .map(|k| k.map_err(|e| map_err("lb_services", "iterate", e)))
+            .collect()
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, LbError> {
+        let mut out = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(|e| map_err("lb_source_ranges", "iterate", e))?;
+            let data = key.data();
+            let bits = key.prefix_len().saturating_sub(32);
+            let net = match data.ip.ip() {
+                IpAddr::V4(ip) => IpNetwork::new(ip.into(), bits.saturating_sub(96) as u8),
+                ip @ IpAddr::V6(_) => IpNetwork::new(ip, bits as u8),
+            };
+            if let Ok(net) = net {
+                out.push((data.service_id, net));
+            }
+        }
+        Ok(out)
+    }
+
+    fn backend_ids(&self) -> Result<Vec<u32>, LbError> {
+        let mut out = Vec::new();
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend.map_err(|e| map_err("lb_backends", "iterate", e))?;
+            if backend != LbBackend::default() {
+                out.push(id as u32);
+            }
+        }
+        Ok(out)
+    }
+
+    fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
+        self.vips
+            .keys()
+            .map(|k| {
+                k.map(|k| k.ip.ip())
+                    .map_err(|e| map_err("lb_vips", "iterate", e))
+            })
+            .collect()
+    }
+}
+
+/// Sets entry `id` of a per-CPU counter array to zero on every CPU.
+fn zero_stats(
+    map: &mut PerCpuArray<MapData, LbStats>,
+    name: &'static str,
+    id: u32,
+) -> Result<(), LbError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, source)| LbError::Syscall {
+        call: "read the possible CPUs",
+        source,
+    })?;
+    let zeros = PerCpuValues::try_from(vec![LbStats::default(); cpus]).map_err(|source| {
+        LbError::Syscall {
+            call: "build per-CPU values",
+            source,
+        }
+    })?;
+    map.set(id, zeros, 0)
+        .map_err(|e| map_err(name, &format!("zero {id}"), e))
 }
 
 /// Turns on the kernel's run-time accounting of BPF programs (`BPF_ENABLE_STATS`) for as long

@@ -4,7 +4,7 @@
 //!
 //! Layout (datapath / control library / daemon, as Katran splits it):
 //! - pure logic, no I/O: [`maglev`], [`pool`], [`config`], [`health::Health`], [`controller`]
-//!   (over the [`maps::LbMaps`] seam), [`status`];
+//!   (over the [`maps::LbMaps`] seam), [`status`], [`state`] (what survives a restart);
 //! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP and unsolicited
 //!   Neighbor Advertisements);
 //! - daemon: [`daemon`] (local API on a Unix socket, health-check tasks), [`api`] (routes'
@@ -42,6 +42,7 @@ pub mod maps;
 pub mod metrics;
 pub mod packet;
 pub mod pool;
+pub mod state;
 pub mod status;
 pub mod testing;
 

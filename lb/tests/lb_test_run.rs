@@ -897,3 +897,77 @@ fn a_pinned_map_of_another_layout_is_refused() {
     LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("a fresh pin directory loads");
     LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("and its own pins are reused");
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn services_sharing_a_backend_count_apart_and_a_new_service_starts_at_zero() {
+    let mut lb = lb();
+    let mut a = service("a", Protocol::Tcp, 80, 8080, &BACKENDS[..1]);
+    a.load_balancer_ip = None;
+    let mut b = service("b", Protocol::Tcp, 81, 8080, &BACKENDS[..1]);
+    b.load_balancer_ip = None;
+    let vip_a = lb.controller.apply(a).expect("a").vip;
+    let vip_b = lb.controller.apply(b).expect("b").vip;
+    let sent = 5u64;
+    for i in 0..sent {
+        let sport = 40000 + u16::try_from(i).expect("port");
+        let (verdict, out) = run(
+            &lb,
+            &tcp_frame((CLIENT, sport), (ip4(vip_a), 80), TcpControl::Syn, &[]),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&out).2, BACKENDS[0]);
+    }
+    let backend_of = |lb: &Lb, name: &str| {
+        let status = lb.controller.status(0).expect("status");
+        let s = status
+            .services
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} not in status"));
+        (
+            s.ports[0].flows_total,
+            s.backends[0].flows_total,
+            s.backends[0].packets,
+        )
+    };
+    assert_eq!(
+        backend_of(&lb, "default/a"),
+        (sent, sent, sent),
+        "a counts its flows"
+    );
+    assert_eq!(
+        backend_of(&lb, "default/b"),
+        (0, 0, 0),
+        "b shares a's backend address and port but none of its traffic"
+    );
+
+    // b goes; c takes its service id (the lowest free) and a backend id of its own: it starts
+    // at zero although b's counters were written.
+    let (verdict, _) = run(
+        &lb,
+        &tcp_frame((CLIENT, 50000), (ip4(vip_b), 81), TcpControl::Syn, &[]),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(backend_of(&lb, "default/b").0, 1);
+    lb.controller.delete("default", "b").expect("delete b");
+    let mut c = service("c", Protocol::Tcp, 82, 8080, &BACKENDS[..1]);
+    c.load_balancer_ip = None;
+    lb.controller.apply(c).expect("c");
+    assert_eq!(
+        backend_of(&lb, "default/c"),
+        (0, 0, 0),
+        "a new service starts at zero"
+    );
+    assert_eq!(backend_of(&lb, "default/a"), (sent, sent, sent));
+}
+
+fn ip4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => panic!("{ip} is not IPv4"),
+    }
+}
