@@ -268,7 +268,9 @@ fn long_lived_streams_survive_adding_and_removing_backends() {
         "new flows reach the new backend"
     );
 
-    // Remove the third backend: streams to the other backends carry on.
+    // Remove the third backend: every stream carries on, those on the removed backend too
+    // (it drains: no new flows, its tracked ones stay on it until they end).
+    assert!(on(ips[2]) > 0, "a stream on the backend to remove");
     let mut without = four.clone();
     without.remove(2);
     w.api()
@@ -284,18 +286,49 @@ fn long_lived_streams_survive_adding_and_removing_backends() {
     })
     .expect("progress after remove");
 
-    for s in streams.into_iter().chain(new) {
+    let removed = service_status(&w, "default/echo")
+        .backends
+        .into_iter()
+        .find(|b| b.ip == IpAddr::from(ips[2]))
+        .expect("the removed backend is listed while it drains");
+    assert_eq!(removed.state, BackendState::Draining);
+    let open_on_removed = streams
+        .iter()
+        .chain(&new)
+        .filter(|s| s.backend() == ips[2])
+        .count();
+    assert_eq!(removed.active_flows, open_on_removed as u64, "{removed:?}");
+    let fresh: Vec<EchoStream> = (0..24)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    assert!(
+        fresh.iter().all(|s| s.backend() != ips[2]),
+        "no new flow goes to the removed backend"
+    );
+
+    for s in streams.into_iter().chain(new).chain(fresh) {
         let backend = s.backend();
         let report = s.finish().expect("report");
-        if backend == ips[2] {
-            continue; // its backend left the service: its flows may end
-        }
         assert_eq!(report.error, None, "stream to {backend}: {report:?}");
         assert!(
             report.max_gap < Duration::from_millis(500),
             "stream to {backend} stalled: {report:?}"
         );
     }
+    // Its streams ended (FIN): the removed backend is released.
+    wait_for(
+        "the removed backend is released",
+        Duration::from_secs(10),
+        || {
+            let status = service_status(&w, "default/echo");
+            status
+                .backends
+                .iter()
+                .all(|b| b.ip != IpAddr::from(ips[2]))
+                .then_some(())
+        },
+    )
+    .expect("released");
 }
 
 #[test]
