@@ -64,6 +64,33 @@ pub struct ServeArgs {
     /// Attach at XDP (native mode) instead of TC: for NICs with native XDP, not veths.
     #[arg(long)]
     pub xdp: bool,
+    /// Service ports served at once (overrides `maps.services`; default 4096).
+    #[arg(long)]
+    pub max_services: Option<u32>,
+    /// Backend ids, one per service port and backend (overrides `maps.backends`; default
+    /// 65536).
+    #[arg(long)]
+    pub max_backends: Option<u32>,
+    /// Tracked flows (overrides `maps.flows`; default 1048576).
+    #[arg(long)]
+    pub max_flows: Option<u32>,
+}
+
+impl ServeArgs {
+    /// The configuration file with the flags applied.
+    pub fn config(&self) -> anyhow::Result<LbConfig> {
+        let mut config: LbConfig = read_yaml(&self.config)?;
+        for (flag, field) in [
+            (self.max_services, &mut config.maps.services),
+            (self.max_backends, &mut config.maps.backends),
+            (self.max_flows, &mut config.maps.flows),
+        ] {
+            if let Some(value) = flag {
+                *field = value;
+            }
+        }
+        Ok(config)
+    }
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
@@ -76,7 +103,7 @@ impl LbCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             LbCommand::Serve(args) => {
-                let config: LbConfig = read_yaml(&args.config)?;
+                let config = args.config()?;
                 let point = if args.xdp {
                     AttachPoint::Xdp(aya::programs::XdpMode::Driver)
                 } else {
@@ -179,6 +206,26 @@ mod tests {
         assert!(matches!(
             cli.lb,
             LbCommand::Serve(ServeArgs { xdp: true, .. })
+        ));
+        let cli = Cli::try_parse_from([
+            "lb",
+            "serve",
+            "--config",
+            "lb.yaml",
+            "--max-services",
+            "10000",
+            "--max-flows",
+            "4000000",
+        ])
+        .expect("sizes");
+        assert!(matches!(
+            cli.lb,
+            LbCommand::Serve(ServeArgs {
+                max_services: Some(10000),
+                max_flows: Some(4_000_000),
+                max_backends: None,
+                ..
+            })
         ));
         assert!(
             Cli::try_parse_from(["lb", "delete"]).is_err(),

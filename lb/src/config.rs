@@ -86,6 +86,9 @@ pub struct LbConfig {
     /// them to the maps; a restarted daemon starts from there.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Capacities of the datapath's maps, set when the program is loaded.
+    #[serde(default)]
+    pub maps: MapSizes,
     /// Gratuitous ARPs (IPv4) or unsolicited Neighbor Advertisements (IPv6) sent when the LB
     /// takes a VIP over, and the gap between them.
     #[serde(default = "default_garp_count")]
@@ -113,6 +116,73 @@ fn default_garp_interval_ms() -> u64 {
     500
 }
 
+/// Capacities of the LB maps (aya sets `max_entries` before the program loads). Memory:
+/// every tracked flow holds an `lb_flows` and an `lb_reverse` entry (preallocated LRU hash
+/// maps); every service port in use holds a Maglev ring of 65,537 slots (256 KiB), created
+/// when the port is; `slipway lb status` reports the bytes of each map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MapSizes {
+    /// Service ports (VIP, port, protocol) at once; also the VIPs announced at once.
+    #[serde(default = "default_max_services")]
+    pub services: u32,
+    /// Backend ids: one per service port and backend address, draining ones included.
+    #[serde(default = "default_max_backends")]
+    pub backends: u32,
+    /// Tracked flows; beyond them the least recently used flow is evicted (counted as
+    /// `flow_untracked` when its next segment comes).
+    #[serde(default = "default_max_flows")]
+    pub flows: u32,
+}
+
+fn default_max_services() -> u32 {
+    slipway_dataplane::abi::lb::MAX_SERVICES
+}
+fn default_max_backends() -> u32 {
+    slipway_dataplane::abi::lb::MAX_BACKENDS
+}
+fn default_max_flows() -> u32 {
+    slipway_dataplane::abi::lb::MAX_FLOWS
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: default_max_services(),
+            backends: default_max_backends(),
+            flows: default_max_flows(),
+        }
+    }
+}
+
+/// Bounds of [`MapSizes`]: (field, least, most).
+const MAP_SIZE_BOUNDS: [(&str, u32, u32); 3] = [
+    ("maps.services", 1, 1 << 16),
+    ("maps.backends", 2, 1 << 22),
+    ("maps.flows", 1024, 1 << 27),
+];
+
+impl MapSizes {
+    /// Checks every size; the error lists all bad ones.
+    pub fn validate(&self) -> Result<(), LbError> {
+        let mut p = Problems::default();
+        self.check(&mut p);
+        p.finish("map sizes")
+    }
+
+    fn check(&self, p: &mut Problems) {
+        for ((field, least, most), value) in
+            MAP_SIZE_BOUNDS
+                .iter()
+                .zip([self.services, self.backends, self.flows])
+        {
+            if !(*least..=*most).contains(&value) {
+                p.add(*field, format!("{value} is outside {least}..={most}"));
+            }
+        }
+    }
+}
+
 /// A VIP pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -135,6 +205,7 @@ impl LbConfig {
             socket: default_socket(),
             pin_dir: None,
             state_dir: default_state_dir(),
+            maps: MapSizes::default(),
             garp_count: default_garp_count(),
             garp_interval_ms: default_garp_interval_ms(),
         }
@@ -227,6 +298,7 @@ impl LbConfig {
         if self.garp_count > 100 {
             p.add("garpCount", "at most 100");
         }
+        self.maps.check(&mut p);
         p.finish("LB configuration")
     }
 }
@@ -677,6 +749,36 @@ mod tests {
             "{err}"
         );
         assert_eq!(fields(err), ["pools[0].cidr"]);
+    }
+
+    #[test]
+    fn map_sizes_default_to_thousands_of_services_and_a_million_flows_and_are_checked() {
+        let config: LbConfig = serde_json::from_str(
+            r#"{"interface":"eth0","pools":[{"name":"p","cidr":"10.99.100.0/24"}]}"#,
+        )
+        .expect("parse");
+        assert!(config.maps.services >= 4096 && config.maps.flows >= 1 << 20);
+        config.validate().expect("defaults are valid");
+        let mut bad = config.clone();
+        bad.maps = MapSizes {
+            services: 0,
+            backends: 1,
+            flows: 10,
+        };
+        assert_eq!(
+            fields(bad.validate().expect_err("bad sizes")),
+            ["maps.services", "maps.backends", "maps.flows"]
+        );
+        let sized: LbConfig = serde_json::from_str(
+            r#"{"interface":"eth0","pools":[{"name":"p","cidr":"10.99.100.0/24"}],
+                "maps":{"flows":4000000}}"#,
+        )
+        .expect("parse");
+        assert_eq!(sized.maps.flows, 4_000_000);
+        assert_eq!(
+            sized.maps.services, config.maps.services,
+            "the rest defaults"
+        );
     }
 
     #[test]

@@ -812,6 +812,7 @@ impl Controller {
             pools,
             announced: self.announcer.announced().iter().copied().collect(),
             verdicts,
+            maps: self.maps.map_usage()?,
         })
     }
 
@@ -1129,6 +1130,9 @@ mod tests {
         }
         fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
             Ok(self.vips.iter().copied().collect())
+        }
+        fn map_usage(&self) -> Result<Vec<crate::maps::MapUsage>, LbError> {
+            Ok(Vec::new())
         }
     }
 

@@ -19,7 +19,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, put};
 use serde_json::Value;
-use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue};
+use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
@@ -162,7 +162,7 @@ pub async fn serve(
             );
         }
     }
-    let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref())?;
+    let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref(), &config.maps)?;
     use crate::maps::LbMaps as _;
     datapath.set_config(ConfigValue {
         snat_ip4: snat_ip.map_or(LbAddr::NONE, LbAddr::from),
@@ -179,7 +179,10 @@ pub async fn serve(
         Box::new(datapath),
         pools,
         Announcer::new(lease),
-        Limits::default(),
+        Limits {
+            services: config.maps.services,
+            backends: config.maps.backends,
+        },
         StateFile::new(&config.state_dir),
     )?;
     let shared = Arc::new(Shared {
@@ -219,8 +222,10 @@ pub async fn serve(
         let shared = shared.clone();
         async move {
             let mut every = tokio::time::interval(Duration::from_millis(500));
+            let mut full = FullTable::default();
             loop {
                 every.tick().await;
+                full.check(&shared, Instant::now());
                 let taken = lock(&shared).tick(Instant::now());
                 sync_groups(&shared);
                 match taken {
@@ -280,6 +285,54 @@ async fn metrics(State(shared): State<AppState>) -> Result<impl IntoResponse, Ap
         )],
         text,
     ))
+}
+
+/// How often at most the daemon logs that the flow table is full.
+const FULL_TABLE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Watches the datapath's flow-table events (`flow_table_full`, `flow_untracked`) and logs
+/// them, at most once per [`FULL_TABLE_LOG_EVERY`] (a client can cause them at will).
+#[derive(Debug, Default)]
+struct FullTable {
+    logged: u64,
+    last_log: Option<Instant>,
+}
+
+impl FullTable {
+    /// The events to log now, given the running `total`: none within the rate limit.
+    fn due(&mut self, total: u64, now: Instant) -> Option<u64> {
+        let new = total.saturating_sub(self.logged);
+        let quiet = self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= FULL_TABLE_LOG_EVERY);
+        if new == 0 || !quiet {
+            return None;
+        }
+        self.logged = total;
+        self.last_log = Some(now);
+        Some(new)
+    }
+
+    fn check(&mut self, shared: &Shared, now: Instant) {
+        let counters = match lock(shared).maps().counters() {
+            Ok(counters) => counters,
+            Err(e) => {
+                warn!(error = %e, "reading the datapath counters failed");
+                return;
+            }
+        };
+        let of = |r| counters.get(&r).map_or(0, |c| c.packets);
+        let (full, untracked) = (of(LbReason::FlowTableFull), of(LbReason::FlowUntracked));
+        if let Some(new) = self.due(full + untracked, now) {
+            warn!(
+                new,
+                flow_table_full = full,
+                flow_untracked = untracked,
+                max_flows = shared.config.maps.flows,
+                "flow table full: flows were evicted or not tracked; raise --max-flows"
+            );
+        }
+    }
 }
 
 /// Joins the solicited-node groups of the announced IPv6 VIPs and leaves those of withdrawn
@@ -456,5 +509,29 @@ impl Drop for DaemonHandle {
         if let Err(e) = self.join() {
             warn!(error = %e, "LB daemon ended with an error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_table_events_are_logged_at_most_once_per_interval() {
+        let mut full = FullTable::default();
+        let t0 = Instant::now();
+        assert_eq!(full.due(0, t0), None, "nothing happened");
+        assert_eq!(full.due(5, t0), Some(5));
+        assert_eq!(
+            full.due(9, t0 + Duration::from_secs(1)),
+            None,
+            "rate-limited"
+        );
+        assert_eq!(
+            full.due(12, t0 + FULL_TABLE_LOG_EVERY),
+            Some(7),
+            "what was held back is in the next line"
+        );
+        assert_eq!(full.due(12, t0 + 3 * FULL_TABLE_LOG_EVERY), None);
     }
 }

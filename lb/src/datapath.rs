@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, ArrayOfMaps, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
+};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::xdp::XdpLink;
@@ -19,13 +21,14 @@ use slipway_dataplane::DataplaneError;
 use slipway_dataplane::abi::CounterValue;
 use slipway_dataplane::abi::lb::{
     LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse, LbService, LbServiceKey,
-    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE, MAX_SERVICES,
+    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE,
 };
 use slipway_dataplane::objects;
 use tracing::debug;
 
 use crate::LbError;
-use crate::maps::LbMaps;
+use crate::config::MapSizes;
+use crate::maps::{LbMaps, MapUsage};
 
 /// Source ports the datapath gives SNATed flows (`LB_SNAT_PORT_MIN`..`LB_SNAT_PORT_END` in
 /// ebpf/include/lb_core.h): kept clear of the kernel's ephemeral ports.
@@ -49,29 +52,51 @@ const MAPS: [&str; 11] = [
     "lb_counters",
 ];
 
-/// (key, value) sizes of every map, from the ABI mirrors (checked against the objects' BTF):
-/// what a map pinned under its name must have to be reused.
-fn layout_of(map: &str) -> Option<(usize, usize)> {
+/// (key, value) sizes and capacity of every map, from the ABI mirrors (checked against the
+/// objects' BTF) and the sizes asked for: what a map pinned under its name must have to be
+/// reused.
+fn layout_of(map: &str, sizes: &MapSizes) -> Option<(usize, usize, Option<u32>)> {
     use slipway_dataplane::abi::lb::LbReverse;
     Some(match map {
-        "lb_services" => (size_of::<LbServiceKey>(), size_of::<LbService>()),
-        "lb_maglev" => (size_of::<u32>(), size_of::<u32>()),
-        "lb_backends" => (size_of::<u32>(), size_of::<LbBackend>()),
-        "lb_flows" => (size_of::<LbFlowKey>(), size_of::<LbFlow>()),
-        "lb_reverse" => (size_of::<LbFlowKey>(), size_of::<LbReverse>()),
-        "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>()),
-        "lb_vips" => (size_of::<LbVipKey>(), size_of::<LbVip>()),
-        "lb_config" => (size_of::<u32>(), size_of::<LbConfig>()),
-        "lb_backend_stats" | "lb_service_stats" => (size_of::<u32>(), size_of::<LbStats>()),
-        "lb_counters" => (size_of::<u32>(), size_of::<CounterValue>()),
+        "lb_services" => (
+            size_of::<LbServiceKey>(),
+            size_of::<LbService>(),
+            Some(sizes.services),
+        ),
+        "lb_maglev" => (size_of::<u32>(), size_of::<u32>(), Some(sizes.services)),
+        "lb_backends" => (
+            size_of::<u32>(),
+            size_of::<LbBackend>(),
+            Some(sizes.backends),
+        ),
+        "lb_flows" => (
+            size_of::<LbFlowKey>(),
+            size_of::<LbFlow>(),
+            Some(sizes.flows),
+        ),
+        "lb_reverse" => (
+            size_of::<LbFlowKey>(),
+            size_of::<LbReverse>(),
+            Some(sizes.flows),
+        ),
+        "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>(), None),
+        "lb_vips" => (
+            size_of::<LbVipKey>(),
+            size_of::<LbVip>(),
+            Some(sizes.services),
+        ),
+        "lb_config" => (size_of::<u32>(), size_of::<LbConfig>(), None),
+        "lb_backend_stats" => (size_of::<u32>(), size_of::<LbStats>(), Some(sizes.backends)),
+        "lb_service_stats" => (size_of::<u32>(), size_of::<LbStats>(), Some(sizes.services)),
+        "lb_counters" => (size_of::<u32>(), size_of::<CounterValue>(), None),
         _ => return None,
     })
 }
 
-/// Fails if a map pinned at `path` has another layout than this LB's `map`; a missing pin is
-/// fine (the loader creates it).
-fn check_pin(map: &str, path: &Path) -> Result<(), LbError> {
-    let (Some((key, value)), true) = (layout_of(map), path.exists()) else {
+/// Fails if a map pinned at `path` has another layout or capacity than this LB's `map`; a
+/// missing pin is fine (the loader creates it).
+fn check_pin(map: &str, path: &Path, sizes: &MapSizes) -> Result<(), LbError> {
+    let (Some((key, value, entries)), true) = (layout_of(map, sizes), path.exists()) else {
         return Ok(());
     };
     let info = aya::maps::MapInfo::from_pin(path)
@@ -80,8 +105,17 @@ fn check_pin(map: &str, path: &Path) -> Result<(), LbError> {
     if found != (key, value) {
         return Err(LbError::StalePin {
             path: path.to_owned(),
-            found: format!("{found:?}"),
+            found: format!("{found:?} (key, value) bytes"),
             expected: format!("{:?}", (key, value)),
+        });
+    }
+    if let Some(entries) = entries
+        && info.max_entries() != entries
+    {
+        return Err(LbError::StalePin {
+            path: path.to_owned(),
+            found: format!("{} entries", info.max_entries()),
+            expected: format!("{entries} (the map sizes asked for)"),
         });
     }
     Ok(())
@@ -105,7 +139,7 @@ pub struct LbDatapath {
     xdp_bpf: Option<Ebpf>,
     point: AttachPoint,
     services: HashMap<MapData, LbServiceKey, LbService>,
-    maglev: Array<MapData, u32>,
+    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
     backends: Array<MapData, LbBackend>,
     flows: HashMap<MapData, LbFlowKey, LbFlow>,
     reverse: HashMap<MapData, LbFlowKey, LbReverse>,
@@ -116,6 +150,7 @@ pub struct LbDatapath {
     service_stats: PerCpuArray<MapData, LbStats>,
     counters: PerCpuArray<MapData, CounterValue>,
     pin_dir: Option<PathBuf>,
+    sizes: MapSizes,
 }
 
 impl std::fmt::Debug for LbDatapath {
@@ -160,16 +195,22 @@ fn ignore_missing(
 }
 
 impl LbDatapath {
-    /// Loads the program for `point` into the kernel (not yet attached). With `pin_dir`, the
-    /// maps live there on bpffs and maps already pinned there are reused, so flows survive a
-    /// restart of the daemon.
-    pub fn load(point: AttachPoint, pin_dir: Option<&Path>) -> Result<Self, LbError> {
+    /// Loads the program for `point` into the kernel (not yet attached), its maps sized by
+    /// `sizes`. With `pin_dir`, the maps live there on bpffs and maps already pinned there
+    /// are reused (if they have the same layout and sizes), so flows survive a restart of
+    /// the daemon.
+    pub fn load(
+        point: AttachPoint,
+        pin_dir: Option<&Path>,
+        sizes: &MapSizes,
+    ) -> Result<Self, LbError> {
         if matches!(point, AttachPoint::Xdp(_)) && pin_dir.is_none() {
             return Err(LbError::Capacity(
                 "XDP mode shares its maps with the TC program through pins: give a pin directory",
             ));
         }
-        let mut bpf = load_object(objects::LB, "lb", TC_PROGRAM, pin_dir)?;
+        sizes.validate()?;
+        let mut bpf = load_object(objects::LB, "lb", TC_PROGRAM, pin_dir, sizes)?;
         let xdp_bpf = match point {
             AttachPoint::Tc => None,
             AttachPoint::Xdp(_) => Some(load_object(
@@ -177,6 +218,7 @@ impl LbDatapath {
                 "lb_xdp",
                 XDP_PROGRAM,
                 pin_dir,
+                sizes,
             )?),
         };
         let object_name = "lb";
@@ -193,7 +235,7 @@ impl LbDatapath {
         }
         let datapath = Self {
             services: open!(HashMap, "lb_services"),
-            maglev: open!(Array, "lb_maglev"),
+            maglev: open!(ArrayOfMaps, "lb_maglev"),
             backends: open!(Array, "lb_backends"),
             flows: open!(HashMap, "lb_flows"),
             reverse: open!(HashMap, "lb_reverse"),
@@ -207,6 +249,7 @@ impl LbDatapath {
             xdp_bpf,
             point,
             pin_dir: pin_dir.map(Path::to_owned),
+            sizes: *sizes,
         };
         debug!(?point, ?pin_dir, "LB datapath loaded");
         Ok(datapath)
@@ -388,8 +431,14 @@ fn load_object(
     object_name: &'static str,
     program: &'static str,
     pin_dir: Option<&Path>,
+    sizes: &MapSizes,
 ) -> Result<Ebpf, LbError> {
     let mut loader = EbpfLoader::new();
+    for map in MAPS {
+        if let Some((_, _, Some(entries))) = layout_of(map, sizes) {
+            loader.map_max_entries(map, entries);
+        }
+    }
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             fs::create_dir_all(dir).map_err(|source| {
@@ -404,7 +453,7 @@ fn load_object(
     };
     for (map, path) in &pins {
         // aya reuses whatever is pinned there; a map of another layout must not be.
-        check_pin(map, path)?;
+        check_pin(map, path, sizes)?;
         loader.map_pin_path(map, path.as_path());
     }
     let mut bpf = loader.load(object).map_err(|source| {
@@ -492,9 +541,6 @@ impl LbMaps for LbDatapath {
     }
 
     fn set_service(&mut self, key: LbServiceKey, value: LbService) -> Result<(), LbError> {
-        if value.id >= MAX_SERVICES {
-            return Err(LbError::Capacity("service id beyond LB_MAX_SERVICES"));
-        }
         self.services
             .insert(key, value, 0)
             .map_err(|e| map_err("lb_services", "insert", e))
@@ -511,11 +557,26 @@ impl LbMaps for LbDatapath {
     }
 
     fn write_ring(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), LbError> {
-        let base = service_id * MAGLEV_SIZE;
+        let ring = match self.maglev.get(&service_id, 0) {
+            Ok(ring) => Some(ring),
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(map_err("lb_maglev", &format!("get ring {service_id}"), e)),
+        };
+        let fresh = ring.is_none();
+        let mut ring = match ring {
+            Some(ring) => ring,
+            None => Array::<MapData, u32>::create(MAGLEV_SIZE, 0)
+                .map_err(|e| map_err("lb_maglev", "create a ring", e))?,
+        };
         for &(slot, backend) in slots {
+            ring.set(slot, backend, 0)
+                .map_err(|e| map_err("lb_maglev", &format!("set ring {service_id}"), e))?;
+        }
+        // A new ring goes in whole, once written: the program never sees it half-filled.
+        if fresh {
             self.maglev
-                .set(base + slot, backend, 0)
-                .map_err(|e| map_err("lb_maglev", "set", e))?;
+                .set(service_id, &ring, 0)
+                .map_err(|e| map_err("lb_maglev", &format!("insert ring {service_id}"), e))?;
         }
         Ok(())
     }
@@ -635,6 +696,34 @@ impl LbMaps for LbDatapath {
         Ok(out)
     }
 
+    fn map_usage(&self) -> Result<Vec<MapUsage>, LbError> {
+        let mut out = vec![
+            usage("lb_services", self.services.map())?,
+            usage("lb_backends", self.backends.map())?,
+            usage("lb_flows", self.flows.map())?,
+            usage("lb_reverse", self.reverse.map())?,
+            usage("lb_source_ranges", self.source_ranges.map())?,
+            usage("lb_vips", self.vips.map())?,
+            usage("lb_backend_stats", self.backend_stats.map())?,
+            usage("lb_service_stats", self.service_stats.map())?,
+        ];
+        // The rings (the outer array of ids is small next to them).
+        let mut rings = MapUsage {
+            name: "lb_maglev".into(),
+            max_entries: self.sizes.services,
+            bytes: 0,
+        };
+        for id in 0..rings.max_entries {
+            match self.maglev.get(&id, 0) {
+                Ok(ring) => rings.bytes += memlock(ring.map())?,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("lb_maglev", "get ring", e)),
+            }
+        }
+        out.push(rings);
+        Ok(out)
+    }
+
     fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
         self.vips
             .keys()
@@ -644,6 +733,33 @@ impl LbMaps for LbDatapath {
             })
             .collect()
     }
+}
+
+/// What the kernel charges for a map (`memlock` in its fdinfo, which `bpftool map show`
+/// prints too).
+fn memlock(map: &MapData) -> Result<u64, LbError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let text = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).map_err(|source| {
+        LbError::Syscall {
+            call: "read map fdinfo",
+            source,
+        }
+    })?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+fn usage(name: &'static str, map: &MapData) -> Result<MapUsage, LbError> {
+    let info = map.info().map_err(|e| map_err(name, "get info", e))?;
+    Ok(MapUsage {
+        name: name.to_owned(),
+        max_entries: info.max_entries(),
+        bytes: memlock(map)?,
+    })
 }
 
 /// Sets entry `id` of a per-CPU counter array to zero on every CPU.

@@ -48,6 +48,17 @@ pub trait LbMaps: Send {
     fn backend_ids(&self) -> Result<Vec<u32>, LbError>;
     /// Every announced VIP.
     fn vips(&self) -> Result<Vec<IpAddr>, LbError>;
+    /// Capacity and kernel memory of every map.
+    fn map_usage(&self) -> Result<Vec<MapUsage>, LbError>;
+}
+
+/// One map's capacity and the memory the kernel charges for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapUsage {
+    pub name: String,
+    pub max_entries: u32,
+    pub bytes: u64,
 }
 
 /// Shared maps: the controller drives them while the owner keeps a handle (e.g. to run the
@@ -112,6 +123,9 @@ impl<T: LbMaps> LbMaps for std::sync::Arc<std::sync::Mutex<T>> {
     }
     fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
         lock(self).vips()
+    }
+    fn map_usage(&self) -> Result<Vec<MapUsage>, LbError> {
+        lock(self).map_usage()
     }
 }
 

@@ -19,6 +19,9 @@ pub struct Status {
     pub announced: Vec<IpAddr>,
     /// Packets per datapath verdict (`enum lb_reason`).
     pub verdicts: BTreeMap<String, u64>,
+    /// Capacity and kernel memory of every map.
+    #[serde(default)]
+    pub maps: Vec<crate::maps::MapUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -178,6 +178,12 @@ impl LbWorld {
         config.socket = lbw.dir.join("lb.sock");
         config.pin_dir = Some(lbw.world.bpffs_dir().join("lb"));
         config.state_dir = lbw.dir.join("state");
+        // Small maps: worlds run side by side, and the default 1M-flow tables take ~300 MB.
+        config.maps = crate::config::MapSizes {
+            services: 256,
+            backends: 4096,
+            flows: 65536,
+        };
         config.garp_interval_ms = 200;
         lbw.config = config;
         lbw.start_daemon()?;

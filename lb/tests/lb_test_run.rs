@@ -11,7 +11,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
 use slipway_lb::announce::{Announcer, StaticLease};
 use slipway_lb::config::{
-    BackendSpec, LbConfig, PoolConfig, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
+    BackendSpec, LbConfig, MapSizes, PoolConfig, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
 };
 use slipway_lb::controller::Controller;
 use slipway_lb::datapath::{AttachPoint, LbDatapath};
@@ -53,13 +53,27 @@ const BACKENDS6: [Ipv6Addr; 3] = [
     Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 5),
 ];
 
+/// Map sizes for tests: small, so parallel tests do not each take the default 1M-flow tables.
+fn small() -> MapSizes {
+    MapSizes {
+        services: 16,
+        backends: 64,
+        flows: 4096,
+    }
+}
+
 struct Lb {
     datapath: Arc<Mutex<LbDatapath>>,
     controller: Controller,
 }
 
 fn lb() -> Lb {
-    let mut datapath = LbDatapath::load(AttachPoint::Tc, None).expect("load lb (needs root + BPF)");
+    lb_sized(&small())
+}
+
+fn lb_sized(sizes: &MapSizes) -> Lb {
+    let mut datapath =
+        LbDatapath::load(AttachPoint::Tc, None, sizes).expect("load lb (needs root + BPF)");
     datapath
         .set_config(ConfigValue {
             snat_ip4: LB_IP.into(),
@@ -535,13 +549,24 @@ impl Drop for PinDir {
     ignore = "privileged: root + BPF; run scripts/test.sh"
 )]
 fn the_xdp_variant_passes_the_verifier_and_shares_the_maps() {
-    assert!(LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), None).is_err());
+    assert!(
+        LbDatapath::load(
+            AttachPoint::Xdp(aya::programs::XdpMode::Skb),
+            None,
+            &small()
+        )
+        .is_err()
+    );
     let pins = PinDir(std::path::PathBuf::from(format!(
         "/sys/fs/bpf/slipway-lb-xdp-test-{}",
         std::process::id()
     )));
-    let mut dp = LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), Some(&pins.0))
-        .expect("load lb and lb_xdp");
+    let mut dp = LbDatapath::load(
+        AttachPoint::Xdp(aya::programs::XdpMode::Skb),
+        Some(&pins.0),
+        &small(),
+    )
+    .expect("load lb and lb_xdp");
     assert!(dp.xdp().is_ok() && dp.classifier().is_ok());
     dp.add_vip(VIP.into()).expect("vip");
     dp.set_config(ConfigValue {
@@ -887,15 +912,27 @@ fn a_pinned_map_of_another_layout_is_refused() {
         .status()
         .expect("bpftool");
     assert!(status.success(), "bpftool map create");
-    let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect_err("stale pin");
+    let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &small()).expect_err("stale pin");
     let text = err.to_string();
     assert!(
         text.contains("lb_vips") && text.contains("(4, 4)") && text.contains("(16, 4)"),
         "{text}"
     );
     std::fs::remove_file(&stale).expect("unpin");
-    LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("a fresh pin directory loads");
-    LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("and its own pins are reused");
+    LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &small())
+        .expect("a fresh pin directory loads");
+    LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &small())
+        .expect("and its own pins are reused");
+    let bigger = MapSizes {
+        flows: small().flows * 2,
+        ..small()
+    };
+    let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &bigger).expect_err("resized");
+    let text = err.to_string();
+    assert!(
+        text.contains("lb_flows") && text.contains(&format!("{} entries", small().flows)),
+        "a pinned map of another size is refused: {text}"
+    );
 }
 
 #[test]
@@ -970,4 +1007,90 @@ fn ip4(ip: IpAddr) -> Ipv4Addr {
         IpAddr::V4(ip) => ip,
         IpAddr::V6(ip) => panic!("{ip} is not IPv4"),
     }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn map_memory_follows_the_flow_capacity() {
+    let usage = |flows: u32| {
+        let dp =
+            LbDatapath::load(AttachPoint::Tc, None, &MapSizes { flows, ..small() }).expect("load");
+        let usage = dp.map_usage().expect("usage");
+        let map = |name: &str| {
+            usage
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name} not reported"))
+                .clone()
+        };
+        (map("lb_flows"), map("lb_reverse"))
+    };
+    let (f1, r1) = usage(100_000);
+    let (f2, r2) = usage(200_000);
+    assert_eq!((f1.max_entries, r1.max_entries), (100_000, 100_000));
+    assert_eq!((f2.max_entries, r2.max_entries), (200_000, 200_000));
+    let per_100k = (f2.bytes + r2.bytes) - (f1.bytes + r1.bytes);
+    // At least the keys and values themselves.
+    let floor = 100_000
+        * (2 * size_of::<slipway_dataplane::abi::lb::LbFlowKey>()
+            + size_of::<slipway_dataplane::abi::lb::LbFlow>()
+            + size_of::<slipway_dataplane::abi::lb::LbReverse>()) as u64;
+    assert!(per_100k >= floor, "{per_100k} bytes < {floor}");
+    eprintln!(
+        "map memory per 100k tracked flows: {per_100k} bytes (lb_flows + lb_reverse; \
+         {} bytes at 100k)",
+        f1.bytes + r1.bytes
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn a_flow_evicted_from_a_full_table_is_counted_and_placed_again() {
+    let sizes = MapSizes {
+        flows: 1024,
+        ..small()
+    };
+    let mut lb = lb_sized(&sizes);
+    lb.controller
+        .apply(service("web", Protocol::Tcp, 80, 8080, &BACKENDS))
+        .expect("apply");
+    let (verdict, out) = run(
+        &lb,
+        &tcp_frame((CLIENT, 1025), (VIP, 80), TcpControl::Syn, &[]),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let backend = tuple(&out).2;
+    let flows_of = |lb: &mut Lb| lb.controller.maps().flows().expect("flows");
+    let first = flows_of(&mut lb)[0].0;
+    // Four times the table in new flows from other ports: the first one is evicted.
+    let mut sport = 2000u16;
+    while flows_of(&mut lb).iter().any(|(k, _)| *k == first) {
+        for _ in 0..sizes.flows {
+            let (verdict, _) = run(
+                &lb,
+                &tcp_frame((CLIENT, sport), (VIP, 80), TcpControl::Syn, &[]),
+            );
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            sport += 1;
+        }
+        assert!(sport < 2000 + 4 * sizes.flows as u16, "never evicted");
+    }
+    assert_eq!(count(&lb, LbReason::FlowUntracked), 0);
+    let (verdict, out) = run(
+        &lb,
+        &tcp_frame((CLIENT, 1025), (VIP, 80), TcpControl::None, b"x"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "placed again, not dropped");
+    assert_eq!(
+        tuple(&out).2,
+        backend,
+        "Maglev places it on the same backend"
+    );
+    assert_eq!(count(&lb, LbReason::FlowUntracked), 1, "and counted");
 }

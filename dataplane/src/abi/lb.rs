@@ -5,16 +5,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::Mac;
 
-/// Services served at once; each owns one Maglev ring (`LB_MAX_SERVICES`).
-pub const MAX_SERVICES: u32 = 64;
+/// Default capacity of service ports, each owning one Maglev ring (`LB_MAX_SERVICES`); the
+/// LB sizes its maps at load time.
+pub const MAX_SERVICES: u32 = 4096;
 /// Slots of one service's Maglev ring (`LB_MAGLEV_SIZE`), a prime.
 pub const MAGLEV_SIZE: u32 = 65537;
-/// Backends over all services; id 0 means "none" (`LB_MAX_BACKENDS`).
-pub const MAX_BACKENDS: u32 = 4096;
-/// Connection-tracking entries (`LB_MAX_FLOWS`).
-pub const MAX_FLOWS: u32 = 262_144;
-/// Announced addresses (`LB_MAX_VIPS`).
-pub const MAX_VIPS: u32 = 1024;
+/// Default capacity of backend ids; id 0 means "none" (`LB_MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 65536;
+/// Default connection-tracking entries (`LB_MAX_FLOWS`).
+pub const MAX_FLOWS: u32 = 1_048_576;
+/// Default announced addresses (`LB_MAX_VIPS`).
+pub const MAX_VIPS: u32 = 4096;
 /// Source-range entries over all services (`LB_MAX_SOURCE_RANGES`).
 pub const MAX_SOURCE_RANGES: u32 = 16384;
 
@@ -264,10 +265,12 @@ pub enum LbReason {
     DropNoPort = 9,
     DropNoRoute = 10,
     NdpReply = 11,
+    FlowTableFull = 12,
+    FlowUntracked = 13,
 }
 
 impl LbReason {
-    pub const ALL: [LbReason; 11] = [
+    pub const ALL: [LbReason; 13] = [
         LbReason::Forward,
         LbReason::Reply,
         LbReason::Pass,
@@ -279,10 +282,12 @@ impl LbReason {
         LbReason::DropNoPort,
         LbReason::DropNoRoute,
         LbReason::NdpReply,
+        LbReason::FlowTableFull,
+        LbReason::FlowUntracked,
     ];
 
     /// Entries of `lb_counters` (`LB_REASON_MAX`).
-    pub const MAX: u32 = 12;
+    pub const MAX: u32 = 14;
 
     pub fn from_raw(raw: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|r| *r as u32 == raw)
@@ -302,6 +307,8 @@ impl LbReason {
             LbReason::DropNoPort => "drop_no_port",
             LbReason::DropNoRoute => "drop_no_route",
             LbReason::NdpReply => "ndp_reply",
+            LbReason::FlowTableFull => "flow_table_full",
+            LbReason::FlowUntracked => "flow_untracked",
         }
     }
 }
