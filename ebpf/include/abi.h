@@ -103,6 +103,9 @@ struct counter_value {
 #define LB_SERVICE_F_LOCAL 0x1
 /* The service has loadBalancerSourceRanges: a client outside them is dropped. */
 #define LB_SERVICE_F_SOURCE_RANGES 0x2
+/* sessionAffinity: ClientIP: a client's new flows go to its last backend while it is active
+ * and the timeout has not passed. */
+#define LB_SERVICE_F_AFFINITY 0x4
 
 /* lb_flow.state */
 #define LB_FLOW_OPEN 0
@@ -133,13 +136,35 @@ struct lb_service {
 	__u32 id;
 	/* LB_SERVICE_F_* */
 	__u32 flags;
+	/* sessionAffinity ClientIP: seconds a client stays with its backend after its last new
+	 * flow (sessionAffinityConfig.clientIP.timeoutSeconds). */
+	__u32 affinity_timeout_s;
+	__u32 pad;
 };
 
 /* Value of the `lb_backends` array, indexed by backend id; of the VIP's family. */
 struct lb_backend {
 	struct lb_addr ip;
 	__be16 port;
-	__u16 pad;
+	/* LB_BACKEND_F_* */
+	__u16 flags;
+};
+
+/* lb_backend.flags */
+/* In its service's ring (healthy, weight > 0): session affinity may send new flows to it. */
+#define LB_BACKEND_F_ACTIVE 0x1
+
+/* Key of `lb_affinity` (LRU): a client of a service with sessionAffinity ClientIP. */
+struct lb_affinity_key {
+	__u32 service_id;
+	struct lb_addr client;
+};
+
+/* Value of `lb_affinity`: the client's backend and when it last opened a flow. */
+struct lb_affinity {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_seen_ns;
 };
 
 /* A flow's 5-tuple as seen in one direction: key of `lb_flows` (client -> VIP) and of

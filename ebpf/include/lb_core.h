@@ -142,6 +142,7 @@ struct lb_pkt {
  * one entry per CPU. Each program (TC, XDP) has its own, never pinned and never read by
  * userspace; a program runs to completion on its CPU (softirq) before the next run there. */
 struct lb_scratch {
+	struct lb_affinity_key affinity;
 	struct lb_flow_key fwd;
 	struct lb_flow_key rev_key;
 	struct lb_flow_key stale;
@@ -649,6 +650,7 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	}
 	__u32 service_id = svc->id;
 	__u32 service_flags = svc->flags;
+	__u64 affinity_ns = (__u64)svc->affinity_timeout_s * 1000000000ULL;
 	if ((service_flags & LB_SERVICE_F_SOURCE_RANGES) &&
 	    !lb_source_allowed(service_id, &key->src)) {
 		lb_count(LB_REASON_DROP_SOURCE_RANGE, len);
@@ -681,11 +683,31 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 		lb_count(LB_REASON_FLOW_UNTRACKED, len);
 	__u32 hash = lb_hash(lb_addr_fold(&key->src), lb_addr_fold(&key->dst),
 			     ((__u32)key->sport << 16 | key->dport) ^ key->proto);
-	__u32 slot = hash % LB_MAGLEV_SIZE;
-	void *ring = bpf_map_lookup_elem(&lb_maglev, &service_id);
-	__u32 *bid_p = ring ? bpf_map_lookup_elem(ring, &slot) : NULL;
-	__u32 bid = bid_p ? *bid_p : 0;
-	struct lb_backend *backend = bid ? bpf_map_lookup_elem(&lb_backends, &bid) : NULL;
+	__u32 bid = 0;
+	struct lb_backend *backend = NULL;
+	int affinity = service_flags & LB_SERVICE_F_AFFINITY;
+	if (affinity) {
+		/* The client's backend, if it opened a flow within the timeout and the backend
+		 * is still in the ring. */
+		s->affinity.service_id = service_id;
+		s->affinity.client = key->src;
+		struct lb_affinity *aff = bpf_map_lookup_elem(&lb_affinity, &s->affinity);
+		if (aff && now - aff->last_seen_ns < affinity_ns) {
+			__u32 aid = aff->backend_id;
+			backend = bpf_map_lookup_elem(&lb_backends, &aid);
+			if (backend && (backend->flags & LB_BACKEND_F_ACTIVE))
+				bid = aid;
+			else
+				backend = NULL;
+		}
+	}
+	if (!bid) {
+		__u32 slot = hash % LB_MAGLEV_SIZE;
+		void *ring = bpf_map_lookup_elem(&lb_maglev, &service_id);
+		__u32 *bid_p = ring ? bpf_map_lookup_elem(ring, &slot) : NULL;
+		bid = bid_p ? *bid_p : 0;
+		backend = bid ? bpf_map_lookup_elem(&lb_backends, &bid) : NULL;
+	}
 	if (!backend || lb_addr_is_zero(&backend->ip)) {
 		lb_count(LB_REASON_DROP_NO_BACKEND, len);
 		return LB_ACT_DROP;
@@ -735,6 +757,10 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	}
 	if (bpf_map_update_elem(&lb_flows, key, new_flow, BPF_ANY))
 		lb_count(LB_REASON_FLOW_TABLE_FULL, len);
+	if (affinity) {
+		struct lb_affinity aff = { .backend_id = bid, .last_seen_ns = now };
+		bpf_map_update_elem(&lb_affinity, &s->affinity, &aff, BPF_ANY);
+	}
 
 	nat->new_src = new_flow->nat_ip;
 	nat->new_sport = new_flow->nat_port;

@@ -59,6 +59,14 @@ struct {
 	__type(value, struct lb_reverse);
 } lb_reverse SEC(".maps");
 
+/* sessionAffinity ClientIP: (service id, client) -> backend (sized like the flow table). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LB_MAX_FLOWS);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity);
+} lb_affinity SEC(".maps");
+
 /* loadBalancerSourceRanges: (service id, client prefix) -> allowed. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// Tracked flows (overrides `maps.flows`; default 1048576).
     #[arg(long)]
     pub max_flows: Option<u32>,
+    /// Serve the Prometheus metrics over TCP here too, e.g. 0.0.0.0:9630 (overrides
+    /// `metricsAddress`).
+    #[arg(long)]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -88,6 +92,9 @@ impl ServeArgs {
             if let Some(value) = flag {
                 *field = value;
             }
+        }
+        if self.metrics_address.is_some() {
+            config.metrics_address = self.metrics_address;
         }
         Ok(config)
     }

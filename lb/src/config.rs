@@ -86,6 +86,10 @@ pub struct LbConfig {
     /// them to the maps; a restarted daemon starts from there.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Where Prometheus scrapes the metrics (`GET /metrics` over TCP, e.g. "0.0.0.0:9630");
+    /// none: only on the local socket.
+    #[serde(default)]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Capacities of the datapath's maps, set when the program is loaded.
     #[serde(default)]
     pub maps: MapSizes,
@@ -205,6 +209,7 @@ impl LbConfig {
             socket: default_socket(),
             pin_dir: None,
             state_dir: default_state_dir(),
+            metrics_address: None,
             maps: MapSizes::default(),
             garp_count: default_garp_count(),
             garp_interval_ms: default_garp_interval_ms(),
@@ -439,10 +444,50 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     #[serde(default)]
     pub health_check: Option<HealthCheckSpec>,
-    /// How long a drained backend (weight 0) keeps its existing flows; none: until they end.
+    /// How long a drained backend (weight 0, or removed from the service) keeps its existing
+    /// flows; none: until they end (or its health check fails).
     #[serde(default)]
     pub drain_timeout_secs: Option<u64>,
+    /// `spec.sessionAffinity`: with ClientIP, a client's new flows go to the backend of its
+    /// last one (while that backend is in the ring and within the timeout).
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    /// `spec.sessionAffinityConfig`; only with `sessionAffinity: ClientIP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
 }
+
+/// `spec.sessionAffinity`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+/// `spec.sessionAffinityConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionAffinityConfig {
+    #[serde(rename = "clientIP", default)]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+/// `spec.sessionAffinityConfig.clientIP`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    /// Seconds a client stays with its backend after its last new flow; Kubernetes' default
+    /// and range: 10800, 1..=86400.
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10800;
+/// Kubernetes' upper bound for it (one day).
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86400;
 
 /// A service port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -558,6 +603,17 @@ impl ServiceSpec {
             .unwrap_or_default()
     }
 
+    /// The ClientIP affinity timeout in seconds, if the service has ClientIP affinity.
+    pub fn affinity_timeout_secs(&self) -> Option<u32> {
+        (self.session_affinity == SessionAffinity::ClientIp).then(|| {
+            self.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
+        })
+    }
+
     /// The parsed source ranges (call after [`ServiceSpec::validate`]).
     pub fn source_ranges(&self) -> Vec<IpNetwork> {
         self.load_balancer_source_ranges
@@ -666,6 +722,23 @@ impl ServiceSpec {
             if backend.weight > 1000 {
                 p.add(format!("backends[{i}].weight"), "must be 0..=1000");
             }
+        }
+        match (self.session_affinity, &self.session_affinity_config) {
+            (SessionAffinity::None, Some(_)) => p.add(
+                "sessionAffinityConfig",
+                "only with sessionAffinity: ClientIP",
+            ),
+            (SessionAffinity::ClientIp, Some(config)) => {
+                if let Some(t) = config.client_ip.as_ref().and_then(|c| c.timeout_seconds)
+                    && !(1..=MAX_AFFINITY_TIMEOUT_SECS).contains(&t)
+                {
+                    p.add(
+                        "sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECS}"),
+                    );
+                }
+            }
+            _ => {}
         }
         if let Some(check) = &self.health_check {
             if check.interval_ms < 10 {
@@ -778,6 +851,44 @@ mod tests {
         assert_eq!(
             sized.maps.services, config.maps.services,
             "the rest defaults"
+        );
+    }
+
+    #[test]
+    fn session_affinity_follows_the_kubernetes_fields_and_limits() {
+        let base = r#"{"namespace":"default","name":"web","ports":[{"port":80}],"backends":[]"#;
+        let parse = |extra: &str| serde_json::from_str::<ServiceSpec>(&format!("{base}{extra}}}"));
+        let none = parse("").expect("no affinity");
+        assert_eq!(none.affinity_timeout_secs(), None);
+        let client = parse(r#","sessionAffinity":"ClientIP""#).expect("ClientIP");
+        client.validate().expect("valid");
+        assert_eq!(
+            client.affinity_timeout_secs(),
+            Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
+        );
+        let timed = parse(
+            r#","sessionAffinity":"ClientIP",
+               "sessionAffinityConfig":{"clientIP":{"timeoutSeconds":30}}"#,
+        )
+        .expect("timeout");
+        assert_eq!(timed.affinity_timeout_secs(), Some(30));
+        assert!(parse(r#","sessionAffinity":"Cookie""#).is_err());
+        let mut bad = timed.clone();
+        if let Some(c) = bad
+            .session_affinity_config
+            .as_mut()
+            .and_then(|c| c.client_ip.as_mut())
+        {
+            c.timeout_seconds = Some(0);
+        }
+        assert_eq!(
+            fields(bad.validate().expect_err("0 s")),
+            ["sessionAffinityConfig.clientIP.timeoutSeconds"]
+        );
+        bad.session_affinity = SessionAffinity::None;
+        assert_eq!(
+            fields(bad.validate().expect_err("config without affinity")),
+            ["sessionAffinityConfig"]
         );
     }
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use slipway_dataplane::abi::lb::{
-    FLOW_OPEN, LbBackend, LbFlowKey, LbService, LbServiceKey, MAGLEV_SIZE, MAX_BACKENDS,
-    MAX_SERVICES, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    BACKEND_F_ACTIVE, FLOW_OPEN, LbBackend, LbFlowKey, LbService, LbServiceKey, MAGLEV_SIZE,
+    MAX_BACKENDS, MAX_SERVICES, SERVICE_F_AFFINITY, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 use tracing::{info, warn};
 
@@ -25,6 +25,9 @@ use crate::maps::LbMaps;
 use crate::pool::{Pools, PortKey};
 use crate::state::{SavedBackend, SavedPort, SavedService, SavedState, StateFile};
 use crate::status::{BackendState, BackendStatus, PoolStatus, PortStatus, ServiceStatus, Status};
+
+/// The least socket address: where a service id's backends start in `backend_ids`.
+const MIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// A TCP flow with no packet for this long no longer counts as active in the status.
 const TCP_IDLE: Duration = Duration::from_secs(600);
@@ -939,17 +942,26 @@ impl Controller {
             0
         } else {
             SERVICE_F_SOURCE_RANGES
+        } | if state.spec.affinity_timeout_secs().is_some() {
+            SERVICE_F_AFFINITY
+        } else {
+            0
         };
+        let affinity_timeout_s = state.spec.affinity_timeout_secs().unwrap_or(0);
         for p in &state.ports {
             let target = p.port.target();
             let mut weighted = Vec::new();
             let mut ids = Vec::new();
+            let mut active = BTreeSet::new();
             for b in &state.spec.backends {
                 let st = state.backend_state(b.ip, b.weight, b.node_local);
                 if st == BackendState::NotLocal {
                     continue;
                 }
                 let addr = SocketAddr::new(b.ip, target);
+                if st == BackendState::Active && b.weight > 0 {
+                    active.insert(addr);
+                }
                 weighted.push(Weighted {
                     name: addr.to_string(),
                     weight: if st == BackendState::Active {
@@ -991,8 +1003,26 @@ impl Controller {
                     .collect(),
             );
             self.rings.insert(p.id, ring);
-            self.maps
-                .set_service(p.key, LbService { id: p.id, flags })?;
+            // Session affinity follows a client to its backend only while it is active.
+            for ((sid, addr), id) in self.book.backend_ids.range((p.id, MIN_ADDR)..) {
+                if *sid != p.id {
+                    break;
+                }
+                let mut backend = LbBackend::new(addr.ip(), addr.port());
+                if active.contains(addr) {
+                    backend.flags = BACKEND_F_ACTIVE;
+                }
+                self.maps.set_backend(*id, backend)?;
+            }
+            self.maps.set_service(
+                p.key,
+                LbService {
+                    id: p.id,
+                    flags,
+                    affinity_timeout_s,
+                    pad: 0,
+                },
+            )?;
         }
         Ok(())
     }
@@ -1184,6 +1214,8 @@ mod tests {
                 .collect(),
             health_check: None,
             drain_timeout_secs: None,
+            session_affinity: Default::default(),
+            session_affinity_config: None,
         }
     }
 
@@ -1414,7 +1446,7 @@ mod tests {
         let wanted = LbBackend::new(Ipv4Addr::new(10, 99, 0, ip).into(), 8080);
         f.backends
             .iter()
-            .find(|(_, b)| **b == wanted)
+            .find(|(_, b)| (b.ip, b.port) == (wanted.ip, wanted.port))
             .map(|(id, _)| *id)
     }
 
@@ -1444,10 +1476,12 @@ mod tests {
                 last_seen_ns: monotonic_ns(),
             },
         ));
+        assert_eq!(fake(&f).backends[&id].flags, BACKEND_F_ACTIVE);
         c.apply(spec(&[(3, 1), (4, 1)])).expect("remove 5");
         {
             let f = fake(&f);
             assert_eq!(backend_id_of(&f, 5), Some(id), "its flow keeps its backend");
+            assert_eq!(f.backends[&id].flags, 0, "session affinity leaves it too");
             assert!(!f.rings[&0].contains(&id), "no new flows for it");
         }
         let row = |c: &Controller| {
@@ -1514,7 +1548,12 @@ mod tests {
             let stale: IpAddr = Ipv4Addr::new(10, 99, 100, 77).into();
             f.services.insert(
                 (stale.into(), 80u16.to_be(), 6),
-                LbService { id: 9, flags: 0 },
+                LbService {
+                    id: 9,
+                    flags: 0,
+                    affinity_timeout_s: 0,
+                    pad: 0,
+                },
             );
             f.vips.insert(stale);
             f.backends.insert(99, LbBackend::new(stale, 80));

@@ -206,6 +206,30 @@ pub async fn serve(
             call: "bind local API socket",
             source,
         })?;
+    // Prometheus over TCP: the metrics route only (the local API stays on the socket).
+    let metrics_server = match config.metrics_address {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| LbError::Invalid {
+                    what: "LB configuration",
+                    errors: vec![crate::config::FieldError {
+                        field: "metricsAddress".into(),
+                        problem: format!("cannot listen on {addr}: {e}"),
+                    }],
+                })?;
+            let router = Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(shared.clone());
+            info!(%addr, "metrics listening");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, router).await {
+                    warn!(error = %e, "metrics endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let router = Router::new()
         .route("/v1/services", put(apply))
         .route("/v1/services/{namespace}/{name}", delete(remove))
@@ -239,6 +263,9 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await;
     ticker.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     for (_, task) in std::mem::take(&mut *shared.health.lock().unwrap_or_else(|p| p.into_inner())) {
         task.abort();
     }

@@ -38,8 +38,9 @@ const TC_PROGRAM: &str = "lb_ingress";
 const XDP_PROGRAM: &str = "lb_xdp";
 
 /// Every map of the object (ebpf/include/lb_maps.h), pinned under these names.
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     "lb_services",
+    "lb_affinity",
     "lb_maglev",
     "lb_backends",
     "lb_flows",
@@ -77,6 +78,11 @@ fn layout_of(map: &str, sizes: &MapSizes) -> Option<(usize, usize, Option<u32>)>
         "lb_reverse" => (
             size_of::<LbFlowKey>(),
             size_of::<LbReverse>(),
+            Some(sizes.flows),
+        ),
+        "lb_affinity" => (
+            size_of::<slipway_dataplane::abi::lb::LbAffinityKey>(),
+            size_of::<slipway_dataplane::abi::lb::LbAffinity>(),
             Some(sizes.flows),
         ),
         "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>(), None),

@@ -195,6 +195,14 @@ impl LbWorld {
         &self.config
     }
 
+    /// Stops the daemon and starts it again (on a thread) with `change` applied to its
+    /// configuration.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut LbConfig)) -> Result<(), LbError> {
+        self.stop_daemon()?;
+        change(&mut self.config);
+        self.start_daemon()
+    }
+
     /// Starts the daemon on a thread inside the LB host (as [`LbWorld::new`] does).
     pub fn start_daemon(&mut self) -> Result<(), LbError> {
         let lb_ns = self.lb().name().to_owned();

@@ -45,6 +45,8 @@ fn spec<A: Into<IpAddr> + Copy>(
             .collect(),
         health_check: None,
         drain_timeout_secs: None,
+        session_affinity: Default::default(),
+        session_affinity_config: None,
     }
 }
 
@@ -1009,4 +1011,121 @@ fn ipv6_source_ranges_local_policy_and_streams_across_backend_changes() {
             "stream to {backend} stalled: {report:?}"
         );
     }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn iperf3_through_a_three_backend_vip_works_with_client_ip_affinity() {
+    use slipway_lb::config::SessionAffinity;
+    let w = LbWorld::new(3).expect("world");
+    // iperf3 opens a control and a data connection, which must reach the same server.
+    let servers: Vec<_> = (0..3)
+        .map(|i| {
+            let (ns, _) = w.backend(i);
+            let server = ns
+                .spawn(&["iperf3", "-s", "-p", "5201"])
+                .expect("iperf3 server");
+            ns.wait_tcp_listen(5201, Duration::from_secs(10))
+                .expect("iperf3 listens");
+            server
+        })
+        .collect();
+    let ips = w.backend_ips();
+    let backends: Vec<(Ipv4Addr, u32)> = ips.iter().map(|ip| (*ip, 1)).collect();
+    let mut iperf = spec("iperf", vec![port(Protocol::Tcp, 5201)], &backends);
+    iperf.session_affinity = SessionAffinity::ClientIp;
+    let vip = w.api().apply(&iperf).expect("apply");
+    for run in 0..6 {
+        let out = w
+            .client()
+            .exec(&[
+                "timeout",
+                "30",
+                "iperf3",
+                "-c",
+                &vip.to_string(),
+                "-p",
+                "5201",
+                "-t",
+                "1",
+                "--connect-timeout",
+                "3000",
+            ])
+            .expect("iperf3 client");
+        assert!(
+            out.status.success(),
+            "run {run}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let status = service_status(&w, "default/iperf");
+    let used: Vec<&BackendStatusRow> = status
+        .backends
+        .iter()
+        .filter(|b| b.flows_total > 0)
+        .collect();
+    assert_eq!(
+        used.len(),
+        1,
+        "one client, one backend: {:?}",
+        status.backends
+    );
+    drop(servers);
+}
+
+type BackendStatusRow = slipway_lb::status::BackendStatus;
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn prometheus_scrapes_the_metrics_over_tcp() {
+    let mut w = LbWorld::new(1).expect("world");
+    w.start_nginx(0).expect("nginx");
+    let addr = std::net::SocketAddr::new(w.lb_ip().into(), 9630);
+    w.reconfigure(|c| c.metrics_address = Some(addr))
+        .expect("daemon with a metrics address");
+    let ips = w.backend_ips();
+    let vip = w
+        .api()
+        .apply(&spec("web", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]))
+        .expect("apply");
+    assert_eq!(
+        LbWorld::curl(w.client(), &format!("http://{vip}"), 3)
+            .expect("curl")
+            .len(),
+        3
+    );
+    // From another host, as Prometheus would.
+    let out = w
+        .client()
+        .run(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "10",
+            &format!("http://{addr}/metrics"),
+        ])
+        .expect("scrape");
+    let line = out
+        .lines()
+        .find(|l| {
+            l.starts_with("slipway_lb_vip_flows_total{") && l.contains("service=\"default/web\"")
+        })
+        .unwrap_or_else(|| panic!("no flow counter of default/web in\n{out}"));
+    let flows: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(flows, 3, "{line}");
+    assert!(
+        out.contains("slipway_lb_map_bytes{map=\"lb_flows\"}"),
+        "map memory is exported"
+    );
 }

@@ -4,8 +4,10 @@
 //! checksums over IPv4 and IPv6, the reverse translation, conntrack stickiness, source ranges,
 //! eTP Local, and the verdict counters. Privileged (root, BPF): run by scripts/test.sh.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aya::programs::{TestRun, TestRunOptions};
 use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
@@ -144,6 +146,8 @@ fn service<A: Into<IpAddr> + Copy>(
             .collect(),
         health_check: None,
         drain_timeout_secs: None,
+        session_affinity: Default::default(),
+        session_affinity_config: None,
     }
 }
 
@@ -454,7 +458,7 @@ fn translates_both_ways_with_valid_checksums_and_sticks_to_the_backend() {
         assert_eq!(tuple(&out), (LB_IP, sport, backend, 8080));
     }
     // Many new flows spread over all ten backends.
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for port in 0..400u16 {
         let (_, out) = run(
             &lb,
@@ -805,7 +809,7 @@ fn translates_ipv6_both_ways_with_valid_checksums_beside_ipv4() {
         assert_eq!(tuple6(&out), (LB_IP6, sport, backend, 8080));
     }
     // Maglev spreads new flows over all ten backends.
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for port in 0..400u16 {
         let (_, out) = run(
             &lb,
@@ -930,7 +934,8 @@ fn a_pinned_map_of_another_layout_is_refused() {
     let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &bigger).expect_err("resized");
     let text = err.to_string();
     assert!(
-        text.contains("lb_flows") && text.contains(&format!("{} entries", small().flows)),
+        text.contains(&format!("has {} entries", small().flows))
+            && text.contains(&format!("needs {}", bigger.flows)),
         "a pinned map of another size is refused: {text}"
     );
 }
@@ -1093,4 +1098,84 @@ fn a_flow_evicted_from_a_full_table_is_counted_and_placed_again() {
         "Maglev places it on the same backend"
     );
     assert_eq!(count(&lb, LbReason::FlowUntracked), 1, "and counted");
+}
+
+/// The backends new connections from `client` on `ports` land on, in order.
+fn placements(lb: &Lb, client: Ipv4Addr, ports: std::ops::Range<u16>) -> Vec<Ipv4Addr> {
+    ports
+        .map(|sport| {
+            let (verdict, out) = run(
+                lb,
+                &tcp_frame((client, sport), (VIP, 80), TcpControl::Syn, &[]),
+            );
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            tuple(&out).2
+        })
+        .collect()
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn client_ip_affinity_keeps_a_client_on_its_backend_until_it_leaves_or_the_timeout() {
+    use slipway_lb::config::{ClientIpConfig, SessionAffinity, SessionAffinityConfig};
+    let mut lb = lb();
+    let mut web = service("web", Protocol::Tcp, 80, 8080, &BACKENDS);
+    lb.controller.apply(web.clone()).expect("apply");
+    let spread: BTreeSet<Ipv4Addr> = placements(&lb, CLIENT, 40000..40030).into_iter().collect();
+    assert!(
+        spread.len() > 1,
+        "without affinity one client's connections spread"
+    );
+
+    let timeout = 1;
+    web.session_affinity = SessionAffinity::ClientIp;
+    web.session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIpConfig {
+            timeout_seconds: Some(timeout),
+        }),
+    });
+    lb.controller.apply(web.clone()).expect("affinity");
+    let same: BTreeSet<Ipv4Addr> = placements(&lb, CLIENT, 41000..41030).into_iter().collect();
+    assert_eq!(
+        same.len(),
+        1,
+        "with ClientIP every connection goes to one backend: {same:?}"
+    );
+    let pinned = *same.first().expect("one");
+    let other: BTreeSet<Ipv4Addr> = placements(&lb, OTHER_CLIENT, 41000..41030)
+        .into_iter()
+        .collect();
+    assert_eq!(other.len(), 1, "another client has its own: {other:?}");
+
+    // The backend leaves the service: the client moves to another one and stays there.
+    web.backends.retain(|b| b.ip != IpAddr::V4(pinned));
+    lb.controller
+        .apply(web.clone())
+        .expect("remove the pinned backend");
+    let moved: BTreeSet<Ipv4Addr> = placements(&lb, CLIENT, 42000..42030).into_iter().collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    let removed = pinned;
+    let pinned = *moved.first().expect("one");
+    assert_ne!(pinned, removed, "not to the backend that left");
+
+    // Past the timeout without a new connection, Maglev places the client again: some new
+    // connection lands elsewhere (each one does with probability 1/2 over two backends).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut sport = 43000;
+    loop {
+        // The timeout runs from the last new connection: let it pass.
+        std::thread::sleep(Duration::from_millis(u64::from(timeout) * 1000 + 200));
+        let placed = placements(&lb, CLIENT, sport..sport + 1)[0];
+        sport += 1;
+        if placed != pinned {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client never left {pinned} after the timeout"
+        );
+    }
 }

@@ -23,6 +23,10 @@ pub const MAX_SOURCE_RANGES: u32 = 16384;
 pub const SERVICE_F_LOCAL: u32 = 0x1;
 /// `LB_SERVICE_F_SOURCE_RANGES`: the service has loadBalancerSourceRanges.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 0x2;
+/// `LB_SERVICE_F_AFFINITY`: sessionAffinity ClientIP.
+pub const SERVICE_F_AFFINITY: u32 = 0x4;
+/// `LB_BACKEND_F_ACTIVE`: the backend is in its service's ring.
+pub const BACKEND_F_ACTIVE: u16 = 0x1;
 
 /// `LB_FLOW_OPEN`.
 pub const FLOW_OPEN: u8 = 0;
@@ -132,6 +136,9 @@ pub struct LbService {
     pub id: u32,
     /// `SERVICE_F_*`.
     pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub affinity_timeout_s: u32,
+    pub pad: u32,
 }
 
 /// Value of `lb_backends` (`struct lb_backend`); all zero means "no backend".
@@ -140,7 +147,8 @@ pub struct LbService {
 pub struct LbBackend {
     pub ip: LbAddr,
     pub port: u16,
-    pub pad: u16,
+    /// `BACKEND_F_*`.
+    pub flags: u16,
 }
 
 impl LbBackend {
@@ -148,9 +156,26 @@ impl LbBackend {
         Self {
             ip: ip.into(),
             port: be16(port),
-            pad: 0,
+            flags: 0,
         }
     }
+}
+
+/// Key of `lb_affinity` (`struct lb_affinity_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LbAffinityKey {
+    pub service_id: u32,
+    pub client: LbAddr,
+}
+
+/// Value of `lb_affinity` (`struct lb_affinity`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinity {
+    pub backend_id: u32,
+    pub pad: u32,
+    pub last_seen_ns: u64,
 }
 
 /// A 5-tuple, key of `lb_flows` and `lb_reverse` (`struct lb_flow_key`).
@@ -337,6 +362,10 @@ unsafe impl aya::Pod for LbVip {}
 unsafe impl aya::Pod for LbConfig {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LbStats {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinityKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinity {}
 
 #[cfg(test)]
 mod tests {
@@ -349,8 +378,14 @@ mod tests {
         vec![
             mirror!("lb_addr", LbAddr, [w]),
             mirror!("lb_service_key", LbServiceKey, [vip, port, proto, pad]),
-            mirror!("lb_service", LbService, [id, flags]),
-            mirror!("lb_backend", LbBackend, [ip, port, pad]),
+            mirror!(
+                "lb_service",
+                LbService,
+                [id, flags, affinity_timeout_s, pad]
+            ),
+            mirror!("lb_backend", LbBackend, [ip, port, flags]),
+            mirror!("lb_affinity_key", LbAffinityKey, [service_id, client]),
+            mirror!("lb_affinity", LbAffinity, [backend_id, pad, last_seen_ns]),
             mirror!(
                 "lb_flow_key",
                 LbFlowKey,
