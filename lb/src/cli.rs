@@ -303,4 +303,29 @@ backends:
             "fd99::4".parse::<std::net::IpAddr>().expect("ip")
         );
     }
+
+    /// The YAML block of the README that starts with `# {name}`.
+    fn readme_block(name: &str) -> String {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find(&format!("```yaml\n# {name}"))
+            .unwrap_or_else(|| panic!("no {name} block in README.md"));
+        let body = &readme[start + "```yaml\n".len()..];
+        body[..body.find("```").expect("closed block")].to_owned()
+    }
+
+    #[test]
+    fn the_readme_examples_parse_and_validate() {
+        let config: LbConfig = serde_saphyr::from_str(&readme_block("lb.yaml")).expect("lb.yaml");
+        config.validate().expect("valid config");
+        assert_eq!(
+            config.maps,
+            crate::config::MapSizes::default(),
+            "the defaults it shows"
+        );
+        let spec: ServiceSpec =
+            serde_saphyr::from_str(&readme_block("service.yaml")).expect("service.yaml");
+        spec.validate().expect("valid service");
+        assert_eq!(spec.affinity_timeout_secs(), Some(10800));
+    }
 }

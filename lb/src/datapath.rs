@@ -20,8 +20,8 @@ use ipnetwork::IpNetwork;
 use slipway_dataplane::DataplaneError;
 use slipway_dataplane::abi::CounterValue;
 use slipway_dataplane::abi::lb::{
-    LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse, LbService, LbServiceKey,
-    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE,
+    LbAffinity, LbAffinityKey, LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse,
+    LbService, LbServiceKey, LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE,
 };
 use slipway_dataplane::objects;
 use tracing::debug;
@@ -81,8 +81,8 @@ fn layout_of(map: &str, sizes: &MapSizes) -> Option<(usize, usize, Option<u32>)>
             Some(sizes.flows),
         ),
         "lb_affinity" => (
-            size_of::<slipway_dataplane::abi::lb::LbAffinityKey>(),
-            size_of::<slipway_dataplane::abi::lb::LbAffinity>(),
+            size_of::<LbAffinityKey>(),
+            size_of::<LbAffinity>(),
             Some(sizes.flows),
         ),
         "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>(), None),
@@ -149,6 +149,7 @@ pub struct LbDatapath {
     backends: Array<MapData, LbBackend>,
     flows: HashMap<MapData, LbFlowKey, LbFlow>,
     reverse: HashMap<MapData, LbFlowKey, LbReverse>,
+    affinity: HashMap<MapData, LbAffinityKey, LbAffinity>,
     source_ranges: LpmTrie<MapData, LbSourceRange, u32>,
     vips: HashMap<MapData, LbVipKey, LbVip>,
     config: Array<MapData, LbConfig>,
@@ -245,6 +246,7 @@ impl LbDatapath {
             backends: open!(Array, "lb_backends"),
             flows: open!(HashMap, "lb_flows"),
             reverse: open!(HashMap, "lb_reverse"),
+            affinity: open!(HashMap, "lb_affinity"),
             source_ranges: open!(LpmTrie, "lb_source_ranges"),
             vips: open!(HashMap, "lb_vips"),
             config: open!(Array, "lb_config"),
@@ -708,6 +710,7 @@ impl LbMaps for LbDatapath {
             usage("lb_backends", self.backends.map())?,
             usage("lb_flows", self.flows.map())?,
             usage("lb_reverse", self.reverse.map())?,
+            usage("lb_affinity", self.affinity.map())?,
             usage("lb_source_ranges", self.source_ranges.map())?,
             usage("lb_vips", self.vips.map())?,
             usage("lb_backend_stats", self.backend_stats.map())?,

@@ -168,6 +168,21 @@ impl Status {
             .map(|(k, n)| format!("{k}={n}"))
             .collect();
         let _ = writeln!(out, "verdicts: {}", verdicts.join(" "));
+        let maps: Vec<String> = self
+            .maps
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} {:.1} MiB/{}",
+                    m.name,
+                    m.bytes as f64 / f64::from(1 << 20),
+                    m.max_entries
+                )
+            })
+            .collect();
+        if !maps.is_empty() {
+            let _ = writeln!(out, "maps (memory/capacity): {}", maps.join(", "));
+        }
         out
     }
 }

@@ -1031,23 +1031,26 @@ fn map_memory_follows_the_flow_capacity() {
                 .unwrap_or_else(|| panic!("{name} not reported"))
                 .clone()
         };
-        (map("lb_flows"), map("lb_reverse"))
+        let maps = [map("lb_flows"), map("lb_reverse"), map("lb_affinity")];
+        for m in &maps {
+            assert_eq!(m.max_entries, flows, "{m:?}");
+        }
+        maps.iter().map(|m| m.bytes).sum::<u64>()
     };
-    let (f1, r1) = usage(100_000);
-    let (f2, r2) = usage(200_000);
-    assert_eq!((f1.max_entries, r1.max_entries), (100_000, 100_000));
-    assert_eq!((f2.max_entries, r2.max_entries), (200_000, 200_000));
-    let per_100k = (f2.bytes + r2.bytes) - (f1.bytes + r1.bytes);
+    let (at_100k, at_200k) = (usage(100_000), usage(200_000));
+    let per_100k = at_200k - at_100k;
     // At least the keys and values themselves.
+    use slipway_dataplane::abi::lb::{LbAffinity, LbAffinityKey, LbFlow, LbFlowKey, LbReverse};
     let floor = 100_000
-        * (2 * size_of::<slipway_dataplane::abi::lb::LbFlowKey>()
-            + size_of::<slipway_dataplane::abi::lb::LbFlow>()
-            + size_of::<slipway_dataplane::abi::lb::LbReverse>()) as u64;
+        * (2 * size_of::<LbFlowKey>()
+            + size_of::<LbFlow>()
+            + size_of::<LbReverse>()
+            + size_of::<LbAffinityKey>()
+            + size_of::<LbAffinity>()) as u64;
     assert!(per_100k >= floor, "{per_100k} bytes < {floor}");
     eprintln!(
-        "map memory per 100k tracked flows: {per_100k} bytes (lb_flows + lb_reverse; \
-         {} bytes at 100k)",
-        f1.bytes + r1.bytes
+        "map memory per 100k tracked flows: {per_100k} bytes (lb_flows + lb_reverse + \
+         lb_affinity; {at_100k} bytes at 100k)"
     );
 }
 
