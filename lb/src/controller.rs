@@ -174,8 +174,31 @@ impl Book {
 
     /// Forgets draining backend `key` and its id.
     fn release(&mut self, key: &BackendKey) {
-        self.draining.remove(key);
+        if let Some(d) = self.draining.remove(key) {
+            self.track_health(&d.service);
+        }
         self.backend_ids.remove(key);
+    }
+
+    /// Keeps health state (and so health checks) for `service`'s backends and its draining
+    /// ones, and for no others.
+    fn track_health(&mut self, service: &str) {
+        let draining: BTreeSet<IpAddr> = self
+            .draining
+            .iter()
+            .filter(|(_, d)| d.service == service)
+            .map(|((_, a), _)| a.ip())
+            .collect();
+        let Some(state) = self.services.get_mut(service) else {
+            return;
+        };
+        let listed: BTreeSet<IpAddr> = state.spec.backends.iter().map(|b| b.ip).collect();
+        state
+            .health
+            .retain(|ip, _| listed.contains(ip) || draining.contains(ip));
+        for ip in listed.into_iter().chain(draining) {
+            state.health.entry(ip).or_default();
+        }
     }
 
     fn port(&self, id: u32) -> Option<(&ServiceState, &PortState)> {
@@ -307,6 +330,10 @@ impl Book {
             }
         }
         book.next_backend = saved.next_backend.clamp(1, limits.backends.max(2) - 1);
+        let names: Vec<String> = book.services.keys().cloned().collect();
+        for name in names {
+            book.track_health(&name);
+        }
         Ok(book)
     }
 }
@@ -484,22 +511,9 @@ impl Controller {
                 book.backend_id((p.id, addr), self.limits.backends)?;
             }
         }
-        let mut state = state;
-        let draining_ips: BTreeSet<IpAddr> = book
-            .draining
-            .iter()
-            .filter(|(_, d)| d.service == key)
-            .map(|((_, a), _)| a.ip())
-            .collect();
-        let spec_ips: BTreeSet<IpAddr> = state.spec.backends.iter().map(|b| b.ip).collect();
-        state
-            .health
-            .retain(|ip, _| spec_ips.contains(ip) || draining_ips.contains(ip));
-        for ip in spec_ips {
-            state.health.entry(ip).or_default();
-        }
         info!(service = %key, %vip, ports = state.ports.len(), "service applied");
         book.services.insert(key.clone(), state);
+        book.track_health(&key);
         let old = self.commit(book)?;
         let taken_over = self.write(&old, &[key])?;
         Ok(Applied { vip, taken_over })
@@ -1594,5 +1608,57 @@ mod tests {
             .expect("an old service is deleted");
         assert!(!fake(&f).vips.contains(&api_vip));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_removed_backend_that_fails_its_health_check_is_released() {
+        let (mut c, f) = controller();
+        let mut s = spec(&[(3, 1), (4, 1)]);
+        s.health_check = Some(HealthCheckSpec {
+            interval_ms: 100,
+            timeout_ms: 50,
+            rise: 1,
+            fall: 2,
+            port: None,
+            http_path: None,
+        });
+        c.apply(s.clone()).expect("apply");
+        let id = backend_id_of(&fake(&f), 4).expect("backend 4");
+        fake(&f).flows.push((
+            LbFlowKey {
+                src: Ipv4Addr::new(10, 99, 0, 1).into(),
+                dst: Ipv4Addr::new(10, 99, 100, 1).into(),
+                sport: 40000u16.to_be(),
+                dport: 80u16.to_be(),
+                proto: 6,
+                pad: [0; 3],
+            },
+            LbFlow {
+                backend_id: id,
+                service_id: 0,
+                nat_ip: LbAddr::NONE,
+                nat_port: 0,
+                state: FLOW_OPEN,
+                pad: 0,
+                pad2: 0,
+                last_seen_ns: monotonic_ns(),
+            },
+        ));
+        s.backends.truncate(1);
+        c.apply(s).expect("remove 4");
+        let four = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 4));
+        assert!(
+            c.health_targets().iter().any(|t| t.ip == four),
+            "a draining backend is still checked"
+        );
+        assert_eq!(backend_id_of(&fake(&f), 4), Some(id), "its flow keeps it");
+        for _ in 0..2 {
+            c.observe_health("default/web", four, false).expect("probe");
+        }
+        assert_eq!(backend_id_of(&fake(&f), 4), None, "dead: released");
+        assert!(
+            c.health_targets().iter().all(|t| t.ip != four),
+            "and no longer checked"
+        );
     }
 }
