@@ -409,7 +409,8 @@ impl Controller {
         let empty = c.book.clone();
         c.book = book;
         let names: Vec<String> = c.book.services.keys().cloned().collect();
-        let taken = c.write(&empty, &names)?;
+        // The counters in the (pinned) maps are the services' own: kept.
+        let taken = c.write(&empty, &names, false)?;
         c.sweep()?;
         info!(services = names.len(), "state restored");
         Ok((c, taken))
@@ -511,11 +512,18 @@ impl Controller {
                 book.backend_id((p.id, addr), self.limits.backends)?;
             }
         }
+        if state.spec.external_traffic_policy == TrafficPolicy::Local {
+            info!(
+                service = %key,
+                "externalTrafficPolicy Local: backends see client addresses, so they must route \
+                 their replies to clients through this host"
+            );
+        }
         info!(service = %key, %vip, ports = state.ports.len(), "service applied");
         book.services.insert(key.clone(), state);
         book.track_health(&key);
         let old = self.commit(book)?;
-        let taken_over = self.write(&old, &[key])?;
+        let taken_over = self.write(&old, &[key], true)?;
         Ok(Applied { vip, taken_over })
     }
 
@@ -534,7 +542,7 @@ impl Controller {
         book.draining.retain(|_, d| d.service != key);
         let released = book.pools.release(&key);
         let old = self.commit(book)?;
-        self.write(&old, &[])?;
+        self.write(&old, &[], true)?;
         info!(service = %key, vip = %state.vip, ?released, "service deleted");
         Ok(())
     }
@@ -705,7 +713,7 @@ impl Controller {
             book.release(k);
         }
         let old = self.commit(book)?;
-        self.write(&old, &[])?;
+        self.write(&old, &[], true)?;
         Ok(())
     }
 
@@ -845,8 +853,14 @@ impl Controller {
 
     /// Writes to the maps what changed from `old` to the current book: service entries and
     /// source ranges of ports gone, new and kept, backend entries of ids freed and given
-    /// (counters of new ids start at zero), the rings of services `changed`, the VIPs.
-    fn write(&mut self, old: &Book, changed: &[String]) -> Result<Vec<IpAddr>, LbError> {
+    /// (with `zero_new`, counters of new ids start at zero), the rings of services `changed`,
+    /// the VIPs.
+    fn write(
+        &mut self,
+        old: &Book,
+        changed: &[String],
+        zero_new: bool,
+    ) -> Result<Vec<IpAddr>, LbError> {
         for s in old.services.values() {
             for p in &s.ports {
                 let kept = self.book.port(p.id).is_some_and(|(_, n)| n.key == p.key);
@@ -868,7 +882,7 @@ impl Controller {
             for p in &s.ports {
                 let before = old.port(p.id).filter(|(_, o)| o.key == p.key);
                 let old_ranges: &[IpNetwork] = before.map_or(&[], |(o, _)| &o.ranges);
-                if before.is_none() {
+                if before.is_none() && zero_new {
                     self.maps.reset_service_stats(p.id)?;
                 }
                 for net in old_ranges.iter().filter(|n| !s.ranges.contains(n)) {
@@ -892,7 +906,9 @@ impl Controller {
         }
         for (id, addr) in &new_ids {
             if old_ids.get(id) != Some(addr) {
-                self.maps.reset_backend_stats(*id)?;
+                if zero_new {
+                    self.maps.reset_backend_stats(*id)?;
+                }
                 self.maps
                     .set_backend(*id, LbBackend::new(addr.ip(), addr.port()))?;
             }
@@ -1573,6 +1589,18 @@ mod tests {
             f.backends.insert(99, LbBackend::new(stale, 80));
             f.ranges.insert((9, "10.0.0.0/8".parse().expect("net")));
         }
+        let api_id = fake(&f)
+            .services
+            .iter()
+            .find(|(k, _)| k.0 == LbAddr::from(api_vip))
+            .map(|(_, v)| v.id)
+            .expect("api's service id");
+        let counted = LbStats {
+            packets: 7,
+            bytes: 700,
+            flows: 1,
+        };
+        fake(&f).service_stats.insert(api_id, counted);
         drop(c); // killed: nothing runs on the way out
 
         let (mut c, taken) = restore(&f);
@@ -1600,6 +1628,10 @@ mod tests {
         let status = c.status(0).expect("status");
         let names: Vec<&str> = status.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["default/api", "default/web2"]);
+        assert_eq!(
+            status.services[0].ports[0].packets, counted.packets,
+            "counters survive a restart"
+        );
         let mut new = spec(&[(7, 1)]);
         new.name = "new".into();
         let vip = c.apply(new).expect("new").vip;
