@@ -1411,4 +1411,37 @@ mod tests {
             "and no longer checked"
         );
     }
+
+    #[test]
+    fn a_service_beyond_the_sized_maps_is_refused_naming_the_flag_and_changes_nothing() {
+        let (c, f) = controller();
+        let pools = c.book.pools.clone();
+        drop(c);
+        let mut c = Controller::with_limits(
+            Box::new(f.clone()),
+            pools,
+            Announcer::new(Arc::new(StaticLease)),
+            Limits {
+                services: 2,
+                backends: 16,
+            },
+        );
+        for name in ["a", "b"] {
+            let mut s = spec(&[(3, 1)]);
+            s.name = name.into();
+            c.apply(s).expect("within the limit");
+        }
+        let before = fake(&f).services.len();
+        let mut third = spec(&[(3, 1)]);
+        third.name = "c".into();
+        let err = c.apply(third).expect_err("a third service port");
+        assert!(err.to_string().contains("--max-services"), "{err}");
+        assert_eq!(fake(&f).services.len(), before);
+        let status = c.status(0).expect("status");
+        assert_eq!(status.services.len(), 2);
+        assert_eq!(
+            status.pools[0].used, 2,
+            "no VIP taken for the refused service"
+        );
+    }
 }
