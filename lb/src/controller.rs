@@ -34,7 +34,8 @@ const MIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSP
 const TCP_IDLE: Duration = Duration::from_secs(600);
 /// Likewise for UDP.
 const UDP_IDLE: Duration = Duration::from_secs(60);
-/// How often the flows of draining backends are counted (a walk of the whole flow table).
+/// How often at least the flows of draining backends are counted (a walk of the whole flow
+/// table).
 const DRAIN_SCAN: Duration = Duration::from_secs(2);
 
 /// One health-check job: probe `addr` for `service`'s backend `ip`.
@@ -69,6 +70,7 @@ pub struct Controller {
     limits: Limits,
     store: Option<StateFile>,
     last_drain_scan: Option<Instant>,
+    drain_scan_every: Duration,
 }
 
 impl std::fmt::Debug for Controller {
@@ -103,6 +105,7 @@ impl Controller {
             limits,
             store: None,
             last_drain_scan: None,
+            drain_scan_every: DRAIN_SCAN,
         }
     }
 
@@ -374,13 +377,17 @@ impl Controller {
         }
         let scan_due = self
             .last_drain_scan
-            .is_none_or(|t| now.duration_since(t) >= DRAIN_SCAN);
+            .is_none_or(|t| now.duration_since(t) >= self.drain_scan_every);
         if !self.book.draining.is_empty() && scan_due {
             self.last_drain_scan = Some(now);
+            // The walk costs two syscalls per tracked flow: with a large table, walk less
+            // often, so it never takes more than a twentieth of the daemon's time.
+            let started = Instant::now();
             self.release(
                 &self.book.draining.keys().copied().collect::<Vec<_>>(),
                 true,
             )?;
+            self.drain_scan_every = DRAIN_SCAN.max(started.elapsed() * 20);
         }
         self.announce()
     }

@@ -188,3 +188,41 @@ fn the_datapath_serves_while_the_daemon_is_down_and_a_restarted_daemon_knows_its
         "nothing serves after teardown: the program is detached"
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn the_xdp_datapath_serves_on_while_the_daemon_is_killed() {
+    use slipway_lb::datapath::AttachPoint;
+    let mut w =
+        LbWorld::with_attach(2, AttachPoint::Xdp(aya::programs::XdpMode::Skb)).expect("world");
+    // bpf_fib_lookup() in the XDP program wants forwarding on the device.
+    w.lb()
+        .sysctl(&["net.ipv4.conf.eth0.forwarding=1"])
+        .expect("forwarding");
+    for i in 0..2 {
+        w.start_nginx(i).expect("nginx");
+    }
+    let ips = w.backend_ips();
+    w.start_daemon_process(BIN).expect("daemon process");
+    let vip = w.api().apply(&spec("web", 80, &ips)).expect("web");
+    assert_eq!(answered_by(&w, vip, 20).len(), 20);
+    w.kill_daemon().expect("kill -9");
+    let link = w
+        .lb()
+        .ip(&["-d", "link", "show", "dev", "eth0"])
+        .expect("link");
+    assert!(link.contains("xdpgeneric"), "the XDP program stays: {link}");
+    assert_eq!(
+        answered_by(&w, vip, 30).len(),
+        30,
+        "new connections while down"
+    );
+    w.start_daemon_process(BIN).expect("restart");
+    let status = cli_status(&w);
+    assert_eq!(status.services.len(), 1);
+    assert_eq!(status.services[0].vip, vip);
+    assert_eq!(answered_by(&w, vip, 20).len(), 20);
+}
