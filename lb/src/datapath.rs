@@ -427,10 +427,46 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LbError> {
             .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
     });
     for path in &paths {
-        remove_file(path)?;
+        let is_link = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"));
+        if is_link {
+            remove_link(path)?;
+        } else {
+            remove_file(path)?;
+        }
     }
     fs::remove_dir(pin_dir).map_err(|e| pin_err(pin_dir, e))?;
     Ok(paths)
+}
+
+/// How long [`remove_link`] waits for the kernel to let a link go.
+const DETACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Unpins the link at `pin` and waits until the kernel has detached it: a pin's reference is
+/// dropped only after an RCU grace period (bpffs frees its inodes so), so the program may run
+/// a moment after the file is gone.
+fn remove_link(pin: &Path) -> Result<(), LbError> {
+    let link = PinnedLink::from_pin(pin)
+        .map_err(|e| pin_err(pin, e))?
+        .unpin()
+        .map_err(|e| pin_err(pin, e))?;
+    let id = link.info().map_err(|e| pin_err(pin, e))?.id();
+    drop(link);
+    let deadline = std::time::Instant::now() + DETACH_TIMEOUT;
+    loop {
+        let alive = aya::programs::loaded_links().any(|l| l.is_ok_and(|l| l.id() == id));
+        if !alive {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(pin_err(
+                pin,
+                format!("link {id} still attached {DETACH_TIMEOUT:?} after unpinning"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Loads one object (its maps at `pin_dir`, reused if pinned there already) and its program.
