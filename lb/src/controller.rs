@@ -1264,12 +1264,8 @@ mod tests {
 
     #[test]
     fn a_restarted_controller_keeps_services_vips_and_ids_and_sweeps_the_rest() {
-        let dir = std::env::temp_dir().join(format!(
-            "slipway-lb-restore-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+        let scratch = crate::state::tests::ScratchDir::new("restore");
+        let dir = scratch.0.clone();
         let (c, f) = controller();
         let pools = c.book.pools.clone();
         drop(c);
@@ -1364,7 +1360,6 @@ mod tests {
         c.delete("default", "api")
             .expect("an old service is deleted");
         assert!(!fake(&f).vips.contains(&api_vip));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -135,12 +135,34 @@ pub fn remove(dir: &Path) -> Result<Vec<PathBuf>, LbError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A scratch directory of this test, removed on drop (on panic too).
+    pub(crate) struct ScratchDir(pub(crate) PathBuf);
+
+    impl ScratchDir {
+        pub(crate) fn new(label: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "slipway-lb-{label}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            Self(dir)
+        }
+    }
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
 
     #[test]
     fn saves_atomically_and_loads_back_and_refuses_other_versions() {
-        let dir = std::env::temp_dir().join(format!("slipway-lb-state-{}", std::process::id()));
+        let scratch = ScratchDir::new("state");
+        let dir = scratch.0.clone();
         let file = StateFile::new(&dir);
         assert_eq!(file.load().expect("load"), None, "nothing saved yet");
         let spec: ServiceSpec = serde_json::from_str(
@@ -183,6 +205,5 @@ mod tests {
 
         assert_eq!(remove(&dir).expect("remove"), vec![file.path().to_owned()]);
         assert_eq!(file.load().expect("load"), None);
-        fs::remove_dir_all(&dir).expect("clean up");
     }
 }
