@@ -178,7 +178,7 @@ impl Collector for LbCollector {
         family(
             &mut encoder,
             "slipway_lb_datapath_packets",
-            "Packets by datapath verdict.",
+            "Packets by datapath verdict, and the flow_table_full and flow_untracked events.",
             MetricType::Counter,
             verdicts,
         )?;
