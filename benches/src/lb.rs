@@ -232,6 +232,8 @@ fn service(name: &str, port: u16, backends: &[Ipv4Addr]) -> ServiceSpec {
             .collect(),
         health_check: None,
         drain_timeout_secs: None,
+        session_affinity: Default::default(),
+        session_affinity_config: None,
     }
 }
 

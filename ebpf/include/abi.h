@@ -81,16 +81,20 @@ struct counter_value {
 
 /* ==== L4 load balancer (ebpf/lb.c, ebpf/lb_xdp.c; mirrored in dataplane/src/abi/lb.rs) ==== */
 
+/* Capacities: what the object declares, and the daemon's defaults. The daemon sizes the
+ * maps when it loads the program (--max-services, --max-backends, --max-flows), so these
+ * are not compile-time walls. */
 /* Services (VIP, port, protocol) the LB serves at once; each owns one Maglev ring. */
-#define LB_MAX_SERVICES 64
+#define LB_MAX_SERVICES 4096
 /* Slots of one service's Maglev ring: a prime (Maglev paper, section 3.4). */
 #define LB_MAGLEV_SIZE 65537
-/* Backends over all services; id 0 means "no backend". */
-#define LB_MAX_BACKENDS 4096
-/* Connection-tracking entries (LRU: the oldest flows are evicted first). */
-#define LB_MAX_FLOWS 262144
-/* Addresses the LB answers ARP and NDP for. */
-#define LB_MAX_VIPS 1024
+/* Backend ids over all services (one per service port and backend address); id 0 means
+ * "no backend". */
+#define LB_MAX_BACKENDS 65536
+/* Connection-tracking entries (LRU: the least recently used flows are evicted first). */
+#define LB_MAX_FLOWS 1048576
+/* Addresses the LB answers ARP and NDP for (sized like the services). */
+#define LB_MAX_VIPS 4096
 /* loadBalancerSourceRanges entries over all services. */
 #define LB_MAX_SOURCE_RANGES 16384
 
@@ -99,6 +103,9 @@ struct counter_value {
 #define LB_SERVICE_F_LOCAL 0x1
 /* The service has loadBalancerSourceRanges: a client outside them is dropped. */
 #define LB_SERVICE_F_SOURCE_RANGES 0x2
+/* sessionAffinity: ClientIP: a client's new flows go to its last backend while it is active
+ * and the timeout has not passed. */
+#define LB_SERVICE_F_AFFINITY 0x4
 
 /* lb_flow.state */
 #define LB_FLOW_OPEN 0
@@ -124,18 +131,40 @@ struct lb_service_key {
 
 /* Value of `lb_services`. */
 struct lb_service {
-	/* Index of the service's ring in `lb_maglev` (slots id*LB_MAGLEV_SIZE ..) and its
+	/* Index of the service's ring in `lb_maglev` and its
 	 * entry in `lb_service_stats`. */
 	__u32 id;
 	/* LB_SERVICE_F_* */
 	__u32 flags;
+	/* sessionAffinity ClientIP: seconds a client stays with its backend after its last new
+	 * flow (sessionAffinityConfig.clientIP.timeoutSeconds). */
+	__u32 affinity_timeout_s;
+	__u32 pad;
 };
 
 /* Value of the `lb_backends` array, indexed by backend id; of the VIP's family. */
 struct lb_backend {
 	struct lb_addr ip;
 	__be16 port;
-	__u16 pad;
+	/* LB_BACKEND_F_* */
+	__u16 flags;
+};
+
+/* lb_backend.flags */
+/* In its service's ring (healthy, weight > 0): session affinity may send new flows to it. */
+#define LB_BACKEND_F_ACTIVE 0x1
+
+/* Key of `lb_affinity` (LRU): a client of a service with sessionAffinity ClientIP. */
+struct lb_affinity_key {
+	__u32 service_id;
+	struct lb_addr client;
+};
+
+/* Value of `lb_affinity`: the client's backend and when it last opened a flow. */
+struct lb_affinity {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_seen_ns;
 };
 
 /* A flow's 5-tuple as seen in one direction: key of `lb_flows` (client -> VIP) and of
@@ -244,8 +273,14 @@ enum lb_reason {
 	LB_REASON_DROP_NO_ROUTE = 10,
 	/* A Neighbor Solicitation for a VIP, answered with a Neighbor Advertisement. */
 	LB_REASON_NDP_REPLY = 11,
+	/* Events counted beside the verdict: */
+	/* A new flow's entry could not be stored (lb_flows or lb_reverse refused the insert). */
+	LB_REASON_FLOW_TABLE_FULL = 12,
+	/* A TCP segment other than a SYN with no tracked flow: its entry was evicted from a full
+	 * flow table (or the flow began before the LB), so Maglev places it again. */
+	LB_REASON_FLOW_UNTRACKED = 13,
 };
-#define LB_REASON_MAX 12
+#define LB_REASON_MAX 14
 
 /* ---- Node routing (the CNI datapath across hosts) ---------------------------------------- */
 

@@ -8,21 +8,27 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
-use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::maps::{
+    Array, ArrayOfMaps, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
+};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::xdp::XdpLink;
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ipnetwork::IpNetwork;
 use slipway_dataplane::DataplaneError;
 use slipway_dataplane::abi::CounterValue;
 use slipway_dataplane::abi::lb::{
-    LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse, LbService, LbServiceKey,
-    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE, MAX_SERVICES,
+    LbAffinity, LbAffinityKey, LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse,
+    LbService, LbServiceKey, LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE,
 };
 use slipway_dataplane::objects;
 use tracing::debug;
 
 use crate::LbError;
-use crate::maps::LbMaps;
+use crate::config::MapSizes;
+use crate::maps::{LbMaps, MapUsage};
 
 /// Source ports the datapath gives SNATed flows (`LB_SNAT_PORT_MIN`..`LB_SNAT_PORT_END` in
 /// ebpf/include/lb_core.h): kept clear of the kernel's ephemeral ports.
@@ -32,8 +38,9 @@ const TC_PROGRAM: &str = "lb_ingress";
 const XDP_PROGRAM: &str = "lb_xdp";
 
 /// Every map of the object (ebpf/include/lb_maps.h), pinned under these names.
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     "lb_services",
+    "lb_affinity",
     "lb_maglev",
     "lb_backends",
     "lb_flows",
@@ -46,29 +53,56 @@ const MAPS: [&str; 11] = [
     "lb_counters",
 ];
 
-/// (key, value) sizes of every map, from the ABI mirrors (checked against the objects' BTF):
-/// what a map pinned under its name must have to be reused.
-fn layout_of(map: &str) -> Option<(usize, usize)> {
+/// (key, value) sizes and capacity of every map, from the ABI mirrors (checked against the
+/// objects' BTF) and the sizes asked for: what a map pinned under its name must have to be
+/// reused.
+fn layout_of(map: &str, sizes: &MapSizes) -> Option<(usize, usize, Option<u32>)> {
     use slipway_dataplane::abi::lb::LbReverse;
     Some(match map {
-        "lb_services" => (size_of::<LbServiceKey>(), size_of::<LbService>()),
-        "lb_maglev" => (size_of::<u32>(), size_of::<u32>()),
-        "lb_backends" => (size_of::<u32>(), size_of::<LbBackend>()),
-        "lb_flows" => (size_of::<LbFlowKey>(), size_of::<LbFlow>()),
-        "lb_reverse" => (size_of::<LbFlowKey>(), size_of::<LbReverse>()),
-        "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>()),
-        "lb_vips" => (size_of::<LbVipKey>(), size_of::<LbVip>()),
-        "lb_config" => (size_of::<u32>(), size_of::<LbConfig>()),
-        "lb_backend_stats" | "lb_service_stats" => (size_of::<u32>(), size_of::<LbStats>()),
-        "lb_counters" => (size_of::<u32>(), size_of::<CounterValue>()),
+        "lb_services" => (
+            size_of::<LbServiceKey>(),
+            size_of::<LbService>(),
+            Some(sizes.services),
+        ),
+        "lb_maglev" => (size_of::<u32>(), size_of::<u32>(), Some(sizes.services)),
+        "lb_backends" => (
+            size_of::<u32>(),
+            size_of::<LbBackend>(),
+            Some(sizes.backends),
+        ),
+        "lb_flows" => (
+            size_of::<LbFlowKey>(),
+            size_of::<LbFlow>(),
+            Some(sizes.flows),
+        ),
+        "lb_reverse" => (
+            size_of::<LbFlowKey>(),
+            size_of::<LbReverse>(),
+            Some(sizes.flows),
+        ),
+        "lb_affinity" => (
+            size_of::<LbAffinityKey>(),
+            size_of::<LbAffinity>(),
+            Some(sizes.flows),
+        ),
+        "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>(), None),
+        "lb_vips" => (
+            size_of::<LbVipKey>(),
+            size_of::<LbVip>(),
+            Some(sizes.services),
+        ),
+        "lb_config" => (size_of::<u32>(), size_of::<LbConfig>(), None),
+        "lb_backend_stats" => (size_of::<u32>(), size_of::<LbStats>(), Some(sizes.backends)),
+        "lb_service_stats" => (size_of::<u32>(), size_of::<LbStats>(), Some(sizes.services)),
+        "lb_counters" => (size_of::<u32>(), size_of::<CounterValue>(), None),
         _ => return None,
     })
 }
 
-/// Fails if a map pinned at `path` has another layout than this LB's `map`; a missing pin is
-/// fine (the loader creates it).
-fn check_pin(map: &str, path: &Path) -> Result<(), LbError> {
-    let (Some((key, value)), true) = (layout_of(map), path.exists()) else {
+/// Fails if a map pinned at `path` has another layout or capacity than this LB's `map`; a
+/// missing pin is fine (the loader creates it).
+fn check_pin(map: &str, path: &Path, sizes: &MapSizes) -> Result<(), LbError> {
+    let (Some((key, value, entries)), true) = (layout_of(map, sizes), path.exists()) else {
         return Ok(());
     };
     let info = aya::maps::MapInfo::from_pin(path)
@@ -77,8 +111,17 @@ fn check_pin(map: &str, path: &Path) -> Result<(), LbError> {
     if found != (key, value) {
         return Err(LbError::StalePin {
             path: path.to_owned(),
-            found: format!("{found:?}"),
+            found: format!("{found:?} (key, value) bytes"),
             expected: format!("{:?}", (key, value)),
+        });
+    }
+    if let Some(entries) = entries
+        && info.max_entries() != entries
+    {
+        return Err(LbError::StalePin {
+            path: path.to_owned(),
+            found: format!("{} entries", info.max_entries()),
+            expected: format!("{entries} (the map sizes asked for)"),
         });
     }
     Ok(())
@@ -102,10 +145,11 @@ pub struct LbDatapath {
     xdp_bpf: Option<Ebpf>,
     point: AttachPoint,
     services: HashMap<MapData, LbServiceKey, LbService>,
-    maglev: Array<MapData, u32>,
+    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
     backends: Array<MapData, LbBackend>,
     flows: HashMap<MapData, LbFlowKey, LbFlow>,
     reverse: HashMap<MapData, LbFlowKey, LbReverse>,
+    affinity: HashMap<MapData, LbAffinityKey, LbAffinity>,
     source_ranges: LpmTrie<MapData, LbSourceRange, u32>,
     vips: HashMap<MapData, LbVipKey, LbVip>,
     config: Array<MapData, LbConfig>,
@@ -113,6 +157,7 @@ pub struct LbDatapath {
     service_stats: PerCpuArray<MapData, LbStats>,
     counters: PerCpuArray<MapData, CounterValue>,
     pin_dir: Option<PathBuf>,
+    sizes: MapSizes,
 }
 
 impl std::fmt::Debug for LbDatapath {
@@ -157,16 +202,22 @@ fn ignore_missing(
 }
 
 impl LbDatapath {
-    /// Loads the program for `point` into the kernel (not yet attached). With `pin_dir`, the
-    /// maps live there on bpffs and maps already pinned there are reused, so flows survive a
-    /// restart of the daemon.
-    pub fn load(point: AttachPoint, pin_dir: Option<&Path>) -> Result<Self, LbError> {
+    /// Loads the program for `point` into the kernel (not yet attached), its maps sized by
+    /// `sizes`. With `pin_dir`, the maps live there on bpffs and maps already pinned there
+    /// are reused (if they have the same layout and sizes), so flows survive a restart of
+    /// the daemon.
+    pub fn load(
+        point: AttachPoint,
+        pin_dir: Option<&Path>,
+        sizes: &MapSizes,
+    ) -> Result<Self, LbError> {
         if matches!(point, AttachPoint::Xdp(_)) && pin_dir.is_none() {
             return Err(LbError::Capacity(
                 "XDP mode shares its maps with the TC program through pins: give a pin directory",
             ));
         }
-        let mut bpf = load_object(objects::LB, "lb", TC_PROGRAM, pin_dir)?;
+        sizes.validate()?;
+        let mut bpf = load_object(objects::LB, "lb", TC_PROGRAM, pin_dir, sizes)?;
         let xdp_bpf = match point {
             AttachPoint::Tc => None,
             AttachPoint::Xdp(_) => Some(load_object(
@@ -174,6 +225,7 @@ impl LbDatapath {
                 "lb_xdp",
                 XDP_PROGRAM,
                 pin_dir,
+                sizes,
             )?),
         };
         let object_name = "lb";
@@ -190,10 +242,11 @@ impl LbDatapath {
         }
         let datapath = Self {
             services: open!(HashMap, "lb_services"),
-            maglev: open!(Array, "lb_maglev"),
+            maglev: open!(ArrayOfMaps, "lb_maglev"),
             backends: open!(Array, "lb_backends"),
             flows: open!(HashMap, "lb_flows"),
             reverse: open!(HashMap, "lb_reverse"),
+            affinity: open!(HashMap, "lb_affinity"),
             source_ranges: open!(LpmTrie, "lb_source_ranges"),
             vips: open!(HashMap, "lb_vips"),
             config: open!(Array, "lb_config"),
@@ -204,30 +257,27 @@ impl LbDatapath {
             xdp_bpf,
             point,
             pin_dir: pin_dir.map(Path::to_owned),
+            sizes: *sizes,
         };
         debug!(?point, ?pin_dir, "LB datapath loaded");
         Ok(datapath)
     }
 
     /// Attaches the program to `ifname` in the calling thread's network namespace (TCX
-    /// ingress, or XDP in the chosen mode). The link lives as long as this value.
+    /// ingress, or XDP in the chosen mode). With a pin directory the links are pinned there
+    /// ([`link_pin`]) and outlive the daemon, killed or stopped: the datapath keeps serving
+    /// while it is down, and a restarted daemon swaps its program into the pinned links
+    /// atomically (`BPF_LINK_UPDATE`), so there is no moment without one. Only
+    /// [`remove_pins`] detaches them. Without a pin directory the links live as long as this
+    /// value.
     pub fn attach(&mut self, ifname: &str) -> Result<(), LbError> {
-        let attach_err = |program, source| {
-            dp(DataplaneError::Program {
-                program,
-                action: format!("attach to {ifname}"),
-                source: Box::new(source),
-            })
-        };
-        classifier(&mut self.bpf)?
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|e| attach_err(TC_PROGRAM, e))?;
+        let pin_dir = self.pin_dir.clone();
+        let pin = |kind| pin_dir.as_deref().map(|d| link_pin(d, kind, ifname));
+        attach_tc(classifier(&mut self.bpf)?, ifname, pin(TC_LINK).as_deref())?;
         if let (AttachPoint::Xdp(mode), Some(xdp_bpf)) = (self.point, self.xdp_bpf.as_mut()) {
-            xdp(xdp_bpf)?
-                .attach(ifname, mode)
-                .map_err(|e| attach_err(XDP_PROGRAM, e))?;
+            attach_xdp(xdp(xdp_bpf)?, ifname, mode, pin(XDP_LINK).as_deref())?;
         }
-        debug!(ifname, point = ?self.point, "LB program attached");
+        debug!(ifname, point = ?self.point, pinned = pin_dir.is_some(), "LB program attached");
         Ok(())
     }
 
@@ -260,14 +310,179 @@ impl LbDatapath {
     }
 }
 
+/// Pin names of the links: `link_<kind>_<ifname>` in the pin directory.
+const TC_LINK: &str = "tc";
+const XDP_LINK: &str = "xdp";
+
+/// Where the link of `kind` ("tc", "xdp") on `ifname` is pinned.
+pub fn link_pin(pin_dir: &Path, kind: &str, ifname: &str) -> PathBuf {
+    pin_dir.join(format!("link_{kind}_{ifname}"))
+}
+
+fn attach_err(program: &'static str, action: String, source: ProgramError) -> LbError {
+    dp(DataplaneError::Program {
+        program,
+        action,
+        source: Box::new(source),
+    })
+}
+
+fn pin_err(path: &Path, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> LbError {
+    dp(DataplaneError::Bpffs {
+        path: path.to_owned(),
+        source: std::io::Error::other(source),
+    })
+}
+
+/// The link pinned at `pin`, if there is one, as a link of program type `L`.
+fn pinned_link<L>(pin: Option<&Path>) -> Result<Option<L>, LbError>
+where
+    L: TryFrom<FdLink>,
+    L::Error: std::error::Error + Send + Sync + 'static,
+{
+    let Some(pin) = pin.filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let link = PinnedLink::from_pin(pin).map_err(|e| pin_err(pin, e))?;
+    L::try_from(FdLink::from(link))
+        .map(Some)
+        .map_err(|e| pin_err(pin, e))
+}
+
+/// Replaces whatever is pinned at `pin` with `link`.
+fn pin_link(pin: &Path, link: FdLink) -> Result<(), LbError> {
+    remove_file(pin)?;
+    link.pin(pin).map_err(|e| pin_err(pin, e))?;
+    Ok(())
+}
+
+fn remove_file(path: &Path) -> Result<(), LbError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(pin_err(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Attaches the TC program at TCX ingress of `ifname`, or swaps it into the link pinned at
+/// `pin`; pins the link there.
+fn attach_tc(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    pin: Option<&Path>,
+) -> Result<(), LbError> {
+    let id = match pinned_link::<SchedClassifierLink>(pin)? {
+        Some(old) => program
+            .attach_to_link(old)
+            .map_err(|e| attach_err(TC_PROGRAM, format!("update the link of {ifname}"), e))?,
+        None => program
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(|e| attach_err(TC_PROGRAM, format!("attach to {ifname}"), e))?,
+    };
+    if let Some(pin) = pin {
+        let link = program
+            .take_link(id)
+            .map_err(|e| attach_err(TC_PROGRAM, "take the link".into(), e))?;
+        pin_link(pin, FdLink::try_from(link).map_err(|e| pin_err(pin, e))?)?;
+    }
+    Ok(())
+}
+
+/// Likewise for the XDP program.
+fn attach_xdp(
+    program: &mut Xdp,
+    ifname: &str,
+    mode: XdpMode,
+    pin: Option<&Path>,
+) -> Result<(), LbError> {
+    let id = match pinned_link::<XdpLink>(pin)? {
+        Some(old) => program
+            .attach_to_link(old)
+            .map_err(|e| attach_err(XDP_PROGRAM, format!("update the link of {ifname}"), e))?,
+        None => program
+            .attach(ifname, mode)
+            .map_err(|e| attach_err(XDP_PROGRAM, format!("attach to {ifname}"), e))?,
+    };
+    if let Some(pin) = pin {
+        let link = program
+            .take_link(id)
+            .map_err(|e| attach_err(XDP_PROGRAM, "take the link".into(), e))?;
+        pin_link(pin, FdLink::try_from(link).map_err(|e| pin_err(pin, e))?)?;
+    }
+    Ok(())
+}
+
+/// Tears the datapath down for good: removes the pinned links (which detaches the programs),
+/// then the pinned maps (which forgets every flow), then the directory. What `slipway lb
+/// teardown` does; a daemon that stops or dies leaves the pins alone. Returns what it removed.
+pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LbError> {
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(pin_err(pin_dir, e)),
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    // Links first: the program stops before its maps go.
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
+    for path in &paths {
+        let is_link = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"));
+        if is_link {
+            remove_link(path)?;
+        } else {
+            remove_file(path)?;
+        }
+    }
+    fs::remove_dir(pin_dir).map_err(|e| pin_err(pin_dir, e))?;
+    Ok(paths)
+}
+
+/// How long [`remove_link`] waits for the kernel to let a link go.
+const DETACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Unpins the link at `pin` and waits until the kernel has detached it: a pin's reference is
+/// dropped only after an RCU grace period (bpffs frees its inodes so), so the program may run
+/// a moment after the file is gone.
+fn remove_link(pin: &Path) -> Result<(), LbError> {
+    let link = PinnedLink::from_pin(pin)
+        .map_err(|e| pin_err(pin, e))?
+        .unpin()
+        .map_err(|e| pin_err(pin, e))?;
+    let id = link.info().map_err(|e| pin_err(pin, e))?.id();
+    drop(link);
+    let deadline = std::time::Instant::now() + DETACH_TIMEOUT;
+    loop {
+        let alive = aya::programs::loaded_links().any(|l| l.is_ok_and(|l| l.id() == id));
+        if !alive {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(pin_err(
+                pin,
+                format!("link {id} still attached {DETACH_TIMEOUT:?} after unpinning"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Loads one object (its maps at `pin_dir`, reused if pinned there already) and its program.
 fn load_object(
     object: &[u8],
     object_name: &'static str,
     program: &'static str,
     pin_dir: Option<&Path>,
+    sizes: &MapSizes,
 ) -> Result<Ebpf, LbError> {
     let mut loader = EbpfLoader::new();
+    for map in MAPS {
+        if let Some((_, _, Some(entries))) = layout_of(map, sizes) {
+            loader.map_max_entries(map, entries);
+        }
+    }
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             fs::create_dir_all(dir).map_err(|source| {
@@ -282,7 +497,7 @@ fn load_object(
     };
     for (map, path) in &pins {
         // aya reuses whatever is pinned there; a map of another layout must not be.
-        check_pin(map, path)?;
+        check_pin(map, path, sizes)?;
         loader.map_pin_path(map, path.as_path());
     }
     let mut bpf = loader.load(object).map_err(|source| {
@@ -370,9 +585,6 @@ impl LbMaps for LbDatapath {
     }
 
     fn set_service(&mut self, key: LbServiceKey, value: LbService) -> Result<(), LbError> {
-        if value.id >= MAX_SERVICES {
-            return Err(LbError::Capacity("service id beyond LB_MAX_SERVICES"));
-        }
         self.services
             .insert(key, value, 0)
             .map_err(|e| map_err("lb_services", "insert", e))
@@ -389,11 +601,26 @@ impl LbMaps for LbDatapath {
     }
 
     fn write_ring(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), LbError> {
-        let base = service_id * MAGLEV_SIZE;
+        let ring = match self.maglev.get(&service_id, 0) {
+            Ok(ring) => Some(ring),
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(map_err("lb_maglev", &format!("get ring {service_id}"), e)),
+        };
+        let fresh = ring.is_none();
+        let mut ring = match ring {
+            Some(ring) => ring,
+            None => Array::<MapData, u32>::create(MAGLEV_SIZE, 0)
+                .map_err(|e| map_err("lb_maglev", "create a ring", e))?,
+        };
         for &(slot, backend) in slots {
+            ring.set(slot, backend, 0)
+                .map_err(|e| map_err("lb_maglev", &format!("set ring {service_id}"), e))?;
+        }
+        // A new ring goes in whole, once written: the program never sees it half-filled.
+        if fresh {
             self.maglev
-                .set(base + slot, backend, 0)
-                .map_err(|e| map_err("lb_maglev", "set", e))?;
+                .set(service_id, &ring, 0)
+                .map_err(|e| map_err("lb_maglev", &format!("insert ring {service_id}"), e))?;
         }
         Ok(())
     }
@@ -469,6 +696,135 @@ impl LbMaps for LbDatapath {
         }
         Ok(out)
     }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), LbError> {
+        zero_stats(&mut self.service_stats, "lb_service_stats", id)
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), LbError> {
+        zero_stats(&mut self.backend_stats, "lb_backend_stats", id)
+    }
+
+    fn service_keys(&self) -> Result<Vec<LbServiceKey>, LbError> {
+        self.services
+            .keys()
+            .map(|k| k.map_err(|e| map_err("lb_services", "iterate", e)))
+            .collect()
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, LbError> {
+        let mut out = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(|e| map_err("lb_source_ranges", "iterate", e))?;
+            let data = key.data();
+            let bits = key.prefix_len().saturating_sub(32);
+            let net = match data.ip.ip() {
+                IpAddr::V4(ip) => IpNetwork::new(ip.into(), bits.saturating_sub(96) as u8),
+                ip @ IpAddr::V6(_) => IpNetwork::new(ip, bits as u8),
+            };
+            if let Ok(net) = net {
+                out.push((data.service_id, net));
+            }
+        }
+        Ok(out)
+    }
+
+    fn backend_ids(&self) -> Result<Vec<u32>, LbError> {
+        let mut out = Vec::new();
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend.map_err(|e| map_err("lb_backends", "iterate", e))?;
+            if backend != LbBackend::default() {
+                out.push(id as u32);
+            }
+        }
+        Ok(out)
+    }
+
+    fn map_usage(&self) -> Result<Vec<MapUsage>, LbError> {
+        let mut out = vec![
+            usage("lb_services", self.services.map())?,
+            usage("lb_backends", self.backends.map())?,
+            usage("lb_flows", self.flows.map())?,
+            usage("lb_reverse", self.reverse.map())?,
+            usage("lb_affinity", self.affinity.map())?,
+            usage("lb_source_ranges", self.source_ranges.map())?,
+            usage("lb_vips", self.vips.map())?,
+            usage("lb_backend_stats", self.backend_stats.map())?,
+            usage("lb_service_stats", self.service_stats.map())?,
+        ];
+        // The rings (the outer array of ids is small next to them).
+        let mut rings = MapUsage {
+            name: "lb_maglev".into(),
+            max_entries: self.sizes.services,
+            bytes: 0,
+        };
+        for id in 0..rings.max_entries {
+            match self.maglev.get(&id, 0) {
+                Ok(ring) => rings.bytes += memlock(ring.map())?,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("lb_maglev", "get ring", e)),
+            }
+        }
+        out.push(rings);
+        Ok(out)
+    }
+
+    fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
+        self.vips
+            .keys()
+            .map(|k| {
+                k.map(|k| k.ip.ip())
+                    .map_err(|e| map_err("lb_vips", "iterate", e))
+            })
+            .collect()
+    }
+}
+
+/// What the kernel charges for a map (`memlock` in its fdinfo, which `bpftool map show`
+/// prints too).
+fn memlock(map: &MapData) -> Result<u64, LbError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let text = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).map_err(|source| {
+        LbError::Syscall {
+            call: "read map fdinfo",
+            source,
+        }
+    })?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+fn usage(name: &'static str, map: &MapData) -> Result<MapUsage, LbError> {
+    let info = map.info().map_err(|e| map_err(name, "get info", e))?;
+    Ok(MapUsage {
+        name: name.to_owned(),
+        max_entries: info.max_entries(),
+        bytes: memlock(map)?,
+    })
+}
+
+/// Sets entry `id` of a per-CPU counter array to zero on every CPU.
+fn zero_stats(
+    map: &mut PerCpuArray<MapData, LbStats>,
+    name: &'static str,
+    id: u32,
+) -> Result<(), LbError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, source)| LbError::Syscall {
+        call: "read the possible CPUs",
+        source,
+    })?;
+    let zeros = PerCpuValues::try_from(vec![LbStats::default(); cpus]).map_err(|source| {
+        LbError::Syscall {
+            call: "build per-CPU values",
+            source,
+        }
+    })?;
+    map.set(id, zeros, 0)
+        .map_err(|e| map_err(name, &format!("zero {id}"), e))
 }
 
 /// Turns on the kernel's run-time accounting of BPF programs (`BPF_ENABLE_STATS`) for as long

@@ -35,10 +35,10 @@ pub enum LbError {
     #[error("datapath full: {0}")]
     Capacity(&'static str),
     /// A map pinned where the LB keeps its maps has another layout (left by another version
-    /// of the LB): reusing it would make the programs misread every entry.
+    /// of the LB), which the programs would misread, or another capacity than asked for.
     #[error(
-        "pinned map {} has {found} (key, value) bytes, this LB needs {expected}: it is another \
-         version's; remove the pin directory to start afresh",
+        "pinned map {} has {found}, this LB needs {expected}: another version or other map \
+         sizes made it; remove the pin directory (slipway lb teardown) to start afresh",
         path.display()
     )]
     StalePin {

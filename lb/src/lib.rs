@@ -4,7 +4,8 @@
 //!
 //! Layout (datapath / control library / daemon, as Katran splits it):
 //! - pure logic, no I/O: [`maglev`], [`pool`], [`config`], [`health::Health`], [`controller`]
-//!   (over the [`maps::LbMaps`] seam), [`status`];
+//!   (over the [`maps::LbMaps`] seam; what it owns, services and ids, in `book.rs`),
+//!   [`status`], [`state`] (what survives a restart: the state file);
 //! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP and unsolicited
 //!   Neighbor Advertisements);
 //! - daemon: [`daemon`] (local API on a Unix socket, health-check tasks), [`api`] (routes'
@@ -30,6 +31,7 @@
 
 pub mod announce;
 pub mod api;
+mod book;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -42,6 +44,7 @@ pub mod maps;
 pub mod metrics;
 pub mod packet;
 pub mod pool;
+pub mod state;
 pub mod status;
 pub mod testing;
 
