@@ -17,12 +17,13 @@ use common::{
     tcp_frame, test_run, udp_frame,
 };
 use slipway_dataplane::DataplaneError;
+use slipway_dataplane::abi::policy::{Direction, F_EGRESS};
 use slipway_dataplane::abi::services::SvcEvent;
 use slipway_dataplane::abi::{
     CounterKey, EndpointInfo, MAX_NAT_FLOWS, Reason, RouteInfo, RouteMode, policy::MAX_CT,
 };
 use slipway_dataplane::node::{self, Installed, MapSizes, NodeMaps, Pins, TableFill};
-use slipway_dataplane::policy::{PolicyMaps, PolicyTables};
+use slipway_dataplane::policy::{PolicyMaps, PolicyTables, RuleEntry};
 use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceKey};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -301,4 +302,68 @@ fn a_pods_packets_to_a_clusterip_are_translated_at_its_veth() {
     }
     let flows = node.fill("nat_flows");
     assert_eq!((flows.entries, flows.full_inserts), (96, 42 + 60 - 96));
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn policy_decides_a_translated_flow_by_its_backend_not_the_service_address() {
+    let mut node = node("svc-policy-test-run", &SMALL);
+    node.services
+        .upsert_service(
+            ServiceKey::tcp(CLUSTER_IP, 80),
+            &[Backend::new(POD_B, 8080)],
+        )
+        .expect("service to B");
+    node.services
+        .upsert_service(
+            ServiceKey::tcp(CLUSTER_IP, 81),
+            &[Backend::new(POD_C, 8080)],
+        )
+        .expect("service to C");
+    // A's egress is isolated: it may reach B (identity 100) on 8080, nothing else. No rule
+    // names the ClusterIP.
+    let mut tables = PolicyTables::default();
+    tables.ipcache.insert((POD_B, 32), 100);
+    tables.ipcache.insert((POD_C, 32), 101);
+    tables.endpoints.insert(POD_A, F_EGRESS);
+    tables.rules.insert(
+        RuleEntry {
+            ep: POD_A,
+            direction: Direction::Egress,
+            identity: 100,
+            proto: 6,
+            port: 8080,
+            port_bits: 16,
+        },
+        1,
+    );
+    PolicyMaps::open(&node.pins)
+        .expect("policy maps")
+        .install(&tables)
+        .expect("install");
+
+    let (verdict, out) = test_run(
+        &node.prog,
+        &tcp_frame(POD_A, CLUSTER_IP, (40000, 80), false),
+        1,
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "allowed: the backend is B");
+    assert_eq!(checked_tuple(&out).1, (POD_B, 8080));
+    let (verdict, out) = test_run(&node.prog, &tcp_frame(POD_B, POD_A, (8080, 40000), true), 1);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the reply of the tracked connection"
+    );
+    assert_eq!(checked_tuple(&out).0, (CLUSTER_IP, 80));
+
+    let (verdict, _) = test_run(
+        &node.prog,
+        &tcp_frame(POD_A, CLUSTER_IP, (40001, 81), false),
+        1,
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "denied: the backend is C");
+    assert_eq!(node.counted(0, Reason::DropPolicy), 1);
 }

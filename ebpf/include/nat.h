@@ -309,7 +309,9 @@ static __always_inline void stack_flow_note(struct __sk_buff *skb, struct iphdr 
 
 /* Whether a packet to a local pod answers a flow that pod sent through the host stack: then the
  * stack must see it (to reverse its DNAT), and the caller passes it up instead of delivering it
- * into the pod. */
+ * into the pod. Keyed by the pod's end only (the DNAT's target is unknown when the flow is
+ * recorded): a later direct flow that reuses the port also goes through the stack, which
+ * delivers it too, at the stack's cost. */
 static __always_inline int stack_flow_reply(struct __sk_buff *skb, struct iphdr *ip4)
 {
 	struct stack_flow_key key = {};
