@@ -135,6 +135,11 @@ fn clusterip_from_a_pod_outside_the_agents_cgroup_is_translated_per_packet() {
         "clusterIP": CLUSTER_IP,
         "ports": [{ "port": 80, "protocol": "TCP", "targetPort": 8080 }],
         "endpoints": backends.iter().map(|b| b.ip.to_string()).collect::<Vec<_>>(),
+    }, {
+        "name": "self",
+        "clusterIP": "10.96.0.11",
+        "ports": [{ "port": 80, "protocol": "TCP", "targetPort": 8080 }],
+        "endpoints": [backends[0].ip.to_string()],
     }]);
     for node in &cluster.nodes {
         let (code, body) = api(&node.socket, "PUT", "/v1/services", Some(&services)).expect("api");
@@ -165,6 +170,13 @@ fn clusterip_from_a_pod_outside_the_agents_cgroup_is_translated_per_packet() {
         "each connection translated per packet"
     );
     assert_eq!(socket(&cluster), socket_before, "no socket was translated");
+
+    // A pod that is the service's only backend reaches itself through it (hairpin).
+    let reply = backends[0]
+        .netns
+        .run(&["curl", "-s", "-m", "3", "http://10.96.0.11/"])
+        .expect("a backend reaches itself through its service");
+    assert_eq!(reply.trim(), "be1");
 
     // Inside the agent's cgroup the socket path stays the one taken.
     let packet_before = packet(&cluster);

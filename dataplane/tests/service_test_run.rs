@@ -20,7 +20,8 @@ use slipway_dataplane::DataplaneError;
 use slipway_dataplane::abi::policy::{Direction, F_EGRESS};
 use slipway_dataplane::abi::services::SvcEvent;
 use slipway_dataplane::abi::{
-    CounterKey, EndpointInfo, MAX_NAT_FLOWS, Reason, RouteInfo, RouteMode, policy::MAX_CT,
+    CounterKey, EndpointInfo, MAX_NAT_FLOWS, NodeConfig, Reason, RouteInfo, RouteMode,
+    policy::MAX_CT,
 };
 use slipway_dataplane::node::{self, Installed, MapSizes, NodeMaps, Pins, TableFill};
 use slipway_dataplane::policy::{PolicyMaps, PolicyTables, RuleEntry};
@@ -366,4 +367,44 @@ fn policy_decides_a_translated_flow_by_its_backend_not_the_service_address() {
     );
     assert_eq!(verdict, TC_ACT_SHOT, "denied: the backend is C");
     assert_eq!(node.counted(0, Reason::DropPolicy), 1);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn a_pod_that_is_its_own_backend_gets_the_request_from_the_router_address() {
+    let mut node = node("svc-hairpin-test-run", &SMALL);
+    let router = Ipv4Addr::new(10, 244, 1, 1);
+    node.maps
+        .set_config(NodeConfig {
+            router_ip4: u32::from_ne_bytes(router.octets()),
+            ..NodeConfig::default()
+        })
+        .expect("node config");
+    node.services
+        .upsert_service(
+            ServiceKey::tcp(CLUSTER_IP, 80),
+            &[Backend::new(POD_A, 8080)],
+        )
+        .expect("service backed by A");
+
+    let (verdict, out) = test_run(
+        &node.prog,
+        &tcp_frame(POD_A, CLUSTER_IP, (40000, 80), false),
+        1,
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(checked_tuple(&out), ((router, 40000), (POD_A, 8080)));
+    assert_eq!(node.counted(A.ifindex, Reason::RedirectPeer), 1);
+
+    let (verdict, out) = test_run(
+        &node.prog,
+        &tcp_frame(POD_A, router, (8080, 40000), true),
+        1,
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(checked_tuple(&out), ((CLUSTER_IP, 80), (POD_A, 40000)));
+    assert_eq!(node.counted(A.ifindex, Reason::RedirectPeer), 2);
 }

@@ -110,9 +110,9 @@ static __always_inline int rewrite_tuple(struct __sk_buff *skb, const struct nat
 
 /* Translates a request to a service to a backend. The first packet of a flow picks one and
  * records the flow both ways; later packets follow the record. From a pod (`from_pod`) the
- * client is local, so the backend's reply comes back through this host by itself; from
- * outside, a backend on another host also gets the request's source rewritten to this host's
- * router address so that its reply returns here. The translated packet is then policed and
+ * client is local, so the backend's reply comes back through this host by itself (unless the
+ * pod is its own backend); from outside, a backend on another host also gets the request's
+ * source rewritten to this host's router address so that its reply returns here. The translated packet is then policed and
  * delivered like any other. Returns -1 when the packet is no request to a service. */
 static __always_inline int service_request(struct __sk_buff *skb, int from_pod)
 {
@@ -138,7 +138,12 @@ static __always_inline int service_request(struct __sk_buff *skb, int from_pod)
 		struct node_config *cfg = bpf_map_lookup_elem(&node_config, &zero);
 		fresh.backend_ip4 = backend.ip4;
 		fresh.backend_port = backend.port;
-		fresh.snat = !from_pod && !bpf_map_lookup_elem(&endpoints, &local);
+		/* From outside, a remote backend's reply must come back here. From a pod that is
+		 * its own backend, the request must not arrive from the pod's own address (which it
+		 * would drop as a martian), and the reply must come back through its veth to be
+		 * translated: both as kube-proxy's hairpin masquerade does. */
+		fresh.snat = from_pod ? backend.ip4 == req.saddr :
+					!bpf_map_lookup_elem(&endpoints, &local);
 		fresh.snat_ip4 = cfg ? cfg->router_ip4 : 0;
 		if (fresh.snat && !fresh.snat_ip4) {
 			count(skb->ifindex, 0, SLIPWAY_REASON_DROP_NODEPORT, skb->len);
