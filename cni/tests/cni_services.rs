@@ -9,6 +9,10 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::Duration;
+
+use common::probe::{PodNs, Port, Servers};
 use common::{Cluster, api, metric, serve_name};
 use serde_json::json;
 
@@ -136,6 +140,11 @@ fn clusterip_from_a_pod_outside_the_agents_cgroup_is_translated_per_packet() {
         "ports": [{ "port": 80, "protocol": "TCP", "targetPort": 8080 }],
         "endpoints": backends.iter().map(|b| b.ip.to_string()).collect::<Vec<_>>(),
     }, {
+        "name": "dns",
+        "clusterIP": CLUSTER_IP,
+        "ports": [{ "port": 53, "protocol": "UDP", "targetPort": 5353 }],
+        "endpoints": [backends[1].ip.to_string()],
+    }, {
         "name": "self",
         "clusterIP": "10.96.0.11",
         "ports": [{ "port": 80, "protocol": "TCP", "targetPort": 8080 }],
@@ -170,6 +179,34 @@ fn clusterip_from_a_pod_outside_the_agents_cgroup_is_translated_per_packet() {
         "each connection translated per packet"
     );
     assert_eq!(socket(&cluster), socket_before, "no socket was translated");
+
+    // UDP: the datagram reaches the backend on the other host; its answer comes back from
+    // the service address the client sent to.
+    let _echo = Servers::start(&PodNs::open(backends[1].netns.name()), &[Port::udp(5353)]);
+    let udp_before = metric(&cluster, 1, EVENTS, "event=\"packet_udp\"");
+    let (from, answer) = PodNs::open(client.netns.name()).run(|| {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        // Datagrams may be lost: a few tries, each waiting for its answer.
+        for _ in 0..6 {
+            socket
+                .send_to(b"query", (CLUSTER_IP.parse::<Ipv4Addr>().expect("ip"), 53))
+                .expect("send");
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                return (from, buf[..n].to_vec());
+            }
+        }
+        panic!("no answer from the UDP service");
+    });
+    assert_eq!(answer, b"query");
+    assert_eq!(from.to_string(), format!("{CLUSTER_IP}:53"));
+    assert_eq!(
+        metric(&cluster, 1, EVENTS, "event=\"packet_udp\"") - udp_before,
+        1
+    );
 
     // A pod that is the service's only backend reaches itself through it (hairpin).
     let reply = backends[0]
