@@ -23,7 +23,7 @@ use slipway_dataplane::abi::policy::{MAX_CT, MAX_RULES};
 use slipway_dataplane::abi::services::SvcEvent;
 use slipway_dataplane::abi::{MAX_NAT_FLOWS, MAX_ROUTES, NodeConfig, Reason, RouteInfo, RouteMode};
 use slipway_dataplane::link::Netlink;
-use slipway_dataplane::node::{self, MapSizes, NodeMaps, Pins, TableFill};
+use slipway_dataplane::node::{self, MapSizes, NodeMaps, Pins};
 use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceKey};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -83,21 +83,18 @@ pub struct AgentArgs {
     /// connection evicts the least recently used one (logged, and counted in
     /// `slipway_datapath_table_full_inserts_total`).
     #[arg(long = "ct-entries", default_value_t = MAX_CT,
-          value_parser = clap::value_parser!(u32).range(64..=TABLE_MAX))]
+          value_parser = clap::value_parser!(u32).range(64..=crate::tables::TABLE_MAX))]
     pub ct_entries: u32,
     /// Flows translated per packet (NodePorts; ClusterIPs of pods outside --cgroup) and pods'
     /// flows through the host stack (hostPorts): the capacity of each of those tables.
     #[arg(long = "nat-entries", default_value_t = MAX_NAT_FLOWS,
-          value_parser = clap::value_parser!(u32).range(64..=TABLE_MAX))]
+          value_parser = clap::value_parser!(u32).range(64..=crate::tables::TABLE_MAX))]
     pub nat_entries: u32,
     /// Pod blocks of other hosts the routes table holds.
     #[arg(long = "route-entries", default_value_t = MAX_ROUTES,
-          value_parser = clap::value_parser!(u32).range(1..=TABLE_MAX))]
+          value_parser = clap::value_parser!(u32).range(1..=crate::tables::TABLE_MAX))]
     pub route_entries: u32,
 }
-
-/// The largest table a flag may ask for (64 Mi entries: gigabytes of kernel memory).
-const TABLE_MAX: i64 = 1 << 26;
 
 impl AgentArgs {
     /// The table capacities the flags ask for.
@@ -108,59 +105,6 @@ impl AgentArgs {
             routes: self.route_entries,
         }
     }
-}
-
-/// The flag that sizes table `map`, for log messages.
-fn sizing_flag(map: &str) -> &'static str {
-    match map {
-        "policy_ct" => "--ct-entries",
-        "routes" => "--route-entries",
-        "counters" => "(fixed size)",
-        _ => "--nat-entries",
-    }
-}
-
-/// How often the agent looks for tables that filled.
-const FILL_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Logs every table whose inserts found it full since the last look: once per interval at
-/// most, whatever the traffic.
-async fn watch_fills(pins: Pins) -> anyhow::Result<()> {
-    let mut seen: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let mut ticks = tokio::time::interval(FILL_CHECK_INTERVAL);
-    loop {
-        ticks.tick().await;
-        let fills = match NodeMaps::open(&pins).and_then(|maps| maps.fills()) {
-            Ok(fills) => fills,
-            Err(e) => {
-                warn!(error = %e, "reading table fill");
-                continue;
-            }
-        };
-        for (fill, new) in newly_full(&mut seen, &fills) {
-            warn!(
-                table = fill.map,
-                capacity = fill.capacity,
-                full_inserts = new,
-                flag = sizing_flag(fill.map),
-                "table full: inserts were refused or evicted older entries; raise the flag"
-            );
-        }
-    }
-}
-
-/// The tables whose full-insert count rose since `seen` (updated), with how much.
-fn newly_full<'a>(
-    seen: &mut BTreeMap<&'static str, u64>,
-    fills: &'a [TableFill],
-) -> Vec<(&'a TableFill, u64)> {
-    fills
-        .iter()
-        .filter_map(|fill| {
-            let before = seen.insert(fill.map, fill.full_inserts).unwrap_or(0);
-            (fill.full_inserts > before).then(|| (fill, fill.full_inserts - before))
-        })
-        .collect()
 }
 
 /// The NodePort range, as Kubernetes defaults it.
@@ -524,7 +468,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_state(agent.clone());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(policy.pump_events());
-    tasks.spawn(watch_fills(agent.pins.clone()));
+    tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));
     tasks.spawn(async move {
         axum::serve(listener, api)
             .await
@@ -815,7 +759,7 @@ async fn put_hosts(
                 message.push_str(&format!(
                     ": the hosts need {} routes, raise {}",
                     hosts.len().saturating_sub(1),
-                    sizing_flag("routes")
+                    crate::tables::sizing_flag("routes")
                 ));
             }
             warn!(error = %message, "syncing routes failed");
@@ -921,7 +865,6 @@ pub fn render_metrics(
     use prometheus_client::encoding::EncodeLabelSet;
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
     use prometheus_client::registry::Registry;
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -931,41 +874,8 @@ pub fn render_metrics(
         ifindex_in: u32,
         ifindex_out: u32,
     }
-    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-    struct TableLabels {
-        table: &'static str,
-    }
     let maps = NodeMaps::open(pins)?;
     let counters = maps.counters()?;
-    let capacity = Family::<TableLabels, Gauge>::default();
-    let entries = Family::<TableLabels, Gauge>::default();
-    let full = Family::<TableLabels, Counter>::default();
-    for TableFill {
-        map,
-        capacity: cap,
-        entries: held,
-        full_inserts,
-    } in maps.fills()?
-    {
-        let labels = TableLabels { table: map };
-        capacity.get_or_create(&labels).set(i64::from(cap));
-        entries
-            .get_or_create(&labels)
-            .set(i64::try_from(held).unwrap_or(i64::MAX));
-        full.get_or_create(&labels).inc_by(full_inserts);
-    }
-    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-    struct EventLabels {
-        event: &'static str,
-    }
-    let events = Family::<EventLabels, Counter>::default();
-    for (event, count) in services {
-        events
-            .get_or_create(&EventLabels {
-                event: event.as_str(),
-            })
-            .inc_by(*count);
-    }
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     for (key, value) in counters {
@@ -994,23 +904,7 @@ pub fn render_metrics(
     let mut registry = Registry::with_prefix("slipway_datapath");
     registry.register("packets", "Packets the node datapath handled", packets);
     registry.register("bytes", "Bytes the node datapath handled", bytes);
-    registry.register(
-        "table_capacity",
-        "Entries a datapath table holds at most",
-        capacity,
-    );
-    registry.register("table_entries", "Entries a datapath table holds", entries);
-    registry.register(
-        "table_full_inserts",
-        "Inserts that found a datapath table full: refused, or evicting an older entry",
-        full,
-    );
-    registry.register(
-        "service_events",
-        "What the service translation did: connect_* and *msg_* at sockets, packet_* per \
-         packet at pod veths (flows of pods outside the socket programs' cgroup)",
-        events,
-    );
+    crate::tables::register_metrics(&mut registry, &maps.fills()?, services);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| {
         slipway_dataplane::DataplaneError::Parse {
@@ -1109,35 +1003,6 @@ mod tests {
             address: Ipv4Addr::new(10, 99, 0, 1),
             pod_block: block.parse().expect("cidr"),
         }
-    }
-
-    #[test]
-    fn a_table_is_reported_each_time_more_inserts_found_it_full() {
-        let fill = |map, full_inserts| TableFill {
-            map,
-            capacity: 64,
-            entries: 64,
-            full_inserts,
-        };
-        let mut seen = BTreeMap::new();
-        let report = |seen: &mut BTreeMap<_, _>, fills: &[TableFill]| -> Vec<(&str, u64)> {
-            newly_full(seen, fills)
-                .into_iter()
-                .map(|(f, n)| (f.map, n))
-                .collect()
-        };
-        assert!(report(&mut seen, &[fill("policy_ct", 0), fill("nat_flows", 0)]).is_empty());
-        assert_eq!(
-            report(&mut seen, &[fill("policy_ct", 5), fill("nat_flows", 0)]),
-            [("policy_ct", 5)]
-        );
-        assert!(report(&mut seen, &[fill("policy_ct", 5), fill("nat_flows", 0)]).is_empty());
-        assert_eq!(
-            report(&mut seen, &[fill("policy_ct", 8), fill("nat_flows", 2)]),
-            [("policy_ct", 3), ("nat_flows", 2)]
-        );
-        assert_eq!(sizing_flag("policy_ct"), "--ct-entries");
-        assert_eq!(sizing_flag("stack_flows"), "--nat-entries");
     }
 
     #[test]
