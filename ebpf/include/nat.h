@@ -281,8 +281,9 @@ static __always_inline int stack_flow_end(struct __sk_buff *skb, struct iphdr *i
 }
 
 /* Records a pod's flow that leaves for the host stack when it is addressed to one of this
- * host's own addresses (where netfilter may DNAT it to a local pod: a hostPort). Checked on a
- * TCP flow's SYN and on every UDP datagram not yet recorded, so a flow costs one FIB lookup. */
+ * host's own addresses (where netfilter may DNAT it to a local pod: a hostPort). A TCP flow is
+ * checked once, on its SYN; UDP has no such mark, so each datagram not to a recorded flow pays
+ * a FIB lookup (datagrams bound for the stack only, which costs far more). */
 static __always_inline void stack_flow_note(struct __sk_buff *skb, struct iphdr *ip4)
 {
 	struct stack_flow_key key = {};
