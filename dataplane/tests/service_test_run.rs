@@ -2,8 +2,9 @@
 //! through `BPF_PROG_TEST_RUN` with smoltcp-built frames: a pod's packets to a ClusterIP that no
 //! socket program translated go to a backend (checksums right), every packet of a flow to the
 //! same one, replies come back as from the service, packets the socket path already translated
-//! are left alone; tables get the capacities asked at load, count their entries, and count the
-//! inserts that found them full.
+//! are left alone; a pod's flows to a node address send their local replies up the host stack
+//! (which reverses a hostPort's DNAT); tables get the capacities asked at load, count their
+//! entries, and count the inserts that found them full.
 //! Privileged (root, BPF): run by scripts/test.sh with `--features privileged`.
 
 mod common;
@@ -13,10 +14,9 @@ use std::net::Ipv4Addr;
 
 use aya::programs::SchedClassifier;
 use common::{
-    B, Bpffs, POD_A, POD_B, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, checked_tuple,
-    tcp_frame, test_run, udp_frame,
+    B, Bpffs, POD_A, POD_B, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX,
+    checked_tuple, tcp_frame, test_run, udp_frame,
 };
-use slipway_dataplane::DataplaneError;
 use slipway_dataplane::abi::policy::{Direction, F_EGRESS};
 use slipway_dataplane::abi::services::SvcEvent;
 use slipway_dataplane::abi::{
@@ -26,6 +26,8 @@ use slipway_dataplane::abi::{
 use slipway_dataplane::node::{self, Installed, MapSizes, NodeMaps, Pins, TableFill};
 use slipway_dataplane::policy::{PolicyMaps, PolicyTables, RuleEntry};
 use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceKey};
+use slipway_dataplane::testing::World;
+use slipway_dataplane::{DataplaneError, netns};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
@@ -407,4 +409,67 @@ fn a_pod_that_is_its_own_backend_gets_the_request_from_the_router_address() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(checked_tuple(&out), ((CLUSTER_IP, 80), (POD_A, 40000)));
     assert_eq!(node.counted(A.ifindex, Reason::RedirectPeer), 2);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn replies_to_a_pods_flow_to_a_node_address_go_back_through_the_host_stack() {
+    let node = node("stack-test-run", &SMALL);
+    // The test run's packets arrive on the loopback of the caller's namespace: a host of a
+    // world, forwarding as an agent makes it, with its underlay address local.
+    let world = World::builder().hosts(1).build().expect("world");
+    let host = world.host(1);
+    host.netns
+        .sysctl(&["net.ipv4.ip_forward=1"])
+        .expect("forwarding");
+    host.netns
+        .ip(&["route", "add", "default", "via", "10.99.0.254"])
+        .expect("default route");
+    let node_ip = host.underlay_ip;
+    let pin = node.pins.program("from_pod");
+    let run = |frame: Vec<u8>| {
+        netns::run_in(host.netns.name(), || {
+            let prog = SchedClassifier::from_pin(&pin).expect("from_pod pin");
+            test_run(&prog, &frame, 1).0
+        })
+        .expect("run in the host's namespace")
+    };
+    let reply = |sport: u16, dport: u16| tcp_frame(POD_B, POD_A, (sport, dport), true);
+
+    // No pod has sent anything to a node address: local replies go straight into the pod.
+    assert_eq!(run(reply(80, 40000)), TC_ACT_REDIRECT);
+
+    // A's SYN to the node's address (a hostPort, DNATed by netfilter to B:80) goes up the
+    // stack and is recorded; B's answer then goes up the stack too, to be translated back.
+    assert_eq!(
+        run(tcp_frame(POD_A, node_ip, (40000, 8080), false)),
+        TC_ACT_OK
+    );
+    assert_eq!(node.fill("stack_flows").entries, 1);
+    assert_eq!(run(reply(80, 40000)), TC_ACT_OK);
+    assert_eq!(node.counted(0, Reason::PassStackFlow), 1);
+
+    // A flow to an address that is not the host's (routed out) is not recorded: its port's
+    // replies from a local pod are delivered directly.
+    assert_eq!(
+        run(tcp_frame(
+            POD_A,
+            Ipv4Addr::new(192, 0, 2, 1),
+            (40001, 443),
+            false
+        )),
+        TC_ACT_OK
+    );
+    assert_eq!(node.fill("stack_flows").entries, 1);
+    assert_eq!(run(reply(80, 40001)), TC_ACT_REDIRECT);
+
+    // UDP to the node's address: recorded on its first datagram.
+    assert_eq!(run(udp_frame(POD_A, node_ip, (5000, 53), b"q")), TC_ACT_OK);
+    assert_eq!(run(udp_frame(POD_A, node_ip, (5000, 53), b"q")), TC_ACT_OK);
+    assert_eq!(node.fill("stack_flows").entries, 2);
+    assert_eq!(run(udp_frame(POD_B, POD_A, (53, 5000), b"a")), TC_ACT_OK);
+    assert_eq!(node.counted(0, Reason::PassStackFlow), 2);
 }

@@ -306,7 +306,8 @@ static __always_inline void stack_flow_note(struct __sk_buff *skb, struct iphdr 
 		.ipv4_src = ip4->saddr,
 		.ipv4_dst = ip4->daddr,
 	};
-	/* A local destination (RTN_LOCAL) is "not forwarded". */
+	/* A local destination (RTN_LOCAL) is "not forwarded"; so is one without a route, which
+	 * the stack drops: recording it costs nothing but the entry. */
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_NOT_FWDED)
 		return;
 	__u32 one = 1;
