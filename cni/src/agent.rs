@@ -19,10 +19,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
-use slipway_dataplane::abi::policy::MAX_RULES;
-use slipway_dataplane::abi::{NodeConfig, Reason, RouteInfo, RouteMode};
+use slipway_dataplane::abi::policy::{MAX_CT, MAX_RULES};
+use slipway_dataplane::abi::services::SvcEvent;
+use slipway_dataplane::abi::{MAX_NAT_FLOWS, MAX_ROUTES, NodeConfig, Reason, RouteInfo, RouteMode};
 use slipway_dataplane::link::Netlink;
-use slipway_dataplane::node::{self, NodeMaps, Pins};
+use slipway_dataplane::node::{self, MapSizes, NodeMaps, Pins};
 use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceKey};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -78,6 +79,32 @@ pub struct AgentArgs {
     #[arg(long = "policy-entries", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_RULES / 2)))]
     pub policy_entries: u32,
+    /// Connections NetworkPolicy tracks (the `policy_ct` table). When it is full, each new
+    /// connection evicts the least recently used one (logged, and counted in
+    /// `slipway_datapath_table_full_inserts_total`).
+    #[arg(long = "ct-entries", default_value_t = MAX_CT,
+          value_parser = clap::value_parser!(u32).range(64..=crate::tables::TABLE_MAX))]
+    pub ct_entries: u32,
+    /// Flows translated per packet (NodePorts; ClusterIPs of pods outside --cgroup) and pods'
+    /// flows through the host stack (hostPorts): the capacity of each of those tables.
+    #[arg(long = "nat-entries", default_value_t = MAX_NAT_FLOWS,
+          value_parser = clap::value_parser!(u32).range(64..=crate::tables::TABLE_MAX))]
+    pub nat_entries: u32,
+    /// Pod blocks of other hosts the routes table holds.
+    #[arg(long = "route-entries", default_value_t = MAX_ROUTES,
+          value_parser = clap::value_parser!(u32).range(1..=crate::tables::TABLE_MAX))]
+    pub route_entries: u32,
+}
+
+impl AgentArgs {
+    /// The table capacities the flags ask for.
+    pub fn map_sizes(&self) -> MapSizes {
+        MapSizes {
+            conntrack: self.ct_entries,
+            nat: self.nat_entries,
+            routes: self.route_entries,
+        }
+    }
 }
 
 /// The NodePort range, as Kubernetes defaults it.
@@ -338,7 +365,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             )
         })?;
 
-    let mut installed = node::install(&pins)?;
+    let mut installed = node::install(&pins, &args.map_sizes())?;
     let mut service_dp = ServiceDatapath::load(Some(&pins.services_dir()))?;
     fs::create_dir_all(&args.cgroup)
         .with_context(|| format!("--cgroup: creating {}", args.cgroup.display()))?;
@@ -441,6 +468,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_state(agent.clone());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(policy.pump_events());
+    tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));
     tasks.spawn(async move {
         axum::serve(listener, api)
             .await
@@ -726,10 +754,18 @@ async fn put_hosts(
             )
         }
         Err(e) => {
-            warn!(error = %e, "syncing routes failed");
+            let mut message = e.to_string();
+            if matches!(e, slipway_dataplane::DataplaneError::TableFull { .. }) {
+                message.push_str(&format!(
+                    ": the hosts need {} routes, raise {}",
+                    hosts.len().saturating_sub(1),
+                    crate::tables::sizing_flag("routes")
+                ));
+            }
+            warn!(error = %message, "syncing routes failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(serde_json::json!({ "errors": [e.to_string()] })),
+                Json(serde_json::json!({ "errors": [message] })),
             )
         }
     }
@@ -750,6 +786,14 @@ fn sync_routes(agent: &Agent, hosts: &[Host]) -> Result<(), slipway_dataplane::D
             (host.pod_block.network(), host.pod_block.prefix()),
             RouteInfo::new(host.address, mode),
         );
+    }
+    // A list that cannot fit is refused before anything is written.
+    let capacity = maps.route_capacity()?;
+    if wanted.len() > capacity as usize {
+        return Err(slipway_dataplane::DataplaneError::TableFull {
+            map: "routes",
+            capacity,
+        });
     }
     for ((block, prefix), info) in &wanted {
         maps.upsert_route(*block, *prefix, *info)?;
@@ -789,7 +833,17 @@ async fn status(State(agent): State<Arc<Agent>>) -> (StatusCode, Json<serde_json
 
 /// Prometheus text: the datapath's per-CPU counters summed, by device, direction and reason.
 async fn metrics(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
-    match render_metrics(&agent.pins) {
+    let services = agent.services.lock().await.1.counters();
+    let services = match services {
+        Ok(counters) => counters,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("# service datapath unavailable: {e}\n"),
+            );
+        }
+    };
+    match render_metrics(&agent.pins, &services) {
         // Both registries end with "# EOF": keep only the last.
         Ok(text) => (
             StatusCode::OK,
@@ -802,8 +856,12 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
     }
 }
 
-/// Renders the counters map in the Prometheus text format with prometheus-client.
-pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::DataplaneError> {
+/// Renders the counters map, the tables' fill and the service programs' events (`services`:
+/// which path service flows took) in the Prometheus text format with prometheus-client.
+pub fn render_metrics(
+    pins: &Pins,
+    services: &BTreeMap<SvcEvent, u64>,
+) -> Result<String, slipway_dataplane::DataplaneError> {
     use prometheus_client::encoding::EncodeLabelSet;
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
@@ -816,7 +874,8 @@ pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::Dataplan
         ifindex_in: u32,
         ifindex_out: u32,
     }
-    let counters = NodeMaps::open(pins)?.counters()?;
+    let maps = NodeMaps::open(pins)?;
+    let counters = maps.counters()?;
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     for (key, value) in counters {
@@ -825,7 +884,10 @@ pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::Dataplan
         };
         let verdict = if reason.is_drop() {
             "dropped"
-        } else if matches!(reason, Reason::PassNotIpv4 | Reason::PassNoEndpoint) {
+        } else if matches!(
+            reason,
+            Reason::PassNotIpv4 | Reason::PassNoEndpoint | Reason::PassStackFlow
+        ) {
             "passed"
         } else {
             "forwarded"
@@ -842,6 +904,7 @@ pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::Dataplan
     let mut registry = Registry::with_prefix("slipway_datapath");
     registry.register("packets", "Packets the node datapath handled", packets);
     registry.register("bytes", "Bytes the node datapath handled", bytes);
+    crate::tables::register_metrics(&mut registry, &maps.fills()?, services);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| {
         slipway_dataplane::DataplaneError::Parse {

@@ -42,6 +42,9 @@ pub enum DataplaneError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    /// A table refused an insert because it holds as many entries as it was created for.
+    #[error("table `{map}` is full ({capacity} entries)")]
+    TableFull { map: &'static str, capacity: u32 },
     /// A path under bpffs could not be created or removed.
     #[error("bpffs path {path}")]
     Bpffs {

@@ -340,10 +340,17 @@ impl ServiceDatapath {
     pub fn counters(&self) -> Result<BTreeMap<SvcEvent, u64>, ServiceError> {
         let mut totals = BTreeMap::new();
         for event in SvcEvent::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(event as u32), 0)
-                .map_err(|source| map_error(COUNTERS_MAP, &format!("get {event:?}"), source))?;
+            let per_cpu = match self.counters.get(&(event as u32), 0) {
+                Ok(per_cpu) => per_cpu,
+                // A map pinned by an older version, without this event's slot: never counted.
+                Err(MapError::OutOfBounds { .. }) => {
+                    totals.insert(event, 0);
+                    continue;
+                }
+                Err(source) => {
+                    return Err(map_error(COUNTERS_MAP, &format!("get {event:?}"), source));
+                }
+            };
             totals.insert(event, per_cpu.iter().sum());
         }
         Ok(totals)

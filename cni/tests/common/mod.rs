@@ -434,3 +434,15 @@ impl Cluster {
         }
     }
 }
+
+/// The value of the Prometheus sample `name{...}` whose labels include `label` on host `i`'s
+/// agent (0 when the series is absent).
+pub fn metric(cluster: &Cluster, i: usize, name: &str, label: &str) -> u64 {
+    let (code, text) =
+        api(&cluster.node(i).socket, "GET", "/metrics", None).expect("metrics answer");
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
