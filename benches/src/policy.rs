@@ -12,10 +12,13 @@
 //!   count and measures Slipway and the bridge alternately at each. The suite pins itself, and
 //!   so iperf3 and sockperf on both ends, to one CPU meanwhile (see [`Pinned`]).
 //! - Apply→enforced: a probe loop in the client pod's namespace sends one UDP echo request a
-//!   millisecond, each from a 4-tuple not used before (so no connection-tracking entry from an
-//!   earlier verdict can answer for it), while the allow rule is added and removed; a flip's
+//!   millisecond, each from a 4-tuple not used within [`TUPLE_REUSE_AFTER`] (so no
+//!   connection-tracking entry from an earlier verdict can answer for it: the tuples rotate, and
+//!   the loop waits when the oldest is not that old yet), while the allow rule is added and
+//!   removed; a flip's
 //!   latency is the time from sending `PUT /v1/networkpolicies` (for the baseline: starting
-//!   `iptables-restore`) to the first probe that sees the new verdict.
+//!   `iptables-restore`) to the first probe that sees the new verdict. A baseline that fails
+//!   (iptables-restore, its probes) is reported as failed in its records, and the suite goes on.
 //!
 //! The world, agents and pods come from the CNI suite's harness ([`crate::cni`]); everything
 //! lives in the world's namespaces and is torn down on drop, also on error.
@@ -65,11 +68,16 @@ const NO_POLICY: &str = "slipway-no-policy";
 const MARKER: &str = "slipway-bench-policy";
 
 /// The probe loop: UDP echo to one of these ports on the server pod from a source port of
-/// this range, which the rule counts of [`LATENCY_LEVELS`] split between them, so that no
-/// four-tuple is used twice in a run (8 x 20,000 per rule count).
+/// this range, which the rule counts of [`LATENCY_LEVELS`] split between them (8 x 20,000
+/// four-tuples per rule count, used in turn, see [`Tuples`]).
 const PROBE_PORTS: [u16; 8] = [7101, 7102, 7103, 7104, 7105, 7106, 7107, 7108];
 const PROBE_SOURCE_PORTS: (u16, u16) = (20_000, 60_000);
 const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+/// A four-tuple is used again only this long after its last use: longer than any connection
+/// tracking entry of one echo lives on the baseline (Linux UDP: 30 s, 120 s for a stream), so
+/// an old verdict cannot answer for a new probe. (Slipway's policy conntrack decides an entry
+/// of an older policy generation again anyway.)
+const TUPLE_REUSE_AFTER: Duration = Duration::from_secs(150);
 /// A probe not answered within this is lost (an answer takes ~0.1 ms here).
 const PROBE_WINDOW: Duration = Duration::from_millis(20);
 /// Before each flip, the probes must show the old verdict: an echo (old allow), or this many
@@ -792,26 +800,74 @@ impl ProbeLog {
     }
 }
 
+/// The probe loop's four-tuples (source port, destination port), used in turn: when all have
+/// been used the first comes round again, once its last use is `reuse_after` old.
+#[derive(Debug)]
+struct Tuples {
+    sources: (u16, u16),
+    ports: &'static [u16],
+    reuse_after: Duration,
+    next: usize,
+    /// When each tuple was last handed out.
+    used: Vec<Option<Instant>>,
+}
+
+impl Tuples {
+    fn new(sources: (u16, u16), ports: &'static [u16], reuse_after: Duration) -> Self {
+        let count = usize::from(sources.1.saturating_sub(sources.0)) * ports.len();
+        Self {
+            sources,
+            ports,
+            reuse_after,
+            next: 0,
+            used: vec![None; count],
+        }
+    }
+
+    /// The next tuple at `now`, or how long to wait until it may be used again.
+    fn take(&mut self, now: Instant) -> Result<(u16, u16), Duration> {
+        let n = self.next;
+        if let Some(last) = self.used[n] {
+            let age = now.saturating_duration_since(last);
+            if age < self.reuse_after {
+                return Err(self.reuse_after - age);
+            }
+        }
+        self.used[n] = Some(now);
+        self.next = (n + 1) % self.used.len();
+        let source = self.sources.0 + (n / self.ports.len()) as u16;
+        Ok((source, self.ports[n % self.ports.len()]))
+    }
+}
+
 /// Sends one UDP echo request every [`PROBE_INTERVAL`] while `log.active`, each from a new
-/// socket on the next unused (source port, destination port), and records the answers. Runs
-/// in the client's namespace until `log.stop`.
-fn probe_loop(log: &ProbeLog, server: Ipv4Addr, (low, high): (u16, u16)) -> anyhow::Result<()> {
-    let tuples = usize::from(high - low) * PROBE_PORTS.len();
-    let mut next_tuple = 0usize;
+/// socket on the next (source port, destination port) of [`Tuples`], and records the answers.
+/// Runs in the client's namespace until `log.stop`.
+fn probe_loop(log: &ProbeLog, server: Ipv4Addr, sources: (u16, u16)) -> anyhow::Result<()> {
+    let mut tuples = Tuples::new(sources, &PROBE_PORTS, TUPLE_REUSE_AFTER);
+    ensure!(
+        !tuples.used.is_empty(),
+        "probe loop: no four-tuple in {sources:?}"
+    );
+    let mut sent_count = 0u64;
     let mut open: Vec<(usize, UdpSocket, Instant)> = Vec::new();
     let mut buf = [0u8; 64];
     let mut tick = Instant::now();
     while !log.stop.load(Ordering::Relaxed) {
         if log.active.load(Ordering::Relaxed) {
             let socket = loop {
-                ensure!(
-                    next_tuple < tuples,
-                    "probe loop: all {tuples} four-tuples used"
-                );
-                let n = next_tuple;
-                next_tuple += 1;
-                let source = low + (n / PROBE_PORTS.len()) as u16;
-                let port = PROBE_PORTS[n % PROBE_PORTS.len()];
+                let (source, port) = match tuples.take(Instant::now()) {
+                    Ok(tuple) => tuple,
+                    Err(wait) => {
+                        // Every tuple was used lately: wait out the oldest one's age (in short
+                        // steps, so a stop is seen).
+                        thread::sleep(wait.min(Duration::from_millis(100)));
+                        if log.stop.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
                 match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, source)) {
                     Ok(socket) => {
                         socket.connect((server, port))?;
@@ -823,7 +879,8 @@ fn probe_loop(log: &ProbeLog, server: Ipv4Addr, (low, high): (u16, u16)) -> anyh
                 }
             };
             let sent = Instant::now();
-            socket.send(&(next_tuple as u64).to_be_bytes())?;
+            sent_count += 1;
+            socket.send(&sent_count.to_be_bytes())?;
             let index = {
                 let mut probes = log.lock();
                 probes.push(Probe {
@@ -1001,6 +1058,8 @@ fn flip(
 struct Flips {
     slipway: Vec<Flip>,
     bridge: Vec<Flip>,
+    /// Why the baseline stopped flipping, when it failed: reported, not fatal.
+    bridge_failed: Option<String>,
 }
 
 /// Sets every background rule of `level`, then flips the client's allow rule on and off
@@ -1075,6 +1134,7 @@ fn measure_flips(
         let mut out = Flips {
             slipway: Vec::with_capacity(flips),
             bridge: Vec::with_capacity(flips),
+            bridge_failed: None,
         };
         for i in 0..flips {
             let (want, policies, restore) = if i % 2 == 0 {
@@ -1086,10 +1146,16 @@ fn measure_flips(
                 flip(&logs[0], want, || agent.apply(policies))
                     .with_context(|| format!("slipway flip {i} at {level} rules"))?,
             );
-            out.bridge.push(
-                flip(&logs[1], want, || iptables.restore(restore))
-                    .with_context(|| format!("iptables flip {i} at {level} rules"))?,
-            );
+            if out.bridge_failed.is_none() {
+                match flip(&logs[1], want, || iptables.restore(restore)) {
+                    Ok(flip) => out.bridge.push(flip),
+                    Err(e) => {
+                        let reason = format!("iptables flip {i} at {level} rules: {e:#}");
+                        eprintln!("      baseline FAILED, Slipway goes on alone: {reason}");
+                        out.bridge_failed = Some(reason);
+                    }
+                }
+            }
         }
         Ok(out)
     })
@@ -1115,16 +1181,23 @@ impl Flips {
                 "apply_enforced_p99_10000_rules",
             ),
         };
-        Ok(vec![
-            percentile_record(&samples, 50.0, metric(p50))?,
-            percentile_record(&samples, 99.0, metric(p99))?,
-        ])
+        let mut records = Vec::new();
+        for (p, name) in [(50.0, p50), (99.0, p99)] {
+            records.push(match &self.bridge_failed {
+                None => percentile_record(&samples, p, metric(name))?,
+                Some(reason) => failed_baseline_record(&samples.slipway, p, metric(name), reason)?,
+            });
+        }
+        Ok(records)
     }
 
     /// Per side and direction: p50/p99 of apply→enforced and of the apply call itself, and
     /// how many flips saw the old verdict after the apply returned.
     fn summary(&self, level: usize) -> String {
         let mut out = format!("apply->enforced at {level} background rules (ms, p50/p99):\n");
+        if let Some(reason) = &self.bridge_failed {
+            out.push_str(&format!("  baseline FAILED: {reason}\n"));
+        }
         for (side, flips) in [
             ("slipway PUT", &self.slipway),
             ("iptables-restore", &self.bridge),
@@ -1150,6 +1223,27 @@ impl Flips {
         }
         out
     }
+}
+
+/// The record of a metric whose baseline failed: Slipway's figure, the baseline named as
+/// failed with the reason, no baseline value and no ratio (null in the JSON line).
+fn failed_baseline_record(
+    slipway: &[f64],
+    p: f64,
+    metric: Metric<'_>,
+    reason: &str,
+) -> anyhow::Result<Record> {
+    let value = percentile(slipway, p).context("no slipway samples")?;
+    let mut record = Samples {
+        slipway: slipway.to_vec(),
+        baseline: vec![value],
+    }
+    .record(metric)?;
+    record.slipway = value;
+    record.baseline = format!("{} FAILED: {reason}", metric.baseline);
+    record.baseline_value = f64::NAN;
+    record.ratio = f64::NAN;
+    Ok(record)
 }
 
 fn load_average() -> String {
@@ -1274,6 +1368,76 @@ mod tests {
              -A FORWARD -d 10.0.0.1/32 -j DROP\n-A FORWARD -j X\nCOMMIT\n"
         );
         assert_eq!(with_forward_rules(busy, &[]), busy);
+    }
+
+    #[test]
+    fn tuples_rotate_and_wait_out_their_reuse_age() {
+        static PORTS: [u16; 2] = [7, 9];
+        let reuse = Duration::from_secs(150);
+        let mut tuples = Tuples::new((100, 102), &PORTS, reuse);
+        let t0 = Instant::now();
+        let first: Vec<(u16, u16)> = (0..4)
+            .map(|i| tuples.take(t0 + Duration::from_millis(i)).expect("unused"))
+            .collect();
+        assert_eq!(first, [(100, 7), (100, 9), (101, 7), (101, 9)]);
+        // All four used: the oldest comes round once it is old enough, never before.
+        let early = t0 + Duration::from_secs(100);
+        assert_eq!(tuples.take(early), Err(Duration::from_secs(50)));
+        assert_eq!(tuples.take(t0 + reuse), Ok((100, 7)));
+        assert_eq!(
+            tuples.take(t0 + reuse),
+            Err(Duration::from_millis(1)),
+            "the next one was used 1 ms later"
+        );
+        // A run as long as the one that ran out ("all 160000 four-tuples used" at flip 79):
+        // with one probe a millisecond, every take succeeds or names a finite wait.
+        let (low, high) = PROBE_SOURCE_PORTS;
+        let span = (high - low) / LATENCY_LEVELS.len() as u16;
+        let mut tuples = Tuples::new((low, low + span), &PROBE_PORTS, TUPLE_REUSE_AFTER);
+        let mut now = t0;
+        let mut waited = Duration::ZERO;
+        for _ in 0..400_000 {
+            match tuples.take(now) {
+                Ok(_) => now += PROBE_INTERVAL,
+                Err(wait) => {
+                    assert!(wait <= TUPLE_REUSE_AFTER, "{wait:?}");
+                    waited += wait;
+                    now += wait;
+                }
+            }
+        }
+        assert!(waited <= TUPLE_REUSE_AFTER, "waited {waited:?} in all");
+    }
+
+    #[test]
+    fn a_failed_baseline_is_reported_as_failed() {
+        let flips = Flips {
+            slipway: [3.0, 5.0, 4.0]
+                .into_iter()
+                .map(|ms| Flip {
+                    want: Verdict::Allow,
+                    enforced_ms: ms,
+                    apply_ms: 1.0,
+                    late: false,
+                })
+                .collect(),
+            bridge: Vec::new(),
+            bridge_failed: Some("iptables flip 0 at 0 rules: boom".into()),
+        };
+        let records = flips
+            .records(0)
+            .expect("records despite the failed baseline");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].slipway, 4.0);
+        assert!(
+            records[0].baseline.contains("FAILED: iptables flip 0"),
+            "{:?}",
+            records[0]
+        );
+        assert!(records[0].ratio.is_nan() && records[0].baseline_value.is_nan());
+        let line = serde_json::to_string(&records[0]).expect("json");
+        assert!(line.contains("\"ratio\":null"), "{line}");
+        assert!(flips.summary(0).contains("baseline FAILED"));
     }
 
     fn log(start: Instant, answers: &[Answer]) -> Vec<Probe> {
