@@ -52,7 +52,8 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replace one list of the agent's policy state with a file's (JSON or YAML list).
+    /// Replace one list of the agent's policy state with a file's: JSON, or YAML with one or
+    /// more documents, each an object, a list of them, or a `kind: List` (`kubectl get -o yaml`).
     Set {
         #[arg(value_parser = ["namespaces", "pods", "networkpolicies"])]
         kind: String,
@@ -140,15 +141,34 @@ impl PolicyCommand {
             PolicyCommand::Set { kind, file, socket } => {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
-                let list: serde_json::Value = serde_json::from_str(&text).or_else(|_| {
-                    serde_saphyr::from_str(&text)
-                        .with_context(|| format!("{}: neither JSON nor YAML", file.display()))
-                })?;
-                let answer = call(&socket, "PUT", &format!("/v1/{kind}"), Some(&list))?;
-                println!(
-                    "{kind} set; policy generation {} enforced",
-                    answer["generation"]
-                );
+                let items = read_items(&text).with_context(|| file.display().to_string())?;
+                let answer = call(
+                    &socket,
+                    "PUT",
+                    &format!("/v1/{kind}"),
+                    Some(&serde_json::Value::Array(items)),
+                )
+                .with_context(|| format!("{kind} from {} refused", file.display()))?;
+                let generation = &answer["generation"];
+                let failed: Vec<&str> = answer["failClosed"]
+                    .as_array()
+                    .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
+                    .unwrap_or_default();
+                if !failed.is_empty() {
+                    let why: Vec<&str> = answer["failClosedErrors"]
+                        .as_array()
+                        .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
+                        .unwrap_or_default();
+                    anyhow::bail!(
+                        "{kind} set and policy generation {generation} enforced, but {} endpoint \
+                         direction(s) FAIL CLOSED (all their traffic in that direction is \
+                         denied): {}\n  {}",
+                        failed.len(),
+                        failed.join(", "),
+                        why.join("\n  ")
+                    );
+                }
+                println!("{kind} set; policy generation {generation} enforced");
                 Ok(())
             }
             PolicyCommand::Get { kind, socket } => {
@@ -158,6 +178,41 @@ impl PolicyCommand {
             }
         }
     }
+}
+
+/// The items of a policy state file: a JSON value, or every YAML document of the file; each a
+/// list, a `kind: List` (or `...List`) with `items`, or one object. Empty documents count for
+/// nothing.
+pub fn read_items(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let documents: Vec<serde_json::Value> = match serde_json::from_str(text) {
+        Ok(value) => vec![value],
+        Err(_) => serde_saphyr::from_multiple(text)
+            .map_err(|e| anyhow::anyhow!("not valid JSON or YAML: {e}"))?,
+    };
+    let mut items = Vec::new();
+    for (d, document) in documents.into_iter().enumerate() {
+        match document {
+            serde_json::Value::Null => {}
+            serde_json::Value::Array(list) => items.extend(list),
+            serde_json::Value::Object(object) => {
+                let kind = object.get("kind").and_then(serde_json::Value::as_str);
+                if kind.is_some_and(|k| k.ends_with("List")) {
+                    match object.get("items") {
+                        Some(serde_json::Value::Array(list)) => items.extend(list.iter().cloned()),
+                        Some(serde_json::Value::Null) | None => {}
+                        Some(_) => anyhow::bail!("document {}: items: not a list", d + 1),
+                    }
+                } else {
+                    items.push(serde_json::Value::Object(object));
+                }
+            }
+            _ => anyhow::bail!(
+                "document {}: neither an object, a list nor a kind: List",
+                d + 1
+            ),
+        }
+    }
+    Ok(items)
 }
 
 /// The human form of an explain answer.
@@ -271,4 +326,30 @@ pub fn render_flow(flow: &Flow) -> String {
         flow.protocol,
         why
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_may_be_multi_document_yaml_lists_or_kind_list() {
+        let multi = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: a\n\
+                     ---\n\
+                     - metadata: {name: b}\n- metadata: {name: c}\n\
+                     ---\n\
+                     apiVersion: v1\nkind: List\nitems:\n- metadata: {name: d}\n\
+                     ---\n";
+        let items = read_items(multi).expect("multi-document YAML");
+        let names: Vec<&str> = items
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        let json = r#"{"kind": "NetworkPolicyList", "items": [{"metadata": {"name": "x"}}]}"#;
+        assert_eq!(read_items(json).expect("JSON list kind").len(), 1);
+        assert_eq!(read_items("[]").expect("empty").len(), 0);
+        let err = read_items("- a\n---\n42\n").expect_err("a scalar document");
+        assert!(err.to_string().contains("document 2"), "{err}");
+    }
 }
