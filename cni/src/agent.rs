@@ -386,10 +386,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let restored = restore_hosts(&args.data_dir, &maps)?;
     if !restored.is_empty() {
-        info!(
-            hosts = restored.len(),
-            "restored routes from the pinned map"
-        );
+        info!(hosts = restored.len(), "restored the host list");
     }
     let services: Vec<Service> = fs::read(desired_path(&args.data_dir, "services"))
         .ok()
@@ -410,6 +407,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         services: Mutex::new((services, service_dp)),
         policy: policy.clone(),
     });
+    // The routes follow the restored list, whatever moment the previous agent stopped at.
+    sync_routes(&agent, &agent.hosts.lock().await)?;
 
     if let Some(parent) = args.socket.parent() {
         fs::create_dir_all(parent)?;
