@@ -141,8 +141,12 @@ items:
         "{out}"
     );
     assert!(
-        !out.contains("column"),
-        "a position in a body the user never wrote: {out}"
+        out.contains(&format!("{file}:4:")),
+        "the misfit is located in the user's file (line 4): {out}"
+    );
+    assert!(
+        !out.contains("line 1 column"),
+        "a position in the one-line body the CLI sent, which the user never wrote: {out}"
     );
 
     // An empty namespace would select nothing: refused, naming the field.

@@ -85,14 +85,21 @@ fn call(
             .as_array()
             .map(|e| {
                 e.iter()
-                    .filter_map(|m| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n  ")
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect()
             })
-            .unwrap_or_else(|| text.clone());
-        anyhow::bail!("agent answered {code}:\n  {errors}");
+            .unwrap_or_else(|| vec![text.clone()]);
+        return Err(Refused { code, errors }.into());
     }
     Ok(value)
+}
+
+/// The agent refused a request.
+#[derive(Debug, thiserror::Error)]
+#[error("agent answered {code}:\n  {}", errors.join("\n  "))]
+struct Refused {
+    code: u16,
+    errors: Vec<String>,
 }
 
 /// Percent-encodes a query value.
@@ -142,13 +149,28 @@ impl PolicyCommand {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
                 let items = read_items(&text).with_context(|| file.display().to_string())?;
-                let answer = call(
+                let answer = match call(
                     &socket,
                     "PUT",
                     &format!("/v1/{kind}"),
                     Some(&serde_json::Value::Array(items)),
-                )
-                .with_context(|| format!("{kind} from {} refused", file.display()))?;
+                ) {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        // A body that does not fit the schema: say where in the user's file.
+                        let located = match e.downcast_ref::<Refused>() {
+                            Some(refused) if refused.code == 400 => {
+                                locate_misfits(&kind, &file.display().to_string(), &text)
+                            }
+                            _ => Vec::new(),
+                        };
+                        let e = e.context(format!("{kind} from {} refused", file.display()));
+                        if located.is_empty() {
+                            return Err(e);
+                        }
+                        anyhow::bail!("{e:#}\nin {}:\n{}", file.display(), located.join("\n"));
+                    }
+                };
                 let generation = &answer["generation"];
                 let failed: Vec<&str> = answer["failClosed"]
                     .as_array()
@@ -213,6 +235,85 @@ pub fn read_items(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         }
     }
     Ok(items)
+}
+
+/// Each document of a YAML (or JSON) text that holds something: its first line (0-based) and
+/// its text. Documents start at `---` lines.
+fn documents(text: &str) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = Vec::new();
+    let mut current: Option<(u64, String)> = Some((0, String::new()));
+    for (n, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") {
+            out.extend(current.take());
+            current = Some((n as u64, String::new()));
+        }
+        if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out.extend(current);
+    out.retain(|(_, body)| {
+        body.lines().any(|l| {
+            let l = l.trim();
+            !(l.is_empty() || l.starts_with('#') || l == "---" || l == "...")
+        })
+    });
+    out
+}
+
+/// The items of a `kind: List` document.
+#[derive(serde::Deserialize)]
+struct ItemsOf<T> {
+    #[serde(default = "Vec::new")]
+    #[expect(
+        dead_code,
+        reason = "parsed only to check the items against the schema"
+    )]
+    items: Vec<T>,
+}
+
+/// Where the items of a state file do not fit the schema of `kind`: each document is parsed
+/// again as what it holds (a list, a `kind: List` or one object), and its first misfit is
+/// rendered at its line and column in `name`. Empty when none is found or the documents cannot
+/// be told apart.
+pub fn locate_misfits(kind: &str, name: &str, text: &str) -> Vec<String> {
+    match kind {
+        "networkpolicies" => misfits::<super::NetworkPolicy>(name, text),
+        "pods" => misfits::<super::compile::Pod>(name, text),
+        "namespaces" => misfits::<super::compile::Namespace>(name, text),
+        _ => Vec::new(),
+    }
+}
+
+fn misfits<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Vec<String> {
+    let Ok(values) = serde_saphyr::from_multiple::<serde_json::Value>(text) else {
+        return Vec::new();
+    };
+    let values: Vec<serde_json::Value> = values.into_iter().filter(|v| !v.is_null()).collect();
+    let documents = documents(text);
+    if documents.len() != values.len() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for ((offset, body), value) in documents.iter().zip(&values) {
+        let is_list = value
+            .get("kind")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|k| k.ends_with("List"));
+        let parsed = match value {
+            serde_json::Value::Array(_) => serde_saphyr::from_str::<Vec<T>>(body).map(drop),
+            _ if is_list => serde_saphyr::from_str::<ItemsOf<T>>(body).map(drop),
+            _ => serde_saphyr::from_str::<T>(body).map(drop),
+        };
+        if let Err(e) = parsed {
+            out.push(e.render_with_options(serde_saphyr::render_options! {
+                line_offset: *offset,
+                source_name: Some(name),
+            }));
+        }
+    }
+    out
 }
 
 /// The human form of an explain answer.
@@ -351,5 +452,29 @@ mod tests {
         assert_eq!(read_items("[]").expect("empty").len(), 0);
         let err = read_items("- a\n---\n42\n").expect_err("a scalar document");
         assert!(err.to_string().contains("document 2"), "{err}");
+    }
+
+    #[test]
+    fn misfits_are_located_in_the_users_file() {
+        let text = "\
+# policies
+metadata: {name: one, namespace: x}
+spec: {}
+---
+kind: List
+items:
+- metadata: {name: two, namespace: x}
+  spec:
+    podSelectr: {}
+";
+        let found = locate_misfits("networkpolicies", "my.yaml", text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("my.yaml:9:") && found[0].contains("podSelectr"),
+            "{}",
+            found[0]
+        );
+        let fine = "- metadata: {name: a}\n  spec: {}\n";
+        assert!(locate_misfits("networkpolicies", "ok.yaml", fine).is_empty());
     }
 }
