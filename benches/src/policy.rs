@@ -533,6 +533,8 @@ struct Traffic {
     levels: Vec<usize>,
     /// `[level][metric]` samples; metrics as in [`TRAFFIC_METRICS`].
     samples: Vec<[Samples; 3]>,
+    /// Why the baseline stopped being measured, when it failed: reported, not fatal.
+    bridge_failed: Option<String>,
 }
 
 /// (name prefix, unit, higher is better) of the traffic metrics.
@@ -552,6 +554,7 @@ fn measure_traffic(
     let mut traffic = Traffic {
         levels: TRAFFIC_LEVELS.to_vec(),
         samples: TRAFFIC_LEVELS.iter().map(|_| Default::default()).collect(),
+        bridge_failed: None,
     };
     let states: Vec<State> = TRAFFIC_LEVELS
         .iter()
@@ -578,6 +581,7 @@ fn measure_traffic(
         pinned.cpu, pinned.previous
     );
     let throughput = |pair: &Pair<'_>| pair.throughput_gbps(options.iperf_duration);
+    let mut bridge_failed = None;
     for run in 0..options.runs {
         for (i, (&state, (policy_body, restore_text))) in states.iter().zip(&bodies).enumerate() {
             let level = traffic.levels[i];
@@ -585,30 +589,46 @@ fn measure_traffic(
             agent.apply(policy_body)?;
             let put = started.elapsed();
             agent.check(state)?;
+            let context = |side: &str| format!("{side} at {level} rules, run {run}");
             let started = Instant::now();
-            iptables.restore(restore_text)?;
-            let restore = started.elapsed();
+            let restored = bridge_failed.is_none()
+                && noted(&mut bridge_failed, iptables.restore(restore_text), || {
+                    context("iptables-restore")
+                })
+                .is_some();
             eprintln!(
                 "      run {run}, {level} rules: PUT {:.0} ms, iptables-restore {:.0} ms",
                 ms(put),
-                ms(restore)
+                ms(started.elapsed())
             );
-            let context = |side: &str| format!("{side} at {level} rules, run {run}");
             let [tput, rate, rtt] = &mut traffic.samples[i];
             tput.slipway
                 .push(throughput(slipway).with_context(|| context("slipway iperf3"))?);
-            tput.baseline
-                .push(throughput(bridge).with_context(|| context("bridge iperf3"))?);
+            if restored
+                && let Some(t) = noted(&mut bridge_failed, throughput(bridge), || {
+                    context("bridge iperf3")
+                })
+            {
+                tput.baseline.push(t);
+            }
             let s: PingPong = sockperf_ping_pong(slipway, options.sockperf_duration)
                 .with_context(|| context("slipway sockperf"))?;
-            let b: PingPong = sockperf_ping_pong(bridge, options.sockperf_duration)
-                .with_context(|| context("bridge sockperf"))?;
             rate.slipway.push(s.round_trips_per_s);
-            rate.baseline.push(b.round_trips_per_s);
             rtt.slipway.push(s.rtt_p50_us);
-            rtt.baseline.push(b.rtt_p50_us);
+            if restored
+                && bridge_failed.is_none()
+                && let Some(b) = noted(
+                    &mut bridge_failed,
+                    sockperf_ping_pong(bridge, options.sockperf_duration),
+                    || context("bridge sockperf"),
+                )
+            {
+                rate.baseline.push(b.round_trips_per_s);
+                rtt.baseline.push(b.rtt_p50_us);
+            }
         }
     }
+    traffic.bridge_failed = bridge_failed;
     drop(pinned);
     Ok(traffic)
 }
@@ -666,6 +686,17 @@ fn taskset(args: &[&str]) -> anyhow::Result<String> {
 }
 
 impl Traffic {
+    /// The record of `samples` against the bridge-side baseline, or marked failed without it.
+    fn bridge_record(&self, samples: &Samples, metric: Metric<'_>) -> anyhow::Result<Record> {
+        match &self.bridge_failed {
+            None => samples.record(metric),
+            Some(reason) => Ok(baseline_failed(
+                alone(&samples.slipway).record(metric)?,
+                reason,
+            )),
+        }
+    }
+
     /// Per metric: at 0 rules, Slipway against the bridge; at N rules, Slipway against Slipway
     /// with no policy, against the bridge with the same N rules, and the fraction of its
     /// 0-rule value each side keeps (per run, as the runs alternate).
@@ -688,7 +719,9 @@ impl Traffic {
             }
             let zero = &self.samples[0][m];
             let name = format!("{prefix}_0_rules");
-            records.push(zero.record(metric(&name, unit, higher_is_better, BRIDGE_PLUGIN))?);
+            records.push(
+                self.bridge_record(zero, metric(&name, unit, higher_is_better, BRIDGE_PLUGIN))?,
+            );
             for (i, &level) in self.levels.iter().enumerate().skip(1) {
                 let at = &self.samples[i][m];
                 let name = format!("{prefix}_{level}_rules");
@@ -704,7 +737,9 @@ impl Traffic {
                         NO_POLICY,
                     ))?,
                 );
-                records.push(at.record(metric(&name, unit, higher_is_better, iptables_label))?);
+                records.push(
+                    self.bridge_record(at, metric(&name, unit, higher_is_better, iptables_label))?,
+                );
                 // For a lower-is-better metric the fraction kept is 0-rule / N-rule value, so
                 // that, like throughput, 1.0 means no cost and less means a cost.
                 let kept = |with: &[f64], without: &[f64]| -> Vec<f64> {
@@ -714,18 +749,13 @@ impl Traffic {
                         .collect()
                 };
                 let name = format!("{prefix}_kept_{level}_rules");
-                records.push(
-                    Samples {
+                records.push(self.bridge_record(
+                    &Samples {
                         slipway: kept(&at.slipway, &zero.slipway),
                         baseline: kept(&at.baseline, &zero.baseline),
-                    }
-                    .record(metric(
-                        &name,
-                        "x of 0 rules",
-                        true,
-                        iptables_label,
-                    ))?,
-                );
+                    },
+                    metric(&name, "x of 0 rules", true, iptables_label),
+                )?);
             }
         }
         Ok(records)
@@ -739,6 +769,9 @@ impl Traffic {
              {:>26}  {:>20}\n",
             "rules", "TCP Gbit/s", "round trips/s", "RTT p50 µs"
         );
+        if let Some(reason) = &self.bridge_failed {
+            out.push_str(&format!("baseline FAILED: {reason}\n"));
+        }
         for (i, level) in self.levels.iter().enumerate() {
             let [t, r, l] = &self.samples[i];
             out.push_str(&format!(
@@ -1146,15 +1179,14 @@ fn measure_flips(
                 flip(&logs[0], want, || agent.apply(policies))
                     .with_context(|| format!("slipway flip {i} at {level} rules"))?,
             );
-            if out.bridge_failed.is_none() {
-                match flip(&logs[1], want, || iptables.restore(restore)) {
-                    Ok(flip) => out.bridge.push(flip),
-                    Err(e) => {
-                        let reason = format!("iptables flip {i} at {level} rules: {e:#}");
-                        eprintln!("      baseline FAILED, Slipway goes on alone: {reason}");
-                        out.bridge_failed = Some(reason);
-                    }
-                }
+            if out.bridge_failed.is_none()
+                && let Some(flip) = noted(
+                    &mut out.bridge_failed,
+                    flip(&logs[1], want, || iptables.restore(restore)),
+                    || format!("iptables flip {i} at {level} rules"),
+                )
+            {
+                out.bridge.push(flip);
             }
         }
         Ok(out)
@@ -1185,7 +1217,10 @@ impl Flips {
         for (p, name) in [(50.0, p50), (99.0, p99)] {
             records.push(match &self.bridge_failed {
                 None => percentile_record(&samples, p, metric(name))?,
-                Some(reason) => failed_baseline_record(&samples.slipway, p, metric(name), reason)?,
+                Some(reason) => baseline_failed(
+                    percentile_record(&alone(&samples.slipway), p, metric(name))?,
+                    reason,
+                ),
             });
         }
         Ok(records)
@@ -1225,25 +1260,39 @@ impl Flips {
     }
 }
 
-/// The record of a metric whose baseline failed: Slipway's figure, the baseline named as
-/// failed with the reason, no baseline value and no ratio (null in the JSON line).
-fn failed_baseline_record(
-    slipway: &[f64],
-    p: f64,
-    metric: Metric<'_>,
-    reason: &str,
-) -> anyhow::Result<Record> {
-    let value = percentile(slipway, p).context("no slipway samples")?;
-    let mut record = Samples {
-        slipway: slipway.to_vec(),
-        baseline: vec![value],
+/// The value of a baseline's measurement, or `None` with the failure noted in `failed` (the
+/// first failure ends the baseline's measurements; the suite goes on with Slipway alone).
+fn noted<T>(
+    failed: &mut Option<String>,
+    outcome: anyhow::Result<T>,
+    what: impl FnOnce() -> String,
+) -> Option<T> {
+    match outcome {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let reason = format!("{}: {e:#}", what());
+            eprintln!("      baseline FAILED, Slipway goes on alone: {reason}");
+            failed.get_or_insert(reason);
+            None
+        }
     }
-    .record(metric)?;
-    record.slipway = value;
-    record.baseline = format!("{} FAILED: {reason}", metric.baseline);
+}
+
+/// `record` for a metric whose baseline failed: Slipway's figure stays, the baseline is named
+/// as failed with the reason, and it has no value and no ratio (null in the JSON line).
+fn baseline_failed(mut record: Record, reason: &str) -> Record {
+    record.baseline = format!("{} FAILED: {reason}", record.baseline);
     record.baseline_value = f64::NAN;
     record.ratio = f64::NAN;
-    Ok(record)
+    record
+}
+
+/// Slipway's samples as both sides, for the record of a metric whose baseline failed.
+fn alone(slipway: &[f64]) -> Samples {
+    Samples {
+        slipway: slipway.to_vec(),
+        baseline: slipway.to_vec(),
+    }
 }
 
 fn load_average() -> String {
@@ -1410,7 +1459,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_baseline_is_reported_as_failed() {
+    fn a_failed_flip_baseline_is_reported_as_failed() {
         let flips = Flips {
             slipway: [3.0, 5.0, 4.0]
                 .into_iter()
@@ -1438,6 +1487,46 @@ mod tests {
         let line = serde_json::to_string(&records[0]).expect("json");
         assert!(line.contains("\"ratio\":null"), "{line}");
         assert!(flips.summary(0).contains("baseline FAILED"));
+    }
+
+    #[test]
+    fn a_failed_traffic_baseline_is_reported_as_failed() {
+        let side = |v: &[f64]| Samples {
+            slipway: v.to_vec(),
+            baseline: Vec::new(),
+        };
+        let traffic = Traffic {
+            levels: TRAFFIC_LEVELS.to_vec(),
+            samples: TRAFFIC_LEVELS
+                .iter()
+                .map(|_| {
+                    [
+                        side(&[9.0, 10.0]),
+                        side(&[900.0, 1000.0]),
+                        side(&[20.0, 22.0]),
+                    ]
+                })
+                .collect(),
+            bridge_failed: Some("iptables at 0 rules, run 0: boom".into()),
+        };
+        let records = traffic
+            .records("bridge-iptables-nft")
+            .expect("records despite the failed baseline");
+        assert!(!records.is_empty());
+        for record in &records {
+            if record.baseline == NO_POLICY {
+                assert!(record.ratio.is_finite(), "{record:?}");
+            } else {
+                assert!(
+                    record.baseline.contains("FAILED: iptables at 0 rules"),
+                    "{record:?}"
+                );
+                assert!(
+                    record.ratio.is_nan() && record.slipway.is_finite(),
+                    "{record:?}"
+                );
+            }
+        }
     }
 
     fn log(start: Instant, answers: &[Answer]) -> Vec<Probe> {
