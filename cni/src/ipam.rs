@@ -3,7 +3,8 @@
 //! There is one store per host block (`<dataDir>/ipam/<network address>_<prefix>/`), whatever
 //! the network name: two conflists over the same block share its lock and its allocations, so
 //! they never hand out the same address. Each allocation records the network that made it, so
-//! one network's GC reclaims only its own attachments.
+//! one network's GC reclaims only its own attachments. Allocations older versions kept per
+//! network (`<dataDir>/ipam/<network name>/`) are adopted into their block's store.
 //!
 //! Each allocation is one file in the store directory, named by the address and holding the
 //! attachment that owns it. A file is written in full under a temporary name, synced, and then
@@ -284,6 +285,36 @@ impl Locked<'_> {
         }
     }
 
+    /// Moves into this store (that of `block`) the allocations of `block` that older versions
+    /// recorded in per-network stores (`<dataDir>/ipam/<network name>/`), naming their network,
+    /// so GC and STATUS see them. An address recorded in both stays where it is (DEL finds it
+    /// there). Returns how many moved.
+    pub fn adopt_legacy(&self, data_dir: &Path, block: Ipv4Network) -> Result<usize, CniError> {
+        let mut moved = 0;
+        for store in Store::all(data_dir)? {
+            let Some(network) = store
+                .dir()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| !is_block_name(n))
+            else {
+                continue;
+            };
+            let legacy = store.lock()?;
+            for mut allocation in legacy.list()? {
+                if !block.contains(allocation.ip) {
+                    continue;
+                }
+                allocation.network.get_or_insert_with(|| network.clone());
+                if self.claim(&allocation)? {
+                    legacy.release(allocation.ip)?;
+                    moved += 1;
+                }
+            }
+        }
+        Ok(moved)
+    }
+
     /// Removes temporary files left by writes that were interrupted.
     pub fn sweep_temporaries(&self) -> Result<usize, CniError> {
         let mut removed = 0;
@@ -305,6 +336,13 @@ pub fn block_dir(data_dir: &Path, block: Ipv4Network) -> PathBuf {
     data_dir
         .join("ipam")
         .join(format!("{}_{}", block.network(), block.prefix()))
+}
+
+/// Whether a store directory's name is a block's (`10.244.1.0_24`), not a network's.
+fn is_block_name(name: &str) -> bool {
+    name.split_once('_').is_some_and(|(ip, prefix)| {
+        ip.parse::<Ipv4Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+    })
 }
 
 /// The addresses of `block` a pod may get: all but the network address, the host's router
@@ -506,6 +544,42 @@ mod tests {
             .collect();
         assert_eq!(all.len(), 2, "{all:?}");
         assert!(Store::all(&data.join("missing")).expect("none").is_empty());
+        let _ = fs::remove_dir_all(data);
+    }
+
+    #[test]
+    fn allocations_of_older_per_network_stores_are_adopted() {
+        let data = std::env::temp_dir().join(format!("slipway-ipam-legacy-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&data);
+        let block: Ipv4Network = "10.244.1.0/24".parse().expect("cidr");
+        let legacy = Store::open(data.join("ipam/old-net")).expect("legacy");
+        let inside = Ipv4Addr::new(10, 244, 1, 9);
+        let outside = Ipv4Addr::new(10, 244, 2, 9);
+        {
+            let locked = legacy.lock().expect("lock");
+            for ip in [inside, outside] {
+                let mut allocation = owner("old").at(ip);
+                allocation.network = None;
+                locked.record(&allocation).expect("record");
+            }
+        }
+        let store = Store::for_block(&data, block).expect("block store");
+        let locked = store.lock().expect("lock");
+        assert_eq!(locked.adopt_legacy(&data, block).expect("adopt"), 1);
+        let adopted = locked.list().expect("list");
+        assert_eq!(adopted.len(), 1);
+        assert_eq!(
+            (adopted[0].ip, adopted[0].network.as_deref()),
+            (inside, Some("old-net"))
+        );
+        let left: Vec<Ipv4Addr> = legacy
+            .snapshot()
+            .expect("legacy")
+            .iter()
+            .map(|a| a.ip)
+            .collect();
+        assert_eq!(left, [outside], "only the block's allocations move");
+        assert_eq!(locked.adopt_legacy(&data, block).expect("again"), 0);
         let _ = fs::remove_dir_all(data);
     }
 

@@ -266,6 +266,7 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     };
     let store = settings.store()?;
     let locked = store.lock()?;
+    locked.adopt_legacy(&settings.data_dir, settings.block)?;
     if let Some(existing) = locked.find(&attachment)? {
         return Err(CniError::new(
             Code::InvalidConfig,
@@ -666,6 +667,7 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<Collected, CniError> {
     let store = settings.store()?;
     let locked = store.lock()?;
     locked.sweep_temporaries()?;
+    locked.adopt_legacy(&settings.data_dir, settings.block)?;
     let mut collected = Collected::default();
     let rt = runtime()?;
     // Veths of every allocation that stays: this network's valid ones and other networks'.
