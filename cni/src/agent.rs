@@ -909,15 +909,23 @@ const COUNTERS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// `slipway_datapath_counters_full` also says) and when it has room again: once per change.
 async fn watch_counters(pins: Pins) -> anyhow::Result<()> {
     let mut full = false;
+    let mut failing = false;
     let mut tick = tokio::time::interval(COUNTERS_CHECK);
     loop {
         tick.tick().await;
         let fill = NodeMaps::open(&pins)
             .and_then(|maps| Ok((maps.counters()?.len(), maps.counters_capacity()? as usize)));
         let (entries, capacity) = match fill {
-            Ok(fill) => fill,
+            Ok(fill) => {
+                failing = false;
+                fill
+            }
             Err(error) => {
-                warn!(%error, "reading the counters map failed");
+                // Once per failure, not every tick.
+                if !failing {
+                    warn!(%error, "reading the counters map failed");
+                }
+                failing = true;
                 continue;
             }
         };
