@@ -203,6 +203,19 @@ impl Netlink {
             .map_err(nl_error(format!("set link {index} up")))
     }
 
+    /// Sets the hardware address of link `index`.
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        let message = LinkUnspec::new_with_index(index)
+            .address(mac.to_vec())
+            .build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("set link {index} address")))
+    }
+
     /// Deletes link `name`; an absent link is not an error.
     pub async fn delete_link(&self, name: &str) -> Result<(), DataplaneError> {
         let Some(link) = self.link(name).await? else {

@@ -361,6 +361,42 @@ impl NodeMaps {
     }
 }
 
+impl NodeMaps {
+    /// Removes the counters whose key satisfies `doomed` (the series of a device that is gone);
+    /// returns how many.
+    pub fn remove_counters(
+        &mut self,
+        doomed: impl Fn(&CounterKey) -> bool,
+    ) -> Result<usize, DataplaneError> {
+        let mut keys = Vec::new();
+        for key in self.counters.keys() {
+            let key = key.map_err(|source| map_error("counters", "iterate", source))?;
+            if doomed(&key) {
+                keys.push(key);
+            }
+        }
+        for key in &keys {
+            match self.counters.remove(key) {
+                Err(source) if !is_not_found(&source) => {
+                    return Err(map_error("counters", "remove", source));
+                }
+                _ => {}
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// The counters map's capacity (entries), as the kernel reports it.
+    pub fn counters_capacity(&self) -> Result<u32, DataplaneError> {
+        use aya::maps::IterableMap as _;
+        self.counters
+            .map()
+            .info()
+            .map(|info| info.max_entries())
+            .map_err(|source| map_error("counters", "info", source))
+    }
+}
+
 /// Loads both programs with their maps pinned under `pins` (reusing maps already pinned there,
 /// so state survives an agent restart; new maps get the capacities of `sizes`), and (re)pins
 /// the programs for the plugin. Returns the loaded objects, which the caller keeps while it
