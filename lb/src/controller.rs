@@ -974,6 +974,32 @@ mod tests {
         }
     }
 
+    /// A client's TCP flow to the test service's VIP, port 80.
+    fn client_flow() -> LbFlowKey {
+        LbFlowKey {
+            src: Ipv4Addr::new(10, 99, 0, 1).into(),
+            dst: Ipv4Addr::new(10, 99, 100, 1).into(),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            pad: [0; 3],
+        }
+    }
+
+    /// An open flow to backend `backend_id` of service 0, last seen at `last_seen_ns`.
+    fn open_flow(backend_id: u32, last_seen_ns: u64) -> LbFlow {
+        LbFlow {
+            backend_id,
+            service_id: 0,
+            nat_ip: LbAddr::NONE,
+            nat_port: 0,
+            state: FLOW_OPEN,
+            pad: 0,
+            pad2: 0,
+            last_seen_ns,
+        }
+    }
+
     fn fake(f: &Arc<Mutex<Fake>>) -> std::sync::MutexGuard<'_, Fake> {
         f.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1045,27 +1071,8 @@ mod tests {
             );
             id
         };
-        let key = LbFlowKey {
-            src: Ipv4Addr::new(10, 99, 0, 1).into(),
-            dst: Ipv4Addr::new(10, 99, 100, 1).into(),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: 6,
-            pad: [0; 3],
-        };
-        fake(&f).flows.push((
-            key,
-            LbFlow {
-                backend_id: id,
-                service_id: 0,
-                nat_ip: LbAddr::NONE,
-                nat_port: 0,
-                state: FLOW_OPEN,
-                pad: 0,
-                pad2: 0,
-                last_seen_ns: 0,
-            },
-        ));
+        let key = client_flow();
+        fake(&f).flows.push((key, open_flow(id, 0)));
         c.tick(Instant::now()).expect("tick");
         assert!(fake(&f).removed_flows.is_empty(), "within the timeout");
         c.tick(Instant::now() + Duration::from_secs(6))
@@ -1210,27 +1217,8 @@ mod tests {
         let (mut c, f) = controller();
         c.apply(spec(&[(3, 1), (4, 1), (5, 1)])).expect("apply");
         let id = backend_id_of(&fake(&f), 5).expect("backend 5");
-        let key = LbFlowKey {
-            src: Ipv4Addr::new(10, 99, 0, 1).into(),
-            dst: Ipv4Addr::new(10, 99, 100, 1).into(),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: 6,
-            pad: [0; 3],
-        };
-        fake(&f).flows.push((
-            key,
-            LbFlow {
-                backend_id: id,
-                service_id: 0,
-                nat_ip: LbAddr::NONE,
-                nat_port: 0,
-                state: FLOW_OPEN,
-                pad: 0,
-                pad2: 0,
-                last_seen_ns: monotonic_ns(),
-            },
-        ));
+        let key = client_flow();
+        fake(&f).flows.push((key, open_flow(id, monotonic_ns())));
         assert_eq!(fake(&f).backends[&id].flags, BACKEND_F_ACTIVE);
         c.apply(spec(&[(3, 1), (4, 1)])).expect("remove 5");
         {
@@ -1376,26 +1364,9 @@ mod tests {
         });
         c.apply(s.clone()).expect("apply");
         let id = backend_id_of(&fake(&f), 4).expect("backend 4");
-        fake(&f).flows.push((
-            LbFlowKey {
-                src: Ipv4Addr::new(10, 99, 0, 1).into(),
-                dst: Ipv4Addr::new(10, 99, 100, 1).into(),
-                sport: 40000u16.to_be(),
-                dport: 80u16.to_be(),
-                proto: 6,
-                pad: [0; 3],
-            },
-            LbFlow {
-                backend_id: id,
-                service_id: 0,
-                nat_ip: LbAddr::NONE,
-                nat_port: 0,
-                state: FLOW_OPEN,
-                pad: 0,
-                pad2: 0,
-                last_seen_ns: monotonic_ns(),
-            },
-        ));
+        fake(&f)
+            .flows
+            .push((client_flow(), open_flow(id, monotonic_ns())));
         s.backends.truncate(1);
         c.apply(s).expect("remove 4");
         let four = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 4));
