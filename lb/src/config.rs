@@ -578,6 +578,37 @@ pub fn service_name(namespace: &str, name: &str) -> String {
 }
 
 impl ServiceSpec {
+    /// A service with one TCP port (`targetPort` = `port`) over `backends` of weight 1, every
+    /// other field at its default: what benchmarks and tests start from.
+    pub fn tcp(namespace: &str, name: &str, port: u16, backends: &[IpAddr]) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            ip_families: Vec::new(),
+            ports: vec![ServicePort {
+                name: None,
+                protocol: Protocol::Tcp,
+                port,
+                target_port: 0,
+            }],
+            load_balancer_ip: None,
+            load_balancer_source_ranges: Vec::new(),
+            external_traffic_policy: TrafficPolicy::Cluster,
+            backends: backends
+                .iter()
+                .map(|ip| BackendSpec {
+                    ip: *ip,
+                    weight: 1,
+                    node_local: false,
+                })
+                .collect(),
+            health_check: None,
+            drain_timeout_secs: None,
+            session_affinity: Default::default(),
+            session_affinity_config: None,
+        }
+    }
+
     pub fn key(&self) -> String {
         service_name(&self.namespace, &self.name)
     }

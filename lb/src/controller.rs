@@ -806,7 +806,7 @@ mod tests {
 
     use super::*;
     use crate::announce::StaticLease;
-    use crate::config::{BackendSpec, LbConfig, PoolConfig, ServicePort};
+    use crate::config::{BackendSpec, LbConfig, PoolConfig};
 
     /// The maps in memory, counting ring writes.
     #[derive(Debug, Default)]
@@ -946,32 +946,18 @@ mod tests {
     }
 
     fn spec(backends: &[(u8, u32)]) -> ServiceSpec {
-        ServiceSpec {
-            namespace: "default".into(),
-            name: "web".into(),
-            ip_families: Vec::new(),
-            ports: vec![ServicePort {
-                name: None,
-                protocol: Protocol::Tcp,
-                port: 80,
-                target_port: 8080,
-            }],
-            load_balancer_ip: None,
-            load_balancer_source_ranges: vec!["10.0.0.0/8".into()],
-            external_traffic_policy: TrafficPolicy::Cluster,
-            backends: backends
-                .iter()
-                .map(|(last, weight)| BackendSpec {
-                    ip: Ipv4Addr::new(10, 99, 0, *last).into(),
-                    weight: *weight,
-                    node_local: false,
-                })
-                .collect(),
-            health_check: None,
-            drain_timeout_secs: None,
-            session_affinity: Default::default(),
-            session_affinity_config: None,
-        }
+        let mut spec = ServiceSpec::tcp("default", "web", 80, &[]);
+        spec.ports[0].target_port = 8080;
+        spec.load_balancer_source_ranges = vec!["10.0.0.0/8".into()];
+        spec.backends = backends
+            .iter()
+            .map(|(last, weight)| BackendSpec {
+                ip: Ipv4Addr::new(10, 99, 0, *last).into(),
+                weight: *weight,
+                node_local: false,
+            })
+            .collect();
+        spec
     }
 
     /// A client's TCP flow to the test service's VIP, port 80.

@@ -7,39 +7,15 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::Duration;
 
-use slipway_lb::config::{BackendSpec, Protocol, ServicePort, ServiceSpec, TrafficPolicy};
+use slipway_lb::config::ServiceSpec;
 use slipway_lb::status::Status;
 use slipway_lb::testing::{ECHO_PORT, EchoStream, LbWorld, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway-lb");
 
 fn spec(name: &str, port: u16, backends: &[Ipv4Addr]) -> ServiceSpec {
-    ServiceSpec {
-        namespace: "default".into(),
-        name: name.into(),
-        ip_families: Vec::new(),
-        ports: vec![ServicePort {
-            name: None,
-            protocol: Protocol::Tcp,
-            port,
-            target_port: 0,
-        }],
-        load_balancer_ip: None,
-        load_balancer_source_ranges: Vec::new(),
-        external_traffic_policy: TrafficPolicy::Cluster,
-        backends: backends
-            .iter()
-            .map(|ip| BackendSpec {
-                ip: (*ip).into(),
-                weight: 1,
-                node_local: false,
-            })
-            .collect(),
-        health_check: None,
-        drain_timeout_secs: None,
-        session_affinity: Default::default(),
-        session_affinity_config: None,
-    }
+    let backends: Vec<IpAddr> = backends.iter().map(|ip| (*ip).into()).collect();
+    ServiceSpec::tcp("default", name, port, &backends)
 }
 
 /// `slipway-lb <args>`; fails unless it exits 0. Returns stdout.
