@@ -32,7 +32,7 @@
 //! Layout: [`api`] (the kinds and their registry), [`server`] (HTTPS, routing, verbs, watch,
 //! Table output), [`store`] (the `Store` trait, redb and etcd backends), [`auth`] (tokens,
 //! client certificates, RBAC), [`admission`], [`audit`], [`openapi`], [`patch`], [`selector`],
-//! [`tls`], [`metrics`], [`error`] (the one place errors become `metav1.Status`).
+//! [`ssa`] (field ownership), [`tls`], [`metrics`], [`error`] (the one place errors become `metav1.Status`).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -48,5 +48,6 @@ pub mod openapi;
 pub mod patch;
 pub mod selector;
 pub mod server;
+pub mod ssa;
 pub mod store;
 pub mod tls;

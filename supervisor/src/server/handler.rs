@@ -13,7 +13,7 @@ use tracing::{debug, info_span};
 
 use super::http::{self, Body};
 use super::objects::meta_str;
-use super::{State, discovery, keys, table, verbs, watch};
+use super::{State, access_review, discovery, health, keys, scale, table, verbs, watch};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{ResourceType, lookup};
 use crate::audit::AuditRecord;
@@ -35,7 +35,7 @@ pub(super) struct Target {
 }
 
 enum Route {
-    Health,
+    Health(health::Endpoint, Option<String>),
     Version,
     CoreVersions,
     Groups,
@@ -43,6 +43,7 @@ enum Route {
     Resources(String, String),
     OpenApi,
     Metrics,
+    AccessReview,
     Resource(Target),
     NotFound,
 }
@@ -61,10 +62,25 @@ fn route(path: &str) -> Route {
         .filter(|s| !s.is_empty())
         .collect();
     let (group, version, rest) = match segs.as_slice() {
-        ["healthz" | "livez" | "readyz"] => return Route::Health,
+        [ep @ ("healthz" | "livez" | "readyz"), check @ ..] if check.len() <= 1 => {
+            let ep = match *ep {
+                "livez" => health::Endpoint::Live,
+                "readyz" => health::Endpoint::Ready,
+                _ => health::Endpoint::Health,
+            };
+            return Route::Health(ep, check.first().map(|c| c.to_string()));
+        }
         ["version"] => return Route::Version,
         ["metrics"] => return Route::Metrics,
         ["openapi", "v2"] => return Route::OpenApi,
+        [
+            "apis",
+            access_review::GROUP,
+            access_review::VERSION,
+            access_review::PLURAL,
+        ] => {
+            return Route::AccessReview;
+        }
         ["api"] => return Route::CoreVersions,
         ["apis"] => return Route::Groups,
         ["apis", g] => return Route::Group(g.to_string()),
@@ -212,8 +228,8 @@ pub async fn handle(
     let span = info_span!("request", %method, %path);
     let _enter = span.enter();
     let route = route(&path);
-    if matches!(route, Route::Health) {
-        return http::raw(200, "text/plain", "ok");
+    if let Route::Health(ep, check) = &route {
+        return health::serve(&state, *ep, check.as_deref(), &query).await;
     }
     let auth_header = req
         .headers()
@@ -226,6 +242,7 @@ pub async fn handle(
             t.rt.plural.to_string(),
             t.rt.group,
         ),
+        Route::AccessReview => ("create", access_review::PLURAL.into(), access_review::GROUP),
         _ => (
             if method == Method::GET {
                 "get"
@@ -267,7 +284,7 @@ pub async fn handle(
     let accept = header_str(&req, header::ACCEPT);
     let content_type = header_str(&req, header::CONTENT_TYPE);
     let response = match route {
-        Route::Health => http::raw(200, "text/plain", "ok"),
+        Route::Health(..) => http::error(&not_found_path()),
         Route::Version => http::json(200, &discovery::version()),
         Route::CoreVersions => http::json(200, &discovery::core_versions()),
         Route::Groups => http::json(200, &discovery::group_list()),
@@ -284,6 +301,20 @@ pub async fn handle(
         }
         Route::Metrics => http::raw(200, "text/plain; version=0.0.4", state.metrics.encode()),
         Route::NotFound => http::error(&not_found_path()),
+        Route::AccessReview if method != Method::POST => http::error(&ApiError::MethodNotAllowed),
+        Route::AccessReview => {
+            let result = match read_body(req).await {
+                Ok(b) => match super::objects::parse_body(&b, &content_type) {
+                    Ok(body) => access_review::review(&state, &user, &body).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => http::json(201, &v),
+                Err(e) => http::error(&e),
+            }
+        }
         Route::Resource(t) => {
             let body = match read_body(req).await {
                 Ok(b) => b,
@@ -347,6 +378,9 @@ async fn dispatch(
     user: &UserInfo,
 ) -> Result<Response<Body>, ApiError> {
     let sub = call.t.sub.as_deref();
+    if sub == Some("scale") && scale::scalable(call.t.rt) {
+        return scale::serve(call, method).await;
+    }
     if let Some(s) = sub
         && !(s == "status" && call.t.rt.has_status)
     {

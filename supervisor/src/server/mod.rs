@@ -1,10 +1,14 @@
 //! The HTTPS API server: TLS accept loop, per-connection client identity, shared state.
 
+pub mod access_review;
 pub mod discovery;
 pub mod handler;
+pub mod health;
 pub mod http;
 pub mod keys;
 pub mod objects;
+pub mod paging;
+pub mod scale;
 pub mod table;
 mod verbs;
 pub mod watch;
