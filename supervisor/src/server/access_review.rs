@@ -22,6 +22,108 @@ const PUBLIC_PATHS: &[&str] = &[
     "/api", "/apis", "/healthz", "/livez", "/readyz", "/version", "/openapi",
 ];
 
+/// Kubernetes' protobuf media type, which current kubectl sends this review in.
+pub const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
+
+/// One protobuf field: number and value (varints as numbers, length-delimited as bytes).
+enum PbValue<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+}
+
+fn varint(b: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The fields of one protobuf message; None when it is malformed.
+fn fields(b: &[u8]) -> Option<Vec<(u64, PbValue<'_>)>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < b.len() {
+        let key = varint(b, &mut pos)?;
+        let value = match key & 7 {
+            0 => PbValue::Varint(varint(b, &mut pos)?),
+            2 => {
+                let len = usize::try_from(varint(b, &mut pos)?).ok()?;
+                let end = pos.checked_add(len)?;
+                let v = b.get(pos..end)?;
+                pos = end;
+                PbValue::Bytes(v)
+            }
+            1 => {
+                pos = pos.checked_add(8).filter(|p| *p <= b.len())?;
+                PbValue::Varint(0)
+            }
+            5 => {
+                pos = pos.checked_add(4).filter(|p| *p <= b.len())?;
+                PbValue::Varint(0)
+            }
+            _ => return None,
+        };
+        out.push((key >> 3, value));
+    }
+    Some(out)
+}
+
+fn message<'a>(b: &'a [u8], field: u64) -> Option<&'a [u8]> {
+    fields(b)?.into_iter().find_map(|(n, v)| match v {
+        PbValue::Bytes(x) if n == field => Some(x),
+        _ => None,
+    })
+}
+
+/// The string fields of a message, by name, as a JSON object.
+fn strings(b: &[u8], names: &[(u64, &str)]) -> Option<Value> {
+    let mut m = serde_json::Map::new();
+    for (n, v) in fields(b)? {
+        if let (PbValue::Bytes(x), Some((_, name))) = (v, names.iter().find(|(f, _)| *f == n)) {
+            m.insert((*name).into(), json!(String::from_utf8_lossy(x)));
+        }
+    }
+    Some(Value::Object(m))
+}
+
+/// Decodes a review sent as Kubernetes protobuf (`k8s\0` + runtime.Unknown{raw}) into its
+/// JSON form: only the spec matters.
+pub fn from_protobuf(body: &[u8]) -> Result<Value, ApiError> {
+    let bad = || ApiError::BadRequest("invalid protobuf SelfSubjectAccessReview".into());
+    let unknown = body.strip_prefix(b"k8s\0").ok_or_else(bad)?;
+    let raw = message(unknown, 2).ok_or_else(bad)?;
+    let mut spec = serde_json::Map::new();
+    if let Some(spec_pb) = message(raw, 2) {
+        if let Some(ra) = message(spec_pb, 1) {
+            let attrs = strings(
+                ra,
+                &[
+                    (1, "namespace"),
+                    (2, "verb"),
+                    (3, "group"),
+                    (4, "version"),
+                    (5, "resource"),
+                    (6, "subresource"),
+                    (7, "name"),
+                ],
+            )
+            .ok_or_else(bad)?;
+            spec.insert("resourceAttributes".into(), attrs);
+        }
+        if let Some(nra) = message(spec_pb, 2) {
+            let attrs = strings(nra, &[(1, "path"), (2, "verb")]).ok_or_else(bad)?;
+            spec.insert("nonResourceAttributes".into(), attrs);
+        }
+    }
+    Ok(json!({"spec": spec}))
+}
+
 fn invalid(causes: Vec<FieldError>) -> ApiError {
     ApiError::Invalid {
         kind: "SelfSubjectAccessReview".into(),
@@ -105,5 +207,39 @@ async fn resource_decision(
         Ok(()) => Ok((true, String::new())),
         Err(ApiError::Forbidden { .. }) => Ok((false, String::new())),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(n: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![u8::try_from((n << 3) | 2).unwrap_or(0)];
+        out.push(u8::try_from(bytes.len()).unwrap_or(0));
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn protobuf_review_decodes_its_attributes() -> Result<(), ApiError> {
+        let attrs = [field(1, b"team-a"), field(2, b"get"), field(5, b"pods")].concat();
+        let raw = field(2, &field(1, &attrs));
+        let body = [b"k8s\0".as_slice(), &field(2, &raw)].concat();
+        let v = from_protobuf(&body)?;
+        assert_eq!(
+            v["spec"]["resourceAttributes"],
+            json!({"namespace": "team-a", "verb": "get", "resource": "pods"})
+        );
+        assert!(from_protobuf(b"k8s\0\x12\x05ab").is_err());
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn protobuf_decoding_never_panics(b in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let body = [b"k8s\0".as_slice(), &b].concat();
+            let _ = from_protobuf(&body);
+        }
     }
 }

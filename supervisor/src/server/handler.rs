@@ -304,10 +304,17 @@ pub async fn handle(
         Route::AccessReview if method != Method::POST => http::error(&ApiError::MethodNotAllowed),
         Route::AccessReview => {
             let result = match read_body(req).await {
-                Ok(b) => match super::objects::parse_body(&b, &content_type) {
-                    Ok(body) => access_review::review(&state, &user, &body).await,
-                    Err(e) => Err(e),
-                },
+                Ok(b) => {
+                    let body = if content_type.starts_with(access_review::PROTOBUF) {
+                        access_review::from_protobuf(&b)
+                    } else {
+                        super::objects::parse_body(&b, &content_type)
+                    };
+                    match body {
+                        Ok(body) => access_review::review(&state, &user, &body).await,
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             };
             match result {
