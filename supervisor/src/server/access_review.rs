@@ -25,9 +25,9 @@ const PUBLIC_PATHS: &[&str] = &[
 /// Kubernetes' protobuf media type, which current kubectl sends this review in.
 pub const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
 
-/// One protobuf field: number and value (varints as numbers, length-delimited as bytes).
+/// One protobuf field's value: length-delimited bytes, or a scalar (not needed here).
 enum PbValue<'a> {
-    Varint(u64),
+    Scalar,
     Bytes(&'a [u8]),
 }
 
@@ -51,7 +51,10 @@ fn fields(b: &[u8]) -> Option<Vec<(u64, PbValue<'_>)>> {
     while pos < b.len() {
         let key = varint(b, &mut pos)?;
         let value = match key & 7 {
-            0 => PbValue::Varint(varint(b, &mut pos)?),
+            0 => {
+                varint(b, &mut pos)?;
+                PbValue::Scalar
+            }
             2 => {
                 let len = usize::try_from(varint(b, &mut pos)?).ok()?;
                 let end = pos.checked_add(len)?;
@@ -61,11 +64,11 @@ fn fields(b: &[u8]) -> Option<Vec<(u64, PbValue<'_>)>> {
             }
             1 => {
                 pos = pos.checked_add(8).filter(|p| *p <= b.len())?;
-                PbValue::Varint(0)
+                PbValue::Scalar
             }
             5 => {
                 pos = pos.checked_add(4).filter(|p| *p <= b.len())?;
-                PbValue::Varint(0)
+                PbValue::Scalar
             }
             _ => return None,
         };

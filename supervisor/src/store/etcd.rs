@@ -195,6 +195,8 @@ fn transient(e: &etcd_client::Error) -> bool {
             s.code(),
             tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
+                // tonic's own request timeout ("Timeout expired").
+                | tonic::Code::Cancelled
                 | tonic::Code::Unknown
                 | tonic::Code::Aborted
         ),
