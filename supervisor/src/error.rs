@@ -197,6 +197,9 @@ pub enum ApiError {
     /// Server-side apply would change fields other managers own (not forced).
     #[error("Apply failed with {} conflict{}: {}", .0.len(), if .0.len() == 1 { "" } else { "s" }, format_apply_conflicts(.0))]
     ApplyConflict(Vec<crate::ssa::Conflict>),
+    /// The caller holds too much of something limited (watches); retry later.
+    #[error("too many requests: {0}")]
+    TooManyRequests(String),
     /// The HTTP method is not allowed on this path.
     #[error("the server does not allow this method on the requested resource")]
     MethodNotAllowed,
@@ -272,6 +275,7 @@ impl ApiError {
             Self::Unauthorized => 401,
             Self::Forbidden { .. } | Self::AdmissionDenied { .. } => 403,
             Self::MethodNotAllowed => 405,
+            Self::TooManyRequests(_) => 429,
             Self::Gone { .. } => 410,
             Self::UnsupportedMediaType(_) => 415,
             Self::Store(StoreError::Unavailable { .. }) => 503,
@@ -290,6 +294,7 @@ impl ApiError {
             Self::Unauthorized => "Unauthorized",
             Self::Forbidden { .. } | Self::AdmissionDenied { .. } => "Forbidden",
             Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::TooManyRequests(_) => "TooManyRequests",
             Self::Gone { .. } => "Expired",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::Store(StoreError::Unavailable { .. }) => "ServiceUnavailable",

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, header};
 use serde_json::Value;
 use tracing::{debug, info_span};
 
+use super::early::RequestBody;
 use super::http::{self, Body};
 use super::objects::meta_str;
 use super::{State, access_review, discovery, health, keys, scale, table, verbs, watch};
@@ -207,7 +207,7 @@ fn verb_of(method: &Method, t: &Target, query: &HashMap<String, String>) -> &'st
     }
 }
 
-fn header_str(req: &Request<Incoming>, name: header::HeaderName) -> String {
+fn header_str(req: &Request<RequestBody>, name: header::HeaderName) -> String {
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -219,7 +219,7 @@ fn header_str(req: &Request<Incoming>, name: header::HeaderName) -> String {
 pub async fn handle(
     state: Arc<State>,
     cert_user: Option<UserInfo>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
@@ -369,7 +369,7 @@ pub async fn handle(
     response
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(req: Request<RequestBody>) -> Result<Bytes, ApiError> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
     limited
         .collect()
@@ -402,7 +402,11 @@ async fn dispatch(
     debug!(user = %user.name, verb, "dispatch");
     match (method, call.t.name.as_deref(), verb) {
         (_, _, "watch") => {
+            let permit = call.state.limiter.watch(&user.name).map_err(|r| {
+                ApiError::TooManyRequests(format!("user {:?} has too many open watches: {r}", user.name))
+            })?;
             watch::serve(
+                permit,
                 call.state,
                 call.t.rt,
                 call.ns(),

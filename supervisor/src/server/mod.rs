@@ -2,10 +2,12 @@
 
 pub mod access_review;
 pub mod discovery;
+pub mod early;
 pub mod handler;
 pub mod health;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod objects;
 pub mod paging;
 pub mod scale;
@@ -19,7 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -28,6 +31,7 @@ use crate::admission::AdmissionConfig;
 use crate::audit::AuditLog;
 use crate::auth::{AuthError, Authenticator, MASTERS, UserInfo};
 use crate::metrics::Metrics;
+use limits::{ConnectionLimits, Limiter};
 use crate::store::etcd::EtcdStore;
 use crate::store::redb::RedbStore;
 use crate::store::{AnyStore, Store, StoreError};
@@ -59,6 +63,8 @@ pub struct ServerConfig {
     pub watch_history: u64,
     /// Admission minimums.
     pub admission: AdmissionConfig,
+    /// Connection, handshake, header and watch limits.
+    pub limits: ConnectionLimits,
 }
 
 /// Start-up failures.
@@ -101,6 +107,21 @@ pub struct State {
     pub openapi_json: Bytes,
     /// `/openapi/v2` as gnostic protobuf.
     pub openapi_pb: Bytes,
+    /// Open connections and watches.
+    pub limiter: Arc<Limiter>,
+}
+
+/// Runs a closure when dropped.
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
 }
 
 /// A bound, ready-to-serve API server.
@@ -197,6 +218,7 @@ impl Server {
             admission: cfg.admission,
             openapi_json,
             openapi_pb,
+            limiter: Limiter::new(cfg.limits.clone()),
         };
         let tls = TlsAcceptor::from(pki.server_config()?);
         info!(%addr, store = ?cfg.store, "supervisor API listening");
@@ -228,17 +250,40 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
+            let permit = match self.state.limiter.connection(peer.ip()) {
+                Ok(p) => p,
+                Err(refused) => {
+                    // A flood must not flood the log: counted, logged at debug only.
+                    self.state.metrics.connections_refused.inc();
+                    debug!(%peer, %refused, "connection refused");
+                    continue;
+                }
+            };
+            let limits = self.state.limiter.limits().clone();
             let tls = self.tls.clone();
             let state = self.state.clone();
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
-                let stream = match tls.accept(tcp).await {
-                    Ok(s) => s,
-                    Err(e) => {
+                let _permit = permit;
+                let open = state.metrics.connections.clone();
+                open.inc();
+                let _open = scopeguard(move || {
+                    open.dec();
+                });
+                let stream = match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }
+                    Err(_) => {
+                        debug!(%peer, timeout = ?limits.handshake_timeout, "TLS handshake timed out");
+                        return;
+                    }
                 };
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                 let cert_user = stream
                     .get_ref()
                     .1
@@ -246,12 +291,29 @@ impl Server {
                     .and_then(|c| c.first())
                     .and_then(|c| subject_of(c))
                     .map(|(name, groups)| UserInfo { name, groups });
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     let state = state.clone();
                     let cert_user = cert_user.clone();
-                    async move { Ok::<_, Infallible>(handler::handle(state, cert_user, req).await) }
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let (body, remainder) = early::split(body);
+                        let req = hyper::Request::from_parts(parts, body);
+                        let response = handler::handle(state, cert_user, req).await;
+                        Ok::<_, Infallible>(early::hold(response, remainder))
+                    }
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // The protocol is the one TLS negotiated (ALPN), so no bytes are awaited
+                // without a timeout; HTTP/1's header timeout also ends idle connections.
+                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout);
+                let builder = if h2 {
+                    builder.http2_only()
+                } else {
+                    builder.http1_only()
+                };
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 tokio::select! {
                     r = conn => if let Err(e) = r {
