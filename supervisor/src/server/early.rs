@@ -71,10 +71,7 @@ impl Remainder {
 /// Splits a request body into the handler's reader and the remainder keeper.
 pub fn split(body: Incoming) -> (RequestBody, Remainder) {
     let slot = Arc::new(Mutex::new(Some(body)));
-    (
-        RequestBody { slot: slot.clone() },
-        Remainder { slot },
-    )
+    (RequestBody { slot: slot.clone() }, Remainder { slot })
 }
 
 impl http_body::Body for RequestBody {

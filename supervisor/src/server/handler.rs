@@ -403,7 +403,10 @@ async fn dispatch(
     match (method, call.t.name.as_deref(), verb) {
         (_, _, "watch") => {
             let permit = call.state.limiter.watch(&user.name).map_err(|r| {
-                ApiError::TooManyRequests(format!("user {:?} has too many open watches: {r}", user.name))
+                ApiError::TooManyRequests(format!(
+                    "user {:?} has too many open watches: {r}",
+                    user.name
+                ))
             })?;
             watch::serve(
                 permit,

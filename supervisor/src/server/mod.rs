@@ -31,11 +31,11 @@ use crate::admission::AdmissionConfig;
 use crate::audit::AuditLog;
 use crate::auth::{AuthError, Authenticator, MASTERS, UserInfo};
 use crate::metrics::Metrics;
-use limits::{ConnectionLimits, Limiter};
 use crate::store::etcd::EtcdStore;
 use crate::store::redb::RedbStore;
 use crate::store::{AnyStore, Store, StoreError};
 use crate::tls::{Credential, Pki, TlsError, subject_of};
+use limits::{ConnectionLimits, Limiter};
 
 /// Which store backend to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,7 +304,8 @@ impl Server {
                 });
                 // The protocol is the one TLS negotiated (ALPN), so no bytes are awaited
                 // without a timeout; HTTP/1's header timeout also ends idle connections.
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()
                     .timer(TokioTimer::new())

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::http::{self, Body};
-use super::objects::present;
 use super::limits::WatchPermit;
+use super::objects::present;
 use super::{State, keys, table, verbs};
 use crate::api::registry::ResourceType;
 use crate::error::ApiError;
