@@ -77,7 +77,7 @@ fn fields(b: &[u8]) -> Option<Vec<(u64, PbValue<'_>)>> {
     Some(out)
 }
 
-fn message<'a>(b: &'a [u8], field: u64) -> Option<&'a [u8]> {
+fn message(b: &[u8], field: u64) -> Option<&[u8]> {
     fields(b)?.into_iter().find_map(|(n, v)| match v {
         PbValue::Bytes(x) if n == field => Some(x),
         _ => None,

@@ -7,6 +7,7 @@
 //! only.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::Response;
@@ -22,6 +23,26 @@ pub const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A key no object ever has: reading it costs the store a linearizable round trip.
 const PROBE_KEY: &str = "/registry/health-probe";
+
+/// What the last store check found, so a failure is logged when it starts and a recovery
+/// when it ends, not once per probe (anyone may call `/readyz`).
+#[derive(Debug, Default)]
+pub struct CheckLog {
+    store_failing: AtomicBool,
+}
+
+impl CheckLog {
+    fn record(&self, check: &str, result: &Result<(), String>) {
+        let failing = result.is_err();
+        if self.store_failing.swap(failing, Ordering::Relaxed) == failing {
+            return;
+        }
+        match result {
+            Err(reason) => warn!(check, %reason, "health check failing"),
+            Ok(()) => tracing::info!(check, "health check passing again"),
+        }
+    }
+}
 
 /// Which endpoint a health request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,15 +124,16 @@ pub async fn serve(
             continue;
         }
         let result = if name == store_name {
-            store_check(&state.store).await
+            let r = store_check(&state.store).await;
+            state.health.record(name, &r);
+            r
         } else {
             Ok(())
         };
         match result {
             Ok(()) => lines.push(format!("[+]{name} ok")),
-            Err(reason) => {
+            Err(_) => {
                 failed = true;
-                warn!(check = name, %reason, "{} check failed", endpoint.name());
                 // Like kube-apiserver, the reason goes to the log, not to anonymous callers.
                 lines.push(format!("[-]{name} failed: reason withheld"));
             }

@@ -109,19 +109,24 @@ pub struct State {
     pub openapi_pb: Bytes,
     /// Open connections and watches.
     pub limiter: Arc<Limiter>,
+    /// Health check transitions, for logging.
+    pub health: health::CheckLog,
 }
 
-/// Runs a closure when dropped.
-struct Guard<F: FnMut()>(F);
+/// Counts one open connection in the gauge for as long as it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
 
-impl<F: FnMut()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        (self.0)();
+impl OpenConnection {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
     }
 }
 
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A bound, ready-to-serve API server.
@@ -219,6 +224,7 @@ impl Server {
             openapi_json,
             openapi_pb,
             limiter: Limiter::new(cfg.limits.clone()),
+            health: health::CheckLog::default(),
         };
         let tls = TlsAcceptor::from(pki.server_config()?);
         info!(%addr, store = ?cfg.store, "supervisor API listening");
@@ -265,11 +271,7 @@ impl Server {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let open = state.metrics.connections.clone();
-                open.inc();
-                let _open = scopeguard(move || {
-                    open.dec();
-                });
+                let _open = OpenConnection::new(&state.metrics.connections);
                 let stream = match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp))
                     .await
                 {

@@ -41,7 +41,7 @@ fn bad_token() -> ApiError {
 }
 
 fn decode_token(token: &str) -> Result<(u64, String), ApiError> {
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad_token());
     }
     let bytes = (0..token.len())

@@ -303,11 +303,17 @@ async fn reopen(
     last: u64,
     tx: &mpsc::Sender<Result<StoreEvent, StoreError>>,
 ) -> Option<etcd_client::WatchStream> {
+    // Warned once per outage: every watch retries until the store is back.
+    let mut warned = false;
     loop {
         tokio::select! {
             r = open_watch(client, prefix, last) => match r {
                 Ok(s) => return Some(s),
-                Err(e) => tracing::warn!(error = %e, last, "reopening etcd watch failed; retrying"),
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, last, prefix, "reopening etcd watch failed; retrying");
+                }
+                Err(e) => tracing::debug!(error = %e, last, prefix, "reopening etcd watch failed; retrying"),
             },
             () = tx.closed() => return None,
         }
