@@ -44,10 +44,12 @@ struct Member {
     health: Mutex<Health>,
 }
 
-/// The members, tried healthy ones first (round-robin), failed ones after, soonest-back first.
+/// The members: calls stay on the one that last answered (as etcd's own client pins an
+/// endpoint: its connection is warm and reads need no extra hop), move on to the next healthy
+/// one when it fails, and try failed ones last, soonest-back first.
 struct Members {
     list: Vec<Member>,
-    next: AtomicUsize,
+    preferred: AtomicUsize,
 }
 
 impl Members {
@@ -61,7 +63,7 @@ impl Members {
     /// The order in which one round tries the members.
     fn order(&self) -> Vec<usize> {
         let n = self.list.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.preferred.load(Ordering::Relaxed);
         let now = Instant::now();
         let mut healthy = Vec::with_capacity(n);
         let mut down = Vec::new();
@@ -136,6 +138,7 @@ impl Members {
                 {
                     Ok(Ok(v)) => {
                         self.mark_ok(i);
+                        self.preferred.store(i, Ordering::Relaxed);
                         return Ok(v);
                     }
                     Ok(Err(e)) if transient(&e) => e.to_string(),
@@ -244,7 +247,7 @@ impl EtcdStore {
         Ok(Self {
             members: Arc::new(Members {
                 list,
-                next: AtomicUsize::new(0),
+                preferred: AtomicUsize::new(0),
             }),
         })
     }
@@ -485,5 +488,55 @@ impl Store for EtcdStore {
             }
         });
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn members(n: usize) -> Result<Members, StoreError> {
+        let mut list = Vec::new();
+        for i in 0..n {
+            // Nothing listens there; clients connect lazily, and no call is made.
+            let endpoint = format!("http://127.0.0.1:{}", 1 + i);
+            let client = Client::connect([&endpoint], None).await.map_err(eerr)?;
+            list.push(Member {
+                endpoint,
+                client,
+                health: Mutex::new(Health::default()),
+            });
+        }
+        Ok(Members {
+            list,
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_stay_on_the_answering_member_and_pass_over_failed_ones() -> Result<(), StoreError>
+    {
+        let m = members(3).await?;
+        assert_eq!(m.order(), vec![0, 1, 2]);
+        m.mark_failed(0, "connection refused");
+        assert_eq!(m.order(), vec![1, 2, 0], "the failed member is tried last");
+        m.preferred.store(1, Ordering::Relaxed);
+        m.mark_failed(2, "connection refused");
+        assert_eq!(
+            m.order(),
+            vec![1, 0, 2],
+            "failed ones by when their backoff ends"
+        );
+        let first = m.health(0).backoff;
+        m.mark_failed(0, "connection refused");
+        assert_eq!(m.health(0).backoff, (first * 2).min(BACKOFF_MAX));
+        m.mark_ok(0);
+        assert!(m.health(0).down_until.is_none());
+        assert_eq!(
+            m.order(),
+            vec![1, 0, 2],
+            "a member that answers again is healthy"
+        );
+        Ok(())
     }
 }
