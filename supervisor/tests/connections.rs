@@ -124,6 +124,24 @@ fn idle_tcp_and_trickling_tls_are_closed_within_the_timeouts() {
         closed.is_some_and(|t| t <= HEADER_TIMEOUT + SLACK),
         "trickling TLS connection closed after {closed:?}, header timeout {HEADER_TIMEOUT:?}"
     );
+    // An HTTP/2 connection that completes TLS and never sends a request.
+    let start = Instant::now();
+    let tcp = TcpStream::connect(addr(&sup)).expect("connect");
+    let mut cfg = (*tls_config(&sup)).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("TLS client");
+    let mut h2 = rustls::StreamOwned::new(conn, tcp);
+    h2.flush().expect("TLS handshake");
+    while h2.conn.is_handshaking() {
+        h2.conn.complete_io(&mut h2.sock).expect("TLS handshake");
+    }
+    let closed = closed_after(&mut h2.sock, start, HEADER_TIMEOUT + SLACK * 3);
+    assert!(
+        closed.is_some_and(|t| t <= HEADER_TIMEOUT + SLACK),
+        "idle HTTP/2 connection closed after {closed:?}, header timeout {HEADER_TIMEOUT:?}"
+    );
+
     // Well-behaved clients are unaffected.
     sup.kubectl(&["get", "ns"]).ok();
 }

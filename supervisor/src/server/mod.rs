@@ -19,6 +19,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -293,9 +294,12 @@ impl Server {
                     .and_then(|c| c.first())
                     .and_then(|c| subject_of(c))
                     .map(|(name, groups)| UserInfo { name, groups });
+                let requested = Arc::new(AtomicBool::new(false));
+                let seen = requested.clone();
                 let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     let state = state.clone();
                     let cert_user = cert_user.clone();
+                    seen.store(true, Ordering::Relaxed);
                     async move {
                         let (parts, body) = req.into_parts();
                         let (body, remainder) = early::split(body);
@@ -318,11 +322,31 @@ impl Server {
                     builder.http1_only()
                 };
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                tokio::select! {
-                    r = conn => if let Err(e) = r {
-                        debug!(%peer, error = %e, "connection ended");
-                    },
-                    _ = stop.changed() => {}
+                tokio::pin!(conn);
+                // HTTP/2 has no header timeout: a connection that sends no request within
+                // the header-read timeout is closed.
+                let first_request = tokio::time::sleep(limits.header_read_timeout);
+                tokio::pin!(first_request);
+                let mut waiting = true;
+                loop {
+                    tokio::select! {
+                        r = conn.as_mut() => {
+                            if let Err(e) = r {
+                                debug!(%peer, error = %e, "connection ended");
+                            }
+                            break;
+                        }
+                        () = &mut first_request, if waiting => {
+                            waiting = false;
+                            if !requested.load(Ordering::Relaxed) {
+                                // Nothing in flight to finish (and an h2 client that never
+                                // sent its preface would hold off a graceful shutdown).
+                                debug!(%peer, "no request within the header-read timeout");
+                                break;
+                            }
+                        }
+                        _ = stop.changed() => break,
+                    }
                 }
             });
         }
