@@ -193,6 +193,33 @@ fn suite(bin: &Path) {
     ]);
     assert_eq!(scale["kind"], "Scale");
     assert_eq!(scale["spec"]["replicas"], 3);
+    // kubectl's own precondition reads the scale first.
+    let stale = k.run(&[
+        "scale",
+        "cluster/c1",
+        "--current-replicas=5",
+        "--replicas=2",
+        "-n",
+        "team-a",
+    ]);
+    stale.err();
+    k.run(&[
+        "scale",
+        "cluster/c1",
+        "--current-replicas=3",
+        "--replicas=2",
+        "-n",
+        "team-a",
+    ])
+    .ok();
+    assert_eq!(
+        k.json(&[
+            "get",
+            "--raw",
+            "/apis/slipway.dev/v1alpha1/namespaces/team-a/clusters/c1/scale"
+        ])["spec"]["replicas"],
+        2
+    );
     let over = k.run(&["scale", "cluster/c1", "--replicas=9", "-n", "team-a"]);
     assert!(over.err().contains("forbidden"), "{}", over.stderr);
 
