@@ -80,6 +80,7 @@ fn idle_tcp_and_trickling_tls_are_closed_within_the_timeouts() {
     let start = Instant::now();
     let mut idle = TcpStream::connect(addr(&sup)).expect("connect");
     let closed = closed_after(&mut idle, start, HANDSHAKE_TIMEOUT + SLACK * 3);
+    eprintln!("idle TCP connection closed after {closed:?}");
     assert!(
         closed.is_some_and(|t| t <= HANDSHAKE_TIMEOUT + SLACK),
         "idle TCP connection closed after {closed:?}, handshake timeout {HANDSHAKE_TIMEOUT:?}"
@@ -120,6 +121,7 @@ fn idle_tcp_and_trickling_tls_are_closed_within_the_timeouts() {
             }
         }
     }
+    eprintln!("trickling TLS connection closed after {closed:?}");
     assert!(
         closed.is_some_and(|t| t <= HEADER_TIMEOUT + SLACK),
         "trickling TLS connection closed after {closed:?}, header timeout {HEADER_TIMEOUT:?}"
@@ -137,6 +139,7 @@ fn idle_tcp_and_trickling_tls_are_closed_within_the_timeouts() {
         h2.conn.complete_io(&mut h2.sock).expect("TLS handshake");
     }
     let closed = closed_after(&mut h2.sock, start, HEADER_TIMEOUT + SLACK * 3);
+    eprintln!("idle HTTP/2 connection closed after {closed:?}");
     assert!(
         closed.is_some_and(|t| t <= HEADER_TIMEOUT + SLACK),
         "idle HTTP/2 connection closed after {closed:?}, header timeout {HEADER_TIMEOUT:?}"

@@ -44,6 +44,7 @@ fn readyz_names_etcd_on_quorum_loss_and_requests_fail_with_the_reason() {
         let (code, body) = sup.curl_anonymous("/readyz?verbose");
         (code == 500).then_some(body)
     });
+    eprintln!("/readyz failed {:?} after quorum loss", lost.elapsed());
     assert!(
         lost.elapsed() <= READYZ_DEADLINE,
         "took {:?}",
@@ -65,7 +66,9 @@ fn readyz_names_etcd_on_quorum_loss_and_requests_fail_with_the_reason() {
     // A request fails with a Status that names the store and what its members said (within
     // kubectl's request timeout, which the harness sets).
     let hc = sup.file("hc.yaml", "apiVersion: slipway.dev/v1alpha1\nkind: HostClass\nmetadata: {name: lost}\nspec: {cpus: 1, memory: 1Gi}\n");
+    let asked = Instant::now();
     let failed = sup.kubectl(&["apply", "-f", &hc]);
+    eprintln!("a write failed after {:?} without quorum", asked.elapsed());
     let err = failed.err();
     assert!(
         err.contains("ServiceUnavailable") || err.contains("etcd unavailable"),
