@@ -13,13 +13,14 @@ use super::objects::{
     admit, carry_over, encode, finalized, meta_str, parse_body, present, sent_revision, set_meta,
     stamp_new, with_status_of, without_status,
 };
-use super::{State, keys, table};
+use super::{State, keys, paging, table};
 use crate::admission::{self, Change};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{RESOURCES, ResourceType, lookup};
 use crate::error::ApiError;
 use crate::patch::{self, PatchType};
 use crate::selector::{FieldSelector, LabelSelector, labels_of};
+use crate::ssa;
 use crate::store::{Cas, Store, StoreError};
 
 pub(super) async fn ensure_namespace(call: &Call<'_>, ns: &str) -> Result<(), ApiError> {
@@ -113,33 +114,37 @@ pub async fn select(
 
 pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
     let (items, rev) = select(call.state, call.t.rt, call.ns(), &call.query).await?;
-    if table::wants_table(&call.accept) {
+    let page = paging::page(items, rev, &call.query)?;
+    let mut list = if table::wants_table(&call.accept) {
         let include = call
             .query
             .get("includeObject")
             .map(String::as_str)
             .unwrap_or("Metadata");
-        return Ok(http::json(
-            200,
-            &table::table(
-                call.t.rt,
-                &call.accept,
-                &items,
-                &rev.to_string(),
-                include,
-                true,
-            ),
-        ));
-    }
-    Ok(http::json(
-        200,
-        &json!({
+        table::table(
+            call.t.rt,
+            &call.accept,
+            &page.items,
+            &page.resource_version.to_string(),
+            include,
+            true,
+        )
+    } else {
+        json!({
             "kind": format!("{}List", call.t.rt.kind),
             "apiVersion": call.t.rt.api_version(),
-            "metadata": {"resourceVersion": rev.to_string()},
-            "items": items,
-        }),
-    ))
+            "metadata": {"resourceVersion": page.resource_version.to_string()},
+            "items": page.items,
+        })
+    };
+    if let (Some(token), Some(meta)) = (
+        page.continue_token,
+        list.get_mut("metadata").and_then(Value::as_object_mut),
+    ) {
+        meta.insert("continue".into(), json!(token));
+        meta.insert("remainingItemCount".into(), json!(page.remaining));
+    }
+    Ok(http::json(200, &list))
 }
 
 pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
@@ -234,7 +239,56 @@ pub(super) async fn update(
     )
     .await?;
     carry_over(call.t.rt, &old, &mut new, status_only);
+    if !status_only {
+        record_update(call, &old, &mut new);
+    }
     write_update(call, name, kv.revision, &old, new).await
+}
+
+/// The object a server-side apply asks for over `live`, with its field ownership; a conflict
+/// with another field manager is a 409 unless `force=true`.
+fn applied(call: &Call<'_>, live: &Value) -> Result<Value, ApiError> {
+    let config = patch::parse_apply(&call.body)?;
+    let manager = call
+        .query
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::Invalid {
+            kind: call.t.rt.kind.into(),
+            name: meta_str(&config, "name").unwrap_or_default().into(),
+            causes: vec![crate::error::FieldError::required("fieldManager")],
+        })?;
+    let force = call.query.get("force").is_some_and(|f| f == "true");
+    ssa::apply(
+        live,
+        &config,
+        manager,
+        force,
+        &call.t.rt.api_version(),
+        &rfc3339(now_secs()),
+    )
+    .map_err(ApiError::ApplyConflict)
+}
+
+/// Moves the fields a non-apply write changed to its field manager (kubectl names one with
+/// `fieldManager`; others are `unknown`). A write that leaves out managedFields keeps them.
+fn record_update(call: &Call<'_>, old: &Value, new: &mut Value) {
+    if new.pointer("/metadata/managedFields").is_none()
+        && let Some(m) = old.pointer("/metadata/managedFields")
+    {
+        set_meta(new, "managedFields", m.clone());
+    }
+    let manager = call
+        .query
+        .get("fieldManager")
+        .map_or("unknown", String::as_str);
+    ssa::record_update(
+        old,
+        new,
+        manager,
+        &call.t.rt.api_version(),
+        &rfc3339(now_secs()),
+    );
 }
 
 pub(super) async fn patch_object(
@@ -248,7 +302,10 @@ pub(super) async fn patch_object(
     for _ in 0..5 {
         let Some(kv) = call.state.store.get(&call.key(name)).await? else {
             if kind == PatchType::Apply && !status_only {
-                let body = without_status(call.t.rt, patch::parse_apply(&call.body)?);
+                let body = without_status(
+                    call.t.rt,
+                    applied(call, &Value::Object(Default::default()))?,
+                );
                 let mut obj =
                     admit(call.state, call.t.rt, call.ns(), Some(name), body, true).await?;
                 stamp_new(&mut obj);
@@ -263,7 +320,11 @@ pub(super) async fn patch_object(
         };
         let old = present(call.t.rt, &kv)?;
         let mut patched = old.clone();
-        patch::apply(call.t.rt, kind, &mut patched, &call.body)?;
+        if kind == PatchType::Apply && !status_only {
+            patched = applied(call, &old)?;
+        } else {
+            patch::apply(call.t.rt, kind, &mut patched, &call.body)?;
+        }
         let sent = sent_revision(call.t.rt, &patched)?;
         if let Some(s) = sent.filter(|s| *s != kv.revision) {
             return Err(ApiError::Conflict {
@@ -287,6 +348,9 @@ pub(super) async fn patch_object(
         )
         .await?;
         carry_over(call.t.rt, &old, &mut new, status_only);
+        if kind != PatchType::Apply && !status_only {
+            record_update(call, &old, &mut new);
+        }
         match write_update(call, name, kv.revision, &old, new).await {
             Err(ApiError::Conflict { .. }) if sent.is_none() => continue,
             other => return other,

@@ -73,6 +73,14 @@ pub enum StoreError {
     /// The etcd cluster failed or is unreachable.
     #[error("etcd")]
     Etcd(#[source] etcd_client::Error),
+    /// The store did not answer in time (members down, quorum lost).
+    #[error("{backend} unavailable: {detail}")]
+    Unavailable {
+        /// Which backend (`etcd`).
+        backend: &'static str,
+        /// What failed, member by member.
+        detail: String,
+    },
     /// A background task failed.
     #[error("store task failed: {0}")]
     Task(String),
