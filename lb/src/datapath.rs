@@ -23,6 +23,7 @@ use slipway_dataplane::abi::lb::{
     LbAffinity, LbAffinityKey, LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse,
     LbService, LbServiceKey, LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE,
 };
+use slipway_dataplane::error::{is_not_found, map_error};
 use slipway_dataplane::objects;
 use tracing::debug;
 
@@ -174,20 +175,7 @@ fn dp(e: DataplaneError) -> LbError {
 }
 
 fn map_err(map: &'static str, action: &str, source: MapError) -> LbError {
-    dp(DataplaneError::Map {
-        map,
-        action: action.to_owned(),
-        source: Box::new(source),
-    })
-}
-
-/// aya reports a missing key as `KeyNotFound` from lookups and as ENOENT from deletes.
-fn is_not_found(error: &MapError) -> bool {
-    match error {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
+    dp(map_error(map, action, source))
 }
 
 fn ignore_missing(
