@@ -70,30 +70,15 @@ impl Netlink {
 
     /// A handle on the namespace at `netns` (e.g. `/run/netns/x` or `/proc/<pid>/ns/net`).
     pub fn in_netns(netns: &Path) -> Result<Self, DataplaneError> {
-        let ns = File::open(netns).map_err(|source| DataplaneError::Syscall {
-            call: "open netns",
-            source,
-        })?;
         // The socket registers with the caller's tokio reactor when it is made.
         let runtime = tokio::runtime::Handle::current();
-        let (connection, handle, _) = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let _runtime = runtime.enter();
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                        DataplaneError::Syscall {
-                            call: "setns(CLONE_NEWNET)",
-                            source: e.into(),
-                        }
-                    })?;
-                    rtnetlink::new_connection().map_err(|source| DataplaneError::Syscall {
-                        call: "netlink socket",
-                        source,
-                    })
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })?;
+        let (connection, handle, _) = crate::netns::run_in_path(netns, || {
+            let _runtime = runtime.enter();
+            rtnetlink::new_connection().map_err(|source| DataplaneError::Syscall {
+                call: "netlink socket",
+                source,
+            })
+        })??;
         tokio::spawn(connection);
         Ok(Self { handle })
     }

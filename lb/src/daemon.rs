@@ -454,20 +454,11 @@ impl DaemonHandle {
     ) -> Result<Self, LbError> {
         let socket = config.socket.clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let ns_path = slipway_dataplane::netns::path(netns);
+        let name = netns.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("lb-{netns}"))
             .spawn(move || -> Result<(), LbError> {
-                let ns = fs::File::open(&ns_path).map_err(|source| LbError::Syscall {
-                    call: "open netns",
-                    source,
-                })?;
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    LbError::Syscall {
-                        call: "setns(CLONE_NEWNET)",
-                        source: e.into(),
-                    }
-                })?;
+                slipway_dataplane::netns::enter(&name)?;
                 // A current-thread runtime: every task runs on this thread, in this namespace.
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
