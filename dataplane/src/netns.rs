@@ -68,7 +68,7 @@ pub fn ifindex(ifname: &str) -> Result<u32, DataplaneError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::MetadataExt as _;
     use std::process::Command;
 
@@ -82,11 +82,12 @@ mod tests {
     }
 
     /// A namespace made with `ip netns add`, deleted on drop (on panic too).
-    struct Scratch(String);
+    pub(crate) struct Scratch(pub(crate) String);
 
     impl Scratch {
-        fn new() -> Self {
-            let name = format!("slipway-nstest-{}", std::process::id());
+        /// `tag` tells apart the namespaces of tests that run at once.
+        pub(crate) fn new(tag: &str) -> Self {
+            let name = format!("slipway-{tag}-{}", std::process::id());
             let status = Command::new("ip")
                 .args(["netns", "add", &name])
                 .status()
@@ -116,7 +117,7 @@ mod tests {
         ignore = "privileged: root + netns; run with --ignored"
     )]
     fn code_runs_inside_the_namespace_and_the_caller_stays_out() {
-        let ns = Scratch::new();
+        let ns = Scratch::new("nstest");
         let target = std::fs::metadata(path(&ns.0)).expect("netns pin").ino();
         let before = own_netns();
         assert_ne!(before, target, "the scratch namespace is a new one");
