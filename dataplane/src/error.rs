@@ -58,6 +58,24 @@ pub enum DataplaneError {
         #[source]
         source: io::Error,
     },
+    /// A map pinned where the LB keeps its maps has another layout (left by another version
+    /// of the LB), which the programs would misread, or another capacity than asked for.
+    #[error(
+        "pinned map {} has {found}, this LB needs {expected}: another version or other map \
+         sizes made it; remove the pin directory (slipway lb teardown) to start afresh",
+        path.display()
+    )]
+    StalePin {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    /// A request the datapath cannot carry out as given; `field` names what to change.
+    #[error("{field}: {reason}")]
+    Invalid {
+        field: &'static str,
+        reason: &'static str,
+    },
     /// A netlink request failed.
     #[error("netlink: {what}: {detail}")]
     Netlink { what: String, detail: String },

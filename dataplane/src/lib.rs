@@ -5,6 +5,7 @@
 pub mod abi;
 pub mod btf;
 pub mod error;
+pub mod lb;
 pub mod link;
 pub mod netns;
 pub mod node;

@@ -144,7 +144,6 @@ pub async fn serve(
         }
     }
     let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref(), &config.maps)?;
-    use crate::maps::LbMaps as _;
     datapath.set_config(ConfigValue {
         snat_ip4: snat_ip.map_or(LbAddr::NONE, LbAddr::from),
         snat_ip6: snat_ip6.map_or(LbAddr::NONE, LbAddr::from),

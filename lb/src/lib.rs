@@ -6,7 +6,8 @@
 //! - pure logic, no I/O: [`maglev`], [`pool`], [`config`], [`health::Health`], [`controller`]
 //!   (over the [`maps::LbMaps`] seam; what it owns, services and ids, in `book.rs`),
 //!   [`status`], [`state`] (what survives a restart: the state file);
-//! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP and unsolicited
+//! - kernel: [`datapath`] (the BPF objects and maps of `slipway_dataplane::lb` behind
+//!   [`maps::LbMaps`]), [`packet`] (AF_PACKET for gratuitous ARP and unsolicited
 //!   Neighbor Advertisements);
 //! - daemon: [`daemon`] (local API on a Unix socket, health-check tasks), [`api`] (routes'
 //!   wire format and the blocking [`api::Client`]), [`metrics`], [`cli`].
