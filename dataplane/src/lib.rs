@@ -10,6 +10,7 @@ pub mod link;
 pub mod netns;
 pub mod node;
 pub mod objects;
+pub mod packet;
 pub mod pod;
 pub mod policy;
 pub mod services;
