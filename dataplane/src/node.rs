@@ -30,6 +30,7 @@ use crate::abi::{
     CounterKey, CounterValue, EndpointInfo, EndpointKey, MAX_NAT_FLOWS, MAX_ROUTES, MapFill, MapId,
     NodeConfig, RouteInfo,
 };
+use crate::error::{is_not_found, map_error};
 use crate::objects;
 
 /// Where a node pins its datapath unless told otherwise.
@@ -647,26 +648,5 @@ fn program_error(
         program,
         action: action.to_owned(),
         source: Box::new(source),
-    }
-}
-
-pub(crate) fn map_error(
-    map: &'static str,
-    action: &str,
-    source: aya::maps::MapError,
-) -> DataplaneError {
-    DataplaneError::Map {
-        map,
-        action: action.to_owned(),
-        source: Box::new(source),
-    }
-}
-
-/// aya reports a missing key as `KeyNotFound` from lookups and as ENOENT from deletes.
-pub(crate) fn is_not_found(error: &aya::maps::MapError) -> bool {
-    match error {
-        aya::maps::MapError::KeyNotFound => true,
-        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
     }
 }

@@ -11,7 +11,7 @@ use crate::announce::StaticLease;
 use crate::api::Client;
 use crate::config::{DEFAULT_SOCKET, LbConfig, ServiceSpec};
 use crate::daemon::serve;
-use crate::datapath::AttachPoint;
+use crate::datapath::{AttachPoint, XdpMode};
 
 /// `slipway lb <command>`.
 #[derive(Debug, Subcommand)]
@@ -112,7 +112,7 @@ impl LbCommand {
             LbCommand::Serve(args) => {
                 let config = args.config()?;
                 let point = if args.xdp {
-                    AttachPoint::Xdp(aya::programs::XdpMode::Driver)
+                    AttachPoint::Xdp(XdpMode::Driver)
                 } else {
                     AttachPoint::Tc
                 };

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
+/// The `maps` section: capacities of the LB maps, as the datapath defines them.
+pub use slipway_dataplane::lb::MapSizes;
 
 use crate::LbError;
 
@@ -120,46 +122,6 @@ fn default_garp_interval_ms() -> u64 {
     500
 }
 
-/// Capacities of the LB maps (aya sets `max_entries` before the program loads). Memory:
-/// every tracked flow holds an `lb_flows` and an `lb_reverse` entry, and the ClientIP affinity
-/// table is as large (preallocated LRU hash maps: ~41.5 MB per 100,000 flows on kernel 6.18);
-/// every service port in use holds a Maglev ring of 65,537 slots (256 KiB), created when the
-/// port is; `slipway lb status` reports the bytes of each map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct MapSizes {
-    /// Service ports (VIP, port, protocol) at once; also the VIPs announced at once.
-    #[serde(default = "default_max_services")]
-    pub services: u32,
-    /// Backend ids: one per service port and backend address, draining ones included.
-    #[serde(default = "default_max_backends")]
-    pub backends: u32,
-    /// Tracked flows; beyond them the least recently used flow is evicted (counted as
-    /// `flow_untracked` when its next segment comes).
-    #[serde(default = "default_max_flows")]
-    pub flows: u32,
-}
-
-fn default_max_services() -> u32 {
-    slipway_dataplane::abi::lb::MAX_SERVICES
-}
-fn default_max_backends() -> u32 {
-    slipway_dataplane::abi::lb::MAX_BACKENDS
-}
-fn default_max_flows() -> u32 {
-    slipway_dataplane::abi::lb::MAX_FLOWS
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            services: default_max_services(),
-            backends: default_max_backends(),
-            flows: default_max_flows(),
-        }
-    }
-}
-
 /// Bounds of [`MapSizes`]: (field, least, most).
 const MAP_SIZE_BOUNDS: [(&str, u32, u32); 3] = [
     ("maps.services", 1, 1 << 16),
@@ -167,23 +129,15 @@ const MAP_SIZE_BOUNDS: [(&str, u32, u32); 3] = [
     ("maps.flows", 1024, 1 << 27),
 ];
 
-impl MapSizes {
-    /// Checks every size; the error lists all bad ones.
-    pub fn validate(&self) -> Result<(), LbError> {
-        let mut p = Problems::default();
-        self.check(&mut p);
-        p.finish("map sizes")
-    }
-
-    fn check(&self, p: &mut Problems) {
-        for ((field, least, most), value) in
-            MAP_SIZE_BOUNDS
-                .iter()
-                .zip([self.services, self.backends, self.flows])
-        {
-            if !(*least..=*most).contains(&value) {
-                p.add(*field, format!("{value} is outside {least}..={most}"));
-            }
+/// Checks every map size against [`MAP_SIZE_BOUNDS`].
+fn check_map_sizes(sizes: &MapSizes, p: &mut Problems) {
+    for ((field, least, most), value) in
+        MAP_SIZE_BOUNDS
+            .iter()
+            .zip([sizes.services, sizes.backends, sizes.flows])
+    {
+        if !(*least..=*most).contains(&value) {
+            p.add(*field, format!("{value} is outside {least}..={most}"));
         }
     }
 }
@@ -304,7 +258,7 @@ impl LbConfig {
         if self.garp_count > 100 {
             p.add("garpCount", "at most 100");
         }
-        self.maps.check(&mut p);
+        check_map_sizes(&self.maps, &mut p);
         p.finish("LB configuration")
     }
 }

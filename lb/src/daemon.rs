@@ -18,8 +18,8 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, put};
-use serde_json::Value;
 use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
+use slipway_dataplane::link::Netlink;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
@@ -47,17 +47,9 @@ pub struct Interface {
     pub ip6: Option<Ipv6Addr>,
 }
 
-/// Reads `ifname`'s index, MAC, first IPv4 and global IPv6 addresses in the calling thread's
-/// namespace
-/// (with `ip -j`: sysfs shows the namespace it was mounted in, not the caller's).
-pub fn interface(ifname: &str) -> Result<Interface, LbError> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "addr", "show", "dev", ifname])
-        .output()
-        .map_err(|source| LbError::Syscall {
-            call: "spawn ip",
-            source,
-        })?;
+/// Reads `ifname`'s index, MAC, first IPv4 and first global IPv6 addresses over netlink, in
+/// the calling thread's network namespace.
+pub async fn interface(ifname: &str) -> Result<Interface, LbError> {
     let bad = |what: &str| LbError::Invalid {
         what: "LB configuration",
         errors: vec![crate::config::FieldError {
@@ -65,34 +57,23 @@ pub fn interface(ifname: &str) -> Result<Interface, LbError> {
             problem: format!("{ifname}: {what}"),
         }],
     };
-    if !output.status.success() {
-        return Err(bad(String::from_utf8_lossy(&output.stderr).trim()));
-    }
-    let links: Vec<Value> =
-        serde_json::from_slice(&output.stdout).map_err(|e| bad(&e.to_string()))?;
-    let link = links.first().ok_or_else(|| bad("no such interface"))?;
-    let ifindex = link["ifindex"]
-        .as_u64()
-        .and_then(|i| u32::try_from(i).ok())
-        .ok_or_else(|| bad("no ifindex"))?;
-    let mac = link["address"]
-        .as_str()
-        .and_then(slipway_dataplane::testing::parse_mac)
-        .ok_or_else(|| bad("no MAC address"))?;
-    let ip = link["addr_info"].as_array().and_then(|addrs| {
-        addrs
-            .iter()
-            .find(|a| a["family"] == "inet")
-            .and_then(|a| a["local"].as_str()?.parse().ok())
+    let netlink = Netlink::current()?;
+    let link = netlink
+        .link(ifname)
+        .await?
+        .ok_or_else(|| bad("no such interface"))?;
+    let mac = link.mac.ok_or_else(|| bad("no MAC address"))?;
+    let addresses = netlink.link_addresses(link.index).await?;
+    let ip = addresses.iter().find_map(|a| match a.ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
     });
-    let ip6 = link["addr_info"].as_array().and_then(|addrs| {
-        addrs
-            .iter()
-            .find(|a| a["family"] == "inet6" && a["scope"] == "global")
-            .and_then(|a| a["local"].as_str()?.parse().ok())
+    let ip6 = addresses.iter().find_map(|a| match a.ip {
+        IpAddr::V6(ip) if a.global => Some(ip),
+        _ => None,
     });
     Ok(Interface {
-        ifindex,
+        ifindex: link.index,
         mac,
         ip,
         ip6,
@@ -146,7 +127,7 @@ pub async fn serve(
 ) -> Result<(), LbError> {
     config.validate()?;
     let pools = Pools::from_config(&config)?;
-    let iface = interface(&config.interface)?;
+    let iface = interface(&config.interface).await?;
     let snat_ip = config.snat_ip.or(iface.ip);
     let snat_ip6 = config.snat_ip6.or(iface.ip6);
     if snat_ip.is_none() && snat_ip6.is_none() {
@@ -163,7 +144,6 @@ pub async fn serve(
         }
     }
     let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref(), &config.maps)?;
-    use crate::maps::LbMaps as _;
     datapath.set_config(ConfigValue {
         snat_ip4: snat_ip.map_or(LbAddr::NONE, LbAddr::from),
         snat_ip6: snat_ip6.map_or(LbAddr::NONE, LbAddr::from),
@@ -454,20 +434,11 @@ impl DaemonHandle {
     ) -> Result<Self, LbError> {
         let socket = config.socket.clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let ns_path = slipway_dataplane::netns::path(netns);
+        let name = netns.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("lb-{netns}"))
             .spawn(move || -> Result<(), LbError> {
-                let ns = fs::File::open(&ns_path).map_err(|source| LbError::Syscall {
-                    call: "open netns",
-                    source,
-                })?;
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    LbError::Syscall {
-                        call: "setns(CLONE_NEWNET)",
-                        source: e.into(),
-                    }
-                })?;
+                slipway_dataplane::netns::enter(&name)?;
                 // A current-thread runtime: every task runs on this thread, in this namespace.
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()

@@ -34,18 +34,6 @@ pub enum LbError {
     /// A datapath limit (services, backends) is reached.
     #[error("datapath full: {0}")]
     Capacity(&'static str),
-    /// A map pinned where the LB keeps its maps has another layout (left by another version
-    /// of the LB), which the programs would misread, or another capacity than asked for.
-    #[error(
-        "pinned map {} has {found}, this LB needs {expected}: another version or other map \
-         sizes made it; remove the pin directory (slipway lb teardown) to start afresh",
-        path.display()
-    )]
-    StalePin {
-        path: std::path::PathBuf,
-        found: String,
-        expected: String,
-    },
     #[error(transparent)]
     Maglev(#[from] MaglevError),
     /// The eBPF datapath failed.

@@ -6,8 +6,9 @@
 //! - pure logic, no I/O: [`maglev`], [`pool`], [`config`], [`health::Health`], [`controller`]
 //!   (over the [`maps::LbMaps`] seam; what it owns, services and ids, in `book.rs`),
 //!   [`status`], [`state`] (what survives a restart: the state file);
-//! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP and unsolicited
-//!   Neighbor Advertisements);
+//! - kernel: [`datapath`] (the BPF objects and maps of `slipway_dataplane::lb` behind
+//!   [`maps::LbMaps`]), [`packet`] (gratuitous ARP and unsolicited Neighbor
+//!   Advertisements through the dataplane's AF_PACKET seam, solicited-node groups);
 //! - daemon: [`daemon`] (local API on a Unix socket, health-check tasks), [`api`] (routes'
 //!   wire format and the blocking [`api::Client`]), [`metrics`], [`cli`].
 //!
@@ -27,7 +28,7 @@
 //! `slipway lb serve --config lb.yaml` runs the daemon; `slipway lb status`, `apply -f`,
 //! `delete ns/name` and `metrics` talk to it over its socket (default
 //! [`config::DEFAULT_SOCKET`]).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod announce;
 pub mod api;

@@ -11,6 +11,8 @@ use slipway_dataplane::abi::lb::{
     LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbService, LbServiceKey, LbStats,
 };
 
+pub use slipway_dataplane::lb::MapUsage;
+
 use crate::LbError;
 
 /// The datapath's maps as the controller sees them.
@@ -50,15 +52,6 @@ pub trait LbMaps: Send {
     fn vips(&self) -> Result<Vec<IpAddr>, LbError>;
     /// Capacity and kernel memory of every map.
     fn map_usage(&self) -> Result<Vec<MapUsage>, LbError>;
-}
-
-/// One map's capacity and the memory the kernel charges for it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MapUsage {
-    pub name: String,
-    pub max_entries: u32,
-    pub bytes: u64,
 }
 
 /// Shared maps: the controller drives them while the owner keeps a handle (e.g. to run the

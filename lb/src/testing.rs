@@ -439,19 +439,6 @@ impl Drop for LbWorld {
     }
 }
 
-fn enter(netns: &str) -> Result<(), LbError> {
-    let ns = fs::File::open(slipway_dataplane::netns::path(netns)).map_err(|source| {
-        LbError::Syscall {
-            call: "open netns",
-            source,
-        }
-    })?;
-    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| LbError::Syscall {
-        call: "setns(CLONE_NEWNET)",
-        source: e.into(),
-    })
-}
-
 /// Runs `f` on a new thread inside network namespace `netns`.
 pub fn spawn_in<T: Send + 'static>(
     netns: &str,
@@ -459,7 +446,7 @@ pub fn spawn_in<T: Send + 'static>(
 ) -> JoinHandle<Result<T, LbError>> {
     let netns = netns.to_owned();
     std::thread::spawn(move || {
-        enter(&netns)?;
+        slipway_dataplane::netns::enter(&netns)?;
         Ok(f())
     })
 }

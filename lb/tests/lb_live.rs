@@ -636,9 +636,8 @@ fn a_vip_is_announced_released_and_reallocated() {
     ignore = "privileged: root + BPF + netns; run scripts/test.sh"
 )]
 fn the_xdp_attach_point_balances_too() {
-    use slipway_lb::datapath::{AttachPoint, enable_run_time_stats, run_time_of};
-    let mut w =
-        LbWorld::with_attach(2, AttachPoint::Xdp(aya::programs::XdpMode::Skb)).expect("world");
+    use slipway_lb::datapath::{AttachPoint, XdpMode, enable_run_time_stats, run_time_of};
+    let mut w = LbWorld::with_attach(2, AttachPoint::Xdp(XdpMode::Skb)).expect("world");
     let link = w
         .lb()
         .ip(&["-d", "link", "show", "dev", "eth0"])

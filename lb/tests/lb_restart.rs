@@ -171,9 +171,8 @@ fn the_datapath_serves_while_the_daemon_is_down_and_a_restarted_daemon_knows_its
     ignore = "privileged: root + BPF + netns; run scripts/test.sh"
 )]
 fn the_xdp_datapath_serves_on_while_the_daemon_is_killed() {
-    use slipway_lb::datapath::AttachPoint;
-    let mut w =
-        LbWorld::with_attach(2, AttachPoint::Xdp(aya::programs::XdpMode::Skb)).expect("world");
+    use slipway_lb::datapath::{AttachPoint, XdpMode};
+    let mut w = LbWorld::with_attach(2, AttachPoint::Xdp(XdpMode::Skb)).expect("world");
     // bpf_fib_lookup() in the XDP program wants forwarding on the device.
     w.lb()
         .sysctl(&["net.ipv4.conf.eth0.forwarding=1"])

@@ -9,15 +9,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aya::programs::{TestRun, TestRunOptions};
 use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
 use slipway_lb::announce::{Announcer, StaticLease};
 use slipway_lb::config::{
     BackendSpec, LbConfig, MapSizes, PoolConfig, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
 };
 use slipway_lb::controller::Controller;
-use slipway_lb::datapath::{AttachPoint, LbDatapath};
-use slipway_lb::maps::LbMaps;
+use slipway_lb::datapath::{AttachPoint, LbDatapath, LbProgram, XdpMode};
 use slipway_lb::pool::Pools;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -267,35 +265,18 @@ fn arp_request(target: Ipv4Addr) -> Vec<u8> {
 
 fn run(lb: &Lb, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut dp = lb.datapath.lock().expect("lock");
-    let mut out = vec![0u8; frame.len() + 64];
     let result = dp
-        .classifier()
-        .expect("program")
-        .test_run(options(frame, &mut out))
+        .test_run(LbProgram::Tc, frame)
         .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    (result.verdict, result.frame)
 }
 
 /// Runs the XDP program of `dp` (loaded with [`AttachPoint::Xdp`]) once on `frame`.
 fn run_xdp(dp: &mut LbDatapath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 64];
     let result = dp
-        .xdp()
-        .expect("program")
-        .test_run(options(frame, &mut out))
+        .test_run(LbProgram::Xdp, frame)
         .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-fn options<'a>(frame: &'a [u8], out: &'a mut [u8]) -> TestRunOptions<'a> {
-    TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(out),
-        repeat: 1,
-        ..TestRunOptions::default()
-    }
+    (result.verdict, result.frame)
 }
 
 /// (src, sport, dst, dport) of an IPv4 frame whose IPv4 and L4 checksums must be valid.
@@ -553,24 +534,13 @@ impl Drop for PinDir {
     ignore = "privileged: root + BPF; run scripts/test.sh"
 )]
 fn the_xdp_variant_passes_the_verifier_and_shares_the_maps() {
-    assert!(
-        LbDatapath::load(
-            AttachPoint::Xdp(aya::programs::XdpMode::Skb),
-            None,
-            &small()
-        )
-        .is_err()
-    );
+    assert!(LbDatapath::load(AttachPoint::Xdp(XdpMode::Skb), None, &small()).is_err());
     let pins = PinDir(std::path::PathBuf::from(format!(
         "/sys/fs/bpf/slipway-lb-xdp-test-{}",
         std::process::id()
     )));
-    let mut dp = LbDatapath::load(
-        AttachPoint::Xdp(aya::programs::XdpMode::Skb),
-        Some(&pins.0),
-        &small(),
-    )
-    .expect("load lb and lb_xdp");
+    let mut dp = LbDatapath::load(AttachPoint::Xdp(XdpMode::Skb), Some(&pins.0), &small())
+        .expect("load lb and lb_xdp");
     assert!(dp.xdp().is_ok() && dp.classifier().is_ok());
     dp.add_vip(VIP.into()).expect("vip");
     dp.set_config(ConfigValue {

@@ -1,6 +1,7 @@
 //! Stand-alone load balancer binary, used by the crate's integration tests (which must SIGKILL
 //! and SIGTERM a real daemon process) and for manual runs; `slipway lb` embeds the same
 //! commands.
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 use slipway_lb::cli::LbCommand;
