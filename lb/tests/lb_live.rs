@@ -74,6 +74,214 @@ fn service_status(w: &LbWorld, name: &str) -> ServiceStatus {
         .unwrap_or_else(|| panic!("service {name} not in status"))
 }
 
+/// One address family of the world: the source-range, local-policy and stream checks run over
+/// IPv4 and IPv6 alike.
+struct Family {
+    backends: Vec<IpAddr>,
+    client: IpAddr,
+    client2: IpAddr,
+    lb: IpAddr,
+    /// A source range that holds both clients.
+    wide: &'static str,
+}
+
+impl Family {
+    fn v4(w: &LbWorld) -> Self {
+        Family {
+            backends: w.backend_ips().into_iter().map(IpAddr::V4).collect(),
+            client: Ipv4Addr::new(10, 99, 0, 1).into(),
+            client2: w.client2_ip().into(),
+            lb: w.lb_ip().into(),
+            wide: "10.99.0.0/24",
+        }
+    }
+
+    fn v6(w: &LbWorld) -> Self {
+        Family {
+            backends: w.backend_ip6s().into_iter().map(IpAddr::V6).collect(),
+            client: w.client_ip6().into(),
+            client2: w.client2_ip6().into(),
+            lb: w.lb_ip6().into(),
+            wide: "fd99::/64",
+        }
+    }
+
+    /// The client's address as a one-address range.
+    fn client_only(&self) -> String {
+        let bits = if self.client.is_ipv6() { 128 } else { 32 };
+        format!("{}/{bits}", self.client)
+    }
+}
+
+fn url(vip: IpAddr) -> String {
+    match vip {
+        IpAddr::V4(_) => format!("http://{vip}"),
+        IpAddr::V6(_) => format!("http://[{vip}]"),
+    }
+}
+
+/// loadBalancerSourceRanges let the listed client in only (the other is dropped and counted),
+/// and widening the range lets the other in. Needs nginx on backend 0.
+fn check_source_ranges(w: &LbWorld, f: &Family) {
+    let mut web = spec("web", vec![port(Protocol::Tcp, 80)], &[(f.backends[0], 1)]);
+    web.load_balancer_source_ranges = vec![f.client_only()];
+    let vip = w.api().apply(&web).expect("apply");
+    assert_eq!(vip.is_ipv6(), f.client.is_ipv6(), "{vip}");
+    let url = url(vip);
+    assert_eq!(LbWorld::curl(w.client(), &url, 5).expect("curl").len(), 5);
+    assert_eq!(
+        LbWorld::curl(w.client2(), &url, 2).expect("curl").len(),
+        0,
+        "{} is outside {}",
+        f.client2,
+        f.client_only()
+    );
+    let status = w.api().status().expect("status");
+    assert!(
+        status.verdicts["drop_source_range"] >= 2,
+        "{:?}",
+        status.verdicts
+    );
+
+    web.load_balancer_source_ranges = vec![f.wide.into()];
+    w.api().apply(&web).expect("widen");
+    assert_eq!(LbWorld::curl(w.client2(), &url, 5).expect("curl").len(), 5);
+}
+
+/// externalTrafficPolicy Local: only the node-local backend serves, and it sees the client's
+/// address (it answers through the LB, as a pod on the LB node would); the other backend is
+/// NotLocal. Needs nginx on backends 0 and 1.
+fn check_local_policy(w: &LbWorld, f: &Family) {
+    let (local_ns, _) = w.backend(0);
+    let client_only = f.client_only();
+    let lb = f.lb.to_string();
+    let mut route = vec!["route", "add", client_only.as_str(), "via", lb.as_str()];
+    if f.client.is_ipv6() {
+        route.insert(0, "-6");
+    }
+    local_ns.ip(&route).expect("route via the LB");
+    let mut local = spec(
+        "local",
+        vec![port(Protocol::Tcp, 80)],
+        &[(f.backends[0], 1), (f.backends[1], 1)],
+    );
+    local.external_traffic_policy = TrafficPolicy::Local;
+    local.backends[0].node_local = true;
+    let vip = w.api().apply(&local).expect("apply");
+    let lines = LbWorld::curl(w.client(), &url(vip), 40).expect("curl");
+    assert_eq!(lines.len(), 40);
+    let expected = format!("{} {}", f.backends[0], f.client);
+    assert!(
+        lines.iter().all(|l| *l == expected),
+        "only the local backend, seeing the client: {lines:?}"
+    );
+    let status = service_status(w, "default/local");
+    assert_eq!(status.backends[1].state, BackendState::NotLocal);
+}
+
+/// Long-lived streams through the VIP keep their backend while one is added (new flows reach
+/// it) and one removed (it drains: its streams carry on, no new flow goes to it, and it is
+/// released once they end). Needs echo servers on four backends.
+fn check_streams_across_backend_changes(w: &LbWorld, f: &Family) {
+    let ips = &f.backends;
+    let three: Vec<(IpAddr, u32)> = ips[..3].iter().map(|ip| (*ip, 1)).collect();
+    let vip = w
+        .api()
+        .apply(&spec("echo", vec![port(Protocol::Tcp, ECHO_PORT)], &three))
+        .expect("apply");
+    assert_eq!(vip.is_ipv6(), f.client.is_ipv6(), "{vip}");
+    let streams: Vec<EchoStream> = (0..24)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    let on = |ip: IpAddr| streams.iter().filter(|s| s.backend() == ip).count();
+    for ip in &ips[..3] {
+        assert!(on(*ip) > 0, "24 streams reach every backend");
+    }
+    let progressed = |streams: &[EchoStream], before: &[u64]| {
+        streams
+            .iter()
+            .zip(before)
+            .all(|(s, b)| s.ended() || s.rounds() >= b + 10)
+    };
+
+    // Add a fourth backend: a quarter of the ring moves to it, no established stream does.
+    let mut four = three.clone();
+    four.push((ips[3], 1));
+    w.api()
+        .apply(&spec("echo", vec![port(Protocol::Tcp, ECHO_PORT)], &four))
+        .expect("add");
+    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
+    wait_for("streams progress", Duration::from_secs(10), || {
+        progressed(&streams, &before).then_some(())
+    })
+    .expect("progress after add");
+    let new: Vec<EchoStream> = (0..24)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    assert!(
+        new.iter().any(|s| s.backend() == ips[3]),
+        "new flows reach the new backend"
+    );
+
+    // Remove the third backend: every stream carries on, those on the removed backend too
+    // (it drains: no new flows, its tracked ones stay on it until they end).
+    assert!(on(ips[2]) > 0, "a stream on the backend to remove");
+    let mut without = four.clone();
+    without.remove(2);
+    w.api()
+        .apply(&spec(
+            "echo",
+            vec![port(Protocol::Tcp, ECHO_PORT)],
+            &without,
+        ))
+        .expect("remove");
+    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
+    wait_for("streams progress", Duration::from_secs(10), || {
+        progressed(&streams, &before).then_some(())
+    })
+    .expect("progress after remove");
+
+    let removed = service_status(w, "default/echo")
+        .backends
+        .into_iter()
+        .find(|b| b.ip == ips[2])
+        .expect("the removed backend is listed while it drains");
+    assert_eq!(removed.state, BackendState::Draining);
+    let open_on_removed = streams
+        .iter()
+        .chain(&new)
+        .filter(|s| s.backend() == ips[2])
+        .count();
+    assert_eq!(removed.active_flows, open_on_removed as u64, "{removed:?}");
+    let fresh: Vec<EchoStream> = (0..24)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    assert!(
+        fresh.iter().all(|s| s.backend() != ips[2]),
+        "no new flow goes to the removed backend"
+    );
+
+    for s in streams.into_iter().chain(new).chain(fresh) {
+        let backend = s.backend();
+        let report = s.finish().expect("report");
+        assert_eq!(report.error, None, "stream to {backend}: {report:?}");
+        assert!(
+            report.max_gap < Duration::from_millis(500),
+            "stream to {backend} stalled: {report:?}"
+        );
+    }
+    // Its streams ended (FIN): the removed backend is released.
+    wait_for(
+        "the removed backend is released",
+        Duration::from_secs(10),
+        || {
+            let status = service_status(w, "default/echo");
+            status.backends.iter().all(|b| b.ip != ips[2]).then_some(())
+        },
+    )
+    .expect("released");
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "privileged"),
@@ -231,106 +439,7 @@ fn long_lived_streams_survive_adding_and_removing_backends() {
     for i in 0..4 {
         w.start_echo(i).expect("echo");
     }
-    let ips = w.backend_ips();
-    let three: Vec<(Ipv4Addr, u32)> = ips[..3].iter().map(|ip| (*ip, 1)).collect();
-    let vip = w
-        .api()
-        .apply(&spec("echo", vec![port(Protocol::Tcp, ECHO_PORT)], &three))
-        .expect("apply");
-    let streams: Vec<EchoStream> = (0..24)
-        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
-        .collect();
-    let on = |ip: Ipv4Addr| streams.iter().filter(|s| s.backend() == ip).count();
-    for ip in &ips[..3] {
-        assert!(on(*ip) > 0, "24 streams reach every backend");
-    }
-    let progressed = |streams: &[EchoStream], before: &[u64]| {
-        streams
-            .iter()
-            .zip(before)
-            .all(|(s, b)| s.ended() || s.rounds() >= b + 10)
-    };
-
-    // Add a fourth backend: a quarter of the ring moves to it, no established stream does.
-    let mut four = three.clone();
-    four.push((ips[3], 1));
-    w.api()
-        .apply(&spec("echo", vec![port(Protocol::Tcp, ECHO_PORT)], &four))
-        .expect("add");
-    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
-    wait_for("streams progress", Duration::from_secs(10), || {
-        progressed(&streams, &before).then_some(())
-    })
-    .expect("progress after add");
-    let new: Vec<EchoStream> = (0..24)
-        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
-        .collect();
-    assert!(
-        new.iter().any(|s| s.backend() == ips[3]),
-        "new flows reach the new backend"
-    );
-
-    // Remove the third backend: every stream carries on, those on the removed backend too
-    // (it drains: no new flows, its tracked ones stay on it until they end).
-    assert!(on(ips[2]) > 0, "a stream on the backend to remove");
-    let mut without = four.clone();
-    without.remove(2);
-    w.api()
-        .apply(&spec(
-            "echo",
-            vec![port(Protocol::Tcp, ECHO_PORT)],
-            &without,
-        ))
-        .expect("remove");
-    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
-    wait_for("streams progress", Duration::from_secs(10), || {
-        progressed(&streams, &before).then_some(())
-    })
-    .expect("progress after remove");
-
-    let removed = service_status(&w, "default/echo")
-        .backends
-        .into_iter()
-        .find(|b| b.ip == IpAddr::from(ips[2]))
-        .expect("the removed backend is listed while it drains");
-    assert_eq!(removed.state, BackendState::Draining);
-    let open_on_removed = streams
-        .iter()
-        .chain(&new)
-        .filter(|s| s.backend() == ips[2])
-        .count();
-    assert_eq!(removed.active_flows, open_on_removed as u64, "{removed:?}");
-    let fresh: Vec<EchoStream> = (0..24)
-        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
-        .collect();
-    assert!(
-        fresh.iter().all(|s| s.backend() != ips[2]),
-        "no new flow goes to the removed backend"
-    );
-
-    for s in streams.into_iter().chain(new).chain(fresh) {
-        let backend = s.backend();
-        let report = s.finish().expect("report");
-        assert_eq!(report.error, None, "stream to {backend}: {report:?}");
-        assert!(
-            report.max_gap < Duration::from_millis(500),
-            "stream to {backend} stalled: {report:?}"
-        );
-    }
-    // Its streams ended (FIN): the removed backend is released.
-    wait_for(
-        "the removed backend is released",
-        Duration::from_secs(10),
-        || {
-            let status = service_status(&w, "default/echo");
-            status
-                .backends
-                .iter()
-                .all(|b| b.ip != IpAddr::from(ips[2]))
-                .then_some(())
-        },
-    )
-    .expect("released");
+    check_streams_across_backend_changes(&w, &Family::v4(&w));
 }
 
 #[test]
@@ -428,29 +537,7 @@ fn drain_keeps_existing_streams_sends_no_new_ones_and_ends_them_at_the_timeout()
 fn source_ranges_let_listed_clients_in_only() {
     let mut w = LbWorld::new(1).expect("world");
     w.start_nginx(0).expect("nginx");
-    let ips = w.backend_ips();
-    let mut web = spec("web", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]);
-    web.load_balancer_source_ranges = vec!["10.99.0.1/32".into()];
-    let vip = w.api().apply(&web).expect("apply");
-    let url = format!("http://{vip}");
-    assert_eq!(LbWorld::curl(w.client(), &url, 5).expect("curl").len(), 5);
-    assert_ne!(w.client2_ip(), Ipv4Addr::new(10, 99, 0, 1));
-    assert_eq!(
-        LbWorld::curl(w.client2(), &url, 2).expect("curl").len(),
-        0,
-        "denied"
-    );
-    let status = w.api().status().expect("status");
-    assert!(
-        status.verdicts["drop_source_range"] >= 2,
-        "{:?}",
-        status.verdicts
-    );
-
-    // Widening the range lets the second client in.
-    web.load_balancer_source_ranges = vec!["10.99.0.0/24".into()];
-    w.api().apply(&web).expect("apply");
-    assert_eq!(LbWorld::curl(w.client2(), &url, 5).expect("curl").len(), 5);
+    check_source_ranges(&w, &Family::v4(&w));
 }
 
 #[test]
@@ -463,36 +550,8 @@ fn external_traffic_policy_local_preserves_the_client_ip() {
     for i in 0..2 {
         w.start_nginx(i).expect("nginx");
     }
+    check_local_policy(&w, &Family::v4(&w));
     let ips = w.backend_ips();
-    let client_ip = Ipv4Addr::new(10, 99, 0, 1);
-    // The local backend answers the client through the LB, as a pod on the LB node would.
-    let (local_ns, _) = w.backend(0);
-    local_ns
-        .ip(&[
-            "route",
-            "add",
-            &format!("{client_ip}/32"),
-            "via",
-            &w.lb_ip().to_string(),
-        ])
-        .expect("route via the LB");
-    let mut local = spec(
-        "local",
-        vec![port(Protocol::Tcp, 80)],
-        &[(ips[0], 1), (ips[1], 1)],
-    );
-    local.external_traffic_policy = TrafficPolicy::Local;
-    local.backends[0].node_local = true;
-    let vip = w.api().apply(&local).expect("apply");
-    let lines = LbWorld::curl(w.client(), &format!("http://{vip}"), 40).expect("curl");
-    assert_eq!(lines.len(), 40);
-    let expected = format!("{} {client_ip}", ips[0]);
-    assert!(
-        lines.iter().all(|l| *l == expected),
-        "only the local backend, seeing the client: {lines:?}"
-    );
-    let status = service_status(&w, "default/local");
-    assert_eq!(status.backends[1].state, BackendState::NotLocal);
 
     // The same backends under Cluster see the LB's address.
     let cluster = spec(
@@ -893,123 +952,15 @@ fn an_ipv6_vip_is_announced_by_ndp_and_reaches_every_backend() {
     ignore = "privileged: root + BPF + netns; run scripts/test.sh"
 )]
 fn ipv6_source_ranges_local_policy_and_streams_across_backend_changes() {
-    let mut w = LbWorld::new(3).expect("world");
-    for i in 0..3 {
+    let mut w = LbWorld::new(4).expect("world");
+    for i in 0..4 {
         w.start_nginx(i).expect("nginx");
         w.start_echo(i).expect("echo");
     }
-    let ips: Vec<IpAddr> = w.backend_ip6s().into_iter().map(IpAddr::V6).collect();
-    let client = IpAddr::V6(w.client_ip6());
-
-    // loadBalancerSourceRanges: only the first client.
-    let mut web = spec("web6", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]);
-    web.load_balancer_source_ranges = vec![format!("{client}/128")];
-    let vip = w.api().apply(&web).expect("apply");
-    assert!(vip.is_ipv6());
-    let url = format!("http://[{vip}]");
-    assert_eq!(LbWorld::curl(w.client(), &url, 5).expect("curl").len(), 5);
-    assert_eq!(
-        LbWorld::curl(w.client2(), &url, 2).expect("curl").len(),
-        0,
-        "{} is outside {client}/128",
-        w.client2_ip6()
-    );
-    assert!(w.api().status().expect("status").verdicts["drop_source_range"] >= 2);
-    web.load_balancer_source_ranges = vec!["fd99::/64".into()];
-    w.api().apply(&web).expect("widen");
-    assert_eq!(LbWorld::curl(w.client2(), &url, 5).expect("curl").len(), 5);
-
-    // externalTrafficPolicy Local: the local backend sees the client's IPv6 address and
-    // answers it through the LB.
-    let (local_ns, _) = w.backend(0);
-    local_ns
-        .ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{client}/128"),
-            "via",
-            &w.lb_ip6().to_string(),
-        ])
-        .expect("route via the LB");
-    let mut local = spec(
-        "local6",
-        vec![port(Protocol::Tcp, 80)],
-        &[(ips[0], 1), (ips[1], 1)],
-    );
-    local.external_traffic_policy = TrafficPolicy::Local;
-    local.backends[0].node_local = true;
-    let local_vip = w.api().apply(&local).expect("apply");
-    let lines = LbWorld::curl(w.client(), &format!("http://[{local_vip}]"), 40).expect("curl");
-    assert_eq!(lines.len(), 40);
-    let expected = format!("{} {client}", ips[0]);
-    assert!(
-        lines.iter().all(|l| *l == expected),
-        "only the local backend, seeing the client: {lines:?}"
-    );
-
-    // Long-lived IPv6 streams keep their backend while one is added and another removed.
-    let two: Vec<(IpAddr, u32)> = ips[..2].iter().map(|ip| (*ip, 1)).collect();
-    let echo = spec("echo6", vec![port(Protocol::Tcp, ECHO_PORT)], &two);
-    let echo_vip = w.api().apply(&echo).expect("echo");
-    let streams: Vec<EchoStream> = (0..16)
-        .map(|_| EchoStream::open(w.client(), echo_vip).expect("stream"))
-        .collect();
-    for ip in &ips[..2] {
-        assert!(
-            streams.iter().any(|s| s.backend() == *ip),
-            "16 streams reach {ip}"
-        );
-    }
-    let mut three = two.clone();
-    three.push((ips[2], 1));
-    w.api()
-        .apply(&spec("echo6", vec![port(Protocol::Tcp, ECHO_PORT)], &three))
-        .expect("add");
-    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
-    wait_for("streams progress", Duration::from_secs(10), || {
-        streams
-            .iter()
-            .zip(&before)
-            .all(|(s, b)| s.ended() || s.rounds() >= b + 10)
-            .then_some(())
-    })
-    .expect("progress after add");
-    let new: Vec<EchoStream> = (0..16)
-        .map(|_| EchoStream::open(w.client(), echo_vip).expect("stream"))
-        .collect();
-    assert!(
-        new.iter().any(|s| s.backend() == ips[2]),
-        "new flows reach the new backend"
-    );
-    w.api()
-        .apply(&spec(
-            "echo6",
-            vec![port(Protocol::Tcp, ECHO_PORT)],
-            &[(ips[0], 1), (ips[2], 1)],
-        ))
-        .expect("remove");
-    let before: Vec<u64> = streams.iter().map(EchoStream::rounds).collect();
-    wait_for("streams progress", Duration::from_secs(10), || {
-        streams
-            .iter()
-            .zip(&before)
-            .all(|(s, b)| s.ended() || s.rounds() >= b + 10)
-            .then_some(())
-    })
-    .expect("progress after remove");
-    for s in streams.into_iter().chain(new) {
-        let backend = s.backend();
-        let report = s.finish().expect("report");
-        if backend == ips[1] {
-            continue; // its backend left the service
-        }
-        assert_eq!(report.error, None, "stream to {backend}: {report:?}");
-        assert!(
-            report.max_gap < Duration::from_millis(500),
-            "stream to {backend} stalled: {report:?}"
-        );
-    }
+    let f = Family::v6(&w);
+    check_source_ranges(&w, &f);
+    check_local_policy(&w, &f);
+    check_streams_across_backend_changes(&w, &f);
 }
 
 #[test]

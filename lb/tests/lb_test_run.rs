@@ -287,14 +287,8 @@ fn tuple(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
     }
 }
 
-/// Likewise for an IPv6 frame (no header checksum; the L4 checksum must be valid).
-fn tuple6(frame: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
-    match tuple_any(frame) {
-        (IpAddr::V6(src), sport, IpAddr::V6(dst), dport) => (src, sport, dst, dport),
-        other => panic!("not IPv6: {other:?}"),
-    }
-}
-
+/// (src, sport, dst, dport) of an IPv4 or IPv6 frame; the IPv4 header checksum, the IPv6
+/// payload length and the L4 checksum must be valid.
 fn tuple_any(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
     let eth = EthernetFrame::new_checked(frame).expect("ethernet");
     let (src, dst, proto, l4): (IpAddr, IpAddr, IpProtocol, &[u8]) = match eth.ethertype() {
@@ -392,6 +386,148 @@ fn answers_arp_for_announced_vips_only() {
     assert_eq!(verdict, TC_ACT_OK, "withdrawn with its service");
 }
 
+/// One address family's fixture: the translation and policy checks run over IPv4 and IPv6 alike.
+struct Family {
+    client: IpAddr,
+    /// A client outside `source_range`.
+    other_client: IpAddr,
+    lb_ip: IpAddr,
+    vip: IpAddr,
+    backends: Vec<IpAddr>,
+    /// Seven more backends, for the ring-change check.
+    more: Vec<IpAddr>,
+    /// A source range that holds `client`.
+    source_range: &'static str,
+    /// Ethernet and IP header bytes before the L4 header.
+    l4_offset: usize,
+}
+
+fn v4() -> Family {
+    Family {
+        client: CLIENT.into(),
+        other_client: OTHER_CLIENT.into(),
+        lb_ip: LB_IP.into(),
+        vip: VIP.into(),
+        backends: BACKENDS.iter().map(|&b| b.into()).collect(),
+        more: (6..=12)
+            .map(|i| Ipv4Addr::new(10, 99, 0, i).into())
+            .collect(),
+        source_range: "10.99.0.0/29",
+        l4_offset: 34,
+    }
+}
+
+fn v6() -> Family {
+    Family {
+        client: CLIENT6.into(),
+        other_client: OTHER_CLIENT6.into(),
+        lb_ip: LB_IP6.into(),
+        vip: VIP6.into(),
+        backends: BACKENDS6.iter().map(|&b| b.into()).collect(),
+        more: (6..=12)
+            .map(|i| Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, i).into())
+            .collect(),
+        source_range: "fd99::/64",
+        l4_offset: 54,
+    }
+}
+
+/// Client -> VIP becomes LB -> backend and the backend's answer VIP -> client, with valid
+/// checksums and the payload untouched; more backends change the ring, not an established
+/// flow; new flows spread over every backend. Makes 406 forwards and one reply.
+fn check_translation(lb: &mut Lb, f: &Family, name: &str) {
+    lb.controller
+        .apply(service(name, Protocol::Tcp, 80, 8080, &f.backends))
+        .expect("apply");
+    let syn = tcp_frame((f.client, 40001), (f.vip, 80), TcpControl::Syn, b"");
+    let (verdict, out) = run(lb, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (src, sport, backend, dport) = tuple_any(&out);
+    assert_eq!(
+        (src, dport),
+        (f.lb_ip, 8080),
+        "SNAT to the LB, DNAT to the target port"
+    );
+    assert!(f.backends.contains(&backend), "{backend}");
+    let payload = f.l4_offset + 20;
+    assert_eq!(&out[payload..], &syn[payload..], "payload untouched");
+
+    let synack = tcp_frame((backend, 8080), (f.lb_ip, sport), TcpControl::Syn, b"");
+    let (verdict, back) = run(lb, &synack);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(tuple_any(&back), (f.vip, 80, f.client, 40001));
+
+    let more: Vec<IpAddr> = f.backends.iter().chain(&f.more).copied().collect();
+    lb.controller
+        .apply(service(name, Protocol::Tcp, 80, 8080, &more))
+        .expect("apply more");
+    for _ in 0..5 {
+        let data = tcp_frame(
+            (f.client, 40001),
+            (f.vip, 80),
+            TcpControl::Psh,
+            b"GET / HTTP/1.1\r\n\r\n",
+        );
+        let (verdict, out) = run(lb, &data);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(tuple_any(&out), (f.lb_ip, sport, backend, 8080));
+    }
+    let mut seen = BTreeSet::new();
+    for port in 0..400u16 {
+        let (_, out) = run(
+            lb,
+            &tcp_frame((f.client, 20000 + port), (f.vip, 80), TcpControl::Syn, b""),
+        );
+        seen.insert(tuple_any(&out).2);
+    }
+    assert_eq!(seen.len(), more.len(), "{seen:?}");
+}
+
+/// UDP with externalTrafficPolicy Local (the backend sees the client's address, its answer goes
+/// back from the VIP), a client outside the source ranges dropped, a port the VIP does not
+/// serve dropped, and traffic for the LB's own address untouched.
+fn check_udp_local_policy_and_source_ranges(lb: &mut Lb, f: &Family) {
+    let mut dns = service("dns", Protocol::Udp, 53, 5353, &f.backends[..1]);
+    dns.external_traffic_policy = TrafficPolicy::Local;
+    dns.backends[0].node_local = true;
+    dns.load_balancer_source_ranges = vec![f.source_range.into()];
+    lb.controller.apply(dns).expect("apply");
+
+    let query = udp_frame((f.client, 33333), (f.vip, 53), b"query");
+    let (verdict, out) = run(lb, &query);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        tuple_any(&out),
+        (f.client, 33333, f.backends[0], 5353),
+        "eTP Local: the backend sees the client's address"
+    );
+    let answer = udp_frame((f.backends[0], 5353), (f.client, 33333), b"answer");
+    let (verdict, back) = run(lb, &answer);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(tuple_any(&back), (f.vip, 53, f.client, 33333));
+
+    let outsider = udp_frame((f.other_client, 33333), (f.vip, 53), b"query");
+    let (verdict, _) = run(lb, &outsider);
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "{} is outside {}",
+        f.other_client, f.source_range
+    );
+    assert_eq!(count(lb, LbReason::DropSourceRange), 1);
+
+    let (verdict, _) = run(lb, &udp_frame((f.client, 1), (f.vip, 54), b"x"));
+    assert_eq!(verdict, TC_ACT_SHOT, "the VIP serves no port 54");
+    assert_eq!(count(lb, LbReason::DropNoService), 1);
+
+    let elsewhere = tcp_frame((f.client, 1), (f.lb_ip, 22), TcpControl::Syn, b"");
+    let (verdict, out) = run(lb, &elsewhere);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, elsewhere),
+        "not for a VIP: untouched"
+    );
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "privileged"),
@@ -399,55 +535,7 @@ fn answers_arp_for_announced_vips_only() {
 )]
 fn translates_both_ways_with_valid_checksums_and_sticks_to_the_backend() {
     let mut lb = lb();
-    lb.controller
-        .apply(service("web", Protocol::Tcp, 80, 8080, &BACKENDS))
-        .expect("apply");
-
-    let syn = tcp_frame((CLIENT, 40001), (VIP, 80), TcpControl::Syn, b"");
-    let (verdict, out) = run(&lb, &syn);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    let (src, sport, backend, dport) = tuple(&out);
-    assert_eq!(
-        (src, dport),
-        (LB_IP, 8080),
-        "SNAT to the LB, DNAT to the target port"
-    );
-    assert!(BACKENDS.contains(&backend), "{backend}");
-    assert_eq!(&out[34 + 20..], &syn[34 + 20..], "payload untouched");
-
-    // The backend's answer goes back as VIP -> client.
-    let synack = tcp_frame((backend, 8080), (LB_IP, sport), TcpControl::Syn, b"");
-    let (verdict, back) = run(&lb, &synack);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(tuple(&back), (VIP, 80, CLIENT, 40001));
-
-    // Adding backends changes the ring, not the established flow.
-    let mut more = BACKENDS.to_vec();
-    more.extend((6..=12).map(|i| Ipv4Addr::new(10, 99, 0, i)));
-    lb.controller
-        .apply(service("web", Protocol::Tcp, 80, 8080, &more))
-        .expect("apply more");
-    for _ in 0..5 {
-        let data = tcp_frame(
-            (CLIENT, 40001),
-            (VIP, 80),
-            TcpControl::Psh,
-            b"GET / HTTP/1.1\r\n\r\n",
-        );
-        let (verdict, out) = run(&lb, &data);
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        assert_eq!(tuple(&out), (LB_IP, sport, backend, 8080));
-    }
-    // Many new flows spread over all ten backends.
-    let mut seen = BTreeSet::new();
-    for port in 0..400u16 {
-        let (_, out) = run(
-            &lb,
-            &tcp_frame((CLIENT, 20000 + port), (VIP, 80), TcpControl::Syn, b""),
-        );
-        seen.insert(tuple(&out).2);
-    }
-    assert_eq!(seen.len(), more.len(), "{seen:?}");
+    check_translation(&mut lb, &v4(), "web");
     assert_eq!(count(&lb, LbReason::Forward), 1 + 5 + 400);
     assert_eq!(count(&lb, LbReason::Reply), 1);
 }
@@ -459,46 +547,7 @@ fn translates_both_ways_with_valid_checksums_and_sticks_to_the_backend() {
 )]
 fn udp_local_policy_source_ranges_and_unknown_ports() {
     let mut lb = lb();
-    let mut dns = service("dns", Protocol::Udp, 53, 5353, &BACKENDS[..1]);
-    dns.external_traffic_policy = TrafficPolicy::Local;
-    dns.backends[0].node_local = true;
-    dns.load_balancer_source_ranges = vec!["10.99.0.0/29".into()];
-    lb.controller.apply(dns).expect("apply");
-
-    let query = udp_frame((CLIENT, 33333), (VIP, 53), b"query");
-    let (verdict, out) = run(&lb, &query);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(
-        tuple(&out),
-        (CLIENT, 33333, BACKENDS[0], 5353),
-        "eTP Local: the backend sees the client's address"
-    );
-    let answer = udp_frame((BACKENDS[0], 5353), (CLIENT, 33333), b"answer");
-    let (verdict, back) = run(&lb, &answer);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(tuple(&back), (VIP, 53, CLIENT, 33333));
-
-    let outsider = udp_frame((OTHER_CLIENT, 33333), (VIP, 53), b"query");
-    let (verdict, _) = run(&lb, &outsider);
-    assert_eq!(verdict, TC_ACT_SHOT, "10.99.0.9 is outside 10.99.0.0/29");
-    assert_eq!(count(&lb, LbReason::DropSourceRange), 1);
-
-    let (verdict, _) = run(&lb, &udp_frame((CLIENT, 1), (VIP, 54), b"x"));
-    assert_eq!(verdict, TC_ACT_SHOT, "the VIP serves no port 54");
-    assert_eq!(count(&lb, LbReason::DropNoService), 1);
-
-    let elsewhere = tcp_frame(
-        (CLIENT, 1),
-        (Ipv4Addr::new(10, 99, 0, 2), 22),
-        TcpControl::Syn,
-        b"",
-    );
-    let (verdict, out) = run(&lb, &elsewhere);
-    assert_eq!(
-        (verdict, out),
-        (TC_ACT_OK, elsewhere),
-        "not for a VIP: untouched"
-    );
+    check_udp_local_policy_and_source_ranges(&mut lb, &v4());
 }
 
 #[test]
@@ -727,28 +776,9 @@ fn answers_neighbor_solicitations_for_announced_ipv6_vips_only() {
 fn translates_ipv6_both_ways_with_valid_checksums_beside_ipv4() {
     let mut lb = lb();
     lb.controller
-        .apply(service("web6", Protocol::Tcp, 80, 8080, &BACKENDS6))
-        .expect("apply v6");
-    lb.controller
         .apply(service("web4", Protocol::Tcp, 80, 8080, &BACKENDS))
         .expect("apply v4");
-
-    let syn = tcp_frame((CLIENT6, 40001), (VIP6, 80), TcpControl::Syn, b"");
-    let (verdict, out) = run(&lb, &syn);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    let (src, sport, backend, dport) = tuple6(&out);
-    assert_eq!(
-        (src, dport),
-        (LB_IP6, 8080),
-        "SNAT to the LB's IPv6 address, DNAT to the target port"
-    );
-    assert!(BACKENDS6.contains(&backend), "{backend}");
-    assert_eq!(&out[54 + 20..], &syn[54 + 20..], "payload untouched");
-
-    let synack = tcp_frame((backend, 8080), (LB_IP6, sport), TcpControl::Syn, b"");
-    let (verdict, back) = run(&lb, &synack);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(tuple6(&back), (VIP6, 80, CLIENT6, 40001));
+    check_translation(&mut lb, &v6(), "web6");
 
     // The IPv4 service on the same port keeps working beside it (IPv4-mapped keys never
     // meet IPv6 ones).
@@ -760,35 +790,7 @@ fn translates_ipv6_both_ways_with_valid_checksums_beside_ipv4() {
     let (src4, _, backend4, _) = tuple(&out);
     assert_eq!(src4, LB_IP);
     assert!(BACKENDS.contains(&backend4));
-
-    // Conntrack: more backends change the ring, not the established flow.
-    let mut more = BACKENDS6.to_vec();
-    more.extend((6..=12).map(|i| Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, i)));
-    lb.controller
-        .apply(service("web6", Protocol::Tcp, 80, 8080, &more))
-        .expect("apply more");
-    for _ in 0..5 {
-        let data = tcp_frame(
-            (CLIENT6, 40001),
-            (VIP6, 80),
-            TcpControl::Psh,
-            b"GET / HTTP/1.1\r\n\r\n",
-        );
-        let (verdict, out) = run(&lb, &data);
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        assert_eq!(tuple6(&out), (LB_IP6, sport, backend, 8080));
-    }
-    // Maglev spreads new flows over all ten backends.
-    let mut seen = BTreeSet::new();
-    for port in 0..400u16 {
-        let (_, out) = run(
-            &lb,
-            &tcp_frame((CLIENT6, 20000 + port), (VIP6, 80), TcpControl::Syn, b""),
-        );
-        seen.insert(tuple6(&out).2);
-    }
-    assert_eq!(seen.len(), more.len(), "{seen:?}");
-    assert_eq!(count(&lb, LbReason::Forward), 1 + 1 + 5 + 400);
+    assert_eq!(count(&lb, LbReason::Forward), 1 + 5 + 400 + 1);
     assert_eq!(count(&lb, LbReason::Reply), 1);
 }
 
@@ -799,33 +801,7 @@ fn translates_ipv6_both_ways_with_valid_checksums_beside_ipv4() {
 )]
 fn ipv6_udp_local_policy_source_ranges_and_extension_headers() {
     let mut lb = lb();
-    let mut dns = service("dns6", Protocol::Udp, 53, 5353, &BACKENDS6[..1]);
-    dns.external_traffic_policy = TrafficPolicy::Local;
-    dns.backends[0].node_local = true;
-    dns.load_balancer_source_ranges = vec!["fd99::/64".into()];
-    lb.controller.apply(dns).expect("apply");
-
-    let query = udp_frame((CLIENT6, 33333), (VIP6, 53), b"query");
-    let (verdict, out) = run(&lb, &query);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(
-        tuple6(&out),
-        (CLIENT6, 33333, BACKENDS6[0], 5353),
-        "eTP Local: the backend sees the client's address"
-    );
-    let answer = udp_frame((BACKENDS6[0], 5353), (CLIENT6, 33333), b"answer");
-    let (verdict, back) = run(&lb, &answer);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(tuple6(&back), (VIP6, 53, CLIENT6, 33333));
-
-    let outsider = udp_frame((OTHER_CLIENT6, 33333), (VIP6, 53), b"query");
-    let (verdict, _) = run(&lb, &outsider);
-    assert_eq!(verdict, TC_ACT_SHOT, "fd98::1 is outside fd99::/64");
-    assert_eq!(count(&lb, LbReason::DropSourceRange), 1);
-
-    let (verdict, _) = run(&lb, &udp_frame((CLIENT6, 1), (VIP6, 54), b"x"));
-    assert_eq!(verdict, TC_ACT_SHOT, "the VIP serves no port 54");
-    assert_eq!(count(&lb, LbReason::DropNoService), 1);
+    check_udp_local_policy_and_source_ranges(&mut lb, &v6());
 
     // A fragment header to the VIP: its ports are not where the LB looks.
     let (mut fragment, l4) = eth_ip(CLIENT6.into(), VIP6.into(), IpProtocol::Ipv6Frag, 16);
@@ -834,13 +810,6 @@ fn ipv6_udp_local_policy_source_ranges_and_extension_headers() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(count(&lb, LbReason::DropMalformed), 1);
 
-    let elsewhere = tcp_frame((CLIENT6, 1), (LB_IP6, 22), TcpControl::Syn, b"");
-    let (verdict, out) = run(&lb, &elsewhere);
-    assert_eq!(
-        (verdict, out),
-        (TC_ACT_OK, elsewhere),
-        "not for a VIP: untouched"
-    );
     // An IPv6 service without an IPv6 SNAT address drops its Cluster flows.
     lb.datapath
         .lock()
