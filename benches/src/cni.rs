@@ -21,6 +21,7 @@ use slipway_dataplane::netns;
 use slipway_dataplane::testing::cgroup::Cgroup;
 use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
 use slipway_dataplane::testing::{Netns, World};
+use slipway_local::LocalClient;
 
 use crate::report::{Metric, Record, Samples};
 
@@ -436,16 +437,15 @@ impl Bench {
             });
         }
         for (index, member) in hosts.iter().zip(&members) {
-            let (code, body) = slipway_cni::agent::request(
-                &member.socket,
-                "PUT",
-                "/v1/hosts",
-                Some(&Value::Array(table.clone())),
-            )
-            .with_context(|| format!("agent on host {index}: no answer to PUT /v1/hosts"))?;
+            let hosts_body = serde_json::to_vec(&Value::Array(table.clone()))?;
+            let answer = LocalClient::new(&member.socket)
+                .request("PUT", "/v1/hosts", Some(&hosts_body))
+                .with_context(|| format!("agent on host {index}: PUT /v1/hosts"))?;
             ensure!(
-                code == 200,
-                "agent on host {index}: PUT /v1/hosts: {code} {body}"
+                answer.status == 200,
+                "agent on host {index}: PUT /v1/hosts: {} {}",
+                answer.status,
+                answer.text()
             );
         }
         Ok(Cluster { hosts: members })
@@ -477,7 +477,8 @@ impl Bench {
         agents.push(child);
         let child = agents.last_mut().context("agent just pushed")?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while slipway_cni::agent::request(socket, "GET", "/v1/status", None).is_none() {
+        let agent = LocalClient::new(socket).with_timeout(Duration::from_secs(10));
+        while agent.request("GET", "/v1/status", None).is_err() {
             let log_text = || {
                 let text = fs::read_to_string(log).unwrap_or_default();
                 text.lines().take(20).collect::<Vec<_>>().join("\n")

@@ -38,6 +38,7 @@ use slipway_cni::policy::types::{Metadata, PortRef, Spec};
 use slipway_cni::policy::{IngressRule, IpBlock, LabelSelector, NetworkPolicy, Peer, PolicyPort};
 use slipway_dataplane::netns;
 use slipway_dataplane::testing::Netns;
+use slipway_local::LocalClient;
 
 use crate::cni::{
     BRIDGE_PLUGIN, Bench, Binaries, Pair, PingPong, PodRef, check_reference_plugins, percentile,
@@ -363,8 +364,11 @@ struct Agent<'a> {
 
 impl Agent<'_> {
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let (code, text) = slipway_cni::agent::request(self.socket, method, path, body)
-            .with_context(|| format!("agent: no answer to {method} {path}"))?;
+        let body = body.map(serde_json::to_vec).transpose()?;
+        let answer = LocalClient::new(self.socket)
+            .request(method, path, body.as_deref())
+            .with_context(|| format!("agent: {method} {path}"))?;
+        let (code, text) = (answer.status, answer.text());
         ensure!(code == 200, "agent: {method} {path}: {code} {text}");
         if text.trim().is_empty() {
             return Ok(Value::Null);

@@ -1039,35 +1039,6 @@ fn install_masquerade(pod_cidr: Ipv4Network, underlay: &str) -> anyhow::Result<(
     Ok(())
 }
 
-/// One request to an agent's local API on its Unix socket (HTTP/1.0, so the reply ends with the
-/// connection): the status code and body, or `None` when nothing answers there.
-pub fn request(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&serde_json::Value>,
-) -> Option<(u16, String)> {
-    use std::io::Read;
-    use std::os::unix::net::UnixStream;
-    let mut stream = UnixStream::connect(socket).ok()?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .ok()?;
-    let body = body.map(serde_json::Value::to_string).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.0\r\nhost: agent\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).ok()?;
-    stream.write_all(body.as_bytes()).ok()?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).ok()?;
-    let reply = String::from_utf8_lossy(&reply);
-    let (head, body) = reply.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
-
 pub(crate) fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;

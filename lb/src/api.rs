@@ -11,17 +11,15 @@
 //! Errors answer `{"error": "...", "fields": [...]}` with the status code chosen in one place,
 //! `impl IntoResponse for ApiError`. [`Client`] is the blocking client `slipway lb` uses.
 
-use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use slipway_local::LocalClient;
 
 use crate::LbError;
 use crate::config::{FieldError, ServiceSpec};
@@ -96,13 +94,13 @@ pub fn parse_spec(body: &Bytes) -> Result<ServiceSpec, ApiError> {
 /// A blocking client of the local API.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    local: LocalClient,
 }
 
 impl Client {
     pub fn new(socket: impl AsRef<Path>) -> Self {
         Self {
-            socket: socket.as_ref().to_owned(),
+            local: LocalClient::new(socket),
         }
     }
 
@@ -129,76 +127,28 @@ impl Client {
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// One request on a fresh connection (`Connection: close`); a non-2xx answer is an
-    /// error carrying the server's message.
+    /// One request; a non-2xx answer is an error carrying the server's message.
     fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Vec<u8>, LbError> {
-        let io = |e: std::io::Error| LbError::Api(format!("{}: {e}", self.socket.display()));
-        let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(io)?;
-        let body = body.unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).map_err(io)?;
-        stream.write_all(body).map_err(io)?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).map_err(io)?;
-        let (code, body) = parse_response(&response)
-            .ok_or_else(|| LbError::Api(format!("malformed answer to {method} {path}")))?;
-        if (200..300).contains(&code) {
-            return Ok(body);
+        let answer = self
+            .local
+            .request(method, path, body)
+            .map_err(|e| LbError::Api(e.to_string()))?;
+        if answer.is_success() {
+            return Ok(answer.body);
         }
-        let message = serde_json::from_slice::<ErrorBody>(&body)
+        let message = serde_json::from_slice::<ErrorBody>(&answer.body)
             .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        Err(LbError::Api(format!("{method} {path}: {code}: {message}")))
-    }
-}
-
-/// Splits an HTTP/1.1 response into its status code and body (chunked bodies decoded).
-fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    let body = &raw[end + 4..];
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Some((code, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).ok()?.trim(), 16).ok()?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Some((code, out));
-        }
-        out.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
+            .unwrap_or_else(|_| answer.text());
+        Err(LbError::Api(format!(
+            "{method} {path}: {}: {message}",
+            answer.status
+        )))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_responses() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain), Some((200, b"{}".to_vec())));
-        let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked), Some((404, b"abcde".to_vec())));
-        assert_eq!(parse_response(b"garbage"), None);
-    }
 
     #[test]
     fn errors_map_to_status_codes() {

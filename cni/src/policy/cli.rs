@@ -1,10 +1,10 @@
 //! `slipway flows` and `slipway policy ...`: the agent's policy API from the command line.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use slipway_local::LocalClient;
 
 use super::node::Flow;
 
@@ -76,8 +76,9 @@ fn call(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let (code, text) = crate::agent::request(socket, method, path, body)
-        .with_context(|| format!("no agent answers on {}", socket.display()))?;
+    let body = body.map(serde_json::to_vec).transpose()?;
+    let answer = LocalClient::new(socket).request(method, path, body.as_deref())?;
+    let (code, text) = (answer.status, answer.text());
     let value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("agent answered {code}: {text}"))?;
     if !(200..300).contains(&code) {
@@ -367,29 +368,16 @@ impl FlowsArgs {
         if let Some(port) = self.port {
             query.push(format!("port={port}"));
         }
-        let mut stream = UnixStream::connect(&self.socket)
-            .with_context(|| format!("no agent answers on {}", self.socket.display()))?;
-        write!(
-            stream,
-            "GET /v1/flows?{} HTTP/1.0\r\nhost: agent\r\n\r\n",
-            query.join("&")
-        )?;
-        let mut reader = BufReader::new(stream);
-        let mut status = String::new();
-        reader.read_line(&mut status)?;
-        let ok = status.split_whitespace().nth(1) == Some("200");
-        // Headers end at the first empty line.
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-                break;
-            }
+        let mut agent = LocalClient::new(&self.socket);
+        if self.follow {
+            agent = agent.without_timeout();
         }
+        let (status, lines) = agent.stream_lines(&format!("/v1/flows?{}", query.join("&")))?;
         let stdout = std::io::stdout();
-        for line in reader.lines() {
+        for line in lines {
             let line = line?;
-            if !ok {
-                anyhow::bail!("agent answered {}: {line}", status.trim());
+            if status != 200 {
+                anyhow::bail!("agent answered {status}: {line}");
             }
             let mut out = stdout.lock();
             if self.json {

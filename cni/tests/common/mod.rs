@@ -383,7 +383,12 @@ pub fn serve_name(netns: &Netns, dir: &Path, name: &str, port: u16) -> Process {
 
 /// A request to an agent's local API; `None` when nothing answers.
 pub fn api(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, String)> {
-    slipway_cni::agent::request(socket, method, path, body)
+    let body = body.map(Value::to_string);
+    let answer = slipway_local::LocalClient::new(socket)
+        .with_timeout(Duration::from_secs(10))
+        .request(method, path, body.as_deref().map(str::as_bytes))
+        .ok()?;
+    Some((answer.status, answer.text()))
 }
 
 /// What an attachment can leave behind on a host.
