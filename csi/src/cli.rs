@@ -1,0 +1,111 @@
+//! Command-line types the `slipway` binary embeds: `slipway csi controller|node|attach`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::backend::BlockstoreBackend;
+use crate::controller::{ControllerConfig, ControllerService};
+use crate::identity::IdentityService;
+use crate::proto::controller_server::ControllerServer;
+use crate::proto::identity_server::IdentityServer;
+use crate::server;
+
+/// `slipway csi ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CsiCommand {
+    /// Run the Controller plugin (Identity + Controller) against a block store daemon.
+    Controller(ControllerArgs),
+}
+
+/// Flags of the Controller plugin.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    /// CSI endpoint, unix:///path.
+    #[arg(long, default_value = "unix:///run/slipway/csi-controller.sock")]
+    pub endpoint: String,
+    /// Control socket of the block store daemon.
+    #[arg(long, default_value = slipway_blockstore::cli::DEFAULT_CONTROL)]
+    pub control: PathBuf,
+    /// Where nodes reach the block store's NBD exports: unix:/path or tcp:HOST:PORT.
+    #[arg(long)]
+    pub nbd: String,
+    /// Zone of the block store (topology key topology.slipway.dev/zone).
+    #[arg(long, default_value = "default")]
+    pub zone: String,
+    /// Pool size in bytes; volume sizes may add up to this much (enables GetCapacity).
+    #[arg(long)]
+    pub capacity: Option<u64>,
+}
+
+impl ControllerArgs {
+    /// Checks every flag and reports all problems at once.
+    pub fn validate(&self) -> Result<(), crate::error::CsiError> {
+        let mut bad = Vec::new();
+        if let Err(e) = server::socket_path(&self.endpoint) {
+            bad.push(e.to_string());
+        }
+        if let Err(e) = crate::nbd::Address::parse(&self.nbd) {
+            bad.push(e.to_string());
+        }
+        if self.zone.is_empty() {
+            bad.push("zone: must not be empty".into());
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::error::CsiError::invalid("flags", bad.join("; ")))
+        }
+    }
+
+    /// Serves until SIGTERM or ctrl-c.
+    pub async fn run(self) -> anyhow::Result<()> {
+        self.validate()?;
+        let path = server::socket_path(&self.endpoint)?;
+        let listener = server::bind(&path)?;
+        let controller = ControllerService::new(
+            BlockstoreBackend::new(self.control.clone()),
+            ControllerConfig {
+                nbd_address: self.nbd.clone(),
+                zone: self.zone.clone(),
+                capacity: self.capacity,
+            },
+        );
+        let router = server::builder()
+            .add_service(IdentityServer::new(IdentityService { controller: true }))
+            .add_service(ControllerServer::new(controller));
+        println!("slipway-csi controller ready endpoint={}", path.display());
+        tracing::info!(endpoint = %path.display(), control = %self.control.display(), "CSI controller serving");
+        server::serve(router, listener, &path, shutdown_signal())
+            .await
+            .context("CSI controller server")
+    }
+}
+
+impl CsiCommand {
+    /// Runs the subcommand on a fresh tokio runtime. `attach_prefix` is the argument list that
+    /// leads from this binary to `attach` (`["csi"]` for `slipway`).
+    pub fn run(self, attach_prefix: &[&str]) -> anyhow::Result<()> {
+        let _ = attach_prefix;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("tokio runtime")?;
+        match self {
+            Self::Controller(args) => rt.block_on(args.run()),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
