@@ -25,25 +25,6 @@ struct {
 	__type(value, struct svc_addr);
 } svc_reverse SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, SVC_EVENT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} svc_counters SEC(".maps");
-
-/* Not inlined: as a subprogram its signature, and with it enum svc_event, is in the object's
- * BTF, where userspace checks the enum's values against its mirror. */
-static __noinline void svc_count(enum svc_event event)
-{
-	__u32 key = event;
-	__u64 *value = bpf_map_lookup_elem(&svc_counters, &key);
-
-	/* Per-CPU value: no other CPU writes it, a plain add is enough. */
-	if (value)
-		*value += 1;
-}
-
 /* What to do with a connect or sendmsg. */
 enum svc_verdict {
 	/* Not for a service: leave it alone. */

@@ -22,6 +22,7 @@ groups=(
   "fio"
   "haproxy nginx-light wrk"
   "containernetworking-plugins"
+  "podman runc busybox-static"
   "protobuf-compiler libprotobuf-dev"
   "etcd-server etcd-client"
 )

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use slipway_dataplane::testing::{Netns, Process};
-use slipway_lb::config::{BackendSpec, Protocol, ServicePort, ServiceSpec, TrafficPolicy};
+use slipway_lb::config::ServiceSpec;
 use slipway_lb::datapath::{enable_run_time_stats, run_time};
 use slipway_lb::testing::LbWorld;
 
@@ -209,30 +209,8 @@ fn haproxy(
 }
 
 fn service(name: &str, port: u16, backends: &[Ipv4Addr]) -> ServiceSpec {
-    ServiceSpec {
-        namespace: "bench".into(),
-        name: name.into(),
-        ip_families: Vec::new(),
-        ports: vec![ServicePort {
-            name: None,
-            protocol: Protocol::Tcp,
-            port,
-            target_port: 0,
-        }],
-        load_balancer_ip: None,
-        load_balancer_source_ranges: Vec::new(),
-        external_traffic_policy: TrafficPolicy::Cluster,
-        backends: backends
-            .iter()
-            .map(|ip| BackendSpec {
-                ip: (*ip).into(),
-                weight: 1,
-                node_local: false,
-            })
-            .collect(),
-        health_check: None,
-        drain_timeout_secs: None,
-    }
+    let backends: Vec<IpAddr> = backends.iter().map(|ip| (*ip).into()).collect();
+    ServiceSpec::tcp("bench", name, port, &backends)
 }
 
 /// Runs the suite; prints progress and results to stderr.

@@ -177,6 +177,7 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Record>> {
         control: slip_dir.join("ctl.sock"),
         metrics: None,
         extent_size: slipway_blockstore::format::DEFAULT_EXTENT_SIZE,
+        tls: None,
     };
     std::fs::create_dir_all(&slip_dir)?;
     let daemon = rt

@@ -12,10 +12,13 @@
 //!   count and measures Slipway and the bridge alternately at each. The suite pins itself, and
 //!   so iperf3 and sockperf on both ends, to one CPU meanwhile (see [`Pinned`]).
 //! - Apply→enforced: a probe loop in the client pod's namespace sends one UDP echo request a
-//!   millisecond, each from a 4-tuple not used before (so no connection-tracking entry from an
-//!   earlier verdict can answer for it), while the allow rule is added and removed; a flip's
+//!   millisecond, each from a 4-tuple not used within [`TUPLE_REUSE_AFTER`] (so no
+//!   connection-tracking entry from an earlier verdict can answer for it: the tuples rotate, and
+//!   the loop waits when the oldest is not that old yet), while the allow rule is added and
+//!   removed; a flip's
 //!   latency is the time from sending `PUT /v1/networkpolicies` (for the baseline: starting
-//!   `iptables-restore`) to the first probe that sees the new verdict.
+//!   `iptables-restore`) to the first probe that sees the new verdict. A baseline that fails
+//!   (iptables-restore, its probes) is reported as failed in its records, and the suite goes on.
 //!
 //! The world, agents and pods come from the CNI suite's harness ([`crate::cni`]); everything
 //! lives in the world's namespaces and is torn down on drop, also on error.
@@ -65,11 +68,16 @@ const NO_POLICY: &str = "slipway-no-policy";
 const MARKER: &str = "slipway-bench-policy";
 
 /// The probe loop: UDP echo to one of these ports on the server pod from a source port of
-/// this range, which the rule counts of [`LATENCY_LEVELS`] split between them, so that no
-/// four-tuple is used twice in a run (8 x 20,000 per rule count).
+/// this range, which the rule counts of [`LATENCY_LEVELS`] split between them (8 x 20,000
+/// four-tuples per rule count, used in turn, see [`Tuples`]).
 const PROBE_PORTS: [u16; 8] = [7101, 7102, 7103, 7104, 7105, 7106, 7107, 7108];
 const PROBE_SOURCE_PORTS: (u16, u16) = (20_000, 60_000);
 const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+/// A four-tuple is used again only this long after its last use: longer than any connection
+/// tracking entry of one echo lives on the baseline (Linux UDP: 30 s, 120 s for a stream), so
+/// an old verdict cannot answer for a new probe. (Slipway's policy conntrack decides an entry
+/// of an older policy generation again anyway.)
+const TUPLE_REUSE_AFTER: Duration = Duration::from_secs(150);
 /// A probe not answered within this is lost (an answer takes ~0.1 ms here).
 const PROBE_WINDOW: Duration = Duration::from_millis(20);
 /// Before each flip, the probes must show the old verdict: an echo (old allow), or this many
@@ -525,6 +533,8 @@ struct Traffic {
     levels: Vec<usize>,
     /// `[level][metric]` samples; metrics as in [`TRAFFIC_METRICS`].
     samples: Vec<[Samples; 3]>,
+    /// Why the baseline stopped being measured, when it failed: reported, not fatal.
+    bridge_failed: Option<String>,
 }
 
 /// (name prefix, unit, higher is better) of the traffic metrics.
@@ -544,6 +554,7 @@ fn measure_traffic(
     let mut traffic = Traffic {
         levels: TRAFFIC_LEVELS.to_vec(),
         samples: TRAFFIC_LEVELS.iter().map(|_| Default::default()).collect(),
+        bridge_failed: None,
     };
     let states: Vec<State> = TRAFFIC_LEVELS
         .iter()
@@ -570,6 +581,7 @@ fn measure_traffic(
         pinned.cpu, pinned.previous
     );
     let throughput = |pair: &Pair<'_>| pair.throughput_gbps(options.iperf_duration);
+    let mut bridge_failed = None;
     for run in 0..options.runs {
         for (i, (&state, (policy_body, restore_text))) in states.iter().zip(&bodies).enumerate() {
             let level = traffic.levels[i];
@@ -577,30 +589,46 @@ fn measure_traffic(
             agent.apply(policy_body)?;
             let put = started.elapsed();
             agent.check(state)?;
+            let context = |side: &str| format!("{side} at {level} rules, run {run}");
             let started = Instant::now();
-            iptables.restore(restore_text)?;
-            let restore = started.elapsed();
+            let restored = bridge_failed.is_none()
+                && noted(&mut bridge_failed, iptables.restore(restore_text), || {
+                    context("iptables-restore")
+                })
+                .is_some();
             eprintln!(
                 "      run {run}, {level} rules: PUT {:.0} ms, iptables-restore {:.0} ms",
                 ms(put),
-                ms(restore)
+                ms(started.elapsed())
             );
-            let context = |side: &str| format!("{side} at {level} rules, run {run}");
             let [tput, rate, rtt] = &mut traffic.samples[i];
             tput.slipway
                 .push(throughput(slipway).with_context(|| context("slipway iperf3"))?);
-            tput.baseline
-                .push(throughput(bridge).with_context(|| context("bridge iperf3"))?);
+            if restored
+                && let Some(t) = noted(&mut bridge_failed, throughput(bridge), || {
+                    context("bridge iperf3")
+                })
+            {
+                tput.baseline.push(t);
+            }
             let s: PingPong = sockperf_ping_pong(slipway, options.sockperf_duration)
                 .with_context(|| context("slipway sockperf"))?;
-            let b: PingPong = sockperf_ping_pong(bridge, options.sockperf_duration)
-                .with_context(|| context("bridge sockperf"))?;
             rate.slipway.push(s.round_trips_per_s);
-            rate.baseline.push(b.round_trips_per_s);
             rtt.slipway.push(s.rtt_p50_us);
-            rtt.baseline.push(b.rtt_p50_us);
+            if restored
+                && bridge_failed.is_none()
+                && let Some(b) = noted(
+                    &mut bridge_failed,
+                    sockperf_ping_pong(bridge, options.sockperf_duration),
+                    || context("bridge sockperf"),
+                )
+            {
+                rate.baseline.push(b.round_trips_per_s);
+                rtt.baseline.push(b.rtt_p50_us);
+            }
         }
     }
+    traffic.bridge_failed = bridge_failed;
     drop(pinned);
     Ok(traffic)
 }
@@ -658,6 +686,17 @@ fn taskset(args: &[&str]) -> anyhow::Result<String> {
 }
 
 impl Traffic {
+    /// The record of `samples` against the bridge-side baseline, or marked failed without it.
+    fn bridge_record(&self, samples: &Samples, metric: Metric<'_>) -> anyhow::Result<Record> {
+        match &self.bridge_failed {
+            None => samples.record(metric),
+            Some(reason) => Ok(baseline_failed(
+                alone(&samples.slipway).record(metric)?,
+                reason,
+            )),
+        }
+    }
+
     /// Per metric: at 0 rules, Slipway against the bridge; at N rules, Slipway against Slipway
     /// with no policy, against the bridge with the same N rules, and the fraction of its
     /// 0-rule value each side keeps (per run, as the runs alternate).
@@ -680,7 +719,9 @@ impl Traffic {
             }
             let zero = &self.samples[0][m];
             let name = format!("{prefix}_0_rules");
-            records.push(zero.record(metric(&name, unit, higher_is_better, BRIDGE_PLUGIN))?);
+            records.push(
+                self.bridge_record(zero, metric(&name, unit, higher_is_better, BRIDGE_PLUGIN))?,
+            );
             for (i, &level) in self.levels.iter().enumerate().skip(1) {
                 let at = &self.samples[i][m];
                 let name = format!("{prefix}_{level}_rules");
@@ -696,7 +737,9 @@ impl Traffic {
                         NO_POLICY,
                     ))?,
                 );
-                records.push(at.record(metric(&name, unit, higher_is_better, iptables_label))?);
+                records.push(
+                    self.bridge_record(at, metric(&name, unit, higher_is_better, iptables_label))?,
+                );
                 // For a lower-is-better metric the fraction kept is 0-rule / N-rule value, so
                 // that, like throughput, 1.0 means no cost and less means a cost.
                 let kept = |with: &[f64], without: &[f64]| -> Vec<f64> {
@@ -706,18 +749,13 @@ impl Traffic {
                         .collect()
                 };
                 let name = format!("{prefix}_kept_{level}_rules");
-                records.push(
-                    Samples {
+                records.push(self.bridge_record(
+                    &Samples {
                         slipway: kept(&at.slipway, &zero.slipway),
                         baseline: kept(&at.baseline, &zero.baseline),
-                    }
-                    .record(metric(
-                        &name,
-                        "x of 0 rules",
-                        true,
-                        iptables_label,
-                    ))?,
-                );
+                    },
+                    metric(&name, "x of 0 rules", true, iptables_label),
+                )?);
             }
         }
         Ok(records)
@@ -731,6 +769,9 @@ impl Traffic {
              {:>26}  {:>20}\n",
             "rules", "TCP Gbit/s", "round trips/s", "RTT p50 µs"
         );
+        if let Some(reason) = &self.bridge_failed {
+            out.push_str(&format!("baseline FAILED: {reason}\n"));
+        }
         for (i, level) in self.levels.iter().enumerate() {
             let [t, r, l] = &self.samples[i];
             out.push_str(&format!(
@@ -792,26 +833,74 @@ impl ProbeLog {
     }
 }
 
+/// The probe loop's four-tuples (source port, destination port), used in turn: when all have
+/// been used the first comes round again, once its last use is `reuse_after` old.
+#[derive(Debug)]
+struct Tuples {
+    sources: (u16, u16),
+    ports: &'static [u16],
+    reuse_after: Duration,
+    next: usize,
+    /// When each tuple was last handed out.
+    used: Vec<Option<Instant>>,
+}
+
+impl Tuples {
+    fn new(sources: (u16, u16), ports: &'static [u16], reuse_after: Duration) -> Self {
+        let count = usize::from(sources.1.saturating_sub(sources.0)) * ports.len();
+        Self {
+            sources,
+            ports,
+            reuse_after,
+            next: 0,
+            used: vec![None; count],
+        }
+    }
+
+    /// The next tuple at `now`, or how long to wait until it may be used again.
+    fn take(&mut self, now: Instant) -> Result<(u16, u16), Duration> {
+        let n = self.next;
+        if let Some(last) = self.used[n] {
+            let age = now.saturating_duration_since(last);
+            if age < self.reuse_after {
+                return Err(self.reuse_after - age);
+            }
+        }
+        self.used[n] = Some(now);
+        self.next = (n + 1) % self.used.len();
+        let source = self.sources.0 + (n / self.ports.len()) as u16;
+        Ok((source, self.ports[n % self.ports.len()]))
+    }
+}
+
 /// Sends one UDP echo request every [`PROBE_INTERVAL`] while `log.active`, each from a new
-/// socket on the next unused (source port, destination port), and records the answers. Runs
-/// in the client's namespace until `log.stop`.
-fn probe_loop(log: &ProbeLog, server: Ipv4Addr, (low, high): (u16, u16)) -> anyhow::Result<()> {
-    let tuples = usize::from(high - low) * PROBE_PORTS.len();
-    let mut next_tuple = 0usize;
+/// socket on the next (source port, destination port) of [`Tuples`], and records the answers.
+/// Runs in the client's namespace until `log.stop`.
+fn probe_loop(log: &ProbeLog, server: Ipv4Addr, sources: (u16, u16)) -> anyhow::Result<()> {
+    let mut tuples = Tuples::new(sources, &PROBE_PORTS, TUPLE_REUSE_AFTER);
+    ensure!(
+        !tuples.used.is_empty(),
+        "probe loop: no four-tuple in {sources:?}"
+    );
+    let mut sent_count = 0u64;
     let mut open: Vec<(usize, UdpSocket, Instant)> = Vec::new();
     let mut buf = [0u8; 64];
     let mut tick = Instant::now();
     while !log.stop.load(Ordering::Relaxed) {
         if log.active.load(Ordering::Relaxed) {
             let socket = loop {
-                ensure!(
-                    next_tuple < tuples,
-                    "probe loop: all {tuples} four-tuples used"
-                );
-                let n = next_tuple;
-                next_tuple += 1;
-                let source = low + (n / PROBE_PORTS.len()) as u16;
-                let port = PROBE_PORTS[n % PROBE_PORTS.len()];
+                let (source, port) = match tuples.take(Instant::now()) {
+                    Ok(tuple) => tuple,
+                    Err(wait) => {
+                        // Every tuple was used lately: wait out the oldest one's age (in short
+                        // steps, so a stop is seen).
+                        thread::sleep(wait.min(Duration::from_millis(100)));
+                        if log.stop.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
                 match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, source)) {
                     Ok(socket) => {
                         socket.connect((server, port))?;
@@ -823,7 +912,8 @@ fn probe_loop(log: &ProbeLog, server: Ipv4Addr, (low, high): (u16, u16)) -> anyh
                 }
             };
             let sent = Instant::now();
-            socket.send(&(next_tuple as u64).to_be_bytes())?;
+            sent_count += 1;
+            socket.send(&sent_count.to_be_bytes())?;
             let index = {
                 let mut probes = log.lock();
                 probes.push(Probe {
@@ -1001,6 +1091,8 @@ fn flip(
 struct Flips {
     slipway: Vec<Flip>,
     bridge: Vec<Flip>,
+    /// Why the baseline stopped flipping, when it failed: reported, not fatal.
+    bridge_failed: Option<String>,
 }
 
 /// Sets every background rule of `level`, then flips the client's allow rule on and off
@@ -1075,6 +1167,7 @@ fn measure_flips(
         let mut out = Flips {
             slipway: Vec::with_capacity(flips),
             bridge: Vec::with_capacity(flips),
+            bridge_failed: None,
         };
         for i in 0..flips {
             let (want, policies, restore) = if i % 2 == 0 {
@@ -1086,10 +1179,15 @@ fn measure_flips(
                 flip(&logs[0], want, || agent.apply(policies))
                     .with_context(|| format!("slipway flip {i} at {level} rules"))?,
             );
-            out.bridge.push(
-                flip(&logs[1], want, || iptables.restore(restore))
-                    .with_context(|| format!("iptables flip {i} at {level} rules"))?,
-            );
+            if out.bridge_failed.is_none()
+                && let Some(flip) = noted(
+                    &mut out.bridge_failed,
+                    flip(&logs[1], want, || iptables.restore(restore)),
+                    || format!("iptables flip {i} at {level} rules"),
+                )
+            {
+                out.bridge.push(flip);
+            }
         }
         Ok(out)
     })
@@ -1115,16 +1213,26 @@ impl Flips {
                 "apply_enforced_p99_10000_rules",
             ),
         };
-        Ok(vec![
-            percentile_record(&samples, 50.0, metric(p50))?,
-            percentile_record(&samples, 99.0, metric(p99))?,
-        ])
+        let mut records = Vec::new();
+        for (p, name) in [(50.0, p50), (99.0, p99)] {
+            records.push(match &self.bridge_failed {
+                None => percentile_record(&samples, p, metric(name))?,
+                Some(reason) => baseline_failed(
+                    percentile_record(&alone(&samples.slipway), p, metric(name))?,
+                    reason,
+                ),
+            });
+        }
+        Ok(records)
     }
 
     /// Per side and direction: p50/p99 of apply→enforced and of the apply call itself, and
     /// how many flips saw the old verdict after the apply returned.
     fn summary(&self, level: usize) -> String {
         let mut out = format!("apply->enforced at {level} background rules (ms, p50/p99):\n");
+        if let Some(reason) = &self.bridge_failed {
+            out.push_str(&format!("  baseline FAILED: {reason}\n"));
+        }
         for (side, flips) in [
             ("slipway PUT", &self.slipway),
             ("iptables-restore", &self.bridge),
@@ -1149,6 +1257,41 @@ impl Flips {
             }
         }
         out
+    }
+}
+
+/// The value of a baseline's measurement, or `None` with the failure noted in `failed` (the
+/// first failure ends the baseline's measurements; the suite goes on with Slipway alone).
+fn noted<T>(
+    failed: &mut Option<String>,
+    outcome: anyhow::Result<T>,
+    what: impl FnOnce() -> String,
+) -> Option<T> {
+    match outcome {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let reason = format!("{}: {e:#}", what());
+            eprintln!("      baseline FAILED, Slipway goes on alone: {reason}");
+            failed.get_or_insert(reason);
+            None
+        }
+    }
+}
+
+/// `record` for a metric whose baseline failed: Slipway's figure stays, the baseline is named
+/// as failed with the reason, and it has no value and no ratio (null in the JSON line).
+fn baseline_failed(mut record: Record, reason: &str) -> Record {
+    record.baseline = format!("{} FAILED: {reason}", record.baseline);
+    record.baseline_value = f64::NAN;
+    record.ratio = f64::NAN;
+    record
+}
+
+/// Slipway's samples as both sides, for the record of a metric whose baseline failed.
+fn alone(slipway: &[f64]) -> Samples {
+    Samples {
+        slipway: slipway.to_vec(),
+        baseline: slipway.to_vec(),
     }
 }
 
@@ -1274,6 +1417,116 @@ mod tests {
              -A FORWARD -d 10.0.0.1/32 -j DROP\n-A FORWARD -j X\nCOMMIT\n"
         );
         assert_eq!(with_forward_rules(busy, &[]), busy);
+    }
+
+    #[test]
+    fn tuples_rotate_and_wait_out_their_reuse_age() {
+        static PORTS: [u16; 2] = [7, 9];
+        let reuse = Duration::from_secs(150);
+        let mut tuples = Tuples::new((100, 102), &PORTS, reuse);
+        let t0 = Instant::now();
+        let first: Vec<(u16, u16)> = (0..4)
+            .map(|i| tuples.take(t0 + Duration::from_millis(i)).expect("unused"))
+            .collect();
+        assert_eq!(first, [(100, 7), (100, 9), (101, 7), (101, 9)]);
+        // All four used: the oldest comes round once it is old enough, never before.
+        let early = t0 + Duration::from_secs(100);
+        assert_eq!(tuples.take(early), Err(Duration::from_secs(50)));
+        assert_eq!(tuples.take(t0 + reuse), Ok((100, 7)));
+        assert_eq!(
+            tuples.take(t0 + reuse),
+            Err(Duration::from_millis(1)),
+            "the next one was used 1 ms later"
+        );
+        // A run as long as the one that ran out ("all 160000 four-tuples used" at flip 79):
+        // with one probe a millisecond, every take succeeds or names a finite wait.
+        let (low, high) = PROBE_SOURCE_PORTS;
+        let span = (high - low) / LATENCY_LEVELS.len() as u16;
+        let mut tuples = Tuples::new((low, low + span), &PROBE_PORTS, TUPLE_REUSE_AFTER);
+        let mut now = t0;
+        let mut waited = Duration::ZERO;
+        for _ in 0..400_000 {
+            match tuples.take(now) {
+                Ok(_) => now += PROBE_INTERVAL,
+                Err(wait) => {
+                    assert!(wait <= TUPLE_REUSE_AFTER, "{wait:?}");
+                    waited += wait;
+                    now += wait;
+                }
+            }
+        }
+        assert!(waited <= TUPLE_REUSE_AFTER, "waited {waited:?} in all");
+    }
+
+    #[test]
+    fn a_failed_flip_baseline_is_reported_as_failed() {
+        let flips = Flips {
+            slipway: [3.0, 5.0, 4.0]
+                .into_iter()
+                .map(|ms| Flip {
+                    want: Verdict::Allow,
+                    enforced_ms: ms,
+                    apply_ms: 1.0,
+                    late: false,
+                })
+                .collect(),
+            bridge: Vec::new(),
+            bridge_failed: Some("iptables flip 0 at 0 rules: boom".into()),
+        };
+        let records = flips
+            .records(0)
+            .expect("records despite the failed baseline");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].slipway, 4.0);
+        assert!(
+            records[0].baseline.contains("FAILED: iptables flip 0"),
+            "{:?}",
+            records[0]
+        );
+        assert!(records[0].ratio.is_nan() && records[0].baseline_value.is_nan());
+        let line = serde_json::to_string(&records[0]).expect("json");
+        assert!(line.contains("\"ratio\":null"), "{line}");
+        assert!(flips.summary(0).contains("baseline FAILED"));
+    }
+
+    #[test]
+    fn a_failed_traffic_baseline_is_reported_as_failed() {
+        let side = |v: &[f64]| Samples {
+            slipway: v.to_vec(),
+            baseline: Vec::new(),
+        };
+        let traffic = Traffic {
+            levels: TRAFFIC_LEVELS.to_vec(),
+            samples: TRAFFIC_LEVELS
+                .iter()
+                .map(|_| {
+                    [
+                        side(&[9.0, 10.0]),
+                        side(&[900.0, 1000.0]),
+                        side(&[20.0, 22.0]),
+                    ]
+                })
+                .collect(),
+            bridge_failed: Some("iptables at 0 rules, run 0: boom".into()),
+        };
+        let records = traffic
+            .records("bridge-iptables-nft")
+            .expect("records despite the failed baseline");
+        assert!(!records.is_empty());
+        for record in &records {
+            if record.baseline == NO_POLICY {
+                assert!(record.ratio.is_finite(), "{record:?}");
+            } else {
+                assert!(
+                    record.baseline.contains("FAILED: iptables at 0 rules"),
+                    "{record:?}"
+                );
+                assert!(
+                    record.ratio.is_nan() && record.slipway.is_finite(),
+                    "{record:?}"
+                );
+            }
+        }
     }
 
     fn log(start: Instant, answers: &[Answer]) -> Vec<Probe> {

@@ -59,6 +59,17 @@ pub enum VolumeCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Allow only these network clients (the DNS names their TLS certificates prove) to open
+    /// a volume and its snapshots; no --client allows any.
+    Authorize {
+        /// Volume name.
+        name: String,
+        /// A client's name (repeat for several).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Grow a volume (online; new connections see the new size).
     Resize {
         /// Volume name.
@@ -140,6 +151,17 @@ impl VolumeCommand {
                 },
                 control.control.clone(),
             ),
+            Self::Authorize {
+                name,
+                clients,
+                control,
+            } => (
+                ControlRequest::Authorize {
+                    name: name.clone(),
+                    clients: clients.clone(),
+                },
+                control.control.clone(),
+            ),
             Self::Resize {
                 name,
                 size,
@@ -182,6 +204,7 @@ fn op_name(req: &ControlRequest) -> &'static str {
         ControlRequest::Snapshot { .. } => "volume snapshot",
         ControlRequest::Clone { .. } => "volume clone",
         ControlRequest::Resize { .. } => "volume resize",
+        ControlRequest::Authorize { .. } => "volume authorize",
         ControlRequest::Delete { .. } => "volume delete",
     }
 }
@@ -241,6 +264,17 @@ pub struct ServeArgs {
     /// Extent (copy-on-write unit) size for a new data directory, in bytes.
     #[arg(long)]
     pub extent_size: Option<u64>,
+    /// TLS on the TCP listener: the server's certificate chain (PEM); with --tls-key and
+    /// --tls-client-ca, TCP clients must use STARTTLS with a client certificate.
+    #[arg(long, requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_client_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs client certificates; their DNS names are what export
+    /// allow-lists (`slipway volume authorize`) name.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -258,6 +292,7 @@ impl ServeArgs {
                 control: PathBuf::from(DEFAULT_CONTROL),
                 metrics: None,
                 extent_size: crate::format::DEFAULT_EXTENT_SIZE,
+                tls: None,
             },
         };
         if let Some(d) = &self.data_dir {
@@ -278,11 +313,21 @@ impl ServeArgs {
         if let Some(e) = self.extent_size {
             cfg.extent_size = e;
         }
+        if let (Some(cert), Some(key), Some(client_ca)) =
+            (&self.tls_cert, &self.tls_key, &self.tls_client_ca)
+        {
+            cfg.tls = Some(crate::config::TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            });
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Runs the daemon until SIGINT or SIGTERM. Builds its own tokio runtime; prints one ready
+    /// Runs the daemon until SIGINT or SIGTERM, then stops cleanly ([`Daemon::shutdown`]:
+    /// everything acknowledged is flushed). Builds its own tokio runtime; prints one ready
     /// line on stdout once every listener is bound.
     pub fn run(self) -> anyhow::Result<()> {
         let _ = tracing_subscriber::fmt()
@@ -291,6 +336,8 @@ impl ServeArgs {
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
             )
             .with_writer(std::io::stderr)
+            // No colour codes in log files and journals.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
         let cfg = self.config()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -310,8 +357,15 @@ impl ServeArgs {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            tracing::info!("shutting down");
-            drop(daemon);
+            tracing::info!("stopping: finishing requests in flight, then flushing every volume");
+            let flushed = daemon
+                .shutdown()
+                .await
+                .context("flushing the volumes on stop failed")?;
+            tracing::info!(
+                volumes = flushed,
+                "stopped; every acknowledged write is durable"
+            );
             anyhow::Ok(())
         })
     }

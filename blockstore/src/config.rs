@@ -31,6 +31,22 @@ pub struct ServeConfig {
     /// Extent size for a new data directory (ignored for an existing one).
     #[serde(default = "default_extent_size")]
     pub extent_size: u64,
+    /// TLS on the TCP listener; when set, TCP clients must upgrade with `NBD_OPT_STARTTLS`
+    /// and present a certificate signed by `client_ca`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS files (PEM).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+    /// The CA that signs client certificates.
+    pub client_ca: PathBuf,
 }
 
 fn default_extent_size() -> u64 {
@@ -130,6 +146,20 @@ impl ServeConfig {
                 ),
             );
         }
+        if let Some(tls) = &self.tls {
+            if self.listen.is_none() {
+                bad("tls", "applies to the TCP listener: set listen too".into());
+            }
+            for (field, path) in [
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+                ("tls.client_ca", &tls.client_ca),
+            ] {
+                if !path.is_file() {
+                    bad(field, format!("{} is not a readable file", path.display()));
+                }
+            }
+        }
         if errs.is_empty() {
             Ok(())
         } else {
@@ -151,12 +181,28 @@ mod tests {
             control: PathBuf::from("/tmp/c"),
             metrics: Some("x".into()),
             extent_size: 3,
+            tls: Some(TlsConfig {
+                cert: PathBuf::from("/nonexistent/cert.pem"),
+                key: PathBuf::from("/nonexistent/key.pem"),
+                client_ca: PathBuf::from("/nonexistent/ca.pem"),
+            }),
         };
         let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
             panic!("expected invalid");
         };
         let fields: Vec<_> = errs.iter().map(|e| e.field).collect();
-        assert_eq!(fields, ["data_dir", "listen", "metrics", "extent_size"]);
+        assert_eq!(
+            fields,
+            [
+                "data_dir",
+                "listen",
+                "metrics",
+                "extent_size",
+                "tls.cert",
+                "tls.key",
+                "tls.client_ca"
+            ]
+        );
     }
 
     #[test]

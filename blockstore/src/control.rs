@@ -47,6 +47,14 @@ pub enum ControlRequest {
         /// New volume name.
         name: String,
     },
+    /// Set the network clients (DNS names of their TLS certificates) allowed to open a volume
+    /// and its snapshots; empty allows any.
+    Authorize {
+        /// Volume name.
+        name: String,
+        /// Client names.
+        clients: Vec<String>,
+    },
     /// Grow a volume.
     Resize {
         /// Volume name.
@@ -125,6 +133,9 @@ pub async fn dispatch(store: &Store, req: ControlRequest) -> ControlResponse {
             .await
             .map(|v| vec![v]),
         ControlRequest::Resize { name, size } => store.resize(&name, size).await.map(|v| vec![v]),
+        ControlRequest::Authorize { name, clients } => {
+            store.authorize(&name, clients).await.map(|v| vec![v])
+        }
         ControlRequest::Delete { name, cascade } => {
             return match store.delete(&name, cascade).await {
                 Ok(deleted) => ControlResponse {

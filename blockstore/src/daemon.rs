@@ -23,6 +23,17 @@ pub enum DaemonError {
     /// The data directory could not be opened.
     #[error("cannot open the data directory")]
     Store(#[from] StoreError),
+    /// The TLS files could not be used.
+    #[error("cannot set up TLS")]
+    Tls(#[from] crate::tls::TlsError),
+    /// Another daemon is listening on this socket.
+    #[error("{what} {path} is in use by a running daemon (refusing to take it over)")]
+    SocketInUse {
+        /// Which socket.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+    },
     /// A listener could not be bound.
     #[error("cannot bind {what} on {addr}")]
     Bind {
@@ -36,7 +47,8 @@ pub enum DaemonError {
     },
 }
 
-/// A running daemon; dropping it stops the listeners and removes its sockets.
+/// A running daemon. [`Daemon::shutdown`] stops it cleanly; dropping it stops the listeners.
+/// Either way it removes the socket files it created (and only those).
 #[derive(Debug)]
 pub struct Daemon {
     /// Bound TCP address, if any.
@@ -49,59 +61,114 @@ pub struct Daemon {
     pub metrics: Option<SocketAddr>,
     /// The store being served.
     pub store: Arc<Store>,
-    tasks: Vec<JoinHandle<()>>,
+    server: Arc<Server>,
+    /// NBD accept loops (they return once their connections are done after a shutdown).
+    nbd: Vec<JoinHandle<()>>,
+    /// Control and metrics loops.
+    aux: Vec<JoinHandle<()>>,
+    /// Removed when the daemon is dropped.
+    _sockets: Vec<OwnedSocket>,
 }
 
-fn bind_unix(what: &'static str, path: &Path) -> Result<UnixListener, DaemonError> {
+/// A Unix socket file this daemon created; removed on drop if the path still names that
+/// file (another process may have replaced it since).
+#[derive(Debug)]
+struct OwnedSocket {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl Drop for OwnedSocket {
+    fn drop(&mut self) {
+        if file_id(&self.path) == Some(self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Device and inode of the file at `path`.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn bind_unix(what: &'static str, path: &Path) -> Result<(UnixListener, OwnedSocket), DaemonError> {
+    let err = |source| DaemonError::Bind {
+        what,
+        addr: path.display().to_string(),
+        source,
+    };
     // e.g. /run/slipway for the default control socket.
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(parent).map_err(|source| DaemonError::Bind {
-            what,
-            addr: path.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(parent).map_err(err)?;
     }
-    // A socket file left by a killed daemon would make bind fail.
-    if std::fs::symlink_metadata(path).is_ok_and(|m| {
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| {
         use std::os::unix::fs::FileTypeExt;
         m.file_type().is_socket()
-    }) {
-        let _ = std::fs::remove_file(path);
+    });
+    if is_socket {
+        // A live socket belongs to a running daemon: never take it over. One nobody listens
+        // on was left by a daemon that was killed, and is replaced.
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(DaemonError::SocketInUse {
+                    what,
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!(socket = %path.display(), "replacing a stale socket file");
+                let _ = std::fs::remove_file(path);
+            }
+            // Bind reports whatever is wrong with the path.
+            Err(_) => {}
+        }
     }
-    UnixListener::bind(path).map_err(|source| DaemonError::Bind {
-        what,
-        addr: path.display().to_string(),
-        source,
-    })
+    let listener = UnixListener::bind(path).map_err(err)?;
+    let id = file_id(path).ok_or_else(|| err(std::io::ErrorKind::NotFound.into()))?;
+    Ok((
+        listener,
+        OwnedSocket {
+            path: path.to_owned(),
+            id,
+        },
+    ))
+}
+
+async fn bind_tcp(what: &'static str, addr: &str) -> Result<TcpListener, DaemonError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            what,
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 impl Daemon {
-    /// Validates `cfg`, opens the store and starts every listener (needs a tokio runtime).
+    /// Validates `cfg`, binds every listener, opens the store and starts serving (needs a
+    /// tokio runtime). On error nothing is left behind: no socket file, no task.
     pub async fn start(cfg: &ServeConfig) -> Result<Self, DaemonError> {
         cfg.validate()?;
-        let store = Store::open(&cfg.data_dir, cfg.extent_size)?;
-        let metrics = Arc::new(Metrics::new());
-        let server = Server::new(Arc::clone(&store), Arc::clone(&metrics));
-        let mut tasks = Vec::new();
-        let mut tcp = None;
-        if let Some(addr) = &cfg.listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Bind {
-                    what: "NBD TCP listener",
-                    addr: addr.clone(),
-                    source,
-                })?;
-            tcp = l.local_addr().ok();
-            tasks.push(tokio::spawn(Arc::clone(&server).serve_tcp(l)));
-        }
-        if let Some(path) = &cfg.unix {
-            let l = bind_unix("NBD Unix socket", path)?;
-            tasks.push(tokio::spawn(Arc::clone(&server).serve_unix(l)));
-        }
-        let l = bind_unix("control socket", &cfg.control)?;
+        let mut sockets = Vec::new();
+        let tcp = match &cfg.listen {
+            Some(addr) => Some(bind_tcp("NBD TCP listener", addr).await?),
+            None => None,
+        };
+        let unix = match &cfg.unix {
+            Some(path) => {
+                let (l, owned) = bind_unix("NBD Unix socket", path)?;
+                sockets.push(owned);
+                Some(l)
+            }
+            None => None,
+        };
+        let (control, owned) = bind_unix("control socket", &cfg.control)?;
+        sockets.push(owned);
         // The control API creates and deletes volumes: owner only.
         {
             use std::os::unix::fs::PermissionsExt;
@@ -112,28 +179,61 @@ impl Daemon {
                     source,
                 })?;
         }
-        tasks.push(tokio::spawn(crate::control::serve(l, Arc::clone(&store))));
-        let mut metrics_addr = None;
-        if let Some(addr) = &cfg.metrics {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Bind {
-                    what: "metrics endpoint",
-                    addr: addr.clone(),
-                    source,
-                })?;
-            metrics_addr = l.local_addr().ok();
-            tasks.push(tokio::spawn(metrics::serve_http(l, metrics)));
+        let metrics_listener = match &cfg.metrics {
+            Some(addr) => Some(bind_tcp("metrics endpoint", addr).await?),
+            None => None,
+        };
+        let tls = match &cfg.tls {
+            Some(t) => Some(crate::server::Tls(crate::tls::acceptor(t)?)),
+            None => None,
+        };
+        let store = Store::open(&cfg.data_dir, cfg.extent_size)?;
+
+        let metrics = Arc::new(Metrics::new());
+        let server = Server::new(Arc::clone(&store), Arc::clone(&metrics), tls);
+        let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let mut nbd = Vec::new();
+        if let Some(l) = tcp {
+            nbd.push(tokio::spawn(Arc::clone(&server).serve_tcp(l)));
         }
-        tracing::info!(?tcp, unix = ?cfg.unix, control = %cfg.control.display(), metrics = ?metrics_addr, "serving");
+        if let Some(l) = unix {
+            nbd.push(tokio::spawn(Arc::clone(&server).serve_unix(l)));
+        }
+        let mut aux = vec![tokio::spawn(crate::control::serve(
+            control,
+            Arc::clone(&store),
+        ))];
+        if let Some(l) = metrics_listener {
+            aux.push(tokio::spawn(metrics::serve_http(l, metrics)));
+        }
+        tracing::info!(tcp = ?tcp_addr, tls = cfg.tls.is_some(), unix = ?cfg.unix, control = %cfg.control.display(), metrics = ?metrics_addr, "serving");
         Ok(Self {
-            tcp,
+            tcp: tcp_addr,
             unix: cfg.unix.clone(),
             control: cfg.control.clone(),
             metrics: metrics_addr,
             store,
-            tasks,
+            server,
+            nbd,
+            aux,
+            _sockets: sockets,
         })
+    }
+
+    /// Stops cleanly: no new connections or control requests; open connections finish and
+    /// answer the requests they have started (for up to [`crate::server::SHUTDOWN_GRACE`]);
+    /// then every volume is flushed, so every write acknowledged before the stop is durable
+    /// (as if each client had sent FLUSH). Returns the number of volumes flushed.
+    pub async fn shutdown(mut self) -> Result<usize, StoreError> {
+        for t in self.aux.drain(..) {
+            t.abort();
+        }
+        self.server.shutdown();
+        for t in self.nbd.drain(..) {
+            let _ = t.await;
+        }
+        self.store.flush_all().await
     }
 
     /// The line the daemon prints once it accepts connections (tests wait for it).
@@ -151,12 +251,8 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.nbd.iter().chain(&self.aux) {
             t.abort();
         }
-        if let Some(u) = &self.unix {
-            let _ = std::fs::remove_file(u);
-        }
-        let _ = std::fs::remove_file(&self.control);
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! **Catalog** (`catalog.json`, JSON): `version` (this build writes and reads [`FORMAT_VERSION`]),
 //! `extent_size` (bytes per extent, a power of two, fixed at creation), `next_layer`,
-//! `layers` (id -> `{parent}`), `volumes` (name -> `{size, top, origin}`), `snapshots`
+//! `layers` (id -> `{parent}`), `volumes` (name -> `{size, top, origin, clients}`), `snapshots`
 //! (`volume@name` -> `{volume, layer, size}`). It is written to `catalog.json.tmp`, fsync'd,
 //! renamed over `catalog.json`, and the directory is fsync'd: a crash leaves the old or the new
 //! catalog, never a mix. Layer files not named by the catalog are leftovers of an interrupted
@@ -78,6 +78,9 @@ pub struct VolumeRecord {
     pub top: u64,
     /// The snapshot it was cloned from, if it is a clone.
     pub origin: Option<String>,
+    /// Network clients allowed to open it and its snapshots (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<String>,
 }
 
 /// One snapshot.
@@ -277,6 +280,7 @@ mod tests {
                 size: 1 << 20,
                 top: 2,
                 origin: None,
+                clients: Vec::new(),
             },
         );
         let json = serde_json::to_string(&c).expect("serialize");

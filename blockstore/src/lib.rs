@@ -3,7 +3,8 @@
 //! Layout: `proto` (NBD wire codec, no I/O) and `negotiate` (handshake state machine, no I/O)
 //! are pure; `format`/`layer`/`volume`/`store` are the block store (on-disk format in
 //! `format.rs`); `uring` is the only module with `unsafe` (the io_uring seam); `server` runs
-//! NBD connections on tokio; `control` is the local JSON-lines API; `daemon` wires it all up.
+//! NBD connections on tokio, `tls` is their STARTTLS and the client identities it proves;
+//! `control` is the local JSON-lines API; `daemon` wires it all up.
 //!
 //! # Wiring into the `slipway` binary
 //!
@@ -40,6 +41,7 @@ pub mod negotiate;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod tls;
 #[allow(
     unsafe_code,
     reason = "the io_uring seam: raw buffers handed to the kernel"

@@ -22,6 +22,14 @@ pub struct OpLabels {
     pub op: &'static str,
 }
 
+/// Labels of the handshake counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `served` (went into transmission), `closed` (by either side during negotiation),
+    /// `tls_failed`, `error` (I/O), `timeout`.
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 4 µs .. ~4 s.
     Histogram::new(exponential_buckets(4e-6, 2.0, 21))
@@ -35,6 +43,7 @@ pub struct Metrics {
     errors: Family<OpLabels, Counter>,
     bytes: Family<OpLabels, Counter>,
     latency: Family<OpLabels, Histogram, fn() -> Histogram>,
+    handshakes: Family<HandshakeLabels, Counter>,
     /// Open NBD connections in transmission.
     pub connections: Gauge,
 }
@@ -77,6 +86,7 @@ impl Metrics {
             latency_histogram as fn() -> Histogram,
         );
         let connections = Gauge::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register("requests", "NBD requests completed", requests.clone());
         registry.register(
             "errors",
@@ -94,14 +104,27 @@ impl Metrics {
             "Connections in transmission",
             connections.clone(),
         );
+        registry.register(
+            "handshakes",
+            "Connections by how their negotiation ended",
+            handshakes.clone(),
+        );
         Self {
             registry,
             requests,
             errors,
             bytes,
             latency,
+            handshakes,
             connections,
         }
+    }
+
+    /// Counts one negotiation that ended with `result` (see [`HandshakeLabels`]).
+    pub fn handshake(&self, result: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { result })
+            .inc();
     }
 
     /// Handles for `export` / `op`.

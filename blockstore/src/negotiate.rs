@@ -5,6 +5,7 @@
 //! the property test below drive it with arbitrary option streams.
 
 use crate::proto::{self, ProtoError, info, opt, rep, tflags};
+use crate::tls::ClientCert;
 
 /// What a connection may learn about an export during the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,13 +16,21 @@ pub struct ExportInfo {
     pub size: u64,
     /// Snapshots are read-only.
     pub read_only: bool,
+    /// Network clients (DNS names their certificates prove) allowed to open it; empty: any.
+    pub clients: Vec<String>,
 }
 
 impl ExportInfo {
-    /// Transmission flags for this export.
-    pub fn transmission_flags(&self) -> u16 {
+    /// Transmission flags for this export; `structured` if structured replies were
+    /// negotiated (proto.md: `SEND_DF` MUST be clear otherwise).
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
         use tflags::*;
-        let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_DF | SEND_CACHE;
+        // FUA is accepted on every command (ignored where nothing is written), so it is
+        // advertised on read-only exports too.
+        let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_CACHE;
+        if structured {
+            flags |= SEND_DF;
+        }
         // Every connection to an export shares one store and FLUSH syncs the whole volume, so
         // multi-conn's consistency rule (a flush covers writes completed on any connection)
         // holds.
@@ -29,7 +38,7 @@ impl ExportInfo {
         if self.read_only {
             flags |= READ_ONLY;
         } else {
-            flags |= SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO;
+            flags |= SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO;
         }
         flags
     }
@@ -52,6 +61,18 @@ pub enum Step {
     Close,
     /// Write the replies, then serve this export.
     Transmission(ExportInfo),
+    /// Write the replies (an ACK), then start TLS and call [`Negotiator::tls_started`].
+    StartTls,
+}
+
+/// Who the client is, as far as its connection proves it.
+#[derive(Debug, Clone, Default)]
+pub enum Peer {
+    /// A local (Unix socket) client, trusted by the socket file's permissions.
+    #[default]
+    Local,
+    /// A TCP client, with the certificate it proved over TLS, if any.
+    Network(Option<ClientCert>),
 }
 
 /// Negotiation state of one connection.
@@ -63,6 +84,10 @@ pub struct Negotiator {
     pub structured: bool,
     /// Export for which `base:allocation` was selected, if any.
     meta_export: Option<String>,
+    peer: Peer,
+    /// FORCEDTLS (proto.md): every option but STARTTLS and ABORT waits for TLS.
+    tls_required: bool,
+    tls_active: bool,
 }
 
 impl Negotiator {
@@ -71,6 +96,63 @@ impl Negotiator {
         Self {
             no_zeroes,
             ..Self::default()
+        }
+    }
+
+    /// A negotiation with a TCP client; `tls_required` when the server has TLS configured.
+    pub fn network(no_zeroes: bool, tls_required: bool) -> Self {
+        Self {
+            no_zeroes,
+            peer: Peer::Network(None),
+            tls_required,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// TLS is up (after [`Step::StartTls`]); `client` is the certificate it verified.
+    pub fn tls_started(&mut self, client: Option<ClientCert>) {
+        self.tls_active = true;
+        self.peer = Peer::Network(client);
+        // Nothing negotiated in the clear carries over into the TLS session.
+        self.structured = false;
+        self.meta_export = None;
+    }
+
+    /// Whether this client may open `export`: local clients always; network clients if the
+    /// export has no allow-list or their certificate is valid for a name on it.
+    fn allowed(&self, export: &ExportInfo) -> bool {
+        match &self.peer {
+            Peer::Local => true,
+            Peer::Network(cert) => {
+                export.clients.is_empty()
+                    || cert
+                        .as_ref()
+                        .is_some_and(|c| export.clients.iter().any(|n| c.is(n)))
+            }
+        }
+    }
+
+    /// The export named `name` if this client may open it, else the error reply to send.
+    fn find(
+        &self,
+        catalog: &dyn ExportCatalog,
+        name: &str,
+    ) -> Result<ExportInfo, (u32, &'static str)> {
+        let export = catalog
+            .lookup(name)
+            .ok_or((rep::ERR_UNKNOWN, "no such export"))?;
+        if self.allowed(&export) {
+            Ok(export)
+        } else {
+            Err((
+                rep::ERR_POLICY,
+                "this client is not authorised for the export",
+            ))
         }
     }
 
@@ -87,17 +169,36 @@ impl Negotiator {
         catalog: &dyn ExportCatalog,
         out: &mut Vec<u8>,
     ) -> Step {
+        if self.tls_required && !self.tls_active {
+            match option {
+                opt::STARTTLS if data.is_empty() => {
+                    proto::put_option_reply(out, option, rep::ACK, &[]);
+                    return Step::StartTls;
+                }
+                opt::STARTTLS => {
+                    return error(out, option, rep::ERR_INVALID, "payload not allowed");
+                }
+                opt::ABORT => {}
+                // It has no error reply (proto.md FORCEDTLS: terminate the session).
+                opt::EXPORT_NAME => return Step::Close,
+                _ => return error(out, option, rep::ERR_TLS_REQD, "start TLS first"),
+            }
+        }
         match option {
+            opt::STARTTLS if self.tls_active => {
+                error(out, option, rep::ERR_INVALID, "TLS already started")
+            }
             opt::EXPORT_NAME => {
                 let Ok(name) = proto::Cursor::new(data).string(data.len()) else {
                     return Step::Close;
                 };
-                // No error reply exists for EXPORT_NAME: an unknown export ends the session.
-                let Some(export) = catalog.lookup(&name) else {
+                // No error reply exists for EXPORT_NAME: an unknown or forbidden export ends
+                // the session.
+                let Ok(export) = self.find(catalog, &name) else {
                     return Step::Close;
                 };
                 out.extend_from_slice(&export.size.to_be_bytes());
-                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                out.extend_from_slice(&export.transmission_flags(self.structured).to_be_bytes());
                 if !self.no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
@@ -111,7 +212,7 @@ impl Negotiator {
                 if !data.is_empty() {
                     return error(out, option, rep::ERR_INVALID, "LIST takes no payload");
                 }
-                for export in catalog.list() {
+                for export in catalog.list().into_iter().filter(|e| self.allowed(e)) {
                     let mut item = Vec::with_capacity(4 + export.name.len());
                     item.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
                     item.extend_from_slice(export.name.as_bytes());
@@ -137,6 +238,20 @@ impl Negotiator {
         }
     }
 
+    /// Handles an option whose payload was too long to process (the caller skips the
+    /// payload unless this says to close).
+    pub fn too_big(&mut self, option: u32, length: u32, out: &mut Vec<u8>) -> Step {
+        if option == opt::EXPORT_NAME {
+            // No error reply exists for EXPORT_NAME, and no export name is that long.
+            return Step::Close;
+        }
+        let message = format!(
+            "option payload of {length} bytes is longer than {} bytes",
+            proto::MAX_OPTION_LEN
+        );
+        error(out, option, rep::ERR_TOO_BIG, &message)
+    }
+
     fn info(
         &mut self,
         option: u32,
@@ -148,13 +263,14 @@ impl Negotiator {
             Ok(req) => req,
             Err(e) => return bad_payload(out, option, &e),
         };
-        let Some(export) = catalog.lookup(&req.name) else {
-            return error(out, option, rep::ERR_UNKNOWN, "no such export");
+        let export = match self.find(catalog, &req.name) {
+            Ok(e) => e,
+            Err((kind, message)) => return error(out, option, kind, message),
         };
         let mut item = Vec::with_capacity(12);
         item.extend_from_slice(&info::EXPORT.to_be_bytes());
         item.extend_from_slice(&export.size.to_be_bytes());
-        item.extend_from_slice(&export.transmission_flags().to_be_bytes());
+        item.extend_from_slice(&export.transmission_flags(self.structured).to_be_bytes());
         proto::put_option_reply(out, option, rep::INFO, &item);
         if req.requests.contains(&info::NAME) {
             let mut item = info::NAME.to_be_bytes().to_vec();
@@ -198,8 +314,8 @@ impl Negotiator {
             Ok(req) => req,
             Err(e) => return bad_payload(out, option, &e),
         };
-        if catalog.lookup(&req.name).is_none() {
-            return error(out, option, rep::ERR_UNKNOWN, "no such export");
+        if let Err((kind, message)) = self.find(catalog, &req.name) {
+            return error(out, option, kind, message);
         }
         let set = option == opt::SET_META_CONTEXT;
         let matched = if set {
@@ -245,6 +361,7 @@ mod tests {
                 name: "vol".into(),
                 size: 1 << 20,
                 read_only: false,
+                clients: Vec::new(),
             })
         }
         fn list(&self) -> Vec<ExportInfo> {
@@ -293,6 +410,23 @@ mod tests {
     }
 
     #[test]
+    fn df_is_advertised_only_with_structured_replies() {
+        let flags = |structured: bool| {
+            let mut n = Negotiator::new(true);
+            let mut out = Vec::new();
+            if structured {
+                n.option(opt::STRUCTURED_REPLY, &[], &One, &mut out);
+                out.clear();
+            }
+            n.option(opt::GO, &go_payload("vol"), &One, &mut out);
+            let r = replies(&out);
+            u16::from_be_bytes([r[0].2[10], r[0].2[11]])
+        };
+        assert_eq!(flags(false) & tflags::SEND_DF, 0);
+        assert_ne!(flags(true) & tflags::SEND_DF, 0);
+    }
+
+    #[test]
     fn go_unknown_export_is_err_unknown() {
         let mut out = Vec::new();
         let step = Negotiator::new(true).option(opt::GO, &go_payload("nope"), &One, &mut out);
@@ -319,6 +453,128 @@ mod tests {
         assert_eq!(r[0].1, rep::META_CONTEXT);
         assert_eq!(r[1].1, rep::ACK);
         assert!(n.base_allocation("vol"));
+    }
+
+    #[test]
+    fn too_big_option_is_err_too_big_and_session_continues() {
+        let mut n = Negotiator::new(true);
+        let mut out = Vec::new();
+        let step = n.too_big(opt::INFO, proto::MAX_OPTION_LEN + 1, &mut out);
+        assert_eq!(step, Step::Continue);
+        let r = replies(&out);
+        assert_eq!((r[0].0, r[0].1), (opt::INFO, rep::ERR_TOO_BIG));
+        out.clear();
+        let step = n.too_big(opt::EXPORT_NAME, 1 << 20, &mut out);
+        assert_eq!(step, Step::Close);
+        assert!(out.is_empty());
+    }
+
+    /// "vol" open to anyone, "sec" only to `host-a.example`.
+    struct Two;
+    impl ExportCatalog for Two {
+        fn lookup(&self, name: &str) -> Option<ExportInfo> {
+            let clients = match name {
+                "vol" => Vec::new(),
+                "sec" => vec!["host-a.example".to_owned()],
+                _ => return None,
+            };
+            Some(ExportInfo {
+                name: name.into(),
+                size: 1 << 20,
+                read_only: false,
+                clients,
+            })
+        }
+        fn list(&self) -> Vec<ExportInfo> {
+            ["sec", "vol"]
+                .iter()
+                .filter_map(|n| self.lookup(n))
+                .collect()
+        }
+    }
+
+    fn cert_for(name: &str) -> ClientCert {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        ClientCert::from(cert.der().clone())
+    }
+
+    fn listed(n: &mut Negotiator) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        n.option(opt::LIST, &[], &Two, &mut out);
+        replies(&out)
+            .into_iter()
+            .filter(|r| r.1 == rep::SERVER)
+            .map(|r| r.2[4..].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn forced_tls_refuses_everything_but_starttls_and_abort() {
+        let mut n = Negotiator::network(true, true);
+        let mut out = Vec::new();
+        for option in [opt::LIST, opt::GO, opt::INFO, opt::STRUCTURED_REPLY] {
+            out.clear();
+            assert_eq!(
+                n.option(option, &go_payload("vol"), &Two, &mut out),
+                Step::Continue
+            );
+            assert_eq!(replies(&out)[0].1, rep::ERR_TLS_REQD, "option {option}");
+        }
+        assert_eq!(
+            n.option(opt::EXPORT_NAME, b"vol", &Two, &mut out),
+            Step::Close
+        );
+        out.clear();
+        assert_eq!(n.option(opt::STARTTLS, &[], &Two, &mut out), Step::StartTls);
+        assert_eq!(replies(&out)[0].1, rep::ACK);
+        n.tls_started(Some(cert_for("host-b.example")));
+        out.clear();
+        n.option(opt::STARTTLS, &[], &Two, &mut out);
+        assert_eq!(replies(&out)[0].1, rep::ERR_INVALID, "TLS started twice");
+        out.clear();
+        assert!(matches!(
+            n.option(opt::GO, &go_payload("vol"), &Two, &mut out),
+            Step::Transmission(_)
+        ));
+        // Without TLS configured, STARTTLS is not supported.
+        out.clear();
+        Negotiator::network(true, false).option(opt::STARTTLS, &[], &Two, &mut out);
+        assert_eq!(replies(&out)[0].1, rep::ERR_UNSUP);
+    }
+
+    #[test]
+    fn allow_lists_admit_only_the_named_clients() {
+        let go = |n: &mut Negotiator, name: &str| {
+            let mut out = Vec::new();
+            let step = n.option(opt::GO, &go_payload(name), &Two, &mut out);
+            (step, replies(&out).first().map(|r| r.1))
+        };
+        // A network client without a certificate, or with another name: refused, and the
+        // export is not listed.
+        for cert in [None, Some(cert_for("host-b.example"))] {
+            let mut n = Negotiator::network(true, false);
+            n.tls_started(cert);
+            assert_eq!(go(&mut n, "sec"), (Step::Continue, Some(rep::ERR_POLICY)));
+            assert_eq!(listed(&mut n), [b"vol".to_vec()]);
+            let mut out = Vec::new();
+            assert_eq!(
+                n.option(opt::EXPORT_NAME, b"sec", &Two, &mut out),
+                Step::Close
+            );
+        }
+        // The named client, and any local client, may open it.
+        let mut n = Negotiator::network(true, true);
+        n.tls_started(Some(cert_for("host-a.example")));
+        assert_eq!(listed(&mut n), [b"sec".to_vec(), b"vol".to_vec()]);
+        assert!(matches!(go(&mut n, "sec").0, Step::Transmission(_)));
+        assert!(matches!(
+            go(&mut Negotiator::new(true), "sec").0,
+            Step::Transmission(_)
+        ));
     }
 
     #[test]
@@ -368,6 +624,12 @@ mod tests {
                 h.copy_from_slice(&rest[..proto::OPTION_HEADER_LEN]);
                 rest = &rest[proto::OPTION_HEADER_LEN..];
                 let Ok(hdr) = proto::parse_option_header(&h) else { break };
+                if hdr.too_big() {
+                    // The payload would be skipped; these bytes cannot hold it all.
+                    let mut out = Vec::new();
+                    n.too_big(hdr.option, hdr.length, &mut out);
+                    break;
+                }
                 let len = (hdr.length as usize).min(rest.len());
                 let mut out = Vec::new();
                 let step = n.option(hdr.option, &rest[..len], &One, &mut out);

@@ -60,7 +60,7 @@ pub mod opt {
     pub const ABORT: u32 = 2;
     /// List exports.
     pub const LIST: u32 = 3;
-    /// TLS upgrade (not supported).
+    /// TLS upgrade.
     pub const STARTTLS: u32 = 5;
     /// Describe an export.
     pub const INFO: u32 = 6;
@@ -93,6 +93,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR + 2;
     /// Syntactically or semantically invalid option.
     pub const ERR_INVALID: u32 = ERR + 3;
+    /// TLS must be started first.
+    pub const ERR_TLS_REQD: u32 = ERR + 5;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = ERR + 6;
     /// Option payload too large.
@@ -153,6 +155,8 @@ pub mod reply {
     pub const TYPE_NONE: u16 = 0;
     /// Data at an offset.
     pub const TYPE_OFFSET_DATA: u16 = 1;
+    /// A range that reads as zeroes.
+    pub const TYPE_OFFSET_HOLE: u16 = 2;
     /// Block status descriptors.
     pub const TYPE_BLOCK_STATUS: u16 = 5;
     /// Error with message.
@@ -195,7 +199,8 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// Preferred block size advertised in `NBD_INFO_BLOCK_SIZE`.
 pub const PREFERRED_BLOCK: u32 = 4096;
-/// Largest option payload we read; longer options end the session.
+/// Largest option payload we process; longer ones are read, discarded and answered with
+/// `NBD_REP_ERR_TOO_BIG`.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Longest string (export name, query) the spec allows.
 pub const MAX_STRING: usize = 4096;
@@ -232,9 +237,6 @@ pub enum ProtoError {
     /// A string that is not UTF-8, contains NUL or is longer than 4096 bytes.
     #[error("invalid string in option payload")]
     BadString,
-    /// Option payload longer than we accept.
-    #[error("option payload of {0} bytes is too large")]
-    OptionTooLarge(u32),
 }
 
 /// A big-endian reader over a byte slice that never panics.
@@ -331,7 +333,14 @@ pub struct OptionHeader {
     pub length: u32,
 }
 
-/// Parses an option header; the payload length is checked against [`MAX_OPTION_LEN`].
+impl OptionHeader {
+    /// The payload is longer than [`MAX_OPTION_LEN`]: skip it and answer `ERR_TOO_BIG`.
+    pub fn too_big(&self) -> bool {
+        self.length > MAX_OPTION_LEN
+    }
+}
+
+/// Parses an option header (any payload length: see [`OptionHeader::too_big`]).
 pub fn parse_option_header(raw: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader, ProtoError> {
     let mut c = Cursor::new(raw);
     let magic = c.u64()?;
@@ -343,9 +352,6 @@ pub fn parse_option_header(raw: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader
     }
     let option = c.u32()?;
     let length = c.u32()?;
-    if length > MAX_OPTION_LEN {
-        return Err(ProtoError::OptionTooLarge(length));
-    }
     Ok(OptionHeader { option, length })
 }
 
@@ -485,6 +491,8 @@ pub enum Command {
         offset: u64,
         /// Byte length.
         length: u32,
+        /// `DF`: at most one content chunk in the structured reply.
+        df: bool,
     },
     /// Write the payload at `offset`.
     Write {
@@ -542,15 +550,16 @@ pub enum Command {
 /// Checks a request against the export; `Err` carries the NBD error number to reply with.
 pub fn validate(req: &Request, view: &ExportView) -> Result<Command, u32> {
     use cflags::*;
-    let allowed = match req.command {
-        cmd::READ if view.structured => DF,
-        cmd::READ => 0,
-        cmd::WRITE | cmd::TRIM => FUA,
-        cmd::WRITE_ZEROES => FUA | NO_HOLE | FAST_ZERO,
-        cmd::BLOCK_STATUS => REQ_ONE,
-        cmd::FLUSH | cmd::CACHE | cmd::DISC => 0,
-        _ => return Err(errno::EINVAL),
-    };
+    // proto.md "Command flags": FUA is valid on every command and the server MUST accept it,
+    // ignoring it where nothing is written.
+    let allowed = FUA
+        | match req.command {
+            cmd::READ if view.structured => DF,
+            cmd::READ | cmd::WRITE | cmd::TRIM | cmd::FLUSH | cmd::CACHE | cmd::DISC => 0,
+            cmd::WRITE_ZEROES => NO_HOLE | FAST_ZERO,
+            cmd::BLOCK_STATUS => REQ_ONE,
+            _ => return Err(errno::EINVAL),
+        };
     if req.flags & !allowed != 0 {
         return Err(errno::EINVAL);
     }
@@ -585,7 +594,11 @@ pub fn validate(req: &Request, view: &ExportView) -> Result<Command, u32> {
     let (offset, length) = (req.offset, req.length);
     let fua = req.flags & FUA != 0;
     Ok(match req.command {
-        cmd::READ => Command::Read { offset, length },
+        cmd::READ => Command::Read {
+            offset,
+            length,
+            df: req.flags & DF != 0,
+        },
         cmd::WRITE => Command::Write {
             offset,
             length,
@@ -632,16 +645,31 @@ pub fn chunk_header(cookie: u64, flags: u16, kind: u16, length: u32) -> [u8; 20]
     out
 }
 
-/// The header of a final `OFFSET_DATA` chunk carrying `len` bytes read at `offset`.
-pub fn read_chunk_header(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+/// The header of an `OFFSET_DATA` chunk carrying `len` bytes read at `offset` (the data
+/// follows); `done` marks the last chunk of the reply.
+pub fn read_chunk_header(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(28);
     out.extend_from_slice(&chunk_header(
         cookie,
-        reply::FLAG_DONE,
+        if done { reply::FLAG_DONE } else { 0 },
         reply::TYPE_OFFSET_DATA,
         len.saturating_add(8),
     ));
     out.extend_from_slice(&offset.to_be_bytes());
+    out
+}
+
+/// An `OFFSET_HOLE` chunk: `len` bytes at `offset` read as zeroes.
+pub fn hole_chunk(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(&chunk_header(
+        cookie,
+        if done { reply::FLAG_DONE } else { 0 },
+        reply::TYPE_OFFSET_HOLE,
+        12,
+    ));
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
     out
 }
 
@@ -723,7 +751,7 @@ mod tests {
     fn validation_uses_spec_error_numbers() {
         assert_eq!(validate(&req(99, 0, 0, 1), &VIEW), Err(errno::EINVAL));
         assert_eq!(
-            validate(&req(cmd::READ, cflags::FUA, 0, 1), &VIEW),
+            validate(&req(cmd::READ, 1 << 9, 0, 1), &VIEW),
             Err(errno::EINVAL)
         );
         assert_eq!(
@@ -781,6 +809,55 @@ mod tests {
     }
 
     #[test]
+    fn fua_is_accepted_on_every_command() {
+        let ro = ExportView {
+            read_only: true,
+            ..VIEW
+        };
+        for view in [VIEW, ro] {
+            assert_eq!(
+                validate(&req(cmd::READ, cflags::FUA | cflags::DF, 0, 512), &view),
+                Ok(Command::Read {
+                    offset: 0,
+                    length: 512,
+                    df: true
+                })
+            );
+            assert_eq!(
+                validate(&req(cmd::FLUSH, cflags::FUA, 0, 0), &view),
+                Ok(Command::Flush)
+            );
+            assert_eq!(
+                validate(&req(cmd::CACHE, cflags::FUA, 0, 512), &view),
+                Ok(Command::Cache {
+                    offset: 0,
+                    length: 512
+                })
+            );
+            assert_eq!(
+                validate(&req(cmd::BLOCK_STATUS, cflags::FUA, 0, 512), &view),
+                Ok(Command::BlockStatus {
+                    offset: 0,
+                    length: 512,
+                    req_one: false
+                })
+            );
+            assert_eq!(
+                validate(&req(cmd::DISC, cflags::FUA, 0, 0), &view),
+                Ok(Command::Disconnect)
+            );
+        }
+        assert_eq!(
+            validate(&req(cmd::TRIM, cflags::FUA, 0, 512), &VIEW),
+            Ok(Command::Trim {
+                offset: 0,
+                length: 512,
+                fua: true
+            })
+        );
+    }
+
+    #[test]
     fn client_flags() {
         assert_eq!(parse_client_flags(3u32.to_be_bytes()), Ok(true));
         assert_eq!(parse_client_flags(1u32.to_be_bytes()), Ok(false));
@@ -812,7 +889,7 @@ mod tests {
                 prop_assert_eq!(encode_request(&r), raw);
                 // Validation is total: it returns a command or an error number.
                 match validate(&r, &VIEW) {
-                    Ok(Command::Read { offset, length }) => {
+                    Ok(Command::Read { offset, length, .. }) => {
                         prop_assert!(offset + u64::from(length) <= VIEW.size);
                     }
                     Ok(_) => {}

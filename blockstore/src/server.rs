@@ -3,42 +3,134 @@
 //! One task per connection parses requests, starts each at once and keeps many in flight,
 //! queueing replies in completion order (proto.md allows any order) and writing them in
 //! batches. All parsing is in `proto.rs` / `negotiate.rs`.
-
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+//!
+//! Memory: a connection's requests take units of a fixed budget when they start and give them
+//! back only once their reply has been written to the socket, so a client that pipelines
+//! large reads and never reads the replies pins at most the budget (plus one request).
+//!
+//! Stopping: [`Server::shutdown`] makes every connection stop reading requests, finish the
+//! ones in flight and write their replies (proto.md "Terminating the transmission phase");
+//! the accept loops return once their connections are gone, or cut them after
+//! [`SHUTDOWN_GRACE`].
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::metrics::{Metrics, OpMetrics};
 use crate::negotiate::{Negotiator, Step};
 use crate::proto::{self, Command, ExportView, cmd};
 use crate::store::Store;
-use crate::volume::{Export, ZeroMode};
+use crate::volume::{Export, Piece, ZeroMode};
 
 /// Budget of request bytes in flight per connection, in [`UNIT`]s (64 MiB): bounds the memory
-/// a client can pin by pipelining large requests.
+/// a client can pin by pipelining large requests. A request's units come back when its
+/// reply has been sent.
 pub const MAX_INFLIGHT: usize = 1024;
 /// Granularity of the in-flight budget; every request takes at least one unit.
 pub const UNIT: u32 = 64 * 1024;
 /// Time a client has to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time connections get to finish their requests when the server stops.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Connection log lines (info) per second, whatever clients do.
+const CONN_LOGS_PER_SEC: u64 = 20;
 
-/// Reply bytes: a header and an optional data payload written after it.
-type Frame = (Vec<u8>, Option<Vec<u8>>);
+/// Reply bytes, written in order.
+type Frame = Vec<Vec<u8>>;
 
 /// Serves NBD connections from a store.
 #[derive(Debug)]
 pub struct Server {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    /// Becomes true once, when the server stops.
+    stop: watch::Sender<bool>,
+    conn_logs: LogBudget,
+    /// TLS for TCP clients (required when set).
+    tls: Option<Tls>,
+}
+
+/// Where option haggling ended.
+enum Handshake {
+    Serve(Arc<Export>, Negotiator),
+    StartTls(Negotiator),
+    Close,
+}
+
+/// The TLS acceptor of the TCP listener.
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+/// Resolves once the server stops.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender (the server) is gone: stopped too.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+enum Accepted {
+    Tcp(TcpStream, std::net::SocketAddr),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        Ok(match self {
+            Self::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Accepted::Tcp(s, peer)
+            }
+            Self::Unix(l) => Accepted::Unix(l.accept().await?.0),
+        })
+    }
+}
+
+/// Rate limit for log lines a peer can trigger by connecting: at most [`CONN_LOGS_PER_SEC`].
+#[derive(Debug, Default)]
+struct LogBudget {
+    /// Second (since the server started) of the current window, and lines used in it.
+    window: AtomicU64,
+    used: AtomicU64,
+    suppressed: AtomicU64,
+    start: std::sync::OnceLock<Instant>,
+}
+
+impl LogBudget {
+    /// `Some(lines suppressed since the last allowed one)` if a line may be logged now.
+    fn allow(&self) -> Option<u64> {
+        let now = self.start.get_or_init(Instant::now).elapsed().as_secs();
+        if self.window.swap(now, Ordering::Relaxed) != now {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < CONN_LOGS_PER_SEC {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 struct ConnMetrics {
@@ -88,86 +180,209 @@ impl RateLimit {
 }
 
 impl Server {
-    /// A server over `store`, recording into `metrics`.
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { store, metrics })
+    /// A server over `store`, recording into `metrics`; with `tls`, TCP clients must start
+    /// TLS and prove a client certificate.
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, tls: Option<Tls>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            metrics,
+            stop: watch::channel(false).0,
+            conn_logs: LogBudget::default(),
+            tls,
+        })
     }
 
-    /// Accepts TCP connections forever.
+    /// Stops the server: accept loops stop accepting, connections stop reading requests,
+    /// finish those in flight and close. The accept loops return when that is done.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Accepts TCP connections until [`Server::shutdown`].
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((sock, peer)) => {
-                    let _ = sock.set_nodelay(true);
-                    let span = tracing::info_span!("nbd", %peer);
-                    tokio::spawn(Arc::clone(&self).handle(sock).instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        self.serve(Listener::Tcp(listener)).await;
     }
 
-    /// Accepts Unix-socket connections forever.
+    /// Accepts Unix-socket connections until [`Server::shutdown`].
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        self.serve(Listener::Unix(listener)).await;
+    }
+
+    async fn serve(self: Arc<Self>, listener: Listener) {
+        let mut stop = self.stop.subscribe();
+        let mut conns = JoinSet::new();
         loop {
-            match listener.accept().await {
-                Ok((sock, _)) => {
-                    let span = tracing::info_span!("nbd", peer = "unix");
-                    tokio::spawn(Arc::clone(&self).handle(sock).instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(Accepted::Tcp(sock, peer)) => {
+                        let _ = sock.set_nodelay(true);
+                        let span = tracing::info_span!("nbd", %peer);
+                        conns.spawn(Arc::clone(&self).handle(sock, true).instrument(span));
+                    }
+                    Ok(Accepted::Unix(sock)) => {
+                        let span = tracing::info_span!("nbd", peer = "unix");
+                        conns.spawn(Arc::clone(&self).handle(sock, false).instrument(span));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                () = stopped(&mut stop) => break,
             }
+        }
+        // No more connections.
+        drop(listener);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = conns.len(),
+                "connections did not finish their requests in time; closing them"
+            );
+            conns.abort_all();
+            while conns.join_next().await.is_some() {}
         }
     }
 
-    /// Runs one connection to completion.
-    pub async fn handle<S>(self: Arc<Self>, mut stream: S)
+    /// Runs one connection to completion; `network` for TCP clients (TLS when configured,
+    /// export allow-lists apply), not for local Unix-socket ones.
+    pub async fn handle<S>(self: Arc<Self>, mut stream: S, network: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream)).await;
-        let (export, neg) = match negotiated {
-            Ok(Ok(Some(x))) => x,
-            Ok(Ok(None)) => return,
+        let mut stop = self.stop.subscribe();
+        let negotiated = tokio::select! {
+            n = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream, None, network)) => n,
+            () = stopped(&mut stop) => return,
+        };
+        match self.outcome(negotiated) {
+            Some(Handshake::Serve(export, neg)) => self.serve_connection(stream, export, neg).await,
+            Some(Handshake::StartTls(mut neg)) => {
+                let Some(tls) = &self.tls else { return };
+                let upgraded = async {
+                    let mut t = match tls.0.accept(stream).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.metrics.handshake("tls_failed");
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return Ok(None);
+                        }
+                    };
+                    neg.tls_started(crate::tls::client_of(&t));
+                    let h = self.handshake(&mut t, Some(neg), network).await?;
+                    Ok(Some((t, h)))
+                };
+                let negotiated = tokio::select! {
+                    n = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgraded) => n,
+                    () = stopped(&mut stop) => return,
+                };
+                match negotiated {
+                    Ok(Ok(None)) => {}
+                    Ok(Ok(Some((t, h)))) => {
+                        if let Some(Handshake::Serve(export, neg)) = self.outcome(Ok(Ok(h))) {
+                            self.serve_connection(t, export, neg).await;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        self.outcome(Ok(Err(e)));
+                    }
+                    Err(elapsed) => {
+                        self.outcome(Err(elapsed));
+                    }
+                }
+            }
+            Some(Handshake::Close) | None => {}
+        }
+    }
+
+    /// Logs and counts how a negotiation ended.
+    fn outcome(
+        &self,
+        r: Result<std::io::Result<Handshake>, tokio::time::error::Elapsed>,
+    ) -> Option<Handshake> {
+        match r {
+            Ok(Ok(h)) => {
+                if matches!(h, Handshake::Close) {
+                    self.metrics.handshake("closed");
+                }
+                Some(h)
+            }
             Ok(Err(e)) => {
+                self.metrics.handshake("error");
                 tracing::debug!(error = %e, "handshake ended");
-                return;
+                None
             }
             Err(_) => {
+                self.metrics.handshake("timeout");
                 tracing::debug!("handshake timed out");
-                return;
+                None
             }
-        };
+        }
+    }
+
+    async fn serve_connection<S>(&self, stream: S, export: Arc<Export>, neg: Negotiator)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.metrics.handshake("served");
+        if let Some(suppressed) = self.conn_logs.allow() {
+            tracing::info!(
+                export = %export.name,
+                structured = neg.structured,
+                tls = neg.tls_active(),
+                suppressed,
+                "client connected"
+            );
+        }
         let span = tracing::info_span!("export", name = %export.name);
         self.metrics.connections.inc();
-        self.transmission(stream, export, neg)
+        let name = export.name.clone();
+        let requests = self
+            .transmission(stream, export, neg)
             .instrument(span)
             .await;
         self.metrics.connections.dec();
+        if let Some(suppressed) = self.conn_logs.allow() {
+            tracing::info!(export = %name, requests, suppressed, "client disconnected");
+        }
     }
 
-    async fn handshake<S>(&self, s: &mut S) -> std::io::Result<Option<(Arc<Export>, Negotiator)>>
+    /// Option haggling, from the greeting (`neg` is `None`) or, after STARTTLS, from where
+    /// `neg` left off.
+    async fn handshake<S>(
+        &self,
+        s: &mut S,
+        neg: Option<Negotiator>,
+        network: bool,
+    ) -> std::io::Result<Handshake>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        s.write_all(&proto::greeting()).await?;
-        let mut flags = [0u8; 4];
-        s.read_exact(&mut flags).await?;
-        let no_zeroes = match proto::parse_client_flags(flags) {
-            Ok(z) => z,
-            Err(e) => {
-                // proto.md: the server MUST close on client flags it does not know.
-                tracing::debug!(error = %e, "closing");
-                return Ok(None);
+        let mut neg = match neg {
+            Some(neg) => neg,
+            None => {
+                s.write_all(&proto::greeting()).await?;
+                let mut flags = [0u8; 4];
+                s.read_exact(&mut flags).await?;
+                let no_zeroes = match proto::parse_client_flags(flags) {
+                    Ok(z) => z,
+                    Err(e) => {
+                        // proto.md: the server MUST close on client flags it does not know.
+                        tracing::debug!(error = %e, "closing");
+                        return Ok(Handshake::Close);
+                    }
+                };
+                if network {
+                    Negotiator::network(no_zeroes, self.tls.is_some())
+                } else {
+                    Negotiator::new(no_zeroes)
+                }
             }
         };
-        let mut neg = Negotiator::new(no_zeroes);
         loop {
             let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
             s.read_exact(&mut hdr).await?;
@@ -175,29 +390,52 @@ impl Server {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::debug!(error = %e, "bad option header, closing");
-                    return Ok(None);
+                    return Ok(Handshake::Close);
                 }
             };
-            let mut data = vec![0u8; h.length as usize];
-            s.read_exact(&mut data).await?;
             let mut out = Vec::new();
-            let step = neg.option(h.option, &data, &*self.store, &mut out);
+            let step = if h.too_big() {
+                let step = neg.too_big(h.option, h.length, &mut out);
+                if step == Step::Continue {
+                    // Skip the payload: the session stays in sync and goes on.
+                    let skipped = tokio::io::copy(
+                        &mut (&mut *s).take(u64::from(h.length)),
+                        &mut tokio::io::sink(),
+                    )
+                    .await?;
+                    if skipped < u64::from(h.length) {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                step
+            } else {
+                let mut data = vec![0u8; h.length as usize];
+                s.read_exact(&mut data).await?;
+                neg.option(h.option, &data, &*self.store, &mut out)
+            };
             s.write_all(&out).await?;
             s.flush().await?;
             match step {
                 Step::Continue => {}
-                Step::Close => return Ok(None),
+                Step::Close => return Ok(Handshake::Close),
+                Step::StartTls => return Ok(Handshake::StartTls(neg)),
                 Step::Transmission(info) => {
-                    return Ok(self.store.get(&info.name).map(|e| (e, neg)));
+                    return Ok(match self.store.get(&info.name) {
+                        Some(e) => Handshake::Serve(e, neg),
+                        None => Handshake::Close,
+                    });
                 }
             }
         }
     }
 
-    async fn transmission<S>(&self, mut stream: S, export: Arc<Export>, neg: Negotiator)
+    /// Serves requests until the client disconnects or the server stops; returns the number
+    /// of requests served.
+    async fn transmission<S>(&self, mut stream: S, export: Arc<Export>, neg: Negotiator) -> u64
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let mut stop = self.stop.subscribe();
         let mut conn = Conn {
             export: Arc::clone(&export),
             metrics: Arc::new(ConnMetrics::new(&self.metrics, &export.name)),
@@ -212,10 +450,13 @@ impl Server {
             out: VecDeque::new(),
             out_pos: 0,
             closing: false,
+            stop: Some(Box::pin(async move { stopped(&mut stop).await })),
+            requests: 0,
             warn: RateLimit(0),
         };
         std::future::poll_fn(|cx| conn.poll(cx, &mut stream)).await;
         let _ = stream.shutdown().await;
+        conn.requests
     }
 }
 
@@ -225,6 +466,7 @@ const IN_BUF: usize = 256 * 1024;
 const TURNS: usize = 64;
 
 type Pending = Pin<Box<dyn Future<Output = (Frame, u32)> + Send>>;
+type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 enum Reading {
     Header,
@@ -256,9 +498,13 @@ struct Conn {
     pending: Vec<Pending>,
     /// Free in-flight budget in [`UNIT`]s.
     budget: u32,
-    out: VecDeque<Vec<u8>>,
+    /// Reply bytes to write, each with the budget units to give back once it is written.
+    out: VecDeque<(Vec<u8>, u32)>,
     out_pos: usize,
     closing: bool,
+    /// Resolves when the server stops; taken once it has.
+    stop: Option<Stop>,
+    requests: u64,
     warn: RateLimit,
 }
 
@@ -267,6 +513,13 @@ impl Conn {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        if let Some(stop) = &mut self.stop
+            && stop.as_mut().poll(cx).is_ready()
+        {
+            // Server stopping: read no more requests; finish and answer those in flight.
+            self.stop = None;
+            self.closing = true;
+        }
         for _ in 0..TURNS {
             let mut progress = self.parse();
             progress |= self.poll_pending(cx);
@@ -446,15 +699,16 @@ impl Conn {
                 if self.warn.allow() {
                     tracing::debug!(command = req.command, errno, "request refused");
                 }
-                self.push_frame(error_frame(
-                    req.cookie,
-                    errno,
-                    self.structured,
-                    "invalid request",
-                ));
+                // An error reply also waits for the client to read it: it takes a unit.
+                self.budget = self.budget.saturating_sub(1);
+                self.push_frame(
+                    error_frame(req.cookie, errno, self.structured, "invalid request"),
+                    1,
+                );
                 return;
             }
         };
+        self.requests += 1;
         let units = req.length.div_ceil(UNIT).clamp(1, MAX_INFLIGHT as u32);
         self.budget = self.budget.saturating_sub(units);
         let (export, metrics, structured) = (
@@ -471,10 +725,12 @@ impl Conn {
         }));
     }
 
-    fn push_frame(&mut self, (head, data): Frame) {
-        self.out.push_back(head);
-        if let Some(d) = data {
-            self.out.push_back(d);
+    /// Queues a reply; its `units` come back when its last byte has been written.
+    fn push_frame(&mut self, frame: Frame, units: u32) {
+        let last = frame.len().saturating_sub(1);
+        for (i, chunk) in frame.into_iter().enumerate() {
+            self.out
+                .push_back((chunk, if i == last { units } else { 0 }));
         }
     }
 
@@ -486,8 +742,7 @@ impl Conn {
             match self.pending[i].as_mut().poll(cx) {
                 Poll::Ready((frame, units)) => {
                     drop(self.pending.swap_remove(i));
-                    self.budget += units;
-                    self.push_frame(frame);
+                    self.push_frame(frame, units);
                     progress = true;
                 }
                 Poll::Pending => i += 1,
@@ -506,7 +761,7 @@ impl Conn {
         while !self.out.is_empty() {
             let mut slices = [IoSlice::new(&[]); 64];
             let mut n = 0;
-            for (i, chunk) in self.out.iter().take(64).enumerate() {
+            for (i, (chunk, _)) in self.out.iter().take(64).enumerate() {
                 slices[i] = IoSlice::new(if i == 0 {
                     &chunk[self.out_pos..]
                 } else {
@@ -521,10 +776,14 @@ impl Conn {
                 Poll::Ready(Ok(mut written)) => {
                     wrote = true;
                     while written > 0 {
-                        let Some(front) = self.out.front() else { break };
+                        let Some((front, units)) = self.out.front() else {
+                            break;
+                        };
                         let left = front.len() - self.out_pos;
                         if written >= left {
                             written -= left;
+                            // The reply is on its way: its budget is free again.
+                            self.budget += units;
                             self.out.pop_front();
                             self.out_pos = 0;
                         } else {
@@ -549,14 +808,52 @@ impl Conn {
 
 fn error_frame(cookie: u64, errno: u32, structured: bool, message: &str) -> Frame {
     if structured {
-        (proto::error_chunk(cookie, errno, message), None)
+        vec![proto::error_chunk(cookie, errno, message)]
     } else {
-        (proto::simple_reply(cookie, errno).to_vec(), None)
+        vec![proto::simple_reply(cookie, errno).to_vec()]
     }
 }
 
 fn ok_frame(cookie: u64) -> Frame {
-    (proto::simple_reply(cookie, 0).to_vec(), None)
+    vec![proto::simple_reply(cookie, 0).to_vec()]
+}
+
+/// The reply to a successful READ. Structured: one chunk per piece, holes as `OFFSET_HOLE`
+/// (no zeroes on the wire); with `DF`, one content chunk (proto.md: a range mixing data and
+/// holes then goes as `OFFSET_DATA` with the zeroes in it).
+fn read_frame(
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    pieces: Vec<Piece>,
+    structured: bool,
+    df: bool,
+) -> Frame {
+    if !structured {
+        return vec![
+            proto::simple_reply(cookie, 0).to_vec(),
+            crate::volume::flatten(pieces, length),
+        ];
+    }
+    let pieces = if df && pieces.len() > 1 {
+        vec![Piece::Data(crate::volume::flatten(pieces, length))]
+    } else {
+        pieces
+    };
+    let mut frame = Vec::with_capacity(pieces.len() * 2);
+    let (mut at, last) = (offset, pieces.len().saturating_sub(1));
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let len = piece.len();
+        match piece {
+            Piece::Data(data) => {
+                frame.push(proto::read_chunk_header(cookie, at, len, i == last));
+                frame.push(data);
+            }
+            Piece::Hole(n) => frame.push(proto::hole_chunk(cookie, at, n, i == last)),
+        }
+        at += u64::from(len);
+    }
+    frame
 }
 
 /// Runs one validated command; returns its reply, the bytes moved and success.
@@ -568,16 +865,13 @@ async fn execute(
     structured: bool,
 ) -> (Frame, u64, bool) {
     let result = match command {
-        Command::Read { offset, length } => {
-            return match export.read(offset, length).await {
-                Ok(data) => {
-                    let head = if structured {
-                        proto::read_chunk_header(cookie, offset, length)
-                    } else {
-                        proto::simple_reply(cookie, 0).to_vec()
-                    };
-                    ((head, Some(data)), u64::from(length), true)
-                }
+        Command::Read { offset, length, df } => {
+            return match export.read_pieces(offset, length).await {
+                Ok(pieces) => (
+                    read_frame(cookie, offset, length, pieces, structured, df),
+                    u64::from(length),
+                    true,
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, offset, length, "read failed");
                     (
@@ -623,7 +917,7 @@ async fn execute(
         } => {
             let extents = export.block_status(offset, length, req_one).await;
             let chunk = proto::block_status_chunk(cookie, proto::BASE_ALLOCATION_ID, &extents);
-            return ((chunk, None), 0, true);
+            return (vec![chunk], 0, true);
         }
     };
     match result {
@@ -662,7 +956,7 @@ mod tests {
     /// ends the connection.
     async fn session(server: Arc<Server>, structured: bool, reqs: Vec<Req>, tail: Vec<u8>) {
         let (mut client, theirs) = tokio::io::duplex(1 << 22);
-        let task = tokio::spawn(server.handle(theirs));
+        let task = tokio::spawn(server.handle(theirs, false));
         let mut g = [0u8; 18];
         client.read_exact(&mut g).await.expect("greeting");
         client.write_all(&3u32.to_be_bytes()).await.expect("flags");
@@ -762,7 +1056,7 @@ mod tests {
         let server = rt.block_on(async {
             let store = Store::open(&dir.0, 65536).expect("store");
             store.create("vol", 1 << 20).await.expect("volume");
-            Server::new(store, Arc::new(Metrics::new()))
+            Server::new(store, Arc::new(Metrics::new()), None)
         });
         let strategy = (
             any::<bool>(),

@@ -17,8 +17,10 @@ use crate::negotiate::{ExportCatalog, ExportInfo};
 use crate::uring::{PUNCH_HOLE, Uring};
 use crate::volume::Export;
 
-/// Largest volume we create (extent map stays in memory: 1 byte per extent).
-pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+/// Largest volume: a layer's data file is as large as its volume (byte offset = volume
+/// offset), and ext4 with 4 KiB blocks holds files of at most 2^32 - 1 blocks, 16 TiB - 4 KiB.
+/// (A filesystem with a lower limit refuses the volume at creation with the same error.)
+pub const MAX_VOLUME_SIZE: u64 = ((1 << 32) - 1) * 4096;
 
 /// What `list` reports for one volume or snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -34,6 +36,9 @@ pub struct VolumeInfo {
     pub allocated: u64,
     /// For a clone, the snapshot it came from; for a snapshot, its volume.
     pub origin: Option<String>,
+    /// Network clients allowed to open it (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<String>,
 }
 
 /// A data directory opened for serving.
@@ -84,7 +89,8 @@ fn validate_size(size: u64) -> Result<(), StoreError> {
     if size > MAX_VOLUME_SIZE {
         return Err(StoreError::InvalidSize {
             size,
-            reason: "larger than 1 PiB",
+            reason: "larger than the maximum volume size, 17592186040320 bytes (16 TiB - 4 KiB: \
+                     one data file per layer, ext4's file size limit)",
         });
     }
     Ok(())
@@ -119,7 +125,40 @@ impl Store {
             exports: RwLock::new(HashMap::new()),
         });
         store.rebuild_exports_sync()?;
+        {
+            let state = store
+                .state
+                .try_lock()
+                .map_err(|_| StoreError::Inconsistent("store state locked during open".into()))?;
+            tracing::info!(
+                data_dir = %dir.display(),
+                volumes = state.catalog.volumes.len(),
+                snapshots = state.catalog.snapshots.len(),
+                extent_size = state.catalog.extent_size,
+                "store opened"
+            );
+        }
         Ok(store)
+    }
+
+    /// Makes every write acknowledged so far on every volume durable, as a FLUSH on each
+    /// would (a clean stop ends with this). Returns the number of volumes flushed; on
+    /// failure every volume was still tried and the first error is returned.
+    pub async fn flush_all(&self) -> Result<usize, StoreError> {
+        let volumes: Vec<Arc<Export>> = self
+            .exports_read()
+            .values()
+            .filter(|e| !e.read_only)
+            .cloned()
+            .collect();
+        let mut first = None;
+        for v in &volumes {
+            if let Err(e) = v.persist().await {
+                tracing::error!(volume = %v.name, error = %e, "flush failed");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(volumes.len()), Err)
     }
 
     fn exports_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Export>>> {
@@ -140,14 +179,17 @@ impl Store {
             let chain = chain_layers(&state, v.top)?;
             let extents = v.size.div_ceil(state.catalog.extent_size);
             chain[0].grow(&self.layout, v.size, extents)?;
-            exports.insert(
-                name.clone(),
-                self.export(name, false, v.size, chain, &state),
-            );
+            let export = self.export(name, false, v.size, chain, &state);
+            export.set_clients(v.clients.clone());
+            exports.insert(name.clone(), export);
         }
         for (name, s) in &state.catalog.snapshots {
             let chain = chain_layers(&state, s.layer)?;
-            exports.insert(name.clone(), self.export(name, true, s.size, chain, &state));
+            let export = self.export(name, true, s.size, chain, &state);
+            if let Some(v) = state.catalog.volumes.get(&s.volume) {
+                export.set_clients(v.clients.clone());
+            }
+            exports.insert(name.clone(), export);
         }
         *self.exports_write() = exports;
         Ok(())
@@ -197,6 +239,7 @@ impl Store {
                 size,
                 top: layer.id,
                 origin: None,
+                clients: Vec::new(),
             },
         );
         self.commit(&mut state, catalog)?;
@@ -244,6 +287,7 @@ impl Store {
         chain.insert(0, layer);
         drop(chain);
         let snap = self.export(&full, true, vrec.size, frozen, &state);
+        snap.set_clients(vrec.clients.clone());
         self.exports_write().insert(full.clone(), snap);
         tracing::info!(volume, snapshot = %full, "snapshot taken");
         Ok(self.info_of(&state, &full).await)
@@ -274,6 +318,7 @@ impl Store {
                 size: srec.size,
                 top: layer.id,
                 origin: Some(snapshot.to_owned()),
+                clients: Vec::new(),
             },
         );
         self.commit(&mut state, catalog)?;
@@ -281,6 +326,37 @@ impl Store {
         let export = self.export(name, false, srec.size, chain, &state);
         self.exports_write().insert(name.to_owned(), export);
         tracing::info!(snapshot, clone = name, "clone created");
+        Ok(self.info_of(&state, name).await)
+    }
+
+    /// Sets the network clients (DNS names their TLS certificates prove) allowed to open a
+    /// volume and its snapshots; an empty list allows any. Connections already open stay.
+    pub async fn authorize(
+        &self,
+        name: &str,
+        clients: Vec<String>,
+    ) -> Result<VolumeInfo, StoreError> {
+        if let Some(bad) = clients.iter().find(|c| !crate::tls::valid_client_name(c)) {
+            return Err(StoreError::InvalidName {
+                name: bad.clone(),
+                reason: "clients: a client is named by a DNS name of its certificate",
+            });
+        }
+        let mut state = self.state.lock().await;
+        let mut catalog = state.catalog.clone();
+        let v = catalog
+            .volumes
+            .get_mut(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
+        v.clients = clients.clone();
+        self.commit(&mut state, catalog)?;
+        let prefix = format!("{name}@");
+        for (export_name, e) in self.exports_read().iter() {
+            if export_name == name || export_name.starts_with(&prefix) {
+                e.set_clients(clients.clone());
+            }
+        }
+        tracing::info!(volume = name, ?clients, "clients authorised");
         Ok(self.info_of(&state, name).await)
     }
 
@@ -417,7 +493,7 @@ impl Store {
             tracing::info!(
                 snapshot = srec.layer,
                 into = child_id,
-                extents = lower.extents(),
+                extents = lower.present().len(),
                 "merging snapshot layer into its child"
             );
             // If the child is the volume's writable top, hold off its allocating writes.
@@ -425,9 +501,8 @@ impl Store {
                 Some(o) => Some(o.lock_alloc().await),
                 None => None,
             };
-            for idx in 0..lower.extents() {
-                let st = lower.get(idx);
-                if st == ABSENT || child.get(idx) != ABSENT {
+            for (idx, st) in lower.present() {
+                if child.get(idx) != ABSENT {
                     continue;
                 }
                 let (start, len) = (idx * es, es.min(srec.size.saturating_sub(idx * es)));
@@ -510,6 +585,7 @@ impl Store {
                 size: v.size,
                 allocated,
                 origin: v.origin.clone(),
+                clients: v.clients.clone(),
             }
         } else {
             let s = state.catalog.snapshots.get(name);
@@ -519,6 +595,10 @@ impl Store {
                 size: s.map_or(0, |s| s.size),
                 allocated: 0,
                 origin: s.map(|s| s.volume.clone()),
+                clients: s
+                    .and_then(|s| state.catalog.volumes.get(&s.volume))
+                    .map(|v| v.clients.clone())
+                    .unwrap_or_default(),
             }
         }
     }
@@ -621,6 +701,7 @@ impl ExportCatalog for Store {
             name: e.name.clone(),
             size: e.size(),
             read_only: e.read_only,
+            clients: e.clients(),
         })
     }
 
@@ -632,6 +713,7 @@ impl ExportCatalog for Store {
                 name: e.name.clone(),
                 size: e.size(),
                 read_only: e.read_only,
+                clients: e.clients(),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -775,6 +857,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn allow_lists_persist_and_cover_snapshots() -> Result<(), StoreError> {
+        let d = dir("authz");
+        let store = Store::open(&d.0, ES)?;
+        store.create("v", 1 << 20).await?;
+        store.snapshot("v", "old").await?;
+        assert!(matches!(
+            store.authorize("v", vec!["bad name".into()]).await,
+            Err(StoreError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            store.authorize("nope", Vec::new()).await,
+            Err(StoreError::NotFound(_))
+        ));
+        let hosts = vec!["host-a.zone-1".to_owned()];
+        let info = store.authorize("v", hosts.clone()).await?;
+        assert_eq!(info.clients, hosts);
+        store.snapshot("v", "new").await?;
+        for name in ["v", "v@old", "v@new"] {
+            assert_eq!(store.lookup(name).map(|e| e.clients), Some(hosts.clone()));
+        }
+        drop(store);
+        let store = Store::open(&d.0, ES)?;
+        for name in ["v", "v@old", "v@new"] {
+            assert_eq!(store.lookup(name).map(|e| e.clients), Some(hosts.clone()));
+        }
+        store.authorize("v", Vec::new()).await?;
+        assert_eq!(store.lookup("v@old").map(|e| e.clients), Some(Vec::new()));
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn delete_rules_and_validation() -> Result<(), StoreError> {
         let d = dir("rules");
         let store = Store::open(&d.0, ES)?;
@@ -790,6 +903,12 @@ mod tests {
             store.create("v", 1000).await,
             Err(StoreError::InvalidSize { .. })
         ));
+        match store.create("v", MAX_VOLUME_SIZE + 512).await {
+            Err(StoreError::InvalidSize { reason, .. }) => {
+                assert!(reason.contains(&MAX_VOLUME_SIZE.to_string()), "{reason}");
+            }
+            other => panic!("expected InvalidSize, got {other:?}"),
+        }
         store.create("v", 1 << 20).await?;
         assert!(matches!(
             store.create("v", 1 << 20).await,

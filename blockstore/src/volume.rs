@@ -61,6 +61,53 @@ impl IoError {
     }
 }
 
+/// Part of what a read returns, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Bytes stored in a layer.
+    Data(Vec<u8>),
+    /// This many bytes read as zeroes: nothing is stored for them.
+    Hole(u32),
+}
+
+impl Piece {
+    /// Bytes of the range this piece covers.
+    pub fn len(&self) -> u32 {
+        match self {
+            // A piece is never longer than a request (at most `MAX_PAYLOAD`).
+            Self::Data(d) => d.len() as u32,
+            Self::Hole(n) => *n,
+        }
+    }
+
+    /// Whether the piece covers nothing (never true for pieces a read returns).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The `len` bytes that `pieces` describe, as one buffer (holes filled with zeroes).
+pub fn flatten(pieces: Vec<Piece>, len: u32) -> Vec<u8> {
+    let mut pieces = pieces;
+    if let [Piece::Data(_)] = pieces[..]
+        && let Some(Piece::Data(d)) = pieces.pop()
+    {
+        return d;
+    }
+    let mut out = vec![0u8; len as usize];
+    let mut at = 0usize;
+    for p in pieces {
+        match p {
+            Piece::Data(d) => {
+                out[at..at + d.len()].copy_from_slice(&d);
+                at += d.len();
+            }
+            Piece::Hole(n) => at += n as usize,
+        }
+    }
+    out
+}
+
 /// How a zeroing request behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ZeroMode {
@@ -79,6 +126,8 @@ pub struct Export {
     pub read_only: bool,
     size: AtomicU64,
     deleted: AtomicBool,
+    /// Network clients allowed to open it (empty: any).
+    clients: std::sync::RwLock<Vec<String>>,
     extent_size: u64,
     chain: RwLock<Vec<Arc<Layer>>>,
     alloc: Mutex<()>,
@@ -131,6 +180,7 @@ impl Export {
             read_only,
             size: AtomicU64::new(size),
             deleted: AtomicBool::new(false),
+            clients: std::sync::RwLock::new(Vec::new()),
             extent_size,
             chain: RwLock::new(chain),
             alloc: Mutex::new(()),
@@ -163,6 +213,18 @@ impl Export {
         self.deleted.store(true, Ordering::Release);
     }
 
+    /// Network clients allowed to open this export (empty: any).
+    pub fn clients(&self) -> Vec<String> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_clients(&self, clients: Vec<String>) {
+        *self.clients.write().unwrap_or_else(|p| p.into_inner()) = clients;
+    }
+
     pub(crate) fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::Release);
     }
@@ -181,6 +243,12 @@ impl Export {
 
     /// Reads `len` bytes at `offset` (bounds were checked by the caller).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
+        Ok(flatten(self.read_pieces(offset, len).await?, len))
+    }
+
+    /// Reads `len` bytes at `offset` as consecutive pieces: bytes stored in a layer, or
+    /// ranges nothing is stored for, which read as zeroes (sent as holes, not as zeroes).
+    pub async fn read_pieces(&self, offset: u64, len: u32) -> Result<Vec<Piece>, IoError> {
         let chain = self.chain.read().await;
         let es = self.extent_size;
         let (first, count) = self.extent_range(offset, u64::from(len));
@@ -197,24 +265,17 @@ impl Export {
                 _ => runs.push((src, s, e)),
             }
         }
-        if let [(Some(li), s, e)] = runs[..] {
-            return self
-                .ring
-                .read_at(&chain[li].data, s, (e - s) as usize)
-                .await
-                .map_err(IoError::Io);
-        }
-        let mut out = vec![0u8; len as usize];
+        let mut out = Vec::with_capacity(runs.len());
         for (src, s, e) in runs {
-            if let Some(li) = src {
-                let buf = self
-                    .ring
-                    .read_at(&chain[li].data, s, (e - s) as usize)
-                    .await
-                    .map_err(IoError::Io)?;
-                let at = (s - offset) as usize;
-                out[at..at + buf.len()].copy_from_slice(&buf);
-            }
+            out.push(match src {
+                Some(li) => Piece::Data(
+                    self.ring
+                        .read_at(&chain[li].data, s, (e - s) as usize)
+                        .await
+                        .map_err(IoError::Io)?,
+                ),
+                None => Piece::Hole((e - s) as u32),
+            });
         }
         Ok(out)
     }
@@ -441,11 +502,16 @@ impl Export {
 
     /// Makes every write completed so far durable (data, then the map that points at it).
     pub async fn flush(&self) -> Result<(), IoError> {
+        self.persist().await.map_err(IoError::Flush)
+    }
+
+    /// [`Export::flush`] for the store (a clean stop flushes every volume).
+    pub(crate) async fn persist(&self) -> Result<(), StoreError> {
         if self.read_only {
             return Ok(());
         }
         let _f = self.flush_lock.lock().await;
         let chain = self.chain.read().await;
-        chain[0].persist(&self.ring).await.map_err(IoError::Flush)
+        chain[0].persist(&self.ring).await
     }
 }

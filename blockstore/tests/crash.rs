@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Rng, ServerProc, TempDir};
 use slipway_blockstore::control::ControlRequest;
-use slipway_blockstore::proto::cflags;
+use slipway_blockstore::proto::{cflags, cmd};
 
 const BLOCK: usize = 4096;
 const SIZE: u64 = 8 << 20;
 const BLOCKS: u64 = SIZE / BLOCK as u64;
-const ROUNDS: usize = 24;
+/// Kills that must land while a write is in flight (sent to a live server, not answered).
+const MID_WRITE_KILLS: usize = 20;
+/// Rounds allowed to get there (a kill may also land during a FLUSH or between requests).
+const MAX_ROUNDS: usize = 60;
 
 /// Content of `block` at `version` (version 0 = what the base pattern wrote).
 fn content(block: u64, version: u64) -> Vec<u8> {
@@ -59,8 +62,13 @@ fn flushed_writes_survive_sigkill() {
     let mut rng = Rng(0x00c0_ffee);
     let mut version = 1u64;
     let mut total_flushes = 0;
-    let mut kills = 0;
-    for round in 0..ROUNDS {
+    let mut kills_mid_write = 0;
+    let mut rounds = 0;
+    for round in 0..MAX_ROUNDS {
+        if kills_mid_write >= MID_WRITE_KILLS {
+            break;
+        }
+        rounds += 1;
         let mut c = Client::connect(&srv.unix, "vol", round % 2 == 0).expect("connect");
         let pid = srv.pid();
         let delay = Duration::from_millis(20 + rng.below(120));
@@ -94,21 +102,38 @@ fn flushed_writes_survive_sigkill() {
             let fua = op == 1;
             model.maybe.entry(b).or_default().push(v);
             let flags = if fua { cflags::FUA } else { 0 };
-            match c.write(b * BLOCK as u64, &content(b, v), flags) {
-                Ok(()) if fua => {
+            if c.try_send(
+                cmd::WRITE,
+                flags,
+                b * BLOCK as u64,
+                BLOCK as u32,
+                &content(b, v),
+            )
+            .is_err()
+            {
+                // The server's socket was already closed: the kill came between requests.
+                break;
+            }
+            match c.recv(|_| 0) {
+                Ok(r) if r.error == 0 && fua => {
                     model.durable.insert(b, v);
                     model.maybe.remove(&b);
                     model.acked.remove(&b);
                 }
-                Ok(()) => {
+                Ok(r) if r.error == 0 => {
                     model.acked.insert(b, v);
                 }
-                Err(_) => break,
+                Ok(r) => panic!("write refused with error {}", r.error),
+                Err(_) => {
+                    // The write reached a live server and was never answered: the kill
+                    // landed while it was in flight.
+                    kills_mid_write += 1;
+                    break;
+                }
             }
         }
         killer.join().expect("killer thread");
         srv.kill9();
-        kills += 1;
         srv = ServerProc::start(dir.path());
 
         // Verify every block ever written, then adopt what is on disk as the new durable state.
@@ -153,9 +178,13 @@ fn flushed_writes_survive_sigkill() {
             Ok(vec![0u8; BLOCK])
         );
     }
-    assert!(kills >= 20);
+    eprintln!("{kills_mid_write} of {rounds} kills landed while a write was in flight");
     assert!(
-        total_flushes > ROUNDS,
+        kills_mid_write >= MID_WRITE_KILLS,
+        "only {kills_mid_write} of {rounds} kills landed while a write was in flight"
+    );
+    assert!(
+        total_flushes > rounds,
         "too few flushes exercised: {total_flushes}"
     );
 }

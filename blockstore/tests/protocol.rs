@@ -114,6 +114,26 @@ fn protocol_edge_cases() {
         );
         // Still in sync after all of that.
         assert_eq!(c.read(0, 4096), Ok(vec![9u8; 4096]));
+        // FUA is accepted on every command (proto.md "Command flags"), ignored where nothing
+        // is written.
+        c.send(cmd::READ, cflags::FUA, 0, 4096, &[]);
+        let r = c.recv(|_| 4096).expect("FUA read reply");
+        assert_eq!((r.error, r.data), (0, vec![9u8; 4096]), "READ with FUA");
+        for (command, len) in [(cmd::FLUSH, 0), (cmd::CACHE, 4096)] {
+            assert_eq!(
+                c.simple(command, cflags::FUA, 0, len).map(|r| r.error),
+                Ok(0),
+                "command {command} with FUA"
+            );
+        }
+        if structured {
+            assert_eq!(
+                c.simple(cmd::BLOCK_STATUS, cflags::FUA, 0, 4096)
+                    .map(|r| r.error),
+                Ok(0),
+                "BLOCK_STATUS with FUA"
+            );
+        }
         // WRITE_ZEROES with FAST_ZERO on a thin volume is fast; with FUA it is durable.
         let r = c
             .simple(
@@ -185,6 +205,14 @@ fn protocol_edge_cases() {
     .expect("snapshot");
     let mut s = Client::connect(&srv.unix, "vol@s", false).expect("snapshot export");
     assert_ne!(s.flags & proto::tflags::READ_ONLY, 0);
+    assert_ne!(s.flags & proto::tflags::SEND_FUA, 0);
+    s.send(cmd::READ, cflags::FUA, 0, 4096, &[]);
+    let r = s.recv(|_| 4096).expect("FUA read reply");
+    assert_eq!((r.error, r.data), (0, vec![9u8; 4096]), "READ with FUA");
+    assert_eq!(
+        s.simple(cmd::FLUSH, cflags::FUA, 0, 0).map(|r| r.error),
+        Ok(0)
+    );
     assert_eq!(s.write(0, &[1u8; 512], 0), Err(errno::EPERM));
     assert_eq!(
         s.simple(cmd::TRIM, 0, 0, 512).map(|r| r.error),
@@ -279,4 +307,98 @@ fn many_requests_in_flight_all_answered() {
     let mut d = Client::connect(&srv.unix, "vol", false).expect("second connection");
     assert_eq!(d.read(expect[5].0, 4096), Ok(expect[5].1.clone()));
     assert_eq!(d.read(0, 4096), Ok(vec![3u8; 4096]));
+}
+
+#[test]
+fn oversized_option_gets_too_big_and_the_session_goes_on() {
+    let dir = TempDir::new("toobig");
+    let srv = ServerProc::start(dir.path());
+    srv.create("vol", MIB);
+    let mut s = UnixStream::connect(&srv.unix).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    greet(&mut s);
+    for len in [proto::MAX_OPTION_LEN as usize + 1, 1 << 20] {
+        // A syntactically plausible INFO payload padded far beyond the limit.
+        let mut big = go_payload("vol");
+        big.resize(len, 0x41);
+        put_opt(&mut s, opt::INFO, &big);
+        let (o, ty, msg) = get_opt_reply(&mut s).expect("reply to an oversized option");
+        assert_eq!(
+            (o, ty),
+            (opt::INFO, rep::ERR_TOO_BIG),
+            "{}",
+            String::from_utf8_lossy(&msg)
+        );
+    }
+    // Still in sync: negotiation and transmission go on.
+    put_opt(&mut s, opt::GO, &go_payload("vol"));
+    loop {
+        let (_, ty, _) = get_opt_reply(&mut s).expect("reply");
+        if ty == rep::ACK {
+            break;
+        }
+        assert_eq!(ty, rep::INFO);
+    }
+    let req = proto::encode_request(&proto::Request {
+        flags: 0,
+        command: cmd::READ,
+        cookie: 5,
+        offset: 0,
+        length: 512,
+    });
+    s.write_all(&req).expect("read request");
+    let mut reply = [0u8; 16 + 512];
+    s.read_exact(&mut reply).expect("read reply");
+    assert_eq!(reply[..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(reply[4..8], [0, 0, 0, 0]);
+}
+
+#[test]
+fn reads_of_holes_send_hole_chunks() {
+    let dir = TempDir::new("holes");
+    let srv = ServerProc::start(dir.path());
+    srv.create("vol", 4 * MIB);
+    let ext = 64 * 1024u64;
+    let mut c = Client::connect(&srv.unix, "vol", true).expect("connect");
+    let data = vec![0x5au8; 4096];
+    c.write(ext + 4096, &data, 0).expect("write");
+    let mut want = vec![0u8; (4 * ext) as usize];
+    want[(ext + 4096) as usize..(ext + 8192) as usize].copy_from_slice(&data);
+
+    // Structured: the unwritten extents come as OFFSET_HOLE chunks, the written one as data.
+    c.send(cmd::READ, 0, 0, (4 * ext) as u32, &[]);
+    let r = c.recv(|_| 0).expect("reply");
+    assert_eq!(r.error, 0);
+    assert!(r.data == want, "read back wrong bytes");
+    let holes: u64 = r
+        .content
+        .iter()
+        .filter(|c| c.2)
+        .map(|c| u64::from(c.1))
+        .sum();
+    let sent: u64 = r
+        .content
+        .iter()
+        .filter(|c| !c.2)
+        .map(|c| u64::from(c.1))
+        .sum();
+    assert_eq!(holes, 3 * ext, "chunks: {:?}", r.content);
+    assert_eq!(sent, ext, "chunks: {:?}", r.content);
+    // A read wholly inside a hole is one hole chunk.
+    c.send(cmd::READ, 0, 2 * MIB + 512, 4096, &[]);
+    let r = c.recv(|_| 0).expect("reply");
+    assert_eq!(r.content, vec![(2 * MIB + 512, 4096, true)]);
+    assert_eq!(r.data, vec![0u8; 4096]);
+    // DF (don't fragment): one content chunk, data with the zeroes in it (proto.md).
+    c.send(cmd::READ, cflags::DF, 0, (4 * ext) as u32, &[]);
+    let r = c.recv(|_| 0).expect("reply");
+    assert_eq!(r.content, vec![(0, (4 * ext) as u32, false)]);
+    assert!(r.data == want, "DF read back wrong bytes");
+    // Simple replies carry the zeroes.
+    let mut s = Client::connect(&srv.unix, "vol", false).expect("connect");
+    assert!(
+        s.read(0, (4 * ext) as u32) == Ok(want),
+        "simple read wrong bytes"
+    );
 }

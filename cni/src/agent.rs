@@ -19,10 +19,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
-use slipway_dataplane::abi::policy::MAX_RULES;
-use slipway_dataplane::abi::{NodeConfig, Reason, RouteInfo, RouteMode};
+use slipway_dataplane::abi::policy::{MAX_CT, MAX_RULES};
+use slipway_dataplane::abi::services::SvcEvent;
+use slipway_dataplane::abi::{MAX_NAT_FLOWS, MAX_ROUTES, NodeConfig, Reason, RouteInfo, RouteMode};
 use slipway_dataplane::link::Netlink;
-use slipway_dataplane::node::{self, NodeMaps, Pins};
+use slipway_dataplane::node::{self, MapSizes, NodeMaps, Pins};
 use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceKey};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -78,6 +79,32 @@ pub struct AgentArgs {
     #[arg(long = "policy-entries", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_RULES / 2)))]
     pub policy_entries: u32,
+    /// Connections NetworkPolicy tracks (the `policy_ct` table). When it is full, each new
+    /// connection evicts the least recently used one (logged, and counted in
+    /// `slipway_datapath_table_full_inserts_total`).
+    #[arg(long = "ct-entries", default_value_t = MAX_CT,
+          value_parser = clap::value_parser!(u32).range(64..=crate::tables::TABLE_MAX))]
+    pub ct_entries: u32,
+    /// Flows translated per packet (NodePorts; ClusterIPs of pods outside --cgroup) and pods'
+    /// flows through the host stack (hostPorts): the capacity of each of those tables.
+    #[arg(long = "nat-entries", default_value_t = MAX_NAT_FLOWS,
+          value_parser = clap::value_parser!(u32).range(64..=crate::tables::TABLE_MAX))]
+    pub nat_entries: u32,
+    /// Pod blocks of other hosts the routes table holds.
+    #[arg(long = "route-entries", default_value_t = MAX_ROUTES,
+          value_parser = clap::value_parser!(u32).range(1..=crate::tables::TABLE_MAX))]
+    pub route_entries: u32,
+}
+
+impl AgentArgs {
+    /// The table capacities the flags ask for.
+    pub fn map_sizes(&self) -> MapSizes {
+        MapSizes {
+            conntrack: self.ct_entries,
+            nat: self.nat_entries,
+            routes: self.route_entries,
+        }
+    }
 }
 
 /// The NodePort range, as Kubernetes defaults it.
@@ -338,7 +365,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             )
         })?;
 
-    let mut installed = node::install(&pins)?;
+    let mut installed = node::install(&pins, &args.map_sizes())?;
     let mut service_dp = ServiceDatapath::load(Some(&pins.services_dir()))?;
     fs::create_dir_all(&args.cgroup)
         .with_context(|| format!("--cgroup: creating {}", args.cgroup.display()))?;
@@ -384,23 +411,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     )?;
     info!(block = %args.host_block, ?routing, mtu, "node datapath ready");
 
-    // Routes already in the pinned map are the hosts a previous agent was given.
-    let restored: Vec<Host> = maps
-        .routes()?
-        .into_iter()
-        .filter_map(|((block, prefix), route)| {
-            Some(Host {
-                name: route.host().to_string(),
-                address: route.host(),
-                pod_block: Ipv4Network::new(block, prefix).ok()?,
-            })
-        })
-        .collect();
+    let restored = restore_hosts(&args.data_dir, &maps)?;
     if !restored.is_empty() {
-        info!(
-            hosts = restored.len(),
-            "restored routes from the pinned map"
-        );
+        info!(hosts = restored.len(), "restored the host list");
     }
     let services: Vec<Service> = fs::read(desired_path(&args.data_dir, "services"))
         .ok()
@@ -421,6 +434,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         services: Mutex::new((services, service_dp)),
         policy: policy.clone(),
     });
+    // The routes follow the restored list, whatever moment the previous agent stopped at.
+    sync_routes(&agent, &agent.hosts.lock().await)?;
 
     if let Some(parent) = args.socket.parent() {
         fs::create_dir_all(parent)?;
@@ -441,6 +456,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_state(agent.clone());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(policy.pump_events());
+    tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));
+    tasks.spawn(watch_counters(agent.pins.clone()));
     tasks.spawn(async move {
         axum::serve(listener, api)
             .await
@@ -552,13 +569,21 @@ fn errors(status: u16, errors: Vec<String>) -> Reply {
 async fn put_policy_state(agent: &Agent, kind: ListKind, body: &[u8]) -> Reply {
     let list = match List::parse(kind, body) {
         Ok(list) => list,
-        Err(e) => return errors(400, vec![format!("body: {e}")]),
+        Err(e) => return errors(400, e),
     };
     match agent.policy.replace(list, Some(body)).await {
-        Ok(generation) => (
-            StatusCode::OK,
-            Json(serde_json::json!({ "generation": generation })),
-        ),
+        // Enforced, but endpoints whose rules do not fit fail closed: the reply says which.
+        Ok(generation) => {
+            let status = agent.policy.status();
+            (
+                StatusCode::OK,
+                Json(serde_json::json!({
+                    "generation": generation,
+                    "failClosed": status["failClosed"],
+                    "failClosedErrors": status["errors"],
+                })),
+            )
+        }
         Err(e) => {
             if e.status >= 500 {
                 warn!(errors = ?e.errors, "installing policy state failed");
@@ -717,6 +742,16 @@ async fn put_hosts(
         );
     }
     let mut current = agent.hosts.lock().await;
+    let persisted = serde_json::to_vec_pretty(&hosts)
+        .map_err(std::io::Error::other)
+        .and_then(|body| write_atomically(&desired_path(&agent.args.data_dir, "hosts"), &body));
+    if let Err(e) = persisted {
+        warn!(error = %e, "persisting the host list failed");
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "errors": [format!("persisting the host list: {e}")] })),
+        );
+    }
     match sync_routes(&agent, &hosts) {
         Ok(()) => {
             *current = hosts;
@@ -726,13 +761,47 @@ async fn put_hosts(
             )
         }
         Err(e) => {
-            warn!(error = %e, "syncing routes failed");
+            let mut message = e.to_string();
+            if matches!(e, slipway_dataplane::DataplaneError::TableFull { .. }) {
+                message.push_str(&format!(
+                    ": the hosts need {} routes, raise {}",
+                    hosts.len().saturating_sub(1),
+                    crate::tables::sizing_flag("routes")
+                ));
+            }
+            warn!(error = %message, "syncing routes failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(serde_json::json!({ "errors": [e.to_string()] })),
+                Json(serde_json::json!({ "errors": [message] })),
             )
         }
     }
+}
+
+/// The host list a previous agent was given: the one it persisted, or (from versions that did
+/// not persist it) one host per route of the pinned map, named by its address.
+fn restore_hosts(data_dir: &Path, maps: &NodeMaps) -> anyhow::Result<Vec<Host>> {
+    use anyhow::Context as _;
+    let path = desired_path(data_dir, "hosts");
+    match fs::read(&path) {
+        Ok(body) => {
+            return serde_json::from_slice(&body)
+                .with_context(|| format!("{}: not a host list", path.display()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    Ok(maps
+        .routes()?
+        .into_iter()
+        .filter_map(|((block, prefix), route)| {
+            Some(Host {
+                name: route.host().to_string(),
+                address: route.host(),
+                pod_block: Ipv4Network::new(block, prefix).ok()?,
+            })
+        })
+        .collect())
 }
 
 fn sync_routes(agent: &Agent, hosts: &[Host]) -> Result<(), slipway_dataplane::DataplaneError> {
@@ -750,6 +819,14 @@ fn sync_routes(agent: &Agent, hosts: &[Host]) -> Result<(), slipway_dataplane::D
             (host.pod_block.network(), host.pod_block.prefix()),
             RouteInfo::new(host.address, mode),
         );
+    }
+    // A list that cannot fit is refused before anything is written.
+    let capacity = maps.route_capacity()?;
+    if wanted.len() > capacity as usize {
+        return Err(slipway_dataplane::DataplaneError::TableFull {
+            map: "routes",
+            capacity,
+        });
     }
     for ((block, prefix), info) in &wanted {
         maps.upsert_route(*block, *prefix, *info)?;
@@ -789,7 +866,17 @@ async fn status(State(agent): State<Arc<Agent>>) -> (StatusCode, Json<serde_json
 
 /// Prometheus text: the datapath's per-CPU counters summed, by device, direction and reason.
 async fn metrics(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
-    match render_metrics(&agent.pins) {
+    let services = agent.services.lock().await.1.counters();
+    let services = match services {
+        Ok(counters) => counters,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("# service datapath unavailable: {e}\n"),
+            );
+        }
+    };
+    match render_metrics(&agent.pins, &services) {
         // Both registries end with "# EOF": keep only the last.
         Ok(text) => (
             StatusCode::OK,
@@ -802,11 +889,16 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
     }
 }
 
-/// Renders the counters map in the Prometheus text format with prometheus-client.
-pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::DataplaneError> {
+/// Renders the counters map, the tables' fill and the service programs' events (`services`:
+/// which path service flows took) in the Prometheus text format with prometheus-client.
+pub fn render_metrics(
+    pins: &Pins,
+    services: &BTreeMap<SvcEvent, u64>,
+) -> Result<String, slipway_dataplane::DataplaneError> {
     use prometheus_client::encoding::EncodeLabelSet;
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
     use prometheus_client::registry::Registry;
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -816,7 +908,9 @@ pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::Dataplan
         ifindex_in: u32,
         ifindex_out: u32,
     }
-    let counters = NodeMaps::open(pins)?.counters()?;
+    let maps = NodeMaps::open(pins)?;
+    let counters = maps.counters()?;
+    let fill = (counters.len(), maps.counters_capacity()? as usize);
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     for (key, value) in counters {
@@ -825,7 +919,10 @@ pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::Dataplan
         };
         let verdict = if reason.is_drop() {
             "dropped"
-        } else if matches!(reason, Reason::PassNotIpv4 | Reason::PassNoEndpoint) {
+        } else if matches!(
+            reason,
+            Reason::PassNotIpv4 | Reason::PassNoEndpoint | Reason::PassStackFlow
+        ) {
             "passed"
         } else {
             "forwarded"
@@ -839,9 +936,24 @@ pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::Dataplan
         packets.get_or_create(&labels).inc_by(value.packets);
         bytes.get_or_create(&labels).inc_by(value.bytes);
     }
+    let (entries, capacity) = fill;
     let mut registry = Registry::with_prefix("slipway_datapath");
     registry.register("packets", "Packets the node datapath handled", packets);
     registry.register("bytes", "Bytes the node datapath handled", bytes);
+    crate::tables::register_metrics(&mut registry, &maps.fills()?, services);
+    for (name, help, value) in [
+        ("counter_entries", "Entries of the counters map", entries),
+        ("counter_capacity", "Capacity of the counters map", capacity),
+        (
+            "counters_full",
+            "1 when the counters map is full: new series are not counted",
+            usize::from(entries >= capacity),
+        ),
+    ] {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        registry.register(name, help, gauge);
+    }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| {
         slipway_dataplane::DataplaneError::Parse {
@@ -850,6 +962,47 @@ pub fn render_metrics(pins: &Pins) -> Result<String, slipway_dataplane::Dataplan
         }
     })?;
     Ok(text)
+}
+
+/// How often the agent looks whether the counters map is full.
+const COUNTERS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Logs when the counters map fills (the datapath then stops counting new series, as
+/// `slipway_datapath_counters_full` also says) and when it has room again: once per change.
+async fn watch_counters(pins: Pins) -> anyhow::Result<()> {
+    let mut full = false;
+    let mut failing = false;
+    let mut tick = tokio::time::interval(COUNTERS_CHECK);
+    loop {
+        tick.tick().await;
+        let fill = NodeMaps::open(&pins)
+            .and_then(|maps| Ok((maps.counters()?.len(), maps.counters_capacity()? as usize)));
+        let (entries, capacity) = match fill {
+            Ok(fill) => {
+                failing = false;
+                fill
+            }
+            Err(error) => {
+                // Once per failure, not every tick.
+                if !failing {
+                    warn!(%error, "reading the counters map failed");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        match (full, entries >= capacity) {
+            (false, true) => warn!(
+                entries,
+                capacity,
+                "the counters map is full: packets of new (device, reason) series are not \
+                 counted until pods are deleted or GC runs"
+            ),
+            (true, false) => info!(entries, capacity, "the counters map has room again"),
+            _ => {}
+        }
+        full = entries >= capacity;
+    }
 }
 
 /// The nftables table holding the egress masquerade rule; replaced whole on every start.

@@ -8,3 +8,4 @@ pub mod ipam;
 pub mod plugin;
 pub mod policy;
 pub mod spec;
+pub mod tables;

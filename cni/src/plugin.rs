@@ -18,10 +18,10 @@ use slipway_dataplane::node::{self, NodeMaps, Pins};
 use slipway_dataplane::testing::format_mac;
 use tracing::{debug, warn};
 
-use crate::ipam::{Allocation, Store};
+use crate::ipam::{Allocation, Owner, Store};
 use crate::spec::{
-    Attachment, CNI_VERSION, CniError, CniResult, Code, Env, Interface, IpConfig, NetConf, Route,
-    Routing,
+    Attachment, CNI_VERSION, CniError, CniResult, Code, Env, Interface, IpConfig, NetConf,
+    Requests, Route, Routing,
 };
 
 /// The link-local gateway of every pod: the host side of its veth, known to the pod through a
@@ -54,6 +54,29 @@ impl NodeState {
 
     pub fn read(data_dir: &Path) -> Option<Self> {
         serde_json::from_slice(&fs::read(Self::path(data_dir)).ok()?).ok()
+    }
+}
+
+/// Where the node's state lives, from the configuration, the agent's node state or the
+/// defaults: all DEL needs, so DEL works before the agent ever ran.
+#[derive(Debug, Clone)]
+pub struct Location {
+    pub data_dir: PathBuf,
+    pub pins: Pins,
+}
+
+impl Location {
+    pub fn resolve(conf: &NetConf) -> Self {
+        let data_dir = PathBuf::from(conf.data_dir.as_deref().unwrap_or(DEFAULT_DATA_DIR));
+        let bpffs = conf
+            .bpffs
+            .clone()
+            .or_else(|| NodeState::read(&data_dir).map(|n| n.bpffs))
+            .unwrap_or_else(|| node::DEFAULT_BPFFS_DIR.to_owned());
+        Self {
+            data_dir,
+            pins: Pins::new(bpffs),
+        }
     }
 }
 
@@ -94,7 +117,13 @@ impl Settings {
         let Some(block_text) = block_text else {
             return Err(CniError::new(
                 Code::TryAgainLater,
-                "hostBlock: not in the configuration, and no node state from the agent yet (is `slipway agent` running?)",
+                format!(
+                    "hostBlock: not in the configuration, and no node state from the agent at {} \
+                     (is `slipway agent` running with --data-dir {}? set \"dataDir\" in the \
+                     conflist to the agent's --data-dir)",
+                    NodeState::path(&data_dir).display(),
+                    data_dir.display()
+                ),
             ));
         };
         let block = block_text
@@ -163,17 +192,9 @@ impl Settings {
         }
     }
 
+    /// The IPAM store of this host's block, shared by every network over it.
     fn store(&self) -> Result<Store, CniError> {
-        if self.network.is_empty()
-            || self.network.contains(['/', '\0'])
-            || self.network.starts_with('.')
-        {
-            return Err(CniError::new(
-                Code::InvalidConfig,
-                format!("name: {:?} is not a usable network name", self.network),
-            ));
-        }
-        Store::open(self.data_dir.join("ipam").join(&self.network))
+        Store::for_block(&self.data_dir, self.block)
     }
 }
 
@@ -217,6 +238,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
 /// ADD: returns the result to print.
 pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let settings = Settings::resolve(conf)?;
+    let requests = Requests::parse(env, conf)?;
     if !settings.pins.is_ready() {
         return Err(CniError::new(
             Code::TryAgainLater,
@@ -237,9 +259,14 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     };
-    let host_if = host_ifname(&attachment);
+    let owner = Owner {
+        host_ifname: host_ifname(&attachment),
+        attachment: attachment.clone(),
+        network: settings.network.clone(),
+    };
     let store = settings.store()?;
     let locked = store.lock()?;
+    locked.adopt_legacy(&settings.data_dir, settings.block)?;
     if let Some(existing) = locked.find(&attachment)? {
         return Err(CniError::new(
             Code::InvalidConfig,
@@ -249,38 +276,63 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             ),
         ));
     }
-    let allocation = match &settings.delegate_ipam {
-        None => locked.allocate(settings.block, &attachment, &host_if)?,
-        Some(_) => {
+    // Addresses the datapath delivers to a pod are in use, whatever store recorded them.
+    let endpoints = NodeMaps::open(&settings.pins)?.endpoints()?;
+    let in_use = |ip: Ipv4Addr| endpoints.contains_key(&ip);
+    let allocation = match (&settings.delegate_ipam, &requests.ip) {
+        (None, None) => locked.allocate(settings.block, &owner, &in_use)?,
+        (None, Some(want)) => {
+            locked.allocate_exact(settings.block, want.value, &owner, &in_use, &want.field)?
+        }
+        (Some(_), want) => {
             let result = delegate(env, conf, "ADD")?
                 .ok_or_else(|| CniError::new(Code::Decode, "ipam: delegate returned no result"))?;
-            let (ip, _) = result.first_ipv4().ok_or_else(|| {
-                CniError::new(
+            let refuse = |error: CniError| {
+                let _ = delegate(env, conf, "DEL");
+                Err(error)
+            };
+            let Some((ip, _)) = result.first_ipv4() else {
+                return refuse(CniError::new(
                     Code::InvalidConfig,
                     "ipam: delegate returned no IPv4 address",
-                )
-            })?;
-            let allocation = Allocation {
-                ip,
-                container_id: attachment.container_id.clone(),
-                ifname: attachment.ifname.clone(),
-                host_ifname: host_if.clone(),
+                ));
             };
+            if let Some(want) = want.as_ref().filter(|w| w.value != ip) {
+                return refuse(CniError::new(
+                    Code::InvalidConfig,
+                    format!(
+                        "{}: asks for {}, but the delegated IPAM plugin gave {ip} \
+                         (give it the request, e.g. host-local's \"ips\" capability)",
+                        want.field, want.value
+                    ),
+                ));
+            }
+            if in_use(ip) {
+                return refuse(CniError::new(
+                    Code::AddressInUse,
+                    format!("ipam: the delegated IPAM plugin gave {ip}, which another pod uses"),
+                ));
+            }
+            let allocation = owner.at(ip);
             if let Err(e) = locked.record(&allocation) {
-                let _ = delegate(env, conf, "DEL");
-                return Err(e);
+                return refuse(e);
             }
             allocation
         }
     };
+    let mac = requests.mac.map(|m| m.value);
     let rt = runtime()?;
-    match rt.block_on(wire(&settings, &allocation, Path::new(&netns))) {
+    match rt.block_on(wire(&settings, &allocation, Path::new(&netns), mac)) {
         Ok(wired) => {
             Ok(result(&settings, conf, &allocation, &wired, &netns)?.to_json(&settings.version))
         }
         Err(error) => {
             warn!(%error, container = %attachment.container_id, "ADD failed; undoing");
-            let _ = rt.block_on(unwire(&settings, &allocation));
+            let _ = rt.block_on(unwire(
+                &settings.pins,
+                &allocation.host_ifname,
+                Some(allocation.ip),
+            ));
             let _ = locked.release(allocation.ip);
             if settings.delegate_ipam.is_some() {
                 let _ = delegate(env, conf, "DEL");
@@ -296,10 +348,13 @@ struct Wired {
     pod_mac: [u8; 6],
 }
 
+/// Wires the pod: veth (with the requested MAC, if any, on the pod's end), addresses, routes,
+/// the datapath program and endpoint entry.
 async fn wire(
     settings: &Settings,
     allocation: &Allocation,
     netns: &Path,
+    mac: Option<[u8; 6]>,
 ) -> Result<Wired, CniError> {
     let host = Netlink::current()?;
     let pod = Netlink::in_netns(netns)?;
@@ -321,9 +376,15 @@ async fn wire(
             format!("{} did not appear in the pod", allocation.ifname),
         )
     })?;
-    let pod_mac = eth
-        .mac
-        .ok_or_else(|| CniError::new(Code::Datapath, "pod interface has no MAC"))?;
+    let pod_mac = match mac {
+        Some(mac) => {
+            pod.set_mac(eth.index, mac).await?;
+            mac
+        }
+        None => eth
+            .mac
+            .ok_or_else(|| CniError::new(Code::Datapath, "pod interface has no MAC"))?,
+    };
     if let Some(lo) = pod.link("lo").await? {
         pod.set_up(lo.index).await?;
     }
@@ -349,16 +410,30 @@ async fn wire(
     Ok(Wired { host_mac, pod_mac })
 }
 
-/// Undoes [`wire`]; every step tolerates what is already gone.
-async fn unwire(settings: &Settings, allocation: &Allocation) -> Result<(), CniError> {
-    if settings.pins.is_ready() {
-        let mut maps = NodeMaps::open(&settings.pins)?;
-        // The address is this allocation's alone, so its entry is this attachment's.
-        maps.remove_endpoint(allocation.ip)?;
-    }
-    node::detach(&settings.pins, &allocation.host_ifname)?;
+/// Undoes [`wire`] for the veth `host_ifname` (and the endpoint of `ip`, when known); every
+/// step tolerates what is already gone. The veth's counters go with it, so neither the map
+/// nor the metrics keep series of devices that no longer exist.
+async fn unwire(pins: &Pins, host_ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), CniError> {
     let host = Netlink::current()?;
-    host.delete_link(&allocation.host_ifname).await?;
+    let ifindex = host.link(host_ifname).await?.map(|link| link.index);
+    let mut maps = if pins.is_ready() {
+        Some(NodeMaps::open(pins)?)
+    } else {
+        None
+    };
+    if let (Some(maps), Some(ip)) = (maps.as_mut(), ip) {
+        // The address is this allocation's alone, so its entry is this attachment's.
+        maps.remove_endpoint(ip)?;
+    }
+    node::detach(pins, host_ifname)?;
+    host.delete_link(host_ifname).await?;
+    if let (Some(maps), Some(index)) = (maps.as_mut(), ifindex) {
+        let removed = maps.remove_counters(|k| k.ifindex_in == index || k.ifindex_out == index)?;
+        debug!(
+            host_if = host_ifname,
+            removed, "counters of the veth removed"
+        );
+    }
     Ok(())
 }
 
@@ -406,38 +481,50 @@ fn result(
     Ok(result)
 }
 
-/// DEL: idempotent; a missing netns, interface or allocation is success.
+/// DEL: idempotent; a missing netns, interface, allocation or node state is success (SPEC.md
+/// "DEL": a plugin should complete DEL without error even if some resources are missing). It
+/// needs no host block: the attachment's allocation is looked up in every store.
 pub fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
-    let settings = Settings::resolve(conf)?;
+    let location = Location::resolve(conf);
     let attachment = Attachment {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     };
-    let store = settings.store()?;
-    let locked = store.lock()?;
-    let allocation = locked.find(&attachment)?.unwrap_or_else(|| Allocation {
-        ip: Ipv4Addr::UNSPECIFIED,
-        container_id: attachment.container_id.clone(),
-        ifname: attachment.ifname.clone(),
-        host_ifname: host_ifname(&attachment),
-    });
     let rt = runtime()?;
-    if allocation.ip.is_unspecified() {
-        // No allocation: an ADD that failed or a repeated DEL; the veth may still be there.
-        node::detach(&settings.pins, &allocation.host_ifname)?;
-        rt.block_on(async {
-            Netlink::current()?
-                .delete_link(&allocation.host_ifname)
-                .await
-        })?;
-    } else {
-        rt.block_on(unwire(&settings, &allocation))?;
-        locked.release(allocation.ip)?;
+    let mut found = false;
+    for store in Store::all(&location.data_dir)? {
+        let locked = store.lock()?;
+        if let Some(allocation) = locked.find(&attachment)? {
+            rt.block_on(unwire(
+                &location.pins,
+                &allocation.host_ifname,
+                Some(allocation.ip),
+            ))?;
+            locked.release(allocation.ip)?;
+            found = true;
+        }
     }
-    if settings.delegate_ipam.is_some() {
+    if !found {
+        // No allocation: an ADD that failed or a repeated DEL; the veth may still be there.
+        rt.block_on(unwire(&location.pins, &host_ifname(&attachment), None))?;
+    }
+    if conf.ipam.is_some() {
         delegate(env, conf, "DEL")?;
     }
     Ok(())
+}
+
+/// The allocation of `attachment` in any store under `data_dir`.
+fn find_allocation(
+    data_dir: &Path,
+    attachment: &Attachment,
+) -> Result<Option<Allocation>, CniError> {
+    for store in Store::all(data_dir)? {
+        if let Some(found) = store.lock()?.find(attachment)? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
 }
 
 /// CHECK: the attachment is as ADD left it.
@@ -447,8 +534,7 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     };
-    let store = settings.store()?;
-    let allocation = store.lock()?.find(&attachment)?.ok_or_else(|| {
+    let allocation = find_allocation(&settings.data_dir, &attachment)?.ok_or_else(|| {
         CniError::new(
             Code::CheckFailed,
             format!(
@@ -563,10 +649,13 @@ pub struct Collected {
     pub links: Vec<String>,
     pub endpoints: Vec<Ipv4Addr>,
     pub pins: Vec<String>,
+    /// Counter entries of devices that are gone.
+    pub counters: usize,
 }
 
-/// GC: removes every allocation, veth, pinned link and endpoint entry that belongs to no
-/// attachment in `cni.dev/valid-attachments`.
+/// GC: removes every allocation of this network, and every veth, pinned link, endpoint entry
+/// and counter that belongs to no attachment in `cni.dev/valid-attachments` or to another
+/// network's allocation.
 pub fn gc(env: &Env, conf: &NetConf) -> Result<Collected, CniError> {
     let settings = Settings::resolve(conf)?;
     let valid: BTreeSet<Attachment> = conf
@@ -578,22 +667,43 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<Collected, CniError> {
     let store = settings.store()?;
     let locked = store.lock()?;
     locked.sweep_temporaries()?;
+    locked.adopt_legacy(&settings.data_dir, settings.block)?;
     let mut collected = Collected::default();
     let rt = runtime()?;
+    // Veths of every allocation that stays: this network's valid ones and other networks'.
     let mut kept = BTreeSet::new();
     for allocation in locked.list()? {
-        if valid.contains(&allocation.attachment()) {
+        let ours = allocation
+            .network
+            .as_deref()
+            .is_none_or(|n| n == settings.network);
+        if !ours || valid.contains(&allocation.attachment()) {
             kept.insert(allocation.host_ifname.clone());
             continue;
         }
-        rt.block_on(unwire(&settings, &allocation))?;
+        rt.block_on(unwire(
+            &settings.pins,
+            &allocation.host_ifname,
+            Some(allocation.ip),
+        ))?;
         locked.release(allocation.ip)?;
         collected.allocations.push(allocation.ip);
+    }
+    let mut allocated: BTreeSet<Ipv4Addr> = locked.list()?.into_iter().map(|a| a.ip).collect();
+    // Other stores (other blocks, older versions' per-network stores) are read, not locked:
+    // their records are written before their veths exist, so a racing ADD is seen.
+    for other in Store::all(&settings.data_dir)? {
+        if other.dir() != store.dir() {
+            for allocation in other.snapshot()? {
+                kept.insert(allocation.host_ifname);
+                allocated.insert(allocation.ip);
+            }
+        }
     }
     // Veths and pins of attachments that never got (or lost) their allocation record.
     for link in rt.block_on(async { Netlink::current()?.links_with_prefix("lxc").await })? {
         if link.name.len() == 14 && !kept.contains(&link.name) {
-            rt.block_on(async { Netlink::current()?.delete_link(&link.name).await })?;
+            rt.block_on(unwire(&settings.pins, &link.name, None))?;
             collected.links.push(link.name);
         }
     }
@@ -604,7 +714,6 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<Collected, CniError> {
         }
     }
     if settings.pins.is_ready() {
-        let allocated: BTreeSet<Ipv4Addr> = locked.list()?.into_iter().map(|a| a.ip).collect();
         let mut maps = NodeMaps::open(&settings.pins)?;
         for (ip, _) in maps.endpoints()? {
             if settings.block.contains(ip) && !allocated.contains(&ip) {
@@ -612,6 +721,21 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<Collected, CniError> {
                 collected.endpoints.push(ip);
             }
         }
+        // Counters of devices that are gone. The counters are read before the links are
+        // listed: a device whose counter was read existed before the listing, so it is listed
+        // unless it is gone (one created since is never mistaken for a gone one).
+        let seen: Vec<_> = maps.counters()?.into_keys().collect();
+        let present: BTreeSet<u32> = rt
+            .block_on(async { Netlink::current()?.links_with_prefix("").await })?
+            .into_iter()
+            .map(|l| l.index)
+            .collect();
+        let gone = |index: u32| index != 0 && !present.contains(&index);
+        let doomed: BTreeSet<_> = seen
+            .into_iter()
+            .filter(|k| gone(k.ifindex_in) || gone(k.ifindex_out))
+            .collect();
+        collected.counters = maps.remove_counters(|k| doomed.contains(k))?;
     }
     if settings.delegate_ipam.is_some() {
         delegate(env, conf, "GC")?;

@@ -34,6 +34,8 @@ pub enum Code {
     NoAddresses = 101,
     /// The kernel refused an operation (netlink, BPF).
     Datapath = 102,
+    /// A requested static address is held by another pod.
+    AddressInUse = 103,
 }
 
 /// An error as the spec's error object (`code`, `msg`, `details`).
@@ -324,6 +326,122 @@ pub fn version_info() -> Value {
     serde_json::json!({ "cniVersion": CNI_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
+/// A value a runtime asked for, and the field it came in (for errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requested<T> {
+    pub value: T,
+    pub field: String,
+}
+
+/// The static address and MAC a runtime asks for (CONVENTIONS.md: the `ips` and `mac`
+/// capabilities in `runtimeConfig`, the same keys under `args.cni`, and `IP` / `MAC` in
+/// CNI_ARGS). Every request is honoured or refused; none is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requests {
+    pub ip: Option<Requested<Ipv4Addr>>,
+    pub mac: Option<Requested<[u8; 6]>>,
+}
+
+impl Requests {
+    /// Collects the requests of every source; names the field of every malformed, unsupported
+    /// or conflicting one in a single error.
+    pub fn parse(env: &Env, conf: &NetConf) -> Result<Self, CniError> {
+        let mut problems = Vec::new();
+        let mut ips: Vec<(String, String)> = Vec::new();
+        let mut macs: Vec<(String, String)> = Vec::new();
+        let sources = [
+            ("runtimeConfig", conf.runtime_config.as_ref()),
+            ("args.cni", conf.args.as_ref().and_then(|a| a.get("cni"))),
+        ];
+        for (base, object) in sources {
+            let Some(object) = object else { continue };
+            match object.get("ips") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(list)) => {
+                    for (i, item) in list.iter().enumerate() {
+                        match item.as_str() {
+                            Some(text) => ips.push((format!("{base}.ips[{i}]"), text.to_owned())),
+                            None => problems.push(format!("{base}.ips[{i}]: not a string")),
+                        }
+                    }
+                }
+                Some(_) => problems.push(format!("{base}.ips: not a list of addresses")),
+            }
+            match object.get("mac") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(text)) => macs.push((format!("{base}.mac"), text.clone())),
+                Some(_) => problems.push(format!("{base}.mac: not a string")),
+            }
+        }
+        if let Some(list) = env.args.get("IP") {
+            for text in list.split(',').filter(|t| !t.is_empty()) {
+                ips.push(("CNI_ARGS IP".to_owned(), text.to_owned()));
+            }
+        }
+        if let Some(text) = env.args.get("MAC") {
+            macs.push(("CNI_ARGS MAC".to_owned(), text.clone()));
+        }
+
+        let mut ip: Option<Requested<Ipv4Addr>> = None;
+        for (field, text) in ips {
+            let address = text.split_once('/').map_or(text.as_str(), |(a, _)| a);
+            match address.parse::<Ipv4Addr>() {
+                Err(_) => problems.push(format!(
+                    "{field}: {text:?} is not an IPv4 address (a pod gets one IPv4 address here)"
+                )),
+                Ok(value) => match &ip {
+                    Some(first) if first.value != value => problems.push(format!(
+                        "{field}: asks for {value} besides {} ({}); a pod gets one IPv4 address",
+                        first.value, first.field
+                    )),
+                    Some(_) => {}
+                    None => ip = Some(Requested { value, field }),
+                },
+            }
+        }
+        let mut mac: Option<Requested<[u8; 6]>> = None;
+        for (field, text) in macs {
+            match parse_mac(&text) {
+                Err(why) => problems.push(format!("{field}: {text:?} {why}")),
+                Ok(value) => match &mac {
+                    Some(first) if first.value != value => problems.push(format!(
+                        "{field}: asks for {text} besides {} ({})",
+                        slipway_dataplane::testing::format_mac(&first.value),
+                        first.field
+                    )),
+                    Some(_) => {}
+                    None => mac = Some(Requested { value, field }),
+                },
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self { ip, mac })
+        } else {
+            Err(CniError::new(Code::InvalidConfig, problems.join("; ")))
+        }
+    }
+}
+
+/// A unicast MAC address in the `aa:bb:cc:dd:ee:ff` form.
+fn parse_mac(text: &str) -> Result<[u8; 6], &'static str> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return Err("is not a MAC address (aa:bb:cc:dd:ee:ff)");
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err("is not a MAC address (aa:bb:cc:dd:ee:ff)");
+        }
+        *byte =
+            u8::from_str_radix(part, 16).map_err(|_| "is not a MAC address (aa:bb:cc:dd:ee:ff)")?;
+    }
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err("is not a unicast MAC address");
+    }
+    Ok(mac)
+}
+
 /// A result's interface entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interface {
@@ -466,6 +584,96 @@ mod tests {
         assert!(err.msg.contains("bogus"));
         let err = NetConf::parse(format!(r#"{base},"mtu":"big"}}"#).as_bytes()).expect_err("type");
         assert_eq!(err.code, Code::InvalidConfig);
+    }
+
+    fn add_env(args: &str) -> Env {
+        env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", args),
+        ])
+        .expect("env")
+    }
+
+    fn conf_with(extra: &str) -> NetConf {
+        NetConf::parse(
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"slipway","podCIDR":"10.244.0.0/16"{extra}}}"#
+            )
+            .as_bytes(),
+        )
+        .expect("conf")
+    }
+
+    #[test]
+    fn static_requests_come_from_every_source() {
+        let none = Requests::parse(&add_env("K8S_POD_NAME=a"), &conf_with("")).expect("none");
+        assert_eq!(none, Requests::default());
+        let r = Requests::parse(
+            &add_env(""),
+            &conf_with(r#","runtimeConfig":{"ips":["10.244.1.9/24"],"mac":"02:00:00:00:00:09","portMappings":[]}"#),
+        )
+        .expect("capabilities");
+        assert_eq!(
+            r.ip.map(|i| (i.value, i.field)),
+            Some((
+                Ipv4Addr::new(10, 244, 1, 9),
+                "runtimeConfig.ips[0]".to_owned()
+            ))
+        );
+        assert_eq!(r.mac.map(|m| m.value), Some([2, 0, 0, 0, 0, 9]));
+        let r = Requests::parse(
+            &add_env("IP=10.244.1.7;MAC=02:00:00:00:00:07"),
+            &conf_with(""),
+        )
+        .expect("CNI_ARGS");
+        assert_eq!(r.ip.map(|i| i.field), Some("CNI_ARGS IP".to_owned()));
+        assert_eq!(r.mac.map(|m| m.value), Some([2, 0, 0, 0, 0, 7]));
+        let r = Requests::parse(
+            &add_env(""),
+            &conf_with(r#","args":{"cni":{"ips":["10.244.1.8"]}}"#),
+        )
+        .expect("args");
+        assert_eq!(r.ip.map(|i| i.value), Some(Ipv4Addr::new(10, 244, 1, 8)));
+    }
+
+    #[test]
+    fn static_requests_that_cannot_be_honoured_are_refused_by_field() {
+        let cases = [
+            (
+                "",
+                r#","runtimeConfig":{"ips":["fd00::5/64"]}"#,
+                "runtimeConfig.ips[0]",
+            ),
+            (
+                "",
+                r#","runtimeConfig":{"ips":["10.244.1.5","10.244.1.6"]}"#,
+                "runtimeConfig.ips[1]",
+            ),
+            (
+                "IP=10.244.1.6",
+                r#","runtimeConfig":{"ips":["10.244.1.5"]}"#,
+                "CNI_ARGS IP",
+            ),
+            (
+                "",
+                r#","runtimeConfig":{"mac":"01:00:5e:00:00:01"}"#,
+                "runtimeConfig.mac",
+            ),
+            ("MAC=zz", "", "CNI_ARGS MAC"),
+            (
+                "",
+                r#","args":{"cni":{"ips":"10.244.1.5"}}"#,
+                "args.cni.ips",
+            ),
+        ];
+        for (args, extra, field) in cases {
+            let err = Requests::parse(&add_env(args), &conf_with(extra)).expect_err(field);
+            assert_eq!(err.code, Code::InvalidConfig, "{field}");
+            assert!(err.msg.contains(field), "{field} not in {}", err.msg);
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The plugin's lifecycle commands against the real kernel, exec'd as a runtime does: DEL is
 //! idempotent and leaves nothing, CHECK tells a healthy pod from a broken one, GC reclaims what
 //! the runtime no longer lists (also after an ADD killed halfway), bad input gets the spec's
-//! error code and a message naming the problem, STATUS and VERSION answer.
+//! error code and a message naming the problem, STATUS and VERSION answer, DEL works without
+//! the agent's node state, static address and MAC requests are honoured or refused.
 //! Privileged (root, BPF, netns): run by scripts/test.sh.
 
 mod common;
@@ -363,5 +364,144 @@ fn ipam_delegated_to_host_local_and_a_set_mtu() {
         !host_local_file.exists(),
         "DEL released the address in host-local too"
     );
+    assert_eq!(cluster.leftovers(1), Leftovers::default());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn del_succeeds_without_node_state() {
+    let cluster = Cluster::new(1, "vxlan");
+    // A node whose agent never ran: no node.json, no IPAM store, no datapath.
+    let never = cluster.dir.join("agent-never-ran");
+    let mut conf = cluster.conf(1);
+    conf["dataDir"] = json!(never);
+    conf["bpffs"] = json!(cluster.dir.join("no-datapath-here"));
+    let del = cluster.cni(1, "DEL", "never-added", None, &conf);
+    assert!(
+        del.success,
+        "DEL with nothing to remove must succeed: {} {}",
+        del.stdout, del.stderr
+    );
+    assert_eq!(del.stdout, Value::Null, "DEL prints nothing on success");
+    // ADD there cannot work, and says where it looked for the agent's state.
+    let sandbox = cluster.sandbox("no-state");
+    let add = cluster.cni(1, "ADD", "no-state", Some(&path_of(&sandbox)), &conf);
+    assert_eq!(add.code(), Some(11), "{}", add.stdout);
+    let looked_at = never.join("node.json");
+    assert!(
+        add.msg().contains(looked_at.to_str().expect("utf-8")),
+        "the error names the path it looked at: {}",
+        add.msg()
+    );
+
+    // The node state is lost after a pod was added: DEL still removes all of it.
+    let a = cluster.add_pod(1, "a");
+    std::fs::remove_file(cluster.node(1).data_dir.join("node.json")).expect("remove node.json");
+    let mut conf = cluster.conf(1);
+    conf["bpffs"] = json!(cluster.node(1).bpffs);
+    cluster
+        .cni(1, "DEL", &a.container_id, Some(&path_of(&a.netns)), &conf)
+        .expect_ok("DEL without node.json");
+    assert_eq!(cluster.leftovers(1), Leftovers::default());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn static_address_and_mac_requests_are_honoured_or_refused() {
+    let cluster = Cluster::new(1, "vxlan");
+    let pins = Pins::new(&cluster.node(1).bpffs);
+    // The `ips` and `mac` capabilities, as a runtime passes them.
+    let mut conf = cluster.conf(1);
+    conf["runtimeConfig"] = json!({ "ips": ["10.244.1.77/24"], "mac": "02:5a:00:00:00:77" });
+    let a = cluster.sandbox("static-a");
+    let result = cluster
+        .cni(1, "ADD", "static-a", Some(&path_of(&a)), &conf)
+        .expect_ok("ADD with a free address of the block");
+    assert_eq!(result["ips"][0]["address"], "10.244.1.77/32", "{result}");
+    assert_eq!(
+        result["interfaces"][1]["mac"], "02:5a:00:00:00:77",
+        "{result}"
+    );
+    let eth0 = a.link("eth0").expect("eth0");
+    assert_eq!(
+        eth0.mac,
+        [0x02, 0x5a, 0, 0, 0, 0x77],
+        "the pod has the MAC asked for"
+    );
+    let endpoint = NodeMaps::open(&pins)
+        .expect("maps")
+        .endpoint("10.244.1.77".parse().expect("ip"))
+        .expect("endpoint")
+        .expect("an endpoint entry");
+    assert_eq!(
+        endpoint.pod_mac, eth0.mac,
+        "the datapath delivers to that MAC"
+    );
+    cluster
+        .cni(1, "CHECK", "static-a", Some(&path_of(&a)), &conf)
+        .expect_ok("CHECK");
+
+    // `args.cni.ips`, another free address: honoured too.
+    let mut by_args = cluster.conf(1);
+    by_args["args"] = json!({ "cni": { "ips": ["10.244.1.78"] } });
+    let b = cluster.sandbox("static-b");
+    let result = cluster
+        .cni(1, "ADD", "static-b", Some(&path_of(&b)), &by_args)
+        .expect_ok("ADD by args");
+    assert_eq!(result["ips"][0]["address"], "10.244.1.78/32", "{result}");
+
+    let before = cluster.leftovers(1);
+    let refused: [(&str, Value, u64, &str); 4] = [
+        (
+            "an address in use",
+            json!({ "ips": ["10.244.1.77/24"] }),
+            103,
+            "runtimeConfig.ips[0]: 10.244.1.77 is already in use",
+        ),
+        (
+            "an address outside the block",
+            json!({ "ips": ["10.244.2.9/24"] }),
+            7,
+            "runtimeConfig.ips[0]: 10.244.2.9 is not a usable pod address",
+        ),
+        (
+            "the router address",
+            json!({ "ips": ["10.244.1.1/24"] }),
+            7,
+            "runtimeConfig.ips[0]: 10.244.1.1",
+        ),
+        (
+            "a multicast MAC",
+            json!({ "mac": "01:00:5e:00:00:01" }),
+            7,
+            "runtimeConfig.mac",
+        ),
+    ];
+    for (n, (what, runtime_config, code, needle)) in refused.into_iter().enumerate() {
+        let mut conf = cluster.conf(1);
+        conf["runtimeConfig"] = runtime_config;
+        let sandbox = cluster.sandbox(&format!("refused{n}"));
+        let outcome = cluster.cni(1, "ADD", "refused", Some(&path_of(&sandbox)), &conf);
+        assert!(!outcome.success, "{what}: accepted");
+        assert_eq!(outcome.code(), Some(code), "{what}: {}", outcome.stdout);
+        assert!(
+            outcome.msg().contains(needle),
+            "{what}: {:?} lacks {needle:?}",
+            outcome.msg()
+        );
+        assert_eq!(cluster.leftovers(1), before, "{what} left something");
+    }
+
+    for (id, ns) in [("static-a", &a), ("static-b", &b)] {
+        cluster
+            .cni(1, "DEL", id, Some(&path_of(ns)), &cluster.conf(1))
+            .expect_ok("DEL");
+    }
     assert_eq!(cluster.leftovers(1), Leftovers::default());
 }

@@ -5,10 +5,12 @@
 pub mod abi;
 pub mod btf;
 pub mod error;
+pub mod lb;
 pub mod link;
 pub mod netns;
 pub mod node;
 pub mod objects;
+pub mod packet;
 pub mod pod;
 pub mod policy;
 pub mod services;

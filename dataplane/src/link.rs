@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures_util::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
@@ -33,6 +33,15 @@ pub struct Route4 {
     pub prefix: u8,
     pub gateway: Option<Ipv4Addr>,
     pub oif: Option<u32>,
+}
+
+/// An address on a link, as read back from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    pub ip: IpAddr,
+    pub prefix: u8,
+    /// Scope global (`RT_SCOPE_UNIVERSE`): neither link- nor host-local.
+    pub global: bool,
 }
 
 /// A netlink handle bound to one network namespace.
@@ -70,30 +79,15 @@ impl Netlink {
 
     /// A handle on the namespace at `netns` (e.g. `/run/netns/x` or `/proc/<pid>/ns/net`).
     pub fn in_netns(netns: &Path) -> Result<Self, DataplaneError> {
-        let ns = File::open(netns).map_err(|source| DataplaneError::Syscall {
-            call: "open netns",
-            source,
-        })?;
         // The socket registers with the caller's tokio reactor when it is made.
         let runtime = tokio::runtime::Handle::current();
-        let (connection, handle, _) = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let _runtime = runtime.enter();
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                        DataplaneError::Syscall {
-                            call: "setns(CLONE_NEWNET)",
-                            source: e.into(),
-                        }
-                    })?;
-                    rtnetlink::new_connection().map_err(|source| DataplaneError::Syscall {
-                        call: "netlink socket",
-                        source,
-                    })
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })?;
+        let (connection, handle, _) = crate::netns::run_in_path(netns, || {
+            let _runtime = runtime.enter();
+            rtnetlink::new_connection().map_err(|source| DataplaneError::Syscall {
+                call: "netlink socket",
+                source,
+            })
+        })??;
         tokio::spawn(connection);
         Ok(Self { handle })
     }
@@ -203,6 +197,19 @@ impl Netlink {
             .map_err(nl_error(format!("set link {index} up")))
     }
 
+    /// Sets the hardware address of link `index`.
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        let message = LinkUnspec::new_with_index(index)
+            .address(mac.to_vec())
+            .build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("set link {index} address")))
+    }
+
     /// Deletes link `name`; an absent link is not an error.
     pub async fn delete_link(&self, name: &str) -> Result<(), DataplaneError> {
         let Some(link) = self.link(name).await? else {
@@ -237,6 +244,19 @@ impl Netlink {
 
     /// The IPv4 addresses (with prefix) on link `index`.
     pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, DataplaneError> {
+        Ok(self
+            .link_addresses(index)
+            .await?
+            .into_iter()
+            .filter_map(|a| match a.ip {
+                IpAddr::V4(ip) => Some((ip, a.prefix)),
+                IpAddr::V6(_) => None,
+            })
+            .collect())
+    }
+
+    /// Every address (IPv4 and IPv6) on link `index`, in the kernel's order (IPv4 first).
+    pub async fn link_addresses(&self, index: u32) -> Result<Vec<Address>, DataplaneError> {
         let mut stream = self
             .handle
             .address()
@@ -249,10 +269,8 @@ impl Netlink {
             .await
             .map_err(nl_error("list addresses"))?
         {
-            for attr in &message.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                    found.push((*ip, message.header.prefix_len));
-                }
+            if let Some(address) = to_address(&message) {
+                found.push(address);
             }
         }
         Ok(found)
@@ -346,4 +364,93 @@ fn to_link(message: &LinkMessage) -> Link {
         }
     }
     link
+}
+
+/// The address of `message`: its local address (`IFA_LOCAL`, which differs from `IFA_ADDRESS`
+/// on point-to-point links), else its address, as `ip addr` shows them.
+fn to_address(message: &AddressMessage) -> Option<Address> {
+    let mut local = None;
+    let mut address = None;
+    for attr in &message.attributes {
+        match attr {
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    Some(Address {
+        ip: local.or(address)?,
+        prefix: message.header.prefix_len,
+        global: message.header.scope == AddressScope::Universe,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+    use std::process::Command;
+
+    use super::*;
+    use crate::netns::{self, tests::Scratch};
+
+    fn ip(ns: &str, args: &[&str]) {
+        let status = Command::new("ip")
+            .args(["-n", ns])
+            .args(args)
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip -n {ns} {args:?}");
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "privileged"),
+        ignore = "privileged: root + netns; run with --ignored"
+    )]
+    fn link_addresses_reads_both_families_with_their_scope() {
+        let ns = Scratch::new("addrtest");
+        ip(
+            &ns.0,
+            &[
+                "link", "add", "name", "a", "type", "veth", "peer", "name", "b",
+            ],
+        );
+        ip(&ns.0, &["addr", "add", "10.1.2.3/24", "dev", "a"]);
+        ip(&ns.0, &["addr", "add", "fd00::5/64", "dev", "a", "nodad"]);
+        ip(&ns.0, &["addr", "add", "fe80::5/64", "dev", "a", "nodad"]);
+        let (link, addresses) = netns::run_in(&ns.0, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let netlink = Netlink::current().expect("netlink");
+                let link = netlink.link("a").await.expect("get").expect("link a");
+                let addresses = netlink.link_addresses(link.index).await.expect("list");
+                assert_eq!(netlink.link("nope").await.expect("get"), None);
+                (link, addresses)
+            })
+        })
+        .expect("run in netns");
+        assert!(link.mac.is_some(), "{link:?}");
+        let v4 = Address {
+            ip: Ipv4Addr::new(10, 1, 2, 3).into(),
+            prefix: 24,
+            global: true,
+        };
+        let v6 = Address {
+            ip: "fd00::5".parse::<Ipv6Addr>().expect("ip").into(),
+            prefix: 64,
+            global: true,
+        };
+        let local6 = Address {
+            ip: "fe80::5".parse::<Ipv6Addr>().expect("ip").into(),
+            prefix: 64,
+            global: false,
+        };
+        for want in [v4, v6, local6] {
+            assert!(addresses.contains(&want), "{want:?} not in {addresses:?}");
+        }
+        assert_eq!(addresses.len(), 3, "{addresses:?}");
+    }
 }

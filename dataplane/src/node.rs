@@ -6,7 +6,8 @@
 //!
 //! | pin | what |
 //! | --- | --- |
-//! | `endpoints`, `routes`, `node_config`, `counters`, `nat_*` | the shared maps |
+//! | `endpoints`, `routes`, `node_config`, `counters`, `nat_*`, `stack_flows` | the shared maps |
+//! | `map_fill`, `map_full` | how full the tables the programs insert into are |
 //! | `policy_*` | NetworkPolicy state, connection tracking and events ([`crate::policy`]) |
 //! | `prog_from_pod`, `prog_from_netdev` | the programs, for the plugin to attach |
 //! | `links/<ifname>` | the TCX link of each attached device: it outlives the process that made it |
@@ -18,26 +19,33 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::DataplaneError;
-use crate::abi::{CounterKey, CounterValue, EndpointInfo, EndpointKey, NodeConfig, RouteInfo};
+use crate::abi::{
+    CounterKey, CounterValue, EndpointInfo, EndpointKey, MAX_NAT_FLOWS, MAX_ROUTES, MapFill, MapId,
+    NodeConfig, RouteInfo,
+};
+use crate::error::{is_not_found, map_error};
 use crate::objects;
 
 /// Where a node pins its datapath unless told otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/slipway";
 
-const MAPS: [&str; 12] = [
+const MAPS: [&str; 15] = [
     "endpoints",
-    "routes",
+    ROUTES,
     "node_config",
     "counters",
-    "nat_flows",
-    "nat_reverse",
+    NAT_FLOWS,
+    NAT_REVERSE,
+    STACK_FLOWS,
+    FILL,
+    FULL,
     crate::policy::STATE_MAP,
     crate::policy::IPCACHE_MAP,
     crate::policy::ENDPOINTS_MAP,
@@ -45,9 +53,72 @@ const MAPS: [&str; 12] = [
     crate::policy::CT_MAP,
     crate::policy::EVENTS_MAP,
 ];
-/// The service maps the host program shares with the socket programs (`services`), pinned in
+const ROUTES: &str = "routes";
+const NAT_FLOWS: &str = "nat_flows";
+const NAT_REVERSE: &str = "nat_reverse";
+const STACK_FLOWS: &str = "stack_flows";
+const FILL: &str = "map_fill";
+const FULL: &str = "map_full";
+/// The service maps the node programs share with the socket programs (`services`), pinned in
 /// their directory.
-const SERVICE_MAPS: [&str; 2] = [crate::services::SERVICES_MAP, crate::services::SLOTS_MAP];
+const SERVICE_MAPS: [&str; 3] = [
+    crate::services::SERVICES_MAP,
+    crate::services::SLOTS_MAP,
+    crate::services::COUNTERS_MAP,
+];
+
+/// Capacities of the node tables a busy node fills, set when the maps are created. A map
+/// already pinned keeps the capacity it was created with (its state survives a restart); a
+/// different request is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `policy_ct`: connections of local pods that NetworkPolicy tracks.
+    pub conntrack: u32,
+    /// `nat_flows`, `nat_reverse`, `stack_flows`: flows translated per packet (NodePorts,
+    /// ClusterIPs of pods outside the socket programs' cgroup) and pods' flows through the
+    /// host stack.
+    pub nat: u32,
+    /// `routes`: pod blocks of other hosts.
+    pub routes: u32,
+}
+
+impl Default for MapSizes {
+    /// What fits a busy node: Cilium's default TCP conntrack of 512k connections.
+    fn default() -> Self {
+        Self {
+            conntrack: crate::abi::policy::MAX_CT,
+            nat: MAX_NAT_FLOWS,
+            routes: MAX_ROUTES,
+        }
+    }
+}
+
+impl MapSizes {
+    /// (map, requested max_entries), for each sized map.
+    fn by_map(&self) -> [(&'static str, u32); 5] {
+        [
+            (crate::policy::CT_MAP, self.conntrack),
+            (NAT_FLOWS, self.nat),
+            (NAT_REVERSE, self.nat),
+            (STACK_FLOWS, self.nat),
+            (ROUTES, self.routes),
+        ]
+    }
+}
+
+/// How full one table is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableFill {
+    /// The map's name.
+    pub map: &'static str,
+    /// Its max_entries.
+    pub capacity: u32,
+    /// Entries it holds (for LRU maps: the programs' count, which stays at the capacity once
+    /// the map has filled).
+    pub entries: u64,
+    /// Inserts that found it full: refused, or (LRU maps) made room by evicting an entry.
+    pub full_inserts: u64,
+}
 const FROM_POD: &str = "from_pod";
 const FROM_NETDEV: &str = "from_netdev";
 
@@ -99,6 +170,8 @@ pub struct NodeMaps {
     routes: LpmTrie<MapData, u32, RouteInfo>,
     config: Array<MapData, NodeConfig>,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    fill: Array<MapData, MapFill>,
+    full: PerCpuArray<MapData, u64>,
 }
 
 impl std::fmt::Debug for NodeMaps {
@@ -122,7 +195,54 @@ impl NodeMaps {
                 .map_err(|source| map_error("node_config", "type", source))?,
             counters: PerCpuHashMap::try_from(Map::PerCpuHashMap(open("counters")?))
                 .map_err(|source| map_error("counters", "type", source))?,
+            fill: Array::try_from(Map::Array(open(FILL)?))
+                .map_err(|source| map_error(FILL, "type", source))?,
+            full: PerCpuArray::try_from(Map::PerCpuArray(open(FULL)?))
+                .map_err(|source| map_error(FULL, "type", source))?,
         })
+    }
+
+    /// How many routes the `routes` map holds at most.
+    pub fn route_capacity(&self) -> Result<u32, DataplaneError> {
+        max_entries(IterableMap::map(&self.routes), ROUTES)
+    }
+
+    /// How full each table is: those the programs insert into, and `routes`.
+    pub fn fills(&self) -> Result<Vec<TableFill>, DataplaneError> {
+        let mut fills = Vec::new();
+        for map in MapId::ALL {
+            let index = map as u32;
+            let full: u64 = self
+                .full
+                .get(&index, 0)
+                .map_err(|source| map_error(FULL, &format!("get {}", map.as_str()), source))?
+                .iter()
+                .sum();
+            let (capacity, entries) = if map == MapId::Counters {
+                // Not counted by the programs: userspace deletes entries too.
+                let capacity = max_entries(IterableMap::map(&self.counters), "counters")?;
+                (capacity, self.counters.keys().count() as u64)
+            } else {
+                let fill = self
+                    .fill
+                    .get(&index, 0)
+                    .map_err(|source| map_error(FILL, &format!("get {}", map.as_str()), source))?;
+                (fill.capacity, u64::try_from(fill.entries).unwrap_or(0))
+            };
+            fills.push(TableFill {
+                map: map.as_str(),
+                capacity,
+                entries,
+                full_inserts: full,
+            });
+        }
+        fills.push(TableFill {
+            map: ROUTES,
+            capacity: self.route_capacity()?,
+            entries: self.routes.keys().count() as u64,
+            full_inserts: 0,
+        });
+        Ok(fills)
     }
 
     pub fn upsert_endpoint(
@@ -171,9 +291,25 @@ impl NodeMaps {
         info: RouteInfo,
     ) -> Result<(), DataplaneError> {
         let key = Key::new(u32::from(prefix), u32::from_ne_bytes(block.octets()));
-        self.routes
-            .insert(&key, info, 0)
-            .map_err(|source| map_error("routes", &format!("insert {block}/{prefix}"), source))
+        match self.routes.insert(&key, info, 0) {
+            Ok(()) => Ok(()),
+            // An LPM trie at its max_entries refuses new prefixes with ENOSPC.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                let capacity = max_entries(IterableMap::map(&self.routes), ROUTES)?;
+                warn!(block = %block, prefix, capacity, "the routes table is full");
+                Err(DataplaneError::TableFull {
+                    map: ROUTES,
+                    capacity,
+                })
+            }
+            Err(source) => Err(map_error(
+                ROUTES,
+                &format!("insert {block}/{prefix}"),
+                source,
+            )),
+        }
     }
 
     pub fn remove_route(&mut self, block: Ipv4Addr, prefix: u8) -> Result<(), DataplaneError> {
@@ -226,10 +362,47 @@ impl NodeMaps {
     }
 }
 
+impl NodeMaps {
+    /// Removes the counters whose key satisfies `doomed` (the series of a device that is gone);
+    /// returns how many.
+    pub fn remove_counters(
+        &mut self,
+        doomed: impl Fn(&CounterKey) -> bool,
+    ) -> Result<usize, DataplaneError> {
+        let mut keys = Vec::new();
+        for key in self.counters.keys() {
+            let key = key.map_err(|source| map_error("counters", "iterate", source))?;
+            if doomed(&key) {
+                keys.push(key);
+            }
+        }
+        for key in &keys {
+            match self.counters.remove(key) {
+                Err(source) if !is_not_found(&source) => {
+                    return Err(map_error("counters", "remove", source));
+                }
+                _ => {}
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// The counters map's capacity (entries), as the kernel reports it.
+    pub fn counters_capacity(&self) -> Result<u32, DataplaneError> {
+        use aya::maps::IterableMap as _;
+        self.counters
+            .map()
+            .info()
+            .map(|info| info.max_entries())
+            .map_err(|source| map_error("counters", "info", source))
+    }
+}
+
 /// Loads both programs with their maps pinned under `pins` (reusing maps already pinned there,
-/// so state survives an agent restart), and (re)pins the programs for the plugin. Returns the
-/// loaded objects, which the caller keeps while it attaches host devices.
-pub fn install(pins: &Pins) -> Result<Installed, DataplaneError> {
+/// so state survives an agent restart; new maps get the capacities of `sizes`), and (re)pins
+/// the programs for the plugin. Returns the loaded objects, which the caller keeps while it
+/// attaches host devices.
+pub fn install(pins: &Pins, sizes: &MapSizes) -> Result<Installed, DataplaneError> {
     fs::create_dir_all(pins.services_dir()).map_err(|source| DataplaneError::Bpffs {
         path: pins.services_dir(),
         source,
@@ -255,6 +428,9 @@ pub fn install(pins: &Pins) -> Result<Installed, DataplaneError> {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        for (name, size) in sizes.by_map() {
+            loader.map_max_entries(name, size);
+        }
         let mut bpf = loader.load(bytes).map_err(|source| DataplaneError::Load {
             object,
             source: Box::new(source),
@@ -273,12 +449,60 @@ pub fn install(pins: &Pins) -> Result<Installed, DataplaneError> {
     };
     let pod = load("pod_veth", objects::POD_VETH, FROM_POD)?;
     let host = load("host", objects::HOST, FROM_NETDEV)?;
-    info!(dir = %pins.dir().display(), "node datapath installed");
+    record_capacities(pins, sizes)?;
+    info!(dir = %pins.dir().display(), ?sizes, "node datapath installed");
     Ok(Installed {
         pins: pins.clone(),
         pod,
         host,
     })
+}
+
+/// Writes each tracked table's capacity into `map_fill`, where the programs compare their count
+/// with it, and logs the tables whose pinned map has another capacity than `sizes` asks for.
+fn record_capacities(pins: &Pins, sizes: &MapSizes) -> Result<(), DataplaneError> {
+    let mut capacities = BTreeMap::new();
+    for (name, requested) in sizes.by_map() {
+        let map = MapData::from_pin(pins.map(name))
+            .map_err(|source| map_error(name, "open pin", source))?;
+        let actual = max_entries(&map, name)?;
+        if actual != requested {
+            warn!(
+                map = name,
+                pinned = actual,
+                requested,
+                "the pinned map keeps the capacity it was created with; remove its pin (and its \
+                 state) and restart to resize it"
+            );
+        }
+        capacities.insert(name, actual);
+    }
+    let mut fill: Array<MapData, MapFill> = Array::try_from(Map::Array(
+        MapData::from_pin(pins.map(FILL)).map_err(|source| map_error(FILL, "open pin", source))?,
+    ))
+    .map_err(|source| map_error(FILL, "type", source))?;
+    for map in MapId::ALL {
+        let Some(&capacity) = capacities.get(map.as_str()) else {
+            continue;
+        };
+        let index = map as u32;
+        let mut value = fill
+            .get(&index, 0)
+            .map_err(|source| map_error(FILL, "get", source))?;
+        // Only a new (or resized) table is written: the programs update `entries` meanwhile.
+        if value.capacity != capacity {
+            value.capacity = capacity;
+            fill.set(index, value, 0)
+                .map_err(|source| map_error(FILL, "set", source))?;
+        }
+    }
+    Ok(())
+}
+
+fn max_entries(map: &MapData, name: &'static str) -> Result<u32, DataplaneError> {
+    map.info()
+        .map(|info| info.max_entries())
+        .map_err(|source| map_error(name, "info", source))
 }
 
 /// The loaded node programs, as [`install`] left them.
@@ -424,26 +648,5 @@ fn program_error(
         program,
         action: action.to_owned(),
         source: Box::new(source),
-    }
-}
-
-pub(crate) fn map_error(
-    map: &'static str,
-    action: &str,
-    source: aya::maps::MapError,
-) -> DataplaneError {
-    DataplaneError::Map {
-        map,
-        action: action.to_owned(),
-        source: Box::new(source),
-    }
-}
-
-/// aya reports a missing key as `KeyNotFound` from lookups and as ENOENT from deletes.
-pub(crate) fn is_not_found(error: &aya::maps::MapError) -> bool {
-    match error {
-        aya::maps::MapError::KeyNotFound => true,
-        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
     }
 }

@@ -14,6 +14,7 @@ use tracing::debug;
 
 use crate::DataplaneError;
 use crate::abi::{CounterKey, CounterValue, EndpointInfo, EndpointKey};
+use crate::error::{is_not_found, map_error};
 use crate::objects;
 
 const OBJECT: &str = "pod_veth";
@@ -172,21 +173,4 @@ fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Datapl
         object: OBJECT,
         map: name,
     })
-}
-
-/// aya reports a missing key as `KeyNotFound` from lookups and as ENOENT from deletes.
-fn is_not_found(error: &aya::maps::MapError) -> bool {
-    match error {
-        aya::maps::MapError::KeyNotFound => true,
-        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
-fn map_error(map: &'static str, action: &str, source: aya::maps::MapError) -> DataplaneError {
-    DataplaneError::Map {
-        map,
-        action: action.to_owned(),
-        source: Box::new(source),
-    }
 }

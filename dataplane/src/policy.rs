@@ -19,7 +19,8 @@ use crate::abi::policy::{
     Direction, EndpointFlags, EndpointKey, Identity, IpcacheData, PolicyState, RULE_ANY_PORT,
     RULE_ANY_PROTO, RULE_PORT_BASE, RuleData, RuleValue,
 };
-use crate::node::{Pins, is_not_found, map_error};
+use crate::error::{is_not_found, map_error};
+use crate::node::Pins;
 
 /// The policy maps, by pin name.
 pub const STATE_MAP: &str = "policy_state";

@@ -28,7 +28,8 @@ use tracing::{debug, info, warn};
 
 pub use crate::abi::services::Protocol;
 use crate::abi::services::{MAX_BACKENDS, SvcAddr, SvcEvent, SvcInfo, SvcKey, SvcSlotKey};
-use crate::objects;
+use crate::error::{is_not_found, map_error};
+use crate::{DataplaneError, objects};
 
 const OBJECT: &str = "sock";
 /// The programs of `ebpf/sock.c`, by function name.
@@ -70,13 +71,8 @@ pub enum ServiceError {
         source: Box<ProgramError>,
     },
     /// A map operation failed.
-    #[error("map `{map}`: {action}")]
-    Map {
-        map: &'static str,
-        action: String,
-        #[source]
-        source: Box<MapError>,
-    },
+    #[error(transparent)]
+    Map(#[from] DataplaneError),
     /// A path under bpffs (pin directory, pinned link) could not be created, read or removed.
     #[error("bpffs path {path}: {action}")]
     Bpffs {
@@ -340,10 +336,17 @@ impl ServiceDatapath {
     pub fn counters(&self) -> Result<BTreeMap<SvcEvent, u64>, ServiceError> {
         let mut totals = BTreeMap::new();
         for event in SvcEvent::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(event as u32), 0)
-                .map_err(|source| map_error(COUNTERS_MAP, &format!("get {event:?}"), source))?;
+            let per_cpu = match self.counters.get(&(event as u32), 0) {
+                Ok(per_cpu) => per_cpu,
+                // A map pinned by an older version, without this event's slot: never counted.
+                Err(MapError::OutOfBounds { .. }) => {
+                    totals.insert(event, 0);
+                    continue;
+                }
+                Err(source) => {
+                    return Err(map_error(COUNTERS_MAP, &format!("get {event:?}"), source).into());
+                }
+            };
             totals.insert(event, per_cpu.iter().sum());
         }
         Ok(totals)
@@ -427,23 +430,6 @@ fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Servic
         .ok_or(ServiceError::Missing { kind: "map", name })
 }
 
-fn map_error(map: &'static str, action: &str, source: MapError) -> ServiceError {
-    ServiceError::Map {
-        map,
-        action: action.to_owned(),
-        source: Box::new(source),
-    }
-}
-
-/// aya reports a missing key as `KeyNotFound` from lookups and as ENOENT from deletes.
-fn is_not_found(error: &MapError) -> bool {
-    match error {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
 /// The two maps that hold the service table: the seam between the update logic below and the
 /// kernel, so that the logic is unit-tested against [`tests::FakeTables`].
 trait Tables {
@@ -467,21 +453,21 @@ impl Tables for AyaTables {
         match self.services.get(key, 0) {
             Ok(info) => Ok(Some(info)),
             Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(map_error(SERVICES_MAP, "get", e)),
+            Err(e) => Err(map_error(SERVICES_MAP, "get", e).into()),
         }
     }
 
     fn set_service(&mut self, key: &SvcKey, info: SvcInfo) -> Result<(), ServiceError> {
         self.services
             .insert(key, info, 0)
-            .map_err(|e| map_error(SERVICES_MAP, "insert", e))
+            .map_err(|e| map_error(SERVICES_MAP, "insert", e).into())
     }
 
     fn remove_service(&mut self, key: &SvcKey) -> Result<bool, ServiceError> {
         match self.services.remove(key) {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(map_error(SERVICES_MAP, "remove", e)),
+            Err(e) => Err(map_error(SERVICES_MAP, "remove", e).into()),
         }
     }
 
@@ -489,26 +475,26 @@ impl Tables for AyaTables {
         self.services
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|e| map_error(SERVICES_MAP, "iterate", e))
+            .map_err(|e| map_error(SERVICES_MAP, "iterate", e).into())
     }
 
     fn slot(&self, key: &SvcSlotKey) -> Result<Option<SvcAddr>, ServiceError> {
         match self.slots.get(key, 0) {
             Ok(addr) => Ok(Some(addr)),
             Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(map_error(SLOTS_MAP, "get", e)),
+            Err(e) => Err(map_error(SLOTS_MAP, "get", e).into()),
         }
     }
 
     fn set_slot(&mut self, key: &SvcSlotKey, backend: SvcAddr) -> Result<(), ServiceError> {
         self.slots
             .insert(key, backend, 0)
-            .map_err(|e| map_error(SLOTS_MAP, "insert", e))
+            .map_err(|e| map_error(SLOTS_MAP, "insert", e).into())
     }
 
     fn remove_slot(&mut self, key: &SvcSlotKey) -> Result<(), ServiceError> {
         match self.slots.remove(key) {
-            Err(e) if !is_not_found(&e) => Err(map_error(SLOTS_MAP, "remove", e)),
+            Err(e) if !is_not_found(&e) => Err(map_error(SLOTS_MAP, "remove", e).into()),
             _ => Ok(()),
         }
     }
@@ -517,7 +503,7 @@ impl Tables for AyaTables {
         self.slots
             .keys()
             .collect::<Result<_, _>>()
-            .map_err(|e| map_error(SLOTS_MAP, "iterate", e))
+            .map_err(|e| map_error(SLOTS_MAP, "iterate", e).into())
     }
 }
 
@@ -656,6 +642,7 @@ fn sweep(tables: &mut impl Tables) -> Result<usize, ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aya::maps::MapError;
 
     /// The maps in memory. After every write it checks what the BPF program relies on: every
     /// published service's slots `0..count` of its revision exist.
@@ -690,6 +677,7 @@ mod tests {
                 max_entries: 0,
             },
         )
+        .into()
     }
 
     impl Tables for FakeTables {

@@ -116,7 +116,8 @@ fn policy_verdicts_on_crafted_packets() {
         std::process::id()
     )));
     let pins = Pins::new(&dir.0);
-    let _installed = node::install(&pins).expect("install the node datapath (root, BPF)");
+    let _installed = node::install(&pins, &node::MapSizes::default())
+        .expect("install the node datapath (root, BPF)");
     let prog = SchedClassifier::from_pin(pins.program("from_pod")).expect("from_pod pin");
     NodeMaps::open(&pins)
         .expect("node maps")

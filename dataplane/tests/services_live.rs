@@ -567,6 +567,9 @@ fn services_are_translated_at_the_socket_for_processes_in_the_cgroup() {
         (SvcEvent::RefusedNoBackend, 2),
         (SvcEvent::RefusedRace, 0),
         (SvcEvent::Getpeername, 3),
+        // No pod veth program here: nothing is translated per packet.
+        (SvcEvent::PacketTcp, 0),
+        (SvcEvent::PacketUdp, 0),
     ]);
     assert_eq!(svc.counters().expect("counters"), expected);
 

@@ -61,6 +61,39 @@ enum slipway_reason {
 	SLIPWAY_REASON_DROP_NODEPORT = 10,
 	/* Denied by NetworkPolicy (or an endpoint whose policy failed closed): dropped. */
 	SLIPWAY_REASON_DROP_POLICY = 11,
+	/* A pod's packet to a service (ClusterIP, or this node's address and a NodePort) that the
+	 * socket programs did not translate, translated to a backend at the pod's veth. */
+	SLIPWAY_REASON_SERVICE_REQUEST = 12,
+	/* A reply of a flow translated at a pod's veth, translated back and delivered to the
+	 * pod. */
+	SLIPWAY_REASON_SERVICE_REPLY = 13,
+	/* A pod's reply to a local pod sent up the host stack instead of into the pod: the flow
+	 * went through the stack (a hostPort's DNAT), which must see the reply to reverse it. */
+	SLIPWAY_REASON_PASS_STACK_FLOW = 14,
+};
+
+/* The tables whose fill the datapath reports: index of `map_full` and `map_fill`. Values are
+ * stable: they appear in metrics. */
+enum slipway_map {
+	SLIPWAY_MAP_COUNTERS = 0,
+	SLIPWAY_MAP_POLICY_CT = 1,
+	SLIPWAY_MAP_NAT_FLOWS = 2,
+	SLIPWAY_MAP_NAT_REVERSE = 3,
+	SLIPWAY_MAP_STACK_FLOWS = 4,
+};
+#define SLIPWAY_MAP_MAX 5
+
+/* Value of the `map_fill` array (indexed by enum slipway_map): how full a table the programs
+ * insert into is. The per-CPU `map_full` array (__u64 values, same index) counts inserts that
+ * found the table full: for a hash map the insert failed; for an LRU map the kernel evicted
+ * the least recently used entry to make room, a connection's state lost. */
+struct map_fill {
+	/* Entries the programs inserted and did not delete, never above `capacity` (an LRU map
+	 * makes room by eviction, which programs do not see: once full it stays full). */
+	__s64 entries;
+	/* The table's max_entries, written by the loader; 0: fill not tracked. */
+	__u32 capacity;
+	__u32 pad;
 };
 
 /* Key of the per-CPU `counters` map. */
@@ -81,16 +114,20 @@ struct counter_value {
 
 /* ==== L4 load balancer (ebpf/lb.c, ebpf/lb_xdp.c; mirrored in dataplane/src/abi/lb.rs) ==== */
 
+/* Capacities: what the object declares, and the daemon's defaults. The daemon sizes the
+ * maps when it loads the program (--max-services, --max-backends, --max-flows), so these
+ * are not compile-time walls. */
 /* Services (VIP, port, protocol) the LB serves at once; each owns one Maglev ring. */
-#define LB_MAX_SERVICES 64
+#define LB_MAX_SERVICES 4096
 /* Slots of one service's Maglev ring: a prime (Maglev paper, section 3.4). */
 #define LB_MAGLEV_SIZE 65537
-/* Backends over all services; id 0 means "no backend". */
-#define LB_MAX_BACKENDS 4096
-/* Connection-tracking entries (LRU: the oldest flows are evicted first). */
-#define LB_MAX_FLOWS 262144
-/* Addresses the LB answers ARP and NDP for. */
-#define LB_MAX_VIPS 1024
+/* Backend ids over all services (one per service port and backend address); id 0 means
+ * "no backend". */
+#define LB_MAX_BACKENDS 65536
+/* Connection-tracking entries (LRU: the least recently used flows are evicted first). */
+#define LB_MAX_FLOWS 1048576
+/* Addresses the LB answers ARP and NDP for (sized like the services). */
+#define LB_MAX_VIPS 4096
 /* loadBalancerSourceRanges entries over all services. */
 #define LB_MAX_SOURCE_RANGES 16384
 
@@ -99,6 +136,9 @@ struct counter_value {
 #define LB_SERVICE_F_LOCAL 0x1
 /* The service has loadBalancerSourceRanges: a client outside them is dropped. */
 #define LB_SERVICE_F_SOURCE_RANGES 0x2
+/* sessionAffinity: ClientIP: a client's new flows go to its last backend while it is active
+ * and the timeout has not passed. */
+#define LB_SERVICE_F_AFFINITY 0x4
 
 /* lb_flow.state */
 #define LB_FLOW_OPEN 0
@@ -124,18 +164,40 @@ struct lb_service_key {
 
 /* Value of `lb_services`. */
 struct lb_service {
-	/* Index of the service's ring in `lb_maglev` (slots id*LB_MAGLEV_SIZE ..) and its
+	/* Index of the service's ring in `lb_maglev` and its
 	 * entry in `lb_service_stats`. */
 	__u32 id;
 	/* LB_SERVICE_F_* */
 	__u32 flags;
+	/* sessionAffinity ClientIP: seconds a client stays with its backend after its last new
+	 * flow (sessionAffinityConfig.clientIP.timeoutSeconds). */
+	__u32 affinity_timeout_s;
+	__u32 pad;
 };
 
 /* Value of the `lb_backends` array, indexed by backend id; of the VIP's family. */
 struct lb_backend {
 	struct lb_addr ip;
 	__be16 port;
-	__u16 pad;
+	/* LB_BACKEND_F_* */
+	__u16 flags;
+};
+
+/* lb_backend.flags */
+/* In its service's ring (healthy, weight > 0): session affinity may send new flows to it. */
+#define LB_BACKEND_F_ACTIVE 0x1
+
+/* Key of `lb_affinity` (LRU): a client of a service with sessionAffinity ClientIP. */
+struct lb_affinity_key {
+	__u32 service_id;
+	struct lb_addr client;
+};
+
+/* Value of `lb_affinity`: the client's backend and when it last opened a flow. */
+struct lb_affinity {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_seen_ns;
 };
 
 /* A flow's 5-tuple as seen in one direction: key of `lb_flows` (client -> VIP) and of
@@ -244,13 +306,20 @@ enum lb_reason {
 	LB_REASON_DROP_NO_ROUTE = 10,
 	/* A Neighbor Solicitation for a VIP, answered with a Neighbor Advertisement. */
 	LB_REASON_NDP_REPLY = 11,
+	/* Events counted beside the verdict: */
+	/* A new flow's entry could not be stored (lb_flows or lb_reverse refused the insert). */
+	LB_REASON_FLOW_TABLE_FULL = 12,
+	/* A TCP segment other than a SYN with no tracked flow: its entry was evicted from a full
+	 * flow table (or the flow began before the LB), so Maglev places it again. */
+	LB_REASON_FLOW_UNTRACKED = 13,
 };
-#define LB_REASON_MAX 12
+#define LB_REASON_MAX 14
 
 /* ---- Node routing (the CNI datapath across hosts) ---------------------------------------- */
 
-/* Capacity of the routes map: pod CIDR blocks of other hosts. */
-#define SLIPWAY_MAX_ROUTES 4096
+/* Capacity of the routes map: pod CIDR blocks of other hosts. The loader sets the real one
+ * (agent flag --route-entries); this is its default. */
+#define SLIPWAY_MAX_ROUTES 16384
 
 /* Key of the `routes` LPM trie: an IPv4 prefix (the layout of struct bpf_lpm_trie_key_u8 with
  * four bytes of data). */
@@ -275,8 +344,10 @@ struct route_info {
 	enum slipway_route_mode mode;
 };
 
-/* Capacity of the NodePort translation maps (LRU: the oldest flows are evicted first). */
-#define SLIPWAY_MAX_NAT_FLOWS 65536
+/* Capacity of the service translation maps (NodePort, and ClusterIP at the pod veth; LRU: the
+ * oldest flows are evicted first). The loader sets the real one (--nat-entries); this is its
+ * default. */
+#define SLIPWAY_MAX_NAT_FLOWS 262144
 
 /* A packet's addresses and ports as it carries them: key of `nat_flows` (a request as it
  * arrives from the client) and of `nat_reverse` (a reply as the backend sends it). */
@@ -307,6 +378,18 @@ struct nat_reply {
 	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
+};
+
+/* Key of the `stack_flows` LRU: a local pod's end of a flow it sent to one of this host's own
+ * addresses, which the host stack handled (and may have DNATed: a hostPort). Its replies
+ * must go back through the stack, never straight into the pod. Capacity: SLIPWAY_MAX_NAT_FLOWS
+ * (set with the NAT maps). */
+struct stack_flow_key {
+	__be32 ip4;
+	__be16 port;
+	/* IPPROTO_TCP or IPPROTO_UDP. */
+	__u8 proto;
+	__u8 pad;
 };
 
 /* The single entry (key 0) of the `node_config` array: this host's devices. */
@@ -397,8 +480,13 @@ enum svc_event {
 	SVC_EVENT_REFUSED_RACE = 5,
 	/* getpeername() on a translated socket showed the service, not the backend. */
 	SVC_EVENT_GETPEERNAME = 6,
+	/* A pod's TCP flow to a service the socket programs did not translate (the pod is outside
+	 * their cgroup), translated packet by packet at its veth. */
+	SVC_EVENT_PACKET_TCP = 7,
+	/* The same for a UDP flow. */
+	SVC_EVENT_PACKET_UDP = 8,
 };
-#define SVC_EVENT_MAX 7
+#define SVC_EVENT_MAX 9
 
 /* ---- NetworkPolicy (ebpf/include/policy.h; mirrored in dataplane/src/abi/policy.rs) ------ */
 
@@ -418,8 +506,9 @@ enum svc_event {
 #define POLICY_MAX_IPCACHE 131072
 /* Capacity of `policy_endpoints`: both slots together. */
 #define POLICY_MAX_ENDPOINTS 131072
-/* Capacity of the `policy_ct` LRU: connections of local pods. */
-#define POLICY_MAX_CT 65536
+/* Capacity of the `policy_ct` LRU: connections of local pods. The loader sets the real one
+ * (--ct-entries); this is its default, Cilium's for TCP. */
+#define POLICY_MAX_CT 524288
 /* Size of the `policy_events` ring buffer in bytes (a power of two, a multiple of the page). */
 #define POLICY_EVENTS_BYTES (1 << 20)
 

@@ -7,6 +7,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "abi.h"
+#include "fill.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -41,6 +42,9 @@ static __noinline void count(__u32 ifindex_in, __u32 ifindex_out, enum slipway_r
 		if (value) {
 			value->packets += 1;
 			value->bytes += bytes;
+		} else {
+			/* Not created by another CPU either: the map is full, the packet uncounted. */
+			fill_full(SLIPWAY_MAP_COUNTERS);
 		}
 	}
 }

@@ -142,6 +142,7 @@ struct lb_pkt {
  * one entry per CPU. Each program (TC, XDP) has its own, never pinned and never read by
  * userspace; a program runs to completion on its CPU (softirq) before the next run there. */
 struct lb_scratch {
+	struct lb_affinity_key affinity;
 	struct lb_flow_key fwd;
 	struct lb_flow_key rev_key;
 	struct lb_flow_key stale;
@@ -649,10 +650,7 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	}
 	__u32 service_id = svc->id;
 	__u32 service_flags = svc->flags;
-	if (service_id >= LB_MAX_SERVICES) {
-		lb_count(LB_REASON_DROP_NO_BACKEND, len);
-		return LB_ACT_DROP;
-	}
+	__u64 affinity_ns = (__u64)svc->affinity_timeout_s * 1000000000ULL;
 	if ((service_flags & LB_SERVICE_F_SOURCE_RANGES) &&
 	    !lb_source_allowed(service_id, &key->src)) {
 		lb_count(LB_REASON_DROP_SOURCE_RANGE, len);
@@ -679,13 +677,37 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 		}
 	}
 
-	/* A new flow: Maglev picks the backend. */
+	/* A new flow: Maglev picks the backend. A TCP segment that is not a SYN belongs to a
+	 * flow the table lost (evicted when full): counted, then placed again. */
+	if (!flow && key->proto == IPPROTO_TCP && !syn_only)
+		lb_count(LB_REASON_FLOW_UNTRACKED, len);
 	__u32 hash = lb_hash(lb_addr_fold(&key->src), lb_addr_fold(&key->dst),
 			     ((__u32)key->sport << 16 | key->dport) ^ key->proto);
-	__u32 slot = service_id * LB_MAGLEV_SIZE + hash % LB_MAGLEV_SIZE;
-	__u32 *bid_p = bpf_map_lookup_elem(&lb_maglev, &slot);
-	__u32 bid = bid_p ? *bid_p : 0;
-	struct lb_backend *backend = bid ? bpf_map_lookup_elem(&lb_backends, &bid) : NULL;
+	__u32 bid = 0;
+	struct lb_backend *backend = NULL;
+	int affinity = service_flags & LB_SERVICE_F_AFFINITY;
+	if (affinity) {
+		/* The client's backend, if it opened a flow within the timeout and the backend
+		 * is still in the ring. */
+		s->affinity.service_id = service_id;
+		s->affinity.client = key->src;
+		struct lb_affinity *aff = bpf_map_lookup_elem(&lb_affinity, &s->affinity);
+		if (aff && now - aff->last_seen_ns < affinity_ns) {
+			__u32 aid = aff->backend_id;
+			backend = bpf_map_lookup_elem(&lb_backends, &aid);
+			if (backend && (backend->flags & LB_BACKEND_F_ACTIVE))
+				bid = aid;
+			else
+				backend = NULL;
+		}
+	}
+	if (!bid) {
+		__u32 slot = hash % LB_MAGLEV_SIZE;
+		void *ring = bpf_map_lookup_elem(&lb_maglev, &service_id);
+		__u32 *bid_p = ring ? bpf_map_lookup_elem(ring, &slot) : NULL;
+		bid = bid_p ? *bid_p : 0;
+		backend = bid ? bpf_map_lookup_elem(&lb_backends, &bid) : NULL;
+	}
 	if (!backend || lb_addr_is_zero(&backend->ip)) {
 		lb_count(LB_REASON_DROP_NO_BACKEND, len);
 		return LB_ACT_DROP;
@@ -716,7 +738,8 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 		/* externalTrafficPolicy: Local keeps the client's address. */
 		new_flow->nat_ip = key->src;
 		new_flow->nat_port = key->sport;
-		bpf_map_update_elem(&lb_reverse, rev_key, new_rev, BPF_ANY);
+		if (bpf_map_update_elem(&lb_reverse, rev_key, new_rev, BPF_ANY))
+			lb_count(LB_REASON_FLOW_TABLE_FULL, len);
 	} else {
 		struct lb_addr *snat = pkt->v6 ? &cfg->snat_ip6 : &cfg->snat_ip4;
 		if (lb_addr_is_zero(snat)) {
@@ -732,7 +755,12 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 		new_flow->nat_ip = *snat;
 		new_flow->nat_port = port;
 	}
-	bpf_map_update_elem(&lb_flows, key, new_flow, BPF_ANY);
+	if (bpf_map_update_elem(&lb_flows, key, new_flow, BPF_ANY))
+		lb_count(LB_REASON_FLOW_TABLE_FULL, len);
+	if (affinity) {
+		struct lb_affinity aff = { .backend_id = bid, .last_seen_ns = now };
+		bpf_map_update_elem(&lb_affinity, &s->affinity, &aff, BPF_ANY);
+	}
 
 	nat->new_src = new_flow->nat_ip;
 	nat->new_sport = new_flow->nat_port;

@@ -17,13 +17,22 @@ struct {
 	__type(value, struct lb_service);
 } lb_services SEC(".maps");
 
-/* The Maglev rings of all services, back to back: slot s of service id is entry
- * id * LB_MAGLEV_SIZE + s, holding a backend id (0: none). Userspace writes changed slots. */
-struct {
+/* One service's Maglev ring: slot -> backend id (0: none). Userspace creates one per service
+ * port and writes the slots that change, so ring memory follows the services in use, not
+ * the capacity. */
+struct lb_ring {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, LB_MAX_SERVICES * LB_MAGLEV_SIZE);
+	__uint(max_entries, LB_MAGLEV_SIZE);
 	__type(key, __u32);
 	__type(value, __u32);
+};
+
+/* Service id -> its ring. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, __u32);
+	__array(values, struct lb_ring);
 } lb_maglev SEC(".maps");
 
 /* Backend id -> address. */
@@ -49,6 +58,14 @@ struct {
 	__type(key, struct lb_flow_key);
 	__type(value, struct lb_reverse);
 } lb_reverse SEC(".maps");
+
+/* sessionAffinity ClientIP: (service id, client) -> backend (sized like the flow table). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LB_MAX_FLOWS);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity);
+} lb_affinity SEC(".maps");
 
 /* loadBalancerSourceRanges: (service id, client prefix) -> allowed. */
 struct {

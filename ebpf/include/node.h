@@ -43,20 +43,6 @@ struct {
 	__type(value, struct node_config);
 } node_config SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, SLIPWAY_MAX_NAT_FLOWS);
-	__type(key, struct nat_tuple);
-	__type(value, struct nat_forward);
-} nat_flows SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, SLIPWAY_MAX_NAT_FLOWS);
-	__type(key, struct nat_tuple);
-	__type(value, struct nat_reply);
-} nat_reverse SEC(".maps");
-
 /* Where an IPv4 packet is headed after parsing; NULL ip4 means "not IPv4 we can handle". */
 struct parsed {
 	struct ethhdr *eth;
@@ -149,104 +135,6 @@ static __always_inline struct route_info *lookup_route(__be32 daddr)
 	struct route_key key = { .prefixlen = 32, .ip4 = daddr };
 
 	return bpf_map_lookup_elem(&routes, &key);
-}
-
-/* Offsets in a frame with an option-less IPv4 header (the NAT paths handle only those). */
-#define ETH_HLEN_ 14
-#define IP_CSUM_OFF (ETH_HLEN_ + 10)
-#define IP_SADDR_OFF (ETH_HLEN_ + 12)
-#define IP_DADDR_OFF (ETH_HLEN_ + 16)
-#define L4_OFF (ETH_HLEN_ + 20)
-
-/* The packet's TCP/UDP tuple; 0 if it has none we translate (other protocols, IP options,
- * fragments, truncation). */
-static __always_inline int read_tuple(struct __sk_buff *skb, struct nat_tuple *t)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip4 = data + ETH_HLEN_;
-	__be16 *ports = data + L4_OFF;
-
-	if ((void *)(ports + 2) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
-	    ip4->version != 4 || ip4->ihl != 5)
-		return 0;
-	if (ip4->protocol != IPPROTO_TCP && ip4->protocol != IPPROTO_UDP)
-		return 0;
-	if (ip4->frag_off & bpf_htons(0x3fff))
-		return 0;
-	t->saddr = ip4->saddr;
-	t->daddr = ip4->daddr;
-	t->sport = ports[0];
-	t->dport = ports[1];
-	t->proto = ip4->protocol;
-	return 1;
-}
-
-/* Rewrites the tuple's addresses and ports to `to`, keeping the IPv4 and L4 checksums right. */
-static __always_inline int rewrite_tuple(struct __sk_buff *skb, const struct nat_tuple *from,
-					 const struct nat_tuple *to)
-{
-	__u32 csum_off = L4_OFF + (from->proto == IPPROTO_TCP ? 16 : 6);
-	/* A UDP checksum of 0 means "none": leave it so (BPF_F_MARK_MANGLED_0). */
-	__u64 l4_flags = from->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-
-	if (from->saddr != to->saddr) {
-		if (bpf_l4_csum_replace(skb, csum_off, from->saddr, to->saddr,
-					l4_flags | BPF_F_PSEUDO_HDR | 4) ||
-		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, from->saddr, to->saddr, 4) ||
-		    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &to->saddr, 4, 0))
-			return -1;
-	}
-	if (from->daddr != to->daddr) {
-		if (bpf_l4_csum_replace(skb, csum_off, from->daddr, to->daddr,
-					l4_flags | BPF_F_PSEUDO_HDR | 4) ||
-		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, from->daddr, to->daddr, 4) ||
-		    bpf_skb_store_bytes(skb, IP_DADDR_OFF, &to->daddr, 4, 0))
-			return -1;
-	}
-	if (from->sport != to->sport) {
-		if (bpf_l4_csum_replace(skb, csum_off, from->sport, to->sport, l4_flags | 2) ||
-		    bpf_skb_store_bytes(skb, L4_OFF, &to->sport, 2, 0))
-			return -1;
-	}
-	if (from->dport != to->dport) {
-		if (bpf_l4_csum_replace(skb, csum_off, from->dport, to->dport, l4_flags | 2) ||
-		    bpf_skb_store_bytes(skb, L4_OFF + 2, &to->dport, 2, 0))
-			return -1;
-	}
-	return 0;
-}
-
-/* If the packet is a reply of a translated NodePort flow, restores its addresses (the client
- * sees the node and NodePort it connected to) and sends it out of the underlay toward the
- * client, past the host stack, which would drop a forwarded packet carrying its own address as
- * source. Returns -1 when the packet is no such reply. */
-static __always_inline int nodeport_reply(struct __sk_buff *skb)
-{
-	struct nat_tuple seen = {};
-	__u32 zero = 0;
-
-	if (!read_tuple(skb, &seen))
-		return -1;
-	struct nat_reply *reply = bpf_map_lookup_elem(&nat_reverse, &seen);
-	if (!reply)
-		return -1;
-	struct node_config *cfg = bpf_map_lookup_elem(&node_config, &zero);
-	struct nat_tuple restored = {
-		.saddr = reply->saddr,
-		.daddr = reply->daddr,
-		.sport = reply->sport,
-		.dport = reply->dport,
-		.proto = seen.proto,
-	};
-	if (!cfg || rewrite_tuple(skb, &seen, &restored)) {
-		count(skb->ifindex, 0, SLIPWAY_REASON_DROP_NODEPORT, skb->len);
-		return TC_ACT_SHOT;
-	}
-	count(skb->ifindex, cfg->underlay_ifindex, SLIPWAY_REASON_NODEPORT_REPLY, skb->len);
-	/* No next hop given: the kernel looks the client up in the FIB and resolves it. */
-	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
 #endif /* SLIPWAY_NODE_H */

@@ -25,6 +25,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "abi.h"
+#include "fill.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -264,11 +265,14 @@ static __always_inline int policy_allows(struct __sk_buff *skb, struct iphdr *ip
 			      policy_decide(&t, generation, src_local, dst_local);
 	if (!allowed) {
 		if (ct || reply)
-			bpf_map_delete_elem(&policy_ct, opened);
+			fill_delete(&policy_ct, SLIPWAY_MAP_POLICY_CT, opened);
 		return 0;
 	}
 	struct policy_ct fresh = { .generation = generation };
-	bpf_map_update_elem(&policy_ct, opened, &fresh, BPF_ANY);
+	if (ct || reply)
+		bpf_map_update_elem(&policy_ct, opened, &fresh, BPF_ANY);
+	else
+		fill_update(&policy_ct, SLIPWAY_MAP_POLICY_CT, opened, &fresh);
 	return 1;
 }
 

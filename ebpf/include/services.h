@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The service maps (`svc_services`, `svc_slots`) and backend selection, shared by the socket
- * programs (ebpf/sock.c, for traffic from the node's processes) and the host-device program
- * (ebpf/host.c, for NodePort traffic from outside). Both objects declare the maps identically
+ * The service maps (`svc_services`, `svc_slots`, `svc_counters`) and backend selection, shared
+ * by the socket programs (ebpf/sock.c, for traffic from the node's processes) and the node
+ * programs (ebpf/host.c for NodePort traffic from outside, ebpf/pod_veth.c for pods whose
+ * sockets the socket programs do not see). Both objects declare the maps identically
  * from here and the loaders pin them at the same paths, so one list of services serves both.
  */
 #ifndef SLIPWAY_SERVICES_H
@@ -29,6 +30,28 @@ struct {
 	__type(key, struct svc_slot_key);
 	__type(value, struct svc_addr);
 } svc_slots SEC(".maps");
+
+/* What the service programs did: the socket programs (ebpf/sock.c) and the per-packet
+ * translation at pod veths (ebpf/include/nat.h) count into the same array, so that which path a
+ * service flow took shows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SVC_EVENT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} svc_counters SEC(".maps");
+
+/* Not inlined: as a subprogram its signature, and with it enum svc_event, is in the object's
+ * BTF, where userspace checks the enum's values against its mirror. */
+static __noinline void svc_count(enum svc_event event)
+{
+	__u32 key = event;
+	__u64 *value = bpf_map_lookup_elem(&svc_counters, &key);
+
+	/* Per-CPU value: no other CPU writes it, a plain add is enough. */
+	if (value)
+		*value += 1;
+}
 
 /* A pick that finds a slot missing re-reads the service: userspace deletes an old revision's
  * slots right after publishing the new one, so a program that read the old revision can lose

@@ -61,6 +61,10 @@ impl IntoResponse for ApiError {
             LbError::PoolExhausted(_) | LbError::Capacity(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
+        if let LbError::Capacity(what) = &self.0 {
+            // A map at its size is an operator's problem: say so in the log too.
+            tracing::warn!(what, "request refused: datapath full");
+        }
         let fields = match &self.0 {
             LbError::Invalid { errors, .. } => errors.clone(),
             _ => Vec::new(),

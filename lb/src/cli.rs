@@ -11,7 +11,7 @@ use crate::announce::StaticLease;
 use crate::api::Client;
 use crate::config::{DEFAULT_SOCKET, LbConfig, ServiceSpec};
 use crate::daemon::serve;
-use crate::datapath::AttachPoint;
+use crate::datapath::{AttachPoint, XdpMode};
 
 /// `slipway lb <command>`.
 #[derive(Debug, Subcommand)]
@@ -40,6 +40,14 @@ pub enum LbCommand {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Remove the datapath for good: detach the programs (their links are pinned and outlive
+    /// the daemon), forget the pinned maps (every flow) and the saved state. Refused while
+    /// the daemon answers on its socket.
+    Teardown {
+        /// The daemon configuration it ran with (pin directory, state directory, socket).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print the Prometheus metrics.
     Metrics {
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -56,6 +64,40 @@ pub struct ServeArgs {
     /// Attach at XDP (native mode) instead of TC: for NICs with native XDP, not veths.
     #[arg(long)]
     pub xdp: bool,
+    /// Service ports served at once (overrides `maps.services`; default 4096).
+    #[arg(long)]
+    pub max_services: Option<u32>,
+    /// Backend ids, one per service port and backend (overrides `maps.backends`; default
+    /// 65536).
+    #[arg(long)]
+    pub max_backends: Option<u32>,
+    /// Tracked flows (overrides `maps.flows`; default 1048576).
+    #[arg(long)]
+    pub max_flows: Option<u32>,
+    /// Serve the Prometheus metrics over TCP here too, e.g. 0.0.0.0:9630 (overrides
+    /// `metricsAddress`).
+    #[arg(long)]
+    pub metrics_address: Option<std::net::SocketAddr>,
+}
+
+impl ServeArgs {
+    /// The configuration file with the flags applied.
+    pub fn config(&self) -> anyhow::Result<LbConfig> {
+        let mut config: LbConfig = read_yaml(&self.config)?;
+        for (flag, field) in [
+            (self.max_services, &mut config.maps.services),
+            (self.max_backends, &mut config.maps.backends),
+            (self.max_flows, &mut config.maps.flows),
+        ] {
+            if let Some(value) = flag {
+                *field = value;
+            }
+        }
+        if self.metrics_address.is_some() {
+            config.metrics_address = self.metrics_address;
+        }
+        Ok(config)
+    }
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
@@ -68,9 +110,9 @@ impl LbCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             LbCommand::Serve(args) => {
-                let config: LbConfig = read_yaml(&args.config)?;
+                let config = args.config()?;
                 let point = if args.xdp {
-                    AttachPoint::Xdp(aya::programs::XdpMode::Driver)
+                    AttachPoint::Xdp(XdpMode::Driver)
                 } else {
                     AttachPoint::Tc
                 };
@@ -117,6 +159,24 @@ impl LbCommand {
                 println!("service {service} deleted");
                 Ok(())
             }
+            LbCommand::Teardown { config } => {
+                let config: LbConfig = read_yaml(&config)?;
+                if Client::new(&config.socket).status().is_ok() {
+                    anyhow::bail!(
+                        "the daemon still answers on {}: stop it first",
+                        config.socket.display()
+                    );
+                }
+                let mut removed = match &config.pin_dir {
+                    Some(dir) => crate::datapath::remove_pins(dir)?,
+                    None => Vec::new(),
+                };
+                removed.extend(crate::state::remove(&config.state_dir)?);
+                for path in &removed {
+                    println!("removed {}", path.display());
+                }
+                Ok(())
+            }
             LbCommand::Metrics { socket } => {
                 print!("{}", Client::new(&socket).metrics()?);
                 Ok(())
@@ -153,6 +213,26 @@ mod tests {
         assert!(matches!(
             cli.lb,
             LbCommand::Serve(ServeArgs { xdp: true, .. })
+        ));
+        let cli = Cli::try_parse_from([
+            "lb",
+            "serve",
+            "--config",
+            "lb.yaml",
+            "--max-services",
+            "10000",
+            "--max-flows",
+            "4000000",
+        ])
+        .expect("sizes");
+        assert!(matches!(
+            cli.lb,
+            LbCommand::Serve(ServeArgs {
+                max_services: Some(10000),
+                max_flows: Some(4_000_000),
+                max_backends: None,
+                ..
+            })
         ));
         assert!(
             Cli::try_parse_from(["lb", "delete"]).is_err(),
@@ -222,5 +302,30 @@ backends:
             spec.backends[1].ip,
             "fd99::4".parse::<std::net::IpAddr>().expect("ip")
         );
+    }
+
+    /// The YAML block of the README that starts with `# {name}`.
+    fn readme_block(name: &str) -> String {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find(&format!("```yaml\n# {name}"))
+            .unwrap_or_else(|| panic!("no {name} block in README.md"));
+        let body = &readme[start + "```yaml\n".len()..];
+        body[..body.find("```").expect("closed block")].to_owned()
+    }
+
+    #[test]
+    fn the_readme_examples_parse_and_validate() {
+        let config: LbConfig = serde_saphyr::from_str(&readme_block("lb.yaml")).expect("lb.yaml");
+        config.validate().expect("valid config");
+        assert_eq!(
+            config.maps,
+            crate::config::MapSizes::default(),
+            "the defaults it shows"
+        );
+        let spec: ServiceSpec =
+            serde_saphyr::from_str(&readme_block("service.yaml")).expect("service.yaml");
+        spec.validate().expect("valid service");
+        assert_eq!(spec.affinity_timeout_secs(), Some(10800));
     }
 }

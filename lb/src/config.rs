@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
+/// The `maps` section: capacities of the LB maps, as the datapath defines them.
+pub use slipway_dataplane::lb::MapSizes;
 
 use crate::LbError;
 
@@ -77,9 +79,22 @@ pub struct LbConfig {
     /// The local API's Unix socket.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
-    /// Where the maps are pinned on bpffs (kept across restarts); none: not pinned.
+    /// Where the maps and the program's links are pinned on bpffs (kept across restarts:
+    /// the datapath serves on while the daemon is down); none: not pinned, the datapath
+    /// goes with the daemon.
     #[serde(default)]
     pub pin_dir: Option<PathBuf>,
+    /// Where the daemon saves its services, VIPs and ids (`lb-state.json`) before it writes
+    /// them to the maps; a restarted daemon starts from there.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Where Prometheus scrapes the metrics (`GET /metrics` over TCP, e.g. "0.0.0.0:9630");
+    /// none: only on the local socket.
+    #[serde(default)]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// Capacities of the datapath's maps, set when the program is loaded.
+    #[serde(default)]
+    pub maps: MapSizes,
     /// Gratuitous ARPs (IPv4) or unsolicited Neighbor Advertisements (IPv6) sent when the LB
     /// takes a VIP over, and the gap between them.
     #[serde(default = "default_garp_count")]
@@ -94,11 +109,37 @@ pub const DEFAULT_SOCKET: &str = "/run/slipway/lb.sock";
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
 }
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/slipway/lb";
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
 fn default_garp_count() -> u32 {
     3
 }
 fn default_garp_interval_ms() -> u64 {
     500
+}
+
+/// Bounds of [`MapSizes`]: (field, least, most).
+const MAP_SIZE_BOUNDS: [(&str, u32, u32); 3] = [
+    ("maps.services", 1, 1 << 16),
+    ("maps.backends", 2, 1 << 22),
+    ("maps.flows", 1024, 1 << 27),
+];
+
+/// Checks every map size against [`MAP_SIZE_BOUNDS`].
+fn check_map_sizes(sizes: &MapSizes, p: &mut Problems) {
+    for ((field, least, most), value) in
+        MAP_SIZE_BOUNDS
+            .iter()
+            .zip([sizes.services, sizes.backends, sizes.flows])
+    {
+        if !(*least..=*most).contains(&value) {
+            p.add(*field, format!("{value} is outside {least}..={most}"));
+        }
+    }
 }
 
 /// A VIP pool.
@@ -122,6 +163,9 @@ impl LbConfig {
             min_pool_prefix: None,
             socket: default_socket(),
             pin_dir: None,
+            state_dir: default_state_dir(),
+            metrics_address: None,
+            maps: MapSizes::default(),
             garp_count: default_garp_count(),
             garp_interval_ms: default_garp_interval_ms(),
         }
@@ -214,6 +258,7 @@ impl LbConfig {
         if self.garp_count > 100 {
             p.add("garpCount", "at most 100");
         }
+        check_map_sizes(&self.maps, &mut p);
         p.finish("LB configuration")
     }
 }
@@ -354,10 +399,50 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     #[serde(default)]
     pub health_check: Option<HealthCheckSpec>,
-    /// How long a drained backend (weight 0) keeps its existing flows; none: until they end.
+    /// How long a drained backend (weight 0, or removed from the service) keeps its existing
+    /// flows; none: until they end (or its health check fails).
     #[serde(default)]
     pub drain_timeout_secs: Option<u64>,
+    /// `spec.sessionAffinity`: with ClientIP, a client's new flows go to the backend of its
+    /// last one (while that backend is in the ring and within the timeout).
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    /// `spec.sessionAffinityConfig`; only with `sessionAffinity: ClientIP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
 }
+
+/// `spec.sessionAffinity`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+/// `spec.sessionAffinityConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionAffinityConfig {
+    #[serde(rename = "clientIP", default)]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+/// `spec.sessionAffinityConfig.clientIP`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    /// Seconds a client stays with its backend after its last new flow; Kubernetes' default
+    /// and range: 10800, 1..=86400.
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10800;
+/// Kubernetes' upper bound for it (one day).
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86400;
 
 /// A service port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,6 +532,37 @@ pub fn service_name(namespace: &str, name: &str) -> String {
 }
 
 impl ServiceSpec {
+    /// A service with one TCP port (`targetPort` = `port`) over `backends` of weight 1, every
+    /// other field at its default: what benchmarks and tests start from.
+    pub fn tcp(namespace: &str, name: &str, port: u16, backends: &[IpAddr]) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            ip_families: Vec::new(),
+            ports: vec![ServicePort {
+                name: None,
+                protocol: Protocol::Tcp,
+                port,
+                target_port: 0,
+            }],
+            load_balancer_ip: None,
+            load_balancer_source_ranges: Vec::new(),
+            external_traffic_policy: TrafficPolicy::Cluster,
+            backends: backends
+                .iter()
+                .map(|ip| BackendSpec {
+                    ip: *ip,
+                    weight: 1,
+                    node_local: false,
+                })
+                .collect(),
+            health_check: None,
+            drain_timeout_secs: None,
+            session_affinity: Default::default(),
+            session_affinity_config: None,
+        }
+    }
+
     pub fn key(&self) -> String {
         service_name(&self.namespace, &self.name)
     }
@@ -471,6 +587,17 @@ impl ServiceSpec {
             .or(self.load_balancer_ip.map(IpFamily::of))
             .or(self.backends.first().map(|b| IpFamily::of(b.ip)))
             .unwrap_or_default()
+    }
+
+    /// The ClientIP affinity timeout in seconds, if the service has ClientIP affinity.
+    pub fn affinity_timeout_secs(&self) -> Option<u32> {
+        (self.session_affinity == SessionAffinity::ClientIp).then(|| {
+            self.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
+        })
     }
 
     /// The parsed source ranges (call after [`ServiceSpec::validate`]).
@@ -582,6 +709,23 @@ impl ServiceSpec {
                 p.add(format!("backends[{i}].weight"), "must be 0..=1000");
             }
         }
+        match (self.session_affinity, &self.session_affinity_config) {
+            (SessionAffinity::None, Some(_)) => p.add(
+                "sessionAffinityConfig",
+                "only with sessionAffinity: ClientIP",
+            ),
+            (SessionAffinity::ClientIp, Some(config)) => {
+                if let Some(t) = config.client_ip.as_ref().and_then(|c| c.timeout_seconds)
+                    && !(1..=MAX_AFFINITY_TIMEOUT_SECS).contains(&t)
+                {
+                    p.add(
+                        "sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECS}"),
+                    );
+                }
+            }
+            _ => {}
+        }
         if let Some(check) = &self.health_check {
             if check.interval_ms < 10 {
                 p.add("healthCheck.intervalMs", "must be at least 10");
@@ -664,6 +808,74 @@ mod tests {
             "{err}"
         );
         assert_eq!(fields(err), ["pools[0].cidr"]);
+    }
+
+    #[test]
+    fn map_sizes_default_to_thousands_of_services_and_a_million_flows_and_are_checked() {
+        let config: LbConfig = serde_json::from_str(
+            r#"{"interface":"eth0","pools":[{"name":"p","cidr":"10.99.100.0/24"}]}"#,
+        )
+        .expect("parse");
+        assert!(config.maps.services >= 4096 && config.maps.flows >= 1 << 20);
+        config.validate().expect("defaults are valid");
+        let mut bad = config.clone();
+        bad.maps = MapSizes {
+            services: 0,
+            backends: 1,
+            flows: 10,
+        };
+        assert_eq!(
+            fields(bad.validate().expect_err("bad sizes")),
+            ["maps.services", "maps.backends", "maps.flows"]
+        );
+        let sized: LbConfig = serde_json::from_str(
+            r#"{"interface":"eth0","pools":[{"name":"p","cidr":"10.99.100.0/24"}],
+                "maps":{"flows":4000000}}"#,
+        )
+        .expect("parse");
+        assert_eq!(sized.maps.flows, 4_000_000);
+        assert_eq!(
+            sized.maps.services, config.maps.services,
+            "the rest defaults"
+        );
+    }
+
+    #[test]
+    fn session_affinity_follows_the_kubernetes_fields_and_limits() {
+        let base = r#"{"namespace":"default","name":"web","ports":[{"port":80}],"backends":[]"#;
+        let parse = |extra: &str| serde_json::from_str::<ServiceSpec>(&format!("{base}{extra}}}"));
+        let none = parse("").expect("no affinity");
+        assert_eq!(none.affinity_timeout_secs(), None);
+        let client = parse(r#","sessionAffinity":"ClientIP""#).expect("ClientIP");
+        client.validate().expect("valid");
+        assert_eq!(
+            client.affinity_timeout_secs(),
+            Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
+        );
+        let timed = parse(
+            r#","sessionAffinity":"ClientIP",
+               "sessionAffinityConfig":{"clientIP":{"timeoutSeconds":30}}"#,
+        )
+        .expect("timeout");
+        assert_eq!(timed.affinity_timeout_secs(), Some(30));
+        assert!(parse(r#","sessionAffinity":"Cookie""#).is_err());
+        let mut bad = timed.clone();
+        if let Some(c) = bad
+            .session_affinity_config
+            .as_mut()
+            .and_then(|c| c.client_ip.as_mut())
+        {
+            c.timeout_seconds = Some(0);
+        }
+        assert_eq!(
+            fields(bad.validate().expect_err("0 s")),
+            ["sessionAffinityConfig.clientIP.timeoutSeconds"]
+        );
+        bad.session_affinity = SessionAffinity::None;
+        assert_eq!(
+            fields(bad.validate().expect_err("config without affinity")),
+            ["sessionAffinityConfig"]
+        );
     }
 
     #[test]

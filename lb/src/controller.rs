@@ -11,24 +11,32 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use slipway_dataplane::abi::lb::{
-    FLOW_OPEN, LbBackend, LbFlowKey, LbService, LbServiceKey, MAGLEV_SIZE, MAX_BACKENDS,
-    MAX_SERVICES, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    BACKEND_F_ACTIVE, FLOW_OPEN, LbBackend, LbFlowKey, LbService, LbServiceKey, MAGLEV_SIZE,
+    SERVICE_F_AFFINITY, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 use tracing::{info, warn};
 
 use crate::LbError;
 use crate::announce::Announcer;
-use crate::config::{HealthCheckSpec, Protocol, ServicePort, ServiceSpec, TrafficPolicy};
-use crate::health::Health;
+pub use crate::book::Limits;
+use crate::book::{BackendKey, Book, Drain, PortState, ServiceState};
+use crate::config::{HealthCheckSpec, Protocol, ServiceSpec, TrafficPolicy};
 use crate::maglev::{self, Table, Weighted};
 use crate::maps::LbMaps;
 use crate::pool::{Pools, PortKey};
+use crate::state::StateFile;
 use crate::status::{BackendState, BackendStatus, PoolStatus, PortStatus, ServiceStatus, Status};
+
+/// The least socket address: where a service id's backends start in `backend_ids`.
+const MIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// A TCP flow with no packet for this long no longer counts as active in the status.
 const TCP_IDLE: Duration = Duration::from_secs(600);
 /// Likewise for UDP.
 const UDP_IDLE: Duration = Duration::from_secs(60);
+/// How often at least the flows of draining backends are counted (a walk of the whole flow
+/// table).
+const DRAIN_SCAN: Duration = Duration::from_secs(2);
 
 /// One health-check job: probe `addr` for `service`'s backend `ip`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,206 +57,227 @@ pub struct Applied {
     pub taken_over: Vec<IpAddr>,
 }
 
-#[derive(Debug)]
-struct PortState {
-    port: ServicePort,
-    key: LbServiceKey,
-    id: u32,
-    /// Backend id per ring slot, as last written.
-    ring: Option<Vec<u32>>,
-    /// Slots per backend address.
-    shares: BTreeMap<IpAddr, u64>,
-}
-
-#[derive(Debug)]
-struct ServiceState {
-    spec: ServiceSpec,
-    vip: IpAddr,
-    ports: Vec<PortState>,
-    ranges: Vec<IpNetwork>,
-    health: BTreeMap<IpAddr, Health>,
-    drained_since: BTreeMap<IpAddr, Instant>,
-}
-
-impl ServiceState {
-    fn backend_state(&self, ip: IpAddr, weight: u32, node_local: bool) -> BackendState {
-        if self.spec.external_traffic_policy == TrafficPolicy::Local && !node_local {
-            BackendState::NotLocal
-        } else if !self.health.get(&ip).is_none_or(|h| h.healthy) {
-            BackendState::Unhealthy
-        } else if weight == 0 {
-            BackendState::Draining
-        } else {
-            BackendState::Active
-        }
-    }
-}
-
 /// The controller. Not thread-safe by itself: the daemon holds it behind a mutex.
 pub struct Controller {
     maps: Box<dyn LbMaps>,
-    pools: Pools,
     announcer: Announcer,
-    services: BTreeMap<String, ServiceState>,
-    free_ids: BTreeSet<u32>,
-    backend_ids: BTreeMap<SocketAddr, u32>,
-    next_backend: u32,
+    book: Book,
+    /// Backend id per ring slot, as last written, per service id.
+    rings: BTreeMap<u32, Vec<u32>>,
+    /// Ring slots per backend address, per service id.
+    shares: BTreeMap<u32, BTreeMap<IpAddr, u64>>,
     maglev_size: u32,
+    limits: Limits,
+    store: Option<StateFile>,
+    last_drain_scan: Option<Instant>,
+    drain_scan_every: Duration,
 }
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller")
-            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .field("services", &self.book.services.keys().collect::<Vec<_>>())
             .field("announced", self.announcer.announced())
             .finish_non_exhaustive()
     }
 }
 
 impl Controller {
+    /// A controller with nothing saved: state lives in memory only.
     pub fn new(maps: Box<dyn LbMaps>, pools: Pools, announcer: Announcer) -> Self {
+        Self::with_limits(maps, pools, announcer, Limits::default())
+    }
+
+    /// Likewise, handing out ids within `limits`.
+    pub fn with_limits(
+        maps: Box<dyn LbMaps>,
+        pools: Pools,
+        announcer: Announcer,
+        limits: Limits,
+    ) -> Self {
         Self {
             maps,
-            pools,
             announcer,
-            services: BTreeMap::new(),
-            free_ids: (0..MAX_SERVICES).collect(),
-            backend_ids: BTreeMap::new(),
-            next_backend: 1,
+            book: Book::new(pools, limits),
+            rings: BTreeMap::new(),
+            shares: BTreeMap::new(),
             maglev_size: MAGLEV_SIZE,
+            limits,
+            store: None,
+            last_drain_scan: None,
+            drain_scan_every: DRAIN_SCAN,
         }
     }
 
-    /// Creates or updates a service. Input is validated and the VIP and ids are reserved
-    /// before anything is written, so a rejected request changes nothing.
+    /// A controller that saves its state in `store` before every change to the maps, and
+    /// starts from what is saved there: every saved service is programmed again with its VIP
+    /// and ids (so tracked flows keep their backends), and whatever else the (pinned) maps
+    /// hold is swept. Returns the VIPs announced.
+    pub fn restore(
+        maps: Box<dyn LbMaps>,
+        pools: Pools,
+        announcer: Announcer,
+        limits: Limits,
+        store: StateFile,
+    ) -> Result<(Self, Vec<IpAddr>), LbError> {
+        let saved = store.load()?;
+        let mut c = Self::with_limits(maps, pools.clone(), announcer, limits);
+        c.store = Some(store);
+        let book = match saved {
+            Some(saved) => Book::from_saved(saved, pools, limits)?,
+            None => Book::new(pools, limits),
+        };
+        let empty = c.book.clone();
+        c.book = book;
+        let names: Vec<String> = c.book.services.keys().cloned().collect();
+        // The counters in the (pinned) maps are the services' own: kept.
+        let taken = c.write(&empty, &names, false)?;
+        c.sweep()?;
+        info!(services = names.len(), "state restored");
+        Ok((c, taken))
+    }
+
+    /// Saves `book` and makes it the controller's; the maps are not touched yet.
+    fn commit(&mut self, book: Book) -> Result<Book, LbError> {
+        if let Some(store) = &self.store {
+            store.save(&book.saved())?;
+        }
+        Ok(std::mem::replace(&mut self.book, book))
+    }
+
+    /// Creates or updates a service. Input is validated, the VIP and ids are reserved and the
+    /// new state saved before anything is written, so a rejected request changes nothing.
     pub fn apply(&mut self, spec: ServiceSpec) -> Result<Applied, LbError> {
         spec.validate()?;
         let key = spec.key();
+        let now = Instant::now();
+        let mut book = self.book.clone();
         let ports: BTreeSet<PortKey> = spec.ports.iter().map(|p| (p.protocol, p.port)).collect();
-        let old = self.services.get(&key);
-        let reused = old.map_or(0, |o| {
-            o.ports
-                .iter()
-                .filter(|p| ports.contains(&(p.port.protocol, p.port.port)))
-                .count()
-        });
-        let freed = old.map_or(0, |o| o.ports.len()) - reused;
-        if ports.len() - reused > self.free_ids.len() + freed {
-            return Err(LbError::Capacity("no free service id (LB_MAX_SERVICES)"));
-        }
-        let vip = self
+        let vip = book
             .pools
             .allocate(&key, spec.family(), spec.load_balancer_ip, &ports)?;
-
-        let old = self.services.remove(&key);
-        let (mut old_ports, health, mut drained_since, old_ranges, old_vip) = match old {
-            Some(o) => (o.ports, o.health, o.drained_since, o.ranges, Some(o.vip)),
+        let old = book.services.remove(&key);
+        let (mut old_ports, health, mut drained_since) = match old {
+            Some(o) if o.vip == vip => (o.ports, o.health, o.drained_since),
+            Some(o) => (Vec::new(), o.health, o.drained_since),
             None => Default::default(),
         };
-        let mut new_ports = Vec::new();
-        for port in &spec.ports {
-            let reuse = old_ports
+        // Ports kept from before keep their ids; the rest go back first, then new ones take
+        // theirs.
+        let kept: Vec<Option<PortState>> = spec
+            .ports
+            .iter()
+            .map(|port| {
+                old_ports
+                    .iter()
+                    .position(|p| p.port.protocol == port.protocol && p.port.port == port.port)
+                    .map(|i| old_ports.remove(i))
+            })
+            .collect();
+        if let Some(o) = self.book.services.get(&key) {
+            for p in o
+                .ports
                 .iter()
-                .position(|p| p.port.protocol == port.protocol && p.port.port == port.port)
-                .filter(|_| old_vip == Some(vip));
-            let state = match reuse {
-                Some(i) => {
-                    let mut p = old_ports.remove(i);
+                .filter(|p| !kept.iter().flatten().any(|k| k.id == p.id))
+            {
+                book.free_ids.insert(p.id);
+                book.backend_ids.retain(|(id, _), _| *id != p.id);
+                book.draining.retain(|(id, _), _| *id != p.id);
+            }
+        }
+        let mut new_ports = Vec::new();
+        for (port, kept) in spec.ports.iter().zip(kept) {
+            new_ports.push(match kept {
+                Some(mut p) => {
                     p.port = port.clone();
                     p
                 }
-                None => {
-                    let id = self
-                        .free_ids
-                        .pop_first()
-                        .ok_or(LbError::Capacity("no free service id (LB_MAX_SERVICES)"))?;
-                    PortState {
-                        port: port.clone(),
-                        key: LbServiceKey::new(vip, port.port, port.protocol.number()),
-                        id,
-                        ring: None,
-                        shares: BTreeMap::new(),
-                    }
-                }
-            };
-            new_ports.push(state);
+                None => PortState {
+                    port: port.clone(),
+                    key: LbServiceKey::new(vip, port.port, port.protocol.number()),
+                    id: book.free_ids.pop_first().ok_or(LbError::Capacity(
+                        "no free service id (raise --max-services)",
+                    ))?,
+                },
+            });
         }
-        for gone in old_ports {
-            self.retire_port(&gone, &old_ranges)?;
-        }
-        let now = Instant::now();
-        let health = spec
-            .backends
-            .iter()
-            .map(|b| (b.ip, health.get(&b.ip).copied().unwrap_or_default()))
-            .collect();
         drained_since.retain(|ip, _| spec.backends.iter().any(|b| b.ip == *ip && b.weight == 0));
         for b in spec.backends.iter().filter(|b| b.weight == 0) {
             drained_since.entry(b.ip).or_insert(now);
         }
-        let ranges = spec.source_ranges();
-        // Ports kept from before carry the old ranges in the map; ports new here carry none.
-        let kept_ids: BTreeSet<u32> = new_ports
-            .iter()
-            .filter(|p| p.ring.is_some())
-            .map(|p| p.id)
-            .collect();
-        for port in &new_ports {
-            if kept_ids.contains(&port.id) {
-                for net in old_ranges.iter().filter(|n| !ranges.contains(n)) {
-                    self.maps.remove_source_range(port.id, *net)?;
-                }
+        let state = ServiceState {
+            health,
+            drained_since,
+            ranges: spec.source_ranges(),
+            spec,
+            vip,
+            ports: new_ports,
+        };
+        // Backends a port no longer uses drain; those it uses (again) get (keep) their ids.
+        for p in &state.ports {
+            let used = state.used_addrs(p);
+            let had: Vec<BackendKey> = book
+                .backend_ids
+                .keys()
+                .filter(|(id, addr)| *id == p.id && !used.contains(addr))
+                .copied()
+                .collect();
+            for k in had {
+                book.draining.entry(k).or_insert_with(|| Drain {
+                    service: key.clone(),
+                    since: now,
+                });
             }
-            for net in &ranges {
-                if !kept_ids.contains(&port.id) || !old_ranges.contains(net) {
-                    self.maps.add_source_range(port.id, *net)?;
-                }
+            for addr in used {
+                book.draining.remove(&(p.id, addr));
+                book.backend_id((p.id, addr), self.limits.backends)?;
             }
         }
-        info!(service = %key, %vip, ports = new_ports.len(), "service applied");
-        self.services.insert(
-            key.clone(),
-            ServiceState {
-                spec,
-                vip,
-                ports: new_ports,
-                ranges,
-                health,
-                drained_since,
-            },
-        );
-        self.program(&key)?;
-        self.collect_backends()?;
-        let taken_over = self.announce()?;
+        if state.spec.external_traffic_policy == TrafficPolicy::Local {
+            info!(
+                service = %key,
+                "externalTrafficPolicy Local: backends see client addresses, so they must route \
+                 their replies to clients through this host"
+            );
+        }
+        info!(service = %key, %vip, ports = state.ports.len(), "service applied");
+        book.services.insert(key.clone(), state);
+        book.track_health(&key);
+        let old = self.commit(book)?;
+        let taken_over = self.write(&old, &[key], true)?;
         Ok(Applied { vip, taken_over })
     }
 
     /// Deletes a service; its VIP returns to the pool unless another service shares it.
     pub fn delete(&mut self, namespace: &str, name: &str) -> Result<(), LbError> {
         let key = crate::config::service_name(namespace, name);
-        let state = self
+        let mut book = self.book.clone();
+        let state = book
             .services
             .remove(&key)
             .ok_or_else(|| LbError::NotFound(key.clone()))?;
-        for port in &state.ports {
-            self.retire_port(port, &state.ranges)?;
+        for p in &state.ports {
+            book.free_ids.insert(p.id);
+            book.backend_ids.retain(|(id, _), _| *id != p.id);
         }
-        let released = self.pools.release(&key);
+        book.draining.retain(|_, d| d.service != key);
+        let released = book.pools.release(&key);
+        let old = self.commit(book)?;
+        self.write(&old, &[], true)?;
         info!(service = %key, vip = %state.vip, ?released, "service deleted");
-        self.collect_backends()?;
-        self.announce()?;
         Ok(())
     }
 
     /// Records a health-check result; rebuilds the service's rings when the backend's state
-    /// changed. Returns the new state on a change.
+    /// changed. A draining backend (one that left its service) that fails is released: its
+    /// flows go to the live backends. Returns the new state on a change.
     pub fn observe_health(
         &mut self,
         service: &str,
         ip: IpAddr,
         ok: bool,
     ) -> Result<Option<bool>, LbError> {
-        let Some(state) = self.services.get_mut(service) else {
+        let Some(state) = self.book.services.get_mut(service) else {
             return Ok(None);
         };
         let Some(check) = state.spec.health_check.clone() else {
@@ -265,14 +294,27 @@ impl Controller {
                 warn!(service, %ip, "backend unhealthy: out of the ring");
             }
             self.program(service)?;
+            if !healthy {
+                let gone: Vec<BackendKey> = self
+                    .book
+                    .draining
+                    .iter()
+                    .filter(|((_, a), d)| d.service == service && a.ip() == ip)
+                    .map(|(k, _)| *k)
+                    .collect();
+                if !gone.is_empty() {
+                    info!(service, %ip, "draining backend failed its health check: released");
+                    self.release(&gone, false)?;
+                }
+            }
         }
         Ok(changed)
     }
 
-    /// Every health check to run.
+    /// Every health check to run: the service's backends and its draining ones.
     pub fn health_targets(&self) -> Vec<HealthTarget> {
         let mut targets = Vec::new();
-        for (name, s) in &self.services {
+        for (name, s) in &self.book.services {
             let (Some(check), Some(port)) = (&s.spec.health_check, s.spec.health_port()) else {
                 continue;
             };
@@ -282,11 +324,12 @@ impl Controller {
                 http_path,
                 ..
             } = check;
-            for b in &s.spec.backends {
+            let ips: BTreeSet<IpAddr> = s.health.keys().copied().collect();
+            for ip in ips {
                 targets.push(HealthTarget {
                     service: name.clone(),
-                    ip: b.ip,
-                    addr: SocketAddr::new(b.ip, port),
+                    ip,
+                    addr: SocketAddr::new(ip, port),
                     interval: Duration::from_millis(*interval_ms),
                     timeout: Duration::from_millis(*timeout_ms),
                     http_path: http_path.clone(),
@@ -296,53 +339,111 @@ impl Controller {
         targets
     }
 
-    /// Periodic work: ends the flows of backends drained longer than their service's drain
-    /// timeout, and re-checks the announcement lease. Returns VIPs newly taken over.
+    /// Periodic work: ends the flows of backends drained (weight 0, or gone from the service)
+    /// longer than their service's drain timeout, releases gone backends whose flows have
+    /// ended, and re-checks the announcement lease. Returns VIPs newly taken over.
     pub fn tick(&mut self, now: Instant) -> Result<Vec<IpAddr>, LbError> {
-        let mut expired: BTreeSet<(u32, u32)> = BTreeSet::new();
-        for s in self.services.values() {
+        let mut expired: BTreeSet<BackendKey> = BTreeSet::new();
+        for s in self.book.services.values() {
             let Some(limit) = s.spec.drain_timeout_secs.map(Duration::from_secs) else {
                 continue;
             };
             for (ip, since) in &s.drained_since {
-                if now.duration_since(*since) < limit {
-                    continue;
-                }
-                for p in &s.ports {
-                    if let Some(id) = self.backend_ids.get(&SocketAddr::new(*ip, p.port.target())) {
-                        expired.insert((p.id, *id));
+                if now.duration_since(*since) >= limit {
+                    for p in &s.ports {
+                        expired.insert((p.id, SocketAddr::new(*ip, p.port.target())));
                     }
                 }
             }
         }
-        if !expired.is_empty() {
-            let backends: BTreeMap<u32, SocketAddr> =
-                self.backend_ids.iter().map(|(a, id)| (*id, *a)).collect();
-            for (key, flow) in self.maps.flows()? {
-                if !expired.contains(&(flow.service_id, flow.backend_id)) {
-                    continue;
-                }
-                let Some(backend) = backends.get(&flow.backend_id) else {
-                    continue;
-                };
-                let reverse = LbFlowKey {
-                    src: backend.ip().into(),
-                    dst: flow.nat_ip,
-                    sport: backend.port().to_be(),
-                    dport: flow.nat_port,
-                    proto: key.proto,
-                    pad: [0; 3],
-                };
-                self.maps.remove_flow(&key, &reverse)?;
-                info!(backend = %backend, "drain timeout: flow ended");
+        let mut timed_out = Vec::new();
+        for (k, d) in &self.book.draining {
+            let limit = self
+                .book
+                .services
+                .get(&d.service)
+                .and_then(|s| s.spec.drain_timeout_secs)
+                .map(Duration::from_secs);
+            if limit.is_some_and(|l| now.duration_since(d.since) >= l) {
+                expired.insert(*k);
+                timed_out.push(*k);
             }
+        }
+        if !expired.is_empty() {
+            self.end_flows(&expired)?;
+        }
+        if !timed_out.is_empty() {
+            self.release(&timed_out, false)?;
+        }
+        let scan_due = self
+            .last_drain_scan
+            .is_none_or(|t| now.duration_since(t) >= self.drain_scan_every);
+        if !self.book.draining.is_empty() && scan_due {
+            self.last_drain_scan = Some(now);
+            // The walk costs two syscalls per tracked flow: with a large table, walk less
+            // often, so it never takes more than a twentieth of the daemon's time.
+            let started = Instant::now();
+            self.release(
+                &self.book.draining.keys().copied().collect::<Vec<_>>(),
+                true,
+            )?;
+            self.drain_scan_every = DRAIN_SCAN.max(started.elapsed() * 20);
         }
         self.announce()
     }
 
-    /// The status of every service, backend and pool.
-    pub fn status(&self, now_ns: u64) -> Result<Status, LbError> {
-        // (service id, backend id) -> active flows.
+    /// Ends every tracked flow of the backends `keys`.
+    fn end_flows(&mut self, keys: &BTreeSet<BackendKey>) -> Result<(), LbError> {
+        let by_id: BTreeMap<(u32, u32), SocketAddr> = keys
+            .iter()
+            .filter_map(|k| Some(((k.0, *self.book.backend_ids.get(k)?), k.1)))
+            .collect();
+        for (key, flow) in self.maps.flows()? {
+            let Some(backend) = by_id.get(&(flow.service_id, flow.backend_id)) else {
+                continue;
+            };
+            let reverse = LbFlowKey {
+                src: backend.ip().into(),
+                dst: flow.nat_ip,
+                sport: backend.port().to_be(),
+                dport: flow.nat_port,
+                proto: key.proto,
+                pad: [0; 3],
+            };
+            self.maps.remove_flow(&key, &reverse)?;
+            info!(backend = %backend, "drain timeout: flow ended");
+        }
+        Ok(())
+    }
+
+    /// Releases the draining backends `keys` (with `idle_only`, only those without an open,
+    /// recently active flow): saved first, then their ids cleared in the maps.
+    fn release(&mut self, keys: &[BackendKey], idle_only: bool) -> Result<(), LbError> {
+        let mut keys = keys.to_vec();
+        if idle_only {
+            let active = self.active_flows(monotonic_ns())?;
+            keys.retain(|k| {
+                self.book
+                    .backend_ids
+                    .get(k)
+                    .is_none_or(|id| !active.contains_key(&(k.0, *id)))
+            });
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut book = self.book.clone();
+        for k in &keys {
+            info!(backend = %k.1, service_id = k.0, "draining backend released");
+            book.release(k);
+        }
+        let old = self.commit(book)?;
+        self.write(&old, &[], true)?;
+        Ok(())
+    }
+
+    /// Open, recently active flows per (service id, backend id).
+    fn active_flows(&self, now_ns: u64) -> Result<BTreeMap<(u32, u32), u64>, LbError> {
         let mut active: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         for (key, flow) in self.maps.flows()? {
             let idle = if key.proto == Protocol::Tcp.number() {
@@ -357,8 +458,14 @@ impl Controller {
                     .or_default() += 1;
             }
         }
+        Ok(active)
+    }
+
+    /// The status of every service, backend and pool.
+    pub fn status(&self, now_ns: u64) -> Result<Status, LbError> {
+        let active = self.active_flows(now_ns)?;
         let mut services = Vec::new();
-        for (name, s) in &self.services {
+        for (name, s) in &self.book.services {
             let mut ports = Vec::new();
             for p in &s.ports {
                 let stats = self.maps.service_stats(p.id)?;
@@ -371,36 +478,55 @@ impl Controller {
                     flows_total: stats.flows,
                 });
             }
+            let mut rows: Vec<(IpAddr, u32, BackendState)> = s
+                .spec
+                .backends
+                .iter()
+                .map(|b| {
+                    (
+                        b.ip,
+                        b.weight,
+                        s.backend_state(b.ip, b.weight, b.node_local),
+                    )
+                })
+                .collect();
+            for ((_, addr), d) in &self.book.draining {
+                if d.service == *name && !rows.iter().any(|r| r.0 == addr.ip()) {
+                    rows.push((addr.ip(), 0, BackendState::Draining));
+                }
+            }
             let mut backends = Vec::new();
-            for b in &s.spec.backends {
-                let state = s.backend_state(b.ip, b.weight, b.node_local);
+            for (ip, weight, state) in rows {
                 let mut status = BackendStatus {
-                    ip: b.ip,
-                    weight: b.weight,
+                    ip,
+                    weight,
                     state,
-                    healthy: s.health.get(&b.ip).is_none_or(|h| h.healthy),
+                    healthy: s.health.get(&ip).is_none_or(|h| h.healthy),
                     slots: 0,
                     active_flows: 0,
                     flows_total: 0,
                     packets: 0,
                     bytes: 0,
                 };
-                let mut seen = BTreeSet::new();
                 for p in &s.ports {
-                    status.slots += p.shares.get(&b.ip).copied().unwrap_or(0);
+                    status.slots += self
+                        .shares
+                        .get(&p.id)
+                        .and_then(|sh| sh.get(&ip))
+                        .copied()
+                        .unwrap_or(0);
                     let Some(id) = self
+                        .book
                         .backend_ids
-                        .get(&SocketAddr::new(b.ip, p.port.target()))
+                        .get(&(p.id, SocketAddr::new(ip, p.port.target())))
                     else {
                         continue;
                     };
                     status.active_flows += active.get(&(p.id, *id)).copied().unwrap_or(0);
-                    if seen.insert(*id) {
-                        let stats = self.maps.backend_stats(*id)?;
-                        status.flows_total += stats.flows;
-                        status.packets += stats.packets;
-                        status.bytes += stats.bytes;
-                    }
+                    let stats = self.maps.backend_stats(*id)?;
+                    status.flows_total += stats.flows;
+                    status.packets += stats.packets;
+                    status.bytes += stats.bytes;
                 }
                 backends.push(status);
             }
@@ -414,6 +540,7 @@ impl Controller {
             });
         }
         let pools = self
+            .book
             .pools
             .usage()
             .into_iter()
@@ -435,6 +562,7 @@ impl Controller {
             pools,
             announced: self.announcer.announced().iter().copied().collect(),
             verdicts,
+            maps: self.maps.map_usage()?,
         })
     }
 
@@ -448,41 +576,117 @@ impl Controller {
         self.maps.as_mut()
     }
 
-    /// Writes service `name`'s rings, backends and service entries.
-    fn program(&mut self, name: &str) -> Result<(), LbError> {
-        let Some(state) = self.services.get(name) else {
-            return Ok(());
-        };
-        let mut backends_in_use = Vec::new();
-        let mut rings = Vec::new();
-        for p in &state.ports {
-            let target = p.port.target();
-            let mut weighted = Vec::new();
-            let mut ids = Vec::new();
-            for b in &state.spec.backends {
-                let st = state.backend_state(b.ip, b.weight, b.node_local);
-                if st == BackendState::NotLocal {
+    /// Writes to the maps what changed from `old` to the current book: service entries and
+    /// source ranges of ports gone, new and kept, backend entries of ids freed and given
+    /// (with `zero_new`, counters of new ids start at zero), the rings of services `changed`,
+    /// the VIPs.
+    fn write(
+        &mut self,
+        old: &Book,
+        changed: &[String],
+        zero_new: bool,
+    ) -> Result<Vec<IpAddr>, LbError> {
+        for s in old.services.values() {
+            for p in &s.ports {
+                let kept = self.book.port(p.id).is_some_and(|(_, n)| n.key == p.key);
+                if kept {
                     continue;
                 }
-                let addr = SocketAddr::new(b.ip, target);
-                backends_in_use.push(addr);
-                weighted.push(Weighted {
-                    name: addr.to_string(),
-                    weight: if st == BackendState::Active {
-                        b.weight
-                    } else {
-                        0
-                    },
-                });
-                ids.push(addr);
+                self.maps.remove_service(&p.key)?;
+                for net in &s.ranges {
+                    self.maps.remove_source_range(p.id, *net)?;
+                }
+                self.rings.remove(&p.id);
+                self.shares.remove(&p.id);
             }
-            let table = Table::build(&weighted, self.maglev_size)?;
-            rings.push((p.id, table, ids));
         }
-        for addr in &backends_in_use {
-            self.backend_id(*addr)?;
+        for name in changed {
+            let Some(s) = self.book.services.get(name) else {
+                continue;
+            };
+            for p in &s.ports {
+                let before = old.port(p.id).filter(|(_, o)| o.key == p.key);
+                let old_ranges: &[IpNetwork] = before.map_or(&[], |(o, _)| &o.ranges);
+                if before.is_none() && zero_new {
+                    self.maps.reset_service_stats(p.id)?;
+                }
+                for net in old_ranges.iter().filter(|n| !s.ranges.contains(n)) {
+                    self.maps.remove_source_range(p.id, *net)?;
+                }
+                for net in s.ranges.iter().filter(|n| !old_ranges.contains(n)) {
+                    self.maps.add_source_range(p.id, *net)?;
+                }
+            }
         }
-        let Some(state) = self.services.get_mut(name) else {
+        let old_ids: BTreeMap<u32, SocketAddr> =
+            old.backend_ids.iter().map(|(k, id)| (*id, k.1)).collect();
+        let new_ids: BTreeMap<u32, SocketAddr> = self
+            .book
+            .backend_ids
+            .iter()
+            .map(|(k, id)| (*id, k.1))
+            .collect();
+        for id in old_ids.keys().filter(|id| !new_ids.contains_key(id)) {
+            self.maps.set_backend(*id, LbBackend::default())?;
+        }
+        for (id, addr) in &new_ids {
+            if old_ids.get(id) != Some(addr) {
+                if zero_new {
+                    self.maps.reset_backend_stats(*id)?;
+                }
+                self.maps
+                    .set_backend(*id, LbBackend::new(addr.ip(), addr.port()))?;
+            }
+        }
+        for name in changed {
+            self.program(name)?;
+        }
+        self.announce()
+    }
+
+    /// Removes from the (pinned) maps every service, source range, backend and VIP the book
+    /// does not hold: what a daemon that crashed between saving and writing left behind.
+    fn sweep(&mut self) -> Result<(), LbError> {
+        let keys: Vec<LbServiceKey> = self
+            .book
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter().map(|p| p.key))
+            .collect();
+        for key in self.maps.service_keys()? {
+            if !keys.contains(&key) {
+                warn!(vip = %key.vip.ip(), port = u16::from_be(key.port), "swept a service the state does not know");
+                self.maps.remove_service(&key)?;
+            }
+        }
+        for (id, net) in self.maps.source_ranges()? {
+            let known = self
+                .book
+                .port(id)
+                .is_some_and(|(s, _)| s.ranges.contains(&net));
+            if !known {
+                self.maps.remove_source_range(id, net)?;
+            }
+        }
+        let ids: BTreeSet<u32> = self.book.backend_ids.values().copied().collect();
+        for id in self.maps.backend_ids()? {
+            if !ids.contains(&id) {
+                self.maps.set_backend(id, LbBackend::default())?;
+            }
+        }
+        let announced = self.announcer.announced().clone();
+        for vip in self.maps.vips()? {
+            if !announced.contains(&vip) {
+                warn!(%vip, "swept a VIP the state does not know");
+                self.maps.remove_vip(vip)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes service `name`'s rings and service entries.
+    fn program(&mut self, name: &str) -> Result<(), LbError> {
+        let Some(state) = self.book.services.get(name) else {
             return Ok(());
         };
         let flags = if state.spec.external_traffic_policy == TrafficPolicy::Local {
@@ -493,9 +697,44 @@ impl Controller {
             0
         } else {
             SERVICE_F_SOURCE_RANGES
+        } | if state.spec.affinity_timeout_secs().is_some() {
+            SERVICE_F_AFFINITY
+        } else {
+            0
         };
-        for (p, (id, table, addrs)) in state.ports.iter_mut().zip(rings) {
-            debug_assert_eq!(p.id, id);
+        let affinity_timeout_s = state.spec.affinity_timeout_secs().unwrap_or(0);
+        for p in &state.ports {
+            let target = p.port.target();
+            let mut weighted = Vec::new();
+            let mut ids = Vec::new();
+            let mut active = BTreeSet::new();
+            for b in &state.spec.backends {
+                let st = state.backend_state(b.ip, b.weight, b.node_local);
+                if st == BackendState::NotLocal {
+                    continue;
+                }
+                let addr = SocketAddr::new(b.ip, target);
+                if st == BackendState::Active && b.weight > 0 {
+                    active.insert(addr);
+                }
+                weighted.push(Weighted {
+                    name: addr.to_string(),
+                    weight: if st == BackendState::Active {
+                        b.weight
+                    } else {
+                        0
+                    },
+                });
+                ids.push((
+                    b.ip,
+                    self.book
+                        .backend_ids
+                        .get(&(p.id, addr))
+                        .copied()
+                        .unwrap_or(0),
+                ));
+            }
+            let table = Table::build(&weighted, self.maglev_size)?;
             let ring: Vec<u32> = table
                 .slots()
                 .iter()
@@ -503,89 +742,57 @@ impl Controller {
                     if i == maglev::EMPTY {
                         0
                     } else {
-                        addrs
-                            .get(i as usize)
-                            .and_then(|a| self.backend_ids.get(a))
-                            .copied()
-                            .unwrap_or(0)
+                        ids.get(i as usize).map_or(0, |(_, id)| *id)
                     }
                 })
                 .collect();
-            let changed = maglev::changed_slots(p.ring.as_deref(), &ring);
+            let changed = maglev::changed_slots(self.rings.get(&p.id).map(Vec::as_slice), &ring);
             self.maps.write_ring(p.id, &changed)?;
-            p.shares = table
-                .shares(addrs.len())
-                .into_iter()
-                .zip(&addrs)
-                .map(|(n, a)| (a.ip(), n as u64))
-                .collect();
-            p.ring = Some(ring);
-            self.maps
-                .set_service(p.key, LbService { id: p.id, flags })?;
-        }
-        Ok(())
-    }
-
-    /// The id of backend `addr`, assigned on first use. Ids are handed out round-robin so a
-    /// freed id is reused as late as possible (a flow still pinned to it would follow).
-    fn backend_id(&mut self, addr: SocketAddr) -> Result<u32, LbError> {
-        if let Some(id) = self.backend_ids.get(&addr) {
-            return Ok(*id);
-        }
-        let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
-        for _ in 1..MAX_BACKENDS {
-            let id = self.next_backend;
-            self.next_backend = if id + 1 >= MAX_BACKENDS { 1 } else { id + 1 };
-            if !used.contains(&id) {
-                self.maps
-                    .set_backend(id, LbBackend::new(addr.ip(), addr.port()))?;
-                self.backend_ids.insert(addr, id);
-                return Ok(id);
-            }
-        }
-        Err(LbError::Capacity("no free backend id (LB_MAX_BACKENDS)"))
-    }
-
-    /// Clears backends no service uses any more.
-    fn collect_backends(&mut self) -> Result<(), LbError> {
-        let mut used = BTreeSet::new();
-        for s in self.services.values() {
-            for p in &s.ports {
-                for b in &s.spec.backends {
-                    if s.backend_state(b.ip, b.weight, b.node_local) != BackendState::NotLocal {
-                        used.insert(SocketAddr::new(b.ip, p.port.target()));
-                    }
+            self.shares.insert(
+                p.id,
+                table
+                    .shares(ids.len())
+                    .into_iter()
+                    .zip(&ids)
+                    .map(|(n, (ip, _))| (*ip, n as u64))
+                    .collect(),
+            );
+            self.rings.insert(p.id, ring);
+            // Session affinity follows a client to its backend only while it is active.
+            for ((sid, addr), id) in self.book.backend_ids.range((p.id, MIN_ADDR)..) {
+                if *sid != p.id {
+                    break;
                 }
+                let mut backend = LbBackend::new(addr.ip(), addr.port());
+                if active.contains(addr) {
+                    backend.flags = BACKEND_F_ACTIVE;
+                }
+                self.maps.set_backend(*id, backend)?;
             }
+            self.maps.set_service(
+                p.key,
+                LbService {
+                    id: p.id,
+                    flags,
+                    affinity_timeout_s,
+                    pad: 0,
+                },
+            )?;
         }
-        let gone: Vec<(SocketAddr, u32)> = self
-            .backend_ids
-            .iter()
-            .filter(|(a, _)| !used.contains(a))
-            .map(|(a, id)| (*a, *id))
-            .collect();
-        for (addr, id) in gone {
-            self.maps.set_backend(id, LbBackend::default())?;
-            self.backend_ids.remove(&addr);
-        }
-        Ok(())
-    }
-
-    /// Removes a port's service entry and source ranges and frees its id. Its ring stays as
-    /// it is: nothing reaches it without the service entry, and the next user rewrites it.
-    fn retire_port(&mut self, port: &PortState, ranges: &[IpNetwork]) -> Result<(), LbError> {
-        self.maps.remove_service(&port.key)?;
-        for net in ranges {
-            self.maps.remove_source_range(port.id, *net)?;
-        }
-        self.free_ids.insert(port.id);
         Ok(())
     }
 
     fn announce(&mut self) -> Result<Vec<IpAddr>, LbError> {
-        let wanted: BTreeSet<IpAddr> = self.services.values().map(|s| s.vip).collect();
+        let wanted: BTreeSet<IpAddr> = self.book.services.values().map(|s| s.vip).collect();
         self.announcer.sync(self.maps.as_mut(), &wanted)
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -612,6 +819,8 @@ mod tests {
         vips: BTreeSet<IpAddr>,
         flows: Vec<(LbFlowKey, LbFlow)>,
         removed_flows: Vec<LbFlowKey>,
+        service_stats: BTreeMap<u32, LbStats>,
+        backend_stats: BTreeMap<u32, LbStats>,
     }
 
     impl LbMaps for Fake {
@@ -664,14 +873,51 @@ mod tests {
             self.removed_flows.push(*forward);
             Ok(())
         }
-        fn backend_stats(&self, _: u32) -> Result<LbStats, LbError> {
-            Ok(LbStats::default())
+        fn backend_stats(&self, id: u32) -> Result<LbStats, LbError> {
+            Ok(self.backend_stats.get(&id).copied().unwrap_or_default())
         }
-        fn service_stats(&self, _: u32) -> Result<LbStats, LbError> {
-            Ok(LbStats::default())
+        fn service_stats(&self, id: u32) -> Result<LbStats, LbError> {
+            Ok(self.service_stats.get(&id).copied().unwrap_or_default())
         }
         fn counters(&self) -> Result<BTreeMap<LbReason, CounterValue>, LbError> {
             Ok(BTreeMap::new())
+        }
+        fn reset_service_stats(&mut self, id: u32) -> Result<(), LbError> {
+            self.service_stats.remove(&id);
+            Ok(())
+        }
+        fn reset_backend_stats(&mut self, id: u32) -> Result<(), LbError> {
+            self.backend_stats.remove(&id);
+            Ok(())
+        }
+        fn service_keys(&self) -> Result<Vec<LbServiceKey>, LbError> {
+            Ok(self
+                .services
+                .keys()
+                .map(|(vip, port, proto)| LbServiceKey {
+                    vip: *vip,
+                    port: *port,
+                    proto: *proto,
+                    pad: 0,
+                })
+                .collect())
+        }
+        fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, LbError> {
+            Ok(self.ranges.iter().copied().collect())
+        }
+        fn backend_ids(&self) -> Result<Vec<u32>, LbError> {
+            Ok(self
+                .backends
+                .iter()
+                .filter(|(_, b)| **b != LbBackend::default())
+                .map(|(id, _)| *id)
+                .collect())
+        }
+        fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
+            Ok(self.vips.iter().copied().collect())
+        }
+        fn map_usage(&self) -> Result<Vec<crate::maps::MapUsage>, LbError> {
+            Ok(Vec::new())
         }
     }
 
@@ -700,29 +946,43 @@ mod tests {
     }
 
     fn spec(backends: &[(u8, u32)]) -> ServiceSpec {
-        ServiceSpec {
-            namespace: "default".into(),
-            name: "web".into(),
-            ip_families: Vec::new(),
-            ports: vec![ServicePort {
-                name: None,
-                protocol: Protocol::Tcp,
-                port: 80,
-                target_port: 8080,
-            }],
-            load_balancer_ip: None,
-            load_balancer_source_ranges: vec!["10.0.0.0/8".into()],
-            external_traffic_policy: TrafficPolicy::Cluster,
-            backends: backends
-                .iter()
-                .map(|(last, weight)| BackendSpec {
-                    ip: Ipv4Addr::new(10, 99, 0, *last).into(),
-                    weight: *weight,
-                    node_local: false,
-                })
-                .collect(),
-            health_check: None,
-            drain_timeout_secs: None,
+        let mut spec = ServiceSpec::tcp("default", "web", 80, &[]);
+        spec.ports[0].target_port = 8080;
+        spec.load_balancer_source_ranges = vec!["10.0.0.0/8".into()];
+        spec.backends = backends
+            .iter()
+            .map(|(last, weight)| BackendSpec {
+                ip: Ipv4Addr::new(10, 99, 0, *last).into(),
+                weight: *weight,
+                node_local: false,
+            })
+            .collect();
+        spec
+    }
+
+    /// A client's TCP flow to the test service's VIP, port 80.
+    fn client_flow() -> LbFlowKey {
+        LbFlowKey {
+            src: Ipv4Addr::new(10, 99, 0, 1).into(),
+            dst: Ipv4Addr::new(10, 99, 100, 1).into(),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            pad: [0; 3],
+        }
+    }
+
+    /// An open flow to backend `backend_id` of service 0, last seen at `last_seen_ns`.
+    fn open_flow(backend_id: u32, last_seen_ns: u64) -> LbFlow {
+        LbFlow {
+            backend_id,
+            service_id: 0,
+            nat_ip: LbAddr::NONE,
+            nat_port: 0,
+            state: FLOW_OPEN,
+            pad: 0,
+            pad2: 0,
+            last_seen_ns,
         }
     }
 
@@ -797,27 +1057,8 @@ mod tests {
             );
             id
         };
-        let key = LbFlowKey {
-            src: Ipv4Addr::new(10, 99, 0, 1).into(),
-            dst: Ipv4Addr::new(10, 99, 100, 1).into(),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: 6,
-            pad: [0; 3],
-        };
-        fake(&f).flows.push((
-            key,
-            LbFlow {
-                backend_id: id,
-                service_id: 0,
-                nat_ip: LbAddr::NONE,
-                nat_port: 0,
-                state: FLOW_OPEN,
-                pad: 0,
-                pad2: 0,
-                last_seen_ns: 0,
-            },
-        ));
+        let key = client_flow();
+        fake(&f).flows.push((key, open_flow(id, 0)));
         c.tick(Instant::now()).expect("tick");
         assert!(fake(&f).removed_flows.is_empty(), "within the timeout");
         c.tick(Instant::now() + Duration::from_secs(6))
@@ -947,5 +1188,219 @@ mod tests {
         );
         c.delete("default", "web").expect("delete");
         assert!(!fake(&f).vips.contains(&vip), "withdrawn");
+    }
+
+    fn backend_id_of(f: &Fake, ip: u8) -> Option<u32> {
+        let wanted = LbBackend::new(Ipv4Addr::new(10, 99, 0, ip).into(), 8080);
+        f.backends
+            .iter()
+            .find(|(_, b)| (b.ip, b.port) == (wanted.ip, wanted.port))
+            .map(|(id, _)| *id)
+    }
+
+    #[test]
+    fn a_removed_backend_keeps_its_flows_until_they_end() {
+        let (mut c, f) = controller();
+        c.apply(spec(&[(3, 1), (4, 1), (5, 1)])).expect("apply");
+        let id = backend_id_of(&fake(&f), 5).expect("backend 5");
+        let key = client_flow();
+        fake(&f).flows.push((key, open_flow(id, monotonic_ns())));
+        assert_eq!(fake(&f).backends[&id].flags, BACKEND_F_ACTIVE);
+        c.apply(spec(&[(3, 1), (4, 1)])).expect("remove 5");
+        {
+            let f = fake(&f);
+            assert_eq!(backend_id_of(&f, 5), Some(id), "its flow keeps its backend");
+            assert_eq!(f.backends[&id].flags, 0, "session affinity leaves it too");
+            assert!(!f.rings[&0].contains(&id), "no new flows for it");
+        }
+        let row = |c: &Controller| {
+            c.status(monotonic_ns()).expect("status").services[0]
+                .backends
+                .iter()
+                .find(|b| b.ip == IpAddr::V4(Ipv4Addr::new(10, 99, 0, 5)))
+                .map(|b| (b.state, b.active_flows))
+        };
+        assert_eq!(row(&c), Some((BackendState::Draining, 1)));
+        let now = Instant::now();
+        c.tick(now).expect("tick");
+        assert_eq!(backend_id_of(&fake(&f), 5), Some(id), "still open");
+
+        fake(&f).flows[0].1.state = slipway_dataplane::abi::lb::FLOW_CLOSING;
+        c.tick(now + DRAIN_SCAN).expect("tick");
+        assert_eq!(
+            backend_id_of(&fake(&f), 5),
+            None,
+            "released once its flow ended"
+        );
+        assert_eq!(fake(&f).backends.get(&id), Some(&LbBackend::default()));
+        assert_eq!(row(&c), None);
+    }
+
+    #[test]
+    fn a_restarted_controller_keeps_services_vips_and_ids_and_sweeps_the_rest() {
+        let scratch = crate::state::tests::ScratchDir::new("restore");
+        let dir = scratch.0.clone();
+        let (c, f) = controller();
+        let pools = c.book.pools.clone();
+        drop(c);
+        let restore = |f: &Arc<Mutex<Fake>>| {
+            Controller::restore(
+                Box::new(f.clone()),
+                pools.clone(),
+                Announcer::new(Arc::new(StaticLease)),
+                Limits::default(),
+                StateFile::new(&dir),
+            )
+            .expect("restore")
+        };
+        let (mut c, taken) = restore(&f);
+        assert!(taken.is_empty());
+        let mut web = spec(&[(3, 1), (4, 1), (5, 0)]);
+        c.apply(web.clone()).expect("web");
+        let mut api = spec(&[(6, 1)]);
+        api.name = "api".into();
+        c.delete("default", "web").expect("delete");
+        let api_vip = c.apply(api).expect("api").vip;
+        web.name = "web2".into();
+        let web_vip = c.apply(web).expect("web2").vip;
+        let (services, backends, vips) = {
+            let f = fake(&f);
+            (f.services.clone(), f.backends.clone(), f.vips.clone())
+        };
+        // What a crash between saving and writing leaves: entries nobody saved.
+        {
+            let mut f = fake(&f);
+            let stale: IpAddr = Ipv4Addr::new(10, 99, 100, 77).into();
+            f.services.insert(
+                (stale.into(), 80u16.to_be(), 6),
+                LbService {
+                    id: 9,
+                    flags: 0,
+                    affinity_timeout_s: 0,
+                    pad: 0,
+                },
+            );
+            f.vips.insert(stale);
+            f.backends.insert(99, LbBackend::new(stale, 80));
+            f.ranges.insert((9, "10.0.0.0/8".parse().expect("net")));
+        }
+        let api_id = fake(&f)
+            .services
+            .iter()
+            .find(|(k, _)| k.0 == LbAddr::from(api_vip))
+            .map(|(_, v)| v.id)
+            .expect("api's service id");
+        let counted = LbStats {
+            packets: 7,
+            bytes: 700,
+            flows: 1,
+        };
+        fake(&f).service_stats.insert(api_id, counted);
+        drop(c); // killed: nothing runs on the way out
+
+        let (mut c, taken) = restore(&f);
+        assert_eq!(
+            taken.into_iter().collect::<BTreeSet<_>>(),
+            [api_vip, web_vip].into_iter().collect(),
+            "announced again"
+        );
+        {
+            let f = fake(&f);
+            assert_eq!(
+                f.services, services,
+                "same keys and service ids; the stale one swept"
+            );
+            let set = |b: &BTreeMap<u32, LbBackend>| {
+                b.iter()
+                    .filter(|(_, b)| **b != LbBackend::default())
+                    .map(|(id, b)| (*id, *b))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(set(&f.backends), set(&backends), "same backend ids");
+            assert_eq!(f.vips, vips);
+            assert!(!f.ranges.iter().any(|(id, _)| *id == 9));
+        }
+        let status = c.status(0).expect("status");
+        let names: Vec<&str> = status.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default/api", "default/web2"]);
+        assert_eq!(
+            status.services[0].ports[0].packets, counted.packets,
+            "counters survive a restart"
+        );
+        let mut new = spec(&[(7, 1)]);
+        new.name = "new".into();
+        let vip = c.apply(new).expect("new").vip;
+        assert!(vip != api_vip && vip != web_vip, "{vip} was live");
+        c.delete("default", "api")
+            .expect("an old service is deleted");
+        assert!(!fake(&f).vips.contains(&api_vip));
+    }
+
+    #[test]
+    fn a_removed_backend_that_fails_its_health_check_is_released() {
+        let (mut c, f) = controller();
+        let mut s = spec(&[(3, 1), (4, 1)]);
+        s.health_check = Some(HealthCheckSpec {
+            interval_ms: 100,
+            timeout_ms: 50,
+            rise: 1,
+            fall: 2,
+            port: None,
+            http_path: None,
+        });
+        c.apply(s.clone()).expect("apply");
+        let id = backend_id_of(&fake(&f), 4).expect("backend 4");
+        fake(&f)
+            .flows
+            .push((client_flow(), open_flow(id, monotonic_ns())));
+        s.backends.truncate(1);
+        c.apply(s).expect("remove 4");
+        let four = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 4));
+        assert!(
+            c.health_targets().iter().any(|t| t.ip == four),
+            "a draining backend is still checked"
+        );
+        assert_eq!(backend_id_of(&fake(&f), 4), Some(id), "its flow keeps it");
+        for _ in 0..2 {
+            c.observe_health("default/web", four, false).expect("probe");
+        }
+        assert_eq!(backend_id_of(&fake(&f), 4), None, "dead: released");
+        assert!(
+            c.health_targets().iter().all(|t| t.ip != four),
+            "and no longer checked"
+        );
+    }
+
+    #[test]
+    fn a_service_beyond_the_sized_maps_is_refused_naming_the_flag_and_changes_nothing() {
+        let (c, f) = controller();
+        let pools = c.book.pools.clone();
+        drop(c);
+        let mut c = Controller::with_limits(
+            Box::new(f.clone()),
+            pools,
+            Announcer::new(Arc::new(StaticLease)),
+            Limits {
+                services: 2,
+                backends: 16,
+            },
+        );
+        for name in ["a", "b"] {
+            let mut s = spec(&[(3, 1)]);
+            s.name = name.into();
+            c.apply(s).expect("within the limit");
+        }
+        let before = fake(&f).services.len();
+        let mut third = spec(&[(3, 1)]);
+        third.name = "c".into();
+        let err = c.apply(third).expect_err("a third service port");
+        assert!(err.to_string().contains("--max-services"), "{err}");
+        assert_eq!(fake(&f).services.len(), before);
+        let status = c.status(0).expect("status");
+        assert_eq!(status.services.len(), 2);
+        assert_eq!(
+            status.pools[0].used, 2,
+            "no VIP taken for the refused service"
+        );
     }
 }

@@ -18,8 +18,8 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, put};
-use serde_json::Value;
-use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue};
+use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
+use slipway_dataplane::link::Netlink;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
@@ -28,12 +28,13 @@ use crate::LbError;
 use crate::announce::{Announcer, Lease, StaticLease, announcement_frame};
 use crate::api::{self, ApiError, Applied};
 use crate::config::LbConfig;
-use crate::controller::{Controller, HealthTarget};
+use crate::controller::{Controller, HealthTarget, Limits, monotonic_ns};
 use crate::datapath::{AttachPoint, LbDatapath};
 use crate::health::probe;
 use crate::metrics::Metrics;
 use crate::packet::{SolicitedNodeGroups, send_frame};
 use crate::pool::Pools;
+use crate::state::StateFile;
 
 /// The LB interface as the daemon found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,17 +47,9 @@ pub struct Interface {
     pub ip6: Option<Ipv6Addr>,
 }
 
-/// Reads `ifname`'s index, MAC, first IPv4 and global IPv6 addresses in the calling thread's
-/// namespace
-/// (with `ip -j`: sysfs shows the namespace it was mounted in, not the caller's).
-pub fn interface(ifname: &str) -> Result<Interface, LbError> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "addr", "show", "dev", ifname])
-        .output()
-        .map_err(|source| LbError::Syscall {
-            call: "spawn ip",
-            source,
-        })?;
+/// Reads `ifname`'s index, MAC, first IPv4 and first global IPv6 addresses over netlink, in
+/// the calling thread's network namespace.
+pub async fn interface(ifname: &str) -> Result<Interface, LbError> {
     let bad = |what: &str| LbError::Invalid {
         what: "LB configuration",
         errors: vec![crate::config::FieldError {
@@ -64,34 +57,23 @@ pub fn interface(ifname: &str) -> Result<Interface, LbError> {
             problem: format!("{ifname}: {what}"),
         }],
     };
-    if !output.status.success() {
-        return Err(bad(String::from_utf8_lossy(&output.stderr).trim()));
-    }
-    let links: Vec<Value> =
-        serde_json::from_slice(&output.stdout).map_err(|e| bad(&e.to_string()))?;
-    let link = links.first().ok_or_else(|| bad("no such interface"))?;
-    let ifindex = link["ifindex"]
-        .as_u64()
-        .and_then(|i| u32::try_from(i).ok())
-        .ok_or_else(|| bad("no ifindex"))?;
-    let mac = link["address"]
-        .as_str()
-        .and_then(slipway_dataplane::testing::parse_mac)
-        .ok_or_else(|| bad("no MAC address"))?;
-    let ip = link["addr_info"].as_array().and_then(|addrs| {
-        addrs
-            .iter()
-            .find(|a| a["family"] == "inet")
-            .and_then(|a| a["local"].as_str()?.parse().ok())
+    let netlink = Netlink::current()?;
+    let link = netlink
+        .link(ifname)
+        .await?
+        .ok_or_else(|| bad("no such interface"))?;
+    let mac = link.mac.ok_or_else(|| bad("no MAC address"))?;
+    let addresses = netlink.link_addresses(link.index).await?;
+    let ip = addresses.iter().find_map(|a| match a.ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
     });
-    let ip6 = link["addr_info"].as_array().and_then(|addrs| {
-        addrs
-            .iter()
-            .find(|a| a["family"] == "inet6" && a["scope"] == "global")
-            .and_then(|a| a["local"].as_str()?.parse().ok())
+    let ip6 = addresses.iter().find_map(|a| match a.ip {
+        IpAddr::V6(ip) if a.global => Some(ip),
+        _ => None,
     });
     Ok(Interface {
-        ifindex,
+        ifindex: link.index,
         mac,
         ip,
         ip6,
@@ -136,13 +118,6 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Controller> {
     shared.controller.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 /// Runs the daemon in the calling thread's network namespace until `shutdown` resolves.
 pub async fn serve(
     config: LbConfig,
@@ -152,7 +127,7 @@ pub async fn serve(
 ) -> Result<(), LbError> {
     config.validate()?;
     let pools = Pools::from_config(&config)?;
-    let iface = interface(&config.interface)?;
+    let iface = interface(&config.interface).await?;
     let snat_ip = config.snat_ip.or(iface.ip);
     let snat_ip6 = config.snat_ip6.or(iface.ip6);
     if snat_ip.is_none() && snat_ip6.is_none() {
@@ -168,8 +143,7 @@ pub async fn serve(
             );
         }
     }
-    let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref())?;
-    use crate::maps::LbMaps as _;
+    let mut datapath = LbDatapath::load(point, config.pin_dir.as_deref(), &config.maps)?;
     datapath.set_config(ConfigValue {
         snat_ip4: snat_ip.map_or(LbAddr::NONE, LbAddr::from),
         snat_ip6: snat_ip6.map_or(LbAddr::NONE, LbAddr::from),
@@ -181,7 +155,16 @@ pub async fn serve(
     warn_on_port_overlap();
     info!(interface = %config.interface, ?snat_ip, ?snat_ip6, ?point, "LB datapath attached");
 
-    let controller = Controller::new(Box::new(datapath), pools, Announcer::new(lease));
+    let (controller, restored) = Controller::restore(
+        Box::new(datapath),
+        pools,
+        Announcer::new(lease),
+        Limits {
+            services: config.maps.services,
+            backends: config.maps.backends,
+        },
+        StateFile::new(&config.state_dir),
+    )?;
     let shared = Arc::new(Shared {
         controller: Mutex::new(controller),
         metrics: Metrics::new(),
@@ -203,6 +186,30 @@ pub async fn serve(
             call: "bind local API socket",
             source,
         })?;
+    // Prometheus over TCP: the metrics route only (the local API stays on the socket).
+    let metrics_server = match config.metrics_address {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| LbError::Invalid {
+                    what: "LB configuration",
+                    errors: vec![crate::config::FieldError {
+                        field: "metricsAddress".into(),
+                        problem: format!("cannot listen on {addr}: {e}"),
+                    }],
+                })?;
+            let router = Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(shared.clone());
+            info!(%addr, "metrics listening");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, router).await {
+                    warn!(error = %e, "metrics endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let router = Router::new()
         .route("/v1/services", put(apply))
         .route("/v1/services/{namespace}/{name}", delete(remove))
@@ -211,12 +218,18 @@ pub async fn serve(
         .with_state(shared.clone());
     info!(socket = %config.socket.display(), "local API listening");
 
+    sync_groups(&shared);
+    send_announcements(&shared, restored);
+    sync_health(&shared);
+
     let ticker = tokio::spawn({
         let shared = shared.clone();
         async move {
             let mut every = tokio::time::interval(Duration::from_millis(500));
+            let mut full = FullTable::default();
             loop {
                 every.tick().await;
+                full.check(&shared, Instant::now());
                 let taken = lock(&shared).tick(Instant::now());
                 sync_groups(&shared);
                 match taken {
@@ -230,6 +243,9 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await;
     ticker.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     for (_, task) in std::mem::take(&mut *shared.health.lock().unwrap_or_else(|p| p.into_inner())) {
         task.abort();
     }
@@ -276,6 +292,54 @@ async fn metrics(State(shared): State<AppState>) -> Result<impl IntoResponse, Ap
         )],
         text,
     ))
+}
+
+/// How often at most the daemon logs that the flow table is full.
+const FULL_TABLE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Watches the datapath's flow-table events (`flow_table_full`, `flow_untracked`) and logs
+/// them, at most once per [`FULL_TABLE_LOG_EVERY`] (a client can cause them at will).
+#[derive(Debug, Default)]
+struct FullTable {
+    logged: u64,
+    last_log: Option<Instant>,
+}
+
+impl FullTable {
+    /// The events to log now, given the running `total`: none within the rate limit.
+    fn due(&mut self, total: u64, now: Instant) -> Option<u64> {
+        let new = total.saturating_sub(self.logged);
+        let quiet = self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= FULL_TABLE_LOG_EVERY);
+        if new == 0 || !quiet {
+            return None;
+        }
+        self.logged = total;
+        self.last_log = Some(now);
+        Some(new)
+    }
+
+    fn check(&mut self, shared: &Shared, now: Instant) {
+        let counters = match lock(shared).maps().counters() {
+            Ok(counters) => counters,
+            Err(e) => {
+                warn!(error = %e, "reading the datapath counters failed");
+                return;
+            }
+        };
+        let of = |r| counters.get(&r).map_or(0, |c| c.packets);
+        let (full, untracked) = (of(LbReason::FlowTableFull), of(LbReason::FlowUntracked));
+        if let Some(new) = self.due(full + untracked, now) {
+            warn!(
+                new,
+                flow_table_full = full,
+                flow_untracked = untracked,
+                max_flows = shared.config.maps.flows,
+                "flow table full: flows were evicted or not tracked; raise --max-flows"
+            );
+        }
+    }
 }
 
 /// Joins the solicited-node groups of the announced IPv6 VIPs and leaves those of withdrawn
@@ -370,20 +434,11 @@ impl DaemonHandle {
     ) -> Result<Self, LbError> {
         let socket = config.socket.clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let ns_path = slipway_dataplane::netns::path(netns);
+        let name = netns.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("lb-{netns}"))
             .spawn(move || -> Result<(), LbError> {
-                let ns = fs::File::open(&ns_path).map_err(|source| LbError::Syscall {
-                    call: "open netns",
-                    source,
-                })?;
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    LbError::Syscall {
-                        call: "setns(CLONE_NEWNET)",
-                        source: e.into(),
-                    }
-                })?;
+                slipway_dataplane::netns::enter(&name)?;
                 // A current-thread runtime: every task runs on this thread, in this namespace.
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -452,5 +507,29 @@ impl Drop for DaemonHandle {
         if let Err(e) = self.join() {
             warn!(error = %e, "LB daemon ended with an error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_table_events_are_logged_at_most_once_per_interval() {
+        let mut full = FullTable::default();
+        let t0 = Instant::now();
+        assert_eq!(full.due(0, t0), None, "nothing happened");
+        assert_eq!(full.due(5, t0), Some(5));
+        assert_eq!(
+            full.due(9, t0 + Duration::from_secs(1)),
+            None,
+            "rate-limited"
+        );
+        assert_eq!(
+            full.due(12, t0 + FULL_TABLE_LOG_EVERY),
+            Some(7),
+            "what was held back is in the next line"
+        );
+        assert_eq!(full.due(12, t0 + 3 * FULL_TABLE_LOG_EVERY), None);
     }
 }

@@ -1,508 +1,85 @@
-//! The LB datapath in the kernel: loading `ebpf/lb.c` (TC) or `ebpf/lb_xdp.c` (XDP) with aya,
-//! pinning its maps, attaching it to the LB interface, and the typed maps behind
-//! [`LbMaps`].
+//! The LB datapath as the controller drives it: the kernel side (loading `ebpf/lb.c` or
+//! `ebpf/lb_xdp.c`, pins, links, typed maps) lives in [`slipway_dataplane::lb`]; this module
+//! puts it behind the [`LbMaps`] seam.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 
-use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
-use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
-use aya::{Ebpf, EbpfLoader};
 use ipnetwork::IpNetwork;
-use slipway_dataplane::DataplaneError;
 use slipway_dataplane::abi::CounterValue;
 use slipway_dataplane::abi::lb::{
-    LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbReverse, LbService, LbServiceKey,
-    LbSourceRange, LbStats, LbVip, LbVipKey, MAGLEV_SIZE, MAX_SERVICES,
+    LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbService, LbServiceKey, LbStats,
 };
-use slipway_dataplane::objects;
-use tracing::debug;
+pub use slipway_dataplane::lb::{
+    AttachPoint, LbDatapath, LbProgram, SNAT_PORTS, TestRunResult, XdpMode, enable_run_time_stats,
+    link_pin, remove_pins, run_time, run_time_of,
+};
 
 use crate::LbError;
-use crate::maps::LbMaps;
-
-/// Source ports the datapath gives SNATed flows (`LB_SNAT_PORT_MIN`..`LB_SNAT_PORT_END` in
-/// ebpf/include/lb_core.h): kept clear of the kernel's ephemeral ports.
-pub const SNAT_PORTS: std::ops::Range<u16> = 1024..32768;
-
-const TC_PROGRAM: &str = "lb_ingress";
-const XDP_PROGRAM: &str = "lb_xdp";
-
-/// Every map of the object (ebpf/include/lb_maps.h), pinned under these names.
-const MAPS: [&str; 11] = [
-    "lb_services",
-    "lb_maglev",
-    "lb_backends",
-    "lb_flows",
-    "lb_reverse",
-    "lb_source_ranges",
-    "lb_vips",
-    "lb_config",
-    "lb_backend_stats",
-    "lb_service_stats",
-    "lb_counters",
-];
-
-/// (key, value) sizes of every map, from the ABI mirrors (checked against the objects' BTF):
-/// what a map pinned under its name must have to be reused.
-fn layout_of(map: &str) -> Option<(usize, usize)> {
-    use slipway_dataplane::abi::lb::LbReverse;
-    Some(match map {
-        "lb_services" => (size_of::<LbServiceKey>(), size_of::<LbService>()),
-        "lb_maglev" => (size_of::<u32>(), size_of::<u32>()),
-        "lb_backends" => (size_of::<u32>(), size_of::<LbBackend>()),
-        "lb_flows" => (size_of::<LbFlowKey>(), size_of::<LbFlow>()),
-        "lb_reverse" => (size_of::<LbFlowKey>(), size_of::<LbReverse>()),
-        "lb_source_ranges" => (size_of::<Key<LbSourceRange>>(), size_of::<u32>()),
-        "lb_vips" => (size_of::<LbVipKey>(), size_of::<LbVip>()),
-        "lb_config" => (size_of::<u32>(), size_of::<LbConfig>()),
-        "lb_backend_stats" | "lb_service_stats" => (size_of::<u32>(), size_of::<LbStats>()),
-        "lb_counters" => (size_of::<u32>(), size_of::<CounterValue>()),
-        _ => return None,
-    })
-}
-
-/// Fails if a map pinned at `path` has another layout than this LB's `map`; a missing pin is
-/// fine (the loader creates it).
-fn check_pin(map: &str, path: &Path) -> Result<(), LbError> {
-    let (Some((key, value)), true) = (layout_of(map), path.exists()) else {
-        return Ok(());
-    };
-    let info = aya::maps::MapInfo::from_pin(path)
-        .map_err(|e| map_err("pinned map", &format!("inspect {}", path.display()), e))?;
-    let found = (info.key_size() as usize, info.value_size() as usize);
-    if found != (key, value) {
-        return Err(LbError::StalePin {
-            path: path.to_owned(),
-            found: format!("{found:?}"),
-            expected: format!("{:?}", (key, value)),
-        });
-    }
-    Ok(())
-}
-
-/// Where the LB program runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachPoint {
-    /// TCX ingress (`ebpf/lb.c`): the choice on veths.
-    Tc,
-    /// XDP (`ebpf/lb_xdp.c`) in the given mode, for NICs with native XDP, with `lb.c` at TCX
-    /// ingress beside it on the same (pinned) maps for frames whose next hop XDP cannot
-    /// resolve yet. Needs a pin directory.
-    Xdp(XdpMode),
-}
-
-/// The loaded LB program and its maps.
-pub struct LbDatapath {
-    bpf: Ebpf,
-    /// The XDP object, with [`AttachPoint::Xdp`].
-    xdp_bpf: Option<Ebpf>,
-    point: AttachPoint,
-    services: HashMap<MapData, LbServiceKey, LbService>,
-    maglev: Array<MapData, u32>,
-    backends: Array<MapData, LbBackend>,
-    flows: HashMap<MapData, LbFlowKey, LbFlow>,
-    reverse: HashMap<MapData, LbFlowKey, LbReverse>,
-    source_ranges: LpmTrie<MapData, LbSourceRange, u32>,
-    vips: HashMap<MapData, LbVipKey, LbVip>,
-    config: Array<MapData, LbConfig>,
-    backend_stats: PerCpuArray<MapData, LbStats>,
-    service_stats: PerCpuArray<MapData, LbStats>,
-    counters: PerCpuArray<MapData, CounterValue>,
-    pin_dir: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for LbDatapath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LbDatapath")
-            .field("point", &self.point)
-            .field("pin_dir", &self.pin_dir)
-            .finish_non_exhaustive()
-    }
-}
-
-fn dp(e: DataplaneError) -> LbError {
-    LbError::from(e)
-}
-
-fn map_err(map: &'static str, action: &str, source: MapError) -> LbError {
-    dp(DataplaneError::Map {
-        map,
-        action: action.to_owned(),
-        source: Box::new(source),
-    })
-}
-
-/// aya reports a missing key as `KeyNotFound` from lookups and as ENOENT from deletes.
-fn is_not_found(error: &MapError) -> bool {
-    match error {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
-fn ignore_missing(
-    result: Result<(), MapError>,
-    map: &'static str,
-    action: &str,
-) -> Result<(), LbError> {
-    match result {
-        Err(e) if !is_not_found(&e) => Err(map_err(map, action, e)),
-        _ => Ok(()),
-    }
-}
-
-impl LbDatapath {
-    /// Loads the program for `point` into the kernel (not yet attached). With `pin_dir`, the
-    /// maps live there on bpffs and maps already pinned there are reused, so flows survive a
-    /// restart of the daemon.
-    pub fn load(point: AttachPoint, pin_dir: Option<&Path>) -> Result<Self, LbError> {
-        if matches!(point, AttachPoint::Xdp(_)) && pin_dir.is_none() {
-            return Err(LbError::Capacity(
-                "XDP mode shares its maps with the TC program through pins: give a pin directory",
-            ));
-        }
-        let mut bpf = load_object(objects::LB, "lb", TC_PROGRAM, pin_dir)?;
-        let xdp_bpf = match point {
-            AttachPoint::Tc => None,
-            AttachPoint::Xdp(_) => Some(load_object(
-                objects::LB_XDP,
-                "lb_xdp",
-                XDP_PROGRAM,
-                pin_dir,
-            )?),
-        };
-        let object_name = "lb";
-        let mut take = |name: &'static str| {
-            bpf.take_map(name).ok_or(dp(DataplaneError::MissingMap {
-                object: object_name,
-                map: name,
-            }))
-        };
-        macro_rules! open {
-            ($kind:ident, $name:literal) => {
-                $kind::try_from(take($name)?).map_err(|e| map_err($name, "open", e))?
-            };
-        }
-        let datapath = Self {
-            services: open!(HashMap, "lb_services"),
-            maglev: open!(Array, "lb_maglev"),
-            backends: open!(Array, "lb_backends"),
-            flows: open!(HashMap, "lb_flows"),
-            reverse: open!(HashMap, "lb_reverse"),
-            source_ranges: open!(LpmTrie, "lb_source_ranges"),
-            vips: open!(HashMap, "lb_vips"),
-            config: open!(Array, "lb_config"),
-            backend_stats: open!(PerCpuArray, "lb_backend_stats"),
-            service_stats: open!(PerCpuArray, "lb_service_stats"),
-            counters: open!(PerCpuArray, "lb_counters"),
-            bpf,
-            xdp_bpf,
-            point,
-            pin_dir: pin_dir.map(Path::to_owned),
-        };
-        debug!(?point, ?pin_dir, "LB datapath loaded");
-        Ok(datapath)
-    }
-
-    /// Attaches the program to `ifname` in the calling thread's network namespace (TCX
-    /// ingress, or XDP in the chosen mode). The link lives as long as this value.
-    pub fn attach(&mut self, ifname: &str) -> Result<(), LbError> {
-        let attach_err = |program, source| {
-            dp(DataplaneError::Program {
-                program,
-                action: format!("attach to {ifname}"),
-                source: Box::new(source),
-            })
-        };
-        classifier(&mut self.bpf)?
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|e| attach_err(TC_PROGRAM, e))?;
-        if let (AttachPoint::Xdp(mode), Some(xdp_bpf)) = (self.point, self.xdp_bpf.as_mut()) {
-            xdp(xdp_bpf)?
-                .attach(ifname, mode)
-                .map_err(|e| attach_err(XDP_PROGRAM, e))?;
-        }
-        debug!(ifname, point = ?self.point, "LB program attached");
-        Ok(())
-    }
-
-    /// The TC program, e.g. for `BPF_PROG_TEST_RUN` (loaded with [`AttachPoint::Tc`]).
-    pub fn classifier(&mut self) -> Result<&mut SchedClassifier, LbError> {
-        classifier(&mut self.bpf)
-    }
-
-    /// The XDP program (loaded with [`AttachPoint::Xdp`]).
-    pub fn xdp(&mut self) -> Result<&mut Xdp, LbError> {
-        match self.xdp_bpf.as_mut() {
-            Some(bpf) => xdp(bpf),
-            None => Err(dp(DataplaneError::MissingProgram {
-                object: "lb",
-                program: XDP_PROGRAM,
-            })),
-        }
-    }
-
-    /// The reverse translation entries (backend -> client direction).
-    pub fn reverse_entries(&self) -> Result<Vec<(LbFlowKey, LbReverse)>, LbError> {
-        self.reverse
-            .iter()
-            .map(|e| e.map_err(|e| map_err("lb_reverse", "iterate", e)))
-            .collect()
-    }
-
-    pub fn pin_dir(&self) -> Option<&Path> {
-        self.pin_dir.as_deref()
-    }
-}
-
-/// Loads one object (its maps at `pin_dir`, reused if pinned there already) and its program.
-fn load_object(
-    object: &[u8],
-    object_name: &'static str,
-    program: &'static str,
-    pin_dir: Option<&Path>,
-) -> Result<Ebpf, LbError> {
-    let mut loader = EbpfLoader::new();
-    let pins: Vec<(&str, PathBuf)> = match pin_dir {
-        Some(dir) => {
-            fs::create_dir_all(dir).map_err(|source| {
-                dp(DataplaneError::Bpffs {
-                    path: dir.to_owned(),
-                    source,
-                })
-            })?;
-            MAPS.iter().map(|m| (*m, dir.join(m))).collect()
-        }
-        None => Vec::new(),
-    };
-    for (map, path) in &pins {
-        // aya reuses whatever is pinned there; a map of another layout must not be.
-        check_pin(map, path)?;
-        loader.map_pin_path(map, path.as_path());
-    }
-    let mut bpf = loader.load(object).map_err(|source| {
-        dp(DataplaneError::Load {
-            object: object_name,
-            source: Box::new(source),
-        })
-    })?;
-    let load_err = |source| {
-        dp(DataplaneError::Program {
-            program,
-            action: "load".into(),
-            source: Box::new(source),
-        })
-    };
-    if program == XDP_PROGRAM {
-        xdp(&mut bpf)?.load().map_err(load_err)?;
-    } else {
-        classifier(&mut bpf)?.load().map_err(load_err)?;
-    }
-    Ok(bpf)
-}
-
-fn classifier(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, LbError> {
-    let program = bpf
-        .program_mut(TC_PROGRAM)
-        .ok_or(dp(DataplaneError::MissingProgram {
-            object: "lb",
-            program: TC_PROGRAM,
-        }))?;
-    program.try_into().map_err(|source| {
-        dp(DataplaneError::Program {
-            program: TC_PROGRAM,
-            action: "expect a TC classifier".into(),
-            source: Box::new(source),
-        })
-    })
-}
-
-fn xdp(bpf: &mut Ebpf) -> Result<&mut Xdp, LbError> {
-    let program = bpf
-        .program_mut(XDP_PROGRAM)
-        .ok_or(dp(DataplaneError::MissingProgram {
-            object: "lb_xdp",
-            program: XDP_PROGRAM,
-        }))?;
-    program.try_into().map_err(|source| {
-        dp(DataplaneError::Program {
-            program: XDP_PROGRAM,
-            action: "expect an XDP program".into(),
-            source: Box::new(source),
-        })
-    })
-}
-
-/// The LPM key of a source range: the 32 bits of the service id, then the range's prefix of
-/// the 128-bit address (an IPv4 /n is the IPv4-mapped /(96 + n)).
-fn range_key(service_id: u32, net: IpNetwork) -> Key<LbSourceRange> {
-    let bits = match net {
-        IpNetwork::V4(n) => 96 + u32::from(n.prefix()),
-        IpNetwork::V6(n) => u32::from(n.prefix()),
-    };
-    Key::new(
-        32 + bits,
-        LbSourceRange {
-            service_id,
-            ip: net.network().into(),
-        },
-    )
-}
-
-fn sum_stats(values: &[LbStats]) -> LbStats {
-    let mut total = LbStats::default();
-    for v in values {
-        total += *v;
-    }
-    total
-}
+use crate::maps::{LbMaps, MapUsage};
 
 impl LbMaps for LbDatapath {
     fn set_config(&mut self, config: LbConfig) -> Result<(), LbError> {
-        self.config
-            .set(0, config, 0)
-            .map_err(|e| map_err("lb_config", "set", e))
+        Ok(LbDatapath::set_config(self, config)?)
     }
-
     fn set_service(&mut self, key: LbServiceKey, value: LbService) -> Result<(), LbError> {
-        if value.id >= MAX_SERVICES {
-            return Err(LbError::Capacity("service id beyond LB_MAX_SERVICES"));
-        }
-        self.services
-            .insert(key, value, 0)
-            .map_err(|e| map_err("lb_services", "insert", e))
+        Ok(LbDatapath::set_service(self, key, value)?)
     }
-
     fn remove_service(&mut self, key: &LbServiceKey) -> Result<(), LbError> {
-        ignore_missing(self.services.remove(key), "lb_services", "remove")
+        Ok(LbDatapath::remove_service(self, key)?)
     }
-
     fn set_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), LbError> {
-        self.backends
-            .set(id, backend, 0)
-            .map_err(|e| map_err("lb_backends", &format!("set {id}"), e))
+        Ok(LbDatapath::set_backend(self, id, backend)?)
     }
-
     fn write_ring(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), LbError> {
-        let base = service_id * MAGLEV_SIZE;
-        for &(slot, backend) in slots {
-            self.maglev
-                .set(base + slot, backend, 0)
-                .map_err(|e| map_err("lb_maglev", "set", e))?;
-        }
-        Ok(())
+        Ok(LbDatapath::write_ring(self, service_id, slots)?)
     }
-
     fn add_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError> {
-        self.source_ranges
-            .insert(&range_key(service_id, net), 1, 0)
-            .map_err(|e| map_err("lb_source_ranges", &format!("insert {net}"), e))
+        Ok(LbDatapath::add_source_range(self, service_id, net)?)
     }
-
     fn remove_source_range(&mut self, service_id: u32, net: IpNetwork) -> Result<(), LbError> {
-        ignore_missing(
-            self.source_ranges.remove(&range_key(service_id, net)),
-            "lb_source_ranges",
-            "remove",
-        )
+        Ok(LbDatapath::remove_source_range(self, service_id, net)?)
     }
-
     fn add_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
-        self.vips
-            .insert(LbVipKey { ip: vip.into() }, LbVip::default(), 0)
-            .map_err(|e| map_err("lb_vips", &format!("insert {vip}"), e))
+        Ok(LbDatapath::add_vip(self, vip)?)
     }
-
     fn remove_vip(&mut self, vip: IpAddr) -> Result<(), LbError> {
-        ignore_missing(
-            self.vips.remove(&LbVipKey { ip: vip.into() }),
-            "lb_vips",
-            "remove",
-        )
+        Ok(LbDatapath::remove_vip(self, vip)?)
     }
-
     fn flows(&self) -> Result<Vec<(LbFlowKey, LbFlow)>, LbError> {
-        self.flows
-            .iter()
-            .map(|e| e.map_err(|e| map_err("lb_flows", "iterate", e)))
-            .collect()
+        Ok(LbDatapath::flows(self)?)
     }
-
     fn remove_flow(&mut self, forward: &LbFlowKey, reverse: &LbFlowKey) -> Result<(), LbError> {
-        ignore_missing(self.flows.remove(forward), "lb_flows", "remove")?;
-        ignore_missing(self.reverse.remove(reverse), "lb_reverse", "remove")
+        Ok(LbDatapath::remove_flow(self, forward, reverse)?)
     }
-
     fn backend_stats(&self, id: u32) -> Result<LbStats, LbError> {
-        let values = self
-            .backend_stats
-            .get(&id, 0)
-            .map_err(|e| map_err("lb_backend_stats", "get", e))?;
-        Ok(sum_stats(&values))
+        Ok(LbDatapath::backend_stats(self, id)?)
     }
-
     fn service_stats(&self, id: u32) -> Result<LbStats, LbError> {
-        let values = self
-            .service_stats
-            .get(&id, 0)
-            .map_err(|e| map_err("lb_service_stats", "get", e))?;
-        Ok(sum_stats(&values))
+        Ok(LbDatapath::service_stats(self, id)?)
     }
-
     fn counters(&self) -> Result<BTreeMap<LbReason, CounterValue>, LbError> {
-        let mut out = BTreeMap::new();
-        for reason in LbReason::ALL {
-            let values = self
-                .counters
-                .get(&(reason as u32), 0)
-                .map_err(|e| map_err("lb_counters", "get", e))?;
-            let mut total = CounterValue::default();
-            for v in values.iter() {
-                total += *v;
-            }
-            out.insert(reason, total);
-        }
-        Ok(out)
+        Ok(LbDatapath::counters(self)?)
     }
-}
-
-/// Turns on the kernel's run-time accounting of BPF programs (`BPF_ENABLE_STATS`) for as long
-/// as the returned descriptor lives: what the benchmark reads the LB's CPU cost from.
-pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, LbError> {
-    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| LbError::Syscall {
-        call: "bpf(BPF_ENABLE_STATS)",
-        source: e.io_error,
-    })
-}
-
-/// CPU time spent in, and runs of, every loaded LB program (TC and XDP), as the kernel counts
-/// them while run-time stats are enabled.
-pub fn run_time() -> Result<(std::time::Duration, u64), LbError> {
-    let tc = run_time_of(TC_PROGRAM)?;
-    let xdp = run_time_of(XDP_PROGRAM)?;
-    Ok((tc.0 + xdp.0, tc.1 + xdp.1))
-}
-
-/// Likewise for the loaded programs named `program` ("lb_ingress" at TC, "lb_xdp").
-pub fn run_time_of(program: &str) -> Result<(std::time::Duration, u64), LbError> {
-    let mut total = (std::time::Duration::ZERO, 0);
-    for info in aya::programs::loaded_programs() {
-        let info = info.map_err(|source| {
-            dp(DataplaneError::Program {
-                program: TC_PROGRAM,
-                action: "list loaded programs".into(),
-                source: Box::new(source),
-            })
-        })?;
-        if info.name_as_str() == Some(program) {
-            total.0 += info.run_time();
-            total.1 += info.run_count();
-        }
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), LbError> {
+        Ok(LbDatapath::reset_service_stats(self, id)?)
     }
-    Ok(total)
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), LbError> {
+        Ok(LbDatapath::reset_backend_stats(self, id)?)
+    }
+    fn service_keys(&self) -> Result<Vec<LbServiceKey>, LbError> {
+        Ok(LbDatapath::service_keys(self)?)
+    }
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, LbError> {
+        Ok(LbDatapath::source_ranges(self)?)
+    }
+    fn backend_ids(&self) -> Result<Vec<u32>, LbError> {
+        Ok(LbDatapath::backend_ids(self)?)
+    }
+    fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
+        Ok(LbDatapath::vips(self)?)
+    }
+    fn map_usage(&self) -> Result<Vec<MapUsage>, LbError> {
+        Ok(LbDatapath::map_usage(self)?)
+    }
 }

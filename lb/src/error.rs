@@ -34,18 +34,6 @@ pub enum LbError {
     /// A datapath limit (services, backends) is reached.
     #[error("datapath full: {0}")]
     Capacity(&'static str),
-    /// A map pinned where the LB keeps its maps has another layout (left by another version
-    /// of the LB): reusing it would make the programs misread every entry.
-    #[error(
-        "pinned map {} has {found} (key, value) bytes, this LB needs {expected}: it is another \
-         version's; remove the pin directory to start afresh",
-        path.display()
-    )]
-    StalePin {
-        path: std::path::PathBuf,
-        found: String,
-        expected: String,
-    },
     #[error(transparent)]
     Maglev(#[from] MaglevError),
     /// The eBPF datapath failed.

@@ -4,9 +4,11 @@
 //!
 //! Layout (datapath / control library / daemon, as Katran splits it):
 //! - pure logic, no I/O: [`maglev`], [`pool`], [`config`], [`health::Health`], [`controller`]
-//!   (over the [`maps::LbMaps`] seam), [`status`];
-//! - kernel: [`datapath`] (aya), [`packet`] (AF_PACKET for gratuitous ARP and unsolicited
-//!   Neighbor Advertisements);
+//!   (over the [`maps::LbMaps`] seam; what it owns, services and ids, in `book.rs`),
+//!   [`status`], [`state`] (what survives a restart: the state file);
+//! - kernel: [`datapath`] (the BPF objects and maps of `slipway_dataplane::lb` behind
+//!   [`maps::LbMaps`]), [`packet`] (gratuitous ARP and unsolicited Neighbor
+//!   Advertisements through the dataplane's AF_PACKET seam, solicited-node groups);
 //! - daemon: [`daemon`] (local API on a Unix socket, health-check tasks), [`api`] (routes'
 //!   wire format and the blocking [`api::Client`]), [`metrics`], [`cli`].
 //!
@@ -26,10 +28,11 @@
 //! `slipway lb serve --config lb.yaml` runs the daemon; `slipway lb status`, `apply -f`,
 //! `delete ns/name` and `metrics` talk to it over its socket (default
 //! [`config::DEFAULT_SOCKET`]).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod announce;
 pub mod api;
+mod book;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -42,6 +45,7 @@ pub mod maps;
 pub mod metrics;
 pub mod packet;
 pub mod pool;
+pub mod state;
 pub mod status;
 pub mod testing;
 

@@ -11,6 +11,8 @@ use slipway_dataplane::abi::lb::{
     LbBackend, LbConfig, LbFlow, LbFlowKey, LbReason, LbService, LbServiceKey, LbStats,
 };
 
+pub use slipway_dataplane::lb::MapUsage;
+
 use crate::LbError;
 
 /// The datapath's maps as the controller sees them.
@@ -36,6 +38,20 @@ pub trait LbMaps: Send {
     fn service_stats(&self, id: u32) -> Result<LbStats, LbError>;
     /// Packets and bytes per verdict, summed over CPUs.
     fn counters(&self) -> Result<BTreeMap<LbReason, CounterValue>, LbError>;
+    /// Zeroes the counters of service `id` (given to a new service port).
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), LbError>;
+    /// Zeroes the counters of backend `id` (given to a new backend).
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), LbError>;
+    /// The keys of every service entry.
+    fn service_keys(&self) -> Result<Vec<LbServiceKey>, LbError>;
+    /// Every (service id, client range) entry.
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, LbError>;
+    /// Ids of the backend entries that are set (not all-zero).
+    fn backend_ids(&self) -> Result<Vec<u32>, LbError>;
+    /// Every announced VIP.
+    fn vips(&self) -> Result<Vec<IpAddr>, LbError>;
+    /// Capacity and kernel memory of every map.
+    fn map_usage(&self) -> Result<Vec<MapUsage>, LbError>;
 }
 
 /// Shared maps: the controller drives them while the owner keeps a handle (e.g. to run the
@@ -82,6 +98,27 @@ impl<T: LbMaps> LbMaps for std::sync::Arc<std::sync::Mutex<T>> {
     }
     fn counters(&self) -> Result<BTreeMap<LbReason, CounterValue>, LbError> {
         lock(self).counters()
+    }
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), LbError> {
+        lock(self).reset_service_stats(id)
+    }
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), LbError> {
+        lock(self).reset_backend_stats(id)
+    }
+    fn service_keys(&self) -> Result<Vec<LbServiceKey>, LbError> {
+        lock(self).service_keys()
+    }
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, LbError> {
+        lock(self).source_ranges()
+    }
+    fn backend_ids(&self) -> Result<Vec<u32>, LbError> {
+        lock(self).backend_ids()
+    }
+    fn vips(&self) -> Result<Vec<IpAddr>, LbError> {
+        lock(self).vips()
+    }
+    fn map_usage(&self) -> Result<Vec<MapUsage>, LbError> {
+        lock(self).map_usage()
     }
 }
 

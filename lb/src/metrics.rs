@@ -178,7 +178,7 @@ impl Collector for LbCollector {
         family(
             &mut encoder,
             "slipway_lb_datapath_packets",
-            "Packets by datapath verdict.",
+            "Packets by datapath verdict, and the flow_table_full and flow_untracked events.",
             MetricType::Counter,
             verdicts,
         )?;
@@ -192,6 +192,27 @@ impl Collector for LbCollector {
                 )
             })
             .collect();
+        let maps = |value: fn(&crate::maps::MapUsage) -> i64| {
+            status
+                .maps
+                .iter()
+                .map(|m| (vec![("map", m.name.clone())], ConstGauge::new(value(m))))
+                .collect()
+        };
+        family(
+            &mut encoder,
+            "slipway_lb_map_bytes",
+            "Kernel memory of the datapath map (Maglev rings summed).",
+            MetricType::Gauge,
+            maps(|m| i64::try_from(m.bytes).unwrap_or(i64::MAX)),
+        )?;
+        family(
+            &mut encoder,
+            "slipway_lb_map_capacity",
+            "Entries the datapath map holds at most (--max-services, --max-backends, --max-flows).",
+            MetricType::Gauge,
+            maps(|m| i64::from(m.max_entries)),
+        )?;
         family(
             &mut encoder,
             "slipway_lb_pool_addresses_used",

@@ -19,6 +19,9 @@ pub struct Status {
     pub announced: Vec<IpAddr>,
     /// Packets per datapath verdict (`enum lb_reason`).
     pub verdicts: BTreeMap<String, u64>,
+    /// Capacity and kernel memory of every map.
+    #[serde(default)]
+    pub maps: Vec<crate::maps::MapUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +168,21 @@ impl Status {
             .map(|(k, n)| format!("{k}={n}"))
             .collect();
         let _ = writeln!(out, "verdicts: {}", verdicts.join(" "));
+        let maps: Vec<String> = self
+            .maps
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} {:.1} MiB/{}",
+                    m.name,
+                    m.bytes as f64 / f64::from(1 << 20),
+                    m.max_entries
+                )
+            })
+            .collect();
+        if !maps.is_empty() {
+            let _ = writeln!(out, "maps (memory/capacity): {}", maps.join(", "));
+        }
         out
     }
 }

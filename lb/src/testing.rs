@@ -59,6 +59,10 @@ fn world_err(e: slipway_dataplane::DataplaneError) -> LbError {
 pub struct LbWorld {
     // Fields drop in this order: the daemon and the servers before their namespaces go.
     daemon: Option<DaemonHandle>,
+    /// The daemon as a process ([`LbWorld::start_daemon_process`]); SIGKILLed on drop.
+    process: Option<Process>,
+    config: LbConfig,
+    point: AttachPoint,
     nginx: BTreeMap<usize, Process>,
     echo: Vec<EchoServer>,
     dir: PathBuf,
@@ -85,6 +89,9 @@ impl LbWorld {
         })?;
         let mut lbw = Self {
             daemon: None,
+            process: None,
+            config: LbConfig::new("eth0", Vec::new()),
+            point,
             nginx: BTreeMap::new(),
             echo: Vec::new(),
             dir,
@@ -170,10 +177,102 @@ impl LbWorld {
         );
         config.socket = lbw.dir.join("lb.sock");
         config.pin_dir = Some(lbw.world.bpffs_dir().join("lb"));
+        config.state_dir = lbw.dir.join("state");
+        // Small maps: worlds run side by side, and the default 1M-flow tables take ~300 MB.
+        config.maps = crate::config::MapSizes {
+            services: 256,
+            backends: 4096,
+            flows: 65536,
+        };
         config.garp_interval_ms = 200;
-        let lb_ns = lbw.world.host(LB_HOST).netns.name().to_owned();
-        lbw.daemon = Some(DaemonHandle::start_in_netns_at(&lb_ns, config, point)?);
+        lbw.config = config;
+        lbw.start_daemon()?;
         Ok(lbw)
+    }
+
+    /// The daemon's configuration.
+    pub fn config(&self) -> &LbConfig {
+        &self.config
+    }
+
+    /// Stops the daemon and starts it again (on a thread) with `change` applied to its
+    /// configuration.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut LbConfig)) -> Result<(), LbError> {
+        self.stop_daemon()?;
+        change(&mut self.config);
+        self.start_daemon()
+    }
+
+    /// Starts the daemon on a thread inside the LB host (as [`LbWorld::new`] does).
+    pub fn start_daemon(&mut self) -> Result<(), LbError> {
+        let lb_ns = self.lb().name().to_owned();
+        self.daemon = Some(DaemonHandle::start_in_netns_at(
+            &lb_ns,
+            self.config.clone(),
+            self.point,
+        )?);
+        Ok(())
+    }
+
+    /// Stops the daemon, thread or process, the way an operator does (the thread's graceful
+    /// shutdown; SIGTERM to the process, which must then exit 0).
+    pub fn stop_daemon(&mut self) -> Result<(), LbError> {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.stop()?;
+        }
+        if let Some(process) = self.process.take() {
+            let pid = process
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .ok_or_else(|| LbError::Api("daemon process without a pid".into()))?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .map_err(|e| LbError::Syscall {
+                call: "kill(SIGTERM)",
+                source: e.into(),
+            })?;
+            process.wait().map_err(world_err)?;
+        }
+        Ok(())
+    }
+
+    /// Kills the daemon process with SIGKILL and reaps it.
+    pub fn kill_daemon(&mut self) -> Result<(), LbError> {
+        match self.process.take() {
+            Some(process) => {
+                drop(process);
+                Ok(())
+            }
+            None => Err(LbError::Api("no daemon process to kill".into())),
+        }
+    }
+
+    /// Runs the daemon as a process of `bin` (the crate's `slipway-lb`) inside the LB host,
+    /// with this world's configuration, after stopping the current one; waits until its API
+    /// answers.
+    pub fn start_daemon_process(&mut self, bin: &str) -> Result<(), LbError> {
+        self.stop_daemon()?;
+        let path = self.dir.join("lb.json");
+        let json = serde_json::to_vec(&self.config).map_err(|e| LbError::Api(e.to_string()))?;
+        fs::write(&path, json).map_err(|source| LbError::Syscall {
+            call: "write daemon configuration",
+            source,
+        })?;
+        let path = path.display().to_string();
+        let mut argv = vec![bin, "serve", "--config", &path];
+        if matches!(self.point, AttachPoint::Xdp(_)) {
+            argv.push("--xdp");
+        }
+        self.process = Some(self.lb().spawn(&argv).map_err(world_err)?);
+        let api = self.api();
+        wait_for(
+            "the daemon process answers",
+            Duration::from_secs(30),
+            || api.status().ok(),
+        )?;
+        Ok(())
     }
 
     pub fn world(&self) -> &World {
@@ -333,23 +432,11 @@ impl LbWorld {
 impl Drop for LbWorld {
     fn drop(&mut self) {
         self.daemon.take();
+        self.process.take();
         self.nginx.clear();
         self.echo.clear();
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-fn enter(netns: &str) -> Result<(), LbError> {
-    let ns = fs::File::open(slipway_dataplane::netns::path(netns)).map_err(|source| {
-        LbError::Syscall {
-            call: "open netns",
-            source,
-        }
-    })?;
-    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| LbError::Syscall {
-        call: "setns(CLONE_NEWNET)",
-        source: e.into(),
-    })
 }
 
 /// Runs `f` on a new thread inside network namespace `netns`.
@@ -359,7 +446,7 @@ pub fn spawn_in<T: Send + 'static>(
 ) -> JoinHandle<Result<T, LbError>> {
     let netns = netns.to_owned();
     std::thread::spawn(move || {
-        enter(&netns)?;
+        slipway_dataplane::netns::enter(&netns)?;
         Ok(f())
     })
 }

@@ -45,6 +45,8 @@ fn spec<A: Into<IpAddr> + Copy>(
             .collect(),
         health_check: None,
         drain_timeout_secs: None,
+        session_affinity: Default::default(),
+        session_affinity_config: None,
     }
 }
 
@@ -268,7 +270,9 @@ fn long_lived_streams_survive_adding_and_removing_backends() {
         "new flows reach the new backend"
     );
 
-    // Remove the third backend: streams to the other backends carry on.
+    // Remove the third backend: every stream carries on, those on the removed backend too
+    // (it drains: no new flows, its tracked ones stay on it until they end).
+    assert!(on(ips[2]) > 0, "a stream on the backend to remove");
     let mut without = four.clone();
     without.remove(2);
     w.api()
@@ -284,18 +288,49 @@ fn long_lived_streams_survive_adding_and_removing_backends() {
     })
     .expect("progress after remove");
 
-    for s in streams.into_iter().chain(new) {
+    let removed = service_status(&w, "default/echo")
+        .backends
+        .into_iter()
+        .find(|b| b.ip == IpAddr::from(ips[2]))
+        .expect("the removed backend is listed while it drains");
+    assert_eq!(removed.state, BackendState::Draining);
+    let open_on_removed = streams
+        .iter()
+        .chain(&new)
+        .filter(|s| s.backend() == ips[2])
+        .count();
+    assert_eq!(removed.active_flows, open_on_removed as u64, "{removed:?}");
+    let fresh: Vec<EchoStream> = (0..24)
+        .map(|_| EchoStream::open(w.client(), vip).expect("stream"))
+        .collect();
+    assert!(
+        fresh.iter().all(|s| s.backend() != ips[2]),
+        "no new flow goes to the removed backend"
+    );
+
+    for s in streams.into_iter().chain(new).chain(fresh) {
         let backend = s.backend();
         let report = s.finish().expect("report");
-        if backend == ips[2] {
-            continue; // its backend left the service: its flows may end
-        }
         assert_eq!(report.error, None, "stream to {backend}: {report:?}");
         assert!(
             report.max_gap < Duration::from_millis(500),
             "stream to {backend} stalled: {report:?}"
         );
     }
+    // Its streams ended (FIN): the removed backend is released.
+    wait_for(
+        "the removed backend is released",
+        Duration::from_secs(10),
+        || {
+            let status = service_status(&w, "default/echo");
+            status
+                .backends
+                .iter()
+                .all(|b| b.ip != IpAddr::from(ips[2]))
+                .then_some(())
+        },
+    )
+    .expect("released");
 }
 
 #[test]
@@ -601,9 +636,8 @@ fn a_vip_is_announced_released_and_reallocated() {
     ignore = "privileged: root + BPF + netns; run scripts/test.sh"
 )]
 fn the_xdp_attach_point_balances_too() {
-    use slipway_lb::datapath::{AttachPoint, enable_run_time_stats, run_time_of};
-    let mut w =
-        LbWorld::with_attach(2, AttachPoint::Xdp(aya::programs::XdpMode::Skb)).expect("world");
+    use slipway_lb::datapath::{AttachPoint, XdpMode, enable_run_time_stats, run_time_of};
+    let mut w = LbWorld::with_attach(2, AttachPoint::Xdp(XdpMode::Skb)).expect("world");
     let link = w
         .lb()
         .ip(&["-d", "link", "show", "dev", "eth0"])
@@ -976,4 +1010,121 @@ fn ipv6_source_ranges_local_policy_and_streams_across_backend_changes() {
             "stream to {backend} stalled: {report:?}"
         );
     }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn iperf3_through_a_three_backend_vip_works_with_client_ip_affinity() {
+    use slipway_lb::config::SessionAffinity;
+    let w = LbWorld::new(3).expect("world");
+    // iperf3 opens a control and a data connection, which must reach the same server.
+    let servers: Vec<_> = (0..3)
+        .map(|i| {
+            let (ns, _) = w.backend(i);
+            let server = ns
+                .spawn(&["iperf3", "-s", "-p", "5201"])
+                .expect("iperf3 server");
+            ns.wait_tcp_listen(5201, Duration::from_secs(10))
+                .expect("iperf3 listens");
+            server
+        })
+        .collect();
+    let ips = w.backend_ips();
+    let backends: Vec<(Ipv4Addr, u32)> = ips.iter().map(|ip| (*ip, 1)).collect();
+    let mut iperf = spec("iperf", vec![port(Protocol::Tcp, 5201)], &backends);
+    iperf.session_affinity = SessionAffinity::ClientIp;
+    let vip = w.api().apply(&iperf).expect("apply");
+    for run in 0..6 {
+        let out = w
+            .client()
+            .exec(&[
+                "timeout",
+                "30",
+                "iperf3",
+                "-c",
+                &vip.to_string(),
+                "-p",
+                "5201",
+                "-t",
+                "1",
+                "--connect-timeout",
+                "3000",
+            ])
+            .expect("iperf3 client");
+        assert!(
+            out.status.success(),
+            "run {run}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let status = service_status(&w, "default/iperf");
+    let used: Vec<&BackendStatusRow> = status
+        .backends
+        .iter()
+        .filter(|b| b.flows_total > 0)
+        .collect();
+    assert_eq!(
+        used.len(),
+        1,
+        "one client, one backend: {:?}",
+        status.backends
+    );
+    drop(servers);
+}
+
+type BackendStatusRow = slipway_lb::status::BackendStatus;
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn prometheus_scrapes_the_metrics_over_tcp() {
+    let mut w = LbWorld::new(1).expect("world");
+    w.start_nginx(0).expect("nginx");
+    let addr = std::net::SocketAddr::new(w.lb_ip().into(), 9630);
+    w.reconfigure(|c| c.metrics_address = Some(addr))
+        .expect("daemon with a metrics address");
+    let ips = w.backend_ips();
+    let vip = w
+        .api()
+        .apply(&spec("web", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]))
+        .expect("apply");
+    assert_eq!(
+        LbWorld::curl(w.client(), &format!("http://{vip}"), 3)
+            .expect("curl")
+            .len(),
+        3
+    );
+    // From another host, as Prometheus would.
+    let out = w
+        .client()
+        .run(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "10",
+            &format!("http://{addr}/metrics"),
+        ])
+        .expect("scrape");
+    let line = out
+        .lines()
+        .find(|l| {
+            l.starts_with("slipway_lb_vip_flows_total{") && l.contains("service=\"default/web\"")
+        })
+        .unwrap_or_else(|| panic!("no flow counter of default/web in\n{out}"));
+    let flows: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(flows, 3, "{line}");
+    assert!(
+        out.contains("slipway_lb_map_bytes{map=\"lb_flows\"}"),
+        "map memory is exported"
+    );
 }

@@ -4,18 +4,18 @@
 //! checksums over IPv4 and IPv6, the reverse translation, conntrack stickiness, source ranges,
 //! eTP Local, and the verdict counters. Privileged (root, BPF): run by scripts/test.sh.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use aya::programs::{TestRun, TestRunOptions};
 use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
 use slipway_lb::announce::{Announcer, StaticLease};
 use slipway_lb::config::{
-    BackendSpec, LbConfig, PoolConfig, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
+    BackendSpec, LbConfig, MapSizes, PoolConfig, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
 };
 use slipway_lb::controller::Controller;
-use slipway_lb::datapath::{AttachPoint, LbDatapath};
-use slipway_lb::maps::LbMaps;
+use slipway_lb::datapath::{AttachPoint, LbDatapath, LbProgram, XdpMode};
 use slipway_lb::pool::Pools;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -53,13 +53,27 @@ const BACKENDS6: [Ipv6Addr; 3] = [
     Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 5),
 ];
 
+/// Map sizes for tests: small, so parallel tests do not each take the default 1M-flow tables.
+fn small() -> MapSizes {
+    MapSizes {
+        services: 16,
+        backends: 64,
+        flows: 4096,
+    }
+}
+
 struct Lb {
     datapath: Arc<Mutex<LbDatapath>>,
     controller: Controller,
 }
 
 fn lb() -> Lb {
-    let mut datapath = LbDatapath::load(AttachPoint::Tc, None).expect("load lb (needs root + BPF)");
+    lb_sized(&small())
+}
+
+fn lb_sized(sizes: &MapSizes) -> Lb {
+    let mut datapath =
+        LbDatapath::load(AttachPoint::Tc, None, sizes).expect("load lb (needs root + BPF)");
     datapath
         .set_config(ConfigValue {
             snat_ip4: LB_IP.into(),
@@ -130,6 +144,8 @@ fn service<A: Into<IpAddr> + Copy>(
             .collect(),
         health_check: None,
         drain_timeout_secs: None,
+        session_affinity: Default::default(),
+        session_affinity_config: None,
     }
 }
 
@@ -249,35 +265,18 @@ fn arp_request(target: Ipv4Addr) -> Vec<u8> {
 
 fn run(lb: &Lb, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut dp = lb.datapath.lock().expect("lock");
-    let mut out = vec![0u8; frame.len() + 64];
     let result = dp
-        .classifier()
-        .expect("program")
-        .test_run(options(frame, &mut out))
+        .test_run(LbProgram::Tc, frame)
         .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    (result.verdict, result.frame)
 }
 
 /// Runs the XDP program of `dp` (loaded with [`AttachPoint::Xdp`]) once on `frame`.
 fn run_xdp(dp: &mut LbDatapath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 64];
     let result = dp
-        .xdp()
-        .expect("program")
-        .test_run(options(frame, &mut out))
+        .test_run(LbProgram::Xdp, frame)
         .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-fn options<'a>(frame: &'a [u8], out: &'a mut [u8]) -> TestRunOptions<'a> {
-    TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(out),
-        repeat: 1,
-        ..TestRunOptions::default()
-    }
+    (result.verdict, result.frame)
 }
 
 /// (src, sport, dst, dport) of an IPv4 frame whose IPv4 and L4 checksums must be valid.
@@ -440,7 +439,7 @@ fn translates_both_ways_with_valid_checksums_and_sticks_to_the_backend() {
         assert_eq!(tuple(&out), (LB_IP, sport, backend, 8080));
     }
     // Many new flows spread over all ten backends.
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for port in 0..400u16 {
         let (_, out) = run(
             &lb,
@@ -535,12 +534,12 @@ impl Drop for PinDir {
     ignore = "privileged: root + BPF; run scripts/test.sh"
 )]
 fn the_xdp_variant_passes_the_verifier_and_shares_the_maps() {
-    assert!(LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), None).is_err());
+    assert!(LbDatapath::load(AttachPoint::Xdp(XdpMode::Skb), None, &small()).is_err());
     let pins = PinDir(std::path::PathBuf::from(format!(
         "/sys/fs/bpf/slipway-lb-xdp-test-{}",
         std::process::id()
     )));
-    let mut dp = LbDatapath::load(AttachPoint::Xdp(aya::programs::XdpMode::Skb), Some(&pins.0))
+    let mut dp = LbDatapath::load(AttachPoint::Xdp(XdpMode::Skb), Some(&pins.0), &small())
         .expect("load lb and lb_xdp");
     assert!(dp.xdp().is_ok() && dp.classifier().is_ok());
     dp.add_vip(VIP.into()).expect("vip");
@@ -780,7 +779,7 @@ fn translates_ipv6_both_ways_with_valid_checksums_beside_ipv4() {
         assert_eq!(tuple6(&out), (LB_IP6, sport, backend, 8080));
     }
     // Maglev spreads new flows over all ten backends.
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for port in 0..400u16 {
         let (_, out) = run(
             &lb,
@@ -887,13 +886,269 @@ fn a_pinned_map_of_another_layout_is_refused() {
         .status()
         .expect("bpftool");
     assert!(status.success(), "bpftool map create");
-    let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect_err("stale pin");
+    let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &small()).expect_err("stale pin");
     let text = err.to_string();
     assert!(
         text.contains("lb_vips") && text.contains("(4, 4)") && text.contains("(16, 4)"),
         "{text}"
     );
     std::fs::remove_file(&stale).expect("unpin");
-    LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("a fresh pin directory loads");
-    LbDatapath::load(AttachPoint::Tc, Some(&pins.0)).expect("and its own pins are reused");
+    LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &small())
+        .expect("a fresh pin directory loads");
+    LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &small())
+        .expect("and its own pins are reused");
+    let bigger = MapSizes {
+        flows: small().flows * 2,
+        ..small()
+    };
+    let err = LbDatapath::load(AttachPoint::Tc, Some(&pins.0), &bigger).expect_err("resized");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("has {} entries", small().flows))
+            && text.contains(&format!("needs {}", bigger.flows)),
+        "a pinned map of another size is refused: {text}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn services_sharing_a_backend_count_apart_and_a_new_service_starts_at_zero() {
+    let mut lb = lb();
+    let mut a = service("a", Protocol::Tcp, 80, 8080, &BACKENDS[..1]);
+    a.load_balancer_ip = None;
+    let mut b = service("b", Protocol::Tcp, 81, 8080, &BACKENDS[..1]);
+    b.load_balancer_ip = None;
+    let vip_a = lb.controller.apply(a).expect("a").vip;
+    let vip_b = lb.controller.apply(b).expect("b").vip;
+    let sent = 5u64;
+    for i in 0..sent {
+        let sport = 40000 + u16::try_from(i).expect("port");
+        let (verdict, out) = run(
+            &lb,
+            &tcp_frame((CLIENT, sport), (ip4(vip_a), 80), TcpControl::Syn, &[]),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&out).2, BACKENDS[0]);
+    }
+    let backend_of = |lb: &Lb, name: &str| {
+        let status = lb.controller.status(0).expect("status");
+        let s = status
+            .services
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} not in status"));
+        (
+            s.ports[0].flows_total,
+            s.backends[0].flows_total,
+            s.backends[0].packets,
+        )
+    };
+    assert_eq!(
+        backend_of(&lb, "default/a"),
+        (sent, sent, sent),
+        "a counts its flows"
+    );
+    assert_eq!(
+        backend_of(&lb, "default/b"),
+        (0, 0, 0),
+        "b shares a's backend address and port but none of its traffic"
+    );
+
+    // b goes; c takes its service id (the lowest free) and a backend id of its own: it starts
+    // at zero although b's counters were written.
+    let (verdict, _) = run(
+        &lb,
+        &tcp_frame((CLIENT, 50000), (ip4(vip_b), 81), TcpControl::Syn, &[]),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(backend_of(&lb, "default/b").0, 1);
+    lb.controller.delete("default", "b").expect("delete b");
+    let mut c = service("c", Protocol::Tcp, 82, 8080, &BACKENDS[..1]);
+    c.load_balancer_ip = None;
+    lb.controller.apply(c).expect("c");
+    assert_eq!(
+        backend_of(&lb, "default/c"),
+        (0, 0, 0),
+        "a new service starts at zero"
+    );
+    assert_eq!(backend_of(&lb, "default/a"), (sent, sent, sent));
+}
+
+fn ip4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => panic!("{ip} is not IPv4"),
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn map_memory_follows_the_flow_capacity() {
+    let usage = |flows: u32| {
+        let dp =
+            LbDatapath::load(AttachPoint::Tc, None, &MapSizes { flows, ..small() }).expect("load");
+        let usage = dp.map_usage().expect("usage");
+        let map = |name: &str| {
+            usage
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name} not reported"))
+                .clone()
+        };
+        let maps = [map("lb_flows"), map("lb_reverse"), map("lb_affinity")];
+        for m in &maps {
+            assert_eq!(m.max_entries, flows, "{m:?}");
+        }
+        maps.iter().map(|m| m.bytes).sum::<u64>()
+    };
+    let (at_100k, at_200k) = (usage(100_000), usage(200_000));
+    let per_100k = at_200k - at_100k;
+    // At least the keys and values themselves.
+    use slipway_dataplane::abi::lb::{LbAffinity, LbAffinityKey, LbFlow, LbFlowKey, LbReverse};
+    let floor = 100_000
+        * (2 * size_of::<LbFlowKey>()
+            + size_of::<LbFlow>()
+            + size_of::<LbReverse>()
+            + size_of::<LbAffinityKey>()
+            + size_of::<LbAffinity>()) as u64;
+    assert!(per_100k >= floor, "{per_100k} bytes < {floor}");
+    eprintln!(
+        "map memory per 100k tracked flows: {per_100k} bytes (lb_flows + lb_reverse + \
+         lb_affinity; {at_100k} bytes at 100k)"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn a_flow_evicted_from_a_full_table_is_counted_and_placed_again() {
+    let sizes = MapSizes {
+        flows: 1024,
+        ..small()
+    };
+    let mut lb = lb_sized(&sizes);
+    lb.controller
+        .apply(service("web", Protocol::Tcp, 80, 8080, &BACKENDS))
+        .expect("apply");
+    let (verdict, out) = run(
+        &lb,
+        &tcp_frame((CLIENT, 1025), (VIP, 80), TcpControl::Syn, &[]),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let backend = tuple(&out).2;
+    let flows_of = |lb: &mut Lb| lb.controller.maps().flows().expect("flows");
+    let first = flows_of(&mut lb)[0].0;
+    // Four times the table in new flows from other ports: the first one is evicted.
+    let mut sport = 2000u16;
+    while flows_of(&mut lb).iter().any(|(k, _)| *k == first) {
+        for _ in 0..sizes.flows {
+            let (verdict, _) = run(
+                &lb,
+                &tcp_frame((CLIENT, sport), (VIP, 80), TcpControl::Syn, &[]),
+            );
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            sport += 1;
+        }
+        assert!(sport < 2000 + 4 * sizes.flows as u16, "never evicted");
+    }
+    assert_eq!(count(&lb, LbReason::FlowUntracked), 0);
+    let (verdict, out) = run(
+        &lb,
+        &tcp_frame((CLIENT, 1025), (VIP, 80), TcpControl::None, b"x"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "placed again, not dropped");
+    assert_eq!(
+        tuple(&out).2,
+        backend,
+        "Maglev places it on the same backend"
+    );
+    assert_eq!(count(&lb, LbReason::FlowUntracked), 1, "and counted");
+}
+
+/// The backends new connections from `client` on `ports` land on, in order.
+fn placements(lb: &Lb, client: Ipv4Addr, ports: std::ops::Range<u16>) -> Vec<Ipv4Addr> {
+    ports
+        .map(|sport| {
+            let (verdict, out) = run(
+                lb,
+                &tcp_frame((client, sport), (VIP, 80), TcpControl::Syn, &[]),
+            );
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            tuple(&out).2
+        })
+        .collect()
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn client_ip_affinity_keeps_a_client_on_its_backend_until_it_leaves_or_the_timeout() {
+    use slipway_lb::config::{ClientIpConfig, SessionAffinity, SessionAffinityConfig};
+    let mut lb = lb();
+    let mut web = service("web", Protocol::Tcp, 80, 8080, &BACKENDS);
+    lb.controller.apply(web.clone()).expect("apply");
+    let spread: BTreeSet<Ipv4Addr> = placements(&lb, CLIENT, 40000..40030).into_iter().collect();
+    assert!(
+        spread.len() > 1,
+        "without affinity one client's connections spread"
+    );
+
+    let timeout = 1;
+    web.session_affinity = SessionAffinity::ClientIp;
+    web.session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIpConfig {
+            timeout_seconds: Some(timeout),
+        }),
+    });
+    lb.controller.apply(web.clone()).expect("affinity");
+    let same: BTreeSet<Ipv4Addr> = placements(&lb, CLIENT, 41000..41030).into_iter().collect();
+    assert_eq!(
+        same.len(),
+        1,
+        "with ClientIP every connection goes to one backend: {same:?}"
+    );
+    let pinned = *same.first().expect("one");
+    let other: BTreeSet<Ipv4Addr> = placements(&lb, OTHER_CLIENT, 41000..41030)
+        .into_iter()
+        .collect();
+    assert_eq!(other.len(), 1, "another client has its own: {other:?}");
+
+    // The backend leaves the service: the client moves to another one and stays there.
+    web.backends.retain(|b| b.ip != IpAddr::V4(pinned));
+    lb.controller
+        .apply(web.clone())
+        .expect("remove the pinned backend");
+    let moved: BTreeSet<Ipv4Addr> = placements(&lb, CLIENT, 42000..42030).into_iter().collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    let removed = pinned;
+    let pinned = *moved.first().expect("one");
+    assert_ne!(pinned, removed, "not to the backend that left");
+
+    // Past the timeout without a new connection, Maglev places the client again: some new
+    // connection lands elsewhere (each one does with probability 1/2 over two backends).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut sport = 43000;
+    loop {
+        // The timeout runs from the last new connection: let it pass.
+        std::thread::sleep(Duration::from_millis(u64::from(timeout) * 1000 + 200));
+        let placed = placements(&lb, CLIENT, sport..sport + 1)[0];
+        sport += 1;
+        if placed != pinned {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client never left {pinned} after the timeout"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The audit log: one JSON line per request that changes state or is denied.
 
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -17,6 +18,9 @@ pub struct AuditRecord<'a> {
     pub verb: &'a str,
     /// Resource plural (or the path for non-resource requests).
     pub resource: &'a str,
+    /// Subresource (`status`), if the request was for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subresource: Option<&'a str>,
     /// API group.
     pub group: &'a str,
     /// Namespace.
@@ -36,12 +40,15 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (appends to) the audit log.
+    /// Opens (appends to) the audit log, readable by its owner only (0600, also when an older
+    /// file was more open).
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         Ok(Self {
             file: Mutex::new(file),
         })

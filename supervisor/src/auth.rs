@@ -14,6 +14,11 @@ use crate::store::{AnyStore, Store};
 /// The group whose members are cluster administrators.
 pub const MASTERS: &str = "system:masters";
 
+/// The group of the supervisor's controllers: the only identities besides cluster-admin that
+/// write status (`*/status`), the field controllers own. They read everything and update
+/// objects (finalizers), but create and delete nothing and never touch RoleBindings.
+pub const CONTROLLERS: &str = "system:slipway:controllers";
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {
@@ -27,6 +32,11 @@ impl UserInfo {
     /// Whether the user is a cluster administrator.
     pub fn is_admin(&self) -> bool {
         self.groups.iter().any(|g| g == MASTERS)
+    }
+
+    /// Whether the user is one of the supervisor's controllers.
+    pub fn is_controller(&self) -> bool {
+        self.groups.iter().any(|g| g == CONTROLLERS)
     }
 }
 
@@ -165,11 +175,20 @@ pub async fn role_in(
     user: &UserInfo,
     namespace: &str,
 ) -> Result<Option<Role>, ApiError> {
+    strongest_role(store, user, Some(namespace)).await
+}
+
+/// The strongest role `user` holds in `namespace`, or in any namespace when None.
+async fn strongest_role(
+    store: &AnyStore,
+    user: &UserInfo,
+    namespace: Option<&str>,
+) -> Result<Option<Role>, ApiError> {
     let Some(rb) = lookup("rbac.authorization.k8s.io", "v1", "rolebindings") else {
         return Ok(None);
     };
     let (items, _) = store
-        .list(&crate::server::keys::prefix(rb, Some(namespace)))
+        .list(&crate::server::keys::prefix(rb, namespace))
         .await?;
     let mut best = None;
     for kv in items {
@@ -200,14 +219,17 @@ pub async fn role_in(
     Ok(best)
 }
 
-/// Decides whether `user` may do `verb` on `rt` in `namespace` (None = cluster scope or all
-/// namespaces). Enforced on every verb, watch included.
+/// Decides whether `user` may do `verb` on `rt` (its `subresource`, if any; the object
+/// `name`, if one) in `namespace` (None = cluster scope or all namespaces). Enforced on every
+/// verb, watch included.
 pub async fn authorize(
     store: &AnyStore,
     user: &UserInfo,
     verb: &str,
     rt: &ResourceType,
+    subresource: Option<&str>,
     namespace: Option<&str>,
+    name: Option<&str>,
 ) -> Result<(), ApiError> {
     if user.is_admin() {
         return Ok(());
@@ -215,20 +237,39 @@ pub async fn authorize(
     let forbidden = || ApiError::Forbidden {
         user: user.name.clone(),
         verb: verb.to_string(),
-        resource: rt.plural.to_string(),
+        resource: match subresource {
+            Some(sub) => format!("{}/{sub}", rt.plural),
+            None => rt.plural.to_string(),
+        },
         group: rt.group.to_string(),
         namespace: namespace.map(String::from),
     };
     let read = matches!(verb, "get" | "list" | "watch");
+    if user.is_controller() {
+        let rbac = rt.group == "rbac.authorization.k8s.io";
+        return if read || (matches!(verb, "update" | "patch") && !rbac) {
+            Ok(())
+        } else {
+            Err(forbidden())
+        };
+    }
+    // Status belongs to the controllers: no namespace role writes it.
+    if subresource == Some("status") && !read {
+        return Err(forbidden());
+    }
     match (rt.namespaced, namespace) {
         // Cluster-scoped kinds (namespaces, classes, zones) are readable by every user.
-        (false, _) => {
-            if read {
-                Ok(())
-            } else {
-                Err(forbidden())
-            }
-        }
+        // A tenant reads the namespaces it holds a role in, one by name (the list would show
+        // other teams' limits), and the classes and zones once it holds any role at all.
+        (false, _) if !read => Err(forbidden()),
+        (false, _) if rt.group.is_empty() && rt.plural == "namespaces" => match name {
+            Some(ns) if role_in(store, user, ns).await?.is_some() => Ok(()),
+            _ => Err(forbidden()),
+        },
+        (false, _) => match strongest_role(store, user, None).await? {
+            Some(_) => Ok(()),
+            None => Err(forbidden()),
+        },
         (true, None) => Err(forbidden()),
         (true, Some(ns)) => match role_in(store, user, ns).await? {
             Some(role) if role.allows(verb, rt) => Ok(()),

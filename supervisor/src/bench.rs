@@ -268,6 +268,7 @@ async fn measure(
         audit_log: None,
         watch_history: crate::store::redb::DEFAULT_HISTORY,
         admission: AdmissionConfig::default(),
+        limits: crate::server::limits::ConnectionLimits::default(),
     };
     let server = Server::bind(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

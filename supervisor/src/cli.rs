@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use http_body_util::BodyExt;
@@ -15,6 +16,7 @@ use crate::client::{Client, collection_path, object_path, render_table, resolve}
 use crate::tls::{Credential, Pki};
 
 use crate::admission::AdmissionConfig;
+use crate::server::limits::ConnectionLimits;
 use crate::server::{Server, ServerConfig, StoreConfig};
 
 /// Arguments of `slipway supervisor`.
@@ -47,6 +49,39 @@ pub struct SupervisorArgs {
     /// Smallest ingress/egress CIDR a Cluster may ask for, as a prefix length.
     #[arg(long, default_value_t = 27)]
     pub min_edge_cidr_prefix: u8,
+    /// Longest a TLS handshake may take (`10s`, `500ms`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Longest a client may take to send a request's headers, idle time included.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Open connections in all; more are closed at accept.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Open connections from one client address; more are closed at accept.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections_per_client)]
+    pub max_connections_per_client: usize,
+    /// Open watches of one user; more get 429.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_watches_per_user)]
+    pub max_watches_per_user: usize,
+}
+
+/// Parses a duration: a number with `ms`, `s` or `m`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: want a whole number with ms, s or m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+    }
 }
 
 /// Parses `--store`.
@@ -92,6 +127,13 @@ impl SupervisorArgs {
                 pod_prefix_max: self.min_pod_cidr_prefix,
                 service_prefix_max: self.min_service_cidr_prefix,
                 edge_prefix_max: self.min_edge_cidr_prefix,
+            },
+            limits: ConnectionLimits {
+                handshake_timeout: self.handshake_timeout,
+                header_read_timeout: self.header_read_timeout,
+                max_connections: self.max_connections,
+                max_connections_per_client: self.max_connections_per_client,
+                max_watches_per_user: self.max_watches_per_user,
             },
         }
     }
@@ -501,6 +543,9 @@ pub struct KubeconfigArgs {
     /// Use this bearer token instead of a client certificate.
     #[arg(long)]
     pub token: Option<String>,
+    /// Days the client certificate is valid (at most 365); run again to renew.
+    #[arg(long, default_value_t = crate::tls::USER_DAYS, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::tls::ADMIN_DAYS)))]
+    pub days: u32,
     /// Write here instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -519,7 +564,14 @@ impl KubeconfigArgs {
         let cred = match self.token {
             Some(t) => Credential::Token(t),
             None => {
-                let (cert_pem, key_pem) = pki.issue_client(&self.user, self.group.as_deref())?;
+                anyhow::ensure!(
+                    (1..=crate::tls::ADMIN_DAYS).contains(&self.days),
+                    "--days: must be between 1 and {}, got {}",
+                    crate::tls::ADMIN_DAYS,
+                    self.days
+                );
+                let (cert_pem, key_pem) =
+                    pki.issue_client(&self.user, self.group.as_deref(), self.days)?;
                 Credential::ClientCert { cert_pem, key_pem }
             }
         };

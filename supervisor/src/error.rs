@@ -194,6 +194,22 @@ pub enum ApiError {
         /// Why, naming the field and limit.
         message: String,
     },
+    /// The object is still used by others (a class by clusters or claims).
+    #[error("{resource} {name:?} is in use by {}: remove or move its users first", .users.join(", "))]
+    InUse {
+        /// Resource plural.
+        resource: String,
+        /// Object name.
+        name: String,
+        /// Who uses it (`Kind namespace/name`).
+        users: Vec<String>,
+    },
+    /// Server-side apply would change fields other managers own (not forced).
+    #[error("Apply failed with {} conflict{}: {}", .0.len(), if .0.len() == 1 { "" } else { "s" }, format_apply_conflicts(.0))]
+    ApplyConflict(Vec<crate::ssa::Conflict>),
+    /// The caller holds too much of something limited (watches); retry later.
+    #[error("too many requests: {0}")]
+    TooManyRequests(String),
     /// The HTTP method is not allowed on this path.
     #[error("the server does not allow this method on the requested resource")]
     MethodNotAllowed,
@@ -223,6 +239,14 @@ fn format_causes(causes: &[FieldError]) -> String {
     } else {
         format!("[{}]", parts.join(", "))
     }
+}
+
+fn format_apply_conflicts(conflicts: &[crate::ssa::Conflict]) -> String {
+    let parts: Vec<String> = conflicts
+        .iter()
+        .map(|c| format!("conflict with {:?}: {}", c.manager, c.field))
+        .collect();
+    parts.join("\n")
 }
 
 fn stale_suffix(stale: &Option<(u64, u64)>) -> String {
@@ -255,14 +279,19 @@ impl ApiError {
     pub fn code(&self) -> u16 {
         match self {
             Self::NotFound { .. } => 404,
-            Self::AlreadyExists { .. } | Self::Conflict { .. } => 409,
+            Self::AlreadyExists { .. }
+            | Self::Conflict { .. }
+            | Self::InUse { .. }
+            | Self::ApplyConflict(_) => 409,
             Self::Invalid { .. } => 422,
             Self::BadRequest(_) => 400,
             Self::Unauthorized => 401,
             Self::Forbidden { .. } | Self::AdmissionDenied { .. } => 403,
             Self::MethodNotAllowed => 405,
+            Self::TooManyRequests(_) => 429,
             Self::Gone { .. } => 410,
             Self::UnsupportedMediaType(_) => 415,
+            Self::Store(StoreError::Unavailable { .. }) => 503,
             Self::Store(_) | Self::Internal(_) => 500,
         }
     }
@@ -272,14 +301,16 @@ impl ApiError {
         match self {
             Self::NotFound { .. } => "NotFound",
             Self::AlreadyExists { .. } => "AlreadyExists",
-            Self::Conflict { .. } => "Conflict",
+            Self::Conflict { .. } | Self::InUse { .. } | Self::ApplyConflict(_) => "Conflict",
             Self::Invalid { .. } => "Invalid",
             Self::BadRequest(_) => "BadRequest",
             Self::Unauthorized => "Unauthorized",
             Self::Forbidden { .. } | Self::AdmissionDenied { .. } => "Forbidden",
             Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::TooManyRequests(_) => "TooManyRequests",
             Self::Gone { .. } => "Expired",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            Self::Store(StoreError::Unavailable { .. }) => "ServiceUnavailable",
             Self::Store(_) | Self::Internal(_) => "InternalError",
         }
     }
@@ -288,7 +319,8 @@ impl ApiError {
     pub fn to_status(&self) -> Value {
         let mut message = self.to_string();
         if let Self::Store(e) = self {
-            message = format!("{message}: {e}");
+            // The whole chain, so the client reads what the store said, not just "etcd".
+            message = format!("{message}: {}", crate::server::health::error_chain(e));
         }
         let mut status = json!({
             "kind": "Status",
@@ -316,12 +348,20 @@ impl ApiError {
             Self::NotFound { resource, name }
             | Self::AlreadyExists { resource, name }
             | Self::Conflict { resource, name, .. }
+            | Self::InUse { resource, name, .. }
             | Self::AdmissionDenied { resource, name, .. } => {
                 Some(json!({"name": name, "kind": resource}))
             }
             Self::Forbidden {
                 resource, group, ..
             } => Some(json!({"kind": resource, "group": group})),
+            Self::ApplyConflict(conflicts) => Some(json!({
+                "causes": conflicts.iter().map(|c| json!({
+                    "reason": "FieldManagerConflict",
+                    "message": format!("conflict with {:?}", c.manager),
+                    "field": c.field,
+                })).collect::<Vec<_>>(),
+            })),
             Self::Invalid { kind, name, causes } => Some(json!({
                 "name": name,
                 "kind": kind,

@@ -25,14 +25,17 @@
 //! They all go through [`client::Client`], the client the agents use.
 //!
 //! `slipway supervisor --data-dir DIR --listen 127.0.0.1:6443 [--store redb|etcd://h1,h2]
-//! [--token-file FILE] [--audit-log FILE]` creates `DIR/pki/` (CA, serving certificate) on
+//! [--token-file FILE] [--audit-log FILE] [--handshake-timeout 10s] [--header-read-timeout 30s]
+//! [--max-connections N] [--max-connections-per-client N] [--max-watches-per-user N]` creates `DIR/pki/` (CA, serving certificate) on
 //! first start, writes `DIR/admin.kubeconfig` (cluster-admin client certificate) on every
-//! start, and prints `slipway supervisor listening on https://ADDR` once bound.
+//! start, and prints `slipway supervisor listening on https://ADDR` once bound. `/livez`,
+//! `/readyz` and `/healthz` (with `?verbose`) are served without credentials.
 //!
 //! Layout: [`api`] (the kinds and their registry), [`server`] (HTTPS, routing, verbs, watch,
 //! Table output), [`store`] (the `Store` trait, redb and etcd backends), [`auth`] (tokens,
-//! client certificates, RBAC), [`admission`], [`audit`], [`openapi`], [`patch`], [`selector`],
-//! [`tls`], [`metrics`], [`error`] (the one place errors become `metav1.Status`).
+//! client certificates, RBAC), [`admission`], [`quota`], [`audit`], [`openapi`], [`patch`],
+//! [`selector`], [`ssa`] (field ownership), [`tls`], [`metrics`], [`error`] (the one place errors
+//! become `metav1.Status`).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -46,7 +49,9 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod patch;
+pub mod quota;
 pub mod selector;
 pub mod server;
+pub mod ssa;
 pub mod store;
 pub mod tls;

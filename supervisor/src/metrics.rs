@@ -28,6 +28,10 @@ pub struct Metrics {
     pub latency: Histogram,
     /// Open watches.
     pub watches: Gauge,
+    /// Open client connections.
+    pub connections: Gauge,
+    /// Connections refused at a connection cap.
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -47,11 +51,25 @@ impl Default for Metrics {
             latency.clone(),
         );
         registry.register("watches", "Open watch streams", watches.clone());
+        let connections = Gauge::default();
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at the connection caps",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
             watches,
+            connections,
+            connections_refused,
         }
     }
 }

@@ -123,13 +123,74 @@ fn swagger_schema(r: &ResourceType, s: &Value, path: &str) -> Value {
     Value::Object(out)
 }
 
+/// A query parameter of the operations (Swagger 2.0 parameter object).
+fn query_param(name: &str, description: &str) -> Value {
+    json!({"name": name, "in": "query", "type": "string", "uniqueItems": true, "description": description})
+}
+
+/// One operation: its GVK and action (kubectl finds a kind's operations by these), its
+/// parameters and a response.
+fn operation(r: &ResourceType, action: &str, mutating: bool) -> Value {
+    let mut params = Vec::new();
+    if mutating {
+        params.push(query_param(
+            "dryRun",
+            "When present, indicates that modifications should not be persisted: All.",
+        ));
+        params.push(query_param(
+            "fieldManager",
+            "A name associated with the actor or entity that is making these changes.",
+        ));
+    }
+    json!({
+        "operationId": format!("{action}{}", r.kind),
+        "consumes": ["*/*"],
+        "produces": ["application/json", "application/yaml"],
+        "parameters": params,
+        "responses": {"200": {"description": "OK"}},
+        "x-kubernetes-action": action,
+        "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+    })
+}
+
+/// The paths of one kind: the collection (list, create) and the item (get, replace, patch,
+/// delete). kubectl 1.20 decides whether `--dry-run=server` is supported from the `dryRun`
+/// parameter of the kind's patch operation.
+fn paths_of(r: &ResourceType, paths: &mut Map<String, Value>) {
+    let base = if r.group.is_empty() {
+        format!("/api/{}", r.version)
+    } else {
+        format!("/apis/{}/{}", r.group, r.version)
+    };
+    let collection = if r.namespaced {
+        format!("{base}/namespaces/{{namespace}}/{}", r.plural)
+    } else {
+        format!("{base}/{}", r.plural)
+    };
+    paths.insert(
+        collection.clone(),
+        json!({"get": operation(r, "list", false), "post": operation(r, "post", true)}),
+    );
+    paths.insert(
+        format!("{collection}/{{name}}"),
+        json!({
+            "get": operation(r, "get", false),
+            "put": operation(r, "put", true),
+            "patch": operation(r, "patch", true),
+            "delete": operation(r, "delete", true),
+        }),
+    );
+}
+
 /// The Swagger 2.0 document for every served kind.
 pub fn document() -> Value {
     let mut settings = SchemaSettings::openapi3();
     settings.inline_subschemas = true;
     let mut generator = settings.into_generator();
     let mut defs = Map::new();
+    let mut paths = Map::new();
     for r in RESOURCES.iter() {
+        paths_of(r, &mut paths);
         let raw = r.schema(&mut generator).to_value();
         let mut schema = swagger_schema(r, &raw, "");
         if let Some(m) = schema.as_object_mut() {
@@ -144,7 +205,7 @@ pub fn document() -> Value {
     json!({
         "swagger": "2.0",
         "info": {"title": "Slipway", "version": env!("CARGO_PKG_VERSION")},
-        "paths": {},
+        "paths": paths,
         "definitions": defs,
     })
 }
@@ -257,8 +318,113 @@ fn schema_pb(s: &Value) -> Pb {
         }
         pb.message(25, pp);
     }
+    extensions(&mut pb, 31, obj);
+    pb
+}
+
+/// Encodes the vendor extensions (`x-...` keys) of an object as `NamedAny`s in `field`.
+fn extensions(pb: &mut Pb, field: u32, obj: &Map<String, Value>) {
     for (k, v) in obj.iter().filter(|(k, _)| k.starts_with("x-")) {
-        pb.message(31, named_any(k, v));
+        pb.message(field, named_any(k, v));
+    }
+}
+
+/// Encodes one operation as `openapi.v2.Operation` (query parameters only).
+fn operation_pb(op: &Value) -> Pb {
+    let mut pb = Pb::default();
+    let Some(obj) = op.as_object() else { return pb };
+    if let Some(id) = obj.get("operationId").and_then(Value::as_str) {
+        pb.string(5, id);
+    }
+    for (field, key) in [(6, "produces"), (7, "consumes")] {
+        for m in obj
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            pb.string(field, m);
+        }
+    }
+    for p in obj
+        .get("parameters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        // QueryParameterSubSchema in NonBodyParameter in Parameter in ParametersItem.
+        let mut q = Pb::default();
+        q.string(2, "query");
+        q.string(
+            3,
+            p.get("description")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        );
+        q.string(4, p.get("name").and_then(Value::as_str).unwrap_or_default());
+        q.string(6, "string");
+        q.tag(20, 0);
+        q.varint(1);
+        let mut non_body = Pb::default();
+        non_body.message(3, q);
+        let mut param = Pb::default();
+        param.message(2, non_body);
+        let mut item = Pb::default();
+        item.message(1, param);
+        pb.message(8, item);
+    }
+    let mut responses = Pb::default();
+    for (code, r) in obj
+        .get("responses")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let mut resp = Pb::default();
+        resp.string(
+            1,
+            r.get("description")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        );
+        let mut value = Pb::default();
+        value.message(1, resp);
+        let mut named = Pb::default();
+        named.string(1, code);
+        named.message(2, value);
+        responses.message(1, named);
+    }
+    pb.message(9, responses);
+    extensions(&mut pb, 13, obj);
+    pb
+}
+
+/// Encodes the document's paths as `openapi.v2.Paths`.
+fn paths_pb(doc: &Value) -> Pb {
+    let mut pb = Pb::default();
+    for (path, item) in doc
+        .get("paths")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let mut item_pb = Pb::default();
+        for (field, method) in [
+            (2, "get"),
+            (3, "put"),
+            (4, "post"),
+            (5, "delete"),
+            (8, "patch"),
+        ] {
+            if let Some(op) = item.get(method) {
+                item_pb.message(field, operation_pb(op));
+            }
+        }
+        let mut named = Pb::default();
+        named.string(1, path);
+        named.message(2, item_pb);
+        pb.message(2, named);
     }
     pb
 }
@@ -271,7 +437,7 @@ pub fn document_protobuf(doc: &Value) -> Vec<u8> {
     info.string(1, "Slipway");
     info.string(2, env!("CARGO_PKG_VERSION"));
     pb.message(2, info);
-    pb.message(8, Pb::default());
+    pb.message(8, paths_pb(doc));
     let mut defs = Pb::default();
     for (name, schema) in doc
         .get("definitions")
@@ -312,6 +478,14 @@ mod tests {
         assert!(
             target.get("type").is_none(),
             "int-or-string must be untyped: {target}"
+        );
+        let patch = &doc["paths"]["/api/v1/namespaces/{namespace}/services/{name}"]["patch"];
+        assert_eq!(patch["x-kubernetes-group-version-kind"]["kind"], "Service");
+        assert!(
+            patch["parameters"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "dryRun")),
+            "{patch}"
         );
         let pb = document_protobuf(&doc);
         assert!(pb.len() > 1000);

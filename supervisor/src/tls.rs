@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -62,6 +63,40 @@ fn gen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> TlsError {
     move |source| TlsError::Generate { what, source }
 }
 
+const DAY: u64 = 24 * 3600;
+/// Lifetime of the CA.
+pub const CA_DAYS: u32 = 3650;
+/// Lifetime of the serving certificate and of the admin client certificate.
+pub const ADMIN_DAYS: u32 = 365;
+/// Default lifetime of a user's client certificate (renewed with `slipway kubeconfig`).
+pub const USER_DAYS: u32 = 90;
+/// A certificate this close to its end is replaced at start-up.
+const RENEW_BEFORE: u64 = 30 * DAY;
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Validity from an hour ago (clock skew between hosts) to `days` from now.
+fn set_validity(params: &mut CertificateParams, days: u32) {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let now = now_secs();
+    params.not_before = epoch + Duration::from_secs(now.saturating_sub(3600));
+    params.not_after = epoch + Duration::from_secs(now + u64::from(days) * DAY);
+}
+
+/// Whether the PEM certificate at `path` ends within `RENEW_BEFORE` (or cannot be read).
+fn due_for_renewal(path: &Path) -> bool {
+    let end = CertificateDer::from_pem_file(path)
+        .ok()
+        .and_then(|der| validity_of(&der))
+        .map(|(_, end)| end);
+    end.is_none_or(|end| end < now_secs() + RENEW_BEFORE)
+}
+
 /// Paths of the PKI files under the data directory.
 #[derive(Debug, Clone)]
 pub struct Pki {
@@ -89,18 +124,26 @@ impl Pki {
     fn server_key(&self) -> PathBuf {
         self.dir.join("server.key")
     }
+    fn admin_cert(&self) -> PathBuf {
+        self.dir.join("admin.crt")
+    }
+    fn admin_key(&self) -> PathBuf {
+        self.dir.join("admin.key")
+    }
 
-    /// Creates the CA and serving certificate if they do not exist yet.
+    /// Creates the CA and serving certificate if they do not exist yet; renews the serving
+    /// certificate when it nears its end.
     pub fn ensure(&self, extra_sans: &[String]) -> Result<(), TlsError> {
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         if !self.ca_cert().exists() {
             let key = KeyPair::generate().map_err(gen_err("CA key"))?;
-            let params = ca_params()?;
+            let mut params = ca_params()?;
+            set_validity(&mut params, CA_DAYS);
             let cert = params.self_signed(&key).map_err(gen_err("CA"))?;
             write_private(&self.ca_key(), &key.serialize_pem())?;
             std::fs::write(self.ca_cert(), cert.pem()).map_err(io(&self.ca_cert()))?;
         }
-        if !self.server_cert().exists() {
+        if due_for_renewal(&self.server_cert()) {
             let mut sans = vec![
                 "localhost".to_string(),
                 "127.0.0.1".to_string(),
@@ -112,6 +155,7 @@ impl Pki {
             let mut params = CertificateParams::new(sans).map_err(gen_err("server"))?;
             params.distinguished_name = dn("slipway-supervisor", None);
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            set_validity(&mut params, ADMIN_DAYS);
             let cert = params
                 .signed_by(&key, &self.issuer()?)
                 .map_err(gen_err("server"))?;
@@ -129,21 +173,55 @@ impl Pki {
         Ok(Issuer::new(ca_params()?, key))
     }
 
-    /// Issues a client certificate for `user` in `group` (subject O); returns (cert PEM, key PEM).
-    /// rcgen keeps one value per attribute type, so a generated certificate carries one group.
+    /// Issues a client certificate for `user` in `group` (subject O), valid for `days`;
+    /// returns (cert PEM, key PEM). rcgen keeps one value per attribute type, so a generated
+    /// certificate carries one group.
     pub fn issue_client(
         &self,
         user: &str,
         group: Option<&str>,
+        days: u32,
     ) -> Result<(String, String), TlsError> {
         let key = KeyPair::generate().map_err(gen_err("client key"))?;
+        self.sign_client(&key, user, group, days)
+    }
+
+    fn sign_client(
+        &self,
+        key: &KeyPair,
+        user: &str,
+        group: Option<&str>,
+        days: u32,
+    ) -> Result<(String, String), TlsError> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("client"))?;
         params.distinguished_name = dn(user, group);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, days);
         let cert = params
-            .signed_by(&key, &self.issuer()?)
+            .signed_by(key, &self.issuer()?)
             .map_err(gen_err("client"))?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// The one cluster-admin client certificate (`pki/admin.crt`): issued on first start for
+    /// [`ADMIN_DAYS`], kept across restarts, and re-signed with the same key when it nears its
+    /// end. Returns (cert PEM, key PEM).
+    pub fn admin_client(&self, group: &str) -> Result<(String, String), TlsError> {
+        let (cert, key) = (self.admin_cert(), self.admin_key());
+        if key.exists() && !due_for_renewal(&cert) {
+            return Ok((
+                std::fs::read_to_string(&cert).map_err(io(&cert))?,
+                std::fs::read_to_string(&key).map_err(io(&key))?,
+            ));
+        }
+        let pair = match std::fs::read_to_string(&key) {
+            Ok(pem) => KeyPair::from_pem(&pem).map_err(gen_err("admin key"))?,
+            Err(_) => KeyPair::generate().map_err(gen_err("admin key"))?,
+        };
+        let (cert_pem, key_pem) = self.sign_client(&pair, "admin", Some(group), ADMIN_DAYS)?;
+        write_private(&key, &key_pem)?;
+        write_private(&cert, &cert_pem)?;
+        Ok((cert_pem, key_pem))
     }
 
     /// The rustls server configuration: serving cert, optional client certs from our CA, h2.
@@ -295,27 +373,29 @@ pub fn base64(data: &[u8]) -> String {
     out
 }
 
-/// Subject CN and O values of a DER certificate (user and groups), read with a minimal DER walk.
-pub fn subject_of(der: &[u8]) -> Option<(String, Vec<String>)> {
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let tag = *b.first()?;
-        let first = *b.get(1)?;
-        let (len, hdr) = if first < 0x80 {
-            (usize::from(first), 2)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 {
-                return None;
-            }
-            let mut len = 0usize;
-            for i in 0..n {
-                len = (len << 8) | usize::from(*b.get(2 + i)?);
-            }
-            (len, 2 + n)
-        };
-        let body = b.get(hdr..hdr + len)?;
-        Some((tag, body, b.get(hdr + len..)?))
-    }
+/// One DER element: (tag, contents, the bytes after it).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = *b.get(1)?;
+    let (len, hdr) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | usize::from(*b.get(2 + i)?);
+        }
+        (len, 2 + n)
+    };
+    let end = hdr.checked_add(len)?;
+    Some((tag, b.get(hdr..end)?, b.get(end..)?))
+}
+
+/// The TBSCertificate fields from `validity` on (explicit version skipped).
+fn from_validity(der: &[u8]) -> Option<&[u8]> {
     let (_, cert, _) = tlv(der)?;
     let (_, tbs, _) = tlv(cert)?;
     let mut rest = tbs;
@@ -323,10 +403,57 @@ pub fn subject_of(der: &[u8]) -> Option<(String, Vec<String>)> {
     if tag == 0xa0 {
         rest = r; // explicit version
     }
-    // serial, signature algorithm, issuer, validity, subject
-    for _ in 0..4 {
+    // serial, signature algorithm, issuer
+    for _ in 0..3 {
         rest = tlv(rest)?.2;
     }
+    Some(rest)
+}
+
+/// Seconds since the epoch of an X.509 UTCTime (`YYMMDDHHMMSSZ`, tag 0x17) or
+/// GeneralizedTime (`YYYYMMDDHHMMSSZ`, tag 0x18), RFC 5280 §4.1.2.5.
+fn x509_time(tag: u8, v: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u64>().ok();
+    let (year, rest) = match (tag, s.len()) {
+        (0x17, 12) => {
+            let yy = num(0..2)?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
+        }
+        (0x18, 14) => (num(0..4)?, 4),
+        _ => return None,
+    };
+    let (month, day) = (num(rest..rest + 2)?, num(rest + 2..rest + 4)?);
+    let (h, m, sec) = (
+        num(rest + 4..rest + 6)?,
+        num(rest + 6..rest + 8)?,
+        num(rest + 8..rest + 10)?,
+    );
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || year < 1970 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146097 + doe).checked_sub(719468)?;
+    Some(days * DAY + h * 3600 + m * 60 + sec)
+}
+
+/// (notBefore, notAfter) of a DER certificate, in seconds since the epoch.
+pub fn validity_of(der: &[u8]) -> Option<(u64, u64)> {
+    let (_, validity, _) = tlv(from_validity(der)?)?;
+    let (t1, v1, rest) = tlv(validity)?;
+    let (t2, v2, _) = tlv(rest)?;
+    Some((x509_time(t1, v1)?, x509_time(t2, v2)?))
+}
+
+/// Subject CN and O values of a DER certificate (user and groups), read with a minimal DER walk.
+pub fn subject_of(der: &[u8]) -> Option<(String, Vec<String>)> {
+    let rest = tlv(from_validity(der)?)?.2;
     let (_, mut subject, _) = tlv(rest)?;
     let (mut cn, mut orgs) = (None, Vec::new());
     while !subject.is_empty() {
@@ -349,12 +476,23 @@ pub fn subject_of(der: &[u8]) -> Option<(String, Vec<String>)> {
 mod tests {
     use super::*;
 
+    const MASTERS_FOR_TEST: &str = "system:masters";
+
+    #[test]
+    fn x509_times_parse() {
+        assert_eq!(x509_time(0x17, b"700101000000Z"), Some(0));
+        assert_eq!(x509_time(0x17, b"260305120000Z"), Some(1_772_712_000));
+        assert_eq!(x509_time(0x18, b"40960101000000Z"), Some(67_090_118_400));
+        assert_eq!(x509_time(0x17, b"261305120000Z"), None);
+        assert_eq!(x509_time(0x18, b"700101000000Z"), None);
+    }
+
     #[test]
     fn issued_client_cert_names_user_and_groups() -> Result<(), TlsError> {
         let dir = std::env::temp_dir().join(format!("slipway-pki-{}", std::process::id()));
         let pki = Pki::new(&dir);
         pki.ensure(&[])?;
-        let (cert, _) = pki.issue_client("alice", Some("system:masters"))?;
+        let (cert, _) = pki.issue_client("alice", Some("system:masters"), USER_DAYS)?;
         let der =
             CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|source| TlsError::Pem {
                 path: dir.clone(),
@@ -364,7 +502,43 @@ mod tests {
             subject_of(&der),
             Some(("alice".into(), vec!["system:masters".into()]))
         );
+        let (start, end) = validity_of(&der).unwrap_or_default();
+        let now = now_secs();
+        assert!(start <= now && now - start <= 3700, "{start} vs {now}");
+        assert_eq!((end - now).div_ceil(DAY), u64::from(USER_DAYS));
+        // The admin certificate is kept: a second call returns the same one.
+        let first = pki.admin_client(MASTERS_FOR_TEST)?;
+        assert_eq!(pki.admin_client(MASTERS_FOR_TEST)?, first);
         assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert!(pki.server_config().is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+
+    #[test]
+    fn serving_certificate_is_renewed_near_its_end() -> Result<(), TlsError> {
+        let dir = std::env::temp_dir().join(format!("slipway-pki-renew-{}", std::process::id()));
+        let pki = Pki::new(&dir);
+        pki.ensure(&[])?;
+        let end = |pki: &Pki| {
+            CertificateDer::from_pem_file(pki.server_cert())
+                .ok()
+                .and_then(|d| validity_of(&d))
+                .map_or(0, |(_, end)| end)
+        };
+        assert_eq!(
+            (end(&pki) - now_secs()).div_ceil(DAY),
+            u64::from(ADMIN_DAYS)
+        );
+        // A certificate with 10 days left is due: the next start replaces it.
+        let (short, _) = pki.issue_client("slipway-supervisor", None, 10)?;
+        std::fs::write(pki.server_cert(), short).map_err(io(&pki.server_cert()))?;
+        assert!(due_for_renewal(&pki.server_cert()));
+        pki.ensure(&[])?;
+        assert_eq!(
+            (end(&pki) - now_secs()).div_ceil(DAY),
+            u64::from(ADMIN_DAYS)
+        );
         assert!(pki.server_config().is_ok());
         let _ = std::fs::remove_dir_all(dir);
         Ok(())

@@ -1302,6 +1302,7 @@ async fn cli_suite(backend: &Backend) -> anyhow::Result<()> {
         user: "alice".into(),
         group: None,
         token: None,
+        days: slipway_supervisor::tls::USER_DAYS,
         out: Some(alice.clone()),
     }
     .run()?;

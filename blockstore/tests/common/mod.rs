@@ -45,32 +45,66 @@ pub struct ServerProc {
     pub control: PathBuf,
     pub tcp: String,
     pub metrics: String,
+    pub log: PathBuf,
+}
+
+/// Where a server process keeps its data, sockets and log, and how much it logs.
+pub struct ServerOpts {
+    pub data: PathBuf,
+    pub unix: PathBuf,
+    pub control: PathBuf,
+    /// `RUST_LOG`; `None` leaves it unset (the daemon's default level).
+    pub rust_log: Option<String>,
+    pub log: PathBuf,
+    /// More `serve` flags.
+    pub args: Vec<String>,
+}
+
+impl ServerOpts {
+    /// Everything under `dir`: `data/`, `nbd.sock`, `ctl.sock`, `server.log`; warnings only.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            data: dir.join("data"),
+            unix: dir.join("nbd.sock"),
+            control: dir.join("ctl.sock"),
+            rust_log: Some("warn".into()),
+            log: dir.join("server.log"),
+            args: Vec::new(),
+        }
+    }
 }
 
 impl ServerProc {
     /// Starts a server on `dir/data`, waiting for its ready line.
     pub fn start(dir: &Path) -> Self {
-        let unix = dir.join("nbd.sock");
-        let control = dir.join("ctl.sock");
+        Self::spawn(dir, ServerOpts::in_dir(dir)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a server with `opts`; `Err` holds its exit status and log if it did not become
+    /// ready (the process is reaped either way).
+    pub fn spawn(dir: &Path, opts: ServerOpts) -> Result<Self, String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("server.log"))
+            .open(&opts.log)
             .expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_slipway-nbd"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_slipway-nbd"));
+        cmd.arg("serve")
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(&opts.data)
             .arg("--unix")
-            .arg(&unix)
+            .arg(&opts.unix)
             .arg("--control")
-            .arg(&control)
+            .arg(&opts.control)
             .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
+            .args(&opts.args)
+            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn slipway-nbd");
+            .stderr(Stdio::from(log));
+        if let Some(level) = &opts.rust_log {
+            cmd.env("RUST_LOG", level);
+        }
+        let mut child = cmd.spawn().expect("spawn slipway-nbd");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -78,21 +112,24 @@ impl ServerProc {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("server ready line or exit");
+        if !line.starts_with("slipway-blockstore ready") {
+            // Closed stdout without a ready line: the daemon exited (or is exiting).
+            let status = child.wait().expect("reap slipway-nbd");
+            let log = std::fs::read_to_string(&opts.log).unwrap_or_default();
+            return Err(format!("server not ready ({status}): {line:?}\n{log}"));
+        }
         let mut me = Self {
             child: Some(child),
             dir: dir.to_owned(),
-            unix,
-            control,
+            unix: opts.unix,
+            control: opts.control,
             tcp: String::new(),
             metrics: String::new(),
+            log: opts.log,
         };
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("server ready line");
-        assert!(
-            line.starts_with("slipway-blockstore ready"),
-            "bad ready line {line:?}"
-        );
         for part in line.split_whitespace() {
             if let Some(v) = part.strip_prefix("tcp=") {
                 me.tcp = v.to_owned();
@@ -101,7 +138,25 @@ impl ServerProc {
                 me.metrics = v.to_owned();
             }
         }
-        me
+        Ok(me)
+    }
+
+    /// SIGTERM, then waits (with a deadline) for the process to exit; returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        run("kill", &["-TERM", &child.id().to_string()]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for slipway-nbd") {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -133,7 +188,7 @@ impl ServerProc {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -225,9 +280,12 @@ impl Rng {
 pub struct Reply {
     pub cookie: u64,
     pub error: u32,
+    /// Data read (structured: the content chunks put in order, holes as zeroes).
     pub data: Vec<u8>,
     /// Block status descriptors (structured replies only).
     pub extents: Vec<(u32, u32)>,
+    /// Structured READ content chunks in arrival order: (offset, length, is a hole).
+    pub content: Vec<(u64, u32, bool)>,
 }
 
 /// A minimal synchronous NBD client over a Unix socket.
@@ -324,6 +382,20 @@ impl Client {
     }
 
     pub fn send(&mut self, command: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> u64 {
+        // A send to a killed server fails; the following receive reports it.
+        self.try_send(command, flags, offset, length, data)
+            .unwrap_or(self.next - 1)
+    }
+
+    /// Sends one request; `Err` if the server's end of the socket is already closed.
+    pub fn try_send(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+    ) -> std::io::Result<u64> {
         let cookie = self.next;
         self.next += 1;
         let req = Request {
@@ -335,9 +407,8 @@ impl Client {
         };
         let mut b = proto::encode_request(&req).to_vec();
         b.extend_from_slice(data);
-        // A send to a killed server fails; the following receive reports it.
-        let _ = self.s.write_all(&b);
-        cookie
+        self.s.write_all(&b)?;
+        Ok(cookie)
     }
 
     /// Reads one complete reply; `read_len` says how much data a simple READ reply carries
@@ -361,6 +432,7 @@ impl Client {
                 error,
                 data,
                 extents: Vec::new(),
+                content: Vec::new(),
             });
         }
         assert_eq!(magic, proto::STRUCTURED_REPLY_MAGIC, "bad reply magic");
@@ -369,7 +441,9 @@ impl Client {
             error: 0,
             data: Vec::new(),
             extents: Vec::new(),
+            content: Vec::new(),
         };
+        let mut pieces: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut first = true;
         loop {
             if !first {
@@ -387,7 +461,19 @@ impl Client {
             let mut p = vec![0u8; len];
             self.s.read_exact(&mut p)?;
             match ty {
-                proto::reply::TYPE_OFFSET_DATA => reply.data.extend_from_slice(&p[8..]),
+                proto::reply::TYPE_OFFSET_DATA => {
+                    let offset = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+                    reply.content.push((offset, (p.len() - 8) as u32, false));
+                    pieces.push((offset, p[8..].to_vec()));
+                }
+                proto::reply::TYPE_OFFSET_HOLE => {
+                    assert_eq!(p.len(), 12, "OFFSET_HOLE payload must be 12 bytes");
+                    let offset = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+                    let len = u32::from_be_bytes(p[8..12].try_into().expect("4 bytes"));
+                    assert!(len > 0, "empty hole chunk");
+                    reply.content.push((offset, len, true));
+                    pieces.push((offset, vec![0u8; len as usize]));
+                }
                 proto::reply::TYPE_BLOCK_STATUS => {
                     for d in p[4..].chunks(8) {
                         reply.extents.push((
@@ -402,6 +488,15 @@ impl Client {
                 _ => {}
             }
             if flags & proto::reply::FLAG_DONE != 0 {
+                // Content chunks may come in any order; they must tile one range.
+                pieces.sort_by_key(|p| p.0);
+                if let Some(&(mut next, _)) = pieces.first() {
+                    for (offset, bytes) in pieces {
+                        assert_eq!(offset, next, "content chunks overlap or leave a gap");
+                        next += bytes.len() as u64;
+                        reply.data.extend_from_slice(&bytes);
+                    }
+                }
                 return Ok(reply);
             }
         }

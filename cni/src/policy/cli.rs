@@ -52,7 +52,8 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replace one list of the agent's policy state with a file's (JSON or YAML list).
+    /// Replace one list of the agent's policy state with a file's: JSON, or YAML with one or
+    /// more documents, each an object, a list of them, or a `kind: List` (`kubectl get -o yaml`).
     Set {
         #[arg(value_parser = ["namespaces", "pods", "networkpolicies"])]
         kind: String,
@@ -84,14 +85,21 @@ fn call(
             .as_array()
             .map(|e| {
                 e.iter()
-                    .filter_map(|m| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n  ")
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect()
             })
-            .unwrap_or_else(|| text.clone());
-        anyhow::bail!("agent answered {code}:\n  {errors}");
+            .unwrap_or_else(|| vec![text.clone()]);
+        return Err(Refused { code, errors }.into());
     }
     Ok(value)
+}
+
+/// The agent refused a request.
+#[derive(Debug, thiserror::Error)]
+#[error("agent answered {code}:\n  {}", errors.join("\n  "))]
+struct Refused {
+    code: u16,
+    errors: Vec<String>,
 }
 
 /// Percent-encodes a query value.
@@ -140,15 +148,49 @@ impl PolicyCommand {
             PolicyCommand::Set { kind, file, socket } => {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
-                let list: serde_json::Value = serde_json::from_str(&text).or_else(|_| {
-                    serde_saphyr::from_str(&text)
-                        .with_context(|| format!("{}: neither JSON nor YAML", file.display()))
-                })?;
-                let answer = call(&socket, "PUT", &format!("/v1/{kind}"), Some(&list))?;
-                println!(
-                    "{kind} set; policy generation {} enforced",
-                    answer["generation"]
-                );
+                let items = read_items(&text).with_context(|| file.display().to_string())?;
+                let answer = match call(
+                    &socket,
+                    "PUT",
+                    &format!("/v1/{kind}"),
+                    Some(&serde_json::Value::Array(items)),
+                ) {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        // A body that does not fit the schema: say where in the user's file.
+                        let located = match e.downcast_ref::<Refused>() {
+                            Some(refused) if refused.code == 400 => {
+                                locate_misfits(&kind, &file.display().to_string(), &text)
+                            }
+                            _ => Vec::new(),
+                        };
+                        let e = e.context(format!("{kind} from {} refused", file.display()));
+                        if located.is_empty() {
+                            return Err(e);
+                        }
+                        anyhow::bail!("{e:#}\nin {}:\n{}", file.display(), located.join("\n"));
+                    }
+                };
+                let generation = &answer["generation"];
+                let failed: Vec<&str> = answer["failClosed"]
+                    .as_array()
+                    .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
+                    .unwrap_or_default();
+                if !failed.is_empty() {
+                    let why: Vec<&str> = answer["failClosedErrors"]
+                        .as_array()
+                        .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
+                        .unwrap_or_default();
+                    anyhow::bail!(
+                        "{kind} set and policy generation {generation} enforced, but {} endpoint \
+                         direction(s) FAIL CLOSED (all their traffic in that direction is \
+                         denied): {}\n  {}",
+                        failed.len(),
+                        failed.join(", "),
+                        why.join("\n  ")
+                    );
+                }
+                println!("{kind} set; policy generation {generation} enforced");
                 Ok(())
             }
             PolicyCommand::Get { kind, socket } => {
@@ -158,6 +200,120 @@ impl PolicyCommand {
             }
         }
     }
+}
+
+/// The items of a policy state file: a JSON value, or every YAML document of the file; each a
+/// list, a `kind: List` (or `...List`) with `items`, or one object. Empty documents count for
+/// nothing.
+pub fn read_items(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let documents: Vec<serde_json::Value> = match serde_json::from_str(text) {
+        Ok(value) => vec![value],
+        Err(_) => serde_saphyr::from_multiple(text)
+            .map_err(|e| anyhow::anyhow!("not valid JSON or YAML: {e}"))?,
+    };
+    let mut items = Vec::new();
+    for (d, document) in documents.into_iter().enumerate() {
+        match document {
+            serde_json::Value::Null => {}
+            serde_json::Value::Array(list) => items.extend(list),
+            serde_json::Value::Object(object) => {
+                let kind = object.get("kind").and_then(serde_json::Value::as_str);
+                if kind.is_some_and(|k| k.ends_with("List")) {
+                    match object.get("items") {
+                        Some(serde_json::Value::Array(list)) => items.extend(list.iter().cloned()),
+                        Some(serde_json::Value::Null) | None => {}
+                        Some(_) => anyhow::bail!("document {}: items: not a list", d + 1),
+                    }
+                } else {
+                    items.push(serde_json::Value::Object(object));
+                }
+            }
+            _ => anyhow::bail!(
+                "document {}: neither an object, a list nor a kind: List",
+                d + 1
+            ),
+        }
+    }
+    Ok(items)
+}
+
+/// Each document of a YAML (or JSON) text that holds something: its first line (0-based) and
+/// its text. Documents start at `---` lines.
+fn documents(text: &str) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = Vec::new();
+    let mut current: Option<(u64, String)> = Some((0, String::new()));
+    for (n, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") {
+            out.extend(current.take());
+            current = Some((n as u64, String::new()));
+        }
+        if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out.extend(current);
+    out.retain(|(_, body)| {
+        body.lines().any(|l| {
+            let l = l.trim();
+            !(l.is_empty() || l.starts_with('#') || l == "---" || l == "...")
+        })
+    });
+    out
+}
+
+/// The items of a `kind: List` document.
+#[derive(serde::Deserialize)]
+struct ItemsOf<T> {
+    #[serde(default = "Vec::new")]
+    #[expect(
+        dead_code,
+        reason = "parsed only to check the items against the schema"
+    )]
+    items: Vec<T>,
+}
+
+/// Where the items of a state file do not fit the schema of `kind`: each document is parsed
+/// again as what it holds (a list, a `kind: List` or one object), and its first misfit is
+/// rendered at its line and column in `name`. Empty when none is found or the documents cannot
+/// be told apart.
+pub fn locate_misfits(kind: &str, name: &str, text: &str) -> Vec<String> {
+    match kind {
+        "networkpolicies" => misfits::<super::NetworkPolicy>(name, text),
+        "pods" => misfits::<super::compile::Pod>(name, text),
+        "namespaces" => misfits::<super::compile::Namespace>(name, text),
+        _ => Vec::new(),
+    }
+}
+
+fn misfits<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Vec<String> {
+    let Ok(values) = serde_saphyr::from_multiple::<serde_json::Value>(text) else {
+        return Vec::new();
+    };
+    let values: Vec<serde_json::Value> = values.into_iter().filter(|v| !v.is_null()).collect();
+    let documents = documents(text);
+    if documents.len() != values.len() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for ((offset, body), value) in documents.iter().zip(&values) {
+        let is_list = value
+            .get("kind")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|k| k.ends_with("List"));
+        let parsed = match value {
+            serde_json::Value::Array(_) => serde_saphyr::from_str::<Vec<T>>(body).map(drop),
+            _ if is_list => serde_saphyr::from_str::<ItemsOf<T>>(body).map(drop),
+            _ => serde_saphyr::from_str::<T>(body).map(drop),
+        };
+        if let Err(e) = parsed {
+            out.push(e.render_with_options(serde_saphyr::render_options! {
+                line_offset: *offset,
+                source_name: Some(name),
+            }));
+        }
+    }
+    out
 }
 
 /// The human form of an explain answer.
@@ -271,4 +427,54 @@ pub fn render_flow(flow: &Flow) -> String {
         flow.protocol,
         why
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_may_be_multi_document_yaml_lists_or_kind_list() {
+        let multi = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: a\n\
+                     ---\n\
+                     - metadata: {name: b}\n- metadata: {name: c}\n\
+                     ---\n\
+                     apiVersion: v1\nkind: List\nitems:\n- metadata: {name: d}\n\
+                     ---\n";
+        let items = read_items(multi).expect("multi-document YAML");
+        let names: Vec<&str> = items
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        let json = r#"{"kind": "NetworkPolicyList", "items": [{"metadata": {"name": "x"}}]}"#;
+        assert_eq!(read_items(json).expect("JSON list kind").len(), 1);
+        assert_eq!(read_items("[]").expect("empty").len(), 0);
+        let err = read_items("- a\n---\n42\n").expect_err("a scalar document");
+        assert!(err.to_string().contains("document 2"), "{err}");
+    }
+
+    #[test]
+    fn misfits_are_located_in_the_users_file() {
+        let text = "\
+# policies
+metadata: {name: one, namespace: x}
+spec: {}
+---
+kind: List
+items:
+- metadata: {name: two, namespace: x}
+  spec:
+    podSelectr: {}
+";
+        let found = locate_misfits("networkpolicies", "my.yaml", text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("my.yaml:9:") && found[0].contains("podSelectr"),
+            "{}",
+            found[0]
+        );
+        let fine = "- metadata: {name: a}\n  spec: {}\n";
+        assert!(locate_misfits("networkpolicies", "ok.yaml", fine).is_empty());
+    }
 }

@@ -379,4 +379,20 @@ mod tests {
             assert!(errors.contains(field), "{field} missing from:\n{errors}");
         }
     }
+
+    #[test]
+    fn an_empty_namespace_is_refused_by_name() {
+        let empty: NetworkPolicy =
+            serde_json::from_value(json!({"metadata": {"name": "p", "namespace": ""}, "spec": {}}))
+                .expect("parses");
+        let errors = empty.validate().join("\n");
+        assert!(
+            errors.contains("metadata.namespace: must not be empty"),
+            "{errors}"
+        );
+        let omitted: NetworkPolicy =
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {}})).expect("parses");
+        assert_eq!(omitted.metadata.namespace, "default");
+        assert!(omitted.validate().is_empty(), "{:?}", omitted.validate());
+    }
 }

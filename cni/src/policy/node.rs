@@ -66,11 +66,15 @@ pub enum List {
 }
 
 impl List {
-    pub fn parse(kind: ListKind, bytes: &[u8]) -> Result<Self, serde_json::Error> {
+    /// Parses a JSON list item by item: every item that does not fit the schema is named by its
+    /// index and name (`networkpolicies[2] (default/web): unknown field ...`), all at once.
+    pub fn parse(kind: ListKind, bytes: &[u8]) -> Result<Self, Vec<String>> {
+        let items: Vec<serde_json::Value> = serde_json::from_slice(bytes)
+            .map_err(|e| vec![format!("{}: not a JSON list: {e}", kind.name())])?;
         Ok(match kind {
-            ListKind::Namespaces => List::Namespaces(serde_json::from_slice(bytes)?),
-            ListKind::Pods => List::Pods(serde_json::from_slice(bytes)?),
-            ListKind::Policies => List::Policies(serde_json::from_slice(bytes)?),
+            ListKind::Namespaces => List::Namespaces(parse_items(kind, items)?),
+            ListKind::Pods => List::Pods(parse_items(kind, items)?),
+            ListKind::Policies => List::Policies(parse_items(kind, items)?),
         })
     }
 
@@ -107,6 +111,39 @@ impl List {
             List::Pods(list) => desired.pods = list,
             List::Policies(list) => desired.policies = list,
         }
+    }
+}
+
+/// Each item of `items` as a `T`, or an error per item that is not one.
+fn parse_items<T: serde::de::DeserializeOwned>(
+    kind: ListKind,
+    items: Vec<serde_json::Value>,
+) -> Result<Vec<T>, Vec<String>> {
+    let mut parsed = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let name = item_name(&item);
+        match serde_json::from_value(item) {
+            Ok(value) => parsed.push(value),
+            Err(e) => errors.push(format!("{}[{i}]{name}: {e}", kind.name())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(errors)
+    }
+}
+
+/// ` (namespace/name)` or ` (name)` of a list item, from its top level or its metadata, when it
+/// has one.
+fn item_name(item: &serde_json::Value) -> String {
+    let meta = item.get("metadata").unwrap_or(item);
+    let field = |key: &str| meta.get(key).and_then(serde_json::Value::as_str);
+    match (field("namespace"), field("name")) {
+        (Some(ns), Some(name)) => format!(" ({ns}/{name})"),
+        (None, Some(name)) => format!(" ({name})"),
+        _ => String::new(),
     }
 }
 
@@ -233,7 +270,7 @@ impl PolicyNode {
                 Err(e) => anyhow::bail!("reading {}: {e}", file.display()),
             };
             let list = List::parse(kind, &bytes)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.join("; ")))?;
             list.set(&mut desired);
         }
         let node = Arc::new(Self {
@@ -655,4 +692,35 @@ fn explanation_json(
         "egress": end(&explanation.egress, src, Direction::Egress),
         "ingress": end(&explanation.ingress, dst, Direction::Ingress),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_item_is_named_by_index_and_name() {
+        let body = br#"[
+            {"metadata": {"name": "ok", "namespace": "a"}, "spec": {}},
+            {"metadata": {"name": "web", "namespace": "shop"}, "spec": {"podSelectr": {}}},
+            {"metadata": {"name": "db"}, "spec": {"ingress": [{"form": []}]}}
+        ]"#;
+        let errors = List::parse(ListKind::Policies, body).expect_err("two bad items");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("networkpolicies[1] (shop/web): unknown field `podSelectr`"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[1].starts_with("networkpolicies[2] (db): unknown field `form`"),
+            "{}",
+            errors[1]
+        );
+        assert!(
+            errors.iter().all(|e| !e.contains("column")),
+            "positions of the rebuilt body mean nothing to the user: {errors:?}"
+        );
+        assert!(List::parse(ListKind::Policies, b"{}").is_err());
+    }
 }

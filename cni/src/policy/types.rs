@@ -212,6 +212,11 @@ impl NetworkPolicy {
         if self.metadata.name.is_empty() {
             errors.push("metadata.name: must not be empty".to_owned());
         }
+        if self.metadata.namespace.is_empty() {
+            // An empty namespace would select no pod at all; omitted, it is "default".
+            errors
+                .push("metadata.namespace: must not be empty (omit it for \"default\")".to_owned());
+        }
         let spec = &self.spec;
         spec.pod_selector.validate("spec.podSelector", &mut errors);
         if let Some(types) = &spec.policy_types {

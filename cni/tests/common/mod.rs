@@ -43,6 +43,8 @@ pub struct Node {
     /// The host's cgroup: processes in it (or below it) get socket-level service translation.
     pub cgroup: Cgroup,
     pub agent: Option<Process>,
+    /// The agent's stdout and stderr.
+    pub log: PathBuf,
 }
 
 /// What one plugin run printed.
@@ -126,6 +128,7 @@ impl Cluster {
                 socket: dir.join(format!("h{}.sock", h.index)),
                 cgroup: Cgroup::create(&world, &format!("h{}", h.index)).expect("cgroup"),
                 agent: None,
+                log: dir.join(format!("h{}-agent.log", h.index)),
             })
             .collect();
         let mut cluster = Self {
@@ -175,7 +178,15 @@ impl Cluster {
             node.cgroup.path().to_str().expect("utf-8"),
         ];
         args.extend_from_slice(extra);
-        node.agent = Some(node.netns.spawn(&args).expect("spawn agent"));
+        // The agent logs (info and up) to a file of the cluster: no pipe to fill, and a test can
+        // read what it said.
+        let script = format!(
+            "export RUST_LOG=\"${{RUST_LOG:-info}}\"; exec \"$0\" \"$@\" >>'{}' 2>&1",
+            node.log.display()
+        );
+        let mut argv = vec!["sh", "-c", &script];
+        argv.extend_from_slice(&args);
+        node.agent = Some(node.netns.spawn(&argv).expect("spawn agent"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while api(&node.socket, "GET", "/v1/status", None).is_none() {
             assert!(
@@ -184,6 +195,11 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// What host `i`'s agent has logged so far.
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.node(i).log).unwrap_or_default()
     }
 
     /// Kills host `i`'s agent with SIGKILL.
@@ -394,7 +410,8 @@ impl Cluster {
             .filter(|n| n.starts_with("lxc"))
             .map(str::to_owned)
             .collect();
-        let ipam_dir = node.data_dir.join("ipam").join(NETWORK);
+        let ipam_dir =
+            slipway_cni::ipam::block_dir(&node.data_dir, node.block.parse().expect("block"));
         let mut allocations: Vec<String> = std::fs::read_dir(&ipam_dir)
             .map(|d| {
                 d.flatten()
@@ -433,4 +450,16 @@ impl Cluster {
             routes,
         }
     }
+}
+
+/// The value of the Prometheus sample `name{...}` whose labels include `label` on host `i`'s
+/// agent (0 when the series is absent).
+pub fn metric(cluster: &Cluster, i: usize, name: &str, label: &str) -> u64 {
+    let (code, text) =
+        api(&cluster.node(i).socket, "GET", "/metrics", None).expect("metrics answer");
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }

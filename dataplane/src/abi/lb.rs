@@ -5,16 +5,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::Mac;
 
-/// Services served at once; each owns one Maglev ring (`LB_MAX_SERVICES`).
-pub const MAX_SERVICES: u32 = 64;
+/// Default capacity of service ports, each owning one Maglev ring (`LB_MAX_SERVICES`); the
+/// LB sizes its maps at load time.
+pub const MAX_SERVICES: u32 = 4096;
 /// Slots of one service's Maglev ring (`LB_MAGLEV_SIZE`), a prime.
 pub const MAGLEV_SIZE: u32 = 65537;
-/// Backends over all services; id 0 means "none" (`LB_MAX_BACKENDS`).
-pub const MAX_BACKENDS: u32 = 4096;
-/// Connection-tracking entries (`LB_MAX_FLOWS`).
-pub const MAX_FLOWS: u32 = 262_144;
-/// Announced addresses (`LB_MAX_VIPS`).
-pub const MAX_VIPS: u32 = 1024;
+/// Default capacity of backend ids; id 0 means "none" (`LB_MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 65536;
+/// Default connection-tracking entries (`LB_MAX_FLOWS`).
+pub const MAX_FLOWS: u32 = 1_048_576;
+/// Default announced addresses (`LB_MAX_VIPS`).
+pub const MAX_VIPS: u32 = 4096;
 /// Source-range entries over all services (`LB_MAX_SOURCE_RANGES`).
 pub const MAX_SOURCE_RANGES: u32 = 16384;
 
@@ -22,6 +23,10 @@ pub const MAX_SOURCE_RANGES: u32 = 16384;
 pub const SERVICE_F_LOCAL: u32 = 0x1;
 /// `LB_SERVICE_F_SOURCE_RANGES`: the service has loadBalancerSourceRanges.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 0x2;
+/// `LB_SERVICE_F_AFFINITY`: sessionAffinity ClientIP.
+pub const SERVICE_F_AFFINITY: u32 = 0x4;
+/// `LB_BACKEND_F_ACTIVE`: the backend is in its service's ring.
+pub const BACKEND_F_ACTIVE: u16 = 0x1;
 
 /// `LB_FLOW_OPEN`.
 pub const FLOW_OPEN: u8 = 0;
@@ -131,6 +136,9 @@ pub struct LbService {
     pub id: u32,
     /// `SERVICE_F_*`.
     pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub affinity_timeout_s: u32,
+    pub pad: u32,
 }
 
 /// Value of `lb_backends` (`struct lb_backend`); all zero means "no backend".
@@ -139,7 +147,8 @@ pub struct LbService {
 pub struct LbBackend {
     pub ip: LbAddr,
     pub port: u16,
-    pub pad: u16,
+    /// `BACKEND_F_*`.
+    pub flags: u16,
 }
 
 impl LbBackend {
@@ -147,9 +156,26 @@ impl LbBackend {
         Self {
             ip: ip.into(),
             port: be16(port),
-            pad: 0,
+            flags: 0,
         }
     }
+}
+
+/// Key of `lb_affinity` (`struct lb_affinity_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LbAffinityKey {
+    pub service_id: u32,
+    pub client: LbAddr,
+}
+
+/// Value of `lb_affinity` (`struct lb_affinity`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinity {
+    pub backend_id: u32,
+    pub pad: u32,
+    pub last_seen_ns: u64,
 }
 
 /// A 5-tuple, key of `lb_flows` and `lb_reverse` (`struct lb_flow_key`).
@@ -264,10 +290,12 @@ pub enum LbReason {
     DropNoPort = 9,
     DropNoRoute = 10,
     NdpReply = 11,
+    FlowTableFull = 12,
+    FlowUntracked = 13,
 }
 
 impl LbReason {
-    pub const ALL: [LbReason; 11] = [
+    pub const ALL: [LbReason; 13] = [
         LbReason::Forward,
         LbReason::Reply,
         LbReason::Pass,
@@ -279,10 +307,12 @@ impl LbReason {
         LbReason::DropNoPort,
         LbReason::DropNoRoute,
         LbReason::NdpReply,
+        LbReason::FlowTableFull,
+        LbReason::FlowUntracked,
     ];
 
     /// Entries of `lb_counters` (`LB_REASON_MAX`).
-    pub const MAX: u32 = 12;
+    pub const MAX: u32 = 14;
 
     pub fn from_raw(raw: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|r| *r as u32 == raw)
@@ -302,6 +332,8 @@ impl LbReason {
             LbReason::DropNoPort => "drop_no_port",
             LbReason::DropNoRoute => "drop_no_route",
             LbReason::NdpReply => "ndp_reply",
+            LbReason::FlowTableFull => "flow_table_full",
+            LbReason::FlowUntracked => "flow_untracked",
         }
     }
 }
@@ -330,6 +362,10 @@ unsafe impl aya::Pod for LbVip {}
 unsafe impl aya::Pod for LbConfig {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LbStats {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinityKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinity {}
 
 #[cfg(test)]
 mod tests {
@@ -342,8 +378,14 @@ mod tests {
         vec![
             mirror!("lb_addr", LbAddr, [w]),
             mirror!("lb_service_key", LbServiceKey, [vip, port, proto, pad]),
-            mirror!("lb_service", LbService, [id, flags]),
-            mirror!("lb_backend", LbBackend, [ip, port, pad]),
+            mirror!(
+                "lb_service",
+                LbService,
+                [id, flags, affinity_timeout_s, pad]
+            ),
+            mirror!("lb_backend", LbBackend, [ip, port, flags]),
+            mirror!("lb_affinity_key", LbAffinityKey, [service_id, client]),
+            mirror!("lb_affinity", LbAffinity, [backend_id, pad, last_seen_ns]),
             mirror!(
                 "lb_flow_key",
                 LbFlowKey,

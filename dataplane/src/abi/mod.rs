@@ -9,6 +9,12 @@ pub mod services;
 
 use std::net::Ipv4Addr;
 
+/// Default capacity of the `routes` map (`SLIPWAY_MAX_ROUTES`).
+pub const MAX_ROUTES: u32 = 16_384;
+/// Default capacity of the NAT maps: `nat_flows`, `nat_reverse`, `stack_flows`
+/// (`SLIPWAY_MAX_NAT_FLOWS`).
+pub const MAX_NAT_FLOWS: u32 = 262_144;
+
 /// A MAC address as the datapath stores it.
 pub type Mac = [u8; 6];
 
@@ -59,10 +65,13 @@ pub enum Reason {
     NodeportReply = 9,
     DropNodeport = 10,
     DropPolicy = 11,
+    ServiceRequest = 12,
+    ServiceReply = 13,
+    PassStackFlow = 14,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 14] = [
         Reason::RedirectPeer,
         Reason::PassNotIpv4,
         Reason::PassNoEndpoint,
@@ -74,6 +83,9 @@ impl Reason {
         Reason::NodeportReply,
         Reason::DropNodeport,
         Reason::DropPolicy,
+        Reason::ServiceRequest,
+        Reason::ServiceReply,
+        Reason::PassStackFlow,
     ];
 
     pub fn from_raw(raw: u32) -> Option<Self> {
@@ -94,6 +106,9 @@ impl Reason {
             Reason::NodeportReply => "nodeport_reply",
             Reason::DropNodeport => "drop_nodeport",
             Reason::DropPolicy => "drop_policy",
+            Reason::ServiceRequest => "service_request",
+            Reason::ServiceReply => "service_reply",
+            Reason::PassStackFlow => "pass_stack_flow",
         }
     }
 
@@ -104,6 +119,61 @@ impl Reason {
             Reason::DropMalformed | Reason::DropNoRoute | Reason::DropNodeport | Reason::DropPolicy
         )
     }
+}
+
+/// `enum slipway_map`: a table whose fill the datapath reports, the index of `map_fill` and
+/// of the per-CPU `map_full`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MapId {
+    Counters = 0,
+    PolicyCt = 1,
+    NatFlows = 2,
+    NatReverse = 3,
+    StackFlows = 4,
+}
+
+impl MapId {
+    pub const ALL: [MapId; 5] = [
+        MapId::Counters,
+        MapId::PolicyCt,
+        MapId::NatFlows,
+        MapId::NatReverse,
+        MapId::StackFlows,
+    ];
+
+    /// The map's name: its pin name and the label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MapId::Counters => "counters",
+            MapId::PolicyCt => "policy_ct",
+            MapId::NatFlows => "nat_flows",
+            MapId::NatReverse => "nat_reverse",
+            MapId::StackFlows => "stack_flows",
+        }
+    }
+}
+
+/// Value of the `map_fill` array (`struct map_fill`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapFill {
+    /// Entries the programs inserted and did not delete, at most `capacity`.
+    pub entries: i64,
+    /// The table's max_entries; 0: not tracked.
+    pub capacity: u32,
+    pub pad: u32,
+}
+
+/// Key of the `stack_flows` LRU (`struct stack_flow_key`): a local pod's address and port of a
+/// flow the host stack handled, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackFlowKey {
+    pub ip4: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
 }
 
 /// Key of the per-CPU `counters` map (`struct counter_key`).
@@ -230,6 +300,10 @@ unsafe impl aya::Pod for NatTuple {}
 unsafe impl aya::Pod for NatForward {}
 // SAFETY: as above.
 unsafe impl aya::Pod for NatReply {}
+// SAFETY: as above.
+unsafe impl aya::Pod for MapFill {}
+// SAFETY: as above.
+unsafe impl aya::Pod for StackFlowKey {}
 
 #[cfg(test)]
 pub(crate) mod layout {
@@ -310,6 +384,8 @@ mod tests {
                 [backend_ip4, backend_port, snat, pad, snat_ip4]
             ),
             mirror!("nat_reply", NatReply, [saddr, daddr, sport, dport]),
+            mirror!("map_fill", MapFill, [entries, capacity, pad]),
+            mirror!("stack_flow_key", StackFlowKey, [ip4, port, proto, pad]),
             mirror!(
                 "node_config",
                 NodeConfig,
@@ -362,6 +438,26 @@ mod tests {
             })
             .collect();
         assert_eq!(values, expected);
+    }
+
+    #[test]
+    fn map_ids_match_btf_enum() {
+        for object in [objects::POD_VETH, objects::HOST] {
+            let btf = Btf::from_elf(object).expect("BTF");
+            let values = btf
+                .enum_values("slipway_map")
+                .expect("enum slipway_map in BTF");
+            let expected: Vec<(String, i64)> = MapId::ALL
+                .iter()
+                .map(|m| {
+                    (
+                        format!("SLIPWAY_MAP_{}", m.as_str().to_uppercase()),
+                        *m as i64,
+                    )
+                })
+                .collect();
+            assert_eq!(values, expected);
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 pub const MAX_RULES: u32 = 262_144;
 /// Capacity of `policy_ipcache`, both slots (`POLICY_MAX_IPCACHE`).
 pub const MAX_IPCACHE: u32 = 131_072;
+/// Default capacity of the `policy_ct` LRU (`POLICY_MAX_CT`).
+pub const MAX_CT: u32 = 524_288;
 /// Capacity of `policy_endpoints`, both slots (`POLICY_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: u32 = 131_072;
 

@@ -106,10 +106,12 @@ pub enum SvcEvent {
     RefusedNoBackend = 4,
     RefusedRace = 5,
     Getpeername = 6,
+    PacketTcp = 7,
+    PacketUdp = 8,
 }
 
 impl SvcEvent {
-    pub const ALL: [SvcEvent; 7] = [
+    pub const ALL: [SvcEvent; 9] = [
         SvcEvent::ConnectTcp,
         SvcEvent::ConnectUdp,
         SvcEvent::SendmsgUdp,
@@ -117,6 +119,8 @@ impl SvcEvent {
         SvcEvent::RefusedNoBackend,
         SvcEvent::RefusedRace,
         SvcEvent::Getpeername,
+        SvcEvent::PacketTcp,
+        SvcEvent::PacketUdp,
     ];
 
     /// The label used in metrics and tables.
@@ -129,6 +133,8 @@ impl SvcEvent {
             SvcEvent::RefusedNoBackend => "refused_no_backend",
             SvcEvent::RefusedRace => "refused_race",
             SvcEvent::Getpeername => "getpeername",
+            SvcEvent::PacketTcp => "packet_tcp",
+            SvcEvent::PacketUdp => "packet_udp",
         }
     }
 }

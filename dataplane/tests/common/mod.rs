@@ -12,7 +12,8 @@ use slipway_dataplane::abi::EndpointInfo;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr,
-    IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
+    UdpRepr,
 };
 
 // linux/pkt_cls.h
@@ -96,6 +97,61 @@ pub fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16), payload: &[u8]
     )
 }
 
+/// A TCP segment from `src`:`ports.0` to `dst`:`ports.1`: a SYN, or with `ack` a SYN-ACK.
+pub fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16), ack: bool) -> Vec<u8> {
+    let tcp = TcpRepr {
+        src_port: ports.0,
+        dst_port: ports.1,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: ack.then_some(TcpSeqNumber(2000)),
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    ipv4_frame(src, dst, IpProtocol::Tcp, tcp.buffer_len(), |l4, caps| {
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(l4),
+            &src.into(),
+            &dst.into(),
+            caps,
+        );
+    })
+}
+
+/// The (source, destination) addresses and ports of a TCP or UDP frame, after checking that its
+/// IPv4 and L4 checksums are right.
+pub fn checked_tuple(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let eth = EthernetFrame::new_checked(frame).expect("ethernet frame");
+    let ip = Ipv4Packet::new_checked(eth.payload()).expect("ipv4 packet");
+    assert!(ip.verify_checksum(), "IPv4 checksum");
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let ports = match ip.next_header() {
+        IpProtocol::Tcp => {
+            let tcp = TcpPacket::new_checked(ip.payload()).expect("tcp");
+            assert!(
+                tcp.verify_checksum(&src.into(), &dst.into()),
+                "TCP checksum"
+            );
+            (tcp.src_port(), tcp.dst_port())
+        }
+        IpProtocol::Udp => {
+            let udp = UdpPacket::new_checked(ip.payload()).expect("udp");
+            assert!(
+                udp.verify_checksum(&src.into(), &dst.into()),
+                "UDP checksum"
+            );
+            (udp.src_port(), udp.dst_port())
+        }
+        other => panic!("not TCP or UDP: {other}"),
+    };
+    ((src, ports.0), (dst, ports.1))
+}
+
 pub fn icmp_echo_frame(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let icmp = Icmpv4Repr::EchoRequest {
         ident: 7,
@@ -119,4 +175,23 @@ pub fn test_run(program: &SchedClassifier, frame: &[u8], repeat: u32) -> (u32, V
     let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
+}
+
+/// A bpffs directory of one test's own (`/sys/fs/bpf/slipway-<label>-<pid>`), removed on drop,
+/// also while unwinding from a failed assertion.
+pub struct Bpffs(pub std::path::PathBuf);
+
+impl Bpffs {
+    pub fn new(label: &str) -> Self {
+        Self(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/slipway-{label}-{}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

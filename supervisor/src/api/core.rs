@@ -445,31 +445,6 @@ impl Validate for Endpoints {
     }
 }
 
-/// Container environment variable.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EnvVar {
-    /// Name.
-    pub name: String,
-    /// Value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
-}
-
-/// Container port.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ContainerPort {
-    /// Port name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Port number.
-    pub container_port: i64,
-    /// Protocol.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-}
-
 /// Requests and limits.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -482,75 +457,29 @@ pub struct ResourceRequirements {
     pub requests: Option<BTreeMap<String, Quantity>>,
 }
 
-/// A process in the pod's network namespace.
+/// A Pod (core/v1), the upstream type: whatever kubectl and kube-rs send decodes, and a
+/// field the upstream schema does not have is refused (see `registry::decode_upstream`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Container {
-    /// Name, unique in the pod.
-    pub name: String,
-    /// Image or executable reference.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// Entrypoint.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<Vec<String>>,
-    /// Arguments.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub args: Option<Vec<String>>,
-    /// Environment.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub env: Option<Vec<EnvVar>>,
-    /// Ports.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<ContainerPort>>,
-    /// Resources.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
-    /// Working directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub working_dir: Option<String>,
-}
-
-/// Minimal pod spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PodSpec {
-    /// Containers.
-    #[serde(default)]
-    pub containers: Vec<Container>,
-    /// Host the pod is bound to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_name: Option<String>,
-    /// Always (default), OnFailure or Never.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restart_policy: Option<String>,
-    /// Volumes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volumes: Option<Vec<Value>>,
-    /// Node selector.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<BTreeMap<String, String>>,
-}
-
-kind!(
-    /// A Pod (core/v1), minimal: processes in a pod network namespace on a host.
-    Pod,
-    PodSpec,
-    Value
-);
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct Pod(pub k8s_openapi::api::core::v1::Pod);
 
 impl Validate for Pod {
     fn default_fields(&mut self) {
-        self.spec
-            .restart_policy
-            .get_or_insert_with(|| "Always".into());
+        let spec = self.0.spec.get_or_insert_with(Default::default);
+        spec.restart_policy.get_or_insert_with(|| "Always".into());
+        spec.dns_policy.get_or_insert_with(|| "ClusterFirst".into());
     }
     fn validate(&self, errs: &mut Vec<FieldError>) {
-        if self.spec.containers.is_empty() {
+        let Some(spec) = &self.0.spec else {
+            errs.push(FieldError::required("spec"));
+            return;
+        };
+        if spec.containers.is_empty() {
             errs.push(FieldError::required("spec.containers"));
         }
         let mut names = std::collections::BTreeSet::new();
-        for (i, c) in self.spec.containers.iter().enumerate() {
+        for (i, c) in spec.containers.iter().enumerate() {
             let f = at("spec.containers", i);
             check_dns_label(&format!("{f}.name"), &c.name, errs);
             if !names.insert(c.name.clone()) {
@@ -562,15 +491,21 @@ impl Validate for Pod {
             for (j, p) in c.ports.iter().flatten().enumerate() {
                 check_port(
                     &format!("{f}.ports[{j}].containerPort"),
-                    p.container_port,
+                    i64::from(p.container_port),
                     errs,
                 );
             }
         }
         check_enum(
             "spec.restartPolicy",
-            &self.spec.restart_policy,
+            &spec.restart_policy,
             &["Always", "OnFailure", "Never"],
+            errs,
+        );
+        check_enum(
+            "spec.dnsPolicy",
+            &spec.dns_policy,
+            &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
             errs,
         );
     }

@@ -124,6 +124,55 @@ fn decode<T: DeserializeOwned + Serialize + Validate>(
     Ok((value, errs))
 }
 
+/// Decodes an upstream kind (a k8s-openapi type). Those types pass over fields they do not
+/// know, so a field that decoding and encoding again loses is unknown, and is refused as
+/// kube-apiserver's strict decoding refuses it.
+fn decode_upstream<T: DeserializeOwned + Serialize + Validate>(
+    body: Value,
+) -> Result<(Value, Vec<FieldError>), String> {
+    let sent = body.clone();
+    let (value, errs) = decode::<T>(body)?;
+    let mut unknown = Vec::new();
+    unknown_fields(&sent, &value, "", &mut unknown);
+    if unknown.is_empty() {
+        Ok((value, errs))
+    } else {
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field {f:?}"))
+            .collect();
+        Err(list.join(", "))
+    }
+}
+
+/// Appends the paths of `sent` that `kept` lacks (null values count as absent).
+fn unknown_fields(sent: &Value, kept: &Value, path: &str, out: &mut Vec<String>) {
+    match (sent, kept) {
+        (Value::Object(s), Value::Object(k)) => {
+            for (key, v) in s {
+                if v.is_null() {
+                    continue;
+                }
+                let p = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match k.get(key) {
+                    Some(kv) => unknown_fields(v, kv, &p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(s), Value::Array(k)) => {
+            for (i, (sv, kv)) in s.iter().zip(k).enumerate() {
+                unknown_fields(sv, kv, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
     g.subschema_for::<T>()
 }
@@ -501,7 +550,7 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
                     cell: |v| s(v, "spec.nodeName"),
                 },
             ],
-            decode: decode::<Pod>,
+            decode: decode_upstream::<Pod>,
             schema: schema::<Pod>,
         },
         ResourceType {
@@ -727,4 +776,47 @@ pub fn by_kind(group: &str, kind: &str) -> Option<&'static ResourceType> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.kind == kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod() -> &'static ResourceType {
+        lookup("", "v1", "pods").expect("pods are served")
+    }
+
+    #[test]
+    fn pod_takes_upstream_fields_and_refuses_unknown_ones() {
+        // What `kubectl run` sends.
+        let (obj, errs) = pod()
+            .decode(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "x", "creationTimestamp": null, "labels": {"run": "x"}},
+                "spec": {"containers": [{"name": "x", "image": "busybox", "resources": {}}],
+                         "restartPolicy": "Always", "dnsPolicy": "ClusterFirst"},
+                "status": {},
+            }))
+            .expect("kubectl run's Pod decodes");
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(obj["spec"]["dnsPolicy"], "ClusterFirst");
+        let err = pod()
+            .decode(json!({
+                "metadata": {"name": "x", "bogus": 1},
+                "spec": {"containers": [{"name": "x", "imagee": "busybox"}]},
+            }))
+            .expect_err("unknown fields are refused")
+            .to_string();
+        assert!(
+            err.contains(r#"unknown field "metadata.bogus""#)
+                && err.contains(r#"unknown field "spec.containers[0].imagee""#),
+            "{err}"
+        );
+        let (_, errs) = pod()
+            .decode(json!({"metadata": {"name": "x"},
+                "spec": {"containers": [{"name": "x"}], "dnsPolicy": "Sometimes"}}))
+            .expect("decodes");
+        assert!(errs.iter().any(|e| e.field == "spec.dnsPolicy"), "{errs:?}");
+    }
 }

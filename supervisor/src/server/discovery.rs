@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
+use super::{access_review, scale};
 use crate::api::registry::RESOURCES;
 
 /// The Kubernetes minor version whose API conventions the server follows.
@@ -35,6 +36,7 @@ pub fn core_versions() -> Value {
 
 fn groups() -> BTreeMap<&'static str, Vec<&'static str>> {
     let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    out.insert(access_review::GROUP, vec![access_review::VERSION]);
     for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
         let v = out.entry(r.group).or_default();
         if !v.contains(&r.version) {
@@ -90,6 +92,17 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             "shortNames": r.short_names,
             "categories": if r.group == "slipway.dev" { json!(["slipway", "all"]) } else { json!([]) },
         }));
+        if scale::scalable(r) {
+            resources.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
         if r.has_status {
             resources.push(json!({
                 "name": format!("{}/status", r.plural),
@@ -99,6 +112,15 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+    }
+    if group == access_review::GROUP && version == access_review::VERSION {
+        resources.push(json!({
+            "name": access_review::PLURAL,
+            "singularName": "",
+            "namespaced": false,
+            "kind": "SelfSubjectAccessReview",
+            "verbs": ["create"],
+        }));
     }
     if resources.is_empty() {
         return None;

@@ -6,14 +6,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, header};
 use serde_json::Value;
 use tracing::{debug, info_span};
 
+use super::early::RequestBody;
 use super::http::{self, Body};
 use super::objects::meta_str;
-use super::{State, discovery, keys, table, verbs, watch};
+use super::{State, access_review, discovery, health, keys, scale, table, verbs, watch};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{ResourceType, lookup};
 use crate::audit::AuditRecord;
@@ -35,7 +35,7 @@ pub(super) struct Target {
 }
 
 enum Route {
-    Health,
+    Health(health::Endpoint, Option<String>),
     Version,
     CoreVersions,
     Groups,
@@ -43,6 +43,7 @@ enum Route {
     Resources(String, String),
     OpenApi,
     Metrics,
+    AccessReview,
     Resource(Target),
     NotFound,
 }
@@ -61,10 +62,25 @@ fn route(path: &str) -> Route {
         .filter(|s| !s.is_empty())
         .collect();
     let (group, version, rest) = match segs.as_slice() {
-        ["healthz" | "livez" | "readyz"] => return Route::Health,
+        [ep @ ("healthz" | "livez" | "readyz"), check @ ..] if check.len() <= 1 => {
+            let ep = match *ep {
+                "livez" => health::Endpoint::Live,
+                "readyz" => health::Endpoint::Ready,
+                _ => health::Endpoint::Health,
+            };
+            return Route::Health(ep, check.first().map(|c| c.to_string()));
+        }
         ["version"] => return Route::Version,
         ["metrics"] => return Route::Metrics,
         ["openapi", "v2"] => return Route::OpenApi,
+        [
+            "apis",
+            access_review::GROUP,
+            access_review::VERSION,
+            access_review::PLURAL,
+        ] => {
+            return Route::AccessReview;
+        }
         ["api"] => return Route::CoreVersions,
         ["apis"] => return Route::Groups,
         ["apis", g] => return Route::Group(g.to_string()),
@@ -191,7 +207,7 @@ fn verb_of(method: &Method, t: &Target, query: &HashMap<String, String>) -> &'st
     }
 }
 
-fn header_str(req: &Request<Incoming>, name: header::HeaderName) -> String {
+fn header_str(req: &Request<RequestBody>, name: header::HeaderName) -> String {
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -203,7 +219,7 @@ fn header_str(req: &Request<Incoming>, name: header::HeaderName) -> String {
 pub async fn handle(
     state: Arc<State>,
     cert_user: Option<UserInfo>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
@@ -212,8 +228,8 @@ pub async fn handle(
     let span = info_span!("request", %method, %path);
     let _enter = span.enter();
     let route = route(&path);
-    if matches!(route, Route::Health) {
-        return http::raw(200, "text/plain", "ok");
+    if let Route::Health(ep, check) = &route {
+        return health::serve(&state, *ep, check.as_deref(), &query).await;
     }
     let auth_header = req
         .headers()
@@ -226,6 +242,7 @@ pub async fn handle(
             t.rt.plural.to_string(),
             t.rt.group,
         ),
+        Route::AccessReview => ("create", access_review::PLURAL.into(), access_review::GROUP),
         _ => (
             if method == Method::GET {
                 "get"
@@ -236,9 +253,9 @@ pub async fn handle(
             "",
         ),
     };
-    let (ns, name) = match &route {
-        Route::Resource(t) => (t.ns.clone(), t.name.clone()),
-        _ => (None, None),
+    let (ns, name, sub) = match &route {
+        Route::Resource(t) => (t.ns.clone(), t.name.clone(), t.sub.clone()),
+        _ => (None, None, None),
     };
     let audit = |user: &str, code: u16| {
         if let Some(log) = &state.audit {
@@ -247,6 +264,7 @@ pub async fn handle(
                 user,
                 verb,
                 resource: &resource,
+                subresource: sub.as_deref(),
                 group,
                 namespace: ns.as_deref(),
                 name: name.as_deref(),
@@ -267,7 +285,7 @@ pub async fn handle(
     let accept = header_str(&req, header::ACCEPT);
     let content_type = header_str(&req, header::CONTENT_TYPE);
     let response = match route {
-        Route::Health => http::raw(200, "text/plain", "ok"),
+        Route::Health(..) => http::error(&not_found_path()),
         Route::Version => http::json(200, &discovery::version()),
         Route::CoreVersions => http::json(200, &discovery::core_versions()),
         Route::Groups => http::json(200, &discovery::group_list()),
@@ -284,12 +302,43 @@ pub async fn handle(
         }
         Route::Metrics => http::raw(200, "text/plain; version=0.0.4", state.metrics.encode()),
         Route::NotFound => http::error(&not_found_path()),
+        Route::AccessReview if method != Method::POST => http::error(&ApiError::MethodNotAllowed),
+        Route::AccessReview => {
+            let result = match read_body(req).await {
+                Ok(b) => {
+                    let body = if content_type.starts_with(access_review::PROTOBUF) {
+                        access_review::from_protobuf(&b)
+                    } else {
+                        super::objects::parse_body(&b, &content_type)
+                    };
+                    match body {
+                        Ok(body) => access_review::review(&state, &user, &body).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => http::json(201, &v),
+                Err(e) => http::error(&e),
+            }
+        }
         Route::Resource(t) => {
             let body = match read_body(req).await {
                 Ok(b) => b,
                 Err(e) => return http::error(&e),
             };
-            let result = match authorize(&state.store, &user, verb, t.rt, t.ns.as_deref()).await {
+            let result = match authorize(
+                &state.store,
+                &user,
+                verb,
+                t.rt,
+                t.sub.as_deref(),
+                t.ns.as_deref(),
+                t.name.as_deref(),
+            )
+            .await
+            {
                 Err(e) => Err(e),
                 Ok(()) => {
                     let call = Call {
@@ -331,7 +380,7 @@ pub async fn handle(
     response
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(req: Request<RequestBody>) -> Result<Bytes, ApiError> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
     limited
         .collect()
@@ -347,6 +396,9 @@ async fn dispatch(
     user: &UserInfo,
 ) -> Result<Response<Body>, ApiError> {
     let sub = call.t.sub.as_deref();
+    if sub == Some("scale") && scale::scalable(call.t.rt) {
+        return scale::serve(call, method).await;
+    }
     if let Some(s) = sub
         && !(s == "status" && call.t.rt.has_status)
     {
@@ -361,7 +413,14 @@ async fn dispatch(
     debug!(user = %user.name, verb, "dispatch");
     match (method, call.t.name.as_deref(), verb) {
         (_, _, "watch") => {
+            let permit = call.state.limiter.watch(&user.name).map_err(|r| {
+                ApiError::TooManyRequests(format!(
+                    "user {:?} has too many open watches: {r}",
+                    user.name
+                ))
+            })?;
             watch::serve(
+                permit,
                 call.state,
                 call.t.rt,
                 call.ns(),

@@ -1,21 +1,30 @@
 //! The HTTPS API server: TLS accept loop, per-connection client identity, shared state.
 
+pub mod access_review;
 pub mod discovery;
+pub mod early;
 pub mod handler;
+pub mod health;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod objects;
+pub mod paging;
+pub mod scale;
 pub mod table;
 mod verbs;
 pub mod watch;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -28,6 +37,7 @@ use crate::store::etcd::EtcdStore;
 use crate::store::redb::RedbStore;
 use crate::store::{AnyStore, Store, StoreError};
 use crate::tls::{Credential, Pki, TlsError, subject_of};
+use limits::{ConnectionLimits, Limiter};
 
 /// Which store backend to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +65,8 @@ pub struct ServerConfig {
     pub watch_history: u64,
     /// Admission minimums.
     pub admission: AdmissionConfig,
+    /// Connection, handshake, header and watch limits.
+    pub limits: ConnectionLimits,
 }
 
 /// Start-up failures.
@@ -97,6 +109,26 @@ pub struct State {
     pub openapi_json: Bytes,
     /// `/openapi/v2` as gnostic protobuf.
     pub openapi_pb: Bytes,
+    /// Open connections and watches.
+    pub limiter: Arc<Limiter>,
+    /// Health check transitions, for logging.
+    pub health: health::CheckLog,
+}
+
+/// Counts one open connection in the gauge for as long as it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A bound, ready-to-serve API server.
@@ -143,7 +175,11 @@ impl Server {
     /// Creates the PKI on first start, opens the store, binds the listener and writes
     /// `DIR/admin.kubeconfig` for the bound address.
     pub async fn bind(cfg: ServerConfig) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(&cfg.data_dir)
+        // The data directory holds the store, keys and audit log: the supervisor's alone.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.data_dir)
             .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
         let pki = Pki::new(&cfg.data_dir);
         let mut sans = Vec::new();
@@ -175,7 +211,7 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| ServerError::Bind(cfg.listen, e))?;
-        let (cert_pem, key_pem) = pki.issue_client("admin", Some(MASTERS))?;
+        let (cert_pem, key_pem) = pki.admin_client(MASTERS)?;
         pki.write_kubeconfig(
             &cfg.data_dir.join("admin.kubeconfig"),
             addr,
@@ -193,6 +229,8 @@ impl Server {
             admission: cfg.admission,
             openapi_json,
             openapi_pb,
+            limiter: Limiter::new(cfg.limits.clone()),
+            health: health::CheckLog::default(),
         };
         let tls = TlsAcceptor::from(pki.server_config()?);
         info!(%addr, store = ?cfg.store, "supervisor API listening");
@@ -224,17 +262,36 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
+            let permit = match self.state.limiter.connection(peer.ip()) {
+                Ok(p) => p,
+                Err(refused) => {
+                    // A flood must not flood the log: counted, logged at debug only.
+                    self.state.metrics.connections_refused.inc();
+                    debug!(%peer, %refused, "connection refused");
+                    continue;
+                }
+            };
+            let limits = self.state.limiter.limits().clone();
             let tls = self.tls.clone();
             let state = self.state.clone();
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
-                let stream = match tls.accept(tcp).await {
-                    Ok(s) => s,
-                    Err(e) => {
+                let _permit = permit;
+                let _open = OpenConnection::new(&state.metrics.connections);
+                let stream = match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }
+                    Err(_) => {
+                        debug!(%peer, timeout = ?limits.handshake_timeout, "TLS handshake timed out");
+                        return;
+                    }
                 };
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                 let cert_user = stream
                     .get_ref()
                     .1
@@ -242,18 +299,59 @@ impl Server {
                     .and_then(|c| c.first())
                     .and_then(|c| subject_of(c))
                     .map(|(name, groups)| UserInfo { name, groups });
-                let svc = hyper::service::service_fn(move |req| {
+                let requested = Arc::new(AtomicBool::new(false));
+                let seen = requested.clone();
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     let state = state.clone();
                     let cert_user = cert_user.clone();
-                    async move { Ok::<_, Infallible>(handler::handle(state, cert_user, req).await) }
+                    seen.store(true, Ordering::Relaxed);
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let (body, remainder) = early::split(body);
+                        let req = hyper::Request::from_parts(parts, body);
+                        let response = handler::handle(state, cert_user, req).await;
+                        Ok::<_, Infallible>(early::hold(response, remainder))
+                    }
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // The protocol is the one TLS negotiated (ALPN), so no bytes are awaited
+                // without a timeout; HTTP/1's header timeout also ends idle connections.
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout);
+                let builder = if h2 {
+                    builder.http2_only()
+                } else {
+                    builder.http1_only()
+                };
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                tokio::select! {
-                    r = conn => if let Err(e) = r {
-                        debug!(%peer, error = %e, "connection ended");
-                    },
-                    _ = stop.changed() => {}
+                tokio::pin!(conn);
+                // HTTP/2 has no header timeout: a connection that sends no request within
+                // the header-read timeout is closed.
+                let first_request = tokio::time::sleep(limits.header_read_timeout);
+                tokio::pin!(first_request);
+                let mut waiting = true;
+                loop {
+                    tokio::select! {
+                        r = conn.as_mut() => {
+                            if let Err(e) = r {
+                                debug!(%peer, error = %e, "connection ended");
+                            }
+                            break;
+                        }
+                        () = &mut first_request, if waiting => {
+                            waiting = false;
+                            if !requested.load(Ordering::Relaxed) {
+                                // Nothing in flight to finish (and an h2 client that never
+                                // sent its preface would hold off a graceful shutdown).
+                                debug!(%peer, "no request within the header-read timeout");
+                                break;
+                            }
+                        }
+                        _ = stop.changed() => break,
+                    }
                 }
             });
         }

@@ -236,6 +236,17 @@ pub fn with_status_of(old: &Value, body: &Value) -> Value {
     merged
 }
 
+/// A create's body without its status: status is the controllers' to write, through the
+/// status subresource (Kubernetes resets it on create too).
+pub fn without_status(rt: &ResourceType, mut body: Value) -> Value {
+    if rt.has_status
+        && let Some(m) = body.as_object_mut()
+    {
+        m.remove("status");
+    }
+    body
+}
+
 /// Stamps the server-owned metadata of a new object.
 pub fn stamp_new(obj: &mut Value) {
     set_meta(obj, "uid", json!(new_uid()));

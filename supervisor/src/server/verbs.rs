@@ -11,15 +11,17 @@ use super::handler::Call;
 use super::http::{self, Body};
 use super::objects::{
     admit, carry_over, encode, finalized, meta_str, parse_body, present, sent_revision, set_meta,
-    stamp_new, with_status_of,
+    stamp_new, with_status_of, without_status,
 };
-use super::{State, keys, table};
+use super::{State, keys, paging, table};
+use crate::admission::{self, Change};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{RESOURCES, ResourceType, lookup};
 use crate::error::ApiError;
 use crate::patch::{self, PatchType};
 use crate::selector::{FieldSelector, LabelSelector, labels_of};
-use crate::store::{Store, StoreError};
+use crate::ssa;
+use crate::store::{Cas, Store, StoreError};
 
 pub(super) async fn ensure_namespace(call: &Call<'_>, ns: &str) -> Result<(), ApiError> {
     let Some(nsrt) = lookup("", "v1", "namespaces") else {
@@ -45,6 +47,28 @@ pub(super) async fn ensure_namespace(call: &Call<'_>, ns: &str) -> Result<(), Ap
             Ok(())
         }
     }
+}
+
+/// Stores an object through admission's write (quota checked in the same transaction);
+/// with dryRun, checks only.
+async fn write(
+    call: &Call<'_>,
+    name: &str,
+    change: Change<'_>,
+    bytes: Vec<u8>,
+) -> Result<u64, ApiError> {
+    let key = call.key(name);
+    admission::write(
+        &call.state.store,
+        call.t.rt,
+        call.ns(),
+        &key,
+        change,
+        bytes,
+        call.dry_run(),
+    )
+    .await?
+    .map_err(|e| call.store_err(name, e))
 }
 
 pub(super) async fn get(call: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
@@ -90,49 +114,48 @@ pub async fn select(
 
 pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
     let (items, rev) = select(call.state, call.t.rt, call.ns(), &call.query).await?;
-    if table::wants_table(&call.accept) {
+    let page = paging::page(items, rev, &call.query)?;
+    let mut list = if table::wants_table(&call.accept) {
         let include = call
             .query
             .get("includeObject")
             .map(String::as_str)
             .unwrap_or("Metadata");
-        return Ok(http::json(
-            200,
-            &table::table(
-                call.t.rt,
-                &call.accept,
-                &items,
-                &rev.to_string(),
-                include,
-                true,
-            ),
-        ));
-    }
-    Ok(http::json(
-        200,
-        &json!({
+        table::table(
+            call.t.rt,
+            &call.accept,
+            &page.items,
+            &page.resource_version.to_string(),
+            include,
+            true,
+        )
+    } else {
+        json!({
             "kind": format!("{}List", call.t.rt.kind),
             "apiVersion": call.t.rt.api_version(),
-            "metadata": {"resourceVersion": rev.to_string()},
-            "items": items,
-        }),
-    ))
+            "metadata": {"resourceVersion": page.resource_version.to_string()},
+            "items": page.items,
+        })
+    };
+    if let (Some(token), Some(meta)) = (
+        page.continue_token,
+        list.get_mut("metadata").and_then(Value::as_object_mut),
+    ) {
+        meta.insert("continue".into(), json!(token));
+        meta.insert("remainingItemCount".into(), json!(page.remaining));
+    }
+    Ok(http::json(200, &list))
 }
 
 pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, ApiError> {
-    let body = parse_body(&call.body, &call.content_type)?;
+    let body = without_status(call.t.rt, parse_body(&call.body, &call.content_type)?);
     let mut obj = admit(call.state, call.t.rt, call.ns(), None, body, true).await?;
     stamp_new(&mut obj);
     let name = meta_str(&obj, "name").unwrap_or_default().to_string();
+    let rev = write(call, &name, Change::Create(&obj), encode(&obj)?).await?;
     if call.dry_run() {
         return Ok(call.respond(201, &obj));
     }
-    let rev = call
-        .state
-        .store
-        .create(&call.key(&name), encode(&obj)?)
-        .await
-        .map_err(|e| call.store_err(&name, e))?;
     set_meta(&mut obj, "resourceVersion", json!(rev.to_string()));
     Ok(call.respond(201, &obj))
 }
@@ -151,11 +174,11 @@ async fn write_update(
     if &new == old {
         return Ok(call.respond(200, old));
     }
-    if call.dry_run() {
-        return Ok(call.respond(200, &new));
-    }
     let key = call.key(name);
     if finalized(&new) {
+        if call.dry_run() {
+            return Ok(call.respond(200, &new));
+        }
         let drev = call
             .state
             .store
@@ -165,12 +188,15 @@ async fn write_update(
         set_meta(&mut new, "resourceVersion", json!(drev.to_string()));
         return Ok(call.respond(200, &new));
     }
-    let nrev = call
-        .state
-        .store
-        .update(&key, encode(&new)?, rev)
-        .await
-        .map_err(|e| call.store_err(name, e))?;
+    let change = Change::Update {
+        old,
+        new: &new,
+        revision: rev,
+    };
+    let nrev = write(call, name, change, encode(&new)?).await?;
+    if call.dry_run() {
+        return Ok(call.respond(200, &new));
+    }
     set_meta(&mut new, "resourceVersion", json!(nrev.to_string()));
     Ok(call.respond(200, &new))
 }
@@ -213,7 +239,56 @@ pub(super) async fn update(
     )
     .await?;
     carry_over(call.t.rt, &old, &mut new, status_only);
+    if !status_only {
+        record_update(call, &old, &mut new);
+    }
     write_update(call, name, kv.revision, &old, new).await
+}
+
+/// The object a server-side apply asks for over `live`, with its field ownership; a conflict
+/// with another field manager is a 409 unless `force=true`.
+fn applied(call: &Call<'_>, live: &Value) -> Result<Value, ApiError> {
+    let config = patch::parse_apply(&call.body)?;
+    let manager = call
+        .query
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::Invalid {
+            kind: call.t.rt.kind.into(),
+            name: meta_str(&config, "name").unwrap_or_default().into(),
+            causes: vec![crate::error::FieldError::required("fieldManager")],
+        })?;
+    let force = call.query.get("force").is_some_and(|f| f == "true");
+    ssa::apply(
+        live,
+        &config,
+        manager,
+        force,
+        &call.t.rt.api_version(),
+        &rfc3339(now_secs()),
+    )
+    .map_err(ApiError::ApplyConflict)
+}
+
+/// Moves the fields a non-apply write changed to its field manager (kubectl names one with
+/// `fieldManager`; others are `unknown`). A write that leaves out managedFields keeps them.
+fn record_update(call: &Call<'_>, old: &Value, new: &mut Value) {
+    if new.pointer("/metadata/managedFields").is_none()
+        && let Some(m) = old.pointer("/metadata/managedFields")
+    {
+        set_meta(new, "managedFields", m.clone());
+    }
+    let manager = call
+        .query
+        .get("fieldManager")
+        .map_or("unknown", String::as_str);
+    ssa::record_update(
+        old,
+        new,
+        manager,
+        &call.t.rt.api_version(),
+        &rfc3339(now_secs()),
+    );
 }
 
 pub(super) async fn patch_object(
@@ -227,19 +302,17 @@ pub(super) async fn patch_object(
     for _ in 0..5 {
         let Some(kv) = call.state.store.get(&call.key(name)).await? else {
             if kind == PatchType::Apply && !status_only {
-                let body = patch::parse_apply(&call.body)?;
+                let body = without_status(
+                    call.t.rt,
+                    applied(call, &Value::Object(Default::default()))?,
+                );
                 let mut obj =
                     admit(call.state, call.t.rt, call.ns(), Some(name), body, true).await?;
                 stamp_new(&mut obj);
+                let rev = write(call, name, Change::Create(&obj), encode(&obj)?).await?;
                 if call.dry_run() {
                     return Ok(call.respond(201, &obj));
                 }
-                let rev = call
-                    .state
-                    .store
-                    .create(&call.key(name), encode(&obj)?)
-                    .await
-                    .map_err(|e| call.store_err(name, e))?;
                 set_meta(&mut obj, "resourceVersion", json!(rev.to_string()));
                 return Ok(call.respond(201, &obj));
             }
@@ -247,7 +320,11 @@ pub(super) async fn patch_object(
         };
         let old = present(call.t.rt, &kv)?;
         let mut patched = old.clone();
-        patch::apply(call.t.rt, kind, &mut patched, &call.body)?;
+        if kind == PatchType::Apply && !status_only {
+            patched = applied(call, &old)?;
+        } else {
+            patch::apply(call.t.rt, kind, &mut patched, &call.body)?;
+        }
         let sent = sent_revision(call.t.rt, &patched)?;
         if let Some(s) = sent.filter(|s| *s != kv.revision) {
             return Err(ApiError::Conflict {
@@ -271,6 +348,9 @@ pub(super) async fn patch_object(
         )
         .await?;
         carry_over(call.t.rt, &old, &mut new, status_only);
+        if kind != PatchType::Apply && !status_only {
+            record_update(call, &old, &mut new);
+        }
         match write_update(call, name, kv.revision, &old, new).await {
             Err(ApiError::Conflict { .. }) if sent.is_none() => continue,
             other => return other,
@@ -311,6 +391,7 @@ async fn delete_one(
             });
         }
         let mut obj = present(rt, &kv)?;
+        let guards = admission::deletable(&call.state.store, rt, name).await?;
         let has_finalizers = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
@@ -332,7 +413,13 @@ async fn delete_one(
             if rt.plural == "namespaces" {
                 delete_namespace_contents(call, name).await?;
             }
-            call.state.store.delete(&key, kv.revision).await
+            let mut steps = vec![Cas::delete(&key, kv.revision)];
+            steps.extend(guards);
+            call.state
+                .store
+                .txn(steps)
+                .await
+                .map(|revs| revs.first().copied().unwrap_or_default())
         };
         match result {
             Ok(rev) => {
@@ -356,7 +443,7 @@ async fn delete_namespace_contents(call: &Call<'_>, ns: &str) -> Result<(), ApiE
             }
         }
     }
-    Ok(())
+    admission::forget_namespace(&call.state.store, ns).await
 }
 
 fn delete_precondition(body: &Bytes) -> Result<Option<u64>, ApiError> {

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::http::{self, Body};
+use super::limits::WatchPermit;
 use super::objects::present;
 use super::{State, keys, table, verbs};
 use crate::api::registry::ResourceType;
@@ -62,6 +63,7 @@ fn expired(e: &ApiError) -> Value {
 
 /// Serves a watch request.
 pub async fn serve(
+    permit: WatchPermit,
     state: &State,
     rt: &'static ResourceType,
     ns: Option<&str>,
@@ -125,6 +127,8 @@ pub async fn serve(
     if let Some(mut rx) = events {
         gauge.inc();
         tokio::spawn(async move {
+            // The user's watch slot is held for as long as the stream runs.
+            let _permit = permit;
             let matches = |obj: &Value| {
                 labels.as_ref().is_none_or(|l| l.matches(&labels_of(obj)))
                     && fields.as_ref().is_none_or(|f| f.matches(obj))

@@ -2,7 +2,9 @@
 //! create/mod revision, so resourceVersions are etcd revisions and watch resumes from them.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
@@ -10,19 +12,175 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{EventKind, KeyValue, Store, StoreError, StoreEvent, WatchStream};
+use super::{Cas, EventKind, Expect, KeyValue, Store, StoreError, StoreEvent, Then, WatchStream};
 
-/// The etcd backend (a cheap-to-clone client over one gRPC channel per endpoint).
+/// How long one store call may take over all its attempts and members before it fails with
+/// [`StoreError::Unavailable`]: long enough to ride out a leader election, short enough that a
+/// lost quorum is an error in seconds rather than a hang.
+const CALL_BUDGET: Duration = Duration::from_secs(5);
+/// How long one attempt on one member may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a member that failed is passed over, doubling per failure up to the maximum.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// Pause between two rounds in which every member failed.
+const ROUND_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the store knows of one member's health.
+#[derive(Debug, Default)]
+struct Health {
+    /// Passed over until then (None = healthy).
+    down_until: Option<Instant>,
+    /// The next backoff.
+    backoff: Duration,
+    /// Failures since the member went down (logged when it comes back).
+    failures: u32,
+}
+
+/// One etcd member and its own client, so a dead member can be passed over.
+struct Member {
+    endpoint: String,
+    client: Client,
+    health: Mutex<Health>,
+}
+
+/// The members: calls stay on the one that last answered (as etcd's own client pins an
+/// endpoint: its connection is warm and reads need no extra hop), move on to the next healthy
+/// one when it fails, and try failed ones last, soonest-back first.
+struct Members {
+    list: Vec<Member>,
+    preferred: AtomicUsize,
+}
+
+impl Members {
+    fn health(&self, i: usize) -> std::sync::MutexGuard<'_, Health> {
+        self.list[i]
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The order in which one round tries the members.
+    fn order(&self) -> Vec<usize> {
+        let n = self.list.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let mut healthy = Vec::with_capacity(n);
+        let mut down = Vec::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            match self.health(i).down_until {
+                Some(t) if t > now => down.push((t, i)),
+                _ => healthy.push(i),
+            }
+        }
+        down.sort();
+        healthy.extend(down.into_iter().map(|(_, i)| i));
+        healthy
+    }
+
+    fn mark_ok(&self, i: usize) {
+        let mut h = self.health(i);
+        if h.down_until.is_some() {
+            tracing::info!(
+                endpoint = %self.list[i].endpoint,
+                failures = h.failures,
+                "etcd member answers again"
+            );
+        }
+        *h = Health::default();
+    }
+
+    /// Backs off from a member; logs once per outage, not once per failed call.
+    fn mark_failed(&self, i: usize, error: &str) {
+        let mut h = self.health(i);
+        let was_up = h.down_until.is_none();
+        h.backoff = if was_up {
+            BACKOFF_MIN
+        } else {
+            (h.backoff * 2).min(BACKOFF_MAX)
+        };
+        h.down_until = Some(Instant::now() + h.backoff);
+        h.failures += 1;
+        if was_up {
+            tracing::warn!(
+                endpoint = %self.list[i].endpoint,
+                %error,
+                "etcd member failed; using the other members and retrying it with backoff"
+            );
+        } else {
+            tracing::debug!(endpoint = %self.list[i].endpoint, %error, backoff = ?h.backoff, "etcd member still failing");
+        }
+    }
+
+    /// Runs an etcd call on the healthy members first, moving on at once when one fails,
+    /// until [`CALL_BUDGET`] is spent. Writes are compare-and-set guarded by revision, so a
+    /// retried write whose first attempt did commit fails its guard instead of applying twice.
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + CALL_BUDGET;
+        let mut errors: Vec<String> = Vec::new();
+        loop {
+            for i in self.order() {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    break;
+                }
+                let member = &self.list[i];
+                let error = match tokio::time::timeout(
+                    remaining.min(ATTEMPT_TIMEOUT),
+                    f(member.client.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(v)) => {
+                        self.mark_ok(i);
+                        self.preferred.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Ok(Err(e)) if transient(&e) => e.to_string(),
+                    Ok(Err(e)) => return Err(eerr(e)),
+                    Err(_) => format!("no answer within {:?}", remaining.min(ATTEMPT_TIMEOUT)),
+                };
+                self.mark_failed(i, &error);
+                let line = format!("{}: {error}", member.endpoint);
+                errors.retain(|e| !e.starts_with(&format!("{}: ", member.endpoint)));
+                errors.push(line);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(StoreError::Unavailable {
+                    backend: "etcd",
+                    detail: format!(
+                        "no member answered within {CALL_BUDGET:?} ({})",
+                        errors.join("; ")
+                    ),
+                });
+            }
+            tokio::time::sleep(remaining.min(ROUND_PAUSE)).await;
+        }
+    }
+}
+
+/// The etcd backend: one client per member (cheap to clone).
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
-    endpoints: Vec<String>,
+    members: Arc<Members>,
 }
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoints: Vec<&str> = self
+            .members
+            .list
+            .iter()
+            .map(|m| m.endpoint.as_str())
+            .collect();
         f.debug_struct("EtcdStore")
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &endpoints)
             .finish()
     }
 }
@@ -40,34 +198,12 @@ fn transient(e: &etcd_client::Error) -> bool {
             s.code(),
             tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
+                // tonic's own request timeout ("Timeout expired").
+                | tonic::Code::Cancelled
                 | tonic::Code::Unknown
                 | tonic::Code::Aborted
         ),
         _ => false,
-    }
-}
-
-/// Runs an etcd call, retrying transient failures with backoff. Writes are compare-and-set
-/// guarded by revision, so a retried write whose first attempt did commit fails its guard
-/// instead of applying twice.
-async fn retry<T, F, Fut>(mut f: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, etcd_client::Error>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 0;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if transient(&e) && attempt < 6 => {
-                tracing::warn!(error = %e, attempt, "etcd call failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-                attempt += 1;
-            }
-            Err(e) => return Err(eerr(e)),
-        }
     }
 }
 
@@ -81,15 +217,38 @@ fn irev(r: u64) -> i64 {
 
 impl EtcdStore {
     /// Connects to the cluster (`http://h:port` or `h:port` endpoints).
+    ///
+    /// Each member gets its own (lazily connecting) client, so calls go to the members that
+    /// answer and a dead one is retried only after its backoff. `require_leader` makes a member
+    /// that lost its leader refuse at once instead of holding the call.
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
         let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let client = Client::connect(endpoints, Some(opts)).await.map_err(eerr)?;
+            .with_connect_timeout(ATTEMPT_TIMEOUT)
+            .with_timeout(ATTEMPT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_require_leader(true);
+        let mut list = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let client = Client::connect([endpoint], Some(opts.clone()))
+                .await
+                .map_err(eerr)?;
+            list.push(Member {
+                endpoint: endpoint.clone(),
+                client,
+                health: Mutex::new(Health::default()),
+            });
+        }
+        if list.is_empty() {
+            return Err(StoreError::Unavailable {
+                backend: "etcd",
+                detail: "no endpoints given".into(),
+            });
+        }
         Ok(Self {
-            client,
-            endpoints: endpoints.to_vec(),
+            members: Arc::new(Members {
+                list,
+                preferred: AtomicUsize::new(0),
+            }),
         })
     }
 
@@ -103,12 +262,14 @@ impl EtcdStore {
             .when([guard])
             .and_then([op])
             .or_else([TxnOp::get(key, None)]);
-        let resp = retry(|| {
-            let txn = txn.clone();
-            let mut kv = self.client.kv_client();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
+        let resp = self
+            .members
+            .call(|c| {
+                let txn = txn.clone();
+                let mut kv = c.kv_client();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
         let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
         let current = resp.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => g.kvs().first().map(|kv| rev(kv.mod_revision())),
@@ -120,7 +281,7 @@ impl EtcdStore {
 
 /// Opens an etcd watch on `prefix` for revisions after `after`.
 async fn open_watch(
-    client: &Client,
+    members: &Members,
     prefix: &str,
     after: u64,
 ) -> Result<etcd_client::WatchStream, StoreError> {
@@ -128,27 +289,34 @@ async fn open_watch(
         .with_prefix()
         .with_prev_key()
         .with_start_revision(irev(after + 1));
-    retry(|| {
-        let mut w = client.watch_client();
-        let opts = opts.clone();
-        async move { w.watch(prefix, Some(opts)).await }
-    })
-    .await
+    members
+        .call(|c| {
+            let mut w = c.watch_client();
+            let opts = opts.clone();
+            async move { w.watch(prefix, Some(opts)).await }
+        })
+        .await
 }
 
 /// Reopens a broken watch, for as long as its reader is there: a member election can take
 /// longer than one call's retries, and the reader must not see the stream end meanwhile.
 async fn reopen(
-    client: &Client,
+    client: &Members,
     prefix: &str,
     last: u64,
     tx: &mpsc::Sender<Result<StoreEvent, StoreError>>,
 ) -> Option<etcd_client::WatchStream> {
+    // Warned once per outage: every watch retries until the store is back.
+    let mut warned = false;
     loop {
         tokio::select! {
             r = open_watch(client, prefix, last) => match r {
                 Ok(s) => return Some(s),
-                Err(e) => tracing::warn!(error = %e, last, "reopening etcd watch failed; retrying"),
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, last, prefix, "reopening etcd watch failed; retrying");
+                }
+                Err(e) => tracing::debug!(error = %e, last, prefix, "reopening etcd watch failed; retrying"),
             },
             () = tx.closed() => return None,
         }
@@ -158,11 +326,13 @@ async fn reopen(
 
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let resp = retry(|| {
-            let mut kv = self.client.kv_client();
-            async move { kv.get(key, None).await }
-        })
-        .await?;
+        let resp = self
+            .members
+            .call(|c| {
+                let mut kv = c.kv_client();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         Ok(resp.kvs().first().map(|kv| KeyValue {
             key: key.to_string(),
             value: kv.value().to_vec(),
@@ -171,11 +341,13 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
-        let resp = retry(|| {
-            let mut kv = self.client.kv_client();
-            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await?;
+        let resp = self
+            .members
+            .call(|c| {
+                let mut kv = c.kv_client();
+                async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
         let items = resp
             .kvs()
@@ -230,9 +402,9 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
-        let mut stream = open_watch(&self.client, prefix, after).await?;
+        let mut stream = open_watch(&self.members, prefix, after).await?;
         let (tx, rx) = mpsc::channel(256);
-        let client = self.client.clone();
+        let client = self.members.clone();
         let prefix = prefix.to_string();
         tokio::spawn(async move {
             let mut last = after;
@@ -316,5 +488,139 @@ impl Store for EtcdStore {
             }
         });
         Ok(rx)
+    }
+    async fn txn(&self, steps: Vec<Cas>) -> Result<Vec<u64>, StoreError> {
+        multi_txn(&self.members, steps).await
+    }
+}
+
+/// One etcd transaction for a multi-key compare-and-set: a compare per step, the writes when
+/// all hold, else a read of each step's key to say which one failed.
+async fn multi_txn(members: &Members, steps: Vec<Cas>) -> Result<Vec<u64>, StoreError> {
+    let (mut compares, mut writes, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+    for step in &steps {
+        let key = step.key.as_str();
+        compares.push(match step.expect {
+            Expect::Absent => Compare::create_revision(key, CompareOp::Equal, 0),
+            Expect::Revision(r) => Compare::mod_revision(key, CompareOp::Equal, irev(r)),
+            Expect::PrefixUnchangedSince(r) => {
+                Compare::mod_revision(key, CompareOp::Less, irev(r + 1)).with_prefix()
+            }
+        });
+        reads.push(match step.expect {
+            Expect::PrefixUnchangedSince(r) => TxnOp::get(
+                key,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_min_mod_revision(irev(r + 1))
+                        .with_limit(1),
+                ),
+            ),
+            _ => TxnOp::get(key, Some(GetOptions::new().with_keys_only())),
+        });
+        match &step.then {
+            Then::Keep => {}
+            Then::Put(v) => writes.push(TxnOp::put(key, v.clone(), None)),
+            Then::Delete => writes.push(TxnOp::delete(key, None)),
+        }
+    }
+    let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
+    let resp = members
+        .call(|c| {
+            let txn = txn.clone();
+            let mut kv = c.kv_client();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
+    if resp.succeeded() {
+        let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
+        return Ok(steps
+            .iter()
+            .map(|s| match (&s.then, s.expect) {
+                (Then::Keep, Expect::Revision(r)) => r,
+                (Then::Keep, _) => 0,
+                _ => revision,
+            })
+            .collect());
+    }
+    let found = resp.op_responses().into_iter().map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| rev(kv.mod_revision())),
+        _ => None,
+    });
+    for (step, current) in steps.iter().zip(found) {
+        let key = step.key.clone();
+        match (step.expect, current) {
+            (Expect::Absent, Some(_)) => return Err(StoreError::AlreadyExists(key)),
+            (Expect::Revision(_), None) => return Err(StoreError::NotFound(key)),
+            (Expect::Revision(expected), Some(current))
+            | (Expect::PrefixUnchangedSince(expected), Some(current))
+                if current != expected =>
+            {
+                return Err(StoreError::Conflict {
+                    key,
+                    expected,
+                    current,
+                });
+            }
+            _ => {}
+        }
+    }
+    // Every key reads as expected now: a concurrent writer changed one and changed it back.
+    Err(StoreError::Conflict {
+        key: steps.first().map(|s| s.key.clone()).unwrap_or_default(),
+        expected: 0,
+        current: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn members(n: usize) -> Result<Members, StoreError> {
+        let mut list = Vec::new();
+        for i in 0..n {
+            // Nothing listens there; clients connect lazily, and no call is made.
+            let endpoint = format!("http://127.0.0.1:{}", 1 + i);
+            let client = Client::connect([&endpoint], None).await.map_err(eerr)?;
+            list.push(Member {
+                endpoint,
+                client,
+                health: Mutex::new(Health::default()),
+            });
+        }
+        Ok(Members {
+            list,
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_stay_on_the_answering_member_and_pass_over_failed_ones() -> Result<(), StoreError>
+    {
+        let m = members(3).await?;
+        assert_eq!(m.order(), vec![0, 1, 2]);
+        m.mark_failed(0, "connection refused");
+        assert_eq!(m.order(), vec![1, 2, 0], "the failed member is tried last");
+        m.preferred.store(1, Ordering::Relaxed);
+        m.mark_failed(2, "connection refused");
+        assert_eq!(
+            m.order(),
+            vec![1, 0, 2],
+            "failed ones by when their backoff ends"
+        );
+        let first = m.health(0).backoff;
+        m.mark_failed(0, "connection refused");
+        assert_eq!(m.health(0).backoff, (first * 2).min(BACKOFF_MAX));
+        m.mark_ok(0);
+        assert!(m.health(0).down_until.is_none());
+        assert_eq!(
+            m.order(),
+            vec![1, 0, 2],
+            "a member that answers again is healthy"
+        );
+        Ok(())
     }
 }

@@ -73,12 +73,115 @@ pub enum StoreError {
     /// The etcd cluster failed or is unreachable.
     #[error("etcd")]
     Etcd(#[source] etcd_client::Error),
+    /// The store did not answer in time (members down, quorum lost).
+    #[error("{backend} unavailable: {detail}")]
+    Unavailable {
+        /// Which backend (`etcd`).
+        backend: &'static str,
+        /// What failed, member by member.
+        detail: String,
+    },
     /// A background task failed.
     #[error("store task failed: {0}")]
     Task(String),
     /// A watch fell too far behind the writers and must be restarted from a new list.
     #[error("watcher fell behind")]
     Lagged,
+}
+
+/// What a transaction step expects of its key before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key does not exist.
+    Absent,
+    /// The key exists at exactly this revision.
+    Revision(u64),
+    /// No key under the step's key (a prefix) was modified after this revision: a collection
+    /// read at this revision is still what the store holds, apart from deletions.
+    PrefixUnchangedSince(u64),
+}
+
+/// What a transaction step does once every expectation held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Then {
+    /// Nothing: the step is a guard only.
+    Keep,
+    /// Writes this value.
+    Put(Vec<u8>),
+    /// Deletes the key.
+    Delete,
+}
+
+/// One step of a multi-key compare-and-set transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cas {
+    /// The key (for `Expect::PrefixUnchangedSince`, the prefix).
+    pub key: String,
+    /// What must hold first.
+    pub expect: Expect,
+    /// What to do.
+    pub then: Then,
+}
+
+impl Cas {
+    /// Creates `key`.
+    pub fn create(key: &str, value: Vec<u8>) -> Self {
+        Self {
+            key: key.into(),
+            expect: Expect::Absent,
+            then: Then::Put(value),
+        }
+    }
+    /// Replaces `key` at `revision`.
+    pub fn update(key: &str, value: Vec<u8>, revision: u64) -> Self {
+        Self {
+            key: key.into(),
+            expect: Expect::Revision(revision),
+            then: Then::Put(value),
+        }
+    }
+    /// Deletes `key` at `revision`.
+    pub fn delete(key: &str, revision: u64) -> Self {
+        Self {
+            key: key.into(),
+            expect: Expect::Revision(revision),
+            then: Then::Delete,
+        }
+    }
+    /// Writes `key` whether or not it exists, provided it is still as read (`None`: absent).
+    pub fn put(key: &str, value: Vec<u8>, read: Option<u64>) -> Self {
+        Self {
+            key: key.into(),
+            expect: read.map_or(Expect::Absent, Expect::Revision),
+            then: Then::Put(value),
+        }
+    }
+    /// Guards on `key` still being as read (`None`: absent).
+    pub fn unchanged(key: &str, read: Option<u64>) -> Self {
+        Self {
+            key: key.into(),
+            expect: read.map_or(Expect::Absent, Expect::Revision),
+            then: Then::Keep,
+        }
+    }
+    /// Guards on no key under `prefix` having changed after `revision`.
+    pub fn prefix_unchanged(prefix: &str, revision: u64) -> Self {
+        Self {
+            key: prefix.into(),
+            expect: Expect::PrefixUnchangedSince(revision),
+            then: Then::Keep,
+        }
+    }
+}
+
+impl StoreError {
+    /// The key a refused transaction step named (exists, missing or stale), if this is one.
+    pub fn refused_key(&self) -> Option<&str> {
+        match self {
+            Self::AlreadyExists(k) | Self::NotFound(k) | Self::Conflict { key: k, .. } => Some(k),
+            _ => None,
+        }
+    }
 }
 
 /// Receives the events of one watch, in revision order.
@@ -122,6 +225,10 @@ pub trait Store: Send + Sync + 'static {
         prefix: &str,
         after: u64,
     ) -> impl Future<Output = Result<WatchStream, StoreError>> + Send;
+    /// Applies every step or none: when an expectation fails, nothing is written and the error
+    /// (`AlreadyExists`, `NotFound` or `Conflict`) names the first step's key that failed.
+    /// Returns each step's revision (a written key's new one, a guard's current one).
+    fn txn(&self, steps: Vec<Cas>) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
 }
 
 /// The backend chosen at start-up.
@@ -168,6 +275,12 @@ impl Store for AnyStore {
         match self {
             Self::Redb(s) => s.watch(prefix, after).await,
             Self::Etcd(s) => s.watch(prefix, after).await,
+        }
+    }
+    async fn txn(&self, steps: Vec<Cas>) -> Result<Vec<u64>, StoreError> {
+        match self {
+            Self::Redb(s) => s.txn(steps).await,
+            Self::Etcd(s) => s.txn(steps).await,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The embedded store: one redb file holding the objects, the global revision and a bounded
 //! event log that watches resume from (also across restarts).
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -8,7 +9,7 @@ use std::sync::mpsc as std_mpsc;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{EventKind, KeyValue, Store, StoreError, StoreEvent, WatchStream};
+use super::{Cas, EventKind, Expect, KeyValue, Store, StoreError, StoreEvent, Then, WatchStream};
 
 /// key -> (mod revision, value)
 const OBJECTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("objects");
@@ -67,18 +68,9 @@ fn code_kind(code: u8) -> EventKind {
 }
 
 #[derive(Debug)]
-enum Op {
-    Create,
-    Update(u64),
-    Delete(u64),
-}
-
-#[derive(Debug)]
 struct WriteReq {
-    key: String,
-    value: Option<Vec<u8>>,
-    op: Op,
-    reply: oneshot::Sender<Result<u64, StoreError>>,
+    steps: Vec<Cas>,
+    reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
 }
 
 /// Most writes committed in one transaction (one fsync).
@@ -90,83 +82,121 @@ type Tables<'t> = (
     redb::Table<'t, u64, (u8, &'static str, &'static [u8])>,
 );
 
-/// Applies one write inside the batch's transaction. Refusals (exists, missing, stale) touch
-/// nothing, so the rest of the batch commits without them.
-fn apply_one(
-    t: &mut Tables<'_>,
-    req: &mut WriteReq,
-    history: u64,
-) -> Result<StoreEvent, StoreError> {
-    let (objects, meta, log) = t;
-    let key = req.key.as_str();
+type Objects<'t> = redb::Table<'t, &'static str, (u64, &'static [u8])>;
+
+/// Checks one step's expectation; returns the key's current (revision, value).
+fn check(objects: &Objects<'_>, step: &Cas) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    let key = step.key.as_str();
+    if let Expect::PrefixUnchangedSince(since) = step.expect {
+        for item in objects.range(key..).map_err(rerr)? {
+            let (k, v) = item.map_err(rerr)?;
+            if !k.value().starts_with(key) {
+                break;
+            }
+            let (rev, _) = v.value();
+            if rev > since {
+                return Err(StoreError::Conflict {
+                    key: key.to_string(),
+                    expected: since,
+                    current: rev,
+                });
+            }
+        }
+        return Ok(None);
+    }
     let current = objects.get(key).map_err(rerr)?.map(|g| {
         let (rev, bytes) = g.value();
         (rev, bytes.to_vec())
     });
-    let kind = match (&req.op, &current) {
-        (Op::Create, Some(_)) => return Err(StoreError::AlreadyExists(key.to_string())),
-        (Op::Create, None) => EventKind::Put { created: true },
-        (Op::Update(_) | Op::Delete(_), None) => return Err(StoreError::NotFound(key.to_string())),
-        (Op::Update(expected) | Op::Delete(expected), Some((rev, _))) => {
-            if expected != rev {
-                return Err(StoreError::Conflict {
-                    key: key.to_string(),
-                    expected: *expected,
-                    current: *rev,
-                });
+    match (step.expect, &current) {
+        (Expect::Absent, Some(_)) => Err(StoreError::AlreadyExists(key.to_string())),
+        (Expect::Revision(_), None) => Err(StoreError::NotFound(key.to_string())),
+        (Expect::Revision(expected), Some((rev, _))) if expected != *rev => {
+            Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected,
+                current: *rev,
+            })
+        }
+        _ => Ok(current),
+    }
+}
+
+/// Applies one transaction inside the batch's database transaction: every expectation is
+/// checked before anything is written, so a refusal touches nothing and the rest of the batch
+/// commits without it. Each written key gets a revision of its own.
+fn apply_txn(
+    t: &mut Tables<'_>,
+    req: &mut WriteReq,
+    history: u64,
+) -> Result<(Vec<StoreEvent>, Vec<u64>), StoreError> {
+    let (objects, meta, log) = t;
+    let mut currents = Vec::with_capacity(req.steps.len());
+    for step in &req.steps {
+        currents.push(check(objects, step)?);
+    }
+    let (mut events, mut revisions) = (Vec::new(), Vec::new());
+    for (step, current) in req.steps.iter_mut().zip(currents) {
+        let key = step.key.as_str();
+        let then = std::mem::replace(&mut step.then, Then::Keep);
+        let (kind, stored) = match (then, current) {
+            (Then::Keep, current) => {
+                revisions.push(current.map_or(0, |(rev, _)| rev));
+                continue;
             }
-            if matches!(req.op, Op::Delete(_)) {
-                EventKind::Delete
-            } else {
-                EventKind::Put { created: false }
-            }
-        }
-    };
-    let revision = meta
-        .get("revision")
-        .map_err(rerr)?
-        .map(|g| g.value())
-        .unwrap_or(0)
-        + 1;
-    meta.insert("revision", revision).map_err(rerr)?;
-    let stored = match (kind, req.value.take(), current) {
-        (EventKind::Delete, _, Some((_, old))) => {
-            objects.remove(key).map_err(rerr)?;
-            old
-        }
-        (_, Some(v), _) => {
-            objects
-                .insert(key, (revision, v.as_slice()))
-                .map_err(rerr)?;
-            v
-        }
-        _ => return Err(StoreError::Task("write without a value".into())),
-    };
-    log.insert(revision, (kind_code(kind), key, stored.as_slice()))
-        .map_err(rerr)?;
-    // Bound the log; remember the newest dropped revision so stale watches get 410.
-    if revision > history {
-        let drop_upto = revision - history;
-        let mut compacted = meta
-            .get("compacted")
+            (Then::Put(v), current) => (
+                EventKind::Put {
+                    created: current.is_none(),
+                },
+                v,
+            ),
+            (Then::Delete, Some((_, old))) => (EventKind::Delete, old),
+            (Then::Delete, None) => return Err(StoreError::NotFound(key.to_string())),
+        };
+        let revision = meta
+            .get("revision")
             .map_err(rerr)?
             .map(|g| g.value())
-            .unwrap_or(0);
-        while compacted < drop_upto {
-            compacted += 1;
-            log.remove(compacted).map_err(rerr)?;
+            .unwrap_or(0)
+            + 1;
+        meta.insert("revision", revision).map_err(rerr)?;
+        if kind == EventKind::Delete {
+            objects.remove(key).map_err(rerr)?;
+        } else {
+            objects
+                .insert(key, (revision, stored.as_slice()))
+                .map_err(rerr)?;
         }
-        meta.insert("compacted", compacted).map_err(rerr)?;
+        log.insert(revision, (kind_code(kind), key, stored.as_slice()))
+            .map_err(rerr)?;
+        // Bound the log; remember the newest dropped revision so stale watches get 410.
+        if revision > history {
+            let drop_upto = revision - history;
+            let mut compacted = meta
+                .get("compacted")
+                .map_err(rerr)?
+                .map(|g| g.value())
+                .unwrap_or(0);
+            while compacted < drop_upto {
+                compacted += 1;
+                log.remove(compacted).map_err(rerr)?;
+            }
+            meta.insert("compacted", compacted).map_err(rerr)?;
+        }
+        revisions.push(revision);
+        events.push(StoreEvent {
+            kind,
+            kv: KeyValue {
+                key: key.to_string(),
+                value: stored,
+                revision,
+            },
+        });
     }
-    Ok(StoreEvent {
-        kind,
-        kv: KeyValue {
-            key: key.to_string(),
-            value: stored,
-            revision,
-        },
-    })
+    Ok((events, revisions))
 }
+
+type TxnResult = Result<(Vec<StoreEvent>, Vec<u64>), StoreError>;
 
 /// Commits a batch in one durable transaction; per-request results, or a store error that
 /// failed the whole batch.
@@ -174,7 +204,7 @@ fn commit_batch(
     db: &Database,
     batch: &mut [WriteReq],
     history: u64,
-) -> Result<Vec<Result<StoreEvent, StoreError>>, StoreError> {
+) -> Result<Vec<TxnResult>, StoreError> {
     let mut txn = db.begin_write().map_err(rerr)?;
     txn.set_durability(Durability::Immediate).map_err(rerr)?;
     let mut results = Vec::with_capacity(batch.len());
@@ -185,7 +215,7 @@ fn commit_batch(
             txn.open_table(EVENTS).map_err(rerr)?,
         );
         for req in batch.iter_mut() {
-            match apply_one(&mut tables, req, history) {
+            match apply_txn(&mut tables, req, history) {
                 Err(e @ (StoreError::Redb(_) | StoreError::Task(_))) => return Err(e),
                 other => results.push(other),
             }
@@ -214,11 +244,12 @@ fn writer_loop(
         match commit_batch(&db, &mut batch, history) {
             Ok(results) => {
                 for (req, res) in batch.into_iter().zip(results) {
-                    let reply = res.map(|ev| {
-                        let rev = ev.kv.revision;
-                        // No receivers is fine: nobody is watching.
-                        let _ = events.send(ev);
-                        rev
+                    let reply = res.map(|(evs, revisions)| {
+                        for ev in evs {
+                            // No receivers is fine: nobody is watching.
+                            let _ = events.send(ev);
+                        }
+                        revisions
                     });
                     let _ = req.reply.send(reply);
                 }
@@ -242,6 +273,18 @@ impl RedbStore {
 
     /// Opens the store keeping `history` events for watch resumption.
     pub fn open_with_history(path: &Path, history: u64) -> Result<Self, StoreError> {
+        // Every object, tokens' bindings included, is in this file: owner-only (0600), also
+        // when an older file was more open. redb initializes an empty file.
+        let file_err = |e: std::io::Error| StoreError::Task(format!("{}: {e}", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(file_err)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(file_err)?;
+        drop(file);
         let db = Database::create(path).map_err(rerr)?;
         let txn = db.begin_write().map_err(rerr)?;
         {
@@ -269,18 +312,13 @@ impl RedbStore {
         })
     }
 
-    async fn write(&self, key: &str, value: Option<Vec<u8>>, op: Op) -> Result<u64, StoreError> {
+    async fn write(&self, steps: Vec<Cas>) -> Result<Vec<u64>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.inner
             .writer
             .as_ref()
             .ok_or_else(|| StoreError::Task("the store is closing".into()))?
-            .send(WriteReq {
-                key: key.to_string(),
-                value,
-                op,
-                reply,
-            })
+            .send(WriteReq { steps, reply })
             .map_err(|_| StoreError::Task("the writer thread is gone".into()))?;
         rx.await
             .map_err(|_| StoreError::Task("the writer thread dropped a write".into()))?
@@ -328,6 +366,13 @@ impl RedbStore {
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
+}
+
+fn first(revisions: Vec<u64>) -> Result<u64, StoreError> {
+    revisions
+        .first()
+        .copied()
+        .ok_or_else(|| StoreError::Task("a write returned no revision".into()))
 }
 
 impl Store for RedbStore {
@@ -379,15 +424,19 @@ impl Store for RedbStore {
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
-        self.write(key, Some(value), Op::Create).await
+        first(self.write(vec![Cas::create(key, value)]).await?)
     }
 
     async fn update(&self, key: &str, value: Vec<u8>, expected: u64) -> Result<u64, StoreError> {
-        self.write(key, Some(value), Op::Update(expected)).await
+        first(self.write(vec![Cas::update(key, value, expected)]).await?)
     }
 
     async fn delete(&self, key: &str, expected: u64) -> Result<u64, StoreError> {
-        self.write(key, None, Op::Delete(expected)).await
+        first(self.write(vec![Cas::delete(key, expected)]).await?)
+    }
+
+    async fn txn(&self, steps: Vec<Cas>) -> Result<Vec<u64>, StoreError> {
+        self.write(steps).await
     }
 
     async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {

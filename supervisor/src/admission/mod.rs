@@ -1,15 +1,23 @@
 //! Admission: the seed's network rules (pod/service CIDR minimum sizes, ingress/egress CIDRs
-//! that never overlap), namespace quotas over HostClass sizes, and allowed classes.
+//! that never overlap), allowed classes, namespace quotas over HostClass sizes (checked and
+//! written in one store transaction) and classes that cannot go while in use.
+
+mod write;
+
+use std::collections::HashMap;
 
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 
+pub use write::{Change, deletable, forget_namespace, usage_key, write};
+
 use crate::api::core::{Namespace, PersistentVolumeClaim};
 use crate::api::registry::{ResourceType, lookup};
-use crate::api::slipway::{Cluster, HostClass, cidr_fields};
+use crate::api::slipway::{Cluster, GROUP, HostClass, HostClassSpec, cidr_fields};
 use crate::error::{ApiError, FieldError};
+use crate::quota::{self, Usage, cluster_pools};
 use crate::server::keys;
-use crate::store::{AnyStore, Store};
+use crate::store::{AnyStore, Cas, Store};
 
 /// Configurable minimum block sizes (a block must be at least this big: prefix <= minimum).
 #[derive(Debug, Clone, Copy)]
@@ -86,11 +94,11 @@ async fn get_typed<T: serde::de::DeserializeOwned>(
     rt: &ResourceType,
     ns: Option<&str>,
     name: &str,
-) -> Result<Option<T>, ApiError> {
+) -> Result<Option<(T, u64)>, ApiError> {
     match store.get(&keys::object(rt, ns, name)).await? {
         Some(kv) => serde_json::from_slice(&kv.value)
-            .map(Some)
-            .map_err(|e| ApiError::Internal(e.to_string())),
+            .map(|v| Some((v, kv.revision)))
+            .map_err(|e| ApiError::Internal(format!("corrupt object {}: {e}", kv.key))),
         None => Ok(None),
     }
 }
@@ -104,56 +112,25 @@ fn allowed(list: &Option<Vec<String>>, name: &str) -> bool {
     list.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
 }
 
-/// Usage (cpu cores, memory bytes) of a cluster, from its HostClasses.
-async fn cluster_usage(
-    store: &AnyStore,
-    c: &Cluster,
-    errs: &mut Vec<FieldError>,
-) -> Result<(f64, f64), ApiError> {
-    let hc_rt = rt("slipway.dev", "v1alpha1", "hostclasses")?;
-    let t = &c.spec.topology;
-    let mut pools: Vec<(String, u32, &str)> = vec![(
-        "spec.topology.controlPlane.hostClass".into(),
-        t.control_plane.replicas,
-        t.control_plane.host_class.as_str(),
-    )];
-    for (i, p) in t.node_pools.iter().enumerate() {
-        pools.push((
-            format!("spec.topology.nodePools[{i}].hostClass"),
-            p.replicas,
-            p.host_class.as_str(),
-        ));
-    }
-    let (mut cpu, mut mem) = (0.0, 0.0);
-    for (field, replicas, class) in pools {
-        match get_typed::<HostClass>(store, hc_rt, None, class).await? {
-            Some(hc) => {
-                cpu += f64::from(hc.spec.cpus) * f64::from(replicas);
-                mem += hc.spec.memory.and_then(|m| m.value()).unwrap_or(0.0) * f64::from(replicas);
-            }
-            None => errs.push(FieldError::invalid(
-                field,
-                format!("{class:?}"),
-                "HostClass not found",
-            )),
-        }
-    }
-    Ok((cpu, mem))
+fn decode<T: serde::de::DeserializeOwned>(obj: &Value) -> Result<T, ApiError> {
+    serde_json::from_value(obj.clone()).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-/// Admission of a Cluster: network rules, allowed classes and the namespace quota.
+/// Admission of a Cluster: network rules, allowed and existing classes. The namespace quota
+/// is checked where the object is written ([`write`]).
 pub async fn admit_cluster(
     store: &AnyStore,
     cfg: &AdmissionConfig,
     ns: &str,
     obj: &Value,
 ) -> Result<(), ApiError> {
-    let c: Cluster =
-        serde_json::from_value(obj.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let c: Cluster = decode(obj)?;
     let name = c.metadata.name.clone().unwrap_or_default();
     let mut errs = cluster_network(cfg, &c);
-    let namespace = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns).await?;
-    let spec = namespace.map(|n| n.spec).unwrap_or_default();
+    let spec = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns)
+        .await?
+        .map(|(n, _)| n.spec)
+        .unwrap_or_default();
     let denied = |message: String| ApiError::AdmissionDenied {
         resource: "clusters".into(),
         name: name.clone(),
@@ -186,7 +163,16 @@ pub async fn admit_cluster(
             )));
         }
     }
-    let (mut cpu, mut mem) = cluster_usage(store, &c, &mut errs).await?;
+    let mut classes = Classes::default();
+    for (field, _, class) in cluster_pools(&c) {
+        if classes.get(store, class).await?.is_none() {
+            errs.push(FieldError::invalid(
+                field,
+                format!("{class:?}"),
+                "HostClass not found",
+            ));
+        }
+    }
     if !errs.is_empty() {
         return Err(ApiError::Invalid {
             kind: "Cluster".into(),
@@ -194,98 +180,76 @@ pub async fn admit_cluster(
             causes: errs,
         });
     }
-    let Some(limits) = spec.limits else {
-        return Ok(());
-    };
-    // Add every other cluster of the namespace.
-    let cl_rt = rt("slipway.dev", "v1alpha1", "clusters")?;
-    let (others, _) = store.list(&keys::prefix(cl_rt, Some(ns))).await?;
-    for kv in others {
-        let Ok(other) = serde_json::from_slice::<Cluster>(&kv.value) else {
-            continue;
-        };
-        if other.metadata.name.as_deref() == Some(name.as_str()) {
-            continue;
-        }
-        let (c2, m2) = cluster_usage(store, &other, &mut Vec::new()).await?;
-        cpu += c2;
-        mem += m2;
-    }
-    if let Some(limit) = limits.cpu.as_ref().and_then(|q| q.value().map(|v| (q, v)))
-        && cpu > limit.1
+    Ok(())
+}
+
+/// Admission of a PVC: the allowed StorageClass. The namespace storage limit is checked where
+/// the object is written ([`write`]).
+pub async fn admit_pvc(store: &AnyStore, ns: &str, obj: &Value) -> Result<(), ApiError> {
+    let pvc: PersistentVolumeClaim = decode(obj)?;
+    let name = pvc.metadata.name.clone().unwrap_or_default();
+    let spec = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns)
+        .await?
+        .map(|(n, _)| n.spec)
+        .unwrap_or_default();
+    if let Some(sc) = &pvc.spec.storage_class_name
+        && !allowed(&spec.storage_classes, sc)
     {
-        return Err(denied(format!(
-            "exceeded quota: spec.limits.cpu of namespace {ns:?} is {}, the namespace's clusters would use {cpu} (HostClass cpus × replicas)",
-            limit.0
-        )));
-    }
-    if let Some(limit) = limits
-        .memory
-        .as_ref()
-        .and_then(|q| q.value().map(|v| (q, v)))
-        && mem > limit.1
-    {
-        return Err(denied(format!(
-            "exceeded quota: spec.limits.memory of namespace {ns:?} is {}, the namespace's clusters would use {}Mi (HostClass memory × replicas)",
-            limit.0,
-            (mem / 1048576.0).round()
-        )));
+        return Err(ApiError::AdmissionDenied {
+            resource: "persistentvolumeclaims".into(),
+            name,
+            message: format!(
+                "spec.storageClassName: StorageClass {sc:?} is not allowed in namespace {ns:?} (spec.storageClasses)"
+            ),
+        });
     }
     Ok(())
 }
 
-/// Admission of a PVC: allowed StorageClass and the namespace storage limit.
-pub async fn admit_pvc(store: &AnyStore, ns: &str, obj: &Value) -> Result<(), ApiError> {
-    let pvc: PersistentVolumeClaim =
-        serde_json::from_value(obj.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let name = pvc.metadata.name.clone().unwrap_or_default();
-    let namespace = get_typed::<Namespace>(store, rt("", "v1", "namespaces")?, None, ns).await?;
-    let spec = namespace.map(|n| n.spec).unwrap_or_default();
-    let denied = |message: String| ApiError::AdmissionDenied {
-        resource: "persistentvolumeclaims".into(),
-        name: name.clone(),
-        message,
-    };
-    if let Some(sc) = &pvc.spec.storage_class_name
-        && !allowed(&spec.storage_classes, sc)
-    {
-        return Err(denied(format!(
-            "spec.storageClassName: StorageClass {sc:?} is not allowed in namespace {ns:?} (spec.storageClasses)"
-        )));
-    }
-    let size = |p: &PersistentVolumeClaim| {
-        p.spec
-            .resources
-            .as_ref()
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .and_then(|q| q.value())
-            .unwrap_or(0.0)
-    };
-    if let Some((q, limit)) = spec
-        .limits
-        .as_ref()
-        .and_then(|l| l.storage.as_ref())
-        .and_then(|q| q.value().map(|v| (q, v)))
-    {
-        let pvc_rt = rt("", "v1", "persistentvolumeclaims")?;
-        let (others, _) = store.list(&keys::prefix(pvc_rt, Some(ns))).await?;
-        let mut total = size(&pvc);
-        for kv in others {
-            if let Ok(o) = serde_json::from_slice::<PersistentVolumeClaim>(&kv.value)
-                && o.metadata.name.as_deref() != Some(name.as_str())
-            {
-                total += size(&o);
-            }
+/// HostClasses read during one admission, with the revision each was read at.
+#[derive(Debug, Default)]
+struct Classes(HashMap<String, Option<(HostClassSpec, u64)>>);
+
+impl Classes {
+    async fn get(
+        &mut self,
+        store: &AnyStore,
+        name: &str,
+    ) -> Result<Option<&(HostClassSpec, u64)>, ApiError> {
+        if !self.0.contains_key(name) {
+            let hc =
+                get_typed::<HostClass>(store, rt(GROUP, "v1alpha1", "hostclasses")?, None, name)
+                    .await?
+                    .map(|(hc, rev)| (hc.spec, rev));
+            self.0.insert(name.to_string(), hc);
         }
-        if total > limit {
-            return Err(denied(format!(
-                "exceeded quota: spec.limits.storage of namespace {ns:?} is {q}, the namespace's claims would use {}Mi",
-                (total / 1048576.0).round()
-            )));
-        }
+        Ok(self.0.get(name).and_then(Option::as_ref))
     }
-    Ok(())
+
+    /// Reads every class `c` uses, then its usage.
+    async fn cluster_usage(&mut self, store: &AnyStore, c: &Cluster) -> Result<Usage, ApiError> {
+        for (_, _, class) in cluster_pools(c) {
+            self.get(store, class).await?;
+        }
+        Ok(quota::cluster_usage(c, |n| {
+            self.0.get(n).and_then(Option::as_ref).map(|(s, _)| s)
+        }))
+    }
+
+    /// Guards on every class `c` uses still being as read.
+    fn guards(&self, c: &Cluster) -> Result<Vec<Cas>, ApiError> {
+        let hc_rt = rt(GROUP, "v1alpha1", "hostclasses")?;
+        let mut names: Vec<&str> = cluster_pools(c).into_iter().map(|p| p.2).collect();
+        names.sort_unstable();
+        names.dedup();
+        Ok(names
+            .into_iter()
+            .map(|n| {
+                let read = self.0.get(n).and_then(Option::as_ref).map(|(_, r)| *r);
+                Cas::unchanged(&keys::object(hc_rt, None, n), read)
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
