@@ -7,8 +7,10 @@ use anyhow::Context;
 use crate::backend::BlockstoreBackend;
 use crate::controller::{ControllerConfig, ControllerService};
 use crate::identity::IdentityService;
+use crate::node::{NodeConfig, NodeService};
 use crate::proto::controller_server::ControllerServer;
 use crate::proto::identity_server::IdentityServer;
+use crate::proto::node_server::NodeServer;
 use crate::server;
 
 /// `slipway csi ...`.
@@ -16,6 +18,53 @@ use crate::server;
 pub enum CsiCommand {
     /// Run the Controller plugin (Identity + Controller) against a block store daemon.
     Controller(ControllerArgs),
+    /// Run the Node plugin (Identity + Node): attach, mount, publish on this node.
+    Node(NodeArgs),
+    /// One volume's attachment (started by the node plugin; outlives it).
+    #[command(hide = true)]
+    Attach(crate::attach::AttachArgs),
+}
+
+/// Flags of the Node plugin.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// CSI endpoint, unix:///path.
+    #[arg(long, default_value = "unix:///run/slipway/csi-node.sock")]
+    pub endpoint: String,
+    /// This node's ID.
+    #[arg(long)]
+    pub node_id: String,
+    /// This node's zone (topology key topology.slipway.dev/zone).
+    #[arg(long, default_value = "default")]
+    pub zone: String,
+    /// Where attachments keep their state.
+    #[arg(long, default_value = "/var/lib/slipway/csi-node")]
+    pub state_dir: PathBuf,
+}
+
+impl NodeArgs {
+    /// Serves until SIGTERM or ctrl-c; attachments keep running after it exits.
+    pub async fn run(self, attach_command: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+        let path = server::socket_path(&self.endpoint)?;
+        if self.node_id.is_empty() {
+            anyhow::bail!("node_id: must not be empty");
+        }
+        let listener = server::bind(&path)?;
+        let node = std::sync::Arc::new(NodeService::new(NodeConfig {
+            node_id: self.node_id.clone(),
+            zone: self.zone.clone(),
+            state_dir: self.state_dir.clone(),
+            attach_command,
+        }));
+        let router = server::builder()
+            .add_service(IdentityServer::new(IdentityService { controller: false }))
+            .add_service(NodeServer::new(node));
+        println!("slipway-csi node ready endpoint={}", path.display());
+        tracing::info!(endpoint = %path.display(), node = %self.node_id, "CSI node serving");
+        server::serve(router, listener, &path, shutdown_signal())
+            .await
+            .context("CSI node server")
+    }
 }
 
 /// Flags of the Controller plugin.
@@ -86,7 +135,20 @@ impl CsiCommand {
     /// Runs the subcommand on a fresh tokio runtime. `attach_prefix` is the argument list that
     /// leads from this binary to `attach` (`["csi"]` for `slipway`).
     pub fn run(self, attach_prefix: &[&str]) -> anyhow::Result<()> {
-        let _ = attach_prefix;
+        if let Self::Attach(args) = &self {
+            return crate::attach::run(args).inspect_err(|e| {
+                if matches!(
+                    e.downcast_ref(),
+                    Some(crate::nbd::NbdError::UnknownExport(_))
+                ) {
+                    eprintln!("Error: {e:#}");
+                    std::process::exit(crate::attach::EXIT_UNKNOWN_EXPORT);
+                }
+            });
+        }
+        let exe = std::env::current_exe().context("find this binary")?;
+        let mut attach_command = vec![exe.into_os_string()];
+        attach_command.extend(attach_prefix.iter().map(std::ffi::OsString::from));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -94,6 +156,8 @@ impl CsiCommand {
             .context("tokio runtime")?;
         match self {
             Self::Controller(args) => rt.block_on(args.run()),
+            Self::Node(args) => rt.block_on(args.run(attach_command)),
+            Self::Attach(_) => Ok(()),
         }
     }
 }

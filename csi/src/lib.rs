@@ -6,6 +6,7 @@
 //! serves them on a Unix socket; `cli` is what `slipway csi` runs.
 #![forbid(unsafe_code)]
 
+pub mod attach;
 pub mod backend;
 pub mod capability;
 pub mod cli;
@@ -13,7 +14,9 @@ pub mod controller;
 pub mod error;
 pub mod identity;
 pub mod nbd;
+pub mod node;
 pub mod proto;
 pub mod server;
+pub mod sys;
 
 pub use error::CsiError;

@@ -1,6 +1,12 @@
 //! A small synchronous NBD client (fixed newstyle handshake, `NBD_OPT_GO`, simple replies) for
 //! the userspace attach path: READ, WRITE, FLUSH, TRIM and DISC (NBD protocol, "Transmission").
 
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+
+use slipway_blockstore::proto;
+
 use crate::error::CsiError;
 
 /// Where an NBD server listens.
@@ -31,3 +37,207 @@ impl Address {
         ))
     }
 }
+
+/// An NBD failure.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// The connection failed.
+    #[error("NBD {what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The server answered outside the protocol or refused.
+    #[error("NBD server: {0}")]
+    Protocol(String),
+    /// The server has no export of this name.
+    #[error("NBD server has no export {0:?}")]
+    UnknownExport(String),
+    /// The server failed one request with this errno.
+    #[error("NBD request failed with errno {0}")]
+    Errno(u32),
+}
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// One negotiated connection to one export.
+pub struct Client {
+    s: Box<dyn Stream>,
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    cookie: u64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("size", &self.size).finish()
+    }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> NbdError {
+    move |source| NbdError::Io { what, source }
+}
+
+impl Client {
+    /// Connects and negotiates `export` with `NBD_OPT_GO`.
+    pub fn connect(addr: &Address, export: &str) -> Result<Self, NbdError> {
+        let s: Box<dyn Stream> = match addr {
+            Address::Unix(p) => Box::new(UnixStream::connect(p).map_err(io_err("connect"))?),
+            Address::Tcp(a) => {
+                let t = TcpStream::connect(a).map_err(io_err("connect"))?;
+                t.set_nodelay(true).map_err(io_err("setsockopt"))?;
+                Box::new(t)
+            }
+        };
+        let mut c = Self {
+            s,
+            size: 0,
+            flags: 0,
+            cookie: 0,
+        };
+        c.handshake(export)?;
+        Ok(c)
+    }
+
+    fn handshake(&mut self, export: &str) -> Result<(), NbdError> {
+        let mut g = [0u8; 18];
+        self.s.read_exact(&mut g).map_err(io_err("greeting"))?;
+        if g[..8] != proto::NBDMAGIC.to_be_bytes() || g[8..16] != proto::IHAVEOPT.to_be_bytes() {
+            return Err(NbdError::Protocol("not a newstyle NBD server".into()));
+        }
+        let sflags = u16::from_be_bytes([g[16], g[17]]);
+        if sflags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(NbdError::Protocol("server is not fixed newstyle".into()));
+        }
+        let cflags = proto::FLAG_C_FIXED_NEWSTYLE | (u32::from(sflags & proto::FLAG_NO_ZEROES));
+        self.s
+            .write_all(&cflags.to_be_bytes())
+            .map_err(io_err("client flags"))?;
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut msg = proto::IHAVEOPT.to_be_bytes().to_vec();
+        msg.extend_from_slice(&proto::opt::GO.to_be_bytes());
+        msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        msg.extend_from_slice(&data);
+        self.s.write_all(&msg).map_err(io_err("NBD_OPT_GO"))?;
+        loop {
+            let mut h = [0u8; 20];
+            self.s.read_exact(&mut h).map_err(io_err("option reply"))?;
+            if h[..8] != proto::OPT_REPLY_MAGIC.to_be_bytes() {
+                return Err(NbdError::Protocol("bad option reply magic".into()));
+            }
+            let ty = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+            if len > 64 * 1024 {
+                return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
+            }
+            let mut d = vec![0u8; len];
+            self.s.read_exact(&mut d).map_err(io_err("option reply"))?;
+            match ty {
+                proto::rep::ACK => break,
+                proto::rep::INFO
+                    if d.len() >= 12 && d[..2] == proto::info::EXPORT.to_be_bytes() =>
+                {
+                    let mut sz = [0u8; 8];
+                    sz.copy_from_slice(&d[2..10]);
+                    self.size = u64::from_be_bytes(sz);
+                    self.flags = u16::from_be_bytes([d[10], d[11]]);
+                }
+                proto::rep::INFO => {}
+                proto::rep::ERR_UNKNOWN => return Err(NbdError::UnknownExport(export.to_owned())),
+                t if t & 0x8000_0000 != 0 => {
+                    return Err(NbdError::Protocol(format!(
+                        "export {export:?} refused (reply {t:#x}: {})",
+                        String::from_utf8_lossy(&d)
+                    )));
+                }
+                t => {
+                    return Err(NbdError::Protocol(format!(
+                        "unexpected option reply {t:#x}"
+                    )));
+                }
+            }
+        }
+        if self.size == 0 && self.flags == 0 {
+            return Err(NbdError::Protocol("no export information".into()));
+        }
+        Ok(())
+    }
+
+    fn request(
+        &mut self,
+        command: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<(), NbdError> {
+        self.cookie += 1;
+        let req = proto::Request {
+            flags: 0,
+            command,
+            cookie: self.cookie,
+            offset,
+            length: len,
+        };
+        let mut b = proto::encode_request(&req).to_vec();
+        b.extend_from_slice(data);
+        self.s.write_all(&b).map_err(io_err("send request"))
+    }
+
+    fn reply(&mut self, buf: &mut [u8]) -> Result<(), NbdError> {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).map_err(io_err("read reply"))?;
+        if h[..4] != proto::SIMPLE_REPLY_MAGIC.to_be_bytes() {
+            return Err(NbdError::Protocol("bad reply magic".into()));
+        }
+        if h[8..16] != self.cookie.to_be_bytes() {
+            return Err(NbdError::Protocol("reply to another request".into()));
+        }
+        let errno = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        if errno != 0 {
+            return Err(NbdError::Errno(errno));
+        }
+        self.s.read_exact(buf).map_err(io_err("read data"))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        for (i, chunk) in buf.chunks_mut(MAX_IO).enumerate() {
+            let off = offset + (i * MAX_IO) as u64;
+            self.request(proto::cmd::READ, off, chunk.len() as u32, &[])?;
+            self.reply(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        for (i, chunk) in data.chunks(MAX_IO).enumerate() {
+            let off = offset + (i * MAX_IO) as u64;
+            self.request(proto::cmd::WRITE, off, chunk.len() as u32, chunk)?;
+            self.reply(&mut [])?;
+        }
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable.
+    pub fn flush(&mut self) -> Result<(), NbdError> {
+        self.request(proto::cmd::FLUSH, 0, 0, &[])?;
+        self.reply(&mut [])
+    }
+
+    /// Ends the session politely.
+    pub fn disconnect(mut self) {
+        let _ = self.request(proto::cmd::DISC, 0, 0, &[]);
+    }
+}
+
+/// Largest single request this client sends.
+const MAX_IO: usize = 1 << 20;

@@ -45,6 +45,7 @@ pub async fn blockstore(dir: &Path) -> Daemon {
         control: dir.join("ctl.sock"),
         metrics: None,
         extent_size: slipway_blockstore::format::DEFAULT_EXTENT_SIZE,
+        tls: None,
     };
     Daemon::start(&cfg).await.expect("block store daemon")
 }
