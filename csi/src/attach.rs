@@ -20,7 +20,7 @@ use fuser::{
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
-use crate::nbd::{Address, Client};
+use crate::nbd::{Address, Client, TlsFiles};
 use crate::sys;
 
 /// The state file of one attachment.
@@ -30,6 +30,9 @@ pub const DISK: &str = "disk";
 
 /// Exit status of an attach process whose export does not exist (the node answers NOT_FOUND).
 pub const EXIT_UNKNOWN_EXPORT: i32 = 3;
+
+/// Exit status of an attach process the block store refused the export to (allow-list, TLS).
+pub const EXIT_REFUSED: i32 = 4;
 
 /// What an attach process records about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +81,25 @@ pub struct AttachArgs {
     /// State directory of this attachment.
     #[arg(long)]
     pub dir: PathBuf,
+    /// TLS towards the block store (TCP): the CA of its certificate.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's client certificate (its name is what export allow-lists hold).
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's client key.
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl AttachArgs {
+    fn tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            ca: self.tls_ca.clone()?,
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
+    }
 }
 
 const ROOT: INodeNo = INodeNo::ROOT;
@@ -269,10 +291,16 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
         signals.add(s);
     }
     signals.thread_block().context("block signals")?;
+    // Its own session: nothing sent to the node plugin's session or terminal reaches it.
+    if let Err(e) = nix::unistd::setsid() {
+        tracing::warn!(error = %e, "setsid");
+    }
+    let tls = args.tls();
     let addr = Address::parse(&args.nbd)?;
     let span = tracing::info_span!("attach", volume = %args.volume_id);
     let _enter = span.enter();
-    let client = Client::connect(&addr, &args.volume_id).context("connect to the NBD export")?;
+    let client = Client::connect(&addr, &args.volume_id, tls.as_ref())
+        .context("connect to the NBD export")?;
     let size = Arc::new(AtomicU64::new(client.size));
     let client = Arc::new(Mutex::new(client));
     let mnt = args.dir.join("fuse");
@@ -309,7 +337,7 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
     loop {
         match signals.wait().context("sigwait")? {
             Signal::SIGUSR1 => {
-                match Client::connect(&addr, &args.volume_id) {
+                match Client::connect(&addr, &args.volume_id, tls.as_ref()) {
                     Ok(fresh) => {
                         size.store(fresh.size, Ordering::SeqCst);
                         state.size = fresh.size;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use crate::backend::BlockstoreBackend;
 use crate::controller::{ControllerConfig, ControllerService};
 use crate::identity::IdentityService;
+use crate::nbd::TlsFiles;
 use crate::node::{NodeConfig, NodeService};
 use crate::proto::controller_server::ControllerServer;
 use crate::proto::identity_server::IdentityServer;
@@ -40,6 +41,15 @@ pub struct NodeArgs {
     /// Where attachments keep their state.
     #[arg(long, default_value = "/var/lib/slipway/csi-node")]
     pub state_dir: PathBuf,
+    /// TLS towards block stores over TCP (`NBD_OPT_STARTTLS`): the CA of their certificates.
+    #[arg(long, requires_all = ["nbd_tls_cert", "nbd_tls_key"])]
+    pub nbd_tls_ca: Option<PathBuf>,
+    /// This node's client certificate; its DNS name is what export allow-lists hold.
+    #[arg(long, requires_all = ["nbd_tls_ca", "nbd_tls_key"])]
+    pub nbd_tls_cert: Option<PathBuf>,
+    /// This node's client key.
+    #[arg(long, requires_all = ["nbd_tls_ca", "nbd_tls_cert"])]
+    pub nbd_tls_key: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -55,6 +65,10 @@ impl NodeArgs {
             zone: self.zone.clone(),
             state_dir: self.state_dir.clone(),
             attach_command,
+            tls: match (self.nbd_tls_ca, self.nbd_tls_cert, self.nbd_tls_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+                _ => None,
+            },
         }));
         let router = server::builder()
             .add_service(IdentityServer::new(IdentityService { controller: false }))
@@ -137,13 +151,15 @@ impl CsiCommand {
     pub fn run(self, attach_prefix: &[&str]) -> anyhow::Result<()> {
         if let Self::Attach(args) = &self {
             return crate::attach::run(args).inspect_err(|e| {
-                if matches!(
-                    e.downcast_ref(),
-                    Some(crate::nbd::NbdError::UnknownExport(_))
-                ) {
-                    eprintln!("Error: {e:#}");
-                    std::process::exit(crate::attach::EXIT_UNKNOWN_EXPORT);
-                }
+                let code = match e.downcast_ref() {
+                    Some(crate::nbd::NbdError::UnknownExport(_)) => {
+                        crate::attach::EXIT_UNKNOWN_EXPORT
+                    }
+                    Some(crate::nbd::NbdError::Refused { .. }) => crate::attach::EXIT_REFUSED,
+                    _ => return,
+                };
+                eprintln!("Error: {e:#}");
+                std::process::exit(code);
             });
         }
         let exe = std::env::current_exe().context("find this binary")?;

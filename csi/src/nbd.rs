@@ -1,9 +1,15 @@
-//! A small synchronous NBD client (fixed newstyle handshake, `NBD_OPT_GO`, simple replies) for
-//! the userspace attach path: READ, WRITE, FLUSH, TRIM and DISC (NBD protocol, "Transmission").
+//! A small synchronous NBD client (fixed newstyle handshake, `NBD_OPT_STARTTLS` with a client
+//! certificate when the block store asks for it, `NBD_OPT_GO`, simple replies) for the userspace
+//! attach path: READ, WRITE, FLUSH and DISC (NBD protocol, "Transmission").
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use slipway_blockstore::proto;
 
@@ -38,6 +44,47 @@ impl Address {
     }
 }
 
+/// The node's TLS identity towards the block store (PEM files): the CA that signed the block
+/// store's certificate, and this node's client certificate and key (the name the export's
+/// allow-list must hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA of the server certificate.
+    pub ca: PathBuf,
+    /// Client certificate chain.
+    pub cert: PathBuf,
+    /// Client private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn client_config(&self) -> Result<rustls::ClientConfig, NbdError> {
+        let pem = |what: &'static str, path: &PathBuf| {
+            let path = path.display().to_string();
+            move |e: rustls::pki_types::pem::Error| NbdError::Tls(format!("{what} {path}: {e}"))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(&self.ca).map_err(pem("CA", &self.ca))? {
+            roots
+                .add(ca.map_err(pem("CA", &self.ca))?)
+                .map_err(|e| NbdError::Tls(format!("CA {}: {e}", self.ca.display())))?;
+        }
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .map_err(pem("certificate", &self.cert))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem("certificate", &self.cert))?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(pem("key", &self.key))?;
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| NbdError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| NbdError::Tls(format!("client certificate: {e}")))
+    }
+}
+
 /// An NBD failure.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -53,6 +100,17 @@ pub enum NbdError {
     /// The server answered outside the protocol or refused.
     #[error("NBD server: {0}")]
     Protocol(String),
+    /// TLS could not be set up or failed.
+    #[error("NBD TLS: {0}")]
+    Tls(String),
+    /// The server's policy refuses this client the export (allow-list, or TLS required).
+    #[error("NBD server refused export {export:?} to this client: {message}")]
+    Refused {
+        /// The export.
+        export: String,
+        /// The server's message.
+        message: String,
+    },
     /// The server has no export of this name.
     #[error("NBD server has no export {0:?}")]
     UnknownExport(String),
@@ -85,29 +143,34 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> NbdError {
 }
 
 impl Client {
-    /// Connects and negotiates `export` with `NBD_OPT_GO`.
-    pub fn connect(addr: &Address, export: &str) -> Result<Self, NbdError> {
-        let s: Box<dyn Stream> = match addr {
-            Address::Unix(p) => Box::new(UnixStream::connect(p).map_err(io_err("connect"))?),
+    /// Connects and negotiates `export` with `NBD_OPT_GO`, first upgrading to TLS with `tls`
+    /// (`NBD_OPT_STARTTLS`; TCP only: the block store's Unix socket is local and plain).
+    pub fn connect(addr: &Address, export: &str, tls: Option<&TlsFiles>) -> Result<Self, NbdError> {
+        let mut c = match addr {
+            Address::Unix(p) => {
+                let s = UnixStream::connect(p).map_err(io_err("connect"))?;
+                Self::greet(Box::new(s))?
+            }
             Address::Tcp(a) => {
                 let t = TcpStream::connect(a).map_err(io_err("connect"))?;
                 t.set_nodelay(true).map_err(io_err("setsockopt"))?;
-                Box::new(t)
+                let mut c = Self::greet(Box::new(t))?;
+                if let Some(tls) = tls {
+                    let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    c = c.start_tls(tls, host)?;
+                }
+                c
             }
         };
-        let mut c = Self {
-            s,
-            size: 0,
-            flags: 0,
-            cookie: 0,
-        };
-        c.handshake(export)?;
+        c.go(export)?;
         Ok(c)
     }
 
-    fn handshake(&mut self, export: &str) -> Result<(), NbdError> {
+    /// Reads the greeting and sends the client flags.
+    fn greet(mut s: Box<dyn Stream>) -> Result<Self, NbdError> {
         let mut g = [0u8; 18];
-        self.s.read_exact(&mut g).map_err(io_err("greeting"))?;
+        s.read_exact(&mut g).map_err(io_err("greeting"))?;
         if g[..8] != proto::NBDMAGIC.to_be_bytes() || g[8..16] != proto::IHAVEOPT.to_be_bytes() {
             return Err(NbdError::Protocol("not a newstyle NBD server".into()));
         }
@@ -116,30 +179,78 @@ impl Client {
             return Err(NbdError::Protocol("server is not fixed newstyle".into()));
         }
         let cflags = proto::FLAG_C_FIXED_NEWSTYLE | (u32::from(sflags & proto::FLAG_NO_ZEROES));
-        self.s
-            .write_all(&cflags.to_be_bytes())
+        s.write_all(&cflags.to_be_bytes())
             .map_err(io_err("client flags"))?;
+        Ok(Self {
+            s,
+            size: 0,
+            flags: 0,
+            cookie: 0,
+        })
+    }
+
+    fn send_option(&mut self, option: u32, data: &[u8]) -> Result<(), NbdError> {
+        let mut msg = proto::IHAVEOPT.to_be_bytes().to_vec();
+        msg.extend_from_slice(&option.to_be_bytes());
+        msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        msg.extend_from_slice(data);
+        self.s.write_all(&msg).map_err(io_err("send option"))
+    }
+
+    /// One option reply: its type and data.
+    fn option_reply(&mut self) -> Result<(u32, Vec<u8>), NbdError> {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).map_err(io_err("option reply"))?;
+        if h[..8] != proto::OPT_REPLY_MAGIC.to_be_bytes() {
+            return Err(NbdError::Protocol("bad option reply magic".into()));
+        }
+        let ty = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+        if len > 64 * 1024 {
+            return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
+        }
+        let mut d = vec![0u8; len];
+        self.s.read_exact(&mut d).map_err(io_err("option reply"))?;
+        Ok((ty, d))
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake with this node's client certificate.
+    fn start_tls(mut self, tls: &TlsFiles, host: &str) -> Result<Self, NbdError> {
+        let config = tls.client_config()?;
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| NbdError::Tls(format!("server name {host:?}: {e}")))?;
+        self.send_option(proto::opt::STARTTLS, &[])?;
+        match self.option_reply()? {
+            (proto::rep::ACK, _) => {}
+            (t, d) => {
+                return Err(NbdError::Tls(format!(
+                    "STARTTLS refused (reply {t:#x}: {})",
+                    String::from_utf8_lossy(&d)
+                )));
+            }
+        }
+        let conn = rustls::ClientConnection::new(Arc::new(config), name)
+            .map_err(|e| NbdError::Tls(e.to_string()))?;
+        let mut stream = rustls::StreamOwned::new(conn, self.s);
+        // Drive the handshake now, so a refused certificate fails here, named as TLS.
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| NbdError::Tls(format!("handshake: {e}")))?;
+        }
+        self.s = Box::new(stream);
+        Ok(self)
+    }
+
+    /// `NBD_OPT_GO` for `export`: records its size and transmission flags.
+    fn go(&mut self, export: &str) -> Result<(), NbdError> {
         let mut data = (export.len() as u32).to_be_bytes().to_vec();
         data.extend_from_slice(export.as_bytes());
         data.extend_from_slice(&0u16.to_be_bytes());
-        let mut msg = proto::IHAVEOPT.to_be_bytes().to_vec();
-        msg.extend_from_slice(&proto::opt::GO.to_be_bytes());
-        msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        msg.extend_from_slice(&data);
-        self.s.write_all(&msg).map_err(io_err("NBD_OPT_GO"))?;
+        self.send_option(proto::opt::GO, &data)?;
         loop {
-            let mut h = [0u8; 20];
-            self.s.read_exact(&mut h).map_err(io_err("option reply"))?;
-            if h[..8] != proto::OPT_REPLY_MAGIC.to_be_bytes() {
-                return Err(NbdError::Protocol("bad option reply magic".into()));
-            }
-            let ty = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
-            if len > 64 * 1024 {
-                return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
-            }
-            let mut d = vec![0u8; len];
-            self.s.read_exact(&mut d).map_err(io_err("option reply"))?;
+            let (ty, d) = self.option_reply()?;
             match ty {
                 proto::rep::ACK => break,
                 proto::rep::INFO
@@ -152,6 +263,12 @@ impl Client {
                 }
                 proto::rep::INFO => {}
                 proto::rep::ERR_UNKNOWN => return Err(NbdError::UnknownExport(export.to_owned())),
+                proto::rep::ERR_POLICY | proto::rep::ERR_TLS_REQD => {
+                    return Err(NbdError::Refused {
+                        export: export.to_owned(),
+                        message: String::from_utf8_lossy(&d).into_owned(),
+                    });
+                }
                 t if t & 0x8000_0000 != 0 => {
                     return Err(NbdError::Protocol(format!(
                         "export {export:?} refused (reply {t:#x}: {})",

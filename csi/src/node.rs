@@ -21,7 +21,7 @@ use crate::capability::{self, Access};
 use crate::controller::{CTX_NBD, check_name};
 use crate::error::CsiError;
 use crate::identity::ZONE_KEY;
-use crate::nbd::Address;
+use crate::nbd::{Address, TlsFiles};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
 use crate::proto::*;
@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// The command that starts an attach process (program and leading arguments).
     pub attach_command: Vec<OsString>,
+    /// This node's TLS identity towards block stores reached over TCP.
+    pub tls: Option<TlsFiles>,
 }
 
 /// The Node service.
@@ -165,8 +167,15 @@ impl NodeService {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
-        // Its own session: a signal to the plugin's process group does not reach it.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        if let Some(tls) = &self.cfg.tls {
+            cmd.arg("--tls-ca")
+                .arg(&tls.ca)
+                .arg("--tls-cert")
+                .arg(&tls.cert)
+                .arg("--tls-key")
+                .arg(&tls.key);
+        }
+        // It calls setsid() first: a session of its own, apart from the plugin's.
         let mut child = cmd.spawn().map_err(|e| CsiError::Command {
             command: format!("{} attach", Path::new(prog).display()),
             output: e.to_string(),
@@ -184,11 +193,20 @@ impl NodeService {
                 let log = std::fs::read_to_string(dir.join("attach.log")).unwrap_or_default();
                 // Nothing half-made: the process cleaned up what it made; its directory goes.
                 self.detach(id)?;
-                if status.code() == Some(crate::attach::EXIT_UNKNOWN_EXPORT) {
-                    return Err(CsiError::NotFound {
-                        what: "volume",
-                        id: id.into(),
-                    });
+                match status.code() {
+                    Some(crate::attach::EXIT_UNKNOWN_EXPORT) => {
+                        return Err(CsiError::NotFound {
+                            what: "volume",
+                            id: id.into(),
+                        });
+                    }
+                    Some(crate::attach::EXIT_REFUSED) => {
+                        return Err(CsiError::FailedPrecondition(format!(
+                            "the block store does not let this node open volume {id:?}: {}",
+                            log.trim()
+                        )));
+                    }
+                    _ => {}
                 }
                 return Err(CsiError::Attach {
                     volume: id.into(),

@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TempDir;
+use slipway_blockstore::config::{ServeConfig, TlsConfig};
 use slipway_blockstore::control::{self, ControlRequest};
+use slipway_blockstore::daemon::Daemon;
 use slipway_csi::attach::AttachState;
 use slipway_csi::proto::node_client::NodeClient;
 use slipway_csi::proto::node_service_capability::{self, rpc};
@@ -34,10 +36,10 @@ struct Blockstore {
 }
 
 impl Blockstore {
-    fn start(dir: &Path) -> Self {
+    /// Starts it; returns it and its TCP address, if it listens on TCP.
+    fn start(cfg: ServeConfig) -> (Self, Option<std::net::SocketAddr>) {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let dir = dir.to_owned();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -45,19 +47,22 @@ impl Blockstore {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let d = common::blockstore(&dir).await;
-                let _ = ready_tx.send(());
+                let d = Daemon::start(&cfg).await.expect("block store daemon");
+                let _ = ready_tx.send(d.tcp);
                 let _ = stopped.await;
                 drop(d);
             });
         });
-        ready_rx
+        let tcp = ready_rx
             .recv_timeout(Duration::from_secs(30))
             .expect("block store ready");
-        Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        (
+            Self {
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+            tcp,
+        )
     }
 }
 
@@ -77,6 +82,8 @@ impl Drop for Blockstore {
 struct World {
     dir: PathBuf,
     plugin: Option<Child>,
+    /// Extra flags of the node plugin.
+    flags: Vec<String>,
 }
 
 impl World {
@@ -96,6 +103,7 @@ impl World {
             .args(["--node-id", "node-1", "--zone", "zone-a"])
             .arg("--state-dir")
             .arg(self.state())
+            .args(&self.flags)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
@@ -231,15 +239,36 @@ fn write_synced(path: &Path, data: &[u8]) {
 /// A block store, a node plugin process and the test directory; dropped in that order.
 struct Fixture {
     w: World,
+    /// The NBD address stage requests carry.
+    nbd: String,
     _bs: Blockstore,
     _tmp: TempDir,
 }
 
 impl Fixture {
     async fn start(tag: &str, volumes: &[(&str, u64)]) -> Self {
+        Self::start_with(tag, volumes, |_| (None, Vec::new())).await
+    }
+
+    /// `setup` gets the test directory and returns the block store's TLS settings and the
+    /// plugin's extra flags.
+    async fn start_with(
+        tag: &str,
+        volumes: &[(&str, u64)],
+        setup: impl FnOnce(&Path) -> (Option<TlsConfig>, Vec<String>),
+    ) -> Self {
         let tmp = TempDir::new(tag);
         let dir = tmp.path().to_owned();
-        let bs = Blockstore::start(&dir);
+        let (tls, flags) = setup(&dir);
+        let (bs, tcp) = Blockstore::start(ServeConfig {
+            data_dir: dir.join("data"),
+            listen: tls.is_some().then(|| "127.0.0.1:0".to_owned()),
+            unix: Some(dir.join("nbd.sock")),
+            control: dir.join("ctl.sock"),
+            metrics: None,
+            extent_size: slipway_blockstore::format::DEFAULT_EXTENT_SIZE,
+            tls,
+        });
         for (name, size) in volumes {
             control::call(
                 &dir.join("ctl.sock"),
@@ -251,13 +280,28 @@ impl Fixture {
             .await
             .expect("create volume");
         }
-        let mut w = World { dir, plugin: None };
+        let mut w = World {
+            dir,
+            plugin: None,
+            flags,
+        };
         w.start_plugin();
+        let nbd = match tcp {
+            Some(a) => format!("tcp:localhost:{}", a.port()),
+            None => format!("unix:{}", w.dir.join("nbd.sock").display()),
+        };
         Self {
             w,
+            nbd,
             _bs: bs,
             _tmp: tmp,
         }
+    }
+
+    async fn control(&self, req: ControlRequest) {
+        control::call(&self.w.dir.join("ctl.sock"), &req)
+            .await
+            .expect("block store control");
     }
 
     async fn resize(&self, name: &str, size: u64) {
@@ -277,10 +321,7 @@ impl Fixture {
             volume_id: vol.into(),
             staging_target_path: self.w.dir.join("staging").join(vol).display().to_string(),
             volume_capability: Some(cap),
-            volume_context: HashMap::from([(
-                "nbdAddress".into(),
-                format!("unix:{}", self.w.dir.join("nbd.sock").display()),
-            )]),
+            volume_context: HashMap::from([("nbdAddress".into(), self.nbd.clone())]),
             ..Default::default()
         }
     }
@@ -848,4 +889,132 @@ async fn xfs_grows_online_and_raw_block_publishes() {
     // The block volume's bytes reached the block store.
     let out = common::qemu_io(&f.w.dir, "vol-b", &[&format!("read -P 5 {} 1", 5 * MIB)]);
     assert!(out.contains("read 1/1 bytes"), "{out}");
+}
+
+/// A test CA and the PEM files it issues.
+struct Ca {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "slipway test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let pem = params.self_signed(&key).expect("CA cert").pem();
+        Self {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// Writes `<dir>/<stem>.crt` and `<dir>/<stem>.key` for `name`; returns their paths.
+    fn issue(
+        &self,
+        dir: &Path,
+        stem: &str,
+        name: &str,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let (c, k) = (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("write cert");
+        std::fs::write(&k, key.serialize_pem()).expect("write key");
+        (c, k)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root, FUSE, loop devices, mounts; run scripts/test.sh"
+)]
+async fn over_tcp_the_node_uses_starttls_and_opens_only_what_it_is_authorised_for() {
+    let f = Fixture::start_with(
+        "node-tls",
+        &[("mine", 64 * MIB), ("theirs", 64 * MIB)],
+        |dir| {
+            let ca = Ca::new();
+            let ca_file = dir.join("ca.pem");
+            std::fs::write(&ca_file, &ca.pem).expect("write CA");
+            let (cert, key) = ca.issue(
+                dir,
+                "server",
+                "localhost",
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            );
+            let (ncert, nkey) = ca.issue(
+                dir,
+                "node-1",
+                "node-1.zone-a",
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            );
+            let tls = TlsConfig {
+                cert,
+                key,
+                client_ca: ca_file.clone(),
+            };
+            let flags = [
+                ("--nbd-tls-ca", ca_file),
+                ("--nbd-tls-cert", ncert),
+                ("--nbd-tls-key", nkey),
+            ]
+            .into_iter()
+            .flat_map(|(k, v)| [k.to_owned(), v.display().to_string()])
+            .collect();
+            (Some(tls), flags)
+        },
+    )
+    .await;
+    assert!(f.nbd.starts_with("tcp:"), "{}", f.nbd);
+    for (name, client) in [("mine", "node-1.zone-a"), ("theirs", "node-2.zone-a")] {
+        f.control(ControlRequest::Authorize {
+            name: name.into(),
+            clients: vec![client.into()],
+        })
+        .await;
+    }
+    let mut c = client(&f.w).await;
+    // Another node's volume: refused at the export, nothing left here.
+    let e = c
+        .node_stage_volume(f.stage_req("theirs", mount_cap("ext4")))
+        .await
+        .expect_err("another node's volume");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("theirs"), "{}", e.message());
+    f.assert_nothing_left("after a refused export");
+    // Its own volume: over TLS, written and read through the mount.
+    let publish = f.publish_req("mine", mount_cap("ext4"));
+    let target = PathBuf::from(&publish.target_path);
+    c.node_stage_volume(f.stage_req("mine", mount_cap("ext4")))
+        .await
+        .expect("stage over TLS");
+    c.node_publish_volume(publish).await.expect("publish");
+    let data = pattern(11, MIB as usize);
+    write_synced(&target.join("t.bin"), &data);
+    assert_eq!(std::fs::read(target.join("t.bin")).expect("read"), data);
+    c.node_unpublish_volume(f.unpublish_req("mine"))
+        .await
+        .expect("unpublish");
+    c.node_unstage_volume(f.unstage_req("mine"))
+        .await
+        .expect("unstage");
+    f.assert_nothing_left("after unstaging over TLS");
 }
