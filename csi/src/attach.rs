@@ -20,6 +20,7 @@ use fuser::{
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
+use crate::kernel_nbd::{self, KernelNbd, NetlinkGenl};
 use crate::nbd::{Address, Client, TlsFiles};
 use crate::sys;
 
@@ -50,6 +51,9 @@ pub struct AttachState {
     pub size: u64,
     /// How many times the size was re-read (SIGUSR1), so a waiter sees its request answered.
     pub refreshed: u64,
+    /// The kernel's NBD driver serves `device` (no FUSE file, no loop device).
+    #[serde(default)]
+    pub kernel: bool,
 }
 
 impl AttachState {
@@ -81,6 +85,10 @@ pub struct AttachArgs {
     /// State directory of this attachment.
     #[arg(long)]
     pub dir: PathBuf,
+    /// Hand the negotiated socket to the kernel's NBD driver (`/dev/nbdN`) instead of serving
+    /// it through FUSE and a loop device.
+    #[arg(long)]
+    pub kernel_nbd: bool,
     /// TLS towards the block store (TCP): the CA of its certificate.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
@@ -301,6 +309,9 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
     let _enter = span.enter();
     let client = Client::connect(&addr, &args.volume_id, tls.as_ref())
         .context("connect to the NBD export")?;
+    if args.kernel_nbd {
+        return run_kernel(args, &addr, client, &signals);
+    }
     let size = Arc::new(AtomicU64::new(client.size));
     let client = Arc::new(Mutex::new(client));
     let mnt = args.dir.join("fuse");
@@ -330,8 +341,14 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
         file: file.clone(),
         size: size.load(Ordering::SeqCst),
         refreshed: 0,
+        kernel: false,
     };
-    state.write(&args.dir).context("write the state file")?;
+    if let Err(e) = state.write(&args.dir) {
+        // Nothing half-made: the loop device and the FUSE mount go with the failure.
+        let _ = sys::loop_detach(&device);
+        drop(session);
+        return Err(anyhow::Error::from(e).context("write the state file"));
+    }
     println!("slipway-csi attach ready device={device}");
     tracing::info!(%device, size = state.size, "attached");
     loop {
@@ -377,6 +394,67 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(args.dir.join(STATE_FILE));
     let _ = std::fs::remove_dir(&mnt);
+    tracing::info!("detached");
+    Ok(())
+}
+
+/// The kernel path: the device is `/dev/nbdN`, served by the kernel over the negotiated socket;
+/// this process stays to resize it (SIGUSR1) and disconnect it (SIGTERM).
+fn run_kernel(
+    args: &AttachArgs,
+    addr: &Address,
+    client: Client,
+    signals: &SigSet,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::fd::AsRawFd;
+    let fd = client
+        .socket()
+        .context("kernel NBD needs a plain socket (TLS is served in userspace)")?
+        .as_raw_fd();
+    let export = kernel_nbd::Export {
+        size: client.size,
+        flags: client.flags,
+    };
+    let mut knbd = KernelNbd::new(NetlinkGenl::open()?)?;
+    let index = knbd.connect(fd, export)?;
+    // The kernel holds its own reference to the socket now.
+    drop(client);
+    let device = format!("/dev/nbd{index}");
+    let mut state = AttachState {
+        volume_id: args.volume_id.clone(),
+        pid: std::process::id(),
+        device: device.clone(),
+        file: PathBuf::from(&device),
+        size: export.size,
+        refreshed: 0,
+        kernel: true,
+    };
+    if let Err(e) = state.write(&args.dir) {
+        let _ = knbd.disconnect(index);
+        return Err(anyhow::Error::from(e).context("write the state file"));
+    }
+    println!("slipway-csi attach ready device={device}");
+    tracing::info!(%device, "attached through kernel NBD");
+    loop {
+        match signals.wait().context("sigwait")? {
+            Signal::SIGUSR1 => {
+                match Client::connect(addr, &args.volume_id, None) {
+                    Ok(fresh) => match knbd.resize(index, fresh.size) {
+                        Ok(()) => state.size = fresh.size,
+                        Err(e) => tracing::error!(error = %e, "cannot resize the NBD device"),
+                    },
+                    Err(e) => tracing::error!(error = %e, "cannot re-read the export size"),
+                }
+                state.refreshed += 1;
+                state.write(&args.dir).context("write the state file")?;
+            }
+            Signal::SIGHUP => {}
+            _ => break,
+        }
+    }
+    knbd.disconnect(index)?;
+    let _ = std::fs::remove_file(args.dir.join(STATE_FILE));
     tracing::info!("detached");
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod controller;
 pub mod error;
 pub mod identity;
+pub mod kernel_nbd;
 pub mod nbd;
 pub mod node;
 pub mod proto;

@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,6 +126,8 @@ impl<T: Read + Write + Send> Stream for T {}
 /// One negotiated connection to one export.
 pub struct Client {
     s: Box<dyn Stream>,
+    /// The plain socket (no TLS), for handing to the kernel's NBD driver.
+    sock: Option<OwnedFd>,
     /// Export size in bytes.
     pub size: u64,
     /// Transmission flags.
@@ -149,13 +152,19 @@ impl Client {
         let mut c = match addr {
             Address::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(io_err("connect"))?;
-                Self::greet(Box::new(s))?
+                let sock = s.try_clone().map_err(io_err("dup"))?;
+                let mut c = Self::greet(Box::new(s))?;
+                c.sock = Some(sock.into());
+                c
             }
             Address::Tcp(a) => {
                 let t = TcpStream::connect(a).map_err(io_err("connect"))?;
                 t.set_nodelay(true).map_err(io_err("setsockopt"))?;
+                let sock = t.try_clone().map_err(io_err("dup"))?;
                 let mut c = Self::greet(Box::new(t))?;
+                c.sock = Some(sock.into());
                 if let Some(tls) = tls {
+                    c.sock = None;
                     let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
                     let host = host.trim_start_matches('[').trim_end_matches(']');
                     c = c.start_tls(tls, host)?;
@@ -183,6 +192,7 @@ impl Client {
             .map_err(io_err("client flags"))?;
         Ok(Self {
             s,
+            sock: None,
             size: 0,
             flags: 0,
             cookie: 0,
@@ -348,6 +358,12 @@ impl Client {
     pub fn flush(&mut self) -> Result<(), NbdError> {
         self.request(proto::cmd::FLUSH, 0, 0, &[])?;
         self.reply(&mut [])
+    }
+
+    /// The negotiated plain socket (None over TLS), for the kernel's NBD driver.
+    pub fn socket(&self) -> Option<BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.sock.as_ref().map(|s| s.as_fd())
     }
 
     /// Ends the session politely.

@@ -21,6 +21,7 @@ use crate::capability::{self, Access};
 use crate::controller::{CTX_NBD, check_name};
 use crate::error::CsiError;
 use crate::identity::ZONE_KEY;
+use crate::kernel_nbd;
 use crate::nbd::{Address, TlsFiles};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
@@ -67,11 +68,6 @@ impl Drop for Busy {
     }
 }
 
-/// Whether this node has kernel NBD devices (the attach path real nodes would use).
-pub fn kernel_nbd_available() -> bool {
-    Path::new("/dev/nbd0").exists()
-}
-
 fn path_field(field: &'static str, p: &str) -> Result<PathBuf, CsiError> {
     if p.is_empty() {
         return Err(CsiError::invalid(field, "is required"));
@@ -100,14 +96,23 @@ impl NodeService {
             }
         }
         tracing::info!(
-            kernel_nbd = kernel_nbd_available(),
-            path = "userspace NBD + FUSE + loop",
+            path = if Self::kernel_path(&cfg) {
+                "kernel NBD (netlink)"
+            } else {
+                "userspace NBD + FUSE + loop"
+            },
             "attach path"
         );
         Self {
             cfg,
             inflight: Arc::default(),
         }
+    }
+
+    /// Kernel NBD where the node has the driver, unless TLS is needed (the kernel cannot
+    /// speak it; the userspace client does).
+    fn kernel_path(cfg: &NodeConfig) -> bool {
+        cfg.tls.is_none() && kernel_nbd::available(Path::new("/"))
     }
 
     fn busy(&self, key: &str) -> Result<Busy, CsiError> {
@@ -127,8 +132,14 @@ impl NodeService {
 
     /// The live attachment of a volume, if any.
     fn attachment(&self, id: &str) -> Option<AttachState> {
-        AttachState::read(&self.vol_dir(id))
-            .filter(|s| sys::alive(s.pid) && sys::loops_backed_by(&s.file).contains(&s.device))
+        AttachState::read(&self.vol_dir(id)).filter(|s| {
+            sys::alive(s.pid)
+                && if s.kernel {
+                    Path::new(&s.device).exists()
+                } else {
+                    sys::loops_backed_by(&s.file).contains(&s.device)
+                }
+        })
     }
 
     /// Attaches the volume unless it already is; returns the attachment and whether this call
@@ -167,6 +178,9 @@ impl NodeService {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        if Self::kernel_path(&self.cfg) {
+            cmd.arg("--kernel-nbd");
+        }
         if let Some(tls) = &self.cfg.tls {
             cmd.arg("--tls-ca")
                 .arg(&tls.ca)
@@ -247,7 +261,24 @@ impl NodeService {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            // A killed attach process leaves its loop device and FUSE mount behind.
+            // A killed attach process leaves its device (kernel NBD) or its loop device and
+            // FUSE mount behind.
+            if s.kernel {
+                let index = s.device.trim_start_matches("/dev/nbd").parse::<u32>();
+                if let Ok(index) = index {
+                    kernel_nbd::KernelNbd::new(kernel_nbd::NetlinkGenl::open().map_err(|e| {
+                        CsiError::Attach {
+                            volume: id.into(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                    .and_then(|mut k| k.disconnect(index))
+                    .map_err(|e| CsiError::Attach {
+                        volume: id.into(),
+                        reason: e.to_string(),
+                    })?;
+                }
+            }
             for dev in sys::loops_backed_by(&s.file) {
                 sys::loop_detach(&dev)?;
             }
@@ -529,9 +560,12 @@ impl NodeService {
                 "the export is {size} bytes, {required} asked: expand the volume first"
             )));
         }
-        // The kernel learns the file's new size on the next stat (attributes are not cached).
-        std::fs::metadata(&att.file).map_err(CsiError::io("stat", att.file.display()))?;
-        sys::loop_set_capacity(&att.device)?;
+        if !att.kernel {
+            // The kernel learns the file's new size on the next stat (attributes are not
+            // cached), the loop device from it.
+            std::fs::metadata(&att.file).map_err(CsiError::io("stat", att.file.display()))?;
+            sys::loop_set_capacity(&att.device)?;
+        }
         if mounted.fstype != "none" && path.is_dir() {
             sys::grow_fs(&mounted.fstype, &att.device, &path)?;
         }
