@@ -8,8 +8,8 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::{
@@ -19,6 +19,7 @@ use fuser::{
 };
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
+use slipway_blockstore::proto;
 
 use crate::kernel_nbd::{self, KernelNbd, NetlinkGenl};
 use crate::nbd::{Address, Client, TlsFiles};
@@ -113,9 +114,87 @@ impl AttachArgs {
 const ROOT: INodeNo = INodeNo::ROOT;
 const FILE: INodeNo = INodeNo(2);
 
+/// NBD connections per attachment when the server allows several (`NBD_FLAG_CAN_MULTI_CONN`:
+/// a FLUSH on one covers the writes completed on all), and FUSE threads serving them.
+const CONNECTIONS: usize = 4;
+
+/// The connections FUSE requests are served on.
+struct Pool {
+    conns: Vec<Mutex<Client>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// `first`, and more connections to the same export if the server allows multi-conn.
+    fn open(first: Client, addr: &Address, export: &str, tls: Option<&TlsFiles>) -> Self {
+        let n = if first.flags & proto::tflags::CAN_MULTI_CONN != 0 {
+            CONNECTIONS
+        } else {
+            1
+        };
+        let mut conns = vec![Mutex::new(first)];
+        while conns.len() < n {
+            match Client::connect(addr, export, tls) {
+                Ok(c) => conns.push(Mutex::new(c)),
+                Err(e) => {
+                    tracing::warn!(error = %e, connections = conns.len(), "extra NBD connection");
+                    break;
+                }
+            }
+        }
+        Self {
+            conns,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A free connection, or the next one in turn when all are busy.
+    fn get(&self) -> MutexGuard<'_, Client> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            match self.conns[(start + i) % n].try_lock() {
+                Ok(g) => return g,
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        self.conns[start].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces every connection with a fresh one (after the export grew); returns the new size.
+    fn reconnect(
+        &self,
+        addr: &Address,
+        export: &str,
+        tls: Option<&TlsFiles>,
+    ) -> Result<u64, crate::nbd::NbdError> {
+        let mut size = 0;
+        for slot in &self.conns {
+            let fresh = Client::connect(addr, export, tls)?;
+            size = fresh.size;
+            let old =
+                std::mem::replace(&mut *slot.lock().unwrap_or_else(|p| p.into_inner()), fresh);
+            old.disconnect();
+        }
+        Ok(size)
+    }
+
+    /// Flushes and closes every connection.
+    fn close(self) {
+        for c in self.conns {
+            let mut c = c.into_inner().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = c.flush() {
+                tracing::error!(error = %e, "NBD flush at detach");
+            }
+            c.disconnect();
+        }
+    }
+}
+
 /// One export as one file.
 struct DiskFs {
-    client: Arc<Mutex<Client>>,
+    pool: Arc<Pool>,
     size: Arc<AtomicU64>,
 }
 
@@ -150,8 +229,8 @@ impl DiskFs {
         }
     }
 
-    fn client(&self) -> std::sync::MutexGuard<'_, Client> {
-        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    fn client(&self) -> MutexGuard<'_, Client> {
+        self.pool.get()
     }
 }
 
@@ -313,7 +392,7 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
         return run_kernel(args, &addr, client, &signals);
     }
     let size = Arc::new(AtomicU64::new(client.size));
-    let client = Arc::new(Mutex::new(client));
+    let pool = Arc::new(Pool::open(client, &addr, &args.volume_id, tls.as_ref()));
     let mnt = args.dir.join("fuse");
     std::fs::create_dir_all(&mnt).with_context(|| format!("mkdir {}", mnt.display()))?;
     let mut cfg = fuser::Config::default();
@@ -321,8 +400,10 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
         fuser::MountOption::FSName(format!("slipway-nbd:{}", args.volume_id)),
         fuser::MountOption::Subtype("slipway".into()),
     ];
+    cfg.n_threads = Some(pool.conns.len());
+    cfg.clone_fd = true;
     let fs = DiskFs {
-        client: Arc::clone(&client),
+        pool: Arc::clone(&pool),
         size: Arc::clone(&size),
     };
     let session = fuser::spawn_mount(fs, &mnt, &cfg).context("FUSE mount")?;
@@ -354,15 +435,10 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
     loop {
         match signals.wait().context("sigwait")? {
             Signal::SIGUSR1 => {
-                match Client::connect(&addr, &args.volume_id, tls.as_ref()) {
-                    Ok(fresh) => {
-                        size.store(fresh.size, Ordering::SeqCst);
-                        state.size = fresh.size;
-                        let old = std::mem::replace(
-                            &mut *client.lock().unwrap_or_else(|p| p.into_inner()),
-                            fresh,
-                        );
-                        old.disconnect();
+                match pool.reconnect(&addr, &args.volume_id, tls.as_ref()) {
+                    Ok(new_size) => {
+                        size.store(new_size, Ordering::SeqCst);
+                        state.size = new_size;
                         tracing::info!(size = state.size, "export size re-read");
                     }
                     Err(e) => tracing::error!(error = %e, "cannot re-read the export size"),
@@ -385,12 +461,9 @@ pub fn run(args: &AttachArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     session.umount_and_join().context("FUSE unmount")?;
-    if let Ok(c) =
-        Arc::try_unwrap(client).map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-    {
-        let mut c = c;
-        let _ = c.flush();
-        c.disconnect();
+    match Arc::try_unwrap(pool) {
+        Ok(pool) => pool.close(),
+        Err(_) => tracing::error!("NBD connections still in use after the FUSE unmount"),
     }
     let _ = std::fs::remove_file(args.dir.join(STATE_FILE));
     let _ = std::fs::remove_dir(&mnt);
