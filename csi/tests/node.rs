@@ -492,6 +492,26 @@ async fn bad_requests_get_their_codes_and_leave_nothing() {
     assert_eq!(e.code(), Code::Internal, "{}", e.message());
     assert!(e.message().contains("mount"), "{}", e.message());
     f.assert_nothing_left("after a failed mount");
+    // Two stages of one volume at once: one works, the other is ABORTED or finds it done.
+    let (mut c1, mut c2) = (client(&f.w).await, client(&f.w).await);
+    let (a, b) = tokio::join!(
+        c1.node_stage_volume(f.stage_req("vol-e", mount_cap("ext4"))),
+        c2.node_stage_volume(f.stage_req("vol-e", mount_cap("ext4"))),
+    );
+    let codes: Vec<Code> = [&a, &b]
+        .iter()
+        .map(|r| r.as_ref().map_or_else(|e| e.code(), |_| Code::Ok))
+        .collect();
+    assert!(codes.contains(&Code::Ok), "{a:?} {b:?}");
+    assert!(
+        codes.iter().all(|c| matches!(c, Code::Ok | Code::Aborted)),
+        "{a:?} {b:?}"
+    );
+    c.node_unstage_volume(f.unstage_req("vol-e"))
+        .await
+        .expect("unstage");
+    f.assert_nothing_left("after concurrent stages");
+
     // Stats and expansion of a volume not staged here: NOT_FOUND.
     let e = c
         .node_get_volume_stats(NodeGetVolumeStatsRequest {
@@ -654,7 +674,15 @@ async fn ext4_lifecycle_and_plugin_kill9_under_fio_verify() {
     assert!(sys::alive(att.pid), "attach process died with the plugin");
     f.w.start_plugin();
     let mut c = client(&f.w).await;
-    // Restarted, the plugin finds its attachment: stage and publish again are no-ops.
+    // Restarted, the plugin finds its attachment (and says so at start): stage and publish
+    // again are no-ops.
+    let log = std::fs::read_to_string(f.w.dir.join("plugin.log")).expect("plugin log");
+    assert!(
+        log.lines().any(|l| l.contains("found attachment")
+            && l.contains("vol-1")
+            && l.contains("alive=true")),
+        "{log}"
+    );
     c.node_stage_volume(stage.clone())
         .await
         .expect("stage after restart");
