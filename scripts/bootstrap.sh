@@ -19,7 +19,7 @@ groups=(
   "nftables iptables"
   "jq curl"
   "qemu-utils libnbd-bin nbdkit"
-  "fio"
+  "fio xfsprogs"
   "haproxy nginx-light wrk"
   "containernetworking-plugins"
   "podman runc busybox-static"
