@@ -1,0 +1,437 @@
+//! The netns provider against the real kernel: namespaces, veths, routes, cgroups, processes.
+//! Each test's provider has a prefix of its own and is torn down by a guard, also on panic.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::os::unix::fs::MetadataExt as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use slipway_dataplane::testing::{Netns, traffic};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::*;
+
+/// A provider with a unique `slipway-t<id>-` prefix over temporary state and data dirs; on drop
+/// it tears down everything named with its prefix.
+struct Fixture {
+    provider: Arc<NetnsProvider>,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(zones: &[&str]) -> Self {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix("slipway-hosts-")
+            .tempdir()
+            .expect("temp dir");
+        let prefix = format!("slipway-t{:06x}-", hasher.finish() as u32 & 0xff_ffff);
+        let mut config = NetnsConfig::new(prefix, dir.path().join("state"), zones);
+        config.stop_grace = Duration::from_secs(2);
+        let provider = Arc::new(NetnsProvider::new(config).expect("provider"));
+        Self { provider, dir }
+    }
+
+    /// Another provider over the same state, as after a restart.
+    fn restarted(&self) -> NetnsProvider {
+        NetnsProvider::new(self.provider.config().clone()).expect("provider")
+    }
+
+    fn spec(&self, name: &str, zone: &str) -> HostSpec {
+        HostSpec {
+            name: name.into(),
+            zone: zone.into(),
+            cpu_millis: 250,
+            memory_bytes: 128 << 20,
+            data_root: self.dir.path().join("data"),
+            agent: vec!["sleep".into(), "infinity".into()],
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        &self.provider.config().prefix
+    }
+
+    /// Everything named with the prefix that exists: namespaces, cgroups, bpffs entries, and
+    /// files under the state and data dirs.
+    fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut scan = |dir: &Path, all: bool| {
+            for name in fs::read_dir(dir)
+                .map(|e| {
+                    e.flatten()
+                        .filter_map(|e| e.file_name().into_string().ok())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+            {
+                if all || name.starts_with(self.prefix()) {
+                    found.push(dir.join(name).display().to_string());
+                }
+            }
+        };
+        scan(Path::new(netns::NETNS_RUN_DIR), false);
+        for root in ["cpu", "memory", "unified"] {
+            scan(&Path::new("/sys/fs/cgroup").join(root), false);
+        }
+        scan(Path::new("/sys/fs/bpf"), false);
+        scan(&self.dir.path().join("state"), true);
+        scan(&self.dir.path().join("data"), true);
+        found
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let provider = Arc::clone(&self.provider);
+        // A runtime of its own on a thread of its own: drop may run inside the test's runtime.
+        let joined = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(provider.teardown())
+        })
+        .join();
+        if let Ok(Err(e)) = joined {
+            eprintln!("teardown: {e}");
+        }
+    }
+}
+
+/// The (dev, inode) of a namespace, to find its processes after its name is gone.
+fn netns_id(name: &str) -> (u64, u64) {
+    let m = fs::metadata(netns::path(name)).expect("namespace exists");
+    (m.dev(), m.ino())
+}
+
+fn field_of(err: &HostError) -> Vec<&'static str> {
+    match err {
+        HostError::Invalid(problems) => problems.iter().map(|p| p.field).collect(),
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn three_zones_route_to_each_other_with_limits_and_delete_leaves_nothing() {
+    let fx = Fixture::new(&["a", "b", "c"]);
+    assert!(
+        matches!(
+            fx.provider.layout(),
+            Layout::Hybrid {
+                unified: Some(_),
+                ..
+            }
+        ),
+        "this machine's cgroups are hybrid: {:?}",
+        fx.provider.layout()
+    );
+    let mut hosts = Vec::new();
+    for (name, zone) in [("ha", "a"), ("hb", "b"), ("hc", "c")] {
+        hosts.push(
+            fx.provider
+                .create(&fx.spec(name, zone))
+                .await
+                .expect("create"),
+        );
+    }
+    let addresses: Vec<String> = hosts.iter().map(|h| h.address.to_string()).collect();
+    assert_eq!(addresses, ["10.100.0.2", "10.100.1.2", "10.100.2.2"]);
+
+    // Across zones, both ways, through the core.
+    for from in &hosts {
+        for to in &hosts {
+            if from.spec.name == to.spec.name {
+                continue;
+            }
+            let ns = Netns::named(from.netns.clone());
+            traffic::wait_reachable(&ns, to.address, Duration::from_secs(10)).expect("reachable");
+            let report =
+                traffic::ping(&ns, to.address, 3, Duration::from_millis(50)).expect("ping");
+            assert_eq!(
+                report.received, 3,
+                "{} -> {}: {report:?}",
+                from.spec.name, to.address
+            );
+        }
+    }
+
+    let mut pids = Vec::new();
+    let mut namespaces = Vec::new();
+    for host in &hosts {
+        // The limits, read back from the kernel, in v1's own files.
+        let group = &host.netns;
+        let read = |p: &str| fs::read_to_string(p).expect(p).trim().to_owned();
+        assert_eq!(
+            read(&format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_quota_us")),
+            "25000"
+        );
+        assert_eq!(
+            read(&format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_period_us")),
+            "100000"
+        );
+        assert_eq!(
+            read(&format!(
+                "/sys/fs/cgroup/memory/{group}/memory.limit_in_bytes"
+            )),
+            (128u64 << 20).to_string()
+        );
+        assert_eq!(
+            fx.provider.layout().limits(group).expect("limits"),
+            Limits {
+                cpu_millis: 250,
+                memory_bytes: 128 << 20
+            }
+        );
+        // The agent runs inside the host: its namespace, its cgroups.
+        let status = fx.provider.status(&host.spec.name).await.expect("status");
+        assert_eq!(status.phase, HostPhase::Running);
+        assert_eq!(status.pids.len(), 1, "{status:?}");
+        let pid = status.pids[0];
+        let (dev, ino) = netns_id(&host.netns);
+        assert_eq!(netns::pids_in_netns(dev, ino), vec![pid]);
+        let cgroups = read(&format!("/proc/{pid}/cgroup"));
+        for controller in ["cpu", "memory"] {
+            assert!(
+                cgroups
+                    .lines()
+                    .any(|l| l.contains(controller) && l.ends_with(&format!("/{group}"))),
+                "{controller}: {cgroups}"
+            );
+        }
+        assert!(host.data_dir.is_dir() && host.bpffs.is_dir(), "{host:?}");
+        pids.push(pid);
+        namespaces.push((dev, ino));
+    }
+
+    // Creating an existing host again returns it; another spec under its name is refused.
+    let again = fx
+        .provider
+        .create(&fx.spec("ha", "a"))
+        .await
+        .expect("again");
+    assert_eq!(again, hosts[0]);
+    let mut other = fx.spec("ha", "a");
+    other.cpu_millis = 500;
+    let err = fx.provider.create(&other).await.expect_err("other spec");
+    assert_eq!(field_of(&err), ["name"], "{err}");
+
+    // A restarted provider finds the hosts, and deletes them.
+    let restarted = fx.restarted();
+    let listed = restarted.list().await.expect("list");
+    assert_eq!(listed, hosts);
+    for host in &hosts {
+        restarted.delete(&host.spec.name).await.expect("delete");
+    }
+    restarted
+        .delete("ha")
+        .await
+        .expect("deleting again is not an error");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} lives on"
+        );
+    }
+    for (dev, ino) in namespaces {
+        assert_eq!(netns::pids_in_netns(dev, ino), Vec::<i32>::new());
+    }
+    assert!(restarted.list().await.expect("list").is_empty());
+    let err = restarted.status("ha").await.expect_err("gone");
+    assert!(matches!(err, HostError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn bad_input_is_refused_naming_the_field_and_a_failed_create_leaves_nothing() {
+    let fx = Fixture::new(&["a"]);
+    let mut unknown_zone = fx.spec("h1", "nowhere");
+    unknown_zone.memory_bytes = 0;
+    let err = fx
+        .provider
+        .create(&unknown_zone)
+        .await
+        .expect_err("refused");
+    assert_eq!(field_of(&err), ["memory", "zone"], "{err}");
+    assert!(
+        err.to_string().contains("unknown zone \"nowhere\""),
+        "{err}"
+    );
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+
+    // The agent cannot start: everything made before is removed again.
+    let mut broken = fx.spec("h1", "a");
+    broken.agent = vec!["/nonexistent/slipway-agent".into()];
+    let err = fx
+        .provider
+        .create(&broken)
+        .await
+        .expect_err("no such program");
+    assert!(
+        err.to_string().contains("start /nonexistent/slipway-agent"),
+        "{err}"
+    );
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+
+    let err = fx
+        .provider
+        .delete("Not_A_Name")
+        .await
+        .expect_err("bad name");
+    assert_eq!(field_of(&err), ["name"], "{err}");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn a_half_made_host_is_deleted_or_made_again_by_a_restarted_provider() {
+    let fx = Fixture::new(&["a", "b"]);
+    for step in [Step::Namespace, Step::Link, Step::Cgroups] {
+        let half = fx
+            .provider
+            .create_interrupted(&fx.spec("h1", "a"), step)
+            .await
+            .expect("half-made");
+        assert!(netns::exists(&half.netns), "{step:?}");
+        assert_eq!(
+            fx.provider.status("h1").await.expect("status").phase,
+            HostPhase::Creating
+        );
+        // The caller died; a new one deletes.
+        fx.restarted().delete("h1").await.expect("delete");
+        assert_eq!(fx.leftovers(), Vec::<String>::new(), "after {step:?}");
+    }
+
+    // Half-made, then made again: the result works.
+    fx.provider
+        .create_interrupted(&fx.spec("h1", "a"), Step::Link)
+        .await
+        .expect("half-made");
+    let restarted = fx.restarted();
+    let h1 = restarted.create(&fx.spec("h1", "a")).await.expect("create");
+    let h2 = restarted.create(&fx.spec("h2", "b")).await.expect("create");
+    assert_eq!(
+        restarted.status("h1").await.expect("status").phase,
+        HostPhase::Running
+    );
+    traffic::wait_reachable(
+        &Netns::named(h1.netns.clone()),
+        h2.address,
+        Duration::from_secs(10),
+    )
+    .expect("h1 reaches h2");
+    restarted.teardown().await.expect("teardown");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}
+
+/// The `slipway` binary of this target dir (`cargo build -p slipway` first), or `$SLIPWAY_BIN`.
+fn slipway_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SLIPWAY_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // <target>/debug/deps/<test> -> <target>/debug/slipway
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("slipway"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p slipway` first (or set SLIPWAY_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// `GET path` over the Unix socket `socket`; the status code, if anything answered.
+async fn get(socket: &Path, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.ok()?;
+    reply.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups + BPF; run with --ignored"
+)]
+async fn slipway_agent_started_in_a_host_answers_on_its_socket() {
+    let fx = Fixture::new(&["a"]);
+    let bin = slipway_binary();
+    let mut spec = fx.spec("agent1", "a");
+    spec.cpu_millis = 1000;
+    spec.memory_bytes = 512 << 20;
+    spec.agent = [
+        bin.to_str().expect("utf-8 path"),
+        "agent",
+        "--pod-cidr",
+        "10.244.0.0/16",
+        "--host-block",
+        "10.244.1.0/24",
+        "--bpffs",
+        "{bpffs}",
+        "--data-dir",
+        "{data_dir}/agent",
+        "--socket",
+        "{data_dir}/agent.sock",
+        "--cgroup",
+        "{cgroup}",
+    ]
+    .map(String::from)
+    .to_vec();
+    let started = Instant::now();
+    let host = fx.provider.create(&spec).await.expect("create");
+    let socket = host.data_dir.join("agent.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(code) = get(&socket, "/v1/status").await {
+            break code;
+        }
+        let log = fs::read_to_string(host.data_dir.join("agent.log")).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not answer on {}; its log:\n{log}",
+            socket.display()
+        );
+        assert_eq!(
+            fx.provider.status("agent1").await.expect("status").phase,
+            HostPhase::Running,
+            "the agent exited; its log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 200);
+    eprintln!(
+        "host created and agent answering in {:?}",
+        started.elapsed()
+    );
+    let pids = fx.provider.status("agent1").await.expect("status").pids;
+    assert!(!pids.is_empty());
+
+    let stopping = Instant::now();
+    fx.provider.delete("agent1").await.expect("delete");
+    eprintln!("host with agent deleted in {:?}", stopping.elapsed());
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} lives on"
+        );
+    }
+}
