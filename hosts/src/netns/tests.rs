@@ -134,11 +134,12 @@ async fn three_zones_route_to_each_other_with_limits_and_delete_leaves_nothing()
     );
     let mut hosts = Vec::new();
     for (name, zone) in [("ha", "a"), ("hb", "b"), ("hc", "c")] {
-        hosts.push(
-            fx.provider
-                .create(&fx.spec(name, zone))
-                .await
-                .expect("create"),
+        let started = Instant::now();
+        let host = fx.provider.create(&fx.spec(name, zone)).await;
+        hosts.push(host.expect("create"));
+        eprintln!(
+            "host {name} (and zone {zone}) created in {:?}",
+            started.elapsed()
         );
     }
     let addresses: Vec<String> = hosts.iter().map(|h| h.address.to_string()).collect();
@@ -226,9 +227,14 @@ async fn three_zones_route_to_each_other_with_limits_and_delete_leaves_nothing()
     let restarted = fx.restarted();
     let listed = restarted.list().await.expect("list");
     assert_eq!(listed, hosts);
+    let started = Instant::now();
     for host in &hosts {
         restarted.delete(&host.spec.name).await.expect("delete");
     }
+    eprintln!(
+        "three hosts, zones and the core deleted in {:?}",
+        started.elapsed()
+    );
     restarted
         .delete("ha")
         .await
@@ -427,6 +433,42 @@ async fn slipway_agent_started_in_a_host_answers_on_its_socket() {
     let stopping = Instant::now();
     fx.provider.delete("agent1").await.expect("delete");
     eprintln!("host with agent deleted in {:?}", stopping.elapsed());
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} lives on"
+        );
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn a_process_that_ignores_sigterm_is_killed_after_the_grace() {
+    let mut fx = Fixture::new(&["a"]);
+    let grace = Duration::from_millis(300);
+    let mut config = fx.provider.config().clone();
+    config.stop_grace = grace;
+    fx.provider = Arc::new(NetnsProvider::new(config).expect("provider"));
+    let mut spec = fx.spec("stubborn", "a");
+    // The shell ignores SIGTERM and keeps starting children: only SIGKILL ends it.
+    spec.agent = ["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]
+        .map(String::from)
+        .to_vec();
+    fx.provider.create(&spec).await.expect("create");
+    let pids = fx.provider.status("stubborn").await.expect("status").pids;
+    assert!(!pids.is_empty());
+    let started = Instant::now();
+    fx.provider.delete("stubborn").await.expect("delete");
+    let took = started.elapsed();
+    eprintln!("a SIGTERM-ignoring host deleted in {took:?} (grace {grace:?})");
+    assert!(
+        took >= grace,
+        "SIGKILL came before the grace ran out: {took:?}"
+    );
     assert_eq!(fx.leftovers(), Vec::<String>::new());
     for pid in pids {
         assert!(
