@@ -454,11 +454,20 @@ async fn a_process_that_ignores_sigterm_is_killed_after_the_grace() {
     config.stop_grace = grace;
     fx.provider = Arc::new(NetnsProvider::new(config).expect("provider"));
     let mut spec = fx.spec("stubborn", "a");
-    // The shell ignores SIGTERM and keeps starting children: only SIGKILL ends it.
-    spec.agent = ["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]
-        .map(String::from)
-        .to_vec();
-    fx.provider.create(&spec).await.expect("create");
+    // The shell ignores SIGTERM (and says so) and keeps starting children: only SIGKILL ends it.
+    spec.agent = [
+        "sh",
+        "-c",
+        "trap '' TERM; touch {data_dir}/trapped; while :; do sleep 0.05; done",
+    ]
+    .map(String::from)
+    .to_vec();
+    let host = fx.provider.create(&spec).await.expect("create");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !host.data_dir.join("trapped").exists() {
+        assert!(Instant::now() < deadline, "the shell never set its trap");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let pids = fx.provider.status("stubborn").await.expect("status").pids;
     assert!(!pids.is_empty());
     let started = Instant::now();
