@@ -7,6 +7,8 @@ use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use slipway_dataplane::testing::{Netns, traffic};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -485,4 +487,46 @@ async fn a_process_that_ignores_sigterm_is_killed_after_the_grace() {
             "pid {pid} lives on"
         );
     }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn status_follows_the_kernel_and_create_brings_a_lost_host_back() {
+    let fx = Fixture::new(&["a"]);
+    let spec = fx.spec("h1", "a");
+    let host = fx.provider.create(&spec).await.expect("create");
+    let status = fx.provider.status("h1").await.expect("status");
+    assert_eq!(status.phase, HostPhase::Running);
+
+    // The agent dies: the host is Exited.
+    for pid in &status.pids {
+        kill(Pid::from_raw(*pid), Signal::SIGKILL).expect("kill");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let phase = fx.provider.status("h1").await.expect("status").phase;
+        if phase == HostPhase::Exited {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {phase:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Its namespace goes: the host is Lost; creating it again makes it anew, at its address.
+    netns::destroy(&host.netns).expect("destroy");
+    assert_eq!(
+        fx.provider.status("h1").await.expect("status").phase,
+        HostPhase::Lost
+    );
+    let again = fx.provider.create(&spec).await.expect("create again");
+    assert_eq!(again, host);
+    assert_eq!(
+        fx.provider.status("h1").await.expect("status").phase,
+        HostPhase::Running
+    );
+    fx.provider.delete("h1").await.expect("delete");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
 }
