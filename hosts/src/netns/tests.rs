@@ -530,3 +530,133 @@ async fn status_follows_the_kernel_and_create_brings_a_lost_host_back() {
     fx.provider.delete("h1").await.expect("delete");
     assert_eq!(fx.leftovers(), Vec::<String>::new());
 }
+
+/// Set in the child process of [`a_provider_killed_with_sigkill_leaves_hosts_that_converge`]:
+/// `<prefix>\n<state dir>\n<data root>`.
+const KILL9_ENV: &str = "SLIPWAY_HOSTS_KILL9_CHILD";
+
+/// In the child (only when [`KILL9_ENV`] is set): creates hosts until killed.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn kill9_child_creates_hosts_until_killed() {
+    let Ok(setup) = std::env::var(KILL9_ENV) else {
+        return;
+    };
+    let mut lines = setup.lines();
+    let (Some(prefix), Some(state), Some(data)) = (lines.next(), lines.next(), lines.next()) else {
+        panic!("{KILL9_ENV}: {setup:?}");
+    };
+    let provider =
+        NetnsProvider::new(NetnsConfig::new(prefix, state, &["a", "b"])).expect("provider");
+    for i in 0..200 {
+        let spec = HostSpec {
+            name: format!("h{i}"),
+            zone: if i % 2 == 0 { "a" } else { "b" }.into(),
+            cpu_millis: 100,
+            memory_bytes: 64 << 20,
+            data_root: data.into(),
+            agent: vec!["sleep".into(), "infinity".into()],
+        };
+        provider.create(&spec).await.expect("create");
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn a_provider_killed_with_sigkill_leaves_hosts_that_converge() {
+    let fx = Fixture::new(&["a", "b"]);
+    let state = fx.provider.config().state_dir.clone();
+    let data = fx.dir.path().join("data");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "netns::tests::kill9_child_creates_hosts_until_killed",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(
+            KILL9_ENV,
+            format!("{}\n{}\n{}", fx.prefix(), state.display(), data.display()),
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the child");
+    // Kill it as soon as a few hosts are recorded: most likely in the middle of the next one.
+    let wanted = 2 + (std::process::id() as usize % 4);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_dir(&state).map(|d| d.count()).unwrap_or(0) < wanted {
+        assert!(
+            Instant::now() < deadline,
+            "the child recorded no hosts: {:?}",
+            child.try_wait()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+
+    // A new provider knows every host the dead one started, made or half-made.
+    let listed = fx.provider.list().await.expect("list");
+    let known: BTreeSet<String> = listed.iter().map(|h| h.netns.clone()).collect();
+    let made: BTreeSet<String> = fs::read_dir(netns::NETNS_RUN_DIR)
+        .expect("/run/netns")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("{}h-", fx.prefix())))
+        .collect();
+    assert!(made.is_subset(&known), "orphans: {made:?} vs {known:?}");
+    assert!(listed.len() >= wanted, "{listed:?}");
+    let half_made = listed.len() - count_running(&fx.provider, &listed).await;
+    eprintln!(
+        "killed after {} hosts; {half_made} of them half-made",
+        listed.len()
+    );
+
+    // Creating them again converges: every one runs, once.
+    for host in &listed {
+        let again = fx.provider.create(&host.spec).await.expect("create again");
+        assert_eq!(again.netns, host.netns);
+        assert_eq!(
+            fx.provider
+                .status(&host.spec.name)
+                .await
+                .expect("status")
+                .phase,
+            HostPhase::Running
+        );
+    }
+    let pinged = (&listed[0], &listed[1]);
+    traffic::wait_reachable(
+        &Netns::named(pinged.0.netns.clone()),
+        pinged.1.address,
+        Duration::from_secs(10),
+    )
+    .expect("across zones after the restart");
+    for host in &listed {
+        fx.provider.delete(&host.spec.name).await.expect("delete");
+    }
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}
+
+/// How many of `hosts` are Running.
+async fn count_running(provider: &NetnsProvider, hosts: &[HostHandle]) -> usize {
+    let mut running = 0;
+    for host in hosts {
+        if provider
+            .status(&host.spec.name)
+            .await
+            .expect("status")
+            .phase
+            == HostPhase::Running
+        {
+            running += 1;
+        }
+    }
+    running
+}
