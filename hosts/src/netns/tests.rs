@@ -660,3 +660,54 @@ async fn count_running(provider: &NetnsProvider, hosts: &[HostHandle]) -> usize 
     }
     running
 }
+
+/// The OOM kills the kernel counted in cgroup `group` (v1 `memory.oom_control` or v2
+/// `memory.events`).
+fn oom_kills(layout: &Layout, group: &str) -> u64 {
+    let (path, key) = match layout {
+        Layout::Hybrid { memory, .. } => {
+            (memory.join(group).join("memory.oom_control"), "oom_kill")
+        }
+        Layout::V2 { root } => (root.join(group).join("memory.events"), "oom_kill"),
+    };
+    fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + netns + cgroups; run with --ignored"
+)]
+async fn the_memory_limit_is_enforced_by_the_kernel() {
+    let fx = Fixture::new(&["a"]);
+    let mut spec = fx.spec("small", "a");
+    spec.memory_bytes = 32 << 20;
+    // `tail -c` keeps what it reads in memory: 256 MiB does not fit in 32.
+    spec.agent = [
+        "sh",
+        "-c",
+        "head -c 268435456 /dev/zero | tail -c 268435455 > /dev/null; sleep infinity",
+    ]
+    .map(String::from)
+    .to_vec();
+    let host = fx.provider.create(&spec).await.expect("create");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while oom_kills(fx.provider.layout(), &host.netns) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing was OOM-killed in 32 MiB"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The rest of the host lives on.
+    assert_eq!(
+        fx.provider.status("small").await.expect("status").phase,
+        HostPhase::Running
+    );
+    fx.provider.delete("small").await.expect("delete");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}
