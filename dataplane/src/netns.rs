@@ -41,6 +41,7 @@ pub fn create(name: &str) -> Result<(), DataplaneError> {
         call: "mkdir /run/netns",
         source,
     })?;
+    share_run_dir()?;
     let target = path(name);
     OpenOptions::new()
         .write(true)
@@ -78,6 +79,36 @@ pub fn create(name: &str) -> Result<(), DataplaneError> {
         let _ = fs::remove_file(&target);
     }
     made
+}
+
+/// Makes `/run/netns` a shared mount (a bind mount of itself first, if it is not a mount point),
+/// as `ip netns add` does: names made later propagate to other mount namespaces, and so do
+/// their unmounts, which would otherwise keep deleted namespaces alive there.
+fn share_run_dir() -> Result<(), DataplaneError> {
+    let share = || {
+        mount(
+            None::<&str>,
+            NETNS_RUN_DIR,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    let result = match share() {
+        Err(nix::errno::Errno::EINVAL) => mount(
+            Some(NETNS_RUN_DIR),
+            NETNS_RUN_DIR,
+            Some("none"),
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| share()),
+        other => other,
+    };
+    result.map_err(|errno| DataplaneError::Syscall {
+        call: "make /run/netns a shared mount",
+        source: errno.into(),
+    })
 }
 
 /// Deletes the named namespace's name, as `ip netns del` does; an absent name is not an error.
