@@ -1,6 +1,7 @@
 //! Slipway's eBPF datapath in userspace: the BPF objects built from `ebpf/`, typed map handles
-//! that mirror `ebpf/include/abi.h`, network namespaces, cgroups, and the test world of hosts in
-//! network namespaces that tests, the demo and the benchmarks share.
+//! that mirror `ebpf/include/abi.h`, network namespaces, cgroups, underlay segments (the host
+//! provider's and the test world's), and the test world of hosts in network namespaces that
+//! tests, the demo and the benchmarks share.
 
 pub mod abi;
 pub mod btf;
