@@ -23,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use slipway_dataplane::cgroup::{Layout, Limits};
 use slipway_dataplane::underlay::{self, Plug};
@@ -131,7 +132,8 @@ pub(crate) enum Step {
 pub struct NetnsProvider {
     config: NetnsConfig,
     layout: Layout,
-    /// One change at a time: addresses are allocated and zones made or removed under it.
+    /// One change at a time in this process (and [`StateLock`] across processes): addresses
+    /// are allocated and zones made or removed under it.
     lock: Mutex<()>,
 }
 
@@ -144,6 +146,31 @@ fn kernel(host: &str, step: &str) -> impl FnOnce(DataplaneError) -> HostError {
 fn state_error(path: &Path) -> impl FnOnce(io::Error) -> HostError {
     let path = path.to_owned();
     move |source| HostError::State { path, source }
+}
+
+/// The state dir's lock, held while one change is made: providers in other processes on the
+/// same state dir wait (the kernel releases it when its holder dies, even by SIGKILL).
+struct StateLock {
+    _lock: Flock<fs::File>,
+}
+
+impl StateLock {
+    async fn take(state_dir: &Path) -> Result<Self, HostError> {
+        let path = state_dir.join(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(state_error(&path))?;
+        let lock = tokio::task::spawn_blocking(move || {
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| errno)
+        })
+        .await
+        .map_err(|e| state_error(&path)(io::Error::other(e)))?
+        .map_err(|errno| state_error(&path)(errno.into()))?;
+        Ok(Self { _lock: lock })
+    }
 }
 
 /// Removes `path` and everything under it; an absent path is not an error.
@@ -501,6 +528,7 @@ impl NetnsProvider {
             return Err(HostError::Invalid(problems));
         };
         let _guard = self.lock.lock().await;
+        let _state = StateLock::take(&self.config.state_dir).await?;
         if let Some(existing) = self.read_record(&spec.name)? {
             if existing.spec != *spec {
                 return Err(HostError::invalid(
@@ -559,6 +587,7 @@ impl NetnsProvider {
     /// cgroups, bpffs entries) whether recorded or not: leaves nothing.
     pub async fn teardown(&self) -> Result<(), HostError> {
         let _guard = self.lock.lock().await;
+        let _state = StateLock::take(&self.config.state_dir).await?;
         let mut first_error = None;
         for record in self.records()? {
             if let Err(e) = self.remove(&record.spec.name).await {
@@ -616,6 +645,7 @@ impl HostProvider for NetnsProvider {
             ));
         }
         let _guard = self.lock.lock().await;
+        let _state = StateLock::take(&self.config.state_dir).await?;
         self.remove(name).await?;
         info!(host = name, "host deleted");
         Ok(())
