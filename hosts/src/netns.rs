@@ -119,8 +119,7 @@ struct Record {
 }
 
 /// The step after which a test stops a create as if the caller had been killed (no rollback).
-#[cfg(test)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
     Namespace,
     Link,
@@ -355,11 +354,7 @@ impl NetnsProvider {
     }
 
     /// Makes the host's parts in order; `stop` (tests only) ends early as a killed caller would.
-    async fn build(
-        &self,
-        record: &Record,
-        #[cfg(test)] stop: Option<Step>,
-    ) -> Result<(), HostError> {
+    async fn build(&self, record: &Record, stop: Option<Step>) -> Result<(), HostError> {
         let spec = &record.spec;
         let name = spec.name.as_str();
         let handle = self.handle(record);
@@ -375,14 +370,12 @@ impl NetnsProvider {
         underlay::ensure_netns(&handle.netns)
             .await
             .map_err(kernel(name, "make the host namespace"))?;
-        #[cfg(test)]
         if stop == Some(Step::Namespace) {
             return Ok(());
         }
         self.plug(&handle)
             .await
             .map_err(kernel(name, "plug the host into its zone"))?;
-        #[cfg(test)]
         if stop == Some(Step::Link) {
             return Ok(());
         }
@@ -395,7 +388,6 @@ impl NetnsProvider {
         self.layout
             .create(&handle.netns, limits)
             .map_err(kernel(name, "make the cgroups"))?;
-        #[cfg(test)]
         if stop == Some(Step::Cgroups) {
             return Ok(());
         }
@@ -510,7 +502,7 @@ impl NetnsProvider {
     async fn create_inner(
         &self,
         spec: &HostSpec,
-        #[cfg(test)] stop: Option<Step>,
+        stop: Option<Step>,
     ) -> Result<HostHandle, HostError> {
         let mut problems = spec.problems();
         let subnet = self.zone_subnet(&spec.zone);
@@ -551,11 +543,7 @@ impl NetnsProvider {
         };
         self.write_record(&record)?;
         let started = Instant::now();
-        #[cfg(test)]
         let built = self.build(&record, stop).await;
-        #[cfg(not(test))]
-        let built = self.build(&record).await;
-        #[cfg(test)]
         if stop.is_some() {
             built?;
             return Ok(self.handle(&record));
@@ -631,10 +619,7 @@ impl NetnsProvider {
 #[async_trait::async_trait]
 impl HostProvider for NetnsProvider {
     async fn create(&self, spec: &HostSpec) -> Result<HostHandle, HostError> {
-        #[cfg(test)]
-        return self.create_inner(spec, None).await;
-        #[cfg(not(test))]
-        self.create_inner(spec).await
+        self.create_inner(spec, None).await
     }
 
     async fn delete(&self, name: &str) -> Result<(), HostError> {
