@@ -23,11 +23,12 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-# Names of namespaces and bpffs entries that test worlds use; whatever is new after the suite
-# was leaked by it.
+# Names of namespaces, bpffs entries and cgroups (v2, and v1 cpu and memory) that test worlds and
+# hosts use; whatever is new after the suite was leaked by it.
 leftovers() {
-  { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; ls /sys/fs/cgroup/unified 2>/dev/null; } \
-    | grep '^slipway-' | sort || true
+  { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; ls /sys/fs/cgroup/unified 2>/dev/null
+    ls /sys/fs/cgroup/cpu 2>/dev/null; ls /sys/fs/cgroup/memory 2>/dev/null; } \
+    | grep '^slipway-' | sort -u || true
 }
 before=$(leftovers)
 

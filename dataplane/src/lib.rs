@@ -1,9 +1,11 @@
 //! Slipway's eBPF datapath in userspace: the BPF objects built from `ebpf/`, typed map handles
-//! that mirror `ebpf/include/abi.h`, network-namespace entry, and the test world of hosts in
-//! network namespaces that tests, the demo and the benchmarks share.
+//! that mirror `ebpf/include/abi.h`, network namespaces, cgroups, underlay segments (the host
+//! provider's and the test world's), and the test world of hosts in network namespaces that
+//! tests, the demo and the benchmarks share.
 
 pub mod abi;
 pub mod btf;
+pub mod cgroup;
 pub mod error;
 pub mod lb;
 pub mod link;
@@ -15,5 +17,6 @@ pub mod pod;
 pub mod policy;
 pub mod services;
 pub mod testing;
+pub mod underlay;
 
 pub use error::DataplaneError;

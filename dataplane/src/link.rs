@@ -12,7 +12,9 @@ use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressSco
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+};
 
 use crate::DataplaneError;
 
@@ -163,6 +165,28 @@ impl Netlink {
             .port(port)
             .build();
         self.add_link(message, name, "vxlan").await
+    }
+
+    /// Creates a bridge named `name` (up), or returns the existing link of that name.
+    pub async fn ensure_bridge(&self, name: &str) -> Result<Link, DataplaneError> {
+        if let Some(link) = self.link(name).await? {
+            return Ok(link);
+        }
+        self.add_link(LinkBridge::new(name).build(), name, "bridge")
+            .await
+    }
+
+    /// Makes link `index` a port of the bridge (or other controller) `controller`.
+    pub async fn set_controller(&self, index: u32, controller: u32) -> Result<(), DataplaneError> {
+        let message = LinkUnspec::new_with_index(index)
+            .controller(controller)
+            .build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("set link {index} master {controller}")))
     }
 
     /// Creates the link `message` describes and reads it back by `name`.
@@ -452,5 +476,46 @@ mod tests {
             assert!(addresses.contains(&want), "{want:?} not in {addresses:?}");
         }
         assert_eq!(addresses.len(), 3, "{addresses:?}");
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "privileged"),
+        ignore = "privileged: root + netns; run with --ignored"
+    )]
+    fn a_bridge_takes_a_veth_as_its_port() {
+        let ns = Scratch::new("brtest");
+        let (bridge, port, again) = netns::run_in(&ns.0, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let netlink = Netlink::current().expect("netlink");
+                let bridge = netlink.ensure_bridge("br0").await.expect("bridge");
+                let again = netlink.ensure_bridge("br0").await.expect("bridge again");
+                ip(
+                    &ns.0,
+                    &["link", "add", "p", "type", "veth", "peer", "name", "q"],
+                );
+                let port = netlink.link("p").await.expect("get").expect("link p");
+                netlink
+                    .set_controller(port.index, bridge.index)
+                    .await
+                    .expect("set master");
+                (bridge, port, again)
+            })
+        })
+        .expect("run in netns");
+        assert_eq!(
+            bridge.index, again.index,
+            "ensure_bridge found the existing one"
+        );
+        let out = Command::new("ip")
+            .args(["-n", &ns.0, "-o", "link", "show", "p"])
+            .output()
+            .expect("ip");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("master br0"), "{text} ({port:?})");
     }
 }

@@ -1,5 +1,6 @@
 //! The test world: hosts as network namespaces joined by an underlay bridge that lives in a
-//! namespace of its own, pods as namespaces wired to a host by a veth, and raw veth pairs for
+//! namespace of its own (made as the `netns` host provider makes a zone's segment, through
+//! [`crate::underlay`]), pods as namespaces wired to a host by a veth, and raw veth pairs for
 //! baselines. Tests, the demo and the benchmarks share it.
 //!
 //! Everything a [`World`] creates is named `slipway-<id>-...` with an id unique to the world,
@@ -91,10 +92,7 @@ impl WorldBuilder {
             created: Mutex::new(Vec::new()),
         };
         world.create_netns(&world.underlay.clone())?;
-        world
-            .underlay
-            .ip(&["link", "add", "br0", "type", "bridge"])?;
-        world.underlay.ip(&["link", "set", "br0", "up"])?;
+        crate::underlay::block_on(crate::underlay::ensure_segment(world.underlay.name()))??;
         for index in 1..=self.hosts.max(1) {
             let host = world.add_host(index)?;
             world.hosts.push(host);
@@ -157,7 +155,8 @@ impl World {
         Ok(netns)
     }
 
-    /// Creates `netns` with `eth0` at `ip/24`, its peer `port` a port of the underlay bridge.
+    /// Creates `netns` with `eth0` at `ip/24`, its peer `port` a port of the underlay bridge:
+    /// the host provider's plug ([`crate::underlay::Plug`]), without a gateway.
     fn plug_into_underlay(
         &self,
         netns: &Netns,
@@ -165,23 +164,16 @@ impl World {
         ip: Ipv4Addr,
     ) -> Result<(), DataplaneError> {
         self.create_netns(netns)?;
-        self.underlay.ip(&[
-            "link",
-            "add",
+        let plug = crate::underlay::Plug {
+            segment: self.underlay.name(),
             port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
-        self.underlay
-            .ip(&["link", "set", port, "master", "br0", "up"])?;
-        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        netns.ip(&["link", "set", "eth0", "up"])?;
-        Ok(())
+            netns: netns.name(),
+            ifname: "eth0",
+            address: ip,
+            prefix: 24,
+            gateway: None,
+        };
+        crate::underlay::block_on(plug.ensure())?
     }
 
     /// Creates pod `name` on host `host` with address `ip/32`, routed through [`POD_GATEWAY`].
@@ -277,12 +269,12 @@ impl World {
 
     /// Creates namespace `ns` (with `lo` up) and records it for teardown.
     fn create_netns(&self, ns: &Netns) -> Result<(), DataplaneError> {
-        netns::run("ip", &["netns", "add", ns.name()])?;
+        crate::netns::create(ns.name())?;
         self.created
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(ns.name().to_owned());
-        ns.ip(&["link", "set", "lo", "up"]).map(drop)
+        crate::underlay::block_on(crate::underlay::ensure_netns(ns.name()))?
     }
 }
 
@@ -290,9 +282,7 @@ impl Drop for World {
     fn drop(&mut self) {
         let created = std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner()));
         for name in created.iter().rev() {
-            let ns = Netns::named(name.clone());
-            ns.kill_all();
-            if let Err(err) = netns::run("ip", &["netns", "del", name]) {
+            if let Err(err) = crate::netns::destroy(name) {
                 warn!(netns = %name, error = %err, "could not delete namespace");
             }
         }

@@ -153,13 +153,7 @@ impl Netns {
 
     /// Kills every process inside the namespace (SIGKILL).
     pub fn kill_all(&self) {
-        let Ok(pids) = run("ip", &["netns", "pids", &self.name]) else {
-            return;
-        };
-        for pid in pids
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
+        for pid in crate::netns::pids(&self.name) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
