@@ -24,8 +24,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::LbError;
-use crate::config::{FieldError, ServiceSpec};
+use crate::config::ServiceSpec;
 use crate::status::Status;
+use slipway_api::FieldError;
 
 /// The body of a successful `PUT /v1/services`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,10 +86,11 @@ pub fn parse_spec(body: &Bytes) -> Result<ServiceSpec, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError(LbError::Invalid {
             what: "service",
-            errors: vec![FieldError {
-                field: "body".into(),
-                problem: e.to_string(),
-            }],
+            errors: vec![FieldError::new(
+                "body",
+                slipway_api::FieldReason::Invalid,
+                e.to_string(),
+            )],
         })
     })
 }

@@ -224,36 +224,16 @@ fn check_enum(field: &str, v: &Option<String>, allowed: &[&str], errs: &mut Vec<
     }
 }
 
-/// Checks a CIDR string.
+/// Checks a CIDR block (the API crate's check) and returns it as an `IpNetwork` for the
+/// containment and overlap checks.
 pub fn check_cidr(field: &str, v: &str, errs: &mut Vec<FieldError>) -> Option<IpNetwork> {
-    match v.parse::<IpNetwork>() {
-        Ok(n) if n.network() == n.ip() => Some(n),
-        Ok(_) => {
-            errs.push(FieldError::invalid(
-                field,
-                format!("{v:?}"),
-                "must be a network address (host bits zero)",
-            ));
-            None
-        }
-        Err(_) => {
-            errs.push(FieldError::invalid(
-                field,
-                format!("{v:?}"),
-                "must be a valid CIDR such as 10.0.0.0/16",
-            ));
-            None
-        }
-    }
+    slipway_api::meta::check_cidr(field, v, errs)
+        .and_then(|c| IpNetwork::new(c.addr, c.prefix).ok())
 }
 
 fn check_ip(field: &str, v: &str, errs: &mut Vec<FieldError>) {
-    if v != "None" && !v.is_empty() && v.parse::<IpAddr>().is_err() {
-        errs.push(FieldError::invalid(
-            field,
-            format!("{v:?}"),
-            "must be a valid IP address",
-        ));
+    if v != "None" && !v.is_empty() {
+        slipway_api::meta::check_ip(field, v, errs);
     }
 }
 
