@@ -1,4 +1,4 @@
-//! Core (`v1`) kinds: Namespace with Slipway's limits, Service, Endpoints, Pod, PVC, Event.
+//! Core (`v1`) kinds: Namespace with Slipway's limits, Service, Endpoints, Pod, Node, PVC, Event.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -488,6 +488,92 @@ impl Validate for Pod {
             &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
             errs,
         );
+    }
+}
+
+/// A Node (core/v1), the upstream type (cluster-scoped): a host as a workload cluster sees it.
+/// Decoded as [`Pod`] is: unknown fields are refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct Node(pub k8s_openapi::api::core::v1::Node);
+
+const TAINT_EFFECTS: &[&str] = &["NoSchedule", "PreferNoSchedule", "NoExecute"];
+const NODE_ADDRESS_TYPES: &[&str] = &[
+    "Hostname",
+    "InternalIP",
+    "ExternalIP",
+    "InternalDNS",
+    "ExternalDNS",
+];
+const CONDITION_STATUSES: &[&str] = &["True", "False", "Unknown"];
+
+impl Validate for Node {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if let Some(spec) = &self.0.spec {
+            if let Some(c) = &spec.pod_cidr {
+                check_cidr("spec.podCIDR", c, errs);
+            }
+            for (i, c) in spec.pod_cidrs.iter().flatten().enumerate() {
+                check_cidr(&at("spec.podCIDRs", i), c, errs);
+            }
+            for (i, t) in spec.taints.iter().flatten().enumerate() {
+                let f = at("spec.taints", i);
+                if t.key.is_empty() {
+                    errs.push(FieldError::required(format!("{f}.key")));
+                }
+                if !TAINT_EFFECTS.contains(&t.effect.as_str()) {
+                    errs.push(FieldError::not_supported(
+                        format!("{f}.effect"),
+                        &t.effect,
+                        TAINT_EFFECTS,
+                    ));
+                }
+            }
+        }
+        let Some(status) = &self.0.status else { return };
+        for (i, a) in status.addresses.iter().flatten().enumerate() {
+            let f = at("status.addresses", i);
+            if !NODE_ADDRESS_TYPES.contains(&a.type_.as_str()) {
+                errs.push(FieldError::not_supported(
+                    format!("{f}.type"),
+                    &a.type_,
+                    NODE_ADDRESS_TYPES,
+                ));
+            }
+            if a.address.is_empty() {
+                errs.push(FieldError::required(format!("{f}.address")));
+            } else if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+                slipway_api::meta::check_ip(&format!("{f}.address"), &a.address, errs);
+            }
+        }
+        for (field, list) in [
+            ("status.capacity", &status.capacity),
+            ("status.allocatable", &status.allocatable),
+        ] {
+            for (k, q) in list.iter().flatten() {
+                if super::meta::parse_quantity(&q.0).is_none() {
+                    errs.push(FieldError::invalid(
+                        format!("{field}[{k}]"),
+                        format!("{:?}", q.0),
+                        "must be a quantity such as 2, 500m or 4Gi",
+                    ));
+                }
+            }
+        }
+        for (i, c) in status.conditions.iter().flatten().enumerate() {
+            let f = at("status.conditions", i);
+            if c.type_.is_empty() {
+                errs.push(FieldError::required(format!("{f}.type")));
+            }
+            if !CONDITION_STATUSES.contains(&c.status.as_str()) {
+                errs.push(FieldError::not_supported(
+                    format!("{f}.status"),
+                    &c.status,
+                    CONDITION_STATUSES,
+                ));
+            }
+        }
     }
 }
 

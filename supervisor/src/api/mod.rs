@@ -1,6 +1,7 @@
 //! The resource schemas users write: serde types with defaults and a `validate()` that names
 //! every bad field, plus the registry that maps them onto API paths.
 
+pub mod coordination;
 pub mod core;
 pub mod meta;
 pub mod networking;
