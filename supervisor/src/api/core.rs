@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::meta::{IntOrString, ObjectMeta, Quantity, check_dns_label};
+use super::meta::{ObjectMeta, Quantity, check_dns_label};
 use super::{Validate, at, kind};
 use crate::error::FieldError;
 
@@ -98,110 +99,12 @@ impl Validate for Namespace {
     }
 }
 
-/// One port of a Service.
+/// A Service (core/v1), the upstream type: decoded as [`Pod`] is (unknown fields refused), with
+/// the supervisor's defaults and checks on top.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServicePort {
-    /// Port name; required when there is more than one port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// TCP (default), UDP or SCTP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-    /// Application protocol hint.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_protocol: Option<String>,
-    /// Service port.
-    pub port: i64,
-    /// Pod port (number or name); defaults to `port`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_port: Option<IntOrString>,
-    /// Node port for NodePort and LoadBalancer services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_port: Option<i64>,
-}
-
-/// Service spec (upstream fields Slipway implements).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServiceSpec {
-    /// ClusterIP (default), NodePort, LoadBalancer or ExternalName.
-    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
-    pub type_: Option<String>,
-    /// Ports.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<ServicePort>>,
-    /// Pod selector.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<BTreeMap<String, String>>,
-    /// Virtual IP (allocated by the service reconciler when empty).
-    #[serde(rename = "clusterIP", default, skip_serializing_if = "Option::is_none")]
-    pub cluster_ip: Option<String>,
-    /// Virtual IPs per family.
-    #[serde(
-        rename = "clusterIPs",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub cluster_ips: Option<Vec<String>>,
-    /// Extra external IPs.
-    #[serde(
-        rename = "externalIPs",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub external_ips: Option<Vec<String>>,
-    /// Requested LoadBalancer VIP.
-    #[serde(
-        rename = "loadBalancerIP",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub load_balancer_ip: Option<String>,
-    /// Client CIDRs allowed to reach the VIP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_balancer_source_ranges: Option<Vec<String>>,
-    /// Load balancer implementation class.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_balancer_class: Option<String>,
-    /// Cluster or Local.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_traffic_policy: Option<String>,
-    /// Cluster or Local.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub internal_traffic_policy: Option<String>,
-    /// None (default) or ClientIP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_affinity: Option<String>,
-    /// Session affinity settings.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_affinity_config: Option<Value>,
-    /// Health check node port for Local policy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_node_port: Option<i64>,
-    /// DNS name for ExternalName services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_name: Option<String>,
-    /// IPv4 and/or IPv6.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_families: Option<Vec<String>>,
-    /// SingleStack, PreferDualStack or RequireDualStack.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_family_policy: Option<String>,
-    /// Publish endpoints of pods that are not ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub publish_not_ready_addresses: Option<bool>,
-    /// Allocate node ports for LoadBalancer services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allocate_load_balancer_node_ports: Option<bool>,
-}
-
-kind!(
-    /// A Service (core/v1).
-    Service,
-    ServiceSpec,
-    Value
-);
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct Service(pub k8s_openapi::api::core::v1::Service);
 
 const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
 const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
@@ -239,7 +142,7 @@ fn check_ip(field: &str, v: &str, errs: &mut Vec<FieldError>) {
 
 impl Validate for Service {
     fn default_fields(&mut self) {
-        let s = &mut self.spec;
+        let s = self.0.spec.get_or_insert_with(Default::default);
         s.type_.get_or_insert_with(|| "ClusterIP".into());
         s.session_affinity.get_or_insert_with(|| "None".into());
         for p in s.ports.iter_mut().flatten() {
@@ -253,7 +156,10 @@ impl Validate for Service {
     }
 
     fn validate(&self, errs: &mut Vec<FieldError>) {
-        let s = &self.spec;
+        let Some(s) = &self.0.spec else {
+            errs.push(FieldError::required("spec"));
+            return;
+        };
         check_enum("spec.type", &s.type_, SERVICE_TYPES, errs);
         check_enum(
             "spec.sessionAffinity",
@@ -281,7 +187,7 @@ impl Validate for Service {
         let mut keys = std::collections::BTreeSet::new();
         for (i, p) in ports.iter().enumerate() {
             let f = at("spec.ports", i);
-            check_port(&format!("{f}.port"), p.port, errs);
+            check_port(&format!("{f}.port"), i64::from(p.port), errs);
             check_enum(&format!("{f}.protocol"), &p.protocol, PROTOCOLS, errs);
             match &p.name {
                 None if ports.len() > 1 => errs.push(FieldError::required(format!("{f}.name"))),
@@ -300,10 +206,10 @@ impl Validate for Service {
                 ));
             }
             if let Some(IntOrString::Int(t)) = p.target_port {
-                check_port(&format!("{f}.targetPort"), t, errs);
+                check_port(&format!("{f}.targetPort"), i64::from(t), errs);
             }
             if let Some(np) = p.node_port {
-                check_port(&format!("{f}.nodePort"), np, errs);
+                check_port(&format!("{f}.nodePort"), i64::from(np), errs);
             }
         }
         if let Some(ip) = &s.cluster_ip {

@@ -562,7 +562,7 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
                     cell: selector,
                 },
             ],
-            decode: decode::<Service>,
+            decode: decode_upstream::<Service>,
             schema: schema::<Service>,
         },
         ResourceType {
@@ -721,10 +721,10 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             singular: "networkpolicy",
             namespaced: true,
             short_names: &["netpol"],
-            has_status: true,
+            has_status: false,
             merge_keys: &[],
             columns: vec![col("Pod-Selector", "Pods selected", pod_selector)],
-            decode: decode::<NetworkPolicy>,
+            decode: decode_upstream::<NetworkPolicy>,
             schema: schema::<NetworkPolicy>,
         },
         ResourceType {
@@ -990,5 +990,69 @@ mod tests {
                 "spec": {"containers": [{"name": "x"}], "dnsPolicy": "Sometimes"}}))
             .expect("decodes");
         assert!(errs.iter().any(|e| e.field == "spec.dnsPolicy"), "{errs:?}");
+    }
+
+    fn fields(errs: &[FieldError]) -> Vec<&str> {
+        errs.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    #[test]
+    fn service_is_the_upstream_type_with_defaults_and_checks() {
+        let svc = lookup("", "v1", "services").expect("services are served");
+        let (obj, errs) = svc
+            .decode(json!({"metadata": {"name": "web"},
+                "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}}))
+            .expect("decodes");
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(obj["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(obj["spec"]["ports"][0]["targetPort"], 80);
+        assert_eq!(obj["spec"]["externalTrafficPolicy"], "Cluster");
+        assert_eq!(obj["spec"]["sessionAffinity"], "None");
+        let (_, errs) = svc
+            .decode(json!({"metadata": {"name": "web"},
+                "spec": {"ports": [{"port": 0, "protocol": "ICMP"}], "loadBalancerIP": "x",
+                         "loadBalancerSourceRanges": ["10.0.0.1/8"]}}))
+            .expect("decodes");
+        assert_eq!(
+            fields(&errs),
+            [
+                "spec.ports[0].port",
+                "spec.ports[0].protocol",
+                "spec.ports[0].targetPort",
+                "spec.loadBalancerIP",
+                "spec.loadBalancerIP",
+                "spec.loadBalancerSourceRanges[0]",
+            ]
+        );
+        let err = svc
+            .decode(json!({"metadata": {"name": "web"}, "spec": {"bogus": 1}}))
+            .expect_err("unknown fields are refused")
+            .to_string();
+        assert!(err.contains(r#"unknown field "spec.bogus""#), "{err}");
+    }
+
+    #[test]
+    fn network_policy_is_the_upstream_type_with_defaults_and_checks() {
+        let np = lookup("networking.k8s.io", "v1", "networkpolicies").expect("served");
+        let (obj, errs) = np
+            .decode(json!({"metadata": {"name": "p"}, "spec": {
+                "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}],
+                            "ports": [{"port": 70000, "protocol": "ICMP"}]}]}}))
+            .expect("decodes");
+        assert_eq!(obj["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(obj["spec"]["podSelector"], json!({}));
+        assert_eq!(
+            fields(&errs),
+            [
+                "spec.egress[0].to[0].ipBlock.except[0]",
+                "spec.egress[0].ports[0].port",
+                "spec.egress[0].ports[0].protocol",
+            ]
+        );
+        assert!(
+            np.decode(json!({"metadata": {"name": "p"}, "spec": {"podSelectr": {}}}))
+                .is_err(),
+            "unknown fields are refused"
+        );
     }
 }
