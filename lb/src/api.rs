@@ -8,7 +8,8 @@
 //! | GET | `/v1/status` | | [`Status`] |
 //! | GET | `/metrics` | | OpenMetrics text |
 //!
-//! Errors answer `{"error": "...", "fields": [...]}` with the status code chosen in one place,
+//! Errors answer `{"error": "...", "fields": [...]}` (each field a Kubernetes `StatusCause`,
+//! `slipway_api::FieldError`) with the status code chosen in one place,
 //! `impl IntoResponse for ApiError`. [`Client`] is the blocking client `slipway lb` uses.
 
 use std::io::{Read, Write};
