@@ -1159,5 +1159,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("hosts[2].name: Required value"), "{text}");
+        // On the wire each error stays one line.
+        let wire = serde_json::to_value(&invalid).expect("serializes");
+        assert_eq!(wire["errors"][2], "hosts[2].name: Required value", "{wire}");
     }
 }
