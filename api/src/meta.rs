@@ -1,4 +1,4 @@
-//! Shared API machinery types: `ObjectMeta`, quantities, int-or-string, conditions, and the
+//! Shared API machinery types: `ObjectMeta`, quantities, conditions, and the
 //! field checks every kind reuses (DNS names, label keys, CIDRs).
 
 use std::borrow::Cow;
@@ -126,37 +126,6 @@ pub fn parse_quantity(s: &str) -> Option<f64> {
         .unwrap_or((s, 1.0));
     let v: f64 = num.parse().ok()?;
     (v.is_finite() && v >= 0.0).then_some(v * mult)
-}
-
-/// A port given as a number or a named port.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum IntOrString {
-    /// Numeric form.
-    Int(i64),
-    /// Named form.
-    Str(String),
-}
-
-impl JsonSchema for IntOrString {
-    fn schema_name() -> Cow<'static, str> {
-        "IntOrString".into()
-    }
-    fn inline_schema() -> bool {
-        true
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"description": "A number or a string.", "x-kubernetes-int-or-string": true})
-    }
-}
-
-impl std::fmt::Display for IntOrString {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Int(i) => write!(f, "{i}"),
-            Self::Str(s) => f.write_str(s),
-        }
-    }
 }
 
 /// A `metav1.Condition`.
