@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use slipway_api::{FieldError, FieldReason};
 use thiserror::Error;
 
 use crate::format::DEFAULT_EXTENT_SIZE;
@@ -53,20 +54,11 @@ fn default_extent_size() -> u64 {
     DEFAULT_EXTENT_SIZE
 }
 
-/// One invalid field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// Field name as written in the config file.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
 /// A configuration that cannot be used.
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// One or more fields are invalid (all are listed).
-    #[error("invalid configuration: {}", .0.iter().map(|e| format!("{}: {}", e.field, e.reason)).collect::<Vec<_>>().join("; "))]
+    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid(Vec<FieldError>),
     /// The config file could not be read.
     #[error("cannot read config file {path}")]
@@ -104,7 +96,9 @@ impl ServeConfig {
     /// Checks every field and reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errs = Vec::new();
-        let mut bad = |field, reason: String| errs.push(FieldError { field, reason });
+        let mut bad = |field: &str, detail: String| {
+            errs.push(FieldError::new(field, FieldReason::Invalid, detail));
+        };
         if self.data_dir.as_os_str().is_empty() {
             bad("data_dir", "must not be empty".into());
         }
@@ -190,7 +184,7 @@ mod tests {
         let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
             panic!("expected invalid");
         };
-        let fields: Vec<_> = errs.iter().map(|e| e.field).collect();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
             [

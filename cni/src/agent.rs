@@ -19,6 +19,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
+use slipway_api::{FieldError, FieldReason};
 use slipway_dataplane::abi::policy::{MAX_CT, MAX_RULES};
 use slipway_dataplane::abi::services::SvcEvent;
 use slipway_dataplane::abi::{MAX_NAT_FLOWS, MAX_ROUTES, NodeConfig, Reason, RouteInfo, RouteMode};
@@ -147,64 +148,86 @@ pub fn validate_services(services: &[Service], pod_cidr: Ipv4Network) -> Result<
     let mut node_ports = BTreeMap::new();
     for (i, svc) in services.iter().enumerate() {
         if svc.name.is_empty() {
-            errors.push(format!("services[{i}].name: must not be empty"));
+            errors.push(FieldError::required(format!("services[{i}].name")));
         } else if let Some(j) = names.insert(svc.name.clone(), i) {
-            errors.push(format!(
-                "services[{i}].name: {:?} is also services[{j}]",
-                svc.name
+            errors.push(FieldError::duplicate(
+                format!("services[{i}].name"),
+                format!("{:?} is also services[{j}]", svc.name),
             ));
         }
         if pod_cidr.contains(svc.cluster_ip) || svc.cluster_ip.is_unspecified() {
-            errors.push(format!("services[{i}].clusterIP: {} must be outside the pod CIDR {pod_cidr} and not 0.0.0.0", svc.cluster_ip));
+            errors.push(FieldError::invalid(
+                format!("services[{i}].clusterIP"),
+                svc.cluster_ip,
+                format!("must be outside the pod CIDR {pod_cidr} and not 0.0.0.0"),
+            ));
         }
         if svc.ports.is_empty() {
-            errors.push(format!("services[{i}].ports: at least one port"));
+            errors.push(FieldError::new(
+                format!("services[{i}].ports"),
+                FieldReason::Required,
+                "at least one port",
+            ));
         }
         for (k, port) in svc.ports.iter().enumerate() {
             let at = format!("services[{i}].ports[{k}]");
             if port.port == 0 {
-                errors.push(format!("{at}.port: must be 1-65535"));
+                errors.push(FieldError::invalid(
+                    format!("{at}.port"),
+                    0,
+                    "must be 1-65535",
+                ));
             }
             if port.target_port == 0 {
-                errors.push(format!("{at}.targetPort: must be 1-65535"));
+                errors.push(FieldError::invalid(
+                    format!("{at}.targetPort"),
+                    0,
+                    "must be 1-65535",
+                ));
             }
             if !matches!(port.protocol.as_str(), "TCP" | "UDP") {
-                errors.push(format!(
-                    "{at}.protocol: {:?} is not TCP or UDP",
-                    port.protocol
+                errors.push(FieldError::not_supported(
+                    format!("{at}.protocol"),
+                    &port.protocol,
+                    &["TCP", "UDP"],
                 ));
             }
             if let Some(previous) = keys.insert(
                 (svc.cluster_ip, port.port, port.protocol.clone()),
                 at.clone(),
             ) {
-                errors.push(format!(
-                    "{at}: {}:{}/{} is also {previous}",
-                    svc.cluster_ip, port.port, port.protocol
+                errors.push(FieldError::duplicate(
+                    at.clone(),
+                    format!(
+                        "{}:{}/{} is also {previous}",
+                        svc.cluster_ip, port.port, port.protocol
+                    ),
                 ));
             }
             if let Some(node_port) = port.node_port {
                 if !NODE_PORTS.contains(&node_port) {
-                    errors.push(format!(
-                        "{at}.nodePort: {node_port} is outside {}-{}",
-                        NODE_PORTS.start(),
-                        NODE_PORTS.end()
+                    errors.push(FieldError::invalid(
+                        format!("{at}.nodePort"),
+                        node_port,
+                        format!("must be in {}-{}", NODE_PORTS.start(), NODE_PORTS.end()),
                     ));
                 }
                 if let Some(previous) =
                     node_ports.insert((node_port, port.protocol.clone()), at.clone())
                 {
-                    errors.push(format!(
-                        "{at}.nodePort: {node_port}/{} is also {previous}",
-                        port.protocol
+                    errors.push(FieldError::duplicate(
+                        format!("{at}.nodePort"),
+                        format!("{node_port}/{} is also {previous}", port.protocol),
                     ));
                 }
             }
         }
         for (k, ep) in svc.endpoints.iter().enumerate() {
             if !pod_cidr.contains(*ep) {
-                errors.push(format!(
-                    "services[{i}].endpoints[{k}]: {ep} is not inside the pod CIDR {pod_cidr}"
+                errors.push(FieldError::invalid(
+                    format!("services[{i}].endpoints[{k}]"),
+                    ep,
+                    format!("must be inside the pod CIDR {pod_cidr}"),
                 ));
             }
         }
@@ -272,10 +295,16 @@ pub struct Host {
     pub pod_block: Ipv4Network,
 }
 
-/// Why a desired state was refused: one line per bad field.
+/// Why a desired state was refused: every bad field. On the wire each is one line,
+/// `field: message` (`{"errors": ["hosts[1].name: Required value"]}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Invalid {
-    pub errors: Vec<String>,
+    #[serde(serialize_with = "as_lines")]
+    pub errors: Vec<FieldError>,
+}
+
+fn as_lines<S: serde::Serializer>(errors: &[FieldError], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(errors.iter().map(ToString::to_string))
 }
 
 /// Checks a host list against the cluster: every field named on failure.
@@ -284,27 +313,29 @@ pub fn validate_hosts(hosts: &[Host], pod_cidr: Ipv4Network) -> Result<(), Inval
     let mut names = BTreeMap::new();
     for (i, host) in hosts.iter().enumerate() {
         if host.name.is_empty() {
-            errors.push(format!("hosts[{i}].name: must not be empty"));
+            errors.push(FieldError::required(format!("hosts[{i}].name")));
         }
         if let Some(j) = names.insert(host.name.clone(), i) {
-            errors.push(format!(
-                "hosts[{i}].name: {:?} is also hosts[{j}]",
-                host.name
+            errors.push(FieldError::duplicate(
+                format!("hosts[{i}].name"),
+                format!("{:?} is also hosts[{j}]", host.name),
             ));
         }
         if !(pod_cidr.contains(host.pod_block.network())
             && pod_cidr.prefix() <= host.pod_block.prefix())
         {
-            errors.push(format!(
-                "hosts[{i}].podBlock: {} is not inside the pod CIDR {pod_cidr}",
-                host.pod_block
+            errors.push(FieldError::invalid(
+                format!("hosts[{i}].podBlock"),
+                host.pod_block,
+                format!("must be inside the pod CIDR {pod_cidr}"),
             ));
         }
         for (j, other) in hosts.iter().enumerate().take(i) {
             if other.pod_block.overlaps(host.pod_block) {
-                errors.push(format!(
-                    "hosts[{i}].podBlock: {} overlaps hosts[{j}].podBlock {}",
-                    host.pod_block, other.pod_block
+                errors.push(FieldError::invalid(
+                    format!("hosts[{i}].podBlock"),
+                    host.pod_block,
+                    format!("overlaps hosts[{j}].podBlock {}", other.pod_block),
                 ));
             }
         }
@@ -1085,16 +1116,22 @@ mod tests {
             cidr,
         )
         .expect_err("invalid");
-        let text = invalid.errors.join("\n");
+        let text: Vec<String> = invalid.errors.iter().map(ToString::to_string).collect();
+        let text = text.join("\n");
         assert!(text.contains("hosts[1].name"), "{text}");
         assert!(
-            text.contains("hosts[1].podBlock: 10.244.1.128/25 overlaps hosts[0].podBlock"),
+            text.contains(
+                "hosts[1].podBlock: Invalid value: 10.244.1.128/25: overlaps hosts[0].podBlock"
+            ),
             "{text}"
         );
         assert!(
-            text.contains("hosts[2].podBlock: 10.245.0.0/24 is not inside"),
+            text.contains("hosts[2].podBlock: Invalid value: 10.245.0.0/24: must be inside"),
             "{text}"
         );
-        assert!(text.contains("hosts[2].name: must not be empty"), "{text}");
+        assert!(text.contains("hosts[2].name: Required value"), "{text}");
+        // On the wire each error stays one line.
+        let wire = serde_json::to_value(&invalid).expect("serializes");
+        assert_eq!(wire["errors"][2], "hosts[2].name: Required value", "{wire}");
     }
 }

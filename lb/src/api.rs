@@ -8,7 +8,8 @@
 //! | GET | `/v1/status` | | [`Status`] |
 //! | GET | `/metrics` | | OpenMetrics text |
 //!
-//! Errors answer `{"error": "...", "fields": [...]}` with the status code chosen in one place,
+//! Errors answer `{"error": "...", "fields": [...]}` (each field a Kubernetes `StatusCause`,
+//! `slipway_api::FieldError`) with the status code chosen in one place,
 //! `impl IntoResponse for ApiError`. [`Client`] is the blocking client `slipway lb` uses.
 
 use std::net::IpAddr;
@@ -22,8 +23,9 @@ use serde::{Deserialize, Serialize};
 use slipway_local::LocalClient;
 
 use crate::LbError;
-use crate::config::{FieldError, ServiceSpec};
+use crate::config::ServiceSpec;
 use crate::status::Status;
+use slipway_api::FieldError;
 
 /// The body of a successful `PUT /v1/services`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,10 +85,11 @@ pub fn parse_spec(body: &Bytes) -> Result<ServiceSpec, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError(LbError::Invalid {
             what: "service",
-            errors: vec![FieldError {
-                field: "body".into(),
-                problem: e.to_string(),
-            }],
+            errors: vec![FieldError::new(
+                "body",
+                slipway_api::FieldReason::Invalid,
+                e.to_string(),
+            )],
         })
     })
 }

@@ -215,10 +215,11 @@ impl Book {
         let now = Instant::now();
         let bad = |problem: String| LbError::Invalid {
             what: "saved LB state",
-            errors: vec![crate::config::FieldError {
-                field: "services".into(),
+            errors: vec![slipway_api::FieldError::new(
+                "services",
+                slipway_api::FieldReason::Invalid,
                 problem,
-            }],
+            )],
         };
         for s in saved.services {
             s.spec.validate()?;

@@ -11,23 +11,11 @@ use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
+use slipway_api::{FieldError, FieldReason};
 /// The `maps` section: capacities of the LB maps, as the datapath defines them.
 pub use slipway_dataplane::lb::MapSizes;
 
 use crate::LbError;
-
-/// One bad field: its path and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FieldError {
-    pub field: String,
-    pub problem: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.problem)
-    }
-}
 
 /// Collects field errors.
 #[derive(Debug, Default)]
@@ -35,10 +23,8 @@ struct Problems(Vec<FieldError>);
 
 impl Problems {
     fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
-        self.0.push(FieldError {
-            field: field.into(),
-            problem: problem.into(),
-        });
+        self.0
+            .push(FieldError::new(field, FieldReason::Invalid, problem));
     }
 
     fn finish(self, what: &'static str) -> Result<(), LbError> {
@@ -971,14 +957,14 @@ mod tests {
         let err = config.validate().expect_err("bad pools");
         let text = err.to_string();
         for needle in [
-            "pools[0].cidr: fd99:100::/120 overlaps the egress CIDR fd99:100::/124",
-            "pools[1].cidr: fd99:101::1/120 has host bits set (network is fd99:101::)",
-            "pools[2].cidr: fd99:100::80/121 overlaps pools[0] (fd99:100::/120)",
-            "pools[3].cidr: fe80::/64: link-local addresses (fe80::/10) cannot be VIPs",
-            "pools[4].cidr: ff05::/64: multicast addresses cannot be VIPs",
-            "pools[5].cidr: ::ffff:10.0.0.0/120: IPv4-mapped addresses (::ffff:0:0/96) are IPv4",
-            "pools[6].cidr: \"fd99:zz::/64\"",
-            "pools[7].cidr: 10.99.100.0/24 overlaps the egress CIDR 10.99.100.0/24",
+            "pools[0].cidr: Invalid value: fd99:100::/120 overlaps the egress CIDR fd99:100::/124",
+            "pools[1].cidr: Invalid value: fd99:101::1/120 has host bits set (network is fd99:101::)",
+            "pools[2].cidr: Invalid value: fd99:100::80/121 overlaps pools[0] (fd99:100::/120)",
+            "pools[3].cidr: Invalid value: fe80::/64: link-local addresses (fe80::/10) cannot be VIPs",
+            "pools[4].cidr: Invalid value: ff05::/64: multicast addresses cannot be VIPs",
+            "pools[5].cidr: Invalid value: ::ffff:10.0.0.0/120: IPv4-mapped addresses (::ffff:0:0/96) are IPv4",
+            "pools[6].cidr: Invalid value: \"fd99:zz::/64\"",
+            "pools[7].cidr: Invalid value: 10.99.100.0/24 overlaps the egress CIDR 10.99.100.0/24",
         ] {
             assert!(text.contains(needle), "{needle:?} not in {text}");
         }
@@ -1076,11 +1062,11 @@ mod tests {
         let err = bad.validate().expect_err("bad");
         let text = err.to_string();
         for needle in [
-            "ipFamilies: one family only",
-            "loadBalancerSourceRanges[0]: 10.0.0.0/8 is IPv4, the service is IPv6",
-            "loadBalancerSourceRanges[1]: fd99::1/64 has host bits set",
-            "backends[2].ip: 10.99.0.5 is IPv4, the service is IPv6",
-            "backends[3].ip: ff02::1 is no host",
+            "ipFamilies: Invalid value: one family only",
+            "loadBalancerSourceRanges[0]: Invalid value: 10.0.0.0/8 is IPv4, the service is IPv6",
+            "loadBalancerSourceRanges[1]: Invalid value: fd99::1/64 has host bits set",
+            "backends[2].ip: Invalid value: 10.99.0.5 is IPv4, the service is IPv6",
+            "backends[3].ip: Invalid value: ff02::1 is no host",
         ] {
             assert!(text.contains(needle), "{needle:?} not in {text}");
         }

@@ -1183,7 +1183,7 @@ mod tests {
         let err = c.apply(mixed).expect_err("mixed families");
         assert!(
             err.to_string()
-                .contains("backends[1].ip: 10.99.0.4 is IPv4, the service is IPv6"),
+                .contains("backends[1].ip: Invalid value: 10.99.0.4 is IPv4, the service is IPv6"),
             "{err}"
         );
         c.delete("default", "web").expect("delete");

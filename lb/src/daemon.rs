@@ -52,10 +52,11 @@ pub struct Interface {
 pub async fn interface(ifname: &str) -> Result<Interface, LbError> {
     let bad = |what: &str| LbError::Invalid {
         what: "LB configuration",
-        errors: vec![crate::config::FieldError {
-            field: "interface".into(),
-            problem: format!("{ifname}: {what}"),
-        }],
+        errors: vec![slipway_api::FieldError::new(
+            "interface",
+            slipway_api::FieldReason::Invalid,
+            format!("{ifname}: {what}"),
+        )],
     };
     let netlink = Netlink::current()?;
     let link = netlink
@@ -193,10 +194,11 @@ pub async fn serve(
                 .await
                 .map_err(|e| LbError::Invalid {
                     what: "LB configuration",
-                    errors: vec![crate::config::FieldError {
-                        field: "metricsAddress".into(),
-                        problem: format!("cannot listen on {addr}: {e}"),
-                    }],
+                    errors: vec![slipway_api::FieldError::new(
+                        "metricsAddress",
+                        slipway_api::FieldReason::Invalid,
+                        format!("cannot listen on {addr}: {e}"),
+                    )],
                 })?;
             let router = Router::new()
                 .route("/metrics", get(metrics))

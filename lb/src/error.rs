@@ -3,8 +3,9 @@
 use std::io;
 use std::net::IpAddr;
 
-use crate::config::{FieldError, IpFamily};
+use crate::config::IpFamily;
 use crate::maglev::MaglevError;
+use slipway_api::FieldError;
 
 /// Everything that can go wrong in the load balancer.
 #[derive(Debug, thiserror::Error)]

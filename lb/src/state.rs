@@ -89,10 +89,11 @@ impl StateFile {
         };
         let bad = |problem: String| LbError::Invalid {
             what: "LB state file",
-            errors: vec![crate::config::FieldError {
-                field: self.path.display().to_string(),
+            errors: vec![slipway_api::FieldError::new(
+                self.path.display().to_string(),
+                slipway_api::FieldReason::Invalid,
                 problem,
-            }],
+            )],
         };
         let state: SavedState = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
         if state.version != VERSION {

@@ -4,123 +4,7 @@ use serde_json::{Value, json};
 
 use crate::store::StoreError;
 
-/// Why a field was refused, as the Kubernetes `StatusCause.reason` vocabulary names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FieldReason {
-    /// The value is malformed or out of range.
-    Invalid,
-    /// A required field is missing.
-    Required,
-    /// The value is not one of the supported values.
-    NotSupported,
-    /// The value repeats one that must be unique.
-    Duplicate,
-    /// The value is not allowed here (policy, admission).
-    Forbidden,
-}
-
-impl FieldReason {
-    fn cause(self) -> &'static str {
-        match self {
-            Self::Invalid => "FieldValueInvalid",
-            Self::Required => "FieldValueRequired",
-            Self::NotSupported => "FieldValueNotSupported",
-            Self::Duplicate => "FieldValueDuplicate",
-            Self::Forbidden => "FieldValueForbidden",
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Self::Invalid => "Invalid value",
-            Self::Required => "Required value",
-            Self::NotSupported => "Unsupported value",
-            Self::Duplicate => "Duplicate value",
-            Self::Forbidden => "Forbidden",
-        }
-    }
-}
-
-/// One bad field of an object, named by its JSON path (`spec.ports[0].port`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// JSON path of the field.
-    pub field: String,
-    /// Kind of failure.
-    pub reason: FieldReason,
-    /// Human-readable detail.
-    pub detail: String,
-}
-
-impl FieldError {
-    /// A malformed or out-of-range value.
-    pub fn invalid(
-        field: impl Into<String>,
-        value: impl std::fmt::Display,
-        detail: impl Into<String>,
-    ) -> Self {
-        Self {
-            field: field.into(),
-            reason: FieldReason::Invalid,
-            detail: format!("{value}: {}", detail.into()),
-        }
-    }
-
-    /// A missing required value.
-    pub fn required(field: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: FieldReason::Required,
-            detail: String::new(),
-        }
-    }
-
-    /// A value outside an enumeration.
-    pub fn not_supported(field: impl Into<String>, value: &str, supported: &[&str]) -> Self {
-        let list: Vec<String> = supported.iter().map(|s| format!("{s:?}")).collect();
-        Self {
-            field: field.into(),
-            reason: FieldReason::NotSupported,
-            detail: format!("{value:?}: supported values: {}", list.join(", ")),
-        }
-    }
-
-    /// A value that must be unique but repeats.
-    pub fn duplicate(field: impl Into<String>, value: impl std::fmt::Display) -> Self {
-        Self {
-            field: field.into(),
-            reason: FieldReason::Duplicate,
-            detail: value.to_string(),
-        }
-    }
-
-    /// A value a policy forbids.
-    pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: FieldReason::Forbidden,
-            detail: detail.into(),
-        }
-    }
-}
-
-impl FieldError {
-    /// The message without the field (`Invalid value: 0: must be ...`), as a `StatusCause`
-    /// carries it; clients print `field: message`.
-    pub fn message(&self) -> String {
-        if self.detail.is_empty() {
-            self.reason.label().to_string()
-        } else {
-            format!("{}: {}", self.reason.label(), self.detail)
-        }
-    }
-}
-
-impl std::fmt::Display for FieldError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.message())
-    }
-}
+pub use slipway_api::{FieldError, FieldReason};
 
 /// Every way an API request can fail.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +39,7 @@ pub enum ApiError {
         stale: Option<(u64, u64)>,
     },
     /// The object failed validation; every bad field is listed.
-    #[error("{kind} {name:?} is invalid: {}", format_causes(.causes))]
+    #[error("{}", slipway_api::invalid_message(.kind, .name, .causes))]
     Invalid {
         /// Kind of the object.
         kind: String,
@@ -230,15 +114,6 @@ pub enum ApiError {
     /// Anything else that went wrong inside the server.
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-fn format_causes(causes: &[FieldError]) -> String {
-    let parts: Vec<String> = causes.iter().map(ToString::to_string).collect();
-    if parts.len() == 1 {
-        parts.join("")
-    } else {
-        format!("[{}]", parts.join(", "))
-    }
 }
 
 fn format_apply_conflicts(conflicts: &[crate::ssa::Conflict]) -> String {
@@ -317,6 +192,12 @@ impl ApiError {
 
     /// The `metav1.Status` body: the single place errors are put on the wire.
     pub fn to_status(&self) -> Value {
+        if let Self::Invalid { kind, name, causes } = self {
+            // Validation errors become a Status in one place, the API crate's.
+            let status = slipway_api::invalid_status(kind, name, causes);
+            return serde_json::to_value(status)
+                .unwrap_or_else(|e| Self::Internal(format!("encoding a Status: {e}")).to_status());
+        }
         let mut message = self.to_string();
         if let Self::Store(e) = self {
             // The whole chain, so the client reads what the store said, not just "etcd".
@@ -359,15 +240,6 @@ impl ApiError {
                 "causes": conflicts.iter().map(|c| json!({
                     "reason": "FieldManagerConflict",
                     "message": format!("conflict with {:?}", c.manager),
-                    "field": c.field,
-                })).collect::<Vec<_>>(),
-            })),
-            Self::Invalid { kind, name, causes } => Some(json!({
-                "name": name,
-                "kind": kind,
-                "causes": causes.iter().map(|c| json!({
-                    "reason": c.reason.cause(),
-                    "message": c.message(),
                     "field": c.field,
                 })).collect::<Vec<_>>(),
             })),

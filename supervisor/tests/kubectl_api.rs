@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-use common::{Out, Supervisor, TempDir};
+use common::{Kubectl, Supervisor, TempDir};
 
 /// The current kubectl (Debian's 1.20 is `common::kubectl_path()`).
 const CURRENT_KUBECTL: &str = "/usr/bin/kubectl";
@@ -51,44 +50,6 @@ fn service(name: &str, tier: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: team-a\n  labels: {{tier: {tier}}}\nspec:\n  ports: [{{port: 80}}]\n"
     )
-}
-
-/// Runs one kubectl binary against a supervisor.
-struct Kubectl<'a> {
-    bin: PathBuf,
-    sup: &'a Supervisor,
-}
-
-impl Kubectl<'_> {
-    fn run(&self, args: &[&str]) -> Out {
-        let out = Command::new(&self.bin)
-            .arg("--kubeconfig")
-            .arg(self.sup.kubeconfig())
-            .arg("--cache-dir")
-            .arg(self.sup.dir.join("kubectl-cache"))
-            .arg("--request-timeout=20s")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run kubectl");
-        let out = Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        eprintln!(
-            "$ {} {}\n{}{}",
-            self.bin.display(),
-            args.join(" "),
-            out.stdout,
-            out.stderr
-        );
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(self.run(args).ok()).expect("kubectl printed JSON")
-    }
 }
 
 fn suite(bin: &Path) {

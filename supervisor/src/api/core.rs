@@ -1,14 +1,15 @@
-//! Core (`v1`) kinds: Namespace with Slipway's limits, Service, Endpoints, Pod, PVC, Event.
+//! Core (`v1`) kinds: Namespace with Slipway's limits, Service, Endpoints, Pod, Node, PVC, Event.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::meta::{IntOrString, ObjectMeta, Quantity, check_dns_label};
+use super::meta::{ObjectMeta, Quantity, check_dns_label};
 use super::{Validate, at, kind};
 use crate::error::FieldError;
 
@@ -98,110 +99,12 @@ impl Validate for Namespace {
     }
 }
 
-/// One port of a Service.
+/// A Service (core/v1), the upstream type: decoded as [`Pod`] is (unknown fields refused), with
+/// the supervisor's defaults and checks on top.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServicePort {
-    /// Port name; required when there is more than one port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// TCP (default), UDP or SCTP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-    /// Application protocol hint.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_protocol: Option<String>,
-    /// Service port.
-    pub port: i64,
-    /// Pod port (number or name); defaults to `port`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_port: Option<IntOrString>,
-    /// Node port for NodePort and LoadBalancer services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_port: Option<i64>,
-}
-
-/// Service spec (upstream fields Slipway implements).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServiceSpec {
-    /// ClusterIP (default), NodePort, LoadBalancer or ExternalName.
-    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
-    pub type_: Option<String>,
-    /// Ports.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<ServicePort>>,
-    /// Pod selector.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<BTreeMap<String, String>>,
-    /// Virtual IP (allocated by the service reconciler when empty).
-    #[serde(rename = "clusterIP", default, skip_serializing_if = "Option::is_none")]
-    pub cluster_ip: Option<String>,
-    /// Virtual IPs per family.
-    #[serde(
-        rename = "clusterIPs",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub cluster_ips: Option<Vec<String>>,
-    /// Extra external IPs.
-    #[serde(
-        rename = "externalIPs",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub external_ips: Option<Vec<String>>,
-    /// Requested LoadBalancer VIP.
-    #[serde(
-        rename = "loadBalancerIP",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub load_balancer_ip: Option<String>,
-    /// Client CIDRs allowed to reach the VIP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_balancer_source_ranges: Option<Vec<String>>,
-    /// Load balancer implementation class.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_balancer_class: Option<String>,
-    /// Cluster or Local.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_traffic_policy: Option<String>,
-    /// Cluster or Local.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub internal_traffic_policy: Option<String>,
-    /// None (default) or ClientIP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_affinity: Option<String>,
-    /// Session affinity settings.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_affinity_config: Option<Value>,
-    /// Health check node port for Local policy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_node_port: Option<i64>,
-    /// DNS name for ExternalName services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_name: Option<String>,
-    /// IPv4 and/or IPv6.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_families: Option<Vec<String>>,
-    /// SingleStack, PreferDualStack or RequireDualStack.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_family_policy: Option<String>,
-    /// Publish endpoints of pods that are not ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub publish_not_ready_addresses: Option<bool>,
-    /// Allocate node ports for LoadBalancer services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allocate_load_balancer_node_ports: Option<bool>,
-}
-
-kind!(
-    /// A Service (core/v1).
-    Service,
-    ServiceSpec,
-    Value
-);
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct Service(pub k8s_openapi::api::core::v1::Service);
 
 const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
 const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
@@ -224,42 +127,22 @@ fn check_enum(field: &str, v: &Option<String>, allowed: &[&str], errs: &mut Vec<
     }
 }
 
-/// Checks a CIDR string.
+/// Checks a CIDR block (the API crate's check) and returns it as an `IpNetwork` for the
+/// containment and overlap checks.
 pub fn check_cidr(field: &str, v: &str, errs: &mut Vec<FieldError>) -> Option<IpNetwork> {
-    match v.parse::<IpNetwork>() {
-        Ok(n) if n.network() == n.ip() => Some(n),
-        Ok(_) => {
-            errs.push(FieldError::invalid(
-                field,
-                format!("{v:?}"),
-                "must be a network address (host bits zero)",
-            ));
-            None
-        }
-        Err(_) => {
-            errs.push(FieldError::invalid(
-                field,
-                format!("{v:?}"),
-                "must be a valid CIDR such as 10.0.0.0/16",
-            ));
-            None
-        }
-    }
+    slipway_api::meta::check_cidr(field, v, errs)
+        .and_then(|c| IpNetwork::new(c.addr, c.prefix).ok())
 }
 
 fn check_ip(field: &str, v: &str, errs: &mut Vec<FieldError>) {
-    if v != "None" && !v.is_empty() && v.parse::<IpAddr>().is_err() {
-        errs.push(FieldError::invalid(
-            field,
-            format!("{v:?}"),
-            "must be a valid IP address",
-        ));
+    if v != "None" && !v.is_empty() {
+        slipway_api::meta::check_ip(field, v, errs);
     }
 }
 
 impl Validate for Service {
     fn default_fields(&mut self) {
-        let s = &mut self.spec;
+        let s = self.0.spec.get_or_insert_with(Default::default);
         s.type_.get_or_insert_with(|| "ClusterIP".into());
         s.session_affinity.get_or_insert_with(|| "None".into());
         for p in s.ports.iter_mut().flatten() {
@@ -273,7 +156,10 @@ impl Validate for Service {
     }
 
     fn validate(&self, errs: &mut Vec<FieldError>) {
-        let s = &self.spec;
+        let Some(s) = &self.0.spec else {
+            errs.push(FieldError::required("spec"));
+            return;
+        };
         check_enum("spec.type", &s.type_, SERVICE_TYPES, errs);
         check_enum(
             "spec.sessionAffinity",
@@ -301,7 +187,7 @@ impl Validate for Service {
         let mut keys = std::collections::BTreeSet::new();
         for (i, p) in ports.iter().enumerate() {
             let f = at("spec.ports", i);
-            check_port(&format!("{f}.port"), p.port, errs);
+            check_port(&format!("{f}.port"), i64::from(p.port), errs);
             check_enum(&format!("{f}.protocol"), &p.protocol, PROTOCOLS, errs);
             match &p.name {
                 None if ports.len() > 1 => errs.push(FieldError::required(format!("{f}.name"))),
@@ -320,10 +206,10 @@ impl Validate for Service {
                 ));
             }
             if let Some(IntOrString::Int(t)) = p.target_port {
-                check_port(&format!("{f}.targetPort"), t, errs);
+                check_port(&format!("{f}.targetPort"), i64::from(t), errs);
             }
             if let Some(np) = p.node_port {
-                check_port(&format!("{f}.nodePort"), np, errs);
+                check_port(&format!("{f}.nodePort"), i64::from(np), errs);
             }
         }
         if let Some(ip) = &s.cluster_ip {
@@ -508,6 +394,92 @@ impl Validate for Pod {
             &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
             errs,
         );
+    }
+}
+
+/// A Node (core/v1), the upstream type (cluster-scoped): a host as a workload cluster sees it.
+/// Decoded as [`Pod`] is: unknown fields are refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct Node(pub k8s_openapi::api::core::v1::Node);
+
+const TAINT_EFFECTS: &[&str] = &["NoSchedule", "PreferNoSchedule", "NoExecute"];
+const NODE_ADDRESS_TYPES: &[&str] = &[
+    "Hostname",
+    "InternalIP",
+    "ExternalIP",
+    "InternalDNS",
+    "ExternalDNS",
+];
+const CONDITION_STATUSES: &[&str] = &["True", "False", "Unknown"];
+
+impl Validate for Node {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if let Some(spec) = &self.0.spec {
+            if let Some(c) = &spec.pod_cidr {
+                check_cidr("spec.podCIDR", c, errs);
+            }
+            for (i, c) in spec.pod_cidrs.iter().flatten().enumerate() {
+                check_cidr(&at("spec.podCIDRs", i), c, errs);
+            }
+            for (i, t) in spec.taints.iter().flatten().enumerate() {
+                let f = at("spec.taints", i);
+                if t.key.is_empty() {
+                    errs.push(FieldError::required(format!("{f}.key")));
+                }
+                if !TAINT_EFFECTS.contains(&t.effect.as_str()) {
+                    errs.push(FieldError::not_supported(
+                        format!("{f}.effect"),
+                        &t.effect,
+                        TAINT_EFFECTS,
+                    ));
+                }
+            }
+        }
+        let Some(status) = &self.0.status else { return };
+        for (i, a) in status.addresses.iter().flatten().enumerate() {
+            let f = at("status.addresses", i);
+            if !NODE_ADDRESS_TYPES.contains(&a.type_.as_str()) {
+                errs.push(FieldError::not_supported(
+                    format!("{f}.type"),
+                    &a.type_,
+                    NODE_ADDRESS_TYPES,
+                ));
+            }
+            if a.address.is_empty() {
+                errs.push(FieldError::required(format!("{f}.address")));
+            } else if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+                slipway_api::meta::check_ip(&format!("{f}.address"), &a.address, errs);
+            }
+        }
+        for (field, list) in [
+            ("status.capacity", &status.capacity),
+            ("status.allocatable", &status.allocatable),
+        ] {
+            for (k, q) in list.iter().flatten() {
+                if super::meta::parse_quantity(&q.0).is_none() {
+                    errs.push(FieldError::invalid(
+                        format!("{field}[{k}]"),
+                        format!("{:?}", q.0),
+                        "must be a quantity such as 2, 500m or 4Gi",
+                    ));
+                }
+            }
+        }
+        for (i, c) in status.conditions.iter().flatten().enumerate() {
+            let f = at("status.conditions", i);
+            if c.type_.is_empty() {
+                errs.push(FieldError::required(format!("{f}.type")));
+            }
+            if !CONDITION_STATUSES.contains(&c.status.as_str()) {
+                errs.push(FieldError::not_supported(
+                    format!("{f}.status"),
+                    &c.status,
+                    CONDITION_STATUSES,
+                ));
+            }
+        }
     }
 }
 

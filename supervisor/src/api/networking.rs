@@ -1,130 +1,21 @@
-//! `networking.k8s.io/v1` NetworkPolicy.
+//! `networking.k8s.io/v1` NetworkPolicy: the upstream type with the supervisor's defaults and
+//! checks.
 
-use std::collections::BTreeMap;
-
+use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::core::check_cidr;
-use super::meta::IntOrString;
-use super::{Validate, at, kind};
+use super::{Validate, at};
 use crate::error::FieldError;
 
-/// One `matchExpressions` entry.
+/// A NetworkPolicy (networking.k8s.io/v1), the upstream type: decoded as every upstream kind is
+/// (unknown fields refused, see `registry::decode_upstream`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LabelSelectorRequirement {
-    /// Label key.
-    pub key: String,
-    /// In, NotIn, Exists, DoesNotExist.
-    pub operator: String,
-    /// Values for In and NotIn.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub values: Option<Vec<String>>,
-}
-
-/// `metav1.LabelSelector`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LabelSelector {
-    /// Equality terms.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub match_labels: Option<BTreeMap<String, String>>,
-    /// Set-based terms.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub match_expressions: Option<Vec<LabelSelectorRequirement>>,
-}
-
-/// CIDR peer.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct IpBlock {
-    /// Allowed CIDR.
-    pub cidr: String,
-    /// CIDRs carved out of it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub except: Option<Vec<String>>,
-}
-
-/// A traffic peer.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkPolicyPeer {
-    /// Pods.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<LabelSelector>,
-    /// Namespaces.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<LabelSelector>,
-    /// CIDR.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_block: Option<IpBlock>,
-}
-
-/// A port (range).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkPolicyPort {
-    /// TCP (default), UDP, SCTP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-    /// Port number or name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<IntOrString>,
-    /// End of a port range.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end_port: Option<i64>,
-}
-
-/// Ingress rule.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkPolicyIngressRule {
-    /// Sources.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<Vec<NetworkPolicyPeer>>,
-    /// Ports.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<NetworkPolicyPort>>,
-}
-
-/// Egress rule.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkPolicyEgressRule {
-    /// Destinations.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<Vec<NetworkPolicyPeer>>,
-    /// Ports.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<NetworkPolicyPort>>,
-}
-
-/// NetworkPolicy spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkPolicySpec {
-    /// Pods the policy applies to.
-    #[serde(default)]
-    pub pod_selector: LabelSelector,
-    /// Ingress and/or Egress.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy_types: Option<Vec<String>>,
-    /// Ingress rules.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ingress: Option<Vec<NetworkPolicyIngressRule>>,
-    /// Egress rules.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Vec<NetworkPolicyEgressRule>>,
-}
-
-kind!(
-    /// A NetworkPolicy (networking.k8s.io/v1).
-    NetworkPolicy,
-    NetworkPolicySpec,
-    Value
-);
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct NetworkPolicy(pub k8s_openapi::api::networking::v1::NetworkPolicy);
 
 fn check_peers(field: &str, peers: &Option<Vec<NetworkPolicyPeer>>, errs: &mut Vec<FieldError>) {
     for (i, p) in peers.iter().flatten().enumerate() {
@@ -179,16 +70,22 @@ fn check_ports(field: &str, ports: &Option<Vec<NetworkPolicyPort>>, errs: &mut V
 
 impl Validate for NetworkPolicy {
     fn default_fields(&mut self) {
-        if self.spec.policy_types.is_none() {
+        let spec = self.0.spec.get_or_insert_with(Default::default);
+        spec.pod_selector.get_or_insert_with(Default::default);
+        if spec.policy_types.is_none() {
             let mut types = vec!["Ingress".to_string()];
-            if self.spec.egress.is_some() {
+            if spec.egress.is_some() {
                 types.push("Egress".into());
             }
-            self.spec.policy_types = Some(types);
+            spec.policy_types = Some(types);
         }
     }
     fn validate(&self, errs: &mut Vec<FieldError>) {
-        for (i, t) in self.spec.policy_types.iter().flatten().enumerate() {
+        let Some(spec) = &self.0.spec else {
+            errs.push(FieldError::required("spec"));
+            return;
+        };
+        for (i, t) in spec.policy_types.iter().flatten().enumerate() {
             if t != "Ingress" && t != "Egress" {
                 errs.push(FieldError::not_supported(
                     at("spec.policyTypes", i),
@@ -197,11 +94,11 @@ impl Validate for NetworkPolicy {
                 ));
             }
         }
-        for (i, r) in self.spec.ingress.iter().flatten().enumerate() {
+        for (i, r) in spec.ingress.iter().flatten().enumerate() {
             check_peers(&format!("spec.ingress[{i}].from"), &r.from, errs);
             check_ports(&format!("spec.ingress[{i}].ports"), &r.ports, errs);
         }
-        for (i, r) in self.spec.egress.iter().flatten().enumerate() {
+        for (i, r) in spec.egress.iter().flatten().enumerate() {
             check_peers(&format!("spec.egress[{i}].to"), &r.to, errs);
             check_ports(&format!("spec.egress[{i}].ports"), &r.ports, errs);
         }

@@ -8,10 +8,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::Validate;
-use super::core::{Endpoints, Event, Namespace, PersistentVolumeClaim, Pod, Service};
+use super::coordination::Lease;
+use super::core::{Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Service};
 use super::networking::NetworkPolicy;
 use super::rbac::RoleBinding;
-use super::slipway::{Cluster, HostClass, Zone};
+use super::slipway::{Cluster, Host, HostClass, Zone};
 use super::storage::StorageClass;
 use crate::error::{ApiError, FieldError};
 
@@ -417,6 +418,73 @@ fn zone_hosts(v: &Value) -> Value {
     )
 }
 
+/// The `status` of the condition of type `type_` (`True`, `False`, `Unknown`), if present.
+fn condition<'a>(v: &'a Value, type_: &str) -> Option<&'a str> {
+    jp(v, "status.conditions")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
+        .and_then(|c| c.get("status").and_then(Value::as_str))
+}
+
+/// A Node's STATUS as kubectl shows it: `Ready`, `NotReady` or `Unknown`, plus
+/// `SchedulingDisabled` when cordoned.
+fn node_status(v: &Value) -> Value {
+    let mut out = match condition(v, "Ready") {
+        Some("True") => "Ready".to_string(),
+        Some("False") => "NotReady".to_string(),
+        _ => "Unknown".to_string(),
+    };
+    if jp(v, "spec.unschedulable") == Some(&Value::Bool(true)) {
+        out.push_str(",SchedulingDisabled");
+    }
+    Value::String(out)
+}
+
+/// A Node's ROLES: the `node-role.kubernetes.io/<role>` labels.
+fn node_roles(v: &Value) -> Value {
+    let roles: Vec<&str> = jp(v, "metadata.labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/"))
+                .filter(|r| !r.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(if roles.is_empty() {
+        "<none>".into()
+    } else {
+        roles.join(",")
+    })
+}
+
+/// A Node's first address of type `type_`.
+fn node_address(v: &Value, type_: &str) -> Value {
+    jp(v, "status.addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|a| a.get("type").and_then(Value::as_str) == Some(type_))
+        })
+        .and_then(|a| a.get("address").and_then(Value::as_str))
+        .map_or_else(
+            || Value::String("<none>".into()),
+            |a| Value::String(a.into()),
+        )
+}
+
+/// A Host's cluster as `namespace/name`.
+fn host_cluster(v: &Value) -> Value {
+    match (
+        jp(v, "spec.cluster.namespace").and_then(Value::as_str),
+        jp(v, "spec.cluster.name").and_then(Value::as_str),
+    ) {
+        (Some(ns), Some(name)) => Value::String(format!("{ns}/{name}")),
+        _ => Value::String("<none>".into()),
+    }
+}
+
 const CORE_POD_KEYS: &[(&str, &str)] = &[
     ("spec.containers", "name"),
     ("spec.containers.ports", "containerPort"),
@@ -494,7 +562,7 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
                     cell: selector,
                 },
             ],
-            decode: decode::<Service>,
+            decode: decode_upstream::<Service>,
             schema: schema::<Service>,
         },
         ResourceType {
@@ -556,6 +624,50 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
         ResourceType {
             group: "",
             version: "v1",
+            kind: "Node",
+            plural: "nodes",
+            singular: "node",
+            namespaced: false,
+            short_names: &["no"],
+            has_status: true,
+            merge_keys: &[
+                ("spec.podCIDRs", ""),
+                ("status.addresses", "type"),
+                ("status.conditions", "type"),
+            ],
+            columns: vec![
+                col("Status", "Ready condition", node_status),
+                col("Roles", "node-role.kubernetes.io labels", node_roles),
+                col("Version", "Kubelet version", |v| {
+                    s(v, "status.nodeInfo.kubeletVersion")
+                }),
+                Column {
+                    name: "Internal-IP",
+                    type_: "string",
+                    description: "InternalIP address",
+                    priority: 1,
+                    cell: |v| node_address(v, "InternalIP"),
+                },
+                Column {
+                    name: "Zone",
+                    type_: "string",
+                    description: "topology.kubernetes.io/zone label",
+                    priority: 1,
+                    cell: |v| match jp(v, "metadata.labels")
+                        .and_then(|l| l.get("topology.kubernetes.io/zone"))
+                        .and_then(Value::as_str)
+                    {
+                        Some(z) => Value::String(z.into()),
+                        None => Value::String("<none>".into()),
+                    },
+                },
+            ],
+            decode: decode_upstream::<Node>,
+            schema: schema::<Node>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
             kind: "PersistentVolumeClaim",
             plural: "persistentvolumeclaims",
             singular: "persistentvolumeclaim",
@@ -609,11 +721,27 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             singular: "networkpolicy",
             namespaced: true,
             short_names: &["netpol"],
-            has_status: true,
+            has_status: false,
             merge_keys: &[],
             columns: vec![col("Pod-Selector", "Pods selected", pod_selector)],
-            decode: decode::<NetworkPolicy>,
+            decode: decode_upstream::<NetworkPolicy>,
             schema: schema::<NetworkPolicy>,
+        },
+        ResourceType {
+            group: "coordination.k8s.io",
+            version: "v1",
+            kind: "Lease",
+            plural: "leases",
+            singular: "lease",
+            namespaced: true,
+            short_names: &[],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![col("Holder", "Holder identity", |v| {
+                s(v, "spec.holderIdentity")
+            })],
+            decode: decode_upstream::<Lease>,
+            schema: schema::<Lease>,
         },
         ResourceType {
             group: "storage.k8s.io",
@@ -761,6 +889,50 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             decode: decode::<Cluster>,
             schema: schema::<Cluster>,
         },
+        ResourceType {
+            group: "slipway.dev",
+            version: "v1alpha1",
+            kind: "Host",
+            plural: "hosts",
+            singular: "host",
+            namespaced: false,
+            short_names: &[],
+            has_status: true,
+            merge_keys: &[("status.conditions", "type")],
+            columns: vec![
+                col("Zone", "Zone", |v| s(v, "spec.zone")),
+                col("Class", "HostClass", |v| s(v, "spec.hostClass")),
+                col("Provider", "netns or static", |v| s(v, "spec.provider")),
+                col("Phase", "Lifecycle phase", |v| s(v, "status.phase")),
+                col("Address", "Underlay address", |v| s(v, "status.address")),
+                col("Ready", "Ready condition", |v| {
+                    Value::String(condition(v, "Ready").unwrap_or("Unknown").into())
+                }),
+                Column {
+                    name: "Cluster",
+                    type_: "string",
+                    description: "Cluster served (namespace/name)",
+                    priority: 1,
+                    cell: host_cluster,
+                },
+                Column {
+                    name: "Pool",
+                    type_: "string",
+                    description: "Pool served",
+                    priority: 1,
+                    cell: |v| s(v, "spec.pool"),
+                },
+                Column {
+                    name: "Agent",
+                    type_: "string",
+                    description: "Host agent version",
+                    priority: 1,
+                    cell: |v| s(v, "status.agentVersion"),
+                },
+            ],
+            decode: decode::<Host>,
+            schema: schema::<Host>,
+        },
     ]
 });
 
@@ -818,5 +990,69 @@ mod tests {
                 "spec": {"containers": [{"name": "x"}], "dnsPolicy": "Sometimes"}}))
             .expect("decodes");
         assert!(errs.iter().any(|e| e.field == "spec.dnsPolicy"), "{errs:?}");
+    }
+
+    fn fields(errs: &[FieldError]) -> Vec<&str> {
+        errs.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    #[test]
+    fn service_is_the_upstream_type_with_defaults_and_checks() {
+        let svc = lookup("", "v1", "services").expect("services are served");
+        let (obj, errs) = svc
+            .decode(json!({"metadata": {"name": "web"},
+                "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}}))
+            .expect("decodes");
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(obj["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(obj["spec"]["ports"][0]["targetPort"], 80);
+        assert_eq!(obj["spec"]["externalTrafficPolicy"], "Cluster");
+        assert_eq!(obj["spec"]["sessionAffinity"], "None");
+        let (_, errs) = svc
+            .decode(json!({"metadata": {"name": "web"},
+                "spec": {"ports": [{"port": 0, "protocol": "ICMP"}], "loadBalancerIP": "x",
+                         "loadBalancerSourceRanges": ["10.0.0.1/8"]}}))
+            .expect("decodes");
+        assert_eq!(
+            fields(&errs),
+            [
+                "spec.ports[0].port",
+                "spec.ports[0].protocol",
+                "spec.ports[0].targetPort",
+                "spec.loadBalancerIP",
+                "spec.loadBalancerIP",
+                "spec.loadBalancerSourceRanges[0]",
+            ]
+        );
+        let err = svc
+            .decode(json!({"metadata": {"name": "web"}, "spec": {"bogus": 1}}))
+            .expect_err("unknown fields are refused")
+            .to_string();
+        assert!(err.contains(r#"unknown field "spec.bogus""#), "{err}");
+    }
+
+    #[test]
+    fn network_policy_is_the_upstream_type_with_defaults_and_checks() {
+        let np = lookup("networking.k8s.io", "v1", "networkpolicies").expect("served");
+        let (obj, errs) = np
+            .decode(json!({"metadata": {"name": "p"}, "spec": {
+                "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}],
+                            "ports": [{"port": 70000, "protocol": "ICMP"}]}]}}))
+            .expect("decodes");
+        assert_eq!(obj["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(obj["spec"]["podSelector"], json!({}));
+        assert_eq!(
+            fields(&errs),
+            [
+                "spec.egress[0].to[0].ipBlock.except[0]",
+                "spec.egress[0].ports[0].port",
+                "spec.egress[0].ports[0].protocol",
+            ]
+        );
+        assert!(
+            np.decode(json!({"metadata": {"name": "p"}, "spec": {"podSelectr": {}}}))
+                .is_err(),
+            "unknown fields are refused"
+        );
     }
 }

@@ -384,3 +384,42 @@ impl Out {
         &self.stderr
     }
 }
+
+/// Runs one kubectl binary (Debian's 1.20 or the current one) against a supervisor.
+pub struct Kubectl<'a> {
+    pub bin: PathBuf,
+    pub sup: &'a Supervisor,
+}
+
+impl Kubectl<'_> {
+    pub fn run(&self, args: &[&str]) -> Out {
+        let out = Command::new(&self.bin)
+            .arg("--kubeconfig")
+            .arg(self.sup.kubeconfig())
+            .arg("--cache-dir")
+            .arg(self.sup.dir.join("kubectl-cache"))
+            .arg("--request-timeout=20s")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl");
+        let out = Out {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        eprintln!(
+            "$ {} {}\n{}{}",
+            self.bin.display(),
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        );
+        out
+    }
+
+    #[track_caller]
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(self.run(args).ok()).expect("kubectl printed JSON")
+    }
+}

@@ -1,0 +1,319 @@
+//! Shared API machinery types: `ObjectMeta`, quantities, conditions, and the
+//! field checks every kind reuses (DNS names, label keys, CIDRs).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::FieldError;
+
+/// `metav1.ObjectMeta`, the subset Slipway keeps (unknown metadata fields are refused).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    /// Object name, unique per namespace and resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Prefix for a server-generated name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    /// Namespace of a namespaced object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Server-assigned unique id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// Opaque version for optimistic concurrency and watch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    /// Sequence number of spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// RFC 3339 creation time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    /// RFC 3339 time deletion was requested (set while finalizers remain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<String>,
+    /// Grace period of a pending deletion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_grace_period_seconds: Option<i64>,
+    /// Labels for selection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Free-form annotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    /// Finalizers that must be removed before the object goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalizers: Option<Vec<String>>,
+    /// Owners of this object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_references: Option<Vec<Value>>,
+    /// Field ownership written by clients that use server-side apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_fields: Option<Vec<Value>>,
+    /// Deprecated self link (accepted, never set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_link: Option<String>,
+}
+
+/// A resource quantity (`2`, `500m`, `4Gi`), written as a string or a number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Quantity {
+    /// String form.
+    Str(String),
+    /// Bare number.
+    Num(serde_json::Number),
+}
+
+impl JsonSchema for Quantity {
+    fn schema_name() -> Cow<'static, str> {
+        "Quantity".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // No type: the OpenAPI encoder maps it to an arbitrary value, as kubectl's int-or-string.
+        json_schema!({"description": "A quantity such as 2, 500m or 4Gi.", "x-slipway-quantity": true})
+    }
+}
+
+impl Quantity {
+    /// The value in base units (cores, bytes), or None when malformed.
+    pub fn value(&self) -> Option<f64> {
+        match self {
+            Self::Num(n) => n.as_f64(),
+            Self::Str(s) => parse_quantity(s),
+        }
+    }
+}
+
+impl std::fmt::Display for Quantity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Str(s) => f.write_str(s),
+            Self::Num(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Parses a Kubernetes quantity string into base units.
+pub fn parse_quantity(s: &str) -> Option<f64> {
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+    ];
+    let s = s.trim();
+    let (num, mult) = SUFFIXES
+        .iter()
+        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+        .unwrap_or((s, 1.0));
+    let v: f64 = num.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then_some(v * mult)
+}
+
+/// A `metav1.Condition`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    /// Condition type (`Ready`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// Generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Checks an RFC 1123 DNS label (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 bytes).
+pub fn check_dns_label(field: &str, v: &str, errs: &mut Vec<FieldError>) {
+    if !is_dns_label(v) {
+        errs.push(FieldError::invalid(
+            field,
+            format!("{v:?}"),
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', start and end with an alphanumeric character, and be at most 63 characters",
+        ));
+    }
+}
+
+fn is_dns_label(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+}
+
+/// Checks an RFC 1123 DNS subdomain (dot-separated labels, at most 253 bytes).
+pub fn check_dns_subdomain(field: &str, v: &str, errs: &mut Vec<FieldError>) {
+    if v.is_empty() || v.len() > 253 || !v.split('.').all(is_dns_label) {
+        errs.push(FieldError::invalid(
+            field,
+            format!("{v:?}"),
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+        ));
+    }
+}
+
+/// Checks label keys and values.
+pub fn check_labels(field: &str, labels: &BTreeMap<String, String>, errs: &mut Vec<FieldError>) {
+    let ok_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && s.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.bytes().last().is_some_and(|c| c.is_ascii_alphanumeric())
+    };
+    for (k, v) in labels {
+        let name = k.rsplit('/').next().unwrap_or(k);
+        if !ok_name(name) {
+            errs.push(FieldError::invalid(
+                format!("{field}[{k}]"),
+                format!("{k:?}"),
+                "invalid label key",
+            ));
+        }
+        if !v.is_empty() && !ok_name(v) {
+            errs.push(FieldError::invalid(
+                format!("{field}[{k}]"),
+                format!("{v:?}"),
+                "invalid label value",
+            ));
+        }
+    }
+}
+
+/// A CIDR block: a network address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network address (host bits zero).
+    pub addr: IpAddr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/16` or `fd00::/64`; the host bits must be zero.
+    pub fn parse(v: &str) -> Result<Self, &'static str> {
+        const MALFORMED: &str = "must be a valid CIDR such as 10.0.0.0/16";
+        let (addr, prefix) = v.split_once('/').ok_or(MALFORMED)?;
+        let addr: IpAddr = addr.parse().map_err(|_| MALFORMED)?;
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(MALFORMED);
+        }
+        let prefix: u8 = prefix.parse().map_err(|_| MALFORMED)?;
+        let (bits, max) = match addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)) << 96, 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        if prefix > max {
+            return Err(MALFORMED);
+        }
+        let host_mask = u128::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
+        if bits & host_mask != 0 {
+            return Err("must be a network address (host bits zero)");
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Checks a CIDR block (network address, host bits zero); returns it when valid.
+pub fn check_cidr(field: &str, v: &str, errs: &mut Vec<FieldError>) -> Option<Cidr> {
+    match Cidr::parse(v) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            errs.push(FieldError::invalid(field, format!("{v:?}"), why));
+            None
+        }
+    }
+}
+
+/// Checks an IP address.
+pub fn check_ip(field: &str, v: &str, errs: &mut Vec<FieldError>) -> Option<IpAddr> {
+    match v.parse::<IpAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errs.push(FieldError::invalid(
+                field,
+                format!("{v:?}"),
+                "must be a valid IP address",
+            ));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("500m"), Some(0.5));
+        assert_eq!(parse_quantity("4Gi"), Some(4.0 * 1073741824.0));
+        assert_eq!(parse_quantity("x"), None);
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            Cidr::parse("10.0.0.0/16").map(|c| c.to_string()),
+            Ok("10.0.0.0/16".into())
+        );
+        assert!(Cidr::parse("fd00::/64").is_ok());
+        assert!(Cidr::parse("0.0.0.0/0").is_ok());
+        assert!(Cidr::parse("10.0.0.1/32").is_ok());
+        let mut errs = Vec::new();
+        for bad in [
+            "10.0.0.1/16",
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "x/8",
+            "10.0.0.0/+8",
+            "fd00::1/64",
+        ] {
+            assert!(check_cidr("f", bad, &mut errs).is_none(), "{bad}");
+        }
+        assert_eq!(errs.len(), 6);
+        assert!(
+            errs[0].to_string().contains("host bits zero"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[1].to_string().contains("valid CIDR"), "{}", errs[1]);
+    }
+}

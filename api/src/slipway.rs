@@ -1,0 +1,578 @@
+//! `slipway.dev/v1alpha1` kinds: HostClass, Zone and Cluster (after TKC v1alpha3), and Host.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{Condition, Quantity, check_cidr, check_dns_label};
+use crate::{FieldError, Validate, at, kind};
+
+/// The API group of Slipway's own kinds.
+pub const GROUP: &str = "slipway.dev";
+
+/// HostClass spec: the size of a host (cgroup limits on netns hosts).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostClassSpec {
+    /// CPU cores per host.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory per host (`4Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+/// Generic status with conditions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CommonStatus {
+    /// Conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+}
+
+kind!(
+    /// A host size (cluster-scoped).
+    HostClass,
+    HostClassSpec,
+    CommonStatus
+);
+
+impl Validate for HostClass {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if self.spec.cpus == 0 {
+            errs.push(FieldError::invalid(
+                "spec.cpus",
+                self.spec.cpus,
+                "must be at least 1",
+            ));
+        }
+        match &self.spec.memory {
+            None => errs.push(FieldError::required("spec.memory")),
+            Some(q) if q.value().is_none_or(|v| v <= 0.0) => errs.push(FieldError::invalid(
+                "spec.memory",
+                q,
+                "must be a positive quantity such as 4Gi",
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Capacity of a zone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZoneCapacity {
+    /// CPU cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Quantity>,
+}
+
+/// Zone spec: a failure domain.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZoneSpec {
+    /// Hosts in this zone (netns names or machine addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    /// Capacity offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<ZoneCapacity>,
+}
+
+kind!(
+    /// A failure domain and its hosts (cluster-scoped).
+    Zone,
+    ZoneSpec,
+    CommonStatus
+);
+
+impl Validate for Zone {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if let Some(c) = &self.spec.capacity {
+            for (f, q) in [
+                ("cpu", &c.cpu),
+                ("memory", &c.memory),
+                ("storage", &c.storage),
+            ] {
+                if let Some(q) = q
+                    && q.value().is_none()
+                {
+                    errs.push(FieldError::invalid(
+                        format!("spec.capacity.{f}"),
+                        q,
+                        "must be a quantity",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Control plane topology.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControlPlane {
+    /// 1 or 3.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// HostClass of control plane hosts.
+    #[serde(default)]
+    pub host_class: String,
+    /// StorageClass of their disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A pool of worker hosts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodePool {
+    /// Pool name, unique in the cluster.
+    pub name: String,
+    /// Hosts in the pool.
+    #[serde(default)]
+    pub replicas: u32,
+    /// HostClass of the pool's hosts.
+    #[serde(default)]
+    pub host_class: String,
+    /// StorageClass of their disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    /// Zone to place the pool in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_domain: Option<String>,
+}
+
+/// Cluster topology.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Topology {
+    /// Control plane.
+    #[serde(default)]
+    pub control_plane: ControlPlane,
+    /// Worker pools.
+    #[serde(default)]
+    pub node_pools: Vec<NodePool>,
+}
+
+/// A list of CIDR blocks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CidrBlocks {
+    /// CIDRs.
+    #[serde(default)]
+    pub cidr_blocks: Vec<String>,
+}
+
+/// Cluster network settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterNetwork {
+    /// CNI name (`slipway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<String>,
+    /// Pod CIDRs.
+    #[serde(default)]
+    pub pods: CidrBlocks,
+    /// Service CIDRs.
+    #[serde(default)]
+    pub services: CidrBlocks,
+    /// Ingress (LoadBalancer VIP) CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<CidrBlocks>,
+    /// Egress (SNAT) CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<CidrBlocks>,
+}
+
+/// Cluster settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Network.
+    #[serde(default)]
+    pub network: ClusterNetwork,
+}
+
+/// Cluster spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Hosts.
+    #[serde(default)]
+    pub topology: Topology,
+    /// Settings.
+    #[serde(default)]
+    pub settings: ClusterSettings,
+}
+
+/// Cluster status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterStatus {
+    /// Pending, Provisioning, Running, Deleting, Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+    /// Hosts provisioned for the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    /// API endpoint (`https://ip:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_endpoint: Option<String>,
+}
+
+kind!(
+    /// A workload cluster (namespaced).
+    Cluster,
+    ClusterSpec,
+    ClusterStatus
+);
+
+impl Validate for Cluster {
+    fn default_fields(&mut self) {
+        let net = &mut self.spec.settings.network;
+        net.cni.get_or_insert_with(|| "slipway".into());
+    }
+
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        let t = &self.spec.topology;
+        if t.control_plane.replicas != 1 && t.control_plane.replicas != 3 {
+            errs.push(FieldError::not_supported(
+                "spec.topology.controlPlane.replicas",
+                &t.control_plane.replicas.to_string(),
+                &["1", "3"],
+            ));
+        }
+        if t.control_plane.host_class.is_empty() {
+            errs.push(FieldError::required("spec.topology.controlPlane.hostClass"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in t.node_pools.iter().enumerate() {
+            let f = at("spec.topology.nodePools", i);
+            check_dns_label(&format!("{f}.name"), &p.name, errs);
+            if !names.insert(p.name.clone()) {
+                errs.push(FieldError::duplicate(
+                    format!("{f}.name"),
+                    format!("{:?}", p.name),
+                ));
+            }
+            if p.host_class.is_empty() {
+                errs.push(FieldError::required(format!("{f}.hostClass")));
+            }
+        }
+        let net = &self.spec.settings.network;
+        if net.pods.cidr_blocks.is_empty() {
+            errs.push(FieldError::required(
+                "spec.settings.network.pods.cidrBlocks",
+            ));
+        }
+        if net.services.cidr_blocks.is_empty() {
+            errs.push(FieldError::required(
+                "spec.settings.network.services.cidrBlocks",
+            ));
+        }
+        for (field, blocks) in cidr_fields(self) {
+            for (i, c) in blocks.iter().enumerate() {
+                check_cidr(&at(&field, i), c, errs);
+            }
+        }
+    }
+}
+
+/// Every CIDR list of a cluster with its field path.
+pub fn cidr_fields(c: &Cluster) -> Vec<(String, &[String])> {
+    let net = &c.spec.settings.network;
+    let mut out: Vec<(String, &[String])> = vec![
+        (
+            "spec.settings.network.pods.cidrBlocks".into(),
+            &net.pods.cidr_blocks,
+        ),
+        (
+            "spec.settings.network.services.cidrBlocks".into(),
+            &net.services.cidr_blocks,
+        ),
+    ];
+    if let Some(i) = &net.ingress {
+        out.push((
+            "spec.settings.network.ingress.cidrBlocks".into(),
+            &i.cidr_blocks,
+        ));
+    }
+    if let Some(e) = &net.egress {
+        out.push((
+            "spec.settings.network.egress.cidrBlocks".into(),
+            &e.cidr_blocks,
+        ));
+    }
+    out
+}
+
+/// Who makes a host: a network namespace on this machine, or a machine that joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostProvider {
+    /// A network namespace on its zone's underlay segment, with cgroups and the agent inside.
+    Netns,
+    /// A real machine that ran `slipway join`.
+    Static,
+}
+
+impl HostProvider {
+    /// Every provider, by the name the API spells it.
+    pub const NAMES: [&'static str; 2] = ["netns", "static"];
+
+    /// The provider named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "netns" => Some(Self::Netns),
+            "static" => Some(Self::Static),
+            _ => None,
+        }
+    }
+
+    /// The name the API spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Netns => "netns",
+            Self::Static => "static",
+        }
+    }
+}
+
+/// The pool name of a cluster's control plane hosts.
+pub const CONTROL_PLANE_POOL: &str = "control-plane";
+
+/// The cluster a host serves (Clusters are namespaced, Hosts are not).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterRef {
+    /// The Cluster's namespace.
+    pub namespace: String,
+    /// The Cluster's name.
+    pub name: String,
+}
+
+/// Host spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostSpec {
+    /// The Zone the host is in.
+    #[serde(default)]
+    pub zone: String,
+    /// The HostClass that sizes it.
+    #[serde(default)]
+    pub host_class: String,
+    /// Who makes it: `netns` (default) or `static`.
+    #[serde(default)]
+    #[schemars(extend("enum" = ["netns", "static"]))]
+    pub provider: String,
+    /// The cluster it serves; absent while the host is free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterRef>,
+    /// The cluster's node pool it serves, or `control-plane`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+impl HostSpec {
+    /// The provider, once validated.
+    pub fn provider(&self) -> Option<HostProvider> {
+        HostProvider::from_name(&self.provider)
+    }
+}
+
+/// The phases of a host's life.
+pub const HOST_PHASES: [&str; 5] = ["Pending", "Provisioning", "Running", "Deleting", "Failed"];
+
+/// Host status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostStatus {
+    /// Pending, Provisioning, Running, Deleting or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Pending", "Provisioning", "Running", "Deleting", "Failed"]))]
+    pub phase: Option<String>,
+    /// The host's address on its zone's underlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Conditions (`Ready`, from the host agent's Lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+    /// Version of the host agent running on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+kind!(
+    /// A host: a network namespace or a machine running the host agent (cluster-scoped).
+    Host,
+    HostSpec,
+    HostStatus
+);
+
+impl Validate for Host {
+    fn default_fields(&mut self) {
+        if self.spec.provider.is_empty() {
+            self.spec.provider = HostProvider::Netns.name().into();
+        }
+    }
+
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        let s = &self.spec;
+        if s.zone.is_empty() {
+            errs.push(FieldError::required("spec.zone"));
+        } else {
+            crate::meta::check_dns_subdomain("spec.zone", &s.zone, errs);
+        }
+        if s.host_class.is_empty() {
+            errs.push(FieldError::required("spec.hostClass"));
+        } else {
+            crate::meta::check_dns_subdomain("spec.hostClass", &s.host_class, errs);
+        }
+        if s.provider().is_none() {
+            errs.push(FieldError::not_supported(
+                "spec.provider",
+                &s.provider,
+                &HostProvider::NAMES,
+            ));
+        }
+        match (&s.cluster, &s.pool) {
+            (Some(c), pool) => {
+                if c.namespace.is_empty() {
+                    errs.push(FieldError::required("spec.cluster.namespace"));
+                } else {
+                    check_dns_label("spec.cluster.namespace", &c.namespace, errs);
+                }
+                if c.name.is_empty() {
+                    errs.push(FieldError::required("spec.cluster.name"));
+                } else {
+                    crate::meta::check_dns_subdomain("spec.cluster.name", &c.name, errs);
+                }
+                match pool {
+                    None => errs.push(FieldError::required("spec.pool")),
+                    Some(p) => check_dns_label("spec.pool", p, errs),
+                }
+            }
+            (None, Some(_)) => errs.push(FieldError::forbidden(
+                "spec.pool",
+                "may only be set with spec.cluster",
+            )),
+            (None, None) => {}
+        }
+        let Some(st) = &self.status else { return };
+        if let Some(p) = &st.phase
+            && !HOST_PHASES.contains(&p.as_str())
+        {
+            errs.push(FieldError::not_supported("status.phase", p, &HOST_PHASES));
+        }
+        if let Some(a) = &st.address {
+            crate::meta::check_ip("status.address", a, errs);
+        }
+        for (i, c) in st.conditions.iter().flatten().enumerate() {
+            let f = at("status.conditions", i);
+            if c.type_.is_empty() {
+                errs.push(FieldError::required(format!("{f}.type")));
+            }
+            if !["True", "False", "Unknown"].contains(&c.status.as_str()) {
+                errs.push(FieldError::not_supported(
+                    format!("{f}.status"),
+                    &c.status,
+                    &["True", "False", "Unknown"],
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors<T: Validate + serde::de::DeserializeOwned>(v: serde_json::Value) -> Vec<String> {
+        let mut obj: T = serde_json::from_value(v).expect("decodes");
+        obj.default_fields();
+        let mut errs = Vec::new();
+        obj.validate(&mut errs);
+        errs.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn host_defaults_to_netns_and_names_every_bad_field() {
+        let mut h: Host = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "h1"},
+            "spec": {"zone": "zone-a", "hostClass": "small",
+                     "cluster": {"namespace": "team-a", "name": "c1"}, "pool": "workers"},
+            "status": {"phase": "Running", "address": "10.1.0.2",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .expect("decodes");
+        h.default_fields();
+        assert_eq!(h.spec.provider(), Some(HostProvider::Netns));
+        let mut errs = Vec::new();
+        h.validate(&mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+
+        let errs = errors::<Host>(serde_json::json!({
+            "spec": {"provider": "vm", "pool": "workers"},
+            "status": {"phase": "Up", "address": "10.1.0.300",
+                       "conditions": [{"type": "Ready", "status": "Yes"}]},
+        }));
+        assert_eq!(
+            errs,
+            [
+                "spec.zone: Required value",
+                "spec.hostClass: Required value",
+                r#"spec.provider: Unsupported value: "vm": supported values: "netns", "static""#,
+                "spec.pool: Forbidden: may only be set with spec.cluster",
+                r#"status.phase: Unsupported value: "Up": supported values: "Pending", "Provisioning", "Running", "Deleting", "Failed""#,
+                r#"status.address: Invalid value: "10.1.0.300": must be a valid IP address"#,
+                r#"status.conditions[0].status: Unsupported value: "Yes": supported values: "True", "False", "Unknown""#,
+            ]
+        );
+        let errs = errors::<Host>(serde_json::json!({
+            "spec": {"zone": "Zone_A", "hostClass": "small", "provider": "static",
+                     "cluster": {"namespace": "", "name": "c1"}},
+        }));
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("spec.zone: Invalid value"), "{errs:?}");
+        assert_eq!(errs[1], "spec.cluster.namespace: Required value");
+        assert_eq!(errs[2], "spec.pool: Required value");
+        assert!(
+            serde_json::from_value::<Host>(serde_json::json!({"spec": {"zones": "a"}})).is_err(),
+            "unknown fields are refused"
+        );
+    }
+
+    #[test]
+    fn cluster_names_bad_topology_and_cidrs() {
+        let errs = errors::<Cluster>(serde_json::json!({
+            "spec": {"topology": {"controlPlane": {"replicas": 2},
+                                  "nodePools": [{"name": "w", "hostClass": "s"},
+                                                {"name": "w", "hostClass": ""}]},
+                     "settings": {"network": {"pods": {"cidrBlocks": ["10.0.0.1/16"]}}}},
+        }));
+        assert_eq!(
+            errs,
+            [
+                r#"spec.topology.controlPlane.replicas: Unsupported value: "2": supported values: "1", "3""#,
+                "spec.topology.controlPlane.hostClass: Required value",
+                r#"spec.topology.nodePools[1].name: Duplicate value: "w""#,
+                "spec.topology.nodePools[1].hostClass: Required value",
+                "spec.settings.network.services.cidrBlocks: Required value",
+                r#"spec.settings.network.pods.cidrBlocks[0]: Invalid value: "10.0.0.1/16": must be a network address (host bits zero)"#,
+            ]
+        );
+    }
+}
