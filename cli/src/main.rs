@@ -33,12 +33,12 @@ enum Command {
     #[command(subcommand)]
     Lb(slipway_lb::cli::LbCommand),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
-    Agent(slipway_cni::agent::AgentArgs),
+    Agent(slipway_agent::AgentArgs),
     /// Stream the node's NetworkPolicy verdicts (allowed connections, denied packets).
-    Flows(slipway_cni::policy::cli::FlowsArgs),
+    Flows(slipway_agent::cli::FlowsArgs),
     /// NetworkPolicy on this node: `explain` a verdict, `set` or `get` the agent's state.
     #[command(subcommand)]
-    Policy(slipway_cni::policy::cli::PolicyCommand),
+    Policy(slipway_agent::cli::PolicyCommand),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
     Supervisor(slipway_supervisor::cli::SupervisorArgs),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
@@ -91,6 +91,6 @@ fn main() -> anyhow::Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(slipway_cni::agent::run(args)),
+            .block_on(slipway_agent::run(args)),
     }
 }

@@ -3,9 +3,7 @@
 //! installs the datapath and takes the cluster's hosts from a local API.
 #![forbid(unsafe_code)]
 
-pub mod agent;
 pub mod ipam;
 pub mod plugin;
 pub mod policy;
 pub mod spec;
-pub mod tables;

@@ -9,10 +9,8 @@
 //! and the destination's ingress to allow it; `policyTypes` defaults to Ingress, plus Egress
 //! when the policy has egress rules.
 
-pub mod cli;
 pub mod compile;
 pub mod eval;
-pub mod node;
 pub mod types;
 
 pub use eval::{Decision, Endpoint, Reason, evaluate};

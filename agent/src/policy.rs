@@ -16,10 +16,10 @@ use slipway_dataplane::policy::{AsyncPolicyEvents, PolicyMaps, PolicyTables};
 use tokio::sync::{Mutex, broadcast};
 use tracing::{error, info};
 
-use super::compile::{
+use slipway_cni::policy::compile::{
     self, Compiled, EndVerdict, Explanation, Namespace, Pod, protocol_name, protocol_number,
 };
-use super::types::NetworkPolicy;
+use slipway_cni::policy::types::NetworkPolicy;
 
 /// The cluster state policy needs, as the local API receives it (and as it is persisted).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -317,7 +317,7 @@ impl PolicyNode {
             None => list.to_json().map_err(|e| internal(e.to_string()))?,
         };
         let mut guard = self.desired.lock().await;
-        crate::agent::write_atomically(&file, &body)
+        crate::run::write_atomically(&file, &body)
             .map_err(|e| internal(format!("persisting {}: {e}", file.display())))?;
         list.set(&mut guard.0);
         self.install(&mut guard)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use slipway_local::LocalClient;
 
-use super::node::Flow;
+use crate::policy::Flow;
 
 const DEFAULT_SOCKET: &str = "/run/slipway/agent.sock";
 
@@ -280,9 +280,9 @@ struct ItemsOf<T> {
 /// be told apart.
 pub fn locate_misfits(kind: &str, name: &str, text: &str) -> Vec<String> {
     match kind {
-        "networkpolicies" => misfits::<super::NetworkPolicy>(name, text),
-        "pods" => misfits::<super::compile::Pod>(name, text),
-        "namespaces" => misfits::<super::compile::Namespace>(name, text),
+        "networkpolicies" => misfits::<slipway_cni::policy::NetworkPolicy>(name, text),
+        "pods" => misfits::<slipway_cni::policy::compile::Pod>(name, text),
+        "namespaces" => misfits::<slipway_cni::policy::compile::Namespace>(name, text),
         _ => Vec::new(),
     }
 }
@@ -393,7 +393,7 @@ impl FlowsArgs {
 
 /// One flow as a line: time, verdict, deciding end, endpoints, port, what decided.
 pub fn render_flow(flow: &Flow) -> String {
-    let end = |e: &super::node::FlowEnd| match (&e.namespace, &e.pod) {
+    let end = |e: &crate::policy::FlowEnd| match (&e.namespace, &e.pod) {
         (Some(ns), Some(pod)) => format!("{ns}/{pod}({})", e.ip),
         _ => e.ip.to_string(),
     };

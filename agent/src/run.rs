@@ -1,0 +1,255 @@
+//! The agent's startup: the node datapath installed, the desired state restored, the local API
+//! served; and the small file and nftables helpers it uses.
+
+use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use ipnetwork::Ipv4Network;
+use slipway_cni::plugin::{NodeState, VXLAN_OVERHEAD};
+use slipway_cni::spec::Routing;
+use slipway_dataplane::abi::NodeConfig;
+use slipway_dataplane::link::Netlink;
+use slipway_dataplane::node::{self, NodeMaps, Pins};
+use slipway_dataplane::services::ServiceDatapath;
+use tokio::sync::Mutex;
+use tracing::info;
+
+use crate::api::{
+    explain, flows, get_hosts, get_namespaces, get_pods, get_policies, get_services, metrics,
+    put_hosts, put_namespaces, put_pods, put_policies, put_services, status,
+};
+use crate::args::{AgentArgs, VXLAN_DEVICE, VXLAN_PORT};
+use crate::hosts::{Host, restore_hosts, sync_routes};
+use crate::metrics::watch_counters;
+use crate::policy::PolicyNode;
+use crate::services::Service;
+
+/// The nftables table holding the egress masquerade rule; replaced whole on every start.
+pub const NFT_TABLE: &str = "slipway";
+
+pub(crate) struct Agent {
+    pub(crate) args: AgentArgs,
+    pub(crate) pins: Pins,
+    pub(crate) node_ip: Ipv4Addr,
+    pub(crate) hosts: Mutex<Vec<Host>>,
+    pub(crate) services: Mutex<(Vec<Service>, ServiceDatapath)>,
+    pub(crate) policy: Arc<PolicyNode>,
+}
+
+/// Desired state the agent was given, kept beside the node state so a restart knows it.
+pub(crate) fn desired_path(data_dir: &Path, what: &str) -> PathBuf {
+    data_dir.join(format!("{what}.json"))
+}
+
+/// Runs the agent until SIGTERM/SIGINT. The datapath stays in place when it exits.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let routing: Routing = args.routing.into();
+    anyhow::ensure!(
+        args.pod_cidr.contains(args.host_block.network())
+            && args.pod_cidr.prefix() <= args.host_block.prefix(),
+        "--host-block: {} is not inside --pod-cidr {}",
+        args.host_block,
+        args.pod_cidr
+    );
+    let pins = Pins::new(&args.bpffs);
+    let netlink = Netlink::current()?;
+    let underlay = netlink
+        .link(&args.underlay_device)
+        .await?
+        .with_context(|| format!("--underlay-device: {} does not exist", args.underlay_device))?;
+    let underlay_mtu = underlay.mtu.unwrap_or(1500);
+    let mtu = args.mtu.unwrap_or(match routing {
+        Routing::Vxlan => underlay_mtu - VXLAN_OVERHEAD,
+        Routing::Native => underlay_mtu,
+    });
+
+    let node_ip = netlink
+        .addresses(underlay.index)
+        .await?
+        .first()
+        .map(|(ip, _)| *ip)
+        .with_context(|| {
+            format!(
+                "--underlay-device: {} has no IPv4 address",
+                args.underlay_device
+            )
+        })?;
+
+    let mut installed = node::install(&pins, &args.map_sizes())?;
+    let mut service_dp = ServiceDatapath::load(Some(&pins.services_dir()))?;
+    fs::create_dir_all(&args.cgroup)
+        .with_context(|| format!("--cgroup: creating {}", args.cgroup.display()))?;
+    service_dp.attach(&args.cgroup)?;
+    let router = slipway_cni::ipam::router_ip(args.host_block).with_context(|| {
+        format!(
+            "--host-block: {} is too small to spare a router address (at most /29)",
+            args.host_block
+        )
+    })?;
+    let mut config = NodeConfig {
+        underlay_ifindex: underlay.index,
+        vni: args.vni,
+        router_ip4: u32::from_ne_bytes(router.octets()),
+        ..NodeConfig::default()
+    };
+    if routing == Routing::Vxlan {
+        let vxlan = netlink
+            .ensure_vxlan_external(VXLAN_DEVICE, VXLAN_PORT)
+            .await?;
+        netlink.set_up(vxlan.index).await?;
+        installed.attach_netdev(VXLAN_DEVICE)?;
+        config.vxlan_ifindex = vxlan.index;
+    }
+    installed.attach_netdev(&args.underlay_device)?;
+    let mut maps = NodeMaps::open(&pins)?;
+    maps.set_config(config)?;
+    // Traffic the datapath leaves to the host stack (to the outside, to host ports) is routed.
+    fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling net.ipv4.ip_forward")?;
+    install_masquerade(args.pod_cidr, &args.underlay_device)?;
+
+    let state = NodeState {
+        pod_cidr: args.pod_cidr.to_string(),
+        host_block: args.host_block.to_string(),
+        routing,
+        mtu,
+        underlay_device: args.underlay_device.clone(),
+        bpffs: args.bpffs.display().to_string(),
+    };
+    write_atomically(
+        &NodeState::path(&args.data_dir),
+        &serde_json::to_vec_pretty(&state)?,
+    )?;
+    info!(block = %args.host_block, ?routing, mtu, "node datapath ready");
+
+    let restored = restore_hosts(&args.data_dir, &maps)?;
+    if !restored.is_empty() {
+        info!(hosts = restored.len(), "restored the host list");
+    }
+    let services: Vec<Service> = fs::read(desired_path(&args.data_dir, "services"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let policy = PolicyNode::start(
+        &pins,
+        args.host_block,
+        args.policy_entries as usize,
+        args.data_dir.join("policy"),
+    )
+    .await?;
+    let agent = Arc::new(Agent {
+        args: args.clone(),
+        pins,
+        node_ip,
+        hosts: Mutex::new(restored),
+        services: Mutex::new((services, service_dp)),
+        policy: policy.clone(),
+    });
+    // The routes follow the restored list, whatever moment the previous agent stopped at.
+    sync_routes(&agent, &agent.hosts.lock().await)?;
+
+    if let Some(parent) = args.socket.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let _ = fs::remove_file(&args.socket);
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| format!("--socket: binding {}", args.socket.display()))?;
+    let api = Router::new()
+        .route("/v1/hosts", get(get_hosts).put(put_hosts))
+        .route("/v1/services", get(get_services).put(put_services))
+        .route("/v1/namespaces", get(get_namespaces).put(put_namespaces))
+        .route("/v1/pods", get(get_pods).put(put_pods))
+        .route("/v1/networkpolicies", get(get_policies).put(put_policies))
+        .route("/v1/policy/explain", get(explain))
+        .route("/v1/flows", get(flows))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(agent.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(policy.pump_events());
+    tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));
+    tasks.spawn(watch_counters(agent.pins.clone()));
+    tasks.spawn(async move {
+        axum::serve(listener, api)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics: binding {addr}"))?;
+        let router = Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(agent.clone());
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    println!(
+        "slipway agent: ready (api {}, block {}, {routing:?}, mtu {mtu})",
+        args.socket.display(),
+        args.host_block
+    );
+    let _ = std::io::stdout().flush();
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: exiting, the datapath stays"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting, the datapath stays"),
+        Some(done) = tasks.join_next() => done??,
+    }
+    Ok(())
+}
+
+/// Masquerades pod traffic that leaves the pod CIDR through the underlay device, so the outside
+/// sees the host's address and replies find their way back.
+pub(crate) fn install_masquerade(pod_cidr: Ipv4Network, underlay: &str) -> anyhow::Result<()> {
+    use std::process::{Command, Stdio};
+    let ruleset = format!(
+        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n\
+         table ip {NFT_TABLE} {{\n\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             ip saddr {pod_cidr} ip daddr != {pod_cidr} oifname \"{underlay}\" masquerade\n\
+           }}\n\
+         }}\n"
+    );
+    let mut nft = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("running nft (Debian package nftables): {e}"))?;
+    if let Some(mut stdin) = nft.stdin.take() {
+        stdin.write_all(ruleset.as_bytes())?;
+    }
+    let output = nft.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "installing the masquerade rule: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+pub(crate) fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(body)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
