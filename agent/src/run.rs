@@ -1,5 +1,5 @@
 //! The agent's startup: the node datapath installed, the desired state restored, the local API
-//! served; and the small file and nftables helpers it uses.
+//! served; and the atomic file write the desired state is kept with.
 
 use std::fs;
 use std::io::Write;
@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
-use ipnetwork::Ipv4Network;
 use slipway_cni::plugin::{NodeState, VXLAN_OVERHEAD};
 use slipway_cni::spec::Routing;
 use slipway_dataplane::abi::NodeConfig;
@@ -28,9 +27,6 @@ use crate::hosts::{Host, restore_hosts, sync_routes};
 use crate::metrics::watch_counters;
 use crate::policy::PolicyNode;
 use crate::services::Service;
-
-/// The nftables table holding the egress masquerade rule; replaced whole on every start.
-pub const NFT_TABLE: &str = "slipway";
 
 pub(crate) struct Agent {
     pub(crate) args: AgentArgs,
@@ -111,7 +107,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     maps.set_config(config)?;
     // Traffic the datapath leaves to the host stack (to the outside, to host ports) is routed.
     fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling net.ipv4.ip_forward")?;
-    install_masquerade(args.pod_cidr, &args.underlay_device)?;
+    slipway_dataplane::nft::install_masquerade(args.pod_cidr, &args.underlay_device)
+        .context("installing the egress masquerade")?;
 
     let state = NodeState {
         pod_cidr: args.pod_cidr.to_string(),
@@ -205,37 +202,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting, the datapath stays"),
         Some(done) = tasks.join_next() => done??,
     }
-    Ok(())
-}
-
-/// Masquerades pod traffic that leaves the pod CIDR through the underlay device, so the outside
-/// sees the host's address and replies find their way back.
-pub(crate) fn install_masquerade(pod_cidr: Ipv4Network, underlay: &str) -> anyhow::Result<()> {
-    use std::process::{Command, Stdio};
-    let ruleset = format!(
-        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n\
-         table ip {NFT_TABLE} {{\n\
-           chain postrouting {{\n\
-             type nat hook postrouting priority srcnat; policy accept;\n\
-             ip saddr {pod_cidr} ip daddr != {pod_cidr} oifname \"{underlay}\" masquerade\n\
-           }}\n\
-         }}\n"
-    );
-    let mut nft = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("running nft (Debian package nftables): {e}"))?;
-    if let Some(mut stdin) = nft.stdin.take() {
-        stdin.write_all(ruleset.as_bytes())?;
-    }
-    let output = nft.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "installing the masquerade rule: {}",
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod lb;
 pub mod link;
 pub mod netns;
+pub mod nft;
 pub mod node;
 pub mod objects;
 pub mod packet;
