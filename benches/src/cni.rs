@@ -31,6 +31,14 @@ pub(crate) const BRIDGE_PLUGIN: &str = "bridge-plugin";
 /// Cross-host raw baseline: host to host over the underlay (each host's `eth0` is a veth into
 /// the underlay bridge), the path every cross-host pod packet rides on.
 const HOST_UNDERLAY: &str = "host-underlay";
+/// Cross-host tunnel reference: the same two underlay hosts joined by a plain kernel VXLAN
+/// device (no pod veth, no BPF, outer UDP checksum off as Slipway sends it), so the cost of
+/// the encapsulation itself is told apart from what Slipway adds around it.
+const KERNEL_VXLAN: &str = "kernel-vxlan";
+/// The kernel VXLAN reference's VNI, UDP port (apart from the agents' 4789) and subnet.
+const KERNEL_VXLAN_VNI: &str = "42";
+const KERNEL_VXLAN_PORT: &str = "4790";
+const KERNEL_VXLAN_NET: [u8; 3] = [10, 97, 0];
 
 /// Where Debian's containernetworking-plugins live.
 const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
@@ -123,6 +131,7 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Record>> {
     let raw_b_ip = Ipv4Addr::new(10, 98, 0, 2);
     let under_a = bench.world.host(UNDERLAY_HOSTS[0]).netns.clone();
     let under_b = bench.world.host(UNDERLAY_HOSTS[1]);
+    let kernel_vxlan_b_ip = bench.kernel_vxlan(UNDERLAY_HOSTS)?;
 
     let same_host = [
         Pair::new("slipway", &sa.netns, &sb.netns, sb.ip),
@@ -134,6 +143,7 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Record>> {
         Pair::new("slipway-native", &na.netns, &nc.netns, nc.ip),
         Pair::new(HOST_UNDERLAY, &under_a, &under_b.netns, under_b.underlay_ip),
         Pair::new(BRIDGE_PLUGIN, &ba.netns, &bc.netns, bc.ip),
+        Pair::new(KERNEL_VXLAN, &under_a, &under_b.netns, kernel_vxlan_b_ip),
     ];
     let mut mtus = Vec::new();
     for pair in same_host.iter().chain(&cross_host) {
@@ -166,7 +176,7 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Record>> {
     step(
         5,
         &format!(
-            "throughput, cross host: {} runs of vxlan, native, underlay, bridge",
+            "throughput, cross host: {} runs of vxlan, native, underlay, bridge, kernel vxlan",
             options.runs
         ),
     );
@@ -449,6 +459,49 @@ impl Bench {
             );
         }
         Ok(Cluster { hosts: members })
+    }
+
+    /// Joins the two underlay hosts `hosts` with a plain kernel VXLAN device `kvx0` each
+    /// (unicast to the peer, outer UDP checksum off, MTU from `eth0` minus the encapsulation)
+    /// at `10.97.0.<host>/24`; returns the second host's tunnel address.
+    fn kernel_vxlan(&self, hosts: [usize; 2]) -> anyhow::Result<Ipv4Addr> {
+        let ip_of = |host: usize| -> anyhow::Result<Ipv4Addr> {
+            let octet = u8::try_from(host).context("kernel vxlan: host index above 255")?;
+            let [a, b, c] = KERNEL_VXLAN_NET;
+            Ok(Ipv4Addr::new(a, b, c, octet))
+        };
+        for (host, peer) in [(hosts[0], hosts[1]), (hosts[1], hosts[0])] {
+            let netns = &self.world.host(host).netns;
+            let local = self.world.host(host).underlay_ip.to_string();
+            let remote = self.world.host(peer).underlay_ip.to_string();
+            netns.ip(&[
+                "link",
+                "add",
+                "kvx0",
+                "type",
+                "vxlan",
+                "id",
+                KERNEL_VXLAN_VNI,
+                "remote",
+                &remote,
+                "local",
+                &local,
+                "dstport",
+                KERNEL_VXLAN_PORT,
+                "dev",
+                "eth0",
+                "noudpcsum",
+            ])?;
+            netns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", ip_of(host)?),
+                "dev",
+                "kvx0",
+            ])?;
+            netns.ip(&["link", "set", "kvx0", "up"])?;
+        }
+        ip_of(hosts[1])
     }
 
     /// Starts `slipway <args>` in `host` (its network namespace only, so bpffs stays visible)
@@ -791,18 +844,24 @@ impl<'a> Pair<'a> {
         }
     }
 
-    /// The MTU of the client's route to the server (its `eth0`).
     /// TCP throughput client -> server over `duration` (iperf3), in Gbit/s.
     pub(crate) fn throughput_gbps(&self, duration: Duration) -> anyhow::Result<f64> {
         Ok(iperf3_tcp(self.client, self.server, self.server_ip, duration)?.received_bps / 1e9)
     }
 
+    /// The MTU of the device the client's route to the server leaves by.
     fn client_mtu(&self) -> anyhow::Result<u64> {
-        let text = self.client.ip(&["-j", "link", "show", "dev", "eth0"])?;
+        let server = self.server_ip.to_string();
+        let text = self.client.ip(&["-j", "route", "get", &server])?;
+        let routes: Value = serde_json::from_str(&text).context("parsing ip -j route get")?;
+        let dev = routes[0]["dev"]
+            .as_str()
+            .with_context(|| format!("{}: no route to {server}: {text}", self.label))?;
+        let text = self.client.ip(&["-j", "link", "show", "dev", dev])?;
         let links: Value = serde_json::from_str(&text).context("parsing ip -j link")?;
         links[0]["mtu"]
             .as_u64()
-            .with_context(|| format!("{}: eth0 has no MTU: {text}", self.label))
+            .with_context(|| format!("{}: {dev} has no MTU: {text}", self.label))
     }
 
     pub(crate) fn check_reachable(&self) -> anyhow::Result<()> {
@@ -861,8 +920,9 @@ fn compare(
         .collect()
 }
 
-/// Cross-host samples ordered [vxlan, native, underlay, bridge]: each routing mode against
-/// each baseline, as `<name>_vxlan` and `<name>_native`.
+/// Cross-host samples ordered [vxlan, native, underlay, bridge, kernel vxlan]: each routing
+/// mode against the underlay and the bridge plugin, as `<name>_vxlan` and `<name>_native`, and
+/// VXLAN against the plain kernel VXLAN device.
 fn compare_cross(
     samples: &[Vec<f64>],
     name: &str,
@@ -872,7 +932,12 @@ fn compare_cross(
     let mut records = Vec::new();
     for (s, mode) in [(0, "vxlan"), (1, "native")] {
         let metric_name = format!("{name}_{mode}");
-        for (b, baseline) in [(2, HOST_UNDERLAY), (3, BRIDGE_PLUGIN)] {
+        let baselines: &[(usize, &str)] = if mode == "vxlan" {
+            &[(2, HOST_UNDERLAY), (3, BRIDGE_PLUGIN), (4, KERNEL_VXLAN)]
+        } else {
+            &[(2, HOST_UNDERLAY), (3, BRIDGE_PLUGIN)]
+        };
+        for &(b, baseline) in baselines {
             records.push(
                 Samples {
                     slipway: samples[s].clone(),
