@@ -39,6 +39,10 @@ enum Command {
     /// NetworkPolicy on this node: `explain` a verdict, `set` or `get` the agent's state.
     #[command(subcommand)]
     Policy(slipway_agent::cli::PolicyCommand),
+    /// The CSI driver (csi.slipway.dev): `controller`, `node`, and the per-volume `attach`
+    /// process the node plugin starts.
+    #[command(subcommand)]
+    Csi(slipway_csi::cli::CsiCommand),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
     Supervisor(slipway_supervisor::cli::SupervisorArgs),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
@@ -59,8 +63,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The block store daemon says what it serves, who connects and what changes.
-    let level = if matches!(cli.command, Command::Blockstore(_)) {
+    // The block store and the CSI plugins say what they serve, who connects and what changes.
+    let level = if matches!(cli.command, Command::Blockstore(_) | Command::Csi(_)) {
         "info"
     } else {
         "warn"
@@ -87,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Flows(args) => args.run(),
         Command::Policy(command) => command.run(),
         Command::Blockstore(args) => args.run(),
+        Command::Csi(command) => command.run(&["csi"]),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
