@@ -72,6 +72,9 @@ pub struct AgentArgs {
     #[arg(long = "route-entries", default_value_t = MAX_ROUTES,
           value_parser = clap::value_parser!(u32).range(1..=crate::tables::TABLE_MAX))]
     pub route_entries: u32,
+    /// Registration with a supervisor (Host and Lease).
+    #[command(flatten)]
+    pub heartbeat: crate::heartbeat::HeartbeatArgs,
 }
 
 impl AgentArgs {

@@ -8,7 +8,7 @@
 //! the maps and swaps programs into the pinned links atomically.
 //!
 //! Layout: [`args`] (flags), [`run`] (startup), [`api`] (the local API's handlers), [`hosts`]
-//! (hosts and routes), [`services`], [`policy`] (the policy node: compiled state installed in the
+//! (hosts and routes), [`heartbeat`] (the Host and Lease in the supervisor), [`services`], [`policy`] (the policy node: compiled state installed in the
 //! datapath, flows), [`metrics`] and [`tables`] (Prometheus), [`cli`] (`slipway flows`,
 //! `slipway policy`).
 #![forbid(unsafe_code)]
@@ -16,6 +16,7 @@
 pub mod api;
 pub mod args;
 pub mod cli;
+pub mod heartbeat;
 pub mod hosts;
 pub mod metrics;
 pub mod policy;

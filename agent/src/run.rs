@@ -23,6 +23,7 @@ use crate::api::{
     put_hosts, put_namespaces, put_pods, put_policies, put_services, status,
 };
 use crate::args::{AgentArgs, VXLAN_DEVICE, VXLAN_PORT};
+use crate::heartbeat::Heartbeat;
 use crate::hosts::{Host, restore_hosts, sync_routes};
 use crate::metrics::watch_counters;
 use crate::policy::PolicyNode;
@@ -76,6 +77,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 args.underlay_device
             )
         })?;
+    // Flags checked (and the supervisor's kubeconfig read) before the datapath is touched.
+    let heartbeat = match args.heartbeat.registration(node_ip.to_string())? {
+        Some((kubeconfig, reg)) => Some(Heartbeat::connect(&kubeconfig, reg).await?),
+        None => None,
+    };
 
     let mut installed = node::install(&pins, &args.map_sizes())?;
     let mut service_dp = ServiceDatapath::load(Some(&pins.services_dir()))?;
@@ -168,6 +174,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .route("/metrics", get(metrics))
         .with_state(agent.clone());
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(heartbeat) = heartbeat {
+        tasks.spawn(heartbeat.run());
+    }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));
     tasks.spawn(watch_counters(agent.pins.clone()));
