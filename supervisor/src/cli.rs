@@ -148,6 +148,11 @@ impl SupervisorArgs {
             "slipway supervisor listening on https://{}",
             server.local_addr()
         );
+        let host_health =
+            crate::controllers::host_health::HostHealth::connect(server.controllers_kubeconfig())
+                .await
+                .context("starting the host health controller")?;
+        let controllers = tokio::spawn(host_health.run());
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -157,6 +162,7 @@ impl SupervisorArgs {
             }
         };
         server.serve(shutdown).await;
+        controllers.abort();
         Ok(())
     }
 

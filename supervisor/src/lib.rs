@@ -45,6 +45,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod controllers;
 pub mod error;
 pub mod metrics;
 pub mod openapi;

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::{Kubectl, Supervisor, TempDir};
 
@@ -139,14 +140,17 @@ fn suite(bin: &Path) {
             "--subresource=status",
             "--type=merge",
             "-p",
-            r#"{"status":{"phase":"Running","address":"10.1.0.2","agentVersion":"0.1.0",
-                "conditions":[{"type":"Ready","status":"True","reason":"LeaseRenewed"}]}}"#,
+            r#"{"status":{"phase":"Running","address":"10.1.0.2","agentVersion":"0.1.0"}}"#,
         ])
         .ok();
         let table = k.run(&["get", "hosts"]).ok().to_string();
         assert_eq!(cell(&table, "h1", "PHASE"), "Running", "{table}");
         assert_eq!(cell(&table, "h1", "ADDRESS"), "10.1.0.2", "{table}");
-        assert_eq!(cell(&table, "h1", "READY"), "True", "{table}");
+        // Ready is the host health controller's: Unknown, h1 has no Lease in slipway-system.
+        common::wait_for("the READY column", Duration::from_secs(10), || {
+            let table = k.run(&["get", "hosts"]).ok().to_string();
+            (cell(&table, "h1", "READY") == "Unknown").then_some(())
+        });
         let err = k
             .run(&[
                 "patch",
@@ -282,4 +286,79 @@ fn hosts_leases_and_nodes_with_debian_kubectl() {
 #[test]
 fn hosts_leases_and_nodes_with_current_kubectl() {
     suite(Path::new(CURRENT_KUBECTL));
+}
+
+/// The Ready condition of Host h1: (status, reason).
+fn host_ready(k: &Kubectl) -> Option<(String, String)> {
+    let h = k.json(&["get", "host", "h1", "-o", "json"]);
+    h["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+}
+
+/// The host health controller: Ready is Unknown without a Lease, True while the agent renews
+/// it, False once it is not renewed within its duration.
+#[test]
+fn a_hosts_ready_condition_follows_its_agents_lease() {
+    use slipway_supervisor::api::meta::{now_secs, rfc3339};
+    let dir = TempDir::new("host-health");
+    let sup = Supervisor::start(dir.path(), "redb", &[]);
+    let k = Kubectl {
+        bin: common::kubectl_path(),
+        sup: &sup,
+    };
+    k.run(&["apply", "-f", &sup.file("setup.yaml", SETUP)]).ok();
+    k.run(&["apply", "-f", &sup.file("host.yaml", HOST)]).ok();
+    let want = |status: &str, reason: &str| Some((status.to_owned(), reason.to_owned()));
+    common::wait_for(
+        "Ready Unknown without a Lease",
+        Duration::from_secs(10),
+        || (host_ready(&k) == want("Unknown", "NoLease")).then_some(()),
+    );
+
+    // The test renews the Lease as an agent would, until the controller says Ready.
+    let renew = || {
+        let now = rfc3339(now_secs()).replace('Z', ".000000Z");
+        let lease = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: slipway-system}}\n---\n\
+             apiVersion: coordination.k8s.io/v1\nkind: Lease\n\
+             metadata: {{name: h1, namespace: slipway-system}}\n\
+             spec: {{holderIdentity: h1, leaseDurationSeconds: 2, renewTime: \"{now}\"}}\n"
+        );
+        k.run(&["apply", "-f", &sup.file("agent-lease.yaml", &lease)])
+            .ok();
+    };
+    common::wait_for("Ready True while renewed", Duration::from_secs(10), || {
+        renew();
+        (host_ready(&k) == want("True", "LeaseRenewed")).then_some(())
+    });
+
+    // The agent stops: the Lease expires after its 2 s.
+    let stopped = Instant::now();
+    common::wait_for("Ready False once expired", Duration::from_secs(10), || {
+        (host_ready(&k) == want("False", "LeaseExpired")).then_some(())
+    });
+    let h = k.json(&["get", "host", "h1", "-o", "json"]);
+    let ready = h["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("expired after 2s")),
+        "{ready}"
+    );
+    eprintln!(
+        "host health: NotReady {:?} after the last renewal (2 s lease, 250 ms period)",
+        stopped.elapsed()
+    );
 }

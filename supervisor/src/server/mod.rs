@@ -18,7 +18,7 @@ pub mod watch;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -137,6 +137,7 @@ pub struct Server {
     listener: TcpListener,
     tls: TlsAcceptor,
     addr: SocketAddr,
+    controllers_kubeconfig: PathBuf,
 }
 
 /// Creates the `default` namespace on first start, as Kubernetes does.
@@ -218,6 +219,19 @@ impl Server {
             "admin",
             &Credential::ClientCert { cert_pem, key_pem },
         )?;
+        // The controllers' identity, issued anew at every start (kept 0600 in the data dir).
+        let controllers_kubeconfig = cfg.data_dir.join("controllers.kubeconfig");
+        let (cert_pem, key_pem) = pki.issue_client(
+            "system:slipway:supervisor-controllers",
+            Some(crate::auth::CONTROLLERS),
+            crate::tls::ADMIN_DAYS,
+        )?;
+        pki.write_kubeconfig(
+            &controllers_kubeconfig,
+            addr,
+            "supervisor-controllers",
+            &Credential::ClientCert { cert_pem, key_pem },
+        )?;
         let doc = crate::openapi::document();
         let openapi_pb = Bytes::from(crate::openapi::document_protobuf(&doc));
         let openapi_json = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
@@ -239,12 +253,18 @@ impl Server {
             listener,
             tls,
             addr,
+            controllers_kubeconfig,
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The kubeconfig the supervisor's own controllers use (group `system:slipway:controllers`).
+    pub fn controllers_kubeconfig(&self) -> &Path {
+        &self.controllers_kubeconfig
     }
 
     /// Serves until `shutdown` resolves; open connections are then dropped.
