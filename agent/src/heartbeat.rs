@@ -18,8 +18,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use tracing::{info, warn};
 
-/// Where host Leases live in the supervisor (as `kube-node-lease` holds Node Leases).
-pub const LEASE_NAMESPACE: &str = "slipway-system";
+pub use slipway_api::slipway::HOST_LEASE_NAMESPACE as LEASE_NAMESPACE;
 
 /// A Host's registration is checked again every this many rounds (the Lease every round).
 const REGISTER_EVERY: u32 = 30;
@@ -135,7 +134,11 @@ impl Heartbeat {
             .with_context(|| format!("--supervisor-kubeconfig: {}", kubeconfig.display()))?;
         let client = kube::Client::try_from(config).context("supervisor client")?;
         let host_resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("slipway.dev", "v1alpha1", "Host"),
+            &GroupVersionKind::gvk(
+                slipway_api::slipway::GROUP,
+                slipway_api::slipway::VERSION,
+                "Host",
+            ),
             "hosts",
         );
         Ok(Self {

@@ -9,6 +9,13 @@ use crate::{FieldError, Validate, at, kind};
 /// The API group of Slipway's own kinds.
 pub const GROUP: &str = "slipway.dev";
 
+/// The version of Slipway's own kinds.
+pub const VERSION: &str = "v1alpha1";
+
+/// Where host agents renew their `coordination.k8s.io/v1` Leases (one per host, named after it),
+/// as `kube-node-lease` holds Nodes' Leases.
+pub const HOST_LEASE_NAMESPACE: &str = "slipway-system";
+
 /// HostClass spec: the size of a host (cgroup limits on netns hosts).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

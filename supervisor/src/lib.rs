@@ -35,7 +35,7 @@
 //! Table output), [`store`] (the `Store` trait, redb and etcd backends), [`auth`] (tokens,
 //! client certificates, RBAC), [`admission`], [`quota`], [`audit`], [`openapi`], [`patch`],
 //! [`selector`], [`ssa`] (field ownership), [`tls`], [`metrics`], [`error`] (the one place errors
-//! become `metav1.Status`).
+//! become `metav1.Status`), [`controllers`] (the supervisor's own, e.g. host health).
 #![forbid(unsafe_code)]
 
 pub mod admission;

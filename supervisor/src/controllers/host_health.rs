@@ -16,12 +16,10 @@ use kube::api::{
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
+use slipway_api::slipway::{GROUP, HOST_LEASE_NAMESPACE as LEASE_NAMESPACE, VERSION};
 use tracing::{info, warn};
 
 use crate::api::meta::{parse_rfc3339, rfc3339};
-
-/// Where host agents keep their Leases.
-pub const LEASE_NAMESPACE: &str = "slipway-system";
 
 /// How often the controller looks.
 pub const PERIOD: Duration = Duration::from_millis(250);
@@ -126,7 +124,7 @@ impl HostHealth {
             kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default()).await?;
         let client = kube::Client::try_from(config)?;
         let host_resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("slipway.dev", "v1alpha1", "Host"),
+            &GroupVersionKind::gvk(GROUP, VERSION, "Host"),
             "hosts",
         );
         Ok(Self {
