@@ -288,19 +288,24 @@ fn hosts_leases_and_nodes_with_current_kubectl() {
     suite(Path::new(CURRENT_KUBECTL));
 }
 
-/// The Ready condition of Host h1: (status, reason).
-fn host_ready(k: &Kubectl) -> Option<(String, String)> {
+/// The Ready condition of Host h1.
+fn ready_condition(k: &Kubectl) -> Option<serde_json::Value> {
     let h = k.json(&["get", "host", "h1", "-o", "json"]);
     h["status"]["conditions"]
         .as_array()?
         .iter()
         .find(|c| c["type"] == "Ready")
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_owned(),
-                c["reason"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
+        .cloned()
+}
+
+/// (status, reason) of Host h1's Ready condition.
+fn host_ready(k: &Kubectl) -> Option<(String, String)> {
+    ready_condition(k).map(|c| {
+        (
+            c["status"].as_str().unwrap_or_default().to_owned(),
+            c["reason"].as_str().unwrap_or_default().to_owned(),
+        )
+    })
 }
 
 /// The host health controller: Ready is Unknown without a Lease, True while the agent renews
@@ -345,12 +350,7 @@ fn a_hosts_ready_condition_follows_its_agents_lease() {
     common::wait_for("Ready False once expired", Duration::from_secs(10), || {
         (host_ready(&k) == want("False", "LeaseExpired")).then_some(())
     });
-    let h = k.json(&["get", "host", "h1", "-o", "json"]);
-    let ready = h["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-        .cloned()
-        .unwrap_or_default();
+    let ready = ready_condition(&k).unwrap_or_default();
     assert!(
         ready["message"]
             .as_str()
