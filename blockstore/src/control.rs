@@ -109,7 +109,9 @@ pub enum ControlError {
     Refused(String),
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// The error's message with its whole source chain on one line (`a: b: c`), as control answers
+/// and CSI statuses carry it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -143,7 +145,7 @@ pub async fn dispatch(store: &Store, req: ControlRequest) -> ControlResponse {
                     deleted,
                     ..ControlResponse::default()
                 },
-                Err(e) => failure(chain(&e)),
+                Err(e) => failure(error_chain(&e)),
             };
         }
     };
@@ -153,7 +155,7 @@ pub async fn dispatch(store: &Store, req: ControlRequest) -> ControlResponse {
             volumes,
             ..ControlResponse::default()
         },
-        Err(e) => failure(chain(&e)),
+        Err(e) => failure(error_chain(&e)),
     }
 }
 

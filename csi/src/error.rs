@@ -3,6 +3,7 @@
 
 use std::io;
 
+use slipway_blockstore::control::error_chain;
 use thiserror::Error;
 use tonic::{Code, Status};
 
@@ -115,25 +116,13 @@ impl CsiError {
     }
 }
 
-/// The message with its whole source chain, printed once.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
-
 impl From<CsiError> for Status {
     fn from(e: CsiError) -> Self {
         let code = e.code();
         if matches!(code, Code::Internal | Code::Unavailable) {
-            tracing::warn!(error = %chain(&e), "CSI request failed");
+            tracing::warn!(error = %error_chain(&e), "CSI request failed");
         }
-        Status::new(code, chain(&e))
+        Status::new(code, error_chain(&e))
     }
 }
 
