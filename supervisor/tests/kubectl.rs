@@ -332,6 +332,19 @@ fn crud_suite(backend: &Backend) {
         &["BadRequest", "spec.settings.network.bogus", "unknown field"],
     );
     bad(
+        "nozone",
+        &cluster("nozone", 1, "192.168.0.0/16", "").replace(
+            "    - name: workers\n",
+            "    - name: workers\n      failureDomain: nowhere\n",
+        ),
+        true,
+        &[
+            "spec.topology.nodePools[0].failureDomain",
+            "nowhere",
+            "Zone not found",
+        ],
+    );
+    bad(
         "wrongtype",
         &SERVICE
             .replace("name: web", "name: wrongtype")

@@ -13,7 +13,7 @@ pub use write::{Change, deletable, forget_namespace, usage_key, write};
 
 use crate::api::core::{Namespace, PersistentVolumeClaim};
 use crate::api::registry::{ResourceType, lookup};
-use crate::api::slipway::{Cluster, GROUP, HostClass, HostClassSpec, cidr_fields};
+use crate::api::slipway::{Cluster, GROUP, HostClass, HostClassSpec, Zone, cidr_fields};
 use crate::error::{ApiError, FieldError};
 use crate::quota::{self, Usage, cluster_pools};
 use crate::server::keys;
@@ -170,6 +170,19 @@ pub async fn admit_cluster(
                 field,
                 format!("{class:?}"),
                 "HostClass not found",
+            ));
+        }
+    }
+    for (i, pool) in t.node_pools.iter().enumerate() {
+        if let Some(zone) = &pool.failure_domain
+            && get_typed::<Zone>(store, rt(GROUP, "v1alpha1", "zones")?, None, zone)
+                .await?
+                .is_none()
+        {
+            errs.push(FieldError::invalid(
+                format!("spec.topology.nodePools[{i}].failureDomain"),
+                format!("{zone:?}"),
+                "Zone not found",
             ));
         }
     }
