@@ -34,6 +34,9 @@ enum Command {
     Lb(slipway_lb::cli::LbCommand),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
     Agent(slipway_agent::AgentArgs),
+    /// Join this machine to a supervisor as a host (bootstrap token, as `kubeadm join`), then
+    /// run its host agent (heartbeat; the node datapath with agent flags after `--`).
+    Join(slipway_agent::join::JoinArgs),
     /// Stream the node's NetworkPolicy verdicts (allowed connections, denied packets).
     Flows(slipway_agent::cli::FlowsArgs),
     /// NetworkPolicy on this node: `explain` a verdict, `set` or `get` the agent's state.
@@ -59,6 +62,14 @@ enum Command {
     /// written to <out-dir>/<suite>.jsonl.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// The host agent's runtime: two workers, whatever the machine's size.
+fn agent_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,10 +103,7 @@ fn main() -> anyhow::Result<()> {
         Command::Policy(command) => command.run(),
         Command::Blockstore(args) => args.run(),
         Command::Csi(command) => command.run(&["csi"]),
-        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(slipway_agent::run(args)),
+        Command::Agent(args) => agent_runtime()?.block_on(slipway_agent::run(args)),
+        Command::Join(args) => agent_runtime()?.block_on(slipway_agent::join::run(args)),
     }
 }

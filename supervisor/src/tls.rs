@@ -278,13 +278,24 @@ impl Pki {
         user: &str,
         cred: &Credential,
     ) -> Result<(), TlsError> {
-        let ca = std::fs::read(self.ca_cert()).map_err(io(&self.ca_cert()))?;
         let host = match addr.ip() {
             IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
             IpAddr::V6(v) if v.is_unspecified() => "127.0.0.1".to_string(),
             IpAddr::V6(v) => format!("[{v}]"),
             IpAddr::V4(v) => v.to_string(),
         };
+        let text = self.kubeconfig(&format!("{host}:{}", addr.port()), user, cred)?;
+        write_private(path, &text)
+    }
+
+    /// A kubeconfig for the server at `authority` (`host:port`) with the given credentials.
+    pub fn kubeconfig(
+        &self,
+        authority: &str,
+        user: &str,
+        cred: &Credential,
+    ) -> Result<String, TlsError> {
+        let ca = std::fs::read(self.ca_cert()).map_err(io(&self.ca_cert()))?;
         let user_block = match cred {
             Credential::ClientCert { cert_pem, key_pem } => format!(
                 "    client-certificate-data: {}\n    client-key-data: {}\n",
@@ -293,12 +304,10 @@ impl Pki {
             ),
             Credential::Token(t) => format!("    token: {t}\n"),
         };
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: slipway\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@slipway\n  context:\n    cluster: slipway\n    user: {user}\n    namespace: default\ncurrent-context: {user}@slipway\n",
-            port = addr.port(),
+        Ok(format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: slipway\n  cluster:\n    server: https://{authority}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@slipway\n  context:\n    cluster: slipway\n    user: {user}\n    namespace: default\ncurrent-context: {user}@slipway\n",
             ca = base64(&ca),
-        );
-        write_private(path, &text)
+        ))
     }
 }
 
