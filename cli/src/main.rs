@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod supervisor;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -47,7 +48,7 @@ enum Command {
     #[command(subcommand)]
     Csi(slipway_csi::cli::CsiCommand),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
-    Supervisor(slipway_supervisor::cli::SupervisorArgs),
+    Supervisor(supervisor::SupervisorCommand),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
     Apply(slipway_supervisor::cli::ApplyArgs),
     /// List or show objects.

@@ -143,14 +143,19 @@ impl Pki {
             write_private(&self.ca_key(), &key.serialize_pem())?;
             std::fs::write(self.ca_cert(), cert.pem()).map_err(io(&self.ca_cert()))?;
         }
-        if due_for_renewal(&self.server_cert()) {
-            let mut sans = vec![
-                "localhost".to_string(),
-                "127.0.0.1".to_string(),
-                "::1".to_string(),
-            ];
-            sans.extend(extra_sans.iter().cloned());
-            sans.dedup();
+        let mut sans = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
+        sans.extend(extra_sans.iter().cloned());
+        sans.sort();
+        sans.dedup();
+        // The names the certificate was issued for, kept beside it: a new name reissues it.
+        let names_file = self.dir.join("server.names");
+        let names = sans.join("\n");
+        let same_names = std::fs::read_to_string(&names_file).is_ok_and(|n| n == names);
+        if due_for_renewal(&self.server_cert()) || !same_names {
             let key = KeyPair::generate().map_err(gen_err("server key"))?;
             let mut params = CertificateParams::new(sans).map_err(gen_err("server"))?;
             params.distinguished_name = dn("slipway-supervisor", None);
@@ -161,6 +166,7 @@ impl Pki {
                 .map_err(gen_err("server"))?;
             write_private(&self.server_key(), &key.serialize_pem())?;
             std::fs::write(self.server_cert(), cert.pem()).map_err(io(&self.server_cert()))?;
+            std::fs::write(&names_file, names).map_err(io(&names_file))?;
         }
         Ok(())
     }

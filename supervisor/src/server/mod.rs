@@ -68,6 +68,9 @@ pub struct ServerConfig {
     pub admission: AdmissionConfig,
     /// Connection, handshake, header and watch limits.
     pub limits: ConnectionLimits,
+    /// Addresses clients reach the server at besides the listen address (serving
+    /// certificate names).
+    pub advertise: Vec<std::net::IpAddr>,
 }
 
 /// Start-up failures.
@@ -190,7 +193,7 @@ impl Server {
             .create(&cfg.data_dir)
             .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
         let pki = Pki::new(&cfg.data_dir);
-        let mut sans = Vec::new();
+        let mut sans: Vec<String> = cfg.advertise.iter().map(ToString::to_string).collect();
         if !cfg.listen.ip().is_unspecified() {
             sans.push(cfg.listen.ip().to_string());
         }
