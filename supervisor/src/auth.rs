@@ -274,9 +274,10 @@ pub async fn authorize(
     if user.is_controller() {
         let rbac = rt.group == "rbac.authorization.k8s.io";
         // Hosts are made and removed by the controllers (a Cluster's hosts, replacements), and
-        // so are the bootstrap tokens the hosts they start join with.
+        // so are the bootstrap tokens the hosts they start join with, and the Events they
+        // record.
         let owned = (rt.group == slipway_api::slipway::GROUP && rt.plural == "hosts")
-            || (rt.group.is_empty() && rt.plural == "secrets");
+            || (rt.group.is_empty() && matches!(rt.plural, "secrets" | "events"));
         return if read
             || (matches!(verb, "update" | "patch") && !rbac)
             || (matches!(verb, "create" | "delete") && owned)

@@ -179,7 +179,13 @@ impl SupervisorArgs {
             crate::controllers::host_health::HostHealth::connect(server.controllers_kubeconfig())
                 .await
                 .context("starting the host health controller")?;
+        let clusters = crate::controllers::clusters::ClusterReconciler::connect(
+            server.controllers_kubeconfig(),
+        )
+        .await
+        .context("starting the cluster reconciler")?;
         let controllers = tokio::spawn(host_health.run());
+        let cluster_controller = tokio::spawn(clusters.run());
         let mut more = tokio::spawn(more(Listening {
             addr: server.local_addr(),
             controllers_kubeconfig: server.controllers_kubeconfig().to_owned(),
@@ -203,6 +209,7 @@ impl SupervisorArgs {
         };
         server.serve(shutdown).await;
         controllers.abort();
+        cluster_controller.abort();
         more.abort();
         match failed_rx.await {
             Ok(result) => result,
