@@ -170,6 +170,37 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
         ["team-a-c1-control-plane-0", "team-a-c1-workers-0"]
     );
 
+    // Remediation: the worker's agent killed with kill -9 → its Lease expires → the host is
+    // replaced (a new Host of the same name, zone and pool) and Ready again.
+    let provider = world.provider();
+    let worker = "team-a-c1-workers-0";
+    let old_uid = hosts.get(worker).await.expect("worker").metadata.uid;
+    let pids = provider.status(worker).await.expect("worker status").pids;
+    assert!(!pids.is_empty(), "the worker's agent runs");
+    let killed = Instant::now();
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_for(
+        "the worker replaced and Ready",
+        Duration::from_secs(60),
+        || async {
+            let h = hosts.get_opt(worker).await.ok()??;
+            (h.metadata.uid != old_uid).then_some(())?;
+            running(&clusters, &hosts, "c1", 2).await
+        },
+    )
+    .await;
+    eprintln!(
+        "remediation: agent killed → replacement Ready in {:?}",
+        killed.elapsed()
+    );
+    let described = world.kubectl(&["describe", "cluster", "c1", "-n", "team-a"]);
+    assert!(described.contains("HostReplaced"), "{described}");
+
     // kill -9 right after a Cluster is applied; the restarted supervisor makes it once.
     world.apply(&cluster_yaml("c2", 1));
     world.kill9();
@@ -186,7 +217,6 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
         )
         .await;
     }
-    let provider = world.provider();
     let made: Vec<String> = provider
         .list()
         .await

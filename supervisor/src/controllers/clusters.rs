@@ -104,6 +104,17 @@ fn condition_true(obj: &DynamicObject, kind: &str) -> bool {
         })
 }
 
+/// Whether the host's Ready condition says its Lease expired.
+fn lease_expired(host: &DynamicObject) -> bool {
+    host.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "Ready" && c["status"] == "False" && c["reason"] == "LeaseExpired"
+            })
+        })
+}
+
 /// The controller, connected.
 pub struct ClusterReconciler {
     client: kube::Client,
@@ -255,7 +266,28 @@ impl ClusterReconciler {
                 .await;
             }
         }
-        // Scale down: the newest (highest index) first, one pass at a time per pool order.
+        // Remediation: a host whose Lease expired is torn down; the next pass makes its
+        // replacement, same name, same zone and pool (as a MachineHealthCheck would, without
+        // the minutes of waiting: the Lease's duration is the timeout).
+        for p in &want {
+            if let Some(host) = have.get(p.name.as_str())
+                && host.metadata.deletion_timestamp.is_none()
+                && lease_expired(host)
+            {
+                self.delete_host(&p.name).await?;
+                self.event(
+                    cluster,
+                    "Warning",
+                    "HostReplaced",
+                    &format!(
+                        "host {}'s Lease expired: replacing it in zone {}",
+                        p.name, p.zone
+                    ),
+                )
+                .await;
+            }
+        }
+        // Scale down: the newest (highest index) first.
         let mut extra: Vec<&&DynamicObject> = have
             .iter()
             .filter(|(n, h)| !wanted.contains(*n) && h.metadata.deletion_timestamp.is_none())
