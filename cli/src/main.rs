@@ -5,6 +5,7 @@
 
 mod bench;
 mod supervisor;
+mod up;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -47,6 +48,12 @@ enum Command {
     /// process the node plugin starts.
     #[command(subcommand)]
     Csi(slipway_csi::cli::CsiCommand),
+    /// The main job: a supervisor provisioning hosts in network namespaces over three zones,
+    /// with a demo cluster (one control plane host, two workers in two zones); progress until
+    /// it is Ready, then the commands to try. Ctrl-C (or `slipway down`) tears everything down.
+    Up(up::UpArgs),
+    /// Stops a running `slipway up` (which then tears everything down).
+    Down(up::DownArgs),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
     Supervisor(supervisor::SupervisorCommand),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
@@ -63,6 +70,15 @@ enum Command {
     /// written to <out-dir>/<suite>.jsonl.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// A client with the credentials of `kubeconfig`.
+async fn client_for(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// The host agent's runtime: two workers, whatever the machine's size.
@@ -93,6 +109,8 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => bench::run(bench::Suite::Demo, args),
         Command::Bench(command) => bench::dispatch(command),
         Command::Supervisor(args) => args.run(),
+        Command::Up(args) => args.run(),
+        Command::Down(args) => args.run(),
         Command::Apply(args) => args.run(),
         Command::Get(args) => args.run(),
         Command::Describe(args) => args.run(),

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use slipway_hosts::netns::NetnsProvider;
 use slipway_hosts::reconciler::{HostReconciler, ProviderArgs};
-use slipway_supervisor::cli::SupervisorArgs;
+use slipway_supervisor::cli::{Listening, SupervisorArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct SupervisorCommand {
     #[command(flatten)]
-    server: SupervisorArgs,
+    pub server: SupervisorArgs,
     #[command(flatten)]
-    hosts: ProviderArgs,
+    pub hosts: ProviderArgs,
 }
 
 impl SupervisorCommand {
@@ -21,17 +22,23 @@ impl SupervisorCommand {
             .enable_all()
             .build()
             .context("tokio runtime")?
-            .block_on(self.run_async())
+            .block_on(self.run_with(|_| async { std::future::pending().await }))
     }
 
-    async fn run_async(mut self) -> anyhow::Result<()> {
+    /// Serves until SIGINT/SIGTERM with the host reconciler (if a provider is configured) and
+    /// `more` beside the API server; `more` ending with an error stops the supervisor.
+    pub async fn run_with<F, Fut>(mut self, more: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Listening) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let data_dir = self.server.data_dir.clone();
         let Some(provider) = self
             .hosts
             .provider(&data_dir)
             .context("--host-provider netns")?
         else {
-            return self.server.run_async().await;
+            return self.server.run_async_with(more).await;
         };
         anyhow::ensure!(
             self.server.listen.ip().is_unspecified(),
@@ -46,24 +53,28 @@ impl SupervisorCommand {
         let hosts = self.hosts.clone();
         self.server
             .run_async_with(move |listening| async move {
-                let settings = hosts.join_settings(
-                    &provider,
-                    &data_dir,
-                    listening.addr.port(),
-                    listening.ca.clone(),
-                )?;
-                let config =
-                    kube::config::Kubeconfig::read_from(&listening.controllers_kubeconfig)?;
-                let config = kube::Config::from_custom_kubeconfig(
-                    config,
-                    &kube::config::KubeConfigOptions::default(),
-                )
-                .await?;
-                let client = kube::Client::try_from(config)?;
-                HostReconciler::new(client, Arc::new(provider), settings)
-                    .run()
-                    .await
+                let reconciler = host_reconciler(&hosts, provider, &data_dir, &listening).await?;
+                tokio::select! {
+                    r = reconciler.run() => r,
+                    r = more(listening) => r,
+                }
             })
             .await
     }
+}
+
+async fn host_reconciler(
+    hosts: &ProviderArgs,
+    provider: NetnsProvider,
+    data_dir: &std::path::Path,
+    listening: &Listening,
+) -> anyhow::Result<HostReconciler> {
+    let settings = hosts.join_settings(
+        &provider,
+        data_dir,
+        listening.addr.port(),
+        listening.ca.clone(),
+    )?;
+    let client = crate::client_for(&listening.controllers_kubeconfig).await?;
+    Ok(HostReconciler::new(client, Arc::new(provider), settings))
 }

@@ -460,7 +460,7 @@ pub struct ProviderArgs {
     #[arg(long = "host-provider", default_value = "none", value_parser = ["none", "netns"])]
     pub host_provider: String,
     /// The netns provider's zones, comma-separated (each an underlay segment).
-    #[arg(long, value_delimiter = ',', default_value = "zone-a")]
+    #[arg(long, value_delimiter = ',', default_value = "zone-a,zone-b,zone-c")]
     pub zones: Vec<String>,
     /// The netns provider's underlay network: a /24 per zone, the last /30 for the uplink.
     #[arg(long, default_value_t = crate::netns::DEFAULT_UNDERLAY)]

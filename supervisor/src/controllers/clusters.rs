@@ -245,6 +245,8 @@ impl ClusterReconciler {
                 &Patch::Merge(json!({"metadata": {"finalizers": with}})),
             )
             .await?;
+            // The write is an event: the next pass goes on from the new version.
+            return Ok(());
         }
         let spec: ClusterSpec =
             serde_json::from_value(cluster.data["spec"].clone()).context("the Cluster's spec")?;
