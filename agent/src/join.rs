@@ -67,6 +67,11 @@ impl JoinArgs {
         Ok(token.trim().to_owned())
     }
 
+    /// Where a control plane host's workload API server keeps its state (its CA in `pki/`).
+    fn api_server_dir(&self) -> PathBuf {
+        self.host_data_dir.join("apiserver")
+    }
+
     fn kubeconfig_path(&self) -> PathBuf {
         self.heartbeat
             .kubeconfig
@@ -74,8 +79,9 @@ impl JoinArgs {
             .unwrap_or_else(|| self.host_data_dir.join(KUBECONFIG))
     }
 
-    /// Asks the supervisor for the host's identity; returns its kubeconfig.
-    async fn ask(&self, host: &str, token: &str) -> Result<String, kube::Error> {
+    /// Asks the supervisor for the host's identity; returns its answer (the kubeconfig, and
+    /// for a control plane host the cluster's CA).
+    async fn ask(&self, host: &str, token: &str) -> Result<Value, kube::Error> {
         let bootstrap: Kubeconfig = serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Config",
@@ -109,16 +115,7 @@ impl JoinArgs {
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(serde_json::to_vec(&body).map_err(kube::Error::SerdeError)?)
         .map_err(kube::Error::HttpError)?;
-        let answer: Value = client.request(request).await?;
-        answer
-            .pointer("/status/kubeconfig")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                kube::Error::Service(
-                    "the supervisor's HostJoin answer carries no kubeconfig".into(),
-                )
-            })
+        client.request(request).await
     }
 
     /// Joins (unless a kubeconfig from an earlier join is there) and returns the kubeconfig's
@@ -138,9 +135,9 @@ impl JoinArgs {
         }
         let token = self.token()?;
         let mut delay = Duration::from_millis(200);
-        let kubeconfig = loop {
+        let answer = loop {
             match self.ask(&host, &token).await {
-                Ok(k) => break k,
+                Ok(a) => break a,
                 Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => {
                     anyhow::bail!("joining {}: {} ({})", self.supervisor, s.message, s.code)
                 }
@@ -151,6 +148,28 @@ impl JoinArgs {
                 }
             }
         };
+        let kubeconfig = answer
+            .pointer("/status/kubeconfig")
+            .and_then(Value::as_str)
+            .context("the supervisor's HostJoin answer carries no kubeconfig")?;
+        // A control plane host's bootstrap data first: a kubeconfig on disk means "joined".
+        if let Some(cp) = answer
+            .pointer("/status/controlPlane")
+            .filter(|v| !v.is_null())
+        {
+            let pki = self.api_server_dir().join("pki");
+            for (file, key, mode) in [("ca.crt", "caCert", 0o644), ("ca.key", "caKey", 0o600)] {
+                let pem = cp[key]
+                    .as_str()
+                    .filter(|p| !p.is_empty())
+                    .with_context(|| {
+                        format!("the HostJoin answer's controlPlane carries no {key}")
+                    })?;
+                crate::run::write_atomically_with_mode(&pki.join(file), pem.as_bytes(), mode)
+                    .with_context(|| format!("writing {}", pki.join(file).display()))?;
+            }
+            info!(cluster = %cp["cluster"], "control plane host: the cluster's CA kept");
+        }
         crate::run::write_atomically_with_mode(&path, kubeconfig.as_bytes(), 0o600)
             .with_context(|| format!("writing {}", path.display()))?;
         info!(%host, zone = %self.heartbeat.zone, supervisor = %self.supervisor, "joined");
@@ -190,9 +209,68 @@ fn hb_name(args: &JoinArgs) -> &str {
     args.heartbeat.host_name.as_deref().unwrap_or_default()
 }
 
+/// Runs the workload cluster's API server (`slipway supervisor`, the same server code) on a
+/// control plane host, restarting it with back-off when it exits; it dies with the agent.
+async fn serve_cluster_api(dir: PathBuf, address: String, port: u16) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("the slipway binary")?;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .context("the API server's log")?;
+        let started = std::time::Instant::now();
+        let status = tokio::process::Command::new(&exe)
+            .arg("supervisor")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args([
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--advertise-address",
+                &address,
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .status()
+            .await
+            .context("starting the workload cluster's API server")?;
+        if started.elapsed() > Duration::from_secs(30) {
+            delay = Duration::from_millis(200);
+        }
+        warn!(%status, retry_in = ?delay, "the workload cluster's API server exited; restarting it");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// `slipway join`: joins, then runs the host agent until SIGTERM/SIGINT.
 pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     let kubeconfig = args.join().await?;
+    let api_server = if args.api_server_dir().join("pki/ca.key").exists() {
+        let address = address_towards(&args.supervisor)?;
+        info!(%address, "control plane host: serving the workload cluster's API");
+        Some(tokio::spawn(serve_cluster_api(
+            args.api_server_dir(),
+            address,
+            CLUSTER_API_PORT,
+        )))
+    } else {
+        None
+    };
+    let result = run_agent(&args, kubeconfig).await;
+    if let Some(task) = api_server {
+        task.abort();
+    }
+    result
+}
+
+/// The port a control plane host serves its cluster's API on.
+pub const CLUSTER_API_PORT: u16 = 6443;
+
+async fn run_agent(args: &JoinArgs, kubeconfig: PathBuf) -> anyhow::Result<()> {
     if args.agent.is_empty() {
         let address = address_towards(&args.supervisor)?;
         let mut heartbeat = args.heartbeat.clone();
@@ -203,7 +281,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         let beat = Heartbeat::connect(&path, reg).await?;
         println!(
             "slipway join: host {} joined {}",
-            hb_name(&args),
+            hb_name(args),
             args.supervisor
         );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -220,7 +298,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
             "--supervisor-kubeconfig".into(),
             kubeconfig.display().to_string(),
             "--host-name".into(),
-            hb_name(&args).to_owned(),
+            hb_name(args).to_owned(),
             "--zone".into(),
             hb.zone.clone(),
             "--host-class".into(),

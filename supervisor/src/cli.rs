@@ -181,6 +181,7 @@ impl SupervisorArgs {
                 .context("starting the host health controller")?;
         let clusters = crate::controllers::clusters::ClusterReconciler::connect(
             server.controllers_kubeconfig(),
+            &self.data_dir.join("clusters"),
         )
         .await
         .context("starting the cluster reconciler")?;

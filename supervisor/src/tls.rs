@@ -115,7 +115,8 @@ impl Pki {
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }
-    fn ca_key(&self) -> PathBuf {
+    /// CA key path.
+    pub fn ca_key(&self) -> PathBuf {
         self.dir.join("ca.key")
     }
     fn server_cert(&self) -> PathBuf {

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{World, gvk, wait_for};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use serde_json::json;
 use slipway_hosts::HostProvider as _;
@@ -140,8 +141,64 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
             ("team-a-c1-workers-1".to_owned(), "zb".to_owned()),
         ])
     );
+    // The workload cluster's own API, on its control plane host: every host a Node, Ready,
+    // with its zone and class.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-a");
+    let kubeconfig = secrets
+        .get("c1-kubeconfig")
+        .await
+        .expect("c1-kubeconfig Secret");
+    let kubeconfig = kubeconfig
+        .data
+        .and_then(|d| d.get("value").cloned())
+        .expect("value")
+        .0;
+    let path = world.dir.path().join("c1.kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+    let nodes: serde_json::Value =
+        serde_json::from_str(&world.kubectl_with(&path, &["get", "nodes", "-o", "json"]))
+            .expect("nodes json");
+    let nodes: BTreeMap<String, (String, String)> = nodes["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|n| {
+            let ready = n["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
+                .unwrap_or_default();
+            (
+                n["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                (
+                    n["metadata"]["labels"]["topology.kubernetes.io/zone"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    ready,
+                ),
+            )
+        })
+        .collect();
+    let pair = |z: &str| (z.to_owned(), "True".to_owned());
+    assert_eq!(
+        nodes,
+        BTreeMap::from([
+            ("team-a-c1-control-plane-0".to_owned(), pair("za")),
+            ("team-a-c1-workers-0".to_owned(), pair("za")),
+            ("team-a-c1-workers-1".to_owned(), pair("zb")),
+        ])
+    );
     let described = world.kubectl(&["describe", "cluster", "c1", "-n", "team-a"]);
-    for needle in ["HostCreated", "team-a-c1-workers-1", "Running"] {
+    for needle in [
+        "HostCreated",
+        "team-a-c1-workers-1",
+        "Running",
+        "KubeconfigReady",
+    ] {
         assert!(described.contains(needle), "{needle} not in:\n{described}");
     }
 

@@ -11,12 +11,12 @@
 //! its own finalizer) before the Cluster goes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::api::core::v1::{Event, Node, Secret};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
@@ -28,6 +28,7 @@ use slipway_api::slipway::{CONTROL_PLANE_POOL, ClusterSpec, GROUP, VERSION};
 use tracing::{info, warn};
 
 use crate::api::meta::{now_secs, rfc3339};
+use crate::tls::{Credential, Pki};
 
 /// The finalizer on every Cluster the reconciler has seen.
 pub const FINALIZER: &str = "slipway.dev/cluster";
@@ -104,6 +105,30 @@ fn condition_true(obj: &DynamicObject, kind: &str) -> bool {
         })
 }
 
+/// The port the workload cluster's API server serves on, on its control plane host.
+pub const API_PORT: u16 = 6443;
+
+/// The workload cluster's API endpoint: its first control plane host's, once it has an address.
+fn endpoint(owned: &[&DynamicObject], cluster: &str, namespace: &str) -> Option<String> {
+    let cp0 = host_name(namespace, cluster, CONTROL_PLANE_POOL, 0);
+    owned
+        .iter()
+        .find(|h| h.metadata.name.as_deref() == Some(cp0.as_str()))
+        .and_then(|h| h.data["status"]["address"].as_str())
+        .filter(|a| !a.is_empty())
+        .map(|a| format!("https://{a}:{API_PORT}"))
+}
+
+/// The Secret holding a cluster's CA (`tls.crt`, `tls.key`).
+pub fn ca_secret(cluster: &str) -> String {
+    format!("{cluster}-ca")
+}
+
+/// The Secret holding a cluster's admin kubeconfig (key `value`, as Cluster API names it).
+pub fn kubeconfig_secret(cluster: &str) -> String {
+    format!("{cluster}-kubeconfig")
+}
+
 /// Whether the host's Ready condition says its Lease expired.
 fn lease_expired(host: &DynamicObject) -> bool {
     host.data["status"]["conditions"]
@@ -121,6 +146,10 @@ pub struct ClusterReconciler {
     clusters: Api<DynamicObject>,
     hosts: Api<DynamicObject>,
     zones: Api<DynamicObject>,
+    classes: Api<DynamicObject>,
+    /// Where each cluster's CA is kept while it is used (`<dir>/<namespace>/<cluster>/pki`);
+    /// the Secret `<cluster>-ca` is the truth.
+    work_dir: PathBuf,
 }
 
 impl std::fmt::Debug for ClusterReconciler {
@@ -130,7 +159,8 @@ impl std::fmt::Debug for ClusterReconciler {
 }
 
 impl ClusterReconciler {
-    pub async fn connect(kubeconfig: &Path) -> anyhow::Result<Self> {
+    /// Connects with the controllers' `kubeconfig`; clusters' CAs are kept under `work_dir`.
+    pub async fn connect(kubeconfig: &Path, work_dir: &Path) -> anyhow::Result<Self> {
         let config = Kubeconfig::read_from(kubeconfig)
             .with_context(|| format!("reading {}", kubeconfig.display()))?;
         let config =
@@ -140,6 +170,8 @@ impl ClusterReconciler {
             clusters: Api::all_with(client.clone(), &resource("Cluster", "clusters")),
             hosts: Api::all_with(client.clone(), &resource("Host", "hosts")),
             zones: Api::all_with(client.clone(), &resource("Zone", "zones")),
+            classes: Api::all_with(client.clone(), &resource("HostClass", "hostclasses")),
+            work_dir: work_dir.to_owned(),
             client,
         })
     }
@@ -175,6 +207,14 @@ impl ClusterReconciler {
             .filter_map(|z| z.metadata.name)
             .collect();
         zones.sort();
+        let classes: BTreeMap<String, Value> = self
+            .classes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|c| Some((c.metadata.name?, c.data["spec"].clone())))
+            .collect();
         for cluster in &clusters {
             let ns = cluster.metadata.namespace.clone().unwrap_or_default();
             let name = cluster.metadata.name.clone().unwrap_or_default();
@@ -185,7 +225,7 @@ impl ClusterReconciler {
                         && h.data["spec"]["cluster"]["name"] == name.as_str()
                 })
                 .collect();
-            if let Err(e) = self.reconcile(cluster, &owned, &zones).await {
+            if let Err(e) = self.reconcile(cluster, &owned, &zones, &classes).await {
                 warn!(cluster = %format!("{ns}/{name}"), error = %format!("{e:#}"), "reconciling");
             }
         }
@@ -197,6 +237,7 @@ impl ClusterReconciler {
         cluster: &DynamicObject,
         owned: &[&DynamicObject],
         zones: &[String],
+        classes: &BTreeMap<String, Value>,
     ) -> anyhow::Result<()> {
         let ns = cluster.metadata.namespace.clone().unwrap_or_default();
         let name = cluster.metadata.name.clone().unwrap_or_default();
@@ -222,6 +263,15 @@ impl ClusterReconciler {
                 }
             }
             if owned.is_empty() {
+                let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+                for secret in [ca_secret(&name), kubeconfig_secret(&name)] {
+                    match secrets.delete(&secret, &DeleteParams::default()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(s)) if s.code == 404 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let _ = std::fs::remove_dir_all(self.work_dir.join(&ns).join(&name));
                 let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
                 api.patch(
                     &name,
@@ -231,7 +281,7 @@ impl ClusterReconciler {
                 .await?;
                 info!(cluster = %format!("{ns}/{name}"), "cluster deleted: every host gone");
             } else {
-                self.write_status(&api, cluster, "Deleting", owned, &[])
+                self.write_status(&api, cluster, "Deleting", owned, &[], false)
                     .await?;
             }
             return Ok(());
@@ -250,6 +300,8 @@ impl ClusterReconciler {
         }
         let spec: ClusterSpec =
             serde_json::from_value(cluster.data["spec"].clone()).context("the Cluster's spec")?;
+        // The CA first: a control plane host gets it when it joins.
+        let pki = self.ensure_ca(&ns, &name).await?;
         let want = placements(&ns, &name, &spec, zones);
         let wanted: BTreeSet<&str> = want.iter().map(|p| p.name.as_str()).collect();
         let have: BTreeMap<&str, &DynamicObject> = owned
@@ -316,13 +368,141 @@ impl ClusterReconciler {
             cluster.data["status"]["phase"].as_str(),
             Some("Running" | "Scaling")
         );
+        let api_ready = match self.workload(cluster, &pki, owned, classes).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                info!(cluster = %format!("{ns}/{name}"), error = %format!("{e:#}"), "workload cluster API not answering yet");
+                false
+            }
+        };
+        let all_ready = all_ready && api_ready;
         // A Running cluster with a host down stays Running; its conditions say which.
         let phase = match (complete, all_ready, was_up) {
             (true, true, _) | (true, false, true) => "Running",
             (false, _, true) => "Scaling",
             (_, _, false) => "Provisioning",
         };
-        self.write_status(&api, cluster, phase, owned, &want).await
+        self.write_status(&api, cluster, phase, owned, &want, api_ready)
+            .await
+    }
+
+    /// The cluster's CA, made once and kept in its Secret; returned as a Pki over the work dir.
+    async fn ensure_ca(&self, ns: &str, name: &str) -> anyhow::Result<Pki> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let pki = Pki::new(&self.work_dir.join(ns).join(name));
+        let read = |s: &Secret, k: &str| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get(k))
+                .map(|b| b.0.clone())
+                .filter(|b| !b.is_empty())
+        };
+        let (cert, key) = match secrets.get_opt(&ca_secret(name)).await? {
+            Some(s) => (
+                read(&s, "tls.crt").context("the CA Secret has no tls.crt")?,
+                read(&s, "tls.key").context("the CA Secret has no tls.key")?,
+            ),
+            None => {
+                let scratch = self.work_dir.join(ns).join(format!("{name}.new"));
+                let _ = std::fs::remove_dir_all(&scratch);
+                let fresh = Pki::new(&scratch);
+                fresh.ensure(&[])?;
+                let cert = std::fs::read(fresh.ca_cert())?;
+                let key = std::fs::read(fresh.ca_key())?;
+                let _ = std::fs::remove_dir_all(&scratch);
+                let secret: Secret = serde_json::from_value(json!({
+                    "metadata": {"name": ca_secret(name), "namespace": ns,
+                                 "labels": {"slipway.dev/cluster": name}},
+                    "type": "kubernetes.io/tls",
+                    "stringData": {
+                        "tls.crt": String::from_utf8_lossy(&cert),
+                        "tls.key": String::from_utf8_lossy(&key),
+                    },
+                }))?;
+                match secrets.create(&PostParams::default(), &secret).await {
+                    Ok(_) => {}
+                    // Another pass made it first: use that one.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        return Box::pin(self.ensure_ca(ns, name)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                (cert, key)
+            }
+        };
+        std::fs::create_dir_all(pki.ca_cert().parent().unwrap_or(&self.work_dir))?;
+        if std::fs::read(pki.ca_cert()).ok().as_deref() != Some(cert.as_slice()) {
+            std::fs::write(pki.ca_cert(), &cert)?;
+            write_private(&pki.ca_key(), &key)?;
+        }
+        Ok(pki)
+    }
+
+    /// The workload cluster: its admin kubeconfig kept in a Secret, and each host a Node with
+    /// its zone, class, capacity and readiness. Returns whether its API answered.
+    async fn workload(
+        &self,
+        cluster: &DynamicObject,
+        pki: &Pki,
+        owned: &[&DynamicObject],
+        classes: &BTreeMap<String, Value>,
+    ) -> anyhow::Result<bool> {
+        let ns = cluster.metadata.namespace.clone().unwrap_or_default();
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        let Some(endpoint) = endpoint(owned, &name, &ns) else {
+            return Ok(false);
+        };
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let existing = secrets.get_opt(&kubeconfig_secret(&name)).await?;
+        let current = existing.as_ref().and_then(|s| {
+            let bytes = s.data.as_ref()?.get("value")?;
+            String::from_utf8(bytes.0.clone()).ok()
+        });
+        let text = match current.filter(|t| t.contains(&format!("server: {endpoint}\n"))) {
+            Some(t) => t,
+            None => {
+                let (cert_pem, key_pem) =
+                    pki.issue_client("admin", Some(crate::auth::MASTERS), crate::tls::ADMIN_DAYS)?;
+                let authority = endpoint.trim_start_matches("https://");
+                let text = pki.kubeconfig(
+                    authority,
+                    "admin",
+                    &Credential::ClientCert { cert_pem, key_pem },
+                )?;
+                let secret: Secret = serde_json::from_value(json!({
+                    "metadata": {"name": kubeconfig_secret(&name), "namespace": ns,
+                                 "labels": {"slipway.dev/cluster": name}},
+                    "type": "cluster.x-k8s.io/secret",
+                    "stringData": {"value": text},
+                }))?;
+                if existing.is_some() {
+                    secrets
+                        .replace(&kubeconfig_secret(&name), &PostParams::default(), &secret)
+                        .await?;
+                } else {
+                    secrets.create(&PostParams::default(), &secret).await?;
+                }
+                self.event(
+                    cluster,
+                    "Normal",
+                    "KubeconfigReady",
+                    &format!(
+                        "admin kubeconfig in Secret {} for {endpoint}",
+                        kubeconfig_secret(&name)
+                    ),
+                )
+                .await;
+                text
+            }
+        };
+        let config = Kubeconfig::from_yaml(&text)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default()).await?;
+        config.connect_timeout = Some(Duration::from_secs(2));
+        config.read_timeout = Some(Duration::from_secs(5));
+        let workload = kube::Client::try_from(config)?;
+        sync_nodes(&workload, owned, classes).await?;
+        Ok(true)
     }
 
     async fn create_host(&self, ns: &str, cluster: &str, p: &Placement) -> anyhow::Result<()> {
@@ -365,6 +545,7 @@ impl ClusterReconciler {
         phase: &str,
         owned: &[&DynamicObject],
         want: &[Placement],
+        api_ready: bool,
     ) -> anyhow::Result<()> {
         let ready = |pool_is_cp: bool| {
             let of_kind = |n: &str| {
@@ -395,7 +576,7 @@ impl ClusterReconciler {
                 "lastTransitionTime": rfc3339(now_secs()),
             })
         };
-        let cp_ok = cp_total > 0 && cp_up == cp_total;
+        let cp_ok = cp_total > 0 && cp_up == cp_total && api_ready;
         let nodes_ok = nodes_up == nodes_total;
         let mut conditions = cluster.data["status"]["conditions"].clone();
         for c in [
@@ -432,7 +613,14 @@ impl ClusterReconciler {
             .filter_map(|h| h.metadata.name.as_deref())
             .collect();
         hosts.sort_unstable();
-        let status = json!({"phase": phase, "conditions": conditions, "hosts": hosts});
+        let mut status = json!({"phase": phase, "conditions": conditions, "hosts": hosts});
+        if let Some(endpoint) = endpoint(
+            owned,
+            &cluster.metadata.name.clone().unwrap_or_default(),
+            &cluster.metadata.namespace.clone().unwrap_or_default(),
+        ) {
+            status["apiEndpoint"] = json!(endpoint);
+        }
         if status_equal(&cluster.data["status"], &status) {
             return Ok(());
         }
@@ -492,6 +680,112 @@ impl ClusterReconciler {
             warn!(reason, error = %e, "could not record an Event");
         }
     }
+}
+
+/// Each host of the cluster a Node of the workload cluster; Nodes of hosts gone are removed.
+async fn sync_nodes(
+    workload: &kube::Client,
+    owned: &[&DynamicObject],
+    classes: &BTreeMap<String, Value>,
+) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(workload.clone());
+    let names: BTreeSet<&str> = owned
+        .iter()
+        .filter_map(|h| h.metadata.name.as_deref())
+        .collect();
+    for n in nodes.list(&ListParams::default()).await?.items {
+        if let Some(node) = n.metadata.name.as_deref()
+            && !names.contains(node)
+        {
+            nodes.delete(node, &DeleteParams::default()).await?;
+        }
+    }
+    for host in owned {
+        let Some(name) = host.metadata.name.as_deref() else {
+            continue;
+        };
+        if host.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let spec = &host.data["spec"];
+        let class_name = spec["hostClass"].as_str().unwrap_or_default();
+        let class = classes.get(class_name).cloned().unwrap_or(Value::Null);
+        let mut labels = json!({
+            "kubernetes.io/hostname": name,
+            "topology.kubernetes.io/zone": spec["zone"],
+            "node.kubernetes.io/instance-type": class_name,
+        });
+        if spec["pool"] == CONTROL_PLANE_POOL {
+            labels["node-role.kubernetes.io/control-plane"] = json!("");
+        }
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {},
+        }))?;
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready = host.data["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned())
+            .unwrap_or_else(|| json!({"status": "Unknown", "reason": "NoLease", "message": "the host has not registered"}));
+        let capacity = json!({
+            "cpu": class["cpus"].as_u64().unwrap_or(0).to_string(),
+            "memory": class["memory"],
+            "pods": "110",
+        });
+        let mut status = json!({
+            "capacity": capacity,
+            "allocatable": capacity,
+            "conditions": [{
+                "type": "Ready",
+                "status": ready["status"],
+                "reason": ready["reason"],
+                "message": ready["message"],
+                "lastHeartbeatTime": rfc3339(now_secs()),
+                "lastTransitionTime": ready.get("lastTransitionTime").cloned().unwrap_or_else(|| json!(rfc3339(now_secs()))),
+            }],
+        });
+        if let Some(address) = host.data["status"]["address"].as_str() {
+            status["addresses"] = json!([
+                {"type": "InternalIP", "address": address},
+                {"type": "Hostname", "address": name},
+            ]);
+        }
+        let current = nodes.get(name).await?;
+        let same = serde_json::to_value(&current.status)
+            .ok()
+            .is_some_and(|cur| {
+                cur["conditions"][0]["status"] == status["conditions"][0]["status"]
+                    && cur["conditions"][0]["reason"] == status["conditions"][0]["reason"]
+                    && cur["addresses"] == status["addresses"]
+                    && cur["capacity"] == status["capacity"]
+            });
+        if !same {
+            nodes
+                .patch_status(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
 }
 
 /// Whether two statuses say the same, transition times aside.

@@ -140,8 +140,13 @@ pub async fn join(
             "HostClass not found",
         ));
     }
+    let mut control_plane = None;
     match exists(state, "hosts", &spec.host_name).await? {
         Some(host) => {
+            // The cluster's CA goes only to a token made for this very host (or an admin).
+            if bound_host.is_some() || user.is_admin() {
+                control_plane = control_plane_bootstrap(state, &host).await?;
+            }
             let zone = host.pointer("/spec/zone").and_then(Value::as_str);
             if zone != Some(spec.zone.as_str()) {
                 causes.push(FieldError::invalid(
@@ -191,8 +196,54 @@ pub async fn join(
         "apiVersion": format!("{GROUP}/{VERSION}"),
         "kind": KIND,
         "spec": {"hostName": spec.host_name, "zone": spec.zone, "hostClass": spec.host_class},
-        "status": {"kubeconfig": kubeconfig, "leaseNamespace": HOST_LEASE_NAMESPACE},
+        "status": {
+            "kubeconfig": kubeconfig,
+            "leaseNamespace": HOST_LEASE_NAMESPACE,
+            "controlPlane": control_plane,
+        },
     }))
+}
+
+/// What a control plane host of a Cluster needs to serve the cluster's API (as Cluster API's
+/// bootstrap data carries it): the cluster's CA, from its Secret `<cluster>-ca`. None for other
+/// hosts; an error while the Secret is not made yet (the join is retried).
+async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<Value>, ApiError> {
+    let spec = &host["spec"];
+    if spec["pool"] != slipway_api::slipway::CONTROL_PLANE_POOL {
+        return Ok(None);
+    }
+    let (Some(ns), Some(cluster)) = (
+        spec["cluster"]["namespace"].as_str(),
+        spec["cluster"]["name"].as_str(),
+    ) else {
+        return Ok(None);
+    };
+    let secrets = lookup("", "v1", "secrets")
+        .ok_or_else(|| ApiError::Internal("secrets are not served".into()))?;
+    let name = crate::controllers::clusters::ca_secret(cluster);
+    let stored = state
+        .store
+        .get(&keys::object(secrets, Some(ns), &name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::Internal(format!("the CA of cluster {ns}/{cluster} is not made yet"))
+        })?;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_slice(&stored.value)
+        .map_err(|e| ApiError::Internal(format!("Secret {ns}/{name}: {e}")))?;
+    let text = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(Some(json!({
+        "cluster": {"namespace": ns, "name": cluster},
+        "caCert": text("tls.crt"),
+        "caKey": text("tls.key"),
+        "port": crate::controllers::clusters::API_PORT,
+    })))
 }
 
 /// Makes the Host of a machine that joined by itself (provider `static`), validated as a

@@ -194,9 +194,14 @@ impl World {
     /// Runs kubectl (the current one at /usr/bin/kubectl) with the admin's kubeconfig; its
     /// stdout, or a panic with its stderr.
     pub fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_with(&self.dir.path().join("sup/admin.kubeconfig"), args)
+    }
+
+    /// Runs kubectl with `kubeconfig`.
+    pub fn kubectl_with(&self, kubeconfig: &Path, args: &[&str]) -> String {
         let out = Command::new("kubectl")
             .arg("--kubeconfig")
-            .arg(self.dir.path().join("sup/admin.kubeconfig"))
+            .arg(kubeconfig)
             .args(args)
             .output()
             .expect("run kubectl");
