@@ -200,13 +200,46 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
             ) == 1,
         );
     }
-    let k = format!("kubectl --kubeconfig {}", kubeconfig.display());
+    // The workload cluster's own API, on its control plane host.
+    let secrets: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "demo", &resource("", "Secret", "secrets"));
+    let cluster_kubeconfig = data_dir.join("demo.kubeconfig");
+    let secret = secrets.get("demo-kubeconfig").await?;
+    let text = secret.data["data"]["value"]
+        .as_str()
+        .and_then(slipway_supervisor::client::base64_decode)
+        .context("Secret demo/demo-kubeconfig has no value")?;
+    std::fs::write(&cluster_kubeconfig, text)?;
+    let workload = crate::client_for(&cluster_kubeconfig).await?;
+    let nodes: Api<DynamicObject> = Api::all_with(workload, &resource("", "Node", "nodes"));
     println!(
-        "\nTry:\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
+        "\nThe workload cluster's API, at {}: its Nodes",
+        cluster.data["status"]["apiEndpoint"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    for n in nodes.list(&ListParams::default()).await?.items {
+        println!(
+            "  {:<32} zone {:<8} Ready {}",
+            n.metadata.name.as_deref().unwrap_or_default(),
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("topology.kubernetes.io/zone"))
+                .map_or("", String::as_str),
+            ready_hosts(
+                std::slice::from_ref(&n),
+                &[n.metadata.name.clone().unwrap_or_default()]
+            ) == 1,
+        );
+    }
+    let k = format!("kubectl --kubeconfig {}", kubeconfig.display());
+    let kc = format!("kubectl --kubeconfig {}", cluster_kubeconfig.display());
+    println!(
+        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
          {k} patch cluster demo -n demo --type merge -p '{{\"spec\":{{\"topology\":{{\"nodePools\":[{{\"name\":\"workers\",\"replicas\":3,\"hostClass\":\"small\"}}]}}}}}}'\n\
          Ctrl-C (or `slipway down`) tears everything down."
     );
-    let _ = cluster;
     std::future::pending().await
 }
 

@@ -593,8 +593,15 @@ pub struct KubeconfigArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
     /// User name (certificate CN).
-    #[arg(long)]
-    pub user: String,
+    #[arg(long, required_unless_present = "cluster")]
+    pub user: Option<String>,
+    /// Print the admin kubeconfig of workload cluster NAME (its Secret `NAME-kubeconfig`,
+    /// made by the Cluster reconciler) instead of issuing one.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["user", "group", "token"])]
+    pub cluster: Option<String>,
+    /// The cluster's namespace (with --cluster).
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
     /// Group (certificate O); `system:masters` makes a cluster admin.
     #[arg(long)]
     pub group: Option<String>,
@@ -613,14 +620,53 @@ impl KubeconfigArgs {
     /// Writes the kubeconfig; the server address is taken from DIR/admin.kubeconfig.
     pub fn run(self) -> anyhow::Result<()> {
         let admin = self.data_dir.join("admin.kubeconfig");
-        let endpoint = crate::client::Endpoint::from_kubeconfig(&admin)?;
+        let text = match &self.cluster {
+            Some(cluster) => self.cluster_kubeconfig(&admin, cluster)?,
+            None => self.issue(&admin)?,
+        };
+        match &self.out {
+            Some(p) => crate::tls::write_private(p, &text)?,
+            None => print!("{text}"),
+        }
+        Ok(())
+    }
+
+    /// A workload cluster's admin kubeconfig, from its Secret in the supervisor.
+    fn cluster_kubeconfig(&self, admin: &Path, cluster: &str) -> anyhow::Result<String> {
+        let client = Client::from_kubeconfig(admin)?;
+        let path = format!(
+            "/api/v1/namespaces/{}/secrets/{}",
+            self.namespace,
+            crate::controllers::clusters::kubeconfig_secret(cluster)
+        );
+        let secret = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(client.get_json(&path))
+            .with_context(|| {
+                format!(
+                    "cluster {}/{cluster}: no kubeconfig yet (is the Cluster there, and its control plane host up?)",
+                    self.namespace
+                )
+            })?;
+        let value = secret["data"]["value"]
+            .as_str()
+            .and_then(crate::client::base64_decode)
+            .with_context(|| format!("{path}: no data.value"))?;
+        Ok(String::from_utf8(value)?)
+    }
+
+    /// Issues a kubeconfig for --user.
+    fn issue(&self, admin: &Path) -> anyhow::Result<String> {
+        let user = self.user.as_deref().unwrap_or_default();
+        let endpoint = crate::client::Endpoint::from_kubeconfig(admin)?;
         let addr: SocketAddr = endpoint
             .addr
             .parse()
             .with_context(|| format!("server address {} in {}", endpoint.addr, admin.display()))?;
         let pki = Pki::new(&self.data_dir);
-        let cred = match self.token {
-            Some(t) => Credential::Token(t),
+        let cred = match &self.token {
+            Some(t) => Credential::Token(t.clone()),
             None => {
                 anyhow::ensure!(
                     (1..=crate::tls::ADMIN_DAYS).contains(&self.days),
@@ -629,23 +675,11 @@ impl KubeconfigArgs {
                     self.days
                 );
                 let (cert_pem, key_pem) =
-                    pki.issue_client(&self.user, self.group.as_deref(), self.days)?;
+                    pki.issue_client(user, self.group.as_deref(), self.days)?;
                 Credential::ClientCert { cert_pem, key_pem }
             }
         };
-        match &self.out {
-            Some(p) => pki.write_kubeconfig(p, addr, &self.user, &cred)?,
-            None => {
-                let tmp = self
-                    .data_dir
-                    .join(format!(".kubeconfig-{}.tmp", std::process::id()));
-                pki.write_kubeconfig(&tmp, addr, &self.user, &cred)?;
-                let text = std::fs::read_to_string(&tmp)?;
-                std::fs::remove_file(&tmp)?;
-                print!("{text}");
-            }
-        }
-        Ok(())
+        Ok(pki.kubeconfig(&crate::tls::authority(addr), user, &cred)?)
     }
 }
 

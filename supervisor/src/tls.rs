@@ -285,13 +285,7 @@ impl Pki {
         user: &str,
         cred: &Credential,
     ) -> Result<(), TlsError> {
-        let host = match addr.ip() {
-            IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
-            IpAddr::V6(v) if v.is_unspecified() => "127.0.0.1".to_string(),
-            IpAddr::V6(v) => format!("[{v}]"),
-            IpAddr::V4(v) => v.to_string(),
-        };
-        let text = self.kubeconfig(&format!("{host}:{}", addr.port()), user, cred)?;
+        let text = self.kubeconfig(&authority(addr), user, cred)?;
         write_private(path, &text)
     }
 
@@ -353,7 +347,20 @@ fn dn(cn: &str, org: Option<&str>) -> DistinguishedName {
     d
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+/// The `host:port` a client on this machine reaches a server bound to `addr` at (loopback for
+/// an unspecified address).
+pub fn authority(addr: SocketAddr) -> String {
+    let host = match addr.ip() {
+        IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(v) => format!("[{v}]"),
+        IpAddr::V4(v) => v.to_string(),
+    };
+    format!("{host}:{}", addr.port())
+}
+
+/// Writes `text` to `path`, readable by its owner only.
+pub fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -159,6 +159,46 @@ fn slipway_up_brings_the_demo_cluster_up_and_down_leaves_nothing() {
         table.contains("zone-a") && table.contains("zone-b"),
         "{table}"
     );
+    assert!(table.contains("The workload cluster's API"), "{table}");
+    // `slipway kubeconfig --cluster` gives the workload cluster's kubeconfig: its Nodes.
+    let kc = Command::new(slipway_binary())
+        .args([
+            "kubeconfig",
+            "--cluster",
+            "demo",
+            "-n",
+            "demo",
+            "--data-dir",
+        ])
+        .arg(up.dir.path().join("state"))
+        .arg("--out")
+        .arg(up.dir.path().join("demo-cluster.kubeconfig"))
+        .output()
+        .expect("slipway kubeconfig --cluster");
+    assert!(
+        kc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kc.stderr)
+    );
+    let nodes = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(up.dir.path().join("demo-cluster.kubeconfig"))
+        .args(["get", "nodes", "-L", "topology.kubernetes.io/zone"])
+        .output()
+        .expect("kubectl get nodes");
+    let nodes = String::from_utf8_lossy(&nodes.stdout);
+    for host in [
+        "demo-demo-control-plane-0",
+        "demo-demo-workers-0",
+        "demo-demo-workers-1",
+    ] {
+        assert!(
+            nodes
+                .lines()
+                .any(|l| l.contains(host) && l.contains("Ready") && !l.contains("NotReady")),
+            "{host} not Ready in:\n{nodes}"
+        );
+    }
     let kubeconfig = up.dir.path().join("state/admin.kubeconfig");
     let out = Command::new("kubectl")
         .arg("--kubeconfig")
