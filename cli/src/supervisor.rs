@@ -50,6 +50,11 @@ impl SupervisorCommand {
         self.server
             .advertise_address
             .push(provider.uplink_addresses().0.into());
+        // No Cluster may take the hosts' own network.
+        self.server.reserved_network.push((
+            "the hosts' underlay (--underlay)".into(),
+            ipnetwork::IpNetwork::V4(provider.config().underlay),
+        ));
         let hosts = self.hosts.clone();
         self.server
             .run_async_with(move |listening| async move {

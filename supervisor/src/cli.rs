@@ -68,6 +68,21 @@ pub struct SupervisorArgs {
     /// repeatable.
     #[arg(long = "advertise-address", value_name = "IP")]
     pub advertise_address: Vec<std::net::IpAddr>,
+    /// A network the supervisor uses, which no Cluster's blocks may overlap:
+    /// `DESCRIPTION=CIDR` (repeatable; the netns host provider adds its underlay).
+    #[arg(long = "reserved-network", value_name = "WHAT=CIDR", value_parser = parse_reserved)]
+    pub reserved_network: Vec<(String, ipnetwork::IpNetwork)>,
+}
+
+/// Parses `WHAT=CIDR`.
+pub fn parse_reserved(s: &str) -> Result<(String, ipnetwork::IpNetwork), String> {
+    let (what, cidr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected WHAT=CIDR"))?;
+    let net = cidr
+        .parse()
+        .map_err(|e| format!("{cidr:?} is not a CIDR: {e}"))?;
+    Ok((what.to_owned(), net))
 }
 
 /// What controllers run beside the supervisor get once it listens.
@@ -139,6 +154,11 @@ impl SupervisorArgs {
             ),
             watch_history: self.watch_history,
             admission: AdmissionConfig {
+                reserved: self
+                    .reserved_network
+                    .iter()
+                    .map(|(what, net)| (what.clone(), *net))
+                    .collect(),
                 pod_prefix_max: self.min_pod_cidr_prefix,
                 service_prefix_max: self.min_service_cidr_prefix,
                 edge_prefix_max: self.min_edge_cidr_prefix,

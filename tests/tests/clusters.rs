@@ -117,6 +117,14 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
         Api::namespaced_with(client.clone(), "team-a", &gvk("Cluster", "clusters"));
     let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
 
+    // A Cluster whose pods would take the hosts' own underlay is refused, naming the field.
+    let err =
+        world.apply_refused(&cluster_yaml("bad", 1).replace("192.168.0.0/16", "10.123.0.0/17"));
+    assert!(
+        err.contains("spec.settings.network.pods.cidrBlocks[0]") && err.contains("underlay"),
+        "{err}"
+    );
+
     // apply → Running: 1 control plane host and 2 workers spread over the two zones.
     let started = Instant::now();
     world.apply(&cluster_yaml("c1", 2));

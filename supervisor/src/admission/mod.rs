@@ -19,9 +19,12 @@ use crate::quota::{self, Usage, cluster_pools};
 use crate::server::keys;
 use crate::store::{AnyStore, Cas, Store};
 
-/// Configurable minimum block sizes (a block must be at least this big: prefix <= minimum).
-#[derive(Debug, Clone, Copy)]
+/// Configurable minimum block sizes (a block must be at least this big: prefix <= minimum), and
+/// the networks the supervisor itself uses, which no Cluster may take.
+#[derive(Debug, Clone)]
 pub struct AdmissionConfig {
+    /// The supervisor's own networks, by what they are (the hosts' underlay, ...).
+    pub reserved: Vec<(String, IpNetwork)>,
     /// Largest allowed prefix length of a pod CIDR (default /24).
     pub pod_prefix_max: u8,
     /// Largest allowed prefix length of a service CIDR (default /16).
@@ -33,6 +36,7 @@ pub struct AdmissionConfig {
 impl Default for AdmissionConfig {
     fn default() -> Self {
         Self {
+            reserved: Vec::new(),
             pod_prefix_max: 24,
             service_prefix_max: 16,
             edge_prefix_max: 27,
@@ -67,6 +71,15 @@ pub fn cluster_network(cfg: &AdmissionConfig, c: &Cluster) -> Vec<FieldError> {
                     format!("{b:?}"),
                     format!("must be /{max} or larger"),
                 ));
+            }
+            for (what, reserved) in &cfg.reserved {
+                if overlaps(&net, reserved) {
+                    errs.push(FieldError::invalid(
+                        &f,
+                        format!("{b:?}"),
+                        format!("overlaps {what} ({reserved}), which the supervisor uses"),
+                    ));
+                }
             }
             all.push((f, net, edge));
         }

@@ -213,6 +213,21 @@ impl World {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Applies `yaml` with kubectl, expecting a refusal; its stderr.
+    pub fn apply_refused(&self, yaml: &str) -> String {
+        let path = self.dir.path().join("refused.yaml");
+        std::fs::write(&path, yaml).expect("write yaml");
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.dir.path().join("sup/admin.kubeconfig"))
+            .args(["apply", "-f"])
+            .arg(&path)
+            .output()
+            .expect("run kubectl");
+        assert!(!out.status.success(), "kubectl apply accepted:\n{yaml}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Applies `yaml` with kubectl.
     pub fn apply(&self, yaml: &str) {
         let path = self.dir.path().join(format!(
