@@ -21,6 +21,8 @@ pub enum BenchCommand {
     Policy(RunArgs),
     /// The supervisor API on redb and etcd, beside `etcdctl check perf`.
     Api(slipway_supervisor::bench::BenchApiArgs),
+    /// Clusters of netns hosts: apply → Ready, scale, remediation, delete, memory.
+    Cluster(crate::cluster_bench::ClusterBenchArgs),
 }
 
 /// Runs one suite.
@@ -32,6 +34,7 @@ pub fn dispatch(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Lb(args) => run(Suite::Lb, args),
         BenchCommand::Policy(args) => run(Suite::Policy, args),
         BenchCommand::Api(args) => args.run(),
+        BenchCommand::Cluster(args) => args.run(),
     }
 }
 

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod cluster_bench;
 mod supervisor;
 mod up;
 

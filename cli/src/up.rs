@@ -52,12 +52,12 @@ struct Supervisor {
     command: SupervisorCommand,
 }
 
-fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
+pub(crate) fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
     let version = if group.is_empty() { "v1" } else { "v1alpha1" };
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
-async fn create(
+pub(crate) async fn create(
     client: &kube::Client,
     api: &ApiResource,
     namespace: Option<&str>,
@@ -78,7 +78,7 @@ async fn create(
     }
 }
 
-fn ready_hosts(hosts: &[DynamicObject], names: &[String]) -> usize {
+pub(crate) fn ready_hosts(hosts: &[DynamicObject], names: &[String]) -> usize {
     hosts
         .iter()
         .filter(|h| names.iter().any(|n| Some(n) == h.metadata.name.as_ref()))
@@ -243,6 +243,55 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
     std::future::pending().await
 }
 
+/// A supervisor of this process over a fresh `data_dir`, provisioning netns hosts as `hosts`
+/// says, with `more` beside it; everything is torn down when it stops (and what an earlier,
+/// killed run left is removed before it starts).
+pub(crate) async fn with_supervisor<F, Fut>(
+    data_dir: &Path,
+    listen: SocketAddr,
+    hosts: &ProviderArgs,
+    more: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(slipway_supervisor::cli::Listening) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut hosts = hosts.clone();
+    hosts.host_provider = "netns".into();
+    clean(data_dir, &hosts).await?;
+    let mut argv = vec![
+        "supervisor".to_owned(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--listen".into(),
+        listen.to_string(),
+    ];
+    argv.extend(provider_flags(&hosts));
+    let result = Supervisor::try_parse_from(&argv)?
+        .command
+        .run_with(more)
+        .await;
+    eprintln!("slipway: tearing everything down");
+    result.and(clean(data_dir, &hosts).await)
+}
+
+/// Removes what a supervisor over `data_dir` made: its hosts (namespaces, cgroups, processes,
+/// pins) and the data dir.
+async fn clean(data_dir: &Path, hosts: &ProviderArgs) -> anyhow::Result<()> {
+    if let Some(provider) = hosts.provider(data_dir)? {
+        provider
+            .teardown()
+            .await
+            .context("tearing the hosts down")?;
+    }
+    match std::fs::remove_dir_all(data_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", data_dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl UpArgs {
     pub fn run(self) -> anyhow::Result<()> {
         tokio::runtime::Builder::new_multi_thread()
@@ -252,52 +301,17 @@ impl UpArgs {
             .block_on(self.run_async())
     }
 
-    fn provider_args(&self) -> ProviderArgs {
-        let mut hosts = self.hosts.clone();
-        hosts.host_provider = "netns".into();
-        hosts
-    }
-
-    /// Removes whatever an earlier run left (hosts, namespaces, cgroups, pins, the data dir).
-    async fn clean(&self) -> anyhow::Result<()> {
-        if let Some(provider) = self.provider_args().provider(&self.data_dir)? {
-            provider
-                .teardown()
-                .await
-                .context("tearing the hosts down")?;
-        }
-        match std::fs::remove_dir_all(&self.data_dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", self.data_dir.display()))
-            }
-            _ => Ok(()),
-        }
-    }
-
     async fn run_async(self) -> anyhow::Result<()> {
-        self.clean().await?;
         std::fs::create_dir_all(self.data_dir.parent().unwrap_or(Path::new("/")))?;
         std::fs::write(pid_file(&self.data_dir), std::process::id().to_string())?;
-        let hosts = self.provider_args();
-        let mut argv = vec![
-            "supervisor".to_owned(),
-            "--data-dir".into(),
-            self.data_dir.display().to_string(),
-            "--listen".into(),
-            self.listen.to_string(),
-        ];
-        argv.extend(provider_flags(&hosts));
-        let supervisor = Supervisor::try_parse_from(&argv)?;
         let data_dir = self.data_dir.clone();
-        let zones = hosts.zones.clone();
-        let result = supervisor
-            .command
-            .run_with(move |_| bring_up(data_dir, zones))
-            .await;
-        eprintln!("slipway up: tearing everything down");
-        let cleaned = self.clean().await;
+        let zones = self.hosts.zones.clone();
+        let result = with_supervisor(&self.data_dir, self.listen, &self.hosts, move |_| {
+            bring_up(data_dir, zones)
+        })
+        .await;
         let _ = std::fs::remove_file(pid_file(&self.data_dir));
-        result.and(cleaned)
+        result
     }
 }
 

@@ -24,7 +24,7 @@ use kube::api::{
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use slipway_api::slipway::{GROUP, HOST_LEASE_NAMESPACE, HostClassSpec, VERSION};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::netns::NetnsProvider;
 use crate::{HostError, HostPhase, HostProvider, HostSpec};
@@ -84,6 +84,13 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
         .unwrap_or_default()
 }
 
+/// Whether `e` is a write that lost a race (409 Conflict).
+pub fn is_conflict(e: &anyhow::Error) -> bool {
+    e.chain().any(
+        |c| matches!(c.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 409),
+    )
+}
+
 /// RFC 3339 (whole seconds, UTC) of now plus `after`.
 fn rfc3339(after: Duration) -> String {
     let t = k8s_openapi::jiff::Timestamp::now()
@@ -139,8 +146,13 @@ impl HostReconciler {
                     }
                 }
             }
-            if let Err(e) = self.reconcile_all().await {
-                warn!(error = %format!("{e:#}"), "host reconciler pass failed; retrying");
+            match self.reconcile_all().await {
+                Ok(()) => {}
+                // Another writer got there first: the next pass starts from what it wrote.
+                Err(e) if is_conflict(&e) => {
+                    debug!(error = %format!("{e:#}"), "conflict; next pass")
+                }
+                Err(e) => warn!(error = %format!("{e:#}"), "host reconciler pass failed; retrying"),
             }
         }
     }

@@ -225,7 +225,11 @@ impl ClusterReconciler {
                         && h.data["spec"]["cluster"]["name"] == name.as_str()
                 })
                 .collect();
-            if let Err(e) = self.reconcile(cluster, &owned, &zones, &classes).await {
+            if let Err(e) = self.reconcile(cluster, &owned, &zones, &classes).await
+                && !e.chain().any(|c| {
+                    matches!(c.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 409)
+                })
+            {
                 warn!(cluster = %format!("{ns}/{name}"), error = %format!("{e:#}"), "reconciling");
             }
         }
