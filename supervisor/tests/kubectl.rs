@@ -150,7 +150,8 @@ fn crud_suite(backend: &Backend) {
     assert!(
         lines[1].contains("web")
             && lines[1].contains("LoadBalancer")
-            && lines[1].contains("80/TCP"),
+            && lines[1].contains("80:3")
+            && lines[1].contains("/TCP"),
         "{lines:?}"
     );
     assert!(sup.kubectl(&["get", "hostclasses"]).ok().contains("CPUS"));

@@ -207,8 +207,13 @@ async fn write_update(
     old: &Value,
     mut new: Value,
 ) -> Result<Response<Body>, ApiError> {
-    // A no-op write is not stored: the resourceVersion stays, and no watch event fires.
+    // A no-op write is not stored: the resourceVersion stays, and no watch event fires. A
+    // Service keeps the addresses it holds when the write leaves them out (as `kubectl
+    // replace` of a manifest does), so that alone is no change either.
     set_meta(&mut new, "resourceVersion", json!(rev.to_string()));
+    if is_service(call.t.rt) {
+        services::allocate(&call.state.store, &call.state.admission, Some(old), &mut new).await?;
+    }
     if &new == old {
         return Ok(call.respond(200, old));
     }

@@ -1,0 +1,509 @@
+//! Deployment (apps/v1): one ReplicaSet per Pod template (named and labelled by its
+//! `pod-template-hash`), rolled by the strategy: RollingUpdate keeps at most
+//! `replicas + maxSurge` Pods and at least `replicas - maxUnavailable` available ones (ints or
+//! percentages, surge rounded up and unavailability down, as upstream); Recreate scales the
+//! old ReplicaSets to zero and waits for their Pods to go before starting the new one. Status
+//! carries what `kubectl rollout status` reads (observedGeneration, replicas, updated, ready,
+//! available) and the Available and Progressing conditions. Availability is counted from the
+//! Pods themselves, never from a ReplicaSet status that may lag.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec,
+};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::pods::{controller_ref, controller_uid, is_active, is_ready};
+use crate::{Error, Options, api_err};
+
+const NAME: &str = "deployment";
+/// The label that tells a Deployment's ReplicaSets (and their Pods) apart.
+pub const HASH_LABEL: &str = "pod-template-hash";
+/// The revision annotation upstream puts on a Deployment's ReplicaSets.
+pub const REVISION: &str = "deployment.kubernetes.io/revision";
+
+struct Ctx {
+    client: Client,
+    options: Arc<Options>,
+}
+
+/// Runs the Deployment controller.
+pub async fn run(client: Client, options: Arc<Options>) {
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        options,
+    });
+    Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<ReplicaSet>::all(client), watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                debug!(controller = NAME, error = %e, "reconcile");
+            }
+        })
+        .await;
+}
+
+fn error_policy(d: Arc<Deployment>, e: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.options.metrics.failed(NAME);
+    warn!(deployment = %d.name_any(), error = %e, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+/// The hash of a Pod template (FNV-1a over its JSON), spelled in the letters upstream uses
+/// for generated names (no vowels, so no words).
+pub fn template_hash(template: &PodTemplateSpec) -> String {
+    let mut t = template.clone();
+    if let Some(labels) = t.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        labels.remove(HASH_LABEL);
+    }
+    let bytes = serde_json::to_vec(&t).unwrap_or_default();
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bytes {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    h.to_string()
+        .bytes()
+        .map(|d| char::from(ALPHABET[usize::from(d - b'0') % ALPHABET.len()]))
+        .collect()
+}
+
+/// An int-or-percent of `total`: percentages rounded up (`round_up`) or down.
+pub fn resolve(v: Option<&IntOrString>, total: i32, round_up: bool) -> i32 {
+    match v {
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(s)) => {
+            let pct: i64 = s.trim_end_matches('%').parse().unwrap_or(0);
+            let scaled = pct * i64::from(total);
+            let n = if round_up {
+                (scaled + 99) / 100
+            } else {
+                scaled / 100
+            };
+            i32::try_from(n).unwrap_or(i32::MAX)
+        }
+        None => 0,
+    }
+}
+
+/// (maxSurge, maxUnavailable) of a RollingUpdate Deployment; never both zero.
+pub fn surge_and_unavailable(d: &Deployment, replicas: i32) -> (i32, i32) {
+    let ru = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.rolling_update.as_ref());
+    let default = IntOrString::String("25%".into());
+    let surge = resolve(
+        Some(ru.and_then(|r| r.max_surge.as_ref()).unwrap_or(&default)),
+        replicas,
+        true,
+    );
+    let unavailable = resolve(
+        Some(ru.and_then(|r| r.max_unavailable.as_ref()).unwrap_or(&default)),
+        replicas,
+        false,
+    )
+    .min(replicas);
+    if surge == 0 && unavailable == 0 {
+        (0, 1)
+    } else {
+        (surge, unavailable)
+    }
+}
+
+fn spec_replicas(rs: &ReplicaSet) -> i32 {
+    rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0)
+}
+
+fn revision(rs: &ReplicaSet) -> i64 {
+    rs.annotations()
+        .get(REVISION)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What the Pods of one ReplicaSet are doing.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    active: i32,
+    ready: i32,
+}
+
+/// The ReplicaSet `d` wants for its current template.
+fn new_replicaset(d: &Deployment, hash: &str, replicas: i32, revision: i64) -> Option<ReplicaSet> {
+    let spec = d.spec.as_ref()?;
+    let mut template = spec.template.clone();
+    let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(HASH_LABEL.into(), hash.into());
+    let mut selector = spec.selector.clone();
+    selector
+        .match_labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(HASH_LABEL.into(), hash.into());
+    Some(ReplicaSet {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-{hash}", d.name_any())),
+            namespace: d.namespace(),
+            labels: meta.labels.clone(),
+            annotations: Some(BTreeMap::from([(REVISION.into(), revision.to_string())])),
+            owner_references: Some(vec![controller_ref(d)?]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ReplicaSetSpec {
+            replicas: Some(replicas),
+            min_ready_seconds: spec.min_ready_seconds,
+            selector,
+            template: Some(template),
+        }),
+        status: None,
+    })
+}
+
+async fn scale(api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: i32) -> Result<(), Error> {
+    if spec_replicas(rs) == replicas {
+        return Ok(());
+    }
+    let name = rs.name_any();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .map_err(api_err("scale", format!("replicaset {name}")))?;
+    info!(replicaset = %name, from = spec_replicas(rs), to = replicas, "scaled");
+    Ok(())
+}
+
+async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.options.metrics.reconciled(NAME);
+    if d.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let Some(spec) = d.spec.as_ref() else {
+        return Ok(Action::await_change());
+    };
+    let name = d.name_any();
+    let ns = d.namespace().unwrap_or_default();
+    let uid = d.uid().unwrap_or_default();
+    let rs_api = Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns);
+    let mut sets: Vec<ReplicaSet> = rs_api
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("list", format!("replicasets in {ns}")))?
+        .items
+        .into_iter()
+        .filter(|rs| controller_uid(rs) == Some(uid.as_str()))
+        .collect();
+    sets.sort_by_key(|rs| (revision(rs), rs.metadata.creation_timestamp.clone().map(|t| t.0)));
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("list", format!("pods in {ns}")))?;
+    let mut counts: BTreeMap<String, Counts> = BTreeMap::new();
+    for p in pods.items.iter().filter(|p| is_active(p)) {
+        if let Some(owner) = controller_uid(p) {
+            let c = counts.entry(owner.to_string()).or_default();
+            c.active += 1;
+            c.ready += i32::from(is_ready(p));
+        }
+    }
+    let count = |rs: &ReplicaSet| counts.get(&rs.uid().unwrap_or_default()).copied().unwrap_or_default();
+    // Pods a ReplicaSet keeps: its controller deletes the not-ready ones first.
+    let available = |rs: &ReplicaSet| count(rs).ready.min(spec_replicas(rs));
+
+    let replicas = spec.replicas.unwrap_or(1).max(0);
+    let hash = template_hash(&spec.template);
+    let (new_rs, old): (Vec<ReplicaSet>, Vec<ReplicaSet>) = sets
+        .into_iter()
+        .partition(|rs| rs.labels().get(HASH_LABEL) == Some(&hash));
+    let mut new_rs = new_rs.into_iter().next();
+    let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
+    let old_total: i32 = old.iter().map(spec_replicas).sum();
+
+    if recreate {
+        for rs in &old {
+            scale(&rs_api, rs, 0).await?;
+        }
+        let old_pods: i32 = old.iter().map(|rs| count(rs).active).sum();
+        if old_pods == 0 {
+            match &new_rs {
+                Some(rs) => scale(&rs_api, rs, replicas).await?,
+                None => new_rs = Some(create(&rs_api, &d, &hash, replicas, &old).await?),
+            }
+        }
+    } else {
+        let (surge, unavailable) = surge_and_unavailable(&d, replicas);
+        let max_total = replicas + surge;
+        // The new ReplicaSet grows as far as the surge allows.
+        match &new_rs {
+            None => {
+                let want = if old_total == 0 {
+                    replicas
+                } else {
+                    (max_total - old_total).clamp(0, replicas)
+                };
+                new_rs = Some(create(&rs_api, &d, &hash, want, &old).await?);
+            }
+            Some(rs) if spec_replicas(rs) > replicas => scale(&rs_api, rs, replicas).await?,
+            Some(rs) => {
+                let all = old_total + spec_replicas(rs);
+                if all < max_total {
+                    let up = (max_total - all).min(replicas - spec_replicas(rs));
+                    scale(&rs_api, rs, spec_replicas(rs) + up).await?;
+                }
+            }
+        }
+        // The old ones shrink as far as availability allows.
+        let new_spec = new_rs.as_ref().map_or(0, spec_replicas);
+        let new_available = new_rs.as_ref().map_or(0, available);
+        let min_available = replicas - unavailable;
+        let all_pods = old_total + new_spec;
+        let max_down = all_pods - min_available - (new_spec - new_available).max(0);
+        if max_down > 0 && old_total > 0 {
+            let mut old_now: Vec<(ReplicaSet, i32)> =
+                old.iter().map(|rs| (rs.clone(), spec_replicas(rs))).collect();
+            // First the old Pods that are not available anyway.
+            let mut cleaned = 0;
+            for (rs, n) in &mut old_now {
+                let unhealthy = (*n - available(rs)).max(0);
+                let down = unhealthy.min(max_down - cleaned);
+                if down > 0 {
+                    *n -= down;
+                    cleaned += down;
+                }
+            }
+            // Then available ones, down to the minimum.
+            let total_available: i32 = old_now
+                .iter()
+                .map(|(rs, n)| available(rs).min(*n))
+                .sum::<i32>()
+                + new_available;
+            let mut budget = (total_available - min_available).max(0);
+            for (_, n) in &mut old_now {
+                let down = (*n).min(budget);
+                *n -= down;
+                budget -= down;
+            }
+            for (rs, n) in &old_now {
+                scale(&rs_api, rs, *n).await?;
+            }
+        }
+    }
+    cleanup(&rs_api, &d, &old, &count).await?;
+
+    // Status, from the Pods.
+    let all: Vec<&ReplicaSet> = old.iter().chain(new_rs.as_ref()).collect();
+    let total = all.iter().map(|rs| count(rs).active).sum::<i32>();
+    let ready = all.iter().map(|rs| count(rs).ready).sum::<i32>();
+    let updated = new_rs.as_ref().map_or(0, |rs| count(rs).active);
+    let new_ready = new_rs.as_ref().map_or(0, |rs| count(rs).ready);
+    let (_, unavailable) = if recreate {
+        (0, 0)
+    } else {
+        surge_and_unavailable(&d, replicas)
+    };
+    let complete = updated == replicas && total == replicas && new_ready == replicas;
+    let available_ok = ready >= replicas - unavailable;
+    let old_conditions = d
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let new_rs_name = new_rs.as_ref().map(|rs| rs.name_any()).unwrap_or_default();
+    let conditions = vec![
+        condition(
+            &old_conditions,
+            "Available",
+            available_ok,
+            if available_ok {
+                "MinimumReplicasAvailable"
+            } else {
+                "MinimumReplicasUnavailable"
+            },
+            if available_ok {
+                "Deployment has minimum availability.".to_string()
+            } else {
+                "Deployment does not have minimum availability.".to_string()
+            },
+        ),
+        condition(
+            &old_conditions,
+            "Progressing",
+            true,
+            if complete {
+                "NewReplicaSetAvailable"
+            } else {
+                "ReplicaSetUpdated"
+            },
+            if complete {
+                format!("ReplicaSet {new_rs_name:?} has successfully progressed.")
+            } else {
+                format!("ReplicaSet {new_rs_name:?} is progressing.")
+            },
+        ),
+    ];
+    let status = DeploymentStatus {
+        observed_generation: d.metadata.generation,
+        replicas: Some(total),
+        updated_replicas: Some(updated),
+        ready_replicas: Some(ready),
+        available_replicas: Some(ready),
+        unavailable_replicas: Some((replicas - ready).max(0)),
+        conditions: Some(conditions),
+        collision_count: None,
+        terminating_replicas: None,
+    };
+    if d.status.as_ref() != Some(&status) {
+        Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .map_err(api_err("patch status", format!("deployment {ns}/{name}")))?;
+    }
+    Ok(if complete {
+        Action::await_change()
+    } else {
+        Action::requeue(Duration::from_secs(2))
+    })
+}
+
+/// A condition, keeping its times when its status and reason did not change.
+fn condition(
+    old: &[DeploymentCondition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+) -> DeploymentCondition {
+    let status = if ok { "True" } else { "False" };
+    if let Some(c) = old.iter().find(|c| c.type_ == type_)
+        && c.status == status
+        && c.reason.as_deref() == Some(reason)
+        && c.message.as_deref() == Some(message.as_str())
+    {
+        return c.clone();
+    }
+    let now = Some(Time(Timestamp::now()));
+    let transition = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .or_else(|| now.clone());
+    DeploymentCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message),
+        last_update_time: now,
+        last_transition_time: transition,
+    }
+}
+
+async fn create(
+    api: &Api<ReplicaSet>,
+    d: &Deployment,
+    hash: &str,
+    replicas: i32,
+    old: &[ReplicaSet],
+) -> Result<ReplicaSet, Error> {
+    let rev = old.iter().map(revision).max().unwrap_or(0) + 1;
+    let rs = new_replicaset(d, hash, replicas, rev).ok_or(Error::Missing {
+        kind: "Deployment",
+        name: d.name_any(),
+        field: "spec or metadata.uid",
+    })?;
+    let name = rs.name_any();
+    match api.create(&PostParams::default(), &rs).await {
+        Ok(created) => {
+            info!(deployment = %d.name_any(), replicaset = %name, replicas, "created replicaset");
+            Ok(created)
+        }
+        // Created by an earlier run that stopped before it could see it: use it.
+        Err(kube::Error::Api(e)) if e.code == 409 => api
+            .get(&name)
+            .await
+            .map_err(api_err("get", format!("replicaset {name}"))),
+        Err(e) => Err(api_err("create", format!("replicaset {name}"))(e)),
+    }
+}
+
+/// Deletes the oldest empty old ReplicaSets beyond `revisionHistoryLimit`.
+async fn cleanup(
+    api: &Api<ReplicaSet>,
+    d: &Deployment,
+    old: &[ReplicaSet],
+    count: &impl Fn(&ReplicaSet) -> Counts,
+) -> Result<(), Error> {
+    let limit = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.revision_history_limit)
+        .unwrap_or(10)
+        .max(0) as usize;
+    let empty: Vec<&ReplicaSet> = old
+        .iter()
+        .filter(|rs| spec_replicas(rs) == 0 && count(rs).active == 0)
+        .collect();
+    for rs in empty.iter().take(empty.len().saturating_sub(limit)) {
+        match api.delete(&rs.name_any(), &DeleteParams::default()).await {
+            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(api_err("delete", format!("replicaset {}", rs.name_any()))(e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentages_round_as_upstream() {
+        let pct = IntOrString::String("25%".into());
+        assert_eq!(resolve(Some(&pct), 3, true), 1);
+        assert_eq!(resolve(Some(&pct), 3, false), 0);
+        assert_eq!(resolve(Some(&pct), 4, false), 1);
+        assert_eq!(resolve(Some(&IntOrString::Int(2)), 10, true), 2);
+    }
+
+    #[test]
+    fn hash_ignores_its_own_label_and_changes_with_the_template() {
+        let mut t = PodTemplateSpec::default();
+        let h = template_hash(&t);
+        t.metadata = Some(ObjectMeta {
+            labels: Some(BTreeMap::from([(HASH_LABEL.into(), h.clone())])),
+            ..ObjectMeta::default()
+        });
+        let with_label = template_hash(&t);
+        t.metadata = Some(ObjectMeta {
+            labels: Some(BTreeMap::new()),
+            ..ObjectMeta::default()
+        });
+        assert_eq!(with_label, template_hash(&t));
+        t.spec = Some(Default::default());
+        assert_ne!(h, template_hash(&t));
+        assert!(h.bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)));
+    }
+}
