@@ -88,14 +88,17 @@ pub fn wanted_taints(current: &[Taint], ready: &str, now: &Time) -> Vec<Taint> {
     out
 }
 
-/// When a Pod must leave a Node with these NoExecute taints (seconds since the epoch), or
-/// `None` when it tolerates them for ever.
+/// When a Pod must leave a Node with these NoExecute taints (seconds since the epoch, never
+/// before `tolerationSeconds` have passed since the taint came), or `None` when it tolerates
+/// them for ever.
 pub fn eviction_time(pod: &Pod, taints: &[Taint], default_seconds: i64, now: i64) -> Option<i64> {
     taints
         .iter()
         .filter(|t| t.effect == "NoExecute")
         .filter_map(|t| {
-            let added = t.time_added.as_ref().map_or(now, seconds);
+            // timeAdded has whole seconds: the taint came at some point of that second,
+            // so its end is the earliest deadline that is never early.
+            let added = t.time_added.as_ref().map_or(now, |t| seconds(t) + 1);
             match toleration_of(pod, t) {
                 Some(tol) => tol.toleration_seconds.map(|s| added + s.max(0)),
                 None if t.key == NOT_READY_TAINT || t.key == UNREACHABLE_TAINT => {
@@ -256,7 +259,7 @@ mod tests {
             value: None,
         };
         let bare = Pod::default();
-        assert_eq!(eviction_time(&bare, std::slice::from_ref(&taint), 300, 1001), Some(1300));
+        assert_eq!(eviction_time(&bare, std::slice::from_ref(&taint), 300, 1001), Some(1301));
         let tolerant = Pod {
             spec: Some(PodSpec {
                 tolerations: Some(vec![Toleration {
@@ -270,6 +273,6 @@ mod tests {
             }),
             ..Pod::default()
         };
-        assert_eq!(eviction_time(&tolerant, &[taint], 300, 1001), Some(1002));
+        assert_eq!(eviction_time(&tolerant, &[taint], 300, 1001), Some(1003));
     }
 }
