@@ -46,15 +46,18 @@ pub async fn run(client: Client, options: Arc<Options>) {
         client: client.clone(),
         options,
     });
-    Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<ReplicaSet>::all(client), watcher::Config::default())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                debug!(controller = NAME, error = %e, "reconcile");
-            }
-        })
-        .await;
+    Controller::new(
+        Api::<Deployment>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<ReplicaSet>::all(client), watcher::Config::default())
+    .run(reconcile, error_policy, ctx)
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            debug!(controller = NAME, error = %e, "reconcile");
+        }
+    })
+    .await;
 }
 
 fn error_policy(d: Arc<Deployment>, e: &Error, ctx: Arc<Ctx>) -> Action {
@@ -115,7 +118,10 @@ pub fn surge_and_unavailable(d: &Deployment, replicas: i32) -> (i32, i32) {
         true,
     );
     let unavailable = resolve(
-        Some(ru.and_then(|r| r.max_unavailable.as_ref()).unwrap_or(&default)),
+        Some(
+            ru.and_then(|r| r.max_unavailable.as_ref())
+                .unwrap_or(&default),
+        ),
         replicas,
         false,
     )
@@ -213,7 +219,12 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .into_iter()
         .filter(|rs| controller_uid(rs) == Some(uid.as_str()))
         .collect();
-    sets.sort_by_key(|rs| (revision(rs), rs.metadata.creation_timestamp.clone().map(|t| t.0)));
+    sets.sort_by_key(|rs| {
+        (
+            revision(rs),
+            rs.metadata.creation_timestamp.clone().map(|t| t.0),
+        )
+    });
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .list(&ListParams::default())
         .await
@@ -226,7 +237,12 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             c.ready += i32::from(is_ready(p));
         }
     }
-    let count = |rs: &ReplicaSet| counts.get(&rs.uid().unwrap_or_default()).copied().unwrap_or_default();
+    let count = |rs: &ReplicaSet| {
+        counts
+            .get(&rs.uid().unwrap_or_default())
+            .copied()
+            .unwrap_or_default()
+    };
     // Pods a ReplicaSet keeps: its controller deletes the not-ready ones first.
     let available = |rs: &ReplicaSet| count(rs).ready.min(spec_replicas(rs));
 
@@ -279,8 +295,10 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         let all_pods = old_total + new_spec;
         let max_down = all_pods - min_available - (new_spec - new_available).max(0);
         if max_down > 0 && old_total > 0 {
-            let mut old_now: Vec<(ReplicaSet, i32)> =
-                old.iter().map(|rs| (rs.clone(), spec_replicas(rs))).collect();
+            let mut old_now: Vec<(ReplicaSet, i32)> = old
+                .iter()
+                .map(|rs| (rs.clone(), spec_replicas(rs)))
+                .collect();
             // First the old Pods that are not available anyway.
             let mut cleaned = 0;
             for (rs, n) in &mut old_now {
@@ -469,7 +487,11 @@ async fn cleanup(
     for rs in empty.iter().take(empty.len().saturating_sub(limit)) {
         match api.delete(&rs.name_any(), &DeleteParams::default()).await {
             Ok(_) | Err(kube::Error::Api(_)) => {}
-            Err(e) => return Err(api_err("delete", format!("replicaset {}", rs.name_any()))(e)),
+            Err(e) => {
+                return Err(api_err("delete", format!("replicaset {}", rs.name_any()))(
+                    e,
+                ));
+            }
         }
     }
     Ok(())
@@ -504,6 +526,9 @@ mod tests {
         assert_eq!(with_label, template_hash(&t));
         t.spec = Some(Default::default());
         assert_ne!(h, template_hash(&t));
-        assert!(h.bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)));
+        assert!(
+            h.bytes()
+                .all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b))
+        );
     }
 }

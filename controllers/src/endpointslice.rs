@@ -43,7 +43,10 @@ pub async fn run(client: Client, options: Arc<Options>) {
         client: client.clone(),
         options,
     });
-    let controller = Controller::new(Api::<Service>::all(client.clone()), watcher::Config::default());
+    let controller = Controller::new(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let services = controller.store();
     controller
         .owns(
@@ -51,16 +54,20 @@ pub async fn run(client: Client, options: Arc<Options>) {
             watcher::Config::default(),
         )
         // A Pod change concerns every Service of its namespace that selects it.
-        .watches(Api::<Pod>::all(client), watcher::Config::default(), move |pod| {
-            let labels = pod.labels().clone();
-            let ns = pod.namespace();
-            services
-                .state()
-                .into_iter()
-                .filter(|s| s.namespace() == ns && selects(s, &labels))
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<Pod>::all(client),
+            watcher::Config::default(),
+            move |pod| {
+                let labels = pod.labels().clone();
+                let ns = pod.namespace();
+                services
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.namespace() == ns && selects(s, &labels))
+                    .map(|s| ObjectRef::from_obj(&*s))
+                    .collect::<Vec<_>>()
+            },
+        )
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -111,14 +118,21 @@ fn desired(svc: &Service, pods: &[Pod], zones: &BTreeMap<String, String>) -> Vec
     };
     let name = svc.name_any();
     let mut by_family: BTreeMap<&str, Vec<(&Pod, String)>> = BTreeMap::new();
-    for p in pods.iter().filter(|p| is_active(p) && selects(svc, p.labels())) {
+    for p in pods
+        .iter()
+        .filter(|p| is_active(p) && selects(svc, p.labels()))
+    {
         let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
             continue;
         };
         let family = if ip.contains(':') { "IPv6" } else { "IPv4" };
         by_family.entry(family).or_default().push((p, ip));
     }
-    let ports = svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
     let mut out = Vec::new();
     for (family, mut members) in by_family {
         members.sort_by(|a, b| a.0.name_any().cmp(&b.0.name_any()));
@@ -222,13 +236,19 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 next.metadata.resource_version = cur.metadata.resource_version.clone();
                 api.replace(&slice_name, &PostParams::default(), &next)
                     .await
-                    .map_err(api_err("replace", format!("endpointslice {ns}/{slice_name}")))?;
+                    .map_err(api_err(
+                        "replace",
+                        format!("endpointslice {ns}/{slice_name}"),
+                    ))?;
                 debug!(service = %name, slice = %slice_name, endpoints = slice.endpoints.len(), "updated");
             }
             None => {
                 api.create(&PostParams::default(), slice)
                     .await
-                    .map_err(api_err("create", format!("endpointslice {ns}/{slice_name}")))?;
+                    .map_err(api_err(
+                        "create",
+                        format!("endpointslice {ns}/{slice_name}"),
+                    ))?;
                 info!(service = %name, slice = %slice_name, "created endpointslice");
             }
         }
@@ -237,11 +257,17 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .iter()
         .filter(|e| !want.iter().any(|w| w.name_any() == e.name_any()))
     {
-        match api.delete(&stale.name_any(), &DeleteParams::default()).await {
+        match api
+            .delete(&stale.name_any(), &DeleteParams::default())
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => {
-                return Err(api_err("delete", format!("endpointslice {ns}/{}", stale.name_any()))(e));
+                return Err(api_err(
+                    "delete",
+                    format!("endpointslice {ns}/{}", stale.name_any()),
+                )(e));
             }
         }
     }

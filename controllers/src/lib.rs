@@ -78,7 +78,10 @@ pub enum Error {
 }
 
 /// Shorthand for an API error.
-pub(crate) fn api_err(verb: &'static str, what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+pub(crate) fn api_err(
+    verb: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
     move |source| Error::Api { verb, what, source }
 }

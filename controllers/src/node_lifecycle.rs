@@ -189,11 +189,7 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
 
     // Pods whose toleration ran out go.
-    let mut next_look = if ready == "True" {
-        None
-    } else {
-        Some(period)
-    };
+    let mut next_look = if ready == "True" { None } else { Some(period) };
     if taints.iter().any(|t| t.effect == "NoExecute") {
         let pods = Api::<Pod>::all(ctx.client.clone())
             .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
@@ -201,7 +197,8 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             .map_err(api_err("list", format!("pods on {name}")))?
             .items;
         for pod in pods.iter().filter(|p| is_active(p)) {
-            let Some(at) = eviction_time(pod, &taints, ctx.options.default_toleration_seconds, now_s)
+            let Some(at) =
+                eviction_time(pod, &taints, ctx.options.default_toleration_seconds, now_s)
             else {
                 continue;
             };
@@ -243,7 +240,10 @@ mod tests {
         };
         let t = wanted_taints(std::slice::from_ref(&other), "False", &now);
         assert_eq!(t.len(), 3);
-        assert!(t.iter().any(|t| t.key == NOT_READY_TAINT && t.effect == "NoExecute"));
+        assert!(
+            t.iter()
+                .any(|t| t.key == NOT_READY_TAINT && t.effect == "NoExecute")
+        );
         assert_eq!(wanted_taints(&t, "True", &now), vec![other.clone()]);
         let u = wanted_taints(&t, "Unknown", &now);
         assert!(u.iter().all(|t| t.key != NOT_READY_TAINT));
@@ -255,11 +255,16 @@ mod tests {
         let taint = Taint {
             key: NOT_READY_TAINT.into(),
             effect: "NoExecute".into(),
-            time_added: Some(Time(Timestamp::from_second(1000).unwrap_or(Timestamp::UNIX_EPOCH))),
+            time_added: Some(Time(
+                Timestamp::from_second(1000).unwrap_or(Timestamp::UNIX_EPOCH),
+            )),
             value: None,
         };
         let bare = Pod::default();
-        assert_eq!(eviction_time(&bare, std::slice::from_ref(&taint), 300, 1001), Some(1301));
+        assert_eq!(
+            eviction_time(&bare, std::slice::from_ref(&taint), 300, 1001),
+            Some(1301)
+        );
         let tolerant = Pod {
             spec: Some(PodSpec {
                 tolerations: Some(vec![Toleration {

@@ -87,7 +87,8 @@ fn unfit(pod: &Pod, node: &Node, bound: &[&Pod]) -> Vec<String> {
         return why;
     }
     for t in effective_taints(node) {
-        if matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && toleration_of(pod, &t).is_none()
+        if matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+            && toleration_of(pod, &t).is_none()
         {
             why.push(format!(
                 "node(s) had untolerated taint {{{}: {}}}",
@@ -134,7 +135,8 @@ fn unfit(pod: &Pod, node: &Node, bound: &[&Pod]) -> Vec<String> {
         if want <= 0.0 {
             continue;
         }
-        let free = allocatable.get(&k).copied().unwrap_or(0.0) - used.get(&k).copied().unwrap_or(0.0);
+        let free =
+            allocatable.get(&k).copied().unwrap_or(0.0) - used.get(&k).copied().unwrap_or(0.0);
         // A tolerance for the decimal rounding of quantities such as 100m.
         if want > free + 1e-9 {
             why.push(format!("Insufficient {k}"));
@@ -189,24 +191,24 @@ pub fn place(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Placement {
         } else {
             format!(" {}.", parts.join(", "))
         };
-        return Placement::Unschedulable(format!(
-            "0/{} nodes are available:{detail}",
-            nodes.len()
-        ));
+        return Placement::Unschedulable(format!("0/{} nodes are available:{detail}", nodes.len()));
     }
     let zone_of = |n: &Node| n.labels().get(ZONE_LABEL).cloned().unwrap_or_default();
     let siblings: Vec<&Pod> = pods
         .iter()
         .filter(|p| is_active(p) && same_workload(p, pod) && p.uid() != pod.uid())
         .collect();
-    let node_zone: BTreeMap<String, String> = nodes
-        .iter()
-        .map(|n| (n.name_any(), zone_of(n)))
-        .collect();
+    let node_zone: BTreeMap<String, String> =
+        nodes.iter().map(|n| (n.name_any(), zone_of(n))).collect();
     let in_zone = |z: &str| {
         siblings
             .iter()
-            .filter(|p| node_of(p).and_then(|n| node_zone.get(n)).map(String::as_str) == Some(z))
+            .filter(|p| {
+                node_of(p)
+                    .and_then(|n| node_zone.get(n))
+                    .map(String::as_str)
+                    == Some(z)
+            })
             .count()
     };
     let on_node = |n: &str| siblings.iter().filter(|p| node_of(p) == Some(n)).count();
@@ -302,9 +304,15 @@ mod tests {
             node("b1", "b", "4", "True"),
         ];
         let pods = [pod("p1", "100m", Some("a1"))];
-        assert_eq!(place(&pod("p2", "100m", None), &nodes, &pods), Placement::Node("b1".into()));
+        assert_eq!(
+            place(&pod("p2", "100m", None), &nodes, &pods),
+            Placement::Node("b1".into())
+        );
         let pods = [pod("p1", "100m", Some("a1")), pod("p2", "100m", Some("b1"))];
-        assert_eq!(place(&pod("p3", "100m", None), &nodes, &pods), Placement::Node("a2".into()));
+        assert_eq!(
+            place(&pod("p3", "100m", None), &nodes, &pods),
+            Placement::Node("a2".into())
+        );
     }
 
     #[test]

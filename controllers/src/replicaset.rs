@@ -34,15 +34,18 @@ pub async fn run(client: Client, options: Arc<Options>) {
         client: client.clone(),
         options,
     });
-    Controller::new(Api::<ReplicaSet>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Pod>::all(client), watcher::Config::default())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                debug!(controller = NAME, error = %e, "reconcile");
-            }
-        })
-        .await;
+    Controller::new(
+        Api::<ReplicaSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Pod>::all(client), watcher::Config::default())
+    .run(reconcile, error_policy, ctx)
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            debug!(controller = NAME, error = %e, "reconcile");
+        }
+    })
+    .await;
 }
 
 fn error_policy(rs: Arc<ReplicaSet>, e: &Error, ctx: Arc<Ctx>) -> Action {
@@ -53,7 +56,13 @@ fn error_policy(rs: Arc<ReplicaSet>, e: &Error, ctx: Arc<Ctx>) -> Action {
 
 /// The order Pods go in on scale-down: unscheduled before scheduled, pending before running,
 /// not ready before ready, newest first.
-type Rank = (bool, bool, bool, Reverse<Option<k8s_openapi::jiff::Timestamp>>, String);
+type Rank = (
+    bool,
+    bool,
+    bool,
+    Reverse<Option<k8s_openapi::jiff::Timestamp>>,
+    String,
+);
 
 fn deletion_rank(pod: &Pod) -> Rank {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -106,7 +115,12 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     let name = rs.name_any();
     let ns = rs.namespace().unwrap_or_default();
     let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
-    let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
+    let want = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1)
+        .max(0) as usize;
     let mut active: Vec<Pod> = owned_pods(&ctx.client, &rs)
         .await?
         .into_iter()
@@ -143,7 +157,11 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         }
         changed = true;
     }
-    let selector = rs.spec.as_ref().map(|s| s.selector.clone()).unwrap_or_default();
+    let selector = rs
+        .spec
+        .as_ref()
+        .map(|s| s.selector.clone())
+        .unwrap_or_default();
     let ready = active.iter().filter(|p| is_ready(p)).count() as i32;
     let status = ReplicaSetStatus {
         replicas: active.len() as i32,

@@ -151,7 +151,11 @@ fn kubectl_in(dir: &Path, kubeconfig: &Path, args: &[&str], stdin: Option<&str>)
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     eprintln!("$ kubectl {}\n{stdout}{stderr}", args.join(" "));
-    ensure!(out.status.success(), "kubectl {} failed: {stderr}", args.join(" "));
+    ensure!(
+        out.status.success(),
+        "kubectl {} failed: {stderr}",
+        args.join(" ")
+    );
     Ok(stdout)
 }
 
@@ -220,7 +224,8 @@ async fn kubelet(
                         "ready": ready, "restartCount": 0, "started": true,
                         "state": {"running": {}}}],
                 }});
-                let api = Api::<Pod>::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+                let api =
+                    Api::<Pod>::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
                 let _ = api
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
                     .await;
@@ -315,10 +320,14 @@ spec:
 /// Waits until the Deployment has `n` Pods, all Ready, checked with `kubectl rollout status`.
 async fn rolled_out(c: &Cluster, n: usize) -> Result<Vec<Pod>> {
     c.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"])?;
-    wait_for(&format!("{n} ready web pods"), Duration::from_secs(30), || async {
-        let pods = c.web_pods().await?;
-        Ok((pods.len() == n && pods.iter().all(ready)).then_some(pods))
-    })
+    wait_for(
+        &format!("{n} ready web pods"),
+        Duration::from_secs(30),
+        || async {
+            let pods = c.web_pods().await?;
+            Ok((pods.len() == n && pods.iter().all(ready)).then_some(pods))
+        },
+    )
     .await
 }
 
@@ -335,13 +344,29 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
         *m.entry(node_of(p)).or_default() += 1;
         m
     });
-    assert_eq!(per_node.len(), 2, "3 pods spread over both nodes: {per_node:?}");
+    assert_eq!(
+        per_node.len(),
+        2,
+        "3 pods spread over both nodes: {per_node:?}"
+    );
     let table = c.kubectl(&["get", "deployment", "web"])?;
-    assert!(table.contains("READY") && table.contains("UP-TO-DATE") && table.contains("AVAILABLE"), "{table}");
-    assert!(table.lines().nth(1).is_some_and(|l| l.contains("3/3")), "{table}");
+    assert!(
+        table.contains("READY") && table.contains("UP-TO-DATE") && table.contains("AVAILABLE"),
+        "{table}"
+    );
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.contains("3/3")),
+        "{table}"
+    );
 
     // The Service got a ClusterIP and a node port; its slice lists the 3 ready Pods.
-    let svc = c.kubectl(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}"])?;
+    let svc = c.kubectl(&[
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}",
+    ])?;
     let (ip, port) = svc.split_once(' ').context("clusterIP and nodePort")?;
     assert!(ip.starts_with("10."), "{svc}");
     let port: u16 = port.parse()?;
@@ -361,11 +386,19 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
     .await?;
     let slice = &slices.list(&by_service).await?.items[0];
     assert_eq!(
-        slice.labels().get("endpointslice.kubernetes.io/managed-by").map(String::as_str),
+        slice
+            .labels()
+            .get("endpointslice.kubernetes.io/managed-by")
+            .map(String::as_str),
         Some("endpointslice-controller.slipway.dev")
     );
     assert_eq!(slice.ports.as_ref().and_then(|p| p[0].port), Some(80));
-    assert!(slice.endpoints.iter().all(|e| e.zone.as_deref().is_some_and(|z| z.starts_with("zone-"))));
+    assert!(
+        slice
+            .endpoints
+            .iter()
+            .all(|e| e.zone.as_deref().is_some_and(|z| z.starts_with("zone-")))
+    );
 
     // kubectl scale 3 -> 5 -> 2.
     c.kubectl(&["scale", "deployment/web", "--replicas=5"])?;
@@ -376,20 +409,34 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
     // Readiness drives the slice: a Pod held not ready is listed not ready, then ready again.
     let pods = c.web_pods().await?;
     let held = pods[0].name_any();
-    c.held.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(held.clone());
-    wait_for("the held pod's endpoint not ready", Duration::from_secs(20), || async {
-        let s = slices.list(&by_service).await?.items;
-        let not_ready = s.iter().flat_map(|s| &s.endpoints).any(|e| {
-            e.target_ref.as_ref().and_then(|t| t.name.as_deref()) == Some(held.as_str())
-                && e.conditions.as_ref().and_then(|c| c.ready) == Some(false)
-        });
-        Ok((not_ready && ready_endpoints(&s) == 1).then_some(()))
-    })
+    c.held
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .insert(held.clone());
+    wait_for(
+        "the held pod's endpoint not ready",
+        Duration::from_secs(20),
+        || async {
+            let s = slices.list(&by_service).await?.items;
+            let not_ready = s.iter().flat_map(|s| &s.endpoints).any(|e| {
+                e.target_ref.as_ref().and_then(|t| t.name.as_deref()) == Some(held.as_str())
+                    && e.conditions.as_ref().and_then(|c| c.ready) == Some(false)
+            });
+            Ok((not_ready && ready_endpoints(&s) == 1).then_some(()))
+        },
+    )
     .await?;
-    c.held.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clear();
-    wait_for("2 ready endpoints again", Duration::from_secs(20), || async {
-        Ok((ready_endpoints(&slices.list(&by_service).await?.items) == 2).then_some(()))
-    })
+    c.held
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clear();
+    wait_for(
+        "2 ready endpoints again",
+        Duration::from_secs(20),
+        || async {
+            Ok((ready_endpoints(&slices.list(&by_service).await?.items) == 2).then_some(()))
+        },
+    )
     .await?;
 
     // A rolling update of 4 replicas (maxSurge 1, maxUnavailable 1) never has fewer than 3
@@ -409,7 +456,10 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
                 match e {
                     watcher::Event::InitDone => listed = true,
                     watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                        live.insert(p.name_any(), ready(&p) && p.metadata.deletion_timestamp.is_none());
+                        live.insert(
+                            p.name_any(),
+                            ready(&p) && p.metadata.deletion_timestamp.is_none(),
+                        );
                     }
                     watcher::Event::Delete(p) => {
                         live.remove(&p.name_any());
@@ -427,34 +477,57 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
         })
     };
     // The watch has seen the 4 ready Pods before the roll starts.
-    wait_for("the watch to see 4 ready pods", Duration::from_secs(10), || async {
-        Ok(min_ready.lock().map(|m| *m == 4).unwrap_or(false).then_some(()))
-    })
+    wait_for(
+        "the watch to see 4 ready pods",
+        Duration::from_secs(10),
+        || async {
+            Ok(min_ready
+                .lock()
+                .map(|m| *m == 4)
+                .unwrap_or(false)
+                .then_some(()))
+        },
+    )
     .await?;
     c.kubectl(&["set", "image", "deployment/web", "web=busybox:v2"])?;
     let pods = rolled_out(&c, 4).await?;
     watching.abort();
     let seen = *min_ready.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    assert!(seen >= 3, "ready pods fell to {seen} during the roll (replicas 4, maxUnavailable 1)");
+    assert!(
+        seen >= 3,
+        "ready pods fell to {seen} during the roll (replicas 4, maxUnavailable 1)"
+    );
     assert!(pods.iter().all(|p| {
-        p.spec.as_ref().is_some_and(|s| s.containers[0].image.as_deref() == Some("busybox:v2"))
+        p.spec
+            .as_ref()
+            .is_some_and(|s| s.containers[0].image.as_deref() == Some("busybox:v2"))
     }));
     let sets = c.kubectl(&["get", "rs", "-l", "app=web", "-o", "name"])?;
-    assert_eq!(sets.lines().count(), 2, "the old ReplicaSet is kept, scaled to 0: {sets}");
+    assert_eq!(
+        sets.lines().count(),
+        2,
+        "the old ReplicaSet is kept, scaled to 0: {sets}"
+    );
 
     // A Pod too big for any Node stays Pending and says why.
     c.kubectl_apply(BIG)?;
-    let message = wait_for("big to be unschedulable", Duration::from_secs(20), || async {
-        let pod = Api::<Pod>::namespaced(c.client.clone(), "default").get("big").await?;
-        Ok(pod
-            .status
-            .and_then(|s| s.conditions)
-            .into_iter()
-            .flatten()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-            .filter(|c| c.reason.as_deref() == Some("Unschedulable"))
-            .and_then(|c| c.message))
-    })
+    let message = wait_for(
+        "big to be unschedulable",
+        Duration::from_secs(20),
+        || async {
+            let pod = Api::<Pod>::namespaced(c.client.clone(), "default")
+                .get("big")
+                .await?;
+            Ok(pod
+                .status
+                .and_then(|s| s.conditions)
+                .into_iter()
+                .flatten()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                .filter(|c| c.reason.as_deref() == Some("Unschedulable"))
+                .and_then(|c| c.message))
+        },
+    )
     .await?;
     assert_eq!(message, "0/2 nodes are available: 2 Insufficient cpu.");
     let phase = c.kubectl(&["get", "pod", "big", "-o", "jsonpath={.status.phase}"])?;
@@ -464,34 +537,54 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
     // default here) and recreated on the other Node.
     let pods = c.web_pods().await?;
     let victim = node_of(&pods[0]);
-    let survivor = if victim == "node-a" { "node-b" } else { "node-a" };
+    let survivor = if victim == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    };
     let evicted: BTreeSet<String> = pods
         .iter()
         .filter(|p| node_of(p) == victim)
         .map(|p| p.name_any())
         .collect();
-    c.down.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(victim.clone());
+    c.down
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .insert(victim.clone());
     let marked = Instant::now();
     set_node_ready(&c.client, &victim, "False").await?;
-    wait_for("the not-ready NoExecute taint", Duration::from_secs(10), || async {
-        let node = Api::<Node>::all(c.client.clone()).get(&victim).await?;
-        Ok(node
-            .spec
-            .and_then(|s| s.taints)
-            .into_iter()
-            .flatten()
-            .any(|t| t.key == "node.kubernetes.io/not-ready" && t.effect == "NoExecute")
-            .then_some(()))
-    })
+    wait_for(
+        "the not-ready NoExecute taint",
+        Duration::from_secs(10),
+        || async {
+            let node = Api::<Node>::all(c.client.clone()).get(&victim).await?;
+            Ok(node
+                .spec
+                .and_then(|s| s.taints)
+                .into_iter()
+                .flatten()
+                .any(|t| t.key == "node.kubernetes.io/not-ready" && t.effect == "NoExecute")
+                .then_some(()))
+        },
+    )
     .await?;
-    let pods = wait_for("all web pods on the surviving node", Duration::from_secs(30), || async {
-        let pods = c.web_pods().await?;
-        Ok((pods.len() == 4 && pods.iter().all(|p| node_of(p) == survivor && ready(p)))
-            .then_some(pods))
-    })
+    let pods = wait_for(
+        "all web pods on the surviving node",
+        Duration::from_secs(30),
+        || async {
+            let pods = c.web_pods().await?;
+            Ok(
+                (pods.len() == 4 && pods.iter().all(|p| node_of(p) == survivor && ready(p)))
+                    .then_some(pods),
+            )
+        },
+    )
     .await?;
     let took = marked.elapsed();
-    assert!(took >= Duration::from_secs(2), "evicted before tolerationSeconds: {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "evicted before tolerationSeconds: {took:?}"
+    );
     assert!(pods.iter().all(|p| !evicted.contains(&p.name_any())));
     eprintln!("NotReady node's pods recreated on {survivor} in {took:?}");
     let nodes = c.kubectl(&["get", "nodes"])?;

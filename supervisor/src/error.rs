@@ -39,7 +39,9 @@ pub enum ApiError {
         stale: Option<(u64, u64)>,
     },
     /// A Pod binding for a Pod already bound to a Node.
-    #[error("Operation cannot be fulfilled on pods/binding {pod:?}: pod {pod} is already assigned to node {node:?}")]
+    #[error(
+        "Operation cannot be fulfilled on pods/binding {pod:?}: pod {pod} is already assigned to node {node:?}"
+    )]
     AlreadyBound {
         /// The Pod.
         pod: String,

@@ -108,10 +108,7 @@ fn held_ip(svc: &Value) -> Option<&str> {
 }
 
 fn has_node_ports(svc: &Value) -> bool {
-    matches!(
-        str_at(svc, "/spec/type"),
-        Some("NodePort" | "LoadBalancer")
-    )
+    matches!(str_at(svc, "/spec/type"), Some("NodePort" | "LoadBalancer"))
 }
 
 /// The node ports a Service holds, by (port, protocol).
@@ -163,11 +160,7 @@ async fn live(store: &AnyStore, key: &str, record: &[u8]) -> Result<bool, ApiErr
 
 /// What taking `key` for `obj` takes: a create when free, a takeover when stale, `None` when
 /// a live Service holds it (or when `obj` itself holds it already: no step).
-async fn take(
-    store: &AnyStore,
-    key: &str,
-    obj: &Value,
-) -> Result<Option<Option<Cas>>, ApiError> {
+async fn take(store: &AnyStore, key: &str, obj: &Value) -> Result<Option<Option<Cas>>, ApiError> {
     let record = record(obj)?;
     match store.get(key).await? {
         None => Ok(Some(Some(Cas::create(key, record)))),
@@ -456,7 +449,10 @@ mod tests {
             "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}, {"port": 53, "protocol": "UDP"}]}});
         assert_eq!(
             held_keys(&svc),
-            ["/slipway/alloc/serviceips/10.0.0.5", "/slipway/alloc/nodeports/30080"]
+            [
+                "/slipway/alloc/serviceips/10.0.0.5",
+                "/slipway/alloc/nodeports/30080"
+            ]
         );
         assert!(held_ip(&json!({"spec": {"clusterIP": "None"}})).is_none());
     }

@@ -97,7 +97,11 @@ pub async fn write(
         match store.txn(steps).await {
             Ok(revs) => return Ok(Ok(revs.first().copied().unwrap_or(0))),
             Err(e) if e.refused_key() == Some(key) => return Ok(Err(e)),
-            Err(e) if extra.iter().any(|x| Some(x.key.as_str()) == e.refused_key()) => {
+            Err(e)
+                if extra
+                    .iter()
+                    .any(|x| Some(x.key.as_str()) == e.refused_key()) =>
+            {
                 return Ok(Err(e));
             }
             // A concurrent write changed the usage record, a class or the namespace: decide

@@ -66,8 +66,14 @@ fn check_workload(
     template: &PodTemplateSpec,
     errs: &mut Vec<FieldError>,
 ) {
-    let empty = selector.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
-        && selector.match_expressions.as_ref().is_none_or(Vec::is_empty);
+    let empty = selector
+        .match_labels
+        .as_ref()
+        .is_none_or(BTreeMap::is_empty)
+        && selector
+            .match_expressions
+            .as_ref()
+            .is_none_or(Vec::is_empty);
     if empty {
         errs.push(FieldError::invalid(
             "spec.selector",
@@ -141,9 +147,7 @@ impl Validate for Deployment {
         let strategy = spec
             .strategy
             .get_or_insert_with(DeploymentStrategy::default);
-        let type_ = strategy
-            .type_
-            .get_or_insert_with(|| "RollingUpdate".into());
+        let type_ = strategy.type_.get_or_insert_with(|| "RollingUpdate".into());
         if type_ == "RollingUpdate" {
             let ru = strategy
                 .rolling_update

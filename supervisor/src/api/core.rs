@@ -120,7 +120,12 @@ pub(crate) fn check_port(field: &str, p: i64, errs: &mut Vec<FieldError>) {
     }
 }
 
-pub(crate) fn check_enum(field: &str, v: &Option<String>, allowed: &[&str], errs: &mut Vec<FieldError>) {
+pub(crate) fn check_enum(
+    field: &str,
+    v: &Option<String>,
+    allowed: &[&str],
+    errs: &mut Vec<FieldError>,
+) {
     if let Some(v) = v
         && !allowed.contains(&v.as_str())
     {

@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::Validate;
-use super::coordination::Lease;
 use super::apps::{Deployment, ReplicaSet};
+use super::coordination::Lease;
 use super::core::{
     ConfigMap, Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Service,
     ServiceAccount,
@@ -602,7 +602,9 @@ fn slice_endpoints(v: &Value) -> Value {
 }
 
 fn map_len(v: &Value, field: &str) -> usize {
-    v.get(field).and_then(Value::as_object).map_or(0, |m| m.len())
+    v.get(field)
+        .and_then(Value::as_object)
+        .map_or(0, |m| m.len())
 }
 
 const APPS_TEMPLATE_KEYS: &[(&str, &str)] = &[
@@ -827,7 +829,11 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             has_status: false,
             merge_keys: &[("secrets", "name")],
             columns: vec![int_col("Secrets", "Token secrets", |v| {
-                Value::from(v.get("secrets").and_then(Value::as_array).map_or(0, Vec::len))
+                Value::from(
+                    v.get("secrets")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len),
+                )
             })],
             decode: decode_upstream::<ServiceAccount>,
             schema: schema::<ServiceAccount>,

@@ -40,7 +40,11 @@ pub(super) async fn serve(call: &Call<'_>, method: &Method) -> Result<Response<B
         && !kind.is_empty()
         && kind != "Node"
     {
-        return Err(invalid(FieldError::not_supported("target.kind", kind, &["Node"])));
+        return Err(invalid(FieldError::not_supported(
+            "target.kind",
+            kind,
+            &["Node"],
+        )));
     }
     if meta_str(&binding, "name").is_some_and(|n| n != name) {
         return Err(ApiError::BadRequest(format!(

@@ -183,8 +183,7 @@ pub(super) async fn serve(call: &Call<'_>, method: &Method) -> Result<Response<B
             ),
         ));
     }
-    let mut ops =
-        vec![json!({"op": "add", "path": path, "value": replicas})];
+    let mut ops = vec![json!({"op": "add", "path": path, "value": replicas})];
     if let Some(rv) = precondition {
         ops.push(json!({"op": "replace", "path": "/metadata/resourceVersion", "value": rv}));
     }

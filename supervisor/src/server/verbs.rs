@@ -53,6 +53,15 @@ fn is_service(rt: &ResourceType) -> bool {
     rt.group.is_empty() && rt.plural == "services"
 }
 
+/// A Service keeps the addresses it holds when a write leaves them out (a manifest applied
+/// or replaced again), so that alone is no change: generation and field ownership stay.
+async fn keep_addresses(call: &Call<'_>, old: &Value, new: &mut Value) -> Result<(), ApiError> {
+    if is_service(call.t.rt) {
+        services::allocate(&call.state.store, &call.state.admission, Some(old), new).await?;
+    }
+    Ok(())
+}
+
 /// Most attempts of a Service write whose freshly allocated address a concurrent write took.
 const ALLOCATION_ATTEMPTS: usize = 10;
 
@@ -96,7 +105,10 @@ async fn write(
         .await?;
         match result {
             Ok(rev) => return Ok(rev),
-            Err(e) if e.refused_key().is_some_and(|k| k.starts_with(services::ALLOC_PREFIX)) => {
+            Err(e)
+                if e.refused_key()
+                    .is_some_and(|k| k.starts_with(services::ALLOC_PREFIX)) =>
+            {
                 continue;
             }
             Err(e) => return Err(call.store_err(name, e)),
@@ -207,13 +219,8 @@ async fn write_update(
     old: &Value,
     mut new: Value,
 ) -> Result<Response<Body>, ApiError> {
-    // A no-op write is not stored: the resourceVersion stays, and no watch event fires. A
-    // Service keeps the addresses it holds when the write leaves them out (as `kubectl
-    // replace` of a manifest does), so that alone is no change either.
+    // A no-op write is not stored: the resourceVersion stays, and no watch event fires.
     set_meta(&mut new, "resourceVersion", json!(rev.to_string()));
-    if is_service(call.t.rt) {
-        services::allocate(&call.state.store, &call.state.admission, Some(old), &mut new).await?;
-    }
     if &new == old {
         return Ok(call.respond(200, old));
     }
@@ -281,6 +288,7 @@ pub(super) async fn update(
         !status_only,
     )
     .await?;
+    keep_addresses(call, &old, &mut new).await?;
     carry_over(call.t.rt, &old, &mut new, status_only);
     if !status_only {
         record_update(call, &old, &mut new);
@@ -390,6 +398,7 @@ pub(super) async fn patch_object(
             !status_only,
         )
         .await?;
+        keep_addresses(call, &old, &mut new).await?;
         carry_over(call.t.rt, &old, &mut new, status_only);
         if kind != PatchType::Apply && !status_only {
             record_update(call, &old, &mut new);
