@@ -85,7 +85,7 @@ fn error_policy(svc: Arc<Service>, e: &Error, ctx: Arc<Ctx>) -> Action {
 
 fn selector_of(svc: &Service) -> Option<LabelSelector> {
     let sel = svc.spec.as_ref()?.selector.clone()?;
-    (!sel.is_empty()).then(|| LabelSelector {
+    (!sel.is_empty()).then_some(LabelSelector {
         match_labels: Some(sel),
         match_expressions: None,
     })
@@ -135,7 +135,7 @@ fn desired(svc: &Service, pods: &[Pod], zones: &BTreeMap<String, String>) -> Vec
         .unwrap_or_default();
     let mut out = Vec::new();
     for (family, mut members) in by_family {
-        members.sort_by(|a, b| a.0.name_any().cmp(&b.0.name_any()));
+        members.sort_by_key(|a| a.0.name_any());
         let endpoints = members
             .iter()
             .map(|(p, ip)| {
