@@ -1,12 +1,14 @@
 //! A workload cluster's controllers, beside its API server: the scheduler, ReplicaSet and
-//! Deployment (apps/v1), EndpointSlices from ready Pods, and node lifecycle (NotReady Nodes
-//! tainted, their Pods evicted after their tolerationSeconds). Each is a kube-rs client of any
+//! Deployment (apps/v1), EndpointSlices from ready Pods, node lifecycle (NotReady Nodes
+//! tainted, their Pods evicted after their tolerationSeconds) and the garbage collector of
+//! dependents whose owners are gone. Each is a kube-rs client of any
 //! Kubernetes API, level-triggered: it compares what it lists with what should be and writes
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod garbage;
 pub mod metrics;
 pub mod node_lifecycle;
 pub mod placement;
@@ -31,7 +33,8 @@ pub struct Options {
     /// How long a Node may go without a heartbeat (its Ready condition or its Lease in
     /// `kube-node-lease`) before its Ready condition is set to Unknown (upstream: 40 s).
     pub node_monitor_grace_period: Duration,
-    /// How often node lifecycle looks at heartbeats and eviction deadlines.
+    /// How often node lifecycle looks at heartbeats and eviction deadlines (and how often the
+    /// garbage collector sweeps).
     pub node_monitor_period: Duration,
     /// How soon the scheduler tries an unschedulable Pod again.
     pub unschedulable_retry: Duration,
@@ -96,6 +99,7 @@ pub async fn run(client: kube::Client, options: Options) {
         deployment::run(client.clone(), options.clone()),
         scheduler::run(client.clone(), options.clone()),
         endpointslice::run(client.clone(), options.clone()),
+        garbage::run(client.clone(), options.clone()),
         node_lifecycle::run(client, options),
     );
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use futures_util::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -45,7 +46,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start() -> Result<Self> {
+    /// Starts the server and the controllers; a Node without a heartbeat for `grace` goes
+    /// Unknown.
+    async fn start(grace: Duration) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("slipway-ctrl-").tempdir()?;
         let server = Server::bind(ServerConfig {
             data_dir: dir.path().to_path_buf(),
@@ -67,7 +70,7 @@ impl Cluster {
             client.clone(),
             Options {
                 default_toleration_seconds: 2,
-                node_monitor_grace_period: Duration::from_secs(3600),
+                node_monitor_grace_period: grace,
                 node_monitor_period: Duration::from_millis(500),
                 unschedulable_retry: Duration::from_millis(500),
                 ..Options::default()
@@ -176,15 +179,33 @@ async fn set_node_ready(client: &Client, name: &str, status: &str) -> Result<()>
     Ok(())
 }
 
-/// The fake kubelet: every bound Pod on a Node whose kubelet is up gets phase Running, an IP
-/// and Ready (False while held).
+/// The fake kubelet: Nodes whose kubelet is up heartbeat (Ready=True, a fresh
+/// lastHeartbeatTime), and every bound Pod on them gets phase Running, an IP and Ready (False
+/// while held).
 async fn kubelet(
     client: Client,
     held: Arc<Mutex<BTreeSet<String>>>,
     down: Arc<Mutex<BTreeSet<String>>>,
 ) {
     let mut ips: BTreeMap<String, String> = BTreeMap::new();
+    let mut beat = Instant::now();
     loop {
+        // Heartbeats of the Nodes whose kubelet is up, every 500 ms.
+        if beat.elapsed() > Duration::from_millis(500) {
+            beat = Instant::now();
+            if let Ok(nodes) = Api::<Node>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+            {
+                for n in nodes.items {
+                    let name = n.name_any();
+                    let up = down.lock().map(|d| !d.contains(&name)).unwrap_or(false);
+                    if up {
+                        let _ = set_node_ready(&client, &name, "True").await;
+                    }
+                }
+            }
+        }
         if let Ok(list) = Api::<Pod>::all(client.clone())
             .list(&ListParams::default())
             .await
@@ -333,7 +354,7 @@ async fn rolled_out(c: &Cluster, n: usize) -> Result<Vec<Pod>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
-    let c = Cluster::start().await?;
+    let c = Cluster::start(Duration::from_secs(3600)).await?;
     c.add_node("node-a", "zone-a").await?;
     c.add_node("node-b", "zone-b").await?;
     c.kubectl_apply(WEB)?;
@@ -590,5 +611,157 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
     let nodes = c.kubectl(&["get", "nodes"])?;
     assert!(nodes.contains("NotReady"), "{nodes}");
     c.kubectl(&["rollout", "status", "deployment/web", "--timeout=30s"])?;
+    Ok(())
+}
+
+const RECREATE: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  strategy: {type: Recreate}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: busybox
+        resources:
+          requests: {cpu: 100m}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recreate_a_silent_node_and_garbage_collection() -> Result<()> {
+    let c = Cluster::start(Duration::from_secs(2)).await?;
+    c.add_node("node-a", "zone-a").await?;
+    c.add_node("node-b", "zone-b").await?;
+    c.kubectl_apply(RECREATE)?;
+    rolled_out(&c, 2).await?;
+
+    // Recreate: never a new Pod beside an old one, watched event by event.
+    let mixed = Arc::new(Mutex::new(false));
+    let watching = {
+        let mixed = mixed.clone();
+        let api = Api::<Pod>::namespaced(c.client.clone(), "default");
+        tokio::spawn(async move {
+            let mut live: BTreeMap<String, String> = BTreeMap::new();
+            let mut events = watcher(api, watcher::Config::default().labels("app=web")).boxed();
+            while let Ok(Some(e)) = events.try_next().await {
+                match e {
+                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                        let image = p
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.containers[0].image.clone())
+                            .unwrap_or_default();
+                        live.insert(p.name_any(), image);
+                    }
+                    watcher::Event::Delete(p) => {
+                        live.remove(&p.name_any());
+                    }
+                    _ => {}
+                }
+                let images: BTreeSet<&String> = live.values().collect();
+                if images.len() > 1
+                    && let Ok(mut m) = mixed.lock()
+                {
+                    *m = true;
+                }
+            }
+        })
+    };
+    c.kubectl(&["set", "image", "deployment/web", "web=busybox:v2"])?;
+    let pods = rolled_out(&c, 2).await?;
+    watching.abort();
+    assert!(
+        !*mixed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?,
+        "old and new Pods ran together"
+    );
+    assert!(pods.iter().all(|p| {
+        p.spec
+            .as_ref()
+            .is_some_and(|s| s.containers[0].image.as_deref() == Some("busybox:v2"))
+    }));
+
+    // A Node whose kubelet goes silent: Ready Unknown after the grace period, the unreachable
+    // taint, its Pods recreated on the other Node.
+    let victim = node_of(&pods[0]);
+    let survivor = if victim == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    };
+    let silent = Instant::now();
+    c.down
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .insert(victim.clone());
+    let reason = wait_for(
+        "the silent node to go Unknown",
+        Duration::from_secs(20),
+        || async {
+            let node = Api::<Node>::all(c.client.clone()).get(&victim).await?;
+            Ok(node
+                .status
+                .and_then(|s| s.conditions)
+                .into_iter()
+                .flatten()
+                .find(|c| c.type_ == "Ready" && c.status == "Unknown")
+                .and_then(|c| c.reason))
+        },
+    )
+    .await?;
+    assert_eq!(reason, "NodeStatusUnknown");
+    let unknown_after = silent.elapsed();
+    assert!(
+        unknown_after >= Duration::from_secs(2),
+        "Unknown before the grace period: {unknown_after:?}"
+    );
+    let node = Api::<Node>::all(c.client.clone()).get(&victim).await?;
+    assert!(
+        node.spec
+            .and_then(|s| s.taints)
+            .into_iter()
+            .flatten()
+            .any(|t| t.key == "node.kubernetes.io/unreachable" && t.effect == "NoExecute")
+    );
+    wait_for(
+        "both web pods on the surviving node",
+        Duration::from_secs(30),
+        || async {
+            let pods = c.web_pods().await?;
+            Ok(
+                (pods.len() == 2 && pods.iter().all(|p| node_of(p) == survivor && ready(p)))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    eprintln!(
+        "silent node Unknown after {unknown_after:?}, its pods moved after {:?}",
+        silent.elapsed()
+    );
+
+    // Deleting the Deployment takes its ReplicaSets and their Pods.
+    c.kubectl(&["delete", "deployment", "web"])?;
+    wait_for(
+        "the ReplicaSets and Pods to go",
+        Duration::from_secs(20),
+        || async {
+            let sets = Api::<ReplicaSet>::namespaced(c.client.clone(), "default")
+                .list(&ListParams::default())
+                .await?;
+            let pods = Api::<Pod>::namespaced(c.client.clone(), "default")
+                .list(&ListParams::default())
+                .await?;
+            Ok((sets.items.is_empty() && pods.items.is_empty()).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
