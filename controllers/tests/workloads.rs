@@ -722,14 +722,21 @@ async fn recreate_a_silent_node_and_garbage_collection() -> Result<()> {
         unknown_after >= Duration::from_secs(2),
         "Unknown before the grace period: {unknown_after:?}"
     );
-    let node = Api::<Node>::all(c.client.clone()).get(&victim).await?;
-    assert!(
-        node.spec
-            .and_then(|s| s.taints)
-            .into_iter()
-            .flatten()
-            .any(|t| t.key == "node.kubernetes.io/unreachable" && t.effect == "NoExecute")
-    );
+    wait_for(
+        "the unreachable NoExecute taint",
+        Duration::from_secs(10),
+        || async {
+            let node = Api::<Node>::all(c.client.clone()).get(&victim).await?;
+            Ok(node
+                .spec
+                .and_then(|s| s.taints)
+                .into_iter()
+                .flatten()
+                .any(|t| t.key == "node.kubernetes.io/unreachable" && t.effect == "NoExecute")
+                .then_some(()))
+        },
+    )
+    .await?;
     wait_for(
         "both web pods on the surviving node",
         Duration::from_secs(30),

@@ -349,7 +349,8 @@ pub(super) async fn patch_object(
 ) -> Result<Response<Body>, ApiError> {
     let kind = PatchType::from_content_type(&call.content_type)?;
     // A patch carries no precondition of its own unless it sets resourceVersion, so a lost
-    // race with another writer is retried on the new version.
+    // race with another writer is retried on the new version (where a resourceVersion the
+    // patch sets is checked, and refused when stale).
     for _ in 0..5 {
         let Some(kv) = call.state.store.get(&call.key(name)).await? else {
             if kind == PatchType::Apply && !status_only {
@@ -404,7 +405,9 @@ pub(super) async fn patch_object(
             record_update(call, &old, &mut new);
         }
         match write_update(call, name, kv.revision, &old, new).await {
-            Err(ApiError::Conflict { .. }) if sent.is_none() => continue,
+            // Another writer got there first: patch what it wrote. A resourceVersion the patch
+            // itself sets is checked against that on the next turn and refused there.
+            Err(ApiError::Conflict { .. }) => continue,
             other => return other,
         }
     }
