@@ -1,10 +1,10 @@
 //! Node lifecycle: a Node whose heartbeat (its Ready condition's `lastHeartbeatTime`, or its
 //! Lease in `kube-node-lease`) is older than the grace period gets Ready=Unknown; a Node whose
 //! Ready condition is False gets the `node.kubernetes.io/not-ready` NoSchedule and NoExecute
-//! taints, Unknown the `unreachable` ones, True none of them. The Pods on a Node with a
-//! NoExecute taint are deleted once their toleration of it runs out (`tolerationSeconds`, or
-//! the configured default for a Pod without a toleration of its own), so their ReplicaSets
-//! recreate them elsewhere.
+//! taints, Unknown the `unreachable` ones, True none of them, and the Pods of a Node that is
+//! not Ready are marked not ready. The Pods on a Node with a NoExecute taint are deleted once
+//! their toleration of it runs out (`tolerationSeconds`, or the configured default for a Pod
+//! without a toleration of its own), so their ReplicaSets recreate them elsewhere.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,6 +188,12 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         info!(node = %name, %ready, "taints set");
     }
 
+    // The Pods of a Node that is not Ready are not ready either (upstream's MarkPodsNotReady):
+    // their endpoints leave the Services' slices before the Pods are evicted.
+    if ready != "True" {
+        mark_pods_not_ready(&ctx, &name).await?;
+    }
+
     // Pods whose toleration ran out go.
     let mut next_look = if ready == "True" { None } else { Some(period) };
     if taints.iter().any(|t| t.effect == "NoExecute") {
@@ -223,6 +229,46 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
     // Heartbeats and tolerations run out with time, not with a change: look again.
     Ok(Action::requeue(next_look.unwrap_or(period).min(period)))
+}
+
+/// Sets Ready=False on the Pods of `node` that still say True.
+async fn mark_pods_not_ready(ctx: &Ctx, node: &str) -> Result<(), Error> {
+    let pods = Api::<Pod>::all(ctx.client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .map_err(api_err("list", format!("pods on {node}")))?
+        .items;
+    for pod in pods
+        .iter()
+        .filter(|p| is_active(p) && crate::pods::is_ready(p))
+    {
+        let mut conditions = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        for c in conditions.iter_mut().filter(|c| c.type_ == "Ready") {
+            c.status = "False".into();
+            c.reason = Some("NodeNotReady".into());
+            c.message = Some(format!("node {node} is not ready"));
+            c.last_transition_time = Some(Time(Timestamp::now()));
+        }
+        let ns = pod.namespace().unwrap_or_default();
+        let name = pod.name_any();
+        match Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": conditions}})),
+            )
+            .await
+        {
+            Ok(_) => debug!(%node, pod = %format!("{ns}/{name}"), "marked not ready"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(api_err("patch status", format!("pod {ns}/{name}"))(e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -610,6 +610,20 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
     eprintln!("NotReady node's pods recreated on {survivor} in {took:?}");
     let nodes = c.kubectl(&["get", "nodes"])?;
     assert!(nodes.contains("NotReady"), "{nodes}");
+    // The Service's slice lists the 4 new Pods, ready, on the surviving Node only.
+    wait_for(
+        "the slice on the surviving node",
+        Duration::from_secs(20),
+        || async {
+            let s = slices.list(&by_service).await?.items;
+            let on_survivor = s
+                .iter()
+                .flat_map(|s| &s.endpoints)
+                .all(|e| e.node_name.as_deref() == Some(survivor));
+            Ok((on_survivor && ready_endpoints(&s) == 4).then_some(()))
+        },
+    )
+    .await?;
     c.kubectl(&["rollout", "status", "deployment/web", "--timeout=30s"])?;
     Ok(())
 }
