@@ -26,6 +26,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::events::{self, Type};
 use crate::pods::{controller_ref, controller_uid, is_active, is_ready};
 use crate::{Error, Options, api_err};
 
@@ -183,7 +184,13 @@ fn new_replicaset(d: &Deployment, hash: &str, replicas: i32, revision: i64) -> O
     })
 }
 
-async fn scale(api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: i32) -> Result<(), Error> {
+async fn scale(
+    client: &Client,
+    d: &Deployment,
+    api: &Api<ReplicaSet>,
+    rs: &ReplicaSet,
+    replicas: i32,
+) -> Result<(), Error> {
     if spec_replicas(rs) == replicas {
         return Ok(());
     }
@@ -196,6 +203,22 @@ async fn scale(api: &Api<ReplicaSet>, rs: &ReplicaSet, replicas: i32) -> Result<
     .await
     .map_err(api_err("scale", format!("replicaset {name}")))?;
     info!(replicaset = %name, from = spec_replicas(rs), to = replicas, "scaled");
+    let way = if replicas > spec_replicas(rs) {
+        "up"
+    } else {
+        "down"
+    };
+    events::publish(
+        client,
+        d,
+        Type::Normal,
+        "ScalingReplicaSet",
+        format!(
+            "Scaled {way} replica set {name} from {} to {replicas}",
+            spec_replicas(rs)
+        ),
+    )
+    .await;
     Ok(())
 }
 
@@ -257,13 +280,15 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 
     if recreate {
         for rs in &old {
-            scale(&rs_api, rs, 0).await?;
+            scale(&ctx.client, &d, &rs_api, rs, 0).await?;
         }
         let old_pods: i32 = old.iter().map(|rs| count(rs).active).sum();
         if old_pods == 0 {
             match &new_rs {
-                Some(rs) => scale(&rs_api, rs, replicas).await?,
-                None => new_rs = Some(create(&rs_api, &d, &hash, replicas, &old).await?),
+                Some(rs) => scale(&ctx.client, &d, &rs_api, rs, replicas).await?,
+                None => {
+                    new_rs = Some(create(&ctx.client, &rs_api, &d, &hash, replicas, &old).await?)
+                }
             }
         }
     } else {
@@ -277,14 +302,16 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 } else {
                     (max_total - old_total).clamp(0, replicas)
                 };
-                new_rs = Some(create(&rs_api, &d, &hash, want, &old).await?);
+                new_rs = Some(create(&ctx.client, &rs_api, &d, &hash, want, &old).await?);
             }
-            Some(rs) if spec_replicas(rs) > replicas => scale(&rs_api, rs, replicas).await?,
+            Some(rs) if spec_replicas(rs) > replicas => {
+                scale(&ctx.client, &d, &rs_api, rs, replicas).await?
+            }
             Some(rs) => {
                 let all = old_total + spec_replicas(rs);
                 if all < max_total {
                     let up = (max_total - all).min(replicas - spec_replicas(rs));
-                    scale(&rs_api, rs, spec_replicas(rs) + up).await?;
+                    scale(&ctx.client, &d, &rs_api, rs, spec_replicas(rs) + up).await?;
                 }
             }
         }
@@ -322,7 +349,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 budget -= down;
             }
             for (rs, n) in &old_now {
-                scale(&rs_api, rs, *n).await?;
+                scale(&ctx.client, &d, &rs_api, rs, *n).await?;
             }
         }
     }
@@ -440,6 +467,7 @@ fn condition(
 }
 
 async fn create(
+    client: &Client,
     api: &Api<ReplicaSet>,
     d: &Deployment,
     hash: &str,
@@ -456,6 +484,14 @@ async fn create(
     match api.create(&PostParams::default(), &rs).await {
         Ok(created) => {
             info!(deployment = %d.name_any(), replicaset = %name, replicas, "created replicaset");
+            events::publish(
+                client,
+                d,
+                Type::Normal,
+                "ScalingReplicaSet",
+                format!("Scaled up replica set {name} to {replicas}"),
+            )
+            .await;
             Ok(created)
         }
         // Created by an earlier run that stopped before it could see it: use it.

@@ -8,6 +8,7 @@
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod events;
 pub mod garbage;
 pub mod metrics;
 pub mod node_lifecycle;

@@ -21,6 +21,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::events::{self, Type};
 use crate::placement::{NOT_READY_TAINT, UNREACHABLE_TAINT, ready_status, toleration_of};
 use crate::pods::is_active;
 use crate::{Error, Options, api_err};
@@ -214,6 +215,14 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 match api.delete(&pod.name_any(), &DeleteParams::default()).await {
                     Ok(_) => {
                         ctx.options.metrics.evictions.inc();
+                        events::publish(
+                            &ctx.client,
+                            pod,
+                            Type::Normal,
+                            "TaintManagerEviction",
+                            format!("Marking for deletion Pod {ns}/{}", pod.name_any()),
+                        )
+                        .await;
                         info!(node = %name, pod = %format!("{ns}/{}", pod.name_any()), "evicted: toleration ran out");
                     }
                     Err(kube::Error::Api(e)) if e.code == 404 => {}

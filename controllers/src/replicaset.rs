@@ -18,6 +18,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::events::{self, Type};
 use crate::pods::{controller_ref, controller_uid, is_active, is_ready, node_of, selector_matches};
 use crate::{Error, Options, api_err};
 
@@ -139,6 +140,14 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                 .await
                 .map_err(api_err("create", format!("pod for replicaset {ns}/{name}")))?;
             info!(replicaset = %name, pod = %created.name_any(), "created pod");
+            events::publish(
+                &ctx.client,
+                &*rs,
+                Type::Normal,
+                "SuccessfulCreate",
+                format!("Created pod: {}", created.name_any()),
+            )
+            .await;
             active.push(created);
         }
         changed = true;
@@ -150,7 +159,17 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                 .delete(&pod.name_any(), &DeleteParams::default())
                 .await
             {
-                Ok(_) => info!(replicaset = %name, pod = %pod.name_any(), "deleted pod"),
+                Ok(_) => {
+                    info!(replicaset = %name, pod = %pod.name_any(), "deleted pod");
+                    events::publish(
+                        &ctx.client,
+                        &*rs,
+                        Type::Normal,
+                        "SuccessfulDelete",
+                        format!("Deleted pod: {}", pod.name_any()),
+                    )
+                    .await;
+                }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(api_err("delete", format!("pod {ns}/{}", pod.name_any()))(e)),
             }

@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
+use crate::events::{self, Type};
 use crate::placement::{self, Placement};
 use crate::pods::{is_active, node_of};
 use crate::{Error, Options, api_err};
@@ -110,6 +111,14 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             }
             ctx.options.metrics.scheduled.inc();
             info!(pod = %format!("{ns}/{name}"), %node, "bound");
+            events::publish(
+                &ctx.client,
+                &pod,
+                Type::Normal,
+                "Scheduled",
+                format!("Successfully assigned {ns}/{name} to {node}"),
+            )
+            .await;
             // No status write here: the Node's agent owns the bound Pod's status from now on,
             // and a write of ours could race with its first one.
             Ok(Action::await_change())
@@ -117,21 +126,38 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         Placement::Unschedulable(message) => {
             ctx.options.metrics.unschedulable.inc();
             debug!(pod = %format!("{ns}/{name}"), %message, "unschedulable");
-            set_scheduled(&api, &pod, "False", Some("Unschedulable"), Some(message)).await?;
+            let changed = set_scheduled(
+                &api,
+                &pod,
+                "False",
+                Some("Unschedulable"),
+                Some(message.clone()),
+            )
+            .await?;
+            if changed {
+                events::publish(
+                    &ctx.client,
+                    &pod,
+                    Type::Warning,
+                    "FailedScheduling",
+                    message,
+                )
+                .await;
+            }
             Ok(Action::requeue(ctx.options.unschedulable_retry))
         }
     }
 }
 
 /// Writes the Pod's PodScheduled condition (and phase Pending while it has none) when it
-/// differs from what is there.
+/// differs from what is there; says whether it did.
 async fn set_scheduled(
     api: &Api<Pod>,
     pod: &Pod,
     status: &str,
     reason: Option<&str>,
     message: Option<String>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let mut conditions = pod
         .status
         .as_ref()
@@ -141,7 +167,7 @@ async fn set_scheduled(
     if current.is_some_and(|c| {
         c.status == status && c.reason.as_deref() == reason && c.message == message
     }) {
-        return Ok(());
+        return Ok(false);
     }
     conditions.retain(|c| c.type_ != "PodScheduled");
     conditions.push(PodCondition {
@@ -165,5 +191,5 @@ async fn set_scheduled(
     )
     .await
     .map_err(api_err("patch status", format!("pod {name}")))?;
-    Ok(())
+    Ok(true)
 }

@@ -553,6 +553,13 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
     assert_eq!(message, "0/2 nodes are available: 2 Insufficient cpu.");
     let phase = c.kubectl(&["get", "pod", "big", "-o", "jsonpath={.status.phase}"])?;
     assert_eq!(phase, "Pending");
+    let described = c.kubectl(&["describe", "pod", "big"])?;
+    assert!(
+        described.contains("FailedScheduling") && described.contains("Insufficient cpu"),
+        "{described}"
+    );
+    let described = c.kubectl(&["describe", "deployment", "web"])?;
+    assert!(described.contains("ScalingReplicaSet"), "{described}");
 
     // A NotReady Node: tainted, its Pods deleted after their tolerationSeconds (2 s by
     // default here) and recreated on the other Node.
