@@ -374,6 +374,12 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .and_then(|s| s.conditions.clone())
         .unwrap_or_default();
     let new_rs_name = new_rs.as_ref().map(|rs| rs.name_any()).unwrap_or_default();
+    // Progress: a new generation, or more updated or available Pods than last written.
+    let progressed = d.status.as_ref().is_none_or(|s| {
+        s.observed_generation != d.metadata.generation
+            || s.updated_replicas.unwrap_or(0) < updated
+            || s.available_replicas.unwrap_or(0) < ready
+    });
     let conditions = vec![
         condition(
             &old_conditions,
@@ -390,20 +396,15 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 "Deployment does not have minimum availability.".to_string()
             },
         ),
-        condition(
+        progressing(
             &old_conditions,
-            "Progressing",
-            true,
-            if complete {
-                "NewReplicaSetAvailable"
-            } else {
-                "ReplicaSetUpdated"
+            Progress {
+                complete,
+                progressed,
+                deadline: i64::from(spec.progress_deadline_seconds.unwrap_or(600)),
+                now: Timestamp::now(),
             },
-            if complete {
-                format!("ReplicaSet {new_rs_name:?} has successfully progressed.")
-            } else {
-                format!("ReplicaSet {new_rs_name:?} is progressing.")
-            },
+            &new_rs_name,
         ),
     ];
     let status = DeploymentStatus {
@@ -464,6 +465,64 @@ fn condition(
         last_update_time: now,
         last_transition_time: transition,
     }
+}
+
+/// Where a rollout stands, for its Progressing condition.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Every replica updated and available, no old Pod left.
+    pub complete: bool,
+    /// Something moved since the status was last written.
+    pub progressed: bool,
+    /// `spec.progressDeadlineSeconds`.
+    pub deadline: i64,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// The Progressing condition, as upstream: True `NewReplicaSetAvailable` when complete, True
+/// `ReplicaSetUpdated` while it moves (its lastUpdateTime the last move), False
+/// `ProgressDeadlineExceeded` once it has not moved for `progressDeadlineSeconds` (which
+/// `kubectl rollout status` reports as a failure).
+pub fn progressing(old: &[DeploymentCondition], p: Progress, new_rs: &str) -> DeploymentCondition {
+    let current = old.iter().find(|c| c.type_ == "Progressing");
+    if p.complete {
+        return condition(
+            old,
+            "Progressing",
+            true,
+            "NewReplicaSetAvailable",
+            format!("ReplicaSet {new_rs:?} has successfully progressed."),
+        );
+    }
+    let since = current
+        .and_then(|c| c.last_update_time.as_ref())
+        .map_or(p.now.as_second(), |t| t.0.as_second());
+    let stuck = current.is_some_and(|c| {
+        c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            || (c.reason.as_deref() == Some("ReplicaSetUpdated")
+                && p.now.as_second() - since > p.deadline)
+    });
+    if stuck && !p.progressed {
+        return condition(
+            old,
+            "Progressing",
+            false,
+            "ProgressDeadlineExceeded",
+            format!("ReplicaSet {new_rs:?} has timed out progressing."),
+        );
+    }
+    let mut c = condition(
+        old,
+        "Progressing",
+        true,
+        "ReplicaSetUpdated",
+        format!("ReplicaSet {new_rs:?} is progressing."),
+    );
+    if p.progressed {
+        c.last_update_time = Some(Time(p.now));
+    }
+    c
 }
 
 async fn create(
@@ -536,6 +595,37 @@ async fn cleanup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_deadline() {
+        let at = |s: i64| Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH);
+        let p = |now: i64, progressed: bool| Progress {
+            complete: false,
+            progressed,
+            deadline: 10,
+            now: at(now),
+        };
+        let first = progressing(&[], p(100, true), "web-x");
+        assert_eq!(first.reason.as_deref(), Some("ReplicaSetUpdated"));
+        let waiting = progressing(std::slice::from_ref(&first), p(105, false), "web-x");
+        assert_eq!(waiting.status, "True");
+        let stuck = progressing(std::slice::from_ref(&waiting), p(111, false), "web-x");
+        assert_eq!(
+            (stuck.status.as_str(), stuck.reason.as_deref()),
+            ("False", Some("ProgressDeadlineExceeded"))
+        );
+        let moving = progressing(std::slice::from_ref(&stuck), p(112, true), "web-x");
+        assert_eq!(moving.status, "True");
+        let done = progressing(
+            &[moving],
+            Progress {
+                complete: true,
+                ..p(113, true)
+            },
+            "web-x",
+        );
+        assert_eq!(done.reason.as_deref(), Some("NewReplicaSetAvailable"));
+    }
 
     #[test]
     fn percentages_round_as_upstream() {

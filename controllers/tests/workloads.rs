@@ -530,6 +530,33 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
         "the old ReplicaSet is kept, scaled to 0: {sets}"
     );
 
+    // A rollout that cannot progress (its Pods never become ready) fails `kubectl rollout
+    // status` once progressDeadlineSeconds pass.
+    c.kubectl(&[
+        "patch",
+        "deployment",
+        "web",
+        "-p",
+        r#"{"spec":{"progressDeadlineSeconds":2,"template":{"spec":{"containers":[{"name":"web","image":"busybox:v3","resources":{"requests":{"cpu":"64"}}}]}}}}"#,
+    ])?;
+    let err = c
+        .kubectl(&["rollout", "status", "deployment/web", "--timeout=30s"])
+        .err()
+        .context("rollout status of a stuck rollout succeeded")?;
+    assert!(
+        format!("{err:#}").contains("exceeded its progress deadline"),
+        "{err:#}"
+    );
+    c.kubectl(&["rollout", "undo", "deployment/web"])?;
+    c.kubectl(&[
+        "patch",
+        "deployment",
+        "web",
+        "-p",
+        r#"{"spec":{"progressDeadlineSeconds":600,"template":{"spec":{"containers":[{"name":"web","image":"busybox:v2","resources":{"requests":{"cpu":"100m"}}}]}}}}"#,
+    ])?;
+    rolled_out(&c, 4).await?;
+
     // A Pod too big for any Node stays Pending and says why.
     c.kubectl_apply(BIG)?;
     let message = wait_for(
