@@ -239,7 +239,7 @@ pub fn place(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Placement {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        Container, NodeCondition, NodeSpec, NodeStatus, PodSpec, ResourceRequirements,
+        Container, NodeCondition, NodeSpec, NodeStatus, PodSpec, ResourceRequirements, Toleration,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -327,6 +327,55 @@ mod tests {
             place(&pod("p", "2", None), &nodes, &[]),
             Placement::Unschedulable(
                 "0/2 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }.".into()
+            )
+        );
+    }
+
+    #[test]
+    fn node_selector_taints_and_tolerations() {
+        let mut a = node("a1", "a", "4", "True");
+        a.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "dedicated".into(),
+                value: Some("db".into()),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            }]),
+            ..NodeSpec::default()
+        });
+        let b = node("b1", "b", "4", "True");
+        let mut p = pod("p", "100m", None);
+        assert_eq!(
+            place(&p, &[a.clone(), b.clone()], &[]),
+            Placement::Node("b1".into())
+        );
+        if let Some(spec) = p.spec.as_mut() {
+            spec.node_selector = Some(BTreeMap::from([(ZONE_LABEL.into(), "a".into())]));
+        }
+        assert_eq!(
+            place(&p, &[a.clone(), b.clone()], &[]),
+            Placement::Unschedulable(
+                "0/2 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint {dedicated: db}.".into()
+            )
+        );
+        if let Some(spec) = p.spec.as_mut() {
+            spec.tolerations = Some(vec![Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Equal".into()),
+                value: Some("db".into()),
+                effect: Some("NoSchedule".into()),
+                toleration_seconds: None,
+            }]);
+        }
+        assert_eq!(place(&p, &[a, b], &[]), Placement::Node("a1".into()));
+        let mut cordoned = node("c1", "c", "4", "True");
+        if let Some(spec) = cordoned.spec.as_mut() {
+            spec.unschedulable = Some(true);
+        }
+        assert_eq!(
+            place(&pod("q", "1", None), &[cordoned], &[]),
+            Placement::Unschedulable(
+                "0/1 nodes are available: 1 node(s) were unschedulable.".into()
             )
         );
     }
