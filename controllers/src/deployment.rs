@@ -293,64 +293,24 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     } else {
         let (surge, unavailable) = surge_and_unavailable(&d, replicas);
-        let max_total = replicas + surge;
         // The new ReplicaSet grows as far as the surge allows.
+        let new_spec = new_rs.as_ref().map(spec_replicas);
+        let target = new_target(replicas, surge, new_spec, old_total);
         match &new_rs {
             None => {
-                let want = if old_total == 0 {
-                    replicas
-                } else {
-                    (max_total - old_total).clamp(0, replicas)
-                };
-                new_rs = Some(create(&ctx.client, &rs_api, &d, &hash, want, &old).await?);
+                new_rs = Some(create(&ctx.client, &rs_api, &d, &hash, target, &old).await?);
             }
-            Some(rs) if spec_replicas(rs) > replicas => {
-                scale(&ctx.client, &d, &rs_api, rs, replicas).await?
-            }
-            Some(rs) => {
-                let all = old_total + spec_replicas(rs);
-                if all < max_total {
-                    let up = (max_total - all).min(replicas - spec_replicas(rs));
-                    scale(&ctx.client, &d, &rs_api, rs, spec_replicas(rs) + up).await?;
-                }
-            }
+            Some(rs) => scale(&ctx.client, &d, &rs_api, rs, target).await?,
         }
         // The old ones shrink as far as availability allows.
-        let new_spec = new_rs.as_ref().map_or(0, spec_replicas);
-        let new_available = new_rs.as_ref().map_or(0, available);
-        let min_available = replicas - unavailable;
-        let all_pods = old_total + new_spec;
-        let max_down = all_pods - min_available - (new_spec - new_available).max(0);
-        if max_down > 0 && old_total > 0 {
-            let mut old_now: Vec<(ReplicaSet, i32)> = old
-                .iter()
-                .map(|rs| (rs.clone(), spec_replicas(rs)))
-                .collect();
-            // First the old Pods that are not available anyway.
-            let mut cleaned = 0;
-            for (rs, n) in &mut old_now {
-                let unhealthy = (*n - available(rs)).max(0);
-                let down = unhealthy.min(max_down - cleaned);
-                if down > 0 {
-                    *n -= down;
-                    cleaned += down;
-                }
-            }
-            // Then available ones, down to the minimum.
-            let total_available: i32 = old_now
-                .iter()
-                .map(|(rs, n)| available(rs).min(*n))
-                .sum::<i32>()
-                + new_available;
-            let mut budget = (total_available - min_available).max(0);
-            for (_, n) in &mut old_now {
-                let down = (*n).min(budget);
-                *n -= down;
-                budget -= down;
-            }
-            for (rs, n) in &old_now {
-                scale(&ctx.client, &d, &rs_api, rs, *n).await?;
-            }
+        let new_now = (new_spec.unwrap_or(0), new_rs.as_ref().map_or(0, available));
+        let old_now: Vec<(i32, i32)> = old
+            .iter()
+            .map(|rs| (spec_replicas(rs), available(rs)))
+            .collect();
+        let targets = old_targets(replicas, unavailable, new_now, &old_now);
+        for (rs, n) in old.iter().zip(targets) {
+            scale(&ctx.client, &d, &rs_api, rs, n).await?;
         }
     }
     cleanup(&rs_api, &d, &old, &count).await?;
@@ -433,6 +393,60 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     } else {
         Action::requeue(Duration::from_secs(2))
     })
+}
+
+/// The new ReplicaSet's replicas for one RollingUpdate step (`new`: its replicas now, `None`
+/// before it exists): all of `replicas` when nothing old is left, else grown as far as
+/// `replicas + surge` Pods in all allow, never beyond `replicas`.
+pub fn new_target(replicas: i32, surge: i32, new: Option<i32>, old_total: i32) -> i32 {
+    let now = new.unwrap_or(0);
+    if now > replicas {
+        return replicas;
+    }
+    if new.is_none() && old_total == 0 {
+        return replicas;
+    }
+    let room = replicas + surge - old_total - now;
+    now + room.clamp(0, replicas - now)
+}
+
+/// Each old ReplicaSet's replicas (oldest first) for one RollingUpdate step, from
+/// `(replicas, available)` of the new one and each old one: first the old Pods that are not
+/// available anyway go, as far as keeping `replicas - unavailable` available allows counting
+/// the new ones not yet available, then available old ones down to that minimum (upstream's
+/// cleanupUnhealthyReplicas and scaleDownOldReplicaSetsForRollingUpdate).
+pub fn old_targets(
+    replicas: i32,
+    unavailable: i32,
+    new: (i32, i32),
+    old: &[(i32, i32)],
+) -> Vec<i32> {
+    let mut out: Vec<i32> = old.iter().map(|(n, _)| *n).collect();
+    let old_total: i32 = out.iter().sum();
+    let min_available = replicas - unavailable;
+    let max_down = old_total + new.0 - min_available - (new.0 - new.1).max(0);
+    if max_down <= 0 || old_total == 0 {
+        return out;
+    }
+    let mut cleaned = 0;
+    for (n, (_, avail)) in out.iter_mut().zip(old) {
+        let down = (*n - avail).max(0).min(max_down - cleaned);
+        *n -= down;
+        cleaned += down;
+    }
+    let total_available: i32 = out
+        .iter()
+        .zip(old)
+        .map(|(n, (_, avail))| (*avail).min(*n))
+        .sum::<i32>()
+        + new.1;
+    let mut budget = (total_available - min_available).max(0);
+    for n in &mut out {
+        let down = (*n).min(budget);
+        *n -= down;
+        budget -= down;
+    }
+    out
 }
 
 /// A condition, keeping its times when its status and reason did not change.
@@ -595,6 +609,28 @@ async fn cleanup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rolling_update_step_by_step() {
+        // 4 replicas, maxSurge 1, maxUnavailable 1; the old set has 4 available Pods.
+        assert_eq!(new_target(4, 1, None, 4), 1);
+        assert_eq!(old_targets(4, 1, (0, 0), &[(4, 4)]), vec![3]);
+        // The new set (1, not yet available) and the old (3): one more new Pod fits.
+        assert_eq!(new_target(4, 1, Some(1), 3), 2);
+        // With nothing new available, 3 old available Pods stay.
+        assert_eq!(old_targets(4, 1, (2, 0), &[(3, 3)]), vec![3]);
+        // Two new ones available: two old ones may go.
+        assert_eq!(old_targets(4, 1, (2, 2), &[(3, 3)]), vec![1]);
+        // Old Pods that are not available go first, within the budget.
+        // (6 Pods in all, 3 must stay available, 2 new ones may yet become so: 1 may go.)
+        assert_eq!(old_targets(4, 1, (2, 0), &[(2, 0), (2, 2)]), vec![1, 2]);
+        assert_eq!(old_targets(4, 1, (2, 2), &[(2, 0), (2, 2)]), vec![0, 1]);
+        // Done: the new set holds all, nothing old is left.
+        assert_eq!(new_target(4, 1, Some(4), 0), 4);
+        assert_eq!(old_targets(4, 1, (4, 4), &[(0, 0)]), vec![0]);
+        // Scaled down while rolling: the new set never holds more than replicas.
+        assert_eq!(new_target(2, 1, Some(3), 0), 2);
+    }
 
     #[test]
     fn progress_deadline() {
