@@ -43,6 +43,8 @@ struct Cluster {
     held: Arc<Mutex<BTreeSet<String>>>,
     /// Nodes whose fake kubelet is down.
     down: Arc<Mutex<BTreeSet<String>>>,
+    /// The controllers' counters.
+    metrics: Arc<slipway_controllers::Metrics>,
 }
 
 impl Cluster {
@@ -66,6 +68,7 @@ impl Cluster {
         let config =
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
         let client = Client::try_from(config)?;
+        let metrics = Arc::new(slipway_controllers::Metrics::default());
         tokio::spawn(slipway_controllers::run(
             client.clone(),
             Options {
@@ -73,7 +76,7 @@ impl Cluster {
                 node_monitor_grace_period: grace,
                 node_monitor_period: Duration::from_millis(500),
                 unschedulable_retry: Duration::from_millis(500),
-                ..Options::default()
+                metrics: metrics.clone(),
             },
         ));
         let cluster = Self {
@@ -81,6 +84,7 @@ impl Cluster {
             client,
             held: Arc::default(),
             down: Arc::default(),
+            metrics,
         };
         tokio::spawn(kubelet(
             cluster.client.clone(),
@@ -659,6 +663,31 @@ async fn deployments_scale_roll_and_survive_a_node() -> Result<()> {
     )
     .await?;
     c.kubectl(&["rollout", "status", "deployment/web", "--timeout=30s"])?;
+
+    // The counters saw it all.
+    let text = c.metrics.encode();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        value("slipway_controllers_pods_scheduled_total") >= 10.0,
+        "{text}"
+    );
+    assert!(
+        value("slipway_controllers_pods_unschedulable_total") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("slipway_controllers_pods_evicted_total") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("slipway_controllers_reconciles_total{controller=\"deployment\"}") >= 1.0,
+        "{text}"
+    );
     Ok(())
 }
 
