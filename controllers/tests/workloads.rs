@@ -61,6 +61,7 @@ impl Cluster {
             watch_history: slipway_supervisor::store::redb::DEFAULT_HISTORY,
             admission: AdmissionConfig::default(),
             limits: ConnectionLimits::default(),
+            advertise: Vec::new(),
         })
         .await?;
         tokio::spawn(server.serve(std::future::pending()));

@@ -70,6 +70,21 @@ pub struct SupervisorArgs {
     /// Open watches of one user; more get 429.
     #[arg(long, default_value_t = ConnectionLimits::default().max_watches_per_user)]
     pub max_watches_per_user: usize,
+    /// Another address clients reach the supervisor at (named in its serving certificate);
+    /// repeatable.
+    #[arg(long = "advertise-address", value_name = "IP")]
+    pub advertise_address: Vec<std::net::IpAddr>,
+}
+
+/// What controllers run beside the supervisor get once it listens.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The controllers' kubeconfig (`system:slipway:controllers`).
+    pub controllers_kubeconfig: PathBuf,
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
 }
 
 /// Parses a duration: a number with `ms`, `s` or `m`, or bare seconds.
@@ -145,12 +160,24 @@ impl SupervisorArgs {
                 max_connections_per_client: self.max_connections_per_client,
                 max_watches_per_user: self.max_watches_per_user,
             },
+            advertise: self.advertise_address.clone(),
         }
     }
 
     /// Serves until SIGINT/SIGTERM, inside the caller's tokio runtime. Prints
     /// `slipway supervisor listening on https://ADDR` on stdout once the port is bound.
     pub async fn run_async(self) -> anyhow::Result<()> {
+        self.run_async_with(|_| async { std::future::pending().await })
+            .await
+    }
+
+    /// As [`Self::run_async`], with more controllers: `more` is started once the server
+    /// listens and runs beside it; if it ends with an error, the supervisor stops with it.
+    pub async fn run_async_with<F, Fut>(self, more: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Listening) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let server = Server::bind(self.config())
             .await
             .context("starting the supervisor API")?;
@@ -162,18 +189,43 @@ impl SupervisorArgs {
             crate::controllers::host_health::HostHealth::connect(server.controllers_kubeconfig())
                 .await
                 .context("starting the host health controller")?;
+        let clusters = crate::controllers::clusters::ClusterReconciler::connect(
+            server.controllers_kubeconfig(),
+            &self.data_dir.join("clusters"),
+        )
+        .await
+        .context("starting the cluster reconciler")?;
         let controllers = tokio::spawn(host_health.run());
+        let cluster_controller = tokio::spawn(clusters.run());
+        let mut more = tokio::spawn(more(Listening {
+            addr: server.local_addr(),
+            controllers_kubeconfig: server.controllers_kubeconfig().to_owned(),
+            ca: Pki::new(&self.data_dir).ca_cert(),
+        }));
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                done = &mut more => {
+                    let _ = failed_tx.send(match done {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(anyhow::anyhow!("a controller panicked: {e}")),
+                    });
+                }
             }
         };
         server.serve(shutdown).await;
         controllers.abort();
-        Ok(())
+        cluster_controller.abort();
+        more.abort();
+        match failed_rx.await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
     }
 
     /// Builds a multi-threaded tokio runtime and serves (for a synchronous `main`).
