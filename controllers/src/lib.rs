@@ -31,9 +31,12 @@ pub struct Options {
     /// How long a Pod stays on a NotReady or unreachable Node when it has no toleration of its
     /// own for the taint (kube-apiserver's DefaultTolerationSeconds: 300 s).
     pub default_toleration_seconds: i64,
-    /// How long a Node may go without a heartbeat (its Ready condition or its Lease in
-    /// `kube-node-lease`) before its Ready condition is set to Unknown (upstream: 40 s).
-    pub node_monitor_grace_period: Duration,
+    /// How long a Node may go without a heartbeat (its Ready condition's lastHeartbeatTime or
+    /// its Lease in `kube-node-lease`) before its Ready condition is set to Unknown (upstream:
+    /// 40 s, for kubelets that heartbeat). `None`: Ready is taken as written, for clusters
+    /// whose Nodes' Ready is written by something that watches heartbeats itself (Slipway's
+    /// supervisor writes it from each host's Lease).
+    pub node_monitor_grace_period: Option<Duration>,
     /// How often node lifecycle looks at heartbeats and eviction deadlines (and how often the
     /// garbage collector sweeps).
     pub node_monitor_period: Duration,
@@ -47,7 +50,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             default_toleration_seconds: 300,
-            node_monitor_grace_period: Duration::from_secs(40),
+            node_monitor_grace_period: None,
             node_monitor_period: Duration::from_secs(5),
             unschedulable_retry: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),

@@ -1,10 +1,11 @@
 //! Node lifecycle: a Node whose heartbeat (its Ready condition's `lastHeartbeatTime`, or its
-//! Lease in `kube-node-lease`) is older than the grace period gets Ready=Unknown; a Node whose
-//! Ready condition is False gets the `node.kubernetes.io/not-ready` NoSchedule and NoExecute
-//! taints, Unknown the `unreachable` ones, True none of them, and the Pods of a Node that is
-//! not Ready are marked not ready. The Pods on a Node with a NoExecute taint are deleted once
-//! their toleration of it runs out (`tolerationSeconds`, or the configured default for a Pod
-//! without a toleration of its own), so their ReplicaSets recreate them elsewhere.
+//! Lease in `kube-node-lease`) is older than the grace period, when one is set, gets
+//! Ready=Unknown; a Node whose Ready condition is False gets the `node.kubernetes.io/not-ready`
+//! NoSchedule and NoExecute taints, Unknown the `unreachable` ones, True none of them, and the
+//! Pods of a Node that is not Ready are marked not ready. The Pods on a Node with a NoExecute
+//! taint are deleted once their toleration of it runs out (`tolerationSeconds`, or the
+//! configured default for a Pod without a toleration of its own), so their ReplicaSets
+//! recreate them elsewhere.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,7 +127,8 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .as_ref()
         .and_then(|s| s.conditions.clone())
         .unwrap_or_default();
-    if let Some(cond) = conditions.iter().find(|c| c.type_ == "Ready")
+    if let Some(grace) = ctx.options.node_monitor_grace_period
+        && let Some(cond) = conditions.iter().find(|c| c.type_ == "Ready")
         && cond.status != "Unknown"
     {
         let lease = Api::<Lease>::namespaced(ctx.client.clone(), "kube-node-lease")
@@ -142,9 +144,8 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             .as_ref()
             .map(seconds)
             .max(lease_renewed);
-        let grace = ctx.options.node_monitor_grace_period.as_secs() as i64;
         if let Some(beat) = heartbeat
-            && now_s - beat > grace
+            && now_s - beat > grace.as_secs() as i64
         {
             let mut next = conditions.clone();
             for c in next.iter_mut().filter(|c| c.type_ == "Ready") {
