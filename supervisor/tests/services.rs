@@ -210,6 +210,34 @@ fn workload_kinds_validate_print_and_scale() {
             .err()
             .contains("NotFound")
     );
+    let all = sup.kubectl(&["get", "all"]).ok().to_string();
+    assert!(all.contains("deployment.apps/web"), "{all}");
+
+    // pods/binding: a Pod is bound once; binding it again is a conflict.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: busybox}]}\n";
+    sup.kubectl_stdin(&["apply", "-f", "-"], Some(pod)).ok();
+    let binding = |node: &str| {
+        sup.file(
+            &format!("binding-{node}.json"),
+            &format!(
+                r#"{{"apiVersion":"v1","kind":"Binding","metadata":{{"name":"p"}},"target":{{"kind":"Node","name":"{node}"}}}}"#
+            ),
+        )
+    };
+    let raw = "/api/v1/namespaces/default/pods/p/binding";
+    sup.kubectl(&["create", "--raw", raw, "-f", &binding("n1")])
+        .ok();
+    assert_eq!(
+        sup.kubectl(&["get", "pod", "p", "-o", "jsonpath={.spec.nodeName}"])
+            .ok(),
+        "n1"
+    );
+    let err = sup
+        .kubectl(&["create", "--raw", raw, "-f", &binding("n2")])
+        .err()
+        .to_string();
+    assert!(err.contains("already assigned to node"), "{err}");
+
     let cm =
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: conf}\ndata: {a.txt: x, b: \"z\"}\n";
     sup.kubectl_stdin(&["apply", "-f", "-"], Some(cm)).ok();
