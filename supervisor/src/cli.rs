@@ -49,6 +49,12 @@ pub struct SupervisorArgs {
     /// Smallest ingress/egress CIDR a Cluster may ask for, as a prefix length.
     #[arg(long, default_value_t = 27)]
     pub min_edge_cidr_prefix: u8,
+    /// Block Services' ClusterIPs are allocated from (kube-apiserver's flag).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cluster_ip_range: ipnetwork::IpNetwork,
+    /// Inclusive range node ports are allocated from, `LOW-HIGH`.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    pub service_node_port_range: (u16, u16),
     /// Longest a TLS handshake may take (`10s`, `500ms`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
@@ -162,6 +168,10 @@ impl SupervisorArgs {
                 pod_prefix_max: self.min_pod_cidr_prefix,
                 service_prefix_max: self.min_service_cidr_prefix,
                 edge_prefix_max: self.min_edge_cidr_prefix,
+                services: crate::admission::services::ServiceNetwork {
+                    cidr: self.service_cluster_ip_range,
+                    node_ports: self.service_node_port_range,
+                },
             },
             limits: ConnectionLimits {
                 handshake_timeout: self.handshake_timeout,
@@ -720,4 +730,17 @@ fn block_on<F: Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> 
         .build()
         .context("tokio runtime")?
         .block_on(f)
+}
+
+/// Parses `LOW-HIGH` (inclusive, LOW <= HIGH).
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected LOW-HIGH"))?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo:?}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: expected 1 <= LOW <= HIGH"));
+    }
+    Ok((lo, hi))
 }

@@ -38,6 +38,16 @@ pub enum ApiError {
         /// (resourceVersion sent, resourceVersion stored), when known.
         stale: Option<(u64, u64)>,
     },
+    /// A Pod binding for a Pod already bound to a Node.
+    #[error(
+        "Operation cannot be fulfilled on pods/binding {pod:?}: pod {pod} is already assigned to node {node:?}"
+    )]
+    AlreadyBound {
+        /// The Pod.
+        pod: String,
+        /// The Node it is bound to.
+        node: String,
+    },
     /// The object failed validation; every bad field is listed.
     #[error("{}", slipway_api::invalid_message(.kind, .name, .causes))]
     Invalid {
@@ -156,6 +166,7 @@ impl ApiError {
             Self::NotFound { .. } => 404,
             Self::AlreadyExists { .. }
             | Self::Conflict { .. }
+            | Self::AlreadyBound { .. }
             | Self::InUse { .. }
             | Self::ApplyConflict(_) => 409,
             Self::Invalid { .. } => 422,
@@ -176,7 +187,10 @@ impl ApiError {
         match self {
             Self::NotFound { .. } => "NotFound",
             Self::AlreadyExists { .. } => "AlreadyExists",
-            Self::Conflict { .. } | Self::InUse { .. } | Self::ApplyConflict(_) => "Conflict",
+            Self::Conflict { .. }
+            | Self::AlreadyBound { .. }
+            | Self::InUse { .. }
+            | Self::ApplyConflict(_) => "Conflict",
             Self::Invalid { .. } => "Invalid",
             Self::BadRequest(_) => "BadRequest",
             Self::Unauthorized => "Unauthorized",

@@ -150,7 +150,8 @@ fn crud_suite(backend: &Backend) {
     assert!(
         lines[1].contains("web")
             && lines[1].contains("LoadBalancer")
-            && lines[1].contains("80/TCP"),
+            && lines[1].contains("80:3")
+            && lines[1].contains("/TCP"),
         "{lines:?}"
     );
     assert!(sup.kubectl(&["get", "hostclasses"]).ok().contains("CPUS"));
@@ -173,7 +174,7 @@ fn crud_suite(backend: &Backend) {
             .ok()
             .contains("service/web configured")
     );
-    wait_file_contains(&watch_file, "80/TCP,443/TCP");
+    wait_file_contains(&watch_file, "/TCP,443:3");
     let body = std::fs::read_to_string(&watch_file).expect("watch file");
     assert!(body.contains("MODIFIED"), "{body}");
     // Removing a port from the file removes it from the object (strategic merge by port).
@@ -1266,7 +1267,7 @@ async fn cli_suite(backend: &Backend) -> anyhow::Result<()> {
     get(None, None, false).run_to(&mut out).await?;
     let table = String::from_utf8(out)?;
     anyhow::ensure!(
-        table.contains("PORT(S)") && table.contains("LoadBalancer") && table.contains("80/TCP"),
+        table.contains("PORT(S)") && table.contains("LoadBalancer") && table.contains("80:3"),
         "{table}"
     );
     let mut out = Vec::new();
@@ -1282,7 +1283,7 @@ async fn cli_suite(backend: &Backend) -> anyhow::Result<()> {
         let args = get(None, None, true);
         tokio::spawn(async move { args.run_to(&mut buf).await })
     };
-    wait_async(|| buf.text().contains("80/TCP")).await?;
+    wait_async(|| buf.text().contains("80:3")).await?;
     std::fs::write(
         &svc,
         SERVICE.replace(
@@ -1291,7 +1292,7 @@ async fn cli_suite(backend: &Backend) -> anyhow::Result<()> {
         ),
     )?;
     anyhow::ensure!(run_apply(&svc).await?.contains("service/web configured"));
-    wait_async(|| buf.text().contains("80/TCP,443/TCP")).await?;
+    wait_async(|| buf.text().contains("/TCP,443:3")).await?;
     watch.abort();
 
     let mut out = Vec::new();

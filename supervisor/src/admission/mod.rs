@@ -2,6 +2,7 @@
 //! that never overlap), allowed classes, namespace quotas over HostClass sizes (checked and
 //! written in one store transaction) and classes that cannot go while in use.
 
+pub mod services;
 mod write;
 
 use std::collections::HashMap;
@@ -31,6 +32,8 @@ pub struct AdmissionConfig {
     pub service_prefix_max: u8,
     /// Largest allowed prefix length of an ingress or egress CIDR (default /27).
     pub edge_prefix_max: u8,
+    /// Where Services' ClusterIPs and node ports come from.
+    pub services: services::ServiceNetwork,
 }
 
 impl Default for AdmissionConfig {
@@ -40,6 +43,7 @@ impl Default for AdmissionConfig {
             pod_prefix_max: 24,
             service_prefix_max: 16,
             edge_prefix_max: 27,
+            services: services::ServiceNetwork::default(),
         }
     }
 }

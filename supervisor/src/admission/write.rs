@@ -58,8 +58,14 @@ const MAX_ATTEMPTS: usize = 100;
 /// Writes an admitted object. A Cluster or claim that increases its namespace's usage is
 /// checked against the limits and written in one store transaction with the namespace's usage
 /// record; a HostClass that grows is checked against the limits of every namespace using it,
-/// likewise. Refusals are the outer error; the inner result is the store's answer for the
-/// object's own key (a stale revision, an existing name). With `dry_run` nothing is written.
+/// likewise. `extra` steps (a Service's address allocations) go in the same transaction.
+/// Refusals are the outer error; the inner result is the store's answer for the object's own
+/// key or an `extra` key (a stale revision, an existing name, an address just taken). With
+/// `dry_run` nothing is written.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one transaction's parts; a struct would only rename them"
+)]
 pub async fn write(
     store: &AnyStore,
     rtype: &ResourceType,
@@ -67,6 +73,7 @@ pub async fn write(
     key: &str,
     change: Change<'_>,
     bytes: Vec<u8>,
+    extra: Vec<Cas>,
     dry_run: bool,
 ) -> Result<Result<u64, StoreError>, ApiError> {
     let step = match change {
@@ -85,10 +92,18 @@ pub async fn write(
             return Ok(Ok(0));
         }
         let mut steps = vec![step.clone()];
+        steps.extend(extra.iter().cloned());
         steps.extend(guards);
         match store.txn(steps).await {
             Ok(revs) => return Ok(Ok(revs.first().copied().unwrap_or(0))),
             Err(e) if e.refused_key() == Some(key) => return Ok(Err(e)),
+            Err(e)
+                if extra
+                    .iter()
+                    .any(|x| Some(x.key.as_str()) == e.refused_key()) =>
+            {
+                return Ok(Err(e));
+            }
             // A concurrent write changed the usage record, a class or the namespace: decide
             // again on what the store holds now.
             Err(e) if e.refused_key().is_some() => {

@@ -1,4 +1,5 @@
-//! Core (`v1`) kinds: Namespace with Slipway's limits, Service, Endpoints, Pod, Node, PVC, Event.
+//! Core (`v1`) kinds: Namespace with Slipway's limits, Service, Endpoints, Pod, Node, PVC, Event,
+//! ConfigMap, ServiceAccount.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -109,7 +110,7 @@ pub struct Service(pub k8s_openapi::api::core::v1::Service);
 const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
 const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
 
-fn check_port(field: &str, p: i64, errs: &mut Vec<FieldError>) {
+pub(crate) fn check_port(field: &str, p: i64, errs: &mut Vec<FieldError>) {
     if !(1..=65535).contains(&p) {
         errs.push(FieldError::invalid(
             field,
@@ -119,7 +120,12 @@ fn check_port(field: &str, p: i64, errs: &mut Vec<FieldError>) {
     }
 }
 
-fn check_enum(field: &str, v: &Option<String>, allowed: &[&str], errs: &mut Vec<FieldError>) {
+pub(crate) fn check_enum(
+    field: &str,
+    v: &Option<String>,
+    allowed: &[&str],
+    errs: &mut Vec<FieldError>,
+) {
     if let Some(v) = v
         && !allowed.contains(&v.as_str())
     {
@@ -350,50 +356,89 @@ pub struct ResourceRequirements {
 #[schemars(transparent)]
 pub struct Pod(pub k8s_openapi::api::core::v1::Pod);
 
+/// Defaults of a Pod spec (also a workload template's).
+pub fn default_pod_spec(spec: &mut k8s_openapi::api::core::v1::PodSpec) {
+    spec.restart_policy.get_or_insert_with(|| "Always".into());
+    spec.dns_policy.get_or_insert_with(|| "ClusterFirst".into());
+}
+
+/// Checks a Pod spec (also a workload template's) whose fields sit under `prefix`
+/// (`spec`, `spec.template.spec`).
+pub fn check_pod_spec(
+    prefix: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    errs: &mut Vec<FieldError>,
+) {
+    if spec.containers.is_empty() {
+        errs.push(FieldError::required(format!("{prefix}.containers")));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        let f = at(&format!("{prefix}.containers"), i);
+        check_dns_label(&format!("{f}.name"), &c.name, errs);
+        if !names.insert(c.name.clone()) {
+            errs.push(FieldError::duplicate(
+                format!("{f}.name"),
+                format!("{:?}", c.name),
+            ));
+        }
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            check_port(
+                &format!("{f}.ports[{j}].containerPort"),
+                i64::from(p.container_port),
+                errs,
+            );
+        }
+        let resources = c.resources.as_ref();
+        for (what, list) in [
+            ("requests", resources.and_then(|r| r.requests.as_ref())),
+            ("limits", resources.and_then(|r| r.limits.as_ref())),
+        ] {
+            for (k, q) in list.into_iter().flatten() {
+                if super::meta::parse_quantity(&q.0).is_none_or(|v| v < 0.0) {
+                    errs.push(FieldError::invalid(
+                        format!("{f}.resources.{what}[{k}]"),
+                        format!("{:?}", q.0),
+                        "must be a non-negative quantity such as 2, 500m or 4Gi",
+                    ));
+                }
+            }
+        }
+    }
+    check_enum(
+        &format!("{prefix}.restartPolicy"),
+        &spec.restart_policy,
+        &["Always", "OnFailure", "Never"],
+        errs,
+    );
+    check_enum(
+        &format!("{prefix}.dnsPolicy"),
+        &spec.dns_policy,
+        &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
+        errs,
+    );
+    for (i, t) in spec.tolerations.iter().flatten().enumerate() {
+        let f = at(&format!("{prefix}.tolerations"), i);
+        check_enum(
+            &format!("{f}.operator"),
+            &t.operator,
+            &["Exists", "Equal"],
+            errs,
+        );
+        check_enum(&format!("{f}.effect"), &t.effect, TAINT_EFFECTS, errs);
+    }
+}
+
 impl Validate for Pod {
     fn default_fields(&mut self) {
-        let spec = self.0.spec.get_or_insert_with(Default::default);
-        spec.restart_policy.get_or_insert_with(|| "Always".into());
-        spec.dns_policy.get_or_insert_with(|| "ClusterFirst".into());
+        default_pod_spec(self.0.spec.get_or_insert_with(Default::default));
     }
     fn validate(&self, errs: &mut Vec<FieldError>) {
         let Some(spec) = &self.0.spec else {
             errs.push(FieldError::required("spec"));
             return;
         };
-        if spec.containers.is_empty() {
-            errs.push(FieldError::required("spec.containers"));
-        }
-        let mut names = std::collections::BTreeSet::new();
-        for (i, c) in spec.containers.iter().enumerate() {
-            let f = at("spec.containers", i);
-            check_dns_label(&format!("{f}.name"), &c.name, errs);
-            if !names.insert(c.name.clone()) {
-                errs.push(FieldError::duplicate(
-                    format!("{f}.name"),
-                    format!("{:?}", c.name),
-                ));
-            }
-            for (j, p) in c.ports.iter().flatten().enumerate() {
-                check_port(
-                    &format!("{f}.ports[{j}].containerPort"),
-                    i64::from(p.container_port),
-                    errs,
-                );
-            }
-        }
-        check_enum(
-            "spec.restartPolicy",
-            &spec.restart_policy,
-            &["Always", "OnFailure", "Never"],
-            errs,
-        );
-        check_enum(
-            "spec.dnsPolicy",
-            &spec.dns_policy,
-            &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
-            errs,
-        );
+        check_pod_spec("spec", spec, errs);
     }
 }
 
@@ -404,7 +449,7 @@ impl Validate for Pod {
 #[schemars(transparent)]
 pub struct Node(pub k8s_openapi::api::core::v1::Node);
 
-const TAINT_EFFECTS: &[&str] = &["NoSchedule", "PreferNoSchedule", "NoExecute"];
+pub(crate) const TAINT_EFFECTS: &[&str] = &["NoSchedule", "PreferNoSchedule", "NoExecute"];
 const NODE_ADDRESS_TYPES: &[&str] = &[
     "Hostname",
     "InternalIP",
@@ -656,6 +701,60 @@ impl Validate for Event {
         }
         check_enum("type", &self.type_, &["Normal", "Warning"], errs);
     }
+}
+
+/// A ConfigMap (core/v1), the upstream type: keys must be valid config keys, and a key may
+/// not be in both `data` and `binaryData`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct ConfigMap(pub k8s_openapi::api::core::v1::ConfigMap);
+
+/// Checks a ConfigMap or Secret key (`[-._a-zA-Z0-9]+`, at most 253 characters, not `.` or `..`).
+pub fn check_config_key(field: &str, key: &str, errs: &mut Vec<FieldError>) {
+    let ok = !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        errs.push(FieldError::invalid(
+            field,
+            format!("{key:?}"),
+            "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+        ));
+    }
+}
+
+impl Validate for ConfigMap {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        let data = self.0.data.iter().flatten().map(|(k, _)| k);
+        for k in data.clone() {
+            check_config_key(&format!("data[{k}]"), k, errs);
+        }
+        for (k, _) in self.0.binary_data.iter().flatten() {
+            check_config_key(&format!("binaryData[{k}]"), k, errs);
+            if data.clone().any(|d| d == k) {
+                errs.push(FieldError::invalid(
+                    format!("binaryData[{k}]"),
+                    format!("{k:?}"),
+                    "duplicate of key present in data",
+                ));
+            }
+        }
+    }
+}
+
+/// A ServiceAccount (core/v1), the upstream type.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct ServiceAccount(pub k8s_openapi::api::core::v1::ServiceAccount);
+
+impl Validate for ServiceAccount {
+    fn validate(&self, _errs: &mut Vec<FieldError>) {}
 }
 
 #[cfg(test)]

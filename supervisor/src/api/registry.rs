@@ -8,8 +8,13 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::Validate;
+use super::apps::{Deployment, ReplicaSet};
 use super::coordination::Lease;
-use super::core::{Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Secret, Service};
+use super::core::{
+    ConfigMap, Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Secret, Service,
+    ServiceAccount,
+};
+use super::discovery::EndpointSlice;
 use super::networking::NetworkPolicy;
 use super::rbac::RoleBinding;
 use super::slipway::{Cluster, Host, HostClass, Zone};
@@ -488,6 +493,131 @@ fn host_cluster(v: &Value) -> Value {
     }
 }
 
+/// An integer status field, 0 when unset (as kubectl prints it).
+fn count(v: &Value, path: &str) -> Value {
+    Value::from(jp(v, path).and_then(Value::as_i64).unwrap_or(0))
+}
+
+fn int_col(name: &'static str, description: &'static str, cell: fn(&Value) -> Value) -> Column {
+    Column {
+        name,
+        type_: "integer",
+        description,
+        priority: 0,
+        cell,
+    }
+}
+
+fn wide(name: &'static str, description: &'static str, cell: fn(&Value) -> Value) -> Column {
+    Column {
+        name,
+        type_: "string",
+        description,
+        priority: 1,
+        cell,
+    }
+}
+
+/// A workload template's containers' names or images, comma-separated.
+fn template_containers(v: &Value, field: &str) -> Value {
+    let list: Vec<&str> = jp(v, "spec.template.spec.containers")
+        .and_then(Value::as_array)
+        .map(|c| {
+            c.iter()
+                .filter_map(|c| c.get(field).and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(list.join(","))
+}
+
+/// A label selector as `k=v,k in (a,b)`.
+fn label_selector(v: &Value) -> Value {
+    let mut parts: Vec<String> = jp(v, "spec.selector.matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for e in jp(v, "spec.selector.matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = e.get("key").and_then(Value::as_str).unwrap_or_default();
+        let values: Vec<&str> = e
+            .get("values")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        parts.push(match e.get("operator").and_then(Value::as_str) {
+            Some("In") => format!("{key} in ({})", values.join(",")),
+            Some("NotIn") => format!("{key} notin ({})", values.join(",")),
+            Some("DoesNotExist") => format!("!{key}"),
+            _ => key.to_string(),
+        });
+    }
+    Value::String(if parts.is_empty() {
+        "<none>".into()
+    } else {
+        parts.join(",")
+    })
+}
+
+/// An EndpointSlice's ports, as kubectl prints them.
+fn slice_ports(v: &Value) -> Value {
+    let ports: Vec<String> = v
+        .get("ports")
+        .and_then(Value::as_array)
+        .map(|p| {
+            p.iter()
+                .filter_map(|p| p.get("port").map(ToString::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(if ports.is_empty() {
+        "<unset>".into()
+    } else {
+        ports.join(",")
+    })
+}
+
+/// An EndpointSlice's addresses, as kubectl prints them (at most three, then `+ N more...`).
+fn slice_endpoints(v: &Value) -> Value {
+    let addrs: Vec<&str> = v
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .map(|e| {
+            e.iter()
+                .filter_map(|e| e.get("addresses").and_then(Value::as_array))
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::String(match addrs.len() {
+        0 => "<unset>".into(),
+        n if n > 3 => format!("{} + {} more...", addrs[..3].join(","), n - 3),
+        _ => addrs.join(","),
+    })
+}
+
+fn map_len(v: &Value, field: &str) -> usize {
+    v.get(field)
+        .and_then(Value::as_object)
+        .map_or(0, |m| m.len())
+}
+
+const APPS_TEMPLATE_KEYS: &[(&str, &str)] = &[
+    ("spec.template.spec.containers", "name"),
+    ("spec.template.spec.containers.ports", "containerPort"),
+    ("spec.template.spec.containers.env", "name"),
+    ("spec.template.spec.volumes", "name"),
+    ("status.conditions", "type"),
+];
+
 const CORE_POD_KEYS: &[(&str, &str)] = &[
     ("spec.containers", "name"),
     ("spec.containers.ports", "containerPort"),
@@ -614,6 +744,13 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
                     cell: phase_or_pending,
                 },
                 Column {
+                    name: "IP",
+                    type_: "string",
+                    description: "Pod IP",
+                    priority: 1,
+                    cell: |v| s(v, "status.podIP"),
+                },
+                Column {
                     name: "Node",
                     type_: "string",
                     description: "Host",
@@ -667,6 +804,120 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             ],
             decode: decode_upstream::<Node>,
             schema: schema::<Node>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "ConfigMap",
+            plural: "configmaps",
+            singular: "configmap",
+            namespaced: true,
+            short_names: &["cm"],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![int_col("Data", "Keys", |v| {
+                Value::from(map_len(v, "data") + map_len(v, "binaryData"))
+            })],
+            decode: decode_upstream::<ConfigMap>,
+            schema: schema::<ConfigMap>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "ServiceAccount",
+            plural: "serviceaccounts",
+            singular: "serviceaccount",
+            namespaced: true,
+            short_names: &["sa"],
+            has_status: false,
+            merge_keys: &[("secrets", "name")],
+            columns: vec![int_col("Secrets", "Token secrets", |v| {
+                Value::from(
+                    v.get("secrets")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len),
+                )
+            })],
+            decode: decode_upstream::<ServiceAccount>,
+            schema: schema::<ServiceAccount>,
+        },
+        ResourceType {
+            group: "apps",
+            version: "v1",
+            kind: "Deployment",
+            plural: "deployments",
+            singular: "deployment",
+            namespaced: true,
+            short_names: &["deploy"],
+            has_status: true,
+            merge_keys: APPS_TEMPLATE_KEYS,
+            columns: vec![
+                col("Ready", "Ready of desired replicas", |v| {
+                    Value::String(format!(
+                        "{}/{}",
+                        count(v, "status.readyReplicas"),
+                        count(v, "spec.replicas")
+                    ))
+                }),
+                int_col("Up-to-date", "Replicas of the current template", |v| {
+                    count(v, "status.updatedReplicas")
+                }),
+                int_col("Available", "Available replicas", |v| {
+                    count(v, "status.availableReplicas")
+                }),
+                wide("Containers", "Container names", |v| {
+                    template_containers(v, "name")
+                }),
+                wide("Images", "Container images", |v| {
+                    template_containers(v, "image")
+                }),
+                wide("Selector", "Pod selector", label_selector),
+            ],
+            decode: decode_upstream::<Deployment>,
+            schema: schema::<Deployment>,
+        },
+        ResourceType {
+            group: "apps",
+            version: "v1",
+            kind: "ReplicaSet",
+            plural: "replicasets",
+            singular: "replicaset",
+            namespaced: true,
+            short_names: &["rs"],
+            has_status: true,
+            merge_keys: APPS_TEMPLATE_KEYS,
+            columns: vec![
+                int_col("Desired", "Desired replicas", |v| count(v, "spec.replicas")),
+                int_col("Current", "Pods created", |v| count(v, "status.replicas")),
+                int_col("Ready", "Ready pods", |v| count(v, "status.readyReplicas")),
+                wide("Containers", "Container names", |v| {
+                    template_containers(v, "name")
+                }),
+                wide("Images", "Container images", |v| {
+                    template_containers(v, "image")
+                }),
+                wide("Selector", "Pod selector", label_selector),
+            ],
+            decode: decode_upstream::<ReplicaSet>,
+            schema: schema::<ReplicaSet>,
+        },
+        ResourceType {
+            group: "discovery.k8s.io",
+            version: "v1",
+            kind: "EndpointSlice",
+            plural: "endpointslices",
+            singular: "endpointslice",
+            namespaced: true,
+            short_names: &[],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![
+                col("AddressType", "IPv4, IPv6 or FQDN", |v| s(v, "addressType")),
+                col("Ports", "Ports", slice_ports),
+                col("Endpoints", "Addresses", slice_endpoints),
+            ],
+            decode: decode_upstream::<EndpointSlice>,
+            schema: schema::<EndpointSlice>,
         },
         ResourceType {
             group: "",

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::{access_review, scale};
-use crate::api::registry::RESOURCES;
+use crate::api::registry::{RESOURCES, ResourceType};
 
 /// The Kubernetes minor version whose API conventions the server follows.
 pub const KUBE_MINOR: &str = "20";
@@ -90,7 +90,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             "kind": r.kind,
             "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
             "shortNames": r.short_names,
-            "categories": if r.group == "slipway.dev" { json!(["slipway", "all"]) } else { json!([]) },
+            "categories": categories(r),
         }));
         if scale::scalable(r) {
             resources.push(json!({
@@ -133,4 +133,14 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     Some(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
     )
+}
+
+/// The categories of a kind: `kubectl get all` lists Slipway's kinds and, as upstream, Pods,
+/// Services, Deployments and ReplicaSets.
+fn categories(r: &ResourceType) -> Value {
+    match (r.group, r.plural) {
+        ("slipway.dev", _) => json!(["slipway", "all"]),
+        ("", "pods" | "services") | ("apps", "deployments" | "replicasets") => json!(["all"]),
+        _ => json!([]),
+    }
 }

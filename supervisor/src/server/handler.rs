@@ -13,7 +13,9 @@ use tracing::{debug, info_span};
 use super::early::RequestBody;
 use super::http::{self, Body};
 use super::objects::meta_str;
-use super::{State, access_review, discovery, health, join, keys, scale, table, verbs, watch};
+use super::{
+    State, access_review, binding, discovery, health, join, keys, scale, table, verbs, watch,
+};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{ResourceType, lookup};
 use crate::audit::AuditRecord;
@@ -441,6 +443,9 @@ async fn dispatch(
     let sub = call.t.sub.as_deref();
     if sub == Some("scale") && scale::scalable(call.t.rt) {
         return scale::serve(call, method).await;
+    }
+    if sub == Some("binding") && binding::bindable(call.t.rt) {
+        return binding::serve(call, method).await;
     }
     if let Some(s) = sub
         && !(s == "status" && call.t.rt.has_status)

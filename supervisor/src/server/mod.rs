@@ -1,6 +1,7 @@
 //! The HTTPS API server: TLS accept loop, per-connection client identity, shared state.
 
 pub mod access_review;
+pub mod binding;
 pub mod discovery;
 pub mod early;
 pub mod handler;

@@ -1,7 +1,7 @@
 //! The `scale` subresource (`autoscaling/v1` Scale) of the kinds with replicas, which
 //! `kubectl scale` reads and writes. A Cluster's scale is its worker replicas: reading sums its
 //! node pools; writing needs exactly one pool (a cluster with several is scaled pool by pool
-//! through its spec). A write goes through the object's own patch path, so validation,
+//! through its spec). A Deployment's or ReplicaSet's is its `spec.replicas`. A write goes through the object's own patch path, so validation,
 //! admission (quota), dry-run and conflicts are the object's.
 
 use std::collections::HashMap;
@@ -24,7 +24,12 @@ const POOLS: &str = "/spec/topology/nodePools";
 
 /// Whether `rt` has a scale subresource.
 pub fn scalable(rt: &ResourceType) -> bool {
-    rt.group == "slipway.dev" && rt.plural == "clusters"
+    (rt.group == "slipway.dev" && rt.plural == "clusters") || is_workload(rt)
+}
+
+/// Deployments and ReplicaSets keep their replicas in `spec.replicas`, as upstream.
+fn is_workload(rt: &ResourceType) -> bool {
+    rt.group == "apps" && matches!(rt.plural, "deployments" | "replicasets")
 }
 
 fn pools(obj: &Value) -> &[Value] {
@@ -34,7 +39,10 @@ fn pools(obj: &Value) -> &[Value] {
 }
 
 /// The Scale view of an object.
-fn to_scale(obj: &Value) -> Value {
+fn to_scale(rt: &ResourceType, obj: &Value) -> Value {
+    if is_workload(rt) {
+        return workload_scale(obj);
+    }
     let spec: u64 = pools(obj)
         .iter()
         .filter_map(|p| p.get("replicas").and_then(Value::as_u64))
@@ -47,6 +55,40 @@ fn to_scale(obj: &Value) -> Value {
         .pointer("/status/hosts")
         .and_then(Value::as_array)
         .map_or(0, |h| h.len() as u64);
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": scale_meta(obj),
+        "spec": {"replicas": spec},
+        "status": {"replicas": hosts.saturating_sub(control_plane)},
+    })
+}
+
+/// The Scale of a Deployment or ReplicaSet: its `spec.replicas`, `status.replicas` and the
+/// selector in label-query form (what an autoscaler lists Pods with).
+fn workload_scale(obj: &Value) -> Value {
+    let selector: Vec<String> = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": scale_meta(obj),
+        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_u64).unwrap_or(0)},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").and_then(Value::as_u64).unwrap_or(0),
+            "selector": selector.join(","),
+        },
+    })
+}
+
+fn scale_meta(obj: &Value) -> serde_json::Map<String, Value> {
     let mut meta = serde_json::Map::new();
     for f in [
         "name",
@@ -59,13 +101,7 @@ fn to_scale(obj: &Value) -> Value {
             meta.insert(f.into(), v.clone());
         }
     }
-    json!({
-        "kind": "Scale",
-        "apiVersion": "autoscaling/v1",
-        "metadata": meta,
-        "spec": {"replicas": spec},
-        "status": {"replicas": hosts.saturating_sub(control_plane)},
-    })
+    meta
 }
 
 fn invalid(name: &str, cause: FieldError) -> ApiError {
@@ -110,10 +146,10 @@ pub(super) async fn serve(call: &Call<'_>, method: &Method) -> Result<Response<B
     };
     let obj = current(call, name).await?;
     let (replicas, precondition) = match *method {
-        Method::GET => return Ok(super::http::json(200, &to_scale(&obj))),
+        Method::GET => return Ok(super::http::json(200, &to_scale(call.t.rt, &obj))),
         Method::PUT => wanted(name, &parse_body(&call.body, &call.content_type)?)?,
         Method::PATCH => {
-            let before = to_scale(&obj);
+            let before = to_scale(call.t.rt, &obj);
             let mut scale = before.clone();
             let kind = PatchType::from_content_type(&call.content_type)?;
             if kind == PatchType::Apply {
@@ -131,8 +167,13 @@ pub(super) async fn serve(call: &Call<'_>, method: &Method) -> Result<Response<B
         }
         _ => return Err(ApiError::MethodNotAllowed),
     };
+    let path = if is_workload(call.t.rt) {
+        "/spec/replicas".to_string()
+    } else {
+        format!("{POOLS}/0/replicas")
+    };
     let n = pools(&obj).len();
-    if n != 1 {
+    if !is_workload(call.t.rt) && n != 1 {
         return Err(invalid(
             name,
             FieldError::invalid(
@@ -142,8 +183,7 @@ pub(super) async fn serve(call: &Call<'_>, method: &Method) -> Result<Response<B
             ),
         ));
     }
-    let mut ops =
-        vec![json!({"op": "replace", "path": format!("{POOLS}/0/replicas"), "value": replicas})];
+    let mut ops = vec![json!({"op": "add", "path": path, "value": replicas})];
     if let Some(rv) = precondition {
         ops.push(json!({"op": "replace", "path": "/metadata/resourceVersion", "value": rv}));
     }
@@ -176,5 +216,5 @@ pub(super) async fn serve(call: &Call<'_>, method: &Method) -> Result<Response<B
     };
     let updated: Value =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(super::http::json(code, &to_scale(&updated)))
+    Ok(super::http::json(code, &to_scale(call.t.rt, &updated)))
 }

@@ -14,7 +14,7 @@ use super::objects::{
     stamp_new, with_status_of, without_status,
 };
 use super::{State, keys, paging, table};
-use crate::admission::{self, Change};
+use crate::admission::{self, Change, services};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{RESOURCES, ResourceType, lookup};
 use crate::error::ApiError;
@@ -49,26 +49,76 @@ pub(super) async fn ensure_namespace(call: &Call<'_>, ns: &str) -> Result<(), Ap
     }
 }
 
-/// Stores an object through admission's write (quota checked in the same transaction);
-/// with dryRun, checks only.
+fn is_service(rt: &ResourceType) -> bool {
+    rt.group.is_empty() && rt.plural == "services"
+}
+
+/// A Service keeps the addresses it holds when a write leaves them out (a manifest applied
+/// or replaced again), so that alone is no change: generation and field ownership stay.
+async fn keep_addresses(call: &Call<'_>, old: &Value, new: &mut Value) -> Result<(), ApiError> {
+    if is_service(call.t.rt) {
+        services::allocate(&call.state.store, &call.state.admission, Some(old), new).await?;
+    }
+    Ok(())
+}
+
+/// Most attempts of a Service write whose freshly allocated address a concurrent write took.
+const ALLOCATION_ATTEMPTS: usize = 10;
+
+/// Stores `new` (over `old` and its revision, if any) through admission's write (quota checked,
+/// a Service's addresses allocated, in the same transaction); with dryRun, checks only.
 async fn write(
     call: &Call<'_>,
     name: &str,
-    change: Change<'_>,
-    bytes: Vec<u8>,
+    old: Option<(&Value, u64)>,
+    new: &mut Value,
 ) -> Result<u64, ApiError> {
     let key = call.key(name);
-    admission::write(
-        &call.state.store,
-        call.t.rt,
-        call.ns(),
-        &key,
-        change,
-        bytes,
-        call.dry_run(),
-    )
-    .await?
-    .map_err(|e| call.store_err(name, e))
+    let asked = new.clone();
+    for _ in 0..ALLOCATION_ATTEMPTS {
+        let extra = if is_service(call.t.rt) {
+            *new = asked.clone();
+            services::allocate(
+                &call.state.store,
+                &call.state.admission,
+                old.map(|o| o.0),
+                new,
+            )
+            .await?
+        } else {
+            Vec::new()
+        };
+        let change = match old {
+            None => Change::Create(new),
+            Some((old, revision)) => Change::Update { old, new, revision },
+        };
+        let result = admission::write(
+            &call.state.store,
+            call.t.rt,
+            call.ns(),
+            &key,
+            change,
+            encode(new)?,
+            extra,
+            call.dry_run(),
+        )
+        .await?;
+        match result {
+            Ok(rev) => return Ok(rev),
+            Err(e)
+                if e.refused_key()
+                    .is_some_and(|k| k.starts_with(services::ALLOC_PREFIX)) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(call.store_err(name, e)),
+        }
+    }
+    Err(ApiError::Conflict {
+        resource: call.t.rt.plural.into(),
+        name: name.into(),
+        stale: None,
+    })
 }
 
 pub(super) async fn get(call: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
@@ -152,7 +202,7 @@ pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, ApiError> 
     let mut obj = admit(call.state, call.t.rt, call.ns(), None, body, true).await?;
     stamp_new(&mut obj);
     let name = meta_str(&obj, "name").unwrap_or_default().to_string();
-    let rev = write(call, &name, Change::Create(&obj), encode(&obj)?).await?;
+    let rev = write(call, &name, None, &mut obj).await?;
     if call.dry_run() {
         return Ok(call.respond(201, &obj));
     }
@@ -179,21 +229,21 @@ async fn write_update(
         if call.dry_run() {
             return Ok(call.respond(200, &new));
         }
+        let mut steps = vec![Cas::delete(&key, rev)];
+        if is_service(call.t.rt) {
+            steps.extend(services::release(&call.state.store, old).await?);
+        }
         let drev = call
             .state
             .store
-            .delete(&key, rev)
+            .txn(steps)
             .await
+            .map(|revs| revs.first().copied().unwrap_or_default())
             .map_err(|e| call.store_err(name, e))?;
         set_meta(&mut new, "resourceVersion", json!(drev.to_string()));
         return Ok(call.respond(200, &new));
     }
-    let change = Change::Update {
-        old,
-        new: &new,
-        revision: rev,
-    };
-    let nrev = write(call, name, change, encode(&new)?).await?;
+    let nrev = write(call, name, Some((old, rev)), &mut new).await?;
     if call.dry_run() {
         return Ok(call.respond(200, &new));
     }
@@ -238,6 +288,7 @@ pub(super) async fn update(
         !status_only,
     )
     .await?;
+    keep_addresses(call, &old, &mut new).await?;
     carry_over(call.t.rt, &old, &mut new, status_only);
     if !status_only {
         record_update(call, &old, &mut new);
@@ -298,7 +349,8 @@ pub(super) async fn patch_object(
 ) -> Result<Response<Body>, ApiError> {
     let kind = PatchType::from_content_type(&call.content_type)?;
     // A patch carries no precondition of its own unless it sets resourceVersion, so a lost
-    // race with another writer is retried on the new version.
+    // race with another writer is retried on the new version (where a resourceVersion the
+    // patch sets is checked, and refused when stale).
     for _ in 0..5 {
         let Some(kv) = call.state.store.get(&call.key(name)).await? else {
             if kind == PatchType::Apply && !status_only {
@@ -309,7 +361,7 @@ pub(super) async fn patch_object(
                 let mut obj =
                     admit(call.state, call.t.rt, call.ns(), Some(name), body, true).await?;
                 stamp_new(&mut obj);
-                let rev = write(call, name, Change::Create(&obj), encode(&obj)?).await?;
+                let rev = write(call, name, None, &mut obj).await?;
                 if call.dry_run() {
                     return Ok(call.respond(201, &obj));
                 }
@@ -347,12 +399,15 @@ pub(super) async fn patch_object(
             !status_only,
         )
         .await?;
+        keep_addresses(call, &old, &mut new).await?;
         carry_over(call.t.rt, &old, &mut new, status_only);
         if kind != PatchType::Apply && !status_only {
             record_update(call, &old, &mut new);
         }
         match write_update(call, name, kv.revision, &old, new).await {
-            Err(ApiError::Conflict { .. }) if sent.is_none() => continue,
+            // Another writer got there first: patch what it wrote. A resourceVersion the patch
+            // itself sets is checked against that on the next turn and refused there.
+            Err(ApiError::Conflict { .. }) => continue,
             other => return other,
         }
     }
@@ -415,6 +470,9 @@ async fn delete_one(
             }
             let mut steps = vec![Cas::delete(&key, kv.revision)];
             steps.extend(guards);
+            if is_service(rt) {
+                steps.extend(services::release(&call.state.store, &obj).await?);
+            }
             call.state
                 .store
                 .txn(steps)

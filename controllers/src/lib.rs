@@ -1,0 +1,109 @@
+//! A workload cluster's controllers, beside its API server: the scheduler, ReplicaSet and
+//! Deployment (apps/v1), EndpointSlices from ready Pods, node lifecycle (NotReady Nodes
+//! tainted, their Pods evicted after their tolerationSeconds) and the garbage collector of
+//! dependents whose owners are gone. Each is a kube-rs client of any
+//! Kubernetes API, level-triggered: it compares what it lists with what should be and writes
+//! only the difference, so it is safe to stop at any line and to run again.
+#![forbid(unsafe_code)]
+
+pub mod deployment;
+pub mod endpointslice;
+pub mod events;
+pub mod garbage;
+pub mod metrics;
+pub mod node_lifecycle;
+pub mod placement;
+pub mod pods;
+pub mod replicaset;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use metrics::Metrics;
+
+/// Who manages the objects these controllers write (the `managed-by` label and field manager).
+pub const MANAGER: &str = "slipway-controllers";
+
+/// Settings of the controllers.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long a Pod stays on a NotReady or unreachable Node when it has no toleration of its
+    /// own for the taint (kube-apiserver's DefaultTolerationSeconds: 300 s).
+    pub default_toleration_seconds: i64,
+    /// How long a Node may go without a heartbeat (its Ready condition's lastHeartbeatTime or
+    /// its Lease in `kube-node-lease`) before its Ready condition is set to Unknown (upstream:
+    /// 40 s, for kubelets that heartbeat). `None`: Ready is taken as written, for clusters
+    /// whose Nodes' Ready is written by something that watches heartbeats itself (Slipway's
+    /// supervisor writes it from each host's Lease).
+    pub node_monitor_grace_period: Option<Duration>,
+    /// How often node lifecycle looks at heartbeats and eviction deadlines (and how often the
+    /// garbage collector sweeps).
+    pub node_monitor_period: Duration,
+    /// How soon the scheduler tries an unschedulable Pod again.
+    pub unschedulable_retry: Duration,
+    /// Counters the controllers keep.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            default_toleration_seconds: 300,
+            node_monitor_grace_period: None,
+            node_monitor_period: Duration::from_secs(5),
+            unschedulable_retry: Duration::from_secs(2),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+}
+
+/// What a reconcile can fail on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("{verb} {what}")]
+    Api {
+        /// What the call did (`create`, `list`, `patch status`).
+        verb: &'static str,
+        /// What it did it to.
+        what: String,
+        /// The API's answer.
+        #[source]
+        source: kube::Error,
+    },
+    /// An object lacks a field the controller needs (the API server should have set it).
+    #[error("{kind} {name} has no {field}")]
+    Missing {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+        /// The missing field.
+        field: &'static str,
+    },
+}
+
+/// Shorthand for an API error.
+pub(crate) fn api_err(
+    verb: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Api { verb, what, source }
+}
+
+/// Runs every controller against `client` until one of them stops (they do not, short of the
+/// runtime shutting down).
+pub async fn run(client: kube::Client, options: Options) {
+    let options = Arc::new(options);
+    tracing::info!("workload cluster controllers starting");
+    tokio::join!(
+        replicaset::run(client.clone(), options.clone()),
+        deployment::run(client.clone(), options.clone()),
+        scheduler::run(client.clone(), options.clone()),
+        endpointslice::run(client.clone(), options.clone()),
+        garbage::run(client.clone(), options.clone()),
+        node_lifecycle::run(client, options),
+    );
+}
