@@ -19,6 +19,7 @@ pub mod cli;
 pub mod heartbeat;
 pub mod hosts;
 pub mod metrics;
+pub mod pods;
 pub mod policy;
 pub mod run;
 pub mod services;

@@ -34,6 +34,9 @@ enum Command {
     Lb(slipway_lb::cli::LbCommand),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
     Agent(slipway_agent::AgentArgs),
+    /// Offline images for the host's containerd: `import NAME DIR|TAR`.
+    #[command(subcommand)]
+    Image(slipway_agent::pods::image::ImageCommand),
     /// Stream the node's NetworkPolicy verdicts (allowed connections, denied packets).
     Flows(slipway_agent::cli::FlowsArgs),
     /// NetworkPolicy on this node: `explain` a verdict, `set` or `get` the agent's state.
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Kubeconfig(args) => args.run(),
         Command::Volume(command) => command.run(),
         Command::Lb(command) => command.run(),
+        Command::Image(command) => command.run(),
         Command::Flows(args) => args.run(),
         Command::Policy(command) => command.run(),
         Command::Blockstore(args) => args.run(),

@@ -1,0 +1,398 @@
+//! The pod runner: given the Pods this host should run, it closes the gap over CRI and returns
+//! their statuses. Level-triggered: every call lists what the runtime holds (sandboxes and
+//! containers carry the runner's label and the pod's uid), so a restarted agent picks up where
+//! the last one stopped; a sandbox whose Pod is no longer desired is torn down (each container
+//! stopped with the pod's grace period, then the sandbox, which runs CNI DEL). It watches no
+//! API: the caller feeds it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::jiff::Timestamp;
+use tracing::{info, warn};
+
+use super::PodsError;
+use super::cri::Cri;
+use super::spec::{
+    ANNOTATION_GRACE, ContainerSpec, LABEL_CONTAINER_NAME, LABEL_MANAGED, LABEL_POD_UID, PodSpec,
+};
+use super::status::{
+    Backoff, ContainerView, Instance, InstanceState, SandboxView, pod_status, refused,
+    should_restart,
+};
+
+/// How the runner lays pods out on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerConfig {
+    /// Container logs go under `<log_root>/<namespace>_<name>_<uid>/<container>/<attempt>.log`.
+    pub log_root: PathBuf,
+    /// Pod cgroups go under this cgroupfs path (`/slipway/<host>`), one `pod<uid>` each.
+    pub cgroup_parent: String,
+    pub backoff: Backoff,
+    /// The host's address, reported as `status.hostIP`.
+    pub host_ip: Option<String>,
+}
+
+/// What one [`PodRunner::sync`] did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Each desired Pod's status (`namespace/name`), or why it could not be computed this time.
+    pub statuses: BTreeMap<String, Result<PodStatus, PodsError>>,
+    /// Pods (`namespace/name`, uid) whose sandboxes were torn down.
+    pub removed: Vec<String>,
+    /// Teardowns that failed (retried at the next sync).
+    pub errors: Vec<PodsError>,
+}
+
+#[derive(Debug)]
+pub struct PodRunner {
+    cri: Cri,
+    config: RunnerConfig,
+}
+
+fn managed() -> HashMap<String, String> {
+    HashMap::from([(LABEL_MANAGED.to_owned(), "slipway".to_owned())])
+}
+
+fn key(spec_ns: &str, name: &str) -> String {
+    format!("{spec_ns}/{name}")
+}
+
+impl PodRunner {
+    pub fn new(cri: Cri, config: RunnerConfig) -> Self {
+        Self { cri, config }
+    }
+
+    /// Runs `desired` and nothing else: starts what is missing, restarts what exited (by
+    /// restartPolicy, with back-off), tears down sandboxes of Pods not in `desired`.
+    pub async fn sync(&mut self, desired: &[Pod]) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut wanted = HashSet::new();
+        for pod in desired {
+            let meta = &pod.metadata;
+            let name = key(
+                meta.namespace.as_deref().unwrap_or("default"),
+                meta.name.as_deref().unwrap_or_default(),
+            );
+            if let Some(uid) = &meta.uid {
+                wanted.insert(uid.clone());
+            }
+            let status = self.sync_pod(pod).await;
+            if let Err(error) = &status {
+                warn!(pod = %name, error = %super::error_chain(error), "pod sync failed");
+            }
+            report.statuses.insert(name, status);
+        }
+        match self.cri.list_pod_sandboxes(managed()).await {
+            Ok(sandboxes) => {
+                for sandbox in sandboxes {
+                    let uid = sandbox.labels.get(LABEL_POD_UID).cloned().unwrap_or_default();
+                    if wanted.contains(&uid) {
+                        continue;
+                    }
+                    let meta = sandbox.metadata.clone().unwrap_or_default();
+                    match self.teardown(&sandbox).await {
+                        Ok(()) => {
+                            info!(pod = %key(&meta.namespace, &meta.name), %uid, "pod removed");
+                            report.removed.push(key(&meta.namespace, &meta.name));
+                        }
+                        Err(error) => report.errors.push(error),
+                    }
+                }
+            }
+            Err(error) => report.errors.push(error),
+        }
+        report
+    }
+
+    async fn sync_pod(&mut self, pod: &Pod) -> Result<PodStatus, PodsError> {
+        let spec = match PodSpec::from_pod(pod) {
+            Ok(spec) => spec,
+            Err(invalid) => {
+                let lines: Vec<String> = invalid.errors.iter().map(ToString::to_string).collect();
+                return Ok(refused(pod, "Invalid", lines.join("; ")));
+            }
+        };
+        // Images are imported offline: a missing one is never pulled (kubelet's
+        // ErrImageNeverPull), and the pod gets no sandbox (no address) until it is there.
+        let mut missing = HashMap::new();
+        for c in &spec.containers {
+            if self.cri.image_id(&c.image_ref).await?.is_none() {
+                missing.insert(
+                    c.name.clone(),
+                    format!(
+                        "Container image \"{}\" is not present with pull policy of Never",
+                        c.image
+                    ),
+                );
+            }
+        }
+        let mut labels = managed();
+        labels.insert(LABEL_POD_UID.to_owned(), spec.uid.clone());
+        let sandboxes = self.cri.list_pod_sandboxes(labels).await?;
+        let ready = sandboxes
+            .iter()
+            .filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32)
+            .max_by_key(|s| s.created_at)
+            .cloned();
+        let config = self.config.clone();
+        let sandbox_config =
+            |attempt| spec.sandbox_config(attempt, &config.log_root, &config.cgroup_parent);
+        let (sandbox_id, attempt) = match ready {
+            Some(s) => (s.id, s.metadata.map_or(0, |m| m.attempt)),
+            None if !missing.is_empty() => {
+                let views: Vec<ContainerView> = spec
+                    .containers
+                    .iter()
+                    .map(|c| ContainerView {
+                        waiting: Some(missing.get(&c.name).map_or_else(
+                            || ("ContainerCreating".to_owned(), String::new()),
+                            |m| ("ErrImageNeverPull".to_owned(), m.clone()),
+                        )),
+                        ..Default::default()
+                    })
+                    .collect();
+                return Ok(pod_status(
+                    pod,
+                    &spec,
+                    None,
+                    &views,
+                    self.config.host_ip.as_deref(),
+                    Timestamp::now(),
+                ));
+            }
+            None => {
+                // A sandbox that is not ready (its pause process died, the host rebooted) is
+                // replaced, as kubelet does: its containers go with it.
+                let attempt = sandboxes
+                    .iter()
+                    .filter_map(|s| s.metadata.as_ref().map(|m| m.attempt + 1))
+                    .max()
+                    .unwrap_or(0);
+                for old in &sandboxes {
+                    self.teardown(old).await?;
+                }
+                let config = sandbox_config(attempt);
+                std::fs::create_dir_all(&config.log_directory).map_err(|source| {
+                    PodsError::Io {
+                        what: "create the pod's log directory",
+                        source,
+                    }
+                })?;
+                let id = self.cri.run_pod_sandbox(config).await?;
+                info!(pod = %key(&spec.namespace, &spec.name), sandbox = %id, "sandbox ready");
+                (id, attempt)
+            }
+        };
+        let sandbox_status = self.cri.pod_sandbox_status(&sandbox_id).await?;
+        let sandbox = sandbox_view(&sandbox_status);
+        let containers = self.cri.list_containers(&sandbox_id).await?;
+        let mut views = Vec::new();
+        for c in &spec.containers {
+            let view = self
+                .sync_container(&spec, c, &sandbox_id, &containers, missing.get(&c.name), || {
+                    sandbox_config(attempt)
+                })
+                .await?;
+            views.push(view);
+        }
+        Ok(pod_status(
+            pod,
+            &spec,
+            Some(&sandbox),
+            &views,
+            self.config.host_ip.as_deref(),
+            Timestamp::now(),
+        ))
+    }
+
+    async fn sync_container(
+        &mut self,
+        spec: &PodSpec,
+        c: &ContainerSpec,
+        sandbox_id: &str,
+        containers: &[cri::Container],
+        missing: Option<&String>,
+        sandbox_config: impl Fn() -> cri::PodSandboxConfig,
+    ) -> Result<ContainerView, PodsError> {
+        let mut mine: Vec<&cri::Container> = containers
+            .iter()
+            .filter(|x| x.labels.get(LABEL_CONTAINER_NAME) == Some(&c.name))
+            .collect();
+        mine.sort_by_key(|x| std::cmp::Reverse(x.metadata.as_ref().map_or(0, |m| m.attempt)));
+        let mut current = match mine.first() {
+            Some(x) => Some(self.instance(&x.id).await?),
+            None => None,
+        };
+        let mut previous = match mine.get(1) {
+            Some(x) => Some(self.instance(&x.id).await?),
+            None => None,
+        };
+        if let Some(message) = missing {
+            return Ok(ContainerView {
+                current,
+                previous,
+                waiting: Some(("ErrImageNeverPull".to_owned(), message.clone())),
+            });
+        }
+        let next_attempt = match &current {
+            None => Some(0),
+            Some(i) if i.state == InstanceState::Created => {
+                self.cri.start_container(&i.id).await?;
+                current = Some(self.instance(&i.id).await?);
+                None
+            }
+            Some(i) if i.state == InstanceState::Exited
+                && should_restart(spec.restart_policy, i.exit_code) =>
+            {
+                let ran = Duration::from_nanos(
+                    u64::try_from(i.finished_at.saturating_sub(i.started_at)).unwrap_or(0),
+                );
+                let delay = self.config.backoff.delay(i.attempt, ran);
+                let since = Timestamp::now().as_nanosecond() - i128::from(i.finished_at);
+                if since < delay.as_nanos() as i128 {
+                    let message = format!(
+                        "back-off {}s restarting failed container={} pod={}_{}({})",
+                        delay.as_secs(),
+                        c.name,
+                        spec.name,
+                        spec.namespace,
+                        spec.uid
+                    );
+                    return Ok(ContainerView {
+                        current,
+                        previous,
+                        waiting: Some(("CrashLoopBackOff".to_owned(), message)),
+                    });
+                }
+                Some(i.attempt + 1)
+            }
+            Some(_) => None,
+        };
+        if let Some(attempt) = next_attempt {
+            // Keep one dead instance (for lastState and `kubectl logs --previous`).
+            for old in mine.iter().skip(1) {
+                self.cri.remove_container(&old.id).await?;
+            }
+            let id = self
+                .cri
+                .create_container(sandbox_id, spec.container_config(c, attempt), sandbox_config())
+                .await?;
+            self.cri.start_container(&id).await?;
+            info!(pod = %key(&spec.namespace, &spec.name), container = %c.name, attempt, "container started");
+            previous = current.take();
+            current = Some(self.instance(&id).await?);
+        }
+        Ok(ContainerView {
+            current,
+            previous,
+            waiting: None,
+        })
+    }
+
+    async fn instance(&mut self, id: &str) -> Result<Instance, PodsError> {
+        let s = self.cri.container_status(id).await?;
+        let state = match cri::ContainerState::try_from(s.state) {
+            Ok(cri::ContainerState::ContainerCreated) => InstanceState::Created,
+            Ok(cri::ContainerState::ContainerRunning) => InstanceState::Running,
+            Ok(cri::ContainerState::ContainerExited) => InstanceState::Exited,
+            _ => InstanceState::Unknown,
+        };
+        Ok(Instance {
+            id: s.id,
+            state,
+            started_at: s.started_at,
+            finished_at: s.finished_at,
+            exit_code: s.exit_code,
+            reason: s.reason,
+            message: s.message,
+            image_ref: s.image_ref,
+            attempt: s.metadata.map_or(0, |m| m.attempt),
+        })
+    }
+
+    /// Stops every container of `sandbox` with the pod's grace period (all at once), removes
+    /// them, stops the sandbox (CNI DEL) and removes it, its cgroup and its logs.
+    async fn teardown(&mut self, sandbox: &cri::PodSandbox) -> Result<(), PodsError> {
+        let grace: i64 = sandbox
+            .annotations
+            .get(ANNOTATION_GRACE)
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(30);
+        let containers = self.cri.list_containers(&sandbox.id).await?;
+        let stops = containers
+            .iter()
+            .filter(|c| c.state == cri::ContainerState::ContainerRunning as i32)
+            .map(|c| {
+                let mut cri = self.cri.clone();
+                let id = c.id.clone();
+                async move { cri.stop_container(&id, grace).await }
+            });
+        for result in futures_util::future::join_all(stops).await {
+            result?;
+        }
+        for c in &containers {
+            self.cri.remove_container(&c.id).await?;
+        }
+        self.cri.stop_pod_sandbox(&sandbox.id).await?;
+        self.cri.remove_pod_sandbox(&sandbox.id).await?;
+        if let Some(uid) = sandbox.labels.get(LABEL_POD_UID) {
+            let parent = format!(
+                "{}/pod{uid}",
+                self.config.cgroup_parent.trim_end_matches('/')
+            );
+            remove_cgroup(Path::new("/sys/fs/cgroup"), &parent);
+        }
+        if let Some(meta) = &sandbox.metadata {
+            let dir = self.config.log_root.join(format!(
+                "{}_{}_{}",
+                meta.namespace, meta.name, meta.uid
+            ));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+}
+
+fn sandbox_view(status: &cri::PodSandboxStatus) -> SandboxView {
+    let mut ips = Vec::new();
+    if let Some(network) = &status.network {
+        if !network.ip.is_empty() {
+            ips.push(network.ip.clone());
+        }
+        ips.extend(network.additional_ips.iter().map(|ip| ip.ip.clone()));
+    }
+    SandboxView {
+        ready: status.state == cri::PodSandboxState::SandboxReady as i32,
+        ips,
+        created_at: status.created_at,
+    }
+}
+
+/// Removes the cgroupfs directory `path` (and its empty children, deepest first) from every
+/// hierarchy mounted under `root` (`/sys/fs/cgroup/<controller>`, and `unified` on hybrid
+/// machines). Directories still holding processes stay; the next teardown retries.
+pub fn remove_cgroup(root: &Path, path: &str) {
+    let Ok(hierarchies) = std::fs::read_dir(root) else {
+        return;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let dir = hierarchy.path().join(path.trim_start_matches('/'));
+        remove_tree(&dir);
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    // cgroupfs: rmdir of a cgroup removes its control files with it.
+    let _ = std::fs::remove_dir(dir);
+}
