@@ -67,7 +67,10 @@ impl ContainerdConfig {
     pub fn render(&self) -> String {
         let q = |p: &Path| toml_string(&p.display().to_string());
         let mut out = String::new();
-        let _ = writeln!(out, "# Written by the Slipway host agent; rewritten at each start.");
+        let _ = writeln!(
+            out,
+            "# Written by the Slipway host agent; rewritten at each start."
+        );
         let _ = writeln!(out, "version = 2");
         let _ = writeln!(out, "root = {}", q(&self.dir.join("root")));
         let _ = writeln!(out, "state = {}", q(&self.dir.join("state")));
@@ -88,13 +91,21 @@ impl ContainerdConfig {
         let _ = writeln!(out, "[metrics]\n  address = \"\"");
         let cri = "[plugins.\"io.containerd.grpc.v1.cri\"]";
         let _ = writeln!(out, "{cri}");
-        let _ = writeln!(out, "  sandbox_image = {}", toml_string(&self.sandbox_image));
+        let _ = writeln!(
+            out,
+            "  sandbox_image = {}",
+            toml_string(&self.sandbox_image)
+        );
         // Sandbox network namespaces under this containerd's state, not the machine's
         // /var/run/netns, so hosts on one machine never share a directory.
         let _ = writeln!(out, "  netns_mounts_under_state_dir = true");
         let _ = writeln!(out, "  enable_selinux = false");
         let _ = writeln!(out, "  disable_apparmor = true");
         let _ = writeln!(out, "  disable_tcp_service = true");
+        // Never ask runc for an oom_score_adj below containerd's own: where the agent lacks
+        // CAP_SYS_RESOURCE (a host in a container, as here) the sandbox's -998 makes runc's init
+        // fail ("can't get final child's PID from pipe: EOF").
+        let _ = writeln!(out, "  restrict_oom_score_adj = true");
         let _ = writeln!(out, "  stream_server_address = \"127.0.0.1\"");
         let _ = writeln!(out, "  stream_server_port = \"0\"");
         let _ = writeln!(out, "  [plugins.\"io.containerd.grpc.v1.cri\".containerd]");
@@ -250,7 +261,8 @@ fn spawn(config: &ContainerdConfig) -> Result<Child, PodsError> {
     let mut command = match &config.netns {
         Some(netns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", netns.display())).arg("containerd");
+            c.arg(format!("--net={}", netns.display()))
+                .arg("containerd");
             c
         }
         None => Command::new("containerd"),
@@ -359,10 +371,14 @@ mod tests {
             "    snapshotter = \"native\"",
             "      runtime_type = \"io.containerd.runc.v2\"",
             "        SystemdCgroup = false",
+            "  restrict_oom_score_adj = true",
             "    bin_dir = \"/opt/cni/bin\"",
             "    conf_dir = \"/etc/cni/net.d\"",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         assert_eq!(toml_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000A\"");
     }

@@ -29,17 +29,20 @@ impl Cri {
     pub async fn connect(socket: &Path) -> Result<Self, PodsError> {
         let path = socket.to_owned();
         // The URI is required by tonic but unused: the connector dials the socket.
-        let channel = Endpoint::from_static("http://[::1]:0")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .map_err(|source| PodsError::Connect {
-                socket: socket.display().to_string(),
-                source,
-            })?;
+        let channel =
+            Endpoint::from_static("http://[::1]:0")
+                .connect_timeout(Duration::from_secs(5))
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .map_err(|source| PodsError::Connect {
+                    socket: socket.display().to_string(),
+                    source,
+                })?;
         Ok(Self {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
@@ -216,10 +219,7 @@ impl Cri {
         Ok(())
     }
 
-    pub async fn container_status(
-        &mut self,
-        id: &str,
-    ) -> Result<cri::ContainerStatus, PodsError> {
+    pub async fn container_status(&mut self, id: &str) -> Result<cri::ContainerStatus, PodsError> {
         self.runtime
             .container_status(cri::ContainerStatusRequest {
                 container_id: id.to_owned(),

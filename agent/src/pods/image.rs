@@ -104,9 +104,7 @@ pub fn build_archive(
             .and_then(|f| f.flush())
             .map_err(io_err("write the layer"))?;
     }
-    layer
-        .rewind()
-        .map_err(io_err("rewind the layer"))?;
+    layer.rewind().map_err(io_err("rewind the layer"))?;
     let (layer_digest, layer_size) = digest_reader(&mut layer).map_err(io_err("hash the layer"))?;
     let image_config = json!({
         "architecture": "amd64",
@@ -189,7 +187,10 @@ pub fn import_archive(
     name: Option<&str>,
 ) -> Result<Vec<String>, PodsError> {
     let reference = name.map(normalize).transpose()?;
-    let out = ctr(socket, &["images", "import", &archive.display().to_string()])?;
+    let out = ctr(
+        socket,
+        &["images", "import", &archive.display().to_string()],
+    )?;
     // "unpacking docker.io/library/busybox:latest (sha256:...)...done"
     let imported: Vec<String> = out
         .lines()
@@ -324,8 +325,9 @@ pub fn busybox_rootfs(dir: &Path) -> Result<(), PodsError> {
     for sub in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(io_err("create the rootfs directories"))?;
     }
-    std::fs::copy("/usr/bin/busybox", dir.join("bin/busybox"))
-        .map_err(io_err("copy /usr/bin/busybox (Debian package busybox-static)"))?;
+    std::fs::copy("/usr/bin/busybox", dir.join("bin/busybox")).map_err(io_err(
+        "copy /usr/bin/busybox (Debian package busybox-static)",
+    ))?;
     let list = Command::new("/usr/bin/busybox")
         .arg("--list")
         .output()
@@ -372,10 +374,7 @@ mod tests {
             normalize("localhost:5000/x/y:1").unwrap(),
             "localhost:5000/x/y:1"
         );
-        assert_eq!(
-            normalize("example.com/x").unwrap(),
-            "example.com/x:latest"
-        );
+        assert_eq!(normalize("example.com/x").unwrap(), "example.com/x:latest");
         for bad in ["", "Busybox", "a//b", "x y", "a/"] {
             let err = normalize(bad).unwrap_err().to_string();
             assert!(err.contains("NAME"), "{bad:?}: {err}");
@@ -433,7 +432,10 @@ mod tests {
         for entry in tar::Archive::new(layer.as_slice()).entries().unwrap() {
             let entry = entry.unwrap();
             let kind = entry.header().entry_type();
-            names.push((entry.path().unwrap().display().to_string(), kind.is_symlink()));
+            names.push((
+                entry.path().unwrap().display().to_string(),
+                kind.is_symlink(),
+            ));
         }
         assert!(names.contains(&("bin/hello".into(), false)), "{names:?}");
         assert!(names.contains(&("bin/hi".into(), true)), "{names:?}");
@@ -490,9 +492,8 @@ impl ImageCommand {
                     env: args.env,
                     working_dir: args.working_dir,
                 };
-                let reference =
-                    import(&args.containerd_socket, &args.name, &args.source, &config)
-                        .map_err(|e| anyhow::anyhow!(super::error_chain(&e)))?;
+                let reference = import(&args.containerd_socket, &args.name, &args.source, &config)
+                    .map_err(|e| anyhow::anyhow!(super::error_chain(&e)))?;
                 println!("{reference}");
                 Ok(())
             }

@@ -89,7 +89,11 @@ impl PodRunner {
         match self.cri.list_pod_sandboxes(managed()).await {
             Ok(sandboxes) => {
                 for sandbox in sandboxes {
-                    let uid = sandbox.labels.get(LABEL_POD_UID).cloned().unwrap_or_default();
+                    let uid = sandbox
+                        .labels
+                        .get(LABEL_POD_UID)
+                        .cloned()
+                        .unwrap_or_default();
                     if wanted.contains(&uid) {
                         continue;
                     }
@@ -176,11 +180,9 @@ impl PodRunner {
                     self.teardown(old).await?;
                 }
                 let config = sandbox_config(attempt);
-                std::fs::create_dir_all(&config.log_directory).map_err(|source| {
-                    PodsError::Io {
-                        what: "create the pod's log directory",
-                        source,
-                    }
+                std::fs::create_dir_all(&config.log_directory).map_err(|source| PodsError::Io {
+                    what: "create the pod's log directory",
+                    source,
                 })?;
                 let id = self.cri.run_pod_sandbox(config).await?;
                 info!(pod = %key(&spec.namespace, &spec.name), sandbox = %id, "sandbox ready");
@@ -193,9 +195,14 @@ impl PodRunner {
         let mut views = Vec::new();
         for c in &spec.containers {
             let view = self
-                .sync_container(&spec, c, &sandbox_id, &containers, missing.get(&c.name), || {
-                    sandbox_config(attempt)
-                })
+                .sync_container(
+                    &spec,
+                    c,
+                    &sandbox_id,
+                    &containers,
+                    missing.get(&c.name),
+                    || sandbox_config(attempt),
+                )
                 .await?;
             views.push(view);
         }
@@ -245,8 +252,9 @@ impl PodRunner {
                 current = Some(self.instance(&i.id).await?);
                 None
             }
-            Some(i) if i.state == InstanceState::Exited
-                && should_restart(spec.restart_policy, i.exit_code) =>
+            Some(i)
+                if i.state == InstanceState::Exited
+                    && should_restart(spec.restart_policy, i.exit_code) =>
             {
                 let ran = Duration::from_nanos(
                     u64::try_from(i.finished_at.saturating_sub(i.started_at)).unwrap_or(0),
@@ -279,7 +287,11 @@ impl PodRunner {
             }
             let id = self
                 .cri
-                .create_container(sandbox_id, spec.container_config(c, attempt), sandbox_config())
+                .create_container(
+                    sandbox_id,
+                    spec.container_config(c, attempt),
+                    sandbox_config(),
+                )
                 .await?;
             self.cri.start_container(&id).await?;
             info!(pod = %key(&spec.namespace, &spec.name), container = %c.name, attempt, "container started");
@@ -347,10 +359,10 @@ impl PodRunner {
             remove_cgroup(Path::new("/sys/fs/cgroup"), &parent);
         }
         if let Some(meta) = &sandbox.metadata {
-            let dir = self.config.log_root.join(format!(
-                "{}_{}_{}",
-                meta.namespace, meta.name, meta.uid
-            ));
+            let dir = self
+                .config
+                .log_root
+                .join(format!("{}_{}_{}", meta.namespace, meta.name, meta.uid));
             let _ = std::fs::remove_dir_all(dir);
         }
         Ok(())

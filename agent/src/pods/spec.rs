@@ -78,10 +78,7 @@ impl PodSpec {
         let uid = meta.uid.clone().unwrap_or_default();
         if uid.is_empty() {
             errors.push(FieldError::required("metadata.uid"));
-        } else if !uid
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
+        } else if !uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             errors.push(FieldError::invalid(
                 "metadata.uid",
                 &uid,
@@ -107,7 +104,7 @@ impl PodSpec {
         if grace_seconds < 0 {
             errors.push(FieldError::invalid(
                 "spec.terminationGracePeriodSeconds",
-                &grace_seconds.to_string(),
+                grace_seconds.to_string(),
                 "must be greater than or equal to 0",
             ));
         }
@@ -125,7 +122,7 @@ impl PodSpec {
         for (i, c) in spec.containers.iter().enumerate() {
             let path = format!("spec.containers[{i}]");
             if !names.insert(c.name.clone()) {
-                errors.push(FieldError::duplicate(&format!("{path}.name"), &c.name));
+                errors.push(FieldError::duplicate(format!("{path}.name"), &c.name));
             }
             if let Some(container) = container_spec(c, &path, &mut errors) {
                 containers.push(container);
@@ -227,10 +224,14 @@ impl PodSpec {
     }
 }
 
-fn container_spec(c: &Container, path: &str, errors: &mut Vec<FieldError>) -> Option<ContainerSpec> {
+fn container_spec(
+    c: &Container,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<ContainerSpec> {
     let before = errors.len();
     if c.name.is_empty() {
-        errors.push(FieldError::required(&format!("{path}.name")));
+        errors.push(FieldError::required(format!("{path}.name")));
     } else if c.name.len() > 63
         || !c
             .name
@@ -240,20 +241,24 @@ fn container_spec(c: &Container, path: &str, errors: &mut Vec<FieldError>) -> Op
         || c.name.ends_with('-')
     {
         errors.push(FieldError::invalid(
-            &format!("{path}.name"),
+            format!("{path}.name"),
             &c.name,
             "must be a DNS label (RFC 1123)",
         ));
     }
     let image = c.image.clone().unwrap_or_default();
     let image_ref = if image.is_empty() {
-        errors.push(FieldError::required(&format!("{path}.image")));
+        errors.push(FieldError::required(format!("{path}.image")));
         String::new()
     } else {
         match normalize(&image) {
             Ok(r) => r,
             Err(e) => {
-                errors.push(FieldError::invalid(&format!("{path}.image"), &image, &e.to_string()));
+                errors.push(FieldError::invalid(
+                    format!("{path}.image"),
+                    &image,
+                    e.to_string(),
+                ));
                 String::new()
             }
         }
@@ -262,14 +267,14 @@ fn container_spec(c: &Container, path: &str, errors: &mut Vec<FieldError>) -> Op
     for (j, var) in c.env.iter().flatten().enumerate() {
         if var.name.is_empty() || var.name.contains('=') {
             errors.push(FieldError::invalid(
-                &format!("{path}.env[{j}].name"),
+                format!("{path}.env[{j}].name"),
                 &var.name,
                 "must be a non-empty name without '='",
             ));
         }
         if var.value_from.is_some() {
             errors.push(FieldError::forbidden(
-                &format!("{path}.env[{j}].valueFrom"),
+                format!("{path}.env[{j}].valueFrom"),
                 "is not supported by this runner yet",
             ));
         }
@@ -298,27 +303,32 @@ fn resources(
 ) -> Option<cri::LinuxContainerResources> {
     let default = Default::default();
     let r = c.resources.as_ref().unwrap_or(&default);
-    let mut get = |kind: &str, name: &str, map: Option<&std::collections::BTreeMap<String, Quantity>>| {
-        let q = map?.get(name)?;
-        let field = format!("{path}.resources.{kind}.{name}");
-        let parsed = if name == "cpu" {
-            parse_milli(&q.0)
-        } else {
-            // Bytes, rounded up as the API server does.
-            parse_milli(&q.0).map(|m| if m >= 0 { (m + 999) / 1000 } else { m / 1000 })
+    let mut get =
+        |kind: &str, name: &str, map: Option<&std::collections::BTreeMap<String, Quantity>>| {
+            let q = map?.get(name)?;
+            let field = format!("{path}.resources.{kind}.{name}");
+            let parsed = if name == "cpu" {
+                parse_milli(&q.0)
+            } else {
+                // Bytes, rounded up as the API server does.
+                parse_milli(&q.0).map(|m| if m >= 0 { (m + 999) / 1000 } else { m / 1000 })
+            };
+            match parsed {
+                Some(v) if v >= 0 => Some(v),
+                Some(_) => {
+                    errors.push(FieldError::invalid(
+                        &field,
+                        &q.0,
+                        "must be greater than or equal to 0",
+                    ));
+                    None
+                }
+                None => {
+                    errors.push(FieldError::invalid(&field, &q.0, "is not a quantity"));
+                    None
+                }
+            }
         };
-        match parsed {
-            Some(v) if v >= 0 => Some(v),
-            Some(_) => {
-                errors.push(FieldError::invalid(&field, &q.0, "must be greater than or equal to 0"));
-                None
-            }
-            None => {
-                errors.push(FieldError::invalid(&field, &q.0, "is not a quantity"));
-                None
-            }
-        }
-    };
     let cpu_limit = get("limits", "cpu", r.limits.as_ref());
     let cpu_request = get("requests", "cpu", r.requests.as_ref()).or(cpu_limit);
     let memory_limit = get("limits", "memory", r.limits.as_ref());
@@ -331,9 +341,9 @@ fn resources(
             && req > lim
         {
             errors.push(FieldError::invalid(
-                &format!("{path}.resources.requests.{name}"),
-                &req.to_string(),
-                &format!("must be less than or equal to {name} limit"),
+                format!("{path}.resources.requests.{name}"),
+                req.to_string(),
+                format!("must be less than or equal to {name} limit"),
             ));
         }
     }
@@ -347,7 +357,7 @@ fn resources(
         out.cpu_quota = (limit * CPU_PERIOD / 1000).max(MIN_QUOTA);
     }
     if let Some(bytes) = memory_limit {
-        out.memory_limit_in_bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        out.memory_limit_in_bytes = bytes;
     }
     Some(out)
 }
@@ -464,7 +474,10 @@ mod tests {
         assert_eq!(spec.namespace, "default");
         assert_eq!(spec.restart_policy, RestartPolicy::Always);
         let r = &spec.containers[0].resources;
-        assert_eq!((r.cpu_shares, r.cpu_quota, r.memory_limit_in_bytes), (2, 0, 0));
+        assert_eq!(
+            (r.cpu_shares, r.cpu_quota, r.memory_limit_in_bytes),
+            (2, 0, 0)
+        );
     }
 
     #[test]

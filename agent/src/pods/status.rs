@@ -107,7 +107,12 @@ fn terminated(i: &Instance) -> ContainerStateTerminated {
         container_id: Some(format!("containerd://{}", i.id)),
         exit_code: i.exit_code,
         reason: Some(if i.reason.is_empty() {
-            if i.exit_code == 0 { "Completed" } else { "Error" }.to_owned()
+            if i.exit_code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            }
+            .to_owned()
         } else {
             i.reason.clone()
         }),
@@ -131,10 +136,9 @@ fn waiting(reason: &str, message: Option<String>) -> ContainerState {
 fn container_status(spec: &super::spec::ContainerSpec, view: &ContainerView) -> ContainerStatus {
     let current = view.current.as_ref();
     let (state, last) = match (&view.waiting, current) {
-        (Some((reason, message)), Some(c)) if c.state == InstanceState::Exited => (
-            waiting(reason, Some(message.clone())),
-            Some(terminated(c)),
-        ),
+        (Some((reason, message)), Some(c)) if c.state == InstanceState::Exited => {
+            (waiting(reason, Some(message.clone())), Some(terminated(c)))
+        }
         (Some((reason, message)), _) => (
             waiting(reason, Some(message.clone())),
             view.previous.as_ref().map(terminated),
@@ -257,7 +261,11 @@ pub fn pod_status(
         .collect();
     let phase = phase(spec.restart_policy, &statuses);
     let all_ready = statuses.iter().all(|s| s.ready);
-    let not_ready = if all_ready { None } else { Some("ContainersNotReady") };
+    let not_ready = if all_ready {
+        None
+    } else {
+        Some("ContainersNotReady")
+    };
     let sandbox_ready = sandbox.is_some_and(|s| s.ready);
     let ips: Vec<String> = sandbox.map(|s| s.ips.clone()).unwrap_or_default();
     let start_time = pod
@@ -343,7 +351,11 @@ mod tests {
             id: format!("id{attempt}"),
             state,
             started_at: 1_000_000_000,
-            finished_at: if state == InstanceState::Exited { 2_000_000_000 } else { 0 },
+            finished_at: if state == InstanceState::Exited {
+                2_000_000_000
+            } else {
+                0
+            },
             exit_code,
             reason: String::new(),
             message: String::new(),
@@ -365,14 +377,30 @@ mod tests {
             previous: Some(instance(InstanceState::Exited, 1, 1)),
             waiting: None,
         }];
-        let s = pod_status(&pod, &spec, Some(&sandbox), &views, Some("192.168.0.1"), Timestamp::now());
+        let s = pod_status(
+            &pod,
+            &spec,
+            Some(&sandbox),
+            &views,
+            Some("192.168.0.1"),
+            Timestamp::now(),
+        );
         assert_eq!(s.phase.as_deref(), Some("Running"));
         assert_eq!(s.pod_ip.as_deref(), Some("10.244.1.5"));
         assert_eq!(s.host_ip.as_deref(), Some("192.168.0.1"));
         let c = &s.container_statuses.unwrap()[0];
         assert_eq!(c.restart_count, 2);
         assert!(c.ready);
-        assert_eq!(c.last_state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 1);
+        assert_eq!(
+            c.last_state
+                .as_ref()
+                .unwrap()
+                .terminated
+                .as_ref()
+                .unwrap()
+                .exit_code,
+            1
+        );
         for cond in s.conditions.unwrap() {
             assert_eq!(cond.status, "True", "{cond:?}");
             assert_eq!(cond.observed_generation, Some(2));
@@ -391,7 +419,10 @@ mod tests {
         };
         assert_eq!(run("Never", exited(0)).phase.as_deref(), Some("Succeeded"));
         assert_eq!(run("Never", exited(1)).phase.as_deref(), Some("Failed"));
-        assert_eq!(run("OnFailure", exited(0)).phase.as_deref(), Some("Succeeded"));
+        assert_eq!(
+            run("OnFailure", exited(0)).phase.as_deref(),
+            Some("Succeeded")
+        );
         assert_eq!(run("Always", exited(0)).phase.as_deref(), Some("Running"));
         let crash = ContainerView {
             current: Some(instance(InstanceState::Exited, 1, 3)),
@@ -401,8 +432,27 @@ mod tests {
         let s = run("Always", crash);
         assert_eq!(s.phase.as_deref(), Some("Running"));
         let c = &s.container_statuses.unwrap()[0];
-        assert_eq!(c.state.as_ref().unwrap().waiting.as_ref().unwrap().reason.as_deref(), Some("CrashLoopBackOff"));
-        assert_eq!(c.last_state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 1);
+        assert_eq!(
+            c.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("CrashLoopBackOff")
+        );
+        assert_eq!(
+            c.last_state
+                .as_ref()
+                .unwrap()
+                .terminated
+                .as_ref()
+                .unwrap()
+                .exit_code,
+            1
+        );
         assert_eq!(c.restart_count, 3);
         let never_pulled = ContainerView {
             waiting: Some(("ErrImageNeverPull".into(), "not present".into())),
@@ -410,16 +460,38 @@ mod tests {
         };
         let s = run("Always", never_pulled);
         assert_eq!(s.phase.as_deref(), Some("Pending"));
-        let ready = s.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("False", Some("ContainersNotReady")));
+        let ready = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some("ContainersNotReady"))
+        );
     }
 
     #[test]
     fn an_unchanged_condition_keeps_its_transition_time() {
         let (mut pod, spec) = fixture("Always");
-        let first = pod_status(&pod, &spec, None, &[ContainerView::default()], None, Timestamp::from_second(1000).unwrap());
+        let first = pod_status(
+            &pod,
+            &spec,
+            None,
+            &[ContainerView::default()],
+            None,
+            Timestamp::from_second(1000).unwrap(),
+        );
         pod.status = Some(first.clone());
-        let second = pod_status(&pod, &spec, None, &[ContainerView::default()], None, Timestamp::from_second(2000).unwrap());
+        let second = pod_status(
+            &pod,
+            &spec,
+            None,
+            &[ContainerView::default()],
+            None,
+            Timestamp::from_second(2000).unwrap(),
+        );
         assert_eq!(first.conditions, second.conditions);
         assert_eq!(first.start_time, second.start_time);
     }

@@ -134,8 +134,7 @@ impl Cluster {
         let dir = std::env::temp_dir().join(world.name());
         let cni_path = dir.join("cni-bin");
         std::fs::create_dir_all(&cni_path).expect("cni dir");
-        std::os::unix::fs::symlink(plugin_binary(), cni_path.join("slipway"))
-            .expect("symlink");
+        std::os::unix::fs::symlink(plugin_binary(), cni_path.join("slipway")).expect("symlink");
         let nodes = world
             .hosts()
             .iter()

@@ -1,0 +1,586 @@
+//! Pods through a real container runtime: the host agent's containerd (Debian's 1.6, its own
+//! root, state, socket and CNI dirs) runs on a host of a CNI test cluster (a network namespace
+//! with a `slipway agent`), images imported offline with `slipway image import`, and the pod
+//! runner drives core/v1 Pods over CRI. containerd calls the README's conflist (Slipway's plugin
+//! chained with portmap), so the pods get addresses of the host block from the plugin.
+//! Privileged (root, BPF, netns, containerd): run by scripts/test.sh.
+
+#[path = "../../cni/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Leftovers};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use serde_json::{Value, json};
+use slipway_agent::pods::containerd::{Containerd, ContainerdConfig};
+use slipway_agent::pods::cri::Cri;
+use slipway_agent::pods::runner::{PodRunner, RunnerConfig, SyncReport, remove_cgroup};
+use slipway_agent::pods::status::Backoff;
+
+const PAUSE: &str = "pause:local";
+
+/// The conflist of the README's "Installing the CNI on a node".
+fn readme_conflist() -> Value {
+    let readme = include_str!("../../README.md");
+    let marker = "<<'CONF'\n";
+    let start = readme.find(marker).expect("the README writes a conflist") + marker.len();
+    let end = readme[start..]
+        .find("\nCONF\n")
+        .expect("the README's conflist ends");
+    serde_json::from_str(&readme[start..start + end]).expect("the README's conflist is JSON")
+}
+
+/// One cluster host running pods: the cluster (agent), the host's containerd, the runner.
+/// Drop removes every pod (through the runner, as a deleted Pod is), stops containerd and
+/// removes the pods' cgroup parent; the cluster then goes with its own Drop.
+struct PodHost {
+    rt: tokio::runtime::Runtime,
+    runner: Option<PodRunner>,
+    containerd: Option<Containerd>,
+    cgroup_parent: String,
+    dir: PathBuf,
+    network: String,
+    cluster: Cluster,
+}
+
+impl PodHost {
+    fn start(backoff: Backoff) -> Self {
+        let cluster = Cluster::new(1, "vxlan");
+        let node = cluster.node(1);
+        let dir = cluster.dir.join("containerd");
+        let conf_dir = cluster.dir.join("net.d");
+        std::fs::create_dir_all(&conf_dir).expect("net.d");
+        let mut conflist = readme_conflist();
+        conflist["plugins"][0]["dataDir"] = Value::String(node.data_dir.display().to_string());
+        let network = conflist["name"].as_str().expect("name").to_owned();
+        std::fs::write(conf_dir.join("10-slipway.conflist"), conflist.to_string())
+            .expect("conflist");
+        // containerd 1.6 takes one bin_dir: Slipway's plugin beside Debian's reference plugins
+        // (portmap for the chain, loopback for the sandbox's lo).
+        for entry in std::fs::read_dir("/usr/lib/cni")
+            .expect("/usr/lib/cni (Debian package containernetworking-plugins)")
+        {
+            let entry = entry.expect("entry");
+            let link = cluster.cni_path.join(entry.file_name());
+            if !link.exists() {
+                std::os::unix::fs::symlink(entry.path(), link).expect("symlink");
+            }
+        }
+        let mut config = ContainerdConfig::new(
+            &dir,
+            &cluster.cni_path,
+            &conf_dir,
+            "docker.io/library/pause:local",
+        );
+        config.netns = Some(slipway_dataplane::netns::path(node.netns.name()));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let containerd = rt
+            .block_on(Containerd::start(config))
+            .unwrap_or_else(|e| panic!("containerd: {}", slipway_agent::pods::error_chain(&e)));
+        let cgroup_parent = format!("/{}-pods", cluster.world.name());
+        let mut host = Self {
+            rt,
+            runner: None,
+            containerd: Some(containerd),
+            cgroup_parent: cgroup_parent.clone(),
+            dir: dir.clone(),
+            network,
+            cluster,
+        };
+        host.import_images();
+        let cri = host.rt.block_on(Cri::connect(&host.socket())).expect("cri");
+        host.runner = Some(PodRunner::new(
+            cri,
+            RunnerConfig {
+                log_root: dir.join("pods"),
+                cgroup_parent,
+                backoff,
+                host_ip: Some(host.cluster.node(1).address.to_string()),
+            },
+        ));
+        host
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.containerd.as_ref().expect("containerd").socket()
+    }
+
+    /// busybox (`/bin/busybox` of busybox-static with its applet links) and a pause image
+    /// from the same root filesystem, imported with `slipway image import`.
+    fn import_images(&self) {
+        let rootfs = self.cluster.dir.join("busybox-rootfs");
+        slipway_agent::pods::image::busybox_rootfs(&rootfs).expect("busybox rootfs");
+        let socket = self.socket();
+        for (name, extra) in [
+            ("busybox", vec!["--cmd", "sh"]),
+            (
+                PAUSE,
+                vec!["--entrypoint", "/bin/sleep", "--cmd", "2147483647"],
+            ),
+        ] {
+            let out = Command::new(common::slipway_binary())
+                .args(["image", "import", name])
+                .arg(&rootfs)
+                .arg("--containerd-socket")
+                .arg(&socket)
+                .args(extra)
+                .output()
+                .expect("slipway image import");
+            assert!(
+                out.status.success(),
+                "slipway image import {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn sync(&mut self, pods: &[Pod]) -> SyncReport {
+        let runner = self.runner.as_mut().expect("runner");
+        self.rt.block_on(runner.sync(pods))
+    }
+
+    /// Syncs `pods` until `done` holds for `name`'s status; returns it. Fails at the deadline.
+    fn wait(
+        &mut self,
+        pods: &[Pod],
+        name: &str,
+        deadline: Duration,
+        mut done: impl FnMut(&PodStatus) -> bool,
+    ) -> PodStatus {
+        let end = Instant::now() + deadline;
+        loop {
+            let report = self.sync(pods);
+            let key = format!("default/{name}");
+            match report.statuses.get(&key) {
+                Some(Ok(status)) if done(status) => return status.clone(),
+                Some(Ok(status)) => assert!(
+                    Instant::now() < end,
+                    "{name} did not get there in {deadline:?}: {}\ncontainerd log: {}",
+                    serde_json::to_string_pretty(status).unwrap_or_default(),
+                    self.containerd_log_tail()
+                ),
+                other => assert!(
+                    Instant::now() < end,
+                    "{name}: {other:?}\ncontainerd log: {}",
+                    self.containerd_log_tail()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn containerd_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(15).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// The sandboxes containerd holds for the pod with `uid`.
+    fn sandboxes(&self, uid: &str) -> Vec<k8s_cri::v1::PodSandbox> {
+        let socket = self.socket();
+        self.rt.block_on(async {
+            let mut cri = Cri::connect(&socket).await.expect("cri");
+            cri.list_pod_sandboxes([("io.kubernetes.pod.uid".to_owned(), uid.to_owned())].into())
+                .await
+                .expect("ListPodSandbox")
+        })
+    }
+
+    fn pod_cgroup(&self, controller: &str, uid: &str) -> PathBuf {
+        Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(self.cgroup_parent.trim_start_matches('/'))
+            .join(format!("pod{uid}"))
+    }
+}
+
+impl Drop for PodHost {
+    fn drop(&mut self) {
+        if let Some(runner) = self.runner.as_mut() {
+            let report = self.rt.block_on(runner.sync(&[]));
+            for error in &report.errors {
+                eprintln!("teardown: {}", slipway_agent::pods::error_chain(error));
+            }
+        }
+        if let Some(containerd) = self.containerd.take() {
+            self.rt.block_on(containerd.stop());
+        }
+        remove_cgroup(Path::new("/sys/fs/cgroup"), &self.cgroup_parent);
+    }
+}
+
+fn pod(name: &str, spec: Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default",
+                     "uid": format!("{name}-{}", std::process::id())},
+        "spec": spec,
+    }))
+    .expect("pod")
+}
+
+fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().expect("uid")
+}
+
+fn running(status: &PodStatus) -> bool {
+    status.phase.as_deref() == Some("Running")
+        && status.pod_ip.is_some()
+        && status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+fn web(name: &str) -> Pod {
+    pod(
+        name,
+        json!({
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "httpd",
+                "image": "busybox",
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c"],
+                "args": ["mkdir -p /www && echo \"hello from $POD\" > /www/index.html && exec httpd -f -p 8080 -h /www"],
+                "env": [{"name": "POD", "value": name}],
+                "workingDir": "/tmp",
+                "resources": {"requests": {"cpu": "100m", "memory": "16Mi"},
+                              "limits": {"cpu": "500m", "memory": "64Mi"}},
+            }],
+        }),
+    )
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn pods_run_through_containerd_get_addresses_from_the_plugin_and_reach_each_other() {
+    let mut host = PodHost::start(Backoff::default());
+    let block: ipnetwork::Ipv4Network = host.cluster.node(1).block.parse().expect("block");
+
+    // Three web pods, one after another: create -> Running latency.
+    let mut pods = Vec::new();
+    let mut latencies = Vec::new();
+    for i in 1..=3 {
+        let p = web(&format!("web{i}"));
+        pods.push(p);
+        let started = Instant::now();
+        let status = host.wait(&pods, &format!("web{i}"), Duration::from_secs(60), running);
+        latencies.push(started.elapsed());
+        let ip: std::net::Ipv4Addr = status
+            .pod_ip
+            .as_deref()
+            .expect("podIP")
+            .parse()
+            .expect("ip");
+        assert!(block.contains(ip), "web{i}'s {ip} is outside {block}");
+        let c = &status
+            .container_statuses
+            .as_ref()
+            .expect("containerStatuses")[0];
+        assert_eq!(c.restart_count, 0);
+        assert!(
+            c.container_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with("containerd://"))
+        );
+    }
+    eprintln!(
+        "pod create -> Running (containerd, CRI, Slipway CNI): {}",
+        latencies
+            .iter()
+            .map(|d| format!("{} ms", d.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // containerd called the plugin: the IPAM record of the pod's address names the CRI
+    // sandbox as CNI_CONTAINERID and the conflist's network.
+    let status = host.wait(&pods, "web1", Duration::from_secs(10), running);
+    let ip: std::net::Ipv4Addr = status.pod_ip.as_deref().expect("ip").parse().expect("ip");
+    let sandboxes = host.sandboxes(&uid(&pods[0]));
+    assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
+    let node = host.cluster.node(1);
+    let store = slipway_cni::ipam::Store::for_block(&node.data_dir, block).expect("ipam");
+    let allocation = store
+        .snapshot()
+        .expect("allocations")
+        .into_iter()
+        .find(|a| a.ip == ip)
+        .unwrap_or_else(|| panic!("no IPAM record for {ip}"));
+    assert_eq!(allocation.container_id, sandboxes[0].id, "CNI_CONTAINERID");
+    assert_eq!(allocation.network.as_deref(), Some(host.network.as_str()));
+    assert_eq!(allocation.ifname, "eth0");
+
+    // Resources became cgroup limits on the container (cgroupfs, v1 hierarchies).
+    let container_id = status.container_statuses.as_ref().expect("statuses")[0]
+        .container_id
+        .clone()
+        .expect("id")
+        .trim_start_matches("containerd://")
+        .to_owned();
+    let memory = host
+        .pod_cgroup("memory", &uid(&pods[0]))
+        .join(&container_id);
+    let limit = std::fs::read_to_string(memory.join("memory.limit_in_bytes"))
+        .unwrap_or_else(|e| panic!("{}: {e}", memory.display()));
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    let cpu = host.pod_cgroup("cpu", &uid(&pods[0])).join(&container_id);
+    let quota = std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).expect("cfs quota");
+    assert_eq!(quota.trim(), "50000");
+    let shares = std::fs::read_to_string(cpu.join("cpu.shares")).expect("shares");
+    assert_eq!(shares.trim(), "102");
+
+    // Another pod reaches web1 over the pod network; its log (CRI format) holds the answer.
+    let client = pod(
+        "client",
+        json!({
+            "restartPolicy": "Never",
+            // nc, not wget: busybox-static's wget segfaults without the NSS modules glibc
+            // tries to load.
+            "containers": [{"name": "get", "image": "busybox",
+                "command": ["sh", "-c", format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080")]}],
+        }),
+    );
+    pods.push(client.clone());
+    let status = host.wait(&pods, "client", Duration::from_secs(60), |s| {
+        matches!(s.phase.as_deref(), Some("Succeeded" | "Failed"))
+    });
+    let log_dir = host
+        .dir
+        .join("pods")
+        .join(format!("default_client_{}", uid(&client)));
+    let log = std::fs::read_to_string(log_dir.join("get/0.log")).unwrap_or_default();
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Succeeded"),
+        "client: {log} {status:?}"
+    );
+    assert!(log.contains("hello from web1"), "client log: {log}");
+
+    // Deleting the Pods (no longer desired) removes sandboxes, addresses, veths, map entries,
+    // cgroups and logs.
+    let report = host.sync(&[]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.removed.len(), 4, "{:?}", report.removed);
+    for p in &pods {
+        assert!(host.sandboxes(&uid(p)).is_empty());
+        assert!(!host.pod_cgroup("memory", &uid(p)).exists());
+    }
+    assert!(!log_dir.exists());
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn a_crashing_container_is_restarted_with_back_off() {
+    let backoff = Backoff {
+        initial: Duration::from_millis(1000),
+        max: Duration::from_millis(4000),
+    };
+    let mut host = PodHost::start(backoff);
+    let crash = pod(
+        "crash",
+        json!({"containers": [{"name": "c", "image": "busybox",
+                               "command": ["sh", "-c", "echo crashing; exit 1"]}]}),
+    );
+    let done = pod(
+        "done",
+        json!({"restartPolicy": "OnFailure",
+               "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}),
+    );
+    let pods = vec![crash.clone(), done];
+    // Each restart's start, and the end of the run before it.
+    let mut starts: Vec<(i32, Duration)> = Vec::new();
+    let mut saw_backoff = false;
+    let status = host.wait(&pods, "crash", Duration::from_secs(60), |s| {
+        let c = &s.container_statuses.as_ref().expect("statuses")[0];
+        let state = c.state.clone().unwrap_or_default();
+        if state
+            .waiting
+            .as_ref()
+            .is_some_and(|w| w.reason.as_deref() == Some("CrashLoopBackOff"))
+        {
+            saw_backoff = true;
+        }
+        let started = state
+            .running
+            .as_ref()
+            .and_then(|r| r.started_at.clone())
+            .or_else(|| state.terminated.as_ref().and_then(|t| t.started_at.clone()));
+        let before = c
+            .last_state
+            .as_ref()
+            .and_then(|l| l.terminated.as_ref())
+            .and_then(|t| t.finished_at.clone());
+        if let (Some(started), Some(before)) = (started, before)
+            && !starts.iter().any(|(n, _)| *n == c.restart_count)
+        {
+            let gap = started.0.duration_since(before.0);
+            starts.push((c.restart_count, gap.unsigned_abs()));
+        }
+        c.restart_count >= 4
+    });
+    let c = &status.container_statuses.as_ref().expect("statuses")[0];
+    assert_eq!(status.phase.as_deref(), Some("Running"), "{status:?}");
+    let last = c
+        .last_state
+        .as_ref()
+        .and_then(|l| l.terminated.as_ref())
+        .expect("lastState");
+    assert_eq!(last.exit_code, 1);
+    assert!(saw_backoff, "never saw CrashLoopBackOff");
+    // The gap before restart n is at least the back-off for n-1 restarts: 0, 1 s, 2 s, 4 s.
+    starts.sort_by_key(|(n, _)| *n);
+    eprintln!(
+        "restart gaps (exit -> next start): {}",
+        starts
+            .iter()
+            .map(|(n, gap)| format!("#{n}: {} ms", gap.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (n, gap) in &starts {
+        let expected = backoff.delay(u32::try_from(*n - 1).expect("n"), Duration::ZERO);
+        // CRI stamps are nanoseconds; 10 ms allows for the exit being stamped by the shim.
+        assert!(
+            *gap + Duration::from_millis(10) >= expected,
+            "restart #{n} came {gap:?} after the last exit, before its back-off {expected:?}"
+        );
+    }
+    assert!(starts.iter().any(|(n, _)| *n >= 3), "{starts:?}");
+    // OnFailure and exit 0: Succeeded, never restarted.
+    let done = host.wait(&pods, "done", Duration::from_secs(30), |s| {
+        s.phase.as_deref() == Some("Succeeded")
+    });
+    assert_eq!(
+        done.container_statuses.expect("statuses")[0].restart_count,
+        0
+    );
+
+    let report = host.sync(&[]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(host.sandboxes(&uid(&crash)).is_empty());
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn bad_pods_get_status_reasons_and_leave_nothing() {
+    let mut host = PodHost::start(Backoff::default());
+    let missing = pod(
+        "missing",
+        json!({"containers": [{"name": "c", "image": "example.com/does-not-exist:1",
+                               "imagePullPolicy": "Never"}]}),
+    );
+    let invalid = pod(
+        "invalid",
+        json!({"containers": [{"name": "c", "image": "busybox",
+                               "resources": {"limits": {"cpu": "-1"}}}]}),
+    );
+    let pods = vec![missing.clone(), invalid.clone()];
+    let report = host.sync(&pods);
+    let status = report.statuses["default/missing"].as_ref().expect("status");
+    assert_eq!(status.phase.as_deref(), Some("Pending"));
+    let waiting = status.container_statuses.as_ref().expect("statuses")[0]
+        .state
+        .as_ref()
+        .and_then(|s| s.waiting.clone())
+        .expect("waiting");
+    assert_eq!(waiting.reason.as_deref(), Some("ErrImageNeverPull"));
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("example.com/does-not-exist:1")),
+        "{waiting:?}"
+    );
+    let status = report.statuses["default/invalid"].as_ref().expect("status");
+    assert_eq!(status.phase.as_deref(), Some("Failed"));
+    assert_eq!(status.reason.as_deref(), Some("Invalid"));
+    assert!(
+        status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("spec.containers[0].resources.limits.cpu")),
+        "{status:?}"
+    );
+    // Nothing was made for either: no sandbox, no address, no veth.
+    for p in &pods {
+        assert!(host.sandboxes(&uid(p)).is_empty());
+    }
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn a_killed_containerd_is_restarted_and_its_pods_keep_running() {
+    let mut host = PodHost::start(Backoff::default());
+    let pods = vec![web("survivor")];
+    let before = host.wait(&pods, "survivor", Duration::from_secs(60), running);
+    let containerd = host.containerd.as_ref().expect("containerd");
+    let pid = containerd.pid().expect("pid");
+    assert_eq!(containerd.starts(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill containerd");
+    let end = Instant::now() + Duration::from_secs(30);
+    while host
+        .containerd
+        .as_ref()
+        .expect("containerd")
+        .pid()
+        .is_none_or(|p| p == pid)
+    {
+        assert!(Instant::now() < end, "containerd was not restarted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.rt
+        .block_on(host.containerd.as_ref().expect("containerd").wait_ready())
+        .expect("containerd answers again");
+    assert_eq!(host.containerd.as_ref().expect("containerd").starts(), 2);
+    // The runner reconnects through the same socket path; the pod was never restarted.
+    let cri = host.rt.block_on(Cri::connect(&host.socket())).expect("cri");
+    let config = RunnerConfig {
+        log_root: host.dir.join("pods"),
+        cgroup_parent: host.cgroup_parent.clone(),
+        backoff: Backoff::default(),
+        host_ip: None,
+    };
+    host.runner = Some(PodRunner::new(cri, config));
+    let after = host.wait(&pods, "survivor", Duration::from_secs(30), running);
+    assert_eq!(after.pod_ip, before.pod_ip);
+    let id = |s: &PodStatus| {
+        s.container_statuses.as_ref().expect("statuses")[0]
+            .container_id
+            .clone()
+    };
+    assert_eq!(id(&after), id(&before));
+    assert_eq!(
+        after.container_statuses.expect("statuses")[0].restart_count,
+        0
+    );
+}
