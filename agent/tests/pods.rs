@@ -584,3 +584,99 @@ fn a_killed_containerd_is_restarted_and_its_pods_keep_running() {
         0
     );
 }
+
+/// The process id in containerd's pid file once it names a live containerd other than `not`
+/// that answers CRI; fails at the deadline.
+fn containerd_up(rt: &tokio::runtime::Runtime, dir: &Path, not: Option<i32>) -> i32 {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pid = std::fs::read_to_string(dir.join("containerd.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|p| Some(*p) != not && Path::new(&format!("/proc/{p}")).exists());
+        if let Some(pid) = pid {
+            let answers = rt.block_on(async {
+                match Cri::connect(&dir.join("containerd.sock")).await {
+                    Ok(mut cri) => cri.version().await.is_ok(),
+                    Err(_) => false,
+                }
+            });
+            if answers {
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "no containerd answered in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn gone(pid: i32) -> bool {
+    // A zombie still has its /proc entry; its state says Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(true)
+}
+
+fn wait_gone(pid: i32, what: &str) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while !gone(pid) {
+        assert!(Instant::now() < end, "{what} (pid {pid}) is still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn the_agent_runs_restarts_and_stops_its_containerd() {
+    let mut cluster = Cluster::new(1, "vxlan");
+    let dir = cluster.dir.join("containerd");
+    let conf_dir = cluster.dir.join("net.d");
+    let bin_dir = cluster.cni_path.clone();
+    let args = [
+        "--containerd-dir",
+        dir.to_str().expect("utf-8"),
+        "--cni-conf-dir",
+        conf_dir.to_str().expect("utf-8"),
+        "--cni-bin-dir",
+        bin_dir.to_str().expect("utf-8"),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    cluster.kill_agent(1);
+    cluster.start_agent_with(1, &args);
+    let first = containerd_up(&rt, &dir, None);
+    // A containerd that dies is started again by the agent.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill containerd");
+    let second = containerd_up(&rt, &dir, Some(first));
+    // An agent killed outright leaves its containerd; the next agent ends it and runs its own.
+    cluster.kill_agent(1);
+    assert!(!gone(second), "containerd went with a SIGKILLed agent");
+    cluster.start_agent_with(1, &args);
+    let third = containerd_up(&rt, &dir, Some(second));
+    wait_gone(second, "the previous agent's containerd");
+    // SIGTERM: the agent stops its containerd and exits 0.
+    let agent = cluster.nodes[0].agent.take().expect("agent");
+    let pid = i32::try_from(agent.id().expect("pid")).expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM agent");
+    agent.wait().expect("the agent exits 0 on SIGTERM");
+    wait_gone(third, "containerd after the agent's SIGTERM");
+    let log = cluster.agent_log(1);
+    assert!(log.contains("containerd stopped"), "{log}");
+}

@@ -21,6 +21,55 @@ use tracing::{info, warn};
 use super::PodsError;
 use super::cri::Cri;
 
+/// The agent's flags for its containerd.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ContainerdArgs {
+    /// Run the host's own containerd with its root, state, socket (`containerd.sock`) and log
+    /// in this directory; without it the agent runs no pod runtime.
+    #[arg(long = "containerd-dir")]
+    pub dir: Option<PathBuf>,
+    /// The directory of the host's CNI conflist (containerd's CRI `conf_dir`).
+    #[arg(long = "cni-conf-dir", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The CNI plugins' directory (Slipway's plugin and the reference plugins it chains).
+    #[arg(long = "cni-bin-dir", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The pause image every pod sandbox runs; import it first (`slipway image import`).
+    #[arg(long = "sandbox-image", default_value = "pause:local")]
+    pub sandbox_image: String,
+    /// containerd's snapshotter: `overlayfs`, or `native` where overlay mounts are refused.
+    #[arg(long = "containerd-snapshotter", default_value = "overlayfs")]
+    pub snapshotter: String,
+}
+
+impl ContainerdArgs {
+    /// The containerd to run, if `--containerd-dir` was given; the sandbox image normalised.
+    pub fn config(&self) -> Result<Option<ContainerdConfig>, PodsError> {
+        let Some(dir) = self.dir.as_ref() else {
+            return Ok(None);
+        };
+        let image = super::image::normalize(&self.sandbox_image).map_err(|e| match e {
+            PodsError::Invalid { reason, .. } => PodsError::Invalid {
+                field: "--sandbox-image".to_owned(),
+                reason,
+            },
+            other => other,
+        })?;
+        if !["overlayfs", "native"].contains(&self.snapshotter.as_str()) {
+            return Err(PodsError::Invalid {
+                field: "--containerd-snapshotter".to_owned(),
+                reason: format!(
+                    "{:?}: supported values: overlayfs, native",
+                    self.snapshotter
+                ),
+            });
+        }
+        let mut config = ContainerdConfig::new(dir, &self.cni_bin_dir, &self.cni_conf_dir, &image);
+        config.snapshotter = self.snapshotter.clone();
+        Ok(Some(config))
+    }
+}
+
 /// Where and how the host's containerd runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerdConfig {
@@ -61,6 +110,12 @@ impl ContainerdConfig {
 
     fn config_path(&self) -> PathBuf {
         self.dir.join("config.toml")
+    }
+
+    /// The running containerd's process id, so a restarted agent can end one its predecessor
+    /// left behind (killed with SIGKILL, it could not stop it).
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("containerd.pid")
     }
 
     /// The containerd config (version 2) for this host.
@@ -168,6 +223,7 @@ impl Containerd {
         for dir in [&config.dir, &config.cni_conf_dir, &config.cni_bin_dir] {
             std::fs::create_dir_all(dir).map_err(io_err("create containerd's directories"))?;
         }
+        stop_stale(&config).await;
         std::fs::write(config.config_path(), config.render())
             .map_err(io_err("write containerd's config"))?;
         let first = spawn(&config)?;
@@ -278,6 +334,10 @@ fn spawn(config: &ContainerdConfig) -> Result<Child, PodsError> {
         program: "containerd (Debian package containerd)",
         source,
     })?;
+    if let Some(pid) = child.id() {
+        // Best effort: without it a restarted agent only finds the socket busy.
+        let _ = std::fs::write(config.pid_file(), pid.to_string());
+    }
     info!(pid = child.id(), socket = %config.socket().display(), "containerd started");
     Ok(child)
 }
@@ -332,6 +392,33 @@ async fn supervise(
             }
         }
     }
+}
+
+/// Ends a containerd a previous agent left running on this config (its pid file names a live
+/// process whose command line carries this config's path).
+async fn stop_stale(config: &ContainerdConfig) {
+    let Some(pid) = std::fs::read_to_string(config.pid_file())
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0)
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .any(|arg| Path::new(arg) == config.config_path());
+    if !ours {
+        return;
+    }
+    warn!(pid, "ending the containerd a previous agent left running");
+    let pid = Pid::from_raw(pid);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while kill(pid, None).is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = kill(pid, Signal::SIGKILL);
 }
 
 /// SIGTERM, up to [`STOP_GRACE`] for the process to go, then SIGKILL.
