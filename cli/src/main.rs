@@ -33,7 +33,7 @@ enum Command {
     #[command(subcommand)]
     Lb(slipway_lb::cli::LbCommand),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
-    Agent(slipway_agent::AgentArgs),
+    Agent(Box<slipway_agent::AgentArgs>),
     /// Offline images for the host's containerd: `import NAME DIR|TAR`.
     #[command(subcommand)]
     Image(slipway_agent::pods::image::ImageCommand),
@@ -100,6 +100,6 @@ fn main() -> anyhow::Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(slipway_agent::run(args)),
+            .block_on(slipway_agent::run(*args)),
     }
 }
