@@ -680,3 +680,79 @@ fn the_agent_runs_restarts_and_stops_its_containerd() {
     let log = cluster.agent_log(1);
     assert!(log.contains("containerd stopped"), "{log}");
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn deleted_pods_get_sigterm_then_sigkill_after_their_grace_period() {
+    let mut host = PodHost::start(Backoff::default());
+    let looping = "while true; do sleep 0.1; done";
+    // Leaves at SIGTERM; a 30 s grace period it never needs.
+    let polite = pod(
+        "polite",
+        json!({"terminationGracePeriodSeconds": 30, "containers": [{"name": "c",
+            "image": "busybox", "command": ["sh", "-c", format!("trap 'exit 0' TERM; {looping}")]}]}),
+    );
+    // Ignores SIGTERM: SIGKILLed when its 2 s run out.
+    let stubborn = pod(
+        "stubborn",
+        json!({"terminationGracePeriodSeconds": 2, "containers": [{"name": "c",
+            "image": "busybox", "command": ["sh", "-c", format!("trap '' TERM; {looping}")]}]}),
+    );
+    // Spec says 30 s, but the Pod is being deleted with a 3 s grace period.
+    let mut deleted = pod(
+        "deleted",
+        json!({"terminationGracePeriodSeconds": 30, "containers": [{"name": "c",
+            "image": "busybox", "command": ["sh", "-c", format!("trap '' TERM; {looping}")]}]}),
+    );
+    let mut pods = vec![polite.clone(), stubborn.clone(), deleted.clone()];
+    for p in &pods {
+        let name = p.metadata.name.clone().expect("name");
+        host.wait(&pods, &name, Duration::from_secs(60), running);
+    }
+
+    let started = Instant::now();
+    let report = host.sync(&pods[1..]);
+    let polite_took = started.elapsed();
+    assert_eq!(report.removed, ["default/polite"], "{:?}", report.errors);
+    assert!(
+        polite_took < Duration::from_secs(10),
+        "a container that exits at SIGTERM took {polite_took:?} to stop"
+    );
+
+    let started = Instant::now();
+    let report = host.sync(&pods[2..]);
+    let stubborn_took = started.elapsed();
+    assert_eq!(report.removed, ["default/stubborn"], "{:?}", report.errors);
+    assert!(
+        stubborn_took >= Duration::from_secs(2) && stubborn_took < Duration::from_secs(10),
+        "a container ignoring SIGTERM with a 2 s grace period took {stubborn_took:?}"
+    );
+
+    deleted.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    deleted.metadata.deletion_grace_period_seconds = Some(3);
+    pods = vec![deleted.clone()];
+    let started = Instant::now();
+    let report = host.sync(&pods);
+    let deleted_took = started.elapsed();
+    assert!(report.statuses.is_empty(), "a deleting Pod gets no status");
+    assert_eq!(report.removed, ["default/deleted"], "{:?}", report.errors);
+    assert!(
+        deleted_took >= Duration::from_secs(3) && deleted_took < Duration::from_secs(12),
+        "deletionGracePeriodSeconds 3 took {deleted_took:?}"
+    );
+    eprintln!(
+        "termination: SIGTERM-handling {} ms; SIGTERM-ignoring, grace 2 s: {} ms; deletion grace 3 s: {} ms",
+        polite_took.as_millis(),
+        stubborn_took.as_millis(),
+        deleted_took.as_millis()
+    );
+    for p in [&polite, &stubborn, &deleted] {
+        assert!(host.sandboxes(&uid(p)).is_empty());
+    }
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}

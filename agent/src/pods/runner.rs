@@ -71,12 +71,21 @@ impl PodRunner {
     pub async fn sync(&mut self, desired: &[Pod]) -> SyncReport {
         let mut report = SyncReport::default();
         let mut wanted = HashSet::new();
+        // Pods being deleted (deletionTimestamp set) are torn down with their deletion grace
+        // period, as kubelet does; they get no status from here.
+        let mut deleting: HashMap<String, Option<i64>> = HashMap::new();
         for pod in desired {
             let meta = &pod.metadata;
             let name = key(
                 meta.namespace.as_deref().unwrap_or("default"),
                 meta.name.as_deref().unwrap_or_default(),
             );
+            if meta.deletion_timestamp.is_some() {
+                if let Some(uid) = &meta.uid {
+                    deleting.insert(uid.clone(), meta.deletion_grace_period_seconds);
+                }
+                continue;
+            }
             if let Some(uid) = &meta.uid {
                 wanted.insert(uid.clone());
             }
@@ -86,28 +95,39 @@ impl PodRunner {
             }
             report.statuses.insert(name, status);
         }
-        match self.cri.list_pod_sandboxes(managed()).await {
-            Ok(sandboxes) => {
-                for sandbox in sandboxes {
-                    let uid = sandbox
-                        .labels
-                        .get(LABEL_POD_UID)
-                        .cloned()
-                        .unwrap_or_default();
-                    if wanted.contains(&uid) {
-                        continue;
-                    }
-                    let meta = sandbox.metadata.clone().unwrap_or_default();
-                    match self.teardown(&sandbox).await {
-                        Ok(()) => {
-                            info!(pod = %key(&meta.namespace, &meta.name), %uid, "pod removed");
-                            report.removed.push(key(&meta.namespace, &meta.name));
-                        }
-                        Err(error) => report.errors.push(error),
-                    }
-                }
+        let sandboxes = match self.cri.list_pod_sandboxes(managed()).await {
+            Ok(sandboxes) => sandboxes,
+            Err(error) => {
+                report.errors.push(error);
+                return report;
             }
-            Err(error) => report.errors.push(error),
+        };
+        // Every unwanted pod at once: one pod's grace period never delays another's.
+        let doomed: Vec<&cri::PodSandbox> = sandboxes
+            .iter()
+            .filter(|s| {
+                !s.labels
+                    .get(LABEL_POD_UID)
+                    .is_some_and(|u| wanted.contains(u))
+            })
+            .collect();
+        let teardowns = doomed.iter().map(|sandbox| {
+            let grace = sandbox
+                .labels
+                .get(LABEL_POD_UID)
+                .and_then(|u| deleting.get(u).copied().flatten());
+            teardown(self.cri.clone(), &self.config, sandbox, grace)
+        });
+        let results = futures_util::future::join_all(teardowns).await;
+        for (sandbox, result) in doomed.into_iter().zip(results) {
+            let meta = sandbox.metadata.clone().unwrap_or_default();
+            match result {
+                Ok(()) => {
+                    info!(pod = %key(&meta.namespace, &meta.name), uid = %meta.uid, "pod removed");
+                    report.removed.push(key(&meta.namespace, &meta.name));
+                }
+                Err(error) => report.errors.push(error),
+            }
         }
         report
     }
@@ -177,7 +197,7 @@ impl PodRunner {
                     .max()
                     .unwrap_or(0);
                 for old in &sandboxes {
-                    self.teardown(old).await?;
+                    teardown(self.cri.clone(), &self.config, old, Some(0)).await?;
                 }
                 let config = sandbox_config(attempt);
                 std::fs::create_dir_all(&config.log_directory).map_err(|source| PodsError::Io {
@@ -325,48 +345,48 @@ impl PodRunner {
             attempt: s.metadata.map_or(0, |m| m.attempt),
         })
     }
+}
 
-    /// Stops every container of `sandbox` with the pod's grace period (all at once), removes
-    /// them, stops the sandbox (CNI DEL) and removes it, its cgroup and its logs.
-    async fn teardown(&mut self, sandbox: &cri::PodSandbox) -> Result<(), PodsError> {
-        let grace: i64 = sandbox
-            .annotations
-            .get(ANNOTATION_GRACE)
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(30);
-        let containers = self.cri.list_containers(&sandbox.id).await?;
-        let stops = containers
-            .iter()
-            .filter(|c| c.state == cri::ContainerState::ContainerRunning as i32)
-            .map(|c| {
-                let mut cri = self.cri.clone();
-                let id = c.id.clone();
-                async move { cri.stop_container(&id, grace).await }
-            });
-        for result in futures_util::future::join_all(stops).await {
-            result?;
-        }
-        for c in &containers {
-            self.cri.remove_container(&c.id).await?;
-        }
-        self.cri.stop_pod_sandbox(&sandbox.id).await?;
-        self.cri.remove_pod_sandbox(&sandbox.id).await?;
-        if let Some(uid) = sandbox.labels.get(LABEL_POD_UID) {
-            let parent = format!(
-                "{}/pod{uid}",
-                self.config.cgroup_parent.trim_end_matches('/')
-            );
-            remove_cgroup(Path::new("/sys/fs/cgroup"), &parent);
-        }
-        if let Some(meta) = &sandbox.metadata {
-            let dir = self
-                .config
-                .log_root
-                .join(format!("{}_{}_{}", meta.namespace, meta.name, meta.uid));
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        Ok(())
+/// Stops every container of `sandbox` (all at once) with `grace` seconds, or the grace period
+/// the pod had when its sandbox was made, then removes them, stops the sandbox (CNI DEL) and
+/// removes it, its cgroup and its logs.
+async fn teardown(
+    mut cri: Cri,
+    config: &RunnerConfig,
+    sandbox: &cri::PodSandbox,
+    grace: Option<i64>,
+) -> Result<(), PodsError> {
+    let grace: i64 = grace
+        .or_else(|| sandbox.annotations.get(ANNOTATION_GRACE)?.parse().ok())
+        .unwrap_or(30)
+        .max(0);
+    let containers = cri.list_containers(&sandbox.id).await?;
+    // Every container, whatever the listing said: one listed as created or exited may have
+    // started since, and StopContainer on a stopped one is a no-op.
+    let stops = containers.iter().map(|c| {
+        let mut cri = cri.clone();
+        let id = c.id.clone();
+        async move { cri.stop_container(&id, grace).await }
+    });
+    for result in futures_util::future::join_all(stops).await {
+        result?;
     }
+    for c in &containers {
+        cri.remove_container(&c.id).await?;
+    }
+    cri.stop_pod_sandbox(&sandbox.id).await?;
+    cri.remove_pod_sandbox(&sandbox.id).await?;
+    if let Some(uid) = sandbox.labels.get(LABEL_POD_UID) {
+        let parent = format!("{}/pod{uid}", config.cgroup_parent.trim_end_matches('/'));
+        remove_cgroup(Path::new("/sys/fs/cgroup"), &parent);
+    }
+    if let Some(meta) = &sandbox.metadata {
+        let dir = config
+            .log_root
+            .join(format!("{}_{}_{}", meta.namespace, meta.name, meta.uid));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
 }
 
 fn sandbox_view(status: &cri::PodSandboxStatus) -> SandboxView {
