@@ -756,3 +756,81 @@ fn deleted_pods_get_sigterm_then_sigkill_after_their_grace_period() {
     }
     assert_eq!(host.cluster.leftovers(1), Leftovers::default());
 }
+
+/// `slipway image import` on `args`; its exit status and stderr.
+fn import(host: &PodHost, args: &[&str]) -> (bool, String) {
+    let out = Command::new(common::slipway_binary())
+        .args(["image", "import"])
+        .args(args)
+        .arg("--containerd-socket")
+        .arg(host.socket())
+        .output()
+        .expect("slipway image import");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn an_image_archive_is_imported_under_its_new_name_and_its_cmd_runs() {
+    let mut host = PodHost::start(Backoff::default());
+    let rootfs = host.cluster.dir.join("busybox-rootfs");
+    let archive = host.cluster.dir.join("tools.tar");
+    slipway_agent::pods::image::build_archive(
+        "tools:1",
+        &rootfs,
+        &slipway_agent::pods::image::ImageConfig {
+            entrypoint: vec!["sh".into(), "-c".into()],
+            cmd: vec!["echo \"from the archive, $GREETING\"; exec sleep 3600".into()],
+            env: vec!["GREETING=hello".into()],
+            working_dir: Some("/tmp".into()),
+        },
+        &archive,
+    )
+    .expect("archive");
+    let (ok, stderr) = import(
+        &host,
+        &["example.com/tools:2", archive.to_str().expect("utf-8")],
+    );
+    assert!(ok, "{stderr}");
+    // Bad input: a bad name, a missing source, image config flags with an archive.
+    let (ok, stderr) = import(&host, &["Tools", archive.to_str().expect("utf-8")]);
+    assert!(!ok && stderr.contains("NAME"), "{stderr}");
+    let (ok, stderr) = import(&host, &["tools", "/nonexistent/rootfs"]);
+    assert!(!ok && stderr.contains("DIR|TAR"), "{stderr}");
+    let (ok, stderr) = import(
+        &host,
+        &["tools", archive.to_str().expect("utf-8"), "--env", "A=b"],
+    );
+    assert!(!ok && stderr.contains("--env"), "{stderr}");
+
+    // The image's Entrypoint, Cmd and Env run when the Pod gives no command.
+    let tools = pod(
+        "tools",
+        json!({"containers": [{"name": "t", "image": "example.com/tools:2"}]}),
+    );
+    let pods = vec![tools.clone()];
+    host.wait(&pods, "tools", Duration::from_secs(60), running);
+    let log = host
+        .dir
+        .join("pods")
+        .join(format!("default_tools_{}", uid(&tools)))
+        .join("t/0.log");
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("from the archive, hello") {
+            break;
+        }
+        assert!(Instant::now() < end, "log {}: {text:?}", log.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = host.sync(&[]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}
