@@ -103,6 +103,9 @@ impl PodHost {
                 cgroup_parent,
                 backoff,
                 host_ip: Some(host.cluster.node(1).address.to_string()),
+                probe_netns: Some(slipway_dataplane::netns::path(
+                    host.cluster.node(1).netns.name(),
+                )),
             },
         ));
         host
@@ -569,6 +572,7 @@ fn a_killed_containerd_is_restarted_and_its_pods_keep_running() {
         cgroup_parent: host.cgroup_parent.clone(),
         backoff: Backoff::default(),
         host_ip: None,
+        probe_netns: None,
     };
     host.runner = Some(PodRunner::new(cri, config));
     let after = host.wait(&pods, "survivor", Duration::from_secs(30), running);
@@ -830,6 +834,82 @@ fn an_image_archive_is_imported_under_its_new_name_and_its_cmd_runs() {
         assert!(Instant::now() < end, "log {}: {text:?}", log.display());
         std::thread::sleep(Duration::from_millis(50));
     }
+    let report = host.sync(&[]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn probes_gate_readiness_and_restart_unhealthy_containers() {
+    let mut host = PodHost::start(Backoff {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(2),
+    });
+    // Ready only once /ready exists (2 s after start); alive while port 8080 accepts.
+    let web = pod(
+        "web",
+        json!({"containers": [{"name": "httpd", "image": "busybox",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "command": ["sh", "-c", "mkdir -p /www; echo ok > /www/index.html; \
+                (sleep 2; echo ready > /www/ready) & exec httpd -f -p 8080 -h /www"],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"},
+                               "periodSeconds": 1, "failureThreshold": 1},
+            "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}),
+    );
+    // Healthy for 3 s, then its exec liveness probe fails twice: killed and restarted.
+    let sick = pod(
+        "sick",
+        json!({"terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "c", "image": "busybox",
+            "command": ["sh", "-c", "touch /tmp/healthy; (sleep 3; rm /tmp/healthy) & exec sleep 3600"],
+            "livenessProbe": {"exec": {"command": ["cat", "/tmp/healthy"]},
+                              "periodSeconds": 1, "failureThreshold": 2}}]}),
+    );
+    let pods = vec![web.clone(), sick.clone()];
+    let mut saw_unready = false;
+    let started = Instant::now();
+    let status = host.wait(&pods, "web", Duration::from_secs(60), |s| {
+        let c = &s.container_statuses.as_ref().expect("statuses")[0];
+        let running = c.state.as_ref().is_some_and(|s| s.running.is_some());
+        if running && !c.ready {
+            saw_unready = true;
+        }
+        running && c.ready
+    });
+    let became_ready = started.elapsed();
+    assert!(saw_unready, "web was never seen running but not ready");
+    assert!(running(&status), "{status:?}");
+    assert!(
+        became_ready >= Duration::from_secs(2),
+        "ready after {became_ready:?}"
+    );
+
+    let status = host.wait(&pods, "sick", Duration::from_secs(60), |s| {
+        s.container_statuses.as_ref().expect("statuses")[0].restart_count >= 1
+    });
+    let c = &status.container_statuses.as_ref().expect("statuses")[0];
+    let last = c
+        .last_state
+        .as_ref()
+        .and_then(|l| l.terminated.as_ref())
+        .expect("lastState.terminated");
+    // Ended by the runner's StopContainer (SIGTERM, SIGKILL after the 1 s grace period), not
+    // by itself: 128 + the signal.
+    assert!([128 + 15, 128 + 9].contains(&last.exit_code), "{last:?}");
+    let web_status = host.wait(&pods, "web", Duration::from_secs(10), running);
+    assert_eq!(
+        web_status.container_statuses.expect("statuses")[0].restart_count,
+        0,
+        "the tcpSocket liveness probe kept web alive"
+    );
+    eprintln!(
+        "probes: web ready after {} ms (its /ready appears at 2 s); sick restarted after its exec probe failed",
+        became_ready.as_millis()
+    );
     let report = host.sync(&[]);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(host.cluster.leftovers(1), Leftovers::default());

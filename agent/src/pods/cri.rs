@@ -234,4 +234,25 @@ impl Cri {
                 source: tonic::Status::internal("the answer holds no status"),
             })
     }
+
+    /// Runs `command` in a container and returns its exit code (an exec probe); `timeout` in
+    /// seconds.
+    pub async fn exec_sync(
+        &mut self,
+        id: &str,
+        command: &[String],
+        timeout: i64,
+    ) -> Result<i32, PodsError> {
+        Ok(self
+            .runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.to_owned(),
+                cmd: command.to_vec(),
+                timeout,
+            })
+            .await
+            .map_err(err("ExecSync"))?
+            .into_inner()
+            .exit_code)
+    }
 }

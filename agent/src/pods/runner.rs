@@ -6,6 +6,7 @@
 //! API: the caller feeds it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tracing::{info, warn};
 
 use super::PodsError;
 use super::cri::Cri;
+use super::probe::{Action, ProbeSpec, ProbeState, network_probe};
 use super::spec::{
     ANNOTATION_GRACE, ContainerSpec, LABEL_CONTAINER_NAME, LABEL_MANAGED, LABEL_POD_UID, PodSpec,
 };
@@ -34,6 +36,9 @@ pub struct RunnerConfig {
     pub backoff: Backoff,
     /// The host's address, reported as `status.hostIP`.
     pub host_ip: Option<String>,
+    /// The network namespace tcpSocket and httpGet probes connect from (the host's, where the
+    /// pods' addresses route); `None` for the agent's own.
+    pub probe_netns: Option<PathBuf>,
 }
 
 /// What one [`PodRunner::sync`] did.
@@ -51,6 +56,10 @@ pub struct SyncReport {
 pub struct PodRunner {
     cri: Cri,
     config: RunnerConfig,
+    /// Probe counters per (container id, liveness?); kubelet keeps them in memory too.
+    probes: HashMap<(String, bool), ProbeState>,
+    /// Containers probed during the current sync (the others' counters are dropped).
+    probed: HashSet<String>,
 }
 
 fn managed() -> HashMap<String, String> {
@@ -63,7 +72,12 @@ fn key(spec_ns: &str, name: &str) -> String {
 
 impl PodRunner {
     pub fn new(cri: Cri, config: RunnerConfig) -> Self {
-        Self { cri, config }
+        Self {
+            cri,
+            config,
+            probes: HashMap::new(),
+            probed: HashSet::new(),
+        }
     }
 
     /// Runs `desired` and nothing else: starts what is missing, restarts what exited (by
@@ -71,6 +85,7 @@ impl PodRunner {
     pub async fn sync(&mut self, desired: &[Pod]) -> SyncReport {
         let mut report = SyncReport::default();
         let mut wanted = HashSet::new();
+        self.probed.clear();
         // Pods being deleted (deletionTimestamp set) are torn down with their deletion grace
         // period, as kubelet does; they get no status from here.
         let mut deleting: HashMap<String, Option<i64>> = HashMap::new();
@@ -119,6 +134,8 @@ impl PodRunner {
             teardown(self.cri.clone(), &self.config, sandbox, grace)
         });
         let results = futures_util::future::join_all(teardowns).await;
+        let probed = std::mem::take(&mut self.probed);
+        self.probes.retain(|(id, _), _| probed.contains(id));
         for (sandbox, result) in doomed.into_iter().zip(results) {
             let meta = sandbox.metadata.clone().unwrap_or_default();
             match result {
@@ -212,10 +229,12 @@ impl PodRunner {
         let sandbox_status = self.cri.pod_sandbox_status(&sandbox_id).await?;
         let sandbox = sandbox_view(&sandbox_status);
         let containers = self.cri.list_containers(&sandbox_id).await?;
+        let ip = sandbox.ips.first().and_then(|ip| ip.parse::<IpAddr>().ok());
         let mut views = Vec::new();
         for c in &spec.containers {
             let view = self
                 .sync_container(
+                    ip,
                     &spec,
                     c,
                     &sandbox_id,
@@ -236,8 +255,13 @@ impl PodRunner {
         ))
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one container's step needs the pod's view"
+    )]
     async fn sync_container(
         &mut self,
+        ip: Option<IpAddr>,
         spec: &PodSpec,
         c: &ContainerSpec,
         sandbox_id: &str,
@@ -263,6 +287,7 @@ impl PodRunner {
                 current,
                 previous,
                 waiting: Some(("ErrImageNeverPull".to_owned(), message.clone())),
+                ready: None,
             });
         }
         let next_attempt = match &current {
@@ -294,6 +319,7 @@ impl PodRunner {
                         current,
                         previous,
                         waiting: Some(("CrashLoopBackOff".to_owned(), message)),
+                        ready: None,
                     });
                 }
                 Some(i.attempt + 1)
@@ -318,11 +344,81 @@ impl PodRunner {
             previous = current.take();
             current = Some(self.instance(&id).await?);
         }
+        let mut ready = None;
+        if let Some(i) = current
+            .clone()
+            .filter(|i| i.state == InstanceState::Running)
+        {
+            let ran = Duration::from_nanos(
+                u64::try_from(Timestamp::now().as_nanosecond() - i128::from(i.started_at))
+                    .unwrap_or(0),
+            );
+            if let Some(probe) = &c.liveness
+                && !self.probe(&i, probe, true, ip, ran).await
+            {
+                info!(pod = %key(&spec.namespace, &spec.name), container = %c.name,
+                      "liveness probe failed; the container will be restarted");
+                self.cri.stop_container(&i.id, spec.grace_seconds).await?;
+                self.probes.remove(&(i.id.clone(), true));
+                current = Some(self.instance(&i.id).await?);
+            } else if let Some(probe) = &c.readiness {
+                ready = Some(self.probe(&i, probe, false, ip, ran).await);
+            }
+        }
         Ok(ContainerView {
             current,
             previous,
             waiting: None,
+            ready,
         })
+    }
+
+    /// Runs `probe` on `instance` if it is due and returns its verdict.
+    async fn probe(
+        &mut self,
+        instance: &Instance,
+        probe: &ProbeSpec,
+        liveness: bool,
+        ip: Option<IpAddr>,
+        ran: Duration,
+    ) -> bool {
+        let key = (instance.id.clone(), liveness);
+        self.probed.insert(instance.id.clone());
+        let now = std::time::Instant::now();
+        let state = self
+            .probes
+            .entry(key.clone())
+            .or_insert_with(|| ProbeState::new(liveness));
+        if !state.due(probe, ran, now) {
+            return state.ok;
+        }
+        let success = match (&probe.action, ip) {
+            (Action::Exec(command), _) => {
+                let timeout = i64::try_from(probe.timeout.as_secs()).unwrap_or(1);
+                matches!(
+                    tokio::time::timeout(
+                        probe.timeout + Duration::from_secs(1),
+                        self.cri.exec_sync(&instance.id, command, timeout),
+                    )
+                    .await,
+                    Ok(Ok(0))
+                )
+            }
+            (action, Some(ip)) => {
+                network_probe(
+                    self.config.probe_netns.as_deref(),
+                    ip,
+                    action,
+                    probe.timeout,
+                )
+                .await
+            }
+            (_, None) => false,
+        };
+        self.probes
+            .entry(key)
+            .or_insert_with(|| ProbeState::new(liveness))
+            .record(probe, success, now)
     }
 
     async fn instance(&mut self, id: &str) -> Result<Instance, PodsError> {

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::image::normalize;
+use super::probe::ProbeSpec;
 use crate::Invalid;
 use slipway_api::FieldError;
 
@@ -59,6 +60,8 @@ pub struct ContainerSpec {
     pub env: Vec<(String, String)>,
     pub working_dir: String,
     pub resources: cri::LinuxContainerResources,
+    pub liveness: Option<ProbeSpec>,
+    pub readiness: Option<ProbeSpec>,
 }
 
 impl PodSpec {
@@ -281,6 +284,19 @@ fn container_spec(
         env.push((var.name.clone(), var.value.clone().unwrap_or_default()));
     }
     let resources = resources(c, path, errors);
+    let liveness = c
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| ProbeSpec::from_probe(p, c, &format!("{path}.livenessProbe"), true, errors));
+    let readiness = c.readiness_probe.as_ref().and_then(|p| {
+        ProbeSpec::from_probe(p, c, &format!("{path}.readinessProbe"), false, errors)
+    });
+    if c.startup_probe.is_some() {
+        errors.push(FieldError::forbidden(
+            format!("{path}.startupProbe"),
+            "is not supported by this runner yet",
+        ));
+    }
     (errors.len() == before).then(|| ContainerSpec {
         name: c.name.clone(),
         image,
@@ -290,6 +306,8 @@ fn container_spec(
         env,
         working_dir: c.working_dir.clone().unwrap_or_default(),
         resources: resources.unwrap_or_default(),
+        liveness,
+        readiness,
     })
 }
 

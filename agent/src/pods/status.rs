@@ -84,6 +84,8 @@ pub struct ContainerView {
     /// Why the container waits, when the runner holds it back (`ErrImageNeverPull`,
     /// `CrashLoopBackOff`) with a message.
     pub waiting: Option<(String, String)>,
+    /// The readiness probe's verdict; `None` without one (running is ready).
+    pub ready: Option<bool>,
 }
 
 /// What the runner saw of a pod's sandbox.
@@ -164,12 +166,13 @@ fn container_status(spec: &super::spec::ContainerSpec, view: &ContainerView) -> 
         }
     };
     let running = state.running.is_some();
+    let ready = running && view.ready.unwrap_or(true);
     ContainerStatus {
         name: spec.name.clone(),
         image: spec.image.clone(),
         image_id: current.map(|c| c.image_ref.clone()).unwrap_or_default(),
         container_id: current.map(|c| format!("containerd://{}", c.id)),
-        ready: running,
+        ready,
         started: Some(running),
         restart_count: current.map_or(0, |c| i32::try_from(c.attempt).unwrap_or(i32::MAX)),
         state: Some(state),
@@ -376,6 +379,7 @@ mod tests {
             current: Some(instance(InstanceState::Running, 0, 2)),
             previous: Some(instance(InstanceState::Exited, 1, 1)),
             waiting: None,
+            ready: None,
         }];
         let s = pod_status(
             &pod,
@@ -428,6 +432,7 @@ mod tests {
             current: Some(instance(InstanceState::Exited, 1, 3)),
             previous: None,
             waiting: Some(("CrashLoopBackOff".into(), "back-off 40s".into())),
+            ready: None,
         };
         let s = run("Always", crash);
         assert_eq!(s.phase.as_deref(), Some("Running"));
