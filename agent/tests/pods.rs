@@ -914,3 +914,61 @@ fn probes_gate_readiness_and_restart_unhealthy_containers() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(host.cluster.leftovers(1), Leftovers::default());
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn a_host_port_reaches_the_pod_through_the_chained_portmap() {
+    let mut host = PodHost::start(Backoff::default());
+    let mut web = web("hostport");
+    let spec = web.spec.as_mut().expect("spec");
+    spec.containers[0].ports = Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+        container_port: 8080,
+        host_port: Some(18080),
+        ..Default::default()
+    }]);
+    let pods = vec![web];
+    host.wait(&pods, "hostport", Duration::from_secs(60), running);
+    let node = host.cluster.node(1);
+    let nat = |netns: &slipway_dataplane::testing::Netns| {
+        let out = netns
+            .exec(&["iptables", "-t", "nat", "-S"])
+            .expect("iptables (Debian package iptables)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rules = nat(&node.netns);
+    assert!(
+        rules.contains("--dport 18080"),
+        "portmap made no DNAT rule for hostPort 18080:\n{rules}"
+    );
+    // The node's own address and the hostPort reach the pod's httpd (portmap's OUTPUT DNAT).
+    let request = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 18080",
+        node.address
+    );
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = node.netns.exec(&["sh", "-c", &request]).expect("nc");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("hello from hostport") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{}:18080 answered {text:?} {}",
+            node.address,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let report = host.sync(&[]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let rules = nat(&host.cluster.node(1).netns);
+    assert!(
+        !rules.contains("--dport 18080"),
+        "portmap's rule outlived the pod:\n{rules}"
+    );
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}

@@ -228,7 +228,20 @@ impl PodRunner {
         };
         let sandbox_status = self.cri.pod_sandbox_status(&sandbox_id).await?;
         let sandbox = sandbox_view(&sandbox_status);
-        let containers = self.cri.list_containers(&sandbox_id).await?;
+        let mut containers = self.cri.list_containers(&sandbox_id).await?;
+        // Containers the spec no longer names go (as kubelet kills them).
+        let named: HashSet<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        let mut kept = Vec::new();
+        for x in containers.drain(..) {
+            let name = x.labels.get(LABEL_CONTAINER_NAME).map(String::as_str);
+            if name.is_some_and(|n| named.contains(n)) {
+                kept.push(x);
+            } else {
+                self.cri.stop_container(&x.id, spec.grace_seconds).await?;
+                self.cri.remove_container(&x.id).await?;
+            }
+        }
+        let containers = kept;
         let ip = sandbox.ips.first().and_then(|ip| ip.parse::<IpAddr>().ok());
         let mut views = Vec::new();
         for c in &spec.containers {

@@ -39,6 +39,8 @@ pub struct PodSpec {
     pub restart_policy: RestartPolicy,
     pub grace_seconds: i64,
     pub containers: Vec<ContainerSpec>,
+    /// Container ports with a hostPort: the runtime hands them to the CNI chain's portmap.
+    pub port_mappings: Vec<cri::PortMapping>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +124,54 @@ impl PodSpec {
         }
         let mut names = BTreeSet::new();
         let mut containers = Vec::new();
+        let mut port_mappings = Vec::new();
+        let mut host_ports = BTreeSet::new();
         for (i, c) in spec.containers.iter().enumerate() {
             let path = format!("spec.containers[{i}]");
+            for (j, port) in c.ports.iter().flatten().enumerate() {
+                let field = format!("{path}.ports[{j}]");
+                if !(1..=65535).contains(&port.container_port) {
+                    errors.push(FieldError::invalid(
+                        format!("{field}.containerPort"),
+                        port.container_port,
+                        "must be between 1 and 65535, inclusive",
+                    ));
+                }
+                let protocol = match port.protocol.as_deref() {
+                    None | Some("TCP") => cri::Protocol::Tcp,
+                    Some("UDP") => cri::Protocol::Udp,
+                    Some("SCTP") => cri::Protocol::Sctp,
+                    Some(other) => {
+                        errors.push(FieldError::not_supported(
+                            format!("{field}.protocol"),
+                            other,
+                            &["TCP", "UDP", "SCTP"],
+                        ));
+                        cri::Protocol::Tcp
+                    }
+                };
+                let Some(host_port) = port.host_port.filter(|p| *p != 0) else {
+                    continue;
+                };
+                if !(1..=65535).contains(&host_port) {
+                    errors.push(FieldError::invalid(
+                        format!("{field}.hostPort"),
+                        host_port,
+                        "must be between 1 and 65535, inclusive",
+                    ));
+                } else if !host_ports.insert((host_port, protocol as i32)) {
+                    errors.push(FieldError::duplicate(
+                        format!("{field}.hostPort"),
+                        host_port,
+                    ));
+                }
+                port_mappings.push(cri::PortMapping {
+                    protocol: protocol as i32,
+                    container_port: port.container_port,
+                    host_port,
+                    host_ip: port.host_ip.clone().unwrap_or_default(),
+                });
+            }
             if !names.insert(c.name.clone()) {
                 errors.push(FieldError::duplicate(format!("{path}.name"), &c.name));
             }
@@ -139,6 +187,7 @@ impl PodSpec {
                 restart_policy,
                 grace_seconds,
                 containers,
+                port_mappings,
             })
         } else {
             Err(Invalid { errors })
@@ -177,6 +226,7 @@ impl PodSpec {
             }),
             hostname: self.name.chars().take(63).collect(),
             log_directory: self.log_directory(log_root).display().to_string(),
+            port_mappings: self.port_mappings.clone(),
             labels,
             annotations: HashMap::from([(
                 ANNOTATION_GRACE.to_owned(),
@@ -460,6 +510,7 @@ mod tests {
             "metadata": {"name": "web", "namespace": "apps", "uid": "u-1"},
             "spec": {"restartPolicy": "OnFailure", "terminationGracePeriodSeconds": 5,
               "containers": [{"name": "main", "image": "busybox", "command": ["httpd"],
+                "ports": [{"containerPort": 80, "hostPort": 8080}, {"containerPort": 53, "protocol": "UDP"}],
                 "args": ["-f"], "workingDir": "/www", "env": [{"name": "A", "value": "b"}],
                 "resources": {"requests": {"cpu": "250m", "memory": "32Mi"},
                               "limits": {"cpu": "500m", "memory": "64Mi"}}}]}
@@ -478,6 +529,15 @@ mod tests {
         assert_eq!(sandbox.linux.unwrap().cgroup_parent, "/slipway/h1/podu-1");
         assert_eq!(sandbox.labels[LABEL_POD_UID], "u-1");
         assert_eq!(sandbox.annotations[ANNOTATION_GRACE], "5");
+        assert_eq!(
+            sandbox.port_mappings,
+            [cri::PortMapping {
+                protocol: cri::Protocol::Tcp as i32,
+                container_port: 80,
+                host_port: 8080,
+                host_ip: String::new(),
+            }]
+        );
         let config = spec.container_config(c, 3);
         assert_eq!(config.command, ["httpd"]);
         assert_eq!(config.args, ["-f"]);
@@ -504,6 +564,7 @@ mod tests {
             "metadata": {"name": "web"},
             "spec": {"restartPolicy": "Sometimes", "containers": [
                 {"name": "a", "image": "busybox",
+                 "ports": [{"containerPort": 0, "hostPort": 70000, "protocol": "ICMP"}],
                  "resources": {"limits": {"cpu": "-1", "memory": "lots"}}},
                 {"name": "a", "image": ""},
                 {"name": "Bad_Name", "image": "busybox",
@@ -521,6 +582,9 @@ mod tests {
             "spec.restartPolicy",
             "spec.containers[0].resources.limits.cpu",
             "spec.containers[0].resources.limits.memory",
+            "spec.containers[0].ports[0].containerPort",
+            "spec.containers[0].ports[0].hostPort",
+            "spec.containers[0].ports[0].protocol",
             "spec.containers[1].name",
             "spec.containers[1].image",
             "spec.containers[2].name",
