@@ -972,3 +972,64 @@ fn a_host_port_reaches_the_pod_through_the_chained_portmap() {
     );
     assert_eq!(host.cluster.leftovers(1), Leftovers::default());
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn a_changed_image_replaces_the_container_and_a_dropped_container_goes() {
+    let mut host = PodHost::start(Backoff::default());
+    let rootfs = host.cluster.dir.join("busybox-rootfs");
+    let (ok, stderr) = import(&host, &["busybox:2", rootfs.to_str().expect("utf-8")]);
+    assert!(ok, "{stderr}");
+    let looping = "trap 'exit 0' TERM; while true; do sleep 0.1; done";
+    let mut p = pod(
+        "change",
+        json!({"terminationGracePeriodSeconds": 5, "containers": [
+            {"name": "main", "image": "busybox", "command": ["sh", "-c", looping]},
+            {"name": "side", "image": "busybox", "command": ["sh", "-c", looping]}]}),
+    );
+    let before = host.wait(&[p.clone()], "change", Duration::from_secs(60), running);
+    let id = |s: &PodStatus, i: usize| {
+        s.container_statuses.as_ref().expect("statuses")[i]
+            .container_id
+            .clone()
+            .expect("id")
+    };
+    let spec = p.spec.as_mut().expect("spec");
+    spec.containers[0].image = Some("busybox:2".into());
+    spec.containers.truncate(1);
+    let after = host.wait(&[p.clone()], "change", Duration::from_secs(60), |s| {
+        let c = &s.container_statuses.as_ref().expect("statuses")[0];
+        running(s) && c.image == "busybox:2"
+    });
+    let c = &after.container_statuses.as_ref().expect("statuses")[0];
+    assert_eq!(c.restart_count, 1);
+    assert_ne!(id(&after, 0), id(&before, 0));
+    // It went by SIGTERM (exit 0 from its trap), not by SIGKILL.
+    let last = c
+        .last_state
+        .as_ref()
+        .and_then(|l| l.terminated.as_ref())
+        .expect("lastState");
+    assert_eq!(last.exit_code, 0, "{last:?}");
+    // The sandbox holds the replaced instance (kept for lastState) and no "side".
+    let sandbox = host.sandboxes(&uid(&p)).pop().expect("sandbox");
+    let socket = host.socket();
+    let names: Vec<String> = host.rt.block_on(async {
+        let mut cri = Cri::connect(&socket).await.expect("cri");
+        cri.list_containers(&sandbox.id)
+            .await
+            .expect("ListContainers")
+            .into_iter()
+            .filter_map(|c| c.metadata.map(|m| format!("{}/{}", m.name, m.attempt)))
+            .collect()
+    });
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, ["main/0", "main/1"]);
+    let report = host.sync(&[]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}

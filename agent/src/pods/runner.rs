@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
@@ -19,7 +20,8 @@ use super::PodsError;
 use super::cri::Cri;
 use super::probe::{Action, ProbeSpec, ProbeState, network_probe};
 use super::spec::{
-    ANNOTATION_GRACE, ContainerSpec, LABEL_CONTAINER_NAME, LABEL_MANAGED, LABEL_POD_UID, PodSpec,
+    ANNOTATION_GRACE, ContainerSpec, LABEL_CONTAINER_HASH, LABEL_CONTAINER_NAME, LABEL_MANAGED,
+    LABEL_POD_UID, PodSpec,
 };
 use super::status::{
     Backoff, ContainerView, Instance, InstanceState, SandboxView, pod_status, refused,
@@ -57,9 +59,25 @@ pub struct PodRunner {
     cri: Cri,
     config: RunnerConfig,
     /// Probe counters per (container id, liveness?); kubelet keeps them in memory too.
-    probes: HashMap<(String, bool), ProbeState>,
+    probes: Mutex<HashMap<(String, bool), ProbeState>>,
     /// Containers probed during the current sync (the others' counters are dropped).
-    probed: HashSet<String>,
+    probed: Mutex<HashSet<String>>,
+}
+
+/// One pod's sync: its own CRI handle, the runner's shared state. Pods sync concurrently, so a
+/// slow one (a long grace period, a probe's timeout) never holds up another.
+struct Worker<'a> {
+    cri: Cri,
+    config: &'a RunnerConfig,
+    probes: &'a Mutex<HashMap<(String, bool), ProbeState>>,
+    probed: &'a Mutex<HashSet<String>>,
+}
+
+/// The data behind a mutex, even if a panicking holder poisoned it (counters stay usable).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn managed() -> HashMap<String, String> {
@@ -75,8 +93,8 @@ impl PodRunner {
         Self {
             cri,
             config,
-            probes: HashMap::new(),
-            probed: HashSet::new(),
+            probes: Mutex::new(HashMap::new()),
+            probed: Mutex::new(HashSet::new()),
         }
     }
 
@@ -85,10 +103,11 @@ impl PodRunner {
     pub async fn sync(&mut self, desired: &[Pod]) -> SyncReport {
         let mut report = SyncReport::default();
         let mut wanted = HashSet::new();
-        self.probed.clear();
+        lock(&self.probed).clear();
         // Pods being deleted (deletionTimestamp set) are torn down with their deletion grace
         // period, as kubelet does; they get no status from here.
         let mut deleting: HashMap<String, Option<i64>> = HashMap::new();
+        let mut syncing = Vec::new();
         for pod in desired {
             let meta = &pod.metadata;
             let name = key(
@@ -104,7 +123,19 @@ impl PodRunner {
             if let Some(uid) = &meta.uid {
                 wanted.insert(uid.clone());
             }
-            let status = self.sync_pod(pod).await;
+            syncing.push((name, pod));
+        }
+        let syncs = syncing.iter().map(|(_, pod)| {
+            let mut worker = Worker {
+                cri: self.cri.clone(),
+                config: &self.config,
+                probes: &self.probes,
+                probed: &self.probed,
+            };
+            async move { worker.sync_pod(pod).await }
+        });
+        let statuses = futures_util::future::join_all(syncs).await;
+        for ((name, _), status) in syncing.into_iter().zip(statuses) {
             if let Err(error) = &status {
                 warn!(pod = %name, error = %super::error_chain(error), "pod sync failed");
             }
@@ -134,8 +165,8 @@ impl PodRunner {
             teardown(self.cri.clone(), &self.config, sandbox, grace)
         });
         let results = futures_util::future::join_all(teardowns).await;
-        let probed = std::mem::take(&mut self.probed);
-        self.probes.retain(|(id, _), _| probed.contains(id));
+        let probed = std::mem::take(&mut *lock(&self.probed));
+        lock(&self.probes).retain(|(id, _), _| probed.contains(id));
         for (sandbox, result) in doomed.into_iter().zip(results) {
             let meta = sandbox.metadata.clone().unwrap_or_default();
             match result {
@@ -148,7 +179,9 @@ impl PodRunner {
         }
         report
     }
+}
 
+impl Worker<'_> {
     async fn sync_pod(&mut self, pod: &Pod) -> Result<PodStatus, PodsError> {
         let spec = match PodSpec::from_pod(pod) {
             Ok(spec) => spec,
@@ -179,7 +212,7 @@ impl PodRunner {
             .filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32)
             .max_by_key(|s| s.created_at)
             .cloned();
-        let config = self.config.clone();
+        let config = self.config;
         let sandbox_config =
             |attempt| spec.sandbox_config(attempt, &config.log_root, &config.cgroup_parent);
         let (sandbox_id, attempt) = match ready {
@@ -214,7 +247,7 @@ impl PodRunner {
                     .max()
                     .unwrap_or(0);
                 for old in &sandboxes {
-                    teardown(self.cri.clone(), &self.config, old, Some(0)).await?;
+                    teardown(self.cri.clone(), self.config, old, Some(0)).await?;
                 }
                 let config = sandbox_config(attempt);
                 std::fs::create_dir_all(&config.log_directory).map_err(|source| PodsError::Io {
@@ -303,8 +336,22 @@ impl PodRunner {
                 ready: None,
             });
         }
+        // A Pod's image may change in place: a container made from another spec is replaced
+        // (kubelet's spec hash), counting as a restart.
+        let changed = mine
+            .first()
+            .is_some_and(|x| x.labels.get(LABEL_CONTAINER_HASH) != Some(&c.hash()));
         let next_attempt = match &current {
             None => Some(0),
+            Some(i) if changed && i.state != InstanceState::Exited => {
+                info!(pod = %key(&spec.namespace, &spec.name), container = %c.name,
+                      "container spec changed; replacing it");
+                let (id, attempt) = (i.id.clone(), i.attempt);
+                self.cri.stop_container(&id, spec.grace_seconds).await?;
+                current = Some(self.instance(&id).await?);
+                Some(attempt + 1)
+            }
+            Some(i) if changed => Some(i.attempt + 1),
             Some(i) if i.state == InstanceState::Created => {
                 self.cri.start_container(&i.id).await?;
                 current = Some(self.instance(&i.id).await?);
@@ -372,7 +419,7 @@ impl PodRunner {
                 info!(pod = %key(&spec.namespace, &spec.name), container = %c.name,
                       "liveness probe failed; the container will be restarted");
                 self.cri.stop_container(&i.id, spec.grace_seconds).await?;
-                self.probes.remove(&(i.id.clone(), true));
+                lock(self.probes).remove(&(i.id.clone(), true));
                 current = Some(self.instance(&i.id).await?);
             } else if let Some(probe) = &c.readiness {
                 ready = Some(self.probe(&i, probe, false, ip, ran).await);
@@ -396,14 +443,16 @@ impl PodRunner {
         ran: Duration,
     ) -> bool {
         let key = (instance.id.clone(), liveness);
-        self.probed.insert(instance.id.clone());
+        lock(self.probed).insert(instance.id.clone());
         let now = std::time::Instant::now();
-        let state = self
-            .probes
-            .entry(key.clone())
-            .or_insert_with(|| ProbeState::new(liveness));
-        if !state.due(probe, ran, now) {
-            return state.ok;
+        {
+            let mut probes = lock(self.probes);
+            let state = probes
+                .entry(key.clone())
+                .or_insert_with(|| ProbeState::new(liveness));
+            if !state.due(probe, ran, now) {
+                return state.ok;
+            }
         }
         let success = match (&probe.action, ip) {
             (Action::Exec(command), _) => {
@@ -428,7 +477,7 @@ impl PodRunner {
             }
             (_, None) => false,
         };
-        self.probes
+        lock(self.probes)
             .entry(key)
             .or_insert_with(|| ProbeState::new(liveness))
             .record(probe, success, now)

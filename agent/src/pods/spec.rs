@@ -21,6 +21,8 @@ pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
 pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
 pub const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
+/// What the container was made from; another value means the spec changed.
+pub const LABEL_CONTAINER_HASH: &str = "slipway.dev/container-hash";
 /// The grace period a sandbox's containers get when the Pod goes away (kept on the sandbox:
 /// the Pod object may be gone by then).
 pub const ANNOTATION_GRACE: &str = "slipway.dev/termination-grace-period-seconds";
@@ -266,6 +268,7 @@ impl PodSpec {
                 (LABEL_MANAGED.to_owned(), "slipway".to_owned()),
                 (LABEL_POD_UID.to_owned(), self.uid.clone()),
                 (LABEL_CONTAINER_NAME.to_owned(), c.name.clone()),
+                (LABEL_CONTAINER_HASH.to_owned(), c.hash()),
             ]),
             log_path: format!("{}/{attempt}.log", c.name),
             linux: Some(cri::LinuxContainerConfig {
@@ -274,6 +277,30 @@ impl PodSpec {
             }),
             ..Default::default()
         }
+    }
+}
+
+impl ContainerSpec {
+    /// A digest of what the container is made from (image, command, args, env, working dir,
+    /// resources): the first 16 hex digits of a SHA-256, stable across agent versions.
+    pub fn hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let r = &self.resources;
+        let canonical = serde_json::json!([
+            self.image_ref,
+            self.command,
+            self.args,
+            self.env,
+            self.working_dir,
+            [
+                r.cpu_shares,
+                r.cpu_quota,
+                r.cpu_period,
+                r.memory_limit_in_bytes
+            ],
+        ]);
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -544,6 +571,11 @@ mod tests {
         assert_eq!(config.working_dir, "/www");
         assert_eq!(config.envs[0].key, "A");
         assert_eq!(config.log_path, "main/3.log");
+        assert_eq!(config.labels[LABEL_CONTAINER_HASH], c.hash());
+        let mut other = c.clone();
+        other.image_ref = "docker.io/library/busybox:2".into();
+        assert_ne!(other.hash(), c.hash());
+        assert_eq!(c.clone().hash(), c.hash());
         assert_eq!(config.metadata.unwrap().attempt, 3);
         // No resources at all: best effort, minimum shares and no limits.
         let p = pod(json!({"metadata": {"name": "x", "uid": "u"},
