@@ -309,6 +309,40 @@ fn pods_run_through_containerd_get_addresses_from_the_plugin_and_reach_each_othe
             .join(", ")
     );
 
+    // Five more at once (the runner syncs pods concurrently): each one's create -> Running.
+    let burst: Vec<Pod> = (1..=5).map(|i| web(&format!("burst{i}"))).collect();
+    let mut all = pods.clone();
+    all.extend(burst.iter().cloned());
+    let started = Instant::now();
+    let mut ready_at: std::collections::BTreeMap<String, Duration> = Default::default();
+    while ready_at.len() < burst.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "burst: only {ready_at:?} Running"
+        );
+        let report = host.sync(&all);
+        for p in &burst {
+            let name = p.metadata.name.clone().expect("name");
+            if let Some(Ok(status)) = report.statuses.get(&format!("default/{name}"))
+                && running(status)
+            {
+                ready_at.entry(name).or_insert_with(|| started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "5 pods at once, create -> Running: {}",
+        ready_at
+            .values()
+            .map(|d| format!("{} ms", d.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Back to the three web pods: the burst goes.
+    let report = host.sync(&pods);
+    assert_eq!(report.removed.len(), 5, "{:?}", report.errors);
+
     // containerd called the plugin: the IPAM record of the pod's address names the CRI
     // sandbox as CNI_CONTAINERID and the conflist's network.
     let status = host.wait(&pods, "web1", Duration::from_secs(10), running);
