@@ -406,6 +406,41 @@ fn pods_run_through_containerd_get_addresses_from_the_plugin_and_reach_each_othe
         "client: {log} {status:?}"
     );
     assert!(log.contains("hello from web1"), "client log: {log}");
+    // A finished pod's sandbox is stopped: its address goes back (CNI DEL), it is not rerun.
+    let client_ip: std::net::Ipv4Addr = status
+        .pod_ip
+        .as_deref()
+        .expect("client podIP")
+        .parse()
+        .expect("ip");
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = host.sync(&pods);
+        let phase = report.statuses["default/client"]
+            .as_ref()
+            .map(|s| s.phase.clone())
+            .expect("status");
+        assert_eq!(phase.as_deref(), Some("Succeeded"));
+        let held = store
+            .snapshot()
+            .expect("allocations")
+            .iter()
+            .any(|a| a.ip == client_ip);
+        if !held {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the finished client still holds {client_ip}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sandboxes = host.sandboxes(&uid(&client));
+    assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
+    assert_eq!(
+        sandboxes[0].state,
+        k8s_cri::v1::PodSandboxState::SandboxNotready as i32
+    );
 
     // Deleting the Pods (no longer desired) removes sandboxes, addresses, veths, map entries,
     // cgroups and logs.
@@ -508,6 +543,18 @@ fn a_crashing_container_is_restarted_with_back_off() {
     assert_eq!(
         done.container_statuses.expect("statuses")[0].restart_count,
         0
+    );
+    // Finished, it stays finished: its sandbox stopped, never replaced.
+    for _ in 0..3 {
+        let report = host.sync(&pods);
+        let status = report.statuses["default/done"].as_ref().expect("status");
+        assert_eq!(status.phase.as_deref(), Some("Succeeded"));
+    }
+    let sandboxes = host.sandboxes(&uid(&pods[1]));
+    assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
+    assert_eq!(
+        sandboxes[0].state,
+        k8s_cri::v1::PodSandboxState::SandboxNotready as i32
     );
 
     let report = host.sync(&[]);

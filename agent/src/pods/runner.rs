@@ -21,7 +21,7 @@ use super::cri::Cri;
 use super::probe::{Action, ProbeSpec, ProbeState, network_probe};
 use super::spec::{
     ANNOTATION_GRACE, ContainerSpec, LABEL_CONTAINER_HASH, LABEL_CONTAINER_NAME, LABEL_MANAGED,
-    LABEL_POD_UID, PodSpec,
+    LABEL_POD_UID, PodSpec, RestartPolicy,
 };
 use super::status::{
     Backoff, ContainerView, Instance, InstanceState, SandboxView, pod_status, refused,
@@ -212,6 +212,17 @@ impl Worker<'_> {
             .filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32)
             .max_by_key(|s| s.created_at)
             .cloned();
+        // A pod that ran to completion (restartPolicy Never or OnFailure) keeps its stopped
+        // sandbox: it is not started again.
+        if ready.is_none()
+            && spec.restart_policy != RestartPolicy::Always
+            && let Some(newest) = sandboxes.iter().max_by_key(|s| s.created_at)
+        {
+            let status = self.observe(pod, &spec, &newest.id).await?;
+            if terminal(&status) {
+                return Ok(status);
+            }
+        }
         let config = self.config;
         let sandbox_config =
             |attempt| spec.sandbox_config(attempt, &config.log_root, &config.cgroup_parent);
@@ -291,9 +302,50 @@ impl Worker<'_> {
                 .await?;
             views.push(view);
         }
-        Ok(pod_status(
+        let status = pod_status(
             pod,
             &spec,
+            Some(&sandbox),
+            &views,
+            self.config.host_ip.as_deref(),
+            Timestamp::now(),
+        );
+        if terminal(&status) && sandbox.ready {
+            // As kubelet does: a finished pod's sandbox stops, and CNI DEL frees its address.
+            self.cri.stop_pod_sandbox(&sandbox_id).await?;
+            info!(pod = %key(&spec.namespace, &spec.name), "pod finished; sandbox stopped");
+        }
+        Ok(status)
+    }
+
+    /// The status of the pod in `sandbox_id` as it stands, changing nothing.
+    async fn observe(
+        &mut self,
+        pod: &Pod,
+        spec: &PodSpec,
+        sandbox_id: &str,
+    ) -> Result<PodStatus, PodsError> {
+        let sandbox = sandbox_view(&self.cri.pod_sandbox_status(sandbox_id).await?);
+        let containers = self.cri.list_containers(sandbox_id).await?;
+        let mut views = Vec::new();
+        for c in &spec.containers {
+            let mut mine: Vec<&cri::Container> = containers
+                .iter()
+                .filter(|x| x.labels.get(LABEL_CONTAINER_NAME) == Some(&c.name))
+                .collect();
+            mine.sort_by_key(|x| std::cmp::Reverse(x.metadata.as_ref().map_or(0, |m| m.attempt)));
+            let mut view = ContainerView::default();
+            if let Some(x) = mine.first() {
+                view.current = Some(self.instance(&x.id).await?);
+            }
+            if let Some(x) = mine.get(1) {
+                view.previous = Some(self.instance(&x.id).await?);
+            }
+            views.push(view);
+        }
+        Ok(pod_status(
+            pod,
+            spec,
             Some(&sandbox),
             &views,
             self.config.host_ip.as_deref(),
@@ -545,6 +597,11 @@ async fn teardown(
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+/// Whether a status is final (Succeeded or Failed).
+fn terminal(status: &PodStatus) -> bool {
+    matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
 }
 
 fn sandbox_view(status: &cri::PodSandboxStatus) -> SandboxView {
