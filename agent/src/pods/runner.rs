@@ -24,8 +24,8 @@ use super::spec::{
     LABEL_POD_UID, PodSpec, RestartPolicy,
 };
 use super::status::{
-    Backoff, ContainerView, Instance, InstanceState, SandboxView, pod_status, refused,
-    should_restart,
+    Backoff, ContainerView, Instance, InstanceState, SandboxView, Step, next_step, pod_status,
+    refused,
 };
 
 /// How the runner lays pods out on this host.
@@ -393,50 +393,44 @@ impl Worker<'_> {
         let changed = mine
             .first()
             .is_some_and(|x| x.labels.get(LABEL_CONTAINER_HASH) != Some(&c.hash()));
-        let next_attempt = match &current {
-            None => Some(0),
-            Some(i) if changed && i.state != InstanceState::Exited => {
-                info!(pod = %key(&spec.namespace, &spec.name), container = %c.name,
-                      "container spec changed; replacing it");
-                let (id, attempt) = (i.id.clone(), i.attempt);
-                self.cri.stop_container(&id, spec.grace_seconds).await?;
+        let step = next_step(
+            current.as_ref(),
+            changed,
+            spec.restart_policy,
+            &self.config.backoff,
+            Timestamp::now().as_nanosecond(),
+        );
+        let next_attempt = match step {
+            Step::Keep => None,
+            Step::Create { attempt } => Some(attempt),
+            Step::Start { id } => {
+                self.cri.start_container(&id).await?;
                 current = Some(self.instance(&id).await?);
-                Some(attempt + 1)
-            }
-            Some(i) if changed => Some(i.attempt + 1),
-            Some(i) if i.state == InstanceState::Created => {
-                self.cri.start_container(&i.id).await?;
-                current = Some(self.instance(&i.id).await?);
                 None
             }
-            Some(i)
-                if i.state == InstanceState::Exited
-                    && should_restart(spec.restart_policy, i.exit_code) =>
-            {
-                let ran = Duration::from_nanos(
-                    u64::try_from(i.finished_at.saturating_sub(i.started_at)).unwrap_or(0),
-                );
-                let delay = self.config.backoff.delay(i.attempt, ran);
-                let since = Timestamp::now().as_nanosecond() - i128::from(i.finished_at);
-                if since < delay.as_nanos() as i128 {
-                    let message = format!(
-                        "back-off {}s restarting failed container={} pod={}_{}({})",
-                        delay.as_secs(),
-                        c.name,
-                        spec.name,
-                        spec.namespace,
-                        spec.uid
-                    );
-                    return Ok(ContainerView {
-                        current,
-                        previous,
-                        waiting: Some(("CrashLoopBackOff".to_owned(), message)),
-                        ready: None,
-                    });
-                }
-                Some(i.attempt + 1)
+            Step::Replace { id, attempt } => {
+                info!(pod = %key(&spec.namespace, &spec.name), container = %c.name,
+                      "container spec changed; replacing it");
+                self.cri.stop_container(&id, spec.grace_seconds).await?;
+                current = Some(self.instance(&id).await?);
+                Some(attempt)
             }
-            Some(_) => None,
+            Step::BackOff { delay } => {
+                let message = format!(
+                    "back-off {}s restarting failed container={} pod={}_{}({})",
+                    delay.as_secs(),
+                    c.name,
+                    spec.name,
+                    spec.namespace,
+                    spec.uid
+                );
+                return Ok(ContainerView {
+                    current,
+                    previous,
+                    waiting: Some(("CrashLoopBackOff".to_owned(), message)),
+                    ready: None,
+                });
+            }
         };
         if let Some(attempt) = next_attempt {
             // Keep one dead instance (for lastState and `kubectl logs --previous`).

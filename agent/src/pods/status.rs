@@ -51,6 +51,60 @@ pub fn should_restart(policy: RestartPolicy, exit_code: i32) -> bool {
     }
 }
 
+/// What the runner does next with one container of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Leave it (running, or exited for good).
+    Keep,
+    /// Create and start instance `attempt`.
+    Create { attempt: u32 },
+    /// Start the created instance `id`.
+    Start { id: String },
+    /// Stop `id` (its spec changed), then create instance `attempt`.
+    Replace { id: String, attempt: u32 },
+    /// Exited and due for a restart, but not before `delay` after its exit.
+    BackOff { delay: Duration },
+}
+
+/// The next step for a container whose newest instance is `current`, at `now` (nanoseconds
+/// since the epoch): kubelet's `computePodActions` for one container.
+pub fn next_step(
+    current: Option<&Instance>,
+    spec_changed: bool,
+    policy: RestartPolicy,
+    backoff: &Backoff,
+    now: i128,
+) -> Step {
+    let Some(i) = current else {
+        return Step::Create { attempt: 0 };
+    };
+    match i.state {
+        _ if spec_changed && i.state != InstanceState::Exited => Step::Replace {
+            id: i.id.clone(),
+            attempt: i.attempt + 1,
+        },
+        _ if spec_changed => Step::Create {
+            attempt: i.attempt + 1,
+        },
+        InstanceState::Created => Step::Start { id: i.id.clone() },
+        InstanceState::Exited if should_restart(policy, i.exit_code) => {
+            let ran = Duration::from_nanos(
+                u64::try_from(i.finished_at.saturating_sub(i.started_at)).unwrap_or(0),
+            );
+            let delay = backoff.delay(i.attempt, ran);
+            let since = now - i128::from(i.finished_at);
+            if since < i128::try_from(delay.as_nanos()).unwrap_or(i128::MAX) {
+                Step::BackOff { delay }
+            } else {
+                Step::Create {
+                    attempt: i.attempt + 1,
+                }
+            }
+        }
+        _ => Step::Keep,
+    }
+}
+
 /// The state of one container instance as the runtime reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {
@@ -365,6 +419,67 @@ mod tests {
             image_ref: "sha256:abc".into(),
             attempt,
         }
+    }
+
+    #[test]
+    fn next_steps_follow_policy_back_off_and_spec_changes() {
+        let b = Backoff::default();
+        let secs = |s: i128| s * 1_000_000_000;
+        let step =
+            |i: Option<&Instance>, changed, policy, now| next_step(i, changed, policy, &b, now);
+        assert_eq!(
+            step(None, false, RestartPolicy::Never, 0),
+            Step::Create { attempt: 0 }
+        );
+        let created = instance(InstanceState::Created, 0, 0);
+        assert_eq!(
+            step(Some(&created), false, RestartPolicy::Always, 0),
+            Step::Start { id: "id0".into() }
+        );
+        let running = instance(InstanceState::Running, 0, 2);
+        assert_eq!(
+            step(Some(&running), false, RestartPolicy::Always, 0),
+            Step::Keep
+        );
+        assert_eq!(
+            step(Some(&running), true, RestartPolicy::Always, 0),
+            Step::Replace {
+                id: "id2".into(),
+                attempt: 3
+            }
+        );
+        // Exited at 2 s after its 2nd restart: back-off 20 s.
+        let crashed = instance(InstanceState::Exited, 1, 2);
+        assert_eq!(
+            step(Some(&crashed), false, RestartPolicy::Always, secs(10)),
+            Step::BackOff {
+                delay: Duration::from_secs(20)
+            }
+        );
+        assert_eq!(
+            step(Some(&crashed), false, RestartPolicy::OnFailure, secs(22)),
+            Step::Create { attempt: 3 }
+        );
+        assert_eq!(
+            step(Some(&crashed), false, RestartPolicy::Never, secs(22)),
+            Step::Keep
+        );
+        // A changed spec restarts an exited container at once.
+        assert_eq!(
+            step(Some(&crashed), true, RestartPolicy::Never, secs(3)),
+            Step::Create { attempt: 3 }
+        );
+        let done = instance(InstanceState::Exited, 0, 0);
+        assert_eq!(
+            step(Some(&done), false, RestartPolicy::OnFailure, secs(99)),
+            Step::Keep
+        );
+        // The first restart is immediate.
+        let first = instance(InstanceState::Exited, 1, 0);
+        assert_eq!(
+            step(Some(&first), false, RestartPolicy::Always, secs(2)),
+            Step::Create { attempt: 1 }
+        );
     }
 
     #[test]
