@@ -862,7 +862,7 @@ fn import(host: &PodHost, args: &[&str]) -> (bool, String) {
     not(feature = "privileged"),
     ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
 )]
-fn an_image_archive_is_imported_under_its_new_name_and_its_cmd_runs() {
+fn image_archives_oci_and_docker_are_imported_under_new_names_and_their_cmds_run() {
     let mut host = PodHost::start(Backoff::default());
     let rootfs = host.cluster.dir.join("busybox-rootfs");
     let archive = host.cluster.dir.join("tools.tar");
@@ -915,6 +915,75 @@ fn an_image_archive_is_imported_under_its_new_name_and_its_cmd_runs() {
         assert!(Instant::now() < end, "log {}: {text:?}", log.display());
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A docker archive (`podman save --format docker-archive` of a rootfs podman imported).
+    let podman_dir = host.cluster.dir.join("podman");
+    std::fs::create_dir_all(&podman_dir).expect("podman dir");
+    let rootfs_tar = podman_dir.join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&rootfs_tar)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let docker_tar = podman_dir.join("docker.tar");
+    let podman = |args: &[&str]| {
+        let out = Command::new("podman")
+            .arg("--root")
+            .arg(podman_dir.join("root"))
+            .arg("--runroot")
+            .arg(podman_dir.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .expect("podman (Debian package podman)");
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    podman(&[
+        "import",
+        "--change",
+        "CMD [\"/bin/busybox\", \"echo\", \"from a docker archive\"]",
+        rootfs_tar.to_str().expect("utf-8"),
+        "localhost/podman-made:1",
+    ]);
+    podman(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        docker_tar.to_str().expect("utf-8"),
+        "localhost/podman-made:1",
+    ]);
+    let (ok, stderr) = import(
+        &host,
+        &["docker-made:1", docker_tar.to_str().expect("utf-8")],
+    );
+    assert!(ok, "{stderr}");
+    let once = pod(
+        "once",
+        json!({"restartPolicy": "Never",
+               "containers": [{"name": "o", "image": "docker-made:1"}]}),
+    );
+    let log = host
+        .dir
+        .join("pods")
+        .join(format!("default_once_{}", uid(&once)))
+        .join("o/0.log");
+    let pods = vec![once];
+    let status = host.wait(&pods, "once", Duration::from_secs(60), |s| {
+        matches!(s.phase.as_deref(), Some("Succeeded" | "Failed"))
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{text}");
+    assert!(text.contains("from a docker archive"), "{text:?}");
+
     let report = host.sync(&[]);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(host.cluster.leftovers(1), Leftovers::default());
