@@ -714,6 +714,30 @@ fn wait_gone(pid: i32, what: &str) {
     }
 }
 
+/// Ends whatever containerd the pid file in `0` names when the test ends (on panic too): the
+/// agent's containerd outlives an agent killed by the cluster's drop.
+struct ContainerdReaper(PathBuf);
+
+impl Drop for ContainerdReaper {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.0.join("containerd.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        // Only a live process running this directory's config (not a recycled pid).
+        let config = self.0.join("config.toml").display().to_string();
+        let ours = |pid: &i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&config))
+        };
+        if let Some(pid) = pid.filter(|p| !gone(*p) && ours(p)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "privileged"),
@@ -722,6 +746,8 @@ fn wait_gone(pid: i32, what: &str) {
 fn the_agent_runs_restarts_and_stops_its_containerd() {
     let mut cluster = Cluster::new(1, "vxlan");
     let dir = cluster.dir.join("containerd");
+    // Declared after the cluster, so dropped before it (the directory is still there).
+    let _reaper = ContainerdReaper(dir.clone());
     let conf_dir = cluster.dir.join("net.d");
     let bin_dir = cluster.cni_path.clone();
     let args = [
