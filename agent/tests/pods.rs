@@ -216,6 +216,20 @@ impl Drop for PodHost {
             self.rt.block_on(containerd.stop());
         }
         remove_cgroup(Path::new("/sys/fs/cgroup"), &self.cgroup_parent);
+        // What a failed teardown left mounted (sandbox netns, rootfs) would keep the cluster's
+        // directory from going.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let prefix = format!("{}/", self.dir.display());
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for point in points {
+            eprintln!("teardown: unmounting leftover {point}");
+            let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -612,6 +626,42 @@ fn bad_pods_get_status_reasons_and_leave_nothing() {
         assert!(host.sandboxes(&uid(p)).is_empty());
     }
     assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+
+    // No network configuration: the sandbox cannot be made; the pod waits with the runtime's
+    // reason, nothing is left, and it starts once the conflist is back.
+    let conflist = host.cluster.dir.join("net.d/10-slipway.conflist");
+    let saved = std::fs::read(&conflist).expect("conflist");
+    std::fs::remove_file(&conflist).expect("remove the conflist");
+    let waiting = vec![web("netless")];
+    let status = host.wait(&waiting, "netless", Duration::from_secs(30), |s| {
+        s.conditions.iter().flatten().any(|c| {
+            c.type_ == "PodReadyToStartContainers"
+                && c.reason.as_deref() == Some("FailedCreatePodSandBox")
+        })
+    });
+    assert_eq!(status.phase.as_deref(), Some("Pending"));
+    let message = status.container_statuses.as_ref().expect("statuses")[0]
+        .state
+        .as_ref()
+        .and_then(|s| s.waiting.as_ref())
+        .and_then(|w| w.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("cni"), "{message}");
+    eprintln!("sandbox without a network: {message}");
+    // No address, veth or endpoint; containerd keeps at most a NotReady record of the failed
+    // sandbox (it cannot run CNI DEL without a conflist either).
+    let left = host.sandboxes(&uid(&waiting[0]));
+    assert!(
+        left.iter()
+            .all(|s| s.state == k8s_cri::v1::PodSandboxState::SandboxNotready as i32),
+        "{left:?}"
+    );
+    assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+    std::fs::write(&conflist, &saved).expect("put the conflist back");
+    host.wait(&waiting, "netless", Duration::from_secs(60), running);
+    // The failed record went when the sandbox was made again.
+    let left = host.sandboxes(&uid(&waiting[0]));
+    assert_eq!(left.len(), 1, "{left:?}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::PodsError;
 use super::cri::Cri;
@@ -25,7 +25,7 @@ use super::spec::{
 };
 use super::status::{
     Backoff, ContainerView, Instance, InstanceState, SandboxView, Step, next_step, pod_status,
-    refused,
+    refused, sandbox_failed,
 };
 
 /// How the runner lays pods out on this host.
@@ -265,7 +265,36 @@ impl Worker<'_> {
                     what: "create the pod's log directory",
                     source,
                 })?;
-                let id = self.cri.run_pod_sandbox(config).await?;
+                let id = match self.cri.run_pod_sandbox(config).await {
+                    Ok(id) => id,
+                    // The pod waits (kubelet's FailedCreatePodSandBox) and the next sync tries
+                    // again. containerd 1.6 keeps a NotReady record of the failed sandbox for
+                    // the caller to remove.
+                    Err(error) => {
+                        let message = super::error_chain(&error);
+                        warn!(pod = %key(&spec.namespace, &spec.name), %message,
+                              "sandbox not created");
+                        let mut labels = managed();
+                        labels.insert(LABEL_POD_UID.to_owned(), spec.uid.clone());
+                        // Best effort: without the network configuration containerd cannot
+                        // run CNI DEL either; then the record goes at a later sync.
+                        for failed in self.cri.list_pod_sandboxes(labels).await? {
+                            if let Err(e) =
+                                teardown(self.cri.clone(), self.config, &failed, Some(0)).await
+                            {
+                                warn!(sandbox = %failed.id, error = %super::error_chain(&e),
+                                      "failed sandbox not removed yet");
+                            }
+                        }
+                        return Ok(sandbox_failed(
+                            pod,
+                            &spec,
+                            &message,
+                            self.config.host_ip.as_deref(),
+                            Timestamp::now(),
+                        ));
+                    }
+                };
                 info!(pod = %key(&spec.namespace, &spec.name), sandbox = %id, "sandbox ready");
                 (id, attempt)
             }
@@ -282,7 +311,7 @@ impl Worker<'_> {
                 kept.push(x);
             } else {
                 self.cri.stop_container(&x.id, spec.grace_seconds).await?;
-                self.cri.remove_container(&x.id).await?;
+                remove_container(&mut self.cri, &x.id).await?;
             }
         }
         let containers = kept;
@@ -435,7 +464,7 @@ impl Worker<'_> {
         if let Some(attempt) = next_attempt {
             // Keep one dead instance (for lastState and `kubectl logs --previous`).
             for old in mine.iter().skip(1) {
-                self.cri.remove_container(&old.id).await?;
+                remove_container(&mut self.cri, &old.id).await?;
             }
             let id = self
                 .cri
@@ -576,7 +605,7 @@ async fn teardown(
         result?;
     }
     for c in &containers {
-        cri.remove_container(&c.id).await?;
+        remove_container(&mut cri, &c.id).await?;
     }
     cri.stop_pod_sandbox(&sandbox.id).await?;
     cri.remove_pod_sandbox(&sandbox.id).await?;
@@ -591,6 +620,24 @@ async fn teardown(
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+/// Removes a stopped container. containerd learns of a task's exit from an event it handles
+/// on its own time, so a container that exited (or was stopped) just now may still count as
+/// running: stop it again and retry for a few seconds.
+async fn remove_container(cri: &mut Cri, id: &str) -> Result<(), PodsError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match cri.remove_container(id).await {
+            Ok(()) => return Ok(()),
+            Err(error) if std::time::Instant::now() >= deadline => return Err(error),
+            Err(error) => {
+                debug!(container = %id, error = %super::error_chain(&error), "removal retried");
+                let _ = cri.stop_container(id, 0).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Whether a status is final (Succeeded or Failed).

@@ -349,6 +349,36 @@ pub fn pod_status(
     }
 }
 
+/// The status of a Pod whose sandbox could not be made: Pending, every container waiting in
+/// ContainerCreating with the runtime's error, PodReadyToStartContainers False.
+pub fn sandbox_failed(
+    pod: &Pod,
+    spec: &PodSpec,
+    message: &str,
+    host_ip: Option<&str>,
+    now: Timestamp,
+) -> PodStatus {
+    let views: Vec<ContainerView> = spec
+        .containers
+        .iter()
+        .map(|_| ContainerView {
+            waiting: Some((
+                "ContainerCreating".to_owned(),
+                format!("FailedCreatePodSandBox: {message}"),
+            )),
+            ..Default::default()
+        })
+        .collect();
+    let mut status = pod_status(pod, spec, None, &views, host_ip, now);
+    for c in status.conditions.iter_mut().flatten() {
+        if c.type_ == "PodReadyToStartContainers" {
+            c.reason = Some("FailedCreatePodSandBox".to_owned());
+            c.message = Some(message.to_owned());
+        }
+    }
+    status
+}
+
 /// The status of a Pod the runner refused: phase Failed, nothing created.
 pub fn refused(pod: &Pod, reason: &str, message: String) -> PodStatus {
     PodStatus {
@@ -590,6 +620,30 @@ mod tests {
             (ready.status.as_str(), ready.reason.as_deref()),
             ("False", Some("ContainersNotReady"))
         );
+    }
+
+    #[test]
+    fn a_sandbox_that_failed_leaves_the_pod_pending_with_the_reason() {
+        let (pod, spec) = fixture("Always");
+        let s = sandbox_failed(&pod, &spec, "CNI ADD: no address", None, Timestamp::now());
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        let waiting = s.container_statuses.as_ref().unwrap()[0]
+            .state
+            .as_ref()
+            .unwrap()
+            .waiting
+            .clone()
+            .unwrap();
+        assert_eq!(waiting.reason.as_deref(), Some("ContainerCreating"));
+        assert!(waiting.message.unwrap().contains("CNI ADD: no address"));
+        let c = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "PodReadyToStartContainers")
+            .unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason.as_deref(), Some("FailedCreatePodSandBox"));
     }
 
     #[test]
