@@ -150,8 +150,22 @@ impl Heartbeat {
         })
     }
 
-    /// The Host exists and its status says this agent runs it.
+    /// The Host exists and its status says this agent runs it. A joined host's Host was made
+    /// when it joined (its identity may only write its status); an agent given an
+    /// administrator's kubeconfig makes it.
     pub async fn register(&self) -> Result<(), kube::Error> {
+        let status = json!({"status": {
+            "phase": "Running",
+            "address": self.reg.address,
+            "agentVersion": env!("CARGO_PKG_VERSION"),
+        }});
+        let (params, status) = (PatchParams::default(), Patch::Merge(&status));
+        let patch = || self.hosts.patch_status(&self.reg.host, &params, &status);
+        match patch().await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
         let mut host = DynamicObject::new(&self.reg.host, &self.host_resource);
         host.data = json!({"spec": {
             "zone": self.reg.zone,
@@ -162,19 +176,7 @@ impl Heartbeat {
             Err(e) if is_conflict(&e) => {}
             Err(e) => return Err(e),
         }
-        let status = json!({"status": {
-            "phase": "Running",
-            "address": self.reg.address,
-            "agentVersion": env!("CARGO_PKG_VERSION"),
-        }});
-        self.hosts
-            .patch_status(
-                &self.reg.host,
-                &PatchParams::default(),
-                &Patch::Merge(&status),
-            )
-            .await?;
-        Ok(())
+        patch().await.map(drop)
     }
 
     /// Renews the Lease, creating it (and its namespace) when it is not there.

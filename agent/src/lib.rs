@@ -18,6 +18,7 @@ pub mod args;
 pub mod cli;
 pub mod heartbeat;
 pub mod hosts;
+pub mod join;
 pub mod metrics;
 pub mod pods;
 pub mod policy;

@@ -241,11 +241,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    write_atomically_with_mode(path, body, 0o644)
+}
+
+/// Writes `body` to `path` atomically (a crash leaves the old file or the new one), created
+/// with permission bits `mode`.
+pub(crate) fn write_atomically_with_mode(
+    path: &Path,
+    body: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp)?;
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
     file.write_all(body)?;
     file.sync_all()?;
     fs::rename(&tmp, path)?;

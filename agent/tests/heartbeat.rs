@@ -3,93 +3,16 @@
 //! interval; a restarted agent takes over the same Lease, and a Lease deleted behind the agent's
 //! back comes back. Needs no privileges: only the heartbeat runs, not the datapath.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
+
+use common::{Supervisor, wait_for};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use slipway_agent::heartbeat::{Heartbeat, LEASE_NAMESPACE, Registration};
-
-/// The `slipway` binary, built beside this test by `cargo test --workspace`.
-fn slipway_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("slipway"))
-        .expect("target dir");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
-        path.display()
-    );
-    path
-}
-
-/// A supervisor in a temporary directory, killed and removed on drop (on panic too).
-struct Supervisor {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Supervisor {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("slipway-agent-hb-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let log = std::fs::File::create(dir.join("supervisor.log")).expect("log");
-        let mut child = Command::new(slipway_binary())
-            .args(["supervisor", "--data-dir"])
-            .arg(&dir)
-            .args(["--listen", "127.0.0.1:0", "--store", "redb"])
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn supervisor");
-        let stdout = child.stdout.take().expect("stdout");
-        let sup = Self { child, dir };
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("supervisor output");
-        assert!(
-            line.contains("https://"),
-            "supervisor did not start: {line:?}; see {}",
-            sup.dir.join("supervisor.log").display()
-        );
-        sup
-    }
-
-    fn kubeconfig(&self) -> PathBuf {
-        self.dir.join("admin.kubeconfig")
-    }
-}
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn registration() -> Registration {
     Registration {
@@ -104,7 +27,7 @@ fn registration() -> Registration {
 
 #[tokio::test]
 async fn the_agent_registers_its_host_and_keeps_its_lease_renewed() {
-    let sup = Supervisor::start();
+    let sup = Supervisor::start("hb");
     let config = kube::Config::from_custom_kubeconfig(
         Kubeconfig::read_from(sup.kubeconfig()).expect("kubeconfig"),
         &KubeConfigOptions::default(),

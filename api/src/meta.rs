@@ -317,3 +317,54 @@ mod tests {
         assert!(errs[1].to_string().contains("valid CIDR"), "{}", errs[1]);
     }
 }
+
+/// `conditions` (a JSON list, or null) with `condition` in place of the one of its `type`,
+/// appended when there is none. A condition whose status did not change keeps its
+/// `lastTransitionTime`. For kinds that take no strategic merge patch (Slipway's own): a
+/// controller reads the object, sets its condition, and writes the list back.
+pub fn set_condition(conditions: &Value, mut condition: Value) -> Value {
+    let mut list = conditions.as_array().cloned().unwrap_or_default();
+    match list.iter_mut().find(|c| c["type"] == condition["type"]) {
+        Some(old) => {
+            if old["status"] == condition["status"]
+                && let Some(t) = old.get("lastTransitionTime").cloned()
+            {
+                condition["lastTransitionTime"] = t;
+            }
+            *old = condition;
+        }
+        None => list.push(condition),
+    }
+    Value::Array(list)
+}
+
+#[cfg(test)]
+mod condition_tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_condition_replaces_its_type_and_keeps_the_others() {
+        let list = json!([
+            {"type": "Ready", "status": "True", "lastTransitionTime": "t0"},
+            {"type": "Provisioned", "status": "True", "lastTransitionTime": "t0"},
+        ]);
+        let same = super::set_condition(
+            &list,
+            json!({"type": "Ready", "status": "True", "reason": "LeaseRenewed", "lastTransitionTime": "t1"}),
+        );
+        assert_eq!(
+            same[0]["lastTransitionTime"], "t0",
+            "no transition: time kept"
+        );
+        assert_eq!(same[0]["reason"], "LeaseRenewed");
+        assert_eq!(same[1]["type"], "Provisioned");
+        let flipped = super::set_condition(
+            &same,
+            json!({"type": "Ready", "status": "False", "lastTransitionTime": "t2"}),
+        );
+        assert_eq!(flipped[0]["lastTransitionTime"], "t2");
+        assert_eq!(flipped.as_array().map(Vec::len), Some(2));
+        let added = super::set_condition(&json!(null), json!({"type": "X", "status": "True"}));
+        assert_eq!(added, json!([{"type": "X", "status": "True"}]));
+    }
+}

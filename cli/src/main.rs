@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod supervisor;
+mod up;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -37,6 +39,9 @@ enum Command {
     /// Offline images for the host's containerd: `import NAME DIR|TAR`.
     #[command(subcommand)]
     Image(slipway_agent::pods::image::ImageCommand),
+    /// Join this machine to a supervisor as a host (bootstrap token, as `kubeadm join`), then
+    /// run its host agent (heartbeat; the node datapath with agent flags after `--`).
+    Join(slipway_agent::join::JoinArgs),
     /// Stream the node's NetworkPolicy verdicts (allowed connections, denied packets).
     Flows(slipway_agent::cli::FlowsArgs),
     /// NetworkPolicy on this node: `explain` a verdict, `set` or `get` the agent's state.
@@ -46,8 +51,14 @@ enum Command {
     /// process the node plugin starts.
     #[command(subcommand)]
     Csi(slipway_csi::cli::CsiCommand),
+    /// The main job: a supervisor provisioning hosts in network namespaces over three zones,
+    /// with a demo cluster (one control plane host, two workers in two zones); progress until
+    /// it is Ready, then the commands to try. Ctrl-C (or `slipway down`) tears everything down.
+    Up(up::UpArgs),
+    /// Stops a running `slipway up` (which then tears everything down).
+    Down(up::DownArgs),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
-    Supervisor(slipway_supervisor::cli::SupervisorArgs),
+    Supervisor(supervisor::SupervisorCommand),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
     Apply(slipway_supervisor::cli::ApplyArgs),
     /// List or show objects.
@@ -62,6 +73,23 @@ enum Command {
     /// written to <out-dir>/<suite>.jsonl.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// A client with the credentials of `kubeconfig`.
+async fn client_for(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The host agent's runtime: two workers, whatever the machine's size.
+fn agent_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +112,8 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => bench::run(bench::Suite::Demo, args),
         Command::Bench(command) => bench::dispatch(command),
         Command::Supervisor(args) => args.run(),
+        Command::Up(args) => args.run(),
+        Command::Down(args) => args.run(),
         Command::Apply(args) => args.run(),
         Command::Get(args) => args.run(),
         Command::Describe(args) => args.run(),
@@ -96,10 +126,7 @@ fn main() -> anyhow::Result<()> {
         Command::Policy(command) => command.run(),
         Command::Blockstore(args) => args.run(),
         Command::Csi(command) => command.run(&["csi"]),
-        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(slipway_agent::run(*args)),
+        Command::Agent(args) => agent_runtime()?.block_on(slipway_agent::run(*args)),
+        Command::Join(args) => agent_runtime()?.block_on(slipway_agent::join::run(args)),
     }
 }

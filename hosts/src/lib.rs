@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod netns;
+pub mod reconciler;
 
 use std::fmt;
 use std::net::Ipv4Addr;

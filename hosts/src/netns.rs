@@ -26,6 +26,7 @@ use ipnetwork::Ipv4Network;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use slipway_dataplane::cgroup::{Layout, Limits};
+use slipway_dataplane::link::Netlink;
 use slipway_dataplane::underlay::{self, Plug};
 use slipway_dataplane::{DataplaneError, netns};
 use tokio::sync::Mutex;
@@ -43,6 +44,9 @@ pub const DEFAULT_UNDERLAY: Ipv4Network =
 /// The zone's end of its link to the core (a bridge port).
 const UPLINK: &str = "uplink";
 
+/// The core's end of its link to the root namespace.
+const CORE_UPLINK: &str = "up0";
+
 /// What the `netns` provider is configured with.
 #[derive(Debug, Clone)]
 pub struct NetnsConfig {
@@ -58,6 +62,10 @@ pub struct NetnsConfig {
     pub stop_grace: Duration,
     /// Where hosts' bpffs directories are made.
     pub bpffs_root: PathBuf,
+    /// The root namespace's end of a link to the core (a veth of this name), so that hosts
+    /// reach this machine (the supervisor) and it reaches them: the underlay's last /30 holds
+    /// the two ends ([`NetnsProvider::uplink_addresses`]). None leaves the underlay closed.
+    pub uplink_device: Option<String>,
 }
 
 impl NetnsConfig {
@@ -71,6 +79,7 @@ impl NetnsConfig {
             zones: zones.iter().map(|z| (*z).to_owned()).collect(),
             stop_grace: Duration::from_secs(5),
             bpffs_root: PathBuf::from("/sys/fs/bpf"),
+            uplink_device: None,
         }
     }
 
@@ -90,11 +99,21 @@ impl NetnsConfig {
         if unique.len() != self.zones.len() {
             bad("zones", "zone names repeat".to_owned());
         }
+        if let Some(dev) = &self.uplink_device
+            && (dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']))
+        {
+            bad(
+                "uplinkDevice",
+                format!("{dev:?} is not an interface name (1 to 15 characters, no '/' or space)"),
+            );
+        }
         if let Some(zone) = self.zones.iter().find(|z| !crate::is_label(z)) {
             bad("zones", format!("{zone:?} is not a DNS label"));
         }
         let prefix = self.underlay.prefix();
-        if prefix > 24 || (1usize << (24 - prefix)) < self.zones.len() {
+        // With an uplink, the underlay's last /24 holds it and no zone.
+        let reserved = usize::from(self.uplink_device.is_some());
+        if prefix > 24 || (1usize << (24 - prefix)) < self.zones.len() + reserved {
             bad(
                 "underlay",
                 format!(
@@ -232,6 +251,13 @@ impl NetnsProvider {
         Ipv4Network::new(Ipv4Addr::from(base), 24).ok()
     }
 
+    /// The two ends of the uplink (root namespace, core): `.253` and `.254` of the underlay's
+    /// last /30. The root's end is where hosts reach this machine.
+    pub fn uplink_addresses(&self) -> (Ipv4Addr, Ipv4Addr) {
+        let last = u32::from(self.config.underlay.broadcast());
+        (Ipv4Addr::from(last - 2), Ipv4Addr::from(last - 1))
+    }
+
     fn gateway(subnet: Ipv4Network) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(subnet.network()) + 1)
     }
@@ -316,7 +342,7 @@ impl NetnsProvider {
             .ok_or_else(|| HostError::invalid("zone", format!("zone {zone} has no free address")))
     }
 
-    /// Makes the core namespace (if missing) with forwarding on.
+    /// Makes the core namespace (if missing) with forwarding on, and its uplink if configured.
     async fn ensure_core(&self) -> Result<(), DataplaneError> {
         let core = self.core_netns();
         underlay::ensure_netns(&core).await?;
@@ -325,7 +351,52 @@ impl NetnsProvider {
                 call: "enable forwarding in the core namespace",
                 source,
             },
+        )?;
+        self.ensure_uplink().await
+    }
+
+    /// The veth between this machine's namespace and the core, addressed, with the routes
+    /// each side needs (the core's default, this machine's to the underlay).
+    async fn ensure_uplink(&self) -> Result<(), DataplaneError> {
+        let Some(dev) = &self.config.uplink_device else {
+            return Ok(());
+        };
+        let (root_ip, core_ip) = self.uplink_addresses();
+        let core_path = netns::path(&self.core_netns());
+        // The process's main thread stays in the namespace the process started in.
+        let root = Netlink::in_netns(Path::new("/proc/self/ns/net"))?;
+        let core = Netlink::in_netns(&core_path)?;
+        if root.link(dev).await?.is_none() || core.link(CORE_UPLINK).await?.is_none() {
+            root.delete_link(dev).await?;
+            core.delete_link(CORE_UPLINK).await?;
+            root.add_veth(dev, CORE_UPLINK, &core_path, underlay::MTU)
+                .await?;
+        }
+        let missing = |what: &str| DataplaneError::Netlink {
+            what: what.to_owned(),
+            detail: "not found".into(),
+        };
+        let root_link = root.link(dev).await?.ok_or_else(|| missing(dev))?;
+        let core_link = core
+            .link(CORE_UPLINK)
+            .await?
+            .ok_or_else(|| missing(CORE_UPLINK))?;
+        for (nl, link, ip) in [(&root, &root_link, root_ip), (&core, &core_link, core_ip)] {
+            if !nl.addresses(link.index).await?.contains(&(ip, 30)) {
+                nl.add_address(link.index, ip, 30).await?;
+            }
+            nl.set_up(link.index).await?;
+        }
+        core.add_route(Ipv4Addr::UNSPECIFIED, 0, Some(root_ip), core_link.index)
+            .await?;
+        let underlay = self.config.underlay;
+        root.add_route(
+            underlay.network(),
+            underlay.prefix(),
+            Some(core_ip),
+            root_link.index,
         )
+        .await
     }
 
     /// Makes zone `zone`'s segment and its link to the core, whatever of them is missing.
@@ -494,9 +565,25 @@ impl NetnsProvider {
             }
         }
         if records.is_empty() {
+            self.remove_uplink()
+                .await
+                .map_err(kernel("-", "delete the uplink"))?;
             netns::destroy(&self.core_netns()).map_err(kernel("-", "delete the core namespace"))?;
         }
         Ok(())
+    }
+
+    /// Deletes this machine's end of the uplink (the kernel would, with the core namespace,
+    /// but only once that namespace's cleanup runs).
+    async fn remove_uplink(&self) -> Result<(), DataplaneError> {
+        match &self.config.uplink_device {
+            Some(dev) => {
+                Netlink::in_netns(Path::new("/proc/self/ns/net"))?
+                    .delete_link(dev)
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     async fn create_inner(
@@ -595,6 +682,9 @@ impl NetnsProvider {
                     source: e,
                 });
             }
+        }
+        if let Err(e) = self.remove_uplink().await {
+            first_error.get_or_insert(kernel("-", "delete the uplink")(e));
         }
         // Hosts before zones before the core, so that no zone's veth outlives its host.
         let mut names = names_with_prefix(Path::new(netns::NETNS_RUN_DIR), prefix);

@@ -19,6 +19,17 @@ pub const MASTERS: &str = "system:masters";
 /// objects (finalizers), but create and delete nothing and never touch RoleBindings.
 pub const CONTROLLERS: &str = "system:slipway:controllers";
 
+/// The group of host agents (`system:host:<name>`, certificates issued on join): each renews
+/// its own Lease, writes its own Host's status, and reads Hosts, Zones and HostClasses.
+pub const HOSTS: &str = "system:slipway:hosts";
+
+/// The user name prefix of a host agent.
+pub const HOST_USER_PREFIX: &str = "system:host:";
+
+/// The group of callers holding a bootstrap token (kubeadm's format, `<id>.<secret>`, kept as a
+/// Secret `bootstrap-token-<id>` in `slipway-system`): they may only join a host.
+pub const BOOTSTRAPPERS: &str = "system:slipway:bootstrappers";
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {
@@ -37,6 +48,20 @@ impl UserInfo {
     /// Whether the user is one of the supervisor's controllers.
     pub fn is_controller(&self) -> bool {
         self.groups.iter().any(|g| g == CONTROLLERS)
+    }
+
+    /// The host a host agent speaks for, if the user is one.
+    pub fn host(&self) -> Option<&str> {
+        self.groups
+            .iter()
+            .any(|g| g == HOSTS)
+            .then(|| self.name.strip_prefix(HOST_USER_PREFIX))
+            .flatten()
+    }
+
+    /// Whether the user authenticated with a bootstrap token.
+    pub fn is_bootstrapper(&self) -> bool {
+        self.groups.iter().any(|g| g == BOOTSTRAPPERS)
     }
 }
 
@@ -162,7 +187,8 @@ impl Role {
         let read = matches!(verb, "get" | "list" | "watch");
         let rbac = rt.group == "rbac.authorization.k8s.io";
         match self {
-            Self::View => read && !rbac,
+            // As Kubernetes' view role: Secrets are not for readers.
+            Self::View => read && !rbac && !(rt.group.is_empty() && rt.plural == "secrets"),
             Self::Edit => !rbac,
             Self::Owner => true,
         }
@@ -247,11 +273,30 @@ pub async fn authorize(
     let read = matches!(verb, "get" | "list" | "watch");
     if user.is_controller() {
         let rbac = rt.group == "rbac.authorization.k8s.io";
-        return if read || (matches!(verb, "update" | "patch") && !rbac) {
+        // Hosts are made and removed by the controllers (a Cluster's hosts, replacements), and
+        // so are the bootstrap tokens the hosts they start join with, and the Events they
+        // record.
+        let owned = (rt.group == slipway_api::slipway::GROUP && rt.plural == "hosts")
+            || (rt.group.is_empty() && matches!(rt.plural, "secrets" | "events"));
+        return if read
+            || (matches!(verb, "update" | "patch") && !rbac)
+            || (matches!(verb, "create" | "delete") && owned)
+        {
             Ok(())
         } else {
             Err(forbidden())
         };
+    }
+    if let Some(host) = user.host() {
+        return if host_may(host, verb, rt, subresource, namespace, name) {
+            Ok(())
+        } else {
+            Err(forbidden())
+        };
+    }
+    if user.is_bootstrapper() {
+        // A bootstrap token only joins (see `server::join`); it reads and writes nothing.
+        return Err(forbidden());
     }
     // Status belongs to the controllers: no namespace role writes it.
     if subresource == Some("status") && !read {
@@ -276,6 +321,114 @@ pub async fn authorize(
             _ => Err(forbidden()),
         },
     }
+}
+
+/// What a host agent may do (the node authorizer's idea, for Slipway's kinds): renew its own
+/// Lease in `slipway-system`, write its own Host's status, read Hosts, Zones and HostClasses.
+fn host_may(
+    host: &str,
+    verb: &str,
+    rt: &ResourceType,
+    subresource: Option<&str>,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    let read = matches!(verb, "get" | "list" | "watch");
+    let own = name == Some(host);
+    match (rt.group, rt.plural) {
+        ("coordination.k8s.io", "leases") => {
+            namespace == Some(slipway_api::slipway::HOST_LEASE_NAMESPACE)
+                // A create names its object in the body; the Lease's holder is checked by
+                // the host health controller, which reads only the Lease named after a Host.
+                && (verb == "create" || (own && matches!(verb, "get" | "update" | "patch")))
+        }
+        (slipway_api::slipway::GROUP, "hosts") => {
+            read || (own && subresource == Some("status") && matches!(verb, "update" | "patch"))
+        }
+        (slipway_api::slipway::GROUP, "zones" | "hostclasses") => read,
+        _ => false,
+    }
+}
+
+/// Whether `token` has the shape of a bootstrap token (`[a-z0-9]{6}.[a-z0-9]{16}`); its id.
+pub fn bootstrap_token_id(token: &str) -> Option<&str> {
+    let (id, secret) = token.split_once('.')?;
+    let ok = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    (ok(id, 6) && ok(secret, 16)).then_some(id)
+}
+
+/// What a bootstrap token's Secret says, once checked against the presented token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapToken {
+    /// The token's id (the user is `system:bootstrap:<id>`).
+    pub id: String,
+    /// The one host the token may join, when it is bound to one (data key `host-name`).
+    pub host: Option<String>,
+}
+
+/// Checks a bearer token against the bootstrap token Secrets: `Ok(None)` when it is not a
+/// bootstrap token at all, `Err(Unauthorized)` when it looks like one but does not match, is
+/// expired or not meant for authentication.
+pub async fn bootstrap_token(
+    store: &AnyStore,
+    authorization: Option<&str>,
+    now: i64,
+) -> Result<Option<BootstrapToken>, ApiError> {
+    let Some(token) = authorization
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+    else {
+        return Ok(None);
+    };
+    let Some(id) = bootstrap_token_id(token) else {
+        return Ok(None);
+    };
+    let Some(rt) = lookup("", "v1", "secrets") else {
+        return Err(ApiError::Unauthorized);
+    };
+    let key = crate::server::keys::object(
+        rt,
+        Some(slipway_api::slipway::HOST_LEASE_NAMESPACE),
+        &format!("bootstrap-token-{id}"),
+    );
+    let Some(stored) = store.get(&key).await.map_err(ApiError::from)? else {
+        return Err(ApiError::Unauthorized);
+    };
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_slice(&stored.value).map_err(|_| ApiError::Unauthorized)?;
+    let field = |k: &str| -> Option<String> {
+        let bytes = secret.data.as_ref()?.get(k)?;
+        String::from_utf8(bytes.0.clone()).ok()
+    };
+    let expected = format!("{id}.{}", field("token-secret").unwrap_or_default());
+    let usable = secret.type_.as_deref() == Some(BOOTSTRAP_TOKEN_TYPE)
+        && field("token-id").as_deref() == Some(id)
+        && field("usage-bootstrap-authentication").as_deref() == Some("true")
+        && constant_time_eq(expected.as_bytes(), token.as_bytes());
+    let expired = field("expiration")
+        .map(|e| crate::api::meta::parse_rfc3339(&e).is_none_or(|t| t <= now))
+        .unwrap_or(false);
+    if !usable || expired {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(Some(BootstrapToken {
+        id: id.to_owned(),
+        host: field(BOOTSTRAP_TOKEN_HOST),
+    }))
+}
+
+/// The Secret type of a bootstrap token.
+pub const BOOTSTRAP_TOKEN_TYPE: &str = "bootstrap.kubernetes.io/token";
+
+/// The data key binding a bootstrap token to one host.
+pub const BOOTSTRAP_TOKEN_HOST: &str = "host-name";
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -269,6 +269,7 @@ async fn measure(
         watch_history: crate::store::redb::DEFAULT_HISTORY,
         admission: AdmissionConfig::default(),
         limits: crate::server::limits::ConnectionLimits::default(),
+        advertise: Vec::new(),
     };
     let server = Server::bind(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -64,6 +64,21 @@ pub struct SupervisorArgs {
     /// Open watches of one user; more get 429.
     #[arg(long, default_value_t = ConnectionLimits::default().max_watches_per_user)]
     pub max_watches_per_user: usize,
+    /// Another address clients reach the supervisor at (named in its serving certificate);
+    /// repeatable.
+    #[arg(long = "advertise-address", value_name = "IP")]
+    pub advertise_address: Vec<std::net::IpAddr>,
+}
+
+/// What controllers run beside the supervisor get once it listens.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The controllers' kubeconfig (`system:slipway:controllers`).
+    pub controllers_kubeconfig: PathBuf,
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
 }
 
 /// Parses a duration: a number with `ms`, `s` or `m`, or bare seconds.
@@ -135,12 +150,24 @@ impl SupervisorArgs {
                 max_connections_per_client: self.max_connections_per_client,
                 max_watches_per_user: self.max_watches_per_user,
             },
+            advertise: self.advertise_address.clone(),
         }
     }
 
     /// Serves until SIGINT/SIGTERM, inside the caller's tokio runtime. Prints
     /// `slipway supervisor listening on https://ADDR` on stdout once the port is bound.
     pub async fn run_async(self) -> anyhow::Result<()> {
+        self.run_async_with(|_| async { std::future::pending().await })
+            .await
+    }
+
+    /// As [`Self::run_async`], with more controllers: `more` is started once the server
+    /// listens and runs beside it; if it ends with an error, the supervisor stops with it.
+    pub async fn run_async_with<F, Fut>(self, more: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Listening) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let server = Server::bind(self.config())
             .await
             .context("starting the supervisor API")?;
@@ -152,18 +179,43 @@ impl SupervisorArgs {
             crate::controllers::host_health::HostHealth::connect(server.controllers_kubeconfig())
                 .await
                 .context("starting the host health controller")?;
+        let clusters = crate::controllers::clusters::ClusterReconciler::connect(
+            server.controllers_kubeconfig(),
+            &self.data_dir.join("clusters"),
+        )
+        .await
+        .context("starting the cluster reconciler")?;
         let controllers = tokio::spawn(host_health.run());
+        let cluster_controller = tokio::spawn(clusters.run());
+        let mut more = tokio::spawn(more(Listening {
+            addr: server.local_addr(),
+            controllers_kubeconfig: server.controllers_kubeconfig().to_owned(),
+            ca: Pki::new(&self.data_dir).ca_cert(),
+        }));
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                done = &mut more => {
+                    let _ = failed_tx.send(match done {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(anyhow::anyhow!("a controller panicked: {e}")),
+                    });
+                }
             }
         };
         server.serve(shutdown).await;
         controllers.abort();
-        Ok(())
+        cluster_controller.abort();
+        more.abort();
+        match failed_rx.await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
     }
 
     /// Builds a multi-threaded tokio runtime and serves (for a synchronous `main`).
@@ -541,8 +593,15 @@ pub struct KubeconfigArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
     /// User name (certificate CN).
-    #[arg(long)]
-    pub user: String,
+    #[arg(long, required_unless_present = "cluster")]
+    pub user: Option<String>,
+    /// Print the admin kubeconfig of workload cluster NAME (its Secret `NAME-kubeconfig`,
+    /// made by the Cluster reconciler) instead of issuing one.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["user", "group", "token"])]
+    pub cluster: Option<String>,
+    /// The cluster's namespace (with --cluster).
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
     /// Group (certificate O); `system:masters` makes a cluster admin.
     #[arg(long)]
     pub group: Option<String>,
@@ -561,14 +620,53 @@ impl KubeconfigArgs {
     /// Writes the kubeconfig; the server address is taken from DIR/admin.kubeconfig.
     pub fn run(self) -> anyhow::Result<()> {
         let admin = self.data_dir.join("admin.kubeconfig");
-        let endpoint = crate::client::Endpoint::from_kubeconfig(&admin)?;
+        let text = match &self.cluster {
+            Some(cluster) => self.cluster_kubeconfig(&admin, cluster)?,
+            None => self.issue(&admin)?,
+        };
+        match &self.out {
+            Some(p) => crate::tls::write_private(p, &text)?,
+            None => print!("{text}"),
+        }
+        Ok(())
+    }
+
+    /// A workload cluster's admin kubeconfig, from its Secret in the supervisor.
+    fn cluster_kubeconfig(&self, admin: &Path, cluster: &str) -> anyhow::Result<String> {
+        let client = Client::from_kubeconfig(admin)?;
+        let path = format!(
+            "/api/v1/namespaces/{}/secrets/{}",
+            self.namespace,
+            crate::controllers::clusters::kubeconfig_secret(cluster)
+        );
+        let secret = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(client.get_json(&path))
+            .with_context(|| {
+                format!(
+                    "cluster {}/{cluster}: no kubeconfig yet (is the Cluster there, and its control plane host up?)",
+                    self.namespace
+                )
+            })?;
+        let value = secret["data"]["value"]
+            .as_str()
+            .and_then(crate::client::base64_decode)
+            .with_context(|| format!("{path}: no data.value"))?;
+        Ok(String::from_utf8(value)?)
+    }
+
+    /// Issues a kubeconfig for --user.
+    fn issue(&self, admin: &Path) -> anyhow::Result<String> {
+        let user = self.user.as_deref().unwrap_or_default();
+        let endpoint = crate::client::Endpoint::from_kubeconfig(admin)?;
         let addr: SocketAddr = endpoint
             .addr
             .parse()
             .with_context(|| format!("server address {} in {}", endpoint.addr, admin.display()))?;
         let pki = Pki::new(&self.data_dir);
-        let cred = match self.token {
-            Some(t) => Credential::Token(t),
+        let cred = match &self.token {
+            Some(t) => Credential::Token(t.clone()),
             None => {
                 anyhow::ensure!(
                     (1..=crate::tls::ADMIN_DAYS).contains(&self.days),
@@ -577,23 +675,11 @@ impl KubeconfigArgs {
                     self.days
                 );
                 let (cert_pem, key_pem) =
-                    pki.issue_client(&self.user, self.group.as_deref(), self.days)?;
+                    pki.issue_client(user, self.group.as_deref(), self.days)?;
                 Credential::ClientCert { cert_pem, key_pem }
             }
         };
-        match &self.out {
-            Some(p) => pki.write_kubeconfig(p, addr, &self.user, &cred)?,
-            None => {
-                let tmp = self
-                    .data_dir
-                    .join(format!(".kubeconfig-{}.tmp", std::process::id()));
-                pki.write_kubeconfig(&tmp, addr, &self.user, &cred)?;
-                let text = std::fs::read_to_string(&tmp)?;
-                std::fs::remove_file(&tmp)?;
-                print!("{text}");
-            }
-        }
-        Ok(())
+        Ok(pki.kubeconfig(&crate::tls::authority(addr), user, &cred)?)
     }
 }
 

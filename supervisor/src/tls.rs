@@ -115,7 +115,8 @@ impl Pki {
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }
-    fn ca_key(&self) -> PathBuf {
+    /// CA key path.
+    pub fn ca_key(&self) -> PathBuf {
         self.dir.join("ca.key")
     }
     fn server_cert(&self) -> PathBuf {
@@ -143,14 +144,19 @@ impl Pki {
             write_private(&self.ca_key(), &key.serialize_pem())?;
             std::fs::write(self.ca_cert(), cert.pem()).map_err(io(&self.ca_cert()))?;
         }
-        if due_for_renewal(&self.server_cert()) {
-            let mut sans = vec![
-                "localhost".to_string(),
-                "127.0.0.1".to_string(),
-                "::1".to_string(),
-            ];
-            sans.extend(extra_sans.iter().cloned());
-            sans.dedup();
+        let mut sans = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
+        sans.extend(extra_sans.iter().cloned());
+        sans.sort();
+        sans.dedup();
+        // The names the certificate was issued for, kept beside it: a new name reissues it.
+        let names_file = self.dir.join("server.names");
+        let names = sans.join("\n");
+        let same_names = std::fs::read_to_string(&names_file).is_ok_and(|n| n == names);
+        if due_for_renewal(&self.server_cert()) || !same_names {
             let key = KeyPair::generate().map_err(gen_err("server key"))?;
             let mut params = CertificateParams::new(sans).map_err(gen_err("server"))?;
             params.distinguished_name = dn("slipway-supervisor", None);
@@ -161,6 +167,7 @@ impl Pki {
                 .map_err(gen_err("server"))?;
             write_private(&self.server_key(), &key.serialize_pem())?;
             std::fs::write(self.server_cert(), cert.pem()).map_err(io(&self.server_cert()))?;
+            std::fs::write(&names_file, names).map_err(io(&names_file))?;
         }
         Ok(())
     }
@@ -278,13 +285,18 @@ impl Pki {
         user: &str,
         cred: &Credential,
     ) -> Result<(), TlsError> {
+        let text = self.kubeconfig(&authority(addr), user, cred)?;
+        write_private(path, &text)
+    }
+
+    /// A kubeconfig for the server at `authority` (`host:port`) with the given credentials.
+    pub fn kubeconfig(
+        &self,
+        authority: &str,
+        user: &str,
+        cred: &Credential,
+    ) -> Result<String, TlsError> {
         let ca = std::fs::read(self.ca_cert()).map_err(io(&self.ca_cert()))?;
-        let host = match addr.ip() {
-            IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
-            IpAddr::V6(v) if v.is_unspecified() => "127.0.0.1".to_string(),
-            IpAddr::V6(v) => format!("[{v}]"),
-            IpAddr::V4(v) => v.to_string(),
-        };
         let user_block = match cred {
             Credential::ClientCert { cert_pem, key_pem } => format!(
                 "    client-certificate-data: {}\n    client-key-data: {}\n",
@@ -293,12 +305,10 @@ impl Pki {
             ),
             Credential::Token(t) => format!("    token: {t}\n"),
         };
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: slipway\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@slipway\n  context:\n    cluster: slipway\n    user: {user}\n    namespace: default\ncurrent-context: {user}@slipway\n",
-            port = addr.port(),
+        Ok(format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: slipway\n  cluster:\n    server: https://{authority}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@slipway\n  context:\n    cluster: slipway\n    user: {user}\n    namespace: default\ncurrent-context: {user}@slipway\n",
             ca = base64(&ca),
-        );
-        write_private(path, &text)
+        ))
     }
 }
 
@@ -337,7 +347,20 @@ fn dn(cn: &str, org: Option<&str>) -> DistinguishedName {
     d
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+/// The `host:port` a client on this machine reaches a server bound to `addr` at (loopback for
+/// an unspecified address).
+pub fn authority(addr: SocketAddr) -> String {
+    let host = match addr.ip() {
+        IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(v) => format!("[{v}]"),
+        IpAddr::V4(v) => v.to_string(),
+    };
+    format!("{host}:{}", addr.port())
+}
+
+/// Writes `text` to `path`, readable by its owner only.
+pub fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

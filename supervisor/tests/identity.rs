@@ -342,7 +342,9 @@ fn credentials_are_bounded_kept_and_files_private() {
     let user = dir.path().join("alice.kubeconfig");
     let args = |days: u32| KubeconfigArgs {
         data_dir: dir.path().to_path_buf(),
-        user: "alice".into(),
+        user: Some("alice".into()),
+        cluster: None,
+        namespace: "default".into(),
         group: None,
         token: None,
         days,

@@ -1312,7 +1312,9 @@ async fn cli_suite(backend: &Backend) -> anyhow::Result<()> {
     let alice = dir.path().join("alice.kubeconfig");
     KubeconfigArgs {
         data_dir: dir.path().to_path_buf(),
-        user: "alice".into(),
+        user: Some("alice".into()),
+        cluster: None,
+        namespace: "default".into(),
         group: None,
         token: None,
         days: slipway_supervisor::tls::USER_DAYS,

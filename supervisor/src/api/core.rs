@@ -687,3 +687,61 @@ mod tests {
         }
     }
 }
+
+/// A Secret (core/v1), the upstream type: `stringData` is folded into `data` on write, as
+/// kube-apiserver does, so a stored Secret only ever holds `data`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct Secret(pub k8s_openapi::api::core::v1::Secret);
+
+/// Whether `key` may name an entry of a Secret's or ConfigMap's data (`[-._a-zA-Z0-9]+`, at
+/// most 253 characters, not `.` or `..`).
+fn is_config_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Validate for Secret {
+    fn default_fields(&mut self) {
+        let s = &mut self.0;
+        s.type_.get_or_insert_with(|| "Opaque".into());
+        if let Some(strings) = s.string_data.take() {
+            let data = s.data.get_or_insert_with(Default::default);
+            for (k, v) in strings {
+                data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+            }
+        }
+    }
+
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        for k in self.0.data.iter().flat_map(BTreeMap::keys) {
+            if !is_config_key(k) {
+                errs.push(FieldError::invalid(
+                    format!("data[{k}]"),
+                    k,
+                    "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+                ));
+            }
+        }
+        let size: usize = self
+            .0
+            .data
+            .iter()
+            .flat_map(BTreeMap::values)
+            .map(|v| v.0.len())
+            .sum();
+        if size > 1 << 20 {
+            errs.push(FieldError::invalid(
+                "data",
+                format!("{size} bytes"),
+                "a Secret holds at most 1048576 bytes",
+            ));
+        }
+    }
+}

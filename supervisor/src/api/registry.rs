@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::Validate;
 use super::coordination::Lease;
-use super::core::{Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Service};
+use super::core::{Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Secret, Service};
 use super::networking::NetworkPolicy;
 use super::rbac::RoleBinding;
 use super::slipway::{Cluster, Host, HostClass, Zone};
@@ -131,10 +131,13 @@ fn decode<T: DeserializeOwned + Serialize + Validate>(
 fn decode_upstream<T: DeserializeOwned + Serialize + Validate>(
     body: Value,
 ) -> Result<(Value, Vec<FieldError>), String> {
-    let sent = body.clone();
-    let (value, errs) = decode::<T>(body)?;
+    let (value, errs) = decode::<T>(body.clone())?;
+    // Unknown fields are what the type does not keep, before defaulting moves any (a Secret's
+    // stringData is folded into data).
+    let kept: T = serde_json::from_value(body.clone()).map_err(|e| e.to_string())?;
+    let kept = serde_json::to_value(&kept).map_err(|e| e.to_string())?;
     let mut unknown = Vec::new();
-    unknown_fields(&sent, &value, "", &mut unknown);
+    unknown_fields(&body, &kept, "", &mut unknown);
     if unknown.is_empty() {
         Ok((value, errs))
     } else {
@@ -692,6 +695,35 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             ],
             decode: decode::<PersistentVolumeClaim>,
             schema: schema::<PersistentVolumeClaim>,
+        },
+        ResourceType {
+            group: "",
+            version: "v1",
+            kind: "Secret",
+            plural: "secrets",
+            singular: "secret",
+            namespaced: true,
+            short_names: &[],
+            has_status: false,
+            merge_keys: &[],
+            columns: vec![
+                col("Type", "Secret type", |v| s(v, "type")),
+                Column {
+                    name: "Data",
+                    type_: "integer",
+                    description: "Entries in data",
+                    priority: 0,
+                    cell: |v| {
+                        Value::from(
+                            jp(v, "data")
+                                .and_then(Value::as_object)
+                                .map_or(0, serde_json::Map::len),
+                        )
+                    },
+                },
+            ],
+            decode: decode_upstream::<Secret>,
+            schema: schema::<Secret>,
         },
         ResourceType {
             group: "",

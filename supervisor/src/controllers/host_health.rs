@@ -163,7 +163,14 @@ impl HostHealth {
                 "message": want.message,
                 "lastTransitionTime": rfc3339(crate::api::meta::now_secs()),
             });
-            let patch = json!({"status": {"conditions": [condition]}});
+            // Custom kinds take no strategic merge: the list is written whole, other
+            // conditions (the provider's Provisioned) kept, at the version it was read at.
+            let conditions =
+                slipway_api::meta::set_condition(&host.data["status"]["conditions"], condition);
+            let patch = json!({
+                "metadata": {"resourceVersion": host.metadata.resource_version},
+                "status": {"conditions": conditions},
+            });
             self.hosts
                 .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;

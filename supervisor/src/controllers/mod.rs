@@ -3,4 +3,5 @@
 //! certificate issued at start into `DIR/controllers.kubeconfig`), level-triggered and safe to
 //! stop at any point.
 
+pub mod clusters;
 pub mod host_health;

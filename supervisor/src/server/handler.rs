@@ -13,11 +13,11 @@ use tracing::{debug, info_span};
 use super::early::RequestBody;
 use super::http::{self, Body};
 use super::objects::meta_str;
-use super::{State, access_review, discovery, health, keys, scale, table, verbs, watch};
+use super::{State, access_review, discovery, health, join, keys, scale, table, verbs, watch};
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{ResourceType, lookup};
 use crate::audit::AuditRecord;
-use crate::auth::{UserInfo, authorize};
+use crate::auth::{BOOTSTRAPPERS, UserInfo, authorize, bootstrap_token};
 use crate::error::ApiError;
 use crate::metrics::RequestLabels;
 use crate::store::StoreError;
@@ -44,6 +44,7 @@ enum Route {
     OpenApi,
     Metrics,
     AccessReview,
+    HostJoin,
     Resource(Target),
     NotFound,
 }
@@ -80,6 +81,14 @@ fn route(path: &str) -> Route {
             access_review::PLURAL,
         ] => {
             return Route::AccessReview;
+        }
+        [
+            "apis",
+            slipway_api::slipway::GROUP,
+            slipway_api::slipway::VERSION,
+            join::PLURAL,
+        ] => {
+            return Route::HostJoin;
         }
         ["api"] => return Route::CoreVersions,
         ["apis"] => return Route::Groups,
@@ -243,6 +252,7 @@ pub async fn handle(
             t.rt.group,
         ),
         Route::AccessReview => ("create", access_review::PLURAL.into(), access_review::GROUP),
+        Route::HostJoin => ("create", join::PLURAL.into(), slipway_api::slipway::GROUP),
         _ => (
             if method == Method::GET {
                 "get"
@@ -272,10 +282,22 @@ pub async fn handle(
             });
         }
     };
-    let user = match state
+    let authenticated = match state
         .auth
         .authenticate(auth_header.as_deref(), cert_user.as_ref())
     {
+        Ok(u) => Ok(u),
+        // Not a token of the token file: perhaps a bootstrap token.
+        Err(e) => match bootstrap_token(&state.store, auth_header.as_deref(), now_secs()).await {
+            Ok(Some(t)) => Ok(UserInfo {
+                name: format!("system:bootstrap:{}", t.id),
+                groups: vec![BOOTSTRAPPERS.into()],
+            }),
+            Ok(None) => Err(e),
+            Err(e) => Err(e),
+        },
+    };
+    let user = match authenticated {
         Ok(u) => u,
         Err(e) => {
             audit("system:anonymous", e.code());
@@ -316,6 +338,27 @@ pub async fn handle(
                         Err(e) => Err(e),
                     }
                 }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => http::json(201, &v),
+                Err(e) => http::error(&e),
+            }
+        }
+        Route::HostJoin if method != Method::POST => http::error(&ApiError::MethodNotAllowed),
+        Route::HostJoin => {
+            let authority = req
+                .uri()
+                .authority()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| header_str(&req, header::HOST));
+            let result = match read_body(req).await {
+                Ok(b) => match super::objects::parse_body(&b, &content_type) {
+                    Ok(body) => {
+                        join::join(&state, &user, auth_header.as_deref(), &authority, &body).await
+                    }
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             match result {

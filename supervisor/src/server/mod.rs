@@ -6,6 +6,7 @@ pub mod early;
 pub mod handler;
 pub mod health;
 pub mod http;
+pub mod join;
 pub mod keys;
 pub mod limits;
 pub mod objects;
@@ -67,6 +68,9 @@ pub struct ServerConfig {
     pub admission: AdmissionConfig,
     /// Connection, handshake, header and watch limits.
     pub limits: ConnectionLimits,
+    /// Addresses clients reach the server at besides the listen address (serving
+    /// certificate names).
+    pub advertise: Vec<std::net::IpAddr>,
 }
 
 /// Start-up failures.
@@ -113,6 +117,8 @@ pub struct State {
     pub limiter: Arc<Limiter>,
     /// Health check transitions, for logging.
     pub health: health::CheckLog,
+    /// The CA, for the identities the server issues (joined hosts).
+    pub pki: Pki,
 }
 
 /// Counts one open connection in the gauge for as long as it lives.
@@ -140,28 +146,32 @@ pub struct Server {
     controllers_kubeconfig: PathBuf,
 }
 
-/// Creates the `default` namespace on first start, as Kubernetes does.
+/// Creates the `default` namespace on first start, as Kubernetes does, and `slipway-system`,
+/// where hosts keep their Leases and bootstrap tokens live.
 async fn bootstrap(store: &AnyStore) -> Result<(), StoreError> {
     let Some(rt) = crate::api::registry::lookup("", "v1", "namespaces") else {
         return Ok(());
     };
-    let key = keys::object(rt, None, "default");
-    if store.get(&key).await?.is_some() {
-        return Ok(());
+    for name in ["default", slipway_api::slipway::HOST_LEASE_NAMESPACE] {
+        let key = keys::object(rt, None, name);
+        if store.get(&key).await?.is_some() {
+            continue;
+        }
+        let mut ns = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name},
+            "spec": {},
+            "status": {"phase": "Active"},
+        });
+        objects::stamp_new(&mut ns);
+        let bytes = serde_json::to_vec(&ns).map_err(|e| StoreError::Task(e.to_string()))?;
+        match store.create(&key, bytes).await {
+            Ok(_) | Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
-    let mut ns = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"name": "default"},
-        "spec": {},
-        "status": {"phase": "Active"},
-    });
-    objects::stamp_new(&mut ns);
-    let bytes = serde_json::to_vec(&ns).map_err(|e| StoreError::Task(e.to_string()))?;
-    match store.create(&key, bytes).await {
-        Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),
-        Err(e) => Err(e),
-    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Server {
@@ -183,7 +193,7 @@ impl Server {
             .create(&cfg.data_dir)
             .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
         let pki = Pki::new(&cfg.data_dir);
-        let mut sans = Vec::new();
+        let mut sans: Vec<String> = cfg.advertise.iter().map(ToString::to_string).collect();
         if !cfg.listen.ip().is_unspecified() {
             sans.push(cfg.listen.ip().to_string());
         }
@@ -245,6 +255,7 @@ impl Server {
             openapi_pb,
             limiter: Limiter::new(cfg.limits.clone()),
             health: health::CheckLog::default(),
+            pki: pki.clone(),
         };
         let tls = TlsAcceptor::from(pki.server_config()?);
         info!(%addr, store = ?cfg.store, "supervisor API listening");

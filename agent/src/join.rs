@@ -1,0 +1,315 @@
+//! `slipway join`: a machine becomes a host of a supervisor, as `kubeadm join` makes a node.
+//! With a bootstrap token and the supervisor's CA it asks for the host's own identity (a
+//! `HostJoin`, answered with a kubeconfig for `system:host:<name>`), keeps that kubeconfig in its
+//! data dir, and runs the host agent: the heartbeat alone, or with the node datapath when agent
+//! flags follow `--`. A restarted join finds its kubeconfig and does not join again. The `netns`
+//! provider starts its hosts through this same command.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::args::AgentArgs;
+use crate::heartbeat::{Heartbeat, HeartbeatArgs};
+
+/// The kubeconfig a joined host keeps, under its data dir.
+pub const KUBECONFIG: &str = "supervisor.kubeconfig";
+
+/// How `slipway join` is started.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JoinArgs {
+    /// The supervisor to join (`https://HOST:PORT`).
+    #[arg(long)]
+    pub supervisor: String,
+    /// The bootstrap token (`<id>.<secret>`); prefer --token-file, which keeps it out of `ps`.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// A file holding the bootstrap token.
+    #[arg(long = "token-file")]
+    pub token_file: Option<PathBuf>,
+    /// The supervisor's CA certificate (PEM): the only certificate the join trusts.
+    #[arg(long = "ca-file")]
+    pub ca_file: PathBuf,
+    /// The host's state: the kubeconfig it is given (`supervisor.kubeconfig`) unless
+    /// --supervisor-kubeconfig names another path.
+    #[arg(long = "host-data-dir", default_value = "/var/lib/slipway/host")]
+    pub host_data_dir: PathBuf,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    /// The node agent's flags (`slipway agent ...`), after `--`: given, the agent runs the node
+    /// datapath as well as the heartbeat.
+    #[arg(last = true)]
+    pub agent: Vec<String>,
+}
+
+/// Parses `slipway agent` flags.
+#[derive(Debug, clap::Parser)]
+#[command(name = "agent")]
+struct AgentCommand {
+    #[command(flatten)]
+    args: AgentArgs,
+}
+
+impl JoinArgs {
+    fn token(&self) -> anyhow::Result<String> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), None) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("--token-file: reading {}", f.display()))?,
+            (Some(_), Some(_)) => anyhow::bail!("--token and --token-file: give one"),
+            (None, None) => anyhow::bail!("--token or --token-file: a bootstrap token is needed"),
+        };
+        Ok(token.trim().to_owned())
+    }
+
+    /// Where a control plane host's workload API server keeps its state (its CA in `pki/`).
+    fn api_server_dir(&self) -> PathBuf {
+        self.host_data_dir.join("apiserver")
+    }
+
+    fn kubeconfig_path(&self) -> PathBuf {
+        self.heartbeat
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| self.host_data_dir.join(KUBECONFIG))
+    }
+
+    /// Asks the supervisor for the host's identity; returns its answer (the kubeconfig, and
+    /// for a control plane host the cluster's CA).
+    async fn ask(&self, host: &str, token: &str) -> Result<Value, kube::Error> {
+        let bootstrap: Kubeconfig = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "supervisor", "cluster": {
+                "server": self.supervisor,
+                "certificate-authority": self.ca_file,
+            }}],
+            "users": [{"name": "bootstrap", "user": {"token": token}}],
+            "contexts": [{"name": "join", "context": {"cluster": "supervisor", "user": "bootstrap"}}],
+            "current-context": "join",
+        }))
+        .map_err(kube::Error::SerdeError)?;
+        let config = kube::Config::from_custom_kubeconfig(bootstrap, &KubeConfigOptions::default())
+            .await
+            .map_err(kube::Error::InferKubeconfig)?;
+        let client = kube::Client::try_from(config)?;
+        let body = json!({
+            "apiVersion": format!("{}/{}", slipway_api::slipway::GROUP, slipway_api::slipway::VERSION),
+            "kind": "HostJoin",
+            "spec": {
+                "hostName": host,
+                "zone": self.heartbeat.zone,
+                "hostClass": (!self.heartbeat.host_class.is_empty()).then_some(&self.heartbeat.host_class),
+            },
+        });
+        let request = hyper::Request::post(format!(
+            "/apis/{}/{}/hostjoins",
+            slipway_api::slipway::GROUP,
+            slipway_api::slipway::VERSION
+        ))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&body).map_err(kube::Error::SerdeError)?)
+        .map_err(kube::Error::HttpError)?;
+        client.request(request).await
+    }
+
+    /// Joins (unless a kubeconfig from an earlier join is there) and returns the kubeconfig's
+    /// path. Unreachable supervisors are retried with back-off; a refusal is final.
+    pub async fn join(&self) -> anyhow::Result<PathBuf> {
+        let path = self.kubeconfig_path();
+        let host = self
+            .heartbeat
+            .host_name
+            .clone()
+            .filter(|h| !h.is_empty())
+            .context("--host-name: required")?;
+        anyhow::ensure!(!self.heartbeat.zone.is_empty(), "--zone: required");
+        if path.exists() {
+            info!(kubeconfig = %path.display(), "joined before: keeping the host's kubeconfig");
+            return Ok(path);
+        }
+        let token = self.token()?;
+        let mut delay = Duration::from_millis(200);
+        let answer = loop {
+            match self.ask(&host, &token).await {
+                Ok(a) => break a,
+                Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => {
+                    anyhow::bail!("joining {}: {} ({})", self.supervisor, s.message, s.code)
+                }
+                Err(e) => {
+                    warn!(supervisor = %self.supervisor, error = %e, retry_in = ?delay, "cannot join yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let kubeconfig = answer
+            .pointer("/status/kubeconfig")
+            .and_then(Value::as_str)
+            .context("the supervisor's HostJoin answer carries no kubeconfig")?;
+        // A control plane host's bootstrap data first: a kubeconfig on disk means "joined".
+        if let Some(cp) = answer
+            .pointer("/status/controlPlane")
+            .filter(|v| !v.is_null())
+        {
+            let pki = self.api_server_dir().join("pki");
+            for (file, key, mode) in [("ca.crt", "caCert", 0o644), ("ca.key", "caKey", 0o600)] {
+                let pem = cp[key]
+                    .as_str()
+                    .filter(|p| !p.is_empty())
+                    .with_context(|| {
+                        format!("the HostJoin answer's controlPlane carries no {key}")
+                    })?;
+                crate::run::write_atomically_with_mode(&pki.join(file), pem.as_bytes(), mode)
+                    .with_context(|| format!("writing {}", pki.join(file).display()))?;
+            }
+            info!(cluster = %cp["cluster"], "control plane host: the cluster's CA kept");
+        }
+        crate::run::write_atomically_with_mode(&path, kubeconfig.as_bytes(), 0o600)
+            .with_context(|| format!("writing {}", path.display()))?;
+        info!(%host, zone = %self.heartbeat.zone, supervisor = %self.supervisor, "joined");
+        Ok(path)
+    }
+}
+
+/// The local address this machine reaches `url`'s host from: the host's address as the
+/// supervisor sees it, when no datapath names an underlay device.
+fn address_towards(url: &str) -> anyhow::Result<String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("--supervisor: {url:?}"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("--supervisor: {url:?} names no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let ip: std::net::IpAddr = host
+        .parse()
+        .with_context(|| format!("--supervisor: {host:?} is not an IP address"))?;
+    let socket = std::net::UdpSocket::bind((
+        if ip.is_ipv4() {
+            std::net::IpAddr::from([0, 0, 0, 0])
+        } else {
+            std::net::IpAddr::from([0u16; 8])
+        },
+        0,
+    ))?;
+    socket
+        .connect((ip, uri.port_u16().unwrap_or(443)))
+        .with_context(|| format!("--supervisor: no route to {ip}"))?;
+    Ok(socket.local_addr()?.ip().to_string())
+}
+
+fn hb_name(args: &JoinArgs) -> &str {
+    args.heartbeat.host_name.as_deref().unwrap_or_default()
+}
+
+/// Runs the workload cluster's API server (`slipway supervisor`, the same server code) on a
+/// control plane host, restarting it with back-off when it exits; it dies with the agent.
+async fn serve_cluster_api(dir: PathBuf, address: String, port: u16) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("the slipway binary")?;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .context("the API server's log")?;
+        let started = std::time::Instant::now();
+        let status = tokio::process::Command::new(&exe)
+            .arg("supervisor")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args([
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--advertise-address",
+                &address,
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .status()
+            .await
+            .context("starting the workload cluster's API server")?;
+        if started.elapsed() > Duration::from_secs(30) {
+            delay = Duration::from_millis(200);
+        }
+        warn!(%status, retry_in = ?delay, "the workload cluster's API server exited; restarting it");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// `slipway join`: joins, then runs the host agent until SIGTERM/SIGINT.
+pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
+    let kubeconfig = args.join().await?;
+    let api_server = if args.api_server_dir().join("pki/ca.key").exists() {
+        let address = address_towards(&args.supervisor)?;
+        info!(%address, "control plane host: serving the workload cluster's API");
+        Some(tokio::spawn(serve_cluster_api(
+            args.api_server_dir(),
+            address,
+            CLUSTER_API_PORT,
+        )))
+    } else {
+        None
+    };
+    let result = run_agent(&args, kubeconfig).await;
+    if let Some(task) = api_server {
+        task.abort();
+    }
+    result
+}
+
+/// The port a control plane host serves its cluster's API on.
+pub const CLUSTER_API_PORT: u16 = 6443;
+
+async fn run_agent(args: &JoinArgs, kubeconfig: PathBuf) -> anyhow::Result<()> {
+    if args.agent.is_empty() {
+        let address = address_towards(&args.supervisor)?;
+        let mut heartbeat = args.heartbeat.clone();
+        heartbeat.kubeconfig = Some(kubeconfig);
+        let Some((path, reg)) = heartbeat.registration(address)? else {
+            anyhow::bail!("--supervisor-kubeconfig: no registration");
+        };
+        let beat = Heartbeat::connect(&path, reg).await?;
+        println!(
+            "slipway join: host {} joined {}",
+            hb_name(args),
+            args.supervisor
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = beat.run() => r,
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    } else {
+        let mut argv = vec!["agent".to_owned()];
+        argv.extend(args.agent.iter().cloned());
+        let hb = &args.heartbeat;
+        argv.extend([
+            "--supervisor-kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--host-name".into(),
+            hb_name(args).to_owned(),
+            "--zone".into(),
+            hb.zone.clone(),
+            "--host-class".into(),
+            hb.host_class.clone(),
+            "--lease-interval".into(),
+            humantime::format_duration(hb.lease_interval).to_string(),
+            "--lease-duration".into(),
+            humantime::format_duration(hb.lease_duration).to_string(),
+        ]);
+        let agent = AgentCommand::try_parse_from(&argv)
+            .map_err(|e| anyhow::anyhow!("the agent's flags after `--`: {e}"))?;
+        crate::run::run(agent.args).await
+    }
+}

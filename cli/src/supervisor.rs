@@ -1,0 +1,80 @@
+//! `slipway supervisor`: the API server, its controllers, and (with `--host-provider netns`)
+//! the Host reconciler that provisions hosts on this machine.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use slipway_hosts::netns::NetnsProvider;
+use slipway_hosts::reconciler::{HostReconciler, ProviderArgs};
+use slipway_supervisor::cli::{Listening, SupervisorArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct SupervisorCommand {
+    #[command(flatten)]
+    pub server: SupervisorArgs,
+    #[command(flatten)]
+    pub hosts: ProviderArgs,
+}
+
+impl SupervisorCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(self.run_with(|_| async { std::future::pending().await }))
+    }
+
+    /// Serves until SIGINT/SIGTERM with the host reconciler (if a provider is configured) and
+    /// `more` beside the API server; `more` ending with an error stops the supervisor.
+    pub async fn run_with<F, Fut>(mut self, more: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Listening) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let data_dir = self.server.data_dir.clone();
+        let Some(provider) = self
+            .hosts
+            .provider(&data_dir)
+            .context("--host-provider netns")?
+        else {
+            return self.server.run_async_with(more).await;
+        };
+        anyhow::ensure!(
+            self.server.listen.ip().is_unspecified(),
+            "--listen: netns hosts reach the supervisor through the uplink ({}); listen on \
+             0.0.0.0 (or [::]) with --host-provider netns",
+            provider.uplink_addresses().0
+        );
+        // The hosts' URL names the uplink's address: the serving certificate must name it too.
+        self.server
+            .advertise_address
+            .push(provider.uplink_addresses().0.into());
+        let hosts = self.hosts.clone();
+        self.server
+            .run_async_with(move |listening| async move {
+                let reconciler = host_reconciler(&hosts, provider, &data_dir, &listening).await?;
+                tokio::select! {
+                    r = reconciler.run() => r,
+                    r = more(listening) => r,
+                }
+            })
+            .await
+    }
+}
+
+async fn host_reconciler(
+    hosts: &ProviderArgs,
+    provider: NetnsProvider,
+    data_dir: &std::path::Path,
+    listening: &Listening,
+) -> anyhow::Result<HostReconciler> {
+    let settings = hosts.join_settings(
+        &provider,
+        data_dir,
+        listening.addr.port(),
+        listening.ca.clone(),
+    )?;
+    let client = crate::client_for(&listening.controllers_kubeconfig).await?;
+    Ok(HostReconciler::new(client, Arc::new(provider), settings))
+}

@@ -1,0 +1,369 @@
+//! `slipway up`, the main job: a supervisor provisioning hosts in network namespaces over three
+//! zones, the objects a demo needs (Zones, a HostClass, a namespace) and the demo Cluster of
+//! `examples/cluster.yaml`; a progress bar until it is Ready, then its hosts and the commands to
+//! try. It stays in the foreground; Ctrl-C, SIGTERM or `slipway down` tear everything down
+//! (hosts, namespaces, cgroups, processes, pins, the data dir). A run killed with kill -9 is
+//! cleaned up by the next `slipway up`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use serde_json::{Value, json};
+use slipway_hosts::reconciler::ProviderArgs;
+
+use crate::supervisor::SupervisorCommand;
+
+/// The demo Cluster.
+const CLUSTER: &str = include_str!("../../examples/cluster.yaml");
+
+/// How long the demo cluster may take to be Ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// The supervisor's state (wiped when `up` starts and when it ends).
+    #[arg(long, default_value = "/var/lib/slipway/up")]
+    data_dir: PathBuf,
+    /// Where the supervisor serves its API.
+    #[arg(long, default_value = "0.0.0.0:6443")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    hosts: ProviderArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DownArgs {
+    /// The data dir of the `slipway up` to stop.
+    #[arg(long, default_value = "/var/lib/slipway/up")]
+    data_dir: PathBuf,
+}
+
+fn pid_file(data_dir: &Path) -> PathBuf {
+    data_dir.with_extension("pid")
+}
+
+#[derive(Debug, clap::Parser)]
+struct Supervisor {
+    #[command(flatten)]
+    command: SupervisorCommand,
+}
+
+fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
+    let version = if group.is_empty() { "v1" } else { "v1alpha1" };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+async fn create(
+    client: &kube::Client,
+    api: &ApiResource,
+    namespace: Option<&str>,
+    obj: Value,
+) -> anyhow::Result<()> {
+    let obj: DynamicObject = serde_json::from_value(obj)?;
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, api),
+        None => Api::all_with(client.clone(), api),
+    };
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e).context(format!(
+            "creating {}",
+            obj.metadata.name.unwrap_or_default()
+        )),
+    }
+}
+
+fn ready_hosts(hosts: &[DynamicObject], names: &[String]) -> usize {
+    hosts
+        .iter()
+        .filter(|h| names.iter().any(|n| Some(n) == h.metadata.name.as_ref()))
+        .filter(|h| {
+            h.data["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        })
+        .count()
+}
+
+/// Makes the demo objects and follows the Cluster until it is Ready.
+async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
+    let kubeconfig = data_dir.join("admin.kubeconfig");
+    let client = crate::client_for(&kubeconfig).await?;
+    for zone in &zones {
+        create(
+            &client,
+            &resource("slipway.dev", "Zone", "zones"),
+            None,
+            json!({
+                "apiVersion": "slipway.dev/v1alpha1", "kind": "Zone",
+                "metadata": {"name": zone}, "spec": {},
+            }),
+        )
+        .await?;
+    }
+    create(
+        &client,
+        &resource("slipway.dev", "HostClass", "hostclasses"),
+        None,
+        json!({
+            "apiVersion": "slipway.dev/v1alpha1", "kind": "HostClass",
+            "metadata": {"name": "small"}, "spec": {"cpus": 1, "memory": "512Mi"},
+        }),
+    )
+    .await?;
+    create(
+        &client,
+        &resource("", "Namespace", "namespaces"),
+        None,
+        json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"},
+        }),
+    )
+    .await?;
+    let cluster: Value = serde_saphyr::from_str(CLUSTER).context("examples/cluster.yaml")?;
+    let clusters_api = resource("slipway.dev", "Cluster", "clusters");
+    create(&client, &clusters_api, Some("demo"), cluster).await?;
+    let clusters: Api<DynamicObject> = Api::namespaced_with(client.clone(), "demo", &clusters_api);
+    let hosts_api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &resource("slipway.dev", "Host", "hosts"));
+
+    let bar = indicatif::ProgressBar::new(3);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} cluster demo/demo [{bar:20}] {pos}/{len} hosts Ready  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let started = Instant::now();
+    let cluster = loop {
+        anyhow::ensure!(
+            started.elapsed() < READY_TIMEOUT,
+            "cluster demo/demo is not Ready after {READY_TIMEOUT:?}; `kubectl --kubeconfig {} describe cluster demo -n demo` says why",
+            kubeconfig.display()
+        );
+        let c = clusters.get("demo").await?;
+        let names: Vec<String> = c.data["status"]["hosts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let all = hosts_api.list(&ListParams::default()).await?.items;
+        bar.set_position(ready_hosts(&all, &names) as u64);
+        bar.set_message(
+            c.data["status"]["phase"]
+                .as_str()
+                .unwrap_or("Pending")
+                .to_owned(),
+        );
+        let ready = c.data["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|x| x["type"] == "Ready" && x["status"] == "True")
+        });
+        if ready {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    bar.finish_and_clear();
+    println!(
+        "slipway up: cluster demo/demo is Ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let all = hosts_api.list(&ListParams::default()).await?.items;
+    println!(
+        "{:<32} {:<8} {:<14} {:<14} READY",
+        "HOST", "ZONE", "POOL", "ADDRESS"
+    );
+    for h in all
+        .iter()
+        .filter(|h| h.data["spec"]["cluster"]["name"] == "demo")
+    {
+        println!(
+            "{:<32} {:<8} {:<14} {:<14} {}",
+            h.metadata.name.as_deref().unwrap_or_default(),
+            h.data["spec"]["zone"].as_str().unwrap_or_default(),
+            h.data["spec"]["pool"].as_str().unwrap_or_default(),
+            h.data["status"]["address"].as_str().unwrap_or_default(),
+            ready_hosts(
+                std::slice::from_ref(h),
+                &[h.metadata.name.clone().unwrap_or_default()]
+            ) == 1,
+        );
+    }
+    // The workload cluster's own API, on its control plane host.
+    let secrets: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "demo", &resource("", "Secret", "secrets"));
+    let cluster_kubeconfig = data_dir.join("demo.kubeconfig");
+    let secret = secrets.get("demo-kubeconfig").await?;
+    let text = secret.data["data"]["value"]
+        .as_str()
+        .and_then(slipway_supervisor::client::base64_decode)
+        .context("Secret demo/demo-kubeconfig has no value")?;
+    std::fs::write(&cluster_kubeconfig, text)?;
+    let workload = crate::client_for(&cluster_kubeconfig).await?;
+    let nodes: Api<DynamicObject> = Api::all_with(workload, &resource("", "Node", "nodes"));
+    println!(
+        "\nThe workload cluster's API, at {}: its Nodes",
+        cluster.data["status"]["apiEndpoint"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    for n in nodes.list(&ListParams::default()).await?.items {
+        println!(
+            "  {:<32} zone {:<8} Ready {}",
+            n.metadata.name.as_deref().unwrap_or_default(),
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("topology.kubernetes.io/zone"))
+                .map_or("", String::as_str),
+            ready_hosts(
+                std::slice::from_ref(&n),
+                &[n.metadata.name.clone().unwrap_or_default()]
+            ) == 1,
+        );
+    }
+    let k = format!("kubectl --kubeconfig {}", kubeconfig.display());
+    let kc = format!("kubectl --kubeconfig {}", cluster_kubeconfig.display());
+    println!(
+        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
+         {k} patch cluster demo -n demo --type merge -p '{{\"spec\":{{\"topology\":{{\"nodePools\":[{{\"name\":\"workers\",\"replicas\":3,\"hostClass\":\"small\"}}]}}}}}}'\n\
+         Ctrl-C (or `slipway down`) tears everything down."
+    );
+    std::future::pending().await
+}
+
+impl UpArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(self.run_async())
+    }
+
+    fn provider_args(&self) -> ProviderArgs {
+        let mut hosts = self.hosts.clone();
+        hosts.host_provider = "netns".into();
+        hosts
+    }
+
+    /// Removes whatever an earlier run left (hosts, namespaces, cgroups, pins, the data dir).
+    async fn clean(&self) -> anyhow::Result<()> {
+        if let Some(provider) = self.provider_args().provider(&self.data_dir)? {
+            provider
+                .teardown()
+                .await
+                .context("tearing the hosts down")?;
+        }
+        match std::fs::remove_dir_all(&self.data_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", self.data_dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn run_async(self) -> anyhow::Result<()> {
+        self.clean().await?;
+        std::fs::create_dir_all(self.data_dir.parent().unwrap_or(Path::new("/")))?;
+        std::fs::write(pid_file(&self.data_dir), std::process::id().to_string())?;
+        let hosts = self.provider_args();
+        let mut argv = vec![
+            "supervisor".to_owned(),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+            "--listen".into(),
+            self.listen.to_string(),
+        ];
+        argv.extend(provider_flags(&hosts));
+        let supervisor = Supervisor::try_parse_from(&argv)?;
+        let data_dir = self.data_dir.clone();
+        let zones = hosts.zones.clone();
+        let result = supervisor
+            .command
+            .run_with(move |_| bring_up(data_dir, zones))
+            .await;
+        eprintln!("slipway up: tearing everything down");
+        let cleaned = self.clean().await;
+        let _ = std::fs::remove_file(pid_file(&self.data_dir));
+        result.and(cleaned)
+    }
+}
+
+/// The flags that give `slipway supervisor` these provider settings.
+fn provider_flags(h: &ProviderArgs) -> Vec<String> {
+    let mut flags = vec![
+        "--host-provider".to_owned(),
+        h.host_provider.clone(),
+        "--zones".into(),
+        h.zones.join(","),
+        "--underlay".into(),
+        h.underlay.to_string(),
+        "--netns-prefix".into(),
+        h.netns_prefix.clone(),
+        "--uplink-device".into(),
+        h.uplink_device.clone(),
+        "--host-lease-interval".into(),
+        humantime::format_duration(h.lease_interval).to_string(),
+        "--host-lease-duration".into(),
+        humantime::format_duration(h.lease_duration).to_string(),
+    ];
+    for f in &h.agent_flags {
+        flags.push(format!("--host-agent-flag={f}"));
+    }
+    flags
+}
+
+/// Whether `pid` runs (a zombie, waiting for its parent to reap it, does not).
+fn alive(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+impl DownArgs {
+    /// Sends SIGTERM to the running `slipway up` and waits until it has torn everything down.
+    pub fn run(self) -> anyhow::Result<()> {
+        let file = pid_file(&self.data_dir);
+        let text = std::fs::read_to_string(&file).with_context(|| {
+            format!(
+                "no `slipway up` runs for {} ({} is missing)",
+                self.data_dir.display(),
+                file.display()
+            )
+        })?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .with_context(|| format!("{}: not a pid", file.display()))?;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .with_context(|| format!("signalling slipway up (pid {pid})"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while alive(pid) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "slipway up (pid {pid}) is still running after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("slipway down: stopped, nothing left");
+        Ok(())
+    }
+}

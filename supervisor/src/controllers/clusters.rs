@@ -1,0 +1,860 @@
+//! The Cluster reconciler: a Cluster's topology becomes Hosts (`slipway.dev/v1alpha1`, provider
+//! `netns`), placed over zones, and the Hosts' readiness becomes the Cluster's status (phase,
+//! conditions ControlPlaneReady / NodesReady / Ready, hosts) with an Event for each step.
+//!
+//! Level-triggered: every Cluster or Host event (and every period) it compares each Cluster's
+//! topology with the Hosts that serve it and makes only the difference. Host names are derived
+//! from the Cluster (`<namespace>-<cluster>-<pool>-<index>`), so a reconciler killed between a
+//! create and its status write finds the Host again instead of making another. Scaling down
+//! removes the newest (highest index) first. Deletion runs behind the `slipway.dev/cluster`
+//! finalizer: every Host of the Cluster is deleted (the host reconciler tears each down behind
+//! its own finalizer) before the Cluster goes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Event, Node, Secret};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use slipway_api::slipway::{CONTROL_PLANE_POOL, ClusterSpec, GROUP, VERSION};
+use tracing::{info, warn};
+
+use crate::api::meta::{now_secs, rfc3339};
+use crate::tls::{Credential, Pki};
+
+/// The finalizer on every Cluster the reconciler has seen.
+pub const FINALIZER: &str = "slipway.dev/cluster";
+
+/// How often the reconciler looks when nothing changes.
+pub const PERIOD: Duration = Duration::from_secs(2);
+
+/// One Host a Cluster should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub name: String,
+    pub pool: String,
+    pub index: u32,
+    pub zone: String,
+    pub host_class: String,
+}
+
+/// The Host name of `index` in `pool` of Cluster `namespace/cluster`.
+pub fn host_name(namespace: &str, cluster: &str, pool: &str, index: u32) -> String {
+    format!("{namespace}-{cluster}-{pool}-{index}")
+}
+
+/// Where a Cluster's hosts go: the control plane spread over `zones` (in order), each node
+/// pool in its `failureDomain` or, without one, spread likewise. Empty `zones` places nothing.
+pub fn placements(
+    namespace: &str,
+    cluster: &str,
+    spec: &ClusterSpec,
+    zones: &[String],
+) -> Vec<Placement> {
+    let mut out = Vec::new();
+    if zones.is_empty() {
+        return out;
+    }
+    let cp = &spec.topology.control_plane;
+    let pools = std::iter::once((CONTROL_PLANE_POOL, cp.replicas, &cp.host_class, None)).chain(
+        spec.topology.node_pools.iter().map(|p| {
+            (
+                p.name.as_str(),
+                p.replicas,
+                &p.host_class,
+                p.failure_domain.as_ref(),
+            )
+        }),
+    );
+    for (pool, replicas, class, domain) in pools {
+        for index in 0..replicas {
+            let zone = match domain {
+                Some(z) => z.clone(),
+                None => zones[index as usize % zones.len()].clone(),
+            };
+            out.push(Placement {
+                name: host_name(namespace, cluster, pool, index),
+                pool: pool.to_owned(),
+                index,
+                zone,
+                host_class: class.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, kind), plural)
+}
+
+fn condition_true(obj: &DynamicObject, kind: &str) -> bool {
+    obj.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == kind && c["status"] == "True")
+        })
+}
+
+/// The port the workload cluster's API server serves on, on its control plane host.
+pub const API_PORT: u16 = 6443;
+
+/// The workload cluster's API endpoint: its first control plane host's, once it has an address.
+fn endpoint(owned: &[&DynamicObject], cluster: &str, namespace: &str) -> Option<String> {
+    let cp0 = host_name(namespace, cluster, CONTROL_PLANE_POOL, 0);
+    owned
+        .iter()
+        .find(|h| h.metadata.name.as_deref() == Some(cp0.as_str()))
+        .and_then(|h| h.data["status"]["address"].as_str())
+        .filter(|a| !a.is_empty())
+        .map(|a| format!("https://{a}:{API_PORT}"))
+}
+
+/// The Secret holding a cluster's CA (`tls.crt`, `tls.key`).
+pub fn ca_secret(cluster: &str) -> String {
+    format!("{cluster}-ca")
+}
+
+/// The Secret holding a cluster's admin kubeconfig (key `value`, as Cluster API names it).
+pub fn kubeconfig_secret(cluster: &str) -> String {
+    format!("{cluster}-kubeconfig")
+}
+
+/// Whether the host's Ready condition says its Lease expired.
+fn lease_expired(host: &DynamicObject) -> bool {
+    host.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "Ready" && c["status"] == "False" && c["reason"] == "LeaseExpired"
+            })
+        })
+}
+
+/// The controller, connected.
+pub struct ClusterReconciler {
+    client: kube::Client,
+    clusters: Api<DynamicObject>,
+    hosts: Api<DynamicObject>,
+    zones: Api<DynamicObject>,
+    classes: Api<DynamicObject>,
+    /// Where each cluster's CA is kept while it is used (`<dir>/<namespace>/<cluster>/pki`);
+    /// the Secret `<cluster>-ca` is the truth.
+    work_dir: PathBuf,
+}
+
+impl std::fmt::Debug for ClusterReconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterReconciler").finish_non_exhaustive()
+    }
+}
+
+impl ClusterReconciler {
+    /// Connects with the controllers' `kubeconfig`; clusters' CAs are kept under `work_dir`.
+    pub async fn connect(kubeconfig: &Path, work_dir: &Path) -> anyhow::Result<Self> {
+        let config = Kubeconfig::read_from(kubeconfig)
+            .with_context(|| format!("reading {}", kubeconfig.display()))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default()).await?;
+        let client = kube::Client::try_from(config)?;
+        Ok(Self {
+            clusters: Api::all_with(client.clone(), &resource("Cluster", "clusters")),
+            hosts: Api::all_with(client.clone(), &resource("Host", "hosts")),
+            zones: Api::all_with(client.clone(), &resource("Zone", "zones")),
+            classes: Api::all_with(client.clone(), &resource("HostClass", "hostclasses")),
+            work_dir: work_dir.to_owned(),
+            client,
+        })
+    }
+
+    /// Runs until dropped: a pass at every Cluster or Host event and every [`PERIOD`].
+    pub async fn run(self) {
+        let clusters = watcher(self.clusters.clone(), watcher::Config::default()).map(|_| ());
+        let hosts = watcher(self.hosts.clone(), watcher::Config::default()).map(|_| ());
+        let mut events = futures_util::stream::select(clusters, hosts).boxed();
+        let mut tick = tokio::time::interval(PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = events.next() => {}
+            }
+            if let Err(e) = self.reconcile_all().await {
+                warn!(error = %format!("{e:#}"), "cluster reconciler pass failed; retrying");
+            }
+        }
+    }
+
+    /// One pass over every Cluster.
+    pub async fn reconcile_all(&self) -> anyhow::Result<()> {
+        let clusters = self.clusters.list(&ListParams::default()).await?.items;
+        let hosts = self.hosts.list(&ListParams::default()).await?.items;
+        let mut zones: Vec<String> = self
+            .zones
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|z| z.metadata.name)
+            .collect();
+        zones.sort();
+        let classes: BTreeMap<String, Value> = self
+            .classes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|c| Some((c.metadata.name?, c.data["spec"].clone())))
+            .collect();
+        for cluster in &clusters {
+            let ns = cluster.metadata.namespace.clone().unwrap_or_default();
+            let name = cluster.metadata.name.clone().unwrap_or_default();
+            let owned: Vec<&DynamicObject> = hosts
+                .iter()
+                .filter(|h| {
+                    h.data["spec"]["cluster"]["namespace"] == ns.as_str()
+                        && h.data["spec"]["cluster"]["name"] == name.as_str()
+                })
+                .collect();
+            if let Err(e) = self.reconcile(cluster, &owned, &zones, &classes).await {
+                warn!(cluster = %format!("{ns}/{name}"), error = %format!("{e:#}"), "reconciling");
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile(
+        &self,
+        cluster: &DynamicObject,
+        owned: &[&DynamicObject],
+        zones: &[String],
+        classes: &BTreeMap<String, Value>,
+    ) -> anyhow::Result<()> {
+        let ns = cluster.metadata.namespace.clone().unwrap_or_default();
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &ns, &resource("Cluster", "clusters"));
+        let finalizers = cluster.metadata.finalizers.clone().unwrap_or_default();
+        let ours = finalizers.iter().any(|f| f == FINALIZER);
+        if cluster.metadata.deletion_timestamp.is_some() {
+            if !ours {
+                return Ok(());
+            }
+            for host in owned {
+                let host_name = host.metadata.name.clone().unwrap_or_default();
+                if host.metadata.deletion_timestamp.is_none() {
+                    self.delete_host(&host_name).await?;
+                    self.event(
+                        cluster,
+                        "Normal",
+                        "HostDeleted",
+                        &format!("deleting host {host_name}"),
+                    )
+                    .await;
+                }
+            }
+            if owned.is_empty() {
+                let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+                for secret in [ca_secret(&name), kubeconfig_secret(&name)] {
+                    match secrets.delete(&secret, &DeleteParams::default()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(s)) if s.code == 404 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let _ = std::fs::remove_dir_all(self.work_dir.join(&ns).join(&name));
+                let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+                api.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": rest}})),
+                )
+                .await?;
+                info!(cluster = %format!("{ns}/{name}"), "cluster deleted: every host gone");
+            } else {
+                self.write_status(&api, cluster, "Deleting", owned, &[], false)
+                    .await?;
+            }
+            return Ok(());
+        }
+        if !ours {
+            let mut with = finalizers.clone();
+            with.push(FINALIZER.to_owned());
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": with}})),
+            )
+            .await?;
+            // The write is an event: the next pass goes on from the new version.
+            return Ok(());
+        }
+        let spec: ClusterSpec =
+            serde_json::from_value(cluster.data["spec"].clone()).context("the Cluster's spec")?;
+        // The CA first: a control plane host gets it when it joins.
+        let pki = self.ensure_ca(&ns, &name).await?;
+        let want = placements(&ns, &name, &spec, zones);
+        let wanted: BTreeSet<&str> = want.iter().map(|p| p.name.as_str()).collect();
+        let have: BTreeMap<&str, &DynamicObject> = owned
+            .iter()
+            .filter_map(|h| h.metadata.name.as_deref().map(|n| (n, *h)))
+            .collect();
+        for p in &want {
+            if !have.contains_key(p.name.as_str()) {
+                self.create_host(&ns, &name, p).await?;
+                self.event(
+                    cluster,
+                    "Normal",
+                    "HostCreated",
+                    &format!("host {} for pool {} in zone {}", p.name, p.pool, p.zone),
+                )
+                .await;
+            }
+        }
+        // Remediation: a host whose Lease expired is torn down; the next pass makes its
+        // replacement, same name, same zone and pool (as a MachineHealthCheck would, without
+        // the minutes of waiting: the Lease's duration is the timeout).
+        for p in &want {
+            if let Some(host) = have.get(p.name.as_str())
+                && host.metadata.deletion_timestamp.is_none()
+                && lease_expired(host)
+            {
+                self.delete_host(&p.name).await?;
+                self.event(
+                    cluster,
+                    "Warning",
+                    "HostReplaced",
+                    &format!(
+                        "host {}'s Lease expired: replacing it in zone {}",
+                        p.name, p.zone
+                    ),
+                )
+                .await;
+            }
+        }
+        // Scale down: the newest (highest index) first.
+        let mut extra: Vec<&&DynamicObject> = have
+            .iter()
+            .filter(|(n, h)| !wanted.contains(*n) && h.metadata.deletion_timestamp.is_none())
+            .map(|(_, h)| h)
+            .collect();
+        extra.sort_by_key(|h| std::cmp::Reverse(h.metadata.name.clone()));
+        for host in extra {
+            let host_name = host.metadata.name.clone().unwrap_or_default();
+            self.delete_host(&host_name).await?;
+            self.event(
+                cluster,
+                "Normal",
+                "HostDeleted",
+                &format!("scaling down: host {host_name}"),
+            )
+            .await;
+        }
+        let complete = owned.len() == want.len()
+            && owned
+                .iter()
+                .all(|h| wanted.contains(h.metadata.name.as_deref().unwrap_or_default()));
+        let all_ready = complete && owned.iter().all(|h| condition_true(h, "Ready"));
+        let was_up = matches!(
+            cluster.data["status"]["phase"].as_str(),
+            Some("Running" | "Scaling")
+        );
+        let api_ready = match self.workload(cluster, &pki, owned, classes).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                info!(cluster = %format!("{ns}/{name}"), error = %format!("{e:#}"), "workload cluster API not answering yet");
+                false
+            }
+        };
+        let all_ready = all_ready && api_ready;
+        // A Running cluster with a host down stays Running; its conditions say which.
+        let phase = match (complete, all_ready, was_up) {
+            (true, true, _) | (true, false, true) => "Running",
+            (false, _, true) => "Scaling",
+            (_, _, false) => "Provisioning",
+        };
+        self.write_status(&api, cluster, phase, owned, &want, api_ready)
+            .await
+    }
+
+    /// The cluster's CA, made once and kept in its Secret; returned as a Pki over the work dir.
+    async fn ensure_ca(&self, ns: &str, name: &str) -> anyhow::Result<Pki> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let pki = Pki::new(&self.work_dir.join(ns).join(name));
+        let read = |s: &Secret, k: &str| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get(k))
+                .map(|b| b.0.clone())
+                .filter(|b| !b.is_empty())
+        };
+        let (cert, key) = match secrets.get_opt(&ca_secret(name)).await? {
+            Some(s) => (
+                read(&s, "tls.crt").context("the CA Secret has no tls.crt")?,
+                read(&s, "tls.key").context("the CA Secret has no tls.key")?,
+            ),
+            None => {
+                let scratch = self.work_dir.join(ns).join(format!("{name}.new"));
+                let _ = std::fs::remove_dir_all(&scratch);
+                let fresh = Pki::new(&scratch);
+                fresh.ensure(&[])?;
+                let cert = std::fs::read(fresh.ca_cert())?;
+                let key = std::fs::read(fresh.ca_key())?;
+                let _ = std::fs::remove_dir_all(&scratch);
+                let secret: Secret = serde_json::from_value(json!({
+                    "metadata": {"name": ca_secret(name), "namespace": ns,
+                                 "labels": {"slipway.dev/cluster": name}},
+                    "type": "kubernetes.io/tls",
+                    "stringData": {
+                        "tls.crt": String::from_utf8_lossy(&cert),
+                        "tls.key": String::from_utf8_lossy(&key),
+                    },
+                }))?;
+                match secrets.create(&PostParams::default(), &secret).await {
+                    Ok(_) => {}
+                    // Another pass made it first: use that one.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        return Box::pin(self.ensure_ca(ns, name)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                (cert, key)
+            }
+        };
+        std::fs::create_dir_all(pki.ca_cert().parent().unwrap_or(&self.work_dir))?;
+        if std::fs::read(pki.ca_cert()).ok().as_deref() != Some(cert.as_slice()) {
+            std::fs::write(pki.ca_cert(), &cert)?;
+            write_private(&pki.ca_key(), &key)?;
+        }
+        Ok(pki)
+    }
+
+    /// The workload cluster: its admin kubeconfig kept in a Secret, and each host a Node with
+    /// its zone, class, capacity and readiness. Returns whether its API answered.
+    async fn workload(
+        &self,
+        cluster: &DynamicObject,
+        pki: &Pki,
+        owned: &[&DynamicObject],
+        classes: &BTreeMap<String, Value>,
+    ) -> anyhow::Result<bool> {
+        let ns = cluster.metadata.namespace.clone().unwrap_or_default();
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        let Some(endpoint) = endpoint(owned, &name, &ns) else {
+            return Ok(false);
+        };
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let existing = secrets.get_opt(&kubeconfig_secret(&name)).await?;
+        let current = existing.as_ref().and_then(|s| {
+            let bytes = s.data.as_ref()?.get("value")?;
+            String::from_utf8(bytes.0.clone()).ok()
+        });
+        let text = match current.filter(|t| t.contains(&format!("server: {endpoint}\n"))) {
+            Some(t) => t,
+            None => {
+                let (cert_pem, key_pem) =
+                    pki.issue_client("admin", Some(crate::auth::MASTERS), crate::tls::ADMIN_DAYS)?;
+                let authority = endpoint.trim_start_matches("https://");
+                let text = pki.kubeconfig(
+                    authority,
+                    "admin",
+                    &Credential::ClientCert { cert_pem, key_pem },
+                )?;
+                let secret: Secret = serde_json::from_value(json!({
+                    "metadata": {"name": kubeconfig_secret(&name), "namespace": ns,
+                                 "labels": {"slipway.dev/cluster": name}},
+                    "type": "cluster.x-k8s.io/secret",
+                    "stringData": {"value": text},
+                }))?;
+                if existing.is_some() {
+                    secrets
+                        .replace(&kubeconfig_secret(&name), &PostParams::default(), &secret)
+                        .await?;
+                } else {
+                    secrets.create(&PostParams::default(), &secret).await?;
+                }
+                self.event(
+                    cluster,
+                    "Normal",
+                    "KubeconfigReady",
+                    &format!(
+                        "admin kubeconfig in Secret {} for {endpoint}",
+                        kubeconfig_secret(&name)
+                    ),
+                )
+                .await;
+                text
+            }
+        };
+        let config = Kubeconfig::from_yaml(&text)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default()).await?;
+        config.connect_timeout = Some(Duration::from_secs(2));
+        config.read_timeout = Some(Duration::from_secs(5));
+        let workload = kube::Client::try_from(config)?;
+        sync_nodes(&workload, owned, classes).await?;
+        Ok(true)
+    }
+
+    async fn create_host(&self, ns: &str, cluster: &str, p: &Placement) -> anyhow::Result<()> {
+        let mut host = DynamicObject::new(&p.name, &resource("Host", "hosts"));
+        host.metadata.labels = Some(BTreeMap::from([
+            ("slipway.dev/cluster".to_owned(), cluster.to_owned()),
+            ("slipway.dev/pool".to_owned(), p.pool.clone()),
+        ]));
+        host.data = json!({"spec": {
+            "zone": p.zone,
+            "hostClass": p.host_class,
+            "provider": "netns",
+            "cluster": {"namespace": ns, "name": cluster},
+            "pool": p.pool,
+        }});
+        match self.hosts.create(&PostParams::default(), &host).await {
+            Ok(_) => {
+                info!(host = %p.name, zone = %p.zone, pool = %p.pool, "host created for {ns}/{cluster}");
+                Ok(())
+            }
+            // Made by an earlier pass that died before noting it.
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("creating Host {}", p.name)),
+        }
+    }
+
+    async fn delete_host(&self, name: &str) -> anyhow::Result<()> {
+        match self.hosts.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting Host {name}")),
+        }
+    }
+
+    /// Phase, conditions and hosts, written only when they change.
+    async fn write_status(
+        &self,
+        api: &Api<DynamicObject>,
+        cluster: &DynamicObject,
+        phase: &str,
+        owned: &[&DynamicObject],
+        want: &[Placement],
+        api_ready: bool,
+    ) -> anyhow::Result<()> {
+        let ready = |pool_is_cp: bool| {
+            let of_kind = |n: &str| {
+                want.iter()
+                    .filter(|p| (p.pool == CONTROL_PLANE_POOL) == pool_is_cp && p.name == n)
+                    .count()
+                    > 0
+            };
+            let total = want
+                .iter()
+                .filter(|p| (p.pool == CONTROL_PLANE_POOL) == pool_is_cp)
+                .count();
+            let up = owned
+                .iter()
+                .filter(|h| of_kind(h.metadata.name.as_deref().unwrap_or_default()))
+                .filter(|h| condition_true(h, "Ready"))
+                .count();
+            (up, total)
+        };
+        let (cp_up, cp_total) = ready(true);
+        let (nodes_up, nodes_total) = ready(false);
+        let cond = |kind: &str, ok: bool, reason_ok: &str, reason_not: &str, message: String| {
+            json!({
+                "type": kind,
+                "status": if ok { "True" } else { "False" },
+                "reason": if ok { reason_ok } else { reason_not },
+                "message": message,
+                "lastTransitionTime": rfc3339(now_secs()),
+            })
+        };
+        let cp_ok = cp_total > 0 && cp_up == cp_total && api_ready;
+        let nodes_ok = nodes_up == nodes_total;
+        let mut conditions = cluster.data["status"]["conditions"].clone();
+        for c in [
+            cond(
+                "ControlPlaneReady",
+                cp_ok,
+                "HostsReady",
+                "HostsNotReady",
+                format!("{cp_up}/{cp_total} control plane hosts Ready"),
+            ),
+            cond(
+                "NodesReady",
+                nodes_ok,
+                "HostsReady",
+                "HostsNotReady",
+                format!("{nodes_up}/{nodes_total} worker hosts Ready"),
+            ),
+            cond(
+                "Ready",
+                phase == "Running" && cp_ok && nodes_ok,
+                "Running",
+                phase,
+                format!(
+                    "phase {phase}: {} of {} hosts Ready",
+                    cp_up + nodes_up,
+                    cp_total + nodes_total
+                ),
+            ),
+        ] {
+            conditions = slipway_api::meta::set_condition(&conditions, c);
+        }
+        let mut hosts: Vec<&str> = owned
+            .iter()
+            .filter_map(|h| h.metadata.name.as_deref())
+            .collect();
+        hosts.sort_unstable();
+        let mut status = json!({"phase": phase, "conditions": conditions, "hosts": hosts});
+        if let Some(endpoint) = endpoint(
+            owned,
+            &cluster.metadata.name.clone().unwrap_or_default(),
+            &cluster.metadata.namespace.clone().unwrap_or_default(),
+        ) {
+            status["apiEndpoint"] = json!(endpoint);
+        }
+        if status_equal(&cluster.data["status"], &status) {
+            return Ok(());
+        }
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        if cluster.data["status"]["phase"] != phase {
+            info!(cluster = %name, phase, "cluster phase");
+            self.event(cluster, "Normal", phase, &format!("cluster is {phase}"))
+                .await;
+        }
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"resourceVersion": cluster.metadata.resource_version},
+                "status": status,
+            })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records an Event on the Cluster (best effort: a lost Event is logged, not retried).
+    async fn event(&self, cluster: &DynamicObject, type_: &str, reason: &str, message: &str) {
+        let ns = cluster.metadata.namespace.clone().unwrap_or_default();
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &ns);
+        let now = rfc3339(now_secs());
+        let name = format!(
+            "{}.{:x}",
+            cluster.metadata.name.as_deref().unwrap_or_default(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let event = serde_json::from_value::<Event>(json!({
+            "metadata": {"name": name, "namespace": ns},
+            "involvedObject": {
+                "apiVersion": format!("{GROUP}/{VERSION}"),
+                "kind": "Cluster",
+                "namespace": ns,
+                "name": cluster.metadata.name,
+                "uid": cluster.metadata.uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": type_,
+            "source": {"component": "slipway-cluster-controller"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }));
+        let result = match event {
+            Ok(e) => events.create(&PostParams::default(), &e).await.map(drop),
+            Err(e) => Err(kube::Error::SerdeError(e)),
+        };
+        if let Err(e) = result {
+            warn!(reason, error = %e, "could not record an Event");
+        }
+    }
+}
+
+/// Each host of the cluster a Node of the workload cluster; Nodes of hosts gone are removed.
+async fn sync_nodes(
+    workload: &kube::Client,
+    owned: &[&DynamicObject],
+    classes: &BTreeMap<String, Value>,
+) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(workload.clone());
+    let names: BTreeSet<&str> = owned
+        .iter()
+        .filter_map(|h| h.metadata.name.as_deref())
+        .collect();
+    for n in nodes.list(&ListParams::default()).await?.items {
+        if let Some(node) = n.metadata.name.as_deref()
+            && !names.contains(node)
+        {
+            nodes.delete(node, &DeleteParams::default()).await?;
+        }
+    }
+    for host in owned {
+        let Some(name) = host.metadata.name.as_deref() else {
+            continue;
+        };
+        if host.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let spec = &host.data["spec"];
+        let class_name = spec["hostClass"].as_str().unwrap_or_default();
+        let class = classes.get(class_name).cloned().unwrap_or(Value::Null);
+        let mut labels = json!({
+            "kubernetes.io/hostname": name,
+            "topology.kubernetes.io/zone": spec["zone"],
+            "node.kubernetes.io/instance-type": class_name,
+        });
+        if spec["pool"] == CONTROL_PLANE_POOL {
+            labels["node-role.kubernetes.io/control-plane"] = json!("");
+        }
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {},
+        }))?;
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready = host.data["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned())
+            .unwrap_or_else(|| json!({"status": "Unknown", "reason": "NoLease", "message": "the host has not registered"}));
+        let capacity = json!({
+            "cpu": class["cpus"].as_u64().unwrap_or(0).to_string(),
+            "memory": class["memory"],
+            "pods": "110",
+        });
+        let mut status = json!({
+            "capacity": capacity,
+            "allocatable": capacity,
+            "conditions": [{
+                "type": "Ready",
+                "status": ready["status"],
+                "reason": ready["reason"],
+                "message": ready["message"],
+                "lastHeartbeatTime": rfc3339(now_secs()),
+                "lastTransitionTime": ready.get("lastTransitionTime").cloned().unwrap_or_else(|| json!(rfc3339(now_secs()))),
+            }],
+        });
+        if let Some(address) = host.data["status"]["address"].as_str() {
+            status["addresses"] = json!([
+                {"type": "InternalIP", "address": address},
+                {"type": "Hostname", "address": name},
+            ]);
+        }
+        let current = nodes.get(name).await?;
+        let same = serde_json::to_value(&current.status)
+            .ok()
+            .is_some_and(|cur| {
+                cur["conditions"][0]["status"] == status["conditions"][0]["status"]
+                    && cur["conditions"][0]["reason"] == status["conditions"][0]["reason"]
+                    && cur["addresses"] == status["addresses"]
+                    && cur["capacity"] == status["capacity"]
+            });
+        if !same {
+            nodes
+                .patch_status(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// Whether two statuses say the same, transition times aside.
+fn status_equal(old: &Value, new: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(cs) = v.get_mut("conditions").and_then(Value::as_array_mut) {
+            for c in cs {
+                if let Some(m) = c.as_object_mut() {
+                    m.remove("lastTransitionTime");
+                }
+            }
+        }
+        v
+    };
+    strip(old) == strip(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slipway_api::slipway::{ControlPlane, NodePool, Topology};
+
+    #[test]
+    fn control_planes_spread_over_zones_and_pools_follow_their_failure_domain() {
+        let spec = ClusterSpec {
+            topology: Topology {
+                control_plane: ControlPlane {
+                    replicas: 3,
+                    host_class: "small".into(),
+                    storage_class: None,
+                },
+                node_pools: vec![
+                    NodePool {
+                        name: "a".into(),
+                        replicas: 2,
+                        host_class: "big".into(),
+                        storage_class: None,
+                        failure_domain: Some("zb".into()),
+                    },
+                    NodePool {
+                        name: "spread".into(),
+                        replicas: 2,
+                        host_class: "small".into(),
+                        storage_class: None,
+                        failure_domain: None,
+                    },
+                ],
+            },
+            ..ClusterSpec::default()
+        };
+        let zones = ["za".to_owned(), "zb".to_owned(), "zc".to_owned()];
+        let got: Vec<(String, String)> = placements("ns", "c", &spec, &zones)
+            .into_iter()
+            .map(|p| (p.name, p.zone))
+            .collect();
+        let want = [
+            ("ns-c-control-plane-0", "za"),
+            ("ns-c-control-plane-1", "zb"),
+            ("ns-c-control-plane-2", "zc"),
+            ("ns-c-a-0", "zb"),
+            ("ns-c-a-1", "zb"),
+            ("ns-c-spread-0", "za"),
+            ("ns-c-spread-1", "zb"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(n, z)| (n.to_owned(), z.to_owned())).to_vec()
+        );
+        assert!(placements("ns", "c", &spec, &[]).is_empty());
+    }
+}

@@ -1,0 +1,283 @@
+//! Joining a host (`POST /apis/slipway.dev/v1alpha1/hostjoins`, a create-only kind that is never
+//! stored, as `TokenReview` is): a machine holding a bootstrap token — kubeadm's format,
+//! `<id>.<secret>`, kept as a Secret `bootstrap-token-<id>` in `slipway-system` — names the host
+//! it is and its zone, and gets a kubeconfig with the host's own identity (`system:host:<name>`
+//! in `system:slipway:hosts`, a client certificate signed by the supervisor's CA). The Host is
+//! made if it does not exist (provider `static`); a host the supervisor provisioned joins with a
+//! token bound to it. `slipway join` is the client, on real machines and inside the `netns`
+//! provider's hosts alike.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use slipway_api::slipway::{GROUP, HOST_LEASE_NAMESPACE, HostProvider, VERSION};
+
+use super::State;
+use super::keys;
+use super::objects::stamp_new;
+use crate::api::meta::now_secs;
+use crate::api::registry::{ResourceType, lookup};
+use crate::auth::{HOST_USER_PREFIX, HOSTS, UserInfo, bootstrap_token};
+use crate::error::{ApiError, FieldError};
+use crate::store::{Store, StoreError};
+use crate::tls::{ADMIN_DAYS, Credential};
+
+/// The resource plural the join is served under.
+pub const PLURAL: &str = "hostjoins";
+
+/// The kind.
+pub const KIND: &str = "HostJoin";
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JoinRequest {
+    #[serde(default)]
+    #[allow(dead_code, reason = "checked by serde's shape only")]
+    api_version: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code, reason = "checked by serde's shape only")]
+    kind: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code, reason = "a request carries no metadata that matters")]
+    metadata: Option<Value>,
+    spec: JoinSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JoinSpec {
+    #[serde(default)]
+    host_name: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    host_class: Option<String>,
+}
+
+fn rt(plural: &str) -> Result<&'static ResourceType, ApiError> {
+    lookup(GROUP, VERSION, plural)
+        .ok_or_else(|| ApiError::Internal(format!("{plural} are not served")))
+}
+
+async fn exists(state: &State, plural: &str, name: &str) -> Result<Option<Value>, ApiError> {
+    let key = keys::object(rt(plural)?, None, name);
+    match state.store.get(&key).await? {
+        Some(o) => serde_json::from_slice(&o.value)
+            .map(Some)
+            .map_err(|e| ApiError::Internal(format!("stored {plural}/{name}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// Joins the host the request names; the answer carries its kubeconfig. `authority` is the
+/// `host:port` the caller reached the supervisor at, which its kubeconfig points to.
+pub async fn join(
+    state: &State,
+    user: &UserInfo,
+    authorization: Option<&str>,
+    authority: &str,
+    body: &Value,
+) -> Result<Value, ApiError> {
+    let forbidden = || ApiError::Forbidden {
+        user: user.name.clone(),
+        verb: "create".into(),
+        resource: PLURAL.into(),
+        group: GROUP.into(),
+        namespace: None,
+    };
+    // Who may join: a bootstrap token's holder, or a cluster administrator.
+    let bound_host = if user.is_admin() {
+        None
+    } else if user.is_bootstrapper() {
+        bootstrap_token(&state.store, authorization, now_secs())
+            .await?
+            .ok_or(ApiError::Unauthorized)?
+            .host
+    } else {
+        return Err(forbidden());
+    };
+    let req: JoinRequest = serde_json::from_value(body.clone())
+        .map_err(|e| ApiError::BadRequest(format!("HostJoin: {e}")))?;
+    let spec = req.spec;
+    let invalid = |causes: Vec<FieldError>| ApiError::Invalid {
+        kind: KIND.into(),
+        name: spec.host_name.clone(),
+        causes,
+    };
+    let mut causes = Vec::new();
+    if spec.host_name.is_empty() {
+        causes.push(FieldError::required("spec.hostName"));
+    } else {
+        slipway_api::meta::check_dns_label("spec.hostName", &spec.host_name, &mut causes);
+    }
+    if spec.zone.is_empty() {
+        causes.push(FieldError::required("spec.zone"));
+    }
+    if !causes.is_empty() {
+        return Err(invalid(causes));
+    }
+    if let Some(bound) = &bound_host
+        && bound != &spec.host_name
+    {
+        return Err(ApiError::AdmissionDenied {
+            resource: PLURAL.into(),
+            name: spec.host_name.clone(),
+            message: format!("this bootstrap token joins host {bound:?} only"),
+        });
+    }
+    if exists(state, "zones", &spec.zone).await?.is_none() {
+        causes.push(FieldError::invalid(
+            "spec.zone",
+            format!("{:?}", spec.zone),
+            "Zone not found",
+        ));
+    }
+    if let Some(class) = &spec.host_class
+        && exists(state, "hostclasses", class).await?.is_none()
+    {
+        causes.push(FieldError::invalid(
+            "spec.hostClass",
+            format!("{class:?}"),
+            "HostClass not found",
+        ));
+    }
+    let mut control_plane = None;
+    match exists(state, "hosts", &spec.host_name).await? {
+        Some(host) => {
+            // The cluster's CA goes only to a token made for this very host (or an admin).
+            if bound_host.is_some() || user.is_admin() {
+                control_plane = control_plane_bootstrap(state, &host).await?;
+            }
+            let zone = host.pointer("/spec/zone").and_then(Value::as_str);
+            if zone != Some(spec.zone.as_str()) {
+                causes.push(FieldError::invalid(
+                    "spec.zone",
+                    &spec.zone,
+                    format!(
+                        "host {:?} is in zone {:?}",
+                        spec.host_name,
+                        zone.unwrap_or_default()
+                    ),
+                ));
+            }
+            if !causes.is_empty() {
+                return Err(invalid(causes));
+            }
+        }
+        None => {
+            let Some(class) = &spec.host_class else {
+                causes.push(FieldError::new(
+                    "spec.hostClass",
+                    slipway_api::FieldReason::Required,
+                    "a host that is not registered yet needs its HostClass",
+                ));
+                return Err(invalid(causes));
+            };
+            if !causes.is_empty() {
+                return Err(invalid(causes));
+            }
+            create_static_host(state, &spec.host_name, &spec.zone, class).await?;
+        }
+    }
+    let name = format!("{HOST_USER_PREFIX}{}", spec.host_name);
+    let (cert_pem, key_pem) = state
+        .pki
+        .issue_client(&name, Some(HOSTS), ADMIN_DAYS)
+        .map_err(|e| ApiError::Internal(format!("issuing the host's certificate: {e}")))?;
+    let kubeconfig = state
+        .pki
+        .kubeconfig(
+            authority,
+            &name,
+            &Credential::ClientCert { cert_pem, key_pem },
+        )
+        .map_err(|e| ApiError::Internal(format!("the host's kubeconfig: {e}")))?;
+    tracing::info!(host = %spec.host_name, zone = %spec.zone, by = %user.name, "host joined");
+    Ok(json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"),
+        "kind": KIND,
+        "spec": {"hostName": spec.host_name, "zone": spec.zone, "hostClass": spec.host_class},
+        "status": {
+            "kubeconfig": kubeconfig,
+            "leaseNamespace": HOST_LEASE_NAMESPACE,
+            "controlPlane": control_plane,
+        },
+    }))
+}
+
+/// What a control plane host of a Cluster needs to serve the cluster's API (as Cluster API's
+/// bootstrap data carries it): the cluster's CA, from its Secret `<cluster>-ca`. None for other
+/// hosts; an error while the Secret is not made yet (the join is retried).
+async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<Value>, ApiError> {
+    let spec = &host["spec"];
+    if spec["pool"] != slipway_api::slipway::CONTROL_PLANE_POOL {
+        return Ok(None);
+    }
+    let (Some(ns), Some(cluster)) = (
+        spec["cluster"]["namespace"].as_str(),
+        spec["cluster"]["name"].as_str(),
+    ) else {
+        return Ok(None);
+    };
+    let secrets = lookup("", "v1", "secrets")
+        .ok_or_else(|| ApiError::Internal("secrets are not served".into()))?;
+    let name = crate::controllers::clusters::ca_secret(cluster);
+    let stored = state
+        .store
+        .get(&keys::object(secrets, Some(ns), &name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::Internal(format!("the CA of cluster {ns}/{cluster} is not made yet"))
+        })?;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_slice(&stored.value)
+        .map_err(|e| ApiError::Internal(format!("Secret {ns}/{name}: {e}")))?;
+    let text = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(Some(json!({
+        "cluster": {"namespace": ns, "name": cluster},
+        "caCert": text("tls.crt"),
+        "caKey": text("tls.key"),
+        "port": crate::controllers::clusters::API_PORT,
+    })))
+}
+
+/// Makes the Host of a machine that joined by itself (provider `static`), validated as a
+/// create through the API would be.
+async fn create_static_host(
+    state: &State,
+    name: &str,
+    zone: &str,
+    class: &str,
+) -> Result<(), ApiError> {
+    let hosts = rt("hosts")?;
+    let body = json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"),
+        "kind": "Host",
+        "metadata": {"name": name},
+        "spec": {"zone": zone, "hostClass": class, "provider": HostProvider::Static.name()},
+    });
+    let (mut host, causes) = hosts.decode(body)?;
+    if !causes.is_empty() {
+        return Err(ApiError::Invalid {
+            kind: "Host".into(),
+            name: name.into(),
+            causes,
+        });
+    }
+    stamp_new(&mut host);
+    let bytes = serde_json::to_vec(&host).map_err(|e| ApiError::Internal(e.to_string()))?;
+    match state
+        .store
+        .create(&keys::object(hosts, None, name), bytes)
+        .await
+    {
+        // Two joins of one new host at once: the other made it, with the same spec.
+        Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,228 @@
+//! What the end-to-end tests share: a supervisor provisioning netns hosts (a World with a
+//! prefix of its own, torn down on drop), and waiting with a deadline.
+#![allow(dead_code, reason = "each test binary uses part of the harness")]
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::api::{ApiResource, GroupVersionKind};
+use slipway_hosts::netns::{NetnsConfig, NetnsProvider};
+
+pub fn slipway_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("slipway"))
+        .expect("target dir");
+    assert!(
+        path.exists(),
+        "{} is missing: run with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+pub fn gvk(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("slipway.dev", "v1alpha1", kind),
+        plural,
+    )
+}
+
+/// A supervisor provisioning netns hosts with a prefix of its own, over a temporary data dir;
+/// on drop (panics too) it is killed and everything with its prefix is torn down.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    uplink: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl World {
+    pub fn new() -> Self {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let id = hasher.finish() as u32 & 0xff_ffff;
+        let dir = tempfile::Builder::new()
+            .prefix("slipway-e2e-hosts-")
+            .tempdir()
+            .expect("dir");
+        // A port that is free now, kept across restarts (joined hosts' kubeconfigs name it).
+        let port = std::net::TcpListener::bind("0.0.0.0:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut w = Self {
+            dir,
+            prefix: format!("slipway-e{id:06x}-"),
+            uplink: format!("slwu{id:06x}"),
+            port,
+            child: None,
+        };
+        w.start();
+        w
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("supervisor.log"))
+            .expect("log");
+        let mut child = Command::new(slipway_binary())
+            .args(["supervisor", "--data-dir"])
+            .arg(self.dir.path().join("sup"))
+            .args(["--listen", &format!("0.0.0.0:{}", self.port)])
+            .args(["--host-provider", "netns", "--zones", "za,zb"])
+            .args([
+                "--underlay",
+                "10.123.0.0/16",
+                "--netns-prefix",
+                &self.prefix,
+            ])
+            .args(["--uplink-device", &self.uplink])
+            .args([
+                "--host-lease-interval",
+                "250ms",
+                "--host-lease-duration",
+                "1s",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn supervisor");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("supervisor output");
+        self.child = Some(child);
+        assert!(
+            line.contains("https://"),
+            "supervisor did not start: {line:?}\n{}",
+            self.log()
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("supervisor.log")).unwrap_or_default()
+    }
+
+    pub fn provider(&self) -> NetnsProvider {
+        let mut config = NetnsConfig::new(
+            &self.prefix,
+            self.dir.path().join("sup/hosts/state"),
+            &["za", "zb"],
+        );
+        config.underlay = "10.123.0.0/16".parse().expect("cidr");
+        config.uplink_device = Some(self.uplink.clone());
+        NetnsProvider::new(config).expect("provider")
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(self.dir.path().join("sup/admin.kubeconfig"))
+                .expect("kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("config");
+        kube::Client::try_from(config).expect("client")
+    }
+
+    /// Everything with the world's prefix the kernel still has.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for dir in [
+            "/run/netns",
+            "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/bpf",
+        ] {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&self.prefix) {
+                    found.push(format!("{dir}/{name}"));
+                }
+            }
+        }
+        if Path::new("/sys/class/net").join(&self.uplink).exists() {
+            found.push(format!("link {}", self.uplink));
+        }
+        found
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill9();
+        let provider = self.provider();
+        let _ = slipway_dataplane::underlay::block_on(provider.teardown());
+    }
+}
+
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl World {
+    /// Runs kubectl (the current one at /usr/bin/kubectl) with the admin's kubeconfig; its
+    /// stdout, or a panic with its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_with(&self.dir.path().join("sup/admin.kubeconfig"), args)
+    }
+
+    /// Runs kubectl with `kubeconfig`.
+    pub fn kubectl_with(&self, kubeconfig: &Path, args: &[&str]) -> String {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Applies `yaml` with kubectl.
+    pub fn apply(&self, yaml: &str) {
+        let path = self.dir.path().join(format!(
+            "apply-{}.yaml",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        std::fs::write(&path, yaml).expect("write yaml");
+        self.kubectl(&["apply", "-f", &path.display().to_string()]);
+    }
+}
