@@ -23,6 +23,7 @@ groups=(
   "haproxy nginx-light wrk"
   "containernetworking-plugins"
   "podman runc busybox-static"
+  "containerd"
   "protobuf-compiler libprotobuf-dev"
   "etcd-server etcd-client"
 )

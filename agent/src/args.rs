@@ -75,6 +75,9 @@ pub struct AgentArgs {
     /// Registration with a supervisor (Host and Lease).
     #[command(flatten)]
     pub heartbeat: crate::heartbeat::HeartbeatArgs,
+    /// The host's own containerd (the pod runtime).
+    #[command(flatten)]
+    pub containerd: crate::pods::containerd::ContainerdArgs,
 }
 
 impl AgentArgs {

@@ -10,7 +10,7 @@
 //! Layout: [`args`] (flags), [`run`] (startup), [`api`] (the local API's handlers), [`hosts`]
 //! (hosts and routes), [`heartbeat`] (the Host and Lease in the supervisor), [`services`], [`policy`] (the policy node: compiled state installed in the
 //! datapath, flows), [`metrics`] and [`tables`] (Prometheus), [`cli`] (`slipway flows`,
-//! `slipway policy`).
+//! `slipway policy`), [`pods`] (the host's containerd, offline images, the pod runner over CRI).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -20,6 +20,7 @@ pub mod heartbeat;
 pub mod hosts;
 pub mod join;
 pub mod metrics;
+pub mod pods;
 pub mod policy;
 pub mod run;
 pub mod services;

@@ -83,6 +83,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    // The pod runtime comes up before the datapath is touched: a bad flag or a containerd that
+    // cannot start stops the agent here.
+    let containerd_config = args
+        .containerd
+        .config()
+        .map_err(|e| anyhow::anyhow!(crate::pods::error_chain(&e)))?;
+    let containerd = match containerd_config {
+        Some(config) => Some(
+            crate::pods::containerd::Containerd::start(config)
+                .await
+                .map_err(|e| anyhow::anyhow!(crate::pods::error_chain(&e)))
+                .context("--containerd-dir: starting the host's containerd")?,
+        ),
+        None => None,
+    };
+
     let mut installed = node::install(&pins, &args.map_sizes())?;
     let mut service_dp = ServiceDatapath::load(Some(&pins.services_dir()))?;
     fs::create_dir_all(&args.cgroup)
@@ -206,12 +222,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: exiting, the datapath stays"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting, the datapath stays"),
-        Some(done) = tasks.join_next() => done??,
+    let outcome = tokio::select! {
+        _ = term.recv() => {
+            info!("SIGTERM: exiting, the datapath stays");
+            Ok(())
+        }
+        _ = tokio::signal::ctrl_c() => {
+            info!("SIGINT: exiting, the datapath stays");
+            Ok(())
+        }
+        Some(done) = tasks.join_next() => done.map_err(anyhow::Error::from).and_then(|r| r),
+    };
+    // containerd goes with the agent; its containers stay with their shims, as on any node.
+    if let Some(containerd) = containerd {
+        containerd.stop().await;
     }
-    Ok(())
+    outcome
 }
 
 pub(crate) fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {

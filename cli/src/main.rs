@@ -36,7 +36,10 @@ enum Command {
     #[command(subcommand)]
     Lb(slipway_lb::cli::LbCommand),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
-    Agent(slipway_agent::AgentArgs),
+    Agent(Box<slipway_agent::AgentArgs>),
+    /// Offline images for the host's containerd: `import NAME DIR|TAR`.
+    #[command(subcommand)]
+    Image(slipway_agent::pods::image::ImageCommand),
     /// Join this machine to a supervisor as a host (bootstrap token, as `kubeadm join`), then
     /// run its host agent (heartbeat; the node datapath with agent flags after `--`).
     Join(slipway_agent::join::JoinArgs),
@@ -119,11 +122,12 @@ fn main() -> anyhow::Result<()> {
         Command::Kubeconfig(args) => args.run(),
         Command::Volume(command) => command.run(),
         Command::Lb(command) => command.run(),
+        Command::Image(command) => command.run(),
         Command::Flows(args) => args.run(),
         Command::Policy(command) => command.run(),
         Command::Blockstore(args) => args.run(),
         Command::Csi(command) => command.run(&["csi"]),
-        Command::Agent(args) => agent_runtime()?.block_on(slipway_agent::run(args)),
+        Command::Agent(args) => agent_runtime()?.block_on(slipway_agent::run(*args)),
         Command::Join(args) => agent_runtime()?.block_on(slipway_agent::join::run(args)),
     }
 }

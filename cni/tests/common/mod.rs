@@ -19,9 +19,30 @@ use slipway_dataplane::testing::{Netns, Process, World};
 pub const POD_CIDR: &str = "10.244.0.0/16";
 pub const NETWORK: &str = "slipway-test";
 
+/// The plugin binary: this crate's own when the harness is compiled into a `slipway-cni` test;
+/// another crate's tests (the agent's pod tests) find it beside the test binary's directory,
+/// where `cargo test --workspace` builds it.
+pub fn plugin_binary() -> PathBuf {
+    let path = match option_env!("CARGO_BIN_EXE_slipway-cni") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .expect("test binary path")
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("slipway-cni"),
+    };
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
+        path.display()
+    );
+    path
+}
+
 /// The `slipway` binary (the agent); `cargo test --workspace` builds it beside the plugin.
 pub fn slipway_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_slipway-cni")).with_file_name("slipway");
+    let path = plugin_binary().with_file_name("slipway");
     assert!(
         path.exists(),
         "{} is missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
@@ -113,8 +134,7 @@ impl Cluster {
         let dir = std::env::temp_dir().join(world.name());
         let cni_path = dir.join("cni-bin");
         std::fs::create_dir_all(&cni_path).expect("cni dir");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_slipway-cni"), cni_path.join("slipway"))
-            .expect("symlink");
+        std::os::unix::fs::symlink(plugin_binary(), cni_path.join("slipway")).expect("symlink");
         let nodes = world
             .hosts()
             .iter()
