@@ -168,6 +168,12 @@ impl JoinArgs {
                 crate::run::write_atomically_with_mode(&pki.join(file), pem.as_bytes(), mode)
                     .with_context(|| format!("writing {}", pki.join(file).display()))?;
             }
+            let settings = json!({"serviceCidr": cp["serviceCidr"]});
+            crate::run::write_atomically(
+                &self.api_server_dir().join("bootstrap.json"),
+                settings.to_string().as_bytes(),
+            )
+            .context("writing the API server's settings")?;
             info!(cluster = %cp["cluster"], "control plane host: the cluster's CA kept");
         }
         crate::run::write_atomically_with_mode(&path, kubeconfig.as_bytes(), 0o600)
@@ -221,7 +227,8 @@ async fn serve_cluster_api(dir: PathBuf, address: String, port: u16) -> anyhow::
             .open(dir.with_extension("log"))
             .context("the API server's log")?;
         let started = std::time::Instant::now();
-        let status = tokio::process::Command::new(&exe)
+        let mut command = tokio::process::Command::new(&exe);
+        command
             .arg("supervisor")
             .arg("--data-dir")
             .arg(&dir)
@@ -231,6 +238,15 @@ async fn serve_cluster_api(dir: PathBuf, address: String, port: u16) -> anyhow::
                 "--advertise-address",
                 &address,
             ])
+            .arg("--cluster-controllers");
+        if let Some(cidr) = std::fs::read(dir.join("bootstrap.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["serviceCidr"].as_str().map(str::to_owned))
+        {
+            command.args(["--service-cluster-ip-range", &cidr]);
+        }
+        let status = command
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)

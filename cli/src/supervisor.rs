@@ -14,6 +14,11 @@ pub struct SupervisorCommand {
     pub server: SupervisorArgs,
     #[command(flatten)]
     pub hosts: ProviderArgs,
+    /// Run a workload cluster's controllers (scheduler, ReplicaSet, Deployment, EndpointSlice,
+    /// node lifecycle, garbage collector) beside the API server, as its administrator: what a
+    /// control plane host runs.
+    #[arg(long)]
+    pub cluster_controllers: bool,
 }
 
 impl SupervisorCommand {
@@ -27,7 +32,29 @@ impl SupervisorCommand {
 
     /// Serves until SIGINT/SIGTERM with the host reconciler (if a provider is configured) and
     /// `more` beside the API server; `more` ending with an error stops the supervisor.
-    pub async fn run_with<F, Fut>(mut self, more: F) -> anyhow::Result<()>
+    pub async fn run_with<F, Fut>(self, more: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Listening) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let admin = self.server.data_dir.join("admin.kubeconfig");
+        let controllers = self.cluster_controllers;
+        let more = move |listening: Listening| async move {
+            if !controllers {
+                return more(listening).await;
+            }
+            let client = crate::client_for(&admin).await?;
+            tokio::select! {
+                () = slipway_controllers::run(client, slipway_controllers::Options::default()) => {
+                    anyhow::bail!("the workload cluster controllers stopped")
+                }
+                r = more(listening) => r,
+            }
+        };
+        self.run_inner(more).await
+    }
+
+    async fn run_inner<F, Fut>(mut self, more: F) -> anyhow::Result<()>
     where
         F: FnOnce(Listening) -> Fut + Send + 'static,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,

@@ -200,6 +200,52 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
             ("team-a-c1-workers-1".to_owned(), pair("zb")),
         ])
     );
+    // The cluster's controllers run beside its API server: a Deployment's Pods are made and
+    // scheduled over both zones, and a Service gets a ClusterIP from the Cluster's services
+    // block. (No kubelet runs them yet: the Pods stay bound and Pending.)
+    let web = world.dir.path().join("web.yaml");
+    std::fs::write(
+        &web,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  replicas: 3\n  selector: {matchLabels: {app: web}}\n  template:\n    \
+         metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - {name: web, image: busybox}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  selector: {app: web}\n  ports: [{port: 80}]\n",
+    )
+    .expect("web.yaml");
+    world.kubectl_with(&path, &["apply", "-f", &web.display().to_string()]);
+    let zones_of_pods = wait_for(
+        "3 web Pods scheduled over 2 zones",
+        Duration::from_secs(30),
+        || async {
+            let pods: serde_json::Value = serde_json::from_str(
+                &world.kubectl_with(&path, &["get", "pods", "-l", "app=web", "-o", "json"]),
+            )
+            .ok()?;
+            let items = pods["items"].as_array()?;
+            let zones: std::collections::BTreeSet<String> = items
+                .iter()
+                .filter_map(|p| p["spec"]["nodeName"].as_str())
+                .filter_map(|n| nodes.get(n).map(|(z, _)| z.clone()))
+                .collect();
+            let bound = items
+                .iter()
+                .filter(|p| p["spec"]["nodeName"].is_string())
+                .count();
+            (bound == 3 && zones.len() == 2).then_some(zones)
+        },
+    )
+    .await;
+    assert_eq!(zones_of_pods.len(), 2);
+    let ip = world.kubectl_with(
+        &path,
+        &["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    assert!(
+        ip.starts_with("10.96."),
+        "ClusterIP {ip:?} is not from the Cluster's 10.96.0.0/16"
+    );
+
     let described = world.kubectl(&["describe", "cluster", "c1", "-n", "team-a"]);
     for needle in [
         "HostCreated",

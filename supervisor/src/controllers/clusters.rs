@@ -722,9 +722,15 @@ async fn sync_nodes(
         if spec["pool"] == CONTROL_PLANE_POOL {
             labels["node-role.kubernetes.io/control-plane"] = json!("");
         }
+        // Control plane hosts take no workloads, as kubeadm taints them.
+        let node_spec = if host.data["spec"]["pool"] == CONTROL_PLANE_POOL {
+            json!({"taints": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]})
+        } else {
+            json!({})
+        };
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels},
-            "spec": {},
+            "spec": node_spec,
         }))?;
         match nodes.create(&PostParams::default(), &node).await {
             Ok(_) => {}

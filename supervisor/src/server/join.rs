@@ -238,8 +238,26 @@ async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<V
             .map(|b| String::from_utf8_lossy(&b.0).into_owned())
             .unwrap_or_default()
     };
+    // The cluster's services block, which its API server allocates ClusterIPs from.
+    let clusters = lookup(GROUP, VERSION, "clusters")
+        .ok_or_else(|| ApiError::Internal("clusters are not served".into()))?;
+    let service_cidr = match state
+        .store
+        .get(&keys::object(clusters, Some(ns), cluster))
+        .await?
+    {
+        Some(c) => serde_json::from_slice::<Value>(&c.value)
+            .ok()
+            .and_then(|c| {
+                c.pointer("/spec/settings/network/services/cidrBlocks/0")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            }),
+        None => None,
+    };
     Ok(Some(json!({
         "cluster": {"namespace": ns, "name": cluster},
+        "serviceCidr": service_cidr,
         "caCert": text("tls.crt"),
         "caKey": text("tls.key"),
         "port": crate::controllers::clusters::API_PORT,
