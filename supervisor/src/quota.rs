@@ -130,6 +130,52 @@ pub fn over_limit(
     None
 }
 
+/// The first zone whose share of namespace `ns`'s limits `after` (the namespace's usage per
+/// zone once the write is made) goes over, in a zone the write grows (`before`): the limits
+/// are split equally across the zones the namespace uses, as the seeds split 300 MHz over three
+/// zones into 100 each. None when every zone fits.
+pub fn over_zone_share(
+    ns: &str,
+    limits: &NamespaceLimits,
+    before: &std::collections::BTreeMap<String, Usage>,
+    after: &std::collections::BTreeMap<String, Usage>,
+) -> Option<String> {
+    let used = after
+        .values()
+        .filter(|u| u.cpu > 0.0 || u.memory > 0.0)
+        .count();
+    if used == 0 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss, reason = "a handful of zones")]
+    let zones = used as f64;
+    let limit = |q: &Option<Quantity>| q.as_ref().and_then(|q| q.value().map(|v| (q.clone(), v)));
+    for (zone, u) in after {
+        let was = before.get(zone).copied().unwrap_or_default();
+        if u.cpu > was.cpu
+            && let Some((q, v)) = limit(&limits.cpu)
+            && u.cpu > v / zones
+        {
+            return Some(format!(
+                "exceeded quota: zone {zone:?} would use {} cpu, over its share {:.3} (spec.limits.cpu of namespace {ns:?} is {q}, split over the {used} zones the namespace uses)",
+                u.cpu,
+                v / zones
+            ));
+        }
+        if u.memory > was.memory
+            && let Some((q, v)) = limit(&limits.memory)
+            && u.memory > v / zones
+        {
+            return Some(format!(
+                "exceeded quota: zone {zone:?} would use {}Mi of memory, over its share {}Mi (spec.limits.memory of namespace {ns:?} is {q}, split over the {used} zones the namespace uses)",
+                mi(u.memory),
+                mi(v / zones)
+            ));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

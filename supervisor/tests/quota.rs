@@ -385,3 +385,52 @@ async fn store_txn_contract_on_etcd() -> Result<(), StoreError> {
     let etcd = Etcd::start(3);
     txn_contract(&EtcdStore::connect(&etcd.client_urls).await?).await
 }
+
+/// Namespace limits are split equally across the zones the namespace's clusters use: a Cluster
+/// that would put more than its zone's share in one zone is refused (403) naming the zone, the
+/// share and the limit, and nothing is stored; the same hosts spread over the zones fit.
+#[test]
+fn a_zone_takes_no_more_than_its_share_of_the_namespace() {
+    let dir = TempDir::new("zones");
+    let sup = start(&dir, &Backend::Redb);
+    let zones = sup.file(
+        "zones.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-z}\nspec:\n  limits: {cpu: \"18\"}\n\
+         ---\napiVersion: slipway.dev/v1alpha1\nkind: Zone\nmetadata: {name: za}\nspec: {}\n\
+         ---\napiVersion: slipway.dev/v1alpha1\nkind: Zone\nmetadata: {name: zb}\nspec: {}\n\
+         ---\napiVersion: slipway.dev/v1alpha1\nkind: Zone\nmetadata: {name: zc}\nspec: {}\n",
+    );
+    sup.kubectl(&["apply", "-f", &zones]).ok();
+    // 1 + 2 small hosts (2 cpus each) over za, zb (cp and worker 0 in za): za 4, zb 2.
+    let spread = sup.file("spread.json", &cluster("team-z", "spread", 2).to_string());
+    sup.kubectl(&["apply", "-f", &spread]).ok();
+    // 1 + 3 more, all pinned to za: 6 cpus of 18 in all fits the namespace, but za would hold
+    // 4 + 2 + 6 = 12 of a share of 18 / 2 zones = 9.
+    let mut pinned = cluster("team-z", "pinned", 3);
+    pinned["spec"]["topology"]["nodePools"][0]["failureDomain"] = json!("za");
+    let f = sup.file("pinned.json", &pinned.to_string());
+    let out = sup.kubectl(&["apply", "-f", &f]);
+    let msg = out.err();
+    assert!(
+        msg.contains("Forbidden") || msg.contains("forbidden"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("zone \"za\"") && msg.contains("share 9.000"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("spec.limits.cpu") && msg.contains("2 zones"),
+        "{msg}"
+    );
+    assert_eq!(
+        count(&sup, &["clusters", "-n", "team-z"]),
+        1,
+        "nothing stored"
+    );
+    // The same three workers in zc: za 6 (cp), zb 2, zc 6 → 3 zones, share 6 each: fits.
+    pinned["spec"]["topology"]["nodePools"][0]["failureDomain"] = json!("zc");
+    let f = sup.file("pinned-zc.json", &pinned.to_string());
+    sup.kubectl(&["apply", "-f", &f]).ok();
+    assert_eq!(count(&sup, &["clusters", "-n", "team-z"]), 2);
+}

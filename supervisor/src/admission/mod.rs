@@ -5,7 +5,7 @@
 pub mod services;
 mod write;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ipnetwork::IpNetwork;
 use serde_json::Value;
@@ -13,6 +13,7 @@ use serde_json::Value;
 pub use write::{Change, deletable, forget_namespace, usage_key, write};
 
 use crate::api::core::{Namespace, PersistentVolumeClaim};
+use crate::api::meta::Quantity;
 use crate::api::registry::{ResourceType, lookup};
 use crate::api::slipway::{Cluster, GROUP, HostClass, HostClassSpec, Zone, cidr_fields};
 use crate::error::{ApiError, FieldError};
@@ -264,6 +265,26 @@ impl Classes {
         Ok(quota::cluster_usage(c, |n| {
             self.0.get(n).and_then(Option::as_ref).map(|(s, _)| s)
         }))
+    }
+
+    /// What `c` places in each zone (as the Cluster reconciler places it over `zones`).
+    pub(crate) async fn zone_usage(
+        &mut self,
+        store: &AnyStore,
+        ns: &str,
+        c: &Cluster,
+        zones: &[String],
+    ) -> Result<BTreeMap<String, Usage>, ApiError> {
+        let name = c.metadata.name.clone().unwrap_or_default();
+        let mut out: BTreeMap<String, Usage> = BTreeMap::new();
+        for p in crate::controllers::clusters::placements(ns, &name, &c.spec, zones) {
+            if let Some((hc, _)) = self.get(store, &p.host_class).await? {
+                let u = out.entry(p.zone).or_default();
+                u.cpu += f64::from(hc.cpus);
+                u.memory += hc.memory.as_ref().and_then(Quantity::value).unwrap_or(0.0);
+            }
+        }
+        Ok(out)
     }
 
     /// Guards on every class `c` uses still being as read.

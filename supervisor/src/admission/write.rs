@@ -184,6 +184,52 @@ async fn counted_guards(
             message,
         });
     }
+    if rtype.plural == "clusters" {
+        // Each zone's share: the Cluster reconciler places the namespace's clusters over the
+        // zones there are; the limits split equally across the zones they use.
+        let (zone_objs, _) = store
+            .list(&keys::prefix(rt(GROUP, "v1alpha1", "zones")?, None))
+            .await?;
+        let mut zones: Vec<String> = zone_objs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+            .filter_map(|z| z["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        zones.sort();
+        let mut per_zone_before: BTreeMap<String, Usage> = BTreeMap::new();
+        for kv in &others {
+            let obj: Value = serde_json::from_slice(&kv.value)
+                .map_err(|e| ApiError::Internal(format!("corrupt object {}: {e}", kv.key)))?;
+            let c = decode::<Cluster>(&obj)?;
+            for (zone, u) in classes.zone_usage(store, ns, &c, &zones).await? {
+                *per_zone_before.entry(zone).or_default() += u;
+            }
+        }
+        let mut per_zone_after = per_zone_before.clone();
+        if let Some(o) = old {
+            for (zone, u) in classes
+                .zone_usage(store, ns, &decode::<Cluster>(o)?, &zones)
+                .await?
+            {
+                *per_zone_before.entry(zone).or_default() += u;
+            }
+        }
+        for (zone, u) in classes
+            .zone_usage(store, ns, &decode::<Cluster>(new)?, &zones)
+            .await?
+        {
+            *per_zone_after.entry(zone).or_default() += u;
+        }
+        if let Some(message) =
+            quota::over_zone_share(ns, &limits, &per_zone_before, &per_zone_after)
+        {
+            return Err(ApiError::AdmissionDenied {
+                resource: rtype.plural.into(),
+                name,
+                message,
+            });
+        }
+    }
     let mut guards = Vec::new();
     if rtype.plural == "clusters" {
         (used.cpu, used.memory) = (total.cpu, total.memory);
