@@ -346,7 +346,8 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
         "every host made once"
     );
 
-    // Delete: the Clusters go once every host is torn down.
+    // Delete, with the supervisor killed (kill -9) right after: the restarted one finishes it,
+    // and the Clusters go once every host is torn down.
     world.kubectl(&[
         "delete",
         "clusters",
@@ -355,6 +356,12 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
         "team-a",
         "--wait=false",
     ]);
+    world.kill9();
+    world.start();
+    let client = world.client().await;
+    let clusters: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "team-a", &gvk("Cluster", "clusters"));
+    let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
     wait_for("every Cluster gone", Duration::from_secs(60), || async {
         clusters
             .list(&ListParams::default())
@@ -373,6 +380,16 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
             .items
             .is_empty()
     );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-a");
+    let left: Vec<String> = secrets
+        .list(&ListParams::default())
+        .await
+        .expect("secrets")
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert!(left.is_empty(), "the clusters' Secrets are gone: {left:?}");
     assert!(provider.list().await.expect("list").is_empty());
     assert_eq!(world.leftovers(), Vec::<String>::new(), "{}", world.log());
 }
