@@ -7,6 +7,8 @@
 
 #[path = "../../cni/tests/common/mod.rs"]
 mod common;
+#[path = "common/mod.rs"]
+mod sup;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1258,4 +1260,67 @@ fn a_changed_image_replaces_the_container_and_a_dropped_container_goes() {
     let report = host.sync(&[]);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(host.cluster.leftovers(1), Leftovers::default());
+}
+
+/// The runner fed by a cluster API as kubelet is: a Pod bound to this host's Node through the
+/// API runs, its status (Running, podIP of the host block) is written back to the Pod, and
+/// deleting the Pod tears its sandbox down.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn pods_bound_to_the_node_through_the_api_run_and_report_their_status() {
+    use kube::api::{Api, DeleteParams, PostParams};
+    let mut host = PodHost::start(Backoff::default());
+    let block: ipnetwork::Ipv4Network = host.cluster.node(1).block.parse().expect("block");
+    let api = sup::Supervisor::start("kubelet");
+    let client = host.rt.block_on(api.admin());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut p = web("api-web");
+    p.metadata.uid = None;
+    p.spec.as_mut().expect("spec").node_name = Some("n1".into());
+    let created = host
+        .rt
+        .block_on(pods.create(&PostParams::default(), &p))
+        .expect("create the Pod");
+    let uid = created.metadata.uid.clone().expect("uid");
+
+    let runner = host.runner.take().expect("runner");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = host.rt.spawn(slipway_agent::pods::kubelet::run_until(
+        client.clone(),
+        "n1".into(),
+        runner,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let status = host.rt.block_on(sup::wait_for(
+        "the Pod Running in the API",
+        Duration::from_secs(60),
+        || async { pods.get("api-web").await.ok()?.status.filter(running) },
+    ));
+    let ip: std::net::Ipv4Addr = status
+        .pod_ip
+        .as_deref()
+        .expect("podIP")
+        .parse()
+        .expect("ip");
+    assert!(block.contains(ip), "{ip} is outside {block}");
+    assert_eq!(host.sandboxes(&uid).len(), 1, "one sandbox for the Pod");
+
+    host.rt
+        .block_on(pods.delete("api-web", &DeleteParams::default()))
+        .expect("delete the Pod");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !host.sandboxes(&uid).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the Pod's sandbox was not torn down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = stop.send(());
+    host.runner = Some(host.rt.block_on(task).expect("the loop ends"));
 }

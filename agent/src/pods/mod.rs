@@ -7,6 +7,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod image;
+pub mod kubelet;
 pub mod probe;
 pub mod runner;
 pub mod spec;

@@ -1,0 +1,100 @@
+//! The pod runner fed by a Kubernetes API, as kubelet is: the Pods bound to this host's Node
+//! (list+watch through kube-rs, only upstream kinds and fields) are handed to the
+//! [`PodRunner`] at every change and every period (level-triggered: it compares what runs with
+//! what is wanted), and the statuses it reports are written back to each Pod's `status`
+//! subresource when they change. A Pod deleted from the API is torn down at the next sync.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{reflector, watcher};
+use tracing::{debug, info, warn};
+
+use super::runner::PodRunner;
+
+/// How often the runner syncs when the API is quiet (restarts, probes and back-off are
+/// matters of time).
+pub const PERIOD: Duration = Duration::from_secs(1);
+
+/// Runs the Pods bound to `node` until `stop` resolves; returns the runner (which still holds
+/// whatever runs).
+pub async fn run_until(
+    client: kube::Client,
+    node: String,
+    mut runner: PodRunner,
+    stop: impl Future<Output = ()>,
+) -> PodRunner {
+    let pods: Api<Pod> = Api::all(client);
+    let (reader, writer) = reflector::store();
+    // The API serves no field selectors yet: every Pod is watched and this host's are taken.
+    let mut events = reflector(writer, watcher(pods.clone(), watcher::Config::default())).boxed();
+    let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    info!(%node, "running the Pods bound to this node");
+    tokio::pin!(stop);
+    // Nothing runs until the first full list is in: an empty store is not "no Pods".
+    let mut listed = false;
+    loop {
+        tokio::select! {
+            () = &mut stop => return runner,
+            _ = tick.tick() => {}
+            e = events.next() => match e {
+                Some(Ok(watcher::Event::InitDone)) => listed = true,
+                Some(Err(e)) => debug!(error = %e, "watching Pods"),
+                _ => {}
+            }
+        }
+        if !listed {
+            continue;
+        }
+        let desired: Vec<Pod> = reader
+            .state()
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
+            .map(|p| (**p).clone())
+            .collect();
+        let report = runner.sync(&desired).await;
+        for e in &report.errors {
+            warn!(error = %super::error_chain(e), "pod teardown failed; retried next sync");
+        }
+        for (key, status) in report.statuses {
+            let Ok(status) = status else { continue };
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            let Ok(value) = serde_json::to_value(&status) else {
+                continue;
+            };
+            if written.get(&key) == Some(&value) {
+                continue;
+            }
+            let api: Api<Pod> = Api::namespaced(pods.clone().into_client(), ns);
+            match api
+                .patch_status(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"status": value})),
+                )
+                .await
+            {
+                Ok(_) => {
+                    written.insert(key, value);
+                }
+                Err(e) => debug!(pod = %key, error = %e, "writing the Pod's status; next sync"),
+            }
+        }
+        written.retain(|k, _| {
+            desired.iter().any(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or_default(),
+                    p.metadata.name.as_deref().unwrap_or_default()
+                ) == *k
+            })
+        });
+    }
+}
