@@ -78,6 +78,9 @@ pub struct AgentArgs {
     /// The host's own containerd (the pod runtime).
     #[command(flatten)]
     pub containerd: crate::pods::containerd::ContainerdArgs,
+    /// The cluster whose Pods bound to this node the agent runs (the slim kubelet).
+    #[command(flatten)]
+    pub kubelet: crate::pods::kubelet::KubeletArgs,
 }
 
 impl AgentArgs {

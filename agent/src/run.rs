@@ -89,6 +89,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .containerd
         .config()
         .map_err(|e| anyhow::anyhow!(crate::pods::error_chain(&e)))?;
+    let kubelet = args.kubelet.wanted(
+        containerd_config.is_some(),
+        args.heartbeat.host_name.as_deref(),
+    )?;
     let containerd = match containerd_config {
         Some(config) => Some(
             crate::pods::containerd::Containerd::start(config)
@@ -97,6 +101,38 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 .context("--containerd-dir: starting the host's containerd")?,
         ),
         None => None,
+    };
+
+    // The slim kubelet: the cluster's Pods bound to this node, through this host's containerd.
+    let kubelet = match (kubelet, &containerd) {
+        (Some((kubeconfig, node)), Some(containerd)) => {
+            let config = kube::config::Kubeconfig::read_from(&kubeconfig).with_context(|| {
+                format!("--cluster-kubeconfig: reading {}", kubeconfig.display())
+            })?;
+            let config = kube::Config::from_custom_kubeconfig(
+                config,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .context("--cluster-kubeconfig")?;
+            let client = kube::Client::try_from(config).context("the cluster's client")?;
+            let cri = crate::pods::cri::Cri::connect(&containerd.socket())
+                .await
+                .map_err(|e| anyhow::anyhow!(crate::pods::error_chain(&e)))?;
+            let dir = args.containerd.dir.clone().unwrap_or_default();
+            let runner = crate::pods::runner::PodRunner::new(
+                cri,
+                crate::pods::runner::RunnerConfig {
+                    log_root: dir.join("pods"),
+                    cgroup_parent: format!("/slipway-pods/{node}"),
+                    backoff: crate::pods::status::Backoff::default(),
+                    host_ip: Some(node_ip.to_string()),
+                    probe_netns: None,
+                },
+            );
+            Some((client, node, runner))
+        }
+        _ => None,
     };
 
     let mut installed = node::install(&pins, &args.map_sizes())?;
@@ -192,6 +228,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(heartbeat) = heartbeat {
         tasks.spawn(heartbeat.run());
+    }
+    if let Some((client, node, runner)) = kubelet {
+        tasks.spawn(async move {
+            crate::pods::kubelet::run_until(client, node, runner, std::future::pending()).await;
+            Ok(())
+        });
     }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));

@@ -5,6 +5,7 @@
 //! subresource when they change. A Pod deleted from the API is torn down at the next sync.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -14,6 +15,52 @@ use kube::runtime::{reflector, watcher};
 use tracing::{debug, info, warn};
 
 use super::runner::PodRunner;
+
+/// How `slipway agent` runs a cluster's Pods.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeletArgs {
+    /// Kubeconfig of the cluster whose Pods bound to this node the agent runs through its
+    /// containerd (needs --containerd-dir).
+    #[arg(long = "cluster-kubeconfig")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name in that cluster (default: --host-name).
+    #[arg(long = "node-name")]
+    pub node_name: Option<String>,
+}
+
+impl KubeletArgs {
+    /// The kubeconfig and node name to run Pods for, if asked; every bad flag named.
+    pub fn wanted(
+        &self,
+        containerd: bool,
+        host_name: Option<&str>,
+    ) -> anyhow::Result<Option<(PathBuf, String)>> {
+        let Some(kubeconfig) = &self.kubeconfig else {
+            anyhow::ensure!(
+                self.node_name.is_none(),
+                "--node-name: needs --cluster-kubeconfig"
+            );
+            return Ok(None);
+        };
+        let mut problems = Vec::new();
+        if !containerd {
+            problems.push("--cluster-kubeconfig: needs --containerd-dir (the pod runtime)");
+        }
+        let node = self
+            .node_name
+            .as_deref()
+            .or(host_name)
+            .filter(|n| !n.is_empty());
+        if node.is_none() {
+            problems.push("--node-name: required with --cluster-kubeconfig (or --host-name)");
+        }
+        anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+        Ok(Some((
+            kubeconfig.clone(),
+            node.unwrap_or_default().to_owned(),
+        )))
+    }
+}
 
 /// How often the runner syncs when the API is quiet (restarts, probes and back-off are
 /// matters of time).
@@ -96,5 +143,37 @@ pub async fn run_until(
                 ) == *k
             })
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubelet_flags_need_a_runtime_and_a_node_name() {
+        let args = |k: Option<&str>, n: Option<&str>| KubeletArgs {
+            kubeconfig: k.map(PathBuf::from),
+            node_name: n.map(str::to_owned),
+        };
+        assert_eq!(args(None, None).wanted(false, None).expect("none"), None);
+        let err = args(None, Some("n1"))
+            .wanted(true, None)
+            .expect_err("node name alone");
+        assert!(err.to_string().contains("--node-name"), "{err}");
+        let err = args(Some("/k"), None)
+            .wanted(false, None)
+            .expect_err("no runtime");
+        let text = err.to_string();
+        assert!(
+            text.contains("--containerd-dir") && text.contains("--node-name"),
+            "{text}"
+        );
+        assert_eq!(
+            args(Some("/k"), None)
+                .wanted(true, Some("h1"))
+                .expect("host name"),
+            Some((PathBuf::from("/k"), "h1".to_owned()))
+        );
     }
 }
