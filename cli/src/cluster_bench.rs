@@ -17,7 +17,7 @@ use serde_json::json;
 use slipway_hosts::HostProvider as _;
 use slipway_hosts::reconciler::ProviderArgs;
 
-use crate::up::{create, ready_hosts, resource, with_supervisor};
+use crate::up::{create, ready_hosts, resource, seed, with_supervisor};
 
 /// The suite's name (its JSONL file).
 pub const SUITE: &str = "cluster";
@@ -205,37 +205,7 @@ fn cluster(name: &str, workers: u32) -> serde_json::Value {
 
 async fn measure(data_dir: PathBuf, hosts: ProviderArgs, runs: usize) -> anyhow::Result<Samples> {
     let client = crate::client_for(&data_dir.join("admin.kubeconfig")).await?;
-    for zone in &hosts.zones {
-        create(
-            &client,
-            &resource("slipway.dev", "Zone", "zones"),
-            None,
-            json!({
-                "apiVersion": "slipway.dev/v1alpha1", "kind": "Zone",
-                "metadata": {"name": zone}, "spec": {},
-            }),
-        )
-        .await?;
-    }
-    create(
-        &client,
-        &resource("slipway.dev", "HostClass", "hostclasses"),
-        None,
-        json!({
-            "apiVersion": "slipway.dev/v1alpha1", "kind": "HostClass",
-            "metadata": {"name": "small"}, "spec": {"cpus": 1, "memory": "512Mi"},
-        }),
-    )
-    .await?;
-    create(
-        &client,
-        &resource("", "Namespace", "namespaces"),
-        None,
-        json!({
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"},
-        }),
-    )
-    .await?;
+    seed(&client, &hosts.zones, "bench").await?;
     let mut provider_args = hosts.clone();
     provider_args.host_provider = "netns".into();
     let provider = provider_args

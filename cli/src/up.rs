@@ -91,13 +91,16 @@ pub(crate) fn ready_hosts(hosts: &[DynamicObject], names: &[String]) -> usize {
         .count()
 }
 
-/// Makes the demo objects and follows the Cluster until it is Ready.
-async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
-    let kubeconfig = data_dir.join("admin.kubeconfig");
-    let client = crate::client_for(&kubeconfig).await?;
-    for zone in &zones {
+/// What a cluster needs in a fresh supervisor: its `zones`, a HostClass `small` (1 cpu,
+/// 512Mi) and `namespace`.
+pub(crate) async fn seed(
+    client: &kube::Client,
+    zones: &[String],
+    namespace: &str,
+) -> anyhow::Result<()> {
+    for zone in zones {
         create(
-            &client,
+            client,
             &resource("slipway.dev", "Zone", "zones"),
             None,
             json!({
@@ -108,7 +111,7 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
         .await?;
     }
     create(
-        &client,
+        client,
         &resource("slipway.dev", "HostClass", "hostclasses"),
         None,
         json!({
@@ -118,14 +121,19 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
     )
     .await?;
     create(
-        &client,
+        client,
         &resource("", "Namespace", "namespaces"),
         None,
-        json!({
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"},
-        }),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
     )
-    .await?;
+    .await
+}
+
+/// Makes the demo objects and follows the Cluster until it is Ready.
+async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
+    let kubeconfig = data_dir.join("admin.kubeconfig");
+    let client = crate::client_for(&kubeconfig).await?;
+    seed(&client, &zones, "demo").await?;
     let cluster: Value = serde_saphyr::from_str(CLUSTER).context("examples/cluster.yaml")?;
     let clusters_api = resource("slipway.dev", "Cluster", "clusters");
     create(&client, &clusters_api, Some("demo"), cluster).await?;

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{World, gvk, wait_for};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DynamicObject, ListParams, PostParams};
-use serde_json::json;
+use kube::api::{Api, DynamicObject, ListParams};
 use slipway_hosts::HostProvider as _;
 
 fn cluster_yaml(name: &str, workers: u32) -> String {
@@ -97,21 +96,7 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
 {
     let mut world = World::new();
     let client = world.client().await;
-    for (kind, plural, name, spec) in [
-        ("Zone", "zones", "za", json!({})),
-        ("Zone", "zones", "zb", json!({})),
-        (
-            "HostClass",
-            "hostclasses",
-            "small",
-            json!({"cpus": 1, "memory": "256Mi"}),
-        ),
-    ] {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind, plural));
-        let mut o = DynamicObject::new(name, &gvk(kind, plural));
-        o.data = json!({"spec": spec});
-        api.create(&PostParams::default(), &o).await.expect(name);
-    }
+    world.seed(&client).await;
     world.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-a\n");
     let clusters: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), "team-a", &gvk("Cluster", "clusters"));

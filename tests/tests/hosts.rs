@@ -43,21 +43,7 @@ async fn create_host(hosts: &Api<DynamicObject>, name: &str, zone: &str, class: 
 async fn hosts_are_provisioned_join_go_ready_survive_a_supervisor_kill_and_leave_nothing() {
     let mut world = World::new();
     let client = world.client().await;
-    for (kind, plural, name, spec) in [
-        ("Zone", "zones", "za", json!({})),
-        ("Zone", "zones", "zb", json!({})),
-        (
-            "HostClass",
-            "hostclasses",
-            "small",
-            json!({"cpus": 1, "memory": "256Mi"}),
-        ),
-    ] {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind, plural));
-        let mut o = DynamicObject::new(name, &gvk(kind, plural));
-        o.data = json!({"spec": spec});
-        api.create(&PostParams::default(), &o).await.expect(name);
-    }
+    world.seed(&client).await;
     let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
     let started = Instant::now();
     create_host(&hosts, "h1", "za", "small").await;

@@ -191,6 +191,28 @@ where
 }
 
 impl World {
+    /// Zones `za` and `zb` (the world's provider's) and a HostClass `small` (1 cpu, 256Mi).
+    pub async fn seed(&self, client: &kube::Client) {
+        for (kind, plural, name, spec) in [
+            ("Zone", "zones", "za", serde_json::json!({})),
+            ("Zone", "zones", "zb", serde_json::json!({})),
+            (
+                "HostClass",
+                "hostclasses",
+                "small",
+                serde_json::json!({"cpus": 1, "memory": "256Mi"}),
+            ),
+        ] {
+            let api: kube::Api<kube::api::DynamicObject> =
+                kube::Api::all_with(client.clone(), &gvk(kind, plural));
+            let mut o = kube::api::DynamicObject::new(name, &gvk(kind, plural));
+            o.data = serde_json::json!({"spec": spec});
+            api.create(&kube::api::PostParams::default(), &o)
+                .await
+                .expect(name);
+        }
+    }
+
     /// Runs kubectl (the current one at /usr/bin/kubectl) with the admin's kubeconfig; its
     /// stdout, or a panic with its stderr.
     pub fn kubectl(&self, args: &[&str]) -> String {
