@@ -131,3 +131,15 @@ fn main() -> anyhow::Result<()> {
         Command::Join(args) => agent_runtime()?.block_on(slipway_agent::join::run(args)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every subcommand's flags are well formed (unique names, valid defaults): clap checks
+    /// this only when a command is parsed, so a clash would otherwise surface at run time.
+    #[test]
+    fn every_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

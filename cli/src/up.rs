@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
 use serde_json::{Value, json};
 use slipway_hosts::reconciler::ProviderArgs;
 
@@ -54,6 +56,10 @@ struct Supervisor {
 
 pub(crate) fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
     let version = if group.is_empty() { "v1" } else { "v1alpha1" };
+    resource_in(group, version, kind, plural)
+}
+
+fn resource_in(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
@@ -130,10 +136,45 @@ pub(crate) async fn seed(
 }
 
 /// Makes the demo objects and follows the Cluster until it is Ready.
-async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
+async fn bring_up(data_dir: PathBuf, zones: Vec<String>, addr: SocketAddr) -> anyhow::Result<()> {
     let kubeconfig = data_dir.join("admin.kubeconfig");
     let client = crate::client_for(&kubeconfig).await?;
     seed(&client, &zones, "demo").await?;
+    // The namespace's limits (split over the zones its cluster uses), and its two users: `dev`
+    // edits, `viewer` reads (no Secrets), each with a kubeconfig of their own.
+    let namespaces: Api<DynamicObject> =
+        Api::all_with(client.clone(), &resource("", "Namespace", "namespaces"));
+    namespaces
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"limits": {"cpu": "6", "memory": "6Gi", "storage": "20Gi"}}}),
+            ),
+        )
+        .await
+        .context("the demo namespace's limits")?;
+    let pki = slipway_supervisor::tls::Pki::new(&data_dir);
+    for (user, role) in [("dev", "edit"), ("viewer", "view")] {
+        create(&client, &resource_in("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"), Some("demo"), json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("{user}-{role}"), "namespace": "demo"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "User", "name": user}],
+        }))
+        .await?;
+        let (cert_pem, key_pem) =
+            pki.issue_client(user, None, slipway_supervisor::tls::USER_DAYS)?;
+        let text = pki.kubeconfig(
+            &slipway_supervisor::tls::authority(addr),
+            user,
+            &slipway_supervisor::tls::Credential::ClientCert { cert_pem, key_pem },
+        )?;
+        slipway_supervisor::tls::write_private(
+            &data_dir.join(format!("{user}.kubeconfig")),
+            &text,
+        )?;
+    }
     let cluster: Value = serde_saphyr::from_str(CLUSTER).context("examples/cluster.yaml")?;
     let clusters_api = resource("slipway.dev", "Cluster", "clusters");
     create(&client, &clusters_api, Some("demo"), cluster).await?;
@@ -243,8 +284,12 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>) -> anyhow::Result<()> {
     }
     let k = format!("kubectl --kubeconfig {}", kubeconfig.display());
     let kc = format!("kubectl --kubeconfig {}", cluster_kubeconfig.display());
+    let dev = format!(
+        "kubectl --kubeconfig {}",
+        data_dir.join("dev.kubeconfig").display()
+    );
     println!(
-        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
+        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {dev} get clusters -n demo   # the namespace's editor (viewer.kubeconfig reads)\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
          {k} patch cluster demo -n demo --type merge -p '{{\"spec\":{{\"topology\":{{\"nodePools\":[{{\"name\":\"workers\",\"replicas\":3,\"hostClass\":\"small\"}}]}}}}}}'\n\
          Ctrl-C (or `slipway down`) tears everything down."
     );
@@ -314,8 +359,8 @@ impl UpArgs {
         std::fs::write(pid_file(&self.data_dir), std::process::id().to_string())?;
         let data_dir = self.data_dir.clone();
         let zones = self.hosts.zones.clone();
-        let result = with_supervisor(&self.data_dir, self.listen, &self.hosts, move |_| {
-            bring_up(data_dir, zones)
+        let result = with_supervisor(&self.data_dir, self.listen, &self.hosts, move |listening| {
+            bring_up(data_dir, zones, listening.addr)
         })
         .await;
         let _ = std::fs::remove_file(pid_file(&self.data_dir));

@@ -209,6 +209,27 @@ fn slipway_up_brings_the_demo_cluster_up_and_down_leaves_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("demo") && text.contains("Running"), "{text}");
 
+    // The demo namespace's users: dev edits (sees the cluster), viewer reads but no Secrets.
+    let as_user = |user: &str, args: &[&str]| {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(up.dir.path().join(format!("state/{user}.kubeconfig")))
+            .args(args)
+            .output()
+            .expect("kubectl")
+    };
+    let dev = as_user("dev", &["get", "clusters", "-n", "demo"]);
+    assert!(
+        String::from_utf8_lossy(&dev.stdout).contains("demo"),
+        "{}",
+        String::from_utf8_lossy(&dev.stderr)
+    );
+    let viewer = as_user("viewer", &["get", "secrets", "-n", "demo"]);
+    assert!(
+        !viewer.status.success() && String::from_utf8_lossy(&viewer.stderr).contains("forbidden"),
+        "the viewer read Secrets"
+    );
+
     // kill -9: the next `up` removes what it left and comes up again; then `down`.
     if let Some(mut c) = up.child.take() {
         c.kill().expect("kill -9");

@@ -22,7 +22,7 @@ pub struct KubeletArgs {
     /// Kubeconfig of the cluster whose Pods bound to this node the agent runs through its
     /// containerd (needs --containerd-dir).
     #[arg(long = "cluster-kubeconfig")]
-    pub kubeconfig: Option<PathBuf>,
+    pub cluster_kubeconfig: Option<PathBuf>,
     /// This node's name in that cluster (default: --host-name).
     #[arg(long = "node-name")]
     pub node_name: Option<String>,
@@ -35,7 +35,7 @@ impl KubeletArgs {
         containerd: bool,
         host_name: Option<&str>,
     ) -> anyhow::Result<Option<(PathBuf, String)>> {
-        let Some(kubeconfig) = &self.kubeconfig else {
+        let Some(kubeconfig) = &self.cluster_kubeconfig else {
             anyhow::ensure!(
                 self.node_name.is_none(),
                 "--node-name: needs --cluster-kubeconfig"
@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn the_kubelet_flags_need_a_runtime_and_a_node_name() {
         let args = |k: Option<&str>, n: Option<&str>| KubeletArgs {
-            kubeconfig: k.map(PathBuf::from),
+            cluster_kubeconfig: k.map(PathBuf::from),
             node_name: n.map(str::to_owned),
         };
         assert_eq!(args(None, None).wanted(false, None).expect("none"), None);
