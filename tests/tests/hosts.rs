@@ -29,13 +29,34 @@ async fn ready(hosts: &Api<DynamicObject>, name: &str) -> Option<DynamicObject> 
         .then_some(h)
 }
 
-async fn create_host(hosts: &Api<DynamicObject>, name: &str, zone: &str, class: &str) {
+/// Creates a Host. A POST that meets a pooled connection the server just closed fails in the
+/// client without reaching the server (hyper retries no non-idempotent request), so transport
+/// errors are retried a few times; an API error, or a server that stays unreachable, fails the
+/// test with the supervisor's log.
+async fn create_host(
+    world: &World,
+    hosts: &Api<DynamicObject>,
+    name: &str,
+    zone: &str,
+    class: &str,
+) {
     let mut h = DynamicObject::new(name, &gvk("Host", "hosts"));
     h.data = json!({"spec": {"zone": zone, "hostClass": class, "provider": "netns"}});
-    hosts
-        .create(&PostParams::default(), &h)
-        .await
-        .expect("create Host");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match hosts.create(&PostParams::default(), &h).await {
+            Ok(_) => return,
+            // An earlier attempt reached the server after all.
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt > 1 => return,
+            Err(e @ kube::Error::Api(_)) => panic!("create Host {name}: {e}"),
+            Err(e) if attempt < 4 => {
+                eprintln!("create Host {name}: {e}; again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("create Host {name}: {e}\nsupervisor log:\n{}", world.log()),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,8 +67,8 @@ async fn hosts_are_provisioned_join_go_ready_survive_a_supervisor_kill_and_leave
     world.seed(&client).await;
     let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
     let started = Instant::now();
-    create_host(&hosts, "h1", "za", "small").await;
-    create_host(&hosts, "h2", "zb", "small").await;
+    create_host(&world, &hosts, "h1", "za", "small").await;
+    create_host(&world, &hosts, "h2", "zb", "small").await;
     for (name, subnet) in [("h1", "10.123.0."), ("h2", "10.123.1.")] {
         let h = wait_for(&format!("{name} Ready"), Duration::from_secs(30), || {
             ready(&hosts, name)
@@ -78,7 +99,7 @@ async fn hosts_are_provisioned_join_go_ready_survive_a_supervisor_kill_and_leave
 
     // kill -9 the supervisor right after a Host is created, then restart it: the host is made
     // once, and the hosts made before keep (or regain) their Lease.
-    create_host(&hosts, "h3", "za", "small").await;
+    create_host(&world, &hosts, "h3", "za", "small").await;
     world.kill9();
     world.start();
     let client = world.client().await;
@@ -101,8 +122,8 @@ async fn hosts_are_provisioned_join_go_ready_survive_a_supervisor_kill_and_leave
     assert_eq!(made, ["h1", "h2", "h3"], "every Host made once");
 
     // Bad Hosts: refused with the field named, nothing made.
-    create_host(&hosts, "bad-class", "za", "nope").await;
-    create_host(&hosts, "bad-zone", "zc", "small").await;
+    create_host(&world, &hosts, "bad-class", "za", "nope").await;
+    create_host(&world, &hosts, "bad-zone", "zc", "small").await;
     for (name, needle) in [("bad-class", "spec.hostClass"), ("bad-zone", "zone")] {
         let h = wait_for(
             &format!("{name} refused"),
