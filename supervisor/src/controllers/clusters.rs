@@ -437,7 +437,7 @@ impl ClusterReconciler {
         std::fs::create_dir_all(pki.ca_cert().parent().unwrap_or(&self.work_dir))?;
         if std::fs::read(pki.ca_cert()).ok().as_deref() != Some(cert.as_slice()) {
             std::fs::write(pki.ca_cert(), &cert)?;
-            write_private(&pki.ca_key(), &key)?;
+            crate::tls::write_private(&pki.ca_key(), &String::from_utf8_lossy(&key))?;
         }
         Ok(pki)
     }
@@ -784,18 +784,6 @@ async fn sync_nodes(
         }
     }
     Ok(())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)
 }
 
 /// Whether two statuses say the same, transition times aside.
