@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response, header};
 use serde_json::Value;
-use tracing::{debug, info_span};
+use tracing::{Instrument, debug, info_span};
 
 use super::early::RequestBody;
 use super::http::{self, Body};
@@ -226,8 +226,19 @@ fn header_str(req: &Request<RequestBody>, name: header::HeaderName) -> String {
         .to_string()
 }
 
-/// Serves one request.
+/// Serves one request, inside a `request` span. The span is attached to the future, not
+/// entered across its awaits: a guard held over an await leaves the span entered on whichever
+/// thread polls next, and the registry then panics on a span it has already closed.
 pub async fn handle(
+    state: Arc<State>,
+    cert_user: Option<UserInfo>,
+    req: Request<RequestBody>,
+) -> Response<Body> {
+    let span = info_span!("request", method = %req.method(), path = %req.uri().path());
+    serve(state, cert_user, req).instrument(span).await
+}
+
+async fn serve(
     state: Arc<State>,
     cert_user: Option<UserInfo>,
     req: Request<RequestBody>,
@@ -236,8 +247,6 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = http::parse_query(req.uri().query());
-    let span = info_span!("request", %method, %path);
-    let _enter = span.enter();
     let route = route(&path);
     if let Route::Health(ep, check) = &route {
         return health::serve(&state, *ep, check.as_deref(), &query).await;

@@ -342,13 +342,26 @@ impl Drop for Supervisor {
         // A failing test shows what the server logged.
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.dir.join("supervisor.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- supervisor.log (last 40 lines) ---");
+            // Backtrace frames are left out: a panic's message is what explains it.
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !is_backtrace_frame(l))
+                .rev()
+                .take(40)
+                .collect();
+            eprintln!("--- supervisor.log (last 40 lines, backtrace frames left out) ---");
             for l in tail.iter().rev() {
                 eprintln!("{l}");
             }
         }
     }
+}
+
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("at ")
+        || t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// kubectl's result.
