@@ -29,10 +29,7 @@ async fn ready(hosts: &Api<DynamicObject>, name: &str) -> Option<DynamicObject> 
         .then_some(h)
 }
 
-/// Creates a Host. A POST that meets a pooled connection the server just closed fails in the
-/// client without reaching the server (hyper retries no non-idempotent request), so transport
-/// errors are retried a few times; an API error, or a server that stays unreachable, fails the
-/// test with the supervisor's log.
+/// Creates a Host; a failure shows the supervisor's log.
 async fn create_host(
     world: &World,
     hosts: &Api<DynamicObject>,
@@ -42,20 +39,8 @@ async fn create_host(
 ) {
     let mut h = DynamicObject::new(name, &gvk("Host", "hosts"));
     h.data = json!({"spec": {"zone": zone, "hostClass": class, "provider": "netns"}});
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match hosts.create(&PostParams::default(), &h).await {
-            Ok(_) => return,
-            // An earlier attempt reached the server after all.
-            Err(kube::Error::Api(s)) if s.code == 409 && attempt > 1 => return,
-            Err(e @ kube::Error::Api(_)) => panic!("create Host {name}: {e}"),
-            Err(e) if attempt < 4 => {
-                eprintln!("create Host {name}: {e}; again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("create Host {name}: {e}\nsupervisor log:\n{}", world.log()),
-        }
+    if let Err(e) = hosts.create(&PostParams::default(), &h).await {
+        panic!("create Host {name}: {e}\nsupervisor log:\n{}", world.log());
     }
 }
 
