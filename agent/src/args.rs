@@ -81,6 +81,9 @@ pub struct AgentArgs {
     /// The cluster whose Pods bound to this node the agent runs (the slim kubelet).
     #[command(flatten)]
     pub kubelet: crate::pods::kubelet::KubeletArgs,
+    /// The CNI and images the host's containerd starts with.
+    #[command(flatten)]
+    pub node_setup: crate::node_setup::NodeSetupArgs,
 }
 
 impl AgentArgs {

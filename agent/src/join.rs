@@ -47,6 +47,15 @@ pub struct JoinArgs {
     pub agent: Vec<String>,
 }
 
+/// What a host of a Cluster is told on joining, beside its kubeconfig: the cluster's pod CIDR
+/// and its own block of it (its Node's `spec.podCIDR`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSettings {
+    pod_cidr: String,
+    host_block: String,
+}
+
 /// Parses `slipway agent` flags.
 #[derive(Debug, clap::Parser)]
 #[command(name = "agent")]
@@ -70,6 +79,16 @@ impl JoinArgs {
     /// Where a control plane host's workload API server keeps its state (its CA in `pki/`).
     fn api_server_dir(&self) -> PathBuf {
         self.host_data_dir.join("apiserver")
+    }
+
+    /// The workload cluster's kubeconfig (the node's identity), for a host of a Cluster.
+    fn cluster_kubeconfig_path(&self) -> PathBuf {
+        self.host_data_dir.join("cluster.kubeconfig")
+    }
+
+    /// The node's settings in its cluster ([`NodeSettings`]), for a host of a Cluster.
+    fn node_settings_path(&self) -> PathBuf {
+        self.host_data_dir.join("node.json")
     }
 
     fn kubeconfig_path(&self) -> PathBuf {
@@ -175,6 +194,27 @@ impl JoinArgs {
             )
             .context("writing the API server's settings")?;
             info!(cluster = %cp["cluster"], "control plane host: the cluster's CA kept");
+        }
+        // A host of a Cluster: its Node's credentials and pod block.
+        if let Some(node) = answer.pointer("/status/node").filter(|v| !v.is_null()) {
+            let cluster_kubeconfig = node["kubeconfig"]
+                .as_str()
+                .filter(|k| !k.is_empty())
+                .context("the HostJoin answer's node carries no kubeconfig")?;
+            let settings: NodeSettings = serde_json::from_value(node.clone())
+                .context("the HostJoin answer's node settings")?;
+            crate::run::write_atomically_with_mode(
+                &self.cluster_kubeconfig_path(),
+                cluster_kubeconfig.as_bytes(),
+                0o600,
+            )
+            .context("writing the cluster's kubeconfig")?;
+            crate::run::write_atomically(
+                &self.node_settings_path(),
+                serde_json::to_string(&settings)?.as_bytes(),
+            )
+            .context("writing the node's settings")?;
+            info!(cluster = %node["cluster"], block = %settings.host_block, "a node of its cluster");
         }
         crate::run::write_atomically_with_mode(&path, kubeconfig.as_bytes(), 0o600)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -309,6 +349,21 @@ async fn run_agent(args: &JoinArgs, kubeconfig: PathBuf) -> anyhow::Result<()> {
     } else {
         let mut argv = vec!["agent".to_owned()];
         argv.extend(args.agent.iter().cloned());
+        // A node of a Cluster: the cluster's settings complete the host's flags.
+        if let Ok(text) = std::fs::read(args.node_settings_path()) {
+            let node: NodeSettings = serde_json::from_slice(&text)
+                .with_context(|| format!("{}", args.node_settings_path().display()))?;
+            argv.extend([
+                "--pod-cidr".into(),
+                node.pod_cidr,
+                "--host-block".into(),
+                node.host_block,
+                "--cluster-kubeconfig".into(),
+                args.cluster_kubeconfig_path().display().to_string(),
+                "--node-name".into(),
+                hb_name(args).to_owned(),
+            ]);
+        }
         let hb = &args.heartbeat;
         argv.extend([
             "--supervisor-kubeconfig".into(),

@@ -20,6 +20,7 @@ pub mod heartbeat;
 pub mod hosts;
 pub mod join;
 pub mod metrics;
+pub mod node_setup;
 pub mod pods;
 pub mod policy;
 pub mod run;

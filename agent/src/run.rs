@@ -93,13 +93,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         containerd_config.is_some(),
         args.heartbeat.host_name.as_deref(),
     )?;
+    args.node_setup.check(containerd_config.is_some())?;
     let containerd = match containerd_config {
-        Some(config) => Some(
-            crate::pods::containerd::Containerd::start(config)
+        Some(config) => {
+            args.node_setup.install_cni(
+                args.pod_cidr,
+                &args.data_dir,
+                &args.containerd.cni_conf_dir,
+                &args.containerd.cni_bin_dir,
+            )?;
+            let containerd = crate::pods::containerd::Containerd::start(config)
                 .await
                 .map_err(|e| anyhow::anyhow!(crate::pods::error_chain(&e)))
-                .context("--containerd-dir: starting the host's containerd")?,
-        ),
+                .context("--containerd-dir: starting the host's containerd")?;
+            args.node_setup.import_images(&containerd.socket())?;
+            Some(containerd)
+        }
         None => None,
     };
 
@@ -124,7 +133,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 cri,
                 crate::pods::runner::RunnerConfig {
                     log_root: dir.join("pods"),
-                    cgroup_parent: format!("/slipway-pods/{node}"),
+                    cgroup_parent: args.node_setup.pod_cgroup_parent(&node)?,
                     backoff: crate::pods::status::Backoff::default(),
                     host_ip: Some(node_ip.to_string()),
                     probe_netns: None,

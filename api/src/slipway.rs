@@ -391,6 +391,10 @@ pub struct HostSpec {
     /// The cluster's node pool it serves, or `control-plane`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// Its block of the cluster's pod CIDR (its Node's `spec.podCIDR`), given by the cluster
+    /// reconciler when it makes the host.
+    #[serde(default, rename = "podCIDR", skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
 }
 
 impl HostSpec {
@@ -477,6 +481,16 @@ impl Validate for Host {
                 "may only be set with spec.cluster",
             )),
             (None, None) => {}
+        }
+        match (&s.pod_cidr, &s.cluster) {
+            (Some(cidr), Some(_)) => {
+                check_cidr("spec.podCIDR", cidr, errs);
+            }
+            (Some(_), None) => errs.push(FieldError::forbidden(
+                "spec.podCIDR",
+                "may only be set with spec.cluster",
+            )),
+            (None, _) => {}
         }
         let Some(st) = &self.status else { return };
         if let Some(p) = &st.phase

@@ -1,7 +1,7 @@
 //! The one seam to the node's kernel interfaces: loop devices, mkfs, mount and umount, filesystem
 //! growth, statvfs and the mount table. Everything here runs a standard tool or reads /proc.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::capability::FsType;
@@ -119,73 +119,11 @@ pub fn umount(target: &Path) -> Result<(), CsiError> {
     run("umount", &[&target.to_string_lossy()]).map(drop)
 }
 
-/// One line of /proc/self/mountinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// Mount point.
-    pub target: PathBuf,
-    /// Filesystem type.
-    pub fstype: String,
-    /// Mount source.
-    pub source: String,
-    /// Per-mount options (`rw`/`ro`, ...).
-    pub options: String,
-}
-
-impl MountEntry {
-    /// Whether the mount is read-only.
-    pub fn readonly(&self) -> bool {
-        self.options.split(',').any(|o| o == "ro")
-    }
-}
-
-fn unescape(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let mut out = String::new();
-    let mut it = s.chars().peekable();
-    while let Some(c) = it.next() {
-        if c == '\\' {
-            let oct: String = it.by_ref().take(3).collect();
-            match u8::from_str_radix(&oct, 8) {
-                Ok(b) => out.push(b as char),
-                Err(_) => {
-                    out.push('\\');
-                    out.push_str(&oct);
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Parses mountinfo text.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let mut fields = left.split(' ').skip(4);
-            let target = fields.next()?;
-            let options = fields.next()?;
-            let mut r = right.split(' ');
-            let fstype = r.next()?;
-            let source = r.next()?;
-            Some(MountEntry {
-                target: PathBuf::from(unescape(target)),
-                fstype: fstype.to_owned(),
-                source: unescape(source),
-                options: options.to_owned(),
-            })
-        })
-        .collect()
-}
+pub use slipway_dataplane::mounts::{MountEntry, parse_mountinfo};
 
 /// The mount table of this process's mount namespace.
 pub fn mounts() -> Result<Vec<MountEntry>, CsiError> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
-        .map_err(CsiError::io("read", "/proc/self/mountinfo"))
+    slipway_dataplane::mounts::mounts().map_err(CsiError::io("read", "/proc/self/mountinfo"))
 }
 
 /// The topmost mount at `target`, if any.
@@ -247,22 +185,6 @@ pub fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_lines_parse_with_escapes() {
-        let text = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - ext4 /dev/loop3 rw,errors=continue\n\
-                    37 35 0:40 / /x rw shared:2 - fuse /dev/fuse rw,user_id=0\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].target, PathBuf::from("/mnt/a b"));
-        assert_eq!(
-            (m[0].fstype.as_str(), m[0].source.as_str()),
-            ("ext4", "/dev/loop3")
-        );
-        assert_eq!(m[1].fstype, "fuse");
-        assert!(!m[0].readonly());
-        assert!(parse_mountinfo("1 2 0:1 / /r ro,nosuid - tmpfs t rw\n")[0].readonly());
-    }
 
     #[test]
     fn capabilities_read_from_proc() {

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod error;
 pub mod lb;
 pub mod link;
+pub mod mounts;
 pub mod netns;
 pub mod nft;
 pub mod node;

@@ -544,7 +544,12 @@ impl NetnsProvider {
         netns::destroy(&group).map_err(kernel(name, "delete the host namespace"))?;
         remove_all(&self.config.bpffs_root.join(&group))?;
         if let Some(record) = &record {
-            remove_all(&record.spec.data_root.join(name))?;
+            // What the host's containerd mounted (sandboxes' shm and netns, rootfs overlays)
+            // outlives its processes: detached before the data dir goes.
+            let data_dir = record.spec.data_root.join(name);
+            slipway_dataplane::mounts::unmount_below(&data_dir)
+                .map_err(kernel(name, "unmount what the host mounted"))?;
+            remove_all(&data_dir)?;
         }
         let path = self.record_path(name);
         match fs::remove_file(&path) {

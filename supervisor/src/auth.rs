@@ -26,6 +26,13 @@ pub const HOSTS: &str = "system:slipway:hosts";
 /// The user name prefix of a host agent.
 pub const HOST_USER_PREFIX: &str = "system:host:";
 
+/// The group of a workload cluster's nodes (`system:node:<name>`, certificates signed by the
+/// cluster's CA, issued when their host joins): what the node authorizer lets a kubelet do.
+pub const NODES: &str = "system:nodes";
+
+/// The user name prefix of a node.
+pub const NODE_USER_PREFIX: &str = "system:node:";
+
 /// The group of callers holding a bootstrap token (kubeadm's format, `<id>.<secret>`, kept as a
 /// Secret `bootstrap-token-<id>` in `slipway-system`): they may only join a host.
 pub const BOOTSTRAPPERS: &str = "system:slipway:bootstrappers";
@@ -48,6 +55,15 @@ impl UserInfo {
     /// Whether the user is one of the supervisor's controllers.
     pub fn is_controller(&self) -> bool {
         self.groups.iter().any(|g| g == CONTROLLERS)
+    }
+
+    /// The node a kubelet speaks for, if the user is one.
+    pub fn node(&self) -> Option<&str> {
+        self.groups
+            .iter()
+            .any(|g| g == NODES)
+            .then(|| self.name.strip_prefix(NODE_USER_PREFIX))
+            .flatten()
     }
 
     /// The host a host agent speaks for, if the user is one.
@@ -294,6 +310,13 @@ pub async fn authorize(
             Err(forbidden())
         };
     }
+    if let Some(node) = user.node() {
+        return if node_may(node, verb, rt, subresource, name) {
+            Ok(())
+        } else {
+            Err(forbidden())
+        };
+    }
     if user.is_bootstrapper() {
         // A bootstrap token only joins (see `server::join`); it reads and writes nothing.
         return Err(forbidden());
@@ -346,6 +369,39 @@ fn host_may(
             read || (own && subresource == Some("status") && matches!(verb, "update" | "patch"))
         }
         (slipway_api::slipway::GROUP, "zones" | "hostclasses") => read,
+        _ => false,
+    }
+}
+
+/// What a node's agent may do in its workload cluster (kube-apiserver's Node authorizer and the
+/// `system:node` role, coarser): read what the datapath, the pod runner and the DNS server
+/// follow — Nodes, Pods, Services, Endpoints, EndpointSlices, Namespaces, NetworkPolicies — and
+/// the ConfigMaps and Secrets Pods mount; write Pods' and its own Node's status; record Events.
+/// Unlike kube-apiserver it does not narrow Secrets and ConfigMaps to the Pods bound to the node.
+fn node_may(
+    node: &str,
+    verb: &str,
+    rt: &ResourceType,
+    subresource: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    let read = matches!(verb, "get" | "list" | "watch");
+    let write_status = subresource == Some("status") && matches!(verb, "update" | "patch");
+    match (rt.group, rt.plural) {
+        ("", "pods") => read || write_status,
+        ("", "nodes") => read || (write_status && name == Some(node)),
+        ("", "events") => verb == "create" || verb == "patch",
+        (
+            "",
+            "services"
+            | "endpoints"
+            | "namespaces"
+            | "configmaps"
+            | "secrets"
+            | "persistentvolumeclaims",
+        )
+        | ("discovery.k8s.io", "endpointslices")
+        | ("networking.k8s.io", "networkpolicies") => read && subresource.is_none(),
         _ => false,
     }
 }

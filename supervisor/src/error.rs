@@ -118,6 +118,9 @@ pub enum ApiError {
     /// The request body's content type is not supported for this verb.
     #[error("the body of the request was in an unknown format - accepted media types include: {0}")]
     UnsupportedMediaType(String),
+    /// What the request needs is not there yet (a cluster's control plane); retry later.
+    #[error("{0}")]
+    Unavailable(String),
     /// The store failed.
     #[error("storage error")]
     Store(#[source] StoreError),
@@ -177,7 +180,7 @@ impl ApiError {
             Self::TooManyRequests(_) => 429,
             Self::Gone { .. } => 410,
             Self::UnsupportedMediaType(_) => 415,
-            Self::Store(StoreError::Unavailable { .. }) => 503,
+            Self::Store(StoreError::Unavailable { .. }) | Self::Unavailable(_) => 503,
             Self::Store(_) | Self::Internal(_) => 500,
         }
     }
@@ -199,7 +202,9 @@ impl ApiError {
             Self::TooManyRequests(_) => "TooManyRequests",
             Self::Gone { .. } => "Expired",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
-            Self::Store(StoreError::Unavailable { .. }) => "ServiceUnavailable",
+            Self::Store(StoreError::Unavailable { .. }) | Self::Unavailable(_) => {
+                "ServiceUnavailable"
+            }
             Self::Store(_) | Self::Internal(_) => "InternalError",
         }
     }

@@ -190,24 +190,7 @@ impl Pki {
         days: u32,
     ) -> Result<(String, String), TlsError> {
         let key = KeyPair::generate().map_err(gen_err("client key"))?;
-        self.sign_client(&key, user, group, days)
-    }
-
-    fn sign_client(
-        &self,
-        key: &KeyPair,
-        user: &str,
-        group: Option<&str>,
-        days: u32,
-    ) -> Result<(String, String), TlsError> {
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("client"))?;
-        params.distinguished_name = dn(user, group);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        set_validity(&mut params, days);
-        let cert = params
-            .signed_by(key, &self.issuer()?)
-            .map_err(gen_err("client"))?;
-        Ok((cert.pem(), key.serialize_pem()))
+        sign_client(&self.issuer()?, &key, user, group, days)
     }
 
     /// The one cluster-admin client certificate (`pki/admin.crt`): issued on first start for
@@ -225,7 +208,8 @@ impl Pki {
             Ok(pem) => KeyPair::from_pem(&pem).map_err(gen_err("admin key"))?,
             Err(_) => KeyPair::generate().map_err(gen_err("admin key"))?,
         };
-        let (cert_pem, key_pem) = self.sign_client(&pair, "admin", Some(group), ADMIN_DAYS)?;
+        let (cert_pem, key_pem) =
+            sign_client(&self.issuer()?, &pair, "admin", Some(group), ADMIN_DAYS)?;
         write_private(&key, &key_pem)?;
         write_private(&cert, &cert_pem)?;
         Ok((cert_pem, key_pem))
@@ -297,19 +281,53 @@ impl Pki {
         cred: &Credential,
     ) -> Result<String, TlsError> {
         let ca = std::fs::read(self.ca_cert()).map_err(io(&self.ca_cert()))?;
-        let user_block = match cred {
-            Credential::ClientCert { cert_pem, key_pem } => format!(
-                "    client-certificate-data: {}\n    client-key-data: {}\n",
-                base64(cert_pem.as_bytes()),
-                base64(key_pem.as_bytes())
-            ),
-            Credential::Token(t) => format!("    token: {t}\n"),
-        };
-        Ok(format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: slipway\n  cluster:\n    server: https://{authority}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@slipway\n  context:\n    cluster: slipway\n    user: {user}\n    namespace: default\ncurrent-context: {user}@slipway\n",
-            ca = base64(&ca),
-        ))
+        Ok(kubeconfig_text(&ca, authority, user, cred))
     }
+}
+
+/// A client certificate for `user` in `group`, valid for `days`, signed by the CA whose key is
+/// `ca_key_pem` (a CA this module made: its subject is fixed); returns (cert PEM, key PEM).
+pub fn issue_client_with(
+    ca_key_pem: &str,
+    user: &str,
+    group: Option<&str>,
+    days: u32,
+) -> Result<(String, String), TlsError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(gen_err("CA key"))?;
+    let key = KeyPair::generate().map_err(gen_err("client key"))?;
+    sign_client(&Issuer::new(ca_params()?, ca_key), &key, user, group, days)
+}
+
+fn sign_client(
+    issuer: &Issuer<'static, KeyPair>,
+    key: &KeyPair,
+    user: &str,
+    group: Option<&str>,
+    days: u32,
+) -> Result<(String, String), TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("client"))?;
+    params.distinguished_name = dn(user, group);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    set_validity(&mut params, days);
+    let cert = params.signed_by(key, issuer).map_err(gen_err("client"))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A kubeconfig for the server at `authority` (`host:port`) whose CA certificate is `ca` (PEM),
+/// with the given credentials.
+pub fn kubeconfig_text(ca: &[u8], authority: &str, user: &str, cred: &Credential) -> String {
+    let user_block = match cred {
+        Credential::ClientCert { cert_pem, key_pem } => format!(
+            "    client-certificate-data: {}\n    client-key-data: {}\n",
+            base64(cert_pem.as_bytes()),
+            base64(key_pem.as_bytes())
+        ),
+        Credential::Token(t) => format!("    token: {t}\n"),
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: slipway\n  cluster:\n    server: https://{authority}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@slipway\n  context:\n    cluster: slipway\n    user: {user}\n    namespace: default\ncurrent-context: {user}@slipway\n",
+        ca = base64(ca),
+    )
 }
 
 /// How a kubeconfig user authenticates.

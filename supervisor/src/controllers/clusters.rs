@@ -312,9 +312,32 @@ impl ClusterReconciler {
             .iter()
             .filter_map(|h| h.metadata.name.as_deref().map(|n| (n, *h)))
             .collect();
+        let pods: ipnetwork::Ipv4Network = spec
+            .settings
+            .network
+            .pods
+            .cidr_blocks
+            .first()
+            .and_then(|c| c.parse().ok())
+            .context("spec.settings.network.pods.cidrBlocks[0]: not an IPv4 CIDR")?;
+        let mut used: BTreeSet<ipnetwork::Ipv4Network> = owned
+            .iter()
+            .filter_map(|h| h.data["spec"]["podCIDR"].as_str()?.parse().ok())
+            .collect();
         for p in &want {
             if !have.contains_key(p.name.as_str()) {
-                self.create_host(&ns, &name, p).await?;
+                let Some(block) = free_block(pods, &used) else {
+                    let message = format!(
+                        "no free block of the pod CIDR {pods} for host {} ({} in use)",
+                        p.name,
+                        used.len()
+                    );
+                    self.event(cluster, "Warning", "PodCIDRExhausted", &message)
+                        .await;
+                    anyhow::bail!(message);
+                };
+                used.insert(block);
+                self.create_host(&ns, &name, p, block).await?;
                 self.event(
                     cluster,
                     "Normal",
@@ -509,7 +532,13 @@ impl ClusterReconciler {
         Ok(true)
     }
 
-    async fn create_host(&self, ns: &str, cluster: &str, p: &Placement) -> anyhow::Result<()> {
+    async fn create_host(
+        &self,
+        ns: &str,
+        cluster: &str,
+        p: &Placement,
+        block: ipnetwork::Ipv4Network,
+    ) -> anyhow::Result<()> {
         let mut host = DynamicObject::new(&p.name, &resource("Host", "hosts"));
         host.metadata.labels = Some(BTreeMap::from([
             ("slipway.dev/cluster".to_owned(), cluster.to_owned()),
@@ -521,6 +550,7 @@ impl ClusterReconciler {
             "provider": "netns",
             "cluster": {"namespace": ns, "name": cluster},
             "pool": p.pool,
+            "podCIDR": block.to_string(),
         }});
         match self.hosts.create(&PostParams::default(), &host).await {
             Ok(_) => {
@@ -686,6 +716,37 @@ impl ClusterReconciler {
     }
 }
 
+/// The size of a host's block of a cluster's pod CIDR: /24 as kube-controller-manager's
+/// default node CIDR mask, smaller for a pod CIDR narrower than /22 (4 blocks at least), /28 at
+/// the smallest.
+fn block_prefix(pods: ipnetwork::Ipv4Network) -> u8 {
+    if pods.prefix() <= 22 {
+        24
+    } else {
+        (pods.prefix() + 2).min(28)
+    }
+}
+
+/// The lowest block of `pods` no host holds.
+fn free_block(
+    pods: ipnetwork::Ipv4Network,
+    used: &BTreeSet<ipnetwork::Ipv4Network>,
+) -> Option<ipnetwork::Ipv4Network> {
+    let prefix = block_prefix(pods);
+    if pods.prefix() > prefix {
+        return None;
+    }
+    let size = 1u64 << (32 - u32::from(prefix));
+    let count = 1u64 << u32::from(prefix - pods.prefix());
+    let base = u64::from(u32::from(pods.network()));
+    (0..count)
+        .filter_map(|i| {
+            let start = u32::try_from(base + i * size).ok()?;
+            ipnetwork::Ipv4Network::new(start.into(), prefix).ok()
+        })
+        .find(|b| !used.iter().any(|u| u.overlaps(*b)))
+}
+
 /// Each host of the cluster a Node of the workload cluster; Nodes of hosts gone are removed.
 async fn sync_nodes(
     workload: &kube::Client,
@@ -723,11 +784,15 @@ async fn sync_nodes(
             labels["node-role.kubernetes.io/control-plane"] = json!("");
         }
         // Control plane hosts take no workloads, as kubeadm taints them.
-        let node_spec = if host.data["spec"]["pool"] == CONTROL_PLANE_POOL {
+        let mut node_spec = if host.data["spec"]["pool"] == CONTROL_PLANE_POOL {
             json!({"taints": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]})
         } else {
             json!({})
         };
+        if let Some(block) = spec["podCIDR"].as_str() {
+            node_spec["podCIDR"] = json!(block);
+            node_spec["podCIDRs"] = json!([block]);
+        }
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels},
             "spec": node_spec,
@@ -806,6 +871,32 @@ fn status_equal(old: &Value, new: &Value) -> bool {
 mod tests {
     use super::*;
     use slipway_api::slipway::{ControlPlane, NodePool, Topology};
+
+    #[test]
+    fn host_blocks_are_the_lowest_free_ones_and_run_out() {
+        let net = |s: &str| s.parse::<ipnetwork::Ipv4Network>().expect("cidr");
+        let pods = net("192.168.0.0/16");
+        let mut used = BTreeSet::new();
+        assert_eq!(free_block(pods, &used), Some(net("192.168.0.0/24")));
+        used.insert(net("192.168.0.0/24"));
+        used.insert(net("192.168.2.0/24"));
+        assert_eq!(free_block(pods, &used), Some(net("192.168.1.0/24")));
+        // A narrow pod CIDR is cut in four; a fifth host finds no room.
+        let small = net("10.1.0.0/26");
+        let mut used = BTreeSet::new();
+        for want in [
+            "10.1.0.0/28",
+            "10.1.0.16/28",
+            "10.1.0.32/28",
+            "10.1.0.48/28",
+        ] {
+            let b = free_block(small, &used).expect("a block");
+            assert_eq!(b, net(want));
+            used.insert(b);
+        }
+        assert_eq!(free_block(small, &used), None);
+        assert_eq!(free_block(net("10.1.0.0/30"), &BTreeSet::new()), None);
+    }
 
     #[test]
     fn control_planes_spread_over_zones_and_pools_follow_their_failure_domain() {

@@ -16,7 +16,7 @@ use super::keys;
 use super::objects::stamp_new;
 use crate::api::meta::now_secs;
 use crate::api::registry::{ResourceType, lookup};
-use crate::auth::{HOST_USER_PREFIX, HOSTS, UserInfo, bootstrap_token};
+use crate::auth::{HOST_USER_PREFIX, HOSTS, NODE_USER_PREFIX, NODES, UserInfo, bootstrap_token};
 use crate::error::{ApiError, FieldError};
 use crate::store::{Store, StoreError};
 use crate::tls::{ADMIN_DAYS, Credential};
@@ -141,11 +141,14 @@ pub async fn join(
         ));
     }
     let mut control_plane = None;
+    let mut node = None;
     match exists(state, "hosts", &spec.host_name).await? {
         Some(host) => {
-            // The cluster's CA goes only to a token made for this very host (or an admin).
+            // The cluster's CA and node credentials go only to a token made for this very
+            // host (or an admin).
             if bound_host.is_some() || user.is_admin() {
                 control_plane = control_plane_bootstrap(state, &host).await?;
+                node = node_bootstrap(state, &spec.host_name, &host).await?;
             }
             let zone = host.pointer("/spec/zone").and_then(Value::as_str);
             if zone != Some(spec.zone.as_str()) {
@@ -200,6 +203,7 @@ pub async fn join(
             "kubeconfig": kubeconfig,
             "leaseNamespace": HOST_LEASE_NAMESPACE,
             "controlPlane": control_plane,
+            "node": node,
         },
     }))
 }
@@ -218,6 +222,20 @@ async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<V
     ) else {
         return Ok(None);
     };
+    let (ca_cert, ca_key) = cluster_ca(state, ns, cluster).await?;
+    let network = cluster_network(state, ns, cluster).await?;
+    Ok(Some(json!({
+        "cluster": {"namespace": ns, "name": cluster},
+        "serviceCidr": network.services,
+        "caCert": ca_cert,
+        "caKey": ca_key,
+        "port": crate::controllers::clusters::API_PORT,
+    })))
+}
+
+/// The cluster's CA (certificate, key) from its Secret `<cluster>-ca`; unavailable while the
+/// cluster reconciler has not made it.
+async fn cluster_ca(state: &State, ns: &str, cluster: &str) -> Result<(String, String), ApiError> {
     let secrets = lookup("", "v1", "secrets")
         .ok_or_else(|| ApiError::Internal("secrets are not served".into()))?;
     let name = crate::controllers::clusters::ca_secret(cluster);
@@ -226,7 +244,7 @@ async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<V
         .get(&keys::object(secrets, Some(ns), &name))
         .await?
         .ok_or_else(|| {
-            ApiError::Internal(format!("the CA of cluster {ns}/{cluster} is not made yet"))
+            ApiError::Unavailable(format!("the CA of cluster {ns}/{cluster} is not made yet"))
         })?;
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_slice(&stored.value)
         .map_err(|e| ApiError::Internal(format!("Secret {ns}/{name}: {e}")))?;
@@ -238,29 +256,97 @@ async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<V
             .map(|b| String::from_utf8_lossy(&b.0).into_owned())
             .unwrap_or_default()
     };
-    // The cluster's services block, which its API server allocates ClusterIPs from.
+    Ok((text("tls.crt"), text("tls.key")))
+}
+
+/// A cluster's pod and service blocks.
+struct ClusterNetwork {
+    pods: Option<String>,
+    services: Option<String>,
+}
+
+async fn cluster_network(
+    state: &State,
+    ns: &str,
+    cluster: &str,
+) -> Result<ClusterNetwork, ApiError> {
     let clusters = lookup(GROUP, VERSION, "clusters")
         .ok_or_else(|| ApiError::Internal("clusters are not served".into()))?;
-    let service_cidr = match state
+    let object = match state
         .store
         .get(&keys::object(clusters, Some(ns), cluster))
         .await?
     {
-        Some(c) => serde_json::from_slice::<Value>(&c.value)
-            .ok()
-            .and_then(|c| {
-                c.pointer("/spec/settings/network/services/cidrBlocks/0")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            }),
-        None => None,
+        Some(c) => serde_json::from_slice::<Value>(&c.value).unwrap_or(Value::Null),
+        None => Value::Null,
     };
+    let block = |which: &str| {
+        object
+            .pointer(&format!("/spec/settings/network/{which}/cidrBlocks/0"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    Ok(ClusterNetwork {
+        pods: block("pods"),
+        services: block("services"),
+    })
+}
+
+/// What a host of a Cluster needs to be one of its Nodes (kubeadm join's part): the cluster's
+/// pod CIDR and the host's block of it, and a kubeconfig for the workload cluster's API with the
+/// node's identity (`system:node:<host>` in `system:nodes`, signed by the cluster's CA).
+/// Unavailable until the control plane has an address, so the join retries until then.
+async fn node_bootstrap(
+    state: &State,
+    name: &str,
+    host: &Value,
+) -> Result<Option<Value>, ApiError> {
+    let spec = &host["spec"];
+    let (Some(ns), Some(cluster)) = (
+        spec["cluster"]["namespace"].as_str(),
+        spec["cluster"]["name"].as_str(),
+    ) else {
+        return Ok(None);
+    };
+    let Some(block) = spec["podCIDR"].as_str() else {
+        return Ok(None);
+    };
+    let (ca_cert, ca_key) = cluster_ca(state, ns, cluster).await?;
+    let network = cluster_network(state, ns, cluster).await?;
+    let hosts = rt("hosts")?;
+    let (stored, _) = state.store.list(&keys::prefix(hosts, None)).await?;
+    let endpoint = stored
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+        .filter(|h| {
+            h["spec"]["cluster"]["namespace"] == ns
+                && h["spec"]["cluster"]["name"] == cluster
+                && h["spec"]["pool"] == slipway_api::slipway::CONTROL_PLANE_POOL
+        })
+        .filter_map(|h| h["status"]["address"].as_str().map(str::to_owned))
+        .min()
+        .ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "the control plane of cluster {ns}/{cluster} has no address yet"
+            ))
+        })?;
+    let user = format!("{NODE_USER_PREFIX}{name}");
+    let (cert_pem, key_pem) =
+        crate::tls::issue_client_with(&ca_key, &user, Some(NODES), ADMIN_DAYS)
+            .map_err(|e| ApiError::Internal(format!("issuing the node's certificate: {e}")))?;
+    let authority = format!("{endpoint}:{}", crate::controllers::clusters::API_PORT);
+    let kubeconfig = crate::tls::kubeconfig_text(
+        ca_cert.as_bytes(),
+        &authority,
+        &user,
+        &Credential::ClientCert { cert_pem, key_pem },
+    );
     Ok(Some(json!({
         "cluster": {"namespace": ns, "name": cluster},
-        "serviceCidr": service_cidr,
-        "caCert": text("tls.crt"),
-        "caKey": text("tls.key"),
-        "port": crate::controllers::clusters::API_PORT,
+        "podCidr": network.pods,
+        "serviceCidr": network.services,
+        "hostBlock": block,
+        "kubeconfig": kubeconfig,
     })))
 }
 

@@ -42,10 +42,18 @@ pub struct World {
     uplink: String,
     port: u16,
     child: Option<Child>,
+    /// Node agent flags for every host (`--host-agent-flag`); none runs the heartbeat alone.
+    agent_flags: Vec<String>,
 }
 
 impl World {
     pub fn new() -> Self {
+        Self::with_agent_flags(Vec::new())
+    }
+
+    /// A world whose hosts run the node agent with `agent_flags` (placeholders as the netns
+    /// provider substitutes them: `{data_dir}`, `{bpffs}`, `{cgroup}`, ...).
+    pub fn with_agent_flags(agent_flags: Vec<String>) -> Self {
         let mut hasher = RandomState::new().build_hasher();
         hasher.write_u32(std::process::id());
         let id = hasher.finish() as u32 & 0xff_ffff;
@@ -64,6 +72,7 @@ impl World {
             uplink: format!("slwu{id:06x}"),
             port,
             child: None,
+            agent_flags,
         };
         w.start();
         w
@@ -93,6 +102,11 @@ impl World {
                 "--host-lease-duration",
                 "1s",
             ])
+            .args(
+                self.agent_flags
+                    .iter()
+                    .map(|f| format!("--host-agent-flag={f}")),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -252,6 +266,11 @@ impl World {
 
     /// Applies `yaml` with kubectl.
     pub fn apply(&self, yaml: &str) {
+        self.apply_with(&self.dir.path().join("sup/admin.kubeconfig"), yaml);
+    }
+
+    /// Applies `yaml` with kubectl and `kubeconfig` (a workload cluster's).
+    pub fn apply_with(&self, kubeconfig: &Path, yaml: &str) {
         let path = self.dir.path().join(format!(
             "apply-{}.yaml",
             std::time::SystemTime::now()
@@ -260,6 +279,6 @@ impl World {
                 .unwrap_or_default()
         ));
         std::fs::write(&path, yaml).expect("write yaml");
-        self.kubectl(&["apply", "-f", &path.display().to_string()]);
+        self.kubectl_with(kubeconfig, &["apply", "-f", &path.display().to_string()]);
     }
 }

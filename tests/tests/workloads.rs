@@ -1,0 +1,330 @@
+//! Workloads on a provisioned cluster: every host of a Cluster runs the node agent with its own
+//! containerd (CNI installed by the agent, images preloaded from a directory), joins as a Node
+//! of the workload cluster with its own block of the pod CIDR and a node identity, and runs the
+//! Pods the workload cluster's scheduler binds to it. A Deployment applied with kubectl against
+//! the cluster's kubeconfig becomes Pods Running on the workers, spread over the zones, each
+//! with an address of its node's block handed out by Slipway's plugin, which containerd called.
+//! Privileged (root, netns, cgroups, BPF, containerd): run by scripts/test.sh.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{World, gvk, wait_for};
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use kube::api::{Api, DynamicObject, ListParams};
+use slipway_agent::pods::image::{ImageConfig, build_archive, busybox_rootfs};
+
+/// The images every host starts with: busybox, and the sandbox's pause image from the same
+/// root filesystem.
+fn build_images(dir: &Path) {
+    let rootfs = dir.join("busybox-rootfs");
+    busybox_rootfs(&rootfs).expect("busybox rootfs");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).expect("images dir");
+    let sh = ImageConfig {
+        entrypoint: Vec::new(),
+        cmd: vec!["sh".into()],
+        env: Vec::new(),
+        working_dir: None,
+    };
+    let pause = ImageConfig {
+        entrypoint: vec!["/bin/sleep".into()],
+        cmd: vec!["2147483647".into()],
+        env: Vec::new(),
+        working_dir: None,
+    };
+    build_archive("busybox", &rootfs, &sh, &images.join("busybox.tar")).expect("busybox image");
+    build_archive("pause:local", &rootfs, &pause, &images.join("pause.tar")).expect("pause image");
+}
+
+/// The node agent of every host: the datapath, its own containerd, the CNI and images.
+fn agent_flags(images: &Path) -> Vec<String> {
+    [
+        "--data-dir={data_dir}/agent",
+        "--socket={data_dir}/agent.sock",
+        "--bpffs={bpffs}",
+        "--cgroup={cgroup}",
+        "--containerd-dir={data_dir}/containerd",
+        "--cni-conf-dir={data_dir}/net.d",
+        "--cni-bin-dir={data_dir}/cni-bin",
+        "--install-cni",
+        "--pod-cgroup-parent=own",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([format!("--image-dir={}", images.display())])
+    .collect()
+}
+
+const CLUSTER: &str = "apiVersion: slipway.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: w1
+  namespace: team-w
+spec:
+  topology:
+    controlPlane:
+      replicas: 1
+      hostClass: node
+    nodePools:
+    - name: workers
+      replicas: 2
+      hostClass: node
+  settings:
+    network:
+      pods:
+        cidrBlocks: [\"192.168.0.0/16\"]
+      services:
+        cidrBlocks: [\"10.96.0.0/16\"]
+";
+
+const WEB: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: httpd
+        image: busybox
+        imagePullPolicy: Never
+        command: [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/etc\"]
+        resources:
+          requests: {cpu: 100m, memory: 16Mi}
+";
+
+async fn cluster_running(clusters: &Api<DynamicObject>) -> Option<()> {
+    let c = clusters.get_opt("w1").await.ok()??;
+    let ready = c.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .any(|x| x["type"] == "Ready" && x["status"] == "True");
+    (c.data["status"]["phase"] == "Running" && ready).then_some(())
+}
+
+/// The pods of `app` once `count` are Running with an address.
+async fn running_pods(pods: &Api<Pod>, app: &str, count: usize) -> Option<Vec<Pod>> {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .ok()?
+        .items;
+    let running: Vec<Pod> = list
+        .into_iter()
+        .filter(|p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("Running") && s.pod_ip.as_ref().is_some()
+            })
+        })
+        .collect();
+    (running.len() == count).then_some(running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: root + netns + cgroups + BPF + containerd; run with --ignored"]
+async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_through_containerd() {
+    let scratch = tempfile::Builder::new()
+        .prefix("slipway-e2e-images-")
+        .tempdir()
+        .expect("dir");
+    build_images(scratch.path());
+    let world = World::with_agent_flags(agent_flags(&scratch.path().join("images")));
+    let client = world.client().await;
+    world.seed(&client).await;
+    world.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-w\n---\n\
+         apiVersion: slipway.dev/v1alpha1\nkind: HostClass\nmetadata:\n  name: node\n\
+         spec:\n  cpus: 1\n  memory: 1Gi\n",
+    );
+    let clusters: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "team-w", &gvk("Cluster", "clusters"));
+    let started = Instant::now();
+    world.apply(CLUSTER);
+    wait_for("w1 Running", Duration::from_secs(120), || {
+        cluster_running(&clusters)
+    })
+    .await;
+    eprintln!(
+        "1+2 hosts with containerd: kubectl apply → Ready in {:?}",
+        started.elapsed()
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-w");
+    let kubeconfig = secrets
+        .get("w1-kubeconfig")
+        .await
+        .expect("w1-kubeconfig Secret")
+        .data
+        .and_then(|d| d.get("value").cloned())
+        .expect("value")
+        .0;
+    let path = world.dir.path().join("w1.kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+    let workload = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&path).expect("kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("config"),
+    )
+    .expect("client");
+
+    // Every host a Node with its own block of the pod CIDR.
+    let nodes: Api<Node> = Api::all(workload.clone());
+    let blocks: BTreeMap<String, (Ipv4Network, String)> = nodes
+        .list(&ListParams::default())
+        .await
+        .expect("nodes")
+        .items
+        .into_iter()
+        .map(|n| {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let cidr = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.pod_cidr.clone())
+                .unwrap_or_else(|| panic!("Node {name} has no spec.podCIDR"));
+            let zone = n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("topology.kubernetes.io/zone").cloned())
+                .unwrap_or_default();
+            (name, (cidr.parse::<Ipv4Network>().expect("podCIDR"), zone))
+        })
+        .collect();
+    assert_eq!(blocks.len(), 3, "{blocks:?}");
+    let distinct: BTreeSet<_> = blocks.values().map(|(b, _)| b.to_string()).collect();
+    assert_eq!(distinct.len(), 3, "blocks overlap: {blocks:?}");
+
+    // A Deployment applied with kubectl runs on the workers (the control plane is tainted),
+    // over both zones, each pod with an address of its node's block.
+    let started = Instant::now();
+    world.apply_with(&path, WEB);
+    let pods: Api<Pod> = Api::namespaced(workload.clone(), "default");
+    let web = wait_for("3 web pods Running", Duration::from_secs(90), || {
+        running_pods(&pods, "web", 3)
+    })
+    .await;
+    eprintln!(
+        "Deployment of 3: kubectl apply → 3 Running in {:?}",
+        started.elapsed()
+    );
+    let mut zones = BTreeSet::new();
+    for p in &web {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        assert!(
+            node.contains("-workers-"),
+            "pod {name} runs on {node}, not a worker"
+        );
+        let (block, zone) = blocks.get(&node).expect("the pod's node");
+        let ip: Ipv4Addr = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok())
+            .expect("pod IP");
+        assert!(
+            block.contains(ip),
+            "pod {name} on {node} has {ip}, outside its block {block}"
+        );
+        zones.insert(zone.clone());
+    }
+    assert_eq!(zones.len(), 2, "the pods stay in one zone: {zones:?}");
+
+    // Each node speaks to its cluster as `system:node:<host>`: it reads Pods and writes its own
+    // Node's status, never another's, and makes no workloads.
+    let node_kubeconfig = world
+        .dir
+        .path()
+        .join("sup/hosts/data/team-w-w1-workers-0/cluster.kubeconfig");
+    let node_client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&node_kubeconfig).expect("node kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("config"),
+    )
+    .expect("client");
+    let as_node: Api<Pod> = Api::all(node_client.clone());
+    assert_eq!(
+        as_node
+            .list(&ListParams::default())
+            .await
+            .expect("a node lists Pods")
+            .items
+            .len(),
+        3
+    );
+    let forbidden = |r: Result<(), kube::Error>, what: &str| match r {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{what}: {s:?}"),
+        other => panic!("{what}: {other:?}"),
+    };
+    let status = kube::api::Patch::Merge(serde_json::json!({"status": {"phase": "Running"}}));
+    let nodes_as_node: Api<Node> = Api::all(node_client.clone());
+    forbidden(
+        nodes_as_node
+            .patch_status("team-w-w1-workers-1", &Default::default(), &status)
+            .await
+            .map(drop),
+        "another Node's status",
+    );
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(node_client, "default");
+    forbidden(
+        deployments
+            .create(
+                &Default::default(),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "sneaky"},
+                    "spec": {"selector": {"matchLabels": {"a": "b"}},
+                             "template": {"metadata": {"labels": {"a": "b"}},
+                                          "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+                }))
+                .expect("deployment"),
+            )
+            .await
+            .map(drop),
+        "a Deployment",
+    );
+
+    // Deleting the Cluster takes its hosts down with their pods: no namespace, cgroup, bpffs
+    // entry or mount (containerd's sandboxes and rootfs) is left.
+    world.kubectl(&["delete", "cluster", "w1", "-n", "team-w", "--wait=false"]);
+    let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
+    wait_for("every host gone", Duration::from_secs(60), || async {
+        hosts
+            .list(&ListParams::default())
+            .await
+            .ok()
+            .filter(|l| l.items.is_empty())
+    })
+    .await;
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+    let mounted: Vec<_> = slipway_dataplane::mounts::mounts()
+        .expect("mounts")
+        .into_iter()
+        .filter(|m| m.target.starts_with(world.dir.path()))
+        .map(|m| m.target)
+        .collect();
+    assert!(mounted.is_empty(), "mounts left behind: {mounted:?}");
+}
