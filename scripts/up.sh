@@ -18,5 +18,5 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
   . "$HOME/.cargo/env"
 fi
 echo "up: building the release binary"
-cargo build --release -p slipway
+cargo build --release -p slipway -p slipway-cni
 exec "${CARGO_TARGET_DIR:-target}/release/slipway" up "$@"

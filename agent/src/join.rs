@@ -327,7 +327,17 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
 pub const CLUSTER_API_PORT: u16 = 6443;
 
 async fn run_agent(args: &JoinArgs, kubeconfig: PathBuf) -> anyhow::Result<()> {
-    if args.agent.is_empty() {
+    // The datapath needs a pod CIDR: from the flags, or from the cluster the host serves. A
+    // host that serves none (yet) runs the heartbeat alone.
+    let node = args.node_settings_path().exists();
+    let has_cidr = args
+        .agent
+        .iter()
+        .any(|a| a == "--pod-cidr" || a.starts_with("--pod-cidr="));
+    if !args.agent.is_empty() && !node && !has_cidr {
+        info!("the host serves no cluster: the heartbeat runs without the node datapath");
+    }
+    if args.agent.is_empty() || (!node && !has_cidr) {
         let address = address_towards(&args.supervisor)?;
         let mut heartbeat = args.heartbeat.clone();
         heartbeat.kubeconfig = Some(kubeconfig);

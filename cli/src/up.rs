@@ -22,6 +22,12 @@ use crate::supervisor::SupervisorCommand;
 /// The demo Cluster.
 const CLUSTER: &str = include_str!("../../examples/cluster.yaml");
 
+/// What runs on it once it is Ready.
+const WEB: &str = include_str!("../../examples/web.yaml");
+
+/// How long the demo workloads may take to be Ready.
+const WEB_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// How long the demo cluster may take to be Ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -175,6 +181,11 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>, addr: SocketAddr) -> an
             &text,
         )?;
     }
+    // The images the hosts start with (no registry is reachable): busybox, pause, tools.
+    println!("slipway up: building the node images (busybox, pause, tools)");
+    slipway_agent::pods::image::build_node_images(&data_dir.join("images"))
+        .map_err(|e| anyhow::anyhow!(slipway_agent::pods::error_chain(&e)))
+        .context("building the node images")?;
     let cluster: Value = serde_saphyr::from_str(CLUSTER).context("examples/cluster.yaml")?;
     let clusters_api = resource("slipway.dev", "Cluster", "clusters");
     create(&client, &clusters_api, Some("demo"), cluster).await?;
@@ -260,7 +271,7 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>, addr: SocketAddr) -> an
         .context("Secret demo/demo-kubeconfig has no value")?;
     std::fs::write(&cluster_kubeconfig, text)?;
     let workload = crate::client_for(&cluster_kubeconfig).await?;
-    let nodes: Api<DynamicObject> = Api::all_with(workload, &resource("", "Node", "nodes"));
+    let nodes: Api<DynamicObject> = Api::all_with(workload.clone(), &resource("", "Node", "nodes"));
     println!(
         "\nThe workload cluster's API, at {}: its Nodes",
         cluster.data["status"]["apiEndpoint"]
@@ -282,6 +293,7 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>, addr: SocketAddr) -> an
             ) == 1,
         );
     }
+    deploy_web(&workload).await?;
     let k = format!("kubectl --kubeconfig {}", kubeconfig.display());
     let kc = format!("kubectl --kubeconfig {}", cluster_kubeconfig.display());
     let dev = format!(
@@ -289,11 +301,82 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>, addr: SocketAddr) -> an
         data_dir.join("dev.kubeconfig").display()
     );
     println!(
-        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {dev} get clusters -n demo   # the namespace's editor (viewer.kubeconfig reads)\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
+        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {kc} get pods -o wide\n  {kc} get svc,endpointslices,networkpolicies\n  {kc} logs deploy/client      # answers from the 3 web pods\n  {kc} logs deploy/intruder    # refused: the NetworkPolicy admits only the client\n  {kc} scale deploy/web --replicas 4\n  {dev} get clusters -n demo   # the namespace's editor (viewer.kubeconfig reads)\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
          {k} patch cluster demo -n demo --type merge -p '{{\"spec\":{{\"topology\":{{\"nodePools\":[{{\"name\":\"workers\",\"replicas\":3,\"hostClass\":\"small\"}}]}}}}}}'\n\
          Ctrl-C (or `slipway down`) tears everything down."
     );
     std::future::pending().await
+}
+
+/// Applies `examples/web.yaml` to the workload cluster (server-side apply: a second run
+/// changes nothing) and waits until its web pods are Ready.
+async fn deploy_web(workload: &kube::Client) -> anyhow::Result<()> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(WEB).context("examples/web.yaml")?;
+    for doc in docs {
+        let obj: DynamicObject = serde_json::from_value(doc).context("examples/web.yaml")?;
+        let types = obj
+            .types
+            .clone()
+            .context("examples/web.yaml: an object without a kind")?;
+        let gvk = GroupVersionKind::try_from(&types)?;
+        let (ar, _) = kube::discovery::pinned_kind(workload, &gvk)
+            .await
+            .with_context(|| format!("the workload cluster serves no {}", types.kind))?;
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let ns = obj
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<DynamicObject> = Api::namespaced_with(workload.clone(), &ns, &ar);
+        api.patch(
+            &name,
+            &PatchParams::apply("slipway-up"),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .with_context(|| format!("applying {} {ns}/{name}", types.kind))?;
+    }
+    let pods: Api<DynamicObject> =
+        Api::namespaced_with(workload.clone(), "default", &resource("", "Pod", "pods"));
+    let bar = indicatif::ProgressBar::new(3);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} examples/web.yaml [{bar:20}] {pos}/{len} web pods Ready",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let started = Instant::now();
+    loop {
+        let ready = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await?
+            .items
+            .iter()
+            .filter(|p| {
+                p.data["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count();
+        bar.set_position(ready as u64);
+        if ready >= 3 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < WEB_TIMEOUT,
+            "examples/web.yaml: {ready}/3 web pods Ready after {WEB_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+    println!(
+        "slipway up: examples/web.yaml is Ready in {:.1} s (3 web pods behind Service web)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// A supervisor of this process over a fresh `data_dir`, provisioning netns hosts as `hosts`
@@ -358,8 +441,14 @@ impl UpArgs {
         std::fs::create_dir_all(self.data_dir.parent().unwrap_or(Path::new("/")))?;
         std::fs::write(pid_file(&self.data_dir), std::process::id().to_string())?;
         let data_dir = self.data_dir.clone();
+        let mut hosts = self.hosts.clone();
+        if hosts.agent_flags.is_empty() {
+            // Every host a node of its cluster, with the images bring_up builds.
+            hosts.agent_flags =
+                slipway_hosts::reconciler::netns_node_flags(&self.data_dir.join("images"));
+        }
         let zones = self.hosts.zones.clone();
-        let result = with_supervisor(&self.data_dir, self.listen, &self.hosts, move |listening| {
+        let result = with_supervisor(&self.data_dir, self.listen, &hosts, move |listening| {
             bring_up(data_dir, zones, listening.addr)
         })
         .await;

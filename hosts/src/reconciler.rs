@@ -494,6 +494,28 @@ pub struct ProviderArgs {
     pub agent_flags: Vec<String>,
 }
 
+/// The node agent flags that make a netns host a node of its cluster: the datapath on the
+/// host's own bpffs dir and cgroup, its own containerd with the CNI the agent installs, the
+/// images of `image_dir`, pods under the host's cgroups. `slipway join` adds the cluster's
+/// settings (pod CIDR, the host's block, the node's kubeconfig) when the host serves a Cluster.
+pub fn netns_node_flags(image_dir: &std::path::Path) -> Vec<String> {
+    [
+        "--data-dir={data_dir}/agent",
+        "--socket={data_dir}/agent.sock",
+        "--bpffs={bpffs}",
+        "--cgroup={cgroup}",
+        "--containerd-dir={data_dir}/containerd",
+        "--cni-conf-dir={data_dir}/net.d",
+        "--cni-bin-dir={data_dir}/cni-bin",
+        "--install-cni",
+        "--pod-cgroup-parent=own",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([format!("--image-dir={}", image_dir.display())])
+    .collect()
+}
+
 impl ProviderArgs {
     /// The netns provider these flags ask for (None with `--host-provider none`), keeping its
     /// state under `<data_dir>/hosts`.

@@ -96,6 +96,12 @@ impl Up {
         if self.dir.path().join("state").exists() {
             found.push("the data dir".into());
         }
+        // What the hosts' containerds mounted (sandboxes, rootfs overlays).
+        for m in slipway_dataplane::mounts::mounts().expect("mount table") {
+            if m.target.starts_with(self.dir.path()) {
+                found.push(format!("mount {}", m.target.display()));
+            }
+        }
         found
     }
 }
@@ -145,9 +151,11 @@ fn slipway_up_brings_the_demo_cluster_up_and_down_leaves_nothing() {
     );
     let lines = up.wait_for_line("Ready in", Duration::from_secs(120));
     eprintln!("{}", lines.join("\n"));
+    // Then examples/web.yaml runs on the cluster: 3 nginx pods Ready behind their Service.
     let table = up
-        .wait_for_line("Ctrl-C", Duration::from_secs(5))
+        .wait_for_line("Ctrl-C", Duration::from_secs(120))
         .join("\n");
+    assert!(table.contains("examples/web.yaml is Ready"), "{table}");
     for host in [
         "demo-demo-control-plane-0",
         "demo-demo-workers-0",

@@ -10,56 +10,14 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{World, gvk, wait_for};
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{Api, DynamicObject, ListParams};
-use slipway_agent::pods::image::{ImageConfig, build_archive, busybox_rootfs};
-
-/// The images every host starts with: busybox, and the sandbox's pause image from the same
-/// root filesystem.
-fn build_images(dir: &Path) {
-    let rootfs = dir.join("busybox-rootfs");
-    busybox_rootfs(&rootfs).expect("busybox rootfs");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).expect("images dir");
-    let sh = ImageConfig {
-        entrypoint: Vec::new(),
-        cmd: vec!["sh".into()],
-        env: Vec::new(),
-        working_dir: None,
-    };
-    let pause = ImageConfig {
-        entrypoint: vec!["/bin/sleep".into()],
-        cmd: vec!["2147483647".into()],
-        env: Vec::new(),
-        working_dir: None,
-    };
-    build_archive("busybox", &rootfs, &sh, &images.join("busybox.tar")).expect("busybox image");
-    build_archive("pause:local", &rootfs, &pause, &images.join("pause.tar")).expect("pause image");
-}
-
-/// The node agent of every host: the datapath, its own containerd, the CNI and images.
-fn agent_flags(images: &Path) -> Vec<String> {
-    [
-        "--data-dir={data_dir}/agent",
-        "--socket={data_dir}/agent.sock",
-        "--bpffs={bpffs}",
-        "--cgroup={cgroup}",
-        "--containerd-dir={data_dir}/containerd",
-        "--cni-conf-dir={data_dir}/net.d",
-        "--cni-bin-dir={data_dir}/cni-bin",
-        "--install-cni",
-        "--pod-cgroup-parent=own",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain([format!("--image-dir={}", images.display())])
-    .collect()
-}
+use slipway_agent::pods::image::build_node_images;
+use slipway_hosts::reconciler::netns_node_flags;
 
 const CLUSTER: &str = "apiVersion: slipway.dev/v1alpha1
 kind: Cluster
@@ -139,8 +97,8 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         .prefix("slipway-e2e-images-")
         .tempdir()
         .expect("dir");
-    build_images(scratch.path());
-    let world = World::with_agent_flags(agent_flags(&scratch.path().join("images")));
+    build_node_images(scratch.path()).expect("images");
+    let world = World::with_agent_flags(netns_node_flags(scratch.path()));
     let client = world.client().await;
     world.seed(&client).await;
     world.apply(

@@ -352,9 +352,158 @@ pub fn busybox_rootfs(dir: &Path) -> Result<(), PodsError> {
     Ok(())
 }
 
+/// The host binaries the tools image carries (Debian packages nginx-light, iperf3, fio, socat
+/// where installed): the workloads the demo and the benchmarks run.
+pub const TOOLS: [&str; 4] = [
+    "/usr/sbin/nginx",
+    "/usr/bin/iperf3",
+    "/usr/bin/fio",
+    "/usr/bin/socat",
+];
+
+/// nginx in the tools image: in the foreground, logging to the container's stdout and stderr,
+/// answering every path with the pod's name on port 80.
+const NGINX_CONF: &str = "daemon off;
+user root;
+worker_processes 1;
+pid /run/nginx.pid;
+error_log stderr;
+events { worker_connections 256; }
+http {
+    access_log /dev/stdout;
+    server {
+        listen 80;
+        location / { default_type text/plain; return 200 \"$hostname\\n\"; }
+    }
+}
+";
+
+/// A tools root filesystem in `dir`: busybox ([`busybox_rootfs`]) and those of `binaries` that
+/// exist on this machine, each with the shared libraries and loader `ldd` names, at the same
+/// paths; nginx with a configuration for containers. Returns the binaries it took.
+pub fn tools_rootfs(dir: &Path, binaries: &[&str]) -> Result<Vec<String>, PodsError> {
+    let io_err = |what: &'static str| move |source: io::Error| PodsError::Io { what, source };
+    busybox_rootfs(dir)?;
+    let mut taken = Vec::new();
+    for binary in binaries.iter().map(Path::new).filter(|b| b.exists()) {
+        let ldd = Command::new("ldd")
+            .arg(binary)
+            .output()
+            .map_err(|source| PodsError::Spawn {
+                program: "ldd",
+                source,
+            })?;
+        let mut files = vec![binary.to_path_buf()];
+        files.extend(shared_objects(&String::from_utf8_lossy(&ldd.stdout)));
+        for file in files {
+            let target = dir.join(file.strip_prefix("/").unwrap_or(&file));
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io_err("create a tools directory"))?;
+            }
+            std::fs::copy(&file, &target).map_err(io_err("copy a host binary or library"))?;
+        }
+        taken.push(binary.display().to_string());
+    }
+    for sub in ["etc/nginx", "var/lib/nginx/body", "var/log/nginx", "run"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(io_err("create the nginx directories"))?;
+    }
+    std::fs::write(dir.join("etc/nginx/nginx.conf"), NGINX_CONF)
+        .map_err(io_err("write nginx.conf"))?;
+    Ok(taken)
+}
+
+/// The images a host without a registry starts with, as archives in `dir` for the agent's
+/// --image-dir: `busybox` (Cmd `sh`), the sandbox's `pause:local` from the same root
+/// filesystem, and `tools` ([`tools_rootfs`]).
+pub fn build_node_images(dir: &Path) -> Result<(), PodsError> {
+    let io_err = |what: &'static str| move |source: io::Error| PodsError::Io { what, source };
+    let scratch = dir.join("rootfs");
+    let _ = std::fs::remove_dir_all(&scratch);
+    let busybox = scratch.join("busybox");
+    let tools = scratch.join("tools");
+    busybox_rootfs(&busybox)?;
+    tools_rootfs(&tools, &TOOLS)?;
+    let config = |entrypoint: &[&str], cmd: &[&str]| ImageConfig {
+        entrypoint: entrypoint.iter().map(|s| (*s).to_owned()).collect(),
+        cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+        env: Vec::new(),
+        working_dir: None,
+    };
+    build_archive(
+        "busybox",
+        &busybox,
+        &config(&[], &["sh"]),
+        &dir.join("busybox.tar"),
+    )?;
+    build_archive(
+        "pause:local",
+        &busybox,
+        &config(&["/bin/sleep"], &["2147483647"]),
+        &dir.join("pause.tar"),
+    )?;
+    build_archive(
+        "tools",
+        &tools,
+        &config(&[], &["sh"]),
+        &dir.join("tools.tar"),
+    )?;
+    std::fs::remove_dir_all(&scratch).map_err(io_err("remove the image scratch dir"))
+}
+
+/// The files `ldd` output names: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` and the
+/// loader's `/lib64/ld-linux-x86-64.so.2 (0x...)`; the vDSO has no file.
+fn shared_objects(ldd: &str) -> Vec<PathBuf> {
+    ldd.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "privileged"),
+        ignore = "privileged: chroot; run with --ignored"
+    )]
+    fn the_tools_rootfs_runs_its_binaries_on_their_own() {
+        let dir = std::env::temp_dir().join(format!("slipway-tools-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let taken = tools_rootfs(&dir, &TOOLS).expect("tools rootfs");
+        assert!(taken.contains(&"/usr/sbin/nginx".to_owned()), "{taken:?}");
+        // Inside the root filesystem alone, nginx loads and accepts its configuration.
+        let out = Command::new("chroot")
+            .arg(&dir)
+            .args(["/usr/sbin/nginx", "-t"])
+            .output()
+            .expect("chroot");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn ldd_output_names_libraries_and_the_loader() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibpcre2-8.so.0 => /lib/x86_64-linux-gnu/libpcre2-8.so.0 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n\tlibmissing.so => not found\n";
+        assert_eq!(
+            shared_objects(out),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libpcre2-8.so.0"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+    }
 
     #[test]
     fn names_are_normalised_as_docker_references() {
