@@ -3,7 +3,8 @@
 //! upstream's garbage collector matches them) is gone is deleted, so
 //! deleting a Deployment takes its ReplicaSets and their Pods with it, and deleting a Service
 //! its slices. A sweep over what it lists, every period: an owner deleted while the
-//! controllers were down is found the same way.
+//! controllers were down is found the same way. Pods bound to a Node that is gone are deleted
+//! too (upstream's PodGC).
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PropagationPolicy};
 use kube::{Client, Resource, ResourceExt};
@@ -93,6 +94,58 @@ where
     Ok(())
 }
 
+/// Deletes Pods bound to a Node that does not exist (upstream's PodGC for orphaned Pods: a Node
+/// removed with its host); each Node is looked up again before its Pods go, so a Node made
+/// since the list is not taken for gone.
+async fn orphaned_pods(client: &Client, options: &Options) -> Result<(), Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let known: BTreeSet<String> = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("list", "nodes"))?
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("list", "pods"))?
+        .items;
+    for pod in pods {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            continue;
+        };
+        if known.contains(&node)
+            || nodes
+                .get_opt(&node)
+                .await
+                .map_err(api_err("get", format!("node {node}")))?
+                .is_some()
+        {
+            continue;
+        }
+        let ns = pod.namespace().unwrap_or_default();
+        let name = pod.name_any();
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        };
+        match Api::<Pod>::namespaced(client.clone(), &ns)
+            .delete(&name, &dp)
+            .await
+        {
+            Ok(_) => {
+                options.metrics.reconciled(NAME);
+                info!(pod = %format!("{ns}/{name}"), %node, "deleted: its Node is gone");
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(api_err("delete", format!("Pod {ns}/{name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
 /// One pass: owners first, so a ReplicaSet collected now has its Pods collected next pass.
 async fn pass(client: &Client, options: &Options) -> Result<(), Error> {
     let deployments = uids::<Deployment>(client).await?;
@@ -100,7 +153,8 @@ async fn pass(client: &Client, options: &Options) -> Result<(), Error> {
     let sets = uids::<ReplicaSet>(client).await?;
     sweep::<Pod>(client, "ReplicaSet", &sets, options).await?;
     let services = uids::<Service>(client).await?;
-    sweep::<EndpointSlice>(client, "Service", &services, options).await
+    sweep::<EndpointSlice>(client, "Service", &services, options).await?;
+    orphaned_pods(client, options).await
 }
 
 /// Runs the collector every `node_monitor_period`.

@@ -848,5 +848,26 @@ async fn recreate_a_silent_node_and_garbage_collection() -> Result<()> {
         },
     )
     .await?;
+
+    // A Pod bound to a Node that is gone (its host removed) is collected; one bound to a
+    // Node that exists stays.
+    let pods = Api::<Pod>::namespaced(c.client.clone(), "default");
+    for (name, node) in [("orphan", "node-gone"), ("kept", survivor)] {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]},
+        }))?;
+        pods.create(&Default::default(), &pod).await?;
+    }
+    wait_for(
+        "the orphaned Pod to go",
+        Duration::from_secs(20),
+        || async { Ok(pods.get_opt("orphan").await?.is_none().then_some(())) },
+    )
+    .await?;
+    assert!(
+        pods.get_opt("kept").await?.is_some(),
+        "a bound Pod was collected"
+    );
     Ok(())
 }

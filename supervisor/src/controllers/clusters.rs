@@ -33,6 +33,9 @@ use crate::tls::{Credential, Pki};
 /// The finalizer on every Cluster the reconciler has seen.
 pub const FINALIZER: &str = "slipway.dev/cluster";
 
+/// The annotation naming the Host (by uid) a workload cluster's Node stands for.
+pub const HOST_UID: &str = "slipway.dev/host-uid";
+
 /// How often the reconciler looks when nothing changes.
 pub const PERIOD: Duration = Duration::from_secs(2);
 
@@ -793,13 +796,28 @@ async fn sync_nodes(
             node_spec["podCIDR"] = json!(block);
             node_spec["podCIDRs"] = json!([block]);
         }
+        let uid = host.metadata.uid.clone().unwrap_or_default();
         let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": labels},
+            "metadata": {"name": name, "labels": labels, "annotations": {HOST_UID: uid}},
             "spec": node_spec,
         }))?;
         match nodes.create(&PostParams::default(), &node).await {
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // A host replaced under the same name is a new machine: its Node (pod CIDR,
+                // identity) is made anew, and the Pods bound to the old one are collected.
+                let current = nodes.get(name).await?;
+                let of = current
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(HOST_UID));
+                if of.is_some_and(|of| *of != uid) {
+                    nodes.delete(name, &DeleteParams::default()).await?;
+                    info!(node = name, "the host was replaced: its Node is made anew");
+                    continue;
+                }
+            }
             Err(e) => return Err(e.into()),
         }
         let ready = host.data["status"]["conditions"]
