@@ -382,6 +382,15 @@ pub fn check_pod_spec(
                 format!("{:?}", c.name),
             ));
         }
+        if c.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
+            errs.push(FieldError::required(format!("{f}.image")));
+        }
+        check_enum(
+            &format!("{f}.imagePullPolicy"),
+            &c.image_pull_policy,
+            &["Always", "IfNotPresent", "Never"],
+            errs,
+        );
         for (j, p) in c.ports.iter().flatten().enumerate() {
             check_port(
                 &format!("{f}.ports[{j}].containerPort"),

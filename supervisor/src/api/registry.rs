@@ -1273,6 +1273,16 @@ mod tests {
                 "spec": {"containers": [{"name": "x"}], "dnsPolicy": "Sometimes"}}))
             .expect("decodes");
         assert!(errs.iter().any(|e| e.field == "spec.dnsPolicy"), "{errs:?}");
+        // A container needs an image; the pull policy is one of three.
+        assert!(
+            errs.iter().any(|e| e.field == "spec.containers[0].image"),
+            "{errs:?}"
+        );
+        let (_, errs) = pod()
+            .decode(json!({"metadata": {"name": "x"},
+                "spec": {"containers": [{"name": "x", "image": "busybox", "imagePullPolicy": "Sometimes"}]}}))
+            .expect("decodes");
+        assert_eq!(fields(&errs), ["spec.containers[0].imagePullPolicy"]);
     }
 
     fn fields(errs: &[FieldError]) -> Vec<&str> {
