@@ -87,7 +87,10 @@ fn the_daemonset_manifest_holds_what_the_agent_needs() {
                 let verbs = verbs.clone();
                 resources.clone().into_iter().flat_map(move |res| {
                     let g = g.clone();
-                    verbs.clone().into_iter().map(move |v| (g.clone(), res.clone(), v))
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |v| (g.clone(), res.clone(), v))
                 })
             })
         })
@@ -122,13 +125,13 @@ fn the_daemonset_manifest_holds_what_the_agent_needs() {
     assert_eq!(pod.service_account_name.as_deref(), Some("slipway-agent"));
     let init = &pod.init_containers.expect("an init container")[0];
     let script = init.command.clone().unwrap_or_default().join(" ");
-    assert!(script.contains("/etc/cni/net.d/10-slipway.conflist"), "{script}");
+    assert!(
+        script.contains("/etc/cni/net.d/10-slipway.conflist"),
+        "{script}"
+    );
     let agent = &pod.containers[0];
     assert_eq!(
-        agent
-            .security_context
-            .as_ref()
-            .and_then(|s| s.privileged),
+        agent.security_context.as_ref().and_then(|s| s.privileged),
         Some(true)
     );
     let command = agent.command.clone().unwrap_or_default().join(" ");

@@ -3,8 +3,9 @@
 //! client writes upstream kinds to it. Nodes route pod blocks between hosts; a Service with an
 //! EndpointSlice is reached at its ClusterIP and NodePort, and an endpoint marked not ready
 //! leaves it; a NetworkPolicy is enforced and named in the flows; the local API refuses PUTs;
-//! a restarted agent comes back to the same state. The time from each API write to traffic
-//! behaving is printed (no assertion on it).
+//! a restarted agent comes back to the same state. The time from each API write to the agent's
+//! state and to traffic behaving is printed (no assertion on it; a probe that must fail waits
+//! out curl's 1 s timeout, which the figure includes).
 //! Privileged (root, BPF, netns): run by scripts/test.sh.
 
 #[path = "../../cni/tests/common/mod.rs"]
@@ -55,8 +56,11 @@ fn forward_into(rt: &tokio::runtime::Runtime, netns: &Netns, to: std::net::Socke
 fn kubeconfig_at(sup: &sup::Supervisor, port: u16, path: &Path) -> PathBuf {
     let text = std::fs::read_to_string(sup.kubeconfig()).expect("admin kubeconfig");
     assert!(text.contains(&sup.url), "the kubeconfig names {}", sup.url);
-    std::fs::write(path, text.replace(&sup.url, &format!("https://127.0.0.1:{port}")))
-        .expect("write kubeconfig");
+    std::fs::write(
+        path,
+        text.replace(&sup.url, &format!("https://127.0.0.1:{port}")),
+    )
+    .expect("write kubeconfig");
     path.to_path_buf()
 }
 
@@ -127,15 +131,19 @@ fn the_datapath_follows_the_cluster_api() {
     // The harness told the agents of every host over the local API: forget that, so what
     // routes below comes from the cluster API alone.
     for i in 1..=2 {
-        let (code, body) =
-            api(&cluster.node(i).socket, "PUT", "/v1/hosts", Some(&json!([]))).expect("api");
+        let (code, body) = api(
+            &cluster.node(i).socket,
+            "PUT",
+            "/v1/hosts",
+            Some(&json!([])),
+        )
+        .expect("api");
         assert_eq!(code, 200, "{body}");
     }
     let mut flags: Vec<Vec<String>> = Vec::new();
     for i in 1..=2 {
         let port = forward_into(&rt, &cluster.node(i).netns, to);
-        let kubeconfig =
-            kubeconfig_at(&sup, port, &cluster.dir.join(format!("h{i}.kubeconfig")));
+        let kubeconfig = kubeconfig_at(&sup, port, &cluster.dir.join(format!("h{i}.kubeconfig")));
         flags.push(vec![
             "--cluster-kubeconfig".into(),
             kubeconfig.display().to_string(),
@@ -181,7 +189,12 @@ fn the_datapath_follows_the_cluster_api() {
     .expect("api");
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("--cluster-kubeconfig"), "{body}");
-    for path in ["/v1/services", "/v1/pods", "/v1/namespaces", "/v1/networkpolicies"] {
+    for path in [
+        "/v1/services",
+        "/v1/pods",
+        "/v1/namespaces",
+        "/v1/networkpolicies",
+    ] {
         let (code, body) =
             api(&cluster.node(1).socket, "PUT", path, Some(&json!([]))).expect("api");
         assert_eq!(code, 409, "PUT {path}: {body}");
@@ -260,13 +273,23 @@ fn the_datapath_follows_the_cluster_api() {
     let cluster_ip = spec.cluster_ip.expect("a ClusterIP");
     let node_port = spec.ports.expect("ports")[0].node_port.expect("a nodePort");
     let ip_url = format!("http://{cluster_ip}/");
-    let took = until("the ClusterIP answering from both backends", written, || {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..12 {
-            seen.extend(get(&a, &ip_url));
-        }
-        seen.len() == 2
+    let took = until("the Service in agent 1's list", written, || {
+        agent_get(&cluster, 1, "/v1/services")[0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 2)
     });
+    println!("(2) Service + EndpointSlice written -> in the agent's service list: {took:?}");
+    let took = until(
+        "the ClusterIP answering from both backends",
+        written,
+        || {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..12 {
+                seen.extend(get(&a, &ip_url));
+            }
+            seen.len() == 2
+        },
+    );
     println!("(2) Service + EndpointSlice written -> ClusterIP serves both backends: {took:?}");
     let node_url = format!("http://{}:{node_port}/", cluster.node(1).address);
     until("the NodePort answering from outside", written, || {
@@ -299,7 +322,11 @@ fn the_datapath_follows_the_cluster_api() {
 
     // (3) A NetworkPolicy: b takes connections from app=client only.
     let pods: Api<KubePod> = Api::namespaced(client.clone(), "default");
-    for (name, app, pod) in [("a", "client", &a), ("d", "other", &denied), ("b", "web", &b)] {
+    for (name, app, pod) in [
+        ("a", "client", &a),
+        ("d", "other", &denied),
+        ("b", "web", &b),
+    ] {
         let node = format!("h{}", pod.host);
         rt.block_on(pods.create(&PostParams::default(), &pod_object(name, app, &node)))
             .expect("create Pod");
@@ -324,10 +351,20 @@ fn the_datapath_follows_the_cluster_api() {
         },
     }))
     .expect("policy");
-    assert_eq!(get(&denied, &b_url).as_deref(), Some("b"), "open before the policy");
+    assert_eq!(
+        get(&denied, &b_url).as_deref(),
+        Some("b"),
+        "open before the policy"
+    );
     let written = Instant::now();
     rt.block_on(policies.create(&PostParams::default(), &policy))
         .expect("create NetworkPolicy");
+    let took = until("the policy in agent 2's state", written, || {
+        agent_get(&cluster, 2, "/v1/networkpolicies")
+            .as_array()
+            .is_some_and(|p| p.len() == 1)
+    });
+    println!("(3) NetworkPolicy written -> in the agent's policy state: {took:?}");
     let took = until("d denied, a allowed", written, || {
         get(&denied, &b_url).is_none() && get(&a, &b_url).as_deref() == Some("b")
     });
@@ -349,9 +386,17 @@ fn the_datapath_follows_the_cluster_api() {
                         .is_some_and(|p| p.iter().any(|p| p == "default/web-from-client")))
         })
     };
-    assert!(named("allow", a.ip), "no allow flow names the policy: {flows:?}");
-    assert!(named("deny", denied.ip), "no deny flow names the policy: {flows:?}");
-    let metrics = api(&cluster.node(2).socket, "GET", "/metrics", None).expect("metrics").1;
+    assert!(
+        named("allow", a.ip),
+        "no allow flow names the policy: {flows:?}"
+    );
+    assert!(
+        named("deny", denied.ip),
+        "no deny flow names the policy: {flows:?}"
+    );
+    let metrics = api(&cluster.node(2).socket, "GET", "/metrics", None)
+        .expect("metrics")
+        .1;
     for line in [
         "slipway_feed_applies_total{list=\"networkpolicies\",result=\"ok\"}",
         "slipway_feed_objects{kind=\"pods\"} 3",
@@ -360,23 +405,61 @@ fn the_datapath_follows_the_cluster_api() {
     }
 
     // (5) A restarted agent comes back to the same state, and traffic behaves as before.
-    let before: Vec<Value> = ["/v1/hosts", "/v1/services", "/v1/pods", "/v1/networkpolicies"]
-        .iter()
-        .map(|p| agent_get(&cluster, 2, p))
-        .collect();
+    let before: Vec<Value> = [
+        "/v1/hosts",
+        "/v1/services",
+        "/v1/pods",
+        "/v1/networkpolicies",
+    ]
+    .iter()
+    .map(|p| agent_get(&cluster, 2, p))
+    .collect();
     start_fed(&mut cluster, 2);
     until("agent 2 fed again", Instant::now(), || fed(&cluster, 2));
-    let after: Vec<Value> = ["/v1/hosts", "/v1/services", "/v1/pods", "/v1/networkpolicies"]
-        .iter()
-        .map(|p| agent_get(&cluster, 2, p))
-        .collect();
+    let after: Vec<Value> = [
+        "/v1/hosts",
+        "/v1/services",
+        "/v1/pods",
+        "/v1/networkpolicies",
+    ]
+    .iter()
+    .map(|p| agent_get(&cluster, 2, p))
+    .collect();
     assert_eq!(after, before, "the restarted agent's state");
     assert_eq!(get(&a, &b_url).as_deref(), Some("b"));
     assert_eq!(get(&denied, &b_url), None);
     let log = cluster.agent_log(2);
-    let restarted = log.rsplit("slipway agent: ready").next().unwrap_or_default();
+    assert!(log.contains("applied from the cluster API"), "{log}");
+    let restarted = log
+        .rsplit("slipway agent: ready")
+        .next()
+        .unwrap_or_default();
     assert!(
         !restarted.contains("applied from the cluster API"),
         "the restarted agent re-applied an unchanged list:\n{restarted}"
     );
+
+    // (6) The API goes away: the watches fail and retry, the datapath keeps its state.
+    let state = |cluster: &Cluster| -> Vec<Value> {
+        [
+            "/v1/hosts",
+            "/v1/services",
+            "/v1/pods",
+            "/v1/networkpolicies",
+        ]
+        .iter()
+        .map(|p| agent_get(cluster, 1, p))
+        .collect()
+    };
+    let before = state(&cluster);
+    drop(sup);
+    until("agent 1 noticing the API is gone", Instant::now(), || {
+        cluster
+            .agent_log(1)
+            .contains("watching the cluster API failed")
+    });
+    assert_eq!(state(&cluster), before, "agent 1's state without the API");
+    assert_eq!(get(&a, &b_url).as_deref(), Some("b"));
+    assert_eq!(get(&a, &ip_url).as_deref(), Some("b"));
+    assert_eq!(get(&denied, &b_url), None);
 }

@@ -50,7 +50,11 @@ fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
 
 /// Each Node other than `me` with a `spec.podCIDR` inside `pod_cidr` and an IPv4 `InternalIP`,
 /// as a host whose pod block is routed to that address.
-pub fn hosts(nodes: &[Arc<core::Node>], me: Option<&str>, pod_cidr: Ipv4Network) -> Converted<Host> {
+pub fn hosts(
+    nodes: &[Arc<core::Node>],
+    me: Option<&str>,
+    pod_cidr: Ipv4Network,
+) -> Converted<Host> {
     let mut out = Converted::default();
     for node in nodes {
         let name = node.metadata.name.clone().unwrap_or_default();
@@ -62,7 +66,9 @@ pub fn hosts(nodes: &[Arc<core::Node>], me: Option<&str>, pod_cidr: Ipv4Network)
             continue;
         };
         let block = match cidr.parse::<Ipv4Network>() {
-            Ok(block) if pod_cidr.contains(block.network()) && pod_cidr.prefix() <= block.prefix() => {
+            Ok(block)
+                if pod_cidr.contains(block.network()) && pod_cidr.prefix() <= block.prefix() =>
+            {
                 block
             }
             Ok(_) => {
@@ -122,7 +128,10 @@ pub fn services(
             continue;
         };
         let ns = slice.metadata.namespace.clone().unwrap_or_default();
-        by_service.entry((ns, owner.clone())).or_default().push(slice);
+        by_service
+            .entry((ns, owner.clone()))
+            .or_default()
+            .push(slice);
     }
     for svc in services {
         let key = name_of(&svc.metadata);
@@ -156,17 +165,22 @@ pub fn services(
         }
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let slices = by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+        let slices = by_service
+            .get(&(ns, name))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let mut ports = Vec::new();
         for (k, port) in spec.ports.iter().flatten().enumerate() {
             let at = format!("Service {key}: spec.ports[{k}]");
             let protocol = port.protocol.clone().unwrap_or_else(crate::services::tcp);
             if !matches!(protocol.as_str(), "TCP" | "UDP") {
-                out.skipped.push(format!("{at}: protocol {protocol} is not translated"));
+                out.skipped
+                    .push(format!("{at}: protocol {protocol} is not translated"));
                 continue;
             }
             let Some(number) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
-                out.skipped.push(format!("{at}: port {} is not 1-65535", port.port));
+                out.skipped
+                    .push(format!("{at}: port {} is not 1-65535", port.port));
                 continue;
             };
             let port_name = port.name.clone().unwrap_or_default();
@@ -177,7 +191,11 @@ pub fn services(
                 .flat_map(|s| s.ports.iter().flatten())
                 .filter(|p| p.name.clone().unwrap_or_default() == port_name)
                 .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == protocol)
-                .find_map(|p| p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0))
+                .find_map(|p| {
+                    p.port
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|n| *n != 0)
+                })
                 .or(match &port.target_port {
                     Some(IntOrString::Int(n)) => u16::try_from(*n).ok().filter(|n| *n != 0),
                     _ => None,
@@ -208,7 +226,8 @@ pub fn services(
             });
         }
         if ports.is_empty() {
-            out.skipped.push(format!("Service {key}: no TCP or UDP port"));
+            out.skipped
+                .push(format!("Service {key}: no TCP or UDP port"));
             continue;
         }
         let mut endpoints = BTreeSet::new();
@@ -282,14 +301,17 @@ pub fn pods(pods: &[Arc<core::Pod>], pod_cidr: Ipv4Network) -> Converted<Pod> {
         else {
             continue;
         };
-        let (Some(namespace), Some(name)) = (
-            pod.metadata.namespace.clone(),
-            pod.metadata.name.clone(),
-        ) else {
+        let (Some(namespace), Some(name)) =
+            (pod.metadata.namespace.clone(), pod.metadata.name.clone())
+        else {
             continue;
         };
         let mut ports = Vec::new();
-        let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or(&[]);
+        let containers = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.as_slice())
+            .unwrap_or(&[]);
         for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
             let Some(port_name) = port.name.clone() else {
                 continue;
@@ -425,7 +447,11 @@ mod tests {
             }]
         );
         assert_eq!(out.skipped.len(), 2, "{:?}", out.skipped);
-        assert!(out.skipped[0].starts_with("Node n4: spec.podCIDR"), "{:?}", out.skipped);
+        assert!(
+            out.skipped[0].starts_with("Node n4: spec.podCIDR"),
+            "{:?}",
+            out.skipped
+        );
         assert!(out.skipped[1].contains("n5") && out.skipped[1].contains("InternalIP"));
     }
 
@@ -512,11 +538,19 @@ mod tests {
         assert!(out.skipped.is_empty(), "{:?}", out.skipped);
         assert_eq!(out.items.len(), 1);
         let a = &out.items[0];
-        assert_eq!((a.key(), a.ip), ("shop/a".into(), Ipv4Addr::new(10, 244, 1, 5)));
+        assert_eq!(
+            (a.key(), a.ip),
+            ("shop/a".into(), Ipv4Addr::new(10, 244, 1, 5))
+        );
         assert_eq!(a.labels["app"], "a");
         assert_eq!(a.ports.len(), 1);
-        assert_eq!((a.ports[0].name.as_str(), a.ports[0].container_port), ("http", 8080));
-        let ns = namespaces(&[from(json!({"metadata": {"name": "shop", "labels": {"team": "x"}}}))]);
+        assert_eq!(
+            (a.ports[0].name.as_str(), a.ports[0].container_port),
+            ("http", 8080)
+        );
+        let ns = namespaces(&[from(
+            json!({"metadata": {"name": "shop", "labels": {"team": "x"}}}),
+        )]);
         assert_eq!(ns.items[0].name, "shop");
         assert_eq!(ns.items[0].labels["team"], "x");
     }
@@ -540,7 +574,8 @@ mod tests {
         assert_eq!(out.items[0].spec.ingress[0].ports.len(), 1);
         assert_eq!(out.skipped.len(), 1);
         assert!(
-            out.skipped[0].starts_with("NetworkPolicy shop/bad: ") && out.skipped[0].contains("operator"),
+            out.skipped[0].starts_with("NetworkPolicy shop/bad: ")
+                && out.skipped[0].contains("operator"),
             "{:?}",
             out.skipped
         );
@@ -565,6 +600,9 @@ mod tests {
             },
         );
         assert_eq!(list.items, [1, 2, 3]);
-        assert_eq!(list.skipped, ["item 2: listed twice", "item 3: listed twice"]);
+        assert_eq!(
+            list.skipped,
+            ["item 2: listed twice", "item 3: listed twice"]
+        );
     }
 }

@@ -52,9 +52,12 @@ pub async fn client(source: &Path) -> anyhow::Result<kube::Client> {
     } else {
         let kubeconfig = kube::config::Kubeconfig::read_from(source)
             .with_context(|| format!("--cluster-kubeconfig: reading {}", source.display()))?;
-        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-            .await
-            .context("--cluster-kubeconfig")?
+        kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .context("--cluster-kubeconfig")?
     };
     kube::Client::try_from(config).context("the cluster's client")
 }
@@ -182,7 +185,8 @@ where
 {
     let (store, writer) = reflector::store();
     let api: Api<K> = Api::all(client.clone());
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
     let listed = Arc::new(AtomicBool::new(false));
     let (notify, flag) = (Arc::clone(notify), Arc::clone(&listed));
     tasks.spawn(async move {
@@ -360,12 +364,7 @@ async fn reconcile(
     let mut policies = convert::policies(&stores.policies.store.state());
     admit(
         &mut policies,
-        |p| {
-            format!(
-                "NetworkPolicy {}/{}",
-                p.metadata.namespace, p.metadata.name
-            )
-        },
+        |p| format!("NetworkPolicy {}/{}", p.metadata.namespace, p.metadata.name),
         |list| errors_or_ok(compile::validate_policies(list)),
     );
     let policies = take(&mut skipped, "networkpolicies", policies);
@@ -399,7 +398,11 @@ fn invalid_lines(invalid: crate::Invalid) -> Vec<String> {
 }
 
 fn errors_or_ok(errors: Vec<String>) -> Result<(), Vec<String>> {
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 /// Counts an apply and logs it: the list as the API has it is now the datapath's, or the
