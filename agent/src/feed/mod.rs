@@ -81,6 +81,8 @@ struct Counters {
     seen: BTreeMap<&'static str, usize>,
     /// Objects left out of each list.
     skipped: BTreeMap<&'static str, usize>,
+    /// The last failed apply's reply per list, so a failure that repeats is logged once.
+    failing: BTreeMap<&'static str, String>,
 }
 
 impl Feed {
@@ -406,14 +408,29 @@ fn errors_or_ok(errors: Vec<String>) -> Result<(), Vec<String>> {
 }
 
 /// Counts an apply and logs it: the list as the API has it is now the datapath's, or the
-/// reason it is not (the next event retries).
+/// reason it is not (retried at the next event or resync; a reason is logged at warn once).
 fn record(feed: &Feed, list: &'static str, (status, body): Reply) {
-    let result = if status.is_success() {
-        info!(list, reply = %body.0, "applied from the cluster API");
-        "ok"
-    } else {
-        warn!(list, %status, reply = %body.0, "applying from the cluster API failed; the datapath keeps its previous state");
-        "error"
-    };
-    feed.with(|c| *c.applies.entry((list, result)).or_default() += 1);
+    let reply = body.0.to_string();
+    let result = if status.is_success() { "ok" } else { "error" };
+    let repeated = feed.with(|c| {
+        *c.applies.entry((list, result)).or_default() += 1;
+        if status.is_success() {
+            c.failing.remove(list);
+            false
+        } else {
+            c.failing.insert(list, reply.clone()).as_ref() == Some(&reply)
+        }
+    });
+    match (status.is_success(), repeated) {
+        (true, _) => info!(list, %reply, "applied from the cluster API"),
+        (false, false) => warn!(
+            list,
+            %status,
+            %reply,
+            "applying from the cluster API failed; the datapath keeps its previous state"
+        ),
+        (false, true) => {
+            debug!(list, %status, %reply, "applying from the cluster API failed again")
+        }
+    }
 }
