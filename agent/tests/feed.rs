@@ -240,6 +240,27 @@ fn the_datapath_follows_the_cluster_api() {
     until("h2 routed again", Instant::now(), || {
         get(&a, &b_url).as_deref() == Some("b")
     });
+    // A Node the agent cannot route is left out, named in the log; the rest still routes.
+    let (node, status) = node_object("h9", "10.245.0.0/24", Ipv4Addr::new(10, 99, 0, 9));
+    rt.block_on(nodes.create(&PostParams::default(), &node))
+        .expect("create Node h9");
+    rt.block_on(nodes.patch_status("h9", &PatchParams::default(), &Patch::Merge(status)))
+        .expect("Node status");
+    until("h9 skipped with its reason", Instant::now(), || {
+        cluster
+            .agent_log(1)
+            .contains("Node h9: spec.podCIDR 10.245.0.0/24 is not inside the pod CIDR")
+    });
+    let metrics = api(&cluster.node(1).socket, "GET", "/metrics", None)
+        .expect("metrics")
+        .1;
+    assert!(
+        metrics.contains("slipway_feed_skipped_objects{list=\"hosts\"} 1"),
+        "{metrics}"
+    );
+    let hosts = agent_get(&cluster, 1, "/v1/hosts");
+    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
+    assert_eq!(get(&a, &b_url).as_deref(), Some("b"));
 
     // (2) A Service and its EndpointSlice: ClusterIP from a pod, NodePort from outside.
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
