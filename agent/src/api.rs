@@ -19,21 +19,25 @@ pub(crate) async fn get_services(State(agent): State<Arc<Agent>>) -> Json<Vec<Se
     Json(agent.services.lock().await.0.clone())
 }
 
-/// Replaces the service list: it is written to disk before the datapath changes, and the reply
-/// is sent after both, so a 2xx means a restarted agent knows the list too.
+/// Replaces the service list (`PUT /v1/services`).
 pub(crate) async fn put_services(
     State(agent): State<Arc<Agent>>,
     body: axum::body::Bytes,
-) -> (StatusCode, Json<serde_json::Value>) {
+) -> Reply {
+    if let Some(refused) = refused_while_fed(&agent) {
+        return refused;
+    }
     let services: Vec<Service> = match serde_json::from_slice(&body) {
         Ok(services) => services,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "errors": [format!("body: {e}")] })),
-            );
-        }
+        Err(e) => return errors(400, vec![format!("body: {e}")]),
     };
+    apply_services(&agent, services).await
+}
+
+/// Replaces the service list, whoever asks (the local API or the cluster feed): it is written
+/// to disk before the datapath changes, and the reply is made after both, so a 2xx means a
+/// restarted agent knows the list too.
+pub(crate) async fn apply_services(agent: &Agent, services: Vec<Service>) -> Reply {
     if let Err(invalid) = validate_services(&services, agent.args.pod_cidr) {
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -43,10 +47,7 @@ pub(crate) async fn put_services(
     let mut current = agent.services.lock().await;
     let failed = |e: String| {
         warn!(error = %e, "applying services failed");
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({ "errors": [e] })),
-        )
+        errors(500, vec![e])
     };
     let body = match serde_json::to_vec_pretty(&services) {
         Ok(body) => body,
@@ -79,6 +80,21 @@ pub(crate) async fn put_services(
     )
 }
 
+/// While the cluster feed drives the agent, the local API's PUTs would race it: they are
+/// refused, naming where the state comes from.
+fn refused_while_fed(agent: &Agent) -> Option<Reply> {
+    agent.feed.as_ref().map(|feed| {
+        errors(
+            409,
+            vec![format!(
+                "the agent's state comes from the cluster API (--cluster-kubeconfig {}): \
+                 change it there; the local API only reads",
+                feed.source
+            )],
+        )
+    })
+}
+
 pub(crate) type Reply = (StatusCode, Json<serde_json::Value>);
 
 pub(crate) fn errors(status: u16, errors: Vec<String>) -> Reply {
@@ -88,13 +104,22 @@ pub(crate) fn errors(status: u16, errors: Vec<String>) -> Reply {
     )
 }
 
-/// Replaces one list of the policy state; answers after the datapath enforces the result.
+/// Replaces one list of the policy state from a PUT body.
 pub(crate) async fn put_policy_state(agent: &Agent, kind: ListKind, body: &[u8]) -> Reply {
+    if let Some(refused) = refused_while_fed(agent) {
+        return refused;
+    }
     let list = match List::parse(kind, body) {
         Ok(list) => list,
         Err(e) => return errors(400, e),
     };
-    match agent.policy.replace(list, Some(body)).await {
+    apply_policy_list(agent, list, Some(body)).await
+}
+
+/// Replaces one list of the policy state, whoever asks (`raw`: the body it was parsed from, to
+/// persist as given); answers after the datapath enforces the result.
+pub(crate) async fn apply_policy_list(agent: &Agent, list: List, raw: Option<&[u8]>) -> Reply {
+    match agent.policy.replace(list, raw).await {
         // Enforced, but endpoints whose rules do not fit fail closed: the reply says which.
         Ok(generation) => {
             let status = agent.policy.status();
@@ -249,21 +274,22 @@ pub(crate) async fn get_hosts(State(agent): State<Arc<Agent>>) -> Json<Vec<Host>
     Json(agent.hosts.lock().await.clone())
 }
 
-/// Replaces the host list: routes for new and changed hosts are written before stale ones are
-/// removed, so a block never goes unrouted while it moves.
-pub(crate) async fn put_hosts(
-    State(agent): State<Arc<Agent>>,
-    body: axum::body::Bytes,
-) -> (StatusCode, Json<serde_json::Value>) {
+/// Replaces the host list (`PUT /v1/hosts`).
+pub(crate) async fn put_hosts(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Reply {
+    if let Some(refused) = refused_while_fed(&agent) {
+        return refused;
+    }
     let hosts: Vec<Host> = match serde_json::from_slice(&body) {
         Ok(hosts) => hosts,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "errors": [format!("body: {e}")] })),
-            );
-        }
+        Err(e) => return errors(400, vec![format!("body: {e}")]),
     };
+    apply_hosts(&agent, hosts).await
+}
+
+/// Replaces the host list, whoever asks: it is persisted first, then routes for new and changed
+/// hosts are written before stale ones are removed, so a block never goes unrouted while it
+/// moves.
+pub(crate) async fn apply_hosts(agent: &Agent, hosts: Vec<Host>) -> Reply {
     if let Err(invalid) = validate_hosts(&hosts, agent.args.pod_cidr) {
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -276,12 +302,9 @@ pub(crate) async fn put_hosts(
         .and_then(|body| write_atomically(&desired_path(&agent.args.data_dir, "hosts"), &body));
     if let Err(e) = persisted {
         warn!(error = %e, "persisting the host list failed");
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({ "errors": [format!("persisting the host list: {e}")] })),
-        );
+        return errors(500, vec![format!("persisting the host list: {e}")]);
     }
-    match sync_routes(&agent, &hosts) {
+    match sync_routes(agent, &hosts) {
         Ok(()) => {
             *current = hosts;
             (
@@ -299,10 +322,7 @@ pub(crate) async fn put_hosts(
                 ));
             }
             warn!(error = %message, "syncing routes failed");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(serde_json::json!({ "errors": [message] })),
-            )
+            errors(500, vec![message])
         }
     }
 }
@@ -348,10 +368,14 @@ pub(crate) async fn metrics(State(agent): State<Arc<Agent>>) -> (StatusCode, Str
     };
     match render_metrics(&agent.pins, &services) {
         // Both registries end with "# EOF": keep only the last.
-        Ok(text) => (
-            StatusCode::OK,
-            text.trim_end().trim_end_matches("# EOF").to_owned() + &agent.policy.render_metrics(),
-        ),
+        Ok(text) => {
+            let mut text = text.trim_end().trim_end_matches("# EOF").to_owned();
+            if let Some(feed) = &agent.feed {
+                let feed = feed.render_metrics();
+                text.push_str(feed.trim_end().trim_end_matches("# EOF"));
+            }
+            (StatusCode::OK, text + &agent.policy.render_metrics())
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("# datapath unavailable: {e}\n"),

@@ -36,6 +36,9 @@ pub(crate) struct Agent {
     pub(crate) hosts: Mutex<Vec<Host>>,
     pub(crate) services: Mutex<(Vec<Service>, ServiceDatapath)>,
     pub(crate) policy: Arc<PolicyNode>,
+    /// Set while the lists come from a cluster API (`--cluster-kubeconfig`): the local API's
+    /// PUTs are refused.
+    pub(crate) feed: Option<Arc<crate::feed::Feed>>,
 }
 
 /// Desired state the agent was given, kept beside the node state so a restart knows it.
@@ -89,10 +92,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .containerd
         .config()
         .map_err(|e| anyhow::anyhow!(crate::pods::error_chain(&e)))?;
-    let kubelet = args.kubelet.wanted(
-        containerd_config.is_some(),
-        args.heartbeat.host_name.as_deref(),
-    )?;
+    // The cluster API feeds the datapath with or without a pod runtime; Pods run only where
+    // there is one.
+    let cluster = args
+        .kubelet
+        .wanted(true, args.heartbeat.host_name.as_deref())?;
+    let kubelet = cluster
+        .clone()
+        .filter(|_| containerd_config.is_some())
+        .map(|(_, node)| node);
+    let cluster = match cluster {
+        Some((source, node)) => Some((crate::feed::client(&source).await?, source, node)),
+        None => None,
+    };
     args.node_setup.check(containerd_config.is_some())?;
     let containerd = match containerd_config {
         Some(config) => {
@@ -114,17 +126,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     // The slim kubelet: the cluster's Pods bound to this node, through this host's containerd.
     let kubelet = match (kubelet, &containerd) {
-        (Some((kubeconfig, node)), Some(containerd)) => {
-            let config = kube::config::Kubeconfig::read_from(&kubeconfig).with_context(|| {
-                format!("--cluster-kubeconfig: reading {}", kubeconfig.display())
-            })?;
-            let config = kube::Config::from_custom_kubeconfig(
-                config,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .context("--cluster-kubeconfig")?;
-            let client = kube::Client::try_from(config).context("the cluster's client")?;
+        (Some(node), Some(containerd)) => {
+            let client = cluster
+                .as_ref()
+                .map(|(client, _, _)| client.clone())
+                .context("the cluster's client")?;
             let cri = crate::pods::cri::Cri::connect(&containerd.socket())
                 .await
                 .map_err(|e| anyhow::anyhow!(crate::pods::error_chain(&e)))?;
@@ -213,6 +219,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         hosts: Mutex::new(restored),
         services: Mutex::new((services, service_dp)),
         policy: policy.clone(),
+        feed: cluster
+            .as_ref()
+            .map(|(_, source, _)| Arc::new(crate::feed::Feed::new(source))),
     });
     // The routes follow the restored list, whatever moment the previous agent stopped at.
     sync_routes(&agent, &agent.hosts.lock().await)?;
@@ -243,6 +252,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             crate::pods::kubelet::run_until(client, node, runner, std::future::pending()).await;
             Ok(())
         });
+    }
+    if let (Some((client, _, node)), Some(feed)) = (cluster, agent.feed.clone()) {
+        tasks.spawn(crate::feed::run(agent.clone(), feed, client, Some(node)));
     }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));

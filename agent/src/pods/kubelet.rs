@@ -19,8 +19,9 @@ use super::runner::PodRunner;
 /// How `slipway agent` runs a cluster's Pods.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KubeletArgs {
-    /// Kubeconfig of the cluster whose Pods bound to this node the agent runs through its
-    /// containerd (needs --containerd-dir).
+    /// Kubeconfig of the cluster (`in-cluster`: the Pod's service account) whose Nodes,
+    /// Services, EndpointSlices, Pods and NetworkPolicies feed the datapath and, with
+    /// --containerd-dir, whose Pods bound to this node the agent runs.
     #[arg(long = "cluster-kubeconfig")]
     pub cluster_kubeconfig: Option<PathBuf>,
     /// This node's name in that cluster (default: --host-name).
