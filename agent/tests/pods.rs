@@ -401,8 +401,8 @@ fn pods_run_through_containerd_get_addresses_from_the_plugin_and_reach_each_othe
         "client",
         json!({
             "restartPolicy": "Never",
-            // nc, not wget: busybox-static's wget segfaults without the NSS modules glibc
-            // tries to load.
+            // nc, not wget: Debian's busybox-static 1.35 wget segfaults with -T (its
+            // timeout); `timeout N wget` works.
             "containers": [{"name": "get", "image": "busybox",
                 "command": ["sh", "-c", format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080")]}],
         }),
