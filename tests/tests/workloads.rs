@@ -61,6 +61,10 @@ spec:
         command: [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/etc\"]
         resources:
           requests: {cpu: 100m, memory: 16Mi}
+      # Moved 2 s after their node stops answering (the default is 300 s).
+      tolerations:
+      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      - {key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
 ";
 
 const SERVICE: &str = "apiVersion: v1
@@ -191,8 +195,10 @@ async fn running_pods(pods: &Api<Pod>, app: &str, count: usize) -> Option<Vec<Po
         .await
         .ok()?
         .items;
+    // A pod being deleted (evicted from a dead node) is no longer one of the app's.
     let running: Vec<Pod> = list
         .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
             p.status.as_ref().is_some_and(|s| {
                 s.phase.as_deref() == Some("Running") && s.pod_ip.as_ref().is_some()
@@ -406,6 +412,90 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
     assert_eq!(denied, "Failed", "the policy let an intruder in");
     let allowed = probe(&pods, "client", "team-w-w1-workers-0", "client", &to_web).await;
     assert_eq!(allowed, "Succeeded", "the policy kept the client out");
+
+    // A worker dies (every process of the host killed): its pods are recreated on the other
+    // worker or on the host that replaces it, and the Service keeps answering.
+    let victim = "team-w-w1-workers-1";
+    let survivor = "team-w-w1-workers-0";
+    let before: BTreeSet<String> = web.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let on_victim: BTreeSet<String> = web
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(victim))
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert!(!on_victim.is_empty(), "no web pod on {victim}");
+    let killed = Instant::now();
+    let cgroups = slipway_dataplane::cgroup::Layout::detect().expect("cgroup layout");
+    let group = world.provider().host_netns(victim);
+    for pid in cgroups.pids(&group) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let moved = wait_for("web's pods recreated", Duration::from_secs(90), || async {
+        let now = running_pods(&pods, "web", 3).await?;
+        let ready = now.iter().all(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        });
+        let names: BTreeSet<String> = now.iter().filter_map(|p| p.metadata.name.clone()).collect();
+        (ready && names.is_disjoint(&on_victim)).then_some(now)
+    })
+    .await;
+    eprintln!(
+        "worker killed: its {} web pod(s) recreated and Ready in {:?}",
+        on_victim.len(),
+        killed.elapsed()
+    );
+    let kept: BTreeSet<String> = moved
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert!(
+        before.difference(&on_victim).all(|n| kept.contains(n)),
+        "pods on the surviving worker were disturbed: {before:?} → {kept:?}"
+    );
+    wait_for(
+        "web's endpoints to follow",
+        Duration::from_secs(30),
+        || async {
+            let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+                Api::namespaced(workload.clone(), "default");
+            let ready: BTreeSet<String> = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+                .await
+                .ok()?
+                .items
+                .iter()
+                .flat_map(|s| s.endpoints.iter())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                .flat_map(|e| e.addresses.iter().cloned())
+                .collect();
+            let want: BTreeSet<String> = moved
+                .iter()
+                .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                .collect();
+            (ready == want).then_some(())
+        },
+    )
+    .await;
+    let after = probe(
+        &pods,
+        "after-the-kill",
+        survivor,
+        "client",
+        &format!("for i in 1 2 3 4 5 6; do timeout 2 wget -q -O - http://{cluster_ip}/hostname || exit 1; done"),
+    )
+    .await;
+    assert_eq!(
+        after,
+        "Succeeded",
+        "the Service after the kill: {}",
+        pod_log(&world, survivor, "after-the-kill")
+    );
 
     // Each node speaks to its cluster as `system:node:<host>`: it reads Pods and writes its own
     // Node's status, never another's, and makes no workloads.
