@@ -128,6 +128,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     backoff: crate::pods::status::Backoff::default(),
                     host_ip: Some(node_ip.to_string()),
                     probe_netns: None,
+                    dns: None,
                 },
             );
             Some((client, node, runner))

@@ -108,6 +108,7 @@ impl PodHost {
                 probe_netns: Some(slipway_dataplane::netns::path(
                     host.cluster.node(1).netns.name(),
                 )),
+                dns: None,
             },
         ));
         host
@@ -706,6 +707,7 @@ fn a_killed_containerd_is_restarted_and_its_pods_keep_running() {
         backoff: Backoff::default(),
         host_ip: None,
         probe_netns: None,
+        dns: None,
     };
     host.runner = Some(PodRunner::new(cri, config));
     let after = host.wait(&pods, "survivor", Duration::from_secs(30), running);
