@@ -81,6 +81,9 @@ pub struct AgentArgs {
     /// The cluster whose Pods bound to this node the agent runs (the slim kubelet).
     #[command(flatten)]
     pub kubelet: crate::pods::kubelet::KubeletArgs,
+    /// Cluster DNS answered on this node (needs --cluster-kubeconfig).
+    #[command(flatten)]
+    pub dns: crate::dns::DnsArgs,
 }
 
 impl AgentArgs {

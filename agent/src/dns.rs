@@ -34,9 +34,10 @@ use self::zone::{Answer, Zone};
 /// How `slipway agent` serves cluster DNS.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DnsArgs {
-    /// Where to answer DNS on UDP and TCP, e.g. the host block's router address and port 53;
-    /// pods get it as their nameserver. Default: off (no DNS server; pods with dnsPolicy
-    /// ClusterFirst get the host's resolv.conf, as kubelet does without clusterDNS).
+    /// Where to answer DNS on UDP and TCP: an address of this host that its pods reach (its
+    /// underlay address, or one added for it) and port 53, which pods with dnsPolicy
+    /// ClusterFirst get as their nameserver. Default: off (no DNS server; such pods get the
+    /// host's resolv.conf, as under kubelet without clusterDNS).
     #[arg(long = "dns-listen")]
     pub listen: Option<SocketAddr>,
     /// The cluster's DNS domain.
@@ -74,6 +75,25 @@ impl DnsArgs {
             upstreams,
             forward_timeout: self.forward_timeout,
         }))
+    }
+}
+
+impl DnsConfig {
+    /// What pods with dnsPolicy ClusterFirst are pointed at: the listen address (`node_ip`
+    /// when it is the wildcard). `None` when the port is not 53, which resolv.conf cannot say.
+    pub fn pod_dns(&self, node_ip: std::net::IpAddr) -> Option<crate::pods::dns::ClusterDns> {
+        if self.listen.port() != 53 {
+            return None;
+        }
+        let ip = if self.listen.ip().is_unspecified() {
+            node_ip
+        } else {
+            self.listen.ip()
+        };
+        Some(crate::pods::dns::ClusterDns {
+            servers: vec![ip],
+            domain: self.domain.clone(),
+        })
     }
 }
 
@@ -206,7 +226,7 @@ where
 }
 
 impl Handler {
-    fn from_zone(&self, name: &Name, qtype: hickory_proto::rr::RecordType) -> Reply {
+    fn zone_answer(&self, name: &Name, qtype: hickory_proto::rr::RecordType) -> Reply {
         // Until the first full list is in, an empty store would deny every Service.
         if !ready(&self.services) {
             return Reply::error(ResponseCode::ServFail);
@@ -276,7 +296,10 @@ impl RequestHandler for Handler {
                 Ok(info) => {
                     let query = info.query.original().clone();
                     if self.zone.contains(query.name()) {
-                        ("cluster", self.from_zone(query.name(), query.query_type()))
+                        (
+                            "cluster",
+                            self.zone_answer(query.name(), query.query_type()),
+                        )
                     } else {
                         ("forwarded", self.forwarded(request, &query).await)
                     }

@@ -93,6 +93,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         containerd_config.is_some(),
         args.heartbeat.host_name.as_deref(),
     )?;
+    // Cluster DNS answers from the cluster's Services: it needs the cluster API.
+    anyhow::ensure!(
+        args.dns.listen.is_none() || args.kubelet.cluster_kubeconfig.is_some(),
+        "--dns-listen: needs --cluster-kubeconfig (the cluster whose Services it answers)"
+    );
+    let dns_config = args.dns.config()?;
+    let pod_dns = dns_config
+        .as_ref()
+        .and_then(|c| c.pod_dns(std::net::IpAddr::V4(node_ip)));
+    if let Some(config) = &dns_config
+        && pod_dns.is_none()
+    {
+        tracing::warn!(listen = %config.listen,
+            "--dns-listen: not port 53, so pods are not pointed at it (resolv.conf has no port)");
+    }
     let containerd = match containerd_config {
         Some(config) => Some(
             crate::pods::containerd::Containerd::start(config)
@@ -128,10 +143,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     backoff: crate::pods::status::Backoff::default(),
                     host_ip: Some(node_ip.to_string()),
                     probe_netns: None,
-                    dns: None,
+                    dns: pod_dns,
                 },
             );
             Some((client, node, runner))
+        }
+        _ => None,
+    };
+
+    // The DNS server's own reflectors for now; the datapath feed's are to be shared with it.
+    let dns = match (dns_config, &kubelet) {
+        (Some(config), Some((client, _, _))) => {
+            let (services, slices, reflectors) = crate::dns::spawn_reflectors(client.clone());
+            Some((
+                crate::dns::DnsServer::start(config, services, Some(slices)).await?,
+                reflectors,
+            ))
         }
         _ => None,
     };
@@ -234,6 +261,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tasks.spawn(async move {
             crate::pods::kubelet::run_until(client, node, runner, std::future::pending()).await;
             Ok(())
+        });
+    }
+    if let Some((dns, reflectors)) = dns {
+        tasks.spawn(async move {
+            let served = dns.run().await;
+            reflectors.abort();
+            served.map_err(anyhow::Error::from)
         });
     }
     tasks.spawn(policy.pump_events());

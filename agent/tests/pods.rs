@@ -1326,3 +1326,136 @@ fn pods_bound_to_the_node_through_the_api_run_and_report_their_status() {
     let _ = stop.send(());
     host.runner = Some(host.rt.block_on(task).expect("the loop ends"));
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn pods_resolve_services_through_the_node_dns_and_its_search_path() {
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+    use slipway_agent::dns::{DnsConfig, DnsServer};
+    use slipway_agent::pods::dns::ClusterDns;
+
+    let mut host = PodHost::start(Backoff::default());
+    // The node's DNS server, as `slipway agent --dns-listen <underlay address>:53` runs it,
+    // with its sockets bound in the host's network namespace; the Service store filled by hand.
+    let node_ip = host.cluster.node(1).address;
+    let netns = host.cluster.node(1).netns.name().to_owned();
+    let listen = std::net::SocketAddr::new(node_ip.into(), 53);
+    let (udp, tcp) = slipway_dataplane::netns::run_in(&netns, || {
+        (
+            std::net::UdpSocket::bind(listen),
+            std::net::TcpListener::bind(listen),
+        )
+    })
+    .expect("the host's netns");
+    let (services, mut writer) = reflector::store();
+    let web: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+    }))
+    .expect("service");
+    writer.apply_watcher_event(&Event::Init);
+    writer.apply_watcher_event(&Event::InitApply(web));
+    writer.apply_watcher_event(&Event::InitDone);
+    let config = DnsConfig {
+        listen,
+        domain: "cluster.local".into(),
+        upstreams: Vec::new(),
+        forward_timeout: Duration::from_secs(1),
+    };
+    let server = {
+        let _runtime = host.rt.enter();
+        DnsServer::from_std(
+            config.clone(),
+            udp.expect("bind udp"),
+            tcp.expect("bind tcp"),
+            services,
+            None,
+        )
+        .expect("dns server")
+    };
+    let cri = host.rt.block_on(Cri::connect(&host.socket())).expect("cri");
+    host.runner = Some(PodRunner::new(
+        cri,
+        RunnerConfig {
+            log_root: host.dir.join("pods"),
+            cgroup_parent: host.cgroup_parent.clone(),
+            backoff: Backoff::default(),
+            host_ip: None,
+            probe_netns: None,
+            dns: config.pod_dns(node_ip.into()),
+        },
+    ));
+    assert_eq!(
+        config.pod_dns(node_ip.into()),
+        Some(ClusterDns {
+            servers: vec![node_ip.into()],
+            domain: "cluster.local".into()
+        })
+    );
+
+    let client = pod(
+        "lookup",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "dns", "image": "busybox",
+                "command": ["sh", "-c", "cat /etc/resolv.conf; echo FULL; \
+                    nslookup -type=a web.default.svc.cluster.local; echo SHORT; \
+                    nslookup -type=a web; echo END"]}],
+        }),
+    );
+    let pods = vec![client.clone()];
+    let status = host.wait(&pods, "lookup", Duration::from_secs(60), |s| {
+        matches!(s.phase.as_deref(), Some("Succeeded" | "Failed"))
+    });
+    let log = std::fs::read_to_string(
+        host.dir
+            .join("pods")
+            .join(format!("default_lookup_{}", uid(&client)))
+            .join("dns/0.log"),
+    )
+    .unwrap_or_default();
+    // CRI log lines: `<time> stdout F <text>`.
+    let text: Vec<&str> = log
+        .lines()
+        .map(|l| l.splitn(4, ' ').nth(3).unwrap_or_default())
+        .collect();
+    let text = text.join("\n");
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Succeeded"),
+        "{text}\n{status:?}"
+    );
+    assert!(
+        text.lines().any(|l| l
+            .trim()
+            .starts_with("search default.svc.cluster.local svc.cluster.local cluster.local")),
+        "resolv.conf: {text}"
+    );
+    assert!(
+        text.contains(&format!("nameserver {}", node_ip)),
+        "resolv.conf: {text}"
+    );
+    assert!(text.contains("options ndots:5"), "resolv.conf: {text}");
+    let (full, short) = text
+        .split_once("SHORT")
+        .expect("the script ran to its second lookup");
+    assert!(
+        full.contains("Address: 10.96.0.10"),
+        "the full name: {full}"
+    );
+    assert!(
+        short.contains("Address: 10.96.0.10"),
+        "the short name through the search path: {short}"
+    );
+    let metrics = server.render_metrics();
+    assert!(
+        metrics.contains(r#"slipway_dns_queries_total{source="cluster",rcode="NOERROR"}"#),
+        "{metrics}"
+    );
+    let _runtime = host.rt.enter();
+    drop(server);
+}

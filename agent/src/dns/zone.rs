@@ -336,3 +336,112 @@ fn srv_answer(
         Answer::Records(records)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(value: serde_json::Value) -> Service {
+        serde_json::from_value(value).expect("service")
+    }
+
+    fn ask(zone: &Zone, name: &str, qtype: RecordType, services: &[Service]) -> Answer {
+        let name = Name::from_str(name).expect("name");
+        assert!(zone.contains(&name), "{name} is in the zone");
+        let services: Vec<std::sync::Arc<Service>> =
+            services.iter().cloned().map(std::sync::Arc::new).collect();
+        zone.answer(
+            &name,
+            qtype,
+            &services,
+            &[] as &[std::sync::Arc<EndpointSlice>],
+        )
+    }
+
+    #[test]
+    fn dual_stack_external_name_and_apex_answers() {
+        let zone = Zone::new("Cluster.Local").expect("zone");
+        assert_eq!(zone.origin().to_string(), "cluster.local.");
+        assert!(!zone.contains(&Name::from_str("example.org.").expect("name")));
+        assert!(!zone.contains(&Name::from_str("local.").expect("name")));
+        assert!(Zone::new(".").is_err());
+        let services = [
+            service(json!({"metadata": {"name": "both", "namespace": "ns"},
+                "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "fd00::1"]}})),
+            service(json!({"metadata": {"name": "ext", "namespace": "ns"},
+                "spec": {"type": "ExternalName", "externalName": "db.example.org"}})),
+            service(json!({"metadata": {"name": "pending", "namespace": "ns"}, "spec": {}})),
+        ];
+        let Answer::Records(a) = ask(
+            &zone,
+            "both.ns.svc.cluster.local.",
+            RecordType::AAAA,
+            &services,
+        ) else {
+            panic!("AAAA of a dual-stack Service");
+        };
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].data, RData::AAAA(AAAA("fd00::1".parse().expect("v6"))));
+        let Answer::Records(any) = ask(
+            &zone,
+            "both.ns.svc.cluster.local.",
+            RecordType::ANY,
+            &services,
+        ) else {
+            panic!("ANY");
+        };
+        assert_eq!(any.len(), 2);
+        let Answer::Records(cname) =
+            ask(&zone, "ext.ns.svc.cluster.local.", RecordType::A, &services)
+        else {
+            panic!("CNAME of an ExternalName Service");
+        };
+        assert_eq!(
+            cname[0].data,
+            RData::CNAME(CNAME(Name::from_str("db.example.org.").expect("name")))
+        );
+        // No ClusterIP yet: the name exists, without addresses.
+        assert_eq!(
+            ask(
+                &zone,
+                "pending.ns.svc.cluster.local.",
+                RecordType::A,
+                &services
+            ),
+            Answer::NoData
+        );
+        // SRV on an address name, MX on a Service: NODATA; the apex has its SOA.
+        assert_eq!(
+            ask(
+                &zone,
+                "both.ns.svc.cluster.local.",
+                RecordType::MX,
+                &services
+            ),
+            Answer::NoData
+        );
+        assert_eq!(
+            ask(&zone, "cluster.local.", RecordType::SOA, &services),
+            Answer::Records(vec![zone.soa().clone()])
+        );
+        assert_eq!(
+            ask(&zone, "svc.cluster.local.", RecordType::A, &services),
+            Answer::NoData
+        );
+        assert_eq!(
+            ask(&zone, "x.svc.cluster.local.", RecordType::A, &services),
+            Answer::NxDomain
+        );
+        // An endpoint name under a ClusterIP Service does not exist.
+        assert_eq!(
+            ask(
+                &zone,
+                "a.both.ns.svc.cluster.local.",
+                RecordType::A,
+                &services
+            ),
+            Answer::NxDomain
+        );
+    }
+}
