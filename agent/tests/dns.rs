@@ -1,6 +1,9 @@
 //! The node's cluster DNS server on loopback: stores filled by hand (as the reflectors fill
 //! them), queried with hickory's client over UDP and TCP; names outside the zone forwarded to a
-//! fake upstream on loopback (never the internet). Unprivileged.
+//! fake upstream on loopback (never the internet); and the reflectors over a real API server
+//! (`slipway supervisor`). Unprivileged.
+
+mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr as _;
@@ -440,4 +443,89 @@ async fn malformed_packets_do_not_kill_the_server() {
     let mut udp = udp_client(addr).await;
     let m = ask(&mut udp, "web.default.svc.cluster.local.", RecordType::A).await;
     assert_eq!(addresses(&m), ["10.96.0.10"]);
+}
+
+#[tokio::test]
+async fn the_reflectors_feed_the_server_from_a_real_api() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, DeleteParams, PostParams};
+
+    let sup = common::Supervisor::start("dns");
+    let client = sup.admin().await;
+    let namespace: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "apps"}})).expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("create the namespace");
+    let services: Api<Service> = Api::namespaced(client.clone(), "apps");
+    let web = services
+        .create(
+            &PostParams::default(),
+            &service(json!({"metadata": {"name": "web", "namespace": "apps"},
+                "spec": {"ports": [{"name": "http", "port": 80}]}})),
+        )
+        .await
+        .expect("create web");
+    let cluster_ip = web
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP allocated");
+    let (db, slice) = db();
+    let mut db = db;
+    db.metadata.namespace = Some("apps".into());
+    services
+        .create(&PostParams::default(), &db)
+        .await
+        .expect("create db");
+    let mut slice = slice;
+    slice.metadata.namespace = Some("apps".into());
+    Api::<EndpointSlice>::namespaced(client.clone(), "apps")
+        .create(&PostParams::default(), &slice)
+        .await
+        .expect("create the EndpointSlice");
+
+    let (services_store, slices_store, reflectors) =
+        slipway_agent::dns::spawn_reflectors(client.clone());
+    let server = DnsServer::start(
+        DnsConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            domain: "cluster.local".into(),
+            upstreams: Vec::new(),
+            forward_timeout: Duration::from_millis(100),
+        },
+        services_store,
+        Some(slices_store),
+    )
+    .await
+    .expect("dns server");
+    let udp = udp_client(server.local_addr()).await;
+    let answer = |name: &'static str| {
+        let mut udp = udp.clone();
+        async move { ask(&mut udp, name, RecordType::A).await }
+    };
+    common::wait_for(
+        "web's ClusterIP in DNS",
+        Duration::from_secs(20),
+        || async {
+            let m = answer("web.apps.svc.cluster.local.").await;
+            (addresses(&m) == [cluster_ip.clone()]).then_some(())
+        },
+    )
+    .await;
+    common::wait_for("db's endpoints in DNS", Duration::from_secs(20), || async {
+        let m = answer("db.apps.svc.cluster.local.").await;
+        (addresses(&m) == ["10.244.1.5", "10.244.2.6"]).then_some(())
+    })
+    .await;
+    services
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete web");
+    common::wait_for("web gone from DNS", Duration::from_secs(20), || async {
+        let m = answer("web.apps.svc.cluster.local.").await;
+        (m.metadata.response_code == ResponseCode::NXDomain).then_some(())
+    })
+    .await;
+    reflectors.abort();
 }
