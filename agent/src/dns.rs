@@ -166,8 +166,8 @@ impl DnsMetrics {
 
     /// The queries answered, by source and rcode, in the Prometheus text format
     /// (`slipway_dns_queries_total{source="cluster",rcode="NXDOMAIN"} 3`), to append to the
-    /// agent's /metrics. Requests too malformed to parse get FORMERR from hickory-server
-    /// before they reach the counters.
+    /// agent's /metrics (it ends with `# EOF`, as the others do). Requests too malformed to
+    /// parse get FORMERR from hickory-server before they reach the counters.
     pub fn render_metrics(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::with_prefix("slipway_dns");
         registry.register(
@@ -177,7 +177,7 @@ impl DnsMetrics {
         );
         let mut text = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode_registry(&mut text, &registry);
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
         text
     }
 }

@@ -242,6 +242,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = fs::remove_file(&args.socket);
     let listener = tokio::net::UnixListener::bind(&args.socket)
         .with_context(|| format!("--socket: binding {}", args.socket.display()))?;
+    // /metrics with the DNS server's counters after the datapath's.
+    let dns_metrics = dns.as_ref().map(|(server, _)| server.metrics());
+    let metrics = move |state: axum::extract::State<Arc<Agent>>| {
+        let dns = dns_metrics.clone();
+        async move {
+            let (code, text) = metrics(state).await;
+            match dns {
+                Some(dns) if code.is_success() => (
+                    code,
+                    text.trim_end().trim_end_matches("# EOF").to_owned() + &dns.render_metrics(),
+                ),
+                _ => (code, text),
+            }
+        }
+    };
     let api = Router::new()
         .route("/v1/hosts", get(get_hosts).put(put_hosts))
         .route("/v1/services", get(get_services).put(put_services))
@@ -251,7 +266,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .route("/v1/policy/explain", get(explain))
         .route("/v1/flows", get(flows))
         .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics.clone()))
         .with_state(agent.clone());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(heartbeat) = heartbeat {

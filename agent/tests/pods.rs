@@ -1459,3 +1459,141 @@ fn pods_resolve_services_through_the_node_dns_and_its_search_path() {
     let _runtime = host.rt.enter();
     drop(server);
 }
+
+/// A blocking DNS question to `server` from the calling thread's network namespace.
+fn dig(server: std::net::SocketAddr, name: &str) -> Option<hickory_proto::op::Message> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    use std::str::FromStr as _;
+    let mut query = Message::new(0x5157, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from_str(name).ok()?, RecordType::A));
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    socket.send_to(&query.to_vec().ok()?, server).ok()?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf).ok()?;
+    Message::from_vec(&buf[..n]).ok()
+}
+
+/// `slipway agent --dns-listen` end to end: its reflectors over the cluster API (a supervisor
+/// in the host's network namespace, where the agent reaches it), its server on the host's
+/// address, names outside the zone forwarded (to a nameserver that is not there: SERVFAIL),
+/// its counters on /metrics.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns + containerd; run scripts/test.sh"
+)]
+fn the_agent_answers_cluster_dns_from_its_cluster_api() {
+    use hickory_proto::op::ResponseCode;
+    use hickory_proto::rr::RData;
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    use kube::api::{Api, PostParams};
+
+    let mut cluster = Cluster::new(1, "vxlan");
+    let dir = cluster.dir.join("containerd");
+    let _reaper = ContainerdReaper(dir.clone());
+    let netns = cluster.node(1).netns.name().to_owned();
+    let node_ip = cluster.node(1).address;
+    let sup = slipway_dataplane::netns::run_in(&netns, || sup::Supervisor::start("agent-dns"))
+        .expect("the host's netns");
+    // The host's resolv.conf of this test: a nameserver nobody answers at.
+    let resolv = cluster.dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("resolv.conf");
+    let listen = format!("{node_ip}:53");
+    let conf_dir = cluster.dir.join("net.d");
+    let bin_dir = cluster.cni_path.clone();
+    let kubeconfig = sup.kubeconfig();
+    let args = [
+        "--containerd-dir",
+        dir.to_str().expect("utf-8"),
+        "--cni-conf-dir",
+        conf_dir.to_str().expect("utf-8"),
+        "--cni-bin-dir",
+        bin_dir.to_str().expect("utf-8"),
+        "--cluster-kubeconfig",
+        kubeconfig.to_str().expect("utf-8"),
+        "--node-name",
+        "n1",
+        "--dns-listen",
+        &listen,
+        "--dns-resolv-conf",
+        resolv.to_str().expect("utf-8"),
+        "--dns-forward-timeout",
+        "200ms",
+    ];
+    cluster.kill_agent(1);
+    cluster.start_agent_with(1, &args);
+
+    let server: std::net::SocketAddr = listen.parse().expect("listen");
+    let cluster_ip = slipway_dataplane::netns::run_in(&netns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = sup.admin().await;
+            let namespace: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": "apps"}})).expect("ns");
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &namespace)
+                .await
+                .expect("create the namespace");
+            let web: Service = serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "apps"},
+                "spec": {"ports": [{"port": 80}]}
+            }))
+            .expect("service");
+            Api::<Service>::namespaced(client, "apps")
+                .create(&PostParams::default(), &web)
+                .await
+                .expect("create web")
+                .spec
+                .and_then(|s| s.cluster_ip)
+                .expect("a ClusterIP")
+        })
+    })
+    .expect("the host's netns");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer =
+            slipway_dataplane::netns::run_in(&netns, || dig(server, "web.apps.svc.cluster.local."))
+                .expect("the host's netns");
+        let addresses: Vec<String> = answer
+            .iter()
+            .flat_map(|m| &m.answers)
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0.to_string()),
+                _ => None,
+            })
+            .collect();
+        if addresses == [cluster_ip.clone()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web.apps is not {cluster_ip} in the agent's DNS: {answer:?}\n{}",
+            cluster.agent_log(1)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let outside = slipway_dataplane::netns::run_in(&netns, || dig(server, "example.org."))
+        .expect("the host's netns")
+        .expect("an answer");
+    assert_eq!(outside.metadata.response_code, ResponseCode::ServFail);
+
+    let (code, metrics) =
+        common::api(&cluster.node(1).socket, "GET", "/metrics", None).expect("/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    for series in [
+        r#"slipway_dns_queries_total{source="cluster",rcode="NOERROR"}"#,
+        r#"slipway_dns_queries_total{source="forwarded",rcode="SERVFAIL"} 1"#,
+        "slipway_datapath_packets",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
+    assert_eq!(metrics.matches("# EOF").count(), 1, "{metrics}");
+    cluster.kill_agent(1);
+}
