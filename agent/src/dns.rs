@@ -311,10 +311,11 @@ impl RequestHandler for Handler {
         metadata.response_code = reply.rcode;
         metadata.authoritative = reply.authoritative;
         metadata.recursion_available = reply.recursion_available;
-        // EDNS answered with EDNS (RFC 6891 6.1.1), the size the client offered (at least 512).
+        // EDNS answered with EDNS (RFC 6891 6.1.1); answers over UDP stay within the size the
+        // client offered and 1232 bytes (DNS Flag Day 2020: no IP fragmentation), else TC.
         let edns = request.edns.as_ref().map(|asked| {
             let mut edns = Edns::new();
-            edns.set_max_payload(asked.max_payload().max(512));
+            edns.set_max_payload(asked.max_payload().clamp(512, 1232));
             edns
         });
         let mut builder = MessageResponseBuilder::new(&request.queries, None);
