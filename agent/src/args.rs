@@ -84,6 +84,9 @@ pub struct AgentArgs {
     /// The CNI and images the host's containerd starts with.
     #[command(flatten)]
     pub node_setup: crate::node_setup::NodeSetupArgs,
+    /// Cluster DNS answered on this node (needs --cluster-kubeconfig).
+    #[command(flatten)]
+    pub dns: crate::dns::DnsArgs,
 }
 
 impl AgentArgs {

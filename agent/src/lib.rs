@@ -10,12 +10,13 @@
 //! Layout: [`args`] (flags), [`run`] (startup), [`api`] (the local API's handlers), [`hosts`]
 //! (hosts and routes), [`heartbeat`] (the Host and Lease in the supervisor), [`services`], [`policy`] (the policy node: compiled state installed in the
 //! datapath, flows), [`metrics`] and [`tables`] (Prometheus), [`cli`] (`slipway flows`,
-//! `slipway policy`), [`feed`] (the lists fed from a Kubernetes API), [`pods`] (the host's containerd, offline images, the pod runner over CRI).
+//! `slipway policy`), [`feed`] (the lists fed from a Kubernetes API), [`dns`] (cluster DNS), [`pods`] (the host's containerd, offline images, the pod runner over CRI).
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod args;
 pub mod cli;
+pub mod dns;
 pub mod feed;
 pub mod heartbeat;
 pub mod hosts;

@@ -102,10 +102,29 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .filter(|_| containerd_config.is_some())
         .map(|(_, node)| node);
     let cluster = match cluster {
-        Some((source, node)) => Some((crate::feed::client(&source).await?, source, node)),
+        Some((source, node)) => {
+            let client = crate::feed::client(&source).await?;
+            let watch = crate::feed::ClusterWatch::start(&client);
+            Some((client, source, watch, node))
+        }
         None => None,
     };
     args.node_setup.check(containerd_config.is_some())?;
+    // Cluster DNS answers from the cluster's Services: it needs the cluster API.
+    anyhow::ensure!(
+        args.dns.listen.is_none() || args.kubelet.cluster_kubeconfig.is_some(),
+        "--dns-listen: needs --cluster-kubeconfig (the cluster whose Services it answers)"
+    );
+    let dns_config = args.dns.config()?;
+    let pod_dns = dns_config
+        .as_ref()
+        .and_then(|c| c.pod_dns(std::net::IpAddr::V4(node_ip)));
+    if let Some(config) = &dns_config
+        && pod_dns.is_none()
+    {
+        tracing::warn!(listen = %config.listen,
+            "--dns-listen: not port 53, so pods are not pointed at it (resolv.conf has no port)");
+    }
     let containerd = match containerd_config {
         Some(config) => {
             args.node_setup.install_cni(
@@ -129,7 +148,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         (Some(node), Some(containerd)) => {
             let client = cluster
                 .as_ref()
-                .map(|(client, _, _)| client.clone())
+                .map(|(client, _, _, _)| client.clone())
                 .context("the cluster's client")?;
             let cri = crate::pods::cri::Cri::connect(&containerd.socket())
                 .await
@@ -143,10 +162,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     backoff: crate::pods::status::Backoff::default(),
                     host_ip: Some(node_ip.to_string()),
                     probe_netns: None,
+                    dns: pod_dns,
                 },
             );
             Some((client, node, runner))
         }
+        _ => None,
+    };
+
+    // Cluster DNS answers from the feed's reflectors.
+    let dns = match (dns_config, &cluster) {
+        (Some(config), Some((_, _, watch, _))) => Some(
+            crate::dns::DnsServer::start(config, watch.services(), Some(watch.endpoint_slices()))
+                .await?,
+        ),
         _ => None,
     };
 
@@ -221,7 +250,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         policy: policy.clone(),
         feed: cluster
             .as_ref()
-            .map(|(_, source, _)| Arc::new(crate::feed::Feed::new(source))),
+            .map(|(_, source, _, _)| Arc::new(crate::feed::Feed::new(source))),
     });
     // The routes follow the restored list, whatever moment the previous agent stopped at.
     sync_routes(&agent, &agent.hosts.lock().await)?;
@@ -232,6 +261,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = fs::remove_file(&args.socket);
     let listener = tokio::net::UnixListener::bind(&args.socket)
         .with_context(|| format!("--socket: binding {}", args.socket.display()))?;
+    // /metrics with the DNS server's counters after the datapath's.
+    let dns_metrics = dns.as_ref().map(crate::dns::DnsServer::metrics);
+    let metrics = move |state: axum::extract::State<Arc<Agent>>| {
+        let dns = dns_metrics.clone();
+        async move {
+            let (code, text) = metrics(state).await;
+            match dns {
+                Some(dns) if code.is_success() => (
+                    code,
+                    text.trim_end().trim_end_matches("# EOF").to_owned() + &dns.render_metrics(),
+                ),
+                _ => (code, text),
+            }
+        }
+    };
     let api = Router::new()
         .route("/v1/hosts", get(get_hosts).put(put_hosts))
         .route("/v1/services", get(get_services).put(put_services))
@@ -241,7 +285,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .route("/v1/policy/explain", get(explain))
         .route("/v1/flows", get(flows))
         .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics.clone()))
         .with_state(agent.clone());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(heartbeat) = heartbeat {
@@ -253,8 +297,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    if let (Some((client, _, node)), Some(feed)) = (cluster, agent.feed.clone()) {
-        tasks.spawn(crate::feed::run(agent.clone(), feed, client, Some(node)));
+    if let (Some((_, _, watch, node)), Some(feed)) = (cluster, agent.feed.clone()) {
+        tasks.spawn(crate::feed::run(agent.clone(), feed, watch, Some(node)));
+    }
+    if let Some(dns) = dns {
+        tasks.spawn(async move { dns.run().await.map_err(anyhow::Error::from) });
     }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));

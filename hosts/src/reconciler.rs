@@ -496,7 +496,7 @@ pub struct ProviderArgs {
 
 /// The node agent flags that make a netns host a node of its cluster: the datapath on the
 /// host's own bpffs dir and cgroup, its own containerd with the CNI the agent installs, the
-/// images of `image_dir`, pods under the host's cgroups. `slipway join` adds the cluster's
+/// images of `image_dir`, pods under the host's cgroups, cluster DNS on the host's address. `slipway join` adds the cluster's
 /// settings (pod CIDR, the host's block, the node's kubeconfig) when the host serves a Cluster.
 pub fn netns_node_flags(image_dir: &std::path::Path) -> Vec<String> {
     [
@@ -509,6 +509,7 @@ pub fn netns_node_flags(image_dir: &std::path::Path) -> Vec<String> {
         "--cni-bin-dir={data_dir}/cni-bin",
         "--install-cni",
         "--pod-cgroup-parent=own",
+        "--dns-listen={address}:53",
     ]
     .into_iter()
     .map(str::to_owned)

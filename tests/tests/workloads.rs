@@ -339,7 +339,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
         .collect();
     let fetch_all = format!(
-        "for ip in {} {cluster_ip}:80; do timeout 2 wget -q -O - http://$ip/hostname || {{ echo \"$ip: failed\"; exit 1; }}; done",
+        "for ip in {} {cluster_ip}:80 web web.default.svc.cluster.local; do timeout 2 wget -q -O - http://$ip/hostname || {{ echo \"$ip: failed\"; exit 1; }}; done",
         ips.iter()
             .map(|ip| format!("{ip}:8080"))
             .collect::<Vec<_>>()
@@ -382,7 +382,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         );
     }
     eprintln!(
-        "pods on both workers reached every web pod and the ClusterIP in {:?}",
+        "pods on both workers reached every web pod, the ClusterIP and the Service by name in {:?}",
         started.elapsed()
     );
     // The NodePort answers from outside the cluster (this machine, over the hosts' uplink).

@@ -258,24 +258,67 @@ impl Stores {
     }
 }
 
+/// The agent's one set of reflectors over the cluster API: the feed computes its lists from
+/// them and the cluster DNS answers from their Services and EndpointSlices. They run until the
+/// watch is dropped.
+pub struct ClusterWatch {
+    stores: Stores,
+    notify: Arc<Notify>,
+    _tasks: tokio::task::JoinSet<()>,
+}
+
+impl Debug for ClusterWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterWatch")
+            .field("objects", &self.stores.counts())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterWatch {
+    /// Starts a reflector per kind the agent follows. Must be called inside a tokio runtime.
+    pub fn start(client: &kube::Client) -> Self {
+        let notify = Arc::new(Notify::new());
+        let mut tasks = tokio::task::JoinSet::new();
+        let stores = Stores {
+            nodes: watch(client, "nodes", &notify, &mut tasks),
+            services: watch(client, "services", &notify, &mut tasks),
+            slices: watch(client, "endpointslices", &notify, &mut tasks),
+            namespaces: watch(client, "namespaces", &notify, &mut tasks),
+            pods: watch(client, "pods", &notify, &mut tasks),
+            policies: watch(client, "networkpolicies", &notify, &mut tasks),
+        };
+        Self {
+            stores,
+            notify,
+            _tasks: tasks,
+        }
+    }
+
+    /// Every Service of the cluster.
+    pub fn services(&self) -> Store<Service> {
+        self.stores.services.store.clone()
+    }
+
+    /// Every EndpointSlice of the cluster.
+    pub fn endpoint_slices(&self) -> Store<EndpointSlice> {
+        self.stores.slices.store.clone()
+    }
+}
+
 /// Runs the feed for `agent` until the agent exits: `node` is this host's Node, whose own
 /// block is not routed.
 pub(crate) async fn run(
     agent: Arc<Agent>,
     feed: Arc<Feed>,
-    client: kube::Client,
+    cluster: ClusterWatch,
     node: Option<String>,
 ) -> anyhow::Result<()> {
-    let notify = Arc::new(Notify::new());
-    let mut tasks = tokio::task::JoinSet::new();
-    let stores = Stores {
-        nodes: watch(&client, "nodes", &notify, &mut tasks),
-        services: watch(&client, "services", &notify, &mut tasks),
-        slices: watch(&client, "endpointslices", &notify, &mut tasks),
-        namespaces: watch(&client, "namespaces", &notify, &mut tasks),
-        pods: watch(&client, "pods", &notify, &mut tasks),
-        policies: watch(&client, "networkpolicies", &notify, &mut tasks),
-    };
+    let ClusterWatch {
+        stores,
+        notify,
+        _tasks,
+    } = cluster;
     info!(source = %feed.source, node = ?node, "feeding the datapath from the cluster API");
     let mut reported = BTreeSet::new();
     let mut listed = false;

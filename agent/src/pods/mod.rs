@@ -1,11 +1,12 @@
 //! The pod runner: the host agent as a slim kubelet. It runs the host's own containerd
 //! ([`containerd`]), imports images offline ([`image`]), speaks CRI to it ([`cri`]), turns a
-//! core/v1 Pod into CRI sandbox and container configs ([`spec`]), drives the Pods it is given
+//! core/v1 Pod into CRI sandbox and container configs ([`spec`], its resolv.conf: [`dns`]), drives the Pods it is given
 //! ([`runner`]) and reports their PodStatus ([`status`]). It watches no API: the caller hands it
 //! the desired Pods (from a kube-rs watch, a file, a test) and gets their statuses back.
 
 pub mod containerd;
 pub mod cri;
+pub mod dns;
 pub mod image;
 pub mod kubelet;
 pub mod probe;

@@ -41,7 +41,13 @@ pub struct RunnerConfig {
     /// The network namespace tcpSocket and httpGet probes connect from (the host's, where the
     /// pods' addresses route); `None` for the agent's own.
     pub probe_netns: Option<PathBuf>,
+    /// The node's cluster DNS for pods with dnsPolicy ClusterFirst; `None`: they get the
+    /// host's resolv.conf, as under kubelet without clusterDNS.
+    pub dns: Option<super::dns::ClusterDns>,
 }
+
+/// The host's resolv.conf (what the runtime copies into a pod with no DNS config).
+const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// What one [`PodRunner::sync`] did.
 #[derive(Debug, Default)]
@@ -224,8 +230,16 @@ impl Worker<'_> {
             }
         }
         let config = self.config;
-        let sandbox_config =
-            |attempt| spec.sandbox_config(attempt, &config.log_root, &config.cgroup_parent);
+        let sandbox_config = |attempt| {
+            let mut sandbox = spec.sandbox_config(attempt, &config.log_root, &config.cgroup_parent);
+            sandbox.dns_config = spec
+                .dns
+                .cri_config(&spec.namespace, config.dns.as_ref(), || {
+                    crate::dns::resolv::ResolvConf::read(Path::new(HOST_RESOLV_CONF))
+                        .unwrap_or_default()
+                });
+            sandbox
+        };
         let (sandbox_id, attempt) = match ready {
             Some(s) => (s.id, s.metadata.map_or(0, |m| m.attempt)),
             None if !missing.is_empty() => {

@@ -43,6 +43,8 @@ pub struct PodSpec {
     pub containers: Vec<ContainerSpec>,
     /// Container ports with a hostPort: the runtime hands them to the CNI chain's portmap.
     pub port_mappings: Vec<cri::PortMapping>,
+    /// dnsPolicy and dnsConfig: the sandbox's resolv.conf ([`super::dns`]).
+    pub dns: super::dns::PodDns,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +183,7 @@ impl PodSpec {
                 containers.push(container);
             }
         }
+        let dns = super::dns::PodDns::from_spec(spec, &mut errors);
         if errors.is_empty() {
             Ok(Self {
                 namespace,
@@ -190,6 +193,7 @@ impl PodSpec {
                 grace_seconds,
                 containers,
                 port_mappings,
+                dns,
             })
         } else {
             Err(Invalid { errors })
