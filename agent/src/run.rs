@@ -135,6 +135,23 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ => None,
     };
 
+    // The kubelet's endpoint (container logs for the API server), beside the pods it reads.
+    let kubelet_api = match (&kubelet, args.kubelet.kubelet_listen) {
+        (Some((_, node, _)), Some(addr)) => Some(
+            crate::kubelet_api::start(
+                addr,
+                args.kubelet
+                    .cluster_kubeconfig
+                    .as_deref()
+                    .unwrap_or(Path::new("")),
+                args.containerd.dir.clone().unwrap_or_default().join("pods"),
+                vec![node.clone(), node_ip.to_string()],
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+
     let mut installed = node::install(&pins, &args.map_sizes())?;
     let mut service_dp = ServiceDatapath::load(Some(&pins.services_dir()))?;
     fs::create_dir_all(&args.cgroup)
@@ -234,6 +251,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             crate::pods::kubelet::run_until(client, node, runner, std::future::pending()).await;
             Ok(())
         });
+    }
+    if let Some(api) = kubelet_api {
+        tasks.spawn(api.serve());
     }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));

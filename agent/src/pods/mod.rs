@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod cri;
 pub mod image;
 pub mod kubelet;
+pub mod logs;
 pub mod probe;
 pub mod runner;
 pub mod spec;
