@@ -124,6 +124,14 @@ pub enum ApiError {
     /// Anything else that went wrong inside the server.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A kubelet refused a proxied request (its status and message), or could not be reached.
+    #[error("{message}")]
+    Kubelet {
+        /// The kubelet's HTTP status (500 when it could not be reached).
+        code: u16,
+        /// What the kubelet said, or why it could not be reached.
+        message: String,
+    },
 }
 
 fn format_apply_conflicts(conflicts: &[crate::ssa::Conflict]) -> String {
@@ -179,6 +187,8 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => 415,
             Self::Store(StoreError::Unavailable { .. }) => 503,
             Self::Store(_) | Self::Internal(_) => 500,
+            Self::Kubelet { code, .. } if (400..=599).contains(code) => *code,
+            Self::Kubelet { .. } => 500,
         }
     }
 
@@ -201,6 +211,14 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::Store(StoreError::Unavailable { .. }) => "ServiceUnavailable",
             Self::Store(_) | Self::Internal(_) => "InternalError",
+            Self::Kubelet { code, .. } => match code {
+                400 => "BadRequest",
+                401 => "Unauthorized",
+                403 => "Forbidden",
+                404 => "NotFound",
+                503 => "ServiceUnavailable",
+                _ => "InternalError",
+            },
         }
     }
 
