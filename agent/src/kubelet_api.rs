@@ -7,7 +7,8 @@
 //!
 //! Authentication is mutual TLS: only client certificates signed by the cluster's CA (the CA
 //! of `--cluster-kubeconfig`) complete the handshake, and only the API server's kubelet-client
-//! identity ([`KUBELET_CLIENT_USER`]) is served; anyone else gets 403. The serving certificate
+//! identity ([`KUBELET_CLIENT_USER`]) is served; anyone else gets 403. A followed log ends when
+//! the container instance exits (asked of the runtime over CRI) or a newer one starts. The serving certificate
 //! is self-signed at every start, as kubelet's default is: the API server does not verify it
 //! (as kube-apiserver without `--kubelet-certificate-authority`).
 
@@ -31,7 +32,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use crate::pods::cri::Cri;
 use crate::pods::logs::{Joiner, Limit, Line, Tail, parse_record, pick_attempt};
+use crate::pods::spec::{LABEL_CONTAINER_NAME, LABEL_POD_UID};
 
 /// How often a followed log that has no new line is looked at again.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -55,6 +58,8 @@ pub enum KubeletApiError {
     Rustls(#[source] rustls::Error),
     #[error("client certificate verifier")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("connecting to the container runtime")]
+    Runtime(#[source] crate::pods::PodsError),
     #[error("--kubelet-listen: binding {addr}")]
     Bind {
         addr: SocketAddr,
@@ -115,15 +120,22 @@ pub fn tls_config(
 }
 
 /// The endpoint as `slipway agent` starts it: the CA of `kubeconfig`, a certificate
-/// self-signed for the node's name and address, bound at `addr`.
+/// self-signed for the node's name and address, bound at `addr`, the containers' state asked
+/// of the runtime at `containerd_socket`.
 pub async fn start(
     addr: SocketAddr,
     kubeconfig: &Path,
     log_root: PathBuf,
     names: Vec<String>,
+    containerd_socket: &Path,
 ) -> Result<KubeletApi, KubeletApiError> {
     let cas = cluster_ca(kubeconfig).await?;
-    KubeletApi::bind(addr, tls_config(&cas, names)?, log_root).await
+    let cri = Cri::connect(containerd_socket)
+        .await
+        .map_err(KubeletApiError::Runtime)?;
+    Ok(KubeletApi::bind(addr, tls_config(&cas, names)?, log_root)
+        .await?
+        .with_runtime(cri))
 }
 
 /// The bound endpoint.
@@ -131,6 +143,7 @@ pub struct KubeletApi {
     listener: TcpListener,
     tls: TlsAcceptor,
     log_root: Arc<PathBuf>,
+    runtime: Option<Cri>,
 }
 
 impl std::fmt::Debug for KubeletApi {
@@ -156,7 +169,15 @@ impl KubeletApi {
             listener,
             tls: TlsAcceptor::from(tls),
             log_root: Arc::new(log_root),
+            runtime: None,
         })
+    }
+
+    /// Asks `cri` whether a followed container still runs: a follow of one that exited ends,
+    /// as kubelet's does. Without it a follow ends only when a newer instance starts.
+    pub fn with_runtime(mut self, cri: Cri) -> Self {
+        self.runtime = Some(cri);
+        self
     }
 
     /// The bound address.
@@ -177,6 +198,7 @@ impl KubeletApi {
             };
             let tls = self.tls.clone();
             let root = self.log_root.clone();
+            let runtime = self.runtime.clone();
             tokio::spawn(
                 async move {
                     let stream =
@@ -200,7 +222,10 @@ impl KubeletApi {
                     let svc = hyper::service::service_fn(move |req| {
                         let root = root.clone();
                         let user = user.clone();
-                        async move { Ok::<_, Infallible>(handle(&root, user.as_deref(), req).await) }
+                        let runtime = runtime.clone();
+                        async move {
+                            Ok::<_, Infallible>(handle(&root, runtime, user.as_deref(), req).await)
+                        }
                     });
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -238,7 +263,12 @@ fn text(code: StatusCode, message: String) -> Response<Body> {
     r
 }
 
-async fn handle(root: &Path, user: Option<&str>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    root: &Path,
+    runtime: Option<Cri>,
+    user: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     // The handshake only lets through certificates of the cluster's CA; of those, only the API
     // server's identity may read logs.
     if user != Some(KUBELET_CLIENT_USER) {
@@ -269,11 +299,12 @@ async fn handle(root: &Path, user: Option<&str>, req: Request<Incoming>) -> Resp
         Ok(found) => found,
         Err((code, message)) => return text(code, message + "\n"),
     };
+    let instance = runtime.and_then(|cri| Instance::of(cri, &file, container));
     debug!(file = %file.display(), follow = opts.follow, "serving a container log");
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(
         async move {
-            if let Err(e) = stream_log(&file, &dir, &opts, &tx).await {
+            if let Err(e) = stream_log(&file, &dir, instance, &opts, &tx).await {
                 debug!(file = %file.display(), error = %e, "log stream ended");
             }
         }
@@ -373,6 +404,50 @@ fn superseded(file: &Path, dir: &Path) -> bool {
         .any(|a| a > mine)
 }
 
+/// The container instance a log file belongs to, as the runtime knows it.
+struct Instance {
+    cri: Cri,
+    uid: String,
+    container: String,
+    attempt: u32,
+}
+
+impl Instance {
+    /// From `<root>/<ns>_<pod>_<uid>/<container>/<attempt>.log`.
+    fn of(cri: Cri, file: &Path, container: &str) -> Option<Self> {
+        let attempt = file.file_stem()?.to_str()?.parse().ok()?;
+        let pod_dir = file.parent()?.parent()?.file_name()?.to_str()?;
+        let uid = pod_dir.splitn(3, '_').nth(2)?.to_owned();
+        Some(Self {
+            cri,
+            uid,
+            container: container.to_owned(),
+            attempt,
+        })
+    }
+
+    /// Whether the instance has exited (or is gone). A runtime that does not answer is taken
+    /// for a running container: the follow goes on.
+    async fn exited(&mut self) -> bool {
+        let labels = [
+            (LABEL_POD_UID.to_owned(), self.uid.clone()),
+            (LABEL_CONTAINER_NAME.to_owned(), self.container.clone()),
+        ];
+        match self.cri.containers_labelled(labels.into()).await {
+            Ok(containers) => !containers.iter().any(|c| {
+                c.metadata
+                    .as_ref()
+                    .is_some_and(|m| m.attempt == self.attempt)
+                    && c.state != k8s_cri::v1::ContainerState::ContainerExited as i32
+            }),
+            Err(e) => {
+                debug!(error = %crate::pods::error_chain(&e), "asking the runtime about a followed container");
+                false
+            }
+        }
+    }
+}
+
 /// Sends `line` within the byte limit; false once nothing more may go (limit reached or the
 /// client gone).
 async fn send(tx: &mpsc::Sender<Bytes>, limit: &mut Limit, line: &Line, timestamps: bool) -> bool {
@@ -390,6 +465,7 @@ async fn send(tx: &mpsc::Sender<Bytes>, limit: &mut Limit, line: &Line, timestam
 async fn stream_log(
     file: &Path,
     dir: &Path,
+    mut instance: Option<Instance>,
     opts: &LogOptions,
     tx: &mpsc::Sender<Bytes>,
 ) -> std::io::Result<()> {
@@ -442,8 +518,13 @@ async fn stream_log(
         if tx.is_closed() || !file.exists() {
             return Ok(());
         }
-        if superseded(file, dir) {
-            // The runtime wrote everything before the new instance started; take that and end.
+        let ended = superseded(file, dir)
+            || match instance.as_mut() {
+                Some(i) => i.exited().await,
+                None => false,
+            };
+        if ended {
+            // The runtime wrote everything before the instance ended; take that and end.
             let mut rest = Vec::new();
             tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest).await?;
             buf.extend_from_slice(&rest);

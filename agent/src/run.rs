@@ -136,8 +136,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
 
     // The kubelet's endpoint (container logs for the API server), beside the pods it reads.
-    let kubelet_api = match (&kubelet, args.kubelet.kubelet_listen) {
-        (Some((_, node, _)), Some(addr)) => Some(
+    let kubelet_api = match (&kubelet, args.kubelet.kubelet_listen, &containerd) {
+        (Some((_, node, _)), Some(addr), Some(containerd)) => Some(
             crate::kubelet_api::start(
                 addr,
                 args.kubelet
@@ -146,6 +146,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     .unwrap_or(Path::new("")),
                 args.containerd.dir.clone().unwrap_or_default().join("pods"),
                 vec![node.clone(), node_ip.to_string()],
+                &containerd.socket(),
             )
             .await?,
         ),

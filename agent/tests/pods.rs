@@ -1372,6 +1372,7 @@ fn kubectl_logs_reads_container_logs_through_the_supervisor_and_the_kubelet_endp
             &api.kubeconfig(),
             host.dir.join("pods"),
             vec!["n1".into(), "127.0.0.1".into()],
+            &host.socket(),
         ))
         .unwrap_or_else(|e| panic!("kubelet endpoint: {}", slipway_agent::pods::error_chain(&e)));
     let port = kubelet.local_addr().expect("bound").port();
@@ -1400,6 +1401,7 @@ fn kubectl_logs_reads_container_logs_through_the_supervisor_and_the_kubelet_endp
         json!({
             "terminationGracePeriodSeconds": 1,
             "nodeName": "n1",
+            "restartPolicy": "OnFailure",
             "containers": [
                 {"name": "main", "image": "busybox", "command": ["sh", "-c",
                  // A line longer than containerd's 16 KiB buffer is written as partial records.
@@ -1408,6 +1410,7 @@ fn kubectl_logs_reads_container_logs_through_the_supervisor_and_the_kubelet_endp
                  "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 1; done"]},
                 {"name": "crash", "image": "busybox", "command": ["sh", "-c",
                  "echo crash-run-$(date +%s%N); exit 1"]},
+                {"name": "done", "image": "busybox", "command": ["echo", "finished"]},
             ],
         }),
     );
@@ -1438,7 +1441,7 @@ fn kubectl_logs_reads_container_logs_through_the_supervisor_and_the_kubelet_endp
         .expect_err("three containers");
     assert!(
         err.to_string().contains(
-            "a container name must be specified for pod logs, choose one of: [main ticker crash]"
+            "a container name must be specified for pod logs, choose one of: [main ticker crash done]"
         ),
         "{err}"
     );
@@ -1511,7 +1514,10 @@ fn kubectl_logs_reads_container_logs_through_the_supervisor_and_the_kubelet_endp
     if let Some(old) = kubectls.iter().find(|k| k.starts_with("/opt")) {
         let (ok, _, err) = kubectl(old, &kubeconfig, &["logs", "logs"]);
         assert!(!ok);
-        assert!(err.contains("choose one of: [main ticker crash]"), "{err}");
+        assert!(
+            err.contains("choose one of: [main ticker crash done]"),
+            "{err}"
+        );
     }
 
     // --previous: the instance before the running one, after the crashing container restarted.
@@ -1575,6 +1581,33 @@ fn kubectl_logs_reads_container_logs_through_the_supervisor_and_the_kubelet_endp
         let _ = child.kill();
         let _ = child.wait();
         assert!(newer.starts_with("tick-"), "{newer}");
+    }
+
+    // -f of a container that exited for good (OnFailure, exit 0) ends by itself, as kubelet's.
+    for bin in &kubectls {
+        let mut child = Command::new(bin)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["logs", "-f", "logs", "-c", "done"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl logs -f");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{}: -f of an exited container did not end", bin.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().expect("output");
+        assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "finished\n");
     }
 
     // The kubelet endpoint serves the API server's identity only.
