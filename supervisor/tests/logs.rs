@@ -95,6 +95,27 @@ fn suite(bin: &Path) {
         String::from_utf8_lossy(&patched.stdout)
     );
 
+    // Discovery names the subresource, as kube-apiserver's does.
+    let discovery = std::process::Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(sup.dir.join("pki/ca.crt"))
+        .arg("--cert")
+        .arg(sup.dir.join("pki/admin.crt"))
+        .arg("--key")
+        .arg(sup.dir.join("pki/admin.key"))
+        .arg(format!("https://{}/api/v1", sup.addr))
+        .output()
+        .expect("curl");
+    let discovery: serde_json::Value =
+        serde_json::from_slice(&discovery.stdout).expect("discovery JSON");
+    let log = discovery["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .find(|r| r["name"] == "pods/log")
+        .expect("pods/log in /api/v1");
+    assert_eq!(log["verbs"], serde_json::json!(["get"]));
+
     let err = |args: &[&str]| k.run(args).err().to_owned();
     let e = err(&["logs", "nope", "-n", "team-a"]);
     assert!(e.contains("NotFound") && e.contains("nope"), "{e}");
