@@ -10,7 +10,8 @@
 //! Layout: [`args`] (flags), [`run`] (startup), [`api`] (the local API's handlers), [`hosts`]
 //! (hosts and routes), [`heartbeat`] (the Host and Lease in the supervisor), [`services`], [`policy`] (the policy node: compiled state installed in the
 //! datapath, flows), [`metrics`] and [`tables`] (Prometheus), [`cli`] (`slipway flows`,
-//! `slipway policy`), [`feed`] (the lists fed from a Kubernetes API), [`dns`] (cluster DNS), [`pods`] (the host's containerd, offline images, the pod runner over CRI).
+//! `slipway policy`), [`feed`] (the lists fed from a Kubernetes API), [`dns`] (cluster DNS), [`pods`] (the host's containerd, offline images, the pod runner over CRI),
+//! [`kubelet_api`] (the kubelet's HTTPS endpoint: container logs for the API server).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod feed;
 pub mod heartbeat;
 pub mod hosts;
 pub mod join;
+pub mod kubelet_api;
 pub mod metrics;
 pub mod node_setup;
 pub mod pods;

@@ -179,6 +179,24 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ => None,
     };
 
+    // The kubelet's endpoint (container logs for the API server), beside the pods it reads.
+    let kubelet_api = match (&kubelet, args.kubelet.kubelet_listen, &containerd) {
+        (Some((_, node, _)), Some(addr), Some(containerd)) => Some(
+            crate::kubelet_api::start(
+                addr,
+                args.kubelet
+                    .cluster_kubeconfig
+                    .as_deref()
+                    .unwrap_or(Path::new("")),
+                args.containerd.dir.clone().unwrap_or_default().join("pods"),
+                vec![node.clone(), node_ip.to_string()],
+                &containerd.socket(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+
     let mut installed = node::install(&pins, &args.map_sizes())?;
     let mut service_dp = ServiceDatapath::load(Some(&pins.services_dir()))?;
     fs::create_dir_all(&args.cgroup)
@@ -302,6 +320,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     if let Some(dns) = dns {
         tasks.spawn(async move { dns.run().await.map_err(anyhow::Error::from) });
+    }
+    if let Some(api) = kubelet_api {
+        tasks.spawn(api.serve());
     }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));

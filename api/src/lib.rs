@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod logs;
 pub mod meta;
 pub mod slipway;
 

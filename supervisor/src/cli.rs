@@ -70,6 +70,10 @@ pub struct SupervisorArgs {
     /// Open watches of one user; more get 429.
     #[arg(long, default_value_t = ConnectionLimits::default().max_watches_per_user)]
     pub max_watches_per_user: usize,
+    /// The kubelet port `kubectl logs` reaches a Node's host agent at (its `--kubelet-listen`)
+    /// when the Node names none in `status.daemonEndpoints.kubeletEndpoint.Port`.
+    #[arg(long, default_value_t = slipway_api::logs::DEFAULT_KUBELET_PORT)]
+    pub kubelet_port: u16,
     /// Another address clients reach the supervisor at (named in its serving certificate);
     /// repeatable.
     #[arg(long = "advertise-address", value_name = "IP")]
@@ -200,7 +204,8 @@ impl SupervisorArgs {
     {
         let server = Server::bind(self.config())
             .await
-            .context("starting the supervisor API")?;
+            .context("starting the supervisor API")?
+            .with_kubelet_port(self.kubelet_port);
         println!(
             "slipway supervisor listening on https://{}",
             server.local_addr()

@@ -127,6 +127,14 @@ pub enum ApiError {
     /// Anything else that went wrong inside the server.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A kubelet refused a proxied request (its status and message), or could not be reached.
+    #[error("{message}")]
+    Kubelet {
+        /// The kubelet's HTTP status (500 when it could not be reached).
+        code: u16,
+        /// What the kubelet said, or why it could not be reached.
+        message: String,
+    },
 }
 
 fn format_apply_conflicts(conflicts: &[crate::ssa::Conflict]) -> String {
@@ -182,6 +190,8 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => 415,
             Self::Store(StoreError::Unavailable { .. }) | Self::Unavailable(_) => 503,
             Self::Store(_) | Self::Internal(_) => 500,
+            Self::Kubelet { code, .. } if (400..=599).contains(code) => *code,
+            Self::Kubelet { .. } => 500,
         }
     }
 
@@ -206,6 +216,14 @@ impl ApiError {
                 "ServiceUnavailable"
             }
             Self::Store(_) | Self::Internal(_) => "InternalError",
+            Self::Kubelet { code, .. } => match code {
+                400 => "BadRequest",
+                401 => "Unauthorized",
+                403 => "Forbidden",
+                404 => "NotFound",
+                503 => "ServiceUnavailable",
+                _ => "InternalError",
+            },
         }
     }
 

@@ -168,6 +168,25 @@ impl Cri {
             .containers)
     }
 
+    /// The containers (every state, every sandbox) that carry all of `labels`.
+    pub async fn containers_labelled(
+        &mut self,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<cri::Container>, PodsError> {
+        Ok(self
+            .runtime
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    label_selector: labels,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(err("ListContainers"))?
+            .into_inner()
+            .containers)
+    }
+
     pub async fn create_container(
         &mut self,
         sandbox: &str,

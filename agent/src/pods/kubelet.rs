@@ -27,6 +27,11 @@ pub struct KubeletArgs {
     /// This node's name in that cluster (default: --host-name).
     #[arg(long = "node-name")]
     pub node_name: Option<String>,
+    /// Where to serve the kubelet's HTTPS endpoint (container logs for `kubectl logs`), e.g.
+    /// 0.0.0.0:10250; off when not set. Needs --cluster-kubeconfig: only clients with a
+    /// certificate of that cluster's CA and the API server's kubelet-client name are served.
+    #[arg(long = "kubelet-listen", value_name = "ADDR")]
+    pub kubelet_listen: Option<std::net::SocketAddr>,
 }
 
 impl KubeletArgs {
@@ -40,6 +45,10 @@ impl KubeletArgs {
             anyhow::ensure!(
                 self.node_name.is_none(),
                 "--node-name: needs --cluster-kubeconfig"
+            );
+            anyhow::ensure!(
+                self.kubelet_listen.is_none(),
+                "--kubelet-listen: needs --cluster-kubeconfig (its CA authenticates clients)"
             );
             return Ok(None);
         };
@@ -156,12 +165,17 @@ mod tests {
         let args = |k: Option<&str>, n: Option<&str>| KubeletArgs {
             cluster_kubeconfig: k.map(PathBuf::from),
             node_name: n.map(str::to_owned),
+            kubelet_listen: None,
         };
         assert_eq!(args(None, None).wanted(false, None).expect("none"), None);
         let err = args(None, Some("n1"))
             .wanted(true, None)
             .expect_err("node name alone");
         assert!(err.to_string().contains("--node-name"), "{err}");
+        let mut listen = args(None, None);
+        listen.kubelet_listen = Some(([0, 0, 0, 0], 10250).into());
+        let err = listen.wanted(true, None).expect_err("listen alone");
+        assert!(err.to_string().contains("--kubelet-listen"), "{err}");
         let err = args(Some("/k"), None)
             .wanted(false, None)
             .expect_err("no runtime");

@@ -9,6 +9,7 @@ pub mod cri;
 pub mod dns;
 pub mod image;
 pub mod kubelet;
+pub mod logs;
 pub mod probe;
 pub mod runner;
 pub mod spec;

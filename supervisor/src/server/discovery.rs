@@ -103,6 +103,15 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if super::logs::loggable(r) {
+            resources.push(json!({
+                "name": format!("{}/log", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": "Pod",
+                "verbs": ["get"],
+            }));
+        }
         if r.has_status {
             resources.push(json!({
                 "name": format!("{}/status", r.plural),

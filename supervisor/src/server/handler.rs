@@ -14,7 +14,7 @@ use super::early::RequestBody;
 use super::http::{self, Body};
 use super::objects::meta_str;
 use super::{
-    State, access_review, binding, discovery, health, join, keys, scale, table, verbs, watch,
+    State, access_review, binding, discovery, health, join, keys, logs, scale, table, verbs, watch,
 };
 use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{ResourceType, lookup};
@@ -455,6 +455,9 @@ async fn dispatch(
     }
     if sub == Some("binding") && binding::bindable(call.t.rt) {
         return binding::serve(call, method).await;
+    }
+    if sub == Some("log") && logs::loggable(call.t.rt) {
+        return logs::serve(call, method).await;
     }
     if let Some(s) = sub
         && !(s == "status" && call.t.rt.has_status)

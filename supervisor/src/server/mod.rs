@@ -10,6 +10,7 @@ pub mod http;
 pub mod join;
 pub mod keys;
 pub mod limits;
+pub mod logs;
 pub mod objects;
 pub mod paging;
 pub mod scale;
@@ -120,6 +121,8 @@ pub struct State {
     pub health: health::CheckLog,
     /// The CA, for the identities the server issues (joined hosts).
     pub pki: Pki,
+    /// How `pods/log` reaches kubelets.
+    pub kubelet: logs::KubeletClient,
 }
 
 /// Counts one open connection in the gauge for as long as it lives.
@@ -257,6 +260,7 @@ impl Server {
             limiter: Limiter::new(cfg.limits.clone()),
             health: health::CheckLog::default(),
             pki: pki.clone(),
+            kubelet: logs::KubeletClient::new(&pki, slipway_api::logs::DEFAULT_KUBELET_PORT)?,
         };
         let tls = TlsAcceptor::from(pki.server_config()?);
         info!(%addr, store = ?cfg.store, "supervisor API listening");
@@ -267,6 +271,15 @@ impl Server {
             addr,
             controllers_kubeconfig,
         })
+    }
+
+    /// Sets the kubelet port of Nodes that name none in `status.daemonEndpoints` (default
+    /// 10250). Takes effect only before [`Self::serve`], while the state is not shared yet.
+    pub fn with_kubelet_port(mut self, port: u16) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.kubelet.port = port;
+        }
+        self
     }
 
     /// The bound address.
