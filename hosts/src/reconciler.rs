@@ -72,6 +72,8 @@ pub struct HostReconciler {
     hosts: Api<DynamicObject>,
     classes: Api<DynamicObject>,
     secrets: Api<Secret>,
+    /// The hosts' Leases (named after them).
+    leases: Api<k8s_openapi::api::coordination::v1::Lease>,
 }
 
 fn host_resource() -> ApiResource {
@@ -128,7 +130,8 @@ impl HostReconciler {
                     "hostclasses",
                 ),
             ),
-            secrets: Api::namespaced(client, HOST_LEASE_NAMESPACE),
+            secrets: Api::namespaced(client.clone(), HOST_LEASE_NAMESPACE),
+            leases: Api::namespaced(client, HOST_LEASE_NAMESPACE),
         }
     }
 
@@ -437,6 +440,12 @@ impl HostReconciler {
     async fn remove(&self, name: &str, finalizers: &[String]) -> anyhow::Result<()> {
         self.provider.delete(name).await?;
         self.delete_tokens(name).await?;
+        // Its Lease goes with it: a host made again under the name starts unregistered.
+        match self.leases.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e).with_context(|| format!("deleting Lease {name}")),
+        }
         let rest: Vec<String> = finalizers
             .iter()
             .filter(|f| *f != FINALIZER)
@@ -496,7 +505,8 @@ pub struct ProviderArgs {
 
 /// The node agent flags that make a netns host a node of its cluster: the datapath on the
 /// host's own bpffs dir and cgroup, its own containerd with the CNI the agent installs, the
-/// images of `image_dir`, pods under the host's cgroups, cluster DNS on the host's address. `slipway join` adds the cluster's
+/// images of `image_dir`, pods under the host's cgroups, cluster DNS and the kubelet's endpoint (container logs)
+/// on the host's address. `slipway join` adds the cluster's
 /// settings (pod CIDR, the host's block, the node's kubeconfig) when the host serves a Cluster.
 pub fn netns_node_flags(image_dir: &std::path::Path) -> Vec<String> {
     [
@@ -510,6 +520,7 @@ pub fn netns_node_flags(image_dir: &std::path::Path) -> Vec<String> {
         "--install-cni",
         "--pod-cgroup-parent=own",
         "--dns-listen={address}:53",
+        "--kubelet-listen={address}:10250",
     ]
     .into_iter()
     .map(str::to_owned)

@@ -291,9 +291,13 @@ pub async fn authorize(
         let rbac = rt.group == "rbac.authorization.k8s.io";
         // Hosts are made and removed by the controllers (a Cluster's hosts, replacements), and
         // so are the bootstrap tokens the hosts they start join with, and the Events they
-        // record.
+        // record; a removed host's Lease goes with it.
         let owned = (rt.group == slipway_api::slipway::GROUP && rt.plural == "hosts")
-            || (rt.group.is_empty() && matches!(rt.plural, "secrets" | "events"));
+            || (rt.group.is_empty() && matches!(rt.plural, "secrets" | "events"))
+            || (verb == "delete"
+                && rt.group == "coordination.k8s.io"
+                && rt.plural == "leases"
+                && namespace == Some(slipway_api::slipway::HOST_LEASE_NAMESPACE));
         return if read
             || (matches!(verb, "update" | "patch") && !rbac)
             || (matches!(verb, "create" | "delete") && owned)

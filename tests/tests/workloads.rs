@@ -385,6 +385,16 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         "pods on both workers reached every web pod, the ClusterIP and the Service by name in {:?}",
         started.elapsed()
     );
+    // What they fetched, through `kubectl logs` (the API server asks the node's kubelet
+    // endpoint): the names of the web pods.
+    let fetched = world.kubectl_with(&path, &["logs", "probe-team-w-w1-workers-1"]);
+    for p in &web {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        assert!(
+            fetched.contains(&name),
+            "kubectl logs shows no {name}:\n{fetched}"
+        );
+    }
     // The NodePort answers from outside the cluster (this machine, over the hosts' uplink).
     let worker = hosts_address(&client, "team-w-w1-workers-1").await;
     let answer = http_get(&format!("{worker}:{node_port}"), "/hostname");
@@ -433,8 +443,9 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    let moved = wait_for("web's pods recreated", Duration::from_secs(90), || async {
-        let now = running_pods(&pods, "web", 3).await?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let moved = loop {
+        let now = running_pods(&pods, "web", 3).await.unwrap_or_default();
         let ready = now.iter().all(|p| {
             p.status
                 .as_ref()
@@ -442,9 +453,24 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         });
         let names: BTreeSet<String> = now.iter().filter_map(|p| p.metadata.name.clone()).collect();
-        (ready && names.is_disjoint(&on_victim)).then_some(now)
-    })
-    .await;
+        if now.len() == 3 && ready && names.is_disjoint(&on_victim) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web's pods not recreated 90 s after {victim} died:\n{}\n{}\nsupervisor log:\n{}",
+            world.kubectl_with(&path, &["get", "pods", "-o", "wide", "--show-labels"]),
+            world.kubectl_with(&path, &["get", "nodes", "-o", "yaml"]),
+            world
+                .log()
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     eprintln!(
         "worker killed: its {} web pod(s) recreated and Ready in {:?}",
         on_victim.len(),

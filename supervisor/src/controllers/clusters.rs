@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Event, Node, Secret};
+use k8s_openapi::api::core::v1::{Event, Node, Pod, Secret};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
@@ -750,6 +750,47 @@ fn free_block(
         .find(|b| !used.iter().any(|u| u.overlaps(*b)))
 }
 
+/// Removes the Node of a host that is gone, and the Pods bound to it first: they went with the
+/// machine (upstream's PodGC collects them once the Node is gone, but a host replaced under the
+/// same name brings its Node back too soon for that, and its kubelet would take them up).
+async fn remove_node(workload: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::all(workload.clone());
+    let bound = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name));
+    for pod in bound {
+        let (Some(ns), Some(pod_name)) = (
+            pod.metadata.namespace.as_deref(),
+            pod.metadata.name.as_deref(),
+        ) else {
+            continue;
+        };
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        };
+        match Api::<Pod>::namespaced(workload.clone(), ns)
+            .delete(pod_name, &dp)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match Api::<Node>::all(workload.clone())
+        .delete(name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Each host of the cluster a Node of the workload cluster; Nodes of hosts gone are removed.
 async fn sync_nodes(
     workload: &kube::Client,
@@ -765,7 +806,7 @@ async fn sync_nodes(
         if let Some(node) = n.metadata.name.as_deref()
             && !names.contains(node)
         {
-            nodes.delete(node, &DeleteParams::default()).await?;
+            remove_node(workload, node).await?;
         }
     }
     for host in owned {
@@ -813,8 +854,11 @@ async fn sync_nodes(
                     .as_ref()
                     .and_then(|a| a.get(HOST_UID));
                 if of.is_some_and(|of| *of != uid) {
-                    nodes.delete(name, &DeleteParams::default()).await?;
-                    info!(node = name, "the host was replaced: its Node is made anew");
+                    remove_node(workload, name).await?;
+                    info!(
+                        node = name,
+                        "the host was replaced: its Pods deleted, its Node made anew"
+                    );
                     continue;
                 }
             }

@@ -49,8 +49,10 @@ fn parse_micro_time(s: &str) -> Option<f64> {
     Some(whole as f64 + fraction)
 }
 
-/// What a Lease (or its absence) says about its host at `now` (seconds since the epoch).
-pub fn readiness(host: &str, lease: Option<&Lease>, now: f64) -> Readiness {
+/// What a Lease (or its absence) says about its host, made at `created` (seconds since the
+/// epoch, whole), at `now`. A Lease last renewed before the host was made is an earlier host's
+/// of the same name (one replaced): this one has not registered yet.
+pub fn readiness(host: &str, lease: Option<&Lease>, created: Option<f64>, now: f64) -> Readiness {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
         return Readiness {
             status: "Unknown",
@@ -71,6 +73,15 @@ pub fn readiness(host: &str, lease: Option<&Lease>, now: f64) -> Readiness {
             message: format!("Lease {LEASE_NAMESPACE}/{host} was never renewed"),
         };
     };
+    if created.is_some_and(|c| at < c) {
+        return Readiness {
+            status: "Unknown",
+            reason: "NoLease",
+            message: format!(
+                "Lease {LEASE_NAMESPACE}/{host} was last renewed at {renewed}, before this host was made: its agent has not registered"
+            ),
+        };
+    }
     if at + f64::from(duration) >= now {
         Readiness {
             status: "True",
@@ -152,7 +163,16 @@ impl HostHealth {
             let Some(name) = host.metadata.name.as_deref() else {
                 continue;
             };
-            let want = readiness(name, leases.get(name), now);
+            #[allow(
+                clippy::cast_precision_loss,
+                reason = "whole seconds of a realistic date fit an f64 exactly"
+            )]
+            let created = host
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second() as f64);
+            let want = readiness(name, leases.get(name), created, now);
             if current_ready(host) == Some((want.status.to_owned(), want.reason.to_owned())) {
                 continue;
             }
@@ -227,12 +247,17 @@ mod tests {
         let at = parse_micro_time(renew).expect("time");
         assert_eq!(parse_micro_time("2026-12-05T01:00:00Z"), Some(at - 0.5));
         let l = lease(renew, 4);
-        assert_eq!(readiness("h1", Some(&l), at + 3.9).status, "True");
-        assert_eq!(readiness("h1", Some(&l), at + 4.0).status, "True");
-        let expired = readiness("h1", Some(&l), at + 4.1);
+        let made = Some(at - 10.0);
+        assert_eq!(readiness("h1", Some(&l), made, at + 3.9).status, "True");
+        assert_eq!(readiness("h1", Some(&l), made, at + 4.0).status, "True");
+        let expired = readiness("h1", Some(&l), made, at + 4.1);
         assert_eq!((expired.status, expired.reason), ("False", "LeaseExpired"));
         assert!(expired.message.contains(renew), "{}", expired.message);
-        let none = readiness("h1", None, at);
+        let none = readiness("h1", None, made, at);
         assert_eq!((none.status, none.reason), ("Unknown", "NoLease"));
+        // A host replaced under the same name: the expired Lease of the one before it does not
+        // make the new one expired before its agent registers.
+        let replaced = readiness("h1", Some(&l), Some(at + 60.0), at + 61.0);
+        assert_eq!((replaced.status, replaced.reason), ("Unknown", "NoLease"));
     }
 }
