@@ -58,9 +58,14 @@ spec:
       - name: httpd
         image: busybox
         imagePullPolicy: Never
-        command: [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/etc\"]
+        # On SIGTERM it keeps serving 2 s (the time the endpoints take to drop it), then goes.
+        command: [\"sh\", \"-c\", \"trap 'sleep 2; exit 0' TERM; httpd -f -p 8080 -h /etc & wait\"]
+        readinessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
         resources:
           requests: {cpu: 100m, memory: 16Mi}
+      terminationGracePeriodSeconds: 5
       # Moved 2 s after their node stops answering (the default is 300 s).
       tolerations:
       - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
@@ -422,6 +427,75 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
     assert_eq!(denied, "Failed", "the policy let an intruder in");
     let allowed = probe(&pods, "client", "team-w-w1-workers-0", "client", &to_web).await;
     assert_eq!(allowed, "Succeeded", "the policy kept the client out");
+    // `slipway flows` on the nodes names the policy kubectl made.
+    let mut flows = String::new();
+    for worker in ["team-w-w1-workers-0", "team-w-w1-workers-1"] {
+        let socket = world
+            .dir
+            .path()
+            .join(format!("sup/hosts/data/{worker}/agent.sock"));
+        let out = std::process::Command::new(common::slipway_binary())
+            .args(["flows", "--namespace", "default", "--socket"])
+            .arg(&socket)
+            .output()
+            .expect("slipway flows");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        flows.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    assert!(flows.contains("web-from-client"), "slipway flows:\n{flows}");
+
+    // A rolling update while a client loops over the Service: not one request fails.
+    let roll = "i=0; fails=0; while [ $i -lt 250 ]; do \
+        timeout 2 wget -q -O /dev/null http://web/hostname || { fails=$((fails+1)); echo \"request $i failed\"; }; \
+        i=$((i+1)); sleep 0.1; done; echo \"$fails of $i failed\"; [ $fails -eq 0 ]";
+    let roller: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "roller", "labels": {"app": "client"}},
+        "spec": {
+            "nodeName": "team-w-w1-workers-0",
+            "restartPolicy": "Never",
+            "containers": [{"name": "sh", "image": "busybox", "imagePullPolicy": "Never",
+                            "command": ["sh", "-c", roll]}],
+        },
+    }))
+    .expect("roller");
+    pods.create(&Default::default(), &roller)
+        .await
+        .expect("roller");
+    wait_for("the roller running", Duration::from_secs(30), || async {
+        let p = pods.get("roller").await.ok()?;
+        (p.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    world.kubectl_with(&path, &["set", "env", "deployment/web", "ROLL=1"]);
+    world.kubectl_with(
+        &path,
+        &["rollout", "status", "deployment/web", "--timeout=90s"],
+    );
+    eprintln!(
+        "rolling update of 3: kubectl set env → rollout complete in {:?}",
+        started.elapsed()
+    );
+    let rolled = wait_for("the roller to finish", Duration::from_secs(90), || async {
+        let p = pods.get("roller").await.ok()?;
+        p.status?
+            .phase
+            .filter(|ph| ph == "Succeeded" || ph == "Failed")
+    })
+    .await;
+    let log = world.kubectl_with(&path, &["logs", "roller"]);
+    assert_eq!(
+        rolled, "Succeeded",
+        "requests failed during the roll:\n{log}"
+    );
+    let web = wait_for("3 new web pods", Duration::from_secs(30), || {
+        running_pods(&pods, "web", 3)
+    })
+    .await;
 
     // A worker dies (every process of the host killed): its pods are recreated on the other
     // worker or on the host that replaces it, and the Service keeps answering.
