@@ -23,6 +23,8 @@ pub enum BenchCommand {
     Api(slipway_supervisor::bench::BenchApiArgs),
     /// Clusters of netns hosts: apply → Ready, scale, remediation, delete, memory.
     Cluster(crate::cluster_bench::ClusterBenchArgs),
+    /// Pod start latency on a provisioned cluster (create → Running) beside `podman run`.
+    Pods(crate::pods_bench::PodsBenchArgs),
 }
 
 /// Runs one suite.
@@ -35,6 +37,7 @@ pub fn dispatch(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Policy(args) => run(Suite::Policy, args),
         BenchCommand::Api(args) => args.run(),
         BenchCommand::Cluster(args) => args.run(),
+        BenchCommand::Pods(args) => args.run(),
     }
 }
 

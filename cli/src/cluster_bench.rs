@@ -168,7 +168,7 @@ fn is_slipway(pid: i32, sub: &str) -> bool {
         .is_some_and(|c| c.split(|b| *b == 0).nth(1) == Some(sub.as_bytes()))
 }
 
-async fn wait<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+pub(crate) async fn wait<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
@@ -186,7 +186,7 @@ where
     }
 }
 
-fn cluster(name: &str, workers: u32) -> serde_json::Value {
+pub(crate) fn cluster(name: &str, workers: u32) -> serde_json::Value {
     json!({
         "apiVersion": "slipway.dev/v1alpha1", "kind": "Cluster",
         "metadata": {"name": name, "namespace": "bench"},
