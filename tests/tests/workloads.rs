@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::{World, gvk, wait_for};
+use common::{World, client_for, gvk, wait_for};
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use kube::api::{Api, DynamicObject, ListParams};
@@ -253,15 +253,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         .0;
     let path = world.dir.path().join("w1.kubeconfig");
     std::fs::write(&path, kubeconfig).expect("write kubeconfig");
-    let workload = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&path).expect("kubeconfig"),
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .expect("config"),
-    )
-    .expect("client");
+    let workload = client_for(&path).await;
 
     // Every host a Node with its own block of the pod CIDR.
     let nodes: Api<Node> = Api::all(workload.clone());
@@ -603,15 +595,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         .dir
         .path()
         .join("sup/hosts/data/team-w-w1-workers-0/cluster.kubeconfig");
-    let node_client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&node_kubeconfig).expect("node kubeconfig"),
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .expect("config"),
-    )
-    .expect("client");
+    let node_client = client_for(&node_kubeconfig).await;
     let as_node: Api<Pod> = Api::all(node_client.clone());
     assert!(
         as_node

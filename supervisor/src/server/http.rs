@@ -74,36 +74,9 @@ pub fn error(e: &ApiError) -> Response<Body> {
     json(e.code(), &e.to_status())
 }
 
-fn hex(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Percent-decodes a query component (`+` is a space).
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h * 16 + l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// Percent-decodes a query component (`+` is a space): the API crate's, shared with the
+/// kubelet endpoint.
+pub use slipway_api::logs::percent_decode;
 
 /// Parses a query string into a map (last value wins).
 pub fn parse_query(q: Option<&str>) -> HashMap<String, String> {

@@ -147,14 +147,7 @@ impl World {
     }
 
     pub async fn client(&self) -> kube::Client {
-        let config = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(self.dir.path().join("sup/admin.kubeconfig"))
-                .expect("kubeconfig"),
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .expect("config");
-        kube::Client::try_from(config).expect("client")
+        client_for(&self.dir.path().join("sup/admin.kubeconfig")).await
     }
 
     /// Everything with the world's prefix the kernel still has.
@@ -187,6 +180,18 @@ impl Drop for World {
         let provider = self.provider();
         let _ = slipway_dataplane::underlay::block_on(provider.teardown());
     }
+}
+
+/// A client with the credentials of `kubeconfig`.
+pub async fn client_for(kubeconfig: &Path) -> kube::Client {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig)
+            .unwrap_or_else(|e| panic!("{}: {e}", kubeconfig.display())),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("config");
+    kube::Client::try_from(config).expect("client")
 }
 
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
