@@ -105,6 +105,12 @@ spec:
 /// Runs `script` in a busybox pod `name` labelled `app=<app>` on `node` (restartPolicy Never)
 /// and returns the phase it ends in: Succeeded when the script exits 0.
 async fn probe(pods: &Api<Pod>, name: &str, node: &str, app: &str, script: &str) -> String {
+    start_script(pods, name, node, app, script).await;
+    finished(pods, name, Duration::from_secs(60)).await
+}
+
+/// Creates the busybox pod `name` of [`probe`] without waiting for it.
+async fn start_script(pods: &Api<Pod>, name: &str, node: &str, app: &str, script: &str) {
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "labels": {"app": app}},
         "spec": {
@@ -114,21 +120,39 @@ async fn probe(pods: &Api<Pod>, name: &str, node: &str, app: &str, script: &str)
                             "command": ["sh", "-c", script]}],
         },
     }))
-    .expect("probe pod");
+    .expect("script pod");
     pods.create(&Default::default(), &pod)
         .await
-        .unwrap_or_else(|e| panic!("create probe {name}: {e}"));
-    wait_for(
-        &format!("probe {name} to finish"),
-        Duration::from_secs(60),
-        || async {
-            let p = pods.get(name).await.ok()?;
-            p.status?
-                .phase
-                .filter(|ph| ph == "Succeeded" || ph == "Failed")
-        },
-    )
+        .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+}
+
+/// The phase pod `name` ends in (Succeeded or Failed), awaited for up to `deadline`.
+async fn finished(pods: &Api<Pod>, name: &str, deadline: Duration) -> String {
+    wait_for(&format!("pod {name} to finish"), deadline, || async {
+        let p = pods.get(name).await.ok()?;
+        p.status?
+            .phase
+            .filter(|ph| ph == "Succeeded" || ph == "Failed")
+    })
     .await
+}
+
+/// The addresses of web's ready endpoints.
+async fn ready_endpoints(workload: &kube::Client) -> Option<BTreeSet<String>> {
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(workload.clone(), "default");
+    Some(
+        slices
+            .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+            .await
+            .ok()?
+            .items
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .flat_map(|e| e.addresses.iter().cloned())
+            .collect(),
+    )
 }
 
 /// What pod `name`'s containers on `host` wrote (their CRI log files), for a failure's message.
@@ -345,20 +369,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
     wait_for(
         "3 ready endpoints of web",
         Duration::from_secs(30),
-        || async {
-            let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-                Api::namespaced(workload.clone(), "default");
-            let ready = slices
-                .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
-                .await
-                .ok()?
-                .items
-                .iter()
-                .flat_map(|s| s.endpoints.iter())
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-                .count();
-            (ready == 3).then_some(())
-        },
+        || async { (ready_endpoints(&workload).await?.len() == 3).then_some(()) },
     )
     .await;
     let started = Instant::now();
@@ -444,19 +455,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
     let roll = "i=0; fails=0; while [ $i -lt 250 ]; do \
         timeout 2 wget -q -O /dev/null http://web/hostname || { fails=$((fails+1)); echo \"request $i failed\"; }; \
         i=$((i+1)); sleep 0.1; done; echo \"$fails of $i failed\"; [ $fails -eq 0 ]";
-    let roller: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "roller", "labels": {"app": "client"}},
-        "spec": {
-            "nodeName": "team-w-w1-workers-0",
-            "restartPolicy": "Never",
-            "containers": [{"name": "sh", "image": "busybox", "imagePullPolicy": "Never",
-                            "command": ["sh", "-c", roll]}],
-        },
-    }))
-    .expect("roller");
-    pods.create(&Default::default(), &roller)
-        .await
-        .expect("roller");
+    start_script(&pods, "roller", "team-w-w1-workers-0", "client", roll).await;
     wait_for("the roller running", Duration::from_secs(30), || async {
         let p = pods.get("roller").await.ok()?;
         (p.status?.phase.as_deref() == Some("Running")).then_some(())
@@ -472,13 +471,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         "rolling update of 3: kubectl set env → rollout complete in {:?}",
         started.elapsed()
     );
-    let rolled = wait_for("the roller to finish", Duration::from_secs(90), || async {
-        let p = pods.get("roller").await.ok()?;
-        p.status?
-            .phase
-            .filter(|ph| ph == "Succeeded" || ph == "Failed")
-    })
-    .await;
+    let rolled = finished(&pods, "roller", Duration::from_secs(90)).await;
     let log = world.kubectl_with(&path, &["logs", "roller"]);
     assert_eq!(
         rolled, "Succeeded",
@@ -554,18 +547,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         "web's endpoints to follow",
         Duration::from_secs(30),
         || async {
-            let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-                Api::namespaced(workload.clone(), "default");
-            let ready: BTreeSet<String> = slices
-                .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
-                .await
-                .ok()?
-                .items
-                .iter()
-                .flat_map(|s| s.endpoints.iter())
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-                .flat_map(|e| e.addresses.iter().cloned())
-                .collect();
+            let ready = ready_endpoints(&workload).await?;
             let want: BTreeSet<String> = moved
                 .iter()
                 .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
