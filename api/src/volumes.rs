@@ -27,6 +27,24 @@ pub const ZONE_ANNOTATION: &str = "slipway.dev/zone";
 /// export, `tcp:HOST:PORT` or `unix:/path`.
 pub const CTX_NBD: &str = "nbdAddress";
 
+/// Annotation the volume reconciler writes on a claim it bound: the volume handle (the CSI
+/// volume ID, the PV's name), for readers that may not read PVs (a cluster's pvCSI controller).
+pub const VOLUME_HANDLE_ANNOTATION: &str = "csi.slipway.dev/volume-handle";
+
+/// Annotation the volume reconciler writes on a claim it bound: the NBD address of its
+/// volume (the volume context's [`CTX_NBD`]).
+pub const NBD_ADDRESS_ANNOTATION: &str = "csi.slipway.dev/nbd-address";
+
+/// Label on the supervisor claims a workload cluster's pvCSI controller makes: the cluster.
+pub const CLUSTER_LABEL: &str = "slipway.dev/cluster";
+
+/// Annotation on those claims: the CSI volume name the cluster asked for.
+pub const CSI_NAME_ANNOTATION: &str = "csi.slipway.dev/name";
+
+/// The one StorageClass parameter of `csi.slipway.dev` in a workload cluster: the supervisor
+/// StorageClass its volumes are made with (vSphere pvCSI's name for it).
+pub const SV_STORAGE_CLASS: &str = "svStorageClass";
+
 /// Attachment metadata key (the CSI publish context): the client name the export allows.
 pub const CTX_NBD_CLIENT: &str = "nbdClient";
 

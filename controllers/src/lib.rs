@@ -6,6 +6,7 @@
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
 
+pub mod attacher;
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
@@ -14,6 +15,8 @@ pub mod metrics;
 pub mod node_lifecycle;
 pub mod placement;
 pub mod pods;
+pub mod provisioner;
+pub mod pvcsi;
 pub mod replicaset;
 pub mod scheduler;
 
@@ -44,6 +47,33 @@ pub struct Options {
     pub unschedulable_retry: Duration,
     /// Counters the controllers keep.
     pub metrics: Arc<Metrics>,
+    /// The cluster's link to its supervisor namespace; with it the pvCSI controller and its
+    /// provisioner and attacher run.
+    pub supervisor: Option<SupervisorLink>,
+    /// Where the pvCSI controller serves CSI (None: a socket per process in the temporary
+    /// directory).
+    pub pvcsi_socket: Option<std::path::PathBuf>,
+}
+
+/// A workload cluster's link to its supervisor namespace: a client with the cluster's
+/// namespace-scoped identity (`system:cluster:<namespace>:<cluster>`).
+#[derive(Clone)]
+pub struct SupervisorLink {
+    /// The client.
+    pub client: kube::Client,
+    /// The cluster's supervisor namespace.
+    pub namespace: String,
+    /// The cluster's name.
+    pub cluster: String,
+}
+
+impl std::fmt::Debug for SupervisorLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorLink")
+            .field("namespace", &self.namespace)
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Options {
@@ -54,6 +84,8 @@ impl Default for Options {
             node_monitor_period: Duration::from_secs(5),
             unschedulable_retry: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),
+            supervisor: None,
+            pvcsi_socket: None,
         }
     }
 }
@@ -98,7 +130,17 @@ pub(crate) fn api_err(
 pub async fn run(client: kube::Client, options: Options) {
     let options = Arc::new(options);
     tracing::info!("workload cluster controllers starting");
+    let pvcsi = {
+        let (client, options) = (client.clone(), options.clone());
+        async move {
+            match options.supervisor.clone() {
+                Some(link) => pvcsi::run(client, options, link).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     tokio::join!(
+        pvcsi,
         replicaset::run(client.clone(), options.clone()),
         deployment::run(client.clone(), options.clone()),
         scheduler::run(client.clone(), options.clone()),

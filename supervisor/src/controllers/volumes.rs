@@ -28,7 +28,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use slipway_api::slipway::{GROUP, VERSION};
-use slipway_api::volumes::{CTX_NBD, CTX_NBD_CLIENT, DRIVER, ZONE_TOPOLOGY_KEY, host_nbd_client};
+use slipway_api::volumes::{
+    CTX_NBD, CTX_NBD_CLIENT, DRIVER, NBD_ADDRESS_ANNOTATION, VOLUME_HANDLE_ANNOTATION,
+    ZONE_ANNOTATION, ZONE_TOPOLOGY_KEY, host_nbd_client,
+};
 use slipway_blockstore::control::{self, ControlRequest};
 use slipway_blockstore::store::VolumeInfo;
 use tracing::{debug, info, warn};
@@ -546,11 +549,27 @@ impl VolumeReconciler {
     async fn bind(&self, s: &Served<'_>, size: u64) -> anyhow::Result<()> {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &s.ns);
         let spec = s.claim.spec.as_ref();
-        if spec.and_then(|sp| sp.volume_name.as_deref()) != Some(s.volume.as_str()) {
+        let nbd = self
+            .stores
+            .get(&s.zone)
+            .map(|b| b.nbd.clone())
+            .unwrap_or_default();
+        let ann = s.claim.metadata.annotations.clone().unwrap_or_default();
+        let noted = ann.get(VOLUME_HANDLE_ANNOTATION) == Some(&s.volume)
+            && ann.get(NBD_ADDRESS_ANNOTATION) == Some(&nbd)
+            && ann.get(ZONE_ANNOTATION) == Some(&s.zone);
+        if spec.and_then(|sp| sp.volume_name.as_deref()) != Some(s.volume.as_str()) || !noted {
             api.patch(
                 &s.name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"volumeName": s.volume}})),
+                &Patch::Merge(json!({
+                    "metadata": {"annotations": {
+                        VOLUME_HANDLE_ANNOTATION: s.volume,
+                        NBD_ADDRESS_ANNOTATION: nbd,
+                        ZONE_ANNOTATION: s.zone,
+                    }},
+                    "spec": {"volumeName": s.volume},
+                })),
             )
             .await
             .context("binding the claim")?;
