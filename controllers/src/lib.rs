@@ -44,6 +44,31 @@ pub struct Options {
     pub unschedulable_retry: Duration,
     /// Counters the controllers keep.
     pub metrics: Arc<Metrics>,
+    /// The cluster's link to its supervisor namespace, for the controllers that forward to the
+    /// supervisor (cloud provider, paravirtual volumes); `None` on a cluster that has none.
+    pub supervisor: Option<SupervisorLink>,
+}
+
+/// A workload cluster's link to the supervisor that made it: a client with the cluster's own,
+/// namespace-scoped identity (`system:cluster:<namespace>:<cluster>`), the namespace, and the
+/// cluster's name (what the mirrored objects are named and labelled after).
+#[derive(Clone)]
+pub struct SupervisorLink {
+    /// A client of the supervisor's API.
+    pub client: kube::Client,
+    /// The cluster's namespace in the supervisor.
+    pub namespace: String,
+    /// The cluster's name there.
+    pub cluster: String,
+}
+
+impl std::fmt::Debug for SupervisorLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorLink")
+            .field("namespace", &self.namespace)
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Options {
@@ -54,6 +79,7 @@ impl Default for Options {
             node_monitor_period: Duration::from_secs(5),
             unschedulable_retry: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),
+            supervisor: None,
         }
     }
 }
