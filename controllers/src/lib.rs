@@ -47,23 +47,24 @@ pub struct Options {
     pub unschedulable_retry: Duration,
     /// Counters the controllers keep.
     pub metrics: Arc<Metrics>,
-    /// The cluster's link to its supervisor namespace; with it the pvCSI controller and its
-    /// provisioner and attacher run.
+    /// The cluster's link to its supervisor namespace, for the controllers that forward to the
+    /// supervisor (cloud provider, paravirtual volumes); `None` on a cluster that has none.
     pub supervisor: Option<SupervisorLink>,
     /// Where the pvCSI controller serves CSI (None: a socket per process in the temporary
     /// directory).
     pub pvcsi_socket: Option<std::path::PathBuf>,
 }
 
-/// A workload cluster's link to its supervisor namespace: a client with the cluster's
-/// namespace-scoped identity (`system:cluster:<namespace>:<cluster>`).
+/// A workload cluster's link to the supervisor that made it: a client with the cluster's own,
+/// namespace-scoped identity (`system:cluster:<namespace>:<cluster>`), the namespace, and the
+/// cluster's name (what the mirrored objects are named and labelled after).
 #[derive(Clone)]
 pub struct SupervisorLink {
-    /// The client.
+    /// A client of the supervisor's API.
     pub client: kube::Client,
-    /// The cluster's supervisor namespace.
+    /// The cluster's namespace in the supervisor.
     pub namespace: String,
-    /// The cluster's name.
+    /// The cluster's name there.
     pub cluster: String,
 }
 

@@ -29,11 +29,12 @@ use slipway_csi::proto::{
     CapacityRange, ControllerPublishVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
 };
 use slipway_supervisor::admission::AdmissionConfig;
+use slipway_supervisor::auth::{CLUSTER_USER_PREFIX, CLUSTERS};
 use slipway_supervisor::controllers::volume_plan::BlockStoreRef;
 use slipway_supervisor::controllers::volumes::VolumeReconciler;
 use slipway_supervisor::server::limits::ConnectionLimits;
 use slipway_supervisor::server::{Server, ServerConfig, StoreConfig};
-use slipway_supervisor::tls::{ADMIN_DAYS, Pki};
+use slipway_supervisor::tls::{ADMIN_DAYS, Credential, Pki};
 
 const GI: u64 = 1 << 30;
 
@@ -47,7 +48,7 @@ impl Drop for Child {
     }
 }
 
-async fn api_server(dir: &Path) -> Result<(Client, PathBuf)> {
+async fn api_server(dir: &Path) -> Result<(Client, PathBuf, std::net::SocketAddr)> {
     let server = Server::bind(ServerConfig {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
@@ -61,11 +62,12 @@ async fn api_server(dir: &Path) -> Result<(Client, PathBuf)> {
     })
     .await?;
     let controllers = server.controllers_kubeconfig().to_owned();
+    let addr = server.local_addr();
     tokio::spawn(server.serve(std::future::pending()));
     let kubeconfig = Kubeconfig::read_from(dir.join("admin.kubeconfig"))?;
     let config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok((Client::try_from(config)?, controllers))
+    Ok((Client::try_from(config)?, controllers, addr))
 }
 
 fn nbd_binary() -> Result<PathBuf> {
@@ -215,7 +217,7 @@ async fn workload_claims_become_supervisor_volumes_attached_to_one_host() -> Res
     let pki = Pki::new(&sup_dir);
     pki.ensure(&[])?;
     let (_bs, control, port) = block_store(dir.path(), &pki)?;
-    let (sv, controllers_kubeconfig) = api_server(&sup_dir).await?;
+    let (sv, controllers_kubeconfig, sv_addr) = api_server(&sup_dir).await?;
     let reconciler = VolumeReconciler::connect(
         &controllers_kubeconfig,
         vec![BlockStoreRef {
@@ -250,13 +252,35 @@ async fn workload_claims_become_supervisor_volumes_attached_to_one_host() -> Res
     // The workload cluster: its API server and controllers with the link.
     let wl_dir = dir.path().join("workload");
     std::fs::create_dir_all(&wl_dir)?;
-    let (wl, _) = api_server(&wl_dir).await?;
+    let (wl, _, _) = api_server(&wl_dir).await?;
+    // The link has the cluster's own namespace-scoped identity, as a control plane host gets it.
+    let (cert_pem, key_pem) = pki.issue_client(
+        &format!("{CLUSTER_USER_PREFIX}team:c1"),
+        Some(CLUSTERS),
+        ADMIN_DAYS,
+    )?;
+    let link_kubeconfig = dir.path().join("link.kubeconfig");
+    std::fs::write(
+        &link_kubeconfig,
+        pki.kubeconfig(
+            &slipway_supervisor::tls::authority(sv_addr),
+            "link",
+            &Credential::ClientCert { cert_pem, key_pem },
+        )?,
+    )?;
+    let link = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&link_kubeconfig)?,
+            &KubeConfigOptions::default(),
+        )
+        .await?,
+    )?;
     let socket = dir.path().join("pvcsi.sock");
     tokio::spawn(slipway_controllers::run(
         wl.clone(),
         Options {
             supervisor: Some(SupervisorLink {
-                client: sv.clone(),
+                client: link,
                 namespace: "team".into(),
                 cluster: "c1".into(),
             }),
