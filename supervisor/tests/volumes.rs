@@ -264,6 +264,14 @@ fn claims_become_volumes_that_only_attached_hosts_open() {
     );
     assert_eq!(volumes(&control).len(), before);
     assert!(get(&sup, &["pvc", "huge", "-n", "team"]).is_none());
+    let err = sup
+        .kubectl_stdin(
+            &["apply", "-f", "-"],
+            Some("apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: odd}\nprovisioner: csi.slipway.dev\nparameters: {replicas: \"3\"}\n"),
+        )
+        .err()
+        .to_owned();
+    assert!(err.contains("parameters.replicas") && err.contains("unknown parameter"), "{err}");
 
     // Attached to the team's host: exactly that host opens it.
     let hva = "apiVersion: slipway.dev/v1alpha1\nkind: HostVolumeAttachment\nmetadata: {name: data-h0, namespace: team}\nspec: {claim: data, host: team-c1-workers-0}\n";
@@ -301,6 +309,10 @@ fn claims_become_volumes_that_only_attached_hosts_open() {
     );
     assert!(!opens(&other_host, port, &vol));
 
+    // A supervisor restarted at this point finds everything again: nothing is made twice.
+    let made = volumes(&control).len();
+    let mut sup = sup;
+    sup.restart();
     // Growth: the claim asks for more, the volume and PV follow.
     sup.kubectl(&[
         "patch",
@@ -324,6 +336,8 @@ fn claims_become_volumes_that_only_attached_hosts_open() {
         let pv = get(&sup, &["pv", &vol])?;
         (pv["spec"]["capacity"]["storage"] == (2 * GI).to_string()).then_some(())
     });
+    assert_eq!(volumes(&control).len(), made, "a restarted reconciler made a volume again");
+    assert!(opens(&team_host, port, &vol), "the restart lost the attachment");
 
     // A clone of the claim (within the 4Gi limit: 2Gi + 2Gi).
     sup.kubectl_stdin(
