@@ -35,6 +35,10 @@ pub const VOLUME_HANDLE_ANNOTATION: &str = "csi.slipway.dev/volume-handle";
 /// volume (the volume context's [`CTX_NBD`]).
 pub const NBD_ADDRESS_ANNOTATION: &str = "csi.slipway.dev/nbd-address";
 
+/// Annotation the volume reconciler writes on a VolumeSnapshot it took: the block store
+/// snapshot (the CSI snapshot ID).
+pub const SNAPSHOT_HANDLE_ANNOTATION: &str = "csi.slipway.dev/snapshot-handle";
+
 /// Label on the supervisor claims a workload cluster's pvCSI controller makes: the cluster.
 pub const CLUSTER_LABEL: &str = "slipway.dev/cluster";
 

@@ -26,7 +26,9 @@ use slipway_blockstore::control::{self, ControlRequest};
 use slipway_controllers::{Options, SupervisorLink};
 use slipway_csi::proto::controller_client::ControllerClient;
 use slipway_csi::proto::{
-    CapacityRange, ControllerPublishVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
+    CapacityRange, ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest,
+    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
+    ListSnapshotsRequest, VolumeContentSource, volume_content_source,
 };
 use slipway_supervisor::admission::AdmissionConfig;
 use slipway_supervisor::auth::{CLUSTER_USER_PREFIX, CLUSTERS};
@@ -136,21 +138,21 @@ fn host_creds(dir: &Path, pki: &Pki, host: &str) -> Result<String> {
 
 /// Whether qemu-io, as the host whose credentials are in `creds`, reads the export.
 fn opens(creds: &str, port: u16, export: &str) -> bool {
+    qemu(creds, port, export, &["read 0 4k"])
+}
+
+/// Whether qemu-io, as the host whose credentials are in `creds`, runs `cmds` on the export.
+fn qemu(creds: &str, port: u16, export: &str, cmds: &[&str]) -> bool {
     let object = format!("tls-creds-x509,id=tls0,endpoint=client,dir={creds}");
     let image = format!(
         "driver=nbd,server.type=inet,server.host=localhost,server.port={port},export={export},tls-creds=tls0"
     );
-    let Ok(out) = Command::new("qemu-io")
-        .args([
-            "--object",
-            &object,
-            "--image-opts",
-            "-c",
-            "read 0 4k",
-            &image,
-        ])
-        .output()
-    else {
+    let mut args = vec!["--object", object.as_str(), "--image-opts"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(&image);
+    let Ok(out) = Command::new("qemu-io").args(&args).output() else {
         return false;
     };
     let text = format!(
@@ -493,6 +495,95 @@ async fn workload_claims_become_supervisor_volumes_attached_to_one_host() -> Res
         Ok((left.len() == 1).then_some(()))
     })
     .await?;
+    // Snapshots: taken in the supervisor, restored into a new volume with the old content.
+    assert!(qemu(
+        &host0,
+        port,
+        &handle,
+        &["write -P 0xab 0 64k", "flush"]
+    ));
+    let snap_req = || CreateSnapshotRequest {
+        source_volume_id: handle.clone(),
+        name: "snapshot-1".into(),
+        ..Default::default()
+    };
+    let snap = grpc
+        .create_snapshot(snap_req())
+        .await?
+        .into_inner()
+        .snapshot
+        .context("snapshot")?;
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.source_volume_id, handle);
+    assert_eq!(snap.size_bytes, i64::try_from(2 * GI)?);
+    // Repeated, the same answer.
+    let again = grpc
+        .create_snapshot(snap_req())
+        .await?
+        .into_inner()
+        .snapshot
+        .context("snapshot")?;
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    let listed = grpc
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await?
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    assert!(qemu(
+        &host0,
+        port,
+        &handle,
+        &["write -P 0xcd 0 64k", "flush"]
+    ));
+    let mut from_snap = create("pvc-restored", 2 * GI, &[("svStorageClass", "fast")]);
+    from_snap.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    let restored = grpc
+        .create_volume(from_snap)
+        .await?
+        .into_inner()
+        .volume
+        .context("restored volume")?;
+    let ctx = grpc
+        .controller_publish_volume(publish(&restored.volume_id, "team-c1-w-0"))
+        .await?
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx.get("nbdClient"), Some(&host_nbd_client("team-c1-w-0")));
+    assert!(
+        qemu(&host0, port, &restored.volume_id, &["read -P 0xab 0 64k"]),
+        "the restored volume lacks the snapshot's content"
+    );
+    assert!(qemu(&host0, port, &handle, &["read -P 0xcd 0 64k"]));
+    grpc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: restored.volume_id.clone(),
+        node_id: "team-c1-w-0".into(),
+        secrets: HashMap::new(),
+    })
+    .await?;
+    grpc.delete_volume(DeleteVolumeRequest {
+        volume_id: restored.volume_id.clone(),
+        secrets: HashMap::new(),
+    })
+    .await?;
+    grpc.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        secrets: HashMap::new(),
+    })
+    .await?;
+    let vols = store_volumes(&control).await?;
+    assert!(
+        !vols
+            .iter()
+            .any(|v| v.name == snap.snapshot_id || v.name == restored.volume_id),
+        "{vols:?}"
+    );
     // Deleting a volume that does not exist succeeds (CSI spec).
     grpc.delete_volume(DeleteVolumeRequest {
         volume_id: "pvc-nope".into(),

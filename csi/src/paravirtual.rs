@@ -26,8 +26,8 @@ use kube::api::{
 use serde_json::{Value, json};
 use slipway_api::slipway::{GROUP, VERSION};
 use slipway_api::volumes::{
-    CLUSTER_LABEL, CSI_NAME_ANNOTATION, NBD_ADDRESS_ANNOTATION, SV_STORAGE_CLASS,
-    VOLUME_HANDLE_ANNOTATION, ZONE_ANNOTATION,
+    CLUSTER_LABEL, CSI_NAME_ANNOTATION, NBD_ADDRESS_ANNOTATION, SNAPSHOT_HANDLE_ANNOTATION,
+    SV_STORAGE_CLASS, VOLUME_HANDLE_ANNOTATION, ZONE_ANNOTATION,
 };
 use tonic::{Request, Response, Status};
 
@@ -66,6 +66,7 @@ pub struct ParavirtualController {
     sv: SupervisorNamespace,
     claims: Api<PersistentVolumeClaim>,
     attachments: Api<DynamicObject>,
+    snapshots: Api<DynamicObject>,
     /// How long an RPC waits for the supervisor before answering DEADLINE_EXCEEDED.
     wait: Duration,
 }
@@ -140,6 +141,32 @@ fn requested(c: &PersistentVolumeClaim) -> Option<u64> {
     q.0.parse().ok()
 }
 
+fn snapshot_handle(vs: &DynamicObject) -> Option<&str> {
+    vs.metadata
+        .annotations
+        .as_ref()?
+        .get(SNAPSHOT_HANDLE_ANNOTATION)
+        .map(String::as_str)
+}
+
+/// The CSI snapshot of a VolumeSnapshot, once the supervisor has taken it.
+fn snapshot_msg(vs: &DynamicObject, source: &str) -> Option<Snapshot> {
+    let status = &vs.data["status"];
+    if status["readyToUse"] != true {
+        return None;
+    }
+    Some(Snapshot {
+        size_bytes: status["restoreSize"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        snapshot_id: snapshot_handle(vs)?.to_owned(),
+        source_volume_id: source.to_owned(),
+        creation_time: None,
+        ready_to_use: true,
+    })
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -167,6 +194,14 @@ impl ParavirtualController {
         Self {
             claims: Api::namespaced(sv.client.clone(), &sv.namespace),
             attachments: Api::namespaced_with(sv.client.clone(), &sv.namespace, &hva_resource()),
+            snapshots: Api::namespaced_with(
+                sv.client.clone(),
+                &sv.namespace,
+                &ApiResource::from_gvk_with_plural(
+                    &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+                    "volumesnapshots",
+                ),
+            ),
             sv,
             wait: Duration::from_secs(60),
         }
@@ -263,8 +298,17 @@ impl ParavirtualController {
             .and_then(|s| s.r#type.as_ref())
         {
             None => None,
-            Some(volume_content_source::Type::Snapshot(_)) => {
-                return Err(CsiError::Unimplemented("CreateVolume from a snapshot"));
+            Some(volume_content_source::Type::Snapshot(snap)) => {
+                let vs = self.snapshot_of(&snap.snapshot_id).await?.ok_or_else(|| {
+                    CsiError::NotFound {
+                        what: "snapshot",
+                        id: snap.snapshot_id.clone(),
+                    }
+                })?;
+                Some(
+                    json!({"kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io",
+                    "name": vs.metadata.name}),
+                )
             }
             Some(volume_content_source::Type::Volume(v)) => {
                 let src = self
@@ -274,7 +318,7 @@ impl ParavirtualController {
                         what: "volume",
                         id: v.volume_id.clone(),
                     })?;
-                src.metadata.name
+                Some(json!({"kind": "PersistentVolumeClaim", "name": src.metadata.name}))
             }
         };
         let name = self.claim_name(&req.name);
@@ -293,7 +337,7 @@ impl ParavirtualController {
                 "storageClassName": class,
                 "volumeMode": if block { "Block" } else { "Filesystem" },
                 "resources": {"requests": {"storage": size.to_string()}},
-                "dataSource": source.map(|s| json!({"kind": "PersistentVolumeClaim", "name": s})),
+                "dataSource": source,
             },
         }))
         .map_err(|e| CsiError::invalid("name", e.to_string()))?;
@@ -368,6 +412,105 @@ impl ParavirtualController {
         .await?;
         tracing::info!(volume = %id, claim = %name, "volume deleted");
         Ok(())
+    }
+
+    /// The cluster's VolumeSnapshots in the supervisor namespace.
+    async fn cluster_snapshots(&self) -> Result<Vec<DynamicObject>, CsiError> {
+        Ok(self
+            .snapshots
+            .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={}", self.sv.cluster)))
+            .await
+            .map_err(sv_err("listing snapshots"))?
+            .items)
+    }
+
+    /// The VolumeSnapshot whose handle is `id`.
+    async fn snapshot_of(&self, id: &str) -> Result<Option<DynamicObject>, CsiError> {
+        Ok(self
+            .cluster_snapshots()
+            .await?
+            .into_iter()
+            .find(|v| snapshot_handle(v) == Some(id)))
+    }
+
+    async fn create_snapshot(&self, req: CreateSnapshotRequest) -> Result<Snapshot, CsiError> {
+        check_name("name", &req.name)?;
+        check_name("source_volume_id", &req.source_volume_id)?;
+        check_parameters(&req.parameters, &[])?;
+        let claim =
+            self.claim_of(&req.source_volume_id)
+                .await?
+                .ok_or_else(|| CsiError::NotFound {
+                    what: "volume",
+                    id: req.source_volume_id.clone(),
+                })?;
+        let claim_name = claim.metadata.name.clone().unwrap_or_default();
+        let name = self.claim_name(&req.name);
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshot",
+            "metadata": {"name": name, "labels": {CLUSTER_LABEL: self.sv.cluster},
+                         "annotations": {CSI_NAME_ANNOTATION: req.name}},
+            "spec": {"source": {"persistentVolumeClaimName": claim_name}},
+        }))
+        .map_err(|e| CsiError::invalid("name", e.to_string()))?;
+        match self.snapshots.create(&PostParams::default(), &obj).await {
+            Ok(_) => {}
+            Err(e) if is_code(&e, 409) => {
+                let have = self
+                    .snapshots
+                    .get(&name)
+                    .await
+                    .map_err(sv_err(format!("reading snapshot {name}")))?;
+                if have.data["spec"]["source"]["persistentVolumeClaimName"] != claim_name.as_str() {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "snapshot {:?} exists of another volume",
+                        req.name
+                    )));
+                }
+            }
+            Err(e) => return Err(refusal("creating the snapshot", e)),
+        }
+        let api = self.snapshots.clone();
+        let source = req.source_volume_id.clone();
+        self.until("taken the snapshot", || {
+            let (api, name, source) = (api.clone(), name.clone(), source.clone());
+            async move {
+                let vs = api
+                    .get(&name)
+                    .await
+                    .map_err(sv_err(format!("reading snapshot {name}")))?;
+                Ok(snapshot_msg(&vs, &source))
+            }
+        })
+        .await
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<(), CsiError> {
+        if id.is_empty() {
+            return Err(CsiError::invalid("snapshot_id", "must not be empty"));
+        }
+        let Some(vs) = self.snapshot_of(id).await? else {
+            return Ok(());
+        };
+        let name = vs.metadata.name.clone().unwrap_or_default();
+        match self.snapshots.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(e) if is_code(&e, 404) => return Ok(()),
+            Err(e) => return Err(sv_err(format!("deleting snapshot {name}"))(e)),
+        }
+        let api = self.snapshots.clone();
+        self.until("deleted the snapshot", || {
+            let (api, name) = (api.clone(), name.clone());
+            async move {
+                match api.get_opt(&name).await {
+                    Ok(None) => Ok(Some(())),
+                    Ok(Some(_)) => Ok(None),
+                    Err(e) => Err(sv_err(format!("reading snapshot {name}"))(e)),
+                }
+            }
+        })
+        .await
     }
 
     fn attachment_name(claim: &str, node: &str) -> String {
@@ -701,6 +844,8 @@ impl Controller for ParavirtualController {
             rpc::Type::CloneVolume,
             rpc::Type::ExpandVolume,
             rpc::Type::GetVolume,
+            rpc::Type::CreateDeleteSnapshot,
+            rpc::Type::ListSnapshots,
         ];
         Ok(Response::new(ControllerGetCapabilitiesResponse {
             capabilities: caps.into_iter().map(rpc_cap).collect(),
@@ -709,23 +854,77 @@ impl Controller for ParavirtualController {
 
     async fn create_snapshot(
         &self,
-        _req: Request<CreateSnapshotRequest>,
+        req: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(CsiError::Unimplemented("CreateSnapshot (paravirtual)").into())
+        let snapshot = self.create_snapshot(req.into_inner()).await?;
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<DeleteSnapshotRequest>,
+        req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(CsiError::Unimplemented("DeleteSnapshot (paravirtual)").into())
+        self.delete_snapshot(&req.into_inner().snapshot_id).await?;
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<ListSnapshotsRequest>,
+        req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(CsiError::Unimplemented("ListSnapshots (paravirtual)").into())
+        let req = req.into_inner();
+        if req.max_entries < 0 {
+            return Err(CsiError::invalid("max_entries", "must not be negative").into());
+        }
+        let claims = self.cluster_claims().await?;
+        let mut entries: Vec<Snapshot> = self
+            .cluster_snapshots()
+            .await?
+            .iter()
+            .filter_map(|vs| {
+                let claim = vs.data["spec"]["source"]["persistentVolumeClaimName"].as_str()?;
+                let source = claims
+                    .iter()
+                    .find(|c| c.metadata.name.as_deref() == Some(claim))
+                    .and_then(|c| annotation(c, VOLUME_HANDLE_ANNOTATION))
+                    .unwrap_or_default();
+                snapshot_msg(vs, source)
+            })
+            .filter(|s| req.snapshot_id.is_empty() || s.snapshot_id == req.snapshot_id)
+            .filter(|s| {
+                req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
+            })
+            .collect();
+        entries.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
+        let start = if req.starting_token.is_empty() {
+            0
+        } else {
+            req.starting_token
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= entries.len())
+                .ok_or_else(|| CsiError::BadToken(req.starting_token.clone()))?
+        };
+        let end = if req.max_entries == 0 {
+            entries.len()
+        } else {
+            (start + req.max_entries as usize).min(entries.len())
+        };
+        let next_token = if end < entries.len() {
+            end.to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListSnapshotsResponse {
+            entries: entries[start..end]
+                .iter()
+                .cloned()
+                .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
+                .collect(),
+            next_token,
+        }))
     }
 
     async fn controller_expand_volume(

@@ -51,7 +51,19 @@ pub const CLUSTER_LINK_RESOURCES: &[(&str, &str, Option<&str>, &[&str])] = &[
     ("", "services", Some("status"), READ_VERBS),
     ("", "persistentvolumeclaims", None, ALL_VERBS),
     ("", "persistentvolumeclaims", Some("status"), READ_VERBS),
-    // The pvCSI controller's requests to attach its volumes to its hosts.
+    // The pvCSI controller's snapshots and its requests to attach volumes to its hosts.
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshots",
+        None,
+        ALL_VERBS,
+    ),
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshots",
+        Some("status"),
+        READ_VERBS,
+    ),
     (
         slipway_api::slipway::GROUP,
         "hostvolumeattachments",

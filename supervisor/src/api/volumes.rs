@@ -110,6 +110,79 @@ fn attached(v: &Value) -> Value {
     )
 }
 
+/// Where a VolumeSnapshot comes from (`snapshot.storage.k8s.io/v1`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotSource {
+    /// The claim (in the snapshot's namespace) to snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim_name: Option<String>,
+    /// A pre-provisioned snapshot's content (not supported: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_content_name: Option<String>,
+}
+
+/// VolumeSnapshot spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotSpec {
+    /// What to snapshot.
+    #[serde(default)]
+    pub source: VolumeSnapshotSource,
+    /// The VolumeSnapshotClass (accepted, unused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_class_name: Option<String>,
+}
+
+/// VolumeSnapshot status, written by the volume reconciler.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotStatus {
+    /// The content object (none: Slipway keeps the handle in an annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_volume_snapshot_content_name: Option<String>,
+    /// When the snapshot was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<String>,
+    /// Whether a volume can be made from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_to_use: Option<bool>,
+    /// The smallest volume it restores into, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<String>,
+    /// Why it is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+super::kind!(
+    /// A VolumeSnapshot (`snapshot.storage.k8s.io/v1`, namespaced): a point-in-time copy of a
+    /// claim's volume, taken by the volume reconciler in the volume's block store.
+    VolumeSnapshot,
+    VolumeSnapshotSpec,
+    VolumeSnapshotStatus
+);
+
+impl Validate for VolumeSnapshot {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        let src = &self.spec.source;
+        match (
+            &src.persistent_volume_claim_name,
+            &src.volume_snapshot_content_name,
+        ) {
+            (Some(c), None) if !c.is_empty() => {}
+            (_, Some(_)) => errs.push(FieldError::invalid(
+                "spec.source.volumeSnapshotContentName",
+                "set",
+                "pre-provisioned snapshots are not supported; name a persistentVolumeClaimName",
+            )),
+            _ => errs.push(FieldError::required(
+                "spec.source.persistentVolumeClaimName",
+            )),
+        }
+    }
+}
+
 /// The volume kinds' registry entries.
 pub(super) fn resources() -> Vec<ResourceType> {
     vec![
@@ -162,6 +235,28 @@ pub(super) fn resources() -> Vec<ResourceType> {
             ],
             decode: decode_upstream::<VolumeAttachment>,
             schema: schema::<VolumeAttachment>,
+        },
+        ResourceType {
+            group: "snapshot.storage.k8s.io",
+            version: "v1",
+            kind: "VolumeSnapshot",
+            plural: "volumesnapshots",
+            singular: "volumesnapshot",
+            namespaced: true,
+            short_names: &["vs"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![
+                col("ReadyToUse", "Ready to use", |v| s(v, "status.readyToUse")),
+                col("SourcePVC", "Source claim", |v| {
+                    s(v, "spec.source.persistentVolumeClaimName")
+                }),
+                col("RestoreSize", "Restore size", |v| {
+                    s(v, "status.restoreSize")
+                }),
+            ],
+            decode: decode::<VolumeSnapshot>,
+            schema: schema::<VolumeSnapshot>,
         },
         ResourceType {
             group: GROUP,
@@ -226,6 +321,18 @@ mod tests {
             fields,
             ["spec.attacher", "spec.source.persistentVolumeName"]
         );
+        let vs = lookup("snapshot.storage.k8s.io", "v1", "volumesnapshots").expect("served");
+        let (_, errs) = vs
+            .decode(json!({"metadata": {"name": "s"}, "spec": {"source": {}}}))
+            .expect("decodes");
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.source.persistentVolumeClaimName"]);
+        let (_, errs) = vs
+            .decode(json!({"metadata": {"name": "s"}, "spec": {"source": {
+                "volumeSnapshotContentName": "c"}}}))
+            .expect("decodes");
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.source.volumeSnapshotContentName"]);
         let hva = lookup("slipway.dev", "v1alpha1", "hostvolumeattachments").expect("served");
         assert!(hva.namespaced);
         assert!(

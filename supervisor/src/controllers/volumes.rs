@@ -29,16 +29,17 @@ use kube::runtime::watcher;
 use serde_json::{Value, json};
 use slipway_api::slipway::{GROUP, VERSION};
 use slipway_api::volumes::{
-    CTX_NBD, CTX_NBD_CLIENT, DRIVER, NBD_ADDRESS_ANNOTATION, VOLUME_HANDLE_ANNOTATION,
-    ZONE_ANNOTATION, ZONE_TOPOLOGY_KEY, host_nbd_client,
+    CTX_NBD, DRIVER, NBD_ADDRESS_ANNOTATION, VOLUME_HANDLE_ANNOTATION, ZONE_ANNOTATION,
+    ZONE_TOPOLOGY_KEY,
 };
 use slipway_blockstore::control::{self, ControlRequest};
 use slipway_blockstore::store::VolumeInfo;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::volume_plan::{
-    BlockStoreRef, HostFacts, aligned, allow_list, may_attach, volume_name, zone_for,
-};
+use super::volume_plan::{BlockStoreRef, HostFacts, aligned, allow_list, volume_name, zone_for};
+
+mod attachments;
+mod snapshots;
 
 /// The finalizer on claims and attachments the reconciler serves.
 pub const FINALIZER: &str = "slipway.dev/volume";
@@ -77,6 +78,7 @@ struct World {
     pvs: BTreeMap<String, PersistentVolume>,
     classes: BTreeMap<String, StorageClass>,
     attachments: Vec<DynamicObject>,
+    snapshots: Vec<DynamicObject>,
     hosts: BTreeMap<String, HostFacts>,
     /// Per zone, the block store's volumes and snapshots by name.
     volumes: BTreeMap<String, BTreeMap<String, VolumeInfo>>,
@@ -228,6 +230,14 @@ impl VolumeReconciler {
                 .await
                 .context("listing HostVolumeAttachments")?
                 .items,
+            snapshots: Api::<DynamicObject>::all_with(
+                self.client.clone(),
+                &snapshots::snapshot_resource(),
+            )
+            .list(&lp)
+            .await
+            .context("listing VolumeSnapshots")?
+            .items,
             hosts,
             volumes: self.store_volumes().await,
         })
@@ -313,6 +323,7 @@ impl VolumeReconciler {
             }
         }
         self.attach_all(&served, &world).await?;
+        self.snapshot_all(&served, &world).await;
         self.sweep(&world).await
     }
 
@@ -376,12 +387,11 @@ impl VolumeReconciler {
         vols: &BTreeMap<String, VolumeInfo>,
         world: &World,
     ) -> anyhow::Result<()> {
-        let source = s
-            .claim
-            .spec
-            .as_ref()
-            .and_then(|sp| sp.data_source.as_ref())
-            .filter(|d| d.kind == "PersistentVolumeClaim");
+        let data_source = s.claim.spec.as_ref().and_then(|sp| sp.data_source.as_ref());
+        if let Some(d) = data_source.filter(|d| d.kind == "VolumeSnapshot") {
+            return self.restore(s, &d.name, vols, world).await;
+        }
+        let source = data_source.filter(|d| d.kind == "PersistentVolumeClaim");
         let Some(source) = source else {
             self.store_call(
                 &s.zone,
@@ -442,6 +452,62 @@ impl VolumeReconciler {
         )
         .await?;
         if s.size > src_info.size {
+            self.store_call(
+                &s.zone,
+                ControlRequest::Resize {
+                    name: s.volume.clone(),
+                    size: s.size,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A claim made from VolumeSnapshot `name` (same namespace): a clone of its snapshot.
+    async fn restore(
+        &self,
+        s: &Served<'_>,
+        name: &str,
+        vols: &BTreeMap<String, VolumeInfo>,
+        world: &World,
+    ) -> anyhow::Result<()> {
+        let vs = world
+            .snapshots
+            .iter()
+            .find(|v| {
+                v.metadata.namespace.as_deref() == Some(&s.ns)
+                    && v.metadata.name.as_deref() == Some(name)
+            })
+            .with_context(|| format!("spec.dataSource: VolumeSnapshot {name:?} not found"))?;
+        let handle = vs
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(slipway_api::volumes::SNAPSHOT_HANDLE_ANNOTATION))
+            .filter(|h| vols.contains_key(*h))
+            .with_context(|| {
+                format!(
+                    "spec.dataSource: VolumeSnapshot {name:?} is not ready in zone {:?}",
+                    s.zone
+                )
+            })?;
+        let snap_size = vols.get(handle).map_or(0, |v| v.size);
+        if s.size < snap_size {
+            anyhow::bail!(
+                "spec.resources.requests.storage: {} bytes is less than VolumeSnapshot {name:?}'s {snap_size} bytes",
+                s.size
+            );
+        }
+        self.store_call(
+            &s.zone,
+            ControlRequest::Clone {
+                snapshot: handle.clone(),
+                name: s.volume.clone(),
+            },
+        )
+        .await?;
+        if s.size > snap_size {
             self.store_call(
                 &s.zone,
                 ControlRequest::Resize {
@@ -710,157 +776,6 @@ impl VolumeReconciler {
                 .await?;
             }
             info!(volume, zone = %zone, "volume deleted");
-        }
-        Ok(())
-    }
-
-    /// Attachments: each export allows exactly its attached hosts; each attachment's status
-    /// says so; a deleted attachment lets go once its host is off the list.
-    async fn attach_all(&self, served: &[Served<'_>], world: &World) -> anyhow::Result<()> {
-        let by_claim: BTreeMap<(&str, &str), &Served> = served
-            .iter()
-            .map(|s| ((s.ns.as_str(), s.name.as_str()), s))
-            .collect();
-        // Per volume, the hosts allowed, and the verdict on each attachment.
-        let mut allowed: BTreeMap<&str, BTreeSet<String>> = served
-            .iter()
-            .map(|s| (s.volume.as_str(), BTreeSet::new()))
-            .collect();
-        let mut verdicts = Vec::new();
-        for a in &world.attachments {
-            let ns = a.metadata.namespace.clone().unwrap_or_default();
-            let claim = str_at(&a.data, "/spec/claim");
-            let host = str_at(&a.data, "/spec/host");
-            let deleting = a.metadata.deletion_timestamp.is_some();
-            let verdict = match by_claim.get(&(ns.as_str(), claim)) {
-                None => Err(format!(
-                    "spec.claim: PersistentVolumeClaim {claim:?} has no volume of {DRIVER} (yet)"
-                )),
-                Some(s) => may_attach(&ns, host, world.hosts.get(host), &s.zone).map(|()| *s),
-            };
-            if let (Ok(s), false) = (&verdict, deleting) {
-                allowed
-                    .entry(s.volume.as_str())
-                    .or_default()
-                    .insert(host.to_owned());
-            }
-            verdicts.push((a, verdict));
-        }
-        for s in served {
-            let Some(vols) = world.volumes.get(&s.zone) else {
-                continue;
-            };
-            let want = allow_list(
-                allowed
-                    .get(s.volume.as_str())
-                    .into_iter()
-                    .flatten()
-                    .map(String::as_str),
-            );
-            let have = vols.get(&s.volume).map(|v| v.clients.clone());
-            if have.is_some() && have.as_ref() != Some(&want) {
-                self.store_call(
-                    &s.zone,
-                    ControlRequest::Authorize {
-                        name: s.volume.clone(),
-                        clients: want.clone(),
-                    },
-                )
-                .await?;
-                info!(volume = %s.volume, clients = ?want, "export allow-list set");
-            }
-        }
-        for (a, verdict) in verdicts {
-            if let Err(e) = self.attachment_status(a, verdict, world).await {
-                warn!(attachment = ?a.metadata.name, error = %format!("{e:#}"), "attachment status");
-            }
-        }
-        Ok(())
-    }
-
-    async fn attachment_status(
-        &self,
-        a: &DynamicObject,
-        verdict: Result<&Served<'_>, String>,
-        world: &World,
-    ) -> anyhow::Result<()> {
-        let ns = a.metadata.namespace.clone().unwrap_or_default();
-        let name = a.metadata.name.clone().unwrap_or_default();
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &ns, &hva_resource());
-        let host = str_at(&a.data, "/spec/host");
-        let finalizers = a.metadata.finalizers.clone().unwrap_or_default();
-        let ours = finalizers.iter().any(|f| f == FINALIZER);
-        if a.metadata.deletion_timestamp.is_some() {
-            // The allow-list written above no longer names the host (or it never did).
-            if ours {
-                let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
-                api.patch(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": rest}})),
-                )
-                .await?;
-                info!(attachment = %format!("{ns}/{name}"), host, "detached");
-            }
-            return Ok(());
-        }
-        if !ours {
-            let mut f = finalizers.clone();
-            f.push(FINALIZER.to_owned());
-            api.patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": f}})),
-            )
-            .await?;
-        }
-        let status = match verdict {
-            Ok(s) => {
-                // Attached only once the store's allow-list names the host.
-                let listed = world
-                    .volumes
-                    .get(&s.zone)
-                    .and_then(|v| v.get(&s.volume))
-                    .is_some_and(|v| v.clients.contains(&host_nbd_client(host)));
-                let nbd = self
-                    .stores
-                    .get(&s.zone)
-                    .map(|b| b.nbd.clone())
-                    .unwrap_or_default();
-                if listed && ours {
-                    json!({"attached": true, "attachmentMetadata": {
-                        CTX_NBD: nbd, CTX_NBD_CLIENT: host_nbd_client(host)}, "error": null})
-                } else {
-                    debug!(attachment = %format!("{ns}/{name}"), "allow-list not yet written");
-                    return Ok(());
-                }
-            }
-            Err(e) => json!({"attached": false, "attachmentMetadata": null, "error": e}),
-        };
-        let mut want = status.clone();
-        want["observedGeneration"] = json!(a.metadata.generation);
-        let have = a.data.get("status").cloned().unwrap_or(Value::Null);
-        let same = [
-            "attached",
-            "attachmentMetadata",
-            "error",
-            "observedGeneration",
-        ]
-        .iter()
-        .all(|k| {
-            let w = want.get(*k).filter(|v| !v.is_null());
-            let h = have.get(*k).filter(|v| !v.is_null());
-            w == h || (*k == "attached" && w == Some(&json!(false)) && h.is_none())
-        });
-        if !same {
-            api.patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": want})),
-            )
-            .await?;
-            info!(attachment = %format!("{ns}/{name}"), host, status = %want, "attachment status");
         }
         Ok(())
     }
