@@ -87,6 +87,9 @@ pub struct AgentArgs {
     /// Cluster DNS answered on this node (needs --cluster-kubeconfig).
     #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
+    /// The CSI node plugin the pods' PersistentVolumeClaims are mounted through.
+    #[command(flatten)]
+    pub csi: crate::csi_node::CsiNodeArgs,
 }
 
 impl AgentArgs {

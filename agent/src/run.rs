@@ -143,6 +143,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    // The CSI node plugin the pods' claims are staged and published through.
+    let csi_node = args.csi.server(
+        kubelet
+            .as_deref()
+            .or(args.heartbeat.host_name.as_deref())
+            .unwrap_or_default(),
+        &args.heartbeat.zone,
+    )?;
+
     // The slim kubelet: the cluster's Pods bound to this node, through this host's containerd.
     let kubelet = match (kubelet, &containerd) {
         (Some(node), Some(containerd)) => {
@@ -163,6 +172,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     host_ip: Some(node_ip.to_string()),
                     probe_netns: None,
                     dns: pod_dns,
+                    volume_root: dir.join("kubelet-pods"),
+                    csi: args.csi.runner(),
                 },
             );
             Some((client, node, runner))
@@ -323,6 +334,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     if let Some(api) = kubelet_api {
         tasks.spawn(api.serve());
+    }
+    if let Some(csi) = csi_node {
+        tasks.spawn(csi);
     }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));
