@@ -6,6 +6,7 @@
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
 
+pub mod attacher;
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
@@ -14,6 +15,8 @@ pub mod metrics;
 pub mod node_lifecycle;
 pub mod placement;
 pub mod pods;
+pub mod provisioner;
+pub mod pvcsi;
 pub mod replicaset;
 pub mod scheduler;
 
@@ -47,6 +50,9 @@ pub struct Options {
     /// The cluster's link to its supervisor namespace, for the controllers that forward to the
     /// supervisor (cloud provider, paravirtual volumes); `None` on a cluster that has none.
     pub supervisor: Option<SupervisorLink>,
+    /// Where the pvCSI controller serves CSI (None: a socket per process in the temporary
+    /// directory).
+    pub pvcsi_socket: Option<std::path::PathBuf>,
 }
 
 /// A workload cluster's link to the supervisor that made it: a client with the cluster's own,
@@ -80,6 +86,7 @@ impl Default for Options {
             unschedulable_retry: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),
             supervisor: None,
+            pvcsi_socket: None,
         }
     }
 }
@@ -124,7 +131,17 @@ pub(crate) fn api_err(
 pub async fn run(client: kube::Client, options: Options) {
     let options = Arc::new(options);
     tracing::info!("workload cluster controllers starting");
+    let pvcsi = {
+        let (client, options) = (client.clone(), options.clone());
+        async move {
+            match options.supervisor.clone() {
+                Some(link) => pvcsi::run(client, options, link).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     tokio::join!(
+        pvcsi,
         replicaset::run(client.clone(), options.clone()),
         deployment::run(client.clone(), options.clone()),
         scheduler::run(client.clone(), options.clone()),

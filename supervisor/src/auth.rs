@@ -51,6 +51,19 @@ pub const CLUSTER_LINK_RESOURCES: &[(&str, &str, Option<&str>, &[&str])] = &[
     ("", "services", Some("status"), READ_VERBS),
     ("", "persistentvolumeclaims", None, ALL_VERBS),
     ("", "persistentvolumeclaims", Some("status"), READ_VERBS),
+    // The pvCSI controller's requests to attach its volumes to its hosts.
+    (
+        slipway_api::slipway::GROUP,
+        "hostvolumeattachments",
+        None,
+        ALL_VERBS,
+    ),
+    (
+        slipway_api::slipway::GROUP,
+        "hostvolumeattachments",
+        Some("status"),
+        READ_VERBS,
+    ),
     (
         "",
         "events",
@@ -333,9 +346,11 @@ pub async fn authorize(
         let rbac = rt.group == "rbac.authorization.k8s.io";
         // Hosts are made and removed by the controllers (a Cluster's hosts, replacements), and
         // so are the bootstrap tokens the hosts they start join with, and the Events they
-        // record; a removed host's Lease goes with it.
+        // record; a removed host's Lease goes with it. The volume reconciler makes and
+        // removes the PVs of the claims it provisions.
         let owned = (rt.group == slipway_api::slipway::GROUP && rt.plural == "hosts")
-            || (rt.group.is_empty() && matches!(rt.plural, "secrets" | "events"))
+            || (rt.group.is_empty()
+                && matches!(rt.plural, "secrets" | "events" | "persistentvolumes"))
             || (verb == "delete"
                 && rt.group == "coordination.k8s.io"
                 && rt.plural == "leases"

@@ -56,6 +56,17 @@ impl Validate for StorageClass {
         if self.provisioner.is_empty() {
             errs.push(FieldError::required("provisioner"));
         }
+        // The supervisor's block stores take no parameters: the class is the policy (which
+        // namespaces may use it, its reclaim policy, its zones).
+        if self.provisioner == slipway_api::volumes::DRIVER {
+            for k in self.parameters.iter().flat_map(|p| p.keys()) {
+                errs.push(FieldError::invalid(
+                    format!("parameters.{k}"),
+                    k,
+                    format!("unknown parameter: {} takes none", slipway_api::volumes::DRIVER),
+                ));
+            }
+        }
         if let Some(p) = &self.reclaim_policy
             && p != "Delete"
             && p != "Retain"
