@@ -271,7 +271,10 @@ fn claims_become_volumes_that_only_attached_hosts_open() {
         )
         .err()
         .to_owned();
-    assert!(err.contains("parameters.replicas") && err.contains("unknown parameter"), "{err}");
+    assert!(
+        err.contains("parameters.replicas") && err.contains("unknown parameter"),
+        "{err}"
+    );
 
     // Attached to the team's host: exactly that host opens it.
     let hva = "apiVersion: slipway.dev/v1alpha1\nkind: HostVolumeAttachment\nmetadata: {name: data-h0, namespace: team}\nspec: {claim: data, host: team-c1-workers-0}\n";
@@ -336,8 +339,15 @@ fn claims_become_volumes_that_only_attached_hosts_open() {
         let pv = get(&sup, &["pv", &vol])?;
         (pv["spec"]["capacity"]["storage"] == (2 * GI).to_string()).then_some(())
     });
-    assert_eq!(volumes(&control).len(), made, "a restarted reconciler made a volume again");
-    assert!(opens(&team_host, port, &vol), "the restart lost the attachment");
+    assert_eq!(
+        volumes(&control).len(),
+        made,
+        "a restarted reconciler made a volume again"
+    );
+    assert!(
+        opens(&team_host, port, &vol),
+        "the restart lost the attachment"
+    );
 
     // A clone of the claim (within the 4Gi limit: 2Gi + 2Gi).
     sup.kubectl_stdin(

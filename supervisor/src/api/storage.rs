@@ -63,7 +63,10 @@ impl Validate for StorageClass {
                 errs.push(FieldError::invalid(
                     format!("parameters.{k}"),
                     k,
-                    format!("unknown parameter: {} takes none", slipway_api::volumes::DRIVER),
+                    format!(
+                        "unknown parameter: {} takes none",
+                        slipway_api::volumes::DRIVER
+                    ),
                 ));
             }
         }
