@@ -87,6 +87,13 @@ fn sv_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> CsiError {
 /// message (which names the limit or the field) is kept.
 fn refusal(what: &str, e: kube::Error) -> CsiError {
     match &e {
+        // The link's own rights fall short: not the request's fault.
+        kube::Error::Api(s) if s.code == 403 && s.message.contains("is forbidden: User") => {
+            CsiError::Supervisor {
+                what: what.to_owned(),
+                source: e,
+            }
+        }
         kube::Error::Api(s) if s.code == 403 && s.message.contains("exceeded quota") => {
             CsiError::ResourceExhausted(s.message.clone())
         }

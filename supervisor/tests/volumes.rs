@@ -337,7 +337,8 @@ fn claims_become_volumes_that_only_attached_hosts_open() {
     });
     wait_for("PV grown", Duration::from_secs(30), || {
         let pv = get(&sup, &["pv", &vol])?;
-        (pv["spec"]["capacity"]["storage"] == (2 * GI).to_string()).then_some(())
+        let want = (2 * GI).to_string();
+        (pv["spec"]["capacity"]["storage"].as_str() == Some(want.as_str())).then_some(())
     });
     assert_eq!(
         volumes(&control).len(),
