@@ -6,6 +6,7 @@
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
 
+pub mod attach_detach;
 pub mod attacher;
 pub mod deployment;
 pub mod endpointslice;
@@ -142,6 +143,7 @@ pub async fn run(client: kube::Client, options: Options) {
     };
     tokio::join!(
         pvcsi,
+        attach_detach::run(client.clone()),
         replicaset::run(client.clone(), options.clone()),
         deployment::run(client.clone(), options.clone()),
         scheduler::run(client.clone(), options.clone()),

@@ -534,6 +534,7 @@ pub fn netns_node_flags(image_dir: &std::path::Path) -> Vec<String> {
         "--pod-cgroup-parent=own",
         "--dns-listen={address}:53",
         "--kubelet-listen={address}:10250",
+        "--csi-dir={data_dir}/csi",
     ]
     .into_iter()
     .map(str::to_owned)

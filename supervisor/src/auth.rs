@@ -475,7 +475,8 @@ fn cluster_may(
 /// What a node's agent may do in its workload cluster (kube-apiserver's Node authorizer and the
 /// `system:node` role, coarser): read what the datapath, the pod runner and the DNS server
 /// follow — Nodes, Pods, Services, Endpoints, EndpointSlices, Namespaces, NetworkPolicies — and
-/// the ConfigMaps and Secrets Pods mount; write Pods' and its own Node's status; record Events.
+/// what Pods mount (ConfigMaps, Secrets, claims, their PersistentVolumes and
+/// VolumeAttachments); write Pods' and its own Node's status; record Events.
 /// Unlike kube-apiserver it does not narrow Secrets and ConfigMaps to the Pods bound to the node.
 fn node_may(
     node: &str,
@@ -500,7 +501,10 @@ fn node_may(
             | "persistentvolumeclaims",
         )
         | ("discovery.k8s.io", "endpointslices")
-        | ("networking.k8s.io", "networkpolicies") => read && subresource.is_none(),
+        | ("networking.k8s.io", "networkpolicies")
+        // What mounting a Pod's claims takes: its volume, and the volume's attachment here.
+        | ("", "persistentvolumes")
+        | ("storage.k8s.io", "volumeattachments") => read && subresource.is_none(),
         _ => false,
     }
 }
