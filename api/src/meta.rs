@@ -163,8 +163,14 @@ pub fn check_dns_label(field: &str, v: &str, errs: &mut Vec<FieldError>) {
 }
 
 fn is_dns_label(v: &str) -> bool {
+    v.len() <= 63 && is_subdomain_part(v)
+}
+
+/// One dot-separated part of a subdomain: a label without the 63-byte limit, as upstream's
+/// IsDNS1123Subdomain checks it (only the whole is limited), so that names such as
+/// `csi-<sha256 hex>` (upstream's VolumeAttachment names, 68 bytes) are valid.
+fn is_subdomain_part(v: &str) -> bool {
     !v.is_empty()
-        && v.len() <= 63
         && v.bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
         && !v.starts_with('-')
@@ -173,7 +179,7 @@ fn is_dns_label(v: &str) -> bool {
 
 /// Checks an RFC 1123 DNS subdomain (dot-separated labels, at most 253 bytes).
 pub fn check_dns_subdomain(field: &str, v: &str, errs: &mut Vec<FieldError>) {
-    if v.is_empty() || v.len() > 253 || !v.split('.').all(is_dns_label) {
+    if v.is_empty() || v.len() > 253 || !v.split('.').all(is_subdomain_part) {
         errs.push(FieldError::invalid(
             field,
             format!("{v:?}"),
@@ -280,6 +286,23 @@ pub fn check_ip(field: &str, v: &str, errs: &mut Vec<FieldError>) -> Option<IpAd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subdomains_limit_the_whole_not_each_part() {
+        let check = |v: &str| {
+            let mut errs = Vec::new();
+            check_dns_subdomain("metadata.name", v, &mut errs);
+            errs.is_empty()
+        };
+        // Upstream's VolumeAttachment names: csi- and 64 hex digits, one 68-byte part.
+        assert!(check(&format!("csi-{}", "a".repeat(64))));
+        assert!(check("a.b-c.d"));
+        assert!(!check(&"a".repeat(254)));
+        assert!(!check("a..b") && !check("-a") && !check("A"));
+        let mut errs = Vec::new();
+        check_dns_label("spec.host", &"a".repeat(64), &mut errs);
+        assert_eq!(errs.len(), 1, "labels keep their 63-byte limit");
+    }
 
     #[test]
     fn quantities() {

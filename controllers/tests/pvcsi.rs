@@ -1,7 +1,7 @@
 //! Paravirtual volumes end to end, through real processes and sockets: a supervisor API server
 //! with its volume reconciler over a real block store (`slipway-nbd`, TLS with the supervisor's
 //! CA), a workload cluster API server with the pvCSI controller and its provisioner and
-//! attacher (`slipway_controllers::run` with a supervisor link), and a tonic client on the
+//! attacher (and the attach-detach controller, which attaches a Pod's claim to its node) (`slipway_controllers::run` with a supervisor link), and a tonic client on the
 //! pvCSI socket for the refusals. A workload claim becomes a supervisor claim and a volume; a
 //! VolumeAttachment authorises exactly its host on the export (qemu-io over TLS with each
 //! host's certificate); growth and deletion go through; bad requests are refused naming the
@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -211,6 +211,13 @@ fn mount_cap() -> slipway_csi::proto::VolumeCapability {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workload_claims_become_supervisor_volumes_attached_to_one_host() -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::Builder::new()
         .prefix("slipway-pvcsi-")
         .tempdir()?;
@@ -352,21 +359,42 @@ async fn workload_claims_become_supervisor_volumes_attached_to_one_host() -> Res
     assert_eq!(v.size, GI);
     assert_eq!(v.clients, vec![NO_CLIENT.to_owned()]);
 
-    // A VolumeAttachment for host team-c1-w-0: exactly that host opens the export.
-    let vas: Api<VolumeAttachment> = Api::all(wl.clone());
-    vas.create(
+    // A Pod on host team-c1-w-0 mounts the claim: the attach-detach controller makes its
+    // VolumeAttachment, the attacher publishes it, and exactly that host opens the export.
+    let nodes: Api<Node> = Api::all(wl.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "team-c1-w-0", "labels": {
+                "topology.slipway.dev/zone": "zone-a"}}}))?,
+        )
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(wl.clone(), "default");
+    pods.create(
         &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "va-data"}, "spec": {
-            "attacher": "csi.slipway.dev", "nodeName": "team-c1-w-0",
-            "source": {"persistentVolumeName": pv_name}}}))?,
+        &serde_json::from_value(json!({"metadata": {"name": "user"}, "spec": {
+            "nodeName": "team-c1-w-0",
+            "containers": [{"name": "c", "image": "busybox"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}}))?,
     )
     .await?;
-    let meta = until("attached", 60, || async {
-        let va = vas.get("va-data").await?;
-        Ok(va
-            .status
-            .filter(|s| s.attached)
-            .map(|s| s.attachment_metadata.unwrap_or_default()))
+    let vas: Api<VolumeAttachment> = Api::all(wl.clone());
+    let (va_name, meta) = until("attached", 60, || async {
+        let found = vas
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|va| {
+                va.spec.source.persistent_volume_name.as_deref() == Some(pv_name.as_str())
+                    && va.spec.node_name == "team-c1-w-0"
+            });
+        Ok(found.and_then(|va| {
+            let name = va.metadata.name.clone()?;
+            va.status
+                .filter(|s| s.attached)
+                .map(|s| (name, s.attachment_metadata.unwrap_or_default()))
+        }))
     })
     .await?;
     assert_eq!(
@@ -591,10 +619,11 @@ async fn workload_claims_become_supervisor_volumes_attached_to_one_host() -> Res
     })
     .await?;
 
-    // Detach: the VolumeAttachment goes, and so does the host from the allow-list.
-    vas.delete("va-data", &DeleteParams::default()).await?;
+    // Detach: the Pod goes, then its VolumeAttachment, and the host from the allow-list.
+    pods.delete("user", &DeleteParams::default().grace_period(0))
+        .await?;
     until("VolumeAttachment gone", 60, || async {
-        Ok(vas.get_opt("va-data").await?.is_none().then_some(()))
+        Ok(vas.get_opt(&va_name).await?.is_none().then_some(()))
     })
     .await?;
     let vols = store_volumes(&control).await?;
