@@ -62,10 +62,7 @@ impl CsiNodeArgs {
             nbd_tls_key: self.csi_tls_key.clone(),
         };
         tracing::info!(dir = %dir.display(), node = %node_id, "serving the CSI node plugin");
-        Ok(Some(node.run(vec![
-            exe.into_os_string(),
-            "csi".into(),
-            "attach".into(),
-        ])))
+        // What leads from the binary to `attach` (the node plugin adds `attach` itself).
+        Ok(Some(node.run(vec![exe.into_os_string(), "csi".into()])))
     }
 }

@@ -174,7 +174,7 @@ pub async fn run(client: kube::Client) {
             _ = va_events.next() => {}
         }
         if let Err(e) = pass(&client, &mut told).await {
-            warn!(error = %e, "attach-detach pass failed; retrying");
+            warn!(error = ?e, "attach-detach pass failed; retrying");
         }
     }
 }

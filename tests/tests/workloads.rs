@@ -12,34 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::{World, client_for, gvk, wait_for};
+use common::{World, client_for, gvk, pod_log, wait_for};
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use kube::api::{Api, DynamicObject, ListParams};
 use slipway_agent::pods::image::build_node_images;
 use slipway_hosts::reconciler::netns_node_flags;
-
-const CLUSTER: &str = "apiVersion: slipway.dev/v1alpha1
-kind: Cluster
-metadata:
-  name: w1
-  namespace: team-w
-spec:
-  topology:
-    controlPlane:
-      replicas: 1
-      hostClass: node
-    nodePools:
-    - name: workers
-      replicas: 2
-      hostClass: node
-  settings:
-    network:
-      pods:
-        cidrBlocks: [\"192.168.0.0/16\"]
-      services:
-        cidrBlocks: [\"10.96.0.0/16\"]
-";
 
 const WEB: &str = "apiVersion: apps/v1
 kind: Deployment
@@ -194,34 +172,6 @@ async fn ready_endpoints(workload: &kube::Client) -> Option<BTreeSet<String>> {
     )
 }
 
-/// What pod `name`'s containers on `host` wrote (their CRI log files), for a failure's message.
-fn pod_log(world: &World, host: &str, name: &str) -> String {
-    let root = world
-        .dir
-        .path()
-        .join(format!("sup/hosts/data/{host}/containerd/pods"));
-    let mut out = String::new();
-    for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        if !dir
-            .file_name()
-            .to_string_lossy()
-            .contains(&format!("_{name}_"))
-        {
-            continue;
-        }
-        for c in std::fs::read_dir(dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for f in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
-                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
-            }
-        }
-    }
-    out
-}
-
 /// A Host's address on the underlay.
 async fn hosts_address(client: &kube::Client, host: &str) -> String {
     let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
@@ -245,15 +195,6 @@ fn http_get(addr: &str, path: &str) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, body)| body.trim().to_owned())
         .unwrap_or_default()
-}
-
-async fn cluster_running(clusters: &Api<DynamicObject>) -> Option<()> {
-    let c = clusters.get_opt("w1").await.ok()??;
-    let ready = c.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .any(|x| x["type"] == "Ready" && x["status"] == "True");
-    (c.data["status"]["phase"] == "Running" && ready).then_some(())
 }
 
 /// The pods of `app` once `count` are Running with an address.
@@ -286,36 +227,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
     build_node_images(scratch.path()).expect("images");
     let world = World::with_agent_flags(netns_node_flags(scratch.path()));
     let client = world.client().await;
-    world.seed(&client).await;
-    world.apply(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-w\n---\n\
-         apiVersion: slipway.dev/v1alpha1\nkind: HostClass\nmetadata:\n  name: node\n\
-         spec:\n  cpus: 1\n  memory: 1Gi\n",
-    );
-    let clusters: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "team-w", &gvk("Cluster", "clusters"));
-    let started = Instant::now();
-    world.apply(CLUSTER);
-    wait_for("w1 Running", Duration::from_secs(120), || {
-        cluster_running(&clusters)
-    })
-    .await;
-    eprintln!(
-        "1+2 hosts with containerd: kubectl apply → Ready in {:?}",
-        started.elapsed()
-    );
-
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-w");
-    let kubeconfig = secrets
-        .get("w1-kubeconfig")
-        .await
-        .expect("w1-kubeconfig Secret")
-        .data
-        .and_then(|d| d.get("value").cloned())
-        .expect("value")
-        .0;
-    let path = world.dir.path().join("w1.kubeconfig");
-    std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+    let path = world.workload_cluster(&client, "").await;
     let workload = client_for(&path).await;
 
     // Every host a Node with its own block of the pod CIDR.

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kube::api::{ApiResource, GroupVersionKind};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use slipway_hosts::netns::{NetnsConfig, NetnsProvider};
 
 pub fn slipway_binary() -> PathBuf {
@@ -232,9 +233,8 @@ impl World {
                 serde_json::json!({"cpus": 1, "memory": "256Mi"}),
             ),
         ] {
-            let api: kube::Api<kube::api::DynamicObject> =
-                kube::Api::all_with(client.clone(), &gvk(kind, plural));
-            let mut o = kube::api::DynamicObject::new(name, &gvk(kind, plural));
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind, plural));
+            let mut o = DynamicObject::new(name, &gvk(kind, plural));
             o.data = serde_json::json!({"spec": spec});
             api.create(&kube::api::PostParams::default(), &o)
                 .await
@@ -296,4 +296,104 @@ impl World {
         std::fs::write(&path, yaml).expect("write yaml");
         self.kubectl_with(kubeconfig, &["apply", "-f", &path.display().to_string()]);
     }
+}
+
+/// The Cluster [`World::workload_cluster`] makes: `w1` in namespace `team-w`, one control plane
+/// host and two workers (spread over the zones), HostClass `node`.
+pub const CLUSTER: &str = "apiVersion: slipway.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: w1
+  namespace: team-w
+spec:
+  topology:
+    controlPlane:
+      replicas: 1
+      hostClass: node
+    nodePools:
+    - name: workers
+      replicas: 2
+      hostClass: node
+  settings:
+    network:
+      pods:
+        cidrBlocks: [\"192.168.0.0/16\"]
+      services:
+        cidrBlocks: [\"10.96.0.0/16\"]
+";
+
+impl World {
+    /// Seeds the supervisor, makes namespace `team-w` (with `namespace_spec`, YAML of its
+    /// `spec`, when not empty) and HostClass `node`, applies [`CLUSTER`] and waits until it is
+    /// Running and Ready; returns the path of its admin kubeconfig.
+    pub async fn workload_cluster(&self, client: &kube::Client, namespace_spec: &str) -> PathBuf {
+        self.seed(client).await;
+        let spec = if namespace_spec.is_empty() {
+            String::new()
+        } else {
+            format!("spec: {namespace_spec}\n")
+        };
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-w\n{spec}---\n\
+             apiVersion: slipway.dev/v1alpha1\nkind: HostClass\nmetadata:\n  name: node\n\
+             spec:\n  cpus: 1\n  memory: 1Gi\n"
+        ));
+        let clusters: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), "team-w", &gvk("Cluster", "clusters"));
+        let started = Instant::now();
+        self.apply(CLUSTER);
+        wait_for("w1 Running", Duration::from_secs(120), || async {
+            let c = clusters.get_opt("w1").await.ok()??;
+            let ready = c.data["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|x| x["type"] == "Ready" && x["status"] == "True");
+            (c.data["status"]["phase"] == "Running" && ready).then_some(())
+        })
+        .await;
+        eprintln!(
+            "1+2 hosts with containerd: kubectl apply → Ready in {:?}",
+            started.elapsed()
+        );
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-w");
+        let kubeconfig = secrets
+            .get("w1-kubeconfig")
+            .await
+            .expect("w1-kubeconfig Secret")
+            .data
+            .and_then(|d| d.get("value").cloned())
+            .expect("value")
+            .0;
+        let path = self.dir.path().join("w1.kubeconfig");
+        std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+        path
+    }
+}
+
+/// What pod `name`'s containers on `host` wrote (their CRI log files), for a failure's message.
+pub fn pod_log(world: &World, host: &str, name: &str) -> String {
+    let root = world
+        .dir
+        .path()
+        .join(format!("sup/hosts/data/{host}/containerd/pods"));
+    let mut out = String::new();
+    for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        if !dir
+            .file_name()
+            .to_string_lossy()
+            .contains(&format!("_{name}_"))
+        {
+            continue;
+        }
+        for c in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for f in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
+                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+            }
+        }
+    }
+    out
 }
