@@ -220,8 +220,14 @@ impl SupervisorArgs {
         )
         .await
         .context("starting the cluster reconciler")?;
+        let loadbalancers = crate::controllers::loadbalancers::LoadBalancerReconciler::connect(
+            server.controllers_kubeconfig(),
+        )
+        .await
+        .context("starting the load balancer reconciler")?;
         let controllers = tokio::spawn(host_health.run());
         let cluster_controller = tokio::spawn(clusters.run());
+        let lb_controller = tokio::spawn(loadbalancers.run());
         let mut more = tokio::spawn(more(Listening {
             addr: server.local_addr(),
             controllers_kubeconfig: server.controllers_kubeconfig().to_owned(),
@@ -246,6 +252,7 @@ impl SupervisorArgs {
         server.serve(shutdown).await;
         controllers.abort();
         cluster_controller.abort();
+        lb_controller.abort();
         more.abort();
         match failed_rx.await {
             Ok(result) => result,

@@ -5,3 +5,5 @@
 
 pub mod clusters;
 pub mod host_health;
+pub mod loadbalancers;
+pub mod vips;
