@@ -1,11 +1,13 @@
 //! A workload cluster's controllers, beside its API server: the scheduler, ReplicaSet and
 //! Deployment (apps/v1), EndpointSlices from ready Pods, node lifecycle (NotReady Nodes
 //! tainted, their Pods evicted after their tolerationSeconds) and the garbage collector of
-//! dependents whose owners are gone. Each is a kube-rs client of any
+//! dependents whose owners are gone, and (with a [`SupervisorLink`]) the cloud provider that
+//! mirrors LoadBalancer Services into the supervisor. Each is a kube-rs client of any
 //! Kubernetes API, level-triggered: it compares what it lists with what should be and writes
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
 
+pub mod cloud_provider;
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
@@ -44,6 +46,31 @@ pub struct Options {
     pub unschedulable_retry: Duration,
     /// Counters the controllers keep.
     pub metrics: Arc<Metrics>,
+    /// The cluster's link to its supervisor namespace, for the controllers that forward to the
+    /// supervisor (cloud provider, paravirtual volumes); `None` on a cluster that has none.
+    pub supervisor: Option<SupervisorLink>,
+}
+
+/// A workload cluster's link to the supervisor that made it: a client with the cluster's own,
+/// namespace-scoped identity (`system:cluster:<namespace>:<cluster>`), the namespace, and the
+/// cluster's name (what the mirrored objects are named and labelled after).
+#[derive(Clone)]
+pub struct SupervisorLink {
+    /// A client of the supervisor's API.
+    pub client: kube::Client,
+    /// The cluster's namespace in the supervisor.
+    pub namespace: String,
+    /// The cluster's name there.
+    pub cluster: String,
+}
+
+impl std::fmt::Debug for SupervisorLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorLink")
+            .field("namespace", &self.namespace)
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Options {
@@ -54,6 +81,7 @@ impl Default for Options {
             node_monitor_period: Duration::from_secs(5),
             unschedulable_retry: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),
+            supervisor: None,
         }
     }
 }
@@ -98,7 +126,17 @@ pub(crate) fn api_err(
 pub async fn run(client: kube::Client, options: Options) {
     let options = Arc::new(options);
     tracing::info!("workload cluster controllers starting");
+    let cloud = {
+        let (client, options) = (client.clone(), options.clone());
+        async move {
+            match options.supervisor.clone() {
+                Some(link) => cloud_provider::run(client, link, options).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     tokio::join!(
+        cloud,
         replicaset::run(client.clone(), options.clone()),
         deployment::run(client.clone(), options.clone()),
         scheduler::run(client.clone(), options.clone()),

@@ -78,6 +78,7 @@ impl Cluster {
                 node_monitor_period: Duration::from_millis(500),
                 unschedulable_retry: Duration::from_millis(500),
                 metrics: metrics.clone(),
+                supervisor: None,
             },
         ));
         let cluster = Self {
