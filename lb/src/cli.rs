@@ -78,6 +78,24 @@ pub struct ServeArgs {
     /// `metricsAddress`).
     #[arg(long)]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Take the services from this Kubernetes API (a kubeconfig: the supervisor's, for an
+    /// edge host) instead of the local socket: every LoadBalancer Service whose status holds
+    /// a VIP, with its EndpointSlices' ready addresses as backends.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// With --kubeconfig: only Services with these labels (a label selector, e.g.
+    /// `slipway.dev/cluster`).
+    #[arg(long, requires = "kubeconfig")]
+    pub service_labels: Option<String>,
+}
+
+async fn kube_client(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let config = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 impl ServeArgs {
@@ -119,7 +137,16 @@ impl LbCommand {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                runtime.block_on(serve(config, point, Arc::new(StaticLease), async {
+                let feed = match &args.kubeconfig {
+                    Some(path) => {
+                        let client = runtime.block_on(kube_client(path))?;
+                        let (tx, rx) = tokio::sync::watch::channel(None);
+                        runtime.spawn(crate::feed::run(client, args.service_labels.clone(), tx));
+                        Some(rx)
+                    }
+                    None => None,
+                };
+                runtime.block_on(serve(config, point, Arc::new(StaticLease), feed, async {
                     let mut term = match tokio::signal::unix::signal(
                         tokio::signal::unix::SignalKind::terminate(),
                     ) {

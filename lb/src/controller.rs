@@ -566,6 +566,15 @@ impl Controller {
         })
     }
 
+    /// Every service held, with the spec it was last applied with, by `namespace/name`.
+    pub fn specs(&self) -> BTreeMap<String, ServiceSpec> {
+        self.book
+            .services
+            .iter()
+            .map(|(k, s)| (k.clone(), s.spec.clone()))
+            .collect()
+    }
+
     /// The VIPs announced now.
     pub fn announced(&self) -> &BTreeSet<IpAddr> {
         self.announcer.announced()

@@ -39,6 +39,7 @@ pub mod controller;
 pub mod daemon;
 pub mod datapath;
 pub mod error;
+pub mod feed;
 pub mod health;
 pub mod maglev;
 pub mod maps;
