@@ -18,6 +18,7 @@ pub mod api;
 pub mod args;
 pub mod cli;
 pub mod dns;
+pub mod edge;
 pub mod feed;
 pub mod heartbeat;
 pub mod hosts;

@@ -87,6 +87,14 @@ pub struct ServeArgs {
     /// `slipway.dev/cluster`).
     #[arg(long, requires = "kubeconfig")]
     pub service_labels: Option<String>,
+    /// With --kubeconfig: announce only the VIPs whose `coordination.k8s.io/v1` Lease this
+    /// host holds in this namespace (one per VIP, `vip-<address>`), taking over those whose
+    /// holder stops renewing (edge hosts fail over to each other). Needs --holder.
+    #[arg(long, requires_all = ["kubeconfig", "holder"])]
+    pub vip_lease_namespace: Option<String>,
+    /// This host's name in the VIP Leases (`holderIdentity`).
+    #[arg(long, requires = "vip_lease_namespace")]
+    pub holder: Option<String>,
 }
 
 async fn kube_client(path: &std::path::Path) -> anyhow::Result<kube::Client> {
@@ -137,16 +145,44 @@ impl LbCommand {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                let feed = match &args.kubeconfig {
+                let (lease, feed): (Arc<dyn crate::announce::Lease>, _) = match &args.kubeconfig {
                     Some(path) => {
                         let client = runtime.block_on(kube_client(path))?;
                         let (tx, rx) = tokio::sync::watch::channel(None);
-                        runtime.spawn(crate::feed::run(client, args.service_labels.clone(), tx));
-                        Some(rx)
+                        runtime.spawn(crate::feed::run(
+                            client.clone(),
+                            args.service_labels.clone(),
+                            tx,
+                        ));
+                        let notify = Arc::new(tokio::sync::Notify::new());
+                        let lease: Arc<dyn crate::announce::Lease> =
+                            match (&args.vip_lease_namespace, &args.holder) {
+                                (Some(namespace), Some(holder)) => {
+                                    let leases = Arc::new(crate::election::VipLeases::default());
+                                    let wake = notify.clone();
+                                    runtime.spawn(crate::election::run(
+                                        client,
+                                        namespace.clone(),
+                                        holder.clone(),
+                                        leases.clone(),
+                                        rx.clone(),
+                                        move || wake.notify_one(),
+                                    ));
+                                    leases
+                                }
+                                _ => Arc::new(StaticLease),
+                            };
+                        (
+                            lease,
+                            Some(crate::daemon::Feed {
+                                desired: rx,
+                                leases_changed: notify,
+                            }),
+                        )
                     }
-                    None => None,
+                    None => (Arc::new(StaticLease), None),
                 };
-                runtime.block_on(serve(config, point, Arc::new(StaticLease), feed, async {
+                runtime.block_on(serve(config, point, lease, feed, async {
                     let mut term = match tokio::signal::unix::signal(
                         tokio::signal::unix::SignalKind::terminate(),
                     ) {

@@ -20,7 +20,7 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get, put};
 use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
 use slipway_dataplane::link::Netlink;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
@@ -120,6 +120,16 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Controller> {
     shared.controller.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What feeds a daemon from an API instead of its local socket.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    /// The services wanted ([`crate::feed::run`]).
+    pub desired: watch::Receiver<Option<Desired>>,
+    /// Notified when the VIP leases held change ([`crate::election::run`]): the announcements
+    /// are brought up to date at once rather than at the next tick.
+    pub leases_changed: Arc<Notify>,
+}
+
 /// Runs the daemon in the calling thread's network namespace until `shutdown` resolves. With a
 /// `feed` ([`crate::feed`]), the services are those it sends: each set is applied as a whole
 /// (changed specs applied, services it lacks deleted).
@@ -127,7 +137,7 @@ pub async fn serve(
     config: LbConfig,
     point: AttachPoint,
     lease: Arc<dyn Lease>,
-    feed: Option<watch::Receiver<Option<Desired>>>,
+    feed: Option<Feed>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LbError> {
     config.validate()?;
@@ -228,13 +238,22 @@ pub async fn serve(
     send_announcements(&shared, restored);
     sync_health(&shared);
 
+    let leases_changed = feed.as_ref().map(|f| f.leases_changed.clone());
     let ticker = tokio::spawn({
         let shared = shared.clone();
         async move {
             let mut every = tokio::time::interval(Duration::from_millis(500));
             let mut full = FullTable::default();
             loop {
-                every.tick().await;
+                match &leases_changed {
+                    Some(notify) => tokio::select! {
+                        _ = every.tick() => {}
+                        () = notify.notified() => {}
+                    },
+                    None => {
+                        every.tick().await;
+                    }
+                }
                 full.check(&shared, Instant::now());
                 let taken = lock(&shared).tick(Instant::now());
                 sync_groups(&shared);
@@ -245,20 +264,24 @@ pub async fn serve(
             }
         }
     });
-    let fed = feed.map(|mut rx| {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let want = rx.borrow_and_update().clone();
-                if let Some(want) = want {
-                    apply_desired(&shared, &want);
+    let fed = feed.map(
+        |Feed {
+             desired: mut rx, ..
+         }| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    let want = rx.borrow_and_update().clone();
+                    if let Some(want) = want {
+                        apply_desired(&shared, &want);
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
                 }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-    });
+            })
+        },
+    );
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await;
@@ -485,9 +508,10 @@ impl DaemonHandle {
     pub fn start_fed_in_netns(
         netns: &str,
         config: LbConfig,
-        feed: watch::Receiver<Option<Desired>>,
+        lease: Arc<dyn Lease>,
+        feed: Feed,
     ) -> Result<Self, LbError> {
-        Self::start(netns, config, AttachPoint::Tc, Some(feed))
+        Self::start(netns, config, AttachPoint::Tc, lease, Some(feed))
     }
 
     /// Like [`DaemonHandle::start_in_netns`], attaching at `point`.
@@ -496,14 +520,15 @@ impl DaemonHandle {
         config: LbConfig,
         point: AttachPoint,
     ) -> Result<Self, LbError> {
-        Self::start(netns, config, point, None)
+        Self::start(netns, config, point, Arc::new(StaticLease), None)
     }
 
     fn start(
         netns: &str,
         config: LbConfig,
         point: AttachPoint,
-        feed: Option<watch::Receiver<Option<Desired>>>,
+        lease: Arc<dyn Lease>,
+        feed: Option<Feed>,
     ) -> Result<Self, LbError> {
         let socket = config.socket.clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -520,15 +545,9 @@ impl DaemonHandle {
                         call: "build tokio runtime",
                         source,
                     })?;
-                runtime.block_on(serve(
-                    config,
-                    point,
-                    Arc::new(StaticLease),
-                    feed,
-                    async move {
-                        let _ = stopped.await;
-                    },
-                ))
+                runtime.block_on(serve(config, point, lease, feed, async move {
+                    let _ = stopped.await;
+                }))
             })
             .map_err(|source| LbError::Syscall {
                 call: "spawn daemon thread",

@@ -38,6 +38,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod datapath;
+pub mod election;
 pub mod error;
 pub mod feed;
 pub mod health;

@@ -1,0 +1,344 @@
+//! LoadBalancer VIPs served by edge hosts: a supervisor provisioning netns hosts, two edge
+//! hosts (HostClass `edge`, `spec.pool: edge`) on one zone's segment running `slipway lb serve`
+//! fed from the supervisor's API, two backend hosts in the other zone answering at the port a
+//! node port would be, and a client host beside the edge hosts. A mirrored Service (as the
+//! workload cluster's cloud provider writes it; its own test is in slipway-controllers) gets a
+//! VIP from its Cluster's ingress pool; the client's requests through the VIP reach both
+//! backends; killing the edge host that holds the VIP's Lease moves the Lease and the VIP to the
+//! other (gratuitous ARP) and the gap is measured; deleting the Service empties both edge hosts'
+//! maps and releases the Lease.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::{World, gvk, wait_for};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use serde_json::{Value, json};
+
+const NS: &str = "team-lb";
+const POOL: &str = "10.124.100.0/27";
+const VIP: &str = "10.124.100.1";
+const NODE_PORT: u16 = 30080;
+
+/// nginx processes in the backend hosts' namespaces, killed on drop.
+struct Backends(Vec<Child>);
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn netns_of(world: &World, host: &str) -> String {
+    format!("{}h-{host}", world.prefix)
+}
+
+/// Runs `argv` in `host`'s namespace; its stdout when it succeeds.
+fn run_in(world: &World, host: &str, argv: &[&str]) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns_of(world, host)])
+        .args(argv)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// nginx on `host` at the node port, answering "<its address>".
+fn nginx(world: &World, host: &str) -> Child {
+    let dir = world.dir.path().join(format!("nginx-{host}"));
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log stderr crit;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen {NODE_PORT};\n\
+             location / {{ return 200 \"$server_addr\\n\"; }}\n  }}\n}}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    Command::new("ip")
+        .args(["netns", "exec", &netns_of(world, host), "nginx", "-c"])
+        .arg(&conf)
+        .args(["-e", "stderr"])
+        .spawn()
+        .expect("nginx")
+}
+
+async fn create(client: &kube::Client, kind: &str, plural: &str, name: &str, spec: Value) {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind, plural));
+    let mut o = DynamicObject::new(name, &gvk(kind, plural));
+    o.data = json!({"spec": spec});
+    api.create(&PostParams::default(), &o)
+        .await
+        .unwrap_or_else(|e| panic!("create {kind} {name}: {e}"));
+}
+
+async fn address(hosts: &Api<DynamicObject>, name: &str) -> Option<String> {
+    let h = hosts.get(name).await.ok()?;
+    let ready = h.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    let a = h.data["status"]["address"].as_str()?.to_owned();
+    ready.then_some(a)
+}
+
+/// One request from the client host through the VIP: the backend's answer.
+fn request(world: &World, timeout: &str) -> Option<String> {
+    run_in(
+        world,
+        "client",
+        &[
+            "curl",
+            "-s",
+            "--connect-timeout",
+            timeout,
+            "--max-time",
+            "1",
+            &format!("http://{VIP}/"),
+        ],
+    )
+    .map(|s| s.trim().to_owned())
+    .filter(|s| !s.is_empty())
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get(&format!("vip-{}", VIP.replace('.', "-")))
+        .await
+        .ok()?
+        .spec?
+        .holder_identity
+}
+
+/// The services an edge host's LB daemon serves (its local API).
+fn served(world: &World, host: &str) -> Option<usize> {
+    let socket = world
+        .dir
+        .path()
+        .join(format!("sup/hosts/data/{host}/lb/lb.sock"));
+    let out = Command::new(common::slipway_binary())
+        .args(["lb", "status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .ok()?;
+    let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(status["services"].as_array()?.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: root + netns + cgroups + BPF; run scripts/test.sh"]
+async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
+    let world = World::new();
+    let client = world.client().await;
+    world.seed(&client).await;
+    create(
+        &client,
+        "HostClass",
+        "hostclasses",
+        "edge",
+        json!({"cpus": 1, "memory": "512Mi"}),
+    )
+    .await;
+    for (name, zone, pool) in [
+        ("edge-a", "za", Some("edge")),
+        ("edge-b", "za", Some("edge")),
+        ("be-1", "zb", None),
+        ("be-2", "zb", None),
+        ("client", "za", None),
+    ] {
+        let class = if pool.is_some() { "edge" } else { "small" };
+        let mut spec = json!({"zone": zone, "hostClass": class, "provider": "netns"});
+        if let Some(p) = pool {
+            spec["pool"] = json!(p);
+        }
+        create(&client, "Host", "hosts", name, spec).await;
+    }
+    let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
+    let mut backend_ips = BTreeSet::new();
+    for name in ["edge-a", "edge-b", "be-1", "be-2", "client"] {
+        let a = wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
+            address(&hosts, name)
+        })
+        .await;
+        if name.starts_with("be-") {
+            backend_ips.insert(a);
+        }
+    }
+    let _backends = Backends(vec![nginx(&world, "be-1"), nginx(&world, "be-2")]);
+    run_in(
+        &world,
+        "client",
+        &["ip", "route", "add", POOL, "dev", "eth0"],
+    )
+    .expect("route");
+
+    // The cluster's namespace and its ingress pool.
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    Api::<DynamicObject>::namespaced_with(client.clone(), NS, &gvk("Cluster", "clusters"))
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "slipway.dev/v1alpha1", "kind": "Cluster",
+                "metadata": {"name": "c1", "namespace": NS},
+                "spec": {
+                    "topology": {"controlPlane": {"replicas": 1, "hostClass": "small"}},
+                    "settings": {"network": {
+                        "pods": {"cidrBlocks": ["192.168.0.0/16"]},
+                        "services": {"cidrBlocks": ["10.96.0.0/16"]},
+                        "ingress": {"cidrBlocks": [POOL]},
+                    }},
+                },
+            }))
+            .expect("cluster"),
+        )
+        .await
+        .expect("create cluster");
+
+    // The mirror, as the cloud provider writes it: the node port as the target, the nodes as
+    // an EndpointSlice.
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let name = "c1-default-web";
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"slipway.dev/cluster": "c1"}},
+                "spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                         "ports": [{"name": "http", "port": 80, "targetPort": NODE_PORT}]},
+            }))
+            .expect("service"),
+        )
+        .await
+        .expect("create service");
+    let endpoints: Vec<Value> = backend_ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    Api::<EndpointSlice>::namespaced(client.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": [{"name": "http", "port": NODE_PORT, "protocol": "TCP"}],
+            }))
+            .expect("slice"),
+        )
+        .await
+        .expect("create slice");
+    let vip = wait_for("the VIP in the status", Duration::from_secs(20), || async {
+        services
+            .get(name)
+            .await
+            .ok()?
+            .status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .ip
+            .clone()
+    })
+    .await;
+    assert_eq!(vip, VIP, "the first address of the pool");
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "slipway-lb");
+    let owner = wait_for("the VIP's Lease", Duration::from_secs(60), || {
+        holder(&leases)
+    })
+    .await;
+    assert!(owner.starts_with("edge-"), "held by an edge host: {owner}");
+    let first = wait_for(
+        "a first answer through the VIP",
+        Duration::from_secs(30),
+        || async { request(&world, "1") },
+    )
+    .await;
+    assert!(backend_ips.contains(&first), "a backend answered: {first}");
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let answer = request(&world, "1").expect("a request through the VIP");
+        assert!(backend_ips.contains(&answer), "{answer}");
+        seen.insert(answer);
+    }
+    assert_eq!(
+        seen, backend_ips,
+        "new connections spread over both backends"
+    );
+
+    // The owner dies (every process of the host, kill -9): the other takes the Lease and the
+    // VIP.
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &netns_of(&world, &owner)])
+        .output()
+        .expect("pids");
+    let killed_at = Instant::now();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    let mut failed = 0;
+    let gap = loop {
+        if request(&world, "0.1").is_some() {
+            break killed_at.elapsed();
+        }
+        failed += 1;
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "no answer through the VIP 30 s after its owner died"
+        );
+    };
+    let new_owner = wait_for(
+        "the Lease's new holder",
+        Duration::from_secs(10),
+        || async { holder(&leases).await.filter(|h| *h != owner) },
+    )
+    .await;
+    eprintln!(
+        "failover: {owner} killed; {new_owner} answers for {VIP} after {gap:?} ({failed} requests failed meanwhile)"
+    );
+    assert_ne!(new_owner, owner);
+
+    // Delete: the edge host's maps are emptied and the Lease released.
+    services
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        "the edge host's maps emptied",
+        Duration::from_secs(20),
+        || async { (served(&world, &new_owner) == Some(0)).then_some(()) },
+    )
+    .await;
+    wait_for("the Lease released", Duration::from_secs(10), || async {
+        holder(&leases).await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        request(&world, "0.5").is_none(),
+        "the VIP no longer answers"
+    );
+}
