@@ -81,6 +81,11 @@ impl JoinArgs {
         self.host_data_dir.join("apiserver")
     }
 
+    /// The cluster's link to its supervisor namespace (a kubeconfig), for a control plane host.
+    fn supervisor_link_path(&self) -> PathBuf {
+        self.host_data_dir.join("supervisor-link.kubeconfig")
+    }
+
     /// The workload cluster's kubeconfig (the node's identity), for a host of a Cluster.
     fn cluster_kubeconfig_path(&self) -> PathBuf {
         self.host_data_dir.join("cluster.kubeconfig")
@@ -187,7 +192,15 @@ impl JoinArgs {
                 crate::run::write_atomically_with_mode(&pki.join(file), pem.as_bytes(), mode)
                     .with_context(|| format!("writing {}", pki.join(file).display()))?;
             }
-            let settings = json!({"serviceCidr": cp["serviceCidr"]});
+            if let Some(link) = cp["supervisorLink"].as_str().filter(|l| !l.is_empty()) {
+                crate::run::write_atomically_with_mode(
+                    &self.supervisor_link_path(),
+                    link.as_bytes(),
+                    0o600,
+                )
+                .context("writing the cluster's supervisor link")?;
+            }
+            let settings = json!({"serviceCidr": cp["serviceCidr"], "cluster": cp["cluster"]});
             crate::run::write_atomically(
                 &self.api_server_dir().join("bootstrap.json"),
                 settings.to_string().as_bytes(),
@@ -258,7 +271,12 @@ fn hb_name(args: &JoinArgs) -> &str {
 
 /// Runs the workload cluster's API server (`slipway supervisor`, the same server code) on a
 /// control plane host, restarting it with back-off when it exits; it dies with the agent.
-async fn serve_cluster_api(dir: PathBuf, address: String, port: u16) -> anyhow::Result<()> {
+async fn serve_cluster_api(
+    dir: PathBuf,
+    link: PathBuf,
+    address: String,
+    port: u16,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("the slipway binary")?;
     let mut delay = Duration::from_millis(200);
     loop {
@@ -280,12 +298,24 @@ async fn serve_cluster_api(dir: PathBuf, address: String, port: u16) -> anyhow::
                 &address,
             ])
             .arg("--cluster-controllers");
-        if let Some(cidr) = std::fs::read(dir.join("bootstrap.json"))
+        let bootstrap = std::fs::read(dir.join("bootstrap.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| v["serviceCidr"].as_str().map(str::to_owned))
-        {
-            command.args(["--service-cluster-ip-range", &cidr]);
+            .unwrap_or_default();
+        if let Some(cidr) = bootstrap["serviceCidr"].as_str() {
+            command.args(["--service-cluster-ip-range", cidr]);
+        }
+        if let (Some(ns), Some(cluster), true) = (
+            bootstrap["cluster"]["namespace"].as_str(),
+            bootstrap["cluster"]["name"].as_str(),
+            link.exists(),
+        ) {
+            command.arg("--supervisor-link").arg(&link).args([
+                "--supervisor-namespace",
+                ns,
+                "--cluster-name",
+                cluster,
+            ]);
         }
         let status = command
             .stdout(log.try_clone()?)
@@ -311,6 +341,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         info!(%address, "control plane host: serving the workload cluster's API");
         Some(tokio::spawn(serve_cluster_api(
             args.api_server_dir(),
+            args.supervisor_link_path(),
             address,
             CLUSTER_API_PORT,
         )))

@@ -19,6 +19,18 @@ pub struct SupervisorCommand {
     /// control plane host runs.
     #[arg(long)]
     pub cluster_controllers: bool,
+    /// With --cluster-controllers: a kubeconfig for the cluster's link to its supervisor
+    /// namespace (`system:cluster:<namespace>:<cluster>`, handed to control plane hosts when
+    /// they join), for the controllers that forward to the supervisor. Needs
+    /// --supervisor-namespace and --cluster-name.
+    #[arg(long, requires_all = ["supervisor_namespace", "cluster_name"])]
+    pub supervisor_link: Option<std::path::PathBuf>,
+    /// The cluster's namespace in the supervisor (with --supervisor-link).
+    #[arg(long, requires = "supervisor_link")]
+    pub supervisor_namespace: Option<String>,
+    /// The cluster's name in the supervisor (with --supervisor-link).
+    #[arg(long, requires = "supervisor_link")]
+    pub cluster_name: Option<String>,
 }
 
 impl SupervisorCommand {
@@ -39,13 +51,35 @@ impl SupervisorCommand {
     {
         let admin = self.server.data_dir.join("admin.kubeconfig");
         let controllers = self.cluster_controllers;
+        let link = match (
+            self.supervisor_link.clone(),
+            self.supervisor_namespace.clone(),
+            self.cluster_name.clone(),
+        ) {
+            (Some(path), Some(namespace), Some(cluster)) => Some((path, namespace, cluster)),
+            _ => None,
+        };
         let more = move |listening: Listening| async move {
             if !controllers {
                 return more(listening).await;
             }
             let client = crate::client_for(&admin).await?;
+            let supervisor = match link {
+                Some((path, namespace, cluster)) => Some(slipway_controllers::SupervisorLink {
+                    client: crate::client_for(&path)
+                        .await
+                        .with_context(|| format!("--supervisor-link {}", path.display()))?,
+                    namespace,
+                    cluster,
+                }),
+                None => None,
+            };
+            let options = slipway_controllers::Options {
+                supervisor,
+                ..Default::default()
+            };
             tokio::select! {
-                () = slipway_controllers::run(client, slipway_controllers::Options::default()) => {
+                () = slipway_controllers::run(client, options) => {
                     anyhow::bail!("the workload cluster controllers stopped")
                 }
                 r = more(listening) => r,

@@ -33,6 +33,37 @@ pub const NODES: &str = "system:nodes";
 /// The user name prefix of a node.
 pub const NODE_USER_PREFIX: &str = "system:node:";
 
+/// The group of workload clusters' links to their supervisor namespace
+/// (`system:cluster:<namespace>:<cluster>`, certificates issued to the cluster's control plane
+/// hosts when they join): what the cluster's cloud provider and paravirtual CSI controller do
+/// in the supervisor, in that namespace only (see [`CLUSTER_LINK_RESOURCES`]).
+pub const CLUSTERS: &str = "system:slipway:clusters";
+
+/// The user name prefix of a workload cluster's link.
+pub const CLUSTER_USER_PREFIX: &str = "system:cluster:";
+
+/// What a workload cluster's link may touch in its own supervisor namespace: (group, plural,
+/// subresource, verbs). Everything else, and every other namespace, is forbidden. The link
+/// reads status its objects are given (a LoadBalancer's VIP, a claim's binding) but never
+/// writes it: that belongs to the supervisor's reconcilers.
+pub const CLUSTER_LINK_RESOURCES: &[(&str, &str, Option<&str>, &[&str])] = &[
+    ("", "services", None, ALL_VERBS),
+    ("", "services", Some("status"), READ_VERBS),
+    ("", "persistentvolumeclaims", None, ALL_VERBS),
+    ("", "persistentvolumeclaims", Some("status"), READ_VERBS),
+    (
+        "",
+        "events",
+        None,
+        &["get", "list", "watch", "create", "patch"],
+    ),
+];
+
+const READ_VERBS: &[&str] = &["get", "list", "watch"];
+const ALL_VERBS: &[&str] = &[
+    "get", "list", "watch", "create", "update", "patch", "delete",
+];
+
 /// The group of callers holding a bootstrap token (kubeadm's format, `<id>.<secret>`, kept as a
 /// Secret `bootstrap-token-<id>` in `slipway-system`): they may only join a host.
 pub const BOOTSTRAPPERS: &str = "system:slipway:bootstrappers";
@@ -73,6 +104,17 @@ impl UserInfo {
             .any(|g| g == HOSTS)
             .then(|| self.name.strip_prefix(HOST_USER_PREFIX))
             .flatten()
+    }
+
+    /// The supervisor namespace and cluster a workload cluster's link speaks for, if the user
+    /// is one.
+    pub fn cluster_link(&self) -> Option<(&str, &str)> {
+        self.groups
+            .iter()
+            .any(|g| g == CLUSTERS)
+            .then(|| self.name.strip_prefix(CLUSTER_USER_PREFIX))
+            .flatten()
+            .and_then(|rest| rest.split_once(':'))
     }
 
     /// Whether the user authenticated with a bootstrap token.
@@ -323,6 +365,13 @@ pub async fn authorize(
             Err(forbidden())
         };
     }
+    if let Some((own, _)) = user.cluster_link() {
+        return if cluster_may(own, verb, rt, subresource, namespace) {
+            Ok(())
+        } else {
+            Err(forbidden())
+        };
+    }
     if user.is_bootstrapper() {
         // A bootstrap token only joins (see `server::join`); it reads and writes nothing.
         return Err(forbidden());
@@ -420,6 +469,25 @@ fn host_may(
         (slipway_api::slipway::GROUP, "zones" | "hostclasses") => read,
         _ => false,
     }
+}
+
+/// What a workload cluster's link may do: [`CLUSTER_LINK_RESOURCES`] in its own namespace.
+fn cluster_may(
+    own: &str,
+    verb: &str,
+    rt: &ResourceType,
+    subresource: Option<&str>,
+    namespace: Option<&str>,
+) -> bool {
+    namespace == Some(own)
+        && CLUSTER_LINK_RESOURCES
+            .iter()
+            .any(|&(group, plural, sub, verbs)| {
+                group == rt.group
+                    && plural == rt.plural
+                    && sub == subresource
+                    && verbs.contains(&verb)
+            })
 }
 
 /// What a node's agent may do in its workload cluster (kube-apiserver's Node authorizer and the
@@ -554,5 +622,41 @@ mod tests {
         assert!(a.authenticate(None, None).is_err());
         assert!(Authenticator::parse("justatoken\n").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn a_cluster_link_reaches_its_own_namespace_only() {
+        let user = UserInfo {
+            name: "system:cluster:team-a:web".into(),
+            groups: vec![CLUSTERS.into()],
+        };
+        assert_eq!(user.cluster_link(), Some(("team-a", "web")));
+        let rt = |group, version, plural| lookup(group, version, plural).expect("served");
+        let services = rt("", "v1", "services");
+        let may = |verb, rt, sub, ns| cluster_may("team-a", verb, rt, sub, ns);
+        assert!(may("create", services, None, Some("team-a")));
+        assert!(may("watch", services, Some("status"), Some("team-a")));
+        assert!(!may("update", services, Some("status"), Some("team-a")));
+        assert!(!may("create", services, None, Some("team-b")));
+        assert!(!may("list", services, None, None));
+        assert!(may(
+            "delete",
+            rt("", "v1", "persistentvolumeclaims"),
+            None,
+            Some("team-a")
+        ));
+        assert!(!may("get", rt("", "v1", "secrets"), None, Some("team-a")));
+        assert!(!may("get", rt("", "v1", "pods"), None, Some("team-a")));
+        // A name without the namespace part, or outside the group, is no link.
+        let bare = UserInfo {
+            name: "system:cluster:team-a".into(),
+            groups: vec![CLUSTERS.into()],
+        };
+        assert_eq!(bare.cluster_link(), None);
+        let outside = UserInfo {
+            name: "system:cluster:team-a:web".into(),
+            groups: vec![],
+        };
+        assert_eq!(outside.cluster_link(), None);
     }
 }

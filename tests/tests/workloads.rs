@@ -620,6 +620,35 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         "a Deployment",
     );
 
+    // The control plane host holds the cluster's link to its supervisor namespace
+    // (`system:cluster:team-w:w1`, for the cloud provider and paravirtual volumes): it reaches
+    // Services and claims in team-w and nothing else.
+    let link = client_for(
+        &world
+            .dir
+            .path()
+            .join("sup/hosts/data/team-w-w1-control-plane-0/supervisor-link.kubeconfig"),
+    )
+    .await;
+    Api::<Service>::namespaced(link.clone(), "team-w")
+        .list(&ListParams::default())
+        .await
+        .expect("the link lists its namespace's Services");
+    forbidden(
+        Api::<Secret>::namespaced(link.clone(), "team-w")
+            .list(&ListParams::default())
+            .await
+            .map(drop),
+        "the link reading Secrets",
+    );
+    forbidden(
+        Api::<Service>::namespaced(link, "default")
+            .list(&ListParams::default())
+            .await
+            .map(drop),
+        "the link in another namespace",
+    );
+
     // Deleting the Cluster takes its hosts down with their pods: no namespace, cgroup, bpffs
     // entry or mount (containerd's sandboxes and rootfs) is left.
     world.kubectl(&["delete", "cluster", "w1", "-n", "team-w", "--wait=false"]);

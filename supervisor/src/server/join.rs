@@ -16,7 +16,10 @@ use super::keys;
 use super::objects::stamp_new;
 use crate::api::meta::now_secs;
 use crate::api::registry::{ResourceType, lookup};
-use crate::auth::{HOST_USER_PREFIX, HOSTS, NODE_USER_PREFIX, NODES, UserInfo, bootstrap_token};
+use crate::auth::{
+    CLUSTER_USER_PREFIX, CLUSTERS, HOST_USER_PREFIX, HOSTS, NODE_USER_PREFIX, NODES, UserInfo,
+    bootstrap_token,
+};
 use crate::error::{ApiError, FieldError};
 use crate::store::{Store, StoreError};
 use crate::tls::{ADMIN_DAYS, Credential};
@@ -157,7 +160,7 @@ pub async fn join(
             // The cluster's CA and node credentials go only to a token made for this very
             // host (or an admin).
             if bound_host.is_some() || user.is_admin() {
-                control_plane = control_plane_bootstrap(state, &host).await?;
+                control_plane = control_plane_bootstrap(state, &host, authority).await?;
                 node = node_bootstrap(state, &spec.host_name, &host).await?;
             }
             let zone = host.pointer("/spec/zone").and_then(Value::as_str);
@@ -220,9 +223,16 @@ pub async fn join(
 }
 
 /// What a control plane host of a Cluster needs to serve the cluster's API (as Cluster API's
-/// bootstrap data carries it): the cluster's CA, from its Secret `<cluster>-ca`. None for other
-/// hosts; an error while the Secret is not made yet (the join is retried).
-async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<Value>, ApiError> {
+/// bootstrap data carries it): the cluster's CA, from its Secret `<cluster>-ca`, and the
+/// cluster's link to its supervisor namespace (`supervisorLink`, a kubeconfig for
+/// `system:cluster:<namespace>:<cluster>` at `authority`, for its cloud provider and
+/// paravirtual CSI controller). None for other hosts; an error while the Secret is not made yet
+/// (the join is retried).
+async fn control_plane_bootstrap(
+    state: &State,
+    host: &Value,
+    authority: &str,
+) -> Result<Option<Value>, ApiError> {
     let spec = &host["spec"];
     if spec["pool"] != slipway_api::slipway::CONTROL_PLANE_POOL {
         return Ok(None);
@@ -235,8 +245,22 @@ async fn control_plane_bootstrap(state: &State, host: &Value) -> Result<Option<V
     };
     let (ca_cert, ca_key) = cluster_ca(state, ns, cluster).await?;
     let network = cluster_network(state, ns, cluster).await?;
+    let link_user = format!("{CLUSTER_USER_PREFIX}{ns}:{cluster}");
+    let (cert_pem, key_pem) = state
+        .pki
+        .issue_client(&link_user, Some(CLUSTERS), ADMIN_DAYS)
+        .map_err(|e| ApiError::Internal(format!("issuing the cluster link's certificate: {e}")))?;
+    let link = state
+        .pki
+        .kubeconfig(
+            authority,
+            &link_user,
+            &Credential::ClientCert { cert_pem, key_pem },
+        )
+        .map_err(|e| ApiError::Internal(format!("the cluster link's kubeconfig: {e}")))?;
     Ok(Some(json!({
         "cluster": {"namespace": ns, "name": cluster},
+        "supervisorLink": link,
         "serviceCidr": network.services,
         "caCert": ca_cert,
         "caKey": ca_key,
