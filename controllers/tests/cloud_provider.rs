@@ -74,6 +74,38 @@ async fn server() -> Result<(tempfile::TempDir, Client, PathBuf)> {
     Ok((dir, Client::try_from(config)?, controllers))
 }
 
+/// A client with the cluster link's own identity (`system:cluster:<namespace>:<cluster>`, group
+/// `system:slipway:clusters`), signed by the supervisor's CA as its join answer would be: the
+/// provider must need no more than the link may do.
+async fn link_client(sup_dir: &Path) -> Result<Client> {
+    let admin = Kubeconfig::read_from(sup_dir.join("admin.kubeconfig"))?;
+    let server = admin
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.server.clone())
+        .context("the admin kubeconfig's server")?;
+    let authority = server.trim_start_matches("https://").to_owned();
+    let pki = slipway_supervisor::tls::Pki::new(sup_dir);
+    let user = format!(
+        "{}{NS}:{CLUSTER}",
+        slipway_supervisor::auth::CLUSTER_USER_PREFIX
+    );
+    let (cert_pem, key_pem) =
+        pki.issue_client(&user, Some(slipway_supervisor::auth::CLUSTERS), 1)?;
+    let text = pki.kubeconfig(
+        &authority,
+        &user,
+        &slipway_supervisor::tls::Credential::ClientCert { cert_pem, key_pem },
+    )?;
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::from_yaml(&text)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(Client::try_from(config)?)
+}
+
 fn slipway(kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("slipway.dev", "v1alpha1", kind),
@@ -101,7 +133,7 @@ async fn until<T, F: Future<Output = Option<T>>>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_balancer_services_are_mirrored_and_get_their_vip_back() -> Result<()> {
     // The supervisor: a namespace, a Cluster with an ingress pool, the LB reconciler.
-    let (_sup_dir, sup, sup_controllers) = server().await?;
+    let (sup_dir, sup, sup_controllers) = server().await?;
     Api::<Namespace>::all(sup.clone())
         .create(
             &PostParams::default(),
@@ -165,7 +197,7 @@ async fn load_balancer_services_are_mirrored_and_get_their_vip_back() -> Result<
         wl.clone(),
         Options {
             supervisor: Some(SupervisorLink {
-                client: sup.clone(),
+                client: link_client(sup_dir.path()).await?,
                 namespace: NS.into(),
                 cluster: CLUSTER.into(),
             }),

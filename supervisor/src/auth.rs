@@ -49,6 +49,8 @@ pub const CLUSTER_USER_PREFIX: &str = "system:cluster:";
 pub const CLUSTER_LINK_RESOURCES: &[(&str, &str, Option<&str>, &[&str])] = &[
     ("", "services", None, ALL_VERBS),
     ("", "services", Some("status"), READ_VERBS),
+    // The cloud provider's mirrors' backends: the cluster's nodes at their node ports.
+    ("discovery.k8s.io", "endpointslices", None, ALL_VERBS),
     ("", "persistentvolumeclaims", None, ALL_VERBS),
     ("", "persistentvolumeclaims", Some("status"), READ_VERBS),
     (
