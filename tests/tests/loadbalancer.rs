@@ -6,7 +6,10 @@
 //! VIP from its Cluster's ingress pool; the client's requests through the VIP reach both
 //! backends; killing the edge host that holds the VIP's Lease moves the Lease and the VIP to the
 //! other (gratuitous ARP) and the gap is measured; deleting the Service empties both edge hosts'
-//! maps and releases the Lease.
+//! maps and releases the Lease. The second test runs the whole chain on a provisioned cluster:
+//! kubectl creates a LoadBalancer Service in the workload cluster, its cloud provider mirrors it,
+//! the supervisor gives it a VIP that `kubectl get svc` shows, the client's requests reach the
+//! pods through the edge hosts and the nodes' node ports, and deleting it leaves nothing.
 
 mod common;
 
@@ -16,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use common::{World, gvk, wait_for};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use serde_json::{Value, json};
 
 const NS: &str = "team-lb";
@@ -102,6 +105,11 @@ async fn address(hosts: &Api<DynamicObject>, name: &str) -> Option<String> {
 
 /// One request from the client host through the VIP: the backend's answer.
 fn request(world: &World, timeout: &str) -> Option<String> {
+    request_path(world, "/", timeout)
+}
+
+/// `GET path` from the client host through the VIP: the answer.
+fn request_path(world: &World, path: &str, timeout: &str) -> Option<String> {
     run_in(
         world,
         "client",
@@ -112,7 +120,7 @@ fn request(world: &World, timeout: &str) -> Option<String> {
             timeout,
             "--max-time",
             "1",
-            &format!("http://{VIP}/"),
+            &format!("http://{VIP}{path}"),
         ],
     )
     .map(|s| s.trim().to_owned())
@@ -339,6 +347,246 @@ async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
     .await;
     assert!(
         request(&world, "0.5").is_none(),
+        "the VIP no longer answers"
+    );
+}
+
+const WORKLOAD: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: team-w
+---
+apiVersion: slipway.dev/v1alpha1
+kind: HostClass
+metadata:
+  name: node
+spec:
+  cpus: 1
+  memory: 1Gi
+---
+apiVersion: slipway.dev/v1alpha1
+kind: HostClass
+metadata:
+  name: edge
+spec:
+  cpus: 1
+  memory: 512Mi
+---
+apiVersion: slipway.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: w1
+  namespace: team-w
+spec:
+  topology:
+    controlPlane:
+      replicas: 1
+      hostClass: node
+    nodePools:
+    - name: workers
+      replicas: 2
+      hostClass: node
+  settings:
+    network:
+      pods:
+        cidrBlocks: [\"192.168.0.0/16\"]
+      services:
+        cidrBlocks: [\"10.96.0.0/16\"]
+      ingress:
+        cidrBlocks: [\"10.124.100.0/27\"]
+";
+
+const WEB: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: httpd
+        image: busybox
+        imagePullPolicy: Never
+        command: [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/etc\"]
+        readinessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
+        resources:
+          requests: {cpu: 100m, memory: 16Mi}
+";
+
+const LB_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+";
+
+async fn ready_pods(pods: &Api<Pod>, count: usize) -> Option<BTreeSet<String>> {
+    let names: BTreeSet<String> = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    (names.len() == count).then_some(names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: root + netns + cgroups + BPF + containerd; run scripts/test.sh"]
+async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_external_ip() {
+    let scratch = tempfile::Builder::new()
+        .prefix("slipway-e2e-images-")
+        .tempdir()
+        .expect("dir");
+    slipway_agent::pods::image::build_node_images(scratch.path()).expect("images");
+    let world =
+        World::with_agent_flags(slipway_hosts::reconciler::netns_node_flags(scratch.path()));
+    let client = world.client().await;
+    world.seed(&client).await;
+    world.apply(WORKLOAD);
+    for (name, zone, class, pool) in [
+        ("edge-a", "za", "edge", Some("edge")),
+        ("edge-b", "za", "edge", Some("edge")),
+        ("client", "za", "small", None),
+    ] {
+        let mut spec = json!({"zone": zone, "hostClass": class, "provider": "netns"});
+        if let Some(p) = pool {
+            spec["pool"] = json!(p);
+        }
+        create(&client, "Host", "hosts", name, spec).await;
+    }
+    let clusters: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "team-w", &gvk("Cluster", "clusters"));
+    wait_for("w1 Running", Duration::from_secs(180), || async {
+        let c = clusters.get("w1").await.ok()?;
+        (c.data["status"]["phase"] == "Running").then_some(())
+    })
+    .await;
+    let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
+    for name in ["edge-a", "edge-b", "client"] {
+        wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
+            address(&hosts, name)
+        })
+        .await;
+    }
+    run_in(
+        &world,
+        "client",
+        &["ip", "route", "add", POOL, "dev", "eth0"],
+    )
+    .expect("route");
+    let kubeconfig = Api::<Secret>::namespaced(client.clone(), "team-w")
+        .get("w1-kubeconfig")
+        .await
+        .expect("w1-kubeconfig")
+        .data
+        .and_then(|d| d.get("value").cloned())
+        .expect("value")
+        .0;
+    let path = world.dir.path().join("w1.kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("kubeconfig");
+    let workload = common::client_for(&path).await;
+    world.apply_with(&path, WEB);
+    let pods: Api<Pod> = Api::namespaced(workload.clone(), "default");
+    let names = wait_for("3 web pods Ready", Duration::from_secs(120), || {
+        ready_pods(&pods, 3)
+    })
+    .await;
+
+    // kubectl creates the Service; the VIP comes back from the supervisor.
+    let started = Instant::now();
+    world.apply_with(&path, LB_SERVICE);
+    let services: Api<Service> = Api::namespaced(workload.clone(), "default");
+    let vip = wait_for("EXTERNAL-IP", Duration::from_secs(30), || async {
+        services
+            .get("web")
+            .await
+            .ok()?
+            .status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .ip
+            .clone()
+    })
+    .await;
+    let allocated = started.elapsed();
+    assert_eq!(
+        vip, VIP,
+        "the first address of the namespace's ingress pool"
+    );
+    let shown = world.kubectl_with(&path, &["get", "svc", "web"]);
+    assert!(shown.contains(VIP), "kubectl get svc shows it: {shown}");
+
+    // Requests from the client host reach every pod through the VIP.
+    let first = wait_for(
+        "an answer through the VIP",
+        Duration::from_secs(30),
+        || async { request_path(&world, "/hostname", "1") },
+    )
+    .await;
+    let served_at = started.elapsed();
+    let mut seen = BTreeSet::from([first]);
+    for _ in 0..60 {
+        let answer = request_path(&world, "/hostname", "1").expect("a request through the VIP");
+        seen.insert(answer);
+    }
+    assert_eq!(seen, names, "the answers come from every web pod");
+    eprintln!(
+        "kubectl apply of a LoadBalancer Service: EXTERNAL-IP {vip} after {allocated:?}, \
+         first answer through it after {served_at:?}; 61 requests over {} pods",
+        seen.len()
+    );
+
+    // Delete: the mirror, the VIP, the edge hosts' services and the Lease go.
+    world.kubectl_with(&path, &["delete", "svc", "web"]);
+    let mirrors: Api<Service> = Api::namespaced(client.clone(), "team-w");
+    wait_for("the mirror gone", Duration::from_secs(20), || async {
+        let left = mirrors
+            .list(&ListParams::default().labels("slipway.dev/cluster=w1"))
+            .await
+            .ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    for edge in ["edge-a", "edge-b"] {
+        wait_for(
+            &format!("{edge}'s maps emptied"),
+            Duration::from_secs(20),
+            || async { (served(&world, edge) == Some(0)).then_some(()) },
+        )
+        .await;
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "slipway-lb");
+    wait_for("the Lease released", Duration::from_secs(10), || async {
+        holder(&leases).await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        request_path(&world, "/hostname", "0.5").is_none(),
         "the VIP no longer answers"
     );
 }
