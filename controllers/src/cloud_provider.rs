@@ -272,6 +272,9 @@ impl Provider {
             .map_err(api_err("list", "supervisor services"))?
             .items
             .into_iter()
+            // Only the mirrors this provider made: a Service labelled with the cluster by
+            // someone else is not its to delete.
+            .filter(|m| m.annotations().contains_key(SOURCE_ANNOTATION))
             .map(|m| (m.name_any(), m))
             .collect();
         let mut wanted = BTreeSet::new();

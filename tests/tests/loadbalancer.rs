@@ -93,6 +93,78 @@ async fn create(client: &kube::Client, kind: &str, plural: &str, name: &str, spe
         .unwrap_or_else(|e| panic!("create {kind} {name}: {e}"));
 }
 
+/// How many keep-alive connections [`Streams`] holds open through the VIP.
+const STREAMS: usize = 5;
+
+/// Keep-alive HTTP connections from the client host through the VIP (a python3 process in its
+/// namespace, killed on drop): each made one request; [`Streams::survivors`] makes a second.
+struct Streams(Child);
+
+const STREAMS_SCRIPT: &str = r#"
+import socket, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+req = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n"
+socks = []
+for _ in range(n):
+    s = socket.create_connection((vip, 80), timeout=2)
+    s.sendall(req)
+    s.recv(4096)
+    socks.append(s)
+print("open", flush=True)
+sys.stdin.readline()
+ok = 0
+for s in socks:
+    try:
+        s.settimeout(2)
+        s.sendall(req)
+        ok += b" 200 " in s.recv(4096)
+    except OSError:
+        pass
+print(ok, flush=True)
+"#;
+
+impl Streams {
+    fn open(world: &World) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &netns_of(world, "client"), "python3", "-c"])
+            .arg(STREAMS_SCRIPT)
+            .args([VIP, &STREAMS.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("streams open");
+        assert_eq!(
+            line.trim(),
+            "open",
+            "keep-alive connections through the VIP"
+        );
+        Self(child)
+    }
+
+    /// How many of the connections answer a second request now.
+    fn survivors(&mut self) -> usize {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.0.stdin.as_mut().expect("stdin")).expect("signal");
+        let mut line = String::new();
+        std::io::BufReader::new(self.0.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("survivors");
+        line.trim().parse().expect("a count")
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn address(hosts: &Api<DynamicObject>, name: &str) -> Option<String> {
     let h = hosts.get(name).await.ok()?;
     let ready = h.data["status"]["conditions"]
@@ -298,6 +370,9 @@ async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
         "new connections spread over both backends"
     );
 
+    // Connections open through the owner before it dies.
+    let mut streams = Streams::open(&world);
+
     // The owner dies (every process of the host, kill -9): the other takes the Lease and the
     // VIP.
     let pids = Command::new("ip")
@@ -329,6 +404,11 @@ async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
         "failover: {owner} killed; {new_owner} answers for {VIP} after {gap:?} ({failed} requests failed meanwhile)"
     );
     assert_ne!(new_owner, owner);
+    let survived = streams.survivors();
+    eprintln!(
+        "established connections through the VIP that survived the failover: {survived}/{STREAMS} \
+         (each edge host translates to its own address: the backend knows the old one's)"
+    );
 
     // Delete: the edge host's maps are emptied and the Lease released.
     services
