@@ -369,6 +369,12 @@ pub const EDGE_POOL: &str = "edge";
 /// each VIP (one Lease per VIP).
 pub const VIP_LEASE_NAMESPACE: &str = "slipway-lb";
 
+/// The Lease (in [`VIP_LEASE_NAMESPACE`]) whose holder announces `vip`: `vip-10-99-100-1`,
+/// `vip-fd99-100--1`.
+pub fn vip_lease_name(vip: std::net::IpAddr) -> String {
+    format!("vip-{}", vip.to_string().replace(['.', ':'], "-"))
+}
+
 /// The cluster a host serves (Clusters are namespaced, Hosts are not).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -33,10 +33,7 @@ pub const LEASE_SECONDS: i32 = 1;
 /// The annotation carrying a VIP Lease's duration in milliseconds.
 pub const DURATION_ANNOTATION: &str = "slipway.dev/lease-duration-ms";
 
-/// The Lease of `vip`: `vip-10-99-100-1`, `vip-fd99-100--1`.
-pub fn lease_name(vip: IpAddr) -> String {
-    format!("vip-{}", vip.to_string().replace(['.', ':'], "-"))
-}
+pub use slipway_api::slipway::vip_lease_name as lease_name;
 
 /// The VIPs this host holds the Leases of, as the announcer asks.
 #[derive(Debug, Default)]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{World, gvk, wait_for};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use serde_json::{Value, json};
@@ -404,6 +404,43 @@ async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
         "failover: {owner} killed; {new_owner} answers for {VIP} after {gap:?} ({failed} requests failed meanwhile)"
     );
     assert_ne!(new_owner, owner);
+    // The new owner in the supervisor Service's status and Events.
+    wait_for(
+        "the new owner in the Service's status",
+        Duration::from_secs(10),
+        || async {
+            let svc = services.get(name).await.ok()?;
+            svc.status?
+                .conditions?
+                .into_iter()
+                .any(|c| {
+                    c.type_ == "VIPAnnounced"
+                        && c.status == "True"
+                        && c.message.contains(&new_owner)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let changed = wait_for(
+        "a VIPOwnerChanged Event",
+        Duration::from_secs(10),
+        || async {
+            Api::<Event>::namespaced(client.clone(), NS)
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("VIPOwnerChanged"))
+                .and_then(|e| e.message)
+        },
+    )
+    .await;
+    assert!(
+        changed.contains(&new_owner) && changed.contains(&format!("was {owner}")),
+        "{changed}"
+    );
     let survived = streams.survivors();
     eprintln!(
         "established connections through the VIP that survived the failover: {survived}/{STREAMS} \

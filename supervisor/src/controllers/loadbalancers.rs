@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use ipnetwork::IpNetwork;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Service};
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
@@ -32,7 +33,7 @@ use kube::api::{
 use kube::runtime::watcher;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
-use slipway_api::slipway::{GROUP, VERSION};
+use slipway_api::slipway::{GROUP, VERSION, VIP_LEASE_NAMESPACE, vip_lease_name};
 use tracing::{info, warn};
 
 use super::vips::{self, Claim, Held, SHARE_ANNOTATION};
@@ -43,6 +44,9 @@ pub const CLUSTER_LABEL: &str = "slipway.dev/cluster";
 
 /// The status condition saying whether the Service holds a VIP.
 pub const CONDITION: &str = "VIPAllocated";
+
+/// The status condition naming the edge host that announces the VIP (the holder of its Lease).
+pub const ANNOUNCED: &str = "VIPAnnounced";
 
 /// How often the reconciler looks when nothing changes.
 pub const PERIOD: Duration = Duration::from_secs(5);
@@ -56,6 +60,8 @@ pub struct LoadBalancerReconciler {
     client: kube::Client,
     services: Api<Service>,
     clusters: Api<DynamicObject>,
+    /// The VIPs' Leases, whose holders announce them.
+    leases: Api<Lease>,
 }
 
 impl std::fmt::Debug for LoadBalancerReconciler {
@@ -142,14 +148,19 @@ fn claim(svc: &Service) -> Claim {
     }
 }
 
-/// The condition `svc` carries now, as (status, reason, message).
+/// The [`CONDITION`] `svc` carries now, as (status, reason, message).
 fn condition_of(svc: &Service) -> Option<(String, String, String)> {
+    condition_named(svc, CONDITION)
+}
+
+/// The condition `type_` `svc` carries now, as (status, reason, message).
+fn condition_named(svc: &Service, type_: &str) -> Option<(String, String, String)> {
     svc.status
         .as_ref()?
         .conditions
         .as_ref()?
         .iter()
-        .find(|c| c.type_ == CONDITION)
+        .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
@@ -159,6 +170,7 @@ impl LoadBalancerReconciler {
         Self {
             services: Api::all(client.clone()),
             clusters: Api::all_with(client.clone(), &clusters_resource()),
+            leases: Api::namespaced(client.clone(), VIP_LEASE_NAMESPACE),
             client,
         }
     }
@@ -180,7 +192,27 @@ impl LoadBalancerReconciler {
         let labelled = watcher::Config::default().labels(CLUSTER_LABEL);
         let services = watcher(self.services.clone(), labelled).map(|_| ());
         let clusters = watcher(self.clusters.clone(), watcher::Config::default()).map(|_| ());
-        let mut events = futures_util::stream::select(services, clusters).boxed();
+        // Leases are renewed five times a second: only a change of holder is an event.
+        let mut holders: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let leases =
+            watcher(self.leases.clone(), watcher::Config::default()).filter_map(move |e| {
+                let changed = match e {
+                    Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l)) => {
+                        let holder = l.spec.and_then(|s| s.holder_identity);
+                        holders.insert(l.metadata.name.unwrap_or_default(), holder.clone())
+                            != Some(holder)
+                    }
+                    Ok(watcher::Event::Delete(l)) => {
+                        holders.remove(&l.metadata.name.unwrap_or_default());
+                        true
+                    }
+                    _ => false,
+                };
+                std::future::ready(changed.then_some(()))
+            });
+        let mut events =
+            futures_util::stream::select(futures_util::stream::select(services, clusters), leases)
+                .boxed();
         let mut tick = tokio::time::interval(PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -216,8 +248,16 @@ impl LoadBalancerReconciler {
                 });
             }
         }
+        let announcers: BTreeMap<String, String> = self
+            .leases
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|l| Some((l.metadata.name?, l.spec?.holder_identity?)))
+            .collect();
         for svc in &services {
-            if let Err(e) = self.reconcile(svc, &pools, &mut held).await {
+            if let Err(e) = self.reconcile(svc, &pools, &announcers, &mut held).await {
                 warn!(service = %key(svc), error = %format!("{e:#}"), "reconciling");
             }
         }
@@ -228,6 +268,7 @@ impl LoadBalancerReconciler {
         &self,
         svc: &Service,
         pools: &BTreeMap<String, Vec<IpNetwork>>,
+        announcers: &BTreeMap<String, String>,
         held: &mut BTreeMap<String, Vec<Held>>,
     ) -> anyhow::Result<()> {
         let current = status_ip(svc);
@@ -237,11 +278,12 @@ impl LoadBalancerReconciler {
                 self.write(
                     svc,
                     None,
-                    (
+                    &[(
+                        CONDITION,
                         "False",
                         "NotLoadBalancer",
                         "the Service is not of type LoadBalancer".into(),
-                    ),
+                    )],
                 )
                 .await?;
                 self.event(
@@ -303,10 +345,35 @@ impl LoadBalancerReconciler {
                     ip,
                     claim: claim.clone(),
                 });
-                let message = format!("VIP {ip} from the ingress pool of Cluster {cluster}");
-                if current != Some(ip) || condition_of(svc).is_none_or(|c| c.0 != "True") {
-                    self.write(svc, Some(ip), ("True", "Allocated", message.clone()))
+                let allocated = (
+                    CONDITION,
+                    "True",
+                    "Allocated",
+                    format!("VIP {ip} from the ingress pool of Cluster {cluster}"),
+                );
+                let lease = vip_lease_name(ip);
+                let announcer = announcers.get(&lease);
+                let announced = match announcer {
+                    Some(host) => (
+                        ANNOUNCED,
+                        "True",
+                        "Announced",
+                        format!("edge host {host} announces {ip}"),
+                    ),
+                    None => (
+                        ANNOUNCED,
+                        "False",
+                        "NoEdgeHost",
+                        format!("no edge host holds Lease {VIP_LEASE_NAMESPACE}/{lease}"),
+                    ),
+                };
+                let was = condition_named(svc, ANNOUNCED);
+                let fresh = current != Some(ip) || condition_of(svc).is_none_or(|c| c.0 != "True");
+                if fresh || was.as_ref().map(|c| &c.2) != Some(&announced.3) {
+                    self.write(svc, Some(ip), &[allocated, announced.clone()])
                         .await?;
+                }
+                if fresh {
                     info!(service = %claim.service, %ip, "VIP allocated");
                     self.event(
                         svc,
@@ -316,12 +383,28 @@ impl LoadBalancerReconciler {
                     )
                     .await;
                 }
+                if let Some(host) = announcer
+                    && was.as_ref().map(|c| &c.2) != Some(&announced.3)
+                {
+                    let before = was
+                        .filter(|c| c.0 == "True")
+                        .and_then(|c| c.2.split_whitespace().nth(2).map(str::to_owned));
+                    let (reason, message) = match before {
+                        Some(old) => (
+                            "VIPOwnerChanged",
+                            format!("edge host {host} announces {ip} (was {old})"),
+                        ),
+                        None => ("VIPAnnounced", format!("edge host {host} announces {ip}")),
+                    };
+                    info!(service = %claim.service, %ip, %host, "VIP announced");
+                    self.event(svc, "Normal", reason, &message).await;
+                }
             }
             Err((reason, message)) => {
                 let unchanged = condition_of(svc)
                     .is_some_and(|c| c.0 == "False" && c.1 == reason && c.2 == message);
                 if current.is_some() || !unchanged {
-                    self.write(svc, None, ("False", reason, message.clone()))
+                    self.write(svc, None, &[(CONDITION, "False", reason, message.clone())])
                         .await?;
                     warn!(service = %claim.service, reason, %message, "no VIP");
                     self.event(svc, "Warning", "AllocationFailed", &message)
@@ -332,30 +415,34 @@ impl LoadBalancerReconciler {
         Ok(())
     }
 
-    /// Writes the Service's ingress (`ip`, or none) and [`CONDITION`] (status, reason, message).
+    /// Writes the Service's ingress (`ip`, or none) and `conditions` (type, status, reason,
+    /// message), in one write at the version read.
     async fn write(
         &self,
         svc: &Service,
         ip: Option<IpAddr>,
-        (status, reason, message): (&str, &str, String),
+        conditions: &[(&str, &str, &str, String)],
     ) -> anyhow::Result<()> {
-        let old = serde_json::to_value(
+        let mut list = serde_json::to_value(
             svc.status
                 .as_ref()
                 .and_then(|s| s.conditions.clone())
                 .unwrap_or_default(),
         )?;
-        let conditions = slipway_api::meta::set_condition(
-            &old,
-            json!({
-                "type": CONDITION,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": rfc3339(now_secs()),
-                "observedGeneration": svc.meta().generation,
-            }),
-        );
+        for (type_, status, reason, message) in conditions {
+            list = slipway_api::meta::set_condition(
+                &list,
+                json!({
+                    "type": type_,
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": rfc3339(now_secs()),
+                    "observedGeneration": svc.meta().generation,
+                }),
+            );
+        }
+        let conditions = list;
         let ingress: Value = match ip {
             Some(ip) => json!([{"ip": ip.to_string(), "ipMode": "VIP"}]),
             None => json!([]),
