@@ -345,7 +345,7 @@ pub(crate) async fn status(
         StatusCode::OK,
         Json(serde_json::json!({
             "ready": agent.pins.is_ready(),
-            "hostBlock": agent.args.host_block.to_string(),
+            "hostBlock": agent.host_block.to_string(),
             "endpoints": endpoints,
             "routes": routes,
             "hosts": agent.hosts.lock().await.len(),

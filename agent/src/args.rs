@@ -21,9 +21,11 @@ pub struct AgentArgs {
     /// The cluster's pod CIDR.
     #[arg(long = "pod-cidr")]
     pub pod_cidr: Ipv4Network,
-    /// This host's block of the pod CIDR.
+    /// This host's block of the pod CIDR. Default, with --cluster-kubeconfig: its Node's
+    /// `spec.podCIDR` (awaited until the cluster sets it), as a DaemonSet's agent on every node
+    /// finds its own.
     #[arg(long = "host-block")]
-    pub host_block: Ipv4Network,
+    pub host_block: Option<Ipv4Network>,
     /// How pods on other hosts are reached.
     #[arg(long, value_enum, default_value = "vxlan")]
     pub routing: RoutingArg,
@@ -87,6 +89,9 @@ pub struct AgentArgs {
     /// Cluster DNS answered on this node (needs --cluster-kubeconfig).
     #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
+    /// The CSI node plugin the pods' PersistentVolumeClaims are mounted through.
+    #[command(flatten)]
+    pub csi: crate::csi_node::CsiNodeArgs,
 }
 
 impl AgentArgs {

@@ -103,10 +103,7 @@ pub(crate) fn sync_routes(
     };
     let mut maps = NodeMaps::open(&agent.pins)?;
     let mut wanted = BTreeMap::new();
-    for host in hosts
-        .iter()
-        .filter(|h| h.pod_block != agent.args.host_block)
-    {
+    for host in hosts.iter().filter(|h| h.pod_block != agent.host_block) {
         wanted.insert(
             (host.pod_block.network(), host.pod_block.prefix()),
             RouteInfo::new(host.address, mode),

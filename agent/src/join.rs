@@ -5,7 +5,7 @@
 //! flags follow `--`. A restarted join finds its kubeconfig and does not join again. The `netns`
 //! provider starts its hosts through this same command.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -94,6 +94,44 @@ impl JoinArgs {
     /// The node's settings in its cluster ([`NodeSettings`]), for a host of a Cluster.
     fn node_settings_path(&self) -> PathBuf {
         self.host_data_dir.join("node.json")
+    }
+
+    /// Writes the host's client certificate and key (PEM, from its kubeconfig) as files for
+    /// TLS towards block stores; returns their paths.
+    fn host_tls_files(&self, kubeconfig: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let config = Kubeconfig::read_from(kubeconfig)
+            .with_context(|| format!("reading {}", kubeconfig.display()))?;
+        let auth = config
+            .auth_infos
+            .first()
+            .and_then(|a| a.auth_info.as_ref())
+            .with_context(|| format!("{}: no user", kubeconfig.display()))?;
+        // The kubeconfig's data fields are base64, as a ByteString's JSON is.
+        let decode = |field: &str, b64: Option<String>| -> anyhow::Result<Vec<u8>> {
+            let b64 = b64.with_context(|| format!("{}: no {field}", kubeconfig.display()))?;
+            Ok(
+                serde_json::from_value::<k8s_openapi::ByteString>(Value::String(b64))
+                    .with_context(|| format!("{}: {field}", kubeconfig.display()))?
+                    .0,
+            )
+        };
+        let cert = decode(
+            "client-certificate-data",
+            auth.client_certificate_data.clone(),
+        )?;
+        let key = decode(
+            "client-key-data",
+            auth.client_key_data
+                .as_ref()
+                .map(|k| secrecy::ExposeSecret::expose_secret(k).to_owned()),
+        )?;
+        let dir = self.host_data_dir.join("nbd-tls");
+        let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+        crate::run::write_atomically_with_mode(&cert_path, &cert, 0o644)
+            .with_context(|| format!("writing {}", cert_path.display()))?;
+        crate::run::write_atomically_with_mode(&key_path, &key, 0o600)
+            .with_context(|| format!("writing {}", key_path.display()))?;
+        Ok((cert_path, key_path))
     }
 
     fn kubeconfig_path(&self) -> PathBuf {
@@ -414,6 +452,23 @@ async fn run_agent(args: &JoinArgs, kubeconfig: PathBuf) -> anyhow::Result<()> {
                 args.cluster_kubeconfig_path().display().to_string(),
                 "--node-name".into(),
                 hb_name(args).to_owned(),
+            ]);
+        }
+        // The CSI node plugin opens block store exports over TLS with the host's own
+        // certificate (it names the host, as export allow-lists do), trusting the supervisor's CA.
+        if args
+            .agent
+            .iter()
+            .any(|a| a == "--csi-dir" || a.starts_with("--csi-dir="))
+        {
+            let (cert, key) = args.host_tls_files(&kubeconfig)?;
+            argv.extend([
+                "--csi-nbd-tls-ca".into(),
+                args.ca_file.display().to_string(),
+                "--csi-nbd-tls-cert".into(),
+                cert.display().to_string(),
+                "--csi-nbd-tls-key".into(),
+                key.display().to_string(),
             ]);
         }
         let hb = &args.heartbeat;

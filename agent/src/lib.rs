@@ -17,6 +17,7 @@
 pub mod api;
 pub mod args;
 pub mod cli;
+pub mod csi_node;
 pub mod dns;
 pub mod edge;
 pub mod feed;

@@ -28,11 +28,14 @@ use crate::hosts::{Host, restore_hosts, sync_routes};
 use crate::metrics::watch_counters;
 use crate::policy::PolicyNode;
 use crate::services::Service;
+use ipnetwork::Ipv4Network;
 
 pub(crate) struct Agent {
     pub(crate) args: AgentArgs,
     pub(crate) pins: Pins,
     pub(crate) node_ip: Ipv4Addr,
+    /// This host's block of the pod CIDR (`--host-block`, or its Node's `spec.podCIDR`).
+    pub(crate) host_block: Ipv4Network,
     pub(crate) hosts: Mutex<Vec<Host>>,
     pub(crate) services: Mutex<(Vec<Service>, ServiceDatapath)>,
     pub(crate) policy: Arc<PolicyNode>,
@@ -46,15 +49,52 @@ pub(crate) fn desired_path(data_dir: &Path, what: &str) -> PathBuf {
     data_dir.join(format!("{what}.json"))
 }
 
+/// The host's block from its Node's `spec.podCIDR` in the cluster of `--cluster-kubeconfig`,
+/// awaited (with back-off) until the cluster has set it.
+async fn node_block(args: &AgentArgs) -> anyhow::Result<Ipv4Network> {
+    use anyhow::Context as _;
+    let (source, node) = args
+        .kubelet
+        .wanted(true, args.heartbeat.host_name.as_deref())?
+        .context(
+            "--host-block: required without --cluster-kubeconfig (the Node it could come from)",
+        )?;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+        kube::Api::all(crate::feed::client(&source).await?);
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match nodes.get_opt(&node).await {
+            Ok(Some(n)) => {
+                if let Some(cidr) = n.spec.and_then(|s| s.pod_cidr) {
+                    let block = cidr.parse().with_context(|| {
+                        format!("Node {node}: spec.podCIDR {cidr:?} is not a CIDR")
+                    })?;
+                    info!(%node, %block, "host block from the Node's spec.podCIDR");
+                    return Ok(block);
+                }
+                info!(%node, retry_in = ?delay, "the Node has no spec.podCIDR yet");
+            }
+            Ok(None) => info!(%node, retry_in = ?delay, "the Node does not exist yet"),
+            Err(e) => tracing::warn!(%node, error = %e, retry_in = ?delay, "reading the Node"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT. The datapath stays in place when it exits.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let routing: Routing = args.routing.into();
+    let host_block = match args.host_block {
+        Some(block) => block,
+        None => node_block(&args).await?,
+    };
     anyhow::ensure!(
-        args.pod_cidr.contains(args.host_block.network())
-            && args.pod_cidr.prefix() <= args.host_block.prefix(),
+        args.pod_cidr.contains(host_block.network())
+            && args.pod_cidr.prefix() <= host_block.prefix(),
         "--host-block: {} is not inside --pod-cidr {}",
-        args.host_block,
+        host_block,
         args.pod_cidr
     );
     let pins = Pins::new(&args.bpffs);
@@ -143,6 +183,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    // The CSI node plugin the pods' claims are staged and published through.
+    let csi_node = args.csi.server(
+        kubelet
+            .as_deref()
+            .or(args.heartbeat.host_name.as_deref())
+            .unwrap_or_default(),
+        &args.heartbeat.zone,
+    )?;
+
     // The slim kubelet: the cluster's Pods bound to this node, through this host's containerd.
     let kubelet = match (kubelet, &containerd) {
         (Some(node), Some(containerd)) => {
@@ -163,6 +212,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     host_ip: Some(node_ip.to_string()),
                     probe_netns: None,
                     dns: pod_dns,
+                    volume_root: dir.join("kubelet-pods"),
+                    csi: args.csi.runner(),
                 },
             );
             Some((client, node, runner))
@@ -202,10 +253,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     fs::create_dir_all(&args.cgroup)
         .with_context(|| format!("--cgroup: creating {}", args.cgroup.display()))?;
     service_dp.attach(&args.cgroup)?;
-    let router = slipway_cni::ipam::router_ip(args.host_block).with_context(|| {
+    let router = slipway_cni::ipam::router_ip(host_block).with_context(|| {
         format!(
             "--host-block: {} is too small to spare a router address (at most /29)",
-            args.host_block
+            host_block
         )
     })?;
     let mut config = NodeConfig {
@@ -232,7 +283,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let state = NodeState {
         pod_cidr: args.pod_cidr.to_string(),
-        host_block: args.host_block.to_string(),
+        host_block: host_block.to_string(),
         routing,
         mtu,
         underlay_device: args.underlay_device.clone(),
@@ -242,7 +293,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &NodeState::path(&args.data_dir),
         &serde_json::to_vec_pretty(&state)?,
     )?;
-    info!(block = %args.host_block, ?routing, mtu, "node datapath ready");
+    info!(block = %host_block, ?routing, mtu, "node datapath ready");
 
     let restored = restore_hosts(&args.data_dir, &maps)?;
     if !restored.is_empty() {
@@ -254,7 +305,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let policy = PolicyNode::start(
         &pins,
-        args.host_block,
+        host_block,
         args.policy_entries as usize,
         args.data_dir.join("policy"),
     )
@@ -263,6 +314,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         args: args.clone(),
         pins,
         node_ip,
+        host_block,
         hosts: Mutex::new(restored),
         services: Mutex::new((services, service_dp)),
         policy: policy.clone(),
@@ -324,6 +376,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(api) = kubelet_api {
         tasks.spawn(api.serve());
     }
+    if let Some(csi) = csi_node {
+        tasks.spawn(csi);
+    }
     tasks.spawn(policy.pump_events());
     tasks.spawn(crate::tables::watch_fills(agent.pins.clone()));
     tasks.spawn(watch_counters(agent.pins.clone()));
@@ -348,7 +403,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     println!(
         "slipway agent: ready (api {}, block {}, {routing:?}, mtu {mtu})",
         args.socket.display(),
-        args.host_block
+        host_block
     );
     let _ = std::io::stdout().flush();
 

@@ -136,8 +136,8 @@ fn the_daemonset_manifest_holds_what_the_agent_needs() {
     );
     let command = agent.command.clone().unwrap_or_default().join(" ");
     assert!(
-        command.contains("--cluster-kubeconfig in-cluster"),
-        "{command}"
+        command.contains("--cluster-kubeconfig in-cluster") && !command.contains("--host-block"),
+        "every copy takes its block from its own Node: {command}"
     );
     let volumes = pod.volumes.unwrap_or_default();
     let host_path = |mount: &str| {

@@ -435,8 +435,16 @@ fn the_datapath_follows_the_cluster_api() {
     .iter()
     .map(|p| agent_get(&cluster, 2, p))
     .collect();
-    start_fed(&mut cluster, 2);
+    // Restarted without --host-block: it reads its Node's spec.podCIDR, as the DaemonSet's
+    // agent on every node does.
+    cluster.kill_agent(2);
+    let args: Vec<&str> = flags[1].iter().map(String::as_str).collect();
+    cluster.start_agent_from_node(2, &args);
     until("agent 2 fed again", Instant::now(), || fed(&cluster, 2));
+    assert_eq!(
+        agent_get(&cluster, 2, "/v1/status")["hostBlock"],
+        json!(cluster.node(2).block)
+    );
     let after: Vec<Value> = [
         "/v1/hosts",
         "/v1/services",

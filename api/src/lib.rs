@@ -12,6 +12,7 @@ pub mod error;
 pub mod logs;
 pub mod meta;
 pub mod slipway;
+pub mod volumes;
 
 pub use error::{FieldError, FieldReason, format_causes, invalid_message, invalid_status};
 

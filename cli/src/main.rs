@@ -64,7 +64,7 @@ enum Command {
     /// Stops a running `slipway up` (which then tears everything down).
     Down(up::DownArgs),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
-    Supervisor(supervisor::SupervisorCommand),
+    Supervisor(Box<supervisor::SupervisorCommand>),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
     Apply(slipway_supervisor::cli::ApplyArgs),
     /// List or show objects.

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use slipway_hosts::netns::NetnsProvider;
 use slipway_hosts::reconciler::{HostReconciler, ProviderArgs};
+use slipway_hosts::storage::{StorageHosts, StorageSettings};
 use slipway_supervisor::cli::{Listening, SupervisorArgs};
+use slipway_supervisor::controllers::volume_plan::BlockStoreRef;
+use slipway_supervisor::tls::Pki;
 
 #[derive(Debug, clap::Args)]
 pub struct SupervisorCommand {
@@ -116,12 +119,28 @@ impl SupervisorCommand {
             "the hosts' underlay (--underlay)".into(),
             ipnetwork::IpNetwork::V4(provider.config().underlay),
         ));
+        let provider = Arc::new(provider);
+        let storage = if self.hosts.storage_hosts {
+            let (storage, stores) = storage_hosts(&self.hosts, provider.clone(), &data_dir).await?;
+            self.server.block_store.extend(stores);
+            Some(storage)
+        } else {
+            None
+        };
+        let zones = self.hosts.zones.clone();
         let hosts = self.hosts.clone();
         self.server
             .run_async_with(move |listening| async move {
                 let reconciler = host_reconciler(&hosts, provider, &data_dir, &listening).await?;
+                let storage = async move {
+                    match storage {
+                        Some(s) => s.run(zones).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     r = reconciler.run() => r,
+                    () = storage => Ok(()),
                     r = more(listening) => r,
                 }
             })
@@ -129,9 +148,47 @@ impl SupervisorCommand {
     }
 }
 
+/// Per zone, a storage host with its block store (TLS from the supervisor's CA, made here
+/// before the API server so the volume reconciler starts with them).
+async fn storage_hosts(
+    hosts: &ProviderArgs,
+    provider: Arc<NetnsProvider>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(StorageHosts, Vec<BlockStoreRef>)> {
+    let pki = Pki::new(data_dir);
+    pki.ensure(&[]).context("the supervisor's CA")?;
+    let issuer = pki.clone();
+    let settings = StorageSettings {
+        command: vec![
+            std::env::current_exe()?.display().to_string(),
+            "blockstore".into(),
+        ],
+        root: data_dir.join("storage"),
+        client_ca: pki.ca_cert(),
+        issue_server: Arc::new(move |names: &[String]| {
+            issuer
+                .issue_server(names, slipway_supervisor::tls::ADMIN_DAYS)
+                .map_err(Into::into)
+        }),
+        cpu_millis: hosts.storage_cpu_millis,
+        memory_bytes: hosts.storage_memory_bytes,
+    };
+    let storage = StorageHosts::new(provider, settings);
+    let mut stores = Vec::new();
+    for zone in &hosts.zones {
+        let s = storage.ensure(zone).await?;
+        stores.push(BlockStoreRef {
+            zone: s.zone,
+            control: s.control,
+            nbd: s.nbd,
+        });
+    }
+    Ok((storage, stores))
+}
+
 async fn host_reconciler(
     hosts: &ProviderArgs,
-    provider: NetnsProvider,
+    provider: Arc<NetnsProvider>,
     data_dir: &std::path::Path,
     listening: &Listening,
 ) -> anyhow::Result<HostReconciler> {
@@ -142,5 +199,5 @@ async fn host_reconciler(
         listening.ca.clone(),
     )?;
     let client = crate::client_for(&listening.controllers_kubeconfig).await?;
-    Ok(HostReconciler::new(client, Arc::new(provider), settings))
+    Ok(HostReconciler::new(client, provider, settings))
 }

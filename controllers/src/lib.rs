@@ -7,6 +7,8 @@
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
 
+pub mod attach_detach;
+pub mod attacher;
 pub mod cloud_provider;
 pub mod deployment;
 pub mod endpointslice;
@@ -16,6 +18,8 @@ pub mod metrics;
 pub mod node_lifecycle;
 pub mod placement;
 pub mod pods;
+pub mod provisioner;
+pub mod pvcsi;
 pub mod replicaset;
 pub mod scheduler;
 
@@ -49,6 +53,9 @@ pub struct Options {
     /// The cluster's link to its supervisor namespace, for the controllers that forward to the
     /// supervisor (cloud provider, paravirtual volumes); `None` on a cluster that has none.
     pub supervisor: Option<SupervisorLink>,
+    /// Where the pvCSI controller serves CSI (None: a socket per process in the temporary
+    /// directory).
+    pub pvcsi_socket: Option<std::path::PathBuf>,
 }
 
 /// A workload cluster's link to the supervisor that made it: a client with the cluster's own,
@@ -82,6 +89,7 @@ impl Default for Options {
             unschedulable_retry: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),
             supervisor: None,
+            pvcsi_socket: None,
         }
     }
 }
@@ -135,8 +143,19 @@ pub async fn run(client: kube::Client, options: Options) {
             }
         }
     };
+    let pvcsi = {
+        let (client, options) = (client.clone(), options.clone());
+        async move {
+            match options.supervisor.clone() {
+                Some(link) => pvcsi::run(client, options, link).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     tokio::join!(
         cloud,
+        pvcsi,
+        attach_detach::run(client.clone()),
         replicaset::run(client.clone(), options.clone()),
         deployment::run(client.clone(), options.clone()),
         scheduler::run(client.clone(), options.clone()),

@@ -78,7 +78,7 @@ impl Cluster {
                 node_monitor_period: Duration::from_millis(500),
                 unschedulable_retry: Duration::from_millis(500),
                 metrics: metrics.clone(),
-                supervisor: None,
+                ..Options::default()
             },
         ));
         let cluster = Self {

@@ -28,7 +28,7 @@ pub const CLONE_PREFIX: &str = "clone.";
 /// adds [`CLONE_PREFIX`].
 pub const MAX_NAME: usize = 64 - CLONE_PREFIX.len();
 /// Volume context key: where the node plugin reaches the NBD export.
-pub const CTX_NBD: &str = "nbdAddress";
+pub const CTX_NBD: &str = slipway_api::volumes::CTX_NBD;
 /// Parameter prefix the Kubernetes sidecars add (PVC name and namespace); accepted, unused.
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 
@@ -65,6 +65,25 @@ impl Drop for Busy {
         for k in &self.keys {
             set.remove(k);
         }
+    }
+}
+
+/// Refuses parameters other than `known` and the Kubernetes sidecars' (PVC name and namespace),
+/// naming the first unknown one.
+pub fn check_parameters(params: &HashMap<String, String>, known: &[&str]) -> Result<(), CsiError> {
+    match params
+        .keys()
+        .find(|k| !k.starts_with(SIDECAR_PREFIX) && !known.contains(&k.as_str()))
+    {
+        Some(k) => Err(CsiError::invalid(
+            "parameters",
+            if known.is_empty() {
+                format!("unknown parameter {k:?} (this driver takes none)")
+            } else {
+                format!("unknown parameter {k:?} (this driver takes {known:?})")
+            },
+        )),
+        None => Ok(()),
     }
 }
 
@@ -226,13 +245,7 @@ impl<B: VolumeBackend> ControllerService<B> {
     }
 
     fn check_parameters(params: &HashMap<String, String>) -> Result<(), CsiError> {
-        match params.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
-            Some(k) => Err(CsiError::invalid(
-                "parameters",
-                format!("unknown parameter {k:?} (this driver takes none)"),
-            )),
-            None => Ok(()),
-        }
+        check_parameters(params, &[])
     }
 
     async fn create_volume(&self, req: CreateVolumeRequest) -> Result<Volume, CsiError> {

@@ -53,6 +53,20 @@ pub enum CsiError {
     /// The block store refused or failed the request (`INTERNAL`).
     #[error("block store request failed")]
     Backend(#[source] slipway_blockstore::control::ControlError),
+    /// The supervisor could not be reached or failed the request (`UNAVAILABLE` when it
+    /// could not be reached, `INTERNAL` otherwise).
+    #[error("supervisor: {what}")]
+    Supervisor {
+        /// What the call did.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The supervisor has not finished the request in time (`DEADLINE_EXCEEDED`); the caller
+    /// retries, and the retry finds the request's objects again.
+    #[error("{0}")]
+    NotYet(String),
     /// A system call or file operation failed (`INTERNAL`).
     #[error("{call} {path}")]
     Io {
@@ -109,6 +123,11 @@ impl CsiError {
             Self::Aborted(_) | Self::BadToken(_) => Code::Aborted,
             Self::Unimplemented(_) => Code::Unimplemented,
             Self::BackendUnavailable(_) => Code::Unavailable,
+            Self::Supervisor { source, .. } => match source {
+                kube::Error::Api(_) => Code::Internal,
+                _ => Code::Unavailable,
+            },
+            Self::NotYet(_) => Code::DeadlineExceeded,
             Self::Backend(_) | Self::Io { .. } | Self::Command { .. } | Self::Attach { .. } => {
                 Code::Internal
             }

@@ -13,10 +13,10 @@ use crate::proto::{
 };
 
 /// The driver name (CSI spec: reverse domain name, at most 63 characters).
-pub const DRIVER_NAME: &str = "csi.slipway.dev";
+pub const DRIVER_NAME: &str = slipway_api::volumes::DRIVER;
 
 /// The topology key whose value is the zone of a node or a block store.
-pub const ZONE_KEY: &str = "topology.slipway.dev/zone";
+pub const ZONE_KEY: &str = slipway_api::volumes::ZONE_TOPOLOGY_KEY;
 
 /// Identity of one plugin process.
 #[derive(Debug, Clone)]

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod kernel_nbd;
 pub mod nbd;
 pub mod node;
+pub mod paravirtual;
 pub mod proto;
 pub mod server;
 pub mod sys;

@@ -76,6 +76,32 @@ pub fn mounts() -> io::Result<Vec<MountEntry>> {
     std::fs::read_to_string("/proc/self/mountinfo").map(|t| parse_mountinfo(&t))
 }
 
+/// Mounts a tmpfs at `target` (memory-backed, never written to disk: what a pod's Secret and
+/// `medium: Memory` volumes live on), `size` bytes at most (the kernel's default, half the
+/// memory, when `None`), its root directory with permission bits `mode`.
+pub fn mount_tmpfs(target: &Path, size: Option<u64>, mode: u32) -> Result<(), DataplaneError> {
+    let mut options = format!("mode={mode:o}");
+    if let Some(size) = size {
+        options.push_str(&format!(",size={size}"));
+    }
+    nix::mount::mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(|e| DataplaneError::Syscall {
+        call: "mount tmpfs",
+        source: io::Error::from(e),
+    })
+}
+
+/// Whether something is mounted exactly at `target`.
+pub fn is_mount_point(target: &Path) -> io::Result<bool> {
+    Ok(mounts()?.iter().any(|m| m.target == target))
+}
+
 /// Detaches every mount at or below `dir` (deepest first, lazily: a busy mount goes once its
 /// last user does); returns how many. Nothing mounted there is not an error.
 pub fn unmount_below(dir: &Path) -> Result<usize, DataplaneError> {

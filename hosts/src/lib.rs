@@ -6,6 +6,7 @@
 
 pub mod netns;
 pub mod reconciler;
+pub mod storage;
 
 use std::fmt;
 use std::net::Ipv4Addr;

@@ -171,11 +171,14 @@ impl HostReconciler {
             .into_iter()
             .filter(|h| str_at(&h.data, "/spec/provider") == "netns")
             .collect();
+        // Only the hosts this reconciler makes (under its data root): the provider's other
+        // hosts (the storage hosts) are not Hosts and no orphans.
         let made: BTreeSet<String> = self
             .provider
             .list()
             .await?
             .into_iter()
+            .filter(|h| h.spec.data_root == self.join.data_root)
             .map(|h| h.spec.name)
             .collect();
         let mut wanted = BTreeSet::new();
@@ -458,7 +461,7 @@ impl HostReconciler {
 }
 
 /// Writes `text` to `path`, readable by its owner only.
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
@@ -501,6 +504,16 @@ pub struct ProviderArgs {
     /// A node agent flag for every netns host (repeatable; none runs the heartbeat alone).
     #[arg(long = "host-agent-flag", allow_hyphen_values = true)]
     pub agent_flags: Vec<String>,
+    /// Per zone, a storage host running a block store (NBD over TLS on its underlay address,
+    /// port 10809) that the volume reconciler provisions claims in.
+    #[arg(long = "storage-hosts")]
+    pub storage_hosts: bool,
+    /// A storage host's cpu limit, in thousandths of a CPU.
+    #[arg(long = "storage-host-cpu-millis", default_value_t = 1000)]
+    pub storage_cpu_millis: u64,
+    /// A storage host's memory limit, in bytes.
+    #[arg(long = "storage-host-memory", default_value_t = 1 << 30)]
+    pub storage_memory_bytes: u64,
 }
 
 /// The node agent flags that make a netns host a node of its cluster: the datapath on the
@@ -521,6 +534,7 @@ pub fn netns_node_flags(image_dir: &std::path::Path) -> Vec<String> {
         "--pod-cgroup-parent=own",
         "--dns-listen={address}:53",
         "--kubelet-listen={address}:10250",
+        "--csi-dir={data_dir}/csi",
     ]
     .into_iter()
     .map(str::to_owned)

@@ -53,6 +53,19 @@ pub const CLUSTER_LINK_RESOURCES: &[(&str, &str, Option<&str>, &[&str])] = &[
     ("discovery.k8s.io", "endpointslices", None, ALL_VERBS),
     ("", "persistentvolumeclaims", None, ALL_VERBS),
     ("", "persistentvolumeclaims", Some("status"), READ_VERBS),
+    // The pvCSI controller's requests to attach its volumes to its hosts.
+    (
+        slipway_api::slipway::GROUP,
+        "hostvolumeattachments",
+        None,
+        ALL_VERBS,
+    ),
+    (
+        slipway_api::slipway::GROUP,
+        "hostvolumeattachments",
+        Some("status"),
+        READ_VERBS,
+    ),
     (
         "",
         "events",
@@ -335,9 +348,11 @@ pub async fn authorize(
         let rbac = rt.group == "rbac.authorization.k8s.io";
         // Hosts are made and removed by the controllers (a Cluster's hosts, replacements), and
         // so are the bootstrap tokens the hosts they start join with, and the Events they
-        // record; a removed host's Lease goes with it.
+        // record; a removed host's Lease goes with it. The volume reconciler makes and
+        // removes the PVs of the claims it provisions.
         let owned = (rt.group == slipway_api::slipway::GROUP && rt.plural == "hosts")
-            || (rt.group.is_empty() && matches!(rt.plural, "secrets" | "events"))
+            || (rt.group.is_empty()
+                && matches!(rt.plural, "secrets" | "events" | "persistentvolumes"))
             || (verb == "delete"
                 && rt.group == "coordination.k8s.io"
                 && rt.plural == "leases"
@@ -495,7 +510,8 @@ fn cluster_may(
 /// What a node's agent may do in its workload cluster (kube-apiserver's Node authorizer and the
 /// `system:node` role, coarser): read what the datapath, the pod runner and the DNS server
 /// follow — Nodes, Pods, Services, Endpoints, EndpointSlices, Namespaces, NetworkPolicies — and
-/// the ConfigMaps and Secrets Pods mount; write Pods' and its own Node's status; record Events.
+/// what Pods mount (ConfigMaps, Secrets, claims, their PersistentVolumes and
+/// VolumeAttachments); write Pods' and its own Node's status; record Events.
 /// Unlike kube-apiserver it does not narrow Secrets and ConfigMaps to the Pods bound to the node.
 fn node_may(
     node: &str,
@@ -520,7 +536,10 @@ fn node_may(
             | "persistentvolumeclaims",
         )
         | ("discovery.k8s.io", "endpointslices")
-        | ("networking.k8s.io", "networkpolicies") => read && subresource.is_none(),
+        | ("networking.k8s.io", "networkpolicies")
+        // What mounting a Pod's claims takes: its volume, and the volume's attachment here.
+        | ("", "persistentvolumes")
+        | ("storage.k8s.io", "volumeattachments") => read && subresource.is_none(),
         _ => false,
     }
 }

@@ -82,6 +82,11 @@ pub struct SupervisorArgs {
     /// `DESCRIPTION=CIDR` (repeatable; the netns host provider adds its underlay).
     #[arg(long = "reserved-network", value_name = "WHAT=CIDR", value_parser = parse_reserved)]
     pub reserved_network: Vec<(String, ipnetwork::IpNetwork)>,
+    /// A block store the volume reconciler provisions claims of StorageClasses of
+    /// `csi.slipway.dev` in: `ZONE=CONTROL_SOCKET,NBD_ADDRESS` (one per zone, repeatable; the
+    /// netns host provider adds its storage hosts').
+    #[arg(long = "block-store", value_name = "ZONE=SOCKET,tcp:HOST:PORT")]
+    pub block_store: Vec<crate::controllers::volume_plan::BlockStoreRef>,
 }
 
 /// Parses `WHAT=CIDR`.
@@ -228,6 +233,17 @@ impl SupervisorArgs {
         let controllers = tokio::spawn(host_health.run());
         let cluster_controller = tokio::spawn(clusters.run());
         let lb_controller = tokio::spawn(loadbalancers.run());
+        let volumes = if self.block_store.is_empty() {
+            None
+        } else {
+            let reconciler = crate::controllers::volumes::VolumeReconciler::connect(
+                server.controllers_kubeconfig(),
+                self.block_store.clone(),
+            )
+            .await
+            .context("starting the volume reconciler")?;
+            Some(tokio::spawn(reconciler.run()))
+        };
         let mut more = tokio::spawn(more(Listening {
             addr: server.local_addr(),
             controllers_kubeconfig: server.controllers_kubeconfig().to_owned(),
@@ -253,6 +269,9 @@ impl SupervisorArgs {
         controllers.abort();
         cluster_controller.abort();
         lb_controller.abort();
+        if let Some(v) = volumes {
+            v.abort();
+        }
         more.abort();
         match failed_rx.await {
             Ok(result) => result,

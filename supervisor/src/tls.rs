@@ -193,6 +193,34 @@ impl Pki {
         sign_client(&self.issuer()?, &key, user, group, days)
     }
 
+    /// As [`Self::issue_client`], also valid for the DNS `names` (a host's block store
+    /// client name).
+    pub fn issue_client_named(
+        &self,
+        user: &str,
+        group: Option<&str>,
+        names: &[String],
+        days: u32,
+    ) -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate().map_err(gen_err("client key"))?;
+        sign_client_named(&self.issuer()?, &key, user, group, names, days)
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses) signed by the CA, for
+    /// a server the supervisor starts (a storage host's block store); returns (cert PEM,
+    /// key PEM).
+    pub fn issue_server(&self, names: &[String], days: u32) -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate().map_err(gen_err("server key"))?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(gen_err("server"))?;
+        params.distinguished_name = dn(names.first().map_or("server", String::as_str), None);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        set_validity(&mut params, days);
+        let cert = params
+            .signed_by(&key, &self.issuer()?)
+            .map_err(gen_err("server"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// The one cluster-admin client certificate (`pki/admin.crt`): issued on first start for
     /// [`ADMIN_DAYS`], kept across restarts, and re-signed with the same key when it nears its
     /// end. Returns (cert PEM, key PEM).
@@ -305,7 +333,20 @@ fn sign_client(
     group: Option<&str>,
     days: u32,
 ) -> Result<(String, String), TlsError> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("client"))?;
+    sign_client_named(issuer, key, user, group, &[], days)
+}
+
+/// As [`sign_client`], with DNS names (subject alternative names) the certificate is valid
+/// for: a host's name towards block stores (`slipway_api::volumes::host_nbd_client`).
+fn sign_client_named(
+    issuer: &Issuer<'static, KeyPair>,
+    key: &KeyPair,
+    user: &str,
+    group: Option<&str>,
+    names: &[String],
+    days: u32,
+) -> Result<(String, String), TlsError> {
+    let mut params = CertificateParams::new(names.to_vec()).map_err(gen_err("client"))?;
     params.distinguished_name = dn(user, group);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     set_validity(&mut params, days);

@@ -102,6 +102,45 @@ spec:
     - port: 8080
 ";
 
+/// A ConfigMap, a Secret and a pod on a worker that checks their keys in its volumes.
+const VOLUMES: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: greeting}
+data: {message: hello-from-a-configmap}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: not-on-disk}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mounts}
+spec:
+  nodeName: team-w-w1-workers-0
+  restartPolicy: Never
+  volumes:
+  - {name: greeting, configMap: {name: greeting}}
+  - {name: creds, secret: {secretName: creds, defaultMode: 0400}}
+  - {name: scratch, emptyDir: {}}
+  containers:
+  - name: sh
+    image: busybox
+    imagePullPolicy: Never
+    command: [sh, -c]
+    args:
+    - >-
+      test "$(cat /etc/greeting/message)" = hello-from-a-configmap &&
+      test "$(cat /etc/creds/password)" = not-on-disk &&
+      test "$(stat -L -c %a /etc/creds/password)" = 400 &&
+      echo ok > /scratch/x && test "$(cat /scratch/x)" = ok
+    volumeMounts:
+    - {name: greeting, mountPath: /etc/greeting}
+    - {name: creds, mountPath: /etc/creds}
+    - {name: scratch, mountPath: /scratch}
+"#;
+
 /// Runs `script` in a busybox pod `name` labelled `app=<app>` on `node` (restartPolicy Never)
 /// and returns the phase it ends in: Succeeded when the script exits 0.
 async fn probe(pods: &Api<Pod>, name: &str, node: &str, app: &str, script: &str) -> String {
@@ -392,6 +431,17 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
     eprintln!(
         "pods on both workers reached every web pod, the ClusterIP and the Service by name in {:?}",
         started.elapsed()
+    );
+
+    // Volumes: the node reads the ConfigMap and Secret its pod mounts from the cluster API
+    // (with its node identity) and the containers see their keys as files, beside an emptyDir.
+    world.apply_with(&path, VOLUMES);
+    let phase = finished(&pods, "mounts", Duration::from_secs(60)).await;
+    assert_eq!(
+        phase,
+        "Succeeded",
+        "a pod reading its configMap, secret and emptyDir volumes: {}",
+        pod_log(&world, "team-w-w1-workers-0", "mounts")
     );
     // What they fetched, through `kubectl logs` (the API server asks the node's kubelet
     // endpoint): the names of the web pods.

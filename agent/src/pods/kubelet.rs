@@ -4,17 +4,20 @@
 //! what is wanted), and the statuses it reports are written back to each Pod's `status`
 //! subresource when they change. A Pod deleted from the API is torn down at the next sync.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{reflector, watcher};
 use tracing::{debug, info, warn};
 
+use super::claims::ClaimVolume;
 use super::runner::PodRunner;
+use super::volumes::{Kind, Objects, Reference, references};
 
 /// How `slipway agent` runs a cluster's Pods.
 #[derive(Debug, Clone, clap::Args)]
@@ -91,6 +94,7 @@ pub async fn run_until(
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut objects = ObjectCache::new(pods.clone().into_client(), node.clone());
     info!(%node, "running the Pods bound to this node");
     tokio::pin!(stop);
     // Nothing runs until the first full list is in: an empty store is not "no Pods".
@@ -114,7 +118,8 @@ pub async fn run_until(
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
             .map(|p| (**p).clone())
             .collect();
-        let report = runner.sync(&desired).await;
+        objects.refresh(&desired).await;
+        let report = runner.sync(&desired, &objects.objects).await;
         for e in &report.errors {
             warn!(error = %super::error_chain(e), "pod teardown failed; retried next sync");
         }
@@ -153,6 +158,139 @@ pub async fn run_until(
                 ) == *k
             })
         });
+    }
+}
+
+/// Claim `name`'s volume on `node`, as kubelet's CSI plugin finds it: the claim's bound
+/// PersistentVolume (its `spec.csi`) and the VolumeAttachment that attached it to the node
+/// (its `attachmentMetadata` is the publish context); `Ok(Err(reason))` while the pod waits.
+async fn claim_volume(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+) -> Result<Result<ClaimVolume, String>, kube::Error> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let Some(claim) = claims.get_opt(name).await? else {
+        return Ok(Err(format!("persistentvolumeclaim {name:?} not found")));
+    };
+    let bound = claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+    let Some(pv_name) = claim
+        .spec
+        .and_then(|s| s.volume_name)
+        .filter(|v| bound && !v.is_empty())
+    else {
+        return Ok(Err(format!("persistentvolumeclaim {name:?} is not bound")));
+    };
+    let Some(pv) = Api::<PersistentVolume>::all(client.clone())
+        .get_opt(&pv_name)
+        .await?
+    else {
+        return Ok(Err(format!("persistentvolume {pv_name:?} not found")));
+    };
+    let spec = pv.spec.unwrap_or_default();
+    let Some(csi) = spec.csi else {
+        return Ok(Err(format!(
+            "persistentvolume {pv_name:?} is not a CSI volume"
+        )));
+    };
+    let attachments = Api::<VolumeAttachment>::all(client.clone())
+        .list(&Default::default())
+        .await?;
+    let attached = attachments.items.into_iter().find(|a| {
+        a.spec.node_name == node
+            && a.spec.source.persistent_volume_name.as_deref() == Some(pv_name.as_str())
+    });
+    let Some(status) = attached.and_then(|a| a.status).filter(|s| s.attached) else {
+        return Ok(Err(format!(
+            "volume {pv_name:?} is not attached to node {node:?} yet"
+        )));
+    };
+    Ok(Ok(ClaimVolume {
+        driver: csi.driver,
+        volume_id: csi.volume_handle,
+        fs_type: csi.fs_type.unwrap_or_default(),
+        mount_flags: spec.mount_options.unwrap_or_default(),
+        volume_context: csi
+            .volume_attributes
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        publish_context: status
+            .attachment_metadata
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        read_only: csi.read_only.unwrap_or(false),
+    }))
+}
+
+/// How long a fetched ConfigMap or Secret is used before it is read again (kubelet's
+/// TTL-based change detection; its default is a minute).
+pub const OBJECT_TTL: Duration = Duration::from_secs(5);
+
+/// The ConfigMaps and Secrets the node's pods mount, read from the API when first needed and
+/// again after [`OBJECT_TTL`]: the node reads only the objects its pods name, as kubelet does.
+struct ObjectCache {
+    client: kube::Client,
+    node: String,
+    read_at: HashMap<Reference, Instant>,
+    objects: Objects,
+}
+
+impl ObjectCache {
+    fn new(client: kube::Client, node: String) -> Self {
+        Self {
+            client,
+            node,
+            read_at: HashMap::new(),
+            objects: Objects::default(),
+        }
+    }
+
+    async fn refresh(&mut self, pods: &[Pod]) {
+        let wanted: HashSet<Reference> = references(pods).into_iter().collect();
+        for r in &wanted {
+            if self
+                .read_at
+                .get(r)
+                .is_some_and(|at| at.elapsed() < OBJECT_TTL)
+            {
+                continue;
+            }
+            let (kind, ns, name) = r;
+            let read = match kind {
+                Kind::ConfigMap => Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+                    .get_opt(name)
+                    .await
+                    .map(|cm| self.objects.insert_config_map(ns, name, cm.as_ref())),
+                Kind::Secret => Api::<Secret>::namespaced(self.client.clone(), ns)
+                    .get_opt(name)
+                    .await
+                    .map(|s| self.objects.insert_secret(ns, name, s.as_ref())),
+                Kind::Claim => match claim_volume(&self.client, ns, name, &self.node).await {
+                    // A claim not bound or attached yet is looked at again at the next sync.
+                    Ok(Err(reason)) => {
+                        self.objects.insert_claim(ns, name, Err(reason));
+                        continue;
+                    }
+                    Ok(volume) => {
+                        self.objects.insert_claim(ns, name, volume);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match read {
+                Ok(()) => {
+                    self.read_at.insert(r.clone(), Instant::now());
+                }
+                // What was read before stays in use; never read: the pod waits.
+                Err(e) => debug!(object = ?r, error = %e, "reading a pod's volume source"),
+            }
+        }
+        self.read_at.retain(|r, _| wanted.contains(r));
+        self.objects.retain(&wanted);
     }
 }
 

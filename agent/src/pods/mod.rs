@@ -1,9 +1,12 @@
 //! The pod runner: the host agent as a slim kubelet. It runs the host's own containerd
 //! ([`containerd`]), imports images offline ([`image`]), speaks CRI to it ([`cri`]), turns a
-//! core/v1 Pod into CRI sandbox and container configs ([`spec`], its resolv.conf: [`dns`]), drives the Pods it is given
+//! core/v1 Pod into CRI sandbox and container configs ([`spec`], its resolv.conf: [`dns`], its
+//! emptyDir, configMap and secret volumes: [`volumes`]), drives the Pods it is given
 //! ([`runner`]) and reports their PodStatus ([`status`]). It watches no API: the caller hands it
-//! the desired Pods (from a kube-rs watch, a file, a test) and gets their statuses back.
+//! the desired Pods and the objects their volumes project (from kube-rs, a file, a test) and
+//! gets their statuses back.
 
+pub mod claims;
 pub mod containerd;
 pub mod cri;
 pub mod dns;
@@ -14,6 +17,7 @@ pub mod probe;
 pub mod runner;
 pub mod spec;
 pub mod status;
+pub mod volumes;
 
 use std::io;
 

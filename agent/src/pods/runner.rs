@@ -27,6 +27,7 @@ use super::status::{
     Backoff, ContainerView, Instance, InstanceState, SandboxView, Step, next_step, pod_status,
     refused, sandbox_failed,
 };
+use super::volumes::{Objects, Volumes};
 
 /// How the runner lays pods out on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,10 @@ pub struct RunnerConfig {
     /// The node's cluster DNS for pods with dnsPolicy ClusterFirst; `None`: they get the
     /// host's resolv.conf, as under kubelet without clusterDNS.
     pub dns: Option<super::dns::ClusterDns>,
+    /// Pod volumes go under `<volume_root>/<uid>/volumes/` ([`Volumes`]).
+    pub volume_root: PathBuf,
+    /// The node's CSI plugin, for PersistentVolumeClaim volumes; `None`: pods with claims wait.
+    pub csi: Option<super::claims::CsiNode>,
 }
 
 /// The host's resolv.conf (what the runtime copies into a pod with no DNS config).
@@ -75,6 +80,7 @@ pub struct PodRunner {
 struct Worker<'a> {
     cri: Cri,
     config: &'a RunnerConfig,
+    objects: &'a Objects,
     probes: &'a Mutex<HashMap<(String, bool), ProbeState>>,
     probed: &'a Mutex<HashSet<String>>,
 }
@@ -105,8 +111,10 @@ impl PodRunner {
     }
 
     /// Runs `desired` and nothing else: starts what is missing, restarts what exited (by
-    /// restartPolicy, with back-off), tears down sandboxes of Pods not in `desired`.
-    pub async fn sync(&mut self, desired: &[Pod]) -> SyncReport {
+    /// restartPolicy, with back-off), tears down sandboxes of Pods not in `desired` and their
+    /// volumes. `objects` holds the ConfigMaps and Secrets the pods' volumes project
+    /// ([`super::volumes::references`]).
+    pub async fn sync(&mut self, desired: &[Pod], objects: &Objects) -> SyncReport {
         let mut report = SyncReport::default();
         let mut wanted = HashSet::new();
         lock(&self.probed).clear();
@@ -135,6 +143,7 @@ impl PodRunner {
             let mut worker = Worker {
                 cri: self.cri.clone(),
                 config: &self.config,
+                objects,
                 probes: &self.probes,
                 probed: &self.probed,
             };
@@ -173,6 +182,8 @@ impl PodRunner {
         let results = futures_util::future::join_all(teardowns).await;
         let probed = std::mem::take(&mut *lock(&self.probed));
         lock(&self.probes).retain(|(id, _), _| probed.contains(id));
+        // Volumes stay while their pod is wanted or its teardown has to be tried again.
+        let mut keep = wanted;
         for (sandbox, result) in doomed.into_iter().zip(results) {
             let meta = sandbox.metadata.clone().unwrap_or_default();
             match result {
@@ -180,8 +191,24 @@ impl PodRunner {
                     info!(pod = %key(&meta.namespace, &meta.name), uid = %meta.uid, "pod removed");
                     report.removed.push(key(&meta.namespace, &meta.name));
                 }
-                Err(error) => report.errors.push(error),
+                Err(error) => {
+                    keep.insert(meta.uid.clone());
+                    report.errors.push(error);
+                }
             }
+        }
+        let (swept, failed) =
+            Volumes::new(self.config.volume_root.clone(), self.config.csi.clone())
+                .sweep(&keep)
+                .await;
+        for uid in swept {
+            debug!(%uid, "pod volumes removed");
+        }
+        if let Some(source) = failed {
+            report.errors.push(PodsError::Io {
+                what: "remove a pod's volumes",
+                source,
+            });
         }
         report
     }
@@ -229,6 +256,20 @@ impl Worker<'_> {
                 return Ok(status);
             }
         }
+        // Volumes first (and at every sync: an updated ConfigMap reaches running pods). A pod
+        // whose volumes cannot be made yet gets no sandbox; a running one keeps what it has.
+        let volumes = Volumes::new(self.config.volume_root.clone(), self.config.csi.clone());
+        let (volume_dirs, unmounted) = match volumes
+            .set_up(&spec.uid, &spec.namespace, &spec.volumes, self.objects)
+            .await
+        {
+            Ok(dirs) => (dirs, None),
+            Err(error) => {
+                let message = super::error_chain(&error);
+                warn!(pod = %key(&spec.namespace, &spec.name), %message, "volumes not set up");
+                (volumes.dirs(&spec.uid, &spec.volumes), Some(message))
+            }
+        };
         let config = self.config;
         let sandbox_config = |attempt| {
             let mut sandbox = spec.sandbox_config(attempt, &config.log_root, &config.cgroup_parent);
@@ -242,13 +283,18 @@ impl Worker<'_> {
         };
         let (sandbox_id, attempt) = match ready {
             Some(s) => (s.id, s.metadata.map_or(0, |m| m.attempt)),
-            None if !missing.is_empty() => {
+            None if !missing.is_empty() || unmounted.is_some() => {
                 let views: Vec<ContainerView> = spec
                     .containers
                     .iter()
                     .map(|c| ContainerView {
                         waiting: Some(missing.get(&c.name).map_or_else(
-                            || ("ContainerCreating".to_owned(), String::new()),
+                            || {
+                                (
+                                    "ContainerCreating".to_owned(),
+                                    unmounted.clone().unwrap_or_default(),
+                                )
+                            },
                             |m| ("ErrImageNeverPull".to_owned(), m.clone()),
                         )),
                         ..Default::default()
@@ -340,6 +386,7 @@ impl Worker<'_> {
                     &sandbox_id,
                     &containers,
                     missing.get(&c.name),
+                    &volume_dirs,
                     || sandbox_config(attempt),
                 )
                 .await?;
@@ -408,6 +455,7 @@ impl Worker<'_> {
         sandbox_id: &str,
         containers: &[cri::Container],
         missing: Option<&String>,
+        volume_dirs: &HashMap<String, PathBuf>,
         sandbox_config: impl Fn() -> cri::PodSandboxConfig,
     ) -> Result<ContainerView, PodsError> {
         let mut mine: Vec<&cri::Container> = containers
@@ -484,7 +532,7 @@ impl Worker<'_> {
                 .cri
                 .create_container(
                     sandbox_id,
-                    spec.container_config(c, attempt),
+                    spec.container_config(c, attempt, volume_dirs),
                     sandbox_config(),
                 )
                 .await?;
@@ -632,6 +680,13 @@ async fn teardown(
             .log_root
             .join(format!("{}_{}_{}", meta.namespace, meta.name, meta.uid));
         let _ = std::fs::remove_dir_all(dir);
+        Volumes::new(config.volume_root.clone(), config.csi.clone())
+            .tear_down(&meta.uid)
+            .await
+            .map_err(|source| PodsError::Io {
+                what: "remove a pod's volumes",
+                source,
+            })?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! `kuberuntime` computes them). Pure: no I/O.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{Container, Pod};
@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::image::normalize;
 use super::probe::ProbeSpec;
+use super::volumes::{MountSpec, VolumeSpec};
 use crate::Invalid;
 use slipway_api::FieldError;
 
@@ -45,6 +46,8 @@ pub struct PodSpec {
     pub port_mappings: Vec<cri::PortMapping>,
     /// dnsPolicy and dnsConfig: the sandbox's resolv.conf ([`super::dns`]).
     pub dns: super::dns::PodDns,
+    /// The pod's volumes ([`super::volumes`]).
+    pub volumes: Vec<VolumeSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +71,7 @@ pub struct ContainerSpec {
     pub resources: cri::LinuxContainerResources,
     pub liveness: Option<ProbeSpec>,
     pub readiness: Option<ProbeSpec>,
+    pub mounts: Vec<MountSpec>,
 }
 
 impl PodSpec {
@@ -126,6 +130,8 @@ impl PodSpec {
                 "init containers are not supported by this runner yet",
             ));
         }
+        let volumes = super::volumes::parse(spec, &mut errors);
+        let mount_rules = super::volumes::mount_rules(spec);
         let mut names = BTreeSet::new();
         let mut containers = Vec::new();
         let mut port_mappings = Vec::new();
@@ -179,7 +185,7 @@ impl PodSpec {
             if !names.insert(c.name.clone()) {
                 errors.push(FieldError::duplicate(format!("{path}.name"), &c.name));
             }
-            if let Some(container) = container_spec(c, &path, &mut errors) {
+            if let Some(container) = container_spec(c, &path, &mount_rules, &mut errors) {
                 containers.push(container);
             }
         }
@@ -194,6 +200,7 @@ impl PodSpec {
                 containers,
                 port_mappings,
                 dns,
+                volumes,
             })
         } else {
             Err(Invalid { errors })
@@ -202,7 +209,7 @@ impl PodSpec {
 
     /// The directory (under the runner's log root) the pod's container logs go to, kubelet's
     /// `<namespace>_<name>_<uid>`.
-    pub fn log_directory(&self, root: &Path) -> std::path::PathBuf {
+    pub fn log_directory(&self, root: &Path) -> PathBuf {
         root.join(format!("{}_{}_{}", self.namespace, self.name, self.uid))
     }
 
@@ -246,8 +253,33 @@ impl PodSpec {
         }
     }
 
-    pub fn container_config(&self, c: &ContainerSpec, attempt: u32) -> cri::ContainerConfig {
+    /// The container's CRI config; its volume mounts bind the directories in `volumes` (each
+    /// volume's by name, as [`super::volumes::Volumes::set_up`] made them).
+    pub fn container_config(
+        &self,
+        c: &ContainerSpec,
+        attempt: u32,
+        volumes: &HashMap<String, PathBuf>,
+    ) -> cri::ContainerConfig {
+        let mounts = c
+            .mounts
+            .iter()
+            .filter_map(|m| {
+                let dir = volumes.get(&m.volume)?;
+                Some(cri::Mount {
+                    container_path: m.path.clone(),
+                    host_path: if m.sub_path.is_empty() {
+                        dir.display().to_string()
+                    } else {
+                        dir.join(&m.sub_path).display().to_string()
+                    },
+                    readonly: m.read_only,
+                    ..Default::default()
+                })
+            })
+            .collect();
         cri::ContainerConfig {
+            mounts,
             metadata: Some(cri::ContainerMetadata {
                 name: c.name.clone(),
                 attempt,
@@ -290,7 +322,7 @@ impl ContainerSpec {
     pub fn hash(&self) -> String {
         use sha2::{Digest, Sha256};
         let r = &self.resources;
-        let canonical = serde_json::json!([
+        let mut canonical = serde_json::json!([
             self.image_ref,
             self.command,
             self.args,
@@ -303,6 +335,13 @@ impl ContainerSpec {
                 r.memory_limit_in_bytes
             ],
         ]);
+        // Mounts count only when there are some: containers made before volumes existed keep
+        // their hash across an agent upgrade.
+        if !self.mounts.is_empty()
+            && let Some(list) = canonical.as_array_mut()
+        {
+            list.push(serde_json::json!(self.mounts));
+        }
         let digest = Sha256::digest(canonical.to_string().as_bytes());
         digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
@@ -311,6 +350,7 @@ impl ContainerSpec {
 fn container_spec(
     c: &Container,
     path: &str,
+    volumes: &HashMap<String, bool>,
     errors: &mut Vec<FieldError>,
 ) -> Option<ContainerSpec> {
     let before = errors.len();
@@ -378,6 +418,7 @@ fn container_spec(
             "is not supported by this runner yet",
         ));
     }
+    let mounts = super::volumes::parse_mounts(c, path, volumes, errors);
     (errors.len() == before).then(|| ContainerSpec {
         name: c.name.clone(),
         image,
@@ -389,6 +430,7 @@ fn container_spec(
         resources: resources.unwrap_or_default(),
         liveness,
         readiness,
+        mounts,
     })
 }
 
@@ -569,7 +611,7 @@ mod tests {
                 host_ip: String::new(),
             }]
         );
-        let config = spec.container_config(c, 3);
+        let config = spec.container_config(c, 3, &HashMap::new());
         assert_eq!(config.command, ["httpd"]);
         assert_eq!(config.args, ["-f"]);
         assert_eq!(config.working_dir, "/www");

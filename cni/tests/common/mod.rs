@@ -176,6 +176,16 @@ impl Cluster {
 
     /// Starts host `i`'s agent with `extra` arguments and waits until its API answers.
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) {
+        self.spawn_agent(i, extra, true);
+    }
+
+    /// Starts host `i`'s agent without `--host-block` (it reads its Node's, `extra` names the
+    /// cluster) and waits until its API answers.
+    pub fn start_agent_from_node(&mut self, i: usize, extra: &[&str]) {
+        self.spawn_agent(i, extra, false);
+    }
+
+    fn spawn_agent(&mut self, i: usize, extra: &[&str], with_block: bool) {
         let slipway = slipway_binary();
         let node = &mut self.nodes[i - 1];
         let _ = std::fs::remove_file(&node.socket);
@@ -184,8 +194,11 @@ impl Cluster {
             "agent",
             "--pod-cidr",
             POD_CIDR,
-            "--host-block",
-            &node.block,
+        ];
+        if with_block {
+            args.extend(["--host-block", node.block.as_str()]);
+        }
+        args.extend([
             "--routing",
             self.routing,
             "--bpffs",
@@ -196,7 +209,7 @@ impl Cluster {
             node.socket.to_str().expect("utf-8"),
             "--cgroup",
             node.cgroup.path().to_str().expect("utf-8"),
-        ];
+        ]);
         args.extend_from_slice(extra);
         // The agent logs (info and up) to a file of the cluster: no pipe to fill, and a test can
         // read what it said.

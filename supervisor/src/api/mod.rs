@@ -10,6 +10,7 @@ pub mod networking;
 pub mod rbac;
 pub mod registry;
 pub mod storage;
+pub mod volumes;
 
 /// Slipway's own kinds live in the API crate.
 pub use slipway_api::slipway;

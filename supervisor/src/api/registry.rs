@@ -64,8 +64,8 @@ pub struct ResourceType {
     pub merge_keys: &'static [(&'static str, &'static str)],
     /// Extra Table columns between Name and Age.
     pub columns: Vec<Column>,
-    decode: DecodeFn,
-    schema: fn(&mut SchemaGenerator) -> Schema,
+    pub(super) decode: DecodeFn,
+    pub(super) schema: fn(&mut SchemaGenerator) -> Schema,
 }
 
 impl ResourceType {
@@ -111,7 +111,7 @@ pub const COMMON_MERGE_KEYS: &[(&str, &str)] = &[
     ("metadata.ownerReferences", "uid"),
 ];
 
-fn decode<T: DeserializeOwned + Serialize + Validate>(
+pub(super) fn decode<T: DeserializeOwned + Serialize + Validate>(
     body: Value,
 ) -> Result<(Value, Vec<FieldError>), String> {
     let mut obj: T = serde_path_to_error::deserialize(body).map_err(|e| {
@@ -133,7 +133,7 @@ fn decode<T: DeserializeOwned + Serialize + Validate>(
 /// Decodes an upstream kind (a k8s-openapi type). Those types pass over fields they do not
 /// know, so a field that decoding and encoding again loses is unknown, and is refused as
 /// kube-apiserver's strict decoding refuses it.
-fn decode_upstream<T: DeserializeOwned + Serialize + Validate>(
+pub(super) fn decode_upstream<T: DeserializeOwned + Serialize + Validate>(
     body: Value,
 ) -> Result<(Value, Vec<FieldError>), String> {
     let (value, errs) = decode::<T>(body.clone())?;
@@ -182,7 +182,7 @@ fn unknown_fields(sent: &Value, kept: &Value, path: &str, out: &mut Vec<String>)
     }
 }
 
-fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+pub(super) fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
     g.subschema_for::<T>()
 }
 
@@ -191,7 +191,7 @@ pub fn jp<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(v, |cur, seg| cur.get(seg))
 }
 
-fn s(v: &Value, path: &str) -> Value {
+pub(super) fn s(v: &Value, path: &str) -> Value {
     match jp(v, path) {
         Some(Value::String(x)) if !x.is_empty() => Value::String(x.clone()),
         Some(Value::Number(n)) => Value::String(n.to_string()),
@@ -200,7 +200,11 @@ fn s(v: &Value, path: &str) -> Value {
     }
 }
 
-fn col(name: &'static str, description: &'static str, cell: fn(&Value) -> Value) -> Column {
+pub(super) fn col(
+    name: &'static str,
+    description: &'static str,
+    cell: fn(&Value) -> Value,
+) -> Column {
     Column {
         name,
         type_: "string",
@@ -320,14 +324,14 @@ fn pod_ready(v: &Value) -> Value {
     Value::String(format!("{ready}/{total}"))
 }
 
-fn phase_or_pending(v: &Value) -> Value {
+pub(super) fn phase_or_pending(v: &Value) -> Value {
     match jp(v, "status.phase").and_then(Value::as_str) {
         Some(p) => Value::String(p.into()),
         None => Value::String("Pending".into()),
     }
 }
 
-fn access_modes(v: &Value) -> Value {
+pub(super) fn access_modes(v: &Value) -> Value {
     let modes: Vec<&str> = jp(v, "spec.accessModes")
         .and_then(Value::as_array)
         .map(|m| {
@@ -1217,6 +1221,9 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             schema: schema::<Host>,
         },
     ]
+    .into_iter()
+    .chain(super::volumes::resources())
+    .collect()
 });
 
 /// Finds a resource type by group, version and plural.

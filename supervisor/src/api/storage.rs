@@ -56,6 +56,27 @@ impl Validate for StorageClass {
         if self.provisioner.is_empty() {
             errs.push(FieldError::required("provisioner"));
         }
+        // The driver takes one parameter, a workload cluster's `svStorageClass` (the supervisor
+        // class its volumes are made with); in the supervisor the class itself is the policy
+        // (which namespaces may use it, its reclaim policy, its zones).
+        if self.provisioner == slipway_api::volumes::DRIVER {
+            for k in self
+                .parameters
+                .iter()
+                .flat_map(|p| p.keys())
+                .filter(|k| *k != slipway_api::volumes::SV_STORAGE_CLASS)
+            {
+                errs.push(FieldError::invalid(
+                    format!("parameters.{k}"),
+                    k,
+                    format!(
+                        "unknown parameter: {} takes only {}",
+                        slipway_api::volumes::DRIVER,
+                        slipway_api::volumes::SV_STORAGE_CLASS
+                    ),
+                ));
+            }
+        }
         if let Some(p) = &self.reclaim_policy
             && p != "Delete"
             && p != "Retain"

@@ -7,3 +7,5 @@ pub mod clusters;
 pub mod host_health;
 pub mod loadbalancers;
 pub mod vips;
+pub mod volume_plan;
+pub mod volumes;

@@ -197,7 +197,13 @@ pub async fn join(
     let name = format!("{HOST_USER_PREFIX}{}", spec.host_name);
     let (cert_pem, key_pem) = state
         .pki
-        .issue_client(&name, Some(HOSTS), ADMIN_DAYS)
+        // Its certificate also proves the host's name to block stores (export allow-lists).
+        .issue_client_named(
+            &name,
+            Some(HOSTS),
+            &[slipway_api::volumes::host_nbd_client(&spec.host_name)],
+            ADMIN_DAYS,
+        )
         .map_err(|e| ApiError::Internal(format!("issuing the host's certificate: {e}")))?;
     let kubeconfig = state
         .pki

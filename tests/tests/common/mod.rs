@@ -44,6 +44,8 @@ pub struct World {
     child: Option<Child>,
     /// Node agent flags for every host (`--host-agent-flag`); none runs the heartbeat alone.
     agent_flags: Vec<String>,
+    /// More flags for the supervisor.
+    supervisor_flags: Vec<String>,
 }
 
 impl World {
@@ -54,6 +56,12 @@ impl World {
     /// A world whose hosts run the node agent with `agent_flags` (placeholders as the netns
     /// provider substitutes them: `{data_dir}`, `{bpffs}`, `{cgroup}`, ...).
     pub fn with_agent_flags(agent_flags: Vec<String>) -> Self {
+        Self::with_flags(agent_flags, Vec::new())
+    }
+
+    /// A world whose hosts run the node agent with `agent_flags` and whose supervisor gets
+    /// `supervisor_flags` too.
+    pub fn with_flags(agent_flags: Vec<String>, supervisor_flags: Vec<String>) -> Self {
         let mut hasher = RandomState::new().build_hasher();
         hasher.write_u32(std::process::id());
         let id = hasher.finish() as u32 & 0xff_ffff;
@@ -73,6 +81,7 @@ impl World {
             port,
             child: None,
             agent_flags,
+            supervisor_flags,
         };
         w.start();
         w
@@ -107,6 +116,7 @@ impl World {
                     .iter()
                     .map(|f| format!("--host-agent-flag={f}")),
             )
+            .args(&self.supervisor_flags)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
