@@ -24,10 +24,6 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one Command is parsed once per process; its size costs nothing"
-)]
 enum Command {
     /// Build a 2-host world in network namespaces, load the datapath, move traffic through it
     /// beside a raw veth baseline, print what was measured, and tear the world down.
