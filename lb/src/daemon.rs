@@ -503,32 +503,11 @@ impl DaemonHandle {
         Self::start_in_netns_at(netns, config, AttachPoint::Tc)
     }
 
-    /// Like [`DaemonHandle::start_in_netns`], serving what `feed` sends (the feed itself runs
-    /// wherever its API is reachable, e.g. in the caller's namespace).
-    pub fn start_fed_in_netns(
-        netns: &str,
-        config: LbConfig,
-        lease: Arc<dyn Lease>,
-        feed: Feed,
-    ) -> Result<Self, LbError> {
-        Self::start(netns, config, AttachPoint::Tc, lease, Some(feed))
-    }
-
     /// Like [`DaemonHandle::start_in_netns`], attaching at `point`.
     pub fn start_in_netns_at(
         netns: &str,
         config: LbConfig,
         point: AttachPoint,
-    ) -> Result<Self, LbError> {
-        Self::start(netns, config, point, Arc::new(StaticLease), None)
-    }
-
-    fn start(
-        netns: &str,
-        config: LbConfig,
-        point: AttachPoint,
-        lease: Arc<dyn Lease>,
-        feed: Option<Feed>,
     ) -> Result<Self, LbError> {
         let socket = config.socket.clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -545,9 +524,15 @@ impl DaemonHandle {
                         call: "build tokio runtime",
                         source,
                     })?;
-                runtime.block_on(serve(config, point, lease, feed, async move {
-                    let _ = stopped.await;
-                }))
+                runtime.block_on(serve(
+                    config,
+                    point,
+                    Arc::new(StaticLease),
+                    None,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ))
             })
             .map_err(|source| LbError::Syscall {
                 call: "spawn daemon thread",
