@@ -267,6 +267,7 @@ impl JoinArgs {
             .context("writing the node's settings")?;
             info!(cluster = %node["cluster"], block = %settings.host_block, "a node of its cluster");
         }
+        crate::edge::keep_settings(&self.host_data_dir, &answer)?;
         crate::run::write_atomically_with_mode(&path, kubeconfig.as_bytes(), 0o600)
             .with_context(|| format!("writing {}", path.display()))?;
         info!(%host, zone = %self.heartbeat.zone, supervisor = %self.supervisor, "joined");
@@ -385,8 +386,18 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let edge = crate::edge::settings_path(&args.host_data_dir)
+        .exists()
+        .then(|| {
+            tokio::spawn(crate::edge::serve(
+                args.host_data_dir.clone(),
+                args.agent.clone(),
+                kubeconfig.clone(),
+                hb_name(&args).to_owned(),
+            ))
+        });
     let result = run_agent(&args, kubeconfig).await;
-    if let Some(task) = api_server {
+    for task in [api_server, edge].into_iter().flatten() {
         task.abort();
     }
     result

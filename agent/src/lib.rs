@@ -19,6 +19,7 @@ pub mod args;
 pub mod cli;
 pub mod csi_node;
 pub mod dns;
+pub mod edge;
 pub mod feed;
 pub mod heartbeat;
 pub mod hosts;

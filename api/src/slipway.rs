@@ -361,6 +361,20 @@ impl HostProvider {
 /// The pool name of a cluster's control plane hosts.
 pub const CONTROL_PLANE_POOL: &str = "control-plane";
 
+/// The pool of edge hosts (`spec.pool: edge` and no cluster): hosts that run the L4 load
+/// balancer for the VIPs the supervisor gives LoadBalancer Services, fed from its API.
+pub const EDGE_POOL: &str = "edge";
+
+/// Where edge hosts hold the `coordination.k8s.io/v1` Leases that say which of them announces
+/// each VIP (one Lease per VIP).
+pub const VIP_LEASE_NAMESPACE: &str = "slipway-lb";
+
+/// The Lease (in [`VIP_LEASE_NAMESPACE`]) whose holder announces `vip`: `vip-10-99-100-1`,
+/// `vip-fd99-100--1`.
+pub fn vip_lease_name(vip: std::net::IpAddr) -> String {
+    format!("vip-{}", vip.to_string().replace(['.', ':'], "-"))
+}
+
 /// The cluster a host serves (Clusters are namespaced, Hosts are not).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -476,9 +490,10 @@ impl Validate for Host {
                     Some(p) => check_dns_label("spec.pool", p, errs),
                 }
             }
+            (None, Some(p)) if p == EDGE_POOL => {}
             (None, Some(_)) => errs.push(FieldError::forbidden(
                 "spec.pool",
-                "may only be set with spec.cluster",
+                "may only be set with spec.cluster (or be `edge`, for an edge host)",
             )),
             (None, None) => {}
         }
@@ -556,7 +571,7 @@ mod tests {
                 "spec.zone: Required value",
                 "spec.hostClass: Required value",
                 r#"spec.provider: Unsupported value: "vm": supported values: "netns", "static""#,
-                "spec.pool: Forbidden: may only be set with spec.cluster",
+                "spec.pool: Forbidden: may only be set with spec.cluster (or be `edge`, for an edge host)",
                 r#"status.phase: Unsupported value: "Up": supported values: "Pending", "Provisioning", "Running", "Deleting", "Failed""#,
                 r#"status.address: Invalid value: "10.1.0.300": must be a valid IP address"#,
                 r#"status.conditions[0].status: Unsupported value: "Yes": supported values: "True", "False", "Unknown""#,

@@ -1,13 +1,15 @@
 //! A workload cluster's controllers, beside its API server: the scheduler, ReplicaSet and
 //! Deployment (apps/v1), EndpointSlices from ready Pods, node lifecycle (NotReady Nodes
 //! tainted, their Pods evicted after their tolerationSeconds) and the garbage collector of
-//! dependents whose owners are gone. Each is a kube-rs client of any
+//! dependents whose owners are gone, and (with a [`SupervisorLink`]) the cloud provider that
+//! mirrors LoadBalancer Services into the supervisor. Each is a kube-rs client of any
 //! Kubernetes API, level-triggered: it compares what it lists with what should be and writes
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
 
 pub mod attach_detach;
 pub mod attacher;
+pub mod cloud_provider;
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
@@ -132,6 +134,15 @@ pub(crate) fn api_err(
 pub async fn run(client: kube::Client, options: Options) {
     let options = Arc::new(options);
     tracing::info!("workload cluster controllers starting");
+    let cloud = {
+        let (client, options) = (client.clone(), options.clone());
+        async move {
+            match options.supervisor.clone() {
+                Some(link) => cloud_provider::run(client, link, options).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     let pvcsi = {
         let (client, options) = (client.clone(), options.clone());
         async move {
@@ -142,6 +153,7 @@ pub async fn run(client: kube::Client, options: Options) {
         }
     };
     tokio::join!(
+        cloud,
         pvcsi,
         attach_detach::run(client.clone()),
         replicaset::run(client.clone(), options.clone()),

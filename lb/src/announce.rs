@@ -17,8 +17,8 @@ use crate::maps::LbMaps;
 
 /// The right to announce VIPs from this host.
 pub trait Lease: Debug + Send + Sync {
-    /// Whether this host holds the lease now.
-    fn held(&self) -> bool;
+    /// Whether this host holds `vip`'s lease now.
+    fn holds(&self, vip: IpAddr) -> bool;
 }
 
 /// A lease that is always held: one LB host, no failover.
@@ -26,7 +26,7 @@ pub trait Lease: Debug + Send + Sync {
 pub struct StaticLease;
 
 impl Lease for StaticLease {
-    fn held(&self) -> bool {
+    fn holds(&self, _vip: IpAddr) -> bool {
         true
     }
 }
@@ -46,15 +46,19 @@ impl Announcer {
         }
     }
 
-    /// Announces `wanted` (or nothing, without the lease) and withdraws the rest. Returns the
-    /// VIPs newly taken over: the caller announces them ([`announcement_frame`]).
+    /// Announces those of `wanted` whose lease this host holds and withdraws the rest. Returns
+    /// the VIPs newly taken over: the caller announces them ([`announcement_frame`]).
     pub fn sync(
         &mut self,
         maps: &mut dyn LbMaps,
         wanted: &BTreeSet<IpAddr>,
     ) -> Result<Vec<IpAddr>, LbError> {
-        let empty = BTreeSet::new();
-        let wanted = if self.lease.held() { wanted } else { &empty };
+        let wanted: BTreeSet<IpAddr> = wanted
+            .iter()
+            .copied()
+            .filter(|vip| self.lease.holds(*vip))
+            .collect();
+        let wanted = &wanted;
         for vip in self
             .announced
             .difference(wanted)

@@ -78,6 +78,32 @@ pub struct ServeArgs {
     /// `metricsAddress`).
     #[arg(long)]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Take the services from this Kubernetes API (a kubeconfig: the supervisor's, for an
+    /// edge host) instead of the local socket: every LoadBalancer Service whose status holds
+    /// a VIP, with its EndpointSlices' ready addresses as backends.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// With --kubeconfig: only Services with these labels (a label selector, e.g.
+    /// `slipway.dev/cluster`).
+    #[arg(long, requires = "kubeconfig")]
+    pub service_labels: Option<String>,
+    /// With --kubeconfig: announce only the VIPs whose `coordination.k8s.io/v1` Lease this
+    /// host holds in this namespace (one per VIP, `vip-<address>`), taking over those whose
+    /// holder stops renewing (edge hosts fail over to each other). Needs --holder.
+    #[arg(long, requires_all = ["kubeconfig", "holder"])]
+    pub vip_lease_namespace: Option<String>,
+    /// This host's name in the VIP Leases (`holderIdentity`).
+    #[arg(long, requires = "vip_lease_namespace")]
+    pub holder: Option<String>,
+}
+
+async fn kube_client(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let config = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 impl ServeArgs {
@@ -119,7 +145,44 @@ impl LbCommand {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                runtime.block_on(serve(config, point, Arc::new(StaticLease), async {
+                let (lease, feed): (Arc<dyn crate::announce::Lease>, _) = match &args.kubeconfig {
+                    Some(path) => {
+                        let client = runtime.block_on(kube_client(path))?;
+                        let (tx, rx) = tokio::sync::watch::channel(None);
+                        runtime.spawn(crate::feed::run(
+                            client.clone(),
+                            args.service_labels.clone(),
+                            tx,
+                        ));
+                        let notify = Arc::new(tokio::sync::Notify::new());
+                        let lease: Arc<dyn crate::announce::Lease> =
+                            match (&args.vip_lease_namespace, &args.holder) {
+                                (Some(namespace), Some(holder)) => {
+                                    let leases = Arc::new(crate::election::VipLeases::default());
+                                    let wake = notify.clone();
+                                    runtime.spawn(crate::election::run(
+                                        client,
+                                        namespace.clone(),
+                                        holder.clone(),
+                                        leases.clone(),
+                                        rx.clone(),
+                                        move || wake.notify_one(),
+                                    ));
+                                    leases
+                                }
+                                _ => Arc::new(StaticLease),
+                            };
+                        (
+                            lease,
+                            Some(crate::daemon::Feed {
+                                desired: rx,
+                                leases_changed: notify,
+                            }),
+                        )
+                    }
+                    None => (Arc::new(StaticLease), None),
+                };
+                runtime.block_on(serve(config, point, lease, feed, async {
                     let mut term = match tokio::signal::unix::signal(
                         tokio::signal::unix::SignalKind::terminate(),
                     ) {

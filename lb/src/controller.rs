@@ -566,6 +566,15 @@ impl Controller {
         })
     }
 
+    /// Every service held, with the spec it was last applied with, by `namespace/name`.
+    pub fn specs(&self) -> BTreeMap<String, ServiceSpec> {
+        self.book
+            .services
+            .iter()
+            .map(|(k, s)| (k.clone(), s.spec.clone()))
+            .collect()
+    }
+
     /// The VIPs announced now.
     pub fn announced(&self) -> &BTreeSet<IpAddr> {
         self.announcer.announced()
@@ -782,7 +791,9 @@ impl Controller {
         Ok(())
     }
 
-    fn announce(&mut self) -> Result<Vec<IpAddr>, LbError> {
+    /// Announces the VIPs whose lease this host holds and withdraws the others; returns those
+    /// newly taken over (send gratuitous ARP / unsolicited NA for them).
+    pub fn announce(&mut self) -> Result<Vec<IpAddr>, LbError> {
         let wanted: BTreeSet<IpAddr> = self.book.services.values().map(|s| s.vip).collect();
         self.announcer.sync(self.maps.as_mut(), &wanted)
     }

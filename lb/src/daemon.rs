@@ -20,7 +20,7 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get, put};
 use slipway_dataplane::abi::lb::{LbAddr, LbConfig as ConfigValue, LbReason};
 use slipway_dataplane::link::Netlink;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
@@ -30,6 +30,7 @@ use crate::api::{self, ApiError, Applied};
 use crate::config::LbConfig;
 use crate::controller::{Controller, HealthTarget, Limits, monotonic_ns};
 use crate::datapath::{AttachPoint, LbDatapath};
+use crate::feed::Desired;
 use crate::health::probe;
 use crate::metrics::Metrics;
 use crate::packet::{SolicitedNodeGroups, send_frame};
@@ -119,11 +120,24 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Controller> {
     shared.controller.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs the daemon in the calling thread's network namespace until `shutdown` resolves.
+/// What feeds a daemon from an API instead of its local socket.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    /// The services wanted ([`crate::feed::run`]).
+    pub desired: watch::Receiver<Option<Desired>>,
+    /// Notified when the VIP leases held change ([`crate::election::run`]): the announcements
+    /// are brought up to date at once rather than at the next tick.
+    pub leases_changed: Arc<Notify>,
+}
+
+/// Runs the daemon in the calling thread's network namespace until `shutdown` resolves. With a
+/// `feed` ([`crate::feed`]), the services are those it sends: each set is applied as a whole
+/// (changed specs applied, services it lacks deleted).
 pub async fn serve(
     config: LbConfig,
     point: AttachPoint,
     lease: Arc<dyn Lease>,
+    feed: Option<Feed>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LbError> {
     config.validate()?;
@@ -224,13 +238,22 @@ pub async fn serve(
     send_announcements(&shared, restored);
     sync_health(&shared);
 
+    let leases_changed = feed.as_ref().map(|f| f.leases_changed.clone());
     let ticker = tokio::spawn({
         let shared = shared.clone();
         async move {
             let mut every = tokio::time::interval(Duration::from_millis(500));
             let mut full = FullTable::default();
             loop {
-                every.tick().await;
+                match &leases_changed {
+                    Some(notify) => tokio::select! {
+                        _ = every.tick() => {}
+                        () = notify.notified() => {}
+                    },
+                    None => {
+                        every.tick().await;
+                    }
+                }
                 full.check(&shared, Instant::now());
                 let taken = lock(&shared).tick(Instant::now());
                 sync_groups(&shared);
@@ -241,10 +264,31 @@ pub async fn serve(
             }
         }
     });
+    let fed = feed.map(
+        |Feed {
+             desired: mut rx, ..
+         }| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    let want = rx.borrow_and_update().clone();
+                    if let Some(want) = want {
+                        apply_desired(&shared, &want);
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        },
+    );
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await;
     ticker.abort();
+    if let Some(task) = fed {
+        task.abort();
+    }
     if let Some(task) = metrics_server {
         task.abort();
     }
@@ -294,6 +338,37 @@ async fn metrics(State(shared): State<AppState>) -> Result<impl IntoResponse, Ap
         )],
         text,
     ))
+}
+
+/// Makes the services held equal `want`: a spec that differs from the one held is applied,
+/// a service `want` lacks is deleted. A refused spec is logged and the others still applied.
+fn apply_desired(shared: &AppState, want: &Desired) {
+    let have = lock(shared).specs();
+    let mut taken = Vec::new();
+    for (key, spec) in want {
+        if have.get(key) == Some(spec) {
+            continue;
+        }
+        match lock(shared).apply(spec.clone()) {
+            Ok(applied) => {
+                info!(service = %key, vip = %applied.vip, backends = spec.backends.len(), "service applied from the feed");
+                taken.extend(applied.taken_over);
+            }
+            Err(e) => warn!(service = %key, error = %e, "service from the feed refused"),
+        }
+    }
+    for key in have.keys().filter(|k| !want.contains_key(*k)) {
+        let Some((namespace, name)) = key.split_once('/') else {
+            continue;
+        };
+        match lock(shared).delete(namespace, name) {
+            Ok(()) => info!(service = %key, "service deleted: the feed no longer has it"),
+            Err(e) => warn!(service = %key, error = %e, "deleting a service the feed dropped"),
+        }
+    }
+    sync_groups(shared);
+    send_announcements(shared, taken);
+    sync_health(shared);
 }
 
 /// How often at most the daemon logs that the flow table is full.
@@ -449,9 +524,15 @@ impl DaemonHandle {
                         call: "build tokio runtime",
                         source,
                     })?;
-                runtime.block_on(serve(config, point, Arc::new(StaticLease), async move {
-                    let _ = stopped.await;
-                }))
+                runtime.block_on(serve(
+                    config,
+                    point,
+                    Arc::new(StaticLease),
+                    None,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ))
             })
             .map_err(|source| LbError::Syscall {
                 call: "spawn daemon thread",

@@ -49,6 +49,8 @@ pub const CLUSTER_USER_PREFIX: &str = "system:cluster:";
 pub const CLUSTER_LINK_RESOURCES: &[(&str, &str, Option<&str>, &[&str])] = &[
     ("", "services", None, ALL_VERBS),
     ("", "services", Some("status"), READ_VERBS),
+    // The cloud provider's mirrors' backends: the cluster's nodes at their node ports.
+    ("discovery.k8s.io", "endpointslices", None, ALL_VERBS),
     ("", "persistentvolumeclaims", None, ALL_VERBS),
     ("", "persistentvolumeclaims", Some("status"), READ_VERBS),
     // The pvCSI controller's snapshots and its requests to attach volumes to its hosts.
@@ -377,7 +379,9 @@ pub async fn authorize(
         };
     }
     if let Some(host) = user.host() {
-        return if host_may(host, verb, rt, subresource, namespace, name) {
+        return if host_may(host, verb, rt, subresource, namespace, name)
+            || edge_may(store, host, verb, rt, subresource, namespace).await?
+        {
             Ok(())
         } else {
             Err(forbidden())
@@ -424,6 +428,49 @@ pub async fn authorize(
             _ => Err(forbidden()),
         },
     }
+}
+
+/// What an edge host (a Host of pool `edge`, no cluster) may do besides any host: read the
+/// Services and EndpointSlices it serves VIPs for, and hold the VIPs' Leases in
+/// `slipway-lb`. Asked only for those resources, so other hosts' requests cost no store read.
+async fn edge_may(
+    store: &AnyStore,
+    host: &str,
+    verb: &str,
+    rt: &ResourceType,
+    subresource: Option<&str>,
+    namespace: Option<&str>,
+) -> Result<bool, ApiError> {
+    let read = matches!(verb, "get" | "list" | "watch");
+    let wanted = match (rt.group, rt.plural) {
+        ("", "services") | ("discovery.k8s.io", "endpointslices") => read && subresource.is_none(),
+        ("coordination.k8s.io", "leases") => {
+            namespace == Some(slipway_api::slipway::VIP_LEASE_NAMESPACE)
+                && matches!(
+                    verb,
+                    "get" | "list" | "watch" | "create" | "update" | "patch" | "delete"
+                )
+        }
+        _ => false,
+    };
+    if !wanted {
+        return Ok(false);
+    }
+    let Some(hosts) = lookup(
+        slipway_api::slipway::GROUP,
+        slipway_api::slipway::VERSION,
+        "hosts",
+    ) else {
+        return Ok(false);
+    };
+    let Some(kv) = store
+        .get(&crate::server::keys::object(hosts, None, host))
+        .await?
+    else {
+        return Ok(false);
+    };
+    let obj: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+    Ok(obj["spec"]["pool"] == slipway_api::slipway::EDGE_POOL && obj["spec"]["cluster"].is_null())
 }
 
 /// What a host agent may do (the node authorizer's idea, for Slipway's kinds): renew its own

@@ -225,8 +225,14 @@ impl SupervisorArgs {
         )
         .await
         .context("starting the cluster reconciler")?;
+        let loadbalancers = crate::controllers::loadbalancers::LoadBalancerReconciler::connect(
+            server.controllers_kubeconfig(),
+        )
+        .await
+        .context("starting the load balancer reconciler")?;
         let controllers = tokio::spawn(host_health.run());
         let cluster_controller = tokio::spawn(clusters.run());
+        let lb_controller = tokio::spawn(loadbalancers.run());
         let volumes = if self.block_store.is_empty() {
             None
         } else {
@@ -262,6 +268,7 @@ impl SupervisorArgs {
         server.serve(shutdown).await;
         controllers.abort();
         cluster_controller.abort();
+        lb_controller.abort();
         if let Some(v) = volumes {
             v.abort();
         }

@@ -111,6 +111,14 @@ fn has_node_ports(svc: &Value) -> bool {
     matches!(str_at(svc, "/spec/type"), Some("NodePort" | "LoadBalancer"))
 }
 
+/// Whether node ports are given to the ports that ask for none: not for a LoadBalancer that
+/// says `allocateLoadBalancerNodePorts: false` (upstream's field: load balancers that reach
+/// their backends without node ports, such as the supervisor's mirrors of workload Services).
+fn allocates_node_ports(svc: &Value) -> bool {
+    !(str_at(svc, "/spec/type") == Some("LoadBalancer")
+        && svc.pointer("/spec/allocateLoadBalancerNodePorts") == Some(&Value::Bool(false)))
+}
+
 /// The node ports a Service holds, by (port, protocol).
 fn held_ports(svc: &Value) -> BTreeMap<(i64, String), i64> {
     let mut out = BTreeMap::new();
@@ -334,6 +342,9 @@ async fn node_ports(
             .unwrap_or("TCP")
             .to_string();
         let kept = old_ports.get(&(port, proto)).copied();
+        if asked.or(kept).is_none() && !allocates_node_ports(&snapshot) {
+            continue;
+        }
         let np = match asked.or(kept) {
             Some(np) if old_ports.values().any(|o| *o == np) => np,
             Some(np) => {

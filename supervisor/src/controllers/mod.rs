@@ -5,5 +5,7 @@
 
 pub mod clusters;
 pub mod host_health;
+pub mod loadbalancers;
+pub mod vips;
 pub mod volume_plan;
 pub mod volumes;

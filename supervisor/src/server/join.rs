@@ -145,8 +145,18 @@ pub async fn join(
     }
     let mut control_plane = None;
     let mut node = None;
+    let mut edge = None;
     match exists(state, "hosts", &spec.host_name).await? {
         Some(host) => {
+            // An edge host runs the load balancer fed from this API (its Services and
+            // EndpointSlices), holding the VIPs' Leases in their namespace.
+            if host["spec"]["pool"] == slipway_api::slipway::EDGE_POOL
+                && host["spec"]["cluster"].is_null()
+            {
+                edge = Some(json!({
+                    "leaseNamespace": slipway_api::slipway::VIP_LEASE_NAMESPACE,
+                }));
+            }
             // The cluster's CA and node credentials go only to a token made for this very
             // host (or an admin).
             if bound_host.is_some() || user.is_admin() {
@@ -213,6 +223,7 @@ pub async fn join(
             "leaseNamespace": HOST_LEASE_NAMESPACE,
             "controlPlane": control_plane,
             "node": node,
+            "edge": edge,
         },
     }))
 }

@@ -150,13 +150,18 @@ pub struct Server {
     controllers_kubeconfig: PathBuf,
 }
 
-/// Creates the `default` namespace on first start, as Kubernetes does, and `slipway-system`,
-/// where hosts keep their Leases and bootstrap tokens live.
+/// Creates the `default` namespace on first start, as Kubernetes does, `slipway-system`,
+/// where hosts keep their Leases and bootstrap tokens live, and `slipway-lb`, where edge hosts
+/// hold their VIPs' Leases.
 async fn bootstrap(store: &AnyStore) -> Result<(), StoreError> {
     let Some(rt) = crate::api::registry::lookup("", "v1", "namespaces") else {
         return Ok(());
     };
-    for name in ["default", slipway_api::slipway::HOST_LEASE_NAMESPACE] {
+    for name in [
+        "default",
+        slipway_api::slipway::HOST_LEASE_NAMESPACE,
+        slipway_api::slipway::VIP_LEASE_NAMESPACE,
+    ] {
         let key = keys::object(rt, None, name);
         if store.get(&key).await?.is_some() {
             continue;

@@ -1,0 +1,784 @@
+//! LoadBalancer VIPs served by edge hosts: a supervisor provisioning netns hosts, two edge
+//! hosts (HostClass `edge`, `spec.pool: edge`) on one zone's segment running `slipway lb serve`
+//! fed from the supervisor's API, two backend hosts in the other zone answering at the port a
+//! node port would be, and a client host beside the edge hosts. A mirrored Service (as the
+//! workload cluster's cloud provider writes it; its own test is in slipway-controllers) gets a
+//! VIP from its Cluster's ingress pool; the client's requests through the VIP reach both
+//! backends; killing the edge host that holds the VIP's Lease moves the Lease and the VIP to the
+//! other (gratuitous ARP) and the gap is measured; deleting the Service empties both edge hosts'
+//! maps and releases the Lease. The second test runs the whole chain on a provisioned cluster:
+//! kubectl creates a LoadBalancer Service in the workload cluster, its cloud provider mirrors it,
+//! the supervisor gives it a VIP that `kubectl get svc` shows, the client's requests reach the
+//! pods through the edge hosts and the nodes' node ports, and deleting it leaves nothing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::{World, gvk, wait_for};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use serde_json::{Value, json};
+
+const NS: &str = "team-lb";
+
+/// The tests of this file take turns: each builds a world of its own, and the failover gap is
+/// a timing that a second world on the same cores would blur.
+static ONE_WORLD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const POOL: &str = "10.124.100.0/27";
+const VIP: &str = "10.124.100.1";
+const NODE_PORT: u16 = 30080;
+
+/// nginx processes in the backend hosts' namespaces, killed on drop.
+struct Backends(Vec<Child>);
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn netns_of(world: &World, host: &str) -> String {
+    format!("{}h-{host}", world.prefix)
+}
+
+/// Runs `argv` in `host`'s namespace; its stdout when it succeeds.
+fn run_in(world: &World, host: &str, argv: &[&str]) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns_of(world, host)])
+        .args(argv)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// nginx on `host` at the node port, answering "<its address>".
+fn nginx(world: &World, host: &str) -> Child {
+    let dir = world.dir.path().join(format!("nginx-{host}"));
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log stderr crit;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen {NODE_PORT};\n\
+             location / {{ return 200 \"$server_addr\\n\"; }}\n  }}\n}}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    Command::new("ip")
+        .args(["netns", "exec", &netns_of(world, host), "nginx", "-c"])
+        .arg(&conf)
+        .args(["-e", "stderr"])
+        .spawn()
+        .expect("nginx")
+}
+
+async fn create(client: &kube::Client, kind: &str, plural: &str, name: &str, spec: Value) {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind, plural));
+    let mut o = DynamicObject::new(name, &gvk(kind, plural));
+    o.data = json!({"spec": spec});
+    api.create(&PostParams::default(), &o)
+        .await
+        .unwrap_or_else(|e| panic!("create {kind} {name}: {e}"));
+}
+
+/// How many keep-alive connections [`Streams`] holds open through the VIP.
+const STREAMS: usize = 5;
+
+/// Keep-alive HTTP connections from the client host through the VIP (a python3 process in its
+/// namespace, killed on drop): each made one request; [`Streams::survivors`] makes a second.
+struct Streams(Child);
+
+const STREAMS_SCRIPT: &str = r#"
+import socket, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+req = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n"
+socks = []
+for _ in range(n):
+    s = socket.create_connection((vip, 80), timeout=2)
+    s.sendall(req)
+    s.recv(4096)
+    socks.append(s)
+print("open", flush=True)
+sys.stdin.readline()
+ok = 0
+for s in socks:
+    try:
+        s.settimeout(2)
+        s.sendall(req)
+        ok += b" 200 " in s.recv(4096)
+    except OSError:
+        pass
+print(ok, flush=True)
+"#;
+
+impl Streams {
+    fn open(world: &World) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &netns_of(world, "client"), "python3", "-c"])
+            .arg(STREAMS_SCRIPT)
+            .args([VIP, &STREAMS.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("streams open");
+        assert_eq!(
+            line.trim(),
+            "open",
+            "keep-alive connections through the VIP"
+        );
+        Self(child)
+    }
+
+    /// How many of the connections answer a second request now.
+    fn survivors(&mut self) -> usize {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.0.stdin.as_mut().expect("stdin")).expect("signal");
+        let mut line = String::new();
+        std::io::BufReader::new(self.0.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("survivors");
+        line.trim().parse().expect("a count")
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn address(hosts: &Api<DynamicObject>, name: &str) -> Option<String> {
+    let h = hosts.get(name).await.ok()?;
+    let ready = h.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    let a = h.data["status"]["address"].as_str()?.to_owned();
+    ready.then_some(a)
+}
+
+/// One request from the client host through the VIP: the backend's answer.
+fn request(world: &World, timeout: &str) -> Option<String> {
+    request_path(world, "/", timeout)
+}
+
+/// `GET path` from the client host through the VIP: the answer.
+fn request_path(world: &World, path: &str, timeout: &str) -> Option<String> {
+    run_in(
+        world,
+        "client",
+        &[
+            "curl",
+            "-s",
+            "--connect-timeout",
+            timeout,
+            "--max-time",
+            "1",
+            &format!("http://{VIP}{path}"),
+        ],
+    )
+    .map(|s| s.trim().to_owned())
+    .filter(|s| !s.is_empty())
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get(&format!("vip-{}", VIP.replace('.', "-")))
+        .await
+        .ok()?
+        .spec?
+        .holder_identity
+}
+
+/// Kills edge host `owner`'s load balancer, or with `whole_host` every process of the host
+/// (kill -9), and measures how long until a request
+/// through the VIP is answered again: (the gap, requests that failed meanwhile, the new
+/// holder of the VIP's Lease).
+async fn fail_over(
+    world: &World,
+    leases: &Api<Lease>,
+    owner: &str,
+    whole_host: bool,
+) -> (Duration, usize, String) {
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &netns_of(world, owner)])
+        .output()
+        .expect("pids");
+    let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            whole_host
+                || std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("lb\0serve"))
+        })
+        .map(str::to_owned)
+        .collect();
+    assert!(!pids.is_empty(), "{owner} runs a load balancer");
+    let killed_at = Instant::now();
+    for pid in &pids {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    let mut failed = 0;
+    let gap = loop {
+        if request(world, "0.1").is_some() {
+            break killed_at.elapsed();
+        }
+        failed += 1;
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "no answer through the VIP 30 s after its owner died"
+        );
+    };
+    // A host's join restarts its load balancer at once; restarted before another host took
+    // the Lease, it renews it as the same holder: only a dead host must lose it.
+    let new_owner = wait_for("the Lease's holder", Duration::from_secs(10), || async {
+        holder(leases).await.filter(|h| !whole_host || h != owner)
+    })
+    .await;
+    (gap, failed, new_owner)
+}
+
+/// The services an edge host's LB daemon serves (its local API).
+fn served(world: &World, host: &str) -> Option<usize> {
+    let socket = world
+        .dir
+        .path()
+        .join(format!("sup/hosts/data/{host}/lb/lb.sock"));
+    let out = Command::new(common::slipway_binary())
+        .args(["lb", "status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .ok()?;
+    let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(status["services"].as_array()?.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: root + netns + cgroups + BPF; run scripts/test.sh"]
+async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
+    let _turn = ONE_WORLD.lock().await;
+    let world = World::new();
+    let client = world.client().await;
+    world.seed(&client).await;
+    create(
+        &client,
+        "HostClass",
+        "hostclasses",
+        "edge",
+        json!({"cpus": 1, "memory": "512Mi"}),
+    )
+    .await;
+    for (name, zone, pool) in [
+        ("edge-a", "za", Some("edge")),
+        ("edge-b", "za", Some("edge")),
+        ("be-1", "zb", None),
+        ("be-2", "zb", None),
+        ("client", "za", None),
+    ] {
+        let class = if pool.is_some() { "edge" } else { "small" };
+        let mut spec = json!({"zone": zone, "hostClass": class, "provider": "netns"});
+        if let Some(p) = pool {
+            spec["pool"] = json!(p);
+        }
+        create(&client, "Host", "hosts", name, spec).await;
+    }
+    let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
+    let mut backend_ips = BTreeSet::new();
+    for name in ["edge-a", "edge-b", "be-1", "be-2", "client"] {
+        let a = wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
+            address(&hosts, name)
+        })
+        .await;
+        if name.starts_with("be-") {
+            backend_ips.insert(a);
+        }
+    }
+    let _backends = Backends(vec![nginx(&world, "be-1"), nginx(&world, "be-2")]);
+    run_in(
+        &world,
+        "client",
+        &["ip", "route", "add", POOL, "dev", "eth0"],
+    )
+    .expect("route");
+
+    // The cluster's namespace and its ingress pool.
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    Api::<DynamicObject>::namespaced_with(client.clone(), NS, &gvk("Cluster", "clusters"))
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "slipway.dev/v1alpha1", "kind": "Cluster",
+                "metadata": {"name": "c1", "namespace": NS},
+                "spec": {
+                    "topology": {"controlPlane": {"replicas": 1, "hostClass": "small"}},
+                    "settings": {"network": {
+                        "pods": {"cidrBlocks": ["192.168.0.0/16"]},
+                        "services": {"cidrBlocks": ["10.96.0.0/16"]},
+                        "ingress": {"cidrBlocks": [POOL]},
+                    }},
+                },
+            }))
+            .expect("cluster"),
+        )
+        .await
+        .expect("create cluster");
+
+    // The mirror, as the cloud provider writes it: the node port as the target, the nodes as
+    // an EndpointSlice.
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let name = "c1-default-web";
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"slipway.dev/cluster": "c1"}},
+                "spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                         "ports": [{"name": "http", "port": 80, "targetPort": NODE_PORT}]},
+            }))
+            .expect("service"),
+        )
+        .await
+        .expect("create service");
+    let endpoints: Vec<Value> = backend_ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    Api::<EndpointSlice>::namespaced(client.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": [{"name": "http", "port": NODE_PORT, "protocol": "TCP"}],
+            }))
+            .expect("slice"),
+        )
+        .await
+        .expect("create slice");
+    let vip = wait_for("the VIP in the status", Duration::from_secs(20), || async {
+        services
+            .get(name)
+            .await
+            .ok()?
+            .status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .ip
+            .clone()
+    })
+    .await;
+    assert_eq!(vip, VIP, "the first address of the pool");
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "slipway-lb");
+    let owner = wait_for("the VIP's Lease", Duration::from_secs(60), || {
+        holder(&leases)
+    })
+    .await;
+    assert!(owner.starts_with("edge-"), "held by an edge host: {owner}");
+    let first = wait_for(
+        "a first answer through the VIP",
+        Duration::from_secs(30),
+        || async { request(&world, "1") },
+    )
+    .await;
+    assert!(backend_ips.contains(&first), "a backend answered: {first}");
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let answer = request(&world, "1").expect("a request through the VIP");
+        assert!(backend_ips.contains(&answer), "{answer}");
+        seen.insert(answer);
+    }
+    assert_eq!(
+        seen, backend_ips,
+        "new connections spread over both backends"
+    );
+
+    // The owner's load balancer dies (kill -9) four times, each time on the host holding the
+    // VIP, once the other is serving: the gap's spread. Its join restarts it.
+    let mut gaps = Vec::new();
+    let mut owner = owner;
+    for _ in 0..4 {
+        let other = if owner == "edge-a" {
+            "edge-b"
+        } else {
+            "edge-a"
+        };
+        wait_for(
+            &format!("{other} serving"),
+            Duration::from_secs(30),
+            || async { (served(&world, other) == Some(1)).then_some(()) },
+        )
+        .await;
+        let (gap, _, next) = fail_over(&world, &leases, &owner, false).await;
+        gaps.push(gap);
+        owner = next;
+    }
+    let other = if owner == "edge-a" {
+        "edge-b"
+    } else {
+        "edge-a"
+    };
+    wait_for(
+        &format!("{other} serving"),
+        Duration::from_secs(30),
+        || async { (served(&world, other) == Some(1)).then_some(()) },
+    )
+    .await;
+
+    // Connections open through the owner before it dies.
+    let mut streams = Streams::open(&world);
+
+    // The owner dies (every process of the host, kill -9): the other takes the Lease and the
+    // VIP.
+    let (gap, failed, new_owner) = fail_over(&world, &leases, &owner, true).await;
+    gaps.push(gap);
+    gaps.sort();
+    eprintln!(
+        "failover gap over {} owner deaths (4 of its LB process, then the whole host): p50 {:?}, max {:?}",
+        gaps.len(),
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1]
+    );
+    eprintln!(
+        "failover: {owner} killed; {new_owner} answers for {VIP} after {gap:?} ({failed} requests failed meanwhile)"
+    );
+    assert_ne!(new_owner, owner);
+    // The new owner in the supervisor Service's status and Events.
+    wait_for(
+        "the new owner in the Service's status",
+        Duration::from_secs(10),
+        || async {
+            let svc = services.get(name).await.ok()?;
+            svc.status?
+                .conditions?
+                .into_iter()
+                .any(|c| {
+                    c.type_ == "VIPAnnounced"
+                        && c.status == "True"
+                        && c.message.contains(&new_owner)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let changed = wait_for(
+        "a VIPOwnerChanged Event",
+        Duration::from_secs(10),
+        || async {
+            Api::<Event>::namespaced(client.clone(), NS)
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("VIPOwnerChanged")
+                        && e.message
+                            .as_ref()
+                            .is_some_and(|m| m.contains(&format!("was {owner}")))
+                })
+                .and_then(|e| e.message)
+        },
+    )
+    .await;
+    assert!(
+        changed.contains(&new_owner) && changed.contains(&format!("was {owner}")),
+        "{changed}"
+    );
+    let survived = streams.survivors();
+    eprintln!(
+        "established connections through the VIP that survived the failover: {survived}/{STREAMS} \
+         (each edge host translates to its own address: the backend knows the old one's)"
+    );
+
+    // Delete: the edge host's maps are emptied and the Lease released.
+    services
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        "the edge host's maps emptied",
+        Duration::from_secs(20),
+        || async { (served(&world, &new_owner) == Some(0)).then_some(()) },
+    )
+    .await;
+    wait_for("the Lease released", Duration::from_secs(10), || async {
+        holder(&leases).await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        request(&world, "0.5").is_none(),
+        "the VIP no longer answers"
+    );
+}
+
+const WORKLOAD: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: team-w
+---
+apiVersion: slipway.dev/v1alpha1
+kind: HostClass
+metadata:
+  name: node
+spec:
+  cpus: 1
+  memory: 1Gi
+---
+apiVersion: slipway.dev/v1alpha1
+kind: HostClass
+metadata:
+  name: edge
+spec:
+  cpus: 1
+  memory: 512Mi
+---
+apiVersion: slipway.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: w1
+  namespace: team-w
+spec:
+  topology:
+    controlPlane:
+      replicas: 1
+      hostClass: node
+    nodePools:
+    - name: workers
+      replicas: 2
+      hostClass: node
+  settings:
+    network:
+      pods:
+        cidrBlocks: [\"192.168.0.0/16\"]
+      services:
+        cidrBlocks: [\"10.96.0.0/16\"]
+      ingress:
+        cidrBlocks: [\"10.124.100.0/27\"]
+";
+
+const WEB: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: httpd
+        image: busybox
+        imagePullPolicy: Never
+        command: [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/etc\"]
+        readinessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
+        resources:
+          requests: {cpu: 100m, memory: 16Mi}
+";
+
+const LB_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+";
+
+async fn ready_pods(pods: &Api<Pod>, count: usize) -> Option<BTreeSet<String>> {
+    let names: BTreeSet<String> = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    (names.len() == count).then_some(names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: root + netns + cgroups + BPF + containerd; run scripts/test.sh"]
+async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_external_ip() {
+    let _turn = ONE_WORLD.lock().await;
+    let scratch = tempfile::Builder::new()
+        .prefix("slipway-e2e-images-")
+        .tempdir()
+        .expect("dir");
+    slipway_agent::pods::image::build_node_images(scratch.path()).expect("images");
+    let world =
+        World::with_agent_flags(slipway_hosts::reconciler::netns_node_flags(scratch.path()));
+    let client = world.client().await;
+    world.seed(&client).await;
+    world.apply(WORKLOAD);
+    for (name, zone, class, pool) in [
+        ("edge-a", "za", "edge", Some("edge")),
+        ("edge-b", "za", "edge", Some("edge")),
+        ("client", "za", "small", None),
+    ] {
+        let mut spec = json!({"zone": zone, "hostClass": class, "provider": "netns"});
+        if let Some(p) = pool {
+            spec["pool"] = json!(p);
+        }
+        create(&client, "Host", "hosts", name, spec).await;
+    }
+    let clusters: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "team-w", &gvk("Cluster", "clusters"));
+    wait_for("w1 Running", Duration::from_secs(180), || async {
+        let c = clusters.get("w1").await.ok()?;
+        (c.data["status"]["phase"] == "Running").then_some(())
+    })
+    .await;
+    let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
+    for name in ["edge-a", "edge-b", "client"] {
+        wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
+            address(&hosts, name)
+        })
+        .await;
+    }
+    run_in(
+        &world,
+        "client",
+        &["ip", "route", "add", POOL, "dev", "eth0"],
+    )
+    .expect("route");
+    let kubeconfig = Api::<Secret>::namespaced(client.clone(), "team-w")
+        .get("w1-kubeconfig")
+        .await
+        .expect("w1-kubeconfig")
+        .data
+        .and_then(|d| d.get("value").cloned())
+        .expect("value")
+        .0;
+    let path = world.dir.path().join("w1.kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("kubeconfig");
+    let workload = common::client_for(&path).await;
+    world.apply_with(&path, WEB);
+    let pods: Api<Pod> = Api::namespaced(workload.clone(), "default");
+    let names = wait_for("3 web pods Ready", Duration::from_secs(120), || {
+        ready_pods(&pods, 3)
+    })
+    .await;
+
+    // kubectl creates the Service; the VIP comes back from the supervisor.
+    let started = Instant::now();
+    world.apply_with(&path, LB_SERVICE);
+    let services: Api<Service> = Api::namespaced(workload.clone(), "default");
+    let vip = wait_for("EXTERNAL-IP", Duration::from_secs(30), || async {
+        services
+            .get("web")
+            .await
+            .ok()?
+            .status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .ip
+            .clone()
+    })
+    .await;
+    let allocated = started.elapsed();
+    assert_eq!(
+        vip, VIP,
+        "the first address of the namespace's ingress pool"
+    );
+    let shown = world.kubectl_with(&path, &["get", "svc", "web"]);
+    assert!(shown.contains(VIP), "kubectl get svc shows it: {shown}");
+
+    // Requests from the client host reach every pod through the VIP.
+    let first = wait_for(
+        "an answer through the VIP",
+        Duration::from_secs(30),
+        || async { request_path(&world, "/hostname", "1") },
+    )
+    .await;
+    let served_at = started.elapsed();
+    let mut seen = BTreeSet::from([first]);
+    for _ in 0..60 {
+        let answer = request_path(&world, "/hostname", "1").expect("a request through the VIP");
+        seen.insert(answer);
+    }
+    assert_eq!(seen, names, "the answers come from every web pod");
+    eprintln!(
+        "kubectl apply of a LoadBalancer Service: EXTERNAL-IP {vip} after {allocated:?}, \
+         first answer through it after {served_at:?}; 61 requests over {} pods",
+        seen.len()
+    );
+
+    // Delete: the mirror, the VIP, the edge hosts' services and the Lease go.
+    world.kubectl_with(&path, &["delete", "svc", "web"]);
+    let mirrors: Api<Service> = Api::namespaced(client.clone(), "team-w");
+    wait_for("the mirror gone", Duration::from_secs(20), || async {
+        let left = mirrors
+            .list(&ListParams::default().labels("slipway.dev/cluster=w1"))
+            .await
+            .ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    for edge in ["edge-a", "edge-b"] {
+        wait_for(
+            &format!("{edge}'s maps emptied"),
+            Duration::from_secs(20),
+            || async { (served(&world, edge) == Some(0)).then_some(()) },
+        )
+        .await;
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "slipway-lb");
+    wait_for("the Lease released", Duration::from_secs(10), || async {
+        holder(&leases).await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        request_path(&world, "/hostname", "0.5").is_none(),
+        "the VIP no longer answers"
+    );
+}
