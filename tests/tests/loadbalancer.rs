@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{World, gvk, wait_for};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use serde_json::{Value, json};
@@ -542,49 +542,14 @@ async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
     );
 }
 
-const WORKLOAD: &str = "apiVersion: v1
-kind: Namespace
-metadata:
-  name: team-w
----
-apiVersion: slipway.dev/v1alpha1
-kind: HostClass
-metadata:
-  name: node
-spec:
-  cpus: 1
-  memory: 1Gi
----
-apiVersion: slipway.dev/v1alpha1
+/// The edge hosts' class (the cluster is the harness's, with its ingress pool [`POOL`]).
+const EDGE_CLASS: &str = "apiVersion: slipway.dev/v1alpha1
 kind: HostClass
 metadata:
   name: edge
 spec:
   cpus: 1
   memory: 512Mi
----
-apiVersion: slipway.dev/v1alpha1
-kind: Cluster
-metadata:
-  name: w1
-  namespace: team-w
-spec:
-  topology:
-    controlPlane:
-      replicas: 1
-      hostClass: node
-    nodePools:
-    - name: workers
-      replicas: 2
-      hostClass: node
-  settings:
-    network:
-      pods:
-        cidrBlocks: [\"192.168.0.0/16\"]
-      services:
-        cidrBlocks: [\"10.96.0.0/16\"]
-      ingress:
-        cidrBlocks: [\"10.124.100.0/27\"]
 ";
 
 const WEB: &str = "apiVersion: apps/v1
@@ -657,8 +622,8 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
     let world =
         World::with_agent_flags(slipway_hosts::reconciler::netns_node_flags(scratch.path()));
     let client = world.client().await;
-    world.seed(&client).await;
-    world.apply(WORKLOAD);
+    let path = world.workload_cluster(&client, "").await;
+    world.apply(EDGE_CLASS);
     for (name, zone, class, pool) in [
         ("edge-a", "za", "edge", Some("edge")),
         ("edge-b", "za", "edge", Some("edge")),
@@ -670,13 +635,6 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
         }
         create(&client, "Host", "hosts", name, spec).await;
     }
-    let clusters: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "team-w", &gvk("Cluster", "clusters"));
-    wait_for("w1 Running", Duration::from_secs(180), || async {
-        let c = clusters.get("w1").await.ok()?;
-        (c.data["status"]["phase"] == "Running").then_some(())
-    })
-    .await;
     let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
     for name in ["edge-a", "edge-b", "client"] {
         wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
@@ -690,16 +648,6 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
         &["ip", "route", "add", POOL, "dev", "eth0"],
     )
     .expect("route");
-    let kubeconfig = Api::<Secret>::namespaced(client.clone(), "team-w")
-        .get("w1-kubeconfig")
-        .await
-        .expect("w1-kubeconfig")
-        .data
-        .and_then(|d| d.get("value").cloned())
-        .expect("value")
-        .0;
-    let path = world.dir.path().join("w1.kubeconfig");
-    std::fs::write(&path, kubeconfig).expect("kubeconfig");
     let workload = common::client_for(&path).await;
     world.apply_with(&path, WEB);
     let pods: Api<Pod> = Api::namespaced(workload.clone(), "default");

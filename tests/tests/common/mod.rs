@@ -299,7 +299,8 @@ impl World {
 }
 
 /// The Cluster [`World::workload_cluster`] makes: `w1` in namespace `team-w`, one control plane
-/// host and two workers (spread over the zones), HostClass `node`.
+/// host and two workers (spread over the zones), HostClass `node`, LoadBalancer VIPs from
+/// 10.124.100.0/27.
 pub const CLUSTER: &str = "apiVersion: slipway.dev/v1alpha1
 kind: Cluster
 metadata:
@@ -320,6 +321,8 @@ spec:
         cidrBlocks: [\"192.168.0.0/16\"]
       services:
         cidrBlocks: [\"10.96.0.0/16\"]
+      ingress:
+        cidrBlocks: [\"10.124.100.0/27\"]
 ";
 
 impl World {
