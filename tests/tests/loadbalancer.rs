@@ -222,20 +222,32 @@ async fn fail_over(
     owner: &str,
     whole_host: bool,
 ) -> (Duration, usize, String) {
-    let pids = Command::new("ip")
-        .args(["netns", "pids", &netns_of(world, owner)])
-        .output()
-        .expect("pids");
-    let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout)
-        .split_whitespace()
-        .filter(|pid| {
-            whole_host
-                || std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("lb\0serve"))
-        })
-        .map(str::to_owned)
-        .collect();
-    assert!(!pids.is_empty(), "{owner} runs a load balancer");
+    // The owner's LB process (restarted by its host's join after an earlier kill) may still be
+    // starting while its Lease is held: wait until it runs.
+    let started = Instant::now();
+    let pids = loop {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &netns_of(world, owner)])
+            .output()
+            .expect("pids");
+        let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|pid| {
+                whole_host
+                    || std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("lb\0serve"))
+            })
+            .map(str::to_owned)
+            .collect();
+        if !pids.is_empty() {
+            break pids;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{owner} runs no load balancer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let killed_at = Instant::now();
     for pid in &pids {
         let _ = Command::new("kill").args(["-9", pid]).status();
