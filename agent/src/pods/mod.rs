@@ -6,6 +6,7 @@
 //! the desired Pods and the objects their volumes project (from kube-rs, a file, a test) and
 //! gets their statuses back.
 
+pub mod atomic;
 pub mod claims;
 pub mod containerd;
 pub mod cri;
