@@ -46,12 +46,23 @@ impl Drop for TempDir {
     }
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port, bound then released. It is taken below the kernel's ephemeral range
+/// (32768 and up), so an outgoing connection of a parallel test cannot take it between this
+/// check and the server's own bind; each call moves on to the next port of a range spread by
+/// process id.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % COUNT).expect("port below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// A child process killed and reaped on drop.
@@ -93,11 +104,76 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 pub struct Etcd {
     pub members: Vec<ChildGuard>,
     pub client_urls: Vec<String>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Etcd {
+    /// Starts an `n`-member cluster and waits until every member is healthy. A member that
+    /// exits while starting (its port was taken after all) starts the cluster again on new
+    /// ports; a cluster that does not come up names each member's log in the failure.
     pub fn start(n: usize) -> Self {
+        for attempt in 1..=3 {
+            let mut etcd = Self::spawn(n);
+            let endpoints = etcd.client_urls.join(",");
+            let start = Instant::now();
+            loop {
+                if etcd.healthy(&endpoints) {
+                    return etcd;
+                }
+                let exited = etcd.members.iter_mut().any(|m| {
+                    m.0.as_mut()
+                        .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+                });
+                if exited && attempt < 3 {
+                    eprintln!(
+                        "etcd: a member exited while starting; attempt {attempt}:\n{}",
+                        etcd.logs()
+                    );
+                    break;
+                }
+                assert!(
+                    !exited && start.elapsed() < Duration::from_secs(60),
+                    "etcd cluster not healthy after {:?} (a member exited: {exited}):\n{}",
+                    start.elapsed(),
+                    etcd.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn healthy(&self, endpoints: &str) -> bool {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                endpoints,
+                "--command-timeout=2s",
+                "endpoint",
+                "health",
+            ])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    }
+
+    /// The last lines of each member's log.
+    fn logs(&self) -> String {
+        (0..self.members.len())
+            .map(|i| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("m{i}.log")))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                format!(
+                    "--- m{i}\n{}",
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn spawn(n: usize) -> Self {
         let dir = TempDir::new("etcd");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let cluster: Vec<String> = ports
@@ -138,27 +214,11 @@ impl Etcd {
             members.push(ChildGuard(Some(child)));
             client_urls.push(format!("127.0.0.1:{client}"));
         }
-        let etcd = Self {
+        Self {
             members,
             client_urls,
-            _dir: dir,
-        };
-        let endpoints = etcd.client_urls.join(",");
-        wait_for("etcd cluster health", Duration::from_secs(30), || {
-            let out = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &endpoints,
-                    "--command-timeout=2s",
-                    "endpoint",
-                    "health",
-                ])
-                .output()
-                .ok()?;
-            out.status.success().then_some(())
-        });
-        etcd
+            dir,
+        }
     }
 
     /// `--store` value for the supervisor.
