@@ -70,7 +70,10 @@ async fn finished(pods: &Api<Pod>, name: &str) -> String {
         }
         if Instant::now() > end {
             let attachments: Api<VolumeAttachment> = Api::all(pods.clone().into_client());
-            let vas = attachments.list(&ListParams::default()).await.map(|l| l.items);
+            let vas = attachments
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items);
             panic!(
                 "pod {name} did not finish: {}\nVolumeAttachments: {}",
                 serde_json::to_string_pretty(&pod.and_then(|p| p.status)).unwrap_or_default(),
