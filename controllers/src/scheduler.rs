@@ -1,5 +1,7 @@
 //! The scheduler: binds each Pod without `spec.nodeName` to the Node [`placement::place`]
-//! chooses, through the Pod's `binding` subresource as upstream. A Pod no Node fits stays
+//! chooses, through the Pod's `binding` subresource as upstream; a Pod's PersistentVolumes
+//! narrow the Nodes to their node affinity (a zonal volume's zone), and a Pod whose claim is
+//! missing or not bound yet waits. A Pod no Node fits stays
 //! Pending with `PodScheduled=False`, reason `Unschedulable` and a message that says why, and
 //! is tried again every `unschedulable_retry`. Decisions are made one at a time, each on a
 //! fresh list of Nodes and Pods, so two Pods are never placed on the same free room.
@@ -7,7 +9,9 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod, PodCondition};
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelector, PersistentVolume, PersistentVolumeClaim, Pod, PodCondition,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -85,7 +89,11 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .await
         .map_err(api_err("list", "pods"))?
         .items;
-    match placement::place(&pod, &nodes, &pods) {
+    let placement = match volume_affinities(&ctx.client, &pod).await? {
+        Ok(volumes) => placement::place(&pod, &nodes, &pods, &volumes),
+        Err(why) => Placement::Unschedulable(why),
+    };
+    match placement {
         Placement::Node(node) => {
             let binding = json!({
                 "apiVersion": "v1",
@@ -147,6 +155,50 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             Ok(Action::requeue(ctx.options.unschedulable_retry))
         }
     }
+}
+
+/// The node affinities of the PersistentVolumes `pod` mounts, or why it cannot be placed yet
+/// (a claim missing or not bound; upstream's VolumeBinding filter says the same).
+async fn volume_affinities(
+    client: &Client,
+    pod: &Pod,
+) -> Result<Result<Vec<NodeSelector>, String>, Error> {
+    let ns = pod.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let mut affinities = Vec::new();
+    let volumes = pod.spec.iter().flat_map(|s| s.volumes.iter().flatten());
+    for name in volumes.filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| &c.claim_name)) {
+        let Some(claim) = claims
+            .get_opt(name)
+            .await
+            .map_err(api_err("get", format!("claim {ns}/{name}")))?
+        else {
+            return Ok(Err(format!("persistentvolumeclaim {name:?} not found")));
+        };
+        let Some(pv) = claim
+            .spec
+            .and_then(|s| s.volume_name)
+            .filter(|n| !n.is_empty())
+        else {
+            return Ok(Err(format!(
+                "pod has unbound immediate PersistentVolumeClaims ({name:?})"
+            )));
+        };
+        let Some(pv) = pvs
+            .get_opt(&pv)
+            .await
+            .map_err(api_err("get", format!("persistentvolume {pv}")))?
+        else {
+            return Ok(Err(format!("persistentvolume {pv:?} not found")));
+        };
+        affinities.extend(
+            pv.spec
+                .and_then(|s| s.node_affinity)
+                .and_then(|a| a.required),
+        );
+    }
+    Ok(Ok(affinities))
 }
 
 /// Writes the Pod's PodScheduled condition (and phase Pending while it has none) when it

@@ -44,11 +44,12 @@ spec:
   resources: {requests: {storage: 256Mi}}
 "#;
 
-/// A pod on `node` that runs `script` with claim `data` at /data (restartPolicy Never).
-fn claim_pod(name: &str, node: &str, script: &str) -> String {
+/// A pod placed by `placement` (YAML lines of its spec) that runs `script` with claim `data`
+/// at /data (restartPolicy Never).
+fn claim_pod(name: &str, placement: &str, script: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
-         nodeName: {node}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  \
+         {placement}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  \
          volumes: [{{name: data, persistentVolumeClaim: {{claimName: data}}}}]\n  containers:\n  \
          - name: sh\n    image: busybox\n    imagePullPolicy: Never\n    command: [sh, -c, {script:?}]\n    \
          volumeMounts: [{{name: data, mountPath: /data}}]\n"
@@ -151,7 +152,7 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
         &path,
         &claim_pod(
             "writer",
-            &nodes[0],
+            &format!("nodeName: {}", nodes[0]),
             "echo kept-across-hosts > /data/note && sync && grep -q ' /data ext4 ' /proc/mounts",
         ),
     );
@@ -174,17 +175,32 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
         &path,
         &claim_pod(
             "reader",
-            &nodes[1],
+            // Any node but the writer's: the scheduler must pick one in the volume's zone.
+            &format!(
+                "affinity: {{nodeAffinity: {{requiredDuringSchedulingIgnoredDuringExecution: \
+                 {{nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, \
+                 operator: NotIn, values: [{}]}}]}}]}}}}}}",
+                nodes[0]
+            ),
             "test \"$(cat /data/note)\" = kept-across-hosts",
         ),
     );
     let phase = finished(&pods, "reader").await;
+    let reader_node = pods
+        .get("reader")
+        .await
+        .ok()
+        .and_then(|p| p.spec?.node_name)
+        .expect("the reader was scheduled");
     assert_eq!(
         phase,
         "Succeeded",
-        "reader on {}: {}",
-        nodes[1],
-        pod_log(&world, &nodes[1], "reader")
+        "reader on {reader_node}: {}",
+        pod_log(&world, &reader_node, "reader")
+    );
+    assert!(
+        reader_node != nodes[0] && nodes.contains(&reader_node),
+        "the reader went to {reader_node}, not another node of the volume's zone: {nodes:?}"
     );
     eprintln!(
         "the claim moved hosts: reader created → read the writer's bytes in {:?}",
