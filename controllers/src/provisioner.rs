@@ -1,7 +1,8 @@
 //! The external-provisioner's job for `csi.slipway.dev`: a PersistentVolumeClaim of a
 //! StorageClass of the driver becomes a CreateVolume over the driver's socket and a
 //! PersistentVolume bound to the claim; a claim that asks for more is expanded
-//! (ControllerExpandVolume); a PV of the driver whose claim is gone is deleted with its volume
+//! (ControllerExpandVolume); a claim of a WaitForFirstConsumer class waits for the scheduler to
+//! choose its first Pod's Node and is provisioned in that Node's zone; a PV of the driver whose claim is gone is deleted with its volume
 //! (reclaim policy Delete).
 //!
 //! Level-triggered: every claim event and every [`PERIOD`] one pass compares claims and PVs.
@@ -10,8 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use anyhow::Context as _;
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -27,6 +29,25 @@ use crate::events::{self, Type};
 use crate::pvcsi::{Csi, PERIOD, capability, status_text};
 
 const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+
+/// A StorageClass `volumeBindingMode` that provisions a claim only once a Pod using it is
+/// scheduled, in the zone of the Pod's Node.
+pub const WAIT_FOR_FIRST_CONSUMER: &str = "WaitForFirstConsumer";
+
+/// The annotation the scheduler puts on a WaitForFirstConsumer claim: the Node it chose for
+/// the claim's first Pod (upstream's name).
+pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+
+/// The Node the scheduler chose for the claim's first Pod, if any.
+pub fn selected_node(claim: &PersistentVolumeClaim) -> Option<&str> {
+    claim
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(SELECTED_NODE)
+        .map(String::as_str)
+        .filter(|n| !n.is_empty())
+}
 
 /// The PV (and CSI volume request) name of a claim, as upstream's provisioner names it.
 pub fn pv_name(claim_uid: &str) -> String {
@@ -121,6 +142,13 @@ pub async fn pass(client: &kube::Client, mut csi: Csi) -> anyhow::Result<()> {
             continue;
         }
         let name = pv_name(&uid);
+        if !pvs.contains_key(&name)
+            && class.volume_binding_mode.as_deref() == Some(WAIT_FOR_FIRST_CONSUMER)
+            && selected_node(claim).is_none()
+        {
+            // Provisioned once the scheduler has chosen its first Pod's Node.
+            continue;
+        }
         let result = match pvs.get(&name) {
             None => provision(client, &mut csi, claim, class, &claims, &pvs, &name).await,
             Some(pv) => keep(client, &mut csi, claim, class, pv).await,
@@ -223,21 +251,42 @@ async fn provision(
         Some(d) => anyhow::bail!("spec.dataSource: kind {:?} is not supported", d.kind),
         None => None,
     };
-    let topology = class
+    let zone = |z: String| slipway_csi::proto::Topology {
+        segments: HashMap::from([(ZONE_TOPOLOGY_KEY.to_owned(), z)]),
+    };
+    let allowed: Vec<_> = class
         .allowed_topologies
-        .as_ref()
-        .map(|t| TopologyRequirement {
-            requisite: t
-                .iter()
-                .flat_map(|t| t.match_label_expressions.iter().flatten())
-                .filter(|e| e.key == ZONE_TOPOLOGY_KEY)
-                .flat_map(|e| e.values.clone())
-                .map(|z| slipway_csi::proto::Topology {
-                    segments: HashMap::from([(ZONE_TOPOLOGY_KEY.to_owned(), z)]),
-                })
-                .collect(),
-            preferred: vec![],
-        });
+        .iter()
+        .flatten()
+        .flat_map(|t| t.match_label_expressions.iter().flatten())
+        .filter(|e| e.key == ZONE_TOPOLOGY_KEY)
+        .flat_map(|e| e.values.clone())
+        .map(zone)
+        .collect();
+    // The zone of the Node the scheduler chose for the claim's first Pod (WaitForFirstConsumer).
+    let selected = match selected_node(claim) {
+        Some(node) => Some(
+            Api::<Node>::all(client.clone())
+                .get(node)
+                .await
+                .with_context(|| format!("the selected node {node:?}"))?
+                .metadata
+                .labels
+                .and_then(|l| l.get(ZONE_TOPOLOGY_KEY).cloned())
+                .with_context(|| {
+                    format!("the selected node {node:?} has no {ZONE_TOPOLOGY_KEY} label")
+                })?,
+        ),
+        None => None,
+    };
+    let topology = (!allowed.is_empty() || selected.is_some()).then(|| TopologyRequirement {
+        requisite: if allowed.is_empty() {
+            selected.clone().map(zone).into_iter().collect()
+        } else {
+            allowed
+        },
+        preferred: selected.map(zone).into_iter().collect(),
+    });
     let resp = csi
         .create_volume(CreateVolumeRequest {
             name: name.to_owned(),
