@@ -1,9 +1,9 @@
 //! Where a Pod goes: the scheduler's decision as a pure function of the Pod, the Nodes and the
 //! Pods already bound. Filters (unschedulable, taints the Pod does not tolerate, a Node not
-//! Ready, nodeSelector and required node affinity, the node affinity of the PersistentVolumes it
-//! mounts (a zonal volume's zone), requests against allocatable less what bound Pods request) then a
-//! score that spreads a workload's Pods over zones (`topology.kubernetes.io/zone`), then over
-//! hosts, then prefers the least requested Node. A Pod no Node fits gets upstream's message:
+//! Ready, nodeSelector and required node affinity, the node affinity of the PersistentVolumes
+//! it mounts (a zonal volume's zone), requests against allocatable less what bound Pods
+//! request) then a score that spreads a workload's Pods over zones
+//! (`topology.kubernetes.io/zone`), then over hosts, then prefers the least requested Node. A Pod no Node fits gets upstream's message:
 //! `0/2 nodes are available: 2 Insufficient cpu.`
 
 use std::collections::BTreeMap;

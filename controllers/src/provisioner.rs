@@ -2,8 +2,8 @@
 //! StorageClass of the driver becomes a CreateVolume over the driver's socket and a
 //! PersistentVolume bound to the claim; a claim that asks for more is expanded
 //! (ControllerExpandVolume); a claim of a WaitForFirstConsumer class waits for the scheduler to
-//! choose its first Pod's Node and is provisioned in that Node's zone; a PV of the driver whose claim is gone is deleted with its volume
-//! (reclaim policy Delete).
+//! choose its first Pod's Node and is provisioned in that Node's zone; a PV of the driver whose
+//! claim is gone is deleted with its volume (reclaim policy Delete).
 //!
 //! Level-triggered: every claim event and every [`PERIOD`] one pass compares claims and PVs.
 //! The PV is named `pvc-<claim uid>` and so is the CSI volume request, so a pass killed after

@@ -2,10 +2,11 @@
 //! chooses, through the Pod's `binding` subresource as upstream; a Pod's PersistentVolumes
 //! narrow the Nodes to their node affinity (a zonal volume's zone); an unbound claim of a
 //! WaitForFirstConsumer class gets the chosen Node (`volume.kubernetes.io/selected-node`) and
-//! the Pod binds once the claim is bound; a Pod whose claim is missing or not bound waits. A Pod no Node fits stays
-//! Pending with `PodScheduled=False`, reason `Unschedulable` and a message that says why, and
-//! is tried again every `unschedulable_retry`. Decisions are made one at a time, each on a
-//! fresh list of Nodes and Pods, so two Pods are never placed on the same free room.
+//! the Pod binds once the claim is bound; a Pod whose claim is missing or not bound waits. A
+//! Pod no Node fits stays Pending with `PodScheduled=False`, reason `Unschedulable` and a
+//! message that says why, and is tried again every `unschedulable_retry`. Decisions are made
+//! one at a time, each on a fresh list of Nodes and Pods, so two Pods are never placed on the
+//! same free room.
 
 use std::sync::Arc;
 
