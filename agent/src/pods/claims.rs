@@ -36,6 +36,8 @@ pub struct ClaimVolume {
     pub publish_context: HashMap<String, String>,
     /// The PV's `spec.csi.readOnly`.
     pub read_only: bool,
+    /// The PV's `spec.volumeMode` is Block: published as a device, not a filesystem.
+    pub block: bool,
 }
 
 /// What a stage or publish recorded beside its mount (kubelet's `vol_data.json`).
@@ -44,6 +46,15 @@ struct VolData {
     driver: String,
     volume_id: String,
     staging: PathBuf,
+    /// Published as a raw block device ([`target`]).
+    #[serde(default)]
+    block: bool,
+}
+
+/// Where a claim's volume is published in its pod volume directory `dir`: a directory
+/// (`mount`), or for a raw block volume a file the device is bound onto (`dev`).
+pub fn target(dir: &Path, block: bool) -> PathBuf {
+    dir.join(if block { "dev" } else { "mount" })
 }
 
 const VOL_DATA: &str = "vol_data.json";
@@ -101,16 +112,18 @@ fn capability(v: &ClaimVolume) -> VolumeCapability {
         access_mode: Some(volume_capability::AccessMode {
             mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
         }),
-        access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume {
+        access_type: Some(if v.block {
+            volume_capability::AccessType::Block(volume_capability::BlockVolume {})
+        } else {
+            volume_capability::AccessType::Mount(volume_capability::MountVolume {
                 fs_type: if v.fs_type.is_empty() {
                     "ext4".into()
                 } else {
                     v.fs_type.clone()
                 },
                 mount_flags: v.mount_flags.clone(),
-            },
-        )),
+            })
+        }),
     }
 }
 
@@ -140,15 +153,15 @@ impl CsiNode {
         self.staging_root.join(&v.driver).join(digest(&v.volume_id))
     }
 
-    /// Stages `v` on the node (once) and publishes it at `<dir>/mount`; returns that path.
-    /// Nothing is called when it is already mounted there.
+    /// Stages `v` on the node (once) and publishes it at its [`target`] in `dir`; returns that
+    /// path. Nothing is called when it is already mounted there.
     pub async fn publish(
         &self,
         dir: &Path,
         v: &ClaimVolume,
         read_only: bool,
     ) -> Result<PathBuf, ClaimError> {
-        let target = dir.join("mount");
+        let target = target(dir, v.block);
         let published = slipway_dataplane::mounts::is_mount_point(&target)
             .map_err(io_err("read the mount table for", &target))?;
         if published {
@@ -160,6 +173,7 @@ impl CsiNode {
             driver: v.driver.clone(),
             volume_id: v.volume_id.clone(),
             staging: staging.clone(),
+            block: v.block,
         };
         write_vol_data(&staging_dir, &data)?;
         let call = |call, source| ClaimError::Call {
@@ -197,12 +211,12 @@ impl CsiNode {
         Ok(target)
     }
 
-    /// Unpublishes the volume published at `<dir>/mount`, if one was (its `vol_data.json`).
+    /// Unpublishes the volume published in `dir`, if one was (its `vol_data.json`).
     pub async fn unpublish(&self, dir: &Path) -> Result<(), ClaimError> {
         let Some(data) = read_vol_data(dir) else {
             return Ok(());
         };
-        let target = dir.join("mount");
+        let target = target(dir, data.block);
         self.client()
             .await?
             .node_unpublish_volume(NodeUnpublishVolumeRequest {
@@ -292,6 +306,7 @@ mod tests {
             driver: "csi.slipway.dev".into(),
             volume_id: id.into(),
             staging: root.join("staging"),
+            block: id == "v2",
         };
         for (pod, vol, id) in [("p1", "a", "v1"), ("p1", "b", "v2"), ("p2", "a", "v1")] {
             write_vol_data(
