@@ -65,7 +65,7 @@ pub(crate) fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
     resource_in(group, version, kind, plural)
 }
 
-fn resource_in(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+pub(crate) fn resource_in(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
