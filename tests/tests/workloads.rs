@@ -554,6 +554,31 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{what}: {s:?}"),
         other => panic!("{what}: {other:?}"),
     };
+    // Secrets one at a time, and only those its own Pods use (the `mounts` pod on workers-0
+    // uses `creds`); another node, and a list, are refused.
+    let secrets_as_node: Api<Secret> = Api::namespaced(node_client.clone(), "default");
+    secrets_as_node
+        .get("creds")
+        .await
+        .expect("workers-0 reads the Secret its pod mounts");
+    forbidden(
+        secrets_as_node.list(&ListParams::default()).await.map(drop),
+        "a node listing Secrets",
+    );
+    let other_node = client_for(
+        &world
+            .dir
+            .path()
+            .join("sup/hosts/data/team-w-w1-workers-1/cluster.kubeconfig"),
+    )
+    .await;
+    forbidden(
+        Api::<Secret>::namespaced(other_node, "default")
+            .get("creds")
+            .await
+            .map(drop),
+        "a Secret no pod of workers-1 uses",
+    );
     let status = kube::api::Patch::Merge(serde_json::json!({"status": {"phase": "Running"}}));
     let nodes_as_node: Api<Node> = Api::all(node_client.clone());
     forbidden(
