@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
 use slipway_bench::report::{self, Metric, Record, Samples};
 use slipway_hosts::reconciler::ProviderArgs;
 
-use crate::pods_bench::{node_cluster, quantile};
+use crate::bench_pods::{latency_records, pod, remove, start, until};
+use crate::pods_bench::node_cluster;
 use crate::up::{create, resource_in, with_supervisor};
 
 /// The suite's name (its JSONL file).
@@ -34,9 +35,6 @@ pub const SUITE: &str = "csi";
 
 /// The shortest host Lease of the run.
 const LEASE_DURATION: Duration = Duration::from_secs(30);
-
-/// How long one claim, Pod or fio run may take before the run fails.
-const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, clap::Args)]
 pub struct CsiBenchArgs {
@@ -325,106 +323,12 @@ async fn measure(data_dir: &Path, zones: &[String], plan: &Plan) -> anyhow::Resu
     Ok(records)
 }
 
-/// Polls `f` every 5 ms until it gives a value; fails after [`STEP_TIMEOUT`].
-async fn until<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(
-            start.elapsed() < STEP_TIMEOUT,
-            "{what}: not within {STEP_TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 fn claim(name: &str, size_mib: u64) -> anyhow::Result<PersistentVolumeClaim> {
     Ok(serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": "bench-csi"}},
         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "bench",
                  "resources": {"requests": {"storage": format!("{size_mib}Mi")}}},
     }))?)
-}
-
-/// A Pod running `command` from `image`, with claim `claim` at /data when given.
-fn pod(name: &str, image: &str, command: &[String], claim: Option<&str>) -> anyhow::Result<Pod> {
-    let mut spec = json!({
-        "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": 0,
-        "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never",
-                        "command": command}],
-    });
-    if let Some(claim) = claim {
-        spec["volumes"] = json!([{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]);
-        spec["containers"][0]["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
-    }
-    Ok(serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"app": "bench-csi"}},
-        "spec": spec,
-    }))?)
-}
-
-fn phase(p: &Pod) -> Option<&str> {
-    p.status.as_ref()?.phase.as_deref()
-}
-
-/// Creates `p` and times it until it is Running (or, with `done`, has Succeeded), ms.
-async fn start(pods: &Api<Pod>, p: &Pod, done: bool) -> anyhow::Result<f64> {
-    let name = p.metadata.name.clone().unwrap_or_default();
-    let t = Instant::now();
-    pods.create(&PostParams::default(), p)
-        .await
-        .with_context(|| format!("creating Pod {name}"))?;
-    until(&format!("Pod {name}"), || async {
-        let p = pods.get(&name).await.context("reading the Pod")?;
-        match phase(&p) {
-            Some("Failed") => anyhow::bail!("Pod {name} failed: {:?}", p.status),
-            Some("Succeeded") => Ok(Some(())),
-            Some("Running") if !done => Ok(Some(())),
-            _ => Ok(None),
-        }
-    })
-    .await?;
-    Ok(t.elapsed().as_secs_f64() * 1000.0)
-}
-
-/// Deletes Pod `name` and waits until it is gone (its volume unpublished).
-async fn remove(pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
-    pods.delete(name, &DeleteParams::default()).await?;
-    until(&format!("Pod {name} gone"), || async {
-        Ok(pods.get_opt(name).await?.is_none().then_some(()))
-    })
-    .await
-}
-
-/// p50 and p99 records of `slipway` against `baseline` latencies (lower is better).
-fn latency_records(name: &str, baseline: &str, slipway: &[f64], base: &[f64]) -> Vec<Record> {
-    [("p50", 0.5), ("p99", 0.99)]
-        .into_iter()
-        .filter_map(|(q, at)| {
-            let samples = Samples {
-                slipway: vec![quantile(slipway, at)],
-                baseline: vec![quantile(base, at)],
-            };
-            let mut r = samples
-                .record(Metric {
-                    suite: SUITE,
-                    name: &format!("{name}_{q}"),
-                    unit: "ms",
-                    higher_is_better: false,
-                    baseline,
-                })
-                .ok()?;
-            r.runs = slipway.len();
-            Some(r)
-        })
-        .collect()
 }
 
 /// Claims to Bound and Pods with them to Running, beside Pods without a volume.
@@ -462,8 +366,9 @@ async fn latency(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let mut records = latency_records("claim_bound", "pod-running", &bound, &without);
+    let mut records = latency_records(SUITE, "claim_bound", "pod-running", &bound, &without);
     records.extend(latency_records(
+        SUITE,
         "pod_with_volume_running",
         "pod-without-volume",
         &with,
@@ -504,17 +409,14 @@ async fn fio(
         iops: false,
     };
     // Every side's data written once first, so reads read data, not holes.
-    let mut run = 0;
+    let mut runs = 0;
     let mut in_pod = |w: Vec<String>| {
-        run += 1;
-        let name = format!("fio-{run}");
+        runs += 1;
+        let name = format!("fio-{runs}");
         async move {
             let mut command = vec!["/usr/bin/fio".to_owned()];
             command.extend(w);
-            start(pods, &pod(&name, "tools", &command, Some("fio"))?, true).await?;
-            let log = pods.logs(&name, &LogParams::default()).await?;
-            remove(pods, &name).await?;
-            Ok::<_, anyhow::Error>(log)
+            crate::bench_pods::run(pods, &pod(&name, "tools", &command, Some("fio"))?).await
         }
     };
     fio_figure(

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_pods;
 mod cluster_bench;
 mod csi_bench;
 mod pods_bench;

@@ -4,19 +4,24 @@
 //! the workload cluster's API and timed until it is Running (scheduling, the kubelet's watch,
 //! sandbox, CNI ADD through containerd, container start, status written back), and `podman run
 //! -d` of the same busybox image with Debian's bridge plugin is timed until it returns (the
-//! container started). p50 and p99 of each, and their ratio, go to `pods.jsonl`.
+//! container started). p50 and p99 of each, and their ratio, go to `pods.jsonl`. Then
+//! pod-to-pod TCP throughput (iperf3) and round trips (ping) between two pods on one worker,
+//! alternated with the same tools over a raw veth pair.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
-use serde::Serialize;
+use slipway_bench::report::{Metric, Record, Samples};
+use slipway_dataplane::testing::World;
+use slipway_dataplane::testing::traffic::{iperf3_tcp, parse_iperf3, parse_ping};
 use slipway_hosts::reconciler::ProviderArgs;
 
+use crate::bench_pods::{latency_records, pod, remove, start};
 use crate::up::{create, resource, seed, with_supervisor};
 
 /// The suite's name (its JSONL file).
@@ -36,23 +41,17 @@ pub struct PodsBenchArgs {
     /// Where the supervisor serves during the run.
     #[arg(long, default_value = "0.0.0.0:6445")]
     listen: SocketAddr,
+    /// Pod-to-pod traffic runs on each side (Slipway's pods and the raw veth pair, alternated).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=50))]
+    runs: u64,
+    /// Seconds of each iperf3 run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
     /// Where pods.jsonl is written.
     #[arg(long, default_value = slipway_bench::report::DEFAULT_OUT_DIR)]
     out_dir: PathBuf,
     #[command(flatten)]
     hosts: ProviderArgs,
-}
-
-/// One side's start latencies.
-#[derive(Debug, Clone, Serialize)]
-struct Record {
-    suite: &'static str,
-    metric: &'static str,
-    side: &'static str,
-    unit: &'static str,
-    p50: f64,
-    p99: f64,
-    samples: usize,
 }
 
 /// The `q`-quantile of `values` (nearest rank).
@@ -99,9 +98,10 @@ impl PodsBenchArgs {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let data_dir = self.data_dir.clone();
         let (zones, count) = (hosts.zones.clone(), self.pods as usize);
+        let traffic = (self.runs as usize, self.seconds);
         let result = with_supervisor(&self.data_dir, self.listen, &hosts, move |_| async move {
-            let samples = measure(&data_dir, &zones, count, &podman_image).await?;
-            let _ = tx.send(samples);
+            let records = measure(&data_dir, &zones, count, &podman_image, traffic).await?;
+            let _ = tx.send(records);
             Ok(())
         })
         .await;
@@ -109,40 +109,11 @@ impl PodsBenchArgs {
         // The image podman was given goes too: the machine is left as found.
         let _ = Command::new("podman").args(["rmi", "-f", &loaded]).output();
         result?;
-        let (slipway, podman) = rx.await.context("the runs did not finish")?;
-        let records = [("slipway", &slipway), ("podman_bridge", &podman)].map(|(side, v)| Record {
-            suite: SUITE,
-            metric: "pod_start_latency",
-            side,
-            unit: "ms",
-            p50: quantile(v, 0.5),
-            p99: quantile(v, 0.99),
-            samples: v.len(),
-        });
-        std::fs::create_dir_all(&self.out_dir)?;
-        let path = self.out_dir.join(format!("{SUITE}.jsonl"));
-        let mut out = String::new();
-        for r in &records {
-            out.push_str(&serde_json::to_string(r)?);
-            out.push('\n');
-        }
-        std::fs::write(&path, out)?;
-        println!(
-            "\n{:<28} {:>10} {:>10}\n{:<28} {:>10.1} {:>10.1}\n{:<28} {:>10.1} {:>10.1}\n{:<28} {:>10.2} {:>10.2}\nwrote {}",
-            "pod start (create→Running)",
-            "p50 ms",
-            "p99 ms",
-            "slipway (cluster API + CRI)",
-            records[0].p50,
-            records[0].p99,
-            "podman run -d (bridge)",
-            records[1].p50,
-            records[1].p99,
-            "ratio slipway/podman",
-            records[0].p50 / records[1].p50,
-            records[0].p99 / records[1].p99,
-            path.display()
-        );
+        let records = rx.await.context("the runs did not finish")?;
+        let path = slipway_bench::report::write_jsonl(&self.out_dir, SUITE, &records)?;
+        println!();
+        print!("{}", slipway_bench::report::table(&records));
+        println!("wrote {}", path.display());
         Ok(())
     }
 }
@@ -217,10 +188,11 @@ async fn measure(
     zones: &[String],
     count: usize,
     podman_image: &str,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    (runs, seconds): (usize, u64),
+) -> anyhow::Result<Vec<Record>> {
     println!("bench pods: making a cluster of 1 control plane host and 2 workers");
     let workload = node_cluster(data_dir, zones, "2Gi").await?;
-    let pods: Api<Pod> = Api::namespaced(workload, "default");
+    let pods: Api<Pod> = Api::namespaced(workload.clone(), "default");
 
     let bar = indicatif::ProgressBar::new(count as u64 * 2);
     bar.set_style(
@@ -263,7 +235,120 @@ async fn measure(
             &ListParams::default().labels("app=bench"),
         )
         .await;
-    result.map(|()| (slipway, podman))
+    result?;
+    let mut records = latency_records(SUITE, "pod_start", "podman-bridge", &slipway, &podman);
+    let worker = Api::<Node>::all(workload)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .is_none_or(|l| !l.contains_key("node-role.kubernetes.io/control-plane"))
+        })
+        .find_map(|n| n.metadata.name)
+        .context("no worker Node")?;
+    records.extend(traffic(&pods, &worker, runs, seconds).await?);
+    Ok(records)
+}
+
+/// The raw veth baseline's server address ([`World::add_raw_pair`]).
+const RAW_B: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 2);
+
+/// Pod-to-pod TCP throughput (iperf3) and round trips (ping, adaptive) between two pods that
+/// containerd made on `node` (the CNI's pod-veth datapath), alternated with the same tools
+/// between two namespaces joined by a raw veth pair.
+async fn traffic(
+    pods: &Api<Pod>,
+    node: &str,
+    runs: usize,
+    seconds: u64,
+) -> anyhow::Result<Vec<Record>> {
+    let world = World::builder().hosts(1).build()?;
+    let (raw_a, raw_b) = world.add_raw_pair("raw")?;
+    let on_node = |mut p: Pod| {
+        if let Some(spec) = p.spec.as_mut() {
+            spec.node_name = Some(node.to_owned());
+        }
+        p
+    };
+    let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let server = on_node(pod(
+        "iperf-server",
+        "tools",
+        &argv(&["/usr/bin/iperf3", "-s"]),
+        None,
+    )?);
+    start(pods, &server, false).await?;
+    let ip = pods
+        .get("iperf-server")
+        .await?
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("the iperf3 server pod has no address")?;
+    let (mut tcp, mut rtt) = (Samples::default(), Samples::default());
+    let bar = indicatif::ProgressBar::new(runs as u64 * 2);
+    for run in 0..runs {
+        let secs = seconds.to_string();
+        let client = on_node(pod(
+            &format!("iperf-{run}"),
+            "tools",
+            &argv(&["/usr/bin/iperf3", "-c", &ip, "-t", &secs, "-J"]),
+            None,
+        )?);
+        let report = parse_iperf3(&crate::bench_pods::run(pods, &client).await?)
+            .context("iperf3 in the client pod printed no report")?;
+        tcp.slipway.push(report.received_bps / 1e9);
+        tcp.baseline.push(
+            iperf3_tcp(&raw_a, &raw_b, RAW_B, Duration::from_secs(seconds))?.received_bps / 1e9,
+        );
+        bar.inc(1);
+        let pinger = on_node(pod(
+            &format!("ping-{run}"),
+            "busybox",
+            &argv(&["ping", "-q", "-A", "-c", "200", &ip]),
+            None,
+        )?);
+        let ours = parse_ping(&crate::bench_pods::run(pods, &pinger).await?)
+            .and_then(|r| r.rtt_avg_ms)
+            .context("ping in a pod printed no round trip")?;
+        // The same ping (busybox's) on both sides.
+        let out = raw_a.exec(&[
+            "/usr/bin/busybox",
+            "ping",
+            "-q",
+            "-A",
+            "-c",
+            "200",
+            &RAW_B.to_string(),
+        ])?;
+        let base = parse_ping(&String::from_utf8_lossy(&out.stdout))
+            .and_then(|r| r.rtt_avg_ms)
+            .context("ping over the raw veth printed no round trip")?;
+        rtt.slipway.push(ours);
+        rtt.baseline.push(base);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    remove(pods, "iperf-server").await?;
+    Ok(vec![
+        tcp.record(Metric {
+            suite: SUITE,
+            name: "pod_to_pod_tcp",
+            unit: "Gbit/s",
+            higher_is_better: true,
+            baseline: "raw-veth",
+        })?,
+        rtt.record(Metric {
+            suite: SUITE,
+            name: "pod_to_pod_rtt",
+            unit: "ms",
+            higher_is_better: false,
+            baseline: "raw-veth",
+        })?,
+    ])
 }
 
 /// Seeds a fresh supervisor for a benchmark (namespace `bench`, HostClass `node` of one cpu

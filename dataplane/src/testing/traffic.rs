@@ -51,7 +51,7 @@ pub fn ping(
     })
 }
 
-fn parse_ping(text: &str) -> Option<PingReport> {
+pub fn parse_ping(text: &str) -> Option<PingReport> {
     let summary = text.lines().find(|l| l.contains("packets transmitted"))?;
     let mut numbers = summary
         .split(',')
@@ -141,7 +141,7 @@ pub fn iperf3_tcp(
     })
 }
 
-fn parse_iperf3(text: &str) -> Option<IperfReport> {
+pub fn parse_iperf3(text: &str) -> Option<IperfReport> {
     let json: Value = serde_json::from_str(text).ok()?;
     let end = &json["end"];
     Some(IperfReport {
