@@ -1,4 +1,5 @@
-//! Pods on a benchmark's workload cluster: made, timed until Running or done, read and removed.
+//! What the cluster benchmarks share: running as root on a runtime, the node images, and Pods
+//! on a benchmark's workload cluster (made, timed until Running or done, read and removed).
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,38 @@ use serde_json::json;
 use slipway_bench::report::{Metric, Record, Samples};
 
 use crate::pods_bench::quantile;
+
+/// Runs a benchmark's `main` on a multi-threaded runtime; it needs root for `needs`.
+pub(crate) fn as_root(
+    needs: &str,
+    main: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "this needs root: it creates {needs}"
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(main)
+}
+
+/// Builds the node images (busybox, pause, tools) afresh in `dir`, and the agent flags that
+/// make every host of `hosts` a node with them (unless flags were given).
+pub(crate) fn node_images(
+    suite: &str,
+    dir: &std::path::Path,
+    hosts: &mut slipway_hosts::reconciler::ProviderArgs,
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    println!("bench {suite}: building the node images (busybox, pause, tools)");
+    slipway_agent::pods::image::build_node_images(dir)
+        .map_err(|e| anyhow::anyhow!(slipway_agent::pods::error_chain(&e)))?;
+    if hosts.agent_flags.is_empty() {
+        hosts.agent_flags = slipway_hosts::reconciler::netns_node_flags(dir);
+    }
+    Ok(())
+}
 
 /// How long one Pod (or claim) may take before the run fails.
 pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(180);

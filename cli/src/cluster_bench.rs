@@ -67,14 +67,7 @@ struct Samples {
 
 impl ClusterBenchArgs {
     pub fn run(self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            nix::unistd::Uid::effective().is_root(),
-            "this needs root: it creates network namespaces and cgroups"
-        );
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(self.run_async())
+        crate::bench_pods::as_root("network namespaces and cgroups", self.run_async())
     }
 
     async fn run_async(self) -> anyhow::Result<()> {

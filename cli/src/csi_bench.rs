@@ -196,35 +196,24 @@ impl Drop for Loop {
 
 impl CsiBenchArgs {
     pub fn run(self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            nix::unistd::Uid::effective().is_root(),
-            "this needs root: it creates network namespaces, cgroups, containers and loop devices"
-        );
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(self.run_async())
+        crate::bench_pods::as_root(
+            "network namespaces, cgroups, containers and loop devices",
+            self.run_async(),
+        )
     }
 
     async fn run_async(self) -> anyhow::Result<()> {
         let images = self.data_dir.with_extension("images");
         let local = self.data_dir.with_extension("local");
-        for dir in [&images, &local] {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        println!("bench csi: building the node images (busybox, pause, tools)");
-        slipway_agent::pods::image::build_node_images(&images)
-            .map_err(|e| anyhow::anyhow!(slipway_agent::pods::error_chain(&e)))?;
+        let _ = std::fs::remove_dir_all(&local);
         let mut hosts = self.hosts.clone();
+        crate::bench_pods::node_images(SUITE, &images, &mut hosts)?;
         hosts.storage_hosts = true;
         // fio saturates this machine: a renewal that comes late must not get a host replaced
         // in the middle of a run.
         if hosts.lease_duration < LEASE_DURATION {
             println!("bench csi: host leases last {LEASE_DURATION:?} during the run");
             hosts.lease_duration = LEASE_DURATION;
-        }
-        if hosts.agent_flags.is_empty() {
-            hosts.agent_flags = slipway_hosts::reconciler::netns_node_flags(&images);
         }
         let attach_path = if slipway_csi::kernel_nbd::available(Path::new("/")) {
             "kernel NBD (/dev/nbdN)"

@@ -73,28 +73,18 @@ pub(crate) fn quantile(values: &[f64], q: f64) -> f64 {
 
 impl PodsBenchArgs {
     pub fn run(self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            nix::unistd::Uid::effective().is_root(),
-            "this needs root: it creates network namespaces, cgroups and containers"
-        );
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(self.run_async())
+        crate::bench_pods::as_root(
+            "network namespaces, cgroups and containers",
+            self.run_async(),
+        )
     }
 
     async fn run_async(self) -> anyhow::Result<()> {
         let images = self.data_dir.with_extension("images");
-        let _ = std::fs::remove_dir_all(&images);
-        println!("bench pods: building the node images (busybox, pause, tools)");
-        slipway_agent::pods::image::build_node_images(&images)
-            .map_err(|e| anyhow::anyhow!(slipway_agent::pods::error_chain(&e)))?;
+        let mut hosts = self.hosts.clone();
+        crate::bench_pods::node_images(SUITE, &images, &mut hosts)?;
         let podman_image = podman_load(&images.join("busybox.tar"))?;
         let loaded = podman_image.clone();
-        let mut hosts = self.hosts.clone();
-        if hosts.agent_flags.is_empty() {
-            hosts.agent_flags = slipway_hosts::reconciler::netns_node_flags(&images);
-        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let data_dir = self.data_dir.clone();
         let (zones, count) = (hosts.zones.clone(), self.pods as usize);

@@ -289,22 +289,5 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
     )
     .await;
 
-    world.kubectl(&["delete", "cluster", "w1", "-n", "team-w", "--wait=false"]);
-    let hosts: Api<kube::api::DynamicObject> =
-        Api::all_with(client.clone(), &common::gvk("Host", "hosts"));
-    wait_for("every host gone", Duration::from_secs(60), || async {
-        hosts
-            .list(&ListParams::default())
-            .await
-            .ok()
-            .filter(|l| l.items.is_empty())
-    })
-    .await;
-    let mounted: Vec<_> = slipway_dataplane::mounts::mounts()
-        .expect("mounts")
-        .into_iter()
-        .filter(|m| m.target.starts_with(world.dir.path()))
-        .map(|m| m.target)
-        .collect();
-    assert!(mounted.is_empty(), "mounts left behind: {mounted:?}");
+    world.delete_workload_cluster(&client).await;
 }

@@ -769,22 +769,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
 
     // Deleting the Cluster takes its hosts down with their pods: no namespace, cgroup, bpffs
     // entry or mount (containerd's sandboxes and rootfs) is left.
-    world.kubectl(&["delete", "cluster", "w1", "-n", "team-w", "--wait=false"]);
-    let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
-    wait_for("every host gone", Duration::from_secs(60), || async {
-        hosts
-            .list(&ListParams::default())
-            .await
-            .ok()
-            .filter(|l| l.items.is_empty())
-    })
-    .await;
+    world.delete_workload_cluster(&client).await;
+    // Nothing else ran in this world: no namespace, cgroup or bpffs entry is left either.
     assert_eq!(world.leftovers(), Vec::<String>::new());
-    let mounted: Vec<_> = slipway_dataplane::mounts::mounts()
-        .expect("mounts")
-        .into_iter()
-        .filter(|m| m.target.starts_with(world.dir.path()))
-        .map(|m| m.target)
-        .collect();
-    assert!(mounted.is_empty(), "mounts left behind: {mounted:?}");
 }

@@ -326,6 +326,28 @@ spec:
 ";
 
 impl World {
+    /// Deletes the workload cluster [`CLUSTER`] and waits until its hosts are gone; then no
+    /// mount (containerd's sandboxes and rootfs, volumes) of the world may be left.
+    pub async fn delete_workload_cluster(&self, client: &kube::Client) {
+        self.kubectl(&["delete", "cluster", "w1", "-n", "team-w", "--wait=false"]);
+        let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
+        wait_for("every host gone", Duration::from_secs(60), || async {
+            hosts
+                .list(&kube::api::ListParams::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+        })
+        .await;
+        let mounted: Vec<_> = slipway_dataplane::mounts::mounts()
+            .expect("mounts")
+            .into_iter()
+            .filter(|m| m.target.starts_with(self.dir.path()))
+            .map(|m| m.target)
+            .collect();
+        assert!(mounted.is_empty(), "mounts left behind: {mounted:?}");
+    }
+
     /// Seeds the supervisor, makes namespace `team-w` (with `namespace_spec`, YAML of its
     /// `spec`, when not empty) and HostClass `node`, applies [`CLUSTER`] and waits until it is
     /// Running and Ready; returns the path of its admin kubeconfig.
