@@ -22,6 +22,7 @@ pub mod provisioner;
 pub mod pvcsi;
 pub mod replicaset;
 pub mod scheduler;
+pub mod snapshotter;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -32,7 +32,7 @@ use slipway_api::volumes::{
 use tonic::{Request, Response, Status};
 
 use crate::capability;
-use crate::controller::{CTX_NBD, DEFAULT_SIZE, check_name, check_parameters, size_for};
+use crate::controller::{CTX_NBD, DEFAULT_SIZE, check_name, check_parameters, page, size_for};
 use crate::error::CsiError;
 use crate::identity::ZONE_KEY;
 use crate::proto::controller_server::Controller;
@@ -162,7 +162,9 @@ fn snapshot_msg(vs: &DynamicObject, source: &str) -> Option<Snapshot> {
             .unwrap_or(0),
         snapshot_id: snapshot_handle(vs)?.to_owned(),
         source_volume_id: source.to_owned(),
-        creation_time: None,
+        creation_time: status["creationTime"]
+            .as_str()
+            .and_then(|t| t.parse::<prost_types::Timestamp>().ok()),
         ready_to_use: true,
     })
 }
@@ -784,39 +786,17 @@ impl Controller for ParavirtualController {
         req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = req.into_inner();
-        if req.max_entries < 0 {
-            return Err(CsiError::invalid("max_entries", "must not be negative").into());
-        }
         let mut vols: Vec<Volume> = self
             .cluster_claims()
             .await?
             .iter()
             .filter_map(|c| self.volume_msg(c, bound_size(c)?))
             .collect();
-        vols.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        let start = if req.starting_token.is_empty() {
-            0
-        } else {
-            req.starting_token
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= vols.len())
-                .ok_or_else(|| CsiError::BadToken(req.starting_token.clone()))?
-        };
-        let end = if req.max_entries == 0 {
-            vols.len()
-        } else {
-            (start + req.max_entries as usize).min(vols.len())
-        };
-        let next_token = if end < vols.len() {
-            end.to_string()
-        } else {
-            String::new()
-        };
+        vols.sort_by(|x, y| x.volume_id.cmp(&y.volume_id));
+        let (vols, next_token) = page(vols, req.max_entries, &req.starting_token)?;
         Ok(Response::new(ListVolumesResponse {
-            entries: vols[start..end]
-                .iter()
-                .cloned()
+            entries: vols
+                .into_iter()
                 .map(|v| list_volumes_response::Entry {
                     volume: Some(v),
                     status: None,
@@ -875,9 +855,6 @@ impl Controller for ParavirtualController {
         req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         let req = req.into_inner();
-        if req.max_entries < 0 {
-            return Err(CsiError::invalid("max_entries", "must not be negative").into());
-        }
         let claims = self.cluster_claims().await?;
         let mut entries: Vec<Snapshot> = self
             .cluster_snapshots()
@@ -897,30 +874,11 @@ impl Controller for ParavirtualController {
                 req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
             })
             .collect();
-        entries.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
-        let start = if req.starting_token.is_empty() {
-            0
-        } else {
-            req.starting_token
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= entries.len())
-                .ok_or_else(|| CsiError::BadToken(req.starting_token.clone()))?
-        };
-        let end = if req.max_entries == 0 {
-            entries.len()
-        } else {
-            (start + req.max_entries as usize).min(entries.len())
-        };
-        let next_token = if end < entries.len() {
-            end.to_string()
-        } else {
-            String::new()
-        };
+        entries.sort_by(|x, y| x.snapshot_id.cmp(&y.snapshot_id));
+        let (entries, next_token) = page(entries, req.max_entries, &req.starting_token)?;
         Ok(Response::new(ListSnapshotsResponse {
-            entries: entries[start..end]
-                .iter()
-                .cloned()
+            entries: entries
+                .into_iter()
                 .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
                 .collect(),
             next_token,
