@@ -101,7 +101,7 @@ pub struct Told(std::collections::HashMap<String, (String, String)>);
 
 impl Told {
     /// Publishes the Event (as [`publish_dyn`]) unless the same reason and message were the
-    /// last told about `obj`.
+    /// last told about `obj`; whether it did.
     pub async fn publish<K: Resource>(
         &mut self,
         client: &Client,
@@ -109,14 +109,15 @@ impl Told {
         type_: Type,
         reason: &str,
         message: String,
-    ) {
+    ) -> bool {
         let uid = obj.meta().uid.clone().unwrap_or_default();
         let said = (reason.to_owned(), message);
         if self.0.get(&uid) == Some(&said) {
-            return;
+            return false;
         }
         publish_dyn(client, obj, dt, type_, reason, said.1.clone()).await;
         self.0.insert(uid, said);
+        true
     }
 
     /// Forgets what was told about `uid` (its condition is over).

@@ -150,28 +150,36 @@ pub async fn pass(client: &kube::Client, mut csi: Csi, told: &mut Told) -> anyho
         match result {
             Ok(()) => told.forget(&uid),
             Err(e) if e.downcast_ref::<Waiting>().is_some() => {
-                debug!(claim = %what, reason = %e, "provisioning waits");
                 let msg = e.to_string();
-                told.publish(
-                    client,
-                    (claim, &()),
-                    Type::Normal,
-                    "WaitingForDataSource",
-                    msg,
-                )
-                .await;
+                if told
+                    .publish(
+                        client,
+                        (claim, &()),
+                        Type::Normal,
+                        "WaitingForDataSource",
+                        msg,
+                    )
+                    .await
+                {
+                    info!(claim = %what, reason = %e, "provisioning waits");
+                }
             }
             Err(e) => {
                 let msg = format!("{e:#}");
-                warn!(claim = %what, error = %msg, "provisioning failed");
-                told.publish(
-                    client,
-                    (claim, &()),
-                    Type::Warning,
-                    "ProvisioningFailed",
-                    msg,
-                )
-                .await;
+                if told
+                    .publish(
+                        client,
+                        (claim, &()),
+                        Type::Warning,
+                        "ProvisioningFailed",
+                        msg.clone(),
+                    )
+                    .await
+                {
+                    warn!(claim = %what, error = %msg, "provisioning failed");
+                } else {
+                    debug!(claim = %what, error = %msg, "provisioning still fails");
+                }
             }
         }
     }

@@ -26,7 +26,7 @@ use kube::runtime::watcher;
 use serde_json::json;
 use slipway_api::volumes::{DRIVER, SNAPSHOT_HANDLE_ANNOTATION};
 use slipway_csi::proto::{CreateSnapshotRequest, DeleteSnapshotRequest, Snapshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::events::{Told, Type};
 use crate::pvcsi::{Csi, PERIOD, status_text};
@@ -153,12 +153,19 @@ pub async fn pass(client: &kube::Client, mut csi: Csi, told: &mut Told) -> anyho
                 .await;
             }
             Err(f) => {
-                warn!(snapshot = %format!("{ns}/{name}"), reason = f.reason, error = %f.message, "snapshot not taken");
                 if let Err(e) = set_error(client, vs, &f.message).await {
                     warn!(snapshot = %format!("{ns}/{name}"), error = %e, "writing the snapshot's error");
                 }
-                told.publish(client, (vs, &ar), Type::Warning, f.reason, f.message)
-                    .await;
+                let what = format!("{ns}/{name}");
+                let (reason, message) = (f.reason, f.message);
+                if told
+                    .publish(client, (vs, &ar), Type::Warning, reason, message.clone())
+                    .await
+                {
+                    warn!(snapshot = %what, reason, error = %message, "snapshot not taken");
+                } else {
+                    debug!(snapshot = %what, reason, error = %message, "snapshot still not taken");
+                }
             }
         }
     }
