@@ -2,7 +2,7 @@
 //! VolumeSnapshot (`snapshot.storage.k8s.io/v1`) whose source claim is bound to a PV of the
 //! driver becomes a CreateSnapshot over the driver's socket, and its status `readyToUse`,
 //! `restoreSize` and `creationTime`; a deleted VolumeSnapshot is DeleteSnapshot'd before its
-//! finalizer goes. A snapshot that cannot be taken (source claim missing or not bound, the
+//! finalizer goes, once no claim made from it remains. A snapshot that cannot be taken (source claim missing or not bound, the
 //! driver refusing) gets `status.error` {message, time} and a Warning Event naming the reason.
 //!
 //! Leaner than upstream: no VolumeSnapshotContent objects are made (`boundVolumeSnapshotContentName`
@@ -172,7 +172,7 @@ pub async fn pass(client: &kube::Client, mut csi: Csi, told: &mut Told) -> anyho
     Ok(())
 }
 
-/// The PV of the driver that claim `name` in `ns` is bound to.
+/// The PV of the driver that claim `name` in `ns` is bound to (`None`: another driver's).
 fn source_volume<'a>(
     ns: &str,
     name: &str,
@@ -210,6 +210,35 @@ fn source_volume<'a>(
         .and_then(|s| s.csi.as_ref())
         .is_some_and(|c| c.driver == DRIVER);
     Ok(ours.then_some(pv))
+}
+
+/// The claims in `ns` made from VolumeSnapshot `name` (`spec.dataSourceRef` or
+/// `spec.dataSource`): the block store keeps a snapshot while a volume made from it exists, so
+/// its deletion waits for them (upstream's `volumesnapshot-as-source-protection`, held longer).
+fn restored_from(ns: &str, name: &str, claims: &[PersistentVolumeClaim]) -> Vec<String> {
+    claims
+        .iter()
+        .filter(|c| c.metadata.namespace.as_deref() == Some(ns))
+        .filter(|c| {
+            let Some(spec) = c.spec.as_ref() else {
+                return false;
+            };
+            let by_ref = spec
+                .data_source_ref
+                .as_ref()
+                .map(|r| (&r.api_group, &r.kind, &r.name));
+            let by_source = spec
+                .data_source
+                .as_ref()
+                .map(|d| (&d.api_group, &d.kind, &d.name));
+            by_ref.or(by_source).is_some_and(|(group, kind, n)| {
+                group.as_deref() == Some("snapshot.storage.k8s.io")
+                    && kind == "VolumeSnapshot"
+                    && n == name
+            })
+        })
+        .filter_map(|c| c.metadata.name.clone())
+        .collect()
 }
 
 fn volume_handle(pv: &PersistentVolume) -> String {
@@ -300,6 +329,16 @@ async fn reconcile(
                 }
             },
         };
+        let users = restored_from(&ns, &name, claims);
+        if !users.is_empty() {
+            return Err(Failure::new(
+                "SnapshotInUse",
+                format!(
+                    "claims restored from it remain: {}; the snapshot is deleted once they are",
+                    users.join(", ")
+                ),
+            ));
+        }
         if let Some(id) = &id {
             csi.delete_snapshot(DeleteSnapshotRequest {
                 snapshot_id: id.clone(),

@@ -284,13 +284,36 @@ async fn a_workload_snapshot_restores_old_bytes_and_goes_with_its_volume_snapsho
     );
     snapshots.delete("orphan", &DeleteParams::default()).await?;
 
-    // The restored volume goes first (a block store snapshot outlives none of its clones),
-    // then the VolumeSnapshot: its supervisor snapshot and block store snapshot go with it.
+    // A deleted VolumeSnapshot stays while a claim restored from it remains (the block store
+    // keeps a snapshot while a clone of it exists), saying so; then it goes, and its
+    // supervisor snapshot and block store snapshot with it.
     let pods: Api<Pod> = Api::namespaced(wl.clone(), "default");
     for p in ["reader", "writer"] {
         pods.delete(p, &DeleteParams::default().grace_period(0))
             .await?;
     }
+    snapshots.delete("snap", &DeleteParams::default()).await?;
+    let error = until("the deleted snapshot's error", 30, || async {
+        let vs = snapshots.get("snap").await?;
+        Ok(vs.data["status"]["error"]["message"]
+            .as_str()
+            .map(str::to_owned))
+    })
+    .await?;
+    assert!(
+        error.contains("claims restored from it remain: restored"),
+        "{error}"
+    );
+    until("the deleted snapshot's Event", 30, || async {
+        Ok((events(&wl, "snap", "SnapshotInUse").await?.len() == 1).then_some(()))
+    })
+    .await?;
+    assert!(
+        sv_snapshots
+            .get_opt(&format!("c1-snapshot-{uid}"))
+            .await?
+            .is_some()
+    );
     claims.delete("restored", &DeleteParams::default()).await?;
     until("restored volume gone", 60, || async {
         Ok((!store_volumes(&control)
@@ -300,7 +323,6 @@ async fn a_workload_snapshot_restores_old_bytes_and_goes_with_its_volume_snapsho
         .then_some(()))
     })
     .await?;
-    snapshots.delete("snap", &DeleteParams::default()).await?;
     until("VolumeSnapshot gone", 90, || async {
         Ok(snapshots.get_opt("snap").await?.is_none().then_some(()))
     })
