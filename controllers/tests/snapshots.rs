@@ -4,8 +4,9 @@
 //! the pvCSI socket, the original overwritten, a claim restored from the snapshot reading the
 //! old bytes, a claim cloned from the original reading the new ones; a VolumeSnapshot of a
 //! missing claim says so (status.error, Event); a claim from a missing snapshot waits, saying
-//! so; a deleted VolumeSnapshot takes its supervisor snapshot and block store snapshot along,
-//! and at the end nothing is left in the store.
+//! so; a supervisor VolumeSnapshot annotated with another's snapshot is not trusted with it; a
+//! deleted VolumeSnapshot waits for the claims restored from it, then takes its supervisor
+//! snapshot and block store snapshot along, and at the end nothing is left in the store.
 //!
 //! Needs `cargo build -p slipway-blockstore --bin slipway-nbd` first.
 
@@ -220,6 +221,38 @@ async fn a_workload_snapshot_restores_old_bytes_and_goes_with_its_volume_snapsho
         .filter(|v| v.name.starts_with(&format!("{data}@snap-")))
         .count();
     assert_eq!(taken, 1, "a second snapshot was taken");
+
+    // A supervisor VolumeSnapshot whose annotation names another one's snapshot (anyone who
+    // may edit it can write that) is not trusted: it gets a snapshot of its own, and deleting
+    // it leaves the other alone.
+    let data_uid = claims.get("data").await?.uid().context("uid")?;
+    let forged: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": "forged", "annotations": {SNAPSHOT_HANDLE_ANNOTATION: handle}},
+        "spec": {"source": {"persistentVolumeClaimName": format!("c1-pvc-{data_uid}")}}}))?;
+    let forged = sv_snapshots.create(&PostParams::default(), &forged).await?;
+    let forged_uid = forged.uid().context("uid")?;
+    let own = until("the forged snapshot ready", 30, || async {
+        let vs = sv_snapshots.get("forged").await?;
+        let h = snapshotter::handle(&vs).map(str::to_owned);
+        Ok(h.filter(|h| snapshotter::ready(&vs) && *h != handle))
+    })
+    .await?;
+    assert!(own.ends_with(&format!("@snap-{forged_uid}")), "{own}");
+    sv_snapshots
+        .delete("forged", &DeleteParams::default())
+        .await?;
+    until("the forged snapshot gone", 30, || async {
+        Ok(sv_snapshots
+            .get_opt("forged")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    let vols = store_volumes(&control).await?;
+    assert!(vols.iter().any(|v| v.name == handle), "{vols:?}");
+    assert!(!vols.iter().any(|v| v.name == own), "{vols:?}");
 
     // New bytes in the original; a restored claim has the old, a clone the new.
     ensure!(
