@@ -435,3 +435,33 @@ async fn set_error(client: &kube::Client, vs: &DynamicObject, message: &str) -> 
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(ns: &str, name: &str, spec: serde_json::Value) -> PersistentVolumeClaim {
+        serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
+            .expect("a claim")
+    }
+
+    #[test]
+    fn a_snapshot_is_held_by_the_claims_of_its_namespace_made_from_it() {
+        let vs = |name: &str| json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": name});
+        let claims = [
+            claim("a", "by-source", json!({"dataSource": vs("snap")})),
+            claim("a", "by-ref", json!({"dataSourceRef": vs("snap")})),
+            claim("a", "other-snap", json!({"dataSource": vs("other")})),
+            claim("b", "other-ns", json!({"dataSource": vs("snap")})),
+            claim(
+                "a",
+                "clone",
+                json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "snap"}}),
+            ),
+            claim("a", "plain", json!({})),
+        ];
+        assert_eq!(restored_from("a", "snap", &claims), ["by-source", "by-ref"]);
+        assert!(restored_from("a", "nothing", &claims).is_empty());
+        assert_eq!(snapshot_name("u-1"), "snapshot-u-1");
+    }
+}
