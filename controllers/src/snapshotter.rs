@@ -22,7 +22,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::json;
 use slipway_api::volumes::{DRIVER, SNAPSHOT_HANDLE_ANNOTATION};
 use slipway_csi::proto::{CreateSnapshotRequest, DeleteSnapshotRequest, Snapshot};
@@ -94,7 +94,11 @@ enum Done {
 /// Runs until the task is dropped.
 pub async fn run(client: kube::Client, csi: Csi) {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource());
-    let mut events = watcher(api, watcher::Config::default()).boxed();
+    // Backed off: on an API server that does not serve VolumeSnapshots (a kube-apiserver
+    // without the snapshot CRDs) the watch fails at once, and would otherwise spin the loop.
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut told = Told::default();
@@ -113,10 +117,18 @@ pub async fn run(client: kube::Client, csi: Csi) {
 pub async fn pass(client: &kube::Client, mut csi: Csi, told: &mut Told) -> anyhow::Result<()> {
     let lp = ListParams::default();
     let ar = resource();
-    let snapshots = Api::<DynamicObject>::all_with(client.clone(), &ar)
+    let snapshots = match Api::<DynamicObject>::all_with(client.clone(), &ar)
         .list(&lp)
-        .await?
-        .items;
+        .await
+    {
+        Ok(list) => list.items,
+        // The API server does not serve the kind: no snapshots to take.
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            debug!("VolumeSnapshots are not served here");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     told.retain(
         &snapshots
             .iter()
