@@ -4,12 +4,10 @@
 //! supervisor gave a VIP, backed by its EndpointSlice (the cluster's nodes at their node ports),
 //! each VIP announced by the one edge host holding its Lease.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
 use anyhow::Context as _;
 use serde_json::Value;
-use tracing::{info, warn};
+use std::path::{Path, PathBuf};
+use tracing::info;
 
 /// Where the join keeps an edge host's settings, under its data dir.
 pub fn settings_path(data_dir: &Path) -> PathBuf {
@@ -72,15 +70,9 @@ pub async fn serve(
     crate::run::write_atomically(&path, config(&data_dir, bpffs.as_deref()).as_bytes())
         .context("writing the LB's configuration")?;
     let exe = std::env::current_exe().context("the slipway binary")?;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("lb.log"))
-            .context("the LB's log")?;
-        let started = std::time::Instant::now();
-        let status = tokio::process::Command::new(&exe)
+    crate::supervise::supervise("the edge load balancer", &data_dir.join("lb.log"), || {
+        let mut command = tokio::process::Command::new(&exe);
+        command
             .args(["lb", "serve", "--config"])
             .arg(&path)
             .arg("--kubeconfig")
@@ -92,18 +84,8 @@ pub async fn serve(
                 &lease_namespace,
                 "--holder",
                 &host,
-            ])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .status()
-            .await
-            .context("starting the load balancer")?;
-        if started.elapsed() > Duration::from_secs(30) {
-            delay = Duration::from_millis(200);
-        }
-        warn!(%status, retry_in = ?delay, "the edge load balancer exited; restarting it");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
+            ]);
+        Ok(command)
+    })
+    .await
 }

@@ -316,14 +316,8 @@ async fn serve_cluster_api(
     port: u16,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("the slipway binary")?;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.with_extension("log"))
-            .context("the API server's log")?;
-        let started = std::time::Instant::now();
+    let log = dir.with_extension("log");
+    crate::supervise::supervise("the workload cluster's API server", &log, || {
         let mut command = tokio::process::Command::new(&exe);
         command
             .arg("supervisor")
@@ -355,20 +349,9 @@ async fn serve_cluster_api(
                 cluster,
             ]);
         }
-        let status = command
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .status()
-            .await
-            .context("starting the workload cluster's API server")?;
-        if started.elapsed() > Duration::from_secs(30) {
-            delay = Duration::from_millis(200);
-        }
-        warn!(%status, retry_in = ?delay, "the workload cluster's API server exited; restarting it");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
+        Ok(command)
+    })
+    .await
 }
 
 /// `slipway join`: joins, then runs the host agent until SIGTERM/SIGINT.

@@ -31,6 +31,7 @@ pub mod pods;
 pub mod policy;
 pub mod run;
 pub mod services;
+pub mod supervise;
 pub mod tables;
 
 use serde::Serialize;

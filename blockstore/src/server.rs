@@ -366,6 +366,7 @@ impl Server {
             Some(neg) => neg,
             None => {
                 s.write_all(&proto::greeting()).await?;
+                s.flush().await?;
                 let mut flags = [0u8; 4];
                 s.read_exact(&mut flags).await?;
                 let no_zeroes = match proto::parse_client_flags(flags) {
@@ -449,6 +450,7 @@ impl Server {
             budget: MAX_INFLIGHT as u32,
             out: VecDeque::new(),
             out_pos: 0,
+            unflushed: false,
             closing: false,
             stop: Some(Box::pin(async move { stopped(&mut stop).await })),
             requests: 0,
@@ -501,6 +503,9 @@ struct Conn {
     /// Reply bytes to write, each with the budget units to give back once it is written.
     out: VecDeque<(Vec<u8>, u32)>,
     out_pos: usize,
+    /// Bytes were written since the stream was last flushed. A stream may hold them (TLS
+    /// keeps the records the socket could not take yet) until it is flushed.
+    unflushed: bool,
     closing: bool,
     /// Resolves when the server stops; taken once it has.
     stop: Option<Stop>,
@@ -794,12 +799,24 @@ impl Conn {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
+                    self.unflushed |= wrote;
                     return if wrote {
                         Poll::Ready(Ok(true))
                     } else {
                         Poll::Pending
                     };
                 }
+            }
+        }
+        // Every reply is with the stream: push out what it may still hold, or the client
+        // waits for a reply that sits in the TLS layer. Pending wakes this task when the
+        // socket takes more.
+        self.unflushed |= wrote;
+        if self.unflushed {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
             }
         }
         Poll::Ready(Ok(wrote))
@@ -951,12 +968,8 @@ mod tests {
 
     type Req = (u16, u16, u64, u32);
 
-    /// Negotiates like a client, sends `reqs` (valid magic, arbitrary fields) and `tail`
-    /// (arbitrary bytes), half-closes, and checks every reply is well formed and the server
-    /// ends the connection.
-    async fn session(server: Arc<Server>, structured: bool, reqs: Vec<Req>, tail: Vec<u8>) {
-        let (mut client, theirs) = tokio::io::duplex(1 << 22);
-        let task = tokio::spawn(server.handle(theirs, false));
+    /// Reads the greeting and asks for export "vol" (and structured replies) with `NBD_OPT_GO`.
+    async fn send_options(client: &mut tokio::io::DuplexStream, structured: bool) {
         let mut g = [0u8; 18];
         client.read_exact(&mut g).await.expect("greeting");
         client.write_all(&3u32.to_be_bytes()).await.expect("flags");
@@ -975,6 +988,95 @@ mod tests {
         go.extend_from_slice(&0u16.to_be_bytes());
         put(proto::opt::GO, &go);
         client.write_all(&opts).await.expect("options");
+    }
+
+    /// Reads option replies until the options [`send_options`] sent are acknowledged.
+    async fn read_option_acks(client: &mut tokio::io::DuplexStream, structured: bool) {
+        let mut acks = 0;
+        while acks < 1 + usize::from(structured) {
+            let mut h = [0u8; 20];
+            client.read_exact(&mut h).await.expect("option reply");
+            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+            let mut d = vec![0u8; len];
+            client.read_exact(&mut d).await.expect("option payload");
+            if u32::from_be_bytes([h[12], h[13], h[14], h[15]]) == proto::rep::ACK {
+                acks += 1;
+            }
+        }
+    }
+
+    /// A stream that holds written bytes until it is flushed (as TLS does with the records
+    /// the socket could not take yet): each reply must reach the client while the client
+    /// waits for it, with no later write or close to push it out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_are_flushed_through_a_buffering_stream() {
+        let dir = Dir(std::env::temp_dir().join(format!("slw-flush-{}", std::process::id())));
+        let store = Store::open(&dir.0, 65536).expect("store");
+        store.create("vol", 4 << 20).await.expect("volume");
+        let server = Server::new(store, Arc::new(Metrics::new()), None);
+        let (mut client, theirs) = tokio::io::duplex(64 << 10);
+        let task = tokio::spawn(server.handle(tokio::io::BufWriter::new(theirs), false));
+        send_options(&mut client, false).await;
+        read_option_acks(&mut client, false).await;
+        for (cookie, (command, length)) in [
+            (cmd::WRITE, 4096u32),
+            (cmd::READ, 1 << 20),
+            (cmd::READ, 512),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let req = proto::Request {
+                flags: 0,
+                command,
+                cookie: cookie as u64,
+                offset: 0,
+                length,
+            };
+            let mut wire = proto::encode_request(&req).to_vec();
+            if command == cmd::WRITE {
+                wire.resize(wire.len() + length as usize, 0x5a);
+            }
+            client.write_all(&wire).await.expect("request");
+            let reply = async {
+                let mut h = [0u8; 16];
+                client.read_exact(&mut h).await.expect("reply header");
+                assert_eq!(h[..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+                assert_eq!(h[4..8], [0; 4], "errno");
+                assert_eq!(h[8..16], (cookie as u64).to_be_bytes());
+                let mut data = vec![
+                    0u8;
+                    if command == cmd::READ {
+                        length as usize
+                    } else {
+                        0
+                    }
+                ];
+                client.read_exact(&mut data).await.expect("reply data");
+                data
+            };
+            let data = tokio::time::timeout(Duration::from_secs(10), reply)
+                .await
+                .unwrap_or_else(|_| panic!("no reply to request {cookie} (command {command})"));
+            assert!(
+                data.iter().take(4096).all(|b| *b == 0x5a),
+                "read back the write"
+            );
+        }
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("connection task did not end")
+            .expect("connection task panicked");
+    }
+
+    /// Negotiates like a client, sends `reqs` (valid magic, arbitrary fields) and `tail`
+    /// (arbitrary bytes), half-closes, and checks every reply is well formed and the server
+    /// ends the connection.
+    async fn session(server: Arc<Server>, structured: bool, reqs: Vec<Req>, tail: Vec<u8>) {
+        let (mut client, theirs) = tokio::io::duplex(1 << 22);
+        let task = tokio::spawn(server.handle(theirs, false));
+        send_options(&mut client, structured).await;
         let mut lens = HashMap::new();
         let mut wire = Vec::new();
         for (i, (command, flags, offset, length)) in reqs.into_iter().enumerate() {
@@ -995,17 +1097,7 @@ mod tests {
         client.write_all(&wire).await.expect("requests");
         client.shutdown().await.expect("half close");
         // Option replies first.
-        let mut acks = 0;
-        while acks < 1 + usize::from(structured) {
-            let mut h = [0u8; 20];
-            client.read_exact(&mut h).await.expect("option reply");
-            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
-            let mut d = vec![0u8; len];
-            client.read_exact(&mut d).await.expect("option payload");
-            if u32::from_be_bytes([h[12], h[13], h[14], h[15]]) == proto::rep::ACK {
-                acks += 1;
-            }
-        }
+        read_option_acks(&mut client, structured).await;
         // Then replies until the server closes.
         let read_all = async {
             loop {

@@ -75,7 +75,10 @@ fn qemu_io_tls(creds: &str, port: &str, export: &str, cmds: &[&str]) -> (bool, S
         args.push(c);
     }
     args.push(&image);
-    let (ok, out) = run_status("qemu-io", &args);
+    // A reply left unsent would hang the client: a deadline makes that a failure.
+    let mut timed = vec!["60", "qemu-io"];
+    timed.extend(args);
+    let (ok, out) = run_status("timeout", &timed);
     (ok && !out.contains("failed") && !out.contains("error"), out)
 }
 
@@ -108,6 +111,7 @@ fn tls_clients_open_only_the_exports_they_are_authorised_for() {
     let port = srv.tcp.rsplit(':').next().expect("port").to_owned();
     srv.create("secret", 4 * MIB);
     srv.create("open", MIB);
+    srv.create("bulk", 32 * MIB);
     srv.control(ControlRequest::Authorize {
         name: "secret".into(),
         clients: vec!["host-a.zone-1".into()],
@@ -132,6 +136,19 @@ fn tls_clients_open_only_the_exports_they_are_authorised_for() {
         &["write -P 0xab 0 64k", "read -P 0xab 0 64k"],
     );
     assert!(ok, "authorised client refused:\n{out}");
+    // Replies larger than the socket buffers (16 MiB, one request each way) arrive whole: the
+    // TLS layer's last records are flushed, not left waiting for another write.
+    let (ok, out) = qemu_io_tls(
+        &host_b,
+        &port,
+        "bulk",
+        &[
+            "write -P 0xcd 0 16M",
+            "read -P 0xcd 0 16M",
+            "read -P 0xcd 4k 8M",
+        ],
+    );
+    assert!(ok, "large transfers over TLS:\n{out}");
     // Another host of the same CA cannot open it, but opens an export with no allow-list.
     let (ok, out) = qemu_io_tls(&host_b, &port, "secret", &["read 0 4k"]);
     assert!(!ok, "unauthorised client opened the export:\n{out}");

@@ -25,6 +25,9 @@ pub enum BenchCommand {
     Cluster(crate::cluster_bench::ClusterBenchArgs),
     /// Pod start latency on a provisioned cluster (create → Running) beside `podman run`.
     Pods(crate::pods_bench::PodsBenchArgs),
+    /// Volumes of a provisioned cluster: claim → Bound, Pod with a volume → Running, fio in a
+    /// Pod beside a loop device and the raw file.
+    Csi(crate::csi_bench::CsiBenchArgs),
 }
 
 /// Runs one suite.
@@ -38,6 +41,7 @@ pub fn dispatch(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Api(args) => args.run(),
         BenchCommand::Cluster(args) => args.run(),
         BenchCommand::Pods(args) => args.run(),
+        BenchCommand::Csi(args) => args.run(),
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod cluster_bench;
+mod csi_bench;
 mod pods_bench;
 mod supervisor;
 mod up;

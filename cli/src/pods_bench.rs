@@ -56,7 +56,7 @@ struct Record {
 }
 
 /// The `q`-quantile of `values` (nearest rank).
-fn quantile(values: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(values: &[f64], q: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -218,52 +218,8 @@ async fn measure(
     count: usize,
     podman_image: &str,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    let client = crate::client_for(&data_dir.join("admin.kubeconfig")).await?;
-    seed(&client, zones, "bench").await?;
-    create(
-        &client,
-        &resource("slipway.dev", "HostClass", "hostclasses"),
-        None,
-        serde_json::json!({
-            "apiVersion": "slipway.dev/v1alpha1", "kind": "HostClass",
-            "metadata": {"name": "node"}, "spec": {"cpus": 1, "memory": "2Gi"},
-        }),
-    )
-    .await?;
-    let mut cluster = crate::cluster_bench::cluster("p", 2);
-    for p in ["controlPlane", "nodePools"] {
-        let topology = &mut cluster["spec"]["topology"][p];
-        match topology.as_array_mut() {
-            Some(pools) => pools
-                .iter_mut()
-                .for_each(|pool| pool["hostClass"] = "node".into()),
-            None => topology["hostClass"] = "node".into(),
-        }
-    }
-    let clusters_rt = resource("slipway.dev", "Cluster", "clusters");
-    create(&client, &clusters_rt, Some("bench"), cluster).await?;
-    let clusters: Api<DynamicObject> = Api::namespaced_with(client.clone(), "bench", &clusters_rt);
     println!("bench pods: making a cluster of 1 control plane host and 2 workers");
-    crate::cluster_bench::wait("cluster p Ready", || async {
-        let c = clusters.get("p").await?;
-        Ok(c.data["status"]["conditions"]
-            .as_array()
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|x| x["type"] == "Ready" && x["status"] == "True")
-            })
-            .then_some(()))
-    })
-    .await?;
-    let secrets: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "bench", &resource("", "Secret", "secrets"));
-    let text = secrets.get("p-kubeconfig").await?.data["data"]["value"]
-        .as_str()
-        .and_then(slipway_supervisor::client::base64_decode)
-        .context("Secret bench/p-kubeconfig has no value")?;
-    let path = data_dir.join("p.kubeconfig");
-    std::fs::write(&path, text)?;
-    let workload = crate::client_for(&path).await?;
+    let workload = node_cluster(data_dir, zones, "2Gi").await?;
     let pods: Api<Pod> = Api::namespaced(workload, "default");
 
     let bar = indicatif::ProgressBar::new(count as u64 * 2);
@@ -308,6 +264,61 @@ async fn measure(
         )
         .await;
     result.map(|()| (slipway, podman))
+}
+
+/// Seeds a fresh supervisor for a benchmark (namespace `bench`, HostClass `node` of one cpu
+/// and `memory`) and makes Cluster `p` of 1 control plane host and 2 workers of that class;
+/// once it is Ready, a client of its API (its kubeconfig written to `<data_dir>/p.kubeconfig`).
+pub(crate) async fn node_cluster(
+    data_dir: &Path,
+    zones: &[String],
+    memory: &str,
+) -> anyhow::Result<kube::Client> {
+    let client = crate::client_for(&data_dir.join("admin.kubeconfig")).await?;
+    seed(&client, zones, "bench").await?;
+    create(
+        &client,
+        &resource("slipway.dev", "HostClass", "hostclasses"),
+        None,
+        serde_json::json!({
+            "apiVersion": "slipway.dev/v1alpha1", "kind": "HostClass",
+            "metadata": {"name": "node"}, "spec": {"cpus": 1, "memory": memory},
+        }),
+    )
+    .await?;
+    let mut cluster = crate::cluster_bench::cluster("p", 2);
+    for p in ["controlPlane", "nodePools"] {
+        let topology = &mut cluster["spec"]["topology"][p];
+        match topology.as_array_mut() {
+            Some(pools) => pools
+                .iter_mut()
+                .for_each(|pool| pool["hostClass"] = "node".into()),
+            None => topology["hostClass"] = "node".into(),
+        }
+    }
+    let clusters_rt = resource("slipway.dev", "Cluster", "clusters");
+    create(&client, &clusters_rt, Some("bench"), cluster).await?;
+    let clusters: Api<DynamicObject> = Api::namespaced_with(client.clone(), "bench", &clusters_rt);
+    crate::cluster_bench::wait("cluster p Ready", || async {
+        let c = clusters.get("p").await?;
+        Ok(c.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|x| x["type"] == "Ready" && x["status"] == "True")
+            })
+            .then_some(()))
+    })
+    .await?;
+    let secrets: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "bench", &resource("", "Secret", "secrets"));
+    let text = secrets.get("p-kubeconfig").await?.data["data"]["value"]
+        .as_str()
+        .and_then(slipway_supervisor::client::base64_decode)
+        .context("Secret bench/p-kubeconfig has no value")?;
+    let path = data_dir.join("p.kubeconfig");
+    std::fs::write(&path, text)?;
+    crate::client_for(&path).await
 }
 
 /// Creates Pod `name` (busybox sleeping) and times it until it is Running, ms.

@@ -65,7 +65,7 @@ pub(crate) fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
     resource_in(group, version, kind, plural)
 }
 
-fn resource_in(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+pub(crate) fn resource_in(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
@@ -186,6 +186,18 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>, addr: SocketAddr) -> an
     slipway_agent::pods::image::build_node_images(&data_dir.join("images"))
         .map_err(|e| anyhow::anyhow!(slipway_agent::pods::error_chain(&e)))
         .context("building the node images")?;
+    // The supervisor's StorageClass the cluster's claims name (`svStorageClass: fast`).
+    create(
+        &client,
+        &resource_in("storage.k8s.io", "v1", "StorageClass", "storageclasses"),
+        None,
+        json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "fast"}, "provisioner": "csi.slipway.dev",
+            "allowVolumeExpansion": true,
+        }),
+    )
+    .await?;
     let cluster: Value = serde_saphyr::from_str(CLUSTER).context("examples/cluster.yaml")?;
     let clusters_api = resource("slipway.dev", "Cluster", "clusters");
     create(&client, &clusters_api, Some("demo"), cluster).await?;
@@ -301,7 +313,7 @@ async fn bring_up(data_dir: PathBuf, zones: Vec<String>, addr: SocketAddr) -> an
         data_dir.join("dev.kubeconfig").display()
     );
     println!(
-        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {kc} get pods -o wide\n  {kc} get svc,endpointslices,networkpolicies\n  {kc} logs deploy/client      # answers from the 3 web pods\n  {kc} logs deploy/intruder    # refused: the NetworkPolicy admits only the client\n  {kc} scale deploy/web --replicas 4\n  {dev} get clusters -n demo   # the namespace's editor (viewer.kubeconfig reads)\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
+        "\nTry:\n  {kc} get nodes -L topology.kubernetes.io/zone\n  {kc} get pods -o wide\n  {kc} get svc,endpointslices,networkpolicies\n  {kc} logs deploy/client      # answers from the 3 web pods\n  {kc} logs deploy/intruder    # refused: the NetworkPolicy admits only the client\n  {kc} scale deploy/web --replicas 4\n  {kc} get pvc,pv              # claim notes, provisioned by the supervisor\n  {kc} logs deploy/notebook    # its notes; they outlive the pod: {kc} delete pod -l app=notebook\n  {dev} get clusters -n demo   # the namespace's editor (viewer.kubeconfig reads)\n  {k} get clusters -n demo\n  {k} describe cluster demo -n demo\n  {k} get hosts -o wide\n  \
          {k} patch cluster demo -n demo --type merge -p '{{\"spec\":{{\"topology\":{{\"nodePools\":[{{\"name\":\"workers\",\"replicas\":3,\"hostClass\":\"small\"}}]}}}}}}'\n\
          Ctrl-C (or `slipway down`) tears everything down."
     );
@@ -319,7 +331,7 @@ async fn deploy_web(workload: &kube::Client) -> anyhow::Result<()> {
             .clone()
             .context("examples/web.yaml: an object without a kind")?;
         let gvk = GroupVersionKind::try_from(&types)?;
-        let (ar, _) = kube::discovery::pinned_kind(workload, &gvk)
+        let (ar, caps) = kube::discovery::pinned_kind(workload, &gvk)
             .await
             .with_context(|| format!("the workload cluster serves no {}", types.kind))?;
         let name = obj.metadata.name.clone().unwrap_or_default();
@@ -328,7 +340,10 @@ async fn deploy_web(workload: &kube::Client) -> anyhow::Result<()> {
             .namespace
             .clone()
             .unwrap_or_else(|| "default".into());
-        let api: Api<DynamicObject> = Api::namespaced_with(workload.clone(), &ns, &ar);
+        let api: Api<DynamicObject> = match caps.scope {
+            kube::discovery::Scope::Cluster => Api::all_with(workload.clone(), &ar),
+            kube::discovery::Scope::Namespaced => Api::namespaced_with(workload.clone(), &ns, &ar),
+        };
         api.patch(
             &name,
             &PatchParams::apply("slipway-up"),
@@ -339,10 +354,11 @@ async fn deploy_web(workload: &kube::Client) -> anyhow::Result<()> {
     }
     let pods: Api<DynamicObject> =
         Api::namespaced_with(workload.clone(), "default", &resource("", "Pod", "pods"));
-    let bar = indicatif::ProgressBar::new(3);
+    // The 3 web pods and the notebook on its claim.
+    let bar = indicatif::ProgressBar::new(4);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} examples/web.yaml [{bar:20}] {pos}/{len} web pods Ready",
+            "{spinner} examples/web.yaml [{bar:20}] {pos}/{len} pods Ready (web ×3, notebook)",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
@@ -350,7 +366,7 @@ async fn deploy_web(workload: &kube::Client) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let ready = pods
-            .list(&ListParams::default().labels("app=web"))
+            .list(&ListParams::default().labels("app in (web, notebook)"))
             .await?
             .items
             .iter()
@@ -362,18 +378,18 @@ async fn deploy_web(workload: &kube::Client) -> anyhow::Result<()> {
             })
             .count();
         bar.set_position(ready as u64);
-        if ready >= 3 {
+        if ready >= 4 {
             break;
         }
         anyhow::ensure!(
             started.elapsed() < WEB_TIMEOUT,
-            "examples/web.yaml: {ready}/3 web pods Ready after {WEB_TIMEOUT:?}"
+            "examples/web.yaml: {ready}/4 pods (web ×3, notebook) Ready after {WEB_TIMEOUT:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bar.finish_and_clear();
     println!(
-        "slipway up: examples/web.yaml is Ready in {:.1} s (3 web pods behind Service web)",
+        "slipway up: examples/web.yaml is Ready in {:.1} s (3 web pods behind Service web; the notebook on claim notes)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -442,6 +458,8 @@ impl UpArgs {
         std::fs::write(pid_file(&self.data_dir), std::process::id().to_string())?;
         let data_dir = self.data_dir.clone();
         let mut hosts = self.hosts.clone();
+        // Per zone a storage host: the demo's claim is provisioned there.
+        hosts.storage_hosts = true;
         if hosts.agent_flags.is_empty() {
             // Every host a node of its cluster, with the images bring_up builds.
             hosts.agent_flags =
@@ -477,6 +495,15 @@ fn provider_flags(h: &ProviderArgs) -> Vec<String> {
     ];
     for f in &h.agent_flags {
         flags.push(format!("--host-agent-flag={f}"));
+    }
+    if h.storage_hosts {
+        flags.extend([
+            "--storage-hosts".into(),
+            "--storage-host-cpu-millis".into(),
+            h.storage_cpu_millis.to_string(),
+            "--storage-host-memory".into(),
+            h.storage_memory_bytes.to_string(),
+        ]);
     }
     flags
 }

@@ -1,13 +1,16 @@
 //! Where a Pod goes: the scheduler's decision as a pure function of the Pod, the Nodes and the
 //! Pods already bound. Filters (unschedulable, taints the Pod does not tolerate, a Node not
-//! Ready, nodeSelector, requests against allocatable less what bound Pods request) then a
-//! score that spreads a workload's Pods over zones (`topology.kubernetes.io/zone`), then over
-//! hosts, then prefers the least requested Node. A Pod no Node fits gets upstream's message:
+//! Ready, nodeSelector and required node affinity, the node affinity of the PersistentVolumes
+//! it mounts (a zonal volume's zone), requests against allocatable less what bound Pods
+//! request) then a score that spreads a workload's Pods over zones
+//! (`topology.kubernetes.io/zone`), then over hosts, then prefers the least requested Node. A Pod no Node fits gets upstream's message:
 //! `0/2 nodes are available: 2 Insufficient cpu.`
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelector, NodeSelectorRequirement, Pod, Taint, Toleration,
+};
 use kube::ResourceExt;
 
 use crate::pods::{controller_uid, is_active, node_of, quantity, requests};
@@ -79,8 +82,59 @@ fn effective_taints(node: &Node) -> Vec<Taint> {
     taints
 }
 
-/// Why one Node cannot take the Pod (the text upstream prints after the count).
-fn unfit(pod: &Pod, node: &Node, bound: &[&Pod]) -> Vec<String> {
+/// Whether a requirement holds for a label's `value` (upstream's operators).
+fn requirement_holds(req: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let values = req.values.as_deref().unwrap_or_default();
+    let number = |v: &str| v.parse::<i64>().ok();
+    match req.operator.as_str() {
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => !value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" | "Lt" => match (
+            value.and_then(number),
+            values.first().and_then(|x| number(x)),
+        ) {
+            (Some(v), Some(bound)) if req.operator == "Gt" => v > bound,
+            (Some(v), Some(bound)) => v < bound,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Whether `node` satisfies a required node selector (a PV's node affinity, a Pod's required
+/// node affinity): some term matches, a term when all its label and field requirements hold.
+pub fn selects(selector: &NodeSelector, node: &Node) -> bool {
+    selector.node_selector_terms.iter().any(|term| {
+        let labels = term.match_expressions.as_deref().unwrap_or_default();
+        let fields = term.match_fields.as_deref().unwrap_or_default();
+        (!labels.is_empty() || !fields.is_empty())
+            && labels
+                .iter()
+                .all(|r| requirement_holds(r, node.labels().get(&r.key).map(String::as_str)))
+            && fields.iter().all(|r| {
+                let value = (r.key == "metadata.name").then(|| node.name_any());
+                requirement_holds(r, value.as_deref())
+            })
+    })
+}
+
+/// The Pod's required node affinity, if any.
+fn required_affinity(pod: &Pod) -> Option<&NodeSelector> {
+    pod.spec
+        .as_ref()?
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()
+}
+
+/// Why one Node cannot take the Pod (the text upstream prints after the count). `volumes`
+/// are the node affinities of the PersistentVolumes the Pod mounts.
+fn unfit(pod: &Pod, node: &Node, bound: &[&Pod], volumes: &[NodeSelector]) -> Vec<String> {
     let mut why = Vec::new();
     if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
         why.push("node(s) were unschedulable".to_string());
@@ -106,8 +160,13 @@ fn unfit(pod: &Pod, node: &Node, bound: &[&Pod]) -> Vec<String> {
     if selector
         .iter()
         .any(|(k, v)| node.labels().get(k) != Some(v))
+        || required_affinity(pod).is_some_and(|a| !selects(a, node))
     {
         why.push("node(s) didn't match Pod's node affinity/selector".to_string());
+        return why;
+    }
+    if volumes.iter().any(|v| !selects(v, node)) {
+        why.push("node(s) had volume node affinity conflict".to_string());
         return why;
     }
     let allocatable: BTreeMap<String, f64> = node
@@ -165,8 +224,9 @@ pub enum Placement {
 }
 
 /// Chooses a Node for `pod` among `nodes`, given every Pod (bound ones count against their
-/// Node). Deterministic: ties go to the Node whose name sorts first.
-pub fn place(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Placement {
+/// Node) and the node affinities of the volumes the Pod mounts. Deterministic: ties go to the
+/// Node whose name sorts first.
+pub fn place(pod: &Pod, nodes: &[Node], pods: &[Pod], volumes: &[NodeSelector]) -> Placement {
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut fits: Vec<&Node> = Vec::new();
     let on = |n: &str| -> Vec<&Pod> {
@@ -175,7 +235,7 @@ pub fn place(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Placement {
             .collect()
     };
     for node in nodes {
-        let why = unfit(pod, node, &on(&node.name_any()));
+        let why = unfit(pod, node, &on(&node.name_any()), volumes);
         if why.is_empty() {
             fits.push(node);
         }
@@ -305,12 +365,12 @@ mod tests {
         ];
         let pods = [pod("p1", "100m", Some("a1"))];
         assert_eq!(
-            place(&pod("p2", "100m", None), &nodes, &pods),
+            place(&pod("p2", "100m", None), &nodes, &pods, &[]),
             Placement::Node("b1".into())
         );
         let pods = [pod("p1", "100m", Some("a1")), pod("p2", "100m", Some("b1"))];
         assert_eq!(
-            place(&pod("p3", "100m", None), &nodes, &pods),
+            place(&pod("p3", "100m", None), &nodes, &pods, &[]),
             Placement::Node("a2".into())
         );
     }
@@ -319,12 +379,12 @@ mod tests {
     fn says_why_nothing_fits() {
         let nodes = [node("a1", "a", "1", "True"), node("b1", "b", "1", "True")];
         assert_eq!(
-            place(&pod("big", "2", None), &nodes, &[]),
+            place(&pod("big", "2", None), &nodes, &[], &[]),
             Placement::Unschedulable("0/2 nodes are available: 2 Insufficient cpu.".into())
         );
         let nodes = [node("a1", "a", "4", "False"), node("b1", "b", "1", "True")];
         assert_eq!(
-            place(&pod("p", "2", None), &nodes, &[]),
+            place(&pod("p", "2", None), &nodes, &[], &[]),
             Placement::Unschedulable(
                 "0/2 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }.".into()
             )
@@ -346,14 +406,14 @@ mod tests {
         let b = node("b1", "b", "4", "True");
         let mut p = pod("p", "100m", None);
         assert_eq!(
-            place(&p, &[a.clone(), b.clone()], &[]),
+            place(&p, &[a.clone(), b.clone()], &[], &[]),
             Placement::Node("b1".into())
         );
         if let Some(spec) = p.spec.as_mut() {
             spec.node_selector = Some(BTreeMap::from([(ZONE_LABEL.into(), "a".into())]));
         }
         assert_eq!(
-            place(&p, &[a.clone(), b.clone()], &[]),
+            place(&p, &[a.clone(), b.clone()], &[], &[]),
             Placement::Unschedulable(
                 "0/2 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint {dedicated: db}.".into()
             )
@@ -367,13 +427,13 @@ mod tests {
                 toleration_seconds: None,
             }]);
         }
-        assert_eq!(place(&p, &[a, b], &[]), Placement::Node("a1".into()));
+        assert_eq!(place(&p, &[a, b], &[], &[]), Placement::Node("a1".into()));
         let mut cordoned = node("c1", "c", "4", "True");
         if let Some(spec) = cordoned.spec.as_mut() {
             spec.unschedulable = Some(true);
         }
         assert_eq!(
-            place(&pod("q", "1", None), &[cordoned], &[]),
+            place(&pod("q", "1", None), &[cordoned], &[], &[]),
             Placement::Unschedulable(
                 "0/1 nodes are available: 1 node(s) were unschedulable.".into()
             )
@@ -385,12 +445,97 @@ mod tests {
         let nodes = [node("a1", "a", "1", "True")];
         let pods = [pod("p1", "600m", Some("a1"))];
         assert!(matches!(
-            place(&pod("p2", "500m", None), &nodes, &pods),
+            place(&pod("p2", "500m", None), &nodes, &pods, &[]),
             Placement::Unschedulable(_)
         ));
         assert_eq!(
-            place(&pod("p2", "400m", None), &nodes, &pods),
+            place(&pod("p2", "400m", None), &nodes, &pods, &[]),
             Placement::Node("a1".into())
         );
+    }
+
+    fn zone_in(key: &str, zones: &[&str]) -> NodeSelector {
+        NodeSelector {
+            node_selector_terms: vec![k8s_openapi::api::core::v1::NodeSelectorTerm {
+                match_expressions: Some(vec![NodeSelectorRequirement {
+                    key: key.into(),
+                    operator: "In".into(),
+                    values: Some(zones.iter().map(|z| (*z).to_owned()).collect()),
+                }]),
+                match_fields: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn volumes_and_required_affinity_narrow_the_nodes() {
+        // b1 is the emptier node, but the Pod's volume lives in zone a.
+        let nodes = [node("a1", "a", "4", "True"), node("b1", "b", "4", "True")];
+        let pods = [pod("busy", "1", Some("a1"))];
+        assert_eq!(
+            place(&pod("p", "100m", None), &nodes, &pods, &[]),
+            Placement::Node("b1".into())
+        );
+        assert_eq!(
+            place(
+                &pod("p", "100m", None),
+                &nodes,
+                &pods,
+                &[zone_in(ZONE_LABEL, &["a"])]
+            ),
+            Placement::Node("a1".into())
+        );
+        assert_eq!(
+            place(
+                &pod("p", "100m", None),
+                &nodes,
+                &pods,
+                &[zone_in(ZONE_LABEL, &["c"])]
+            ),
+            Placement::Unschedulable(
+                "0/2 nodes are available: 2 node(s) had volume node affinity conflict.".into()
+            )
+        );
+        // Two volumes in different zones: no node has both.
+        assert!(matches!(
+            place(
+                &pod("p", "100m", None),
+                &nodes,
+                &pods,
+                &[zone_in(ZONE_LABEL, &["a"]), zone_in(ZONE_LABEL, &["b"])]
+            ),
+            Placement::Unschedulable(_)
+        ));
+        // A Pod's required node affinity, by label and by the node's name.
+        let mut p = pod("p", "100m", None);
+        if let Some(spec) = p.spec.as_mut() {
+            spec.affinity = Some(k8s_openapi::api::core::v1::Affinity {
+                node_affinity: Some(k8s_openapi::api::core::v1::NodeAffinity {
+                    required_during_scheduling_ignored_during_execution: Some(zone_in(
+                        ZONE_LABEL,
+                        &["a"],
+                    )),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        assert_eq!(place(&p, &nodes, &pods, &[]), Placement::Node("a1".into()));
+        let by_name = NodeSelector {
+            node_selector_terms: vec![k8s_openapi::api::core::v1::NodeSelectorTerm {
+                match_expressions: None,
+                match_fields: Some(vec![NodeSelectorRequirement {
+                    key: "metadata.name".into(),
+                    operator: "NotIn".into(),
+                    values: Some(vec!["b1".into()]),
+                }]),
+            }],
+        };
+        assert!(selects(&by_name, &nodes[0]) && !selects(&by_name, &nodes[1]));
+        // An empty term selects nothing, as upstream.
+        let empty = NodeSelector {
+            node_selector_terms: vec![k8s_openapi::api::core::v1::NodeSelectorTerm::default()],
+        };
+        assert!(!selects(&empty, &nodes[0]));
     }
 }

@@ -3,8 +3,9 @@
 //! PersistentVolume bound to the claim; a claim that asks for more is expanded
 //! (ControllerExpandVolume); a claim made from another claim or from a VolumeSnapshot
 //! (`spec.dataSourceRef` or `spec.dataSource`) is created with that content (a clone, a
-//! restore), once the source is ready; a PV of the driver whose claim is gone is deleted with
-//! its volume (reclaim policy Delete).
+//! restore), once the source is ready; a claim of a WaitForFirstConsumer class waits for the
+//! scheduler to choose its first Pod's Node and is provisioned in that Node's zone; a PV of the
+//! driver whose claim is gone is deleted with its volume (reclaim policy Delete).
 //!
 //! Level-triggered: every claim event and every [`PERIOD`] one pass compares claims and PVs.
 //! The PV is named `pvc-<claim uid>` and so is the CSI volume request, so a pass killed after
@@ -12,8 +13,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use anyhow::Context as _;
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -30,6 +32,25 @@ use crate::pvcsi::{Csi, PERIOD, capability, status_text};
 use crate::snapshotter;
 
 const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+
+/// A StorageClass `volumeBindingMode` that provisions a claim only once a Pod using it is
+/// scheduled, in the zone of the Pod's Node.
+pub const WAIT_FOR_FIRST_CONSUMER: &str = "WaitForFirstConsumer";
+
+/// The annotation the scheduler puts on a WaitForFirstConsumer claim: the Node it chose for
+/// the claim's first Pod (upstream's name).
+pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+
+/// The Node the scheduler chose for the claim's first Pod, if any.
+pub fn selected_node(claim: &PersistentVolumeClaim) -> Option<&str> {
+    claim
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(SELECTED_NODE)
+        .map(String::as_str)
+        .filter(|n| !n.is_empty())
+}
 
 /// The PV (and CSI volume request) name of a claim, as upstream's provisioner names it.
 pub fn pv_name(claim_uid: &str) -> String {
@@ -138,6 +159,13 @@ pub async fn pass(client: &kube::Client, mut csi: Csi, told: &mut Told) -> anyho
             continue;
         }
         let name = pv_name(&uid);
+        if !pvs.contains_key(&name)
+            && class.volume_binding_mode.as_deref() == Some(WAIT_FOR_FIRST_CONSUMER)
+            && selected_node(claim).is_none()
+        {
+            // Provisioned once the scheduler has chosen its first Pod's Node.
+            continue;
+        }
         let result = match pvs.get(&name) {
             None => provision(client, &mut csi, claim, class, &claims, &pvs, &name).await,
             Some(pv) => keep(client, &mut csi, claim, class, pv).await,
@@ -252,21 +280,42 @@ async fn provision(
     let modes = spec.access_modes.clone().unwrap_or_default();
     let cap = capability(spec.volume_mode.as_deref(), &modes);
     let source = content_source(client, claim, size, claims, pvs).await?;
-    let topology = class
+    let zone = |z: String| slipway_csi::proto::Topology {
+        segments: HashMap::from([(ZONE_TOPOLOGY_KEY.to_owned(), z)]),
+    };
+    let allowed: Vec<_> = class
         .allowed_topologies
-        .as_ref()
-        .map(|t| TopologyRequirement {
-            requisite: t
-                .iter()
-                .flat_map(|t| t.match_label_expressions.iter().flatten())
-                .filter(|e| e.key == ZONE_TOPOLOGY_KEY)
-                .flat_map(|e| e.values.clone())
-                .map(|z| slipway_csi::proto::Topology {
-                    segments: HashMap::from([(ZONE_TOPOLOGY_KEY.to_owned(), z)]),
-                })
-                .collect(),
-            preferred: vec![],
-        });
+        .iter()
+        .flatten()
+        .flat_map(|t| t.match_label_expressions.iter().flatten())
+        .filter(|e| e.key == ZONE_TOPOLOGY_KEY)
+        .flat_map(|e| e.values.clone())
+        .map(zone)
+        .collect();
+    // The zone of the Node the scheduler chose for the claim's first Pod (WaitForFirstConsumer).
+    let selected = match selected_node(claim) {
+        Some(node) => Some(
+            Api::<Node>::all(client.clone())
+                .get(node)
+                .await
+                .with_context(|| format!("the selected node {node:?}"))?
+                .metadata
+                .labels
+                .and_then(|l| l.get(ZONE_TOPOLOGY_KEY).cloned())
+                .with_context(|| {
+                    format!("the selected node {node:?} has no {ZONE_TOPOLOGY_KEY} label")
+                })?,
+        ),
+        None => None,
+    };
+    let topology = (!allowed.is_empty() || selected.is_some()).then(|| TopologyRequirement {
+        requisite: if allowed.is_empty() {
+            selected.clone().map(zone).into_iter().collect()
+        } else {
+            allowed
+        },
+        preferred: selected.map(zone).into_iter().collect(),
+    });
     let resp = csi
         .create_volume(CreateVolumeRequest {
             name: name.to_owned(),

@@ -207,6 +207,47 @@ fn slipway_up_brings_the_demo_cluster_up_and_down_leaves_nothing() {
             "{host} not Ready in:\n{nodes}"
         );
     }
+    // The notebook's notes live on claim `notes` (provisioned by the supervisor in the zone
+    // of its pod's node): a new pod after the first is deleted prints the first one's line.
+    let workload = |args: &[&str]| {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(up.dir.path().join("demo-cluster.kubeconfig"))
+            .args(args)
+            .output()
+            .expect("kubectl");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let notebook = |not: &str| {
+        runtime.block_on(common::wait_for("a Ready notebook pod", Duration::from_secs(120), || async {
+            let (ok, text) = workload(&[
+                "get",
+                "pods",
+                "-l",
+                "app=notebook",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+            ]);
+            let line = text.lines().find(|l| l.ends_with(" True") && !l.starts_with(&format!("{not} ")));
+            ok.then_some(line?.split(' ').next()?.to_owned())
+        }))
+    };
+    let first = notebook("");
+    let (ok, claim) = workload(&["get", "pvc", "notes"]);
+    assert!(ok && claim.contains("Bound"), "{claim}");
+    let (ok, out) = workload(&["delete", "pod", &first, "--wait=false"]);
+    assert!(ok, "{out}");
+    let second = notebook(&first);
+    let (ok, log) = workload(&["logs", &second]);
+    assert!(
+        ok && log.contains(&format!("{first} started"))
+            && log.contains(&format!("{second} started")),
+        "the notes of {first} are not in {second}'s log:\n{log}"
+    );
+
     let kubeconfig = up.dir.path().join("state/admin.kubeconfig");
     let out = Command::new("kubectl")
         .arg("--kubeconfig")

@@ -44,6 +44,8 @@ pub struct ClaimVolume {
     pub publish_context: HashMap<String, String>,
     /// The PV's `spec.csi.readOnly`.
     pub read_only: bool,
+    /// The PV's `spec.volumeMode` is Block: published as a device, not a filesystem.
+    pub block: bool,
     /// The PV's `spec.capacity.storage` in bytes (0: unknown, never expanded).
     pub capacity: u64,
 }
@@ -54,6 +56,9 @@ struct VolData {
     driver: String,
     volume_id: String,
     staging: PathBuf,
+    /// Published as a raw block device ([`target`]).
+    #[serde(default)]
+    block: bool,
     /// In the staging record: the size the staged filesystem was last grown to (0: not yet).
     #[serde(default)]
     capacity: u64,
@@ -61,6 +66,12 @@ struct VolData {
     /// [`EXPAND_RETRY`].
     #[serde(default)]
     expand_failed_at: u64,
+}
+
+/// Where a claim's volume is published in its pod volume directory `dir`: a directory
+/// (`mount`), or for a raw block volume a file the device is bound onto (`dev`).
+pub fn target(dir: &Path, block: bool) -> PathBuf {
+    dir.join(if block { "dev" } else { "mount" })
 }
 
 /// How long a failed node expansion waits before it is tried again (kubelet backs off to about
@@ -128,16 +139,18 @@ fn capability(v: &ClaimVolume) -> VolumeCapability {
         access_mode: Some(volume_capability::AccessMode {
             mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
         }),
-        access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume {
+        access_type: Some(if v.block {
+            volume_capability::AccessType::Block(volume_capability::BlockVolume {})
+        } else {
+            volume_capability::AccessType::Mount(volume_capability::MountVolume {
                 fs_type: if v.fs_type.is_empty() {
                     "ext4".into()
                 } else {
                     v.fs_type.clone()
                 },
                 mount_flags: v.mount_flags.clone(),
-            },
-        )),
+            })
+        }),
     }
 }
 
@@ -167,16 +180,16 @@ impl CsiNode {
         self.staging_root.join(&v.driver).join(digest(&v.volume_id))
     }
 
-    /// Stages `v` on the node (once) and publishes it at `<dir>/mount`; returns that path.
-    /// Nothing is staged or published when it is already mounted there; the staged filesystem
-    /// is grown when the volume is larger than it (see the module's doc).
+    /// Stages `v` on the node (once) and publishes it at its [`target`] in `dir`; returns that
+    /// path. Nothing is staged or published when it is already mounted there; a staged
+    /// filesystem is grown when the PV is larger than it (see the module's doc).
     pub async fn publish(
         &self,
         dir: &Path,
         v: &ClaimVolume,
         read_only: bool,
     ) -> Result<PathBuf, ClaimError> {
-        let target = dir.join("mount");
+        let target = target(dir, v.block);
         let published = slipway_dataplane::mounts::is_mount_point(&target)
             .map_err(io_err("read the mount table for", &target))?;
         if !published {
@@ -197,7 +210,10 @@ impl CsiNode {
         let Some(mut data) = read_vol_data(&staging_dir) else {
             return Ok(());
         };
-        if v.capacity <= data.capacity
+        // A raw block volume has no staging mount to expand at; its device shows the new size
+        // when it is next staged.
+        if v.block
+            || v.capacity <= data.capacity
             || unix_now() < data.expand_failed_at + EXPAND_RETRY.as_secs()
         {
             return Ok(());
@@ -258,6 +274,7 @@ impl CsiNode {
             driver: v.driver.clone(),
             volume_id: v.volume_id.clone(),
             staging: staging.clone(),
+            block: v.block,
             capacity: had.as_ref().map_or(0, |d| d.capacity),
             expand_failed_at: had.as_ref().map_or(0, |d| d.expand_failed_at),
         };
@@ -297,12 +314,12 @@ impl CsiNode {
         Ok(())
     }
 
-    /// Unpublishes the volume published at `<dir>/mount`, if one was (its `vol_data.json`).
+    /// Unpublishes the volume published in `dir`, if one was (its `vol_data.json`).
     pub async fn unpublish(&self, dir: &Path) -> Result<(), ClaimError> {
         let Some(data) = read_vol_data(dir) else {
             return Ok(());
         };
-        let target = dir.join("mount");
+        let target = target(dir, data.block);
         self.client()
             .await?
             .node_unpublish_volume(NodeUnpublishVolumeRequest {
@@ -392,6 +409,7 @@ mod tests {
             driver: "csi.slipway.dev".into(),
             volume_id: id.into(),
             staging: root.join("staging"),
+            block: id == "v2",
             capacity: 0,
             expand_failed_at: 0,
         };

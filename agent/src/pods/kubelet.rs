@@ -233,6 +233,7 @@ async fn claim_volume(
             .into_iter()
             .collect(),
         read_only: csi.read_only.unwrap_or(false),
+        block: spec.volume_mode.as_deref() == Some("Block"),
         capacity,
     }))
 }

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod image;
 pub mod kubelet;
 pub mod logs;
+pub mod mounts;
 pub mod probe;
 pub mod runner;
 pub mod spec;

@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::image::normalize;
+use super::mounts::{DeviceSpec, MountSpec};
 use super::probe::ProbeSpec;
-use super::volumes::{MountSpec, VolumeSpec};
+use super::volumes::VolumeSpec;
 use crate::Invalid;
 use slipway_api::FieldError;
 
@@ -72,6 +73,7 @@ pub struct ContainerSpec {
     pub liveness: Option<ProbeSpec>,
     pub readiness: Option<ProbeSpec>,
     pub mounts: Vec<MountSpec>,
+    pub devices: Vec<DeviceSpec>,
 }
 
 impl PodSpec {
@@ -131,7 +133,7 @@ impl PodSpec {
             ));
         }
         let volumes = super::volumes::parse(spec, &mut errors);
-        let mount_rules = super::volumes::mount_rules(spec);
+        let mount_rules = super::mounts::mount_rules(spec);
         let mut names = BTreeSet::new();
         let mut containers = Vec::new();
         let mut port_mappings = Vec::new();
@@ -185,7 +187,7 @@ impl PodSpec {
             if !names.insert(c.name.clone()) {
                 errors.push(FieldError::duplicate(format!("{path}.name"), &c.name));
             }
-            if let Some(container) = container_spec(c, &path, &mount_rules, &mut errors) {
+            if let Some(container) = container_spec(c, &path, spec, &mount_rules, &mut errors) {
                 containers.push(container);
             }
         }
@@ -278,8 +280,21 @@ impl PodSpec {
                 })
             })
             .collect();
+        // A raw block volume: the device the CSI plugin bound onto the volume's target file.
+        let devices = c
+            .devices
+            .iter()
+            .filter_map(|d| {
+                Some(cri::Device {
+                    container_path: d.path.clone(),
+                    host_path: volumes.get(&d.volume)?.display().to_string(),
+                    permissions: "rwm".into(),
+                })
+            })
+            .collect();
         cri::ContainerConfig {
             mounts,
+            devices,
             metadata: Some(cri::ContainerMetadata {
                 name: c.name.clone(),
                 attempt,
@@ -350,6 +365,7 @@ impl ContainerSpec {
 fn container_spec(
     c: &Container,
     path: &str,
+    pod_spec: &k8s_openapi::api::core::v1::PodSpec,
     volumes: &HashMap<String, bool>,
     errors: &mut Vec<FieldError>,
 ) -> Option<ContainerSpec> {
@@ -418,7 +434,8 @@ fn container_spec(
             "is not supported by this runner yet",
         ));
     }
-    let mounts = super::volumes::parse_mounts(c, path, volumes, errors);
+    let mounts = super::mounts::parse_mounts(c, path, volumes, errors);
+    let devices = super::mounts::parse_devices(c, path, pod_spec, &mounts, errors);
     (errors.len() == before).then(|| ContainerSpec {
         name: c.name.clone(),
         image,
@@ -431,6 +448,7 @@ fn container_spec(
         liveness,
         readiness,
         mounts,
+        devices,
     })
 }
 

@@ -17,7 +17,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Component, Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, KeyToPath, Pod, Secret};
 use slipway_api::FieldError;
 
 use super::claims::{ClaimVolume, CsiNode};
@@ -42,10 +42,12 @@ pub enum Source {
     },
     ConfigMap(Projection),
     Secret(Projection),
-    /// A PersistentVolumeClaim of the pod's namespace.
+    /// A PersistentVolumeClaim of the pod's namespace; `block` when the containers use it as
+    /// a raw block device (`volumeDevices`) rather than a filesystem.
     Claim {
         name: String,
         read_only: bool,
+        block: bool,
     },
 }
 
@@ -66,16 +68,6 @@ pub struct Item {
     pub key: String,
     pub path: String,
     pub mode: Option<u32>,
-}
-
-/// Where a container sees a volume.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct MountSpec {
-    pub volume: String,
-    pub path: String,
-    pub read_only: bool,
-    /// A path inside the volume to mount instead of its root.
-    pub sub_path: String,
 }
 
 impl Source {
@@ -107,7 +99,7 @@ fn mode(value: Option<i32>, field: &str, errors: &mut Vec<FieldError>) -> Option
 
 /// A relative path that stays inside its directory: no `..`, not absolute, not empty; kubelet
 /// also refuses a first element starting with `..` (the writer's own names).
-fn check_relative(field: &str, path: &str, errors: &mut Vec<FieldError>) -> bool {
+pub(super) fn check_relative(field: &str, path: &str, errors: &mut Vec<FieldError>) -> bool {
     let p = Path::new(path);
     let bad = if path.is_empty() {
         Some("must not be empty")
@@ -224,6 +216,11 @@ pub fn parse(
             Some(Source::Claim {
                 name: c.claim_name.clone(),
                 read_only: c.read_only.unwrap_or(false),
+                block: spec
+                    .containers
+                    .iter()
+                    .flat_map(|c| c.volume_devices.iter().flatten())
+                    .any(|d| d.name == v.name),
             })
         } else {
             errors.push(FieldError::forbidden(
@@ -239,80 +236,6 @@ pub fn parse(
                 source,
             });
         }
-    }
-    out
-}
-
-/// The pod's volume names, each with whether its mounts are always read-only (configMap and
-/// secret volumes are, as kubelet mounts API data; a claim the pod asks for read-only), for
-/// [`parse_mounts`].
-pub fn mount_rules(spec: &k8s_openapi::api::core::v1::PodSpec) -> HashMap<String, bool> {
-    spec.volumes
-        .iter()
-        .flatten()
-        .map(|v| {
-            let claim_ro = v
-                .persistent_volume_claim
-                .as_ref()
-                .is_some_and(|c| c.read_only == Some(true));
-            (
-                v.name.clone(),
-                v.config_map.is_some() || v.secret.is_some() || claim_ro,
-            )
-        })
-        .collect()
-}
-
-/// The container's volume mounts, each naming one of the pod's volumes (`rules`, from
-/// [`mount_rules`]).
-pub fn parse_mounts(
-    c: &Container,
-    path: &str,
-    rules: &HashMap<String, bool>,
-    errors: &mut Vec<FieldError>,
-) -> Vec<MountSpec> {
-    let mut paths = HashSet::new();
-    let mut out = Vec::new();
-    for (j, m) in c.volume_mounts.iter().flatten().enumerate() {
-        let field = format!("{path}.volumeMounts[{j}]");
-        if m.name.is_empty() {
-            errors.push(FieldError::required(format!("{field}.name")));
-        } else if !rules.contains_key(&m.name) {
-            errors.push(FieldError::invalid(
-                format!("{field}.name"),
-                &m.name,
-                "must name a volume of the pod",
-            ));
-        }
-        if !m.mount_path.starts_with('/') {
-            errors.push(FieldError::invalid(
-                format!("{field}.mountPath"),
-                &m.mount_path,
-                "must be an absolute path",
-            ));
-        } else if !paths.insert(m.mount_path.trim_end_matches('/').to_owned()) {
-            errors.push(FieldError::invalid(
-                format!("{field}.mountPath"),
-                &m.mount_path,
-                "must be unique",
-            ));
-        }
-        let sub_path = m.sub_path.clone().unwrap_or_default();
-        if !sub_path.is_empty() {
-            check_relative(&format!("{field}.subPath"), &sub_path, errors);
-        }
-        if m.sub_path_expr.as_deref().is_some_and(|e| !e.is_empty()) {
-            errors.push(FieldError::forbidden(
-                format!("{field}.subPathExpr"),
-                "is not supported by this runner",
-            ));
-        }
-        out.push(MountSpec {
-            volume: m.name.clone(),
-            path: m.mount_path.clone(),
-            read_only: m.read_only.unwrap_or(false) || rules.get(&m.name).copied().unwrap_or(false),
-            sub_path,
-        });
     }
     out
 }
@@ -514,7 +437,7 @@ impl Volumes {
             .map(|v| {
                 let dir = self.dir(uid, v);
                 let path = match v.source {
-                    Source::Claim { .. } => dir.join("mount"),
+                    Source::Claim { block, .. } => super::claims::target(&dir, block),
                     _ => dir,
                 };
                 (v.name.clone(), path)
@@ -544,7 +467,12 @@ impl Volumes {
                 }
             };
             std::fs::create_dir_all(&dir).map_err(io("create its directory"))?;
-            if let Source::Claim { name, read_only } = &v.source {
+            if let Source::Claim {
+                name,
+                read_only,
+                block,
+            } = &v.source
+            {
                 let waiting = |reason: String| SetupError::Waiting {
                     volume: v.name.clone(),
                     reason,
@@ -561,6 +489,17 @@ impl Volumes {
                         )));
                     }
                 };
+                if claim.block != *block {
+                    let (mode, used) = if claim.block {
+                        ("Block", "a filesystem (volumeMounts)")
+                    } else {
+                        ("Filesystem", "a raw block device (volumeDevices)")
+                    };
+                    return Err(waiting(format!(
+                        "persistentvolumeclaim {name:?} is bound to a volume of volumeMode \
+                         {mode}; the pod uses it as {used}"
+                    )));
+                }
                 let csi = self
                     .csi
                     .as_ref()
@@ -670,6 +609,7 @@ impl Volumes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pods::mounts::parse_mounts;
     use serde_json::json;
 
     fn pod(value: serde_json::Value) -> Pod {

@@ -25,6 +25,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use slipway_api::slipway::{CONTROL_PLANE_POOL, ClusterSpec, GROUP, VERSION};
+use slipway_api::volumes::ZONE_TOPOLOGY_KEY;
 use tracing::{info, warn};
 
 use crate::api::meta::{now_secs, rfc3339};
@@ -823,6 +824,9 @@ async fn sync_nodes(
             "kubernetes.io/hostname": name,
             "topology.kubernetes.io/zone": spec["zone"],
             "node.kubernetes.io/instance-type": class_name,
+            // The CSI node plugin's topology (every cluster host runs it), as kubelet labels a
+            // Node from its plugins' NodeGetInfo: the PVs of zonal volumes select it.
+            ZONE_TOPOLOGY_KEY: spec["zone"],
         });
         if spec["pool"] == CONTROL_PLANE_POOL {
             labels["node-role.kubernetes.io/control-plane"] = json!("");
@@ -860,6 +864,24 @@ async fn sync_nodes(
                         "the host was replaced: its Pods deleted, its Node made anew"
                     );
                     continue;
+                }
+                // Labels this reconciler owns that the Node lacks (a Node made by an older
+                // version) are added; labels others set are kept.
+                let have = current.metadata.labels.clone().unwrap_or_default();
+                let missing = labels.as_object().is_some_and(|want| {
+                    want.iter().any(|(k, v)| {
+                        v.as_str()
+                            .is_some_and(|v| have.get(k).map(String::as_str) != Some(v))
+                    })
+                });
+                if missing {
+                    nodes
+                        .patch(
+                            name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                        )
+                        .await?;
                 }
             }
             Err(e) => return Err(e.into()),

@@ -1,0 +1,310 @@
+//! Paravirtual volumes end to end: a PersistentVolumeClaim applied with kubectl to a provisioned
+//! workload cluster becomes, through the cluster's pvCSI controller and its link, a claim in the
+//! cluster's supervisor namespace, a volume on its zone's storage host and a bound PV; the
+//! attach-detach controller and the attacher attach it to the node of the Pod that mounts it,
+//! and the node's agent stages and publishes it through its CSI node plugin (NBD over TLS with
+//! the host's certificate, FUSE, loop device, ext4). A Pod writes a file; it is deleted and a
+//! Pod on another host of the zone (placed by the scheduler, held to the volume's zone) reads
+//! the same bytes. A raw block claim (volumeMode Block) is a device in a Pod where fio writes
+//! and verifies. Deleting the claims removes the volumes, and no mount is left.
+//! Privileged (root, netns, cgroups, BPF, containerd, FUSE, loop devices): run with --ignored.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{World, client_for, pod_log, wait_for};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::api::{Api, DeleteParams, ListParams};
+use slipway_agent::pods::image::build_node_images;
+use slipway_hosts::reconciler::netns_node_flags;
+
+const SUPERVISOR_CLASS: &str = r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: fast}
+provisioner: csi.slipway.dev
+allowVolumeExpansion: true
+"#;
+
+const WORKLOAD_CLAIM: &str = r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: standard}
+provisioner: csi.slipway.dev
+parameters: {svStorageClass: fast}
+allowedTopologies:
+- matchLabelExpressions: [{key: topology.slipway.dev/zone, values: [za]}]
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data, namespace: default}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: standard
+  resources: {requests: {storage: 256Mi}}
+"#;
+
+const RAW_CLAIM: &str = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: raw, namespace: default}
+spec:
+  accessModes: [ReadWriteOnce]
+  volumeMode: Block
+  storageClassName: standard
+  resources: {requests: {storage: 64Mi}}
+"#;
+
+/// fio from the tools image on claim `raw` as a raw device: random 4k writes then a crc32c
+/// verify of every block.
+const RAW_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: fio, namespace: default}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: raw, persistentVolumeClaim: {claimName: raw}}]
+  containers:
+  - name: fio
+    image: tools
+    imagePullPolicy: Never
+    command: [/usr/bin/fio, --name=verify, --filename=/dev/xvda, --rw=randwrite, --bs=4k,
+      --size=16M, --direct=1, --ioengine=psync, --verify=crc32c, --do_verify=1]
+    volumeDevices: [{name: raw, devicePath: /dev/xvda}]
+"#;
+
+/// A pod placed by `placement` (YAML lines of its spec) that runs `script` with claim `data`
+/// at /data (restartPolicy Never).
+fn claim_pod(name: &str, placement: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
+         {placement}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  \
+         volumes: [{{name: data, persistentVolumeClaim: {{claimName: data}}}}]\n  containers:\n  \
+         - name: sh\n    image: busybox\n    imagePullPolicy: Never\n    command: [sh, -c, {script:?}]\n    \
+         volumeMounts: [{{name: data, mountPath: /data}}]\n"
+    )
+}
+
+/// The phase pod `name` ends in; at the deadline a panic with its status and the cluster's
+/// VolumeAttachments.
+async fn finished(pods: &Api<Pod>, name: &str) -> String {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pod = pods.get(name).await.ok();
+        if let Some(phase) = pod
+            .as_ref()
+            .and_then(|p| p.status.as_ref()?.phase.clone())
+            .filter(|p| p == "Succeeded" || p == "Failed")
+        {
+            return phase;
+        }
+        if Instant::now() > end {
+            let attachments: Api<VolumeAttachment> = Api::all(pods.clone().into_client());
+            let vas = attachments
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items);
+            panic!(
+                "pod {name} did not finish: {}\nVolumeAttachments: {}",
+                serde_json::to_string_pretty(&pod.and_then(|p| p.status)).unwrap_or_default(),
+                serde_json::to_string_pretty(&vas.ok()).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: root + netns + cgroups + BPF + containerd + FUSE + loop devices; run with --ignored"]
+async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another_host() {
+    let scratch = tempfile::Builder::new()
+        .prefix("slipway-e2e-images-")
+        .tempdir()
+        .expect("dir");
+    build_node_images(scratch.path()).expect("images");
+    let world = World::with_flags(
+        netns_node_flags(scratch.path()),
+        vec![
+            "--storage-hosts".into(),
+            "--storage-host-memory".into(),
+            (256u64 << 20).to_string(),
+        ],
+    );
+    let client = world.client().await;
+    world.apply(SUPERVISOR_CLASS);
+    let path = world
+        .workload_cluster(&client, "{limits: {storage: 4Gi}}")
+        .await;
+    let workload = client_for(&path).await;
+
+    // Two hosts of zone za: the volume's zone.
+    let nodes: Vec<String> = Api::<Node>::all(workload.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("nodes")
+        .items
+        .into_iter()
+        .filter(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("topology.kubernetes.io/zone"))
+                .is_some_and(|z| z == "za")
+        })
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    assert!(nodes.len() >= 2, "two hosts in zone za: {nodes:?}");
+
+    // The claim is bound through the supervisor: a claim in team-w, a volume, a PV.
+    let started = Instant::now();
+    world.apply_with(&path, WORKLOAD_CLAIM);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(workload.clone(), "default");
+    let pv = wait_for("claim data Bound", Duration::from_secs(60), || async {
+        let c = claims.get("data").await.ok()?;
+        (c.status?.phase.as_deref() == Some("Bound")).then_some(())?;
+        c.spec?.volume_name
+    })
+    .await;
+    eprintln!("PVC applied → Bound in {:?} (PV {pv})", started.elapsed());
+    let supervisor_claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "team-w");
+    let mirrored = supervisor_claims
+        .list(&ListParams::default())
+        .await
+        .expect("supervisor claims")
+        .items;
+    assert_eq!(mirrored.len(), 1, "one claim in the supervisor namespace");
+
+    // A pod on the first host writes; deleted, a pod on the second host reads the same bytes.
+    let pods: Api<Pod> = Api::namespaced(workload.clone(), "default");
+    let started = Instant::now();
+    world.apply_with(
+        &path,
+        &claim_pod(
+            "writer",
+            &format!("nodeName: {}", nodes[0]),
+            "echo kept-across-hosts > /data/note && sync && grep -q ' /data ext4 ' /proc/mounts",
+        ),
+    );
+    let phase = finished(&pods, "writer").await;
+    assert_eq!(
+        phase,
+        "Succeeded",
+        "writer: {}",
+        pod_log(&world, &nodes[0], "writer")
+    );
+    eprintln!(
+        "pod with the claim: created → written and done in {:?}",
+        started.elapsed()
+    );
+    pods.delete("writer", &DeleteParams::default())
+        .await
+        .expect("delete writer");
+    let started = Instant::now();
+    world.apply_with(
+        &path,
+        &claim_pod(
+            "reader",
+            // Any node but the writer's: the scheduler must pick one in the volume's zone.
+            &format!(
+                "affinity: {{nodeAffinity: {{requiredDuringSchedulingIgnoredDuringExecution: \
+                 {{nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, \
+                 operator: NotIn, values: [{}]}}]}}]}}}}}}",
+                nodes[0]
+            ),
+            "test \"$(cat /data/note)\" = kept-across-hosts",
+        ),
+    );
+    let phase = finished(&pods, "reader").await;
+    let reader_node = pods
+        .get("reader")
+        .await
+        .ok()
+        .and_then(|p| p.spec?.node_name)
+        .expect("the reader was scheduled");
+    assert_eq!(
+        phase,
+        "Succeeded",
+        "reader on {reader_node}: {}",
+        pod_log(&world, &reader_node, "reader")
+    );
+    assert!(
+        reader_node != nodes[0] && nodes.contains(&reader_node),
+        "the reader went to {reader_node}, not another node of the volume's zone: {nodes:?}"
+    );
+    eprintln!(
+        "the claim moved hosts: reader created → read the writer's bytes in {:?}",
+        started.elapsed()
+    );
+
+    // A raw block claim (volumeMode Block): fio writes it through the device and verifies.
+    world.apply_with(&path, RAW_CLAIM);
+    wait_for("claim raw Bound", Duration::from_secs(60), || async {
+        let c = claims.get("raw").await.ok()?;
+        (c.status?.phase.as_deref() == Some("Bound")).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    world.apply_with(&path, RAW_POD);
+    let phase = finished(&pods, "fio").await;
+    let fio_node = pods
+        .get("fio")
+        .await
+        .ok()
+        .and_then(|p| p.spec?.node_name)
+        .expect("fio was scheduled");
+    let log = pod_log(&world, &fio_node, "fio");
+    assert_eq!(phase, "Succeeded", "fio on {fio_node}: {log}");
+    assert!(
+        log.contains("verify") && log.contains("err= 0"),
+        "fio did not verify: {log}"
+    );
+    eprintln!(
+        "raw block claim: fio wrote and verified 16 MiB through the device in {:?}",
+        started.elapsed()
+    );
+
+    // Deleting the claims (once no pod uses them) deletes the supervisor's claims and volumes.
+    for (pod, claim) in [("reader", "data"), ("fio", "raw")] {
+        pods.delete(pod, &DeleteParams::default())
+            .await
+            .expect("delete pod");
+        claims
+            .delete(claim, &DeleteParams::default())
+            .await
+            .expect("delete claim");
+    }
+    wait_for(
+        "the supervisor's claim gone",
+        Duration::from_secs(60),
+        || async {
+            supervisor_claims
+                .list(&ListParams::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+        },
+    )
+    .await;
+
+    world.kubectl(&["delete", "cluster", "w1", "-n", "team-w", "--wait=false"]);
+    let hosts: Api<kube::api::DynamicObject> =
+        Api::all_with(client.clone(), &common::gvk("Host", "hosts"));
+    wait_for("every host gone", Duration::from_secs(60), || async {
+        hosts
+            .list(&ListParams::default())
+            .await
+            .ok()
+            .filter(|l| l.items.is_empty())
+    })
+    .await;
+    let mounted: Vec<_> = slipway_dataplane::mounts::mounts()
+        .expect("mounts")
+        .into_iter()
+        .filter(|m| m.target.starts_with(world.dir.path()))
+        .map(|m| m.target)
+        .collect();
+    assert!(mounted.is_empty(), "mounts left behind: {mounted:?}");
+}
