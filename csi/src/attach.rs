@@ -256,7 +256,11 @@ impl Filesystem for DiskFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if ino == FILE {
-            reply.opened(FileHandle(0), FopenFlags::empty());
+            // No page cache over the export: every read and write of the loop device goes to
+            // the block store, as with the kernel's NBD device (the host's memory is not spent
+            // on a second copy of what the pod's filesystem caches, and O_DIRECT in the pod
+            // means what it says).
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         } else {
             reply.error(Errno::EISDIR);
         }

@@ -388,11 +388,17 @@ pub async fn authorize(
         };
     }
     if let Some(node) = user.node() {
-        return if node_may(node, verb, rt, subresource, name) {
-            Ok(())
-        } else {
-            Err(forbidden())
-        };
+        let allowed = node_may(node, verb, rt, subresource, name)
+            && match node_reference_kind(rt) {
+                None => true,
+                // What Pods mount, one object at a time, and only if a Pod bound to the
+                // node uses it (kube-apiserver's Node authorizer).
+                Some(kind) => match (verb, namespace, name) {
+                    ("get", Some(ns), Some(name)) => node_uses(store, node, kind, ns, name).await?,
+                    _ => false,
+                },
+            };
+        return if allowed { Ok(()) } else { Err(forbidden()) };
     }
     if let Some((own, _)) = user.cluster_link() {
         return if cluster_may(own, verb, rt, subresource, namespace) {
@@ -523,8 +529,9 @@ fn cluster_may(
 /// `system:node` role, coarser): read what the datapath, the pod runner and the DNS server
 /// follow — Nodes, Pods, Services, Endpoints, EndpointSlices, Namespaces, NetworkPolicies — and
 /// what Pods mount (ConfigMaps, Secrets, claims, their PersistentVolumes and
-/// VolumeAttachments); write Pods' and its own Node's status; record Events.
-/// Unlike kube-apiserver it does not narrow Secrets and ConfigMaps to the Pods bound to the node.
+/// VolumeAttachments); write Pods' and its own Node's status; record Events. Secrets,
+/// ConfigMaps and claims are narrowed further in [`authorize`]: one at a time, and only those a
+/// Pod bound to the node uses.
 fn node_may(
     node: &str,
     verb: &str,
@@ -554,6 +561,97 @@ fn node_may(
         | ("storage.k8s.io", "volumeattachments") => read && subresource.is_none(),
         _ => false,
     }
+}
+
+/// What a Pod names that a node may read only through that Pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PodReference {
+    Secret,
+    ConfigMap,
+    Claim,
+}
+
+fn node_reference_kind(rt: &ResourceType) -> Option<PodReference> {
+    match (rt.group, rt.plural) {
+        ("", "secrets") => Some(PodReference::Secret),
+        ("", "configmaps") => Some(PodReference::ConfigMap),
+        ("", "persistentvolumeclaims") => Some(PodReference::Claim),
+        _ => None,
+    }
+}
+
+/// The names of `kind` that `pod` (its JSON) uses: volumes (projected ones too), env and
+/// envFrom of every container, image pull secrets.
+fn pod_references(pod: &Value, kind: PodReference) -> Vec<String> {
+    fn list(v: &Value) -> &[Value] {
+        v.as_array().map(Vec::as_slice).unwrap_or_default()
+    }
+    let spec = &pod["spec"];
+    let mut out = Vec::new();
+    let mut add = |v: &Value| {
+        if let Some(n) = v.as_str().filter(|n| !n.is_empty()) {
+            out.push(n.to_owned());
+        }
+    };
+    for vol in list(&spec["volumes"]) {
+        match kind {
+            PodReference::Secret => add(&vol["secret"]["secretName"]),
+            PodReference::ConfigMap => add(&vol["configMap"]["name"]),
+            PodReference::Claim => add(&vol["persistentVolumeClaim"]["claimName"]),
+        }
+        for source in list(&vol["projected"]["sources"]) {
+            match kind {
+                PodReference::Secret => add(&source["secret"]["name"]),
+                PodReference::ConfigMap => add(&source["configMap"]["name"]),
+                PodReference::Claim => {}
+            }
+        }
+    }
+    let containers = ["initContainers", "containers", "ephemeralContainers"]
+        .into_iter()
+        .flat_map(|k| list(&spec[k]));
+    for c in containers {
+        for env in list(&c["env"]) {
+            match kind {
+                PodReference::Secret => add(&env["valueFrom"]["secretKeyRef"]["name"]),
+                PodReference::ConfigMap => add(&env["valueFrom"]["configMapKeyRef"]["name"]),
+                PodReference::Claim => {}
+            }
+        }
+        for from in list(&c["envFrom"]) {
+            match kind {
+                PodReference::Secret => add(&from["secretRef"]["name"]),
+                PodReference::ConfigMap => add(&from["configMapRef"]["name"]),
+                PodReference::Claim => {}
+            }
+        }
+    }
+    if kind == PodReference::Secret {
+        for s in list(&spec["imagePullSecrets"]) {
+            add(&s["name"]);
+        }
+    }
+    out
+}
+
+/// Whether a Pod of `namespace` bound to `node` uses `kind` `name`.
+async fn node_uses(
+    store: &AnyStore,
+    node: &str,
+    kind: PodReference,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, ApiError> {
+    let Some(pods) = lookup("", "v1", "pods") else {
+        return Ok(false);
+    };
+    let (kvs, _) = store
+        .list(&crate::server::keys::prefix(pods, Some(namespace)))
+        .await?;
+    Ok(kvs.iter().any(|kv| {
+        let pod: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+        pod["spec"]["nodeName"] == node && pod_references(&pod, kind).iter().any(|n| n == name)
+    }))
 }
 
 /// Whether `token` has the shape of a bootstrap token (`[a-z0-9]{6}.[a-z0-9]{16}`); its id.
@@ -691,5 +789,48 @@ mod tests {
             groups: vec![],
         };
         assert_eq!(outside.cluster_link(), None);
+    }
+
+    #[test]
+    fn a_pod_names_what_its_node_may_read() {
+        let pod = serde_json::json!({"spec": {
+            "volumes": [
+                {"name": "a", "secret": {"secretName": "vol-secret"}},
+                {"name": "b", "configMap": {"name": "vol-cm"}},
+                {"name": "c", "persistentVolumeClaim": {"claimName": "data"}},
+                {"name": "d", "projected": {"sources": [
+                    {"secret": {"name": "proj-secret"}}, {"configMap": {"name": "proj-cm"}}]}},
+            ],
+            "initContainers": [{"name": "i", "envFrom": [{"secretRef": {"name": "init-secret"}}]}],
+            "containers": [{"name": "c", "env": [
+                {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "env-cm", "key": "k"}}},
+                {"name": "Y", "valueFrom": {"secretKeyRef": {"name": "env-secret", "key": "k"}}},
+                {"name": "Z", "value": "plain"},
+            ]}],
+            "imagePullSecrets": [{"name": "pull"}],
+        }});
+        let names = |kind| pod_references(&pod, kind);
+        assert_eq!(
+            names(PodReference::Secret),
+            [
+                "vol-secret",
+                "proj-secret",
+                "init-secret",
+                "env-secret",
+                "pull"
+            ]
+        );
+        assert_eq!(
+            names(PodReference::ConfigMap),
+            ["vol-cm", "proj-cm", "env-cm"]
+        );
+        assert_eq!(names(PodReference::Claim), ["data"]);
+        assert!(pod_references(&serde_json::json!({}), PodReference::Secret).is_empty());
+        let rt = |plural| lookup("", "v1", plural).expect("served");
+        assert_eq!(node_reference_kind(rt("pods")), None);
+        assert_eq!(
+            node_reference_kind(rt("secrets")),
+            Some(PodReference::Secret)
+        );
     }
 }

@@ -119,6 +119,48 @@ spec:
     - {name: scratch, mountPath: /scratch}
 "#;
 
+/// A container that crashes (exit 3, restartPolicy Always), a pod whose readiness probe fails
+/// 15 s after it starts, behind Service `gate`, and a pod whose image no node holds.
+const LIFECYCLE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher}
+spec:
+  nodeName: team-w-w1-workers-1
+  containers:
+  - {name: sh, image: busybox, imagePullPolicy: Never, command: [sh, -c, "echo crashing; exit 3"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gate, labels: {app: gate}}
+spec:
+  nodeName: team-w-w1-workers-1
+  containers:
+  - name: sh
+    image: busybox
+    imagePullPolicy: Never
+    command: [sh, -c, "touch /tmp/ready; sleep 15; rm /tmp/ready; sleep 3600"]
+    readinessProbe:
+      exec: {command: [test, -f, /tmp/ready]}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gate}
+spec:
+  selector: {app: gate}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-image}
+spec:
+  nodeName: team-w-w1-workers-1
+  containers:
+  - {name: c, image: not-on-any-node, imagePullPolicy: Never}
+"#;
+
 /// Runs `script` in a busybox pod `name` labelled `app=<app>` on `node` (restartPolicy Never)
 /// and returns the phase it ends in: Succeeded when the script exits 0.
 async fn probe(pods: &Api<Pod>, name: &str, node: &str, app: &str, script: &str) -> String {
@@ -365,6 +407,95 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
             "kubectl logs shows no {name}:\n{fetched}"
         );
     }
+    // Pod lifecycle as kubectl shows it: a crashing container is restarted with back-off
+    // (restarts and exit code), a pod whose readiness probe starts failing leaves its
+    // Service's EndpointSlice, and an image the node does not hold is a waiting reason.
+    world.apply_with(&path, LIFECYCLE);
+    let jsonpath = |pod: &str, expr: &str| {
+        world.kubectl_with(
+            &path,
+            &["get", "pod", pod, "-o", &format!("jsonpath={expr}")],
+        )
+    };
+    let started = Instant::now();
+    let gate_ready = |ready: bool| {
+        let workload = workload.clone();
+        async move {
+            let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+                Api::namespaced(workload, "default");
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=gate"))
+                .await
+                .ok()?;
+            let mut endpoints = list.items.iter().flat_map(|s| s.endpoints.iter());
+            endpoints
+                .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(ready))
+                .then_some(())
+        }
+    };
+    wait_for(
+        "gate ready in its EndpointSlice",
+        Duration::from_secs(60),
+        || gate_ready(true),
+    )
+    .await;
+    wait_for(
+        "crasher restarted after exiting 3",
+        Duration::from_secs(90),
+        || async {
+            let restarts: u32 = jsonpath("crasher", "{.status.containerStatuses[0].restartCount}")
+                .trim()
+                .parse()
+                .ok()?;
+            let code = jsonpath(
+                "crasher",
+                "{.status.containerStatuses[0].lastState.terminated.exitCode}",
+            );
+            (restarts >= 1 && code.trim() == "3").then_some(())
+        },
+    )
+    .await;
+    let crashed = world.kubectl_with(&path, &["logs", "crasher"]);
+    assert!(
+        crashed.contains("crashing"),
+        "kubectl logs crasher: {crashed}"
+    );
+    wait_for(
+        "missing image reported",
+        Duration::from_secs(60),
+        || async {
+            (jsonpath(
+                "no-image",
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            )
+            .trim()
+                == "ErrImageNeverPull")
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "gate not ready once its probe fails",
+        Duration::from_secs(90),
+        || gate_ready(false),
+    )
+    .await;
+    eprintln!(
+        "crash back-off, ErrImageNeverPull and a failing readiness probe seen in {:?}",
+        started.elapsed()
+    );
+    world.kubectl_with(
+        &path,
+        &[
+            "delete",
+            "pod",
+            "crasher",
+            "no-image",
+            "gate",
+            "--wait=false",
+        ],
+    );
+
     // The NodePort answers from outside the cluster (this machine, over the hosts' uplink).
     let worker = hosts_address(&client, "team-w-w1-workers-1").await;
     let answer = http_get(&format!("{worker}:{node_port}"), "/hostname");
@@ -554,6 +685,31 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{what}: {s:?}"),
         other => panic!("{what}: {other:?}"),
     };
+    // Secrets one at a time, and only those its own Pods use (the `mounts` pod on workers-0
+    // uses `creds`); another node, and a list, are refused.
+    let secrets_as_node: Api<Secret> = Api::namespaced(node_client.clone(), "default");
+    secrets_as_node
+        .get("creds")
+        .await
+        .expect("workers-0 reads the Secret its pod mounts");
+    forbidden(
+        secrets_as_node.list(&ListParams::default()).await.map(drop),
+        "a node listing Secrets",
+    );
+    let other_node = client_for(
+        &world
+            .dir
+            .path()
+            .join("sup/hosts/data/team-w-w1-workers-1/cluster.kubeconfig"),
+    )
+    .await;
+    forbidden(
+        Api::<Secret>::namespaced(other_node, "default")
+            .get("creds")
+            .await
+            .map(drop),
+        "a Secret no pod of workers-1 uses",
+    );
     let status = kube::api::Patch::Merge(serde_json::json!({"status": {"phase": "Running"}}));
     let nodes_as_node: Api<Node> = Api::all(node_client.clone());
     forbidden(
