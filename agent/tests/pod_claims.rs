@@ -2,7 +2,8 @@
 //! plugin: a block store (`slipway blockstore`) holds the volume, the node plugin (`slipway csi
 //! node`) stages it (NBD attach, mkfs, mount) and publishes it into the pod the runner starts
 //! through containerd; the pod's bytes are still there for the next pod after the volume was
-//! unpublished and unstaged; a claim that is not bound keeps its pod in ContainerCreating with
+//! unpublished and unstaged; a volume grown under a running pod is expanded online (the pod's
+//! df sees it); a claim that is not bound keeps its pod in ContainerCreating with
 //! the reason; nothing is left (mount, loop device, attach process) once the pods are gone.
 //! Privileged (root, BPF, netns, containerd, FUSE, loop devices): run by scripts/test.sh.
 
@@ -241,6 +242,77 @@ fn claims_are_staged_and_published_through_the_csi_node_plugin_and_keep_their_by
         |s| matches!(s.phase.as_deref(), Some("Succeeded" | "Failed")),
     );
     assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:?}");
+
+    // A volume grows while a pod uses it: the block store volume first (the controller's
+    // part), then the PV's capacity; the runner's next sync expands the staged filesystem
+    // online and df in the pod sees it. xfs: growing ext4 online takes CAP_SYS_RESOURCE,
+    // which a node plugin may lack (the CSI node test covers that refusal).
+    let volume_cmd = |args: &[&str]| {
+        let out = Command::new(common::slipway_binary())
+            .arg("volume")
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .output()
+            .expect("slipway volume");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    volume_cmd(&["create", "vol2", "--size", "320M"]);
+    let grown = ClaimVolume {
+        volume_id: "vol2".into(),
+        fs_type: "xfs".into(),
+        capacity: 320 << 20,
+        ..volume.clone()
+    };
+    host.objects
+        .insert_claim("default", "grown", Ok(grown.clone()));
+    let grower = claim_pod(
+        "grower",
+        "grown",
+        "until [ \"$(df -Pk /data | awk 'NR==2 {print $2}')\" -gt 500000 ]; do sleep 0.2; done",
+    );
+    let pods = vec![reader.clone(), grower.clone()];
+    host.wait(&pods, "grower", Duration::from_secs(90), |s| {
+        s.phase.as_deref() == Some("Running")
+    });
+    let fs_size = || {
+        let staged = slipway_dataplane::mounts::mounts()
+            .expect("mounts")
+            .into_iter()
+            .find(|m| m.target.starts_with(&staging_root) && m.fstype == "xfs")
+            .expect("the staged xfs filesystem");
+        let st = nix::sys::statvfs::statvfs(&staged.target).expect("statvfs");
+        st.blocks() * st.fragment_size()
+    };
+    let before = fs_size();
+    assert!(before <= 320 << 20, "{before} bytes before growing");
+    volume_cmd(&["resize", "vol2", "--size", "640M"]);
+    host.objects.insert_claim(
+        "default",
+        "grown",
+        Ok(ClaimVolume {
+            capacity: 640 << 20,
+            ..grown
+        }),
+    );
+    let status = host.wait(&pods, "grower", Duration::from_secs(60), |s| {
+        matches!(s.phase.as_deref(), Some("Succeeded" | "Failed"))
+    });
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Succeeded"),
+        "{status:?}\nplugin log: {}",
+        std::fs::read_to_string(csi_dir.join("plugin.log")).unwrap_or_default()
+    );
+    let after = fs_size();
+    assert!(
+        after > 500 << 20,
+        "{after} bytes after growing (from {before})"
+    );
 
     // A claim that is not bound: the pod waits with the reason and gets no sandbox.
     host.objects.insert_claim(

@@ -2,7 +2,8 @@
 //! Deployment (apps/v1), EndpointSlices from ready Pods, node lifecycle (NotReady Nodes
 //! tainted, their Pods evicted after their tolerationSeconds) and the garbage collector of
 //! dependents whose owners are gone, and (with a [`SupervisorLink`]) the cloud provider that
-//! mirrors LoadBalancer Services into the supervisor. Each is a kube-rs client of any
+//! mirrors LoadBalancer Services into the supervisor and the paravirtual CSI controller with the
+//! loops that drive it (provisioner, attacher, snapshotter). Each is a kube-rs client of any
 //! Kubernetes API, level-triggered: it compares what it lists with what should be and writes
 //! only the difference, so it is safe to stop at any line and to run again.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod provisioner;
 pub mod pvcsi;
 pub mod replicaset;
 pub mod scheduler;
+pub mod snapshotter;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,21 +1,23 @@
 //! The external-provisioner's job for `csi.slipway.dev`: a PersistentVolumeClaim of a
 //! StorageClass of the driver becomes a CreateVolume over the driver's socket and a
 //! PersistentVolume bound to the claim; a claim that asks for more is expanded
-//! (ControllerExpandVolume); a claim of a WaitForFirstConsumer class waits for the scheduler to
-//! choose its first Pod's Node and is provisioned in that Node's zone; a PV of the driver whose
-//! claim is gone is deleted with its volume (reclaim policy Delete).
+//! (ControllerExpandVolume); a claim made from another claim or from a VolumeSnapshot
+//! (`spec.dataSourceRef` or `spec.dataSource`) is created with that content (a clone, a
+//! restore), once the source is ready; a claim of a WaitForFirstConsumer class waits for the
+//! scheduler to choose its first Pod's Node and is provisioned in that Node's zone; a PV of the
+//! driver whose claim is gone is deleted with its volume (reclaim policy Delete).
 //!
 //! Level-triggered: every claim event and every [`PERIOD`] one pass compares claims and PVs.
 //! The PV is named `pvc-<claim uid>` and so is the CSI volume request, so a pass killed after
 //! CreateVolume finds the volume again (CreateVolume is idempotent by name).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use slipway_api::volumes::{DRIVER, ZONE_TOPOLOGY_KEY};
@@ -23,10 +25,11 @@ use slipway_csi::proto::{
     CapacityRange, ControllerExpandVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
     TopologyRequirement, VolumeContentSource, volume_content_source,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::events::{self, Type};
+use crate::events::{self, Told, Type};
 use crate::pvcsi::{Csi, PERIOD, capability, status_text};
+use crate::snapshotter;
 
 const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 
@@ -86,8 +89,21 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Why a claim is not provisioned yet that is no error: its data source is not ready.
+#[derive(Debug)]
+struct Waiting(String);
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Waiting {}
+
 /// Runs until the task is dropped.
 pub async fn run(client: kube::Client, csi: Csi) {
+    let mut told = Told::default();
     let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let mut events = watcher(claims, watcher::Config::default()).boxed();
     let mut tick = tokio::time::interval(PERIOD);
@@ -97,14 +113,15 @@ pub async fn run(client: kube::Client, csi: Csi) {
             _ = tick.tick() => {}
             _ = events.next() => {}
         }
-        if let Err(e) = pass(&client, csi.clone()).await {
+        if let Err(e) = pass(&client, csi.clone(), &mut told).await {
             warn!(error = %format!("{e:#}"), "provisioner pass failed; retrying");
         }
     }
 }
 
-/// One pass over every claim and PV.
-pub async fn pass(client: &kube::Client, mut csi: Csi) -> anyhow::Result<()> {
+/// One pass over every claim and PV; `told` keeps the claims' last Events, so a condition that
+/// lasts is told once.
+pub async fn pass(client: &kube::Client, mut csi: Csi, told: &mut Told) -> anyhow::Result<()> {
     let lp = ListParams::default();
     let classes: BTreeMap<String, StorageClass> = Api::<StorageClass>::all(client.clone())
         .list(&lp)
@@ -153,12 +170,53 @@ pub async fn pass(client: &kube::Client, mut csi: Csi) -> anyhow::Result<()> {
             None => provision(client, &mut csi, claim, class, &claims, &pvs, &name).await,
             Some(pv) => keep(client, &mut csi, claim, class, pv).await,
         };
-        if let Err(e) = result {
-            let msg = format!("{e:#}");
-            warn!(claim = %format!("{}/{}", claim.metadata.namespace.as_deref().unwrap_or_default(), claim.metadata.name.as_deref().unwrap_or_default()), error = %msg, "provisioning failed");
-            events::publish(client, claim, Type::Warning, "ProvisioningFailed", msg).await;
+        let what = format!(
+            "{}/{}",
+            claim.metadata.namespace.as_deref().unwrap_or_default(),
+            claim.metadata.name.as_deref().unwrap_or_default()
+        );
+        match result {
+            Ok(()) => told.forget(&uid),
+            Err(e) if e.downcast_ref::<Waiting>().is_some() => {
+                let msg = e.to_string();
+                if told
+                    .publish(
+                        client,
+                        (claim, &()),
+                        Type::Normal,
+                        "WaitingForDataSource",
+                        msg,
+                    )
+                    .await
+                {
+                    info!(claim = %what, reason = %e, "provisioning waits");
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if told
+                    .publish(
+                        client,
+                        (claim, &()),
+                        Type::Warning,
+                        "ProvisioningFailed",
+                        msg.clone(),
+                    )
+                    .await
+                {
+                    warn!(claim = %what, error = %msg, "provisioning failed");
+                } else {
+                    debug!(claim = %what, error = %msg, "provisioning still fails");
+                }
+            }
         }
     }
+    told.retain(
+        &claims
+            .iter()
+            .filter_map(|c| c.metadata.uid.as_deref())
+            .collect::<BTreeSet<_>>(),
+    );
     // PVs of the driver whose claim is gone: their volumes go (reclaim policy Delete).
     for (name, pv) in &pvs {
         let Some(spec) = &pv.spec else { continue };
@@ -221,36 +279,7 @@ async fn provision(
         .ok_or_else(|| anyhow::anyhow!("spec.resources.requests.storage is missing"))?;
     let modes = spec.access_modes.clone().unwrap_or_default();
     let cap = capability(spec.volume_mode.as_deref(), &modes);
-    // A clone: the source claim's volume (same namespace, bound by this provisioner).
-    let source = match spec.data_source.as_ref() {
-        Some(d) if d.kind == "PersistentVolumeClaim" => {
-            let src = claims
-                .iter()
-                .find(|c| {
-                    c.metadata.namespace.as_deref() == Some(&ns)
-                        && c.metadata.name.as_deref() == Some(&d.name)
-                })
-                .ok_or_else(|| anyhow::anyhow!("spec.dataSource: claim {:?} not found", d.name))?;
-            let pv = src
-                .spec
-                .as_ref()
-                .and_then(|s| s.volume_name.as_ref())
-                .and_then(|v| pvs.get(v))
-                .and_then(|p| p.spec.as_ref()?.csi.as_ref())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("spec.dataSource: claim {:?} is not bound", d.name)
-                })?;
-            Some(VolumeContentSource {
-                r#type: Some(volume_content_source::Type::Volume(
-                    volume_content_source::VolumeSource {
-                        volume_id: pv.volume_handle.clone(),
-                    },
-                )),
-            })
-        }
-        Some(d) => anyhow::bail!("spec.dataSource: kind {:?} is not supported", d.kind),
-        None => None,
-    };
+    let source = content_source(client, claim, size, claims, pvs).await?;
     let zone = |z: String| slipway_csi::proto::Topology {
         segments: HashMap::from([(ZONE_TOPOLOGY_KEY.to_owned(), z)]),
     };
@@ -365,6 +394,105 @@ async fn provision(
     )
     .await;
     Ok(())
+}
+
+/// The content a claim's `spec.dataSourceRef` (or else `spec.dataSource`) asks for: another
+/// claim's volume (a clone; same namespace, bound by this provisioner) or a VolumeSnapshot's
+/// snapshot (a restore; ready, and no larger than the claim). A source that is not ready yet
+/// is a [`Waiting`].
+async fn content_source(
+    client: &kube::Client,
+    claim: &PersistentVolumeClaim,
+    size: u64,
+    claims: &[PersistentVolumeClaim],
+    pvs: &BTreeMap<String, PersistentVolume>,
+) -> anyhow::Result<Option<VolumeContentSource>> {
+    let ns = claim.metadata.namespace.clone().unwrap_or_default();
+    let spec = claim.spec.as_ref();
+    let (field, group, kind, name) = match (
+        spec.and_then(|s| s.data_source_ref.as_ref()),
+        spec.and_then(|s| s.data_source.as_ref()),
+    ) {
+        (Some(r), _) => {
+            if r.namespace.as_deref().is_some_and(|n| n != ns) {
+                anyhow::bail!(
+                    "spec.dataSourceRef.namespace: a source in another namespace is not supported"
+                );
+            }
+            (
+                "spec.dataSourceRef",
+                r.api_group.clone(),
+                r.kind.as_str(),
+                r.name.as_str(),
+            )
+        }
+        (None, Some(d)) => (
+            "spec.dataSource",
+            d.api_group.clone(),
+            d.kind.as_str(),
+            d.name.as_str(),
+        ),
+        (None, None) => return Ok(None),
+    };
+    let group = group.unwrap_or_default();
+    let source = match (group.as_str(), kind) {
+        ("", "PersistentVolumeClaim") => {
+            let src = claims
+                .iter()
+                .find(|c| {
+                    c.metadata.namespace.as_deref() == Some(&ns)
+                        && c.metadata.name.as_deref() == Some(name)
+                })
+                .ok_or_else(|| Waiting(format!("{field}: claim {name:?} not found")))?;
+            let pv = src
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_ref())
+                .and_then(|v| pvs.get(v))
+                .and_then(|p| p.spec.as_ref()?.csi.as_ref())
+                .ok_or_else(|| Waiting(format!("{field}: claim {name:?} is not bound yet")))?;
+            volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                volume_id: pv.volume_handle.clone(),
+            })
+        }
+        ("snapshot.storage.k8s.io", "VolumeSnapshot") => {
+            let vs = Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                &ns,
+                &snapshotter::resource(),
+            )
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| Waiting(format!("{field}: VolumeSnapshot {name:?} not found")))?;
+            let handle = snapshotter::handle(&vs)
+                .filter(|_| snapshotter::ready(&vs))
+                .ok_or_else(|| {
+                    Waiting(format!(
+                        "{field}: VolumeSnapshot {name:?} is not ready to use yet"
+                    ))
+                })?;
+            let restore = vs.data["status"]["restoreSize"]
+                .as_str()
+                .and_then(slipway_api::meta::parse_quantity)
+                .unwrap_or(0.0);
+            #[allow(
+                clippy::cast_precision_loss,
+                reason = "a byte count compared with a parsed quantity"
+            )]
+            if (size as f64) < restore {
+                anyhow::bail!(
+                    "spec.resources.requests.storage: {size} bytes is less than VolumeSnapshot {name:?}'s restoreSize of {restore} bytes"
+                );
+            }
+            volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: handle.to_owned(),
+            })
+        }
+        (g, k) => anyhow::bail!("{field}: kind {k:?} of apiGroup {g:?} is not supported"),
+    };
+    Ok(Some(VolumeContentSource {
+        r#type: Some(source),
+    }))
 }
 
 /// A claim whose PV exists: bound, and grown when it asks for more.

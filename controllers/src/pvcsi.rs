@@ -1,7 +1,7 @@
 //! The paravirtual CSI in a workload cluster: the pvCSI controller (`slipway_csi::paravirtual`,
 //! forwarding to the cluster's supervisor namespace) served on a Unix socket, and the two loops
-//! that drive it over that socket as Kubernetes' external-provisioner and external-attacher
-//! sidecars would ([`crate::provisioner`], [`crate::attacher`]).
+//! that drive it over that socket as Kubernetes' external-provisioner, external-attacher and
+//! snapshotter would ([`crate::provisioner`], [`crate::attacher`], [`crate::snapshotter`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,7 +75,8 @@ pub async fn run(client: kube::Client, options: Arc<Options>, link: SupervisorLi
         let csi = connect(&path).await;
         tokio::join!(
             crate::provisioner::run(client.clone(), csi.clone()),
-            crate::attacher::run(client.clone(), csi),
+            crate::attacher::run(client.clone(), csi.clone()),
+            crate::snapshotter::run(client.clone(), csi),
         );
     };
     tokio::join!(server, loops);

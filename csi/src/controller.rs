@@ -157,7 +157,7 @@ fn fits(size: u64, range: Option<&CapacityRange>) -> bool {
 }
 
 /// Pagination (CSI spec: `starting_token` is opaque; one we did not issue is ABORTED).
-fn page<T>(items: Vec<T>, max: i32, token: &str) -> Result<(Vec<T>, String), CsiError> {
+pub(crate) fn page<T>(items: Vec<T>, max: i32, token: &str) -> Result<(Vec<T>, String), CsiError> {
     if max < 0 {
         return Err(CsiError::invalid("max_entries", "must not be negative"));
     }

@@ -11,6 +11,7 @@
 //!   is the publish context. Unpublish deletes it and waits until it is gone (the host is off
 //!   the export's allow-list by then).
 //! - Expansion raises the claim's request and waits for the supervisor to grow the volume.
+//! - Snapshots are VolumeSnapshots there (`paravirtual/snapshots.rs`).
 //!
 //! Every RPC finds its objects by derived names and labels, so a repeated call answers as the
 //! first did and a call after a restart finishes what an earlier one started.
@@ -26,19 +27,21 @@ use kube::api::{
 use serde_json::{Value, json};
 use slipway_api::slipway::{GROUP, VERSION};
 use slipway_api::volumes::{
-    CLUSTER_LABEL, CSI_NAME_ANNOTATION, NBD_ADDRESS_ANNOTATION, SNAPSHOT_HANDLE_ANNOTATION,
-    SV_STORAGE_CLASS, VOLUME_HANDLE_ANNOTATION, ZONE_ANNOTATION,
+    CLUSTER_LABEL, CSI_NAME_ANNOTATION, NBD_ADDRESS_ANNOTATION, SV_STORAGE_CLASS,
+    VOLUME_HANDLE_ANNOTATION, ZONE_ANNOTATION,
 };
 use tonic::{Request, Response, Status};
 
 use crate::capability;
-use crate::controller::{CTX_NBD, DEFAULT_SIZE, check_name, check_parameters, size_for};
+use crate::controller::{CTX_NBD, DEFAULT_SIZE, check_name, check_parameters, page, size_for};
 use crate::error::CsiError;
 use crate::identity::ZONE_KEY;
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self, rpc};
 use crate::proto::volume_content_source;
 use crate::proto::*;
+
+mod snapshots;
 
 /// Where the controller reaches its supervisor namespace.
 #[derive(Clone)]
@@ -141,32 +144,6 @@ fn requested(c: &PersistentVolumeClaim) -> Option<u64> {
     q.0.parse().ok()
 }
 
-fn snapshot_handle(vs: &DynamicObject) -> Option<&str> {
-    vs.metadata
-        .annotations
-        .as_ref()?
-        .get(SNAPSHOT_HANDLE_ANNOTATION)
-        .map(String::as_str)
-}
-
-/// The CSI snapshot of a VolumeSnapshot, once the supervisor has taken it.
-fn snapshot_msg(vs: &DynamicObject, source: &str) -> Option<Snapshot> {
-    let status = &vs.data["status"];
-    if status["readyToUse"] != true {
-        return None;
-    }
-    Some(Snapshot {
-        size_bytes: status["restoreSize"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        snapshot_id: snapshot_handle(vs)?.to_owned(),
-        source_volume_id: source.to_owned(),
-        creation_time: None,
-        ready_to_use: true,
-    })
-}
-
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -197,10 +174,7 @@ impl ParavirtualController {
             snapshots: Api::namespaced_with(
                 sv.client.clone(),
                 &sv.namespace,
-                &ApiResource::from_gvk_with_plural(
-                    &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
-                    "volumesnapshots",
-                ),
+                &snapshots::resource(),
             ),
             sv,
             wait: Duration::from_secs(60),
@@ -412,105 +386,6 @@ impl ParavirtualController {
         .await?;
         tracing::info!(volume = %id, claim = %name, "volume deleted");
         Ok(())
-    }
-
-    /// The cluster's VolumeSnapshots in the supervisor namespace.
-    async fn cluster_snapshots(&self) -> Result<Vec<DynamicObject>, CsiError> {
-        Ok(self
-            .snapshots
-            .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={}", self.sv.cluster)))
-            .await
-            .map_err(sv_err("listing snapshots"))?
-            .items)
-    }
-
-    /// The VolumeSnapshot whose handle is `id`.
-    async fn snapshot_of(&self, id: &str) -> Result<Option<DynamicObject>, CsiError> {
-        Ok(self
-            .cluster_snapshots()
-            .await?
-            .into_iter()
-            .find(|v| snapshot_handle(v) == Some(id)))
-    }
-
-    async fn create_snapshot(&self, req: CreateSnapshotRequest) -> Result<Snapshot, CsiError> {
-        check_name("name", &req.name)?;
-        check_name("source_volume_id", &req.source_volume_id)?;
-        check_parameters(&req.parameters, &[])?;
-        let claim =
-            self.claim_of(&req.source_volume_id)
-                .await?
-                .ok_or_else(|| CsiError::NotFound {
-                    what: "volume",
-                    id: req.source_volume_id.clone(),
-                })?;
-        let claim_name = claim.metadata.name.clone().unwrap_or_default();
-        let name = self.claim_name(&req.name);
-        let obj: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "snapshot.storage.k8s.io/v1",
-            "kind": "VolumeSnapshot",
-            "metadata": {"name": name, "labels": {CLUSTER_LABEL: self.sv.cluster},
-                         "annotations": {CSI_NAME_ANNOTATION: req.name}},
-            "spec": {"source": {"persistentVolumeClaimName": claim_name}},
-        }))
-        .map_err(|e| CsiError::invalid("name", e.to_string()))?;
-        match self.snapshots.create(&PostParams::default(), &obj).await {
-            Ok(_) => {}
-            Err(e) if is_code(&e, 409) => {
-                let have = self
-                    .snapshots
-                    .get(&name)
-                    .await
-                    .map_err(sv_err(format!("reading snapshot {name}")))?;
-                if have.data["spec"]["source"]["persistentVolumeClaimName"] != claim_name.as_str() {
-                    return Err(CsiError::AlreadyExists(format!(
-                        "snapshot {:?} exists of another volume",
-                        req.name
-                    )));
-                }
-            }
-            Err(e) => return Err(refusal("creating the snapshot", e)),
-        }
-        let api = self.snapshots.clone();
-        let source = req.source_volume_id.clone();
-        self.until("taken the snapshot", || {
-            let (api, name, source) = (api.clone(), name.clone(), source.clone());
-            async move {
-                let vs = api
-                    .get(&name)
-                    .await
-                    .map_err(sv_err(format!("reading snapshot {name}")))?;
-                Ok(snapshot_msg(&vs, &source))
-            }
-        })
-        .await
-    }
-
-    async fn delete_snapshot(&self, id: &str) -> Result<(), CsiError> {
-        if id.is_empty() {
-            return Err(CsiError::invalid("snapshot_id", "must not be empty"));
-        }
-        let Some(vs) = self.snapshot_of(id).await? else {
-            return Ok(());
-        };
-        let name = vs.metadata.name.clone().unwrap_or_default();
-        match self.snapshots.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(e) if is_code(&e, 404) => return Ok(()),
-            Err(e) => return Err(sv_err(format!("deleting snapshot {name}"))(e)),
-        }
-        let api = self.snapshots.clone();
-        self.until("deleted the snapshot", || {
-            let (api, name) = (api.clone(), name.clone());
-            async move {
-                match api.get_opt(&name).await {
-                    Ok(None) => Ok(Some(())),
-                    Ok(Some(_)) => Ok(None),
-                    Err(e) => Err(sv_err(format!("reading snapshot {name}"))(e)),
-                }
-            }
-        })
-        .await
     }
 
     fn attachment_name(claim: &str, node: &str) -> String {
@@ -784,39 +659,17 @@ impl Controller for ParavirtualController {
         req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = req.into_inner();
-        if req.max_entries < 0 {
-            return Err(CsiError::invalid("max_entries", "must not be negative").into());
-        }
         let mut vols: Vec<Volume> = self
             .cluster_claims()
             .await?
             .iter()
             .filter_map(|c| self.volume_msg(c, bound_size(c)?))
             .collect();
-        vols.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        let start = if req.starting_token.is_empty() {
-            0
-        } else {
-            req.starting_token
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= vols.len())
-                .ok_or_else(|| CsiError::BadToken(req.starting_token.clone()))?
-        };
-        let end = if req.max_entries == 0 {
-            vols.len()
-        } else {
-            (start + req.max_entries as usize).min(vols.len())
-        };
-        let next_token = if end < vols.len() {
-            end.to_string()
-        } else {
-            String::new()
-        };
+        vols.sort_by(|x, y| x.volume_id.cmp(&y.volume_id));
+        let (vols, next_token) = page(vols, req.max_entries, &req.starting_token)?;
         Ok(Response::new(ListVolumesResponse {
-            entries: vols[start..end]
-                .iter()
-                .cloned()
+            entries: vols
+                .into_iter()
                 .map(|v| list_volumes_response::Entry {
                     volume: Some(v),
                     status: None,
@@ -874,57 +727,7 @@ impl Controller for ParavirtualController {
         &self,
         req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        let req = req.into_inner();
-        if req.max_entries < 0 {
-            return Err(CsiError::invalid("max_entries", "must not be negative").into());
-        }
-        let claims = self.cluster_claims().await?;
-        let mut entries: Vec<Snapshot> = self
-            .cluster_snapshots()
-            .await?
-            .iter()
-            .filter_map(|vs| {
-                let claim = vs.data["spec"]["source"]["persistentVolumeClaimName"].as_str()?;
-                let source = claims
-                    .iter()
-                    .find(|c| c.metadata.name.as_deref() == Some(claim))
-                    .and_then(|c| annotation(c, VOLUME_HANDLE_ANNOTATION))
-                    .unwrap_or_default();
-                snapshot_msg(vs, source)
-            })
-            .filter(|s| req.snapshot_id.is_empty() || s.snapshot_id == req.snapshot_id)
-            .filter(|s| {
-                req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
-            })
-            .collect();
-        entries.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
-        let start = if req.starting_token.is_empty() {
-            0
-        } else {
-            req.starting_token
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= entries.len())
-                .ok_or_else(|| CsiError::BadToken(req.starting_token.clone()))?
-        };
-        let end = if req.max_entries == 0 {
-            entries.len()
-        } else {
-            (start + req.max_entries as usize).min(entries.len())
-        };
-        let next_token = if end < entries.len() {
-            end.to_string()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(ListSnapshotsResponse {
-            entries: entries[start..end]
-                .iter()
-                .cloned()
-                .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
-                .collect(),
-            next_token,
-        }))
+        Ok(Response::new(self.list_snapshots(req.into_inner()).await?))
     }
 
     async fn controller_expand_volume(

@@ -5,6 +5,14 @@
 //! its mount (`vol_data.json`) before the call, so teardown finds it again after a restart:
 //! unpublish when the pod goes, unstage when no pod on the node uses the volume any more.
 //!
+//! Node expansion, as kubelet does it: when the claim's volume (its PV's capacity) is larger
+//! than what the staged filesystem was last grown to (recorded in the staging `vol_data.json`),
+//! `NodeExpandVolume` grows it online at the staging path, which every pod's bind mount shows.
+//! A volume staged for the first time is expanded once too (a no-op when its filesystem
+//! already fills it), so a volume grown while no node had it staged is grown on its next mount.
+//! A failed expansion leaves the pod running on the filesystem as it is; it is logged and tried
+//! again after [`EXPAND_RETRY`].
+//!
 //! The caller resolves each claim to a [`ClaimVolume`] (PVC → bound PV's `spec.csi` → this
 //! node's VolumeAttachment's `attachmentMetadata`); the runner watches no API.
 
@@ -15,8 +23,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use slipway_csi::proto::node_client::NodeClient;
 use slipway_csi::proto::{
-    NodePublishVolumeRequest, NodeStageVolumeRequest, NodeUnpublishVolumeRequest,
-    NodeUnstageVolumeRequest, VolumeCapability, volume_capability,
+    CapacityRange, NodeExpandVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability, volume_capability,
 };
 
 /// What a bound claim's volume is, for this node.
@@ -38,6 +46,8 @@ pub struct ClaimVolume {
     pub read_only: bool,
     /// The PV's `spec.volumeMode` is Block: published as a device, not a filesystem.
     pub block: bool,
+    /// The PV's `spec.capacity.storage` in bytes (0: unknown, never expanded).
+    pub capacity: u64,
 }
 
 /// What a stage or publish recorded beside its mount (kubelet's `vol_data.json`).
@@ -49,12 +59,29 @@ struct VolData {
     /// Published as a raw block device ([`target`]).
     #[serde(default)]
     block: bool,
+    /// In the staging record: the size the staged filesystem was last grown to (0: not yet).
+    #[serde(default)]
+    capacity: u64,
+    /// In the staging record: when (Unix seconds) an expansion last failed; the next waits
+    /// [`EXPAND_RETRY`].
+    #[serde(default)]
+    expand_failed_at: u64,
 }
 
 /// Where a claim's volume is published in its pod volume directory `dir`: a directory
 /// (`mount`), or for a raw block volume a file the device is bound onto (`dev`).
 pub fn target(dir: &Path, block: bool) -> PathBuf {
     dir.join(if block { "dev" } else { "mount" })
+}
+
+/// How long a failed node expansion waits before it is tried again (kubelet backs off to about
+/// two minutes): each try re-reads the export's size, which replaces its connections.
+const EXPAND_RETRY: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 const VOL_DATA: &str = "vol_data.json";
@@ -154,7 +181,8 @@ impl CsiNode {
     }
 
     /// Stages `v` on the node (once) and publishes it at its [`target`] in `dir`; returns that
-    /// path. Nothing is called when it is already mounted there.
+    /// path. Nothing is staged or published when it is already mounted there; a staged
+    /// filesystem is grown when the PV is larger than it (see the module's doc).
     pub async fn publish(
         &self,
         dir: &Path,
@@ -164,16 +192,91 @@ impl CsiNode {
         let target = target(dir, v.block);
         let published = slipway_dataplane::mounts::is_mount_point(&target)
             .map_err(io_err("read the mount table for", &target))?;
-        if published {
-            return Ok(target);
+        if !published {
+            self.stage_and_publish(dir, &target, v, read_only).await?;
         }
+        // A filesystem that cannot be grown now is still usable at its size: the pod runs,
+        // and the next sync tries again.
+        if let Err(e) = self.expand(v).await {
+            tracing::warn!(volume = %v.volume_id, error = %crate::pods::error_chain(&e), "node expansion failed; retrying at the next sync");
+        }
+        Ok(target)
+    }
+
+    /// Grows the staged filesystem of `v` when the volume is larger than what it was last
+    /// grown to (NodeExpandVolume at the staging path), and records the new size.
+    async fn expand(&self, v: &ClaimVolume) -> Result<(), ClaimError> {
+        let staging_dir = self.staging_dir(v);
+        let Some(mut data) = read_vol_data(&staging_dir) else {
+            return Ok(());
+        };
+        // A raw block volume has no staging mount to expand at; its device shows the new size
+        // when it is next staged.
+        if v.block
+            || v.capacity <= data.capacity
+            || unix_now() < data.expand_failed_at + EXPAND_RETRY.as_secs()
+        {
+            return Ok(());
+        }
+        let result = self.node_expand(v, &data.staging).await;
+        match result {
+            Ok(grown) => {
+                tracing::info!(volume = %v.volume_id, from = data.capacity, to = grown, "filesystem expanded");
+                data.capacity = grown.max(v.capacity);
+                data.expand_failed_at = 0;
+                write_vol_data(&staging_dir, &data)
+            }
+            Err(e) => {
+                data.expand_failed_at = unix_now();
+                write_vol_data(&staging_dir, &data)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// NodeExpandVolume of `v` staged at `staging`; the size it reports.
+    async fn node_expand(&self, v: &ClaimVolume, staging: &Path) -> Result<u64, ClaimError> {
+        let resp = self
+            .client()
+            .await?
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: staging.display().to_string(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: i64::try_from(v.capacity).unwrap_or(i64::MAX),
+                    limit_bytes: 0,
+                }),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(capability(v)),
+            })
+            .await
+            .map_err(|source| ClaimError::Call {
+                call: "NodeExpandVolume",
+                volume: v.volume_id.clone(),
+                source,
+            })?
+            .into_inner();
+        Ok(u64::try_from(resp.capacity_bytes).unwrap_or(0))
+    }
+
+    async fn stage_and_publish(
+        &self,
+        dir: &Path,
+        target: &Path,
+        v: &ClaimVolume,
+        read_only: bool,
+    ) -> Result<(), ClaimError> {
         let staging_dir = self.staging_dir(v);
         let staging = staging_dir.join("globalmount");
+        // A volume already staged keeps the size its filesystem was grown to.
+        let had = read_vol_data(&staging_dir);
         let data = VolData {
             driver: v.driver.clone(),
             volume_id: v.volume_id.clone(),
             staging: staging.clone(),
             block: v.block,
+            capacity: had.as_ref().map_or(0, |d| d.capacity),
+            expand_failed_at: had.as_ref().map_or(0, |d| d.expand_failed_at),
         };
         write_vol_data(&staging_dir, &data)?;
         let call = |call, source| ClaimError::Call {
@@ -208,7 +311,7 @@ impl CsiNode {
             .await
             .map_err(|s| call("NodePublishVolume", s))?;
         tracing::info!(volume = %v.volume_id, target = %target.display(), "volume published");
-        Ok(target)
+        Ok(())
     }
 
     /// Unpublishes the volume published in `dir`, if one was (its `vol_data.json`).
@@ -307,6 +410,8 @@ mod tests {
             volume_id: id.into(),
             staging: root.join("staging"),
             block: id == "v2",
+            capacity: 0,
+            expand_failed_at: 0,
         };
         for (pod, vol, id) in [("p1", "a", "v1"), ("p1", "b", "v2"), ("p2", "a", "v1")] {
             write_vol_data(

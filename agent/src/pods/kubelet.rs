@@ -189,6 +189,17 @@ async fn claim_volume(
         return Ok(Err(format!("persistentvolume {pv_name:?} not found")));
     };
     let spec = pv.spec.unwrap_or_default();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a PV's capacity is a positive byte count well inside u64"
+    )]
+    let capacity = spec
+        .capacity
+        .as_ref()
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| slipway_api::meta::parse_quantity(&q.0))
+        .map_or(0, |b| b as u64);
     let Some(csi) = spec.csi else {
         return Ok(Err(format!(
             "persistentvolume {pv_name:?} is not a CSI volume"
@@ -223,6 +234,7 @@ async fn claim_volume(
             .collect(),
         read_only: csi.read_only.unwrap_or(false),
         block: spec.volume_mode.as_deref() == Some("Block"),
+        capacity,
     }))
 }
 

@@ -480,11 +480,7 @@ impl VolumeReconciler {
                     && v.metadata.name.as_deref() == Some(name)
             })
             .with_context(|| format!("spec.dataSource: VolumeSnapshot {name:?} not found"))?;
-        let handle = vs
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(slipway_api::volumes::SNAPSHOT_HANDLE_ANNOTATION))
+        let handle = snapshots::own_handle(vs)
             .filter(|h| vols.contains_key(*h))
             .with_context(|| {
                 format!(
@@ -502,7 +498,7 @@ impl VolumeReconciler {
         self.store_call(
             &s.zone,
             ControlRequest::Clone {
-                snapshot: handle.clone(),
+                snapshot: handle.to_owned(),
                 name: s.volume.clone(),
             },
         )

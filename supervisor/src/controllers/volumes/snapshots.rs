@@ -1,7 +1,8 @@
 //! VolumeSnapshots: a snapshot of a claim served by the reconciler is a block store snapshot
 //! `<volume>@snap-<snapshot uid>` in the volume's store; its status says ready with the restore
-//! size, and annotation `csi.slipway.dev/snapshot-handle` names it (the CSI snapshot ID). A
-//! claim whose `dataSource` is a VolumeSnapshot is a clone of it. A deleted VolumeSnapshot
+//! size, and annotation `csi.slipway.dev/snapshot-handle` names it (the CSI snapshot ID; one
+//! that names another VolumeSnapshot's snapshot is not trusted, see [`own_handle`]). A claim
+//! whose `dataSource` is a VolumeSnapshot is a clone of it. A deleted VolumeSnapshot
 //! takes its block store snapshot along (finalizer), once no volume is made from it.
 
 use anyhow::Context as _;
@@ -24,6 +25,24 @@ pub(super) fn snapshot_resource() -> ApiResource {
 /// The block store snapshot of VolumeSnapshot `uid` of `volume`.
 pub(super) fn snapshot_handle(volume: &str, uid: &str) -> String {
     format!("{volume}@snap-{uid}")
+}
+
+/// The handle annotated on `vs`, if it names the snapshot taken for `vs` itself. The
+/// annotation is writable by whoever may edit the VolumeSnapshot (a cluster's link too), so a
+/// handle naming another VolumeSnapshot's snapshot — another namespace's — is never trusted:
+/// restoring from it would copy another tenant's data, deleting it would delete theirs. The
+/// uid in the name is the server's and unique.
+pub(super) fn own_handle(vs: &DynamicObject) -> Option<&str> {
+    let uid = vs.metadata.uid.as_deref()?;
+    vs.metadata
+        .annotations
+        .as_ref()?
+        .get(SNAPSHOT_HANDLE_ANNOTATION)
+        .map(String::as_str)
+        .filter(|h| {
+            h.strip_suffix(uid)
+                .is_some_and(|rest| rest.ends_with("@snap-") && rest.len() > "@snap-".len())
+        })
 }
 
 impl VolumeReconciler {
@@ -58,12 +77,7 @@ impl VolumeReconciler {
             Api::namespaced_with(self.client.clone(), &ns, &snapshot_resource());
         let finalizers = vs.metadata.finalizers.clone().unwrap_or_default();
         let ours = finalizers.iter().any(|f| f == FINALIZER);
-        let annotated = vs
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SNAPSHOT_HANDLE_ANNOTATION))
-            .cloned();
+        let annotated = own_handle(vs).map(str::to_owned);
         if vs.metadata.deletion_timestamp.is_some() {
             if !ours {
                 return Ok(());
@@ -108,14 +122,7 @@ impl VolumeReconciler {
             return Ok(()); // not made yet: the next pass
         };
         let handle = annotated.unwrap_or_else(|| snapshot_handle(&s.volume, &uid));
-        if !ours
-            || vs
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(SNAPSHOT_HANDLE_ANNOTATION))
-                .is_none()
-        {
+        if !ours || own_handle(vs).is_none() {
             let mut f = finalizers.clone();
             if !ours {
                 f.push(FINALIZER.to_owned());
@@ -165,5 +172,33 @@ impl VolumeReconciler {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vs(uid: &str, handle: &str) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "s", "namespace": "team", "uid": uid,
+                         "annotations": {SNAPSHOT_HANDLE_ANNOTATION: handle}},
+        }))
+        .expect("a VolumeSnapshot")
+    }
+
+    #[test]
+    fn only_a_handle_of_the_snapshot_itself_is_trusted() {
+        let own = snapshot_handle("pvc-1", "u-1");
+        assert_eq!(own_handle(&vs("u-1", &own)), Some(own.as_str()));
+        // Another VolumeSnapshot's snapshot (another namespace's, say) is not.
+        assert_eq!(
+            own_handle(&vs("u-1", &snapshot_handle("pvc-2", "u-2"))),
+            None
+        );
+        assert_eq!(own_handle(&vs("u-1", "u-1")), None);
+        assert_eq!(own_handle(&vs("u-1", "@snap-u-1")), None);
+        assert_eq!(own_handle(&vs("u-1", "pvc-2@clone.pvc-1")), None);
     }
 }
