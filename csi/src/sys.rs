@@ -147,8 +147,29 @@ fn status_has_capability(status: &str, cap: u32) -> bool {
         .is_some_and(|mask| cap < 64 && mask & (1 << cap) != 0)
 }
 
-/// Grows the filesystem mounted at `mountpoint` from `dev` to the device's size (online).
+/// The size of the ext4 filesystem on `dev`, from its superblock (`dumpe2fs -h`).
+fn ext4_size(dev: &str) -> Result<u64, CsiError> {
+    let text = run("dumpe2fs", &["-h", dev])?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    field("Block count:")
+        .zip(field("Block size:"))
+        .map(|(count, size)| count * size)
+        .ok_or_else(|| CsiError::Command {
+            command: format!("dumpe2fs -h {dev}"),
+            output: "no block count or block size".into(),
+        })
+}
+
+/// Grows the filesystem mounted at `mountpoint` from `dev` to the device's size (online); an
+/// ext4 filesystem that already fills its device is left as it is.
 pub fn grow_fs(fs: &str, dev: &str, mountpoint: &Path) -> Result<(), CsiError> {
+    if fs == "ext4" && ext4_size(dev)? + 4096 > device_size(Path::new(dev))? {
+        return Ok(());
+    }
     match fs {
         "xfs" => run("xfs_growfs", &[&mountpoint.to_string_lossy()]).map(drop),
         "ext4" if !has_capability(CAP_SYS_RESOURCE) => Err(CsiError::FailedPrecondition(
