@@ -49,6 +49,13 @@ pub const CSI_NAME_ANNOTATION: &str = "csi.slipway.dev/name";
 /// StorageClass its volumes are made with (vSphere pvCSI's name for it).
 pub const SV_STORAGE_CLASS: &str = "svStorageClass";
 
+/// The StorageClass parameter naming a volume's filesystem (upstream's external-provisioner
+/// key); parameters under `csi.storage.k8s.io/` are the provisioner's, not the driver's.
+pub const FSTYPE_PARAMETER: &str = "csi.storage.k8s.io/fstype";
+
+/// The filesystems the node plugin makes.
+pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
+
 /// Attachment metadata key (the CSI publish context): the client name the export allows.
 pub const CTX_NBD_CLIENT: &str = "nbdClient";
 

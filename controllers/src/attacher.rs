@@ -107,6 +107,7 @@ pub async fn pass(client: &kube::Client, mut csi: Csi) -> anyhow::Result<()> {
                 volume_capability: Some(capability(
                     spec.volume_mode.as_deref(),
                     &spec.access_modes.clone().unwrap_or_default(),
+                    src.fs_type.as_deref().unwrap_or("ext4"),
                 )),
                 readonly: src.read_only.unwrap_or(false),
                 secrets: HashMap::new(),

@@ -28,7 +28,7 @@ use slipway_csi::proto::{
 use tracing::{debug, info, warn};
 
 use crate::events::{self, Told, Type};
-use crate::pvcsi::{Csi, PERIOD, capability, status_text};
+use crate::pvcsi::{Csi, PERIOD, capability, driver_parameters, fs_type, status_text};
 use crate::snapshotter;
 
 const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
@@ -278,7 +278,8 @@ async fn provision(
     let size = storage(claim)
         .ok_or_else(|| anyhow::anyhow!("spec.resources.requests.storage is missing"))?;
     let modes = spec.access_modes.clone().unwrap_or_default();
-    let cap = capability(spec.volume_mode.as_deref(), &modes);
+    let fs_type = fs_type(class.parameters.as_ref())?;
+    let cap = capability(spec.volume_mode.as_deref(), &modes, &fs_type);
     let source = content_source(client, claim, size, claims, pvs).await?;
     let zone = |z: String| slipway_csi::proto::Topology {
         segments: HashMap::from([(ZONE_TOPOLOGY_KEY.to_owned(), z)]),
@@ -324,12 +325,7 @@ async fn provision(
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![cap],
-            parameters: class
-                .parameters
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
+            parameters: driver_parameters(class.parameters.as_ref()),
             secrets: HashMap::new(),
             volume_content_source: source,
             accessibility_requirements: topology,
@@ -361,7 +357,7 @@ async fn provision(
                 "driver": DRIVER,
                 "volumeHandle": vol.volume_id,
                 "volumeAttributes": vol.volume_context,
-                "fsType": if spec.volume_mode.as_deref() == Some("Block") { None } else { Some("ext4") },
+                "fsType": if spec.volume_mode.as_deref() == Some("Block") { None } else { Some(fs_type) },
             },
         },
     });
@@ -529,6 +525,10 @@ async fn keep(
                 volume_capability: Some(capability(
                     spec.volume_mode.as_deref(),
                     &spec.access_modes.clone().unwrap_or_default(),
+                    pv.spec
+                        .as_ref()
+                        .and_then(|s| s.csi.as_ref()?.fs_type.as_deref())
+                        .unwrap_or("ext4"),
                 )),
             })
             .await

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use slipway_api::volumes::{FS_TYPES, FSTYPE_PARAMETER};
 use slipway_csi::paravirtual::{ParavirtualController, SupervisorNamespace};
 use slipway_csi::proto::controller_client::ControllerClient;
 use slipway_csi::proto::controller_server::ControllerServer;
@@ -84,7 +85,41 @@ pub async fn run(client: kube::Client, options: Arc<Options>, link: SupervisorLi
 
 /// The CSI capability of a PV or claim: block or an ext4 mount, single-node writer (or
 /// reader for ReadOnlyMany).
-pub fn capability(volume_mode: Option<&str>, access_modes: &[String]) -> VolumeCapability {
+/// The prefix of the parameters that are the provisioner's, not the driver's.
+const PROVISIONER_PARAMETERS: &str = "csi.storage.k8s.io/";
+
+/// The filesystem a StorageClass's `parameters` ask for (ext4 when none), or why it is refused.
+pub fn fs_type(
+    parameters: Option<&std::collections::BTreeMap<String, String>>,
+) -> anyhow::Result<String> {
+    match parameters.and_then(|p| p.get(FSTYPE_PARAMETER)) {
+        None => Ok("ext4".into()),
+        Some(fs) if FS_TYPES.contains(&fs.as_str()) => Ok(fs.clone()),
+        Some(fs) => anyhow::bail!(
+            "parameters[{FSTYPE_PARAMETER:?}]: {fs:?} is not supported (one of {})",
+            FS_TYPES.join(", ")
+        ),
+    }
+}
+
+/// A StorageClass's parameters for the driver: without the provisioner's own.
+pub fn driver_parameters(
+    parameters: Option<&std::collections::BTreeMap<String, String>>,
+) -> std::collections::HashMap<String, String> {
+    parameters
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| !k.starts_with(PROVISIONER_PARAMETERS))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The capability a volume is asked for with: raw block, or a filesystem of `fs_type`.
+pub fn capability(
+    volume_mode: Option<&str>,
+    access_modes: &[String],
+    fs_type: &str,
+) -> VolumeCapability {
     let mode = if access_modes.iter().all(|m| m == "ReadOnlyMany") && !access_modes.is_empty() {
         Mode::SingleNodeReaderOnly
     } else {
@@ -96,7 +131,7 @@ pub fn capability(volume_mode: Option<&str>, access_modes: &[String]) -> VolumeC
             AccessType::Block(BlockVolume {})
         } else {
             AccessType::Mount(MountVolume {
-                fs_type: "ext4".into(),
+                fs_type: fs_type.into(),
                 mount_flags: vec![],
             })
         }),
@@ -106,4 +141,41 @@ pub fn capability(volume_mode: Option<&str>, access_modes: &[String]) -> VolumeC
 /// A gRPC status as one line (`code: message`).
 pub fn status_text(s: &tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn the_filesystem_comes_from_the_class_and_stays_with_the_provisioner() {
+        let params = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(fs_type(None).ok().as_deref(), Some("ext4"));
+        let xfs = params(&[("svStorageClass", "fast"), (FSTYPE_PARAMETER, "xfs")]);
+        assert_eq!(fs_type(Some(&xfs)).ok().as_deref(), Some("xfs"));
+        let err = fs_type(Some(&params(&[(FSTYPE_PARAMETER, "btrfs")])))
+            .expect_err("btrfs refused")
+            .to_string();
+        assert!(
+            err.contains(FSTYPE_PARAMETER) && err.contains("btrfs"),
+            "{err}"
+        );
+        // The driver sees only its own parameters.
+        assert_eq!(
+            driver_parameters(Some(&xfs)),
+            std::collections::HashMap::from([("svStorageClass".to_owned(), "fast".to_owned())])
+        );
+        let Some(AccessType::Mount(m)) =
+            capability(None, &["ReadWriteOnce".into()], "xfs").access_type
+        else {
+            panic!("a filesystem capability")
+        };
+        assert_eq!(m.fs_type, "xfs");
+    }
 }

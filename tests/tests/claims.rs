@@ -46,6 +46,54 @@ spec:
   resources: {requests: {storage: 256Mi}}
 "#;
 
+/// A VolumeSnapshot of claim `data`, a claim restored from it and a clone of `data`.
+const SNAPSHOT_AND_CLONE: &str = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: data-snap, namespace: default}
+spec:
+  source: {persistentVolumeClaimName: data}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: restored, namespace: default}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: standard
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: data-snap}
+  resources: {requests: {storage: 256Mi}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: cloned, namespace: default}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: standard
+  dataSource: {kind: PersistentVolumeClaim, name: data}
+  resources: {requests: {storage: 256Mi}}
+"#;
+
+/// An xfs class that allows expansion (ext4 grows online only with CAP_SYS_RESOURCE, which
+/// this machine's container does not grant), and a claim of it.
+const GROWING: &str = r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: growing}
+provisioner: csi.slipway.dev
+parameters: {svStorageClass: fast, csi.storage.k8s.io/fstype: xfs}
+allowVolumeExpansion: true
+allowedTopologies:
+- matchLabelExpressions: [{key: topology.slipway.dev/zone, values: [za]}]
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: grow, namespace: default}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: growing
+  resources: {requests: {storage: 320Mi}}
+"#;
+
 const RAW_CLAIM: &str = r#"
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -76,13 +124,13 @@ spec:
     volumeDevices: [{name: raw, devicePath: /dev/xvda}]
 "#;
 
-/// A pod placed by `placement` (YAML lines of its spec) that runs `script` with claim `data`
+/// A pod placed by `placement` (YAML lines of its spec) that runs `script` with claim `claim`
 /// at /data (restartPolicy Never).
-fn claim_pod(name: &str, placement: &str, script: &str) -> String {
+fn claim_pod(name: &str, claim: &str, placement: &str, script: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
          {placement}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  \
-         volumes: [{{name: data, persistentVolumeClaim: {{claimName: data}}}}]\n  containers:\n  \
+         volumes: [{{name: data, persistentVolumeClaim: {{claimName: {claim}}}}}]\n  containers:\n  \
          - name: sh\n    image: busybox\n    imagePullPolicy: Never\n    command: [sh, -c, {script:?}]\n    \
          volumeMounts: [{{name: data, mountPath: /data}}]\n"
     )
@@ -184,6 +232,7 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
         &path,
         &claim_pod(
             "writer",
+            "data",
             &format!("nodeName: {}", nodes[0]),
             "echo kept-across-hosts > /data/note && sync && grep -q ' /data ext4 ' /proc/mounts",
         ),
@@ -207,6 +256,7 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
         &path,
         &claim_pod(
             "reader",
+            "data",
             // Any node but the writer's: the scheduler must pick one in the volume's zone.
             &format!(
                 "affinity: {{nodeAffinity: {{requiredDuringSchedulingIgnoredDuringExecution: \
@@ -266,16 +316,115 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
         started.elapsed()
     );
 
-    // Deleting the claims (once no pod uses them) deletes the supervisor's claims and volumes.
-    for (pod, claim) in [("reader", "data"), ("fio", "raw")] {
+    // A VolumeSnapshot of `data`, a claim restored from it and a clone of `data`: each
+    // holds the writer's bytes.
+    world.apply_with(&path, SNAPSHOT_AND_CLONE);
+    let started = Instant::now();
+    for (pod, claim) in [("from-snapshot", "restored"), ("from-clone", "cloned")] {
+        world.apply_with(
+            &path,
+            &claim_pod(
+                pod,
+                claim,
+                &format!("nodeName: {}", nodes[0]),
+                "test \"$(cat /data/note)\" = kept-across-hosts",
+            ),
+        );
+        let phase = finished(&pods, pod).await;
+        assert_eq!(
+            phase,
+            "Succeeded",
+            "{pod}: {}",
+            pod_log(&world, &nodes[0], pod)
+        );
+    }
+    eprintln!(
+        "snapshot → restored claim and clone read the writer's bytes in {:?}",
+        started.elapsed()
+    );
+
+    // Online expansion (xfs): a pod writes and prints its filesystem's size while the claim
+    // grows from 320Mi to 640Mi; df inside the pod sees the new size, the pod never stops.
+    world.apply_with(&path, GROWING);
+    world.apply_with(
+        &path,
+        &claim_pod(
+            "grower",
+            "grow",
+            &format!("nodeName: {}", nodes[0]),
+            "while true; do dd if=/dev/zero of=/data/f bs=64k count=16 conv=fsync 2>/dev/null \
+             || exit 1; df -k /data | awk 'NR==2 {print \"size\", $2}'; \
+             test -f /data/stop && exit 0; sleep 0.5; done",
+        ),
+    );
+    let size_seen = |at_least: u64| {
+        let log = pod_log(&world, &nodes[0], "grower");
+        log.lines()
+            // CRI log lines: `<time> stdout F size <KiB>`.
+            .filter_map(|l| l.split_once(" size ").map(|(_, v)| v))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .any(|kib| kib >= at_least)
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !size_seen(200_000) {
+        assert!(
+            Instant::now() < deadline,
+            "the grower never wrote: {:?}\nlog: {}",
+            pods.get("grower").await.ok().and_then(|p| p.status),
+            pod_log(&world, &nodes[0], "grower")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    world.kubectl_with(
+        &path,
+        &[
+            "patch",
+            "pvc",
+            "grow",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"640Mi"}}}}"#,
+        ],
+    );
+    wait_for(
+        "df in the pod shows the grown size",
+        Duration::from_secs(90),
+        || async { size_seen(500_000).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "claim grown online under a writing pod: df shows it {:?} after the patch",
+        started.elapsed()
+    );
+    let grower = pods.get("grower").await.expect("grower");
+    assert_eq!(
+        grower.status.and_then(|s| s.phase).as_deref(),
+        Some("Running"),
+        "the writer stopped: {}",
+        pod_log(&world, &nodes[0], "grower")
+    );
+
+    // Deleting the pods, the claims and the snapshot deletes the supervisor's claims, its
+    // snapshot and the volumes.
+    for pod in ["reader", "fio", "from-snapshot", "from-clone", "grower"] {
         pods.delete(pod, &DeleteParams::default())
             .await
             .expect("delete pod");
+    }
+    for claim in ["raw", "restored", "cloned", "grow"] {
         claims
             .delete(claim, &DeleteParams::default())
             .await
             .expect("delete claim");
     }
+    world.kubectl_with(
+        &path,
+        &["delete", "volumesnapshot", "data-snap", "--wait=false"],
+    );
+    claims
+        .delete("data", &DeleteParams::default())
+        .await
+        .expect("delete claim");
     wait_for(
         "the supervisor's claim gone",
         Duration::from_secs(60),

@@ -201,7 +201,7 @@ pub async fn apply(client: &Client, yaml: serde_json::Value) -> Result<()> {
 }
 
 pub fn mount_cap() -> slipway_csi::proto::VolumeCapability {
-    slipway_controllers::pvcsi::capability(None, &["ReadWriteOnce".into()])
+    slipway_controllers::pvcsi::capability(None, &["ReadWriteOnce".into()], "ext4")
 }
 
 /// The running world; its processes stop and its directory goes when it is dropped (the

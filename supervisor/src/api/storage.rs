@@ -57,24 +57,30 @@ impl Validate for StorageClass {
             errs.push(FieldError::required("provisioner"));
         }
         // The driver takes one parameter, a workload cluster's `svStorageClass` (the supervisor
-        // class its volumes are made with); in the supervisor the class itself is the policy
-        // (which namespaces may use it, its reclaim policy, its zones).
+        // class its volumes are made with), and the provisioner the filesystem; in the
+        // supervisor the class itself is the policy (which namespaces may use it, its reclaim
+        // policy, its zones).
         if self.provisioner == slipway_api::volumes::DRIVER {
-            for k in self
-                .parameters
-                .iter()
-                .flat_map(|p| p.keys())
-                .filter(|k| *k != slipway_api::volumes::SV_STORAGE_CLASS)
-            {
-                errs.push(FieldError::invalid(
-                    format!("parameters.{k}"),
-                    k,
-                    format!(
-                        "unknown parameter: {} takes only {}",
-                        slipway_api::volumes::DRIVER,
-                        slipway_api::volumes::SV_STORAGE_CLASS
-                    ),
-                ));
+            use slipway_api::volumes::{FS_TYPES, FSTYPE_PARAMETER, SV_STORAGE_CLASS};
+            for (k, v) in self.parameters.iter().flatten() {
+                if k == FSTYPE_PARAMETER {
+                    if !FS_TYPES.contains(&v.as_str()) {
+                        errs.push(FieldError::not_supported(
+                            format!("parameters.{k}"),
+                            v,
+                            &FS_TYPES,
+                        ));
+                    }
+                } else if k != SV_STORAGE_CLASS {
+                    errs.push(FieldError::invalid(
+                        format!("parameters.{k}"),
+                        k,
+                        format!(
+                            "unknown parameter: {} takes {SV_STORAGE_CLASS} and {FSTYPE_PARAMETER}",
+                            slipway_api::volumes::DRIVER,
+                        ),
+                    ));
+                }
             }
         }
         if let Some(p) = &self.reclaim_policy
