@@ -3,8 +3,8 @@
 //! node`) stages it (NBD attach, mkfs, mount) and publishes it into the pod the runner starts
 //! through containerd; the pod's bytes are still there for the next pod after the volume was
 //! unpublished and unstaged; a volume grown under a running pod is expanded online (the pod's
-//! df sees it); a claim that is not bound keeps its pod in ContainerCreating with
-//! the reason; nothing is left (mount, loop device, attach process) once the pods are gone.
+//! df sees it); fio in a pod verifies its writes while the node plugin is killed (kill -9) and
+//! started again; a claim that is not bound keeps its pod in ContainerCreating with the reason; nothing is left (mount, loop device, attach process) once the pods are gone.
 //! Privileged (root, BPF, netns, containerd, FUSE, loop devices): run by scripts/test.sh.
 
 #[path = "../../cni/tests/common/mod.rs"]
@@ -155,19 +155,18 @@ fn claims_are_staged_and_published_through_the_csi_node_plugin_and_keep_their_by
     let csi_dir = host.cluster.dir.join("csi");
     std::fs::create_dir_all(&csi_dir).expect("csi dir");
     let socket = csi_dir.join("csi.sock");
-    let _plugin = spawn(
-        &[
-            "csi",
-            "node",
-            "--endpoint",
-            &format!("unix://{}", socket.display()),
-            "--node-id",
-            "n1",
-            "--state-dir",
-            &csi_dir.join("attachments").display().to_string(),
-        ],
-        &csi_dir.join("plugin.log"),
-    );
+    let plugin_args = [
+        "csi".to_owned(),
+        "node".into(),
+        "--endpoint".into(),
+        format!("unix://{}", socket.display()),
+        "--node-id".into(),
+        "n1".into(),
+        "--state-dir".into(),
+        csi_dir.join("attachments").display().to_string(),
+    ];
+    let plugin_args: Vec<&str> = plugin_args.iter().map(String::as_str).collect();
+    let plugin = spawn(&plugin_args, &csi_dir.join("plugin.log"));
     await_path(&socket, &csi_dir.join("plugin.log"));
 
     // The runner with the node's CSI plugin, as `slipway agent --csi-dir` configures it.
@@ -312,6 +311,58 @@ fn claims_are_staged_and_published_through_the_csi_node_plugin_and_keep_their_by
     assert!(
         after > 500 << 20,
         "{after} bytes after growing (from {before})"
+    );
+
+    // fio verifies its writes inside a pod while the node plugin is killed (kill -9) and
+    // started again: the attachment lives in its own process, so I/O never stops.
+    let rootfs = host.cluster.dir.join("fio-rootfs");
+    slipway_agent::pods::image::tools_rootfs(&rootfs, &["/usr/bin/fio"]).expect("fio rootfs");
+    let (ok, err) = import(&host, &["fio", rootfs.to_str().expect("utf-8")]);
+    assert!(ok, "slipway image import fio: {err}");
+    let fio = pod(
+        "fio",
+        json!({
+            "restartPolicy": "Never",
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+            "containers": [{"name": "fio", "image": "fio", "imagePullPolicy": "Never",
+                            "command": ["/usr/bin/fio", "--name=verify", "--filename=/data/fio.dat",
+                                        "--size=32M", "--rw=randwrite", "--bs=4k", "--direct=1",
+                                        "--ioengine=psync", "--verify=crc32c", "--do_verify=1"],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+        }),
+    );
+    let pods = vec![reader.clone(), fio.clone()];
+    host.wait(&pods, "fio", Duration::from_secs(90), |s| {
+        s.phase.as_deref() == Some("Running")
+    });
+    let fio_log = host
+        .dir
+        .join("pods")
+        .join(format!("default_fio_{}", uid(&fio)))
+        .join("fio/0.log");
+    let attached = attach_processes(&csi_dir);
+    assert!(
+        !std::fs::read_to_string(&fio_log)
+            .unwrap_or_default()
+            .contains("err="),
+        "fio ended before the plugin was killed"
+    );
+    drop(plugin);
+    let _plugin = spawn(&plugin_args, &csi_dir.join("plugin.log"));
+    await_path(&socket, &csi_dir.join("plugin.log"));
+    let status = host.wait(&pods, "fio", Duration::from_secs(120), |s| {
+        matches!(s.phase.as_deref(), Some("Succeeded" | "Failed"))
+    });
+    let log = std::fs::read_to_string(&fio_log).unwrap_or_default();
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "fio: {log}");
+    assert!(
+        log.contains("err= 0") && !log.contains("verify: bad"),
+        "fio did not verify: {log}"
+    );
+    assert_eq!(
+        attach_processes(&csi_dir),
+        attached,
+        "the attach process outlived the plugin"
     );
 
     // A claim that is not bound: the pod waits with the reason and gets no sandbox.
