@@ -248,6 +248,9 @@ impl VolumeReconciler {
         let world = self.read().await?;
         let zones: BTreeSet<String> = self.stores.keys().cloned().collect();
         let mut served = Vec::new();
+        // A claim that cannot be released yet (its volume still has clones) holds up neither
+        // the others nor the rest of the pass; the pass reports it at the end and is retried.
+        let mut unreleased = None;
         for claim in &world.claims {
             let ns = claim.metadata.namespace.clone().unwrap_or_default();
             let name = claim.metadata.name.clone().unwrap_or_default();
@@ -265,8 +268,11 @@ impl VolumeReconciler {
             };
             let volume = volume_name(&uid);
             if claim.metadata.deletion_timestamp.is_some() {
-                if has_finalizer(&claim.metadata) {
-                    self.release(claim, &volume, &world, class).await?;
+                if has_finalizer(&claim.metadata)
+                    && let Err(e) = self.release(claim, &volume, &world, class).await
+                {
+                    warn!(claim = %format!("{ns}/{name}"), error = %format!("{e:#}"), "releasing the claim failed; retrying");
+                    unreleased.get_or_insert(e);
                 }
                 continue;
             }
@@ -324,7 +330,8 @@ impl VolumeReconciler {
         }
         self.attach_all(&served, &world).await?;
         self.snapshot_all(&served, &world).await;
-        self.sweep(&world).await
+        self.sweep(&world).await?;
+        unreleased.map_or(Ok(()), Err)
     }
 
     async fn store_call(
@@ -784,6 +791,7 @@ impl VolumeReconciler {
             .iter()
             .filter_map(|c| c.metadata.uid.clone())
             .collect();
+        let mut failed = None;
         for (name, pv) in &world.pvs {
             let ours = pv
                 .metadata
@@ -809,7 +817,11 @@ impl VolumeReconciler {
                 continue;
             }
             info!(pv = %name, "removing a PV whose claim is gone");
-            self.delete_volume(name, world).await?;
+            // A volume with clones waits for them; the others go on.
+            if let Err(e) = self.delete_volume(name, world).await {
+                failed.get_or_insert(e);
+                continue;
+            }
             match self.pvs.delete(name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(e) if is_status(&e, 404) => {}
@@ -825,10 +837,12 @@ impl VolumeReconciler {
                     continue;
                 }
                 info!(volume = %name, "removing a volume whose claim is gone");
-                self.delete_volume(name, world).await?;
+                if let Err(e) = self.delete_volume(name, world).await {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
