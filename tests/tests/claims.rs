@@ -289,6 +289,63 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
         started.elapsed()
     );
 
+    // The workload cluster holds no credential for the block store or the supervisor: its
+    // PVs, VolumeAttachments, StorageClasses and Secrets name volumes, addresses and classes,
+    // never a key or a token (the cluster's link to its namespace lives on its control plane
+    // host, not in its API).
+    let mut objects = Vec::new();
+    objects.push(serde_json::to_string(
+        &Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(workload.clone())
+            .list(&ListParams::default())
+            .await
+            .expect("PVs")
+            .items,
+    ));
+    objects.push(serde_json::to_string(
+        &Api::<VolumeAttachment>::all(workload.clone())
+            .list(&ListParams::default())
+            .await
+            .expect("VolumeAttachments")
+            .items,
+    ));
+    objects.push(serde_json::to_string(
+        &Api::<k8s_openapi::api::storage::v1::StorageClass>::all(workload.clone())
+            .list(&ListParams::default())
+            .await
+            .expect("StorageClasses")
+            .items,
+    ));
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::all(workload.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("Secrets")
+        .items;
+    for secret in &secrets {
+        for value in secret.data.iter().flatten().map(|(_, v)| &v.0) {
+            objects.push(Ok(String::from_utf8_lossy(value).into_owned()));
+        }
+    }
+    let link = std::fs::read_to_string(
+        world
+            .dir
+            .path()
+            .join("sup/hosts/data/team-w-w1-control-plane-0/supervisor-link.kubeconfig"),
+    )
+    .expect("the control plane host's link");
+    let link_key = link
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("client-key-data:"))
+        .map(str::trim)
+        .expect("the link's key");
+    for text in objects {
+        let text = text.expect("serialize");
+        assert!(
+            !text.contains("PRIVATE KEY") && !text.contains(link_key) && !text.contains("token"),
+            "a credential in the workload cluster's objects: {}",
+            text.chars().take(400).collect::<String>()
+        );
+    }
+
     // A raw block claim (volumeMode Block): fio writes it through the device and verifies.
     world.apply_with(&path, RAW_CLAIM);
     wait_for("claim raw Bound", Duration::from_secs(60), || async {
