@@ -5,6 +5,8 @@
 //! `kubectl get svc`, a request outside the pool becomes a Warning Event naming the field, and
 //! deleting the Service deletes the mirror.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,10 +23,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use slipway_controllers::cloud_provider::mirror_name;
 use slipway_controllers::{Options, SupervisorLink};
-use slipway_supervisor::admission::AdmissionConfig;
 use slipway_supervisor::controllers::loadbalancers::LoadBalancerReconciler;
-use slipway_supervisor::server::limits::ConnectionLimits;
-use slipway_supervisor::server::{Server, ServerConfig, StoreConfig};
 
 const NS: &str = "team-a";
 const CLUSTER: &str = "c1";
@@ -54,24 +53,8 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
 /// An API server on a temporary directory; its tasks end with the test's runtime.
 async fn server() -> Result<(tempfile::TempDir, Client, PathBuf)> {
     let dir = tempfile::Builder::new().prefix("slipway-cp-").tempdir()?;
-    let server = Server::bind(ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse()?,
-        store: StoreConfig::Redb,
-        token_file: None,
-        audit_log: None,
-        watch_history: slipway_supervisor::store::redb::DEFAULT_HISTORY,
-        admission: AdmissionConfig::default(),
-        limits: ConnectionLimits::default(),
-        advertise: Vec::new(),
-    })
-    .await?;
-    let controllers = server.controllers_kubeconfig().to_owned();
-    tokio::spawn(server.serve(std::future::pending()));
-    let kubeconfig = Kubeconfig::read_from(dir.path().join("admin.kubeconfig"))?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok((dir, Client::try_from(config)?, controllers))
+    let (client, controllers, _) = common::api_server(dir.path()).await?;
+    Ok((dir, client, controllers))
 }
 
 /// A client with the cluster link's own identity (`system:cluster:<namespace>:<cluster>`, group

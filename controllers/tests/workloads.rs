@@ -6,6 +6,8 @@
 //! The test plays the kubelet (the seam until the host agent runs Pods): it marks each bound
 //! Pod Running and Ready with a Pod IP, unless the test holds that Pod not ready.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,14 +20,10 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use slipway_controllers::Options;
-use slipway_supervisor::admission::AdmissionConfig;
-use slipway_supervisor::server::limits::ConnectionLimits;
-use slipway_supervisor::server::{Server, ServerConfig, StoreConfig};
 
 /// Debian's kubectl 1.20 (override with SLIPWAY_KUBECTL).
 fn kubectl_path() -> PathBuf {
@@ -52,23 +50,7 @@ impl Cluster {
     /// goes Unknown.
     async fn start(grace: Option<Duration>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("slipway-ctrl-").tempdir()?;
-        let server = Server::bind(ServerConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse()?,
-            store: StoreConfig::Redb,
-            token_file: None,
-            audit_log: None,
-            watch_history: slipway_supervisor::store::redb::DEFAULT_HISTORY,
-            admission: AdmissionConfig::default(),
-            limits: ConnectionLimits::default(),
-            advertise: Vec::new(),
-        })
-        .await?;
-        tokio::spawn(server.serve(std::future::pending()));
-        let kubeconfig = Kubeconfig::read_from(dir.path().join("admin.kubeconfig"))?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        let client = Client::try_from(config)?;
+        let (client, _, _) = common::api_server(dir.path()).await?;
         let metrics = Arc::new(slipway_controllers::Metrics::default());
         tokio::spawn(slipway_controllers::run(
             client.clone(),
