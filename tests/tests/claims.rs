@@ -462,21 +462,35 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
     );
 
     // Deleting the pods, the claims and the snapshot deletes the supervisor's claims, its
-    // snapshot and the volumes.
+    // snapshot and the volumes, in the order their dependencies allow (as a user would): the
+    // clones and restored claims, then the snapshot, then its source.
     for pod in ["reader", "fio", "from-snapshot", "from-clone", "grower"] {
         pods.delete(pod, &DeleteParams::default())
             .await
             .expect("delete pod");
     }
+    let supervisor_claims_left = |at_most: usize| {
+        let supervisor_claims = supervisor_claims.clone();
+        async move {
+            let left = supervisor_claims.list(&ListParams::default()).await.ok()?;
+            (left.items.len() <= at_most).then_some(())
+        }
+    };
     for claim in ["raw", "restored", "cloned", "grow"] {
         claims
             .delete(claim, &DeleteParams::default())
             .await
             .expect("delete claim");
     }
+    wait_for(
+        "the supervisor's claims of the clones gone",
+        Duration::from_secs(120),
+        || supervisor_claims_left(1),
+    )
+    .await;
     world.kubectl_with(
         &path,
-        &["delete", "volumesnapshot", "data-snap", "--wait=false"],
+        &["delete", "volumesnapshot", "data-snap", "--wait=true", "--timeout=120s"],
     );
     claims
         .delete("data", &DeleteParams::default())
@@ -484,14 +498,8 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
         .expect("delete claim");
     wait_for(
         "the supervisor's claim gone",
-        Duration::from_secs(60),
-        || async {
-            supervisor_claims
-                .list(&ListParams::default())
-                .await
-                .ok()
-                .filter(|l| l.items.is_empty())
-        },
+        Duration::from_secs(120),
+        || supervisor_claims_left(0),
     )
     .await;
 
