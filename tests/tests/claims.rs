@@ -490,7 +490,13 @@ async fn a_claim_is_provisioned_by_the_supervisor_and_follows_its_pod_to_another
     .await;
     world.kubectl_with(
         &path,
-        &["delete", "volumesnapshot", "data-snap", "--wait=true", "--timeout=120s"],
+        &[
+            "delete",
+            "volumesnapshot",
+            "data-snap",
+            "--wait=true",
+            "--timeout=120s",
+        ],
     );
     claims
         .delete("data", &DeleteParams::default())
