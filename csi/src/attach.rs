@@ -116,7 +116,7 @@ const FILE: INodeNo = INodeNo(2);
 
 /// NBD connections per attachment when the server allows several (`NBD_FLAG_CAN_MULTI_CONN`:
 /// a FLUSH on one covers the writes completed on all), and FUSE threads serving them.
-const CONNECTIONS: usize = 4;
+const CONNECTIONS: usize = 8;
 
 /// The connections FUSE requests are served on.
 struct Pool {
@@ -238,6 +238,16 @@ impl DiskFs {
 const TTL: Duration = Duration::ZERO;
 
 impl Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Direct I/O submitted asynchronously (the loop device's, in direct-I/O mode) reaches
+        // this process as concurrent requests, one per FUSE thread and NBD connection, instead
+        // of one at a time.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+            tracing::warn!(?missing, "the kernel's FUSE has no asynchronous direct I/O");
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent == ROOT && name == DISK {
             reply.entry(&TTL, &self.attr(FILE), fuser::Generation(0));

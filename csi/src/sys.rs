@@ -31,10 +31,14 @@ pub fn run(tool: &str, args: &[&str]) -> Result<String, CsiError> {
     }
 }
 
-/// Attaches a loop device to `file`; returns the device path.
+/// Attaches a loop device to `file` in direct-I/O mode (the loop device keeps many requests in
+/// flight on its file and no second page cache; the kernel falls back to buffered I/O on a file
+/// that cannot do direct I/O); returns the device path.
 pub fn loop_attach(file: &Path) -> Result<String, CsiError> {
     let f = file.to_string_lossy();
-    Ok(run("losetup", &["--find", "--show", &f])?.trim().to_owned())
+    Ok(run("losetup", &["--find", "--show", "--direct-io=on", &f])?
+        .trim()
+        .to_owned())
 }
 
 /// Detaches a loop device.
