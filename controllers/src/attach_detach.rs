@@ -20,6 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use tracing::{info, warn};
 
+use crate::wake::Wakeups;
 use crate::{Error, api_err};
 
 /// How often the controller looks when nothing changes.
@@ -161,18 +162,15 @@ pub fn plan(
 pub async fn run(client: kube::Client) {
     let pods: Api<Pod> = Api::all(client.clone());
     let attachments: Api<VolumeAttachment> = Api::all(client.clone());
-    let mut pod_events = watcher(pods, watcher::Config::default()).boxed();
-    let mut va_events = watcher(attachments, watcher::Config::default()).boxed();
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let events = futures_util::stream::select(
+        watcher(pods, watcher::Config::default()).map(|_| ()),
+        watcher(attachments, watcher::Config::default()).map(|_| ()),
+    );
+    let mut wake = Wakeups::new(events, PERIOD);
     // Holds already told as an Event: one Event per hold, not one per pass.
     let mut told = BTreeSet::new();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = pod_events.next() => {}
-            _ = va_events.next() => {}
-        }
+        wake.next().await;
         if let Err(e) = pass(&client, &mut told).await {
             warn!(error = ?e, "attach-detach pass failed; retrying");
         }

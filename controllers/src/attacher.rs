@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -17,6 +16,7 @@ use slipway_csi::proto::{ControllerPublishVolumeRequest, ControllerUnpublishVolu
 use tracing::{info, warn};
 
 use crate::pvcsi::{Csi, PERIOD, capability, status_text};
+use crate::wake::Wakeups;
 
 /// The finalizer on the VolumeAttachments the attacher serves (upstream's name for it).
 pub const FINALIZER: &str = "external-attacher/csi-slipway-dev";
@@ -24,14 +24,9 @@ pub const FINALIZER: &str = "external-attacher/csi-slipway-dev";
 /// Runs until the task is dropped.
 pub async fn run(client: kube::Client, csi: Csi) {
     let api: Api<VolumeAttachment> = Api::all(client.clone());
-    let mut events = watcher(api, watcher::Config::default()).boxed();
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wake = Wakeups::new(watcher(api, watcher::Config::default()), PERIOD);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = events.next() => {}
-        }
+        wake.next().await;
         if let Err(e) = pass(&client, csi.clone()).await {
             warn!(error = %format!("{e:#}"), "attacher pass failed; retrying");
         }

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::endpointslice::{MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 use crate::events::{self, Type};
 use crate::placement::ZONE_LABEL;
+use crate::wake::Wakeups;
 use crate::{Error, Options, SupervisorLink, api_err};
 
 const NAME: &str = "cloud-provider";
@@ -234,16 +235,11 @@ pub async fn run(workload: Client, link: SupervisorLink, options: Arc<Options>) 
         watcher::Config::default().labels(&format!("{CLUSTER_LABEL}={}", link.cluster)),
     )
     .map(|_| ());
-    let mut events =
-        futures_util::stream::select(services, futures_util::stream::select(nodes, mirrors))
-            .boxed();
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let events =
+        futures_util::stream::select(services, futures_util::stream::select(nodes, mirrors));
+    let mut wake = Wakeups::new(events, PERIOD);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = events.next() => {}
-        }
+        wake.next().await;
         if let Err(e) = provider.pass().await {
             provider.options.metrics.failed(NAME);
             warn!(controller = NAME, error = %e, "pass failed; retrying");

@@ -24,6 +24,7 @@ pub mod pvcsi;
 pub mod replicaset;
 pub mod scheduler;
 pub mod snapshotter;
+pub mod wake;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::Context as _;
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -30,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::events::{self, Told, Type};
 use crate::pvcsi::{Csi, PERIOD, capability, driver_parameters, fs_type, status_text};
 use crate::snapshotter;
+use crate::wake::Wakeups;
 
 const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 
@@ -105,14 +105,9 @@ impl std::error::Error for Waiting {}
 pub async fn run(client: kube::Client, csi: Csi) {
     let mut told = Told::default();
     let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
-    let mut events = watcher(claims, watcher::Config::default()).boxed();
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wake = Wakeups::new(watcher(claims, watcher::Config::default()), PERIOD);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = events.next() => {}
-        }
+        wake.next().await;
         if let Err(e) = pass(&client, csi.clone(), &mut told).await {
             warn!(error = %format!("{e:#}"), "provisioner pass failed; retrying");
         }

@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
@@ -30,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::events::{Told, Type};
 use crate::pvcsi::{Csi, PERIOD, status_text};
+use crate::wake::Wakeups;
 
 /// The finalizer on the VolumeSnapshots whose snapshot this controller took (upstream's name
 /// for the one that holds a VolumeSnapshot until its snapshot is deleted).
@@ -96,17 +96,11 @@ pub async fn run(client: kube::Client, csi: Csi) {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource());
     // Backed off: on an API server that does not serve VolumeSnapshots (a kube-apiserver
     // without the snapshot CRDs) the watch fails at once, and would otherwise spin the loop.
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let events = watcher(api, watcher::Config::default()).default_backoff();
+    let mut wake = Wakeups::new(events, PERIOD);
     let mut told = Told::default();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = events.next() => {}
-        }
+        wake.next().await;
         if let Err(e) = pass(&client, csi.clone(), &mut told).await {
             warn!(error = %format!("{e:#}"), "snapshotter pass failed; retrying");
         }
