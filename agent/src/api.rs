@@ -13,9 +13,9 @@ use crate::hosts::{Host, sync_routes, validate_hosts};
 use crate::metrics::render_metrics;
 use crate::policy::{FlowFilter, List, ListKind};
 use crate::run::{Agent, desired_path, write_atomically};
-use crate::services::{Service, service_entries, validate_services};
+use crate::services::{LocalService, service_entries, validate_services};
 
-pub(crate) async fn get_services(State(agent): State<Arc<Agent>>) -> Json<Vec<Service>> {
+pub(crate) async fn get_services(State(agent): State<Arc<Agent>>) -> Json<Vec<LocalService>> {
     Json(agent.services.lock().await.0.clone())
 }
 
@@ -27,7 +27,7 @@ pub(crate) async fn put_services(
     if let Some(refused) = refused_while_fed(&agent) {
         return refused;
     }
-    let services: Vec<Service> = match serde_json::from_slice(&body) {
+    let services: Vec<LocalService> = match serde_json::from_slice(&body) {
         Ok(services) => services,
         Err(e) => return errors(400, vec![format!("body: {e}")]),
     };
@@ -37,7 +37,7 @@ pub(crate) async fn put_services(
 /// Replaces the service list, whoever asks (the local API or the cluster feed): it is written
 /// to disk before the datapath changes, and the reply is made after both, so a 2xx means a
 /// restarted agent knows the list too.
-pub(crate) async fn apply_services(agent: &Agent, services: Vec<Service>) -> Reply {
+pub(crate) async fn apply_services(agent: &Agent, services: Vec<LocalService>) -> Reply {
     if let Err(invalid) = validate_services(&services, agent.args.pod_cidr) {
         return (
             StatusCode::UNPROCESSABLE_ENTITY,

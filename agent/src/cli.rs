@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use slipway_local::LocalClient;
 
 use crate::policy::Flow;
+use slipway_api::meta::unknown_fields;
 
 const DEFAULT_SOCKET: &str = "/run/slipway/agent.sock";
 
@@ -287,7 +288,10 @@ pub fn locate_misfits(kind: &str, name: &str, text: &str) -> Vec<String> {
     }
 }
 
-fn misfits<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Vec<String> {
+fn misfits<T: serde::de::DeserializeOwned + serde::Serialize>(
+    name: &str,
+    text: &str,
+) -> Vec<String> {
     let Ok(values) = serde_saphyr::from_multiple::<serde_json::Value>(text) else {
         return Vec::new();
     };
@@ -312,9 +316,42 @@ fn misfits<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Vec<String
                 line_offset: *offset,
                 source_name: Some(name),
             }));
+            continue;
+        }
+        // Fields the type skips without an error (k8s-openapi's types do), at the line of the
+        // first key of that name.
+        let items = match value {
+            serde_json::Value::Array(items) => items.as_slice(),
+            _ if is_list => value["items"].as_array().map_or(&[][..], Vec::as_slice),
+            _ => std::slice::from_ref(value),
+        };
+        for item in items {
+            let Ok(kept) =
+                serde_json::from_value::<T>(item.clone()).and_then(|t| serde_json::to_value(&t))
+            else {
+                continue;
+            };
+            for field in unknown_fields(item, &kept) {
+                let key = field.rsplit(['.', ']']).next().unwrap_or(&field);
+                let line = body
+                    .lines()
+                    .position(|l| names_key(l, key))
+                    .map_or(String::new(), |i| format!("{}:", *offset + i as u64 + 1));
+                out.push(format!("{name}:{line} unknown field {field:?}"));
+            }
         }
     }
     out
+}
+
+/// Whether a YAML line has the key `key` (block or flow style).
+fn names_key(line: &str, key: &str) -> bool {
+    line.match_indices(&format!("{key}:")).any(|(i, _)| {
+        line[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.'))
+    })
 }
 
 /// The human form of an explain answer.

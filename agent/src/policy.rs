@@ -16,6 +16,7 @@ use slipway_dataplane::policy::{AsyncPolicyEvents, PolicyMaps, PolicyTables};
 use tokio::sync::{Mutex, broadcast};
 use tracing::{error, info};
 
+use slipway_api::meta::decode_strict;
 use slipway_cni::policy::compile::{
     self, Compiled, EndVerdict, Explanation, Namespace, Pod, protocol_name, protocol_number,
 };
@@ -114,8 +115,9 @@ impl List {
     }
 }
 
-/// Each item of `items` as a `T`, or an error per item that is not one.
-fn parse_items<T: serde::de::DeserializeOwned>(
+/// Each item of `items` as a `T`, or an error per item that is not one (a field `T` does not
+/// know included).
+fn parse_items<T: serde::de::DeserializeOwned + Serialize>(
     kind: ListKind,
     items: Vec<serde_json::Value>,
 ) -> Result<Vec<T>, Vec<String>> {
@@ -123,7 +125,7 @@ fn parse_items<T: serde::de::DeserializeOwned>(
     let mut errors = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let name = item_name(&item);
-        match serde_json::from_value(item) {
+        match decode_strict(item) {
             Ok(value) => parsed.push(value),
             Err(e) => errors.push(format!("{}[{i}]{name}: {e}", kind.name())),
         }
@@ -708,12 +710,14 @@ mod tests {
         let errors = List::parse(ListKind::Policies, body).expect_err("two bad items");
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(
-            errors[0].starts_with("networkpolicies[1] (shop/web): unknown field `podSelectr`"),
+            errors[0]
+                .starts_with("networkpolicies[1] (shop/web): unknown field \"spec.podSelectr\""),
             "{}",
             errors[0]
         );
         assert!(
-            errors[1].starts_with("networkpolicies[2] (db): unknown field `form`"),
+            errors[1]
+                .starts_with("networkpolicies[2] (db): unknown field \"spec.ingress[0].form\""),
             "{}",
             errors[1]
         );

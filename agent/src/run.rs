@@ -27,7 +27,7 @@ use crate::heartbeat::Heartbeat;
 use crate::hosts::{Host, restore_hosts, sync_routes};
 use crate::metrics::watch_counters;
 use crate::policy::PolicyNode;
-use crate::services::Service;
+use crate::services::LocalService;
 use ipnetwork::Ipv4Network;
 
 pub(crate) struct Agent {
@@ -37,7 +37,7 @@ pub(crate) struct Agent {
     /// This host's block of the pod CIDR (`--host-block`, or its Node's `spec.podCIDR`).
     pub(crate) host_block: Ipv4Network,
     pub(crate) hosts: Mutex<Vec<Host>>,
-    pub(crate) services: Mutex<(Vec<Service>, ServiceDatapath)>,
+    pub(crate) services: Mutex<(Vec<LocalService>, ServiceDatapath)>,
     pub(crate) policy: Arc<PolicyNode>,
     /// Set while the lists come from a cluster API (`--cluster-kubeconfig`): the local API's
     /// PUTs are refused.
@@ -299,7 +299,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if !restored.is_empty() {
         info!(hosts = restored.len(), "restored the host list");
     }
-    let services: Vec<Service> = fs::read(desired_path(&args.data_dir, "services"))
+    let services: Vec<LocalService> = fs::read(desired_path(&args.data_dir, "services"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();

@@ -15,19 +15,19 @@ use crate::args::NODE_PORTS;
 /// the pod addresses that back it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Service {
+pub struct LocalService {
     pub name: String,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Ipv4Addr,
-    pub ports: Vec<ServicePort>,
+    pub ports: Vec<LocalServicePort>,
     #[serde(default)]
     pub endpoints: Vec<Ipv4Addr>,
 }
 
-/// One port of a [`Service`].
+/// One port of a [`LocalService`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct ServicePort {
+pub struct LocalServicePort {
     pub port: u16,
     #[serde(default = "tcp")]
     pub protocol: String,
@@ -41,7 +41,7 @@ pub(crate) fn tcp() -> String {
 }
 
 /// Checks a service list: every bad field named, with its index.
-pub fn validate_services(services: &[Service], pod_cidr: Ipv4Network) -> Result<(), Invalid> {
+pub fn validate_services(services: &[LocalService], pod_cidr: Ipv4Network) -> Result<(), Invalid> {
     let mut errors = Vec::new();
     let mut names = BTreeMap::new();
     let mut keys = BTreeMap::new();
@@ -142,7 +142,7 @@ pub fn validate_services(services: &[Service], pod_cidr: Ipv4Network) -> Result<
 /// The datapath entries a service list asks for on a node with address `node_ip`: each port's
 /// ClusterIP key and, with a NodePort, the node's key, both to the endpoints at the target port.
 pub fn service_entries(
-    services: &[Service],
+    services: &[LocalService],
     node_ip: Ipv4Addr,
 ) -> BTreeMap<ServiceKey, Vec<Backend>> {
     let mut entries = BTreeMap::new();

@@ -23,7 +23,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use slipway_dataplane::testing::Netns;
+use slipway_dataplane::world::Netns;
 
 const WAIT: Duration = Duration::from_secs(30);
 

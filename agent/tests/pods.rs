@@ -723,7 +723,7 @@ fn a_host_port_reaches_the_pod_through_the_chained_portmap() {
     let pods = vec![web];
     host.wait(&pods, "hostport", Duration::from_secs(60), running);
     let node = host.cluster.node(1);
-    let nat = |netns: &slipway_dataplane::testing::Netns| {
+    let nat = |netns: &slipway_dataplane::world::Netns| {
         let out = netns
             .exec(&["iptables", "-t", "nat", "-S"])
             .expect("iptables (Debian package iptables)");

@@ -11,6 +11,7 @@
 pub mod error;
 pub mod logs;
 pub mod meta;
+pub mod networking;
 pub mod slipway;
 pub mod volumes;
 

@@ -251,9 +251,81 @@ impl Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether every address of `inner` is inside this block (same family, prefix at least as
+    /// long, the same leading bits).
+    pub fn contains(&self, inner: &Cidr) -> bool {
+        let bits = |c: &Cidr| match c.addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)) << 96, u32::from(c.prefix)),
+            IpAddr::V6(a) => (u128::from(a), u32::from(c.prefix)),
+        };
+        if self.addr.is_ipv4() != inner.addr.is_ipv4() || inner.prefix < self.prefix {
+            return false;
+        }
+        let ((outer, prefix), (inner, _)) = (bits(self), bits(inner));
+        let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+        outer & mask == inner & mask
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Decodes `value` as a `T`, refusing every field `T` does not keep (`unknown field
+/// "spec.podSelectr"`, all of them): k8s-openapi's types skip unknown fields, kube-apiserver's
+/// strict decoding refuses them.
+pub fn decode_strict<T: serde::de::DeserializeOwned + Serialize>(
+    value: Value,
+) -> Result<T, String> {
+    let decoded: T = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    let kept = serde_json::to_value(&decoded).map_err(|e| e.to_string())?;
+    let unknown = unknown_fields(&value, &kept);
+    if unknown.is_empty() {
+        Ok(decoded)
+    } else {
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field {f:?}"))
+            .collect();
+        Err(list.join(", "))
+    }
+}
+
+/// The paths of `sent` (`spec.ingress[0].form`) that `kept`, the same object decoded and encoded
+/// again, lacks: the fields its type does not know (null values count as absent).
+pub fn unknown_fields(sent: &Value, kept: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    collect_unknown(sent, kept, "", &mut out);
+    out
+}
+
+fn collect_unknown(sent: &Value, kept: &Value, path: &str, out: &mut Vec<String>) {
+    match (sent, kept) {
+        (Value::Object(s), Value::Object(k)) => {
+            for (key, v) in s {
+                if v.is_null() {
+                    continue;
+                }
+                let p = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match k.get(key) {
+                    Some(kv) => collect_unknown(v, kv, &p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(s), Value::Array(k)) => {
+            for (i, (sv, kv)) in s.iter().zip(k).enumerate() {
+                collect_unknown(sv, kv, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 use slipway_dataplane::netns;
-use slipway_dataplane::testing::cgroup::Cgroup;
-use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
-use slipway_dataplane::testing::{Netns, World};
+use slipway_dataplane::world::cgroup::Cgroup;
+use slipway_dataplane::world::traffic::{iperf3_tcp, ping};
+use slipway_dataplane::world::{Netns, World};
 use slipway_local::LocalClient;
 
 use crate::report::{Metric, Record, Samples};

@@ -9,8 +9,8 @@ use anyhow::{Context as _, ensure};
 use slipway_dataplane::abi::{CounterKey, CounterValue, EndpointInfo, Reason};
 use slipway_dataplane::netns;
 use slipway_dataplane::pod::PodDatapath;
-use slipway_dataplane::testing::traffic::{iperf3_tcp, ping, wait_reachable};
-use slipway_dataplane::testing::{Netns, Pod, World};
+use slipway_dataplane::world::traffic::{iperf3_tcp, ping, wait_reachable};
+use slipway_dataplane::world::{Netns, Pod, World};
 
 use crate::report::{Metric, Record, Samples};
 
@@ -132,15 +132,14 @@ pub fn run(options: Options) -> anyhow::Result<Outcome> {
             .copied()
             .unwrap_or_default()
     };
-    let sent = |pod: &Pod,
-                before: slipway_dataplane::testing::LinkStats|
-     -> anyhow::Result<CounterValue> {
-        let now = pod.netns.link_stats("eth0")?;
-        Ok(CounterValue {
-            packets: now.tx_packets - before.tx_packets,
-            bytes: now.tx_bytes - before.tx_bytes,
-        })
-    };
+    let sent =
+        |pod: &Pod, before: slipway_dataplane::world::LinkStats| -> anyhow::Result<CounterValue> {
+            let now = pod.netns.link_stats("eth0")?;
+            Ok(CounterValue {
+                packets: now.tx_packets - before.tx_packets,
+                bytes: now.tx_bytes - before.tx_bytes,
+            })
+        };
     let outcome = Outcome {
         records: vec![
             throughput.record(Metric {

@@ -18,10 +18,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use slipway_dataplane::testing::{Netns, Process};
+use slipway_dataplane::world::{Netns, Process};
 use slipway_lb::config::ServiceSpec;
 use slipway_lb::datapath::{enable_run_time_stats, run_time};
-use slipway_lb::testing::LbWorld;
+use slipway_lb::world::LbWorld;
 
 use crate::report::{Metric, Record, Samples};
 

@@ -34,10 +34,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
-use slipway_cni::policy::types::{Metadata, PortRef, Spec};
-use slipway_cni::policy::{IngressRule, IpBlock, LabelSelector, NetworkPolicy, Peer, PolicyPort};
+use slipway_cni::policy::types::ObjectMeta;
+use slipway_cni::policy::{
+    IPBlock, IntOrString, LabelSelector, NetworkPolicy, NetworkPolicyIngressRule as IngressRule,
+    NetworkPolicyPeer as Peer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use slipway_dataplane::netns;
-use slipway_dataplane::testing::Netns;
+use slipway_dataplane::world::Netns;
 use slipway_local::LocalClient;
 
 use crate::cni::{
@@ -247,30 +250,31 @@ fn labels(app: &str) -> BTreeMap<String, String> {
 
 fn selector(app: &str) -> LabelSelector {
     LabelSelector {
-        match_labels: labels(app),
+        match_labels: Some(labels(app)),
         ..LabelSelector::default()
     }
 }
 
 fn policy(name: &str, ingress: Vec<IngressRule>) -> NetworkPolicy {
     NetworkPolicy {
-        metadata: Metadata {
-            name: name.to_owned(),
-            namespace: NAMESPACE.to_owned(),
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(NAMESPACE.to_owned()),
+            ..ObjectMeta::default()
         },
-        spec: Spec {
-            pod_selector: selector(SERVER),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(selector(SERVER)),
             policy_types: Some(vec!["Ingress".to_owned()]),
-            ingress,
-            egress: Vec::new(),
-        },
+            ingress: Some(ingress),
+            egress: None,
+        }),
     }
 }
 
-fn tcp_port(port: u16) -> PolicyPort {
-    PolicyPort {
+fn tcp_port(port: u16) -> NetworkPolicyPort {
+    NetworkPolicyPort {
         protocol: Some("TCP".to_owned()),
-        port: Some(PortRef::Number(port.into())),
+        port: Some(IntOrString::Int(port.into())),
         end_port: None,
     }
 }
@@ -288,21 +292,21 @@ fn policies(state: State) -> Vec<NetworkPolicy> {
         .into_iter()
         .map(|rule| match rule {
             Background::IpBlock(ip) => IngressRule {
-                from: vec![Peer {
-                    ip_block: Some(IpBlock {
+                from: Some(vec![Peer {
+                    ip_block: Some(IPBlock {
                         cidr: format!("{ip}/32"),
-                        except: Vec::new(),
+                        except: None,
                     }),
                     ..Peer::default()
-                }],
-                ports: vec![tcp_port(80)],
+                }]),
+                ports: Some(vec![tcp_port(80)]),
             },
             Background::Port(port) => IngressRule {
-                from: vec![Peer {
+                from: Some(vec![Peer {
                     pod_selector: Some(selector(CLIENT)),
                     ..Peer::default()
-                }],
-                ports: vec![tcp_port(port)],
+                }]),
+                ports: Some(vec![tcp_port(port)]),
             },
         })
         .collect();
@@ -316,11 +320,11 @@ fn policies(state: State) -> Vec<NetworkPolicy> {
         out.push(policy(
             "allow-client",
             vec![IngressRule {
-                from: vec![Peer {
+                from: Some(vec![Peer {
                     pod_selector: Some(selector(CLIENT)),
                     ..Peer::default()
-                }],
-                ports: Vec::new(),
+                }]),
+                ports: None,
             }],
         ));
     }
@@ -1343,12 +1347,13 @@ mod tests {
 
     #[test]
     fn policies_validate_and_carry_every_rule() {
+        use slipway_cni::policy::PolicyExt as _;
         for state in [State::Allow(10_000), State::Deny(1_000), State::Deny(0)] {
             let list = policies(state);
             for p in &list {
-                assert_eq!(p.validate(), Vec::<String>::new(), "{}", p.metadata.name);
+                assert_eq!(p.validate(), Vec::<String>::new(), "{}", p.name());
             }
-            let rules: usize = list.iter().map(|p| p.spec.ingress.len()).sum();
+            let rules: usize = list.iter().map(|p| p.ingress().len()).sum();
             let (level, allow) = match state {
                 State::Allow(l) => (l, 1),
                 State::Deny(l) => (l, 0),
@@ -1357,7 +1362,7 @@ mod tests {
             assert_eq!(rules, level + allow);
             let background = list
                 .iter()
-                .filter(|p| p.metadata.name.starts_with("background-"))
+                .filter(|p| p.name().starts_with("background-"))
                 .count();
             assert_eq!(background, if level == 0 { 0 } else { POLICIES });
         }

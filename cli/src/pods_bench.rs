@@ -17,8 +17,8 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use slipway_bench::report::{Metric, Record, Samples};
-use slipway_dataplane::testing::World;
-use slipway_dataplane::testing::traffic::{iperf3_tcp, parse_iperf3, parse_ping};
+use slipway_dataplane::world::World;
+use slipway_dataplane::world::traffic::{iperf3_tcp, parse_iperf3, parse_ping};
 use slipway_hosts::reconciler::ProviderArgs;
 
 use crate::bench_pods::{latency_records, pod, remove, start};

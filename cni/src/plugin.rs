@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use slipway_dataplane::abi::EndpointInfo;
 use slipway_dataplane::link::Netlink;
+use slipway_dataplane::link::format_mac;
 use slipway_dataplane::node::{self, NodeMaps, Pins};
-use slipway_dataplane::testing::format_mac;
 use tracing::{debug, warn};
 
 use crate::ipam::{Allocation, Owner, Store};

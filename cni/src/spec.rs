@@ -406,7 +406,7 @@ impl Requests {
                 Ok(value) => match &mac {
                     Some(first) if first.value != value => problems.push(format!(
                         "{field}: asks for {text} besides {} ({})",
-                        slipway_dataplane::testing::format_mac(&first.value),
+                        slipway_dataplane::link::format_mac(&first.value),
                         first.field
                     )),
                     Some(_) => {}

@@ -136,7 +136,7 @@ items:
     let (ok, out, file) = policy_set(&cluster, "networkpolicies", "bad.yaml", bad);
     assert!(!ok, "accepted: {out}");
     assert!(
-        out.contains("networkpolicies[1] (x/web): unknown field `podSelectr`")
+        out.contains("networkpolicies[1] (x/web): unknown field \"spec.podSelectr\"")
             && out.contains(&file),
         "{out}"
     );

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use slipway_dataplane::netns;
 use slipway_dataplane::node::{NodeMaps, Pins};
 
-fn path_of(ns: &slipway_dataplane::testing::Netns) -> String {
+fn path_of(ns: &slipway_dataplane::world::Netns) -> String {
     netns::path(ns.name()).display().to_string()
 }
 

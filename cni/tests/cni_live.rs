@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
-use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
+use slipway_dataplane::world::traffic::{iperf3_tcp, ping};
 
 fn reaches(from: &common::Pod, to: &common::Pod) {
     let report = ping(&from.netns, to.ip, 3, Duration::from_millis(20)).expect("ping");

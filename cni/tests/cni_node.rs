@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Cluster, api, metric, serve_name};
 use serde_json::{Value, json};
 use slipway_dataplane::netns;
-use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
+use slipway_dataplane::world::traffic::{iperf3_tcp, ping};
 
 #[test]
 #[cfg_attr(

@@ -27,11 +27,11 @@ fn readme_conflist() -> Value {
 /// directories under `dir`; its containers are removed on drop.
 struct Podman {
     dir: PathBuf,
-    netns: slipway_dataplane::testing::Netns,
+    netns: slipway_dataplane::world::Netns,
 }
 
 impl Podman {
-    fn new(dir: &Path, netns: &slipway_dataplane::testing::Netns, cni_path: &Path) -> Self {
+    fn new(dir: &Path, netns: &slipway_dataplane::world::Netns, cni_path: &Path) -> Self {
         let net_d = dir.join("net.d");
         std::fs::create_dir_all(&net_d).expect("net.d");
         std::fs::create_dir_all(dir.join("tmp")).expect("tmp");

@@ -21,7 +21,9 @@ use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::placement::ZONE_LABEL;
-use crate::pods::{controller_ref, is_active, is_ready, node_of, selector_matches};
+use slipway_api::networking::selector_matches;
+
+use crate::pods::{controller_ref, is_active, is_ready, node_of};
 use crate::{Error, Options, api_err};
 
 const NAME: &str = "endpointslice";

@@ -19,7 +19,9 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::events::{self, Type};
-use crate::pods::{controller_ref, controller_uid, is_active, is_ready, node_of, selector_matches};
+use slipway_api::networking::selector_matches;
+
+use crate::pods::{controller_ref, controller_uid, is_active, is_ready, node_of};
 use crate::{Error, Options, api_err};
 
 const NAME: &str = "replicaset";

@@ -18,7 +18,7 @@ pub mod packet;
 pub mod pod;
 pub mod policy;
 pub mod services;
-pub mod testing;
 pub mod underlay;
+pub mod world;
 
 pub use error::DataplaneError;

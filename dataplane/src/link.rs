@@ -409,6 +409,24 @@ fn to_address(message: &AddressMessage) -> Option<Address> {
     })
 }
 
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv6Addr;
@@ -416,6 +434,16 @@ mod tests {
 
     use super::*;
     use crate::netns::{self, tests::Scratch};
+
+    #[test]
+    fn macs_round_trip() {
+        let mac = [0x02, 0xab, 0, 0x10, 0xff, 0x7];
+        assert_eq!(format_mac(&mac), "02:ab:00:10:ff:07");
+        assert_eq!(parse_mac("02:ab:00:10:ff:07"), Some(mac));
+        assert_eq!(parse_mac("02:ab:00:10:ff"), None);
+        assert_eq!(parse_mac("02:ab:00:10:ff:07:01"), None);
+        assert_eq!(parse_mac("zz:ab:00:10:ff:07"), None);
+    }
 
     fn ip(ns: &str, args: &[&str]) {
         let status = Command::new("ip")

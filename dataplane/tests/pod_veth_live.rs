@@ -10,8 +10,8 @@ use std::time::Duration;
 use slipway_dataplane::abi::{CounterKey, CounterValue, EndpointInfo, Reason};
 use slipway_dataplane::netns;
 use slipway_dataplane::pod::PodDatapath;
-use slipway_dataplane::testing::traffic::{iperf3_tcp, ping};
-use slipway_dataplane::testing::{LinkStats, Pod, World};
+use slipway_dataplane::world::traffic::{iperf3_tcp, ping};
+use slipway_dataplane::world::{LinkStats, Pod, World};
 
 const IP_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const IP_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);

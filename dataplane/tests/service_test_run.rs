@@ -26,7 +26,7 @@ use slipway_dataplane::abi::{
 use slipway_dataplane::node::{self, Installed, MapSizes, NodeMaps, Pins, TableFill};
 use slipway_dataplane::policy::{PolicyMaps, PolicyTables, RuleEntry};
 use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceKey};
-use slipway_dataplane::testing::World;
+use slipway_dataplane::world::World;
 use slipway_dataplane::{DataplaneError, netns};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

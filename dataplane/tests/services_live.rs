@@ -20,8 +20,8 @@ use slipway_dataplane::pod::PodDatapath;
 use slipway_dataplane::services::{
     Backend, REVERSE_MAP, SERVICES_MAP, SLOTS_MAP, ServiceDatapath, ServiceError, ServiceKey,
 };
-use slipway_dataplane::testing::cgroup::{CGROUP2_ROOT, Cgroup};
-use slipway_dataplane::testing::{Netns, Pod, World};
+use slipway_dataplane::world::cgroup::{CGROUP2_ROOT, Cgroup};
+use slipway_dataplane::world::{Netns, Pod, World};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const TCP_PORT: u16 = 80;

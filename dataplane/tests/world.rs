@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use slipway_dataplane::netns;
 use slipway_dataplane::pod::PodDatapath;
-use slipway_dataplane::testing::World;
-use slipway_dataplane::testing::traffic::{ping, wait_reachable};
+use slipway_dataplane::world::World;
+use slipway_dataplane::world::traffic::{ping, wait_reachable};
 
 /// Links, addresses and routes of the root namespace, as `ip` prints them.
 fn root_namespace_state() -> String {

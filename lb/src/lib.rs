@@ -49,6 +49,6 @@ pub mod packet;
 pub mod pool;
 pub mod state;
 pub mod status;
-pub mod testing;
+pub mod world;
 
 pub use error::LbError;

@@ -11,7 +11,7 @@ use slipway_lb::config::{
     BackendSpec, HealthCheckSpec, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
 };
 use slipway_lb::status::{BackendState, ServiceStatus};
-use slipway_lb::testing::{ECHO_PORT, EchoStream, LbWorld, udp_exchange, wait_for};
+use slipway_lb::world::{ECHO_PORT, EchoStream, LbWorld, udp_exchange, wait_for};
 
 fn port(protocol: Protocol, port: u16) -> ServicePort {
     ServicePort {
@@ -662,7 +662,7 @@ fn a_vip_is_announced_released_and_reallocated() {
         .expect("stale entry");
     let a = spec("a", vec![port(Protocol::Tcp, 80)], &[(ips[0], 1)]);
     assert_eq!(w.api().apply(&a).expect("a"), first);
-    let mac = slipway_dataplane::testing::format_mac(&lb_mac);
+    let mac = slipway_dataplane::link::format_mac(&lb_mac);
     wait_for("gratuitous ARP", Duration::from_secs(3), || {
         let out = w
             .client()
@@ -821,7 +821,7 @@ fn an_ipv6_vip_is_announced_by_ndp_and_reaches_every_backend() {
     }
     let ips = w.backend_ip6s();
     let vip = IpAddr::V6("fd99:100::1".parse().expect("vip"));
-    let lb_mac = slipway_dataplane::testing::format_mac(&w.lb().link("eth0").expect("lb").mac);
+    let lb_mac = slipway_dataplane::link::format_mac(&w.lb().link("eth0").expect("lb").mac);
 
     // A stale cache entry on the client: the unsolicited Neighbor Advertisement the LB sends
     // when it takes the VIP over must correct it.

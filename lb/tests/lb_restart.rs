@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use slipway_lb::config::ServiceSpec;
 use slipway_lb::status::Status;
-use slipway_lb::testing::{ECHO_PORT, EchoStream, LbWorld, wait_for};
+use slipway_lb::world::{ECHO_PORT, EchoStream, LbWorld, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway-lb");
 

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use slipway_cni::policy::compile::{ContainerPort, Namespace, Pod};
-use slipway_cni::policy::types::{Metadata, NetworkPolicy, Spec};
+use slipway_cni::policy::types::{NetworkPolicy, ObjectMeta, PolicyExt};
 
 use crate::args::NODE_PORTS;
 use crate::hosts::Host;
-use crate::services::{Service, ServicePort};
+use crate::services::{LocalService, LocalServicePort};
 
 /// The label that ties an EndpointSlice to its Service (discovery.k8s.io/v1).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -40,7 +39,7 @@ impl<T> Default for Converted<T> {
     }
 }
 
-fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+fn name_of(meta: &ObjectMeta) -> String {
     match (&meta.namespace, &meta.name) {
         (Some(ns), Some(name)) => format!("{ns}/{name}"),
         (None, Some(name)) => name.clone(),
@@ -116,7 +115,7 @@ pub fn services(
     services: &[Arc<core::Service>],
     slices: &[Arc<EndpointSlice>],
     pod_cidr: Ipv4Network,
-) -> Converted<Service> {
+) -> Converted<LocalService> {
     let mut out = Converted::default();
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
@@ -218,7 +217,7 @@ pub fn services(
             } else {
                 None
             };
-            ports.push(ServicePort {
+            ports.push(LocalServicePort {
                 port: number,
                 protocol,
                 target_port: target,
@@ -251,7 +250,7 @@ pub fn services(
                 }
             }
         }
-        out.items.push(Service {
+        out.items.push(LocalService {
             name: key,
             cluster_ip,
             ports,
@@ -340,32 +339,23 @@ pub fn pods(pods: &[Arc<core::Pod>], pod_cidr: Ipv4Network) -> Converted<Pod> {
     out
 }
 
-/// Every NetworkPolicy in the schema the policy compiler takes; one it cannot take (a field it
-/// does not know, a bad selector) is skipped with the reason.
-pub fn policies(policies: &[Arc<networking::NetworkPolicy>]) -> Converted<NetworkPolicy> {
+/// Every NetworkPolicy the policy compiler can take (its metadata reduced to namespace and
+/// name); one it cannot take (a bad selector, an IPv6 block) is skipped with the reason.
+pub fn policies(policies: &[Arc<NetworkPolicy>]) -> Converted<NetworkPolicy> {
     let mut out = Converted::default();
     for policy in policies {
         let key = name_of(&policy.metadata);
-        let (Some(namespace), Some(name)) = (
-            policy.metadata.namespace.clone(),
-            policy.metadata.name.clone(),
-        ) else {
+        let (Some(namespace), Some(name)) = (&policy.metadata.namespace, &policy.metadata.name)
+        else {
             continue;
         };
-        // The compiler's types mirror networking.k8s.io/v1 field for field: the JSON of one is
-        // the JSON of the other, and a field the compiler does not know is refused by name.
-        let spec = serde_json::to_value(policy.spec.clone().unwrap_or_default())
-            .and_then(serde_json::from_value::<Spec>);
-        let spec = match spec {
-            Ok(spec) => spec,
-            Err(e) => {
-                out.skipped.push(format!("NetworkPolicy {key}: spec: {e}"));
-                continue;
-            }
-        };
         let converted = NetworkPolicy {
-            metadata: Metadata { name, namespace },
-            spec,
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: policy.spec.clone(),
         };
         let errors = converted.validate();
         if !errors.is_empty() {
@@ -375,9 +365,7 @@ pub fn policies(policies: &[Arc<networking::NetworkPolicy>]) -> Converted<Networ
         }
         out.items.push(converted);
     }
-    out.items.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
+    out.items.sort_by_key(|p| p.key());
     out
 }
 
@@ -505,7 +493,7 @@ mod tests {
         );
         assert_eq!(
             web.ports,
-            [ServicePort {
+            [LocalServicePort {
                 port: 80,
                 protocol: "TCP".into(),
                 target_port: 8080,
@@ -557,21 +545,21 @@ mod tests {
 
     #[test]
     fn a_policy_the_compiler_cannot_take_is_skipped_by_name() {
-        let good = from::<networking::NetworkPolicy>(json!({
+        let good = from::<NetworkPolicy>(json!({
             "metadata": {"name": "allow-web", "namespace": "shop"},
             "spec": {"podSelector": {"matchLabels": {"app": "db"}},
                      "policyTypes": ["Ingress"],
                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
                                   "ports": [{"port": 5432, "protocol": "TCP"}]}]},
         }));
-        let bad = from::<networking::NetworkPolicy>(json!({
+        let bad = from::<NetworkPolicy>(json!({
             "metadata": {"name": "bad", "namespace": "shop"},
             "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Near"}]}},
         }));
         let out = policies(&[good, bad]);
         assert_eq!(out.items.len(), 1);
-        assert_eq!(out.items[0].metadata.name, "allow-web");
-        assert_eq!(out.items[0].spec.ingress[0].ports.len(), 1);
+        assert_eq!(out.items[0].name(), "allow-web");
+        assert_eq!(out.items[0].ingress()[0].ports().len(), 1);
         assert_eq!(out.skipped.len(), 1);
         assert!(
             out.skipped[0].starts_with("NetworkPolicy shop/bad: ")

@@ -379,7 +379,7 @@ async fn reconcile(
         record(feed, "services", apply_services(agent, services).await);
     }
 
-    use slipway_cni::policy::compile;
+    use slipway_cni::policy::{PolicyExt as _, compile};
     let desired = agent.policy.desired().await;
     let mut namespaces = convert::namespaces(&stores.namespaces.store.state());
     admit(
@@ -409,7 +409,7 @@ async fn reconcile(
     let mut policies = convert::policies(&stores.policies.store.state());
     admit(
         &mut policies,
-        |p| format!("NetworkPolicy {}/{}", p.metadata.namespace, p.metadata.name),
+        |p| format!("NetworkPolicy {}", p.key()),
         |list| errors_or_ok(compile::validate_policies(list)),
     );
     let policies = take(&mut skipped, "networkpolicies", policies);

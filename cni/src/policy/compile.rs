@@ -22,7 +22,10 @@ use slipway_dataplane::abi::policy::{
 use slipway_dataplane::policy::{PolicyTables, RuleEntry};
 
 use super::eval::Endpoint;
-use super::types::{LabelSelector, NetworkPolicy, Peer, PolicyPort, PortRef, Rule};
+use super::types::{
+    IntOrString, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyExt, Rule,
+    port_protocol, selector_matches,
+};
 
 /// A namespace as policy sees it (`PUT /v1/namespaces`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,7 +142,7 @@ pub fn validate_policies(policies: &[NetworkPolicy]) -> Vec<String> {
     let mut errors = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, policy) in policies.iter().enumerate() {
-        let name = format!("{}/{}", policy.metadata.namespace, policy.metadata.name);
+        let name = policy.key();
         for e in policy.validate() {
             errors.push(format!("[{i}] ({name}): {e}"));
         }
@@ -315,6 +318,7 @@ impl Blocks {
                         let except = ip_block
                             .except
                             .iter()
+                            .flatten()
                             .filter_map(|e| e.parse::<Ipv4Network>().ok())
                             .collect();
                         block_of.insert((pi, direction, ri, peer_i), blocks.len());
@@ -458,14 +462,11 @@ struct RuleWriter<'a> {
 
 impl RuleWriter<'_> {
     fn policy(&mut self, pi: usize, policy: &NetworkPolicy, pods: &[Pod]) {
-        let policy_name = format!("{}/{}", policy.metadata.namespace, policy.metadata.name);
-        let (ingress, egress) = policy.spec.types();
+        let policy_name = policy.key();
+        let (ingress, egress) = policy.governs();
         let selected: Vec<&Pod> = pods
             .iter()
-            .filter(|p| {
-                p.namespace == policy.metadata.namespace
-                    && policy.spec.pod_selector.matches(&p.labels)
-            })
+            .filter(|p| policy.selects(&p.namespace, &p.labels))
             .collect();
         for (direction, rules) in rules_of(policy) {
             let governs = match direction {
@@ -527,14 +528,8 @@ impl RuleWriter<'_> {
                     .iter()
                     .filter_map(|(id, key)| {
                         let (ns, labels, _) = key.pod.as_ref()?;
-                        selector_peer_matches(
-                            peer,
-                            &policy.metadata.namespace,
-                            ns,
-                            labels,
-                            &self.ns_labels,
-                        )
-                        .then_some(*id)
+                        selector_peer_matches(peer, policy.namespace(), ns, labels, &self.ns_labels)
+                            .then_some(*id)
                     }),
             );
         }
@@ -573,20 +568,23 @@ impl RuleWriter<'_> {
             return;
         }
         for port in rule.ports() {
-            let Some(proto) = protocol_number(port.protocol()) else {
+            let Some(proto) = protocol_number(port_protocol(port)) else {
                 continue;
             };
             match &port.port {
                 None => identities.iter().for_each(|id| add(*id, proto, 0, 0)),
-                Some(PortRef::Number(first)) => {
+                Some(IntOrString::Int(first)) => {
                     let last = port.end_port.unwrap_or(*first);
-                    for (value, bits) in port_prefixes(*first, last) {
+                    let (Ok(first), Ok(last)) = (u32::try_from(*first), u32::try_from(last)) else {
+                        continue;
+                    };
+                    for (value, bits) in port_prefixes(first, last) {
                         identities
                             .iter()
                             .for_each(|id| add(*id, proto, value, bits));
                     }
                 }
-                Some(PortRef::Name(name)) => match direction {
+                Some(IntOrString::String(name)) => match direction {
                     // The destination is the selected pod itself.
                     Direction::Ingress => {
                         if let Some(number) = named_port(&pod.ports_as_keys(), name, port) {
@@ -635,15 +633,15 @@ impl Pod {
     }
 }
 
-fn named_port(ports: &[NamedPort], name: &str, rule: &PolicyPort) -> Option<u16> {
+fn named_port(ports: &[NamedPort], name: &str, rule: &NetworkPolicyPort) -> Option<u16> {
     ports
         .iter()
-        .find(|(n, proto, _)| n == name && proto == rule.protocol())
+        .find(|(n, proto, _)| n == name && proto == port_protocol(rule))
         .map(|(_, _, number)| *number)
 }
 
 fn selector_peer_matches(
-    peer: &Peer,
+    peer: &NetworkPolicyPeer,
     policy_ns: &str,
     pod_ns: &str,
     pod_labels: &[(String, String)],
@@ -651,26 +649,22 @@ fn selector_peer_matches(
 ) -> bool {
     let empty = BTreeMap::new();
     let ns_ok = match &peer.namespace_selector {
-        Some(selector) => selector.matches(ns_labels.get(pod_ns).copied().unwrap_or(&empty)),
+        Some(selector) => {
+            selector_matches(selector, ns_labels.get(pod_ns).copied().unwrap_or(&empty))
+        }
         None => pod_ns == policy_ns,
     };
     ns_ok
         && peer
             .pod_selector
             .as_ref()
-            .is_none_or(|s: &LabelSelector| s.matches(&pod_labels.iter().cloned().collect()))
+            .is_none_or(|s| selector_matches(s, &pod_labels.iter().cloned().collect()))
 }
 
 fn rules_of(policy: &NetworkPolicy) -> [(Direction, Vec<&dyn Rule>); 2] {
     [
-        (
-            Direction::Ingress,
-            policy.spec.ingress.iter().map(|r| r as &dyn Rule).collect(),
-        ),
-        (
-            Direction::Egress,
-            policy.spec.egress.iter().map(|r| r as &dyn Rule).collect(),
-        ),
+        (Direction::Ingress, policy.ingress()),
+        (Direction::Egress, policy.egress()),
     ]
 }
 

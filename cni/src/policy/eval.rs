@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use super::types::{NetworkPolicy, Peer, PolicyPort, PortRef, Rule};
+use super::types::{
+    IntOrString, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyExt, Rule,
+    block_contains, port_protocol, selector_matches,
+};
 
 /// A pod as policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,46 +63,24 @@ pub fn evaluate(
     let egress = direction(
         policies,
         src,
-        |p| p.spec.types().1,
+        |p| p.governs().1,
         |policy| {
             policy
-                .spec
-                .egress
-                .iter()
-                .map(|r| {
-                    peer_and_port(
-                        r,
-                        namespaces,
-                        &policy.metadata.namespace,
-                        dst,
-                        dst,
-                        port,
-                        protocol,
-                    )
-                })
+                .egress()
+                .into_iter()
+                .map(|r| peer_and_port(r, namespaces, policy.namespace(), dst, dst, port, protocol))
                 .collect()
         },
     );
     let ingress = direction(
         policies,
         dst,
-        |p| p.spec.types().0,
+        |p| p.governs().0,
         |policy| {
             policy
-                .spec
-                .ingress
-                .iter()
-                .map(|r| {
-                    peer_and_port(
-                        r,
-                        namespaces,
-                        &policy.metadata.namespace,
-                        src,
-                        dst,
-                        port,
-                        protocol,
-                    )
-                })
+                .ingress()
+                .into_iter()
+                .map(|r| peer_and_port(r, namespaces, policy.namespace(), src, dst, port, protocol))
                 .collect()
         },
     );
@@ -116,11 +97,7 @@ fn direction(
 ) -> Reason {
     let selecting: Vec<&NetworkPolicy> = policies
         .iter()
-        .filter(|p| {
-            p.metadata.namespace == subject.namespace
-                && governs(p)
-                && p.spec.pod_selector.matches(&subject.labels)
-        })
+        .filter(|p| governs(p) && p.selects(&subject.namespace, &subject.labels))
         .collect();
     if selecting.is_empty() {
         return Reason::NotIsolated;
@@ -128,16 +105,13 @@ fn direction(
     for policy in &selecting {
         if let Some(rule) = rule_results(policy).iter().position(|allowed| *allowed) {
             return Reason::AllowedBy {
-                policy: format!("{}/{}", policy.metadata.namespace, policy.metadata.name),
+                policy: policy.key(),
                 rule,
             };
         }
     }
     Reason::DeniedBy {
-        policies: selecting
-            .iter()
-            .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
-            .collect(),
+        policies: selecting.iter().map(|p| p.key()).collect(),
     }
 }
 
@@ -145,7 +119,7 @@ fn direction(
 /// resolve against `destination`, the pod the traffic reaches: the peer for egress, the
 /// selected pod for ingress.
 fn peer_and_port(
-    rule: &impl Rule,
+    rule: &dyn Rule,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     policy_ns: &str,
     peer: &Endpoint,
@@ -167,38 +141,43 @@ fn peer_and_port(
 }
 
 fn peer_matches(
-    peer: &Peer,
+    peer: &NetworkPolicyPeer,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     policy_ns: &str,
     pod: &Endpoint,
 ) -> bool {
     if let Some(block) = &peer.ip_block {
-        return block.contains(pod.ip);
+        return block_contains(block, pod.ip);
     }
     let empty = BTreeMap::new();
     let ns_labels = namespaces.get(&pod.namespace).unwrap_or(&empty);
     let ns_ok = match &peer.namespace_selector {
-        Some(selector) => selector.matches(ns_labels),
+        Some(selector) => selector_matches(selector, ns_labels),
         None => pod.namespace == policy_ns,
     };
     let pod_ok = peer
         .pod_selector
         .as_ref()
-        .is_none_or(|s| s.matches(&pod.labels));
+        .is_none_or(|s| selector_matches(s, &pod.labels));
     ns_ok && pod_ok
 }
 
-fn port_matches(rule: &PolicyPort, port: u16, protocol: &str, destination: &Endpoint) -> bool {
-    if rule.protocol() != protocol {
+fn port_matches(
+    rule: &NetworkPolicyPort,
+    port: u16,
+    protocol: &str,
+    destination: &Endpoint,
+) -> bool {
+    if port_protocol(rule) != protocol {
         return false;
     }
     match &rule.port {
         None => true,
-        Some(PortRef::Number(first)) => {
+        Some(IntOrString::Int(first)) => {
             let last = rule.end_port.unwrap_or(*first);
-            (*first..=last).contains(&u32::from(port))
+            (*first..=last).contains(&i32::from(port))
         }
-        Some(PortRef::Name(name)) => destination
+        Some(IntOrString::String(name)) => destination
             .named_ports
             .get(name)
             .is_some_and(|(proto, number)| proto == protocol && *number == port),
@@ -371,7 +350,7 @@ mod tests {
             "spec.policyTypes[0]",
             "spec.ingress[0].from[0].ipBlock.except[0]",
             "spec.ingress[0].from[0].ipBlock.except[1]",
-            "spec.ingress[0].from[1]: needs",
+            "spec.ingress[0].from[1]: Required value: must specify a peer",
             "spec.ingress[0].ports[0].protocol",
             "spec.ingress[0].ports[0].endPort",
             "spec.ingress[0].ports[1].endPort",
@@ -392,7 +371,7 @@ mod tests {
         );
         let omitted: NetworkPolicy =
             serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {}})).expect("parses");
-        assert_eq!(omitted.metadata.namespace, "default");
+        assert_eq!(omitted.namespace(), "default");
         assert!(omitted.validate().is_empty(), "{:?}", omitted.validate());
     }
 }

@@ -15,6 +15,7 @@ pub mod types;
 
 pub use eval::{Decision, Endpoint, Reason, evaluate};
 pub use types::{
-    EgressRule, IngressRule, IpBlock, LabelSelector, NetworkPolicy, Peer, PolicyPort, Requirement,
+    IPBlock, IntOrString, LabelSelector, NetworkPolicy, NetworkPolicyEgressRule,
+    NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec, PolicyExt,
     Rule,
 };

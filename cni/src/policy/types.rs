@@ -1,246 +1,149 @@
-//! The networking.k8s.io/v1 NetworkPolicy schema as serde types, and `validate()`, which names
-//! every bad field at once (`spec.ingress[0].from[1].ipBlock.except[0]: ...`).
+//! The networking.k8s.io/v1 NetworkPolicy as policy reads it: k8s-openapi's types (the same ones
+//! the supervisor serves and the agent watches), what the compiler and the evaluator ask of
+//! them, and `validate()`, which names every bad field at once
+//! (`spec.ingress[0].from[1].ipBlock.except[0]: ...`) with the API's own checks plus the
+//! datapath's (IPv4 blocks).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::LazyLock;
 
 use ipnetwork::Ipv4Network;
-use serde::{Deserialize, Serialize};
+pub use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
+};
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
+pub use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use slipway_api::networking::{check_policy_spec, policy_types};
+pub use slipway_api::networking::{port_protocol, selector_matches};
 
-/// A NetworkPolicy object (metadata reduced to what policy needs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NetworkPolicy {
-    pub metadata: Metadata,
-    pub spec: Spec,
-}
+/// The namespace of a policy that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Metadata {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-}
-
-fn default_namespace() -> String {
-    "default".to_owned()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Spec {
-    #[serde(default)]
-    pub pod_selector: LabelSelector,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy_types: Option<Vec<String>>,
-    #[serde(default)]
-    pub ingress: Vec<IngressRule>,
-    #[serde(default)]
-    pub egress: Vec<EgressRule>,
-}
-
-/// An ingress rule: the sources (`from`) and ports it allows. No peers means every peer; no
-/// ports means every port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct IngressRule {
-    #[serde(default)]
-    pub from: Vec<Peer>,
-    #[serde(default)]
-    pub ports: Vec<PolicyPort>,
-}
-
-/// An egress rule: the destinations (`to`) and ports it allows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct EgressRule {
-    #[serde(default)]
-    pub to: Vec<Peer>,
-    #[serde(default)]
-    pub ports: Vec<PolicyPort>,
-}
-
-/// A rule of either direction, seen the same way by the evaluator.
+/// A rule of either direction, seen the same way by the evaluator and the compiler.
 pub trait Rule {
-    fn peers(&self) -> &[Peer];
-    fn ports(&self) -> &[PolicyPort];
+    /// The peers it allows (none: every peer).
+    fn peers(&self) -> &[NetworkPolicyPeer];
+    /// The ports it allows (none: every port).
+    fn ports(&self) -> &[NetworkPolicyPort];
 }
 
-impl Rule for IngressRule {
-    fn peers(&self) -> &[Peer] {
-        &self.from
+impl Rule for NetworkPolicyIngressRule {
+    fn peers(&self) -> &[NetworkPolicyPeer] {
+        self.from.as_deref().unwrap_or_default()
     }
-    fn ports(&self) -> &[PolicyPort] {
-        &self.ports
-    }
-}
-
-impl Rule for EgressRule {
-    fn peers(&self) -> &[Peer] {
-        &self.to
-    }
-    fn ports(&self) -> &[PolicyPort] {
-        &self.ports
+    fn ports(&self) -> &[NetworkPolicyPort] {
+        self.ports.as_deref().unwrap_or_default()
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Peer {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<LabelSelector>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<LabelSelector>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_block: Option<IpBlock>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct IpBlock {
-    pub cidr: String,
-    #[serde(default)]
-    pub except: Vec<String>,
-}
-
-/// A port or port range; `port` is a number or a named container port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PolicyPort {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<PortRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end_port: Option<u32>,
-}
-
-/// `intstr.IntOrString` for ports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum PortRef {
-    Number(u32),
-    Name(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct LabelSelector {
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub match_expressions: Vec<Requirement>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Requirement {
-    pub key: String,
-    pub operator: String,
-    #[serde(default)]
-    pub values: Vec<String>,
-}
-
-impl LabelSelector {
-    /// Whether `labels` satisfy every label and every expression (an empty selector matches all).
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-            && self.match_expressions.iter().all(|r| {
-                let value = labels.get(&r.key);
-                match r.operator.as_str() {
-                    "In" => value.is_some_and(|v| r.values.contains(v)),
-                    "NotIn" => value.is_none_or(|v| !r.values.contains(v)),
-                    "Exists" => value.is_some(),
-                    "DoesNotExist" => value.is_none(),
-                    _ => false,
-                }
-            })
+impl Rule for NetworkPolicyEgressRule {
+    fn peers(&self) -> &[NetworkPolicyPeer] {
+        self.to.as_deref().unwrap_or_default()
     }
-
-    fn validate(&self, at: &str, errors: &mut Vec<String>) {
-        for (i, r) in self.match_expressions.iter().enumerate() {
-            let at = format!("{at}.matchExpressions[{i}]");
-            if r.key.is_empty() {
-                errors.push(format!("{at}.key: must not be empty"));
-            }
-            match r.operator.as_str() {
-                "In" | "NotIn" if r.values.is_empty() => errors.push(format!(
-                    "{at}.values: must not be empty with operator {}",
-                    r.operator
-                )),
-                "Exists" | "DoesNotExist" if !r.values.is_empty() => errors.push(format!(
-                    "{at}.values: must be empty with operator {}",
-                    r.operator
-                )),
-                "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-                other => errors.push(format!(
-                    "{at}.operator: {other:?} is not In, NotIn, Exists or DoesNotExist"
-                )),
-            }
-        }
+    fn ports(&self) -> &[NetworkPolicyPort] {
+        self.ports.as_deref().unwrap_or_default()
     }
 }
 
-impl IpBlock {
-    /// Whether `ip` is in the block's CIDR and in none of its exceptions.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let inside = |cidr: &str| cidr.parse::<Ipv4Network>().is_ok_and(|n| n.contains(ip));
-        inside(&self.cidr) && !self.except.iter().any(|e| inside(e))
-    }
-}
+static NO_SPEC: LazyLock<NetworkPolicySpec> = LazyLock::new(NetworkPolicySpec::default);
 
-impl Spec {
-    /// The directions the policy governs: `policyTypes`, or its default.
-    pub fn types(&self) -> (bool, bool) {
-        match &self.policy_types {
-            Some(types) => (
-                types.iter().any(|t| t == "Ingress"),
-                types.iter().any(|t| t == "Egress"),
-            ),
-            None => (true, !self.egress.is_empty()),
-        }
+/// What policy asks of a NetworkPolicy.
+pub trait PolicyExt {
+    /// Its namespace ([`DEFAULT_NAMESPACE`] when it names none).
+    fn namespace(&self) -> &str;
+    /// Its name.
+    fn name(&self) -> &str;
+    /// `namespace/name`.
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace(), self.name())
     }
-}
-
-impl NetworkPolicy {
+    /// Its spec (an omitted one reads as `{}`: every pod of the namespace, ingress denied).
+    fn spec(&self) -> &NetworkPolicySpec;
+    /// The directions it governs, (ingress, egress).
+    fn governs(&self) -> (bool, bool) {
+        policy_types(self.spec())
+    }
+    /// Whether it selects a pod of `namespace` with `labels`.
+    fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        namespace == self.namespace()
+            && self
+                .spec()
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| selector_matches(s, labels))
+    }
+    /// Its ingress rules, then its egress rules.
+    fn ingress(&self) -> Vec<&dyn Rule> {
+        let rules = self.spec().ingress.as_deref().unwrap_or_default();
+        rules.iter().map(|r| r as &dyn Rule).collect()
+    }
+    /// Its egress rules.
+    fn egress(&self) -> Vec<&dyn Rule> {
+        let rules = self.spec().egress.as_deref().unwrap_or_default();
+        rules.iter().map(|r| r as &dyn Rule).collect()
+    }
     /// Every bad field, named by its path; empty when the policy is valid.
-    pub fn validate(&self) -> Vec<String> {
+    fn validate(&self) -> Vec<String>;
+}
+
+impl PolicyExt for NetworkPolicy {
+    fn namespace(&self) -> &str {
+        self.metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_NAMESPACE)
+    }
+
+    fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    fn spec(&self) -> &NetworkPolicySpec {
+        self.spec.as_ref().unwrap_or(&NO_SPEC)
+    }
+
+    fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
-        if self.metadata.name.is_empty() {
+        if self.name().is_empty() {
             errors.push("metadata.name: must not be empty".to_owned());
         }
-        if self.metadata.namespace.is_empty() {
+        if self.metadata.namespace.as_deref() == Some("") {
             // An empty namespace would select no pod at all; omitted, it is "default".
             errors
                 .push("metadata.namespace: must not be empty (omit it for \"default\")".to_owned());
         }
-        let spec = &self.spec;
-        spec.pod_selector.validate("spec.podSelector", &mut errors);
-        if let Some(types) = &spec.policy_types {
-            for (i, t) in types.iter().enumerate() {
-                if t != "Ingress" && t != "Egress" {
-                    errors.push(format!(
-                        "spec.policyTypes[{i}]: {t:?} is not Ingress or Egress"
-                    ));
-                }
-            }
-        }
-        let ingress = spec.ingress.iter().map(|r| r as &dyn Rule);
-        let egress = spec.egress.iter().map(|r| r as &dyn Rule);
+        let mut causes = Vec::new();
+        check_policy_spec(self.spec(), &mut causes);
+        errors.extend(causes.iter().map(ToString::to_string));
+        // The datapath matches IPv4 addresses only.
         for (dir, field, rules) in [
-            ("ingress", "from", ingress.collect::<Vec<_>>()),
-            ("egress", "to", egress.collect::<Vec<_>>()),
+            ("ingress", "from", self.ingress()),
+            ("egress", "to", self.egress()),
         ] {
             for (i, rule) in rules.iter().enumerate() {
-                let at = format!("spec.{dir}[{i}]");
                 for (j, peer) in rule.peers().iter().enumerate() {
-                    peer.validate(&format!("{at}.{field}[{j}]"), &mut errors);
-                }
-                for (j, port) in rule.ports().iter().enumerate() {
-                    port.validate(&format!("{at}.ports[{j}]"), &mut errors);
+                    let Some(block) = &peer.ip_block else {
+                        continue;
+                    };
+                    let cidrs = std::iter::once(("cidr".to_owned(), &block.cidr)).chain(
+                        block
+                            .except
+                            .iter()
+                            .flatten()
+                            .enumerate()
+                            .map(|(k, e)| (format!("except[{k}]"), e)),
+                    );
+                    for (name, cidr) in cidrs {
+                        if cidr.contains(':') {
+                            errors.push(format!(
+                                "spec.{dir}[{i}].{field}[{j}].ipBlock.{name}: {cidr:?}: the datapath matches IPv4 only"
+                            ));
+                        }
+                    }
                 }
             }
         }
@@ -248,80 +151,8 @@ impl NetworkPolicy {
     }
 }
 
-impl Peer {
-    fn validate(&self, at: &str, errors: &mut Vec<String>) {
-        if let Some(block) = &self.ip_block {
-            if self.pod_selector.is_some() || self.namespace_selector.is_some() {
-                errors.push(format!(
-                    "{at}.ipBlock: may not be combined with podSelector or namespaceSelector"
-                ));
-            }
-            match block.cidr.parse::<Ipv4Network>() {
-                Err(e) => errors.push(format!(
-                    "{at}.ipBlock.cidr: {:?} is not an IPv4 CIDR: {e}",
-                    block.cidr
-                )),
-                Ok(cidr) => {
-                    for (k, except) in block.except.iter().enumerate() {
-                        match except.parse::<Ipv4Network>() {
-                            Err(e) => errors.push(format!(
-                                "{at}.ipBlock.except[{k}]: {except:?} is not an IPv4 CIDR: {e}"
-                            )),
-                            Ok(e)
-                                if !(cidr.contains(e.network()) && e.prefix() >= cidr.prefix()) =>
-                            {
-                                errors.push(format!(
-                                    "{at}.ipBlock.except[{k}]: {except} is not inside {}",
-                                    block.cidr
-                                ))
-                            }
-                            Ok(_) => {}
-                        }
-                    }
-                }
-            }
-        } else if self.pod_selector.is_none() && self.namespace_selector.is_none() {
-            errors.push(format!(
-                "{at}: needs podSelector, namespaceSelector or ipBlock"
-            ));
-        }
-        if let Some(s) = &self.pod_selector {
-            s.validate(&format!("{at}.podSelector"), errors);
-        }
-        if let Some(s) = &self.namespace_selector {
-            s.validate(&format!("{at}.namespaceSelector"), errors);
-        }
-    }
-}
-
-impl PolicyPort {
-    /// The protocol, TCP when not given.
-    pub fn protocol(&self) -> &str {
-        self.protocol.as_deref().unwrap_or("TCP")
-    }
-
-    fn validate(&self, at: &str, errors: &mut Vec<String>) {
-        if !matches!(self.protocol(), "TCP" | "UDP" | "SCTP") {
-            errors.push(format!(
-                "{at}.protocol: {:?} is not TCP, UDP or SCTP",
-                self.protocol()
-            ));
-        }
-        match (&self.port, self.end_port) {
-            (Some(PortRef::Number(p)), _) if !(1..=65535).contains(p) => {
-                errors.push(format!("{at}.port: {p} is outside 1-65535"))
-            }
-            (Some(PortRef::Number(p)), Some(end)) if end < *p || end > 65535 => {
-                errors.push(format!("{at}.endPort: {end} must be within {p}-65535"))
-            }
-            (Some(PortRef::Name(name)), Some(_)) => errors.push(format!(
-                "{at}.endPort: not allowed with the named port {name:?}"
-            )),
-            (None, Some(_)) => errors.push(format!("{at}.endPort: needs a numeric port")),
-            (Some(PortRef::Name(name)), None) if name.is_empty() || name.len() > 15 => errors.push(
-                format!("{at}.port: {name:?} is not a port name (1-15 characters)"),
-            ),
-            _ => {}
-        }
-    }
+/// Whether `ip` is in the block's CIDR and in none of its exceptions.
+pub fn block_contains(block: &IPBlock, ip: Ipv4Addr) -> bool {
+    let inside = |cidr: &str| cidr.parse::<Ipv4Network>().is_ok_and(|n| n.contains(ip));
+    inside(&block.cidr) && !block.except.iter().flatten().any(|e| inside(e))
 }

@@ -13,8 +13,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use slipway_dataplane::testing::cgroup::Cgroup;
-use slipway_dataplane::testing::{Netns, Process, World};
+use slipway_dataplane::world::cgroup::Cgroup;
+use slipway_dataplane::world::{Netns, Process, World};
 
 pub const POD_CIDR: &str = "10.244.0.0/16";
 pub const NETWORK: &str = "slipway-test";

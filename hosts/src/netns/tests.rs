@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use slipway_dataplane::testing::{Netns, traffic};
+use slipway_dataplane::world::{Netns, traffic};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;

@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use slipway_api::networking::{check_selector, selector_matches};
 
 use super::Validate;
 use super::core::{check_enum, check_pod_spec, default_pod_spec};
@@ -39,26 +40,6 @@ fn check_replicas(field: &str, n: Option<i32>, errs: &mut Vec<FieldError>) {
     }
 }
 
-/// Whether `labels` satisfy the selector's matchLabels and matchExpressions.
-pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
-}
-
 /// The selector and template of a workload: a selector that selects something, matching the
 /// template's labels, and a valid Pod spec.
 fn check_workload(
@@ -81,14 +62,7 @@ fn check_workload(
             "empty selector is invalid for deployment",
         ));
     }
-    for (i, e) in selector.match_expressions.iter().flatten().enumerate() {
-        check_enum(
-            &format!("spec.selector.matchExpressions[{i}].operator"),
-            &Some(e.operator.clone()),
-            &["In", "NotIn", "Exists", "DoesNotExist"],
-            errs,
-        );
-    }
+    check_selector("spec.selector", selector, errs);
     let labels = template
         .metadata
         .as_ref()

@@ -19,6 +19,8 @@ use super::networking::NetworkPolicy;
 use super::rbac::RoleBinding;
 use super::slipway::{Cluster, Host, HostClass, Zone};
 use super::storage::StorageClass;
+use slipway_api::meta::decode_strict;
+
 use crate::error::{ApiError, FieldError};
 
 mod columns;
@@ -148,47 +150,8 @@ pub(super) fn decode_upstream<T: DeserializeOwned + Serialize + Validate>(
     let (value, errs) = decode::<T>(body.clone())?;
     // Unknown fields are what the type does not keep, before defaulting moves any (a Secret's
     // stringData is folded into data).
-    let kept: T = serde_json::from_value(body.clone()).map_err(|e| e.to_string())?;
-    let kept = serde_json::to_value(&kept).map_err(|e| e.to_string())?;
-    let mut unknown = Vec::new();
-    unknown_fields(&body, &kept, "", &mut unknown);
-    if unknown.is_empty() {
-        Ok((value, errs))
-    } else {
-        let list: Vec<String> = unknown
-            .iter()
-            .map(|f| format!("unknown field {f:?}"))
-            .collect();
-        Err(list.join(", "))
-    }
-}
-
-/// Appends the paths of `sent` that `kept` lacks (null values count as absent).
-fn unknown_fields(sent: &Value, kept: &Value, path: &str, out: &mut Vec<String>) {
-    match (sent, kept) {
-        (Value::Object(s), Value::Object(k)) => {
-            for (key, v) in s {
-                if v.is_null() {
-                    continue;
-                }
-                let p = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                match k.get(key) {
-                    Some(kv) => unknown_fields(v, kv, &p, out),
-                    None => out.push(p),
-                }
-            }
-        }
-        (Value::Array(s), Value::Array(k)) => {
-            for (i, (sv, kv)) in s.iter().zip(k).enumerate() {
-                unknown_fields(sv, kv, &format!("{path}[{i}]"), out);
-            }
-        }
-        _ => {}
-    }
+    decode_strict::<T>(body)?;
+    Ok((value, errs))
 }
 
 pub(super) fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {

@@ -1,9 +1,9 @@
-//! The LB's test world, shared by its end-to-end tests and the benchmark: a client host, the
+//! The LB's world, shared by `slipway bench lb` and the LB's end-to-end tests: a client host, the
 //! LB host running the daemon (on a thread inside the LB host's namespace), backend hosts that
 //! run nginx or in-process echo servers, and a second client; plus long-lived echo streams
 //! that notice any interruption. Every host is dual-stack on the underlay (`10.99.0.i/24` and
 //! `fd99::i/64`), with an IPv4 and an IPv6 VIP pool. Built on
-//! [`slipway_dataplane::testing::World`], torn down on drop.
+//! [`slipway_dataplane::world::World`], torn down on drop.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use slipway_dataplane::testing::{Netns, Process, World};
+use slipway_dataplane::world::{Netns, Process, World};
 
 use crate::LbError;
 use crate::api::Client;

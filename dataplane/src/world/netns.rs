@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::DataplaneError;
-use crate::testing::parse_mac;
+use crate::link::parse_mac;
 
 /// A network namespace known by name (see [`crate::netns`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,8 @@
-//! The test world: hosts as network namespaces joined by an underlay bridge that lives in a
+//! The world of `slipway demo`, the benchmarks and the privileged tests: hosts as network namespaces joined by an underlay bridge that lives in a
 //! namespace of its own (made as the `netns` host provider makes a zone's segment, through
 //! [`crate::underlay`]), pods as namespaces wired to a host by a veth, and raw veth pairs for
-//! baselines. Tests, the demo and the benchmarks share it.
+//! baselines. It is product code (the demo and the benchmarks ship in the binary); the CNI
+//! plugin and the agent import nothing from it.
 //!
 //! Everything a [`World`] creates is named `slipway-<id>-...` with an id unique to the world,
 //! lives inside namespaces it created (the root namespace's links, addresses and routes are never
@@ -24,6 +25,7 @@ pub use netns::{LinkInfo, LinkStats, Netns, Process};
 use tracing::{debug, warn};
 
 use crate::DataplaneError;
+use crate::link::format_mac;
 
 /// Every name a world creates starts with this (namespaces and its bpffs directory).
 pub const NAME_PREFIX: &str = "slipway-";
@@ -332,37 +334,9 @@ fn veth_name(pod: &str) -> String {
     name
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn macs_round_trip() {
-        let mac = [0x02, 0xab, 0, 0x10, 0xff, 0x7];
-        assert_eq!(format_mac(&mac), "02:ab:00:10:ff:07");
-        assert_eq!(parse_mac("02:ab:00:10:ff:07"), Some(mac));
-        assert_eq!(parse_mac("02:ab:00:10:ff"), None);
-        assert_eq!(parse_mac("02:ab:00:10:ff:07:01"), None);
-        assert_eq!(parse_mac("zz:ab:00:10:ff:07"), None);
-    }
 
     #[test]
     fn ids_and_veth_names() {
