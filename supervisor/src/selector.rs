@@ -17,9 +17,9 @@ enum Term {
     NotExists(String),
 }
 
-/// A parsed label selector.
+/// A parsed `?labelSelector=` query (a label selector in its string form).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LabelSelector(Vec<Term>);
+pub struct LabelQuery(Vec<Term>);
 
 fn split_terms(s: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -61,7 +61,7 @@ fn set_values(s: &str) -> Result<Vec<String>, ApiError> {
         .collect())
 }
 
-impl LabelSelector {
+impl LabelQuery {
     /// Parses the Kubernetes label selector syntax.
     pub fn parse(s: &str) -> Result<Self, ApiError> {
         let mut terms = Vec::new();
@@ -106,9 +106,9 @@ impl LabelSelector {
 
 /// A parsed field selector (`=`, `==`, `!=` on dotted paths).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FieldSelector(Vec<(String, bool, String)>);
+pub struct FieldQuery(Vec<(String, bool, String)>);
 
-impl FieldSelector {
+impl FieldQuery {
     /// Parses a field selector.
     pub fn parse(s: &str) -> Result<Self, ApiError> {
         let mut terms = Vec::new();
@@ -165,14 +165,14 @@ mod tests {
             ("tier".into(), "fe".into()),
         ]
         .into();
-        assert!(LabelSelector::parse("app=web,tier in (fe, be),!gone")?.matches(&labels));
-        assert!(!LabelSelector::parse("app!=web")?.matches(&labels));
-        assert!(LabelSelector::parse("tier notin (db)")?.matches(&labels));
-        assert!(!LabelSelector::parse("missing")?.matches(&labels));
+        assert!(LabelQuery::parse("app=web,tier in (fe, be),!gone")?.matches(&labels));
+        assert!(!LabelQuery::parse("app!=web")?.matches(&labels));
+        assert!(LabelQuery::parse("tier notin (db)")?.matches(&labels));
+        assert!(!LabelQuery::parse("missing")?.matches(&labels));
         let obj =
             json!({"metadata": {"name": "a", "namespace": "ns"}, "spec": {"type": "LoadBalancer"}});
-        assert!(FieldSelector::parse("metadata.name=a,spec.type==LoadBalancer")?.matches(&obj));
-        assert!(!FieldSelector::parse("metadata.namespace!=ns")?.matches(&obj));
+        assert!(FieldQuery::parse("metadata.name=a,spec.type==LoadBalancer")?.matches(&obj));
+        assert!(!FieldQuery::parse("metadata.namespace!=ns")?.matches(&obj));
         Ok(())
     }
 
@@ -181,10 +181,10 @@ mod tests {
         // evaluated.
         #[test]
         fn selectors_never_panic(s in ".{0,80}") {
-            if let Ok(sel) = LabelSelector::parse(&s) {
+            if let Ok(sel) = LabelQuery::parse(&s) {
                 let _ = sel.matches(&BTreeMap::new());
             }
-            if let Ok(sel) = FieldSelector::parse(&s) {
+            if let Ok(sel) = FieldQuery::parse(&s) {
                 let _ = sel.matches(&json!({"metadata": {"name": "x"}}));
             }
             let _ = crate::server::http::percent_decode(&s);

@@ -19,7 +19,7 @@ use crate::api::meta::{now_secs, rfc3339};
 use crate::api::registry::{RESOURCES, ResourceType, lookup};
 use crate::error::ApiError;
 use crate::patch::{self, PatchType};
-use crate::selector::{FieldSelector, LabelSelector, labels_of};
+use crate::selector::{FieldQuery, LabelQuery, labels_of};
 use crate::ssa;
 use crate::store::{Cas, Store, StoreError};
 
@@ -140,11 +140,11 @@ pub async fn select(
 ) -> Result<(Vec<Value>, u64), ApiError> {
     let labels = query
         .get("labelSelector")
-        .map(|s| LabelSelector::parse(s))
+        .map(|s| LabelQuery::parse(s))
         .transpose()?;
     let fields = query
         .get("fieldSelector")
-        .map(|s| FieldSelector::parse(s))
+        .map(|s| FieldQuery::parse(s))
         .transpose()?;
     let (items, rev) = state.store.list(&keys::prefix(rt, ns)).await?;
     let mut out = Vec::with_capacity(items.len());

@@ -13,7 +13,7 @@ use super::objects::present;
 use super::{State, keys, table, verbs};
 use crate::api::registry::ResourceType;
 use crate::error::ApiError;
-use crate::selector::{FieldSelector, LabelSelector, labels_of};
+use crate::selector::{FieldQuery, LabelQuery, labels_of};
 use crate::store::{EventKind, Store, StoreError};
 
 /// How often a bookmark is sent on an idle watch that asked for them.
@@ -82,11 +82,11 @@ pub async fn serve(
     }
     let labels = q
         .get("labelSelector")
-        .map(|s| LabelSelector::parse(s))
+        .map(|s| LabelQuery::parse(s))
         .transpose()?;
     let fields = q
         .get("fieldSelector")
-        .map(|s| FieldSelector::parse(s))
+        .map(|s| FieldQuery::parse(s))
         .transpose()?;
     let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
     let (initial, from) = if rv.is_empty() || rv == "0" {
