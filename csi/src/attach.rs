@@ -115,9 +115,10 @@ const ROOT: INodeNo = INodeNo::ROOT;
 const FILE: INodeNo = INodeNo(2);
 
 /// NBD connections per attachment when the server allows several (`NBD_FLAG_CAN_MULTI_CONN`:
-/// a FLUSH on one covers the writes completed on all), and FUSE threads serving them. Measured
-/// here (4k random reads at queue depth 32): 16 served 1.25x the IOPS of 8; 32 gained nothing.
-const CONNECTIONS: usize = 16;
+/// a FLUSH on one covers the writes completed on all), and FUSE threads serving them. 4k random
+/// reads at queue depth 32 in a pod (`slipway bench csi`, release, 2 cores) ran at 27.6k IOPS
+/// with 8 and 25.7k with 16: the CPU, not the connection count, is the limit here.
+const CONNECTIONS: usize = 8;
 
 /// The connections FUSE requests are served on.
 struct Pool {

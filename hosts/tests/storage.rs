@@ -16,6 +16,7 @@ use slipway_blockstore::control::{self, ControlRequest};
 use slipway_hosts::netns::{NetnsConfig, NetnsProvider};
 use slipway_hosts::storage::{StorageHosts, StorageSettings, host_name};
 use slipway_hosts::{HostProvider, HostSpec};
+use slipway_supervisor::auth::issue_host_identity;
 use slipway_supervisor::tls::{ADMIN_DAYS, Pki};
 
 /// Tears down everything the test's provider made, also on panic.
@@ -56,14 +57,7 @@ fn nbd_binary() -> PathBuf {
 fn creds(dir: &Path, pki: &Pki, host: &str) -> String {
     let d = dir.join(format!("creds-{host}"));
     std::fs::create_dir_all(&d).expect("dir");
-    let (cert, key) = pki
-        .issue_client_named(
-            &format!("system:host:{host}"),
-            Some("system:slipway:hosts"),
-            &[host_nbd_client(host)],
-            ADMIN_DAYS,
-        )
-        .expect("client certificate");
+    let (cert, key) = issue_host_identity(pki, host, ADMIN_DAYS).expect("client certificate");
     std::fs::copy(pki.ca_cert(), d.join("ca-cert.pem")).expect("ca");
     std::fs::write(d.join("client-cert.pem"), cert).expect("write");
     std::fs::write(d.join("client-key.pem"), key).expect("write");

@@ -26,6 +26,22 @@ pub const HOSTS: &str = "system:slipway:hosts";
 /// The user name prefix of a host agent.
 pub const HOST_USER_PREFIX: &str = "system:host:";
 
+/// A host agent's client certificate, signed by `pki`: user `system:host:<host>` in [`HOSTS`]
+/// for the API, and the host's NBD client name as a subject alternative name for block stores
+/// (their export allow-lists); returns (certificate PEM, key PEM).
+pub fn issue_host_identity(
+    pki: &crate::tls::Pki,
+    host: &str,
+    days: u32,
+) -> Result<(String, String), crate::tls::TlsError> {
+    pki.issue_client_named(
+        &format!("{HOST_USER_PREFIX}{host}"),
+        Some(HOSTS),
+        &[slipway_api::volumes::host_nbd_client(host)],
+        days,
+    )
+}
+
 /// The group of a workload cluster's nodes (`system:node:<name>`, certificates signed by the
 /// cluster's CA, issued when their host joins): what the node authorizer lets a kubelet do.
 pub const NODES: &str = "system:nodes";

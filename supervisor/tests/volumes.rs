@@ -17,6 +17,7 @@ use common::{ChildGuard, Supervisor, TempDir, wait_for};
 use serde_json::Value;
 use slipway_api::volumes::{NO_CLIENT, host_nbd_client};
 use slipway_blockstore::control::{self, ControlRequest};
+use slipway_supervisor::auth::issue_host_identity;
 use slipway_supervisor::tls::{ADMIN_DAYS, Pki};
 
 const GI: u64 = 1 << 30;
@@ -116,14 +117,7 @@ fn start_block_store(dir: &Path, pki: &Pki) -> (ChildGuard, PathBuf, u16) {
 fn host_creds(dir: &Path, pki: &Pki, host: &str) -> String {
     let d = dir.join(format!("creds-{host}"));
     std::fs::create_dir_all(&d).expect("dir");
-    let (cert, key) = pki
-        .issue_client_named(
-            &format!("system:host:{host}"),
-            Some("system:slipway:hosts"),
-            &[host_nbd_client(host)],
-            ADMIN_DAYS,
-        )
-        .expect("client certificate");
+    let (cert, key) = issue_host_identity(pki, host, ADMIN_DAYS).expect("client certificate");
     std::fs::copy(pki.ca_cert(), d.join("ca-cert.pem")).expect("ca");
     std::fs::write(d.join("client-cert.pem"), cert).expect("write");
     std::fs::write(d.join("client-key.pem"), key).expect("write");

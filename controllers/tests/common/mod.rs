@@ -21,11 +21,10 @@ use kube::Client;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
-use slipway_api::volumes::host_nbd_client;
 use slipway_blockstore::control::{self, ControlRequest};
 use slipway_controllers::{Options, SupervisorLink};
 use slipway_supervisor::admission::AdmissionConfig;
-use slipway_supervisor::auth::{CLUSTER_USER_PREFIX, CLUSTERS};
+use slipway_supervisor::auth::{CLUSTER_USER_PREFIX, CLUSTERS, issue_host_identity};
 use slipway_supervisor::controllers::volume_plan::BlockStoreRef;
 use slipway_supervisor::controllers::volumes::VolumeReconciler;
 use slipway_supervisor::server::limits::ConnectionLimits;
@@ -119,12 +118,7 @@ pub fn block_store(dir: &Path, pki: &Pki) -> Result<(Child, PathBuf, u16)> {
 pub fn host_creds(dir: &Path, pki: &Pki, host: &str) -> Result<String> {
     let d = dir.join(format!("creds-{host}"));
     std::fs::create_dir_all(&d)?;
-    let (cert, key) = pki.issue_client_named(
-        &format!("system:host:{host}"),
-        Some("system:slipway:hosts"),
-        &[host_nbd_client(host)],
-        ADMIN_DAYS,
-    )?;
+    let (cert, key) = issue_host_identity(pki, host, ADMIN_DAYS)?;
     std::fs::copy(pki.ca_cert(), d.join("ca-cert.pem"))?;
     std::fs::write(d.join("client-cert.pem"), cert)?;
     std::fs::write(d.join("client-key.pem"), key)?;

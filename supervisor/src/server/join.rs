@@ -17,8 +17,8 @@ use super::objects::stamp_new;
 use crate::api::meta::now_secs;
 use crate::api::registry::{ResourceType, lookup};
 use crate::auth::{
-    CLUSTER_USER_PREFIX, CLUSTERS, HOST_USER_PREFIX, HOSTS, NODE_USER_PREFIX, NODES, UserInfo,
-    bootstrap_token,
+    CLUSTER_USER_PREFIX, CLUSTERS, HOST_USER_PREFIX, NODE_USER_PREFIX, NODES, UserInfo,
+    bootstrap_token, issue_host_identity,
 };
 use crate::error::{ApiError, FieldError};
 use crate::store::{Store, StoreError};
@@ -195,15 +195,7 @@ pub async fn join(
         }
     }
     let name = format!("{HOST_USER_PREFIX}{}", spec.host_name);
-    let (cert_pem, key_pem) = state
-        .pki
-        // Its certificate also proves the host's name to block stores (export allow-lists).
-        .issue_client_named(
-            &name,
-            Some(HOSTS),
-            &[slipway_api::volumes::host_nbd_client(&spec.host_name)],
-            ADMIN_DAYS,
-        )
+    let (cert_pem, key_pem) = issue_host_identity(&state.pki, &spec.host_name, ADMIN_DAYS)
         .map_err(|e| ApiError::Internal(format!("issuing the host's certificate: {e}")))?;
     let kubeconfig = state
         .pki

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{Column, jp, s};
+use super::{Column, col, jp, s};
 
 pub(super) fn service_ports(v: &Value) -> Value {
     let ports: Vec<String> = jp(v, "spec.ports")
@@ -47,8 +47,9 @@ pub(super) fn service_external(v: &Value) -> Value {
     }
 }
 
-pub(super) fn selector(v: &Value) -> Value {
-    let sel: Vec<String> = jp(v, "spec.selector")
+/// `k=v,...` of the label map at `path`, or `<none>`.
+fn label_map(v: &Value, path: &str) -> Value {
+    let sel: Vec<String> = jp(v, path)
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
@@ -61,6 +62,10 @@ pub(super) fn selector(v: &Value) -> Value {
     } else {
         sel.join(",")
     })
+}
+
+pub(super) fn selector(v: &Value) -> Value {
+    label_map(v, "spec.selector")
 }
 
 pub(super) fn endpoints(v: &Value) -> Value {
@@ -160,19 +165,7 @@ pub(super) fn event_last_seen(v: &Value) -> Value {
 }
 
 pub(super) fn pod_selector(v: &Value) -> Value {
-    let sel: Vec<String> = jp(v, "spec.podSelector.matchLabels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
-    Value::String(if sel.is_empty() {
-        "<none>".into()
-    } else {
-        sel.join(",")
-    })
+    label_map(v, "spec.podSelector.matchLabels")
 }
 
 pub(super) fn subjects(kind: &str, v: &Value) -> Value {
@@ -299,11 +292,8 @@ pub(super) fn int_col(
     cell: fn(&Value) -> Value,
 ) -> Column {
     Column {
-        name,
         type_: "integer",
-        description,
-        priority: 0,
-        cell,
+        ..col(name, description, cell)
     }
 }
 
@@ -313,11 +303,8 @@ pub(super) fn wide(
     cell: fn(&Value) -> Value,
 ) -> Column {
     Column {
-        name,
-        type_: "string",
-        description,
         priority: 1,
-        cell,
+        ..col(name, description, cell)
     }
 }
 
