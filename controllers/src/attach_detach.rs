@@ -17,7 +17,7 @@ use k8s_openapi::api::storage::v1::{
     VolumeAttachment, VolumeAttachmentSource, VolumeAttachmentSpec,
 };
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use tracing::{info, warn};
 
 use crate::wake::Wakeups;
@@ -163,8 +163,12 @@ pub async fn run(client: kube::Client) {
     let pods: Api<Pod> = Api::all(client.clone());
     let attachments: Api<VolumeAttachment> = Api::all(client.clone());
     let events = futures_util::stream::select(
-        watcher(pods, watcher::Config::default()).map(|_| ()),
-        watcher(attachments, watcher::Config::default()).map(|_| ()),
+        watcher(pods, watcher::Config::default())
+            .default_backoff()
+            .map(|_| ()),
+        watcher(attachments, watcher::Config::default())
+            .default_backoff()
+            .map(|_| ()),
     );
     let mut wake = Wakeups::new(events, PERIOD);
     // Holds already told as an Event: one Event per hold, not one per pass.

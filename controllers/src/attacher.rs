@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::json;
 use slipway_api::volumes::DRIVER;
 use slipway_csi::proto::{ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest};
@@ -24,7 +24,10 @@ pub const FINALIZER: &str = "external-attacher/csi-slipway-dev";
 /// Runs until the task is dropped.
 pub async fn run(client: kube::Client, csi: Csi) {
     let api: Api<VolumeAttachment> = Api::all(client.clone());
-    let mut wake = Wakeups::new(watcher(api, watcher::Config::default()), PERIOD);
+    let mut wake = Wakeups::new(
+        watcher(api, watcher::Config::default()).default_backoff(),
+        PERIOD,
+    );
     loop {
         wake.next().await;
         if let Err(e) = pass(&client, csi.clone()).await {

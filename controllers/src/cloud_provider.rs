@@ -27,7 +27,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource as _, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -228,12 +228,16 @@ pub async fn run(workload: Client, link: SupervisorLink, options: Arc<Options>) 
         Api::<Service>::all(workload.clone()),
         watcher::Config::default(),
     )
+    .default_backoff()
     .map(|_| ());
-    let nodes = watcher(Api::<Node>::all(workload), watcher::Config::default()).map(|_| ());
+    let nodes = watcher(Api::<Node>::all(workload), watcher::Config::default())
+        .default_backoff()
+        .map(|_| ());
     let mirrors = watcher(
         Api::<Service>::namespaced(link.client.clone(), &link.namespace),
         watcher::Config::default().labels(&format!("{CLUSTER_LABEL}={}", link.cluster)),
     )
+    .default_backoff()
     .map(|_| ());
     let events =
         futures_util::stream::select(services, futures_util::stream::select(nodes, mirrors));

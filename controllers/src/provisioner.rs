@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::json;
 use slipway_api::volumes::{DRIVER, ZONE_TOPOLOGY_KEY};
 use slipway_csi::proto::{
@@ -105,7 +105,10 @@ impl std::error::Error for Waiting {}
 pub async fn run(client: kube::Client, csi: Csi) {
     let mut told = Told::default();
     let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
-    let mut wake = Wakeups::new(watcher(claims, watcher::Config::default()), PERIOD);
+    let mut wake = Wakeups::new(
+        watcher(claims, watcher::Config::default()).default_backoff(),
+        PERIOD,
+    );
     loop {
         wake.next().await;
         if let Err(e) = pass(&client, csi.clone(), &mut told).await {

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -189,8 +189,12 @@ pub async fn run(client: Client, labels: Option<String>, tx: watch::Sender<Optio
         Some(l) => ListParams::default().labels(l),
         None => ListParams::default(),
     };
-    let a = watcher(services.clone(), svc_config).map(|_| ());
-    let b = watcher(slices.clone(), watcher::Config::default()).map(|_| ());
+    let a = watcher(services.clone(), svc_config)
+        .default_backoff()
+        .map(|_| ());
+    let b = watcher(slices.clone(), watcher::Config::default())
+        .default_backoff()
+        .map(|_| ());
     let mut events = futures_util::stream::select(a, b).boxed();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -12,7 +12,7 @@ use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::{reflector, watcher};
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use tracing::{debug, info, warn};
 
 use super::claims::ClaimVolume;
@@ -90,7 +90,9 @@ pub async fn run_until(
     let pods: Api<Pod> = Api::all(client);
     let (reader, writer) = reflector::store();
     // The API serves no field selectors yet: every Pod is watched and this host's are taken.
-    let mut events = reflector(writer, watcher(pods.clone(), watcher::Config::default())).boxed();
+    let mut events = reflector(writer, watcher(pods.clone(), watcher::Config::default()))
+        .default_backoff()
+        .boxed();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written: BTreeMap<String, serde_json::Value> = BTreeMap::new();

@@ -22,7 +22,7 @@ use kube::api::{
     PatchParams, PostParams,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 use slipway_api::slipway::{CONTROL_PLANE_POOL, ClusterSpec, GROUP, VERSION};
 use tracing::{info, warn};
@@ -184,8 +184,12 @@ impl ClusterReconciler {
 
     /// Runs until dropped: a pass at every Cluster or Host event and every [`PERIOD`].
     pub async fn run(self) {
-        let clusters = watcher(self.clusters.clone(), watcher::Config::default()).map(|_| ());
-        let hosts = watcher(self.hosts.clone(), watcher::Config::default()).map(|_| ());
+        let clusters = watcher(self.clusters.clone(), watcher::Config::default())
+            .default_backoff()
+            .map(|_| ());
+        let hosts = watcher(self.hosts.clone(), watcher::Config::default())
+            .default_backoff()
+            .map(|_| ());
         let mut events = futures_util::stream::select(clusters, hosts).boxed();
         let mut tick = tokio::time::interval(PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

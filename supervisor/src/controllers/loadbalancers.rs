@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::{Event, Service};
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 use slipway_api::slipway::{GROUP, VERSION, VIP_LEASE_NAMESPACE, vip_lease_name};
@@ -190,12 +190,17 @@ impl LoadBalancerReconciler {
     /// Runs until dropped: a pass at every Service or Cluster event and every [`PERIOD`].
     pub async fn run(self) {
         let labelled = watcher::Config::default().labels(CLUSTER_LABEL);
-        let services = watcher(self.services.clone(), labelled).map(|_| ());
-        let clusters = watcher(self.clusters.clone(), watcher::Config::default()).map(|_| ());
+        let services = watcher(self.services.clone(), labelled)
+            .default_backoff()
+            .map(|_| ());
+        let clusters = watcher(self.clusters.clone(), watcher::Config::default())
+            .default_backoff()
+            .map(|_| ());
         // Leases are renewed five times a second: only a change of holder is an event.
         let mut holders: BTreeMap<String, Option<String>> = BTreeMap::new();
-        let leases =
-            watcher(self.leases.clone(), watcher::Config::default()).filter_map(move |e| {
+        let leases = watcher(self.leases.clone(), watcher::Config::default())
+            .default_backoff()
+            .filter_map(move |e| {
                 let changed = match e {
                     Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l)) => {
                         let holder = l.spec.and_then(|s| s.holder_identity);

@@ -25,7 +25,7 @@ use kube::api::{
     PatchParams, PostParams,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 use slipway_api::slipway::{GROUP, VERSION};
 use slipway_api::volumes::{
@@ -139,22 +139,17 @@ impl VolumeReconciler {
     /// Runs until the task is dropped: a pass at every claim or attachment event and every
     /// [`PERIOD`].
     pub async fn run(self) -> anyhow::Result<()> {
-        let claims = watcher(self.claims.clone(), watcher::Config::default()).map(|e| e.is_err());
-        let hvas =
-            watcher(self.attachments.clone(), watcher::Config::default()).map(|e| e.is_err());
-        let mut events = futures_util::stream::select(claims.boxed(), hvas.boxed());
+        let claims = watcher(self.claims.clone(), watcher::Config::default()).default_backoff();
+        let hvas = watcher(self.attachments.clone(), watcher::Config::default()).default_backoff();
+        let mut events =
+            futures_util::stream::select(claims.map(|_| ()).boxed(), hvas.map(|_| ()).boxed());
         let mut tick = tokio::time::interval(PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(zones = ?self.stores.keys().collect::<Vec<_>>(), "volume reconciler starting");
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                e = events.next() => {
-                    if e == Some(true) {
-                        // A watch error; the tick keeps the passes going meanwhile.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
+                _ = events.next() => {}
             }
             if let Err(e) = self.reconcile_all().await {
                 warn!(error = %format!("{e:#}"), "volume reconciler pass failed; retrying");
