@@ -41,6 +41,8 @@ struct Cluster {
     held: Arc<Mutex<BTreeSet<String>>>,
     /// Nodes whose fake kubelet is down.
     down: Arc<Mutex<BTreeSet<String>>>,
+    /// When the fake kubelet last took a Node's heartbeat time (before stamping it).
+    beats: Arc<Mutex<BTreeMap<String, Instant>>>,
     /// The controllers' counters.
     metrics: Arc<slipway_controllers::Metrics>,
 }
@@ -68,12 +70,14 @@ impl Cluster {
             client,
             held: Arc::default(),
             down: Arc::default(),
+            beats: Arc::default(),
             metrics,
         };
         tokio::spawn(kubelet(
             cluster.client.clone(),
             cluster.held.clone(),
             cluster.down.clone(),
+            cluster.beats.clone(),
         ));
         Ok(cluster)
     }
@@ -174,6 +178,7 @@ async fn kubelet(
     client: Client,
     held: Arc<Mutex<BTreeSet<String>>>,
     down: Arc<Mutex<BTreeSet<String>>>,
+    beats: Arc<Mutex<BTreeMap<String, Instant>>>,
 ) {
     let mut ips: BTreeMap<String, String> = BTreeMap::new();
     let mut beat = Instant::now();
@@ -189,6 +194,9 @@ async fn kubelet(
                     let name = n.name_any();
                     let up = down.lock().map(|d| !d.contains(&name)).unwrap_or(false);
                     if up {
+                        if let Ok(mut b) = beats.lock() {
+                            b.insert(name.clone(), Instant::now());
+                        }
                         let _ = set_node_ready(&client, &name, "True").await;
                     }
                 }
@@ -757,7 +765,6 @@ async fn recreate_a_silent_node_and_garbage_collection() -> Result<()> {
     } else {
         "node-a"
     };
-    let silent = Instant::now();
     c.down
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -778,10 +785,19 @@ async fn recreate_a_silent_node_and_garbage_collection() -> Result<()> {
     )
     .await?;
     assert_eq!(reason, "NodeStatusUnknown");
-    let unknown_after = silent.elapsed();
+    // The grace period runs from the last heartbeat, which may precede the silence by up to a
+    // kubelet pass.
+    let last_beat = c
+        .beats
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .get(&victim)
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("no heartbeat recorded for {victim}"))?;
+    let unknown_after = last_beat.elapsed();
     assert!(
         unknown_after >= Duration::from_secs(2),
-        "Unknown before the grace period: {unknown_after:?}"
+        "Unknown before the grace period: {unknown_after:?} after the last heartbeat"
     );
     wait_for(
         "the unreachable NoExecute taint",
@@ -811,8 +827,8 @@ async fn recreate_a_silent_node_and_garbage_collection() -> Result<()> {
     )
     .await?;
     eprintln!(
-        "silent node Unknown after {unknown_after:?}, its pods moved after {:?}",
-        silent.elapsed()
+        "silent node Unknown {unknown_after:?} after its last heartbeat, its pods moved {:?} after it",
+        last_beat.elapsed()
     );
 
     // Deleting the Deployment takes its ReplicaSets and their Pods.
