@@ -238,7 +238,29 @@ impl JoinArgs {
                 )
                 .context("writing the cluster's supervisor link")?;
             }
-            let settings = json!({"serviceCidr": cp["serviceCidr"], "cluster": cp["cluster"]});
+            // Three control plane hosts: the cluster's etcd CA, for this host's member.
+            if let Some(etcd) = cp.get("etcd").filter(|v| !v.is_null()) {
+                let pki = pki.join("etcd");
+                for (file, key, mode) in [("ca.crt", "caCert", 0o644), ("ca.key", "caKey", 0o600)] {
+                    let pem = etcd[key]
+                        .as_str()
+                        .filter(|p| !p.is_empty())
+                        .with_context(|| {
+                            format!("the HostJoin answer's controlPlane.etcd carries no {key}")
+                        })?;
+                    crate::run::write_atomically_with_mode(&pki.join(file), pem.as_bytes(), mode)
+                        .with_context(|| format!("writing {}", pki.join(file).display()))?;
+                }
+            }
+            let settings = json!({
+                "serviceCidr": cp["serviceCidr"],
+                "cluster": cp["cluster"],
+                "endpoint": cp["endpoint"],
+                "etcd": cp["etcd"].get("joinAt").map(|_| json!({
+                    "joinAt": cp["etcd"]["joinAt"],
+                    "mayStart": cp["etcd"]["mayStart"],
+                })),
+            });
             crate::run::write_atomically(
                 &self.api_server_dir().join("bootstrap.json"),
                 settings.to_string().as_bytes(),
@@ -307,8 +329,51 @@ fn hb_name(args: &JoinArgs) -> &str {
     args.heartbeat.host_name.as_deref().unwrap_or_default()
 }
 
+/// What a control plane host's API server was given when it joined (`bootstrap.json`).
+fn api_server_bootstrap(dir: &Path) -> Value {
+    std::fs::read(dir.join("bootstrap.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Runs this host's member of the cluster's etcd (`slipway etcd-member`, which becomes etcd),
+/// restarting it with back-off when it exits; it dies with the agent.
+async fn serve_etcd_member(
+    dir: PathBuf,
+    host: String,
+    address: String,
+    join_at: String,
+    may_start: bool,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("the slipway binary")?;
+    let log = dir.with_file_name("etcd.log");
+    crate::supervise::supervise("the cluster's etcd member", &log, || {
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .arg("etcd-member")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args([
+                "--name",
+                &host,
+                "--address",
+                &address,
+                "--join-at",
+                &join_at,
+            ]);
+        if may_start {
+            command.arg("--may-start");
+        }
+        Ok(command)
+    })
+    .await
+}
+
 /// Runs the workload cluster's API server (`slipway supervisor`, the same server code) on a
-/// control plane host, restarting it with back-off when it exits; it dies with the agent.
+/// control plane host, restarting it with back-off when it exits; it dies with the agent. With
+/// three control plane hosts, its store is the cluster's etcd: this host's member first, then
+/// any member through the control plane endpoint.
 async fn serve_cluster_api(
     dir: PathBuf,
     link: PathBuf,
@@ -317,6 +382,16 @@ async fn serve_cluster_api(
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("the slipway binary")?;
     let log = dir.with_extension("log");
+    let bootstrap = api_server_bootstrap(&dir);
+    let etcd_tls = slipway_supervisor::etcd_member::api_server_tls(&dir);
+    if let Some(join_at) = bootstrap["etcd"]["joinAt"].as_str() {
+        // The etcd member issues the API server's client certificate before it starts.
+        let mut waiting = tokio::time::interval(Duration::from_millis(100));
+        while !etcd_tls.key.exists() {
+            waiting.tick().await;
+        }
+        info!(%join_at, "the API server's store: the cluster's etcd");
+    }
     crate::supervise::supervise("the workload cluster's API server", &log, || {
         let mut command = tokio::process::Command::new(&exe);
         command
@@ -330,10 +405,22 @@ async fn serve_cluster_api(
                 &address,
             ])
             .arg("--cluster-controllers");
-        let bootstrap = std::fs::read(dir.join("bootstrap.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .unwrap_or_default();
+        if let Some(endpoint) = bootstrap["endpoint"].as_str() {
+            command.args(["--advertise-address", endpoint]);
+        }
+        if let Some(join_at) = bootstrap["etcd"]["joinAt"].as_str() {
+            let port = slipway_supervisor::etcd_member::CLIENT_PORT;
+            command
+                .arg(format!(
+                    "--store=etcd://https://127.0.0.1:{port},https://{join_at}:{port}"
+                ))
+                .arg("--etcd-cafile")
+                .arg(&etcd_tls.ca)
+                .arg("--etcd-certfile")
+                .arg(&etcd_tls.cert)
+                .arg("--etcd-keyfile")
+                .arg(&etcd_tls.key);
+        }
         if let Some(cidr) = bootstrap["serviceCidr"].as_str() {
             command.args(["--service-cluster-ip-range", cidr]);
         }
@@ -357,9 +444,20 @@ async fn serve_cluster_api(
 /// `slipway join`: joins, then runs the host agent until SIGTERM/SIGINT.
 pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     let kubeconfig = args.join().await?;
+    let mut etcd = None;
     let api_server = if args.api_server_dir().join("pki/ca.key").exists() {
         let address = address_towards(&args.supervisor)?;
         info!(%address, "control plane host: serving the workload cluster's API");
+        let bootstrap = api_server_bootstrap(&args.api_server_dir());
+        if let Some(join_at) = bootstrap["etcd"]["joinAt"].as_str() {
+            etcd = Some(tokio::spawn(serve_etcd_member(
+                args.api_server_dir(),
+                hb_name(&args).to_owned(),
+                address.clone(),
+                join_at.to_owned(),
+                bootstrap["etcd"]["mayStart"].as_bool().unwrap_or(false),
+            )));
+        }
         Some(tokio::spawn(serve_cluster_api(
             args.api_server_dir(),
             args.supervisor_link_path(),
@@ -380,7 +478,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
             ))
         });
     let result = run_agent(&args, kubeconfig).await;
-    for task in [api_server, edge].into_iter().flatten() {
+    for task in [api_server, etcd, edge].into_iter().flatten() {
         task.abort();
     }
     result

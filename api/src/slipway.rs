@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{Condition, Quantity, check_cidr, check_dns_label};
+use crate::meta::{Condition, Quantity, check_cidr, check_dns_label, check_ip};
 use crate::{FieldError, Validate, at, kind};
 
 /// The API group of Slipway's own kinds.
@@ -221,6 +221,41 @@ pub struct ClusterSpec {
     /// Settings.
     #[serde(default)]
     pub settings: ClusterSettings,
+    /// Where clients reach the control plane (Cluster API's field of this name): set by the
+    /// user (a load balancer of theirs in front of the control plane hosts) or, left empty, by
+    /// the host provider when it makes one (the `netns` provider's VIP for three control plane
+    /// hosts). Without one, a single control plane host is reached at its own address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_endpoint: Option<ApiEndpoint>,
+}
+
+/// An API server's address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiEndpoint {
+    /// An IP address (named in the API servers' serving certificates).
+    pub host: String,
+    /// The port (default 6443).
+    #[serde(default = "api_port")]
+    pub port: u16,
+}
+
+/// The port a workload cluster's API server serves on.
+pub const API_PORT: u16 = 6443;
+
+fn api_port() -> u16 {
+    API_PORT
+}
+
+/// Where a cluster's API is reached (`host:port`): its `controlPlaneEndpoint`, or else its
+/// first control plane host's address (`cp0`, once it has one).
+pub fn api_authority(spec: &ClusterSpec, cp0: Option<&str>) -> Option<String> {
+    match &spec.control_plane_endpoint {
+        Some(e) => Some(format!("{}:{}", e.host, e.port)),
+        None => cp0
+            .filter(|a| !a.is_empty())
+            .map(|a| format!("{a}:{API_PORT}")),
+    }
 }
 
 /// Cluster status.
@@ -265,6 +300,16 @@ impl Validate for Cluster {
         }
         if t.control_plane.host_class.is_empty() {
             errs.push(FieldError::required("spec.topology.controlPlane.hostClass"));
+        }
+        if let Some(e) = &self.spec.control_plane_endpoint {
+            check_ip("spec.controlPlaneEndpoint.host", &e.host, errs);
+            if e.port == 0 {
+                errs.push(FieldError::invalid(
+                    "spec.controlPlaneEndpoint.port",
+                    "0",
+                    "must be between 1 and 65535",
+                ));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, p) in t.node_pools.iter().enumerate() {
@@ -514,7 +559,7 @@ impl Validate for Host {
             errs.push(FieldError::not_supported("status.phase", p, &HOST_PHASES));
         }
         if let Some(a) = &st.address {
-            crate::meta::check_ip("status.address", a, errs);
+            check_ip("status.address", a, errs);
         }
         for (i, c) in st.conditions.iter().flatten().enumerate() {
             let f = at("status.conditions", i);

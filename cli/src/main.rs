@@ -61,6 +61,9 @@ enum Command {
     Up(up::UpArgs),
     /// Stops a running `slipway up` (which then tears everything down).
     Down(up::DownArgs),
+    /// One etcd member of a workload cluster on its control plane host: joins the members
+    /// running (or starts the first), then becomes etcd. The host agent runs it.
+    EtcdMember(slipway_supervisor::etcd_member::EtcdMemberArgs),
     /// Run the supervisor: the Kubernetes-style API server (HTTPS), on redb or etcd.
     Supervisor(Box<supervisor::SupervisorCommand>),
     /// Create or update the objects in YAML/JSON files through the supervisor's API.
@@ -132,6 +135,9 @@ fn main() -> anyhow::Result<()> {
         Command::Csi(command) => command.run(&["csi"]),
         Command::Agent(args) => agent_runtime()?.block_on(slipway_agent::run(*args)),
         Command::Join(args) => agent_runtime()?.block_on(slipway_agent::join::run(args)),
+        Command::EtcdMember(args) => {
+            agent_runtime()?.block_on(slipway_supervisor::etcd_member::run(args))
+        }
     }
 }
 

@@ -54,6 +54,17 @@ impl SupervisorCommand {
     {
         let admin = self.server.data_dir.join("admin.kubeconfig");
         let controllers = self.cluster_controllers;
+        // A control plane host's candidacy for the controllers' Lease: its address (the
+        // first it advertises) and this process.
+        let identity = format!(
+            "{}_{}",
+            self.server
+                .advertise_address
+                .first()
+                .copied()
+                .unwrap_or(self.server.listen.ip()),
+            std::process::id()
+        );
         let link = match (
             self.supervisor_link.clone(),
             self.supervisor_namespace.clone(),
@@ -81,10 +92,13 @@ impl SupervisorCommand {
                 supervisor,
                 ..Default::default()
             };
+            // With three control plane hosts, one runs the controllers at a time.
+            let elected =
+                slipway_controllers::leader::run_elected(client.clone(), identity, || {
+                    slipway_controllers::run(client.clone(), options.clone())
+                });
             tokio::select! {
-                () = slipway_controllers::run(client, options) => {
-                    anyhow::bail!("the workload cluster controllers stopped")
-                }
+                () = elected => anyhow::bail!("the workload cluster controllers stopped"),
                 r = more(listening) => r,
             }
         };
@@ -131,6 +145,10 @@ impl SupervisorCommand {
         let hosts = self.hosts.clone();
         self.server
             .run_async_with(move |listening| async move {
+                let endpoints = slipway_hosts::endpoints::EndpointReconciler::new(
+                    crate::client_for(&listening.controllers_kubeconfig).await?,
+                    provider.clone(),
+                );
                 let reconciler = host_reconciler(&hosts, provider, &data_dir, &listening).await?;
                 let storage = async move {
                     match storage {
@@ -140,6 +158,7 @@ impl SupervisorCommand {
                 };
                 tokio::select! {
                     r = reconciler.run() => r,
+                    r = endpoints.run() => r,
                     () = storage => Ok(()),
                     r = more(listening) => r,
                 }

@@ -15,6 +15,7 @@ pub mod deployment;
 pub mod endpointslice;
 pub mod events;
 pub mod garbage;
+pub mod leader;
 pub mod metrics;
 pub mod node_lifecycle;
 pub mod placement;

@@ -4,6 +4,7 @@
 //! cgroup limits and a data dir of their own.
 #![forbid(unsafe_code)]
 
+pub mod endpoints;
 pub mod netns;
 pub mod reconciler;
 pub mod storage;

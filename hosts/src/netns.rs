@@ -258,6 +258,15 @@ impl NetnsProvider {
         (Ipv4Addr::from(last - 2), Ipv4Addr::from(last - 1))
     }
 
+    /// The addresses control plane endpoints (VIPs) are taken from: `.1` to `.250` of the
+    /// underlay's last /24, which holds the uplink and no zone. None without an uplink (nothing
+    /// outside the underlay would reach them).
+    pub fn endpoint_pool(&self) -> Option<Vec<Ipv4Addr>> {
+        self.config.uplink_device.as_ref()?;
+        let last = u32::from(self.config.underlay.broadcast()) & !0xff;
+        Some((1..=250).map(|i| Ipv4Addr::from(last + i)).collect())
+    }
+
     fn gateway(subnet: Ipv4Network) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(subnet.network()) + 1)
     }

@@ -488,7 +488,11 @@ impl BenchApiArgs {
                 .iter()
                 .map(|e| format!("http://{e}"))
                 .collect();
-            let mut e = measure(self, StoreConfig::Etcd(endpoints), "etcd").await?;
+            let store = StoreConfig::Etcd {
+                endpoints,
+                tls: None,
+            };
+            let mut e = measure(self, store, "etcd").await?;
             if !self.skip_check_perf {
                 let writes = check_perf(&etcd.endpoints)?;
                 for m in all

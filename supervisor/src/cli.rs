@@ -31,6 +31,16 @@ pub struct SupervisorArgs {
     /// Store backend: `redb` (embedded, DIR/store.redb) or `etcd://host:port,host:port,...`.
     #[arg(long, value_name = "redb|etcd://h1,h2,...", default_value = "redb", value_parser = parse_store)]
     pub store: StoreConfig,
+    /// The CA certificate (PEM) an etcd store's members are verified with; with
+    /// `--etcd-certfile` and `--etcd-keyfile`, the store speaks TLS (`etcd://https://...`).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_certfile", "etcd_keyfile"])]
+    pub etcd_cafile: Option<PathBuf>,
+    /// The client certificate (PEM) the supervisor presents to etcd.
+    #[arg(long, value_name = "FILE", requires = "etcd_cafile")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cafile")]
+    pub etcd_keyfile: Option<PathBuf>,
     /// Bearer token file, one `token,user,uid,"group1,group2"` per line.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -152,7 +162,10 @@ pub fn parse_store(s: &str) -> Result<StoreConfig, String> {
     if endpoints.is_empty() {
         return Err("etcd:// needs at least one host:port".into());
     }
-    Ok(StoreConfig::Etcd(endpoints))
+    Ok(StoreConfig::Etcd {
+        endpoints,
+        tls: None,
+    })
 }
 
 impl SupervisorArgs {
@@ -160,7 +173,24 @@ impl SupervisorArgs {
         ServerConfig {
             data_dir: self.data_dir.clone(),
             listen: self.listen,
-            store: self.store.clone(),
+            store: match (
+                &self.store,
+                &self.etcd_cafile,
+                &self.etcd_certfile,
+                &self.etcd_keyfile,
+            ) {
+                (StoreConfig::Etcd { endpoints, .. }, Some(ca), Some(cert), Some(key)) => {
+                    StoreConfig::Etcd {
+                        endpoints: endpoints.clone(),
+                        tls: Some(crate::store::etcd::EtcdTls {
+                            ca: ca.clone(),
+                            cert: cert.clone(),
+                            key: key.clone(),
+                        }),
+                    }
+                }
+                (store, ..) => store.clone(),
+            },
             token_file: self.token_file.clone(),
             audit_log: Some(
                 self.audit_log
@@ -207,6 +237,10 @@ impl SupervisorArgs {
         F: FnOnce(Listening) -> Fut,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
+        anyhow::ensure!(
+            self.etcd_cafile.is_none() || matches!(self.store, StoreConfig::Etcd { .. }),
+            "--etcd-cafile: only with an etcd store (--store etcd://...)"
+        );
         let server = Server::bind(self.config())
             .await
             .context("starting the supervisor API")?

@@ -47,6 +47,7 @@ pub mod cli;
 pub mod client;
 pub mod controllers;
 pub mod error;
+pub mod etcd_member;
 pub mod metrics;
 pub mod openapi;
 pub mod patch;

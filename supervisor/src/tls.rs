@@ -111,6 +111,13 @@ impl Pki {
         }
     }
 
+    /// A PKI whose files are in `dir` itself.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
     /// CA certificate path.
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca.crt")
@@ -218,6 +225,24 @@ impl Pki {
         let cert = params
             .signed_by(&key, &self.issuer()?)
             .map_err(gen_err("server"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A certificate both serving `names` and authenticating as a client named `names[0]`,
+    /// signed by the CA: an etcd member's, for its clients and its peers alike; returns (cert
+    /// PEM, key PEM).
+    pub fn issue_peer(&self, names: &[String], days: u32) -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate().map_err(gen_err("peer key"))?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(gen_err("peer"))?;
+        params.distinguished_name = dn(names.first().map_or("peer", String::as_str), None);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        set_validity(&mut params, days);
+        let cert = params
+            .signed_by(&key, &self.issuer()?)
+            .map_err(gen_err("peer"))?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 

@@ -24,7 +24,7 @@ use kube::api::{
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
-use slipway_api::slipway::{CONTROL_PLANE_POOL, ClusterSpec, GROUP, VERSION};
+use slipway_api::slipway::{CONTROL_PLANE_POOL, ClusterSpec, GROUP, VERSION, api_authority};
 use tracing::{info, warn};
 
 use crate::api::meta::{now_secs, rfc3339};
@@ -111,23 +111,32 @@ fn condition_true(obj: &DynamicObject, kind: &str) -> bool {
         })
 }
 
-/// The port the workload cluster's API server serves on, on its control plane host.
-pub const API_PORT: u16 = 6443;
-
-/// The workload cluster's API endpoint: its first control plane host's, once it has an address.
-fn endpoint(owned: &[&DynamicObject], cluster: &str, namespace: &str) -> Option<String> {
-    let cp0 = host_name(namespace, cluster, CONTROL_PLANE_POOL, 0);
-    owned
+/// The workload cluster's API endpoint (`https://host:port`): its `controlPlaneEndpoint`, or
+/// its first control plane host's address once it has one ([`api_authority`]).
+fn endpoint(cluster: &DynamicObject, owned: &[&DynamicObject]) -> Option<String> {
+    let spec: ClusterSpec = serde_json::from_value(cluster.data["spec"].clone()).ok()?;
+    let cp0 = host_name(
+        cluster.metadata.namespace.as_deref().unwrap_or_default(),
+        cluster.metadata.name.as_deref().unwrap_or_default(),
+        CONTROL_PLANE_POOL,
+        0,
+    );
+    let address = owned
         .iter()
         .find(|h| h.metadata.name.as_deref() == Some(cp0.as_str()))
-        .and_then(|h| h.data["status"]["address"].as_str())
-        .filter(|a| !a.is_empty())
-        .map(|a| format!("https://{a}:{API_PORT}"))
+        .and_then(|h| h.data["status"]["address"].as_str());
+    api_authority(&spec, address).map(|a| format!("https://{a}"))
 }
 
 /// The Secret holding a cluster's CA (`tls.crt`, `tls.key`).
 pub fn ca_secret(cluster: &str) -> String {
     format!("{cluster}-ca")
+}
+
+/// The Secret holding the CA of a cluster's etcd (`tls.crt`, `tls.key`), for three control
+/// plane hosts: etcd trusts only certificates of its own CA, as kubeadm's etcd does.
+pub fn etcd_ca_secret(cluster: &str) -> String {
+    format!("{cluster}-etcd-ca")
 }
 
 /// The Secret holding a cluster's admin kubeconfig (key `value`, as Cluster API names it).
@@ -278,7 +287,11 @@ impl ClusterReconciler {
             }
             if owned.is_empty() {
                 let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-                for secret in [ca_secret(&name), kubeconfig_secret(&name)] {
+                for secret in [
+                    ca_secret(&name),
+                    etcd_ca_secret(&name),
+                    kubeconfig_secret(&name),
+                ] {
                     match secrets.delete(&secret, &DeleteParams::default()).await {
                         Ok(_) => {}
                         Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -314,8 +327,11 @@ impl ClusterReconciler {
         }
         let spec: ClusterSpec =
             serde_json::from_value(cluster.data["spec"].clone()).context("the Cluster's spec")?;
-        // The CA first: a control plane host gets it when it joins.
+        // The CAs first: a control plane host gets them when it joins.
         let pki = self.ensure_ca(&ns, &name).await?;
+        if spec.topology.control_plane.replicas > 1 {
+            self.ca_pair(&ns, &name, &etcd_ca_secret(&name)).await?;
+        }
         let want = placements(&ns, &name, &spec, zones);
         let wanted: BTreeSet<&str> = want.iter().map(|p| p.name.as_str()).collect();
         let have: BTreeMap<&str, &DynamicObject> = owned
@@ -425,8 +441,24 @@ impl ClusterReconciler {
 
     /// The cluster's CA, made once and kept in its Secret; returned as a Pki over the work dir.
     async fn ensure_ca(&self, ns: &str, name: &str) -> anyhow::Result<Pki> {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let pki = Pki::new(&self.work_dir.join(ns).join(name));
+        let (cert, key) = self.ca_pair(ns, name, &ca_secret(name)).await?;
+        std::fs::create_dir_all(pki.ca_cert().parent().unwrap_or(&self.work_dir))?;
+        if std::fs::read(pki.ca_cert()).ok().as_deref() != Some(cert.as_slice()) {
+            std::fs::write(pki.ca_cert(), &cert)?;
+            crate::tls::write_private(&pki.ca_key(), &String::from_utf8_lossy(&key))?;
+        }
+        Ok(pki)
+    }
+
+    /// A CA of Cluster `ns/name` (certificate, key PEM), made once and kept in Secret `secret`.
+    async fn ca_pair(
+        &self,
+        ns: &str,
+        name: &str,
+        which: &str,
+    ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let read = |s: &Secret, k: &str| {
             s.data
                 .as_ref()
@@ -434,13 +466,13 @@ impl ClusterReconciler {
                 .map(|b| b.0.clone())
                 .filter(|b| !b.is_empty())
         };
-        let (cert, key) = match secrets.get_opt(&ca_secret(name)).await? {
+        let (cert, key) = match secrets.get_opt(which).await? {
             Some(s) => (
                 read(&s, "tls.crt").context("the CA Secret has no tls.crt")?,
                 read(&s, "tls.key").context("the CA Secret has no tls.key")?,
             ),
             None => {
-                let scratch = self.work_dir.join(ns).join(format!("{name}.new"));
+                let scratch = self.work_dir.join(ns).join(format!("{which}.new"));
                 let _ = std::fs::remove_dir_all(&scratch);
                 let fresh = Pki::new(&scratch);
                 fresh.ensure(&[])?;
@@ -448,7 +480,7 @@ impl ClusterReconciler {
                 let key = std::fs::read(fresh.ca_key())?;
                 let _ = std::fs::remove_dir_all(&scratch);
                 let secret: Secret = serde_json::from_value(json!({
-                    "metadata": {"name": ca_secret(name), "namespace": ns,
+                    "metadata": {"name": which, "namespace": ns,
                                  "labels": {"slipway.dev/cluster": name}},
                     "type": "kubernetes.io/tls",
                     "stringData": {
@@ -460,19 +492,14 @@ impl ClusterReconciler {
                     Ok(_) => {}
                     // Another pass made it first: use that one.
                     Err(kube::Error::Api(s)) if s.code == 409 => {
-                        return Box::pin(self.ensure_ca(ns, name)).await;
+                        return Box::pin(self.ca_pair(ns, name, which)).await;
                     }
                     Err(e) => return Err(e.into()),
                 }
                 (cert, key)
             }
         };
-        std::fs::create_dir_all(pki.ca_cert().parent().unwrap_or(&self.work_dir))?;
-        if std::fs::read(pki.ca_cert()).ok().as_deref() != Some(cert.as_slice()) {
-            std::fs::write(pki.ca_cert(), &cert)?;
-            crate::tls::write_private(&pki.ca_key(), &String::from_utf8_lossy(&key))?;
-        }
-        Ok(pki)
+        Ok((cert, key))
     }
 
     /// The workload cluster: its admin kubeconfig kept in a Secret, and each host a Node with
@@ -486,7 +513,7 @@ impl ClusterReconciler {
     ) -> anyhow::Result<bool> {
         let ns = cluster.metadata.namespace.clone().unwrap_or_default();
         let name = cluster.metadata.name.clone().unwrap_or_default();
-        let Some(endpoint) = endpoint(owned, &name, &ns) else {
+        let Some(endpoint) = endpoint(cluster, owned) else {
             return Ok(false);
         };
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
@@ -658,11 +685,7 @@ impl ClusterReconciler {
             .collect();
         hosts.sort_unstable();
         let mut status = json!({"phase": phase, "conditions": conditions, "hosts": hosts});
-        if let Some(endpoint) = endpoint(
-            owned,
-            &cluster.metadata.name.clone().unwrap_or_default(),
-            &cluster.metadata.namespace.clone().unwrap_or_default(),
-        ) {
+        if let Some(endpoint) = endpoint(cluster, owned) {
             status["apiEndpoint"] = json!(endpoint);
         }
         if status_equal(&cluster.data["status"], &status) {

@@ -243,6 +243,36 @@ async fn control_plane_bootstrap(
     };
     let (ca_cert, ca_key) = cluster_ca(state, ns, cluster).await?;
     let network = cluster_network(state, ns, cluster).await?;
+    let endpoint = network.spec.control_plane_endpoint.as_ref();
+    // Three control plane hosts share a 3-member etcd, which members join through the
+    // control plane endpoint (the first host may start it when nobody answers there).
+    let etcd = if network.spec.topology.control_plane.replicas > 1 {
+        let endpoint = endpoint.ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "cluster {ns}/{cluster} has no controlPlaneEndpoint yet"
+            ))
+        })?;
+        let (cert, key) = secret_pair(
+            state,
+            ns,
+            &crate::controllers::clusters::etcd_ca_secret(cluster),
+        )
+        .await?;
+        let first = crate::controllers::clusters::host_name(
+            ns,
+            cluster,
+            slipway_api::slipway::CONTROL_PLANE_POOL,
+            0,
+        );
+        Some(json!({
+            "caCert": cert,
+            "caKey": key,
+            "joinAt": endpoint.host,
+            "mayStart": host["metadata"]["name"] == first.as_str() && !network.ran,
+        }))
+    } else {
+        None
+    };
     let link_user = format!("{CLUSTER_USER_PREFIX}{ns}:{cluster}");
     let (cert_pem, key_pem) = state
         .pki
@@ -262,23 +292,27 @@ async fn control_plane_bootstrap(
         "serviceCidr": network.services,
         "caCert": ca_cert,
         "caKey": ca_key,
-        "port": crate::controllers::clusters::API_PORT,
+        "port": slipway_api::slipway::API_PORT,
+        "endpoint": endpoint.map(|e| &e.host),
+        "etcd": etcd,
     })))
 }
 
 /// The cluster's CA (certificate, key) from its Secret `<cluster>-ca`; unavailable while the
 /// cluster reconciler has not made it.
 async fn cluster_ca(state: &State, ns: &str, cluster: &str) -> Result<(String, String), ApiError> {
+    secret_pair(state, ns, &crate::controllers::clusters::ca_secret(cluster)).await
+}
+
+/// A CA's certificate and key from Secret `ns/name`; unavailable while it is not made.
+async fn secret_pair(state: &State, ns: &str, name: &str) -> Result<(String, String), ApiError> {
     let secrets = lookup("", "v1", "secrets")
         .ok_or_else(|| ApiError::Internal("secrets are not served".into()))?;
-    let name = crate::controllers::clusters::ca_secret(cluster);
     let stored = state
         .store
-        .get(&keys::object(secrets, Some(ns), &name))
+        .get(&keys::object(secrets, Some(ns), name))
         .await?
-        .ok_or_else(|| {
-            ApiError::Unavailable(format!("the CA of cluster {ns}/{cluster} is not made yet"))
-        })?;
+        .ok_or_else(|| ApiError::Unavailable(format!("Secret {ns}/{name} is not made yet")))?;
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_slice(&stored.value)
         .map_err(|e| ApiError::Internal(format!("Secret {ns}/{name}: {e}")))?;
     let text = |k: &str| {
@@ -296,6 +330,10 @@ async fn cluster_ca(state: &State, ns: &str, cluster: &str) -> Result<(String, S
 struct ClusterNetwork {
     pods: Option<String>,
     services: Option<String>,
+    /// The whole spec (default while the Cluster is not found).
+    spec: slipway_api::slipway::ClusterSpec,
+    /// Whether the Cluster ever ran (phase Running or later).
+    ran: bool,
 }
 
 async fn cluster_network(
@@ -322,6 +360,11 @@ async fn cluster_network(
     Ok(ClusterNetwork {
         pods: block("pods"),
         services: block("services"),
+        spec: serde_json::from_value(object["spec"].clone()).unwrap_or_default(),
+        ran: !matches!(
+            object.pointer("/status/phase").and_then(Value::as_str),
+            None | Some("Provisioning")
+        ),
     })
 }
 
@@ -346,18 +389,18 @@ async fn node_bootstrap(
     };
     let (ca_cert, ca_key) = cluster_ca(state, ns, cluster).await?;
     let network = cluster_network(state, ns, cluster).await?;
-    let hosts = rt("hosts")?;
-    let (stored, _) = state.store.list(&keys::prefix(hosts, None)).await?;
-    let endpoint = stored
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
-        .filter(|h| {
-            h["spec"]["cluster"]["namespace"] == ns
-                && h["spec"]["cluster"]["name"] == cluster
-                && h["spec"]["pool"] == slipway_api::slipway::CONTROL_PLANE_POOL
-        })
-        .filter_map(|h| h["status"]["address"].as_str().map(str::to_owned))
-        .min()
+    let cp0 = crate::controllers::clusters::host_name(
+        ns,
+        cluster,
+        slipway_api::slipway::CONTROL_PLANE_POOL,
+        0,
+    );
+    let cp0_address = exists(state, "hosts", &cp0).await?.and_then(|h| {
+        h.pointer("/status/address")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    let authority = slipway_api::slipway::api_authority(&network.spec, cp0_address.as_deref())
         .ok_or_else(|| {
             ApiError::Unavailable(format!(
                 "the control plane of cluster {ns}/{cluster} has no address yet"
@@ -367,7 +410,6 @@ async fn node_bootstrap(
     let (cert_pem, key_pem) =
         crate::tls::issue_client_with(&ca_key, &user, Some(NODES), ADMIN_DAYS)
             .map_err(|e| ApiError::Internal(format!("issuing the node's certificate: {e}")))?;
-    let authority = format!("{endpoint}:{}", crate::controllers::clusters::API_PORT);
     let kubeconfig = crate::tls::kubeconfig_text(
         ca_cert.as_bytes(),
         &authority,

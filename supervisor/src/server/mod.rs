@@ -47,8 +47,11 @@ use limits::{ConnectionLimits, Limiter};
 pub enum StoreConfig {
     /// `DIR/store.redb`.
     Redb,
-    /// An etcd cluster (`http://host:port` endpoints).
-    Etcd(Vec<String>),
+    /// An etcd cluster (`http://host:port` or, with `tls`, `https://host:port` endpoints).
+    Etcd {
+        endpoints: Vec<String>,
+        tls: Option<crate::store::etcd::EtcdTls>,
+    },
 }
 
 /// Server configuration.
@@ -150,7 +153,8 @@ pub struct Server {
     controllers_kubeconfig: PathBuf,
 }
 
-/// Creates the `default` namespace on first start, as Kubernetes does, `slipway-system`,
+/// Creates the `default` and `kube-system` namespaces on first start, as Kubernetes does
+/// (controllers elect their leader with a Lease in `kube-system`), `slipway-system`,
 /// where hosts keep their Leases and bootstrap tokens live, and `slipway-lb`, where edge hosts
 /// hold their VIPs' Leases.
 async fn bootstrap(store: &AnyStore) -> Result<(), StoreError> {
@@ -159,6 +163,7 @@ async fn bootstrap(store: &AnyStore) -> Result<(), StoreError> {
     };
     for name in [
         "default",
+        "kube-system",
         slipway_api::slipway::HOST_LEASE_NAMESPACE,
         slipway_api::slipway::VIP_LEASE_NAMESPACE,
     ] {
@@ -212,9 +217,9 @@ impl Server {
                 &cfg.data_dir.join("store.redb"),
                 cfg.watch_history,
             )?),
-            StoreConfig::Etcd(endpoints) => {
-                AnyStore::Etcd(Box::new(EtcdStore::connect(endpoints).await?))
-            }
+            StoreConfig::Etcd { endpoints, tls } => AnyStore::Etcd(Box::new(
+                EtcdStore::connect_with(endpoints, tls.as_ref()).await?,
+            )),
         };
         let auth = match &cfg.token_file {
             Some(p) => Authenticator::from_token_file(p)?,

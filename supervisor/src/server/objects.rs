@@ -117,6 +117,13 @@ pub fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
         return serde_saphyr::from_str(text)
             .map_err(|e| ApiError::BadRequest(format!("invalid YAML body: {e}")));
     }
+    // Kubernetes protobuf (current kubectl sends it for built-in kinds): 415, on which
+    // clients fall back to JSON.
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        return Err(ApiError::UnsupportedMediaType(
+            "application/json, application/yaml".into(),
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }

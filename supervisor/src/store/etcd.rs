@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -215,18 +217,53 @@ fn irev(r: u64) -> i64 {
     i64::try_from(r).unwrap_or(i64::MAX)
 }
 
+/// How the store speaks TLS to etcd (kube-apiserver's `--etcd-cafile`, `--etcd-certfile`,
+/// `--etcd-keyfile`): members are verified with `ca`, the store presents `cert` and `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl EtcdTls {
+    /// The client's TLS options, from the PEM files.
+    pub fn options(&self) -> Result<TlsOptions, StoreError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| StoreError::Unavailable {
+                backend: "etcd",
+                detail: format!("reading {}: {e}", path.display()),
+            })
+        };
+        Ok(TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?)))
+    }
+}
+
 impl EtcdStore {
     /// Connects to the cluster (`http://h:port` or `h:port` endpoints).
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// Connects to the cluster, over TLS when `tls` is given (`https://h:port` endpoints).
     ///
     /// Each member gets its own (lazily connecting) client, so calls go to the members that
     /// answer and a dead one is retried only after its backoff. `require_leader` makes a member
     /// that lost its leader refuse at once instead of holding the call.
-    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let opts = ConnectOptions::new()
+    pub async fn connect_with(
+        endpoints: &[String],
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self, StoreError> {
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(ATTEMPT_TIMEOUT)
             .with_timeout(ATTEMPT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_require_leader(true);
+        if let Some(tls) = tls {
+            opts = opts.with_tls(tls.options()?);
+        }
         let mut list = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let client = Client::connect([endpoint], Some(opts.clone()))

@@ -47,6 +47,8 @@ pub struct World {
     agent_flags: Vec<String>,
     /// More flags for the supervisor.
     supervisor_flags: Vec<String>,
+    /// The provider's zones.
+    zones: Vec<String>,
 }
 
 impl World {
@@ -63,6 +65,16 @@ impl World {
     /// A world whose hosts run the node agent with `agent_flags` and whose supervisor gets
     /// `supervisor_flags` too.
     pub fn with_flags(agent_flags: Vec<String>, supervisor_flags: Vec<String>) -> Self {
+        Self::with_zones(agent_flags, supervisor_flags, &["za", "zb"])
+    }
+
+    /// A world of `zones`, whose hosts run the node agent with `agent_flags` and whose
+    /// supervisor gets `supervisor_flags` too.
+    pub fn with_zones(
+        agent_flags: Vec<String>,
+        supervisor_flags: Vec<String>,
+        zones: &[&str],
+    ) -> Self {
         let mut hasher = RandomState::new().build_hasher();
         hasher.write_u32(std::process::id());
         let id = hasher.finish() as u32 & 0xff_ffff;
@@ -83,6 +95,7 @@ impl World {
             child: None,
             agent_flags,
             supervisor_flags,
+            zones: zones.iter().map(|z| (*z).to_owned()).collect(),
         };
         w.start();
         w
@@ -98,7 +111,7 @@ impl World {
             .args(["supervisor", "--data-dir"])
             .arg(self.dir.path().join("sup"))
             .args(["--listen", &format!("0.0.0.0:{}", self.port)])
-            .args(["--host-provider", "netns", "--zones", "za,zb"])
+            .args(["--host-provider", "netns", "--zones", &self.zones.join(",")])
             .args([
                 "--underlay",
                 "10.123.0.0/16",
@@ -147,10 +160,11 @@ impl World {
     }
 
     pub fn provider(&self) -> NetnsProvider {
+        let zones: Vec<&str> = self.zones.iter().map(String::as_str).collect();
         let mut config = NetnsConfig::new(
             &self.prefix,
             self.dir.path().join("sup/hosts/state"),
-            &["za", "zb"],
+            &zones,
         );
         config.underlay = "10.123.0.0/16".parse().expect("cidr");
         config.uplink_device = Some(self.uplink.clone());
@@ -223,16 +237,17 @@ where
 impl World {
     /// Zones `za` and `zb` (the world's provider's) and a HostClass `small` (1 cpu, 256Mi).
     pub async fn seed(&self, client: &kube::Client) {
-        for (kind, plural, name, spec) in [
-            ("Zone", "zones", "za", serde_json::json!({})),
-            ("Zone", "zones", "zb", serde_json::json!({})),
-            (
-                "HostClass",
-                "hostclasses",
-                "small",
-                serde_json::json!({"cpus": 1, "memory": "256Mi"}),
-            ),
-        ] {
+        let zones = self
+            .zones
+            .iter()
+            .map(|z| ("Zone", "zones", z.as_str(), serde_json::json!({})));
+        let class = (
+            "HostClass",
+            "hostclasses",
+            "small",
+            serde_json::json!({"cpus": 1, "memory": "256Mi"}),
+        );
+        for (kind, plural, name, spec) in zones.chain([class]) {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind, plural));
             let mut o = DynamicObject::new(name, &gvk(kind, plural));
             o.data = serde_json::json!({"spec": spec});
