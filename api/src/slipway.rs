@@ -656,4 +656,41 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn a_control_plane_endpoint_is_an_ip_and_a_port_and_names_the_api() {
+        let cluster = |endpoint: serde_json::Value| {
+            serde_json::json!({"spec": {
+                "topology": {"controlPlane": {"replicas": 3, "hostClass": "s"}},
+                "settings": {"network": {"pods": {"cidrBlocks": ["10.0.0.0/16"]},
+                                         "services": {"cidrBlocks": ["10.1.0.0/16"]}}},
+                "controlPlaneEndpoint": endpoint,
+            }})
+        };
+        let errs = errors::<Cluster>(cluster(
+            serde_json::json!({"host": "api.example", "port": 0}),
+        ));
+        assert_eq!(
+            errs,
+            [
+                r#"spec.controlPlaneEndpoint.host: Invalid value: "api.example": must be a valid IP address"#,
+                "spec.controlPlaneEndpoint.port: Invalid value: 0: must be between 1 and 65535",
+            ]
+        );
+        let ok: Cluster = serde_json::from_value(cluster(serde_json::json!({"host": "10.9.0.1"})))
+            .expect("a cluster");
+        assert!(errors::<Cluster>(serde_json::to_value(&ok).expect("json")).is_empty());
+        assert_eq!(
+            api_authority(&ok.spec, Some("10.0.0.2")).as_deref(),
+            Some("10.9.0.1:6443"),
+            "the endpoint wins over the first control plane host"
+        );
+        let mut single = ok.spec.clone();
+        single.control_plane_endpoint = None;
+        assert_eq!(
+            api_authority(&single, Some("10.0.0.2")).as_deref(),
+            Some("10.0.0.2:6443")
+        );
+        assert_eq!(api_authority(&single, None), None);
+    }
 }

@@ -1,7 +1,7 @@
 //! `slipway bench cluster`: how fast the supervisor provisions clusters of netns hosts, from
 //! `kubectl apply` (a create through the API) to Ready: a 1+2 cluster, scaling a pool by one host,
 //! remediation (a worker's agent killed with kill -9 → its replacement Ready), deletion (until
-//! every host is gone); and the memory of a host agent and of a workload cluster's API server.
+//! every host is gone), a 3+3 cluster (three control plane hosts on one etcd); and the memory of a host agent and of a workload cluster's API server.
 //! There is no peer to run beside it on this machine (Cluster API's docker provider and kind
 //! need images from a registry), so the suite reports its own figures, median of the runs.
 
@@ -58,6 +58,7 @@ struct Figure {
 #[derive(Debug, Default)]
 struct Samples {
     apply_1_2: Vec<f64>,
+    apply_3_3: Vec<f64>,
     scale_up: Vec<f64>,
     remediation: Vec<f64>,
     delete: Vec<f64>,
@@ -89,6 +90,7 @@ impl ClusterBenchArgs {
         let samples = rx.await.context("the runs did not finish")?;
         let figures = [
             ("apply_to_ready_1cp_2workers", "s", &samples.apply_1_2),
+            ("apply_to_ready_3cp_3workers", "s", &samples.apply_3_3),
             ("scale_plus_1_host_to_ready", "s", &samples.scale_up),
             (
                 "remediation_agent_killed_to_ready",
@@ -232,7 +234,7 @@ async fn measure(data_dir: PathBuf, hosts: ProviderArgs, runs: usize) -> anyhow:
             )
         }
     };
-    let bar = indicatif::ProgressBar::new(runs as u64 * 4);
+    let bar = indicatif::ProgressBar::new(runs as u64 * 5);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} bench cluster [{bar:30}] {pos}/{len} {msg}",
@@ -325,6 +327,27 @@ async fn measure(data_dir: PathBuf, hosts: ProviderArgs, runs: usize) -> anyhow:
         })
         .await?;
         s.delete.push(t.elapsed().as_secs_f64());
+        bar.inc(1);
+
+        // Three control plane hosts (a 3-member etcd behind the provider's VIP) and three
+        // workers; deleted again before the next run.
+        bar.set_message(format!("run {}: apply 3+3", run + 1));
+        let ha = format!("h{run}");
+        let mut spec = cluster(&ha, 3);
+        spec["spec"]["topology"]["controlPlane"]["replicas"] = 3.into();
+        let t = Instant::now();
+        create(&client, &clusters_rt, Some("bench"), spec).await?;
+        wait("3+3 Ready", || ready(ha.clone(), 6)).await?;
+        s.apply_3_3.push(t.elapsed().as_secs_f64());
+        clusters.delete(&ha, &DeleteParams::default()).await?;
+        wait("every host gone", || {
+            let (clusters, provider, ha) = (clusters.clone(), &provider, ha.clone());
+            async move {
+                let gone = clusters.get_opt(&ha).await?.is_none();
+                Ok((gone && provider.list().await?.is_empty()).then_some(()))
+            }
+        })
+        .await?;
         bar.inc(1);
     }
     bar.finish_and_clear();

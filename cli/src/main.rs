@@ -8,6 +8,7 @@ mod bench_pods;
 mod cluster_bench;
 mod csi_bench;
 mod pods_bench;
+mod services_bench;
 mod supervisor;
 mod up;
 

@@ -6,7 +6,8 @@
 //! -d` of the same busybox image with Debian's bridge plugin is timed until it returns (the
 //! container started). p50 and p99 of each, and their ratio, go to `pods.jsonl`. Then
 //! pod-to-pod TCP throughput (iperf3) and round trips (ping) between two pods on one worker,
-//! alternated with the same tools over a raw veth pair.
+//! alternated with the same tools over a raw veth pair. Last, Service updates at scale until
+//! every node enforces them, beside kube-proxy's iptables programming ([`crate::services_bench`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,16 @@ pub struct PodsBenchArgs {
     /// Seconds of each iperf3 run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     seconds: u64,
+    /// Services made for the Service-update measurement (selector-less, each with one
+    /// EndpointSlice).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=5000))]
+    services: u64,
+    /// Endpoints in each of those Services' slices.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100))]
+    endpoints: u64,
+    /// Service updates timed until every node enforces them (alternated with the baseline).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=5000))]
+    updates: u64,
     /// Where pods.jsonl is written.
     #[arg(long, default_value = slipway_bench::report::DEFAULT_OUT_DIR)]
     out_dir: PathBuf,
@@ -89,8 +100,13 @@ impl PodsBenchArgs {
         let data_dir = self.data_dir.clone();
         let (zones, count) = (hosts.zones.clone(), self.pods as usize);
         let traffic = (self.runs as usize, self.seconds);
+        let scale = crate::services_bench::Scale {
+            services: self.services as usize,
+            endpoints: self.endpoints as usize,
+            updates: self.updates as usize,
+        };
         let result = with_supervisor(&self.data_dir, self.listen, &hosts, move |_| async move {
-            let records = measure(&data_dir, &zones, count, &podman_image, traffic).await?;
+            let records = measure(&data_dir, &zones, count, &podman_image, traffic, scale).await?;
             let _ = tx.send(records);
             Ok(())
         })
@@ -179,6 +195,7 @@ async fn measure(
     count: usize,
     podman_image: &str,
     (runs, seconds): (usize, u64),
+    scale: crate::services_bench::Scale,
 ) -> anyhow::Result<Vec<Record>> {
     println!("bench pods: making a cluster of 1 control plane host and 2 workers");
     let workload = node_cluster(data_dir, zones, "2Gi").await?;
@@ -227,10 +244,16 @@ async fn measure(
         .await;
     result?;
     let mut records = latency_records(SUITE, "pod_start", "podman-bridge", &slipway, &podman);
-    let worker = Api::<Node>::all(workload)
+    let nodes = Api::<Node>::all(workload.clone())
         .list(&ListParams::default())
         .await?
-        .items
+        .items;
+    let sockets: Vec<PathBuf> = nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.as_deref())
+        .map(|n| data_dir.join("hosts/data").join(n).join("agent.sock"))
+        .collect();
+    let worker = nodes
         .into_iter()
         .filter(|n| {
             n.metadata
@@ -241,6 +264,7 @@ async fn measure(
         .find_map(|n| n.metadata.name)
         .context("no worker Node")?;
     records.extend(traffic(&pods, &worker, runs, seconds).await?);
+    records.extend(crate::services_bench::measure(&workload, &sockets, scale).await?);
     Ok(records)
 }
 
