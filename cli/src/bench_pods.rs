@@ -26,6 +26,18 @@ pub(crate) fn as_root(
         .block_on(main)
 }
 
+/// The shortest host Lease during a benchmark that saturates this machine (iperf3, fio): a
+/// renewal that comes late must not get a host replaced in the middle of a run.
+const BENCH_LEASE_DURATION: Duration = Duration::from_secs(30);
+
+/// Makes `hosts`' Leases last at least [`BENCH_LEASE_DURATION`], saying so.
+pub(crate) fn long_leases(suite: &str, hosts: &mut slipway_hosts::reconciler::ProviderArgs) {
+    if hosts.lease_duration < BENCH_LEASE_DURATION {
+        println!("bench {suite}: host leases last {BENCH_LEASE_DURATION:?} during the run");
+        hosts.lease_duration = BENCH_LEASE_DURATION;
+    }
+}
+
 /// Builds the node images (busybox, pause, tools) afresh in `dir`, and the agent flags that
 /// make every host of `hosts` a node with them (unless flags were given).
 pub(crate) fn node_images(

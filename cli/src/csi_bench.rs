@@ -17,7 +17,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
@@ -32,9 +32,6 @@ use crate::up::{create, resource_in, with_supervisor};
 
 /// The suite's name (its JSONL file).
 pub const SUITE: &str = "csi";
-
-/// The shortest host Lease of the run.
-const LEASE_DURATION: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct CsiBenchArgs {
@@ -209,12 +206,7 @@ impl CsiBenchArgs {
         let mut hosts = self.hosts.clone();
         crate::bench_pods::node_images(SUITE, &images, &mut hosts)?;
         hosts.storage_hosts = true;
-        // fio saturates this machine: a renewal that comes late must not get a host replaced
-        // in the middle of a run.
-        if hosts.lease_duration < LEASE_DURATION {
-            println!("bench csi: host leases last {LEASE_DURATION:?} during the run");
-            hosts.lease_duration = LEASE_DURATION;
-        }
+        crate::bench_pods::long_leases(SUITE, &mut hosts);
         let attach_path = if slipway_csi::kernel_nbd::available(Path::new("/")) {
             "kernel NBD (/dev/nbdN)"
         } else {

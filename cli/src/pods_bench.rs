@@ -94,6 +94,7 @@ impl PodsBenchArgs {
         let images = self.data_dir.with_extension("images");
         let mut hosts = self.hosts.clone();
         crate::bench_pods::node_images(SUITE, &images, &mut hosts)?;
+        crate::bench_pods::long_leases(SUITE, &mut hosts);
         let podman_image = podman_load(&images.join("busybox.tar"))?;
         let loaded = podman_image.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -86,28 +86,41 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// The etcd members (name → peer URLs), asked through the endpoint with a control plane
-/// host's member certificate.
-fn etcd_members(world: &World, host: &str, vip: &str) -> Result<BTreeMap<String, String>, String> {
+/// etcdctl against `endpoint` (`IP:2379`) with control plane host `host`'s member certificate:
+/// its stdout, or its stderr as the error.
+fn etcdctl(world: &World, host: &str, endpoint: &str, args: &[&str]) -> Result<String, String> {
     let pki = world
         .dir
         .path()
         .join(format!("sup/hosts/data/{host}/apiserver/pki/etcd"));
     let out = Command::new("etcdctl")
-        .args(["--endpoints", &format!("https://{vip}:2379")])
+        .args(["--endpoints", &format!("https://{endpoint}")])
         .arg("--cacert")
         .arg(pki.join("ca.crt"))
         .arg("--cert")
         .arg(pki.join("member.crt"))
         .arg("--key")
         .arg(pki.join("member.key"))
-        .args(["--command-timeout", "3s", "member", "list", "-w", "json"])
+        .args(["--command-timeout", "3s"])
+        .args(args)
         .output()
         .map_err(|e| format!("etcdctl: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
-    let list: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+}
+
+/// The etcd members (name → peer URL), asked through the endpoint.
+fn etcd_members(world: &World, host: &str, vip: &str) -> Result<BTreeMap<String, String>, String> {
+    let out = etcdctl(
+        world,
+        host,
+        &format!("{vip}:2379"),
+        &["member", "list", "-w", "json"],
+    )?;
+    let list: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
     Ok(list["members"]
         .as_array()
         .into_iter()
@@ -342,6 +355,83 @@ async fn three_control_plane_hosts_share_etcd_behind_an_endpoint_and_survive_one
         kept.lines().collect::<Vec<_>>(),
         ["configmap/before", "configmap/during"]
     );
+
+    // kill -9 only another control plane host's API server and etcd: its agent starts them
+    // again (etcd from its data: the same member, no replacement) while the API answers
+    // through the others.
+    let second = cp(1);
+    let uid = hosts.get(&second).await.expect("cp-1").metadata.uid;
+    let address = hosts.get(&second).await.expect("cp-1").data["status"]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let servers: Vec<i32> = provider
+        .status(&second)
+        .await
+        .expect("status")
+        .pids
+        .into_iter()
+        .filter(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.first() == Some(&b"etcd".as_slice())
+                || args.get(1) == Some(&b"supervisor".as_slice())
+        })
+        .collect();
+    assert_eq!(servers.len(), 2, "cp-1's API server and etcd: {servers:?}");
+    let killed = Instant::now();
+    for pid in servers {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_for(
+        "the API answering a write",
+        Duration::from_secs(20),
+        || async { kubectl(&path, &["apply", "-f", &configmap("after")]).ok() },
+    )
+    .await;
+    eprintln!(
+        "cp-1's API server and etcd killed: the API answered a write after {:?}",
+        killed.elapsed()
+    );
+    wait_for(
+        "cp-1's etcd member healthy again",
+        Duration::from_secs(30),
+        || async {
+            etcdctl(
+                &world,
+                &second,
+                &format!("{address}:2379"),
+                &["endpoint", "health"],
+            )
+            .ok()
+        },
+    )
+    .await;
+    let own = world.dir.path().join("cp1.kubeconfig");
+    std::fs::write(
+        &own,
+        std::fs::read_to_string(&path).expect("kubeconfig").replace(
+            &format!("https://{vip}:6443"),
+            &format!("https://{address}:6443"),
+        ),
+    )
+    .expect("write kubeconfig");
+    wait_for(
+        "cp-1's API server answering again",
+        Duration::from_secs(30),
+        || async { kubectl(&own, &["get", "configmap", "after", "-o", "name"]).ok() },
+    )
+    .await;
+    eprintln!("cp-1's API server and etcd back in {:?}", killed.elapsed());
+    assert_eq!(
+        hosts.get(&second).await.expect("cp-1").metadata.uid,
+        uid,
+        "a host whose agent lives is not replaced"
+    );
+    assert_eq!(etcd_members(&world, &second, &vip).map(|m| m.len()), Ok(3));
 
     // Delete: every host goes, the endpoint leaves the core's table.
     world.kubectl(&["delete", "cluster", "ha", "-n", "team-h", "--wait=false"]);

@@ -649,14 +649,30 @@ impl ClusterReconciler {
         };
         let cp_ok = cp_total > 0 && cp_up == cp_total && api_ready;
         let nodes_ok = nodes_up == nodes_total;
+        // Three control plane hosts wait for an endpoint to be reached at: say so.
+        let (cp_reason, cp_message) = if cp_total > 1 && endpoint(cluster, owned).is_none() {
+            (
+                "WaitingForControlPlaneEndpoint",
+                format!(
+                    "{cp_up}/{cp_total} control plane hosts Ready; spec.controlPlaneEndpoint is \
+                     not set (set it to a load balancer of the control plane hosts; the netns \
+                     provider sets one itself)"
+                ),
+            )
+        } else {
+            (
+                "HostsNotReady",
+                format!("{cp_up}/{cp_total} control plane hosts Ready"),
+            )
+        };
         let mut conditions = cluster.data["status"]["conditions"].clone();
         for c in [
             cond(
                 "ControlPlaneReady",
                 cp_ok,
                 "HostsReady",
-                "HostsNotReady",
-                format!("{cp_up}/{cp_total} control plane hosts Ready"),
+                cp_reason,
+                cp_message,
             ),
             cond(
                 "NodesReady",
