@@ -220,16 +220,7 @@ impl JoinArgs {
             .filter(|v| !v.is_null())
         {
             let pki = self.api_server_dir().join("pki");
-            for (file, key, mode) in [("ca.crt", "caCert", 0o644), ("ca.key", "caKey", 0o600)] {
-                let pem = cp[key]
-                    .as_str()
-                    .filter(|p| !p.is_empty())
-                    .with_context(|| {
-                        format!("the HostJoin answer's controlPlane carries no {key}")
-                    })?;
-                crate::run::write_atomically_with_mode(&pki.join(file), pem.as_bytes(), mode)
-                    .with_context(|| format!("writing {}", pki.join(file).display()))?;
-            }
+            write_ca(&pki, cp, "controlPlane")?;
             if let Some(link) = cp["supervisorLink"].as_str().filter(|l| !l.is_empty()) {
                 crate::run::write_atomically_with_mode(
                     &self.supervisor_link_path(),
@@ -240,17 +231,7 @@ impl JoinArgs {
             }
             // Three control plane hosts: the cluster's etcd CA, for this host's member.
             if let Some(etcd) = cp.get("etcd").filter(|v| !v.is_null()) {
-                let pki = pki.join("etcd");
-                for (file, key, mode) in [("ca.crt", "caCert", 0o644), ("ca.key", "caKey", 0o600)] {
-                    let pem = etcd[key]
-                        .as_str()
-                        .filter(|p| !p.is_empty())
-                        .with_context(|| {
-                            format!("the HostJoin answer's controlPlane.etcd carries no {key}")
-                        })?;
-                    crate::run::write_atomically_with_mode(&pki.join(file), pem.as_bytes(), mode)
-                        .with_context(|| format!("writing {}", pki.join(file).display()))?;
-                }
+                write_ca(&pki.join("etcd"), etcd, "controlPlane.etcd")?;
             }
             let settings = json!({
                 "serviceCidr": cp["serviceCidr"],
@@ -259,6 +240,7 @@ impl JoinArgs {
                 "etcd": cp["etcd"].get("joinAt").map(|_| json!({
                     "joinAt": cp["etcd"]["joinAt"],
                     "mayStart": cp["etcd"]["mayStart"],
+                    "after": cp["etcd"]["after"],
                 })),
             });
             crate::run::write_atomically(
@@ -295,6 +277,20 @@ impl JoinArgs {
         info!(%host, zone = %self.heartbeat.zone, supervisor = %self.supervisor, "joined");
         Ok(path)
     }
+}
+
+/// Writes the CA of `part` of the HostJoin answer (`caCert`, `caKey`) as `ca.crt` and
+/// `ca.key` (0600) in `dir`.
+fn write_ca(dir: &Path, part: &Value, what: &str) -> anyhow::Result<()> {
+    for (file, key, mode) in [("ca.crt", "caCert", 0o644), ("ca.key", "caKey", 0o600)] {
+        let pem = part[key]
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .with_context(|| format!("the HostJoin answer's {what} carries no {key}"))?;
+        crate::run::write_atomically_with_mode(&dir.join(file), pem.as_bytes(), mode)
+            .with_context(|| format!("writing {}", dir.join(file).display()))?;
+    }
+    Ok(())
 }
 
 /// The local address this machine reaches `url`'s host from: the host's address as the
@@ -339,13 +335,20 @@ fn api_server_bootstrap(dir: &Path) -> Value {
 
 /// Runs this host's member of the cluster's etcd (`slipway etcd-member`, which becomes etcd),
 /// restarting it with back-off when it exits; it dies with the agent.
+/// `etcd` is the member's part of the bootstrap data (`joinAt`, `mayStart`, `after`).
 async fn serve_etcd_member(
     dir: PathBuf,
     host: String,
     address: String,
-    join_at: String,
-    may_start: bool,
+    etcd: Value,
 ) -> anyhow::Result<()> {
+    let join_at = etcd["joinAt"].as_str().unwrap_or_default().to_owned();
+    let after: Vec<String> = etcd["after"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
     let exe = std::env::current_exe().context("the slipway binary")?;
     let log = dir.with_file_name("etcd.log");
     crate::supervise::supervise("the cluster's etcd member", &log, || {
@@ -362,8 +365,11 @@ async fn serve_etcd_member(
                 "--join-at",
                 &join_at,
             ]);
-        if may_start {
+        if etcd["mayStart"].as_bool() == Some(true) {
             command.arg("--may-start");
+        }
+        for name in &after {
+            command.args(["--after", name]);
         }
         Ok(command)
     })
@@ -449,13 +455,12 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         let address = address_towards(&args.supervisor)?;
         info!(%address, "control plane host: serving the workload cluster's API");
         let bootstrap = api_server_bootstrap(&args.api_server_dir());
-        if let Some(join_at) = bootstrap["etcd"]["joinAt"].as_str() {
+        if bootstrap["etcd"]["joinAt"].is_string() {
             etcd = Some(tokio::spawn(serve_etcd_member(
                 args.api_server_dir(),
                 hb_name(&args).to_owned(),
                 address.clone(),
-                join_at.to_owned(),
-                bootstrap["etcd"]["mayStart"].as_bool().unwrap_or(false),
+                bootstrap["etcd"].clone(),
             )));
         }
         Some(tokio::spawn(serve_cluster_api(

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,8 +46,9 @@ pub struct EndpointReconciler {
     client: kube::Client,
     clusters: Api<DynamicObject>,
     hosts: Api<DynamicObject>,
-    /// The ruleset last installed (None: install at the next pass).
-    installed: Option<String>,
+    /// The ruleset last installed, and in which core namespace (its inode: the core goes with
+    /// the last host and a new one starts empty). None: install at the next pass.
+    installed: Option<(u64, String)>,
 }
 
 impl std::fmt::Debug for EndpointReconciler {
@@ -173,17 +175,20 @@ impl EndpointReconciler {
         let keep = self.provider.uplink_addresses().0;
         let ruleset = nft::endpoints_ruleset(&ports, keep);
         let core = self.provider.core_netns();
-        // No core yet: no host, so no endpoint to serve.
-        if self.installed.as_deref() != Some(ruleset.as_str())
-            && slipway_dataplane::netns::exists(&core)
-        {
+        // No core: no host, so no endpoint to serve.
+        let Ok(inode) = std::fs::metadata(slipway_dataplane::netns::path(&core)).map(|m| m.ino())
+        else {
+            return Ok(());
+        };
+        let current = (inode, ruleset);
+        if self.installed.as_ref() != Some(&current) {
             slipway_dataplane::netns::run_in(&core, || nft::install_endpoints(&ports, keep))??;
             let summary: Vec<String> = ports
                 .iter()
                 .map(|p| format!("{}:{} -> {:?}", p.vip, p.port, p.backends))
                 .collect();
             info!(endpoints = ?summary, "control plane endpoints updated");
-            self.installed = Some(ruleset);
+            self.installed = Some(current);
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 //! etcd cluster, and only when nobody answers at the endpoint. Members speak TLS to clients
 //! and peers with certificates of the cluster's etcd CA, and trust nothing else.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,10 @@ pub struct EtcdMemberArgs {
     /// host of a cluster that never ran).
     #[arg(long)]
     pub may_start: bool,
+    /// A member that must run before this one joins (repeatable): members join one at a
+    /// time, and a cluster with a member added but not started takes no other.
+    #[arg(long = "after", value_name = "NAME")]
+    pub after: Vec<String>,
     /// The etcd binary.
     #[arg(long, default_value = "etcd")]
     pub etcd: PathBuf,
@@ -130,14 +135,34 @@ async fn membership(args: &EtcdMemberArgs) -> anyhow::Result<Start> {
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
         .with_tls(member_tls(&args.data_dir).options()?);
-    let mut waited = false;
+    let mut waited = String::new();
     let (mut client, list) = loop {
         let connected = match Client::connect([&endpoint], Some(opts.clone())).await {
             Ok(mut c) => c.member_list().await.map(|l| (c, l)),
             Err(e) => Err(e),
         };
         match connected {
-            Ok(found) => break found,
+            Ok((client, list)) => {
+                // One new member at a time: those this one comes after run, and no other
+                // member is added but not started (an unstarted one of this host's peer URL
+                // is this host's own earlier attempt, removed below).
+                let started: BTreeSet<&str> = list.members().iter().map(|m| m.name()).collect();
+                let missing = args.after.iter().find(|n| !started.contains(n.as_str()));
+                let unstarted = list
+                    .members()
+                    .iter()
+                    .find(|m| m.name().is_empty() && !m.peer_urls().contains(&peer_url));
+                let why = match (missing, unstarted) {
+                    (Some(name), _) => format!("member {name} to start"),
+                    (None, Some(m)) => format!("member {:?} to start", m.peer_urls()),
+                    (None, None) => break (client, list),
+                };
+                if waited != why {
+                    info!(%endpoint, "waiting for {why} before joining");
+                    waited = why;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(e) if args.may_start => {
                 info!(%endpoint, error = %e, "no etcd member answers: starting a new etcd cluster");
                 return Ok(Start {
@@ -146,40 +171,56 @@ async fn membership(args: &EtcdMemberArgs) -> anyhow::Result<Start> {
                 });
             }
             Err(e) => {
-                if !waited {
-                    info!(%endpoint, error = %e, "waiting for an etcd member to answer");
-                    waited = true;
+                let why = "an etcd member to answer".to_owned();
+                if waited != why {
+                    info!(%endpoint, error = %e, "waiting for {why}");
+                    waited = why;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     };
-    for old in list
+    // The host this one replaces: a started member of this name or peer URL goes. An
+    // unstarted one of this peer URL is this host's own earlier attempt (added, then the
+    // process died before etcd ran): it is taken as it is.
+    let own_attempt = list
         .members()
         .iter()
-        .filter(|m| m.name() == args.name || m.peer_urls().contains(&peer_url))
-    {
+        .find(|m| m.name().is_empty() && m.peer_urls().contains(&peer_url))
+        .map(etcd_client::Member::id);
+    for old in list.members().iter().filter(|m| {
+        !m.name().is_empty() && (m.name() == args.name || m.peer_urls().contains(&peer_url))
+    }) {
         info!(id = %format!("{:x}", old.id()), name = old.name(), "removing the member this host replaces");
         client
             .member_remove(old.id())
             .await
             .with_context(|| format!("removing etcd member {:x}", old.id()))?;
     }
-    let added = client
-        .member_add([peer_url.as_str()], None)
-        .await
-        .context("adding this host as an etcd member")?;
-    let new_id = added.member().map(etcd_client::Member::id);
+    let (members, new_id) = match own_attempt {
+        Some(id) => (client.member_list().await?.members().to_vec(), id),
+        None => {
+            let added = client
+                .member_add([peer_url.as_str()], None)
+                .await
+                .context("adding this host as an etcd member")?;
+            let id = added
+                .member()
+                .map(etcd_client::Member::id)
+                .context("etcd did not say which member it added")?;
+            (added.member_list().to_vec(), id)
+        }
+    };
     let mut initial = Vec::new();
-    for m in added.member_list() {
-        let name = if Some(m.id()) == new_id {
+    for m in &members {
+        let name = if m.id() == new_id {
             args.name.as_str()
         } else {
             m.name()
         };
         anyhow::ensure!(
             !name.is_empty(),
-            "etcd member {:x} ({:?}) was added but never started: a cluster can take one new member at a time",
+            "etcd member {:x} ({:?}) was added but never started: a cluster takes one new member at a time",
             m.id(),
             m.peer_urls()
         );

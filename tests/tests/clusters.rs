@@ -136,18 +136,7 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
     );
     // The workload cluster's own API, on its control plane host: every host a Node, Ready,
     // with its zone and class.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-a");
-    let kubeconfig = secrets
-        .get("c1-kubeconfig")
-        .await
-        .expect("c1-kubeconfig Secret");
-    let kubeconfig = kubeconfig
-        .data
-        .and_then(|d| d.get("value").cloned())
-        .expect("value")
-        .0;
-    let path = world.dir.path().join("c1.kubeconfig");
-    std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+    let path = world.cluster_kubeconfig(&client, "team-a", "c1").await;
     let nodes: serde_json::Value =
         serde_json::from_str(&world.kubectl_with(&path, &["get", "nodes", "-o", "json"]))
             .expect("nodes json");
@@ -274,12 +263,7 @@ async fn a_cluster_is_provisioned_over_zones_scales_survives_a_supervisor_kill_a
     let pids = provider.status(worker).await.expect("worker status").pids;
     assert!(!pids.is_empty(), "the worker's agent runs");
     let killed = Instant::now();
-    for pid in pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    common::kill9(&pids);
     wait_for(
         "the worker replaced and Ready",
         Duration::from_secs(60),

@@ -14,7 +14,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{World, gvk, wait_for};
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, ListParams};
 use serde_json::Value;
 use slipway_hosts::HostProvider as _;
@@ -175,21 +174,13 @@ async fn three_control_plane_hosts_share_etcd_behind_an_endpoint_and_survive_one
         cluster.data["status"]["apiEndpoint"],
         format!("https://{vip}:6443")
     );
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-h");
-    let kubeconfig = secrets
-        .get("ha-kubeconfig")
-        .await
-        .expect("ha-kubeconfig")
-        .data
-        .and_then(|d| d.get("value").cloned())
-        .expect("value")
-        .0;
+    let path = world.cluster_kubeconfig(&client, "team-h", "ha").await;
     assert!(
-        String::from_utf8_lossy(&kubeconfig).contains(&format!("server: https://{vip}:6443")),
+        std::fs::read_to_string(&path)
+            .expect("kubeconfig")
+            .contains(&format!("server: https://{vip}:6443")),
         "the kubeconfig names the VIP"
     );
-    let path = world.dir.path().join("ha.kubeconfig");
-    std::fs::write(&path, kubeconfig).expect("write kubeconfig");
 
     // The control plane over the three zones; every host a Ready Node.
     let all = hosts
@@ -247,12 +238,7 @@ async fn three_control_plane_hosts_share_etcd_behind_an_endpoint_and_survive_one
     let pids = provider.status(&victim).await.expect("status").pids;
     assert!(pids.len() >= 3, "agent, API server and etcd run: {pids:?}");
     let killed = Instant::now();
-    for pid in pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    common::kill9(&pids);
     // The API answers through the two others, reads and writes alike.
     wait_for(
         "the cluster API answering after the kill",
@@ -380,12 +366,7 @@ async fn three_control_plane_hosts_share_etcd_behind_an_endpoint_and_survive_one
         .collect();
     assert_eq!(servers.len(), 2, "cp-1's API server and etcd: {servers:?}");
     let killed = Instant::now();
-    for pid in servers {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    common::kill9(&servers);
     wait_for(
         "the API answering a write",
         Duration::from_secs(20),
@@ -464,6 +445,25 @@ async fn three_control_plane_hosts_share_etcd_behind_an_endpoint_and_survive_one
     .await;
     wait_for("the Cluster gone", Duration::from_secs(30), || async {
         clusters.get_opt("ha").await.ok()?.is_none().then_some(())
+    })
+    .await;
+
+    // The same Cluster made again (the same VIP and host addresses, a new core namespace):
+    // its endpoint serves again.
+    world.apply(CLUSTER);
+    wait_for("ha Running again", Duration::from_secs(150), || {
+        running(&clusters, &hosts, 4)
+    })
+    .await;
+    let path = world.cluster_kubeconfig(&client, "team-h", "ha").await;
+    kubectl(&path, &["get", "nodes", "-o", "name"]).expect("the API through the VIP again");
+    world.kubectl(&["delete", "cluster", "ha", "-n", "team-h", "--wait=false"]);
+    wait_for("every host gone again", Duration::from_secs(90), || async {
+        hosts
+            .list(&ListParams::default())
+            .await
+            .ok()
+            .filter(|l| l.items.is_empty())
     })
     .await;
 }

@@ -589,12 +589,7 @@ async fn a_deployment_applied_to_a_provisioned_cluster_runs_on_its_workers_throu
     let killed = Instant::now();
     let cgroups = slipway_dataplane::cgroup::Layout::detect().expect("cgroup layout");
     let group = world.provider().host_netns(victim);
-    for pid in cgroups.pids(&group) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    common::kill9(&cgroups.pids(&group));
     let deadline = Instant::now() + Duration::from_secs(90);
     let moved = loop {
         let now = running_pods(&pods, "web", 3).await.unwrap_or_default();

@@ -258,17 +258,29 @@ async fn control_plane_bootstrap(
             &crate::controllers::clusters::etcd_ca_secret(cluster),
         )
         .await?;
-        let first = crate::controllers::clusters::host_name(
-            ns,
-            cluster,
-            slipway_api::slipway::CONTROL_PLANE_POOL,
-            0,
-        );
+        // Members join one at a time (etcd takes one new member at a time): a control plane
+        // host joins once those of lower index run.
+        let replicas = network.spec.topology.control_plane.replicas;
+        let names: Vec<String> = (0..replicas)
+            .map(|i| {
+                crate::controllers::clusters::host_name(
+                    ns,
+                    cluster,
+                    slipway_api::slipway::CONTROL_PLANE_POOL,
+                    i,
+                )
+            })
+            .collect();
+        let index = names
+            .iter()
+            .position(|n| host["metadata"]["name"] == n.as_str())
+            .unwrap_or(0);
         Some(json!({
             "caCert": cert,
             "caKey": key,
             "joinAt": endpoint.host,
-            "mayStart": host["metadata"]["name"] == first.as_str() && !network.ran,
+            "mayStart": index == 0 && !network.ran,
+            "after": names[..index],
         }))
     } else {
         None

@@ -395,18 +395,39 @@ impl World {
             "1+2 hosts with containerd: kubectl apply → Ready in {:?}",
             started.elapsed()
         );
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), "team-w");
+        self.cluster_kubeconfig(client, "team-w", "w1").await
+    }
+
+    /// Writes Cluster `namespace/name`'s admin kubeconfig (its Secret `<name>-kubeconfig`) to
+    /// `<dir>/<name>.kubeconfig`; returns the path.
+    pub async fn cluster_kubeconfig(
+        &self,
+        client: &kube::Client,
+        namespace: &str,
+        name: &str,
+    ) -> PathBuf {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
         let kubeconfig = secrets
-            .get("w1-kubeconfig")
+            .get(&format!("{name}-kubeconfig"))
             .await
-            .expect("w1-kubeconfig Secret")
+            .unwrap_or_else(|e| panic!("{name}-kubeconfig Secret: {e}"))
             .data
             .and_then(|d| d.get("value").cloned())
             .expect("value")
             .0;
-        let path = self.dir.path().join("w1.kubeconfig");
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
         std::fs::write(&path, kubeconfig).expect("write kubeconfig");
         path
+    }
+}
+
+/// kill -9 each of `pids`.
+pub fn kill9(pids: &[i32]) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
