@@ -121,6 +121,54 @@ impl Validate for Zone {
     }
 }
 
+/// LoadBalancerPool spec: the addresses LoadBalancer Services get VIPs from when Slipway's LB
+/// controller runs on its own against a Kubernetes API (`slipway lb controller`, MetalLB's
+/// role; its `IPAddressPool`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerPoolSpec {
+    /// The blocks VIPs are taken from (IPv4 or IPv6 CIDRs), in order.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+kind!(
+    /// Addresses for LoadBalancer Services (cluster-scoped). A Service takes its VIP from the
+    /// pool its [`POOL_ANNOTATION`] names, else from the first pool by name.
+    LoadBalancerPool,
+    LoadBalancerPoolSpec,
+    CommonStatus
+);
+
+/// The annotation naming the LoadBalancerPool a Service takes its VIP from.
+pub const POOL_ANNOTATION: &str = "slipway.dev/address-pool";
+
+impl Validate for LoadBalancerPool {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        if self.spec.addresses.is_empty() {
+            errs.push(FieldError::required("spec.addresses"));
+        }
+        let mut blocks: Vec<(usize, crate::meta::Cidr)> = Vec::new();
+        for (i, a) in self.spec.addresses.iter().enumerate() {
+            let field = at("spec.addresses", i);
+            let Some(cidr) = check_cidr(&field, a, errs) else {
+                continue;
+            };
+            if let Some((j, _)) = blocks
+                .iter()
+                .find(|(_, b)| b.contains(&cidr) || cidr.contains(b))
+            {
+                errs.push(FieldError::invalid(
+                    field,
+                    format!("{a:?}"),
+                    format!("overlaps spec.addresses[{j}]"),
+                ));
+            }
+            blocks.push((i, cidr));
+        }
+    }
+}
+
 /// Control plane topology.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -7,6 +7,7 @@ mod bench;
 mod bench_pods;
 mod cluster_bench;
 mod csi_bench;
+mod lb_controller;
 mod pods_bench;
 mod services_bench;
 mod supervisor;
@@ -36,9 +37,10 @@ enum Command {
     Volume(slipway_blockstore::cli::VolumeCommand),
     /// Run the block store: volumes served over NBD (TCP and Unix socket).
     Blockstore(slipway_blockstore::cli::ServeArgs),
-    /// The L4 load balancer: `serve` (the daemon), `status`, `apply`, `delete`, `metrics`.
+    /// The L4 load balancer: `serve` (the daemon), `status`, `apply`, `delete`, `metrics`, and
+    /// `controller` (VIPs from LoadBalancerPools on any Kubernetes API).
     #[command(subcommand)]
-    Lb(slipway_lb::cli::LbCommand),
+    Lb(lb_controller::LbCli),
     /// Run the node agent: installs the eBPF datapath, serves the local API, exports metrics.
     Agent(Box<slipway_agent::AgentArgs>),
     /// Offline images for the host's containerd: `import NAME DIR|TAR`.

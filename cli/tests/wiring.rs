@@ -161,3 +161,64 @@ fn supervisor_and_client_commands_round_trip_an_object() {
         path(&kubeconfig),
     ]);
 }
+
+#[test]
+fn lb_controller_gives_a_loadbalancer_service_a_vip_from_a_pool() {
+    let dir = scratch("lb-controller");
+    let data = dir.join("data");
+    let (_daemon, _) = start(
+        dir.clone(),
+        &[
+            "supervisor",
+            "--data-dir",
+            path(&data),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "listening on https://",
+    );
+    let kubeconfig = data.join("admin.kubeconfig");
+    let (_controller, _) = start(
+        dir.join("controller"),
+        &["lb", "controller", "--kubeconfig", path(&kubeconfig)],
+        "allocating VIPs",
+    );
+    let manifest = dir.join("lb.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: slipway.dev/v1alpha1\nkind: LoadBalancerPool\nmetadata:\n  name: public\n\
+         spec:\n  addresses: [192.0.2.0/28]\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n\
+         spec:\n  type: LoadBalancer\n  ports: [{port: 80}]\n",
+    )
+    .expect("manifest");
+    slipway(&[
+        "apply",
+        "-f",
+        path(&manifest),
+        "--kubeconfig",
+        path(&kubeconfig),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let svc = slipway(&[
+            "get",
+            "service",
+            "web",
+            "-n",
+            "default",
+            "-o",
+            "json",
+            "--kubeconfig",
+            path(&kubeconfig),
+        ]);
+        if svc.contains("\"ip\": \"192.0.2.") || svc.contains("\"ip\":\"192.0.2.") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no VIP from the pool:\n{svc}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -2,7 +2,8 @@
 //! mirrored Services of a Cluster get VIPs from its ingress pool (lowest free, requested,
 //! shared on distinct ports), a request outside the pool is refused naming the field, a
 //! deleted Service's address is given again, the mirror takes none of the supervisor's node
-//! ports, and a second reconciler (a restart) changes nothing.
+//! ports, and a second reconciler (a restart) changes nothing. Standalone (MetalLB's role),
+//! every LoadBalancer Service gets its VIP from a LoadBalancerPool.
 
 mod common;
 
@@ -15,7 +16,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use slipway_supervisor::admission::AdmissionConfig;
 use slipway_supervisor::controllers::loadbalancers::{
-    CLUSTER_LABEL, CONDITION, LoadBalancerReconciler, status_ip,
+    CLUSTER_LABEL, CONDITION, LoadBalancerReconciler, Scope, status_ip,
 };
 use slipway_supervisor::server::limits::ConnectionLimits;
 use slipway_supervisor::server::{Server, ServerConfig, StoreConfig};
@@ -89,9 +90,8 @@ fn ip(svc: &Service) -> String {
     status_ip(svc).map(|i| i.to_string()).unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirrored_services_get_vips_from_their_clusters_ingress_pool() {
-    let dir = common::TempDir::new("lb");
+/// A supervisor in process over `dir`; its controllers' kubeconfig and an admin client.
+async fn api(dir: &common::TempDir) -> (std::path::PathBuf, Client) {
     let server = Server::bind(ServerConfig {
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -108,6 +108,13 @@ async fn mirrored_services_get_vips_from_their_clusters_ingress_pool() {
     let controllers = server.controllers_kubeconfig().to_owned();
     tokio::spawn(server.serve(std::future::pending()));
     let admin = client_for(&dir.path().join("admin.kubeconfig")).await;
+    (controllers, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_services_get_vips_from_their_clusters_ingress_pool() {
+    let dir = common::TempDir::new("lb");
+    let (controllers, admin) = api(&dir).await;
 
     let namespaces: Api<Namespace> = Api::all(admin.clone());
     namespaces
@@ -307,4 +314,122 @@ async fn mirrored_services_get_vips_from_their_clusters_ingress_pool() {
         .count();
     assert_eq!(failed, 1, "a refusal is recorded once, not every pass");
     task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_services_get_vips_from_loadbalancerpools() {
+    let dir = common::TempDir::new("lb-pools");
+    let (_, admin) = api(&dir).await;
+    let pools: Api<kube::api::DynamicObject> = Api::all_with(
+        admin.clone(),
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("slipway.dev", "v1alpha1", "LoadBalancerPool"),
+            "loadbalancerpools",
+        ),
+    );
+    for (name, block) in [("a", "10.77.0.0/29"), ("b", "10.78.0.0/29")] {
+        pools
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "apiVersion": "slipway.dev/v1alpha1", "kind": "LoadBalancerPool",
+                    "metadata": {"name": name}, "spec": {"addresses": [block]},
+                }))
+                .expect("pool"),
+            )
+            .await
+            .expect("create pool");
+    }
+    tokio::spawn(LoadBalancerReconciler::with_scope(admin.clone(), Scope::Pools).run());
+    let services: Api<Service> = Api::namespaced(admin.clone(), "default");
+    let service = |name: &str, annotations: Value, spec: Value| -> Service {
+        let mut s = json!({"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]});
+        for (k, v) in spec.as_object().into_iter().flatten() {
+            s[k] = v.clone();
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations}, "spec": s,
+        }))
+        .expect("service")
+    };
+    let create = |svc: Service| {
+        let services = services.clone();
+        async move {
+            services
+                .create(&PostParams::default(), &svc)
+                .await
+                .expect("create service")
+        }
+    };
+    // No annotation: the first pool by name. An annotation: that pool.
+    create(service("web", json!({}), json!({}))).await;
+    let web = until(&services, "web", "a VIP", |s| status_ip(s).is_some()).await;
+    assert!(ip(&web).starts_with("10.77.0."), "{}", ip(&web));
+    let (status, reason, message) = condition(&web).expect("condition");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Allocated"));
+    assert!(message.contains("LoadBalancerPool a"), "{message}");
+    create(service(
+        "api",
+        json!({"slipway.dev/address-pool": "b"}),
+        json!({}),
+    ))
+    .await;
+    let api = until(&services, "api", "a VIP", |s| status_ip(s).is_some()).await;
+    assert!(ip(&api).starts_with("10.78.0."), "{}", ip(&api));
+    // A pool that does not exist, and an address outside the pool: refused, naming the field.
+    create(service(
+        "lost",
+        json!({"slipway.dev/address-pool": "nope"}),
+        json!({}),
+    ))
+    .await;
+    let lost = until(&services, "lost", "a refusal", |s| condition(s).is_some()).await;
+    let (status, reason, message) = condition(&lost).expect("condition");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "PoolNotFound")
+    );
+    assert!(
+        message.contains("metadata.annotations[slipway.dev/address-pool]"),
+        "{message}"
+    );
+    create(service(
+        "outside",
+        json!({}),
+        json!({"loadBalancerIP": "10.99.0.1"}),
+    ))
+    .await;
+    let outside = until(&services, "outside", "a refusal", |s| {
+        condition(s).is_some()
+    })
+    .await;
+    let (_, reason, message) = condition(&outside).expect("condition");
+    assert_eq!(reason, "NotInPool");
+    assert!(message.contains("spec.loadBalancerIP"), "{message}");
+    assert!(status_ip(&outside).is_none());
+    // A ClusterIP Service is none of its business.
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "plain"},
+                "spec": {"ports": [{"port": 80}]}}))
+            .expect("service"),
+        )
+        .await
+        .expect("plain");
+    // Deleted: its address is given again.
+    let held = ip(&web);
+    services
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    create(service("next", json!({}), json!({}))).await;
+    let next = until(&services, "next", "a VIP", |s| status_ip(s).is_some()).await;
+    assert_eq!(
+        ip(&next),
+        held,
+        "the released address is the lowest free again"
+    );
+    let plain = services.get("plain").await.expect("plain");
+    assert!(status_ip(&plain).is_none() && condition(&plain).is_none());
 }

@@ -174,6 +174,19 @@ async fn three_control_plane_hosts_share_etcd_behind_an_endpoint_and_survive_one
         cluster.data["status"]["apiEndpoint"],
         format!("https://{vip}:6443")
     );
+    // The control plane's size and its endpoint are fixed, each refused naming the field.
+    let err = world.apply_refused(&CLUSTER.replacen("replicas: 3", "replicas: 1", 1));
+    assert!(
+        err.contains("spec.topology.controlPlane.replicas") && err.contains("immutable"),
+        "{err}"
+    );
+    let err = world.apply_refused(&format!(
+        "{CLUSTER}  controlPlaneEndpoint:\n    host: 10.123.255.99\n"
+    ));
+    assert!(
+        err.contains("spec.controlPlaneEndpoint") && err.contains("immutable"),
+        "{err}"
+    );
     let path = world.cluster_kubeconfig(&client, "team-h", "ha").await;
     assert!(
         std::fs::read_to_string(&path)

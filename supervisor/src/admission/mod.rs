@@ -191,6 +191,29 @@ pub async fn admit_cluster(
             ));
         }
     }
+    // An etcd of three members cannot be grown from one or shrunk to one under the cluster,
+    // and every kubeconfig and serving certificate names the endpoint: both are fixed (the
+    // endpoint once set, as Cluster API's is).
+    if let Some((old, _)) =
+        get_typed::<Cluster>(store, rt(GROUP, "v1alpha1", "clusters")?, Some(ns), &name).await?
+    {
+        if old.spec.topology.control_plane.replicas != t.control_plane.replicas {
+            errs.push(FieldError::invalid(
+                "spec.topology.controlPlane.replicas",
+                t.control_plane.replicas.to_string(),
+                "field is immutable",
+            ));
+        }
+        if old.spec.control_plane_endpoint.is_some()
+            && old.spec.control_plane_endpoint != c.spec.control_plane_endpoint
+        {
+            errs.push(FieldError::invalid(
+                "spec.controlPlaneEndpoint",
+                serde_json::to_string(&c.spec.control_plane_endpoint).unwrap_or_default(),
+                "field is immutable once set",
+            ));
+        }
+    }
     for (i, pool) in t.node_pools.iter().enumerate() {
         if let Some(zone) = &pool.failure_domain
             && get_typed::<Zone>(store, rt(GROUP, "v1alpha1", "zones")?, None, zone)

@@ -17,7 +17,7 @@ use super::core::{
 use super::discovery::EndpointSlice;
 use super::networking::NetworkPolicy;
 use super::rbac::RoleBinding;
-use super::slipway::{Cluster, Host, HostClass, Zone};
+use super::slipway::{Cluster, Host, HostClass, LoadBalancerPool, Zone};
 use super::storage::StorageClass;
 use slipway_api::meta::decode_strict;
 
@@ -706,6 +706,32 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceType>> = std::sync::LazyLo
             ],
             decode: decode::<Zone>,
             schema: schema::<Zone>,
+        },
+        ResourceType {
+            group: "slipway.dev",
+            version: "v1alpha1",
+            kind: "LoadBalancerPool",
+            plural: "loadbalancerpools",
+            singular: "loadbalancerpool",
+            namespaced: false,
+            short_names: &["lbpool"],
+            has_status: true,
+            merge_keys: &[],
+            columns: vec![col("Addresses", "The blocks VIPs are taken from", |v| {
+                jp(v, "spec.addresses")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        Value::String(
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        )
+                    })
+                    .unwrap_or(Value::Null)
+            })],
+            decode: decode::<LoadBalancerPool>,
+            schema: schema::<LoadBalancerPool>,
         },
         ResourceType {
             group: "slipway.dev",

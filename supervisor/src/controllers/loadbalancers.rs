@@ -10,6 +10,10 @@
 //! what differs. A deleted Service's address is free as soon as the Service is gone; a Service
 //! that stops being a labelled LoadBalancer has its status cleared.
 //!
+//! Standalone ([`Scope::Pools`], `slipway lb controller`, MetalLB's role on any Kubernetes
+//! API): every Service of type LoadBalancer gets its VIP from a `LoadBalancerPool` (the one its
+//! `slipway.dev/address-pool` annotation names, else the first by name), by the same rules.
+//!
 //! The mirror is a core Service, as the issue and the seeds have it: selector-less, its ports'
 //! `targetPort` the workload cluster's node ports, its backends an EndpointSlice of the
 //! cluster's nodes. It asks `allocateLoadBalancerNodePorts: false`, which the supervisor's
@@ -33,7 +37,7 @@ use kube::api::{
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
-use slipway_api::slipway::{GROUP, VERSION, VIP_LEASE_NAMESPACE, vip_lease_name};
+use slipway_api::slipway::{GROUP, POOL_ANNOTATION, VERSION, VIP_LEASE_NAMESPACE, vip_lease_name};
 use tracing::{info, warn};
 
 use super::vips::{self, Claim, Held, SHARE_ANNOTATION};
@@ -54,12 +58,24 @@ pub const PERIOD: Duration = Duration::from_secs(5);
 /// Who writes the Events.
 const COMPONENT: &str = "slipway-lb-controller";
 
+/// Which Services a reconciler serves, and where their VIPs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The supervisor's: the mirrors of workload clusters' Services ([`CLUSTER_LABEL`]), each
+    /// from its Cluster's ingress pool.
+    Clusters,
+    /// Any Kubernetes API's: every LoadBalancer Service, from `LoadBalancerPool`s.
+    Pools,
+}
+
 /// The reconciler, connected.
 #[derive(Clone)]
 pub struct LoadBalancerReconciler {
     client: kube::Client,
+    scope: Scope,
     services: Api<Service>,
-    clusters: Api<DynamicObject>,
+    /// Clusters ([`Scope::Clusters`]) or LoadBalancerPools ([`Scope::Pools`]).
+    pools: Api<DynamicObject>,
     /// The VIPs' Leases, whose holders announce them.
     leases: Api<Lease>,
 }
@@ -71,33 +87,39 @@ impl std::fmt::Debug for LoadBalancerReconciler {
     }
 }
 
-fn clusters_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(GROUP, VERSION, "Cluster"),
-        "clusters",
-    )
+fn pools_resource(scope: Scope) -> ApiResource {
+    let (kind, plural) = match scope {
+        Scope::Clusters => ("Cluster", "clusters"),
+        Scope::Pools => ("LoadBalancerPool", "loadbalancerpools"),
+    };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, kind), plural)
 }
 
-/// A Cluster's ingress pool, by `namespace/name`; blocks that do not parse are left out
-/// (admission refused them already).
-fn pools(clusters: &[DynamicObject]) -> BTreeMap<String, Vec<IpNetwork>> {
-    clusters
+/// The pools by the key Services are grouped under: a Cluster's ingress pool by
+/// `namespace/name`, a LoadBalancerPool's addresses by its name. Blocks that do not parse are
+/// left out (admission refused them already).
+fn pools(scope: Scope, objects: &[DynamicObject]) -> BTreeMap<String, Vec<IpNetwork>> {
+    let blocks = |v: &Value| {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b.as_str()?.parse().ok())
+            .collect()
+    };
+    objects
         .iter()
-        .map(|c| {
-            let blocks = c.data["spec"]["settings"]["network"]["ingress"]["cidrBlocks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|b| b.as_str()?.parse().ok())
-                .collect();
-            (
-                format!(
-                    "{}/{}",
-                    c.metadata.namespace.as_deref().unwrap_or_default(),
-                    c.metadata.name.as_deref().unwrap_or_default()
+        .map(|o| {
+            let name = o.metadata.name.as_deref().unwrap_or_default();
+            match scope {
+                Scope::Clusters => (
+                    format!(
+                        "{}/{name}",
+                        o.metadata.namespace.as_deref().unwrap_or_default()
+                    ),
+                    blocks(&o.data["spec"]["settings"]["network"]["ingress"]["cidrBlocks"]),
                 ),
-                blocks,
-            )
+                Scope::Pools => (name.to_owned(), blocks(&o.data["spec"]["addresses"])),
+            }
         })
         .collect()
 }
@@ -107,9 +129,10 @@ fn key(svc: &Service) -> String {
     format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
 }
 
-/// Whether the reconciler serves `svc`: a labelled LoadBalancer not being deleted.
-fn served(svc: &Service) -> bool {
-    svc.labels().contains_key(CLUSTER_LABEL)
+/// Whether the reconciler serves `svc`: a LoadBalancer not being deleted (labelled, with
+/// [`Scope::Clusters`]).
+fn served(scope: Scope, svc: &Service) -> bool {
+    (scope == Scope::Pools || svc.labels().contains_key(CLUSTER_LABEL))
         && svc.meta().deletion_timestamp.is_none()
         && svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer")
 }
@@ -165,11 +188,17 @@ fn condition_named(svc: &Service, type_: &str) -> Option<(String, String, String
 }
 
 impl LoadBalancerReconciler {
-    /// A reconciler over `client` (the controllers' identity).
+    /// The supervisor's reconciler over `client` (the controllers' identity).
     pub fn new(client: kube::Client) -> Self {
+        Self::with_scope(client, Scope::Clusters)
+    }
+
+    /// A reconciler of `scope` over `client`.
+    pub fn with_scope(client: kube::Client, scope: Scope) -> Self {
         Self {
+            scope,
             services: Api::all(client.clone()),
-            clusters: Api::all_with(client.clone(), &clusters_resource()),
+            pools: Api::all_with(client.clone(), &pools_resource(scope)),
             leases: Api::namespaced(client.clone(), VIP_LEASE_NAMESPACE),
             client,
         }
@@ -189,11 +218,14 @@ impl LoadBalancerReconciler {
 
     /// Runs until dropped: a pass at every Service or Cluster event and every [`PERIOD`].
     pub async fn run(self) {
-        let labelled = watcher::Config::default().labels(CLUSTER_LABEL);
-        let services = watcher(self.services.clone(), labelled)
+        let served = match self.scope {
+            Scope::Clusters => watcher::Config::default().labels(CLUSTER_LABEL),
+            Scope::Pools => watcher::Config::default(),
+        };
+        let services = watcher(self.services.clone(), served)
             .default_backoff()
             .map(|_| ());
-        let clusters = watcher(self.clusters.clone(), watcher::Config::default())
+        let clusters = watcher(self.pools.clone(), watcher::Config::default())
             .default_backoff()
             .map(|_| ());
         // Leases are renewed five times a second: only a change of holder is an event.
@@ -233,24 +265,29 @@ impl LoadBalancerReconciler {
 
     /// One pass over every labelled Service.
     pub async fn reconcile_all(&self) -> anyhow::Result<()> {
-        let pools = pools(&self.clusters.list(&ListParams::default()).await?.items);
-        let mut services = self
-            .services
-            .list(&ListParams::default().labels(CLUSTER_LABEL))
-            .await?
-            .items;
+        let pools = pools(
+            self.scope,
+            &self.pools.list(&ListParams::default()).await?.items,
+        );
+        let listed = match self.scope {
+            Scope::Clusters => ListParams::default().labels(CLUSTER_LABEL),
+            Scope::Pools => ListParams::default(),
+        };
+        let mut services = self.services.list(&listed).await?.items;
         services.sort_by(|a, b| {
             (a.meta().creation_timestamp.as_ref().map(|t| t.0), key(a))
                 .cmp(&(b.meta().creation_timestamp.as_ref().map(|t| t.0), key(b)))
         });
         // Per cluster, what each Service's status holds now; updated as the pass assigns.
         let mut held: BTreeMap<String, Vec<Held>> = BTreeMap::new();
-        for svc in services.iter().filter(|s| served(s)) {
+        for svc in services.iter().filter(|s| served(self.scope, s)) {
             if let Some(ip) = status_ip(svc) {
-                held.entry(cluster_of(svc)).or_default().push(Held {
-                    ip,
-                    claim: claim(svc),
-                });
+                held.entry(self.group_of(svc, &pools))
+                    .or_default()
+                    .push(Held {
+                        ip,
+                        claim: claim(svc),
+                    });
             }
         }
         let announcers: BTreeMap<String, String> = self
@@ -277,7 +314,7 @@ impl LoadBalancerReconciler {
         held: &mut BTreeMap<String, Vec<Held>>,
     ) -> anyhow::Result<()> {
         let current = status_ip(svc);
-        if !served(svc) {
+        if !served(self.scope, svc) {
             // No longer a LoadBalancer (a deleted one needs nothing: its status goes with it).
             if current.is_some() && svc.meta().deletion_timestamp.is_none() {
                 self.write(
@@ -304,7 +341,7 @@ impl LoadBalancerReconciler {
             }
             return Ok(());
         }
-        let cluster = cluster_of(svc);
+        let cluster = self.group_of(svc, pools);
         let claim = claim(svc);
         let spec = svc.spec.clone().unwrap_or_default();
         let mut field_errors = Vec::new();
@@ -329,6 +366,15 @@ impl LoadBalancerReconciler {
         mine.retain(|h| h.claim.service != claim.service);
         let result = match pools.get(&cluster) {
             _ if !field_errors.is_empty() => Err(("InvalidSpec", field_errors.join("; "))),
+            None if self.scope == Scope::Pools && cluster.is_empty() => {
+                Err(("NoPool", "no LoadBalancerPool: no VIP to give".to_owned()))
+            }
+            None if self.scope == Scope::Pools => Err((
+                "PoolNotFound",
+                format!(
+                    "metadata.annotations[{POOL_ANNOTATION}]: LoadBalancerPool {cluster:?} not found"
+                ),
+            )),
             None => Err((
                 "ClusterNotFound",
                 format!(
@@ -350,11 +396,15 @@ impl LoadBalancerReconciler {
                     ip,
                     claim: claim.clone(),
                 });
+                let from = match self.scope {
+                    Scope::Clusters => format!("the ingress pool of Cluster {cluster}"),
+                    Scope::Pools => format!("LoadBalancerPool {cluster}"),
+                };
                 let allocated = (
                     CONDITION,
                     "True",
                     "Allocated",
-                    format!("VIP {ip} from the ingress pool of Cluster {cluster}"),
+                    format!("VIP {ip} from {from}"),
                 );
                 let lease = vip_lease_name(ip);
                 let announcer = announcers.get(&lease);
@@ -510,10 +560,22 @@ impl LoadBalancerReconciler {
 }
 
 /// `namespace/cluster` of a labelled Service.
-fn cluster_of(svc: &Service) -> String {
-    format!(
-        "{}/{}",
-        svc.namespace().unwrap_or_default(),
-        svc.labels().get(CLUSTER_LABEL).map_or("", String::as_str)
-    )
+impl LoadBalancerReconciler {
+    /// The key of the pool `svc` takes its VIP from: its Cluster (`namespace/name`), or the
+    /// LoadBalancerPool its annotation names, else the first by name (empty: none).
+    fn group_of(&self, svc: &Service, pools: &BTreeMap<String, Vec<IpNetwork>>) -> String {
+        match self.scope {
+            Scope::Clusters => format!(
+                "{}/{}",
+                svc.namespace().unwrap_or_default(),
+                svc.labels().get(CLUSTER_LABEL).map_or("", String::as_str)
+            ),
+            Scope::Pools => svc
+                .annotations()
+                .get(POOL_ANNOTATION)
+                .cloned()
+                .or_else(|| pools.keys().next().cloned())
+                .unwrap_or_default(),
+        }
+    }
 }

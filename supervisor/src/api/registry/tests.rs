@@ -111,3 +111,49 @@ fn network_policy_is_the_upstream_type_with_defaults_and_checks() {
         "unknown fields are refused"
     );
 }
+
+#[test]
+fn loadbalancerpools_are_served_validated_and_their_crd_for_other_clusters_keeps_up() {
+    let rt = lookup("slipway.dev", "v1alpha1", "loadbalancerpools").expect("served");
+    assert!(!rt.namespaced);
+    let (_, errs) = rt
+        .decode(json!({
+            "apiVersion": "slipway.dev/v1alpha1", "kind": "LoadBalancerPool",
+            "metadata": {"name": "p"},
+            "spec": {"addresses": ["10.9.0.0/24", "10.9.0.128/25", "10.9.1.1/24"]},
+        }))
+        .expect("decodes");
+    let errs: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errs,
+        [
+            r#"spec.addresses[1]: Invalid value: "10.9.0.128/25": overlaps spec.addresses[0]"#,
+            r#"spec.addresses[2]: Invalid value: "10.9.1.1/24": must be a network address (host bits zero)"#,
+        ]
+    );
+    let (_, errs) = rt
+        .decode(
+            json!({"apiVersion": "slipway.dev/v1alpha1", "kind": "LoadBalancerPool",
+                       "metadata": {"name": "p"}, "spec": {}}),
+        )
+        .expect("decodes");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].to_string(), "spec.addresses: Required value");
+    // The CRD a cluster of another make needs names every field of the spec.
+    let crd: Value =
+        serde_saphyr::from_str(include_str!("../../../../deploy/loadbalancerpool-crd.yaml"))
+            .expect("the CRD is YAML");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(crd["spec"]["names"]["plural"], rt.plural);
+    let in_crd: Vec<&String> =
+        version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            .as_object()
+            .expect("spec properties")
+            .keys()
+            .collect();
+    let spec =
+        serde_json::to_value(slipway_api::slipway::LoadBalancerPoolSpec::default()).expect("json");
+    let in_kind: Vec<&String> = spec.as_object().expect("object").keys().collect();
+    assert_eq!(in_crd, in_kind);
+}
