@@ -181,6 +181,20 @@ where
     }
 }
 
+/// Deletes Cluster `name` and waits until it and every host of the provider are gone.
+async fn delete_all(
+    clusters: &Api<DynamicObject>,
+    provider: &slipway_hosts::netns::NetnsProvider,
+    name: &str,
+) -> anyhow::Result<()> {
+    clusters.delete(name, &DeleteParams::default()).await?;
+    wait("every host gone", || async {
+        let gone = clusters.get_opt(name).await?.is_none();
+        Ok((gone && provider.list().await?.is_empty()).then_some(()))
+    })
+    .await
+}
+
 pub(crate) fn cluster(name: &str, workers: u32) -> serde_json::Value {
     json!({
         "apiVersion": "slipway.dev/v1alpha1", "kind": "Cluster",
@@ -317,15 +331,7 @@ async fn measure(data_dir: PathBuf, hosts: ProviderArgs, runs: usize) -> anyhow:
 
         bar.set_message(format!("run {}: delete", run + 1));
         let t = Instant::now();
-        clusters.delete(&name, &DeleteParams::default()).await?;
-        wait("every host gone", || {
-            let (clusters, provider, name) = (clusters.clone(), &provider, name.clone());
-            async move {
-                let gone = clusters.get_opt(&name).await?.is_none();
-                Ok((gone && provider.list().await?.is_empty()).then_some(()))
-            }
-        })
-        .await?;
+        delete_all(&clusters, &provider, &name).await?;
         s.delete.push(t.elapsed().as_secs_f64());
         bar.inc(1);
 
@@ -339,15 +345,7 @@ async fn measure(data_dir: PathBuf, hosts: ProviderArgs, runs: usize) -> anyhow:
         create(&client, &clusters_rt, Some("bench"), spec).await?;
         wait("3+3 Ready", || ready(ha.clone(), 6)).await?;
         s.apply_3_3.push(t.elapsed().as_secs_f64());
-        clusters.delete(&ha, &DeleteParams::default()).await?;
-        wait("every host gone", || {
-            let (clusters, provider, ha) = (clusters.clone(), &provider, ha.clone());
-            async move {
-                let gone = clusters.get_opt(&ha).await?.is_none();
-                Ok((gone && provider.list().await?.is_empty()).then_some(()))
-            }
-        })
-        .await?;
+        delete_all(&clusters, &provider, &ha).await?;
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -49,6 +49,24 @@ fn start(dir: PathBuf, args: &[&str], ready: &str) -> (Daemon, String) {
     }
 }
 
+/// Starts `slipway supervisor` on a free loopback port with its data in `dir/data`; the
+/// daemon, its listening line and the data dir.
+fn start_supervisor(dir: &Path) -> (Daemon, String, PathBuf) {
+    let data = dir.join("data");
+    let (daemon, line) = start(
+        dir.to_owned(),
+        &[
+            "supervisor",
+            "--data-dir",
+            path(&data),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "listening on https://",
+    );
+    (daemon, line, data)
+}
+
 fn slipway(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_slipway"))
         .args(args)
@@ -123,18 +141,7 @@ fn blockstore_and_volume_commands_serve_a_volume_over_nbd() {
 #[test]
 fn supervisor_and_client_commands_round_trip_an_object() {
     let dir = scratch("supervisor");
-    let data = dir.join("data");
-    let (_daemon, line) = start(
-        dir.clone(),
-        &[
-            "supervisor",
-            "--data-dir",
-            path(&data),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "listening on https://",
-    );
+    let (_daemon, line, data) = start_supervisor(&dir);
     assert!(line.contains("127.0.0.1:"), "{line}");
     let kubeconfig = data.join("admin.kubeconfig");
     let manifest = dir.join("ns.yaml");
@@ -165,18 +172,7 @@ fn supervisor_and_client_commands_round_trip_an_object() {
 #[test]
 fn lb_controller_gives_a_loadbalancer_service_a_vip_from_a_pool() {
     let dir = scratch("lb-controller");
-    let data = dir.join("data");
-    let (_daemon, _) = start(
-        dir.clone(),
-        &[
-            "supervisor",
-            "--data-dir",
-            path(&data),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "listening on https://",
-    );
+    let (_daemon, _, data) = start_supervisor(&dir);
     let kubeconfig = data.join("admin.kubeconfig");
     let (_controller, _) = start(
         dir.join("controller"),
