@@ -252,6 +252,68 @@ fn suite(bin: &Path) {
         .collect();
     assert!(managers.contains(&"bob"), "{managers:?}");
 
+    // kubectl's create generators (current kubectl sends these four as protobuf).
+    k.run(&["create", "namespace", "gen-ns"]).ok();
+    k.run(&[
+        "create",
+        "configmap",
+        "gen-cm",
+        "-n",
+        "team-a",
+        "--from-literal=greeting=héllo",
+    ])
+    .ok();
+    k.run(&[
+        "create",
+        "secret",
+        "generic",
+        "gen-secret",
+        "-n",
+        "team-a",
+        "--from-literal=token=s3cr3t",
+    ])
+    .ok();
+    k.run(&["create", "serviceaccount", "gen-sa", "-n", "team-a"])
+        .ok();
+    let cm = k.run(&[
+        "get",
+        "configmap",
+        "gen-cm",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.data.greeting}",
+    ]);
+    assert_eq!(cm.ok(), "héllo");
+    let secret = k.run(&[
+        "get",
+        "secret",
+        "gen-secret",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.data.token}",
+    ]);
+    assert_eq!(secret.ok(), "czNjcjN0", "base64 of s3cr3t");
+    assert!(
+        k.run(&["get", "namespace", "gen-ns", "-o", "name"])
+            .ok()
+            .contains("namespace/gen-ns")
+    );
+    assert!(
+        k.run(&[
+            "get",
+            "serviceaccount",
+            "gen-sa",
+            "-n",
+            "team-a",
+            "-o",
+            "name"
+        ])
+        .ok()
+        .contains("gen-sa")
+    );
+
     // --dry-run=server: validated and answered, nothing stored.
     let dry = sup.file("dry.yaml", &service("dry", "web"));
     let out = k.run(&["apply", "--dry-run=server", "-f", &dry]);

@@ -23,77 +23,8 @@ const PUBLIC_PATHS: &[&str] = &[
 ];
 
 /// Kubernetes' protobuf media type, which current kubectl sends this review in.
-pub const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
-
-/// One protobuf field's value: length-delimited bytes, or a scalar (not needed here).
-enum PbValue<'a> {
-    Scalar,
-    Bytes(&'a [u8]),
-}
-
-fn varint(b: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*pos)?;
-        *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte < 0x80 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// The fields of one protobuf message; None when it is malformed.
-fn fields(b: &[u8]) -> Option<Vec<(u64, PbValue<'_>)>> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < b.len() {
-        let key = varint(b, &mut pos)?;
-        let value = match key & 7 {
-            0 => {
-                varint(b, &mut pos)?;
-                PbValue::Scalar
-            }
-            2 => {
-                let len = usize::try_from(varint(b, &mut pos)?).ok()?;
-                let end = pos.checked_add(len)?;
-                let v = b.get(pos..end)?;
-                pos = end;
-                PbValue::Bytes(v)
-            }
-            1 => {
-                pos = pos.checked_add(8).filter(|p| *p <= b.len())?;
-                PbValue::Scalar
-            }
-            5 => {
-                pos = pos.checked_add(4).filter(|p| *p <= b.len())?;
-                PbValue::Scalar
-            }
-            _ => return None,
-        };
-        out.push((key >> 3, value));
-    }
-    Some(out)
-}
-
-fn message(b: &[u8], field: u64) -> Option<&[u8]> {
-    fields(b)?.into_iter().find_map(|(n, v)| match v {
-        PbValue::Bytes(x) if n == field => Some(x),
-        _ => None,
-    })
-}
-
-/// The string fields of a message, by name, as a JSON object.
-fn strings(b: &[u8], names: &[(u64, &str)]) -> Option<Value> {
-    let mut m = serde_json::Map::new();
-    for (n, v) in fields(b)? {
-        if let (PbValue::Bytes(x), Some((_, name))) = (v, names.iter().find(|(f, _)| *f == n)) {
-            m.insert((*name).into(), json!(String::from_utf8_lossy(x)));
-        }
-    }
-    Some(Value::Object(m))
-}
+pub use super::protobuf::PROTOBUF;
+use super::protobuf::{message, strings};
 
 /// Decodes a review sent as Kubernetes protobuf (`k8s\0` + runtime.Unknown{raw}) into its
 /// JSON form: only the spec matters.

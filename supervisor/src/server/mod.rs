@@ -13,6 +13,7 @@ pub mod limits;
 pub mod logs;
 pub mod objects;
 pub mod paging;
+pub mod protobuf;
 pub mod scale;
 pub mod table;
 mod verbs;

@@ -117,9 +117,12 @@ pub fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
         return serde_saphyr::from_str(text)
             .map_err(|e| ApiError::BadRequest(format!("invalid YAML body: {e}")));
     }
-    // Kubernetes protobuf (current kubectl sends it for built-in kinds): 415, on which
-    // clients fall back to JSON.
-    if content_type.contains("protobuf") || content_type.contains("cbor") {
+    // Kubernetes protobuf (current kubectl's `create` generators send it): read for the
+    // kinds `protobuf` knows, 415 otherwise; CBOR never.
+    if content_type.starts_with(super::protobuf::PROTOBUF) {
+        return super::protobuf::to_json(body);
+    }
+    if content_type.contains("cbor") {
         return Err(ApiError::UnsupportedMediaType(
             "application/json, application/yaml".into(),
         ));
