@@ -275,6 +275,52 @@ fn suite(bin: &Path) {
     .ok();
     k.run(&["create", "serviceaccount", "gen-sa", "-n", "team-a"])
         .ok();
+    k.run(&[
+        "create",
+        "deployment",
+        "gen-deploy",
+        "-n",
+        "team-a",
+        "--image=busybox",
+        "--replicas=2",
+        "--port=8080",
+        "--",
+        "sleep",
+        "3600",
+    ])
+    .ok();
+    k.run(&[
+        "create",
+        "service",
+        "clusterip",
+        "gen-svc",
+        "-n",
+        "team-a",
+        "--tcp=80:http",
+    ])
+    .ok();
+    let deploy = k.run(&[
+        "get",
+        "deployment",
+        "gen-deploy",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.spec.replicas} {.spec.selector.matchLabels.app} \
+         {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].command} \
+         {.spec.template.spec.containers[0].ports[0].containerPort}",
+    ]);
+    assert_eq!(deploy.ok(), r#"2 gen-deploy busybox ["sleep","3600"] 8080"#);
+    let svc = k.run(&[
+        "get",
+        "service",
+        "gen-svc",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.type}",
+    ]);
+    assert_eq!(svc.ok(), "80 http ClusterIP");
     let cm = k.run(&[
         "get",
         "configmap",

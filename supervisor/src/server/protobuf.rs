@@ -1,8 +1,8 @@
 //! Kubernetes protobuf (`application/vnd.kubernetes.protobuf`), the little of it the API reads:
-//! the envelope (`k8s\0` + runtime.Unknown{typeMeta, raw}) and the bodies of the kinds current
-//! kubectl's `create` generators send as protobuf that are made of metadata, strings, maps and
-//! flags — v1 Namespace, ConfigMap, Secret and ServiceAccount — turned into their JSON form by
-//! field tables after k8s.io/api's `generated.proto`. Any other kind, or a field the tables do
+//! the envelope (`k8s\0` + runtime.Unknown{typeMeta, raw}) and the bodies current kubectl's
+//! `create` generators send as protobuf — v1 Namespace, ConfigMap, Secret, ServiceAccount,
+//! Service and apps/v1 Deployment, with the fields those generators fill — turned into their
+//! JSON form by field tables after k8s.io/api's `generated.proto`. Any other kind, or a field the tables do
 //! not know (owner references, managed fields, ...), is refused with 415 and the media types
 //! the API reads, never dropped silently.
 
@@ -86,8 +86,20 @@ pub(crate) fn strings(b: &[u8], names: &[(u64, &str)]) -> Option<Value> {
 /// How a field's value becomes JSON.
 #[derive(Clone, Copy)]
 enum Shape {
+    /// A string; empty is left out (Go writes every non-pointer string, JSON omits empty).
     Str,
+    /// A flag behind a pointer: written only when set, so false is kept.
     Bool,
+    /// A plain flag: false is left out.
+    Flag,
+    /// An integer behind a pointer: written only when set, so 0 is kept.
+    Int,
+    /// A plain integer: 0 is left out.
+    Count,
+    /// `IntOrString`: a number or a name.
+    IntOrString,
+    /// `repeated` messages, a JSON array.
+    List(&'static [Field]),
     /// `map<string, string>`.
     MapStr,
     /// `map<string, bytes>`, base64 values.
@@ -117,6 +129,116 @@ const OBJECT_META: &[Field] = &[
 ];
 
 const NAMESPACE_SPEC: &[Field] = &[Field(1, "finalizers", Shape::RepeatedStr)];
+
+const LABEL_SELECTOR: &[Field] = &[
+    Field(1, "matchLabels", Shape::MapStr),
+    Field(
+        2,
+        "matchExpressions",
+        Shape::List(&[
+            Field(1, "key", Shape::Str),
+            Field(2, "operator", Shape::Str),
+            Field(3, "values", Shape::RepeatedStr),
+        ]),
+    ),
+];
+
+/// `resources: {}` as kubectl's generators send it (limits and requests not read).
+const RESOURCES: &[Field] = &[];
+
+/// A container as `kubectl create deployment` makes it: name, image, command and the
+/// non-pointer fields Go writes with their zero values.
+const CONTAINER: &[Field] = &[
+    Field(1, "name", Shape::Str),
+    Field(2, "image", Shape::Str),
+    Field(3, "command", Shape::RepeatedStr),
+    Field(4, "args", Shape::RepeatedStr),
+    Field(5, "workingDir", Shape::Str),
+    Field(
+        6,
+        "ports",
+        Shape::List(&[
+            Field(1, "name", Shape::Str),
+            Field(2, "hostPort", Shape::Count),
+            Field(3, "containerPort", Shape::Count),
+            Field(4, "protocol", Shape::Str),
+            Field(5, "hostIP", Shape::Str),
+        ]),
+    ),
+    Field(8, "resources", Shape::Message(RESOURCES)),
+    Field(13, "terminationMessagePath", Shape::Str),
+    Field(14, "imagePullPolicy", Shape::Str),
+    Field(16, "stdin", Shape::Flag),
+    Field(17, "stdinOnce", Shape::Flag),
+    Field(18, "tty", Shape::Flag),
+    Field(20, "terminationMessagePolicy", Shape::Str),
+];
+
+const POD_SPEC: &[Field] = &[
+    Field(2, "containers", Shape::List(CONTAINER)),
+    Field(3, "restartPolicy", Shape::Str),
+    Field(6, "dnsPolicy", Shape::Str),
+    Field(7, "nodeSelector", Shape::MapStr),
+    Field(8, "serviceAccountName", Shape::Str),
+    Field(9, "serviceAccount", Shape::Str),
+    Field(10, "nodeName", Shape::Str),
+    Field(11, "hostNetwork", Shape::Flag),
+    Field(12, "hostPID", Shape::Flag),
+    Field(13, "hostIPC", Shape::Flag),
+    Field(16, "hostname", Shape::Str),
+    Field(17, "subdomain", Shape::Str),
+    Field(19, "schedulerName", Shape::Str),
+    Field(24, "priorityClassName", Shape::Str),
+];
+
+const DEPLOYMENT_SPEC: &[Field] = &[
+    Field(1, "replicas", Shape::Int),
+    Field(2, "selector", Shape::Message(LABEL_SELECTOR)),
+    Field(
+        3,
+        "template",
+        Shape::Message(&[
+            Field(1, "metadata", Shape::Message(OBJECT_META)),
+            Field(2, "spec", Shape::Message(POD_SPEC)),
+        ]),
+    ),
+    Field(
+        4,
+        "strategy",
+        Shape::Message(&[Field(1, "type", Shape::Str)]),
+    ),
+    Field(5, "minReadySeconds", Shape::Count),
+    Field(6, "revisionHistoryLimit", Shape::Int),
+    Field(7, "paused", Shape::Flag),
+    Field(9, "progressDeadlineSeconds", Shape::Int),
+];
+
+const SERVICE_SPEC: &[Field] = &[
+    Field(
+        1,
+        "ports",
+        Shape::List(&[
+            Field(1, "name", Shape::Str),
+            Field(2, "protocol", Shape::Str),
+            Field(3, "port", Shape::Count),
+            Field(4, "targetPort", Shape::IntOrString),
+            Field(5, "nodePort", Shape::Count),
+        ]),
+    ),
+    Field(2, "selector", Shape::MapStr),
+    Field(3, "clusterIP", Shape::Str),
+    Field(4, "type", Shape::Str),
+    Field(5, "externalIPs", Shape::RepeatedStr),
+    Field(7, "sessionAffinity", Shape::Str),
+    Field(8, "loadBalancerIP", Shape::Str),
+    Field(9, "loadBalancerSourceRanges", Shape::RepeatedStr),
+    Field(10, "externalName", Shape::Str),
+    Field(11, "externalTrafficPolicy", Shape::Str),
+    Field(12, "healthCheckNodePort", Shape::Count),
+    Field(13, "publishNotReadyAddresses", Shape::Flag),
+    Field(18, "clusterIPs", Shape::RepeatedStr),
+    Field(19, "ipFamilies", Shape::RepeatedStr),
+];
 
 /// The kinds read, by (apiVersion, kind).
 const KINDS: &[(&str, &str, &[Field])] = &[
@@ -151,6 +273,24 @@ const KINDS: &[(&str, &str, &[Field])] = &[
         ],
     ),
     (
+        "apps/v1",
+        "Deployment",
+        &[
+            Field(1, "metadata", Shape::Message(OBJECT_META)),
+            Field(2, "spec", Shape::Message(DEPLOYMENT_SPEC)),
+            Field(3, "status", Shape::Ignored),
+        ],
+    ),
+    (
+        "v1",
+        "Service",
+        &[
+            Field(1, "metadata", Shape::Message(OBJECT_META)),
+            Field(2, "spec", Shape::Message(SERVICE_SPEC)),
+            Field(3, "status", Shape::Ignored),
+        ],
+    ),
+    (
         "v1",
         "ServiceAccount",
         &[
@@ -178,6 +318,28 @@ fn entry(b: &[u8], at: &str, bytes: bool) -> Result<(String, Value), String> {
     Ok((key, value))
 }
 
+/// An `IntOrString` (`{1: type, 2: intVal, 3: strVal}`): the number, or the name.
+fn int_or_string(b: &[u8], at: &str) -> Result<Value, String> {
+    let (mut kind, mut int, mut name) = (0, 0i64, String::new());
+    for (n, v) in fields(b).ok_or_else(|| format!("{at}: malformed"))? {
+        match (n, v) {
+            #[allow(
+                clippy::cast_possible_wrap,
+                reason = "a varint is a two's-complement integer"
+            )]
+            (1, PbValue::Varint(x)) => kind = x as i64,
+            #[allow(
+                clippy::cast_possible_wrap,
+                reason = "a varint is a two's-complement integer"
+            )]
+            (2, PbValue::Varint(x)) => int = x as i64,
+            (3, PbValue::Bytes(x)) => name = text(x, at)?,
+            _ => return Err(format!("{at}: malformed")),
+        }
+    }
+    Ok(if kind == 1 { json!(name) } else { json!(int) })
+}
+
 /// Decodes a message by its field table; the error names what could not be read.
 fn decode(b: &[u8], table: &[Field], at: &str) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
@@ -192,7 +354,24 @@ fn decode(b: &[u8], table: &[Field], at: &str) -> Result<Map<String, Value>, Str
         };
         let value = match (*shape, v) {
             (Shape::Ignored, _) => continue,
+            (Shape::Str, PbValue::Bytes([])) => continue,
             (Shape::Str, PbValue::Bytes(x)) => json!(text(x, &path)?),
+            (Shape::Flag, PbValue::Varint(0)) | (Shape::Count, PbValue::Varint(0)) => continue,
+            (Shape::Flag, PbValue::Varint(_)) => json!(true),
+            // int32 and int64 travel as two's-complement varints.
+            #[allow(
+                clippy::cast_possible_wrap,
+                reason = "a varint is a two's-complement integer"
+            )]
+            (Shape::Int | Shape::Count, PbValue::Varint(x)) => json!(x as i64),
+            (Shape::IntOrString, PbValue::Bytes(x)) => int_or_string(x, &path)?,
+            (Shape::List(inner), PbValue::Bytes(x)) => {
+                let item = Value::Object(decode(x, inner, &path)?);
+                if let Some(a) = out.entry(*name).or_insert_with(|| json!([])).as_array_mut() {
+                    a.push(item);
+                }
+                continue;
+            }
             (Shape::Bool, PbValue::Varint(x)) => json!(x != 0),
             (Shape::MapStr | Shape::MapBytes, PbValue::Bytes(x)) => {
                 let (k, val) = entry(x, &path, matches!(shape, Shape::MapBytes))?;
@@ -224,8 +403,9 @@ fn decode(b: &[u8], table: &[Field], at: &str) -> Result<Map<String, Value>, Str
 pub fn to_json(body: &[u8]) -> Result<Value, ApiError> {
     let refuse = |why: String| {
         ApiError::UnsupportedMediaType(format!(
-            "application/json, application/yaml (Kubernetes protobuf only for v1 Namespace, \
-             ConfigMap, Secret and ServiceAccount: {why})"
+            "application/json, application/yaml (Kubernetes protobuf only for what kubectl's \
+             create generators send: v1 Namespace, ConfigMap, Secret, ServiceAccount, Service \
+             and apps/v1 Deployment: {why})"
         ))
     };
     let unknown = body
@@ -296,8 +476,8 @@ mod tests {
             err.to_string().contains("metadata: field 13 is not read"),
             "{err}"
         );
-        let err = to_json(&envelope("apps/v1", "Deployment", &[])).expect_err("refused");
-        assert!(err.to_string().contains("apps/v1 Deployment"), "{err}");
+        let err = to_json(&envelope("batch/v1", "Job", &[])).expect_err("refused");
+        assert!(err.to_string().contains("batch/v1 Job"), "{err}");
     }
 
     proptest::proptest! {
