@@ -321,6 +321,27 @@ fn suite(bin: &Path) {
         "jsonpath={.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.type}",
     ]);
     assert_eq!(svc.ok(), "80 http ClusterIP");
+    k.run(&[
+        "create",
+        "rolebinding",
+        "gen-rb",
+        "-n",
+        "team-a",
+        "--clusterrole=view",
+        "--user=bob",
+        "--serviceaccount=team-a:gen-sa",
+    ])
+    .ok();
+    let rb = k.run(&[
+        "get",
+        "rolebinding",
+        "gen-rb",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.roleRef.kind}/{.roleRef.name} {.subjects[*].kind} {.subjects[*].name}",
+    ]);
+    assert_eq!(rb.ok(), "ClusterRole/view User ServiceAccount bob gen-sa");
     let cm = k.run(&[
         "get",
         "configmap",

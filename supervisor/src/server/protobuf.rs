@@ -1,7 +1,7 @@
 //! Kubernetes protobuf (`application/vnd.kubernetes.protobuf`), the little of it the API reads:
 //! the envelope (`k8s\0` + runtime.Unknown{typeMeta, raw}) and the bodies current kubectl's
 //! `create` generators send as protobuf — v1 Namespace, ConfigMap, Secret, ServiceAccount,
-//! Service and apps/v1 Deployment, with the fields those generators fill — turned into their
+//! Service, apps/v1 Deployment and RoleBinding, with the fields those generators fill — turned into their
 //! JSON form by field tables after k8s.io/api's `generated.proto`. Any other kind, or a field the tables do
 //! not know (owner references, managed fields, ...), is refused with 415 and the media types
 //! the API reads, never dropped silently.
@@ -291,6 +291,32 @@ const KINDS: &[(&str, &str, &[Field])] = &[
         ],
     ),
     (
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        &[
+            Field(1, "metadata", Shape::Message(OBJECT_META)),
+            Field(
+                2,
+                "subjects",
+                Shape::List(&[
+                    Field(1, "kind", Shape::Str),
+                    Field(2, "apiGroup", Shape::Str),
+                    Field(3, "name", Shape::Str),
+                    Field(4, "namespace", Shape::Str),
+                ]),
+            ),
+            Field(
+                3,
+                "roleRef",
+                Shape::Message(&[
+                    Field(1, "apiGroup", Shape::Str),
+                    Field(2, "kind", Shape::Str),
+                    Field(3, "name", Shape::Str),
+                ]),
+            ),
+        ],
+    ),
+    (
         "v1",
         "ServiceAccount",
         &[
@@ -404,8 +430,8 @@ pub fn to_json(body: &[u8]) -> Result<Value, ApiError> {
     let refuse = |why: String| {
         ApiError::UnsupportedMediaType(format!(
             "application/json, application/yaml (Kubernetes protobuf only for what kubectl's \
-             create generators send: v1 Namespace, ConfigMap, Secret, ServiceAccount, Service \
-             and apps/v1 Deployment: {why})"
+             create generators send: v1 Namespace, ConfigMap, Secret, ServiceAccount, Service, \
+             apps/v1 Deployment and rbac.authorization.k8s.io/v1 RoleBinding: {why})"
         ))
     };
     let unknown = body
