@@ -3,11 +3,50 @@
  * TC program for a host's devices that bring pod traffic in from other hosts (attached with
  * TCX at ingress): the underlay device (native routing) and the external VXLAN device (which
  * hands the program the decapsulated frame). A request to a NodePort of this host is translated
- * to a backend (ebpf/include/nat.h), and a reply of a translated flow back; a packet for a local
- * pod goes straight into its namespace, if its ingress policy allows; everything else goes to
- * the host stack.
+ * to a backend (ebpf/include/nat.h), and a reply of a translated flow back; a load balancer's
+ * IP-in-IP request (direct server return) is taken out and translated the same way; a packet
+ * for a local pod goes straight into its namespace, if its ingress policy allows; everything
+ * else goes to the host stack.
  */
 #include "nat.h"
+
+#ifndef IPPROTO_IPIP
+#define IPPROTO_IPIP 4
+#endif
+/* BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (kernel 6.3; older uapi headers lack it): the packet is IPv4
+ * after the outer header goes. */
+#define ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+
+/* A client's request that a load balancer sent here with direct server return: the packet as
+ * the client sent it (to the VIP), inside an IPv4 header of the load balancer's (IP-in-IP).
+ * Taken out, it is translated like a NodePort request; its backend's reply goes to the client
+ * from this host (nat_reply()), never back through the load balancer. Only a request to a
+ * service of this node is let in: the inner packet could carry any source. Returns -1 when the
+ * packet is no IP-in-IP. */
+static __always_inline int dsr_request(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *outer = data + ETH_HLEN_;
+
+	if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    outer->protocol != IPPROTO_IPIP)
+		return -1;
+	/* The segment size stays the inner packet's (FIXED_GSO): it is what the client sent. */
+	if (outer->ihl != 5 || (outer->frag_off & bpf_htons(0x3fff)) ||
+	    bpf_skb_adjust_room(skb, -(__s32)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | ADJ_ROOM_DECAP_L3_IPV4)) {
+		count(skb->ifindex, 0, SLIPWAY_REASON_DROP_DSR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(skb->ifindex, 0, SLIPWAY_REASON_DSR_DECAP, skb->len);
+	int done = service_request(skb, 0);
+	if (done >= 0)
+		return done;
+	count(skb->ifindex, 0, SLIPWAY_REASON_DROP_DSR, skb->len);
+	return TC_ACT_SHOT;
+}
 
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
@@ -18,6 +57,9 @@ int from_netdev(struct __sk_buff *skb)
 	if (done >= 0)
 		return done;
 	done = service_request(skb, 0);
+	if (done >= 0)
+		return done;
+	done = dsr_request(skb);
 	if (done >= 0)
 		return done;
 

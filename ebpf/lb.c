@@ -84,6 +84,92 @@ static __always_inline int lb_tc_rewrite(struct __sk_buff *skb, struct lb_nat *n
 	return err;
 }
 
+/* Lowers the MSS option of the TCP SYN at `l4_off` to `max`: the peer then never sends a
+ * segment that the encapsulation header would push over the path's MTU. */
+static __always_inline int lb_tc_clamp_mss(struct __sk_buff *skb, __u32 l4_off, __u16 max)
+{
+	__u8 doff;
+
+	if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1))
+		return -1;
+	__u32 end = l4_off + (doff >> 4) * 4;
+	__u32 off = l4_off + sizeof(struct tcphdr);
+	/* At most 40 bytes of options, each at least one byte long. */
+	for (int i = 0; i < 40 && off + 2 <= end; i++) {
+		__u8 opt[2];
+		if (bpf_skb_load_bytes(skb, off, opt, sizeof(opt)))
+			return -1;
+		if (opt[0] == 0 /* end of options */)
+			return 0;
+		if (opt[0] == 1 /* no-operation */) {
+			off++;
+			continue;
+		}
+		if (opt[1] < 2)
+			return 0;
+		if (opt[0] == 2 /* MSS */ && opt[1] == 4 && off + 4 <= end) {
+			__be16 mss, lower = bpf_htons(max);
+			if (bpf_skb_load_bytes(skb, off + 2, &mss, sizeof(mss)))
+				return -1;
+			if (bpf_ntohs(mss) <= max)
+				return 0;
+			if (bpf_l4_csum_replace(skb, l4_off + offsetof(struct tcphdr, check), mss,
+						lower, sizeof(lower)))
+				return -1;
+			return bpf_skb_store_bytes(skb, off + 2, &lower, sizeof(lower), 0);
+		}
+		off += opt[1];
+	}
+	return 0;
+}
+
+/* Direct server return: the client's packet, as it came, inside an IPv4 header from the LB's
+ * address to the backend (IP-in-IP, which the backend's datapath takes off). */
+static __always_inline int lb_tc_encap(struct __sk_buff *skb, const struct lb_nat *nat,
+				       const struct lb_config *cfg)
+{
+	struct iphdr inner;
+	__u32 mtu = 0;
+
+	if (nat->v6 || lb_addr_is_zero(&cfg->snat_ip4))
+		return -1;
+	if (bpf_skb_load_bytes(skb, IP_OFF, &inner, sizeof(inner)))
+		return -1;
+	__u32 tot_len = bpf_ntohs(inner.tot_len) + sizeof(struct iphdr);
+	if (tot_len > 0xffff)
+		return -1;
+	/* The device's MTU (bpf_check_mtu() reports it whatever its verdict). */
+	if (nat->syn && bpf_check_mtu(skb, cfg->ifindex, &mtu, 0, 0) >= 0 &&
+	    mtu >= 576 /* IPv4's least (RFC 791) */ &&
+	    lb_tc_clamp_mss(skb, nat->l4_off,
+			    mtu - 2 * sizeof(struct iphdr) - sizeof(struct tcphdr)))
+		return -1;
+	/* Room for the outer header after the Ethernet header; for a GSO packet the kernel
+	 * lowers the segment size to match and marks it IP-in-IP. */
+	if (bpf_skb_adjust_room(skb, sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
+		return -1;
+	struct iphdr outer = {
+		.version = 4,
+		.ihl = 5,
+		.tos = inner.tos,
+		.tot_len = bpf_htons(tot_len),
+		.frag_off = inner.frag_off & bpf_htons(0x4000 /* DF */),
+		.ttl = 64,
+		.protocol = IPPROTO_IPIP,
+		.saddr = cfg->snat_ip4.w[3],
+		.daddr = nat->new_dst.w[3],
+	};
+	__s64 sum = bpf_csum_diff(NULL, 0, (__be32 *)&outer, sizeof(outer), 0);
+	if (sum < 0)
+		return -1;
+	__u32 c = (__u32)sum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	outer.check = (__u16)~c;
+	return bpf_skb_store_bytes(skb, IP_OFF, &outer, sizeof(outer), 0);
+}
+
 SEC("classifier")
 int lb_ingress(struct __sk_buff *skb)
 {
@@ -116,6 +202,14 @@ int lb_ingress(struct __sk_buff *skb)
 		struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
 		if (!cfg || lb_tc_rewrite(skb, &out.nat) != 0)
 			return TC_ACT_SHOT;
+		return bpf_redirect_neigh(cfg->ifindex ? cfg->ifindex : skb->ifindex, NULL, 0, 0);
+	}
+	case LB_ACT_ENCAP: {
+		struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+		if (!cfg || lb_tc_encap(skb, &out.nat, cfg) != 0) {
+			lb_count(LB_REASON_DROP_NO_ROUTE, skb->len);
+			return TC_ACT_SHOT;
+		}
 		return bpf_redirect_neigh(cfg->ifindex ? cfg->ifindex : skb->ifindex, NULL, 0, 0);
 	}
 	default:

@@ -118,6 +118,10 @@ int lb_xdp(struct xdp_md *ctx)
 	}
 	case LB_ACT_NAT:
 		break;
+	case LB_ACT_ENCAP:
+		/* The TC program beside this one encapsulates (it needs the skb helpers that grow
+		 * the headroom and keep GSO right). */
+		return XDP_PASS;
 	default:
 		return XDP_PASS;
 	}

@@ -56,7 +56,7 @@ pub(crate) async fn apply_services(agent: &Agent, services: Vec<LocalService>) -
     if let Err(e) = write_atomically(&desired_path(&agent.args.data_dir, "services"), &body) {
         return failed(e.to_string());
     }
-    let wanted = service_entries(&services, agent.node_ip);
+    let wanted = service_entries(&services, agent.node_ip, agent.host_block);
     let datapath = &mut current.1;
     for (key, backends) in &wanted {
         if let Err(e) = datapath.upsert_service(*key, backends) {
@@ -73,6 +73,7 @@ pub(crate) async fn apply_services(agent: &Agent, services: Vec<LocalService>) -
         }
         Err(e) => return failed(e.to_string()),
     }
+    agent.health_ports.update(&services, agent.host_block);
     current.0 = services;
     (
         StatusCode::OK,

@@ -21,6 +21,7 @@ pub mod csi_node;
 pub mod dns;
 pub mod edge;
 pub mod feed;
+pub mod health_ports;
 pub mod heartbeat;
 pub mod hosts;
 pub mod join;

@@ -38,6 +38,8 @@ pub(crate) struct Agent {
     pub(crate) host_block: Ipv4Network,
     pub(crate) hosts: Mutex<Vec<Host>>,
     pub(crate) services: Mutex<(Vec<LocalService>, ServiceDatapath)>,
+    /// The health-check node ports of the services with externalTrafficPolicy Local.
+    pub(crate) health_ports: crate::health_ports::HealthPorts,
     pub(crate) policy: Arc<PolicyNode>,
     /// Set while the lists come from a cluster API (`--cluster-kubeconfig`): the local API's
     /// PUTs are refused.
@@ -316,6 +318,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         node_ip,
         host_block,
         hosts: Mutex::new(restored),
+        health_ports: Default::default(),
         services: Mutex::new((services, service_dp)),
         policy: policy.clone(),
         feed: cluster
@@ -324,6 +327,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     // The routes follow the restored list, whatever moment the previous agent stopped at.
     sync_routes(&agent, &agent.hosts.lock().await)?;
+    agent
+        .health_ports
+        .update(&agent.services.lock().await.0, host_block);
 
     if let Some(parent) = args.socket.parent() {
         fs::create_dir_all(parent)?;

@@ -317,3 +317,26 @@ mod tests {
         assert_eq!(policy_types(&good), (true, false));
     }
 }
+
+/// A Service's `externalTrafficPolicy` (and the agent's and the LB's own service records').
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TrafficPolicy {
+    /// Traffic from outside may go to any endpoint, on any node (the node translates the
+    /// client's address to reach a remote one).
+    #[default]
+    Cluster,
+    /// Traffic from outside goes only to endpoints on the node it reached, which see the
+    /// client's address.
+    Local,
+}
+
+impl TrafficPolicy {
+    /// The policy `spec.externalTrafficPolicy` names (Cluster unless it says Local).
+    pub fn of(field: Option<&str>) -> Self {
+        if field == Some("Local") {
+            Self::Local
+        } else {
+            Self::Cluster
+        }
+    }
+}

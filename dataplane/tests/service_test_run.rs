@@ -28,6 +28,7 @@ use slipway_dataplane::policy::{PolicyMaps, PolicyTables, RuleEntry};
 use slipway_dataplane::services::{Backend, ServiceDatapath, ServiceKey};
 use slipway_dataplane::world::World;
 use slipway_dataplane::{DataplaneError, netns};
+use smoltcp::wire::IpProtocol;
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
@@ -472,4 +473,75 @@ fn replies_to_a_pods_flow_to_a_node_address_go_back_through_the_host_stack() {
     assert_eq!(node.fill("stack_flows").entries, 2);
     assert_eq!(run(udp_frame(POD_B, POD_A, (53, 5000), b"a")), TC_ACT_OK);
     assert_eq!(node.counted(0, Reason::PassStackFlow), 2);
+}
+
+/// `frame` (Ethernet + IPv4) inside an outer IPv4 header from `lb` to `node` (IP-in-IP), as a
+/// load balancer sends a request with direct server return.
+fn ip_in_ip(lb: Ipv4Addr, node: Ipv4Addr, frame: &[u8]) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut out = common::ipv4_frame(lb, node, IpProtocol::Unknown(4), inner.len(), |l4, _| {
+        l4.copy_from_slice(inner)
+    });
+    out[..14].copy_from_slice(&frame[..14]);
+    out
+}
+
+/// Direct server return at a node's device: a load balancer's IP-in-IP packet with a client's
+/// SYN to a VIP the node serves is taken out and translated to the local backend, the client's
+/// address kept; the flow's next packets go to the same backend; the backend's reply leaves as
+/// from the VIP, straight to the client; IP-in-IP around anything but a request to a service of
+/// this node is dropped (its inner source could be anyone's).
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn a_load_balancers_ip_in_ip_request_is_taken_out_and_answered_from_the_vip() {
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 124, 100, 1);
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 123, 1, 50);
+    const EDGE: Ipv4Addr = Ipv4Addr::new(10, 123, 1, 10);
+    const NODE: Ipv4Addr = Ipv4Addr::new(10, 123, 2, 20);
+    let mut node = node("dsr-test-run", &SMALL);
+    node.maps
+        .set_config(NodeConfig {
+            router_ip4: u32::from_ne_bytes(Ipv4Addr::new(10, 244, 1, 1).octets()),
+            underlay_ifindex: TEST_RUN_IFINDEX,
+            ..NodeConfig::default()
+        })
+        .expect("node config");
+    node.services
+        .upsert_service(ServiceKey::tcp(VIP, 80), &[Backend::new(POD_B, 8080)])
+        .expect("the VIP's entry");
+    let host = SchedClassifier::from_pin(node.pins.program("from_netdev")).expect("from_netdev");
+
+    let syn = tcp_frame(CLIENT, VIP, (40000, 80), false);
+    for _ in 0..3 {
+        let (verdict, out) = test_run(&host, &ip_in_ip(EDGE, NODE, &syn), 1);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            checked_tuple(&out),
+            ((CLIENT, 40000), (POD_B, 8080)),
+            "decapsulated, to the backend, the client's address kept"
+        );
+    }
+    assert_eq!(node.counted(0, Reason::DsrDecap), 3);
+    assert_eq!(node.counted(B.ifindex, Reason::RedirectPeer), 3);
+
+    // The backend's reply, as it leaves its veth: from the VIP to the client.
+    let pod = SchedClassifier::from_pin(node.pins.program("from_pod")).expect("from_pod");
+    let reply = tcp_frame(POD_B, CLIENT, (8080, 40000), true);
+    let (verdict, out) = test_run(&pod, &reply, 1);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(checked_tuple(&out), ((VIP, 80), (CLIENT, 40000)));
+    assert_eq!(node.counted(TEST_RUN_IFINDEX, Reason::NodeportReply), 1);
+
+    // IP-in-IP to a pod, or to a port the VIP does not serve: dropped.
+    for inner in [
+        tcp_frame(CLIENT, POD_B, (40001, 8080), false),
+        tcp_frame(CLIENT, VIP, (40002, 81), false),
+    ] {
+        let (verdict, _) = test_run(&host, &ip_in_ip(EDGE, NODE, &inner), 1);
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(node.counted(0, Reason::DropDsr), 2);
 }

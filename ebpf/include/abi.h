@@ -70,6 +70,12 @@ enum slipway_reason {
 	/* A pod's reply to a local pod sent up the host stack instead of into the pod: the flow
 	 * went through the stack (a hostPort's DNAT), which must see the reply to reverse it. */
 	SLIPWAY_REASON_PASS_STACK_FLOW = 14,
+	/* A load balancer's IP-in-IP packet (direct server return), decapsulated: its request to
+	 * a VIP is translated like a NodePort request and the reply goes to the client directly. */
+	SLIPWAY_REASON_DSR_DECAP = 15,
+	/* An IP-in-IP packet whose inner packet is no request to a service of this node (or
+	 * could not be decapsulated): dropped. */
+	SLIPWAY_REASON_DROP_DSR = 16,
 };
 
 /* The tables whose fill the datapath reports: index of `map_full` and `map_fill`. Values are
@@ -139,6 +145,10 @@ struct counter_value {
 /* sessionAffinity: ClientIP: a client's new flows go to its last backend while it is active
  * and the timeout has not passed. */
 #define LB_SERVICE_F_AFFINITY 0x4
+/* Direct server return (IPv4): the client's packet goes to the backend untranslated inside an
+ * IPv4 header of the LB's (IP-in-IP); the backend, a node whose datapath serves the VIP,
+ * answers the client itself. */
+#define LB_SERVICE_F_DSR 0x8
 
 /* lb_flow.state */
 #define LB_FLOW_OPEN 0
@@ -312,8 +322,10 @@ enum lb_reason {
 	/* A TCP segment other than a SYN with no tracked flow: its entry was evicted from a full
 	 * flow table (or the flow began before the LB), so Maglev places it again. */
 	LB_REASON_FLOW_UNTRACKED = 13,
+	/* Client -> VIP of a direct-server-return service, encapsulated and sent to a backend. */
+	LB_REASON_ENCAP = 14,
 };
-#define LB_REASON_MAX 14
+#define LB_REASON_MAX 15
 
 /* ---- Node routing (the CNI datapath across hosts) ---------------------------------------- */
 

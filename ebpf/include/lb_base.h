@@ -30,6 +30,9 @@ enum lb_action {
 	LB_ACT_NDP = 4,
 	/* Internal to lb_decide(): the packet is TCP/UDP, parsed; go on to translate it. */
 	LB_ACT_CONTINUE = 5,
+	/* Direct server return: put the packet, untranslated, inside an IPv4 header from
+	 * lb_config.snat_ip4 to `nat.new_dst` (IP-in-IP) and send it out of lb_config.ifindex. */
+	LB_ACT_ENCAP = 6,
 };
 
 /* A translation for the entry point to apply; fields in network byte order. */
@@ -41,6 +44,8 @@ struct lb_nat {
 	__u8 proto;
 	/* 1: IPv6 (addresses are the full 16 bytes), 0: IPv4 (only w[3] is on the wire). */
 	__u8 v6;
+	/* A TCP SYN (its MSS option is lowered to fit an encapsulation header). */
+	__u8 syn;
 };
 
 /* A Neighbor Advertisement to send (RFC 4861 4.4), filled by lb_decide(). */

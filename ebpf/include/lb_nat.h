@@ -69,6 +69,19 @@ static __noinline __be16 lb_snat_port(struct lb_flow_key *rev_key, struct lb_rev
 }
 
 
+/* A client's packet to a backend: translated (LB_ACT_NAT), or with direct server return sent
+ * as it is inside an IPv4 header to the backend (LB_ACT_ENCAP), which answers the client. The
+ * flow table serves both: a flow keeps its backend either way. */
+static __always_inline enum lb_action lb_forward(__u32 service_flags, __u32 len)
+{
+	if (service_flags & LB_SERVICE_F_DSR) {
+		lb_count(LB_REASON_ENCAP, len);
+		return LB_ACT_ENCAP;
+	}
+	lb_count(LB_REASON_FORWARD, len);
+	return LB_ACT_NAT;
+}
+
 /* Decides the translation of a parsed TCP/UDP packet: a tracked backend reply, a tracked or
  * new client flow to a service (Maglev picks the backend of a new one), or not the LB's. A
  * function of its own (a BPF-to-BPF call), its larger keys in `lb_scratch`: with 16-byte
@@ -97,6 +110,7 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	nat->old_dst = key->dst;
 	nat->old_sport = key->sport;
 	nat->old_dport = key->dport;
+	nat->syn = key->proto == IPPROTO_TCP && syn_only;
 
 	/* The service first: a small map that stays in cache, and a packet to a service is a
 	 * client's (a reply goes to the LB's SNAT address or, with eTP Local, to the client,
@@ -159,8 +173,7 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 			nat->new_dport = backend->port;
 			lb_stat(&lb_backend_stats, bid, len, 0);
 			lb_stat(&lb_service_stats, service_id, len, 0);
-			lb_count(LB_REASON_FORWARD, len);
-			return LB_ACT_NAT;
+			return lb_forward(service_flags, len);
 		}
 	}
 
@@ -221,7 +234,11 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	new_rev->backend_id = bid;
 	new_rev->service_id = service_id;
 	lb_key_set(rev_key, &backend->ip, &key->src, backend->port, key->sport, key->proto);
-	if (service_flags & LB_SERVICE_F_LOCAL) {
+	if (service_flags & LB_SERVICE_F_DSR) {
+		/* The backend answers the client itself: no reply comes back here to translate. */
+		new_flow->nat_ip = key->src;
+		new_flow->nat_port = key->sport;
+	} else if (service_flags & LB_SERVICE_F_LOCAL) {
 		/* externalTrafficPolicy: Local keeps the client's address. */
 		new_flow->nat_ip = key->src;
 		new_flow->nat_port = key->sport;
@@ -255,8 +272,7 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	nat->new_dport = backend->port;
 	lb_stat(&lb_backend_stats, bid, len, 1);
 	lb_stat(&lb_service_stats, service_id, len, 1);
-	lb_count(LB_REASON_FORWARD, len);
-	return LB_ACT_NAT;
+	return lb_forward(service_flags, len);
 }
 
 #endif /* SLIPWAY_LB_NAT_H */

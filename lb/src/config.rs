@@ -351,16 +351,10 @@ impl Protocol {
     }
 }
 
-/// `externalTrafficPolicy`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TrafficPolicy {
-    /// Any backend; the backend sees the LB's address (SNAT).
-    #[default]
-    Cluster,
-    /// Node-local backends only; the backend sees the client's address (no SNAT). Replies
-    /// must route back through the LB host.
-    Local,
-}
+/// `externalTrafficPolicy`. To the LB, Cluster: any backend, which sees the LB's address
+/// (SNAT); Local: node-local backends only (`nodeLocal`), which see the client's address (no
+/// SNAT; their replies must route back through the LB host).
+pub use slipway_api::networking::TrafficPolicy;
 
 /// A Service of type LoadBalancer with its backends, as the local API takes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -396,6 +390,13 @@ pub struct ServiceSpec {
     /// `spec.sessionAffinityConfig`; only with `sessionAffinity: ClientIP`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// Direct server return (IPv4): each client packet goes to its backend untranslated,
+    /// inside an IPv4 header from the LB's address (IP-in-IP), and the backend answers the
+    /// client itself, so replies never cross the LB. The backends must take the header off and
+    /// serve the VIP: nodes running Slipway's agent do. The LB lowers the MSS of each SYN by
+    /// the header's 20 bytes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct_server_return: bool,
 }
 
 /// `spec.sessionAffinity`.
@@ -546,6 +547,7 @@ impl ServiceSpec {
             drain_timeout_secs: None,
             session_affinity: Default::default(),
             session_affinity_config: None,
+            direct_server_return: false,
         }
     }
 
@@ -693,6 +695,21 @@ impl ServiceSpec {
             }
             if backend.weight > 1000 {
                 p.add(format!("backends[{i}].weight"), "must be 0..=1000");
+            }
+        }
+        if self.direct_server_return {
+            if family != IpFamily::Ipv4 {
+                p.add(
+                    "directServerReturn",
+                    format!("IPv4 only (IP-in-IP); the service is {family}"),
+                );
+            }
+            if self.external_traffic_policy == TrafficPolicy::Local {
+                p.add(
+                    "directServerReturn",
+                    "not with externalTrafficPolicy Local: with direct server return the \
+                     backends keep the client's address themselves",
+                );
             }
         }
         match (self.session_affinity, &self.session_affinity_config) {

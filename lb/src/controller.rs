@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::IpNetwork;
 use slipway_dataplane::abi::lb::{
     BACKEND_F_ACTIVE, FLOW_OPEN, LbBackend, LbFlowKey, LbService, LbServiceKey, MAGLEV_SIZE,
-    SERVICE_F_AFFINITY, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    SERVICE_F_AFFINITY, SERVICE_F_DSR, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 use tracing::{info, warn};
 
@@ -708,6 +708,10 @@ impl Controller {
             SERVICE_F_SOURCE_RANGES
         } | if state.spec.affinity_timeout_secs().is_some() {
             SERVICE_F_AFFINITY
+        } else {
+            0
+        } | if state.spec.direct_server_return {
+            SERVICE_F_DSR
         } else {
             0
         };

@@ -148,6 +148,7 @@ pub fn spec_of(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceSpec> 
             _ => SessionAffinity::None,
         },
         session_affinity_config: None,
+        direct_server_return: false,
     })
 }
 

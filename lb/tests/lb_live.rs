@@ -47,6 +47,7 @@ fn spec<A: Into<IpAddr> + Copy>(
         drain_timeout_secs: None,
         session_affinity: Default::default(),
         session_affinity_config: None,
+        direct_server_return: false,
     }
 }
 

@@ -146,6 +146,7 @@ fn service<A: Into<IpAddr> + Copy>(
         drain_timeout_secs: None,
         session_affinity: Default::default(),
         session_affinity_config: None,
+        direct_server_return: false,
     }
 }
 
@@ -196,6 +197,17 @@ fn tcp_frame<A: Into<IpAddr>>(
     control: TcpControl,
     payload: &[u8],
 ) -> Vec<u8> {
+    tcp_frame_mss(src, dst, control, payload, None)
+}
+
+/// [`tcp_frame`] with an MSS option.
+fn tcp_frame_mss<A: Into<IpAddr>>(
+    src: (A, u16),
+    dst: (A, u16),
+    control: TcpControl,
+    payload: &[u8],
+    max_seg_size: Option<u16>,
+) -> Vec<u8> {
     let (src_ip, dst_ip) = (src.0.into(), dst.0.into());
     let tcp = TcpRepr {
         src_port: src.1,
@@ -205,7 +217,7 @@ fn tcp_frame<A: Into<IpAddr>>(
         ack_number: (control != TcpControl::Syn).then_some(TcpSeqNumber(5000)),
         window_len: 64000,
         window_scale: None,
-        max_seg_size: None,
+        max_seg_size,
         sack_permitted: false,
         sack_ranges: [None; 3],
         timestamp: None,
@@ -566,6 +578,86 @@ fn a_service_without_backends_drops() {
     );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(count(&lb, LbReason::DropNoBackend), 1);
+}
+
+/// The inner frame of an IP-in-IP frame (its Ethernet header, then the inner IPv4 packet) and
+/// the outer header's (source, destination); the outer checksum and length must be right.
+fn decapsulate(frame: &[u8]) -> (Vec<u8>, Ipv4Addr, Ipv4Addr) {
+    let eth = EthernetFrame::new_checked(frame).expect("ethernet");
+    assert_eq!(eth.ethertype(), EthernetProtocol::Ipv4);
+    let outer = Ipv4Packet::new_checked(eth.payload()).expect("outer ipv4");
+    assert!(outer.verify_checksum(), "outer IPv4 header checksum");
+    assert_eq!(u8::from(outer.next_header()), 4, "IP-in-IP");
+    assert_eq!(usize::from(outer.total_len()), eth.payload().len());
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(outer.payload());
+    (inner, outer.src_addr(), outer.dst_addr())
+}
+
+/// Direct server return: a client's SYN to a DSR service leaves inside an IPv4 header from the
+/// LB's address to the backend Maglev picked (IP-in-IP) with the client's tuple untouched and
+/// its MSS lowered to fit the header on the device; the flow's next segment goes to the same
+/// backend; a SYN already small enough keeps its MSS; nothing is translated.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn direct_server_return_encapsulates_to_the_backend_and_lowers_the_mss() {
+    let mut lb = lb();
+    let mut spec = service("dsr", Protocol::Tcp, 80, 30080, &BACKENDS);
+    spec.direct_server_return = true;
+    lb.controller.apply(spec).expect("apply");
+    // The test run's device is the loopback (the config's ifindex 1).
+    let mtu: u32 = std::fs::read_to_string("/sys/class/net/lo/mtu")
+        .expect("lo mtu")
+        .trim()
+        .parse()
+        .expect("a number");
+    // Less the outer and inner IPv4 headers and the TCP header.
+    let clamped = u16::try_from(mtu - 60).expect("an MSS");
+
+    let syn = tcp_frame_mss(
+        (CLIENT, 40000),
+        (VIP, 80),
+        TcpControl::Syn,
+        b"",
+        Some(65535),
+    );
+    let (verdict, out) = run(&lb, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (inner, from, to) = decapsulate(&out);
+    assert_eq!(from, LB_IP, "from the LB's address");
+    assert!(BACKENDS.contains(&to), "to a backend: {to}");
+    assert_eq!(tuple(&inner), (CLIENT, 40000, VIP, 80), "untranslated");
+    let ip = Ipv4Packet::new_checked(&inner[14..]).expect("inner");
+    let tcp = TcpPacket::new_checked(ip.payload()).expect("tcp");
+    let repr = TcpRepr::parse(
+        &tcp,
+        &IpAddress::from(CLIENT),
+        &IpAddress::from(VIP),
+        &ChecksumCapabilities::default(),
+    )
+    .expect("tcp repr");
+    assert_eq!(
+        repr.max_seg_size,
+        Some(clamped),
+        "MSS lowered by the header"
+    );
+
+    let ack = tcp_frame((CLIENT, 40000), (VIP, 80), TcpControl::None, b"GET /");
+    let (verdict, out) = run(&lb, &ack);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (inner, _, again) = decapsulate(&out);
+    assert_eq!(again, to, "the flow keeps its backend");
+    assert_eq!(inner, ack, "the inner packet is the client's");
+
+    let small = tcp_frame_mss((CLIENT, 40001), (VIP, 80), TcpControl::Syn, b"", Some(1400));
+    let (_, out) = run(&lb, &small);
+    let (inner, _, _) = decapsulate(&out);
+    assert_eq!(inner, small, "an MSS that fits is left alone");
+    assert_eq!(count(&lb, LbReason::Encap), 3);
+    assert_eq!(count(&lb, LbReason::Forward), 0);
 }
 
 /// Removes a bpffs directory on drop.

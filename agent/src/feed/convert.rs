@@ -18,6 +18,7 @@ use slipway_cni::policy::types::{NetworkPolicy, ObjectMeta, PolicyExt};
 use crate::args::NODE_PORTS;
 use crate::hosts::Host;
 use crate::services::{LocalService, LocalServicePort};
+use slipway_api::networking::TrafficPolicy;
 
 /// The label that ties an EndpointSlice to its Service (discovery.k8s.io/v1).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -250,11 +251,35 @@ pub fn services(
                 }
             }
         }
+        let external = matches!(kind, "NodePort" | "LoadBalancer");
+        let external_traffic_policy = if external {
+            TrafficPolicy::of(spec.external_traffic_policy.as_deref())
+        } else {
+            TrafficPolicy::Cluster
+        };
+        let load_balancer_ips = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok())
+            .filter(|_| kind == "LoadBalancer")
+            .collect();
+        let health_check_node_port = spec
+            .health_check_node_port
+            .filter(|_| external_traffic_policy == TrafficPolicy::Local)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| NODE_PORTS.contains(p));
         out.items.push(LocalService {
             name: key,
             cluster_ip,
             ports,
             endpoints: endpoints.into_iter().collect(),
+            load_balancer_ips,
+            external_traffic_policy,
+            health_check_node_port,
         });
     }
     out.items.sort_by(|a, b| a.name.cmp(&b.name));
@@ -500,6 +525,43 @@ mod tests {
                 node_port: Some(30080),
             }]
         );
+    }
+
+    /// A LoadBalancer Service with externalTrafficPolicy Local: its VIP and health-check node
+    /// port are taken; from outside (node port, VIP) only this node's endpoints serve, from a
+    /// pod (ClusterIP) every endpoint.
+    #[test]
+    fn a_local_load_balancer_serves_its_vip_from_this_nodes_endpoints() {
+        let svc = from::<core::Service>(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 31000,
+                     "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "10.124.100.1"}, {"ip": "fd00::1"}]}},
+        }));
+        let slice = from::<EndpointSlice>(json!({
+            "metadata": {"name": "web-abc", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.5"]}, {"addresses": ["10.244.2.7"]}],
+        }));
+        let out = services(&[svc], &[slice], cidr());
+        let web = &out.items[0];
+        assert_eq!(web.load_balancer_ips, [Ipv4Addr::new(10, 124, 100, 1)]);
+        assert_eq!(web.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(web.health_check_node_port, Some(31000));
+        crate::services::validate_services(&out.items, cidr()).expect("valid");
+        let node = Ipv4Addr::new(10, 99, 0, 1);
+        let block: Ipv4Network = "10.244.1.0/24".parse().expect("block");
+        let entries = crate::services::service_entries(&out.items, node, block);
+        let backends = |ip: [u8; 4], port| {
+            let key = slipway_dataplane::services::ServiceKey::tcp(Ipv4Addr::from(ip), port);
+            entries[&key].iter().map(|b| b.ip).collect::<Vec<_>>()
+        };
+        let local = [Ipv4Addr::new(10, 244, 1, 5)];
+        assert_eq!(backends([10, 124, 100, 1], 80), local);
+        assert_eq!(backends([10, 99, 0, 1], 30080), local);
+        assert_eq!(backends([10, 96, 0, 10], 80).len(), 2);
     }
 
     #[test]

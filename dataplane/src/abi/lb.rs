@@ -25,6 +25,8 @@ pub const SERVICE_F_LOCAL: u32 = 0x1;
 pub const SERVICE_F_SOURCE_RANGES: u32 = 0x2;
 /// `LB_SERVICE_F_AFFINITY`: sessionAffinity ClientIP.
 pub const SERVICE_F_AFFINITY: u32 = 0x4;
+/// `LB_SERVICE_F_DSR`: direct server return, IP-in-IP to the backend (IPv4).
+pub const SERVICE_F_DSR: u32 = 0x8;
 /// `LB_BACKEND_F_ACTIVE`: the backend is in its service's ring.
 pub const BACKEND_F_ACTIVE: u16 = 0x1;
 
@@ -292,10 +294,11 @@ pub enum LbReason {
     NdpReply = 11,
     FlowTableFull = 12,
     FlowUntracked = 13,
+    Encap = 14,
 }
 
 impl LbReason {
-    pub const ALL: [LbReason; 13] = [
+    pub const ALL: [LbReason; 14] = [
         LbReason::Forward,
         LbReason::Reply,
         LbReason::Pass,
@@ -309,10 +312,11 @@ impl LbReason {
         LbReason::NdpReply,
         LbReason::FlowTableFull,
         LbReason::FlowUntracked,
+        LbReason::Encap,
     ];
 
     /// Entries of `lb_counters` (`LB_REASON_MAX`).
-    pub const MAX: u32 = 14;
+    pub const MAX: u32 = 15;
 
     pub fn from_raw(raw: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|r| *r as u32 == raw)
@@ -334,6 +338,7 @@ impl LbReason {
             LbReason::NdpReply => "ndp_reply",
             LbReason::FlowTableFull => "flow_table_full",
             LbReason::FlowUntracked => "flow_untracked",
+            LbReason::Encap => "encap",
         }
     }
 }

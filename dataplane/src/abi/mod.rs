@@ -68,10 +68,12 @@ pub enum Reason {
     ServiceRequest = 12,
     ServiceReply = 13,
     PassStackFlow = 14,
+    DsrDecap = 15,
+    DropDsr = 16,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::RedirectPeer,
         Reason::PassNotIpv4,
         Reason::PassNoEndpoint,
@@ -86,6 +88,8 @@ impl Reason {
         Reason::ServiceRequest,
         Reason::ServiceReply,
         Reason::PassStackFlow,
+        Reason::DsrDecap,
+        Reason::DropDsr,
     ];
 
     pub fn from_raw(raw: u32) -> Option<Self> {
@@ -109,6 +113,8 @@ impl Reason {
             Reason::ServiceRequest => "service_request",
             Reason::ServiceReply => "service_reply",
             Reason::PassStackFlow => "pass_stack_flow",
+            Reason::DsrDecap => "dsr_decap",
+            Reason::DropDsr => "drop_dsr",
         }
     }
 
@@ -116,7 +122,11 @@ impl Reason {
     pub fn is_drop(self) -> bool {
         matches!(
             self,
-            Reason::DropMalformed | Reason::DropNoRoute | Reason::DropNodeport | Reason::DropPolicy
+            Reason::DropMalformed
+                | Reason::DropNoRoute
+                | Reason::DropNodeport
+                | Reason::DropPolicy
+                | Reason::DropDsr
         )
     }
 }
