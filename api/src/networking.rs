@@ -318,6 +318,13 @@ mod tests {
     }
 }
 
+/// The annotation of a LoadBalancer Service that says whether its load balancer sends with
+/// direct server return (`"true"`: the client's packets reach a node inside IP-in-IP and the
+/// node answers the client itself) or translates (`"false"`). A workload cluster's cloud
+/// provider writes `"true"` on its mirrors unless the workload Service says `"false"`: its
+/// nodes run Slipway's agent, which takes the header off.
+pub const DSR_ANNOTATION: &str = "slipway.dev/direct-server-return";
+
 /// A Service's `externalTrafficPolicy` (and the agent's and the LB's own service records').
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TrafficPolicy {

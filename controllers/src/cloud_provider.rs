@@ -7,7 +7,8 @@
 //! (`slipway.dev/cluster`) and annotated with the workload Service it stands for: selector-less,
 //! `allocateLoadBalancerNodePorts: false`, each port's `targetPort` the workload Service's node
 //! port, with its `loadBalancerIP`, `loadBalancerSourceRanges`, `externalTrafficPolicy`,
-//! `healthCheckNodePort` and `ipFamilies`. Its backends are an EndpointSlice of the same name:
+//! `healthCheckNodePort` and `ipFamilies`, and annotated `slipway.dev/direct-server-return:
+//! "true"` unless the Service says `"false"`. Its backends are an EndpointSlice of the same name:
 //! the cluster's Nodes' InternalIPs, ready as the Nodes are, with the node ports as its ports
 //! (a Service without a selector and a slice written by hand, as upstream does for backends
 //! outside the cluster). A refusal (condition `VIPAllocated=False`) becomes a Warning Event on
@@ -30,6 +31,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource as _, ResourceExt};
 use serde_json::json;
+use slipway_api::networking::DSR_ANNOTATION;
 use tracing::{info, warn};
 
 use crate::endpointslice::{MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
@@ -319,6 +321,9 @@ impl Provider {
         if let Some(share) = svc.annotations().get(SHARE_ANNOTATION) {
             annotations.insert(SHARE_ANNOTATION.to_owned(), share.clone());
         }
+        // Direct server return unless the Service says no: its nodes run Slipway's agent.
+        let dsr = svc.annotations().get(DSR_ANNOTATION).map(String::as_str) != Some("false");
+        annotations.insert(DSR_ANNOTATION.to_owned(), dsr.to_string());
         let what = format!("{}/{name}", self.link.namespace);
         match current {
             None => {
@@ -371,12 +376,17 @@ impl Provider {
                     && have.load_balancer_source_ranges == spec.load_balancer_source_ranges
                     && have.external_traffic_policy == spec.external_traffic_policy
                     && have.health_check_node_port == spec.health_check_node_port
-                    && m.annotations().get(SHARE_ANNOTATION) == annotations.get(SHARE_ANNOTATION);
+                    && [SHARE_ANNOTATION, DSR_ANNOTATION]
+                        .iter()
+                        .all(|a| m.annotations().get(*a) == annotations.get(*a));
                 if same {
                     return Ok(m.clone());
                 }
                 let patch = json!({
-                    "metadata": {"annotations": {SHARE_ANNOTATION: annotations.get(SHARE_ANNOTATION)}},
+                    "metadata": {"annotations": {
+                        SHARE_ANNOTATION: annotations.get(SHARE_ANNOTATION),
+                        DSR_ANNOTATION: annotations.get(DSR_ANNOTATION),
+                    }},
                     "spec": {
                         "ports": spec.ports,
                         "loadBalancerIP": spec.load_balancer_ip,

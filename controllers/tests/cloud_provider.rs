@@ -236,6 +236,12 @@ async fn load_balancer_services_are_mirrored_and_get_their_vip_back() -> Result<
         port.node_port.is_none(),
         "no supervisor node port: {port:?}"
     );
+    ensure!(
+        mirror.annotations().get(slipway_api::networking::DSR_ANNOTATION)
+            == Some(&"true".to_owned()),
+        "direct server return by default: {:?}",
+        mirror.annotations()
+    );
     let slices: Api<EndpointSlice> = Api::namespaced(sup.clone(), NS);
     let slice = slices.get(&name).await?;
     let mut addresses: Vec<String> = slice

@@ -534,6 +534,7 @@ impl Controller {
                 name: name.clone(),
                 vip: s.vip,
                 external_traffic_policy: s.spec.external_traffic_policy,
+                direct_server_return: s.spec.direct_server_return,
                 source_ranges: s.spec.load_balancer_source_ranges.clone(),
                 ports,
                 backends,

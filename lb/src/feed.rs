@@ -5,7 +5,11 @@
 //! (`targetPort` a number, or the port of that name in its EndpointSlices), its source ranges,
 //! and as backends the ready addresses of its EndpointSlices (`kubernetes.io/service-name`).
 //! A backend is health-checked by TCP connect to its first TCP target port, so a node that dies
-//! leaves the ring within seconds even before its Node turns NotReady.
+//! leaves the ring within seconds even before its Node turns NotReady; with
+//! `externalTrafficPolicy: Local` by an HTTP GET of its `healthCheckNodePort`, so only nodes
+//! with a ready endpoint are in the ring. With the annotation
+//! `slipway.dev/direct-server-return: "true"` (IPv4) the LB sends the client's packets to the
+//! nodes inside IP-in-IP and the nodes answer the clients themselves.
 //!
 //! [`desired`] is pure; [`run`] lists and watches the two kinds and sends the whole desired set
 //! after each change on a `watch` channel, which the daemon applies (`daemon::serve`): what the
@@ -22,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
+use slipway_api::networking::DSR_ANNOTATION;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -110,18 +115,32 @@ pub fn spec_of(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceSpec> 
             );
         }
     }
-    let health_check =
-        ports
+    let check = |port, http_path| HealthCheckSpec {
+        interval_ms: 1000,
+        timeout_ms: 500,
+        rise: 2,
+        fall: 2,
+        port: Some(port),
+        http_path,
+    };
+    // externalTrafficPolicy Local: a node serves only if it has a ready endpoint, which its
+    // health-check node port says (kube-proxy's answer: 200, or 503 with none).
+    let local_health = u16::try_from(spec.health_check_node_port.unwrap_or(0))
+        .ok()
+        .filter(|p| {
+            *p != 0
+                && TrafficPolicy::of(spec.external_traffic_policy.as_deref())
+                    == TrafficPolicy::Local
+        });
+    let health_check = match local_health {
+        Some(port) => Some(check(port, Some("/healthz".to_owned()))),
+        None => ports
             .iter()
             .find(|p| p.protocol == Protocol::Tcp)
-            .map(|p| HealthCheckSpec {
-                interval_ms: 1000,
-                timeout_ms: 500,
-                rise: 2,
-                fall: 2,
-                port: Some(p.target()),
-                http_path: None,
-            });
+            .map(|p| check(p.target(), None)),
+    };
+    let direct_server_return =
+        vip.is_ipv4() && svc.annotations().get(DSR_ANNOTATION).map(String::as_str) == Some("true");
     Some(ServiceSpec {
         namespace: svc.namespace().unwrap_or_default(),
         name: svc.name_any(),
@@ -129,9 +148,10 @@ pub fn spec_of(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceSpec> 
         ip_families: vec![IpFamily::of(vip)],
         load_balancer_ip: Some(vip),
         load_balancer_source_ranges: spec.load_balancer_source_ranges.clone().unwrap_or_default(),
-        // The backends are the nodes at their node ports: the node forwards to the pods, so
-        // the LB translates the source (Cluster); Local through the health-check node port is
-        // not served yet.
+        // The backends are nodes, which forward to the pods (with Local, only to their own):
+        // to the LB every node is a backend like any other. With direct server return the
+        // node answers the client itself, keeping its address; without, the LB translates
+        // the source.
         external_traffic_policy: TrafficPolicy::Cluster,
         backends: backends
             .into_iter()
@@ -148,7 +168,7 @@ pub fn spec_of(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceSpec> 
             _ => SessionAffinity::None,
         },
         session_affinity_config: None,
-        direct_server_return: false,
+        direct_server_return,
     })
 }
 
@@ -286,6 +306,28 @@ mod tests {
         );
         assert_eq!(spec.load_balancer_source_ranges, ["10.0.0.0/8"]);
         assert_eq!(spec.health_check.as_ref().and_then(|h| h.port), Some(30080));
+        assert!(!spec.direct_server_return, "translated unless annotated");
+        assert!(spec.validate().is_ok(), "{:?}", spec.validate());
+    }
+
+    /// externalTrafficPolicy Local with direct server return: the nodes are checked at the
+    /// health-check node port over HTTP, and the packets go to them encapsulated.
+    #[test]
+    fn a_local_mirror_is_checked_at_its_health_port_and_sent_directly() {
+        let services = [svc(json!({
+            "metadata": {"name": "c1-default-web", "namespace": "team-a",
+                         "annotations": {DSR_ANNOTATION: "true"}},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "healthCheckNodePort": 31500,
+                     "ports": [{"name": "http", "port": 80, "targetPort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "10.99.100.1"}]}},
+        }))];
+        let want = desired(&services, &[]);
+        let spec = &want["team-a/c1-default-web"];
+        let check = spec.health_check.as_ref().expect("a health check");
+        assert_eq!(check.port, Some(31500));
+        assert_eq!(check.http_path.as_deref(), Some("/healthz"));
+        assert!(spec.direct_server_return);
         assert!(spec.validate().is_ok(), "{:?}", spec.validate());
     }
 }

@@ -31,6 +31,9 @@ pub struct ServiceStatus {
     pub name: String,
     pub vip: IpAddr,
     pub external_traffic_policy: TrafficPolicy,
+    /// Sent to the backends inside IP-in-IP, answered by them directly.
+    #[serde(default)]
+    pub direct_server_return: bool,
     pub source_ranges: Vec<String>,
     pub ports: Vec<PortStatus>,
     pub backends: Vec<BackendStatus>,
@@ -115,11 +118,12 @@ impl Status {
                 .collect();
             let _ = writeln!(
                 out,
-                "{}  VIP {}  ports {}  eTP {:?}{}",
+                "{}  VIP {}  ports {}  eTP {:?}{}{}",
                 s.name,
                 s.vip,
                 ports.join(","),
                 s.external_traffic_policy,
+                if s.direct_server_return { "  DSR" } else { "" },
                 if s.source_ranges.is_empty() {
                     String::new()
                 } else {

@@ -138,6 +138,62 @@ fn service_addresses_are_allocated_unique_and_released() {
     assert_eq!(ips.len(), 6, "every ClusterIP is distinct: {ips:?}");
 }
 
+/// kube-apiserver's health-check node port: a LoadBalancer with externalTrafficPolicy Local
+/// gets one from the node-port range beside its node port; switched to Cluster it loses it and
+/// the port is free again; a LoadBalancer that allocates no node ports (the supervisor's mirrors)
+/// keeps the one it is given, outside the range, taking nothing; other types may not set it.
+#[test]
+fn health_check_node_ports_are_allocated_for_local_load_balancers() {
+    let dir = TempDir::new("health-ports");
+    let sup = Supervisor::start(
+        dir.path(),
+        "redb",
+        &["--service-node-port-range", "30000-30002"],
+    );
+    let apply = |yaml: &str| sup.kubectl_stdin(&["apply", "-f", "-"], Some(yaml));
+    let local = |name: &str| {
+        svc(name, "LoadBalancer", "").replace("spec:\n", "spec:\n  externalTrafficPolicy: Local\n")
+    };
+
+    apply(&local("lb")).ok();
+    let node_port = get(&sup, "lb", ".spec.ports[0].nodePort");
+    let health = get(&sup, "lb", ".spec.healthCheckNodePort");
+    assert!(health.starts_with("3000"), "{health}");
+    assert_ne!(node_port, health, "distinct ports");
+    // Two of three ports held: a second Local LoadBalancer does not fit.
+    let err = apply(&local("lb2")).err().to_string();
+    assert!(err.contains("range 30000-30002 is full"), "{err}");
+
+    // Cluster: the health-check port goes and is free for others.
+    sup.kubectl(&[
+        "patch",
+        "svc",
+        "lb",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
+    ])
+    .ok();
+    assert_eq!(get(&sup, "lb", ".spec.healthCheckNodePort"), "");
+    apply(&svc("np", "NodePort", "")).ok();
+    apply(&svc("np2", "NodePort", "")).ok();
+
+    // A mirror's port is kept as given, though outside the range and with the range full.
+    apply(&local("mirror").replace(
+        "spec:\n",
+        "spec:\n  allocateLoadBalancerNodePorts: false\n  healthCheckNodePort: 31500\n",
+    ))
+    .ok();
+    assert_eq!(get(&sup, "mirror", ".spec.healthCheckNodePort"), "31500");
+    assert_eq!(get(&sup, "mirror", ".spec.ports[0].nodePort"), "");
+
+    let err = apply(
+        &svc("cip", "ClusterIP", "").replace("spec:\n", "spec:\n  healthCheckNodePort: 30000\n"),
+    )
+    .err()
+    .to_string();
+    assert!(err.contains("spec.healthCheckNodePort"), "{err}");
+}
+
 const DEPLOYMENT: &str = r#"
 apiVersion: apps/v1
 kind: Deployment

@@ -9,7 +9,10 @@
 //! maps and releases the Lease. The second test runs the whole chain on a provisioned cluster:
 //! kubectl creates a LoadBalancer Service in the workload cluster, its cloud provider mirrors it,
 //! the supervisor gives it a VIP that `kubectl get svc` shows, the client's requests reach the
-//! pods through the edge hosts and the nodes' node ports, and deleting it leaves nothing.
+//! pods through the edge hosts with direct server return (IP-in-IP to the nodes, no reply
+//! through the edge host); with externalTrafficPolicy Local and one pod only the pod's node is
+//! used and the pod sees the client's address; connections half open through the VIP's owner
+//! finish through the other edge host when the owner dies; deleting it leaves nothing.
 
 mod common;
 
@@ -127,12 +130,46 @@ for s in socks:
 print(ok, flush=True)
 "#;
 
+/// Connections from the client host through the VIP that each sent the first line of a
+/// request, and its end on the signal: what the server answers then crossed the VIP after the
+/// failover (busybox httpd closes each connection after one answer).
+const HALF_REQUESTS_SCRIPT: &str = r#"
+import socket, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.create_connection((vip, 80), timeout=2)
+    s.sendall(b"GET /hostname HTTP/1.0\r\n")
+    socks.append(s)
+print("open", flush=True)
+sys.stdin.readline()
+ok = 0
+for s in socks:
+    try:
+        s.settimeout(3)
+        s.sendall(b"Host: vip\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        ok += b" 200 " in data
+    except OSError:
+        pass
+print(ok, flush=True)
+"#;
+
 impl Streams {
     fn open(world: &World) -> Self {
+        Self::open_with(world, STREAMS_SCRIPT)
+    }
+
+    fn open_with(world: &World, script: &str) -> Self {
         use std::io::BufRead as _;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns_of(world, "client"), "python3", "-c"])
-            .arg(STREAMS_SCRIPT)
+            .arg(script)
             .args([VIP, &STREAMS.to_string()])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -213,7 +250,7 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
 }
 
 /// Kills edge host `owner`'s load balancer, or with `whole_host` every process of the host
-/// (kill -9), and measures how long until a request
+/// (kill -9) and its link, and measures how long until a request
 /// through the VIP is answered again: (the gap, requests that failed meanwhile, the new
 /// holder of the VIP's Lease).
 async fn fail_over(
@@ -252,6 +289,11 @@ async fn fail_over(
     for pid in &pids {
         let _ = Command::new("kill").args(["-9", pid]).status();
     }
+    if whole_host {
+        // A machine that dies takes its network with it: its datapath (pinned, it outlives
+        // the processes) must not go on answering for the VIP.
+        run_in(world, owner, &["ip", "link", "set", "eth0", "down"]).expect("link down");
+    }
     let mut failed = 0;
     let gap = loop {
         if request(world, "0.1").is_some() {
@@ -272,8 +314,8 @@ async fn fail_over(
     (gap, failed, new_owner)
 }
 
-/// The services an edge host's LB daemon serves (its local API).
-fn served(world: &World, host: &str) -> Option<usize> {
+/// An edge host's LB daemon's status (its local API's `GET /v1/status`).
+fn edge_status(world: &World, host: &str) -> Option<Value> {
     let socket = world
         .dir
         .path()
@@ -283,8 +325,12 @@ fn served(world: &World, host: &str) -> Option<usize> {
         .arg(&socket)
         .output()
         .ok()?;
-    let status: Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(status["services"].as_array()?.len())
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The services an edge host's LB daemon serves.
+fn served(world: &World, host: &str) -> Option<usize> {
+    Some(edge_status(world, host)?["services"].as_array()?.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,7 +610,9 @@ spec:
   memory: 512Mi
 ";
 
-const WEB: &str = "apiVersion: apps/v1
+/// busybox httpd serving its pod's name at `/hostname` and the address a request came from
+/// at `/cgi-bin/addr`.
+const WEB: &str = r#"apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: web
@@ -581,13 +629,20 @@ spec:
       - name: httpd
         image: busybox
         imagePullPolicy: Never
-        command: [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/etc\"]
+        command:
+        - sh
+        - -c
+        - |
+          mkdir -p /w/cgi-bin && cp /etc/hostname /w/hostname
+          printf '#!/bin/sh\necho Content-Type: text/plain\necho\necho $REMOTE_ADDR\n' > /w/cgi-bin/addr
+          chmod +x /w/cgi-bin/addr
+          exec httpd -f -p 8080 -h /w
         readinessProbe:
           tcpSocket: {port: 8080}
           periodSeconds: 1
         resources:
           requests: {cpu: 100m, memory: 16Mi}
-";
+"#;
 
 const LB_SERVICE: &str = "apiVersion: v1
 kind: Service
@@ -648,8 +703,9 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
         create(&client, "Host", "hosts", name, spec).await;
     }
     let hosts: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("Host", "hosts"));
+    let mut client_ip = String::new();
     for name in ["edge-a", "edge-b", "client"] {
-        wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
+        client_ip = wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
             address(&hosts, name)
         })
         .await;
@@ -713,6 +769,101 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
         seen.len()
     );
 
+    // Direct server return (the cloud provider's default): the VIP's owner sent the requests
+    // to the nodes inside IP-in-IP and no reply came back through it.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "slipway-lb");
+    let owner = wait_for("the VIP's Lease", Duration::from_secs(10), || {
+        holder(&leases)
+    })
+    .await;
+    let status = edge_status(&world, &owner).expect("the owner's status");
+    assert_eq!(
+        status["services"][0]["directServerReturn"], true,
+        "{status}"
+    );
+    let verdicts = &status["verdicts"];
+    assert!(verdicts["encap"].as_u64() > Some(60), "{verdicts}");
+    assert_eq!(
+        verdicts.get("reply").and_then(Value::as_u64).unwrap_or(0),
+        0,
+        "{verdicts}"
+    );
+
+    // externalTrafficPolicy Local with one pod: the edge hosts check each node's health-check
+    // node port and send only to the node with the pod, which sees the client's address.
+    world.kubectl_with(
+        &path,
+        &[
+            "patch",
+            "svc",
+            "web",
+            "-p",
+            r#"{"spec":{"externalTrafficPolicy":"Local"}}"#,
+        ],
+    );
+    world.kubectl_with(&path, &["scale", "deployment", "web", "--replicas=1"]);
+    let pod = wait_for("1 web pod", Duration::from_secs(60), || async {
+        let names = ready_pods(&pods, 1).await?;
+        let all = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        (all.items.len() == 1).then(|| names.into_iter().next())?
+    })
+    .await;
+    for edge in ["edge-a", "edge-b"] {
+        wait_for(
+            &format!("{edge}: one node healthy (the pod's), the others not"),
+            Duration::from_secs(30),
+            || async {
+                let status = edge_status(&world, edge)?;
+                let states: Vec<&str> = status["services"][0]["backends"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|b| b["state"].as_str())
+                    .collect();
+                let count = |s: &str| states.iter().filter(|x| **x == s).count();
+                (count("active") == 1 && count("unhealthy") == states.len() - 1).then_some(())
+            },
+        )
+        .await;
+    }
+    for _ in 0..20 {
+        let answer = request_path(&world, "/hostname", "1").expect("a request through the VIP");
+        assert_eq!(answer, pod, "only the node with the pod serves");
+        let seen = request_path(&world, "/cgi-bin/addr", "1").expect("the address seen");
+        let seen = seen.trim_matches(['[', ']']).trim_start_matches("::ffff:");
+        assert_eq!(seen, client_ip, "the pod sees the client's address");
+    }
+
+    // The owner dies (every process of the host, kill -9) with requests half sent through it:
+    // the other edge host sends their ends to the same node (the same Maglev table), which
+    // finishes them.
+    let other = if owner == "edge-a" {
+        "edge-b"
+    } else {
+        "edge-a"
+    };
+    wait_for(
+        &format!("{other} serving"),
+        Duration::from_secs(30),
+        || async { (served(&world, other) == Some(1)).then_some(()) },
+    )
+    .await;
+    let mut streams = Streams::open_with(&world, HALF_REQUESTS_SCRIPT);
+    let (gap, failed, new_owner) = fail_over(&world, &leases, &owner, true).await;
+    let survived = streams.survivors();
+    eprintln!(
+        "direct server return, eTP Local: {owner} killed; {new_owner} answers after {gap:?} \
+         ({failed} requests failed meanwhile); {survived}/{STREAMS} connections opened through \
+         {owner} finished through {new_owner}"
+    );
+    assert_eq!(new_owner, other);
+    assert_eq!(
+        survived, STREAMS,
+        "established connections survive the failover"
+    );
+
     // Delete: the mirror, the VIP, the edge hosts' services and the Lease go.
     world.kubectl_with(&path, &["delete", "svc", "web"]);
     let mirrors: Api<Service> = Api::namespaced(client.clone(), "team-w");
@@ -724,7 +875,7 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
         left.items.is_empty().then_some(())
     })
     .await;
-    for edge in ["edge-a", "edge-b"] {
+    for edge in [new_owner.as_str()] {
         wait_for(
             &format!("{edge}'s maps emptied"),
             Duration::from_secs(20),
@@ -732,7 +883,6 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
         )
         .await;
     }
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "slipway-lb");
     wait_for("the Lease released", Duration::from_secs(10), || async {
         holder(&leases).await.is_none().then_some(())
     })

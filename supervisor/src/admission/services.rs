@@ -139,10 +139,28 @@ fn held_ports(svc: &Value) -> BTreeMap<(i64, String), i64> {
     out
 }
 
+/// Whether a Service gets a health-check node port: a LoadBalancer with externalTrafficPolicy
+/// Local, as kube-apiserver gives one, unless it allocates no node ports (a mirror of the
+/// supervisor's keeps the workload cluster's port as given: it names a port of that cluster's
+/// nodes, not one of this server's).
+fn allocates_health_port(svc: &Value) -> bool {
+    str_at(svc, "/spec/type") == Some("LoadBalancer")
+        && str_at(svc, "/spec/externalTrafficPolicy") == Some("Local")
+        && allocates_node_ports(svc)
+}
+
+/// The health-check node port a Service holds.
+fn held_health_port(svc: &Value) -> Option<i64> {
+    svc.pointer("/spec/healthCheckNodePort")
+        .and_then(Value::as_i64)
+        .filter(|_| allocates_health_port(svc))
+}
+
 /// The store keys of everything a Service holds.
 fn held_keys(svc: &Value) -> Vec<String> {
     let mut keys: Vec<String> = held_ip(svc).map(ip_key).into_iter().collect();
     keys.extend(held_ports(svc).values().map(|p| port_key(*p)));
+    keys.extend(held_health_port(svc).map(port_key));
     keys
 }
 
@@ -313,7 +331,6 @@ async fn node_ports(
         .map(held_ports)
         .unwrap_or_default();
     let wants = has_node_ports(new);
-    let (lo, hi) = net.node_ports;
     let snapshot = new.clone();
     let mut taken: BTreeSet<i64> = BTreeSet::new();
     let mut used: Option<BTreeSet<i64>> = None;
@@ -345,65 +362,145 @@ async fn node_ports(
         if asked.or(kept).is_none() && !allocates_node_ports(&snapshot) {
             continue;
         }
-        let np = match asked.or(kept) {
-            Some(np) if old_ports.values().any(|o| *o == np) => np,
+        let held = old_ports.values().any(|o| Some(*o) == asked.or(kept));
+        let mut alloc = PortAlloc {
+            store,
+            net,
+            svc: &snapshot,
+            steps,
+            errs,
+            used: &mut used,
+            taken: &mut taken,
+        };
+        let Some(np) = alloc.port(&field, asked.or(kept), held, i).await? else {
+            continue;
+        };
+        if let Some(m) = p.as_object_mut() {
+            m.insert("nodePort".into(), json!(np));
+        }
+    }
+    // The health-check node port, from the same range; a LoadBalancer that no longer asks for
+    // one (externalTrafficPolicy Cluster) loses it, as kube-apiserver clears it.
+    let old_health = old.and_then(held_health_port);
+    if !allocates_health_port(&snapshot)
+        && allocates_node_ports(&snapshot)
+        && let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.remove("healthCheckNodePort");
+    }
+    if allocates_health_port(&snapshot) {
+        let asked = snapshot
+            .pointer("/spec/healthCheckNodePort")
+            .and_then(Value::as_i64)
+            .or(old_health);
+        let mut alloc = PortAlloc {
+            store,
+            net,
+            svc: &snapshot,
+            steps,
+            errs,
+            used: &mut used,
+            taken: &mut taken,
+        };
+        let held = asked.is_some() && asked == old_health;
+        if let Some(np) = alloc
+            .port("spec.healthCheckNodePort", asked, held, usize::MAX)
+            .await?
+            && let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut)
+        {
+            spec.insert("healthCheckNodePort".into(), json!(np));
+        }
+    }
+    let mut old_held = old_ports;
+    if let Some(np) = old_health {
+        old_held.insert((0, "healthCheckNodePort".into()), np);
+    }
+    release_ports(store, &old_held, &taken, steps).await
+}
+
+/// One node port of a Service being given: kept, taken as asked, or allocated.
+struct PortAlloc<'a> {
+    store: &'a AnyStore,
+    net: ServiceNetwork,
+    svc: &'a Value,
+    steps: &'a mut Vec<Cas>,
+    errs: &'a mut Vec<FieldError>,
+    /// The ports every Service holds, listed once when the first one is allocated.
+    used: &'a mut Option<BTreeSet<i64>>,
+    /// The ports this Service holds after this write.
+    taken: &'a mut BTreeSet<i64>,
+}
+
+impl PortAlloc<'_> {
+    /// The port for `field`: `asked` (already `held` by the Service, or taken now), else one
+    /// allocated (its search starting from a hash of the Service and `salt`). `None` with an
+    /// error recorded when the asked port is out of range, taken, or listed twice.
+    async fn port(
+        &mut self,
+        field: &str,
+        asked: Option<i64>,
+        held: bool,
+        salt: usize,
+    ) -> Result<Option<i64>, ApiError> {
+        let (lo, hi) = self.net.node_ports;
+        let np = match asked {
+            Some(np) if held => np,
             Some(np) => {
                 if !(i64::from(lo)..=i64::from(hi)).contains(&np) {
-                    errs.push(FieldError::invalid(
+                    self.errs.push(FieldError::invalid(
                         field,
                         np,
                         format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"),
                     ));
-                    continue;
+                    return Ok(None);
                 }
-                match take(store, &port_key(np), &snapshot).await? {
-                    Some(step) => steps.extend(step),
+                match take(self.store, &port_key(np), self.svc).await? {
+                    Some(step) => self.steps.extend(step),
                     None => {
-                        errs.push(FieldError::invalid(
+                        self.errs.push(FieldError::invalid(
                             field,
                             np,
                             "provided port is already allocated",
                         ));
-                        continue;
+                        return Ok(None);
                     }
                 }
                 np
             }
             None => {
-                if used.is_none() {
-                    let (records, _) = store.list(PORT_PREFIX).await?;
-                    used = Some(
+                if self.used.is_none() {
+                    let (records, _) = self.store.list(PORT_PREFIX).await?;
+                    *self.used = Some(
                         records
                             .iter()
                             .filter_map(|kv| kv.key.strip_prefix(PORT_PREFIX)?.parse().ok())
                             .collect(),
                     );
                 }
-                let busy = used.as_ref().map_or(&taken, |u| u);
+                let busy = self.used.as_ref().map_or(&*self.taken, |u| u);
                 let span = i64::from(hi) - i64::from(lo) + 1;
                 let start = std::collections::hash_map::RandomState::new()
-                    .hash_one((owner(&snapshot).to_string(), i)) as i64;
+                    .hash_one((owner(self.svc).to_string(), salt))
+                    as i64;
                 let found = (0..span)
                     .map(|k| i64::from(lo) + (start.rem_euclid(span) + k) % span)
-                    .find(|c| !busy.contains(c) && !taken.contains(c));
+                    .find(|c| !busy.contains(c) && !self.taken.contains(c));
                 let Some(np) = found else {
                     return Err(ApiError::Internal(format!(
                         "failed to allocate a nodePort: range {lo}-{hi} is full"
                     )));
                 };
-                steps.push(Cas::create(&port_key(np), record(&snapshot)?));
+                self.steps
+                    .push(Cas::create(&port_key(np), record(self.svc)?));
                 np
             }
         };
-        if !taken.insert(np) {
-            errs.push(FieldError::duplicate(field, np));
-            continue;
+        if !self.taken.insert(np) {
+            self.errs.push(FieldError::duplicate(field, np));
+            return Ok(None);
         }
-        if let Some(m) = p.as_object_mut() {
-            m.insert("nodePort".into(), json!(np));
-        }
+        Ok(Some(np))
     }
-    release_ports(store, &old_ports, &taken, steps).await
 }
 
 /// Steps releasing the node ports of `old` no longer held.

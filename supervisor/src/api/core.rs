@@ -244,6 +244,15 @@ impl Validate for Service {
                 "may only be set for type NodePort or LoadBalancer",
             ));
         }
+        if let Some(port) = s.health_check_node_port {
+            if s.type_.as_deref() != Some("LoadBalancer") {
+                errs.push(FieldError::forbidden(
+                    "spec.healthCheckNodePort",
+                    "may only be set when `type` is 'LoadBalancer'",
+                ));
+            }
+            check_port("spec.healthCheckNodePort", i64::from(port), errs);
+        }
         if s.type_.as_deref() == Some("ExternalName") && s.external_name.is_none() {
             errs.push(FieldError::required("spec.externalName"));
         }
