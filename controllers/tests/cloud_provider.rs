@@ -237,7 +237,9 @@ async fn load_balancer_services_are_mirrored_and_get_their_vip_back() -> Result<
         "no supervisor node port: {port:?}"
     );
     ensure!(
-        mirror.annotations().get(slipway_api::networking::DSR_ANNOTATION)
+        mirror
+            .annotations()
+            .get(slipway_api::networking::DSR_ANNOTATION)
             == Some(&"true".to_owned()),
         "direct server return by default: {:?}",
         mirror.annotations()

@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -221,6 +221,26 @@ fn request(world: &World, timeout: &str) -> Option<String> {
     request_path(world, "/", timeout)
 }
 
+/// `GET path` from the client host through the VIP: the answer, or curl's complaint.
+fn request_or_why(world: &World, path: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns_of(world, "client")])
+        .args(["curl", "-sS", "--connect-timeout", "1", "--max-time", "2"])
+        .arg(format!("http://{VIP}{path}"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() && !body.is_empty() {
+        Ok(body)
+    } else {
+        Err(format!(
+            "GET {path}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// `GET path` from the client host through the VIP: the answer.
 fn request_path(world: &World, path: &str, timeout: &str) -> Option<String> {
     run_in(
@@ -312,6 +332,41 @@ async fn fail_over(
     })
     .await;
     (gap, failed, new_owner)
+}
+
+/// Requests (each on a connection of its own) the client host sends through the VIP.
+const REQUESTS: usize = 900;
+
+/// `count` requests for `/hostname` from the client host through the VIP, one connection
+/// each: the answers by pod.
+fn requests_from_client(world: &World, count: usize) -> BTreeMap<String, usize> {
+    const SCRIPT: &str = r#"
+import collections, json, socket, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+seen = collections.Counter()
+for _ in range(n):
+    try:
+        s = socket.create_connection((vip, 80), timeout=2)
+        s.sendall(b"GET /hostname HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        seen[data.split(b"\r\n\r\n", 1)[-1].decode().strip()] += 1
+    except OSError as e:
+        seen["error: " + str(e)] += 1
+print(json.dumps(seen))
+"#;
+    let out = run_in(
+        world,
+        "client",
+        &["python3", "-c", SCRIPT, VIP, &count.to_string()],
+    )
+    .expect("the requests");
+    serde_json::from_str(&out).expect("counts")
 }
 
 /// An edge host's LB daemon's status (its local API's `GET /v1/status`).
@@ -757,17 +812,52 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
     )
     .await;
     let served_at = started.elapsed();
-    let mut seen = BTreeSet::from([first]);
-    for _ in 0..60 {
-        let answer = request_path(&world, "/hostname", "1").expect("a request through the VIP");
-        seen.insert(answer);
-    }
-    assert_eq!(seen, names, "the answers come from every web pod");
+    let spread = requests_from_client(&world, REQUESTS);
+    let answered: usize = spread.values().sum();
+    assert_eq!(answered, REQUESTS, "every request answered: {spread:?}");
+    assert_eq!(
+        spread.keys().cloned().collect::<BTreeSet<_>>(),
+        names,
+        "the answers come from every web pod"
+    );
+    assert!(
+        spread.values().all(|n| *n >= REQUESTS / 3 / 2),
+        "spread over the pods: {spread:?}"
+    );
     eprintln!(
         "kubectl apply of a LoadBalancer Service: EXTERNAL-IP {vip} after {allocated:?}, \
-         first answer through it after {served_at:?}; 61 requests over {} pods",
-        seen.len()
+         first answer through it after {served_at:?}; {REQUESTS} requests, one connection each, \
+         over the pods: {spread:?}"
     );
+
+    // Source ranges: a client outside them is refused, inside them served.
+    let ranges = |r: &str| format!(r#"{{"spec":{{"loadBalancerSourceRanges":[{r}]}}}}"#);
+    world.kubectl_with(
+        &path,
+        &["patch", "svc", "web", "-p", &ranges("\"10.200.0.0/16\"")],
+    );
+    wait_for("the client refused", Duration::from_secs(20), || async {
+        request_path(&world, "/hostname", "0.3")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    world.kubectl_with(
+        &path,
+        &[
+            "patch",
+            "svc",
+            "web",
+            "-p",
+            &ranges(&format!("\"{client_ip}/32\"")),
+        ],
+    );
+    wait_for(
+        "the client served again",
+        Duration::from_secs(20),
+        || async { request_path(&world, "/hostname", "0.5") },
+    )
+    .await;
 
     // Direct server return (the cloud provider's default): the VIP's owner sent the requests
     // to the nodes inside IP-in-IP and no reply came back through it.
@@ -829,9 +919,9 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
         .await;
     }
     for _ in 0..20 {
-        let answer = request_path(&world, "/hostname", "1").expect("a request through the VIP");
+        let answer = request_or_why(&world, "/hostname").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(answer, pod, "only the node with the pod serves");
-        let seen = request_path(&world, "/cgi-bin/addr", "1").expect("the address seen");
+        let seen = request_or_why(&world, "/cgi-bin/addr").unwrap_or_else(|e| panic!("{e}"));
         let seen = seen.trim_matches(['[', ']']).trim_start_matches("::ffff:");
         assert_eq!(seen, client_ip, "the pod sees the client's address");
     }
