@@ -14,7 +14,7 @@
 //! ratio of new connections/s, and it includes the extra hop (the LB host's veth, the second
 //! crossing of the underlay bridge, the redirect) that the program's run time leaves out.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -55,10 +55,10 @@ impl Default for Options {
 
 /// What one wrk run measured.
 #[derive(Debug, Clone, Copy)]
-struct Wrk {
-    requests_per_s: f64,
-    requests: u64,
-    errors: u64,
+pub struct Wrk {
+    pub requests_per_s: f64,
+    pub requests: u64,
+    pub errors: u64,
 }
 
 fn parse_wrk(text: &str) -> Option<Wrk> {
@@ -103,7 +103,7 @@ fn parse_wrk(text: &str) -> Option<Wrk> {
     })
 }
 
-fn wrk(client: &Netns, url: &str, close: bool, options: &Options) -> anyhow::Result<Wrk> {
+pub fn wrk(client: &Netns, url: &str, close: bool, options: &Options) -> anyhow::Result<Wrk> {
     let threads = options.wrk_threads.to_string();
     let conns = options.wrk_connections.to_string();
     let secs = format!("{}s", options.duration.as_secs().max(1));
@@ -132,14 +132,24 @@ fn iperf3(
     let port = IPERF_PORT.to_string();
     let process = server.spawn(&["iperf3", "-s", "-1", "-p", &port])?;
     server.wait_tcp_listen(IPERF_PORT, Duration::from_secs(5))?;
-    let secs = options.duration.as_secs().max(1);
+    let gbps = iperf3_to(
+        client,
+        SocketAddr::new(target, IPERF_PORT),
+        options.duration,
+    )?;
+    process.wait()?;
+    Ok(gbps)
+}
+
+/// One iperf3 run (TCP, `duration`) from `client` to a server at `target`: Gbit/s received.
+pub fn iperf3_to(client: &Netns, target: SocketAddr, duration: Duration) -> anyhow::Result<f64> {
+    let secs = duration.as_secs().max(1);
     let limit = (secs + 15).to_string();
     let secs = secs.to_string();
-    let target = target.to_string();
+    let (ip, port) = (target.ip().to_string(), target.port().to_string());
     let text = client.run(&[
-        "timeout", &limit, "iperf3", "-c", &target, "-p", &port, "-t", &secs, "-J",
+        "timeout", &limit, "iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-J",
     ])?;
-    process.wait()?;
     let json: serde_json::Value = serde_json::from_str(&text).context("iperf3 JSON")?;
     let bps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -171,7 +181,7 @@ fn machine_busy_seconds() -> anyhow::Result<f64> {
 }
 
 /// utime+stime of process `pid`, seconds.
-fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -191,20 +201,45 @@ fn haproxy(
     backends: &[Ipv4Addr],
     dir: &std::path::Path,
 ) -> anyhow::Result<Process> {
-    let mut cfg = format!(
-        "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
-         timeout server 30s\n\nfrontend fe\n  bind {listen}:{HAPROXY_PORT}\n  default_backend be\n\n\
-         backend be\n  balance roundrobin\n"
+    let backends: Vec<SocketAddr> = backends
+        .iter()
+        .map(|b| SocketAddr::from((*b, 80)))
+        .collect();
+    haproxy_tcp(
+        lb,
+        &[(SocketAddr::from((listen, HAPROXY_PORT)), backends)],
+        dir,
+    )
+}
+
+/// HAProxy in TCP mode in `lb`: each frontend address round-robin over its backends (config
+/// written to `dir`); returns once every frontend listens.
+pub fn haproxy_tcp(
+    lb: &Netns,
+    frontends: &[(SocketAddr, Vec<SocketAddr>)],
+    dir: &std::path::Path,
+) -> anyhow::Result<Process> {
+    let mut cfg = String::from(
+        "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+         timeout client 30s\n  timeout server 30s\n",
     );
-    for (i, b) in backends.iter().enumerate() {
-        cfg.push_str(&format!("  server b{i} {b}:80\n"));
+    for (f, (listen, backends)) in frontends.iter().enumerate() {
+        cfg.push_str(&format!(
+            "\nfrontend fe{f}\n  bind {listen}\n  default_backend be{f}\n\n\
+             backend be{f}\n  balance roundrobin\n"
+        ));
+        for (i, b) in backends.iter().enumerate() {
+            cfg.push_str(&format!("  server b{i} {b}\n"));
+        }
     }
     std::fs::create_dir_all(dir)?;
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, cfg)?;
     let path = path.display().to_string();
     let process = lb.spawn(&["haproxy", "-db", "-f", &path])?;
-    lb.wait_tcp_listen(HAPROXY_PORT, Duration::from_secs(10))?;
+    for (listen, _) in frontends {
+        lb.wait_tcp_listen(listen.port(), Duration::from_secs(10))?;
+    }
     Ok(process)
 }
 

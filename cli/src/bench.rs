@@ -15,8 +15,9 @@ pub enum BenchCommand {
     Cni(RunArgs),
     /// The NBD server against nbdkit and qemu-nbd, with fio's nbd engine.
     Nbd(RunArgs),
-    /// The L4 load balancer against HAProxy (TCP mode) and direct connections.
-    Lb(RunArgs),
+    /// The L4 load balancer against HAProxy (TCP mode) and direct connections, standalone and
+    /// on a provisioned cluster's edge hosts (direct server return, failover).
+    Lb(crate::lb_edge_bench::LbBenchArgs),
     /// NetworkPolicy: 0/1,000/10,000 rules and apply->enforced latency, against iptables.
     Policy(RunArgs),
     /// The supervisor API on redb and etcd, beside `etcdctl check perf`.
@@ -36,7 +37,7 @@ pub fn dispatch(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Demo(args) => run(Suite::Demo, args),
         BenchCommand::Cni(args) => run(Suite::Cni, args),
         BenchCommand::Nbd(args) => run(Suite::Nbd, args),
-        BenchCommand::Lb(args) => run(Suite::Lb, args),
+        BenchCommand::Lb(args) => args.run(),
         BenchCommand::Policy(args) => run(Suite::Policy, args),
         BenchCommand::Api(args) => args.run(),
         BenchCommand::Cluster(args) => args.run(),
@@ -54,10 +55,27 @@ pub enum Suite {
     Cni,
     /// The NBD server against nbdkit and qemu-nbd, with fio's nbd engine.
     Nbd,
-    /// The L4 load balancer against HAProxy and direct connections.
-    Lb,
     /// NetworkPolicy in the datapath against the same rules in iptables.
     Policy,
+}
+
+impl RunArgs {
+    /// The load balancer suite's options from these.
+    pub(crate) fn lb_options(&self) -> lb::Options {
+        lb::Options {
+            runs: self.runs as usize,
+            duration: Duration::from_secs(self.seconds),
+            ..lb::Options::default()
+        }
+    }
+
+    pub(crate) fn print_and_write(
+        &self,
+        suite: &str,
+        records: &[report::Record],
+    ) -> anyhow::Result<()> {
+        print_and_write(self, suite, records)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -129,15 +147,6 @@ pub fn run(suite: Suite, args: RunArgs) -> anyhow::Result<()> {
             };
             let records = nbd::run(&options)?;
             print_and_write(&args, nbd::SUITE, &records)?;
-        }
-        Suite::Lb => {
-            let options = lb::Options {
-                runs: args.runs as usize,
-                duration: Duration::from_secs(args.seconds),
-                ..lb::Options::default()
-            };
-            let records = lb::run(&options)?;
-            print_and_write(&args, lb::SUITE, &records)?;
         }
         Suite::Policy => {
             let options = policy::Options {

@@ -207,6 +207,7 @@ pub(crate) fn cluster(name: &str, workers: u32) -> serde_json::Value {
             "settings": {"network": {
                 "pods": {"cidrBlocks": ["192.168.0.0/16"]},
                 "services": {"cidrBlocks": ["10.96.0.0/16"]},
+                "ingress": {"cidrBlocks": ["10.124.100.0/27"]},
             }},
         },
     })

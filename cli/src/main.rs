@@ -8,6 +8,7 @@ mod bench_pods;
 mod cluster_bench;
 mod csi_bench;
 mod lb_controller;
+mod lb_edge_bench;
 mod pods_bench;
 mod services_bench;
 mod supervisor;

@@ -35,6 +35,17 @@ enum lb_action {
 	LB_ACT_ENCAP = 6,
 };
 
+static __always_inline int lb_mac_eq(const __u8 *a, const __u8 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
+		(a[5] ^ b[5])) == 0;
+}
+
+static __always_inline int lb_mac_set(const __u8 *m)
+{
+	return (m[0] | m[1] | m[2] | m[3] | m[4] | m[5]) != 0;
+}
+
 /* A translation for the entry point to apply; fields in network byte order. */
 struct lb_nat {
 	struct lb_addr old_src, new_src, old_dst, new_dst;

@@ -34,6 +34,16 @@ static __always_inline enum lb_action lb_decide(void *data, void *data_end, __u3
 		lb_count(LB_REASON_DROP_MALFORMED, len);
 		return LB_ACT_DROP;
 	}
+	/* A unicast frame for another station (a bridge floods those when it has forgotten where
+	 * the station is, e.g. a dead LB host's port went down): not ours to serve, as a NIC
+	 * would have filtered it. */
+	__u32 zero = 0;
+	struct lb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	if (cfg && !(eth->h_dest[0] & 1) && lb_mac_set(cfg->mac) &&
+	    !lb_mac_eq(eth->h_dest, cfg->mac)) {
+		lb_count(LB_REASON_PASS, len);
+		return LB_ACT_PASS;
+	}
 	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		act = lb_arp(data, data_end, len);
 		if (act == LB_ACT_PASS)

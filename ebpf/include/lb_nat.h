@@ -163,7 +163,11 @@ static __noinline enum lb_action lb_translate(struct lb_pkt *pkt, __u32 len,
 	    flow->service_id == service_id) {
 		__u32 bid = flow->backend_id;
 		struct lb_backend *backend = bpf_map_lookup_elem(&lb_backends, &bid);
-		if (backend && !lb_addr_is_zero(&backend->ip)) {
+		/* A SYN opens its connection afresh: it keeps the tuple's backend only while that
+		 * backend is in the ring (a client that reuses a port whose last connection went to
+		 * a backend since drained or failed must not be sent there again). */
+		int reopened = syn_only && backend && !(backend->flags & LB_BACKEND_F_ACTIVE);
+		if (backend && !lb_addr_is_zero(&backend->ip) && !reopened) {
 			flow->last_seen_ns = now;
 			if (fin_or_rst)
 				flow->state = LB_FLOW_CLOSING;

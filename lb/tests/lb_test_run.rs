@@ -660,6 +660,40 @@ fn direct_server_return_encapsulates_to_the_backend_and_lowers_the_mss() {
     assert_eq!(count(&lb, LbReason::Forward), 0);
 }
 
+/// A SYN on a tracked tuple whose backend left the ring (drained: weight 0) is placed afresh,
+/// while the tuple's other segments stay with the drained backend until the flow ends.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF; run scripts/test.sh"
+)]
+fn a_syn_reusing_a_drained_backends_tuple_is_placed_afresh() {
+    let mut lb = lb();
+    let spec = service("web", Protocol::Tcp, 80, 8080, &BACKENDS);
+    lb.controller.apply(spec.clone()).expect("apply");
+    let syn = tcp_frame((CLIENT, 40000), (VIP, 80), TcpControl::Syn, b"");
+    let (_, out) = run(&lb, &syn);
+    let first = tuple(&out).2;
+    let mut drained = spec;
+    for b in &mut drained.backends {
+        if b.ip == IpAddr::V4(first) {
+            b.weight = 0;
+        }
+    }
+    lb.controller.apply(drained).expect("drain");
+    let ack = tcp_frame((CLIENT, 40000), (VIP, 80), TcpControl::None, b"x");
+    let (_, out) = run(&lb, &ack);
+    assert_eq!(
+        tuple(&out).2,
+        first,
+        "the flow stays on its draining backend"
+    );
+    let (_, out) = run(&lb, &syn);
+    let again = tuple(&out).2;
+    assert_ne!(again, first, "a new SYN goes to a backend in the ring");
+    assert!(BACKENDS.contains(&again));
+}
+
 /// Removes a bpffs directory on drop.
 struct PinDir(std::path::PathBuf);
 
