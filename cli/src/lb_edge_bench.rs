@@ -258,7 +258,12 @@ pub(crate) async fn measure(
     let netns = |host: &str| Netns::named(format!("{}h-{host}", hosts_args.netns_prefix));
     let client_ns = netns("client");
     run_in(&client_ns, &["ip", "route", "add", POOL, "dev", "eth0"])?;
-    client_ns.sysctl(&["net.ipv4.tcp_tw_reuse=1"])?;
+    // Every side's connections end at the same pod, which closes first (`Connection: close`)
+    // and keeps each client port's last connection in TIME-WAIT for 60 s: a later side reusing
+    // the port would wait for it unless the pod can tell the new SYN is newer, which it can
+    // from timestamps without a per-connection random offset (mode 2). Without it the side
+    // that runs first is favoured. (tw_reuse: the client's own TIME-WAIT ports, as above.)
+    client_ns.sysctl(&["net.ipv4.tcp_tw_reuse=1", "net.ipv4.tcp_timestamps=2"])?;
 
     // nginx and iperf3 on one worker, each behind a LoadBalancer Service.
     let worker = Api::<Node>::all(workload.clone())

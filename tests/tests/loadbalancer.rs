@@ -383,6 +383,22 @@ fn edge_status(world: &World, host: &str) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// The edge host that is not `owner`, once it serves the Service.
+async fn other_serving(world: &World, owner: &str) -> &'static str {
+    let other = if owner == "edge-a" {
+        "edge-b"
+    } else {
+        "edge-a"
+    };
+    wait_for(
+        &format!("{other} serving"),
+        Duration::from_secs(30),
+        || async { (served(world, other) == Some(1)).then_some(()) },
+    )
+    .await;
+    other
+}
+
 /// The services an edge host's LB daemon serves.
 fn served(world: &World, host: &str) -> Option<usize> {
     Some(edge_status(world, host)?["services"].as_array()?.len())
@@ -541,32 +557,12 @@ async fn edge_hosts_serve_a_vip_to_real_backends_and_fail_over() {
     let mut gaps = Vec::new();
     let mut owner = owner;
     for _ in 0..4 {
-        let other = if owner == "edge-a" {
-            "edge-b"
-        } else {
-            "edge-a"
-        };
-        wait_for(
-            &format!("{other} serving"),
-            Duration::from_secs(30),
-            || async { (served(&world, other) == Some(1)).then_some(()) },
-        )
-        .await;
+        other_serving(&world, &owner).await;
         let (gap, _, next) = fail_over(&world, &leases, &owner, false).await;
         gaps.push(gap);
         owner = next;
     }
-    let other = if owner == "edge-a" {
-        "edge-b"
-    } else {
-        "edge-a"
-    };
-    wait_for(
-        &format!("{other} serving"),
-        Duration::from_secs(30),
-        || async { (served(&world, other) == Some(1)).then_some(()) },
-    )
-    .await;
+    other_serving(&world, &owner).await;
 
     // Connections open through the owner before it dies.
     let mut streams = Streams::open(&world);
@@ -812,6 +808,7 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
     )
     .await;
     let served_at = started.elapsed();
+    assert!(names.contains(&first), "a web pod answered: {first}");
     let spread = requests_from_client(&world, REQUESTS);
     let answered: usize = spread.values().sum();
     assert_eq!(answered, REQUESTS, "every request answered: {spread:?}");
@@ -929,17 +926,7 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
     // The owner dies (every process of the host, kill -9) with requests half sent through it:
     // the other edge host sends their ends to the same node (the same Maglev table), which
     // finishes them.
-    let other = if owner == "edge-a" {
-        "edge-b"
-    } else {
-        "edge-a"
-    };
-    wait_for(
-        &format!("{other} serving"),
-        Duration::from_secs(30),
-        || async { (served(&world, other) == Some(1)).then_some(()) },
-    )
-    .await;
+    let other = other_serving(&world, &owner).await;
     let mut streams = Streams::open_with(&world, HALF_REQUESTS_SCRIPT);
     let (gap, failed, new_owner) = fail_over(&world, &leases, &owner, true).await;
     let survived = streams.survivors();

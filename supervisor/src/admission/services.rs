@@ -332,17 +332,24 @@ async fn node_ports(
         .unwrap_or_default();
     let wants = has_node_ports(new);
     let snapshot = new.clone();
-    let mut taken: BTreeSet<i64> = BTreeSet::new();
-    let mut used: Option<BTreeSet<i64>> = None;
     let Some(ports) = new.pointer_mut("/spec/ports").and_then(Value::as_array_mut) else {
-        return release_ports(store, &old_ports, &taken, steps).await;
+        return release_ports(store, &old_ports, &BTreeSet::new(), steps).await;
+    };
+    let mut alloc = PortAlloc {
+        store,
+        net,
+        svc: &snapshot,
+        steps,
+        errs,
+        used: None,
+        taken: BTreeSet::new(),
     };
     for (i, p) in ports.iter_mut().enumerate() {
         let field = format!("spec.ports[{i}].nodePort");
         let asked = p.get("nodePort").and_then(Value::as_i64);
         if !wants {
             if let Some(np) = asked {
-                errs.push(FieldError::forbidden(
+                alloc.errs.push(FieldError::forbidden(
                     field,
                     format!(
                         "may not be used when `type` is {:?} (nodePort {np})",
@@ -363,15 +370,6 @@ async fn node_ports(
             continue;
         }
         let held = old_ports.values().any(|o| Some(*o) == asked.or(kept));
-        let mut alloc = PortAlloc {
-            store,
-            net,
-            svc: &snapshot,
-            steps,
-            errs,
-            used: &mut used,
-            taken: &mut taken,
-        };
         let Some(np) = alloc.port(&field, asked.or(kept), held, i).await? else {
             continue;
         };
@@ -393,15 +391,6 @@ async fn node_ports(
             .pointer("/spec/healthCheckNodePort")
             .and_then(Value::as_i64)
             .or(old_health);
-        let mut alloc = PortAlloc {
-            store,
-            net,
-            svc: &snapshot,
-            steps,
-            errs,
-            used: &mut used,
-            taken: &mut taken,
-        };
         let held = asked.is_some() && asked == old_health;
         if let Some(np) = alloc
             .port("spec.healthCheckNodePort", asked, held, usize::MAX)
@@ -415,7 +404,7 @@ async fn node_ports(
     if let Some(np) = old_health {
         old_held.insert((0, "healthCheckNodePort".into()), np);
     }
-    release_ports(store, &old_held, &taken, steps).await
+    release_ports(store, &old_held, &alloc.taken, alloc.steps).await
 }
 
 /// One node port of a Service being given: kept, taken as asked, or allocated.
@@ -426,9 +415,9 @@ struct PortAlloc<'a> {
     steps: &'a mut Vec<Cas>,
     errs: &'a mut Vec<FieldError>,
     /// The ports every Service holds, listed once when the first one is allocated.
-    used: &'a mut Option<BTreeSet<i64>>,
+    used: Option<BTreeSet<i64>>,
     /// The ports this Service holds after this write.
-    taken: &'a mut BTreeSet<i64>,
+    taken: BTreeSet<i64>,
 }
 
 impl PortAlloc<'_> {
@@ -470,14 +459,14 @@ impl PortAlloc<'_> {
             None => {
                 if self.used.is_none() {
                     let (records, _) = self.store.list(PORT_PREFIX).await?;
-                    *self.used = Some(
+                    self.used = Some(
                         records
                             .iter()
                             .filter_map(|kv| kv.key.strip_prefix(PORT_PREFIX)?.parse().ok())
                             .collect(),
                     );
                 }
-                let busy = self.used.as_ref().map_or(&*self.taken, |u| u);
+                let busy = self.used.as_ref().map_or(&self.taken, |u| u);
                 let span = i64::from(hi) - i64::from(lo) + 1;
                 let start = std::collections::hash_map::RandomState::new()
                     .hash_one((owner(self.svc).to_string(), salt))
