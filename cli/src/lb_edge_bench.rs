@@ -33,6 +33,7 @@ use slipway_bench::report::{Metric, Record, Samples};
 use slipway_dataplane::world::Netns;
 use slipway_hosts::reconciler::ProviderArgs;
 use slipway_lb::datapath::{enable_run_time_stats, run_time};
+use slipway_lb::world::HalfRequests;
 
 use crate::bench_pods::{latency_records, until};
 use crate::up::{create, resource};
@@ -139,58 +140,6 @@ async fn node_port(services: &Api<Service>, name: &str) -> anyhow::Result<u16> {
         .and_then(|p| p.first().and_then(|p| p.node_port))
         .and_then(|p| u16::try_from(p).ok())
         .with_context(|| format!("Service {name} has no node port"))
-}
-
-/// Connections from `client` to `vip`:80 that each sent a request's first line; [`finish`]
-/// sends the rest and counts the answers.
-fn half_send(client: &Netns, vip: Ipv4Addr) -> anyhow::Result<std::process::Child> {
-    use std::io::BufRead as _;
-    const SCRIPT: &str = r#"
-import socket, sys
-vip, n = sys.argv[1], int(sys.argv[2])
-socks = []
-for _ in range(n):
-    s = socket.create_connection((vip, 80), timeout=2)
-    s.sendall(b"GET / HTTP/1.0\r\n")
-    socks.append(s)
-print("open", flush=True)
-sys.stdin.readline()
-ok = 0
-for s in socks:
-    try:
-        s.settimeout(3)
-        s.sendall(b"\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        ok += b" 200 " in data
-    except OSError:
-        pass
-print(ok, flush=True)
-"#;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", client.name(), "python3", "-c", SCRIPT])
-        .args([vip.to_string(), HALF_SENT.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("python3 in the client host")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
-    anyhow::ensure!(line.trim() == "open", "half-sent requests: {line:?}");
-    Ok(child)
-}
-
-fn finish(mut child: std::process::Child) -> anyhow::Result<usize> {
-    use std::io::{BufRead as _, Write as _};
-    writeln!(child.stdin.as_mut().context("stdin")?)?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
-    let _ = child.wait();
-    Ok(line.trim().parse()?)
 }
 
 /// The pids of `host`'s LB daemon (`slipway lb serve`).
@@ -361,7 +310,7 @@ pub(crate) async fn measure(
             Ok((!p.is_empty()).then_some(p))
         })
         .await?;
-        let half = half_send(&client_ns, web_vip)?;
+        let half = HalfRequests::open(&client_ns, web_vip.into(), "/", HALF_SENT)?;
         let killed = Instant::now();
         for pid in &pids {
             let _ = Command::new("kill").args(["-9", pid]).status();
@@ -371,7 +320,7 @@ pub(crate) async fn measure(
         })
         .await?;
         gaps.push(gap.as_secs_f64() * 1000.0);
-        survived += finish(half)?;
+        survived += half.finish()?;
         if holder().await?.as_deref() == Some(other) {
             taken_over += 1;
         }

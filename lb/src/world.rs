@@ -706,6 +706,82 @@ impl Drop for EchoStream {
     }
 }
 
+/// HTTP requests from a client host to `vip`:80, each on a connection of its own that has sent
+/// only the request's first line: the server answers once [`HalfRequests::finish`] sends the
+/// rest. Whatever carries that rest after a change (a failover) carries the established
+/// connections.
+#[derive(Debug)]
+pub struct HalfRequests {
+    go: std::sync::mpsc::Sender<()>,
+    thread: Option<JoinHandle<Result<Result<usize, String>, LbError>>>,
+}
+
+impl HalfRequests {
+    /// Opens `count` connections from `client` to `vip`:80, each having sent `GET path
+    /// HTTP/1.0`.
+    pub fn open(client: &Netns, vip: IpAddr, path: &str, count: usize) -> Result<Self, LbError> {
+        let (opened, opened_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let first = format!("GET {path} HTTP/1.0\r\n");
+        let thread = spawn_in(client.name(), move || -> Result<usize, String> {
+            let open = || -> Result<Vec<TcpStream>, String> {
+                (0..count)
+                    .map(|_| {
+                        let addr = SocketAddr::new(vip, 80);
+                        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                            .map_err(|e| format!("connect: {e}"))?;
+                        conn.write_all(first.as_bytes())
+                            .map_err(|e| format!("send: {e}"))?;
+                        Ok(conn)
+                    })
+                    .collect()
+            };
+            let conns = open();
+            let _ = opened.send(conns.as_ref().map(|_| ()).map_err(Clone::clone));
+            let conns = conns?;
+            go_rx.recv().map_err(|_| "not finished".to_owned())?;
+            Ok(conns.iter().filter(|c| answered_ok(c)).count())
+        });
+        match opened_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => Ok(Self {
+                go,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(LbError::Api(format!("requests to {vip}: {e}"))),
+            Err(_) => Err(LbError::Api(format!(
+                "requests to {vip}: not opened in 30 s"
+            ))),
+        }
+    }
+
+    /// Sends the rest of every request; how many were answered 200.
+    pub fn finish(mut self) -> Result<usize, LbError> {
+        let _ = self.go.send(());
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(LbError::Api("request thread panicked".into())))?
+                .map_err(LbError::Api),
+            None => Err(LbError::Api("requests already finished".into())),
+        }
+    }
+}
+
+impl Drop for HalfRequests {
+    fn drop(&mut self) {
+        let _ = self.go.send(());
+    }
+}
+
+/// Ends the request open on `conn` and reads the whole answer: whether it is a 200.
+fn answered_ok(mut conn: &TcpStream) -> bool {
+    let mut answer = Vec::new();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).is_ok()
+        && conn.write_all(b"Host: vip\r\n\r\n").is_ok()
+        && conn.read_to_end(&mut answer).is_ok()
+        && answer.windows(5).any(|w| w == b" 200 ")
+}
+
 /// Sends one UDP datagram from `client` (a fresh socket, so a fresh source port) to
 /// `vip:port` and returns the answer and the address it came from.
 pub fn udp_exchange(

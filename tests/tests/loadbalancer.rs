@@ -130,46 +130,12 @@ for s in socks:
 print(ok, flush=True)
 "#;
 
-/// Connections from the client host through the VIP that each sent the first line of a
-/// request, and its end on the signal: what the server answers then crossed the VIP after the
-/// failover (busybox httpd closes each connection after one answer).
-const HALF_REQUESTS_SCRIPT: &str = r#"
-import socket, sys
-vip, n = sys.argv[1], int(sys.argv[2])
-socks = []
-for _ in range(n):
-    s = socket.create_connection((vip, 80), timeout=2)
-    s.sendall(b"GET /hostname HTTP/1.0\r\n")
-    socks.append(s)
-print("open", flush=True)
-sys.stdin.readline()
-ok = 0
-for s in socks:
-    try:
-        s.settimeout(3)
-        s.sendall(b"Host: vip\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        ok += b" 200 " in data
-    except OSError:
-        pass
-print(ok, flush=True)
-"#;
-
 impl Streams {
     fn open(world: &World) -> Self {
-        Self::open_with(world, STREAMS_SCRIPT)
-    }
-
-    fn open_with(world: &World, script: &str) -> Self {
         use std::io::BufRead as _;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns_of(world, "client"), "python3", "-c"])
-            .arg(script)
+            .arg(STREAMS_SCRIPT)
             .args([VIP, &STREAMS.to_string()])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -927,9 +893,12 @@ async fn kubectl_creates_a_load_balancer_service_and_the_pods_answer_on_its_exte
     // the other edge host sends their ends to the same node (the same Maglev table), which
     // finishes them.
     let other = other_serving(&world, &owner).await;
-    let mut streams = Streams::open_with(&world, HALF_REQUESTS_SCRIPT);
+    let client_ns = slipway_dataplane::world::Netns::named(netns_of(&world, "client"));
+    let vip_ip = VIP.parse().expect("the VIP");
+    let half = slipway_lb::world::HalfRequests::open(&client_ns, vip_ip, "/hostname", STREAMS)
+        .expect("requests half sent through the VIP");
     let (gap, failed, new_owner) = fail_over(&world, &leases, &owner, true).await;
-    let survived = streams.survivors();
+    let survived = half.finish().expect("the requests' ends");
     eprintln!(
         "direct server return, eTP Local: {owner} killed; {new_owner} answers after {gap:?} \
          ({failed} requests failed meanwhile); {survived}/{STREAMS} connections opened through \
