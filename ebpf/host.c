@@ -2,7 +2,8 @@
 /*
  * TC program for a host's devices that bring pod traffic in from other hosts (attached with
  * TCX at ingress): the underlay device (native routing) and the external VXLAN device (which
- * hands the program the decapsulated frame). A request to a NodePort of this host is translated
+ * hands the program the decapsulated frame; the VXLAN packet itself passes the underlay's
+ * program untouched on its way there). A request to a NodePort of this host is translated
  * to a backend (ebpf/include/nat.h), and a reply of a translated flow back; a load balancer's
  * IP-in-IP request (direct server return) is taken out and translated the same way; a packet
  * for a local pod goes straight into its namespace, if its ingress policy allows; everything
@@ -48,9 +49,31 @@ static __always_inline int dsr_request(struct __sk_buff *skb)
 	return TC_ACT_SHOT;
 }
 
+/* Whether the packet is the cluster's VXLAN to this host: the VXLAN device takes it out, and
+ * this program sees (and counts) the pod's packet inside there; nothing here is for the
+ * outer packet. */
+static __always_inline int vxlan_to_this_host(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip4 = data + ETH_HLEN_;
+	struct udphdr *udp = data + ETH_HLEN_ + sizeof(struct iphdr);
+	__u32 zero = 0;
+
+	if ((void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    ip4->protocol != IPPROTO_UDP || ip4->ihl != 5)
+		return 0;
+	struct node_config *cfg = bpf_map_lookup_elem(&node_config, &zero);
+	return cfg && cfg->underlay_ip4 && ip4->daddr == cfg->underlay_ip4 &&
+	       udp->dest == bpf_htons(cfg->vxlan_port);
+}
+
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
+	if (vxlan_to_this_host(skb))
+		return TC_ACT_OK;
 	/* NodePort translation first: it moves the packet, so nothing parsed before it would
 	 * stay valid. */
 	int done = nat_reply(skb, 0);

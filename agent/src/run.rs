@@ -274,6 +274,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         netlink.set_up(vxlan.index).await?;
         installed.attach_netdev(VXLAN_DEVICE)?;
         config.vxlan_ifindex = vxlan.index;
+        // Pods' packets are put in VXLAN by the datapath itself, from this address; the device
+        // takes them out on the receiving host (and puts in what the datapath cannot).
+        config.underlay_ip4 = u32::from_ne_bytes(node_ip.octets());
+        config.vxlan_port = u32::from(VXLAN_PORT);
     }
     installed.attach_netdev(&args.underlay_device)?;
     let mut maps = NodeMaps::open(&pins)?;

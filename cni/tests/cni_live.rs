@@ -39,6 +39,28 @@ fn pods_talk_everywhere(routing: &'static str, expected_mtu: u64) {
     let stream =
         iperf3_tcp(&a.netns, &c.netns, c.ip, Duration::from_secs(1)).expect("iperf3 cross host");
     assert!(stream.received_bps > 0.0);
+    if routing == "vxlan" {
+        // Host 1 put its pods' packets in VXLAN itself and sent them by the underlay device;
+        // none went through the VXLAN device's transmit path.
+        let host = &cluster.node(1).netns;
+        let (code, metrics) =
+            common::api(&cluster.node(1).socket, "GET", "/metrics", None).expect("metrics answer");
+        assert_eq!(code, 200, "{metrics}");
+        let sent_by = |device: &str| -> u64 {
+            let out = format!(
+                "ifindex_out=\"{}\"",
+                host.link(device).expect("link").ifindex
+            );
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("slipway_datapath_packets_total{"))
+                .filter(|l| l.contains("reason=\"redirect_vxlan\"") && l.contains(&out))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        assert!(sent_by("eth0") >= 6, "VXLAN built by the datapath");
+        assert_eq!(sent_by("slipway_vxlan"), 0);
+    }
 }
 
 #[test]

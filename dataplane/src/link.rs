@@ -151,7 +151,8 @@ impl Netlink {
     }
 
     /// Creates an external (collect_md) VXLAN device on UDP `port`, or returns the existing one:
-    /// the datapath sets each packet's remote and VNI with bpf_skb_set_tunnel_key.
+    /// the datapath sets each packet's remote and VNI with bpf_skb_set_tunnel_key. It learns
+    /// nothing from what it receives: where a pod lives is the datapath's `routes` map.
     pub async fn ensure_vxlan_external(
         &self,
         name: &str,
@@ -162,6 +163,7 @@ impl Netlink {
         }
         let message = LinkMessageBuilder::<LinkVxlan>::new(name)
             .collect_metadata(true)
+            .learning(false)
             .port(port)
             .build();
         self.add_link(message, name, "vxlan").await

@@ -416,6 +416,11 @@ struct node_config {
 	 * NodePort requests sent to a backend on another host carry it as source, so the reply
 	 * routes back here like any pod traffic (and escapes the egress masquerade). */
 	__be32 router_ip4;
+	/* The host's own underlay address, the source of the VXLAN packets the datapath builds;
+	 * 0 leaves the encapsulation to the VXLAN device. */
+	__be32 underlay_ip4;
+	/* The UDP port of the cluster's VXLAN (the VXLAN device listens on it). */
+	__u32 vxlan_port;
 };
 
 /* ---- Services: socket-level translation (ebpf/sock.c; mirrored in dataplane/src/abi/services.rs) */

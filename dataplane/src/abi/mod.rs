@@ -254,6 +254,11 @@ pub struct NodeConfig {
     pub vni: u32,
     /// The host's router address (first address of its pod block), network byte order.
     pub router_ip4: u32,
+    /// The host's underlay address, network byte order: the source of the VXLAN packets the
+    /// datapath builds itself (0 leaves the encapsulation to the VXLAN device).
+    pub underlay_ip4: u32,
+    /// The UDP port of the cluster's VXLAN.
+    pub vxlan_port: u32,
 }
 
 /// Key of `nat_flows` and `nat_reverse` (`struct nat_tuple`): addresses and ports in network
@@ -399,7 +404,14 @@ mod tests {
             mirror!(
                 "node_config",
                 NodeConfig,
-                [vxlan_ifindex, underlay_ifindex, vni, router_ip4]
+                [
+                    vxlan_ifindex,
+                    underlay_ifindex,
+                    vni,
+                    router_ip4,
+                    underlay_ip4,
+                    vxlan_port
+                ]
             ),
         ]
     }
