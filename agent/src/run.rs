@@ -284,7 +284,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     maps.set_config(config)?;
     // Traffic the datapath leaves to the host stack (to the outside, to host ports) is routed.
     fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling net.ipv4.ip_forward")?;
-    slipway_dataplane::nft::install_masquerade(args.pod_cidr, &args.underlay_device)
+    let vxlan_port = (routing == Routing::Vxlan).then_some(VXLAN_PORT);
+    slipway_dataplane::nft::install_masquerade(args.pod_cidr, &args.underlay_device, vxlan_port)
         .context("installing the egress masquerade")?;
 
     let state = NodeState {

@@ -60,6 +60,19 @@ fn pods_talk_everywhere(routing: &'static str, expected_mtu: u64) {
         };
         assert!(sent_by("eth0") >= 6, "VXLAN built by the datapath");
         assert_eq!(sent_by("slipway_vxlan"), 0);
+        // Host 2 received it untracked by netfilter (the notrack rule counted it).
+        let chain = cluster
+            .node(2)
+            .netns
+            .run(&["nft", "list", "chain", "ip", "slipway", "vxlan_untracked"])
+            .expect("nft list chain");
+        let untracked: u64 = chain
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter: {chain}"));
+        assert!(untracked >= 6, "{chain}");
     }
 }
 

@@ -22,7 +22,8 @@ fn ruleset(cluster: &Cluster, i: usize) -> String {
     cluster
         .node(i)
         .netns
-        .run(&["nft", "list", "ruleset"])
+        // Stateless: the rules without their counters' values.
+        .run(&["nft", "--stateless", "list", "ruleset"])
         .expect("nft")
 }
 

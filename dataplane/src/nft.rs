@@ -14,8 +14,27 @@ use crate::DataplaneError;
 pub const TABLE: &str = "slipway";
 
 /// The ruleset that masquerades traffic from `pod_cidr` to outside it leaving through
-/// `underlay`, replacing any earlier version of the table.
-pub fn masquerade_ruleset(pod_cidr: Ipv4Network, underlay: &str) -> String {
+/// `underlay`, replacing any earlier version of the table. With `vxlan_port`, the cluster's
+/// VXLAN packets on `underlay` skip connection tracking (counted): they are the outer packets of
+/// pod traffic, tracked by nothing that needs it, and each flow's source port would otherwise
+/// take a conntrack entry of the host's.
+pub fn masquerade_ruleset(
+    pod_cidr: Ipv4Network,
+    underlay: &str,
+    vxlan_port: Option<u16>,
+) -> String {
+    let untracked = vxlan_port.map_or_else(String::new, |port| {
+        format!(
+            "  chain vxlan_untracked {{\n\
+               type filter hook prerouting priority raw; policy accept;\n\
+               iifname \"{underlay}\" udp dport {port} counter notrack\n\
+             }}\n\
+             chain vxlan_untracked_out {{\n\
+               type filter hook output priority raw; policy accept;\n\
+               oifname \"{underlay}\" udp dport {port} counter notrack\n\
+             }}\n"
+        )
+    });
     format!(
         "table ip {TABLE}\ndelete table ip {TABLE}\n\
          table ip {TABLE} {{\n\
@@ -23,13 +42,18 @@ pub fn masquerade_ruleset(pod_cidr: Ipv4Network, underlay: &str) -> String {
              type nat hook postrouting priority srcnat; policy accept;\n\
              ip saddr {pod_cidr} ip daddr != {pod_cidr} oifname \"{underlay}\" masquerade\n\
            }}\n\
+         {untracked}\
          }}\n"
     )
 }
 
 /// Installs (or replaces) the masquerade table in the current network namespace.
-pub fn install_masquerade(pod_cidr: Ipv4Network, underlay: &str) -> Result<(), DataplaneError> {
-    apply(&masquerade_ruleset(pod_cidr, underlay))
+pub fn install_masquerade(
+    pod_cidr: Ipv4Network,
+    underlay: &str,
+    vxlan_port: Option<u16>,
+) -> Result<(), DataplaneError> {
+    apply(&masquerade_ruleset(pod_cidr, underlay, vxlan_port))
 }
 
 /// The nftables table holding VIP endpoints (a router's DNAT load balancing).
@@ -168,7 +192,7 @@ mod tests {
     #[test]
     fn the_masquerade_table_is_replaced_whole_and_spares_pod_to_pod_traffic() {
         let cidr: Ipv4Network = "10.244.0.0/16".parse().expect("cidr");
-        let rules = masquerade_ruleset(cidr, "eth0");
+        let rules = masquerade_ruleset(cidr, "eth0", None);
         assert!(
             rules.starts_with("table ip slipway\ndelete table ip slipway\n"),
             "{rules}"
@@ -179,5 +203,21 @@ mod tests {
             ),
             "{rules}"
         );
+        assert!(!rules.contains("notrack"), "{rules}");
+    }
+
+    #[test]
+    fn vxlan_on_the_underlay_skips_connection_tracking_both_ways() {
+        let cidr: Ipv4Network = "10.244.0.0/16".parse().expect("cidr");
+        let rules = masquerade_ruleset(cidr, "eth0", Some(4789));
+        for rule in [
+            "type filter hook prerouting priority raw; policy accept;",
+            "iifname \"eth0\" udp dport 4789 counter notrack",
+            "type filter hook output priority raw; policy accept;",
+            "oifname \"eth0\" udp dport 4789 counter notrack",
+            "masquerade",
+        ] {
+            assert!(rules.contains(rule), "{rule}: {rules}");
+        }
     }
 }
