@@ -1,5 +1,6 @@
 //! The CNI plugin and agent end to end: pods made by exec'ing the plugin as a runtime does,
-//! real traffic between them on one host and across hosts, in VXLAN and in native routing.
+//! real traffic between them on one host and across hosts, in VXLAN (built by the datapath, or
+//! by the VXLAN device when the pods' MTU leaves no room for it) and in native routing.
 //! Privileged (root, BPF, netns): run by scripts/test.sh.
 
 mod common;
@@ -42,24 +43,11 @@ fn pods_talk_everywhere(routing: &'static str, expected_mtu: u64) {
     if routing == "vxlan" {
         // Host 1 put its pods' packets in VXLAN itself and sent them by the underlay device;
         // none went through the VXLAN device's transmit path.
-        let host = &cluster.node(1).netns;
-        let (code, metrics) =
-            common::api(&cluster.node(1).socket, "GET", "/metrics", None).expect("metrics answer");
-        assert_eq!(code, 200, "{metrics}");
-        let sent_by = |device: &str| -> u64 {
-            let out = format!(
-                "ifindex_out=\"{}\"",
-                host.link(device).expect("link").ifindex
-            );
-            metrics
-                .lines()
-                .filter(|l| l.starts_with("slipway_datapath_packets_total{"))
-                .filter(|l| l.contains("reason=\"redirect_vxlan\"") && l.contains(&out))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum()
-        };
-        assert!(sent_by("eth0") >= 6, "VXLAN built by the datapath");
-        assert_eq!(sent_by("slipway_vxlan"), 0);
+        assert!(
+            vxlan_sent_by(&cluster, 1, "eth0") >= 6,
+            "VXLAN built by the datapath"
+        );
+        assert_eq!(vxlan_sent_by(&cluster, 1, "slipway_vxlan"), 0);
         // Host 2 received it untracked by netfilter (the notrack rule counted it).
         let chain = cluster
             .node(2)
@@ -74,6 +62,22 @@ fn pods_talk_everywhere(routing: &'static str, expected_mtu: u64) {
             .unwrap_or_else(|| panic!("no counter: {chain}"));
         assert!(untracked >= 6, "{chain}");
     }
+}
+
+/// Packets host `i`'s datapath sent to another host in VXLAN through `device` (the underlay
+/// device when it encapsulated them itself, the VXLAN device when that did).
+fn vxlan_sent_by(cluster: &Cluster, i: usize, device: &str) -> u64 {
+    let (code, metrics) =
+        common::api(&cluster.node(i).socket, "GET", "/metrics", None).expect("metrics answer");
+    assert_eq!(code, 200, "{metrics}");
+    let index = cluster.node(i).netns.link(device).expect("link").ifindex;
+    let out = format!("ifindex_out=\"{index}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("slipway_datapath_packets_total{"))
+        .filter(|l| l.contains("reason=\"redirect_vxlan\"") && l.contains(&out))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[test]
@@ -92,4 +96,72 @@ fn pods_talk_on_one_host_and_across_hosts_in_vxlan() {
 )]
 fn pods_talk_on_one_host_and_across_hosts_with_native_routing() {
     pods_talk_everywhere("native", 1500);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn a_pod_mtu_without_room_for_vxlan_is_left_to_the_device_which_fragments() {
+    let mut cluster = Cluster::new(2, "vxlan");
+    for i in 1..=2 {
+        cluster.kill_agent(i);
+        cluster.start_agent_with(i, &["--mtu", "1500"]);
+        assert!(
+            cluster.agent_log(i).contains("leaves no room for VXLAN"),
+            "{}",
+            cluster.agent_log(i)
+        );
+    }
+    let a = cluster.add_pod(1, "a");
+    let c = cluster.add_pod(2, "c");
+    assert_eq!(a.netns.link("eth0").expect("eth0").mtu, 1500);
+    // Full-size packets: 1,550 bytes once in VXLAN, over a 1,500-byte underlay.
+    let target = c.ip.to_string();
+    a.netns
+        .run(&[
+            "ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "1472",
+            &target,
+        ])
+        .expect("full-size pings answered");
+    assert!(vxlan_sent_by(&cluster, 1, "slipway_vxlan") >= 3);
+    assert_eq!(vxlan_sent_by(&cluster, 1, "eth0"), 0);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "privileged: root + BPF + netns; run scripts/test.sh"
+)]
+fn vxlan_to_a_host_behind_a_router_goes_by_the_route() {
+    let cluster = Cluster::new(2, "vxlan");
+    // Host 1 reaches host 2 only through a router (as another zone's subnet is).
+    let router = cluster.world.add_outside("router", 250).expect("router");
+    for setting in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.eth0.send_redirects=0",
+    ] {
+        router.run(&["sysctl", "-qw", setting]).expect("sysctl");
+    }
+    let host2 = format!("{}/32", cluster.node(2).address);
+    cluster
+        .node(1)
+        .netns
+        .ip(&["route", "add", &host2, "via", "10.99.0.250", "dev", "eth0"])
+        .expect("route via the router");
+    let a = cluster.add_pod(1, "a");
+    let c = cluster.add_pod(2, "c");
+    let forwarded = || router.link_stats("eth0").expect("router stats").tx_packets;
+    let before = forwarded();
+    reaches(&a, &c);
+    assert!(
+        forwarded() - before >= 3,
+        "the router forwarded the VXLAN packets"
+    );
+    assert!(
+        vxlan_sent_by(&cluster, 1, "eth0") >= 3,
+        "VXLAN built by the datapath"
+    );
 }

@@ -114,9 +114,9 @@ struct vxlan_outer {
 #define VXLAN_SPORT_MIN 32768
 #define VXLAN_SPORT_SPAN 28232
 
-/* Puts the frame inside VXLAN to `remote` and sends it out of the underlay device, to the
- * remote's MAC from the neighbour table: the encapsulation the VXLAN device would do, without
- * its route lookup, its netfilter hooks and its transmit path. The segment size stays the
+/* Puts the frame inside VXLAN to `remote` and sends it out of the underlay device, by the
+ * kernel's route to `remote` and its neighbour table: the encapsulation the VXLAN device would
+ * do, without its netfilter hooks and its transmit path. The segment size stays the
  * pod's, whose MTU leaves room for the outer headers; the kernel segments the result as any
  * UDP tunnel packet. Returns -1 when this cannot be done here (then the VXLAN device does it):
  * no underlay address configured, or a packet too long for one outer IPv4 header. */
@@ -159,12 +159,10 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, const struct node_
 		count(skb->ifindex, 0, SLIPWAY_REASON_DROP_NO_ROUTE, skb->len);
 		return TC_ACT_SHOT;
 	}
-	struct bpf_redir_neigh nh = {
-		.nh_family = 2 /* AF_INET */,
-		.ipv4_nh = remote,
-	};
 	count(skb->ifindex, cfg->underlay_ifindex, SLIPWAY_REASON_REDIRECT_VXLAN, skb->len);
-	return bpf_redirect_neigh(cfg->underlay_ifindex, &nh, sizeof(nh), 0);
+	/* No next hop given: the kernel routes the outer packet (out of the underlay device), so a
+	 * remote host behind a router (another zone's subnet) is reached through that router. */
+	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
 /* Sends the packet toward the host that owns `route`. The caller has checked that daddr is no
