@@ -110,7 +110,9 @@ pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RoutingArg {
+    /// In VXLAN (UDP 4789) over the underlay: hosts only need to reach each other by IP.
     Vxlan,
+    /// As they are, to the owning host's address on the underlay segment: hosts share it (L2).
     Native,
 }
 
