@@ -9,6 +9,8 @@
  * for a local pod goes straight into its namespace, if its ingress policy allows; everything
  * else goes to the host stack.
  */
+#include <linux/udp.h>
+
 #include "nat.h"
 
 #ifndef IPPROTO_IPIP

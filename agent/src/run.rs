@@ -16,7 +16,7 @@ use slipway_dataplane::link::Netlink;
 use slipway_dataplane::node::{self, NodeMaps, Pins};
 use slipway_dataplane::services::ServiceDatapath;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::api::{
     explain, flows, get_hosts, get_namespaces, get_pods, get_policies, get_services, metrics,
@@ -274,20 +274,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         netlink.set_up(vxlan.index).await?;
         installed.attach_netdev(VXLAN_DEVICE)?;
         config.vxlan_ifindex = vxlan.index;
-        // Pods' packets are put in VXLAN by the datapath itself, from this address; the device
-        // takes them out on the receiving host (and puts in what the datapath cannot). A pod
-        // MTU that leaves no room for the outer headers (--mtu) is left to the device, which
-        // fragments what does not fit where the datapath could not.
-        if mtu + VXLAN_OVERHEAD <= underlay_mtu {
-            config.underlay_ip4 = u32::from_ne_bytes(node_ip.octets());
-        } else {
-            warn!(
-                mtu,
-                underlay_mtu,
-                "--mtu leaves no room for VXLAN's {VXLAN_OVERHEAD} bytes on the underlay: \
-                 the VXLAN device encapsulates, fragmenting what does not fit"
-            );
-        }
+        // VXLAN to this host passes the underlay's program at once, for the device.
+        config.underlay_ip4 = u32::from_ne_bytes(node_ip.octets());
         config.vxlan_port = u32::from(VXLAN_PORT);
     }
     installed.attach_netdev(&args.underlay_device)?;

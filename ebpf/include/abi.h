@@ -416,10 +416,10 @@ struct node_config {
 	 * NodePort requests sent to a backend on another host carry it as source, so the reply
 	 * routes back here like any pod traffic (and escapes the egress masquerade). */
 	__be32 router_ip4;
-	/* The host's own underlay address, the source of the VXLAN packets the datapath builds;
-	 * 0 leaves the encapsulation to the VXLAN device. */
+	/* The host's own underlay address and the UDP port of the cluster's VXLAN: VXLAN packets
+	 * to them pass the underlay device's program at once, for the VXLAN device to take out
+	 * (0: VXLAN is not set up). */
 	__be32 underlay_ip4;
-	/* The UDP port of the cluster's VXLAN (the VXLAN device listens on it). */
 	__u32 vxlan_port;
 };
 

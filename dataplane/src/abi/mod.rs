@@ -254,10 +254,9 @@ pub struct NodeConfig {
     pub vni: u32,
     /// The host's router address (first address of its pod block), network byte order.
     pub router_ip4: u32,
-    /// The host's underlay address, network byte order: the source of the VXLAN packets the
-    /// datapath builds itself (0 leaves the encapsulation to the VXLAN device).
+    /// The host's underlay address (network byte order) and the cluster's VXLAN port: VXLAN
+    /// packets to them pass the underlay device's program at once (0: no VXLAN).
     pub underlay_ip4: u32,
-    /// The UDP port of the cluster's VXLAN.
     pub vxlan_port: u32,
 }
 
