@@ -20,8 +20,7 @@ use common::{
 use slipway_dataplane::abi::policy::{Direction, F_EGRESS};
 use slipway_dataplane::abi::services::SvcEvent;
 use slipway_dataplane::abi::{
-    CounterKey, EndpointInfo, MAX_NAT_FLOWS, NodeConfig, Reason, RouteInfo, RouteMode,
-    policy::MAX_CT,
+    EndpointInfo, MAX_NAT_FLOWS, NodeConfig, Reason, RouteInfo, RouteMode, policy::MAX_CT,
 };
 use slipway_dataplane::node::{self, Installed, MapSizes, NodeMaps, Pins, TableFill};
 use slipway_dataplane::policy::{PolicyMaps, PolicyTables, RuleEntry};
@@ -85,16 +84,7 @@ impl Node {
     }
 
     fn counted(&self, ifindex_out: u32, reason: Reason) -> u64 {
-        let key = CounterKey {
-            ifindex_in: TEST_RUN_IFINDEX,
-            ifindex_out,
-            reason: reason as u32,
-        };
-        self.maps
-            .counters()
-            .expect("counters")
-            .get(&key)
-            .map_or(0, |v| v.packets)
+        common::counted(&self.maps, ifindex_out, reason)
     }
 
     fn service_event(&self, event: SvcEvent) -> u64 {

@@ -228,14 +228,7 @@ fn the_xdp_variant_passes_the_verifier_and_shares_the_maps() {
         .expect("load lb and lb_xdp");
     assert!(dp.xdp().is_ok() && dp.classifier().is_ok());
     dp.add_vip(VIP.into()).expect("vip");
-    dp.set_config(ConfigValue {
-        snat_ip4: LB_IP.into(),
-        snat_ip6: LB_IP6.into(),
-        ifindex: 1,
-        mac: LB_MAC,
-        pad: [0; 2],
-    })
-    .expect("config");
+    dp.set_config(lb_config()).expect("config");
     dp.add_vip(VIP6.into()).expect("vip6");
     // The XDP program answers Neighbor Solicitations too, resizing the frame with
     // bpf_xdp_adjust_tail() where it must.

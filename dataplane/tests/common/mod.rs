@@ -195,3 +195,20 @@ impl Drop for Bpffs {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Packets `maps`' counters hold for test runs sent to `ifindex_out` for `reason` (0 if none).
+pub fn counted(
+    maps: &slipway_dataplane::node::NodeMaps,
+    ifindex_out: u32,
+    reason: slipway_dataplane::abi::Reason,
+) -> u64 {
+    let key = slipway_dataplane::abi::CounterKey {
+        ifindex_in: TEST_RUN_IFINDEX,
+        ifindex_out,
+        reason: reason as u32,
+    };
+    maps.counters()
+        .expect("counters")
+        .get(&key)
+        .map_or(0, |v| v.packets)
+}

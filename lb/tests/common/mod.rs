@@ -73,18 +73,21 @@ pub fn lb() -> Lb {
     lb_sized(&small())
 }
 
+/// The LB's configuration in every test: its addresses and MAC on ifindex 1.
+pub fn lb_config() -> ConfigValue {
+    ConfigValue {
+        snat_ip4: LB_IP.into(),
+        snat_ip6: LB_IP6.into(),
+        ifindex: 1,
+        mac: LB_MAC,
+        pad: [0; 2],
+    }
+}
+
 pub fn lb_sized(sizes: &MapSizes) -> Lb {
     let mut datapath =
         LbDatapath::load(AttachPoint::Tc, None, sizes).expect("load lb (needs root + BPF)");
-    datapath
-        .set_config(ConfigValue {
-            snat_ip4: LB_IP.into(),
-            snat_ip6: LB_IP6.into(),
-            ifindex: 1,
-            mac: LB_MAC,
-            pad: [0; 2],
-        })
-        .expect("config");
+    datapath.set_config(lb_config()).expect("config");
     let datapath = Arc::new(Mutex::new(datapath));
     let pools = Pools::from_config(&LbConfig::new(
         "eth0",
